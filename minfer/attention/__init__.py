@@ -1,0 +1,49 @@
+"""How attention is computed, given q, the visible keys/values, and positions.
+
+Every backend has the same signature::
+
+    backend(q, k, v, q_pos, k_pos, window=None, scale=None) -> out
+      q      (B, n_heads,    T, hd)   queries of the tokens in this forward
+      k, v   (B, n_kv_heads, S, hd)   every key/value they may look at
+      q_pos  (B, T)                   absolute position of each query
+      k_pos  (B, S)                   absolute position of each key; -1 = empty slot
+      out    (B, n_heads,    T, hd)
+
+Who may attend to whom follows from positions alone (see ``mask.allowed``):
+key s is visible to query t when 0 <= k_pos[s] <= q_pos[t] (causal) and, with a
+sliding window W, q_pos[t] - k_pos[s] < W. This one rule covers prefill,
+decode, chunked prefill, ring-buffer caches and padded batches alike.
+
+GQA/MQA: query head j reads K/V head j // (n_heads // n_kv_heads). Backends
+group the query heads instead of repeating K/V in memory.
+
+Backends:
+  reference  explicit scores, explicit mask, softmax  (the oracle's math)
+  sdpa       torch.nn.functional.scaled_dot_product_attention
+  flash      FlashAttention-2's tiled online softmax in plain PyTorch
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from minfer.attention.flash import flash_attention
+from minfer.attention.mask import allowed
+from minfer.attention.reference import reference_attention
+from minfer.attention.sdpa import sdpa_attention
+
+BACKENDS: dict[str, Callable] = {
+    "reference": reference_attention,
+    "sdpa": sdpa_attention,
+    "flash": flash_attention,
+}
+
+
+def get_backend(name: str) -> Callable:
+    """Look up an attention backend by name."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+
+
+__all__ = ["BACKENDS", "get_backend", "allowed", "reference_attention", "sdpa_attention", "flash_attention"]

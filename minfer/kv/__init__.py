@@ -1,0 +1,37 @@
+"""Where K and V live between forward passes.
+
+Every cache has the same small interface, used by ``model.Attention``::
+
+    keys, values, key_pos = cache.update(kv_layer, k, v, positions)
+        k, v       (B, n_kv_heads, T, hd)  this forward's new keys/values (after RoPE)
+        positions  (B, T)                  their absolute positions
+        returns    every key/value the new queries may see, (B, n_kv_heads, S, hd),
+                   and their positions (B, S), -1 for an empty slot
+    cache.truncate(length)   roll back: forget everything at positions >= length
+    cache.nbytes()           bytes of K/V storage actually allocated
+
+Caches:
+  ContiguousKVCache    one preallocated max-length buffer per sequence (gpt-fast)
+  SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
+  QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
+"""
+from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
+from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
+from minfer.kv.sliding import SlidingWindowKVCache
+
+__all__ = ["ContiguousKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "kv_cache_bytes",
+           "quantize_kv", "dequantize_kv", "make_cache"]
+
+
+def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):
+    """Build a cache by name: "contiguous", "sliding", "int8" or "fp8"."""
+    if kind == "contiguous":
+        return ContiguousKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
+    if kind == "sliding":
+        w = window or cfg.sliding_window
+        if w is None:
+            raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")
+        return SlidingWindowKVCache(cfg, batch_size, w, dtype=dtype, device=device)
+    if kind in ("int8", "fp8"):
+        return QuantizedKVCache(cfg, batch_size, max_len, fmt=kind, dtype=dtype, device=device)
+    raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, sliding, int8 or fp8")

@@ -1,0 +1,63 @@
+"""The contiguous KV cache: one preallocated buffer per sequence, indexed by position.
+
+gpt-fast style (``KVCache`` in gpt-fast's model.py). Layout::
+
+    k[layer]  (B, n_kv_heads, max_len, hd)      slot s holds the key of position s
+    v[layer]  (B, n_kv_heads, max_len, hd)
+    lengths   (B,)                              slots [0, length) are valid
+
+      position:  0   1   2   3   4   5   6   7  ...  max_len-1
+      slot:     [k0][k1][k2][k3][k4][ . ][ . ][ . ]  [ . ]
+                 <---- valid (length 5) ----> <--- reserved, unused --->
+
+Writing at ``positions`` and rolling back by moving ``length`` (speculative
+decoding rejects tokens this way) are both O(1) bookkeeping. The price: every
+sequence reserves ``max_len`` slots up front, used or not; the paged cache
+fixes that.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kv_cache_bytes(cfg, num_tokens: int, bytes_per_value: float = 4.0) -> float:
+    """KV bytes for `num_tokens` tokens: 2 (K and V) x kv layers x kv heads x head_dim x bytes x tokens."""
+    return 2 * cfg.num_kv_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value * num_tokens
+
+
+class ContiguousKVCache:
+    def __init__(self, cfg, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
+        if max_len < 1 or batch_size < 1:
+            raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
+        shape = (cfg.num_kv_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, nkv, max_len, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._slots = torch.arange(max_len, device=device)
+
+    def update(self, layer, k, v, positions):
+        """Write k, v (B, nkv, T, hd) at `positions` (B, T); return the valid prefix."""
+        end = int(positions.max()) + 1
+        if end > self.max_len or int(positions.min()) < 0:
+            raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
+        if k.shape[0] == 1 or bool((positions == positions[:1]).all()):
+            pos = positions[0]                                    # same positions in every row
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+        else:
+            idx = positions[:, None, :, None].expand_as(k)       # (B, nkv, T, hd)
+            self.k[layer].scatter_(2, idx, k)
+            self.v[layer].scatter_(2, idx, v)
+        self.lengths = positions.max(dim=1).values + 1            # sequential writes: valid = [0, last]
+        S = int(self.lengths.max())
+        slots = self._slots[:S]
+        key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)  # (B, S)
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], key_pos
+
+    def truncate(self, length: int) -> None:
+        """Roll back to `length` tokens: later slots become invisible (and get overwritten)."""
+        self.lengths = self.lengths.clamp(max=length)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

@@ -1,0 +1,241 @@
+"""The transformer: a Llama-family decoder written to be read top to bottom.
+
+    token ids (B, T) --embed--> x (B, T, h)
+      for each layer:   x = x + attn(rms_norm(x))      # attention mixes positions
+                        x = x + mlp(rms_norm(x))       # SwiGLU mixes channels
+    logits = lm_head(rms_norm(x))                      # (B, T, vocab)
+
+Attention is delegated: each layer computes q, k and v, rotates q and k with
+RoPE, hands k and v to the KV cache (if any) and then calls an attention
+*backend* (``minfer.attention``) with explicit positions. No global context
+object: every tensor travels through function arguments, as in nano-vllm.
+
+Parameter names follow HF transformers (``model.layers.3.self_attn.q_proj``),
+so HF checkpoints load with ``load_state_dict`` and transformers can serve as
+the test oracle. vLLM's equivalent: ``vllm/model_executor/models/llama.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minfer.attention import get_backend
+from minfer.config import ModelConfig
+
+# ---------------------------------------------------------------------------
+# RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean shift.
+# ---------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+    xf = x.float()                                                   # (..., d)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)                                   # HF casts back before scaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ---------------------------------------------------------------------------
+# RoPE (Su et al. 2021, "RoFormer"). Pairs of channels (i, i + hd/2) are
+# rotated by the angle position * inv_freq[i]; the "rotate half" layout of HF
+# transformers (llama.cpp stores q/k rows interleaved instead: see
+# checkpoints/gguf_import.py, which undoes that permutation on import).
+# ---------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation speeds (hd/2,), with Llama-3 / linear scaling when asked."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low frequencies by
+        # `factor`, blend smoothly in between (Meta's reference implementation).
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen) - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor,
+                               torch.where(wavelen < old_ctx / high, inv_freq, blended))
+    else:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (use default, linear or llama3)")
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for the given positions: each (B, T, hd)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)                                      # (B, T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, n_heads, T, hd) by the tables (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)                           # "rotate half"
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------
+# Attention: projections + RoPE here, the softmax(QK^T)V part in a backend.
+# ---------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.kv_layer = cfg.kv_layer_of(layer_idx)
+        self.owns_kv = cfg.owns_kv(layer_idx)
+        nh, nkv, hd, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(h, nh * hd, bias=cfg.attention_bias)
+        if self.owns_kv:      # with cross-layer sharing only a group's first layer has K/V
+            self.k_proj = nn.Linear(h, nkv * hd, bias=cfg.attention_bias)
+            self.v_proj = nn.Linear(h, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+
+    def forward(self, x, cos, sin, positions, kv_cache, shared_kv, backend):
+        """x (B, T, h) -> (B, T, h); returns the (k, v, k_pos) later layers of the group reuse."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)              # (B, nh, T, hd)
+        q = apply_rope(q, cos, sin)
+        if self.owns_kv:
+            k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
+            v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
+            k = apply_rope(k, cos, sin)
+            if kv_cache is None:                  # whole sequence in one go: keys = this chunk
+                shared_kv = (k, v, positions)
+            else:                                 # write the new K/V, read back everything valid
+                shared_kv = kv_cache.update(self.kv_layer, k, v, positions)
+        keys, values, key_pos = shared_kv                                  # (B, nkv, S, hd) x2, (B, S)
+        out = backend(q, keys, values, positions, key_pos, window=cfg.sliding_window)  # (B, nh, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.o_proj(out), shared_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, kv_cache, shared_kv, backend):
+        a, shared_kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, shared_kv, backend)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, shared_kv
+
+
+class _Body(nn.Module):
+    """Holds the parameters under HF's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A Llama-family causal LM. ``forward`` returns logits; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Body(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,          # (B, T) token ids
+        positions: torch.Tensor,          # (B, T) absolute positions of those tokens
+        kv_cache=None,                    # None: attend within input_ids only; else a minfer.kv cache
+        attention: str | object = "sdpa",  # backend name or callable (see minfer.attention)
+        last_only: bool = False,          # logits for the last position only (prefill, decode)
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with ``last_only``."""
+        if input_ids.dim() != 2 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be (B, T); got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        backend = get_backend(attention) if isinstance(attention, str) else attention
+        x = self.model.embed_tokens(input_ids)                            # (B, T, h)
+        cos, sin = rope_cos_sin(self.inv_freq, positions)                 # (B, T, hd) each
+        shared_kv = None
+        for layer in self.model.layers:
+            x, shared_kv = layer(x, cos, sin, positions, kv_cache, shared_kv, backend)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return F.linear(x, self.lm_head_weight)                           # (B, T, vocab)
+
+
+def build_model(cfg: ModelConfig, state_dict: dict | None = None, *, device="cpu",
+                dtype=torch.float32, seed: int | None = None) -> Transformer:
+    """Create a Transformer; load ``state_dict`` (HF names) or initialise randomly with ``seed``.
+
+    Random init (for tests and lessons) draws every weight from N(0, 0.02) and
+    norm weights near 1, so that tiny random models give non-trivial logits.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    if state_dict is None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0.0, 0.02)
+    else:
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,104 @@
+"""THE ORACLE. Generation by recomputing the whole sequence at every step.
+
+No KV cache, no batching, no fused kernels, no tricks: for each new token the
+entire sequence goes through every layer again, attention is an explicit
+softmax over an explicit causal mask, one head at a time. It is slow on
+purpose (each step costs O(n) layers-worth of work on n tokens, so a
+generation costs O(n^2)) and it never changes: every optimization in minfer is
+tested against it.
+
+It reads the weights from a ``Transformer``'s state dict (HF parameter names)
+and shares no code with ``minfer/model.py`` except the RoPE frequency formula,
+so that a bug in the engine cannot hide by appearing in both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minfer.config import ModelConfig
+from minfer.model import rope_inv_freq
+from minfer.sampling import SamplingParams, make_generator, sample
+
+
+def _rmsnorm(x, w, eps):
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x, pos, inv_freq):
+    """x (T, hd): rotate channel pairs (i, i + hd/2) by angle pos * inv_freq[i]."""
+    half = x.shape[-1] // 2
+    angle = pos[:, None].float() * inv_freq[None, :]                  # (T, hd/2)
+    a, b = x[:, :half], x[:, half:]
+    return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+
+
+def _causal_mask(T: int, window: int | None) -> torch.Tensor:
+    """mask[i, j] = True when token i may look at token j."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask = mask & (i - j < window)
+    return mask
+
+
+@torch.no_grad()
+def naive_forward(weights: dict[str, torch.Tensor], cfg: ModelConfig, token_ids: list[int]) -> torch.Tensor:
+    """Logits (T, vocab) for every position of `token_ids`, computed from scratch in fp32."""
+    W = {k: v.float().cpu() for k, v in weights.items()}
+    T, nh, nkv, hd = len(token_ids), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    group = nh // nkv
+    pos = torch.arange(T)
+    inv_freq = rope_inv_freq(cfg)
+    mask = _causal_mask(T, cfg.sliding_window)
+    x = W["model.embed_tokens.weight"][torch.tensor(token_ids)]         # (T, h)
+
+    def linear(name, inp):
+        out = inp @ W[name + ".weight"].T
+        return out + W[name + ".bias"] if name + ".bias" in W else out
+
+    k_heads = v_heads = None
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        h = _rmsnorm(x, W[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        q = linear(p + "self_attn.q_proj", h)                           # (T, nh*hd)
+        if cfg.owns_kv(layer):               # cross-layer sharing: later layers of a group reuse these
+            k = linear(p + "self_attn.k_proj", h)                       # (T, nkv*hd)
+            v = linear(p + "self_attn.v_proj", h)
+            k_heads = [_rope(k[:, j * hd:(j + 1) * hd], pos, inv_freq) for j in range(nkv)]
+            v_heads = [v[:, j * hd:(j + 1) * hd] for j in range(nkv)]
+        outs = []
+        for head in range(nh):
+            qh = _rope(q[:, head * hd:(head + 1) * hd], pos, inv_freq)   # (T, hd)
+            kh, vh = k_heads[head // group], v_heads[head // group]
+            scores = qh @ kh.T / math.sqrt(hd)                          # (T, T)
+            scores = torch.where(mask, scores, torch.tensor(float("-inf")))
+            e = torch.exp(scores - scores.max(-1, keepdim=True).values)
+            probs = e / e.sum(-1, keepdim=True)                         # explicit softmax
+            outs.append(probs @ vh)                                     # (T, hd)
+        x = x + linear(p + "self_attn.o_proj", torch.cat(outs, dim=-1))
+        h = _rmsnorm(x, W[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        gate = linear(p + "mlp.gate_proj", h)
+        x = x + linear(p + "mlp.down_proj", gate * torch.sigmoid(gate) * linear(p + "mlp.up_proj", h))
+    x = _rmsnorm(x, W["model.norm.weight"], cfg.rms_norm_eps)
+    head = W["model.embed_tokens.weight"] if cfg.tie_word_embeddings else W["lm_head.weight"]
+    return x @ head.T                                                   # (T, vocab)
+
+
+@torch.no_grad()
+def naive_generate(weights: dict[str, torch.Tensor], cfg: ModelConfig, prompt_ids: list[int],
+                   params: SamplingParams, eos_token_ids: list[int] = ()) -> list[int]:
+    """New token ids, recomputing the full sequence for every one of them."""
+    ids = list(prompt_ids)
+    gen = make_generator(params.seed)
+    out: list[int] = []
+    for _ in range(params.max_tokens):
+        logits = naive_forward(weights, cfg, ids)[-1]                   # only the last row is used
+        tok = sample(logits, params, gen)
+        out.append(tok)
+        ids.append(tok)
+        if tok in params.stop_token_ids or (not params.ignore_eos and tok in eos_token_ids):
+            break
+    return out

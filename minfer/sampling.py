@@ -1,0 +1,103 @@
+"""Sampling: turning logits into the next token.
+
+    logits --/temperature--> --top-k--> --top-p--> softmax --> draw (seeded)
+
+* temperature 0 means greedy: take the argmax, no randomness at all.
+* top-k keeps the k largest logits (k = 0: off).
+* top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of most likely
+  tokens whose probability mass reaches p.
+* The draw uses the "exponential race": argmax(p_i / E_i) with E_i ~ Exp(1)
+  is a sample from p. vLLM samples this way too
+  (``vllm/v1/sample/ops/topk_topp_sampler.py``). Each request owns a
+  ``torch.Generator``, so its tokens depend on its seed only, never on what
+  else shares the batch. The noise is drawn on the CPU, so a seed gives the
+  same tokens on CPU and GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop (names as in vLLM's ``SamplingParams``)."""
+
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0                  # in (0, 1]; 1 = off
+    top_k: int = 0                      # 0 = off
+    max_tokens: int = 16                # new tokens at most
+    stop: list[str] | str | None = None  # stop when the text contains one of these (not included)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False            # keep going past the end-of-sequence token
+    seed: int | None = None             # per-request generator; None = nondeterministic
+    n: int = 1                          # parallel samples per prompt
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {rule}, got {getattr(self, name)!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest to -inf. logits (..., V)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]         # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens with mass >= top_p; others -> -inf.
+
+    Sort descending; a token is dropped when the mass of the tokens *before* it
+    already reaches top_p. The most likely token is therefore always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs                # (..., V)
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """Choose one token id from logits (V,) under `params`."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    x = logits.float() / params.temperature
+    x = top_k_filter(x, params.top_k)
+    x = top_p_filter(x, params.top_p)
+    probs = torch.softmax(x, dim=-1).cpu()
+    gen = generator if generator is not None else make_generator(params.seed)
+    race = torch.empty_like(probs).exponential_(1.0, generator=gen)   # E_i ~ Exp(1)
+    return int(torch.argmax(probs / race))

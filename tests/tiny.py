@@ -1,0 +1,51 @@
+"""Tiny random Llama configs and models for fast tests (no weights needed)."""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.config import ModelConfig
+from minfer.model import build_model
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                rope_theta=1000.0)
+    base.update(kw)
+    if "head_dim" not in kw:
+        base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
+    return ModelConfig(**base)
+
+
+@st.composite
+def tiny_configs(draw, window=True, sharing=True):
+    """Random small configs: MHA/GQA/MQA, tied or not, bias or not, window and sharing optional."""
+    nh = draw(st.sampled_from([1, 2, 4]))
+    nkv = draw(st.sampled_from([d for d in (1, 2, 4) if nh % d == 0]))
+    hd = draw(st.sampled_from([8, 16]))
+    return tiny_config(
+        num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd, hidden_size=nh * hd,
+        num_hidden_layers=draw(st.integers(1, 3)),
+        tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()),
+        sliding_window=draw(st.one_of(st.none(), st.integers(1, 8))) if window else None,
+        kv_share_group=draw(st.integers(1, 2)) if sharing else 1,
+    )
+
+
+def tiny_model(cfg: ModelConfig, seed: int = 0):
+    return build_model(cfg, seed=seed, dtype=torch.float32)
+
+
+def describe_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    """A useful message for a failed comparison: max error and where it is."""
+    err = (a - b).abs()
+    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+    return f"max abs error {err.max().item():.3e} at index {idx}: {a[idx].item():.6f} vs {b[idx].item():.6f}"
+
+
+def first_difference(a: list[int], b: list[int]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"first differing position {i}: {x} vs {y}"
+    return f"lengths differ: {len(a)} vs {len(b)}" if len(a) != len(b) else "identical"
