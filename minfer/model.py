@@ -129,8 +129,12 @@ class Attention(nn.Module):
                 shared_kv = (k, v, positions)
             else:                                 # write the new K/V, read back everything valid
                 shared_kv = kv_cache.update(self.kv_layer, k, v, positions)
-        keys, values, key_pos = shared_kv                                  # (B, nkv, S, hd) x2, (B, S)
-        out = backend(q, keys, values, positions, key_pos, window=cfg.sliding_window)  # (B, nh, T, hd)
+        if kv_cache is not None and hasattr(kv_cache, "attend"):
+            # A cache that runs attention itself (paged: walks its blocks; lookahead: custom mask).
+            out = kv_cache.attend(self.kv_layer, q, shared_kv, positions, backend, window=cfg.sliding_window)
+        else:
+            keys, values, key_pos = shared_kv                              # (B, nkv, S, hd) x2, (B, S)
+            out = backend(q, keys, values, positions, key_pos, window=cfg.sliding_window)  # (B, nh, T, hd)
         out = out.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(out), shared_kv
 
@@ -185,9 +189,11 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., h) -> logits (..., vocab). Tied models reuse the embedding matrix,
+        unless a (e.g. quantized) ``lm_head`` module has been put in its place."""
+        head = getattr(self, "lm_head", None)
+        return head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
 
     def forward(
         self,
@@ -209,8 +215,7 @@ class Transformer(nn.Module):
             x, shared_kv = layer(x, cos, sin, positions, kv_cache, shared_kv, backend)
         if last_only:
             x = x[:, -1:]
-        x = self.model.norm(x)
-        return F.linear(x, self.lm_head_weight)                           # (B, T, vocab)
+        return self.compute_logits(self.model.norm(x))                    # (B, T, vocab)
 
 
 def build_model(cfg: ModelConfig, state_dict: dict | None = None, *, device="cpu",

@@ -1,0 +1,148 @@
+"""`minfer bench decode`: prefill and decode speed of the naive loop, the cached loop and transformers.
+
+    naive        minfer/naive.py: the oracle, whole sequence recomputed per token, math attention
+    no-cache     minfer's model, whole sequence recomputed per token (fused attention)
+    cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
+    transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
+
+All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored).
+"Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+import torch
+
+from minfer.bench.machine import machine_info, measure_bandwidth, measure_flops
+from minfer.bench.timing import interleaved, table, write_json
+
+PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
+          "Write a long essay about it, starting with the abacus.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--methods", default="naive,no-cache,cached,transformers",
+                   help="comma-separated subset of naive,no-cache,cached,transformers")
+    p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
+                   help="also write the results as JSON (default path bench_results/decode.json)")
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights a decode step reads: every matrix once; the embedding only as the LM head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    if not model.cfg.tie_word_embeddings:       # untied: the embedding table is only indexed (1 row)
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def _time_cached(model, prompt_ids, n, kv_cache):
+    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.sampling import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    m = RequestMetrics(arrival_time=time.perf_counter())
+    toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
+    m.finish_time = m.token_times[-1]
+    return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}
+
+
+def _time_naive(model, prompt_ids, n):
+    from minfer.naive import naive_forward
+    weights, cfg = model.state_dict(), model.cfg
+    ids = list(prompt_ids)
+    t0 = time.perf_counter()
+    times = []
+    for _ in range(n):
+        ids.append(int(naive_forward(weights, cfg, ids)[-1].argmax()))
+        times.append(time.perf_counter())
+    return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": ids[len(prompt_ids):]}
+
+
+def main(args) -> int:
+    from minfer.bench.peers import hf_generate_timed, hf_model
+    from minfer.kv import kv_cache_bytes
+    from minfer.llm import LLM
+
+    if args.max_tokens < 2:
+        raise ValueError("--max-tokens must be >= 2 to measure decode speed")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = ["naive", "no-cache", "cached", "transformers"]
+    if unknown := [m for m in methods if m not in known]:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    model, cfg = llm.model, llm.config
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    n = args.max_tokens
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
+
+    fns = {
+        "naive": lambda: _time_naive(model, prompt_ids, n),
+        "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
+        "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
+        "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
+    }
+    outputs = {}
+
+    def wrap(name):
+        def run():
+            res = fns[name]()
+            outputs[name] = res.pop("tokens")
+            return res
+        return run
+
+    log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
+        f"device {llm.device}, {llm.dtype}, {args.repeats} interleaved rounds")
+    log("measuring memory bandwidth and matmul FLOP/s ...")
+    bw = measure_bandwidth(llm.device)
+    flops = measure_flops(llm.device)
+    medians = interleaved({m: wrap(m) for m in methods}, repeats=args.repeats, warmup=0, log=log)
+
+    wbytes = weight_bytes_per_step(model)
+    elem = model.model.embed_tokens.weight.element_size()
+    kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, elem)
+    base = medians.get("naive") or next(iter(medians.values()))
+    rows = []
+    for name, r in medians.items():
+        row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
+               "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
+        if name in ("cached", "transformers"):
+            row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
+            row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
+        if name != "cached" and "cached" in outputs:
+            row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
+        rows.append(row)
+    if "cached" in medians and "transformers" in medians:
+        ratio = medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
+    else:
+        ratio = None
+    print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
+                       ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
+                       ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
+                       ("bandwidth_fraction", "of peak", "{:.0%}")]))
+    print(f"\nmachine: measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
+          f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
+    if ratio is not None:
+        print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    for row in rows:
+        if "same_tokens_as_cached" in row:
+            print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+            "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
+            "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
+        })
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,62 @@
+"""What this machine can do: measured memory bandwidth and matmul FLOP/s.
+
+Decode is memory-bound, so "bandwidth achieved" (bytes the decode loop must
+read per second) next to the measured bandwidth tells how close a loop runs
+to the physical limit.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device="cpu", nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: time to sum a buffer much larger than the caches."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s (2 n^3 per n x n product)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def machine_info(device="cpu") -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,149 @@
+"""The public entry point, named as in vLLM: ``LLM(...).generate(prompts, SamplingParams(...))``.
+
+    llm = LLM("smollm2-135m-instruct")
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
+    out.text, out.token_ids, out.finish_reason, out.metrics.ttft
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from minfer.checkpoints import load_checkpoint
+from minfer.generate import RequestMetrics, generate_tokens
+from minfer.model import build_model
+from minfer.sampling import SamplingParams
+from minfer.tokenizer import IncrementalDetokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class RequestOutput:
+    """What one prompt produced."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
+    metrics: RequestMetrics
+
+    @property
+    def ttft(self) -> float | None:
+        return self.metrics.ttft
+
+    @property
+    def tpot(self) -> float | None:
+        return self.metrics.tpot
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.metrics.decode_tokens_per_s
+
+
+class LLM:
+    """Load a model once, generate many times."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
+                 dtype: str | torch.dtype = "float32", attention: str = "sdpa",
+                 kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        from minfer.attention import get_backend
+        get_backend(attention)                                    # fail early on a bad name
+        cfg, state_dict, tokenizer = load_checkpoint(model, dtype=self.dtype, device="cpu")
+        self.config, self.tokenizer = cfg, tokenizer
+        self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
+        self.attention, self.kv_cache, self.prefill_chunk = attention, kv_cache, prefill_chunk
+        self.model_name = model
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
+        return None, ids
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               on_text: Callable[[str], None] | None = None) -> RequestOutput:
+        """Generate for one prompt, calling ``on_text`` with each new piece of text as it appears."""
+        params = params or SamplingParams()
+        text_prompt, prompt_ids = self._encode(prompt)
+        metrics = RequestMetrics(arrival_time=time.perf_counter())
+        detok = IncrementalDetokenizer(self.tokenizer)
+        text, token_ids, finish = "", [], "length"
+        emitted = 0
+        hold = max((len(s) for s in params.stop), default=1) - 1  # text that might start a stop string
+        for tok in generate_tokens(self.model, prompt_ids, params,
+                                   eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
+                                   attention=self.attention, prefill_chunk=self.prefill_chunk,
+                                   metrics=metrics):
+            token_ids.append(tok)
+            text += detok.add(tok)
+            if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.tokenizer.eos_token_ids):
+                finish = "stop"
+                break
+            hits = [text.find(s) for s in params.stop if s in text]
+            if hits:
+                text, finish = text[:min(hits)], "stop"
+                break
+            safe = len(text) - hold                               # never stream part of a stop string
+            if on_text and safe > emitted:
+                on_text(text[emitted:safe])
+                emitted = safe
+        else:
+            text += detok.flush()
+        if on_text and len(text) > emitted:
+            on_text(text[emitted:])
+        metrics.finish_time = time.perf_counter()
+        return RequestOutput(text_prompt, prompt_ids, text, token_ids, finish, metrics)
+
+    # ------------------------------------------------------------------ vLLM API
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(params, (list, tuple)):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        return [self.stream(p, sp) for p, sp in zip(prompts, params)]
+
+    def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, params)
+
+    def stream_chat(self, messages, params=None, on_text=None) -> RequestOutput:
+        return self.stream(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                           params, on_text)
