@@ -77,6 +77,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = torch.softmax(sorted_logits.float(), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs                # (..., V)
     drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False                                       # the top token always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
