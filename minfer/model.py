@@ -81,16 +81,15 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for the given positions: each (B, T, hd)."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype=torch.float32):
+    """cos and sin tables for the given positions, each (B, 1, T, hd): computed once per forward."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (B, T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)                                      # (B, T, hd)
-    return angles.cos(), angles.sin()
+    angles = torch.cat([angles, angles], dim=-1)[:, None]                             # (B, 1, T, hd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n_heads, T, hd) by the tables (B, T, hd)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # (B, 1, T, hd)
+    """Rotate x (B, n_heads, T, hd) by the tables (B, 1, T, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)                           # "rotate half"
     return x * cos + rotated * sin
@@ -202,19 +201,23 @@ class Transformer(nn.Module):
         kv_cache=None,                    # None: attend within input_ids only; else a minfer.kv cache
         attention: str | object = "sdpa",  # backend name or callable (see minfer.attention)
         last_only: bool = False,          # logits for the last position only (prefill, decode)
+        logits_indices: torch.Tensor | None = None,  # (K,) positions along T whose logits are wanted
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with ``last_only``."""
+        """Logits (B, T, vocab); (B, 1, vocab) with ``last_only``; (B, K, vocab) with ``logits_indices``
+        (a flattened serving batch needs only each sequence's last token: skip the LM head elsewhere)."""
         if input_ids.dim() != 2 or positions.shape != input_ids.shape:
             raise ValueError(f"input_ids and positions must both be (B, T); got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         backend = get_backend(attention) if isinstance(attention, str) else attention
         x = self.model.embed_tokens(input_ids)                            # (B, T, h)
-        cos, sin = rope_cos_sin(self.inv_freq, positions)                 # (B, T, hd) each
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)        # (B, 1, T, hd) each
         shared_kv = None
         for layer in self.model.layers:
             x, shared_kv = layer(x, cos, sin, positions, kv_cache, shared_kv, backend)
         if last_only:
             x = x[:, -1:]
+        elif logits_indices is not None:
+            x = x[:, logits_indices]
         return self.compute_logits(self.model.norm(x))                    # (B, T, vocab)
 
 

@@ -35,29 +35,38 @@ class ContiguousKVCache:
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._slots = torch.arange(max_len, device=device)
+        self._step_positions = None               # the positions tensor of the forward in progress
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hd) at `positions` (B, T); return the valid prefix."""
-        end = int(positions.max()) + 1
-        if end > self.max_len or int(positions.min()) < 0:
-            raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
-        if k.shape[0] == 1 or bool((positions == positions[:1]).all()):
-            pos = positions[0]                                    # same positions in every row
-            self.k[layer].index_copy_(2, pos, k)
-            self.v[layer].index_copy_(2, pos, v)
+        if positions is not self._step_positions:
+            self._begin_step(positions)           # bookkeeping once per forward, not once per layer
+        if self._same_positions:
+            self.k[layer].index_copy_(2, positions[0], k)
+            self.v[layer].index_copy_(2, positions[0], v)
         else:
             idx = positions[:, None, :, None].expand_as(k)       # (B, nkv, T, hd)
             self.k[layer].scatter_(2, idx, k)
             self.v[layer].scatter_(2, idx, v)
+        S = self._visible
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], self._key_pos
+
+    def _begin_step(self, positions) -> None:
+        """Check the positions and compute what every layer of this forward shares."""
+        end = int(positions.max()) + 1
+        if end > self.max_len or int(positions.min()) < 0:
+            raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
+        self._step_positions = positions
+        self._same_positions = positions.shape[0] == 1 or bool((positions == positions[:1]).all())
         self.lengths = positions.max(dim=1).values + 1            # sequential writes: valid = [0, last]
-        S = int(self.lengths.max())
-        slots = self._slots[:S]
-        key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)  # (B, S)
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], key_pos
+        self._visible = int(self.lengths.max())
+        slots = self._slots[:self._visible]
+        self._key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)  # (B, S)
 
     def truncate(self, length: int) -> None:
         """Roll back to `length` tokens: later slots become invisible (and get overwritten)."""
         self.lengths = self.lengths.clamp(max=length)
+        self._step_positions = None
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

