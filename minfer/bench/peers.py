@@ -52,9 +52,10 @@ def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict
     ids = torch.tensor([prompt_ids], device=model.device)
     clock = _Clock()
     t0 = time.perf_counter()
+    # No EOS at all (rather than min_new_tokens, which would *suppress* EOS and change the
+    # greedy choice): exactly what minfer's ignore_eos does.
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         min_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
-                         pad_token_id=0)
+                         do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0)
     # the first put() is the prompt itself, the second the first new token
     first, last = clock.times[1], clock.times[-1]
     n = out.shape[1] - ids.shape[1]
