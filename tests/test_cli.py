@@ -45,3 +45,12 @@ def test_generate_chat_paris(smollm2_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "TTFT" in proc.stderr and "tokens/s" in proc.stderr
+
+
+@pytest.mark.model
+def test_interactive_chat_answers_and_exits(smollm2_dir):
+    proc = subprocess.run([sys.executable, "-m", "minfer.cli", "chat", "--temperature", "0", "--max-tokens", "30",
+                           "--model", str(smollm2_dir)],
+                          input="What is the capital of France?\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
