@@ -1,0 +1,236 @@
+"""Exercises of lessons 02 and 03: the KV-cache append and one online-softmax step.
+
+    kv.append                         lessons/02_kv_cache.ipynb
+        write new K/V into a preallocated buffer at their positions, return the valid prefix
+    attention.online_softmax_update   lessons/03_attention_memory.ipynb
+        fold one tile of scores and values into FlashAttention's running (max, sum, output)
+
+The references are the engine's own code: ``kv_append_with_cache`` below runs
+``minfer.kv.ContiguousKVCache.update`` on the learner's buffers, and the
+online-softmax step is ``minfer.attention.flash.online_softmax_update``.
+Each exercise also has a ``validate`` that checks the definition without the
+reference (a loop over positions, a float64 formula), so running the property
+on the engine (``ENGINE`` in tests/test_grader.py) is a real test.
+
+Tensor values are small whole numbers where the math allows it (the cache
+exercise copies values, nothing more), so a counterexample reads easily.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import (
+    Exercise, Inputs, _index, close_problem, float_lists, float_tensors, register,
+    tensor_problem,
+)
+
+
+def _tuple_problem(actual: Any, names: tuple[str, ...]) -> Optional[str]:
+    """What is wrong with the *kind* of a tuple answer, e.g. ``(keys, values)``, or None."""
+    want = f"a tuple ({', '.join(names)}) of {len(names)} tensors"
+    if actual is None:
+        return f"returned None (did you forget `return`?), expected {want}"
+    if not isinstance(actual, (tuple, list)):
+        return f"returned a single {type(actual).__name__}, expected {want}"
+    if len(actual) != len(names):
+        return f"returned {len(actual)} values, expected {want}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# kv.append
+# ---------------------------------------------------------------------------
+
+
+def _small_ints(shape: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy:
+    """float32 tensors of ``shape`` holding whole numbers in [lo, hi] (shrink towards 0)."""
+    n = math.prod(shape)
+    return st.lists(st.integers(lo, hi), min_size=n, max_size=n).map(
+        lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
+
+
+@st.composite
+def _kv_append_inputs(draw) -> Inputs:
+    B, nkv, hd = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    max_len = draw(st.integers(1, 6))
+    # The write may start anywhere in the buffer: at the current length (prefill
+    # or decode) or before it (after a rollback); slots past the write hold stale
+    # values from earlier tokens that must not be returned.
+    start = draw(st.integers(0, max_len - 1))
+    T = draw(st.integers(1, max_len - start))
+    buf = (B, nkv, max_len, hd)
+    new = (B, nkv, T, hd)
+    return {
+        "k_cache": draw(_small_ints(buf, -9, 9)),
+        "v_cache": draw(_small_ints(buf, -9, 9)),
+        "k": draw(_small_ints(new, -9, 9)),
+        "v": draw(_small_ints(new, -9, 9)),
+        "positions": torch.arange(start, start + T),
+    }
+
+
+def kv_append_with_cache(k_cache, v_cache, k, v, positions):
+    """The reference: ``ContiguousKVCache.update`` run on these buffers.
+
+    k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), positions (T,):
+    returns (keys, values), each (B, nkv, positions[-1] + 1, hd), and leaves the
+    new K/V written into k_cache and v_cache, as the engine's cache does.
+    """
+    from minfer.kv import ContiguousKVCache
+
+    B, nkv, max_len, hd = k_cache.shape
+    shape = SimpleNamespace(num_kv_layers=1, num_key_value_heads=nkv, head_dim=hd)
+    cache = ContiguousKVCache(shape, B, max_len, dtype=k_cache.dtype, device=k_cache.device)
+    cache.k[0].copy_(k_cache)
+    cache.v[0].copy_(v_cache)
+    keys, values, _ = cache.update(0, k, v, positions[None].expand(B, -1))
+    k_cache.copy_(cache.k[0])
+    v_cache.copy_(cache.v[0])
+    S = keys.shape[2]
+    return k_cache[:, :, :S], v_cache[:, :, :S]
+
+
+def _exact_problem(name: str, expected: torch.Tensor, actual: Any) -> Optional[str]:
+    problem = tensor_problem(expected, actual)
+    if problem:
+        return f"{name}: {problem}"
+    if torch.equal(expected, actual):
+        return None
+    idx = _index(int((expected != actual).flatten().nonzero()[0]), expected.shape)
+    b, h, s, d = idx
+    return (f"{name}[{b}, {h}, {s}, {d}] (batch {b}, kv head {h}, slot {s}) should be "
+            f"{expected[idx].item()!r}, yours is {actual[idx].item()!r}")
+
+
+def _compare_kv_append(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    problem = _tuple_problem(actual, ("keys", "values"))
+    if problem:
+        return problem
+    S, max_len = expected[0].shape[2], inputs["k_cache"].shape[2]
+    for name, e, a in zip(("keys", "values"), expected, actual):
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[2] != S \
+                and a.shape[:2] == e.shape[:2]:
+            pos = inputs["positions"].tolist()
+            return (f"{name} has {a.shape[2]} slots, expected {S}: after writing positions "
+                    f"{pos} the valid prefix is slots [0, {S}) of the {max_len}-slot buffer "
+                    f"(later slots are stale or empty)")
+        problem = _exact_problem(name, e, a)
+        if problem:
+            return problem
+    return None
+
+
+def _validate_kv_append(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The definition, one position at a time: slot p holds the token written at p."""
+    keys, values = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+    positions = inputs["positions"].tolist()
+    for t, p in enumerate(positions):
+        keys[:, :, p] = inputs["k"][:, :, t]
+        values[:, :, p] = inputs["v"][:, :, t]
+    end = max(positions) + 1
+    for name, want, got in (("keys", keys[:, :, :end], actual[0]),
+                            ("values", values[:, :, :end], actual[1])):
+        problem = _exact_problem(name, want, got)
+        if problem:
+            return problem
+    return None
+
+
+register(Exercise(
+    name="kv.append",
+    description=("kv_append(k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), "
+                 "positions (T,)) -> (keys, values) (B, nkv, positions[-1] + 1, hd): write the "
+                 "new K/V at their positions, return the valid prefix"),
+    reference="minfer.lessons.ex_foundations:kv_append_with_cache",
+    inputs=_kv_append_inputs(),
+    compare=_compare_kv_append,
+    validate=_validate_kv_append,
+))
+
+
+# ---------------------------------------------------------------------------
+# attention.online_softmax_update
+# ---------------------------------------------------------------------------
+
+ONLINE_SOFTMAX_ATOL = 1e-5
+STATE = ("m", "l", "acc")
+
+
+def _score_row(n: int) -> st.SearchStrategy:
+    """One query's scores against n keys, some masked to -inf (causal mask, window, padding)."""
+    return st.tuples(float_lists(-20.0, 20.0, min_size=n, max_size=n),
+                     st.lists(st.booleans(), min_size=n, max_size=n)).map(
+        lambda sm: [-math.inf if masked else x for x, masked in zip(*sm)])
+
+
+@st.composite
+def _online_softmax_inputs(draw) -> Inputs:
+    tk_seen, tk, hd = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    # Query rows as a list, so that hypothesis can delete rows while shrinking.
+    rows = draw(st.lists(st.tuples(_score_row(tk_seen), _score_row(tk)), min_size=1, max_size=3))
+    seen_s = torch.tensor([r[0] for r in rows], dtype=torch.float32)        # (tq, tk_seen)
+    scores = torch.tensor([r[1] for r in rows], dtype=torch.float32)        # (tq, tk)
+    seen_v = float_tensors((tk_seen, hd), -5.0, 5.0)
+    seen_v, values = draw(seen_v), draw(float_tensors((tk, hd), -5.0, 5.0))
+    # The running state after the keys seen so far; a row that has seen no
+    # visible key yet (all masked, or before the first tile) has m = -inf, l = 0, acc = 0.
+    m = seen_s.amax(dim=-1, keepdim=True)                                   # (tq, 1)
+    p = torch.where(torch.isinf(m), torch.zeros_like(seen_s), torch.exp(seen_s - m))
+    inputs = {"m": m, "l": p.sum(dim=-1, keepdim=True), "acc": p @ seen_v,
+              "scores": scores, "values": values}
+    if draw(st.booleans()):                  # a leading head dim: (1, tq, ...), as in flash
+        inputs = {k: v[None] for k, v in inputs.items()}
+    return inputs
+
+
+def _compare_state(expected: Any, actual: Any, atol: float, what: str) -> Optional[str]:
+    problem = _tuple_problem(actual, STATE)
+    if problem:
+        return problem
+    for name, e, a in zip(STATE, expected, actual):
+        problem = tensor_problem(e, a) or close_problem(e, a, atol, what=what)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _compare_online_softmax(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    return _compare_state(expected, actual, ONLINE_SOFTMAX_ATOL, "expected")
+
+
+def _validate_online_softmax(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The new state from its meaning, in float64.
+
+    (m, l, acc) summarises the keys seen so far relative to m: l = sum exp(s - m),
+    acc = sum exp(s - m) v. After the tile, the same sums hold over all keys
+    seen, relative to the new maximum. A row that has seen no visible key
+    keeps m = -inf, l = 0, acc = 0.
+    """
+    f64 = {k: v.to(torch.float64) for k, v in inputs.items()}
+    m, l, acc, s, v = (f64[k] for k in ("m", "l", "acc", "scores", "values"))
+    m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+    seen = torch.isfinite(m_new)                                            # (..., tq, 1)
+    safe = torch.where(seen, m_new, torch.zeros_like(m_new))
+    old_weight = torch.where(torch.isfinite(m), torch.exp(m - safe), torch.zeros_like(m))
+    p = torch.exp(s - safe)                                                 # masked: exp(-inf) = 0
+    want = (m_new, old_weight * l + p.sum(-1, keepdim=True), old_weight * acc + p @ v)
+    problem = _compare_state(want, [a.to(torch.float64) if isinstance(a, torch.Tensor) else a
+                                    for a in actual], ONLINE_SOFTMAX_ATOL, "definition (float64)")
+    return problem
+
+
+register(Exercise(
+    name="attention.online_softmax_update",
+    description=("online_softmax_update(m, l (..., tq, 1), acc (..., tq, hd), scores (..., tq, tk), "
+                 "values (..., tk, hd)) -> new (m, l, acc): FlashAttention's running max, sum "
+                 "and unnormalised output after one more tile"),
+    reference="minfer.attention.flash:online_softmax_update",
+    inputs=_online_softmax_inputs(),
+    compare=_compare_online_softmax,
+    validate=_validate_online_softmax,
+))
