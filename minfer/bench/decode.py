@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,transformers",
                    help="comma-separated subset of naive,no-cache,cached,transformers")
+    p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
+                   help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
                    help="also write the results as JSON (default path bench_results/decode.json)")
 
@@ -65,6 +67,49 @@ def _time_naive(model, prompt_ids, n):
         ids.append(int(naive_forward(weights, cfg, ids)[-1].argmax()))
         times.append(time.perf_counter())
     return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": ids[len(prompt_ids):]}
+
+
+@torch.no_grad()
+def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
+    """Quantized KV cache vs the fp32 cache over `n` greedy tokens.
+
+    teacher-forced: feed the fp32 run's tokens through each cache and compare the logits at every
+    step (max abs error, and how often the argmax agrees); free-running: generate greedily with the
+    quantized cache and count the positions where its tokens equal the fp32 run's.
+    """
+    from minfer.generate import generate_tokens
+    from minfer.kv import make_cache
+    from minfer.sampling import SamplingParams
+    device, dtype = model.inv_freq.device, model.model.embed_tokens.weight.dtype
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    ref_tokens = list(generate_tokens(model, prompt_ids, params, kv_cache="contiguous"))
+    seq = torch.tensor([prompt_ids + ref_tokens[:-1]], device=device)
+    pos = torch.arange(seq.shape[1], device=device)[None]
+    P = len(prompt_ids)
+
+    def stepwise_logits(kind):
+        cache = make_cache(kind, model.cfg, 1, seq.shape[1], dtype=dtype, device=device)
+        out = [model(seq[:, :P], pos[:, :P], kv_cache=cache, last_only=True)[0, -1]]
+        for t in range(P, seq.shape[1]):
+            out.append(model(seq[:, t:t + 1], pos[:, t:t + 1], kv_cache=cache)[0, -1])
+        return torch.stack(out), cache.nbytes()
+
+    ref_logits, ref_bytes = stepwise_logits("contiguous")
+    rows = []
+    for fmt in fmts:
+        logits, nbytes = stepwise_logits(fmt)
+        free = list(generate_tokens(model, prompt_ids, params, kv_cache=fmt))
+        same = sum(a == b for a, b in zip(free, ref_tokens))
+        first_diff = next((i for i, (a, b) in enumerate(zip(free, ref_tokens)) if a != b), None)
+        rows.append({
+            "format": fmt, "cache_bytes_ratio": nbytes / ref_bytes,
+            "max_logit_error": (logits - ref_logits).abs().max().item(),
+            "mean_logit_error": (logits - ref_logits).abs().mean().item(),
+            "teacher_forced_top1_agreement": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+            "free_running_token_agreement": same / n,
+            "first_divergence": first_diff,
+        })
+    return rows
 
 
 def main(args) -> int:
@@ -136,8 +181,19 @@ def main(args) -> int:
     for row in rows:
         if "same_tokens_as_cached" in row:
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
+    kv_rows = None
+    if args.kv_quality:
+        log(f"KV-cache quantization quality over {n} greedy tokens ...")
+        kv_rows = kv_quant_quality(model, prompt_ids, n)
+        print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
+        print(table(kv_rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
+                              ("max_logit_error", "max |dlogit|", "{:.3f}"),
+                              ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
+                              ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
+                              ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
+                              ("first_divergence", "first diverging token", "{}")]))
     if args.json:
-        write_json(args.json, {
+        write_json(args.json, {"kv_quantization": kv_rows,
             "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,

@@ -14,13 +14,19 @@ Caches:
   ContiguousKVCache    one preallocated max-length buffer per sequence (gpt-fast)
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
+  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention);
+                       its bookkeeping (BlockPool, KVCacheManager) is in block_pool.py and the
+                       simplest drivers (generate_paged, generate_paged_n) in paged_generate.py
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
 from minfer.kv.sliding import SlidingWindowKVCache
+from minfer.kv.block_pool import BlockPool, KVCacheManager, block_hashes, hash_block_tokens
+from minfer.kv.paged import PagedBatch, PagedKVCache
 
 __all__ = ["ContiguousKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "kv_cache_bytes",
-           "quantize_kv", "dequantize_kv", "make_cache"]
+           "quantize_kv", "dequantize_kv", "make_cache",
+           "BlockPool", "KVCacheManager", "PagedKVCache", "PagedBatch", "block_hashes", "hash_block_tokens"]
 
 
 def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):

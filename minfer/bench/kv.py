@@ -1,0 +1,248 @@
+"""`minfer bench kv`: what paging buys, measured in one run on one model.
+
+Part 1, capacity (bookkeeping only, exact): a fixed KV memory budget, a seeded
+mixed-length workload (prompt and output lengths drawn from log-normal
+distributions), requests admitted in order at their *final* length until the
+memory is full. How many run at once, and what share of the reserved slots
+holds no token (internal fragmentation)?
+
+    contiguous, max_len     every sequence reserves --max-len slots (gpt-fast, HF static cache)
+    contiguous, prompt+max  every sequence reserves its prompt + --max-tokens slots
+    paged, block_size B     blocks allocated as tokens arrive (KVCacheManager), waste < 1 block/seq
+
+Part 2, prefix caching (timed on the model): requests share a --prefix-len
+token system prompt and differ in a short question. TTFT (time to the first
+token: prefill included) with the prefix cache on, off, and with the
+contiguous cache, interleaved rounds, medians reported. With the cache on,
+the shared full blocks are found by hash and only the question is prefilled.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import math
+import random
+import sys
+import time
+
+import torch
+
+from minfer.bench.timing import interleaved, table, write_json
+
+QUESTIONS = [
+    "Summarise the text above in one sentence.",
+    "Which module does the text describe first?",
+    "List three functions mentioned above.",
+    "What is the main purpose of these modules?",
+    "Explain the second paragraph to a child.",
+    "Write a haiku about the text above.",
+    "What would you rename, and why?",
+    "Give one example of using it.",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--budget-mib", type=float, default=1024.0, help="KV memory budget in MiB (default 1024)")
+    p.add_argument("--max-len", type=int, default=2048, help="contiguous reservation per sequence (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=512, help="output cap of the workload (default 512)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    p.add_argument("--num-requests", type=int, default=1000, help="workload size (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-len", type=int, default=512, help="shared prefix tokens for the TTFT test (default 512)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved TTFT rounds; medians reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
+    p.add_argument("--skip-ttft", action="store_true", help="capacity only (no model forward)")
+    p.add_argument("--json", nargs="?", const="bench_results/kv.json", default=None,
+                   help="also write the results as JSON (default path bench_results/kv.json)")
+
+
+# ---------------------------------------------------------------------------
+# Part 1: capacity and fragmentation
+# ---------------------------------------------------------------------------
+
+
+def mixed_workload(n: int, seed: int, max_len: int, max_tokens: int) -> list[tuple[int, int]]:
+    """(prompt_len, output_len) pairs: log-normal, prompt median 256, output median 128, clipped."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out_len = int(min(max(rng.lognormvariate(math.log(128), 0.8), 16), max_tokens))
+        prompt = int(min(max(rng.lognormvariate(math.log(256), 0.8), 16), max_len - max_tokens))
+        out.append((prompt, out_len))
+    return out
+
+
+def contiguous_capacity(workload, bytes_per_token: float, budget: float, reserve) -> dict:
+    """Admit requests in order, each reserving reserve(prompt, output) slots, until the budget is full."""
+    used_slots = reserved = 0
+    n = 0
+    for prompt, out in workload:
+        r = reserve(prompt, out)
+        if (reserved + r) * bytes_per_token > budget:
+            break
+        reserved += r
+        used_slots += prompt + out
+        n += 1
+    return {"max_seqs": n, "reserved_slots": reserved, "used_slots": used_slots,
+            "fragmentation": 1 - used_slots / reserved if reserved else 0.0}
+
+
+def paged_capacity(workload, cfg, budget: float, block_size: int, dtype) -> dict:
+    """Admit requests through a real KVCacheManager at their final length until a block is missing."""
+    from minfer.kv.block_pool import BlockPool, KVCacheManager
+    from minfer.kv.paged import PagedKVCache
+
+    num_blocks = PagedKVCache.num_blocks_for_memory(cfg, budget, block_size, dtype)
+    mgr = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching=False))
+    rng = random.Random(1)
+    n = 0
+    for i, (prompt, out) in enumerate(workload):
+        if mgr.allocate(i, [rng.randrange(1000) for _ in range(prompt)]) is None:
+            break
+        if not mgr.append_slots(i, out):
+            mgr.free(i)
+            break
+        n += 1
+    u = mgr.usage()
+    return {"max_seqs": n, "reserved_slots": u.reserved_slots, "used_slots": u.used_slots,
+            "fragmentation": u.fragmentation, "num_blocks": num_blocks}
+
+
+# ---------------------------------------------------------------------------
+# Part 2: TTFT with a shared prefix
+# ---------------------------------------------------------------------------
+
+
+def shared_prefix(tokenizer, n: int) -> list[int]:
+    """n tokens of real English: a system prompt followed by standard-library docstrings."""
+    import collections
+    import json
+    import textwrap
+    text = "You are a careful assistant. Answer questions about the following documentation.\n\n"
+    for mod in (json, textwrap, collections, random, inspect, argparse, datetime):
+        text += inspect.getdoc(mod) + "\n\n"
+    ids = tokenizer.encode(text)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def main(args) -> int:
+    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.kv.paged import PagedKVCache
+    from minfer.kv.paged_generate import generate_paged, make_paged
+    from minfer.llm import LLM, resolve_dtype
+    from minfer.sampling import SamplingParams
+
+    if args.budget_mib <= 0 or args.max_len < 2 or args.block_size < 1 or args.num_requests < 1:
+        raise ValueError("--budget-mib, --max-len, --block-size and --num-requests must be positive")
+    if not 1 <= args.max_tokens < args.max_len:
+        raise ValueError(f"--max-tokens must be in [1, --max-len), got {args.max_tokens}")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.skip_ttft:
+        from minfer.checkpoints import load_checkpoint  # config only; weights stay unused
+        cfg = load_checkpoint(args.model)[0]
+        llm, dtype = None, resolve_dtype(args.dtype)
+    else:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        cfg, dtype = llm.config, llm.dtype
+    budget = args.budget_mib * 2**20
+    bytes_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
+
+    # ---- part 1
+    workload = mixed_workload(args.num_requests, args.seed, args.max_len, args.max_tokens)
+    mean_len = sum(p + o for p, o in workload) / len(workload)
+    cap = [
+        {"method": f"contiguous, {args.max_len} slots",
+         **contiguous_capacity(workload, bytes_per_token, budget, lambda p, o: args.max_len)},
+        {"method": f"contiguous, prompt+{args.max_tokens}",
+         **contiguous_capacity(workload, bytes_per_token, budget, lambda p, o: p + args.max_tokens)},
+    ]
+    for bs in sorted({args.block_size, 8, 32} if args.block_size == 16 else {args.block_size}):
+        cap.append({"method": f"paged, block {bs}", **paged_capacity(workload, cfg, budget, bs, dtype)})
+    base = cap[0]["max_seqs"]
+    for row in cap:
+        row["x_contiguous"] = row["max_seqs"] / base if base else None
+    paged_row = next(r for r in cap if r["method"] == f"paged, block {args.block_size}")
+    capacity_ratio = paged_row["max_seqs"] / base if base else float("inf")
+    print(f"KV capacity: {args.model} ({cfg.num_kv_layers} KV layers x {cfg.num_key_value_heads} heads x "
+          f"{cfg.head_dim} dims, {dtype}) = {bytes_per_token / 1024:.1f} KiB per token; "
+          f"budget {args.budget_mib:.0f} MiB = {int(budget // bytes_per_token)} token slots")
+    print(f"workload: {len(workload)} requests (seed {args.seed}), prompt+output length mean {mean_len:.0f}, "
+          f"max {max(p + o for p, o in workload)}; admitted in order at their final length\n")
+    print(table(cap, [("method", "method", "{:>26}"), ("max_seqs", "max concurrent seqs", "{}"),
+                      ("x_contiguous", f"x contiguous {args.max_len}", "{:.2f}"),
+                      ("reserved_slots", "reserved slots", "{}"), ("used_slots", "used slots", "{}"),
+                      ("fragmentation", "fragmentation", "{:.1%}")]))
+
+    # ---- part 2
+    ttft_rows, ttft_ratio, same_first = [], None, None
+    if not args.skip_ttft:
+        model, tok = llm.model, llm.tokenizer
+        prefix = shared_prefix(tok, args.prefix_len)
+        questions = [tok.encode("\n\nQuestion: " + q + "\nAnswer:") for q in QUESTIONS]
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        longest = args.prefix_len + max(len(q) for q in questions)
+        blocks = 4 * (-(-longest // args.block_size) + 1)
+        paged = {on: make_paged(model, blocks, args.block_size, enable_prefix_caching=on) for on in (True, False)}
+        rounds = {"on": 0, "off": 0, "contiguous": 0}
+        first = {}
+
+        def timed(name):
+            def run():
+                q = questions[rounds[name] % len(questions)]
+                rounds[name] += 1
+                m = RequestMetrics(arrival_time=time.perf_counter())
+                if name == "contiguous":
+                    out = list(generate_tokens(model, prefix + q, params, metrics=m))
+                else:
+                    cache, mgr = paged[name == "on"]
+                    out = list(generate_paged(model, prefix + q, params, cache=cache, manager=mgr, metrics=m))
+                first.setdefault(name, []).append(out[0])
+                return {"ttft_ms": 1000 * m.ttft}
+            return run
+
+        # The warm-up round of "on" is the cold request that fills the prefix cache.
+        log(f"TTFT: {args.prefix_len}-token shared prefix + a {min(map(len, questions))}-"
+            f"{max(map(len, questions))}-token question, {args.repeats} interleaved rounds ...")
+        med = interleaved({n: timed(n) for n in ("on", "off", "contiguous")}, repeats=args.repeats,
+                          warmup=1, log=log)
+        ttft_ratio = med["off"]["ttft_ms"] / med["on"]["ttft_ms"]
+        same_first = first["on"] == first["off"] == first["contiguous"]
+        labels = {"on": "paged, prefix cache on", "off": "paged, prefix cache off", "contiguous": "contiguous"}
+        prefill = {"on": "question only", "off": "prefix + question", "contiguous": "prefix + question"}
+        for name in ("on", "off", "contiguous"):
+            ttft_rows.append({"method": labels[name], "prefilled": prefill[name], **med[name],
+                              "x_faster": med["off"]["ttft_ms"] / med[name]["ttft_ms"]})
+        print(f"\nTTFT with a {args.prefix_len}-token shared prefix (device {llm.device}, {dtype}, "
+              f"{torch.get_num_threads()} CPU threads, block {args.block_size}; medians of {args.repeats} rounds)\n")
+        print(table(ttft_rows, [("method", "method", "{:>24}"), ("prefilled", "prefilled", "{:>17}"),
+                                ("ttft_ms", "TTFT ms", "{:.1f}"), ("x_faster", "x vs cache off", "{:.2f}")]))
+        print(f"first tokens identical across the three: {same_first}")
+
+    print(f"\nsummary: paged (block {args.block_size}) fits {capacity_ratio:.2f}x the sequences of contiguous "
+          f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "
+          f"{cap[0]['fragmentation']:.1%}" + (f"; prefix caching cuts TTFT {ttft_ratio:.2f}x" if ttft_ratio else ""))
+    if args.json:
+        from minfer.bench.machine import machine_info
+        device = llm.device if llm is not None else torch.device("cpu")
+        write_json(args.json, {
+            "benchmark": "kv", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine_info(device), "model": args.model, "dtype": str(dtype),
+            "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
+            "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
+            "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,
+            "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
+            "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
+        })
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,464 @@
+"""The block pool and the KV-cache manager: who owns which block of KV memory.
+
+PagedAttention (Kwon et al., "Efficient Memory Management for Large Language
+Model Serving with PagedAttention", SOSP 2023) stores K/V in fixed-size
+*blocks* of ``block_size`` tokens, like an OS stores memory in pages. A
+sequence owns a *block table*: logical block i of the sequence lives in
+physical block ``block_table[i]``. Blocks are allocated when a sequence needs
+them, so the only waste is the unfilled tail of each sequence's last block.
+
+    sequence A (10 tokens, block_size 4)       physical blocks (the pool)
+    logical block:  0        1        2        +----+----+----+----+----+----+
+    tokens:        [a0..a3] [a4..a7] [a8 a9 . .]| A1 | B0 | A0 |free| A2 |free|
+    block table:    2        0        4        +----+----+----+----+----+----+
+                                                  0    1    2    3    4    5
+    slot of token 9 = block_table[9 // 4] * 4 + 9 % 4 = 4 * 4 + 1 = 17
+
+This module is pure bookkeeping (no tensors): the ``PagedKVCache`` in
+``paged.py`` holds the memory, this decides where each token's K/V goes.
+vLLM's equivalents: ``vllm/v1/core/block_pool.py`` (BlockPool,
+FreeKVCacheBlockQueue) and ``vllm/v1/core/kv_cache_manager.py``.
+
+Three ideas live here:
+
+* **Reference counts.** A block may sit in several block tables at once (a
+  shared prompt prefix, or children forked for parallel sampling). It returns
+  to the free list when its count drops to 0.
+* **Prefix caching.** When a block is full, it gets a hash of
+  (its parent block's hash, its own token ids), so the hash names the whole
+  prefix up to the block's end (vLLM: ``hash_block_tokens`` in
+  ``vllm/v1/core/kv_cache_utils.py``). A later prompt that starts with the
+  same tokens finds those blocks by hash and skips their prefill. Freed blocks
+  keep their contents and stay findable until the allocator reuses them,
+  least recently freed first (LRU). A hash hit is confirmed by comparing the
+  tokens of the whole prefix, so a hash collision can only cost a miss.
+* **Copy-on-write.** ``fork`` lets a child share all of its parent's blocks.
+  Full blocks are never written again, so sharing them is safe forever; the
+  partly filled last block is copied by whichever sequence appends to it
+  first (``append_slots`` records the copy, the cache performs it).
+
+Out of blocks is an answer, not an exception: ``allocate`` returns None and
+``append_slots`` returns False, with nothing changed, so a scheduler can
+preempt someone and try again.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+# The parent hash of a sequence's first block. A fixed number (vLLM draws a
+# random one per process) so block hashes are the same in every run.
+ROOT_HASH = 0x6D696E666572    # "minfer"
+
+
+def hash_block_tokens(parent_hash: Optional[int], token_ids: Sequence[int]) -> int:
+    """The prefix-cache key of one full block: hash(parent block's hash, this block's tokens).
+
+    Chaining the parent's hash makes the key name the whole prefix: two blocks
+    with the same tokens after different prefixes hold different K/V (every
+    key depends on all the tokens before it), and they get different hashes.
+    ``parent_hash`` is None for a sequence's first block. Python's tuple hash
+    of ints is the same in every process (only str/bytes hashing is salted).
+    """
+    return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int,
+                 hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens) -> list[int]:
+    """Hashes of the *full* blocks of ``token_ids``, each chained to the one before.
+
+        tokens   [t0 t1 t2 t3][t4 t5 t6 t7][t8 t9]      block_size 4
+        hashes    h0 = H(None, t0..t3)
+                               h1 = H(h0, t4..t7)
+                                            (not full: no hash)
+    """
+    hashes: list[int] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_fn(parent, token_ids[start:start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+# ---------------------------------------------------------------------------
+# The pool: blocks, reference counts, the free list, the prefix cache
+# ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class KVBlock:
+    """Bookkeeping of one physical block (its K/V live in ``PagedKVCache``)."""
+
+    block_id: int
+    ref_cnt: int = 0                    # block tables holding this block
+    block_hash: Optional[int] = None    # set while the block is findable in the prefix cache
+    prefix: Optional[tuple] = None      # (parent's prefix, this block's tokens): the exact key
+
+
+class BlockPool:
+    """``num_blocks`` blocks of ``block_size`` token slots; a free list in LRU order.
+
+    The free list holds every block with ``ref_cnt == 0``, least recently
+    freed first. A free block may still be in the prefix cache: it is
+    *evicted* (its hash forgotten) only when ``get_new_block`` hands it out
+    for new contents. A cache hit on a free block takes it off the free list.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens):
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hash_fn = hash_fn
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}          # block hash -> block id
+        self.num_evictions = 0                    # cached blocks reused for new contents
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no table holds (some may still be findable in the prefix cache)."""
+        return len(self.free_queue)
+
+    def get_new_block(self) -> int:
+        """Take the least recently freed block, evict it from the prefix cache, ref_cnt = 1.
+
+        The caller must check ``num_free_blocks`` first (``KVCacheManager`` does).
+        """
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:          # old contents are about to be overwritten
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash, block.prefix = None, None
+            self.num_evictions += 1
+        block.ref_cnt = 1
+        return block_id
+
+    def touch(self, block_id: int) -> None:
+        """One more table holds ``block_id`` (a cache hit or a fork)."""
+        block = self.blocks[block_id]
+        if block.ref_cnt == 0:
+            del self.free_queue[block_id]         # a cached free block comes back to life
+        block.ref_cnt += 1
+
+    def free_block(self, block_id: int) -> None:
+        """One table fewer holds ``block_id``; at 0 it joins the free list's end (most recent)."""
+        block = self.blocks[block_id]
+        if block.ref_cnt <= 0:
+            raise ValueError(f"block {block_id} freed more often than it was allocated")
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            self.free_queue[block_id] = None
+
+    def lookup(self, block_hash: int, prefix: tuple) -> Optional[int]:
+        """The cached block holding exactly ``prefix``, or None.
+
+        ``prefix`` is the nested tuple ``(parent prefix, tokens)``. The hash
+        finds a candidate; comparing prefixes confirms it. When the caller
+        passes the parent prefix object it got from the previous hit, Python's
+        tuple comparison sees the same object and only compares this block's
+        tokens; otherwise it walks the whole prefix, which is still correct.
+        """
+        block_id = self.cached.get(block_hash)
+        if block_id is None or self.blocks[block_id].prefix != prefix:
+            return None
+        return block_id
+
+    def cache_block(self, block_id: int, block_hash: int, prefix: tuple) -> bool:
+        """Make a full block findable. If another block already holds this prefix, keep that one."""
+        if not self.enable_prefix_caching or block_hash in self.cached:
+            return False
+        block = self.blocks[block_id]
+        if block.block_hash is not None:          # already cached (e.g. a shared hit)
+            return False
+        block.block_hash, block.prefix = block_hash, prefix
+        self.cached[block_hash] = block_id
+        return True
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (contents stay, nothing is freed)."""
+        for block_id in self.cached.values():
+            self.blocks[block_id].block_hash = None
+            self.blocks[block_id].prefix = None
+        self.cached.clear()
+
+
+# ---------------------------------------------------------------------------
+# Block-table arithmetic as plain functions (the lesson's exercises grade these)
+# ---------------------------------------------------------------------------
+
+
+def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos: int,
+                         num_tokens: int) -> list[int]:
+    """Slots of positions [start_pos, start_pos + num_tokens): block_table[p // bs] * bs + p % bs."""
+    return [block_table[p // block_size] * block_size + p % block_size
+            for p in range(start_pos, start_pos + num_tokens)]
+
+
+def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_size: int) -> int:
+    """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
+    total = num_tokens + num_new_tokens
+    return max(0, -(-total // block_size) - num_held)       # ceil(total / block_size) - held
+
+
+def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,
+                      num_free_blocks: int, block_size: int) -> bool:
+    """Do ``num_new_tokens`` more tokens fit, given the free blocks? (No sharing: see ``KVCacheManager``.)"""
+    return blocks_needed(num_tokens, num_new_tokens, num_blocks_held, block_size) <= num_free_blocks
+
+
+def append_to_block_table(block_table: Sequence[int], num_tokens: int, num_new_tokens: int,
+                          free_blocks: Sequence[int], block_size: int) -> Optional[list[int]]:
+    """The block table after growing by ``num_new_tokens``, taking blocks from the front of
+    ``free_blocks``; None (and no change) if there are not enough."""
+    need = blocks_needed(num_tokens, num_new_tokens, len(block_table), block_size)
+    if need > len(free_blocks):
+        return None
+    return list(block_table) + list(free_blocks[:need])
+
+
+# ---------------------------------------------------------------------------
+# The manager: block tables of sequences
+# ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SeqState:
+    """What the manager knows about one sequence."""
+
+    block_table: list[int]              # logical block i -> physical block id
+    num_tokens: int                     # token slots reserved (prompt + appended)
+    num_computed: int = 0               # tokens whose K/V are stored (committed)
+    token_ids: list[int] = field(default_factory=list)   # known tokens: the prompt, then committed ones
+    hashes: list[int] = field(default_factory=list)      # hash of each full, committed block
+    prefixes: list[tuple] = field(default_factory=list)  # exact key of each of those blocks
+
+
+@dataclass(slots=True)
+class CacheUsage:
+    """Capacity accounting of the pool at one moment (``KVCacheManager.usage``)."""
+
+    num_blocks: int
+    num_free_blocks: int         # on the free list (includes cached-but-free blocks)
+    num_used_blocks: int         # held by at least one sequence
+    num_cached_blocks: int       # findable by prefix hash (used or free)
+    reserved_slots: int          # num_used_blocks * block_size
+    used_slots: int              # slots of used blocks that hold (or will hold) a token
+    num_seqs: int
+
+    @property
+    def fragmentation(self) -> float:
+        """Internal fragmentation: the share of reserved slots that hold no token."""
+        return 0.0 if self.reserved_slots == 0 else 1.0 - self.used_slots / self.reserved_slots
+
+
+class KVCacheManager:
+    """Block tables for many sequences over one ``BlockPool``.
+
+    The life of a sequence (a scheduler drives this; ``paged_generate.py`` is
+    the simplest driver)::
+
+        n = mgr.allocate(sid, prompt)          # slots for the prompt; n tokens already cached
+        ...forward prompt[n:] at slots mgr.slot_mapping(sid, n, len(prompt) - n)...
+        mgr.commit_tokens(sid, prompt[n:])     # their K/V are stored: full blocks get hashed
+        loop:  mgr.append_slots(sid, 1)        # a slot for the token just sampled
+               ...forward it, then mgr.commit_tokens(sid, [token])...
+        mgr.free(sid)                          # blocks go back; cached ones stay findable
+    """
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.seqs: dict[object, SeqState] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+
+    # ------------------------------------------------------------ queries
+    def _seq(self, seq_id) -> SeqState:
+        try:
+            return self.seqs[seq_id]
+        except KeyError:
+            raise ValueError(f"unknown seq_id {seq_id!r}: allocate it first") from None
+
+    def block_table(self, seq_id) -> list[int]:
+        return list(self._seq(seq_id).block_table)
+
+    def num_tokens(self, seq_id) -> int:
+        """Token slots reserved for ``seq_id``."""
+        return self._seq(seq_id).num_tokens
+
+    def num_computed_tokens(self, seq_id) -> int:
+        """Tokens of ``seq_id`` whose K/V are stored."""
+        return self._seq(seq_id).num_computed
+
+    def slot_mapping(self, seq_id, start_pos: int, num_tokens: int) -> list[int]:
+        """Slots of positions [start_pos, start_pos + num_tokens): block_id * block_size + offset."""
+        st = self._seq(seq_id)
+        if start_pos < 0 or num_tokens < 0 or start_pos + num_tokens > st.num_tokens:
+            raise ValueError(f"positions [{start_pos}, {start_pos + num_tokens}) of seq {seq_id!r} "
+                             f"are not reserved (it has {st.num_tokens} slots)")
+        return compute_slot_mapping(st.block_table, self.block_size, start_pos, num_tokens)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write copies (src_block, dst_block) to perform, in order, before the next forward."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    # ------------------------------------------------------------ allocation
+    def _prefix_hits(self, token_ids: Sequence[int]) -> tuple[list[int], list[int], list[tuple]]:
+        """Cached blocks that hold the prompt's first full blocks: (block ids, hashes, prefixes).
+
+        At most (len - 1) // block_size blocks: the last prompt token is always
+        computed, because its logits are needed to sample the first new token.
+        """
+        if not self.pool.enable_prefix_caching:
+            return [], [], []
+        bs = self.block_size
+        hits, hashes, prefixes = [], [], []
+        parent_hash, parent_prefix = None, None
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            h = self.pool.hash_fn(parent_hash, tokens)
+            block_id = self.pool.lookup(h, (parent_prefix, tokens))
+            if block_id is None:
+                break
+            parent_prefix = self.pool.blocks[block_id].prefix   # the very object: next compare is O(bs)
+            parent_hash = h
+            hits.append(block_id)
+            hashes.append(h)
+            prefixes.append(parent_prefix)
+        return hits, hashes, prefixes
+
+    def allocate(self, seq_id, token_ids: Sequence[int]) -> Optional[int]:
+        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks.
+
+        Returns ``num_computed_tokens`` (prompt tokens whose K/V are already
+        cached: skip their prefill), or None if the pool cannot fit the prompt
+        (then nothing changed).
+        """
+        if seq_id in self.seqs:
+            raise ValueError(f"seq_id {seq_id!r} is already allocated")
+        if len(token_ids) < 1:
+            raise ValueError("token_ids is empty: a sequence needs at least one prompt token")
+        hits, hashes, prefixes = self._prefix_hits(token_ids)
+        revived = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)   # hits on free blocks
+        new = blocks_needed(0, len(token_ids), len(hits), self.block_size)
+        if new + revived > self.pool.num_free_blocks:
+            return None
+        for b in hits:
+            self.pool.touch(b)
+        table = hits + [self.pool.get_new_block() for _ in range(new)]
+        n_computed = len(hits) * self.block_size
+        self.seqs[seq_id] = SeqState(block_table=table, num_tokens=len(token_ids),
+                                     num_computed=n_computed, token_ids=list(token_ids),
+                                     hashes=hashes, prefixes=prefixes)
+        return n_computed
+
+    def can_append(self, seq_id, num_new_tokens: int = 1) -> bool:
+        """Would ``append_slots(seq_id, num_new_tokens)`` succeed?"""
+        return self._append_cost(self._seq(seq_id), num_new_tokens) <= self.pool.num_free_blocks
+
+    def _needs_copy(self, st: SeqState, num_new_tokens: int) -> bool:
+        """Copy-on-write: the next token goes into a partly filled block someone else holds too."""
+        return (num_new_tokens > 0 and st.num_tokens % self.block_size != 0
+                and self.pool.blocks[st.block_table[-1]].ref_cnt > 1)
+
+    def _append_cost(self, st: SeqState, num_new_tokens: int) -> int:
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        new = blocks_needed(st.num_tokens, num_new_tokens, len(st.block_table), self.block_size)
+        return new + int(self._needs_copy(st, num_new_tokens))
+
+    def append_slots(self, seq_id, num_new_tokens: int = 1) -> bool:
+        """Reserve ``num_new_tokens`` more slots. False = out of blocks (nothing changed).
+
+        If the last block is partly filled and shared (after ``fork``), it is
+        replaced by a private copy first; the copy is queued for
+        ``take_pending_copies``.
+        """
+        st = self._seq(seq_id)
+        if self._append_cost(st, num_new_tokens) > self.pool.num_free_blocks:
+            return False
+        if self._needs_copy(st, num_new_tokens):
+            src = st.block_table[-1]
+            dst = self.pool.get_new_block()
+            self._pending_copies.append((src, dst))
+            self.pool.free_block(src)             # the other holders keep the original
+            st.block_table[-1] = dst
+        for _ in range(blocks_needed(st.num_tokens, num_new_tokens, len(st.block_table), self.block_size)):
+            st.block_table.append(self.pool.get_new_block())
+        st.num_tokens += num_new_tokens
+        return True
+
+    def commit_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
+        """The K/V of ``token_ids`` (the next tokens after those committed) are now stored.
+
+        Blocks that became full are hashed and offered to the prefix cache.
+        """
+        st = self._seq(seq_id)
+        start, end = st.num_computed, st.num_computed + len(token_ids)
+        if end > st.num_tokens:
+            raise ValueError(f"seq {seq_id!r}: committing tokens up to position {end} but only "
+                             f"{st.num_tokens} slots are reserved (call append_slots first)")
+        known = st.token_ids[start:end]
+        if list(token_ids[:len(known)]) != known:
+            raise ValueError(f"seq {seq_id!r}: committed tokens differ from the prompt at "
+                             f"positions [{start}, {start + len(known)})")
+        st.token_ids.extend(token_ids[len(known):])
+        st.num_computed = end
+        bs = self.block_size
+        while len(st.hashes) < st.num_computed // bs:  # a block just became full
+            i = len(st.hashes)
+            tokens = tuple(st.token_ids[i * bs:(i + 1) * bs])
+            parent_hash = st.hashes[-1] if st.hashes else None
+            prefix = (st.prefixes[-1] if st.prefixes else None, tokens)
+            h = self.pool.hash_fn(parent_hash, tokens)
+            st.hashes.append(h)
+            st.prefixes.append(prefix)
+            self.pool.cache_block(st.block_table[i], h, prefix)
+
+    def fork(self, parent_id, child_id) -> None:
+        """``child_id`` shares every block of ``parent_id`` (parallel sampling, n > 1).
+
+        The parent's reserved slots must all be computed (no write in flight).
+        """
+        parent = self._seq(parent_id)
+        if child_id in self.seqs:
+            raise ValueError(f"seq_id {child_id!r} is already allocated")
+        if parent.num_computed != parent.num_tokens:
+            raise ValueError(f"seq {parent_id!r} has {parent.num_tokens - parent.num_computed} reserved "
+                             f"slots not yet committed; fork after the forward that fills them")
+        for b in parent.block_table:
+            self.pool.touch(b)
+        self.seqs[child_id] = SeqState(block_table=list(parent.block_table), num_tokens=parent.num_tokens,
+                                       num_computed=parent.num_computed, token_ids=list(parent.token_ids),
+                                       hashes=list(parent.hashes), prefixes=list(parent.prefixes))
+
+    def free(self, seq_id) -> None:
+        """Release the sequence's blocks, last block first, so the LRU evicts tails before shared heads."""
+        st = self.seqs.pop(seq_id, None)
+        if st is None:
+            raise ValueError(f"unknown seq_id {seq_id!r}: nothing to free")
+        for b in reversed(st.block_table):
+            self.pool.free_block(b)
+
+    # ------------------------------------------------------------ accounting
+    def usage(self) -> CacheUsage:
+        """Blocks used/free/cached and internal fragmentation of the reserved slots.
+
+        A block's used slots are those below the largest token count of any
+        sequence that holds it (shared blocks are counted once).
+        """
+        bs = self.block_size
+        filled: dict[int, int] = {}
+        for st in self.seqs.values():
+            for i, b in enumerate(st.block_table):
+                filled[b] = max(filled.get(b, 0), min(bs, st.num_tokens - i * bs))
+        return CacheUsage(num_blocks=self.pool.num_blocks, num_free_blocks=self.pool.num_free_blocks,
+                          num_used_blocks=len(filled), num_cached_blocks=len(self.pool.cached),
+                          reserved_slots=len(filled) * bs, used_slots=sum(filled.values()),
+                          num_seqs=len(self.seqs))

@@ -1,0 +1,203 @@
+"""Exercises of lesson 04 (paged attention): block-table arithmetic and the prefix-cache hash.
+
+    paged.slot_mapping   where each new token's K/V goes:  block_table[p // bs] * bs + p % bs
+    paged.can_append     do n more tokens fit in the free blocks?
+    paged.append_slots   grow a block table from a free list (or say None: out of blocks)
+    paged.block_hashes   chained hashes of the full blocks of a prompt
+
+References live in ``minfer/kv/block_pool.py``; the engine's tests run these
+same properties on them (``tests/test_block_pool.py``). Inputs are tuples, so
+a function that edits its arguments in place cannot change what the grader
+compares against.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, register
+
+
+def _as_int_list(actual: Any, what: str) -> tuple[Optional[list[int]], Optional[str]]:
+    """``actual`` as a list of ints, or an explanation of why it is not one."""
+    if actual is None:
+        return None, f"returned None (did you forget `return`?), expected {what}"
+    if hasattr(actual, "tolist"):                      # a tensor or numpy array is fine too
+        actual = actual.tolist()
+    if not isinstance(actual, (list, tuple)) or not all(isinstance(x, int) for x in actual):
+        return None, f"returned {type(actual).__name__} {actual!r}, expected {what}"
+    return list(actual), None
+
+
+# ---------------------------------------------------------------------------
+# paged.slot_mapping
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _slot_mapping_inputs(draw) -> Inputs:
+    block_size = draw(st.integers(1, 8))
+    n_blocks = draw(st.integers(1, 6))
+    table = draw(st.permutations(range(2 * n_blocks)))[:n_blocks]   # distinct physical blocks
+    capacity = n_blocks * block_size
+    start = draw(st.integers(0, capacity - 1))
+    num = draw(st.integers(1, capacity - start))
+    return {"block_table": tuple(table), "block_size": block_size, "start_pos": start, "num_tokens": num}
+
+
+def _compare_slots(inputs: Inputs, expected: list[int], actual: Any) -> Optional[str]:
+    got, problem = _as_int_list(actual, f"a list of {len(expected)} slot numbers")
+    if problem:
+        return problem
+    if len(got) != len(expected):
+        return f"returned {len(got)} slots, expected one per token: {len(expected)}"
+    bs, table = inputs["block_size"], inputs["block_table"]
+    for i, (e, a) in enumerate(zip(expected, got)):
+        if e != a:
+            p = inputs["start_pos"] + i
+            return (f"position {p} is in logical block {p} // {bs} = {p // bs}, physical block "
+                    f"block_table[{p // bs}] = {table[p // bs]}, offset {p} % {bs} = {p % bs}: "
+                    f"slot {table[p // bs]} * {bs} + {p % bs} = {e}; yours is {a}")
+    return None
+
+
+register(Exercise(
+    name="paged.slot_mapping",
+    description=("slot_mapping(block_table, block_size, start_pos, num_tokens) -> the slot of each "
+                 "position in [start_pos, start_pos + num_tokens): block_id * block_size + offset"),
+    reference="minfer.kv.block_pool:compute_slot_mapping",
+    inputs=_slot_mapping_inputs(),
+    compare=_compare_slots,
+))
+
+
+# ---------------------------------------------------------------------------
+# paged.can_append
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _can_append_inputs(draw) -> Inputs:
+    block_size = draw(st.integers(1, 8))
+    num_tokens = draw(st.integers(0, 40))
+    held = -(-num_tokens // block_size)                 # exactly the blocks those tokens fill
+    return {"num_tokens": num_tokens, "num_blocks_held": held,
+            "num_new_tokens": draw(st.integers(0, 20)), "num_free_blocks": draw(st.integers(0, 6)),
+            "block_size": block_size}
+
+
+def _compare_bool(inputs: Inputs, expected: bool, actual: Any) -> Optional[str]:
+    if not isinstance(actual, bool):
+        return f"returned {type(actual).__name__} {actual!r}, expected True or False"
+    if actual == expected:
+        return None
+    n, held, new, bs = (inputs[k] for k in ("num_tokens", "num_blocks_held", "num_new_tokens", "block_size"))
+    total = n + new
+    need = max(0, -(-total // bs) - held)
+    return (f"{n} + {new} = {total} tokens need ceil({total} / {bs}) = {-(-total // bs)} blocks; "
+            f"{held} are held, so {need} new ones, and {inputs['num_free_blocks']} are free: "
+            f"expected {expected}")
+
+
+register(Exercise(
+    name="paged.can_append",
+    description=("can_append(num_tokens, num_blocks_held, num_new_tokens, num_free_blocks, block_size) "
+                 "-> True if the new tokens fit in the held blocks plus the free ones"),
+    reference="minfer.kv.block_pool:can_append_tokens",
+    inputs=_can_append_inputs(),
+    compare=_compare_bool,
+))
+
+
+# ---------------------------------------------------------------------------
+# paged.append_slots
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _append_inputs(draw) -> Inputs:
+    block_size = draw(st.integers(1, 6))
+    num_tokens = draw(st.integers(0, 20))
+    held = -(-num_tokens // block_size)
+    ids = draw(st.permutations(range(held + 6)))
+    free = ids[held:held + draw(st.integers(0, 6))]
+    return {"block_table": tuple(ids[:held]), "num_tokens": num_tokens,
+            "num_new_tokens": draw(st.integers(0, 16)), "free_blocks": tuple(free),
+            "block_size": block_size}
+
+
+def _compare_append(inputs: Inputs, expected: Optional[list[int]], actual: Any) -> Optional[str]:
+    if expected is None:
+        if actual is None:
+            return None
+        return (f"the new tokens need more blocks than the {len(inputs['free_blocks'])} free ones: "
+                f"return None (out of blocks), not {actual!r}")
+    if actual is None:
+        return f"there are enough free blocks: expected the new block table {expected}, yours is None"
+    got, problem = _as_int_list(actual, "the new block table (a list of block ids) or None")
+    if problem:
+        return problem
+    if got[:len(inputs["block_table"])] != list(inputs["block_table"]):
+        return "the new block table must start with the old one, unchanged"
+    if got != expected:
+        total = inputs["num_tokens"] + inputs["num_new_tokens"]
+        return (f"{total} tokens need {-(-total // inputs['block_size'])} blocks in all, taken in order "
+                f"from the front of free_blocks: expected {expected}, yours {got}")
+    return None
+
+
+register(Exercise(
+    name="paged.append_slots",
+    description=("append_slots(block_table, num_tokens, num_new_tokens, free_blocks, block_size) -> "
+                 "the grown block table (new blocks from the front of free_blocks), or None if they do not fit"),
+    reference="minfer.kv.block_pool:append_to_block_table",
+    inputs=_append_inputs(),
+    compare=_compare_append,
+))
+
+
+# ---------------------------------------------------------------------------
+# paged.block_hashes
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _hash_inputs(draw) -> Inputs:
+    block_size = draw(st.integers(1, 4))
+    tokens = draw(st.lists(st.integers(0, 9), max_size=12))
+    return {"token_ids": tuple(tokens), "block_size": block_size}
+
+
+def _compare_hashes(inputs: Inputs, expected: list[int], actual: Any) -> Optional[str]:
+    from minfer.kv.block_pool import hash_block_tokens
+
+    got, problem = _as_int_list(actual, f"a list of {len(expected)} hashes")
+    if problem:
+        return problem
+    tokens, bs = inputs["token_ids"], inputs["block_size"]
+    if len(got) != len(expected):
+        return (f"{len(tokens)} tokens make {len(expected)} full blocks of {bs}; only full blocks are "
+                f"hashed (a partly filled block can still change), but you returned {len(got)} hashes")
+    for i, (e, a) in enumerate(zip(expected, got)):
+        if e != a:
+            block = tokens[i * bs:(i + 1) * bs]
+            if i == 0:
+                hint = f"the first block has no parent: hash_block_tokens(None, {block})"
+            elif a == hash_block_tokens(None, block):
+                hint = (f"block {i} must chain to its parent: hash_block_tokens(hash of block {i - 1}, "
+                        f"{block}); yours ignores the parent")
+            else:
+                hint = f"expected hash_block_tokens(hash of block {i - 1}, {block})"
+            return f"hash {i} differs: {hint}"
+    return None
+
+
+register(Exercise(
+    name="paged.block_hashes",
+    description=("block_hashes(token_ids, block_size) -> [hash of each FULL block], each "
+                 "hash_block_tokens(parent block's hash or None, the block's tokens)"),
+    reference="minfer.kv.block_pool:block_hashes",
+    inputs=_hash_inputs(),
+    compare=_compare_hashes,
+))
