@@ -22,7 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
     p.add_argument("--kv-cache", default="contiguous",
-                   help="contiguous | int8 | fp8 | sliding | none (recompute every step, like the oracle)")
+                   help="contiguous | paged | int8 | fp8 | sliding | none (recompute every step, like the oracle)")
+    p.add_argument("--quantization", default=None,
+                   help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -43,7 +45,8 @@ def _sampling(args):
 def _llm(args):
     from minfer.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-               kv_cache=args.kv_cache)
+               kv_cache=args.kv_cache, quantization=args.quantization,
+               speculative=getattr(args, "speculative", None))
 
 
 def _print_timing(out) -> None:
@@ -68,6 +71,12 @@ def cmd_generate(args) -> int:
         out = llm.stream(args.prompt, params, on_text=show)
     sys.stdout.write("\n")
     _print_timing(out)
+    if out.spec_stats is not None:                # --speculative: how much the verifier accepted
+        s = out.spec_stats
+        rate = "n/a" if s.acceptance_rate is None else f"{s.acceptance_rate:.0%}"
+        print(f"[speculative {args.speculative}] {s.num_steps} target forwards, acceptance {rate}, "
+              f"{s.mean_accepted_length or 0:.2f} tokens per forward, accepted-length histogram "
+              f"{s.histogram()}", file=sys.stderr)
     return 0
 
 
@@ -168,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_model_args(p)
     _add_sampling_args(p, max_tokens=128)
+    p.add_argument("--speculative", default=None,
+                   help="speculative decoding: prompt_lookup[:k=N,min=N,max=N] | draft:<model>|layers-K|int4"
+                        "[,gamma=N] | lookahead[:W=N,N=N,G=N] (greedy only); output unchanged")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")

@@ -71,13 +71,18 @@ def generate_tokens(
     params: SamplingParams,
     *,
     eos_token_ids: list[int] = (),
-    kv_cache: str = "contiguous",       # "contiguous" | "sliding" | "int8" | "fp8" | "none"
+    kv_cache: str = "contiguous",       # "contiguous" | "paged" | "sliding" | "int8" | "fp8" | "none"
     attention: str = "sdpa",
     prefill_chunk: int | None = None,   # chunked prefill: feed the prompt this many tokens at a time
     metrics: RequestMetrics | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids until EOS / a stop token / max_tokens / the context limit."""
+    if kv_cache == "paged":            # vLLM's block-table cache (minfer/kv/paged_generate.py)
+        from minfer.kv.paged_generate import generate_paged
+        yield from generate_paged(model, prompt_ids, params, eos_token_ids=eos_token_ids, attention=attention,
+                                  prefill_chunk=prefill_chunk, metrics=metrics, clock=clock)
+        return
     cfg = model.cfg
     device = model.inv_freq.device
     check_context(len(prompt_ids), cfg.max_position_embeddings)
