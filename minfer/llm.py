@@ -52,6 +52,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
     metrics: RequestMetrics
+    spec_stats: object | None = None   # minfer.speculative.SpecStats when LLM(speculative=...) is set
 
     @property
     def ttft(self) -> float | None:
@@ -71,16 +72,36 @@ class LLM:
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa",
-                 kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0):
+                 kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0,
+                 quantization: str | None = None, speculative=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
         get_backend(attention)                                    # fail early on a bad name
-        cfg, state_dict, tokenizer = load_checkpoint(model, dtype=self.dtype, device="cpu")
+        spec_config = None
+        if speculative is not None:                               # fail early on a bad spec string
+            from minfer.speculative import SpeculativeConfig
+            spec_config = SpeculativeConfig.parse(speculative)
+        from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
+        if quantization is not None:
+            parse_spec(quantization)                              # fail early on a bad name
+        if is_quantized_checkpoint(model):                        # written by `minfer quantize`
+            if quantization is not None:
+                raise ValueError(f"{model} is already quantized; leave quantization unset")
+            cfg, self.model, tokenizer = load_quantized_folder(model, device=self.device, dtype=self.dtype)
+        else:
+            cfg, state_dict, tokenizer = load_checkpoint(model, dtype=self.dtype, device="cpu")
+            self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
+            if quantization is not None:                          # weight-only: swap the linears
+                quantize_model(self.model, quantization)
         self.config, self.tokenizer = cfg, tokenizer
-        self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
         self.attention, self.kv_cache, self.prefill_chunk = attention, kv_cache, prefill_chunk
         self.model_name = model
+        # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
+        self.speculative, self.draft = spec_config, None
+        if spec_config is not None and spec_config.method == "draft":
+            from minfer.speculative import load_draft
+            self.draft = load_draft(self.model, spec_config.draft_model)
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -102,10 +123,19 @@ class LLM:
         text, token_ids, finish = "", [], "length"
         emitted = 0
         hold = max((len(s) for s in params.stop), default=1) - 1  # text that might start a stop string
-        for tok in generate_tokens(self.model, prompt_ids, params,
-                                   eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
-                                   attention=self.attention, prefill_chunk=self.prefill_chunk,
-                                   metrics=metrics):
+        spec_stats = None
+        if self.speculative is None:
+            tokens = generate_tokens(self.model, prompt_ids, params,
+                                     eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
+                                     attention=self.attention, prefill_chunk=self.prefill_chunk,
+                                     metrics=metrics)
+        else:
+            from minfer.speculative import SpecStats, generate_speculative
+            spec_stats = SpecStats()
+            tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
+                                          eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
+                                          attention=self.attention, stats=spec_stats, metrics=metrics)
+        for tok in tokens:
             token_ids.append(tok)
             text += detok.add(tok)
             if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.tokenizer.eos_token_ids):
@@ -124,7 +154,7 @@ class LLM:
         if on_text and len(text) > emitted:
             on_text(text[emitted:])
         metrics.finish_time = time.perf_counter()
-        return RequestOutput(text_prompt, prompt_ids, text, token_ids, finish, metrics)
+        return RequestOutput(text_prompt, prompt_ids, text, token_ids, finish, metrics, spec_stats)
 
     # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None

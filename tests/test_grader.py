@@ -16,6 +16,10 @@ from minfer.speculative.rejection import accept_reject
 from minfer.kv.block_pool import append_to_block_table, block_hashes, can_append_tokens, compute_slot_mapping
 from minfer.attention.flash import online_softmax_update
 from minfer.lessons.ex_foundations import kv_append_with_cache
+from minfer.serving.metrics import percentile, tpot_from_timestamps
+from minfer.serving.scheduler import continuous_step
+from minfer.quant.int8 import dequantize_int8, quantize_int8
+from minfer.quant.int4 import pack_int4, unpack_int4
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -31,6 +35,13 @@ ENGINE = {
     "paged.block_hashes": block_hashes,
     "kv.append": kv_append_with_cache,                  # ContiguousKVCache.update on one layer
     "attention.online_softmax_update": online_softmax_update,
+    "serving.tpot": tpot_from_timestamps,
+    "serving.percentile": percentile,
+    "serving.continuous_step": continuous_step,
+    "quant.quantize_int8": quantize_int8,
+    "quant.dequantize_int8": dequantize_int8,
+    "quant.pack_int4": pack_int4,
+    "quant.unpack_int4": unpack_int4,
 }
 
 

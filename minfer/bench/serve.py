@@ -1,0 +1,346 @@
+"""`minfer bench serve`: serving policies under a workload; TTFT, TPOT, throughput, goodput.
+
+    minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32 \\
+                       --slo-ttft 10000 --slo-tpot 1000
+    minfer bench serve --policy continuous --rate inf --baselines sequential,transformers
+
+Two parts, both on the same seeded trace (real text from Python's own docs,
+prompt and output lengths drawn from --prompt-len / --output-len, EOS ignored
+so every request generates exactly its drawn length):
+
+1. **Online** (each policy in --policy): requests arrive at --rate req/s
+   (Poisson, or gamma with --burstiness) and the engine serves them as they
+   come; every request is timed from its arrival. Prints vLLM's serving
+   metrics side by side and saves TTFT / TPOT distribution plots.
+   --sweep-rates 0.1,0.2,... repeats this per rate and plots throughput
+   against latency as the load rises.
+2. **Offline throughput** (--baselines): everything arrives at t = 0.
+   ``continuous`` = the engine with continuous batching; ``sequential`` = the
+   same requests one by one through ``generate_tokens`` (contiguous KV cache,
+   no batching); ``transformers`` = HF ``generate`` on ONE left-padded batch
+   of all requests, run until the longest finishes (each request's useful
+   tokens are its first max_tokens). Measured in one interleaved run; the
+   ratios of output tokens/s are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minfer.bench.timing import interleaved, table, write_json
+
+BASELINES = ("sequential", "transformers")
+
+
+def _range(s: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI (e.g. 16:512), got {s!r}") from None
+    return lo, hi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--policy", default="static,continuous",
+                   help="comma-separated: static, dynamic, continuous (default static,continuous)")
+    p.add_argument("--rate", type=float, default=0.2, help="arrival rate, requests/s; inf = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=_range, default=(16, 512), help="LO:HI prompt tokens (default 16:512)")
+    p.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI output tokens (default 16:256)")
+    p.add_argument("--dataset", choices=["text", "random"], default="text",
+                   help="text: Python's docs as summarisation prompts; random: random token ids")
+    p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in ms (enables goodput)")
+    p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in ms (enables goodput)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="running requests at most = static batch size")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--baselines", default="",
+                   help="offline throughput comparison: comma-separated sequential,transformers")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
+    p.add_argument("--sweep-rates", default="", help="comma-separated rates for the throughput-latency plot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="bench_results/serve", help="plots and JSON go here")
+
+
+# ---------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------
+
+
+def _params(r):
+    from minfer.sampling import SamplingParams
+    return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
+
+
+def _engine(model, tok, args, policy):
+    from minfer.serving.engine import LLMEngine
+    return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_wait_ms=args.max_wait_ms, block_size=args.block_size,
+                                enable_prefix_caching=False)
+
+
+def run_online(model, tok, args, policy, trace):
+    """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
+    from minfer.serving.engine import run_trace
+    eng = _engine(model, tok, args, policy)
+    reqs, duration = run_trace(eng, trace, _params)
+    return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
+
+
+def run_sequential(model, trace):
+    """One request at a time, no batching: the latency-first single-request loop."""
+    from minfer.generate import generate_tokens
+    from minfer.serving.metrics import RequestStats
+    t0 = time.perf_counter()
+    stats, outs = [], []
+    for r in trace:
+        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids))
+        s.first_scheduled_time = time.perf_counter()
+        toks = []
+        for tok in generate_tokens(model, r.prompt_token_ids, _params(r)):
+            toks.append(tok)
+            s.token_times.append(time.perf_counter())
+        s.finish_time = s.token_times[-1]
+        stats.append(s)
+        outs.append(toks)
+    return stats, time.perf_counter() - t0, outs
+
+
+class _StepClock:
+    """A transformers streamer that records the time of every generated step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@torch.no_grad()
+def run_transformers(hf, trace, pad_id: int):
+    """HF generate on one left-padded batch of every request, until the longest is done."""
+    from minfer.serving.metrics import RequestStats
+    L = max(len(r.prompt_token_ids) for r in trace)
+    ids = torch.full((len(trace), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(trace), L), dtype=torch.long)
+    for i, r in enumerate(trace):
+        n = len(r.prompt_token_ids)
+        ids[i, L - n:] = torch.tensor(r.prompt_token_ids)
+        mask[i, L - n:] = 1
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
+    steps = max(r.max_tokens for r in trace)
+    clock = _StepClock()
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                      streamer=clock, pad_token_id=pad_id)
+    duration = time.perf_counter() - t0
+    times = clock.times[1:]                    # the first put() is the prompt
+    stats, outs = [], []
+    for i, r in enumerate(trace):
+        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids), first_scheduled_time=t0)
+        s.token_times = times[:r.max_tokens]
+        s.finish_time = s.token_times[-1]      # generous: its last useful token, not the batch's end
+        stats.append(s)
+        outs.append(out[i, L:L + r.max_tokens].tolist())
+    return stats, duration, outs
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+
+def plot_distributions(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, stats in results.items():
+        for ax, metric in zip(axes, ("ttft", "tpot")):
+            xs = sorted(1000 * getattr(s, metric) for s in stats if getattr(s, metric) is not None)
+            if xs:
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name, drawstyle="steps-post")
+    for ax, metric in zip(axes, ("TTFT", "TPOT")):
+        ax.set_xlabel(f"{metric} (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{metric} distribution (CDF)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for policy in sorted({row["policy"] for row in sweep}):
+        rows = [r for r in sweep if r["policy"] == policy]
+        for ax, key in zip(axes, ("p99_ttft_ms", "median_tpot_ms")):
+            ax.plot([r["output_throughput"] for r in rows], [r[key] for r in rows], marker="o", label=policy)
+            for r in rows:
+                ax.annotate(f"{r['rate']:g}/s", (r["output_throughput"], r[key]), fontsize=7)
+    for ax, label in zip(axes, ("p99 TTFT (ms)", "median TPOT (ms)")):
+        ax.set_xlabel("output throughput (tok/s)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("throughput vs latency as the arrival rate rises")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+
+def main(args) -> int:
+    from minfer.llm import LLM
+    from minfer.serving.metrics import format_table, summarize
+    from minfer.serving.scheduler import POLICIES
+    from minfer.serving.workload import synthetic_trace, text_trace
+
+    policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+    if bad := [x for x in policies if x not in POLICIES]:
+        raise ValueError(f"--policy: unknown {bad}; choose from {POLICIES}")
+    baselines = [x.strip() for x in args.baselines.split(",") if x.strip()]
+    if bad := [x for x in baselines if x not in BASELINES]:
+        raise ValueError(f"--baselines: unknown {bad}; choose from {BASELINES}")
+    if args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    sweep_rates = [float(x) for x in args.sweep_rates.split(",") if x.strip()]
+    slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    model, tok = llm.model, llm.tokenizer
+
+    def make_trace(rate):
+        if args.dataset == "text":
+            return text_trace(tok, args.num_requests, rate=rate, burstiness=args.burstiness,
+                              prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed)
+        return synthetic_trace(args.num_requests, rate=rate, burstiness=args.burstiness,
+                               prompt_len=args.prompt_len, output_len=args.output_len,
+                               vocab=(100, llm.config.vocab_size), seed=args.seed)
+
+    trace = make_trace(args.rate)
+    n_in = sum(len(r.prompt_token_ids) for r in trace)
+    n_out = sum(r.max_tokens for r in trace)
+    log(f"bench serve: {args.model} on {llm.device} ({llm.dtype}, {torch.get_num_threads()} threads); "
+        f"{len(trace)} requests, {n_in} prompt + {n_out} output tokens; budget {args.max_num_batched_tokens} "
+        f"tokens/step, max {args.max_num_seqs} running")
+    log("warm-up ...")
+    _engine(model, tok, args, "continuous").generate([trace[0].prompt_token_ids[:32]], _params(trace[0]))
+    payload = {"benchmark": "serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
+               "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
+               "prompt_tokens": n_in, "output_tokens": n_out}
+
+    # ---- 1. offline throughput: everything at t = 0, one interleaved run
+    if baselines:
+        offline = [dict(r.__dict__, arrival_time=0.0) for r in trace]
+        from minfer.serving.workload import TraceRequest
+        offline = [TraceRequest(**d) for d in offline]
+        hf = None
+        if "transformers" in baselines:
+            from minfer.bench.peers import hf_model
+            hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
+        results, outputs = {}, {}
+
+        def wrap(name, fn):
+            def run():
+                stats, duration, outs = fn()
+                results[name], outputs[name] = (stats, duration), outs
+                return {"output_tok_s": n_out / duration, "seconds": duration}
+            return run
+
+        methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
+        if "sequential" in baselines:
+            methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
+        if hf is not None:
+            pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+            methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
+        log("offline throughput (all requests at t = 0), interleaved:")
+        med = interleaved(methods, repeats=args.repeats, warmup=0, log=log)
+        rows = []
+        for name, r in med.items():
+            same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
+            rows.append({"method": name, **r, "x_continuous": med["continuous"]["output_tok_s"] / r["output_tok_s"],
+                         "same_greedy": f"{same}/{len(trace)}"})
+        print("\n== offline throughput: every request at t = 0 ==")
+        print(table(rows, [("method", "method", "{:>12}"), ("seconds", "seconds", "{:.1f}"),
+                           ("output_tok_s", "output tok/s", "{:.2f}"),
+                           ("x_continuous", "continuous is x faster", "{:.2f}"),
+                           ("same_greedy", "greedy = continuous", "{}")]))
+        offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
+        print()
+        print(format_table(offline_metrics))
+        payload["offline"] = {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
+        plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
+                           f"{len(trace)} requests at t = 0")
+
+    # ---- 2. online: each policy at the arrival rate
+    online = {}
+    if policies and not (baselines and math.isinf(args.rate) and policies == ["continuous"]):
+        runs = {}
+        for policy in policies:
+            log(f"online: {policy} at {args.rate:g} req/s ...")
+            stats, duration, _ = run_online(model, tok, args, policy, trace)
+            runs[policy] = stats
+            online[policy] = summarize(stats, duration=duration, slo_ms=slo)
+        print(f"\n== online: {len(trace)} requests arriving at {args.rate:g} req/s "
+              f"(burstiness {args.burstiness:g}) ==")
+        print(format_table(online))
+        plot_distributions(runs, out_dir / "online_ttft_tpot.png",
+                           f"{len(trace)} requests at {args.rate:g} req/s")
+        payload["online"] = {k: m.as_dict() for k, m in online.items()}
+
+    # ---- 3. throughput vs latency as the rate rises
+    if sweep_rates:
+        sweep = []
+        for rate in sweep_rates:
+            tr = make_trace(rate)
+            for policy in policies:
+                log(f"sweep: {policy} at {rate:g} req/s ...")
+                stats, duration, _ = run_online(model, tok, args, policy, tr)
+                m = summarize(stats, duration=duration, slo_ms=slo)
+                sweep.append({"policy": policy, "rate": rate, "output_throughput": m.output_throughput,
+                              "p99_ttft_ms": m.ttft.p99, "median_tpot_ms": m.tpot.median,
+                              "goodput": m.goodput})
+        print("\n== sweep ==")
+        print(table(sweep, [("policy", "policy", "{:>10}"), ("rate", "rate req/s", "{:g}"),
+                            ("output_throughput", "output tok/s", "{:.2f}"),
+                            ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("median_tpot_ms", "median TPOT ms", "{:.0f}"),
+                            ("goodput", "goodput req/s", "{:.3f}")]))
+        plot_sweep(sweep, out_dir / "sweep.png")
+        payload["sweep"] = sweep
+
+    write_json(out_dir / "serve.json", payload)
+    log(f"wrote {out_dir}/serve.json and plots")
+    return 0

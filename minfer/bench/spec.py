@@ -1,0 +1,186 @@
+"""`minfer bench spec`: plain greedy decoding vs speculative methods, on tasks where they shine and where they do not.
+
+    tasks   code-edit   repeat a function with one change           (input-grounded: the answer copies the prompt)
+            doc-quote   answer by quoting sentences of a document    (input-grounded)
+            doc-answer  the same question, answered freely           (grounded, but a small model paraphrases)
+            story       a free-form story                            (nothing to copy)
+    methods plain, and any speculative spec string: prompt_lookup[:k=..], draft:layers-K, draft:int4,
+            draft:<model>, lookahead[:W=..,N=..,G=..]
+
+Every method runs greedy on the same chat prompt, batch 1; per task the methods
+are timed interleaved (plain, A, B, ..., plain, A, B, ...; medians), so the
+tok/s ratios come from one run on one machine state. Reported per task and
+method: decode tok/s, the ratio to plain, acceptance rate, tokens per target
+forward (measured, and the i.i.d. theory (1 - a^(k+1)) / (1 - a) at the
+measured per-token acceptance a), and whether the tokens equal plain's.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+import torch
+
+from minfer.bench.machine import machine_info
+from minfer.bench.timing import interleaved, table, write_json
+
+CODE = '''def summarize_orders(orders, tax_rate=0.08):
+    """Return the subtotal, tax and total of a list of orders."""
+    subtotal = 0.0
+    for order in orders:
+        price = order["price"]
+        quantity = order.get("quantity", 1)
+        if order.get("discount"):
+            price = price * (1 - order["discount"])
+        subtotal += price * quantity
+    tax = subtotal * tax_rate
+    total = subtotal + tax
+    return {"subtotal": round(subtotal, 2), "tax": round(tax, 2), "total": round(total, 2)}'''
+
+DOCUMENT = (
+    "The Harbor Library opened in 1923 in a former customs house near the old port. "
+    "Its first librarian, Margaret Ellison, bought the founding collection of 4,000 books with money "
+    "raised by local fishermen. In 1961 a fire destroyed the east wing, and more than a thousand books "
+    "were lost. The wing was rebuilt in 1964 with a reading room that faces the sea. "
+    "Today the library lends about 90,000 items a year and runs a free reading program for children "
+    "every Saturday morning. The building is open from 9 a.m. to 7 p.m. on weekdays and from 10 a.m. "
+    "to 4 p.m. on Saturdays; it is closed on Sundays.")
+
+# name -> (kind, user message, start of the assistant's answer). Starting the answer for the
+# model ("prefilling" the response, as API users do) keeps a 135M model quoting instead of
+# paraphrasing; doc-answer asks the same question without it.
+TASKS = {
+    "code-edit": ("grounded", "Here is a Python function:\n\n```python\n" + CODE + "\n```\n\n"
+                  "Repeat the function exactly, changing only its docstring to \"Add up a list of orders.\"",
+                  "```python\n"),
+    "doc-quote": ("grounded", "Read this document:\n\n" + DOCUMENT + "\n\nWhat happened in 1961, and when is "
+                  "the library open? Answer by quoting the relevant sentences of the document word for word.",
+                  'According to the document: "'),
+    "doc-answer": ("grounded", "Read this document:\n\n" + DOCUMENT + "\n\nWhat happened in 1961, and when is "
+                   "the library open?", ""),
+    "story": ("free-form", "Write a short story about a lighthouse keeper who finds a message in a bottle.", ""),
+}
+DEFAULT_METHODS = "plain,prompt_lookup,prompt_lookup:adaptive=0,draft:layers-8,gamma=3,draft:int4,gamma=3,lookahead"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-tokens", type=int, default=160, help="new tokens at most per request (default 160)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="methods separated by ';' or by ',' before a method name; 'plain' is always added "
+                        f"(default: {DEFAULT_METHODS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--json", nargs="?", const="bench_results/spec.json", default=None,
+                   help="also write the results as JSON (default path bench_results/spec.json)")
+
+
+def split_methods(text: str) -> list[str]:
+    """'plain,prompt_lookup:k=8,max=3,lookahead' -> ['plain', 'prompt_lookup:k=8,max=3', 'lookahead']."""
+    from minfer.speculative import METHODS
+    parts = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
+    out: list[str] = []
+    for part in parts:
+        starts_method = part == "plain" or part.split(":")[0] in METHODS
+        if starts_method or not out:
+            out.append(part)
+        else:
+            out[-1] += "," + part                   # an option of the previous method
+    if "plain" not in out:
+        out.insert(0, "plain")
+    return out
+
+
+def run_once(model, prompt_ids, params, eos, method, draft):
+    """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
+    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.speculative import SpecStats, generate_speculative
+    metrics = RequestMetrics(arrival_time=time.perf_counter())
+    stats = None
+    if method == "plain":
+        toks = list(generate_tokens(model, prompt_ids, params, eos_token_ids=eos, metrics=metrics))
+    else:
+        stats = SpecStats()
+        toks = list(generate_speculative(model, prompt_ids, params, method, draft=draft, eos_token_ids=eos,
+                                         stats=stats, metrics=metrics))
+    t = metrics.token_times
+    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"),
+            "ttft": metrics.ttft}, toks, stats
+
+
+def main(args) -> int:
+    from minfer.llm import LLM
+    from minfer.sampling import SamplingParams
+    from minfer.speculative import SpeculativeConfig, load_draft
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if unknown := [t for t in tasks if t not in TASKS]:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    if args.max_tokens < 2 or args.repeats < 1:
+        raise ValueError("--max-tokens must be >= 2 and --repeats >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    methods = split_methods(args.methods)
+    configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    model, tok = llm.model, llm.tokenizer
+    drafts = {m: load_draft(model, c.draft_model) for m, c in configs.items() if c.method == "draft"}
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    eos = list(tok.eos_token_ids)
+    log(f"bench spec: {args.model}, device {llm.device}, {llm.dtype}, batch 1, greedy, "
+        f"max {args.max_tokens} new tokens, {args.repeats} interleaved rounds, threads {torch.get_num_threads()}")
+
+    rows = []
+    for task in tasks:
+        kind, text, answer_start = TASKS[task]
+        prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
+                                                        add_generation_prompt=True) + answer_start)
+        outputs, stats = {}, {}
+
+        def make(method):
+            def run():
+                res, toks, st = run_once(model, prompt_ids, params, eos, method, drafts.get(method))
+                outputs[method], stats[method] = toks, st
+                return res
+            return run
+
+        log(f"task {task} ({kind}): {len(prompt_ids)} prompt tokens")
+        med = interleaved({m: make(m) for m in methods}, repeats=args.repeats, warmup=1, log=log)
+        for m in methods:
+            st = stats[m]
+            rows.append({
+                "task": task, "kind": kind, "method": m, "new_tokens": len(outputs[m]),
+                "decode_tps": med[m]["decode_tps"], "ttft": med[m]["ttft"],
+                "speedup": med[m]["decode_tps"] / med["plain"]["decode_tps"],
+                "identical": outputs[m] == outputs["plain"],
+                "acceptance_rate": st.acceptance_rate if st else None,
+                "per_token_acceptance": st.per_token_acceptance if st else None,
+                "tokens_per_forward": st.mean_accepted_length if st else 1.0,
+                "theory_tokens_per_forward": st.expected_mean_length() if st else None,
+                "histogram": st.histogram() if st else None,
+            })
+        log("  output (plain): " + repr(tok.decode(outputs["plain"])[:160]))
+    print(table(rows, [("task", "task", "{:>9}"), ("method", "method", "{:>34}"), ("new_tokens", "tokens", "{}"),
+                       ("decode_tps", "tok/s", "{:.1f}"), ("speedup", "x plain", "{:.2f}"),
+                       ("acceptance_rate", "accept", "{:.0%}"), ("tokens_per_forward", "tok/fwd", "{:.2f}"),
+                       ("theory_tokens_per_forward", "theory", "{:.2f}"), ("identical", "same", "{}")]))
+    print("\ntok/fwd: tokens emitted per target forward (measured); theory: mean over steps of "
+          "(1 - a^(k+1)) / (1 - a) at the measured per-token acceptance a")
+    if args.json:
+        write_json(args.json, {
+            "benchmark": "spec", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "results": [{**r, "histogram": {str(k): v for k, v in (r["histogram"] or {}).items()}} for r in rows],
+        })
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

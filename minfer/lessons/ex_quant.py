@@ -1,0 +1,198 @@
+"""Exercises of lesson 06 (weight-only quantization).
+
+    quant.quantize_int8     W (N, K) -> (q int8 (N, K), scale float32 (N,)), symmetric per row
+    quant.dequantize_int8   (q, scale) -> W float32 = q * scale, row by row
+    quant.pack_int4         (..., K) values 0..15, K even -> uint8 (..., K/2), even index in the low nibble
+    quant.unpack_int4       (packed, K) -> uint8 (..., K): the inverse
+
+References live in ``minfer/quant/int8.py`` and ``minfer/quant/int4.py``; the
+engine's tests run these same properties on them (``tests/test_quant.py``).
+``quantize_int8`` is graded against its *definition* (scale = max|row| / 127,
+every element within half a step), so rounding ties either way is accepted.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import (Exercise, Inputs, allclose, close_problem, float_lists, register,
+                                      rows_tensor, tensor_problem)
+
+# ---------------------------------------------------------------------------
+# quant.quantize_int8
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _weights(draw) -> Inputs:
+    """A small (N, K) matrix; some rows all zero or constant, magnitudes 1e-3 .. 1e3."""
+    width = draw(st.integers(1, 8))
+    rows = draw(st.lists(float_lists(-4.0, 4.0, max_size=8), min_size=1, max_size=4))
+    w = rows_tensor(rows, width)                                 # (N, K)
+    kinds = draw(st.lists(st.sampled_from(["random", "random", "zeros", "constant"]),
+                          min_size=len(rows), max_size=len(rows)))
+    for i, kind in enumerate(kinds):
+        if kind == "zeros":
+            w[i] = 0.0
+        elif kind == "constant":
+            w[i] = w[i, 0]
+    return {"w": w * draw(st.sampled_from([1.0, 1e-3, 1e3]))}
+
+
+def _int8_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Check (q, scale) against the definition of symmetric per-channel int8."""
+    w = inputs["w"]
+    if not isinstance(actual, tuple) or len(actual) != 2:
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}, expected a tuple (q, scale)"
+    q, scale = actual
+    for name, t, dtype, shape in [("q", q, torch.int8, tuple(w.shape)),
+                                  ("scale", scale, torch.float32, (w.shape[0],))]:
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, expected a torch.Tensor"
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            return (f"{name} has dtype {t.dtype} and shape {tuple(t.shape)}, expected {dtype} "
+                    f"and shape {shape}")
+    want = w.abs().amax(dim=1) / 127                             # (N,)
+    for n in range(w.shape[0]):
+        s, a = float(scale[n]), float(want[n])
+        if a > 0 and abs(s - a) > 1e-6 * a:
+            return (f"row {n}: max |w| = {a * 127:.6g}, so the scale is {a * 127:.6g} / 127 = "
+                    f"{a:.6g}; yours is {s:.6g}")
+        if a == 0 and not s > 0:
+            return (f"row {n} is all zeros: any positive scale stores it exactly, but yours is "
+                    f"{s:.6g} (dividing by it gives nan/inf)")
+    if bool((q.to(torch.int32).abs() > 127).any()):
+        return "q has a value outside [-127, 127]"
+    err = (w - q.float() * scale[:, None]).abs()                 # (N, K)
+    bound = scale[:, None] / 2 * (1 + 1e-5) + 1e-6 * w.abs()
+    bad = err > bound
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        return (f"w[{n}, {k}] = {float(w[n, k]):.6g} is stored as q = {int(q[n, k])}, i.e. "
+                f"{int(q[n, k])} * {float(scale[n]):.6g} = {float(q[n, k]) * float(scale[n]):.6g}: "
+                f"{float(err[n, k]):.3g} away, more than half a step ({float(scale[n]) / 2:.3g}); "
+                f"round w / scale to the nearest integer")
+    return None
+
+
+def _compare_int8(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    return _int8_problem(inputs, actual)
+
+
+register(Exercise(
+    name="quant.quantize_int8",
+    description=("quantize_int8(w (N, K)) -> (q int8 (N, K), scale float32 (N,)): "
+                 "scale = max|row| / 127 (1.0 for an all-zero row), q = round(w / scale)"),
+    reference="minfer.quant.int8:quantize_int8",
+    inputs=_weights(),
+    compare=_compare_int8,
+    validate=_int8_problem,
+))
+
+
+# ---------------------------------------------------------------------------
+# quant.dequantize_int8
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _int8_pairs(draw) -> Inputs:
+    width = draw(st.integers(1, 8))
+    rows = draw(st.lists(st.lists(st.integers(-127, 127), max_size=8), min_size=1, max_size=4))
+    q = torch.tensor([(r + [0] * width)[:width] for r in rows], dtype=torch.int8)   # (N, K)
+    scale = draw(float_lists(0.125, 10.0, min_size=len(rows), max_size=len(rows)))
+    return {"q": q, "scale": torch.tensor(scale, dtype=torch.float32)}
+
+
+def _validate_dequant(inputs: Inputs, actual: Any) -> Optional[str]:
+    want = inputs["q"].double() * inputs["scale"].double()[:, None]
+    problem = tensor_problem(want.float(), actual)
+    if problem:
+        return problem
+    return close_problem(want, actual, 1e-6, what="q * scale (float64)")
+
+
+register(Exercise(
+    name="quant.dequantize_int8",
+    description="dequantize_int8(q int8 (N, K), scale (N,)) -> float32 (N, K): row n is q[n] * scale[n]",
+    reference="minfer.quant.int8:dequantize_int8",
+    inputs=_int8_pairs(),
+    compare=allclose(1e-6),
+    validate=_validate_dequant,
+))
+
+
+# ---------------------------------------------------------------------------
+# quant.pack_int4 / quant.unpack_int4
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _nibbles(draw) -> Inputs:
+    half = draw(st.integers(1, 6))
+    rows = draw(st.lists(st.lists(st.integers(0, 15), max_size=2 * half), min_size=1, max_size=3))
+    q = torch.tensor([(r + [0] * 2 * half)[:2 * half] for r in rows], dtype=torch.uint8)  # (N, K)
+    return {"q": q if draw(st.booleans()) else q[0]}
+
+
+def _validate_pack(inputs: Inputs, actual: Any) -> Optional[str]:
+    q = inputs["q"]
+    want = (q[..., 0::2].int() + 16 * q[..., 1::2].int()).to(torch.uint8)
+    problem = tensor_problem(want, actual)
+    if problem:
+        return problem
+    if torch.equal(want, actual):
+        return None
+    idx = tuple(int(i) for i in (want != actual).nonzero()[0])
+    j = idx[-1]
+    pair = (int(q[idx[:-1] + (2 * j,)]), int(q[idx[:-1] + (2 * j + 1,)]))
+    return (f"byte {idx} should hold q[{2 * j}] = {pair[0]} in its low 4 bits and "
+            f"q[{2 * j + 1}] = {pair[1]} in its high 4 bits: {pair[0]} | ({pair[1]} << 4) = "
+            f"{int(want[idx])}; yours is {int(actual[idx])}")
+
+
+register(Exercise(
+    name="quant.pack_int4",
+    description=("pack_int4(q uint8 (..., K) in 0..15, K even) -> uint8 (..., K/2): "
+                 "byte j = q[2j] | q[2j+1] << 4"),
+    reference="minfer.quant.int4:pack_int4",
+    inputs=_nibbles(),
+    compare=lambda inputs, expected, actual: _validate_pack(inputs, actual),
+    validate=_validate_pack,
+))
+
+
+@st.composite
+def _packed(draw) -> Inputs:
+    q = draw(_nibbles())["q"]
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return {"packed": packed, "k": q.shape[-1]}
+
+
+def _validate_unpack(inputs: Inputs, actual: Any) -> Optional[str]:
+    p = inputs["packed"]
+    want = torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
+    problem = tensor_problem(want, actual)
+    if problem:
+        return problem
+    if torch.equal(want, actual):
+        return None
+    idx = tuple(int(i) for i in (want != actual).nonzero()[0])
+    k = idx[-1]
+    byte = int(p[idx[:-1] + (k // 2,)])
+    part = "low 4 bits (byte & 15)" if k % 2 == 0 else "high 4 bits (byte >> 4)"
+    return (f"value {idx} comes from the {part} of byte {k // 2} = {byte}: {int(want[idx])}; "
+            f"yours is {int(actual[idx])}")
+
+
+register(Exercise(
+    name="quant.unpack_int4",
+    description="unpack_int4(packed uint8 (..., K/2), K) -> uint8 (..., K): the inverse of pack_int4",
+    reference="minfer.quant.int4:unpack_int4",
+    inputs=_packed(),
+    compare=lambda inputs, expected, actual: _validate_unpack(inputs, actual),
+    validate=_validate_unpack,
+))

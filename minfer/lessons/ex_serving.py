@@ -1,0 +1,186 @@
+"""Exercises of lesson 05 (batching and serving metrics).
+
+    serving.tpot              TPOT of one request from its timestamps: (E2E - TTFT) / (n - 1)
+    serving.percentile        the p-th percentile, linear interpolation (numpy's default)
+    serving.continuous_step   one continuous-batching step: running first, then admit, chunk the last
+
+References live in ``minfer/serving/metrics.py`` and ``minfer/serving/scheduler.py``; the
+engine's tests run these same properties on them (``tests/test_grader.py``), and
+``tests/test_scheduler.py`` checks that the real scheduler makes exactly the
+``continuous_step`` decisions when memory is plentiful. Inputs are tuples, so a
+function that edits its arguments cannot change what the grader compares against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, register
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------
+# serving.tpot
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _tpot_inputs(draw) -> Inputs:
+    arrival = draw(st.floats(0.0, 100.0, allow_nan=False))
+    first = arrival + draw(st.floats(0.0, 5.0, allow_nan=False))             # the TTFT
+    gaps = draw(st.lists(st.floats(0.0, 2.0, allow_nan=False), max_size=8))
+    times = [first]
+    for g in gaps:
+        times.append(times[-1] + g)
+    return {"arrival_time": arrival, "token_times": tuple(times)}
+
+
+def _compare_tpot(inputs: Inputs, expected: Optional[float], actual: Any) -> Optional[str]:
+    n = len(inputs["token_times"])
+    if expected is None:
+        if actual is None:
+            return None
+        return f"with {n} output token there is no time *between* tokens: return None, not {actual!r}"
+    if actual is None:
+        return f"returned None, but {n} tokens have {n - 1} gaps: expected {expected!r}"
+    if not _is_number(actual):
+        return f"returned {type(actual).__name__} {actual!r}, expected a number of seconds"
+    if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
+        return None
+    t, a = inputs["token_times"], inputs["arrival_time"]
+    e2e, ttft = t[-1] - a, t[0] - a
+    return (f"E2E = {t[-1]!r} - {a!r} = {e2e!r}, TTFT = {t[0]!r} - {a!r} = {ttft!r}, "
+            f"TPOT = (E2E - TTFT) / ({n} - 1) = {expected!r}; yours is {actual!r}")
+
+
+def _validate_tpot(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The mean gap between consecutive tokens, computed independently."""
+    t = inputs["token_times"]
+    if len(t) < 2:
+        return None if actual is None else "expected None"
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    want = sum(gaps) / len(gaps)
+    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9) else \
+        f"the mean gap between tokens is {want!r}, yours is {actual!r}"
+
+
+register(Exercise(
+    name="serving.tpot",
+    description=("tpot(arrival_time, token_times) -> (E2E - TTFT) / (n - 1) in seconds, "
+                 "None when fewer than 2 tokens"),
+    reference="minfer.serving.metrics:tpot_from_timestamps",
+    inputs=_tpot_inputs(),
+    compare=_compare_tpot,
+    validate=_validate_tpot,
+))
+
+
+# ---------------------------------------------------------------------------
+# serving.percentile
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _percentile_inputs(draw) -> Inputs:
+    values = draw(st.lists(st.floats(0.0, 1000.0, allow_nan=False), min_size=1, max_size=12))
+    p = draw(st.sampled_from([0, 50, 90, 95, 99, 100]) | st.floats(0.0, 100.0, allow_nan=False))
+    return {"values": tuple(values), "p": p}
+
+
+def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
+    if not _is_number(actual):
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number"
+    if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
+        return None
+    xs = sorted(inputs["values"])
+    r = inputs["p"] / 100 * (len(xs) - 1)
+    lo, hi = math.floor(r), math.ceil(r)
+    return (f"sorted values {xs}; rank = p/100 * (n - 1) = {r:.6g}, between x[{lo}] = {xs[lo]!r} and "
+            f"x[{hi}] = {xs[hi]!r}: expected {expected!r}, yours {actual!r}")
+
+
+def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:
+    """numpy's linear-interpolation percentile, when numpy is there."""
+    try:
+        import numpy as np
+    except ImportError:                                    # pragma: no cover
+        return None
+    want = float(np.percentile(list(inputs["values"]), inputs["p"]))
+    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-6) else \
+        f"numpy.percentile gives {want!r}, yours is {actual!r}"
+
+
+register(Exercise(
+    name="serving.percentile",
+    description="percentile(values, p) -> the p-th percentile (0..100), linear interpolation like numpy",
+    reference="minfer.serving.metrics:percentile",
+    inputs=_percentile_inputs(),
+    compare=_compare_percentile,
+    validate=_validate_percentile,
+))
+
+
+# ---------------------------------------------------------------------------
+# serving.continuous_step
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _step_inputs(draw) -> Inputs:
+    n_run = draw(st.integers(0, 5))
+    running = []
+    for i in range(n_run):
+        num_tokens = draw(st.integers(1, 30))
+        computed = draw(st.integers(0, num_tokens - 1))      # a running request has >= 1 token to compute
+        running.append((f"r{i}", num_tokens, computed))
+    waiting = [(f"w{i}", draw(st.integers(1, 30))) for i in range(draw(st.integers(0, 5)))]
+    return {"running": tuple(running), "waiting": tuple(waiting),
+            "token_budget": draw(st.integers(1, 40)), "max_num_seqs": draw(st.integers(1, 8))}
+
+
+def _compare_step(inputs: Inputs, expected: list, actual: Any) -> Optional[str]:
+    if actual is None:
+        return "returned None (did you forget `return`?), expected a list of (request_id, num_tokens)"
+    try:
+        got = [(rid, n) for rid, n in actual]
+    except (TypeError, ValueError):
+        return f"returned {actual!r}, expected a list of (request_id, num_tokens) pairs"
+    if got == [tuple(x) for x in expected]:
+        return None
+    for k, (e, a) in enumerate(zip(expected, got)):
+        if tuple(e) != a:
+            return (f"entry {k}: expected {tuple(e)}, yours {a} "
+                    f"(running requests first in order, then waiting ones while budget and seats last)")
+    return f"expected {len(expected)} entries {expected}, yours has {len(got)}: {got}"
+
+
+def _validate_step(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Invariants of any valid step: budget respected, no request over-scheduled, seats respected."""
+    got = [(rid, n) for rid, n in actual]
+    if sum(n for _, n in got) > inputs["token_budget"]:
+        return f"scheduled {sum(n for _, n in got)} tokens, more than the budget {inputs['token_budget']}"
+    remaining = {rid: t - c for rid, t, c in inputs["running"]} | {rid: t for rid, t in inputs["waiting"]}
+    for rid, n in got:
+        if not 1 <= n <= remaining.get(rid, 0):
+            return f"{rid} got {n} tokens but has {remaining.get(rid, 0)} left to compute"
+    admitted = sum(1 for rid, _ in got if rid.startswith("w"))
+    if len(inputs["running"]) + admitted > max(inputs["max_num_seqs"], len(inputs["running"])):
+        return f"{admitted} requests admitted: more than max_num_seqs = {inputs['max_num_seqs']} would run"
+    return None
+
+
+register(Exercise(
+    name="serving.continuous_step",
+    description=("continuous_step(running, waiting, token_budget, max_num_seqs) -> [(request_id, n), ...]: "
+                 "running requests first, then admit waiting ones, chunking the last prompt"),
+    reference="minfer.serving.scheduler:continuous_step",
+    inputs=_step_inputs(),
+    compare=_compare_step,
+    validate=_validate_step,
+))

@@ -1,0 +1,149 @@
+"""Exercises of lesson 07 (speculative decoding): the accept/reject rule and the n-gram lookup.
+
+    speculative.accept_reject   accept_reject(p, q, x) -> (min(1, p(x)/q(x)), norm(max(0, p - q)))
+    speculative.ngram_propose   ngram_propose(tokens, min_n, max_n, k) -> the prompt-lookup proposal
+
+Registered on import (``minfer/lessons/exercises.py`` imports this module at its end).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, close_problem, float_lists, register
+
+# ---------------------------------------------------------------------------
+# speculative.accept_reject
+# ---------------------------------------------------------------------------
+
+ACCEPT_ATOL = 1e-5
+
+
+def _normalise(weights: list[float]) -> torch.Tensor:
+    w = torch.tensor(weights, dtype=torch.float32)
+    if float(w.sum()) <= 1e-3:                     # (nearly) all zero: make it uniform
+        w = torch.ones_like(w)
+    return w / w.sum()
+
+
+@st.composite
+def _accept_reject_inputs(draw) -> Inputs:
+    V = draw(st.integers(2, 8))
+    weights = float_lists(0.0, 1.0, min_size=V, max_size=V)
+    p = _normalise(draw(weights))
+    kind = draw(st.sampled_from(["random", "random", "equal to p", "one-hot"]))
+    if kind == "random":
+        q = _normalise(draw(weights))
+    elif kind == "equal to p":
+        q = p.clone()
+    else:
+        q = torch.nn.functional.one_hot(torch.tensor(draw(st.integers(0, V - 1))), V).float()
+    support = [i for i in range(V) if q[i] > 0]
+    x = draw(st.sampled_from(support))             # the draft token was drawn from q: q(x) > 0
+    return {"p": p, "q": q, "x": x}
+
+
+def _definition(inputs: Inputs) -> tuple[float, torch.Tensor, float]:
+    """(accept probability, residual, rejection mass) from the definition, in float64."""
+    p, q, x = inputs["p"].double(), inputs["q"].double(), inputs["x"]
+    accept = min(1.0, float(p[x] / q[x]))
+    r = (p - q).clamp(min=0)
+    mass = float(r.sum())
+    return accept, (r / mass if mass > 0 else p), mass
+
+
+def _accept_reject_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    if not (isinstance(actual, tuple) and len(actual) == 2):
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return (f"returned {type(actual).__name__}{hint}; expected a tuple "
+                f"(accept_probability, residual_distribution)")
+    accept, residual = actual
+    want_accept, want_residual, mass = _definition(inputs)
+    try:
+        accept = float(accept)
+    except (TypeError, ValueError):
+        return f"the accept probability should be a number, got {type(accept).__name__}"
+    if abs(accept - want_accept) > ACCEPT_ATOL:
+        p, q, x = inputs["p"], inputs["q"], inputs["x"]
+        return (f"accept probability for x = {x}: {what} min(1, p(x)/q(x)) = min(1, {float(p[x]):.4g} / "
+                f"{float(q[x]):.4g}) = {want_accept:.6g}, yours {accept:.6g}")
+    if not isinstance(residual, torch.Tensor) or residual.shape != inputs["p"].shape:
+        got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+        return f"the residual should be a tensor of shape {tuple(inputs['p'].shape)}, got {got}"
+    if mass < 1e-6:                                # p == q: a rejection never happens
+        return None
+    problem = close_problem(want_residual, residual.detach().double(), ACCEPT_ATOL, what=what)
+    return None if problem is None else f"residual norm(max(0, p - q)): {problem}"
+
+
+def _compare_accept_reject(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    return _accept_reject_problem(inputs, actual, "expected")
+
+
+def _validate_accept_reject(inputs: Inputs, actual: Any) -> Optional[str]:
+    return _accept_reject_problem(inputs, actual, "definition (float64)")
+
+
+register(Exercise(
+    name="speculative.accept_reject",
+    description=("accept_reject(p (V,), q (V,), x) -> (min(1, p[x] / q[x]), norm(max(0, p - q))): "
+                 "speculative sampling's rule for one draft token x ~ q, target p"),
+    reference="minfer.speculative.rejection:accept_reject",
+    inputs=_accept_reject_inputs(),
+    compare=_compare_accept_reject,
+    validate=_validate_accept_reject,
+))
+
+
+# ---------------------------------------------------------------------------
+# speculative.ngram_propose
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _ngram_inputs(draw) -> Inputs:
+    tokens = draw(st.lists(st.integers(0, 3), min_size=1, max_size=16))
+    min_n = draw(st.integers(1, 3))
+    max_n = draw(st.integers(min_n, 4))
+    k = draw(st.integers(1, 5))
+    return {"tokens": tokens, "min_n": min_n, "max_n": max_n, "k": k}
+
+
+def _ngram_definition(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Written differently from the engine: list every match, then pick."""
+    L = len(tokens)
+    for n in range(max_n, min_n - 1, -1):
+        if n >= L:
+            continue
+        starts = [i for i in range(L - n) if tokens[i:i + n] == tokens[L - n:]]
+        if starts:
+            return tokens[starts[0] + n:starts[0] + n + k]
+    return []
+
+
+def _ngram_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    want = _ngram_definition(**inputs)
+    if actual is None:
+        return "returned None (did you forget `return`?); expected a list of token ids"
+    try:
+        got = [int(t) for t in actual]
+    except (TypeError, ValueError):
+        return f"returned {type(actual).__name__}; expected a list of token ids"
+    if got == want:
+        return None
+    return (f"{what} {want}, yours {got}. Rule: for n = max_n down to min_n, find the EARLIEST "
+            f"earlier occurrence of the last n tokens that is followed by at least one token, and "
+            f"return up to k tokens after it ([] if no n matches)")
+
+
+register(Exercise(
+    name="speculative.ngram_propose",
+    description=("ngram_propose(tokens, min_n, max_n, k) -> up to k tokens that followed the earliest "
+                 "earlier occurrence of the longest suffix n-gram (min_n <= n <= max_n)"),
+    reference="minfer.speculative.prompt_lookup:ngram_propose",
+    inputs=_ngram_inputs(),
+    compare=lambda inputs, expected, actual: _ngram_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _ngram_problem(inputs, actual, "definition says"),
+))

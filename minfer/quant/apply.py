@@ -1,0 +1,266 @@
+"""Quantize a whole model: swap its linear layers, save and load the result.
+
+    model = build_model(cfg, state_dict)
+    quantize_model(model, "int4-g64")          # in place; returns the model
+    save_quantized(model, "out/model.safetensors")
+    model = load_quantized("out/model.safetensors")
+
+Format names (case-insensitive):
+
+    int8                 symmetric, one scale per output channel       (int8.py)
+    int4 = int4-g32      asymmetric, (scale, min) per 32 inputs         (int4.py)
+    int4-g64, int4-g128  ... per 64 / 128 inputs (any int4-gN works; N in 32/64/128/256
+                         has a fast kernel)
+    q8_0, q4_0, q4_1     the GGUF block formats, bit-exact with llama.cpp (gguf_formats.py)
+
+What is swapped: every ``nn.Linear`` inside the decoder layers (q, k, v, o,
+gate, up, down). The LM head is the largest single matrix (vocab x hidden;
+21% of SmolLM2's weights) and, with tied embeddings, it *is* the embedding
+table. ``lm_head`` decides what it becomes: ``"int8"`` (the default: the head
+is the matrix that suffers most from 4-bit error, so, like llama.cpp's mixes,
+it gets more bits), ``"same"`` (the body's format) or ``None`` (left in float).
+A quantized head of a tied model is set as ``model.lm_head``; the float
+embedding table stays for the token lookup (one row per token, so decode
+does not read it).
+
+Checkpoint format: one safetensors file with the model's state dict (the
+quantized modules contribute ``qweight``/``scale``/``minimum`` or ``blocks``
+instead of ``weight``) and metadata: ``minfer.quantization`` (a JSON map of
+module name -> format), ``minfer.config`` (``ModelConfig.to_hf()``) and
+``minfer.dtype``. vLLM reads the same information from a checkpoint's
+``quantization_config`` (``vllm/model_executor/layers/quantization/__init__.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from minfer.config import ModelConfig
+from minfer.quant.linear import GGUFLinear, Int4Linear, Int8Linear, QuantizedLinear
+
+META_FORMATS = "minfer.quantization"
+META_CONFIG = "minfer.config"
+META_DTYPE = "minfer.dtype"
+GGUF_NAMES = ("q8_0", "q4_0", "q4_1")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A parsed format name: kind "int8" | "int4" | "q8_0" | "q4_0" | "q4_1", group size for int4."""
+
+    kind: str
+    group_size: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
+
+
+def parse_spec(spec: str | QuantSpec, group_size: Optional[int] = None) -> QuantSpec:
+    """"int8" / "int4" / "int4-g64" / "q4_1" ... -> QuantSpec; ValueError names the choices.
+
+    ``group_size`` (for "int4" without a suffix) defaults to 32.
+    """
+    if isinstance(spec, QuantSpec):
+        return spec
+    s = str(spec).strip().lower()
+    m = re.fullmatch(r"int4(?:-g(\d+))?", s)
+    if m:
+        g = int(m.group(1)) if m.group(1) else (group_size or 32)
+        if m.group(1) and group_size and group_size != g:
+            raise ValueError(f"quantization {spec!r} says group size {g} but group_size={group_size}")
+        if g < 2:
+            raise ValueError(f"int4 group size must be at least 2, got {g}")
+        return QuantSpec("int4", g)
+    if group_size is not None:
+        raise ValueError(f"group_size applies to int4 only, not to {spec!r}")
+    if s in ("int8",) + GGUF_NAMES:
+        return QuantSpec(s)
+    raise ValueError(f"unknown quantization {spec!r}; choose int8, int4, int4-gN (N = group size, "
+                     f"e.g. int4-g64), q8_0, q4_0 or q4_1")
+
+
+def quantize_weight(weight: torch.Tensor, spec: str | QuantSpec, bias=None, **kw) -> QuantizedLinear:
+    """One float weight (N, K) -> the quantized linear module of ``spec``."""
+    spec = parse_spec(spec)
+    if spec.kind == "int8":
+        return Int8Linear.from_float(weight, bias, **kw)
+    if spec.kind == "int4":
+        return Int4Linear.from_float(weight, bias, group_size=spec.group_size, **kw)
+    if weight.shape[1] % 32:
+        raise ValueError(f"{spec.name} needs in_features to be a multiple of 32, got {weight.shape[1]}")
+    return GGUFLinear.from_float(weight, bias, qtype=spec.kind.upper(), **kw)
+
+
+def _empty_module(spec: QuantSpec, out_features: int, in_features: int, bias: bool) -> QuantizedLinear:
+    """A quantized module with the right buffer shapes and dummy contents (to load into)."""
+    return quantize_weight(torch.zeros(out_features, in_features), spec,
+                           torch.zeros(out_features) if bias else None)
+
+
+def _decoder_linears(model: nn.Module):
+    """(parent module, attribute, qualified name) of every nn.Linear in the decoder layers."""
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}.":
+            continue
+        for attr, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                yield module, attr, f"{name}.{attr}"
+
+
+def _head_weight(model: nn.Module) -> Optional[torch.Tensor]:
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, QuantizedLinear):
+        return None                                   # already done
+    if isinstance(head, nn.Linear):
+        return head.weight
+    return model.model.embed_tokens.weight            # tied
+
+
+def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[str] = "int8",
+                   path: str = "auto", compute_dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
+    """Swap the decoder's linear layers (and the LM head, see ``lm_head``) in place.
+
+    ``path`` / ``compute_dtype`` go to every module (see ``linear.py``).
+    Returns the model, with ``model.quantization`` = {module name: format name}.
+    """
+    spec = parse_spec(spec)
+    head_spec = None if lm_head in (None, "none") else spec if lm_head == "same" else parse_spec(lm_head)
+    formats: dict[str, str] = dict(getattr(model, "quantization", {}) or {})
+    kw = {"path": path, "compute_dtype": compute_dtype}
+    for parent, attr, name in list(_decoder_linears(model)):
+        old = getattr(parent, attr)
+        setattr(parent, attr, quantize_weight(old.weight, spec, old.bias, **kw))
+        formats[name] = spec.name
+    weight = _head_weight(model)
+    if head_spec is not None and weight is not None:
+        model.lm_head = quantize_weight(weight, head_spec, **kw)
+        formats["lm_head"] = head_spec.name
+    model.quantization = formats
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    """"int4-g32 (lm_head int8)" style summary of a model's quantization ("none" if float)."""
+    formats = dict(getattr(model, "quantization", {}) or {})
+    if not formats:
+        return "none"
+    head = formats.pop("lm_head", None)
+    body = ", ".join(sorted(set(formats.values()))) or "float"
+    return body + (f" (lm_head {head})" if head else " (lm_head float)")
+
+
+# ---------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the quantized model to one safetensors file (atomically: temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    formats = getattr(model, "quantization", None)
+    if not formats:
+        raise ValueError("save_quantized: the model is not quantized (run quantize_model first)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", META_FORMATS: json.dumps(formats, sort_keys=True),
+            META_CONFIG: json.dumps(model.cfg.to_hf()),
+            META_DTYPE: str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> Optional[dict]:
+    """The safetensors metadata of ``path`` if it is a minfer quantized checkpoint, else None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return None
+    return meta if META_FORMATS in meta else None
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a file (or a folder's model.safetensors) written by ``save_quantized``."""
+    try:
+        return read_metadata(path) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None,
+                   path_mode: str = "auto") -> nn.Module:
+    """Read a file written by ``save_quantized`` (or a folder holding model.safetensors).
+
+    The model skeleton is built on the meta device, its linears swapped for
+    empty quantized modules of the recorded formats, and the tensors loaded
+    into it (no float copy of the quantized weights is ever made).
+    ``dtype`` sets the float parts (embedding, norms); default: as saved.
+    """
+    from safetensors.torch import load_file
+
+    from minfer.model import Transformer, rope_inv_freq
+
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    meta = read_metadata(file)
+    if meta is None:
+        raise ValueError(f"{file}: not a minfer quantized checkpoint (no {META_FORMATS!r} metadata)")
+    cfg = ModelConfig.from_hf(json.loads(meta[META_CONFIG]))
+    formats: dict[str, str] = json.loads(meta[META_FORMATS])
+    tensors = load_file(str(file))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    for parent, attr, name in list(_decoder_linears(model)):
+        if name in formats:
+            old = getattr(parent, attr)
+            setattr(parent, attr, _empty_module(parse_spec(formats[name]), old.out_features,
+                                                old.in_features, old.bias is not None))
+    if "lm_head" in formats:
+        model.lm_head = _empty_module(parse_spec(formats["lm_head"]), cfg.vocab_size, cfg.hidden_size, False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{file}: tensors do not fit the recorded config/formats: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.inv_freq = rope_inv_freq(cfg)
+    float_dtype = dtype or getattr(torch, meta.get(META_DTYPE, "float32"))
+    for p in model.parameters():                       # embedding and norms; quantized parts are buffers
+        p.data = p.data.to(float_dtype)
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            mod.path = path_mode
+    model.quantization = formats
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_quantized_folder(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):
+    """A folder written by ``minfer quantize`` (or its model.safetensors) -> (config, model, tokenizer)."""
+    from minfer.tokenizer import Tokenizer
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    model = load_quantized(path, device=device, dtype=dtype)
+    return model.cfg, model, Tokenizer.from_folder(folder)

@@ -1,0 +1,372 @@
+"""Quantized ``nn.Linear`` replacements, each with two execution paths.
+
+    reference path   W = dequantize(stored)  (N, K) float32, then y = x @ W^T + b
+                     plain PyTorch: what the lesson shows, valid on any device
+    fast path        one fused kernel that reads the packed weights directly:
+                     int8          torch.ops.aten._weight_int8pack_mm        (CPU)
+                     int4, Q4_0,   torch.ops.aten._weight_int4pack_mm_for_cpu (CPU)
+                     Q4_1          torch.ops.aten._weight_int4pack_mm         (CUDA, "tinygemm")
+                     Q8_0          none in torch: always the reference path
+
+``path="auto"`` (the default) takes the fast path when torch has a kernel for
+this device and shape, and the reference path otherwise. The first time a
+kernel is used on a (device, dtype) it is checked against the reference on a
+small random matrix; a kernel that fails or disagrees is never used again in
+this process (a warning says so), so a torch version with a different packing
+convention falls back instead of computing garbage. ``tests/test_quant.py``
+pins both paths together on random shapes.
+
+Compute dtype. The fast kernels are only quick in bfloat16 on CPU (their
+float32 versions are slower than an ordinary float32 matmul here), and the
+CUDA int4 kernel takes bfloat16 only. So the fast path casts the activations
+to ``compute_dtype`` (bfloat16 by default), runs the kernel and casts the
+result back. That rounds activations to 8 significant bits, the same
+rounding as running the model in bf16; the benchmark's perplexity column
+measures what it costs. ``compute_dtype=None`` runs the kernel in the input's
+own dtype.
+
+How the tinygemm int4 kernels read a group (torchao calls this "zero point in
+the float domain"): w = (q - 8) * scale + zero, so our q * scale + min is
+zero = min + 8 * scale, Q4_0's d * (q - 8) is zero = 0, Q4_1's d * q + m is
+zero = m + 8 * d. The scales and zeros go in one (G, N, 2) tensor.
+
+vLLM equivalents: ``vllm/model_executor/layers/linear.py`` (``LinearBase``
+with a ``quant_method``) and ``layers/quantization/`` (one ``apply`` per
+format); gpt-fast ``quantize.py``; torchao ``dtypes/uintx/``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minfer.quant import gguf_formats
+from minfer.quant.int4 import dequantize_int4, num_groups, quantize_int4, unpack_int4
+from minfer.quant.int8 import dequantize_int8, quantize_int8
+
+PATHS = ("auto", "reference", "fast")
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ---------------------------------------------------------------------------
+# The kernels, and a one-time check that each works here
+# ---------------------------------------------------------------------------
+
+
+def _tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -> torch.Tensor:
+    """scale, zero (N, G) -> (G, N, 2) in ``dtype``, the layout the int4 kernels read."""
+    return torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _pack_for_tinygemm(q: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+    """q (N, K) values 0..15 -> the kernel's opaque packed layout on ``device`` (None: unsupported).
+
+    CPU: ``_convert_weight_to_int4pack_for_cpu`` takes int32 (N, K), needs N % 16 == 0.
+    CUDA: ``_convert_weight_to_int4pack`` takes uint8 (N, K/2) with the *first* value
+    of each pair in the high nibble, needs K % (16 * inner_k_tiles) == 0 and N % 8 == 0.
+    """
+    n, k = q.shape
+    if device.type == "cpu":
+        if n % 16:
+            return None
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 8)
+    if device.type == "cuda":
+        tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+        if tiles is None or n % 8:
+            return None
+        q = q.to(torch.uint8)
+        pairs = (q[:, 0::2] << 4) | q[:, 1::2]                            # (N, K/2)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+    return None
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ dequant(packed)^T -> (M, N), on the device of x."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)
+
+
+def _int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (q * scale)^T -> (M, N)."""
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+
+_KERNEL_OK: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
+def _kernel_available(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Does the ``kind`` ("int8" / "int4") kernel run here and agree with the reference?
+    Checked once per (kind, device type, dtype) on a 32 x 64 matrix."""
+    key = (kind, device.type, dtype)
+    if key not in _KERNEL_OK:
+        ok = False
+        try:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(32, 64, generator=gen)
+            x = torch.randn(3, 64, generator=gen).to(dtype)
+            if kind == "int8":
+                q, s = quantize_int8(w)
+                want = x.float() @ dequantize_int8(q, s).t()
+                got = _int8_mm(x.to(device), q.to(device), s.to(device, dtype))
+            else:
+                packed, s, m = quantize_int4(w, 32)
+                want = x.float() @ dequantize_int4(packed, s, m, 32, 64).t()
+                tg = _pack_for_tinygemm(unpack_int4(packed, 64).to(device), device)
+                sz = _tinygemm_scales_and_zeros(s, m.float() + 8 * s.float(), dtype).to(device)
+                got = _int4_mm(x.to(device), tg, 32, sz)
+            err = float((got.float().cpu() - want).abs().max())
+            ok = err <= 2e-2 * float(want.abs().max())
+            if not ok:
+                warnings.warn(f"minfer: the {kind} fast kernel on {device.type}/{dtype} disagrees with "
+                              f"the reference (max error {err:.3g}); using the reference path")
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            ok = False                                  # no such kernel on this device / dtype
+        _KERNEL_OK[key] = ok
+    return _KERNEL_OK[key]
+
+
+# ---------------------------------------------------------------------------
+# The base class: path selection
+# ---------------------------------------------------------------------------
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W stored quantized; subclasses define the format.
+
+    Subclasses implement ``dequantize()`` (the reference) and
+    ``_prepare_fast(device, dtype)``, which returns a function x2d -> y2d
+    computing with a fast kernel, or None where there is none.
+    """
+
+    format = "?"
+
+    def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor] = None,
+                 path: str = "auto", compute_dtype: Optional[torch.dtype] = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.path = path
+        self.compute_dtype = compute_dtype
+        self._fast: dict = {}            # (device, dtype) -> callable or None, rebuilt after .to()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        self._path = value
+
+    # -- to implement ---------------------------------------------------------
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 (out_features, in_features)."""
+        raise NotImplementedError
+
+    def _prepare_fast(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+        return None
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight (packed values and scales; bias not included)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+
+    # -- the two paths ---------------------------------------------------------
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)                                   # (N, K)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def fast_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fused-kernel result, or None when no kernel fits this device / dtype / shape."""
+        dtype = self.compute_dtype or x.dtype
+        key = (x.device, dtype)
+        if key not in self._fast:
+            self._fast[key] = self._prepare_fast(x.device, dtype)
+        kernel = self._fast[key]
+        if kernel is None:
+            return None
+        lead = x.shape[:-1]
+        y = kernel(x.reshape(-1, self.in_features).to(dtype))               # (M, N)
+        y = y.reshape(*lead, self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def uses_fast_path(self, device="cpu", dtype=torch.float32) -> bool:
+        """Would ``forward`` take the fast path for inputs on ``device`` / of ``dtype``?"""
+        if self.path == "reference":
+            return False
+        device, dtype = torch.device(device), self.compute_dtype or dtype
+        key = (device, dtype)
+        if key not in self._fast:
+            self._fast[key] = self._prepare_fast(device, dtype)
+        return self._fast[key] is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path != "reference":
+            y = self.fast_forward(x)
+            if y is not None:
+                return y
+            if self.path == "fast":
+                raise RuntimeError(f"{type(self).__name__} ({self.format}): no fast kernel for "
+                                   f"{x.device.type}/{self.compute_dtype or x.dtype} and shape "
+                                   f"({self.out_features}, {self.in_features}); use path='auto'")
+        return self.reference_forward(x)
+
+    # -- keep the packed copies in step with the stored tensors ---------------
+    def _apply(self, fn, *args, **kwargs):
+        self._fast = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fast = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format}, bias={self.bias is not None}, path={self.path}")
+
+
+# ---------------------------------------------------------------------------
+# int8, per output channel
+# ---------------------------------------------------------------------------
+
+
+class Int8Linear(QuantizedLinear):
+    """Buffers: ``qweight`` int8 (N, K), ``scale`` float32 (N,)."""
+
+    format = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias=None, **kw):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias, **kw)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias=None, **kw) -> "Int8Linear":
+        q, scale = quantize_int8(weight)
+        return cls(q.to(weight.device), scale.to(weight.device), bias, **kw)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+    def _prepare_fast(self, device, dtype):
+        # The CPU kernel crashes (torch 2.13) in bf16 unless K % 16 == 0: stay away.
+        if self.in_features % 16 or not _kernel_available("int8", device, dtype):
+            return None
+        # The kernel wants scales in the activation dtype. Rounding them to bf16 would
+        # scale every output channel by its own (1 + up to 0.4%), an error that does not
+        # average out: on SmolLM2 it moved perplexity by 0.5%. So the kernel multiplies
+        # by ones and the float32 scale is applied to its output instead.
+        q, scale = self.qweight, self.scale.float()
+        ones = torch.ones(self.out_features, dtype=dtype, device=device)
+        return lambda x: _int8_mm(x, q, ones) * scale                      # (M, N) float32
+
+
+# ---------------------------------------------------------------------------
+# int4, grouped, and the GGUF 4-bit formats that map onto the same kernel
+# ---------------------------------------------------------------------------
+
+
+def _tinygemm_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                     device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+    """A fast int4 matmul for values q (N, K) with w = (q - 8) * scale + zero per group.
+
+    K is padded up to whole groups: padded weight columns meet padded zero
+    activations, so they add nothing.
+    """
+    n, k = q.shape
+    if group_size not in TINYGEMM_GROUP_SIZES or not _kernel_available("int4", device, dtype):
+        return None
+    pad = num_groups(k, group_size) * group_size - k
+    packed = _pack_for_tinygemm(F.pad(q, (0, pad), value=8).to(device), device)
+    if packed is None:
+        return None
+    sz = _tinygemm_scales_and_zeros(scale, zero, dtype).to(device)         # (G, N, 2)
+    if pad:
+        return lambda x: _int4_mm(F.pad(x, (0, pad)), packed, group_size, sz)
+    return lambda x: _int4_mm(x, packed, group_size, sz)
+
+
+class Int4Linear(QuantizedLinear):
+    """Buffers: ``qweight`` uint8 (N, ceil(K/2)), ``scale`` and ``minimum`` (N, G)."""
+
+    format = "int4"
+
+    def __init__(self, qweight, scale, minimum, group_size: int, in_features: int, bias=None, **kw):
+        super().__init__(in_features, qweight.shape[0], bias, **kw)
+        self.group_size = int(group_size)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias=None, group_size: int = 32, **kw) -> "Int4Linear":
+        packed, scale, minimum = quantize_int4(weight, group_size)
+        dev = weight.device
+        return cls(packed.to(dev), scale.to(dev), minimum.to(dev), group_size, weight.shape[1], bias, **kw)
+
+    @property
+    def spec(self) -> str:
+        return f"int4-g{self.group_size}"
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scale, self.minimum, self.group_size, self.in_features)
+
+    def _prepare_fast(self, device, dtype):
+        q = unpack_int4(self.qweight, self.in_features)                     # (N, K)
+        s, m = self.scale.float(), self.minimum.float()
+        return _tinygemm_kernel(q, s, m + 8 * s, self.group_size, device, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class GGUFLinear(QuantizedLinear):
+    """The raw GGUF blocks of one matrix: ``blocks`` uint8 (N, K / 32 * bytes_per_block).
+
+    Reference: ``gguf_formats.dequantize`` then a matmul. Fast: Q4_0 and Q4_1
+    become tinygemm int4 with group size 32 (see the module docstring); the
+    kernel holds d and the zero in bfloat16, so the fast path rounds GGUF's f16
+    d to 8 significant bits (the tests bound the difference). Q8_0 has 32-value
+    blocks, which ``_weight_int8pack_mm`` (one scale per row) cannot express,
+    so it always runs the reference path.
+    """
+
+    def __init__(self, qtype: str, blocks: torch.Tensor, in_features: int, bias=None, **kw):
+        super().__init__(in_features, blocks.shape[0], bias, **kw)
+        self.fmt = gguf_formats.get_format(qtype)
+        if self.fmt.name not in gguf_formats.QUANTIZERS:
+            raise ValueError(f"GGUFLinear supports {', '.join(gguf_formats.QUANTIZERS)}, got {self.fmt.name}")
+        self.format = self.fmt.name.lower()
+        self.register_buffer("blocks", blocks)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias=None, qtype: str = "Q4_1", **kw) -> "GGUFLinear":
+        blocks = gguf_formats.quantize(weight, qtype).to(weight.device)    # (N, K/32 * bytes)
+        return cls(qtype, blocks, weight.shape[1], bias, **kw)
+
+    @property
+    def spec(self) -> str:
+        return self.format
+
+    def dequantize(self) -> torch.Tensor:
+        return gguf_formats.dequantize(self.blocks, self.fmt.name,
+                                       (self.out_features, self.in_features)).to(self.blocks.device)
+
+    def _prepare_fast(self, device, dtype):
+        if self.fmt.name == "Q8_0":
+            return None
+        n, k = self.out_features, self.in_features
+        blocks = self.blocks.cpu().reshape(n * k // 32, self.fmt.type_size)   # (n_blocks, bytes)
+        d = blocks[:, 0:2].contiguous().view(torch.float16).float().reshape(n, -1)   # (N, G)
+        if self.fmt.name == "Q4_0":
+            q = gguf_formats._low_high_nibbles(blocks[:, 2:18])
+            zero = torch.zeros_like(d)                                      # d * (q - 8)
+        else:
+            m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(n, -1)
+            q = gguf_formats._low_high_nibbles(blocks[:, 4:20])
+            zero = m + 8 * d                                                # d * q + m
+        return _tinygemm_kernel(q.reshape(n, k), d, zero, 32, device, dtype)

@@ -1,0 +1,255 @@
+"""Serving metrics, with the definitions of vLLM's serving benchmark.
+
+One request, every time taken from the same clock (seconds)::
+
+    arrival ─queue─> scheduled ─prefill─> tok 1 ─ITL─> tok 2 ─ITL─> ... tok n (= finish)
+    |<───────────── TTFT ───────────────────>|
+    |<──────────────────────────── E2E latency ─────────────────────────────>|
+
+    queueing time  = first_scheduled_time - arrival_time
+    TTFT           = first_token_time - arrival_time       (includes the queue and the prefill)
+    E2E latency    = finish_time - arrival_time
+    TPOT           = (E2E - TTFT) / (n - 1)                 the mean gap after the first token
+    ITL            = every gap between two consecutive tokens (pooled over all requests)
+
+A run of ``duration`` seconds that completes requests with ``n_i`` output
+tokens and ``p_i`` prompt tokens::
+
+    request throughput     = completed / duration                 (req/s)
+    output token throughput = sum(n_i) / duration                 (tok/s)
+    total token throughput = (sum(p_i) + sum(n_i)) / duration     (tok/s)
+    goodput                = (requests meeting EVERY SLO) / duration
+
+Goodput (DistServe, Zhong et al. 2024) is throughput that counts only the
+requests a user was happy with: a run finishing 100 requests/min of which 30
+met the latency targets has a goodput of 30/min.
+
+Like vLLM, a request with a single output token has TPOT 0 for goodput and is
+left out of the TPOT distribution; percentiles interpolate linearly between
+order statistics (numpy's default). vLLM: ``vllm/benchmarks/serve.py``
+(``calculate_metrics``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+SLO_METRICS = ("ttft", "tpot", "e2el")     # names accepted in ``slo_ms`` (as vLLM's --goodput)
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class RequestStats:
+    """Timestamps of one request (seconds, one clock) and the numbers derived from them.
+
+    vLLM V1 keeps the same timestamps in ``RequestStateStats``
+    (``vllm/v1/metrics/stats.py``).
+    """
+
+    arrival_time: float
+    num_prompt_tokens: int = 0
+    first_scheduled_time: float | None = None      # first time the scheduler gave it tokens
+    token_times: list[float] = field(default_factory=list)   # when each output token came out
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_times)
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def queueing_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        return None if not self.token_times else self.token_times[0] - self.arrival_time
+
+    @property
+    def e2el(self) -> float | None:
+        """End-to-end latency: arrival -> finish."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """(E2E - TTFT) / (n - 1); None for n <= 1 or an unfinished request."""
+        if self.finish_time is None:
+            return None
+        return tpot_from_timestamps(self.arrival_time, self.token_times)
+
+    @property
+    def itls(self) -> list[float]:
+        """Inter-token latencies: the n - 1 gaps between consecutive tokens."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+def tpot_from_timestamps(arrival_time: float, token_times: list[float]) -> float | None:
+    """Time per output token: (E2E - TTFT) / (n - 1), the request finishing at its last token.
+
+    E2E = token_times[-1] - arrival_time and TTFT = token_times[0] - arrival_time, so the
+    arrival cancels: TPOT is the mean gap between consecutive tokens. None if n < 2.
+    """
+    n = len(token_times)
+    if n < 2:
+        return None
+    e2e = token_times[-1] - arrival_time
+    ttft = token_times[0] - arrival_time
+    return (e2e - ttft) / (n - 1)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile with linear interpolation (numpy's default ``method="linear"``).
+
+    Sorted values x_0 <= ... <= x_{m-1}; rank r = p/100 * (m - 1);
+    result = x_floor(r) + (r - floor(r)) * (x_ceil(r) - x_floor(r)).
+    """
+    if not values:
+        raise ValueError("percentile of an empty list")
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile p must be in [0, 100], got {p}")
+    xs = sorted(values)
+    r = p / 100 * (len(xs) - 1)
+    lo, hi = math.floor(r), math.ceil(r)
+    return xs[lo] + (r - lo) * (xs[hi] - xs[lo])
+
+
+@dataclass
+class Distribution:
+    """Summary of one latency metric, in milliseconds."""
+
+    mean: float
+    median: float
+    std: float                  # population standard deviation (numpy's default), as vLLM
+    p90: float
+    p95: float
+    p99: float
+    count: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> "Distribution":
+        if not seconds:
+            nan = float("nan")
+            return cls(nan, nan, nan, nan, nan, nan, 0)
+        ms = [1000.0 * s for s in seconds]
+        mean = sum(ms) / len(ms)
+        std = math.sqrt(sum((x - mean) ** 2 for x in ms) / len(ms))
+        return cls(mean, percentile(ms, 50), std, percentile(ms, 90), percentile(ms, 95),
+                   percentile(ms, 99), len(ms))
+
+
+@dataclass
+class ServingMetrics:
+    """What ``summarize`` returns: throughputs and latency distributions of one run."""
+
+    completed: int
+    duration: float                     # seconds
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float           # req/s
+    output_throughput: float            # output tok/s
+    total_token_throughput: float       # (prompt + output) tok/s
+    ttft: Distribution                  # ms
+    tpot: Distribution                  # ms
+    itl: Distribution                   # ms
+    e2el: Distribution                  # ms
+    queueing: Distribution              # ms
+    slo_ms: dict[str, float] = field(default_factory=dict)
+    good_requests: int | None = None    # requests that met every SLO (None: no SLO given)
+    goodput: float | None = None        # good_requests / duration (req/s)
+    num_preemptions: int = 0
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+def meets_slos(r: RequestStats, slo_ms: dict[str, float]) -> bool:
+    """True if the request met every SLO. TPOT of a one-token request counts as 0 (vLLM)."""
+    values = {"ttft": r.ttft, "tpot": r.tpot if r.tpot is not None else 0.0, "e2el": r.e2el}
+    return all(values[k] is not None and 1000.0 * values[k] <= v for k, v in slo_ms.items())
+
+
+def check_slos(slo_ms: dict[str, float] | None) -> dict[str, float]:
+    slo_ms = dict(slo_ms or {})
+    for k, v in slo_ms.items():
+        if k not in SLO_METRICS:
+            raise ValueError(f"unknown SLO metric {k!r}; choose from {SLO_METRICS}")
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"SLO {k} must be a positive number of milliseconds, got {v!r}")
+    return slo_ms
+
+
+def summarize(requests: Iterable[RequestStats], duration: float | None = None,
+              slo_ms: dict[str, float] | None = None) -> ServingMetrics:
+    """Metrics of the finished requests of a run.
+
+    duration: seconds the run took; default = last finish - first arrival.
+    slo_ms: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds); enables goodput.
+    """
+    slo_ms = check_slos(slo_ms)
+    done = [r for r in requests if r.finish_time is not None]
+    if duration is None:
+        duration = (max(r.finish_time for r in done) - min(r.arrival_time for r in done)) if done else 0.0
+    if done and not duration > 0:
+        raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
+    total_in = sum(r.num_prompt_tokens for r in done)
+    total_out = sum(r.num_output_tokens for r in done)
+    good = sum(meets_slos(r, slo_ms) for r in done) if slo_ms else None
+    return ServingMetrics(
+        completed=len(done), duration=duration,
+        total_input_tokens=total_in, total_output_tokens=total_out,
+        request_throughput=per_s(len(done)), output_throughput=per_s(total_out),
+        total_token_throughput=per_s(total_in + total_out),
+        ttft=Distribution.of([r.ttft for r in done if r.ttft is not None]),
+        tpot=Distribution.of([r.tpot for r in done if r.tpot is not None]),
+        itl=Distribution.of([g for r in done for g in r.itls]),
+        e2el=Distribution.of([r.e2el for r in done]),
+        queueing=Distribution.of([r.queueing_time for r in done if r.queueing_time is not None]),
+        slo_ms=slo_ms, good_requests=good, goodput=None if good is None else per_s(good),
+        num_preemptions=sum(r.num_preemptions for r in done),
+    )
+
+
+def format_table(results: dict[str, ServingMetrics]) -> str:
+    """A side-by-side table, one column per run (e.g. per policy)."""
+    names = list(results)
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label, fn, fmt="{:.2f}"):
+        vals = []
+        for n in names:
+            v = fn(results[n])
+            vals.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        rows.append((label, vals))
+
+    add("completed requests", lambda m: m.completed, "{:d}")
+    add("duration (s)", lambda m: m.duration)
+    add("input tokens", lambda m: m.total_input_tokens, "{:d}")
+    add("output tokens", lambda m: m.total_output_tokens, "{:d}")
+    add("request throughput (req/s)", lambda m: m.request_throughput, "{:.3f}")
+    add("output throughput (tok/s)", lambda m: m.output_throughput)
+    add("total throughput (tok/s)", lambda m: m.total_token_throughput)
+    if any(m.goodput is not None for m in results.values()):
+        slo = next(m.slo_ms for m in results.values() if m.slo_ms)
+        label = " & ".join(f"{k}<={v:g}ms" for k, v in slo.items())
+        add(f"goodput (req/s, {label})", lambda m: m.goodput, "{:.3f}")
+        add("requests meeting all SLOs", lambda m: m.good_requests, "{:d}")
+    add("preemptions", lambda m: m.num_preemptions, "{:d}")
+    for metric in ("ttft", "tpot", "itl", "e2el", "queueing"):
+        for stat in ("mean", "median", "p90", "p99"):
+            add(f"{stat} {metric.upper() if metric != 'queueing' else 'queueing'} (ms)",
+                lambda m, a=metric, s=stat: getattr(getattr(m, a), s), "{:.1f}")
+    w0 = max(len(label) for label, _ in rows)
+    widths = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    head = " " * w0 + " | " + " | ".join(n.rjust(w) for n, w in zip(names, widths))
+    lines = [head, "-" * len(head)]
+    lines += [label.ljust(w0) + " | " + " | ".join(v.rjust(w) for v, w in zip(vals, widths))
+              for label, vals in rows]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""A request inside the serving engine: its tokens, its progress, its own sampler.
+
+One counter drives everything, as in vLLM V1 (``vllm/v1/request.py``)::
+
+    all_token_ids:  [ p0 p1 p2 p3 p4 p5 | o0 o1 o2 ]      prompt, then outputs so far
+                      <--- num_computed_tokens ---->        K/V of these are in the cache
+                                                   ^^^^^
+                                     still to compute (fed to the model next)
+
+Each step the scheduler gives a request some of its uncomputed tokens: a whole
+prompt, a chunk of one (chunked prefill), or the single newest token (decode).
+When ``num_computed_tokens`` reaches ``num_tokens``, the logits of the last
+position give the next token. There is no separate "prefill" and "decode"
+mode: a decode is just a request with one uncomputed token. After a
+preemption by recompute, ``num_computed_tokens`` falls back to 0 and the
+prompt *plus the outputs so far* is prefilled again.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from minfer.sampling import SamplingParams, make_generator
+from minfer.serving.metrics import RequestStats
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"              # not admitted yet (or preempted and waiting again)
+    RUNNING = "running"              # holds KV blocks, gets tokens each step
+    FINISHED_STOPPED = "stop"        # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"       # max_tokens or the model's context
+    FINISHED_ABORTED = "abort"       # the client gave up
+
+    @property
+    def finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    eos_token_ids: tuple[int, ...] = ()
+    prompt: str | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0          # tokens whose K/V are in the cache
+    num_preemptions: int = 0
+    text: str = ""                         # detokenized output (when the engine has a tokenizer)
+    stats: RequestStats = field(init=False)
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: the prompt is empty")
+        self.stats = RequestStats(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
+        # One generator per request: its samples depend on its seed only, never on the batch.
+        self.generator = make_generator(self.params.seed)
+
+    # ---------------------------------------------------------------- tokens
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """Still working through the prompt (or the recomputed prefix after a preemption)."""
+        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            ids |= set(self.eos_token_ids)
+        return ids

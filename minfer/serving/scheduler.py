@@ -1,0 +1,271 @@
+"""The scheduler: which requests run in the next forward pass, and how many tokens each.
+
+Every step fills a *token budget* (``max_num_batched_tokens``) with tokens of
+several requests, flattened into one batch (vLLM V1,
+``vllm/v1/core/sched/scheduler.py``)::
+
+    budget 16:   [ d  d  d | p p p p p p p p p p p p p ]
+                   decodes   a prefill chunk (the rest of that prompt waits for the next step)
+
+Three policies share this machinery and differ only in *when a waiting
+request may join*:
+
+* ``static``: batches are fixed. A batch of up to ``max_num_seqs`` requests
+  forms only when that many are waiting (or no more will come) and the
+  previous batch has completely finished; nobody joins until every member is
+  done (the classic "run the padded batch to completion").
+* ``dynamic``: like static, but a batch also starts when the oldest waiting
+  request has waited ``max_wait_ms`` (Triton / TF-Serving style).
+* ``continuous``: iteration-level scheduling (Orca, Yu et al. OSDI 2022; vLLM):
+  every step first gives one token to each running decode and the next chunk
+  to each running prefill, then admits waiting requests into what is left of
+  the budget, chunking a prompt that does not fit. Finished requests leave at
+  once and their blocks go to the next request.
+
+Memory comes from the paged KV cache's block manager. When a running request
+needs a new block and none is free, the scheduler *preempts by recompute*:
+it frees the blocks of the newest running request (vLLM's policy: the oldest
+requests keep their progress) and puts it back at the front of the queue; when
+readmitted it prefills its prompt and its outputs so far again. Greedy outputs
+do not change, the work is just done twice.
+
+The scheduler never touches tensors: ``schedule()`` returns
+(request, start position, number of tokens) triples and the engine runs them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from minfer.serving.request import Request, RequestStatus
+
+POLICIES = ("static", "dynamic", "continuous")
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "continuous"            # static | dynamic | continuous
+    max_num_seqs: int = 32                # running requests at most (the batch size of static/dynamic)
+    max_num_batched_tokens: int = 512     # token budget of one step (vLLM's name)
+    max_prefill_chunk: int | None = None  # at most this many prompt tokens per request per step
+    max_wait_ms: float = 50.0             # dynamic: start a partial batch after this wait
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_prefill_chunk is not None and not (isinstance(self.max_prefill_chunk, int)
+                                                       and self.max_prefill_chunk >= 1):
+            raise ValueError(f"max_prefill_chunk must be None or an integer >= 1, got {self.max_prefill_chunk!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int          # position of the first token computed (= num_computed_tokens before the step)
+    num_tokens: int     # tokens computed this step: a prompt chunk, or 1 for a decode
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
+                    token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
+    """One continuous-batching step, memory aside: who gets how many tokens.
+
+    running: [(request_id, num_tokens, num_computed_tokens), ...], oldest first
+    waiting: [(request_id, num_tokens), ...], in arrival order (nothing computed yet)
+    returns: [(request_id, num_scheduled_tokens), ...]
+
+    Running requests first, in order, each its remaining tokens (1 for a decode)
+    as far as the budget goes; then waiting requests join, in order, while there
+    is budget and fewer than ``max_num_seqs`` requests run; the last one to join
+    may get only part of its prompt (a prefill chunk). ``Scheduler.schedule`` is
+    this loop plus KV blocks and preemption (``tests/test_scheduler.py`` checks
+    that the two agree when memory is plentiful).
+    """
+    out, budget = [], token_budget
+    for request_id, num_tokens, num_computed in running:
+        if budget == 0:
+            break
+        n = min(num_tokens - num_computed, budget)
+        out.append((request_id, n))
+        budget -= n
+    num_seqs = len(running)
+    for request_id, num_tokens in waiting:
+        if budget == 0 or num_seqs >= max_num_seqs:
+            break
+        n = min(num_tokens, budget)
+        out.append((request_id, n))
+        budget -= n
+        num_seqs += 1
+    return out
+
+
+class Scheduler:
+    """Waiting queue + running list + block manager, stepped by ``schedule()``.
+
+    kv_manager: ``minfer.kv.block_pool.KVCacheManager`` (or anything with
+    ``allocate``, ``append_slots``, ``free``, ``commit_tokens``).
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter):
+        self.config = config
+        self.kv = kv_manager
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # in admission order: the last one is the newest
+        self.num_slots: dict[str, int] = {}       # request id -> KV slots reserved for it
+        self.no_more_requests = False             # set by the client: static/dynamic may start a short batch
+
+    # ------------------------------------------------------------- queue
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Mark finished, leave the running list, give the blocks back."""
+        if req in self.running:
+            self.running.remove(req)
+        self._release(req)
+        req.status = status
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release(self, req: Request) -> None:
+        if req.request_id in self.num_slots:
+            self.kv.free(req.request_id)
+            del self.num_slots[req.request_id]
+
+    def preempt(self, req: Request) -> None:
+        """Preemption by recompute: drop its K/V; it will prefill prompt + outputs again."""
+        if req in self.running:
+            self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.stats.num_preemptions += 1
+        self.waiting.appendleft(req)          # first in line when memory frees up
+
+    # ------------------------------------------------------------- admission
+    def _chunk_cap(self) -> int:
+        return self.config.max_prefill_chunk or math.inf
+
+    def _try_admit(self, req: Request) -> bool:
+        """Reserve KV blocks for all its tokens; False (nothing changed) if the pool is full."""
+        computed = self.kv.allocate(req.request_id, req.all_token_ids)
+        if computed is None:
+            return False
+        self.waiting.remove(req)
+        self.num_slots[req.request_id] = req.num_tokens
+        # Prefix-cache hit: those tokens' K/V are already there. At least the last
+        # token is computed again, because its logits give the next token.
+        req.num_computed_tokens = min(computed, req.num_tokens - 1)
+        req.status = RequestStatus.RUNNING
+        if req.stats.first_scheduled_time is None:
+            req.stats.first_scheduled_time = self.clock()
+        self.running.append(req)
+        return True
+
+    def _batch_ready(self, now: float) -> bool:
+        """static/dynamic: may a new fixed batch start now? (Only when the previous one is done.)"""
+        if self.running or not self.waiting:
+            return False
+        if len(self.waiting) >= self.config.max_num_seqs or self.no_more_requests:
+            return True
+        oldest_wait = now - min(r.arrival_time for r in self.waiting)
+        return self.config.policy == "dynamic" and oldest_wait * 1000.0 >= self.config.max_wait_ms
+
+    def _reserve(self, req: Request, upto: int) -> bool:
+        """Make sure slots exist for positions [0, upto); False if the pool is out of blocks."""
+        need = upto - self.num_slots[req.request_id]
+        if need <= 0:
+            return True
+        if not self.kv.append_slots(req.request_id, need):
+            return False
+        self.num_slots[req.request_id] += need
+        return True
+
+    # ------------------------------------------------------------- one step
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next forward pass. Advances ``num_computed_tokens`` of each scheduled request."""
+        cfg = self.config
+        now = self.clock()
+        out = SchedulerOutput()
+        budget = cfg.max_num_batched_tokens
+
+        # static / dynamic: a new fixed batch, admitted all at once.
+        if cfg.policy != "continuous" and self._batch_ready(now):
+            for req in list(self.waiting)[:cfg.max_num_seqs]:
+                if not self._try_admit(req):
+                    break
+
+        # 1) running requests, oldest first: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            if req.num_uncomputed_tokens > 1:
+                n = min(n, self._chunk_cap())
+            while not self._reserve(req, req.num_computed_tokens + n):
+                victim = self.running[-1]                 # the newest running request
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:   # it preempted itself: nothing left to run
+                break
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # 2) continuous: waiting requests join in the leftover budget (not in a step that
+        #    had to preempt: memory is short, as in vLLM).
+        if cfg.policy == "continuous" and not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[0]
+                if not self._try_admit(req):
+                    break
+                n = min(req.num_uncomputed_tokens, budget)
+                if req.num_uncomputed_tokens > 1:
+                    n = min(n, self._chunk_cap())
+                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+                budget -= n
+
+        for c in out.chunks:
+            c.request.num_computed_tokens += c.num_tokens
+        return out
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """After the forward: tell the block manager which token ids are now stored (prefix caching)."""
+        for c in out.chunks:
+            req = c.request
+            if req.status is RequestStatus.RUNNING:
+                stored = self.kv.num_computed_tokens(req.request_id)
+                self.kv.commit_tokens(req.request_id, req.all_token_ids[stored:req.num_computed_tokens])

@@ -1,0 +1,114 @@
+"""Workloads: seeded request traces for the serving benchmark, the lessons and the tests.
+
+A trace is a list of ``TraceRequest`` (arrival time, prompt token ids, how many
+tokens to generate). Two sources, both reproducible from a seed:
+
+* ``synthetic_trace``: random token ids, lengths drawn uniformly from ranges;
+* ``text_trace``: real text that ships with Python, so nothing is downloaded:
+  the CPython documentation topics in ``pydoc_data.topics`` (what ``help()``
+  prints), used as "summarise this documentation" prompts.
+
+Arrivals (``arrival_times``) follow vLLM's benchmark: gaps between requests are
+drawn from a gamma distribution with mean 1/rate and shape ``burstiness``.
+burstiness = 1 gives exponential gaps, i.e. a Poisson process; below 1 the
+arrivals come in bursts, above 1 they are more evenly spaced. rate = inf sends
+everything at t = 0 (an offline batch). vLLM: ``vllm/benchmarks/serve.py``
+(``get_request``) and ``vllm/benchmarks/datasets.py`` (``RandomDataset``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+INSTRUCTION = "Summarize the following Python documentation in a few sentences.\n\n"
+
+
+@dataclass
+class TraceRequest:
+    request_id: str
+    arrival_time: float             # seconds after the trace starts
+    prompt_token_ids: list[int]
+    max_tokens: int                 # tokens to generate (run with ignore_eos for exact lengths)
+    prompt: str | None = None       # the text, when the prompt came from text
+
+
+def _check_range(name: str, lo_hi: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = lo_hi
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise ValueError(f"{name} must be (lo, hi) integers with 1 <= lo <= hi, got {lo_hi!r}")
+    return lo, hi
+
+
+def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    """n arrival times (s): cumulative gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps.
+
+    The first request arrives at t = 0. Mean gap = 1/rate whatever the burstiness.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 requests/s (inf = all at once), got {rate}")
+    if not burstiness > 0:
+        raise ValueError(f"burstiness must be > 0 (1 = Poisson), got {burstiness}")
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, times = 0.0, []
+    for i in range(n):
+        if i > 0:
+            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        times.append(t)
+    return times
+
+
+def synthetic_trace(n: int, *, rate: float = math.inf, burstiness: float = 1.0,
+                    prompt_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (16, 256),
+                    vocab: tuple[int, int] = (0, 100), seed: int = 0) -> list[TraceRequest]:
+    """n requests with uniform random lengths and random token ids in [vocab[0], vocab[1])."""
+    plo, phi = _check_range("prompt_len", prompt_len)
+    olo, ohi = _check_range("output_len", output_len)
+    if not vocab[0] < vocab[1]:
+        raise ValueError(f"vocab must be a non-empty id range (lo, hi), got {vocab!r}")
+    rng = random.Random(seed)
+    times = arrival_times(n, rate, burstiness, seed=seed + 1)
+    out = []
+    for i, t in enumerate(times):
+        p = rng.randint(plo, phi)
+        ids = [rng.randrange(vocab[0], vocab[1]) for _ in range(p)]
+        out.append(TraceRequest(f"req-{i}", t, ids, rng.randint(olo, ohi)))
+    return out
+
+
+def python_docs() -> list[tuple[str, str]]:
+    """(topic, text) pairs of the CPython documentation that ships with Python (sorted by topic)."""
+    from pydoc_data.topics import topics
+    return sorted((k, v) for k, v in topics.items() if len(v) > 200)
+
+
+def text_trace(tokenizer, n: int, *, rate: float = math.inf, burstiness: float = 1.0,
+               prompt_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (16, 256),
+               seed: int = 0) -> list[TraceRequest]:
+    """n summarisation requests over Python's own docs, each prompt exactly its drawn length.
+
+    Prompt = the instruction + the start of a documentation topic (continuing into
+    the next topics if one is too short), cut to the drawn number of tokens.
+    """
+    plo, phi = _check_range("prompt_len", prompt_len)
+    olo, ohi = _check_range("output_len", output_len)
+    docs = python_docs()
+    head = tokenizer.encode(INSTRUCTION)
+    rng = random.Random(seed)
+    times = arrival_times(n, rate, burstiness, seed=seed + 1)
+    out = []
+    for i, t in enumerate(times):
+        p = rng.randint(plo, phi)
+        start = rng.randrange(len(docs))
+        body: list[int] = []
+        j = start
+        while len(head) + len(body) < p:              # enough documentation text
+            body += tokenizer.encode(docs[j % len(docs)][1] + "\n\n")
+            j += 1
+        ids = (head + body)[:p]
+        out.append(TraceRequest(f"req-{i}", t, ids, rng.randint(olo, ohi), prompt=tokenizer.decode(ids)))
+    return out

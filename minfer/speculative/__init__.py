@@ -1,0 +1,175 @@
+"""Speculative decoding: more than one token per target forward, with exactly the target's output.
+
+Decoding is memory-bound: a forward over 1 token reads every weight, and one
+over 8 tokens reads them once too. So guess several tokens cheaply, let the
+target check them all in ONE forward, and keep the ones it agrees with.
+
+    rejection.py      the accept/reject rule (p = target, q = draft) and its greedy case
+    loop.py           the propose -> verify -> roll back loop, for any proposer
+    draft.py          proposer: a draft model (another checkpoint, the target in int4, its first k layers)
+    prompt_lookup.py  proposer: n-gram lookup in the prompt and the text so far
+    lookahead.py      lookahead decoding: Jacobi guesses + n-gram verification in one forward
+    stats.py          acceptance rate, accepted-length histogram, (1 - a^(gamma+1)) / (1 - a)
+
+Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --speculative``)::
+
+    "prompt_lookup"     n-gram lookup; options k= (default 8), min= (2), max= (4), adaptive= (1; 0 = fixed k)
+    "draft:<model>"     a draft checkpoint (registry name or path); option gamma= or k= (default 4)
+    "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
+    "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
+    "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
+
+    e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
+
+vLLM's equivalent: ``SpeculativeConfig`` (``vllm/config/speculative.py``):
+method "ngram" with prompt_lookup_min / prompt_lookup_max / num_speculative_tokens,
+"draft_model", "eagle", "medusa".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from minfer.sampling import SamplingParams
+from minfer.speculative.draft import DraftModelProposer, layer_skip_draft, quantized_draft
+from minfer.speculative.lookahead import TreeAttentionCache, lookahead_generate, step_layout
+from minfer.speculative.loop import speculative_generate
+from minfer.speculative.prompt_lookup import PromptLookupProposer, ngram_propose
+from minfer.speculative.rejection import (accept_reject, processed_probs, residual_distribution,
+                                          verify_greedy, verify_sampled)
+from minfer.speculative.stats import SpecStats, expected_tokens_per_step
+
+METHODS = ("draft", "prompt_lookup", "lookahead")
+DEFAULT_TOKENS = {"draft": 4, "prompt_lookup": 8}   # num_speculative_tokens when not given
+
+# option name in a spec string -> SpeculativeConfig field
+_OPTIONS = {
+    "draft": {"gamma": "num_speculative_tokens", "k": "num_speculative_tokens"},
+    "prompt_lookup": {"k": "num_speculative_tokens", "min": "prompt_lookup_min",
+                      "max": "prompt_lookup_max", "adaptive": "adaptive"},
+    "lookahead": {"W": "window", "N": "ngram", "G": "max_candidates"},
+}
+
+
+@dataclass
+class SpeculativeConfig:
+    """Which speculative method, and its knobs (vLLM names where vLLM has them)."""
+
+    method: str                          # "draft" | "prompt_lookup" | "lookahead"
+    draft_model: str | None = None       # draft: registry name / path, "int4", or "layers-K"
+    num_speculative_tokens: int | None = None  # gamma (draft, default 4) / k (prompt lookup, default 8)
+    prompt_lookup_min: int = 2           # shortest suffix n-gram to look up
+    prompt_lookup_max: int = 4           # longest suffix n-gram to look up
+    adaptive: int = 1                    # prompt lookup: adapt the proposal length to recent acceptance (0 = fixed k)
+    window: int = 4                      # lookahead W
+    ngram: int = 3                       # lookahead N
+    max_candidates: int = 4              # lookahead G
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_TOKENS.get(self.method, 4)
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative method 'draft' needs a draft model: 'draft:<model>', "
+                             "'draft:layers-K' or 'draft:int4'")
+        for name, lo in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1),
+                         ("window", 1), ("ngram", 2), ("max_candidates", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {lo}, got {value!r}")
+        if self.adaptive not in (0, 1):
+            raise ValueError(f"SpeculativeConfig.adaptive must be 0 or 1, got {self.adaptive!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"SpeculativeConfig.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def parse(cls, spec: "str | SpeculativeConfig") -> "SpeculativeConfig":
+        """``"method[:arg][,key=value...]"`` -> SpeculativeConfig (see the module docstring)."""
+        if isinstance(spec, SpeculativeConfig):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"speculative must be a non-empty string such as 'prompt_lookup', got {spec!r}")
+        method, _, rest = spec.strip().partition(":")
+        if method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {method!r} "
+                             f"(in {spec!r})")
+        parts = [s.strip() for s in rest.split(",") if s.strip()] if rest else []
+        kw: dict = {}
+        if method == "draft" and parts and "=" not in parts[0]:
+            kw["draft_model"] = parts.pop(0)
+        for part in parts:
+            key, eq, value = part.partition("=")
+            if not eq or key.strip() not in _OPTIONS[method]:
+                raise ValueError(f"unknown option {part!r} for speculative method {method!r}; "
+                                 f"options: {', '.join(k + '=' for k in _OPTIONS[method])}")
+            try:
+                kw[_OPTIONS[method][key.strip()]] = int(value)
+            except ValueError:
+                raise ValueError(f"speculative option {key.strip()} must be an integer, got {value!r}") from None
+        return cls(method=method, **kw)
+
+
+def load_draft(target, spec: str, *, dtype=None, device=None):
+    """The draft model for ``draft:<spec>``: "layers-K", "int4", or a checkpoint with the same vocab."""
+    if spec.startswith("layers-"):
+        try:
+            k = int(spec[len("layers-"):])
+        except ValueError:
+            raise ValueError(f"draft 'layers-K' needs an integer K, got {spec!r}") from None
+        return layer_skip_draft(target, k)
+    if spec == "int4":
+        return quantized_draft(target, "int4")
+    from minfer.checkpoints import load_checkpoint
+    from minfer.model import build_model
+
+    weight = target.model.embed_tokens.weight
+    cfg, state_dict, _ = load_checkpoint(spec, dtype=dtype or weight.dtype, device="cpu")
+    if cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"draft {spec!r} has vocab_size {cfg.vocab_size}, the target {target.cfg.vocab_size}: "
+                         "a draft must share the target's tokenizer")
+    return build_model(cfg, state_dict, device=device or weight.device, dtype=dtype or weight.dtype)
+
+
+def generate_speculative(
+    model,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    config: SpeculativeConfig | str,
+    *,
+    draft=None,
+    eos_token_ids: list[int] = (),
+    kv_cache: str = "contiguous",
+    attention: str = "sdpa",
+    stats: SpecStats | None = None,
+    metrics=None,
+) -> Iterator[int]:
+    """Like ``minfer.generate.generate_tokens``, with the speculative method in ``config``.
+
+    ``draft``: the draft model for method "draft" (``load_draft`` builds one from
+    ``config.draft_model`` if not given). ``stats`` (a SpecStats) collects acceptance.
+    """
+    config = SpeculativeConfig.parse(config)
+    common = dict(eos_token_ids=eos_token_ids, attention=attention, stats=stats, metrics=metrics)
+    if config.method == "lookahead":
+        if kv_cache != "contiguous":
+            raise ValueError(f"lookahead decoding needs kv_cache='contiguous', got {kv_cache!r}")
+        return lookahead_generate(model, prompt_ids, params, window=config.window, ngram=config.ngram,
+                                  max_candidates=config.max_candidates, **common)
+    if config.method == "prompt_lookup":
+        proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max,
+                                        adaptive=bool(config.adaptive))
+    else:
+        draft = draft if draft is not None else load_draft(model, config.draft_model)
+        proposer = DraftModelProposer(draft, kv_cache=kv_cache, attention=attention,
+                                      vocab_size=model.cfg.vocab_size)
+    return speculative_generate(model, prompt_ids, params, proposer,
+                                num_speculative_tokens=config.num_speculative_tokens,
+                                kv_cache=kv_cache, **common)
+
+
+__all__ = ["SpeculativeConfig", "generate_speculative", "load_draft", "SpecStats", "expected_tokens_per_step",
+           "accept_reject", "residual_distribution", "processed_probs", "verify_greedy", "verify_sampled",
+           "DraftModelProposer", "layer_skip_draft", "quantized_draft", "PromptLookupProposer",
+           "ngram_propose", "lookahead_generate", "TreeAttentionCache", "step_layout", "speculative_generate"]

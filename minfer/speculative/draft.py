@@ -1,0 +1,132 @@
+"""Draft-model speculative decoding: a small model guesses, the target verifies.
+
+Leviathan et al. 2023 / Chen et al. 2023 (p = target, q = draft; the rule is in
+``rejection.py``). Per step the draft runs gamma cheap forwards (one token
+each), the target ONE forward over gamma + 1 positions; both KV caches are
+rolled back with ``cache.truncate`` to the accepted prefix:
+
+    seq (verified)            | d_1 d_2 ... d_gamma   (draft's guesses)
+    draft cache after propose:  seq + d_1 .. d_{gamma-1}   (d_gamma was sampled, never fed)
+    target cache after verify:  seq + d_1 .. d_gamma
+    accepted n, new token t  -> both truncated to seq + d_1..d_n; t is the next pending token
+
+Any model with the same tokenizer can draft:
+
+* another (smaller) checkpoint: ``DraftModelProposer(load(...))``;
+* the target itself, weight-quantized to int4 ("self-speculation": reads 1/8 of
+  the fp32 bytes per forward, nearly the same predictions): ``quantized_draft``;
+* the target's first k layers + its final norm and LM head ("layer-skip
+  self-drafting", Elhoushi et al. 2024 LayerSkip; Zhang et al. 2023 Draft & Verify):
+  ``layer_skip_draft``. It shares every weight with the target; without
+  early-exit training its guesses are poor, and the benchmark says so.
+
+vLLM's equivalent: ``vllm/v1/spec_decode/eagle.py`` / the "draft_model" method
+of ``SpeculativeConfig`` (``vllm/config/speculative.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from minfer.sampling import SamplingParams, sample
+from minfer.speculative.loop import forward_tokens, new_cache
+from minfer.speculative.rejection import processed_probs
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class DraftModelProposer:
+    """Proposes gamma tokens by running a draft model autoregressively with its own KV cache."""
+
+    def __init__(self, draft, *, kv_cache: str = "contiguous", attention: str = "sdpa",
+                 vocab_size: int | None = None):
+        self.draft, self.attention, self.kv_cache = draft, attention, kv_cache
+        if vocab_size is not None and draft.cfg.vocab_size != vocab_size:
+            raise ValueError(f"the draft's vocab_size ({draft.cfg.vocab_size}) differs from the target's "
+                             f"({vocab_size}): a draft must share the target's tokenizer")
+        self.cache = None
+        self.tokens: list[int] = []       # the tokens whose K/V the draft cache holds, in order
+
+    def begin(self, prompt_ids: list[int], max_len: int) -> None:
+        """A new request of at most ``max_len`` tokens: a fresh, empty draft cache."""
+        self.cache, self.tokens = new_cache(self.draft, self.kv_cache, max_len), []
+
+    def propose(self, seq: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        keep = _common_prefix(self.tokens, seq)
+        if keep == len(seq):              # never happens in the loop (seq grows); keep one token to feed
+            keep -= 1
+        self.cache.truncate(keep)
+        feed, start = seq[keep:], keep    # catch up: the tokens the draft has not seen yet (>= 1)
+        self.tokens = list(seq[:keep])
+        drafts, qs = [], []
+        for i in range(k):
+            logits = forward_tokens(self.draft, self.cache, feed, start, self.attention, last_only=True)[-1]
+            self.tokens += feed
+            start += len(feed)
+            if params.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = processed_probs(logits, params)                   # (V,)
+                qs.append(q)
+                tok = sample(logits, params, generator)
+            drafts.append(tok)
+            feed = [tok]
+        return drafts, (torch.stack(qs) if qs else None)
+
+    def accepted(self, seq: list[int]) -> None:
+        keep = _common_prefix(self.tokens, seq)
+        self.cache.truncate(keep)         # forget the K/V of rejected guesses
+        self.tokens = self.tokens[:keep]
+
+
+# ---------------------------------------------------------------------------
+# Drafts made from the target itself
+# ---------------------------------------------------------------------------
+
+
+def layer_skip_draft(target, num_layers: int):
+    """The target's first ``num_layers`` layers + final norm + LM head, sharing the target's weights.
+
+    Returns a ``Transformer`` whose cfg says ``num_hidden_layers = num_layers`` (so
+    its KV cache has only those layers); no weight is copied.
+    """
+    from minfer.model import Transformer
+
+    L = target.cfg.num_hidden_layers
+    if not 1 <= num_layers <= L:
+        raise ValueError(f"layer-skip draft: num_layers must lie in [1, {L}], got {num_layers}")
+    cfg = dataclasses.replace(target.cfg, num_hidden_layers=num_layers)
+    with torch.device("meta"):
+        draft = Transformer(cfg)
+    draft.model.embed_tokens = target.model.embed_tokens
+    draft.model.layers = nn.ModuleList(list(target.model.layers[:num_layers]))
+    draft.model.norm = target.model.norm
+    if getattr(target, "lm_head", None) is not None:
+        draft.lm_head = target.lm_head
+    draft.inv_freq = target.inv_freq
+    return draft.eval()
+
+
+def quantized_draft(target, fmt: str = "int4"):
+    """The target with its weights quantized (self-speculation): same tokenizer, ~1/8 the bytes for int4.
+
+    Uses ``minfer.quant.apply.quantize_model`` (weight-only quantization; the LM
+    head gets int8, its default) on a copy of the target.
+    """
+    import copy
+
+    try:
+        from minfer.quant.apply import quantize_model
+    except ImportError:
+        raise ValueError(f"draft {fmt!r} needs minfer.quant.apply.quantize_model, which this checkout does not "
+                         "have; use draft:layers-K or another checkpoint") from None
+    return quantize_model(copy.deepcopy(target), fmt)

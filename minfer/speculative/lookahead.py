@@ -1,0 +1,240 @@
+"""Lookahead decoding (Fu, Bailis, Stoica & Zhang 2024): guess n-grams by Jacobi iteration, verify them,
+both in ONE forward, with no draft model. Greedy only; the output equals plain greedy decoding.
+
+Jacobi decoding guesses a window of future tokens and refines all of them in
+parallel: feeding guesses y_1..y_W after the last token, the argmax at y_i is
+a new guess for position i + 1. Lookahead decoding keeps the last N - 1
+rounds of guesses (a 2-D window, W columns x N - 1 levels) and reads n-grams
+off its diagonals into a pool; n-grams that start with the current token are
+verified like speculative drafts. One step's input, for W = 3, N = 3, G = 2:
+
+    input:      x | a0 a1 a2 | b0 b1 b2 | c1 c2 c3 | e1 e2 e3
+    position:   P | +1 +2 +3 | +2 +3 +4 | +1 +2 +3 | +1 +2 +3
+                    level 0    level 1    candidate  candidate  (N - 1 tokens each)
+                    \\______lookahead_____/ \\________verification________/
+
+Visibility inside the step (everything also sees the whole KV cache = the prefix):
+
+    x          sees x
+    a_i        sees x, a_0..a_i                     (level 0 is read as one causal sequence)
+    b_i        sees x, a_0..a_i, b_i                (level l, column i: level 0 up to i, then
+                                                      column i of levels 1..l: positions P+1..P+1+l+i)
+    candidate  sees x and its own earlier tokens    (an ordinary causal draft)
+
+After the forward:
+  * lookahead: the argmax at the last level's tokens is a new level (it predicts
+    positions P+N+i); the n-gram (a_i, b_i, new_i) goes into the pool under key a_i;
+    the oldest level is dropped. (The first N - 2 steps only fill the levels.)
+  * verification: for each candidate, accept tokens while each equals the
+    argmax at the previous one (``rejection.verify_greedy``); keep the longest
+    run, emit it plus the argmax after it; write the K/V of x and the accepted
+    tokens into the cache (they were computed with exactly the right context).
+
+The custom mask is applied by ``TreeAttentionCache``, a wrapper whose
+``attend`` the model calls instead of its attention backend (see
+``minfer/model.py``); the model itself is unchanged. vLLM's tree attention
+backend (``vllm/v1/attention/backends/tree_attn.py``) plays the same role for
+tree drafts; the lookahead authors' code is github.com/hao-ai-lab/LookaheadDecoding.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from minfer.attention.mask import allowed
+from minfer.generate import RequestMetrics
+from minfer.kv import ContiguousKVCache
+from minfer.sampling import SamplingParams, make_generator
+from minfer.speculative.loop import Budget, forward_tokens, model_device_dtype
+from minfer.speculative.rejection import verify_greedy
+from minfer.speculative.stats import SpecStats
+
+# ---------------------------------------------------------------------------
+# A KV cache wrapper that attends with an explicit (tree) mask
+# ---------------------------------------------------------------------------
+
+
+class TreeAttentionCache:
+    """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``.
+
+    update() does NOT write: the new tokens share positions (several guesses for
+    one position), so they cannot go into position-indexed slots. It returns the
+    cached prefix and the new K/V; attend() concatenates them and applies
+
+        mask = [ allowed(prefix) | tree_mask & window ]         (B, T, prefix + T)
+
+    ``commit(indices)`` then writes the K/V of the chosen new tokens (the
+    verified ones) into the wrapped cache at their positions.
+    """
+
+    def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):
+        if not isinstance(inner, ContiguousKVCache):
+            raise ValueError(f"TreeAttentionCache wraps a ContiguousKVCache, got {type(inner).__name__}")
+        self.inner = inner
+        self.tree_mask = tree_mask                 # (T, T) bool: query i may see new key j
+        self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer, k, v, positions):
+        """k, v (1, nkv, T, hd) of the new tokens -> (prefix K, prefix V, prefix positions, new K, new V)."""
+        self.new_kv[layer] = (k, v, positions)
+        L = int(self.inner.lengths[0])
+        prefix_pos = torch.arange(L, device=k.device)[None]                      # (1, L)
+        return self.inner.k[layer, :, :, :L], self.inner.v[layer, :, :, :L], prefix_pos, k, v
+
+    def attend(self, layer, q, shared_kv, positions, backend, window=None):
+        """q (1, nh, T, hd) -> (1, nh, T, hd). ``backend`` is unused: it takes positions, not a mask."""
+        pk, pv, ppos, nk, nv = shared_kv
+        keys, values = torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2)   # (1, nkv, L + T, hd)
+        new_mask = self.tree_mask.to(q.device)[None]                             # (1, T, T)
+        if window is not None:
+            new_mask = new_mask & ((positions[:, :, None] - positions[:, None, :]) < window)
+        mask = torch.cat([allowed(positions, ppos, window), new_mask], dim=2)    # (1, T, L + T)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                              enable_gqa=q.shape[1] != keys.shape[1])
+
+    def commit(self, indices: list[int]) -> None:
+        """Write the K/V of new tokens ``indices`` (in position order) into the wrapped cache."""
+        idx = torch.tensor(indices, device=self.inner.k.device)
+        for layer, (k, v, positions) in self.new_kv.items():
+            self.inner.update(layer, k[:, :, idx], v[:, :, idx], positions[:, idx])
+        self.new_kv.clear()
+
+
+# ---------------------------------------------------------------------------
+# The layout of one step: tokens, positions, mask
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class StepLayout:
+    tokens: list[int]               # (T,) the forward's input
+    positions: list[int]            # (T,) their positions
+    mask: torch.Tensor              # (T, T) bool, row = query, column = key
+    levels: list[list[int]]         # levels[l][i]: input index of lookahead token (l, i)
+    candidates: list[list[int]]     # candidates[c][j]: input index of candidate c's token j
+
+
+def step_layout(last_token: int, P: int, levels: list[list[int]], candidates: list[list[int]]) -> StepLayout:
+    """Arrange [last token | lookahead levels | verification candidates] and their mask (see module doc)."""
+    tokens, positions = [last_token], [P]
+    level_idx = []
+    for l, row in enumerate(levels):
+        level_idx.append(list(range(len(tokens), len(tokens) + len(row))))
+        tokens += row
+        positions += [P + 1 + l + i for i in range(len(row))]
+    cand_idx = []
+    for c in candidates:
+        cand_idx.append(list(range(len(tokens), len(tokens) + len(c))))
+        tokens += c
+        positions += [P + 1 + j for j in range(len(c))]
+    T = len(tokens)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    mask[:, 0] = True                                       # everyone sees the last verified token
+    for l, row in enumerate(level_idx):
+        for i, me in enumerate(row):
+            mask[me, level_idx[0][:i + 1]] = True           # level 0, columns 0..i
+            for l2 in range(1, l + 1):
+                mask[me, level_idx[l2][i]] = True           # column i of levels 1..l (itself included)
+    for row in cand_idx:
+        for j, me in enumerate(row):
+            mask[me, row[:j + 1]] = True                    # its own prefix
+    return StepLayout(tokens, positions, mask, level_idx, cand_idx)
+
+
+class NgramPool:
+    """n-grams found by the lookahead branch, keyed by their first token; at most ``per_key`` per key."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self.grams: dict[int, list[tuple[int, ...]]] = {}
+
+    def add(self, first: int, rest: tuple[int, ...]) -> None:
+        lst = self.grams.setdefault(first, [])
+        if rest in lst:
+            lst.remove(rest)
+        lst.append(rest)                                    # most recent last
+        del lst[:-self.per_key]
+
+    def candidates(self, first: int) -> list[tuple[int, ...]]:
+        return list(self.grams.get(first, []))
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def lookahead_generate(
+    model,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    window: int = 4,                # W: Jacobi window (columns)
+    ngram: int = 3,                 # N: n-gram size (N - 1 lookahead levels, candidates of N - 1 tokens)
+    max_candidates: int = 4,        # G: verification candidates per step (pool entries per key)
+    eos_token_ids: list[int] = (),
+    attention: str = "sdpa",
+    stats: SpecStats | None = None,
+    metrics: RequestMetrics | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[int]:
+    """Yield new token ids, identical to plain greedy decoding (``generate_tokens``, temperature 0)."""
+    if not params.greedy:
+        raise ValueError("lookahead decoding is greedy-only here: set SamplingParams.temperature=0")
+    for name, value, lo in (("window", window, 1), ("ngram", ngram, 2), ("max_candidates", max_candidates, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise ValueError(f"lookahead {name} must be an integer >= {lo}, got {value!r}")
+    budget = Budget(model, prompt_ids, params, eos_token_ids, metrics, clock)
+    device, dtype = model_device_dtype(model)
+    cache = ContiguousKVCache(model.cfg, 1, budget.total, dtype=dtype, device=device)
+    stats = stats if stats is not None else SpecStats()
+
+    logits = forward_tokens(model, cache, list(prompt_ids), 0, attention, last_only=True)[-1]
+    seq = list(prompt_ids) + [int(logits.argmax())]
+    budget.emit(seq[-1])
+    yield seq[-1]
+    # Level 0 starts as tokens drawn from the prompt (the paper: random initial guesses).
+    gen = make_generator(0 if params.seed is None else params.seed)
+    pick = torch.randint(len(prompt_ids), (window,), generator=gen).tolist()
+    levels = [[int(prompt_ids[i]) for i in pick]]
+    pool = NgramPool(max_candidates)
+    while not budget.done:
+        P = len(seq) - 1
+        room = budget.room
+        cands = [list(c[:room]) for c in pool.candidates(seq[-1])] if room > 0 else []
+        cands = [c for i, c in enumerate(cands) if c and c not in cands[:i]]
+        lay = step_layout(seq[-1], P, levels, cands)
+        tree = TreeAttentionCache(cache, lay.mask)
+        x = torch.tensor([lay.tokens], device=device)
+        pos = torch.tensor([lay.positions], device=device)
+        argmax = model(x, pos, kv_cache=tree, attention=attention)[0].argmax(-1).tolist()   # (T,)
+
+        # ---- verification branch: the longest candidate run the target agrees with
+        best, best_idx = [argmax[0]], []
+        for c, idx in zip(cands, lay.candidates):
+            emitted = verify_greedy([argmax[0]] + [argmax[j] for j in idx], c)
+            if len(emitted) > len(best):
+                best, best_idx = emitted, idx[:len(emitted) - 1]
+        stats.record(max((len(c) for c in cands), default=0), len(best) - 1)
+        tree.commit([0] + best_idx)                 # K/V of the last token + the accepted ones
+
+        # ---- lookahead branch: one Jacobi step, harvest n-grams, slide the window
+        new = [argmax[j] for j in lay.levels[-1]]
+        if len(levels) < ngram - 1:
+            levels.append(new)
+        else:
+            for i in range(window):
+                pool.add(levels[0][i], tuple(levels[l][i] for l in range(1, ngram - 1)) + (new[i],))
+            levels = levels[1:] + [new]
+
+        seq += best
+        for tok in best:
+            budget.emit(tok)
+            yield tok
+            if budget.done:
+                break

@@ -1,0 +1,150 @@
+"""The propose / verify loop shared by draft-model speculation and prompt lookup.
+
+    prompt ──prefill──> first token (plain sampling)
+    loop:  proposer guesses k tokens d_1..d_k            (a draft model, or an n-gram lookup)
+           target scores [last, d_1..d_k] in ONE forward -> k + 1 distributions
+           rejection.verify_*  -> n accepted + 1 new token
+           target cache: truncate to the accepted prefix (the rejected d's K/V are forgotten)
+
+Invariant between steps: the target's cache holds K/V for ``seq[:-1]``; the
+last token ``seq[-1]`` is the pending input of the next forward. After a step
+the cache holds seq + d_1..d_k; ``truncate(len(seq) + n)`` keeps seq + d_1..d_n,
+and the new pending token is the correction / bonus token.
+
+Stopping is the plain loop's: EOS / stop token ids / max_tokens / the context
+length. A proposal never runs past the remaining budget, so the verify forward
+never writes past ``max_position_embeddings``; tokens after an EOS inside an
+accepted run are dropped.
+
+vLLM's equivalent: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
+(proposers in ``vllm/v1/spec_decode/``, verification in the rejection sampler).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from minfer.generate import RequestMetrics, check_context
+from minfer.kv import make_cache
+from minfer.sampling import SamplingParams, make_generator, sample
+from minfer.speculative.rejection import processed_probs, verify_greedy, verify_sampled
+from minfer.speculative.stats import SpecStats
+
+ROLLBACK_CACHES = ("contiguous", "int8", "fp8")    # caches whose truncate() is a true rollback
+
+
+class Proposer(Protocol):
+    """Guesses the next tokens. ``q`` is None for a deterministic guess (no draft distribution)."""
+
+    def begin(self, prompt_ids: list[int], max_len: int) -> None:
+        """A new request starts (at most ``max_len`` tokens in all)."""
+
+    def propose(self, seq: list[int], k: int, params: SamplingParams,
+                generator: torch.Generator) -> tuple[list[int], torch.Tensor | None]: ...
+
+    def accepted(self, seq: list[int]) -> None:
+        """The verified sequence after a step (a draft model rolls its own cache back to it)."""
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    return model.inv_freq.device, model.model.embed_tokens.weight.dtype
+
+
+def forward_tokens(model, cache, ids: list[int], start: int, attention, last_only=False) -> torch.Tensor:
+    """Run ``ids`` at positions start.. through ``model`` with ``cache``: logits (T, V) (or (1, V))."""
+    device, _ = model_device_dtype(model)
+    x = torch.tensor([ids], device=device)                                   # (1, T)
+    pos = torch.arange(start, start + len(ids), device=device)[None]         # (1, T)
+    return model(x, pos, kv_cache=cache, attention=attention, last_only=last_only)[0]
+
+
+def new_cache(model, kind: str, max_len: int):
+    if kind not in ROLLBACK_CACHES:
+        raise ValueError(f"speculative decoding needs a KV cache that can roll back; kv_cache={kind!r} "
+                         f"cannot (choose one of {', '.join(ROLLBACK_CACHES)})")
+    device, dtype = model_device_dtype(model)
+    return make_cache(kind, model.cfg, 1, max_len, dtype=dtype, device=device)
+
+
+class Budget:
+    """When to stop: the plain loop's rules (stop ids, EOS, max_tokens, context length)."""
+
+    def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids, metrics, clock):
+        check_context(len(prompt_ids), model.cfg.max_position_embeddings)
+        self.max_new = min(params.max_tokens, model.cfg.max_position_embeddings - len(prompt_ids))
+        self.total = len(prompt_ids) + self.max_new
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.produced = 0
+        self.done = False
+        self.metrics, self.clock = metrics, clock
+        if metrics is not None:
+            metrics.num_prompt_tokens = len(prompt_ids)
+
+    @property
+    def room(self) -> int:
+        """How many more tokens may be proposed now: one slot is kept for the verifier's own token."""
+        return self.max_new - self.produced - 1
+
+    def emit(self, tok: int) -> None:
+        """Count one emitted token; sets ``done`` when it ends the request."""
+        self.produced += 1
+        if self.metrics is not None:
+            now = self.clock()
+            self.metrics.token_times.append(now)
+            self.metrics.first_token_time = self.metrics.first_token_time or now
+            self.metrics.num_output_tokens += 1
+        if tok in self.stop_ids or self.produced >= self.max_new:
+            self.done = True
+
+
+@torch.no_grad()
+def speculative_generate(
+    target,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    proposer: Proposer,
+    *,
+    num_speculative_tokens: int = 4,
+    eos_token_ids: list[int] = (),
+    kv_cache: str = "contiguous",
+    attention: str = "sdpa",
+    stats: SpecStats | None = None,
+    metrics: RequestMetrics | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[int]:
+    """Yield new token ids, like ``minfer.generate.generate_tokens``, k proposals per target forward."""
+    if num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    budget = Budget(target, prompt_ids, params, eos_token_ids, metrics, clock)
+    cache = new_cache(target, kv_cache, budget.total)
+    gen = make_generator(params.seed)
+    stats = stats if stats is not None else SpecStats()
+    proposer.begin(list(prompt_ids), budget.total)
+
+    # ---- prefill, then the first token by plain sampling
+    logits = forward_tokens(target, cache, list(prompt_ids), 0, attention, last_only=True)[-1]
+    seq = list(prompt_ids) + [sample(logits, params, gen)]
+    budget.emit(seq[-1])
+    yield seq[-1]
+    while not budget.done:
+        # ---- propose (never beyond the budget), then score [last, d_1..d_k] in one forward
+        k = min(num_speculative_tokens, budget.room)
+        draft, q = proposer.propose(seq, k, params, gen) if k > 0 else ([], None)
+        draft, q = list(draft)[:k], None if q is None else q[:k]
+        logits = forward_tokens(target, cache, [seq[-1]] + draft, len(seq) - 1, attention)  # (k+1, V)
+        if params.greedy:
+            emitted = verify_greedy(logits.argmax(-1).tolist(), draft)
+        else:
+            emitted = verify_sampled(processed_probs(logits, params), q, draft, gen)
+        n = len(emitted) - 1
+        stats.record(len(draft), n)
+        cache.truncate(len(seq) + n)                 # keep seq + d_1..d_n; forget rejected K/V
+        seq += emitted
+        proposer.accepted(seq)
+        for tok in emitted:
+            budget.emit(tok)
+            yield tok
+            if budget.done:
+                break

@@ -1,0 +1,83 @@
+"""Prompt lookup decoding ("inference with reference"): the draft is the text itself.
+
+When the output copies from the input (edit this function, quote the
+document, summarise with citations), the next tokens are often sitting in the
+prompt already. Find the last few generated tokens earlier in the sequence and
+propose what followed them there; the target verifies in one forward
+(``loop.py``), so a wrong guess only costs a slightly wider forward.
+
+    tokens:  ... def area(r): return 3.14 * r * r ... | def area(r): return
+                                  ^^^^^^^^^^^^^^^^^^^^   ^^^^^^^^^ suffix (n = 3) found earlier
+    propose: the k tokens after the match:  "3.14 * r * r ..."
+
+The rule (``ngram_propose``), with vLLM's parameter names:
+for n = prompt_lookup_max down to prompt_lookup_min, look for the last n
+tokens earlier in the sequence (an occurrence followed by at least one token);
+take the EARLIEST such occurrence of the longest n that has one, and propose
+the up to ``num_speculative_tokens`` tokens that follow it. No match: propose
+nothing (the step is a plain decode step).
+
+The proposal is deterministic (no draft distribution), so in sampling mode it
+is verified as q = one-hot: accept x with probability p(x) (``rejection.py``).
+
+Saxena 2023 (github.com/apoorvumang/prompt-lookup-decoding); Yang et al. 2023,
+"Inference with Reference". vLLM: ``vllm/v1/spec_decode/ngram_proposer.py``
+(``method="ngram"``); HF transformers: ``prompt_lookup_num_tokens``.
+"""
+from __future__ import annotations
+
+import torch
+
+from minfer.sampling import SamplingParams
+
+
+def ngram_propose(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the earliest earlier occurrence of the longest suffix n-gram.
+
+    tokens: the sequence so far (prompt + generated); min_n <= n <= max_n; [] if no match.
+    """
+    L = len(tokens)
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        suffix = tokens[L - n:]
+        for i in range(L - n):                     # start i, match ends at i + n <= L - 1: a token follows
+            if tokens[i:i + n] == suffix:
+                return list(tokens[i + n:i + n + k])
+    return []
+
+
+class PromptLookupProposer:
+    """``ngram_propose`` as a proposer for ``loop.speculative_generate``.
+
+    ``adaptive``: a wrong guess still widens the verify forward, and on a CPU a
+    forward over 9 tokens costs about twice one over 1. So the proposal length
+    follows the recent luck: after a fully accepted proposal the cap doubles (up
+    to num_speculative_tokens), after a rejection it drops to (accepted + 1).
+    Copying runs quickly reach long proposals; spurious matches in free text
+    cost almost nothing. (HF transformers adapts its assistant's length in a
+    similar way; vLLM's ngram proposer uses a fixed k.) The guesses are still a
+    function of the text so far, so verification stays exact.
+    """
+
+    def __init__(self, prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, adaptive: bool = True):
+        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"prompt_lookup_min={prompt_lookup_min}, prompt_lookup_max={prompt_lookup_max}")
+        self.min_n, self.max_n, self.adaptive = prompt_lookup_min, prompt_lookup_max, adaptive
+
+    def begin(self, prompt_ids: list[int], max_len: int) -> None:
+        self.cap = 2                                 # current proposal length cap (adaptive mode)
+        self.last: tuple[int, list[int]] = (0, [])   # (length of seq when proposed, the proposal)
+
+    def propose(self, seq: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+        guess = ngram_propose(seq, self.min_n, self.max_n, min(k, self.cap) if self.adaptive else k)
+        self.last = (len(seq), guess)
+        return guess, None
+
+    def accepted(self, seq: list[int]) -> None:
+        (start, guess), self.last = self.last, (0, [])
+        if not guess:
+            return
+        n = 0
+        while n < len(guess) and start + n < len(seq) and seq[start + n] == guess[n]:
+            n += 1
+        self.cap = min(2 * self.cap, 64) if n == len(guess) else max(1, n + 1)
