@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p, max_tokens=128)
     p.add_argument("--speculative", default=None,
-                   help="speculative decoding: prompt_lookup[:k=N,min=N,max=N] | draft:<model>|layers-K|int4"
+                   help="speculative decoding: prompt_lookup[:k=N,min=N,max=N,adaptive=0|1] | draft:<model>|layers-K|int4"
                         "[,gamma=N] | lookahead[:W=N,N=N,G=N] (greedy only); output unchanged")
     p.set_defaults(func=cmd_generate)
 

@@ -376,3 +376,17 @@ def test_smollm2_engine_matches_llm_generate(smollm2_dir):
     eng = LLMEngine.from_model(llm.model, llm.tokenizer, max_num_batched_tokens=16, num_blocks=64)
     got = eng.generate(prompts, sp)
     assert [r.output_token_ids for r in got] == want
+
+
+def test_bench_serve_and_batch_reject_bad_arguments(tmp_path, capsys):
+    from minfer.cli import main
+    assert main(["bench", "serve", "--policy", "fifo"]) == 2
+    assert "--policy: unknown ['fifo']" in capsys.readouterr().err
+    assert main(["bench", "serve", "--baselines", "vllm"]) == 2
+    assert "--baselines: unknown ['vllm']" in capsys.readouterr().err
+    bad = tmp_path / "in.jsonl"
+    bad.write_text("not json\n")
+    assert main(["batch", str(bad), str(tmp_path / "out.jsonl")]) == 2
+    assert "line 1: not valid JSON" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl")]) == 2
+    assert not (tmp_path / "out.jsonl").exists()

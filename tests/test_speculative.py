@@ -500,14 +500,16 @@ def test_config_parsing_and_errors():
     assert (c.window, c.ngram, c.max_candidates) == (5, 4, 2)
     for bad, match in [("medusa", "one of"), ("draft", "draft model"), ("prompt_lookup:k=0", "num_speculative"),
                        ("prompt_lookup:min=3,max=2", "prompt_lookup_min"), ("lookahead:N=1", "ngram"),
-                       ("lookahead:k=3", "unknown option"), ("prompt_lookup:adaptive=2", "adaptive"), ("prompt_lookup:k=x", "integer"), ("", "non-empty")]:
+                       ("lookahead:k=3", "unknown option"), ("prompt_lookup:adaptive=2", "adaptive"),
+                       ("prompt_lookup:k=x", "integer"), ("", "non-empty")]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.parse(bad)
     model = lively_model(tiny_config(num_hidden_layers=2), 0, 0.3)
     with pytest.raises(ValueError, match="num_layers"):
         layer_skip_draft(model, 3)
     with pytest.raises(ValueError, match="vocab_size"):
-        spec(model, [1, 2], SamplingParams(temperature=0), "draft:x", draft=lively_model(tiny_config(vocab_size=50), 0, 0.3))
+        spec(model, [1, 2], SamplingParams(temperature=0), "draft:x",
+             draft=lively_model(tiny_config(vocab_size=50), 0, 0.3))
 
 
 # ---------------------------------------------------------------------------
@@ -520,8 +522,12 @@ DOC = ("The Willow Creek bridge was built in 1887 by the stonemason Ada Marsh. I
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
+    """SmolLM2, run on one thread: two threads on a busy 2-core machine can run many times slower."""
     from minfer.llm import LLM
-    return LLM(str(smollm2_dir), device="cpu", dtype="float32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLM(str(smollm2_dir), device="cpu", dtype="float32")
+    torch.set_num_threads(threads)
 
 
 def smol_prompts(smol):
@@ -536,7 +542,7 @@ def smol_prompts(smol):
 
 @pytest.fixture(scope="module")
 def smol_plain(smol):
-    params = SamplingParams(temperature=0, max_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=24)
     return [(p, plain(smol.model, p, params, eos=smol.tokenizer.eos_token_ids)) for p in smol_prompts(smol)]
 
 
@@ -544,7 +550,7 @@ def smol_plain(smol):
 @pytest.mark.parametrize("method", ["prompt_lookup", "draft:layers-10,gamma=3", "draft:int4,gamma=3",
                                     "lookahead:W=3,N=3,G=3"])
 def test_smollm2_greedy_identical(smol, smol_plain, method):
-    params = SamplingParams(temperature=0, max_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=24)
     config = SpeculativeConfig.parse(method)
     draft = None
     if config.method == "draft":

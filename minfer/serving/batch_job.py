@@ -285,6 +285,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -297,6 +298,9 @@ def main(args) -> int:
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")
     read_input(args.input)                       # a malformed file fails before the model loads
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     cfg, sd, tok = load_checkpoint(args.model, dtype=dtype, device="cpu")
     model = build_model(cfg, sd, device=device, dtype=dtype)

@@ -11,7 +11,7 @@ are alike, but a continuous-batching step mixes them::
 attention of one forward into groups:
 
 * decode groups: the sequences with a single query, bucketed by context length
-  (powers of two, so padding wastes less than half of a group), each bucket
+  (buckets grow by a factor sqrt(2), so padding wastes less than 30% of a group), each bucket
   gathered into (D, nkv, S_max, hd) and run as one batched backend call
   (queries (D, nh, 1, hd));
 * prefill chunks: one backend call each, queries (1, nh, T, hd) over that
@@ -25,6 +25,7 @@ its GPU backends avoid it with a variable-length FlashAttention kernel
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +70,11 @@ class SplitPagedKVCache(PagedKVCache):
                     self.groups.append(_Group(torch.arange(start, start + qlen, device=device), q_pos,
                                               pos[None].to(device), slots.to(device), 1))
             start += qlen
-        # Decodes, bucketed by context length in powers of two: padding wastes < half of a group.
+        # Decodes, bucketed by context length in steps of sqrt(2): padding wastes < 30% of a group
+        # (coarser buckets pad more, finer ones make more backend calls; measured on SmolLM2 CPU).
         buckets: dict[int, list] = {}
         for d in decodes:
-            buckets.setdefault((d[1] - 1).bit_length(), []).append(d)
+            buckets.setdefault(int(2 * math.log2(d[1])), []).append(d)
         for _, group in sorted(buckets.items()):
             smax = max(slen for _, slen, _ in group)
             pos = torch.arange(smax)

@@ -60,7 +60,8 @@ class DraftModelProposer:
         """A new request of at most ``max_len`` tokens: a fresh, empty draft cache."""
         self.cache, self.tokens = new_cache(self.draft, self.kv_cache, max_len), []
 
-    def propose(self, seq: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, seq: list[int], k: int, params: SamplingParams,
+                generator) -> tuple[list[int], torch.Tensor | None]:
         keep = _common_prefix(self.tokens, seq)
         if keep == len(seq):              # never happens in the loop (seq grows); keep one token to feed
             keep -= 1

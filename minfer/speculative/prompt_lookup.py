@@ -68,7 +68,8 @@ class PromptLookupProposer:
         self.cap = 2                                 # current proposal length cap (adaptive mode)
         self.last: tuple[int, list[int]] = (0, [])   # (length of seq when proposed, the proposal)
 
-    def propose(self, seq: list[int], k: int, params: SamplingParams, generator) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, seq: list[int], k: int, params: SamplingParams,
+                generator) -> tuple[list[int], torch.Tensor | None]:
         guess = ngram_propose(seq, self.min_n, self.max_n, min(k, self.cap) if self.adaptive else k)
         self.last = (len(seq), guess)
         return guess, None

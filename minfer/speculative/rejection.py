@@ -15,9 +15,9 @@ One position, draft token x ~ q:
 
 Why the output is distributed exactly as p (write m(y) = min(p(y), q(y))):
 
-    P(out = y) = q(y) * min(1, p(y)/q(y))            + P(reject) * p'(y)
-               = m(y)                                 + (1 - sum_z m(z)) * max(0, p(y) - q(y)) / sum_z max(0, p(z) - q(z))
-               = m(y) + max(0, p(y) - q(y))           because 1 - sum_z m(z) = sum_z max(0, p(z) - q(z))
+    P(out = y) = q(y) * min(1, p(y)/q(y)) + P(reject) * p'(y)
+               = m(y) + (1 - sum_z m(z)) * max(0, p(y) - q(y)) / sum_z max(0, p(z) - q(z))
+               = m(y) + max(0, p(y) - q(y))     because 1 - sum_z m(z) = sum_z max(0, p(z) - q(z))
                = p(y)
 
 A step over gamma draft tokens applies this rule position by position and
