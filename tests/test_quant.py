@@ -431,7 +431,6 @@ def smollm2(smollm2_dir):
 
 
 @pytest.mark.model
-@pytest.mark.slow
 def test_int8_greedy_agrees_with_fp32_on_smollm2(smollm2):
     """The first 64 greedy tokens of three prompts, int8 vs fp32.
 
