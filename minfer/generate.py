@@ -34,6 +34,12 @@ class RequestMetrics:
     num_output_tokens: int = 0
     token_times: list[float] = field(default_factory=list, repr=False)
 
+    def record_token(self, now: float) -> None:
+        """One output token left the engine at ``now``."""
+        self.token_times.append(now)
+        self.first_token_time = self.first_token_time or now
+        self.num_output_tokens += 1
+
     @property
     def ttft(self) -> float | None:
         """Time to first token: arrival -> first token out (includes the prefill)."""
@@ -109,10 +115,7 @@ def generate_tokens(
         tok = sample(logits, params, gen)
         seq.append(tok)
         if metrics is not None:
-            now = clock()
-            metrics.token_times.append(now)
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.num_output_tokens += 1
+            metrics.record_token(clock())
         yield tok
         if tok in stop_ids or step == max_new - 1:
             break

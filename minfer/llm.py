@@ -15,7 +15,7 @@ import torch
 from minfer.checkpoints import load_checkpoint
 from minfer.generate import RequestMetrics, generate_tokens
 from minfer.model import build_model
-from minfer.sampling import SamplingParams
+from minfer.sampling import SamplingParams, pair_prompts
 from minfer.tokenizer import IncrementalDetokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -160,12 +160,7 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(params, (list, tuple)):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        prompts, params = pair_prompts(prompts, params)
         return [self.stream(p, sp) for p, sp in zip(prompts, params)]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:

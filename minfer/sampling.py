@@ -82,6 +82,18 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def pair_prompts(prompts, params) -> tuple[list, list]:
+    """vLLM's ``generate`` convention: one prompt (text or token ids) or a list of them, and one
+    SamplingParams for all or one per prompt -> (prompts, params) as two lists of equal length."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(params, (list, tuple)):
+        params = [params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+    return list(prompts), list(params)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator(device="cpu")
     if seed is None:

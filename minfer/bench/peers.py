@@ -33,8 +33,8 @@ def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementa
     return m.to(device=device, dtype=dtype).eval()
 
 
-class _Clock:
-    """A transformers streamer that records when each token arrives."""
+class StepClock:
+    """A transformers streamer that records when each generated step arrives (bench decode, bench serve)."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -50,7 +50,7 @@ class _Clock:
 def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
     """Greedy generate exactly `max_new_tokens` tokens; TTFT and decode tok/s from token timestamps."""
     ids = torch.tensor([prompt_ids], device=model.device)
-    clock = _Clock()
+    clock = StepClock()
     t0 = time.perf_counter()
     # No EOS at all (rather than min_new_tokens, which would *suppress* EOS and change the
     # greedy choice): exactly what minfer's ignore_eos does.

@@ -121,22 +121,10 @@ def run_sequential(model, trace):
     return stats, time.perf_counter() - t0, outs
 
 
-class _StepClock:
-    """A transformers streamer that records the time of every generated step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 @torch.no_grad()
 def run_transformers(hf, trace, pad_id: int):
     """HF generate on one left-padded batch of every request, until the longest is done."""
+    from minfer.bench.peers import StepClock
     from minfer.serving.metrics import RequestStats
     L = max(len(r.prompt_token_ids) for r in trace)
     ids = torch.full((len(trace), L), pad_id, dtype=torch.long)
@@ -147,7 +135,7 @@ def run_transformers(hf, trace, pad_id: int):
         mask[i, L - n:] = 1
     ids, mask = ids.to(hf.device), mask.to(hf.device)
     steps = max(r.max_tokens for r in trace)
-    clock = _StepClock()
+    clock = StepClock()
     t0 = time.perf_counter()
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                       streamer=clock, pad_token_id=pad_id)

@@ -113,10 +113,7 @@ def generate_paged(
         for step in range(max_new):
             tok = sample(logits, params, gen)
             if metrics is not None:
-                now = clock()
-                metrics.token_times.append(now)
-                metrics.first_token_time = metrics.first_token_time or now
-                metrics.num_output_tokens += 1
+                metrics.record_token(clock())
             yield tok
             if tok in stop_ids or step == max_new - 1:
                 break

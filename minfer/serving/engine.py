@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from minfer.sampling import SamplingParams, sample
+from minfer.sampling import SamplingParams, pair_prompts, sample
 from minfer.serving.request import Request, RequestStatus
 from minfer.serving.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
@@ -221,10 +221,14 @@ class LLMEngine:
         logits = self.runner.execute(out.chunks, rows)                         # (len(rows), V)
         self.scheduler.commit(out)
         now = self.clock()
+        # Greedy rows: one argmax over the whole (K, V) block instead of K calls (same first-max
+        # tie-break as sample()); sampled rows go through sample() with their own generator.
+        greedy = [row for row, i in enumerate(rows) if out.chunks[i].request.params.greedy]
+        argmax = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         deltas = []
         for row, i in enumerate(rows):
             req = out.chunks[i].request
-            tok = sample(logits[row], req.params, req.generator)
+            tok = argmax[row] if row in argmax else sample(logits[row], req.params, req.generator)
             deltas.append(self._append_token(req, tok, now))
         return deltas
 
@@ -272,12 +276,7 @@ class LLMEngine:
     def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[Request]:
         """Offline use: add every prompt now, run to completion, return the requests in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(params, (list, tuple)):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        prompts, params = pair_prompts(prompts, params)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         before = self.scheduler.no_more_requests
         self.no_more_requests(True)

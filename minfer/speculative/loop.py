@@ -91,10 +91,7 @@ class Budget:
         """Count one emitted token; sets ``done`` when it ends the request."""
         self.produced += 1
         if self.metrics is not None:
-            now = self.clock()
-            self.metrics.token_times.append(now)
-            self.metrics.first_token_time = self.metrics.first_token_time or now
-            self.metrics.num_output_tokens += 1
+            self.metrics.record_token(self.clock())
         if tok in self.stop_ids or self.produced >= self.max_new:
             self.done = True
 
