@@ -12,14 +12,11 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from minfer.cli_args import add_model_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"registry name, HF folder or .gguf file (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    add_model_args(p)
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
     p.add_argument("--kv-cache", default="contiguous",
                    help="contiguous | paged | int8 | fp8 | sliding | none (recompute every step, like the oracle)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -24,3 +25,14 @@ def smollm2_dir() -> Path:
         return fetch(SMOLLM2, progress=False)
     except DownloadError as e:
         pytest.skip(f"cannot download {SMOLLM2}: {e}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: faster, and immune to a busy machine's
+    thread stalls. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

@@ -30,13 +30,7 @@ from tiny import first_difference, tiny_config, tiny_configs, tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's thread stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.py
 
 
 # ---------------------------------------------------------------- a tiny byte-level tokenizer

@@ -19,15 +19,14 @@ import torch
 
 from minfer.bench.machine import machine_info, measure_bandwidth, measure_flops
 from minfer.bench.timing import interleaved, table, write_json
+from minfer.cli_args import add_model_args
 
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,transformers",

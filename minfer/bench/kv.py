@@ -29,6 +29,7 @@ import time
 import torch
 
 from minfer.bench.timing import interleaved, table, write_json
+from minfer.cli_args import add_model_args
 
 QUESTIONS = [
     "Summarise the text above in one sentence.",
@@ -43,9 +44,7 @@ QUESTIONS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--budget-mib", type=float, default=1024.0, help="KV memory budget in MiB (default 1024)")
     p.add_argument("--max-len", type=int, default=2048, help="contiguous reservation per sequence (default 2048)")
     p.add_argument("--max-tokens", type=int, default=512, help="output cap of the workload (default 512)")

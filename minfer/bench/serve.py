@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from minfer.bench.timing import interleaved, table, write_json
+from minfer.cli_args import add_model_args
 
 BASELINES = ("sequential", "transformers")
 
@@ -49,9 +50,7 @@ def _range(s: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--policy", default="static,continuous",
                    help="comma-separated: static, dynamic, continuous (default static,continuous)")

@@ -25,6 +25,7 @@ import torch
 
 from minfer.bench.machine import machine_info
 from minfer.bench.timing import interleaved, table, write_json
+from minfer.cli_args import add_model_args
 
 CODE = '''def summarize_orders(orders, tax_rate=0.08):
     """Return the subtotal, tax and total of a list of orders."""
@@ -66,9 +67,7 @@ DEFAULT_METHODS = "plain,prompt_lookup,prompt_lookup:adaptive=0,draft:layers-8,g
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=160, help="new tokens at most per request (default 160)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from minfer.cli_args import add_model_args
 from minfer.sampling import SamplingParams
 
 URLS = ("/v1/chat/completions", "/v1/completions")
@@ -280,9 +281,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run an OpenAI-format batch file (JSONL, one request per line with custom_id)."
     p.add_argument("input", help="INPUT.jsonl")
     p.add_argument("output", help="OUTPUT.jsonl (a rerun resumes from OUTPUT.jsonl.partial)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    add_model_args(p)
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
