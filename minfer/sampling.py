@@ -114,3 +114,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     gen = generator if generator is not None else make_generator(params.seed)
     race = torch.empty_like(probs).exponential_(1.0, generator=gen)   # E_i ~ Exp(1)
     return int(torch.argmax(probs / race))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of logits (K, V), row i under params[i] (a batch's sampler, as vLLM's
+    ``Sampler``): the greedy rows take one argmax together (same first-max tie-break as ``sample``),
+    the others go through ``sample`` with their own generator."""
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    toks = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+    return [toks[i] if i in toks else sample(logits[i], p, g)
+            for i, (p, g) in enumerate(zip(params, generators))]
+

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minfer.sampling import SamplingParams, make_generator, sample, top_k_filter, top_p_filter
+from minfer.sampling import SamplingParams, make_generator, sample, sample_rows, top_k_filter, top_p_filter
 
 logit_vectors = st.integers(2, 40).flatmap(lambda V: st.lists(
     st.floats(-20, 20, allow_nan=False, width=32), min_size=V, max_size=V)).map(torch.tensor)
@@ -69,3 +69,17 @@ def test_top_k_filter_keeps_k():
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.lists(st.tuples(st.booleans(), st.integers(0, 2**31 - 1)), min_size=1, max_size=6),
+       seed=st.integers(0, 2**31 - 1), ties=st.booleans())
+def test_sample_rows_equals_sample_row_by_row(rows, seed, ties):
+    """The batch sampler (greedy rows in one argmax) picks what ``sample`` picks for each row alone."""
+    logits = torch.randn(len(rows), 40, generator=torch.Generator().manual_seed(seed))
+    if ties:                                   # exact ties: both must take the first maximum
+        logits = logits.round()
+    params = [SamplingParams(temperature=0 if greedy else 0.8, seed=s) for greedy, s in rows]
+    got = sample_rows(logits, params, [make_generator(p.seed) for p in params])
+    want = [sample(logits[i], p, make_generator(p.seed)) for i, p in enumerate(params)]
+    assert got == want

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from minfer.sampling import SamplingParams, pair_prompts, sample
+from minfer.sampling import SamplingParams, pair_prompts, sample_rows
 from minfer.serving.request import Request, RequestStatus
 from minfer.serving.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 
@@ -221,16 +221,9 @@ class LLMEngine:
         logits = self.runner.execute(out.chunks, rows)                         # (len(rows), V)
         self.scheduler.commit(out)
         now = self.clock()
-        # Greedy rows: one argmax over the whole (K, V) block instead of K calls (same first-max
-        # tie-break as sample()); sampled rows go through sample() with their own generator.
-        greedy = [row for row, i in enumerate(rows) if out.chunks[i].request.params.greedy]
-        argmax = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
-        deltas = []
-        for row, i in enumerate(rows):
-            req = out.chunks[i].request
-            tok = argmax[row] if row in argmax else sample(logits[row], req.params, req.generator)
-            deltas.append(self._append_token(req, tok, now))
-        return deltas
+        reqs = [out.chunks[i].request for i in rows]
+        toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 
     def _append_token(self, req: Request, tok: int, now: float) -> StepOutput:
         req.output_token_ids.append(tok)
