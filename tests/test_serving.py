@@ -149,11 +149,12 @@ def test_split_attention_equals_padded_gather(cfg, bs, seed, lengths):
     from minfer.serving.split_attention import SplitPagedKVCache
     rng = random.Random(seed)
     model = tiny_model(cfg, seed=seed % 100)
-    mgr = KVCacheManager(BlockPool(200, bs, enable_prefix_caching=False))
-    caches = [PagedKVCache(cfg, 200, bs), SplitPagedKVCache(cfg, 200, bs)]
+    blocks = 5 * 60                                   # room for every sequence even with blocks of 1
+    mgr = KVCacheManager(BlockPool(blocks, bs, enable_prefix_caching=False))
+    caches = [PagedKVCache(cfg, blocks, bs), SplitPagedKVCache(cfg, blocks, bs)]
     seqs = {i: [rng.randrange(cfg.vocab_size) for _ in range(n)] for i, n in enumerate(lengths)}
     for i, toks in seqs.items():
-        mgr.allocate(i, toks)
+        assert mgr.allocate(i, toks) is not None
     done = {i: 0 for i in seqs}
     while any(done[i] < len(seqs[i]) for i in seqs):
         # a random mix: some sequences get a prefill chunk, some a single token (a decode), some nothing
@@ -315,7 +316,8 @@ def test_batch_job_input_errors_name_the_line(tmp_path, text_model, byte_tok):
     with pytest.raises(ValueError, match="line 1: url must be one of"):
         read_input(bad)
     bad.write_text('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "temperature": -1}}\n'
-                   '{"custom_id": "b", "url": "/v1/completions", "body": {"prompt": "y", "max_tokens": 3}}\n')
+                   '{"custom_id": "b", "url": "/v1/completions",'
+                   ' "body": {"prompt": "y", "max_tokens": 3, "ignore_eos": true}}\n')
     eng = LLMEngine.from_model(text_model, byte_tok, block_size=4)
     res = run_batch(bad, tmp_path / "o.jsonl", eng, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
