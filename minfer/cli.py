@@ -125,6 +125,7 @@ def cmd_weights(args) -> int:
 # there yet are simply not offered.
 BENCHES = {
     "decode": ("minfer.bench.decode", "prefill/decode speed: naive vs cached vs transformers"),
+    "attention": ("minfer.bench.attention", "decode attention with GQA: K/V repeated vs enable_gqa vs heads folded"),
     "kv": ("minfer.bench.kv", "paged vs contiguous KV: capacity, fragmentation, prefix-cache TTFT"),
     "quant": ("minfer.bench.quant", "weight bytes, decode tok/s and perplexity per quantization format"),
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),

@@ -52,8 +52,9 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
     (query head j reads K/V head j // g, so the heads of one group are adjacent.)
     The kernel then streams each K/V head once instead of once per query head.
     FlashAttention does the same for decode (``seqlenq_ngroups_swapped`` in
-    flash-attn's ``mha_fwd``). On SmolLM2's decode shapes on a 2-core CPU (9 query
-    heads, 3 K/V heads, 8-32 sequences, 300-600 keys) it cut SDPA time by 20-30%.
+    flash-attn's ``mha_fwd``). ``minfer bench attention`` on SmolLM2's decode shapes
+    (9 query heads, 3 K/V heads; batch 1-32, 128-1024 keys; 2-core CPU): 1.0-1.3x
+    the speed of torch's own ``enable_gqa`` path, never slower beyond the noise.
     A mask must then be the same for every head and query: (B or 1, 1, 1, S).
     """
     B, nh, T, hd = q.shape

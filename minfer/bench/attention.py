@@ -1,0 +1,131 @@
+"""`minfer bench attention`: decode attention with GQA, three ways, on one model's head shapes.
+
+At decode each sequence brings one query per head and reads its whole K/V
+cache. With grouped-query attention (SmolLM2: 9 query heads, 3 K/V heads) the
+g = 9 / 3 query heads of a group read the *same* K/V head. How the kernel is
+fed decides how often that head is streamed from memory:
+
+    repeat    K/V repeated to one copy per query head, then attention
+              (``repeat_interleave``, what GQA code without kernel support does)
+    gqa       torch's ``scaled_dot_product_attention(..., enable_gqa=True)``
+    folded    the g query heads stacked as g queries of their K/V head
+              (``minfer.attention.sdpa.sdpa``; FlashAttention's
+              ``seqlenq_ngroups_swapped``): each K/V head streamed once
+
+Shapes only (random tensors in the model's head layout), so no weights are
+needed and any config works. Interleaved rounds, medians; the ratio column is
+"gqa time / this time" from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minfer.attention.sdpa import sdpa
+from minfer.bench.timing import interleaved, table, write_json
+
+METHODS = ("repeat", "gqa", "folded")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="whose head shapes to use (config only)")
+    p.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes (default 1,8,32)")
+    p.add_argument("--context", default="256,1024", help="comma-separated context lengths (default 256,1024)")
+    p.add_argument("--layers", type=int, default=None, help="attention calls per timing (default: the model's layers)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", nargs="?", const="bench_results/attention.json", default=None,
+                   help="also write the results as JSON (default path bench_results/attention.json)")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
+
+
+def decode_attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, nh, 1, hd), k/v (B, nkv, S, hd) -> (B, nh, 1, hd): every key visible."""
+    if method == "repeat":
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+    if method == "gqa":
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+    if method == "folded":
+        return sdpa(q, k, v)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device="cpu",
+            log=lambda s: None) -> dict[str, float]:
+    """Median ms of ``layers`` decode-attention calls (one per layer, each its own K/V) per method."""
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 1, nh, hd, generator=gen).transpose(1, 2).to(device)   # (B, nh, 1, hd) as the model makes it
+    kv = [(torch.randn(batch, nkv, context, hd, generator=gen).to(device),
+           torch.randn(batch, nkv, context, hd, generator=gen).to(device)) for _ in range(layers)]
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed(method):
+        def run():
+            sync()
+            t = time.perf_counter()
+            for k, v in kv:
+                decode_attention(method, q, k, v)
+            sync()
+            return {"ms": (time.perf_counter() - t) * 1e3}
+        return run
+    med = interleaved({m: timed(m) for m in METHODS}, repeats=repeats, warmup=1, log=log)
+    return {m: med[m]["ms"] for m in METHODS}
+
+
+def model_config(name_or_path: str):
+    """The model's ModelConfig from its config.json (fetched if it is a registry name); no weights read."""
+    import json
+
+    from minfer.checkpoints import resolve_model
+    from minfer.config import ModelConfig
+    return ModelConfig.from_hf(json.loads((resolve_model(name_or_path) / "config.json").read_text()))
+
+
+def main(args) -> int:
+    batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = model_config(args.model)
+    layers = args.layers or cfg.num_hidden_layers
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"bench attention: {args.model} heads ({cfg.num_attention_heads} query, {cfg.num_key_value_heads} K/V, "
+        f"head_dim {cfg.head_dim}), {layers} layers per timing, {torch.get_num_threads()} threads, {args.device}")
+    rows = []
+    for b in batches:
+        for s in contexts:
+            log(f"batch {b}, context {s}:")
+            ms = measure(cfg, b, s, layers=layers, repeats=args.repeats, device=args.device, log=log)
+            kv_mb = 2 * layers * b * cfg.num_key_value_heads * s * cfg.head_dim * 4 / 1e6
+            rows.append({"batch": b, "context": s, "kv_mb": kv_mb, **{f"{m}_ms": ms[m] for m in METHODS},
+                         "x_repeat": ms["gqa"] / ms["repeat"], "x_folded": ms["gqa"] / ms["folded"]})
+    print(table(rows, [("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
+                       ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
+                       ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
+                       ("x_folded", "folded: x gqa speed", "{:.2f}")]))
+    print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
+          f"rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.json:
+        write_json(args.json, {"benchmark": "attention", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                               "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "layers": layers, "rows": rows})
+        log(f"wrote {args.json}")
+    return 0
