@@ -33,7 +33,7 @@ METHODS = ("repeat", "gqa", "folded")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="whose head shapes to use (config only)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="whose head shapes to use (its weights stay unused)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes (default 1,8,32)")
     p.add_argument("--context", default="256,1024", help="comma-separated context lengths (default 256,1024)")
     p.add_argument("--layers", type=int, default=None, help="attention calls per timing (default: the model's layers)")
@@ -89,22 +89,15 @@ def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device=
     return {m: med[m]["ms"] for m in METHODS}
 
 
-def model_config(name_or_path: str):
-    """The model's ModelConfig from its config.json (fetched if it is a registry name); no weights read."""
-    import json
-
-    from minfer.checkpoints import resolve_model
-    from minfer.config import ModelConfig
-    return ModelConfig.from_hf(json.loads((resolve_model(name_or_path) / "config.json").read_text()))
-
-
 def main(args) -> int:
+    from minfer.checkpoints import load_checkpoint  # for the config only, as `bench kv --skip-ttft`
+
     batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = model_config(args.model)
+    cfg = load_checkpoint(args.model)[0]
     layers = args.layers or cfg.num_hidden_layers
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"bench attention: {args.model} heads ({cfg.num_attention_heads} query, {cfg.num_key_value_heads} K/V, "
