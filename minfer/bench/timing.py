@@ -1,10 +1,7 @@
 """Interleaved timing: run every method once per round, report medians and ratios."""
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -29,13 +26,9 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    """Atomic JSON write (``minfer.atomic``)."""
+    from minfer import atomic
+    atomic.write_json(path, payload)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

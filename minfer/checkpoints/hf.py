@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minfer import atomic
+from minfer.atomic import atomic_dir
 from minfer.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -172,32 +172,15 @@ def save_hf_folder(path: str | os.PathLike, config: ModelConfig, state_dict: dic
         <extra_files>          name -> text, e.g. a provenance note
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     check_state_dict(config, state_dict, "save_hf_folder")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        _write_json(tmp / "config.json", config.to_hf())
+    with atomic_dir(target) as tmp:
+        atomic.write_json(tmp / "config.json", config.to_hf())
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            atomic.write_text(tmp / "tokenizer.json", tokenizer_json)
         if tokenizer_config is not None:
-            _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+            atomic.write_json(tmp / "tokenizer_config.json", tokenizer_config)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if target.exists():
-            target.rename(old)              # keep it until the new one is in place
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            old.rename(target)              # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+            atomic.write_text(tmp / name, text)
     return target
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

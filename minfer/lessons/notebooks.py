@@ -39,11 +39,12 @@ import copy
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import nbformat
+
+from minfer.atomic import atomic_write
 
 SOLUTION_TAG = "solution"        # marks a solution cell in the reference edition
 EXERCISE_TAG = "exercise"        # what the solution tag becomes in the student edition
@@ -136,15 +137,9 @@ def lesson_paths(folder: str | os.PathLike) -> list[Path]:
 
 
 def _write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
-    """Write ``nb`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``nb`` to ``path`` atomically (``minfer.atomic``)."""
+    with atomic_write(path) as f:
+        nbformat.write(nb, f)
 
 
 def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:

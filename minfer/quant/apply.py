@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,6 +42,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from minfer.atomic import atomic_path
 from minfer.config import ModelConfig
 from minfer.quant.linear import GGUFLinear, Int4Linear, Int8Linear, QuantizedLinear
 
@@ -176,14 +176,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": "pt", META_FORMATS: json.dumps(formats, sort_keys=True),
             META_CONFIG: json.dumps(model.cfg.to_hf()),
             META_DTYPE: str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

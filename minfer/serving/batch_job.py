@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from minfer.atomic import atomic_write
 from minfer.cli_args import add_model_args
 from minfer.sampling import SamplingParams
 
@@ -130,19 +129,9 @@ def _truncate_torn_tail(path: Path) -> None:
 
 
 def write_atomic(path: Path, lines: list[str]) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``lines`` to ``path`` atomically (``minfer.atomic``: temp file, fsync, rename)."""
+    with atomic_write(path) as f:
+        f.writelines(lines)
 
 
 # ---------------------------------------------------------------------------
