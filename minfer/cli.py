@@ -4,6 +4,8 @@
     minfer chat [--model M]                                              interactive chat
     minfer weights list | fetch NAME                                     the model registry
     minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
+    minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
+    minfer router --replica URL ... --policy prefix_aware                route over replicas
     minfer lessons student-edition OUT_DIR                               notebooks without solutions
 """
 from __future__ import annotations
@@ -135,6 +137,8 @@ COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
     "eval": ("minfer.eval.cli", "quality evaluations (perplexity)"),
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
+    "serve": ("minfer.serving.server", "OpenAI-compatible HTTP server (streaming, /metrics)"),
+    "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),
 }
 
 

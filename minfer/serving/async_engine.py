@@ -1,0 +1,272 @@
+"""One engine loop, many clients: the engine steps in a background thread, handlers await queues.
+
+    HTTP handler (asyncio)                 engine thread
+    ──────────────────────                 ─────────────
+    rid, q = await submit(ids, params) ──> commands ──> engine.add_request
+    async for out in q  <── call_soon_threadsafe <── engine.step() -> StepOutputs
+    client gone: abort(rid)            ──> commands ──> engine.abort (blocks back to the pool)
+
+The engine is not thread-safe, so only the engine thread touches it; the
+event loop only puts commands on a queue and reads outputs from per-request
+``asyncio.Queue``s. This is the one module of the server that imports the
+engine. vLLM splits the same roles into ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``,
+per-request output queues) and ``EngineCore`` (``vllm/v1/engine/core.py``,
+its own process with a busy loop).
+
+Metrics (``prometheus_client``, vLLM's names with a ``minfer:`` prefix) are
+updated by the engine thread after every step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from minfer.sampling import SamplingParams
+from minfer.serving.engine import LLMEngine, StepOutput
+
+log = logging.getLogger("minfer.serve")
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass
+class Output:
+    """What a handler receives: a delta, and on the last one the usage counts."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None             # the engine failed: the request ends with this message
+
+
+class EngineMetrics:
+    """The server's /metrics (vLLM: ``vllm/v1/metrics/loggers.py``, ``PrometheusStatLogger``)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.ttft = Histogram("minfer:time_to_first_token_seconds", "TTFT: arrival -> first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("minfer:time_per_output_token_seconds", "TPOT: mean gap after the first token",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("minfer:e2e_request_latency_seconds", "arrival -> finish", buckets=E2E_BUCKETS,
+                             registry=r)
+        self.running = Gauge("minfer:num_requests_running", "requests holding KV blocks", registry=r)
+        self.waiting = Gauge("minfer:num_requests_waiting", "requests queued for admission", registry=r)
+        self.kv_usage = Gauge("minfer:kv_cache_usage_perc", "fraction of KV blocks in use (0..1)", registry=r)
+        self.kv_used = Gauge("minfer:kv_cache_used_blocks", "KV blocks held by requests", registry=r)
+        self.kv_total = Gauge("minfer:kv_cache_total_blocks", "KV blocks in the pool", registry=r)
+        self.prefix_queries = Counter("minfer:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("minfer:prefix_cache_hits", "prompt tokens found in the prefix cache", registry=r)
+        self.hit_rate = Gauge("minfer:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries",
+                              registry=r)
+        self.preemptions = Counter("minfer:num_preemptions", "requests preempted (KV recomputed later)",
+                                   registry=r)
+        self.finished = Counter("minfer:request_success", "finished requests", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("minfer:prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("minfer:generation_tokens", "generated tokens", registry=r)
+        self.hits = self.queries = 0
+
+
+class AsyncEngine:
+    """``submit`` / ``abort`` from asyncio; the engine runs in its own thread (``start`` / ``stop``)."""
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int = 64, registry: CollectorRegistry | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = int(min(engine.max_model_len, 2**31))
+        self.max_waiting = max_waiting
+        self.registry = registry or CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.num_running = 0
+        self._thread = threading.Thread(target=self._run, name="minfer-engine", daemon=True)
+        self._count_prefix_hits()
+        self._update_gauges()
+
+    # ------------------------------------------------------------------ the event-loop side
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted but not running (queued commands included)."""
+        return max(0, len(self._streams) - self.num_running)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Queue a request; returns its output queue. ValueError if the engine refuses it."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        accepted = loop.create_future()
+        self._streams[request_id] = (loop, q)
+        self._commands.put(("add", request_id, prompt_token_ids, params, accepted))
+        try:
+            await accepted
+        except BaseException:                 # refused, or the client left before the engine saw it
+            self.abort(request_id)
+            raise
+        return q
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (the engine frees its blocks); safe to call for a finished one."""
+        self._commands.put(("abort", request_id))
+        self.release(request_id)
+
+    def release(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is still running and end the engine thread."""
+        if self._thread.is_alive():
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            try:     # block for work only when the engine is idle
+                cmd = self._commands.get(timeout=0.1) if not eng.has_unfinished_requests() else None
+            except queue.Empty:
+                cmd = None
+            cmds = [cmd] if cmd is not None else []
+            while True:
+                try:
+                    cmds.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for c in cmds:
+                if c[0] == "stop":
+                    self._abort_all("the server is shutting down")
+                    return
+                self._handle(c)
+            if eng.has_unfinished_requests():
+                try:
+                    outs = eng.step()
+                except Exception as e:                     # a bug: fail these requests, keep serving
+                    log.exception("engine step failed")
+                    self._abort_all(f"engine error: {type(e).__name__}: {e}")
+                    outs = []
+                for out in outs:
+                    self._deliver(out)
+            self._update_gauges()
+
+    def _handle(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, accepted = cmd
+            loop = accepted.get_loop()
+            if rid not in self._streams:              # the client left before we got here
+                loop.call_soon_threadsafe(_settle, accepted, asyncio.CancelledError())
+                return
+            try:
+                self.engine.add_request(ids, params, request_id=rid)
+            except ValueError as e:
+                loop.call_soon_threadsafe(_settle, accepted, e)
+                return
+            loop.call_soon_threadsafe(_settle, accepted, None)
+        elif cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+            self._forget(cmd[1])
+
+    def _deliver(self, out: StepOutput) -> None:
+        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason)
+        if out.finished:
+            req = self._forget(out.request_id)
+            if req is not None:
+                item.num_prompt_tokens, item.num_output_tokens = len(req.prompt_token_ids), len(req.output_token_ids)
+                self._record(req)
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+
+    def _forget(self, request_id: str):
+        """Drop a finished request from the engine's table (a long-running server must not keep them)."""
+        req = self.engine.requests.pop(request_id, None)
+        for table in (getattr(self.engine, "_detok", {}), getattr(self.engine, "_emitted", {})):
+            table.pop(request_id, None)
+        return req
+
+    def _abort_all(self, message: str) -> None:
+        for rid in set(self._streams) | set(self.engine.requests):
+            self.engine.abort(rid)
+            self._forget(rid)
+            loop, q = self._streams.get(rid, (None, None))
+            if loop is not None:
+                loop.call_soon_threadsafe(q.put_nowait, Output("", [], True, "abort", error=message))
+
+    # ------------------------------------------------------------------ metrics
+    def _count_prefix_hits(self) -> None:
+        """Wrap the KV manager's ``allocate`` to count prompt tokens looked up and found (vLLM's
+        ``prefix_cache_queries`` / ``prefix_cache_hits``). Preempted requests count again when re-admitted."""
+        kv = self.engine.runner.kv_manager
+        allocate, m = kv.allocate, self.metrics
+
+        def counting_allocate(seq_id, token_ids):
+            computed = allocate(seq_id, token_ids)
+            if computed is not None:
+                m.queries += len(token_ids)
+                m.hits += computed
+                m.prefix_queries.inc(len(token_ids))
+                m.prefix_hits.inc(computed)
+                m.hit_rate.set(m.hits / m.queries)
+            return computed
+
+        kv.allocate = counting_allocate
+
+    def _record(self, req) -> None:
+        m, s = self.metrics, req.stats
+        if s.ttft is not None:
+            m.ttft.observe(s.ttft)
+        if s.tpot is not None:
+            m.tpot.observe(s.tpot)
+        if s.e2el is not None:
+            m.e2e.observe(s.e2el)
+        m.preemptions.inc(req.num_preemptions)
+        m.finished.labels(req.finish_reason or "abort").inc()
+        m.prompt_tokens.inc(len(req.prompt_token_ids))
+        m.generation_tokens.inc(len(req.output_token_ids))
+
+    def _update_gauges(self) -> None:
+        sched, pool = self.engine.scheduler, self.engine.runner.kv_manager.pool
+        self.num_running = len(sched.running)
+        used = pool.num_blocks - pool.num_free_blocks
+        m = self.metrics
+        m.running.set(len(sched.running))
+        m.waiting.set(len(sched.waiting))
+        m.kv_used.set(used)
+        m.kv_total.set(pool.num_blocks)
+        m.kv_usage.set(used / pool.num_blocks)
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def build_engine(model: str, *, device: str | None = None, dtype: str = "float32", max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 512, block_size: int = 16, num_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, quantization: str | None = None) -> LLMEngine:
+    """Load ``model`` through ``LLM`` and build a continuous-batching engine over it."""
+    from minfer.llm import LLM
+    llm = LLM(model, device=device, dtype=dtype, quantization=quantization)
+    return LLMEngine.from_model(llm.model, llm.tokenizer, policy="continuous", max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                                num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching)

@@ -1,0 +1,215 @@
+"""The OpenAI API as the server speaks it: request bodies (pydantic), errors, response objects.
+
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "stream", ...}
+    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}
+
+Every field the engine cannot honour is refused with a 400 that names it, never
+ignored: ``n`` > 1 (the engine runs one sample per request), ``logprobs`` /
+``top_logprobs`` (the engine does not return log-probabilities yet), penalties,
+tools, and any field OpenAI does not define. Bodies are validated in pydantic's
+strict mode, so ``"temperature": "0.5"`` is a type error, not a silent cast.
+vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
+
+The error body is OpenAI's: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from minfer.sampling import SamplingParams
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints (OpenAI's names; top_k, ignore_eos, stop_token_ids as vLLM's extras)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    n: int = Field(1, ge=1, le=128)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    user: Optional[str] = None          # an end-user id for abuse tracking: accepted, not used
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty strings")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v != 0:
+            raise ValueError("penalties are not supported by the minfer engine; only 0 is accepted")
+        return v
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: Optional[int] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError(f"one prompt per request is supported, got {len(v)}")
+            v = v[0]
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+def parse_body(model: type[BaseModel], body) -> BaseModel:
+    """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        problems, params = [], []
+        for err in e.errors():
+            param = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str")))
+            param = param or ".".join(str(x) for x in err["loc"][:1])
+            if err["type"] == "extra_forbidden":
+                msg = "unsupported field: the minfer server does not implement it"
+            else:
+                msg = err["msg"]
+            if param not in params:
+                params.append(param)
+                problems.append(f"{param}: {msg}")
+        raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
+
+
+def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, *, chat: bool) -> SamplingParams:
+    """The request's SamplingParams; 400 for what the engine cannot do (naming the field)."""
+    if req.n != 1:
+        raise APIError(400, f"n: only n=1 is supported by this engine, got {req.n} "
+                            "(send n requests with different seeds instead)", param="n")
+    if chat and (req.logprobs or req.top_logprobs):
+        name = "logprobs" if req.logprobs else "top_logprobs"
+        raise APIError(400, f"{name}: log-probabilities are not supported by the minfer engine", param=name)
+    if not chat and req.logprobs is not None:
+        raise APIError(400, "logprobs: log-probabilities are not supported by the minfer engine",
+                       param="logprobs")
+    room = max_model_len - num_prompt_tokens
+    asked = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
+    name = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+    if room < 1:
+        raise APIError(400, f"the prompt has {num_prompt_tokens} tokens, but the model's context is "
+                            f"{max_model_len} tokens", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    if asked is not None and asked > room:
+        raise APIError(400, f"{name}: {num_prompt_tokens} prompt tokens + {asked} new tokens exceed the "
+                            f"model's context of {max_model_len} tokens (at most {room})",
+                       param=name, code="context_length_exceeded")
+    max_tokens = asked if asked is not None else (room if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room))
+    return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
+                          stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                          seed=req.seed)
+
+
+# ---------------------------------------------------------------------------
+# Response objects (plain dicts: they go straight to JSON)
+# ---------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
+            "total_tokens": num_prompt_tokens + num_output_tokens}
+
+
+def response(rid: str, model: str, chat: bool, text: str, finish_reason: str | None, use: dict) -> dict:
+    """A whole (non-streamed) ``text_completion`` or ``chat.completion``."""
+    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": use}
+
+
+def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str | None = None,
+          *, role: bool = False, use: dict | None = None, with_usage: bool = False) -> dict:
+    """One streamed event. ``text=None`` with ``use``: the final usage-only chunk (no choices)."""
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+           "created": int(time.time()), "model": model}
+    if text is None:
+        out["choices"] = []
+    elif chat:
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    else:
+        out["choices"] = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    if with_usage or use is not None:
+        out["usage"] = use
+    return out
