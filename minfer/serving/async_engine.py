@@ -73,6 +73,8 @@ class EngineMetrics:
         self.preemptions = Counter("minfer:num_preemptions", "requests preempted (KV recomputed later)",
                                    registry=r)
         self.finished = Counter("minfer:request_success", "finished requests", ["finish_reason"], registry=r)
+        self.aborted = Counter("minfer:request_aborted", "requests aborted before they finished (client gone)",
+                               registry=r)
         self.prompt_tokens = Counter("minfer:prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("minfer:generation_tokens", "generated tokens", registry=r)
         self.hits = self.queries = 0
@@ -179,7 +181,10 @@ class AsyncEngine:
                 return
             loop.call_soon_threadsafe(_settle, accepted, None)
         elif cmd[0] == "abort":
-            self.engine.abort(cmd[1])
+            req = self.engine.requests.get(cmd[1])
+            if req is not None and not req.is_finished:
+                self.engine.abort(cmd[1])
+                self.metrics.aborted.inc()
             self._forget(cmd[1])
 
     def _deliver(self, out: StepOutput) -> None:

@@ -124,6 +124,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
 def parse_body(model: type[BaseModel], body) -> BaseModel:
     """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
     if not isinstance(body, dict):
@@ -133,8 +137,8 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
     except ValidationError as e:
         problems, params = [], []
         for err in e.errors():
-            param = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str")))
-            param = param or ".".join(str(x) for x in err["loc"][:1])
+            # union members show up in the location ("prompt.list[int].0"): keep the field path only
+            param = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
             if err["type"] == "extra_forbidden":
                 msg = "unsupported field: the minfer server does not implement it"
             else:

@@ -1,0 +1,297 @@
+"""``minfer serve`` as a real process on 127.0.0.1, driven by the official ``openai`` client and httpx.
+
+Oracle: ``LLM.generate`` / ``LLM.chat`` on the same tiny random model (greedy), run
+in the test process. The server must give the same text, streamed or not, to one
+client or to 32 at once; a client that leaves must get its KV blocks freed; bad
+input gets OpenAI's error JSON with a 4xx while other streams carry on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minfer.sampling import SamplingParams
+from servers import metric, serve, stop_all, tiny_model_folder
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # the oracle runs in this process
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "a"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("srv") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from minfer.llm import LLM
+    return LLM(str(folder))
+
+
+@pytest.fixture(scope="module")
+def servers(folder, tmp_path_factory):
+    """The main server, and a small one (1 running, 1 waiting) for backpressure: started together."""
+    logs = tmp_path_factory.mktemp("log")
+    main = serve(folder, "--max-num-seqs", "8", "--max-num-batched-tokens", "64", log=logs / "server.log")
+    small = serve(folder, "--max-num-seqs", "1", "--max-waiting", "1", log=logs / "small.log")
+    yield main.wait(), small
+    stop_all([main, small])
+    assert main.proc.returncode == 0, main.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def greedy(llm, prompt, max_tokens=12, chat=False):
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return llm.chat([{"role": "user", "content": prompt}], sp)[0] if chat else llm.generate(prompt, sp)[0]
+
+
+# ---------------------------------------------------------------- the openai client = LLM.generate
+
+
+def test_openai_client_matches_llm_generate(server, llm):
+    c = client(server.url)
+    name = c.models.list().data[0].id
+    for prompt in PROMPTS:
+        want = greedy(llm, prompt)
+        r = c.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == want.text
+        assert r.choices[0].finish_reason == want.finish_reason
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), len(want.token_ids))
+        parts, use = [], None
+        for ch in c.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}):
+            if ch.choices:
+                parts.append(ch.choices[0].text)
+            else:
+                use = ch.usage
+        assert "".join(parts) == want.text
+        assert use.completion_tokens == len(want.token_ids) and use.prompt_tokens == len(want.prompt_token_ids)
+
+        want = greedy(llm, prompt, chat=True)
+        msgs = [{"role": "user", "content": prompt}]
+        r = c.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+        assert r.usage.completion_tokens == len(want.token_ids)
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        stream = c.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0, stream=True)
+        deltas = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+        assert "".join(deltas) == want.text
+
+
+def test_stop_strings_and_seed(server, llm):
+    c = client(server.url)
+    want = greedy(llm, "Once upon a time", max_tokens=20).text
+    stop = want[3:5]
+    r = c.completions.create(model=None, prompt="Once upon a time", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
+    a, b = (c.completions.create(model=None, prompt="x", max_tokens=10, temperature=1.0, seed=7).choices[0].text
+            for _ in range(2))
+    assert a == b
+
+
+# ---------------------------------------------------------------- 32 clients at once
+
+
+def test_32_concurrent_streaming_clients(server, llm):
+    prompts = [f"client {i} says" for i in range(32)]
+    want = {p: greedy(llm, p, max_tokens=16).text for p in prompts}
+
+    async def one(c, p):
+        stream = await c.completions.create(model=None, prompt=p, max_tokens=16, temperature=0, stream=True)
+        ids, text, finishes = set(), [], 0
+        async for ch in stream:
+            ids.add(ch.id)
+            text.append(ch.choices[0].text)
+            finishes += ch.choices[0].finish_reason is not None
+        return p, ids, "".join(text), finishes
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    results = asyncio.run(main())
+    assert sorted(p for p, *_ in results) == sorted(prompts)            # none lost, none twice
+    assert all(len(ids) == 1 for _, ids, _, _ in results)
+    assert len({next(iter(ids)) for _, ids, _, _ in results}) == 32      # one id per request
+    assert all(finishes == 1 for *_, finishes in results)
+    bad = [(p, t, want[p]) for p, _, t, _ in results if t != want[p]]
+    assert not bad, bad[:3]
+
+
+# ---------------------------------------------------------------- a client that leaves
+
+
+def test_disconnect_aborts_and_frees_blocks(server):
+    used0 = metric(server.url, "minfer:kv_cache_used_blocks")
+    done0 = metric(server.url, "minfer:request_success_total")
+    aborted0 = metric(server.url, "minfer:request_aborted_total")
+    body = {"prompt": "leave early", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())                       # one event, then hang up
+    for _ in range(100):
+        if metric(server.url, "minfer:request_aborted_total") > aborted0:
+            break
+        threading.Event().wait(0.05)
+    assert metric(server.url, "minfer:request_aborted_total") == aborted0 + 1
+    assert metric(server.url, "minfer:request_success_total") == done0      # it never ran to the end
+    assert metric(server.url, "minfer:kv_cache_used_blocks") == used0
+    assert metric(server.url, "minfer:num_requests_running") == 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _is_error(r: httpx.Response, status: int, param=...) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if param is not ...:
+        assert err["param"] == param, err
+    return err["message"]
+
+
+BAD = [  # (path, body or raw bytes, status, param, words in the message)
+    ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "2"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "1"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "max_tokens", "context"),
+    ("/v1/completions", {"prompt": "x" * 300}, 400, "prompt", "context"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", "[0, 259)"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of", "unsupported field"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "unknown model"),
+    ("/v1/completions", {"temperature": 0}, 400, "prompt", "required"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
+     "logprobs", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
+     "unsupported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}},
+     400, "stream_options.x", "unsupported"),
+]
+
+
+def test_bad_input_gets_error_json_while_a_stream_goes_on(server, llm):
+    want = greedy(llm, "keep going", max_tokens=200).text
+    got = {}
+
+    def long_stream():
+        body = {"prompt": "keep going", "max_tokens": 200, "temperature": 0, "stream": True}
+        text = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text.append(json.loads(line[6:])["choices"][0]["text"])
+                elif line == "data: [DONE]":
+                    got["done"] = True
+        got["text"] = "".join(text)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        for path, body, status, param, words in BAD:
+            r = h.post(path, content=body) if isinstance(body, bytes) else h.post(path, json=body)
+            msg = _is_error(r, status, param)
+            assert words in msg, (body, msg)
+        _is_error(h.post("/v1/completions", content=b"x" * (2 << 20)), 413)
+        _is_error(h.get("/v1/nothing"), 404)
+        _is_error(h.get("/v1/completions"), 405)
+    t.join(60)
+    assert got.get("done") and got["text"] == want
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True),
+                    st.text(max_size=8), st.lists(st.integers(-3, 300), max_size=4),
+                    st.lists(st.text(max_size=3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(),
+                                                                               max_size=2))
+_FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "logprobs",
+           "stream_options", "model", "top_k", "ignore_eos", "zzz"]
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
+                                            "content": st.one_of(st.text(max_size=10), st.integers())}),
+                     max_size=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=6),
+       messages=_MESSAGES, prompt=st.one_of(st.text(max_size=20), st.lists(st.integers(0, 258), max_size=5)))
+def test_fuzzed_bodies_never_5xx(server, path, body, messages, prompt):
+    body = dict(body)
+    body.setdefault("messages" if "chat" in path else "prompt", messages if "chat" in path else prompt)
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = min(body["max_tokens"], 8)   # keep each example fast
+    else:
+        body["max_tokens"] = 4
+    r = httpx.post(server.url + path, content=json.dumps(body), timeout=30)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream") is True:
+        assert r.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_server_still_healthy_after_the_fuzz(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert metric(server.url, "minfer:kv_cache_used_blocks") == 0
+
+
+# ---------------------------------------------------------------- backpressure and Ctrl-C
+
+
+def test_full_queue_gets_503_and_ctrl_c_drains(servers):
+    s = servers[1].wait()
+    try:
+        body = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as h:
+                return await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(8)))
+
+        rs = asyncio.run(main())
+        codes = sorted(r.status_code for r in rs)
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+        for r in rs:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                _is_error(r, 503)
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 200
+        # Ctrl-C in the middle of a stream: the server drains (or aborts) and exits cleanly.
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGINT)
+            rest = [x for x in lines if x]
+        assert rest[-1] == "data: [DONE]" or rest == [] or "error" in rest[-1]
+        assert s.proc.wait(30) == 0, s.log.read_text()
+    finally:
+        s.stop()
