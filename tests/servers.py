@@ -60,10 +60,12 @@ def serve(folder: Path, *extra: str, log: Path | None = None) -> Server:
     return Server("serve", str(folder), "--threads", "1", *extra, log=log)
 
 
-def metric(url: str, name: str) -> float:
-    """One sample of /metrics (summed over its label sets)."""
+def metric(url: str, name: str, default: float | None = None) -> float:
+    """One sample of /metrics (summed over its label sets); ``default`` when a labelled one has none yet."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     vals = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    if not vals and default is not None:
+        return default
     if not vals:
         raise KeyError(f"{name} not in /metrics")
     return sum(vals)

@@ -141,7 +141,7 @@ def test_32_concurrent_streaming_clients(server, llm):
 
 def test_disconnect_aborts_and_frees_blocks(server):
     used0 = metric(server.url, "minfer:kv_cache_used_blocks")
-    done0 = metric(server.url, "minfer:request_success_total")
+    done0 = metric(server.url, "minfer:request_success_total", 0.0)
     aborted0 = metric(server.url, "minfer:request_aborted_total")
     body = {"prompt": "leave early", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
@@ -152,7 +152,7 @@ def test_disconnect_aborts_and_frees_blocks(server):
             break
         threading.Event().wait(0.05)
     assert metric(server.url, "minfer:request_aborted_total") == aborted0 + 1
-    assert metric(server.url, "minfer:request_success_total") == done0      # it never ran to the end
+    assert metric(server.url, "minfer:request_success_total", 0.0) == done0      # it never ran to the end
     assert metric(server.url, "minfer:kv_cache_used_blocks") == used0
     assert metric(server.url, "minfer:num_requests_running") == 0
 
