@@ -3,6 +3,7 @@
     minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32 \\
                        --slo-ttft 10000 --slo-tpot 1000
     minfer bench serve --policy continuous --rate inf --baselines sequential,transformers
+    minfer bench serve --url http://127.0.0.1:8000 --price-per-hour 0.10 --watts 700   (serve_http.py)
 
 Two parts, both on the same seeded trace (real text from Python's own docs,
 prompt and output lengths drawn from --prompt-len / --output-len, EOS ignored
@@ -73,6 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-rates", default="", help="comma-separated rates for the throughput-latency plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench_results/serve", help="plots and JSON go here")
+    from minfer.serving.cost import DEFAULT_PRICE_PER_HOUR, DEFAULT_WATTS
+    p.add_argument("--url", default=None,
+                   help="a running `minfer serve`: measure from the client over HTTP, next to in-process, "
+                        "then online vs batch cost (minfer/bench/serve_http.py)")
+    p.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
+                   help=f"$ per hour of the machine, with --url (default {DEFAULT_PRICE_PER_HOUR}: a 2-vCPU cloud VM)")
+    p.add_argument("--watts", type=float, default=DEFAULT_WATTS,
+                   help=f"power drawn, with --url (default {DEFAULT_WATTS:g}: an H100's board power)")
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +228,10 @@ def main(args) -> int:
         raise ValueError(f"--baselines: unknown {bad}; choose from {BASELINES}")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.price_per_hour < 0 or args.watts < 0:
+        raise ValueError("--price-per-hour and --watts must be >= 0")
+    if args.url is not None and not args.url.startswith(("http://", "https://")):
+        raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     sweep_rates = [float(x) for x in args.sweep_rates.split(",") if x.strip()]
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
     if args.threads:
@@ -246,6 +259,16 @@ def main(args) -> int:
         f"tokens/step, max {args.max_num_seqs} running")
     log("warm-up ...")
     _engine(model, tok, args, "continuous").generate([trace[0].prompt_token_ids[:32]], _params(trace[0]))
+    if args.url:
+        from minfer.bench.serve_http import main_http
+        log(f"cost assumptions: ${args.price_per_hour:g} per hour, {args.watts:g} W "
+            f"(defaults: a 2-vCPU cloud VM at $0.10/h; an H100 at 700 W)")
+        res = main_http(args, llm, trace, slo, run_online, log)
+        write_json(out_dir / "serve_http.json", {"benchmark": "serve --url", "model": args.model,
+                                                "threads": torch.get_num_threads(), "rate": args.rate,
+                                                "num_requests": len(trace), **res})
+        log(f"wrote {out_dir}/serve_http.json")
+        return 0
     payload = {"benchmark": "serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
                "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
