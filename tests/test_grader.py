@@ -20,6 +20,8 @@ from minfer.serving.metrics import percentile, tpot_from_timestamps
 from minfer.serving.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
+from minfer.serving.cost import dollars_per_mtok, kwh_per_mtok
+from minfer.serving.router import ring_lookup
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -42,6 +44,9 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "router.ring_lookup": ring_lookup,
+    "cost.dollars_per_mtok": dollars_per_mtok,
+    "cost.kwh_per_mtok": kwh_per_mtok,
 }
 
 

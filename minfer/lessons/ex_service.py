@@ -1,0 +1,121 @@
+"""Exercises of lesson 09 (the inference service).
+
+    router.ring_lookup     consistent hashing: the owner of the first ring point at or after a key
+    cost.dollars_per_mtok  $ per million tokens from tokens/s and the price of an hour
+    cost.kwh_per_mtok      kWh per million tokens from tokens/s and the power drawn
+
+References: ``minfer/serving/router.py`` and ``minfer/serving/cost.py``; the engine's
+tests run these same properties on them (``tests/test_grader.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, register
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------
+# router.ring_lookup
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _ring_inputs(draw) -> Inputs:
+    points = sorted(draw(st.lists(st.integers(0, 99), min_size=1, max_size=8, unique=True)))
+    owners = [draw(st.integers(0, 3)) for _ in points]
+    key = draw(st.one_of(st.sampled_from(points), st.integers(0, 99)))
+    return {"points": tuple(points), "owners": tuple(owners), "key": key}
+
+
+def _first_at_or_after(inputs: Inputs) -> int:
+    pts = inputs["points"]
+    for i, p in enumerate(pts):
+        if p >= inputs["key"]:
+            return i
+    return 0
+
+
+def _compare_ring(inputs: Inputs, expected: int, actual: Any) -> Optional[str]:
+    if actual == expected and isinstance(actual, int):
+        return None
+    if actual is None:
+        return "returned None (did you forget `return`?), expected a replica number"
+    i = _first_at_or_after(inputs)
+    wrapped = " (no point is >= the key: wrap around to the first point)" if inputs["points"][-1] < inputs["key"] \
+        else ""
+    return (f"the first point at or after key {inputs['key']} is points[{i}] = {inputs['points'][i]}{wrapped}, "
+            f"owned by replica {expected}; yours is {actual!r}")
+
+
+def _validate_ring(inputs: Inputs, actual: Any) -> Optional[str]:
+    want = inputs["owners"][_first_at_or_after(inputs)]
+    return None if actual == want else f"a linear scan gives replica {want}, yours is {actual!r}"
+
+
+register(Exercise(
+    name="router.ring_lookup",
+    description="ring_lookup(points, owners, key) -> owners[i] for the first points[i] >= key, wrapping to 0",
+    reference="minfer.serving.router:ring_lookup",
+    inputs=_ring_inputs(),
+    compare=_compare_ring,
+    validate=_validate_ring,
+))
+
+
+# ---------------------------------------------------------------------------
+# cost.dollars_per_mtok, cost.kwh_per_mtok
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _rate_and(draw, name: str, hi: float) -> Inputs:
+    return {"tokens_per_s": draw(st.floats(0.01, 1e5)), name: draw(st.floats(0.0, hi))}
+
+
+def _close(what: str, formula: str):
+    def compare(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
+        if not _is_number(actual):
+            hint = " (did you forget `return`?)" if actual is None else ""
+            return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number of {what}"
+        if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12):
+            return None
+        return f"{formula} = {expected!r}; yours is {actual!r}"
+    return compare
+
+
+def _validate_dollars(inputs: Inputs, actual: Any) -> Optional[str]:
+    tokens_per_hour = inputs["tokens_per_s"] * 3600
+    want = inputs["price_per_hour"] * 1_000_000 / tokens_per_hour
+    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
+
+
+def _validate_kwh(inputs: Inputs, actual: Any) -> Optional[str]:
+    hours = 1_000_000 / inputs["tokens_per_s"] / 3600
+    want = inputs["watts"] * hours / 1000
+    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
+
+
+register(Exercise(
+    name="cost.dollars_per_mtok",
+    description="dollars_per_mtok(tokens_per_s, price_per_hour) -> $ per million tokens",
+    reference="minfer.serving.cost:dollars_per_mtok",
+    inputs=_rate_and("price_per_hour", 100.0),
+    compare=_close("dollars", "price_per_hour / (3600 * tokens_per_s) * 1e6"),
+    validate=_validate_dollars,
+))
+
+register(Exercise(
+    name="cost.kwh_per_mtok",
+    description="kwh_per_mtok(tokens_per_s, watts) -> kWh per million tokens",
+    reference="minfer.serving.cost:kwh_per_mtok",
+    inputs=_rate_and("watts", 2000.0),
+    compare=_close("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600"),
+    validate=_validate_kwh,
+))
