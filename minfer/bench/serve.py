@@ -4,6 +4,7 @@
                        --slo-ttft 10000 --slo-tpot 1000
     minfer bench serve --policy continuous --rate inf --baselines sequential,transformers
     minfer bench serve --url http://127.0.0.1:8000 --price-per-hour 0.10 --watts 700   (serve_http.py)
+    minfer bench serve --routing round_robin,prefix_aware --replicas 2               (serve_route.py)
 
 Two parts, both on the same seeded trace (real text from Python's own docs,
 prompt and output lengths drawn from --prompt-len / --output-len, EOS ignored
@@ -80,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then online vs batch cost (minfer/bench/serve_http.py)")
     p.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
                    help=f"$ per hour of the machine, with --url (default {DEFAULT_PRICE_PER_HOUR}: a 2-vCPU cloud VM)")
+    p.add_argument("--routing", default=None,
+                   help="compare router policies instead, e.g. round_robin,prefix_aware: starts --replicas "
+                        "servers and a router per policy on a shared-prefix workload (minfer/bench/serve_route.py)")
+    p.add_argument("--replicas", type=int, default=2, help="replicas for --routing (default 2)")
+    p.add_argument("--prefix-tokens", type=int, default=256, help="system-prompt tokens for --routing (default 256)")
     p.add_argument("--watts", type=float, default=DEFAULT_WATTS,
                    help=f"power drawn, with --url (default {DEFAULT_WATTS:g}: an H100's board power)")
 
@@ -259,6 +265,12 @@ def main(args) -> int:
         f"tokens/step, max {args.max_num_seqs} running")
     log("warm-up ...")
     _engine(model, tok, args, "continuous").generate([trace[0].prompt_token_ids[:32]], _params(trace[0]))
+    if args.routing:
+        from minfer.bench.serve_route import main_routing
+        res = main_routing(args, tok, log)
+        write_json(out_dir / "serve_routing.json", {"benchmark": "serve --routing", "model": args.model, **res})
+        log(f"wrote {out_dir}/serve_routing.json")
+        return 0
     if args.url:
         from minfer.bench.serve_http import main_http
         log(f"cost assumptions: ${args.price_per_hour:g} per hour, {args.watts:g} W "

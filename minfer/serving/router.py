@@ -304,12 +304,32 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise RuntimeError(f"{url} did not become healthy within {timeout:g} s")
 
 
+def start_minfer(argv: list[str], quiet: bool = False) -> tuple[str, subprocess.Popen]:
+    """``minfer ARGV --port P`` as a child process on a free port of 127.0.0.1: (base URL, process)."""
+    port = free_port()
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen([sys.executable, "-m", "minfer.cli", *argv, "--port", str(port)], stdout=out, stderr=out)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Ctrl-C them all (they drain and exit), then kill any that is still there after ``timeout``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
     if args.policy not in POLICIES:
         raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
     from minfer.serving.server import served_name
-    child = [sys.executable, "-m", "minfer.cli", "serve", "--model", str(args.model), "--dtype", args.dtype,
+    child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
              "--served-model-name", served_name(args), "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--block-size", str(args.block_size),
              "--max-waiting", str(args.max_waiting), "--max-body-bytes", str(args.max_body_bytes),
@@ -319,20 +339,13 @@ def serve_replicas(args) -> int:
             child += [flag, str(value)]
     if args.no_prefix_caching:
         child.append("--no-prefix-caching")
-    ports = [free_port() for _ in range(args.replicas)]
-    procs = [subprocess.Popen(child + ["--port", str(p)]) for p in ports]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    started = [start_minfer(child) for _ in range(args.replicas)]
     try:
-        for url, proc in zip(urls, procs):
+        for url, proc in started:
             wait_healthy(url, proc)
         args.prefix_blocks, args.cooldown = 4, 5.0
-        run_router(urls, args.policy, args, load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
+        run_router([u for u, _ in started], args.policy, args,
+                   load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes([p for _, p in started])
     return 0
