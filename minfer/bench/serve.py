@@ -236,6 +236,10 @@ def main(args) -> int:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
+    if args.routing:
+        from minfer.serving.router import POLICIES as ROUTER_POLICIES
+        if bad := [x for x in args.routing.split(",") if x.strip() and x.strip() not in ROUTER_POLICIES]:
+            raise ValueError(f"--routing: unknown {bad}; choose from {ROUTER_POLICIES}")
     if args.url is not None and not args.url.startswith(("http://", "https://")):
         raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     sweep_rates = [float(x) for x in args.sweep_rates.split(",") if x.strip()]

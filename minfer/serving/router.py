@@ -339,6 +339,11 @@ def serve_replicas(args) -> int:
             child += [flag, str(value)]
     if args.no_prefix_caching:
         child.append("--no-prefix-caching")
+    def interrupt(signum, frame):        # Ctrl-C / SIGTERM while the replicas start: still stop them
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     started = [start_minfer(child) for _ in range(args.replicas)]
     try:
         for url, proc in started:
@@ -346,6 +351,8 @@ def serve_replicas(args) -> int:
         args.prefix_blocks, args.cooldown = 4, 5.0
         run_router([u for u, _ in started], args.policy, args,
                    load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
+    except KeyboardInterrupt:
+        pass
     finally:
         stop_processes([p for _, p in started])
     return 0
