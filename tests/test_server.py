@@ -295,3 +295,19 @@ def test_full_queue_gets_503_and_ctrl_c_drains(servers):
         assert s.proc.wait(30) == 0, s.log.read_text()
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- command-line errors
+
+
+def test_bench_serve_and_router_reject_bad_arguments(capsys):
+    from minfer.cli import main
+    assert main(["bench", "serve", "--url", "ftp://x"]) == 2
+    assert "--url must start with http://" in capsys.readouterr().err
+    assert main(["bench", "serve", "--routing", "round_robin,random"]) == 2
+    assert "--routing: unknown ['random']" in capsys.readouterr().err
+    assert main(["bench", "serve", "--watts", "-1"]) == 2
+    assert main(["router", "--replica", "http://127.0.0.1:9", "--policy", "random"]) == 2
+    assert "--policy must be one of" in capsys.readouterr().err
+    assert main(["serve", "--max-waiting", "0"]) == 2
+    assert "--max-waiting must be >= 1" in capsys.readouterr().err

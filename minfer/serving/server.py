@@ -245,7 +245,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def served_name(args) -> str:
     from pathlib import Path
-    return args.served_model_name or Path(str(args.model)).name
+    return getattr(args, "served_model_name", None) or Path(str(args.model)).name
 
 
 def main(args) -> int:
