@@ -1,4 +1,7 @@
-"""``minfer router`` over two real ``minfer serve`` replicas (tiny random model, 127.0.0.1).
+"""The router over two real ``minfer serve`` replica processes (tiny random model, 127.0.0.1).
+
+The routers (one per policy) are served by uvicorn in threads of the test process, over real
+HTTP: the same app ``minfer router`` runs, without three more Python processes to start.
 
 Every policy must serve every request correctly (the oracle: ``LLM.generate``);
 prefix-aware routing must find more prefix-cache hits than round robin on a
@@ -16,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minfer.sampling import SamplingParams
-from minfer.serving.router import HashRing, Router, prefix_key, ring_lookup
-from servers import Server, metric, serve, stop_all, tiny_model_folder
+from minfer.serving.router import HashRing, Router, build_router_app, load_tokenizer, prefix_key, ring_lookup
+from servers import ThreadServer, metric, serve, stop_all, tiny_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # the oracle runs in this process
 
@@ -39,14 +42,15 @@ def llm(folder):
 def cluster(folder, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     replicas = [serve(folder, log=logs / f"replica{i}.log") for i in range(2)]
-    routers = {p: Server("router", *(a for r in replicas for a in ("--replica", r.url)), "--policy", p,
-                         "--model", str(folder), "--cooldown", "60", log=logs / f"router-{p}.log")
-               for p in POLICIES}                        # all five start at once
-    everyone = [*replicas, *routers.values()]
-    for s in everyone:
+    tokenizer = load_tokenizer(str(folder))         # the chat template and tokens prefix_aware hashes
+    routers = {p: ThreadServer(build_router_app(Router([r.url for r in replicas], p, tokenizer=tokenizer,
+                                                       cooldown=60))) for p in POLICIES}
+    for s in [*replicas, *routers.values()]:
         s.wait()
     yield replicas, routers
-    stop_all(everyone)
+    for r in routers.values():
+        r.stop()
+    stop_all(replicas)
 
 
 def complete(url, prompt, max_tokens=8, **kw):
