@@ -20,11 +20,12 @@ The sampler's generator state travels too, so seeded sampling continues unchange
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from minfer.distributed import comm
 from minfer.serving.request import RequestStatus
@@ -128,44 +129,67 @@ def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Te
     return True
 
 
-def decode_worker(engine, src: int = PREFILL_RANK, poll_timeout_s: float = comm.DEFAULT_TIMEOUT_S) -> dict:
+def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
+    """Background thread: blocking receives from the prefill worker, put on ``inbox`` in order.
+
+    A thread, so that transfers land while the engine steps (a real KV connector transfers
+    asynchronously too); it is the only user of the process group on the decode side.
+    """
+    cache = engine.runner.cache
+    try:
+        while True:
+            kind, n_blocks = comm.recv(torch.empty(2, dtype=torch.long), src).tolist()
+            if kind == KIND_DONE:
+                inbox.put((KIND_DONE, None))
+                return
+            if kind == KIND_FINISHED:
+                inbox.put((KIND_FINISHED, comm.recv_object(src)))
+                continue
+            meta = comm.recv_object(src)
+            shape = (cache.k.shape[0], n_blocks, *cache.k.shape[2:])      # (L, n_blocks, bs, nkv, hd)
+            kv = [comm.recv(torch.empty(shape, dtype=cache.k.dtype), src) for _ in range(2)]
+            inbox.put((KIND_TRANSFER, (meta, *kv)))
+    except comm.DistributedError as e:
+        inbox.put((None, e))
+
+
+def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
     """Admit what the prefill worker sends and decode until it says done and all have finished.
 
     -> {request_id: (output token ids, arrival time, token times, finish reason)}.
     """
-    finished: dict = {}
-    waiting: list = []                                # transfers the pool cannot hold yet
-    done = False
-    header = torch.empty(2, dtype=torch.long)
-    work = dist.irecv(header, src)
+    inbox: queue.Queue = queue.Queue()
+    receiver = threading.Thread(target=_receive_all, args=(engine, src, inbox), daemon=True)
+    receiver.start()
+    finished, waiting, done = {}, [], False
     while True:
-        if not done and (work.is_completed() or not (engine.has_unfinished_requests() or waiting)):
-            comm._timed("recv", header.nbytes, lambda: work.wait(timeout=_td(poll_timeout_s)))
-            kind, n_blocks = header.tolist()
+        idle = not (engine.has_unfinished_requests() or waiting)
+        while not done:
+            try:                                  # wait for news only when there is nothing to step
+                kind, item = inbox.get(block=idle, timeout=comm.DEFAULT_TIMEOUT_S if idle else None)
+            except queue.Empty:
+                if idle:
+                    raise comm.DistributedError("decode worker: no word from the prefill worker "
+                                                f"in {comm.DEFAULT_TIMEOUT_S:.0f} s") from None
+                break
+            idle = False
+            if kind is None:
+                raise item
             if kind == KIND_DONE:
                 done = True
             elif kind == KIND_FINISHED:
-                rid, toks, arrival, times, reason = comm.recv_object(src)
+                rid, toks, arrival, times, reason = item
                 finished[rid] = (toks, arrival, times, reason)
             else:
-                meta = comm.recv_object(src)
-                L, bs = engine.runner.cache.k.shape[0], engine.runner.cache.k.shape[2]
-                shape = (L, n_blocks, bs, *engine.runner.cache.k.shape[3:])
-                kv = [comm.recv(torch.empty(shape, dtype=engine.runner.cache.k.dtype), src) for _ in range(2)]
-                waiting.append((meta, *kv))
-            if not done:
-                header = torch.empty(2, dtype=torch.long)
-                work = dist.irecv(header, src)
+                waiting.append(item)
         waiting = [w for w in waiting if not admit_prefilled(engine, *w)]
         if engine.has_unfinished_requests():
             engine.step()
         elif done and not waiting:
             break
+    receiver.join()
     for rid, req in engine.requests.items():
         finished[rid] = (req.output_token_ids, req.arrival_time, req.stats.token_times, req.finish_reason)
     return finished
 
 
-def _td(seconds: float):
-    from datetime import timedelta
-    return timedelta(seconds=seconds)

@@ -197,6 +197,8 @@ def torchrun_main(args) -> int:
     except comm.DistributedError as e:
         print(f"minfer: error: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError):        # bad input: rank 0 has printed the same error
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
