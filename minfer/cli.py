@@ -132,6 +132,7 @@ BENCHES = {
     "quant": ("minfer.bench.quant", "weight bytes, decode tok/s and perplexity per quantization format"),
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
+    "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),

@@ -20,6 +20,8 @@ from minfer.serving.metrics import percentile, tpot_from_timestamps
 from minfer.serving.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
+from minfer.distributed.layers import shard_weight
+from minfer.distributed.tensor_parallel import allreduce_bytes_per_token
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -42,6 +44,8 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "parallel.shard_weight": shard_weight,
+    "parallel.allreduce_bytes_per_token": allreduce_bytes_per_token,
 }
 
 

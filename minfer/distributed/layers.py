@@ -31,6 +31,18 @@ def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
     return rank * per, (rank + 1) * per
 
 
+def shard_weight(weight: torch.Tensor, rank: int, world: int, kind: str) -> torch.Tensor:
+    """Rank ``rank``'s piece of an ``nn.Linear`` weight (out, in): ``"column"`` parallel keeps
+    rows (output features) [r*out/N, (r+1)*out/N); ``"row"`` parallel keeps columns (inputs)."""
+    if kind == "column":
+        a, b = shard_range(weight.shape[0], rank, world)
+        return weight[a:b]                                              # (out / N, in)
+    if kind == "row":
+        a, b = shard_range(weight.shape[1], rank, world)
+        return weight[:, a:b]                                           # (out, in / N)
+    raise ValueError(f"kind must be 'column' or 'row', got {kind!r}")
+
+
 class ColumnParallelLinear(nn.Module):
     """Holds rows [start, stop) of W (out, in): output features of this rank only. No communication.
 

@@ -58,6 +58,14 @@ def check_tp_size(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"tensor_parallel_size={tp} does not divide intermediate_size={cfg.intermediate_size}")
 
 
+def allreduce_bytes_per_token(hidden_size: int, num_layers: int, tp: int, bytes_per_element: int = 2) -> float:
+    """Bytes ONE rank sends per token for the transformer blocks' all-reduces (o_proj and
+    down_proj: 2 per layer, each of a ``hidden_size`` vector), with the ring algorithm, in which
+    each rank sends 2 (N - 1) / N times the payload (reduce-scatter, then all-gather)."""
+    payload = hidden_size * bytes_per_element
+    return 2 * num_layers * 2 * (tp - 1) / tp * payload
+
+
 def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     """The config one rank's attention sees: its own query and K/V head counts."""
     return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // tp,
