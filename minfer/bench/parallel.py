@@ -141,8 +141,9 @@ def report(results: dict) -> str:
                    "colocated = 1 process, disaggregated = 2 processes")
         out.append(table(rows, [("mode", "mode", "{:>13}"), ("ttft_short_p50_ms", "TTFT short p50 ms", "{:.0f}"),
                                 ("ttft_long_p50_ms", "TTFT long p50 ms", "{:.0f}"),
+                                ("first_gap_p50_ms", "1st->2nd token p50 ms", "{:.0f}"),
                                 ("tpot_short_p50_ms", "TPOT short p50 ms", "{:.1f}"),
-                                ("itl_short_p99_ms", "ITL short p99 ms", "{:.0f}"),
+                                ("itl_short_p99_ms", "ITL short p99 ms (after 2nd)", "{:.0f}"),
                                 ("itl_short_max_ms", "ITL short max ms", "{:.0f}")]))
     f = results.get("formulas")
     if f:

@@ -210,14 +210,20 @@ def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> No
     _save(rank, out_path, {"error": error, "tokens": got, "seconds": time.perf_counter() - t0})
 
 
-def all_checks_worker(rank: int, world: int, out_path) -> None:
-    """TP, PP and disaggregation checks in one process group (starting processes is the slow part)."""
+def many_worker(rank: int, world: int, out_path, jobs) -> None:
+    """Run ``jobs`` = [(name, worker, args), ...] one after another in this process group;
+    rank 0 saves {name: what that worker saved}. Starting processes is the slow part."""
     import os
     results = {}
-    for name, worker in (("tp", tp_worker), ("pp", pp_worker), ("disagg", disagg_worker)):
+    for name, worker, args in jobs:
         part = f"{out_path}.{name}"
-        worker(rank, world, part)
+        worker(rank, world, part, *args)
         if rank == 0:
             results[name] = torch.load(part, weights_only=False)
             os.remove(part)
     _save(rank, out_path, results)
+
+
+def all_checks_worker(rank: int, world: int, out_path) -> None:
+    """The test suite's TP, PP and disaggregation checks, in one process group."""
+    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
