@@ -3,7 +3,7 @@
 The multi-process checks live in ``minfer.distributed.checks`` (spawned processes must import
 them); each spawns one 2-rank group and compares, on the same rank, the parallel run with the
 single-process one. Rank 0 saves its findings; the tests below assert on them. Three process
-groups in all (the checks, a dying rank, LLM(tensor_parallel_size=2)).
+groups in all (the checks, a dying rank, LLM(tensor_parallel_size=2)), plus torchrun on SmolLM2 (slow).
 """
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def test_column_and_row_shards_rebuild_the_linear(world, out_per, in_per, seed):
     torch.testing.assert_close(sum(rows), x @ W.T)
 
 
+def test_tp_engine_equals_single_engine(checks):
+    """LLMEngine with a DriverRunner on rank 0 and follow_engine on rank 1 vs the engine on the whole model."""
+    for seed, r in checks["tp_engine"].items():
+        assert r["got"] == r["want"], f"seed {seed}: TP engine {r['got']} vs one process {r['want']}"
+        assert r["steps"] > len(r["want"]), "requests should share steps (continuous batching)"
+
+
 # ---------------------------------------------------------------- pipeline parallel
 
 
@@ -156,3 +163,39 @@ def test_llm_tensor_parallel_equals_single_process(tmp_path):
     assert len(want_stop) < 6, "the stop string should end the request early"
     assert got_stop == want_stop
     assert got == want, "after an early stop the follower must still be in step with the driver"
+
+
+# ---------------------------------------------------------------- torchrun on SmolLM2 (slow)
+
+
+def _generate(smollm2_dir, launcher: list[str], *extra: str) -> str:
+    import subprocess
+    import sys
+    cmd = [sys.executable, *launcher, "-m", "minfer.cli", "generate", "The capital of France is",
+           "--model", str(smollm2_dir), "--temperature", "0", "--max-tokens", "12", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_torchrun_generate_equals_single_process(smollm2_dir):
+    want = _generate(smollm2_dir, [])
+    run = ["-m", "torch.distributed.run", "--nproc-per-node"]
+    assert _generate(smollm2_dir, [*run, "3"]) == want                           # TP=3: 3 query heads, 1 K/V head each
+    assert _generate(smollm2_dir, [*run, "2"], "--pipeline-parallel") == want    # 2 pipeline stages
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_torchrun_tp2_refused_for_smollm2(smollm2_dir):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "minfer.cli", "generate", "hi", "--model", str(smollm2_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "tensor_parallel_size=2 does not divide num_attention_heads=9" in done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr   # (torchrun's own
+    # report of a failed child is its business)

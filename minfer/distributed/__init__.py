@@ -8,12 +8,14 @@ prefill/decode disaggregation.
     pipeline.py         PipelineStage: a rank's layers, hidden states by send/recv, micro-batches
     disagg.py           a prefill worker and a decode worker, K/V blocks sent point to point
     runtime.py          the driver and its followers: LLM(tensor_parallel_size=N), torchrun
+    engine.py           LLMEngine under TP: the driver broadcasts each scheduled step, followers run it
     checks.py, measure.py   multi-process checks (tests, lesson) and measurements (bench parallel)
 
 Lesson 11 (``lessons/11_parallelism.ipynb``) walks through all of it.
 """
 from minfer.distributed.comm import COMM_STATS, DistributedError, init_distributed, launch
 from minfer.distributed.disagg import admit_prefilled, decode_worker, prefill_worker
+from minfer.distributed.engine import DriverRunner, follow_engine, tp_engine
 from minfer.distributed.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -34,7 +36,7 @@ from minfer.distributed.tensor_parallel import (
     shard_model,
 )
 
-__all__ = ["COMM_STATS", "DistributedError", "init_distributed", "launch", "admit_prefilled", "decode_worker",
+__all__ = ["DriverRunner", "follow_engine", "tp_engine", "COMM_STATS", "DistributedError", "init_distributed", "launch", "admit_prefilled", "decode_worker",
            "prefill_worker", "ColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RowParallelLinear",
            "VocabParallelEmbedding", "shard_weight", "PipelineStage", "bubble_fraction", "stage_layers",
            "ParallelConfig", "follow", "SafetensorsSource", "StateDictSource", "allreduce_bytes_per_token",

@@ -226,4 +226,28 @@ def many_worker(rank: int, world: int, out_path, jobs) -> None:
 
 def all_checks_worker(rank: int, world: int, out_path) -> None:
     """The test suite's TP, PP and disaggregation checks, in one process group."""
-    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
+    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("tp_engine", tp_engine_worker, ()),
+                                        ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
+
+
+def tp_engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
+    """The serving engine on TP shards (rank 0 drives, rank 1 follows) vs the engine on the whole model."""
+    from minfer.distributed.engine import follow_engine, tp_engine
+    cfg = tiny_config()
+    results = {}
+    for seed in seeds:
+        trace = mixed_trace(6, seed, cfg.vocab_size)
+        full = random_model(cfg, seed)
+        shard = build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world)
+        if rank == 0:
+            kw = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24, eos_token_ids=())
+            prompts = [r.prompt_token_ids for r in trace]
+            want = [q.output_token_ids for q in _engine(full, max_num_batched_tokens=24).generate(
+                prompts, [_params(r) for r in trace])]
+            engine = tp_engine(shard, **kw)
+            got = [q.output_token_ids for q in engine.generate(prompts, [_params(r) for r in trace])]
+            engine.runner.shutdown()
+            results[seed] = {"want": want, "got": got, "steps": engine.num_steps}
+        else:
+            follow_engine(shard)
+    _save(rank, out_path, results)
