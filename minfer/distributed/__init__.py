@@ -15,7 +15,7 @@ Lesson 11 (``lessons/11_parallelism.ipynb``) walks through all of it.
 """
 from minfer.distributed.comm import COMM_STATS, DistributedError, init_distributed, launch
 from minfer.distributed.disagg import admit_prefilled, decode_worker, prefill_worker
-from minfer.distributed.engine import DriverRunner, follow_engine, tp_engine
+from minfer.distributed.engine import DriverRunner, follow_engine, parallel_engine
 from minfer.distributed.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -36,7 +36,8 @@ from minfer.distributed.tensor_parallel import (
     shard_model,
 )
 
-__all__ = ["DriverRunner", "follow_engine", "tp_engine", "COMM_STATS", "DistributedError", "init_distributed", "launch", "admit_prefilled", "decode_worker",
+__all__ = ["DriverRunner", "follow_engine", "parallel_engine", "COMM_STATS", "DistributedError",
+           "init_distributed", "launch", "admit_prefilled", "decode_worker",
            "prefill_worker", "ColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RowParallelLinear",
            "VocabParallelEmbedding", "shard_weight", "PipelineStage", "bubble_fraction", "stage_layers",
            "ParallelConfig", "follow", "SafetensorsSource", "StateDictSource", "allreduce_bytes_per_token",

@@ -226,28 +226,37 @@ def many_worker(rank: int, world: int, out_path, jobs) -> None:
 
 def all_checks_worker(rank: int, world: int, out_path) -> None:
     """The test suite's TP, PP and disaggregation checks, in one process group."""
-    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("tp_engine", tp_engine_worker, ()),
+    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("engine", engine_worker, ()),
                                         ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
 
 
-def tp_engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
-    """The serving engine on TP shards (rank 0 drives, rank 1 follows) vs the engine on the whole model."""
-    from minfer.distributed.engine import follow_engine, tp_engine
+def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
+    """The serving engine with rank 0 driving and rank 1 following, on TP shards and on pipeline
+    stages (1 and 2 micro-batches per step), vs the engine on the whole model."""
+    from minfer.distributed.engine import follow_engine, parallel_engine
+    from minfer.distributed.pipeline import PipelineStage
     cfg = tiny_config()
     results = {}
     for seed in seeds:
         trace = mixed_trace(6, seed, cfg.vocab_size)
+        prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
         full = random_model(cfg, seed)
-        shard = build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world)
+        want = None
         if rank == 0:
-            kw = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24, eos_token_ids=())
-            prompts = [r.prompt_token_ids for r in trace]
-            want = [q.output_token_ids for q in _engine(full, max_num_batched_tokens=24).generate(
-                prompts, [_params(r) for r in trace])]
-            engine = tp_engine(shard, **kw)
-            got = [q.output_token_ids for q in engine.generate(prompts, [_params(r) for r in trace])]
-            engine.runner.shutdown()
-            results[seed] = {"want": want, "got": got, "steps": engine.num_steps}
-        else:
-            follow_engine(shard)
+            want = [q.output_token_ids for q in _engine(full, max_num_batched_tokens=24).generate(prompts, params)]
+        setups = {"tp": (lambda: build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world), 1),
+                  "pp": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 1),
+                  "pp, 2 micro-batches": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 2)}
+        for name, (make, m) in setups.items():
+            model = make()
+            if rank == 0:
+                engine = parallel_engine(model, num_microbatches=m, num_blocks=64, block_size=4,
+                                         max_num_batched_tokens=24, eos_token_ids=())
+                got = [q.output_token_ids for q in engine.generate(prompts, params)]
+                engine.runner.shutdown()
+                timeline = getattr(model, "timeline", [])
+                results[(seed, name)] = {"want": want, "got": got, "steps": engine.num_steps,
+                                         "microbatches": 1 + max((t[0] for t in timeline), default=0)}
+            else:
+                follow_engine(model)
     _save(rank, out_path, results)

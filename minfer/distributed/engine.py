@@ -1,4 +1,4 @@
-"""The serving engine under tensor parallelism: the driver schedules, every rank runs the step.
+"""The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
 
     rank 0: LLMEngine (scheduler, block manager, sampling, detokenizing, streaming)
               runner = DriverRunner: build the step's metadata ──broadcast──> followers
@@ -9,7 +9,8 @@
 What travels per step is the flattened batch: token ids, the ``PagedBatch`` (positions, slot
 mapping, block tables), pending copy-on-write copies and which rows need logits. Followers
 keep no scheduler and no block manager: block tables come from the driver, and each rank's
-KV pool holds only its own K/V heads. vLLM: ``vllm/v1/executor/multiproc_executor.py``
+KV pool holds only its own K/V heads (TP). Under pipeline parallelism each stage runs its layers
+on the step, optionally in micro-batches of whole sequences so that stages overlap. vLLM: ``vllm/v1/executor/multiproc_executor.py``
 (``collective_rpc("execute_model", scheduler_output)``) and the worker's model runner.
 The scheduler and the engine loop are the single-process ones, unchanged.
 """
@@ -21,24 +22,34 @@ from minfer.distributed import comm
 
 
 def run_step(model, cache, step: dict, attention: str) -> torch.Tensor:
-    """One forward over a flattened batch on this rank's shard -> logits (len(rows), vocab).
+    """One forward over a flattened batch on this rank's shard or stage -> logits (len(rows), vocab).
 
     The same body as ``ModelRunner.execute`` after its metadata is built; kept separate because
-    here the metadata arrives over the wire instead of from a block manager.
+    here the metadata arrives over the wire instead of from a block manager. Several metas =
+    pipeline micro-batches (``PipelineStage.forward_paged_microbatches``).
     """
-    meta = step["meta"]
+    metas, rows = step["metas"], step["rows"]
     cache.copy_blocks(step["copies"])
+    input_ids = torch.tensor([step["ids"]], device=metas[0].positions.device)    # (1, N)
+    if len(metas) > 1:
+        return model.forward_paged_microbatches(input_ids, metas, rows, cache, attention)[0]
+    meta = metas[0]
     cache.set_batch(meta)
-    rows = meta.logits_indices[step["rows"]] if step["rows"] else meta.logits_indices[:0]
-    input_ids = torch.tensor([step["ids"]], device=meta.positions.device)        # (1, N)
-    return model(input_ids, meta.positions, kv_cache=cache, attention=attention, logits_indices=rows)[0]
+    idx = meta.logits_indices[rows[0]] if rows[0] else meta.logits_indices[:0]
+    return model(input_ids, meta.positions, kv_cache=cache, attention=attention, logits_indices=idx)[0]
 
 
 class DriverRunner:
-    """Stands in for ``ModelRunner`` on rank 0: same ``execute``, plus a broadcast of the step."""
+    """Stands in for ``ModelRunner`` on rank 0: same ``execute``, plus a broadcast of the step.
 
-    def __init__(self, runner):
-        self.runner = runner
+    ``num_microbatches > 1`` (pipeline parallel only) cuts each step's sequences into that many
+    groups, so that the stages work on different groups at the same time.
+    """
+
+    def __init__(self, runner, num_microbatches: int = 1):
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        self.runner, self.num_microbatches = runner, num_microbatches
         self.kv_manager, self.vocab_size, self.cache = runner.kv_manager, runner.vocab_size, runner.cache
         comm.broadcast_object({"num_blocks": runner.cache.num_blocks, "block_size": runner.cache.block_size,
                                "attention": runner.attention, "cache_type": type(runner.cache)})
@@ -47,9 +58,14 @@ class DriverRunner:
     def execute(self, chunks, sample_rows) -> torch.Tensor:
         from minfer.kv.paged import PagedBatch
         r = self.runner
-        meta = PagedBatch.build(self.kv_manager, [(c.request.request_id, c.start, c.num_tokens) for c in chunks],
-                                device=r.device)
-        step = {"meta": meta, "copies": self.kv_manager.take_pending_copies(), "rows": list(sample_rows),
+        groups = [g for g in torch.arange(len(chunks)).tensor_split(self.num_microbatches) if len(g)]
+        metas, rows = [], []
+        for g in groups:
+            first, last = int(g[0]), int(g[-1]) + 1
+            metas.append(PagedBatch.build(self.kv_manager, [(c.request.request_id, c.start, c.num_tokens)
+                                                            for c in chunks[first:last]], device=r.device))
+            rows.append([i - first for i in sample_rows if first <= i < last])
+        step = {"metas": metas, "rows": rows, "copies": self.kv_manager.take_pending_copies(),
                 "ids": [t for c in chunks for t in c.request.all_token_ids[c.start:c.start + c.num_tokens]]}
         comm.broadcast_object(step)
         return run_step(r.model, self.cache, step, r.attention)
@@ -58,12 +74,12 @@ class DriverRunner:
         comm.broadcast_object(None)
 
 
-def tp_engine(model, tokenizer=None, **engine_kwargs):
-    """``LLMEngine.from_model`` on rank 0's shard, its runner swapped for a ``DriverRunner``.
-    The other ranks must be in ``follow_engine`` on their shards."""
+def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_kwargs):
+    """``LLMEngine.from_model`` on rank 0's TP shard or pipeline stage, its runner swapped for a
+    ``DriverRunner``. The other ranks must be in ``follow_engine`` on their shards/stages."""
     from minfer.serving.engine import LLMEngine
     engine = LLMEngine.from_model(model, tokenizer, **engine_kwargs)
-    engine.runner = DriverRunner(engine.runner)
+    engine.runner = DriverRunner(engine.runner, num_microbatches)
     return engine
 
 

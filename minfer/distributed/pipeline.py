@@ -109,6 +109,46 @@ class PipelineStage(nn.Module):
         return logits
 
 
+    @torch.no_grad()
+    def forward_paged_microbatches(self, input_ids, metas, rows, kv_cache, attention="sdpa"):
+        """The serving engine's flattened batch (1, N), cut into micro-batches of whole sequences.
+
+        ``metas[m]`` is micro-batch m's ``PagedBatch`` (its tokens follow those of m - 1 in
+        ``input_ids``), ``rows[m]`` the sequences of m that need logits. Each stage installs a
+        micro-batch's metadata in its paged cache, runs its layers, sends the hidden states on
+        without waiting, and goes on with the next: stage 0 works on micro-batch 1 while stage
+        1 works on micro-batch 0. Returns the logits (1, sum of rows, vocab) on every rank.
+        """
+        from minfer.attention import get_backend
+        backend = get_backend(attention) if isinstance(attention, str) else attention
+        h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype
+        outs, pending, offset = [], [], 0
+        for m, (meta, want) in enumerate(zip(metas, rows)):
+            n = meta.num_tokens
+            ids = input_ids[:, offset:offset + n]                                # (1, n)
+            offset += n
+            kv_cache.set_batch(meta)
+            if self.is_first:
+                x = self.model.embed_tokens(ids)                                 # (1, n, h)
+            else:
+                x = comm.recv(torch.empty(1, n, h, dtype=dtype, device=ids.device), self.rank - 1)
+            t0 = time.perf_counter()
+            x = self._run_layers(x, meta.positions, kv_cache, backend)
+            self.timeline.append((m, t0, time.perf_counter()))
+            if not self.is_last:
+                pending.append(dist.isend(x.contiguous(), self.rank + 1))
+                comm.COMM_STATS.add("send", x.nbytes, 0.0)
+            elif want:
+                outs.append(self.compute_logits(self.model.norm(x[:, meta.logits_indices[want]])))
+        for w in pending:
+            comm._timed("send", 0, w.wait)
+        K = sum(len(w) for w in rows)
+        logits = (torch.cat(outs, dim=1) if outs else torch.empty(1, 0, self.cfg.vocab_size, dtype=dtype)) \
+            if self.is_last else torch.empty(1, K, self.cfg.vocab_size, dtype=dtype, device=input_ids.device)
+        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
+        return logits
+
+
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
     """GPipe's idle share of a forward: (S - 1) / (M + S - 1) (equal stages, no communication cost)."""
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
