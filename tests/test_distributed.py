@@ -36,13 +36,15 @@ def checks(tmp_path_factory):
 # ---------------------------------------------------------------- tensor parallel
 
 
-@pytest.mark.parametrize("case", list(TP_CASES))
+@pytest.mark.parametrize("case", list(TP_CASES) + [f"random {i}" for i in range(6)])
 def test_tp2_equals_tp1(checks, case):
+    """Named shapes, and 6 random configs (heads, head_dim, widths, bias, tied, layers) drawn with a seed."""
     r = checks["tp"][case]
     assert r["max_abs_err"] < FP32_ATOL, f"{case}: logits differ by {r['max_abs_err']:.3e}"
     assert r["tokens_tp"] == r["tokens_full"], f"{case}: contiguous cache {r['tokens_tp']} vs {r['tokens_full']}"
     assert r["tokens_tp_paged"] == r["tokens_full"], f"{case}: paged cache"
-    assert len(set(r["tokens_full"])) > 1, "the tiny model should not just repeat one token"
+    if not case.startswith("random"):
+        assert len(set(r["tokens_full"])) > 1, "the tiny model should not just repeat one token"
 
 
 def test_tp_refuses_heads_that_do_not_divide(checks):

@@ -67,10 +67,28 @@ def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_le
             "tokens_tp_paged": list(generate_tokens(shard, prompt, GREEDY, kv_cache="paged"))}
 
 
+def random_tp_cases(n: int, world: int, seed: int = 0) -> dict:
+    """``n`` random configs that split over ``world`` ranks (the same on every rank: seeded)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+    cases = {}
+    for i in range(n):
+        nkv = pick([1, world, 2 * world])
+        nh = nkv * pick([1, 2, 3]) if nkv >= world else world * pick([1, 2])
+        hd = pick([4, 8])
+        cases[f"random {i}"] = dict(num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+                                    hidden_size=pick([16, 24, 32]), num_hidden_layers=pick([1, 2, 3]),
+                                    intermediate_size=world * pick([8, 12]), vocab_size=pick([64, 95]),
+                                    attention_bias=pick([False, True]), tie_word_embeddings=pick([False, True]))
+    return cases
+
+
 def tp_worker(rank: int, world: int, out_path, cases=None) -> None:
     results = {}
-    for name, kw in (cases or TP_CASES).items():
-        results[name] = compare_tp(tiny_config(**kw), rank, world)
+    for name, kw in (cases or {**TP_CASES, **random_tp_cases(6, world)}).items():
+        results[name] = {**compare_tp(tiny_config(**kw), rank, world), "config": kw}
     try:                                                   # 3 query heads cannot be split over 2 ranks
         build_tp_model(tiny_config(num_attention_heads=3, num_key_value_heads=3, hidden_size=30),
                        None, rank, world)

@@ -181,7 +181,9 @@ def torchrun_main(args) -> int:
             try:
                 return args.func(args) or 0
             except (ValueError, FileNotFoundError) as e:
-                print(f"minfer: error: {e}", file=sys.stderr)
+                hint = (" (choose --nproc-per-node among those sizes, or add --pipeline-parallel)"
+                        if "tensor_parallel_size" in str(e) and not pp else "")
+                print(f"minfer: error: {e}{hint}", file=sys.stderr)
                 return 2
             finally:
                 for d in DRIVERS:
