@@ -2,8 +2,8 @@
 
 The multi-process checks live in ``minfer.distributed.checks`` (spawned processes must import
 them); each spawns one 2-rank group and compares, on the same rank, the parallel run with the
-single-process one. Rank 0 saves its findings; the tests below assert on them. Three process
-groups in all (the checks, a dying rank, LLM(tensor_parallel_size=2)), plus torchrun on SmolLM2 (slow).
+single-process one. Rank 0 saves its findings; the tests below assert on them. Four process
+groups in all (the checks, a dying rank twice, LLM(tensor_parallel_size=2)), plus torchrun on SmolLM2 (slow).
 """
 from __future__ import annotations
 
@@ -134,10 +134,15 @@ def test_disaggregated_equals_single_engine(checks):
 # ---------------------------------------------------------------- failures
 
 
-def test_dying_rank_gives_a_clear_error(tmp_path_factory):
-    r = _launch(dying_rank_worker, tmp_path_factory)
+@pytest.mark.parametrize("mode", ["llm", "engine"])
+def test_dying_rank_gives_a_clear_error(tmp_path_factory, mode):
+    """The follower's process exits mid-request: the driver raises DistributedError (no hang), and
+    the engine's in-flight requests are finished as aborted."""
+    r = _launch(dying_rank_worker, tmp_path_factory, mode)
     assert r["error"] is not None and "failed (another rank died" in r["error"], r
     assert len(r["tokens"]) >= 1 and r["seconds"] < 30
+    if mode == "engine":
+        assert r["finish_reasons"] == ["abort", "abort"]
 
 
 # ---------------------------------------------------------------- the public API

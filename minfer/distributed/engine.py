@@ -67,8 +67,21 @@ class DriverRunner:
             rows.append([i - first for i in sample_rows if first <= i < last])
         step = {"metas": metas, "rows": rows, "copies": self.kv_manager.take_pending_copies(),
                 "ids": [t for c in chunks for t in c.request.all_token_ids[c.start:c.start + c.num_tokens]]}
-        comm.broadcast_object(step)
-        return run_step(r.model, self.cache, step, r.attention)
+        try:
+            comm.broadcast_object(step)
+            return run_step(r.model, self.cache, step, r.attention)
+        except comm.DistributedError:
+            self.fail_requests()
+            raise
+
+    def fail_requests(self) -> None:
+        """A rank is gone: abort every unfinished request of the engine (its finish reason becomes
+        "abort"), so that callers waiting on them are released, then let the error propagate."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            for rid, req in list(engine.requests.items()):
+                if not req.is_finished:
+                    engine.abort(rid)
 
     def shutdown(self) -> None:
         comm.broadcast_object(None)
@@ -80,6 +93,7 @@ def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_k
     from minfer.serving.engine import LLMEngine
     engine = LLMEngine.from_model(model, tokenizer, **engine_kwargs)
     engine.runner = DriverRunner(engine.runner, num_microbatches)
+    engine.runner.engine = engine                  # to fail its requests if a rank dies
     return engine
 
 
