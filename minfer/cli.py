@@ -45,7 +45,9 @@ def _llm(args):
     from minfer.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                kv_cache=args.kv_cache, quantization=args.quantization,
-               speculative=getattr(args, "speculative", None))
+               speculative=getattr(args, "speculative", None),
+               tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+               pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1))
 
 
 def _print_timing(out) -> None:
@@ -132,6 +134,7 @@ BENCHES = {
     "quant": ("minfer.bench.quant", "weight bytes, decode tok/s and perplexity per quantization format"),
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
+    "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
@@ -182,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default=None,
                    help="speculative decoding: prompt_lookup[:k=N,min=N,max=N,adaptive=0|1] | draft:<model>|layers-K|int4"
                         "[,gamma=N] | lookahead[:W=N,N=N,G=N] (greedy only); output unchanged")
+    p.add_argument("--pipeline-parallel", action="store_true",
+                   help="under torchrun: split the layers into one stage per process (default: tensor parallel)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")
@@ -212,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:   # started by torchrun
+        if args.cmd != "generate":
+            print(f"minfer: error: under torchrun only `minfer generate` runs (got {args.cmd!r})", file=sys.stderr)
+            return 2
+        from minfer.distributed.runtime import torchrun_main
+        return torchrun_main(args)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:      # bad input: one clear line, no traceback

@@ -73,7 +73,8 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa",
                  kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0,
-                 quantization: str | None = None, speculative=None):
+                 quantization: str | None = None, speculative=None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
@@ -85,7 +86,14 @@ class LLM:
         from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
         if quantization is not None:
             parse_spec(quantization)                              # fail early on a bad name
-        if is_quantized_checkpoint(model):                        # written by `minfer quantize`
+        self.driver = None                                        # minfer.distributed: rank 0 of a group
+        if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+            from minfer.distributed.runtime import ParallelConfig, start_driver
+            if quantization is not None or spec_config is not None:
+                raise ValueError("tensor/pipeline parallelism runs without quantization and speculative decoding")
+            cfg, self.model, tokenizer, self.driver = start_driver(
+                model, ParallelConfig(tensor_parallel_size, pipeline_parallel_size), self.dtype, self.device)
+        elif is_quantized_checkpoint(model):                      # written by `minfer quantize`
             if quantization is not None:
                 raise ValueError(f"{model} is already quantized; leave quantization unset")
             cfg, self.model, tokenizer = load_quantized_folder(model, device=self.device, dtype=self.dtype)
@@ -135,6 +143,10 @@ class LLM:
             tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
                                           eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
                                           attention=self.attention, stats=spec_stats, metrics=metrics)
+        if self.driver is not None:        # the other ranks run the same loop, in step with this one
+            tokens = self.driver.run({"prompt_ids": prompt_ids, "params": params, "kv_cache": self.kv_cache,
+                                      "eos_token_ids": self.tokenizer.eos_token_ids, "attention": self.attention,
+                                      "prefill_chunk": self.prefill_chunk}, tokens)
         for tok in tokens:
             token_ids.append(tok)
             text += detok.add(tok)
@@ -151,6 +163,7 @@ class LLM:
                 emitted = safe
         else:
             text += detok.flush()
+        tokens.close()                     # end the loop now (a parallel driver tells its followers)
         if on_text and len(text) > emitted:
             on_text(text[emitted:])
         metrics.finish_time = time.perf_counter()

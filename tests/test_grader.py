@@ -22,6 +22,8 @@ from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 from minfer.serving.cost import dollars_per_mtok, kwh_per_mtok
 from minfer.serving.router import ring_lookup
+from minfer.distributed.layers import shard_weight
+from minfer.distributed.tensor_parallel import allreduce_bytes_per_token
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -47,6 +49,8 @@ ENGINE = {
     "router.ring_lookup": ring_lookup,
     "cost.dollars_per_mtok": dollars_per_mtok,
     "cost.kwh_per_mtok": kwh_per_mtok,
+    "parallel.shard_weight": shard_weight,
+    "parallel.allreduce_bytes_per_token": allreduce_bytes_per_token,
 }
 
 

@@ -431,3 +431,4 @@ from minfer.lessons import ex_spec  # noqa: E402,F401  lesson 07: speculative de
 from minfer.lessons import ex_quant  # noqa: E402,F401  lesson 06: weight-only quantization
 from minfer.lessons import ex_serving  # noqa: E402,F401  lesson 05: serving metrics, continuous batching
 from minfer.lessons import ex_service  # noqa: E402,F401  lesson 09: routing, the cost of a token
+from minfer.lessons import ex_parallel  # noqa: E402,F401  lesson 11: tensor-parallel shards, all-reduce bytes

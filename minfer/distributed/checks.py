@@ -1,0 +1,299 @@
+"""Multi-process checks run by the tests, the lesson and ``minfer bench parallel``.
+
+Each ``*_worker(rank, world, ...)`` runs inside ``comm.launch`` (one gloo group, tiny
+random models), compares the parallel run with the single-process one *on the same
+rank*, and rank 0 saves a dict of findings with ``torch.save`` for the caller to assert on.
+Many cases share one process group, because starting processes is the slow part.
+"""
+from __future__ import annotations
+
+import torch
+
+from minfer.config import ModelConfig
+from minfer.distributed import comm
+from minfer.distributed.tensor_parallel import StateDictSource, build_tp_model
+from minfer.generate import generate_tokens
+from minfer.model import build_model
+from minfer.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
+    return ModelConfig(**{**base, **kw})
+
+
+TP_CASES = {
+    "MHA": dict(num_key_value_heads=4),
+    "GQA": dict(num_key_value_heads=2),
+    "MQA": dict(num_key_value_heads=1),
+    "GQA+bias": dict(attention_bias=True),
+    "untied": dict(tie_word_embeddings=False),
+    "odd vocab": dict(vocab_size=97),
+}
+
+
+def _save(rank: int, out_path, results) -> None:
+    if rank == 0:
+        torch.save(results, out_path)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """A tiny random model whose greedy tokens vary (projections scaled up: plain N(0, 0.02)
+    weights make a tied model repeat its last token)."""
+    model = build_model(cfg, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(15.0)
+    return model
+
+
+def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_len: int = 7) -> dict:
+    """Logits and greedy tokens of the full model vs this rank's TP shard of it."""
+    full = random_model(cfg, seed)
+    shard = build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=g)
+    pos = torch.arange(prompt_len)[None].expand(2, -1)
+    with torch.no_grad():
+        want, got = full(ids, pos), shard(ids, pos)
+    prompt = ids[0].tolist()
+    return {"max_abs_err": float((want - got).abs().max()),
+            "tokens_full": list(generate_tokens(full, prompt, GREEDY)),
+            "tokens_tp": list(generate_tokens(shard, prompt, GREEDY)),
+            "tokens_tp_paged": list(generate_tokens(shard, prompt, GREEDY, kv_cache="paged"))}
+
+
+def random_tp_cases(n: int, world: int, seed: int = 0) -> dict:
+    """``n`` random configs that split over ``world`` ranks (the same on every rank: seeded)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+    cases = {}
+    for i in range(n):
+        nkv = pick([1, world, 2 * world])
+        nh = nkv * pick([1, 2, 3]) if nkv >= world else world * pick([1, 2])
+        hd = pick([4, 8])
+        cases[f"random {i}"] = dict(num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+                                    hidden_size=pick([16, 24, 32]), num_hidden_layers=pick([1, 2, 3]),
+                                    intermediate_size=world * pick([8, 12]), vocab_size=pick([64, 95]),
+                                    attention_bias=pick([False, True]), tie_word_embeddings=pick([False, True]))
+    return cases
+
+
+def tp_worker(rank: int, world: int, out_path, cases=None) -> None:
+    results = {}
+    for name, kw in (cases or {**TP_CASES, **random_tp_cases(6, world)}).items():
+        results[name] = {**compare_tp(tiny_config(**kw), rank, world), "config": kw}
+    try:                                                   # 3 query heads cannot be split over 2 ranks
+        build_tp_model(tiny_config(num_attention_heads=3, num_key_value_heads=3, hidden_size=30),
+                       None, rank, world)
+        results["refused"] = None
+    except ValueError as e:
+        results["refused"] = str(e)
+    _save(rank, out_path, results)
+
+
+# ---------------------------------------------------------------------------
+# Pipeline parallel
+# ---------------------------------------------------------------------------
+
+
+def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> None:
+    """PP=world logits (with 1, 2, 4 micro-batches) and greedy tokens vs the whole model on one rank."""
+    from minfer.distributed.pipeline import PipelineStage
+    results = {}
+    for name, kw in {"GQA": {}, "untied": dict(tie_word_embeddings=False, num_hidden_layers=5)}.items():
+        cfg = tiny_config(**kw)
+        full = random_model(cfg)
+        stage = PipelineStage(random_model(cfg), rank, world)
+        ids = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(6)[None].expand(4, -1)
+        with torch.no_grad():
+            want = full(ids, pos)
+            errs = {m: float((stage(ids, pos, num_microbatches=m) - want).abs().max()) for m in num_microbatches}
+        prompt = ids[0].tolist()
+        results[name] = {"max_abs_err": errs, "layers": list(stage.layer_ids),
+                         "tokens_full": list(generate_tokens(full, prompt, GREEDY)),
+                         "tokens_pp": list(generate_tokens(stage, prompt, GREEDY))}
+    _save(rank, out_path, results)
+
+
+# ---------------------------------------------------------------------------
+# Prefill/decode disaggregation
+# ---------------------------------------------------------------------------
+
+
+def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
+    """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
+    from minfer.serving.workload import TraceRequest
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(k):
+        return torch.randint(0, vocab, (k,), generator=g).tolist()
+    prefix = rand(prefix_len)
+    trace = []
+    for i in range(n):
+        tail = rand(int(torch.randint(1, max_prompt - prefix_len, (1,), generator=g)))
+        prompt = prefix + tail if i % 2 else rand(len(tail) + 3)
+        trace.append(TraceRequest(f"r{i}", 0.0, prompt, int(torch.randint(1, 9, (1,), generator=g))))
+    return trace
+
+
+def _engine(model, **kw):
+    from minfer.serving.engine import LLMEngine
+    return LLMEngine.from_model(model, **{"num_blocks": 64, "block_size": 4, "max_num_batched_tokens": 64,
+                                          "eos_token_ids": (), **kw})
+
+
+def _params(r):
+    return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+
+
+def _seeded_params(r):
+    return SamplingParams(temperature=0.8, top_p=0.9, seed=int(r.request_id[1:]), max_tokens=r.max_tokens,
+                          ignore_eos=True)
+
+
+def _count_prefix_hits(kv_manager) -> list[int]:
+    """Record the prefix-cache hit of every ``allocate`` (tokens whose K/V were found cached)."""
+    hits, allocate = [], kv_manager.allocate
+
+    def counting(seq_id, token_ids):
+        n = allocate(seq_id, token_ids)
+        hits.append(n or 0)
+        return n
+    kv_manager.allocate = counting
+    return hits
+
+
+def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
+    """Rank 0 prefills, rank 1 decodes; rank 0 then runs the same requests on one engine and compares."""
+    from minfer.distributed.disagg import decode_worker, prefill_worker
+    cfg = tiny_config()
+    results = {}
+    for seed in seeds:
+        for kind, make in (("greedy", _params), ("seeded", _seeded_params)):
+            trace = mixed_trace(6, seed, cfg.vocab_size)
+            engine = _engine(random_model(cfg), max_num_batched_tokens=16)   # prompts over several steps
+            hits = _count_prefix_hits(engine.runner.kv_manager)
+            if rank == 0:
+                prefill_worker(engine, trace, make)
+                got = comm.recv_object(1)
+                ref = _engine(random_model(cfg)).generate([r.prompt_token_ids for r in trace],
+                                                         [make(r) for r in trace])
+                results[(seed, kind)] = {
+                    "want": {r.request_id: q.output_token_ids for r, q in zip(trace, ref)},
+                    "got": {rid: v[0] for rid, v in got.items()},
+                    "prefix_hit_tokens": sum(hits)}
+            else:
+                comm.send_object(decode_worker(engine), 0)
+    _save(rank, out_path, results)
+
+
+# ---------------------------------------------------------------------------
+# A rank that dies
+# ---------------------------------------------------------------------------
+
+
+def dying_rank_worker(rank: int, world: int, out_path, mode: str = "llm", die_after: int = 3) -> None:
+    """Rank 1 follows the driver for ``die_after`` tokens (mode "llm": the single-request loop) or
+    steps (mode "engine": the serving engine), then its process exits. Rank 0 must get a
+    DistributedError (not hang); it records the message, how long it waited, and (engine) the
+    finish reasons of the requests that were in flight."""
+    import os
+    import time
+
+    from minfer.distributed.engine import parallel_engine, run_step
+    from minfer.distributed.runtime import Driver, ParallelConfig
+    cfg = tiny_config()
+    shard = build_tp_model(cfg, StateDictSource(random_model(cfg).state_dict()), rank, world)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    if rank == 1:
+        if mode == "llm":
+            req = comm.broadcast_object(None)
+            for i, _ in enumerate(generate_tokens(shard, req["prompt_ids"], params)):
+                if i == die_after:
+                    os._exit(0)                               # no goodbye: the process is gone
+                comm.broadcast_object(None)
+        setup = comm.broadcast_object(None)
+        cache = setup["cache_type"](shard.cfg, setup["num_blocks"], setup["block_size"])
+        for _ in range(die_after):
+            run_step(shard, cache, comm.broadcast_object(None), setup["attention"])
+        os._exit(0)
+    t0, got, error, reasons = time.perf_counter(), [], None, None
+    try:
+        if mode == "llm":
+            driver = Driver(ParallelConfig(tensor_parallel_size=world))
+            driver.closed = True                              # nobody left to tell
+            request = {"prompt_ids": [1, 2, 3], "params": params}
+            for tok in driver.run(request, generate_tokens(shard, request["prompt_ids"], params)):
+                got.append(tok)
+        else:
+            engine = parallel_engine(shard, num_blocks=64, block_size=4, eos_token_ids=())
+            for p in ([1, 2, 3], [4, 5, 6, 7]):
+                engine.add_request(p, params)
+            for out in engine.stream():
+                got.extend(out.new_token_ids)
+    except comm.DistributedError as e:
+        error = str(e)
+        if mode == "engine":
+            reasons = [r.finish_reason for r in engine.requests.values()]
+    _save(rank, out_path, {"error": error, "tokens": got, "seconds": time.perf_counter() - t0,
+                           "finish_reasons": reasons})
+
+
+def many_worker(rank: int, world: int, out_path, jobs) -> None:
+    """Run ``jobs`` = [(name, worker, args), ...] one after another in this process group;
+    rank 0 saves {name: what that worker saved}. Starting processes is the slow part."""
+    import os
+    results = {}
+    for name, worker, args in jobs:
+        part = f"{out_path}.{name}"
+        worker(rank, world, part, *args)
+        if rank == 0:
+            results[name] = torch.load(part, weights_only=False)
+            os.remove(part)
+    _save(rank, out_path, results)
+
+
+def all_checks_worker(rank: int, world: int, out_path) -> None:
+    """The test suite's TP, PP and disaggregation checks, in one process group."""
+    many_worker(rank, world, out_path, [("tp", tp_worker, ()), ("engine", engine_worker, ()),
+                                        ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
+
+
+def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
+    """The serving engine with rank 0 driving and rank 1 following, on TP shards and on pipeline
+    stages (1 and 2 micro-batches per step), vs the engine on the whole model."""
+    from minfer.distributed.engine import follow_engine, parallel_engine
+    from minfer.distributed.pipeline import PipelineStage
+    cfg = tiny_config()
+    results = {}
+    for seed in seeds:
+        trace = mixed_trace(6, seed, cfg.vocab_size)
+        prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
+        full = random_model(cfg, seed)
+        want = None
+        if rank == 0:
+            want = [q.output_token_ids for q in _engine(full, max_num_batched_tokens=24).generate(prompts, params)]
+        setups = {"tp": (lambda: build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world), 1),
+                  "pp": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 1),
+                  "pp, 2 micro-batches": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 2)}
+        for name, (make, m) in setups.items():
+            model = make()
+            if rank == 0:
+                engine = parallel_engine(model, num_microbatches=m, num_blocks=64, block_size=4,
+                                         max_num_batched_tokens=24, eos_token_ids=())
+                got = [q.output_token_ids for q in engine.generate(prompts, params)]
+                engine.runner.shutdown()
+                timeline = getattr(model, "timeline", [])
+                results[(seed, name)] = {"want": want, "got": got, "steps": engine.num_steps,
+                                         "microbatches": 1 + max((t[0] for t in timeline), default=0)}
+            else:
+                follow_engine(model)
+    _save(rank, out_path, results)

@@ -1,0 +1,186 @@
+"""The process group, timed collectives, and a launcher: everything that touches ``torch.distributed``.
+
+Every other file of ``minfer.distributed`` talks to the other ranks through the
+functions here, so that (a) each collective has a timeout and a dead rank turns
+into one clear ``DistributedError`` instead of a hang, and (b) ``COMM_STATS``
+can count the bytes and the seconds spent communicating (``minfer bench parallel``).
+
+    torchrun --nproc-per-node 2 -m minfer.cli generate ...   # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR...
+    init_distributed()                                          # reads them: gloo on CPU, NCCL on GPU
+    launch(fn, 2, *args)                                        # tests and notebooks: torch.multiprocessing
+
+vLLM's equivalent: ``vllm/distributed/parallel_state.py`` (groups) and
+``vllm/distributed/communication_op.py`` (``tensor_model_parallel_all_reduce``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A collective or a point-to-point transfer failed: a rank died, or did not answer in time."""
+
+
+def _fail(what: str, e: Exception) -> DistributedError:
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    return DistributedError(f"rank {rank}: {what} failed (another rank died or did not answer within "
+                            f"the timeout): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# Counting what goes over the wire
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class CommStats:
+    """Bytes and seconds spent in collectives since the last ``reset`` (this rank's view)."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, op: str, nbytes: int, seconds: float) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.bytes[op] = self.bytes.get(op, 0) + nbytes
+        self.seconds[op] = self.seconds.get(op, 0.0) + seconds
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+        self.seconds.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+COMM_STATS = CommStats()
+
+
+# ---------------------------------------------------------------------------
+# Starting the group
+# ---------------------------------------------------------------------------
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by ``torchrun`` (it exports RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment variables -> (rank, world size).
+
+    backend: None = NCCL when CUDA is available, else gloo. Already initialised: just report.
+    """
+    if not dist.is_initialized():
+        if not launched_by_torchrun():
+            missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+            raise ValueError(f"not started by torchrun: environment variable(s) {missing} are not set "
+                             "(run `torchrun --nproc-per-node N -m minfer.cli ...`)")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed("gloo", timeout_s)
+    try:
+        fn(rank, world, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, nprocs: int, *args, timeout_s: float = 30.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh processes joined by a gloo group.
+
+    What torchrun does from the shell, from Python (tests, notebooks): ``fn`` must be
+    importable (a module-level function). A rank that raises makes this raise too.
+    """
+    import torch.multiprocessing as mp
+    mp.start_processes(_launched, args=(nprocs, free_port(), timeout_s, fn, args), nprocs=nprocs,
+                       join=True, start_method="spawn")
+
+
+# ---------------------------------------------------------------------------
+# Collectives, each timed, counted, and turned into DistributedError on failure
+# ---------------------------------------------------------------------------
+
+
+def _timed(op: str, nbytes: int, call):
+    t0 = time.perf_counter()
+    try:
+        result = call()
+    except (RuntimeError, ValueError) as e:   # gloo: "Connection closed by peer", timeouts
+        raise _fail(op, e) from None
+    COMM_STATS.add(op, nbytes, time.perf_counter() - t0)
+    return result
+
+
+def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group``, in place; returns it. Bytes counted: x.nbytes."""
+    _timed("all_reduce", x.nbytes, lambda: dist.all_reduce(x, group=group))
+    return x
+
+
+def all_gather_last(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along the last dim (rank order)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    _timed("all_gather", x.nbytes * len(parts), lambda: dist.all_gather(parts, x.contiguous(), group=group))
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """The driver's ``obj`` on every rank (pickled). Used for request and step metadata."""
+    box = [obj]
+    _timed("broadcast", 0, lambda: dist.broadcast_object_list(box, src=src, group=group))
+    return box[0]
+
+
+def send(x: torch.Tensor, dst: int) -> None:
+    _timed("send", x.nbytes, lambda: dist.send(x.contiguous(), dst))
+
+
+def recv(x: torch.Tensor, src: int) -> torch.Tensor:
+    _timed("recv", x.nbytes, lambda: dist.recv(x, src))
+    return x
+
+
+def send_object(obj, dst: int) -> None:
+    _timed("send", 0, lambda: dist.send_object_list([obj], dst))
+
+
+def recv_object(src: int):
+    box = [None]
+    _timed("recv", 0, lambda: dist.recv_object_list(box, src))
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    _timed("barrier", 0, lambda: dist.barrier(group=group))

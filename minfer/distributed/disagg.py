@@ -1,0 +1,195 @@
+"""Prefill/decode disaggregation: one process prefills, another decodes (DistServe, Zhong et al. 2024).
+
+Colocated, a long prompt's prefill shares the engine's steps with everyone's decodes, and
+every running request's next token waits for it: inter-token latency spikes. Split:
+
+    prefill worker (rank 0)                              decode worker (rank 1)
+    LLMEngine: schedule, prefill, sample token 1         LLMEngine: decode steps only
+    per request whose prompt is done:                    between its steps, polls for arrivals:
+      header  [kind, n_blocks]         ───send──>          irecv(header) completed?
+      meta    (ids, params, token 1,   ───send──>          allocate blocks in ITS pool (prefix hits too),
+               sampler state)                               copy the K/V in, commit the prompt tokens,
+      K, V    (L, n_blocks, bs, nkv, hd) ─send──>          the request joins `running` with token 1
+      abort it here (its blocks go to the prefix cache)    ... decodes exactly as a single engine would
+
+Both engines are the ordinary ``LLMEngine`` with the ordinary scheduler: disaggregation is
+a deployment choice. The only new step is ``admit_prefilled``: a request enters the
+decode engine already computed, as vLLM's KV connector lets the scheduler do
+(``vllm/distributed/kv_transfer/kv_connector/v1/``, requests "waiting for remote KVs").
+The sampler's generator state travels too, so seeded sampling continues unchanged.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minfer.distributed import comm
+from minfer.serving.request import RequestStatus
+
+KIND_DONE, KIND_TRANSFER, KIND_FINISHED = 0, 1, 2
+PREFILL_RANK, DECODE_RANK = 0, 1
+
+
+@dataclass
+class PrefilledRequest:
+    """What travels with the K/V blocks."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: object
+    arrival_time: float
+    first_token: int
+    first_token_time: float
+    generator_state: torch.Tensor
+
+
+# ---------------------------------------------------------------------------
+# Prefill side
+# ---------------------------------------------------------------------------
+
+
+def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
+    """Ship a request that just got its first token, then drop it here."""
+    req = engine.requests[request_id]
+    n_prompt = req.num_prompt_tokens
+    table = engine.runner.kv_manager.block_table(request_id)[: -(-n_prompt // engine.runner.kv_manager.block_size)]
+    cache = engine.runner.cache
+    meta = PrefilledRequest(request_id, req.prompt_token_ids, req.params, req.arrival_time,
+                            req.output_token_ids[0], req.stats.token_times[0], req.generator.get_state())
+    comm.send(torch.tensor([KIND_TRANSFER, len(table)]), dst)
+    comm.send_object(meta, dst)
+    idx = torch.tensor(table)
+    comm.send(cache.k[:, idx], dst)                                   # (L, n_blocks, bs, nkv, hd)
+    comm.send(cache.v[:, idx], dst)
+    engine.abort(request_id)
+
+
+def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=time.sleep) -> None:
+    """Replay ``trace`` (``workload.TraceRequest``s) on a prefill-only engine; send each prompt on.
+
+    Requests that finish with their first token (max_tokens=1, EOS) are sent as finished.
+    """
+    clock = engine.clock
+    pending = sorted(trace, key=lambda r: r.arrival_time)
+    t0, k = clock(), 0
+    engine.no_more_requests(True)
+    while k < len(pending) or engine.has_unfinished_requests():
+        while k < len(pending) and t0 + pending[k].arrival_time <= clock():
+            r = pending[k]
+            engine.add_request(r.prompt_token_ids, make_params(r), request_id=r.request_id,
+                               arrival_time=t0 + r.arrival_time)
+            k += 1
+        outs = engine.step()
+        for d in outs:
+            req = engine.requests[d.request_id]
+            if d.finished:                                # done with one token: nothing to decode
+                comm.send(torch.tensor([KIND_FINISHED, 0]), dst)
+                comm.send_object((req.request_id, req.output_token_ids, req.arrival_time,
+                                  req.stats.token_times, req.finish_reason), dst)
+            else:
+                send_prefilled(engine, d.request_id, dst)
+        if not outs and not engine.has_unfinished_requests() and k < len(pending):
+            sleep(max(t0 + pending[k].arrival_time - clock(), 1e-6))
+    comm.send(torch.tensor([KIND_DONE, 0]), dst)
+
+
+# ---------------------------------------------------------------------------
+# Decode side
+# ---------------------------------------------------------------------------
+
+
+def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now."""
+    kvm, sched = engine.runner.kv_manager, engine.scheduler
+    ids = meta.prompt_token_ids
+    hit = kvm.allocate(meta.request_id, ids)                       # prefix hits here: blocks already right
+    if hit is None:
+        return False
+    table = kvm.block_table(meta.request_id)
+    fresh = list(range(hit // kvm.block_size, len(table)))
+    if fresh:
+        dst = torch.tensor([table[i] for i in fresh])
+        engine.runner.cache.k[:, dst] = k[:, fresh]
+        engine.runner.cache.v[:, dst] = v[:, fresh]
+    kvm.commit_tokens(meta.request_id, ids[hit:])                    # hashes full blocks: prefix cache
+    engine.add_request(ids, meta.params, request_id=meta.request_id, arrival_time=meta.arrival_time)
+    req = engine.requests[meta.request_id]
+    sched.waiting.remove(req)
+    req.generator.set_state(meta.generator_state)
+    req.num_computed_tokens = len(ids)
+    req.status = RequestStatus.RUNNING
+    req.stats.first_scheduled_time = meta.arrival_time
+    sched.running.append(req)
+    sched.num_slots[meta.request_id] = len(ids)
+    engine._append_token(req, meta.first_token, meta.first_token_time)
+    return True
+
+
+def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
+    """Background thread: blocking receives from the prefill worker, put on ``inbox`` in order.
+
+    A thread, so that transfers land while the engine steps (a real KV connector transfers
+    asynchronously too); it is the only user of the process group on the decode side.
+    """
+    cache = engine.runner.cache
+    try:
+        while True:
+            kind, n_blocks = comm.recv(torch.empty(2, dtype=torch.long), src).tolist()
+            if kind == KIND_DONE:
+                inbox.put((KIND_DONE, None))
+                return
+            if kind == KIND_FINISHED:
+                inbox.put((KIND_FINISHED, comm.recv_object(src)))
+                continue
+            meta = comm.recv_object(src)
+            shape = (cache.k.shape[0], n_blocks, *cache.k.shape[2:])      # (L, n_blocks, bs, nkv, hd)
+            kv = [comm.recv(torch.empty(shape, dtype=cache.k.dtype), src) for _ in range(2)]
+            inbox.put((KIND_TRANSFER, (meta, *kv)))
+    except comm.DistributedError as e:
+        inbox.put((None, e))
+
+
+def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
+    """Admit what the prefill worker sends and decode until it says done and all have finished.
+
+    -> {request_id: (output token ids, arrival time, token times, finish reason)}.
+    """
+    inbox: queue.Queue = queue.Queue()
+    receiver = threading.Thread(target=_receive_all, args=(engine, src, inbox), daemon=True)
+    receiver.start()
+    finished, waiting, done = {}, [], False
+    while True:
+        idle = not (engine.has_unfinished_requests() or waiting)
+        while not done:
+            try:                                  # wait for news only when there is nothing to step
+                kind, item = inbox.get(block=idle, timeout=comm.DEFAULT_TIMEOUT_S if idle else None)
+            except queue.Empty:
+                if idle:
+                    raise comm.DistributedError("decode worker: no word from the prefill worker "
+                                                f"in {comm.DEFAULT_TIMEOUT_S:.0f} s") from None
+                break
+            idle = False
+            if kind is None:
+                raise item
+            if kind == KIND_DONE:
+                done = True
+            elif kind == KIND_FINISHED:
+                rid, toks, arrival, times, reason = item
+                finished[rid] = (toks, arrival, times, reason)
+            else:
+                waiting.append(item)
+        waiting = [w for w in waiting if not admit_prefilled(engine, *w)]
+        if engine.has_unfinished_requests():
+            engine.step()
+        elif done and not waiting:
+            break
+    receiver.join()
+    for rid, req in engine.requests.items():
+        finished[rid] = (req.output_token_ids, req.arrival_time, req.stats.token_times, req.finish_reason)
+    return finished
+
+

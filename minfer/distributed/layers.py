@@ -1,0 +1,132 @@
+"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019, "Megatron-LM"), with vLLM's names.
+
+An ``nn.Linear`` computes ``y = x @ W.T`` with W of shape (out, in). Split W two ways::
+
+    column parallel: W = [W_0; W_1]  (rows of W = output features)   y_r = x @ W_r.T     each rank: a slice of y
+    row parallel:    W = [W_0  W_1]  (columns of W = input features) y = sum_r x_r @ W_r.T  -> all-reduce
+
+A transformer block pairs them so that only ONE all-reduce is needed per pair:
+q/k/v (column, whole heads per rank) -> attention on the local heads -> o_proj (row, all-reduce);
+gate/up (column) -> SwiGLU on the local slice -> down_proj (row, all-reduce). The embedding and the
+LM head split the vocabulary: embedding rows outside a rank's range give zeros and an all-reduce
+fills them in; the LM head's logits slices are all-gathered.
+
+vLLM: ``vllm/model_executor/layers/linear.py`` (ColumnParallelLinear, RowParallelLinear,
+QKVParallelLinear) and ``vllm/model_executor/layers/vocab_parallel_embedding.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minfer.distributed import comm
+
+
+def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's equal share of ``size`` items; ``size`` must divide by ``world``."""
+    if size % world:
+        raise ValueError(f"{size} does not divide into {world} equal shards")
+    per = size // world
+    return rank * per, (rank + 1) * per
+
+
+def shard_weight(weight: torch.Tensor, rank: int, world: int, kind: str) -> torch.Tensor:
+    """Rank ``rank``'s piece of an ``nn.Linear`` weight (out, in): ``"column"`` parallel keeps
+    rows (output features) [r*out/N, (r+1)*out/N); ``"row"`` parallel keeps columns (inputs)."""
+    if kind == "column":
+        a, b = shard_range(weight.shape[0], rank, world)
+        return weight[a:b]                                              # (out / N, in)
+    if kind == "row":
+        a, b = shard_range(weight.shape[1], rank, world)
+        return weight[:, a:b]                                           # (out, in / N)
+    raise ValueError(f"kind must be 'column' or 'row', got {kind!r}")
+
+
+class ColumnParallelLinear(nn.Module):
+    """Holds rows [start, stop) of W (out, in): output features of this rank only. No communication.
+
+    ``gather_output=True`` all-gathers the full output (the LM head does; inner layers do not).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 gather_output: bool = False, group=None, full_out: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)          # (out / tp, in)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gather_output, self.group = gather_output, group
+        self.full_out = full_out                                         # drop padding after the gather
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)                          # (..., out / tp)
+        if self.gather_output:
+            y = comm.all_gather_last(y, self.group)                      # (..., out [+ padding])
+            if self.full_out is not None:
+                y = y[..., :self.full_out]
+        return y
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """A column-parallel projection split at head boundaries: each rank holds whole heads.
+
+    vLLM fuses q, k and v into one ``qkv_proj``; minfer keeps HF's three modules
+    (``q_proj``, ``k_proj``, ``v_proj``) so that checkpoint names stay as they are, and
+    each of the three is a ``QKVParallelLinear`` over its own heads. ``head_range`` says
+    which heads: query heads are split evenly; K/V heads too when tp divides them, else
+    (tp a multiple of n_kv_heads, e.g. MQA) each K/V head is *replicated* on tp / n_kv ranks,
+    so a GQA group (one K/V head and the query heads that read it) is never cut apart
+    from its K/V head.
+    """
+
+    @staticmethod
+    def head_range(num_heads: int, num_kv_heads: int, rank: int, world: int, kind: str) -> tuple[int, int]:
+        """[first, last) head of ``kind`` ("q" or "kv") that ``rank`` holds."""
+        if kind == "q":
+            return shard_range(num_heads, rank, world)
+        if num_kv_heads >= world:
+            return shard_range(num_kv_heads, rank, world)
+        first = rank * num_kv_heads // world                            # replicated K/V head
+        return first, first + 1
+
+
+class RowParallelLinear(nn.Module):
+    """Holds columns [start, stop) of W (out, in): takes this rank's slice of the input,
+    returns the full output after one all-reduce (the bias is added once, after it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)          # (out, in / tp)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = comm.all_reduce(F.linear(x, self.weight), self.group)       # (..., out): partial sums added
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + rows) of the embedding table (vocab padded up to a multiple of tp).
+
+    A token id outside this rank's range looks up a zero vector; the all-reduce then
+    adds exactly one non-zero row per token (the owner's).
+    """
+
+    def __init__(self, weight: torch.Tensor, start: int, *, group=None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)          # (vocab_padded / tp, h)
+        self.start, self.group = start, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start                                         # (B, T)
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)   # (B, T, h)
+        x = x * mine[..., None].to(x.dtype)
+        return comm.all_reduce(x, self.group)
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The LM head over the vocabulary shard: local logits, all-gathered, padding removed.
+    With tied embeddings it shares the ``VocabParallelEmbedding``'s weight (vLLM: ``ParallelLMHead``)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, *, group=None):
+        super().__init__(weight, None, gather_output=True, group=group, full_out=vocab_size)

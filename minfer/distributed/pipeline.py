@@ -1,0 +1,154 @@
+"""Pipeline parallelism: the layers split into stages, one stage per rank, hidden states sent on.
+
+    rank 0: embed, layers [0, L/2)  --send x (B, T, h)-->  rank 1: layers [L/2, L), norm, LM head
+
+One sequence at a time, only one stage works while the others wait. Micro-batches
+(GPipe, Huang et al. 2019) cut the batch into M pieces: stage 0 sends micro-batch 0
+on and starts micro-batch 1 while stage 1 works on micro-batch 0. With S stages,
+the idle fraction (the "bubble") of a forward is (S - 1) / (M + S - 1).
+
+The last stage hands the logits back to every rank with a broadcast, so that each
+rank's copy of the generation loop samples the same token (vLLM's last stage samples
+and broadcasts only the token ids; minfer sends the logits, which is simpler to follow).
+
+vLLM: ``vllm/distributed/parallel_state.py`` (``get_pp_group``), ``IntermediateTensors``
+in ``vllm/sequence.py``, and ``make_layers`` (``vllm/model_executor/models/utils.py``),
+which leaves a stage's foreign layers as ``PPMissingLayer``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minfer.distributed import comm
+from minfer.model import rope_cos_sin
+
+
+def stage_layers(num_layers: int, rank: int, world: int, share_group: int = 1) -> range:
+    """Layer indices of stage ``rank``: contiguous, as even as possible, never cutting a KV-sharing group."""
+    if num_layers < world:
+        raise ValueError(f"pipeline_parallel_size={world} is more than num_hidden_layers={num_layers}")
+    groups = -(-num_layers // share_group)
+    if groups < world:
+        raise ValueError(f"pipeline_parallel_size={world} is more than the {groups} KV-sharing groups")
+    bounds = [min(num_layers, (groups * r // world) * share_group) for r in range(world + 1)]
+    bounds[-1] = num_layers
+    return range(bounds[rank], bounds[rank + 1])
+
+
+class PipelineStage(nn.Module):
+    """One rank's part of a ``Transformer``: its layers (foreign ones are dropped), plus the
+    embedding on the first stage and the final norm and LM head on the last.
+
+    ``forward`` has the ``Transformer``'s signature, so ``generate_tokens`` runs unchanged on
+    every rank; ``timeline`` records (micro-batch, start, end) of this stage's compute.
+    """
+
+    def __init__(self, model, rank: int, world: int):
+        super().__init__()
+        cfg = model.cfg
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.layer_ids = stage_layers(cfg.num_hidden_layers, rank, world, cfg.kv_share_group)
+        self.model = model.model                                    # keeps HF names: model.layers.i
+        for i in range(cfg.num_hidden_layers):
+            if i not in self.layer_ids:
+                self.model.layers[i] = nn.Identity()               # vLLM: PPMissingLayer
+        self.is_first, self.is_last = rank == 0, rank == world - 1
+        self.lm_head = getattr(model, "lm_head", None)
+        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        self.compute_logits = model.compute_logits
+        self.timeline: list[tuple[int, float, float]] = []
+
+    def _run_layers(self, x, positions, kv_cache, backend):
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)       # (B, 1, T, hd) each
+        shared_kv = None
+        for i in self.layer_ids:
+            x, shared_kv = self.model.layers[i](x, cos, sin, positions, kv_cache, shared_kv, backend)
+        return x
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, kv_cache=None, attention="sdpa", last_only=False,
+                logits_indices=None, num_microbatches: int = 1):
+        """Logits (B, T or 1 or K, vocab) on every rank; the batch goes through in micro-batches."""
+        from minfer.attention import get_backend
+        backend = get_backend(attention) if isinstance(attention, str) else attention
+        B, T = input_ids.shape
+        if num_microbatches > 1 and kv_cache is not None:
+            raise ValueError("micro-batches need kv_cache=None (a cache holds one batch layout)")
+        h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype
+        pieces = torch.arange(B).tensor_split(num_microbatches)
+        pieces = [p for p in pieces if len(p)]
+        outs, pending = [], []
+        for m, rows in enumerate(pieces):
+            ids, pos = input_ids[rows], positions[rows]
+            if self.is_first:
+                x = self.model.embed_tokens(ids)                            # (b, T, h)
+            else:
+                x = comm.recv(torch.empty(len(rows), T, h, dtype=dtype, device=ids.device), self.rank - 1)
+            t0 = time.perf_counter()
+            x = self._run_layers(x, pos, kv_cache, backend)
+            self.timeline.append((m, t0, time.perf_counter()))
+            if not self.is_last:                      # hand on, and go on with the next micro-batch
+                pending.append(dist.isend(x.contiguous(), self.rank + 1))
+                comm.COMM_STATS.add("send", x.nbytes, 0.0)
+                continue
+            if last_only:
+                x = x[:, -1:]
+            elif logits_indices is not None:
+                x = x[:, logits_indices]
+            outs.append(self.compute_logits(self.model.norm(x)))
+        for w in pending:
+            comm._timed("send", 0, w.wait)
+        T_out = 1 if last_only else (len(logits_indices) if logits_indices is not None else T)
+        logits = torch.cat(outs) if self.is_last else torch.empty(B, T_out, self.cfg.vocab_size, dtype=dtype,
+                                                                   device=input_ids.device)
+        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
+        return logits
+
+
+    @torch.no_grad()
+    def forward_paged_microbatches(self, input_ids, metas, rows, kv_cache, attention="sdpa"):
+        """The serving engine's flattened batch (1, N), cut into micro-batches of whole sequences.
+
+        ``metas[m]`` is micro-batch m's ``PagedBatch`` (its tokens follow those of m - 1 in
+        ``input_ids``), ``rows[m]`` the sequences of m that need logits. Each stage installs a
+        micro-batch's metadata in its paged cache, runs its layers, sends the hidden states on
+        without waiting, and goes on with the next: stage 0 works on micro-batch 1 while stage
+        1 works on micro-batch 0. Returns the logits (1, sum of rows, vocab) on every rank.
+        """
+        from minfer.attention import get_backend
+        backend = get_backend(attention) if isinstance(attention, str) else attention
+        h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype
+        outs, pending, offset = [], [], 0
+        for m, (meta, want) in enumerate(zip(metas, rows)):
+            n = meta.num_tokens
+            ids = input_ids[:, offset:offset + n]                                # (1, n)
+            offset += n
+            kv_cache.set_batch(meta)
+            if self.is_first:
+                x = self.model.embed_tokens(ids)                                 # (1, n, h)
+            else:
+                x = comm.recv(torch.empty(1, n, h, dtype=dtype, device=ids.device), self.rank - 1)
+            t0 = time.perf_counter()
+            x = self._run_layers(x, meta.positions, kv_cache, backend)
+            self.timeline.append((m, t0, time.perf_counter()))
+            if not self.is_last:
+                pending.append(dist.isend(x.contiguous(), self.rank + 1))
+                comm.COMM_STATS.add("send", x.nbytes, 0.0)
+            elif want:
+                outs.append(self.compute_logits(self.model.norm(x[:, meta.logits_indices[want]])))
+        for w in pending:
+            comm._timed("send", 0, w.wait)
+        K = sum(len(w) for w in rows)
+        logits = (torch.cat(outs, dim=1) if outs else torch.empty(1, 0, self.cfg.vocab_size, dtype=dtype)) \
+            if self.is_last else torch.empty(1, K, self.cfg.vocab_size, dtype=dtype, device=input_ids.device)
+        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
+        return logits
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+    """GPipe's idle share of a forward: (S - 1) / (M + S - 1) (equal stages, no communication cost)."""
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)

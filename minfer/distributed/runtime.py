@@ -1,0 +1,206 @@
+"""One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
+
+    driver (rank 0)                           followers (ranks 1..N-1)
+    LLM.stream(prompt)                        follow():
+      broadcast (prompt ids, params, ...) ──>   receive the request
+      generate_tokens(model shard)              generate_tokens(model shard)   <- same loop, same
+        all-reduce / all-gather  <──────────>     all-reduce / all-gather         collectives
+      after each token: broadcast go/stop ──>   continue or stop with the driver
+    shutdown(): broadcast None ─────────────>   return
+
+Every rank runs the same single-request loop on its own shard and samples the same
+token from the same (all-gathered) logits; the driver alone decides when a request
+ends (it also applies stop strings, which need the text), and says so after every
+token. This is vLLM's executor pattern (``vllm/v1/executor/multiproc_executor.py``:
+the driver broadcasts the scheduled step, workers run it) for one request at a time.
+
+Two ways in: ``torchrun --nproc-per-node N -m minfer.cli generate ...`` (every rank
+is started by torchrun; rank 0 runs the command, the others ``follow``), or
+``LLM(..., tensor_parallel_size=N)`` in an ordinary process, which becomes rank 0
+and spawns the N-1 followers itself.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minfer.distributed import comm
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size cannot both be > 1 yet "
+                             "(one kind of parallelism at a time)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def load_parallel_model(model: str, pc: ParallelConfig, rank: int, dtype, device):
+    """-> (full config, this rank's model: a TP shard or a pipeline stage, tokenizer)."""
+    if pc.tensor_parallel_size > 1:
+        from minfer.distributed.tensor_parallel import load_tp_checkpoint
+        return load_tp_checkpoint(model, rank, pc.tensor_parallel_size, dtype=dtype, device=device)
+    from minfer.checkpoints import load_checkpoint
+    from minfer.distributed.pipeline import PipelineStage
+    from minfer.model import build_model
+    cfg, sd, tok = load_checkpoint(model, dtype=dtype, device="cpu")
+    return cfg, PipelineStage(build_model(cfg, sd, device=device, dtype=dtype), rank, pc.pipeline_parallel_size), tok
+
+
+# ---------------------------------------------------------------------------
+# The driver side
+# ---------------------------------------------------------------------------
+
+
+DRIVERS: list["Driver"] = []      # this process's drivers (torchrun_main shuts them down)
+
+
+class Driver:
+    """Rank 0's handle on the group: sends each request, then a go/stop after every token."""
+
+    def __init__(self, pc: ParallelConfig, procs=()):
+        self.pc, self.procs, self.closed = pc, list(procs), False
+        DRIVERS.append(self)
+        atexit.register(self.shutdown)
+
+    def run(self, request: dict, tokens):
+        """Broadcast ``request``, then yield from ``tokens`` in lockstep with the followers."""
+        comm.broadcast_object(request)
+        for tok in tokens:
+            try:
+                yield tok
+            except GeneratorExit:                 # the caller stopped (stop string, EOS, ...)
+                comm.broadcast_object(False)
+                raise
+            comm.broadcast_object(True)
+
+    def shutdown(self) -> None:
+        """Tell the followers to return; wait for spawned ones; leave the group."""
+        if self.closed or not dist.is_initialized():
+            return
+        self.closed = True
+        try:
+            comm.broadcast_object(None)
+        except comm.DistributedError:
+            pass
+        for p in self.procs:
+            p.join(timeout=10)
+        dist.destroy_process_group()
+
+
+def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    comm.init_distributed(None, timeout_s)
+    _, shard, _ = load_parallel_model(model, pc, rank, dtype, device)
+    follow(shard)
+    dist.destroy_process_group()
+
+
+def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float = comm.DEFAULT_TIMEOUT_S):
+    """Make this process rank 0 of ``pc.world_size`` ranks -> (config, shard, tokenizer, Driver).
+
+    Under torchrun the group exists already (world size must match); otherwise the
+    followers are spawned here, as vLLM's multiprocessing executor does.
+    """
+    procs = []
+    if dist.is_initialized() or comm.launched_by_torchrun():
+        rank, world = comm.init_distributed(None, timeout_s)
+        if world != pc.world_size:
+            raise ValueError(f"torchrun started {world} processes but tensor_parallel_size x "
+                             f"pipeline_parallel_size = {pc.world_size}")
+        if rank != 0:
+            raise ValueError("only rank 0 builds the LLM; other ranks call minfer.distributed.follow")
+    else:
+        import torch.multiprocessing as mp
+        port = comm.free_port()
+        ctx = mp.get_context("spawn")
+        for r in range(1, pc.world_size):
+            p = ctx.Process(target=_spawned_follower, daemon=True,
+                            args=(r, pc.world_size, port, model, pc, dtype, str(device), timeout_s))
+            p.start()
+            procs.append(p)
+        os.environ.update(RANK="0", WORLD_SIZE=str(pc.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        comm.init_distributed(None, timeout_s)
+    cfg, shard, tok = load_parallel_model(model, pc, 0, dtype, device)
+    return cfg, shard, tok, Driver(pc, procs)
+
+
+# ---------------------------------------------------------------------------
+# The follower side
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def follow(model) -> int:
+    """Serve the driver's requests on this rank's ``model`` until it says shut down; returns how many."""
+    from minfer.generate import generate_tokens
+    served = 0
+    while True:
+        req = comm.broadcast_object(None)
+        if req is None:
+            return served
+        tokens = generate_tokens(model, req["prompt_ids"], req["params"], eos_token_ids=req["eos_token_ids"],
+                                 kv_cache=req["kv_cache"], attention=req["attention"],
+                                 prefill_chunk=req["prefill_chunk"])
+        try:
+            for _ in tokens:
+                if not comm.broadcast_object(None):
+                    break
+        except ValueError:          # bad request (e.g. too long): the driver raised the same error
+            continue
+        served += 1
+
+
+def torchrun_main(args) -> int:
+    """``torchrun --nproc-per-node N -m minfer.cli generate ...``: rank 0 runs the command
+    with ``tensor_parallel_size=N`` (or ``--pipeline-parallel``: N stages), the others follow."""
+    rank, world = comm.init_distributed(None, getattr(args, "dist_timeout", comm.DEFAULT_TIMEOUT_S))
+    pp = getattr(args, "pipeline_parallel", False)
+    args.tensor_parallel_size, args.pipeline_parallel_size = (1, world) if pp else (world, 1)
+    try:
+        if rank == 0:
+            try:
+                return args.func(args) or 0
+            except (ValueError, FileNotFoundError) as e:
+                hint = (" (choose --nproc-per-node among those sizes, or add --pipeline-parallel)"
+                        if "tensor_parallel_size" in str(e) and not pp else "")
+                print(f"minfer: error: {e}{hint}", file=sys.stderr)
+                return 2
+            finally:
+                for d in DRIVERS:
+                    d.shutdown()
+        from minfer.llm import resolve_device, resolve_dtype
+        pc = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
+        device = resolve_device(args.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        _, shard, _ = load_parallel_model(args.model, pc, rank, resolve_dtype(args.dtype), device)
+        follow(shard)
+        return 0
+    except comm.DistributedError as e:
+        print(f"minfer: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError):        # bad input: rank 0 has printed the same error
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,211 @@
+"""Shard an already-built ``minfer.model.Transformer`` over a tensor-parallel group.
+
+``shard_model(model, source, rank, world)`` replaces, in place, every projection
+by its parallel layer holding this rank's slice, read from ``source``:
+
+    self_attn.q_proj/k_proj/v_proj  QKVParallelLinear    whole heads (K/V replicated when tp > n_kv)
+    self_attn.o_proj                RowParallelLinear    one all-reduce
+    mlp.gate_proj/up_proj           ColumnParallelLinear
+    mlp.down_proj                   RowParallelLinear    one all-reduce
+    model.embed_tokens              VocabParallelEmbedding  one all-reduce
+    lm_head (tied: shares the above) ParallelLMHead      one all-gather of logits
+
+Module names stay HF's, and the model's own ``forward`` runs unchanged: it only
+sees a *rank-local* config (``local_config``: this rank's head counts), so its
+``view(B, T, nh, hd)`` and its KV caches are sized for the local heads. Per token
+and layer that is 2 all-reduces of ``hidden_size`` activations.
+
+A ``source`` is anything with ``get(name, dim, start, stop)``: ``StateDictSource``
+(a model in memory) or ``SafetensorsSource`` (a checkpoint folder, reading each
+slice with safetensors' ``get_slice``: a rank never loads the whole matrix).
+
+vLLM: ``vllm/model_executor/models/llama.py`` builds the parallel layers directly and
+each one's ``weight_loader`` narrows the checkpoint tensor to its shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from minfer.config import ModelConfig
+from minfer.distributed.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_range,
+)
+
+
+def check_tp_size(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError (naming the field) unless ``cfg`` splits over ``tp`` ranks by whole heads."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if nh % tp:
+        ok = [d for d in range(1, nh + 1) if nh % d == 0 and (nkv % d == 0 or d % nkv == 0)]
+        raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads={nh} "
+                         f"(each rank needs whole query heads); sizes that work for this model: {ok}")
+    if nkv % tp and tp % nkv:
+        raise ValueError(f"tensor_parallel_size={tp} and num_key_value_heads={nkv}: neither divides the "
+                         "other, so whole K/V heads cannot be given (or replicated) to every rank")
+    if cfg.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide intermediate_size={cfg.intermediate_size}")
+
+
+def allreduce_bytes_per_token(hidden_size: int, num_layers: int, tp: int, bytes_per_element: int = 2) -> float:
+    """Bytes ONE rank sends per token for the transformer blocks' all-reduces (o_proj and
+    down_proj: 2 per layer, each of a ``hidden_size`` vector), with the ring algorithm, in which
+    each rank sends 2 (N - 1) / N times the payload (reduce-scatter, then all-gather)."""
+    payload = hidden_size * bytes_per_element
+    return 2 * num_layers * 2 * (tp - 1) / tp * payload
+
+
+def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The config one rank's attention sees: its own query and K/V head counts."""
+    return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // tp,
+                               num_key_value_heads=max(1, cfg.num_key_value_heads // tp),
+                               extra={**cfg.extra, "tensor_parallel_size": tp, "full_config": cfg})
+
+
+# ---------------------------------------------------------------------------
+# Where the slices come from
+# ---------------------------------------------------------------------------
+
+
+class StateDictSource:
+    """Slices of tensors held in memory (a full model's ``state_dict()``)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.sd = state_dict
+
+    def has(self, name: str) -> bool:
+        return name in self.sd
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self.sd[name]
+        return t.clone() if dim is None else t.narrow(dim, start, stop - start).clone()
+
+
+class SafetensorsSource:
+    """Slices read straight from an HF folder's ``*.safetensors`` files with ``get_slice``."""
+
+    def __init__(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+        from minfer.checkpoints.hf import _safetensors_files
+        self.dtype, self.device = dtype, device
+        self.where: dict[str, Path] = {}
+        self._open = {}
+        for file in _safetensors_files(Path(folder)):
+            f = safe_open(str(file), framework="pt", device="cpu")
+            self._open[file] = f
+            for name in f.keys():
+                self.where[name] = file
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise ValueError(f"checkpoint has no tensor {name!r}")
+        sl = self._open[self.where[name]].get_slice(name)
+        if dim is None:
+            t = sl[:]
+        elif dim == 0:
+            t = sl[start:stop]
+        else:
+            t = sl[:, start:stop]
+        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+
+
+# ---------------------------------------------------------------------------
+# The rewrite
+# ---------------------------------------------------------------------------
+
+
+def _rows(source, name: str, start: int, stop: int):
+    return source.get(name, 0, start, stop)
+
+
+def shard_model(model, source, rank: int, world: int, group=None):
+    """Turn ``model`` (a ``Transformer``, possibly on the meta device) into rank ``rank``'s shard.
+
+    Every parameter ends up loaded from ``source``; returns the model.
+    """
+    full = model.cfg
+    check_tp_size(full, world)
+    if full.kv_share_group != 1:
+        raise ValueError("tensor parallelism with kv_share_group > 1 is not supported")
+    cfg = local_config(full, world)
+    hd = full.head_dim
+    nh, nkv = full.num_attention_heads, full.num_key_value_heads
+    q0, q1 = QKVParallelLinear.head_range(nh, nkv, rank, world, "q")
+    k0, k1 = QKVParallelLinear.head_range(nh, nkv, rank, world, "kv")
+    f0, f1 = shard_range(full.intermediate_size, rank, world)
+
+    def col(prefix, a, b, cls=ColumnParallelLinear):
+        bias = _rows(source, prefix + ".bias", a, b) if source.has(prefix + ".bias") else None
+        return cls(_rows(source, prefix + ".weight", a, b), bias, group=group)
+
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.cfg = cfg
+        attn.q_proj = col(p + "self_attn.q_proj", q0 * hd, q1 * hd, QKVParallelLinear)
+        attn.k_proj = col(p + "self_attn.k_proj", k0 * hd, k1 * hd, QKVParallelLinear)
+        attn.v_proj = col(p + "self_attn.v_proj", k0 * hd, k1 * hd, QKVParallelLinear)
+        attn.o_proj = RowParallelLinear(source.get(p + "self_attn.o_proj.weight", 1, q0 * hd, q1 * hd), group=group)
+        mlp.gate_proj = col(p + "mlp.gate_proj", f0, f1)
+        mlp.up_proj = col(p + "mlp.up_proj", f0, f1)
+        mlp.down_proj = RowParallelLinear(source.get(p + "mlp.down_proj.weight", 1, f0, f1), group=group)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, norm).weight = torch.nn.Parameter(source.get(p + norm + ".weight"), requires_grad=False)
+    model.model.norm.weight = torch.nn.Parameter(source.get("model.norm.weight"), requires_grad=False)
+
+    # Vocabulary: pad to a multiple of tp, so every rank holds the same number of rows.
+    V = full.vocab_size
+    per = -(-V // world)
+    v0, v1 = min(rank * per, V), min((rank + 1) * per, V)
+
+    def vocab_rows(name):
+        w = _rows(source, name, v0, v1)                                  # (<= per, h)
+        pad = w.new_zeros(per - w.shape[0], w.shape[1])
+        return torch.cat([w, pad])                                       # (per, h)
+
+    model.model.embed_tokens = VocabParallelEmbedding(vocab_rows("model.embed_tokens.weight"), v0, group=group)
+    head_w = (model.model.embed_tokens.weight if full.tie_word_embeddings else vocab_rows("lm_head.weight"))
+    model.lm_head = ParallelLMHead(head_w, V, group=group)
+    device = model.model.embed_tokens.weight.device
+    from minfer.model import rope_inv_freq
+    model.inv_freq = rope_inv_freq(full).to(device)
+    model.cfg = cfg
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"shard_model left parameters unloaded: {meta[:3]}")
+    return model.eval().requires_grad_(False)
+
+
+def build_tp_model(cfg: ModelConfig, source, rank: int, world: int, group=None, dtype=torch.float32, device="cpu"):
+    """An empty ``Transformer`` on the meta device, sharded from ``source``: no full copy is ever built."""
+    from minfer.model import Transformer
+    check_tp_size(cfg, world)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return shard_model(model, source, rank, world, group).to(device=device, dtype=dtype)
+
+
+def load_tp_checkpoint(name_or_path, rank: int, world: int, dtype=torch.float32, device="cpu", group=None):
+    """-> (full config, this rank's sharded model, tokenizer) from an HF folder or registry name."""
+    from minfer.checkpoints.hf import read_config
+    from minfer.checkpoints.loader import resolve_model
+    from minfer.tokenizer import Tokenizer
+    path = resolve_model(name_or_path)
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path}: tensor parallelism loads HF safetensors folders only (slices need get_slice)")
+    cfg = read_config(path)
+    model = build_tp_model(cfg, SafetensorsSource(path, dtype=dtype), rank, world, group, dtype, device)
+    return cfg, model, Tokenizer.from_folder(path)
