@@ -11,6 +11,9 @@ fed decides how often that head is streamed from memory:
     folded    the g query heads stacked as g queries of their K/V head
               (``minfer.attention.sdpa.sdpa``; FlashAttention's
               ``seqlenq_ngroups_swapped``): each K/V head streamed once
+    triton    the paged decode kernel of ``minfer/kernels/paged_decode.py``
+              reading K/V in blocks of 16 through a block table (CUDA only:
+              on CPU Triton's interpreter runs it, far too slowly to time)
 
 Shapes only (random tensors in the model's head layout), so no weights are
 needed and any config works. Interleaved rounds, medians; the ratio column is
@@ -30,6 +33,25 @@ from minfer.attention.sdpa import sdpa
 from minfer.bench.timing import interleaved, table, write_json
 
 METHODS = ("repeat", "gqa", "folded")
+
+
+def methods_for(device) -> tuple[str, ...]:
+    """The methods timed on ``device``: the Triton kernel only on CUDA with Triton installed."""
+    if torch.device(device).type == "cuda":
+        from minfer.kernels import paged_decode
+        if paged_decode.triton is not None:
+            return METHODS + ("triton",)
+    return METHODS
+
+
+def _as_pages(k: torch.Tensor, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, nkv, S, hd) contiguous K -> a pool (B * nb, block_size, nkv, hd) and block tables (B, nb)."""
+    B, nkv, S, hd = k.shape
+    nb = -(-S // block_size)
+    pad = torch.zeros(B, nkv, nb * block_size - S, hd, dtype=k.dtype, device=k.device)
+    pool = torch.cat([k, pad], 2).transpose(1, 2).reshape(B * nb, block_size, nkv, hd).contiguous()
+    tables = torch.arange(B * nb, device=k.device, dtype=torch.int32).reshape(B, nb)
+    return pool, tables
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,24 +91,34 @@ def decode_attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device="cpu",
             log=lambda s: None) -> dict[str, float]:
     """Median ms of ``layers`` decode-attention calls (one per layer, each its own K/V) per method."""
+    methods = methods_for(device)
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, 1, nh, hd, generator=gen).transpose(1, 2).to(device)   # (B, nh, 1, hd) as the model makes it
     kv = [(torch.randn(batch, nkv, context, hd, generator=gen).to(device),
            torch.randn(batch, nkv, context, hd, generator=gen).to(device)) for _ in range(layers)]
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    if "triton" in methods:
+        from minfer.kernels import paged_decode_attention
+        pages = [(_as_pages(k), _as_pages(v)[0]) for k, v in kv]
+        q3 = q[:, :, 0].contiguous()                                        # (B, nh, hd)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
 
     def timed(method):
         def run():
             sync()
             t = time.perf_counter()
-            for k, v in kv:
-                decode_attention(method, q, k, v)
+            if method == "triton":
+                for (kp, tables), vp in pages:
+                    paged_decode_attention(q3, kp, vp, tables, lens)
+            else:
+                for k, v in kv:
+                    decode_attention(method, q, k, v)
             sync()
             return {"ms": (time.perf_counter() - t) * 1e3}
         return run
-    med = interleaved({m: timed(m) for m in METHODS}, repeats=repeats, warmup=1, log=log)
-    return {m: med[m]["ms"] for m in METHODS}
+    med = interleaved({m: timed(m) for m in methods}, repeats=repeats, warmup=1, log=log)
+    return {m: med[m]["ms"] for m in methods}
 
 
 def main(args) -> int:
@@ -108,12 +140,17 @@ def main(args) -> int:
             log(f"batch {b}, context {s}:")
             ms = measure(cfg, b, s, layers=layers, repeats=args.repeats, device=args.device, log=log)
             kv_mb = 2 * layers * b * cfg.num_key_value_heads * s * cfg.head_dim * 4 / 1e6
-            rows.append({"batch": b, "context": s, "kv_mb": kv_mb, **{f"{m}_ms": ms[m] for m in METHODS},
-                         "x_repeat": ms["gqa"] / ms["repeat"], "x_folded": ms["gqa"] / ms["folded"]})
-    print(table(rows, [("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
-                       ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
-                       ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
-                       ("x_folded", "folded: x gqa speed", "{:.2f}")]))
+            rows.append({"batch": b, "context": s, "kv_mb": kv_mb, **{f"{m}_ms": ms[m] for m in ms},
+                         **{f"x_{m}": ms["gqa"] / ms[m] for m in ms if m != "gqa"}})
+    cols = [("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
+            ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
+            ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
+            ("x_folded", "folded: x gqa speed", "{:.2f}")]
+    if "triton_ms" in rows[0]:
+        cols += [("triton_ms", "triton paged ms", "{:.2f}"), ("x_triton", "triton: x gqa speed", "{:.2f}")]
+    else:
+        log("triton: not timed (needs a CUDA device and `pip install -e \".[triton]\"`)")
+    print(table(rows, cols))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.json:

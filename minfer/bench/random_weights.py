@@ -1,0 +1,76 @@
+"""Random weights in the shapes of real models, for machines that cannot download any.
+
+    python -m minfer.bench.random_weights OUT --shape smollm2-135m [--tokenizer-from DIR]
+
+Speed depends on shapes, not on values, so a benchmark of decode or serving on
+a GPU machine with no network can run on a folder written here: an HF-format
+folder (config.json + model.safetensors + tokenizer files) whose weights are
+drawn as ``build_model`` initialises them (normal, std 0.02). The text it
+generates is noise; use ``--ignore-eos``-style workloads (the benchmarks do).
+
+The tokenizer is copied from ``--tokenizer-from`` (default: the fetched
+SmolLM2 folder); both shapes use SmolLM2's 49152-token vocabulary, so the
+Llama-3.2-1B shape is its *body* (16 layers of 2048, GQA 32/8) with a smaller
+vocabulary than the real model's 128256.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+
+from minfer.config import ModelConfig
+
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=100000.0, bos_token_id=1, eos_token_id=2),
+    "llama-3.2-1b-body": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                              rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                              bos_token_id=1, eos_token_id=2),
+}
+
+
+def write_random_folder(out: str | Path, shape: str, tokenizer_from: str | Path, seed: int = 0) -> Path:
+    """Write an HF folder with random weights of ``shape`` and the tokenizer files of ``tokenizer_from``."""
+    from minfer.checkpoints.hf import save_hf_folder
+    from minfer.model import build_model
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    src = Path(tokenizer_from)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{src}/tokenizer.json not found: --tokenizer-from needs a folder with a "
+                                f"49152-token tokenizer.json (e.g. weights/smollm2-135m-instruct)")
+    cfg = ModelConfig(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, **SHAPES[shape])
+    state = build_model(cfg, seed=seed).state_dict()
+    tok_cfg = src / "tokenizer_config.json"
+    out = save_hf_folder(out, cfg, state, tokenizer_json=(src / "tokenizer.json").read_text(encoding="utf-8"),
+                         extra_files={"minfer_source.json": f'{{"random_weights": "{shape}", "seed": {seed}}}\n'})
+    if tok_cfg.is_file():
+        shutil.copyfile(tok_cfg, out / "tokenizer_config.json")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minfer.bench.random_weights", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="folder to write (replaced if it exists)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    p.add_argument("--tokenizer-from", default="weights/smollm2-135m-instruct")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        out = write_random_folder(args.out, args.shape, args.tokenizer_from, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"random_weights: error: {e}", file=sys.stderr)
+        return 2
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out} ({args.shape}, model.safetensors {size / 1e6:.0f} MB)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

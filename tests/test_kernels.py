@@ -1,0 +1,85 @@
+"""The Triton paged decode-attention kernel against the reference (interpreter on CPU, CUDA when present)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")      # before the kernel module is imported
+triton = pytest.importorskip("triton")
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from minfer.attention.reference import reference_attention  # noqa: E402
+from minfer.kernels import paged_decode_attention, paged_decode_reference  # noqa: E402
+
+
+def _pool(S, nkv, g, hd, bs, lens, device, dtype, seed):
+    """A shuffled pool holding S sequences of the given lengths, plus their block tables."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(need) + 2
+    k = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
+    v = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(max(need), 1)
+    tables = torch.zeros(S, width, dtype=torch.int32)
+    for s, m in enumerate(need):
+        tables[s, :m] = torch.tensor([perm.pop() for _ in range(m)], dtype=torch.int32)
+    q = torch.randn(S, nkv * g, hd, generator=gen).to(device, dtype)
+    return q, k, v, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@settings(max_examples=12, deadline=None)
+@given(S=st.integers(1, 4), nkv=st.integers(1, 3), g=st.sampled_from([1, 2, 3, 4]), hd=st.sampled_from([8, 12, 16]),
+       bs=st.sampled_from([1, 16, 32]), data=st.data(), window=st.sampled_from([None, 5]))
+def test_kernel_matches_reference_on_cpu_interpreter(S, nkv, g, hd, bs, data, window):
+    lens = data.draw(st.lists(st.integers(0, 70), min_size=S, max_size=S), label="context_lens")
+    q, k, v, tables, clens = _pool(S, nkv, g, hd, bs, lens, "cpu", torch.float32, seed=S * 7 + hd)
+    out = paged_decode_attention(q, k, v, tables, clens, window=window)
+    ref = paged_decode_reference(q, k, v, tables, clens, window=window)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_equals_contiguous_attention():
+    """The gathered reference is ordinary attention over each sequence's keys laid out contiguously."""
+    lens = [5, 33, 1]
+    q, k, v, tables, clens = _pool(3, 2, 3, 8, 4, lens, "cpu", torch.float32, seed=0)
+    out = paged_decode_reference(q, k, v, tables, clens)
+    for s, n in enumerate(lens):
+        slots = [int(tables[s, p // 4]) * 4 + p % 4 for p in range(n)]
+        ks = k.reshape(-1, 2, 8)[slots].transpose(0, 1)[None]           # (1, nkv, n, hd)
+        vs = v.reshape(-1, 2, 8)[slots].transpose(0, 1)[None]
+        ref = reference_attention(q[s][None, :, None], ks, vs, torch.tensor([[n - 1]]), torch.arange(n)[None])
+        torch.testing.assert_close(out[s], ref[0, :, 0])
+
+
+def test_bad_shapes_are_named():
+    q, k, v, tables, clens = _pool(2, 2, 2, 8, 4, [3, 4], "cpu", torch.float32, seed=1)
+    with pytest.raises(ValueError, match="group"):
+        paged_decode_attention(q[:, :3], k, v, tables, clens)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        paged_decode_attention(q, k, v, tables[:1], clens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_on_gpu(dtype):
+    lens = [1, 17, 300, 1024, 0, 64]
+    q, k, v, tables, clens = _pool(6, 3, 3, 64, 16, lens, "cuda", dtype, seed=3)
+    out = paged_decode_attention(q, k, v, tables, clens)
+    ref = paged_decode_reference(q, k, v, tables, clens)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_bench_attention_pages_feed_the_kernel_the_same_keys():
+    """`minfer bench attention`'s triton method sees the same K/V as the other methods."""
+    from minfer.bench.attention import _as_pages, decode_attention
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 6, 1, 8, generator=gen)
+    k, v = torch.randn(2, 2, 21, 8, generator=gen), torch.randn(2, 2, 21, 8, generator=gen)
+    (kp, tables), (vp, _) = _as_pages(k, 16), _as_pages(v, 16)
+    out = paged_decode_attention(q[:, :, 0], kp, vp, tables, torch.tensor([21, 21]))
+    torch.testing.assert_close(out, decode_attention("gqa", q, k, v)[:, :, 0], atol=1e-5, rtol=1e-5)
