@@ -141,7 +141,8 @@ def check_prompts(prompts: Any) -> None:
     if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts:
         check_prompt(prompts)
         return
-    if all(is_int(t) for t in prompts):             # one prompt given as token ids
+    if all(isinstance(t, numbers.Number) for t in prompts):     # one prompt given as token ids
+        check_prompt(prompts)
         return
     if all(isinstance(p, (list, tuple)) for p in prompts) or all(isinstance(p, str) for p in prompts):
         for i, p in enumerate(prompts):
