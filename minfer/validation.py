@@ -129,7 +129,10 @@ def check_prompt(prompt: Any, name: str = "prompt") -> None:
         return
     if isinstance(prompt, (bytes, bytearray)):
         raise TypeError(f"{name} is bytes; decode it to str first (bytes are not token ids)")
-    if not isinstance(prompt, (list, tuple)):
+    if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):   # a torch / numpy array of ids
+        prompt = prompt.tolist()
+        prompt = prompt if isinstance(prompt, list) else [prompt]
+    if not isinstance(prompt, (list, tuple, range)):
         raise TypeError(f"{name} must be a str or a list of token ids, got {type(prompt).__name__}")
     bad = [t for t in prompt if not is_int(t) or t < 0]
     if bad:
