@@ -125,6 +125,8 @@ def cmd_chat(args) -> int:
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    if llm.tokenizer.chat_template is None:
+        raise ValueError(f"{args.model}: this model has no chat template; use `minfer generate` instead")
     context = llm.config.max_position_embeddings
     budget = max(context - params.max_tokens, context // 2)   # leave room for the answer
 
