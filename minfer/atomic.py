@@ -96,12 +96,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    old = target.parent / f".{target.name}.old"
+    old = tmp.with_suffix(".old")           # unique like tmp: never a folder someone else made
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if old.exists():
-            shutil.rmtree(old)
         if target.exists():
             target.rename(old)              # keep it until the new one is in place
         tmp.rename(target)

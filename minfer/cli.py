@@ -7,14 +7,35 @@
     minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
     minfer router --replica URL ... --policy prefix_aware                route over replicas
     minfer lessons student-edition OUT_DIR                               notebooks without solutions
+
+Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
+1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
+130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
 from minfer.cli_args import add_model_args
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line ``minfer: error: ...`` (exit 2), like every other
+    expected failure; ``minfer CMD --help`` still shows the usage."""
+
+    def error(self, message: str):
+        sub = self.prog.partition(" ")[2]
+        self.exit(2, f"minfer: error: {sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)\n")
+
+
+# What a user can cause (bad arguments, missing or unreadable files, a model that does not fit
+# in memory, no network): one line and exit 2. Anything else is a bug in minfer.
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from minfer.checkpoints.fetch import DownloadError
+    return (ValueError, OSError, MemoryError, DownloadError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +57,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _sampling(args):
+    import re
     from minfer.sampling import SamplingParams
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+    try:
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+    except ValueError as e:                       # name the option the user typed
+        raise ValueError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
+                                str(e))) from None
 
 
 def _llm(args):
@@ -81,12 +107,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def trim_history(messages: list[dict], count_tokens, budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest turns (never the system prompt, never the last message) until
+    ``count_tokens(messages) <= budget``. Returns (messages, number of messages dropped);
+    raises ValueError if the system prompt and the last message alone are over budget."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    dropped = 0
+    while count_tokens(head + body) > budget:
+        if len(body) <= 1:
+            raise ValueError(f"this message does not fit in the model's context ({budget} tokens with the "
+                             f"system prompt); send a shorter one")
+        cut = 2 if len(body) > 2 and body[0]["role"] == "user" else 1   # a user turn and its answer
+        body, dropped = body[cut:], dropped + cut
+    return head + body, dropped
+
+
 def cmd_chat(args) -> int:
     params = _sampling(args)
     llm = _llm(args)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    if llm.tokenizer.chat_template is None:
+        raise ValueError(f"{args.model}: this model has no chat template; use `minfer generate` instead")
+    context = llm.config.max_position_embeddings
+    budget = max(context - params.max_tokens, context // 2)   # leave room for the answer
+
+    def count(msgs):
+        return len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+
     print("minfer chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -101,7 +151,15 @@ def cmd_chat(args) -> int:
             continue
         if not line:
             continue
-        messages.append({"role": "user", "content": line})
+        try:
+            messages, dropped = trim_history(messages + [{"role": "user", "content": line}], count, budget)
+        except ValueError as e:                   # refuse this turn, keep the conversation
+            print(f"minfer chat: {e}", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"[minfer chat: the conversation outgrew the {context}-token context; dropped the "
+                  f"{dropped} oldest message(s){', kept the system prompt' if args.system else ''}]",
+                  file=sys.stderr)
         sys.stdout.write("assistant> ")
         out = llm.stream_chat(messages, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write("\n")
@@ -173,8 +231,9 @@ def cmd_lessons(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minfer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="minfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: MINFER_DEBUG=1)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("generate", help="stream a completion for one prompt")
@@ -216,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. The error boundary: an expected failure (bad input, missing file, no
+    memory, no network) prints one line ``minfer: error: ...`` and returns 2; anything else is a
+    bug and prints "internal error, please report" (the traceback only with --debug), returning 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("MINFER_DEBUG"))    # accepted anywhere on the line
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:   # started by torchrun
         if args.cmd != "generate":
             print(f"minfer: error: under torchrun only `minfer generate` runs (got {args.cmd!r})", file=sys.stderr)
@@ -225,11 +289,30 @@ def main(argv: list[str] | None = None) -> int:
         return torchrun_main(args)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:      # bad input: one clear line, no traceback
-        if os.environ.get("MINFER_DEBUG"):
-            raise
-        print(f"minfer: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("minfer: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"minfer: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:                        # noqa: BLE001 - the boundary of the program
+        if debug:
+            traceback.print_exc()
+        print(f"minfer: internal error, please report it with the command you ran: "
+              f"{type(e).__name__}: {_one_line(e)}"
+              f"{'' if debug else '; rerun with --debug for the traceback'}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (OSError: "strerror: filename")."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

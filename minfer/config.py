@@ -43,30 +43,71 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_sizes()                  # before any arithmetic on them (heads = 0 would divide by 0)
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                                 f"num_attention_heads ({self.num_attention_heads}), or give head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
     # ------------------------------------------------------------------ checks
+    # Upper bounds far above any real model, low enough that nothing is allocated or looped over
+    # before a hostile config is refused (a checkpoint's tensors are checked against them later).
+    LIMITS = {"vocab_size": 2**24, "hidden_size": 2**17, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+              "num_key_value_heads": 1024, "head_dim": 2**12, "intermediate_size": 2**19,
+              "max_position_embeddings": 2**32, "kv_share_group": 1024}
+
+    def _check_sizes(self) -> None:
+        from minfer.validation import check_int
+        for name, hi in self.LIMITS.items():
+            if name == "head_dim" and self.head_dim is None:
+                continue
+            check_int(getattr(self, name), f"ModelConfig.{name}", lo=1, hi=hi)
+
     def validate(self) -> None:
         """Raise ValueError naming the field when the numbers do not fit together."""
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "intermediate_size",
-                    "max_position_embeddings", "kv_share_group")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        from minfer.validation import check_bool, check_int, check_real, is_int
+        self._check_sizes()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"ModelConfig.sliding_window must be >= 1 or None, got {self.sliding_window}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta}")
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "ModelConfig.sliding_window (or None)", lo=1)
+        check_real(self.rope_theta, "ModelConfig.rope_theta", "a finite number > 1", lambda x: x > 1)
+        check_real(self.rms_norm_eps, "ModelConfig.rms_norm_eps", "a finite number in (0, 1)", lambda x: 0 < x < 1)
+        check_bool(self.tie_word_embeddings, "ModelConfig.tie_word_embeddings")
+        check_bool(self.attention_bias, "ModelConfig.attention_bias")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
+            if not all(is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"ModelConfig.{name} must be a token id (or a list of them) in "
+                                 f"[0, {self.vocab_size}), got {v!r}")
+        if not isinstance(self.model_type, str):
+            raise ValueError(f"ModelConfig.model_type must be a string, got {self.model_type!r}")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        from minfer.validation import check_real
+        s = self.rope_scaling
+        if s is None:
+            return
+        if not isinstance(s, dict):
+            raise ValueError(f"ModelConfig.rope_scaling must be an object or null, got {s!r}")
+        kind = s.get("rope_type", s.get("type", "default"))
+        need = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        if kind not in need:
+            raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported (use default, linear "
+                             f"or llama3)")
+        for key in need[kind]:
+            check_real(s.get(key), f"ModelConfig.rope_scaling.{key}", "a finite number > 0", lambda x: x > 0)
+        if kind == "llama3" and s["high_freq_factor"] == s["low_freq_factor"]:
+            raise ValueError("ModelConfig.rope_scaling: high_freq_factor must differ from low_freq_factor")
 
     # ------------------------------------------------------- derived numbers
     @property
@@ -124,6 +165,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
         rope = d.get("rope_parameters") or {}
+        for key in ("rope_parameters", "rope_scaling"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"{key} must be an object or null, got {d[key]!r:.80}")
         if "rope_theta" not in kwargs and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         scaling = d.get("rope_scaling") or rope

@@ -17,6 +17,7 @@ from minfer.generate import RequestMetrics, generate_tokens
 from minfer.model import build_model
 from minfer.sampling import SamplingParams, pair_prompts
 from minfer.tokenizer import IncrementalDetokenizer
+from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -75,6 +76,7 @@ class LLM:
                  kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0,
                  quantization: str | None = None, speculative=None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
+        check_engine_args(device, kv_cache, prefill_chunk, seed)   # fail now, not at generate time
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
@@ -125,6 +127,7 @@ class LLM:
                on_text: Callable[[str], None] | None = None) -> RequestOutput:
         """Generate for one prompt, calling ``on_text`` with each new piece of text as it appears."""
         params = params or SamplingParams()
+        check_prompt(prompt)
         text_prompt, prompt_ids = self._encode(prompt)
         metrics = RequestMetrics(arrival_time=time.perf_counter())
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -173,12 +176,13 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
+        check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
         return [self.stream(p, sp) for p, sp in zip(prompts, params)]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = check_messages(messages)
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minfer.validation import check_sampling_fields
+
 
 @dataclass
 class SamplingParams:
@@ -35,22 +37,11 @@ class SamplingParams:
     n: int = 1                          # parallel samples per prompt
 
     def __post_init__(self) -> None:
+        check_sampling_fields(vars(self))          # exact types, finite ranges (minfer/validation.py)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams.{name} must be {rule}, got {getattr(self, name)!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"SamplingParams.stop must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:

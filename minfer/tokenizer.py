@@ -17,8 +17,14 @@ Where the same code lives elsewhere:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,12 +51,15 @@ class Tokenizer:
         eos_token_ids    list[int]: every id that ends generation (EOS, the model
                          config's eos ids, and the token the chat template closes
                          an assistant turn with, e.g. ``<|im_end|>``)
-        chat_template    Jinja source or None
+        chat_template    Jinja source or None (compiled and rendered only when a chat is rendered,
+                         in a bounded sandbox: see ``TemplateLimits``)
+        source           the model file or folder it came from (named in every template error)
     """
 
     def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None,
-                 extra_eos_token_ids: Iterable[int] = ()) -> None:
+                 extra_eos_token_ids: Iterable[int] = (), source: str = "the model's tokenizer") -> None:
         self._tok = tokenizer
+        self.source = str(source)
         self.config = dict(config or {})
         self.bos_token = _token_content(self.config.get("bos_token"))
         self.eos_token = _token_content(self.config.get("eos_token"))
@@ -58,15 +67,20 @@ class Tokenizer:
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.add_bos_token = bool(self.config.get("add_bos_token", False))
         self.chat_template = self._pick_template(self.config.get("chat_template"))
-        ids = [self.eos_token_id, *extra_eos_token_ids, *self._turn_end_token_ids()]
+        extra = [i for i in extra_eos_token_ids if isinstance(i, int) and not isinstance(i, bool)]
+        ids = [self.eos_token_id, *extra, *self._turn_end_token_ids()]
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in ids if i is not None))
 
     # ------------------------------------------------------------ loading
     @classmethod
     def from_json(cls, tokenizer_json: str, tokenizer_config: dict[str, Any] | None = None,
-                  extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+                  extra_eos_token_ids: Iterable[int] = (), source: str = "the model's tokenizer") -> "Tokenizer":
         """From the text of a ``tokenizer.json`` and a ``tokenizer_config`` dict."""
-        return cls(_HFTokenizer.from_str(tokenizer_json), tokenizer_config, extra_eos_token_ids)
+        try:
+            hf_tok = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:                  # the Rust side raises its own Exception type
+            raise ValueError(f"{source}: not a valid tokenizer ({e})") from None
+        return cls(hf_tok, tokenizer_config, extra_eos_token_ids, source=source)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -87,7 +101,7 @@ class Tokenizer:
         for name in ("config.json", "generation_config.json"):
             eos = (_read_json(folder / name) or {}).get("eos_token_id")
             extra += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-        return cls(hf_tok, config, extra)
+        return cls(hf_tok, config, extra, source=str(folder))
 
     # ------------------------------------------------------------ ids
     @property
@@ -143,15 +157,26 @@ class Tokenizer:
         result with ``encode(text)``: the template already holds any BOS text.
         """
         if self.chat_template is None:
-            raise ValueError("this model has no chat template (tokenizer_config.json has no "
+            raise ValueError(f"{self.source}: this model has no chat template (tokenizer_config.json has no "
                              "'chat_template'); build the prompt text yourself and use encode()")
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
-        return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return self._render(dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs),
+                            CHAT_LIMITS)
+
+    def _render(self, variables: dict[str, Any], limits: "TemplateLimits") -> str:
+        """Compile (cached) and render the chat template under ``limits``; any failure of the
+        template (syntax, raise_exception, a limit, a Python error inside it) -> ValueError naming
+        the model file: a template is data from the model file, not minfer's code."""
+        try:
+            if getattr(self, "_compiled", None) is None:
+                self._compiled = _compile(self.chat_template)
+            return render_bounded(self._compiled, variables, limits)
+        except Exception as e:                  # noqa: BLE001 - untrusted template code
+            raise ValueError(f"{self.source}: chat template failed: {type(e).__name__}: {e}"[:2000]) from None
 
     def _turn_end_token_ids(self) -> list[int]:
         """The special token the template writes right after an assistant's text.
@@ -163,11 +188,12 @@ class Tokenizer:
         """
         if self.chat_template is None:
             return []
-        try:
-            text = self.apply_chat_template([{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": _MARKER}],
-                                            add_generation_prompt=False)
-        except Exception:                       # templates may insist on other roles
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
+        try:                                    # a small, short render: the model is still loading
+            text = self._render(dict(messages=messages, add_generation_prompt=False,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or ""),
+                                PROBE_LIMITS)
+        except ValueError:                      # templates may insist on other roles, or hit a limit
             return []
         tail = text.split(_MARKER, 1)[-1].lstrip()
         matches = [(len(s), i) for i, s in self.special_tokens().items() if tail.startswith(s)]
@@ -177,10 +203,130 @@ class Tokenizer:
 # ------------------------------------------------------------ jinja
 
 
-def _compile(template: str):
-    """Compile in a sandbox, with the helpers HF templates expect."""
+@dataclass(frozen=True)
+class TemplateLimits:
+    """Bounds on one render of a chat template (a model file is untrusted input).
+
+    max_range    items one ``range()`` may produce
+    max_size     characters / items a string or list may reach by ``*``, ``+`` or ``%``,
+                 any integer argument to a call or filter (``center(10**9)``), any width in a
+                 format string, and the whole output
+    seconds      wall clock for the render (a timer signal on the main thread; elsewhere,
+                 checked at every range step, call, attribute lookup and output chunk)
+    """
+
+    max_range: int = 100_000
+    max_size: int = 10_000_000
+    seconds: float = 5.0
+
+
+CHAT_LIMITS = TemplateLimits()
+PROBE_LIMITS = TemplateLimits(max_range=10_000, max_size=1_000_000, seconds=1.0)   # at load time
+
+
+class TemplateLimitError(Exception):
+    pass
+
+
+_state = threading.local()                      # the limits and deadline of the render in progress
+
+
+def _limits() -> tuple[TemplateLimits, float]:
+    lim = getattr(_state, "limits", None) or CHAT_LIMITS
+    return lim, getattr(_state, "deadline", None) or float("inf")
+
+
+def _tick() -> None:
+    lim, deadline = _limits()
+    if time.monotonic() > deadline:
+        raise TemplateLimitError(f"rendering took longer than {lim.seconds:g} s")
+
+
+def _check_size(n: int, what: str) -> None:
+    lim, _ = _limits()
+    if n > lim.max_size:
+        raise TemplateLimitError(f"{what} of {n} would exceed the limit of {lim.max_size}")
+
+
+_WIDTH = re.compile(r"\d{8,}")                   # a width or count of 10^7 or more in a format string
+
+
+class _BoundedRange:
+    """``range`` for templates: at most max_range items, the clock checked at every step."""
+
+    def __init__(self, *args):
+        self._r = range(*args)
+        lim, _ = _limits()
+        if len(self._r) > lim.max_range:
+            raise TemplateLimitError(f"range() of {len(self._r)} items exceeds the limit of {lim.max_range}")
+
+    def __iter__(self):
+        for i in self._r:
+            _tick()
+            yield i
+
+    def __len__(self):
+        return len(self._r)
+
+    def __getitem__(self, i):
+        return self._r[i]
+
+
+def _sized(x: Any) -> bool:
+    return isinstance(x, (str, list, tuple))
+
+
+def _make_environment():
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """jinja2's immutable sandbox (no attribute writes, no private attributes, no unsafe calls)
+        plus size and time bounds on the operations that can blow up."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            _tick()
+            if operator == "*":
+                seq, n = (left, right) if _sized(left) else (right, left)
+                if _sized(seq) and isinstance(n, int):
+                    _check_size(len(seq) * max(n, 0), "a repeated string/list")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                if right > 4096:
+                    raise TemplateLimitError(f"power with exponent {right} is too large")
+            elif operator == "+" and _sized(left) and _sized(right):
+                _check_size(len(left) + len(right), "a concatenation")
+            elif operator == "%" and isinstance(left, str) and _WIDTH.search(left):
+                raise TemplateLimitError("a format width is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):
+            _tick()
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, int) and not isinstance(a, bool):
+                    _check_size(abs(a), "an integer argument")
+                elif isinstance(a, str) and _WIDTH.search(a):
+                    raise TemplateLimitError("a format width is too large")
+            if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(
+                    getattr(__obj, "__self__", None), str) and _WIDTH.search(__obj.__self__):
+                raise TemplateLimitError("a format width is too large")
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            if isinstance(getattr(value, "__self__", None), str) and _WIDTH.search(value.__self__):
+                def refuse(*args, **kwargs):
+                    raise TemplateLimitError("a format width is too large")
+                return refuse if getattr(value, "__name__", "") in ("format", "format_map") else None
+            return super().wrap_str_format(value)
+
+        def getattr(self, obj, attribute):
+            _tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _tick()
+            return super().getitem(obj, argument)
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
@@ -189,12 +335,60 @@ def _compile(template: str):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    env.globals["range"] = _BoundedRange
+    return env
+
+
+def _bounded_filter(name: str, f):
+    """A filter whose int arguments (a width, a count: ``center(10**9)``) are checked first."""
+    skip = 2 if hasattr(f, "jinja_pass_arg") else 1        # (context,) value, then the arguments
+
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        _tick()
+        for a in (*args[skip:], *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool):
+                _check_size(abs(a), f"the argument of |{name}")
+        return f(*args, **kwargs)
+    return bounded
+
+
+def _compile(template: str):
+    """Compile in the bounded sandbox, with the helpers HF templates expect
+    (HF transformers: ``utils/chat_template_utils.py``)."""
+    return _make_environment().from_string(template)
+
+
+def render_bounded(compiled, variables: dict[str, Any], limits: TemplateLimits = CHAT_LIMITS) -> str:
+    """Render a compiled template under ``limits``; TemplateLimitError when one is exceeded."""
+    _state.limits, _state.deadline = limits, time.monotonic() + limits.seconds
+    use_timer = (threading.current_thread() is threading.main_thread()
+                 and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+
+    def on_timer(signum, frame):
+        raise TemplateLimitError(f"rendering took longer than {limits.seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_timer) if use_timer else None
+    try:
+        if use_timer:
+            signal.setitimer(signal.ITIMER_REAL, limits.seconds)
+        out, size = [], 0
+        for chunk in compiled.generate(**variables):
+            size += len(chunk)
+            _check_size(size, "the rendered text")
+            _tick()
+            out.append(chunk)
+        return "".join(out)
+    finally:
+        if use_timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+        _state.limits = _state.deadline = None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

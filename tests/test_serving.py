@@ -321,7 +321,8 @@ def test_batch_job_input_errors_name_the_line(tmp_path, text_model, byte_tok):
     eng = LLMEngine.from_model(text_model, byte_tok, block_size=4)
     res = run_batch(bad, tmp_path / "o.jsonl", eng, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert res["errors"] == 1 and recs[0]["error"]["message"].startswith("body.temperature must be >= 0")
+    assert res["errors"] == 1 and recs[0]["error"]["message"].startswith(
+        "line 1 (custom_id 'a'): body.temperature must be a finite number >= 0")
     assert recs[1]["error"] is None and recs[1]["response"]["body"]["usage"]["completion_tokens"] == 3
 
 

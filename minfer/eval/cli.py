@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +34,17 @@ def main(args) -> int:
                                         reference_text, text_fingerprint)
     from minfer.llm import LLM
     from minfer.quant.apply import describe
+    from minfer.validation import check_int
 
-    chars = args.chars or DEFAULT_CHARS
-    context, stride = args.context or DEFAULT_CONTEXT, args.stride or DEFAULT_STRIDE
+    # checked before the model loads: 0 is an error, not "the default"
+    chars = DEFAULT_CHARS if args.chars is None else check_int(args.chars, "--chars", lo=1)
+    context = DEFAULT_CONTEXT if args.context is None else check_int(args.context, "--context", lo=2)
+    stride = DEFAULT_STRIDE if args.stride is None else check_int(args.stride, "--stride", lo=1)
+    if stride >= context:
+        raise ValueError(f"--stride ({stride}) must be smaller than --context ({context})")
+    if args.json and (Path(args.json).is_dir() or str(args.json).endswith(os.sep)):
+        raise ValueError(f"--json {args.json} is a folder; give a file name such as {args.json.rstrip(os.sep)}"
+                         f"{os.sep}perplexity.json")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     if args.path != "auto":
         from minfer.quant.linear import QuantizedLinear

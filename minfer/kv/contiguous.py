@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from minfer.validation import check_allocation
+
 
 def kv_cache_bytes(cfg, num_tokens: int, bytes_per_value: float = 4.0) -> float:
     """KV bytes for `num_tokens` tokens: 2 (K and V) x kv layers x kv heads x head_dim x bytes x tokens."""
@@ -30,6 +32,9 @@ class ContiguousKVCache:
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
         shape = (cfg.num_kv_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        check_allocation(kv_cache_bytes(cfg, batch_size * max_len, itemsize) + 8 * max_len,
+                         f"a contiguous KV cache of {batch_size} x {max_len} tokens", device)   # refuse up front
         self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, nkv, max_len, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len

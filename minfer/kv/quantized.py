@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from minfer.validation import check_allocation
+
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": getattr(torch, "float8_e4m3fn", None)}
 
@@ -48,10 +50,16 @@ class QuantizedKVCache:
             raise ValueError(f"unknown KV quantization format {fmt!r}; use 'int8' or 'fp8'")
         if STORAGE[fmt] is None:
             raise ValueError(f"this torch build has no {fmt} dtype")
+        if max_len < 1 or batch_size < 1:
+            raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
         self.fmt, self.dtype, self.max_len = fmt, dtype, max_len
-        self.k = torch.zeros(L, batch_size, nkv, max_len, hd, device=device).to(STORAGE[fmt])
-        self.v = torch.zeros_like(self.k)
+        # 1 byte per value + a 4-byte scale per token-head, for K and V; refused up front if too big
+        check_allocation(2 * L * batch_size * nkv * max_len * (hd + 4) + 8 * max_len,
+                         f"an {fmt} KV cache of {batch_size} x {max_len} tokens", device)
+        # built in its 1-byte storage type directly (no float32 zeros 4x the size first)
+        self.k = torch.zeros(L, batch_size, nkv, max_len, hd, dtype=torch.int8, device=device).view(STORAGE[fmt])
+        self.v = torch.zeros_like(self.k.view(torch.int8)).view(STORAGE[fmt])
         self.k_scale = torch.ones(L, batch_size, nkv, max_len, 1, device=device)   # fp32
         self.v_scale = torch.ones_like(self.k_scale)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)

@@ -223,8 +223,16 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.
     meta = read_metadata(file)
     if meta is None:
         raise ValueError(f"{file}: not a minfer quantized checkpoint (no {META_FORMATS!r} metadata)")
-    cfg = ModelConfig.from_hf(json.loads(meta[META_CONFIG]))
-    formats: dict[str, str] = json.loads(meta[META_FORMATS])
+    try:
+        cfg = ModelConfig.from_hf(json.loads(meta[META_CONFIG]))
+        formats: dict[str, str] = json.loads(meta[META_FORMATS])
+        for spec in formats.values():
+            parse_spec(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:     # JSONDecodeError is a ValueError
+        raise ValueError(f"{file}: invalid quantization metadata ({type(e).__name__}: {e})") from None
+    float_dtype = dtype or getattr(torch, str(meta.get(META_DTYPE, "float32")), None)
+    if not isinstance(float_dtype, torch.dtype):
+        raise ValueError(f"{file}: invalid dtype {meta.get(META_DTYPE)!r} in its metadata")
     tensors = load_file(str(file))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -236,12 +244,15 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.
                                                 old.in_features, old.bias is not None))
     if "lm_head" in formats:
         model.lm_head = _empty_module(parse_spec(formats["lm_head"]), cfg.vocab_size, cfg.hidden_size, False)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:                          # a tensor of the wrong shape
+        raise ValueError(f"{file}: tensors do not fit the recorded config/formats: "
+                         f"{' '.join(str(e).split())[:500]}") from None
     if missing or unexpected:
         raise ValueError(f"{file}: tensors do not fit the recorded config/formats: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.inv_freq = rope_inv_freq(cfg)
-    float_dtype = dtype or getattr(torch, meta.get(META_DTYPE, "float32"))
     for p in model.parameters():                       # embedding and norms; quantized parts are buffers
         p.data = p.data.to(float_dtype)
     for mod in model.modules():

@@ -6,16 +6,26 @@
 OUT gets config.json, tokenizer.json (+ tokenizer_config.json) and one
 model.safetensors holding the quantized tensors, with the format of every
 module in its metadata (see ``minfer.quant.apply``). The folder is written
-next to OUT under a temporary name and renamed into place when complete.
+next to OUT under a temporary name and renamed into place when complete
+(``minfer.atomic.atomic_dir``).
+
+It never deletes what it did not write: ``--force`` replaces OUT only when OUT
+is a quantized checkpoint written by this command (nothing else in it); a
+folder holding anything else, ``.``, any parent of the current folder, and a
+folder that holds the source model are refused, with or without ``--force``.
+OUT's folder is checked for writing before the model loads.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
+import os
 import sys
-import uuid
 from pathlib import Path
+
+from minfer import atomic
+
+# every file `minfer quantize` writes into OUT
+WRITTEN = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +39,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
+def check_output_folder(out: Path, model: str, force: bool) -> None:
+    """Refuse, before any work, an OUT that replacing could destroy something we did not write."""
+    from minfer.quant.apply import is_quantized_checkpoint
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"OUT {out} is the current folder or one of its parents; give a new folder name")
+    src = Path(model).expanduser()
+    if src.exists() and (src.resolve() == target or target in src.resolve().parents):
+        raise ValueError(f"OUT {out} holds the model being quantized ({model}); give another folder")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"OUT {out} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        names = {p.name for p in target.iterdir()}
+        ours = names <= WRITTEN and is_quantized_checkpoint(target)
+        if not ours:
+            raise ValueError(f"OUT {out} is a non-empty folder that is not a minfer quantized checkpoint; "
+                             f"refusing to replace it (even with --force)")
+        if not force:
+            raise ValueError(f"{out} exists; pass --force to replace it")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT {out}: cannot create a folder in {parent} (not a writable folder)")
+
+
 def main(args) -> int:
     from minfer.checkpoints import load_checkpoint
     from minfer.model import build_model
@@ -39,29 +75,19 @@ def main(args) -> int:
     if lm_head not in (None, "same"):
         parse_spec(lm_head)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it")
+    check_output_folder(out, args.model, args.force)
     cfg, state_dict, tokenizer = load_checkpoint(args.model)
     model = build_model(cfg, state_dict)
     float_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     del state_dict
     quantize_model(model, spec, lm_head=lm_head)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.atomic_dir(out) as tmp:           # a sibling temp folder, renamed into place when complete
         save_quantized(model, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2), encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tokenizer._tok.to_str(), encoding="utf-8")
+        atomic.write_json(tmp / "config.json", cfg.to_hf())
+        atomic.write_text(tmp / "tokenizer.json", tokenizer._tok.to_str())
         if tokenizer.config:
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer.config, indent=2),
-                                                       encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            atomic.write_json(tmp / "tokenizer_config.json", tokenizer.config)
     size = (out / "model.safetensors").stat().st_size
     print(f"wrote {out}: {describe(model)}, model.safetensors {size / 1e6:.1f} MB "
           f"(float32 checkpoint {float_bytes / 1e6:.1f} MB)", file=sys.stderr)

@@ -22,23 +22,32 @@ Output, one line per request, in input order::
                            "finish_reason": "stop", "token_ids": [...]}],
                            "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}}}
 
-A request the engine refuses (prompt too long, bad sampling field) gets a
-line with ``"response": null, "error": {"code": "invalid_request", "message": ...}``;
-a malformed file (bad JSON, missing or duplicate ``custom_id``, unknown url)
-is refused before any work starts, naming the line.
+A request the engine refuses (prompt too long, a sampling field of the wrong
+type or out of range, a body that is not an object) gets a line with
+``"response": null, "error": {"code": "invalid_request", "message": ...}``
+naming the line and the field, and the job goes on with the others. A file
+whose framing is broken (bad JSON, missing or duplicate ``custom_id``, unknown
+url or method) is refused before the model loads, naming the line.
 
-Resumable, nothing lost or duplicated: each finished request is appended to
-``OUTPUT.jsonl.partial`` (one flushed line each). A killed job leaves that
-journal behind; a rerun reads it (dropping a torn last line), skips the ids
-already done and runs only the rest. When every id is done, the final file is
-written to a temporary name and renamed over ``OUTPUT.jsonl`` (atomic: a reader
-sees the old file or the complete new one), and the journal is removed.
+Resumable, nothing lost or duplicated, never stale: each finished request is
+appended to ``OUTPUT.jsonl.partial`` (one flushed line each) together with
+``request_hash``, the sha256 of its request (method + url + body). A rerun
+(after a kill, or after the input was edited) reuses a record only when its
+``custom_id`` *and* its hash match a line of the input, so an edited line is
+run again and its old record is replaced; error records are retried unless
+``--keep-errors``; records of deleted lines are dropped. The output is thus
+always what a clean run on the current input would write. When every id is
+done, the final file is written to a temporary name and renamed over
+``OUTPUT.jsonl`` (atomic: a reader sees the old file or the complete new
+one), and the journal is removed. OUT must differ from INPUT, and an existing
+OUT that is not a batch output is never overwritten.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +56,7 @@ from pathlib import Path
 from minfer.atomic import atomic_write
 from minfer.cli_args import add_model_args
 from minfer.sampling import SamplingParams
+from minfer.validation import check_engine_args, check_int, check_prompt, sampling_kwargs_from_body
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_TOKENS = 256
@@ -56,8 +66,20 @@ DEFAULT_MAX_TOKENS = 256
 class BatchItem:
     custom_id: str
     url: str
-    body: dict
+    body: object              # a dict when valid; anything else becomes this line's error record
     line: int
+    request_hash: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line} (custom_id {self.custom_id!r})"
+
+
+def request_hash(method: str, url: str, body: object) -> str:
+    """sha256 of the request's method, url and body (canonical JSON: key order and spacing do not count)."""
+    canon = json.dumps({"method": method, "url": url, "body": body}, sort_keys=True, ensure_ascii=False,
+                       separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -66,17 +88,22 @@ class BatchItem:
 
 
 def read_input(path: str | Path) -> list[BatchItem]:
-    """Parse and check the whole input file; ValueError naming the line on the first problem."""
+    """Parse the framing of every line (JSON object, custom_id, method, url); ValueError naming the
+    line on the first problem. The body is checked later, per request (a bad body -> an error record)."""
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
+    try:
+        f = open(path, encoding="utf-8")
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a JSONL file") from None
+    with f:
+        for n, raw in enumerate(_lines(f, path), 1):
             if not raw.strip():
                 continue
             where = f"{path} line {n}"
             try:
                 obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object")
             cid = obj.get("custom_id")
@@ -85,36 +112,75 @@ def read_input(path: str | Path) -> list[BatchItem]:
             if cid in seen:
                 raise ValueError(f"{where}: duplicate custom_id {cid!r} (first on line {seen[cid]})")
             seen[cid] = n
-            if obj.get("method", "POST") != "POST":
-                raise ValueError(f"{where}: method must be POST, got {obj.get('method')!r}")
+            method = obj.get("method", "POST")
+            if method != "POST":
+                raise ValueError(f"{where}: method must be POST, got {method!r}")
             url = obj.get("url")
             if url not in URLS:
                 raise ValueError(f"{where}: url must be one of {URLS}, got {url!r}")
             body = obj.get("body")
-            if not isinstance(body, dict):
-                raise ValueError(f"{where}: body must be a JSON object")
-            key = "messages" if url == "/v1/chat/completions" else "prompt"
-            if key not in body:
-                raise ValueError(f"{where}: body.{key} is required for {url}")
-            items.append(BatchItem(cid, url, body, n))
+            items.append(BatchItem(cid, url, body, n, request_hash(method, url, body)))
     return items
 
 
-def read_records(path: Path) -> dict[str, dict]:
-    """custom_id -> output record, from a finished output file or a journal (torn last line ignored)."""
-    done: dict[str, dict] = {}
+def _lines(f, path):
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _is_record(rec: object) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec \
+        and "error" in rec
+
+
+def read_records(path: Path) -> list[dict]:
+    """The output records of a finished output file or a journal, in file order (a torn last line,
+    from a kill, is ignored). ValueError if the file holds anything that is not such a record, so a
+    file that minfer did not write is never taken for one (nor overwritten)."""
+    recs: list[dict] = []
     if not path.exists():
-        return done
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
-            if not raw.endswith("\n"):
-                break                      # the write that was cut short by a kill
+        return recs
+    if not path.is_file():
+        raise ValueError(f"{path}: is not a regular file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
             try:
                 rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            done[rec["custom_id"]] = rec
-    return done
+            except (json.JSONDecodeError, RecursionError):
+                rec = None
+            if not _is_record(rec):
+                if not raw.endswith("\n"):
+                    break                  # the write that was cut short by a kill
+                raise ValueError(f"{path} line {n} is not a batch output record: {path} was not written "
+                                 f"by `minfer batch`; refusing to overwrite it (choose another OUTPUT)")
+            recs.append(rec)
+    return recs
+
+
+def check_paths(input_path: str | Path, output_path: str | Path) -> None:
+    """Before the model loads: INPUT and OUTPUT (and its journal) are different files, OUTPUT is
+    not a folder, its folder is a folder we may write in, and an existing OUTPUT is a batch output."""
+    inp, out = Path(input_path).resolve(), Path(output_path).resolve()
+    journal = out.with_name(out.name + ".partial")
+    if inp in (out, journal) or (out.exists() and inp.exists() and out.samefile(inp)):
+        raise ValueError(f"OUTPUT {output_path} is the input file {input_path}; choose another output")
+    if out.is_dir():
+        raise ValueError(f"OUTPUT {output_path} is a folder; give a file name such as results.jsonl")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"OUTPUT {output_path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"OUTPUT {output_path}: cannot write in {parent} (permission denied)")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"OUTPUT {output_path}: the file is read-only")
+    read_records(out)                             # refuses to overwrite a file that is not ours
+    read_records(journal)
 
 
 def _truncate_torn_tail(path: Path) -> None:
@@ -139,30 +205,30 @@ def write_atomic(path: Path, lines: list[str]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def sampling_params(body: dict) -> SamplingParams:
-    """OpenAI body fields -> SamplingParams (ValueError naming the field)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS))
-    fields = dict(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-                  top_k=body.get("top_k", 0), max_tokens=max_tokens, seed=body.get("seed"),
-                  stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)))
-    if body.get("n", 1) != 1:
-        raise ValueError(f"body.n must be 1, got {body.get('n')!r}")
-    for name in ("temperature", "top_p"):
-        if not isinstance(fields[name], (int, float)):
-            raise ValueError(f"body.{name} must be a number, got {fields[name]!r}")
+def sampling_params(body: object, where: str = "") -> SamplingParams:
+    """OpenAI body fields -> SamplingParams (ValueError naming the field and ``where``);
+    the rules are ``minfer.validation``'s, shared with ``SamplingParams`` and the server."""
+    kw = sampling_kwargs_from_body(body, where, default_max_tokens=DEFAULT_MAX_TOKENS)
+    if kw.get("n", 1) != 1:
+        raise ValueError(f"{where}: body.n must be 1 in a batch job (one line per sample), got {kw['n']!r}")
+    return SamplingParams(**kw)
+
+
+def prompt_of(item: BatchItem, tokenizer):
+    """The prompt text (chat: rendered through the model's template) or token ids of a request."""
+    key = "messages" if item.url == "/v1/chat/completions" else "prompt"
+    if key not in item.body:
+        raise ValueError(f"{item.where}: body.{key} is required for {item.url}")
+    value = item.body[key]
+    if key == "messages":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{item.where}: body.messages must be a non-empty list of messages")
+        return tokenizer.apply_chat_template(value, add_generation_prompt=True)
     try:
-        return SamplingParams(**fields)
-    except ValueError as e:
-        raise ValueError(str(e).replace("SamplingParams.", "body.")) from None
-
-
-def prompt_of(item: BatchItem, tokenizer) -> str:
-    if item.url == "/v1/chat/completions":
-        return tokenizer.apply_chat_template(item.body["messages"], add_generation_prompt=True)
-    prompt = item.body["prompt"]
-    if not isinstance(prompt, str):
-        raise ValueError("body.prompt must be a string")
-    return prompt
+        check_prompt(value, "body.prompt")
+    except TypeError as e:
+        raise ValueError(f"{item.where}: {e}") from None
+    return value
 
 
 def _record_id(custom_id: str) -> str:
@@ -187,6 +253,8 @@ def success_record(item: BatchItem, req, model_name: str) -> dict:
 
 
 def error_record(item: BatchItem, message: str) -> dict:
+    if not message.startswith("line "):
+        message = f"{item.where}: {message}"
     return {"id": f"batch_req_{_record_id(item.custom_id)}", "custom_id": item.custom_id, "response": None,
             "error": {"code": "invalid_request", "message": message}}
 
@@ -217,23 +285,30 @@ class Progress:
 
 
 def run_batch(input_path: str | Path, output_path: str | Path, engine, model_name: str = "minfer",
-              progress: bool = True) -> dict:
-    """Run every not-yet-done request of ``input_path`` on ``engine``; write ``output_path``.
+              progress: bool = True, keep_errors: bool = False) -> dict:
+    """Run every request of ``input_path`` that has no up-to-date record yet; write ``output_path``.
 
-    Returns counts: {"total", "skipped" (done before), "ran", "errors"}.
+    A record is reused when its custom_id and request hash match an input line
+    (and, for an error record, only with ``keep_errors``). Returns counts:
+    {"total", "skipped" (reused), "ran", "errors" (invalid requests)}.
     """
     items = read_input(input_path)
     output_path = Path(output_path)
+    check_paths(input_path, output_path)
     journal = output_path.with_name(output_path.name + ".partial")
-    ids = {it.custom_id for it in items}
-    done = {k: v for k, v in read_records(output_path).items() if k in ids}
-    done.update({k: v for k, v in read_records(journal).items() if k in ids})
+    wanted = {(it.custom_id, it.request_hash) for it in items}
+    done: dict[str, dict] = {}
+    for rec in read_records(output_path) + read_records(journal):     # the journal is newer: it wins
+        key = (rec["custom_id"], rec.get("request_hash"))
+        if key in wanted and (rec["error"] is None or keep_errors):
+            done[rec["custom_id"]] = rec
     todo = [it for it in items if it.custom_id not in done]
     _truncate_torn_tail(journal)
     bar = Progress(len(items), len(items) - len(todo), enabled=progress)
     errors = 0
     with open(journal, "a", encoding="utf-8") as jf:
         def finish(item: BatchItem, record: dict) -> None:
+            record["request_hash"] = item.request_hash
             jf.write(json.dumps(record, ensure_ascii=False) + "\n")
             jf.flush()                             # one whole line per finished request
             done[item.custom_id] = record
@@ -243,9 +318,9 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
         by_rid: dict[str, BatchItem] = {}
         for item in todo:                          # everything goes in at once: throughput first
             try:
-                params = sampling_params(item.body)
+                params = sampling_params(item.body, item.where)
                 rid = engine.add_request(prompt_of(item, engine.tokenizer), params)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:   # this line's error record; the job goes on
                 errors += 1
                 finish(item, error_record(item, str(e)))
                 continue
@@ -275,6 +350,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--keep-errors", action="store_true",
+                   help="on a rerun, keep the error records of unchanged lines instead of retrying them")
 
 
 def main(args) -> int:
@@ -286,6 +363,10 @@ def main(args) -> int:
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")
     read_input(args.input)                       # a malformed file fails before the model loads
+    check_paths(args.input, args.output)         # and so does an output we cannot or must not write
+    check_engine_args(device=args.device)
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        check_int(getattr(args, name), f"--{name.replace('_', '-')}", lo=1)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -295,7 +376,8 @@ def main(args) -> int:
     engine = LLMEngine.from_model(model, tok, policy="continuous", max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens)
     t0 = time.perf_counter()
-    res = run_batch(args.input, args.output, engine, model_name=str(args.model), progress=not args.no_progress)
+    res = run_batch(args.input, args.output, engine, model_name=str(args.model), progress=not args.no_progress,
+                    keep_errors=args.keep_errors)
     print(f"{res['total']} requests: {res['skipped']} already done, {res['ran']} run, {res['errors']} "
           f"invalid; {time.perf_counter() - t0:.1f} s -> {args.output}", file=sys.stderr)
     return 0

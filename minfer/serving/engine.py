@@ -30,6 +30,7 @@ import torch
 from minfer.sampling import SamplingParams, pair_prompts, sample_rows
 from minfer.serving.request import Request, RequestStatus
 from minfer.serving.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from minfer.validation import check_prompt
 
 
 @dataclass
@@ -155,6 +156,7 @@ class LLMEngine:
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queue a request (text or token ids); returns its id. ``arrival_time`` defaults to now."""
         params = params or SamplingParams()
+        check_prompt(prompt)                    # str or token ids: no bytes, floats or bools
         if params.n != 1:
             raise ValueError(f"SamplingParams.n must be 1 in the serving engine (add {params.n} requests "
                              f"with different seeds instead), got {params.n}")
