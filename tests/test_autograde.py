@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from minfer.lessons import check, exercises
@@ -46,8 +47,10 @@ MUTATIONS = {
     "quant.unpack_int4": ("[low, high]", "[high, low]"),
     "speculative.accept_reject": ("min(1.0, float(p[x]) / float(q[x]))", "float(p[x]) / float(q[x])"),
     "speculative.ngram_propose": ("i + n:i + n + k]", "i + n:i + n + k - 1]"),
+    "generate.greedy_decode": ("len(prompt_ids) + step)", "len(prompt_ids) + step - 1)"),
 }
-FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block"))]
+FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",
+                                                     "generate."))]
 
 
 def _forwarding(ex) -> str:
@@ -79,6 +82,7 @@ EXPECTED = {"reference": {"passed"}, "stub": {"not_implemented"}, "mutated": {"w
 
 
 def _verdicts_agree(name: str) -> None:
+    torch.set_num_threads(1)          # as the lessons and the grade command do
     for kind, source in _cells(name).items():
         graded = grade_source(exercises.get(name), source)
         in_nb = _check_in_notebook(name, source)

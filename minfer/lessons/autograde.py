@@ -49,6 +49,7 @@ from typing import Optional
 
 from minfer.lessons import exercises as _exercises
 from minfer.lessons.exercises import Exercise
+from minfer.lessons.grader import is_allowed
 
 DEFAULT_TIMEOUT = 60.0     # seconds per exercise: the slowest property runs in a few
 CELL_TAGS = ("solution", "exercise")
@@ -143,11 +144,10 @@ def source_problem(exercise: Exercise, source: str) -> Optional[str]:
         tree = ast.parse(source)
     except SyntaxError as e:
         return f"the cell is not valid Python: {e.msg} (line {e.lineno})"
-    allowed = set(exercise.allowed)
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "minfer":
-            if all(f"{node.module}:{a.name}" in allowed for a in node.names):
+            if all(is_allowed(f"{node.module}:{a.name}", exercise.allowed) for a in node.names):
                 continue
             return (f"line {line} imports from {node.module}: this calls the engine's own "
                     f"implementation; write the body yourself")
@@ -198,6 +198,9 @@ def _child() -> int:
     """``--child``: read {exercise, source} as JSON on stdin, print the verdict as JSON."""
     from contextlib import redirect_stdout
 
+    import torch
+
+    torch.set_num_threads(1)        # several graders share the cores (--jobs)
     job = json.load(sys.stdin)
     out = sys.stdout
     with redirect_stdout(sys.stderr):                  # the learner's prints stay off our JSON

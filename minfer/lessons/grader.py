@@ -147,6 +147,12 @@ def _minfer_name(frame) -> Optional[str]:
     return f"{frame.f_globals.get('__name__', '?')}:{getattr(code, 'co_qualname', code.co_name)}"
 
 
+def is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
+    """Is ``name`` ("module:qualname") one of ``allowed``? A pattern ending in ``*``
+    allows every name it prefixes ("minfer.model:*": the whole model)."""
+    return any(name == a or (a.endswith("*") and name.startswith(a[:-1])) for a in allowed)
+
+
 def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
     """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
 
@@ -159,11 +165,12 @@ def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[A
         if event != "call" or found:
             return
         name = _minfer_name(frame)
-        if name is None or name in allowed:
+        if name is None or is_allowed(name, allowed):
             return
         caller = frame.f_back
         while caller is not None:
-            if _minfer_name(caller) in allowed:
+            outer = _minfer_name(caller)
+            if outer is not None and is_allowed(outer, allowed):
                 return
             caller = caller.f_back
         found.append(name)

@@ -1,0 +1,124 @@
+"""Cumulative exercises: whole loops that drive a model, graded on tiny random models.
+
+    generate.greedy_decode        lessons/02_kv_cache.ipynb
+        prefill + decode with a contiguous KV cache; same tokens as the engine's loop,
+        one forward for the prompt, then one single-token forward per new token
+
+The learner's loop gets a ``CountingModel``: a minfer ``Transformer`` that
+logs the shape of every forward it runs, so the grader can check the *way*
+the answer was computed (one prefill, then one token per step), not only
+the tokens. The models are tiny (2 layers, vocabulary 97) with weights
+scaled up so that greedy decoding does not repeat one token forever; they
+are built once per seed and reused. The reference is the engine's own
+single-request loop, ``minfer.generate.generate_tokens``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Optional
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, register
+
+
+@lru_cache(maxsize=None)
+def tiny_lm(seed: int):
+    """A 2-layer random Llama (vocab 97, GQA 4:2) whose greedy output varies."""
+    from minfer.config import ModelConfig
+    from minfer.model import build_model
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=64, rope_theta=10000.0)
+    model = build_model(cfg, seed=seed, dtype=torch.float32)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(3)
+    return model.eval()
+
+
+class CountingModel:
+    """A model that records the (B, T) shape of every forward (``calls``) and passes it on.
+
+    Call it like the engine's model: ``model(input_ids (B, T), positions (B, T),
+    kv_cache=cache, last_only=...) -> logits``; ``model.cfg`` is its ``ModelConfig``.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.cfg, self.calls = inner, inner.cfg, []
+
+    def __call__(self, input_ids, positions, kv_cache=None, **kw):
+        self.calls.append((tuple(input_ids.shape), kv_cache is not None))
+        with torch.no_grad():
+            return self.inner(input_ids, positions, kv_cache=kv_cache, **kw)
+
+    def __getattr__(self, name):      # cfg, inv_freq, model, ...: the inner model's
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"<tiny random model, seed {self.seed}>"
+
+
+@st.composite
+def _decode_inputs(draw) -> Inputs:
+    seed = draw(st.integers(0, 3))
+    model = CountingModel(tiny_lm(seed))
+    model.seed = seed
+    prompt = draw(st.lists(st.integers(0, 96), min_size=1, max_size=8))
+    max_new = draw(st.integers(1, 10))
+    eos = draw(st.one_of(st.none(), st.integers(0, 96)))
+    return {"model": model, "prompt_ids": prompt, "max_new_tokens": max_new, "eos_id": eos}
+
+
+def greedy_decode_reference(model, prompt_ids, max_new_tokens, eos_id):
+    """The engine's loop (``generate_tokens``, contiguous cache, greedy) on the same model."""
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+
+    model.calls.clear()              # the learner's forwards are logged from here on
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    eos = [] if eos_id is None else [eos_id]
+    return list(generate_tokens(model.inner, list(prompt_ids), params, eos_token_ids=eos))
+
+
+def _compare_decode(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    if not isinstance(actual, list) or not all(isinstance(t, int) for t in actual):
+        return f"returned {type(actual).__name__}, expected a list of int token ids"
+    if actual != expected:
+        first = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b),
+                     min(len(expected), len(actual)))
+        return (f"tokens differ from new token {first} on: expected {expected}, yours {actual}"
+                + (f" (stop after eos_id {inputs['eos_id']}, which is included)"
+                   if inputs["eos_id"] in expected else ""))
+    return None
+
+
+def _validate_decode(inputs: Inputs, actual: list) -> Optional[str]:
+    """One prefill over the whole prompt, then one single-token forward per further token."""
+    calls = inputs["model"].calls
+    n_prompt = len(inputs["prompt_ids"])
+    want = [((1, n_prompt), True)] + [((1, 1), True)] * (len(actual) - 1)
+    if calls != want:
+        return (f"the forwards should be one prefill of shape (1, {n_prompt}) with the cache, then "
+                f"{len(actual) - 1} decode steps of shape (1, 1) with the cache; yours were "
+                f"{[c[0] for c in calls]}" + ("" if all(c[1] for c in calls) else
+                                             " and some ran without kv_cache"))
+    return None
+
+
+register(Exercise(
+    name="generate.greedy_decode",
+    lesson="02_kv_cache", function="greedy_decode",
+    description=("greedy_decode(model, prompt_ids, max_new_tokens, eos_id) -> new token ids: prefill "
+                 "once, then one cached single-token forward per token, the engine's tokens"),
+    reference="minfer.lessons.ex_loops:greedy_decode_reference",
+    inputs=_decode_inputs(),
+    compare=_compare_decode,
+    validate=_validate_decode,
+    max_examples=30,
+    prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
+    allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
+             "minfer.lessons.ex_loops:CountingModel.*"),
+))
