@@ -48,6 +48,7 @@ MUTATIONS = {
     "speculative.accept_reject": ("min(1.0, float(p[x]) / float(q[x]))", "float(p[x]) / float(q[x])"),
     "speculative.ngram_propose": ("i + n:i + n + k]", "i + n:i + n + k - 1]"),
     "generate.greedy_decode": ("len(prompt_ids) + step)", "len(prompt_ids) + step - 1)"),
+    "paged.decode_attention": ("g = h // (nh // nkv)", "g = h % nkv"),
 }
 FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",
                                                      "generate."))]
@@ -173,3 +174,72 @@ def test_grade_command_end_to_end(tmp_path):
     assert status[(str(bad), "model.rms_norm")] == "wrong"
     assert status[(str(bad), "sampling.top_p")] == "timeout"
     assert f"0/2  {bad}" in proc.stdout and "smallest failing example" in proc.stdout
+
+
+# ---------------------------------------------------------------- a class of ten
+
+HUNG = "    while True:\n        pass\n"
+
+
+def _edit(lesson: str, changes: dict[str, str], path: Path) -> Path:
+    """The reference notebook of ``lesson`` with some exercise cells replaced (by exercise name)."""
+    nb = nbformat.read(ROOT / "lessons" / f"{lesson}.ipynb", as_version=4)
+    for cell in nb.cells:
+        for name, source in changes.items():
+            if cell.cell_type == "code" and cell.source == SOLUTIONS[name]:
+                cell.source = source
+    nbformat.write(nb, path)
+    return path
+
+
+def make_class(folder: Path) -> dict[str, tuple[int, int]]:
+    """Ten submissions, right, wrong, stubbed, hung and cheating; returns the expected totals."""
+    def stub(n): return make_stub(SOLUTIONS[n])
+    def mutated(n): return _cells(n)["mutated"]
+    def forwarding(n): return _forwarding(exercises.get(n))
+    sneaky = ("exec('from minfer.kv.block_pool import can_append_tokens as _c', globals())\n"
+              "def can_append(*args):\n    return _c(*args)\n")
+    hung = SOLUTIONS["generate.greedy_decode"].split("    cache = ContiguousKVCache")[0] + HUNG
+    plan = {
+        "alice": ("01_prefill_and_decode", {}, 2),
+        "bob": ("01_prefill_and_decode", {"model.rms_norm": stub("model.rms_norm"),
+                                          "sampling.top_p": stub("sampling.top_p")}, 0),
+        "carol": ("01_prefill_and_decode", {"model.rms_norm": mutated("model.rms_norm")}, 1),
+        "dave": ("01_prefill_and_decode", {"model.rms_norm": forwarding("model.rms_norm"),
+                                           "sampling.top_p": forwarding("sampling.top_p")}, 0),
+        "erin": ("04_paged_attention", {}, 5),
+        "frank": ("04_paged_attention", {"paged.slot_mapping": mutated("paged.slot_mapping"),
+                                         "paged.block_hashes": stub("paged.block_hashes")}, 3),
+        "grace": ("04_paged_attention", {"paged.can_append": sneaky}, 4),
+        "heidi": ("02_kv_cache", {}, 2),
+        "ivan": ("02_kv_cache", {"generate.greedy_decode": hung}, 1),
+        "judy": ("02_kv_cache", {"generate.greedy_decode": mutated("generate.greedy_decode"),
+                                 "kv.append": stub("kv.append")}, 0),
+    }
+    expected = {}
+    for student, (lesson, changes, points) in plan.items():
+        path = _edit(lesson, changes, folder / f"{student}_{lesson[:2]}.ipynb")
+        expected[str(path)] = (points, len([n for n in exercises.names()
+                                            if exercises.get(n).lesson == lesson]))
+    return expected
+
+
+@pytest.mark.slow
+def test_grade_a_class_of_ten(tmp_path):
+    expected = make_class(tmp_path)
+    out = tmp_path / "scores.csv"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "minfer.cli", "lessons", "grade", *expected,
+                           "--csv", str(out), "--timeout", "30"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for sub, (got, most) in expected.items():
+        assert f"{got}/{most}  {sub}" in proc.stdout, proc.stdout
+    assert "engine's own implementation" in proc.stdout and "timeout" in proc.stdout
+
+
+if __name__ == "__main__":       # python tests/test_autograde.py DIR: write the class, print expected
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub, (got, most) in make_class(folder).items():
+        print(f"{got}/{most}  {sub}")

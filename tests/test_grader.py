@@ -21,6 +21,7 @@ from minfer.serving.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 from minfer.generate import generate_tokens
+from minfer.lessons.ex_loops import paged_decode_attention_reference
 from minfer.sampling import SamplingParams
 
 # ---------------------------------------------------------------- the engine passes
@@ -44,6 +45,7 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "paged.decode_attention": paged_decode_attention_reference,   # slot mapping + reference attention
     "generate.greedy_decode": lambda model, prompt, n, eos: list(generate_tokens(
         model, prompt, SamplingParams(temperature=0.0, max_tokens=n),
         eos_token_ids=[] if eos is None else [eos])),

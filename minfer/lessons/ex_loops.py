@@ -122,3 +122,101 @@ register(Exercise(
     allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
              "minfer.lessons.ex_loops:CountingModel.*"),
 ))
+
+
+# ---------------------------------------------------------------------------
+# paged.decode_attention                lessons/04_paged_attention.ipynb
+# ---------------------------------------------------------------------------
+
+PAGED_ATOL = 1e-5
+
+
+@st.composite
+def _paged_inputs(draw) -> Inputs:
+    from minfer.lessons.exercises import float_tensors
+
+    B, nkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    hd, bs = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    nh = nkv * group
+    lens = draw(st.lists(st.integers(1, 9), min_size=B, max_size=B))
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + draw(st.integers(0, 2))
+    order = draw(st.permutations(range(num_blocks)))            # scattered, not in order
+    tables, at = [], 0
+    for n in need:
+        tables.append(list(order[at:at + n]))
+        at += n
+    return {
+        "q": draw(float_tensors((B, nh, hd), -2.0, 2.0)),
+        "k": draw(float_tensors((B, nkv, hd), -2.0, 2.0)),
+        "v": draw(float_tensors((B, nkv, hd), -2.0, 2.0)),
+        "k_pool": draw(float_tensors((num_blocks, bs, nkv, hd), -2.0, 2.0)),
+        "v_pool": draw(float_tensors((num_blocks, bs, nkv, hd), -2.0, 2.0)),
+        "block_tables": tables,
+        "context_lens": lens,
+    }
+
+
+def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, context_lens):
+    """The engine's pieces: ``compute_slot_mapping`` for the writes, then the oracle
+    ``reference_attention`` over each sequence's K/V gathered through its block table."""
+    from minfer.attention import reference_attention
+    from minfer.kv.block_pool import compute_slot_mapping
+
+    bs = k_pool.shape[1]
+    flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
+    outs = []
+    for b, (table, n) in enumerate(zip(block_tables, context_lens)):
+        (slot,) = compute_slot_mapping(table, bs, n - 1, 1)
+        flat_k[slot], flat_v[slot] = k[b], v[b]
+        slots = torch.tensor(compute_slot_mapping(table, bs, 0, n))
+        keys = flat_k[slots].permute(1, 0, 2)[None]                   # (1, nkv, n, hd)
+        values = flat_v[slots].permute(1, 0, 2)[None]
+        out = reference_attention(q[b][None, :, None], keys, values,
+                                  torch.tensor([[n - 1]]), torch.arange(n)[None])
+        outs.append(out[0, :, 0])                                     # (nh, hd)
+    return torch.stack(outs), k_pool, v_pool
+
+
+def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    from minfer.lessons.ex_foundations import _tuple_problem
+    from minfer.lessons.exercises import close_problem, tensor_problem
+
+    problem = _tuple_problem(actual, ("out", "k_pool", "v_pool"))
+    if problem:
+        return problem
+    for name, e, a in zip(("out", "k_pool", "v_pool"), expected, actual):
+        problem = tensor_problem(e, a) or close_problem(e, a, PAGED_ATOL)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _validate_paged(inputs: Inputs, actual: Any) -> Optional[str]:
+    """softmax(q . K / sqrt(hd)) V in float64, K/V read position by position through the table."""
+    from minfer.lessons.exercises import close_problem
+
+    q, k, v = inputs["q"].double(), inputs["k"].double(), inputs["v"].double()
+    kp, vp = inputs["k_pool"].double(), inputs["v_pool"].double()
+    bs, nh, nkv = kp.shape[1], q.shape[1], k.shape[1]
+    want = torch.empty_like(q)
+    for b, (table, n) in enumerate(zip(inputs["block_tables"], inputs["context_lens"])):
+        keys = torch.stack([kp[table[p // bs], p % bs] for p in range(n - 1)] + [k[b]])    # (n, nkv, hd)
+        vals = torch.stack([vp[table[p // bs], p % bs] for p in range(n - 1)] + [v[b]])
+        for h in range(nh):
+            g = h // (nh // nkv)
+            w = torch.softmax(keys[:, g] @ q[b, h] / q.shape[-1] ** 0.5, 0)               # (n,)
+            want[b, h] = w @ vals[:, g]
+    return close_problem(want, actual[0], PAGED_ATOL, what="definition (float64)")
+
+
+register(Exercise(
+    name="paged.decode_attention",
+    lesson="04_paged_attention", function="paged_decode_attention",
+    description=("paged_decode_attention(q, k, v, k_pool, v_pool, block_tables, context_lens) -> "
+                 "(out, k_pool, v_pool): write each new K/V into its slot, attend over the blocks"),
+    reference="minfer.lessons.ex_loops:paged_decode_attention_reference",
+    inputs=_paged_inputs(),
+    compare=_compare_paged,
+    validate=_validate_paged,
+))
