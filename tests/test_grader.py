@@ -22,6 +22,7 @@ from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 from minfer.generate import generate_tokens
 from minfer.lessons.ex_loops import paged_decode_attention_reference
+from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
 
 # ---------------------------------------------------------------- the engine passes
@@ -46,6 +47,9 @@ ENGINE = {
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
     "paged.decode_attention": paged_decode_attention_reference,   # slot mapping + reference attention
+    "speculative.greedy_loop": lambda target, draft, prompt, n, gamma: list(generate_speculative(
+        target, prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+        f"draft:tiny,gamma={gamma}", draft=draft)),
     "generate.greedy_decode": lambda model, prompt, n, eos: list(generate_tokens(
         model, prompt, SamplingParams(temperature=0.0, max_tokens=n),
         eos_token_ids=[] if eos is None else [eos])),

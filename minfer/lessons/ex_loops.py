@@ -3,6 +3,11 @@
     generate.greedy_decode        lessons/02_kv_cache.ipynb
         prefill + decode with a contiguous KV cache; same tokens as the engine's loop,
         one forward for the prompt, then one single-token forward per new token
+    paged.decode_attention        lessons/04_paged_attention.ipynb
+        one decode step of attention for a batch whose K/V live in a block pool
+    speculative.greedy_loop       lessons/07_speculative_decoding.ipynb
+        draft gamma tokens, verify them in one target forward, keep the agreeing prefix
+        plus the target's own next token, roll both caches back
 
 The learner's loop gets a ``CountingModel``: a minfer ``Transformer`` that
 logs the shape of every forward it runs, so the grader can check the *way*
@@ -91,7 +96,7 @@ def _compare_decode(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]
                      min(len(expected), len(actual)))
         return (f"tokens differ from new token {first} on: expected {expected}, yours {actual}"
                 + (f" (stop after eos_id {inputs['eos_id']}, which is included)"
-                   if inputs["eos_id"] in expected else ""))
+                   if inputs.get("eos_id") in expected else ""))
     return None
 
 
@@ -219,4 +224,74 @@ register(Exercise(
     inputs=_paged_inputs(),
     compare=_compare_paged,
     validate=_validate_paged,
+))
+
+
+# ---------------------------------------------------------------------------
+# speculative.greedy_loop               lessons/07_speculative_decoding.ipynb
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _spec_inputs(draw) -> Inputs:
+    seed = draw(st.integers(0, 2))
+    same = draw(st.booleans())               # the draft is the target itself: every guess accepted
+    target = CountingModel(tiny_lm(seed))
+    target.seed = seed
+    draft = CountingModel(tiny_lm(seed if same else 3))
+    draft.seed = seed if same else 3
+    return {"target": target, "draft": draft,
+            "prompt_ids": draw(st.lists(st.integers(0, 96), min_size=1, max_size=6)),
+            "max_new_tokens": draw(st.integers(1, 12)), "gamma": draw(st.integers(1, 4))}
+
+
+def speculative_greedy_reference(target, draft, prompt_ids, max_new_tokens, gamma):
+    """What the loop must produce: the engine's plain greedy tokens of ``target``."""
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+
+    target.calls.clear()
+    draft.calls.clear()
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
+    return list(generate_tokens(target.inner, list(prompt_ids), params))
+
+
+def _validate_spec(inputs: Inputs, actual: list) -> Optional[str]:
+    """The target verifies: one prefill, then forwards of 2 .. gamma + 1 tokens, all cached
+    (the last may be a single token: nothing to guess when one token is left);
+    with the target as its own draft every guess is accepted, so each step gains gamma + 1."""
+    calls, n_prompt, gamma = inputs["target"].calls, len(inputs["prompt_ids"]), inputs["gamma"]
+    shapes = [c[0] for c in calls]
+    if not calls or shapes[0] != (1, n_prompt) or not all(c[1] for c in calls):
+        return (f"the target should run one cached prefill of shape (1, {n_prompt}) first; "
+                f"its forwards were {shapes}" + ("" if all(c[1] for c in calls) else
+                                                 ", some without kv_cache"))
+    bad = [s for s in shapes[1:] if not 1 <= s[1] <= gamma + 1] + \
+        [s for s in shapes[1:-1] if s[1] < 2]
+    if bad:
+        return (f"after the prefill each target forward verifies the last token plus 1 .. gamma = "
+                f"{gamma} guesses, shape (1, 2 .. {gamma + 1}) (only the last may have no guess, "
+                f"when one token is left); yours had {bad} (all: {shapes})")
+    if inputs["draft"].seed == inputs["target"].seed:
+        want = 1 + -(-(inputs["max_new_tokens"] - 1) // (gamma + 1))
+        if len(calls) != want:
+            return (f"the draft is the target itself, so every guess is right and each verify "
+                    f"step should gain gamma + 1 = {gamma + 1} tokens: {want} target forwards "
+                    f"in all, yours took {len(calls)} ({shapes})")
+    return None
+
+
+register(Exercise(
+    name="speculative.greedy_loop",
+    lesson="07_speculative_decoding", function="speculative_greedy",
+    description=("speculative_greedy(target, draft, prompt_ids, max_new_tokens, gamma) -> the "
+                 "target's greedy tokens, gamma draft guesses verified per target forward"),
+    reference="minfer.lessons.ex_loops:speculative_greedy_reference",
+    inputs=_spec_inputs(),
+    compare=_compare_decode,
+    validate=_validate_spec,
+    max_examples=30,
+    prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
+    allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
+             "minfer.lessons.ex_loops:CountingModel.*"),
 ))
