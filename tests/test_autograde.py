@@ -49,6 +49,7 @@ MUTATIONS = {
     "speculative.ngram_propose": ("i + n:i + n + k]", "i + n:i + n + k - 1]"),
     "generate.greedy_decode": ("len(prompt_ids) + step)", "len(prompt_ids) + step - 1)"),
     "paged.decode_attention": ("g = h // (nh // nkv)", "g = h % nkv"),
+    "serving.schedule_step": ("victim = alive.pop()", "victim = alive.pop(i)"),
     "speculative.greedy_loop": ("        if 0 < n == k:", "        if False:"),
 }
 FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",

@@ -21,7 +21,7 @@ from minfer.serving.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 from minfer.generate import generate_tokens
-from minfer.lessons.ex_loops import paged_decode_attention_reference
+from minfer.lessons.ex_loops import paged_decode_attention_reference, schedule_step_reference
 from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
 
@@ -46,6 +46,7 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "serving.schedule_step": schedule_step_reference,            # Scheduler.schedule on the same state
     "paged.decode_attention": paged_decode_attention_reference,   # slot mapping + reference attention
     "speculative.greedy_loop": lambda target, draft, prompt, n, gamma: list(generate_speculative(
         target, prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),

@@ -5,6 +5,8 @@
         one forward for the prompt, then one single-token forward per new token
     paged.decode_attention        lessons/04_paged_attention.ipynb
         one decode step of attention for a batch whose K/V live in a block pool
+    serving.schedule_step         lessons/05_batching_and_metrics.ipynb
+        one continuous-batching step with a KV block budget and preemption by recompute
     speculative.greedy_loop       lessons/07_speculative_decoding.ipynb
         draft gamma tokens, verify them in one target forward, keep the agreeing prefix
         plus the target's own next token, roll both caches back
@@ -294,4 +296,95 @@ register(Exercise(
     prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
     allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
              "minfer.lessons.ex_loops:CountingModel.*"),
+))
+
+
+# ---------------------------------------------------------------------------
+# serving.schedule_step                 lessons/05_batching_and_metrics.ipynb
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _schedule_inputs(draw) -> Inputs:
+    bs = draw(st.integers(1, 4))
+    running = []
+    for i in range(draw(st.integers(0, 4))):
+        computed, left = draw(st.integers(1, 12)), draw(st.integers(1, 8))
+        lo, hi = -(-computed // bs), -(-(computed + left) // bs)
+        running.append((f"r{i}", computed + left, computed, draw(st.integers(lo, hi))))
+    waiting = [(f"w{i}", draw(st.integers(1, 12))) for i in range(draw(st.integers(0, 3)))]
+    return {"running": running, "waiting": waiting, "token_budget": draw(st.integers(1, 16)),
+            "max_num_seqs": draw(st.integers(max(1, len(running)), 5)),
+            "num_free_blocks": draw(st.integers(0, 6)), "block_size": bs}
+
+
+def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_free_blocks,
+                            block_size):
+    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
+    from minfer.kv.block_pool import BlockPool, KVCacheManager
+    from minfer.sampling import SamplingParams
+    from minfer.serving.request import Request, RequestStatus
+    from minfer.serving.scheduler import Scheduler, SchedulerConfig
+
+    held = sum(r[3] for r in running)
+    # One more block, held by a sequence outside this step (a pool cannot be empty).
+    kv = KVCacheManager(BlockPool(held + num_free_blocks + 1, block_size, enable_prefix_caching=False))
+    kv.allocate("(another sequence)", [1] * block_size)
+    sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
+    params = SamplingParams(temperature=0.0)
+    for rid, num_tokens, computed, blocks in running:
+        req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
+        kv.allocate(rid, [1] * (blocks * block_size))       # `blocks` blocks held
+        sched.num_slots[rid] = blocks * block_size
+        req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
+        sched.running.append(req)
+    for rid, num_tokens in waiting:
+        sched.add_request(Request(rid, [1] * num_tokens, params, arrival_time=0.0))
+    out = sched.schedule()
+    return ([(c.request.request_id, c.num_tokens) for c in out.chunks],
+            [r.request_id for r in out.preempted])
+
+
+def _compare_schedule(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+    from minfer.lessons.ex_foundations import _tuple_problem
+
+    problem = _tuple_problem(actual, ("scheduled", "preempted"))
+    if problem:
+        return problem.replace("tensors", "lists")
+    scheduled, preempted = [list(map(tuple, x)) if i == 0 else list(x) for i, x in enumerate(actual)]
+    if preempted != expected[1]:
+        return (f"preempted {preempted}, expected {expected[1]}: when a running request needs a "
+                f"block and none is free, the newest running request gives its blocks back, "
+                f"and nobody new is admitted in that step")
+    if scheduled != expected[0]:
+        return f"scheduled {scheduled}, expected {expected[0]}"
+    return None
+
+
+def _validate_schedule(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Invariants: the budget holds, and the blocks used fit in the free ones plus the victims'."""
+    scheduled, preempted = actual
+    if sum(n for _, n in scheduled) > inputs["token_budget"]:
+        return "more tokens scheduled than the token budget"
+    bs, run = inputs["block_size"], {r[0]: r for r in inputs["running"]}
+    free = inputs["num_free_blocks"] + sum(run[v][3] for v in preempted)
+    need = 0
+    for rid, n in scheduled:
+        if rid in run:
+            need += max(0, -(-(run[rid][2] + n) // bs) - run[rid][3])
+        else:
+            need += -(-dict(inputs["waiting"])[rid] // bs)
+    return None if need <= free else f"the step uses {need} new blocks but only {free} are free"
+
+
+register(Exercise(
+    name="serving.schedule_step",
+    lesson="05_batching_and_metrics", function="schedule_step",
+    description=("schedule_step(running, waiting, token_budget, max_num_seqs, num_free_blocks, "
+                 "block_size) -> (scheduled, preempted): continuous batching with KV blocks"),
+    reference="minfer.lessons.ex_loops:schedule_step_reference",
+    inputs=_schedule_inputs(),
+    compare=_compare_schedule,
+    validate=_validate_schedule,
 ))
