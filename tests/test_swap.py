@@ -1,4 +1,6 @@
 """Swap points: the engine runs a learner's function, and only inside ``use``."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,3 +101,37 @@ def test_engine_runs_the_learners_attention():
         assert _tokens(model) == want
     with use(attention=lambda q, k, v, q_pos, k_pos, window=None, scale=None: torch.zeros_like(q)):
         assert _tokens(model) != want
+
+
+@pytest.mark.slow      # loads SmolLM2 three times: about a minute
+def test_use_solutions_runs_smollm2_on_the_notebooks_functions(smollm2_dir, tmp_path, capsys):
+    """`minfer generate --use-solutions`: the lesson's rms_norm gives the engine's tokens;
+    a wrong one in a copy of the notebook changes them; a stub is skipped."""
+    import nbformat
+
+    from minfer.cli import main
+    from minfer.lessons.commands import load_solutions
+    from minfer.lessons.notebooks import make_stub
+
+    lesson = Path(__file__).resolve().parents[1] / "lessons" / "01_prefill_and_decode.ipynb"
+    args = ["generate", "The capital of France is", "--model", str(smollm2_dir), "--temperature", "0",
+            "--max-tokens", "8"]
+    assert main(args) == 0
+    engine = capsys.readouterr().out
+    assert main(args + ["--use-solutions", str(lesson)]) == 0
+    out = capsys.readouterr()
+    assert out.out == engine and "running the engine with your rms_norm, top_p" in out.err
+
+    nb = nbformat.read(lesson, as_version=4)
+    for cell in nb.cells:
+        if cell.source.startswith("def rms_norm("):
+            cell.source = cell.source.replace("+ eps) * weight", "+ eps)")    # forgets the weight
+        elif cell.source.startswith("def top_p("):
+            cell.source = make_stub(cell.source)
+    wrong = tmp_path / "mine.ipynb"
+    nbformat.write(nb, wrong)
+    assert list(load_solutions(str(wrong))) == ["rms_norm"]                # the stub is skipped
+    assert main(args + ["--use-solutions", str(wrong)]) == 0
+    assert capsys.readouterr().out != engine
+    with pytest.raises(FileNotFoundError):
+        load_solutions(str(tmp_path / "missing.ipynb"))
