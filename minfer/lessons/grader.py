@@ -156,14 +156,16 @@ def is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
 def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
     """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
 
-    A profile hook sees every Python call made while ``fn`` runs; calls from
-    inside an allowed helper are the helper's business.
+    A trace hook sees every Python call made while ``fn`` runs (``sys.settrace``
+    reports only Python calls, and returning None skips line events, so torch's
+    C operators cost nothing); calls from inside an allowed helper are the
+    helper's business.
     """
     found: list[str] = []
 
     def hook(frame, event, arg):
         if event != "call" or found:
-            return
+            return None
         name = _minfer_name(frame)
         if name is None or is_allowed(name, allowed):
             return
@@ -175,12 +177,12 @@ def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[A
             caller = caller.f_back
         found.append(name)
 
-    previous = sys.getprofile()
-    sys.setprofile(hook)
+    previous = sys.gettrace()
+    sys.settrace(hook)
     try:
         result = fn(*args)
     finally:
-        sys.setprofile(previous)
+        sys.settrace(previous)
     return result, (found[0] if found else None)
 
 
