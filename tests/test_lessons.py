@@ -80,8 +80,7 @@ def test_committed_outputs_come_from_the_current_code(path):
         f"{path.name}: code cells changed since its outputs were made; run "
         f"`minfer lessons execute {path.relative_to(LESSONS_DIR.parent)}` and commit")
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs or not c.source.strip() for c in code[:1]), "no outputs stored"
-    assert sum(bool(c.outputs) for c in code) >= len(code) // 2
+    assert sum(bool(c.outputs) for c in code) >= len(code) // 2, "outputs missing: re-execute"
     errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
 
