@@ -166,7 +166,7 @@ def test_grade_command_end_to_end(tmp_path):
     out = tmp_path / "scores.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "minfer.cli", "lessons", "grade", str(good), str(bad),
-                           "--json", str(out), "--timeout", "10"],
+                           "--json", str(out), "--timeout", "40"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = json.loads(out.read_text())
