@@ -157,6 +157,17 @@ def _submission(path: Path, cells: list[str]) -> Path:
     return path
 
 
+def test_a_hung_exercise_is_stopped_by_the_timeout():
+    import time
+    from minfer.lessons.autograde import grade_exercise
+    start = time.perf_counter()
+    row = grade_exercise(exercises.get("sampling.top_p"), "def top_p(logits, p):\n    while True:\n        pass\n",
+                         submission="s.ipynb", timeout=3)
+    assert row.status == "timeout" and row.points == 0 and "stopped after 3 s" in row.message
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.slow       # waits out a 40 s timeout (generous: a loaded machine grades slowly)
 def test_grade_command_end_to_end(tmp_path):
     """A hung exercise is stopped and failed; the others are graded; one table for all."""
     rms, top_p = SOLUTIONS["model.rms_norm"], SOLUTIONS["sampling.top_p"]
