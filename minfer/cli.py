@@ -6,7 +6,10 @@
     minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
     minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
     minfer router --replica URL ... --policy prefix_aware                route over replicas
-    minfer lessons student-edition OUT_DIR                               notebooks without solutions
+    minfer lessons start DIR                                             your copy, exercises as stubs
+    minfer lessons student-edition OUT_DIR [--nbgrader]                  notebooks without solutions
+    minfer lessons grade SUB.ipynb ... [--csv F | --json F]              grade submissions: a score table
+    minfer lessons execute --all                                         run the lessons, store outputs
 
 Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
 1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
@@ -92,6 +95,15 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if args.use_solutions:                        # the learner's functions at the engine's swap points
+        from minfer.lessons import use
+        from minfer.lessons.commands import load_solutions
+        with use(**load_solutions(args.use_solutions)):
+            return _stream(args, llm, params, show)
+    return _stream(args, llm, params, show)
+
+
+def _stream(args, llm, params, show) -> int:
     if args.chat:
         out = llm.stream_chat([{"role": "user", "content": args.prompt}], params, on_text=show)
     else:
@@ -225,11 +237,6 @@ def _add_module_commands(sub, table: dict) -> None:
             p.set_defaults(func=_run_module, module=module)
 
 
-def cmd_lessons(args) -> int:
-    from minfer.lessons.notebooks import student_edition_main
-    return student_edition_main(args.out_dir) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="minfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
@@ -246,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "[,gamma=N] | lookahead[:W=N,N=N,G=N] (greedy only); output unchanged")
     p.add_argument("--pipeline-parallel", action="store_true",
                    help="under torchrun: split the layers into one stage per process (default: tensor parallel)")
+    p.add_argument("--use-solutions", default=None, metavar="NOTEBOOK",
+                   help="run the engine with the functions you wrote in this lesson notebook "
+                        "(see minfer.lessons.swap for where they plug in)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")
@@ -266,11 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_commands(p.add_subparsers(dest="bench_cmd", required=True), BENCHES)
     _add_module_commands(sub, COMMANDS)
 
-    p = sub.add_parser("lessons", help="lesson tools for instructors")
-    lsub = p.add_subparsers(dest="lessons_cmd", required=True)
-    s = lsub.add_parser("student-edition", help="write the notebooks with solution cells emptied")
-    s.add_argument("out_dir")
-    p.set_defaults(func=cmd_lessons)
+    from minfer.lessons.commands import add_lessons_commands
+    add_lessons_commands(sub.add_parser("lessons", help="lessons: your copy, handouts, grading"))
     return parser
 
 

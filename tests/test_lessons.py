@@ -19,12 +19,16 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from minfer.lessons.notebooks import (
+    code_hash,
+    execute_and_store,
     execute_notebook,
     grader_reports,
     lesson_paths,
     make_student_edition,
     make_stub,
     student_edition_main,
+    start_main,
+    stored_hash,
     student_notebook,
 )
 
@@ -65,6 +69,20 @@ def test_student_edition_runs_and_says_not_implemented(path, tmp_path):
     assert not unclear, "\n\n".join(unclear)
     if _has_solution(nbformat.read(path, as_version=4)):
         assert reports, f"{path.name} has solution cells but no check(...) report"
+
+
+@pytest.mark.parametrize("path", LESSON_PARAMS)
+def test_committed_outputs_come_from_the_current_code(path):
+    """The outputs a reader sees on the code host were made by the code next to them:
+    the stored hash of the code cells matches (re-run `minfer lessons execute PATH`)."""
+    nb = nbformat.read(path, as_version=4)
+    assert stored_hash(nb) == code_hash(nb), (
+        f"{path.name}: code cells changed since its outputs were made; run "
+        f"`minfer lessons execute {path.relative_to(LESSONS_DIR.parent)}` and commit")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert sum(bool(c.outputs) for c in code) >= len(code) // 2, "outputs missing: re-execute"
+    errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
 
 
 # ---------------------------------------------------------------- a throwaway lesson
@@ -199,3 +217,31 @@ def _tiny_lesson_in_memory():
     import io
     nb = new_notebook(cells=[new_code_cell(SOLUTION, metadata={"tags": ["solution"]})])
     return io.StringIO(nbformat.writes(nb))
+
+
+@pytest.mark.notebook
+def test_execute_and_store_writes_outputs_and_hash(tmp_path):
+    src = _tiny_lesson(tmp_path / "lessons")
+    execute_and_store(src)
+    nb = nbformat.read(src, as_version=4)
+    assert stored_hash(nb) == code_hash(nb)
+    assert nb.cells[-1].outputs[0].text == "the end\n"
+    assert all("execution" not in c.metadata for c in nb.cells)
+    nb.cells[2].source += "\n# edited"
+    assert code_hash(nb) != stored_hash(nb)          # a code edit makes the outputs stale
+    nb.cells[0].source += " (prose)"
+    nb.cells[2].source = nbformat.read(src, as_version=4).cells[2].source
+    assert code_hash(nb) == stored_hash(nb)          # prose edits do not
+
+
+def test_start_writes_the_student_edition_only(tmp_path, monkeypatch, capsys):
+    import minfer.lessons.notebooks as notebooks
+    src = _tiny_lesson(tmp_path / "lessons")
+    monkeypatch.setattr(notebooks, "default_lessons_dir", lambda: src.parent)
+    assert start_main(tmp_path / "mine") == 0
+    (path,) = (tmp_path / "mine").iterdir()
+    nb = nbformat.read(path, as_version=4)
+    assert "xf.pow" not in nbformat.writes(nb) and "NotImplementedError" in nb.cells[2].source
+    assert "jupyter lab" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="would be overwritten"):
+        start_main(tmp_path / "mine")

@@ -7,6 +7,10 @@
   property that minfer's own tests run on the engine (``grader``).
 - ``exercises``: the registry (``get``, ``names``, ``register``, ``Exercise``);
   its docstring says how to add an exercise.
+- ``use(rms_norm=fn, ...)``: run the engine with the learner's functions at
+  the swap points declared in ``swap.SWAP_POINTS``; ``compare_with_engine``
+  generates with both and prints whether the tokens are identical.
+- ``autograde``: ``minfer lessons grade``, one fresh process per exercise.
 - ``notebooks``: the student edition (solution cells replaced by stubs),
   notebook execution and report extraction, for the instructor and the tests.
   Imported on demand (``import minfer.lessons.notebooks``): it needs nbformat.
@@ -14,6 +18,7 @@
 from minfer.lessons import exercises
 from minfer.lessons.exercises import Exercise, get, names, register
 from minfer.lessons.grader import CheckResult, check, describe, grade
+from minfer.lessons.swap import SWAP_POINTS, compare_with_engine, use
 
 __all__ = ["check", "grade", "describe", "CheckResult", "Exercise", "exercises",
-           "get", "names", "register"]
+           "get", "names", "register", "use", "compare_with_engine", "SWAP_POINTS"]

@@ -143,6 +143,7 @@ def _validate_kv_append(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="kv.append",
+    lesson="02_kv_cache", function="kv_append",
     description=("kv_append(k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), "
                  "positions (T,)) -> (keys, values) (B, nkv, positions[-1] + 1, hd): write the "
                  "new K/V at their positions, return the valid prefix"),
@@ -226,6 +227,7 @@ def _validate_online_softmax(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="attention.online_softmax_update",
+    lesson="03_attention_memory", function="online_softmax_update",
     description=("online_softmax_update(m, l (..., tq, 1), acc (..., tq, hd), scores (..., tq, tk), "
                  "values (..., tk, hd)) -> new (m, l, acc): FlashAttention's running max, sum "
                  "and unnormalised output after one more tile"),

@@ -64,6 +64,7 @@ def _compare_slots(inputs: Inputs, expected: list[int], actual: Any) -> Optional
 
 register(Exercise(
     name="paged.slot_mapping",
+    lesson="04_paged_attention", function="slot_mapping",
     description=("slot_mapping(block_table, block_size, start_pos, num_tokens) -> the slot of each "
                  "position in [start_pos, start_pos + num_tokens): block_id * block_size + offset"),
     reference="minfer.kv.block_pool:compute_slot_mapping",
@@ -102,6 +103,7 @@ def _compare_bool(inputs: Inputs, expected: bool, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="paged.can_append",
+    lesson="04_paged_attention", function="can_append",
     description=("can_append(num_tokens, num_blocks_held, num_new_tokens, num_free_blocks, block_size) "
                  "-> True if the new tokens fit in the held blocks plus the free ones"),
     reference="minfer.kv.block_pool:can_append_tokens",
@@ -149,6 +151,7 @@ def _compare_append(inputs: Inputs, expected: Optional[list[int]], actual: Any) 
 
 register(Exercise(
     name="paged.append_slots",
+    lesson="04_paged_attention", function="append_slots",
     description=("append_slots(block_table, num_tokens, num_new_tokens, free_blocks, block_size) -> "
                  "the grown block table (new blocks from the front of free_blocks), or None if they do not fit"),
     reference="minfer.kv.block_pool:append_to_block_table",
@@ -195,6 +198,9 @@ def _compare_hashes(inputs: Inputs, expected: list[int], actual: Any) -> Optiona
 
 register(Exercise(
     name="paged.block_hashes",
+    lesson="04_paged_attention", function="block_hashes",
+    prelude="import math\nfrom minfer.kv.block_pool import hash_block_tokens\n",
+    allowed=("minfer.kv.block_pool:hash_block_tokens",),
     description=("block_hashes(token_ids, block_size) -> [hash of each FULL block], each "
                  "hash_block_tokens(parent block's hash or None, the block's tokens)"),
     reference="minfer.kv.block_pool:block_hashes",

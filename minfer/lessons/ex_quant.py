@@ -84,6 +84,7 @@ def _compare_int8(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="quant.quantize_int8",
+    lesson="06_quantization", function="quantize_int8",
     description=("quantize_int8(w (N, K)) -> (q int8 (N, K), scale float32 (N,)): "
                  "scale = max|row| / 127 (1.0 for an all-zero row), q = round(w / scale)"),
     reference="minfer.quant.int8:quantize_int8",
@@ -117,6 +118,7 @@ def _validate_dequant(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="quant.dequantize_int8",
+    lesson="06_quantization", function="dequantize_int8",
     description="dequantize_int8(q int8 (N, K), scale (N,)) -> float32 (N, K): row n is q[n] * scale[n]",
     reference="minfer.quant.int8:dequantize_int8",
     inputs=_int8_pairs(),
@@ -156,6 +158,7 @@ def _validate_pack(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="quant.pack_int4",
+    lesson="06_quantization", function="pack_int4",
     description=("pack_int4(q uint8 (..., K) in 0..15, K even) -> uint8 (..., K/2): "
                  "byte j = q[2j] | q[2j+1] << 4"),
     reference="minfer.quant.int4:pack_int4",
@@ -190,6 +193,7 @@ def _validate_unpack(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="quant.unpack_int4",
+    lesson="06_quantization", function="unpack_int4",
     description="unpack_int4(packed uint8 (..., K/2), K) -> uint8 (..., K): the inverse of pack_int4",
     reference="minfer.quant.int4:unpack_int4",
     inputs=_packed(),

@@ -71,6 +71,7 @@ def _validate_tpot(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="serving.tpot",
+    lesson="05_batching_and_metrics", function="tpot",
     description=("tpot(arrival_time, token_times) -> (E2E - TTFT) / (n - 1) in seconds, "
                  "None when fewer than 2 tokens"),
     reference="minfer.serving.metrics:tpot_from_timestamps",
@@ -118,6 +119,7 @@ def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="serving.percentile",
+    lesson="05_batching_and_metrics", function="percentile",
     description="percentile(values, p) -> the p-th percentile (0..100), linear interpolation like numpy",
     reference="minfer.serving.metrics:percentile",
     inputs=_percentile_inputs(),
@@ -177,6 +179,7 @@ def _validate_step(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="serving.continuous_step",
+    lesson="05_batching_and_metrics", function="continuous_step",
     description=("continuous_step(running, waiting, token_budget, max_num_seqs) -> [(request_id, n), ...]: "
                  "running requests first, then admit waiting ones, chunking the last prompt"),
     reference="minfer.serving.scheduler:continuous_step",

@@ -88,6 +88,7 @@ def _validate_accept_reject(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="speculative.accept_reject",
+    lesson="07_speculative_decoding", function="accept_reject",
     description=("accept_reject(p (V,), q (V,), x) -> (min(1, p[x] / q[x]), norm(max(0, p - q))): "
                  "speculative sampling's rule for one draft token x ~ q, target p"),
     reference="minfer.speculative.rejection:accept_reject",
@@ -140,6 +141,7 @@ def _ngram_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
 
 register(Exercise(
     name="speculative.ngram_propose",
+    lesson="07_speculative_decoding", function="ngram_propose",
     description=("ngram_propose(tokens, min_n, max_n, k) -> up to k tokens that followed the earliest "
                  "earlier occurrence of the longest suffix n-gram (min_n <= n <= max_n)"),
     reference="minfer.speculative.prompt_lookup:ngram_propose",

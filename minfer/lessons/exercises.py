@@ -55,7 +55,6 @@ smallest example it can, and that example is what the learner reads.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -87,12 +86,27 @@ class Exercise:
     validate: Optional[Validate] = None   # (inputs, actual) -> None or what is wrong;
                                           # runs only once compare has accepted actual
     max_examples: int = 100          # examples per run (stops at the first failure)
+    # Where the learner writes it, for ``minfer lessons grade`` and ``--use-solutions``:
+    lesson: str = ""                 # the notebook's stem, e.g. "01_prefill_and_decode"
+    function: str = ""               # the name the solution cell defines, e.g. "rms_norm"
+    points: int = 1                  # what a pass is worth in the score table
+    # What a solution cell may use besides builtins: the grader runs the cell
+    # after ``prelude`` in a fresh interpreter (``autograde``). ``allowed`` are
+    # the minfer functions ("module:qualname") a solution may call (helpers
+    # the lesson hands out); any other call into minfer is "the engine's own
+    # implementation" and is rejected.
+    prelude: str = "import math\nimport torch\n"
+    allowed: tuple[str, ...] = ()
 
     def load_reference(self) -> Callable:
-        """Import and return the reference implementation (``"module:function"``)."""
-        module_name, _, attr = self.reference.partition(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        """Import and return the reference implementation (``"module:function"``).
+
+        Inside ``minfer.lessons.use(...)`` this is still the engine's own
+        function, not the learner's that replaced it.
+        """
+        from minfer.lessons.swap import original
+
+        return original(self.reference)
 
     @property
     def reference_name(self) -> str:
@@ -281,6 +295,7 @@ def _validate_rms_norm(inputs: Inputs, actual: torch.Tensor) -> Optional[str]:
 
 register(Exercise(
     name="model.rms_norm",
+    lesson="01_prefill_and_decode", function="rms_norm",
     description=("rms_norm(x (..., d), weight (d,), eps) = "
                  "x * rsqrt(mean(x^2, last dim) + eps) * weight, float32"),
     reference="minfer.model:rms_norm",
@@ -416,6 +431,7 @@ def _validate_top_p(inputs: Inputs, actual: torch.Tensor) -> Optional[str]:
 
 register(Exercise(
     name="sampling.top_p",
+    lesson="01_prefill_and_decode", function="top_p",
     description=("top_p_filter(logits (V,) or (B, V), top_p in [1e-6, 1]) -> logits with "
                  "every token outside the nucleus set to -inf"),
     reference="minfer.sampling:top_p_filter",
@@ -432,3 +448,4 @@ from minfer.lessons import ex_quant  # noqa: E402,F401  lesson 06: weight-only q
 from minfer.lessons import ex_serving  # noqa: E402,F401  lesson 05: serving metrics, continuous batching
 from minfer.lessons import ex_service  # noqa: E402,F401  lesson 09: routing, the cost of a token
 from minfer.lessons import ex_parallel  # noqa: E402,F401  lesson 11: tensor-parallel shards, all-reduce bytes
+from minfer.lessons import ex_loops  # noqa: E402,F401  cumulative exercises: whole loops on a model

@@ -2,15 +2,15 @@
 
 What the learner sees is one printed block, never a stack trace:
 
-    ✅ check('model.rms_norm'): passed: rms_norm agrees with minfer.model.rms_norm on 100 random examples
+    ✅ check('model.rms_norm'): passed: rms_norm agrees with minfer's implementation on 100 random examples
 
     ❌ check('model.rms_norm'): wrong answer from rms_norm
     smallest failing example hypothesis found:
         x      = tensor([0.5000])    # shape (1,), float32
         weight = tensor([1.])    # shape (1,), float32
         eps    = 1e-05
-    expected (minfer.model.rms_norm): tensor([1.0000])    # shape (1,), float32
-    yours:                            tensor([0.7071])    # shape (1,), float32
+    expected (minfer): tensor([1.0000])    # shape (1,), float32
+    yours:             tensor([0.7071])    # shape (1,), float32
     what is wrong: first wrong at index (0,): expected 0.9999799728393555, yours 0.7070996761322021; ...
 
     ❌ check('model.rms_norm'): not implemented yet: write the body of rms_norm in the cell above (...)
@@ -22,11 +22,22 @@ still fail, and replays them last. The property raises one of the
 ``_Failure`` exceptions below carrying everything the report needs, so the
 exception hypothesis finally re-raises holds the shrunk example.
 
+The learner's function must do the work itself: ``check`` watches every
+call it makes, and a call into minfer (the engine's own implementation, or
+anything else in the package that the exercise does not hand out in
+``Exercise.allowed``) is reported as "rejected", not passed.
+
+Under an autograder (``MINFER_AUTOGRADE=1`` in the environment) ``check``
+raises ``AssertionError`` with the report when the function fails, so a
+test cell fails; ``assert check(...)`` does the same anywhere.
+
 Hypothesis runs deterministically (``derandomize=True``, no example
 database, no deadline): the same notebook prints the same report every run.
 """
 from __future__ import annotations
 
+import os
+import sys
 import sysconfig
 import traceback
 from dataclasses import dataclass, field
@@ -50,7 +61,8 @@ class CheckResult:
     """The outcome of ``check``. Truthy when it passed.
 
     status: "passed", "wrong" (a wrong answer), "raised" (the function raised),
-    "not_implemented" (a stub), or "error" (the grader could not grade:
+    "not_implemented" (a stub), "engine" (it calls minfer's own implementation),
+    or "error" (the grader could not grade:
     the reference is missing or broken, or the function is not callable,
     or gives different answers for the same inputs).
     """
@@ -107,6 +119,12 @@ class _NotImplementedYet(_LearnerRaised):
     pass
 
 
+class _EngineCalled(_Failure):
+    def __init__(self, inputs: Inputs, callee: str):
+        super().__init__(inputs)
+        self.callee = callee
+
+
 class _ReferenceRaised(_Failure):
     def __init__(self, inputs: Inputs, error: Exception):
         super().__init__(inputs)
@@ -118,18 +136,75 @@ def _copy(inputs: Inputs) -> Inputs:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs) -> None:
+_MINFER_DIR = str(Path(__file__).resolve().parents[1])     # the minfer package
+
+
+def _minfer_name(frame) -> Optional[str]:
+    """``module:qualname`` of a frame running minfer's code, else None."""
+    code = frame.f_code
+    if not code.co_filename.startswith(_MINFER_DIR):
+        return None
+    return f"{frame.f_globals.get('__name__', '?')}:{getattr(code, 'co_qualname', code.co_name)}"
+
+
+def is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
+    """Is ``name`` ("module:qualname") one of ``allowed``? A pattern ending in ``*``
+    allows every name it prefixes ("minfer.model:*": the whole model)."""
+    return any(name == a or (a.endswith("*") and name.startswith(a[:-1])) for a in allowed)
+
+
+def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
+    """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
+
+    A trace hook sees every Python call made while ``fn`` runs (``sys.settrace``
+    reports only Python calls, and returning None skips line events, so torch's
+    C operators cost nothing); calls from inside an allowed helper are the
+    helper's business.
+    """
+    found: list[str] = []
+
+    def hook(frame, event, arg):
+        if event != "call" or found:
+            return None
+        name = _minfer_name(frame)
+        if name is None or is_allowed(name, allowed):
+            return
+        caller = frame.f_back
+        while caller is not None:
+            outer = _minfer_name(caller)
+            if outer is not None and is_allowed(outer, allowed):
+                return
+            caller = caller.f_back
+        found.append(name)
+
+    previous = sys.gettrace()
+    sys.settrace(hook)
+    try:
+        result = fn(*args)
+    finally:
+        sys.settrace(previous)
+    return result, (found[0] if found else None)
+
+
+def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs,
+                 forbid_engine: bool = False) -> None:
     """The property for one example: raise a ``_Failure`` unless ``fn`` is right."""
     try:
         expected = reference(*_copy(inputs).values())
     except Exception as e:  # noqa: BLE001 - reported, not raised
         raise _ReferenceRaised(inputs, e) from None
+    callee = None
     try:
-        actual = fn(*_copy(inputs).values())
+        if forbid_engine:
+            actual, callee = _call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
+        else:
+            actual = fn(*_copy(inputs).values())
     except NotImplementedError as e:
         raise _NotImplementedYet(inputs, e) from None
     except Exception as e:  # noqa: BLE001 - the learner's bug: reported, not raised
         raise _LearnerRaised(inputs, e) from None
+    if callee is not None:
+        raise _EngineCalled(inputs, callee)
     problem = exercise.compare(inputs, expected, actual)
     if problem is None and exercise.validate is not None:
         problem = exercise.validate(inputs, actual)
@@ -159,11 +234,13 @@ def _settings(max_examples: int) -> settings:
 
 
 def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
-          reference: Optional[Callable] = None) -> CheckResult:
+          reference: Optional[Callable] = None, forbid_engine: bool = False) -> CheckResult:
     """Run ``exercise``'s property on ``fn`` and return the result; print nothing.
 
     Never raises for anything the learner's function does. ``reference``
     replaces the exercise's reference (used to test the grader itself).
+    ``forbid_engine`` (what ``check`` and ``minfer lessons grade`` use)
+    rejects a function that calls into minfer beyond ``exercise.allowed``.
     """
     name = exercise.name
     fn_name = getattr(fn, "__name__", None) or repr(fn)
@@ -184,7 +261,7 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
     def prop(inputs: Inputs) -> None:
         nonlocal runs
         runs += 1
-        _one_example(exercise, fn, reference, inputs)
+        _one_example(exercise, fn, reference, inputs, forbid_engine)
 
     try:
         prop()
@@ -203,8 +280,13 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
                        f"{fn_name} raised {_one_line(f.error)}{at}\n"
                        f"on the smallest input hypothesis found:\n{_format_inputs(f.inputs)}",
                        failure=f, examples=runs)
+    except _EngineCalled as f:
+        return _result(name, "engine",
+                       f"rejected: {fn_name} calls the engine's own implementation "
+                       f"({f.callee.replace(':', '.')}); write the body yourself",
+                       failure=f, examples=runs)
     except _WrongAnswer as f:
-        return _result(name, "wrong", _wrong_answer_text(fn_name, ref_name, f),
+        return _result(name, "wrong", _wrong_answer_text(fn_name, f),
                        failure=f, examples=runs)
     except _ReferenceRaised as f:
         return _result(name, "error",
@@ -218,8 +300,11 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
     except Exception as e:  # noqa: BLE001 - the grader must never raise at the learner
         return _result(name, "error", f"the grader failed: {_one_line(e)}", examples=runs)
     return _result(name, "passed",
-                   f"{fn_name} agrees with {ref_name} on {runs} random examples",
+                   f"{fn_name} agrees with minfer's implementation on {runs} random examples",
                    examples=runs)
+
+
+AUTOGRADE_ENV = "MINFER_AUTOGRADE"
 
 
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
@@ -227,13 +312,18 @@ def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckR
 
     Runs the same hypothesis property that minfer's own tests run on the
     engine. On failure the report shows the smallest failing example, the
-    expected and the returned values and what differs. Never raises for a
-    wrong or unfinished ``fn``; an unknown ``name`` raises ``ValueError``
-    listing the known exercises.
+    expected and the returned values and what differs. A function that calls
+    minfer's own implementation is rejected. The result is truthy when it
+    passed, so ``assert check(...)`` fails a test cell. Otherwise never raises
+    for a wrong or unfinished ``fn``, except under an autograder
+    (``MINFER_AUTOGRADE=1``), where a failure raises ``AssertionError``. An
+    unknown ``name`` raises ``ValueError`` listing the known exercises.
     """
     exercise = _exercises.get(name)
-    result = grade(exercise, fn, max_examples=max_examples)
+    result = grade(exercise, fn, max_examples=max_examples, forbid_engine=True)
     _print(result.message)
+    if not result.passed and os.environ.get(AUTOGRADE_ENV, "") not in ("", "0"):
+        raise AssertionError(result.message)
     return result
 
 
@@ -242,7 +332,7 @@ def describe() -> str:
     lines = []
     for n in _exercises.names():
         ex = _exercises.get(n)
-        lines.append(f"{n}: {ex.description} (reference {ex.reference_name})")
+        lines.append(f"{n}: {ex.description}")
     return "\n".join(lines)
 
 
@@ -265,8 +355,8 @@ def _result(name: str, status: str, text: str, failure: Optional[_Failure] = Non
     )
 
 
-def _wrong_answer_text(fn_name: str, ref_name: str, f: _WrongAnswer) -> str:
-    exp_label, act_label = f"expected ({ref_name}):", "yours:"
+def _wrong_answer_text(fn_name: str, f: _WrongAnswer) -> str:
+    exp_label, act_label = "expected (minfer):", "yours:"
     width = max(len(exp_label), len(act_label))
     return "\n".join([
         f"wrong answer from {fn_name}",

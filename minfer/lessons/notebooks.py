@@ -237,7 +237,8 @@ def _kernel_env() -> dict[str, str]:
 
 def execute_notebook(path: str | os.PathLike, timeout: int = 600,
                      cwd: Optional[str | os.PathLike] = None,
-                     kernel_name: str = KERNEL_NAME) -> nbformat.NotebookNode:
+                     kernel_name: str = KERNEL_NAME,
+                     extra_env: Optional[dict[str, str]] = None) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` top to bottom; return it with its outputs.
 
     Uses nbclient and the ``python3`` kernel of the running Python, started in
@@ -245,6 +246,7 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
     ``PYTHONPATH``. ``timeout`` is per cell, in seconds. A cell that raises
     stops the run with ``nbclient.exceptions.CellExecutionError``, whose
     message holds the cell's traceback. The file itself is not modified.
+    ``extra_env`` is added to the kernel's environment.
     """
     from nbclient import NotebookClient
 
@@ -254,7 +256,7 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
         nb, timeout=timeout, kernel_name=ensure_kernel(kernel_name),
         resources={"metadata": {"path": str(Path(cwd) if cwd is not None else path.parent)}},
     )
-    client.execute(env=_kernel_env())
+    client.execute(env={**_kernel_env(), **(extra_env or {})})
     return nb
 
 
@@ -275,3 +277,195 @@ def grader_reports(nb: nbformat.NotebookNode) -> list[str]:
             reports.append(text[start:end].rstrip())
     return reports
 
+
+
+# ---------------------------------------------------------------------------
+# Lessons committed with their outputs
+# ---------------------------------------------------------------------------
+
+HASH_KEY = "code_sha256"       # in nb.metadata["minfer"]: the code cells the outputs came from
+FIGURE_DPI = 72                # PNG plots small enough to commit
+SEED = "0"                     # PYTHONHASHSEED of the kernel: same hashes, same dict orders
+
+
+def code_hash(nb: nbformat.NotebookNode) -> str:
+    """sha256 of the code cells' sources, in order: what the stored outputs depend on.
+
+    Markdown edits do not change it (they need no re-execution); any code edit does.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            h.update(cell.source.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def stored_hash(nb: nbformat.NotebookNode) -> Optional[str]:
+    return nb.metadata.get("minfer", {}).get(HASH_KEY)
+
+
+def execute_and_store(path: str | os.PathLike, timeout: int = 600) -> nbformat.NotebookNode:
+    """Execute the lesson at ``path`` and write it back with its outputs and code hash.
+
+    Deterministic where it can be: ``PYTHONHASHSEED=0``, plots at ``FIGURE_DPI``,
+    no execution timestamps; measured times still differ from run to run.
+    The file is replaced atomically, and only if every cell ran.
+    """
+    import tempfile
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = Path(tmp) / "matplotlibrc"
+        rc.write_text(f"figure.dpi: {FIGURE_DPI}\nsavefig.dpi: {FIGURE_DPI}\n")
+        extra = {"PYTHONHASHSEED": SEED, "MATPLOTLIBRC": str(rc)}
+        nb = execute_notebook(path, timeout=timeout, extra_env=extra)
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+    nb.metadata.setdefault("minfer", {})[HASH_KEY] = code_hash(nb)
+    nbformat.validate(nb)
+    _write_atomic(nb, path)
+    return nb
+
+
+def execute_main(paths: list[str], run_all: bool, timeout: int = 600) -> int:
+    """``minfer lessons execute (--all | NOTEBOOK...)``: run lessons, store outputs; exit code."""
+    import time
+
+    targets = lesson_paths(default_lessons_dir()) if run_all else [Path(p) for p in paths]
+    if not targets:
+        raise ValueError("name the notebooks to execute, or --all for every lesson")
+    missing = [str(p) for p in targets if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such notebook: {', '.join(missing)}")
+    failed = []
+    for path in targets:
+        start = time.perf_counter()
+        try:
+            execute_and_store(path, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - one failing lesson must not stop the rest
+            failed.append(path.name)
+            print(f"FAILED {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}",
+                  file=sys.stderr)
+            continue
+        print(f"executed {path} in {time.perf_counter() - start:.0f} s, "
+              f"{path.stat().st_size / 1e3:.0f} kB", flush=True)
+    if failed:
+        print(f"{len(failed)} lesson(s) failed and were left unchanged: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The learner's copy and the nbgrader edition
+# ---------------------------------------------------------------------------
+
+
+def start_main(out_dir: str | os.PathLike) -> int:
+    """``minfer lessons start DIR``: the student edition for a self-learner; exit code."""
+    out = Path(out_dir)
+    existing = [p.name for p in lesson_paths(out)] if out.is_dir() else []
+    if existing:
+        raise ValueError(f"{out} already holds lessons ({', '.join(existing[:3])}...): your work "
+                         f"would be overwritten; choose an empty folder")
+    code = student_edition_main(out)
+    if code == 0:
+        print(f"\nYour copy of the lessons is in {out}: open it with\n    jupyter lab {out}\n"
+              f"Each exercise cell is a stub for you to fill in; the cell below it checks it.\n"
+              f"The worked solutions (the 'book') stay in {default_lessons_dir()}.")
+    return code
+
+
+NBGRADER_SCHEMA = 3
+_CHECK_CALL = re.compile(r"^(?:(\w+)\s*=\s*)?check\(\s*['\"]([\w.]+)['\"]", re.MULTILINE)
+
+
+def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The lesson as an nbgrader *source* notebook.
+
+    Each solution cell becomes an nbgrader solution cell whose body sits
+    between ``### BEGIN SOLUTION`` / ``### END SOLUTION`` (nbgrader's
+    ``generate_assignment`` turns that into the stub); each check cell becomes
+    a locked, graded test cell worth the exercise's points whose ``check``
+    result is asserted, so nbgrader's ``autograde`` scores it. Other cells
+    are left as they are; outputs are cleared.
+    """
+    from minfer.lessons import exercises as _ex
+
+    out = copy.deepcopy(nb)
+    for i, cell in enumerate(out.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.outputs, cell.execution_count = [], None
+        meta = None
+        if is_solution(cell):
+            stub = make_stub(cell.source)
+            cell.source = _solution_regions(cell.source, stub)
+            cell.metadata["tags"] = [t for t in cell.metadata.get("tags", []) if t != SOLUTION_TAG]
+            cell.metadata.pop("minfer", None)
+            meta = {"grade": False, "solution": True, "locked": False, "grade_id": f"solution_{i}"}
+        else:
+            m = _CHECK_CALL.search(cell.source)
+            if m is not None:
+                name, var = m.group(2), m.group(1)
+                points = _ex.get(name).points
+                lines = cell.source.rstrip("\n").split("\n")
+                first = next(j for j, ln in enumerate(lines) if _CHECK_CALL.match(ln))
+                if var is None:
+                    lines[first] = "assert " + lines[first]
+                else:               # `result = check(...)`: keep the name, assert it below
+                    end = first
+                    while end + 1 < len(lines) and lines[end + 1].startswith((" ", ")")):
+                        end += 1
+                    lines.insert(end + 1, f"assert {var}")
+                cell.source = "\n".join(lines)
+                meta = {"grade": True, "solution": False, "locked": True, "points": points,
+                        "grade_id": "check_" + name.replace(".", "_")}
+        if meta is not None:
+            cell.metadata["nbgrader"] = {**meta, "schema_version": NBGRADER_SCHEMA}
+    return out
+
+
+def _solution_regions(source: str, stub: str) -> str:
+    """Put each function body of ``source`` between nbgrader's solution markers.
+
+    The stub (``make_stub``) shows where bodies start: it shares every line up
+    to ``# YOUR CODE HERE``. Code outside functions stays outside the markers.
+    """
+    import difflib
+
+    src, stub_lines = source.split("\n"), stub.split("\n")
+    out: list[str] = []
+    matcher = difflib.SequenceMatcher(a=stub_lines, b=src, autojunk=False)
+    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+        if tag == "equal":
+            out += src[b0:b1]
+            continue
+        body = src[b0:b1]
+        if not body:
+            continue
+        indent = " " * min((len(ln) - len(ln.lstrip()) for ln in body if ln.strip()), default=4)
+        out += [f"{indent}### BEGIN SOLUTION", *body, f"{indent}### END SOLUTION"]
+    return "\n".join(out)
+
+
+def nbgrader_edition_main(out_dir: str | os.PathLike,
+                          src_dir: Optional[str | os.PathLike] = None) -> int:
+    """``minfer lessons student-edition OUT --nbgrader``: nbgrader source notebooks."""
+    src = Path(src_dir) if src_dir is not None else default_lessons_dir()
+    out = Path(out_dir).resolve()
+    if out == src.resolve():
+        raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; choose another folder")
+    editions = [(p.name, nbgrader_notebook(nbformat.read(p, as_version=4))) for p in lesson_paths(src)]
+    if not editions:
+        print(f"no lessons ({LESSON_GLOB}) found in {src}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    for name, nb in editions:
+        nbformat.validate(nb)
+        _write_atomic(nb, out / name)
+        print(f"wrote {out / name}")
+    return 0

@@ -1,0 +1,137 @@
+"""Swap points: the engine runs a learner's function, and only inside ``use``."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from minfer.lessons import exercises, use
+from minfer.lessons.swap import SWAP_POINTS, current, original
+from minfer.model import rms_norm
+from minfer.generate import generate_tokens
+from minfer.sampling import SamplingParams
+from tests.tiny import tiny_config, tiny_model
+
+
+def test_every_target_holds_the_exercises_reference():
+    """The table is true: each target exists and is the function its exercise grades."""
+    for point in SWAP_POINTS.values():
+        for target in point.targets:
+            fn = current(target)
+            assert callable(fn), target
+            if point.exercise is not None:
+                assert fn is exercises.get(point.exercise).load_reference(), target
+
+
+def test_use_replaces_and_restores_even_on_error():
+    def mine(x, weight, eps):
+        return x
+    before = {t: current(t) for p in SWAP_POINTS.values() for t in p.targets}
+    with pytest.raises(RuntimeError):
+        with use(rms_norm=mine, attention=mine):
+            assert current("minfer.model:rms_norm") is mine
+            assert current("minfer.attention:BACKENDS[flash]") is mine
+            assert original("minfer.model:rms_norm") is rms_norm   # the grader's reference
+            raise RuntimeError
+    assert before == {t: current(t) for p in SWAP_POINTS.values() for t in p.targets}
+    with pytest.raises(ValueError, match="no swap point named nope"):
+        with use(nope=mine):
+            pass
+    with pytest.raises(ValueError, match="needs a function"):
+        with use(rms_norm=3):
+            pass
+
+
+def _model():
+    """A tiny random model whose greedy output varies (default init repeats one token)."""
+    model = tiny_model(tiny_config(sliding_window=None, kv_share_group=1), seed=2)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(3)
+    return model
+
+
+def _tokens(model, **kw):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    return list(generate_tokens(model, [1, 5, 9, 2, 7, 30, 41, 3], params, **kw))
+
+
+def _own_rms_norm(x, weight, eps):        # a correct learner's function, written differently
+    xd = x.double()
+    return (xd / (xd.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.double()).float()
+
+
+def _slot_mapping(block_table, block_size, start_pos, num_tokens):
+    return [block_table[p // block_size] * block_size + p % block_size
+            for p in range(start_pos, start_pos + num_tokens)]
+
+
+def _calls(fn, log):
+    def wrapped(*args, **kw):
+        log.append(1)
+        return fn(*args, **kw)
+    return wrapped
+
+
+@pytest.mark.parametrize("kw, right, wrong", [
+    ({}, {"rms_norm": _own_rms_norm},
+     {"rms_norm": lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)}),
+    ({"kv_cache": "paged"}, {"slot_mapping": _slot_mapping},
+     {"slot_mapping": lambda bt, bs, s, n: [bt[p // bs] * bs + bs - 1 - p % bs for p in range(s, s + n)]}),
+], ids=["rms_norm", "slot_mapping"])
+def test_engine_runs_the_learners_function(kw, right, wrong):
+    """Same greedy tokens as the engine with a correct function, different with a wrong one,
+    and the learner's function is really called."""
+    model = _model()
+    want = _tokens(model, **kw)
+    log: list = []
+    name, fn = next(iter(right.items()))
+    with use(**{name: _calls(fn, log)}):
+        assert _tokens(model, **kw) == want
+    assert log, "the engine never called the swapped-in function"
+    with use(**wrong):
+        assert _tokens(model, **kw) != want
+    assert _tokens(model, **kw) == want                 # restored
+
+
+def test_engine_runs_the_learners_attention():
+    from minfer.attention import reference_attention
+    model = _model()
+    want = _tokens(model)
+    with use(attention=reference_attention):
+        assert _tokens(model) == want
+    with use(attention=lambda q, k, v, q_pos, k_pos, window=None, scale=None: torch.zeros_like(q)):
+        assert _tokens(model) != want
+
+
+@pytest.mark.slow      # loads SmolLM2 three times: about a minute
+def test_use_solutions_runs_smollm2_on_the_notebooks_functions(smollm2_dir, tmp_path, capsys):
+    """`minfer generate --use-solutions`: the lesson's rms_norm gives the engine's tokens;
+    a wrong one in a copy of the notebook changes them; a stub is skipped."""
+    import nbformat
+
+    from minfer.cli import main
+    from minfer.lessons.commands import load_solutions
+    from minfer.lessons.notebooks import make_stub
+
+    lesson = Path(__file__).resolve().parents[1] / "lessons" / "01_prefill_and_decode.ipynb"
+    args = ["generate", "The capital of France is", "--model", str(smollm2_dir), "--temperature", "0",
+            "--max-tokens", "8"]
+    assert main(args) == 0
+    engine = capsys.readouterr().out
+    assert main(args + ["--use-solutions", str(lesson)]) == 0
+    out = capsys.readouterr()
+    assert out.out == engine and "running the engine with your rms_norm, top_p" in out.err
+
+    nb = nbformat.read(lesson, as_version=4)
+    for cell in nb.cells:
+        if cell.source.startswith("def rms_norm("):
+            cell.source = cell.source.replace("+ eps) * weight", "+ eps)")    # forgets the weight
+        elif cell.source.startswith("def top_p("):
+            cell.source = make_stub(cell.source)
+    wrong = tmp_path / "mine.ipynb"
+    nbformat.write(nb, wrong)
+    assert list(load_solutions(str(wrong))) == ["rms_norm"]                # the stub is skipped
+    assert main(args + ["--use-solutions", str(wrong)]) == 0
+    assert capsys.readouterr().out != engine
+    with pytest.raises(FileNotFoundError):
+        load_solutions(str(tmp_path / "missing.ipynb"))
