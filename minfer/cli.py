@@ -135,6 +135,10 @@ COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
     "eval": ("minfer.eval.cli", "quality evaluations (perplexity)"),
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
+    "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
+    "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
+    "medusa": ("minfer.compress.medusa", "Medusa heads: train on the teacher cache"),
+    "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
 
