@@ -116,3 +116,148 @@ def test_a_few_distillation_steps_lower_the_loss_and_save_a_loadable_draft(tmp_p
     assert [r["step"] for r in curve] == [0, 10, 20, 30]
     assert curve[-1]["heldout_kl"] < before["heldout_kl"]
     assert not any(p.requires_grad for p in student.parameters())
+
+
+# ------------------------------------------------------------------------ Medusa
+
+
+def _random_heads(h, K, seed, scale=0.5):
+    from minfer.compress.medusa import MedusaHeads
+    heads = MedusaHeads(h, K)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return heads.eval()
+
+
+tree_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=3).map(tuple), min_size=1, max_size=12)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), paths=tree_paths, prompt_len=st.integers(1, 12), max_tokens=st.integers(1, 30),
+       copy_prompt=st.booleans())
+def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, copy_prompt):
+    """Random (untrained) heads, random trees (repeated paths, shared prefixes, missing ancestors)."""
+    from minfer.compress.medusa import medusa_generate
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+    from minfer.speculative import SpecStats
+
+    cfg = tiny_config(vocab_size=11 if copy_prompt else 97)     # a small vocab makes guesses hit often
+    model = tiny_model(cfg, seed=seed)
+    heads = _random_heads(cfg.hidden_size, 3, seed)
+    prompt = torch.randint(cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    want = list(generate_tokens(model, prompt, params, eos_token_ids=[3]))
+    stats = SpecStats()
+    got = list(medusa_generate(model, heads, prompt, params, tree=paths + paths[:2], eos_token_ids=[3], stats=stats))
+    assert got == want
+    assert 1 + sum(a + 1 for a in stats.accepted) >= len(got)       # + 1: the prefill's token
+
+
+def test_medusa_tree_mask_and_acceptance_walk():
+    from minfer.compress.medusa import accept_path, build_tree, tree_tokens
+    t = build_tree([(0, 0, 0), (1,), (0, 1), (0,), (1,)])       # duplicate (1,), missing ancestor (0, 0)
+    assert t.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    assert t.parent == [0, 0, 1, 1, 3] and t.depth == [1, 1, 2, 2, 3]
+    assert t.mask[5].tolist() == [True, True, False, True, False, True]     # root, (0,), (0,0), itself
+    toks = tree_tokens(t, [[10, 11], [20, 21], [30]])
+    assert toks == [10, 11, 20, 21, 30]
+    #  argmax at: root -> 10, (0,) -> 20, (1,) -> ?, (0,0) -> 30, (0,1) -> ?, (0,0,0) -> bonus
+    assert accept_path(t, toks, [10, 20, 0, 0, 30, 0]) == [1, 3]
+    assert accept_path(t, toks, [10, 20, 0, 30, 0, 0]) == [1, 3, 5]
+    assert accept_path(t, toks, [99, 0, 0, 0, 0, 0]) == []
+    with pytest.raises(ValueError, match="non-empty"):
+        build_tree([()])
+
+
+def test_medusa_head_training_step_and_save_load(tmp_path):
+    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.teacher import TeacherCache, build_teacher_cache
+
+    model = tiny_model(tiny_config(), seed=1)
+    ids = torch.randint(97, (16 * 4,), generator=torch.Generator().manual_seed(0)).tolist()
+    build_teacher_cache(model, ids, tmp_path / "c", seq_len=16, k=8, shard_seqs=4, progress=False)
+    cache = TeacherCache(tmp_path / "c")
+    heads = MedusaHeads(32, 2)
+    loss0, _ = head_loss(model, heads, cache.batch([0, 1]))
+    curve = train_heads(model, heads, cache, cache, minutes=10, steps=15, lr=1e-2, eval_every=5, log=lambda s: None)
+    loss1, _ = head_loss(model, heads, cache.batch([0, 1]))
+    assert float(loss1) < float(loss0) and len(curve[-1]["head_top1"]) == 2
+    heads.save(tmp_path / "h")
+    again = MedusaHeads.load(tmp_path / "h")
+    x = torch.randn(3, 32)
+    assert torch.equal(again(x), heads(x))
+
+
+# ------------------------------------------------------------------------ KV eviction
+
+
+def _feed(model, cache, ids, chunks):
+    """Feed ``ids`` in the given chunk sizes; returns the logits of every position (T, V)."""
+    out, start = [], 0
+    for c in chunks:
+        part = ids[start:start + c]
+        if not part:
+            break
+        x = torch.tensor([part])
+        pos = torch.arange(start, start + len(part))[None]
+        with torch.no_grad():
+            out.append(model(x, pos, kv_cache=cache)[0])
+        start += len(part)
+    return torch.cat(out)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), policy=st.sampled_from(["streaming", "h2o", "snapkv"]),
+       budget=st.integers(1, 24), chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+       sinks=st.integers(0, 4), gqa=st.booleans())
+def test_eviction_never_exceeds_budget_and_a_big_budget_is_the_full_cache(seed, policy, budget, chunks, sinks, gqa):
+    from minfer.compress.evict import EvictingKVCache
+    from minfer.kv import ContiguousKVCache
+
+    cfg = tiny_config(num_key_value_heads=2 if gqa else 4)
+    model = tiny_model(cfg, seed=seed)
+    ids = torch.randint(97, (sum(chunks),), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = EvictingKVCache(model, 1, budget, policy, sinks=sinks, obs_window=3)
+    start = 0
+    for c in chunks:                                   # the budget holds after every forward, in every layer
+        _feed(model, cache, ids[start:start + c], [c]) if start == 0 else None
+        if start > 0:
+            x, pos = torch.tensor([ids[start:start + c]]), torch.arange(start, start + c)[None]
+            with torch.no_grad():
+                model(x, pos, kv_cache=cache)
+        start += c
+        for layer in range(cfg.num_kv_layers):
+            assert cache.num_tokens(layer) == min(budget, start)
+            assert cache.pos[layer].unique().numel() == cache.num_tokens(layer)
+        if policy == "streaming":                      # the sinks are never evicted
+            assert set(range(min(sinks, budget, start))) <= set(cache.pos[0][0].tolist())
+    cache.close()
+    big = EvictingKVCache(model, 1, sum(chunks), policy, sinks=sinks)
+    full = ContiguousKVCache(cfg, 1, sum(chunks))
+    torch.testing.assert_close(_feed(model, big, ids, chunks), _feed(model, full, ids, chunks), atol=1e-5, rtol=1e-5)
+
+
+def test_h2o_keeps_the_token_that_gets_the_most_attention():
+    """Hand-made queries: position 2 receives almost all attention, so H2O keeps it over older/newer ones."""
+    from minfer.compress.evict import EvictingKVCache
+
+    cfg = tiny_config(num_hidden_layers=1)
+    model = tiny_model(cfg, seed=0)
+    cache = EvictingKVCache(model, 1, budget=3, policy="h2o", recent=1)
+    hd, nkv, nh = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
+    k = torch.zeros(1, nkv, 6, hd)
+    k[:, :, 2, 0] = 50.0                                           # key 2 aligned with every query
+    v = torch.randn(1, nkv, 6, hd)
+    q = torch.zeros(1, 6, nh * hd)
+    q[..., ::hd] = 1.0                                             # query channel 0 of every head
+    cache._q[0] = q
+    cache._inv_freq = torch.zeros_like(cache._inv_freq)           # no rotation: the dot products are as written
+    cache.update(0, k, v, torch.arange(6)[None])
+    kept = cache.pos[0][0].tolist()
+    assert 2 in kept and 5 in kept and len(kept) == 3            # heavy hitter + the most recent
+    cache.close()
+    with pytest.raises(ValueError, match="policy"):
+        EvictingKVCache(model, 1, 3, "lru")
