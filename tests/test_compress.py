@@ -261,3 +261,54 @@ def test_h2o_keeps_the_token_that_gets_the_most_attention():
     cache.close()
     with pytest.raises(ValueError, match="policy"):
         EvictingKVCache(model, 1, 3, "lru")
+
+
+# ------------------------------------------------------------------------ structured pruning
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), ratio=st.sampled_from([0.0, 0.25, 0.5, 0.9]), drop=st.integers(0, 1),
+       nkv=st.sampled_from([1, 2]))
+def test_pruning_keeps_the_math_of_the_kept_channels(seed, ratio, drop, nkv):
+    """Ratio 0 is the original; un-pruning (zeros at removed channels) gives the pruned model's output."""
+    from minfer.compress.prune import importance, choose, prune_model, prune_state, unprune_state
+    from minfer.model import build_model
+
+    cfg = tiny_config(num_key_value_heads=nkv)
+    model = tiny_model(cfg, seed=seed)
+    ids = torch.randint(97, (2, 10), generator=torch.Generator().manual_seed(seed))
+    pruned, (fk, hk) = prune_model(model, ids, ratio, drop)
+    assert pruned.cfg.intermediate_size == 48 - round(ratio * 48)
+    assert pruned.cfg.num_attention_heads == 4 - drop * nkv
+    if ratio == 0 and drop == 0:
+        torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=0, rtol=0)
+    full = build_model(cfg, unprune_state(pruned.state_dict(), cfg, fk, hk))
+    torch.testing.assert_close(_logits(full, ids), _logits(pruned, ids), atol=1e-5, rtol=1e-5)
+    # the zeroed channels are exactly the removed ones: masking the original gives the same model
+    masked = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    for i, f in enumerate(fk):
+        gone = torch.ones(48, dtype=torch.bool)
+        gone[f] = False
+        masked[f"model.layers.{i}.mlp.down_proj.weight"][:, gone] = 0
+        heads_gone = torch.ones(4, dtype=torch.bool)
+        heads_gone[hk[i]] = False
+        masked[f"model.layers.{i}.self_attn.o_proj.weight"].view(32, 4, 8)[:, heads_gone] = 0
+    torch.testing.assert_close(_logits(build_model(cfg, masked), ids), _logits(pruned, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ffn_ratio"):
+        choose(*importance(model, ids), cfg, 1.0)
+    assert prune_state(model, fk, hk)[0].num_parameters() == sum(p.numel() for p in pruned.parameters())
+
+
+def test_pruning_removes_the_least_important_channel():
+    from minfer.compress.prune import prune_model
+    cfg = tiny_config(num_hidden_layers=1)
+    model = tiny_model(cfg, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 7] = 0           # channel 7 adds nothing
+    _, (fk, _) = prune_model(model, torch.randint(97, (1, 8)), 1 / 48)
+    assert 7 not in fk[0].tolist() and len(fk[0]) == 47
