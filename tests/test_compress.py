@@ -312,3 +312,21 @@ def test_pruning_removes_the_least_important_channel():
         model.model.layers[0].mlp.down_proj.weight[:, 7] = 0           # channel 7 adds nothing
     _, (fk, _) = prune_model(model, torch.randint(97, (1, 8)), 1 / 48)
     assert 7 not in fk[0].tolist() and len(fk[0]) == 47
+
+
+def test_speculative_medusa_spec_string_loads_heads_and_matches_plain(tmp_path):
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+    from minfer.speculative import SpeculativeConfig, generate_speculative
+
+    cfg = tiny_config(vocab_size=13)
+    model = tiny_model(cfg, seed=3)
+    _random_heads(cfg.hidden_size, 3, 3).save(tmp_path / "heads")
+    params = SamplingParams(temperature=0, max_tokens=25)
+    prompt = [1, 2, 3, 4, 1, 2]
+    got = list(generate_speculative(model, prompt, params, f"medusa:{tmp_path / 'heads'}"))
+    assert got == list(generate_tokens(model, prompt, params))
+    with pytest.raises(ValueError, match="heads folder"):
+        SpeculativeConfig.parse("medusa")
+    with pytest.raises(ValueError, match="greedy"):
+        list(generate_speculative(model, prompt, SamplingParams(temperature=1.0), f"medusa:{tmp_path / 'heads'}"))

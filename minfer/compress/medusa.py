@@ -33,6 +33,7 @@ github.com/FasterDecoding/Medusa (``medusa_choices`` are the static trees).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ class MedusaHeads(nn.Module):
         heads = cls(cfg["hidden_size"], cfg["num_heads"])
         heads.load_state_dict(load_file(str(path / "heads.safetensors")))
         return heads.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=4)
+def load_heads(path: str) -> MedusaHeads:
+    """``MedusaHeads.load``, remembered (``speculative="medusa:PATH"`` loads once per path)."""
+    return MedusaHeads.load(path)
 
 
 # ---------------------------------------------------------------------------
