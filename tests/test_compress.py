@@ -64,7 +64,7 @@ def test_binned_kl_is_zero_for_the_teacher_itself_and_bins_sum_to_one():
     top = torch.log_softmax(z, -1).topk(6, -1)
     s = student_bins(z, top.indices)
     assert torch.allclose(s.exp().sum(-1), torch.ones(5), atol=1e-5)
-    assert torch.allclose(teacher_bins(top.values), s, atol=1e-5)
+    assert torch.allclose(teacher_bins(top.values).float(), s, atol=1e-5)
     assert float(binned_kl(teacher_bins(top.values), s, 3.0)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         binned_kl(s, s, 0.0)
@@ -330,3 +330,32 @@ def test_speculative_medusa_spec_string_loads_heads_and_matches_plain(tmp_path):
         SpeculativeConfig.parse("medusa")
     with pytest.raises(ValueError, match="greedy"):
         list(generate_speculative(model, prompt, SamplingParams(temperature=1.0), f"medusa:{tmp_path / 'heads'}"))
+
+
+# ------------------------------------------------------------------------ lesson 10 exercises
+
+
+@pytest.mark.parametrize("name, fn", [("compress.distill_kl", "minfer.compress.losses:topk_distill_kl"),
+                                      ("compress.medusa_tree_mask", "minfer.compress.medusa:tree_mask"),
+                                      ("compress.h2o_keep", "minfer.compress.evict:h2o_keep")])
+def test_engine_passes_lesson_10_exercises(name, fn):
+    import importlib
+    from minfer.lessons import get
+    mod, _, attr = fn.partition(":")
+    get(name).run(getattr(importlib.import_module(mod), attr), max_examples=20)
+
+
+def test_h2o_cache_keeps_what_h2o_keep_says():
+    """The cache's tensor selection equals the plain-list rule of the exercise."""
+    from minfer.compress.evict import EvictingKVCache, h2o_keep
+    cfg = tiny_config(num_hidden_layers=1)
+    cache = EvictingKVCache(tiny_model(cfg), 1, budget=5, policy="h2o", recent=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        S = 9
+        scores = torch.randperm(S, generator=g).float()[None]
+        pos = torch.arange(S)[None]
+        k = torch.randn(1, 2, S, 8)
+        cache._keep(0, k, k, pos, scores)
+        assert cache.pos[0][0].tolist() == h2o_keep(scores[0].tolist(), 5, 2)
+    cache.close()

@@ -139,7 +139,8 @@ def train(student, train_cache: TeacherCache, heldout: TeacherCache | None = Non
         opt.step()
         step += 1
         tokens += batch * T
-        running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
+        value = float(loss.detach())
+        running = value if running is None else 0.9 * running + 0.1 * value
         if step % eval_every == 0:
             checkpoint(running)
     if not curve or curve[-1]["step"] != step:

@@ -42,6 +42,18 @@ from minfer.attention.mask import allowed
 POLICIES = ("streaming", "h2o", "snapkv")
 
 
+def h2o_keep(scores: list[float], budget: int, recent: int) -> list[int]:
+    """Which of S tokens (index = age order, newest last) H2O keeps: the ``recent`` newest, then the
+    highest accumulated attention among the others, ``budget`` in all; sorted indices."""
+    S = len(scores)
+    if S <= budget:
+        return list(range(S))
+    recent = min(recent, budget)
+    newest = list(range(S - recent, S))
+    older = sorted(range(S - recent), key=lambda i: -scores[i])[:budget - recent]
+    return sorted(older + newest)
+
+
 class EvictingKVCache:
     """A KV cache that never stores more than ``budget`` tokens per layer (policy: see module doc)."""
 

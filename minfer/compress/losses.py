@@ -28,9 +28,9 @@ REST_FLOOR = 1e-6     # the rest bin never goes below this probability (top-k ma
 
 def teacher_bins(topk_logp: torch.Tensor) -> torch.Tensor:
     """(..., k) teacher log-probs -> (..., k + 1) log-probs of the bins (the last is "rest")."""
-    mass = topk_logp.exp().sum(-1, keepdim=True)
-    rest = torch.log((1.0 - mass).clamp_min(REST_FLOOR))
-    return torch.cat([topk_logp, rest], dim=-1)
+    lp = topk_logp.double()                           # 1 - mass cancels: float64 keeps the rest bin exact
+    rest = torch.log((1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(REST_FLOOR))
+    return torch.cat([lp, rest], dim=-1)
 
 
 def student_bins(logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -45,10 +45,10 @@ def binned_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float =
     """Mean over positions of T^2 * KL(softmax(teacher/T) || softmax(student/T)); inputs are bin log-probs."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    t = torch.log_softmax(teacher / temperature, dim=-1)
-    s = torch.log_softmax(student / temperature, dim=-1)
+    t = torch.log_softmax(teacher.double() / temperature, dim=-1)       # (..., k + 1): small, so float64
+    s = torch.log_softmax(student.double() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1)                                     # (...,)
-    return kl.mean() * temperature ** 2
+    return (kl.mean() * temperature ** 2).to(student.dtype)
 
 
 def distill_loss(logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.Tensor,
@@ -64,3 +64,9 @@ def distill_loss(logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.
     if targets is None or alpha == 1.0:
         return kl
     return alpha * kl + (1 - alpha) * F.cross_entropy(logits.float(), targets)
+
+
+def topk_distill_kl(logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """The KL term alone: T^2 * KL over the k + 1 bins (lesson 10's exercise)."""
+    return binned_kl(teacher_bins(topk_logp.float()), student_bins(logits, topk_idx), temperature)

@@ -155,6 +155,11 @@ def build_tree(paths: Sequence[Sequence[int]], max_depth: int | None = None) -> 
     return MedusaTree(order, parent, [len(p) for p in order], mask)
 
 
+def tree_mask(paths: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The (N + 1, N + 1) tree attention mask of ``paths`` (given in ``build_tree``'s order; row 0 = the root)."""
+    return build_tree(paths).mask
+
+
 def tree_tokens(tree: MedusaTree, head_topk: list[list[int]]) -> list[int]:
     """The token of each node: node (r_0, .., r_d) carries rank r_d of head d. head_topk[d] = head d's ids."""
     return [head_topk[len(p) - 1][p[-1]] for p in tree.paths]
@@ -329,7 +334,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--heads", type=int, default=3)
     t.add_argument("--minutes", type=float, default=5.0)
     t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--batch", type=int, default=4, help="sequences drawn per step")
+    t.add_argument("--positions", type=int, default=64, help="positions per step (the LM head is the cost)")
+    t.add_argument("--eval-every", type=int, default=25)
     t.add_argument("--threads", type=int, default=1)
 
 
@@ -342,7 +350,7 @@ def main(args) -> int:
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
     heads = MedusaHeads(model.cfg.hidden_size, args.heads)
     curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,
-                        log=log)
+                        batch=args.batch, positions=args.positions, eval_every=args.eval_every, log=log)
     heads.save(args.out, {"curve": curve, "cache": str(args.cache), "model": str(args.model)})
     log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
     return 0

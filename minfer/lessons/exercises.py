@@ -430,3 +430,4 @@ from minfer.lessons import ex_foundations  # noqa: E402,F401  lessons 02-03: kv.
 from minfer.lessons import ex_spec  # noqa: E402,F401  lesson 07: speculative decoding
 from minfer.lessons import ex_quant  # noqa: E402,F401  lesson 06: weight-only quantization
 from minfer.lessons import ex_serving  # noqa: E402,F401  lesson 05: serving metrics, continuous batching
+from minfer.lessons import ex_compress  # noqa: E402,F401  lesson 10: distillation, Medusa, KV eviction
