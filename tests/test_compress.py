@@ -324,8 +324,9 @@ def test_speculative_medusa_spec_string_loads_heads_and_matches_plain(tmp_path):
     _random_heads(cfg.hidden_size, 3, 3).save(tmp_path / "heads")
     params = SamplingParams(temperature=0, max_tokens=25)
     prompt = [1, 2, 3, 4, 1, 2]
-    got = list(generate_speculative(model, prompt, params, f"medusa:{tmp_path / 'heads'}"))
-    assert got == list(generate_tokens(model, prompt, params))
+    for spec in (f"medusa:{tmp_path / 'heads'}", f"medusa:{tmp_path / 'heads'},nodes=3"):
+        assert list(generate_speculative(model, prompt, params, spec)) == list(generate_tokens(model, prompt, params))
+    assert SpeculativeConfig.parse("medusa:x,nodes=3").medusa_nodes == 3
     with pytest.raises(ValueError, match="heads folder"):
         SpeculativeConfig.parse("medusa")
     with pytest.raises(ValueError, match="greedy"):

@@ -18,7 +18,8 @@ Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --
     "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
     "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
     "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
-    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only
+    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only;
+                        option nodes= (16): verify the first N nodes of its static candidate tree
 
     e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
 
@@ -49,7 +50,7 @@ _OPTIONS = {
     "prompt_lookup": {"k": "num_speculative_tokens", "min": "prompt_lookup_min",
                       "max": "prompt_lookup_max", "adaptive": "adaptive"},
     "lookahead": {"W": "window", "N": "ngram", "G": "max_candidates"},
-    "medusa": {},
+    "medusa": {"nodes": "medusa_nodes"},
 }
 
 
@@ -66,6 +67,7 @@ class SpeculativeConfig:
     window: int = 4                      # lookahead W
     ngram: int = 3                       # lookahead N
     max_candidates: int = 4              # lookahead G
+    medusa_nodes: int = 16               # medusa: the first N nodes of compress.medusa.DEFAULT_TREE
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens is None:
@@ -78,7 +80,7 @@ class SpeculativeConfig:
         if self.method == "medusa" and not self.draft_model:
             raise ValueError("speculative method 'medusa' needs the heads folder: 'medusa:<path>'")
         for name, lo in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1),
-                         ("window", 1), ("ngram", 2), ("max_candidates", 1)):
+                         ("window", 1), ("ngram", 2), ("max_candidates", 1), ("medusa_nodes", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {lo}, got {value!r}")
@@ -164,8 +166,9 @@ def generate_speculative(
     if config.method == "medusa":
         if kv_cache != "contiguous":
             raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
-        from minfer.compress.medusa import load_heads, medusa_generate
-        return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params, **common)
+        from minfer.compress.medusa import DEFAULT_TREE, load_heads, medusa_generate
+        return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params,
+                               tree=DEFAULT_TREE[:config.medusa_nodes], **common)
     if config.method == "prompt_lookup":
         proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                                         adaptive=bool(config.adaptive))
