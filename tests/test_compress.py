@@ -360,3 +360,13 @@ def test_h2o_cache_keeps_what_h2o_keep_says():
         cache._keep(0, k, k, pos, scores)
         assert cache.pos[0][0].tolist() == h2o_keep(scores[0].tolist(), 5, 2)
     cache.close()
+
+
+def test_cli_commands_reject_bad_input_with_one_line(capsys):
+    from minfer.cli import main
+    assert main(["distill"]) == 2
+    assert "give --minutes or --steps" in capsys.readouterr().err
+    assert main(["bench", "evict", "--policies", "lru"]) == 2
+    assert "unknown policies" in capsys.readouterr().err
+    assert main(["distill", "--minutes", "1", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
