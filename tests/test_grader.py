@@ -20,6 +20,9 @@ from minfer.serving.metrics import percentile, tpot_from_timestamps
 from minfer.serving.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
+from minfer.compress.evict import h2o_keep
+from minfer.compress.losses import topk_distill_kl
+from minfer.compress.medusa import tree_mask
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -42,6 +45,9 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "compress.distill_kl": topk_distill_kl,
+    "compress.medusa_tree_mask": tree_mask,
+    "compress.h2o_keep": h2o_keep,
 }
 
 
