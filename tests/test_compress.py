@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from minfer.compress.losses import binned_kl, distill_loss, student_bins, teacher_bins
 from tests.tiny import tiny_config, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny tensors: one thread is faster, and steady
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -134,7 +135,7 @@ def _random_heads(h, K, seed, scale=0.5):
 tree_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=3).map(tuple), min_size=1, max_size=12)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@SETTINGS
 @given(seed=st.integers(0, 1000), paths=tree_paths, prompt_len=st.integers(1, 12), max_tokens=st.integers(1, 30),
        copy_prompt=st.booleans())
 def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, copy_prompt):
@@ -209,7 +210,7 @@ def _feed(model, cache, ids, chunks):
     return torch.cat(out)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@SETTINGS
 @given(seed=st.integers(0, 1000), policy=st.sampled_from(["streaming", "h2o", "snapkv"]),
        budget=st.integers(1, 24), chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
        sinks=st.integers(0, 4), gqa=st.booleans())
@@ -271,7 +272,7 @@ def _logits(model, ids):
         return model(ids, torch.arange(ids.shape[1])[None].expand_as(ids))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@SETTINGS
 @given(seed=st.integers(0, 1000), ratio=st.sampled_from([0.0, 0.25, 0.5, 0.9]), drop=st.integers(0, 1),
        nkv=st.sampled_from([1, 2]))
 def test_pruning_keeps_the_math_of_the_kept_channels(seed, ratio, drop, nkv):
