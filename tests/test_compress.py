@@ -361,3 +361,28 @@ def test_cli_commands_reject_bad_input_with_one_line(capsys):
     assert "unknown policies" in capsys.readouterr().err
     assert main(["distill", "--minutes", "1", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_medusa_full_tree_over_a_tiny_vocab_accepts_every_level_and_stays_exact(seed):
+    """Vocab 3 and a tree holding every 3-token continuation: each step must accept 3 tokens, so the
+    K/V of all accepted nodes must be committed correctly for the output to stay greedy."""
+    import itertools
+    from minfer.compress.medusa import medusa_generate
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+    from minfer.speculative import SpecStats
+
+    cfg = tiny_config(vocab_size=3)
+    model = tiny_model(cfg, seed=seed)
+    with torch.no_grad():                 # large projections: the output depends on every cached token
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(30)
+    tree = [p for d in (1, 2, 3) for p in itertools.product(range(3), repeat=d)]
+    params = SamplingParams(temperature=0, max_tokens=30)
+    stats = SpecStats()
+    got = list(medusa_generate(model, _random_heads(cfg.hidden_size, 3, seed), [0, 1, 2, 1], params,
+                               tree=tree, stats=stats))
+    assert got == list(generate_tokens(model, [0, 1, 2, 1], params))
+    assert stats.accepted[:-1] == [3] * (len(stats.accepted) - 1)
