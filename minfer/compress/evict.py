@@ -92,7 +92,7 @@ class EvictingKVCache:
 
     def close(self) -> None:
         """Remove the query hooks (H2O, SnapKV). Also done when the cache is garbage-collected."""
-        for h in self._handles:
+        for h in getattr(self, "_handles", []):     # absent if the constructor raised
             h.remove()
         self._handles = []
 
