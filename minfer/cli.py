@@ -205,6 +205,7 @@ BENCHES = {
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
+    "evict": ("minfer.compress.bench_evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
@@ -212,6 +213,10 @@ COMMANDS = {
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
     "serve": ("minfer.serving.server", "OpenAI-compatible HTTP server (streaming, /metrics)"),
     "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),
+    "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
+    "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
+    "medusa": ("minfer.compress.medusa", "Medusa heads: train on the teacher cache"),
+    "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
 

@@ -28,6 +28,9 @@ from minfer.generate import generate_tokens
 from minfer.lessons.ex_loops import paged_decode_attention_reference, schedule_step_reference
 from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
+from minfer.compress.evict import h2o_keep
+from minfer.compress.losses import topk_distill_kl
+from minfer.compress.medusa import tree_mask
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -63,6 +66,9 @@ ENGINE = {
     "generate.greedy_decode": lambda model, prompt, n, eos: list(generate_tokens(
         model, prompt, SamplingParams(temperature=0.0, max_tokens=n),
         eos_token_ids=[] if eos is None else [eos])),
+    "compress.distill_kl": topk_distill_kl,
+    "compress.medusa_tree_mask": tree_mask,
+    "compress.h2o_keep": h2o_keep,
 }
 
 

@@ -498,7 +498,7 @@ def test_config_parsing_and_errors():
     assert (c.draft_model, c.num_speculative_tokens) == ("layers-6", 3)
     c = SpeculativeConfig.parse("lookahead:W=5,N=4,G=2")
     assert (c.window, c.ngram, c.max_candidates) == (5, 4, 2)
-    for bad, match in [("medusa", "one of"), ("draft", "draft model"), ("prompt_lookup:k=0", "num_speculative"),
+    for bad, match in [("eagle", "one of"), ("draft", "draft model"), ("prompt_lookup:k=0", "num_speculative"),
                        ("prompt_lookup:min=3,max=2", "prompt_lookup_min"), ("lookahead:N=1", "ngram"),
                        ("lookahead:k=3", "unknown option"), ("prompt_lookup:adaptive=2", "adaptive"),
                        ("prompt_lookup:k=x", "integer"), ("", "non-empty")]:
@@ -578,7 +578,7 @@ def test_llm_and_cli_speculative_option(smol, smollm2_dir, capsys):
     assert main(["generate", "Say hello.", "--model", str(smollm2_dir), "--temperature", "0",
                  "--max-tokens", "6", "--speculative", "prompt_lookup"]) == 0
     assert "[speculative prompt_lookup]" in capsys.readouterr().err
-    assert main(["generate", "Say hello.", "--model", str(smollm2_dir), "--speculative", "medusa"]) == 2
+    assert main(["generate", "Say hello.", "--model", str(smollm2_dir), "--speculative", "eagle"]) == 2
     assert "speculative method must be one of" in capsys.readouterr().err
 
 

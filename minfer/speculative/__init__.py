@@ -18,6 +18,8 @@ Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --
     "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
     "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
     "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
+    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only;
+                        option nodes= (16): verify the first N nodes of its static candidate tree
 
     e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
 
@@ -39,7 +41,7 @@ from minfer.speculative.rejection import (accept_reject, processed_probs, residu
                                           verify_greedy, verify_sampled)
 from minfer.speculative.stats import SpecStats, expected_tokens_per_step
 
-METHODS = ("draft", "prompt_lookup", "lookahead")
+METHODS = ("draft", "prompt_lookup", "lookahead", "medusa")
 DEFAULT_TOKENS = {"draft": 4, "prompt_lookup": 8}   # num_speculative_tokens when not given
 
 # option name in a spec string -> SpeculativeConfig field
@@ -48,6 +50,7 @@ _OPTIONS = {
     "prompt_lookup": {"k": "num_speculative_tokens", "min": "prompt_lookup_min",
                       "max": "prompt_lookup_max", "adaptive": "adaptive"},
     "lookahead": {"W": "window", "N": "ngram", "G": "max_candidates"},
+    "medusa": {"nodes": "medusa_nodes"},
 }
 
 
@@ -55,8 +58,8 @@ _OPTIONS = {
 class SpeculativeConfig:
     """Which speculative method, and its knobs (vLLM names where vLLM has them)."""
 
-    method: str                          # "draft" | "prompt_lookup" | "lookahead"
-    draft_model: str | None = None       # draft: registry name / path, "int4", or "layers-K"
+    method: str                          # "draft" | "prompt_lookup" | "lookahead" | "medusa"
+    draft_model: str | None = None       # draft: registry name / path, "int4", or "layers-K"; medusa: heads folder
     num_speculative_tokens: int | None = None  # gamma (draft, default 4) / k (prompt lookup, default 8)
     prompt_lookup_min: int = 2           # shortest suffix n-gram to look up
     prompt_lookup_max: int = 4           # longest suffix n-gram to look up
@@ -64,6 +67,7 @@ class SpeculativeConfig:
     window: int = 4                      # lookahead W
     ngram: int = 3                       # lookahead N
     max_candidates: int = 4              # lookahead G
+    medusa_nodes: int = 16               # medusa: the first N nodes of compress.medusa.DEFAULT_TREE
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens is None:
@@ -73,8 +77,10 @@ class SpeculativeConfig:
         if self.method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs a draft model: 'draft:<model>', "
                              "'draft:layers-K' or 'draft:int4'")
+        if self.method == "medusa" and not self.draft_model:
+            raise ValueError("speculative method 'medusa' needs the heads folder: 'medusa:<path>'")
         for name, lo in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1),
-                         ("window", 1), ("ngram", 2), ("max_candidates", 1)):
+                         ("window", 1), ("ngram", 2), ("max_candidates", 1), ("medusa_nodes", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {lo}, got {value!r}")
@@ -97,7 +103,7 @@ class SpeculativeConfig:
                              f"(in {spec!r})")
         parts = [s.strip() for s in rest.split(",") if s.strip()] if rest else []
         kw: dict = {}
-        if method == "draft" and parts and "=" not in parts[0]:
+        if method in ("draft", "medusa") and parts and "=" not in parts[0]:
             kw["draft_model"] = parts.pop(0)
         for part in parts:
             key, eq, value = part.partition("=")
@@ -157,6 +163,12 @@ def generate_speculative(
             raise ValueError(f"lookahead decoding needs kv_cache='contiguous', got {kv_cache!r}")
         return lookahead_generate(model, prompt_ids, params, window=config.window, ngram=config.ngram,
                                   max_candidates=config.max_candidates, **common)
+    if config.method == "medusa":
+        if kv_cache != "contiguous":
+            raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
+        from minfer.compress.medusa import DEFAULT_TREE, load_heads, medusa_generate
+        return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params,
+                               tree=DEFAULT_TREE[:config.medusa_nodes], **common)
     if config.method == "prompt_lookup":
         proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                                         adaptive=bool(config.adaptive))

@@ -1,0 +1,72 @@
+"""The corpus every student here trains on, and the text it is judged on.
+
+Nothing can be downloaded, so the text is what ships with Python:
+
+    train     the standard library's own ``.py`` sources (code and docstrings), sorted by path,
+              every file whose path hash does NOT fall in the held-out bucket
+    held-out  the other files (1 in ``HELD_OUT_EVERY`` by a stable hash of the relative path),
+              used for the held-out distillation loss / agreement / head accuracies
+    never     ``pydoc_data.topics`` (the perplexity text of ``minfer eval`` and the eviction
+              prompts): no trainer here ever reads it
+
+Files under ``test``/``tests``/``idlelib``/``site-packages`` are skipped (huge generated
+tables and third-party code). The split is a pure function of the relative path, so it
+is the same on every machine with the same CPython; ``split_fingerprint`` records it.
+"""
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+HELD_OUT_EVERY = 20
+SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, sorted by relative path, skipping tests and vendored code."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & SKIP_PARTS)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_held_out(relpath: str) -> bool:
+    """Stable split: sha256 of the relative path, one bucket in HELD_OUT_EVERY."""
+    return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) % HELD_OUT_EVERY == 0
+
+
+def split_files(split: str) -> list[Path]:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    want = split == "heldout"
+    return [p for p in stdlib_files() if is_held_out(p.relative_to(root).as_posix()) == want]
+
+
+def token_stream(tokenizer, split: str, max_tokens: int, eos: int | None = None) -> list[int]:
+    """Concatenate the split's files (each followed by ``eos``) until ``max_tokens`` tokens."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    out: list[int] = []
+    for path in split_files(split):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        out += tokenizer.encode(text) + ([eos] if eos is not None else [])
+        if len(out) >= max_tokens:
+            break
+    return out[:max_tokens]
+
+
+def split_fingerprint() -> dict:
+    """What identifies the split: counts and a hash of the held-out file list."""
+    import sys
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held = [p.relative_to(root).as_posix() for p in split_files("heldout")]
+    return {"train": "stdlib .py sources (sorted), held-out bucket excluded",
+            "heldout": f"stdlib .py files with sha256(relpath) % {HELD_OUT_EVERY} == 0",
+            "never_trained": "pydoc_data.topics",
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}",
+            "heldout_files": len(held), "train_files": len(split_files("train")),
+            "heldout_sha256": hashlib.sha256("\n".join(held).encode()).hexdigest()[:16]}

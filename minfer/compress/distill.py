@@ -1,0 +1,211 @@
+"""`minfer distill`: train a small Llama on the teacher cache, to serve as a speculative draft.
+
+The student shares the teacher's tokenizer (same vocab ids, so it can draft)
+and is a few layers deep and narrow (default 2 layers, hidden 256): its decode
+step reads ~10x fewer bytes than SmolLM2-135M's. Its embedding (tied to the
+LM head, as in SmolLM2) starts as the teacher's embedding projected onto its
+top principal directions, so token identities start out meaningful.
+
+    teacher cache (top-k log-probs)  ──binned KL at T + CE──>  student  ──save_hf_folder──>  PATH
+                                                                         LLM(..., speculative="draft:PATH")
+
+The trainer (``train``) is shared with pruning's healing step: any minfer
+``Transformer`` can be the student. AdamW, linear warm-up, cosine decay over
+the step or time budget (``--minutes``: whichever ends first). Every
+``eval_every`` steps it scores the held-out cache (never trained on): the
+binned KL at T = 1 and the top-1 agreement with the teacher, against
+training tokens seen; that curve is written next to the checkpoint
+(``distill_log.json``).
+
+Production analogue: the draft models vLLM serves (``SpeculativeConfig``
+method "draft_model") are trained this way; DistilBERT / MiniLLM for the loss.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from minfer.compress.losses import distill_loss, student_bins, teacher_bins, binned_kl
+from minfer.compress.teacher import TeacherCache
+from minfer.config import ModelConfig
+from minfer.model import build_model
+
+
+def student_config(teacher_cfg: ModelConfig, *, layers: int = 2, hidden: int = 256, heads: int = 4,
+                   kv_heads: int = 2, intermediate: int | None = None) -> ModelConfig:
+    """A narrow, shallow Llama with the teacher's vocab, RoPE and special tokens."""
+    return dataclasses.replace(
+        teacher_cfg, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate or 3 * hidden,
+        tie_word_embeddings=True, sliding_window=None, kv_share_group=1, extra={})
+
+
+@torch.no_grad()
+def init_student(teacher, cfg: ModelConfig, seed: int = 0):
+    """Random student whose tied embedding is the teacher's, projected on its top ``hidden`` PCA directions."""
+    student = build_model(cfg, seed=seed)
+    E = teacher.model.embed_tokens.weight.float()                       # (V, H_teacher)
+    E = E - E.mean(0, keepdim=True)
+    _, _, V = torch.linalg.svd(E[::4], full_matrices=False)             # rows subsampled: cheaper, same axes
+    proj = E @ V[:cfg.hidden_size].T                                    # (V, hidden)
+    student.model.embed_tokens.weight.copy_(proj / proj.std() * 0.02 * 4)
+    return student
+
+
+def agreement(logits: torch.Tensor, topk_idx: torch.Tensor) -> float:
+    """Fraction of positions where the student's argmax is the teacher's top-1 token."""
+    return float((logits.argmax(-1) == topk_idx[..., 0]).float().mean())
+
+
+@torch.no_grad()
+def evaluate(model, cache: TeacherCache, max_seqs: int = 8) -> dict:
+    """Held-out binned KL (T = 1), top-1 agreement and CE on the first ``max_seqs`` sequences."""
+    rows = list(range(min(max_seqs, len(cache))))
+    b = cache.batch(rows)
+    B, T = b.tokens.shape
+    pos = torch.arange(T)[None].expand(B, T)
+    logits = model(b.tokens, pos).float()                               # (B, T, V)
+    kl = binned_kl(teacher_bins(b.topk_logp), student_bins(logits, b.topk_idx), 1.0)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.tokens[:, 1:].reshape(-1))
+    return {"heldout_kl": float(kl), "heldout_agreement": agreement(logits, b.topk_idx), "heldout_ce": float(ce)}
+
+
+def lr_at(progress: float, base: float, warmup: float = 0.03, floor: float = 0.1) -> float:
+    """Linear warm-up over the first ``warmup`` of training, then cosine decay to ``floor * base``."""
+    if progress < warmup:
+        return base * max(progress, 1e-3) / warmup
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(student, train_cache: TeacherCache, heldout: TeacherCache | None = None, *, steps: int | None = None,
+          minutes: float | None = None, batch: int = 4, lr: float = 2e-3, temperature: float = 2.0,
+          alpha: float = 0.9, eval_every: int = 50, seed: int = 0, log=print, on_eval=None) -> list[dict]:
+    """Train ``student`` in place on the cache; returns the curve (one dict per evaluation).
+
+    Stops after ``steps`` steps or ``minutes`` minutes, whichever first (at least one must be given);
+    the cosine schedule follows the same fraction. ``on_eval(student, curve)`` is called after each evaluation.
+    """
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes (a budget for training)")
+    if (steps is not None and steps < 1) or (minutes is not None and minutes <= 0):
+        raise ValueError(f"steps must be >= 1 and minutes > 0; got {steps}, {minutes}")
+    student.train().requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
+                            betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    T = train_cache.meta["seq_len"]
+    curve: list[dict] = []
+    t0, step, tokens = time.perf_counter(), 0, 0
+
+    def progress() -> float:
+        parts = [step / steps] if steps else []
+        if minutes:
+            parts.append((time.perf_counter() - t0) / (60 * minutes))
+        return max(parts)
+
+    def checkpoint(train_loss: float | None) -> None:
+        student.eval()
+        row = {"step": step, "train_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1),
+               "train_loss": train_loss, **(evaluate(student, heldout) if heldout is not None else {})}
+        curve.append(row)
+        log(json.dumps(row))
+        if on_eval is not None:
+            on_eval(student, curve)
+        student.train()
+
+    checkpoint(None)
+    running = None
+    while progress() < 1.0:
+        rows = torch.randint(len(train_cache), (batch,), generator=gen).tolist()
+        b = train_cache.batch(rows)
+        pos = torch.arange(T)[None].expand(batch, T)
+        logits = student(b.tokens, pos)                                              # (B, T, V)
+        V = logits.shape[-1]
+        loss = distill_loss(logits[:, :-1].reshape(-1, V), b.topk_idx[:, :-1].reshape(-1, b.topk_idx.shape[-1]),
+                            b.topk_logp[:, :-1].reshape(-1, b.topk_logp.shape[-1]), b.tokens[:, 1:].reshape(-1),
+                            temperature=temperature, alpha=alpha)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress(), lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += batch * T
+        value = float(loss.detach())
+        running = value if running is None else 0.9 * running + 0.1 * value
+        if step % eval_every == 0:
+            checkpoint(running)
+    if not curve or curve[-1]["step"] != step:
+        checkpoint(running)
+    student.eval().requires_grad_(False)
+    return curve
+
+
+def save_student(model, path: str | Path, teacher_path: str | Path, curve: list[dict], extra: dict | None = None) -> Path:
+    """An HF folder (config, safetensors, the teacher's tokenizer files, distill_log.json)."""
+    from minfer.checkpoints.hf import save_hf_folder
+    from minfer.checkpoints.loader import resolve_model
+
+    src = resolve_model(teacher_path)
+    tok_json = (src / "tokenizer.json").read_text() if (src / "tokenizer.json").is_file() else None
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else None
+    state = {k: v.detach().float() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    log = json.dumps({"curve": curve, **(extra or {})}, indent=1)
+    return save_hf_folder(path, model.cfg, state, tok_json, tok_cfg, extra_files={"distill_log.json": log})
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minfer.cli_args import add_model_args
+    add_model_args(p)
+    p.add_argument("--cache", default="weights/compress/teacher", help="teacher cache folder (train/ and heldout/)")
+    p.add_argument("--out", default="weights/compress/draft", help="output HF folder")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=None, help="time budget (default: none; give this or --steps)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term (1 - alpha: CE)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    from minfer.compress.cli import log, set_threads
+    from minfer.llm import LLM
+
+    set_threads(args.threads)
+    if args.minutes is None and args.steps is None:
+        raise ValueError("give --minutes or --steps (a training budget)")
+    teacher = LLM(args.model, device="cpu", dtype="float32").model
+    train_cache = TeacherCache(Path(args.cache) / "train")
+    heldout = TeacherCache(Path(args.cache) / "heldout")
+    cfg = student_config(teacher.cfg, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads)
+    student = init_student(teacher, cfg, seed=args.seed)
+    log(f"student: {cfg.num_parameters() / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}); "
+        f"train cache {train_cache.num_tokens} tokens, held-out {heldout.num_tokens}")
+    meta = {"cache": str(args.cache), "corpus": train_cache.meta.get("corpus"), "args": {
+        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
+    curve = train(student, train_cache, heldout, steps=args.steps, minutes=args.minutes, batch=args.batch,
+                  lr=args.lr, temperature=args.temperature, alpha=args.alpha, eval_every=args.eval_every,
+                  seed=args.seed, log=log,
+                  on_eval=lambda m, c: save_student(m, args.out, args.model, c, meta))
+    save_student(student, args.out, args.model, curve, meta)
+    log(f"saved {args.out}: held-out agreement {curve[-1].get('heldout_agreement'):.3f}, "
+        f"KL {curve[-1].get('heldout_kl'):.3f}")
+    return 0

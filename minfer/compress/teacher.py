@@ -1,0 +1,183 @@
+"""Teacher-signal cache: run the big model ONCE over the corpus, keep what the students need.
+
+A student (distilled draft, Medusa heads, a pruned model being healed) learns
+from the teacher's *distribution*, not only from the next token. Recomputing
+the teacher in every training step would cost a 135M-parameter forward per
+batch; storing its full logits would cost 49,152 floats per token. So store:
+
+    tokens     (n, T)      int32     the input sequences (T = seq_len)
+    topk_idx   (n, T, k)   int32     the teacher's k most likely next tokens at each position
+    topk_logp  (n, T, k)   float16   their log-probabilities (temperature 1); the rest of the
+                                     mass, 1 - sum(exp(topk_logp)), is kept as one "rest" bin
+    hidden     (n, T, h)   float16   the final hidden state (after the last RMSNorm), the
+                                     LM head's input: what Medusa heads read
+
+Layout on disk (one folder; every shard written with ``atomic_dir``, so a kill
+leaves either a complete shard or none)::
+
+    cache/meta.json                    model, seq_len, k, shard size, corpus split
+    cache/shard_00000/{tokens,topk_idx,topk_logp,hidden}.npy
+    cache/shard_00001/...
+
+``build_teacher_cache`` skips shards that already exist: run it again after a
+kill and it resumes where it stopped, giving byte-identical files (a test
+checks this). ``TeacherCache`` opens the shards memory-mapped (``np.load(...,
+mmap_mode="r")``), so a 300k-token cache does not need to fit in RAM.
+
+Production analogue: distillation pipelines that precompute teacher logits
+offline (e.g. "sparse" top-k logit caches in DistilBERT/MiniLLM-style
+training); Medusa's authors train on the base model's own hidden states.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minfer.atomic import atomic_dir, write_json
+
+FIELDS = ("tokens", "topk_idx", "topk_logp", "hidden")
+
+
+class HiddenCapture:
+    """Forward hook on the final RMSNorm: keeps its output, the LM head's input (B, T, h).
+
+    No change to ``model.py``: a hook is the same trick ``transformers`` uses for
+    ``output_hidden_states``. Use as a context manager.
+    """
+
+    def __init__(self, model):
+        self.model, self.hidden, self._handle = model, None, None
+
+    def __enter__(self):
+        def hook(_module, _inp, out):
+            self.hidden = out
+        self._handle = self.model.model.norm.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+@torch.no_grad()
+def teacher_signals(model, tokens: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """tokens (B, T) -> top-k log-probs, their ids and the final hidden states, as numpy arrays."""
+    B, T = tokens.shape
+    pos = torch.arange(T)[None].expand(B, T)
+    with HiddenCapture(model) as cap:
+        logits = model(tokens, pos).float()                       # (B, T, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    top = logp.topk(k, dim=-1)                                    # (B, T, k)
+    return {"tokens": tokens.to(torch.int32).numpy(),
+            "topk_idx": top.indices.to(torch.int32).numpy(),
+            "topk_logp": top.values.to(torch.float16).numpy(),
+            "hidden": cap.hidden.to(torch.float16).numpy()}
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}"
+
+
+def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq_len: int = 256, k: int = 32,
+                        shard_seqs: int = 16, batch: int = 4, meta: dict | None = None,
+                        progress: bool = True, stop_after_shards: int | None = None) -> Path:
+    """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard.
+
+    Resumable: existing complete shards are kept (their meta must match). ``stop_after_shards``
+    stops after writing that many new shards (the tests use it to simulate a kill).
+    """
+    from tqdm.auto import tqdm
+
+    if seq_len < 2 or k < 1 or shard_seqs < 1 or batch < 1:
+        raise ValueError(f"seq_len >= 2, k >= 1, shard_seqs >= 1, batch >= 1 required; got "
+                         f"{seq_len}, {k}, {shard_seqs}, {batch}")
+    if k > model.cfg.vocab_size:
+        raise ValueError(f"k ({k}) exceeds the vocabulary ({model.cfg.vocab_size})")
+    n_seq = len(token_ids) // seq_len
+    if n_seq < 1:
+        raise ValueError(f"{len(token_ids)} tokens is less than one sequence of seq_len={seq_len}")
+    out = Path(out_dir)
+    header = {"seq_len": seq_len, "k": k, "shard_seqs": shard_seqs, "num_seqs": n_seq,
+              "hidden_size": model.cfg.hidden_size, "vocab_size": model.cfg.vocab_size, **(meta or {})}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != header:
+            diff = {key: (old.get(key), header.get(key)) for key in set(old) | set(header) if old.get(key) != header.get(key)}
+            raise ValueError(f"{out}: an existing cache with other settings {diff}; use another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(meta_path, header)
+    ids = torch.tensor(token_ids[:n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+    n_shards = -(-n_seq // shard_seqs)
+    done = [i for i in range(n_shards) if (out / _shard_name(i)).is_dir()]
+    bar = tqdm(total=n_seq * seq_len, initial=len(done) * shard_seqs * seq_len, unit="tok", unit_scale=True,
+               desc="teacher cache", disable=not progress)
+    written = 0
+    for i in range(n_shards):
+        if (out / _shard_name(i)).is_dir():
+            continue
+        rows = ids[i * shard_seqs:(i + 1) * shard_seqs]
+        parts = [teacher_signals(model, rows[b:b + batch], k) for b in range(0, len(rows), batch)]
+        with atomic_dir(out / _shard_name(i)) as tmp:
+            for name in FIELDS:
+                np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+        bar.update(rows.numel())
+        written += 1
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+    bar.close()
+    return out
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor       # (B, T) long
+    topk_idx: torch.Tensor     # (B, T, k) long
+    topk_logp: torch.Tensor    # (B, T, k) float32
+    hidden: torch.Tensor       # (B, T, h) float32
+
+
+class TeacherCache:
+    """The shards of a cache folder, memory-mapped; ``len`` sequences, ``batch(rows)`` as tensors."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not a teacher cache (run build_teacher_cache first)")
+        self.meta = json.loads(meta_path.read_text())
+        shards = sorted(p for p in self.folder.glob("shard_*") if p.is_dir())
+        if not shards:
+            raise FileNotFoundError(f"{self.folder}: the teacher cache has no shard yet")
+        self.arrays = {name: [np.load(s / f"{name}.npy", mmap_mode="r") for s in shards] for name in FIELDS}
+        sizes = [a.shape[0] for a in self.arrays["tokens"]]
+        self.offsets = np.cumsum([0] + sizes)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self) * self.meta["seq_len"]
+
+    def _row(self, name: str, i: int) -> np.ndarray:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.arrays[name][s][i - self.offsets[s]]
+
+    def batch(self, rows) -> Batch:
+        get = lambda name: np.stack([self._row(name, int(i)) for i in rows])  # noqa: E731
+        return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
+                     torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float())
+
+
+def measure_teacher_speed(model, seq_len: int = 256, batch: int = 4, k: int = 32) -> float:
+    """Tokens per second of ``teacher_signals`` on random tokens (to size the corpus)."""
+    x = torch.randint(model.cfg.vocab_size, (batch, seq_len))
+    teacher_signals(model, x[:1, :16], k)
+    t0 = time.perf_counter()
+    teacher_signals(model, x, k)
+    return batch * seq_len / (time.perf_counter() - t0)
