@@ -17,7 +17,7 @@ from minfer.kv.block_pool import append_to_block_table, block_hashes, can_append
 from minfer.attention.flash import online_softmax_update
 from minfer.lessons.ex_foundations import kv_append_with_cache
 from minfer.serving.metrics import percentile, tpot_from_timestamps
-from minfer.serving.scheduler import continuous_step
+from minfer.engine.scheduler import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 

@@ -86,7 +86,7 @@ def _params(r):
 
 
 def _engine(model, tok, args, policy):
-    from minfer.serving.engine import LLMEngine
+    from minfer.engine import LLMEngine
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
@@ -95,7 +95,7 @@ def _engine(model, tok, args, policy):
 
 def run_online(model, tok, args, policy, trace):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
-    from minfer.serving.engine import run_trace
+    from minfer.engine import run_trace
     eng = _engine(model, tok, args, policy)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
@@ -208,7 +208,7 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
 def main(args) -> int:
     from minfer.llm import LLM
     from minfer.serving.metrics import format_table, summarize
-    from minfer.serving.scheduler import POLICIES
+    from minfer.engine.scheduler import POLICIES
     from minfer.serving.workload import synthetic_trace, text_trace
 
     policies = [x.strip() for x in args.policy.split(",") if x.strip()]

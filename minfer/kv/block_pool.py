@@ -180,13 +180,6 @@ class BlockPool:
         self.cached[block_hash] = block_id
         return True
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (contents stay, nothing is freed)."""
-        for block_id in self.cached.values():
-            self.blocks[block_id].block_hash = None
-            self.blocks[block_id].prefix = None
-        self.cached.clear()
-
 
 # ---------------------------------------------------------------------------
 # Block-table arithmetic as plain functions (the lesson's exercises grade these)
@@ -260,8 +253,7 @@ class CacheUsage:
 class KVCacheManager:
     """Block tables for many sequences over one ``BlockPool``.
 
-    The life of a sequence (a scheduler drives this; ``paged_generate.py`` is
-    the simplest driver)::
+    The life of a sequence (the engine's scheduler drives this, ``minfer/engine``)::
 
         n = mgr.allocate(sid, prompt)          # slots for the prompt; n tokens already cached
         ...forward prompt[n:] at slots mgr.slot_mapping(sid, n, len(prompt) - n)...

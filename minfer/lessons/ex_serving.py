@@ -179,7 +179,7 @@ register(Exercise(
     name="serving.continuous_step",
     description=("continuous_step(running, waiting, token_budget, max_num_seqs) -> [(request_id, n), ...]: "
                  "running requests first, then admit waiting ones, chunking the last prompt"),
-    reference="minfer.serving.scheduler:continuous_step",
+    reference="minfer.engine.scheduler:continuous_step",
     inputs=_step_inputs(),
     compare=_compare_step,
     validate=_validate_step,

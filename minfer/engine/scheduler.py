@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minfer.serving.request import Request, RequestStatus
+from minfer.engine.request import Request, RequestStatus
 
 POLICIES = ("static", "dynamic", "continuous")
 
@@ -153,6 +153,14 @@ class Scheduler:
             self.running.remove(req)
         self._release(req)
         req.status = status
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """``child`` starts where ``parent`` is, sharing its KV blocks (parallel sampling, n > 1)."""
+        self.kv.fork(parent.request_id, child.request_id)
+        self.num_slots[child.request_id] = self.num_slots[parent.request_id]
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
