@@ -182,7 +182,8 @@ class BlockPool:
 
 
 # ---------------------------------------------------------------------------
-# Block-table arithmetic as plain functions (the lesson's exercises grade these)
+# Block-table arithmetic as plain functions (lesson 04's exercises grade these and two more
+# in minfer/lessons/ex_paged.py)
 # ---------------------------------------------------------------------------
 
 
@@ -197,22 +198,6 @@ def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_siz
     """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
     total = num_tokens + num_new_tokens
     return max(0, -(-total // block_size) - num_held)       # ceil(total / block_size) - held
-
-
-def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,
-                      num_free_blocks: int, block_size: int) -> bool:
-    """Do ``num_new_tokens`` more tokens fit, given the free blocks? (No sharing: see ``KVCacheManager``.)"""
-    return blocks_needed(num_tokens, num_new_tokens, num_blocks_held, block_size) <= num_free_blocks
-
-
-def append_to_block_table(block_table: Sequence[int], num_tokens: int, num_new_tokens: int,
-                          free_blocks: Sequence[int], block_size: int) -> Optional[list[int]]:
-    """The block table after growing by ``num_new_tokens``, taking blocks from the front of
-    ``free_blocks``; None (and no change) if there are not enough."""
-    need = blocks_needed(num_tokens, num_new_tokens, len(block_table), block_size)
-    if need > len(free_blocks):
-        return None
-    return list(block_table) + list(free_blocks[:need])
 
 
 # ---------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class _Group:
     num_seqs: int
     fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
     sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
+    whole: bool = False           # the group is the whole batch, in order: no query gather or output scatter
 
 
 class PagedKVCache:
@@ -249,6 +250,8 @@ class PagedKVCache:
         for g in self.groups:       # masks computed once per forward, not once per layer
             if g.fresh is None and bool((g.k_pos < 0).any() or g.q_pos.shape[1] > 1):
                 g.sdpa_mask = allowed(g.q_pos, g.k_pos)[:, None]
+        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or max(meta.query_lens) == 1):
+            self.groups[0].whole = True        # one sequence, or decodes only (one bucket, rows in order)
 
     # ------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend,
@@ -268,10 +271,10 @@ class PagedKVCache:
     def _attend_split(self, layer, q, view, backend, window):
         """One backend call per group (see ``_plan_split``)."""
         nkv, hd = self.k.shape[3], self.k.shape[4]
-        out = torch.empty_like(q)
+        out = None if self.groups[0].whole else torch.empty_like(q)
         for g in self.groups:
             G = g.num_seqs
-            qg = q[0][:, g.rows].reshape(q.shape[1], G, -1, hd).transpose(0, 1)      # (G, nh, T, hd)
+            qg = (q[0] if g.whole else q[0][:, g.rows]).reshape(q.shape[1], G, -1, hd).transpose(0, 1)  # (G, nh, T, hd)
             if g.k_slots is None:
                 keys, values = view.keys[:, :, g.fresh], view.values[:, :, g.fresh]  # (1, nkv, T, hd)
             else:
@@ -285,6 +288,8 @@ class PagedKVCache:
                     sdpa(qg, keys, values, attn_mask=g.sdpa_mask)
             else:
                 o = backend(qg, keys, values, g.q_pos, g.k_pos, window=window)       # (G, nh, T, hd)
+            if g.whole:
+                return o.transpose(0, 1).reshape(q.shape[1], -1, hd)[None]             # (1, nh, N, hd)
             out[0][:, g.rows] = o.transpose(0, 1).reshape(q.shape[1], -1, hd)
         return out
 
