@@ -181,3 +181,28 @@ def test_bad_engine_arguments_are_explained():
         LLM.from_model(model, kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="num_blocks"):
         LLM.from_model(model, num_blocks=1, block_size=1).generate([1, 2, 3], SamplingParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("window,block_size", [(4, 2), (5, 4), (3, 1)])
+def test_sliding_window_gives_blocks_back(window, block_size):
+    """Blocks wholly outside the window return to the pool while the request runs; tokens stay the oracle's."""
+    cfg = tiny_config(sliding_window=window)
+    model = tiny_model(cfg, seed=2)
+    prompt = list(range(3, 17))
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    llm = LLM.from_model(model, block_size=block_size, max_num_batched_tokens=5)
+    engine, held = llm.engine, []
+    step = engine.step
+
+    def watch():
+        out = step()
+        held.append(engine.runner.kv_manager.usage().num_used_blocks)
+        return out
+
+    engine.step = watch
+    out = llm.generate(prompt, params)[0]
+    assert out.token_ids == naive_generate(model.state_dict(), cfg, prompt, params)
+    # the window, the block being written, and a partly visible one at most (plus a chunk's worth)
+    assert max(held[-10:]) <= -(-window // block_size) + 2, held
+    pool = engine.runner.kv_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks

@@ -64,10 +64,10 @@ class LLMEngine:
 
     def __init__(self, runner, scheduler_config: SchedulerConfig | None = None, *, tokenizer=None,
                  eos_token_ids: Iterable[int] | None = None, max_model_len: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 sliding_window: int | None = None, clock: Callable[[], float] = time.perf_counter):
         self.runner = runner
         self.config = scheduler_config or SchedulerConfig()
-        self.scheduler = Scheduler(self.config, runner.kv_manager, clock=clock)
+        self.scheduler = Scheduler(self.config, runner.kv_manager, clock=clock, sliding_window=sliding_window)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -106,7 +106,7 @@ class LLMEngine:
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                              attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                   max_model_len=cfg.max_position_embeddings, clock=clock)
+                   max_model_len=cfg.max_position_embeddings, sliding_window=cfg.sliding_window, clock=clock)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,

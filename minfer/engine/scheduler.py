@@ -95,8 +95,10 @@ class Scheduler:
     ``allocate``, ``append_slots``, ``free``, ``commit_tokens``).
     """
 
-    def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter,
+                 sliding_window: int | None = None):
         self.config = config
+        self.sliding_window = sliding_window      # blocks wholly outside the window go back to the pool
         self.kv = kv_manager
         self.clock = clock
         self.waiting: deque[Request] = deque()
@@ -244,3 +246,5 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 stored = self.kv.num_computed_tokens(req.request_id)
                 self.kv.commit_tokens(req.request_id, req.all_token_ids[stored:req.num_computed_tokens])
+                if self.sliding_window is not None:   # the next query sits at num_computed_tokens
+                    self.kv.drop_blocks_before(req.request_id, req.num_computed_tokens - self.sliding_window + 1)

@@ -215,6 +215,7 @@ class SeqState:
     token_ids: list[int] = field(default_factory=list)   # known tokens: the prompt, then committed ones
     hashes: list[int] = field(default_factory=list)      # hash of each full, committed block
     prefixes: list[tuple] = field(default_factory=list)  # exact key of each of those blocks
+    num_dropped: int = 0                # leading blocks given back: wholly outside a sliding window
 
 
 @dataclass(slots=True)
@@ -409,18 +410,36 @@ class KVCacheManager:
         if parent.num_computed != parent.num_tokens:
             raise ValueError(f"seq {parent_id!r} has {parent.num_tokens - parent.num_computed} reserved "
                              f"slots not yet committed; fork after the forward that fills them")
-        for b in parent.block_table:
+        for b in parent.block_table[parent.num_dropped:]:
             self.pool.touch(b)
         self.seqs[child_id] = SeqState(block_table=list(parent.block_table), num_tokens=parent.num_tokens,
                                        num_computed=parent.num_computed, token_ids=list(parent.token_ids),
-                                       hashes=list(parent.hashes), prefixes=list(parent.prefixes))
+                                       hashes=list(parent.hashes), prefixes=list(parent.prefixes),
+                                       num_dropped=parent.num_dropped)
+
+    def drop_blocks_before(self, seq_id, pos: int) -> int:
+        """Sliding window: give back the blocks that hold only positions < ``pos`` (no query will see them).
+
+        Their table entries stay, so positions still map to slots; attention masks
+        those positions, so whatever another sequence later writes there is never
+        read. vLLM: ``SlidingWindowManager.remove_skipped_blocks``
+        (``vllm/v1/core/single_type_kv_cache_manager.py``). Returns how many were freed.
+        """
+        st = self._seq(seq_id)
+        upto = min(max(pos, 0) // self.block_size, len(st.block_table) - 1)   # never the block being written
+        freed = 0
+        for i in range(st.num_dropped, upto):
+            self.pool.free_block(st.block_table[i])
+            freed += 1
+        st.num_dropped = max(st.num_dropped, upto)
+        return freed
 
     def free(self, seq_id) -> None:
         """Release the sequence's blocks, last block first, so the LRU evicts tails before shared heads."""
         st = self.seqs.pop(seq_id, None)
         if st is None:
             raise ValueError(f"unknown seq_id {seq_id!r}: nothing to free")
-        for b in reversed(st.block_table):
+        for b in reversed(st.block_table[st.num_dropped:]):
             self.pool.free_block(b)
 
     # ------------------------------------------------------------ accounting
@@ -434,6 +453,8 @@ class KVCacheManager:
         filled: dict[int, int] = {}
         for st in self.seqs.values():
             for i, b in enumerate(st.block_table):
+                if i < st.num_dropped:
+                    continue
                 filled[b] = max(filled.get(b, 0), min(bs, st.num_tokens - i * bs))
         return CacheUsage(num_blocks=self.pool.num_blocks, num_free_blocks=self.pool.num_free_blocks,
                           num_used_blocks=len(filled), num_cached_blocks=len(self.pool.cached),
