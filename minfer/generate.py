@@ -24,7 +24,7 @@ import torch
 
 from minfer.kv import make_cache
 from minfer.metrics import RequestStats
-from minfer.sampling import SamplingParams, make_generator, sample
+from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
 
 RequestMetrics = RequestStats          # the one per-request record (minfer/metrics.py), as lessons name it
 
@@ -35,11 +35,6 @@ def check_context(num_prompt_tokens: int, max_context: int) -> None:
     if num_prompt_tokens >= max_context:
         raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the model's context is "
                          f"{max_context} tokens (prompt + new tokens must fit)")
-
-
-def stop_token_ids(params: SamplingParams, eos_token_ids) -> set[int]:
-    """The token ids that end a request: its stop ids, plus EOS unless ``ignore_eos``."""
-    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
 
 
 class StopRule:

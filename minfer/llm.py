@@ -28,10 +28,9 @@ import torch
 from minfer.checkpoints import load_checkpoint
 from minfer.engine.llm_engine import LLMEngine
 from minfer.engine.output import TextOutput
-from minfer.generate import stop_token_ids
 from minfer.metrics import RequestStats
 from minfer.model import build_model
-from minfer.sampling import SamplingParams, pair_prompts
+from minfer.sampling import SamplingParams, pair_prompts, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -266,7 +265,8 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
-        prompts, params = pair_prompts(prompts, params)
+        prompts, params = pair_prompts(prompts, params)          # argument checks
+
         if self.speculative is not None:
             return [self._run_speculative(p, sp) for p, sp in zip(prompts, params)]
         return self._run(prompts, params)
@@ -281,6 +281,7 @@ class LLM:
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them."""
+        # argument checks
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)

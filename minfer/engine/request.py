@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minfer.sampling import SamplingParams, make_generator
+from minfer.sampling import SamplingParams, make_generator, stop_token_ids
 from minfer.metrics import RequestStats
 
 
@@ -99,7 +99,4 @@ class Request:
 
     @property
     def stop_token_ids(self) -> set[int]:
-        ids = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            ids |= set(self.eos_token_ids)
-        return ids
+        return stop_token_ids(self.params, self.eos_token_ids)

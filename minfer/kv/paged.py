@@ -314,12 +314,12 @@ class PagedKVCache:
         acc = torch.zeros_like(qg)                                                  # unnormalised output
         offsets = torch.arange(bs, device=q.device)
         for j in range((int(max(self.meta.seq_lens)) + bs - 1) // bs):
-            k_pos = j * bs + offsets                                                # (bs,)
-            k_pos = torch.where(k_pos[None] < self._seq_lens[:, None], k_pos[None], -1)   # (S, bs)
+            block_pos = j * bs + offsets                                            # (bs,)
+            k_pos = torch.where(block_pos[None] < self._seq_lens[:, None], block_pos[None], -1)   # (S, bs)
             visible = allowed(q_pos, k_pos, window)                                 # (S, T, bs)
             if not bool(visible.any()):                                             # e.g. outside the window
                 continue
-            kb, vb = self._rows(layer, (self._tables[:, j, None] * bs + offsets).flatten())
+            kb, vb = self._rows(layer, context_slots(self._tables, block_pos[None], bs).flatten())
             kb = kb.float().view(S, bs, nkv, hd).permute(0, 2, 1, 3)[:, :, None]    # (S, nkv, 1, bs, hd)
             vb = vb.float().view(S, bs, nkv, hd).permute(0, 2, 1, 3)[:, :, None]
             scores = (qg @ kb.transpose(-1, -2)) * scale                            # (S, nkv, g, T, bs)
