@@ -20,11 +20,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import first_difference, tiny_config, tiny_configs, tiny_model
+from tiny import describe_diff, first_difference, tiny_config, tiny_configs, tiny_model
 
 from minfer.generate import generate_tokens
 from minfer.llm import LLM
-from minfer.naive import naive_generate
+from minfer.naive import naive_forward, naive_generate
 from minfer.sampling import SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -122,6 +122,31 @@ def test_parallel_samples_equal_single_runs_with_derived_seeds(cfg, seed, n, pro
     if prompt_len >= block_size:                   # a full prompt block is shared by every sample
         assert shared_seen and all(shared_seen[0] & s for s in shared_seen[:1])
     assert pool.num_free_blocks == free0
+
+
+@pytest.mark.parametrize("prompt_len", [6, 8])
+def test_forked_samples_see_their_own_context(prompt_len):
+    """Every sample's logits at every step equal the oracle's on (prompt + that sample's tokens): the
+    shared, partly filled block was copied before a sample wrote into it (copy-on-write)."""
+    cfg = tiny_config()
+    model = tiny_model(cfg, seed=3)
+    llm = LLM.from_model(model, block_size=4, enable_prefix_caching=False)
+    runner, checked = llm.engine.runner, []
+    execute = runner.execute
+
+    def watch(chunks, rows):
+        logits = execute(chunks, rows)
+        for k, i in enumerate(rows):
+            c = chunks[i]
+            ref = naive_forward(model.state_dict(), cfg, c.request.all_token_ids[:c.start + c.num_tokens])[-1]
+            assert torch.allclose(logits[k], ref, atol=1e-4), f"sample {c.request.index}: " + describe_diff(logits[k], ref)
+            checked.append(c.request.index)
+        return logits
+
+    runner.execute = watch
+    out = llm.generate(list(range(1, prompt_len + 1)),
+                       SamplingParams(temperature=1.0, max_tokens=6, n=3, seed=1, ignore_eos=True))[0]
+    assert set(checked) == {0, 1, 2} and len({tuple(o.token_ids) for o in out.outputs}) > 1
 
 
 def test_prefix_cache_lives_as_long_as_the_llm():
