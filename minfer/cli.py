@@ -44,8 +44,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
-    p.add_argument("--kv-cache", default="contiguous",
-                   help="contiguous | paged | int8 | fp8 | sliding | none (recompute every step, like the oracle)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
 
@@ -73,7 +73,7 @@ def _sampling(args):
 def _llm(args):
     from minfer.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-               kv_cache=args.kv_cache, quantization=args.quantization,
+               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                speculative=getattr(args, "speculative", None),
                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1))
@@ -220,14 +220,6 @@ COMMANDS = {
 }
 
 
-def _module_exists(name: str) -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _run_module(args) -> int:
     import importlib
     return importlib.import_module(args.module).main(args) or 0
@@ -236,10 +228,9 @@ def _run_module(args) -> int:
 def _add_module_commands(sub, table: dict) -> None:
     import importlib
     for name, (module, help_text) in table.items():
-        if _module_exists(module):
-            p = sub.add_parser(name, help=help_text)
-            importlib.import_module(module).add_arguments(p)
-            p.set_defaults(func=_run_module, module=module)
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(func=_run_module, module=module)
 
 
 def build_parser() -> argparse.ArgumentParser:

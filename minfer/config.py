@@ -111,11 +111,6 @@ class ModelConfig:
 
     # ------------------------------------------------------- derived numbers
     @property
-    def num_queries_per_kv(self) -> int:
-        """How many query heads read one K/V head (1 = MHA, num_heads = MQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def num_kv_layers(self) -> int:
         """Layers that own a K/V cache (fewer than num_hidden_layers with cross-layer sharing)."""
         return math.ceil(self.num_hidden_layers / self.kv_share_group)

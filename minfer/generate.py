@@ -9,57 +9,24 @@ recomputes the whole sequence each step instead: the same math as the oracle
 in ``naive.py``, O(n) work per token, kept so lessons and benchmarks can show
 what the cache buys.
 
-The batched, many-request version of this loop lives in ``minfer/serving``.
+This module holds the single-request primitives every other single-request
+loop reuses (speculative decoding and lookahead in ``minfer/speculative``):
+``forward_tokens`` (run some tokens at some positions through a cache),
+``StopRule`` (when a request ends) and ``sampling.sample``; rolling back is
+the cache's ``truncate``. The batched, many-request engine is ``minfer/engine``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from minfer.kv import make_cache
-from minfer.sampling import SamplingParams, make_generator, sample
+from minfer.metrics import RequestStats
+from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
 
-
-@dataclass
-class RequestMetrics:
-    """Timestamps of one request (seconds, from ``clock``) and the figures derived from them."""
-
-    arrival_time: float
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    token_times: list[float] = field(default_factory=list, repr=False)
-
-    def record_token(self, now: float) -> None:
-        """One output token left the engine at ``now``."""
-        self.token_times.append(now)
-        self.first_token_time = self.first_token_time or now
-        self.num_output_tokens += 1
-
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token: arrival -> first token out (includes the prefill)."""
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def e2e_latency(self) -> float | None:
-        return None if self.finish_time is None else self.finish_time - self.arrival_time
-
-    @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first: (e2e - TTFT) / (n - 1), as vLLM's benchmark defines it."""
-        if self.finish_time is None or self.num_output_tokens < 2:
-            return None
-        return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        tpot = self.tpot
-        return None if not tpot else 1.0 / tpot
+RequestMetrics = RequestStats          # the one per-request record (minfer/metrics.py), as lessons name it
 
 
 def check_context(num_prompt_tokens: int, max_context: int) -> None:
@@ -70,6 +37,51 @@ def check_context(num_prompt_tokens: int, max_context: int) -> None:
                          f"{max_context} tokens (prompt + new tokens must fit)")
 
 
+class StopRule:
+    """When a request ends: a stop token (EOS unless ignored), ``max_tokens``, or the context length.
+
+    ``emit(tok)`` counts one new token (and stamps it in ``metrics``); ``done``
+    turns True on the token that ends the request. The engine applies the same
+    rule per request (``engine/llm_engine.py``), with stop strings on top.
+    """
+
+    def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids=(),
+                 metrics: RequestStats | None = None, clock: Callable[[], float] = time.perf_counter):
+        check_context(len(prompt_ids), model.cfg.max_position_embeddings)
+        self.max_new = min(params.max_tokens, model.cfg.max_position_embeddings - len(prompt_ids))
+        self.total = len(prompt_ids) + self.max_new          # positions the cache must hold
+        self.stop_ids = stop_token_ids(params, eos_token_ids)
+        self.produced = 0
+        self.done = False
+        self.metrics, self.clock = metrics, clock
+        if metrics is not None:
+            metrics.num_prompt_tokens = len(prompt_ids)
+
+    @property
+    def room(self) -> int:
+        """Tokens that may still be proposed after the next one (speculative decoding's budget)."""
+        return self.max_new - self.produced - 1
+
+    def emit(self, tok: int) -> None:
+        self.produced += 1
+        if self.metrics is not None:
+            self.metrics.record_token(self.clock())
+        if tok in self.stop_ids or self.produced >= self.max_new:
+            self.done = True
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    return model.inv_freq.device, model.model.embed_tokens.weight.dtype
+
+
+def forward_tokens(model, cache, ids: list[int], start: int, attention="sdpa", last_only=False) -> torch.Tensor:
+    """Run ``ids`` at positions start.. through ``model`` with ``cache``: logits (T, V) (or (1, V))."""
+    device, _ = model_device_dtype(model)
+    x = torch.tensor([ids], device=device)                                   # (1, T)
+    pos = torch.arange(start, start + len(ids), device=device)[None]         # (1, T)
+    return model(x, pos, kv_cache=cache, attention=attention, last_only=last_only)[0]
+
+
 @torch.no_grad()
 def generate_tokens(
     model,
@@ -77,47 +89,31 @@ def generate_tokens(
     params: SamplingParams,
     *,
     eos_token_ids: list[int] = (),
-    kv_cache: str = "contiguous",       # "contiguous" | "paged" | "sliding" | "int8" | "fp8" | "none"
+    kv_cache: str = "contiguous",       # "contiguous" | "sliding" | "int8" | "fp8" | "none"
     attention: str = "sdpa",
     prefill_chunk: int | None = None,   # chunked prefill: feed the prompt this many tokens at a time
-    metrics: RequestMetrics | None = None,
+    metrics: RequestStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids until EOS / a stop token / max_tokens / the context limit."""
-    if kv_cache == "paged":            # vLLM's block-table cache (minfer/kv/paged_generate.py)
-        from minfer.kv.paged_generate import generate_paged
-        yield from generate_paged(model, prompt_ids, params, eos_token_ids=eos_token_ids, attention=attention,
-                                  prefill_chunk=prefill_chunk, metrics=metrics, clock=clock)
-        return
-    cfg = model.cfg
-    device = model.inv_freq.device
-    check_context(len(prompt_ids), cfg.max_position_embeddings)
-    max_new = min(params.max_tokens, cfg.max_position_embeddings - len(prompt_ids))
-    total = len(prompt_ids) + max_new
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = None if kv_cache == "none" else make_cache(kv_cache, cfg, 1, total, dtype=dtype, device=device)
+    rule = StopRule(model, prompt_ids, params, eos_token_ids, metrics, clock)
+    device, dtype = model_device_dtype(model)
+    cache = None if kv_cache == "none" else make_cache(kv_cache, model.cfg, 1, rule.total, dtype=dtype,
+                                                       device=device)
     gen = make_generator(params.seed)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-    if metrics is not None:
-        metrics.num_prompt_tokens = len(prompt_ids)
-
-    def forward(ids: list[int], start: int) -> torch.Tensor:
-        x = torch.tensor([ids], device=device)
-        pos = torch.arange(start, start + len(ids), device=device)[None]
-        return model(x, pos, kv_cache=cache, attention=attention, last_only=True)[0, -1]
 
     # ---- prefill: the whole prompt (in chunks if asked), logits for the last position only
     chunk = prefill_chunk or len(prompt_ids)
     for s in range(0, len(prompt_ids), chunk):
-        logits = forward(prompt_ids[s:s + chunk], s)
+        logits = forward_tokens(model, cache, prompt_ids[s:s + chunk], s, attention, last_only=True)[-1]
     seq = list(prompt_ids)
-    for step in range(max_new):
+    while True:
         tok = sample(logits, params, gen)
         seq.append(tok)
-        if metrics is not None:
-            metrics.record_token(clock())
+        rule.emit(tok)
         yield tok
-        if tok in stop_ids or step == max_new - 1:
+        if rule.done:
             break
         # ---- decode: one token in, reading K/V of everything before it from the cache
-        logits = forward([tok], len(seq) - 1) if cache is not None else forward(seq, 0)
+        logits = (forward_tokens(model, cache, [tok], len(seq) - 1, attention, last_only=True) if cache is not None
+                  else forward_tokens(model, None, seq, 0, attention, last_only=True))[-1]

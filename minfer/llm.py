@@ -2,21 +2,38 @@
 
     llm = LLM("smollm2-135m-instruct")
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
-    out.text, out.token_ids, out.finish_reason, out.metrics.ttft
+    out.text, out.token_ids, out.finish_reason, out.metrics.ttft     # the first sample
+    out.outputs[i].text                                              # sample i of n (vLLM's shape)
+
+``LLM`` is the engine's front door, as in vLLM (``vllm/entrypoints/llm.py``)
+and nano-vllm: ``generate``, ``chat`` and ``stream`` submit requests to one
+``LLMEngine`` (``minfer/engine``) and step it until they finish, so a list of
+prompts is served by continuous batching with chunked prefill and preemption.
+The engine, its KV block pool and its prefix cache live as long as the ``LLM``:
+a later call that shares a prefix with an earlier one reuses its blocks.
+
+Two settings take another road, one prompt at a time through the
+single-request loop (``generate.py``) with the same output processor:
+``speculative=...`` (speculative decoding and lookahead are single-request
+loops, ``minfer/speculative``) and ``tensor_parallel_size`` /
+``pipeline_parallel_size`` > 1, where this process drives the other ranks
+through the same loop (``minfer/distributed/runtime.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from minfer.checkpoints import load_checkpoint
-from minfer.generate import RequestMetrics, generate_tokens
+from minfer.engine.llm_engine import LLMEngine
+from minfer.engine.output import TextOutput
+from minfer.metrics import RequestStats
 from minfer.model import build_model
-from minfer.sampling import SamplingParams, pair_prompts
-from minfer.tokenizer import IncrementalDetokenizer
+from minfer.sampling import SamplingParams, pair_prompts, stop_token_ids
 from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -44,16 +61,40 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's ``CompletionOutput``)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" (EOS, stop token or stop string), "length" or "abort"
+    metrics: RequestStats
+
+
+@dataclass
 class RequestOutput:
-    """What one prompt produced."""
+    """What one prompt produced: ``outputs[i]`` is sample i; ``text``, ``token_ids``... are sample 0's."""
 
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str          # "stop" (EOS, stop token or stop string) or "length"
-    metrics: RequestMetrics
+    outputs: list[CompletionOutput]
     spec_stats: object | None = None   # minfer.speculative.SpecStats when LLM(speculative=...) is set
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+    @property
+    def metrics(self) -> RequestStats:
+        return self.outputs[0].metrics
 
     @property
     def ttft(self) -> float | None:
@@ -69,14 +110,30 @@ class RequestOutput:
 
 
 class LLM:
-    """Load a model once, generate many times."""
+    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``):
+
+    enable_prefix_caching   reuse the KV blocks of earlier prompts' prefixes (on, as in vLLM V1)
+    max_num_seqs            requests running at once, at most
+    max_num_batched_tokens  tokens per engine step (prefill chunks + decodes)
+    block_size              tokens per KV block
+    kv_cache_memory_bytes   the KV pool's budget in bytes (vLLM's ``kv_cache_memory_bytes``)
+    kv_cache_dtype          "auto" (the model's dtype), "int8" or "fp8": quantized KV pages
+    enforce_eager           accepted for vLLM compatibility; the runner is always eager today
+    seed                    requests without their own seed draw one from this seeded sequence
+    tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)
+    pipeline_parallel_size  split the layers into N stages, one per process
+    """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
-                 dtype: str | torch.dtype = "float32", attention: str = "sdpa",
-                 kv_cache: str = "contiguous", prefill_chunk: int | None = None, seed: int = 0,
-                 quantization: str | None = None, speculative=None,
+                 dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,
+                 quantization: str | None = None, speculative=None, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
+                 kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
-        check_engine_args(device, kv_cache, prefill_chunk, seed)   # fail now, not at generate time
+        # ---- argument checks: fail now, not at generate time (minfer/validation.py)
+        check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          kv_cache_dtype=kv_cache_dtype)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
@@ -88,6 +145,7 @@ class LLM:
         from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
         if quantization is not None:
             parse_spec(quantization)                              # fail early on a bad name
+        # ---- the model
         self.driver = None                                        # minfer.distributed: rank 0 of a group
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
             from minfer.distributed.runtime import ParallelConfig, start_driver
@@ -95,7 +153,7 @@ class LLM:
                 raise ValueError("tensor/pipeline parallelism runs without quantization and speculative decoding")
             cfg, self.model, tokenizer, self.driver = start_driver(
                 model, ParallelConfig(tensor_parallel_size, pipeline_parallel_size), self.dtype, self.device)
-        elif is_quantized_checkpoint(model):                      # written by `minfer quantize`
+        elif is_quantized_checkpoint(model):                        # written by `minfer quantize`
             if quantization is not None:
                 raise ValueError(f"{model} is already quantized; leave quantization unset")
             cfg, self.model, tokenizer = load_quantized_folder(model, device=self.device, dtype=self.dtype)
@@ -104,14 +162,45 @@ class LLM:
             self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
             if quantization is not None:                          # weight-only: swap the linears
                 quantize_model(self.model, quantization)
-        self.config, self.tokenizer = cfg, tokenizer
-        self.attention, self.kv_cache, self.prefill_chunk = attention, kv_cache, prefill_chunk
         self.model_name = model
+        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
             from minfer.speculative import load_draft
             self.draft = load_draft(self.model, spec_config.draft_model)
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, **engine_args) -> "LLM":
+        """An ``LLM`` around a model already in memory (``build_model``): tests, lessons, benchmarks.
+        Without a tokenizer, prompts are token-id lists and outputs have no text."""
+        self = cls.__new__(cls)
+        w = model.model.embed_tokens.weight
+        self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
+        self.speculative, self.draft, self.driver = None, None, None
+        self._start(model.cfg, tokenizer, attention, seed, **engine_args)
+        return self
+
+    def _start(self, cfg, tokenizer, attention: str, seed: int, *, enable_prefix_caching: bool = True,
+               max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
+               kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool = False,
+               num_blocks: int | None = None, max_prefill_chunk: int | None = None,
+               attention_mode: str = "split") -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
+        if kv_cache_dtype not in ("auto", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
+        self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
+        self.kv_cache_dtype, self.enforce_eager = kv_cache_dtype, enforce_eager
+        self._seeds = torch.Generator().manual_seed(seed)
+        self.engine = LLMEngine.from_model(
+            self.model, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
+            kv_cache_memory=kv_cache_memory_bytes,
+            kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
+            attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None)
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -123,54 +212,87 @@ class LLM:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
         return None, ids
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               on_text: Callable[[str], None] | None = None) -> RequestOutput:
-        """Generate for one prompt, calling ``on_text`` with each new piece of text as it appears."""
-        params = params or SamplingParams()
-        check_prompt(prompt)
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        """A request without a seed draws one from the LLM's seeded sequence (vLLM: ``LLM(seed=...)``)."""
+        if params.seed is not None or params.greedy:
+            return params
+        return dataclasses.replace(params, seed=int(torch.randint(2**62, (), generator=self._seeds)))
+
+    def _run(self, prompts: list, params: list[SamplingParams],
+             on_text: Callable[[str], None] | None = None) -> list[RequestOutput]:
+        """Submit every prompt to the engine, step until they finish, collect the outputs in order."""
+        engine = self.engine
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(engine.add_request(p, self._seeded(sp)))
+            engine.no_more_requests(True)
+            while any(not r.is_finished for i in ids for r in engine.samples[i]):
+                for delta in engine.step():
+                    if on_text is not None and delta.new_text and delta.index == 0:
+                        on_text(delta.new_text)
+        except BaseException:
+            for i in ids:                                         # leave the engine clean (Ctrl-C, errors)
+                engine.abort(i)
+            raise
+        finally:
+            engine.no_more_requests(False)
+        outs = []
+        for i in ids:
+            samples = engine.samples.pop(i)
+            for r in samples:
+                engine.requests.pop(r.request_id, None)
+                engine._text.pop(r.request_id, None)
+            first = samples[0]
+            outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
+                CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
+                for r in sorted(samples, key=lambda r: r.index)]))
+        return outs
+
+    def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
+        """One prompt through a single-request loop, with the engine's output processor: the
+        speculative loop (``minfer/speculative``), or ``generate_tokens`` driving the other ranks
+        of a tensor/pipeline-parallel group (``minfer/distributed``)."""
+        from minfer.generate import generate_tokens
+        if params.n != 1:
+            raise ValueError("speculative decoding and tensor/pipeline parallelism sample one sequence per "
+                             "prompt; use n=1")
         text_prompt, prompt_ids = self._encode(prompt)
-        metrics = RequestMetrics(arrival_time=time.perf_counter())
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text, token_ids, finish = "", [], "length"
-        emitted = 0
-        hold = max((len(s) for s in params.stop), default=1) - 1  # text that might start a stop string
-        spec_stats = None
-        if self.speculative is None:
-            tokens = generate_tokens(self.model, prompt_ids, params,
-                                     eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
-                                     attention=self.attention, prefill_chunk=self.prefill_chunk,
-                                     metrics=metrics)
-        else:
+        metrics = RequestStats(arrival_time=time.perf_counter())
+        stats, out = None, TextOutput(self.tokenizer, params.stop)
+        kv = "contiguous" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        eos = self.tokenizer.eos_token_ids
+        stops = stop_token_ids(params, eos)
+        if self.speculative is not None:
             from minfer.speculative import SpecStats, generate_speculative
-            spec_stats = SpecStats()
+            stats = SpecStats()
             tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
-                                          eos_token_ids=self.tokenizer.eos_token_ids, kv_cache=self.kv_cache,
-                                          attention=self.attention, stats=spec_stats, metrics=metrics)
+                                          eos_token_ids=eos, kv_cache=kv, attention=self.attention,
+                                          stats=stats, metrics=metrics)
+        else:
+            tokens = generate_tokens(self.model, prompt_ids, params, eos_token_ids=eos, kv_cache=kv,
+                                     attention=self.attention, metrics=metrics)
         if self.driver is not None:        # the other ranks run the same loop, in step with this one
-            tokens = self.driver.run({"prompt_ids": prompt_ids, "params": params, "kv_cache": self.kv_cache,
-                                      "eos_token_ids": self.tokenizer.eos_token_ids, "attention": self.attention,
-                                      "prefill_chunk": self.prefill_chunk}, tokens)
+            tokens = self.driver.run({"prompt_ids": prompt_ids, "params": params, "kv_cache": kv,
+                                      "eos_token_ids": eos, "attention": self.attention,
+                                      "prefill_chunk": None}, tokens)
+        token_ids, finish = [], "length"
         for tok in tokens:
             token_ids.append(tok)
-            text += detok.add(tok)
-            if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.tokenizer.eos_token_ids):
+            new, hit = out.add(tok, tok in stops)
+            if on_text and new:
+                on_text(new)
+            if hit or tok in stops:
                 finish = "stop"
                 break
-            hits = [text.find(s) for s in params.stop if s in text]
-            if hits:
-                text, finish = text[:min(hits)], "stop"
-                break
-            safe = len(text) - hold                               # never stream part of a stop string
-            if on_text and safe > emitted:
-                on_text(text[emitted:safe])
-                emitted = safe
-        else:
-            text += detok.flush()
         tokens.close()                     # end the loop now (a parallel driver tells its followers)
-        if on_text and len(text) > emitted:
-            on_text(text[emitted:])
+        new = out.finish()
+        finish = "stop" if out.cut else finish
+        if on_text and new:
+            on_text(new)
         metrics.finish_time = time.perf_counter()
-        return RequestOutput(text_prompt, prompt_ids, text, token_ids, finish, metrics, spec_stats)
+        return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
+                             stats)
 
     # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -178,7 +300,18 @@ class LLM:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
         check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
-        return [self.stream(p, sp) for p, sp in zip(prompts, params)]
+        if self.speculative is not None or self.driver is not None:
+            return [self._run_single(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(prompts, params)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               on_text: Callable[[str], None] | None = None) -> RequestOutput:
+        """Generate for one prompt, calling ``on_text`` with each new piece of (sample 0's) text."""
+        params = params or SamplingParams()
+        check_prompt(prompt)
+        if self.speculative is not None or self.driver is not None:
+            return self._run_single(prompt, params, on_text)
+        return self._run([prompt], [params], on_text)[0]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them."""

@@ -6,9 +6,10 @@
     logits = lm_head(rms_norm(x))                      # (B, T, vocab)
 
 Attention is delegated: each layer computes q, k and v, rotates q and k with
-RoPE, hands k and v to the KV cache (if any) and then calls an attention
+RoPE, and makes two calls on the KV cache whatever its kind (``minfer.kv.base``):
+``update`` stores k and v, ``attend`` runs attention through an attention
 *backend* (``minfer.attention``) with explicit positions. No global context
-object: every tensor travels through function arguments, as in nano-vllm.
+object: every tensor travels through function arguments.
 
 Parameter names follow HF transformers (``model.layers.3.self_attn.q_proj``),
 so HF checkpoints load with ``load_state_dict`` and transformers can serve as
@@ -24,6 +25,7 @@ from torch import nn
 
 from minfer.attention import get_backend
 from minfer.config import ModelConfig
+from minfer.kv.base import NO_CACHE, KVCache, KVView
 
 # ---------------------------------------------------------------------------
 # RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean shift.
@@ -113,29 +115,20 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(h, nkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hd, h, bias=False)
 
-    def forward(self, x, cos, sin, positions, kv_cache, shared_kv, backend):
-        """x (B, T, h) -> (B, T, h); returns the (k, v, k_pos) later layers of the group reuse."""
+    def forward(self, x, cos, sin, positions, kv_cache: KVCache, view: KVView | None, backend):
+        """x (B, T, h) -> (B, T, h); also returns the ``KVView`` later layers of a sharing group reuse."""
         B, T, _ = x.shape
         cfg = self.cfg
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)              # (B, nh, T, hd)
         q = apply_rope(q, cos, sin)
-        if self.owns_kv:
+        if self.owns_kv:      # write the new K/V; read back everything the queries may see
             k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
             v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
-            k = apply_rope(k, cos, sin)
-            if kv_cache is None:                  # whole sequence in one go: keys = this chunk
-                shared_kv = (k, v, positions)
-            else:                                 # write the new K/V, read back everything valid
-                shared_kv = kv_cache.update(self.kv_layer, k, v, positions)
-        if kv_cache is not None and hasattr(kv_cache, "attend"):
-            # A cache that runs attention itself (paged: walks its blocks; lookahead: custom mask).
-            out = kv_cache.attend(self.kv_layer, q, shared_kv, positions, backend, window=cfg.sliding_window)
-        else:
-            keys, values, key_pos = shared_kv                              # (B, nkv, S, hd) x2, (B, S)
-            out = backend(q, keys, values, positions, key_pos, window=cfg.sliding_window)  # (B, nh, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, nh * hd)
-        return self.o_proj(out), shared_kv
+            view = kv_cache.update(self.kv_layer, apply_rope(k, cos, sin), v, positions)
+        out = kv_cache.attend(self.kv_layer, q, view, positions, backend, window=cfg.sliding_window)
+        out = out.transpose(1, 2).reshape(B, T, nh * hd)                   # (B, T, nh * hd)
+        return self.o_proj(out), view
 
 
 class MLP(nn.Module):
@@ -160,11 +153,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, kv_cache, shared_kv, backend):
-        a, shared_kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, shared_kv, backend)
+    def forward(self, x, cos, sin, positions, kv_cache, view, backend):
+        a, view = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, view, backend)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, shared_kv
+        return x, view
 
 
 class _Body(nn.Module):
@@ -198,7 +191,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,          # (B, T) token ids
         positions: torch.Tensor,          # (B, T) absolute positions of those tokens
-        kv_cache=None,                    # None: attend within input_ids only; else a minfer.kv cache
+        kv_cache: KVCache | None = None,  # None: attend within input_ids only (see minfer.kv.base)
         attention: str | object = "sdpa",  # backend name or callable (see minfer.attention)
         last_only: bool = False,          # logits for the last position only (prefill, decode)
         logits_indices: torch.Tensor | None = None,  # (K,) positions along T whose logits are wanted
@@ -211,9 +204,10 @@ class Transformer(nn.Module):
         backend = get_backend(attention) if isinstance(attention, str) else attention
         x = self.model.embed_tokens(input_ids)                            # (B, T, h)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)        # (B, 1, T, hd) each
-        shared_kv = None
+        cache = NO_CACHE if kv_cache is None else kv_cache
+        view = None
         for layer in self.model.layers:
-            x, shared_kv = layer(x, cos, sin, positions, kv_cache, shared_kv, backend)
+            x, view = layer(x, cos, sin, positions, cache, view, backend)
         if last_only:
             x = x[:, -1:]
         elif logits_indices is not None:

@@ -85,6 +85,11 @@ def pair_prompts(prompts, params) -> tuple[list, list]:
     return list(prompts), list(params)
 
 
+def stop_token_ids(params: SamplingParams, eos_token_ids=()) -> set[int]:
+    """The token ids that end a request: its stop ids, plus EOS unless ``ignore_eos``."""
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator(device="cpu")
     if seed is None:

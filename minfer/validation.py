@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 SEED_MAX = 2**64 - 1               # torch.Generator.manual_seed takes any 64-bit value
-KV_CACHE_KINDS = ("contiguous", "paged", "int8", "fp8", "sliding", "none")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as vLLM
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -189,15 +189,18 @@ def check_device(device: Any) -> None:
         raise ValueError(f"device {device!r}: torch sees only {torch.cuda.device_count()} GPU(s)")
 
 
-def check_engine_args(device: Any = None, kv_cache: Any = "contiguous", prefill_chunk: Any = None,
-                      seed: Any = 0) -> None:
-    """``LLM(...)``'s arguments that are checked only later otherwise (at generate time, or never)."""
+def check_engine_args(device: Any = None, *, seed: Any = 0, max_num_seqs: Any = 32,
+                      max_num_batched_tokens: Any = 512, block_size: Any = 16,
+                      kv_cache_memory_bytes: Any = 2**30, kv_cache_dtype: Any = "auto") -> None:
+    """``LLM(...)``'s engine arguments, checked at construction rather than at generate time (or never)."""
     check_device(device)
-    if kv_cache not in KV_CACHE_KINDS:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}; got {kv_cache!r}")
-    if prefill_chunk is not None:
-        check_int(prefill_chunk, "prefill_chunk", lo=1)
     check_int(seed, "seed", lo=0, hi=SEED_MAX)
+    check_int(max_num_seqs, "max_num_seqs", lo=1)
+    check_int(max_num_batched_tokens, "max_num_batched_tokens", lo=1)
+    check_int(block_size, "block_size", lo=1)
+    check_int(kv_cache_memory_bytes, "kv_cache_memory_bytes", lo=1)
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
 
 
 # ---------------------------------------------------------------- memory

@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from minfer.kv.block_pool import (BlockPool, KVCacheManager, append_to_block_table, block_hashes,
-                                  can_append_tokens, compute_slot_mapping, hash_block_tokens)
+from minfer.kv.block_pool import (BlockPool, KVCacheManager, block_hashes, compute_slot_mapping,
+                                  hash_block_tokens)
+from minfer.lessons.ex_paged import append_to_block_table, can_append_tokens
 from minfer.lessons import exercises, grade
 
 

@@ -13,11 +13,12 @@ from minfer.model import rms_norm
 from minfer.sampling import top_p_filter
 from minfer.speculative.prompt_lookup import ngram_propose
 from minfer.speculative.rejection import accept_reject
-from minfer.kv.block_pool import append_to_block_table, block_hashes, can_append_tokens, compute_slot_mapping
+from minfer.kv.block_pool import block_hashes, compute_slot_mapping
+from minfer.lessons.ex_paged import append_to_block_table, can_append_tokens
 from minfer.attention.flash import online_softmax_update
 from minfer.lessons.ex_foundations import kv_append_with_cache
 from minfer.serving.metrics import percentile, tpot_from_timestamps
-from minfer.serving.scheduler import continuous_step
+from minfer.lessons.ex_serving import continuous_step
 from minfer.quant.int8 import dequantize_int8, quantize_int8
 from minfer.quant.int4 import pack_int4, unpack_int4
 from minfer.serving.cost import dollars_per_mtok, kwh_per_mtok

@@ -118,16 +118,3 @@ def test_cache_overflow_is_a_clear_error():
     cfg = tiny_config()
     with pytest.raises(ValueError, match="positions must lie"):
         ContiguousKVCache(cfg, 1, 4).update(0, torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), torch.arange(5)[None])
-
-
-@settings(max_examples=10, deadline=None)
-@given(cfg=tiny_configs(window=False, sharing=False), prompt_len=st.integers(1, 20), n=st.integers(1, 10),
-       chunk=st.one_of(st.none(), st.integers(1, 7)))
-def test_paged_generation_equals_contiguous(cfg, prompt_len, n, chunk):
-    """`kv_cache="paged"` through the public loop gives the contiguous cache's tokens."""
-    model = tiny_model(cfg, seed=prompt_len)
-    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(n)).tolist()
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    paged = list(generate_tokens(model, prompt, params, kv_cache="paged", prefill_chunk=chunk))
-    contiguous = list(generate_tokens(model, prompt, params))
-    assert paged == contiguous, first_difference(paged, contiguous)

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minfer.sampling import SamplingParams
-from minfer.serving.engine import LLMEngine, run_trace
+from minfer.engine import LLMEngine, run_trace
 from minfer.serving.fake import FakeClock, FakeRunner
 from minfer.serving.metrics import RequestStats, meets_slos, percentile, summarize
-from minfer.serving.scheduler import SchedulerConfig
+from minfer.engine.scheduler import SchedulerConfig
 from minfer.serving.workload import TraceRequest, arrival_times, synthetic_trace
 
 

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from minfer.sampling import SamplingParams
-from minfer.serving.engine import LLMEngine
+from minfer.engine import LLMEngine
 from minfer.serving.fake import FakeClock, FakeRunner, fake_generate
-from minfer.serving.request import RequestStatus
-from minfer.serving.scheduler import POLICIES, SchedulerConfig
+from minfer.engine.request import RequestStatus
+from minfer.engine.scheduler import POLICIES, SchedulerConfig
 
 VOCAB = 16
 
@@ -220,7 +220,7 @@ def test_sampled_outputs_depend_on_the_seed_only(policy, budget, chunk, num_bloc
        plan=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 2)), min_size=1, max_size=8))
 def test_scheduler_step_is_continuous_step_when_memory_is_plentiful(budget, max_num_seqs, plan):
     """The lesson's exercise ``continuous_step`` is exactly what the engine's scheduler does."""
-    from minfer.serving.scheduler import continuous_step
+    from minfer.lessons.ex_serving import continuous_step
     eng = make_engine("continuous", num_blocks=400, block_size=4, budget=budget, max_num_seqs=max_num_seqs,
                       prefix=False)
     for i, (plen, max_tokens, steps_before) in enumerate(plan):

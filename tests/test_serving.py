@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
 from minfer.serving.batch_job import read_input, run_batch
-from minfer.serving.engine import LLMEngine
-from minfer.serving.scheduler import POLICIES
+from minfer.engine import LLMEngine
+from minfer.engine.scheduler import POLICIES
 from tiny import first_difference, tiny_config, tiny_configs, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,16 +142,16 @@ def test_sampled_with_seed_independent_of_batch(case, policy):
 @given(cfg=tiny_configs(sharing=False), bs=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
        lengths=st.lists(st.integers(1, 60), min_size=1, max_size=5))
 def test_split_attention_equals_padded_gather(cfg, bs, seed, lengths):
-    """SplitPagedKVCache (decodes bucketed, prefill chunks alone) = PagedKVCache's padded gather, all logits."""
+    """The split mode (decodes bucketed, prefill chunks alone) = the padded gather, all logits."""
     import random
+    from tiny import batch_of
     from minfer.kv.block_pool import BlockPool, KVCacheManager
-    from minfer.kv.paged import PagedBatch, PagedKVCache
-    from minfer.serving.split_attention import SplitPagedKVCache
+    from minfer.kv.paged import PagedKVCache
     rng = random.Random(seed)
     model = tiny_model(cfg, seed=seed % 100)
     blocks = 5 * 60                                   # room for every sequence even with blocks of 1
     mgr = KVCacheManager(BlockPool(blocks, bs, enable_prefix_caching=False))
-    caches = [PagedKVCache(cfg, blocks, bs), SplitPagedKVCache(cfg, blocks, bs)]
+    caches = [PagedKVCache(cfg, blocks, bs, attention_mode="gather"), PagedKVCache(cfg, blocks, bs)]
     seqs = {i: [rng.randrange(cfg.vocab_size) for _ in range(n)] for i, n in enumerate(lengths)}
     for i, toks in seqs.items():
         assert mgr.allocate(i, toks) is not None
@@ -161,7 +161,7 @@ def test_split_attention_equals_padded_gather(cfg, bs, seed, lengths):
         live = [i for i in seqs if done[i] < len(seqs[i])]
         pick = [i for i in live if rng.random() < 0.7] or live[:1]
         chunks = [(i, done[i], rng.choice([1, rng.randint(1, len(seqs[i]) - done[i])])) for i in pick]
-        meta = PagedBatch.build(mgr, chunks)
+        meta = batch_of(mgr, chunks)
         ids = torch.tensor([[t for i, s0, n in chunks for t in seqs[i][s0:s0 + n]]])
         outs = []
         for cache in caches:
@@ -238,8 +238,6 @@ def test_bad_requests_name_the_field():
         eng.add_request([1] * 64)
     with pytest.raises(ValueError, match="num_blocks=8"):
         eng.add_request([1] * 30, SamplingParams(max_tokens=10))
-    with pytest.raises(ValueError, match="SamplingParams.n"):
-        eng.add_request([1], SamplingParams(n=2))
     with pytest.raises(ValueError, match="needs an engine with a tokenizer"):
         eng.add_request("text")
     eng.add_request([1], request_id="x")
@@ -370,12 +368,14 @@ def test_batch_command_survives_kill(tmp_path, text_model, byte_tok):
 
 
 @pytest.mark.model
-def test_smollm2_engine_matches_llm_generate(smollm2_dir):
+def test_smollm2_engine_matches_the_single_request_loop(smollm2_dir):
     from minfer.llm import LLM
-    llm = LLM(str(smollm2_dir))
+    llm = LLM(str(smollm2_dir), kv_cache_memory_bytes=2**26)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     sp = SamplingParams(temperature=0, max_tokens=12)
-    want = [o.token_ids for o in llm.generate(prompts, sp)]
+    want = [list(generate_tokens(llm.model, llm.tokenizer.encode(p), sp, eos_token_ids=llm.tokenizer.eos_token_ids))
+            for p in prompts]
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
     eng = LLMEngine.from_model(llm.model, llm.tokenizer, max_num_batched_tokens=16, num_blocks=64)
     got = eng.generate(prompts, sp)
     assert [r.output_token_ids for r in got] == want

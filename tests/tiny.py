@@ -49,3 +49,17 @@ def first_difference(a: list[int], b: list[int]) -> str:
         if x != y:
             return f"first differing position {i}: {x} vs {y}"
     return f"lengths differ: {len(a)} vs {len(b)}" if len(a) != len(b) else "identical"
+
+
+def batch_of(mgr, chunks):
+    """The engine runner's flattening of [(seq_id, start, n)] (token ids do not matter to attention)."""
+    class Seq:
+        def __init__(self, rid):
+            self.request_id, self.all_token_ids = rid, [0] * mgr.num_tokens(rid)
+
+    class Chunk:
+        def __init__(self, rid, start, n):
+            self.request, self.start, self.num_tokens = Seq(rid), start, n
+
+    from minfer.engine.runner import prepare_batch
+    return prepare_batch(mgr, [Chunk(*c) for c in chunks])[1]

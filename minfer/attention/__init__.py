@@ -24,21 +24,32 @@ Backends:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
+
+import torch
 
 from minfer.attention.flash import flash_attention
 from minfer.attention.mask import allowed
 from minfer.attention.reference import reference_attention
 from minfer.attention.sdpa import sdpa_attention
 
-BACKENDS: dict[str, Callable] = {
+
+
+class AttentionBackend(Protocol):
+    """The signature every backend shares (see the module docstring for the shapes)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                 k_pos: torch.Tensor, window: int | None = None, scale: float | None = None) -> torch.Tensor: ...
+
+
+BACKENDS: dict[str, AttentionBackend] = {
     "reference": reference_attention,
     "sdpa": sdpa_attention,
     "flash": flash_attention,
 }
 
 
-def get_backend(name: str) -> Callable:
+def get_backend(name: str) -> AttentionBackend:
     """Look up an attention backend by name."""
     try:
         return BACKENDS[name]
@@ -46,4 +57,4 @@ def get_backend(name: str) -> Callable:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}") from None
 
 
-__all__ = ["BACKENDS", "get_backend", "allowed", "reference_attention", "sdpa_attention", "flash_attention"]
+__all__ = ["AttentionBackend", "BACKENDS", "get_backend", "allowed", "reference_attention", "sdpa_attention", "flash_attention"]

@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
-    p.add_argument("--methods", default="naive,no-cache,cached,transformers",
-                   help="comma-separated subset of naive,no-cache,cached,transformers")
+    p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
+                   help="comma-separated subset of naive,no-cache,cached,llm,transformers "
+                        "(llm = batch-1 decode through LLM.generate, i.e. the engine)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
@@ -54,6 +55,13 @@ def _time_cached(model, prompt_ids, n, kv_cache):
     toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
     m.finish_time = m.token_times[-1]
     return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}
+
+
+def _time_llm(llm, prompt_ids, n):
+    """Batch-1 decode through the front door: LLM.generate -> engine -> runner -> paged cache."""
+    from minfer.sampling import SamplingParams
+    out = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+    return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot, "tokens": out.token_ids}
 
 
 def _time_naive(model, prompt_ids, n):
@@ -119,7 +127,7 @@ def main(args) -> int:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ["naive", "no-cache", "cached", "transformers"]
+    known = ["naive", "no-cache", "cached", "llm", "transformers"]
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
@@ -133,6 +141,7 @@ def main(args) -> int:
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
         "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
+        "llm": lambda: _time_llm(llm, prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
     }
     outputs = {}
@@ -159,7 +168,7 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "transformers"):
+        if name in ("cached", "llm", "transformers"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
             row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
         if name != "cached" and "cached" in outputs:
@@ -177,6 +186,9 @@ def main(args) -> int:
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    if "cached" in medians and "llm" in medians:
+        print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
+              f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
     for row in rows:
         if "same_tokens_as_cached" in row:
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")

@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import minfer
-
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
@@ -62,7 +60,7 @@ def weights_dir() -> Path:
     env = os.environ.get("MINFER_WEIGHTS_DIR")
     if env:
         return Path(env).expanduser()
-    repo_weights = Path(minfer.__file__).resolve().parents[1] / "weights"
+    repo_weights = Path(__file__).resolve().parents[2] / "weights"
     if repo_weights.is_dir():
         return repo_weights
     return Path.home() / ".cache" / "minfer" / "weights"

@@ -1,22 +1,23 @@
 """Where K and V live between forward passes.
 
-Every cache has the same small interface, used by ``model.Attention``::
+Every cache has the interface declared in ``kv/base.py`` (``KVCache``), used by ``model.Attention``::
 
-    keys, values, key_pos = cache.update(kv_layer, k, v, positions)
+    view = cache.update(kv_layer, k, v, positions)      # KVView(keys, values, key_pos)
         k, v       (B, n_kv_heads, T, hd)  this forward's new keys/values (after RoPE)
         positions  (B, T)                  their absolute positions
-        returns    every key/value the new queries may see, (B, n_kv_heads, S, hd),
+        view       every key/value the new queries may see, (B, n_kv_heads, S, hd),
                    and their positions (B, S), -1 for an empty slot
-    cache.truncate(length)   roll back: forget everything at positions >= length
+    out = cache.attend(kv_layer, q, view, positions, backend, window)
+    cache.truncate(length)   (contiguous caches) roll back: forget everything at positions >= length
     cache.nbytes()           bytes of K/V storage actually allocated
 
 Caches:
   ContiguousKVCache    one preallocated max-length buffer per sequence (gpt-fast)
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
-  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention);
-                       its bookkeeping (BlockPool, KVCacheManager) is in block_pool.py and the
-                       simplest drivers (generate_paged, generate_paged_n) in paged_generate.py
+  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention),
+                       with int8/fp8 pages; its bookkeeping (BlockPool, KVCacheManager) is in
+                       block_pool.py, and the engine (minfer/engine) drives it
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv

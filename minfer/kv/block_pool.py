@@ -180,16 +180,10 @@ class BlockPool:
         self.cached[block_hash] = block_id
         return True
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (contents stay, nothing is freed)."""
-        for block_id in self.cached.values():
-            self.blocks[block_id].block_hash = None
-            self.blocks[block_id].prefix = None
-        self.cached.clear()
-
 
 # ---------------------------------------------------------------------------
-# Block-table arithmetic as plain functions (the lesson's exercises grade these)
+# Block-table arithmetic as plain functions (lesson 04's exercises grade these and two more
+# in minfer/lessons/ex_paged.py)
 # ---------------------------------------------------------------------------
 
 
@@ -204,22 +198,6 @@ def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_siz
     """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
     total = num_tokens + num_new_tokens
     return max(0, -(-total // block_size) - num_held)       # ceil(total / block_size) - held
-
-
-def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,
-                      num_free_blocks: int, block_size: int) -> bool:
-    """Do ``num_new_tokens`` more tokens fit, given the free blocks? (No sharing: see ``KVCacheManager``.)"""
-    return blocks_needed(num_tokens, num_new_tokens, num_blocks_held, block_size) <= num_free_blocks
-
-
-def append_to_block_table(block_table: Sequence[int], num_tokens: int, num_new_tokens: int,
-                          free_blocks: Sequence[int], block_size: int) -> Optional[list[int]]:
-    """The block table after growing by ``num_new_tokens``, taking blocks from the front of
-    ``free_blocks``; None (and no change) if there are not enough."""
-    need = blocks_needed(num_tokens, num_new_tokens, len(block_table), block_size)
-    if need > len(free_blocks):
-        return None
-    return list(block_table) + list(free_blocks[:need])
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +215,7 @@ class SeqState:
     token_ids: list[int] = field(default_factory=list)   # known tokens: the prompt, then committed ones
     hashes: list[int] = field(default_factory=list)      # hash of each full, committed block
     prefixes: list[tuple] = field(default_factory=list)  # exact key of each of those blocks
+    num_dropped: int = 0                # leading blocks given back: wholly outside a sliding window
 
 
 @dataclass(slots=True)
@@ -260,8 +239,7 @@ class CacheUsage:
 class KVCacheManager:
     """Block tables for many sequences over one ``BlockPool``.
 
-    The life of a sequence (a scheduler drives this; ``paged_generate.py`` is
-    the simplest driver)::
+    The life of a sequence (the engine's scheduler drives this, ``minfer/engine``)::
 
         n = mgr.allocate(sid, prompt)          # slots for the prompt; n tokens already cached
         ...forward prompt[n:] at slots mgr.slot_mapping(sid, n, len(prompt) - n)...
@@ -432,18 +410,36 @@ class KVCacheManager:
         if parent.num_computed != parent.num_tokens:
             raise ValueError(f"seq {parent_id!r} has {parent.num_tokens - parent.num_computed} reserved "
                              f"slots not yet committed; fork after the forward that fills them")
-        for b in parent.block_table:
+        for b in parent.block_table[parent.num_dropped:]:
             self.pool.touch(b)
         self.seqs[child_id] = SeqState(block_table=list(parent.block_table), num_tokens=parent.num_tokens,
                                        num_computed=parent.num_computed, token_ids=list(parent.token_ids),
-                                       hashes=list(parent.hashes), prefixes=list(parent.prefixes))
+                                       hashes=list(parent.hashes), prefixes=list(parent.prefixes),
+                                       num_dropped=parent.num_dropped)
+
+    def drop_blocks_before(self, seq_id, pos: int) -> int:
+        """Sliding window: give back the blocks that hold only positions < ``pos`` (no query will see them).
+
+        Their table entries stay, so positions still map to slots; attention masks
+        those positions, so whatever another sequence later writes there is never
+        read. vLLM: ``SlidingWindowManager.remove_skipped_blocks``
+        (``vllm/v1/core/single_type_kv_cache_manager.py``). Returns how many were freed.
+        """
+        st = self._seq(seq_id)
+        upto = min(max(pos, 0) // self.block_size, len(st.block_table) - 1)   # never the block being written
+        freed = 0
+        for i in range(st.num_dropped, upto):
+            self.pool.free_block(st.block_table[i])
+            freed += 1
+        st.num_dropped = max(st.num_dropped, upto)
+        return freed
 
     def free(self, seq_id) -> None:
         """Release the sequence's blocks, last block first, so the LRU evicts tails before shared heads."""
         st = self.seqs.pop(seq_id, None)
         if st is None:
             raise ValueError(f"unknown seq_id {seq_id!r}: nothing to free")
-        for b in reversed(st.block_table):
+        for b in reversed(st.block_table[st.num_dropped:]):
             self.pool.free_block(b)
 
     # ------------------------------------------------------------ accounting
@@ -457,6 +453,8 @@ class KVCacheManager:
         filled: dict[int, int] = {}
         for st in self.seqs.values():
             for i, b in enumerate(st.block_table):
+                if i < st.num_dropped:
+                    continue
                 filled[b] = max(filled.get(b, 0), min(bs, st.num_tokens - i * bs))
         return CacheUsage(num_blocks=self.pool.num_blocks, num_free_blocks=self.pool.num_free_blocks,
                           num_used_blocks=len(filled), num_cached_blocks=len(self.pool.cached),

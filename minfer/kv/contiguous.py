@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from minfer.kv.base import DenseKVCache, KVView
 from minfer.validation import check_allocation
 
 
@@ -27,7 +28,7 @@ def kv_cache_bytes(cfg, num_tokens: int, bytes_per_value: float = 4.0) -> float:
     return 2 * cfg.num_kv_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value * num_tokens
 
 
-class ContiguousKVCache:
+class ContiguousKVCache(DenseKVCache):
     def __init__(self, cfg, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
@@ -54,7 +55,7 @@ class ContiguousKVCache:
             self.k[layer].scatter_(2, idx, k)
             self.v[layer].scatter_(2, idx, v)
         S = self._visible
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], self._key_pos
+        return KVView(self.k[layer, :, :, :S], self.v[layer, :, :, :S], self._key_pos)
 
     def _begin_step(self, positions) -> None:
         """Check the positions and compute what every layer of this forward shares."""

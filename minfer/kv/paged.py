@@ -1,14 +1,14 @@
-"""The paged KV cache: one pool of K/V blocks shared by every sequence in the batch.
+"""The paged KV cache: one pool of K/V blocks shared by every sequence, and attention through it.
 
 Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
     k, v   (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
     slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
 
-The model runs on a *flattened batch*: the tokens of several sequences (a
-prefill chunk of one, a single decode token of another, ...) side by side in
-``input_ids (1, N)`` with ``positions (1, N)``. ``PagedBatch`` says which
-tokens belong to which sequence and where their K/V go::
+The model runs on a *flattened batch* built by the engine's runner
+(``minfer/engine/runner.py``, the only place a batch is flattened): the tokens
+of several sequences side by side in ``input_ids (1, N)``. ``PagedBatch`` says
+which tokens belong to which sequence and where their K/V go::
 
     seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
     input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
@@ -16,41 +16,51 @@ tokens belong to which sequence and where their K/V go::
     block_tables  A: [2]      B: [0, 5]            (block_size 4: b5 -> block 5, offset 1)
 
 Each layer calls ``update`` (write the N new keys/values at their slots, one
-scatter for the whole batch) and then ``attend``, which runs attention for
-each sequence through its block table, one of two ways:
+scatter for the whole batch) and ``attend``, which runs attention through the
+block tables in one of three ways, all tested equal to contiguous attention:
 
-* ``"gather"``: copy the sequence's K/V out of the pool into a contiguous
-  (padded) tensor and call the ordinary attention backend on it. Simple, and
-  the backend may be a fused kernel; costs one copy of the context per layer.
+* ``"split"`` (the engine's): decodes batched, each prefill chunk on its own.
+  Padding everything to one batch wastes most of the work when a step mixes 31
+  decodes with one 512-token chunk (97% of the padded scores are padding). So
+  the decodes are bucketed by context length (buckets grow by sqrt(2): < 30%
+  padding) and run as one backend call per bucket; each prefill chunk is one
+  call over its own context, and a chunk that starts at position 0 needs no
+  gather at all (its keys are this forward's). vLLM's old CPU backend split the
+  same way (``vllm/attention/backends/torch_sdpa.py``); its GPU backends use a
+  variable-length FlashAttention kernel (``cu_seqlens``) instead.
+* ``"gather"``: copy every sequence's K/V into one padded contiguous tensor and
+  call the attention backend once. Simplest; costs one copy of the context.
 * ``"online"``: walk the block table one block at a time and fold each block
-  into FlashAttention's online-softmax recurrence
-  (``attention.flash.online_softmax_update``). The contiguous copy is never
-  built: this is what the PagedAttention CUDA kernel does
-  (vLLM: ``csrc/attention/paged_attention_v1.cu``), written as a Python loop.
+  into FlashAttention's online softmax; the contiguous copy is never built.
+  This is the PagedAttention kernel's loop (vLLM: ``csrc/attention/paged_attention_v1.cu``).
 
-Both are tested equal to contiguous attention. The bookkeeping (block tables,
-slot mapping, prefix caching, copy-on-write) lives in ``block_pool.py``.
+``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
+per token and head (the rule of ``kv/quantized.py``), dequantized as they are
+read; vLLM: ``kv_cache_dtype="fp8"``. Layers that share K/V (cross-layer
+sharing) share pages: the pool has ``num_kv_layers`` layers, not one per layer.
+The bookkeeping (block tables, prefix caching, copy-on-write) is in ``block_pool.py``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from minfer.attention.flash import online_softmax_update
 from minfer.attention.mask import allowed
-from minfer.kv.block_pool import KVCacheManager
+from minfer.attention.sdpa import sdpa, sdpa_attention
+from minfer.kv.base import KVView
+from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 
-ATTENTION_MODES = ("gather", "online")
+ATTENTION_MODES = ("split", "gather", "online")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass
 class PagedBatch:
     """Attention metadata of one forward over a flattened batch of N tokens from S sequences."""
 
-    seq_ids: list                       # (S,) which sequences, in the order their tokens appear
     query_lens: list[int]               # (S,) tokens of each sequence in this forward
     seq_lens: list[int]                 # (S,) context length of each after this forward
     block_tables: list[list[int]]       # (S, blocks of each) physical block ids
@@ -62,99 +72,110 @@ class PagedBatch:
     def num_tokens(self) -> int:
         return int(self.slot_mapping.numel())
 
-    @classmethod
-    def build(cls, manager: KVCacheManager, chunks: Sequence[tuple], device="cpu") -> "PagedBatch":
-        """From ``[(seq_id, start_pos, num_tokens), ...]``: positions [start, start + n) of each sequence.
 
-        The slots must be reserved already (``allocate`` / ``append_slots``).
-        """
-        if not chunks:
-            raise ValueError("a PagedBatch needs at least one (seq_id, start_pos, num_tokens)")
-        seq_ids, qlens, slens, tables, slots, positions = [], [], [], [], [], []
-        for seq_id, start, n in chunks:
-            if n < 1:
-                raise ValueError(f"seq {seq_id!r}: num_tokens must be >= 1, got {n}")
-            seq_ids.append(seq_id)
-            qlens.append(n)
-            slens.append(start + n)
-            tables.append(manager.block_table(seq_id))
-            slots += manager.slot_mapping(seq_id, start, n)
-            positions += range(start, start + n)
-        ends = torch.tensor(qlens).cumsum(0) - 1
-        return cls(seq_ids=seq_ids, query_lens=qlens, seq_lens=slens, block_tables=tables,
-                   slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                   logits_indices=ends.to(device),
-                   positions=torch.tensor(positions, dtype=torch.long, device=device)[None])
+def context_slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slots of positions ``pos`` through block tables: table[.., p // bs] * bs + p % bs.
+
+    table (S, max_blocks), pos (S, P) or (P,) -> (S, P). (The list version,
+    for one sequence, is ``block_pool.compute_slot_mapping``.)
+    """
+    return table.gather(-1, (pos // block_size).expand(table.shape[0], -1)) * block_size + pos % block_size
+
+
+@dataclass
+class _Group:
+    """One backend call of the split mode: some sequences' queries and the keys they read."""
+
+    rows: torch.Tensor            # (G * T,) rows of the flattened batch whose queries belong here
+    q_pos: torch.Tensor           # (G, T) query positions
+    k_pos: torch.Tensor           # (G, S) key positions, -1 = padding
+    k_slots: torch.Tensor | None  # (G * S,) slots to gather; None = the keys are this forward's own
+    num_seqs: int
+    fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
+    sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
+    whole: bool = False           # the group is the whole batch, in order: no query gather or output scatter
 
 
 class PagedKVCache:
     """K/V storage in blocks, plus attention through block tables (see the module docstring)."""
 
     def __init__(self, cfg, num_blocks: int, block_size: int = 16, dtype=torch.float32,
-                 device="cpu", attention_mode: str = "gather"):
+                 device="cpu", attention_mode: str = "split", kv_cache_dtype: str = "auto"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
-        self.cfg = cfg
+        if kv_cache_dtype not in KV_CACHE_DTYPES or (kv_cache_dtype != "auto" and STORAGE[kv_cache_dtype] is None):
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (and supported by this torch), "
+                             f"got {kv_cache_dtype!r}")
+        self.cfg, self.dtype = cfg, dtype
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.attention_mode = attention_mode
+        self.attention_mode, self.kv_cache_dtype = attention_mode, kv_cache_dtype
+        self.quantized = kv_cache_dtype != "auto"
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
         shape = (L, num_blocks, block_size, nkv, hd)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, num_blocks, block_size, nkv, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        store = STORAGE[kv_cache_dtype] if self.quantized else dtype
+        self.k = torch.zeros(shape, device=device).to(store)   # (L, num_blocks, block_size, nkv, hd)
+        self.v = torch.zeros_like(self.k)
+        if self.quantized:                                      # one fp32 scale per token and head
+            self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
+            self.v_scale = torch.ones_like(self.k_scale)
         self.meta: PagedBatch | None = None
 
     # ------------------------------------------------------------ sizes
     @staticmethod
-    def bytes_per_block(cfg, block_size: int, dtype=torch.float32) -> int:
-        """K and V bytes of one block across all KV layers."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_kv_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
+        """K and V bytes of one block across all KV layers (values, plus scales when quantized)."""
+        per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        if kv_cache_dtype in QMAX:
+            per_head = cfg.head_dim * 1 + 4
+        return 2 * cfg.num_kv_layers * block_size * cfg.num_key_value_heads * per_head
 
     @classmethod
-    def num_blocks_for_memory(cls, cfg, memory_bytes: float, block_size: int, dtype=torch.float32) -> int:
+    def num_blocks_for_memory(cls, cfg, memory_bytes: float, block_size: int, dtype=torch.float32,
+                              kv_cache_dtype: str = "auto") -> int:
         """How many blocks fit in a memory budget."""
-        return int(memory_bytes // cls.bytes_per_block(cfg, block_size, dtype))
+        return int(memory_bytes // cls.bytes_per_block(cfg, block_size, dtype, kv_cache_dtype))
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        scales = self.k_scale.nbytes + self.v_scale.nbytes if self.quantized else 0
+        return self.k.nbytes + self.v.nbytes + scales
 
-    # ------------------------------------------------------------ per-forward metadata
-    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+    # ------------------------------------------------------------ reading and writing rows
+    def _rows(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V stored at ``slots`` (M,) -> two (M, nkv, hd) tensors in the compute dtype."""
+        nkv, hd = self.k.shape[3], self.k.shape[4]
+        if not self.quantized:
+            return (self.k[layer].view(-1, nkv, hd).index_select(0, slots).to(self.dtype),
+                    self.v[layer].view(-1, nkv, hd).index_select(0, slots).to(self.dtype))
+        out = []
+        for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            q = store[layer].view(torch.int8).view(-1, nkv, hd).index_select(0, slots).view(store.dtype)
+            out.append(dequantize_kv(q, scales[layer].view(-1, nkv, 1).index_select(0, slots), self.dtype))
+        return out[0], out[1]
+
+    def copy_blocks(self, pairs) -> None:
         """Copy-on-write: for each (src, dst), in order, block dst becomes a copy of block src (all layers)."""
         for src, dst in pairs:
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
+            for t in (self.k, self.v, *((self.k_scale, self.v_scale) if self.quantized else ())):
+                t[:, dst] = t[:, src]
 
-    def set_batch(self, meta: PagedBatch) -> None:
-        """Install the metadata of the next forward; precompute the index tensors every layer reuses."""
-        device = self.k.device
-        S, bs = len(meta.seq_ids), self.block_size
-        T = max(meta.query_lens)
-        # Queries, padded per sequence: q_index[s, t] = row of token t of sequence s in the batch.
-        starts = [0]
-        for n in meta.query_lens[:-1]:
-            starts.append(starts[-1] + n)
-        t = torch.arange(T, device=device)
-        qlens = torch.tensor(meta.query_lens, device=device)
-        self._q_valid = t[None] < qlens[:, None]                                    # (S, T)
-        self._q_index = (torch.tensor(starts, device=device)[:, None] + t[None]).masked_fill(~self._q_valid, 0)
-        self._q_pos = meta.positions[0][self._q_index].masked_fill(~self._q_valid, -1)   # (S, T), -1 sees nothing
-        # Keys: sequence s sees positions 0 .. seq_len-1, stored via its block table.
-        n_blocks = max(len(tb) for tb in meta.block_tables)
-        tables = torch.zeros(S, n_blocks, dtype=torch.long)
-        for s, tb in enumerate(meta.block_tables):
-            tables[s, :len(tb)] = torch.tensor(tb, dtype=torch.long)
-        self._tables = tables.to(device)                                            # (S, max blocks)
-        slens = torch.tensor(meta.seq_lens, device=device)
-        self._seq_lens = slens
-        Smax = max(meta.seq_lens)
-        pos = torch.arange(Smax, device=device)
-        self._k_pos = torch.where(pos[None] < slens[:, None], pos[None], -1)        # (S, Smax), -1 = padding
-        blk = self._tables[:, :(Smax + bs - 1) // bs]
-        self._k_slots = (blk[:, pos // bs] * bs + pos % bs).masked_fill(self._k_pos < 0, 0)  # (S, Smax)
-        self.meta = meta
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
+        """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
+        meta = self._need_meta(positions)
+        nkv, hd = k.shape[1], k.shape[3]
+        out = []
+        for store, x, scales in ((self.k, k, getattr(self, "k_scale", None)), (self.v, v, getattr(self, "v_scale", None))):
+            rows = x[0].transpose(0, 1)                                            # (N, nkv, hd)
+            if self.quantized:       # write through an int8 view: not every build has fp8 index_copy
+                q, s = quantize_kv(rows, self.kv_cache_dtype)
+                store[layer].view(torch.int8).view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, q.view(torch.int8))
+                scales[layer].view(-1, nkv, 1).index_copy_(0, meta.slot_mapping, s)
+                x = dequantize_kv(q, s, x.dtype).transpose(0, 1)[None]             # what later reads will see
+            else:
+                store[layer].view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, rows.to(store.dtype))
+            out.append(x)
+        return KVView(out[0], out[1], positions)
 
     def _need_meta(self, positions: torch.Tensor) -> PagedBatch:
         meta = self.meta
@@ -165,44 +186,121 @@ class PagedKVCache:
                              f"set_batch; got positions of shape {tuple(positions.shape)}")
         return meta
 
-    # ------------------------------------------------------------ the cache interface
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them for ``attend``."""
-        meta = self._need_meta(positions)
-        nkv, hd = k.shape[1], k.shape[3]
-        self.k[layer].view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1).to(self.k.dtype))
-        self.v[layer].view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1).to(self.v.dtype))
-        return k, v, positions
+    # ------------------------------------------------------------ per-forward plans
+    def set_batch(self, meta: PagedBatch) -> None:
+        """Install the metadata of the next forward; precompute the index tensors every layer reuses."""
+        self.meta = meta
+        device, bs = self.k.device, self.block_size
+        n_blocks = max(len(tb) for tb in meta.block_tables)
+        tables = torch.zeros(len(meta.block_tables), n_blocks, dtype=torch.long)
+        for s, tb in enumerate(meta.block_tables):
+            tables[s, :len(tb)] = torch.tensor(tb, dtype=torch.long)
+        self._tables = tables.to(device)                                          # (S, max blocks)
+        if self.attention_mode == "split":
+            self._plan_split(meta, tables, bs, device)
+        else:
+            self._plan_padded(meta, bs, device)
 
-    def truncate(self, length: int) -> None:
-        raise NotImplementedError("PagedKVCache has no single length to roll back to; a scheduler "
-                                  "shrinks a sequence through its KVCacheManager instead")
+    def _plan_padded(self, meta: PagedBatch, bs: int, device) -> None:
+        """gather / online: every sequence padded to the longest query and the longest context."""
+        T = max(meta.query_lens)
+        starts = torch.tensor([0] + meta.query_lens[:-1], device=device).cumsum(0)
+        t = torch.arange(T, device=device)
+        qlens = torch.tensor(meta.query_lens, device=device)
+        self._q_valid = t[None] < qlens[:, None]                                    # (S, T)
+        self._q_index = (starts[:, None] + t[None]).masked_fill(~self._q_valid, 0)
+        self._q_pos = meta.positions[0][self._q_index].masked_fill(~self._q_valid, -1)  # (S, T), -1 sees nothing
+        self._seq_lens = torch.tensor(meta.seq_lens, device=device)
+        pos = torch.arange(max(meta.seq_lens), device=device)
+        self._k_pos = torch.where(pos[None] < self._seq_lens[:, None], pos[None], -1)   # (S, Smax), -1 = padding
+        self._k_slots = context_slots(self._tables, pos[None], bs).masked_fill(self._k_pos < 0, 0)  # (S, Smax)
 
-    def attend(self, layer: int, q: torch.Tensor, shared_kv, positions: torch.Tensor, backend,
+    def _plan_split(self, meta: PagedBatch, tables: torch.Tensor, bs: int, device) -> None:
+        """split: one group per prefill chunk, decodes bucketed by context length."""
+        self.groups: list[_Group] = []
+        start, decodes = 0, []
+        for s, (qlen, slen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+            if qlen == 1:
+                decodes.append((start, slen, s))
+            else:
+                first = slen - qlen                                       # position of the chunk's first token
+                rows = torch.arange(start, start + qlen, device=device)
+                q_pos = torch.arange(first, slen, device=device)[None]    # (1, T)
+                if first == 0:                                            # whole context is in this forward
+                    self.groups.append(_Group(rows, q_pos, q_pos, None, 1, slice(start, start + qlen)))
+                else:
+                    pos = torch.arange(slen)[None]
+                    self.groups.append(_Group(rows, q_pos, pos.to(device),
+                                              context_slots(tables[s:s + 1], pos, bs)[0].to(device), 1))
+            start += qlen
+        # Decodes, bucketed by context length in steps of sqrt(2): padding wastes < 30% of a group
+        # (coarser buckets pad more, finer ones make more backend calls; measured on SmolLM2 CPU).
+        buckets: dict[int, list] = {}
+        for d in decodes:
+            buckets.setdefault(int(2 * math.log2(d[1])), []).append(d)
+        for _, group in sorted(buckets.items()):
+            smax = max(slen for _, slen, _ in group)
+            pos = torch.arange(smax)
+            slens = torch.tensor([slen for _, slen, _ in group])
+            k_pos = torch.where(pos[None] < slens[:, None], pos[None], -1)                   # (G, smax)
+            slots = context_slots(tables[[s for _, _, s in group]], pos[None], bs).masked_fill(k_pos < 0, 0)
+            rows = torch.tensor([r for r, _, _ in group])
+            self.groups.append(_Group(rows.to(device), (slens - 1)[:, None].to(device), k_pos.to(device),
+                                      slots.flatten().to(device), len(group)))
+        for g in self.groups:       # masks computed once per forward, not once per layer
+            if g.fresh is None and bool((g.k_pos < 0).any() or g.q_pos.shape[1] > 1):
+                g.sdpa_mask = allowed(g.q_pos, g.k_pos)[:, None]
+        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or max(meta.query_lens) == 1):
+            self.groups[0].whole = True        # one sequence, or decodes only (one bucket, rows in order)
+
+    # ------------------------------------------------------------ attention
+    def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend,
                window: int | None = None) -> torch.Tensor:
         """Attention of the N queries q (1, nh, N, hd) over each one's sequence -> (1, nh, N, hd)."""
         self._need_meta(positions)
-        nh, N, hd = q.shape[1], q.shape[2], q.shape[3]
+        if self.attention_mode == "split":
+            return self._attend_split(layer, q, view, backend, window)
         S = self._q_index.shape[0]
-        if S == 1:                                            # one sequence: no padding needed
-            qp, q_pos = q, positions                          # (1, nh, T, hd), (1, T)
-        else:
-            qp = q[0].transpose(0, 1)[self._q_index].transpose(1, 2)                # (S, nh, T, hd)
-            q_pos = self._q_pos                                                     # (S, T), same every layer
+        qp = q[0].transpose(0, 1)[self._q_index].transpose(1, 2)                    # (S, nh, T, hd)
         if self.attention_mode == "gather":
-            out = self._attend_gather(layer, qp, q_pos, backend, window)
+            out = self._attend_gather(layer, qp, self._q_pos, backend, window)
         else:
-            out = self._attend_online(layer, qp, q_pos, window)
-        if S == 1:
-            return out
-        return out.transpose(1, 2)[self._q_valid].transpose(0, 1)[None]           # (1, nh, N, hd)
+            out = self._attend_online(layer, qp, self._q_pos, window)
+        return out.transpose(1, 2)[self._q_valid].transpose(0, 1)[None] if S > 1 else out  # (1, nh, N, hd)
+
+    def _attend_split(self, layer, q, view, backend, window):
+        """One backend call per group (see ``_plan_split``)."""
+        nkv, hd = self.k.shape[3], self.k.shape[4]
+        out = None if self.groups[0].whole else torch.empty_like(q)
+        for g in self.groups:
+            G = g.num_seqs
+            qg = (q[0] if g.whole else q[0][:, g.rows]).reshape(q.shape[1], G, -1, hd).transpose(0, 1)  # (G, nh, T, hd)
+            if g.k_slots is None:
+                keys, values = view.keys[:, :, g.fresh], view.values[:, :, g.fresh]  # (1, nkv, T, hd)
+            else:
+                S = g.k_pos.shape[1]
+                keys, values = self._rows(layer, g.k_slots)                          # (G * S, nkv, hd)
+                keys = keys.view(G, S, nkv, hd).transpose(1, 2).to(q.dtype)         # (G, nkv, S, hd)
+                values = values.view(G, S, nkv, hd).transpose(1, 2).to(q.dtype)
+            if backend is sdpa_attention and window is None:
+                # The SDPA backend's own logic, with the mask computed once per forward (_plan_split).
+                o = sdpa(qg, keys, values, is_causal=True) if g.fresh is not None else \
+                    sdpa(qg, keys, values, attn_mask=g.sdpa_mask)
+            else:
+                o = backend(qg, keys, values, g.q_pos, g.k_pos, window=window)       # (G, nh, T, hd)
+            if g.whole:
+                return o.transpose(0, 1).reshape(q.shape[1], -1, hd)[None]             # (1, nh, N, hd)
+            out[0][:, g.rows] = o.transpose(0, 1).reshape(q.shape[1], -1, hd)
+        return out
 
     def _attend_gather(self, layer, q, q_pos, backend, window):
         """Gather each sequence's K/V into (S, nkv, Smax, hd), then call the attention backend."""
+        S, Smax = self._k_slots.shape
         nkv, hd = self.k.shape[3], self.k.shape[4]
-        keys = self.k[layer].view(-1, nkv, hd)[self._k_slots].transpose(1, 2)     # (S, nkv, Smax, hd)
-        values = self.v[layer].view(-1, nkv, hd)[self._k_slots].transpose(1, 2)
-        return backend(q, keys.to(q.dtype), values.to(q.dtype), q_pos, self._k_pos, window=window)
+        keys, values = self._rows(layer, self._k_slots.flatten())
+        keys = keys.view(S, Smax, nkv, hd).transpose(1, 2).to(q.dtype)             # (S, nkv, Smax, hd)
+        values = values.view(S, Smax, nkv, hd).transpose(1, 2).to(q.dtype)
+        return backend(q, keys, values, q_pos, self._k_pos, window=window)
 
     def _attend_online(self, layer, q, q_pos, window):
         """PagedAttention's loop: for each logical block j, fold block_tables[:, j] into the softmax."""
@@ -215,16 +313,15 @@ class PagedKVCache:
         l = torch.zeros_like(m)                                                     # running sum
         acc = torch.zeros_like(qg)                                                  # unnormalised output
         offsets = torch.arange(bs, device=q.device)
-        n_blocks = (int(max(self.meta.seq_lens)) + bs - 1) // bs
-        for j in range(n_blocks):
-            block_ids = self._tables[:, j]                                          # (S,)
-            k_pos = j * bs + offsets                                                # (bs,)
-            k_pos = torch.where(k_pos[None] < self._seq_lens[:, None], k_pos[None], -1)   # (S, bs)
+        for j in range((int(max(self.meta.seq_lens)) + bs - 1) // bs):
+            block_pos = j * bs + offsets                                            # (bs,)
+            k_pos = torch.where(block_pos[None] < self._seq_lens[:, None], block_pos[None], -1)   # (S, bs)
             visible = allowed(q_pos, k_pos, window)                                 # (S, T, bs)
             if not bool(visible.any()):                                             # e.g. outside the window
                 continue
-            kb = self.k[layer, block_ids].float().permute(0, 2, 1, 3)[:, :, None]   # (S, nkv, 1, bs, hd)
-            vb = self.v[layer, block_ids].float().permute(0, 2, 1, 3)[:, :, None]
+            kb, vb = self._rows(layer, context_slots(self._tables, block_pos[None], bs).flatten())
+            kb = kb.float().view(S, bs, nkv, hd).permute(0, 2, 1, 3)[:, :, None]    # (S, nkv, 1, bs, hd)
+            vb = vb.float().view(S, bs, nkv, hd).permute(0, 2, 1, 3)[:, :, None]
             scores = (qg @ kb.transpose(-1, -2)) * scale                            # (S, nkv, g, T, bs)
             scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
             m, l, acc = online_softmax_update(m, l, acc, scores, vb)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from minfer.kv.base import DenseKVCache, KVView
 from minfer.validation import check_allocation
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -43,7 +44,7 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> 
     return (q.float() * scale).to(dtype)
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(DenseKVCache):
     def __init__(self, cfg, batch_size: int, max_len: int, *, fmt: str = "int8",
                  dtype=torch.float32, device="cpu"):
         if fmt not in QMAX:
@@ -81,7 +82,7 @@ class QuantizedKVCache:
         key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)
         keys = dequantize_kv(self.k[layer, :, :, :S], self.k_scale[layer, :, :, :S], self.dtype)
         values = dequantize_kv(self.v[layer, :, :, :S], self.v_scale[layer, :, :, :S], self.dtype)
-        return keys, values, key_pos
+        return KVView(keys, values, key_pos)
 
     def truncate(self, length: int) -> None:
         self.lengths = self.lengths.clamp(max=length)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from minfer.kv.base import DenseKVCache, KVView
 
-class SlidingWindowKVCache:
+
+class SlidingWindowKVCache(DenseKVCache):
     def __init__(self, cfg, batch_size: int, window: int, *, dtype=torch.float32, device="cpu"):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -38,7 +40,7 @@ class SlidingWindowKVCache:
         self.k[layer].scatter_(2, idx, k[:, :, T - keep:])
         self.v[layer].scatter_(2, idx, v[:, :, T - keep:])
         self.slot_pos[layer].scatter_(1, slots, pos)
-        return keys, values, key_pos
+        return KVView(keys, values, key_pos)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length. (Positions that already left the ring cannot come back.)"""

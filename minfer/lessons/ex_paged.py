@@ -5,18 +5,37 @@
     paged.append_slots   grow a block table from a free list (or say None: out of blocks)
     paged.block_hashes   chained hashes of the full blocks of a prompt
 
-References live in ``minfer/kv/block_pool.py``; the engine's tests run these
-same properties on them (``tests/test_block_pool.py``). Inputs are tuples, so
+References: ``compute_slot_mapping`` and ``block_hashes`` in ``minfer/kv/block_pool.py``
+(the engine uses them); ``can_append_tokens`` and ``append_to_block_table`` below,
+the allocator's rules written as plain functions (``KVCacheManager`` applies them
+with sharing). ``tests/test_block_pool.py`` runs these same properties on them. Inputs are tuples, so
 a function that edits its arguments in place cannot change what the grader
 compares against.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
+from minfer.kv.block_pool import blocks_needed
 from minfer.lessons.exercises import Exercise, Inputs, register
+
+
+def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,
+                      num_free_blocks: int, block_size: int) -> bool:
+    """Do ``num_new_tokens`` more tokens fit, given the free blocks? (No sharing: see ``KVCacheManager``.)"""
+    return blocks_needed(num_tokens, num_new_tokens, num_blocks_held, block_size) <= num_free_blocks
+
+
+def append_to_block_table(block_table: Sequence[int], num_tokens: int, num_new_tokens: int,
+                          free_blocks: Sequence[int], block_size: int) -> Optional[list[int]]:
+    """The block table after growing by ``num_new_tokens``, taking blocks from the front of
+    ``free_blocks``; None (and no change) if there are not enough."""
+    need = blocks_needed(num_tokens, num_new_tokens, len(block_table), block_size)
+    if need > len(free_blocks):
+        return None
+    return list(block_table) + list(free_blocks[:need])
 
 
 def _as_int_list(actual: Any, what: str) -> tuple[Optional[list[int]], Optional[str]]:
@@ -106,7 +125,7 @@ register(Exercise(
     lesson="04_paged_attention", function="can_append",
     description=("can_append(num_tokens, num_blocks_held, num_new_tokens, num_free_blocks, block_size) "
                  "-> True if the new tokens fit in the held blocks plus the free ones"),
-    reference="minfer.kv.block_pool:can_append_tokens",
+    reference="minfer.lessons.ex_paged:can_append_tokens",
     inputs=_can_append_inputs(),
     compare=_compare_bool,
 ))
@@ -154,7 +173,7 @@ register(Exercise(
     lesson="04_paged_attention", function="append_slots",
     description=("append_slots(block_table, num_tokens, num_new_tokens, free_blocks, block_size) -> "
                  "the grown block table (new blocks from the front of free_blocks), or None if they do not fit"),
-    reference="minfer.kv.block_pool:append_to_block_table",
+    reference="minfer.lessons.ex_paged:append_to_block_table",
     inputs=_append_inputs(),
     compare=_compare_append,
 ))

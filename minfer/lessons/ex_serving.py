@@ -133,6 +133,39 @@ register(Exercise(
 # ---------------------------------------------------------------------------
 
 
+def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
+                    token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
+    """One continuous-batching step, memory aside: who gets how many tokens.
+
+    running: [(request_id, num_tokens, num_computed_tokens), ...], oldest first
+    waiting: [(request_id, num_tokens), ...], in arrival order (nothing computed yet)
+    returns: [(request_id, num_scheduled_tokens), ...]
+
+    Running requests first, in order, each its remaining tokens (1 for a decode)
+    as far as the budget goes; then waiting requests join, in order, while there
+    is budget and fewer than ``max_num_seqs`` requests run; the last one to join
+    may get only part of its prompt (a prefill chunk). ``minfer.engine.scheduler.Scheduler.schedule``
+    is this loop plus KV blocks and preemption (``tests/test_scheduler.py`` checks
+    that the two agree when memory is plentiful).
+    """
+    out, budget = [], token_budget
+    for request_id, num_tokens, num_computed in running:
+        if budget == 0:
+            break
+        n = min(num_tokens - num_computed, budget)
+        out.append((request_id, n))
+        budget -= n
+    num_seqs = len(running)
+    for request_id, num_tokens in waiting:
+        if budget == 0 or num_seqs >= max_num_seqs:
+            break
+        n = min(num_tokens, budget)
+        out.append((request_id, n))
+        budget -= n
+        num_seqs += 1
+    return out
+
+
 @st.composite
 def _step_inputs(draw) -> Inputs:
     n_run = draw(st.integers(0, 5))
@@ -182,7 +215,7 @@ register(Exercise(
     lesson="05_batching_and_metrics", function="continuous_step",
     description=("continuous_step(running, waiting, token_budget, max_num_seqs) -> [(request_id, n), ...]: "
                  "running requests first, then admit waiting ones, chunking the last prompt"),
-    reference="minfer.serving.scheduler:continuous_step",
+    reference="minfer.lessons.ex_serving:continuous_step",
     inputs=_step_inputs(),
     compare=_compare_step,
     validate=_validate_step,

@@ -50,8 +50,3 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(q int8 (N, K), scale (N,)) -> W float32 (N, K) = q * scale (row-wise)."""
     return q.float() * scale.float()[:, None]
-
-
-def int8_nbytes(out_features: int, in_features: int) -> int:
-    """Bytes of the stored format: one byte per weight plus a float32 scale per row."""
-    return out_features * in_features + 4 * out_features

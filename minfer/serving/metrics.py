@@ -35,72 +35,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from minfer.metrics import RequestStats, tpot_from_timestamps
+
+__all__ = ["RequestStats", "tpot_from_timestamps", "percentile", "Distribution", "ServingMetrics",
+           "meets_slos", "check_slos", "summarize", "format_table", "SLO_METRICS", "PERCENTILES"]
+
 SLO_METRICS = ("ttft", "tpot", "e2el")     # names accepted in ``slo_ms`` (as vLLM's --goodput)
 PERCENTILES = (50, 90, 95, 99)
-
-
-@dataclass
-class RequestStats:
-    """Timestamps of one request (seconds, one clock) and the numbers derived from them.
-
-    vLLM V1 keeps the same timestamps in ``RequestStateStats``
-    (``vllm/v1/metrics/stats.py``).
-    """
-
-    arrival_time: float
-    num_prompt_tokens: int = 0
-    first_scheduled_time: float | None = None      # first time the scheduler gave it tokens
-    token_times: list[float] = field(default_factory=list)   # when each output token came out
-    finish_time: float | None = None
-    num_preemptions: int = 0
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_times)
-
-    @property
-    def first_token_time(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
-
-    @property
-    def queueing_time(self) -> float | None:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
-
-    @property
-    def ttft(self) -> float | None:
-        return None if not self.token_times else self.token_times[0] - self.arrival_time
-
-    @property
-    def e2el(self) -> float | None:
-        """End-to-end latency: arrival -> finish."""
-        return None if self.finish_time is None else self.finish_time - self.arrival_time
-
-    @property
-    def tpot(self) -> float | None:
-        """(E2E - TTFT) / (n - 1); None for n <= 1 or an unfinished request."""
-        if self.finish_time is None:
-            return None
-        return tpot_from_timestamps(self.arrival_time, self.token_times)
-
-    @property
-    def itls(self) -> list[float]:
-        """Inter-token latencies: the n - 1 gaps between consecutive tokens."""
-        t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
-
-
-def tpot_from_timestamps(arrival_time: float, token_times: list[float]) -> float | None:
-    """Time per output token: (E2E - TTFT) / (n - 1), the request finishing at its last token.
-
-    E2E = token_times[-1] - arrival_time and TTFT = token_times[0] - arrival_time, so the
-    arrival cancels: TPOT is the mean gap between consecutive tokens. None if n < 2.
-    """
-    n = len(token_times)
-    if n < 2:
-        return None
-    e2e = token_times[-1] - arrival_time
-    ttft = token_times[0] - arrival_time
-    return (e2e - ttft) / (n - 1)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from minfer.sampling import SamplingParams, sample
-from minfer.speculative.loop import forward_tokens, new_cache
+from minfer.generate import forward_tokens
+from minfer.speculative.loop import new_cache
 from minfer.speculative.rejection import processed_probs
 
 
@@ -125,9 +126,5 @@ def quantized_draft(target, fmt: str = "int4"):
     """
     import copy
 
-    try:
-        from minfer.quant.apply import quantize_model
-    except ImportError:
-        raise ValueError(f"draft {fmt!r} needs minfer.quant.apply.quantize_model, which this checkout does not "
-                         "have; use draft:layers-K or another checkpoint") from None
+    from minfer.quant.apply import quantize_model
     return quantize_model(copy.deepcopy(target), fmt)

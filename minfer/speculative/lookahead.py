@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from minfer.attention.mask import allowed
-from minfer.generate import RequestMetrics
+from minfer.generate import RequestMetrics, StopRule, forward_tokens, model_device_dtype
 from minfer.kv import ContiguousKVCache
+from minfer.kv.base import KVView
 from minfer.sampling import SamplingParams, make_generator
-from minfer.speculative.loop import Budget, forward_tokens, model_device_dtype
 from minfer.speculative.rejection import verify_greedy
 from minfer.speculative.stats import SpecStats
 
@@ -78,16 +78,16 @@ class TreeAttentionCache:
         self.tree_mask = tree_mask                 # (T, T) bool: query i may see new key j
         self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, layer, k, v, positions):
-        """k, v (1, nkv, T, hd) of the new tokens -> (prefix K, prefix V, prefix positions, new K, new V)."""
+    def update(self, layer, k, v, positions) -> KVView:
+        """Keep k, v (1, nkv, T, hd) of the new tokens aside; return the cached prefix."""
         self.new_kv[layer] = (k, v, positions)
         L = int(self.inner.lengths[0])
         prefix_pos = torch.arange(L, device=k.device)[None]                      # (1, L)
-        return self.inner.k[layer, :, :, :L], self.inner.v[layer, :, :, :L], prefix_pos, k, v
+        return KVView(self.inner.k[layer, :, :, :L], self.inner.v[layer, :, :, :L], prefix_pos)
 
-    def attend(self, layer, q, shared_kv, positions, backend, window=None):
+    def attend(self, layer, q, view: KVView, positions, backend, window=None):
         """q (1, nh, T, hd) -> (1, nh, T, hd). ``backend`` is unused: it takes positions, not a mask."""
-        pk, pv, ppos, nk, nv = shared_kv
+        (pk, pv, ppos), (nk, nv, _) = view, self.new_kv[layer]
         keys, values = torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2)   # (1, nkv, L + T, hd)
         new_mask = self.tree_mask.to(q.device)[None]                             # (1, T, T)
         if window is not None:
@@ -189,7 +189,7 @@ def lookahead_generate(
     for name, value, lo in (("window", window, 1), ("ngram", ngram, 2), ("max_candidates", max_candidates, 1)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"lookahead {name} must be an integer >= {lo}, got {value!r}")
-    budget = Budget(model, prompt_ids, params, eos_token_ids, metrics, clock)
+    budget = StopRule(model, prompt_ids, params, eos_token_ids, metrics, clock)
     device, dtype = model_device_dtype(model)
     cache = ContiguousKVCache(model.cfg, 1, budget.total, dtype=dtype, device=device)
     stats = stats if stats is not None else SpecStats()

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from minfer.generate import RequestMetrics, check_context
+from minfer.generate import RequestMetrics, StopRule, forward_tokens, model_device_dtype
 from minfer.kv import make_cache
 from minfer.sampling import SamplingParams, make_generator, sample
 from minfer.speculative.rejection import processed_probs, verify_greedy, verify_sampled
@@ -48,52 +48,12 @@ class Proposer(Protocol):
         """The verified sequence after a step (a draft model rolls its own cache back to it)."""
 
 
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    return model.inv_freq.device, model.model.embed_tokens.weight.dtype
-
-
-def forward_tokens(model, cache, ids: list[int], start: int, attention, last_only=False) -> torch.Tensor:
-    """Run ``ids`` at positions start.. through ``model`` with ``cache``: logits (T, V) (or (1, V))."""
-    device, _ = model_device_dtype(model)
-    x = torch.tensor([ids], device=device)                                   # (1, T)
-    pos = torch.arange(start, start + len(ids), device=device)[None]         # (1, T)
-    return model(x, pos, kv_cache=cache, attention=attention, last_only=last_only)[0]
-
-
 def new_cache(model, kind: str, max_len: int):
     if kind not in ROLLBACK_CACHES:
         raise ValueError(f"speculative decoding needs a KV cache that can roll back; kv_cache={kind!r} "
                          f"cannot (choose one of {', '.join(ROLLBACK_CACHES)})")
     device, dtype = model_device_dtype(model)
     return make_cache(kind, model.cfg, 1, max_len, dtype=dtype, device=device)
-
-
-class Budget:
-    """When to stop: the plain loop's rules (stop ids, EOS, max_tokens, context length)."""
-
-    def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids, metrics, clock):
-        check_context(len(prompt_ids), model.cfg.max_position_embeddings)
-        self.max_new = min(params.max_tokens, model.cfg.max_position_embeddings - len(prompt_ids))
-        self.total = len(prompt_ids) + self.max_new
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        self.produced = 0
-        self.done = False
-        self.metrics, self.clock = metrics, clock
-        if metrics is not None:
-            metrics.num_prompt_tokens = len(prompt_ids)
-
-    @property
-    def room(self) -> int:
-        """How many more tokens may be proposed now: one slot is kept for the verifier's own token."""
-        return self.max_new - self.produced - 1
-
-    def emit(self, tok: int) -> None:
-        """Count one emitted token; sets ``done`` when it ends the request."""
-        self.produced += 1
-        if self.metrics is not None:
-            self.metrics.record_token(self.clock())
-        if tok in self.stop_ids or self.produced >= self.max_new:
-            self.done = True
 
 
 @torch.no_grad()
@@ -114,7 +74,7 @@ def speculative_generate(
     """Yield new token ids, like ``minfer.generate.generate_tokens``, k proposals per target forward."""
     if num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-    budget = Budget(target, prompt_ids, params, eos_token_ids, metrics, clock)
+    budget = StopRule(target, prompt_ids, params, eos_token_ids, metrics, clock)
     cache = new_cache(target, kv_cache, budget.total)
     gen = make_generator(params.seed)
     stats = stats if stats is not None else SpecStats()

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minfer.sampling import SamplingParams, make_generator
-from minfer.serving.metrics import RequestStats
+from minfer.sampling import SamplingParams, make_generator, stop_token_ids
+from minfer.metrics import RequestStats
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +51,8 @@ class Request:
     num_computed_tokens: int = 0          # tokens whose K/V are in the cache
     num_preemptions: int = 0
     text: str = ""                         # detokenized output (when the engine has a tokenizer)
+    group_id: str | None = None           # the client's request id (None: this one's own)
+    index: int = 0                         # which of the group's n parallel samples this is
     stats: RequestStats = field(init=False)
     generator: torch.Generator = field(init=False, repr=False)
 
@@ -60,6 +62,11 @@ class Request:
         self.stats = RequestStats(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
         # One generator per request: its samples depend on its seed only, never on the batch.
         self.generator = make_generator(self.params.seed)
+
+    @property
+    def client_id(self) -> str:
+        """The id the client knows: shared by the n samples of one request."""
+        return self.group_id or self.request_id
 
     # ---------------------------------------------------------------- tokens
     @property
@@ -83,11 +90,6 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_prefill(self) -> bool:
-        """Still working through the prompt (or the recomputed prefix after a preemption)."""
-        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
-
-    @property
     def is_finished(self) -> bool:
         return self.status.finished
 
@@ -97,7 +99,4 @@ class Request:
 
     @property
     def stop_token_ids(self) -> set[int]:
-        ids = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            ids |= set(self.eos_token_ids)
-        return ids
+        return stop_token_ids(self.params, self.eos_token_ids)

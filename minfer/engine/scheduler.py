@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minfer.serving.request import Request, RequestStatus
+from minfer.engine.request import Request, RequestStatus
 
 POLICIES = ("static", "dynamic", "continuous")
 
@@ -88,39 +88,6 @@ class SchedulerOutput:
         return not self.chunks
 
 
-def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
-                    token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
-    """One continuous-batching step, memory aside: who gets how many tokens.
-
-    running: [(request_id, num_tokens, num_computed_tokens), ...], oldest first
-    waiting: [(request_id, num_tokens), ...], in arrival order (nothing computed yet)
-    returns: [(request_id, num_scheduled_tokens), ...]
-
-    Running requests first, in order, each its remaining tokens (1 for a decode)
-    as far as the budget goes; then waiting requests join, in order, while there
-    is budget and fewer than ``max_num_seqs`` requests run; the last one to join
-    may get only part of its prompt (a prefill chunk). ``Scheduler.schedule`` is
-    this loop plus KV blocks and preemption (``tests/test_scheduler.py`` checks
-    that the two agree when memory is plentiful).
-    """
-    out, budget = [], token_budget
-    for request_id, num_tokens, num_computed in running:
-        if budget == 0:
-            break
-        n = min(num_tokens - num_computed, budget)
-        out.append((request_id, n))
-        budget -= n
-    num_seqs = len(running)
-    for request_id, num_tokens in waiting:
-        if budget == 0 or num_seqs >= max_num_seqs:
-            break
-        n = min(num_tokens, budget)
-        out.append((request_id, n))
-        budget -= n
-        num_seqs += 1
-    return out
-
-
 class Scheduler:
     """Waiting queue + running list + block manager, stepped by ``schedule()``.
 
@@ -128,8 +95,10 @@ class Scheduler:
     ``allocate``, ``append_slots``, ``free``, ``commit_tokens``).
     """
 
-    def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter,
+                 sliding_window: int | None = None):
         self.config = config
+        self.sliding_window = sliding_window      # blocks wholly outside the window go back to the pool
         self.kv = kv_manager
         self.clock = clock
         self.waiting: deque[Request] = deque()
@@ -153,6 +122,14 @@ class Scheduler:
             self.running.remove(req)
         self._release(req)
         req.status = status
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """``child`` starts where ``parent`` is, sharing its KV blocks (parallel sampling, n > 1)."""
+        self.kv.fork(parent.request_id, child.request_id)
+        self.num_slots[child.request_id] = self.num_slots[parent.request_id]
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -269,3 +246,5 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 stored = self.kv.num_computed_tokens(req.request_id)
                 self.kv.commit_tokens(req.request_id, req.all_token_ids[stored:req.num_computed_tokens])
+                if self.sliding_window is not None:   # the next query sits at num_computed_tokens
+                    self.kv.drop_blocks_before(req.request_id, req.num_computed_tokens - self.sliding_window + 1)

@@ -1,0 +1,303 @@
+"""The engine: many requests, one model, one forward pass per step.
+
+    add_request ──> Scheduler ──(chunks: request, start, n)──> ModelRunner ──> logits
+         ^           (token budget, chunked prefill,          (flattens the batch,  │
+         │            block pool, preemption)                  paged KV cache)      v
+    StepOutput <── TextOutput (detokenize, stop strings) <── stop rule <── sample (per request)
+
+``LLMEngine.step()`` is one iteration: schedule, run the model on the
+flattened batch, sample a token for every request whose tokens are now all
+computed, check the stop conditions, free finished requests, and return what
+each request gained (for streaming). ``minfer.LLM`` and the HTTP server are
+front doors to this loop. vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``)
+with ``LLMEngine`` (``vllm/v1/engine/llm_engine.py``) around it.
+
+Sampling stays per request: each request owns a ``torch.Generator`` seeded
+from its ``SamplingParams.seed`` and draws from it only when it produces a
+token. Its outputs therefore depend on its seed and its own logits, never on
+the rest of the batch, on chunk sizes, or on preemptions.
+
+Parallel sampling (``n > 1``): the request runs alone until its prompt is
+computed; then it forks into n sequences that share the prompt's KV blocks
+(``KVCacheManager.fork``; the partly filled last block is copied on the first
+write: copy-on-write). **Seed rule:** sample i draws from seed ``seed + i``
+(sample 0 is the request itself, so n = 1 is unchanged); without a seed every
+sample is unseeded. Sample i of a request therefore equals the same request
+with ``n=1, seed=seed + i``. vLLM forks the same way in ``ParentRequest``
+(``vllm/v1/engine/parallel_sampling.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from minfer.engine.output import TextOutput
+from minfer.engine.request import Request, RequestStatus
+from minfer.engine.runner import ModelRunner
+from minfer.engine.scheduler import Scheduler, SchedulerConfig
+from minfer.sampling import SamplingParams, pair_prompts, sample_rows
+from minfer.validation import check_prompt
+
+
+@dataclass
+class StepOutput:
+    """What one sequence gained in one step (a streaming delta)."""
+
+    request_id: str                 # the client's id (shared by the n samples of a request)
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool                  # this sample is done
+    finish_reason: str | None       # "stop" | "length" | "abort" once finished
+    index: int = 0                  # which parallel sample (0 .. n - 1)
+
+
+class LLMEngine:
+    """``add_request`` / ``step`` / ``abort``; ``generate`` for a whole list at once.
+
+    Build it with ``LLMEngine.from_model(model, tokenizer, ...)``; the
+    constructor takes any runner with ``execute``, ``kv_manager`` and
+    ``vocab_size`` (the tests and lesson 05 use a fake model).
+    """
+
+    def __init__(self, runner, scheduler_config: SchedulerConfig | None = None, *, tokenizer=None,
+                 eos_token_ids: Iterable[int] | None = None, max_model_len: int | None = None,
+                 sliding_window: int | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.runner = runner
+        self.config = scheduler_config or SchedulerConfig()
+        self.scheduler = Scheduler(self.config, runner.kv_manager, clock=clock, sliding_window=sliding_window)
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:
+            eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = max_model_len or math.inf
+        self.clock = clock
+        self.requests: dict[str, Request] = {}     # every sequence ever added (finished ones too)
+        self.samples: dict[str, list[Request]] = {}   # client id -> its n samples, by index
+        self._text: dict[str, TextOutput] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, *, policy: str = "continuous", max_num_seqs: int = 32,
+                   max_num_batched_tokens: int = 512, max_prefill_chunk: int | None = None,
+                   max_wait_ms: float = 50.0, block_size: int = 16, num_blocks: int | None = None,
+                   kv_cache_memory: float = 2 * 2**30, enable_prefix_caching: bool = True,
+                   kv_cache_dtype: str = "auto", attention: str = "sdpa", attention_mode: str = "split",
+                   eos_token_ids: Iterable[int] | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> "LLMEngine":
+        """An engine over a minfer ``Transformer``.
+
+        num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
+        the model's full context, but at most ``kv_cache_memory`` bytes.
+        """
+        from minfer.kv.paged import PagedKVCache
+        cfg = model.cfg
+        sc = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             max_prefill_chunk=max_prefill_chunk, max_wait_ms=max_wait_ms)
+        if num_blocks is None:
+            dtype = model.model.embed_tokens.weight.dtype
+            want = max_num_seqs * -(-cfg.max_position_embeddings // block_size)
+            fit = PagedKVCache.num_blocks_for_memory(cfg, kv_cache_memory, block_size, dtype, kv_cache_dtype)
+            num_blocks = max(1, min(want, fit))
+        runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+                             attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
+        return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                   max_model_len=cfg.max_position_embeddings, sliding_window=cfg.sliding_window, clock=clock)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request (text or token ids); returns its id. ``arrival_time`` defaults to now."""
+        params = params or SamplingParams()
+        check_prompt(prompt)                                       # exact types (minfer/validation.py)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop (stop strings) needs an engine with a tokenizer")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs an engine with a tokenizer; pass token ids instead")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        vocab = self.runner.vocab_size
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is "
+                             f"{self.max_model_len} tokens (prompt + new tokens must fit)")
+        pool = self.runner.kv_manager.pool
+        bs, max_new = pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
+        need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \
+            -(-(len(ids) + max_new) // bs)
+        if need > pool.num_blocks:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
+                             f"needs {need} KV blocks, but the pool has only num_blocks={pool.num_blocks}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+            while request_id in self.samples:
+                request_id = f"req-{next(self._ids)}"
+        elif request_id in self.samples:
+            raise ValueError(f"request_id {request_id!r} was already added")
+        req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
+                      eos_token_ids=self.eos_token_ids, prompt=text)
+        self._track(req)
+        self.scheduler.add_request(req)
+        return request_id
+
+    def _track(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.samples.setdefault(req.client_id, []).append(req)
+        if self.tokenizer is not None:
+            self._text[req.request_id] = TextOutput(self.tokenizer, req.params.stop)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (all its samples) now, waiting or running; blocks are freed. Unknown/finished: no-op."""
+        for req in self.samples.get(request_id, []):
+            if not req.is_finished:
+                self.scheduler.abort(req)
+                req.stats.finish_time = self.clock()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def no_more_requests(self, value: bool = True) -> None:
+        """Tell static/dynamic batching that nothing else is coming: a short last batch may start."""
+        self.scheduler.no_more_requests = value
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> list[StepOutput]:
+        """Schedule, run one forward, sample, check stops. Returns the streaming deltas."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        self.num_steps += 1
+        # Requests whose every token is now computed produce a token this step.
+        rows = [i for i, c in enumerate(out.chunks) if c.request.num_computed_tokens == c.request.num_tokens]
+        logits = self.runner.execute(out.chunks, rows)                         # (len(rows), V)
+        self.scheduler.commit(out)
+        now = self.clock()
+        reqs, row_of = [], []
+        for r, i in enumerate(rows):
+            req = out.chunks[i].request
+            group = [req] + (self._fork(req) if req.params.n > 1 and req.num_output_tokens == 0 else [])
+            reqs += group
+            row_of += [r] * len(group)
+        toks = sample_rows(logits[row_of], [r.params for r in reqs], [r.generator for r in reqs])
+        return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
+
+    def _fork(self, parent: Request) -> list[Request]:
+        """Parallel sampling: samples 1..n-1 share the parent's computed prompt blocks (see the docstring)."""
+        children = []
+        for i in range(1, parent.params.n):
+            seed = None if parent.params.seed is None else parent.params.seed + i
+            child = Request(f"{parent.request_id}#{i}", parent.prompt_token_ids,
+                            dataclasses.replace(parent.params, seed=seed), parent.arrival_time,
+                            eos_token_ids=parent.eos_token_ids, prompt=parent.prompt,
+                            group_id=parent.request_id, index=i)
+            child.stats.first_scheduled_time = parent.stats.first_scheduled_time
+            self._track(child)
+            self.scheduler.fork(parent, child)
+            children.append(child)
+        return children
+
+    def _append_token(self, req: Request, tok: int, now: float) -> StepOutput:
+        req.output_token_ids.append(tok)
+        req.stats.record_token(now)
+        status = None
+        stop_token = tok in req.stop_token_ids
+        if stop_token:
+            status = RequestStatus.FINISHED_STOPPED
+        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        new_text = ""
+        text = self._text.get(req.request_id)
+        if text is not None:
+            new_text, hit = text.add(tok, stop_token)
+            if status is not None and not hit:
+                new_text += text.finish()
+            if text.cut:
+                status = RequestStatus.FINISHED_STOPPED
+            req.text = text.text
+        if status is not None:
+            self.scheduler.finish(req, status)
+            req.stats.finish_time = now
+        return StepOutput(req.client_id, [tok], new_text, status is not None,
+                          status.value if status is not None else None, req.index)
+
+    # ------------------------------------------------------------------ conveniences
+    def stream(self) -> Iterator[StepOutput]:
+        """Step until every request has finished, yielding each delta as it comes."""
+        while self.has_unfinished_requests():
+            yield from self.step()
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        for _ in self.stream():
+            pass
+
+    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[Request]:
+        """Offline use: add every prompt now, run to completion, return the requests (sample 0 of each)."""
+        prompts, params = pair_prompts(prompts, params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        before = self.scheduler.no_more_requests
+        self.no_more_requests(True)
+        try:
+            self.run()
+        finally:
+            self.no_more_requests(before)
+        return [self.requests[i] for i in ids]
+
+
+# ---------------------------------------------------------------------------
+# Online serving of a trace: requests arrive at their times while the engine steps
+# ---------------------------------------------------------------------------
+
+
+def run_trace(engine: LLMEngine, trace, make_params: Callable[[object], SamplingParams],
+              sleep: Callable[[float], None] = time.sleep, on_output: Callable[[StepOutput], None] | None = None,
+              ) -> tuple[list[Request], float]:
+    """Replay ``trace`` (``workload.TraceRequest``s) against ``engine`` in real time.
+
+    Request i arrives at ``t0 + trace[i].arrival_time`` on the engine's clock and is
+    stamped with that arrival time even if the engine was busy with a step then:
+    the wait counts in its TTFT, as it would in a real server. When nothing can run,
+    the loop sleeps until the next arrival (``sleep`` may advance a fake clock).
+    Returns the requests (trace order) and the duration (first arrival -> last finish).
+    """
+    clock = engine.clock
+    pending = sorted(trace, key=lambda r: r.arrival_time)
+    t0 = clock()
+    ids, k = [], 0
+    while k < len(pending) or engine.has_unfinished_requests():
+        now = clock()
+        while k < len(pending) and t0 + pending[k].arrival_time <= now:
+            r = pending[k]
+            ids.append(engine.add_request(r.prompt_token_ids, make_params(r), request_id=r.request_id,
+                                          arrival_time=t0 + r.arrival_time))
+            k += 1
+        if k == len(pending):
+            engine.no_more_requests(True)
+        before = engine.num_steps
+        for d in engine.step():
+            if on_output is not None:
+                on_output(d)
+        if engine.num_steps == before:
+            # Idle, or a static/dynamic batch still forming: sleep until the next arrival
+            # (or until the oldest waiting request reaches dynamic batching's max_wait_ms).
+            if k == len(pending):
+                raise RuntimeError("the engine has unfinished requests but schedules nothing")
+            wake = t0 + pending[k].arrival_time
+            if engine.config.policy == "dynamic" and engine.scheduler.waiting:
+                oldest = min(r.arrival_time for r in engine.scheduler.waiting)
+                wake = min(wake, oldest + engine.config.max_wait_ms / 1000.0)
+            sleep(max(wake - clock(), 1e-6))
+    reqs = [engine.requests[r.request_id] for r in trace]
+    finish = max(r.stats.finish_time for r in reqs) if reqs else t0
+    return reqs, finish - t0

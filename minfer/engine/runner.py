@@ -1,0 +1,74 @@
+"""The model runner: a scheduled step -> one forward over the flattened batch -> logits to sample.
+
+This is the ONLY place a batch is flattened. The scheduler hands over chunks
+``(request, start, num_tokens)``; ``prepare_batch`` lays their tokens side by
+side and builds, in one pass, everything the forward needs::
+
+    chunks         A: prompt chunk [0, 3)      B: decode at position 5
+    input_ids      [a0 a1 a2 | b5]             (1, N)
+    positions      [ 0  1  2 |  5]             (1, N)
+    slot_mapping   [ 8  9 10 | 21]             (N,)  where each new K/V row goes
+    block_tables   A: [2]   B: [0, 5]          the pages each sequence reads
+    query_lens / seq_lens   [3, 1] / [3, 6]
+    logits_indices [2, 3]                      each chunk's last token: the only rows the LM head needs
+
+vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
+(``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from minfer.kv.block_pool import BlockPool, KVCacheManager
+from minfer.kv.paged import PagedBatch, PagedKVCache
+
+
+def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") -> tuple[torch.Tensor, PagedBatch]:
+    """``chunks`` (each with .request, .start, .num_tokens; slots reserved) -> (input_ids (1, N), PagedBatch)."""
+    if not chunks:
+        raise ValueError("a batch needs at least one scheduled chunk")
+    ids, qlens, slens, tables, slots, positions = [], [], [], [], [], []
+    for c in chunks:
+        rid, start, n = c.request.request_id, c.start, c.num_tokens
+        ids += c.request.all_token_ids[start:start + n]
+        qlens.append(n)
+        slens.append(start + n)
+        tables.append(kv_manager.block_table(rid))
+        slots += kv_manager.slot_mapping(rid, start, n)
+        positions += range(start, start + n)
+    meta = PagedBatch(query_lens=qlens, seq_lens=slens, block_tables=tables,
+                      slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                      logits_indices=(torch.tensor(qlens).cumsum(0) - 1).to(device),
+                      positions=torch.tensor(positions, dtype=torch.long, device=device)[None])
+    return torch.tensor([ids], device=device), meta
+
+
+class ModelRunner:
+    """Owns the paged KV cache and its block manager; ``execute`` runs one step.
+
+    ``execute(chunks, sample_rows)`` returns the logits of the last token of
+    each chunk listed in ``sample_rows``: (len(sample_rows), vocab). Chunks in
+    the middle of a prompt produce no logits: the LM head is skipped for them.
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
+                 attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto"):
+        self.model, self.attention = model, attention
+        w = model.model.embed_tokens.weight
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, dtype=w.dtype, device=w.device,
+                                  attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching))
+        self.device = w.device
+        self.vocab_size = model.cfg.vocab_size
+
+    @torch.no_grad()
+    def execute(self, chunks: Sequence, sample_rows: Sequence[int]) -> torch.Tensor:
+        input_ids, meta = prepare_batch(self.kv_manager, chunks, self.device)
+        self.cache.copy_blocks(self.kv_manager.take_pending_copies())       # copy-on-write first
+        self.cache.set_batch(meta)
+        rows = meta.logits_indices[list(sample_rows)]
+        logits = self.model(input_ids, meta.positions, kv_cache=self.cache, attention=self.attention,
+                            logits_indices=rows)                            # (1, K, V)
+        return logits[0]

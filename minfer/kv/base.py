@@ -1,0 +1,64 @@
+"""The KV-cache interface the model calls, declared once (mini-sglang's ``BaseKVCache``, vLLM's
+``AttentionImpl.forward`` with its ``kv_cache`` argument).
+
+Every layer of ``model.Attention`` makes exactly two calls, whatever the cache::
+
+    view = cache.update(kv_layer, k, v, positions)        # store this forward's keys/values
+    out  = cache.attend(kv_layer, q, view, positions, backend, window)
+
+``update`` writes and returns a ``KVView`` (what the queries may read);
+``attend`` turns queries into outputs. A dense cache (contiguous, sliding,
+int8/fp8) attends by handing the view to the attention backend; the paged
+cache walks block tables instead; the lookahead cache applies a tree mask.
+Layers that share K/V with an earlier layer (cross-layer sharing) skip
+``update`` and attend over the view their group's first layer returned.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from minfer.attention import AttentionBackend
+
+
+class KVView(NamedTuple):
+    """Keys and values the queries of one forward may see."""
+
+    keys: torch.Tensor        # (B, n_kv_heads, S, hd)
+    values: torch.Tensor      # (B, n_kv_heads, S, hd)
+    key_pos: torch.Tensor     # (B, S) absolute position of each key; -1 = empty slot
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
+        """Store k, v (B, nkv, T, hd) of tokens at ``positions`` (B, T); return what may be read."""
+
+    def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor,
+               backend: AttentionBackend, window: int | None = None) -> torch.Tensor:
+        """Queries q (B, nh, T, hd) at ``positions`` -> attention output (B, nh, T, hd)."""
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage allocated."""
+
+
+class DenseKVCache:
+    """Base of the caches that return ordinary tensors: attention is the backend's, unchanged."""
+
+    def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor,
+               backend: AttentionBackend, window: int | None = None) -> torch.Tensor:
+        return backend(q, view.keys, view.values, positions, view.key_pos, window=window)
+
+
+class NoCache(DenseKVCache):
+    """No cache at all: the queries see exactly this forward's keys (the whole sequence, as the oracle)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
+        return KVView(k, v, positions)
+
+    def nbytes(self) -> int:
+        return 0
+
+
+NO_CACHE = NoCache()
