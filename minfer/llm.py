@@ -29,36 +29,13 @@ from typing import Callable, Sequence
 import torch
 
 from minfer.checkpoints import load_checkpoint
+from minfer.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from minfer.engine.llm_engine import LLMEngine
 from minfer.engine.output import TextOutput
 from minfer.metrics import RequestStats
 from minfer.model import build_model
 from minfer.sampling import SamplingParams, pair_prompts, stop_token_ids
 from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
-    return DTYPES[dtype]
-
 
 @dataclass
 class CompletionOutput:

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from minfer.bench.timing import table, write_json
-    from minfer.compress.cli import log, set_threads
+    from minfer.compress.common import log, set_threads
     from minfer.eval.perplexity import reference_text, text_fingerprint
     from minfer.llm import LLM
 

@@ -6,23 +6,9 @@ results atomically, and prints the commands' figures as a table (and ``--json``)
 from __future__ import annotations
 
 import argparse
-import sys
-
-import torch
 
 from minfer.cli_args import add_model_args
-
-DEFAULT_CACHE = "weights/teacher-cache"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def set_threads(n: int) -> None:
-    if n < 1:
-        raise ValueError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
+from minfer.compress.common import DEFAULT_CACHE, log, set_threads  # noqa: F401  (re-exported)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from minfer.compress.common import lr_at  # noqa: F401  (re-exported)
 from minfer.compress.losses import distill_loss, student_bins, teacher_bins, binned_kl
 from minfer.compress.teacher import TeacherCache
 from minfer.config import ModelConfig
@@ -74,14 +74,6 @@ def evaluate(model, cache: TeacherCache, max_seqs: int = 8) -> dict:
     kl = binned_kl(teacher_bins(b.topk_logp), student_bins(logits, b.topk_idx), 1.0)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.tokens[:, 1:].reshape(-1))
     return {"heldout_kl": float(kl), "heldout_agreement": agreement(logits, b.topk_idx), "heldout_ce": float(ce)}
-
-
-def lr_at(progress: float, base: float, warmup: float = 0.03, floor: float = 0.1) -> float:
-    """Linear warm-up over the first ``warmup`` of training, then cosine decay to ``floor * base``."""
-    if progress < warmup:
-        return base * max(progress, 1e-3) / warmup
-    p = min(1.0, (progress - warmup) / (1 - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def train(student, train_cache: TeacherCache, heldout: TeacherCache | None = None, *, steps: int | None = None,
@@ -186,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.cli import log, set_threads
+    from minfer.compress.common import log, set_threads
     from minfer.llm import LLM
 
     set_threads(args.threads)

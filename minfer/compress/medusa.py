@@ -45,11 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minfer.compress.teacher import HiddenCapture
-from minfer.generate import RequestMetrics
+from minfer.generate import RequestMetrics, StopRule, model_device_dtype
 from minfer.kv import ContiguousKVCache
 from minfer.sampling import SamplingParams
 from minfer.speculative.lookahead import TreeAttentionCache
-from minfer.speculative.loop import Budget, model_device_dtype
 from minfer.speculative.stats import SpecStats
 
 # A static tree for K = 3 heads (16 nodes), in priority order: every prefix of it is a tree (ancestors
@@ -215,7 +214,7 @@ def medusa_generate(
     full = tree if isinstance(tree, MedusaTree) else build_tree(tree)
     if full.max_depth > heads.num_heads:
         raise ValueError(f"the tree is {full.max_depth} deep but there are only {heads.num_heads} Medusa heads")
-    budget = Budget(model, prompt_ids, params, eos_token_ids, metrics, clock)
+    budget = StopRule(model, prompt_ids, params, eos_token_ids, metrics, clock)
     device, dtype = model_device_dtype(model)
     cache = ContiguousKVCache(model.cfg, 1, budget.total, dtype=dtype, device=device)
     stats = stats if stats is not None else SpecStats()
@@ -284,7 +283,7 @@ def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes
                 steps: int | None = None, batch: int = 4, positions: int = 256, lr: float = 1e-3,
                 eval_every: int = 50, seed: int = 0, log=print) -> list[dict]:
     """AdamW on the heads only; returns the held-out curve (per-head top-1 accuracy vs the teacher)."""
-    from minfer.compress.distill import lr_at
+    from minfer.compress.common import lr_at
     gen = torch.Generator().manual_seed(seed)
     heads.train().requires_grad_(True)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -343,11 +342,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.cli import log, set_threads
+    from minfer.compress.common import log, set_threads
     from minfer.compress.teacher import TeacherCache
-    from minfer.llm import LLM
+    from minfer.checkpoints import load_checkpoint
+    from minfer.model import build_model
     set_threads(args.threads)
-    model = LLM(args.model, device="cpu", dtype="float32").model
+    cfg, state_dict, _ = load_checkpoint(args.model, dtype=torch.float32, device="cpu")
+    model = build_model(cfg, state_dict)
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
     heads = MedusaHeads(model.cfg.hidden_size, args.heads)
     curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,

@@ -169,7 +169,7 @@ def main(args) -> int:
     import copy
 
     from minfer.bench.timing import interleaved, table, write_json
-    from minfer.compress.cli import log, set_threads
+    from minfer.compress.common import log, set_threads
     from minfer.compress.distill import save_student, train
     from minfer.compress.teacher import TeacherCache
     from minfer.eval.perplexity import perplexity, reference_text

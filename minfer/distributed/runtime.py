@@ -188,7 +188,7 @@ def torchrun_main(args) -> int:
             finally:
                 for d in DRIVERS:
                     d.shutdown()
-        from minfer.llm import resolve_device, resolve_dtype
+        from minfer.devices import resolve_device, resolve_dtype
         pc = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
         device = resolve_device(args.device)
         if device.type == "cuda":

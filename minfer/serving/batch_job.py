@@ -356,7 +356,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from minfer.checkpoints import load_checkpoint
-    from minfer.llm import resolve_device, resolve_dtype
+    from minfer.devices import resolve_device, resolve_dtype
     from minfer.model import build_model
     from minfer.serving.engine import LLMEngine
 
