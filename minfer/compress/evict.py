@@ -38,6 +38,7 @@ import weakref
 import torch
 
 from minfer.attention.mask import allowed
+from minfer.kv.base import DenseKVCache, KVView
 
 POLICIES = ("streaming", "h2o", "snapkv")
 
@@ -54,7 +55,7 @@ def h2o_keep(scores: list[float], budget: int, recent: int) -> list[int]:
     return sorted(older + newest)
 
 
-class EvictingKVCache:
+class EvictingKVCache(DenseKVCache):
     """A KV cache that never stores more than ``budget`` tokens per layer (policy: see module doc)."""
 
     def __init__(self, model, batch_size: int, budget: int, policy: str = "streaming", *, sinks: int = 4,
@@ -113,7 +114,7 @@ class EvictingKVCache:
         score = torch.cat([self.score[layer], self._new_scores(positions)], dim=1)
         score = self._observe(layer, keys, key_pos, positions, score)
         self._keep(layer, keys, values, key_pos, score)
-        return keys, values, key_pos
+        return KVView(keys, values, key_pos)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (they become invisible and are evicted first)."""
@@ -166,7 +167,7 @@ class EvictingKVCache:
         q = apply_rope(q, cos, sin).reshape(B, nkv, -1, hd)                  # (B, nkv, G*T, hd)
         logits = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, nkv, G*T, S)
         ok = allowed(q_pos, key_pos, self.cfg.sliding_window)                  # (B, T, S)
-        ok = ok[:, None].expand(B, cfg.num_queries_per_kv, T, -1).reshape(B, 1, -1, ok.shape[-1])
+        ok = ok[:, None].expand(B, (cfg.num_attention_heads // cfg.num_key_value_heads), T, -1).reshape(B, 1, -1, ok.shape[-1])
         probs = torch.softmax(logits.masked_fill(~ok, -math.inf), dim=-1).nan_to_num(0.0)
         return probs.sum(dim=(1, 2))                                            # (B, S)
 

@@ -65,7 +65,7 @@ def choose(ffn_scores, head_scores, cfg, ffn_ratio: float, heads_per_group: int 
     """Indices to KEEP per layer: the top (1 - ffn_ratio) channels, and all but ``heads_per_group`` heads per group."""
     if not 0.0 <= ffn_ratio < 1.0:
         raise ValueError(f"ffn_ratio must lie in [0, 1), got {ffn_ratio}")
-    G = cfg.num_queries_per_kv
+    G = (cfg.num_attention_heads // cfg.num_key_value_heads)
     if not 0 <= heads_per_group < G:
         raise ValueError(f"heads_per_group must lie in [0, {G - 1}] (query heads per K/V head: {G}), got {heads_per_group}")
     keep_f = cfg.intermediate_size - int(round(ffn_ratio * cfg.intermediate_size))

@@ -137,7 +137,8 @@ class LLMEngine:
             -(-(len(ids) + max_new) // bs)
         if need > pool.num_blocks:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
-                             f"needs {need} KV blocks, but the pool has only num_blocks={pool.num_blocks}")
+                             f"needs {need} KV blocks, but the KV cache pool has only num_blocks={pool.num_blocks} "
+                             f"(raise kv_cache_memory_bytes or lower max_tokens)")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
             while request_id in self.samples:
