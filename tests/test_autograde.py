@@ -113,6 +113,16 @@ def test_every_exercise_has_a_solution_and_a_mutation():
     assert set(exercises.names()) == set(MUTATIONS) == set(SOLUTIONS)
 
 
+def test_each_lesson_finds_only_its_own_exercise_cells():
+    """Lesson 09 has an ordinary cell computing ``tpot = ...``: not lesson 05's exercise."""
+    nb = nbformat.read(ROOT / "lessons" / "09_the_inference_service.ipynb", as_version=4)
+    assert "serving.tpot" in find_exercise_cells(nb)              # every lesson's: a name clash
+    own = find_exercise_cells(nb, lesson="09_the_inference_service")
+    assert set(own) == {n for n in exercises.names()
+                        if exercises.get(n).lesson == "09_the_inference_service"}
+    assert "def tpot(" in SOLUTIONS["serving.tpot"]
+
+
 @pytest.mark.parametrize("name", FAST)
 def test_grade_agrees_with_check(name):
     _verdicts_agree(name)
