@@ -10,8 +10,11 @@ For each submission:
    exercise's function (``Exercise.function``, from the registry) is that
    exercise's cell; failing that, the last code cell that defines it at top
    level. The lesson is the one with the most exercise cells found (or
-   ``--lesson``). Nothing else in the notebook runs: no model loading, no
-   plots, and no edited or redefined ``check`` cell can change the verdict.
+   ``--lesson``); then only that lesson's exercises are looked for (an
+   ordinary cell may share a name with another lesson's exercise: lesson
+   09's ``tpot = ...``). Nothing else in the notebook runs: no model
+   loading, no plots, and no edited or redefined ``check`` cell can change
+   the verdict.
 2. Grade each exercise of the lesson in its own ``python -m
    minfer.lessons.autograde --child`` process with a wall-clock timeout:
    the process runs ``Exercise.prelude`` (``import math, torch``), then the
