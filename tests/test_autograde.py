@@ -26,7 +26,7 @@ from minfer.lessons.notebooks import lesson_paths, make_stub
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = {}
 for _p in lesson_paths(ROOT / "lessons"):
-    SOLUTIONS.update(find_exercise_cells(nbformat.read(_p, as_version=4)))
+    SOLUTIONS.update(find_exercise_cells(nbformat.read(_p, as_version=4), lesson=_p.stem))
 
 # One behaviour-changing edit of each reference solution (old text, new text).
 MUTATIONS = {
@@ -51,6 +51,14 @@ MUTATIONS = {
     "paged.decode_attention": ("g = h // (nh // nkv)", "g = h % nkv"),
     "serving.schedule_step": ("victim = alive.pop()", "victim = alive.pop(i)"),
     "speculative.greedy_loop": ("        if 0 < n == k:", "        if False:"),
+    "cost.dollars_per_mtok": ("/ tokens_per_s / 3600", "/ tokens_per_s / 60"),
+    "cost.kwh_per_mtok": ("watts / 1000 * hours", "watts * hours"),
+    "router.ring_lookup": ("bisect.bisect_left(points, key)", "bisect.bisect_right(points, key)"),
+    "compress.distill_kl": ("return temperature ** 2 * ", "return "),
+    "compress.medusa_tree_mask": ("mask[:, 0] = True", "mask[0, 0] = True"),
+    "compress.h2o_keep": ("key=lambda i: scores[i], reverse=True)", "key=lambda i: scores[i])"),
+    "parallel.shard_weight": ('if kind == "column":', 'if kind == "row":'),
+    "parallel.allreduce_bytes_per_token": ("2 * num_layers * 2 * (tp - 1)", "2 * num_layers * (tp - 1)"),
 }
 FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",
                                                      "generate."))]
@@ -103,6 +111,16 @@ def _verdicts_agree(name: str) -> None:
 
 def test_every_exercise_has_a_solution_and_a_mutation():
     assert set(exercises.names()) == set(MUTATIONS) == set(SOLUTIONS)
+
+
+def test_each_lesson_finds_only_its_own_exercise_cells():
+    """Lesson 09 has an ordinary cell computing ``tpot = ...``: not lesson 05's exercise."""
+    nb = nbformat.read(ROOT / "lessons" / "09_the_inference_service.ipynb", as_version=4)
+    assert "serving.tpot" in find_exercise_cells(nb)              # every lesson's: a name clash
+    own = find_exercise_cells(nb, lesson="09_the_inference_service")
+    assert set(own) == {n for n in exercises.names()
+                        if exercises.get(n).lesson == "09_the_inference_service"}
+    assert "def tpot(" in SOLUTIONS["serving.tpot"]
 
 
 @pytest.mark.parametrize("name", FAST)

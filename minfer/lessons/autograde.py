@@ -10,8 +10,11 @@ For each submission:
    exercise's function (``Exercise.function``, from the registry) is that
    exercise's cell; failing that, the last code cell that defines it at top
    level. The lesson is the one with the most exercise cells found (or
-   ``--lesson``). Nothing else in the notebook runs: no model loading, no
-   plots, and no edited or redefined ``check`` cell can change the verdict.
+   ``--lesson``); then only that lesson's exercises are looked for (an
+   ordinary cell may share a name with another lesson's exercise: lesson
+   09's ``tpot = ...``). Nothing else in the notebook runs: no model
+   loading, no plots, and no edited or redefined ``check`` cell can change
+   the verdict.
 2. Grade each exercise of the lesson in its own ``python -m
    minfer.lessons.autograde --child`` process with a wall-clock timeout:
    the process runs ``Exercise.prelude`` (``import math, torch``), then the
@@ -103,11 +106,19 @@ def _is_exercise_cell(cell) -> bool:
             or bool(meta.get("nbgrader", {}).get("solution")))
 
 
-def find_exercise_cells(nb) -> dict[str, str]:
-    """{exercise name: the source of the cell that defines its function}, for every lesson."""
+def find_exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, str]:
+    """{exercise name: the source of the cell that defines its function}.
+
+    With ``lesson`` (a notebook stem), only that lesson's exercises are looked
+    for: another lesson's exercise may share a function name with an ordinary
+    cell of this one (lesson 09's ``tpot = ...`` is not lesson 05's exercise).
+    Without it, every lesson's (to guess the lesson of a submission).
+    """
     code = [c for c in nb.cells if c.cell_type == "code"]
     found: dict[str, str] = {}
     for name in _exercises.names():
+        if lesson is not None and _exercises.get(name).lesson != lesson:
+            continue
         fn = _exercises.get(name).function
         if not fn:
             continue
@@ -256,11 +267,11 @@ def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
     except Exception as e:  # noqa: BLE001 - an unreadable file is a row, not a crash
         return [ExerciseGrade(str(path), lesson or "?", "(notebook)", "error", 0, 0,
                               f"cannot read the notebook: {type(e).__name__}: {e}", 0.0)]
-    found = find_exercise_cells(nb)
-    lesson = lesson or guess_lesson(path, found)
+    lesson = lesson or guess_lesson(path, find_exercise_cells(nb))
     if lesson is None:
         return [ExerciseGrade(str(path), "?", "(notebook)", "missing", 0, 0,
                               "no exercise cell found: which lesson is this?", 0.0)]
+    found = find_exercise_cells(nb, lesson)
     jobs = [(ex, found.get(ex.name)) for ex in lesson_exercises(lesson)]
     if pool is None:
         return [grade_exercise(ex, src, submission=str(path), timeout=timeout) for ex, src in jobs]

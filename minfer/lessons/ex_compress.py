@@ -64,6 +64,7 @@ def _kl_problem(inputs: Inputs, actual: Any, want: float, what: str) -> Optional
 
 register(Exercise(
     name="compress.distill_kl",
+    lesson="10_compression_beyond_quantization", function="topk_distill_kl",
     description="topk_distill_kl(logits (N,V), topk_idx (N,k), topk_logp (N,k), T) -> T^2 * mean KL over k+1 bins",
     reference="minfer.compress.losses:topk_distill_kl",
     inputs=_kl_inputs(),
@@ -106,6 +107,7 @@ def _tree_problem(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="compress.medusa_tree_mask",
+    lesson="10_compression_beyond_quantization", function="tree_mask",
     description="tree_mask(paths) -> (N+1, N+1) bool: row = query, col = key; the root is index 0",
     reference="minfer.compress.medusa:tree_mask",
     inputs=_tree_inputs(),
@@ -148,6 +150,7 @@ def _h2o_problem(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="compress.h2o_keep",
+    lesson="10_compression_beyond_quantization", function="h2o_keep",
     description="h2o_keep(scores, budget, recent) -> sorted indices kept: `recent` newest + heaviest hitters",
     reference="minfer.compress.evict:h2o_keep",
     inputs=_h2o_inputs(),

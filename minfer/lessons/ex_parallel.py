@@ -47,6 +47,7 @@ def _shard_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
 
 register(Exercise(
     name="parallel.shard_weight",
+    lesson="11_parallelism", function="shard_weight",
     description=("shard_weight(W (out, in), rank, world, kind) -> W[r*out/N:(r+1)*out/N] for kind='column', "
                  "W[:, r*in/N:(r+1)*in/N] for kind='row'"),
     reference="minfer.distributed.layers:shard_weight",
@@ -83,6 +84,7 @@ def _bytes_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
 
 register(Exercise(
     name="parallel.allreduce_bytes_per_token",
+    lesson="11_parallelism", function="allreduce_bytes_per_token",
     description=("allreduce_bytes_per_token(hidden_size, num_layers, tp, bytes_per_element) -> bytes one rank "
                  "sends per token for the 2 ring all-reduces of every layer"),
     reference="minfer.distributed.tensor_parallel:allreduce_bytes_per_token",

@@ -61,6 +61,8 @@ def _validate_ring(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="router.ring_lookup",
+    lesson="09_the_inference_service", function="ring_lookup",
+    prelude="import bisect\nimport math\nimport torch\n",   # lesson 09 imports bisect in its first cell
     description="ring_lookup(points, owners, key) -> owners[i] for the first points[i] >= key, wrapping to 0",
     reference="minfer.serving.router:ring_lookup",
     inputs=_ring_inputs(),
@@ -104,6 +106,7 @@ def _validate_kwh(inputs: Inputs, actual: Any) -> Optional[str]:
 
 register(Exercise(
     name="cost.dollars_per_mtok",
+    lesson="09_the_inference_service", function="dollars_per_mtok",
     description="dollars_per_mtok(tokens_per_s, price_per_hour) -> $ per million tokens",
     reference="minfer.serving.cost:dollars_per_mtok",
     inputs=_rate_and("price_per_hour", 100.0),
@@ -113,6 +116,7 @@ register(Exercise(
 
 register(Exercise(
     name="cost.kwh_per_mtok",
+    lesson="09_the_inference_service", function="kwh_per_mtok",
     description="kwh_per_mtok(tokens_per_s, watts) -> kWh per million tokens",
     reference="minfer.serving.cost:kwh_per_mtok",
     inputs=_rate_and("watts", 2000.0),
