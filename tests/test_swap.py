@@ -50,9 +50,14 @@ def _model():
     return model
 
 
-def _tokens(model, **kw):
+def _tokens(model, engine=False):
+    """Greedy tokens through the single-request loop, or through the engine (paged KV: the slot mapping)."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    return list(generate_tokens(model, [1, 5, 9, 2, 7, 30, 41, 3], params, **kw))
+    prompt = [1, 5, 9, 2, 7, 30, 41, 3]
+    if engine:
+        from minfer.llm import LLM
+        return LLM.from_model(model, block_size=4, num_blocks=16).generate([prompt], params)[0].token_ids
+    return list(generate_tokens(model, prompt, params))
 
 
 def _own_rms_norm(x, weight, eps):        # a correct learner's function, written differently
@@ -75,7 +80,7 @@ def _calls(fn, log):
 @pytest.mark.parametrize("kw, right, wrong", [
     ({}, {"rms_norm": _own_rms_norm},
      {"rms_norm": lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)}),
-    ({"kv_cache": "paged"}, {"slot_mapping": _slot_mapping},
+    ({"engine": True}, {"slot_mapping": _slot_mapping},
      {"slot_mapping": lambda bt, bs, s, n: [bt[p // bs] * bs + bs - 1 - p % bs for p in range(s, s + n)]}),
 ], ids=["rms_norm", "slot_mapping"])
 def test_engine_runs_the_learners_function(kw, right, wrong):
