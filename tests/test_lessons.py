@@ -60,6 +60,7 @@ def test_reference_edition_runs_and_passes(path):
 
 
 @pytest.mark.notebook
+@pytest.mark.slow      # executes every student notebook (minutes each); the default run grades the stubs below
 @pytest.mark.parametrize("path", LESSON_PARAMS)
 def test_student_edition_runs_and_says_not_implemented(path, tmp_path):
     make_student_edition(LESSONS_DIR, tmp_path)
@@ -69,6 +70,23 @@ def test_student_edition_runs_and_says_not_implemented(path, tmp_path):
     assert not unclear, "\n\n".join(unclear)
     if _has_solution(nbformat.read(path, as_version=4)):
         assert reports, f"{path.name} has solution cells but no check(...) report"
+
+
+@pytest.mark.parametrize("path", LESSON_PARAMS)
+def test_student_edition_graders_say_not_implemented(path):
+    """The student edition's stubs, graded as its check cells grade them: every exercise of the
+    lesson is found and answers "not implemented yet" (no crash, no pass). Executing the whole
+    student notebook is the ``slow`` test above."""
+    from minfer.lessons import exercises
+    from minfer.lessons.autograde import find_exercise_cells, grade_source
+
+    nb = student_notebook(nbformat.read(path, as_version=4))
+    cells = find_exercise_cells(nb)
+    own = [n for n in exercises.names() if exercises.get(n).lesson == path.stem]
+    assert sorted(cells) == sorted(own), f"{path.name}: exercise cells found {sorted(cells)}, registered {own}"
+    for name in own:
+        verdict = grade_source(exercises.get(name), cells[name])
+        assert NOT_IMPLEMENTED in verdict["message"], (name, verdict)
 
 
 @pytest.mark.parametrize("path", LESSON_PARAMS)
