@@ -51,6 +51,8 @@ class ModelRunner:
     ``execute(chunks, sample_rows)`` returns the logits of the last token of
     each chunk listed in ``sample_rows``: (len(sample_rows), vocab). Chunks in
     the middle of a prompt produce no logits: the LM head is skipped for them.
+    ``execute`` = ``prepare_batch`` (flatten) + ``execute_model`` (forward); parallel followers
+    call only the second, on the batch the driver flattened (``minfer.distributed.engine``).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
