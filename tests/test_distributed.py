@@ -209,3 +209,39 @@ def test_torchrun_tp2_refused_for_smollm2(smollm2_dir):
     assert "tensor_parallel_size=2 does not divide num_attention_heads=9" in done.stderr
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr   # (torchrun's own
     # report of a failed child is its business)
+
+
+# ---------------------------------------------------------------- the engine hooks, in one process
+
+
+def test_add_prefilled_request_continues_like_one_engine():
+    """Prefill on engine A (1 token), move the K/V with admit_prefilled into engine B, decode there:
+    the same tokens as A alone, for a greedy and a seeded request; a full pool admits nothing."""
+    from minfer.distributed.checks import _engine, mixed_trace, random_model
+    from minfer.distributed.disagg import PrefilledRequest, admit_prefilled
+    from minfer.sampling import SamplingParams
+    cfg = tiny_config()
+    trace = mixed_trace(4, 3, cfg.vocab_size)
+    for params in (SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                   SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)):
+        want = _engine(random_model(cfg)).generate([r.prompt_token_ids for r in trace], params)
+        a, b = _engine(random_model(cfg)), _engine(random_model(cfg))
+        for r in trace:
+            rid = a.add_request(r.prompt_token_ids, params)
+            while not a.requests[rid].output_token_ids:
+                a.step()
+            req, table = a.requests[rid], a.runner.kv_manager.block_table(rid)
+            meta = PrefilledRequest(rid, req.prompt_token_ids, params, req.arrival_time, req.output_token_ids[0],
+                                    req.stats.token_times[0], req.generator.get_state())
+            assert admit_prefilled(b, meta, a.runner.cache.k[:, table], a.runner.cache.v[:, table])
+            a.abort(rid)
+        b.run()
+        assert [b.requests[f"req-{i}"].output_token_ids for i in range(len(trace))] == \
+            [q.output_token_ids for q in want]
+    full = _engine(random_model(cfg), num_blocks=8)                  # 5 of 8 blocks taken by a running request
+    full.add_request(list(range(40, 60)), params)
+    full.step()
+    meta = PrefilledRequest("x", list(range(20)), params, 0.0, 1, 0.0, None)
+    k = torch.zeros(full.runner.cache.k.shape[0], 5, *full.runner.cache.k.shape[2:])
+    assert not admit_prefilled(full, meta, k, k)
+    assert "x" not in full.requests and len(full.scheduler.running) == 1

@@ -52,7 +52,8 @@ def random_model(cfg: ModelConfig, seed: int = 0):
 
 
 def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_len: int = 7) -> dict:
-    """Logits and greedy tokens of the full model vs this rank's TP shard of it."""
+    """Logits and greedy tokens of the full model vs this rank's TP shard of it: the single-request
+    loop with the contiguous cache, and the engine (paged cache; both ranks schedule alike)."""
     full = random_model(cfg, seed)
     shard = build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world)
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +65,7 @@ def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_le
     return {"max_abs_err": float((want - got).abs().max()),
             "tokens_full": list(generate_tokens(full, prompt, GREEDY)),
             "tokens_tp": list(generate_tokens(shard, prompt, GREEDY)),
-            "tokens_tp_paged": list(generate_tokens(shard, prompt, GREEDY, kv_cache="paged"))}
+            "tokens_tp_paged": _engine(shard, max_num_batched_tokens=4).generate([prompt], GREEDY)[0].output_token_ids}
 
 
 def random_tp_cases(n: int, world: int, seed: int = 0) -> dict:
@@ -145,7 +146,7 @@ def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt:
 
 
 def _engine(model, **kw):
-    from minfer.serving.engine import LLMEngine
+    from minfer.engine import LLMEngine
     return LLMEngine.from_model(model, **{"num_blocks": 64, "block_size": 4, "max_num_batched_tokens": 64,
                                           "eos_token_ids": (), **kw})
 
@@ -208,7 +209,7 @@ def dying_rank_worker(rank: int, world: int, out_path, mode: str = "llm", die_af
     import os
     import time
 
-    from minfer.distributed.engine import parallel_engine, run_step
+    from minfer.distributed.engine import follower_runner, parallel_engine, run_step
     from minfer.distributed.runtime import Driver, ParallelConfig
     cfg = tiny_config()
     shard = build_tp_model(cfg, StateDictSource(random_model(cfg).state_dict()), rank, world)
@@ -220,10 +221,9 @@ def dying_rank_worker(rank: int, world: int, out_path, mode: str = "llm", die_af
                 if i == die_after:
                     os._exit(0)                               # no goodbye: the process is gone
                 comm.broadcast_object(None)
-        setup = comm.broadcast_object(None)
-        cache = setup["cache_type"](shard.cfg, setup["num_blocks"], setup["block_size"])
+        runner = follower_runner(shard)
         for _ in range(die_after):
-            run_step(shard, cache, comm.broadcast_object(None), setup["attention"])
+            run_step(runner, comm.broadcast_object(None))
         os._exit(0)
     t0, got, error, reasons = time.perf_counter(), [], None, None
     try:

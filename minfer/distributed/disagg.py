@@ -13,8 +13,9 @@ every running request's next token waits for it: inter-token latency spikes. Spl
       abort it here (its blocks go to the prefix cache)    ... decodes exactly as a single engine would
 
 Both engines are the ordinary ``LLMEngine`` with the ordinary scheduler: disaggregation is
-a deployment choice. The only new step is ``admit_prefilled``: a request enters the
-decode engine already computed, as vLLM's KV connector lets the scheduler do
+a deployment choice. The only new step is ``LLMEngine.add_prefilled_request`` (used by
+``admit_prefilled``): a request enters the decode engine already computed, as vLLM's KV
+connector lets the scheduler do
 (``vllm/distributed/kv_transfer/kv_connector/v1/``, requests "waiting for remote KVs").
 The sampler's generator state travels too, so seeded sampling continues unchanged.
 """
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from minfer.distributed import comm
-from minfer.serving.request import RequestStatus
 
 KIND_DONE, KIND_TRANSFER, KIND_FINISHED = 0, 1, 2
 PREFILL_RANK, DECODE_RANK = 0, 1
@@ -103,30 +103,22 @@ def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=tim
 
 
 def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now."""
-    kvm, sched = engine.runner.kv_manager, engine.scheduler
-    ids = meta.prompt_token_ids
-    hit = kvm.allocate(meta.request_id, ids)                       # prefix hits here: blocks already right
-    if hit is None:
-        return False
-    table = kvm.block_table(meta.request_id)
-    fresh = list(range(hit // kvm.block_size, len(table)))
-    if fresh:
-        dst = torch.tensor([table[i] for i in fresh])
-        engine.runner.cache.k[:, dst] = k[:, fresh]
-        engine.runner.cache.v[:, dst] = v[:, fresh]
-    kvm.commit_tokens(meta.request_id, ids[hit:])                    # hashes full blocks: prefix cache
-    engine.add_request(ids, meta.params, request_id=meta.request_id, arrival_time=meta.arrival_time)
-    req = engine.requests[meta.request_id]
-    sched.waiting.remove(req)
-    req.generator.set_state(meta.generator_state)
-    req.num_computed_tokens = len(ids)
-    req.status = RequestStatus.RUNNING
-    req.stats.first_scheduled_time = meta.arrival_time
-    sched.running.append(req)
-    sched.num_slots[meta.request_id] = len(ids)
-    engine._append_token(req, meta.first_token, meta.first_token_time)
-    return True
+    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now.
+
+    ``k``, ``v``: (L, n_blocks, bs, nkv, hd), the prompt's blocks on the prefill side. Blocks the
+    decode pool already holds (prefix-cache hits) are kept; the others are copied in.
+    """
+    cache, bs = engine.runner.cache, engine.runner.kv_manager.block_size
+
+    def load_kv(table: list[int], num_cached: int) -> None:
+        fresh = list(range(num_cached // bs, len(table)))
+        if fresh:
+            dst = torch.tensor([table[i] for i in fresh])
+            cache.k[:, dst] = k[:, fresh]
+            cache.v[:, dst] = v[:, fresh]
+    out = engine.add_prefilled_request(meta.prompt_token_ids, meta.params, meta.request_id, meta.arrival_time,
+                                       meta.first_token, meta.first_token_time, load_kv, meta.generator_state)
+    return out is not None
 
 
 def _receive_all(engine, src: int, inbox: queue.Queue) -> None:

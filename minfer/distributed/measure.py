@@ -120,7 +120,7 @@ def _summary(results: dict) -> dict:
 def disagg_bench_worker(rank, world, out_path, cfg_kwargs=None, rounds=2, trace_kwargs=None) -> None:
     """Colocated (one engine on rank 0) vs disaggregated (rank 0 prefills, rank 1 decodes), interleaved."""
     from minfer.distributed.disagg import decode_worker, prefill_worker
-    from minfer.serving.engine import LLMEngine, run_trace
+    from minfer.engine import LLMEngine, run_trace
     cfg = ModelConfig(**(cfg_kwargs or dict(vocab_size=4096, hidden_size=256, num_hidden_layers=8,
                                             num_attention_heads=8, num_key_value_heads=4,
                                             intermediate_size=768, max_position_embeddings=1024)))

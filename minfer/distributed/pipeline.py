@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from minfer.distributed import comm
+from minfer.kv.base import NO_CACHE
 from minfer.model import rope_cos_sin
 
 
@@ -64,9 +65,10 @@ class PipelineStage(nn.Module):
 
     def _run_layers(self, x, positions, kv_cache, backend):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)       # (B, 1, T, hd) each
-        shared_kv = None
+        cache = NO_CACHE if kv_cache is None else kv_cache                 # as Transformer.forward
+        view = None                              # K/V shared with the group's first layer (minfer.kv.base)
         for i in self.layer_ids:
-            x, shared_kv = self.model.layers[i](x, cos, sin, positions, kv_cache, shared_kv, backend)
+            x, view = self.model.layers[i](x, cos, sin, positions, cache, view, backend)
         return x
 
     @torch.no_grad()

@@ -88,11 +88,14 @@ class LLMEngine:
                    kv_cache_memory: float = 2 * 2**30, enable_prefix_caching: bool = True,
                    kv_cache_dtype: str = "auto", attention: str = "sdpa", attention_mode: str = "split",
                    eos_token_ids: Iterable[int] | None = None,
-                   clock: Callable[[], float] = time.perf_counter) -> "LLMEngine":
+                   clock: Callable[[], float] = time.perf_counter,
+                   wrap_runner: Callable[[ModelRunner], object] | None = None) -> "LLMEngine":
         """An engine over a minfer ``Transformer``.
 
         num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
         the model's full context, but at most ``kv_cache_memory`` bytes.
+        wrap_runner: ``ModelRunner -> runner`` (same ``execute``, ``kv_manager``, ``vocab_size``);
+        tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -106,6 +109,8 @@ class LLMEngine:
             num_blocks = max(1, min(want, fit))
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                              attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
+        if wrap_runner is not None:
+            runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
                    max_model_len=cfg.max_position_embeddings, sliding_window=cfg.sliding_window, clock=clock)
 
@@ -113,6 +118,41 @@ class LLMEngine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queue a request (text or token ids); returns its id. ``arrival_time`` defaults to now."""
+        req = self._new_request(prompt, params, request_id, arrival_time)
+        self._track(req)
+        self.scheduler.add_request(req)
+        return req.request_id
+
+    def add_prefilled_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str,
+                              arrival_time: float, first_token: int, first_token_time: float,
+                              load_kv: Callable[[list[int], int], None],
+                              generator_state=None) -> StepOutput | None:
+        """Admit a request whose prompt another engine computed (prefill/decode disaggregation).
+
+        It joins the running requests with its first token (sampled by the prefill engine at
+        ``first_token_time``) and decodes from there as if it had been prefilled here.
+        ``load_kv(block_table, num_cached)`` must write the K/V of the prompt's blocks from
+        ``num_cached // block_size`` on (the ones before were found in this pool's prefix cache).
+        ``generator_state`` continues the prefill side's sampler, so seeded sampling is unchanged.
+        Returns the first token's delta, or None if the pool is full now (nothing changed: retry
+        after a step). ``n > 1`` is not supported here. vLLM: the KV connector
+        (``vllm/distributed/kv_transfer/kv_connector/v1/``).
+        """
+        params = params or SamplingParams()
+        if params.n > 1:
+            raise ValueError("a prefilled request must have n=1 (parallel samples fork at prefill)")
+        req = self._new_request(list(prompt_token_ids), params, request_id, arrival_time)
+        hit = self.scheduler.add_computed(req)
+        if hit is None:
+            return None
+        load_kv(self.runner.kv_manager.block_table(req.request_id), hit)
+        if generator_state is not None:
+            req.generator.set_state(generator_state)
+        self._track(req)
+        return self._append_token(req, int(first_token), first_token_time)
+
+    def _new_request(self, prompt, params, request_id, arrival_time) -> Request:
+        """Validate a prompt and its parameters -> a new ``Request`` (not queued yet)."""
         params = params or SamplingParams()
         check_prompt(prompt)                                       # exact types (minfer/validation.py)
         if params.stop and self.tokenizer is None:
@@ -145,11 +185,8 @@ class LLMEngine:
                 request_id = f"req-{next(self._ids)}"
         elif request_id in self.samples:
             raise ValueError(f"request_id {request_id!r} was already added")
-        req = Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
-                      eos_token_ids=self.eos_token_ids, prompt=text)
-        self._track(req)
-        self.scheduler.add_request(req)
-        return request_id
+        return Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
+                       eos_token_ids=self.eos_token_ids, prompt=text)
 
     def _track(self, req: Request) -> None:
         self.requests[req.request_id] = req

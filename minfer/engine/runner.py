@@ -51,6 +51,8 @@ class ModelRunner:
     ``execute(chunks, sample_rows)`` returns the logits of the last token of
     each chunk listed in ``sample_rows``: (len(sample_rows), vocab). Chunks in
     the middle of a prompt produce no logits: the LM head is skipped for them.
+    ``execute`` = ``prepare_batch`` (flatten) + ``execute_model`` (forward); parallel followers
+    call only the second, on the batch the driver flattened (``minfer.distributed.engine``).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
@@ -66,7 +68,18 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, chunks: Sequence, sample_rows: Sequence[int]) -> torch.Tensor:
         input_ids, meta = prepare_batch(self.kv_manager, chunks, self.device)
-        self.cache.copy_blocks(self.kv_manager.take_pending_copies())       # copy-on-write first
+        return self.execute_model(input_ids, meta, sample_rows, self.kv_manager.take_pending_copies())
+
+    @torch.no_grad()
+    def execute_model(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows: Sequence[int],
+                      copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        """The forward half of ``execute``: a batch already flattened by ``prepare_batch``.
+
+        The hook for parallel workers: under tensor/pipeline parallelism the driver's runner
+        flattens the step and broadcasts (input_ids, meta, copies), and every rank calls this on
+        its shard (``minfer.distributed.engine``; vLLM's workers run ``execute_model`` the same way).
+        """
+        self.cache.copy_blocks(copies)                                       # copy-on-write first
         self.cache.set_batch(meta)
         rows = meta.logits_indices[list(sample_rows)]
         logits = self.model(input_ids, meta.positions, kv_cache=self.cache, attention=self.attention,

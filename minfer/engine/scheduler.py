@@ -170,6 +170,28 @@ class Scheduler:
         self.running.append(req)
         return True
 
+    def add_computed(self, req: Request) -> int | None:
+        """Admit ``req`` whose tokens were all computed elsewhere (a disaggregated prefill worker).
+
+        Reserves its blocks (prefix-cache hits included), registers its tokens for prefix
+        caching and runs it from its next token. Returns how many leading tokens were found
+        in the prefix cache: the caller writes the K/V of the blocks after them. None if the
+        pool or ``max_num_seqs`` is full now (nothing changed). vLLM: requests "waiting for
+        remote KVs" (``vllm/v1/core/sched/scheduler.py`` with a KV connector).
+        """
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        hit = self.kv.allocate(req.request_id, req.all_token_ids)
+        if hit is None:
+            return None
+        self.kv.commit_tokens(req.request_id, req.all_token_ids[hit:])
+        self.num_slots[req.request_id] = req.num_computed_tokens = req.num_tokens
+        req.status = RequestStatus.RUNNING
+        if req.stats.first_scheduled_time is None:
+            req.stats.first_scheduled_time = self.clock()
+        self.running.append(req)
+        return hit
+
     def _batch_ready(self, now: float) -> bool:
         """static/dynamic: may a new fixed batch start now? (Only when the previous one is done.)"""
         if self.running or not self.waiting:

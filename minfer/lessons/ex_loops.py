@@ -323,8 +323,8 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
     """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
     from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
-    from minfer.serving.request import Request, RequestStatus
-    from minfer.serving.scheduler import Scheduler, SchedulerConfig
+    from minfer.engine.request import Request, RequestStatus
+    from minfer.engine.scheduler import Scheduler, SchedulerConfig
 
     held = sum(r[3] for r in running)
     # One more block, held by a sequence outside this step (a pool cannot be empty).
