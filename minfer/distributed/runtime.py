@@ -137,9 +137,14 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
                             args=(r, pc.world_size, port, model, pc, dtype, str(device), timeout_s))
             p.start()
             procs.append(p)
+        saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         os.environ.update(RANK="0", WORLD_SIZE=str(pc.world_size), LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        comm.init_distributed(None, timeout_s)
+        try:
+            comm.init_distributed(None, timeout_s)
+        finally:        # the group exists now: leave no torchrun look-alike in this process's environment
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     cfg, shard, tok = load_parallel_model(model, pc, 0, dtype, device)
     return cfg, shard, tok, Driver(pc, procs)
 

@@ -4,7 +4,7 @@
     serving.percentile        the p-th percentile, linear interpolation (numpy's default)
     serving.continuous_step   one continuous-batching step: running first, then admit, chunk the last
 
-References live in ``minfer/serving/metrics.py`` and ``minfer/serving/scheduler.py``; the
+References live in ``minfer/serving/metrics.py`` and ``minfer/engine/scheduler.py``; the
 engine's tests run these same properties on them (``tests/test_grader.py``), and
 ``tests/test_scheduler.py`` checks that the real scheduler makes exactly the
 ``continuous_step`` decisions when memory is plentiful. Inputs are tuples, so a
