@@ -49,7 +49,7 @@ from minfer.generate import RequestMetrics
 from minfer.kv import ContiguousKVCache
 from minfer.sampling import SamplingParams
 from minfer.speculative.lookahead import TreeAttentionCache
-from minfer.speculative.loop import Budget, model_device_dtype
+from minfer.generate import StopRule, model_device_dtype
 from minfer.speculative.stats import SpecStats
 
 # A static tree for K = 3 heads (16 nodes), in priority order: every prefix of it is a tree (ancestors
@@ -215,7 +215,7 @@ def medusa_generate(
     full = tree if isinstance(tree, MedusaTree) else build_tree(tree)
     if full.max_depth > heads.num_heads:
         raise ValueError(f"the tree is {full.max_depth} deep but there are only {heads.num_heads} Medusa heads")
-    budget = Budget(model, prompt_ids, params, eos_token_ids, metrics, clock)
+    budget = StopRule(model, prompt_ids, params, eos_token_ids, metrics, clock)
     device, dtype = model_device_dtype(model)
     cache = ContiguousKVCache(model.cfg, 1, budget.total, dtype=dtype, device=device)
     stats = stats if stats is not None else SpecStats()
