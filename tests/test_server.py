@@ -107,6 +107,36 @@ def test_stop_strings_and_seed(server, llm):
     assert a == b
 
 
+def test_n_samples_equal_llm_generate_sample_by_sample(server, llm):
+    """n > 1: choice i is the engine's sample i, which equals the request with n=1 and seed + i."""
+    prompt, n, seed = "Once upon a time", 3, 7
+    want = [llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=10, seed=seed + i))[0]
+            for i in range(n)]
+    assert len({w.text for w in want}) > 1                    # the samples differ: the test can tell them apart
+    c = client(server.url)
+    r = c.completions.create(model=None, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed, n=n)
+    assert [ch.index for ch in r.choices] == list(range(n))
+    assert [ch.text for ch in r.choices] == [w.text for w in want]
+    assert [ch.finish_reason for ch in r.choices] == [w.finish_reason for w in want]
+    assert r.usage.prompt_tokens == len(want[0].prompt_token_ids)
+    assert r.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    parts, finishes, use = [[] for _ in range(n)], [0] * n, None
+    for ch in c.completions.create(model=None, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed, n=n,
+                                   stream=True, stream_options={"include_usage": True}):
+        for choice in ch.choices:
+            parts[choice.index].append(choice.text)
+            finishes[choice.index] += choice.finish_reason is not None
+        if not ch.choices:
+            use = ch.usage
+    assert ["".join(p) for p in parts] == [w.text for w in want] and finishes == [1] * n
+    assert use.completion_tokens == r.usage.completion_tokens
+    msgs = [{"role": "user", "content": prompt}]
+    want = [llm.chat(msgs, SamplingParams(temperature=1.0, max_tokens=10, seed=seed + i))[0] for i in range(n)]
+    r = c.chat.completions.create(model=None, messages=msgs, max_tokens=10, temperature=1.0, seed=seed, n=n)
+    assert [ch.message.content for ch in r.choices] == [w.text for w in want]
+    assert metric(server.url, "minfer:kv_cache_used_blocks") == 0        # every sample's blocks came back
+
+
 # ---------------------------------------------------------------- 32 clients at once
 
 
@@ -180,7 +210,7 @@ BAD = [  # (path, body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"prompt": "x" * 300}, 400, "prompt", "context"),
     ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", "[0, 259)"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", "not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of", "unsupported field"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
