@@ -4,11 +4,16 @@
     ──────────────────────                 ─────────────
     rid, q = await submit(ids, params) ──> commands ──> engine.add_request
     async for out in q  <── call_soon_threadsafe <── engine.step() -> StepOutputs
+    (n > 1: one queue gets the deltas of all n samples, each with its index)
+    all samples finished                             ──> engine.release (metrics, state dropped)
     client gone: abort(rid)            ──> commands ──> engine.abort (blocks back to the pool)
 
 The engine is not thread-safe, so only the engine thread touches it; the
 event loop only puts commands on a queue and reads outputs from per-request
-``asyncio.Queue``s. This is the one module of the server that imports the
+``asyncio.Queue``s (and reads ``engine.num_waiting``, a list length, for
+backpressure). It uses the engine's public API only: ``add_request``, ``step``,
+``abort``, ``release``, ``samples``, ``num_running`` / ``num_waiting``,
+``kv_cache_usage``, ``prefix_cache_stats``. This is the one module of the server that imports the
 engine. vLLM splits the same roles into ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``,
 per-request output queues) and ``EngineCore`` (``vllm/v1/engine/core.py``,
 its own process with a busy loop).
