@@ -27,6 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # the oracle runs in this p
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "a"]
 
 
+SMALL_ENGINE = ("--block-size", "8", "--kv-cache-memory-bytes", "57344")   # a pool smaller than the context needs
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("srv") / "tiny")
@@ -43,7 +46,7 @@ def servers(folder, tmp_path_factory):
     """The main server, and a small one (1 running, 1 waiting) for backpressure: started together."""
     logs = tmp_path_factory.mktemp("log")
     main = serve(folder, "--max-num-seqs", "8", "--max-num-batched-tokens", "64", log=logs / "server.log")
-    small = serve(folder, "--max-num-seqs", "1", "--max-waiting", "1", log=logs / "small.log")
+    small = serve(folder, "--max-num-seqs", "1", "--max-waiting", "1", *SMALL_ENGINE, log=logs / "small.log")
     yield main.wait(), small
     stop_all([main, small])
     assert main.proc.returncode == 0, main.log.read_text()
@@ -134,6 +137,14 @@ def test_n_samples_equal_llm_generate_sample_by_sample(server, llm):
     want = [llm.chat(msgs, SamplingParams(temperature=1.0, max_tokens=10, seed=seed + i))[0] for i in range(n)]
     r = c.chat.completions.create(model=None, messages=msgs, max_tokens=10, temperature=1.0, seed=seed, n=n)
     assert [ch.message.content for ch in r.choices] == [w.text for w in want]
+    parts, roles = [[] for _ in range(n)], []
+    for ch in c.chat.completions.create(model=None, messages=msgs, max_tokens=10, temperature=1.0, seed=seed, n=n,
+                                        stream=True):
+        for choice in ch.choices:
+            parts[choice.index].append(choice.delta.content or "")
+            if choice.delta.role:
+                roles.append(choice.index)
+    assert ["".join(p) for p in parts] == [w.text for w in want] and sorted(roles) == list(range(n))
     assert metric(server.url, "minfer:kv_cache_used_blocks") == 0        # every sample's blocks came back
 
 
@@ -297,9 +308,12 @@ def test_server_still_healthy_after_the_fuzz(server):
 # ---------------------------------------------------------------- backpressure and Ctrl-C
 
 
-def test_full_queue_gets_503_and_ctrl_c_drains(servers):
+def test_full_queue_gets_503_and_ctrl_c_drains(servers, folder):
     s = servers[1].wait()
     try:
+        from minfer.llm import LLM                 # the engine flags reach the engine: same pool as LLM(...)
+        blocks = LLM(str(folder), max_num_seqs=1, block_size=8, kv_cache_memory_bytes=57344).engine.kv_cache_usage[1]
+        assert metric(s.url, "minfer:kv_cache_total_blocks") == blocks < 256 // 8
         body = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
         async def main():
