@@ -355,3 +355,18 @@ def test_bench_serve_and_router_reject_bad_arguments(capsys):
     assert "--policy must be one of" in capsys.readouterr().err
     assert main(["serve", "--max-waiting", "0"]) == 2
     assert "--max-waiting must be >= 1" in capsys.readouterr().err
+
+
+def test_engine_flags_round_trip_and_bad_ones(capsys):
+    """`serve --replicas N` passes the engine flags on to its children: parse -> flags -> parse is the identity."""
+    import argparse
+
+    from minfer.cli import main
+    from minfer.serving.server import add_arguments, engine_args, engine_flags
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--no-enable-prefix-caching", "--kv-cache-dtype", "int8", "--block-size", "8"])
+    assert engine_args(a)["enable_prefix_caching"] is False and engine_args(a)["block_size"] == 8
+    assert engine_args(p.parse_args(engine_flags(a))) == engine_args(a)
+    assert main(["serve", "--kv-cache-dtype", "fp4"]) == 2
+    assert "kv_cache_dtype must be one of" in capsys.readouterr().err
