@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from minfer.sampling import SamplingParams
-from minfer.serving.engine import LLMEngine, StepOutput
+from minfer.engine import LLMEngine, StepOutput
 
 log = logging.getLogger("minfer.serve")
 
