@@ -27,6 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # the oracle runs in this p
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "a"]
 
 
+SMALL_ENGINE = ("--block-size", "8", "--kv-cache-memory-bytes", "57344")   # a pool smaller than the context needs
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("srv") / "tiny")
@@ -43,7 +46,7 @@ def servers(folder, tmp_path_factory):
     """The main server, and a small one (1 running, 1 waiting) for backpressure: started together."""
     logs = tmp_path_factory.mktemp("log")
     main = serve(folder, "--max-num-seqs", "8", "--max-num-batched-tokens", "64", log=logs / "server.log")
-    small = serve(folder, "--max-num-seqs", "1", "--max-waiting", "1", log=logs / "small.log")
+    small = serve(folder, "--max-num-seqs", "1", "--max-waiting", "1", *SMALL_ENGINE, log=logs / "small.log")
     yield main.wait(), small
     stop_all([main, small])
     assert main.proc.returncode == 0, main.log.read_text()
@@ -105,6 +108,44 @@ def test_stop_strings_and_seed(server, llm):
     a, b = (c.completions.create(model=None, prompt="x", max_tokens=10, temperature=1.0, seed=7).choices[0].text
             for _ in range(2))
     assert a == b
+
+
+def test_n_samples_equal_llm_generate_sample_by_sample(server, llm):
+    """n > 1: choice i is the engine's sample i, which equals the request with n=1 and seed + i."""
+    prompt, n, seed = "Once upon a time", 3, 7
+    want = [llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=10, seed=seed + i))[0]
+            for i in range(n)]
+    assert len({w.text for w in want}) > 1                    # the samples differ: the test can tell them apart
+    c = client(server.url)
+    r = c.completions.create(model=None, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed, n=n)
+    assert [ch.index for ch in r.choices] == list(range(n))
+    assert [ch.text for ch in r.choices] == [w.text for w in want]
+    assert [ch.finish_reason for ch in r.choices] == [w.finish_reason for w in want]
+    assert r.usage.prompt_tokens == len(want[0].prompt_token_ids)
+    assert r.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    parts, finishes, use = [[] for _ in range(n)], [0] * n, None
+    for ch in c.completions.create(model=None, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed, n=n,
+                                   stream=True, stream_options={"include_usage": True}):
+        for choice in ch.choices:
+            parts[choice.index].append(choice.text)
+            finishes[choice.index] += choice.finish_reason is not None
+        if not ch.choices:
+            use = ch.usage
+    assert ["".join(p) for p in parts] == [w.text for w in want] and finishes == [1] * n
+    assert use.completion_tokens == r.usage.completion_tokens
+    msgs = [{"role": "user", "content": prompt}]
+    want = [llm.chat(msgs, SamplingParams(temperature=1.0, max_tokens=10, seed=seed + i))[0] for i in range(n)]
+    r = c.chat.completions.create(model=None, messages=msgs, max_tokens=10, temperature=1.0, seed=seed, n=n)
+    assert [ch.message.content for ch in r.choices] == [w.text for w in want]
+    parts, roles = [[] for _ in range(n)], []
+    for ch in c.chat.completions.create(model=None, messages=msgs, max_tokens=10, temperature=1.0, seed=seed, n=n,
+                                        stream=True):
+        for choice in ch.choices:
+            parts[choice.index].append(choice.delta.content or "")
+            if choice.delta.role:
+                roles.append(choice.index)
+    assert ["".join(p) for p in parts] == [w.text for w in want] and sorted(roles) == list(range(n))
+    assert metric(server.url, "minfer:kv_cache_used_blocks") == 0        # every sample's blocks came back
 
 
 # ---------------------------------------------------------------- 32 clients at once
@@ -180,7 +221,7 @@ BAD = [  # (path, body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"prompt": "x" * 300}, 400, "prompt", "context"),
     ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt", "[0, 259)"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", "not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of", "unsupported field"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
@@ -267,9 +308,12 @@ def test_server_still_healthy_after_the_fuzz(server):
 # ---------------------------------------------------------------- backpressure and Ctrl-C
 
 
-def test_full_queue_gets_503_and_ctrl_c_drains(servers):
+def test_full_queue_gets_503_and_ctrl_c_drains(servers, folder):
     s = servers[1].wait()
     try:
+        from minfer.llm import LLM                 # the engine flags reach the engine: same pool as LLM(...)
+        blocks = LLM(str(folder), max_num_seqs=1, block_size=8, kv_cache_memory_bytes=57344).engine.kv_cache_usage[1]
+        assert metric(s.url, "minfer:kv_cache_total_blocks") == blocks < 256 // 8
         body = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
         async def main():
@@ -311,3 +355,18 @@ def test_bench_serve_and_router_reject_bad_arguments(capsys):
     assert "--policy must be one of" in capsys.readouterr().err
     assert main(["serve", "--max-waiting", "0"]) == 2
     assert "--max-waiting must be >= 1" in capsys.readouterr().err
+
+
+def test_engine_flags_round_trip_and_bad_ones(capsys):
+    """`serve --replicas N` passes the engine flags on to its children: parse -> flags -> parse is the identity."""
+    import argparse
+
+    from minfer.cli import main
+    from minfer.serving.server import add_arguments, engine_args, engine_flags
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--no-enable-prefix-caching", "--kv-cache-dtype", "int8", "--block-size", "8"])
+    assert engine_args(a)["enable_prefix_caching"] is False and engine_args(a)["block_size"] == 8
+    assert engine_args(p.parse_args(engine_flags(a))) == engine_args(a)
+    assert main(["serve", "--kv-cache-dtype", "fp4"]) == 2
+    assert "kv_cache_dtype must be one of" in capsys.readouterr().err

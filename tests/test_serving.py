@@ -229,6 +229,33 @@ def test_abort_frees_blocks_and_others_continue():
     assert eng.runner.kv_manager.pool.num_free_blocks == 40
 
 
+def test_engine_state_api_counts_and_release():
+    """What a server reads: running/waiting, KV blocks, prefix-cache counters, release of finished requests."""
+    model = tiny_model(tiny_config(), seed=0)
+    eng = LLMEngine.from_model(model, block_size=4, num_blocks=40, max_num_seqs=2)
+    assert eng.kv_cache_usage == (0, 40) and eng.prefix_cache_stats == (0, 0)
+    sp = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=3, n=3)
+    a = eng.add_request(list(range(1, 10)), sp)                            # 9 tokens: 2 full blocks
+    eng.add_request([5, 6], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    c = eng.add_request([7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert (eng.num_running, eng.num_waiting) == (0, 3)
+    eng.step()                                                             # a forks into 3; b joins
+    assert (eng.num_running, eng.num_waiting) == (4, 1)
+    assert eng.kv_cache_usage[0] > 0
+    assert eng.release(a) is None                                         # unfinished: kept
+    assert eng.abort(c) and not eng.abort(c) and not eng.abort("nobody")
+    eng.run()
+    samples = eng.release(a)
+    assert [r.index for r in samples] == [0, 1, 2] and all(r.num_output_tokens == 6 for r in samples)
+    assert a not in eng.samples and not any(r.request_id in eng.requests for r in samples)
+    assert eng.release(a) is None and eng.kv_cache_usage == (0, 40) and eng.num_running == 0
+    queries, hits = eng.prefix_cache_stats
+    assert (queries, hits) == (9 + 2, 0)                                   # c was aborted while waiting
+    eng.add_request(list(range(1, 10)) + [42], SamplingParams(temperature=0, max_tokens=1))
+    eng.run()
+    assert eng.prefix_cache_stats == (queries + 10, 8)                    # a's 2 full blocks were cached
+
+
 def test_bad_requests_name_the_field():
     model = tiny_model(tiny_config(max_position_embeddings=64), seed=0)
     eng = LLMEngine.from_model(model, block_size=4, num_blocks=8)

@@ -194,12 +194,61 @@ class LLMEngine:
         if self.tokenizer is not None:
             self._text[req.request_id] = TextOutput(self.tokenizer, req.params.stop)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request (all its samples) now, waiting or running; blocks are freed. Unknown/finished: no-op."""
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (all its samples) now, waiting or running; blocks are freed.
+
+        Returns True if a sample was still unfinished (unknown or finished request: a no-op, False).
+        """
+        stopped = False
         for req in self.samples.get(request_id, []):
             if not req.is_finished:
                 self.scheduler.abort(req)
                 req.stats.finish_time = self.clock()
+                stopped = True
+        return stopped
+
+    def release(self, request_id: str) -> list[Request] | None:
+        """Forget a finished request: drop its samples and text state, return them (by index).
+
+        The engine keeps every request it was given (``generate`` reads them back); a
+        long-running server calls this once a request is done so memory stays flat.
+        Returns None (and keeps everything) if the request is unknown or a sample is unfinished.
+        vLLM: ``OutputProcessor`` drops a request's state when it finishes.
+        """
+        samples = self.samples.get(request_id)
+        if samples is None or not all(r.is_finished for r in samples):
+            return None
+        del self.samples[request_id]
+        for r in samples:
+            self.requests.pop(r.request_id, None)
+            self._text.pop(r.request_id, None)
+        return samples
+
+    # ------------------------------------------------------------------ state, for metrics and servers
+    # Plain reads of list lengths and counters: safe to read from another thread as a snapshot.
+    @property
+    def num_running(self) -> int:
+        """Sequences holding KV blocks (a request with n > 1 counts n once it has forked)."""
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for admission (preempted ones included)."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> tuple[int, int]:
+        """(KV blocks held by sequences, KV blocks in the pool)."""
+        pool = self.runner.kv_manager.pool
+        return pool.num_blocks - pool.num_free_blocks, pool.num_blocks
+
+    @property
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache at admission, tokens found there) so far.
+
+        vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``; a preempted request counts again.
+        """
+        return self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

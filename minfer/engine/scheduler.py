@@ -105,6 +105,8 @@ class Scheduler:
         self.running: list[Request] = []          # in admission order: the last one is the newest
         self.num_slots: dict[str, int] = {}       # request id -> KV slots reserved for it
         self.no_more_requests = False             # set by the client: static/dynamic may start a short batch
+        self.prefix_cache_queries = 0             # prompt tokens looked up at admission (vLLM's counter names)
+        self.prefix_cache_hits = 0                # ... of which found in the prefix cache
 
     # ------------------------------------------------------------- queue
     def add_request(self, req: Request) -> None:
@@ -159,6 +161,8 @@ class Scheduler:
         computed = self.kv.allocate(req.request_id, req.all_token_ids)
         if computed is None:
             return False
+        self.prefix_cache_queries += req.num_tokens       # a preempted request counts again when re-admitted
+        self.prefix_cache_hits += computed
         self.waiting.remove(req)
         self.num_slots[req.request_id] = req.num_tokens
         # Prefix-cache hit: those tokens' K/V are already there. At least the last

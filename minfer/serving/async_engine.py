@@ -4,11 +4,16 @@
     ──────────────────────                 ─────────────
     rid, q = await submit(ids, params) ──> commands ──> engine.add_request
     async for out in q  <── call_soon_threadsafe <── engine.step() -> StepOutputs
+    (n > 1: one queue gets the deltas of all n samples, each with its index)
+    all samples finished                             ──> engine.release (metrics, state dropped)
     client gone: abort(rid)            ──> commands ──> engine.abort (blocks back to the pool)
 
 The engine is not thread-safe, so only the engine thread touches it; the
 event loop only puts commands on a queue and reads outputs from per-request
-``asyncio.Queue``s. This is the one module of the server that imports the
+``asyncio.Queue``s (and reads ``engine.num_waiting``, a list length, for
+backpressure). It uses the engine's public API only: ``add_request``, ``step``,
+``abort``, ``release``, ``samples``, ``num_running`` / ``num_waiting``,
+``kv_cache_usage``, ``prefix_cache_stats``. This is the one module of the server that imports the
 engine. vLLM splits the same roles into ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``,
 per-request output queues) and ``EngineCore`` (``vllm/v1/engine/core.py``,
 its own process with a busy loop).
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from minfer.sampling import SamplingParams
-from minfer.serving.engine import LLMEngine, StepOutput
+from minfer.engine import LLMEngine, StepOutput
 
 log = logging.getLogger("minfer.serve")
 
@@ -38,12 +43,13 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 @dataclass
 class Output:
-    """What a handler receives: a delta, and on the last one the usage counts."""
+    """What a handler receives: a delta of one sample, and on its last one that sample's usage counts."""
 
     text: str
     token_ids: list[int]
-    finished: bool
+    finished: bool                       # this sample is done (a request with n samples gets n of these)
     finish_reason: str | None
+    index: int = 0                       # which of the request's n samples (OpenAI's choice index)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None             # the engine failed: the request ends with this message
@@ -77,7 +83,7 @@ class EngineMetrics:
                                registry=r)
         self.prompt_tokens = Counter("minfer:prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("minfer:generation_tokens", "generated tokens", registry=r)
-        self.hits = self.queries = 0
+        self.hits = self.queries = 0           # the engine's totals already added to the counters
 
 
 class AsyncEngine:
@@ -92,16 +98,15 @@ class AsyncEngine:
         self.metrics = EngineMetrics(self.registry)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.num_running = 0
+        self._pending: set[str] = set()      # submitted, not yet handed to the engine
         self._thread = threading.Thread(target=self._run, name="minfer-engine", daemon=True)
-        self._count_prefix_hits()
         self._update_gauges()
 
     # ------------------------------------------------------------------ the event-loop side
     @property
     def num_waiting(self) -> int:
-        """Requests accepted but not running (queued commands included)."""
-        return max(0, len(self._streams) - self.num_running)
+        """Requests accepted but not running: queued commands plus the engine's waiting queue (a snapshot)."""
+        return len(self._pending) + self.engine.num_waiting
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -112,6 +117,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
         self._streams[request_id] = (loop, q)
+        self._pending.add(request_id)
         self._commands.put(("add", request_id, prompt_token_ids, params, accepted))
         try:
             await accepted
@@ -126,6 +132,7 @@ class AsyncEngine:
         self.release(request_id)
 
     def release(self, request_id: str) -> None:
+        """The handler is done with ``request_id``: stop delivering to it."""
         self._streams.pop(request_id, None)
 
     def start(self) -> None:
@@ -165,48 +172,52 @@ class AsyncEngine:
                     outs = []
                 for out in outs:
                     self._deliver(out)
+                for rid in {out.request_id for out in outs if out.finished}:   # after all of the step's deltas
+                    self._forget(rid)
             self._update_gauges()
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
             _, rid, ids, params, accepted = cmd
             loop = accepted.get_loop()
-            if rid not in self._streams:              # the client left before we got here
-                loop.call_soon_threadsafe(_settle, accepted, asyncio.CancelledError())
-                return
             try:
-                self.engine.add_request(ids, params, request_id=rid)
-            except ValueError as e:
-                loop.call_soon_threadsafe(_settle, accepted, e)
-                return
-            loop.call_soon_threadsafe(_settle, accepted, None)
+                if rid not in self._streams:              # the client left before we got here
+                    loop.call_soon_threadsafe(_settle, accepted, asyncio.CancelledError())
+                    return
+                try:
+                    self.engine.add_request(ids, params, request_id=rid)
+                except ValueError as e:
+                    loop.call_soon_threadsafe(_settle, accepted, e)
+                    return
+                loop.call_soon_threadsafe(_settle, accepted, None)
+            finally:                                      # after add_request: never counted as neither
+                self._pending.discard(rid)
         elif cmd[0] == "abort":
-            req = self.engine.requests.get(cmd[1])
-            if req is not None and not req.is_finished:
-                self.engine.abort(cmd[1])
+            if self.engine.abort(cmd[1]):
                 self.metrics.aborted.inc()
             self._forget(cmd[1])
 
     def _deliver(self, out: StepOutput) -> None:
-        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason)
+        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason, out.index)
         if out.finished:
-            req = self._forget(out.request_id)
-            if req is not None:
-                item.num_prompt_tokens, item.num_output_tokens = len(req.prompt_token_ids), len(req.output_token_ids)
-                self._record(req)
+            samples = self.engine.samples.get(out.request_id, [])
+            if out.index < len(samples):
+                req = samples[out.index]
+                item.num_prompt_tokens, item.num_output_tokens = req.num_prompt_tokens, req.num_output_tokens
         stream = self._streams.get(out.request_id)
         if stream is not None:
             stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
 
-    def _forget(self, request_id: str):
-        """Drop a finished request from the engine's table (a long-running server must not keep them)."""
-        req = self.engine.requests.pop(request_id, None)
-        for table in (getattr(self.engine, "_detok", {}), getattr(self.engine, "_emitted", {})):
-            table.pop(request_id, None)
-        return req
+    def _forget(self, request_id: str) -> None:
+        """Once every sample has finished: record the metrics and drop the request from the engine
+        (a long-running server must not keep them). Aborted samples count in ``request_aborted`` only."""
+        samples = self.engine.release(request_id)
+        for req in samples or []:
+            if req.finish_reason != "abort":
+                self._record(req)
 
     def _abort_all(self, message: str) -> None:
-        for rid in set(self._streams) | set(self.engine.requests):
+        for rid in set(self._streams) | set(self.engine.samples):
             self.engine.abort(rid)
             self._forget(rid)
             loop, q = self._streams.get(rid, (None, None))
@@ -214,25 +225,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, Output("", [], True, "abort", error=message))
 
     # ------------------------------------------------------------------ metrics
-    def _count_prefix_hits(self) -> None:
-        """Wrap the KV manager's ``allocate`` to count prompt tokens looked up and found (vLLM's
-        ``prefix_cache_queries`` / ``prefix_cache_hits``). Preempted requests count again when re-admitted."""
-        kv = self.engine.runner.kv_manager
-        allocate, m = kv.allocate, self.metrics
-
-        def counting_allocate(seq_id, token_ids):
-            computed = allocate(seq_id, token_ids)
-            if computed is not None:
-                m.queries += len(token_ids)
-                m.hits += computed
-                m.prefix_queries.inc(len(token_ids))
-                m.prefix_hits.inc(computed)
-                m.hit_rate.set(m.hits / m.queries)
-            return computed
-
-        kv.allocate = counting_allocate
-
     def _record(self, req) -> None:
+        """One finished sample. Its prompt counts once per request (sample 0), as OpenAI's usage does."""
         m, s = self.metrics, req.stats
         if s.ttft is not None:
             m.ttft.observe(s.ttft)
@@ -241,20 +235,25 @@ class AsyncEngine:
         if s.e2el is not None:
             m.e2e.observe(s.e2el)
         m.preemptions.inc(req.num_preemptions)
-        m.finished.labels(req.finish_reason or "abort").inc()
-        m.prompt_tokens.inc(len(req.prompt_token_ids))
-        m.generation_tokens.inc(len(req.output_token_ids))
+        m.finished.labels(req.finish_reason).inc()
+        if req.index == 0:
+            m.prompt_tokens.inc(req.num_prompt_tokens)
+        m.generation_tokens.inc(req.num_output_tokens)
 
     def _update_gauges(self) -> None:
-        sched, pool = self.engine.scheduler, self.engine.runner.kv_manager.pool
-        self.num_running = len(sched.running)
-        used = pool.num_blocks - pool.num_free_blocks
-        m = self.metrics
-        m.running.set(len(sched.running))
-        m.waiting.set(len(sched.waiting))
+        eng, m = self.engine, self.metrics
+        used, total = eng.kv_cache_usage
+        m.running.set(eng.num_running)
+        m.waiting.set(eng.num_waiting)
         m.kv_used.set(used)
-        m.kv_total.set(pool.num_blocks)
-        m.kv_usage.set(used / pool.num_blocks)
+        m.kv_total.set(total)
+        m.kv_usage.set(used / total)
+        queries, hits = eng.prefix_cache_stats       # the engine's running totals -> counter increments
+        if queries > m.queries:
+            m.prefix_queries.inc(queries - m.queries)
+            m.prefix_hits.inc(hits - m.hits)
+            m.queries, m.hits = queries, hits
+            m.hit_rate.set(hits / queries)
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
@@ -266,12 +265,12 @@ def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
         fut.set_exception(exc)
 
 
-def build_engine(model: str, *, device: str | None = None, dtype: str = "float32", max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 512, block_size: int = 16, num_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, quantization: str | None = None) -> LLMEngine:
-    """Load ``model`` through ``LLM`` and build a continuous-batching engine over it."""
+def build_engine(model: str, *, device: str | None = None, dtype: str = "float32",
+                 quantization: str | None = None, **engine_args) -> LLMEngine:
+    """Load ``model`` through ``LLM`` and return its engine (continuous batching).
+
+    ``engine_args`` are ``LLM``'s (vLLM's names): enable_prefix_caching, max_num_seqs,
+    max_num_batched_tokens, block_size, kv_cache_memory_bytes, kv_cache_dtype.
+    """
     from minfer.llm import LLM
-    llm = LLM(model, device=device, dtype=dtype, quantization=quantization)
-    return LLMEngine.from_model(llm.model, llm.tokenizer, policy="continuous", max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                                num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching)
+    return LLM(model, device=device, dtype=dtype, quantization=quantization, **engine_args).engine

@@ -4,9 +4,10 @@
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}
 
 Every field the engine cannot honour is refused with a 400 that names it, never
-ignored: ``n`` > 1 (the engine runs one sample per request), ``logprobs`` /
-``top_logprobs`` (the engine does not return log-probabilities yet), penalties,
-tools, and any field OpenAI does not define. Bodies are validated in pydantic's
+ignored: ``logprobs`` / ``top_logprobs`` (the engine does not return
+log-probabilities yet), penalties, tools, and any field OpenAI does not define.
+``n`` > 1 is the engine's parallel sampling: n choices that share the prompt's
+KV blocks; with a ``seed``, choice i uses seed + i (``minfer/engine/llm_engine.py``). Bodies are validated in pydantic's
 strict mode, so ``"temperature": "0.5"`` is a type error, not a silent cast.
 vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
 
@@ -151,9 +152,6 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
 
 def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, *, chat: bool) -> SamplingParams:
     """The request's SamplingParams; 400 for what the engine cannot do (naming the field)."""
-    if req.n != 1:
-        raise APIError(400, f"n: only n=1 is supported by this engine, got {req.n} "
-                            "(send n requests with different seeds instead)", param="n")
     if chat and (req.logprobs or req.top_logprobs):
         name = "logprobs" if req.logprobs else "top_logprobs"
         raise APIError(400, f"{name}: log-probabilities are not supported by the minfer engine", param=name)
@@ -174,7 +172,7 @@ def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, 
     max_tokens = asked if asked is not None else (room if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room))
     return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                           stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
-                          seed=req.seed)
+                          seed=req.seed, n=req.n)
 
 
 # ---------------------------------------------------------------------------
@@ -191,29 +189,33 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
-def response(rid: str, model: str, chat: bool, text: str, finish_reason: str | None, use: dict) -> dict:
-    """A whole (non-streamed) ``text_completion`` or ``chat.completion``."""
-    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+def response(rid: str, model: str, chat: bool, choices: list[tuple[str, str | None]], use: dict) -> dict:
+    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason)
+    of each sample, by index."""
+    out = []
+    for index, (text, finish_reason) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": use}
+            "model": model, "choices": out, "usage": use}
 
 
 def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str | None = None,
-          *, role: bool = False, use: dict | None = None, with_usage: bool = False) -> dict:
-    """One streamed event. ``text=None`` with ``use``: the final usage-only chunk (no choices)."""
+          *, index: int = 0, role: bool = False, use: dict | None = None, with_usage: bool = False) -> dict:
+    """One streamed event of choice ``index``. ``text=None`` with ``use``: the final usage-only chunk (no choices)."""
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model}
     if text is None:
         out["choices"] = []
     elif chat:
         delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        out["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     else:
-        out["choices"] = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        out["choices"] = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
     if with_usage or use is not None:
         out["usage"] = use
     return out

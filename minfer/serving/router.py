@@ -328,17 +328,15 @@ def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
     if args.policy not in POLICIES:
         raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
-    from minfer.serving.server import served_name
+    from minfer.serving.server import engine_flags, served_name
     child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
-             "--served-model-name", served_name(args), "--max-num-seqs", str(args.max_num_seqs),
-             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--block-size", str(args.block_size),
+             "--served-model-name", served_name(args), *engine_flags(args),
              "--max-waiting", str(args.max_waiting), "--max-body-bytes", str(args.max_body_bytes),
              "--log-level", args.log_level]
-    for flag, value in (("--device", args.device), ("--num-blocks", args.num_blocks), ("--threads", args.threads)):
+    for flag, value in (("--device", args.device), ("--threads", args.threads)):
         if value is not None:
             child += [flag, str(value)]
-    if args.no_prefix_caching:
-        child.append("--no-prefix-caching")
+
     def interrupt(signum, frame):        # Ctrl-C / SIGTERM while the replicas start: still stop them
         raise KeyboardInterrupt
 

@@ -163,36 +163,40 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(rid, q, chat, include), media_type="text/event-stream")
-        return JSONResponse(await collect(request, rid, q, chat))
+            return StreamingResponse(stream(rid, q, params.n, chat, include), media_type="text/event-stream")
+        return JSONResponse(await collect(request, rid, q, params.n, chat))
 
-    async def stream(rid, q, chat: bool, include_usage: bool):
-        done = False
+    async def stream(rid, q, n: int, chat: bool, include_usage: bool):
+        """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index."""
+        done, num_output = 0, 0
         try:
             if chat:
-                yield sse(chunk(rid, model_name, True, "", role=True, with_usage=include_usage))
-            while not done:
+                for i in range(n):
+                    yield sse(chunk(rid, model_name, True, "", index=i, role=True, with_usage=include_usage))
+            while done < n:
                 out = await q.get()
-                done = out.finished
                 if out.error:
                     yield sse(APIError(500, out.error).body())
                     break
-                if out.text or done:
-                    yield sse(chunk(rid, model_name, chat, out.text, out.finish_reason if done else None,
-                                    with_usage=include_usage))
-            if done and include_usage:
-                yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, out.num_output_tokens)))
+                if out.finished:
+                    done, num_output = done + 1, num_output + out.num_output_tokens
+                if out.text or out.finished:
+                    yield sse(chunk(rid, model_name, chat, out.text, out.finish_reason if out.finished else None,
+                                    index=out.index, with_usage=include_usage))
+            if done == n and include_usage:
+                yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, num_output)))
             yield "data: [DONE]\n\n"
         finally:                                   # also when the client disconnected (cancelled)
-            if done:
+            if done == n:
                 aengine.release(rid)
             else:
                 aengine.abort(rid)
 
-    async def collect(request, rid, q, chat: bool) -> dict:
-        text = []
+    async def collect(request, rid, q, n: int, chat: bool) -> dict:
+        texts, reasons, num_output = [[] for _ in range(n)], [None] * n, 0
         try:
-            while True:
+            done = 0
+            while done < n:
                 try:
                     out = await asyncio.wait_for(q.get(), 0.5)
                 except asyncio.TimeoutError:
@@ -201,10 +205,12 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
                     continue
                 if out.error:
                     raise APIError(500, out.error)
-                text.append(out.text)
+                texts[out.index].append(out.text)
                 if out.finished:
-                    return response(rid, model_name, chat, "".join(text), out.finish_reason,
-                                    usage(out.num_prompt_tokens, out.num_output_tokens))
+                    done, num_output = done + 1, num_output + out.num_output_tokens
+                    reasons[out.index] = out.finish_reason
+            return response(rid, model_name, chat, [("".join(t), r) for t, r in zip(texts, reasons)],
+                            usage(out.num_prompt_tokens, num_output))
         finally:
             aengine.abort(rid)                    # a no-op for a finished request
 
@@ -222,11 +228,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_server_args(p)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (default 512)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: fit the context)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+    add_engine_args(p)
     p.add_argument("--max-waiting", type=int, default=64,
                    help="queued requests before new ones get 503 + Retry-After (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
@@ -235,6 +237,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--replicas", type=int, default=1, help="N > 1: N engine processes behind a router")
     p.add_argument("--policy", default="prefix_aware", help="router policy with --replicas (default prefix_aware)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """``LLM``'s engine arguments as flags, spelled as vLLM's (``vllm serve --help``)."""
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences running at once (default 32)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (default 512)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=2**30,
+                   help="the KV pool's budget in bytes (default 1 GiB; the pool never exceeds the context)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | int8 | fp8 (default auto)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching (default on; --no-enable-prefix-caching turns it off)")
+
+
+def engine_args(args) -> dict:
+    """The parsed flags of ``add_engine_args`` as ``LLM(...)`` keyword arguments."""
+    return {name: getattr(args, name) for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
+                                                   "kv_cache_memory_bytes", "kv_cache_dtype",
+                                                   "enable_prefix_caching")}
+
+
+def engine_flags(args) -> list[str]:
+    """The same flags back as a command line (for child processes)."""
+    out = []
+    for name, value in engine_args(args).items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return out
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -262,9 +292,7 @@ def main(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     from minfer.serving.async_engine import AsyncEngine, build_engine
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                          num_blocks=args.num_blocks, enable_prefix_caching=not args.no_prefix_caching)
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, **engine_args(args))
     app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), served_name(args),
                     max_body_bytes=args.max_body_bytes)
     print(f"minfer serve: {served_name(args)} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)",
