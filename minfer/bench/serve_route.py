@@ -62,7 +62,7 @@ def _cache_counts(replicas: list[str]) -> tuple[float, float]:
 def main_routing(args, tokenizer, log) -> dict:
     from minfer.bench.timing import table
     from minfer.serving.router import POLICIES, start_minfer, stop_processes, wait_healthy
-    from minfer.serving.server import served_name
+    from minfer.serving.http_common import served_name
 
     policies = [p.strip() for p in args.routing.split(",") if p.strip()]
     if bad := [p for p in policies if p not in POLICIES]:

@@ -34,7 +34,8 @@ from typing import Sequence
 
 from fastapi import Request
 
-from minfer.serving.server import APIError, add_server_args, decode_json, install_error_handlers, read_body
+from minfer.serving.http_common import add_server_args, decode_json, install_error_handlers, read_body
+from minfer.serving.openai_api import APIError
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
@@ -328,7 +329,7 @@ def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
     if args.policy not in POLICIES:
         raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
-    from minfer.serving.server import engine_flags, served_name
+    from minfer.serving.http_common import engine_flags, served_name
     child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
              "--served-model-name", served_name(args), *engine_flags(args),
              "--max-waiting", str(args.max_waiting), "--max-body-bytes", str(args.max_body_bytes),
