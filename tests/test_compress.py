@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minfer.compress.losses import binned_kl, distill_loss, student_bins, teacher_bins
-from tests.tiny import tiny_config, tiny_model
+from tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny tensors: one thread is faster, and steady
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ from minfer.lessons.swap import SWAP_POINTS, current, original
 from minfer.model import rms_norm
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
-from tests.tiny import tiny_config, tiny_model
+from tiny import tiny_config, tiny_model
 
 
 def test_every_target_holds_the_exercises_reference():
