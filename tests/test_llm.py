@@ -10,7 +10,7 @@
   share the prompt's blocks until they diverge; the pool's free count
   returns to its start.
 * The prefix cache lives as long as the LLM: a second call reuses blocks.
-* int8/fp8 KV pages give the contiguous int8/fp8 cache's tokens.
+* int8/fp8 KV pages give the contiguous int8/fp8 cache's tokens and logits.
 """
 from __future__ import annotations
 
@@ -176,6 +176,36 @@ def test_quantized_pages_equal_the_contiguous_quantized_cache(fmt):
         contiguous = list(generate_tokens(model, p, params, kv_cache=fmt))
         assert out.token_ids == contiguous, first_difference(out.token_ids, contiguous)
     assert llm.engine.runner.cache.k.dtype != torch.float32
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_pages_give_the_contiguous_quantized_caches_logits(fmt):
+    """Logits, not only tokens: every row the engine samples from (chunked prefill, batched decode)
+    equals the contiguous int8/fp8 cache's logits on the same context (one scale per token and head
+    in both, so the stored values are the same)."""
+    from minfer.generate import forward_tokens
+    from minfer.kv import make_cache
+    cfg = tiny_config(num_key_value_heads=1)
+    model = tiny_model(cfg, seed=5)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(3, 12))] for _ in range(3)]
+    llm = LLM.from_model(model, block_size=4, kv_cache_dtype=fmt, max_num_batched_tokens=5)
+    runner, checked = llm.engine.runner, []
+    execute = runner.execute
+
+    def watch(chunks, rows):
+        logits = execute(chunks, rows)
+        for k, i in enumerate(rows):
+            ctx = chunks[i].request.all_token_ids[:chunks[i].start + chunks[i].num_tokens]
+            cache = make_cache(fmt, cfg, 1, len(ctx), dtype=torch.float32, device="cpu")
+            ref = forward_tokens(model, cache, ctx, 0, last_only=True)[-1]
+            assert torch.allclose(logits[k], ref, atol=1e-4), describe_diff(logits[k], ref)
+            checked.append(len(ctx))
+        return logits
+
+    runner.execute = watch
+    llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY))
+    assert len(checked) == 3 * 6
 
 
 def test_stop_strings_and_streaming_through_the_engine(tokenizer_llm=None):
