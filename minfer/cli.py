@@ -278,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (see ``_run``); after a lost rank, end the process here (``exit_now``)."""
+    code = _run(argv)
+    comm = sys.modules.get("minfer.distributed.comm")
+    if comm is not None and comm.peer_lost():       # a broken process group can abort at teardown
+        comm.exit_now(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     """Run one command. The error boundary: an expected failure (bad input, missing file, no
     memory, no network) prints one line ``minfer: error: ...`` and returns 2; anything else is a
     bug and prints "internal error, please report" (the traceback only with --debug), returning 1."""

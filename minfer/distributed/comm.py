@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,7 +33,35 @@ class DistributedError(RuntimeError):
     """A collective or a point-to-point transfer failed: a rank died, or did not answer in time."""
 
 
+_PEER_LOST = False   # set once a collective has failed: the group is broken
+
+
+def peer_lost() -> bool:
+    """True once a collective in this process has failed (a rank died or timed out)."""
+    return _PEER_LOST
+
+
+def leave_group() -> None:
+    """Destroy the process group, unless a rank was lost.
+
+    Tearing down a gloo group whose peer is gone can abort the process (SIGABRT, "terminate
+    called without an active exception") from gloo's C++ threads. After a loss the group is
+    useless anyway, so it is left for the process exit to reclaim (see ``exit_now``)."""
+    if dist.is_initialized() and not _PEER_LOST:
+        dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """Flush and end the process at once, skipping the destructors of a broken group (which can
+    abort, see ``leave_group``). Called only after a rank was lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _fail(what: str, e: Exception) -> DistributedError:
+    global _PEER_LOST
+    _PEER_LOST = True
     rank = dist.get_rank() if dist.is_initialized() else "?"
     return DistributedError(f"rank {rank}: {what} failed (another rank died or did not answer within "
                             f"the timeout): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -96,6 +126,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        global _PEER_LOST
+        _PEER_LOST = False                  # a new group: nobody lost yet
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -112,9 +144,15 @@ def _launched(rank: int, world: int, port: int, timeout_s: float, fn, args) -> N
     init_distributed("gloo", timeout_s)
     try:
         fn(rank, world, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        if not _PEER_LOST:
+            leave_group()
+            raise
+        traceback.print_exc()
+        exit_now(1)
+    if _PEER_LOST:          # fn handled the loss (and saved what it had): exit without teardown
+        exit_now(0)
+    leave_group()
 
 
 def launch(fn, nprocs: int, *args, timeout_s: float = 30.0) -> None:

@@ -101,7 +101,7 @@ class Driver:
             pass
         for p in self.procs:
             p.join(timeout=10)
-        dist.destroy_process_group()
+        comm.leave_group()
 
 
 def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
@@ -110,8 +110,11 @@ def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     comm.init_distributed(None, timeout_s)
     _, shard, _ = load_parallel_model(model, pc, rank, dtype, device)
-    follow(shard)
-    dist.destroy_process_group()
+    try:
+        follow(shard)
+    except comm.DistributedError:
+        comm.exit_now(3)              # the driver is gone: nobody to report to
+    comm.leave_group()
 
 
 def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float = comm.DEFAULT_TIMEOUT_S):
@@ -207,5 +210,4 @@ def torchrun_main(args) -> int:
     except (ValueError, FileNotFoundError):        # bad input: rank 0 has printed the same error
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        comm.leave_group()
