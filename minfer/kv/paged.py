@@ -115,8 +115,10 @@ class PagedKVCache:
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
         shape = (L, num_blocks, block_size, nkv, hd)
         store = STORAGE[kv_cache_dtype] if self.quantized else dtype
-        self.k = torch.zeros(shape, device=device).to(store)   # (L, num_blocks, block_size, nkv, hd)
-        self.v = torch.zeros_like(self.k)
+        # K and V in one tensor, so that a layer's keys and values are written and gathered by one
+        # op each (at batch-1 decode the per-op overhead, not the bytes, is what paging costs).
+        self.kv = torch.zeros((L, 2, *shape[1:]), device=device).to(store)   # (L, 2, num_blocks, bs, nkv, hd)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]          # views: (L, num_blocks, block_size, nkv, hd)
         if self.quantized:                                      # one fp32 scale per token and head
             self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
@@ -146,8 +148,7 @@ class PagedKVCache:
         """K and V stored at ``slots`` (M,) -> two (M, nkv, hd) tensors in the compute dtype."""
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:
-            return (self.k[layer].view(-1, nkv, hd).index_select(0, slots).to(self.dtype),
-                    self.v[layer].view(-1, nkv, hd).index_select(0, slots).to(self.dtype))
+            return self.kv[layer].view(2, -1, nkv, hd).index_select(1, slots).unbind(0)   # one gather for both
         out = []
         for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
             q = store[layer].view(torch.int8).view(-1, nkv, hd).index_select(0, slots).view(store.dtype)
@@ -157,23 +158,27 @@ class PagedKVCache:
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write: for each (src, dst), in order, block dst becomes a copy of block src (all layers)."""
         for src, dst in pairs:
-            for t in (self.k, self.v, *((self.k_scale, self.v_scale) if self.quantized else ())):
-                t[:, dst] = t[:, src]
+            self.kv[:, :, dst] = self.kv[:, :, src]
+            if self.quantized:
+                for t in (self.k_scale, self.v_scale):
+                    t[:, dst] = t[:, src]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
         meta = self._need_meta(positions)
         nkv, hd = k.shape[1], k.shape[3]
+        if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
+            rows = torch.stack((k[0], v[0])).transpose(1, 2)
+            self.kv[layer].view(2, -1, nkv, hd).index_copy_(1, meta.slot_mapping, rows)
+            return KVView(k, v, positions)
         out = []
         for store, x, scales in ((self.k, k, getattr(self, "k_scale", None)), (self.v, v, getattr(self, "v_scale", None))):
             rows = x[0].transpose(0, 1)                                            # (N, nkv, hd)
-            if self.quantized:       # write through an int8 view: not every build has fp8 index_copy
-                q, s = quantize_kv(rows, self.kv_cache_dtype)
-                store[layer].view(torch.int8).view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, q.view(torch.int8))
-                scales[layer].view(-1, nkv, 1).index_copy_(0, meta.slot_mapping, s)
-                x = dequantize_kv(q, s, x.dtype).transpose(0, 1)[None]             # what later reads will see
-            else:
-                store[layer].view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, rows.to(store.dtype))
+            # write through an int8 view: not every build has fp8 index_copy
+            q, s = quantize_kv(rows, self.kv_cache_dtype)
+            store[layer].view(torch.int8).view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, q.view(torch.int8))
+            scales[layer].view(-1, nkv, 1).index_copy_(0, meta.slot_mapping, s)
+            x = dequantize_kv(q, s, x.dtype).transpose(0, 1)[None]                 # what later reads will see
             out.append(x)
         return KVView(out[0], out[1], positions)
 
@@ -274,14 +279,20 @@ class PagedKVCache:
         out = None if self.groups[0].whole else torch.empty_like(q)
         for g in self.groups:
             G = g.num_seqs
-            qg = (q[0] if g.whole else q[0][:, g.rows]).reshape(q.shape[1], G, -1, hd).transpose(0, 1)  # (G, nh, T, hd)
+            if G == 1 and g.whole:                                                   # one sequence: as it is
+                qg = q                                                               # (1, nh, T, hd)
+            else:
+                qg = (q[0] if g.whole else q[0][:, g.rows]).reshape(q.shape[1], G, -1, hd).transpose(0, 1)  # (G, nh, T, hd)
             if g.k_slots is None:
                 keys, values = view.keys[:, :, g.fresh], view.values[:, :, g.fresh]  # (1, nkv, T, hd)
+            elif not self.quantized:                     # K and V gathered together: (2, G * S, nkv, hd)
+                kv = self.kv[layer].view(2, -1, nkv, hd).index_select(1, g.k_slots)
+                keys, values = kv.view(2, G, -1, nkv, hd).transpose(2, 3).unbind(0)  # (G, nkv, S, hd) each
             else:
                 S = g.k_pos.shape[1]
                 keys, values = self._rows(layer, g.k_slots)                          # (G * S, nkv, hd)
-                keys = keys.view(G, S, nkv, hd).transpose(1, 2).to(q.dtype)         # (G, nkv, S, hd)
-                values = values.view(G, S, nkv, hd).transpose(1, 2).to(q.dtype)
+                keys = keys.view(G, S, nkv, hd).transpose(1, 2)                     # (G, nkv, S, hd)
+                values = values.view(G, S, nkv, hd).transpose(1, 2)
             if backend is sdpa_attention and window is None:
                 # The SDPA backend's own logic, with the mask computed once per forward (_plan_split).
                 o = sdpa(qg, keys, values, is_causal=True) if g.fresh is not None else \
@@ -289,7 +300,7 @@ class PagedKVCache:
             else:
                 o = backend(qg, keys, values, g.q_pos, g.k_pos, window=window)       # (G, nh, T, hd)
             if g.whole:
-                return o.transpose(0, 1).reshape(q.shape[1], -1, hd)[None]             # (1, nh, N, hd)
+                return o if G == 1 else o.transpose(0, 1).reshape(q.shape[1], -1, hd)[None]  # (1, nh, N, hd)
             out[0][:, g.rows] = o.transpose(0, 1).reshape(q.shape[1], -1, hd)
         return out
 
