@@ -48,15 +48,21 @@ class HiddenCapture:
 
     No change to ``model.py``: a hook is the same trick ``transformers`` uses for
     ``output_hidden_states``. Use as a context manager.
+
+    ``before_norm=True`` hooks the last decoder layer instead and keeps its output, so that the
+    hidden states of every row are there even when the forward skips the final norm and the LM
+    head for most rows (``logits_indices``); apply ``model.model.norm`` to the rows you need.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, before_norm: bool = False):
         self.model, self.hidden, self._handle = model, None, None
+        self.before_norm = before_norm
 
     def __enter__(self):
         def hook(_module, _inp, out):
-            self.hidden = out
-        self._handle = self.model.model.norm.register_forward_hook(hook)
+            self.hidden = out[0] if self.before_norm else out     # a decoder layer returns (x, kv view)
+        module = self.model.model.layers[-1] if self.before_norm else self.model.model.norm
+        self._handle = module.register_forward_hook(hook)
         return self
 
     def __exit__(self, *exc):
