@@ -17,6 +17,9 @@ def test_every_target_holds_the_exercises_reference():
     for point in SWAP_POINTS.values():
         for target in point.targets:
             fn = current(target)
+            if fn is None:               # a hook: the engine's own code runs (schedule_step, see below)
+                assert point.name == "schedule_step", target
+                continue
             assert callable(fn), target
             if point.exercise is not None:
                 assert fn is exercises.get(point.exercise).load_reference(), target
@@ -140,3 +143,78 @@ def test_use_solutions_runs_smollm2_on_the_notebooks_functions(smollm2_dir, tmp_
     assert capsys.readouterr().out != engine
     with pytest.raises(FileNotFoundError):
         load_solutions(str(tmp_path / "missing.ipynb"))
+
+
+# ---------------------------------------------------------------- the scheduler's swap point
+
+PROMPTS = [[(7 * i + j) % 97 for j in range(3 + 4 * i)] for i in range(6)]      # 3 to 23 tokens
+
+
+def _serve(model, prompts=PROMPTS, **engine_args):
+    """Greedy-generate ``prompts`` on an engine whose 14 blocks of 4 slots force preemptions.
+    Returns (tokens per prompt, preemptions, the scheduler's decisions step by step)."""
+    from minfer.llm import LLM
+
+    args = dict(block_size=4, num_blocks=14, max_num_batched_tokens=16, max_num_seqs=4,
+                enable_prefix_caching=False) | engine_args
+    llm = LLM.from_model(model, **args)
+    sched, decisions = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def recorded():                                   # what each step decided, by request id
+        out = schedule()
+        decisions.append(([(c.request.request_id, c.start, c.num_tokens) for c in out.chunks],
+                          [r.request_id for r in out.preempted]))
+        return out
+    sched.schedule = recorded
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
+    return [o.token_ids for o in outs], sum(o.metrics.num_preemptions for o in outs), decisions
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_engine_runs_the_learners_scheduler_step():
+    """The exercise's reference, swapped in, makes exactly the engine's decisions step by step
+    (preemptions included), so the model produces the same greedy tokens. With prefix caching
+    a preempted request comes back on its cached blocks (fewer tokens to compute)."""
+    from minfer.lessons.ex_loops import schedule_step_reference
+
+    model = _model()
+    want, preemptions, decisions = _serve(model)
+    assert preemptions > 0, "the pool should be small enough to preempt"
+    log: list = []
+    with use(schedule_step=_calls(schedule_step_reference, log)):
+        assert _serve(model) == (want, preemptions, decisions)
+        assert _serve(model, enable_prefix_caching=True)[0] == want
+        shared = [[50, 51, 52, 53] + p for p in PROMPTS]          # the first block is the same
+        with pytest.raises(ValueError, match="running requests share KV blocks"):
+            _serve(model, shared, enable_prefix_caching=True)
+    assert len(log) >= len(decisions), "the engine never asked the swapped-in scheduler"
+    assert _serve(model)[2] == decisions                  # restored
+
+
+def _wrong_schedulers():
+    from minfer.lessons.ex_loops import schedule_step_reference as ref
+    return {
+        "never preempts": (lambda r, w, b, m, f, bs: (ref(r, w, b, m, f, bs)[0], []),
+                           {}, ValueError, "no free block"),
+        "counts 50 blocks that do not exist": (lambda r, w, b, m, f, bs: ref(r, w, b, m, f + 50, bs),
+                                               {}, ValueError, "no free block|blocks of 4 slots are free"),
+        "admits past max_num_seqs": (lambda r, w, b, m, f, bs: ref(r, w, b, m + 3, f, bs),
+                                     {"max_num_seqs": 2}, ValueError, "with max_num_seqs=2 requests running"),
+        "drops the last request": (lambda r, w, b, m, f, bs: ref(r, w[:-1], b, m, f, bs),
+                                   {}, RuntimeError, "scheduled nothing while 1 requests wait"),
+    }
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(_wrong_schedulers()))
+def test_a_wrong_scheduler_step_fails_clearly(name):
+    """A step the pool or the limits cannot honour stops the run with a message naming it,
+    and the engine's own scheduler is back afterwards."""
+    fn, kw, error, message = _wrong_schedulers()[name]
+    model = _model()
+    want = _serve(model, **kw)
+    with use(schedule_step=fn):
+        with pytest.raises(error, match=message):
+            _serve(model, **kw)
+    assert _serve(model, **kw) == want

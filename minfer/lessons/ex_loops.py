@@ -320,7 +320,10 @@ def _schedule_inputs(draw) -> Inputs:
 
 def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_free_blocks,
                             block_size):
-    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
+    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state.
+
+    Its own policy even inside ``minfer.lessons.use(schedule_step=...)`` (``swappable``).
+    """
     from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
     from minfer.engine.request import Request, RequestStatus
@@ -332,6 +335,7 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
     kv.allocate("(another sequence)", [1] * block_size)
     sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
+    sched.swappable = False
     params = SamplingParams(temperature=0.0)
     for rid, num_tokens, computed, blocks in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)

@@ -13,9 +13,13 @@ the engine attributes it replaces, as ``"module:attribute"`` or
 (``rms_norm(...)`` inside ``minfer.model`` looks the name up at call time),
 so replacing the attribute for the duration of ``use`` reroutes every call,
 and leaving ``use`` restores the engine's own function even if generation
-raised. ``tests/test_swap.py`` checks that every target exists and holds the
-exercise's reference, so a refactor that moves a function fails loudly here
-instead of silently not swapping.
+raised. A target that holds None is a hook: the engine runs its own code
+unless a function is swapped in (``schedule_step``: the scheduler's policy
+is a method, not a function, so ``Scheduler.schedule`` checks the hook and
+adapts the learner's plain tuples to its requests). ``tests/test_swap.py``
+checks that every target exists and holds the exercise's reference (or is
+a hook), so a refactor that moves a function fails loudly here instead of
+silently not swapping.
 
 Not thread-safe: ``use`` changes module attributes for the whole process.
 (tiny-llm does the same job with a learner package that mirrors the
@@ -64,6 +68,12 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
     SwapPoint("slot_mapping", ("minfer.kv.block_pool:compute_slot_mapping",), "paged.slot_mapping",
               "slot_mapping(block_table, block_size, start_pos, num_tokens) -> list of slots",
               "--kv-cache paged: where each new token's K/V is written"),
+    SwapPoint("schedule_step", ("minfer.engine.scheduler:schedule_step",), "serving.schedule_step",
+              "schedule_step(running [(id, num_tokens, num_computed_tokens, num_blocks_held)], "
+              "waiting [(id, num_tokens)], token_budget, max_num_seqs, num_free_blocks, block_size) "
+              "-> (scheduled [(id, num_new_tokens)], preempted [id])",
+              "every step of the serving engine (LLM.generate, minfer serve), whatever the policy; "
+              "Scheduler._schedule_with carries the decisions out"),
 ]}
 
 
@@ -99,7 +109,7 @@ _ORIGINALS: dict[str, Callable] = {}
 
 def original(target: str) -> Callable:
     """The engine's own function at ``target``, even inside ``use`` (the grader's reference)."""
-    return _ORIGINALS.get(target) or current(target)
+    return _ORIGINALS[target] if target in _ORIGINALS else current(target)
 
 
 @contextmanager
