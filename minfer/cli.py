@@ -48,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
+    p.add_argument("--prepack", action="store_true",
+                   help="CPU, float32: oneDNN linears on weights reordered once (faster decode, 2x weight memory)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -76,7 +78,8 @@ def _llm(args):
                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                speculative=getattr(args, "speculative", None),
                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-               pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1))
+               pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
+               prepack=getattr(args, "prepack", False))
 
 
 def _print_timing(out) -> None:

@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_METHODS})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--prepack", action="store_true",
+                   help="every method on oneDNN-prepacked linears (minfer/kernels/onednn_linear.py)")
     p.add_argument("--json", nargs="?", const="bench_results/spec.json", default=None,
                    help="also write the results as JSON (default path bench_results/spec.json)")
 
@@ -130,13 +132,14 @@ def main(args) -> int:
     methods = split_methods(args.methods)
     configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, prepack=args.prepack)
     model, tok = llm.model, llm.tokenizer
     drafts = {m: load_draft(model, c.draft_model) for m, c in configs.items() if c.method == "draft"}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     eos = list(tok.eos_token_ids)
     log(f"bench spec: {args.model}, device {llm.device}, {llm.dtype}, batch 1, greedy, "
-        f"max {args.max_tokens} new tokens, {args.repeats} interleaved rounds, threads {torch.get_num_threads()}")
+        f"max {args.max_tokens} new tokens, {args.repeats} interleaved rounds, threads {torch.get_num_threads()}"
+        f"{', prepacked linears' if args.prepack else ''}")
 
     rows = []
     for task in tasks:
