@@ -29,19 +29,33 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     """``chunks`` (each with .request, .start, .num_tokens; slots reserved) -> (input_ids (1, N), PagedBatch)."""
     if not chunks:
         raise ValueError("a batch needs at least one scheduled chunk")
-    ids, qlens, slens, tables, slots, positions = [], [], [], [], [], []
+    # The one loop over sequences: their token ids and three integers each; the rest is vectorized.
+    ids, rows, reserved = [], [], []
     for c in chunks:
-        rid, start, n = c.request.request_id, c.start, c.num_tokens
-        ids += c.request.all_token_ids[start:start + n]
-        qlens.append(n)
-        slens.append(start + n)
-        tables.append(kv_manager.block_table(rid))
-        slots += kv_manager.slot_mapping(rid, start, n)
-        positions += range(start, start + n)
-    meta = PagedBatch(query_lens=qlens, seq_lens=slens, block_tables=tables,
-                      slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                      logits_indices=(torch.tensor(qlens).cumsum(0) - 1).to(device),
-                      positions=torch.tensor(positions, dtype=torch.long, device=device)[None])
+        ids += c.request.all_token_ids[c.start:c.start + c.num_tokens]
+        row, n_reserved = kv_manager.row(c.request.request_id)
+        rows.append(row)
+        reserved.append(n_reserved)
+    starts = torch.tensor([c.start for c in chunks])                          # (S,)
+    qlens = torch.tensor([c.num_tokens for c in chunks])                      # (S,)
+    seq_lens = starts + qlens                                                 # (S,) context after this forward
+    if bool((starts < 0).any() | (qlens < 1).any() | (seq_lens > torch.tensor(reserved)).any()):
+        bad = next(i for i, c in enumerate(chunks) if not 0 <= c.start < c.start + c.num_tokens <= reserved[i])
+        c = chunks[bad]
+        raise ValueError(f"chunk {bad}: positions [{c.start}, {c.start + c.num_tokens}) of request "
+                         f"{c.request.request_id!r} are not reserved (it has {reserved[bad]} slots)")
+    ends = qlens.cumsum(0)                                                    # (S,) one past each one's last row
+    seq_of = torch.repeat_interleave(torch.arange(len(chunks)), qlens)        # (N,) sequence of each token
+    positions = torch.arange(int(ends[-1])) + (starts - ends + qlens)[seq_of]  # (N,) start + offset in chunk
+    bs = kv_manager.block_size
+    cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
+    tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows
+    slots = tables[seq_of, positions // bs] * bs + positions % bs             # (N,) the slot formula, batched
+    device_tables = tables if kv_manager.tables.device.type == "cpu" else \
+        kv_manager.tables.device_table()[torch.tensor(rows, device=device), :cols]
+    meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=device_tables.to(device),
+                      slot_mapping=slots.to(device), logits_indices=(ends - 1).to(device),
+                      positions=positions.to(device)[None])
     return torch.tensor([ids], device=device), meta
 
 
@@ -61,7 +75,7 @@ class ModelRunner:
         w = model.model.embed_tokens.weight
         self.cache = PagedKVCache(model.cfg, num_blocks, block_size, dtype=w.dtype, device=w.device,
                                   attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching))
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching), device=w.device)
         self.device = w.device
         self.vocab_size = model.cfg.vocab_size
 
