@@ -13,21 +13,31 @@ which tokens belong to which sequence and where their K/V go::
     seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
     input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
     slot_mapping  [ 8  9 10 | 21]                  logits_indices [2, 3]
-    block_tables  A: [2]      B: [0, 5]            (block_size 4: b5 -> block 5, offset 1)
+    block_tables  [[2, 0],                         (S, max blocks): rows of the persistent
+                   [0, 5]]                         table; A's 0 is padding, never read
+                                                   (block_size 4: b5 -> block 5, offset 1)
 
 Each layer calls ``update`` (write the N new keys/values at their slots, one
 scatter for the whole batch) and ``attend``, which runs attention through the
-block tables in one of three ways, all tested equal to contiguous attention:
+block tables in one of four ways, all tested equal to contiguous attention.
+The index tensors they need are built once per forward (``set_batch``), by
+vectorized ops over the batch, and reused by every layer:
 
-* ``"split"`` (the engine's): decodes batched, each prefill chunk on its own.
-  Padding everything to one batch wastes most of the work when a step mixes 31
-  decodes with one 512-token chunk (97% of the padded scores are padding). So
-  the decodes are bucketed by context length (buckets grow by sqrt(2): < 30%
-  padding) and run as one backend call per bucket; each prefill chunk is one
-  call over its own context, and a chunk that starts at position 0 needs no
-  gather at all (its keys are this forward's). vLLM's old CPU backend split the
-  same way (``vllm/attention/backends/torch_sdpa.py``); its GPU backends use a
-  variable-length FlashAttention kernel (``cu_seqlens``) instead.
+* ``"split"`` (the engine's default): every decode in ONE backend call per
+  layer, each prefill chunk in its own call. The decodes are padded to the
+  longest context among them (padded keys get position -1, which the mask
+  hides). Padding everything, prefill chunks included, to one batch would waste
+  most of the work when a step mixes 31 decodes with one 512-token chunk (97%
+  of the padded scores are padding), so chunks stay apart: one call over their
+  own context, and a chunk that starts at position 0 needs no gather at all
+  (its keys are this forward's). vLLM's old CPU backend split the same way
+  (``vllm/attention/backends/torch_sdpa.py``); its GPU backends use a
+  variable-length FlashAttention kernel (``cu_seqlens``) instead. One call per
+  layer is also what a captured CUDA graph or a paged-decode kernel needs.
+* ``"bucketed"``: as split, but the decodes are grouped by context length
+  (buckets grow by sqrt(2), < 30% padding each) and each group is one call:
+  less padding, more calls. minfer's default before issue 13; kept to measure
+  the trade (``minfer bench serve --baselines bucketed``; see docs/architecture.md).
 * ``"gather"``: copy every sequence's K/V into one padded contiguous tensor and
   call the attention backend once. Simplest; costs one copy of the context.
 * ``"online"``: walk the block table one block at a time and fold each block
