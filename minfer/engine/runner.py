@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from minfer.kv import block_pool
 from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
@@ -56,7 +57,11 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     bs = kv_manager.block_size
     cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
     tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows
-    slots = tables[seq_of, positions // bs] * bs + positions % bs             # (N,) the slot formula, batched
+    if block_pool.compute_slot_mapping is block_pool.ENGINE_COMPUTE_SLOT_MAPPING:
+        slots = tables[seq_of, positions // bs] * bs + positions % bs         # (N,) the slot formula, batched
+    else:   # a learner's compute_slot_mapping swapped in by a lesson: run it, chunk by chunk
+        slots = torch.tensor([x for c in chunks for x in kv_manager.slot_mapping(
+            c.request.request_id, c.start, c.num_tokens)], dtype=torch.long)
     device_tables = tables if kv_manager.tables.device.type == "cpu" else \
         kv_manager.tables.device_table()[torch.tensor(rows, device=device), :cols]
     meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=device_tables.to(device),

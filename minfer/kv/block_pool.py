@@ -198,6 +198,11 @@ def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos:
             for p in range(start_pos, start_pos + num_tokens)]
 
 
+# The engine's own formula, kept under a second name: the runner computes it vectorized over the
+# batch, unless a lesson swapped in a learner's ``compute_slot_mapping`` (``minfer.lessons.use``).
+ENGINE_COMPUTE_SLOT_MAPPING = compute_slot_mapping
+
+
 def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_size: int) -> int:
     """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
     total = num_tokens + num_new_tokens

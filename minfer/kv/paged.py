@@ -249,11 +249,9 @@ class PagedKVCache:
                 self.groups.append(_Group(rows, q_pos, pos, context_slots(self._tables[s:s + 1], pos, bs)[0], 1,
                                           sdpa_mask=allowed(q_pos, pos)[:, None]))
         dec = decode.nonzero()[:, 0]                                                # (D,) host
-        if len(dec) == 0:
-            pass
-        elif self.attention_mode == "split":                   # one backend call for every decode
+        if len(dec) and self.attention_mode == "split":        # one backend call for every decode
             self.groups.append(self._decode_group(dec, slens, starts, bs, device, whole_batch=len(dec) == len(qlens)))
-        else:
+        elif len(dec):
             # "bucketed" (the engine's old default): decodes grouped by context length in steps of
             # sqrt(2), so that padding wastes < 30% of a group, at the price of one call per bucket.
             bucket = (2 * torch.log2(slens[dec].double())).long()
