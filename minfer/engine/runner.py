@@ -37,23 +37,25 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     if not chunks:
         raise ValueError("a batch needs at least one scheduled chunk")
     # The one loop over sequences: their token ids and three integers each; the rest is vectorized.
-    ids, rows, reserved = [], [], []
-    for c in chunks:
-        ids += c.request.all_token_ids[c.start:c.start + c.num_tokens]
-        row, n_reserved = kv_manager.row(c.request.request_id)
+    ids, rows, starts, qlens = [], [], [], []
+    for i, c in enumerate(chunks):
+        start, n = c.start, c.num_tokens
+        row, reserved = kv_manager.row(c.request.request_id)
+        if not 0 <= start < start + n <= reserved:
+            raise ValueError(f"chunk {i}: positions [{start}, {start + n}) of request "
+                             f"{c.request.request_id!r} are not reserved (it has {reserved} slots)")
+        ids += c.request.all_token_ids[start:start + n]
         rows.append(row)
-        reserved.append(n_reserved)
-    starts = torch.tensor([c.start for c in chunks])                          # (S,)
-    qlens = torch.tensor([c.num_tokens for c in chunks])                      # (S,)
+        starts.append(start)
+        qlens.append(n)
+    starts, qlens = torch.tensor(starts), torch.tensor(qlens)                 # (S,) each
     seq_lens = starts + qlens                                                 # (S,) context after this forward
-    if bool((starts < 0).any() | (qlens < 1).any() | (seq_lens > torch.tensor(reserved)).any()):
-        bad = next(i for i, c in enumerate(chunks) if not 0 <= c.start < c.start + c.num_tokens <= reserved[i])
-        c = chunks[bad]
-        raise ValueError(f"chunk {bad}: positions [{c.start}, {c.start + c.num_tokens}) of request "
-                         f"{c.request.request_id!r} are not reserved (it has {reserved[bad]} slots)")
     ends = qlens.cumsum(0)                                                    # (S,) one past each one's last row
-    seq_of = torch.repeat_interleave(torch.arange(len(chunks)), qlens)        # (N,) sequence of each token
-    positions = torch.arange(int(ends[-1])) + (starts - ends + qlens)[seq_of]  # (N,) start + offset in chunk
+    if len(ids) == len(chunks):                                               # decodes only: one token each
+        seq_of, positions = torch.arange(len(chunks)), starts
+    else:
+        seq_of = torch.repeat_interleave(torch.arange(len(chunks)), qlens)    # (N,) sequence of each token
+        positions = torch.arange(len(ids)) + (starts - ends + qlens)[seq_of]  # (N,) start + offset in chunk
     bs = kv_manager.block_size
     cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
     tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows

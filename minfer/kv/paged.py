@@ -101,7 +101,7 @@ def context_slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> to
 class _Group:
     """One backend call of the split mode: some sequences' queries and the keys they read."""
 
-    rows: torch.Tensor            # (G * T,) rows of the flattened batch whose queries belong here
+    rows: torch.Tensor | None     # (G * T,) rows of the flattened batch whose queries belong here; None: all
     q_pos: torch.Tensor           # (G, T) query positions
     k_pos: torch.Tensor           # (G, S) key positions, -1 = padding
     k_slots: torch.Tensor | None  # (G * S,) slots to gather; None = the keys are this forward's own
@@ -237,7 +237,8 @@ class PagedKVCache:
         qlens, slens = meta.query_lens, meta.seq_lens                               # (S,) host
         starts = qlens.cumsum(0) - qlens                                            # (S,) first row of each
         decode = qlens == 1
-        for s in (~decode).nonzero()[:, 0].tolist():           # prefill chunks: a loop over chunks, not tokens
+        only_decodes = meta.num_tokens == len(qlens)
+        for s in [] if only_decodes else (~decode).nonzero()[:, 0].tolist():   # prefill chunks, one by one
             start, slen = int(starts[s]), int(slens[s])
             first = slen - int(qlens[s])                                            # the chunk's first position
             rows = torch.arange(start, start + slen - first, device=device)
@@ -248,21 +249,21 @@ class PagedKVCache:
                 pos = torch.arange(slen, device=device)[None]
                 self.groups.append(_Group(rows, q_pos, pos, context_slots(self._tables[s:s + 1], pos, bs)[0], 1,
                                           sdpa_mask=allowed(q_pos, pos)[:, None]))
-        dec = decode.nonzero()[:, 0]                                                # (D,) host
+        dec = torch.arange(len(qlens)) if only_decodes else decode.nonzero()[:, 0]  # (D,) host
         if len(dec) and self.attention_mode == "split":        # one backend call for every decode
-            self.groups.append(self._decode_group(dec, slens, starts, bs, device, whole_batch=len(dec) == len(qlens)))
+            self.groups.append(self._decode_group(dec, slens, starts, bs, device, whole_batch=only_decodes))
         elif len(dec):
             # "bucketed" (the engine's old default): decodes grouped by context length in steps of
             # sqrt(2), so that padding wastes < 30% of a group, at the price of one call per bucket.
             bucket = (2 * torch.log2(slens[dec].double())).long()
             for b in bucket.unique().tolist():
                 self.groups.append(self._decode_group(dec[bucket == b], slens, starts, bs, device, False))
-        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or int(qlens.max()) == 1):
+        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or only_decodes):
             self.groups[0].whole = True        # one sequence, or decodes only in one group (rows in order)
 
     def _decode_group(self, idx: torch.Tensor, slens, starts, bs: int, device, whole_batch: bool) -> _Group:
         """Decodes ``idx`` (G,) in one group, padded to the longest context (key position -1 = padding)."""
-        sl = slens[idx]                                                             # (G,) host
+        sl = slens if whole_batch else slens[idx]                                   # (G,) host
         smax = int(sl.max())
         sl_dev = sl.to(device)
         pos = torch.arange(smax, device=device)
@@ -271,7 +272,8 @@ class PagedKVCache:
         slots = context_slots(tables, pos[None], bs).masked_fill(k_pos < 0, 0)     # (G, smax)
         q_pos = (sl_dev - 1)[:, None]                                               # (G, 1)
         mask = allowed(q_pos, k_pos)[:, None] if int(sl.min()) < smax else None     # (G, 1, 1, smax); none if unpadded
-        return _Group(starts[idx].to(device), q_pos, k_pos, slots.flatten(), len(idx), sdpa_mask=mask)
+        rows = None if whole_batch else starts[idx].to(device)                      # whole: rows are 0..S-1
+        return _Group(rows, q_pos, k_pos, slots.flatten(), len(idx), sdpa_mask=mask)
 
     # ------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend,
