@@ -13,7 +13,8 @@ table must give exactly its tokens. After every step the invariants hold:
   write the same slot; shared blocks are read-only);
 * every sequence reads back its own tokens (prefix hits and copy-on-write
   included), and every cached block holds the tokens its hash names;
-* running out of blocks is an answer (None / False) that changes nothing.
+* running out of blocks is an answer (None / False) that changes nothing;
+* the persistent block-table tensor holds every sequence's table in its own row.
 """
 from __future__ import annotations
 
@@ -151,6 +152,12 @@ class AllocatorMachine(RuleBasedStateMachine):
             del d[s]
 
     # ------------------------------------------------------------ invariants
+    @invariant()
+    def block_table_tensor_mirrors_the_lists(self):
+        for s, seq in self.mgr.seqs.items():
+            assert self.mgr.tables.cpu[seq.row, :len(seq.block_table)].tolist() == seq.block_table, s
+        assert len({seq.row for seq in self.mgr.seqs.values()}) == len(self.mgr.seqs)
+
     @invariant()
     def blocks_add_up(self):
         used = {b.block_id for b in self.pool.blocks if b.ref_cnt > 0}

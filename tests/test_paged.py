@@ -1,6 +1,6 @@
 """The paged KV cache keeps the math.
 
-* Paged attention, all three ways ("split", "gather", "online"), equals
+* Paged attention, all four ways ("split", "bucketed", "gather", "online"), equals
   attention over contiguous K/V (fp32, atol 1e-4) for random batches of
   sequences mixing prefill, chunked prefill and decode, random block sizes
   (block tables deliberately scattered over the pool), MHA/GQA/MQA and
@@ -43,7 +43,7 @@ def scatter_free_list(pool: BlockPool, seed: int) -> None:
 @given(nkv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3]), hd=st.sampled_from([4, 8]),
        block_size=st.sampled_from([1, 2, 3, 4, 16]),
        seqs=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 8)), min_size=1, max_size=4),
-       window=st.one_of(st.none(), st.integers(1, 8)), mode=st.sampled_from(["split", "gather", "online"]),
+       window=st.one_of(st.none(), st.integers(1, 8)), mode=st.sampled_from(["split", "bucketed", "gather", "online"]),
        backend=st.sampled_from(["reference", "sdpa", "flash"]), seed=st.integers(0, 2**16))
 def test_paged_attention_equals_contiguous(nkv, group, hd, block_size, seqs, window, mode, backend, seed):
     """seqs: (tokens already cached, tokens in this forward) per sequence: (0, n) is a prefill,

@@ -19,7 +19,9 @@ so every request generates exactly its drawn length):
 2. **Offline throughput** (--baselines): everything arrives at t = 0.
    ``continuous`` = the engine with continuous batching; ``sequential`` = the
    same requests one by one through ``generate_tokens`` (contiguous KV cache,
-   no batching); ``transformers`` = HF ``generate`` on ONE left-padded batch
+   no batching); ``bucketed`` = the engine with ``attention_mode="bucketed"``
+   (decodes grouped by context length, one attention call per group, instead of
+   the default one call per layer); ``transformers`` = HF ``generate`` on ONE left-padded batch
    of all requests, run until the longest finishes (each request's useful
    tokens are its first max_tokens). Measured in one interleaved run; the
    ratios of output tokens/s are printed, per wall-clock second and per CPU
@@ -44,7 +46,7 @@ import torch
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-BASELINES = ("sequential", "transformers")
+BASELINES = ("sequential", "bucketed", "transformers")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -74,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,transformers")
+                   help="offline throughput comparison: comma-separated sequential,bucketed,transformers")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -106,18 +108,18 @@ def _params(r):
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
-def _engine(model, tok, args, policy):
+def _engine(model, tok, args, policy, attention_mode="split"):
     from minfer.engine import LLMEngine
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
-                                enable_prefix_caching=False)
+                                enable_prefix_caching=False, attention_mode=attention_mode)
 
 
-def run_online(model, tok, args, policy, trace):
+def run_online(model, tok, args, policy, trace, attention_mode="split"):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
     from minfer.engine import run_trace
-    eng = _engine(model, tok, args, policy)
+    eng = _engine(model, tok, args, policy, attention_mode)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
 
@@ -332,6 +334,9 @@ def main(args) -> int:
         methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
         if "sequential" in baselines:
             methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
+        if "bucketed" in baselines:
+            methods["bucketed"] = wrap("bucketed", lambda: run_online(model, tok, args, "continuous", offline,
+                                                                      attention_mode="bucketed"))
         if hf is not None:
             pad = tok.eos_token_id if tok.eos_token_id is not None else 0
             methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))

@@ -2,15 +2,21 @@
 
 This is the ONLY place a batch is flattened. The scheduler hands over chunks
 ``(request, start, num_tokens)``; ``prepare_batch`` lays their tokens side by
-side and builds, in one pass, everything the forward needs::
+side and builds everything the forward needs. One Python loop reads each
+chunk's token ids, its row in the persistent block table and three integers;
+the rest is a handful of vectorized ops over the whole batch::
 
     chunks         A: prompt chunk [0, 3)      B: decode at position 5
+    starts, query_lens   [0, 5], [3, 1]        (S,)
+    seq_lens       starts + query_lens = [3, 6]                  (S,) context after this step
     input_ids      [a0 a1 a2 | b5]             (1, N)
-    positions      [ 0  1  2 |  5]             (1, N)
-    slot_mapping   [ 8  9 10 | 21]             (N,)  where each new K/V row goes
-    block_tables   A: [2]   B: [0, 5]          the pages each sequence reads
-    query_lens / seq_lens   [3, 1] / [3, 6]
-    logits_indices [2, 3]                      each chunk's last token: the only rows the LM head needs
+    seq_of         [ 0  0  0 |  1]             repeat_interleave(arange(S), query_lens)
+    positions      [ 0  1  2 |  5]             arange(N) + (starts - first row of each)[seq_of]
+    block_tables   [[2, 0], [0, 5]]            rows [row A, row B] of KVCacheManager.tables,
+                                               written when blocks were appended, not now
+    slot_mapping   [ 8  9 10 | 21]             table[seq_of, pos // bs] * bs + pos % bs   (N,)
+    logits_indices [2, 3]                      cumsum(query_lens) - 1: each chunk's last token,
+                                               the only rows the LM head needs
 
 vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
 (``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
@@ -21,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from minfer.kv import block_pool
 from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
@@ -29,19 +36,39 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     """``chunks`` (each with .request, .start, .num_tokens; slots reserved) -> (input_ids (1, N), PagedBatch)."""
     if not chunks:
         raise ValueError("a batch needs at least one scheduled chunk")
-    ids, qlens, slens, tables, slots, positions = [], [], [], [], [], []
-    for c in chunks:
-        rid, start, n = c.request.request_id, c.start, c.num_tokens
+    # The one loop over sequences: their token ids and three integers each; the rest is vectorized.
+    ids, rows, starts, qlens = [], [], [], []
+    for i, c in enumerate(chunks):
+        start, n = c.start, c.num_tokens
+        row, reserved = kv_manager.row(c.request.request_id)
+        if not 0 <= start < start + n <= reserved:
+            raise ValueError(f"chunk {i}: positions [{start}, {start + n}) of request "
+                             f"{c.request.request_id!r} are not reserved (it has {reserved} slots)")
         ids += c.request.all_token_ids[start:start + n]
+        rows.append(row)
+        starts.append(start)
         qlens.append(n)
-        slens.append(start + n)
-        tables.append(kv_manager.block_table(rid))
-        slots += kv_manager.slot_mapping(rid, start, n)
-        positions += range(start, start + n)
-    meta = PagedBatch(query_lens=qlens, seq_lens=slens, block_tables=tables,
-                      slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                      logits_indices=(torch.tensor(qlens).cumsum(0) - 1).to(device),
-                      positions=torch.tensor(positions, dtype=torch.long, device=device)[None])
+    starts, qlens = torch.tensor(starts), torch.tensor(qlens)                 # (S,) each
+    seq_lens = starts + qlens                                                 # (S,) context after this forward
+    ends = qlens.cumsum(0)                                                    # (S,) one past each one's last row
+    if len(ids) == len(chunks):                                               # decodes only: one token each
+        seq_of, positions = torch.arange(len(chunks)), starts
+    else:
+        seq_of = torch.repeat_interleave(torch.arange(len(chunks)), qlens)    # (N,) sequence of each token
+        positions = torch.arange(len(ids)) + (starts - ends + qlens)[seq_of]  # (N,) start + offset in chunk
+    bs = kv_manager.block_size
+    cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
+    tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows
+    if block_pool.compute_slot_mapping is block_pool.ENGINE_COMPUTE_SLOT_MAPPING:
+        slots = tables[seq_of, positions // bs] * bs + positions % bs         # (N,) the slot formula, batched
+    else:   # a learner's compute_slot_mapping swapped in by a lesson: run it, chunk by chunk
+        slots = torch.tensor([x for c in chunks for x in kv_manager.slot_mapping(
+            c.request.request_id, c.start, c.num_tokens)], dtype=torch.long)
+    device_tables = tables if kv_manager.tables.device.type == "cpu" else \
+        kv_manager.tables.device_table()[torch.tensor(rows, device=device), :cols]
+    meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=device_tables.to(device),
+                      slot_mapping=slots.to(device), logits_indices=(ends - 1).to(device),
+                      positions=positions.to(device)[None])
     return torch.tensor([ids], device=device), meta
 
 
@@ -61,7 +88,7 @@ class ModelRunner:
         w = model.model.embed_tokens.weight
         self.cache = PagedKVCache(model.cfg, num_blocks, block_size, dtype=w.dtype, device=w.device,
                                   attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching))
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching), device=w.device)
         self.device = w.device
         self.vocab_size = model.cfg.vocab_size
 

@@ -14,8 +14,10 @@ them, so the only waste is the unfilled tail of each sequence's last block.
                                                   0    1    2    3    4    5
     slot of token 9 = block_table[9 // 4] * 4 + 9 % 4 = 4 * 4 + 1 = 17
 
-This module is pure bookkeeping (no tensors): the ``PagedKVCache`` in
-``paged.py`` holds the memory, this decides where each token's K/V goes.
+This module is bookkeeping: the ``PagedKVCache`` in ``paged.py`` holds the
+memory, this decides where each token's K/V goes. The only tensor is the
+mirror of the block tables that the forward reads (``block_table.py``),
+written here whenever a table changes.
 vLLM's equivalents: ``vllm/v1/core/block_pool.py`` (BlockPool,
 FreeKVCacheBlockQueue) and ``vllm/v1/core/kv_cache_manager.py``.
 
@@ -46,6 +48,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
+
+from minfer.kv.block_table import BlockTableTensor
 
 # The parent hash of a sequence's first block. A fixed number (vLLM draws a
 # random one per process) so block hashes are the same in every run.
@@ -194,6 +198,11 @@ def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos:
             for p in range(start_pos, start_pos + num_tokens)]
 
 
+# The engine's own formula, kept under a second name: the runner computes it vectorized over the
+# batch, unless a lesson swapped in a learner's ``compute_slot_mapping`` (``minfer.lessons.use``).
+ENGINE_COMPUTE_SLOT_MAPPING = compute_slot_mapping
+
+
 def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_size: int) -> int:
     """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
     total = num_tokens + num_new_tokens
@@ -216,6 +225,7 @@ class SeqState:
     hashes: list[int] = field(default_factory=list)      # hash of each full, committed block
     prefixes: list[tuple] = field(default_factory=list)  # exact key of each of those blocks
     num_dropped: int = 0                # leading blocks given back: wholly outside a sliding window
+    row: int = -1                       # this sequence's row in the manager's BlockTableTensor
 
 
 @dataclass(slots=True)
@@ -249,11 +259,17 @@ class KVCacheManager:
         mgr.free(sid)                          # blocks go back; cached ones stay findable
     """
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, device="cpu"):
         self.pool = pool
         self.block_size = pool.block_size
         self.seqs: dict[object, SeqState] = {}
         self._pending_copies: list[tuple[int, int]] = []
+        self.tables = BlockTableTensor(device=device)   # every list below, mirrored as tensor rows
+
+    def row(self, seq_id) -> tuple[int, int]:
+        """(row of ``seq_id`` in ``tables``, token slots reserved for it): what the runner indexes."""
+        st = self._seq(seq_id)
+        return st.row, st.num_tokens
 
     # ------------------------------------------------------------ queries
     def _seq(self, seq_id) -> SeqState:
@@ -333,7 +349,7 @@ class KVCacheManager:
         n_computed = len(hits) * self.block_size
         self.seqs[seq_id] = SeqState(block_table=table, num_tokens=len(token_ids),
                                      num_computed=n_computed, token_ids=list(token_ids),
-                                     hashes=hashes, prefixes=prefixes)
+                                     hashes=hashes, prefixes=prefixes, row=self.tables.add_row(table))
         return n_computed
 
     def can_append(self, seq_id, num_new_tokens: int = 1) -> bool:
@@ -361,14 +377,17 @@ class KVCacheManager:
         st = self._seq(seq_id)
         if self._append_cost(st, num_new_tokens) > self.pool.num_free_blocks:
             return False
+        changed = len(st.block_table)             # first table entry to mirror into ``tables``
         if self._needs_copy(st, num_new_tokens):
             src = st.block_table[-1]
             dst = self.pool.get_new_block()
             self._pending_copies.append((src, dst))
             self.pool.free_block(src)             # the other holders keep the original
             st.block_table[-1] = dst
+            changed -= 1
         for _ in range(blocks_needed(st.num_tokens, num_new_tokens, len(st.block_table), self.block_size)):
             st.block_table.append(self.pool.get_new_block())
+        self.tables.write(st.row, changed, st.block_table[changed:])
         st.num_tokens += num_new_tokens
         return True
 
@@ -415,7 +434,7 @@ class KVCacheManager:
         self.seqs[child_id] = SeqState(block_table=list(parent.block_table), num_tokens=parent.num_tokens,
                                        num_computed=parent.num_computed, token_ids=list(parent.token_ids),
                                        hashes=list(parent.hashes), prefixes=list(parent.prefixes),
-                                       num_dropped=parent.num_dropped)
+                                       num_dropped=parent.num_dropped, row=self.tables.add_row(parent.block_table))
 
     def drop_blocks_before(self, seq_id, pos: int) -> int:
         """Sliding window: give back the blocks that hold only positions < ``pos`` (no query will see them).
@@ -441,6 +460,7 @@ class KVCacheManager:
             raise ValueError(f"unknown seq_id {seq_id!r}: nothing to free")
         for b in reversed(st.block_table[st.num_dropped:]):
             self.pool.free_block(b)
+        self.tables.free_row(st.row)
 
     # ------------------------------------------------------------ accounting
     def usage(self) -> CacheUsage:

@@ -13,21 +13,31 @@ which tokens belong to which sequence and where their K/V go::
     seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
     input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
     slot_mapping  [ 8  9 10 | 21]                  logits_indices [2, 3]
-    block_tables  A: [2]      B: [0, 5]            (block_size 4: b5 -> block 5, offset 1)
+    block_tables  [[2, 0],                         (S, max blocks): rows of the persistent
+                   [0, 5]]                         table; A's 0 is padding, never read
+                                                   (block_size 4: b5 -> block 5, offset 1)
 
 Each layer calls ``update`` (write the N new keys/values at their slots, one
 scatter for the whole batch) and ``attend``, which runs attention through the
-block tables in one of three ways, all tested equal to contiguous attention:
+block tables in one of four ways, all tested equal to contiguous attention.
+The index tensors they need are built once per forward (``set_batch``), by
+vectorized ops over the batch, and reused by every layer:
 
-* ``"split"`` (the engine's): decodes batched, each prefill chunk on its own.
-  Padding everything to one batch wastes most of the work when a step mixes 31
-  decodes with one 512-token chunk (97% of the padded scores are padding). So
-  the decodes are bucketed by context length (buckets grow by sqrt(2): < 30%
-  padding) and run as one backend call per bucket; each prefill chunk is one
-  call over its own context, and a chunk that starts at position 0 needs no
-  gather at all (its keys are this forward's). vLLM's old CPU backend split the
-  same way (``vllm/attention/backends/torch_sdpa.py``); its GPU backends use a
-  variable-length FlashAttention kernel (``cu_seqlens``) instead.
+* ``"split"`` (the engine's default): every decode in ONE backend call per
+  layer, each prefill chunk in its own call. The decodes are padded to the
+  longest context among them (padded keys get position -1, which the mask
+  hides). Padding everything, prefill chunks included, to one batch would waste
+  most of the work when a step mixes 31 decodes with one 512-token chunk (97%
+  of the padded scores are padding), so chunks stay apart: one call over their
+  own context, and a chunk that starts at position 0 needs no gather at all
+  (its keys are this forward's). vLLM's old CPU backend split the same way
+  (``vllm/attention/backends/torch_sdpa.py``); its GPU backends use a
+  variable-length FlashAttention kernel (``cu_seqlens``) instead. One call per
+  layer is also what a captured CUDA graph or a paged-decode kernel needs.
+* ``"bucketed"``: as split, but the decodes are grouped by context length
+  (buckets grow by sqrt(2), < 30% padding each) and each group is one call:
+  less padding, more calls. minfer's default before issue 13; kept to measure
+  the trade (``minfer bench serve --baselines bucketed``; see docs/architecture.md).
 * ``"gather"``: copy every sequence's K/V into one padded contiguous tensor and
   call the attention backend once. Simplest; costs one copy of the context.
 * ``"online"``: walk the block table one block at a time and fold each block
@@ -53,17 +63,22 @@ from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.kv.base import KVView
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 
-ATTENTION_MODES = ("split", "gather", "online")
+ATTENTION_MODES = ("split", "bucketed", "gather", "online")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass
 class PagedBatch:
-    """Attention metadata of one forward over a flattened batch of N tokens from S sequences."""
+    """Attention metadata of one forward over a flattened batch of N tokens from S sequences.
 
-    query_lens: list[int]               # (S,) tokens of each sequence in this forward
-    seq_lens: list[int]                 # (S,) context length of each after this forward
-    block_tables: list[list[int]]       # (S, blocks of each) physical block ids
+    Built by the runner's ``prepare_batch`` with vectorized ops (no per-sequence tensors).
+    The two length vectors stay on the host: the attention plan reads their maxima to size
+    its padding, which on a GPU must not wait for the device.
+    """
+
+    query_lens: torch.Tensor            # (S,) long, host: tokens of each sequence in this forward
+    seq_lens: torch.Tensor              # (S,) long, host: context length of each after this forward
+    block_tables: torch.Tensor          # (S, max blocks) long: physical block ids (rows of the persistent table)
     slot_mapping: torch.Tensor          # (N,) long: where each new token's K/V is written
     logits_indices: torch.Tensor        # (S,) long: each sequence's last token in the batch
     positions: torch.Tensor             # (1, N) long: absolute position of each token
@@ -86,7 +101,7 @@ def context_slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> to
 class _Group:
     """One backend call of the split mode: some sequences' queries and the keys they read."""
 
-    rows: torch.Tensor            # (G * T,) rows of the flattened batch whose queries belong here
+    rows: torch.Tensor | None     # (G * T,) rows of the flattened batch whose queries belong here; None: all
     q_pos: torch.Tensor           # (G, T) query positions
     k_pos: torch.Tensor           # (G, S) key positions, -1 = padding
     k_slots: torch.Tensor | None  # (G * S,) slots to gather; None = the keys are this forward's own
@@ -195,75 +210,77 @@ class PagedKVCache:
     def set_batch(self, meta: PagedBatch) -> None:
         """Install the metadata of the next forward; precompute the index tensors every layer reuses."""
         self.meta = meta
-        device, bs = self.k.device, self.block_size
-        n_blocks = max(len(tb) for tb in meta.block_tables)
-        tables = torch.zeros(len(meta.block_tables), n_blocks, dtype=torch.long)
-        for s, tb in enumerate(meta.block_tables):
-            tables[s, :len(tb)] = torch.tensor(tb, dtype=torch.long)
-        self._tables = tables.to(device)                                          # (S, max blocks)
-        if self.attention_mode == "split":
-            self._plan_split(meta, tables, bs, device)
+        device = self.k.device
+        self._tables = meta.block_tables.to(device)                               # (S, max blocks)
+        if self.attention_mode in ("split", "bucketed"):
+            self._plan_split(meta, self.block_size, device)
         else:
-            self._plan_padded(meta, bs, device)
+            self._plan_padded(meta, self.block_size, device)
 
     def _plan_padded(self, meta: PagedBatch, bs: int, device) -> None:
         """gather / online: every sequence padded to the longest query and the longest context."""
-        T = max(meta.query_lens)
-        starts = torch.tensor([0] + meta.query_lens[:-1], device=device).cumsum(0)
+        T = int(meta.query_lens.max())
+        qlens = meta.query_lens.to(device)
+        starts = qlens.cumsum(0) - qlens                                            # (S,) first row of each
         t = torch.arange(T, device=device)
-        qlens = torch.tensor(meta.query_lens, device=device)
         self._q_valid = t[None] < qlens[:, None]                                    # (S, T)
         self._q_index = (starts[:, None] + t[None]).masked_fill(~self._q_valid, 0)
         self._q_pos = meta.positions[0][self._q_index].masked_fill(~self._q_valid, -1)  # (S, T), -1 sees nothing
-        self._seq_lens = torch.tensor(meta.seq_lens, device=device)
-        pos = torch.arange(max(meta.seq_lens), device=device)
+        self._seq_lens = meta.seq_lens.to(device)
+        pos = torch.arange(int(meta.seq_lens.max()), device=device)
         self._k_pos = torch.where(pos[None] < self._seq_lens[:, None], pos[None], -1)   # (S, Smax), -1 = padding
         self._k_slots = context_slots(self._tables, pos[None], bs).masked_fill(self._k_pos < 0, 0)  # (S, Smax)
 
-    def _plan_split(self, meta: PagedBatch, tables: torch.Tensor, bs: int, device) -> None:
-        """split: one group per prefill chunk, decodes bucketed by context length."""
+    def _plan_split(self, meta: PagedBatch, bs: int, device) -> None:
+        """split: every decode in one group, each prefill chunk in its own ("bucketed": decodes by length)."""
         self.groups: list[_Group] = []
-        start, decodes = 0, []
-        for s, (qlen, slen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
-            if qlen == 1:
-                decodes.append((start, slen, s))
+        qlens, slens = meta.query_lens, meta.seq_lens                               # (S,) host
+        starts = qlens.cumsum(0) - qlens                                            # (S,) first row of each
+        decode = qlens == 1
+        only_decodes = meta.num_tokens == len(qlens)
+        for s in [] if only_decodes else (~decode).nonzero()[:, 0].tolist():   # prefill chunks, one by one
+            start, slen = int(starts[s]), int(slens[s])
+            first = slen - int(qlens[s])                                            # the chunk's first position
+            rows = torch.arange(start, start + slen - first, device=device)
+            q_pos = torch.arange(first, slen, device=device)[None]                 # (1, T)
+            if first == 0:                                                          # whole context in this forward
+                self.groups.append(_Group(rows, q_pos, q_pos, None, 1, slice(start, start + slen)))
             else:
-                first = slen - qlen                                       # position of the chunk's first token
-                rows = torch.arange(start, start + qlen, device=device)
-                q_pos = torch.arange(first, slen, device=device)[None]    # (1, T)
-                if first == 0:                                            # whole context is in this forward
-                    self.groups.append(_Group(rows, q_pos, q_pos, None, 1, slice(start, start + qlen)))
-                else:
-                    pos = torch.arange(slen)[None]
-                    self.groups.append(_Group(rows, q_pos, pos.to(device),
-                                              context_slots(tables[s:s + 1], pos, bs)[0].to(device), 1))
-            start += qlen
-        # Decodes, bucketed by context length in steps of sqrt(2): padding wastes < 30% of a group
-        # (coarser buckets pad more, finer ones make more backend calls; measured on SmolLM2 CPU).
-        buckets: dict[int, list] = {}
-        for d in decodes:
-            buckets.setdefault(int(2 * math.log2(d[1])), []).append(d)
-        for _, group in sorted(buckets.items()):
-            smax = max(slen for _, slen, _ in group)
-            pos = torch.arange(smax)
-            slens = torch.tensor([slen for _, slen, _ in group])
-            k_pos = torch.where(pos[None] < slens[:, None], pos[None], -1)                   # (G, smax)
-            slots = context_slots(tables[[s for _, _, s in group]], pos[None], bs).masked_fill(k_pos < 0, 0)
-            rows = torch.tensor([r for r, _, _ in group])
-            self.groups.append(_Group(rows.to(device), (slens - 1)[:, None].to(device), k_pos.to(device),
-                                      slots.flatten().to(device), len(group)))
-        for g in self.groups:       # masks computed once per forward, not once per layer
-            if g.fresh is None and bool((g.k_pos < 0).any() or g.q_pos.shape[1] > 1):
-                g.sdpa_mask = allowed(g.q_pos, g.k_pos)[:, None]
-        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or max(meta.query_lens) == 1):
-            self.groups[0].whole = True        # one sequence, or decodes only (one bucket, rows in order)
+                pos = torch.arange(slen, device=device)[None]
+                self.groups.append(_Group(rows, q_pos, pos, context_slots(self._tables[s:s + 1], pos, bs)[0], 1,
+                                          sdpa_mask=allowed(q_pos, pos)[:, None]))
+        dec = torch.arange(len(qlens)) if only_decodes else decode.nonzero()[:, 0]  # (D,) host
+        if len(dec) and self.attention_mode == "split":        # one backend call for every decode
+            self.groups.append(self._decode_group(dec, slens, starts, bs, device, whole_batch=only_decodes))
+        elif len(dec):
+            # "bucketed" (the engine's old default): decodes grouped by context length in steps of
+            # sqrt(2), so that padding wastes < 30% of a group, at the price of one call per bucket.
+            bucket = (2 * torch.log2(slens[dec].double())).long()
+            for b in bucket.unique().tolist():
+                self.groups.append(self._decode_group(dec[bucket == b], slens, starts, bs, device, False))
+        if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or only_decodes):
+            self.groups[0].whole = True        # one sequence, or decodes only in one group (rows in order)
+
+    def _decode_group(self, idx: torch.Tensor, slens, starts, bs: int, device, whole_batch: bool) -> _Group:
+        """Decodes ``idx`` (G,) in one group, padded to the longest context (key position -1 = padding)."""
+        sl = slens if whole_batch else slens[idx]                                   # (G,) host
+        smax = int(sl.max())
+        sl_dev = sl.to(device)
+        pos = torch.arange(smax, device=device)
+        k_pos = torch.where(pos[None] < sl_dev[:, None], pos[None], -1)            # (G, smax)
+        tables = self._tables if whole_batch else self._tables[idx.to(device)]     # (G, max blocks)
+        slots = context_slots(tables, pos[None], bs).masked_fill(k_pos < 0, 0)     # (G, smax)
+        q_pos = (sl_dev - 1)[:, None]                                               # (G, 1)
+        mask = allowed(q_pos, k_pos)[:, None] if int(sl.min()) < smax else None     # (G, 1, 1, smax); none if unpadded
+        rows = None if whole_batch else starts[idx].to(device)                      # whole: rows are 0..S-1
+        return _Group(rows, q_pos, k_pos, slots.flatten(), len(idx), sdpa_mask=mask)
 
     # ------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend,
                window: int | None = None) -> torch.Tensor:
         """Attention of the N queries q (1, nh, N, hd) over each one's sequence -> (1, nh, N, hd)."""
         self._need_meta(positions)
-        if self.attention_mode == "split":
+        if self.attention_mode in ("split", "bucketed"):
             return self._attend_split(layer, q, view, backend, window)
         S = self._q_index.shape[0]
         qp = q[0].transpose(0, 1)[self._q_index].transpose(1, 2)                    # (S, nh, T, hd)
@@ -324,7 +341,7 @@ class PagedKVCache:
         l = torch.zeros_like(m)                                                     # running sum
         acc = torch.zeros_like(qg)                                                  # unnormalised output
         offsets = torch.arange(bs, device=q.device)
-        for j in range((int(max(self.meta.seq_lens)) + bs - 1) // bs):
+        for j in range((int(self.meta.seq_lens.max()) + bs - 1) // bs):
             block_pos = j * bs + offsets                                            # (bs,)
             k_pos = torch.where(block_pos[None] < self._seq_lens[:, None], block_pos[None], -1)   # (S, bs)
             visible = allowed(q_pos, k_pos, window)                                 # (S, T, bs)
