@@ -3,6 +3,8 @@
     naive        minfer/naive.py: the oracle, whole sequence recomputed per token, math attention
     no-cache     minfer's model, whole sequence recomputed per token (fused attention)
     cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
+    unfused      the same, on the same weights, with q/k/v and gate/up as separate matmuls (the
+                 layout before fused projections, ``build_model(..., fuse_projections=False)``)
     transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
 
 All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import time
 
@@ -30,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of naive,no-cache,cached,llm,transformers "
-                        "(llm = batch-1 decode through LLM.generate, i.e. the engine)")
+                   help="comma-separated subset of naive,no-cache,cached,unfused,llm,transformers "
+                        "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
+                        "with separate q/k/v and gate/up matmuls)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
@@ -123,11 +128,16 @@ def main(args) -> int:
     from minfer.bench.peers import hf_generate_timed, hf_model
     from minfer.kv import kv_cache_bytes
     from minfer.llm import LLM
+    from minfer.model import build_model
 
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ["naive", "no-cache", "cached", "llm", "transformers"]
+    known = ["naive", "no-cache", "cached", "unfused", "llm", "transformers"]
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
@@ -136,20 +146,24 @@ def main(args) -> int:
     n = args.max_tokens
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
+    unfused = (build_model(cfg, model.state_dict(), device=llm.device, dtype=llm.dtype, fuse_projections=False)
+               if "unfused" in methods else None)
 
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
         "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
+        "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
     }
-    outputs = {}
+    outputs, per_round = {}, {}
 
     def wrap(name):
         def run():
             res = fns[name]()
             outputs[name] = res.pop("tokens")
+            per_round.setdefault(name, []).append(res["decode_tps"])
             return res
         return run
 
@@ -168,7 +182,7 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "llm", "transformers"):
+        if name in ("cached", "unfused", "llm", "transformers"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
             row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
         if name != "cached" and "cached" in outputs:
@@ -182,10 +196,18 @@ def main(args) -> int:
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
                        ("bandwidth_fraction", "of peak", "{:.0%}")]))
-    print(f"\nmachine: measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
+    mi = machine_info(llm.device)
+    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
+          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
+    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    if "cached" in medians and "unfused" in medians:
+        ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
+        print(f"fused projections: cached (fused) / unfused decode tok/s = "
+              f"{medians['cached']['decode_tps'] / medians['unfused']['decode_tps']:.3f} (ratio of medians); "
+              f"per round {' '.join(f'{r:.3f}' for r in ratios)}, median {statistics.median(ratios):.3f}")
     if "cached" in medians and "llm" in medians:
         print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
               f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
