@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
                         "with separate q/k/v and gate/up matmuls)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quantization", default=None,
+                   help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
@@ -45,11 +47,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights a decode step reads: every matrix once; the embedding only as the LM head."""
+    if getattr(model, "quantization", None):
+        from minfer.bench.quant import decode_weight_bytes
+        return decode_weight_bytes(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     emb = model.model.embed_tokens.weight
     if not model.cfg.tie_word_embeddings:       # untied: the embedding table is only indexed (1 row)
         total -= emb.numel() * emb.element_size()
     return total
+
+
+def _unfused_model(llm, args):
+    """The same weights with separate q/k/v and gate/up linears (the layout before fusion), quantized
+    alike when asked: rows are quantized one by one, so both hold the same quantized values."""
+    from minfer.checkpoints import load_checkpoint
+    from minfer.model import build_model
+    from minfer.quant.apply import quantize_model
+    if args.quantization is None:
+        return build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype,
+                           fuse_projections=False)
+    cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
+    model = build_model(cfg, state_dict, device=llm.device, dtype=llm.dtype, fuse_projections=False)
+    return quantize_model(model, args.quantization)
 
 
 def _time_cached(model, prompt_ids, n, kv_cache):
@@ -128,7 +147,6 @@ def main(args) -> int:
     from minfer.bench.peers import hf_generate_timed, hf_model
     from minfer.kv import kv_cache_bytes
     from minfer.llm import LLM
-    from minfer.model import build_model
 
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
@@ -140,14 +158,13 @@ def main(args) -> int:
     known = ["naive", "no-cache", "cached", "unfused", "llm", "transformers"]
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
-    unfused = (build_model(cfg, model.state_dict(), device=llm.device, dtype=llm.dtype, fuse_projections=False)
-               if "unfused" in methods else None)
+    unfused = _unfused_model(llm, args) if "unfused" in methods else None
 
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
@@ -168,7 +185,7 @@ def main(args) -> int:
         return run
 
     log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
-        f"device {llm.device}, {llm.dtype}, {args.repeats} interleaved rounds")
+        f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
     log("measuring memory bandwidth and matmul FLOP/s ...")
     bw = measure_bandwidth(llm.device)
     flops = measure_flops(llm.device)
@@ -229,6 +246,7 @@ def main(args) -> int:
         write_json(args.json, {"kv_quantization": kv_rows,
             "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "quantization": args.quantization,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
             "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
