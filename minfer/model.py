@@ -11,9 +11,12 @@ RoPE, and makes two calls on the KV cache whatever its kind (``minfer.kv.base``)
 *backend* (``minfer.attention``) with explicit positions. No global context
 object: every tensor travels through function arguments.
 
-Parameter names follow HF transformers (``model.layers.3.self_attn.q_proj``),
+Checkpoint names follow HF transformers (``model.layers.3.self_attn.q_proj``),
 so HF checkpoints load with ``load_state_dict`` and transformers can serve as
-the test oracle. vLLM's equivalent: ``vllm/model_executor/models/llama.py``.
+the test oracle. Inside, q/k/v and gate/up are fused into ``qkv_proj`` and
+``gate_up_proj`` (one matmul each; see ``StackedProjections``): ``state_dict()``
+and ``load_state_dict`` still speak HF names. vLLM's equivalent:
+``vllm/model_executor/models/llama.py``.
 """
 from __future__ import annotations
 
@@ -98,21 +101,102 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------
+# Fused projections. q, k and v are three linears of the same input, and so
+# are gate and up: stacking their weights row-wise makes one matmul of three
+# (two), i.e. fewer and larger kernels and one pass over x. Checkpoints keep
+# HF's names: two state-dict hooks stack q/k/v (gate/up) on load and split
+# them again on save, so every loader and saver (HF folders, GGUF import,
+# quantized files, pruning, tensor-parallel sources) sees HF names only.
+# vLLM stacks them the same way in ``load_weights``, driven by its
+# ``stacked_params_mapping`` (vllm/model_executor/models/llama.py), into
+# ``QKVParallelLinear`` / ``MergedColumnParallelLinear``.
+# ---------------------------------------------------------------------------
+
+
+class StackedProjections(nn.Module):
+    """Base of Attention and MLP: linears that read the same input, stacked into one when fused.
+
+    ``parts`` maps each HF linear to its output rows, in order, e.g.
+    {"q_proj": 576, "k_proj": 192, "v_proj": 192}. Fused (the default), one
+    ``nn.Linear`` named ``fused_name`` ("qkv_proj") holds their weights stacked
+    along the output dim: rows [0, 576) are q_proj's, [576, 768) k_proj's, ...
+    Unfused (``fused=False``: the plain layout, kept for the benchmark and the
+    tests that pin the two together), each part is its own linear.
+    Every tensor of a linear (weight, bias, and a quantized linear's qweight,
+    scales or blocks) has the output features on dim 0, so stacking and
+    splitting along dim 0 serves them all, and a per-output-channel scale of
+    the stacked matrix is exactly the per-matrix scales, stacked.
+    """
+
+    def _add_projections(self, in_features: int, parts: dict[str, int], bias: bool,
+                         fused_name: str, fused: bool) -> None:
+        self.parts = dict(parts)
+        self.fused_name = fused_name if fused and len(parts) > 1 else None
+        if self.fused_name is None:
+            for name, rows in parts.items():
+                setattr(self, name, nn.Linear(in_features, rows, bias=bias))
+            return
+        setattr(self, fused_name, nn.Linear(in_features, sum(parts.values()), bias=bias))
+        self.register_load_state_dict_pre_hook(_stack_on_load)
+        self.register_state_dict_post_hook(_split_on_save)
+
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each part's output (..., rows), in order: views of ONE matmul's output when fused."""
+        if self.fused_name is None:
+            return [getattr(self, name)(x) for name in self.parts]
+        return list(getattr(self, self.fused_name)(x).split(list(self.parts.values()), dim=-1))
+
+
+def _stack_on_load(module, state_dict, prefix, *_):
+    """Load pre-hook: ``{prefix}q_proj.X``, ``k_proj.X``, ``v_proj.X`` -> ``{prefix}qkv_proj.X``
+    (X = weight, bias, qweight, scale, ...), concatenated on dim 0. Parts that are absent are left
+    for ``load_state_dict`` to report as missing."""
+    first = f"{prefix}{next(iter(module.parts))}."
+    for suffix in [k[len(first):] for k in state_dict if k.startswith(first)]:
+        names = [f"{prefix}{part}.{suffix}" for part in module.parts]
+        if not all(n in state_dict for n in names):
+            continue
+        tensors = [state_dict.pop(n) for n in names]
+        for n, t, rows in zip(names, tensors, module.parts.values()):
+            if t.shape[0] != rows or t.shape[1:] != tensors[0].shape[1:]:
+                raise ValueError(f"{n} has shape {tuple(t.shape)}: it needs {rows} rows (output features) "
+                                 f"and the shape {tuple(tensors[0].shape[1:])} after them to stack into "
+                                 f"{prefix}{module.fused_name}")
+        state_dict[f"{prefix}{module.fused_name}.{suffix}"] = torch.cat(tensors)
+
+
+def _split_on_save(module, state_dict, prefix, _metadata):
+    """State-dict post-hook: ``{prefix}qkv_proj.X`` -> ``q_proj.X``, ``k_proj.X``, ``v_proj.X``
+    (views, no copy), put where the fused tensors were, part by part as HF orders them."""
+    head = f"{prefix}{module.fused_name}."
+    pieces = {k[len(head):]: v.split(list(module.parts.values())) for k, v in state_dict.items()
+              if k.startswith(head)}
+    items = list(state_dict.items())
+    state_dict.clear()                                   # refilled in place: the caller holds this dict
+    for key, value in items:
+        if not key.startswith(head):
+            state_dict[key] = value
+        elif key == head + next(iter(pieces)):
+            for i, part in enumerate(module.parts):
+                for suffix, split in pieces.items():
+                    state_dict[f"{prefix}{part}.{suffix}"] = split[i]
+
+
+# ---------------------------------------------------------------------------
 # Attention: projections + RoPE here, the softmax(QK^T)V part in a backend.
 # ---------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+class Attention(StackedProjections):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, fused: bool = True):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.kv_layer = cfg.kv_layer_of(layer_idx)
         self.owns_kv = cfg.owns_kv(layer_idx)
         nh, nkv, hd, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(h, nh * hd, bias=cfg.attention_bias)
-        if self.owns_kv:      # with cross-layer sharing only a group's first layer has K/V
-            self.k_proj = nn.Linear(h, nkv * hd, bias=cfg.attention_bias)
-            self.v_proj = nn.Linear(h, nkv * hd, bias=cfg.attention_bias)
+        # with cross-layer sharing only a group's first layer has K/V: the others have q_proj alone
+        parts = {"q_proj": nh * hd, "k_proj": nkv * hd, "v_proj": nkv * hd} if self.owns_kv else {"q_proj": nh * hd}
+        self._add_projections(h, parts, cfg.attention_bias, "qkv_proj", fused)
         self.o_proj = nn.Linear(nh * hd, h, bias=False)
 
     def forward(self, x, cos, sin, positions, kv_cache: KVCache, view: KVView | None, backend):
@@ -120,38 +204,37 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)              # (B, nh, T, hd)
-        q = apply_rope(q, cos, sin)
+        q, *kv = self.project(x)                                           # (B, T, nh*hd) [, 2 x (B, T, nkv*hd)]
+        q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)    # (B, nh, T, hd)
         if self.owns_kv:      # write the new K/V; read back everything the queries may see
-            k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
-            v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)         # (B, nkv, T, hd)
+            k, v = (t.view(B, T, nkv, hd).transpose(1, 2) for t in kv)     # (B, nkv, T, hd) each
             view = kv_cache.update(self.kv_layer, apply_rope(k, cos, sin), v, positions)
         out = kv_cache.attend(self.kv_layer, q, view, positions, backend, window=cfg.sliding_window)
         out = out.transpose(1, 2).reshape(B, T, nh * hd)                   # (B, T, nh * hd)
         return self.o_proj(out), view
 
 
-class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+class MLP(StackedProjections):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up in one ``gate_up_proj``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = True):
         super().__init__()
         h, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
+        self._add_projections(h, {"gate_proj": f, "up_proj": f}, False, "gate_up_proj", fused)
         self.down_proj = nn.Linear(f, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project(x)                                         # (..., f) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, fused: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, fused)
 
     def forward(self, x, cos, sin, positions, kv_cache, view, backend):
         a, view = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, view, backend)
@@ -163,20 +246,21 @@ class DecoderLayer(nn.Module):
 class _Body(nn.Module):
     """Holds the parameters under HF's `model.` prefix."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Transformer(nn.Module):
-    """A Llama-family causal LM. ``forward`` returns logits; see the module docstring."""
+    """A Llama-family causal LM. ``forward`` returns logits; see the module docstring.
+    ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears (the layout before fusion)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fuse_projections: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.model = _Body(cfg)
+        self.model = _Body(cfg, fuse_projections)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -216,21 +300,23 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, state_dict: dict | None = None, *, device="cpu",
-                dtype=torch.float32, seed: int | None = None) -> Transformer:
+                dtype=torch.float32, seed: int | None = None, fuse_projections: bool = True) -> Transformer:
     """Create a Transformer; load ``state_dict`` (HF names) or initialise randomly with ``seed``.
 
     Random init (for tests and lessons) draws every weight from N(0, 0.02) and
     norm weights near 1, so that tiny random models give non-trivial logits.
+    It fills the HF-named tensors one by one (views into the fused ones), so a
+    seed gives the same weights fused or not.
     """
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, fuse_projections)
     model = model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     if state_dict is None:
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in model.state_dict().items():
                 if "norm" in name:
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
                 else:

@@ -279,14 +279,20 @@ def test_reference_path_never_calls_a_kernel(monkeypatch):
 
 
 def _dequantized_state_dict(model) -> dict:
-    """The float state dict a quantized model computes with (for the naive oracle)."""
+    """The float state dict a quantized model computes with (for the naive oracle), in HF names:
+    a fused qkv_proj / gate_up_proj is cut back into its parts' rows."""
     sd = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantizedLinear):
-            key = "lm_head" if name == "lm_head" else name
-            sd[f"{key}.weight"] = mod.dequantize()
-            if mod.bias is not None:
-                sd[f"{key}.bias"] = mod.bias
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            parts = parent.parts if attr == getattr(parent, "fused_name", None) else {attr: mod.out_features}
+            prefix = parent_name + "." if parent_name else ""
+            for part, w, b in zip(parts, mod.dequantize().split(list(parts.values())),
+                                  mod.bias.split(list(parts.values())) if mod.bias is not None else [None] * len(parts)):
+                sd[f"{prefix}{part}.weight"] = w
+                if b is not None:
+                    sd[f"{prefix}{part}.bias"] = b
     for name, p in model.named_parameters():
         sd[name] = p
     return sd

@@ -3,6 +3,8 @@
     naive        minfer/naive.py: the oracle, whole sequence recomputed per token, math attention
     no-cache     minfer's model, whole sequence recomputed per token (fused attention)
     cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
+    unfused      the same, on the same weights, with q/k/v and gate/up as separate matmuls (the
+                 layout before fused projections, ``build_model(..., fuse_projections=False)``)
     transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
 
 All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import time
 
@@ -30,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of naive,no-cache,cached,llm,transformers "
-                        "(llm = batch-1 decode through LLM.generate, i.e. the engine)")
+                   help="comma-separated subset of naive,no-cache,cached,unfused,llm,transformers "
+                        "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
+                        "with separate q/k/v and gate/up matmuls)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quantization", default=None,
+                   help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
@@ -40,11 +47,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def weight_bytes_per_step(model) -> int:
     """Bytes of weights a decode step reads: every matrix once; the embedding only as the LM head."""
+    if getattr(model, "quantization", None):
+        from minfer.bench.quant import decode_weight_bytes
+        return decode_weight_bytes(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     emb = model.model.embed_tokens.weight
     if not model.cfg.tie_word_embeddings:       # untied: the embedding table is only indexed (1 row)
         total -= emb.numel() * emb.element_size()
     return total
+
+
+def _unfused_model(llm, args):
+    """The same weights with separate q/k/v and gate/up linears (the layout before fusion), quantized
+    alike when asked: rows are quantized one by one, so both hold the same quantized values."""
+    from minfer.checkpoints import load_checkpoint
+    from minfer.model import build_model
+    from minfer.quant.apply import quantize_model
+    if args.quantization is None:
+        return build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype,
+                           fuse_projections=False)
+    cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
+    model = build_model(cfg, state_dict, device=llm.device, dtype=llm.dtype, fuse_projections=False)
+    return quantize_model(model, args.quantization)
 
 
 def _time_cached(model, prompt_ids, n, kv_cache):
@@ -126,35 +150,42 @@ def main(args) -> int:
 
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ["naive", "no-cache", "cached", "llm", "transformers"]
+    known = ["naive", "no-cache", "cached", "unfused", "llm", "transformers"]
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
+    unfused = _unfused_model(llm, args) if "unfused" in methods else None
 
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
         "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
+        "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
     }
-    outputs = {}
+    outputs, per_round = {}, {}
 
     def wrap(name):
         def run():
             res = fns[name]()
             outputs[name] = res.pop("tokens")
+            per_round.setdefault(name, []).append(res["decode_tps"])
             return res
         return run
 
     log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
-        f"device {llm.device}, {llm.dtype}, {args.repeats} interleaved rounds")
+        f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
     log("measuring memory bandwidth and matmul FLOP/s ...")
     bw = measure_bandwidth(llm.device)
     flops = measure_flops(llm.device)
@@ -168,7 +199,7 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "llm", "transformers"):
+        if name in ("cached", "unfused", "llm", "transformers"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
             row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
         if name != "cached" and "cached" in outputs:
@@ -182,10 +213,18 @@ def main(args) -> int:
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
                        ("bandwidth_fraction", "of peak", "{:.0%}")]))
-    print(f"\nmachine: measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
+    mi = machine_info(llm.device)
+    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
+          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
+    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    if "cached" in medians and "unfused" in medians:
+        ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
+        print(f"fused projections: cached (fused) / unfused decode tok/s = "
+              f"{medians['cached']['decode_tps'] / medians['unfused']['decode_tps']:.3f} (ratio of medians); "
+              f"per round {' '.join(f'{r:.3f}' for r in ratios)}, median {statistics.median(ratios):.3f}")
     if "cached" in medians and "llm" in medians:
         print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
               f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
@@ -207,6 +246,7 @@ def main(args) -> int:
         write_json(args.json, {"kv_quantization": kv_rows,
             "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "quantization": args.quantization,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
             "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,

@@ -20,8 +20,8 @@ the engine's interface (``update`` returns keys with one (B, S) positions row; s
 key was written); the causal mask is built from them, so the model needs no special path.
 
 H2O and SnapKV need the attention weights, which ``update`` does not see: the cache
-reads the queries through a forward hook on each layer's ``q_proj`` (registered by the
-constructor, removed by ``close``), rotates them like the model does, and recomputes the
+reads the queries through a forward hook on each layer's query projection (the first
+``nh * hd`` outputs of the fused ``qkv_proj``; registered by the constructor, removed by ``close``), rotates them like the model does, and recomputes the
 softmax for its bookkeeping only. The model's own attention is untouched.
 
 Within one forward the new tokens see the kept tokens plus themselves (a prefill of T
@@ -83,13 +83,15 @@ class EvictingKVCache(DenseKVCache):
             ref = weakref.ref(self)
             for i, layer in enumerate(model.model.layers):
                 if cfg.owns_kv(i):
-                    kv_layer = cfg.kv_layer_of(i)
+                    kv_layer, attn = cfg.kv_layer_of(i), layer.self_attn
+                    q_rows = attn.parts["q_proj"]
 
-                    def hook(_m, _inp, out, kv_layer=kv_layer):
+                    def hook(_m, _inp, out, kv_layer=kv_layer, q_rows=q_rows):
                         cache = ref()
                         if cache is not None:
-                            cache._q[kv_layer] = out.detach()
-                    self._handles.append(layer.self_attn.q_proj.register_forward_hook(hook))
+                            cache._q[kv_layer] = out[..., :q_rows].detach()     # (B, T, nh * hd)
+                    proj = getattr(attn, attn.fused_name or "q_proj")
+                    self._handles.append(proj.register_forward_hook(hook))
 
     def close(self) -> None:
         """Remove the query hooks (H2O, SnapKV). Also done when the cache is garbage-collected."""

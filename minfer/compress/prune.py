@@ -138,8 +138,7 @@ def prune_model(model, calib: torch.Tensor, ffn_ratio: float, heads_per_group: i
 def magnitude_sparsify(model, ratio: float):
     """Unstructured baseline: zero the smallest |w| of every FFN matrix in place (shapes unchanged)."""
     for layer in model.model.layers:
-        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            w = lin.weight
+        for w in layer.mlp.state_dict().values():      # gate, up, down: views into the fused weights
             k = int(ratio * w.numel())
             if k:
                 cut = w.abs().flatten().kthvalue(k).values

@@ -6,8 +6,8 @@ An ``nn.Linear`` computes ``y = x @ W.T`` with W of shape (out, in). Split W two
     row parallel:    W = [W_0  W_1]  (columns of W = input features) y = sum_r x_r @ W_r.T  -> all-reduce
 
 A transformer block pairs them so that only ONE all-reduce is needed per pair:
-q/k/v (column, whole heads per rank) -> attention on the local heads -> o_proj (row, all-reduce);
-gate/up (column) -> SwiGLU on the local slice -> down_proj (row, all-reduce). The embedding and the
+qkv (column, whole heads per rank) -> attention on the local heads -> o_proj (row, all-reduce);
+gate_up (column) -> SwiGLU on the local slice -> down_proj (row, all-reduce). The embedding and the
 LM head split the vocabulary: embedding rows outside a rank's range give zeros and an all-reduce
 fills them in; the LM head's logits slices are all-gathered.
 
@@ -69,9 +69,9 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """A column-parallel projection split at head boundaries: each rank holds whole heads.
 
-    vLLM fuses q, k and v into one ``qkv_proj``; minfer keeps HF's three modules
-    (``q_proj``, ``k_proj``, ``v_proj``) so that checkpoint names stay as they are, and
-    each of the three is a ``QKVParallelLinear`` over its own heads. ``head_range`` says
+    As in vLLM, it is the fused ``qkv_proj``: each rank's weight is its q heads' rows,
+    then its k heads' rows, then its v heads' rows (``tensor_parallel.shard_model``
+    stacks them from HF's q_proj/k_proj/v_proj). ``head_range`` says
     which heads: query heads are split evenly; K/V heads too when tp divides them, else
     (tp a multiple of n_kv_heads, e.g. MQA) each K/V head is *replicated* on tp / n_kv ranks,
     so a GQA group (one K/V head and the query heads that read it) is never cut apart

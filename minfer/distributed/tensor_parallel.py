@@ -3,14 +3,18 @@
 ``shard_model(model, source, rank, world)`` replaces, in place, every projection
 by its parallel layer holding this rank's slice, read from ``source``:
 
-    self_attn.q_proj/k_proj/v_proj  QKVParallelLinear    whole heads (K/V replicated when tp > n_kv)
+    self_attn.qkv_proj              QKVParallelLinear    whole heads (K/V replicated when tp > n_kv)
     self_attn.o_proj                RowParallelLinear    one all-reduce
-    mlp.gate_proj/up_proj           ColumnParallelLinear
+    mlp.gate_up_proj                ColumnParallelLinear
     mlp.down_proj                   RowParallelLinear    one all-reduce
+
+A fused projection holds, on each rank, that rank's rows of every HF matrix it
+stacks (its q heads, then its k heads, then its v heads; its gate rows, then its
+up rows), so the local split into q, k, v (gate, up) works as on one device.
     model.embed_tokens              VocabParallelEmbedding  one all-reduce
     lm_head (tied: shares the above) ParallelLMHead      one all-gather of logits
 
-Module names stay HF's, and the model's own ``forward`` runs unchanged: it only
+The model's own ``forward`` runs unchanged: it only
 sees a *rank-local* config (``local_config``: this rank's head counts), so its
 ``view(B, T, nh, hd)`` and its KV caches are sized for the local heads. Per token
 and layer that is 2 all-reduces of ``hidden_size`` activations.
@@ -147,20 +151,28 @@ def shard_model(model, source, rank: int, world: int, group=None):
     k0, k1 = QKVParallelLinear.head_range(nh, nkv, rank, world, "kv")
     f0, f1 = shard_range(full.intermediate_size, rank, world)
 
-    def col(prefix, a, b, cls=ColumnParallelLinear):
-        bias = _rows(source, prefix + ".bias", a, b) if source.has(prefix + ".bias") else None
-        return cls(_rows(source, prefix + ".weight", a, b), bias, group=group)
+    def column(module, prefix, ranges: dict[str, tuple[int, int]], cls):
+        """Rows [a, b) of each HF matrix of ``module``'s projections: one parallel linear
+        holding them stacked when the module is fused, else one per HF name."""
+        ws = [_rows(source, f"{prefix}{n}.weight", a, b) for n, (a, b) in ranges.items()]
+        bs = [_rows(source, f"{prefix}{n}.bias", a, b) if source.has(f"{prefix}{n}.bias") else None
+              for n, (a, b) in ranges.items()]
+        module.parts = {n: b - a for n, (a, b) in ranges.items()}          # this rank's rows
+        if module.fused_name:
+            bias = None if bs[0] is None else torch.cat(bs)
+            setattr(module, module.fused_name, cls(torch.cat(ws), bias, group=group))
+        else:
+            for n, w, bias in zip(ranges, ws, bs):
+                setattr(module, n, cls(w, bias, group=group))
 
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
         attn.cfg = cfg
-        attn.q_proj = col(p + "self_attn.q_proj", q0 * hd, q1 * hd, QKVParallelLinear)
-        attn.k_proj = col(p + "self_attn.k_proj", k0 * hd, k1 * hd, QKVParallelLinear)
-        attn.v_proj = col(p + "self_attn.v_proj", k0 * hd, k1 * hd, QKVParallelLinear)
+        column(attn, p + "self_attn.", {"q_proj": (q0 * hd, q1 * hd), "k_proj": (k0 * hd, k1 * hd),
+                                        "v_proj": (k0 * hd, k1 * hd)}, QKVParallelLinear)
+        column(mlp, p + "mlp.", {"gate_proj": (f0, f1), "up_proj": (f0, f1)}, ColumnParallelLinear)
         attn.o_proj = RowParallelLinear(source.get(p + "self_attn.o_proj.weight", 1, q0 * hd, q1 * hd), group=group)
-        mlp.gate_proj = col(p + "mlp.gate_proj", f0, f1)
-        mlp.up_proj = col(p + "mlp.up_proj", f0, f1)
         mlp.down_proj = RowParallelLinear(source.get(p + "mlp.down_proj.weight", 1, f0, f1), group=group)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             getattr(layer, norm).weight = torch.nn.Parameter(source.get(p + norm + ".weight"), requires_grad=False)

@@ -13,8 +13,12 @@ Format names (case-insensitive):
                          has a fast kernel)
     q8_0, q4_0, q4_1     the GGUF block formats, bit-exact with llama.cpp (gguf_formats.py)
 
-What is swapped: every ``nn.Linear`` inside the decoder layers (q, k, v, o,
-gate, up, down). The LM head is the largest single matrix (vocab x hidden;
+What is swapped: every ``nn.Linear`` inside the decoder layers (the fused
+qkv_proj and gate_up_proj, o_proj, down_proj). Each output row is quantized on
+its own (int8: one scale per row; int4 and GGUF: groups along the row), so the
+fused matrix quantizes to exactly the per-matrix results, stacked, and the
+checkpoint keeps HF's q/k/v and gate/up names (``minfer/model.py`` splits them
+on save and stacks them on load). The LM head is the largest single matrix (vocab x hidden;
 21% of SmolLM2's weights) and, with tied embeddings, it *is* the embedding
 table. ``lm_head`` decides what it becomes: ``"int8"`` (the default: the head
 is the matrix that suffers most from 4-bit error, so, like llama.cpp's mixes,
@@ -26,7 +30,7 @@ does not read it).
 Checkpoint format: one safetensors file with the model's state dict (the
 quantized modules contribute ``qweight``/``scale``/``minimum`` or ``blocks``
 instead of ``weight``) and metadata: ``minfer.quantization`` (a JSON map of
-module name -> format), ``minfer.config`` (``ModelConfig.to_hf()``) and
+HF module name -> format), ``minfer.config`` (``ModelConfig.to_hf()``) and
 ``minfer.dtype``. vLLM reads the same information from a checkpoint's
 ``quantization_config`` (``vllm/model_executor/layers/quantization/__init__.py``).
 """
@@ -107,13 +111,15 @@ def _empty_module(spec: QuantSpec, out_features: int, in_features: int, bias: bo
 
 
 def _decoder_linears(model: nn.Module):
-    """(parent module, attribute, qualified name) of every nn.Linear in the decoder layers."""
+    """(parent module, attribute, HF names) of every nn.Linear in the decoder layers. A fused
+    linear stands for several HF ones: ``qkv_proj`` -> [``...q_proj``, ``...k_proj``, ``...v_proj``]."""
     for name, module in model.named_modules():
         if ".layers." not in f".{name}.":
             continue
         for attr, child in module.named_children():
             if isinstance(child, nn.Linear):
-                yield module, attr, f"{name}.{attr}"
+                parts = module.parts if attr == getattr(module, "fused_name", None) else [attr]
+                yield module, attr, [f"{name}.{part}" for part in parts]
 
 
 def _head_weight(model: nn.Module) -> Optional[torch.Tensor]:
@@ -136,10 +142,10 @@ def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[st
     head_spec = None if lm_head in (None, "none") else spec if lm_head == "same" else parse_spec(lm_head)
     formats: dict[str, str] = dict(getattr(model, "quantization", {}) or {})
     kw = {"path": path, "compute_dtype": compute_dtype}
-    for parent, attr, name in list(_decoder_linears(model)):
+    for parent, attr, names in list(_decoder_linears(model)):
         old = getattr(parent, attr)
         setattr(parent, attr, quantize_weight(old.weight, spec, old.bias, **kw))
-        formats[name] = spec.name
+        formats.update(dict.fromkeys(names, spec.name))
     weight = _head_weight(model)
     if head_spec is not None and weight is not None:
         model.lm_head = quantize_weight(weight, head_spec, **kw)
@@ -237,10 +243,14 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
-    for parent, attr, name in list(_decoder_linears(model)):
-        if name in formats:
+    for parent, attr, names in list(_decoder_linears(model)):
+        specs = {formats.get(name) for name in names}
+        if len(specs) > 1:
+            raise ValueError(f"{file}: {', '.join(names)} are stacked into one {attr}, so they need one "
+                             f"format; the metadata gives {sorted(map(str, specs))}")
+        if None not in specs:
             old = getattr(parent, attr)
-            setattr(parent, attr, _empty_module(parse_spec(formats[name]), old.out_features,
+            setattr(parent, attr, _empty_module(parse_spec(specs.pop()), old.out_features,
                                                 old.in_features, old.bias is not None))
     if "lm_head" in formats:
         model.lm_head = _empty_module(parse_spec(formats["lm_head"]), cfg.vocab_size, cfg.hidden_size, False)
