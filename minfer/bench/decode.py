@@ -5,10 +5,12 @@
     cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
     unfused      the same, on the same weights, with q/k/v and gate/up as separate matmuls (the
                  layout before fused projections, ``build_model(..., fuse_projections=False)``)
+    packed       cached, with every linear run by oneDNN on weights reordered once (``LLM(prepack=True)``)
     transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
 
 All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored).
-"Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s.
+"Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s;
+MBU (model-bandwidth utilisation) = that / the bandwidth measured on this machine in the same run.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of naive,no-cache,cached,unfused,llm,transformers "
+                   help="comma-separated subset of naive,no-cache,cached,unfused,packed,llm,transformers "
                         "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
-                        "with separate q/k/v and gate/up matmuls)")
+                        "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
+                        "linears, minfer/kernels/onednn_linear.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quantization", default=None,
                    help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
@@ -69,6 +72,17 @@ def _unfused_model(llm, args):
     cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
     model = build_model(cfg, state_dict, device=llm.device, dtype=llm.dtype, fuse_projections=False)
     return quantize_model(model, args.quantization)
+
+
+def _packed_model(llm):
+    """The same weights, every linear run by oneDNN on a weight reordered once (a second copy)."""
+    from minfer.kernels.onednn_linear import pack_linears
+    from minfer.model import build_model
+    if llm.device.type != "cpu" or llm.dtype != torch.float32 or getattr(llm.model, "quantization", None):
+        raise ValueError("the packed method is for float32 weights on the CPU")
+    model = build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype)
+    pack_linears(model)
+    return model
 
 
 def _time_cached(model, prompt_ids, n, kv_cache):
@@ -155,7 +169,7 @@ def main(args) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ["naive", "no-cache", "cached", "unfused", "llm", "transformers"]
+    known = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "transformers"]
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
@@ -165,12 +179,14 @@ def main(args) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
     unfused = _unfused_model(llm, args) if "unfused" in methods else None
+    packed = _packed_model(llm) if "packed" in methods else None
 
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
         "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
         "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
+        "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
     }
@@ -199,7 +215,7 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "unfused", "llm", "transformers"):
+        if name in ("cached", "unfused", "packed", "llm", "transformers"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
             row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
         if name != "cached" and "cached" in outputs:
@@ -212,7 +228,7 @@ def main(args) -> int:
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
-                       ("bandwidth_fraction", "of peak", "{:.0%}")]))
+                       ("bandwidth_fraction", "MBU", "{:.0%}")]))
     mi = machine_info(llm.device)
     print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
           f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
@@ -225,6 +241,11 @@ def main(args) -> int:
         print(f"fused projections: cached (fused) / unfused decode tok/s = "
               f"{medians['cached']['decode_tps'] / medians['unfused']['decode_tps']:.3f} (ratio of medians); "
               f"per round {' '.join(f'{r:.3f}' for r in ratios)}, median {statistics.median(ratios):.3f}")
+    if "cached" in medians and "packed" in medians:
+        ratios = [a / b for a, b in zip(per_round["packed"], per_round["cached"])]
+        print(f"prepacked linears: packed / cached decode tok/s = "
+              f"{medians['packed']['decode_tps'] / medians['cached']['decode_tps']:.3f} (ratio of medians); "
+              f"per round {' '.join(f'{r:.3f}' for r in ratios)}")
     if "cached" in medians and "llm" in medians:
         print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
               f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
