@@ -2,8 +2,12 @@
 
 Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
-    k, v   (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   K and V side by side
+    k, v   views kv[:, 0], kv[:, 1]: (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
     slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
+
+(vLLM keeps the 2 on the outside of the same tensor, ``(2, num_blocks, block_size, nkv, hd)`` per
+layer; one tensor lets a layer write K and V with one scatter and read them with one gather.)
 
 The model runs on a *flattened batch* built by the engine's runner
 (``minfer/engine/runner.py``, the only place a batch is flattened): the tokens
