@@ -188,12 +188,6 @@ def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[
 # ---------------------------------------------------------------------------
 
 
-def head_guesses(model, heads: MedusaHeads, hidden: torch.Tensor, s: int) -> list[list[int]]:
-    """hidden (h,) -> top-s token ids of every head: ONE (K, h) x (h, V) product reads the LM head once."""
-    logits = model.compute_logits(heads(hidden))                      # (K, V)
-    return logits.topk(min(s, logits.shape[-1]), dim=-1).indices.tolist()
-
-
 def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor) -> torch.Tensor:
     """Last-layer outputs x (N, h) -> logits (N, 1 + K, V): the base model's next token and the K
     heads' guesses at every row, in ONE pass over the LM head.
