@@ -7,7 +7,7 @@ costs one small copy per sequence per step; instead the manager writes each
 change here once, when it happens (a new block appended, a copy-on-write swap),
 and the runner only *indexes* the rows of the sequences in the step::
 
-    row  seq   table (cols grow on demand; entries past a sequence's end are never read)
+    row  seq   table (cols grow on demand; entries past a sequence's end are masked)
      0   A     [ 2  0  4  .  . ]
      1   (free: its row is handed to the next sequence)
      2   B     [ 1  5  .  .  . ]
@@ -56,7 +56,7 @@ class BlockTableTensor:
             self._dirty = True
 
     def free_row(self, row: int) -> None:
-        self.cpu[row] = 0             # stale ids would be harmless (never read), zeros read better
+        self.cpu[row] = 0             # any valid id would do (read whole, then masked); zeros read better
         self._free.append(row)
         self._dirty = True
 
