@@ -222,3 +222,25 @@ def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
         want = [o.token_ids for o in LLM.from_model(model, enforce_eager=True, **args).generate(prompts, params)]
         for g, w in zip(got, want):
             assert g == w, first_difference(g, w)
+
+
+# ---------------------------------------------------------------------------------- the command line
+def test_cli_flags_reach_the_engine(monkeypatch):
+    import minfer.cli as cli
+    import minfer.llm
+    seen = {}
+    monkeypatch.setattr(minfer.llm, "LLM", lambda *a, **kw: seen.update(kw))
+    cli._llm(cli.build_parser().parse_args(["generate", "hi", "--compile"]), max_num_seqs=1)
+    assert seen["compile"] is True and seen["enforce_eager"] is None and seen["max_num_seqs"] == 1
+    seen.clear()
+    cli._llm(cli.build_parser().parse_args(["generate", "hi", "--enforce-eager"]))
+    assert seen["compile"] is False and seen["enforce_eager"] is True
+
+
+def test_cli_compile_with_enforce_eager_is_a_clear_error(tmp_path, capsys):
+    from servers import tiny_model_folder
+
+    from minfer.cli import main
+    folder = tiny_model_folder(tmp_path / "tiny")
+    assert main(["generate", "hi", "--model", str(folder), "--compile", "--enforce-eager"]) == 2
+    assert "enforce_eager" in capsys.readouterr().err
