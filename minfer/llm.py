@@ -106,7 +106,7 @@ class LLM:
     compile                 torch.compile the static decode step (needs enforce_eager False or None).
                             The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
                             apart from every step's. On a 2-core CPU it does not pay (see the README).
-    max_seq_len_to_capture  the static path's width in keys (vLLM's name): default the model's context;
+    max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
                             a decode step whose longest context is longer runs eager
     seed                    requests without their own seed draw one from this seeded sequence
     tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)

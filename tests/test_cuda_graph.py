@@ -156,6 +156,24 @@ def test_seeded_sampling_is_the_same_on_the_static_path(seed, temperature, top_k
     assert got == want
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_quantized_kv_pages_on_the_static_path(kv_cache_dtype):
+    """int8/fp8 pages are read and written through the same static plan: the eager engine's tokens."""
+    cfg = tiny_config(num_key_value_heads=1)
+    model = tiny_model(cfg, seed=6)
+    rng = random.Random(6)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, 9))] for _ in range(3)]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    args = dict(block_size=4, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype)
+    try:
+        want = [o.token_ids for o in LLM.from_model(model, **args).generate(prompts, params)]
+    except ValueError as e:                                                 # fp8 needs a recent torch
+        pytest.skip(str(e))
+    llm = LLM.from_model(model, enforce_eager=False, **args)
+    steps = _count_static_runs(llm)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want and steps
+
+
 def test_longer_contexts_than_the_captured_width_run_eager():
     """max_seq_len_to_capture=8 (two blocks of 4): decodes past position 8 fall back to eager."""
     cfg = tiny_config()
@@ -172,6 +190,9 @@ def test_longer_contexts_than_the_captured_width_run_eager():
 def test_engine_arguments_are_checked():
     model = tiny_model(tiny_config())
     assert LLM.from_model(model).enforce_eager is True                      # CPU default: eager (docstring)
+    assert LLM.from_model(model, enforce_eager=False).engine.runner.static.max_blocks == 128 // 16
+    big = tiny_model(tiny_config(max_position_embeddings=20000))            # the width is capped at 8192 keys
+    assert LLM.from_model(big, enforce_eager=False, num_blocks=8).engine.runner.static.max_blocks == 8192 // 16
     with pytest.raises(ValueError, match="compile=True.*enforce_eager"):
         LLM.from_model(model, enforce_eager=True, compile=True)
     with pytest.raises(ValueError, match="max_seq_len_to_capture"):

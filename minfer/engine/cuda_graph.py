@@ -48,6 +48,11 @@ import torch
 
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
+# The static width's default cap, in keys: vLLM's ``max_seq_len_to_capture`` default. Every
+# static decode attends over this many keys (padding masked), so a model with a 128k context
+# would otherwise pad each decode to 128k; longer contexts run eager instead.
+MAX_SEQ_LEN_TO_CAPTURE = 8192
+
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Batch-size buckets: powers of two up to ``max_num_seqs``, and ``max_num_seqs`` itself.
@@ -100,7 +105,7 @@ class StaticDecodeRunner:
         self.model, self.cache, self.attention = model, cache, attention
         self.sizes = capture_sizes(max_num_seqs)
         bs = cache.block_size
-        max_context = max_context or model.cfg.max_position_embeddings
+        max_context = max_context or min(model.cfg.max_position_embeddings, MAX_SEQ_LEN_TO_CAPTURE)
         if max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {max_context}")
         self.max_blocks = -(-max_context // bs)                  # static width: max_blocks * block_size keys

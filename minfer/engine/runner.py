@@ -23,6 +23,7 @@ vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -101,10 +102,16 @@ class ModelRunner:
         self.static = None
         if not enforce_eager:
             from minfer.engine.cuda_graph import StaticDecodeRunner
-            with torch.no_grad():
-                self.static = StaticDecodeRunner(model, self.cache, pool.reserve_block(), max_num_seqs,
-                                                 attention=attention, max_context=max_seq_len_to_capture,
-                                                 compile=compile)
+            scratch_block = pool.reserve_block()
+            try:
+                with torch.no_grad():
+                    self.static = StaticDecodeRunner(model, self.cache, scratch_block, max_num_seqs,
+                                                     attention=attention, max_context=max_seq_len_to_capture,
+                                                     compile=compile)
+            except RuntimeError as e:      # e.g. a backend that reads the device inside a CUDA graph capture
+                if w.device.type != "cuda":
+                    raise
+                warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
         elif compile:
             raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
         self.kv_manager = KVCacheManager(pool, device=w.device)
