@@ -119,6 +119,20 @@ def test_static_decode_equals_eager_and_the_oracle(cfg, seed, num, max_new, bloc
     assert pool.num_free_blocks == pool.num_blocks                        # everything was given back
 
 
+def test_preemption_happens_on_the_static_path():
+    """The 'tight' case above really preempts, and a recomputed request decodes on the static path again."""
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    prompts, params = [[1, 2, 3, 4], [5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, **GREEDY)
+    args = dict(block_size=2, num_blocks=6, max_num_batched_tokens=64, max_num_seqs=3)
+    want = LLM.from_model(model, **args).generate(prompts, params)
+    llm = LLM.from_model(model, enforce_eager=False, **args)
+    steps = _count_static_runs(llm)
+    got = llm.generate(prompts, params)
+    assert sum(o.metrics.num_preemptions for o in got) > 0 and len(steps) > 3
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
 def test_padded_rows_write_only_the_scratch_block():
     """Batches of 3 and 5 run in buckets 4 and 8; every block but the scratch equals the eager pool's."""
     cfg = tiny_config(num_key_value_heads=1)
