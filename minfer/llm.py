@@ -98,10 +98,10 @@ class LLM:
     enforce_eager           False: decode-only steps run on the static decode path, one bucket per batch
                             size (``minfer/engine/cuda_graph.py``), replayed as CUDA graphs on a GPU;
                             True: every step eager. Default (None): False on CUDA (vLLM's default) or
-                            with ``compile=True``, True on a CPU otherwise: a CPU has no launch overhead
-                            to capture away, and the static shapes pad every decode to the block
-                            table's full width (``max_seq_len_to_capture`` keys), which costs more than
-                            it saves there. ``LLM(enforce_eager=False)`` on a CPU runs the same static
+                            with ``compile=True``, True on a CPU otherwise: on a CPU there is nothing
+                            to capture (a graph saves GPU kernel launches), and the static shapes pad
+                            every decode to the block table's full width (``max_seq_len_to_capture``
+                            keys), which costs more than it saves there. ``LLM(enforce_eager=False)`` on a CPU runs the same static
                             buffers with "replay" = calling the step, so that path is testable anywhere.
     compile                 torch.compile the static decode step (needs enforce_eager False or None).
                             The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
@@ -161,6 +161,13 @@ class LLM:
             from minfer.kernels.onednn_linear import pack_linears
             pack_linears(self.model)
         self.model_name = model
+        if spec_config is not None or self.driver is not None:
+            # Single-request loops (_run_single) never step the engine: no static path to build, and
+            # under tensor/pipeline parallelism a graph capture here would run collectives alone.
+            if compile:
+                raise ValueError("compile=True compiles the engine's decode step; speculative decoding and "
+                                 "tensor/pipeline parallelism run single-request loops without it")
+            enforce_eager = True
         self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
