@@ -72,9 +72,11 @@ def _sampling(args):
                                 str(e))) from None
 
 
-def _llm(args):
+def _llm(args, **engine_args):
     from minfer.llm import LLM
-    return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+    if getattr(args, "compile", False) or getattr(args, "enforce_eager", False):
+        engine_args.update(compile=args.compile, enforce_eager=True if args.enforce_eager else None)
+    return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention, **engine_args,
                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                speculative=getattr(args, "speculative", None),
                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
@@ -92,7 +94,12 @@ def _print_timing(out) -> None:
 
 def cmd_generate(args) -> int:
     params = _sampling(args)
-    llm = _llm(args)
+    llm = _llm(args, max_num_seqs=1)             # one prompt: one bucket to compile or capture
+    if args.compile:                              # measured at start-up, apart from every step
+        print(f"[compile] torch.compile of the decode step: {llm.compile_seconds:.1f} s at start-up "
+              f"(not in TTFT/TPOT below)", file=sys.stderr)
+    if llm.capture_seconds:
+        print(f"[cuda graphs] captured in {llm.capture_seconds:.1f} s at start-up", file=sys.stderr)
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -250,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default=None,
                    help="speculative decoding: prompt_lookup[:k=N,min=N,max=N,adaptive=0|1] | draft:<model>|layers-K|int4"
                         "[,gamma=N] | lookahead[:W=N,N=N,G=N] (greedy only); output unchanged")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (static shapes; compile time printed apart; "
+                        "slower on a 2-core CPU)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eager (default: CUDA graphs on a GPU, eager on a CPU)")
     p.add_argument("--pipeline-parallel", action="store_true",
                    help="under torchrun: split the layers into one stage per process (default: tensor parallel)")
     p.add_argument("--use-solutions", default=None, metavar="NOTEBOOK",

@@ -95,7 +95,21 @@ class LLM:
     block_size              tokens per KV block
     kv_cache_memory_bytes   the KV pool's budget in bytes (vLLM's ``kv_cache_memory_bytes``)
     kv_cache_dtype          "auto" (the model's dtype), "int8" or "fp8": quantized KV pages
-    enforce_eager           accepted for vLLM compatibility; the runner is always eager today
+    enforce_eager           False: decode-only steps run on the static decode path, one bucket per batch
+                            size (``minfer/engine/cuda_graph.py``), replayed as CUDA graphs on a GPU;
+                            True: every step eager. Default (None): False on CUDA (vLLM's default) or
+                            with ``compile=True``, True on a CPU otherwise: on a CPU there is nothing
+                            to capture (a graph saves GPU kernel launches), and the static shapes pad
+                            every decode to the block table's full width (``max_seq_len_to_capture``
+                            keys), which costs more than it saves there (SmolLM2: 0.44x eager at
+                            8192 keys, 0.95x at 512). ``LLM(enforce_eager=False)`` on a CPU runs the
+                            same static buffers with "replay" = calling the step: testable anywhere.
+    compile                 torch.compile the static decode step (needs enforce_eager False or None).
+                            The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
+                            apart from every step's. On a 2-core CPU it barely pays: SmolLM2 decoded
+                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512 (README).
+    max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
+                            a decode step whose longest context is longer runs eager
     seed                    requests without their own seed draw one from this seeded sequence
     tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)
     pipeline_parallel_size  split the layers into N stages, one per process
@@ -107,7 +121,8 @@ class LLM:
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,
                  quantization: str | None = None, speculative=None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
-                 kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool = False,
+                 kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
+                 compile: bool = False, max_seq_len_to_capture: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool = False):
         # ---- argument checks: fail now, not at generate time (minfer/validation.py)
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -148,10 +163,18 @@ class LLM:
             from minfer.kernels.onednn_linear import pack_linears
             pack_linears(self.model)
         self.model_name = model
+        if spec_config is not None or self.driver is not None:
+            # Single-request loops (_run_single) never step the engine: no static path to build, and
+            # under tensor/pipeline parallelism a graph capture here would run collectives alone.
+            if compile:
+                raise ValueError("compile=True compiles the engine's decode step; speculative decoding and "
+                                 "tensor/pipeline parallelism run single-request loops without it")
+            enforce_eager = True
         self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager)
+                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
+                    max_seq_len_to_capture=max_seq_len_to_capture)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
@@ -171,21 +194,34 @@ class LLM:
 
     def _start(self, cfg, tokenizer, attention: str, seed: int, *, enable_prefix_caching: bool = True,
                max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
-               kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool = False,
+               kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
+               compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
                attention_mode: str = "split") -> None:
         """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
         if kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
+        if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
+            enforce_eager = not (self.device.type == "cuda" or compile)
+        if compile and enforce_eager:
+            raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
+                             "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
+        if max_seq_len_to_capture is not None and (isinstance(max_seq_len_to_capture, bool) or not
+                                                   isinstance(max_seq_len_to_capture, int) or max_seq_len_to_capture < 1):
+            raise ValueError(f"max_seq_len_to_capture must be an integer >= 1, got {max_seq_len_to_capture!r}")
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
-        self.kv_cache_dtype, self.enforce_eager = kv_cache_dtype, enforce_eager
+        self.kv_cache_dtype, self.enforce_eager, self.compile = kv_cache_dtype, enforce_eager, compile
         self._seeds = torch.Generator().manual_seed(seed)
         self.engine = LLMEngine.from_model(
             self.model, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
             kv_cache_memory=kv_cache_memory_bytes,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
-            attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None)
+            attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
+            enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture)
+        static = getattr(self.engine.runner, "static", None)
+        self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
+        self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:

@@ -89,13 +89,16 @@ class LLMEngine:
                    kv_cache_dtype: str = "auto", attention: str = "sdpa", attention_mode: str = "split",
                    eos_token_ids: Iterable[int] | None = None,
                    clock: Callable[[], float] = time.perf_counter,
-                   wrap_runner: Callable[[ModelRunner], object] | None = None) -> "LLMEngine":
+                   wrap_runner: Callable[[ModelRunner], object] | None = None, enforce_eager: bool = True,
+                   compile: bool = False, max_seq_len_to_capture: int | None = None) -> "LLMEngine":
         """An engine over a minfer ``Transformer``.
 
         num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
         the model's full context, but at most ``kv_cache_memory`` bytes.
         wrap_runner: ``ModelRunner -> runner`` (same ``execute``, ``kv_manager``, ``vocab_size``);
         tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
+        enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
+        ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -108,7 +111,9 @@ class LLMEngine:
             fit = PagedKVCache.num_blocks_for_memory(cfg, kv_cache_memory, block_size, dtype, kv_cache_dtype)
             num_blocks = max(1, min(want, fit))
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-                             attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
+                             attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
+                             enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, compile=compile,
+                             max_seq_len_to_capture=max_seq_len_to_capture)
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,

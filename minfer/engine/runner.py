@@ -23,6 +23,7 @@ vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -80,22 +81,51 @@ class ModelRunner:
     the middle of a prompt produce no logits: the LM head is skipped for them.
     ``execute`` = ``prepare_batch`` (flatten) + ``execute_model`` (forward); parallel followers
     call only the second, on the batch the driver flattened (``minfer.distributed.engine``).
+
+    ``enforce_eager=False``: decode-only steps run on the static decode path
+    (``minfer/engine/cuda_graph.py``: buckets of ``max_num_seqs``, CUDA graphs on a GPU,
+    ``compile=True`` for torch.compile); the pool then gets one more block, reserved as the
+    scratch block of padded rows, so the blocks sequences can hold stay ``num_blocks``.
+    Prefill and mixed steps always run eager.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
-                 attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto"):
+                 attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",
+                 enforce_eager: bool = True, max_num_seqs: int = 32, compile: bool = False,
+                 max_seq_len_to_capture: int | None = None):
         self.model, self.attention = model, attention
         w = model.model.embed_tokens.weight
-        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, dtype=w.dtype, device=w.device,
+        scratch = 0 if enforce_eager else 1                     # the static path's scratch block
+        self.cache = PagedKVCache(model.cfg, num_blocks + scratch, block_size, dtype=w.dtype, device=w.device,
                                   attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks, block_size, enable_prefix_caching), device=w.device)
+        pool = BlockPool(num_blocks + scratch, block_size, enable_prefix_caching)
+        self.static = None
+        if not enforce_eager:
+            from minfer.engine.cuda_graph import StaticDecodeRunner
+            scratch_block = pool.reserve_block()
+            try:
+                with torch.no_grad():
+                    self.static = StaticDecodeRunner(model, self.cache, scratch_block, max_num_seqs,
+                                                     attention=attention, max_context=max_seq_len_to_capture,
+                                                     compile=compile)
+            except RuntimeError as e:      # e.g. a backend that reads the device inside a CUDA graph capture
+                if w.device.type != "cuda":
+                    raise
+                warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
+        elif compile:
+            raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
+        self.kv_manager = KVCacheManager(pool, device=w.device)
         self.device = w.device
         self.vocab_size = model.cfg.vocab_size
 
     @torch.no_grad()
     def execute(self, chunks: Sequence, sample_rows: Sequence[int]) -> torch.Tensor:
         input_ids, meta = prepare_batch(self.kv_manager, chunks, self.device)
-        return self.execute_model(input_ids, meta, sample_rows, self.kv_manager.take_pending_copies())
+        copies = self.kv_manager.take_pending_copies()
+        if self.static is not None and self.static.fits(meta):  # decodes only: the static path
+            self.cache.copy_blocks(copies)                       # copy-on-write first
+            return self.static.run(input_ids, meta, sample_rows)
+        return self.execute_model(input_ids, meta, sample_rows, copies)
 
     @torch.no_grad()
     def execute_model(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows: Sequence[int],

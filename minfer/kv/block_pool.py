@@ -122,6 +122,28 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}          # block hash -> block id
         self.num_evictions = 0                    # cached blocks reused for new contents
+        self.reserved: list[int] = []             # blocks out of circulation (``reserve_block``)
+
+    def reserve_block(self) -> int:
+        """Take one free block out of circulation for good and return its id.
+
+        The static decode path (``minfer/engine/cuda_graph.py``) pads a batch to a
+        captured size; the padded rows write their K/V into this *scratch* block, so
+        they can never overwrite a sequence's K/V. ``num_blocks`` drops by one, so the
+        accounting stays ``num_free_blocks + blocks held by sequences == num_blocks``:
+        the scratch block is neither free nor anyone's. (nano-vllm skips padded rows
+        with slot -1 inside its store kernel instead; an ``index_copy_`` has no such skip.)
+        """
+        if not self.free_queue:
+            raise ValueError("reserve_block: no free block left to reserve")
+        block_id, _ = self.free_queue.popitem(last=True)     # at start-up: the highest id
+        block = self.blocks[block_id]
+        if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
+            del self.cached[block.block_hash]
+        block.block_hash, block.prefix, block.ref_cnt = None, None, 1
+        self.num_blocks -= 1
+        self.reserved.append(block_id)
+        return block_id
 
     @property
     def num_free_blocks(self) -> int:

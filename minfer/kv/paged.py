@@ -92,6 +92,26 @@ class PagedBatch:
         return int(self.slot_mapping.numel())
 
 
+@torch.library.custom_op("minfer::write_kv_rows", mutates_args=("kv",))
+def write_kv_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd): the paged cache's write, as one custom op.
+
+    The same ``index_copy_`` as the eager path, declared to torch.compile as an op that
+    mutates ``kv`` in place. Traced as plain torch ops, the write into one layer of the
+    pool is functionalized into a copy of the whole pool per layer (405 MB per step for
+    SmolLM2's default pool, measured: 2.5 s per compiled step instead of ~0.1 s). vLLM hides
+    its KV write and attention from the compiler the same way
+    (``torch.ops.vllm.unified_attention_with_output``, ``vllm/attention/layer.py``).
+    """
+    nkv, hd = rows.shape[2], rows.shape[3]
+    kv[layer].view(2, -1, nkv, hd).index_copy_(1, slots, rows)
+
+
+@write_kv_rows.register_fake
+def _(kv, layer, slots, rows) -> None:
+    return None
+
+
 @dataclass
 class _Group:
     """One backend call of the split mode: some sequences' queries and the keys they read."""
@@ -105,6 +125,7 @@ class _Group:
     fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
     sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
     whole: bool = False           # the group is the whole batch, in order: no query gather or output scatter
+    static: bool = False          # built by _plan_static: sdpa_mask already applies the sliding window
 
 
 def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
@@ -142,6 +163,7 @@ class PagedKVCache:
             self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.meta: PagedBatch | None = None
+        self._static = False       # the installed plan is set_static_batch's
 
     # ------------------------------------------------------------ sizes
     @staticmethod
@@ -195,7 +217,10 @@ class PagedKVCache:
         nkv, hd = k.shape[1], k.shape[3]
         if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
             rows = torch.stack((k[0], v[0])).transpose(1, 2)
-            self.kv[layer].view(2, -1, nkv, hd).index_copy_(1, meta.slot_mapping, rows)
+            if self._static and torch.compiler.is_compiling():   # one opaque in-place op (write_kv_rows)
+                write_kv_rows(self.kv, layer, meta.slot_mapping, rows)
+            else:
+                self.kv[layer].view(2, -1, nkv, hd).index_copy_(1, meta.slot_mapping, rows)
             return KVView(k, v, positions)
         out = []
         for store, x, scales in ((self.k, k, getattr(self, "k_scale", None)), (self.v, v, getattr(self, "v_scale", None))):
@@ -220,7 +245,7 @@ class PagedKVCache:
     # ------------------------------------------------------------ per-forward plans
     def set_batch(self, meta: PagedBatch) -> None:
         """Install the metadata of the next forward; precompute the index tensors every layer reuses."""
-        self.meta = meta
+        self.meta, self._static = meta, False
         device = self.k.device
         self._tables = meta.block_tables.to(device)                               # (S, max blocks)
         if self.attention_mode in ("split", "bucketed"):
@@ -274,6 +299,39 @@ class PagedKVCache:
         if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or only_decodes):
             self.groups[0].whole = True        # one sequence, or decodes only in one group (rows in order)
 
+    def set_static_batch(self, meta: PagedBatch) -> None:
+        """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
+
+        ``_decode_group`` pads the decodes to the longest context *of this step*, which it
+        reads on the host (``int(sl.max())``); a captured graph cannot do that, because its
+        shapes are frozen at capture and a host read inside a capture is an error. Here every
+        row is one query at position ``seq_lens - 1`` over ALL the keys its block-table row
+        can address, ``W = block_tables.shape[1] * block_size`` of them, and the keys past
+        its context are masked (position -1)::
+
+            seq_lens [3, 6]  block_size 4  block_tables (2, 2) -> W = 8
+            k_pos    [[0 1 2 -1 -1 -1 -1 -1],       q_pos [[2],
+                      [0 1 2  3  4  5 -1 -1]]              [5]]
+
+        Every tensor comes from ``meta``'s device tensors by device ops: no ``.item()``,
+        ``int()`` or ``.max()`` on the host. ``meta.seq_lens`` is therefore a device tensor
+        here (the eager plan keeps it on the host). One group, the whole batch, in order:
+        ``_attend_split`` runs it as one backend call per layer. The sliding window goes into
+        the mask, so the SDPA fast path serves windowed models too. vLLM builds the same
+        fixed-shape metadata for its captured decode (``CommonAttentionMetadata`` with
+        ``max_seq_len`` fixed; ``vllm/v1/worker/gpu_model_runner.py``).
+        """
+        self.meta, self._static = meta, True
+        self._tables = meta.block_tables                                            # (S, cols) device
+        S, cols = meta.block_tables.shape
+        pos = torch.arange(cols * self.block_size, device=self._tables.device)      # (W,)
+        sl = meta.seq_lens                                                          # (S,) device
+        k_pos = torch.where(pos[None] < sl[:, None], pos[None], -1)                 # (S, W), -1 = padding
+        q_pos = (sl - 1)[:, None]                                                   # (S, 1)
+        mask = allowed(q_pos, k_pos, self.cfg.sliding_window)[:, None]              # (S, 1, 1, W)
+        self.groups = [_Group(None, q_pos, k_pos, self._tables.flatten(), S, sdpa_mask=mask, whole=True,
+                              static=True)]              # every block of every row, masked past the context
+
     def _decode_group(self, idx: torch.Tensor, slens, starts, bs: int, device, whole_batch: bool) -> _Group:
         """Decodes ``idx`` (G,) in one group, padded to the blocks of the longest context (key position -1 = padding)."""
         sl = slens if whole_batch else slens[idx]                                   # (G,) host
@@ -293,7 +351,7 @@ class PagedKVCache:
                window: int | None = None) -> torch.Tensor:
         """Attention of the N queries q (1, nh, N, hd) over each one's sequence -> (1, nh, N, hd)."""
         self._need_meta(positions)
-        if self.attention_mode in ("split", "bucketed"):
+        if self._static or self.attention_mode in ("split", "bucketed"):
             return self._attend_split(layer, q, view, backend, window)
         S = self._q_index.shape[0]
         qp = q[0].transpose(0, 1)[self._q_index].transpose(1, 2)                    # (S, nh, T, hd)
@@ -319,7 +377,7 @@ class PagedKVCache:
                 keys, values = self._blocks(layer, g.k_blocks)                       # (G * W, nkv, hd) each
                 keys = keys.view(G, -1, nkv, hd).transpose(1, 2)                    # (G, nkv, W, hd)
                 values = values.view(G, -1, nkv, hd).transpose(1, 2)
-            if backend is sdpa_attention and window is None:
+            if backend is sdpa_attention and (window is None or g.static):
                 # The SDPA backend's own logic, with the mask computed once per forward (_plan_split).
                 o = sdpa(qg, keys, values, is_causal=True) if g.fresh is not None else \
                     sdpa(qg, keys, values, attn_mask=g.sdpa_mask)

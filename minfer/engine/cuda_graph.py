@@ -1,0 +1,208 @@
+"""The static decode step: fixed-shape buffers per batch-size bucket, replayed as CUDA graphs on a GPU.
+
+Why. On a GPU a decode step of a small model is a few hundred tiny kernels, and the
+CPU that launches them one by one (Python, the PyTorch dispatcher, the driver) is
+slower than the GPU that runs them. A CUDA graph records the whole step once and
+replays it with one launch. The price: a graph replays *exactly* what was recorded,
+so every input must live at the same address with the same shape on every replay.
+
+How. One graph per batch-size *bucket* (``capture_sizes``: 1, 2, 4, 8, ...,
+``max_num_seqs``). A step with S decodes runs in the smallest bucket n >= S
+(``bucket_for``): its S real rows are copied into the static buffers and the
+n - S rows after them are *padding*::
+
+    S = 3 decodes, bucket n = 4             static buffers (rows 0 .. n-1 of the largest bucket)
+    input_ids     [ a   b   c | 0 ]         padded row: token 0,
+    positions     [ 7  12   3 | 0 ]                     position 0,
+    slot_mapping  [ 29 50  14 | s ]                     K/V written to the scratch slot s,
+    context_lens  [ 8  13   4 | 1 ]                     attends to that one key only,
+    block_tables  [[..],[..],[..],[scratch ..]]         and its logits are never sampled.
+
+The scratch slot lies in a block the pool reserved for this (``BlockPool.reserve_block``),
+so a padded row can never overwrite a sequence's K/V. Attention is planned by
+``PagedKVCache.set_static_batch``: every row attends over the full width of the block
+table (``max_blocks * block_size`` keys), the keys past its context masked, with no
+host read anywhere, so the whole step can be captured.
+
+The batch is still flattened by the engine's runner (``prepare_batch``): this module
+only copies its tensors into the static buffers and pads. Prefill and mixed steps stay
+eager (their shapes vary too much to capture), as in vLLM and nano-vllm.
+
+On CUDA each bucket is captured once, largest first, all graphs in one memory pool (the
+largest graph's intermediates are big enough for every smaller one, so the pool is
+allocated once). Before a capture the step runs on a side stream (the warm-up PyTorch
+asks for: lazy initialisation, cuBLAS workspaces and torch.compile happen outside the
+recording). On a CPU there is nothing to capture: "replay" calls the same step function
+on the same static buffers, so the padding and the bookkeeping are tested on every
+machine and only the capture itself needs a GPU.
+
+vLLM: ``CudagraphDispatcher`` and ``GPUModelRunner.capture_model`` / ``_dummy_run``
+(``vllm/v1/worker/gpu_model_runner.py``, ``vllm/v1/cudagraph_dispatcher.py``);
+nano-vllm: ``ModelRunner.capture_cudagraph`` and ``run_model``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from minfer.kv.paged import PagedBatch, PagedKVCache
+
+# The static width's default cap, in keys: vLLM's ``max_seq_len_to_capture`` default. Every
+# static decode attends over this many keys (padding masked), so a model with a 128k context
+# would otherwise pad each decode to 128k; longer contexts run eager instead.
+MAX_SEQ_LEN_TO_CAPTURE = 8192
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch-size buckets: powers of two up to ``max_num_seqs``, and ``max_num_seqs`` itself.
+
+    capture_sizes(1) = [1]; capture_sizes(8) = [1, 2, 4, 8]; capture_sizes(12) = [1, 2, 4, 8, 12].
+    A padded batch therefore wastes less than half its rows. (vLLM's default list is
+    1, 2, 4, then steps of 8; nano-vllm's 1, 2, 4, 8, then steps of 16.)
+    """
+    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+    sizes, s = [], 1
+    while s <= max_num_seqs:
+        sizes.append(s)
+        s *= 2
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    """The smallest size in ``sizes`` that holds a batch of ``n`` sequences."""
+    if not sizes:
+        raise ValueError("bucket_for: the list of capture sizes is empty")
+    largest = max(sizes)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= largest:
+        raise ValueError(f"a decode batch of n={n!r} sequences has no bucket: the capture sizes hold "
+                         f"1 to {largest} sequences")
+    return min(s for s in sizes if s >= n)
+
+
+class StaticDecodeRunner:
+    """Decode-only steps on static buffers, one bucket per captured batch size.
+
+    ``run(input_ids, meta, sample_rows)`` takes a decode-only batch flattened by
+    ``prepare_batch`` and returns the logits of ``sample_rows`` (K, vocab), as
+    ``ModelRunner.execute_model`` does. ``fits(meta)`` says whether a batch can run
+    here: decodes only, at most ``max(sizes)`` of them, contexts within the static
+    width. Anything else runs eager.
+
+    The static inputs are allocated once, for the largest bucket; bucket n uses
+    their first n rows (views: the same memory for every graph, as nano-vllm's
+    ``graph_vars``). ``compile=True`` wraps the step in ``torch.compile`` (one
+    compile for batch 1, one with a symbolic batch size for the others); the
+    time of that warm-up is ``compile_seconds``, measured apart from any step.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, scratch_block: int, max_num_seqs: int, *,
+                 attention="sdpa", max_context: int | None = None, compile: bool = False,
+                 use_cuda_graph: bool | None = None):
+        self.model, self.cache, self.attention = model, cache, attention
+        self.sizes = capture_sizes(max_num_seqs)
+        bs = cache.block_size
+        max_context = max_context or min(model.cfg.max_position_embeddings, MAX_SEQ_LEN_TO_CAPTURE)
+        if max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        self.max_blocks = -(-max_context // bs)                  # static width: max_blocks * block_size keys
+        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * bs
+        device = cache.k.device
+        B = self.sizes[-1]
+        # ---- the static inputs, (largest bucket,...): written in place before every replay
+        self.input_ids = torch.zeros(1, B, dtype=torch.long, device=device)        # (1, B)
+        self.positions = torch.zeros(1, B, dtype=torch.long, device=device)        # (1, B)
+        self.slot_mapping = torch.full((B,), self.scratch_slot, dtype=torch.long, device=device)  # (B,)
+        self.context_lens = torch.ones(B, dtype=torch.long, device=device)         # (B,) keys each row sees
+        self.block_tables = torch.full((B, self.max_blocks), scratch_block, dtype=torch.long,
+                                       device=device)                              # (B, max_blocks)
+        self.query_lens = torch.ones(B, dtype=torch.long, device=device)           # (B,) one token each
+        self.rows = torch.arange(B, device=device)                                 # (B,) logits rows
+        self.step = self._step
+        self.compile_seconds = 0.0
+        self.capture_seconds = 0.0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}               # bucket -> the graph's logits (1, n, V)
+        self.graph_pool = None
+        if compile:
+            self.step = torch.compile(self._step, dynamic=True)
+            t0 = time.perf_counter()
+            for n in self.sizes[:2]:     # batch 1 is compiled apart (size 1 is specialised), 2.. share one
+                self._pad(0, n)
+                self.step(n)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.compile_seconds = time.perf_counter() - t0
+        self.use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph:
+            self.capture()
+
+    # ------------------------------------------------------------ the step
+    def _step(self, n: int) -> torch.Tensor:
+        """One decode forward on the first n rows of the static buffers -> logits (1, n, vocab).
+
+        Only tensor ops on fixed shapes: this is what a CUDA graph records.
+        """
+        meta = PagedBatch(query_lens=self.query_lens[:n], seq_lens=self.context_lens[:n],
+                          block_tables=self.block_tables[:n], slot_mapping=self.slot_mapping[:n],
+                          logits_indices=self.rows[:n], positions=self.positions[:, :n])
+        self.cache.set_static_batch(meta)
+        return self.model(self.input_ids[:, :n], meta.positions, kv_cache=self.cache,
+                          attention=self.attention)                                 # (1, n, V)
+
+    def _pad(self, start: int, end: int) -> None:
+        """Rows [start, end) become padding: token 0 at position 0, K/V to the scratch slot."""
+        if start < end:
+            self.input_ids[:, start:end] = 0
+            self.positions[:, start:end] = 0
+            self.slot_mapping[start:end] = self.scratch_slot
+            self.context_lens[start:end] = 1
+            self.block_tables[start:end, 0] = self.scratch_block   # the only column a context of 1 reads
+
+    # ------------------------------------------------------------ CUDA graphs
+    def capture(self) -> None:
+        """One CUDA graph per bucket, largest first, sharing one memory pool (padding rows only)."""
+        t0 = time.perf_counter()
+        self._pad(0, self.sizes[-1])                             # warm-ups and captures write the scratch slot
+        for n in reversed(self.sizes):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                        # warm-up outside the recording
+                for _ in range(2):
+                    self.step(n)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                self.outputs[n] = self.step(n)
+            if self.graph_pool is None:
+                self.graph_pool = graph.pool()                   # the smaller buckets reuse this memory
+            self.graphs[n] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------ one engine step
+    def fits(self, meta: PagedBatch) -> bool:
+        """Decodes only (one token per sequence), few enough, contexts within the static width."""
+        S = len(meta.query_lens)
+        return (meta.num_tokens == S and S <= self.sizes[-1]
+                and meta.block_tables.shape[1] <= self.max_blocks)
+
+    def run(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows) -> torch.Tensor:
+        """Copy a flattened decode batch into the static buffers, pad it, replay -> logits (K, vocab)."""
+        S, cols = len(meta.query_lens), meta.block_tables.shape[1]
+        n = bucket_for(S, self.sizes)
+        self.input_ids[:, :S] = input_ids
+        self.positions[:, :S] = meta.positions
+        self.slot_mapping[:S] = meta.slot_mapping
+        self.context_lens[:S] = meta.seq_lens                    # host -> device on a GPU: one small copy
+        self.block_tables[:S, :cols] = meta.block_tables         # columns past cols: stale, masked, never read
+        self._pad(S, n)
+        if self.use_cuda_graph:
+            self.graphs[n].replay()
+            logits = self.outputs[n]                             # overwritten by the next replay
+        else:
+            logits = self.step(n)
+        return logits[0, :S][list(sample_rows)]                  # (K, V): padded rows never reach the sampler
