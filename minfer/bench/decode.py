@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from minfer.bench.machine import machine_info, measure_bandwidth, measure_flops
+from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_flops
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
@@ -249,7 +249,7 @@ def main(args) -> int:
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
         if name in ("cached", "unfused", "packed", "llm", "transformers", "transformers-compiled"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
-            row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
+            row["bandwidth_fraction"] = mbu(wbytes + kv_mean, r["decode_tps"], bw)
         if name != "cached" and "cached" in outputs:
             row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
         rows.append(row)
