@@ -59,6 +59,9 @@ MUTATIONS = {
     "compress.h2o_keep": ("key=lambda i: scores[i], reverse=True)", "key=lambda i: scores[i])"),
     "parallel.shard_weight": ('if kind == "column":', 'if kind == "row":'),
     "parallel.allreduce_bytes_per_token": ("2 * num_layers * 2 * (tp - 1)", "2 * num_layers * (tp - 1)"),
+    "fusion.qkv_fused": ("torch.cat([wq, wk, wv]", "torch.cat([wq, wv, wk]"),
+    "cuda_graph.pad_to_bucket": ("return bucket, bucket - n", "return bucket, n"),
+    "roofline.mbu": ("bytes_per_token * tokens_per_s / bandwidth", "bytes_per_token / tokens_per_s / bandwidth"),
 }
 FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",
                                                      "generate."))]

@@ -32,6 +32,8 @@ from minfer.sampling import SamplingParams
 from minfer.compress.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
 from minfer.compress.medusa import tree_mask
+from minfer.bench.machine import mbu
+from minfer.lessons.ex_compilers import pad_to_bucket, qkv_fused
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -70,6 +72,9 @@ ENGINE = {
     "compress.distill_kl": topk_distill_kl,
     "compress.medusa_tree_mask": tree_mask,
     "compress.h2o_keep": h2o_keep,
+    "fusion.qkv_fused": qkv_fused,
+    "cuda_graph.pad_to_bucket": pad_to_bucket,
+    "roofline.mbu": mbu,
 }
 
 

@@ -7,8 +7,14 @@
                  layout before fused projections, ``build_model(..., fuse_projections=False)``)
     packed       cached, with every linear run by oneDNN on weights reordered once (``LLM(prepack=True)``)
     transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
+    transformers-compiled
+                 the same generate with cache_implementation="static" and the decode forward
+                 torch.compile'd (peers.StaticCompiledHF); its first call, which compiles, is
+                 timed on its own and reported beside the table, never inside the tok/s
 
-All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored).
+All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored). A method that
+cannot run on this machine (transformers-compiled without a working compiler, say) is left out with
+a line saying why; the others still run.
 "Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s;
 MBU (model-bandwidth utilisation) = that / the bandwidth measured on this machine in the same run.
 """
@@ -22,10 +28,11 @@ import time
 
 import torch
 
-from minfer.bench.machine import machine_info, measure_bandwidth, measure_flops
+from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_flops
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
+METHODS = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "transformers", "transformers-compiled"]
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
 
@@ -35,10 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of naive,no-cache,cached,unfused,packed,llm,transformers "
+                   help="comma-separated subset of " + ",".join(METHODS) + " "
                         "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
                         "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
-                        "linears, minfer/kernels/onednn_linear.py)")
+                        "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
+                        "generate with its static cache and the decode step torch.compile'd, compile "
+                        "time reported separately)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quantization", default=None,
                    help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
@@ -157,6 +166,20 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
     return rows
 
 
+def _compiled_peer(cfg, model, llm, prompt_ids, n, log):
+    """transformers' static cache + compiled decode on its own copy of the weights, warmed up
+    (compiled) now -> (peer, None); or (None, why) when it cannot run here."""
+    from minfer.bench.peers import StaticCompiledHF, hf_model
+    log("transformers-compiled: first generate, which compiles the decode step (not timed as decode) ...")
+    try:
+        peer = StaticCompiledHF(hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device))
+        peer.warm_up(prompt_ids, n)
+    except RuntimeError as e:
+        return None, str(e)
+    log(f"  compiled: first generate took {peer.warmup_s:.1f} s")
+    return peer, None
+
+
 def main(args) -> int:
     from minfer.bench.peers import hf_generate_timed, hf_model
     from minfer.kv import kv_cache_bytes
@@ -169,9 +192,8 @@ def main(args) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "transformers"]
-    if unknown := [m for m in methods if m not in known]:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
@@ -180,6 +202,15 @@ def main(args) -> int:
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
     unfused = _unfused_model(llm, args) if "unfused" in methods else None
     packed = _packed_model(llm) if "packed" in methods else None
+    compiled, cannot_run = None, {}
+    if "transformers-compiled" in methods:
+        compiled, why = _compiled_peer(cfg, model, llm, prompt_ids, n, log)
+        if compiled is None:
+            cannot_run["transformers-compiled"] = why
+            methods.remove("transformers-compiled")
+            print(f"transformers-compiled cannot run here, left out: {why}", flush=True)
+    if not methods:
+        raise ValueError(f"no method left to run: {cannot_run}")
 
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
@@ -189,6 +220,7 @@ def main(args) -> int:
         "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
+        "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
     }
     outputs, per_round = {}, {}
 
@@ -215,9 +247,9 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "unfused", "packed", "llm", "transformers"):
+        if name in ("cached", "unfused", "packed", "llm", "transformers", "transformers-compiled"):
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
-            row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
+            row["bandwidth_fraction"] = mbu(wbytes + kv_mean, r["decode_tps"], bw)
         if name != "cached" and "cached" in outputs:
             row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
         rows.append(row)
@@ -236,6 +268,20 @@ def main(args) -> int:
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    compile_report = None
+    if compiled is not None:
+        r = medians["transformers-compiled"]
+        run_s = r["ttft"] + (n - 1) / r["decode_tps"]          # one timed generate, wall clock
+        compile_report = {"first_call_s": compiled.warmup_s, "timed_call_s": run_s,
+                          "compile_s": compiled.warmup_s - run_s}
+        print(f"transformers-compiled: first generate (compiles the decode step) {compiled.warmup_s:.1f} s, "
+              f"a timed generate {run_s:.2f} s, so compiling cost about {compile_report['compile_s']:.1f} s; "
+              f"the first call is not in the table")
+        if "cached" in medians:
+            print(f"cached / transformers-compiled decode tok/s = "
+                  f"{medians['cached']['decode_tps'] / r['decode_tps']:.2f}x")
+    for name, why in cannot_run.items():
+        print(f"{name}: not run ({why})")
     if "cached" in medians and "unfused" in medians:
         ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
         print(f"fused projections: cached (fused) / unfused decode tok/s = "
@@ -271,6 +317,7 @@ def main(args) -> int:
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
             "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
+            "transformers_compiled_compile": compile_report, "not_run": cannot_run,
         })
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

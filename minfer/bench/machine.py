@@ -33,6 +33,15 @@ def measure_bandwidth(device="cpu", nbytes: int = 512 * 2**20, repeats: int = 5)
     return nbytes / statistics.median(times)
 
 
+def mbu(bytes_per_token: float, tokens_per_s: float, bandwidth: float) -> float:
+    """Model-bandwidth utilisation: bytes read per token x tokens/s, over the memory bandwidth.
+
+    1.0 means the decode loop streams its weights and KV as fast as the memory delivers them,
+    the ceiling of a memory-bound step (Databricks' "MBU"; gpt-fast reports the same number).
+    """
+    return bytes_per_token * tokens_per_s / bandwidth
+
+
 def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int = 5) -> float:
     """Dense matmul FLOP/s (2 n^3 per n x n product)."""
     a = torch.randn(n, n, device=device, dtype=dtype)

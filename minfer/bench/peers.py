@@ -2,6 +2,9 @@
 
 transformers: the model is rebuilt from minfer's own config and state dict
 (``ModelConfig.to_hf``), so both engines multiply exactly the same numbers.
+Two ways of running it: eager ``generate`` with its dynamic cache, and
+``generate`` with a static cache whose decode forward is ``torch.compile``'d
+(``StaticCompiledHF``), the setup transformers documents for fast generation.
 Imported lazily: minfer itself never needs transformers.
 """
 from __future__ import annotations
@@ -60,3 +63,66 @@ def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict
     first, last = clock.times[1], clock.times[-1]
     n = out.shape[1] - ids.shape[1]
     return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first), "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+class StaticCompiledHF:
+    """transformers ``generate`` with ``cache_implementation="static"`` and its decode step compiled.
+
+    This is what transformers' docs give a user who wants speed: a pre-allocated KV cache of fixed
+    shape, so the one-token decode forward has static shapes, and ``generate`` then runs that forward
+    through ``torch.compile`` (``CompileConfig``: inductor, mode "reduce-overhead", which on CUDA also
+    captures CUDA graphs; the prompt's prefill stays eager). transformers auto-compiles only on
+    accelerators; on the CPU we set ``CompileConfig._compile_all_devices`` (its own switch for this),
+    where inductor generates C++ and needs a compiler. The peer of minfer's ``LLM(compile=True)``.
+
+    ``warm_up`` runs ``generate`` once with the shapes of the timed runs: its wall time is the compile
+    time plus one run, reported on its own (``warmup_s``) and never mixed into the tok/s. It raises
+    ``RuntimeError`` naming the reason when this transformers / torch cannot compile the step.
+    """
+
+    def __init__(self, model):
+        try:
+            from transformers import CompileConfig
+        except ImportError as e:
+            raise RuntimeError("transformers-compiled needs a transformers version with CompileConfig "
+                               "(>= 4.48): pip install -U transformers") from e
+        self.model = model
+        self.compile_config = CompileConfig()
+        if model.device.type == "cpu":
+            self.compile_config._compile_all_devices = True
+        self.warmup_s: float | None = None
+
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int, streamer=None):
+        ids = torch.tensor([prompt_ids], device=self.model.device)
+        return ids, self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            streamer=streamer, eos_token_id=None, pad_token_id=0,
+            cache_implementation="static", compile_config=self.compile_config)
+
+    @torch.no_grad()
+    def warm_up(self, prompt_ids: list[int], max_new_tokens: int) -> float:
+        """One untimed ``generate`` that compiles the decode step; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        try:
+            self._generate(prompt_ids, max_new_tokens)
+        except Exception as e:    # inductor/dynamo errors come in many types; name the cause and stop
+            raise RuntimeError(f"transformers could not compile its static-cache decode step here: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        self.warmup_s = time.perf_counter() - t0
+        if getattr(self.model, "_compiled_call", None) is None:
+            raise RuntimeError("transformers ran generate with the static cache but did not compile the "
+                               "decode step (its auto-compile criteria were not met on this device)")
+        return self.warmup_s
+
+    @torch.no_grad()
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        """Like ``hf_generate_timed``, on the compiled static-cache path (call ``warm_up`` first)."""
+        if self.warmup_s is None:
+            raise RuntimeError("call warm_up() first: the first call compiles and is not a timing")
+        clock = StepClock()
+        t0 = time.perf_counter()
+        ids, out = self._generate(prompt_ids, max_new_tokens, streamer=clock)
+        first, last = clock.times[1], clock.times[-1]
+        n = out.shape[1] - ids.shape[1]
+        return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first),
+                "tokens": out[0, ids.shape[1]:].tolist()}

@@ -450,3 +450,4 @@ from minfer.lessons import ex_service  # noqa: E402,F401  lesson 09: routing, th
 from minfer.lessons import ex_parallel  # noqa: E402,F401  lesson 11: tensor-parallel shards, all-reduce bytes
 from minfer.lessons import ex_loops  # noqa: E402,F401  cumulative exercises: whole loops on a model
 from minfer.lessons import ex_compress  # noqa: E402,F401  lesson 10: distillation, Medusa, KV eviction
+from minfer.lessons import ex_compilers  # noqa: E402,F401  lesson 08: fused qkv, bucket padding, MBU

@@ -1,0 +1,179 @@
+"""Exercises of lesson 08 (compilers and kernels): fused projections, bucket padding, MBU.
+
+    fusion.qkv_fused        q, k, v of a token from ONE matmul with the stacked weight, then split
+    cuda_graph.pad_to_bucket  a decode batch of n sequences -> its capture bucket and the padded rows
+    roofline.mbu            model-bandwidth utilisation of a measured decode run
+
+References: ``qkv_fused`` and ``pad_to_bucket`` below, written as plain functions (the engine
+stacks the weights once, at load time, into ``qkv_proj`` in ``minfer/model.py``, and picks the bucket
+with ``bucket_for`` in ``minfer/engine/cuda_graph.py``); ``mbu`` is ``minfer.bench.machine.mbu``, the
+formula behind ``minfer bench decode``'s MBU column. ``tests/test_grader.py`` runs these same
+properties on them. Inputs are tuples or fresh tensors, so a function that edits its arguments in
+place cannot change what the grader compares against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from hypothesis import strategies as st
+
+from minfer.lessons.exercises import Exercise, Inputs, close_problem, float_tensors, register
+
+# ---------------------------------------------------------------------------
+# fusion.qkv_fused
+# ---------------------------------------------------------------------------
+
+QKV_ATOL = 1e-5
+
+
+def qkv_fused(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor):
+    """(q, k, v) = (x wq^T, x wk^T, x wv^T) with one matmul: stack the rows, multiply, split.
+
+    x (..., d); wq (nq, d), wk (nk, d), wv (nk, d) -> q (..., nq), k (..., nk), v (..., nk).
+    vLLM loads the stacked weight once (``QKVParallelLinear``); here it is stacked per call.
+    """
+    w = torch.cat([wq, wk, wv], dim=0)                       # (nq + 2 nk, d)
+    y = x @ w.T                                              # (..., nq + 2 nk): one matmul
+    return tuple(torch.split(y, [wq.shape[0], wk.shape[0], wv.shape[0]], dim=-1))
+
+
+@st.composite
+def _qkv_inputs(draw) -> Inputs:
+    d = draw(st.integers(1, 8))
+    head = draw(st.integers(1, 4))
+    nq, nk = head * draw(st.sampled_from([1, 2, 4])), head * draw(st.sampled_from([1, 2]))
+    lead = draw(st.sampled_from([(), (1,), (3,), (2, 1)]))
+    return {"x": draw(float_tensors(lead + (d,), -4.0, 4.0)), "wq": draw(float_tensors((nq, d), -2.0, 2.0)),
+            "wk": draw(float_tensors((nk, d), -2.0, 2.0)), "wv": draw(float_tensors((nk, d), -2.0, 2.0))}
+
+
+def _qkv_problem(inputs: Inputs, actual: Any, want: tuple, what: str) -> Optional[str]:
+    if actual is None:
+        return "returned None (did you forget `return`?), expected a tuple (q, k, v)"
+    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
+        return f"returned {type(actual).__name__}, expected a tuple of three tensors (q, k, v)"
+    for name, e, a in zip("qkv", want, actual):
+        if not isinstance(a, torch.Tensor):
+            return f"{name} is a {type(a).__name__}, expected a tensor"
+        if tuple(a.shape) != tuple(e.shape):
+            return (f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}: x {tuple(inputs['x'].shape)} "
+                    f"times the transposed weight ({tuple(inputs['w' + name].shape)} -> last dim "
+                    f"{inputs['w' + name].shape[0]}); split the fused output at nq and nq + nk")
+        problem = close_problem(e, a, QKV_ATOL, what=what)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _validate_qkv(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Three separate matmuls in float64: the definition the fused one must equal."""
+    x = inputs["x"].double()
+    want = tuple(x @ inputs[w].double().T for w in ("wq", "wk", "wv"))
+    return _qkv_problem(inputs, actual, want, "three separate matmuls (float64) give")
+
+
+register(Exercise(
+    name="fusion.qkv_fused",
+    lesson="08_compilers_and_kernels", function="qkv_fused",
+    description="qkv_fused(x (..., d), wq (nq, d), wk (nk, d), wv (nk, d)) -> (q, k, v) from one matmul "
+                "with the stacked weight, split along the last dim",
+    reference="minfer.lessons.ex_compilers:qkv_fused",
+    inputs=_qkv_inputs(),
+    compare=lambda inputs, expected, actual: _qkv_problem(inputs, actual, expected, "expected"),
+    validate=_validate_qkv,
+))
+
+
+# ---------------------------------------------------------------------------
+# cuda_graph.pad_to_bucket
+# ---------------------------------------------------------------------------
+
+
+def pad_to_bucket(n: int, sizes: Sequence[int]) -> tuple[int, int]:
+    """(bucket, padded rows) for a decode batch of ``n`` sequences, 1 <= n <= max(sizes).
+
+    The bucket is the smallest capture size that holds n sequences (``sizes`` in any order); the
+    step then runs with bucket - n padded rows, whose outputs are thrown away.
+    """
+    bucket = min(s for s in sizes if s >= n)
+    return bucket, bucket - n
+
+
+@st.composite
+def _bucket_inputs(draw) -> Inputs:
+    sizes = draw(st.lists(st.integers(1, 64), min_size=1, max_size=7, unique=True))
+    if draw(st.booleans()):
+        sizes = sorted(sizes)                          # engines keep them sorted; a solution may not rely on it
+    n = draw(st.integers(1, max(sizes)))
+    return {"n": n, "sizes": tuple(sizes)}
+
+
+def _bucket_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    n, sizes = inputs["n"], inputs["sizes"]
+    fits = sorted(s for s in sizes if s >= n)
+    want = (fits[0], fits[0] - n)
+    if actual is None:
+        return "returned None (did you forget `return`?), expected a tuple (bucket, padded rows)"
+    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
+        return f"returned {actual!r}, expected a tuple (bucket, padded rows)"
+    got = tuple(int(a) if isinstance(a, int) or (isinstance(a, torch.Tensor) and a.numel() == 1) else a
+                for a in actual)
+    if got == want:
+        return None
+    if got[0] != want[0]:
+        why = (f"{got[0]} is not a capture size" if got[0] not in sizes else
+               f"{got[0]} cannot hold {n} sequences" if got[0] < n else
+               f"{got[0]} holds them, but {want[0]} is a smaller size that does too")
+        return (f"n = {n}, capture sizes {list(sizes)}: {what} bucket {want[0]} (the smallest size >= n), "
+                f"yours {got[0]}: {why}")
+    return (f"n = {n} in bucket {want[0]}: {what} {want[1]} padded rows (bucket - n), yours {got[1]!r}")
+
+
+register(Exercise(
+    name="cuda_graph.pad_to_bucket",
+    lesson="08_compilers_and_kernels", function="pad_to_bucket",
+    description="pad_to_bucket(n, sizes) -> (smallest size >= n, number of padded rows) for a decode batch",
+    reference="minfer.lessons.ex_compilers:pad_to_bucket",
+    inputs=_bucket_inputs(),
+    compare=lambda inputs, expected, actual: _bucket_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _bucket_problem(inputs, actual, "the definition gives"),
+))
+
+
+# ---------------------------------------------------------------------------
+# roofline.mbu
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _mbu_inputs(draw) -> Inputs:
+    return {"bytes_per_token": draw(st.floats(1e3, 1e12)), "tokens_per_s": draw(st.floats(0.01, 1e5)),
+            "bandwidth": draw(st.floats(1e8, 1e13))}
+
+
+def _mbu_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    b, tps, bw = inputs["bytes_per_token"], inputs["tokens_per_s"], inputs["bandwidth"]
+    want = b * tps / bw
+    if actual is None:
+        return "returned None (did you forget `return`?), expected a fraction (1.0 = the whole bandwidth)"
+    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
+        return f"returned {type(actual).__name__} {actual!r}, expected a float"
+    if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-15):
+        return None
+    hint = " (a fraction, not a percentage)" if math.isclose(actual, 100 * want, rel_tol=1e-9) else ""
+    return (f"{b:.4g} bytes per token x {tps:.4g} tokens/s = {b * tps:.4g} bytes/s achieved, over "
+            f"{bw:.4g} bytes/s: {what} {want!r}, yours {actual!r}{hint}")
+
+
+register(Exercise(
+    name="roofline.mbu",
+    lesson="08_compilers_and_kernels", function="mbu",
+    description="mbu(bytes_per_token, tokens_per_s, bandwidth) -> the share of the memory bandwidth a "
+                "decode run used (bytes read per token x tokens/s / bandwidth)",
+    reference="minfer.bench.machine:mbu",
+    inputs=_mbu_inputs(),
+    compare=lambda inputs, expected, actual: _mbu_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _mbu_problem(inputs, actual, "the definition gives"),
+))
