@@ -128,7 +128,7 @@ class StaticDecodeRunner:
         self.outputs: dict[int, torch.Tensor] = {}               # bucket -> the graph's logits (1, n, V)
         self.graph_pool = None
         if compile:
-            self.step = torch.compile(self._step, dynamic=True)
+            self.step = torch.compile(self._step)      # automatic dynamic: n becomes symbolic, the pool stays static
             t0 = time.perf_counter()
             for n in self.sizes[:2]:     # batch 1 is compiled apart (size 1 is specialised), 2.. share one
                 self._pad(0, n)

@@ -194,13 +194,13 @@ class PagedKVCache:
         The rows past a sequence's length are read too and hidden by the mask (key position -1).
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
-        if not self.quantized:                   # K and V in one gather: (2, M, block_size * nkv * hd)
-            return self.kv[layer].view(2, self.num_blocks, -1).index_select(1, blocks).view(2, -1, nkv, hd).unbind(0)
+        if not self.quantized:                   # K and V in one gather: (2, M, block_size, nkv, hd)
+            return self.kv[layer].index_select(1, blocks).flatten(1, 2).unbind(0)            # (M * bs, nkv, hd) each
         out = []
         for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            q = store[layer].view(torch.int8).view(self.num_blocks, -1).index_select(0, blocks)
-            s = scales[layer].view(self.num_blocks, -1).index_select(0, blocks)
-            out.append(dequantize_kv(q.view(store.dtype).view(-1, nkv, hd), s.view(-1, nkv, 1), self.dtype))
+            q = store[layer].view(torch.int8).index_select(0, blocks).flatten(0, 1)   # (M * bs, nkv, hd)
+            s = scales[layer].index_select(0, blocks).flatten(0, 1)                   # (M * bs, nkv, 1)
+            out.append(dequantize_kv(q.view(store.dtype), s, self.dtype))
         return out[0], out[1]
 
     def copy_blocks(self, pairs) -> None:
