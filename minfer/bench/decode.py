@@ -32,7 +32,8 @@ from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_f
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-METHODS = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "transformers", "transformers-compiled"]
+METHODS = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "llm-graphs", "llm-compile", "transformers",
+           "transformers-compiled"]
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
 
@@ -43,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
                    help="comma-separated subset of " + ",".join(METHODS) + " "
-                        "(llm = batch-1 decode through LLM.generate, i.e. the engine; unfused = cached "
+                        "(llm = batch-1 decode through LLM.generate, i.e. the engine, eager; llm-graphs = "
+                        "the same on the static decode step, CUDA graphs on a GPU, replay on a CPU; "
+                        "llm-compile = the static step torch.compile'd, compile time reported apart; unfused = cached "
                         "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
                         "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
                         "generate with its static cache and the decode step torch.compile'd, compile "
@@ -194,7 +197,7 @@ def main(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in methods if m not in METHODS]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, enforce_eager=True)
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
@@ -202,6 +205,13 @@ def main(args) -> int:
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
     unfused = _unfused_model(llm, args) if "unfused" in methods else None
     packed = _packed_model(llm) if "packed" in methods else None
+    engines = {"llm": llm}
+    for name, kw in (("llm-graphs", {}), ("llm-compile", {"compile": True})):
+        if name in methods:                  # one bucket, a static width just past this run's context
+            log(f"{name}: building the static decode step ...")
+            engines[name] = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                                enforce_eager=False, max_num_seqs=1,
+                                max_seq_len_to_capture=len(prompt_ids) + n + 16, **kw)
     compiled, cannot_run = None, {}
     if "transformers-compiled" in methods:
         compiled, why = _compiled_peer(cfg, model, llm, prompt_ids, n, log)
@@ -219,6 +229,8 @@ def main(args) -> int:
         "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
         "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
+        "llm-graphs": lambda: _time_llm(engines["llm-graphs"], prompt_ids, n),
+        "llm-compile": lambda: _time_llm(engines["llm-compile"], prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
         "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
     }
@@ -247,7 +259,7 @@ def main(args) -> int:
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
                "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
-        if name in ("cached", "unfused", "packed", "llm", "transformers", "transformers-compiled"):
+        if name != "naive" and name != "no-cache":
             row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
             row["bandwidth_fraction"] = mbu(wbytes + kv_mean, r["decode_tps"], bw)
         if name != "cached" and "cached" in outputs:
@@ -292,6 +304,12 @@ def main(args) -> int:
         print(f"prepacked linears: packed / cached decode tok/s = "
               f"{medians['packed']['decode_tps'] / medians['cached']['decode_tps']:.3f} (ratio of medians); "
               f"per round {' '.join(f'{r:.3f}' for r in ratios)}")
+    for name in ("llm-graphs", "llm-compile"):
+        if name in medians and "llm" in medians:
+            e = engines[name]
+            print(f"{name} / llm (eager) decode tok/s = {medians[name]['decode_tps'] / medians['llm']['decode_tps']:.3f}; "
+                  f"start-up: compile {e.compile_seconds:.1f} s, graph capture {e.capture_seconds:.1f} s "
+                  f"(not in the table)")
     if "cached" in medians and "llm" in medians:
         print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
               f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")

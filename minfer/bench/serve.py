@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="running requests at most = static batch size")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="the engine's decode steps eager (--enforce-eager) or on the static step, CUDA graphs "
+                        "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--baselines", default="",
                    help="offline throughput comparison: comma-separated sequential,bucketed,transformers")
@@ -108,18 +111,24 @@ def _params(r):
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
-def _engine(model, tok, args, policy, attention_mode="split"):
+def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64):
+    """The engine under test; on the static path its width is the trace's longest request (``max_len``)."""
     from minfer.engine import LLMEngine
+    eager = args.enforce_eager
+    if eager is None:
+        eager = model.model.embed_tokens.weight.device.type != "cuda"
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
-                                enable_prefix_caching=False, attention_mode=attention_mode)
+                                enable_prefix_caching=False, attention_mode=attention_mode,
+                                enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len)
 
 
 def run_online(model, tok, args, policy, trace, attention_mode="split"):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
     from minfer.engine import run_trace
-    eng = _engine(model, tok, args, policy, attention_mode)
+    eng = _engine(model, tok, args, policy, attention_mode,
+                  max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace))
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
 
