@@ -8,7 +8,8 @@ so this times both on the same context (``bench spec``'s code-edit prompt, prefi
 
     plain      one token through the model, logits of that row only (``generate_tokens``' decode step)
     verify T   the root + the first T - 1 nodes of ``DEFAULT_TREE`` through the model with the tree
-               mask, then the base + K head logits of all T rows (``medusa_generate``'s step)
+               mask, then the base + head logits of all T rows, for as many heads as the tree
+               is deep (``medusa_generate``'s step)
 
 on plain ``F.linear``, then on oneDNN-prepacked linears; within each, the step kinds are
 interleaved round by round; medians.
@@ -48,7 +49,7 @@ def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: 
                 tc = TreeAttentionCache(cache, tree.mask)
                 pos = torch.tensor([[P] + [P + d for d in tree.depth]])
                 model(torch.ones(1, T, dtype=torch.long), pos, kv_cache=tc, logits_indices=no_rows)
-                base_and_head_logits(model, heads, cap.hidden[0])
+                base_and_head_logits(model, heads, cap.hidden[0], max(tree.max_depth, 1))
         return run
 
     fns = {"plain": plain, **{f"T={T}": verify(trees[T]) for T in sizes}}
