@@ -327,9 +327,13 @@ def test_speculative_medusa_spec_string_loads_heads_and_matches_plain(tmp_path):
     _random_heads(cfg.hidden_size, 3, 3).save(tmp_path / "heads")
     params = SamplingParams(temperature=0, max_tokens=25)
     prompt = [1, 2, 3, 4, 1, 2]
-    for spec in (f"medusa:{tmp_path / 'heads'}", f"medusa:{tmp_path / 'heads'},nodes=3"):
+    for spec in (f"medusa:{tmp_path / 'heads'}", f"medusa:{tmp_path / 'heads'},nodes=3",
+                 f"medusa:{tmp_path / 'heads'},nodes=6,depth=1"):
         assert list(generate_speculative(model, prompt, params, spec)) == list(generate_tokens(model, prompt, params))
     assert SpeculativeConfig.parse("medusa:x,nodes=3").medusa_nodes == 3
+    assert SpeculativeConfig.parse("medusa:x,nodes=6,depth=1").medusa_depth == 1
+    with pytest.raises(ValueError, match="medusa_depth"):
+        SpeculativeConfig.parse("medusa:x,depth=0")
     with pytest.raises(ValueError, match="heads folder"):
         SpeculativeConfig.parse("medusa")
     with pytest.raises(ValueError, match="greedy"):
@@ -363,6 +367,10 @@ def test_cli_commands_reject_bad_input_with_one_line(capsys):
     assert "unknown policies" in capsys.readouterr().err
     assert main(["distill", "--minutes", "1", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+    assert main(["medusa", "selfdistill"]) == 2
+    assert "give --minutes, or --minutes-generate and --minutes-train" in capsys.readouterr().err
+    assert main(["medusa", "selfdistill", "--minutes-generate", "1", "--minutes-train", "-1"]) == 2
+    assert "the minutes must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -388,3 +396,58 @@ def test_medusa_full_tree_over_a_tiny_vocab_accepts_every_level_and_stays_exact(
                                tree=tree, stats=stats))
     assert got == list(generate_tokens(model, [0, 1, 2, 1], params))
     assert stats.accepted[:-1] == [3] * (len(stats.accepted) - 1)
+
+
+# ------------------------------------------------------------------------ Medusa self-distillation
+
+
+def test_selfdistill_caches_the_models_own_answers_and_trains_only_on_them(tmp_path):
+    from test_checkpoints import tiny_tokenizer
+
+    from minfer.checkpoints.hf import save_hf_folder
+    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.selfdistill import build_prompts, rows_and_mask, selfdistill
+    from minfer.compress.teacher import TeacherCache
+    from minfer.llm import LLM
+    from minfer.sampling import SamplingParams
+
+    cfg = tiny_config(vocab_size=260, max_position_embeddings=2048)
+    llm = LLM(str(save_hf_folder(tmp_path / "m", cfg, tiny_model(cfg, seed=3).state_dict(), *tiny_tokenizer())))
+    caches = selfdistill(llm, tmp_path / "data", minutes_generate=5, max_examples=3, heldout_examples=2,
+                         max_tokens=6, batch=2, seq_len=1024, k=8, progress=False, max_files=20)
+    train = TeacherCache(caches["train"])
+    assert len(train) == 3 and len(TeacherCache(caches["heldout"])) == 2
+    # every cached row is a training-split prompt followed by the model's own greedy answer, masked in
+    import json
+    ex = json.loads((tmp_path / "data" / "examples_train.json").read_text())["examples"]
+    assert all(e["split"] == "train" for e in ex)
+    b = train.batch([0, 1, 2])
+    for i, e in enumerate(ex):
+        p, a = e["prompt_ids"], e["answer_ids"]
+        again = llm.generate([p], SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].token_ids
+        assert a == list(again) and 1 <= len(a) <= 6
+        assert b.tokens[i, :len(p) + len(a)].tolist() == p + a
+        assert b.loss_mask[i].nonzero().squeeze(1).tolist() == list(range(len(p), len(p) + len(a)))
+    # prompt / padding positions never reach the loss: poisoning their hidden states changes nothing
+    heads = MedusaHeads(cfg.hidden_size, 2)
+    torch.nn.init.normal_(heads.blocks[0].weight, std=0.3)
+    with torch.no_grad():
+        loss, accs = head_loss(llm.model, heads, b)
+        b.hidden[~b.loss_mask.roll(-1, dims=1)] = 1e3          # t whose next token is not generated
+        assert torch.equal(head_loss(llm.model, heads, b)[0], loss)
+    curve = train_heads(llm.model, heads, train, TeacherCache(caches["heldout"]), minutes=10, steps=3,
+                        log=lambda s: None)
+    assert len(curve[-1]["head_top1"]) == 2
+    # a too-long example is dropped, not cut
+    ids, mask, dropped = rows_and_mask([{"prompt_ids": [1] * 5, "answer_ids": [2] * 4}], 8, 0)
+    assert (ids, mask, dropped) == ([], [], 1)
+    assert build_prompts(llm.tokenizer, "train", 0) == []
+
+
+def test_medusa_verify_cost_times_every_step_kind():
+    from minfer.compress.medusa_cost import verify_costs
+    model = tiny_model(tiny_config(), seed=2)
+    costs = verify_costs(model, _random_heads(32, 3, 0), list(range(1, 20)), sizes=(1, 4, 7), repeats=2)
+    assert set(costs) == {"plain", "T=1", "T=4", "T=7"} and all(v > 0 for v in costs.values())
+    with pytest.raises(ValueError, match="sizes must lie in"):
+        verify_costs(model, _random_heads(32, 3, 0), [1, 2], sizes=(40,))

@@ -73,9 +73,10 @@ class MedusaHeads(nn.Module):
             nn.init.zeros_(b.weight)
             nn.init.zeros_(b.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., h) -> per-head hidden states (..., K, h), before the LM head."""
-        return torch.stack([hidden + F.silu(b(hidden)) for b in self.blocks], dim=-2)
+    def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """hidden (..., h) -> per-head hidden states (..., n, h) of the first n = num_heads (default K)
+        heads, before the LM head."""
+        return torch.stack([hidden + F.silu(b(hidden)) for b in self.blocks[:num_heads]], dim=-2)
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """A folder: heads.safetensors + medusa_config.json (written atomically)."""
@@ -188,16 +189,19 @@ def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[
 # ---------------------------------------------------------------------------
 
 
-def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor) -> torch.Tensor:
-    """Last-layer outputs x (N, h) -> logits (N, 1 + K, V): the base model's next token and the K
-    heads' guesses at every row, in ONE pass over the LM head.
+def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+    """Last-layer outputs x (N, h) -> logits (N, 1 + n, V): the base model's next token and the first
+    n = num_heads (default all K) heads' guesses at every row, in ONE pass over the LM head.
+
+    Pass the tree's depth as ``num_heads``: a head the tree never reads would only add N rows
+    to the LM head product (with oneDNN on one core, 16 rows cost ~1.6x one row, 8 rows ~1.3x).
 
     The LM head (49152 x 576 on SmolLM2) is the largest matrix a CPU reads per step; reading it
     once for the verify rows and again for the next heads would cost a second pass (and a
     3-row product is slower than a 16-row one with this CPU's BLAS: 23 ms against 17 ms here).
     """
     hidden = model.model.norm(x)                                            # (N, h)
-    return model.compute_logits(torch.cat([hidden[:, None], heads(hidden)], dim=1))
+    return model.compute_logits(torch.cat([hidden[:, None], heads(hidden, num_heads)], dim=1))
 
 
 @torch.no_grad()
@@ -231,7 +235,8 @@ def medusa_generate(
         x = torch.tensor([list(prompt_ids)], device=device)
         model(x, torch.arange(len(prompt_ids), device=device)[None], kv_cache=cache, attention=attention,
               logits_indices=no_rows)
-        logits = base_and_head_logits(model, heads, cap.hidden[0, -1:])[0]  # (1 + K, V)
+        depth = max(full.max_depth, 1)                              # heads read: no tree is deeper
+        logits = base_and_head_logits(model, heads, cap.hidden[0, -1:], depth)[0]  # (1 + depth, V)
         seq = list(prompt_ids) + [int(logits[0].argmax())]
         budget.emit(seq[-1])
         yield seq[-1]
@@ -244,7 +249,7 @@ def medusa_generate(
             ids = torch.tensor([[seq[-1]] + tokens], device=device)                 # (1, N + 1)
             pos = torch.tensor([[P] + [P + d for d in t.depth]], device=device)       # (1, N + 1)
             model(ids, pos, kv_cache=tc, attention=attention, logits_indices=no_rows)
-            both = base_and_head_logits(model, heads, cap.hidden[0])               # (N + 1, 1 + K, V)
+            both = base_and_head_logits(model, heads, cap.hidden[0], depth)        # (N + 1, 1 + depth, V)
             argmax = both[:, 0].argmax(-1).tolist()
             path = accept_path(t, tokens, argmax)
             stats.record(t.max_depth, len(path))
@@ -270,12 +275,23 @@ def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, ge
 
     From h_t, head j predicts token t + 2 + j, whose teacher distribution is stored at
     position t + 1 + j. ``positions`` samples that many (sequence, t) pairs per batch.
+
+    With a ``loss_mask`` in the batch (self-distillation: 1 on the tokens the model generated),
+    only t whose next token t + 1 is masked in are drawn (the heads are used while decoding,
+    never inside a prompt), and head j counts a row only if its target position t + 1 + j is
+    masked in too (not padding, not past the answer).
     """
     from minfer.compress.losses import binned_kl, student_bins, teacher_bins
     B, T, h = batch.hidden.shape
     K = heads.num_heads
     n_t = T - 1 - K                                                   # t with all K targets inside the sequence
-    flat = torch.arange(B * n_t)
+    mask = batch.loss_mask                                            # (B, T) bool or None
+    if mask is None:
+        flat = torch.arange(B * n_t)
+    else:
+        flat = mask[:, 1:1 + n_t].reshape(-1).nonzero().squeeze(1)    # (b, t) with token t + 1 generated
+        if len(flat) == 0:
+            raise ValueError("the batch's loss_mask selects no position with all K targets inside the sequence")
     if positions is not None and positions < len(flat):
         flat = flat[torch.randperm(len(flat), generator=generator)[:positions]]
     b_i, t_i = flat // n_t, flat % n_t
@@ -284,14 +300,22 @@ def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, ge
     losses, accs = [], []
     for j in range(K):
         idx, logp = batch.topk_idx[b_i, t_i + 1 + j], batch.topk_logp[b_i, t_i + 1 + j]   # (N, k)
-        losses.append(binned_kl(teacher_bins(logp), student_bins(logits[:, j], idx), 1.0))
-        accs.append(float((logits[:, j].argmax(-1) == idx[:, 0]).float().mean()))
+        lj = logits[:, j]                                                                  # (N, V)
+        if mask is not None:                                          # rows whose target is in the answer
+            keep = mask[b_i, t_i + 1 + j]
+            idx, logp, lj = idx[keep], logp[keep], lj[keep]
+            if len(idx) == 0:
+                losses.append(lj.sum() * 0.0)
+                accs.append(float("nan"))
+                continue
+        losses.append(binned_kl(teacher_bins(logp), student_bins(lj, idx), 1.0))
+        accs.append(float((lj.argmax(-1) == idx[:, 0]).float().mean()))
     return torch.stack(losses).sum(), accs
 
 
 def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes: float = 5.0,
                 steps: int | None = None, batch: int = 4, positions: int = 256, lr: float = 1e-3,
-                eval_every: int = 50, seed: int = 0, log=print) -> list[dict]:
+                eval_every: int = 50, seed: int = 0, eval_rows: int = 8, log=print) -> list[dict]:
     """AdamW on the heads only; returns the held-out curve (per-head top-1 accuracy vs the teacher)."""
     from minfer.compress.common import lr_at
     gen = torch.Generator().manual_seed(seed)
@@ -307,7 +331,7 @@ def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes
         if heldout is None:
             return
         with torch.no_grad():
-            _, accs = head_loss(model, heads, heldout.batch(range(min(8, len(heldout)))), positions=1024,
+            _, accs = head_loss(model, heads, heldout.batch(range(min(eval_rows, len(heldout)))), positions=1024,
                                 generator=torch.Generator().manual_seed(1))
         row = {"step": step, "seconds": round(time.perf_counter() - t0, 1), "head_top1": accs}
         curve.append(row)
@@ -341,8 +365,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(t)
     t.add_argument("--cache", default="weights/compress/teacher")
     t.add_argument("--out", default="weights/compress/medusa")
-    t.add_argument("--heads", type=int, default=3)
+    _add_train_arguments(t)
     t.add_argument("--minutes", type=float, default=5.0)
+
+    s = sub.add_parser("selfdistill", help="train K Medusa heads on the model's own greedy answers "
+                                           "(prompts from the corpus's training split)")
+    add_model_args(s)
+    s.add_argument("--out", default="weights/compress/medusa-self", help="heads folder")
+    s.add_argument("--data", default="weights/compress/selfdistill",
+                   help="answers and teacher caches (reused / resumed if there)")
+    s.add_argument("--minutes", type=float, default=None,
+                   help="total budget: 45%% generating, 55%% training (the teacher pass is extra)")
+    s.add_argument("--minutes-generate", type=float, default=None)
+    s.add_argument("--minutes-train", type=float, default=None)
+    s.add_argument("--max-examples", type=int, default=2000, help="training prompts at most (default 2000)")
+    s.add_argument("--heldout-examples", type=int, default=16, help="held-out-split prompts (evaluation)")
+    s.add_argument("--max-tokens", type=int, default=128, help="answer length at most (default 128)")
+    s.add_argument("--gen-batch", type=int, default=8, help="prompts per LLM.generate call")
+    s.add_argument("--seq-len", type=int, default=384, help="teacher-cache row: one example, padded")
+    s.add_argument("--prepack", action="store_true", help="generate on oneDNN-prepacked linears")
+    s.add_argument("--seed", type=int, default=0)
+    _add_train_arguments(s)
+
+    c = sub.add_parser("cost", help="time one verify forward of T tokens against one plain decode step")
+    add_model_args(c)
+    c.add_argument("--heads-dir", required=True, help="a Medusa heads folder")
+    c.add_argument("--sizes", default="1,4,7", help="forward sizes T = 1 + tree nodes (default 1,4,7)")
+    c.add_argument("--repeats", type=int, default=30)
+    c.add_argument("--threads", type=int, default=1)
+
+
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--heads", type=int, default=3)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--batch", type=int, default=4, help="sequences drawn per step")
@@ -352,11 +406,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.common import log, set_threads
+    from minfer.compress.common import set_threads
+    set_threads(args.threads)
+    if args.medusa_cmd == "selfdistill":
+        return _main_selfdistill(args)
+    if args.medusa_cmd == "cost":
+        from minfer.compress.medusa_cost import main as cost_main
+        return cost_main(args)
+    from minfer.compress.common import log
     from minfer.compress.teacher import TeacherCache
     from minfer.checkpoints import load_checkpoint
     from minfer.model import build_model
-    set_threads(args.threads)
     cfg, state_dict, _ = load_checkpoint(args.model, dtype=torch.float32, device="cpu")
     model = build_model(cfg, state_dict)
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
@@ -364,5 +424,34 @@ def main(args) -> int:
     curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,
                         batch=args.batch, positions=args.positions, eval_every=args.eval_every, log=log)
     heads.save(args.out, {"curve": curve, "cache": str(args.cache), "model": str(args.model)})
+    log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
+    return 0
+
+
+def _main_selfdistill(args) -> int:
+    """`minfer medusa selfdistill`: answers -> teacher caches -> heads (minfer/compress/selfdistill.py)."""
+    from minfer.compress.common import log
+    from minfer.compress.selfdistill import selfdistill
+    from minfer.compress.teacher import TeacherCache
+    from minfer.llm import LLM
+    gen_m, train_m = args.minutes_generate, args.minutes_train
+    if args.minutes is not None:
+        gen_m = 0.45 * args.minutes if gen_m is None else gen_m
+        train_m = 0.55 * args.minutes if train_m is None else train_m
+    if gen_m is None or (train_m is None and args.steps is None):
+        raise ValueError("give --minutes, or --minutes-generate and --minutes-train (or --steps)")
+    if gen_m < 0 or (train_m is not None and train_m <= 0):
+        raise ValueError(f"the minutes must be positive, got generate {gen_m}, train {train_m}")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=args.prepack)
+    caches = selfdistill(llm, args.data, minutes_generate=gen_m, max_examples=args.max_examples,
+                         heldout_examples=args.heldout_examples, max_tokens=args.max_tokens, batch=args.gen_batch,
+                         seq_len=args.seq_len, seed=args.seed)
+    train_cache, heldout = TeacherCache(caches["train"]), TeacherCache(caches["heldout"])
+    heads = MedusaHeads(llm.model.cfg.hidden_size, args.heads)
+    curve = train_heads(llm.model, heads, train_cache, heldout, minutes=train_m if train_m is not None else 1e9,
+                        steps=args.steps, lr=args.lr, batch=args.batch, positions=args.positions,
+                        eval_every=args.eval_every, eval_rows=len(heldout), log=log)
+    heads.save(args.out, {"curve": curve, "data": str(args.data), "model": str(args.model), "selfdistill": True,
+                          "train_rows": len(train_cache), "heldout_rows": len(heldout)})
     log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
     return 0

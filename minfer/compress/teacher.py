@@ -11,6 +11,8 @@ batch; storing its full logits would cost 49,152 floats per token. So store:
                                      mass, 1 - sum(exp(topk_logp)), is kept as one "rest" bin
     hidden     (n, T, h)   float16   the final hidden state (after the last RMSNorm), the
                                      LM head's input: what Medusa heads read
+    loss_mask  (n, T)      uint8     optional: 1 where a trainer should learn (e.g. the tokens the
+                                     model generated itself, ``selfdistill.py``), 0 for prompt/padding
 
 Layout on disk (one folder; every shard written with ``atomic_dir``, so a kill
 leaves either a complete shard or none)::
@@ -41,6 +43,7 @@ import torch
 from minfer.atomic import atomic_dir, write_json
 
 FIELDS = ("tokens", "topk_idx", "topk_logp", "hidden")
+OPTIONAL_FIELDS = ("loss_mask",)
 
 
 class HiddenCapture:
@@ -90,11 +93,13 @@ def _shard_name(i: int) -> str:
 
 def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq_len: int = 256, k: int = 32,
                         shard_seqs: int = 16, batch: int = 4, meta: dict | None = None,
-                        progress: bool = True, stop_after_shards: int | None = None) -> Path:
+                        progress: bool = True, stop_after_shards: int | None = None,
+                        loss_mask: list[int] | None = None) -> Path:
     """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard.
 
     Resumable: existing complete shards are kept (their meta must match). ``stop_after_shards``
     stops after writing that many new shards (the tests use it to simulate a kill).
+    ``loss_mask`` (one 0/1 per token, cut the same way) is stored as the ``loss_mask`` field.
     """
     from tqdm.auto import tqdm
 
@@ -103,12 +108,15 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
                          f"{seq_len}, {k}, {shard_seqs}, {batch}")
     if k > model.cfg.vocab_size:
         raise ValueError(f"k ({k}) exceeds the vocabulary ({model.cfg.vocab_size})")
+    if loss_mask is not None and len(loss_mask) != len(token_ids):
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {len(token_ids)} tokens")
     n_seq = len(token_ids) // seq_len
     if n_seq < 1:
         raise ValueError(f"{len(token_ids)} tokens is less than one sequence of seq_len={seq_len}")
     out = Path(out_dir)
     header = {"seq_len": seq_len, "k": k, "shard_seqs": shard_seqs, "num_seqs": n_seq,
-              "hidden_size": model.cfg.hidden_size, "vocab_size": model.cfg.vocab_size, **(meta or {})}
+              "hidden_size": model.cfg.hidden_size, "vocab_size": model.cfg.vocab_size,
+              **({"loss_mask": True} if loss_mask is not None else {}), **(meta or {})}
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -118,6 +126,8 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
     out.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, header)
     ids = torch.tensor(token_ids[:n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+    mask = (None if loss_mask is None                                               # (n_seq, seq_len)
+            else np.asarray(loss_mask[:n_seq * seq_len], dtype=np.uint8).reshape(n_seq, seq_len))
     n_shards = -(-n_seq // shard_seqs)
     done = [i for i in range(n_shards) if (out / _shard_name(i)).is_dir()]
     bar = tqdm(total=n_seq * seq_len, initial=len(done) * shard_seqs * seq_len, unit="tok", unit_scale=True,
@@ -131,6 +141,8 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
         with atomic_dir(out / _shard_name(i)) as tmp:
             for name in FIELDS:
                 np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+            if mask is not None:
+                np.save(tmp / "loss_mask.npy", mask[i * shard_seqs:(i + 1) * shard_seqs])
         bar.update(rows.numel())
         written += 1
         if stop_after_shards is not None and written >= stop_after_shards:
@@ -145,6 +157,7 @@ class Batch:
     topk_idx: torch.Tensor     # (B, T, k) long
     topk_logp: torch.Tensor    # (B, T, k) float32
     hidden: torch.Tensor       # (B, T, h) float32
+    loss_mask: torch.Tensor | None = None   # (B, T) bool, when the cache has one
 
 
 class TeacherCache:
@@ -159,7 +172,8 @@ class TeacherCache:
         shards = sorted(p for p in self.folder.glob("shard_*") if p.is_dir())
         if not shards:
             raise FileNotFoundError(f"{self.folder}: the teacher cache has no shard yet")
-        self.arrays = {name: [np.load(s / f"{name}.npy", mmap_mode="r") for s in shards] for name in FIELDS}
+        names = FIELDS + tuple(n for n in OPTIONAL_FIELDS if all((s / f"{n}.npy").is_file() for s in shards))
+        self.arrays = {name: [np.load(s / f"{name}.npy", mmap_mode="r") for s in shards] for name in names}
         sizes = [a.shape[0] for a in self.arrays["tokens"]]
         self.offsets = np.cumsum([0] + sizes)
 
@@ -176,8 +190,9 @@ class TeacherCache:
 
     def batch(self, rows) -> Batch:
         get = lambda name: np.stack([self._row(name, int(i)) for i in rows])  # noqa: E731
+        mask = torch.from_numpy(get("loss_mask")).bool() if "loss_mask" in self.arrays else None
         return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
-                     torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float())
+                     torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float(), mask)
 
 
 def measure_teacher_speed(model, seq_len: int = 256, batch: int = 4, k: int = 32) -> float:

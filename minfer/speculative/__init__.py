@@ -19,7 +19,8 @@ Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --
     "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
     "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
     "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only;
-                        option nodes= (16): verify the first N nodes of its static candidate tree
+                        options nodes= (16): verify the first N nodes of its static candidate tree;
+                        depth= (all): keep only those nodes at most D deep (depth=1: head 0's top-N only)
 
     e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
 
@@ -50,7 +51,7 @@ _OPTIONS = {
     "prompt_lookup": {"k": "num_speculative_tokens", "min": "prompt_lookup_min",
                       "max": "prompt_lookup_max", "adaptive": "adaptive"},
     "lookahead": {"W": "window", "N": "ngram", "G": "max_candidates"},
-    "medusa": {"nodes": "medusa_nodes"},
+    "medusa": {"nodes": "medusa_nodes", "depth": "medusa_depth"},
 }
 
 
@@ -68,6 +69,7 @@ class SpeculativeConfig:
     ngram: int = 3                       # lookahead N
     max_candidates: int = 4              # lookahead G
     medusa_nodes: int = 16               # medusa: the first N nodes of compress.medusa.DEFAULT_TREE
+    medusa_depth: int | None = None      # medusa: drop the nodes deeper than this (None: keep all)
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens is None:
@@ -84,6 +86,8 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {lo}, got {value!r}")
+        if self.medusa_depth is not None and (not isinstance(self.medusa_depth, int) or self.medusa_depth < 1):
+            raise ValueError(f"SpeculativeConfig.medusa_depth must be an integer >= 1, got {self.medusa_depth!r}")
         if self.adaptive not in (0, 1):
             raise ValueError(f"SpeculativeConfig.adaptive must be 0 or 1, got {self.adaptive!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
@@ -166,9 +170,9 @@ def generate_speculative(
     if config.method == "medusa":
         if kv_cache != "contiguous":
             raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
-        from minfer.compress.medusa import DEFAULT_TREE, load_heads, medusa_generate
-        return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params,
-                               tree=DEFAULT_TREE[:config.medusa_nodes], **common)
+        from minfer.compress.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
+        tree = build_tree(DEFAULT_TREE[:config.medusa_nodes], max_depth=config.medusa_depth)
+        return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params, tree=tree, **common)
     if config.method == "prompt_lookup":
         proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                                         adaptive=bool(config.adaptive))

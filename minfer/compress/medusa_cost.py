@@ -1,0 +1,89 @@
+"""`minfer medusa cost`: what one Medusa verify forward of T tokens costs against one plain decode step.
+
+The break-even of any tree-verify method is
+
+    speedup ~= (tokens per forward) / (cost of a T-token verify step / cost of a 1-token decode step)
+
+so this times both on the same context (``bench spec``'s code-edit prompt, prefilled once):
+
+    plain      one token through the model, logits of that row only (``generate_tokens``' decode step)
+    verify T   the root + the first T - 1 nodes of ``DEFAULT_TREE`` through the model with the tree
+               mask, then the base + head logits of all T rows, for as many heads as the tree
+               is deep (``medusa_generate``'s step)
+
+on plain ``F.linear``, then on oneDNN-prepacked linears; within each, the step kinds are
+interleaved round by round; medians.
+Nothing is committed to the cache, so every round sees the same context.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+@torch.no_grad()
+def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: int = 30) -> dict[str, float]:
+    """Median seconds of a plain decode step ("plain") and of a verify step of each size ("T=4", ...)."""
+    from minfer.compress.medusa import DEFAULT_TREE, base_and_head_logits, build_tree
+    from minfer.compress.teacher import HiddenCapture
+    from minfer.kv import ContiguousKVCache
+    from minfer.speculative.lookahead import TreeAttentionCache
+    if any(not 1 <= T <= len(DEFAULT_TREE) + 1 for T in sizes):
+        raise ValueError(f"sizes must lie in 1..{len(DEFAULT_TREE) + 1}, got {sizes}")
+    P = len(prompt_ids)
+    cache = ContiguousKVCache(model.cfg, 1, P + 32, dtype=torch.float32, device="cpu")
+    model(torch.tensor([prompt_ids]), torch.arange(P)[None], kv_cache=cache, last_only=True)
+    no_rows = torch.empty(0, dtype=torch.long)
+    trees = {T: build_tree(DEFAULT_TREE[:T - 1]) for T in sizes}
+
+    def plain():
+        model(torch.tensor([[1]]), torch.tensor([[P]]), kv_cache=cache, last_only=True)
+        cache.truncate(P)                            # forget the token: every round sees the same context
+
+    def verify(tree):
+        def run():
+            with HiddenCapture(model, before_norm=True) as cap:
+                T = len(tree.paths) + 1
+                tc = TreeAttentionCache(cache, tree.mask)
+                pos = torch.tensor([[P] + [P + d for d in tree.depth]])
+                model(torch.ones(1, T, dtype=torch.long), pos, kv_cache=tc, logits_indices=no_rows)
+                base_and_head_logits(model, heads, cap.hidden[0], max(tree.max_depth, 1))
+        return run
+
+    fns = {"plain": plain, **{f"T={T}": verify(trees[T]) for T in sizes}}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 2):                    # two warm-up rounds
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(args) -> int:
+    from minfer.bench.spec import TASKS
+    from minfer.compress.medusa import load_heads
+    from minfer.kernels.onednn_linear import pack_linears
+    from minfer.llm import LLM
+    sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
+    llm = LLM(args.model, device="cpu", dtype="float32")
+    heads = load_heads(args.heads_dir)
+    tok = llm.tokenizer
+    _, text, start = TASKS["code-edit"]
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                        + start)
+    rows = []
+    plain_costs = verify_costs(llm.model, heads, prompt, sizes, args.repeats)
+    pack_linears(llm.model)
+    packed_costs = verify_costs(llm.model, heads, prompt, sizes, args.repeats)
+    for label, costs in (("F.linear", plain_costs), ("prepacked", packed_costs)):
+        base = costs["plain"]
+        rows.append(f"{label:>10}  plain step {1e3 * base:7.2f} ms  " + "  ".join(
+            f"verify {k} {1e3 * v:7.2f} ms ({v / base:.2f}x)" for k, v in costs.items() if k != "plain"))
+    print(f"context {len(prompt)} tokens, {heads.num_heads} heads, threads {torch.get_num_threads()}, "
+          f"{args.repeats} rounds, medians")
+    print("\n".join(rows))
+    return 0
