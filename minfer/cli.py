@@ -225,7 +225,7 @@ COMMANDS = {
     "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),
     "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
     "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
-    "medusa": ("minfer.compress.medusa", "Medusa heads: train on the teacher cache"),
+    "medusa": ("minfer.compress.medusa_cli", "Medusa heads: train on the teacher cache"),
     "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 

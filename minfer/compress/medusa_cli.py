@@ -1,0 +1,114 @@
+"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads (``medusa.py``).
+
+Kept apart from ``medusa.py``, which speculative decoding imports: the commands build an ``LLM``,
+and the algorithm module must not import the front door that imports it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from minfer.compress.medusa import MedusaHeads, train_heads
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minfer.cli_args import add_model_args
+    sub = p.add_subparsers(dest="medusa_cmd", required=True)
+    t = sub.add_parser("train", help="train K Medusa heads on the teacher cache's hidden states")
+    add_model_args(t)
+    t.add_argument("--cache", default="weights/compress/teacher")
+    t.add_argument("--out", default="weights/compress/medusa")
+    _add_train_arguments(t)
+    t.add_argument("--minutes", type=float, default=5.0)
+
+    s = sub.add_parser("selfdistill", help="train K Medusa heads on the model's own greedy answers "
+                                           "(prompts from the corpus's training split)")
+    add_model_args(s)
+    s.add_argument("--out", default="weights/compress/medusa-self", help="heads folder")
+    s.add_argument("--data", default="weights/compress/selfdistill",
+                   help="answers and teacher caches (reused / resumed if there)")
+    s.add_argument("--minutes", type=float, default=None,
+                   help="total budget: 45%% generating, 55%% training (the teacher pass is extra)")
+    s.add_argument("--minutes-generate", type=float, default=None)
+    s.add_argument("--minutes-train", type=float, default=None)
+    s.add_argument("--max-examples", type=int, default=2000, help="training prompts at most (default 2000)")
+    s.add_argument("--heldout-examples", type=int, default=16, help="held-out-split prompts (evaluation)")
+    s.add_argument("--max-tokens", type=int, default=128, help="answer length at most (default 128)")
+    s.add_argument("--gen-batch", type=int, default=8, help="prompts per LLM.generate call")
+    s.add_argument("--seq-len", type=int, default=384, help="teacher-cache row: one example, padded")
+    s.add_argument("--prepack", action="store_true", help="generate on oneDNN-prepacked linears")
+    s.add_argument("--seed", type=int, default=0)
+    _add_train_arguments(s)
+
+    c = sub.add_parser("cost", help="time one verify forward of T tokens against one plain decode step")
+    add_model_args(c)
+    c.add_argument("--heads-dir", required=True, help="a Medusa heads folder")
+    c.add_argument("--sizes", default="1,4,7", help="forward sizes T = 1 + tree nodes (default 1,4,7)")
+    c.add_argument("--repeats", type=int, default=30)
+    c.add_argument("--threads", type=int, default=1)
+
+
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--heads", type=int, default=3)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--batch", type=int, default=4, help="sequences drawn per step")
+    t.add_argument("--positions", type=int, default=64, help="positions per step (the LM head is the cost)")
+    t.add_argument("--eval-every", type=int, default=25)
+    t.add_argument("--threads", type=int, default=1)
+
+
+def main(args) -> int:
+    from minfer.compress.common import set_threads
+    set_threads(args.threads)
+    if args.medusa_cmd == "selfdistill":
+        return _main_selfdistill(args)
+    if args.medusa_cmd == "cost":
+        from minfer.compress.medusa_cost import main as cost_main
+        return cost_main(args)
+    from minfer.compress.common import log
+    from minfer.compress.teacher import TeacherCache
+    from minfer.checkpoints import load_checkpoint
+    from minfer.model import build_model
+    cfg, state_dict, _ = load_checkpoint(args.model, dtype=torch.float32, device="cpu")
+    model = build_model(cfg, state_dict)
+    train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
+    heads = MedusaHeads(model.cfg.hidden_size, args.heads)
+    curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,
+                        batch=args.batch, positions=args.positions, eval_every=args.eval_every, log=log)
+    heads.save(args.out, {"curve": curve, "cache": str(args.cache), "model": str(args.model)})
+    log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
+    return 0
+
+
+def _main_selfdistill(args) -> int:
+    """`minfer medusa selfdistill`: answers -> teacher caches -> heads (minfer/compress/selfdistill.py)."""
+    from minfer.compress.common import log
+    from minfer.compress.selfdistill import selfdistill
+    from minfer.compress.teacher import TeacherCache
+    from minfer.llm import LLM
+    gen_m, train_m = args.minutes_generate, args.minutes_train
+    if args.minutes is not None:
+        gen_m = 0.45 * args.minutes if gen_m is None else gen_m
+        train_m = 0.55 * args.minutes if train_m is None else train_m
+    if gen_m is None or (train_m is None and args.steps is None):
+        raise ValueError("give --minutes, or --minutes-generate and --minutes-train (or --steps)")
+    if gen_m < 0 or (train_m is not None and train_m <= 0):
+        raise ValueError(f"the minutes must be positive, got generate {gen_m}, train {train_m}")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=args.prepack)
+    caches = selfdistill(llm, args.data, minutes_generate=gen_m, max_examples=args.max_examples,
+                         heldout_examples=args.heldout_examples, max_tokens=args.max_tokens, batch=args.gen_batch,
+                         seq_len=args.seq_len, seed=args.seed)
+    train_cache, heldout = TeacherCache(caches["train"]), TeacherCache(caches["heldout"])
+    heads = MedusaHeads(llm.model.cfg.hidden_size, args.heads)
+    curve = train_heads(llm.model, heads, train_cache, heldout, minutes=train_m if train_m is not None else 1e9,
+                        steps=args.steps, lr=args.lr, batch=args.batch, positions=args.positions,
+                        eval_every=args.eval_every, eval_rows=len(heldout), log=log)
+    heads.save(args.out, {"curve": curve, "data": str(args.data), "model": str(args.model), "selfdistill": True,
+                          "train_rows": len(train_cache), "heldout_rows": len(heldout)})
+    log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
+    return 0
