@@ -198,7 +198,7 @@ class StaticDecodeRunner:
         self.positions[:, :S] = meta.positions
         self.slot_mapping[:S] = meta.slot_mapping
         self.context_lens[:S] = meta.seq_lens                    # host -> device on a GPU: one small copy
-        self.block_tables[:S, :cols] = meta.block_tables         # columns past cols: stale, masked, never read
+        self.block_tables[:S, :cols] = meta.block_tables         # columns past cols: stale ids, read and masked
         self._pad(S, n)
         if self.use_cuda_graph:
             self.graphs[n].replay()

@@ -125,7 +125,7 @@ class _Group:
     fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
     sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
     whole: bool = False           # the group is the whole batch, in order: no query gather or output scatter
-    static: bool = False          # built by _plan_static: sdpa_mask already applies the sliding window
+    static: bool = False          # built by set_static_batch: sdpa_mask already applies the sliding window
 
 
 def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
