@@ -56,13 +56,14 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens with mass >= top_p; others -> -inf.
 
     Sort descending; a token is dropped when the mass of the tokens *before* it
     already reaches top_p. The most likely token is therefore always kept.
+    ``top_p`` is one float, or a (..., 1) tensor with one threshold per row.
     """
-    if top_p >= 1.0:
+    if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits.float(), dim=-1)
@@ -100,25 +101,51 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Choose one token id from logits (V,) under `params`."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    x = logits.float() / params.temperature
-    x = top_k_filter(x, params.top_k)
-    x = top_p_filter(x, params.top_p)
-    probs = torch.softmax(x, dim=-1).cpu()
-    gen = generator if generator is not None else make_generator(params.seed)
-    race = torch.empty_like(probs).exponential_(1.0, generator=gen)   # E_i ~ Exp(1)
-    return int(torch.argmax(probs / race))
+    """Choose one token id from logits (V,) under `params`: ``sample_rows`` on a batch of one row."""
+    gen = generator if generator is not None or params.greedy else make_generator(params.seed)
+    return int(sample_rows(logits[None], [params], [gen])[0])
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of logits (K, V), row i under params[i] (a batch's sampler, as vLLM's
-    ``Sampler``): the greedy rows take one argmax together (same first-max tie-break as ``sample``),
-    the others go through ``sample`` with their own generator."""
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    toks = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
-    return [toks[i] if i in toks else sample(logits[i], p, g)
-            for i, (p, g) in enumerate(zip(params, generators))]
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of logits (K, V), row i under params[i] -> token ids (K,) on logits' device.
 
+    The batch's sampler (vLLM's ``Sampler``, ``vllm/v1/sample/sampler.py``): a fixed number of
+    batched ops whatever the mix of greedy and random rows, and no transfer to the host. The
+    caller moves the K token ids to the host once per step (``.tolist()``): on a GPU that is
+    the step's only sync.
+
+    * Greedy rows: one argmax over every row (the first maximum wins ties).
+    * Random rows: temperature, top-k and top-p as per-row tensors, one softmax, one race.
+    * The race's noise E ~ Exp(1) is drawn **on the CPU**, from each request's own CPU
+      generator (``make_generator``), then copied to the device without waiting. Why: a
+      request's tokens then depend on its seed alone, not on the batch it shares (each
+      row has its own generator) nor on the device (CPU and CUDA draw different streams
+      from the same seed; with the CPU's, a seed gives the same tokens on both).
+
+    Each row is computed exactly as it would be alone, so a request samples the same
+    tokens in any batch (tested in tests/test_sampling.py).
+    """
+    K, V = logits.shape
+    toks = logits.argmax(-1)                                          # (K,) the greedy answer of every row
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if not rand:
+        return toks
+    dev = logits.device
+    ps = [params[i] for i in rand]
+    temp = torch.tensor([[p.temperature] for p in ps], device=dev)    # (R, 1)
+    x = logits[rand].float() / temp                                   # (R, V)
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in ps]
+    if any(ks):                                                       # top-k: drop below each row's k-th largest
+        top = torch.topk(x, max(ks), dim=-1).values                   # (R, kmax) sorted, largest first
+        kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))   # (R, 1)
+        kth = kth.masked_fill(torch.tensor([[k == 0] for k in ks], device=dev), float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in ps):                               # top-p: as top_p_filter, per row
+        top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else 2.0] for p in ps], device=dev)   # 2: keep all
+        x = top_p_filter(x, top_p)
+    probs = torch.softmax(x, dim=-1)                                  # (R, V)
+    race = torch.stack([torch.empty(V).exponential_(1.0, generator=generators[i] if generators[i] is not None
+                                                     else make_generator(params[i].seed)) for i in rand])
+    picked = torch.argmax(probs / race.to(dev, non_blocking=True), dim=-1)       # (R,) argmax p_i / E_i
+    return toks.index_copy(0, torch.tensor(rand, device=dev), picked)

@@ -82,4 +82,27 @@ def test_sample_rows_equals_sample_row_by_row(rows, seed, ties):
     params = [SamplingParams(temperature=0 if greedy else 0.8, seed=s) for greedy, s in rows]
     got = sample_rows(logits, params, [make_generator(p.seed) for p in params])
     want = [sample(logits[i], p, make_generator(p.seed)) for i, p in enumerate(params)]
-    assert got == want
+    assert got.tolist() == want
+
+
+def _sample_one_row(logits, p, gen):
+    """The sampler written plainly for one row (the pipeline of the module docstring): the reference."""
+    if p.greedy:
+        return int(torch.argmax(logits))
+    x = top_p_filter(top_k_filter(logits.float() / p.temperature, p.top_k), p.top_p)
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.argmax(probs / torch.empty_like(probs).exponential_(1.0, generator=gen)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from([0.0, 0.3, 1.0, 1.7]), st.sampled_from([0, 1, 3, 40, 100]),
+                               st.sampled_from([1.0, 0.5, 0.9, 0.01]), st.integers(0, 2**31 - 1)),
+                     min_size=1, max_size=7),
+       seed=st.integers(0, 2**31 - 1))
+def test_batched_sampler_equals_the_plain_one_row_sampler(rows, seed):
+    """Mixed temperatures, top-k and top-p in one batch: each row's token is the plain sampler's."""
+    logits = torch.randn(len(rows), 40, generator=torch.Generator().manual_seed(seed)) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s) for t, k, p, s in rows]
+    got = sample_rows(logits, params, [make_generator(p.seed) for p in params])
+    assert got.dtype == torch.long and got.shape == (len(rows),)
+    assert got.tolist() == [_sample_one_row(logits[i], p, make_generator(p.seed)) for i, p in enumerate(params)]

@@ -280,7 +280,7 @@ class LLMEngine:
             group = [req] + (self._fork(req) if req.params.n > 1 and req.num_output_tokens == 0 else [])
             reqs += group
             row_of += [r] * len(group)
-        toks = sample_rows(logits[row_of], [r.params for r in reqs], [r.generator for r in reqs])
+        toks = sample_rows(logits[row_of], [r.params for r in reqs], [r.generator for r in reqs]).tolist()  # the sync
         return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 
     def _fork(self, parent: Request) -> list[Request]:

@@ -194,8 +194,14 @@ class PagedKVCache:
         The rows past a sequence's length are read too and hidden by the mask (key position -1).
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
-        if not self.quantized:                   # K and V in one gather: (2, M, block_size, nkv, hd)
-            return self.kv[layer].index_select(1, blocks).flatten(1, 2).unbind(0)            # (M * bs, nkv, hd) each
+        if not self.quantized:                   # K and V in one gather of 2M block rows
+            # kv[layer] viewed as 2 * num_blocks rows of one block each: K's block b is row b and
+            # V's is row num_blocks + b. A gather along dim 0 of a 2-D tensor is a memcpy per row
+            # and runs on every thread; the same gather along dim 1 of the 5-D view ran 2x slower
+            # on one thread (2.3 vs 1.2 ms per layer, 32 decodes at 530 keys, 2-core CPU).
+            rows = self.kv[layer].view(2 * self.num_blocks, -1)                       # (2 * num_blocks, bs*nkv*hd)
+            both = rows.index_select(0, torch.cat((blocks, blocks + self.num_blocks)))   # (2M, bs*nkv*hd)
+            return both.view(2, -1, nkv, hd).unbind(0)                                # (M * bs, nkv, hd) each
         out = []
         for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
             q = store[layer].view(torch.int8).index_select(0, blocks).flatten(0, 1)   # (M * bs, nkv, hd)
