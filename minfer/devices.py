@@ -29,3 +29,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
     return DTYPES[dtype]
+
+
+def to_device(x, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (or a list, made a tensor of ``dtype``) -> ``device``, without the host waiting for it.
+
+    On a GPU the copy is queued from pinned (page-locked) memory with ``non_blocking=True``: the
+    host goes on preparing the step while the DMA runs, in stream order before the kernels that
+    read it. A plain ``.to("cuda")`` from pageable memory synchronizes the stream after the copy,
+    which is a host sync per small tensor per step. On a CPU: the tensor itself, no copy.
+    vLLM stages its step inputs the same way (pinned CPU buffers and ``non_blocking`` copies in
+    ``vllm/v1/worker/gpu_model_runner.py``).
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor(x, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

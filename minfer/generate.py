@@ -89,7 +89,7 @@ def generate_tokens(
     params: SamplingParams,
     *,
     eos_token_ids: list[int] = (),
-    kv_cache: str = "contiguous",       # "contiguous" | "sliding" | "int8" | "fp8" | "none"
+    kv_cache: str = "contiguous",       # "contiguous" | "static" | "sliding" | "int8" | "fp8" | "none"
     attention: str = "sdpa",
     prefill_chunk: int | None = None,   # chunked prefill: feed the prompt this many tokens at a time
     metrics: RequestStats | None = None,
@@ -100,6 +100,10 @@ def generate_tokens(
     device, dtype = model_device_dtype(model)
     cache = None if kv_cache == "none" else make_cache(kv_cache, model.cfg, 1, rule.total, dtype=dtype,
                                                        device=device)
+    static = None
+    if kv_cache == "static":       # fixed-shape decode steps: a CUDA graph on a GPU (see kv/static.py)
+        from minfer.engine.cuda_graph import StaticSingleDecode
+        static = StaticSingleDecode(model, cache, attention)     # before the prefill (its warm-up writes slot 0)
     gen = make_generator(params.seed)
 
     # ---- prefill: the whole prompt (in chunks if asked), logits for the last position only
@@ -115,5 +119,9 @@ def generate_tokens(
         if rule.done:
             break
         # ---- decode: one token in, reading K/V of everything before it from the cache
-        logits = (forward_tokens(model, cache, [tok], len(seq) - 1, attention, last_only=True) if cache is not None
-                  else forward_tokens(model, None, seq, 0, attention, last_only=True))[-1]
+        if static is not None:                   # the same forward, replayed on static buffers
+            logits = static.step(tok, len(seq) - 1)
+        elif cache is not None:
+            logits = forward_tokens(model, cache, [tok], len(seq) - 1, attention, last_only=True)[-1]
+        else:
+            logits = forward_tokens(model, None, seq, 0, attention, last_only=True)[-1]

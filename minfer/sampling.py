@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minfer.devices import to_device
 from minfer.validation import check_sampling_fields
 
 
@@ -133,19 +134,19 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         return toks
     dev = logits.device
     ps = [params[i] for i in rand]
-    temp = torch.tensor([[p.temperature] for p in ps], device=dev)    # (R, 1)
-    x = logits[rand].float() / temp                                   # (R, V)
+    temp = to_device([[p.temperature] for p in ps], dev)             # (R, 1)
+    x = logits.index_select(0, to_device(rand, dev, torch.long)).float() / temp   # (R, V)
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in ps]
     if any(ks):                                                       # top-k: drop below each row's k-th largest
         top = torch.topk(x, max(ks), dim=-1).values                   # (R, kmax) sorted, largest first
-        kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))   # (R, 1)
-        kth = kth.masked_fill(torch.tensor([[k == 0] for k in ks], device=dev), float("-inf"))
+        kth = top.gather(1, to_device([[max(k, 1) - 1] for k in ks], dev, torch.long))   # (R, 1)
+        kth = kth.masked_fill(to_device([[k == 0] for k in ks], dev), float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
     if any(p.top_p < 1.0 for p in ps):                               # top-p: as top_p_filter, per row
-        top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else 2.0] for p in ps], device=dev)   # 2: keep all
+        top_p = to_device([[p.top_p if p.top_p < 1.0 else 2.0] for p in ps], dev)   # 2: keep all
         x = top_p_filter(x, top_p)
     probs = torch.softmax(x, dim=-1)                                  # (R, V)
     race = torch.stack([torch.empty(V).exponential_(1.0, generator=generators[i] if generators[i] is not None
                                                      else make_generator(params[i].seed)) for i in rand])
-    picked = torch.argmax(probs / race.to(dev, non_blocking=True), dim=-1)       # (R,) argmax p_i / E_i
-    return toks.index_copy(0, torch.tensor(rand, device=dev), picked)
+    picked = torch.argmax(probs / to_device(race, dev), dim=-1)       # (R,) argmax p_i / E_i
+    return toks.index_copy(0, to_device(rand, dev, torch.long), picked)

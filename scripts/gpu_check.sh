@@ -8,7 +8,7 @@
 #   2. `pytest -m gpu`: the CUDA tests (Triton kernel vs reference, ...);
 #   3. writes random-weight folders in two real shapes (no download is possible on a lent machine):
 #      SmolLM2-135M (fp32) and the Llama-3.2-1B body with SmolLM2's vocabulary (bf16);
-#   4. benchmarks: batch-1 decode (minfer cached, the engine eager / CUDA graphs / torch.compile, and
+#   4. benchmarks: batch-1 decode (minfer cached and static (one CUDA graph), the engine eager / CUDA graphs / torch.compile, and
 #      transformers eager / static cache compiled), continuous batching at 32 requests on CUDA graphs
 #      vs transformers' padded generate, and decode attention incl. the Triton paged kernel.
 #
@@ -56,11 +56,11 @@ $PY -m minfer.bench.random_weights "$W/llama-1b-body" --shape llama-3.2-1b-body 
 if part 1; then
 step "bench decode: SmolLM2 shape, fp32 (eager, CUDA graphs)"
 timeout 180 $PY -m minfer.cli bench decode --model "$W/smollm2-135m" --device cuda --dtype float32 \
-  --methods cached,llm,llm-graphs,transformers --max-tokens 256 --repeats 3 --no-kv-quality \
+  --methods cached,static,llm,llm-graphs,transformers --max-tokens 256 --repeats 3 --no-kv-quality \
   --json "$OUT/decode_smollm2.json" 2>&1 | tail -n 20
 step "bench decode: Llama-3.2-1B body, bf16 (eager, CUDA graphs)"
 timeout 180 $PY -m minfer.cli bench decode --model "$W/llama-1b-body" --device cuda --dtype bfloat16 \
-  --methods cached,llm,llm-graphs,transformers --max-tokens 256 --repeats 3 --no-kv-quality \
+  --methods cached,static,llm,llm-graphs,transformers --max-tokens 256 --repeats 3 --no-kv-quality \
   --json "$OUT/decode_1b.json" 2>&1 | tail -n 20
 fi
 if part 2; then

@@ -72,7 +72,8 @@ def test_compiled_peer_runs_and_gives_the_same_greedy_tokens(folder, capsys):
 def test_static_decode_step_methods_run_and_give_the_eager_tokens(folder, capsys):
     """llm-graphs (the static step; replay on a CPU) gives the eager engine's tokens, with its start-up
     (compile, capture) reported apart from the table."""
-    rc, out = _bench(folder, "cached,llm,llm-graphs", capsys)
+    rc, out = _bench(folder, "cached,static,llm,llm-graphs", capsys)
     assert rc == 0, out.err
     assert "llm-graphs greedy tokens identical to cached: True" in out.out
+    assert "static greedy tokens identical to cached: True" in out.out and "static / cached decode" in out.out
     assert "llm-graphs / llm (eager) decode tok/s = " in out.out and "graph capture 0.0 s" in out.out

@@ -10,6 +10,9 @@
   the reserved scratch block: every other block of the pool equals the eager run's.
 * ``max_seq_len_to_capture``: longer contexts fall back to eager, same tokens.
 * ``compile=True`` equals eager (slow lane), and on a GPU the captured graphs equal eager.
+* The single-request loop's static path (``generate_tokens(kv_cache="static")``, gpt-fast's
+  shape) equals the contiguous loop; on a GPU its captured graph does too.
+* On a GPU a decode step syncs the host once: the sampled tokens (item 5).
 """
 from __future__ import annotations
 
@@ -260,6 +263,79 @@ def test_cuda_graph_replay_equals_eager_on_gpu(dtype):
         want = [o.token_ids for o in LLM.from_model(model, enforce_eager=True, **args).generate(prompts, params)]
         for g, w in zip(got, want):
             assert g == w, first_difference(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_a_decode_step_syncs_the_host_once_on_gpu(enforce_eager):
+    """Item 5: a decode step (schedule, flatten, forward, sample, stop checks) waits for the GPU
+    once, when the sampled token ids come back. torch's sync debug mode warns at every
+    synchronizing call; greedy and seeded rows are mixed, and the batch crosses a block boundary."""
+    import warnings
+
+    from minfer.model import build_model
+    cfg = tiny_config(num_hidden_layers=2, num_key_value_heads=1)
+    llm = LLM.from_model(build_model(cfg, seed=5, device="cuda"), block_size=4, max_num_seqs=4,
+                         enforce_eager=enforce_eager)
+    eng = llm.engine
+    for i, n in enumerate([3, 6, 9]):
+        params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0 if i % 2 else 0.8, seed=i)
+        eng.add_request(list(range(1, n + 1)), params)
+    while any(r.num_output_tokens == 0 for r in eng.requests.values()):   # prefills: not measured
+        eng.step()
+    for _ in range(4):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                eng.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, syncs
+
+
+# ---------------------------------------------------------------------------------- the single-request loop
+@settings(max_examples=20, deadline=None)
+@given(cfg=tiny_configs(), prompt_len=st.integers(1, 12), n=st.integers(1, 10), seed=st.integers(0, 99),
+       temperature=st.sampled_from([0.0, 0.9]))
+def test_static_single_request_loop_equals_the_contiguous_one(cfg, prompt_len, n, seed, temperature):
+    """generate_tokens(kv_cache="static"): fixed-shape decode steps (StaticSingleDecode, "replay" on
+    CPU) give the contiguous loop's tokens, greedy and seeded; the decodes really ran static."""
+    from minfer.engine import cuda_graph
+    from minfer.generate import generate_tokens
+    model = tiny_model(cfg, seed=seed)
+    prompt = random.Random(seed).choices(range(cfg.vocab_size), k=prompt_len)
+    params = SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=seed)
+    calls = []
+    step = cuda_graph.StaticSingleDecode.step
+
+    def counted(self, tok, pos):
+        calls.append(pos)
+        return step(self, tok, pos)
+    cuda_graph.StaticSingleDecode.step = counted
+    try:
+        static = list(generate_tokens(model, prompt, params, kv_cache="static"))
+    finally:
+        cuda_graph.StaticSingleDecode.step = step
+    want = list(generate_tokens(model, prompt, params, kv_cache="contiguous"))
+    assert static == want, first_difference(static, want)
+    assert calls == list(range(prompt_len, prompt_len + n - 1))       # every decode, at its position
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_single_request_graph_equals_eager_on_gpu():
+    """The single-request loop's captured decode step replays to the contiguous loop's tokens."""
+    from minfer.generate import generate_tokens
+    from minfer.model import build_model
+    cfg = tiny_config(num_hidden_layers=3, num_key_value_heads=1)
+    model = build_model(cfg, seed=6, device="cuda")
+    for prompt, params in (([5, 9, 2, 7], SamplingParams(max_tokens=20, **GREEDY)),
+                           ([3] * 17, SamplingParams(max_tokens=9, temperature=0.8, seed=1, ignore_eos=True))):
+        got = list(generate_tokens(model, prompt, params, kv_cache="static"))
+        assert got == list(generate_tokens(model, prompt, params, kv_cache="contiguous"))
 
 
 # ---------------------------------------------------------------------------------- the command line

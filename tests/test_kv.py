@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tiny import describe_diff, first_difference, tiny_config, tiny_configs, tiny_model
 
 from minfer.generate import generate_tokens
-from minfer.kv import (ContiguousKVCache, QuantizedKVCache, SlidingWindowKVCache, dequantize_kv,
+from minfer.kv import (ContiguousKVCache, QuantizedKVCache, SlidingWindowKVCache, StaticKVCache, dequantize_kv,
                        kv_cache_bytes, make_cache, quantize_kv)
 from minfer.naive import naive_forward, naive_generate
 from minfer.sampling import SamplingParams
@@ -24,14 +24,17 @@ def run_chunks(model, ids, cache, cuts, backend):
 
 @settings(max_examples=40, deadline=None)
 @given(cfg=tiny_configs(), length=st.integers(1, 30), data=st.data(),
-       backend=st.sampled_from(["reference", "sdpa", "flash"]), ring=st.booleans())
-def test_chunked_prefill_and_decode_equal_naive(cfg, length, data, backend, ring):
-    """Random chunk splits (single tokens = decode) through a cache give the oracle's logits."""
+       backend=st.sampled_from(["reference", "sdpa", "flash"]), ring=st.booleans(), static=st.booleans())
+def test_chunked_prefill_and_decode_equal_naive(cfg, length, data, backend, ring, static):
+    """Random chunk splits (single tokens = decode) through a cache give the oracle's logits
+    (the static cache: every slot read, masked on the device, with room to spare)."""
     model = tiny_model(cfg, seed=length)
     ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, length - 1)), max_size=6)))
     if ring and cfg.sliding_window:
         cache = SlidingWindowKVCache(cfg, 1, cfg.sliding_window)
+    elif static:
+        cache = StaticKVCache(cfg, 1, length + data.draw(st.integers(0, 9)))
     else:
         cache = ContiguousKVCache(cfg, 1, length)
     ours = run_chunks(model, ids, cache, cuts, backend)
@@ -50,6 +53,8 @@ def test_greedy_tokens_identical_to_naive(cfg, prompt_len, n, backend, chunk):
     ours = list(generate_tokens(model, prompt, params, kv_cache=kind, attention=backend, prefill_chunk=chunk))
     ref = naive_generate(model.state_dict(), cfg, prompt, params)
     assert ours == ref, first_difference(ours, ref)
+    static = list(generate_tokens(model, prompt, params, kv_cache="static", attention=backend, prefill_chunk=chunk))
+    assert static == ref, first_difference(static, ref)
 
 
 @settings(max_examples=25, deadline=None)

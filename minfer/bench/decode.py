@@ -32,8 +32,8 @@ from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_f
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-METHODS = ["naive", "no-cache", "cached", "unfused", "packed", "llm", "llm-graphs", "llm-compile", "transformers",
-           "transformers-compiled"]
+METHODS = ["naive", "no-cache", "cached", "static", "unfused", "packed", "llm", "llm-graphs", "llm-compile",
+           "transformers", "transformers-compiled"]
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
 
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
                    help="comma-separated subset of " + ",".join(METHODS) + " "
-                        "(llm = batch-1 decode through LLM.generate, i.e. the engine, eager; llm-graphs = "
+                        "(static = cached on the static contiguous cache, gpt-fast's fixed-shape step, a CUDA "
+                        "graph on a GPU; llm = batch-1 decode through LLM.generate, i.e. the engine, eager; llm-graphs = "
                         "the same on the static decode step, CUDA graphs on a GPU, replay on a CPU; "
                         "llm-compile = the static step torch.compile'd, compile time reported apart; unfused = cached "
                         "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
@@ -226,6 +227,7 @@ def main(args) -> int:
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
         "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
+        "static": lambda: _time_cached(model, prompt_ids, n, "static"),
         "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
         "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
         "llm": lambda: _time_llm(llm, prompt_ids, n),
@@ -310,6 +312,9 @@ def main(args) -> int:
             print(f"{name} / llm (eager) decode tok/s = {medians[name]['decode_tps'] / medians['llm']['decode_tps']:.3f}; "
                   f"start-up: compile {e.compile_seconds:.1f} s, graph capture {e.capture_seconds:.1f} s "
                   f"(not in the table)")
+    if "cached" in medians and "static" in medians:
+        print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = "
+              f"{medians['static']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
     if "cached" in medians and "llm" in medians:
         print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
               f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")

@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from minfer.devices import to_device
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
 # The static width's default cap, in keys: vLLM's ``max_seq_len_to_capture`` default. Every
@@ -81,6 +82,59 @@ def bucket_for(n: int, sizes: list[int]) -> int:
         raise ValueError(f"a decode batch of n={n!r} sequences has no bucket: the capture sizes hold "
                          f"1 to {largest} sequences")
     return min(s for s in sizes if s >= n)
+
+
+def capture_graph(step, pool=None):
+    """Warm ``step()`` up on a side stream, then record one call of it -> (CUDAGraph, its output).
+
+    The warm-up runs outside the recording, as PyTorch asks: lazy initialisation, cuBLAS
+    workspaces and torch.compile happen there. ``graph.replay()`` then rewrites the output
+    tensor in place. ``pool``: share another graph's memory pool.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
+
+
+class StaticSingleDecode:
+    """The single-request loop's decode step on static buffers (gpt-fast's shape).
+
+    ``step(tok, pos)`` -> logits (vocab,) of token ``tok`` at position ``pos``, through a
+    ``StaticKVCache`` (every slot read, masked on the device: one shape for every step).
+    On a GPU the step is one CUDA graph, captured here; the token and position are
+    written into the two static input tensors by ``fill_`` (a kernel, no host sync). On a
+    CPU "replay" is the same call on the same buffers. Build it BEFORE the prefill: the
+    capture's warm-up writes a key at slot 0, which the prefill then overwrites.
+    """
+
+    def __init__(self, model, cache, attention="sdpa", use_cuda_graph: bool | None = None):
+        self.model, self.cache, self.attention = model, cache, attention
+        device = cache.k.device
+        self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)        # (1, 1)
+        self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)        # (1, 1)
+        self.use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self.graph = None
+        if self.use_cuda_graph:
+            self.graph, self.output = capture_graph(self._step)
+
+    def _step(self) -> torch.Tensor:
+        return self.model(self.input_ids, self.positions, kv_cache=self.cache, attention=self.attention,
+                          last_only=True)                                           # (1, 1, V)
+
+    def step(self, tok: int, pos: int) -> torch.Tensor:
+        self.input_ids.fill_(tok)
+        self.positions.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output[0, -1]                            # overwritten by the next replay
+        return self._step()[0, -1]
 
 
 class StaticDecodeRunner:
@@ -168,15 +222,7 @@ class StaticDecodeRunner:
         t0 = time.perf_counter()
         self._pad(0, self.sizes[-1])                             # warm-ups and captures write the scratch slot
         for n in reversed(self.sizes):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):                        # warm-up outside the recording
-                for _ in range(2):
-                    self.step(n)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self.outputs[n] = self.step(n)
+            graph, self.outputs[n] = capture_graph(lambda: self.step(n), self.graph_pool)
             if self.graph_pool is None:
                 self.graph_pool = graph.pool()                   # the smaller buckets reuse this memory
             self.graphs[n] = graph
@@ -197,7 +243,7 @@ class StaticDecodeRunner:
         self.input_ids[:, :S] = input_ids
         self.positions[:, :S] = meta.positions
         self.slot_mapping[:S] = meta.slot_mapping
-        self.context_lens[:S] = meta.seq_lens                    # host -> device on a GPU: one small copy
+        self.context_lens[:S] = to_device(meta.seq_lens, self.rows.device)   # host -> device, not waited for
         self.block_tables[:S, :cols] = meta.block_tables         # columns past cols: stale ids, read and masked
         self._pad(S, n)
         if self.use_cuda_graph:
@@ -205,4 +251,5 @@ class StaticDecodeRunner:
             logits = self.outputs[n]                             # overwritten by the next replay
         else:
             logits = self.step(n)
-        return logits[0, :S][list(sample_rows)]                  # (K, V): padded rows never reach the sampler
+        rows = to_device(list(sample_rows), self.rows.device, torch.long)
+        return logits[0, :S][rows]                               # (K, V): padded rows never reach the sampler

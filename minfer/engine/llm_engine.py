@@ -35,6 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+import torch
+
+from minfer.devices import to_device
 from minfer.engine.output import TextOutput
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
@@ -280,7 +283,10 @@ class LLMEngine:
             group = [req] + (self._fork(req) if req.params.n > 1 and req.num_output_tokens == 0 else [])
             reqs += group
             row_of += [r] * len(group)
-        toks = sample_rows(logits[row_of], [r.params for r in reqs], [r.generator for r in reqs]).tolist()  # the sync
+        if row_of != list(range(len(logits))):                                 # n > 1: a row per sample
+            logits = logits.index_select(0, to_device(row_of, logits.device, torch.long))
+        # the step's one host sync: the sampled token ids come back (issue 13; tests/test_cuda_graph.py)
+        toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
         return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 
     def _fork(self, parent: Request) -> list[Request]:

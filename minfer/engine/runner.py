@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from minfer.devices import to_device
 from minfer.kv import block_pool
 from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.kv.paged import PagedBatch, PagedKVCache
@@ -66,11 +67,12 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
         slots = torch.tensor([x for c in chunks for x in kv_manager.slot_mapping(
             c.request.request_id, c.start, c.num_tokens)], dtype=torch.long)
     device_tables = tables if kv_manager.tables.device.type == "cpu" else \
-        kv_manager.tables.device_table()[torch.tensor(rows, device=device), :cols]
-    meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=device_tables.to(device),
-                      slot_mapping=slots.to(device), logits_indices=(ends - 1).to(device),
-                      positions=positions.to(device)[None])
-    return torch.tensor([ids], device=device), meta
+        kv_manager.tables.device_table()[to_device(rows, device, torch.long), :cols]
+    # Every input goes to the device by a copy the host does not wait for (minfer.devices.to_device).
+    meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=to_device(device_tables, device),
+                      slot_mapping=to_device(slots, device), logits_indices=to_device(ends - 1, device),
+                      positions=to_device(positions, device)[None])
+    return to_device([ids], device, torch.long), meta
 
 
 class ModelRunner:
@@ -138,7 +140,7 @@ class ModelRunner:
         """
         self.cache.copy_blocks(copies)                                       # copy-on-write first
         self.cache.set_batch(meta)
-        rows = meta.logits_indices[list(sample_rows)]
+        rows = meta.logits_indices[to_device(list(sample_rows), self.device, torch.long)]
         logits = self.model(input_ids, meta.positions, kv_cache=self.cache, attention=self.attention,
                             logits_indices=rows)                            # (1, K, V)
         return logits[0]

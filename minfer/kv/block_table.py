@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from minfer.devices import to_device
+
 
 class BlockTableTensor:
     """Rows of block ids, one row per live sequence; the host copy is ``cpu`` (rows, cols) long."""
@@ -74,6 +76,8 @@ class BlockTableTensor:
         if self._device is None:
             self._device = torch.empty_like(self.cpu, device=self.device)
         if self._dirty and self._device is not self.cpu:
-            self._device.copy_(self.cpu)                              # one copy per step, not per sequence
+            # one copy per step, not per sequence; from a pinned snapshot, not waited for (the host
+            # may write the table again before the device has read it: forks do, in the same step)
+            self._device.copy_(to_device(self.cpu, self.device))    # pin_memory() copies: a snapshot
         self._dirty = False
         return self._device

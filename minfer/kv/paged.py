@@ -57,13 +57,14 @@ The bookkeeping (block tables, prefix caching, copy-on-write) is in ``block_pool
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from minfer.attention.flash import online_softmax_update
 from minfer.attention.mask import allowed
 from minfer.attention.sdpa import sdpa, sdpa_attention
+from minfer.devices import to_device
 from minfer.kv.base import KVView
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 
@@ -121,6 +122,7 @@ class _Group:
     q_pos: torch.Tensor           # (G, T) query positions
     k_pos: torch.Tensor           # (G, W) key positions, -1 = padding; W = blocks read * block_size
     k_blocks: torch.Tensor | None # (G * W / block_size,) blocks to gather; None = the keys are this forward's own
+    k_rows: torch.Tensor | None = field(default=None, kw_only=True)   # their _kv_rows, once per forward
     num_seqs: int
     fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
     sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
@@ -133,7 +135,7 @@ def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
     the running decodes first), so that the group's queries are a view and its output one copy."""
     if len(rows) == 1 or bool((rows.diff() == 1).all()):
         return slice(int(rows[0]), int(rows[0]) + len(rows))
-    return rows.to(device)
+    return to_device(rows, device)
 
 
 class PagedKVCache:
@@ -185,13 +187,19 @@ class PagedKVCache:
         return self.k.nbytes + self.v.nbytes + scales
 
     # ------------------------------------------------------------ reading and writing
-    def _blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv_rows(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Block ids (M,) -> (2M,) rows of ``kv[layer].view(2 * num_blocks, -1)``: K's blocks, then V's."""
+        return torch.cat((blocks, blocks + self.num_blocks))
+
+    def _blocks(self, layer: int, blocks: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) tensors in the compute dtype.
 
         Reads go block by block, as PagedAttention reads them: each block is one contiguous run of
         block_size * nkv * hd values, so the gather copies M long runs instead of M * block_size
         short rows (3x faster on a 2-core CPU for a 32-sequence decode: 1.9 vs 6.0 ms per layer).
         The rows past a sequence's length are read too and hidden by the mask (key position -1).
+        ``rows``: ``_kv_rows(blocks)``, when the plan computed it once for every layer.
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
@@ -199,8 +207,8 @@ class PagedKVCache:
             # V's is row num_blocks + b. A gather along dim 0 of a 2-D tensor is a memcpy per row
             # and runs on every thread; the same gather along dim 1 of the 5-D view ran 2x slower
             # on one thread (2.3 vs 1.2 ms per layer, 32 decodes at 530 keys, 2-core CPU).
-            rows = self.kv[layer].view(2 * self.num_blocks, -1)                       # (2 * num_blocks, bs*nkv*hd)
-            both = rows.index_select(0, torch.cat((blocks, blocks + self.num_blocks)))   # (2M, bs*nkv*hd)
+            rows = self._kv_rows(blocks) if rows is None else rows
+            both = self.kv[layer].view(2 * self.num_blocks, -1).index_select(0, rows)    # (2M, bs*nkv*hd)
             return both.view(2, -1, nkv, hd).unbind(0)                                # (M * bs, nkv, hd) each
         out = []
         for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
@@ -262,13 +270,13 @@ class PagedKVCache:
     def _plan_padded(self, meta: PagedBatch, bs: int, device) -> None:
         """gather / online: every sequence padded to the longest query and the longest context."""
         T = int(meta.query_lens.max())
-        qlens = meta.query_lens.to(device)
+        qlens = to_device(meta.query_lens, device)
         starts = qlens.cumsum(0) - qlens                                            # (S,) first row of each
         t = torch.arange(T, device=device)
         self._q_valid = t[None] < qlens[:, None]                                    # (S, T)
         self._q_index = (starts[:, None] + t[None]).masked_fill(~self._q_valid, 0)
         self._q_pos = meta.positions[0][self._q_index].masked_fill(~self._q_valid, -1)  # (S, T), -1 sees nothing
-        self._seq_lens = meta.seq_lens.to(device)
+        self._seq_lens = to_device(meta.seq_lens, device)
         self._nblk = -(-int(meta.seq_lens.max()) // bs)                              # blocks of the longest
         pos = torch.arange(self._nblk * bs, device=device)
         self._k_pos = torch.where(pos[None] < self._seq_lens[:, None], pos[None], -1)   # (S, W), -1 = padding
@@ -304,6 +312,13 @@ class PagedKVCache:
                 self.groups.append(self._decode_group(dec[bucket == b], slens, starts, bs, device, False))
         if len(self.groups) == 1 and (self.groups[0].num_seqs == 1 or only_decodes):
             self.groups[0].whole = True        # one sequence, or decodes only in one group (rows in order)
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """Each group's gather rows, computed once here rather than in every layer."""
+        for g in self.groups:
+            if g.k_blocks is not None and not self.quantized:
+                g.k_rows = self._kv_rows(g.k_blocks)
 
     def set_static_batch(self, meta: PagedBatch) -> None:
         """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
@@ -337,16 +352,17 @@ class PagedKVCache:
         mask = allowed(q_pos, k_pos, self.cfg.sliding_window)[:, None]              # (S, 1, 1, W)
         self.groups = [_Group(None, q_pos, k_pos, self._tables.flatten(), S, sdpa_mask=mask, whole=True,
                               static=True)]              # every block of every row, masked past the context
+        self._index_rows()
 
     def _decode_group(self, idx: torch.Tensor, slens, starts, bs: int, device, whole_batch: bool) -> _Group:
         """Decodes ``idx`` (G,) in one group, padded to the blocks of the longest context (key position -1 = padding)."""
         sl = slens if whole_batch else slens[idx]                                   # (G,) host
         nblk = -(-int(sl.max()) // bs)
         width = nblk * bs
-        sl_dev = sl.to(device)
+        sl_dev = to_device(sl, device)
         pos = torch.arange(width, device=device)
         k_pos = torch.where(pos[None] < sl_dev[:, None], pos[None], -1)            # (G, W)
-        tables = self._tables if whole_batch else self._tables[idx.to(device)]     # (G, max blocks)
+        tables = self._tables if whole_batch else self._tables[to_device(idx, device)]     # (G, max blocks)
         q_pos = (sl_dev - 1)[:, None]                                               # (G, 1)
         mask = allowed(q_pos, k_pos)[:, None] if int(sl.min()) < width else None    # (G, 1, 1, W); none if unpadded
         rows = None if whole_batch else _as_range(starts[idx], device)              # whole: rows are 0..S-1
@@ -380,7 +396,7 @@ class PagedKVCache:
             if g.k_blocks is None:
                 keys, values = view.keys[:, :, g.fresh], view.values[:, :, g.fresh]  # (1, nkv, T, hd)
             else:
-                keys, values = self._blocks(layer, g.k_blocks)                       # (G * W, nkv, hd) each
+                keys, values = self._blocks(layer, g.k_blocks, g.k_rows)             # (G * W, nkv, hd) each
                 keys = keys.view(G, -1, nkv, hd).transpose(1, 2)                    # (G, nkv, W, hd)
                 values = values.view(G, -1, nkv, hd).transpose(1, 2)
             if backend is sdpa_attention and (window is None or g.static):
