@@ -48,8 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
-    p.add_argument("--prepack", action="store_true",
-                   help="CPU, float32: oneDNN linears on weights reordered once (faster decode, 2x weight memory)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU, float32: oneDNN linears on weights reordered once, for every row count (2x weight "
+                        "memory); default: for the engine's batched steps (4-128 rows) only; --no-prepack: off")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -81,7 +82,7 @@ def _llm(args, **engine_args):
                speculative=getattr(args, "speculative", None),
                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
-               prepack=getattr(args, "prepack", False))
+               prepack=getattr(args, "prepack", None))
 
 
 def _print_timing(out) -> None:

@@ -114,7 +114,11 @@ class LLM:
     tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)
     pipeline_parallel_size  split the layers into N stages, one per process
     prepack                 CPU, fp32: run the linears through oneDNN on weights reordered once at
-                            load (``minfer/kernels/onednn_linear.py``); faster decode, twice the weight memory
+                            load (``minfer/kernels/onednn_linear.py``), at the cost of a second copy of
+                            the weights. None (default): on for a CPU in fp32, one process, no compile,
+                            for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
+                            batch-1 decode and long prefill chunks keep F.linear. True: every row
+                            count; False: off
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
@@ -123,7 +127,7 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                  compile: bool = False, max_seq_len_to_capture: int | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool = False):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None):
         # ---- argument checks: fail now, not at generate time (minfer/validation.py)
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -156,12 +160,15 @@ class LLM:
             self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
             if quantization is not None:                          # weight-only: swap the linears
                 quantize_model(self.model, quantization)
+        from minfer.kernels import onednn_linear
+        plain_cpu = self.driver is None and self.device.type == "cpu" and self.dtype == torch.float32
         if prepack:
-            if self.driver is not None or self.device.type != "cpu" or self.dtype != torch.float32:
+            if not plain_cpu:
                 raise ValueError("prepack is for one process on the CPU in float32 "
                                  f"(got device {self.device}, dtype {self.dtype}, parallel {self.driver is not None})")
-            from minfer.kernels.onednn_linear import pack_linears
-            pack_linears(self.model)
+            onednn_linear.pack_linears(self.model)
+        elif prepack is None and plain_cpu and not compile and onednn_linear.available():
+            onednn_linear.pack_linears(self.model, rows=onednn_linear.BATCHED_ROWS)   # batched steps only
         self.model_name = model
         if spec_config is not None or self.driver is not None:
             # Single-request loops (_run_single) never step the engine: no static path to build, and

@@ -74,3 +74,39 @@ def test_prepack_refuses_what_it_cannot_do(tmp_path):
     out = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
     assert out.token_ids == LLM(str(folder)).generate(
         "hello", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0].token_ids
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 12), lo=st.integers(1, 6), width=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_packed_linear_with_a_row_range_is_f_linear_outside_it(rows, lo, width, seed):
+    """``rows=(lo, hi)``: outside the range the result IS F.linear's (bit for bit); inside, oneDNN's."""
+    gen = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(24, 16, generator=gen), torch.randn(rows, 16, generator=gen)
+    lin = PackedLinear(w, rows=(lo, lo + width))
+    lin.packed = torch.ops.mkldnn._reorder_linear_weight(2 * w, 32)     # tell the two paths apart
+    with torch.no_grad():
+        got = lin(x)
+    want = F.linear(x, 2 * w) if lo <= rows <= lo + width else F.linear(x, w)
+    if lo <= rows <= lo + width:
+        assert torch.allclose(got, want, atol=1e-4), describe_diff(got, want)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_llm_packs_the_batched_rows_by_default_on_cpu(tmp_path):
+    """LLM(prepack=None): oneDNN for 4-128 rows; prepack=False: plain nn.Linear; same greedy tokens."""
+    from test_checkpoints import tiny_tokenizer
+
+    from minfer.checkpoints.hf import save_hf_folder
+    from minfer.kernels.onednn_linear import BATCHED_ROWS
+    from minfer.llm import LLM
+    cfg = tiny_config(vocab_size=260)
+    folder = str(save_hf_folder(tmp_path / "m", cfg, tiny_model(cfg).state_dict(), *tiny_tokenizer()))
+    auto, plain = LLM(folder), LLM(folder, prepack=False)
+    mlp = auto.model.model.layers[0].mlp
+    assert isinstance(mlp.down_proj, PackedLinear) and mlp.down_proj.rows == BATCHED_ROWS
+    assert type(plain.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["hello", "a longer prompt here", "x", "abc def"]
+    assert [o.token_ids for o in auto.generate(prompts, params)] == \
+        [o.token_ids for o in plain.generate(prompts, params)]

@@ -15,6 +15,21 @@ Prepacked, a 2-4 row product costs what a 1-row product costs, as the weight is 
 whatever the rows: the premise of speculative verification (``minfer/speculative``, Medusa)
 holds on a CPU too. Measure it on your machine with ``minfer bench decode --methods cached,packed``.
 
+Which rows pay depends on the CPU and its BLAS. On the session-5 AMD EPYC, oneDNN won at every
+row count (batch-1 decode 2.3x). On the session-7 Intel Xeon (Sapphire Rapids VM, 2 cores),
+MKL's ``F.linear`` is faster at 1-3 rows and slow from 4 rows on, where oneDNN takes over
+(every matrix of SmolLM2 once, weights in cache, 2 threads; ``/work`` microbenchmark):
+
+    rows M              1      2      3      4      6      16     29     64     512
+    F.linear (ms)       10.0   10.6   11.8   22.6   29.9   50.3   74.6   93.7   625
+    prepacked (ms)      14.7   15.8   16.7   18.9   20.0   30.7   54.3   83.7   633
+
+so ``PackedLinear(rows=(lo, hi))`` runs oneDNN for ``lo <= M <= hi`` rows only and
+``F.linear`` (on the same plain weight, bit for bit the unpacked result) otherwise.
+``BATCHED_ROWS = (4, 128)`` is the range ``LLM``'s default uses: the engine's batched decode
+steps, not batch-1 decode (1 row) nor a 512-token prefill chunk. Through ``LLM.generate`` on
+32 requests it made the run 1.09x faster here (47.7 vs 52.2 s, greedy tokens identical).
+
 ``pack_linears(model)`` swaps every ``nn.Linear`` (and a tied LM head) for a ``PackedLinear``
 that keeps the original weight (so ``state_dict`` and equality checks still work; the cost
 is a second copy of the weights in memory) beside oneDNN's reordered copy. It is the path
@@ -29,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BATCH_HINT = 32       # oneDNN picks its weight layout for this many rows; fine from 1 to 128 rows
+BATCHED_ROWS = (4, 128)   # LLM's default range of rows for oneDNN (see the module docstring)
 
 
 def available() -> bool:
@@ -39,8 +55,10 @@ def available() -> bool:
 class PackedLinear(nn.Module):
     """``nn.Linear`` (fp32, CPU) computed by oneDNN on a weight reordered once."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 rows: tuple[int, int] | None = None):
         super().__init__()
+        self.rows = rows          # oneDNN for lo <= rows <= hi, F.linear otherwise; None: every row count
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ValueError(f"PackedLinear needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
@@ -53,15 +71,19 @@ class PackedLinear(nn.Module):
         """x (..., in) -> (..., out)."""
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)          # the packed op has no backward
+        if self.rows is not None and not self.rows[0] <= x.numel() // self.in_features <= self.rows[1]:
+            return F.linear(x, self.weight, self.bias)          # a row count the BLAS does better
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
+        rows = "" if self.rows is None else f" for {self.rows[0]}-{self.rows[1]} rows"
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked{rows}"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every fp32 CPU ``nn.Linear`` of ``model`` (and a tied LM head) by a ``PackedLinear``,
-    in place; returns how many. Inference only: train or quantize the unpacked model."""
+def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
+    """Replace every fp32 CPU ``nn.Linear`` of ``model`` (and a tied LM head) by a ``PackedLinear``
+    (oneDNN for ``rows`` only, when given), in place; returns how many. Inference only: train or
+    quantize the unpacked model."""
     if not available():
         raise RuntimeError("this torch build has no oneDNN (mkldnn) prepacked linear; "
                            "drop the packing option to use F.linear")
@@ -69,12 +91,12 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
+                setattr(parent, name, PackedLinear(child.weight, child.bias, rows))
                 count += 1
     inner = getattr(model, "model", None)
     if getattr(model, "lm_head", None) is None and inner is not None and hasattr(inner, "embed_tokens"):
         w = inner.embed_tokens.weight                         # tied: the LM head reads the embedding
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            model.lm_head = PackedLinear(w)
+            model.lm_head = PackedLinear(w, rows=rows)
             count += 1
     return count
