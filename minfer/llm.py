@@ -116,6 +116,7 @@ class LLM:
     prepack                 CPU, fp32: run the linears through oneDNN on weights reordered once at
                             load (``minfer/kernels/onednn_linear.py``), at the cost of a second copy of
                             the weights. None (default): on for a CPU in fp32, one process, no compile,
+                            no speculative decoding,
                             for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
                             batch-1 decode and long prefill chunks keep F.linear. True: every row
                             count; False: off
@@ -167,7 +168,7 @@ class LLM:
                 raise ValueError("prepack is for one process on the CPU in float32 "
                                  f"(got device {self.device}, dtype {self.dtype}, parallel {self.driver is not None})")
             onednn_linear.pack_linears(self.model)
-        elif prepack is None and plain_cpu and not compile and onednn_linear.available():
+        elif prepack is None and plain_cpu and spec_config is None and not compile and onednn_linear.available():
             onednn_linear.pack_linears(self.model, rows=onednn_linear.BATCHED_ROWS)   # batched steps only
         self.model_name = model
         if spec_config is not None or self.driver is not None:

@@ -54,8 +54,12 @@ def test_the_packed_lm_head_is_used_and_state_dict_keeps_plain_weights():
     pack_linears(model)
     assert isinstance(model.lm_head, PackedLinear)
     sd = model.state_dict()
+    assert sd.keys() == before.keys()                      # the tied head adds no lm_head.weight
     for k, v in before.items():
         assert torch.equal(sd[k], v), k                    # plain tensors, not oneDNN's opaque layout
+    twin = tiny_model(cfg, seed=1)
+    pack_linears(twin)
+    twin.load_state_dict(sd)                               # loads into a packed model too
     model.lm_head.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(model.lm_head.weight), 32)
     with torch.no_grad():                                  # the head really runs on the packed copy
         assert model(torch.tensor([[1, 2]]), torch.tensor([[0, 1]])).abs().max() == 0
@@ -110,3 +114,18 @@ def test_llm_packs_the_batched_rows_by_default_on_cpu(tmp_path):
     prompts = ["hello", "a longer prompt here", "x", "abc def"]
     assert [o.token_ids for o in auto.generate(prompts, params)] == \
         [o.token_ids for o in plain.generate(prompts, params)]
+
+
+def test_a_deep_copy_of_a_packed_model_is_a_plain_model_with_the_same_outputs():
+    """oneDNN's opaque layout cannot be copied: a deep copy (the int4 self-draft makes one) unpacks."""
+    import copy
+    cfg = tiny_config(tie_word_embeddings=True)
+    model = tiny_model(cfg)
+    pack_linears(model, rows=(4, 128))
+    twin = copy.deepcopy(model)
+    assert not any(isinstance(m, PackedLinear) for m in twin.modules())
+    assert twin.state_dict().keys() == tiny_model(cfg).state_dict().keys()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = model(ids, torch.arange(5)[None]), twin(ids, torch.arange(5)[None])
+    assert torch.allclose(a, b, atol=1e-5), describe_diff(a, b)

@@ -56,8 +56,9 @@ class PackedLinear(nn.Module):
     """``nn.Linear`` (fp32, CPU) computed by oneDNN on a weight reordered once."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 rows: tuple[int, int] | None = None):
+                 rows: tuple[int, int] | None = None, tied: bool = False):
         super().__init__()
+        self.tied = tied          # the weight is another module's (a tied LM head): not in the state dict
         self.rows = rows          # oneDNN for lo <= rows <= hi, F.linear otherwise; None: every row count
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ValueError(f"PackedLinear needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
@@ -74,6 +75,28 @@ class PackedLinear(nn.Module):
         if self.rows is not None and not self.rows[0] <= x.numel() // self.in_features <= self.rows[1]:
             return F.linear(x, self.weight, self.bias)          # a row count the BLAS does better
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.tied:                 # a tied head's weight is saved once, as the embedding
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not self.tied:                 # loaded through the embedding it shares
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __deepcopy__(self, memo) -> nn.Linear:
+        """A deep copy is a plain ``nn.Linear`` with copied weights: oneDNN's opaque layout has no
+        storage to copy (speculative decoding's int4 self-draft deep-copies and quantizes the target).
+        A tied LM head copies to None: the copy's LM head is its embedding again, as before packing."""
+        import copy
+        if self.tied:
+            return None
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight = copy.deepcopy(self.weight, memo)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(copy.deepcopy(self.bias, memo).detach(), requires_grad=False)
+        return lin
 
     def extra_repr(self) -> str:
         rows = "" if self.rows is None else f" for {self.rows[0]}-{self.rows[1]} rows"
@@ -97,6 +120,6 @@ def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
     if getattr(model, "lm_head", None) is None and inner is not None and hasattr(inner, "embed_tokens"):
         w = inner.embed_tokens.weight                         # tied: the LM head reads the embedding
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            model.lm_head = PackedLinear(w, rows=rows)
+            model.lm_head = PackedLinear(w, rows=rows, tied=True)
             count += 1
     return count
