@@ -129,3 +129,19 @@ def test_a_deep_copy_of_a_packed_model_is_a_plain_model_with_the_same_outputs():
     with torch.no_grad():
         a, b = model(ids, torch.arange(5)[None]), twin(ids, torch.arange(5)[None])
     assert torch.allclose(a, b, atol=1e-5), describe_diff(a, b)
+
+
+def test_quantizing_a_packed_model_unpacks_it_first():
+    """quantize_model on a prepacked model (LLM's CPU default) quantizes every linear, as on a plain one."""
+    from minfer.kernels.onednn_linear import unpack_linears
+    from minfer.quant.apply import quantize_model
+    cfg = tiny_config(tie_word_embeddings=True)
+    plain, packed = tiny_model(cfg), tiny_model(cfg)
+    pack_linears(packed, rows=(4, 128))
+    quantize_model(plain, "int8")
+    quantize_model(packed, "int8")
+    assert plain.quantization == packed.quantization and plain.quantization
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(plain(ids, torch.arange(5)[None]), packed(ids, torch.arange(5)[None]))
+    assert unpack_linears(packed) == 0

@@ -78,7 +78,7 @@ def main(args) -> int:
     if bad := [p for p in policies if p not in POLICY_ARGS]:
         raise ValueError(f"unknown policies {bad}; choose from {list(POLICY_ARGS)}")
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    llm = LLM(args.model, device="cpu", dtype="float32")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     text = reference_text(8 * (args.prompt_tokens + args.score))
     ids = llm.tokenizer.encode(text)[:args.prompt_tokens + args.score]
     if len(ids) < args.prompt_tokens + args.score:

@@ -30,7 +30,7 @@ def main(args) -> int:
     from minfer.llm import LLM
 
     set_threads(args.threads)
-    llm = LLM(args.model, device="cpu", dtype="float32")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     eos = (llm.tokenizer.eos_token_ids or [None])[0]
     for split, n in (("heldout", args.heldout_tokens), ("train", args.tokens)):
         ids = token_stream(llm.tokenizer, split, n, eos)

@@ -184,7 +184,7 @@ def main(args) -> int:
     set_threads(args.threads)
     if args.minutes is None and args.steps is None:
         raise ValueError("give --minutes or --steps (a training budget)")
-    teacher = LLM(args.model, device="cpu", dtype="float32").model
+    teacher = LLM(args.model, device="cpu", dtype="float32", prepack=False).model
     train_cache = TeacherCache(Path(args.cache) / "train")
     heldout = TeacherCache(Path(args.cache) / "heldout")
     cfg = student_config(teacher.cfg, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads)

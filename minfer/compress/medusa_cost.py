@@ -69,7 +69,7 @@ def main(args) -> int:
     from minfer.kernels.onednn_linear import pack_linears
     from minfer.llm import LLM
     sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
-    llm = LLM(args.model, device="cpu", dtype="float32")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     heads = load_heads(args.heads_dir)
     tok = llm.tokenizer
     _, text, start = TASKS["code-edit"]

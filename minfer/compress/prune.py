@@ -137,6 +137,8 @@ def prune_model(model, calib: torch.Tensor, ffn_ratio: float, heads_per_group: i
 @torch.no_grad()
 def magnitude_sparsify(model, ratio: float):
     """Unstructured baseline: zero the smallest |w| of every FFN matrix in place (shapes unchanged)."""
+    from minfer.kernels.onednn_linear import unpack_linears
+    unpack_linears(model)                      # a prepacked copy would keep the old weights
     for layer in model.model.layers:
         for w in layer.mlp.state_dict().values():      # gate, up, down: views into the fused weights
             k = int(ratio * w.numel())
@@ -178,7 +180,7 @@ def main(args) -> int:
 
     set_threads(args.threads)
     ratios = [float(r) for r in args.ffn_ratios.split(",") if r.strip()]
-    llm = LLM(args.model, device="cpu", dtype="float32")
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     dense, tok = llm.model, llm.tokenizer
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
     calib = train_cache.batch(range(4)).tokens                           # calibration: training text only

@@ -84,19 +84,22 @@ class PackedLinear(nn.Module):
         if not self.tied:                 # loaded through the embedding it shares
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def __deepcopy__(self, memo) -> nn.Linear:
-        """A deep copy is a plain ``nn.Linear`` with copied weights: oneDNN's opaque layout has no
-        storage to copy (speculative decoding's int4 self-draft deep-copies and quantizes the target).
-        A tied LM head copies to None: the copy's LM head is its embedding again, as before packing."""
-        import copy
+    def to_linear(self) -> nn.Linear | None:
+        """The plain ``nn.Linear`` on the same weight and bias (None for a tied LM head: the embedding)."""
         if self.tied:
             return None
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        lin.weight = copy.deepcopy(self.weight, memo)
+        lin.weight = self.weight
         if self.bias is not None:
-            lin.bias = nn.Parameter(copy.deepcopy(self.bias, memo).detach(), requires_grad=False)
+            lin.bias = self.bias if isinstance(self.bias, nn.Parameter) else nn.Parameter(self.bias, requires_grad=False)
         return lin
+
+    def __deepcopy__(self, memo) -> nn.Linear | None:
+        """A deep copy is a plain ``nn.Linear`` with copied weights: oneDNN's opaque layout has no
+        storage to copy (speculative decoding's int4 self-draft deep-copies and quantizes the target)."""
+        import copy
+        return copy.deepcopy(self.to_linear(), memo)
 
     def extra_repr(self) -> str:
         rows = "" if self.rows is None else f" for {self.rows[0]}-{self.rows[1]} rows"
@@ -122,4 +125,18 @@ def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
         if w.device.type == "cpu" and w.dtype == torch.float32:
             model.lm_head = PackedLinear(w, rows=rows, tied=True)
             count += 1
+    return count
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo ``pack_linears`` in place: every ``PackedLinear`` becomes a plain ``nn.Linear`` on the same
+    weight (a tied LM head goes away, the embedding serves again); returns how many. Code that
+    changes weights in place (quantization, sparsification) calls this first: a packed copy would
+    go on computing with the old weights."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(parent, name, child.to_linear())
+                count += 1
     return count

@@ -137,8 +137,11 @@ def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[st
 
     ``path`` / ``compute_dtype`` go to every module (see ``linear.py``).
     Returns the model, with ``model.quantization`` = {module name: format name}.
+    oneDNN-prepacked linears (``LLM``'s CPU default) are unpacked first.
     """
     spec = parse_spec(spec)
+    from minfer.kernels.onednn_linear import unpack_linears
+    unpack_linears(model)
     head_spec = None if lm_head in (None, "none") else spec if lm_head == "same" else parse_spec(lm_head)
     formats: dict[str, str] = dict(getattr(model, "quantization", {}) or {})
     kw = {"path": path, "compute_dtype": compute_dtype}
