@@ -297,7 +297,7 @@ def test_a_decode_step_syncs_the_host_once_on_gpu(enforce_eager):
 
 
 # ---------------------------------------------------------------------------------- the single-request loop
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(cfg=tiny_configs(), prompt_len=st.integers(1, 12), n=st.integers(1, 10), seed=st.integers(0, 99),
        temperature=st.sampled_from([0.0, 0.9]))
 def test_static_single_request_loop_equals_the_contiguous_one(cfg, prompt_len, n, seed, temperature):

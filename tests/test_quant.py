@@ -437,6 +437,7 @@ def smollm2(smollm2_dir):
 
 
 @pytest.mark.model
+@pytest.mark.slow      # ~30 s; the tiny-model properties above and lesson 06 cover int8 in the default run
 def test_int8_greedy_agrees_with_fp32_on_smollm2(smollm2):
     """The first 64 greedy tokens of three prompts, int8 vs fp32.
 
