@@ -103,8 +103,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """Choose one token id from logits (V,) under `params`: ``sample_rows`` on a batch of one row."""
-    gen = generator if generator is not None or params.greedy else make_generator(params.seed)
-    return int(sample_rows(logits[None], [params], [gen])[0])
+    return int(sample_rows(logits[None], [params], [generator])[0])     # None: a generator from params.seed
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
