@@ -51,6 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU, float32: oneDNN linears on weights reordered once, for every row count (2x weight "
                         "memory); default: for the engine's batched steps (4-128 rows) only; --no-prepack: off")
+    p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="how eager decode steps read the paged KV pool: auto (the C++ kernel on a CPU in float32 when it builds, "
+                        "else torch) | torch (gather + SDPA) | cpu (the C++ kernel) | triton (the Triton kernel)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -82,7 +85,7 @@ def _llm(args, **engine_args):
                speculative=getattr(args, "speculative", None),
                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
-               prepack=getattr(args, "prepack", None))
+               prepack=getattr(args, "prepack", None), decode_kernel=getattr(args, "decode_kernel", "auto"))
 
 
 def _print_timing(out) -> None:

@@ -120,6 +120,10 @@ class LLM:
                             for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
                             batch-1 decode and long prefill chunks keep F.linear. True: every row
                             count; False: off
+    decode_kernel           how eager decode steps read the paged KV pool (``minfer.kv.paged``): "auto"
+                            (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
+                            in float32, when it builds (g++ and ninja; compiled once per machine), the
+                            plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
@@ -128,7 +132,8 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
                  kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                  compile: bool = False, max_seq_len_to_capture: int | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None,
+                 decode_kernel: str = "auto"):
         # ---- argument checks: fail now, not at generate time (minfer/validation.py)
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -137,6 +142,9 @@ class LLM:
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
         get_backend(attention)                                    # fail early on a bad name
+        from minfer.kv.paged import DECODE_KERNELS
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
         spec_config = None
         if speculative is not None:                               # fail early on a bad spec string
             from minfer.speculative import SpeculativeConfig
@@ -182,7 +190,7 @@ class LLM:
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                     kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
-                    max_seq_len_to_capture=max_seq_len_to_capture)
+                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
@@ -205,7 +213,7 @@ class LLM:
                kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split") -> None:
+               attention_mode: str = "split", decode_kernel: str = "auto") -> None:
         """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
         if kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
@@ -226,7 +234,8 @@ class LLM:
             kv_cache_memory=kv_cache_memory_bytes,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
             attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
-            enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture)
+            enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
+            decode_kernel=decode_kernel)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs

@@ -45,14 +45,16 @@ class _Chunk:
         self.request, self.start, self.num_tokens = req, start, n
 
 
-def _runner_with_contexts(lengths, mode, block_size=4, layers=3, seed=0, spare=2):
-    """A runner whose sequences hold ``lengths`` tokens of K/V (prefilled), plus one more reserved."""
+def _runner_with_contexts(lengths, mode, block_size=4, layers=3, seed=0, spare=2, decode_kernel="torch"):
+    """A runner whose sequences hold ``lengths`` tokens of K/V (prefilled), plus one more reserved.
+    With a decode kernel the backend is SDPA (what the kernel replaces), and the counter counts nothing."""
     cfg = tiny_config(num_hidden_layers=layers)
     model = tiny_model(cfg, seed=seed)
     counter = CountingBackend()
     blocks = sum(-(-(n + 1) // block_size) for n in lengths) + spare
-    runner = ModelRunner(model, blocks, block_size, enable_prefix_caching=False, attention=counter,
-                         attention_mode=mode)
+    runner = ModelRunner(model, blocks, block_size, enable_prefix_caching=False,
+                         attention=counter if decode_kernel == "torch" else "sdpa", attention_mode=mode,
+                         decode_kernel=decode_kernel)
     rng = random.Random(seed)
     reqs = [_Req(i, [rng.randrange(cfg.vocab_size) for _ in range(n + 1)]) for i, n in enumerate(lengths)]
     mgr = runner.kv_manager
@@ -77,6 +79,24 @@ def test_a_decode_batch_is_one_backend_call_per_layer(batch):
     assert counter.calls == [(batch, 1)] * layers, \
         f"{len(counter.calls)} backend calls for {layers} layers: {counter.calls}"
     for i, r in enumerate(reqs):                                            # the oracle: no cache at all
+        ids = torch.tensor([r.all_token_ids])
+        want = model(ids, torch.arange(ids.shape[1])[None], last_only=True)[0, 0]
+        assert torch.allclose(logits[i], want, atol=1e-4), f"sequence {i}: " + describe_diff(logits[i], want)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_a_decode_batch_is_one_kernel_call_per_layer(batch):
+    """The same with the C++ decode kernel (minfer/kernels/cpu_paged_decode.py) reading the pool."""
+    from minfer.kernels import cpu_paged_decode
+    if not cpu_paged_decode.available():
+        pytest.skip(f"the C++ kernel did not build: {cpu_paged_decode.why_unavailable()}")
+    lengths = random.Random(batch).choices(range(1, 70), k=batch)
+    model, runner, _, reqs = _runner_with_contexts(lengths, "split", decode_kernel="cpu")
+    calls, kernel = [], runner.cache._kernel
+    runner.cache._kernel = lambda q, *a, **kw: calls.append(q.shape[0]) or kernel(q, *a, **kw)
+    logits = runner.execute([_Chunk(r, n, 1) for r, n in zip(reqs, lengths)], list(range(batch)))
+    assert calls == [batch] * model.cfg.num_hidden_layers, calls
+    for i, r in enumerate(reqs):
         ids = torch.tensor([r.all_token_ids])
         want = model(ids, torch.arange(ids.shape[1])[None], last_only=True)[0, 0]
         assert torch.allclose(logits[i], want, atol=1e-4), f"sequence {i}: " + describe_diff(logits[i], want)

@@ -11,23 +11,8 @@ triton = pytest.importorskip("triton")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from minfer.attention.reference import reference_attention  # noqa: E402
+from tiny import paged_pool as _pool  # noqa: E402
 from minfer.kernels import paged_decode_attention, paged_decode_reference  # noqa: E402
-
-
-def _pool(S, nkv, g, hd, bs, lens, device, dtype, seed):
-    """A shuffled pool holding S sequences of the given lengths, plus their block tables."""
-    gen = torch.Generator().manual_seed(seed)
-    need = [(n + bs - 1) // bs for n in lens]
-    num_blocks = sum(need) + 2
-    k = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
-    v = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    width = max(max(need), 1)
-    tables = torch.zeros(S, width, dtype=torch.int32)
-    for s, m in enumerate(need):
-        tables[s, :m] = torch.tensor([perm.pop() for _ in range(m)], dtype=torch.int32)
-    q = torch.randn(S, nkv * g, hd, generator=gen).to(device, dtype)
-    return q, k, v, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 @settings(max_examples=12, deadline=None)

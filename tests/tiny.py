@@ -63,3 +63,23 @@ def batch_of(mgr, chunks):
 
     from minfer.engine.runner import prepare_batch
     return prepare_batch(mgr, [Chunk(*c) for c in chunks])[1]
+
+
+def paged_pool(S, nkv, g, hd, bs, lens, device, dtype, seed):
+    """A shuffled paged pool holding S sequences of the given lengths -> (q, k, v, block_tables, context_lens).
+
+    q (S, nkv * g, hd); k, v (num_blocks, bs, nkv, hd); block_tables (S, max blocks) int32 rows of
+    distinct random blocks; context_lens (S,) int32. For the paged decode kernels' tests.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    need = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(need) + 2
+    k = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
+    v = torch.randn(num_blocks, bs, nkv, hd, generator=gen).to(device, dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(max(need), 1)
+    tables = torch.zeros(S, width, dtype=torch.int32)
+    for s, m in enumerate(need):
+        tables[s, :m] = torch.tensor([perm.pop() for _ in range(m)], dtype=torch.int32)
+    q = torch.randn(S, nkv * g, hd, generator=gen).to(device, dtype)
+    return q, k, v, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)

@@ -15,6 +15,15 @@ fed decides how often that head is streamed from memory:
               reading K/V in blocks of 16 through a block table (CUDA only:
               on CPU Triton's interpreter runs it, far too slowly to time)
 
+and, from a paged pool (blocks of 16 in shuffled order, K and V in one tensor as
+``minfer/kv/paged.py`` keeps them):
+
+    paged     the engine's plain decode path: gather each sequence's blocks into a
+              contiguous copy (one ``index_select``), then ``folded``
+    cpu       the C++ kernel of ``minfer/kernels/cpu_paged_decode.py``, reading the
+              blocks in place (CPU, float32, when it builds); its ratio to ``paged``
+              is what the engine's default ``decode_kernel="auto"`` buys per layer
+
 Shapes only (random tensors in the model's head layout), so no weights are
 needed and any config works. Interleaved rounds, medians; the ratio column is
 "gqa time / this time" from the same run.
@@ -30,18 +39,43 @@ import torch
 import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
+from minfer.bench.machine import machine_line
 from minfer.bench.timing import interleaved, table, write_json
 
 METHODS = ("repeat", "gqa", "folded")
 
 
 def methods_for(device) -> tuple[str, ...]:
-    """The methods timed on ``device``: the Triton kernel only on CUDA with Triton installed."""
+    """The methods timed on ``device``: the Triton kernel only on CUDA with Triton installed,
+    the C++ kernel only on a CPU where it builds."""
     if torch.device(device).type == "cuda":
         from minfer.kernels import paged_decode
-        if paged_decode.triton is not None:
-            return METHODS + ("triton",)
-    return METHODS
+        return METHODS + ("paged",) + (("triton",) if paged_decode.triton is not None else ())
+    from minfer.kernels import cpu_paged_decode
+    return METHODS + ("paged",) + (("cpu",) if cpu_paged_decode.available() else ())
+
+
+def shuffled_pool(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, block_size: int = 16):
+    """(B, nkv, S, hd) K and V -> the engine's layout: kv (2, num_blocks, block_size, nkv, hd) with each
+    sequence's blocks at random places, block tables (B, nb), and the gather rows of ``paged``."""
+    (kp, _), (vp, _) = _as_pages(k, block_size), _as_pages(v, block_size)
+    perm = torch.randperm(kp.shape[0], generator=gen).to(k.device)             # logical -> physical block
+    kv = torch.empty(2, *kp.shape, dtype=k.dtype, device=k.device)
+    kv[0, perm], kv[1, perm] = kp, vp
+    tables = perm.view(k.shape[0], -1)                                          # (B, nb)
+    rows = torch.cat((tables.flatten(), tables.flatten() + kp.shape[0]))        # K's blocks, then V's
+    return kv, tables, rows
+
+
+def paged_gather(q: torch.Tensor, kv: torch.Tensor, rows: torch.Tensor, context: int) -> torch.Tensor:
+    """The engine's plain path (``PagedKVCache._blocks`` + ``sdpa``): gather, then folded SDPA."""
+    B, nkv, hd = q.shape[0], kv.shape[3], kv.shape[4]
+    both = kv.view(2 * kv.shape[1], -1).index_select(0, rows).view(2, B, -1, nkv, hd)
+    keys, values = both[0].transpose(1, 2), both[1].transpose(1, 2)            # (B, nkv, W, hd)
+    mask = None
+    if keys.shape[2] != context:                                                # the last block's padding
+        mask = (torch.arange(keys.shape[2], device=q.device) < context)[None, None, None]
+    return sdpa(q, keys, values, attn_mask=mask)
 
 
 def _as_pages(k: torch.Tensor, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +132,14 @@ def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device=
     kv = [(torch.randn(batch, nkv, context, hd, generator=gen).to(device),
            torch.randn(batch, nkv, context, hd, generator=gen).to(device)) for _ in range(layers)]
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    q3 = q[:, :, 0].contiguous()                                            # (B, nh, hd)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     if "triton" in methods:
         from minfer.kernels import paged_decode_attention
         pages = [(_as_pages(k), _as_pages(v)[0]) for k, v in kv]
-        q3 = q[:, :, 0].contiguous()                                        # (B, nh, hd)
-        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    pools = [shuffled_pool(k, v, gen) for k, v in kv]                      # for paged and cpu
+    if "cpu" in methods:
+        from minfer.kernels.cpu_paged_decode import cpu_paged_decode_attention
 
     def timed(method):
         def run():
@@ -111,6 +148,12 @@ def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device=
             if method == "triton":
                 for (kp, tables), vp in pages:
                     paged_decode_attention(q3, kp, vp, tables, lens)
+            elif method == "paged":
+                for pool, _, rows in pools:
+                    paged_gather(q, pool, rows, context)
+            elif method == "cpu":
+                for pool, tables, _ in pools:
+                    cpu_paged_decode_attention(q3, pool[0], pool[1], tables, lens)
             else:
                 for k, v in kv:
                     decode_attention(method, q, k, v)
@@ -141,18 +184,22 @@ def main(args) -> int:
             ms = measure(cfg, b, s, layers=layers, repeats=args.repeats, device=args.device, log=log)
             kv_mb = 2 * layers * b * cfg.num_key_value_heads * s * cfg.head_dim * 4 / 1e6
             rows.append({"batch": b, "context": s, "kv_mb": kv_mb, **{f"{m}_ms": ms[m] for m in ms},
-                         **{f"x_{m}": ms["gqa"] / ms[m] for m in ms if m != "gqa"}})
+                         **{f"x_{m}": ms["gqa"] / ms[m] for m in ms if m != "gqa"},
+                         **({"cpu_x_paged": ms["paged"] / ms["cpu"]} if "cpu" in ms else {})})
     cols = [("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
             ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
             ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
             ("x_folded", "folded: x gqa speed", "{:.2f}")]
+    cols += [("paged_ms", "paged (gather + folded) ms", "{:.2f}")]
+    if "cpu_ms" in rows[0]:
+        cols += [("cpu_ms", "C++ kernel ms", "{:.2f}"), ("cpu_x_paged", "C++ kernel: x paged speed", "{:.2f}")]
     if "triton_ms" in rows[0]:
         cols += [("triton_ms", "triton paged ms", "{:.2f}"), ("x_triton", "triton: x gqa speed", "{:.2f}")]
     else:
         log("triton: not timed (needs a CUDA device and `pip install -e \".[triton]\"`)")
     print(table(rows, cols))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
-          f"rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"rounds\n{machine_line(args.device)}")
     if args.json:
         write_json(args.json, {"benchmark": "attention", "date": datetime.datetime.now().isoformat(timespec="seconds"),
                                "model": args.model, "device": args.device, "threads": torch.get_num_threads(),

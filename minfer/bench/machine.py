@@ -57,10 +57,29 @@ def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int
     return 2 * n**3 / statistics.median(times)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device="cpu") -> str:
+    """One line naming the machine a benchmark ran on (every benchmark prints it)."""
+    mi = machine_info(device)
+    gpu = f", {mi['gpu']}" if "gpu" in mi else ""
+    return (f"machine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
+            f"torch {mi['torch']}, {device}{gpu}")
+
+
 def machine_info(device="cpu") -> dict:
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

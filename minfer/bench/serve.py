@@ -21,7 +21,10 @@ so every request generates exactly its drawn length):
    same requests one by one through ``generate_tokens`` (contiguous KV cache,
    no batching); ``bucketed`` = the engine with ``attention_mode="bucketed"``
    (decodes grouped by context length, one attention call per group, instead of
-   the default one call per layer); ``transformers`` = HF ``generate`` on ONE left-padded batch
+   the default one call per layer); ``torch-decode`` = the engine with
+   ``decode_kernel="torch"`` (decode attention by gather + SDPA instead of the
+   C++ kernel that reads the pool in place, ``minfer/kernels/cpu_paged_decode.py``);
+   ``transformers`` = HF ``generate`` on ONE left-padded batch
    of all requests, run until the longest finishes (each request's useful
    tokens are its first max_tokens). Measured in one interleaved run; the
    ratios of output tokens/s are printed, per wall-clock second and per CPU
@@ -46,7 +49,7 @@ import torch
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-BASELINES = ("sequential", "bucketed", "transformers")
+BASELINES = ("sequential", "bucketed", "torch-decode", "transformers")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -78,8 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the engine's decode steps eager (--enforce-eager) or on the static step, CUDA graphs "
                         "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="how the engine's eager decode steps read the KV pool (minfer.kv.paged): auto (the C++ "
+                        "kernel on a CPU in float32), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,bucketed,transformers")
+                   help="offline throughput comparison: comma-separated sequential,bucketed,torch-decode,"
+                        "transformers (torch-decode: the engine with --decode-kernel torch)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -111,8 +118,9 @@ def _params(r):
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
-def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64):
-    """The engine under test; on the static path its width is the trace's longest request (``max_len``)."""
+def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64, decode_kernel=None):
+    """The engine under test; on the static path its width is the trace's longest request (``max_len``).
+    ``decode_kernel``: None = ``--decode-kernel``."""
     from minfer.engine import LLMEngine
     eager = args.enforce_eager
     if eager is None:
@@ -121,14 +129,15 @@ def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64)
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
                                 enable_prefix_caching=False, attention_mode=attention_mode,
-                                enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len)
+                                enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len,
+                                decode_kernel=decode_kernel or args.decode_kernel)
 
 
-def run_online(model, tok, args, policy, trace, attention_mode="split"):
+def run_online(model, tok, args, policy, trace, attention_mode="split", decode_kernel=None):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
     from minfer.engine import run_trace
     eng = _engine(model, tok, args, policy, attention_mode,
-                  max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace))
+                  max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
 
@@ -296,6 +305,8 @@ def main(args) -> int:
     log(f"bench serve: {args.model} on {llm.device} ({llm.dtype}, {torch.get_num_threads()} threads); "
         f"{len(trace)} requests, {n_in} prompt + {n_out} output tokens; budget {args.max_num_batched_tokens} "
         f"tokens/step, max {args.max_num_seqs} running")
+    from minfer.bench.machine import machine_line
+    log(machine_line(llm.device))
     log("warm-up ...")
     _engine(model, tok, args, "continuous").generate([trace[0].prompt_token_ids[:32]], _params(trace[0]))
     if args.routing:
@@ -346,6 +357,9 @@ def main(args) -> int:
         if "bucketed" in baselines:
             methods["bucketed"] = wrap("bucketed", lambda: run_online(model, tok, args, "continuous", offline,
                                                                       attention_mode="bucketed"))
+        if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
+            methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
+                                                                              offline, decode_kernel="torch"))
         if hf is not None:
             pad = tok.eos_token_id if tok.eos_token_id is not None else 0
             methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
@@ -376,7 +390,8 @@ def main(args) -> int:
     if args.front_door:
         front = LLM.from_model(model, tok, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                                kv_cache_memory_bytes=2 * 2**30,
-                               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+                               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+                               decode_kernel=args.decode_kernel)
         outs = {}
 
         def door(name, batched):

@@ -55,7 +55,8 @@ class DriverRunner:
         self.on_failure = None            # called when a rank is gone (parallel_engine: abort everything)
         c = runner.cache
         comm.broadcast_object({"num_blocks": c.num_blocks, "block_size": c.block_size, "attention": runner.attention,
-                               "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype})
+                               "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype,
+                               "decode_kernel": c.decode_kernel})
 
     def execute(self, chunks, sample_rows) -> torch.Tensor:
         r = self.runner
@@ -97,7 +98,8 @@ def follower_runner(model) -> ModelRunner:
     """Receive the driver's setup and build the same kind of runner (KV pool for this rank's heads)."""
     setup = comm.broadcast_object(None)
     return ModelRunner(model, setup["num_blocks"], setup["block_size"], attention=setup["attention"],
-                       attention_mode=setup["attention_mode"], kv_cache_dtype=setup["kv_cache_dtype"])
+                       attention_mode=setup["attention_mode"], kv_cache_dtype=setup["kv_cache_dtype"],
+                       decode_kernel=setup["decode_kernel"])
 
 
 def follow_engine(model) -> int:

@@ -93,7 +93,8 @@ class LLMEngine:
                    eos_token_ids: Iterable[int] | None = None,
                    clock: Callable[[], float] = time.perf_counter,
                    wrap_runner: Callable[[ModelRunner], object] | None = None, enforce_eager: bool = True,
-                   compile: bool = False, max_seq_len_to_capture: int | None = None) -> "LLMEngine":
+                   compile: bool = False, max_seq_len_to_capture: int | None = None,
+                   decode_kernel: str = "auto") -> "LLMEngine":
         """An engine over a minfer ``Transformer``.
 
         num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
@@ -102,6 +103,8 @@ class LLMEngine:
         tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
         enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
         ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
+        decode_kernel: how eager decode steps read the pool (``minfer.kv.paged.resolve_decode_kernel``):
+        "auto" = the C++ kernel on a CPU in float32 when it builds, gather + SDPA otherwise.
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -116,7 +119,7 @@ class LLMEngine:
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                              attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
                              enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, compile=compile,
-                             max_seq_len_to_capture=max_seq_len_to_capture)
+                             max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,

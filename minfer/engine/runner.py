@@ -94,12 +94,13 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
                  attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",
                  enforce_eager: bool = True, max_num_seqs: int = 32, compile: bool = False,
-                 max_seq_len_to_capture: int | None = None):
+                 max_seq_len_to_capture: int | None = None, decode_kernel: str = "auto"):
         self.model, self.attention = model, attention
         w = model.model.embed_tokens.weight
         scratch = 0 if enforce_eager else 1                     # the static path's scratch block
         self.cache = PagedKVCache(model.cfg, num_blocks + scratch, block_size, dtype=w.dtype, device=w.device,
-                                  attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype)
+                                  attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
+                                  decode_kernel=decode_kernel)
         pool = BlockPool(num_blocks + scratch, block_size, enable_prefix_caching)
         self.static = None
         if not enforce_eager:

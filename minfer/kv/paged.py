@@ -48,6 +48,11 @@ vectorized ops over the batch, and reused by every layer:
   into FlashAttention's online softmax; the contiguous copy is never built.
   This is the PagedAttention kernel's loop (vLLM: ``csrc/attention/paged_attention_v1.cu``).
 
+``decode_kernel="cpu"`` runs split mode's decode group through a C++ kernel that reads
+the pool in place (``minfer/kernels/cpu_paged_decode.py``: the "online" loop, compiled),
+instead of the gather + SDPA of the plain path; ``"triton"`` through the Triton kernel
+(``minfer/kernels/paged_decode.py``). Both are tested equal to the plain path.
+
 ``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
 per token and head (the rule of ``kv/quantized.py``), dequantized as they are
 read; vLLM: ``kv_cache_dtype="fp8"``. Layers that share K/V (cross-layer
@@ -70,6 +75,43 @@ from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 
 ATTENTION_MODES = ("split", "bucketed", "gather", "online")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+DECODE_KERNELS = ("auto", "torch", "cpu", "triton")
+
+
+def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto", attention_mode: str = "split"):
+    """``decode_kernel`` -> (the name in use, the kernel function or None for the plain torch path).
+
+    "auto": the C++ kernel on a CPU in float32 with unquantized pages in split mode, when it
+    builds (``minfer.kernels.cpu_paged_decode.available``); the torch path otherwise.
+    "cpu" / "triton" ask for a kernel and fail with the reason when it cannot run here.
+    """
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {name!r}")
+    device = torch.device(device)
+    fits = kv_cache_dtype == "auto" and attention_mode in ("split", "bucketed")
+    if name == "auto":
+        if not (fits and device.type == "cpu" and dtype == torch.float32):
+            return "torch", None
+        from minfer.kernels import cpu_paged_decode
+        if cpu_paged_decode.available():
+            return "cpu", cpu_paged_decode.cpu_paged_decode_attention
+        return "torch", None
+    if name == "torch":
+        return name, None
+    if not fits:
+        raise ValueError(f"decode_kernel={name!r} reads unquantized pages in split/bucketed mode; got "
+                         f"kv_cache_dtype={kv_cache_dtype!r}, attention_mode={attention_mode!r}")
+    if name == "cpu":
+        from minfer.kernels import cpu_paged_decode
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError(f"decode_kernel='cpu' runs float32 on the CPU; got {dtype} on {device}")
+        if not cpu_paged_decode.available():
+            raise RuntimeError(f"decode_kernel='cpu': the kernel could not be built "
+                               f"({cpu_paged_decode.why_unavailable()}); it needs g++ and ninja")
+        return name, cpu_paged_decode.cpu_paged_decode_attention
+    from minfer.kernels import paged_decode
+    paged_decode._require_triton()
+    return name, paged_decode.paged_decode_attention
 
 
 @dataclass
@@ -126,6 +168,8 @@ class _Group:
     num_seqs: int
     fresh: slice | None = None    # a prefill from position 0: its columns in this forward's k/v
     sdpa_mask: torch.Tensor | None = None   # (G, 1, T, S) for the SDPA fast path (None: all / causal)
+    tables: torch.Tensor | None = None      # a decode group's (G, blocks) block-table rows, for a decode kernel
+    lens: torch.Tensor | None = None        # a decode group's (G,) context lengths, on the device
     whole: bool = False           # the group is the whole batch, in order: no query gather or output scatter
     static: bool = False          # built by set_static_batch: sdpa_mask already applies the sliding window
 
@@ -142,7 +186,8 @@ class PagedKVCache:
     """K/V storage in blocks, plus attention through block tables (see the module docstring)."""
 
     def __init__(self, cfg, num_blocks: int, block_size: int = 16, dtype=torch.float32,
-                 device="cpu", attention_mode: str = "split", kv_cache_dtype: str = "auto"):
+                 device="cpu", attention_mode: str = "split", kv_cache_dtype: str = "auto",
+                 decode_kernel: str = "torch"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         if attention_mode not in ATTENTION_MODES:
@@ -154,6 +199,8 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.attention_mode, self.kv_cache_dtype = attention_mode, kv_cache_dtype
         self.quantized = kv_cache_dtype != "auto"
+        self.decode_kernel, self._kernel = resolve_decode_kernel(decode_kernel, device, dtype, kv_cache_dtype,
+                                                                 attention_mode)
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
         shape = (L, num_blocks, block_size, nkv, hd)
         store = STORAGE[kv_cache_dtype] if self.quantized else dtype
@@ -335,8 +382,12 @@ class PagedKVCache:
     def _index_rows(self) -> None:
         """Each group's gather rows, computed once here rather than in every layer."""
         for g in self.groups:
-            if g.k_blocks is not None and not self.quantized:
+            if g.k_blocks is not None and not self.quantized and not self._kernel_reads(g):
                 g.k_rows = self._kv_rows(g.k_blocks)
+
+    def _kernel_reads(self, g: _Group) -> bool:
+        """Whether a decode kernel, not gather + backend, runs this group (eager decode groups only)."""
+        return self._kernel is not None and g.lens is not None and not self._static
 
     def set_static_batch(self, meta: PagedBatch) -> None:
         """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
@@ -382,9 +433,11 @@ class PagedKVCache:
         k_pos = torch.where(pos[None] < sl_dev[:, None], pos[None], -1)            # (G, W)
         tables = self._tables if whole_batch else self._tables[to_device(idx, device)]     # (G, max blocks)
         q_pos = (sl_dev - 1)[:, None]                                               # (G, 1)
-        mask = allowed(q_pos, k_pos)[:, None] if int(sl.min()) < width else None    # (G, 1, 1, W); none if unpadded
+        padded = int(sl.min()) < width and self._kernel is None
+        mask = allowed(q_pos, k_pos)[:, None] if padded else None                   # (G, 1, 1, W); none if unpadded
         rows = None if whole_batch else _as_range(starts[idx], device)              # whole: rows are 0..S-1
-        return _Group(rows, q_pos, k_pos, tables[:, :nblk].flatten(), len(idx), sdpa_mask=mask)
+        return _Group(rows, q_pos, k_pos, tables[:, :nblk].flatten(), len(idx), sdpa_mask=mask,
+                      tables=tables[:, :nblk], lens=sl_dev)
 
     # ------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend,
@@ -407,6 +460,14 @@ class PagedKVCache:
         out = None if self.groups[0].whole else torch.empty_like(q)
         for g in self.groups:
             G = g.num_seqs
+            if self._kernel_reads(g) and backend is sdpa_attention:   # the pool read in place, one call
+                qd = (q[0] if g.whole else q[0][:, g.rows]).transpose(0, 1)          # (G, nh, hd)
+                o = self._kernel(qd, self.k[layer], self.v[layer], g.tables, g.lens, window=window)
+                o = o.transpose(0, 1)                                                # (nh, G, hd)
+                if g.whole:
+                    return o[None]                                                   # (1, nh, N, hd)
+                out[0][:, g.rows] = o
+                continue
             if G == 1 and g.whole:                                                   # one sequence: as it is
                 qg = q                                                               # (1, nh, T, hd)
             else:

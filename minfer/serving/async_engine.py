@@ -270,7 +270,7 @@ def build_engine(model: str, *, device: str | None = None, dtype: str = "float32
     """Load ``model`` through ``LLM`` and return its engine (continuous batching).
 
     ``engine_args`` are ``LLM``'s (vLLM's names): enable_prefix_caching, max_num_seqs,
-    max_num_batched_tokens, block_size, kv_cache_memory_bytes, kv_cache_dtype.
+    max_num_batched_tokens, block_size, kv_cache_memory_bytes, kv_cache_dtype, decode_kernel.
     """
     from minfer.llm import LLM
     return LLM(model, device=device, dtype=dtype, quantization=quantization, **engine_args).engine

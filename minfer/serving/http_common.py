@@ -61,6 +61,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=2**30,
                    help="the KV pool's budget in bytes (default 1 GiB; the pool never exceeds the context)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | int8 | fp8 (default auto)")
+    p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="how eager decode steps read the paged KV pool: auto (the C++ kernel on a CPU in float32 when it builds, "
+                   "else torch) | torch (gather + SDPA) | cpu (the C++ kernel) | triton (the Triton kernel)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="automatic prefix caching (default on; --no-enable-prefix-caching turns it off)")
 
@@ -68,7 +71,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_args(args) -> dict:
     """The parsed flags of ``add_engine_args`` as ``LLM(...)`` keyword arguments."""
     return {name: getattr(args, name) for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
-                                                   "kv_cache_memory_bytes", "kv_cache_dtype",
+                                                   "kv_cache_memory_bytes", "kv_cache_dtype", "decode_kernel",
                                                    "enable_prefix_caching")}
 
 
