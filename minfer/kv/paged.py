@@ -48,10 +48,11 @@ vectorized ops over the batch, and reused by every layer:
   into FlashAttention's online softmax; the contiguous copy is never built.
   This is the PagedAttention kernel's loop (vLLM: ``csrc/attention/paged_attention_v1.cu``).
 
-``decode_kernel="cpu"`` runs split mode's decode group through a C++ kernel that reads
-the pool in place (``minfer/kernels/cpu_paged_decode.py``: the "online" loop, compiled),
+``decode_kernel="cpu"`` runs split mode's decode group through a C++ kernel that walks
+the block tables and reads the pool in place (``minfer/kernels/cpu_paged_decode.py``),
 instead of the gather + SDPA of the plain path; ``"triton"`` through the Triton kernel
-(``minfer/kernels/paged_decode.py``). Both are tested equal to the plain path.
+(``minfer/kernels/paged_decode.py``). Both kernels are tested against the gathered
+reference, and the engine on the C++ one against the plain path and the oracle.
 
 ``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
 per token and head (the rule of ``kv/quantized.py``), dequantized as they are
