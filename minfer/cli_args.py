@@ -12,3 +12,48 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"registry name, HF folder or .gguf file (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+
+
+# argparse types: a bad value is refused at the parser, naming the flag (exit 2, one line).
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds > 0 (not nan, not inf)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text[:40]!r}")
+    return value
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """``"32,64,128"`` -> [32, 64, 128]; ValueError naming ``flag`` otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text[:80]!r}") from None
+
+
+def float_list(text: str, flag: str) -> list[float]:
+    """``"0.25,0.5"`` -> [0.25, 0.5] (finite numbers); ValueError naming ``flag`` otherwise."""
+    import math
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag} must be comma-separated finite numbers, got {text[:80]!r}")
+    return values

@@ -2,7 +2,9 @@
 
     logits --/temperature--> --top-k--> --top-p--> softmax --> draw (seeded)
 
-* temperature 0 means greedy: take the argmax, no randomness at all.
+* temperature 0 means greedy: take the argmax, no randomness at all. So does any temperature
+  below ``GREEDY_BELOW`` (1e-5, as vLLM's ``_SAMPLING_EPS``): dividing logits by 1e-40 would
+  overflow float32 to inf, and inf - inf in the softmax gives NaN.
 * top-k keeps the k largest logits (k = 0: off).
 * top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of most likely
   tokens whose probability mass reaches p.
@@ -22,12 +24,14 @@ import torch
 from minfer.devices import to_device
 from minfer.validation import check_sampling_fields
 
+GREEDY_BELOW = 1e-5                     # a temperature below this is greedy (stored as 0)
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop (names as in vLLM's ``SamplingParams``)."""
 
-    temperature: float = 1.0            # 0 = greedy
+    temperature: float = 1.0            # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0                  # in (0, 1]; 1 = off
     top_k: int = 0                      # 0 = off
     max_tokens: int = 16                # new tokens at most
@@ -39,6 +43,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling_fields(vars(self))          # exact types, finite ranges (minfer/validation.py)
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

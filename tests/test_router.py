@@ -6,12 +6,19 @@ HTTP: the same app ``minfer router`` runs, without three more Python processes t
 Every policy must serve every request correctly (the oracle: ``LLM.generate``);
 prefix-aware routing must find more prefix-cache hits than round robin on a
 workload of 4 shared prefixes (counts from the replicas' /metrics, deterministic
-because the requests go one at a time); a dead replica costs the requests routed
-to it a 502/503, and the router keeps serving through the other.
+because the requests go one at a time). Failures, with real processes: a replica
+that hangs (SIGSTOP: it accepts connections and never answers) is found by the
+health checks and its requests move to the other; a replica killed mid-stream
+ends the stream with an error event and ``[DONE]``; a dead replica's requests are
+retried on the other, so no client sees a 502 while one replica is up;
+least_loaded splits 8 concurrent requests at worst 5/3.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
+import time
 
 import httpx
 import pytest
@@ -142,20 +149,125 @@ def test_prefix_aware_finds_more_cache_hits_than_round_robin(cluster):
     assert found["prefix_aware"] == 12 * 80 and found["round_robin"] == 8 * 80, found
 
 
-def test_a_dead_replica_gets_502_and_the_router_keeps_serving(cluster, llm):
+def _router(replicas, policy="round_robin", **kw):
+    return ThreadServer(build_router_app(Router([r.url for r in replicas], policy, cooldown=60), **kw)).wait()
+
+
+def _per_replica(url) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("minfer_router:requests_total{"):
+            replica = line.split('replica="')[1].split('"')[0]
+            out[replica] = out.get(replica, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_least_loaded_counts_a_request_when_it_chooses(cluster):
+    replicas, _ = cluster
+    router = _router(replicas, "least_loaded", health_interval=0)
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=router.url, timeout=60) as h:
+                body = {"prompt": "split me", "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+                return await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(8)))
+
+        assert all(r.status_code == 200 for r in asyncio.run(main()))
+        counts = sorted(_per_replica(router.url).values())
+        assert sum(counts) == 8 and counts[0] >= 3, counts      # 4/4 or 5/3, never 8/0
+    finally:
+        router.stop()
+
+
+def test_a_hung_replica_is_marked_down_and_back_up(cluster, llm):
+    """SIGSTOP: the kernel still accepts its connections, nothing answers. The health checks mark
+    it down within a second, requests waiting on it move to the other replica, and after SIGCONT
+    a passing check puts it back."""
+    replicas, _ = cluster
+    router = _router(replicas, health_interval=0.3, health_timeout=0.5)
+    replicas[0].proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+
+        async def main():
+            async with httpx.AsyncClient(base_url=router.url, timeout=30) as h:
+                return await asyncio.gather(*(h.post("/v1/completions", json={
+                    "prompt": f"hung {i}", "max_tokens": 8, "temperature": 0}) for i in range(4)))
+
+        rs = asyncio.run(main())
+        for i, r in enumerate(rs):
+            assert r.status_code == 200, r.text
+            want = llm.generate(f"hung {i}", SamplingParams(temperature=0, max_tokens=8))[0].text
+            assert r.json()["choices"][0]["text"] == want
+        assert time.monotonic() - t0 < 15
+        assert httpx.get(f"{router.url}/v1/models", timeout=10).status_code == 200
+        assert httpx.get(f"{router.url}/health").json()["replicas"][replicas[0].url] is False
+    finally:
+        replicas[0].proc.send_signal(signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 20
+        while not httpx.get(f"{router.url}/health").json()["replicas"][replicas[0].url]:
+            assert time.monotonic() < deadline, "the replica was not marked up again"
+            time.sleep(0.2)
+    finally:
+        router.stop()
+
+
+def _sse_lines(r) -> list[str]:
+    return [x for x in r.iter_lines() if x]
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_and_done(cluster, llm):
+    replicas, _ = cluster
+    alone = _router(replicas[1:], health_interval=0)
+    body = {"prompt": "a long one", "max_tokens": 240, "ignore_eos": True, "temperature": 0, "stream": True, "n": 4}
+    try:
+        with httpx.stream("POST", f"{alone.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(x for x in lines if x)
+            replicas[1].stop(signal.SIGKILL)
+            rest = [x for x in lines if x]
+        events = [json.loads(x[6:]) for x in [first, *rest] if x.startswith("data: {")]
+        finished = [e for e in events if "choices" in e and e["choices"][0]["finish_reason"]]
+        assert len(finished) < 4, "the stream ended before the kill: nothing was tested"
+        assert rest[-1] == "data: [DONE]" and events[-1]["error"]["code"] == "bad_gateway", rest[-3:]
+    finally:
+        alone.stop()
+    # the dead replica: each request goes to the other one (retried before any byte was sent)
+    both = _router(replicas, health_interval=0)
+    try:
+        for i in range(6):
+            r = complete(both.url, f"after the crash {i}")
+            assert r.status_code == 200, r.text
+            want = llm.generate(f"after the crash {i}", SamplingParams(temperature=0, max_tokens=8))[0].text
+            assert r.json()["choices"][0]["text"] == want
+        assert 'minfer_router:replica_up{replica="%s"} 0.0' % replicas[1].url in httpx.get(f"{both.url}/metrics").text
+    finally:
+        both.stop()
+
+
+def test_with_every_replica_dead_the_router_answers_503(cluster):
     replicas, routers = cluster
-    replicas[1].stop(signal.SIGKILL)
-    url = routers["round_robin"].url
-    codes = []
-    for i in range(6):
-        prompt = f"after the crash {i}"
-        r = complete(url, prompt)
-        codes.append(r.status_code)
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["text"] == llm.generate(prompt, SamplingParams(temperature=0,
-                                                                                         max_tokens=8))[0].text
-        else:
-            assert r.status_code in (502, 503) and r.json()["error"]["code"] in ("bad_gateway", "no_replica")
-    assert codes.count(502) == 1 and codes.count(200) == 5, codes   # the dead one is skipped after its 502
-    assert httpx.get(f"{url}/health").status_code == 200
-    assert 'minfer_router:replica_up{replica="%s"} 0.0' % replicas[1].url in httpx.get(f"{url}/metrics").text
+    replicas[1].stop(signal.SIGKILL)                # already dead after the test above, if it ran
+    router = _router(replicas[1:], health_interval=0)
+    try:
+        r = complete(router.url, "nobody home")
+        assert r.status_code == 502 and r.json()["error"]["code"] == "bad_gateway", r.text
+        r = complete(router.url, "nobody home")     # in cooldown: not even tried
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_replica"
+        assert httpx.get(f"{routers['round_robin'].url}/health").status_code == 200   # replica 0 is up
+    finally:
+        router.stop()
+
+
+def test_router_honours_the_body_limit(cluster):
+    replicas, _ = cluster
+    router = _router(replicas, max_body_bytes=5000, health_interval=0)
+    try:
+        r = httpx.post(f"{router.url}/v1/completions", content=json.dumps({"prompt": "x" * 6000}), timeout=10)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        for body in (b"[" * 2400 + b"]" * 2400, b'{"prompt": ' + b"9" * 4500 + b"}"):
+            r = httpx.post(f"{router.url}/v1/completions", content=body, timeout=10)
+            assert r.status_code == 400, r.text
+    finally:
+        router.stop()

@@ -30,7 +30,7 @@ import torch
 
 from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_flops
 from minfer.bench.timing import interleaved, table, write_json
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, positive_int
 
 METHODS = ["naive", "no-cache", "cached", "static", "unfused", "packed", "llm", "llm-graphs", "llm-compile",
            "transformers", "transformers-compiled"]
@@ -41,7 +41,7 @@ PROMPT = ("The history of computing is a story of machines that got smaller, fas
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
                    help="comma-separated subset of " + ",".join(METHODS) + " "
                         "(static = cached on the static contiguous cache, gpt-fast's fixed-shape step, a CUDA "

@@ -280,6 +280,12 @@ def main(args) -> int:
             raise ValueError(f"--routing: unknown {bad}; choose from {ROUTER_POLICIES}")
     if args.url is not None and not args.url.startswith(("http://", "https://")):
         raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
+    if args.url is not None:                     # before any model is loaded: is a server there?
+        import httpx
+        try:
+            httpx.get(f"{args.url.rstrip('/')}/v1/models", timeout=5)
+        except (httpx.HTTPError, ValueError) as e:
+            raise ValueError(f"--url {args.url}: no server answers there ({type(e).__name__})") from None
     sweep_rates = [float(x) for x in args.sweep_rates.split(",") if x.strip()]
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
     if args.threads:

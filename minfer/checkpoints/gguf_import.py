@@ -18,6 +18,7 @@ side, into transformers), vLLM ``model_executor/model_loader/gguf_loader.py``.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -253,15 +254,63 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple
 # ------------------------------------------------------------ read_gguf
 
 
+def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
+    """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart
+    from every other tensor's, before anything is allocated: a 99 MB file whose 1,024 layers all
+    point at the same bytes would otherwise be converted into gigabytes of float32."""
+    end_of = {}
+    for name, start, n_bytes in tensors:
+        if start + n_bytes > file_size:
+            raise ValueError(f"{path}: truncated at byte {file_size} (tensor {name} needs {n_bytes} bytes "
+                             f"from byte {start})")
+        end_of[name] = start + n_bytes
+    ordered = sorted(tensors, key=lambda t: (t[1], t[1] + t[2]))
+    for (a, a_start, a_n), (b, b_start, b_n) in zip(ordered, ordered[1:]):
+        if b_n and a_n and b_start < a_start + a_n:
+            raise ValueError(f"{path}: tensors {a} (bytes {a_start}-{a_start + a_n}) and {b} (bytes "
+                             f"{b_start}-{b_start + b_n}) overlap; each tensor needs its own bytes")
+
+
+def check_memory(path: Path | str, nbytes: int) -> None:
+    """The converted tensors must fit in the memory this machine has available now."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return                                   # no /proc (not Linux): nothing to compare against
+    if nbytes > avail:
+        raise MemoryError(f"{path}: its tensors need {nbytes / 2**30:.1f} GiB once converted, more than the "
+                          f"{avail / 2**30:.1f} GiB of memory available")
+
+
 def _open(path: Path):
     from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class CheckedReader(GGUFReader):
+        """llama.cpp's reader, with the tensors' declared byte ranges checked against the file first."""
+
+        def _build_tensors(self, start_offs, fields):
+            ranges = []
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                name = bytes(name).decode("utf-8", "replace")
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                except ValueError:
+                    raise ValueError(f"tensor {name}: unknown type {int(raw_type[0])}") from None
+                n = math.prod(int(d) for d in dims)
+                ranges.append((name, int(start_offs) + int(offset[0]), n * type_size // block))
+            check_tensor_ranges(path, len(self.data), ranges)
+            super()._build_tensors(start_offs, fields)
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
     try:
-        return GGUFReader(path)
+        return CheckedReader(path)
     except Exception as e:                          # bad magic, truncated file, ...
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a readable GGUF file ({e})") from None
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -287,6 +336,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     except ValueError as e:
         raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [int(t.n_elements) for t in reader.tensors]
+    check_memory(path, sum(sizes) * itemsize + 4 * max(sizes, default=0))   # + one float32 tensor in flight
     state_dict: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress):
         try:

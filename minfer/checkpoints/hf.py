@@ -100,8 +100,8 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         raise FileNotFoundError(f"{path}: not found (an HF model folder needs config.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # bad JSON or UTF-8, a 5,000-digit integer, 100k-deep nesting
+        raise ValueError(f"{path}: not valid JSON ({e})"[:300]) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:

@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minfer.cli_args import int_list
+
 from minfer.compress.evict import EvictingKVCache
 from minfer.kv import ContiguousKVCache
 
@@ -77,7 +79,7 @@ def main(args) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if bad := [p for p in policies if p not in POLICY_ARGS]:
         raise ValueError(f"unknown policies {bad}; choose from {list(POLICY_ARGS)}")
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = int_list(args.budgets, "--budgets")
     llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     text = reference_text(8 * (args.prompt_tokens + args.score))
     ids = llm.tokenizer.encode(text)[:args.prompt_tokens + args.score]

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from minfer.cli_args import float_list
+
 from minfer.model import build_model
 
 
@@ -179,7 +181,7 @@ def main(args) -> int:
     from minfer.sampling import SamplingParams
 
     set_threads(args.threads)
-    ratios = [float(r) for r in args.ffn_ratios.split(",") if r.strip()]
+    ratios = float_list(args.ffn_ratios, "--ffn-ratios")
     llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     dense, tok = llm.model, llm.tokenizer
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")

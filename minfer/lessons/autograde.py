@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from minfer.cli_args import seconds
 from minfer.lessons import exercises as _exercises
 from minfer.lessons.exercises import Exercise
 from minfer.lessons.grader import is_allowed
@@ -344,7 +345,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", default=None, help="write the score table as CSV here")
     out.add_argument("--json", default=None, help="write the score table (and every finding) as JSON here")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
                    help=f"seconds per exercise before it is stopped (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--jobs", type=int, default=2, help="exercises graded at once (default 2)")
     p.add_argument("--lesson", default=None, help="the lesson (notebook stem) of every submission "

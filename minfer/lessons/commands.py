@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from minfer.cli_args import positive_int
+
 
 def add_lessons_commands(p: argparse.ArgumentParser) -> None:
     """Add the ``lessons`` subcommands to the ``lessons`` parser ``p``."""
@@ -32,7 +34,7 @@ def add_lessons_commands(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("execute", help="execute lessons and store their outputs and code hash")
     s.add_argument("notebooks", nargs="*", help="notebooks to execute")
     s.add_argument("--all", action="store_true", help="every lessons/NN_*.ipynb")
-    s.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    s.add_argument("--timeout", type=positive_int, default=600, help="seconds per cell (default 600)")
     s.set_defaults(func=_execute)
 
 

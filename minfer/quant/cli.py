@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from minfer import atomic
+from minfer.cli_args import positive_int
 
 # every file `minfer quantize` writes into OUT
 WRITTEN = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"}
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--format", default="int4",
                    help="int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default int4)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 32)")
+    p.add_argument("--group-size", type=positive_int, default=None, help="int4 group size (default 32)")
     p.add_argument("--lm-head", default="int8",
                    help="what the LM head becomes: int8 (default) | same | none | any format name")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

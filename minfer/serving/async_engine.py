@@ -135,6 +135,10 @@ class AsyncEngine:
         """The handler is done with ``request_id``: stop delivering to it."""
         self._streams.pop(request_id, None)
 
+    def abort_all(self, message: str) -> None:
+        """End every request with an error (``message``): their streams send it as an error event."""
+        self._commands.put(("abort_all", message))
+
     def start(self) -> None:
         self._thread.start()
 
@@ -192,6 +196,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_settle, accepted, None)
             finally:                                      # after add_request: never counted as neither
                 self._pending.discard(rid)
+        elif cmd[0] == "abort_all":
+            self._abort_all(cmd[1])
         elif cmd[0] == "abort":
             if self.engine.abort(cmd[1]):
                 self.metrics.aborted.inc()

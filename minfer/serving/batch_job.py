@@ -102,8 +102,8 @@ def read_input(path: str | Path) -> list[BatchItem]:
             where = f"{path} line {n}"
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            except (ValueError, RecursionError) as e:   # also an integer of more than 4,300 digits
+                raise ValueError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})"[:300]) from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object")
             cid = obj.get("custom_id")
@@ -150,7 +150,7 @@ def read_records(path: Path) -> list[dict]:
                 continue
             try:
                 rec = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):
                 rec = None
             if not _is_record(rec):
                 if not raw.endswith("\n"):

@@ -9,9 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from minfer.cli_args import seconds
+
 from minfer.serving.openai_api import APIError
 
 MAX_BODY_BYTES = 1 << 20
+HEADER_TIMEOUT = 10.0                   # seconds to send the request head (--header-timeout)
+KEEP_ALIVE_TIMEOUT = 5.0                # seconds an idle keep-alive connection stays open
+MAX_HEADER_BYTES = 64 * 1024            # a request head larger than this gets 400 (h11)
+MAX_JSON_DEPTH = 32                     # nesting of a request body (OpenAI's bodies need about 5)
 
 
 def error_response(err: APIError):
@@ -46,11 +52,41 @@ async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 def decode_json(raw: bytes):
-    """The decoded JSON body; 400 if malformed."""
+    """The decoded JSON body; 400 if malformed, nested deeper than ``MAX_JSON_DEPTH``, holding an
+    integer of more digits than Python converts (4,300), or a string with a lone surrogate."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    except ValueError as e:                     # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer
+        raise APIError(400, f"the body is not valid JSON: {e}"[:300], code="invalid_json") from None
+    check_json_values(body)
+    return body
+
+
+def check_json_values(body) -> None:
+    """400 naming the field for a body nested too deeply or a string that is not valid Unicode
+    (a lone surrogate such as ``"\\ud800"`` cannot be encoded, nor tokenized)."""
+    stack = [(body, (), 1)]
+    while stack:                                # iterative: a deep body must not recurse here either
+        value, path, depth = stack.pop()
+        where = ".".join(map(str, path)) or "the body"
+        if depth > MAX_JSON_DEPTH:                 # named by its top-level field
+            top = str(path[0]) if path else None
+            raise APIError(400, f"{top or 'the body'}: nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           param=top, code="invalid_json")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{where}: not valid Unicode (a lone surrogate such as '\\ud800')",
+                               param=where) from None
+        elif isinstance(value, dict):
+            stack += [(k, path, depth + 1) for k in value]
+            stack += [(v, path + (k,), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, path + (i,), depth + 1) for i, v in enumerate(value)]
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -84,10 +120,88 @@ def engine_flags(args) -> list[str]:
     return out
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def port(text: str) -> int:
+    """argparse type for ``--port``: an integer in 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
+    return value
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn log level (default warning)")
+    p.add_argument("--header-timeout", type=seconds, default=HEADER_TIMEOUT,
+                   help=f"seconds a new connection may take to send its request headers (default {HEADER_TIMEOUT:g})")
+    p.add_argument("--keep-alive-timeout", type=seconds, default=KEEP_ALIVE_TIMEOUT,
+                   help=f"seconds an idle keep-alive connection stays open (default {KEEP_ALIVE_TIMEOUT:g})")
+
+
+def check_host(host: str) -> None:
+    """``--host`` must be an address this machine can listen on (ValueError naming the flag)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind((infos[0][4][0], 0))
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"--host {host!r}: cannot listen there ({e})") from None
+
+
+def header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol plus a header timeout: a connection that has not sent a whole
+    request head within ``timeout`` seconds of opening (or of its last response) is closed,
+    so slow-header clients (slowloris) cannot hold sockets. uvicorn's own ``timeout_keep_alive``
+    covers only idle connections after a response."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def _arm(self) -> None:
+            cycle = self.cycle
+            self.loop.call_later(timeout, lambda: self._expire(cycle))
+
+        def _expire(self, cycle) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():   # no new request began
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+    return HeaderTimeoutH11
+
+
+def run_server(app, args, *, graceful: float | None = None, on_shutdown=None) -> None:
+    """uvicorn with the limits of the flags: header and keep-alive timeouts, at most
+    ``graceful`` seconds for running requests on Ctrl-C. ``on_shutdown()`` runs when
+    shutdown begins (the server aborts what is still running when its drain ends)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            if on_shutdown is not None:
+                on_shutdown()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            http=header_timeout_protocol(args.header_timeout),
+                            timeout_keep_alive=args.keep_alive_timeout, timeout_graceful_shutdown=graceful,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:                   # uvicorn raises the Ctrl-C again once it has shut down
+        pass
 
 
 def served_name(args) -> str:

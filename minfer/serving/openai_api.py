@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -25,6 +25,7 @@ from minfer.sampling import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
 MAX_STOP_STRINGS = 16
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]     # a token id: never negative, fits an int32 tensor
 
 
 class APIError(Exception):
@@ -67,7 +68,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     user: Optional[str] = None          # an end-user id for abuse tracking: accepted, not used
 
     @field_validator("stop")
@@ -87,7 +88,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     logprobs: Optional[int] = None
 
     @field_validator("prompt")

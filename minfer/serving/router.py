@@ -14,17 +14,32 @@ A router sits in front of several engine replicas and picks one per request:
         key = hash(first blocks)          ^ key -> the first point at or after it: B
 
 The router forwards request bodies and response bytes unchanged (streams too),
-so a client cannot tell it from a server. A replica that cannot be reached
-gets a 502 for that request and is skipped for ``--cooldown`` seconds; with
-none left the router answers 503. It has its own ``/metrics``. The same idea
+so a client cannot tell it from a server. Failures, and what the client sees:
+
+* a replica that refuses the connection, or sends no response head within
+  ``--first-byte-timeout``: it is marked down and the request goes to the next
+  replica (nothing was sent to the client yet); with none left, 502 or 503;
+* a replica that fails an active health check (``GET /health`` every
+  ``--health-interval`` s, answered within ``--health-timeout`` s): marked down,
+  its requests that await their first byte move to another replica; a later
+  passing check marks it up again;
+* a replica that dies mid-stream: the stream ends with an error event and
+  ``data: [DONE]``, as the server's own errors do.
+
+A replica is also skipped for ``--cooldown`` seconds after a failure when no
+health check runs. The router has its own ``/metrics``. The same idea
 in production: SGLang's router (cache-aware routing), llm-d / the Gateway API
 inference extension (prefix-cache-aware scoring).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import hashlib
+import json
+import logging
+import math
 import signal
 import subprocess
 import sys
@@ -34,8 +49,11 @@ from typing import Sequence
 
 from fastapi import Request
 
-from minfer.serving.http_common import add_server_args, decode_json, install_error_handlers, read_body
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json,
+                                        install_error_handlers, read_body, run_server, seconds)
 from minfer.serving.openai_api import APIError
+
+log = logging.getLogger("minfer.router")
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
@@ -104,7 +122,7 @@ class Router:
         self.policy, self.tokenizer = policy, tokenizer
         self.block_size, self.prefix_blocks, self.cooldown = block_size, prefix_blocks, cooldown
         self.ring = HashRing(self.replicas)
-        self.in_flight = [0] * len(self.replicas)
+        self.in_flight = [0] * len(self.replicas)     # counted from the moment a replica is chosen
         self.down_until = [0.0] * len(self.replicas)
         self._next = 0
 
@@ -112,8 +130,11 @@ class Router:
         now = time.monotonic()
         return [now >= t for t in self.down_until]
 
-    def mark_down(self, i: int) -> None:
-        self.down_until[i] = time.monotonic() + self.cooldown
+    def mark_down(self, i: int, seconds: float | None = None) -> None:
+        self.down_until[i] = time.monotonic() + (self.cooldown if seconds is None else seconds)
+
+    def mark_up(self, i: int) -> None:
+        self.down_until[i] = 0.0
 
     def prompt_ids(self, path: str, body: dict) -> list[int]:
         """The prompt's token ids as the engine will see them (chat template applied)."""
@@ -130,9 +151,10 @@ class Router:
         prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def choose(self, path: str, body: dict) -> int | None:
-        """The replica for this request (None: every replica is down)."""
-        alive = self.alive()
+    def choose(self, path: str, body: dict, exclude: Sequence[int] = ()) -> int | None:
+        """The replica for this request, not one of ``exclude`` (None: every other replica is down).
+        The caller counts the request in ``in_flight`` at once, so that concurrent requests see it."""
+        alive = [a and i not in exclude for i, a in enumerate(self.alive())]
         if not any(alive):
             return None
         n = len(self.replicas)
@@ -155,25 +177,158 @@ class Router:
 # ---------------------------------------------------------------------------
 
 
-def build_router_app(router: Router, *, connect_timeout: float = 2.0):
+CONNECT_TIMEOUT = 2.0          # seconds to open a connection to a replica (--connect-timeout)
+FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (--first-byte-timeout): a non-streamed
+                               # answer sends its head only when it is complete
+READ_TIMEOUT = 300.0           # seconds between two reads of a response (--read-timeout)
+HEALTH_INTERVAL = 5.0          # seconds between two active health checks (--health-interval; 0: none)
+HEALTH_TIMEOUT = 5.0           # seconds a replica's /health may take (--health-timeout)
+
+
+class ReplicaFailed(Exception):
+    """The replica gave no response head: refused, timed out, or failed a health check meanwhile."""
+
+
+class RouterMetrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("minfer_router:requests", "requests forwarded", ["replica", "status"], registry=reg)
+        self.in_flight = Gauge("minfer_router:in_flight", "requests in flight", ["replica"], registry=reg)
+        self.up = Gauge("minfer_router:replica_up", "1 if the replica is not in cooldown", ["replica"], registry=reg)
+        self.latency = Histogram("minfer_router:request_latency_seconds", "router in -> last byte out",
+                                 ["replica"], registry=reg)
+
+
+class Forwarder:
+    """Sends a request to the router's choice, moves it to another replica while nothing has been
+    sent to the client, and relays the answer's bytes; health checks run beside it."""
+
+    def __init__(self, router: Router, *, connect_timeout: float, first_byte_timeout: float,
+                 read_timeout: float, health_interval: float, health_timeout: float):
+        import httpx
+        self.router, self.first_byte_timeout = router, first_byte_timeout
+        self.health_interval, self.health_timeout = health_interval, health_timeout
+        self.metrics = RouterMetrics()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.went_down: dict[int, asyncio.Event] = {}
+
+    def down(self, i: int) -> None:
+        """Mark replica i down; requests waiting for its first byte move elsewhere."""
+        self.router.mark_down(i, math.inf if self.health_interval > 0 else None)
+        self.went_down.pop(i, asyncio.Event()).set()
+
+    async def health_loop(self) -> None:
+        """GET /health of every replica each ``health_interval`` s: down on failure, up on success."""
+        import httpx
+
+        async def check(i: int) -> bool:
+            try:
+                r = await self.client.get(f"{self.router.replicas[i]}/health", timeout=self.health_timeout)
+                return r.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        while True:
+            for i, ok in enumerate(await asyncio.gather(*(check(i) for i in range(len(self.router.replicas))))):
+                if ok:
+                    self.router.mark_up(i)
+                elif self.router.alive()[i]:
+                    self.down(i)
+            await asyncio.sleep(self.health_interval)
+
+    async def open(self, i: int, path: str, raw: bytes):
+        """The replica's response (head received, body still streaming); ReplicaFailed otherwise."""
+        import httpx
+        req = self.client.build_request("POST", self.router.replicas[i] + path, content=raw,
+                                        headers={"content-type": "application/json"})
+        send = asyncio.ensure_future(self.client.send(req, stream=True))
+        down = asyncio.ensure_future(self.went_down.setdefault(i, asyncio.Event()).wait())
+        try:
+            await asyncio.wait({send, down}, timeout=self.first_byte_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+        if not send.done():
+            send.cancel()
+            raise ReplicaFailed("no response head within the first-byte timeout, or a failed health check")
+        try:
+            return send.result()
+        except httpx.TransportError as e:
+            raise ReplicaFailed(type(e).__name__) from None
+
+    async def forward(self, path: str, raw: bytes, body):
+        from fastapi.responses import StreamingResponse
+        router, tried = self.router, []
+        while True:
+            i = router.choose(path, body if isinstance(body, dict) else {}, exclude=tried)
+            if i is None and tried:
+                raise APIError(502, f"no replica answered (tried {', '.join(router.replicas[j] for j in tried)})",
+                               code="bad_gateway")
+            if i is None:
+                raise APIError(503, "no replica is up; retry later", code="no_replica", headers={"Retry-After": "1"})
+            router.in_flight[i] += 1               # counted now: concurrent requests see it (least_loaded)
+            url, t0 = router.replicas[i], time.perf_counter()
+            try:
+                upstream = await self.open(i, path, raw)
+                break
+            except ReplicaFailed as e:
+                router.in_flight[i] -= 1
+                self.metrics.requests.labels(url, "502").inc()
+                log.warning("replica %s failed (%s); trying another", url, e)
+                self.down(i)
+                tried.append(i)
+            except BaseException:                   # our client left while we waited
+                router.in_flight[i] -= 1
+                raise
+        self.metrics.in_flight.labels(url).inc()
+        self.metrics.requests.labels(url, str(upstream.status_code)).inc()
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("retry-after",)}
+        kind = upstream.headers.get("content-type")
+        return StreamingResponse(self.relay(i, upstream, t0, "text/event-stream" in (kind or "")),
+                                 status_code=upstream.status_code, headers=headers, media_type=kind)
+
+    async def relay(self, i: int, upstream, t0: float, sse: bool):
+        """The replica's bytes as they come; if it dies mid-stream, an error event and ``[DONE]``."""
+        import httpx
+        url, tail = self.router.replicas[i], b"\n\n"
+        try:
+            async for part in upstream.aiter_raw():
+                tail = (tail + part)[-2:]
+                yield part
+        except httpx.HTTPError as e:
+            self.down(i)
+            log.warning("replica %s failed mid-response (%s)", url, type(e).__name__)
+            if sse:
+                err = APIError(502, f"replica {url} failed mid-stream ({type(e).__name__})", code="bad_gateway")
+                yield ("" if tail == b"\n\n" else "\n\n") + f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+        finally:                                    # also when our client disconnects: the replica aborts too
+            await upstream.aclose()
+            self.router.in_flight[i] -= 1
+            self.metrics.in_flight.labels(url).dec()
+            self.metrics.latency.labels(url).observe(time.perf_counter() - t0)
+
+
+def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
+                     first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                     health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT,
+                     max_body_bytes: int = MAX_BODY_BYTES):
     import httpx
     from fastapi import FastAPI
-    from fastapi.responses import Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    reg = CollectorRegistry()
-    m_requests = Counter("minfer_router:requests", "requests forwarded", ["replica", "status"], registry=reg)
-    m_in_flight = Gauge("minfer_router:in_flight", "requests in flight", ["replica"], registry=reg)
-    m_up = Gauge("minfer_router:replica_up", "1 if the replica is not in cooldown", ["replica"], registry=reg)
-    m_latency = Histogram("minfer_router:request_latency_seconds", "router in -> last byte out",
-                          ["replica"], registry=reg)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=connect_timeout),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+    fw = Forwarder(router, connect_timeout=connect_timeout, first_byte_timeout=first_byte_timeout,
+                   read_timeout=read_timeout, health_interval=health_interval, health_timeout=health_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
+        checks = asyncio.ensure_future(fw.health_loop()) if health_interval > 0 else None
         yield
-        await client.aclose()
+        if checks is not None:
+            checks.cancel()
+        await fw.client.aclose()
 
     app = FastAPI(title="minfer router", lifespan=lifespan)
     install_error_handlers(app)
@@ -187,55 +342,25 @@ def build_router_app(router: Router, *, connect_timeout: float = 2.0):
     @app.get("/metrics")
     async def metrics():
         for r, up in zip(router.replicas, router.alive()):
-            m_up.labels(r).set(int(up))
-        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+            fw.metrics.up.labels(r).set(int(up))
+        return Response(generate_latest(fw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         for i, up in enumerate(router.alive()):
             if up:
                 try:
-                    r = await client.get(f"{router.replicas[i]}/v1/models")
+                    r = await fw.client.get(f"{router.replicas[i]}/v1/models", timeout=health_timeout)
                     return Response(r.content, r.status_code, media_type="application/json")
-                except httpx.TransportError:
-                    router.mark_down(i)
+                except httpx.HTTPError:
+                    fw.down(i)
         raise APIError(503, "no replica is up", code="no_replica")
 
     @app.post("/v1/completions")
     @app.post("/v1/chat/completions")
     async def forward(request: Request):
-        raw = await read_body(request)
-        body = decode_json(raw)
-        path = request.url.path
-        i = router.choose(path, body if isinstance(body, dict) else {})
-        if i is None:
-            raise APIError(503, "no replica is up; retry later", code="no_replica", headers={"Retry-After": "1"})
-        url, t0 = router.replicas[i], time.perf_counter()
-        try:
-            upstream = await client.send(client.build_request(
-                "POST", url + path, content=raw, headers={"content-type": "application/json"}), stream=True)
-        except httpx.TransportError as e:
-            router.mark_down(i)
-            m_requests.labels(url, "502").inc()
-            raise APIError(502, f"replica {url} is unreachable ({type(e).__name__}); it is skipped for "
-                                f"{router.cooldown:g} s", code="bad_gateway") from None
-        router.in_flight[i] += 1
-        m_in_flight.labels(url).inc()
-        m_requests.labels(url, str(upstream.status_code)).inc()
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("retry-after",)}
-
-        async def relay():
-            try:
-                async for part in upstream.aiter_raw():
-                    yield part
-            finally:                             # also when our client disconnects: the replica aborts too
-                await upstream.aclose()
-                router.in_flight[i] -= 1
-                m_in_flight.labels(url).dec()
-                m_latency.labels(url).observe(time.perf_counter() - t0)
-
-        return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
-                                 media_type=upstream.headers.get("content-type"))
+        raw = await read_body(request, max_body_bytes)
+        return await fw.forward(request.url.path, raw, decode_json(raw))
 
     return app
 
@@ -247,14 +372,64 @@ def build_router_app(router: Router, *, connect_timeout: float = 2.0):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Route OpenAI API requests over engine replicas (minfer serve processes)."
-    p.add_argument("--replica", action="append", required=True, help="replica base URL (repeat for each)")
+    p.add_argument("--replica", action="append", required=True, type=replica_url,
+                   help="replica base URL, http://HOST:PORT (repeat for each)")
     p.add_argument("--policy", default="round_robin", help=f"one of {', '.join(POLICIES)} (default round_robin)")
     p.add_argument("--model", default=None,
                    help="model whose tokenizer and chat template prefix_aware hashes (default: characters)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per hashed block (default 16)")
-    p.add_argument("--prefix-blocks", type=int, default=4, help="blocks of the prompt that make the key (default 4)")
-    p.add_argument("--cooldown", type=float, default=5.0, help="seconds an unreachable replica is skipped")
+    p.add_argument("--block-size", type=positive(int), default=16, help="tokens per hashed block (default 16)")
+    p.add_argument("--prefix-blocks", type=positive(int), default=4,
+                   help="blocks of the prompt that make the key (default 4)")
+    p.add_argument("--max-body-bytes", type=positive(int), default=MAX_BODY_BYTES,
+                   help="largest request body (413 above)")
+    add_router_timeouts(p)
     add_server_args(p)
+
+
+def add_router_timeouts(p: argparse.ArgumentParser) -> None:
+    """The router's timeouts (``minfer router`` and ``minfer serve --replicas N``)."""
+    p.add_argument("--cooldown", type=seconds, default=5.0,
+                   help="seconds a failed replica is skipped when no health check runs (default 5)")
+    p.add_argument("--connect-timeout", type=seconds, default=CONNECT_TIMEOUT,
+                   help=f"seconds to connect to a replica (default {CONNECT_TIMEOUT:g})")
+    p.add_argument("--first-byte-timeout", type=seconds, default=FIRST_BYTE_TIMEOUT,
+                   help=f"seconds to a replica's response head, then the next replica (default {FIRST_BYTE_TIMEOUT:g})")
+    p.add_argument("--read-timeout", type=seconds, default=READ_TIMEOUT,
+                   help=f"seconds between two reads of a replica's response (default {READ_TIMEOUT:g})")
+    p.add_argument("--health-interval", type=seconds_or_zero, default=HEALTH_INTERVAL,
+                   help=f"seconds between active health checks of the replicas; 0: none (default {HEALTH_INTERVAL:g})")
+    p.add_argument("--health-timeout", type=seconds, default=HEALTH_TIMEOUT,
+                   help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
+
+
+def positive(kind):
+    """argparse type: a number of ``kind`` >= 1."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
+def replica_url(text: str) -> str:
+    """argparse type for ``--replica``: http(s)://HOST:PORT[/path]."""
+    from urllib.parse import urlsplit
+    try:
+        u = urlsplit(text)
+        ok = u.scheme in ("http", "https") and bool(u.hostname) and (u.port is None or 1 <= u.port <= 65535)
+    except ValueError:                            # a port that is not a number
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be a URL such as http://127.0.0.1:8001, got {text!r}")
+    return text
 
 
 def load_tokenizer(model: str | None):
@@ -267,17 +442,20 @@ def load_tokenizer(model: str | None):
 
 
 def run_router(replicas, policy, args, tokenizer=None) -> None:
-    import uvicorn
     router = Router(replicas, policy, tokenizer=tokenizer, block_size=args.block_size,
-                    prefix_blocks=getattr(args, "prefix_blocks", 4), cooldown=getattr(args, "cooldown", 5.0))
+                    prefix_blocks=getattr(args, "prefix_blocks", 4), cooldown=args.cooldown)
+    app = build_router_app(router, connect_timeout=args.connect_timeout, first_byte_timeout=args.first_byte_timeout,
+                           read_timeout=args.read_timeout, health_interval=args.health_interval,
+                           health_timeout=args.health_timeout, max_body_bytes=args.max_body_bytes)
     print(f"minfer router: {policy} over {len(replicas)} replicas at http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
-    uvicorn.run(build_router_app(router), host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, args)
 
 
 def main(args) -> int:
     if args.policy not in POLICIES:
         raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
+    check_host(args.host)
     run_router(args.replica, args.policy, args, load_tokenizer(args.model))
     return 0
 
@@ -305,11 +483,23 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise RuntimeError(f"{url} did not become healthy within {timeout:g} s")
 
 
-def start_minfer(argv: list[str], quiet: bool = False) -> tuple[str, subprocess.Popen]:
-    """``minfer ARGV --port P`` as a child process on a free port of 127.0.0.1: (base URL, process)."""
-    port = free_port()
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    ``kill -9`` of ``minfer serve --replicas N`` leaves no replica behind. Elsewhere: nothing."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start_minfer(argv: list[str], quiet: bool = False, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """``minfer ARGV --port P`` as a child process on 127.0.0.1 (a free port unless given): (base URL,
+    process). The child dies with this process."""
+    port = port or free_port()
     out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen([sys.executable, "-m", "minfer.cli", *argv, "--port", str(port)], stdout=out, stderr=out)
+    proc = subprocess.Popen([sys.executable, "-m", "minfer.cli", *argv, "--port", str(port)], stdout=out,
+                            stderr=out, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     return f"http://127.0.0.1:{port}", proc
 
 
@@ -323,6 +513,44 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class Supervisor:
+    """Keeps N replica processes alive: a child that exits is started again on its port, after a
+    backoff that doubles with each quick death (1 s, 2 s, ... at most ``max_backoff``) and resets
+    once it has run for a minute."""
+
+    def __init__(self, argv: list[str], n: int, max_backoff: float = 30.0):
+        import threading
+        self.argv, self.max_backoff = argv, max_backoff
+        self.children = [start_minfer(argv) for _ in range(n)]
+        self.started = [time.monotonic()] * n
+        self.backoff = [1.0] * n
+        self.stopping = threading.Event()
+        for url, proc in self.children:
+            print(f"minfer serve: replica {url} (pid {proc.pid})", file=sys.stderr, flush=True)
+        self.thread = threading.Thread(target=self._watch, name="minfer-supervisor", daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.5):
+            for i, (url, proc) in enumerate(self.children):
+                if proc.poll() is None:
+                    continue
+                ran = time.monotonic() - self.started[i]
+                self.backoff[i] = 1.0 if ran > 60 else self.backoff[i]
+                print(f"minfer serve: replica {url} exited with code {proc.returncode}; restarting in "
+                      f"{self.backoff[i]:g} s", file=sys.stderr, flush=True)
+                if self.stopping.wait(self.backoff[i]):
+                    return
+                self.backoff[i] = min(2 * self.backoff[i], self.max_backoff)
+                port = int(url.rsplit(":", 1)[1])
+                self.children[i], self.started[i] = start_minfer(self.argv, port=port), time.monotonic()
+
+    def stop(self) -> None:
+        self.stopping.set()                      # the children first: those the thread started die with it
+        stop_processes([p for _, p in self.children])
+        if self.thread.is_alive():
+            self.thread.join(5)
 
 
 def serve_replicas(args) -> int:
@@ -343,15 +571,16 @@ def serve_replicas(args) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
-    started = [start_minfer(child) for _ in range(args.replicas)]
+    sup = Supervisor(child, args.replicas)
     try:
-        for url, proc in started:
+        for url, proc in sup.children:
             wait_healthy(url, proc)
-        args.prefix_blocks, args.cooldown = 4, 5.0
-        run_router([u for u, _ in started], args.policy, args,
+        sup.thread.start()
+        args.prefix_blocks = 4
+        run_router([u for u, _ in sup.children], args.policy, args,
                    load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
     except KeyboardInterrupt:
         pass
     finally:
-        stop_processes([p for _, p in started])
+        sup.stop()
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -36,11 +37,13 @@ from minfer.serving.http_common import (  # noqa: F401  (re-exported: the server
     MAX_BODY_BYTES,
     add_engine_args,
     add_server_args,
+    check_host,
     decode_json,
     engine_args,
     engine_flags,
     install_error_handlers,
     read_body,
+    run_server,
     served_name,
 )
 from minfer.serving.openai_api import (
@@ -67,7 +70,7 @@ def sse(obj) -> str:
 def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app over an ``AsyncEngine`` (started and stopped with the app)."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     @asynccontextmanager
@@ -79,7 +82,7 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
     app = FastAPI(title="minfer", lifespan=lifespan)
     install_error_handlers(app)
     created = int(time.time())
-    tok = aengine.tokenizer
+    handlers = Handlers(aengine, model_name, max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -96,23 +99,58 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "minfer", "max_model_len": aengine.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = parse_body(CompletionRequest, decode_json(await read_body(request, max_body_bytes)))
-        ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-        return await serve(request, req, ids, chat=False)
+    app.post("/v1/completions")(handlers.completions)
+    app.post("/v1/chat/completions")(handlers.chat_completions)
+    return app
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, max_body_bytes)))
+
+def longest_token_chars(tok) -> int:
+    """Characters of the longest token: a text longer than context x this cannot fit the context."""
+    try:
+        vocab = tok._tok.get_vocab(with_added_tokens=True)
+    except AttributeError:                       # a tokenizer without a vocabulary listing: a wide bound
+        return 256
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+class Handlers:
+    """The two generation endpoints. Tokenizing runs in a worker thread (a 1 MB body takes a
+    while and must not stall other streams), after a character cap: a prompt of more than
+    ``max_model_len x longest token`` characters cannot fit the context, so it is refused as is."""
+
+    def __init__(self, aengine, model_name: str, max_body_bytes: int):
+        self.aengine, self.model_name, self.max_body_bytes = aengine, model_name, max_body_bytes
+        self.tok = aengine.tokenizer
+        self.max_chars = aengine.max_model_len * longest_token_chars(self.tok)
+
+    def check_chars(self, n: int, field: str) -> None:
+        if n > self.max_chars:
+            raise APIError(400, f"{field}: {n} characters cannot fit the model's context of "
+                                f"{self.aengine.max_model_len} tokens (at most {self.max_chars} characters)",
+                           param=field, code="context_length_exceeded")
+
+    async def completions(self, request: Request):
+        req = parse_body(CompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
+        if isinstance(req.prompt, str):
+            self.check_chars(len(req.prompt), "prompt")
+            ids = await asyncio.to_thread(self.tok.encode, req.prompt)
+        else:
+            ids = list(req.prompt)
+        return await self.serve(request, req, ids, chat=False)
+
+    async def chat_completions(self, request: Request):
+        req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
         msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
-        try:
-            prompt = tok.apply_chat_template(msgs, add_generation_prompt=True)
-        except Exception as e:                       # the template may refuse a conversation
+        self.check_chars(sum(len(m["content"]) for m in msgs), "messages")
+        try:                                       # user text never becomes a special token
+            ids = await asyncio.to_thread(self.tok.encode_chat, msgs, add_generation_prompt=True)
+        except ValueError as e:                    # the template may refuse a conversation
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-        return await serve(request, req, tok.encode(prompt), chat=True)
+        return await self.serve(request, req, ids, chat=True)
 
-    async def serve(request, req, ids: list[int], *, chat: bool):
+    async def serve(self, request, req, ids: list[int], *, chat: bool):
+        from fastapi.responses import JSONResponse, StreamingResponse
+        aengine, model_name = self.aengine, self.model_name
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model: unknown model {req.model!r}; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -127,12 +165,13 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(rid, q, params.n, chat, include), media_type="text/event-stream")
-        return JSONResponse(await collect(request, rid, q, params.n, chat))
+            return StreamingResponse(self.stream(rid, q, params.n, chat, include), media_type="text/event-stream")
+        return JSONResponse(await self.collect(request, rid, q, params.n, chat))
 
-    async def stream(rid, q, n: int, chat: bool, include_usage: bool):
-        """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index."""
-        done, num_output = 0, 0
+    async def stream(self, rid, q, n: int, chat: bool, include_usage: bool):
+        """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index.
+        An engine error (or the end of the drain at shutdown) is an error event, then ``[DONE]``."""
+        done, num_output, model_name = 0, 0, self.model_name
         try:
             if chat:
                 for i in range(n):
@@ -152,33 +191,41 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
             yield "data: [DONE]\n\n"
         finally:                                   # also when the client disconnected (cancelled)
             if done == n:
-                aengine.release(rid)
+                self.aengine.release(rid)
             else:
-                aengine.abort(rid)
+                self.aengine.abort(rid)
 
-    async def collect(request, rid, q, n: int, chat: bool) -> dict:
+    async def collect(self, request, rid, q, n: int, chat: bool) -> dict:
+        """The whole answer. The client's disconnect is watched at the same time, so a client that
+        gives up (a timeout) frees its KV blocks within one engine step, not at ``max_tokens``."""
         texts, reasons, num_output = [[] for _ in range(n)], [None] * n, 0
+        gone = asyncio.ensure_future(wait_disconnect(request))
         try:
             done = 0
             while done < n:
-                try:
-                    out = await asyncio.wait_for(q.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise APIError(499, "the client closed the connection") from None
-                    continue
+                getter = asyncio.ensure_future(q.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    raise APIError(499, "the client closed the connection")
+                out = getter.result()
                 if out.error:
                     raise APIError(500, out.error)
                 texts[out.index].append(out.text)
                 if out.finished:
                     done, num_output = done + 1, num_output + out.num_output_tokens
                     reasons[out.index] = out.finish_reason
-            return response(rid, model_name, chat, [("".join(t), r) for t, r in zip(texts, reasons)],
+            return response(rid, self.model_name, chat, [("".join(t), r) for t, r in zip(texts, reasons)],
                             usage(out.num_prompt_tokens, num_output))
         finally:
-            aengine.abort(rid)                    # a no-op for a finished request
+            gone.cancel()
+            self.aengine.abort(rid)                # a no-op for a finished request
 
-    return app
+
+async def wait_disconnect(request) -> None:
+    """Return when the client has closed the connection (ASGI ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -201,15 +248,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--replicas", type=int, default=1, help="N > 1: N engine processes behind a router")
     p.add_argument("--policy", default="prefix_aware", help="router policy with --replicas (default prefix_aware)")
+    from minfer.serving.router import add_router_timeouts
+    add_router_timeouts(p)
 
 
-def main(args) -> int:
-    import uvicorn
-    if args.model_pos:
-        args.model = args.model_pos
+def check_args(args) -> None:
+    """Every flag the parser cannot check alone, before anything is loaded (ValueError naming it)."""
     for name in ("max_num_seqs", "max_waiting", "max_body_bytes", "replicas"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
+        raise ValueError(f"--drain-seconds must be a finite number >= 0, got {args.drain_seconds}")
+    check_host(args.host)
+
+
+def check_pool(engine) -> None:
+    """The KV pool must hold one request of the whole context (ValueError naming the flag)."""
+    pool, cache = engine.runner.kv_manager.pool, engine.runner.cache
+    need = -(-int(engine.max_model_len) // pool.block_size)
+    if pool.num_blocks < need:
+        minimum = need * -(-cache.nbytes() // cache.num_blocks)
+        raise ValueError(f"--kv-cache-memory-bytes: the pool holds {pool.num_blocks} blocks of {pool.block_size} "
+                         f"tokens, less than one request of the model's context ({engine.max_model_len} tokens); "
+                         f"give at least {minimum} bytes")
+
+
+def main(args) -> int:
+    if args.model_pos:
+        args.model = args.model_pos
+    check_args(args)
     if args.replicas > 1:
         from minfer.serving.router import serve_replicas
         return serve_replicas(args)
@@ -218,10 +287,14 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     from minfer.serving.async_engine import AsyncEngine, build_engine
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, **engine_args(args))
-    app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), served_name(args),
-                    max_body_bytes=args.max_body_bytes)
+    check_pool(engine)
+    aengine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    app = build_app(aengine, served_name(args), max_body_bytes=args.max_body_bytes)
     print(f"minfer serve: {served_name(args)} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_seconds)
+
+    def drain():                 # Ctrl-C: streams may finish for --drain-seconds, then end with an error event
+        asyncio.get_running_loop().call_later(args.drain_seconds, aengine.abort_all, "the server is shutting down")
+
+    run_server(app, args, graceful=args.drain_seconds + 5, on_shutdown=drain)
     return 0
