@@ -467,14 +467,11 @@ def _tojson_bound(x: Any, indent: Any) -> int:
     """Indented JSON: at most every character on its own line, indented ``depth x indent``."""
     compact = json.dumps(x, ensure_ascii=False)
     width = indent if isinstance(indent, int) else len(str(indent or ""))
-    depth, stack = 0, [(x, 1)]
-    while stack:
-        v, d = stack.pop()
-        depth = max(depth, d)
-        if isinstance(v, dict):
-            stack += [(w, d + 1) for w in v.values()]
-        elif isinstance(v, (list, tuple)):
-            stack += [(w, d + 1) for w in v]
+    depth, level = 0, [x]
+    while level:                                 # breadth first, one comprehension per level
+        depth += 1
+        level = [w for v in level if isinstance(v, (dict, list, tuple))
+                 for w in (v.values() if isinstance(v, dict) else v)]
     return len(compact) * (1 + max(width, 0) * depth)
 
 

@@ -399,7 +399,13 @@ _HOSTILE_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n",
 
 
 def _as_json(body: dict, nest: int) -> bytes:
-    raw = json.dumps(body, allow_nan=True)          # NaN / Infinity as Python writes them; surrogates escaped
+    import sys
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)                   # the test may write a 4,401-digit integer
+    try:
+        raw = json.dumps(body, allow_nan=True)      # NaN / Infinity as Python writes them; surrogates escaped
+    finally:
+        sys.set_int_max_str_digits(limit)
     return (b"[" * nest + raw.encode() + b"]" * nest) if nest else raw.encode()
 
 

@@ -215,7 +215,7 @@ def sampling_params(body: object, where: str = "") -> SamplingParams:
 
 
 def prompt_of(item: BatchItem, tokenizer):
-    """The prompt text (chat: rendered through the model's template) or token ids of a request."""
+    """The prompt text or token ids of a request (chat: the ids of the model's template, ``encode_chat``)."""
     key = "messages" if item.url == "/v1/chat/completions" else "prompt"
     if key not in item.body:
         raise ValueError(f"{item.where}: body.{key} is required for {item.url}")
@@ -223,7 +223,7 @@ def prompt_of(item: BatchItem, tokenizer):
     if key == "messages":
         if not isinstance(value, list) or not value:
             raise ValueError(f"{item.where}: body.messages must be a non-empty list of messages")
-        return tokenizer.apply_chat_template(value, add_generation_prompt=True)
+        return tokenizer.encode_chat(value, add_generation_prompt=True)   # message text never a special token
     try:
         check_prompt(value, "body.prompt")
     except TypeError as e:

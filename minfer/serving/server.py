@@ -58,6 +58,9 @@ from minfer.serving.openai_api import (
     usage,
 )
 
+MAX_REPLICAS = 64                        # engine processes one `serve --replicas N` may start
+
+
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -257,6 +260,8 @@ def check_args(args) -> None:
     for name in ("max_num_seqs", "max_waiting", "max_body_bytes", "replicas"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.replicas > MAX_REPLICAS:
+        raise ValueError(f"--replicas must be at most {MAX_REPLICAS}, got {args.replicas}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
