@@ -271,3 +271,50 @@ def test_router_honours_the_body_limit(cluster):
             assert r.status_code == 400, r.text
     finally:
         router.stop()
+
+
+@pytest.mark.slow
+def test_serve_replicas_restarts_a_dead_child_and_children_die_with_the_supervisor(folder, tmp_path):
+    """``minfer serve --replicas 2``: a replica killed with SIGKILL is started again on its port; the
+    router refuses a body over --max-body-bytes; SIGKILL of the supervisor takes both replicas with it."""
+    import os
+    import re
+
+    from servers import Server
+    log = tmp_path / "sup.log"
+    sup = Server("serve", str(folder), "--replicas", "2", "--threads", "1", "--max-body-bytes", "5000",
+                 "--health-interval", "0.5", "--health-timeout", "2", log=log)
+    try:
+        sup.wait(180)
+        children = dict(re.findall(r"replica (http://127\.0\.0\.1:\d+) \(pid (\d+)\)", log.read_text()))
+        assert len(children) == 2, log.read_text()
+        url0, pid0 = next(iter(children.items()))
+        os.kill(int(pid0), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:                                  # the supervisor starts it again on the same port
+            pids = re.findall(rf"replica {re.escape(url0)} \(pid (\d+)\)", log.read_text())
+            if len(pids) == 2:
+                try:
+                    if httpx.get(f"{url0}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        children[url0] = pids[-1]
+        r = httpx.post(f"{sup.url}/v1/completions", content=json.dumps({"prompt": "x" * 6000}), timeout=10)
+        assert r.status_code == 413, r.text
+        assert complete(sup.url, "still here").status_code == 200
+        sup.proc.kill()                              # SIGKILL: no handler runs in the supervisor
+        sup.proc.wait()
+        deadline = time.monotonic() + 10
+        for pid in children.values():
+            while True:
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    break
+                assert time.monotonic() < deadline, f"replica pid {pid} outlived the supervisor"
+                time.sleep(0.1)
+    finally:
+        sup.stop()

@@ -545,6 +545,7 @@ class Supervisor:
                 self.backoff[i] = min(2 * self.backoff[i], self.max_backoff)
                 port = int(url.rsplit(":", 1)[1])
                 self.children[i], self.started[i] = start_minfer(self.argv, port=port), time.monotonic()
+                print(f"minfer serve: replica {url} (pid {self.children[i][1].pid})", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self.stopping.set()                      # the children first: those the thread started die with it
