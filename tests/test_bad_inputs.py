@@ -297,6 +297,21 @@ def _gguf_overlapping(w: Path) -> None:
     del reader
 
 
+def test_gguf_declared_sizes_are_checked_before_allocation(tmp_path):
+    """The byte ranges against the file and each other, and the converted size against the memory
+    available: each refused with the file's name before a tensor is read."""
+    from minfer.checkpoints.gguf_import import check_memory, check_tensor_ranges
+    with pytest.raises(ValueError, match=r"m.gguf: truncated at byte 100 \(tensor b needs 80 bytes from byte 40\)"):
+        check_tensor_ranges("m.gguf", 100, [("a", 0, 40), ("b", 40, 80)])
+    with pytest.raises(ValueError, match="m.gguf: tensors a .* and b .* overlap"):
+        check_tensor_ranges("m.gguf", 100, [("a", 0, 40), ("b", 39, 10)])
+    check_tensor_ranges("m.gguf", 100, [("b", 40, 60), ("a", 0, 40), ("empty", 40, 0)])
+    if Path("/proc/meminfo").is_file():
+        with pytest.raises(MemoryError, match="m.gguf: its tensors need .* GiB once converted"):
+            check_memory("m.gguf", 2**60)
+    check_memory("m.gguf", 1)
+
+
 def _safetensors_truncated(w: Path, m: Path) -> None:
     shutil.copytree(m, w / "model")
     f = w / "model" / "model.safetensors"
