@@ -16,7 +16,7 @@ from minfer.serving.openai_api import APIError
 MAX_BODY_BYTES = 1 << 20
 HEADER_TIMEOUT = 10.0                   # seconds to send the request head (--header-timeout)
 KEEP_ALIVE_TIMEOUT = 5.0                # seconds an idle keep-alive connection stays open
-MAX_HEADER_BYTES = 64 * 1024            # a request head larger than this gets 400 (h11)
+MAX_HEADER_BYTES = 16 * 1024            # a request head larger than this gets 400 (h11's own default)
 MAX_JSON_DEPTH = 32                     # nesting of a request body (OpenAI's bodies need about 5)
 
 
