@@ -4,6 +4,7 @@
     minfer chat [--model M]                                              interactive chat
     minfer weights list | fetch NAME                                     the model registry
     minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
+    minfer bench report [DIR] [--out docs/benchmarks.md]                 the benchmarks page from their JSON
     minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
     minfer router --replica URL ... --policy prefix_aware                route over replicas
     minfer lessons start DIR                                             your copy, exercises as stubs
@@ -220,6 +221,7 @@ BENCHES = {
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
     "evict": ("minfer.compress.bench_evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "report": ("minfer.bench.report", "write docs/benchmarks.md from the benchmarks' JSON files"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),

@@ -288,7 +288,7 @@ class LLMEngine:
             row_of += [r] * len(group)
         if row_of != list(range(len(logits))):                                 # n > 1: a row per sample
             logits = logits.index_select(0, to_device(row_of, logits.device, torch.long))
-        # the step's one host sync: the sampled token ids come back (issue 13; tests/test_cuda_graph.py)
+        # the step's one host sync: the sampled token ids come back (tests/test_cuda_graph.py)
         toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
         return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 

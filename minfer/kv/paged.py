@@ -40,8 +40,8 @@ vectorized ops over the batch, and reused by every layer:
   layer is also what a captured CUDA graph or a paged-decode kernel needs.
 * ``"bucketed"``: as split, but the decodes are grouped by context length
   (buckets grow by sqrt(2), < 30% padding each) and each group is one call:
-  less padding, more calls. minfer's default before issue 13; kept to measure
-  the trade (``minfer bench serve --baselines bucketed``; see docs/architecture.md).
+  less padding, more calls; it measures the trade
+  (``minfer bench serve --baselines bucketed``).
 * ``"gather"``: copy every sequence's K/V into one padded contiguous tensor and
   call the attention backend once. Simplest; costs one copy of the context.
 * ``"online"``: walk the block table one block at a time and fold each block
