@@ -29,8 +29,10 @@ def test_report_renders_every_fixture_run(tmp_path):
     assert "| int8 | 0.266 | 1.260 | 99.2% | 105 |" in page
     assert "| sequential | 233.0 | 20.46 | 5.66 | 16/16 |" in page
     assert "| continuous | 680 | 5200 | 131 | 46.00 | 0.299 |" in page       # nested ttft.median etc.
-    # a benchmark without a table spec gets its top-level numbers
-    assert "| torch | tp_decode_speedup |" in page and "| 2.13.0+cpu | 0.55 |" in page
+    # every run's top-level settings; a benchmark without a table says where its figures are
+    assert "- settings: model smollm2-135m-instruct" in page
+    assert "- settings: torch 2.13.0+cpu, tp_decode_speedup 0.55" in page
+    assert "(no table for this benchmark: its figures are in the JSON file)" in page
     assert "(command not recorded)" in page and "machine: not recorded" in page
 
 

@@ -9,8 +9,8 @@ by hand, so every figure can be regenerated: rerun the command in its section, t
     minfer bench report                      # docs/bench/*.json -> docs/benchmarks.md
     minfer bench report DIR --out -          # print the page instead
 
-The tables each benchmark gets are listed in ``TABLES``; a benchmark without an entry gets its
-top-level numbers. (vLLM keeps its benchmark scripts' JSON the same way: ``benchmarks/``,
+The tables each benchmark gets are listed in ``TABLES``; every section also lists the run's
+top-level settings (model, tokens, repeats, ...). (vLLM keeps its benchmark scripts' JSON the same way: ``benchmarks/``,
 ``--save-result``; the tables here are what those files hold, nothing more.)
 """
 from __future__ import annotations
@@ -142,9 +142,12 @@ def section(run: dict, folder: str = "docs/bench") -> str:
              "```", "", f"- {machine_line(run)}", f"- date: {run.get('date', 'not recorded')}"]
     if run.get("note"):
         lines.append(f"- note: {run['note']}")
-    specs = TABLES.get(_kind(run))
-    tables = [(title, _rows(run, path), cols) for title, path, cols in specs or []]
-    tables = [t for t in tables if t[1]] or ([("Results", [_scalars(run)], None)] if _scalars(run) else [])
+    if settings := _scalars(run):
+        lines.append("- settings: " + ", ".join(f"{k} {_cell(v, '{:.4g}')}" for k, v in settings.items()))
+    tables = [(title, _rows(run, path), cols) for title, path, cols in TABLES.get(_kind(run), [])]
+    tables = [t for t in tables if t[1]]
+    if not tables:
+        lines += ["", "(no table for this benchmark: its figures are in the JSON file)"]
     for title, rows, cols in tables:
         lines += ["", f"**{title}**", "", markdown_table(rows, cols)]
     return "\n".join(lines) + "\n"
@@ -163,10 +166,8 @@ def machine_line(run: dict) -> str:
     return "machine: " + ", ".join(parts)
 
 
-def markdown_table(rows: list[dict], cols: list[Column] | None) -> str:
-    """A Markdown table of ``rows``; ``cols`` None: every key of the first row, as it is."""
-    if cols is None:
-        cols = [(k, k, "{}") for k in rows[0]]
+def markdown_table(rows: list[dict], cols: list[Column]) -> str:
+    """A Markdown table of ``rows``: the columns that have a value in some row."""
     cols = [c for c in cols if any(_get(r, c[0]) is not None for r in rows)]
     out = ["| " + " | ".join(h for _, h, _ in cols) + " |",
            "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(cols))) + " |"]
