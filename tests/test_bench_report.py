@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,15 @@ def test_committed_benchmarks_page_is_generated_from_committed_json():
     """docs/benchmarks.md is exactly what `minfer bench report` makes of docs/bench/."""
     runs = report.load_runs(ROOT / "docs" / "bench")
     assert (ROOT / "docs" / "benchmarks.md").read_text() == report.render(runs)
+
+
+def test_readme_headline_figures_are_on_the_benchmarks_page():
+    """Every number in the README's results table is printed in docs/benchmarks.md (no hand-typed figure)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows, "the README's Results section has no table"
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    for row in rows:
+        for number in re.findall(r"\d+(?:\.\d+)?", row):
+            assert number in page, f"README figure {number} ({row}) is not in docs/benchmarks.md"

@@ -169,8 +169,10 @@ def machine_line(run: dict) -> str:
 def markdown_table(rows: list[dict], cols: list[Column]) -> str:
     """A Markdown table of ``rows``: the columns that have a value in some row."""
     cols = [c for c in cols if any(_get(r, c[0]) is not None for r in rows)]
+    numeric = [all(isinstance(_get(r, k), (int, float)) and not isinstance(_get(r, k), bool)
+                   for r in rows if _get(r, k) is not None) for k, _, _ in cols]
     out = ["| " + " | ".join(h for _, h, _ in cols) + " |",
-           "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(cols))) + " |"]
+           "| " + " | ".join("---:" if num else "---" for num in numeric) + " |"]
     out += ["| " + " | ".join(_cell(_get(r, k), fmt) for k, _, fmt in cols) + " |" for r in rows]
     return "\n".join(out)
 
