@@ -58,8 +58,8 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
         ("Front door: one LLM.generate of the list vs one prompt per call", ("front_door", "rows"), [
             ("name", "method", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"), ("seconds", "seconds", "{:.1f}")]),
         ("Online: requests arriving at the rate", ("online",), [
-            ("name", "policy", "{}"), ("ttft.median", "median TTFT ms", "{:.0f}"), ("ttft.p99", "p99 TTFT ms", "{:.0f}"),
-            ("tpot.p99", "p99 TPOT ms", "{:.0f}"), ("output_throughput", "output tok/s", "{:.2f}"),
+            ("name", "policy", "{}"), ("ttft.median", "median TTFT ms", "{:.0f}"),
+            ("ttft.p99", "p99 TTFT ms", "{:.0f}"), ("tpot.p99", "p99 TPOT ms", "{:.0f}"), ("output_throughput", "output tok/s", "{:.2f}"),
             ("goodput", "goodput req/s", "{:.3f}")]),
         ("Throughput vs latency as the rate rises", ("sweep",), [
             ("policy", "policy", "{}"), ("rate", "rate req/s", "{:g}"), ("output_throughput", "output tok/s", "{:.2f}"),
@@ -67,8 +67,9 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
     ],
     "quant": [
         ("Weight-only quantization, batch-1 decode", ("results",), [
-            ("format", "format", "{}"), ("weight_mb", "weights read MB", "{:.0f}"), ("decode_tps", "decode tok/s", "{:.1f}"),
-            ("speedup", "x fp32", "{:.2f}"), ("perplexity", "perplexity", "{:.3f}"), ("ppl_change", "vs fp32", "{:+.2%}"),
+            ("format", "format", "{}"), ("weight_mb", "weights read MB", "{:.0f}"),
+            ("decode_tps", "decode tok/s", "{:.1f}"), ("speedup", "x fp32", "{:.2f}"),
+            ("perplexity", "perplexity", "{:.3f}"), ("ppl_change", "vs fp32", "{:+.2%}"),
             ("greedy_agreement", "greedy = fp32 (free)", "{:.0%}"),
             ("teacher_forced_agreement", "greedy = fp32 (per step)", "{:.0%}")]),
     ],
@@ -89,7 +90,8 @@ ORDER = ["decode", "kv", "attention", "serve", "quant", "spec", "parallel", "evi
 HEADER = """# Benchmarks
 
 This page is generated: `minfer bench report` writes it from the JSON files in `docs/bench/`.
-Do not edit it by hand. To refresh a section, rerun the command shown in it (it rewrites its JSON file), then `minfer bench report`.
+Do not edit it by hand. To refresh a section, rerun the command shown in it (it rewrites its JSON
+file), then `minfer bench report`.
 
 Benchmarks are commands, never tests. They interleave the methods they compare (A, B, A, B, ...) and report
 medians of the rounds. On a machine shared with other jobs single figures move between runs: read the ratios
@@ -98,8 +100,10 @@ within one table, and the machine line and note under each command.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", nargs="?", default="docs/bench", help="folder of benchmark JSON files (default docs/bench)")
-    p.add_argument("--out", default="docs/benchmarks.md", help="the page to write (default docs/benchmarks.md; - prints it)")
+    p.add_argument("folder", nargs="?", default="docs/bench",
+                   help="folder of benchmark JSON files (default docs/bench)")
+    p.add_argument("--out", default="docs/benchmarks.md",
+                   help="the page to write (default docs/benchmarks.md; - prints it)")
 
 
 def main(args) -> int:
