@@ -59,8 +59,8 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("name", "method", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"), ("seconds", "seconds", "{:.1f}")]),
         ("Online: requests arriving at the rate", ("online",), [
             ("name", "policy", "{}"), ("ttft.median", "median TTFT ms", "{:.0f}"),
-            ("ttft.p99", "p99 TTFT ms", "{:.0f}"), ("tpot.p99", "p99 TPOT ms", "{:.0f}"), ("output_throughput", "output tok/s", "{:.2f}"),
-            ("goodput", "goodput req/s", "{:.3f}")]),
+            ("ttft.p99", "p99 TTFT ms", "{:.0f}"), ("tpot.p99", "p99 TPOT ms", "{:.0f}"),
+            ("output_throughput", "output tok/s", "{:.2f}"), ("goodput", "goodput req/s", "{:.3f}")]),
         ("Throughput vs latency as the rate rises", ("sweep",), [
             ("policy", "policy", "{}"), ("rate", "rate req/s", "{:g}"), ("output_throughput", "output tok/s", "{:.2f}"),
             ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("goodput", "goodput req/s", "{:.3f}")]),
