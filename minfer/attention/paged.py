@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minfer.attention import get_backend
 from minfer.attention.flash import online_softmax_update
 from minfer.attention.mask import allowed
 from minfer.attention.reference import reference_attention
@@ -84,7 +85,6 @@ def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto"
 
 def make_paged_attention(cache, attention="sdpa", mode: str = "split", decode_kernel: str = "torch"):
     """The paged backend of ``cache``: ``attention`` names its dense backend (or is one, a callable)."""
-    from minfer.attention import get_backend
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
     dense = None if attention == "sdpa" else get_backend(attention) if isinstance(attention, str) else attention
