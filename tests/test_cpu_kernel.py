@@ -102,3 +102,12 @@ def test_auto_picks_the_kernel_only_where_it_applies():
         PagedKVCache(cfg, 4, kv_cache_dtype="int8", decode_kernel="cpu")
     with pytest.raises(ValueError, match="decode_kernel must be one of"):
         LLM("no-such-model", decode_kernel="fast")
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A builder killed mid-build leaves torch's ``lock`` file; the next build must not wait on it forever."""
+    from minfer.kernels.cpu_paged_decode import _build_lock
+
+    (tmp_path / "lock").write_text("")
+    with _build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
