@@ -18,7 +18,7 @@ Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --
     "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
     "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
     "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
-    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only;
+    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (medusa.py); greedy only;
                         options nodes= (16): verify the first N nodes of its static candidate tree;
                         depth= (all): keep only those nodes at most D deep (depth=1: head 0's top-N only)
 
@@ -68,7 +68,7 @@ class SpeculativeConfig:
     window: int = 4                      # lookahead W
     ngram: int = 3                       # lookahead N
     max_candidates: int = 4              # lookahead G
-    medusa_nodes: int = 16               # medusa: the first N nodes of compress.medusa.DEFAULT_TREE
+    medusa_nodes: int = 16               # medusa: the first N nodes of medusa.DEFAULT_TREE
     medusa_depth: int | None = None      # medusa: drop the nodes deeper than this (None: keep all)
 
     def __post_init__(self) -> None:
@@ -170,7 +170,7 @@ def generate_speculative(
     if config.method == "medusa":
         if kv_cache != "contiguous":
             raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
-        from minfer.compress.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
+        from minfer.speculative.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
         tree = build_tree(DEFAULT_TREE[:config.medusa_nodes], max_depth=config.medusa_depth)
         return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params, tree=tree, **common)
     if config.method == "prompt_lookup":
