@@ -134,6 +134,12 @@ class SpecDecodeEngine(LLMEngine):
             raise ValueError("speculative decoding samples one sequence per request; use n=1")
         return super().add_request(prompt, params, request_id, arrival_time)
 
+    def release(self, request_id: str):
+        samples = super().release(request_id)
+        if samples is not None:
+            self.spec_stats.pop(request_id, None)
+        return samples
+
     # ------------------------------------------------------------------ one step
     def _propose(self, chunks: list[ScheduledChunk]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """Chunk index -> (proposal, draft probabilities or None) for every decode chunk."""
