@@ -13,6 +13,7 @@ driven from ``vllm/v1/worker/gpu_model_runner.py``). One step of ``SpecDecodeEng
     verify per row  ``rejection.verify_greedy`` / ``verify_sampled``: n accepted + 1 new token
     roll back       num_computed_tokens = start + 1 + n: the K/V of the rejected drafts lie in
                     slots past it, still reserved, and the next step's tokens overwrite them
+                    (vLLM V1 lowers num_computed_tokens by the rejected count the same way)
 
     request A, decode, k = 3:   [x  d1 d2 d3]     accepts 2: emits d1 d2 t, computed up to d2
     request B, prefill chunk:   [p0 p1 ... p9]    its last chunk samples its first token
@@ -153,7 +154,7 @@ class SpecDecodeEngine(LLMEngine):
                 self.proposers[req.request_id] = self._new_proposer(req)
             k = min(self.k, budget, req.params.max_tokens - req.num_output_tokens - 1,
                     self.max_model_len - req.num_tokens - 1)     # n + 1 tokens must still fit
-            if k < 1 or not self.scheduler._reserve(req, c.start + 1 + k):
+            if k < 1 or not self.scheduler._reserve(req, c.start + 1 + k):   # k more slots, or no proposal
                 out[i] = ([], None)
                 continue
             draft, q = self.proposers[req.request_id].propose(req.all_token_ids, k, req.params, req.generator)
