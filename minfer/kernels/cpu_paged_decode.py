@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from minfer.kernels.paged_reference import check_paged_decode_args
+from minfer.kernels import check_paged_decode_args
 
 _SOURCE = Path(__file__).with_name("cpu_paged_decode.cpp")
 # -fopenmp: at::parallel_for is OpenMP pragmas in torch's headers, so without it the loop runs on one
