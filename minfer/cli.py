@@ -110,9 +110,8 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     if args.use_solutions:                        # the learner's functions at the engine's swap points
-        from minfer.lessons import use
-        from minfer.lessons.commands import load_solutions
-        with use(**load_solutions(args.use_solutions)):
+        from minfer.lessons.commands import with_solutions
+        with with_solutions(llm, args.use_solutions) as llm:
             return _stream(args, llm, params, show)
     return _stream(args, llm, params, show)
 
