@@ -218,7 +218,7 @@ BENCHES = {
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
-    "evict": ("minfer.compress.bench_evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "evict": ("minfer.bench.evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
@@ -229,7 +229,7 @@ COMMANDS = {
     "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
     "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
     "medusa": ("minfer.compress.medusa_cli", "Medusa heads: train on the teacher cache"),
-    "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
+    "prune": ("minfer.bench.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
 

@@ -29,7 +29,7 @@ from minfer.generate import generate_tokens
 from minfer.lessons.ex_loops import paged_decode_attention_reference, schedule_step_reference
 from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
-from minfer.compress.evict import h2o_keep
+from minfer.kv.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
 from minfer.compress.medusa import tree_mask
 from minfer.bench.machine import mbu

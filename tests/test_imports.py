@@ -97,3 +97,11 @@ def test_an_import_reaches_the_packages_on_its_way():
     assert "minfer.kv" in graph["minfer.engine.runner"]            # imports minfer.kv.block_pool
     assert "minfer.kv" not in graph["minfer.kv.paged"]             # already running: its own package
     assert parents("minfer.a.b") == {"minfer", "minfer.a"}
+
+
+def test_only_bench_measures():
+    """Benchmark code lives in ``minfer.bench``: the compression package imports none of it."""
+    graph = import_graph()
+    edges = [(m, n) for m, deps in graph.items() if m.startswith("minfer.compress")
+             for n in deps if n.startswith("minfer.bench")]
+    assert edges == [], edges

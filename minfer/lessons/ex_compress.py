@@ -152,7 +152,7 @@ register(Exercise(
     name="compress.h2o_keep",
     lesson="10_compression_beyond_quantization", function="h2o_keep",
     description="h2o_keep(scores, budget, recent) -> sorted indices kept: `recent` newest + heaviest hitters",
-    reference="minfer.compress.evict:h2o_keep",
+    reference="minfer.kv.evict:h2o_keep",
     inputs=_h2o_inputs(),
     compare=lambda inputs, expected, actual: _h2o_problem(inputs, actual),
     validate=_h2o_problem,
