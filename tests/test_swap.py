@@ -263,3 +263,44 @@ def test_a_wrong_scheduler_step_fails_clearly(name):
     fn, kw, error, message = _wrong_schedulers()[name]
     with pytest.raises(error, match=message):
         _serve(_model(), **kw, **engine_args(schedule_step=fn))
+
+
+def test_rebuild_keeps_the_engine_settings_and_runs_the_learners_functions():
+    """``compare_with_engine`` and ``--use-solutions`` build a second engine on the same model:
+    same settings and tokens, the learner's scheduler step and slot mapping called."""
+    from minfer.lessons.ex_loops import schedule_step_reference
+    from minfer.lessons.plug_ins import FunctionSlots, StepScheduler, rebuild
+    from minfer.llm import LLM
+
+    llm = LLM.from_model(_model(), block_size=4, num_blocks=14, max_num_seqs=3, max_num_batched_tokens=16,
+                         enable_prefix_caching=False)
+    slots, steps = [], []
+    twin = rebuild(llm, slot_mapping=_calls(_slot_mapping, slots), schedule_step=_calls(schedule_step_reference, steps))
+    assert twin.model is llm.model
+    assert isinstance(twin.engine.scheduler, StepScheduler)
+    assert isinstance(twin.engine.runner.kv_manager, FunctionSlots)
+    for a, b in ((llm.engine, twin.engine),):
+        assert a.config == b.config
+        assert a.runner.kv_manager.pool.num_blocks == b.runner.kv_manager.pool.num_blocks
+        assert a.runner.kv_manager.block_size == b.runner.kv_manager.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert [o.token_ids for o in twin.generate(PROMPTS, params)] == want
+    assert slots and steps
+    assert type(llm.engine.scheduler) is not StepScheduler          # the first engine is untouched
+
+
+@pytest.mark.slow      # loads SmolLM2 three times
+@pytest.mark.parametrize("lesson, name", [("04_paged_attention", "slot_mapping"),
+                                          ("05_batching_and_metrics", "schedule_step")])
+def test_use_solutions_builds_the_engine_with_the_notebooks_function(smollm2_dir, capsys, lesson, name):
+    from minfer.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "lessons" / f"{lesson}.ipynb"
+    args = ["generate", "The capital of France is", "--model", str(smollm2_dir), "--temperature", "0",
+            "--max-tokens", "8"]
+    assert main(args) == 0
+    engine = capsys.readouterr().out
+    assert main(args + ["--use-solutions", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == engine and f"running the engine with your {name}" in out.err
