@@ -304,3 +304,17 @@ def test_use_solutions_builds_the_engine_with_the_notebooks_function(smollm2_dir
     assert main(args + ["--use-solutions", str(path)]) == 0
     out = capsys.readouterr()
     assert out.out == engine and f"running the engine with your {name}" in out.err
+
+
+def test_sampling_in_the_engine_runs_the_learners_top_p():
+    """Temperature > 0 with top_p < 1 filters through the swapped ``top_p``; greedy never calls it."""
+    from minfer.llm import LLM
+    from minfer.sampling import top_p_filter
+
+    llm = LLM.from_model(_model(), block_size=4, num_blocks=16)
+    log: list = []
+    with use(top_p=_calls(top_p_filter, log)):
+        llm.generate([[1, 5, 9]], SamplingParams(temperature=0.0, max_tokens=3, top_p=0.9, ignore_eos=True))
+        assert not log
+        llm.generate([[1, 5, 9]], SamplingParams(temperature=0.8, max_tokens=3, top_p=0.9, ignore_eos=True))
+    assert log, "the engine never called the swapped-in top_p"
