@@ -7,8 +7,9 @@
     medusa.py    Medusa heads on the frozen last hidden state; tree candidates verified in one forward
     prune.py     structured pruning of FFN channels / attention heads, healed by distillation
 
-KV-cache eviction (StreamingLLM, H2O, SnapKV) is a cache: ``minfer/kv/evict.py``.
+KV-cache eviction (StreamingLLM, H2O, SnapKV) is a cache: ``minfer/kv/evict.py``. What these
+methods buy is measured in ``minfer/bench`` (``minfer prune``, ``minfer medusa cost``,
+``minfer bench evict``).
 
-Commands: ``minfer distill``, ``minfer medusa train``, ``minfer prune``; ``minfer bench evict``
-measures the eviction policies.
+Commands: ``minfer teacher-cache``, ``minfer distill``, ``minfer medusa train | selfdistill``.
 """
