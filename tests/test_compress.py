@@ -267,6 +267,33 @@ def test_h2o_keeps_the_token_that_gets_the_most_attention():
         EvictingKVCache(model, 1, 3, "lru")
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+def test_h2o_scores_are_the_attention_the_backend_computed(gqa):
+    """H2O's scores after a prefill = the attention weights of the queries and keys the backend was
+    handed (rotated once, by the model), summed over heads and queries."""
+    from minfer.attention import reference_attention
+    from minfer.kv.evict import EvictingKVCache
+
+    cfg = tiny_config(num_hidden_layers=1, num_key_value_heads=2 if gqa else 4)
+    model = tiny_model(cfg, seed=1)
+    seen = []
+
+    def recording(q, k, v, q_pos, k_pos, window=None, scale=None):
+        seen.append((q, k, q_pos, k_pos))
+        return reference_attention(q, k, v, q_pos, k_pos, window, scale)
+
+    cache = EvictingKVCache(model, 1, budget=64, policy="h2o")
+    with torch.no_grad():
+        model(torch.randint(97, (1, 10), generator=torch.Generator().manual_seed(1)), torch.arange(10)[None],
+              kv_cache=cache, attention=recording)
+    q, k, q_pos, k_pos = seen[0]                                           # (1, nh, 10, hd), (1, nkv, 10, hd)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)              # (1, nh, 10, hd)
+    logits = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = k_pos[:, None, None, :] <= q_pos[:, None, :, None]           # (1, 1, 10, 10)
+    weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    torch.testing.assert_close(cache.score[0].double(), weights.sum(dim=(1, 2)), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------ structured pruning
 
 
