@@ -12,11 +12,6 @@ from pathlib import Path
 
 from test_imports import ROOT, import_graph, module_name
 
-# Identity checks known to be on their way out with the one paged-attention module; delete
-# each entry when its check is gone (the last test fails until then).
-KNOWN = {("minfer.kv.paged", "sdpa_attention"), ("minfer.kv.static", "sdpa_attention")}
-
-
 def _engine_files() -> list[Path]:
     return sorted([*(ROOT / "engine").glob("*.py"), *(ROOT / "kv").glob("*.py")])
 
@@ -53,8 +48,4 @@ def test_the_engine_holds_no_module_level_hook():
 
 
 def test_the_engine_checks_no_function_identity():
-    assert _identity_checks() <= KNOWN, _identity_checks() - KNOWN
-
-
-def test_known_identity_checks_are_still_there():
-    assert KNOWN <= _identity_checks(), KNOWN - _identity_checks()
+    assert _identity_checks() == set()

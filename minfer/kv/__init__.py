@@ -17,9 +17,9 @@ Caches:
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
   EvictingKVCache      at most a budget of tokens per layer: StreamingLLM, H2O or SnapKV (evict.py)
-  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention),
-                       with int8/fp8 pages; its bookkeeping (BlockPool, KVCacheManager) is in
-                       block_pool.py, and the engine (minfer/engine) drives it
+  PagedKVCache         blocks shared by many sequences, with int8/fp8 pages; attention through
+                       their block tables is minfer/attention/paged.py's, the bookkeeping
+                       (BlockPool, KVCacheManager) block_pool.py's; the engine drives it
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.evict import EvictingKVCache
