@@ -120,9 +120,10 @@ class FunctionSlots(KVCacheManager):
                                                                           c.num_tokens)], dtype=torch.long)
 
 
-def engine_args(schedule_step: Optional[Callable] = None, slot_mapping: Optional[Callable] = None) -> dict:
+def engine_args(schedule_step: Optional[Callable] = None, slot_mapping: Optional[Callable] = None,
+                attention: Optional[Callable] = None) -> dict:
     """The constructor arguments that build an engine on the learner's functions (None: the engine's)."""
-    args = {}
+    args = {} if attention is None else {"attention": attention}     # the paged cache's dense backend
     if schedule_step is not None:
         args["scheduler_cls"] = partial(StepScheduler, step=schedule_step)
     if slot_mapping is not None:
@@ -135,14 +136,13 @@ def rebuild(llm, **functions: Callable):
     from minfer.llm import LLM
 
     if llm.speculative is not None or llm.driver is not None:
-        raise ValueError("the learner's scheduler step and slot mapping run in the engine: build the LLM "
+        raise ValueError("the learner's attention, scheduler step and slot mapping run in the engine: build the LLM "
                          "without speculative decoding and tensor/pipeline parallelism")
     engine = llm.engine
     kv, cfg = engine.runner.kv_manager, engine.config
     scratch = 0 if llm.enforce_eager else 1                # the static path's block (ModelRunner)
-    return LLM.from_model(llm.model, llm.tokenizer, attention=llm.attention, block_size=kv.block_size,
-                          num_blocks=kv.pool.num_blocks - scratch,
-                          enable_prefix_caching=kv.pool.enable_prefix_caching,
-                          max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                          max_prefill_chunk=cfg.max_prefill_chunk, kv_cache_dtype=llm.kv_cache_dtype,
-                          enforce_eager=llm.enforce_eager, **engine_args(**functions))
+    settings = dict(attention=llm.attention, block_size=kv.block_size, num_blocks=kv.pool.num_blocks - scratch,
+                    enable_prefix_caching=kv.pool.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,
+                    max_num_batched_tokens=cfg.max_num_batched_tokens, max_prefill_chunk=cfg.max_prefill_chunk,
+                    kv_cache_dtype=llm.kv_cache_dtype, enforce_eager=llm.enforce_eager)
+    return LLM.from_model(llm.model, llm.tokenizer, **(settings | engine_args(**functions)))

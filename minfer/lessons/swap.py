@@ -1,8 +1,8 @@
 """Swap points: where a learner's function can replace the engine's, and run SmolLM2.
 
     from minfer.lessons import compare_with_engine, engine_args, use
-    with use(rms_norm=my_rms_norm, attention=my_attention):
-        llm.generate("The capital of France is", SamplingParams(temperature=0))
+    with use(rms_norm=my_rms_norm, top_p=my_top_p):
+        llm.generate("The capital of France is", SamplingParams(temperature=0.8))
     tight = LLM.from_model(model, tokenizer, num_blocks=8, **engine_args(schedule_step=my_step))
     compare_with_engine(llm, "The capital of France is", slot_mapping=my_slot_mapping)
 
@@ -21,10 +21,10 @@ learner knows the contract it must keep) and one of two ways in:
   the duration of a ``with`` block, for every engine in the process, and
   restores the engine's own even if generation raised. Not thread-safe.
 * ``engine_arg``: a constructor argument of ``LLMEngine.from_model``. The
-  scheduler's step and the block manager's slot layout are parts of objects
-  the engine builds, so the learner's function goes in as a subclass that
-  calls it (``minfer.lessons.plug_ins``), and only an engine built with it
-  runs it: ``engine_args(...)`` gives the arguments, ``compare_with_engine``
+  attention backend, the scheduler's step and the block manager's slot layout
+  are parts of what the engine builds (the latter two go in as a subclass that
+  calls the learner's function, ``minfer.lessons.plug_ins``), and only an
+  engine built with them runs them: ``engine_args(...)`` gives the arguments, ``compare_with_engine``
   and ``--use-solutions`` build a second engine on the same model.
 
 (tiny-llm does the same job with a learner package that mirrors the
@@ -58,13 +58,13 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
     SwapPoint("rms_norm", ("minfer.model:rms_norm",), "model.rms_norm",
               "rms_norm(x (..., d), weight (d,), eps) -> (..., d) float32",
               "every forward: two norms per layer and the final norm"),
-    SwapPoint("attention", ("minfer.attention:BACKENDS[sdpa]", "minfer.attention:BACKENDS[reference]",
-                            "minfer.attention:BACKENDS[flash]"), None,
+    SwapPoint("attention", (), None,
               "attention(q (B, nh, T, hd), k, v (B, nkv, S, hd), q_pos (B, T), k_pos (B, S), "
               "window=None, scale=None) -> (B, nh, T, hd); key s visible to query t iff "
               "0 <= k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window)",
-              "every forward of the --attention backend it replaces: the paged cache calls it on "
-              "the K/V it reads through the block tables, the single-request loops on theirs"),
+              "every forward of an engine built with it: the paged cache gathers each group's K/V "
+              "through the block tables and calls it (minfer/attention/paged.py)",
+              engine_arg="attention"),
     SwapPoint("top_p", ("minfer.sampling:top_p_filter", "minfer.speculative.rejection:top_p_filter"),
               "sampling.top_p", "top_p(logits (V,) or (B, V), top_p) -> logits, -inf outside the nucleus",
               "sampling with temperature > 0 (greedy never filters)"),
