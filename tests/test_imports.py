@@ -14,9 +14,6 @@ from pathlib import Path
 import minfer
 
 ROOT = Path(minfer.__file__).parent
-# Known edge, to delete once Medusa's loop lives in minfer.speculative: it closes
-# minfer.speculative -> minfer.compress.medusa -> minfer.speculative(.stats).
-KNOWN = {("minfer.speculative", "minfer.compress.medusa")}
 
 
 def module_name(path: Path) -> str:
@@ -75,15 +72,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycles():
-    graph = {m: {n for n in deps if (m, n) not in KNOWN} for m, deps in import_graph().items()}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_known_edges_still_exist():
-    """A known edge that is gone should leave ``KNOWN`` too."""
-    graph = import_graph()
-    assert all(n in graph[m] for m, n in KNOWN), KNOWN
 
 
 def test_the_cycle_finder_finds_a_cycle():
