@@ -222,8 +222,9 @@ class LLM:
                kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split", decode_kernel: str = "auto") -> None:
-        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
+               attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
+        ``plug_ins``: ``scheduler_cls`` and ``kv_manager_cls`` of ``LLMEngine.from_model``."""
         if kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
@@ -248,7 +249,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
             attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
             enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
-            decode_kernel=decode_kernel)
+            decode_kernel=decode_kernel, **plug_ins)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
