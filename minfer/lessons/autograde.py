@@ -267,6 +267,20 @@ class Limits:
     hide: tuple[str, ...] = ()                # folders it must not read (the submissions')
 
 
+def _before_running(exercise: Exercise, cell: Optional[FoundCell]) -> Optional[dict]:
+    """The verdict when there is nothing to run: no cell, not Python, an import of the engine."""
+    fn = exercise.function
+    if cell is None:
+        return {"status": "missing", "message": f"no code cell defines {fn}"}
+    if cell.problem is not None:
+        return {"status": "syntax", "message": f"the cell defining {fn} is not valid Python: "
+                                                f"{cell.problem}"}
+    problem = source_problem(exercise, cell.source)
+    if problem is not None:
+        return {"status": "forbidden", "message": f"rejected: {problem}"}
+    return None
+
+
 def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: Limits = Limits(),
           sweep_all: bool = False) -> dict:
     """Grade the function ``cell`` defines; returns ``{"status", "message"}``.
@@ -278,14 +292,9 @@ def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: 
     from minfer.lessons.grader import grade
 
     fn = exercise.function
-    if cell is None:
-        return {"status": "missing", "message": f"no code cell defines {fn}"}
-    if cell.problem is not None:
-        return {"status": "syntax", "message": f"the cell defining {fn} is not valid Python: "
-                                                f"{cell.problem}"}
-    problem = source_problem(exercise, cell.source)
-    if problem is not None:
-        return {"status": "forbidden", "message": f"rejected: {problem}"}
+    early = _before_running(exercise, cell)
+    if early is not None:
+        return early
     job = {"prelude": exercise.prelude, "context": [list(c) for c in context],
            "cell": [cell.label, cell.source], "function": fn, "allowed": list(exercise.allowed)}
     child = None
@@ -340,6 +349,9 @@ def grade_exercise(exercise: Exercise, cell, *, context: list = (), submission: 
                              exercise.points if status == "passed" else 0, exercise.points,
                              message, round(time.perf_counter() - start, 2))
 
+    early = _before_running(exercise, cell)
+    if early is not None:
+        return row(early["status"], early["message"])
     job = {"exercise": exercise.name, "cell": asdict(cell) if cell is not None else None,
            "context": [list(c) for c in context], "limits": asdict(limits)}
     env = dict(os.environ, PYTHONHASHSEED="0")

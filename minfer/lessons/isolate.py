@@ -48,6 +48,7 @@ from minfer.lessons import childproc
 DEFAULT_MEMORY_MB = 4096          # RLIMIT_AS of the learner's process (torch alone maps ~0.7 GB)
 MAX_FILE_BYTES = 16 << 20         # RLIMIT_FSIZE: the largest file it may write
 MAX_ANSWER_BYTES = 32 << 20       # the largest answer line read back
+SANDBOX_TMP_BYTES = 64 << 20     # the sandbox's own /tmp (memory-backed)
 STDERR_TAIL = 4096                # bytes of its stderr kept for a crash report
 EXTRA_PROCS = 64                  # RLIMIT_NPROC: threads beyond what this user already runs
 _MINFER_ROOT = str(Path(__file__).resolve().parents[2])    # the folder holding minfer/
@@ -168,15 +169,22 @@ def _bwrap(scratch: str, hide: list[str], with_minfer: bool) -> list[str]:
     if exe is None:
         raise RuntimeError("--sandbox needs bwrap (Debian/Ubuntu: apt-get install bubblewrap); "
                            "without it, grade untrusted submissions in a container")
-    args = [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    args = [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--size", str(SANDBOX_TMP_BYTES), "--tmpfs", "/tmp",
             "--unshare-all", "--die-with-parent", "--new-session"]
-    for folder in dict.fromkeys(hide + ([] if with_minfer else [os.path.join(_MINFER_ROOT, "minfer")])):
-        if os.path.isdir(folder):
-            args += ["--tmpfs", folder]
+    hidden = [f for f in dict.fromkeys(hide + ([] if with_minfer else
+                                               [os.path.join(_MINFER_ROOT, "minfer")]))
+              if os.path.isdir(f)]
+    for folder in hidden:
+        args += ["--tmpfs", folder]
     for keep in dict.fromkeys([sys.prefix, sys.base_prefix, *_python_paths(with_minfer)]):
-        if os.path.isdir(keep) and any(keep.startswith(h) for h in hide):
+        if os.path.isdir(keep) and any(keep.startswith(h) for h in hidden):
             args += ["--ro-bind", keep, keep]
-    return args + ["--bind", scratch, scratch, "--chdir", scratch, "--"]
+    args += ["--bind", scratch, scratch]
+    for folder in hidden:
+        if not scratch.startswith(folder):
+            args += ["--remount-ro", folder]
+    return args + ["--chdir", scratch, "--"]
 
 
 class Child:
