@@ -224,6 +224,20 @@ def test_student_edition_main(tmp_path, capsys):
     assert "source folder" in capsys.readouterr().err
 
 
+def test_student_edition_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    src = _tiny_lesson(tmp_path / "lessons")
+    mine = tmp_path / "mine" / src.name
+    mine.parent.mkdir()
+    mine.write_text("my own work")
+    assert student_edition_main(mine.parent, src_dir=src.parent) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert mine.read_text() == "my own work"
+    from minfer.lessons.notebooks import nbgrader_edition_main
+    with pytest.raises(ValueError, match="not empty"):
+        nbgrader_edition_main(mine.parent, src_dir=src.parent)
+    assert mine.read_text() == "my own work"
+
+
 def test_student_notebook_leaves_the_input_alone():
     nb = nbformat.read(_tiny_lesson_in_memory(), as_version=4)
     before = nbformat.writes(nb)

@@ -157,6 +157,7 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike)
     if out == src:
         raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; the student "
                          f"edition would overwrite the solutions: choose another folder")
+    _refuse_to_overwrite(out, out_dir)
     sources = lesson_paths(src)
     # Read and convert everything first: a bad notebook leaves nothing half-written.
     editions = []
@@ -175,6 +176,13 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike)
         _write_atomic(nb, out / name)
         written.append(out / name)
     return written
+
+
+def _refuse_to_overwrite(out: Path, given) -> None:
+    """``ValueError`` unless ``out`` is new or an empty folder: it may hold a learner's work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{str(given)!r} already exists and is not empty: writing there could "
+                         f"overwrite a learner's notebooks; choose a new or empty folder")
 
 
 def default_lessons_dir() -> Path:
@@ -459,6 +467,7 @@ def nbgrader_edition_main(out_dir: str | os.PathLike,
     out = Path(out_dir).resolve()
     if out == src.resolve():
         raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; choose another folder")
+    _refuse_to_overwrite(out, out_dir)
     editions = [(p.name, nbgrader_notebook(nbformat.read(p, as_version=4))) for p in lesson_paths(src)]
     if not editions:
         print(f"no lessons ({LESSON_GLOB}) found in {src}", file=sys.stderr)
