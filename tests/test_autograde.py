@@ -170,6 +170,49 @@ def test_a_call_into_the_engine_is_still_named_where_helpers_are_handed_out():
     assert "engine's own implementation" in verdict["message"]
 
 
+# ---------------------------------------------------------------- what the notebook means
+
+STUB_TOP_P = "def top_p(logits, top_p):\n    raise NotImplementedError\n"
+
+
+def _graded(cells: list[str], name: str = "sampling.top_p") -> dict:
+    """Grade ``name`` in a notebook of ``cells`` (the first tagged ``exercise``), as the command does."""
+    from minfer.lessons.autograde import exercise_cells, judge, notebook_context
+    nb = new_notebook(cells=[new_code_cell(cells[0], metadata={"tags": ["exercise"]})]
+                      + [new_code_cell(c) for c in cells[1:]])
+    found = exercise_cells(nb, lesson=exercises.get(name).lesson).get(name)
+    return judge(exercises.get(name), found, notebook_context(nb, skip=found.index) if found else [])
+
+
+def test_a_function_in_a_new_cell_below_the_stub_is_graded():
+    verdict = _graded([STUB_TOP_P, 'check("sampling.top_p", top_p)', SOLUTIONS["sampling.top_p"]])
+    assert verdict["status"] == "passed", verdict
+
+
+def test_the_notebooks_imports_and_constants_run_before_the_function():
+    uses_np = ("def rms_norm(x, weight, eps):\n"
+               "    s = torch.from_numpy(np.asarray(EPS_SCALE, dtype=np.float32))\n"
+               "    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps * s) * weight\n")
+    first = "import numpy as np\nfrom minfer.lessons import check\nEPS_SCALE = 1.0\nx = np.ones(3)\n"
+    verdict = _graded([uses_np, "model = load_the_model()"], "model.rms_norm")
+    assert verdict["status"] == "raised" and "NameError" in verdict["message"]
+    from minfer.lessons.autograde import exercise_cells, judge, notebook_context
+    nb = new_notebook(cells=[new_code_cell(first), new_code_cell(uses_np, metadata={"tags": ["exercise"]})])
+    found = exercise_cells(nb, lesson="01_prefill_and_decode")["model.rms_norm"]
+    context = notebook_context(nb, skip=found.index)
+    assert [src.strip() for _, src in context] == ["import numpy as np",
+                                                   "from minfer.lessons import check", "EPS_SCALE = 1.0"]
+    verdict = judge(exercises.get("model.rms_norm"), found, context)
+    assert verdict["status"] == "passed", verdict
+
+
+def test_a_syntax_error_is_reported_with_its_line():
+    broken = "def top_p(logits, top_p):\n    keep = logits.clone(\n    return keep\n"
+    verdict = _graded([STUB_TOP_P, broken])
+    assert verdict["status"] == "syntax", verdict
+    assert "not valid Python" in verdict["message"] and "line 2" in verdict["message"]
+
+
 def test_check_raises_under_the_autograder(monkeypatch, capsys):
     def wrong(x, weight, eps):
         return x
