@@ -326,7 +326,7 @@ def _judge_main() -> int:
     import torch
 
     torch.set_num_threads(1)        # several graders share the cores (--jobs)
-    become_subreaper()              # a learner's grandchild that escapes its session comes here
+    become_subreaper()              # a learner's grandchild that calls setsid comes back here
     job = json.load(sys.stdin)
     cell = FoundCell(**job["cell"]) if job["cell"] is not None else None
     limits = Limits(**{**job["limits"], "hide": tuple(job["limits"]["hide"])})

@@ -10,7 +10,7 @@ system (Codeforces, DMOJ) is built the same way.
 
 The learner's process gets, per exercise:
 
-- its own session and process group; at the end, or at the deadline, it and
+- its own process group (started with setsid); at the end, or at the deadline, it and
   every process it started are killed (this process is a child subreaper,
   so a grandchild that calls ``setsid`` is still found);
 - ``RLIMIT_AS`` (``--memory``), ``RLIMIT_CPU`` (from ``--timeout``),
@@ -266,7 +266,7 @@ class Child:
 
         ``sweep_all`` (a grading process that is a child subreaper and runs
         nothing else): every descendant of this process, which includes the
-        ones that left the learner's session.
+        ones that left the learner's process group with setsid.
         """
         below = _descendants(self.proc.pid) if os.path.isdir("/proc") else []
         for pid in below:
