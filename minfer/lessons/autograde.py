@@ -322,17 +322,69 @@ def grade_source(exercise: Exercise, source: str, context: list = ()) -> dict:
 
 
 def _judge_main() -> int:
-    """``--judge``: read one job as JSON on stdin, print the verdict as JSON."""
+    """``--judge``: read {tasks, limits} as JSON on stdin; print one verdict per task, one JSON
+    line each, as soon as it is known (a learner who kills this process loses only the rest)."""
     import torch
 
     torch.set_num_threads(1)        # several graders share the cores (--jobs)
     become_subreaper()              # a learner's grandchild that calls setsid comes back here
     job = json.load(sys.stdin)
-    cell = FoundCell(**job["cell"]) if job["cell"] is not None else None
     limits = Limits(**{**job["limits"], "hide": tuple(job["limits"]["hide"])})
-    verdict = judge(_exercises.get(job["exercise"]), cell, job["context"], limits, sweep_all=True)
-    print(json.dumps(verdict))
+    for task in job["tasks"]:
+        start = time.perf_counter()
+        cell = FoundCell(**task["cell"]) if task["cell"] is not None else None
+        verdict = judge(_exercises.get(task["exercise"]), cell, task["context"], limits,
+                        sweep_all=True)
+        verdict["seconds"] = round(time.perf_counter() - start, 2)
+        print(json.dumps(verdict), flush=True)
     return 0
+
+
+def _run_judge(tasks: list[dict], limits: Limits) -> list[Optional[dict]]:
+    """Run ``tasks`` in one fresh grading process; a verdict per task (None: it never came)."""
+    job = {"tasks": tasks, "limits": asdict(limits)}
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("MINFER_AUTOGRADE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "minfer.lessons.autograde", "--judge"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    lost = {"status": "crashed", "message": "the grading process was killed (by the cell?)"}
+    try:
+        out, _ = proc.communicate(json.dumps(job),
+                                  timeout=len(tasks) * (2 * limits.timeout) + JUDGE_MARGIN)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        lost = None
+    verdicts: list[Optional[dict]] = []
+    for line in out.splitlines():
+        try:
+            verdicts.append(json.loads(line))
+        except ValueError:
+            continue
+    return (verdicts + [lost] * len(tasks))[:len(tasks)]
+
+
+def _row(exercise: Exercise, submission: str, verdict: Optional[dict], limits: Limits,
+         seconds: float = 0.0) -> ExerciseGrade:
+    if verdict is None:
+        verdict = {"status": "timeout", "message": f"stopped: the grading process ran out of time "
+                                                   f"(--timeout {limits.timeout:g})"}
+    status = verdict["status"]
+    return ExerciseGrade(submission, exercise.lesson, exercise.name, status,
+                         exercise.points if status == "passed" else 0, exercise.points,
+                         verdict["message"], verdict.get("seconds", round(seconds, 2)))
+
+
+def grade_cells(jobs: list[tuple[Exercise, Optional[FoundCell], list]], *, submission: str = "",
+                limits: Limits = Limits()) -> list[ExerciseGrade]:
+    """Grade one submission's exercises: those with nothing to run here, the rest in one fresh
+    grading process (each exercise in its own learner's process)."""
+    early = {ex.name: _before_running(ex, cell) for ex, cell, _ in jobs}
+    tasks = [{"exercise": ex.name, "cell": asdict(cell), "context": [list(c) for c in ctx]}
+             for ex, cell, ctx in jobs if early[ex.name] is None]
+    verdicts = iter(_run_judge(tasks, limits) if tasks else [])
+    return [_row(ex, submission, early[ex.name] or next(verdicts), limits) for ex, _, _ in jobs]
 
 
 def grade_exercise(exercise: Exercise, cell, *, context: list = (), submission: str = "",
@@ -342,40 +394,12 @@ def grade_exercise(exercise: Exercise, cell, *, context: list = (), submission: 
     limits = limits or Limits(timeout=timeout or DEFAULT_TIMEOUT)
     if isinstance(cell, str):
         cell = FoundCell(0, cell, syntax_error(cell))
-    start = time.perf_counter()
-
-    def row(status: str, message: str) -> ExerciseGrade:
-        return ExerciseGrade(submission, exercise.lesson, exercise.name, status,
-                             exercise.points if status == "passed" else 0, exercise.points,
-                             message, round(time.perf_counter() - start, 2))
-
-    early = _before_running(exercise, cell)
-    if early is not None:
-        return row(early["status"], early["message"])
-    job = {"exercise": exercise.name, "cell": asdict(cell) if cell is not None else None,
-           "context": [list(c) for c in context], "limits": asdict(limits)}
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    env.pop("MINFER_AUTOGRADE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "minfer.lessons.autograde", "--judge"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(json.dumps(job), timeout=2 * limits.timeout + JUDGE_MARGIN)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return row("timeout", f"stopped after {limits.timeout:g} s: an infinite loop, or far too slow")
-    try:
-        verdict = json.loads(out.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        tail = " | ".join(err.strip().splitlines()[-3:])
-        return row("error", f"the grading process failed (exit {proc.returncode}): {tail}")
-    return row(verdict["status"], verdict["message"])
+    return grade_cells([(exercise, cell, list(context))], submission=submission, limits=limits)[0]
 
 
 def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
-                     limits: Limits = Limits(), pool: Optional[ThreadPoolExecutor] = None) -> list:
-    """Grade every exercise of one notebook; returns futures or rows (without ``pool``).
+                     limits: Limits = Limits()) -> list[ExerciseGrade]:
+    """Grade every exercise of one notebook, in one grading process.
 
     A notebook that cannot be read or parsed is one "error" row naming it; the class goes on.
     """
@@ -395,19 +419,15 @@ def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
     except Exception as e:  # noqa: BLE001 - an unreadable file is a row, not a crash
         return [ExerciseGrade(str(path), lesson or "?", "(notebook)", "error", 0, 0,
                               f"cannot read the notebook: {type(e).__name__}: {str(e)[:300]}", 0.0)]
-    run = [(grade_exercise, ex, cell) for ex, cell, _ in jobs]
-    kw = [dict(context=ctx, submission=str(path), limits=limits) for _, _, ctx in jobs]
-    if pool is None:
-        return [f(ex, cell, **k) for (f, ex, cell), k in zip(run, kw)]
-    return [pool.submit(f, ex, cell, **k) for (f, ex, cell), k in zip(run, kw)]
+    return grade_cells(jobs, submission=str(path), limits=limits)
 
 
 def grade_many(paths: list, *, lesson: Optional[str] = None, limits: Limits = Limits(),
                jobs: int = 2) -> list[ExerciseGrade]:
-    """Grade every submission, ``jobs`` exercises at a time; rows in input order."""
+    """Grade every submission, ``jobs`` submissions at a time; rows in input order."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        pending = [grade_submission(p, lesson=lesson, limits=limits, pool=pool) for p in paths]
-        return [r.result() if hasattr(r, "result") else r for rows in pending for r in rows]
+        pending = [pool.submit(grade_submission, p, lesson=lesson, limits=limits) for p in paths]
+        return [r for f in pending for r in f.result()]
 
 
 # ---------------------------------------------------------------------------
@@ -491,7 +511,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each submission under bwrap: read-only root, no network, only a "
                         "scratch folder writable, the submissions' folders hidden")
     p.add_argument("--jobs", type=_positive("--jobs", int, most=256), default=2,
-                   help="exercises graded at once (default 2)")
+                   help="submissions graded at once (default 2)")
     p.add_argument("--lesson", default=None, help="the lesson (notebook stem) of every submission "
                    "(default: found from the exercise cells)")
 
