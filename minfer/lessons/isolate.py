@@ -10,9 +10,11 @@ system (Codeforces, DMOJ) is built the same way.
 
 The learner's process gets, per exercise:
 
-- its own process group (started with setsid); at the end, or at the deadline, it and
-  every process it started are killed (this process is a child subreaper,
-  so a grandchild that calls ``setsid`` is still found);
+- its own process group (started with setsid); at the end, or once the
+  grader has waited ``timeout`` seconds in all for its answers (the
+  grader's own work, the reference, does not count), it and every process
+  it started are killed (this process is a child subreaper, so a grandchild
+  that calls ``setsid`` is still found);
 - ``RLIMIT_AS`` (``--memory``), ``RLIMIT_CPU`` (from ``--timeout``),
   ``RLIMIT_FSIZE`` and ``RLIMIT_NPROC``;
 - a fresh scratch folder as its working directory and ``HOME``, and an
@@ -52,6 +54,9 @@ SANDBOX_TMP_BYTES = 64 << 20     # the sandbox's own /tmp (memory-backed)
 STDERR_TAIL = 4096                # bytes of its stderr kept for a crash report
 EXTRA_PROCS = 64                  # RLIMIT_NPROC: threads beyond what this user already runs
 _MINFER_ROOT = str(Path(__file__).resolve().parents[2])    # the folder holding minfer/
+# Never hidden in the sandbox, even when a submission or the current folder is there.
+_SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/dev",
+                "/proc", "/sys", "/run"}
 
 
 class ChildGone(BaseException):
@@ -149,7 +154,10 @@ def _limit(pid: int, timeout: float, memory_mb: int) -> None:
     for which, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu),
                          (resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_CORE, 0),
                          (resource.RLIMIT_NPROC, _user_threads() + EXTRA_PROCS)):
-        resource.prlimit(pid, which, (value, value))
+        try:
+            resource.prlimit(pid, which, (value, value))
+        except (OSError, ValueError):      # it is already gone: the first answer will say so
+            return
 
 
 def _python_paths(with_minfer: bool) -> list[str]:
@@ -174,7 +182,7 @@ def _bwrap(scratch: str, hide: list[str], with_minfer: bool) -> list[str]:
             "--unshare-all", "--die-with-parent", "--new-session"]
     hidden = [f for f in dict.fromkeys(hide + ([] if with_minfer else
                                                [os.path.join(_MINFER_ROOT, "minfer")]))
-              if os.path.isdir(f)]
+              if os.path.isdir(f) and f not in _SYSTEM_DIRS]
     for folder in hidden:
         args += ["--tmpfs", folder]
     for keep in dict.fromkeys([sys.prefix, sys.base_prefix, *_python_paths(with_minfer)]):
@@ -193,7 +201,7 @@ class Child:
     def __init__(self, job: dict, *, timeout: float, memory_mb: int = DEFAULT_MEMORY_MB,
                  sandbox: bool = False, hide: Optional[list] = None, sweep_all: bool = False):
         self.timeout, self.sweep_all = timeout, sweep_all
-        self.deadline = time.monotonic() + timeout
+        self.waited = 0.0         # seconds spent waiting for its answers: its share of the timeout
         self.scratch = tempfile.mkdtemp(prefix="minfer-grade-")
         with_minfer = bool(job["allowed"]) or "minfer" in job["prelude"]
         source = Path(childproc.__file__).read_text(encoding="utf-8")
@@ -222,7 +230,7 @@ class Child:
 
     def _gone(self, what: str) -> ChildGone:
         self.close()
-        if time.monotonic() >= self.deadline or self.proc.returncode in (-signal.SIGXCPU,):
+        if self.waited >= self.timeout or self.proc.returncode in (-signal.SIGXCPU,):
             return ChildGone("timeout", f"stopped after {self.timeout:g} s: an infinite loop, "
                                         f"or far too slow")
         tail = " | ".join(self.stderr_tail().strip().splitlines()[-3:])
@@ -232,8 +240,11 @@ class Child:
     def _read_line(self) -> bytes:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
-            left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            left, start = self.timeout - self.waited, time.monotonic()
+            ready = left > 0 and select.select([fd], [], [], left)[0]
+            self.waited += time.monotonic() - start
+            if not ready:
+                self.waited = max(self.waited, self.timeout)
                 raise self._gone("ran out of time")
             chunk = os.read(fd, 1 << 20)
             if not chunk:
