@@ -69,7 +69,9 @@ def decode_weight_bytes(model) -> int:
     from minfer.quant.linear import QuantizedLinear
     total = sum(m.weight_nbytes() for m in model.modules() if isinstance(m, QuantizedLinear))
     emb = model.model.embed_tokens.weight
-    head_is_embedding = model.cfg.tie_word_embeddings and getattr(model, "lm_head", None) is None
+    head = getattr(model, "lm_head", None)         # None, or e.g. a prepacked tied head on emb
+    head_is_embedding = model.cfg.tie_word_embeddings and (
+        head is None or getattr(head, "weight", None) is emb)
     for name, p in model.named_parameters():
         if p is emb and not head_is_embedding:
             continue                                   # only one row per token is read
