@@ -39,6 +39,9 @@ def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, 
     if kind == "static":
         return StaticKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "sliding":
+        if cfg.is_hybrid:
+            raise ValueError("a sliding-window cache keeps the last W tokens for every layer, but this model "
+                             "has global layers too: use kv_cache='contiguous'")
         w = window or cfg.sliding_window
         if w is None:
             raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")

@@ -32,14 +32,15 @@ class StaticKVCache(ContiguousKVCache):
 
     def __init__(self, cfg, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
         super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
-        self.window = cfg.sliding_window
+        self.windows = sorted({cfg.window_of(i) for i in range(cfg.num_hidden_layers)}, key=str)  # Gemma: 2
         self._key_pos = self._slots[None].expand(batch_size, -1)            # (B, max_len): slot j holds position j
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hd) at ``positions`` (B, T, the same for every row); return every slot."""
         if layer == 0:          # once per forward (kv layer 0 starts every one), on the device. Not keyed
             # by the positions tensor's identity: a static step passes the same tensor every time.
-            self._mask = allowed(positions, self._key_pos, self.window)[:, None]   # (B, 1, T, max_len)
+            self._masks = {w: allowed(positions, self._key_pos, w)[:, None]       # (B, 1, T, max_len) each
+                           for w in self.windows}
         self.k[layer].index_copy_(2, positions[0], k)
         self.v[layer].index_copy_(2, positions[0], v)
         return KVView(self.k[layer], self.v[layer], self._key_pos)
@@ -47,7 +48,7 @@ class StaticKVCache(ContiguousKVCache):
     def attend(self, layer, q, view, positions, backend, window=None):
         """SDPA with the precomputed mask (the backend's own mask logic reads the host); others as usual."""
         if backend is sdpa_attention:
-            return sdpa(q, view.keys, view.values, attn_mask=self._mask)   # (B, nh, T, hd)
+            return sdpa(q, view.keys, view.values, attn_mask=self._masks[window])   # (B, nh, T, hd)
         return backend(q, view.keys, view.values, positions, view.key_pos, window=window)
 
     def truncate(self, length: int) -> None:
