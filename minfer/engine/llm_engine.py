@@ -124,7 +124,7 @@ class LLMEngine:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
                    max_model_len=cfg.max_position_embeddings,
-                   sliding_window=None if cfg.is_hybrid else cfg.sliding_window, clock=clock)   # global layers keep all
+                   sliding_window=None if cfg.is_hybrid else cfg.window_of(0), clock=clock)   # global layers keep all
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
