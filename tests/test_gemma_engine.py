@@ -70,15 +70,31 @@ def test_parallel_samples_equal_single_runs(seed, n, prompt_len):
         assert o.token_ids == alone, f"sample {i}: " + first_difference(o.token_ids, alone)
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "static"])
-def test_single_request_caches_equal_the_oracle(kind):
-    """The plain loop's caches: the static one keeps a mask per window (local and global)."""
+@pytest.mark.parametrize("kind", ["contiguous", "static", "hybrid"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_single_request_caches_equal_the_oracle(kind, chunk):
+    """The plain loop's caches: the static one keeps a mask per window (local and global), the hybrid
+    one a ring of 3 slots for the local layers while the sequence grows to 17."""
     cfg = tiny_gemma_config(num_hidden_layers=4, sliding_window=3)
     model = tiny_model(cfg, seed=5)
     prompt = list(range(10, 19))
     params = SamplingParams(max_tokens=8, **GREEDY)
-    got = list(generate_tokens(model, prompt, params, kv_cache=kind))
+    got = list(generate_tokens(model, prompt, params, kv_cache=kind, prefill_chunk=chunk))
     assert got == naive_generate(model.state_dict(), cfg, prompt, params)
+
+
+def test_hybrid_cache_bytes_for_gemma_3_270m():
+    """The shape of Gemma 3 270M (no weights needed): at 8192 tokens the local layers hold 512 each."""
+    from minfer.bench.hybrid import measure
+    from minfer.config import ModelConfig, gemma3_layer_types
+    cfg = ModelConfig(vocab_size=256, hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=256, intermediate_size=2048, sliding_window=512,
+                      layer_types=gemma3_layer_types(18), max_position_embeddings=32768)
+    rows = {r["context"]: r for r in measure(cfg, [512, 8192])}
+    per_layer = 2 * 256 * 4                                      # K and V, one head of 256, float32
+    assert rows[512]["full_B_per_token"] == rows[512]["hybrid_B_per_token"] == 18 * per_layer
+    assert rows[8192]["hybrid_B_per_token"] == (3 + 15 * 512 / 8192) * per_layer == 8064
+    assert rows[8192]["ratio"] == pytest.approx(18 / 3.9375)
 
 
 def test_sliding_cache_refuses_a_hybrid_model():
