@@ -101,3 +101,11 @@ def test_sliding_cache_refuses_a_hybrid_model():
     cfg = tiny_gemma_config()
     with pytest.raises(ValueError, match="global layers"):
         make_cache("sliding", cfg, 1, 32, dtype=None, device="cpu")
+
+
+def test_static_decode_step_is_refused_for_a_hybrid_model():
+    """The fixed-shape decode step masks all layers with one window: a local/global model runs eager."""
+    model = tiny_model(tiny_gemma_config())
+    with pytest.raises(ValueError, match="mixes local and global layers"):
+        LLM.from_model(model, enforce_eager=False)
+    assert LLM.from_model(model).generate([1, 2, 3], SamplingParams(max_tokens=2, **GREEDY))[0].token_ids
