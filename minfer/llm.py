@@ -120,7 +120,7 @@ class LLM:
                             for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
                             batch-1 decode and long prefill chunks keep F.linear. True: every row
                             count; False: off
-    decode_kernel           how eager decode steps read the paged KV pool (``minfer.kv.paged``): "auto"
+    decode_kernel           how eager decode steps read the paged KV pool (``minfer.attention.paged``): "auto"
                             (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
                             in float32, when it builds (g++ and ninja; compiled once per machine), the
                             plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
@@ -142,7 +142,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype)
         from minfer.attention import get_backend
         get_backend(attention)                                    # fail early on a bad name
-        from minfer.kv.paged import DECODE_KERNELS
+        from minfer.attention.paged import DECODE_KERNELS
         if decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
         spec_config = None
