@@ -12,12 +12,13 @@ prompts is served by continuous batching with chunked prefill and preemption.
 The engine, its KV block pool and its prefix cache live as long as the ``LLM``:
 a later call that shares a prefix with an earlier one reuses its blocks.
 
-Two settings take another road, one prompt at a time through the
-single-request loop (``generate.py``) with the same output processor:
-``speculative=...`` (speculative decoding and lookahead are single-request
-loops, ``minfer/speculative``) and ``tensor_parallel_size`` /
-``pipeline_parallel_size`` > 1, where this process drives the other ranks
-through the same loop (``minfer/distributed/runtime.py``).
+``speculative=...`` runs in the engine too: ``SpecDecodeEngine``
+(``minfer/speculative/engine.py``) verifies every running request's proposal
+in one batched forward per step. Two settings take another road, one prompt at
+a time through a single-request loop with the same output processor:
+``speculative="lookahead"`` (``minfer/speculative/lookahead.py``) and
+``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1, where this process
+drives the other ranks through ``generate.py``'s loop (``minfer/distributed/runtime.py``).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class LLM:
     compile                 torch.compile the static decode step (needs enforce_eager False or None).
                             The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
                             apart from every step's. On a 2-core CPU it barely pays: SmolLM2 decoded
-                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512 (README).
+                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512.
     max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
                             a decode step whose longest context is longer runs eager
     seed                    requests without their own seed draw one from this seeded sequence
@@ -180,31 +181,39 @@ class LLM:
             onednn_linear.pack_linears(self.model, rows=onednn_linear.BATCHED_ROWS)   # batched steps only
         self.model_name = model
         if spec_config is not None or self.driver is not None:
-            # Single-request loops (_run_single) never step the engine: no static path to build, and
+            # Verify steps and single-request loops run eager: no static path to build, and
             # under tensor/pipeline parallelism a graph capture here would run collectives alone.
             if compile:
                 raise ValueError("compile=True compiles the engine's decode step; speculative decoding and "
-                                 "tensor/pipeline parallelism run single-request loops without it")
+                                 "tensor/pipeline parallelism run eager")
             enforce_eager = True
-        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
-                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
-                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
             from minfer.speculative import load_draft
             self.draft = load_draft(self.model, spec_config.draft_model)
+        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
+                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, **engine_args) -> "LLM":
+    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, speculative=None,
+                   draft=None, **engine_args) -> "LLM":
         """An ``LLM`` around a model already in memory (``build_model``): tests, lessons, benchmarks.
-        Without a tokenizer, prompts are token-id lists and outputs have no text."""
+        Without a tokenizer, prompts are token-id lists and outputs have no text. ``draft``: the
+        draft model of ``speculative="draft:..."`` (loaded from its name when not given)."""
         self = cls.__new__(cls)
         w = model.model.embed_tokens.weight
         self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
-        self.speculative, self.draft, self.driver = None, None, None
+        self.driver = None
+        if speculative is not None:
+            from minfer.speculative import SpeculativeConfig, load_draft
+            speculative = SpeculativeConfig.parse(speculative)
+            if speculative.method == "draft" and draft is None:
+                draft = load_draft(model, speculative.draft_model)
+        self.speculative, self.draft = speculative, draft
         self._start(model.cfg, tokenizer, attention, seed, **engine_args)
         return self
 
@@ -213,8 +222,9 @@ class LLM:
                kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split", decode_kernel: str = "auto") -> None:
-        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
+               attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
+        ``plug_ins``: ``scheduler_cls`` and ``kv_manager_cls`` of ``LLMEngine.from_model``."""
         if kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
@@ -231,14 +241,18 @@ class LLM:
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
         self.kv_cache_dtype, self.enforce_eager, self.compile = kv_cache_dtype, enforce_eager, compile
         self._seeds = torch.Generator().manual_seed(seed)
-        self.engine = LLMEngine.from_model(
-            self.model, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        engine_cls, spec = LLMEngine, {}
+        if self.speculative is not None and self.speculative.method != "lookahead":
+            from minfer.speculative.engine import SpecDecodeEngine    # proposals verified in the engine step
+            engine_cls, spec = SpecDecodeEngine, {"speculative": self.speculative, "draft": self.draft}
+        self.engine = engine_cls.from_model(
+            self.model, tokenizer, **spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
             kv_cache_memory=kv_cache_memory_bytes,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
             attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
             enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
-            decode_kernel=decode_kernel)
+            decode_kernel=decode_kernel, **plug_ins)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
@@ -287,7 +301,7 @@ class LLM:
             first = samples[0]
             outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
                 CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
-                for r in sorted(samples, key=lambda r: r.index)]))
+                for r in sorted(samples, key=lambda r: r.index)], getattr(engine, "spec_stats", {}).pop(i, None)))
         return outs
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
@@ -335,13 +349,18 @@ class LLM:
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
 
+    @property
+    def _single_request_loop(self) -> bool:
+        """Lookahead decoding and tensor/pipeline parallelism run prompt by prompt (see the module docstring)."""
+        return self.driver is not None or (self.speculative is not None and self.speculative.method == "lookahead")
+
     # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
         check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
-        if self.speculative is not None or self.driver is not None:
+        if self._single_request_loop:
             return [self._run_single(p, sp) for p, sp in zip(prompts, params)]
         return self._run(prompts, params)
 
@@ -350,7 +369,7 @@ class LLM:
         """Generate for one prompt, calling ``on_text`` with each new piece of (sample 0's) text."""
         params = params or SamplingParams()
         check_prompt(prompt)
-        if self.speculative is not None or self.driver is not None:
+        if self._single_request_loop:
             return self._run_single(prompt, params, on_text)
         return self._run([prompt], [params], on_text)[0]
 
