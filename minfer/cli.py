@@ -215,6 +215,7 @@ BENCHES = {
     "decode": ("minfer.bench.decode", "prefill/decode speed: naive vs cached vs transformers"),
     "attention": ("minfer.bench.attention", "decode attention with GQA: K/V repeated vs enable_gqa vs heads folded"),
     "kv": ("minfer.bench.kv", "paged vs contiguous KV: capacity, fragmentation, prefix-cache TTFT"),
+    "hybrid": ("minfer.bench.hybrid", "local/global models: KV bytes per token, hybrid vs full cache"),
     "quant": ("minfer.bench.quant", "weight bytes, decode tok/s and perplexity per quantization format"),
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),

@@ -228,7 +228,10 @@ class LLM:
         if kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
-            enforce_eager = not (self.device.type == "cuda" or compile)
+            enforce_eager = not (self.device.type == "cuda" or compile) or (cfg.is_hybrid and not compile)
+        if not enforce_eager and cfg.is_hybrid:     # its fixed-shape step masks every layer with one window
+            raise ValueError("the static decode step (enforce_eager=False, compile=True) takes one window for "
+                             "every layer; this model mixes local and global layers: use enforce_eager=True")
         if compile and enforce_eager:
             raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
                              "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
@@ -257,7 +260,7 @@ class LLM:
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:

@@ -130,8 +130,8 @@ class LLMEngine:
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                   max_model_len=cfg.max_position_embeddings, sliding_window=cfg.sliding_window, clock=clock,
-                   scheduler_cls=scheduler_cls)
+                   max_model_len=cfg.max_position_embeddings, clock=clock, scheduler_cls=scheduler_cls,
+                   sliding_window=None if cfg.is_hybrid else cfg.window_of(0))   # global layers keep every block
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -179,7 +179,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs an engine with a tokenizer; pass token ids instead")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, [int(t) for t in prompt]
         vocab = self.runner.vocab_size

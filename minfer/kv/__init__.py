@@ -36,16 +36,22 @@ __all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "Quanti
 
 
 def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):
-    """Build a cache by name: "contiguous", "static", "sliding", "int8" or "fp8"."""
+    """Build a cache by name: "contiguous", "static", "sliding", "hybrid", "int8" or "fp8"."""
     if kind == "contiguous":
         return ContiguousKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "static":
         return StaticKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "sliding":
+        if cfg.is_hybrid:
+            raise ValueError("a sliding-window cache keeps the last W tokens for every layer, but this model "
+                             "has global layers too: use kv_cache='contiguous'")
         w = window or cfg.sliding_window
         if w is None:
             raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")
         return SlidingWindowKVCache(cfg, batch_size, w, dtype=dtype, device=device)
+    if kind == "hybrid":
+        from minfer.kv.hybrid import HybridKVCache
+        return HybridKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind in ("int8", "fp8"):
         return QuantizedKVCache(cfg, batch_size, max_len, fmt=kind, dtype=dtype, device=device)
-    raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, int8 or fp8")
+    raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, hybrid, int8 or fp8")
