@@ -26,8 +26,6 @@ from minfer.kv import make_cache
 from minfer.metrics import RequestStats
 from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
 
-RequestMetrics = RequestStats          # the one per-request record (minfer/metrics.py), as lessons name it
-
 
 def check_context(num_prompt_tokens: int, max_context: int) -> None:
     if num_prompt_tokens < 1:

@@ -99,10 +99,11 @@ def _packed_model(llm):
 
 
 def _time_cached(model, prompt_ids, n, kv_cache):
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestMetrics(arrival_time=time.perf_counter())
+    m = RequestStats(arrival_time=time.perf_counter())
     toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
     m.finish_time = m.token_times[-1]
     return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}

@@ -134,7 +134,8 @@ def shared_prefix(tokenizer, n: int) -> list[int]:
 
 
 def main(args) -> int:
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.kv.paged import PagedKVCache
     from minfer.llm import LLM, resolve_dtype
     from minfer.sampling import SamplingParams
@@ -203,7 +204,7 @@ def main(args) -> int:
                 q = questions[rounds[name] % len(questions)]
                 rounds[name] += 1
                 if name == "contiguous":
-                    m = RequestMetrics(arrival_time=time.perf_counter())
+                    m = RequestStats(arrival_time=time.perf_counter())
                     out = list(generate_tokens(model, prefix + q, params, metrics=m))
                 else:
                     res = front[name == "on"].generate(prefix + q, params)[0]

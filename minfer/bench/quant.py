@@ -95,10 +95,11 @@ def _build(name: str, cfg, state_dict, lm_head):
 
 
 def _time_decode(model, prompt_ids, n) -> tuple[dict, list[int]]:
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestMetrics(arrival_time=time.perf_counter())
+    m = RequestStats(arrival_time=time.perf_counter())
     toks = list(generate_tokens(model, prompt_ids, params, metrics=m))
     m.finish_time = m.token_times[-1]
     return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot}, toks
