@@ -25,14 +25,7 @@ import torch
 from minfer.kv import make_cache
 from minfer.metrics import RequestStats
 from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
-
-
-def check_context(num_prompt_tokens: int, max_context: int) -> None:
-    if num_prompt_tokens < 1:
-        raise ValueError("the prompt is empty: give at least one token")
-    if num_prompt_tokens >= max_context:
-        raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the model's context is "
-                         f"{max_context} tokens (prompt + new tokens must fit)")
+from minfer.validation import check_context
 
 
 class StopRule:

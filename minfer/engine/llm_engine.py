@@ -43,7 +43,7 @@ from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
 from minfer.sampling import SamplingParams, pair_prompts, sample_rows
-from minfer.validation import check_prompt
+from minfer.validation import check_context, check_prompt
 
 
 @dataclass
@@ -177,11 +177,7 @@ class LLMEngine:
         vocab = self.runner.vocab_size
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is "
-                             f"{self.max_model_len} tokens (prompt + new tokens must fit)")
+        check_context(len(ids), self.max_model_len)
         pool = self.runner.kv_manager.pool
         bs, max_new = pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
         need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \

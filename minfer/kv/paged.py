@@ -73,9 +73,9 @@ from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.devices import to_device
 from minfer.kv.base import KVView
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
+from minfer.validation import KV_CACHE_DTYPES
 
 ATTENTION_MODES = ("split", "bucketed", "gather", "online")
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 DECODE_KERNELS = ("auto", "torch", "cpu", "triton")
 
 
