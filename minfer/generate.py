@@ -24,7 +24,7 @@ import torch
 
 from minfer.kv import make_cache
 from minfer.metrics import RequestStats
-from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
+from minfer.sampling import SamplingParams, finish_reason, make_generator, sample, stop_token_ids
 from minfer.validation import check_context
 
 
@@ -32,8 +32,9 @@ class StopRule:
     """When a request ends: a stop token (EOS unless ignored), ``max_tokens``, or the context length.
 
     ``emit(tok)`` counts one new token (and stamps it in ``metrics``); ``done``
-    turns True on the token that ends the request. The engine applies the same
-    rule per request (``engine/llm_engine.py``), with stop strings on top.
+    turns True on the token that ends the request, ``reason`` says why. The rule is
+    ``sampling.finish_reason``, which the engine applies per request too
+    (``engine/llm_engine.py``), with stop strings on top.
     """
 
     def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids=(),
@@ -42,6 +43,9 @@ class StopRule:
         self.max_new = min(params.max_tokens, model.cfg.max_position_embeddings - len(prompt_ids))
         self.total = len(prompt_ids) + self.max_new          # positions the cache must hold
         self.stop_ids = stop_token_ids(params, eos_token_ids)
+        self.num_prompt, self.max_tokens = len(prompt_ids), params.max_tokens
+        self.max_model_len = model.cfg.max_position_embeddings
+        self.reason: str | None = None                       # "stop" or "length" once done
         self.produced = 0
         self.done = False
         self.metrics, self.clock = metrics, clock
@@ -57,8 +61,9 @@ class StopRule:
         self.produced += 1
         if self.metrics is not None:
             self.metrics.record_token(self.clock())
-        if tok in self.stop_ids or self.produced >= self.max_new:
-            self.done = True
+        self.reason = finish_reason(tok, self.stop_ids, self.produced, self.num_prompt + self.produced,
+                                    self.max_tokens, self.max_model_len)
+        self.done = self.reason is not None
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:

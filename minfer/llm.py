@@ -32,7 +32,7 @@ from minfer.engine.llm_engine import LLMEngine
 from minfer.engine.output import TextOutput
 from minfer.loading import load_model
 from minfer.metrics import RequestStats
-from minfer.sampling import SamplingParams, pair_prompts, stop_token_ids
+from minfer.sampling import SamplingParams, finish_reason, pair_prompts, stop_token_ids
 from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
 
 @dataclass
@@ -296,11 +296,13 @@ class LLM:
         token_ids, finish = [], "length"
         for tok in tokens:
             token_ids.append(tok)
-            new, hit = out.add(tok, tok in stops)
+            reason = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
+                                   params.max_tokens, self.config.max_position_embeddings)
+            new, hit = out.add(tok, reason == "stop")
             if on_text and new:
                 on_text(new)
-            if hit or tok in stops:
-                finish = "stop"
+            if hit or reason is not None:
+                finish = "stop" if hit else reason
                 break
         tokens.close()
         new = out.finish()

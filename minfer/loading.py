@@ -65,7 +65,7 @@ def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: 
     plain_cpu = device.type == "cpu" and dtype == torch.float32
     if prepack:
         if not plain_cpu:
-            raise ValueError(f"prepack is for the CPU in float32 (got device {device}, dtype {dtype})")
+            raise ValueError(f"prepack is for one process on the CPU in float32 (got device {device}, dtype {dtype})")
         onednn_linear.pack_linears(net)
     elif prepack is None and plain_cpu and onednn_linear.available():
         onednn_linear.pack_linears(net, rows=onednn_linear.BATCHED_ROWS)     # batched steps only

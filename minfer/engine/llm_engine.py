@@ -42,7 +42,7 @@ from minfer.engine.output import TextOutput
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
-from minfer.sampling import SamplingParams, pair_prompts, sample_rows
+from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
 from minfer.validation import check_context, check_prompt
 
 
@@ -306,12 +306,10 @@ class LLMEngine:
     def _append_token(self, req: Request, tok: int, now: float) -> StepOutput:
         req.output_token_ids.append(tok)
         req.stats.record_token(now)
-        status = None
-        stop_token = tok in req.stop_token_ids
-        if stop_token:
-            status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
+        reason = finish_reason(tok, req.stop_token_ids, req.num_output_tokens, req.num_tokens,
+                               req.params.max_tokens, self.max_model_len)
+        stop_token = reason == "stop"
+        status = {None: None, "stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}[reason]
         new_text = ""
         text = self._text.get(req.request_id)
         if text is not None:
