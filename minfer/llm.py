@@ -87,7 +87,7 @@ class RequestOutput:
 def _check_names(attention: str, decode_kernel: str, speculative):
     """Fail on a bad attention backend, decode kernel or speculative spec before loading -> SpeculativeConfig."""
     from minfer.attention import get_backend
-    from minfer.kv.paged import DECODE_KERNELS
+    from minfer.attention.paged import DECODE_KERNELS
     get_backend(attention)
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
@@ -131,7 +131,7 @@ class LLM:
                             for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
                             batch-1 decode and long prefill chunks keep F.linear. True: every row
                             count; False: off
-    decode_kernel           how eager decode steps read the paged KV pool (``minfer.kv.paged``): "auto"
+    decode_kernel           how eager decode steps read the paged KV pool (``minfer.attention.paged``): "auto"
                             (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
                             in float32, when it builds (g++ and ninja; compiled once per machine), the
                             plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose

@@ -19,9 +19,7 @@ so every request generates exactly its drawn length):
 2. **Offline throughput** (--baselines): everything arrives at t = 0.
    ``continuous`` = the engine with continuous batching; ``sequential`` = the
    same requests one by one through ``generate_tokens`` (contiguous KV cache,
-   no batching); ``bucketed`` = the engine with ``attention_mode="bucketed"``
-   (decodes grouped by context length, one attention call per group, instead of
-   the default one call per layer); ``torch-decode`` = the engine with
+   no batching); ``torch-decode`` = the engine with
    ``decode_kernel="torch"`` (decode attention by gather + SDPA instead of the
    C++ kernel that reads the pool in place, ``minfer/kernels/cpu_paged_decode.py``);
    ``transformers`` = HF ``generate`` on ONE left-padded batch
@@ -49,7 +47,7 @@ import torch
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-BASELINES = ("sequential", "bucketed", "torch-decode", "transformers")
+BASELINES = ("sequential", "torch-decode", "transformers")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -82,10 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="how the engine's eager decode steps read the KV pool (minfer.kv.paged): auto (the C++ "
+                   help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
                         "kernel on a CPU in float32), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,bucketed,torch-decode,"
+                   help="offline throughput comparison: comma-separated sequential,torch-decode,"
                         "transformers (torch-decode: the engine with --decode-kernel torch)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
@@ -118,7 +116,7 @@ def _params(r):
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
-def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64, decode_kernel=None):
+def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
     """The engine under test; on the static path its width is the trace's longest request (``max_len``).
     ``decode_kernel``: None = ``--decode-kernel``."""
     from minfer.engine import LLMEngine
@@ -128,15 +126,15 @@ def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64,
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
-                                enable_prefix_caching=False, attention_mode=attention_mode,
+                                enable_prefix_caching=False,
                                 enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len,
                                 decode_kernel=decode_kernel or args.decode_kernel)
 
 
-def run_online(model, tok, args, policy, trace, attention_mode="split", decode_kernel=None):
+def run_online(model, tok, args, policy, trace, decode_kernel=None):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
     from minfer.engine import run_trace
-    eng = _engine(model, tok, args, policy, attention_mode,
+    eng = _engine(model, tok, args, policy,
                   max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
@@ -308,9 +306,6 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: P
     methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
     if "sequential" in baselines:
         methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
-    if "bucketed" in baselines:
-        methods["bucketed"] = wrap("bucketed", lambda: run_online(model, tok, args, "continuous", offline,
-                                                                  attention_mode="bucketed"))
     if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
         methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
                                                                           offline, decode_kernel="torch"))

@@ -103,7 +103,7 @@ class LLMEngine:
         tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
         enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
         ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
-        decode_kernel: how eager decode steps read the pool (``minfer.kv.paged.resolve_decode_kernel``):
+        decode_kernel: how eager decode steps read the pool (``minfer.attention.paged.resolve_decode_kernel``):
         "auto" = the C++ kernel on a CPU in float32 when it builds, gather + SDPA otherwise.
         """
         from minfer.kv.paged import PagedKVCache

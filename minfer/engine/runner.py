@@ -99,8 +99,8 @@ class ModelRunner:
         w = model.model.embed_tokens.weight
         scratch = 0 if enforce_eager else 1                     # the static path's scratch block
         self.cache = PagedKVCache(model.cfg, num_blocks + scratch, block_size, dtype=w.dtype, device=w.device,
-                                  attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
-                                  decode_kernel=decode_kernel)
+                                  attention=attention, attention_mode=attention_mode,
+                                  kv_cache_dtype=kv_cache_dtype, decode_kernel=decode_kernel)
         pool = BlockPool(num_blocks + scratch, block_size, enable_prefix_caching)
         self.static = None
         if not enforce_eager:

@@ -16,9 +16,9 @@ Caches:
   StaticKVCache        the same, read whole and masked on the device: fixed shapes for CUDA graphs
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
-  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention),
-                       with int8/fp8 pages; its bookkeeping (BlockPool, KVCacheManager) is in
-                       block_pool.py, and the engine (minfer/engine) drives it
+  PagedKVCache         blocks shared by many sequences, with int8/fp8 pages; attention through
+                       their block tables is minfer/attention/paged.py's, the bookkeeping
+                       (BlockPool, KVCacheManager) block_pool.py's; the engine drives it
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv

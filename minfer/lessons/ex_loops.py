@@ -165,24 +165,20 @@ def _paged_inputs(draw) -> Inputs:
 
 
 def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, context_lens):
-    """The engine's pieces: ``compute_slot_mapping`` for the writes, then the oracle
-    ``reference_attention`` over each sequence's K/V gathered through its block table."""
-    from minfer.attention import reference_attention
+    """The engine's pieces: ``compute_slot_mapping`` for the writes, then the engine's one reference
+    of paged attention (``minfer.attention.paged.paged_attention_reference``)."""
+    from minfer.attention.paged import paged_attention_reference
     from minfer.kv.block_pool import compute_slot_mapping
 
     bs = k_pool.shape[1]
     flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-    outs = []
     for b, (table, n) in enumerate(zip(block_tables, context_lens)):
         (slot,) = compute_slot_mapping(table, bs, n - 1, 1)
         flat_k[slot], flat_v[slot] = k[b], v[b]
-        slots = torch.tensor(compute_slot_mapping(table, bs, 0, n))
-        keys = flat_k[slots].permute(1, 0, 2)[None]                   # (1, nkv, n, hd)
-        values = flat_v[slots].permute(1, 0, 2)[None]
-        out = reference_attention(q[b][None, :, None], keys, values,
-                                  torch.tensor([[n - 1]]), torch.arange(n)[None])
-        outs.append(out[0, :, 0])                                     # (nh, hd)
-    return torch.stack(outs), k_pool, v_pool
+    width = max(len(t) for t in block_tables)
+    tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables])    # (B, max blocks)
+    out = paged_attention_reference(q, k_pool, v_pool, tables, torch.tensor(context_lens))
+    return out, k_pool, v_pool
 
 
 def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:

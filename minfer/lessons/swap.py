@@ -61,7 +61,7 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
               "sampling.top_p", "top_p(logits (V,) or (B, V), top_p) -> logits, -inf outside the nucleus",
               "sampling with temperature > 0 (greedy never filters)"),
     SwapPoint("online_softmax_update", ("minfer.attention.flash:online_softmax_update",
-                                        "minfer.kv.paged:online_softmax_update"),
+                                        "minfer.attention.paged:online_softmax_update"),
               "attention.online_softmax_update",
               "online_softmax_update(m, l, acc, scores, values) -> (m, l, acc)",
               "--attention flash, and the paged cache's attention"),
