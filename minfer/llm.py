@@ -12,11 +12,14 @@ prompts is served by continuous batching with chunked prefill and preemption.
 The engine, its KV block pool and its prefix cache live as long as the ``LLM``:
 a later call that shares a prefix with an earlier one reuses its blocks.
 
-Under ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1 this process is rank 0 of the
-group and the engine is the same, its runner wrapped to broadcast every step to the other ranks
+``speculative=...`` runs in the engine too: ``SpecDecodeEngine``
+(``minfer/speculative/engine.py``) verifies every running request's proposal
+in one batched forward per step. Under ``tensor_parallel_size`` /
+``pipeline_parallel_size`` > 1 this process is rank 0 of the group and the engine is
+the same, its runner wrapped to broadcast every step to the other ranks
 (``minfer/distributed/engine.py``), so a list of prompts is batched there too.
-``speculative=...`` takes another road, one prompt at a time through the single-request
-loops of ``minfer/speculative``, with the same output processor.
+``speculative="lookahead"`` (``minfer/speculative/lookahead.py``) takes another road,
+one prompt at a time through its single-request loop with the same output processor.
 """
 from __future__ import annotations
 
@@ -150,15 +153,13 @@ class LLM:
                           kv_cache_dtype=kv_cache_dtype)           # fail now, not at generate time
         self.device, self.dtype, self.model_name = resolve_device(device), resolve_dtype(dtype), model
         spec_config = _check_names(attention, decode_kernel, speculative)
-        parallel = tensor_parallel_size > 1 or pipeline_parallel_size > 1
         if spec_config is not None:
-            # The speculative loops (_run_single) never step the engine: no static path to build.
+            # Verify steps and the lookahead loop run eager: no static path to build.
             if compile:
-                raise ValueError("compile=True compiles the engine's decode step; speculative decoding runs "
-                                 "single-request loops without it")
+                raise ValueError("compile=True compiles the engine's decode step; speculative decoding runs eager")
             enforce_eager = True
         self.driver = None                                        # minfer.distributed: rank 0 of a group
-        if parallel:
+        if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
             cfg, tokenizer, enforce_eager = self._start_parallel(model, tensor_parallel_size, pipeline_parallel_size,
                                                                  quantization, spec_config, prepack, compile)
         else:                                                     # minfer/loading.py: every entry point's loader
@@ -166,16 +167,16 @@ class LLM:
                 prepack = False                                   # the default packs for the engine's steps only
             cfg, self.model, tokenizer = load_model(model, device=self.device, dtype=self.dtype,
                                                     quantization=quantization, prepack=prepack)
-        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
-                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
-                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
             from minfer.speculative import load_draft
             self.draft = load_draft(self.model, spec_config.draft_model)
+        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
+                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
 
     def _start_parallel(self, model: str, tp: int, pp: int, quantization, spec_config, prepack, compile):
         """Make this process rank 0 of a tensor/pipeline-parallel group (``minfer/distributed/runtime.py``)
@@ -191,13 +192,21 @@ class LLM:
         return cfg, tokenizer, True
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, **engine_args) -> "LLM":
+    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, speculative=None,
+                   draft=None, **engine_args) -> "LLM":
         """An ``LLM`` around a model already in memory (``build_model``): tests, lessons, benchmarks.
-        Without a tokenizer, prompts are token-id lists and outputs have no text."""
+        Without a tokenizer, prompts are token-id lists and outputs have no text. ``draft``: the
+        draft model of ``speculative="draft:..."`` (loaded from its name when not given)."""
         self = cls.__new__(cls)
         w = model.model.embed_tokens.weight
         self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
-        self.speculative, self.draft, self.driver = None, None, None
+        self.driver = None
+        if speculative is not None:
+            from minfer.speculative import SpeculativeConfig, load_draft
+            speculative = SpeculativeConfig.parse(speculative)
+            if speculative.method == "draft" and draft is None:
+                draft = load_draft(model, speculative.draft_model)
+        self.speculative, self.draft = speculative, draft
         self._start(model.cfg, tokenizer, attention, seed, **engine_args)
         return self
 
@@ -206,8 +215,9 @@ class LLM:
                kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split", decode_kernel: str = "auto") -> None:
-        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
+               attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
+        ``plug_ins``: ``scheduler_cls`` and ``kv_manager_cls`` of ``LLMEngine.from_model``."""
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
             enforce_eager = not (self.device.type == "cuda" or compile)
         if compile and enforce_eager:
@@ -219,18 +229,22 @@ class LLM:
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
         self.kv_cache_dtype, self.enforce_eager, self.compile = kv_cache_dtype, enforce_eager, compile
         self._seeds = torch.Generator().manual_seed(seed)
-        build = LLMEngine.from_model
+        engine_cls, spec = LLMEngine, {}
+        if self.speculative is not None and self.speculative.method != "lookahead":
+            from minfer.speculative.engine import SpecDecodeEngine    # proposals verified in the engine step
+            engine_cls, spec = SpecDecodeEngine, {"speculative": self.speculative, "draft": self.draft}
+        build = engine_cls.from_model
         if self.driver is not None:                  # rank 0 of a group: every step is broadcast to the others
             from minfer.distributed.engine import parallel_engine
             build = parallel_engine
         self.engine = build(
-            self.model, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            self.model, tokenizer, **spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
             kv_cache_memory=kv_cache_memory_bytes,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
             attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
             enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
-            decode_kernel=decode_kernel)
+            decode_kernel=decode_kernel, **plug_ins)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
@@ -276,14 +290,14 @@ class LLM:
             first = samples[0]
             outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
                 CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
-                for r in samples]))
+                for r in samples], getattr(engine, "spec_stats", {}).pop(i, None)))
         return outs
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
-        """One prompt through the speculative loop (``minfer/speculative``), with the engine's output processor."""
+        """One prompt through the lookahead loop (``minfer/speculative``), with the engine's output processor."""
         from minfer.speculative import SpecStats, generate_speculative
         if params.n != 1:
-            raise ValueError("speculative decoding samples one sequence per prompt; use n=1")
+            raise ValueError("lookahead decoding samples one sequence per prompt; use n=1")
         text_prompt, prompt_ids = self._encode(prompt)
         metrics = RequestStats(arrival_time=time.perf_counter())
         stats, out = SpecStats(), TextOutput(self.tokenizer, params.stop)
@@ -313,13 +327,18 @@ class LLM:
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
 
+    @property
+    def _single_request_loop(self) -> bool:
+        """Lookahead decoding runs prompt by prompt (see the module docstring)."""
+        return self.speculative is not None and self.speculative.method == "lookahead"
+
     # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
         check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
-        if self.speculative is not None:
+        if self._single_request_loop:
             return [self._run_single(p, sp) for p, sp in zip(prompts, params)]
         return self._run(prompts, params)
 
@@ -328,7 +347,7 @@ class LLM:
         """Generate for one prompt, calling ``on_text`` with each new piece of (sample 0's) text."""
         params = params or SamplingParams()
         check_prompt(prompt)
-        if self.speculative is not None:
+        if self._single_request_loop:
             return self._run_single(prompt, params, on_text)
         return self._run([prompt], [params], on_text)[0]
 

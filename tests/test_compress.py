@@ -123,7 +123,7 @@ def test_a_few_distillation_steps_lower_the_loss_and_save_a_loadable_draft(tmp_p
 
 
 def _random_heads(h, K, seed, scale=0.5):
-    from minfer.compress.medusa import MedusaHeads
+    from minfer.speculative.medusa import MedusaHeads
     heads = MedusaHeads(h, K)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -140,7 +140,7 @@ tree_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=3).map(tu
        copy_prompt=st.booleans())
 def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, copy_prompt):
     """Random (untrained) heads, random trees (repeated paths, shared prefixes, missing ancestors)."""
-    from minfer.compress.medusa import medusa_generate
+    from minfer.speculative.medusa import medusa_generate
     from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpecStats
@@ -158,7 +158,7 @@ def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, co
 
 
 def test_medusa_tree_mask_and_acceptance_walk():
-    from minfer.compress.medusa import accept_path, build_tree, tree_tokens
+    from minfer.speculative.medusa import accept_path, build_tree, tree_tokens
     t = build_tree([(0, 0, 0), (1,), (0, 1), (0,), (1,)])       # duplicate (1,), missing ancestor (0, 0)
     assert t.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
     assert t.parent == [0, 0, 1, 1, 3] and t.depth == [1, 1, 2, 2, 3]
@@ -174,7 +174,8 @@ def test_medusa_tree_mask_and_acceptance_walk():
 
 
 def test_medusa_head_training_step_and_save_load(tmp_path):
-    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.medusa import head_loss, train_heads
+    from minfer.speculative.medusa import MedusaHeads
     from minfer.compress.teacher import TeacherCache, build_teacher_cache
 
     model = tiny_model(tiny_config(), seed=1)
@@ -378,7 +379,7 @@ def test_medusa_full_tree_over_a_tiny_vocab_accepts_every_level_and_stays_exact(
     """Vocab 3 and a tree holding every 3-token continuation: each step must accept 3 tokens, so the
     K/V of all accepted nodes must be committed correctly for the output to stay greedy."""
     import itertools
-    from minfer.compress.medusa import medusa_generate
+    from minfer.speculative.medusa import medusa_generate
     from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpecStats
@@ -405,7 +406,8 @@ def test_selfdistill_caches_the_models_own_answers_and_trains_only_on_them(tmp_p
     from test_checkpoints import tiny_tokenizer
 
     from minfer.checkpoints.hf import save_hf_folder
-    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.medusa import head_loss, train_heads
+    from minfer.speculative.medusa import MedusaHeads
     from minfer.compress.selfdistill import build_prompts, rows_and_mask, selfdistill
     from minfer.compress.teacher import TeacherCache
     from minfer.llm import LLM

@@ -31,7 +31,7 @@ from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
 from minfer.compress.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
-from minfer.compress.medusa import tree_mask
+from minfer.speculative.medusa import tree_mask
 from minfer.bench.machine import mbu
 from minfer.lessons.ex_compilers import pad_to_bucket, qkv_fused
 

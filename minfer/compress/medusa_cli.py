@@ -1,7 +1,7 @@
-"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads (``medusa.py``).
+"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads.
 
-Kept apart from ``medusa.py``, which speculative decoding imports: the commands build an ``LLM``,
-and the algorithm module must not import the front door that imports it.
+The heads live in ``minfer/speculative/medusa.py``, their training in ``medusa.py``; the
+commands build an ``LLM``, so they sit apart from both.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from minfer.compress.medusa import MedusaHeads, train_heads
+from minfer.compress.medusa import train_heads
+from minfer.speculative.medusa import MedusaHeads
 
 # ---------------------------------------------------------------------------------------------- CLI
 

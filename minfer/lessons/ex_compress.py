@@ -109,7 +109,7 @@ register(Exercise(
     name="compress.medusa_tree_mask",
     lesson="10_compression_beyond_quantization", function="tree_mask",
     description="tree_mask(paths) -> (N+1, N+1) bool: row = query, col = key; the root is index 0",
-    reference="minfer.compress.medusa:tree_mask",
+    reference="minfer.speculative.medusa:tree_mask",
     inputs=_tree_inputs(),
     compare=lambda inputs, expected, actual: _tree_problem(inputs, actual),
     validate=_tree_problem,

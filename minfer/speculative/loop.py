@@ -16,7 +16,9 @@ length. A proposal never runs past the remaining budget, so the verify forward
 never writes past ``max_position_embeddings``; tokens after an EOS inside an
 accepted run are dropped.
 
-vLLM's equivalent: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
+This loop serves one request and reads top to bottom; ``engine.py`` runs the same
+steps (the same proposers and ``rejection`` rule) for every running request of the
+engine at once, as vLLM does: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
 (proposers in ``vllm/v1/spec_decode/``, verification in the rejection sampler).
 """
 from __future__ import annotations
