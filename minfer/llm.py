@@ -286,11 +286,12 @@ class LLM:
             engine.no_more_requests(False)
         outs = []
         for i in ids:
+            spec_stats = getattr(engine, "spec_stats", {}).get(i)       # before release forgets it
             samples = sorted(engine.release(i), key=lambda r: r.index)
             first = samples[0]
             outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
                 CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
-                for r in samples], getattr(engine, "spec_stats", {}).pop(i, None)))
+                for r in samples], spec_stats))
         return outs
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
