@@ -4,6 +4,7 @@
     minfer chat [--model M]                                              interactive chat
     minfer weights list | fetch NAME                                     the model registry
     minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
+    minfer bench report [DIR] [--out docs/benchmarks.md]                 the benchmarks page from their JSON
     minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
     minfer router --replica URL ... --policy prefix_aware                route over replicas
     minfer lessons start DIR                                             your copy, exercises as stubs
@@ -111,9 +112,8 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     if args.use_solutions:                        # the learner's functions at the engine's swap points
-        from minfer.lessons import use
-        from minfer.lessons.commands import load_solutions
-        with use(**load_solutions(args.use_solutions)):
+        from minfer.lessons.commands import with_solutions
+        with with_solutions(llm, args.use_solutions) as llm:
             return _stream(args, llm, params, show)
     return _stream(args, llm, params, show)
 
@@ -220,7 +220,8 @@ BENCHES = {
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
-    "evict": ("minfer.compress.bench_evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "evict": ("minfer.bench.evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "report": ("minfer.bench.report", "write docs/benchmarks.md from the benchmarks' JSON files"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
@@ -231,7 +232,7 @@ COMMANDS = {
     "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
     "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
     "medusa": ("minfer.compress.medusa_cli", "Medusa heads: train on the teacher cache"),
-    "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
+    "prune": ("minfer.bench.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
 

@@ -121,7 +121,7 @@ class LLM:
     compile                 torch.compile the static decode step (needs enforce_eager False or None).
                             The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
                             apart from every step's. On a 2-core CPU it barely pays: SmolLM2 decoded
-                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512 (README).
+                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512.
     max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
                             a decode step whose longest context is longer runs eager
     seed                    requests without their own seed draw one from this seeded sequence

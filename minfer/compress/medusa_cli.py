@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sizes", default="1,4,7", help="forward sizes T = 1 + tree nodes (default 1,4,7)")
     c.add_argument("--repeats", type=int, default=30)
     c.add_argument("--threads", type=int, default=1)
+    c.set_defaults(module="minfer.bench.medusa_cost")    # a benchmark: minfer.cli runs that module's main
 
 
 def _add_train_arguments(t: argparse.ArgumentParser) -> None:
@@ -68,9 +69,6 @@ def main(args) -> int:
     set_threads(args.threads)
     if args.medusa_cmd == "selfdistill":
         return _main_selfdistill(args)
-    if args.medusa_cmd == "cost":
-        from minfer.compress.medusa_cost import main as cost_main
-        return cost_main(args)
     from minfer.compress.common import log
     from minfer.compress.teacher import TeacherCache
     from minfer.loading import load_model

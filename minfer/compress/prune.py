@@ -1,4 +1,4 @@
-"""`minfer prune`: structured pruning (whole FFN channels, whole query heads) + healing by distillation.
+"""Structured pruning (whole FFN channels, whole query heads) + healing by distillation.
 
 Unstructured pruning zeroes single weights: the matrices keep their shape, and a
 dense kernel reads the zeros anyway, so nothing gets faster (shown side by side).
@@ -20,13 +20,11 @@ layer loses the same fraction (one ``intermediate_size`` in the config, so the
 pruned model is an ordinary HF Llama folder). Then the pruned model is healed by
 distillation from the unpruned teacher (``distill.train`` on the teacher cache).
 Sheared-LLaMA (Xia et al. 2024) and NVIDIA's Minitron prune and distill this way.
+``minfer prune`` (``minfer/bench/prune.py``) prunes, heals and measures the result.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
-from pathlib import Path
 
 import torch
 
@@ -146,6 +144,7 @@ def magnitude_sparsify(model, ratio: float):
                 cut = w.abs().flatten().kthvalue(k).values
                 w.masked_fill_(w.abs() <= cut, 0.0)
     return model
+<<<<<<< HEAD
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -230,3 +229,5 @@ def main(args) -> int:
         write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
                                                                               if isinstance(v, (int, float, str))}})
     return 0
+=======
+>>>>>>> main

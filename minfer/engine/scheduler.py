@@ -31,11 +31,8 @@ do not change, the work is just done twice.
 
 The scheduler never touches tensors: ``schedule()`` returns
 (request, start position, number of tokens) triples and the engine runs them.
-
-``schedule_step`` below is a swap point (``minfer.lessons.swap``): while a
-learner's step function is swapped in, ``schedule()`` asks it for the
-decisions (lesson 05's exercise 4, plain tuples) and carries them out
-itself; otherwise it is None and costs one attribute check per step.
+Another policy is a subclass that overrides ``schedule()``, handed to the
+engine as ``scheduler_cls`` (vLLM: ``SchedulerConfig.scheduler_cls``).
 """
 from __future__ import annotations
 
@@ -48,11 +45,6 @@ from typing import Callable
 from minfer.engine.request import Request, RequestStatus
 
 POLICIES = ("static", "dynamic", "continuous")
-
-# Swap point: a learner's ``schedule_step(running, waiting, token_budget, max_num_seqs,
-# num_free_blocks, block_size) -> (scheduled, preempted)`` replaces the policy below
-# (``minfer.lessons.use(schedule_step=...)``). None: the engine's own code runs.
-schedule_step: Callable | None = None
 
 
 @dataclass
@@ -116,7 +108,6 @@ class Scheduler:
         self.no_more_requests = False             # set by the client: static/dynamic may start a short batch
         self.prefix_cache_queries = 0             # prompt tokens looked up at admission (vLLM's counter names)
         self.prefix_cache_hits = 0                # ... of which found in the prefix cache
-        self.swappable = True                     # False: never a learner's step (the grader's reference)
 
     # ------------------------------------------------------------- queue
     def add_request(self, req: Request) -> None:
@@ -220,8 +211,6 @@ class Scheduler:
     # ------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
         """Decide the next forward pass. Advances ``num_computed_tokens`` of each scheduled request."""
-        if schedule_step is not None and self.swappable:  # a learner's step (swap point above)
-            return self._schedule_with(schedule_step)
         cfg = self.config
         now = self.clock()
         out = SchedulerOutput()
@@ -269,6 +258,7 @@ class Scheduler:
             c.request.num_computed_tokens += c.num_tokens
         return out
 
+<<<<<<< HEAD
     def _schedule_with(self, step: Callable) -> SchedulerOutput:
         """One step decided by a plain-data ``step`` and carried out with the engine's own moves.
 
@@ -329,6 +319,8 @@ class Scheduler:
             c.request.num_computed_tokens += c.num_tokens
         return out
 
+=======
+>>>>>>> main
     def commit(self, out: SchedulerOutput) -> None:
         """After the forward: tell the block manager which token ids are now stored (prefix caching)."""
         for c in out.chunks:

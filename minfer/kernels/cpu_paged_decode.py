@@ -8,7 +8,7 @@ path first gathers them into a copy padded to the longest context, then calls
 SDPA: it reads the context twice and writes it once; the kernel reads it once.
 Measured on a 2-core CPU: 1.07-1.44x the plain path's speed with equal
 lengths (``minfer bench attention``), 2.3x at 29 ragged contexts of 300-760
-keys, and 1.10x the whole engine's throughput on the README's serving
+keys, and 1.10x the whole engine's throughput on the 32-request serving
 workload (``minfer bench serve --baselines torch-decode``).
 
 vLLM's CPU backend has the same kernel (``csrc/cpu/attention.cpp``).

@@ -16,18 +16,21 @@ Caches:
   StaticKVCache        the same, read whole and masked on the device: fixed shapes for CUDA graphs
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
+  EvictingKVCache      at most a budget of tokens per layer: StreamingLLM, H2O or SnapKV (evict.py)
   PagedKVCache         blocks shared by many sequences, with int8/fp8 pages; attention through
                        their block tables is minfer/attention/paged.py's, the bookkeeping
                        (BlockPool, KVCacheManager) block_pool.py's; the engine drives it
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
+from minfer.kv.evict import EvictingKVCache
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
 from minfer.kv.sliding import SlidingWindowKVCache
 from minfer.kv.static import StaticKVCache
 from minfer.kv.block_pool import BlockPool, KVCacheManager, block_hashes, hash_block_tokens
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
-__all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "kv_cache_bytes",
+__all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "EvictingKVCache",
+           "kv_cache_bytes",
            "quantize_kv", "dequantize_kv", "make_cache",
            "BlockPool", "KVCacheManager", "PagedKVCache", "PagedBatch", "block_hashes", "hash_block_tokens"]
 

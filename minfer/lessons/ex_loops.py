@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register, tuple_problem
 
 
 @lru_cache(maxsize=None)
@@ -140,7 +140,7 @@ PAGED_ATOL = 1e-5
 
 @st.composite
 def _paged_inputs(draw) -> Inputs:
-    from minfer.lessons.exercises import float_tensors
+    from minfer.lessons.registry import float_tensors
 
     B, nkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     hd, bs = draw(st.integers(1, 4)), draw(st.integers(1, 4))
@@ -182,10 +182,9 @@ def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, cont
 
 
 def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    from minfer.lessons.ex_foundations import _tuple_problem
-    from minfer.lessons.exercises import close_problem, tensor_problem
+    from minfer.lessons.registry import close_problem, tensor_problem
 
-    problem = _tuple_problem(actual, ("out", "k_pool", "v_pool"))
+    problem = tuple_problem(actual, ("out", "k_pool", "v_pool"))
     if problem:
         return problem
     for name, e, a in zip(("out", "k_pool", "v_pool"), expected, actual):
@@ -197,7 +196,7 @@ def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
 
 def _validate_paged(inputs: Inputs, actual: Any) -> Optional[str]:
     """softmax(q . K / sqrt(hd)) V in float64, K/V read position by position through the table."""
-    from minfer.lessons.exercises import close_problem
+    from minfer.lessons.registry import close_problem
 
     q, k, v = inputs["q"].double(), inputs["k"].double(), inputs["v"].double()
     kp, vp = inputs["k_pool"].double(), inputs["v_pool"].double()
@@ -316,10 +315,7 @@ def _schedule_inputs(draw) -> Inputs:
 
 def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_free_blocks,
                             block_size):
-    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state.
-
-    Its own policy even inside ``minfer.lessons.use(schedule_step=...)`` (``swappable``).
-    """
+    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
     from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
     from minfer.engine.request import Request, RequestStatus
@@ -331,7 +327,6 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
     kv.allocate("(another sequence)", [1] * block_size)
     sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
-    sched.swappable = False
     params = SamplingParams(temperature=0.0)
     for rid, num_tokens, computed, blocks in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
@@ -346,9 +341,7 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
 
 
 def _compare_schedule(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    from minfer.lessons.ex_foundations import _tuple_problem
-
-    problem = _tuple_problem(actual, ("scheduled", "preempted"))
+    problem = tuple_problem(actual, ("scheduled", "preempted"))
     if problem:
         return problem.replace("tensors", "lists")
     scheduled, preempted = [list(map(tuple, x)) if i == 0 else list(x) for i, x in enumerate(actual)]

@@ -307,6 +307,18 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
 AUTOGRADE_ENV = "MINFER_AUTOGRADE"
 
 
+def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
+        reference: Optional[Callable] = None) -> None:
+    """Run the property on ``fn``; raise ``AssertionError`` with the report if it fails.
+
+    This is the form for ``tests/``: the engine passes exactly the property the learner is
+    graded by. ``reference`` replaces the engine's reference (for testing the grader itself).
+    """
+    result = grade(exercise, fn, max_examples=max_examples, reference=reference)
+    if not result.passed:
+        raise AssertionError(result.message)
+
+
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
     """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result.
 
