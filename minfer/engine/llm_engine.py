@@ -42,14 +42,9 @@ from minfer.engine.output import TextOutput
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
-<<<<<<< HEAD
+from minfer.kv.block_pool import KVCacheManager
 from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
 from minfer.validation import check_context, check_prompt
-=======
-from minfer.kv.block_pool import KVCacheManager
-from minfer.sampling import SamplingParams, pair_prompts, sample_rows
-from minfer.validation import check_prompt
->>>>>>> main
 
 
 @dataclass

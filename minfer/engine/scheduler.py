@@ -258,69 +258,6 @@ class Scheduler:
             c.request.num_computed_tokens += c.num_tokens
         return out
 
-<<<<<<< HEAD
-    def _schedule_with(self, step: Callable) -> SchedulerOutput:
-        """One step decided by a plain-data ``step`` and carried out with the engine's own moves.
-
-        ``step`` sees running requests as (id, num_tokens, num_computed_tokens,
-        num_blocks_held), oldest first, and waiting ones as (id, num_tokens); it returns
-        ([(id, num_new_tokens), ...], [preempted id, ...]). That picture has every request
-        own its blocks, so blocks shared through the prefix cache or ``n > 1`` (or given
-        back by a sliding window) are refused with ValueError, as is any decision the pool
-        or the limits cannot honour; a step that does nothing while requests wait raises
-        RuntimeError (the engine would wait forever). It replaces the policy: no chunk cap.
-        """
-        cfg, kv, bs = self.config, self.kv, self.kv.block_size
-        held = {r.request_id: -(-kv.num_tokens(r.request_id) // bs) for r in self.running}
-        if sum(held.values()) != kv.pool.num_blocks - kv.pool.num_free_blocks:
-            raise ValueError("schedule_step: running requests share KV blocks (prefix caching, n > 1 or a "
-                             "sliding window); the exercise counts every request's blocks as its own: run "
-                             "with enable_prefix_caching=False, n=1 and prompts of distinct first blocks")
-        by_id = {r.request_id: r for r in [*self.running, *self.waiting]}
-        scheduled, preempted = step(
-            [(r.request_id, r.num_tokens, r.num_computed_tokens, held[r.request_id]) for r in self.running],
-            [(r.request_id, r.num_tokens) for r in self.waiting],
-            cfg.max_num_batched_tokens, cfg.max_num_seqs, kv.pool.num_free_blocks, bs)
-        if sum(n for _, n in scheduled) > cfg.max_num_batched_tokens:
-            raise ValueError(f"schedule_step scheduled {scheduled}: more than the token budget "
-                             f"{cfg.max_num_batched_tokens}")
-        out = SchedulerOutput()
-        for rid in preempted:
-            req = by_id.get(rid)
-            if req not in self.running:
-                raise ValueError(f"schedule_step preempted {rid!r}, which is not running")
-            self.preempt(req)
-            out.preempted.append(req)
-        for rid, n in scheduled:
-            req = by_id.get(rid)
-            if req is None or req in out.preempted or any(c.request is req for c in out.chunks):
-                raise ValueError(f"schedule_step scheduled {rid!r}: not a running or waiting request, "
-                                 f"preempted in this step, or scheduled twice")
-            if not 1 <= n <= req.num_uncomputed_tokens:
-                raise ValueError(f"schedule_step scheduled {n} tokens of {rid!r}, which has "
-                                 f"{req.num_uncomputed_tokens} to compute")
-            if req.status is RequestStatus.WAITING:
-                if len(self.running) >= cfg.max_num_seqs:
-                    raise ValueError(f"schedule_step admitted {rid!r} with max_num_seqs="
-                                     f"{cfg.max_num_seqs} requests running already")
-                free = kv.pool.num_free_blocks
-                if not self._try_admit(req):
-                    raise ValueError(f"schedule_step admitted {rid!r} ({req.num_tokens} tokens) but only "
-                                     f"{free} blocks of {bs} slots are free")
-                n = min(n, req.num_uncomputed_tokens)     # prefix-cache hits are computed already
-            elif not self._reserve(req, req.num_computed_tokens + n):
-                raise ValueError(f"schedule_step ran {rid!r} for {n} tokens but the pool has no free block "
-                                 f"for them: preempt the newest running request first")
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-        if not out.chunks and not out.preempted and self.has_unfinished():
-            raise RuntimeError(f"schedule_step scheduled nothing while {len(self.waiting)} requests wait "
-                               f"and {len(self.running)} run: the engine would wait forever")
-        for c in out.chunks:
-            c.request.num_computed_tokens += c.num_tokens
-        return out
-
-=======
->>>>>>> main
     def commit(self, out: SchedulerOutput) -> None:
         """After the forward: tell the block manager which token ids are now stored (prefix caching)."""
         for c in out.chunks:
