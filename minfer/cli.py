@@ -24,6 +24,7 @@ import sys
 import traceback
 
 from minfer.cli_args import add_model_args
+from minfer.validation import KV_CACHE_DTYPES
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,7 +46,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")

@@ -34,7 +34,8 @@ def main(args) -> int:
     from minfer.compress.distill import save_student, train
     from minfer.compress.teacher import TeacherCache
     from minfer.eval.perplexity import perplexity, reference_text
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.generate import generate_tokens
+    from minfer.metrics import RequestStats
     from minfer.llm import LLM
     from minfer.sampling import SamplingParams
 
@@ -56,7 +57,7 @@ def main(args) -> int:
 
     def timer(m):
         def run():
-            met = RequestMetrics(arrival_time=time.perf_counter())
+            met = RequestStats(arrival_time=time.perf_counter())
             list(generate_tokens(m, prompt, params, metrics=met))
             t = met.token_times
             return {"decode_tps": (len(t) - 1) / (t[-1] - t[0])}

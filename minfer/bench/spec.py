@@ -108,9 +108,10 @@ def split_methods(text: str) -> list[str]:
 
 def run_once(model, prompt_ids, params, eos, method, draft):
     """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.speculative import SpecStats, generate_speculative
-    metrics = RequestMetrics(arrival_time=time.perf_counter())
+    metrics = RequestStats(arrival_time=time.perf_counter())
     stats = None
     if method == "plain":
         toks = list(generate_tokens(model, prompt_ids, params, eos_token_ids=eos, metrics=metrics))

@@ -71,10 +71,8 @@ def main(args) -> int:
         return _main_selfdistill(args)
     from minfer.compress.common import log
     from minfer.compress.teacher import TeacherCache
-    from minfer.checkpoints import load_checkpoint
-    from minfer.model import build_model
-    cfg, state_dict, _ = load_checkpoint(args.model, dtype=torch.float32, device="cpu")
-    model = build_model(cfg, state_dict)
+    from minfer.loading import load_model
+    model = load_model(args.model, device="cpu", dtype=torch.float32).model
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
     heads = MedusaHeads(model.cfg.hidden_size, args.heads)
     curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,

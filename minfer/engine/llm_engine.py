@@ -43,8 +43,8 @@ from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
 from minfer.kv.block_pool import KVCacheManager
-from minfer.sampling import SamplingParams, pair_prompts, sample_rows
-from minfer.validation import check_prompt
+from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
+from minfer.validation import check_context, check_prompt
 
 
 @dataclass
@@ -185,11 +185,7 @@ class LLMEngine:
         vocab = self.runner.vocab_size
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is "
-                             f"{self.max_model_len} tokens (prompt + new tokens must fit)")
+        check_context(len(ids), self.max_model_len)
         pool = self.runner.kv_manager.pool
         bs, max_new = pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
         need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \
@@ -318,12 +314,10 @@ class LLMEngine:
     def _append_token(self, req: Request, tok: int, now: float) -> StepOutput:
         req.output_token_ids.append(tok)
         req.stats.record_token(now)
-        status = None
-        stop_token = tok in req.stop_token_ids
-        if stop_token:
-            status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
+        reason = finish_reason(tok, req.stop_token_ids, req.num_output_tokens, req.num_tokens,
+                               req.params.max_tokens, self.max_model_len)
+        stop_token = reason == "stop"
+        status = {None: None, "stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}[reason]
         new_text = ""
         text = self._text.get(req.request_id)
         if text is not None:

@@ -105,7 +105,6 @@ class Scheduler:
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # in admission order: the last one is the newest
-        self.num_slots: dict[str, int] = {}       # request id -> KV slots reserved for it
         self.no_more_requests = False             # set by the client: static/dynamic may start a short batch
         self.prefix_cache_queries = 0             # prompt tokens looked up at admission (vLLM's counter names)
         self.prefix_cache_hits = 0                # ... of which found in the prefix cache
@@ -130,7 +129,6 @@ class Scheduler:
     def fork(self, parent: Request, child: Request) -> None:
         """``child`` starts where ``parent`` is, sharing its KV blocks (parallel sampling, n > 1)."""
         self.kv.fork(parent.request_id, child.request_id)
-        self.num_slots[child.request_id] = self.num_slots[parent.request_id]
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
@@ -139,9 +137,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _release(self, req: Request) -> None:
-        if req.request_id in self.num_slots:
+        if req.request_id in self.kv.seqs:        # the KV manager owns its reserved slots
             self.kv.free(req.request_id)
-            del self.num_slots[req.request_id]
 
     def preempt(self, req: Request) -> None:
         """Preemption by recompute: drop its K/V; it will prefill prompt + outputs again."""
@@ -166,7 +163,6 @@ class Scheduler:
         self.prefix_cache_queries += req.num_tokens       # a preempted request counts again when re-admitted
         self.prefix_cache_hits += computed
         self.waiting.remove(req)
-        self.num_slots[req.request_id] = req.num_tokens
         # Prefix-cache hit: those tokens' K/V are already there. At least the last
         # token is computed again, because its logits give the next token.
         req.num_computed_tokens = min(computed, req.num_tokens - 1)
@@ -191,7 +187,7 @@ class Scheduler:
         if hit is None:
             return None
         self.kv.commit_tokens(req.request_id, req.all_token_ids[hit:])
-        self.num_slots[req.request_id] = req.num_computed_tokens = req.num_tokens
+        req.num_computed_tokens = req.num_tokens
         req.status = RequestStatus.RUNNING
         if req.stats.first_scheduled_time is None:
             req.stats.first_scheduled_time = self.clock()
@@ -209,13 +205,8 @@ class Scheduler:
 
     def _reserve(self, req: Request, upto: int) -> bool:
         """Make sure slots exist for positions [0, upto); False if the pool is out of blocks."""
-        need = upto - self.num_slots[req.request_id]
-        if need <= 0:
-            return True
-        if not self.kv.append_slots(req.request_id, need):
-            return False
-        self.num_slots[req.request_id] += need
-        return True
+        need = upto - self.kv.num_tokens(req.request_id)
+        return need <= 0 or self.kv.append_slots(req.request_id, need)
 
     # ------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:

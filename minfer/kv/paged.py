@@ -44,6 +44,8 @@ from minfer.attention.paged import make_paged_attention
 from minfer.kv.base import KVView
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 from minfer.validation import KV_CACHE_DTYPES
+
+
 @dataclass
 class PagedBatch:
     """Attention metadata of one forward over a flattened batch of N tokens from S sequences.

@@ -331,7 +331,6 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
     for rid, num_tokens, computed, blocks in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
         kv.allocate(rid, [1] * (blocks * block_size))       # `blocks` blocks held
-        sched.num_slots[rid] = blocks * block_size
         req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
         sched.running.append(req)
     for rid, num_tokens in waiting:

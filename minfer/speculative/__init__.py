@@ -135,15 +135,14 @@ def load_draft(target, spec: str, *, dtype=None, device=None):
         return layer_skip_draft(target, k)
     if spec == "int4":
         return quantized_draft(target, "int4")
-    from minfer.checkpoints import load_checkpoint
-    from minfer.model import build_model
+    from minfer.loading import load_model
 
     weight = target.model.embed_tokens.weight
-    cfg, state_dict, _ = load_checkpoint(spec, dtype=dtype or weight.dtype, device="cpu")
+    cfg, draft, _ = load_model(spec, device=device or weight.device, dtype=dtype or weight.dtype)
     if cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"draft {spec!r} has vocab_size {cfg.vocab_size}, the target {target.cfg.vocab_size}: "
                          "a draft must share the target's tokenizer")
-    return build_model(cfg, state_dict, device=device or weight.device, dtype=dtype or weight.dtype)
+    return draft
 
 
 def generate_speculative(

@@ -28,7 +28,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from minfer.generate import RequestMetrics, StopRule, forward_tokens, model_device_dtype
+from minfer.metrics import RequestStats
+from minfer.generate import StopRule, forward_tokens, model_device_dtype
 from minfer.kv import make_cache
 from minfer.sampling import SamplingParams, make_generator, sample
 from minfer.speculative.rejection import processed_probs, verify_greedy, verify_sampled
@@ -70,7 +71,7 @@ def speculative_generate(
     kv_cache: str = "contiguous",
     attention: str = "sdpa",
     stats: SpecStats | None = None,
-    metrics: RequestMetrics | None = None,
+    metrics: RequestStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids, like ``minfer.generate.generate_tokens``, k proposals per target forward."""

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minfer.generate import RequestMetrics, StopRule, model_device_dtype
+from minfer.generate import StopRule, model_device_dtype
+from minfer.metrics import RequestStats
 from minfer.kv import ContiguousKVCache
 from minfer.sampling import SamplingParams
 from minfer.speculative.lookahead import TreeAttentionCache
@@ -240,7 +241,7 @@ def medusa_generate(
     eos_token_ids: list[int] = (),
     attention: str = "sdpa",
     stats: SpecStats | None = None,
-    metrics: RequestMetrics | None = None,
+    metrics: RequestStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids, identical to plain greedy decoding; one target forward per tree."""
