@@ -18,8 +18,8 @@ def __getattr__(name):
         from minfer import llm
         return getattr(llm, name)
     if name == "load_model":
-        from minfer.checkpoints import load_checkpoint
-        return load_checkpoint
+        from minfer.loading import load_model
+        return load_model
     if name in ("Transformer", "build_model"):
         from minfer import model
         return getattr(model, name)

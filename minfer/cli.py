@@ -4,6 +4,7 @@
     minfer chat [--model M]                                              interactive chat
     minfer weights list | fetch NAME                                     the model registry
     minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
+    minfer bench report [DIR] [--out docs/benchmarks.md]                 the benchmarks page from their JSON
     minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
     minfer router --replica URL ... --policy prefix_aware                route over replicas
     minfer lessons start DIR                                             your copy, exercises as stubs
@@ -23,6 +24,7 @@ import sys
 import traceback
 
 from minfer.cli_args import add_model_args
+from minfer.validation import KV_CACHE_DTYPES
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,7 +46,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
@@ -110,9 +112,8 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     if args.use_solutions:                        # the learner's functions at the engine's swap points
-        from minfer.lessons import use
-        from minfer.lessons.commands import load_solutions
-        with use(**load_solutions(args.use_solutions)):
+        from minfer.lessons.commands import with_solutions
+        with with_solutions(llm, args.use_solutions) as llm:
             return _stream(args, llm, params, show)
     return _stream(args, llm, params, show)
 
@@ -215,11 +216,13 @@ BENCHES = {
     "decode": ("minfer.bench.decode", "prefill/decode speed: naive vs cached vs transformers"),
     "attention": ("minfer.bench.attention", "decode attention with GQA: K/V repeated vs enable_gqa vs heads folded"),
     "kv": ("minfer.bench.kv", "paged vs contiguous KV: capacity, fragmentation, prefix-cache TTFT"),
+    "hybrid": ("minfer.bench.hybrid", "local/global models: KV bytes per token, hybrid vs full cache"),
     "quant": ("minfer.bench.quant", "weight bytes, decode tok/s and perplexity per quantization format"),
     "spec": ("minfer.bench.spec", "speculative decoding, prompt lookup, lookahead vs plain decoding"),
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
-    "evict": ("minfer.compress.bench_evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "evict": ("minfer.bench.evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "report": ("minfer.bench.report", "write docs/benchmarks.md from the benchmarks' JSON files"),
 }
 COMMANDS = {
     "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
@@ -230,7 +233,7 @@ COMMANDS = {
     "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
     "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
     "medusa": ("minfer.compress.medusa_cli", "Medusa heads: train on the teacher cache"),
-    "prune": ("minfer.compress.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
+    "prune": ("minfer.bench.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
 

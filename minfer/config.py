@@ -1,4 +1,4 @@
-"""ModelConfig: one dataclass for every Llama-family model.
+"""ModelConfig: one dataclass for the Llama family and Gemma 3.
 
 The field names follow HF transformers' ``LlamaConfig`` so that a
 ``config.json`` maps onto it almost one to one (see ``from_hf`` / ``to_hf``).
@@ -8,9 +8,25 @@ MHA, GQA and MQA are not separate options: they follow from the numbers.
     1 < num_kv_heads < num_heads   -> grouped-query attention (GQA)
     num_kv_heads == 1              -> multi-query attention (MQA)
 
-Two fields are minfer's own teaching extensions (no pretrained checkpoint we
-load uses them): ``kv_share_group`` (cross-layer KV sharing) and, for Llama
-configs, ``sliding_window`` (Mistral/Gemma-style local attention).
+``kv_share_group`` (cross-layer KV sharing) is minfer's own teaching
+extension; ``sliding_window`` alone makes every layer local (Mistral).
+
+Gemma 3 is the same decoder with eight switches, each a field whose default
+is the Llama behaviour (HF ``models/gemma3/modeling_gemma3.py`` and
+``configuration_gemma3.py``; llama.cpp ``src/models/gemma3.cpp``):
+
+    layer_types            per-layer "sliding_attention" / "full_attention": 5 local then 1 global
+    rope_local_base_freq   RoPE base of the local layers (10,000; global ones use rope_theta, 1e6)
+    query_pre_attn_scalar  scores scaled by its -1/2 power instead of head_dim's (256 = head_dim here)
+    qk_norm                RMSNorm over each head's q and k, before RoPE (``q_norm`` / ``k_norm``)
+    sandwich_norm          norms after attention and after the MLP too, before each residual add
+    norm_offset            RMSNorm scales by (1 + w): Gemma stores w around 0
+    hidden_act             "gelu_pytorch_tanh": GeGLU with the tanh approximation, not SwiGLU
+    embed_scale            embeddings multiplied by sqrt(hidden) (640 ** 0.5 here)
+
+Gemma 2 soft-caps attention and final logits; Gemma 3 does not (its config's
+``attn_logit_softcapping`` and ``final_logit_softcapping`` are None), so
+minfer has no soft-capping field.
 """
 from __future__ import annotations
 
@@ -39,7 +55,15 @@ class ModelConfig:
     kv_share_group: int = 1              # cross-layer KV: g adjacent layers share one K/V
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    model_type: str = "llama"            # "llama" or "qwen2" (decides the HF oracle class)
+    model_type: str = "llama"            # "llama", "qwen2" or "gemma3_text" (decides the HF oracle class)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" / "full_attention"; None: all alike
+    rope_local_base_freq: float | None = None    # RoPE base of sliding-window layers (None: rope_theta)
+    query_pre_attn_scalar: int | None = None     # scores * scalar ** -0.5 (None: head_dim ** -0.5)
+    qk_norm: bool = False                # RMSNorm on each head's q and k before RoPE
+    sandwich_norm: bool = False          # also normalise the attention and MLP outputs
+    norm_offset: float = 0.0             # RMSNorm multiplies by (norm_offset + weight)
+    hidden_act: str = "silu"             # gated MLP activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    embed_scale: float = 1.0             # token embeddings are multiplied by this
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +114,33 @@ class ModelConfig:
         if not isinstance(self.model_type, str):
             raise ValueError(f"ModelConfig.model_type must be a string, got {self.model_type!r}")
         self._check_rope_scaling()
+        self._check_gemma_fields()
+
+    LAYER_TYPES = ("sliding_attention", "full_attention")
+    ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+    def _check_gemma_fields(self) -> None:
+        from minfer.validation import check_bool, check_int, check_real
+        lt = self.layer_types
+        if lt is not None:
+            if not isinstance(lt, (list, tuple)) or len(lt) != self.num_hidden_layers or \
+                    any(t not in self.LAYER_TYPES for t in lt):
+                raise ValueError(f"ModelConfig.layer_types must list {self.num_hidden_layers} entries, each "
+                                 f"'sliding_attention' or 'full_attention'; got {lt!r:.200}")
+            if "sliding_attention" in lt and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types has sliding_attention layers: set sliding_window")
+        if self.rope_local_base_freq is not None:
+            check_real(self.rope_local_base_freq, "ModelConfig.rope_local_base_freq", "a finite number > 1 "
+                       "(or None)", lambda x: x > 1)
+        if self.query_pre_attn_scalar is not None:
+            check_int(self.query_pre_attn_scalar, "ModelConfig.query_pre_attn_scalar (or None)", lo=1)
+        check_bool(self.qk_norm, "ModelConfig.qk_norm")
+        check_bool(self.sandwich_norm, "ModelConfig.sandwich_norm")
+        check_real(self.norm_offset, "ModelConfig.norm_offset", "0 or 1", lambda x: x in (0, 1))
+        check_real(self.embed_scale, "ModelConfig.embed_scale", "a finite number > 0", lambda x: x > 0)
+        if self.hidden_act not in self.ACTIVATIONS:
+            raise ValueError(f"ModelConfig.hidden_act must be one of {', '.join(self.ACTIVATIONS)}, "
+                             f"got {self.hidden_act!r:.80}")
 
     def _check_rope_scaling(self) -> None:
         from minfer.validation import check_real
@@ -123,6 +174,24 @@ class ModelConfig:
         """True if this layer computes K and V itself (the first layer of its sharing group)."""
         return layer % self.kv_share_group == 0
 
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of ``layer``: ``sliding_window`` for a local layer, None for a global one."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def rope_theta_of(self, layer: int) -> float:
+        """RoPE base of ``layer``: ``rope_local_base_freq`` on sliding-window layers when set."""
+        if self.rope_local_base_freq is not None and self.window_of(layer) is not None:
+            return self.rope_local_base_freq
+        return self.rope_theta
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True when some layers are local (windowed) and others global: a KV cache cannot then
+        treat every layer alike (Gemma 3, 5 local : 1 global)."""
+        return len({self.window_of(i) for i in range(self.num_hidden_layers)}) > 1
+
     @property
     def attention_kind(self) -> str:
         if self.num_key_value_heads == self.num_attention_heads:
@@ -138,7 +207,8 @@ class ModelConfig:
         mlp = 3 * h * self.intermediate_size
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         n_owners = self.num_kv_layers
-        per_layer = q + o + mlp + 2 * h + bias
+        norms = (4 if self.sandwich_norm else 2) * h + (2 * hd if self.qk_norm else 0)
+        per_layer = q + o + mlp + norms + bias
         total = self.num_hidden_layers * per_layer + n_owners * kv + h + self.vocab_size * h
         if not self.tie_word_embeddings:
             total += self.vocab_size * h
@@ -176,6 +246,8 @@ class ModelConfig:
             kwargs["attention_bias"] = True      # Qwen2 always has q/k/v bias
         if model_type == "qwen2" and not d.get("use_sliding_window", False):
             kwargs.pop("sliding_window", None)
+        if model_type == "gemma3_text":
+            kwargs.update(_gemma3_from_hf(d))
         for key in ("rope_theta", "rms_norm_eps"):
             if key in kwargs:
                 kwargs[key] = float(kwargs[key])
@@ -186,9 +258,15 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("extra")
         d.pop("kv_share_group")
+        if self.model_type == "gemma3_text":
+            return _gemma3_to_hf(self, d)
+        defaults = ModelConfig.__dataclass_fields__
+        for name in GEMMA_FIELDS:                # at their defaults they say nothing to HF Llama / Qwen2
+            if d[name] == defaults[name].default:
+                d.pop(name)
         arch = "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"
         d["architectures"] = [arch]
-        d["hidden_act"] = "silu"
+        d["hidden_act"] = self.hidden_act
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
@@ -197,3 +275,49 @@ class ModelConfig:
         if d["sliding_window"] is None:
             d.pop("sliding_window")
         return d
+
+
+# ------------------------------------------------------------ Gemma 3 <-> HF Gemma3TextConfig
+
+GEMMA_FIELDS = ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar", "qk_norm", "sandwich_norm",
+                "norm_offset", "hidden_act", "embed_scale")
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
+    """Every ``pattern``-th layer global, the others local: HF ``Gemma3TextConfig.__post_init__``
+    (``sliding_window_pattern`` 6); llama.cpp ``hparams.set_swa_pattern(6)`` for LLM_ARCH_GEMMA3."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def _gemma3_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 3 fields of an HF ``gemma3_text`` config.json (transformers 5 ``rope_parameters``
+    per layer type, or the older ``rope_theta`` / ``rope_local_base_freq``)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if d.get(key) is not None:
+            raise ValueError(f"config.json: {key} is not supported (Gemma 3 has none)")
+    rope = d.get("rope_parameters") or {}
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    return {
+        "rope_theta": float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
+        "rope_local_base_freq": float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
+        "layer_types": d.get("layer_types") or gemma3_layer_types(d["num_hidden_layers"]),
+        "sliding_window": d.get("sliding_window", 4096),
+        "query_pre_attn_scalar": d.get("query_pre_attn_scalar", 256),
+        "hidden_act": d.get("hidden_activation", "gelu_pytorch_tanh"),
+        "qk_norm": True, "sandwich_norm": True, "norm_offset": 1.0,
+        "embed_scale": float(d["hidden_size"]) ** 0.5,
+    }
+
+
+def _gemma3_to_hf(cfg: ModelConfig, d: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` -> HF ``Gemma3TextConfig`` keys (Gemma3ForCausalLM reads them back)."""
+    for name in GEMMA_FIELDS + ("rope_theta", "rope_scaling"):
+        d.pop(name)
+    d.update(architectures=["Gemma3ForCausalLM"], hidden_activation=cfg.hidden_act,
+             layer_types=list(cfg.layer_types or gemma3_layer_types(cfg.num_hidden_layers)),
+             query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+             rope_parameters={
+                 "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                 "sliding_attention": {"rope_type": "default",
+                                       "rope_theta": cfg.rope_local_base_freq or cfg.rope_theta}})
+    return d

@@ -24,25 +24,17 @@ import torch
 
 from minfer.kv import make_cache
 from minfer.metrics import RequestStats
-from minfer.sampling import SamplingParams, make_generator, sample, stop_token_ids
-
-RequestMetrics = RequestStats          # the one per-request record (minfer/metrics.py), as lessons name it
-
-
-def check_context(num_prompt_tokens: int, max_context: int) -> None:
-    if num_prompt_tokens < 1:
-        raise ValueError("the prompt is empty: give at least one token")
-    if num_prompt_tokens >= max_context:
-        raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the model's context is "
-                         f"{max_context} tokens (prompt + new tokens must fit)")
+from minfer.sampling import SamplingParams, finish_reason, make_generator, sample, stop_token_ids
+from minfer.validation import check_context
 
 
 class StopRule:
     """When a request ends: a stop token (EOS unless ignored), ``max_tokens``, or the context length.
 
     ``emit(tok)`` counts one new token (and stamps it in ``metrics``); ``done``
-    turns True on the token that ends the request. The engine applies the same
-    rule per request (``engine/llm_engine.py``), with stop strings on top.
+    turns True on the token that ends the request, ``reason`` says why. The rule is
+    ``sampling.finish_reason``, which the engine applies per request too
+    (``engine/llm_engine.py``), with stop strings on top.
     """
 
     def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids=(),
@@ -51,6 +43,9 @@ class StopRule:
         self.max_new = min(params.max_tokens, model.cfg.max_position_embeddings - len(prompt_ids))
         self.total = len(prompt_ids) + self.max_new          # positions the cache must hold
         self.stop_ids = stop_token_ids(params, eos_token_ids)
+        self.num_prompt, self.max_tokens = len(prompt_ids), params.max_tokens
+        self.max_model_len = model.cfg.max_position_embeddings
+        self.reason: str | None = None                       # "stop" or "length" once done
         self.produced = 0
         self.done = False
         self.metrics, self.clock = metrics, clock
@@ -66,8 +61,9 @@ class StopRule:
         self.produced += 1
         if self.metrics is not None:
             self.metrics.record_token(self.clock())
-        if tok in self.stop_ids or self.produced >= self.max_new:
-            self.done = True
+        self.reason = finish_reason(tok, self.stop_ids, self.produced, self.num_prompt + self.produced,
+                                    self.max_tokens, self.max_model_len)
+        self.done = self.reason is not None
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:

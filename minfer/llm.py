@@ -12,12 +12,14 @@ prompts is served by continuous batching with chunked prefill and preemption.
 The engine, its KV block pool and its prefix cache live as long as the ``LLM``:
 a later call that shares a prefix with an earlier one reuses its blocks.
 
-Two settings take another road, one prompt at a time through the
-single-request loop (``generate.py``) with the same output processor:
-``speculative=...`` (speculative decoding and lookahead are single-request
-loops, ``minfer/speculative``) and ``tensor_parallel_size`` /
-``pipeline_parallel_size`` > 1, where this process drives the other ranks
-through the same loop (``minfer/distributed/runtime.py``).
+``speculative=...`` runs in the engine too: ``SpecDecodeEngine``
+(``minfer/speculative/engine.py``) verifies every running request's proposal
+in one batched forward per step. Under ``tensor_parallel_size`` /
+``pipeline_parallel_size`` > 1 this process is rank 0 of the group and the engine is
+the same, its runner wrapped to broadcast every step to the other ranks
+(``minfer/distributed/engine.py``), so a list of prompts is batched there too.
+``speculative="lookahead"`` (``minfer/speculative/lookahead.py``) takes another road,
+one prompt at a time through its single-request loop with the same output processor.
 """
 from __future__ import annotations
 
@@ -28,13 +30,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from minfer.checkpoints import load_checkpoint
 from minfer.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from minfer.engine.llm_engine import LLMEngine
 from minfer.engine.output import TextOutput
+from minfer.loading import load_model
 from minfer.metrics import RequestStats
-from minfer.model import build_model
-from minfer.sampling import SamplingParams, pair_prompts, stop_token_ids
+from minfer.sampling import SamplingParams, finish_reason, pair_prompts, stop_token_ids
 from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
 
 @dataclass
@@ -86,6 +87,19 @@ class RequestOutput:
         return self.metrics.decode_tokens_per_s
 
 
+def _check_names(attention: str, decode_kernel: str, speculative):
+    """Fail on a bad attention backend, decode kernel or speculative spec before loading -> SpeculativeConfig."""
+    from minfer.attention import get_backend
+    from minfer.attention.paged import DECODE_KERNELS
+    get_backend(attention)
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
+    if speculative is None:
+        return None
+    from minfer.speculative import SpeculativeConfig
+    return SpeculativeConfig.parse(speculative)
+
+
 class LLM:
     """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``):
 
@@ -107,7 +121,7 @@ class LLM:
     compile                 torch.compile the static decode step (needs enforce_eager False or None).
                             The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
                             apart from every step's. On a 2-core CPU it barely pays: SmolLM2 decoded
-                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512 (README).
+                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512.
     max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
                             a decode step whose longest context is longer runs eager
     seed                    requests without their own seed draw one from this seeded sequence
@@ -120,7 +134,7 @@ class LLM:
                             for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
                             batch-1 decode and long prefill chunks keep F.linear. True: every row
                             count; False: off
-    decode_kernel           how eager decode steps read the paged KV pool (``minfer.kv.paged``): "auto"
+    decode_kernel           how eager decode steps read the paged KV pool (``minfer.attention.paged``): "auto"
                             (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
                             in float32, when it builds (g++ and ninja; compiled once per machine), the
                             plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
@@ -134,77 +148,65 @@ class LLM:
                  compile: bool = False, max_seq_len_to_capture: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None,
                  decode_kernel: str = "auto"):
-        # ---- argument checks: fail now, not at generate time (minfer/validation.py)
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                          kv_cache_dtype=kv_cache_dtype)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        from minfer.attention import get_backend
-        get_backend(attention)                                    # fail early on a bad name
-        from minfer.kv.paged import DECODE_KERNELS
-        if decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
-        spec_config = None
-        if speculative is not None:                               # fail early on a bad spec string
-            from minfer.speculative import SpeculativeConfig
-            spec_config = SpeculativeConfig.parse(speculative)
-        from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
-        if quantization is not None:
-            parse_spec(quantization)                              # fail early on a bad name
-        # ---- the model
+                          kv_cache_dtype=kv_cache_dtype)           # fail now, not at generate time
+        self.device, self.dtype, self.model_name = resolve_device(device), resolve_dtype(dtype), model
+        spec_config = _check_names(attention, decode_kernel, speculative)
+        if spec_config is not None:
+            # Verify steps and the lookahead loop run eager: no static path to build.
+            if compile:
+                raise ValueError("compile=True compiles the engine's decode step; speculative decoding runs eager")
+            enforce_eager = True
         self.driver = None                                        # minfer.distributed: rank 0 of a group
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
-            from minfer.distributed.runtime import ParallelConfig, start_driver
-            if quantization is not None or spec_config is not None:
-                raise ValueError("tensor/pipeline parallelism runs without quantization and speculative decoding")
-            cfg, self.model, tokenizer, self.driver = start_driver(
-                model, ParallelConfig(tensor_parallel_size, pipeline_parallel_size), self.dtype, self.device)
-        elif is_quantized_checkpoint(model):                        # written by `minfer quantize`
-            if quantization is not None:
-                raise ValueError(f"{model} is already quantized; leave quantization unset")
-            cfg, self.model, tokenizer = load_quantized_folder(model, device=self.device, dtype=self.dtype)
-        else:
-            cfg, state_dict, tokenizer = load_checkpoint(model, dtype=self.dtype, device="cpu")
-            self.model = build_model(cfg, state_dict, device=self.device, dtype=self.dtype)
-            if quantization is not None:                          # weight-only: swap the linears
-                quantize_model(self.model, quantization)
-        from minfer.kernels import onednn_linear
-        plain_cpu = self.driver is None and self.device.type == "cpu" and self.dtype == torch.float32
-        if prepack:
-            if not plain_cpu:
-                raise ValueError("prepack is for one process on the CPU in float32 "
-                                 f"(got device {self.device}, dtype {self.dtype}, parallel {self.driver is not None})")
-            onednn_linear.pack_linears(self.model)
-        elif prepack is None and plain_cpu and spec_config is None and not compile and onednn_linear.available():
-            onednn_linear.pack_linears(self.model, rows=onednn_linear.BATCHED_ROWS)   # batched steps only
-        self.model_name = model
-        if spec_config is not None or self.driver is not None:
-            # Single-request loops (_run_single) never step the engine: no static path to build, and
-            # under tensor/pipeline parallelism a graph capture here would run collectives alone.
-            if compile:
-                raise ValueError("compile=True compiles the engine's decode step; speculative decoding and "
-                                 "tensor/pipeline parallelism run single-request loops without it")
-            enforce_eager = True
-        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
-                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
-                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
+            cfg, tokenizer, enforce_eager = self._start_parallel(model, tensor_parallel_size, pipeline_parallel_size,
+                                                                 quantization, spec_config, prepack, compile)
+        else:                                                     # minfer/loading.py: every entry point's loader
+            if prepack is None and (spec_config is not None or compile):
+                prepack = False                                   # the default packs for the engine's steps only
+            cfg, self.model, tokenizer = load_model(model, device=self.device, dtype=self.dtype,
+                                                    quantization=quantization, prepack=prepack)
         # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
         self.speculative, self.draft = spec_config, None
         if spec_config is not None and spec_config.method == "draft":
             from minfer.speculative import load_draft
             self.draft = load_draft(self.model, spec_config.draft_model)
+        self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                    block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
+                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
+
+    def _start_parallel(self, model: str, tp: int, pp: int, quantization, spec_config, prepack, compile):
+        """Make this process rank 0 of a tensor/pipeline-parallel group (``minfer/distributed/runtime.py``)
+        -> (config, tokenizer, enforce_eager). The engine's steps are broadcast to the other ranks."""
+        from minfer.distributed.runtime import ParallelConfig, start_driver
+        if quantization is not None or spec_config is not None:
+            raise ValueError("tensor/pipeline parallelism runs without quantization and speculative decoding")
+        if prepack:
+            raise ValueError(f"prepack is for one process on the CPU in float32 (got parallel {tp} x {pp})")
+        if compile:       # every rank would have to capture the same graph, collectives included
+            raise ValueError("compile=True is for one process; tensor/pipeline parallelism runs eager steps")
+        cfg, self.model, tokenizer, self.driver = start_driver(model, ParallelConfig(tp, pp), self.dtype, self.device)
+        return cfg, tokenizer, True
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, **engine_args) -> "LLM":
+    def from_model(cls, model, tokenizer=None, *, attention: str = "sdpa", seed: int = 0, speculative=None,
+                   draft=None, **engine_args) -> "LLM":
         """An ``LLM`` around a model already in memory (``build_model``): tests, lessons, benchmarks.
-        Without a tokenizer, prompts are token-id lists and outputs have no text."""
+        Without a tokenizer, prompts are token-id lists and outputs have no text. ``draft``: the
+        draft model of ``speculative="draft:..."`` (loaded from its name when not given)."""
         self = cls.__new__(cls)
         w = model.model.embed_tokens.weight
         self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
-        self.speculative, self.draft, self.driver = None, None, None
+        self.driver = None
+        if speculative is not None:
+            from minfer.speculative import SpeculativeConfig, load_draft
+            speculative = SpeculativeConfig.parse(speculative)
+            if speculative.method == "draft" and draft is None:
+                draft = load_draft(model, speculative.draft_model)
+        self.speculative, self.draft = speculative, draft
         self._start(model.cfg, tokenizer, attention, seed, **engine_args)
         return self
 
@@ -213,12 +215,14 @@ class LLM:
                kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                compile: bool = False, max_seq_len_to_capture: int | None = None,
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split", decode_kernel: str = "auto") -> None:
-        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long."""
-        if kv_cache_dtype not in ("auto", "int8", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {kv_cache_dtype!r}")
+               attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
+        ``plug_ins``: ``scheduler_cls`` and ``kv_manager_cls`` of ``LLMEngine.from_model``."""
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
-            enforce_eager = not (self.device.type == "cuda" or compile)
+            enforce_eager = not (self.device.type == "cuda" or compile) or (cfg.is_hybrid and not compile)
+        if not enforce_eager and cfg.is_hybrid:     # its fixed-shape step masks every layer with one window
+            raise ValueError("the static decode step (enforce_eager=False, compile=True) takes one window for "
+                             "every layer; this model mixes local and global layers: use enforce_eager=True")
         if compile and enforce_eager:
             raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
                              "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
@@ -228,14 +232,22 @@ class LLM:
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
         self.kv_cache_dtype, self.enforce_eager, self.compile = kv_cache_dtype, enforce_eager, compile
         self._seeds = torch.Generator().manual_seed(seed)
-        self.engine = LLMEngine.from_model(
-            self.model, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        engine_cls, spec = LLMEngine, {}
+        if self.speculative is not None and self.speculative.method != "lookahead":
+            from minfer.speculative.engine import SpecDecodeEngine    # proposals verified in the engine step
+            engine_cls, spec = SpecDecodeEngine, {"speculative": self.speculative, "draft": self.draft}
+        build = engine_cls.from_model
+        if self.driver is not None:                  # rank 0 of a group: every step is broadcast to the others
+            from minfer.distributed.engine import parallel_engine
+            build = parallel_engine
+        self.engine = build(
+            self.model, tokenizer, **spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
             kv_cache_memory=kv_cache_memory_bytes,
             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
             attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
             enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
-            decode_kernel=decode_kernel)
+            decode_kernel=decode_kernel, **plug_ins)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
@@ -243,7 +255,7 @@ class LLM:
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -277,53 +289,40 @@ class LLM:
             engine.no_more_requests(False)
         outs = []
         for i in ids:
-            samples = engine.samples.pop(i)
-            for r in samples:
-                engine.requests.pop(r.request_id, None)
-                engine._text.pop(r.request_id, None)
+            spec_stats = getattr(engine, "spec_stats", {}).get(i)       # before release forgets it
+            samples = sorted(engine.release(i), key=lambda r: r.index)
             first = samples[0]
             outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
                 CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
-                for r in sorted(samples, key=lambda r: r.index)]))
+                for r in samples], spec_stats))
         return outs
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
-        """One prompt through a single-request loop, with the engine's output processor: the
-        speculative loop (``minfer/speculative``), or ``generate_tokens`` driving the other ranks
-        of a tensor/pipeline-parallel group (``minfer/distributed``)."""
-        from minfer.generate import generate_tokens
+        """One prompt through the lookahead loop (``minfer/speculative``), with the engine's output processor."""
+        from minfer.speculative import SpecStats, generate_speculative
         if params.n != 1:
-            raise ValueError("speculative decoding and tensor/pipeline parallelism sample one sequence per "
-                             "prompt; use n=1")
+            raise ValueError("lookahead decoding samples one sequence per prompt; use n=1")
         text_prompt, prompt_ids = self._encode(prompt)
         metrics = RequestStats(arrival_time=time.perf_counter())
-        stats, out = None, TextOutput(self.tokenizer, params.stop)
+        stats, out = SpecStats(), TextOutput(self.tokenizer, params.stop)
         kv = "contiguous" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
         eos = self.tokenizer.eos_token_ids
         stops = stop_token_ids(params, eos)
-        if self.speculative is not None:
-            from minfer.speculative import SpecStats, generate_speculative
-            stats = SpecStats()
-            tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
-                                          eos_token_ids=eos, kv_cache=kv, attention=self.attention,
-                                          stats=stats, metrics=metrics)
-        else:
-            tokens = generate_tokens(self.model, prompt_ids, params, eos_token_ids=eos, kv_cache=kv,
-                                     attention=self.attention, metrics=metrics)
-        if self.driver is not None:        # the other ranks run the same loop, in step with this one
-            tokens = self.driver.run({"prompt_ids": prompt_ids, "params": params, "kv_cache": kv,
-                                      "eos_token_ids": eos, "attention": self.attention,
-                                      "prefill_chunk": None}, tokens)
+        tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
+                                      eos_token_ids=eos, kv_cache=kv, attention=self.attention,
+                                      stats=stats, metrics=metrics)
         token_ids, finish = [], "length"
         for tok in tokens:
             token_ids.append(tok)
-            new, hit = out.add(tok, tok in stops)
+            reason = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
+                                   params.max_tokens, self.config.max_position_embeddings)
+            new, hit = out.add(tok, reason == "stop")
             if on_text and new:
                 on_text(new)
-            if hit or tok in stops:
-                finish = "stop"
+            if hit or reason is not None:
+                finish = "stop" if hit else reason
                 break
-        tokens.close()                     # end the loop now (a parallel driver tells its followers)
+        tokens.close()
         new = out.finish()
         finish = "stop" if out.cut else finish
         if on_text and new:
@@ -332,13 +331,18 @@ class LLM:
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
 
+    @property
+    def _single_request_loop(self) -> bool:
+        """Lookahead decoding runs prompt by prompt (see the module docstring)."""
+        return self.speculative is not None and self.speculative.method == "lookahead"
+
     # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
         check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
-        if self.speculative is not None or self.driver is not None:
+        if self._single_request_loop:
             return [self._run_single(p, sp) for p, sp in zip(prompts, params)]
         return self._run(prompts, params)
 
@@ -347,7 +351,7 @@ class LLM:
         """Generate for one prompt, calling ``on_text`` with each new piece of (sample 0's) text."""
         params = params or SamplingParams()
         check_prompt(prompt)
-        if self.speculative is not None or self.driver is not None:
+        if self._single_request_loop:
             return self._run_single(prompt, params, on_text)
         return self._run([prompt], [params], on_text)[0]
 

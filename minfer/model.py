@@ -5,6 +5,12 @@
                         x = x + mlp(rms_norm(x))       # SwiGLU mixes channels
     logits = lm_head(rms_norm(x))                      # (B, T, vocab)
 
+Gemma 3 is the same loop with the switches of ``ModelConfig`` turned on
+(HF ``models/gemma3/modeling_gemma3.py``, llama.cpp ``src/models/gemma3.cpp``):
+embeddings times sqrt(hidden); a norm on the attention and the MLP outputs too
+(``x = x + norm(attn(norm(x)))``); q and k normalised per head before RoPE;
+RMSNorm by (1 + w); GeGLU; local layers with their own window and RoPE base.
+
 Attention is delegated: each layer computes q, k and v, rotates q and k with
 RoPE, and makes two calls on the KV cache whatever its kind (``minfer.kv.base``):
 ``update`` stores k and v, ``attend`` runs attention through an attention
@@ -42,13 +48,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)                                   # HF casts back before scaling
 
 
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (offset + weight), cast back only at the end
+    (HF ``Gemma3RMSNorm``: weights are stored around 0 and the norm scales by 1 + w)."""
+    xf = x.float()                                                   # (..., d)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return rms_norm_offset(x, self.weight, self.eps, self.offset)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -60,9 +76,12 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation speeds (hd/2,), with Llama-3 / linear scaling when asked."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
+    """Per-pair rotation speeds (hd/2,), with Llama-3 / linear scaling when asked.
+    ``theta`` overrides the base (Gemma's local layers: ``cfg.rope_local_base_freq``, no scaling)."""
     hd = cfg.head_dim
+    if theta is not None:
+        return (1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))).float()
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -198,6 +217,14 @@ class Attention(StackedProjections):
         parts = {"q_proj": nh * hd, "k_proj": nkv * hd, "v_proj": nkv * hd} if self.owns_kv else {"q_proj": nh * hd}
         self._add_projections(h, parts, cfg.attention_bias, "qkv_proj", fused)
         self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        self.window = cfg.window_of(layer_idx)                 # None: global layer
+        if cfg.qk_norm:                                        # Gemma 3: per-head RMSNorm of q and k
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+        # backends scale scores by hd ** -0.5; Gemma asks for query_pre_attn_scalar ** -0.5 (HF
+        # Gemma3Attention.scaling): folded into q, a no-op when the two are equal (Gemma 3 270M)
+        s = cfg.query_pre_attn_scalar
+        self.q_scale = 1.0 if s is None or s == hd else (hd / s) ** 0.5
 
     def forward(self, x, cos, sin, positions, kv_cache: KVCache, view: KVView | None, backend):
         """x (B, T, h) -> (B, T, h); also returns the ``KVView`` later layers of a sharing group reuse."""
@@ -205,41 +232,63 @@ class Attention(StackedProjections):
         cfg = self.cfg
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, *kv = self.project(x)                                           # (B, T, nh*hd) [, 2 x (B, T, nkv*hd)]
-        q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)    # (B, nh, T, hd)
+        q = q.view(B, T, nh, hd)
+        if cfg.qk_norm:
+            q = self.q_norm(q)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        q = apply_rope(q.transpose(1, 2), cos, sin)                       # (B, nh, T, hd)
         if self.owns_kv:      # write the new K/V; read back everything the queries may see
-            k, v = (t.view(B, T, nkv, hd).transpose(1, 2) for t in kv)     # (B, nkv, T, hd) each
+            k, v = (t.view(B, T, nkv, hd) for t in kv)                     # (B, T, nkv, hd) each
+            k = self.k_norm(k) if cfg.qk_norm else k
+            k, v = k.transpose(1, 2), v.transpose(1, 2)                    # (B, nkv, T, hd) each
             view = kv_cache.update(self.kv_layer, apply_rope(k, cos, sin), v, positions)
-        out = kv_cache.attend(self.kv_layer, q, view, positions, backend, window=cfg.sliding_window)
+        out = kv_cache.attend(self.kv_layer, q, view, positions, backend, window=self.window)
         out = out.transpose(1, 2).reshape(B, T, nh * hd)                   # (B, T, nh * hd)
         return self.o_proj(out), view
 
 
 class MLP(StackedProjections):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up in one ``gate_up_proj``."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up in one ``gate_up_proj``.
+    GeGLU (Gemma, ``hidden_act="gelu_pytorch_tanh"``): GELU's tanh approximation in place of silu."""
 
     def __init__(self, cfg: ModelConfig, fused: bool = True):
         super().__init__()
         h, f = cfg.hidden_size, cfg.intermediate_size
         self._add_projections(h, {"gate_proj": f, "up_proj": f}, False, "gate_up_proj", fused)
         self.down_proj = nn.Linear(f, h, bias=False)
+        self.geglu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.project(x)                                         # (..., f) each
-        return self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.geglu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block. With ``sandwich_norm`` (Gemma 2/3) the attention and MLP outputs are
+    normalised too, and HF's names shift: ``post_attention_layernorm`` norms the attention output,
+    ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` surround the MLP."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, fused: bool = True):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        h, eps, off = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset
+        self.sandwich = cfg.sandwich_norm
+        self.input_layernorm = RMSNorm(h, eps, off)
         self.self_attn = Attention(cfg, layer_idx, fused)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, eps, off)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, off)
         self.mlp = MLP(cfg, fused)
 
     def forward(self, x, cos, sin, positions, kv_cache, view, backend):
         a, view = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, view, backend)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sandwich:
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x)), view
+        x = x + self.post_attention_layernorm(a)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, view
 
 
@@ -250,7 +299,7 @@ class _Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class Transformer(nn.Module):
@@ -264,6 +313,8 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_local_base_freq is not None:   # Gemma 3: local layers rotate with their own base
+            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, cfg.rope_local_base_freq), persistent=False)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., h) -> logits (..., vocab). Tied models reuse the embedding matrix,
@@ -287,10 +338,15 @@ class Transformer(nn.Module):
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         backend = get_backend(attention) if isinstance(attention, str) else attention
         x = self.model.embed_tokens(input_ids)                            # (B, T, h)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)        # (B, 1, T, hd) each
+        if self.cfg.embed_scale != 1.0:                                   # Gemma: times sqrt(hidden)
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = {None: rope_cos_sin(self.inv_freq, positions, x.dtype)}   # (B, 1, T, hd) each
+        if hasattr(self, "inv_freq_local"):
+            rope["local"] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
         cache = NO_CACHE if kv_cache is None else kv_cache
         view = None
         for layer in self.model.layers:
+            cos, sin = rope["local" if layer.self_attn.window is not None and "local" in rope else None]
             x, view = layer(x, cos, sin, positions, cache, view, backend)
         if last_only:
             x = x[:, -1:]
@@ -314,11 +370,13 @@ def build_model(cfg: ModelConfig, state_dict: dict | None = None, *, device="cpu
         model = Transformer(cfg, fuse_projections)
     model = model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)
+    if cfg.rope_local_base_freq is not None:
+        model.inv_freq_local = rope_inv_freq(cfg, cfg.rope_local_base_freq).to(device)
     if state_dict is None:
         with torch.no_grad():
             for name, p in model.state_dict().items():
-                if "norm" in name:
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                if "norm" in name:      # the norm's scale near 1: w near 1, or near 0 with Gemma's 1 + w
+                    p.copy_(1.0 - cfg.norm_offset + 0.1 * torch.randn_like(p))
                 else:
                     p.normal_(0.0, 0.02)
     else:

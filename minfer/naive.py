@@ -10,6 +10,10 @@ tested against it.
 It reads the weights from a ``Transformer``'s state dict (HF parameter names)
 and shares no code with ``minfer/model.py`` except the RoPE frequency formula,
 so that a bug in the engine cannot hide by appearing in both.
+
+Gemma 3's features (``ModelConfig``'s docstring lists them) appear here in
+their plainest form: one mask and one RoPE table per layer, the norm offset
+added to the weight, GELU written out with its tanh formula.
 """
 from __future__ import annotations
 
@@ -22,8 +26,13 @@ from minfer.model import rope_inv_freq
 from minfer.sampling import SamplingParams, make_generator, sample
 
 
-def _rmsnorm(x, w, eps):
-    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+def _rmsnorm(x, w, eps, offset=0.0):
+    return (offset + w) * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def _gelu_tanh(x):
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 def _rope(x, pos, inv_freq):
@@ -51,38 +60,51 @@ def naive_forward(weights: dict[str, torch.Tensor], cfg: ModelConfig, token_ids:
     T, nh, nkv, hd = len(token_ids), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group = nh // nkv
     pos = torch.arange(T)
-    inv_freq = rope_inv_freq(cfg)
-    mask = _causal_mask(T, cfg.sliding_window)
-    x = W["model.embed_tokens.weight"][torch.tensor(token_ids)]         # (T, h)
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    scale = 1 / math.sqrt(cfg.query_pre_attn_scalar or hd)
+    x = W["model.embed_tokens.weight"][torch.tensor(token_ids)] * cfg.embed_scale   # (T, h)
 
     def linear(name, inp):
         out = inp @ W[name + ".weight"].T
         return out + W[name + ".bias"] if name + ".bias" in W else out
 
+    def heads(t, n, norm):                    # (T, n*hd) -> n x (T, hd), each RMS-normed if asked
+        hs = [t[:, j * hd:(j + 1) * hd] for j in range(n)]
+        return [_rmsnorm(a, W[norm], eps, off) for a in hs] if cfg.qk_norm else hs
+
     k_heads = v_heads = None
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        h = _rmsnorm(x, W[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        q = linear(p + "self_attn.q_proj", h)                           # (T, nh*hd)
+        mask = _causal_mask(T, cfg.window_of(layer))                    # per layer: local or global
+        inv_freq = rope_inv_freq(cfg, cfg.rope_theta_of(layer) if cfg.rope_local_base_freq else None)
+        h = _rmsnorm(x, W[p + "input_layernorm.weight"], eps, off)
+        q_heads = heads(linear(p + "self_attn.q_proj", h), nh, p + "self_attn.q_norm.weight")
         if cfg.owns_kv(layer):               # cross-layer sharing: later layers of a group reuse these
             k = linear(p + "self_attn.k_proj", h)                       # (T, nkv*hd)
             v = linear(p + "self_attn.v_proj", h)
-            k_heads = [_rope(k[:, j * hd:(j + 1) * hd], pos, inv_freq) for j in range(nkv)]
+            k_heads = [_rope(kh, pos, inv_freq) for kh in heads(k, nkv, p + "self_attn.k_norm.weight")]
             v_heads = [v[:, j * hd:(j + 1) * hd] for j in range(nkv)]
         outs = []
         for head in range(nh):
-            qh = _rope(q[:, head * hd:(head + 1) * hd], pos, inv_freq)   # (T, hd)
+            qh = _rope(q_heads[head], pos, inv_freq)                    # (T, hd)
             kh, vh = k_heads[head // group], v_heads[head // group]
-            scores = qh @ kh.T / math.sqrt(hd)                          # (T, T)
+            scores = qh @ kh.T * scale                                  # (T, T)
             scores = torch.where(mask, scores, torch.tensor(float("-inf")))
             e = torch.exp(scores - scores.max(-1, keepdim=True).values)
             probs = e / e.sum(-1, keepdim=True)                         # explicit softmax
             outs.append(probs @ vh)                                     # (T, hd)
-        x = x + linear(p + "self_attn.o_proj", torch.cat(outs, dim=-1))
-        h = _rmsnorm(x, W[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        a = linear(p + "self_attn.o_proj", torch.cat(outs, dim=-1))
+        if cfg.sandwich_norm:                # Gemma: norm the attention output, then norms around the MLP
+            x = x + _rmsnorm(a, W[p + "post_attention_layernorm.weight"], eps, off)
+            h = _rmsnorm(x, W[p + "pre_feedforward_layernorm.weight"], eps, off)
+        else:
+            x = x + a
+            h = _rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps, off)
         gate = linear(p + "mlp.gate_proj", h)
-        x = x + linear(p + "mlp.down_proj", gate * torch.sigmoid(gate) * linear(p + "mlp.up_proj", h))
-    x = _rmsnorm(x, W["model.norm.weight"], cfg.rms_norm_eps)
+        act = _gelu_tanh(gate) if cfg.hidden_act == "gelu_pytorch_tanh" else gate * torch.sigmoid(gate)
+        m = linear(p + "mlp.down_proj", act * linear(p + "mlp.up_proj", h))
+        x = x + (_rmsnorm(m, W[p + "post_feedforward_layernorm.weight"], eps, off) if cfg.sandwich_norm else m)
+    x = _rmsnorm(x, W["model.norm.weight"], eps, off)
     head = W["model.embed_tokens.weight"] if cfg.tie_word_embeddings else W["lm_head.weight"]
     return x @ head.T                                                   # (T, vocab)
 

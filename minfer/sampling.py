@@ -98,6 +98,18 @@ def stop_token_ids(params: SamplingParams, eos_token_ids=()) -> set[int]:
     return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
 
 
+def finish_reason(tok: int, stop_ids, num_output: int, num_tokens: int, max_tokens: int,
+                  max_model_len: int) -> str | None:
+    """The one stop rule, after ``tok`` was appended: "stop" (a stop token: EOS unless ignored, or
+    one of ``stop_token_ids``), "length" (``max_tokens`` new tokens, or the context is full), or None.
+    Stop strings need the text and are applied on top by the output processor (``TextOutput``)."""
+    if tok in stop_ids:
+        return "stop"
+    if num_output >= max_tokens or num_tokens >= max_model_len:
+        return "length"
+    return None
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator(device="cpu")
     if seed is None:

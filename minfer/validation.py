@@ -139,6 +139,16 @@ def check_prompt(prompt: Any, name: str = "prompt") -> None:
         raise ValueError(f"{name}: token ids must be integers >= 0, got {bad[:5]!r}")
 
 
+def check_context(num_prompt_tokens: int, max_context: int) -> None:
+    """A tokenized prompt: at least one token, and room for one new token in the model's context.
+    The one empty-prompt check: the engine's ``add_request`` and the single-request loops call it."""
+    if num_prompt_tokens < 1:
+        raise ValueError("the prompt is empty: give at least one token")
+    if num_prompt_tokens >= max_context:
+        raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the model's context is "
+                         f"{max_context} tokens (prompt + new tokens must fit)")
+
+
 def check_prompts(prompts: Any) -> None:
     """``LLM.generate``'s first argument: one prompt (str or token ids) or a list of prompts."""
     if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts:

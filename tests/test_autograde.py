@@ -137,25 +137,80 @@ def test_grade_agrees_with_check_everywhere(name):
     _verdicts_agree(name)
 
 
-def test_source_check_catches_imports_and_reaching_around():
+def test_source_check_names_imports_of_the_engine_and_refuses_no_honest_code():
     ex = exercises.get("model.rms_norm")
     assert "engine's own implementation" in source_problem(ex, "import minfer.model as m\n")
     assert "engine's own implementation" in source_problem(ex, "from minfer.model import rms_norm\n")
-    assert "reach around" in source_problem(ex, "import sys\nm = sys.modules['minfer.model']\n")
-    assert "reach around" in source_problem(ex, "m = __import__('minfer')\n")
+    assert source_problem(ex, "import sys\nn = len(sys.modules)\nfor m in model.modules(): pass\n") is None
     assert source_problem(ex, SOLUTIONS["model.rms_norm"]) is None
-    # a helper the lesson hands out may be imported
-    hb = exercises.get("paged.block_hashes")
+    hb = exercises.get("paged.block_hashes")          # its allowed helper may be imported
     assert source_problem(hb, "from minfer.kv.block_pool import hash_block_tokens\n") is None
     assert source_problem(hb, "from minfer.kv.block_pool import block_hashes\n") is not None
 
 
-def test_forwarding_hidden_from_the_source_check_is_caught_while_grading():
+def test_the_engine_cannot_be_imported_where_the_learners_code_runs():
+    """Hidden from the source check, an import of the engine fails in the learner's process."""
     src = ("exec('from minfer.model import rms_norm as _r', globals())\n"
            "def rms_norm(x, w, eps):\n    return _r(x, w, eps)\n")
     verdict = grade_source(exercises.get("model.rms_norm"), src)
+    assert verdict["status"] == "crashed", verdict
+    assert "engine's own implementation" in verdict["message"]
+
+
+def test_a_call_into_the_engine_is_still_named_where_helpers_are_handed_out():
+    """Exercises that hand out helpers (the tiny model, the KV cache) run with minfer importable:
+    there the watch on calls names the engine function an honest mistake calls."""
+    src = ("def greedy_decode(model, prompt_ids, max_new_tokens, eos_id):\n"
+           "    _g = __import__('minfer.generate', fromlist=['x']).generate_tokens\n"
+           "    _p = __import__('minfer.sampling', fromlist=['x']).SamplingParams\n"
+           "    return list(_g(model.inner, list(prompt_ids), _p(temperature=0.0, "
+           "max_tokens=max_new_tokens)))\n")
+    verdict = grade_source(exercises.get("generate.greedy_decode"), src)
     assert verdict["status"] == "engine", verdict
-    assert "minfer.model.rms_norm" in verdict["message"]
+    assert "engine's own implementation" in verdict["message"]
+
+
+# ---------------------------------------------------------------- what the notebook means
+
+STUB_TOP_P = "def top_p(logits, top_p):\n    raise NotImplementedError\n"
+
+
+def _graded(cells: list[str], name: str = "sampling.top_p") -> dict:
+    """Grade ``name`` in a notebook of ``cells`` (the first tagged ``exercise``), as the command does."""
+    from minfer.lessons.autograde import exercise_cells, judge, notebook_context
+    nb = new_notebook(cells=[new_code_cell(cells[0], metadata={"tags": ["exercise"]})]
+                      + [new_code_cell(c) for c in cells[1:]])
+    found = exercise_cells(nb, lesson=exercises.get(name).lesson).get(name)
+    return judge(exercises.get(name), found, notebook_context(nb, skip=found.index) if found else [])
+
+
+def test_a_function_in_a_new_cell_below_the_stub_is_graded():
+    verdict = _graded([STUB_TOP_P, 'check("sampling.top_p", top_p)', SOLUTIONS["sampling.top_p"]])
+    assert verdict["status"] == "passed", verdict
+
+
+def test_the_notebooks_imports_and_constants_run_before_the_function():
+    uses_np = ("def rms_norm(x, weight, eps):\n"
+               "    s = torch.from_numpy(np.asarray(EPS_SCALE, dtype=np.float32))\n"
+               "    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps * s) * weight\n")
+    first = "import numpy as np\nfrom minfer.lessons import check\nEPS_SCALE = 1.0\nx = np.ones(3)\n"
+    verdict = _graded([uses_np, "model = load_the_model()"], "model.rms_norm")
+    assert verdict["status"] == "raised" and "NameError" in verdict["message"]
+    from minfer.lessons.autograde import exercise_cells, judge, notebook_context
+    nb = new_notebook(cells=[new_code_cell(first), new_code_cell(uses_np, metadata={"tags": ["exercise"]})])
+    found = exercise_cells(nb, lesson="01_prefill_and_decode")["model.rms_norm"]
+    context = notebook_context(nb, skip=found.index)
+    assert [src.strip() for _, src in context] == ["import numpy as np",
+                                                   "from minfer.lessons import check", "EPS_SCALE = 1.0"]
+    verdict = judge(exercises.get("model.rms_norm"), found, context)
+    assert verdict["status"] == "passed", verdict
+
+
+def test_a_syntax_error_is_reported_with_its_line():
+    broken = "def top_p(logits, top_p):\n    keep = logits.clone(\n    return keep\n"
+    verdict = _graded([STUB_TOP_P, broken])
+    assert verdict["status"] == "syntax", verdict
+    assert "not valid Python" in verdict["message"] and "line 2" in verdict["message"]
 
 
 def test_check_raises_under_the_autograder(monkeypatch, capsys):

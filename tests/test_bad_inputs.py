@@ -36,7 +36,7 @@ from minfer.cli import main, trim_history
 from minfer.config import ModelConfig
 from minfer.sampling import SamplingParams
 from minfer.serving.batch_job import run_batch
-from minfer.serving.engine import LLMEngine
+from minfer.engine import LLMEngine
 from test_serving import CHAT_TEMPLATE, TOKENIZER_CONFIG, byte_tokenizer_json
 from tiny import tiny_config, tiny_model
 
@@ -521,6 +521,23 @@ def test_batch_rerun_after_random_edits_equals_a_clean_run(tmp_path_factory, tin
     batch(tiny_engine_parts, d / "in.jsonl", d / "out.jsonl")
     batch(tiny_engine_parts, d / "in.jsonl", d / "clean.jsonl")
     assert strip_times(d / "out.jsonl") == strip_times(d / "clean.jsonl")
+
+
+def test_batch_on_a_quantized_folder_gives_llms_tokens(tmp_path, model_dir, capsys):
+    """`minfer batch` loads through LLM (minfer/loading.py): on a folder written by `minfer quantize`
+    it runs the quantized model, and every request gets the tokens LLM gives it."""
+    from minfer.llm import LLM
+    folder = tmp_path / "int8"
+    assert main(["quantize", str(model_dir), str(folder), "--format", "int8"]) == 0
+    prompts = ["one", "two three", "a longer prompt", "x"]
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(_batch_line(str(i), prompt=p, max_tokens=6) for i, p in enumerate(prompts)))
+    rc, err = run_cli(["batch", str(inp), str(outp), "--model", str(folder), "--no-progress"], capsys)
+    assert rc == 0, err
+    got = [json.loads(line)["response"]["body"]["choices"][0]["token_ids"] for line in outp.read_text().splitlines()]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    want = [o.token_ids for o in LLM(str(folder)).generate(prompts, params)]
+    assert got == want        # (a float loader cannot read this folder: its linears are int8 tensors and scales)
 
 
 def test_batch_checks_out_before_the_model_loads(tmp_path, model_dir, capsys, monkeypatch):

@@ -2,7 +2,7 @@
 
 * Decode attention is one backend call per layer whatever the batch size (1, 8, 32 with
   ragged context lengths), counted by a wrapper around the reference backend; each
-  prefill chunk still gets its own call. The old "bucketed" mode makes more calls.
+  prefill chunk still gets its own call.
 * Those logits equal the oracle's: the model run on each whole sequence without a cache.
 * ``prepare_batch``'s vectorized positions / slot mapping / block tables equal the
   per-sequence list formulas (``compute_slot_mapping``) on random block managers,
@@ -92,23 +92,14 @@ def test_a_decode_batch_is_one_kernel_call_per_layer(batch):
         pytest.skip(f"the C++ kernel did not build: {cpu_paged_decode.why_unavailable()}")
     lengths = random.Random(batch).choices(range(1, 70), k=batch)
     model, runner, _, reqs = _runner_with_contexts(lengths, "split", decode_kernel="cpu")
-    calls, kernel = [], runner.cache._kernel
-    runner.cache._kernel = lambda q, *a, **kw: calls.append(q.shape[0]) or kernel(q, *a, **kw)
+    calls, kernel = [], runner.cache.attn.kernel
+    runner.cache.attn.kernel = lambda q, *a, **kw: calls.append(q.shape[0]) or kernel(q, *a, **kw)
     logits = runner.execute([_Chunk(r, n, 1) for r, n in zip(reqs, lengths)], list(range(batch)))
     assert calls == [batch] * model.cfg.num_hidden_layers, calls
     for i, r in enumerate(reqs):
         ids = torch.tensor([r.all_token_ids])
         want = model(ids, torch.arange(ids.shape[1])[None], last_only=True)[0, 0]
         assert torch.allclose(logits[i], want, atol=1e-4), f"sequence {i}: " + describe_diff(logits[i], want)
-
-
-def test_bucketed_mode_makes_one_call_per_length_bucket():
-    """The option kept beside the default: decodes grouped by context length, one call per bucket."""
-    lengths = [3, 5, 17, 40, 65]                   # buckets int(2 log2 (n + 1)): 4, 5, 8, 10, 12
-    _, runner, counter, reqs = _runner_with_contexts(lengths, "bucketed")
-    counter.calls.clear()
-    runner.execute([_Chunk(r, n, 1) for r, n in zip(reqs, lengths)], [0])
-    assert len(counter.calls) == 5 * runner.model.cfg.num_hidden_layers
 
 
 def test_prefill_chunks_keep_their_own_calls_next_to_one_decode_call():

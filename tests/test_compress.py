@@ -123,7 +123,7 @@ def test_a_few_distillation_steps_lower_the_loss_and_save_a_loadable_draft(tmp_p
 
 
 def _random_heads(h, K, seed, scale=0.5):
-    from minfer.compress.medusa import MedusaHeads
+    from minfer.speculative.medusa import MedusaHeads
     heads = MedusaHeads(h, K)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -140,7 +140,7 @@ tree_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=3).map(tu
        copy_prompt=st.booleans())
 def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, copy_prompt):
     """Random (untrained) heads, random trees (repeated paths, shared prefixes, missing ancestors)."""
-    from minfer.compress.medusa import medusa_generate
+    from minfer.speculative.medusa import medusa_generate
     from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpecStats
@@ -158,7 +158,7 @@ def test_medusa_decoding_is_greedy_exact(seed, paths, prompt_len, max_tokens, co
 
 
 def test_medusa_tree_mask_and_acceptance_walk():
-    from minfer.compress.medusa import accept_path, build_tree, tree_tokens
+    from minfer.speculative.medusa import accept_path, build_tree, tree_tokens
     t = build_tree([(0, 0, 0), (1,), (0, 1), (0,), (1,)])       # duplicate (1,), missing ancestor (0, 0)
     assert t.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
     assert t.parent == [0, 0, 1, 1, 3] and t.depth == [1, 1, 2, 2, 3]
@@ -174,7 +174,8 @@ def test_medusa_tree_mask_and_acceptance_walk():
 
 
 def test_medusa_head_training_step_and_save_load(tmp_path):
-    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.medusa import head_loss, train_heads
+    from minfer.speculative.medusa import MedusaHeads
     from minfer.compress.teacher import TeacherCache, build_teacher_cache
 
     model = tiny_model(tiny_config(), seed=1)
@@ -217,7 +218,7 @@ def _feed(model, cache, ids, chunks):
        budget=st.integers(1, 24), chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
        sinks=st.integers(0, 4), gqa=st.booleans())
 def test_eviction_never_exceeds_budget_and_a_big_budget_is_the_full_cache(seed, policy, budget, chunks, sinks, gqa):
-    from minfer.compress.evict import EvictingKVCache
+    from minfer.kv.evict import EvictingKVCache
     from minfer.kv import ContiguousKVCache
 
     cfg = tiny_config(num_key_value_heads=2 if gqa else 4)
@@ -237,7 +238,6 @@ def test_eviction_never_exceeds_budget_and_a_big_budget_is_the_full_cache(seed, 
             assert cache.pos[layer].unique().numel() == cache.num_tokens(layer)
         if policy == "streaming":                      # the sinks are never evicted
             assert set(range(min(sinks, budget, start))) <= set(cache.pos[0][0].tolist())
-    cache.close()
     big = EvictingKVCache(model, 1, sum(chunks), policy, sinks=sinks)
     full = ContiguousKVCache(cfg, 1, sum(chunks))
     torch.testing.assert_close(_feed(model, big, ids, chunks), _feed(model, full, ids, chunks), atol=1e-5, rtol=1e-5)
@@ -245,7 +245,8 @@ def test_eviction_never_exceeds_budget_and_a_big_budget_is_the_full_cache(seed, 
 
 def test_h2o_keeps_the_token_that_gets_the_most_attention():
     """Hand-made queries: position 2 receives almost all attention, so H2O keeps it over older/newer ones."""
-    from minfer.compress.evict import EvictingKVCache
+    from minfer.attention import sdpa_attention
+    from minfer.kv.evict import EvictingKVCache
 
     cfg = tiny_config(num_hidden_layers=1)
     model = tiny_model(cfg, seed=0)
@@ -254,16 +255,44 @@ def test_h2o_keeps_the_token_that_gets_the_most_attention():
     k = torch.zeros(1, nkv, 6, hd)
     k[:, :, 2, 0] = 50.0                                           # key 2 aligned with every query
     v = torch.randn(1, nkv, 6, hd)
-    q = torch.zeros(1, 6, nh * hd)
-    q[..., ::hd] = 1.0                                             # query channel 0 of every head
-    cache._q[0] = q
-    cache._inv_freq = torch.zeros_like(cache._inv_freq)           # no rotation: the dot products are as written
-    cache.update(0, k, v, torch.arange(6)[None])
+    q = torch.zeros(1, nh, 6, hd)
+    q[..., 0] = 1.0                                                # query channel 0 of every head (rotated)
+    pos = torch.arange(6)[None]
+    view = cache.update(0, k, v, pos)
+    assert view.keys.shape[2] == 6                                 # this forward still sees every key
+    out = cache.attend(0, q, view, pos, sdpa_attention)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, pos, pos))   # attention itself is untouched
     kept = cache.pos[0][0].tolist()
     assert 2 in kept and 5 in kept and len(kept) == 3            # heavy hitter + the most recent
-    cache.close()
     with pytest.raises(ValueError, match="policy"):
         EvictingKVCache(model, 1, 3, "lru")
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_h2o_scores_are_the_attention_the_backend_computed(gqa):
+    """H2O's scores after a prefill = the attention weights of the queries and keys the backend was
+    handed (rotated once, by the model), summed over heads and queries."""
+    from minfer.attention import reference_attention
+    from minfer.kv.evict import EvictingKVCache
+
+    cfg = tiny_config(num_hidden_layers=1, num_key_value_heads=2 if gqa else 4)
+    model = tiny_model(cfg, seed=1)
+    seen = []
+
+    def recording(q, k, v, q_pos, k_pos, window=None, scale=None):
+        seen.append((q, k, q_pos, k_pos))
+        return reference_attention(q, k, v, q_pos, k_pos, window, scale)
+
+    cache = EvictingKVCache(model, 1, budget=64, policy="h2o")
+    with torch.no_grad():
+        model(torch.randint(97, (1, 10), generator=torch.Generator().manual_seed(1)), torch.arange(10)[None],
+              kv_cache=cache, attention=recording)
+    q, k, q_pos, k_pos = seen[0]                                           # (1, nh, 10, hd), (1, nkv, 10, hd)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)              # (1, nh, 10, hd)
+    logits = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = k_pos[:, None, None, :] <= q_pos[:, None, :, None]           # (1, 1, 10, 10)
+    weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    torch.testing.assert_close(cache.score[0].double(), weights.sum(dim=(1, 2)), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------ structured pruning
@@ -345,7 +374,7 @@ def test_speculative_medusa_spec_string_loads_heads_and_matches_plain(tmp_path):
 
 def test_h2o_cache_keeps_what_h2o_keep_says():
     """The cache's tensor selection equals the plain-list rule of the exercise."""
-    from minfer.compress.evict import EvictingKVCache, h2o_keep
+    from minfer.kv.evict import EvictingKVCache, h2o_keep
     cfg = tiny_config(num_hidden_layers=1)
     cache = EvictingKVCache(tiny_model(cfg), 1, budget=5, policy="h2o", recent=2)
     g = torch.Generator().manual_seed(0)
@@ -356,7 +385,6 @@ def test_h2o_cache_keeps_what_h2o_keep_says():
         k = torch.randn(1, 2, S, 8)
         cache._keep(0, k, k, pos, scores)
         assert cache.pos[0][0].tolist() == h2o_keep(scores[0].tolist(), 5, 2)
-    cache.close()
 
 
 def test_cli_commands_reject_bad_input_with_one_line(capsys):
@@ -378,7 +406,7 @@ def test_medusa_full_tree_over_a_tiny_vocab_accepts_every_level_and_stays_exact(
     """Vocab 3 and a tree holding every 3-token continuation: each step must accept 3 tokens, so the
     K/V of all accepted nodes must be committed correctly for the output to stay greedy."""
     import itertools
-    from minfer.compress.medusa import medusa_generate
+    from minfer.speculative.medusa import medusa_generate
     from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpecStats
@@ -405,7 +433,8 @@ def test_selfdistill_caches_the_models_own_answers_and_trains_only_on_them(tmp_p
     from test_checkpoints import tiny_tokenizer
 
     from minfer.checkpoints.hf import save_hf_folder
-    from minfer.compress.medusa import MedusaHeads, head_loss, train_heads
+    from minfer.compress.medusa import head_loss, train_heads
+    from minfer.speculative.medusa import MedusaHeads
     from minfer.compress.selfdistill import build_prompts, rows_and_mask, selfdistill
     from minfer.compress.teacher import TeacherCache
     from minfer.llm import LLM
@@ -445,7 +474,7 @@ def test_selfdistill_caches_the_models_own_answers_and_trains_only_on_them(tmp_p
 
 
 def test_medusa_verify_cost_times_every_step_kind():
-    from minfer.compress.medusa_cost import verify_costs
+    from minfer.bench.medusa_cost import verify_costs
     model = tiny_model(tiny_config(), seed=2)
     costs = verify_costs(model, _random_heads(32, 3, 0), list(range(1, 20)), sizes=(1, 4, 7), repeats=2)
     assert set(costs) == {"plain", "T=1", "T=4", "T=7"} and all(v > 0 for v in costs.values())

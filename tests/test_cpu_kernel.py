@@ -1,7 +1,7 @@
 """The C++ paged decode-attention kernel (minfer/kernels/cpu_paged_decode.py) against the plain paths.
 
 * On random pools (GQA, ragged lengths including 0, block sizes 1/16/32, windows) it equals
-  ``paged_decode_reference``, the gather + reference attention.
+  ``paged_attention_reference``, the one reference of paged attention.
 * Through the engine (``decode_kernel="cpu"``), greedy tokens equal the plain gather + SDPA
   path (``decode_kernel="torch"``) and the naive oracle on tiny random models, windows and
   cross-layer KV sharing included.
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from tiny import first_difference, paged_pool, tiny_config, tiny_configs, tiny_model
 
 from minfer.kernels import cpu_paged_decode
-from minfer.kernels.paged_reference import paged_decode_reference
-from minfer.kv.paged import PagedKVCache, resolve_decode_kernel
+from minfer.attention.paged import paged_attention_reference, resolve_decode_kernel
+from minfer.kv.paged import PagedKVCache
 from minfer.llm import LLM
 from minfer.naive import naive_generate
 from minfer.sampling import SamplingParams
@@ -37,7 +37,7 @@ def test_kernel_matches_the_reference(S, nkv, g, hd, bs, data, window):
     lens = data.draw(st.lists(st.integers(0, 70), min_size=S, max_size=S), label="context_lens")
     q, k, v, tables, clens = paged_pool(S, nkv, g, hd, bs, lens, "cpu", torch.float32, seed=S * 7 + hd)
     out = kernel(q, k, v, tables, clens, window=window)
-    ref = paged_decode_reference(q, k, v, tables, clens, window=window)
+    ref = paged_attention_reference(q, k, v, tables, clens, window=window)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -45,7 +45,7 @@ def test_a_deliberately_wrong_table_is_caught():
     """The comparison above can fail: one block replaced by an unused one gives a different answer.
     (Swapping two full blocks would not: without positions, attention ignores the keys' order.)"""
     q, k, v, tables, clens = paged_pool(2, 2, 3, 16, 4, [9, 12], "cpu", torch.float32, seed=3)
-    ref = paged_decode_reference(q, k, v, tables, clens)
+    ref = paged_attention_reference(q, k, v, tables, clens)
     wrong = tables.clone()
     wrong[0, 0] = min(set(range(k.shape[0])) - set(tables.flatten().tolist()))
     assert not torch.allclose(kernel(q, k, v, wrong, clens), ref, atol=1e-3)
@@ -82,7 +82,7 @@ def test_the_engine_on_the_kernel_equals_the_plain_path_and_the_oracle(cfg, seed
     args = dict(block_size=block_size, num_blocks=256, max_num_batched_tokens=24)   # chunked, mixed steps
     fast = LLM.from_model(model, decode_kernel="cpu", **args)
     plain = LLM.from_model(model, decode_kernel="torch", **args)
-    assert fast.engine.runner.cache.decode_kernel == "cpu" and plain.engine.runner.cache._kernel is None
+    assert fast.engine.runner.cache.decode_kernel == "cpu" and plain.engine.runner.cache.attn.kernel is None
     for p, a, b in zip(prompts, fast.generate(prompts, params), plain.generate(prompts, params)):
         assert a.token_ids == b.token_ids, first_difference(a.token_ids, b.token_ids)
         oracle = naive_generate(model.state_dict(), cfg, p, params)
@@ -102,3 +102,12 @@ def test_auto_picks_the_kernel_only_where_it_applies():
         PagedKVCache(cfg, 4, kv_cache_dtype="int8", decode_kernel="cpu")
     with pytest.raises(ValueError, match="decode_kernel must be one of"):
         LLM("no-such-model", decode_kernel="fast")
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A builder killed mid-build leaves torch's ``lock`` file; the next build must not wait on it forever."""
+    from minfer.kernels.cpu_paged_decode import _build_lock
+
+    (tmp_path / "lock").write_text("")
+    with _build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()

@@ -56,11 +56,12 @@ def test_dequantize_matches_gguf_py(qtype, rows, n_blocks, seed, scale, constant
     assert_bit_equal(dequantize(torch.from_numpy(np.array(q)), qtype, x.shape), ref)
 
 
-@pytest.mark.parametrize("qtype, f16_fields", [(T.Q4_K, [(0, 2), (2, 4)]), (T.Q6_K, [(208, 210)])],
-                         ids=["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype, f16_fields", [(T.Q4_K, [(0, 2), (2, 4)]), (T.Q6_K, [(208, 210)]),
+                                               (T.Q5_0, [(0, 2)])],
+                         ids=["Q4_K", "Q6_K", "Q5_0"])
 @settings(max_examples=30, deadline=None)
 @given(n_blocks=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
-def test_k_quants_match_gguf_py(qtype, f16_fields, n_blocks, seed):
+def test_k_quants_and_q5_0_match_gguf_py(qtype, f16_fields, n_blocks, seed):
     """Random block bytes, except the f16 scales, which are set to finite values."""
     rng = np.random.default_rng(seed)
     size = FORMATS[qtype.name].type_size
@@ -81,6 +82,18 @@ def test_q4_1_layout_by_hand():
     block = np.concatenate([np.array([d]).view(np.uint8), np.array([m]).view(np.uint8), packed])
     x = dequantize(torch.from_numpy(block), "Q4_1", (32,))
     assert torch.equal(x, torch.tensor(0.5 * q - 1.0, dtype=torch.float32))
+
+
+def test_q5_0_layout_by_hand():
+    """Value i: low 4 bits in byte 6 + i % 16 (low nibble for i < 16, high for i >= 16),
+    5th bit = bit i of the little-endian uint32 qh; x = d * (q - 16)."""
+    q = (np.arange(32) * 7) % 32                            # the 5-bit values we want
+    qh = np.array([sum(int(q[i] >> 4) << i for i in range(32))], dtype="<u4").view(np.uint8)
+    low = q & 0x0F
+    packed = (low[:16] | (low[16:] << 4)).astype(np.uint8)
+    block = np.concatenate([np.array([np.float16(0.25)]).view(np.uint8), qh, packed])
+    x = dequantize(torch.from_numpy(block), "Q5_0", (32,))
+    assert torch.equal(x, torch.tensor(0.25 * (q - 16), dtype=torch.float32))
 
 
 def test_dequantize_bad_input():
@@ -226,8 +239,8 @@ def test_read_gguf_bad_input(tmp_path):
         hf_name("rope_freqs.weight")
     cfg = tiny_gguf_config()
     sd = {k: torch.zeros(s) for k, s in expected_shapes(cfg).items()}
-    write_tiny_gguf(tmp_path / "q5.gguf", "llama", cfg, sd, embed_type=T.Q5_0)
-    with pytest.raises(ValueError, match=r"q5.gguf: tensor token_embd.weight: .*'Q5_0' is not supported"):
+    write_tiny_gguf(tmp_path / "q5.gguf", "llama", cfg, sd, embed_type=T.Q5_1)
+    with pytest.raises(ValueError, match=r"q5.gguf: tensor token_embd.weight: .*'Q5_1' is not supported"):
         read_gguf(tmp_path / "q5.gguf")
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minfer.lessons import CheckResult, check, exercises, grade
+from minfer.lessons import CheckResult, check, exercises, grade, run
 from minfer.model import rms_norm
 from minfer.sampling import top_p_filter
 from minfer.speculative.prompt_lookup import ngram_propose
@@ -29,9 +29,9 @@ from minfer.generate import generate_tokens
 from minfer.lessons.ex_loops import paged_decode_attention_reference, schedule_step_reference
 from minfer.speculative import generate_speculative
 from minfer.sampling import SamplingParams
-from minfer.compress.evict import h2o_keep
+from minfer.kv.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
-from minfer.compress.medusa import tree_mask
+from minfer.speculative.medusa import tree_mask
 from minfer.bench.machine import mbu
 from minfer.lessons.ex_compilers import pad_to_bucket, qkv_fused
 
@@ -88,7 +88,7 @@ def test_engine_passes_its_exercise(name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)             # the loop exercises run many tiny forwards
     try:
-        exercises.get(name).run(ENGINE[name], max_examples=3 * exercises.get(name).max_examples)
+        run(exercises.get(name), ENGINE[name], max_examples=3 * exercises.get(name).max_examples)
     finally:
         torch.set_num_threads(threads)
 
@@ -256,7 +256,7 @@ def test_unknown_exercise_lists_the_known_ones():
 
 def test_run_raises_assertion_error_with_the_report():
     with pytest.raises(AssertionError, match="wrong answer from rms_norm_with_mean"):
-        exercises.get("model.rms_norm").run(rms_norm_with_mean)
+        run(exercises.get("model.rms_norm"), rms_norm_with_mean)
 
 
 def test_a_broken_reference_is_not_blamed_on_the_learner():
@@ -270,7 +270,7 @@ def test_a_broken_reference_is_not_blamed_on_the_learner():
 def test_the_definition_check_catches_a_wrong_reference():
     """validate() compares with the definition, so the engine test is not circular."""
     with pytest.raises(AssertionError, match="disagrees with the definition"):
-        exercises.get("model.rms_norm").run(rms_norm_without_weight, reference=rms_norm_without_weight)
+        run(exercises.get("model.rms_norm"), rms_norm_without_weight, reference=rms_norm_without_weight)
 
 
 # ---------------------------------------------------------------- top_p

@@ -10,9 +10,9 @@ triton = pytest.importorskip("triton")
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from minfer.attention.reference import reference_attention  # noqa: E402
 from tiny import paged_pool as _pool  # noqa: E402
-from minfer.kernels import paged_decode_attention, paged_decode_reference  # noqa: E402
+from minfer.attention.paged import paged_attention_reference  # noqa: E402
+from minfer.kernels import paged_decode_attention  # noqa: E402
 
 
 @settings(max_examples=12, deadline=None)
@@ -22,21 +22,8 @@ def test_kernel_matches_reference_on_cpu_interpreter(S, nkv, g, hd, bs, data, wi
     lens = data.draw(st.lists(st.integers(0, 70), min_size=S, max_size=S), label="context_lens")
     q, k, v, tables, clens = _pool(S, nkv, g, hd, bs, lens, "cpu", torch.float32, seed=S * 7 + hd)
     out = paged_decode_attention(q, k, v, tables, clens, window=window)
-    ref = paged_decode_reference(q, k, v, tables, clens, window=window)
+    ref = paged_attention_reference(q, k, v, tables, clens, window=window)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_reference_equals_contiguous_attention():
-    """The gathered reference is ordinary attention over each sequence's keys laid out contiguously."""
-    lens = [5, 33, 1]
-    q, k, v, tables, clens = _pool(3, 2, 3, 8, 4, lens, "cpu", torch.float32, seed=0)
-    out = paged_decode_reference(q, k, v, tables, clens)
-    for s, n in enumerate(lens):
-        slots = [int(tables[s, p // 4]) * 4 + p % 4 for p in range(n)]
-        ks = k.reshape(-1, 2, 8)[slots].transpose(0, 1)[None]           # (1, nkv, n, hd)
-        vs = v.reshape(-1, 2, 8)[slots].transpose(0, 1)[None]
-        ref = reference_attention(q[s][None, :, None], ks, vs, torch.tensor([[n - 1]]), torch.arange(n)[None])
-        torch.testing.assert_close(out[s], ref[0, :, 0])
 
 
 def test_bad_shapes_are_named():
@@ -54,7 +41,7 @@ def test_kernel_matches_reference_on_gpu(dtype):
     lens = [1, 17, 300, 1024, 0, 64]
     q, k, v, tables, clens = _pool(6, 3, 3, 64, 16, lens, "cuda", dtype, seed=3)
     out = paged_decode_attention(q, k, v, tables, clens)
-    ref = paged_decode_reference(q, k, v, tables, clens)
+    ref = paged_attention_reference(q, k, v, tables, clens)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 

@@ -78,15 +78,19 @@ def test_student_edition_graders_say_not_implemented(path):
     lesson is found and answers "not implemented yet" (no crash, no pass). Executing the whole
     student notebook is the ``slow`` test above."""
     from minfer.lessons import exercises
-    from minfer.lessons.autograde import find_exercise_cells, grade_source
+    from minfer.lessons.autograde import find_exercise_cells
+    from minfer.lessons.grader import grade
 
     nb = student_notebook(nbformat.read(path, as_version=4))
     cells = find_exercise_cells(nb, lesson=path.stem)
     own = [n for n in exercises.names() if exercises.get(n).lesson == path.stem]
     assert sorted(cells) == sorted(own), f"{path.name}: exercise cells found {sorted(cells)}, registered {own}"
-    for name in own:
-        verdict = grade_source(exercises.get(name), cells[name])
-        assert NOT_IMPLEMENTED in verdict["message"], (name, verdict)
+    for name in own:              # (the grade command's own path is tests/test_autograde.py's)
+        ex, ns = exercises.get(name), {}
+        exec(ex.prelude, ns)
+        exec(cells[name], ns)
+        verdict = grade(ex, ns[ex.function], forbid_engine=True)
+        assert NOT_IMPLEMENTED in verdict.message, (name, verdict.message)
 
 
 @pytest.mark.parametrize("path", LESSON_PARAMS)
@@ -222,6 +226,20 @@ def test_student_edition_main(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert student_edition_main(src.parent, src_dir=src.parent) == 2
     assert "source folder" in capsys.readouterr().err
+
+
+def test_student_edition_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    src = _tiny_lesson(tmp_path / "lessons")
+    mine = tmp_path / "mine" / src.name
+    mine.parent.mkdir()
+    mine.write_text("my own work")
+    assert student_edition_main(mine.parent, src_dir=src.parent) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert mine.read_text() == "my own work"
+    from minfer.lessons.notebooks import nbgrader_edition_main
+    with pytest.raises(ValueError, match="not empty"):
+        nbgrader_edition_main(mine.parent, src_dir=src.parent)
+    assert mine.read_text() == "my own work"
 
 
 def test_student_notebook_leaves_the_input_alone():

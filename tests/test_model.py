@@ -86,3 +86,50 @@ def test_config_round_trips_through_hf_dict():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         tiny_config(**{field: value})
+
+
+# ------------------------------------------------------------ Gemma 3 features
+
+
+def test_gemma_logits_equal_transformers():
+    """Every Gemma 3 switch at once against HF Gemma3ForCausalLM (eager attention), over a
+    sequence longer than the window so local and global layers differ."""
+    from tiny import tiny_gemma_config
+    cfg = tiny_gemma_config(num_hidden_layers=6, query_pre_attn_scalar=20)
+    model = tiny_model(cfg, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(4))
+    ours = model(ids, torch.arange(19).expand(2, 19))
+    ref = hf_logits(cfg, model.state_dict(), ids)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), describe_diff(ours, ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), length=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_gemma_naive_oracle_equals_full_forward(data, length, seed):
+    from tiny import tiny_gemma_configs
+    cfg = data.draw(tiny_gemma_configs())
+    model = tiny_model(cfg, seed=seed % 97)
+    ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    for backend in ("reference", "sdpa"):
+        ours = model(ids, torch.arange(length)[None], attention=backend)[0]
+        ref = naive_forward(model.state_dict(), cfg, ids[0].tolist())
+        assert torch.allclose(ours, ref, atol=1e-4), f"{backend}: {describe_diff(ours, ref)}"
+
+
+def test_gemma_config_round_trips_through_hf_dict():
+    from tiny import tiny_gemma_config
+    cfg = tiny_gemma_config()
+    d = cfg.to_hf()
+    assert d["architectures"] == ["Gemma3ForCausalLM"] and d["hidden_activation"] == "gelu_pytorch_tanh"
+    assert d["rope_parameters"]["sliding_attention"]["rope_theta"] == 1000.0
+    assert ModelConfig.from_hf(d) == cfg
+    assert [cfg.window_of(i) for i in range(4)] == [4, 4, None, 4] and cfg.is_hybrid
+    assert [cfg.rope_theta_of(i) for i in range(4)] == [1000.0, 1000.0, 100000.0, 1000.0]
+
+
+@pytest.mark.parametrize("field,value", [("layer_types", ["full_attention"]), ("hidden_act", "relu"),
+                                         ("norm_offset", 0.5), ("embed_scale", 0.0)])
+def test_bad_gemma_field_names_it(field, value):
+    from tiny import tiny_gemma_config
+    with pytest.raises(ValueError, match=field):
+        tiny_gemma_config(**{field: value})

@@ -42,7 +42,7 @@ def test_nbgrader_metadata_follows_the_schema(path):
         if meta["grade"]:
             graded += 1
             assert meta["locked"] and meta["points"] >= 1
-            assert "assert " in cell.source
+            assert "assert " in cell.source and "### BEGIN HIDDEN TESTS" in cell.source
     names = [n for n in exercises.names() if exercises.get(n).lesson == path.stem]
     assert solutions == graded == len(names)
 
@@ -53,6 +53,31 @@ def rms_norm(x, weight, eps):
     """Normalise the last dim by its root mean square, then scale by weight."""
     xf = x.float()
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight'''
+
+
+def _test_cell(solution: str) -> str:
+    nb = new_notebook(cells=[new_code_cell(solution, metadata={"tags": ["solution"]}),
+                             new_code_cell('check("model.rms_norm", rms_norm)')])
+    return nbgrader_notebook(nb).cells[1].source
+
+
+LYING_CHECK = "def check(*a, **k):\n    return True\n"
+WRONG = "def rms_norm(x, weight, eps):\n    return x * weight\n"
+
+
+def test_a_notebook_that_redefines_check_fails_the_hidden_test(capsys):
+    """The graded cell's hidden test calls the grader's check, imported as it runs."""
+    test = _test_cell(SOLUTION)
+    for solution, passes in ((SOLUTION, True), (WRONG, False)):
+        ns: dict = {}
+        exec(LYING_CHECK, ns)            # the notebook's own check, defined before the test
+        exec("import torch\n" + solution, ns)
+        if passes:
+            exec(test, ns)
+        else:
+            with pytest.raises(AssertionError):
+                exec(test, ns)
+        assert ns["check"](0) is True     # the notebook's check is still its own
 
 
 @pytest.mark.slow
@@ -70,7 +95,8 @@ def test_nbgrader_generate_assignment_and_autograde(tmp_path):
     assert proc.returncode == 0, proc.stderr
     release = nbformat.read(tmp_path / "release" / "l01" / "l01.ipynb", as_version=4)
     assert "rsqrt" not in release.cells[2].source and "NotImplementedError" in release.cells[2].source
-    for student, source in (("alice", SOLUTION), ("bob", None)):
+    assert "HIDDEN" not in release.cells[3].source and "_minfer_check" not in release.cells[3].source
+    for student, source in (("alice", SOLUTION), ("bob", None), ("carol", LYING_CHECK + WRONG)):
         sub = nbformat.read(tmp_path / "release" / "l01" / "l01.ipynb", as_version=4)
         if source is not None:
             sub.cells[2].source = source
@@ -80,5 +106,5 @@ def test_nbgrader_generate_assignment_and_autograde(tmp_path):
     assert proc.returncode == 0, proc.stderr
     from nbgrader.api import Gradebook
     with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
-        scores = {s: gb.find_submission("l01", s).score for s in ("alice", "bob")}
-    assert scores == {"alice": 1.0, "bob": 0.0}
+        scores = {s: gb.find_submission("l01", s).score for s in ("alice", "bob", "carol")}
+    assert scores == {"alice": 1.0, "bob": 0.0, "carol": 0.0}

@@ -145,3 +145,16 @@ def test_quantizing_a_packed_model_unpacks_it_first():
     with torch.no_grad():
         assert torch.equal(plain(ids, torch.arange(5)[None]), packed(ids, torch.arange(5)[None]))
     assert unpack_linears(packed) == 0
+
+
+def test_decode_weight_bytes_counts_a_packed_tied_head():
+    """A tied LM head reads the whole embedding every step, packed or not."""
+    from minfer.bench.quant import decode_weight_bytes
+    cfg = tiny_config(tie_word_embeddings=True)
+    plain, packed = tiny_model(cfg, 0), tiny_model(cfg, 0)
+    pack_linears(packed)
+    assert packed.lm_head is not None
+    emb = plain.model.embed_tokens.weight
+    assert decode_weight_bytes(packed) == decode_weight_bytes(plain)
+    assert decode_weight_bytes(plain) == sum(p.numel() * p.element_size() for p in plain.parameters())
+    assert emb.numel() * emb.element_size() > 0

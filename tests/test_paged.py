@@ -1,10 +1,11 @@
-"""The paged KV cache keeps the math.
+"""The paged KV cache keeps the math: every paged backend equals the one reference.
 
-* Paged attention, all four ways ("split", "bucketed", "gather", "online"), equals
-  attention over contiguous K/V (fp32, atol 1e-4) for random batches of
-  sequences mixing prefill, chunked prefill and decode, random block sizes
-  (block tables deliberately scattered over the pool), MHA/GQA/MQA and
-  sliding windows.
+* Every paged backend (the split plan over the SDPA, reference and flash dense backends, the
+  C++ decode kernel, the online teaching version, the static plan of captured decode steps)
+  equals ``paged_attention_reference`` (fp32, atol 1e-4) for random batches of sequences
+  mixing prefill, chunked prefill and decode with ragged lengths, random block sizes (block
+  tables deliberately scattered over the pool), MHA/GQA/MQA, sliding windows, and unquantized,
+  int8 and fp8 pages. The reference itself equals attention over contiguous K/V.
 * Whole generations through the paged cache (batched, chunked, preempted,
   prefix-cached, forked for n > 1) are tested through ``LLM`` in test_llm.py.
 """
@@ -15,18 +16,24 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tiny import batch_of, describe_diff, tiny_config
 
-from minfer.attention import get_backend, reference_attention
+from minfer.attention import reference_attention
+from minfer.attention.paged import paged_attention_reference
 from minfer.generate import generate_tokens
+from minfer.kernels import cpu_paged_decode
 from minfer.kv import kv_cache_bytes
 from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.kv.paged import PagedKVCache
+from minfer.kv.quantized import STORAGE
 from minfer.sampling import SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
+# (attention_mode, dense backend, decode kernel): every way the engine can attend through pages
+PAGED_BACKENDS = [("split", "sdpa", "torch"), ("split", "reference", "torch"), ("split", "flash", "torch"),
+                  ("split", "sdpa", "cpu"), ("online", "sdpa", "torch")]
 
 
 def scatter_free_list(pool: BlockPool, seed: int) -> None:
@@ -39,21 +46,15 @@ def scatter_free_list(pool: BlockPool, seed: int) -> None:
 # ---------------------------------------------------------------- attention
 
 
-@settings(max_examples=60, deadline=None)
-@given(nkv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3]), hd=st.sampled_from([4, 8]),
-       block_size=st.sampled_from([1, 2, 3, 4, 16]),
-       seqs=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 8)), min_size=1, max_size=4),
-       window=st.one_of(st.none(), st.integers(1, 8)), mode=st.sampled_from(["split", "bucketed", "gather", "online"]),
-       backend=st.sampled_from(["reference", "sdpa", "flash"]), seed=st.integers(0, 2**16))
-def test_paged_attention_equals_contiguous(nkv, group, hd, block_size, seqs, window, mode, backend, seed):
-    """seqs: (tokens already cached, tokens in this forward) per sequence: (0, n) is a prefill,
-    (c, 1) a decode, (c, n) a chunk of a chunked prefill."""
+def paged_case(seqs, nkv, group, hd, block_size, seed, window=None, **cache_args):
+    """A cache holding ``seqs`` [(tokens cached, tokens in this forward)], K/V written by ``update``
+    as the engine writes them -> (cache, meta of the last forward, its q (1, nh, N, hd), K, V, Q)."""
     nh = nkv * group
     cfg = tiny_config(num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd, hidden_size=nh * hd,
-                      num_hidden_layers=1)
+                      num_hidden_layers=1, sliding_window=window)
     gen = torch.Generator().manual_seed(seed)
     blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
-    cache = PagedKVCache(cfg, blocks, block_size, attention_mode=mode)
+    cache = PagedKVCache(cfg, blocks, block_size, **cache_args)
     mgr = KVCacheManager(BlockPool(blocks, block_size, enable_prefix_caching=False))
     scatter_free_list(mgr.pool, seed)
     K = [torch.randn(1, nkv, c + n, hd, generator=gen) for c, n in seqs]     # every key of each sequence
@@ -61,30 +62,74 @@ def test_paged_attention_equals_contiguous(nkv, group, hd, block_size, seqs, win
     Q = [torch.randn(1, nh, n, hd, generator=gen) for c, n in seqs]
     for i, (c, n) in enumerate(seqs):
         assert mgr.allocate(i, [0] * (c + n)) == 0
+    views = []
+    for chunks in ([(i, 0, c) for i, (c, n) in enumerate(seqs) if c > 0], [(i, c, n) for i, (c, n) in enumerate(seqs)]):
+        if chunks:                       # one forward's update: K/V of [(seq, start, n)] written at their slots
+            meta = batch_of(mgr, chunks)
+            cache.set_batch(meta)
+            k = torch.cat([K[i][:, :, s:s + n] for i, s, n in chunks], dim=2)     # (1, nkv, N, hd)
+            v = torch.cat([V[i][:, :, s:s + n] for i, s, n in chunks], dim=2)
+            views.append(cache.update(0, k, v, meta.positions))
+    return cache, meta, views[-1], torch.cat(Q, dim=2), K, V, Q
 
-    def write(chunks):           # one forward's update: K/V of [(seq, start, n)] written at their slots
-        meta = batch_of(mgr, chunks)
-        cache.set_batch(meta)
-        k = torch.cat([K[i][:, :, s:s + n] for i, s, n in chunks], dim=2)     # (1, nkv, N, hd)
-        v = torch.cat([V[i][:, :, s:s + n] for i, s, n in chunks], dim=2)
-        write_view[:] = [cache.update(0, k, v, meta.positions)]
-        return meta
 
-    write_view = []
-    history = [(i, 0, c) for i, (c, n) in enumerate(seqs) if c > 0]
-    if history:
-        write(history)
-    meta = write([(i, c, n) for i, (c, n) in enumerate(seqs)])
-    q = torch.cat(Q, dim=2)                                                     # (1, nh, N, hd)
-    new = write_view[0]
-    out = cache.attend(0, q, new, meta.positions, get_backend(backend), window=window)
+def reference_of(cache, meta, q, window):
+    """``paged_attention_reference`` over what the pool holds (dequantized) -> (1, nh, N, hd)."""
+    k_pool, v_pool = cache.dequantized(0)
+    out = paged_attention_reference(q[0].transpose(0, 1), k_pool, v_pool, meta.block_tables, meta.seq_lens,
+                                    meta.query_lens, window=window)
+    return out.transpose(0, 1)[None]
+
+
+seq_lists = st.lists(st.tuples(st.integers(0, 20), st.integers(1, 8)), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(nkv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3]), hd=st.sampled_from([4, 8]),
+       block_size=st.sampled_from([1, 2, 3, 4, 16]), seqs=seq_lists, window=st.one_of(st.none(), st.integers(1, 8)),
+       backend=st.sampled_from(PAGED_BACKENDS), kv_dtype=st.sampled_from(["auto", "auto", "int8", "fp8"]),
+       seed=st.integers(0, 2**16))
+def test_every_paged_backend_equals_the_reference(nkv, group, hd, block_size, seqs, window, backend, kv_dtype, seed):
+    """seqs: (tokens already cached, tokens in this forward) per sequence: (0, n) is a prefill,
+    (c, 1) a decode, (c, n) a chunk of a chunked prefill."""
+    mode, dense, kernel = backend
+    assume(kv_dtype == "auto" or (kernel == "torch" and STORAGE[kv_dtype] is not None))
+    assume(kernel != "cpu" or cpu_paged_decode.available())
+    cache, meta, view, q, K, V, Q = paged_case(seqs, nkv, group, hd, block_size, seed, attention=dense,
+                                               attention_mode=mode, kv_cache_dtype=kv_dtype, decode_kernel=kernel)
+    assert cache.decode_kernel == kernel
+    out = cache.attend(0, q, view, meta.positions, window=window)
+    ref = reference_of(cache, meta, q, window)
     assert out.shape == q.shape
-    start = 0
+    assert torch.allclose(out, ref, atol=1e-4), describe_diff(out, ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(nkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), block_size=st.sampled_from([1, 3, 4, 16]),
+       cached=st.lists(st.integers(0, 30), min_size=1, max_size=5), window=st.one_of(st.none(), st.integers(1, 8)),
+       dense=st.sampled_from(["sdpa", "reference"]), kv_dtype=st.sampled_from(["auto", "int8"]),
+       seed=st.integers(0, 2**16))
+def test_static_decode_plan_equals_the_reference(nkv, group, block_size, cached, window, dense, kv_dtype, seed):
+    """The fixed-shape plan of captured decode steps (every block of each row, masked on the device)."""
+    cache, meta, view, q, *_ = paged_case([(c, 1) for c in cached], nkv, group, 8, block_size, seed,
+                                          window=window, attention=dense, kv_cache_dtype=kv_dtype)
+    cache.set_static_batch(meta)
+    out = cache.attend(0, q, view, meta.positions, window=window)
+    ref = reference_of(cache, meta, q, window)
+    assert torch.allclose(out, ref, atol=1e-4), describe_diff(out, ref)
+
+
+@settings(max_examples=25, deadline=None)
+@given(nkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), block_size=st.sampled_from([1, 2, 4]),
+       seqs=seq_lists, window=st.one_of(st.none(), st.integers(1, 8)), seed=st.integers(0, 2**16))
+def test_the_reference_equals_contiguous_attention(nkv, group, block_size, seqs, window, seed):
+    cache, meta, view, q, K, V, Q = paged_case(seqs, nkv, group, 4, block_size, seed)
+    out, start = reference_of(cache, meta, q, window), 0
     for i, (c, n) in enumerate(seqs):
-        ref = reference_attention(Q[i], K[i], V[i], torch.arange(c, c + n)[None],
-                                  torch.arange(c + n)[None], window=window)
+        ref = reference_attention(Q[i], K[i], V[i], torch.arange(c, c + n)[None], torch.arange(c + n)[None],
+                                  window=window)
         ours = out[:, :, start:start + n]
-        assert torch.allclose(ours, ref, atol=1e-4), f"sequence {i}: " + describe_diff(ours, ref)
+        assert torch.allclose(ours, ref, atol=1e-5), f"sequence {i}: " + describe_diff(ours, ref)
         start += n
 
 

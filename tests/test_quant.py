@@ -419,8 +419,8 @@ def test_perplexity_rejects_bad_windows():
                                      ("quant.pack_int4", pack_int4),
                                      ("quant.unpack_int4", unpack_int4)])
 def test_engine_passes_the_lesson_exercise(name, fn):
-    from minfer.lessons import get
-    get(name).run(fn, max_examples=50)
+    from minfer.lessons import get, run
+    run(get(name), fn, max_examples=50)
 
 
 # ---------------------------------------------------------------------------

@@ -329,6 +329,108 @@ def test_chi_square_of_the_whole_loop(method):
 
 
 # ---------------------------------------------------------------------------
+# Through the engine: every request proposes, one batched forward verifies them all
+# ---------------------------------------------------------------------------
+
+
+def medusa_heads(tmp_dir, cfg, seed: int, num_heads: int = 3) -> str:
+    """A folder of random Medusa heads for a tiny model (their guesses are poor, which is fine)."""
+    from minfer.speculative.medusa import MedusaHeads
+    heads = MedusaHeads(cfg.hidden_size, num_heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(heads.save(f"{tmp_dir}/medusa-{seed}-{num_heads}"))
+
+
+def engine_spec(model, prompts, params, config, draft=None, **engine_args):
+    """``LLM.from_model(speculative=...)``: the prompts batched through ``SpecDecodeEngine``."""
+    from minfer.llm import LLM
+    llm = LLM.from_model(model, speculative=config, draft=draft, block_size=4, **engine_args)
+    return [o.token_ids for o in llm.generate(prompts, params)], llm
+
+
+def engine_prompts(prompt, vocab):
+    """The drawn prompt and three variations of it, so that requests of different lengths share steps."""
+    return [prompt or [0], list(reversed(prompt)) or [1], prompt + prompt[:3], [(t + 1) % vocab for t in prompt] or [2]]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(setups(), st.sampled_from(["prompt_lookup", "draft", "layers", "medusa"]), st.integers(1, 5),
+       st.integers(0, 99))
+def test_engine_greedy_equals_plain(tmp_path_factory, setup, method, k, seed):
+    """Greedy through the engine equals plain greedy for every request of the batch, every method."""
+    model, prompt, params = setup
+    cfg, draft = model.cfg, None
+    if method == "prompt_lookup":
+        config = SpeculativeConfig("prompt_lookup", num_speculative_tokens=k, prompt_lookup_min=1)
+    elif method == "medusa":
+        config = SpeculativeConfig("medusa", medusa_heads(tmp_path_factory.mktemp("h"), cfg, seed, 1 + k % 3))
+    else:
+        config = SpeculativeConfig("draft", "x", num_speculative_tokens=k)
+        draft = perturbed(model, seed, 0.02) if method == "draft" else layer_skip_draft(model, 1)
+    prompts = engine_prompts(prompt, cfg.vocab_size)
+    got, _ = engine_spec(model, prompts, params, config, draft, max_num_batched_tokens=16 + 8 * (seed % 3))
+    for p, g in zip(prompts, got):
+        want = plain(model, p, params)
+        assert g == want, first_difference(g, want)
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_engine_verifies_eight_requests_in_one_forward_per_step():
+    """8 prompts, one engine: far fewer target forwards than 8 single-request loops, same tokens."""
+    cfg = tiny_config(vocab_size=50)
+    target = lively_model(cfg, 3, 0.3)
+    draft = perturbed(target, 1, 0.02)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50, (6,), generator=g).tolist() for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    config = SpeculativeConfig("draft", "x", num_speculative_tokens=3)
+    calls = count_forwards(target)
+    loops = [spec(target, p, params, config, draft=draft) for p in prompts]
+    loop_forwards, calls[:] = len(calls), []
+    got, llm = engine_spec(target, prompts, params, config, draft)
+    assert got == loops
+    assert len(calls) == llm.engine.num_steps                        # one target forward per engine step
+    assert len(calls) * 4 < loop_forwards, (len(calls), loop_forwards)
+    stats = llm.generate(prompts[:1], params)[0].spec_stats
+    assert stats.num_steps < params.max_tokens - 1 and stats.acceptance_rate > 0.25, stats.summary()
+
+
+@pytest.mark.parametrize("method", ["draft", "prompt_lookup", "medusa"])
+def test_engine_chi_square_of_sampled_tokens(tmp_path, method):
+    """1000 seeded requests, batched: the first 3 tokens (the 2nd and 3rd verified) follow the target's law."""
+    V = 4
+    cfg = tiny_config(vocab_size=V, max_position_embeddings=32)
+    target, draft = lively_model(cfg, 0, 0.5), lively_model(cfg, 1, 0.5)
+    prompt = [1, 2, 3, 1, 2]
+    from minfer.naive import naive_forward
+    sd = target.state_dict()
+    p = lambda seq: torch.softmax(naive_forward(sd, cfg, seq)[-1].double(), -1)  # noqa: E731
+    with torch.no_grad():
+        joint = torch.stack([torch.stack([p(prompt)[a] * p(prompt + [a])[b] * p(prompt + [a, b])
+                                          for b in range(V)]) for a in range(V)])              # (V, V, V)
+    config = {"draft": SpeculativeConfig("draft", "x", num_speculative_tokens=3),
+              "prompt_lookup": SpeculativeConfig("prompt_lookup", num_speculative_tokens=3, prompt_lookup_min=1),
+              "medusa": SpeculativeConfig("medusa", medusa_heads(tmp_path, cfg, 0, 2))}[method]
+    params = [SamplingParams(temperature=1.0, max_tokens=3, seed=s, ignore_eos=True) for s in range(1000)]
+    got, llm = engine_spec(target, [prompt] * len(params), params, config, draft, max_num_seqs=256,
+                           max_num_batched_tokens=2048, enable_prefix_caching=False)
+    counts = torch.zeros(V, V, V)
+    for a, b, c in got:
+        counts[a, b, c] += 1
+    assert llm.engine.num_steps < 30                                 # batched: a handful of steps per wave
+    pvalue = chi_square_pvalue(counts.flatten(), joint.flatten())
+    assert pvalue > 1e-3, f"chi-square p-value {pvalue:.2e}"
+
+
+# ---------------------------------------------------------------------------
 # Edge cases
 # ---------------------------------------------------------------------------
 
@@ -410,6 +512,10 @@ def test_eos_inside_an_accepted_run(method):
     assert got == want, first_difference(got, want)
     if method in ("oracle", "draft:x,gamma=4"):
         assert stats.accepted == [4], "the EOS (token 3) should arrive inside the accepted run 1..4"
+    if method in ("draft:x,gamma=4", "prompt_lookup:k=4"):           # the same through the engine
+        stop = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[eos])
+        [got], llm = engine_spec(model, [prompt], stop, method, draft=model)
+        assert got == want, first_difference(got, want)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 6])
@@ -419,6 +525,8 @@ def test_max_tokens_mid_run(max_tokens, method):
     prompt, params = [3, 1, 4, 1, 5] * 2, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     got = spec(model, prompt, params, method, draft=model)
     assert got == plain(model, prompt, params) and len(got) == max_tokens
+    if "lookahead" not in method:
+        assert engine_spec(model, [prompt, prompt[:7]], params, method, draft=model)[0][0] == got
 
 
 @pytest.mark.parametrize("method", ["draft:x,gamma=4", "prompt_lookup:k=5", "lookahead:W=4,N=4,G=3"])
@@ -431,6 +539,8 @@ def test_context_length_limit(method):
     assert spec(model, prompt, params, method, draft=model) == want
     with pytest.raises(ValueError, match="context"):
         spec(model, list(range(16)), params, method, draft=model)
+    if "lookahead" not in method:
+        assert engine_spec(model, [prompt], params, method, draft=model)[0] == [want]
 
 
 def test_sampling_is_seeded_and_lookahead_is_greedy_only():

@@ -1,10 +1,13 @@
-"""Swap points: the engine runs a learner's function, and only inside ``use``."""
+"""Swap points: the engine runs a learner's function, only inside ``use`` or when built with it."""
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from minfer.lessons import exercises, use
+from minfer.engine.llm_engine import LLMEngine
+from minfer.lessons import engine_args, exercises, use
 from minfer.lessons.swap import SWAP_POINTS, current, original
 from minfer.model import rms_norm
 from minfer.generate import generate_tokens
@@ -13,16 +16,39 @@ from tiny import tiny_config, tiny_model
 
 
 def test_every_target_holds_the_exercises_reference():
-    """The table is true: each target exists and is the function its exercise grades."""
+    """The table is true: each target exists and is the function its exercise grades; each
+    constructor swap point names an argument of the engine's constructor, the one it builds."""
+    engine_params = inspect.signature(LLMEngine.from_model).parameters
     for point in SWAP_POINTS.values():
+        assert bool(point.targets) != bool(point.engine_arg), point.name      # exactly one way in
         for target in point.targets:
             fn = current(target)
-            if fn is None:               # a hook: the engine's own code runs (schedule_step, see below)
-                assert point.name == "schedule_step", target
-                continue
             assert callable(fn), target
             if point.exercise is not None:
                 assert fn is exercises.get(point.exercise).load_reference(), target
+        if point.engine_arg:
+            assert point.engine_arg in engine_params, point.name
+            assert list(engine_args(**{point.name: _slot_mapping})) == [point.engine_arg]
+
+
+def test_the_table_names_only_real_flags():
+    """Every ``--flag`` the table mentions is a flag of ``minfer generate``."""
+    from minfer.cli import build_parser
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
+                    if a[0] == "generate")[1]
+    flags = {s for a in generate._actions for s in a.option_strings}
+    for point in SWAP_POINTS.values():
+        for flag in re.findall(r"--[a-z][a-z-]*", point.when + point.contract):
+            assert flag in flags, f"{point.name}: {flag} is not a flag of minfer generate"
+
+
+def test_engine_points_go_through_the_constructor_only():
+    with pytest.raises(ValueError, match="constructor"):
+        with use(schedule_step=_slot_mapping):
+            pass
+    with pytest.raises(ValueError, match="run them with use"):
+        engine_args(rms_norm=_own_rms_norm)
+    assert engine_args(slot_mapping=None) == {}
 
 
 def test_use_replaces_and_restores_even_on_error():
@@ -30,9 +56,9 @@ def test_use_replaces_and_restores_even_on_error():
         return x
     before = {t: current(t) for p in SWAP_POINTS.values() for t in p.targets}
     with pytest.raises(RuntimeError):
-        with use(rms_norm=mine, attention=mine):
+        with use(rms_norm=mine, top_p=mine):
             assert current("minfer.model:rms_norm") is mine
-            assert current("minfer.attention:BACKENDS[flash]") is mine
+            assert current("minfer.speculative.rejection:top_p_filter") is mine
             assert original("minfer.model:rms_norm") is rms_norm   # the grader's reference
             raise RuntimeError
     assert before == {t: current(t) for p in SWAP_POINTS.values() for t in p.targets}
@@ -53,13 +79,15 @@ def _model():
     return model
 
 
-def _tokens(model, engine=False):
-    """Greedy tokens through the single-request loop, or through the engine (paged KV: the slot mapping)."""
+def _tokens(model, engine=False, **functions):
+    """Greedy tokens through the single-request loop, or through the engine (paged KV), built
+    with the learner's ``functions`` at the constructor swap points."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompt = [1, 5, 9, 2, 7, 30, 41, 3]
     if engine:
         from minfer.llm import LLM
-        return LLM.from_model(model, block_size=4, num_blocks=16).generate([prompt], params)[0].token_ids
+        llm = LLM.from_model(model, block_size=4, num_blocks=16, **engine_args(**functions))
+        return llm.generate([prompt], params)[0].token_ids
     return list(generate_tokens(model, prompt, params))
 
 
@@ -80,35 +108,56 @@ def _calls(fn, log):
     return wrapped
 
 
-@pytest.mark.parametrize("kw, right, wrong", [
-    ({}, {"rms_norm": _own_rms_norm},
-     {"rms_norm": lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)}),
-    ({"engine": True}, {"slot_mapping": _slot_mapping},
-     {"slot_mapping": lambda bt, bs, s, n: [bt[p // bs] * bs + bs - 1 - p % bs for p in range(s, s + n)]}),
-], ids=["rms_norm", "slot_mapping"])
-def test_engine_runs_the_learners_function(kw, right, wrong):
+def test_engine_runs_the_learners_function():
     """Same greedy tokens as the engine with a correct function, different with a wrong one,
     and the learner's function is really called."""
     model = _model()
-    want = _tokens(model, **kw)
+    want = _tokens(model)
     log: list = []
-    name, fn = next(iter(right.items()))
-    with use(**{name: _calls(fn, log)}):
-        assert _tokens(model, **kw) == want
+    with use(rms_norm=_calls(_own_rms_norm, log)):
+        assert _tokens(model) == want
     assert log, "the engine never called the swapped-in function"
-    with use(**wrong):
-        assert _tokens(model, **kw) != want
-    assert _tokens(model, **kw) == want                 # restored
+    with use(rms_norm=lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)):
+        assert _tokens(model) != want
+    assert _tokens(model) == want                 # restored
 
 
-def test_engine_runs_the_learners_attention():
+def test_engine_built_with_the_learners_slot_mapping():
+    """Built with a correct slot mapping: the engine's tokens, every slot from the learner's
+    function; with one that scrambles each block's order: other tokens."""
+    model = _model()
+    want = _tokens(model, engine=True)
+    log: list = []
+    assert _tokens(model, engine=True, slot_mapping=_calls(_slot_mapping, log)) == want
+    assert log, "the engine never called the learner's slot mapping"
+    wrong = lambda bt, bs, s, n: [bt[p // bs] * bs + bs - 1 - p % bs for p in range(s, s + n)]  # noqa: E731
+    assert _tokens(model, engine=True, slot_mapping=wrong) != want
+    assert _tokens(model, engine=True) == want
+
+
+def test_engine_built_with_the_learners_attention():
+    """The paged cache calls the learner's attention backend on the K/V it gathers."""
     from minfer.attention import reference_attention
     model = _model()
-    want = _tokens(model)
-    with use(attention=reference_attention):
-        assert _tokens(model) == want
-    with use(attention=lambda q, k, v, q_pos, k_pos, window=None, scale=None: torch.zeros_like(q)):
-        assert _tokens(model) != want
+    want = _tokens(model, engine=True)
+    log: list = []
+    assert _tokens(model, engine=True, attention=_calls(reference_attention, log)) == want
+    assert log, "the engine never called the learner's attention"
+    zeros = lambda q, k, v, q_pos, k_pos, window=None, scale=None: torch.zeros_like(q)  # noqa: E731
+    assert _tokens(model, engine=True, attention=zeros) != want
+
+
+def test_flash_attention_runs_the_learners_online_softmax_update():
+    """``--attention flash`` in the engine calls the swapped ``online_softmax_update``."""
+    from minfer.attention.flash import online_softmax_update
+    from minfer.llm import LLM
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = LLM.from_model(_model(), attention="flash", block_size=4, num_blocks=16)
+    want = llm.generate([[1, 5, 9, 2, 7]], params)[0].token_ids
+    log: list = []
+    with use(online_softmax_update=_calls(online_softmax_update, log)):
+        assert llm.generate([[1, 5, 9, 2, 7]], params)[0].token_ids == want
+    assert log, "the engine never called the swapped-in online_softmax_update"
 
 
 @pytest.mark.slow      # loads SmolLM2 three times: about a minute
@@ -182,14 +231,13 @@ def test_engine_runs_the_learners_scheduler_step():
     want, preemptions, decisions = _serve(model)
     assert preemptions > 0, "the pool should be small enough to preempt"
     log: list = []
-    with use(schedule_step=_calls(schedule_step_reference, log)):
-        assert _serve(model) == (want, preemptions, decisions)
-        assert _serve(model, enable_prefix_caching=True)[0] == want
-        shared = [[50, 51, 52, 53] + p for p in PROMPTS]          # the first block is the same
-        with pytest.raises(ValueError, match="running requests share KV blocks"):
-            _serve(model, shared, enable_prefix_caching=True)
-    assert len(log) >= len(decisions), "the engine never asked the swapped-in scheduler"
-    assert _serve(model)[2] == decisions                  # restored
+    mine = engine_args(schedule_step=_calls(schedule_step_reference, log))
+    assert _serve(model, **mine) == (want, preemptions, decisions)
+    assert len(log) >= len(decisions), "the engine never asked the learner's scheduler step"
+    assert _serve(model, enable_prefix_caching=True, **mine)[0] == want
+    shared = [[50, 51, 52, 53] + p for p in PROMPTS]          # the first block is the same
+    with pytest.raises(ValueError, match="running requests share KV blocks"):
+        _serve(model, shared, enable_prefix_caching=True, **mine)
 
 
 def _wrong_schedulers():
@@ -209,12 +257,62 @@ def _wrong_schedulers():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", list(_wrong_schedulers()))
 def test_a_wrong_scheduler_step_fails_clearly(name):
-    """A step the pool or the limits cannot honour stops the run with a message naming it,
-    and the engine's own scheduler is back afterwards."""
+    """A step the pool or the limits cannot honour stops the run with a message naming it."""
     fn, kw, error, message = _wrong_schedulers()[name]
-    model = _model()
-    want = _serve(model, **kw)
-    with use(schedule_step=fn):
-        with pytest.raises(error, match=message):
-            _serve(model, **kw)
-    assert _serve(model, **kw) == want
+    with pytest.raises(error, match=message):
+        _serve(_model(), **kw, **engine_args(schedule_step=fn))
+
+
+def test_rebuild_keeps_the_engine_settings_and_runs_the_learners_functions():
+    """``compare_with_engine`` and ``--use-solutions`` build a second engine on the same model:
+    same settings and tokens, the learner's scheduler step and slot mapping called."""
+    from minfer.lessons.ex_loops import schedule_step_reference
+    from minfer.lessons.plug_ins import FunctionSlots, StepScheduler, rebuild
+    from minfer.llm import LLM
+
+    llm = LLM.from_model(_model(), block_size=4, num_blocks=14, max_num_seqs=3, max_num_batched_tokens=16,
+                         enable_prefix_caching=False)
+    slots, steps = [], []
+    twin = rebuild(llm, slot_mapping=_calls(_slot_mapping, slots), schedule_step=_calls(schedule_step_reference, steps))
+    assert twin.model is llm.model
+    assert isinstance(twin.engine.scheduler, StepScheduler)
+    assert isinstance(twin.engine.runner.kv_manager, FunctionSlots)
+    for a, b in ((llm.engine, twin.engine),):
+        assert a.config == b.config
+        assert a.runner.kv_manager.pool.num_blocks == b.runner.kv_manager.pool.num_blocks
+        assert a.runner.kv_manager.block_size == b.runner.kv_manager.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert [o.token_ids for o in twin.generate(PROMPTS, params)] == want
+    assert slots and steps
+    assert type(llm.engine.scheduler) is not StepScheduler          # the first engine is untouched
+
+
+@pytest.mark.slow      # loads SmolLM2 three times
+@pytest.mark.parametrize("lesson, name", [("04_paged_attention", "slot_mapping"),
+                                          ("05_batching_and_metrics", "schedule_step")])
+def test_use_solutions_builds_the_engine_with_the_notebooks_function(smollm2_dir, capsys, lesson, name):
+    from minfer.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "lessons" / f"{lesson}.ipynb"
+    args = ["generate", "The capital of France is", "--model", str(smollm2_dir), "--temperature", "0",
+            "--max-tokens", "8"]
+    assert main(args) == 0
+    engine = capsys.readouterr().out
+    assert main(args + ["--use-solutions", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == engine and f"running the engine with your {name}" in out.err
+
+
+def test_sampling_in_the_engine_runs_the_learners_top_p():
+    """Temperature > 0 with top_p < 1 filters through the swapped ``top_p``; greedy never calls it."""
+    from minfer.llm import LLM
+    from minfer.sampling import top_p_filter
+
+    llm = LLM.from_model(_model(), block_size=4, num_blocks=16)
+    log: list = []
+    with use(top_p=_calls(top_p_filter, log)):
+        llm.generate([[1, 5, 9]], SamplingParams(temperature=0.0, max_tokens=3, top_p=0.9, ignore_eos=True))
+        assert not log
+        llm.generate([[1, 5, 9]], SamplingParams(temperature=0.8, max_tokens=3, top_p=0.9, ignore_eos=True))
+    assert log, "the engine never called the swapped-in top_p"

@@ -218,5 +218,51 @@ def test_eos_ids_include_turn_end_token(tok):
 
 
 def test_tokenizer_from_metadata_rejects_unknown_model():
-    with pytest.raises(ValueError, match="tokenizer.ggml.model 'llama'"):
+    with pytest.raises(ValueError, match="tokenizer.ggml.model 't5'"):
+        tokenizer_from_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ValueError, match="tokenizer.ggml.scores has 0 entries for 1 tokens"):
         tokenizer_from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
+
+
+# ------------------------------------------------------------ SentencePiece vocabularies (Gemma)
+
+
+def spm_reference(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """llama.cpp's SPM tokenizer, plainly: spaces -> "▁"; from single characters, merge the adjacent
+    pair whose concatenation is a token with the highest score (leftmost on ties) until none is left;
+    a piece that is no token becomes its UTF-8 bytes <0xXX>."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    pieces = list(text.replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(pieces) - 1):
+            j = ids.get(pieces[i] + pieces[i + 1])
+            if j is not None and (best is None or scores[j] > best[0]):
+                best = (scores[j], i)
+        if best is None:
+            break
+        i = best[1]
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return [k for p in pieces for k in ([ids[p]] if p in ids else [ids[f"<0x{b:02X}>"] for b in p.encode()])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet="ab c\u00e9", max_size=14), seed=st.integers(0, 2**16))
+def test_spm_vocabulary_tokenizes_as_llama_cpp(text, seed):
+    """A random SentencePiece vocabulary with random scores: the BPE model built from it (merges =
+    every cut of every token, best score first) gives llama.cpp's greedy-by-score ids; byte fallback
+    for the character outside the vocabulary; decoding gives the text back."""
+    import random
+
+    from minfer.checkpoints.gguf_spm import spm_tokenizer_json
+    rng = random.Random(seed)
+    chars = ["a", "b", "c", "\u2581"]
+    words = {"".join(rng.choice(chars) for _ in range(rng.randint(2, 4))) for _ in range(12)}
+    tokens = [f"<0x{b:02X}>" for b in range(256)] + chars + sorted(words)
+    scores = [0.0] * 256 + [rng.uniform(-50, 0) for _ in tokens[256:]]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": [6] * 256 + [1] * (len(tokens) - 256),
+            "tokenizer.ggml.add_space_prefix": False}
+    tok = Tokenizer.from_json(spm_tokenizer_json(meta))
+    assert tok.encode(text) == spm_reference(text, tokens, scores)
+    assert tok.decode(tok.encode(text)) == text

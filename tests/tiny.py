@@ -18,6 +18,39 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def tiny_gemma_config(**kw) -> ModelConfig:
+    """Gemma-3-shaped: MQA, every 3rd layer global (the others a window of 4), QK-norm, sandwich norms,
+    (1 + w) norms, GeGLU, scaled embeddings, a local RoPE base, head_dim apart from hidden / heads."""
+    from minfer.config import gemma3_layer_types
+    n = kw.pop("num_hidden_layers", 4)
+    base = dict(num_hidden_layers=n, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                hidden_size=24, model_type="gemma3_text", layer_types=gemma3_layer_types(n, 3),
+                sliding_window=4, rope_theta=100000.0, rope_local_base_freq=1000.0,
+                query_pre_attn_scalar=16, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
+                hidden_act="gelu_pytorch_tanh", embed_scale=24 ** 0.5, rms_norm_eps=1e-6)
+    base.update(kw)
+    return tiny_config(**base)
+
+
+@st.composite
+def tiny_gemma_configs(draw):
+    """Random Gemma-shaped configs: pattern, window, heads, query scalar and the switches vary."""
+    nh = draw(st.sampled_from([1, 2, 4]))
+    n = draw(st.integers(1, 4))
+    return tiny_gemma_config(
+        num_hidden_layers=n, num_attention_heads=nh, num_key_value_heads=draw(st.sampled_from([1, nh])),
+        head_dim=draw(st.sampled_from([8, 16])), hidden_size=draw(st.sampled_from([16, 24])),
+        layer_types=gemma3_pattern(n, draw(st.integers(1, 3))), sliding_window=draw(st.integers(1, 6)),
+        query_pre_attn_scalar=draw(st.sampled_from([None, 8, 16, 20])),
+        qk_norm=draw(st.booleans()), sandwich_norm=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()))
+
+
+def gemma3_pattern(n: int, every: int) -> list[str]:
+    from minfer.config import gemma3_layer_types
+    return gemma3_layer_types(n, every)
+
+
 @st.composite
 def tiny_configs(draw, window=True, sharing=True):
     """Random small configs: MHA/GQA/MQA, tied or not, bias or not, window and sharing optional."""

@@ -21,6 +21,10 @@ Backends:
   reference  explicit scores, explicit mask, softmax  (the oracle's math)
   sdpa       torch.nn.functional.scaled_dot_product_attention
   flash      FlashAttention-2's tiled online softmax in plain PyTorch
+
+Attention through a paged KV pool (block tables, a flattened batch of many sequences)
+is ``minfer/attention/paged.py``: backends with ``prepare_metadata(batch)`` once per
+step and ``forward(q, k, v, layer)``, which call one of the backends above.
 """
 from __future__ import annotations
 

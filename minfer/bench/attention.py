@@ -68,7 +68,7 @@ def shuffled_pool(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, block_
 
 
 def paged_gather(q: torch.Tensor, kv: torch.Tensor, rows: torch.Tensor, context: int) -> torch.Tensor:
-    """The engine's plain path (``PagedKVCache._blocks`` + ``sdpa``): gather, then folded SDPA."""
+    """The engine's plain path (``PagedKVCache.read_blocks`` + ``sdpa``): gather, then folded SDPA."""
     B, nkv, hd = q.shape[0], kv.shape[3], kv.shape[4]
     both = kv.view(2 * kv.shape[1], -1).index_select(0, rows).view(2, B, -1, nkv, hd)
     keys, values = both[0].transpose(1, 2), both[1].transpose(1, 2)            # (B, nkv, W, hd)

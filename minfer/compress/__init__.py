@@ -6,7 +6,10 @@
     distill.py   a small Llama student trained on the cache (a draft model for speculative decoding)
     medusa.py    Medusa heads on the frozen last hidden state; tree candidates verified in one forward
     prune.py     structured pruning of FFN channels / attention heads, healed by distillation
-    evict.py     KV-cache eviction: attention sinks + window (StreamingLLM), heavy hitters (H2O), SnapKV
 
-Commands: ``minfer distill``, ``minfer medusa train``, ``minfer prune``, ``minfer bench evict``.
+KV-cache eviction (StreamingLLM, H2O, SnapKV) is a cache: ``minfer/kv/evict.py``. What these
+methods buy is measured in ``minfer/bench`` (``minfer prune``, ``minfer medusa cost``,
+``minfer bench evict``).
+
+Commands: ``minfer teacher-cache``, ``minfer distill``, ``minfer medusa train | selfdistill``.
 """

@@ -1,5 +1,4 @@
-"""Small helpers every compression command shares (no heavy imports: the speculative loop imports
-``compress.medusa``, which must not pull the whole LLM front door back in)."""
+"""Small helpers every compression command shares (no heavy imports)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
-"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads (``medusa.py``).
+"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads.
 
-Kept apart from ``medusa.py``, which speculative decoding imports: the commands build an ``LLM``,
-and the algorithm module must not import the front door that imports it.
+The heads live in ``minfer/speculative/medusa.py``, their training in ``medusa.py``; the
+commands build an ``LLM``, so they sit apart from both.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from minfer.compress.medusa import MedusaHeads, train_heads
+from minfer.compress.medusa import train_heads
+from minfer.speculative.medusa import MedusaHeads
 
 # ---------------------------------------------------------------------------------------------- CLI
 
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sizes", default="1,4,7", help="forward sizes T = 1 + tree nodes (default 1,4,7)")
     c.add_argument("--repeats", type=int, default=30)
     c.add_argument("--threads", type=int, default=1)
+    c.set_defaults(module="minfer.bench.medusa_cost")    # a benchmark: minfer.cli runs that module's main
 
 
 def _add_train_arguments(t: argparse.ArgumentParser) -> None:
@@ -67,15 +69,10 @@ def main(args) -> int:
     set_threads(args.threads)
     if args.medusa_cmd == "selfdistill":
         return _main_selfdistill(args)
-    if args.medusa_cmd == "cost":
-        from minfer.compress.medusa_cost import main as cost_main
-        return cost_main(args)
     from minfer.compress.common import log
     from minfer.compress.teacher import TeacherCache
-    from minfer.checkpoints import load_checkpoint
-    from minfer.model import build_model
-    cfg, state_dict, _ = load_checkpoint(args.model, dtype=torch.float32, device="cpu")
-    model = build_model(cfg, state_dict)
+    from minfer.loading import load_model
+    model = load_model(args.model, device="cpu", dtype=torch.float32).model
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
     heads = MedusaHeads(model.cfg.hidden_size, args.heads)
     curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,

@@ -1,4 +1,4 @@
-"""`minfer prune`: structured pruning (whole FFN channels, whole query heads) + healing by distillation.
+"""Structured pruning (whole FFN channels, whole query heads) + healing by distillation.
 
 Unstructured pruning zeroes single weights: the matrices keep their shape, and a
 dense kernel reads the zeros anyway, so nothing gets faster (shown side by side).
@@ -20,17 +20,14 @@ layer loses the same fraction (one ``intermediate_size`` in the config, so the
 pruned model is an ordinary HF Llama folder). Then the pruned model is healed by
 distillation from the unpruned teacher (``distill.train`` on the teacher cache).
 Sheared-LLaMA (Xia et al. 2024) and NVIDIA's Minitron prune and distill this way.
+``minfer prune`` (``minfer/bench/prune.py``) prunes, heals and measures the result.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
-from pathlib import Path
 
 import torch
 
-from minfer.cli_args import float_list
 
 from minfer.model import build_model
 
@@ -148,86 +145,3 @@ def magnitude_sparsify(model, ratio: float):
                 cut = w.abs().flatten().kthvalue(k).values
                 w.masked_fill_(w.abs() <= cut, 0.0)
     return model
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minfer.cli_args import add_model_args
-    add_model_args(p)
-    p.add_argument("--cache", default="weights/compress/teacher")
-    p.add_argument("--ffn-ratios", default="0.25,0.5", help="fractions of FFN channels to remove (comma-separated)")
-    p.add_argument("--heads-per-group", type=int, default=0, help="also remove this many query heads per K/V group")
-    p.add_argument("--heal-minutes", type=float, default=2.0, help="healing budget per pruned model (0: none)")
-    p.add_argument("--max-tokens", type=int, default=48, help="decode tokens per timing run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ppl-chars", type=int, default=4000, help="characters of the pydoc perplexity text")
-    p.add_argument("--out", default="weights/compress/pruned", help="folder for the healed HF checkpoints")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", nargs="?", const="bench_results/prune.json", default=None)
-
-
-def main(args) -> int:
-    import copy
-
-    from minfer.bench.timing import interleaved, table, write_json
-    from minfer.compress.common import log, set_threads
-    from minfer.compress.distill import save_student, train
-    from minfer.compress.teacher import TeacherCache
-    from minfer.eval.perplexity import perplexity, reference_text
-    from minfer.generate import RequestMetrics, generate_tokens
-    from minfer.llm import LLM
-    from minfer.sampling import SamplingParams
-
-    set_threads(args.threads)
-    ratios = float_list(args.ffn_ratios, "--ffn-ratios")
-    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
-    dense, tok = llm.model, llm.tokenizer
-    train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
-    calib = train_cache.batch(range(4)).tokens                           # calibration: training text only
-    ppl_ids = tok.encode(reference_text(args.ppl_chars))                 # pydoc: never trained on
-    ppl = lambda m: perplexity(m, ppl_ids, context=256, stride=128).perplexity  # noqa: E731
-    models = {"dense": dense}
-    for r in ratios:
-        models[f"structured ffn {r:.0%}" + (f" -{args.heads_per_group}h/grp" if args.heads_per_group else "")] = \
-            prune_model(dense, calib, r, args.heads_per_group)[0]
-        models[f"unstructured ffn {r:.0%}"] = magnitude_sparsify(copy.deepcopy(dense), r)
-    prompt = tok.encode(reference_text(600)[-300:])
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-
-    def timer(m):
-        def run():
-            met = RequestMetrics(arrival_time=time.perf_counter())
-            list(generate_tokens(m, prompt, params, metrics=met))
-            t = met.token_times
-            return {"decode_tps": (len(t) - 1) / (t[-1] - t[0])}
-        return run
-
-    log("timing decode, interleaved ...")
-    med = interleaved({n: timer(m) for n, m in models.items()}, repeats=args.repeats, warmup=1, log=log)
-    rows = []
-    for name, m in models.items():
-        row = {"model": name, "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
-               "nonzero_M": sum(int((p != 0).sum()) for p in m.parameters()) / 1e6,
-               "decode_tps": med[name]["decode_tps"], "speedup": med[name]["decode_tps"] / med["dense"]["decode_tps"],
-               "ppl_before": ppl(m), "ppl_healed": None}
-        if name.startswith("structured") and args.heal_minutes > 0:
-            log(f"healing {name} for {args.heal_minutes} min ...")
-            curve = train(m, train_cache, heldout, minutes=args.heal_minutes, batch=1, lr=2e-4,
-                          eval_every=10 ** 9, log=log)
-            row["ppl_healed"] = ppl(m)
-            row["heal_steps"] = curve[-1]["step"]
-            save_student(m, Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("/", ""),
-                         args.model, curve)
-        rows.append(row)
-        log(str(row))
-    print(table(rows, [("model", "model", "{:>30}"), ("params_M", "params M", "{:.1f}"), ("nonzero_M", "nonzero M", "{:.1f}"),
-                       ("decode_tps", "tok/s", "{:.1f}"), ("speedup", "x dense", "{:.2f}"),
-                       ("ppl_before", "ppl", "{:.2f}"), ("ppl_healed", "ppl healed", "{:.2f}")]))
-    print(f"\nperplexity: first {args.ppl_chars} chars of pydoc_data.topics (never trained on), context 256, stride 128; "
-          f"threads {torch.get_num_threads()}; shared machine")
-    if args.json:
-        write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
-                                                                              if isinstance(v, (int, float, str))}})
-    return 0

@@ -8,7 +8,7 @@ prefill/decode disaggregation.
     pipeline.py         PipelineStage: a rank's layers, hidden states by send/recv, micro-batches
     disagg.py           a prefill worker and a decode worker, K/V blocks sent point to point
     runtime.py          the driver and its followers: LLM(tensor_parallel_size=N), torchrun
-    engine.py           LLMEngine under TP: the driver broadcasts each scheduled step, followers run it
+    engine.py           LLMEngine under TP or PP: the driver broadcasts each scheduled step, followers run it
     checks.py, measure.py   multi-process checks (tests, lesson) and measurements (bench parallel)
 
 Lesson 11 (``lessons/11_parallelism.ipynb``) walks through all of it.
@@ -25,7 +25,7 @@ from minfer.distributed.layers import (
     shard_weight,
 )
 from minfer.distributed.pipeline import PipelineStage, bubble_fraction, stage_layers
-from minfer.distributed.runtime import ParallelConfig, follow
+from minfer.distributed.runtime import ParallelConfig
 from minfer.distributed.tensor_parallel import (
     SafetensorsSource,
     StateDictSource,
@@ -40,5 +40,5 @@ __all__ = ["DriverRunner", "follow_engine", "parallel_engine", "COMM_STATS", "Di
            "init_distributed", "launch", "admit_prefilled", "decode_worker",
            "prefill_worker", "ColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RowParallelLinear",
            "VocabParallelEmbedding", "shard_weight", "PipelineStage", "bubble_fraction", "stage_layers",
-           "ParallelConfig", "follow", "SafetensorsSource", "StateDictSource", "allreduce_bytes_per_token",
+           "ParallelConfig", "SafetensorsSource", "StateDictSource", "allreduce_bytes_per_token",
            "build_tp_model", "check_tp_size", "load_tp_checkpoint", "shard_model"]

@@ -201,48 +201,32 @@ def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
 # ---------------------------------------------------------------------------
 
 
-def dying_rank_worker(rank: int, world: int, out_path, mode: str = "llm", die_after: int = 3) -> None:
-    """Rank 1 follows the driver for ``die_after`` tokens (mode "llm": the single-request loop) or
-    steps (mode "engine": the serving engine), then its process exits. Rank 0 must get a
-    DistributedError (not hang); it records the message, how long it waited, and (engine) the
-    finish reasons of the requests that were in flight."""
+def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> None:
+    """Rank 1 follows the serving engine's driver for ``die_after`` steps, then its process exits.
+    Rank 0 must get a DistributedError (not hang); it records the message, how long it waited,
+    and the finish reasons of the requests that were in flight."""
     import os
     import time
 
     from minfer.distributed.engine import follower_runner, parallel_engine, run_step
-    from minfer.distributed.runtime import Driver, ParallelConfig
     cfg = tiny_config()
     shard = build_tp_model(cfg, StateDictSource(random_model(cfg).state_dict()), rank, world)
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     if rank == 1:
-        if mode == "llm":
-            req = comm.broadcast_object(None)
-            for i, _ in enumerate(generate_tokens(shard, req["prompt_ids"], params)):
-                if i == die_after:
-                    os._exit(0)                               # no goodbye: the process is gone
-                comm.broadcast_object(None)
         runner = follower_runner(shard)
         for _ in range(die_after):
             run_step(runner, comm.broadcast_object(None))
-        os._exit(0)
+        os._exit(0)                                           # no goodbye: the process is gone
     t0, got, error, reasons = time.perf_counter(), [], None, None
     try:
-        if mode == "llm":
-            driver = Driver(ParallelConfig(tensor_parallel_size=world))
-            driver.closed = True                              # nobody left to tell
-            request = {"prompt_ids": [1, 2, 3], "params": params}
-            for tok in driver.run(request, generate_tokens(shard, request["prompt_ids"], params)):
-                got.append(tok)
-        else:
-            engine = parallel_engine(shard, num_blocks=64, block_size=4, eos_token_ids=())
-            for p in ([1, 2, 3], [4, 5, 6, 7]):
-                engine.add_request(p, params)
-            for out in engine.stream():
-                got.extend(out.new_token_ids)
+        engine = parallel_engine(shard, num_blocks=64, block_size=4, eos_token_ids=())
+        for p in ([1, 2, 3], [4, 5, 6, 7]):
+            engine.add_request(p, params)
+        for out in engine.stream():
+            got.extend(out.new_token_ids)
     except comm.DistributedError as e:
         error = str(e)
-        if mode == "engine":
-            reasons = [r.finish_reason for r in engine.requests.values()]
+        reasons = [r.finish_reason for r in engine.requests.values()]
     _save(rank, out_path, {"error": error, "tokens": got, "seconds": time.perf_counter() - t0,
                            "finish_reasons": reasons})
 

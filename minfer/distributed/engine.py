@@ -94,9 +94,12 @@ def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_k
     return engine
 
 
-def follower_runner(model) -> ModelRunner:
-    """Receive the driver's setup and build the same kind of runner (KV pool for this rank's heads)."""
+def follower_runner(model) -> ModelRunner | None:
+    """Receive the driver's setup and build the same kind of runner (KV pool for this rank's heads);
+    None when the driver shut down before building its engine."""
     setup = comm.broadcast_object(None)
+    if setup is None:
+        return None
     return ModelRunner(model, setup["num_blocks"], setup["block_size"], attention=setup["attention"],
                        attention_mode=setup["attention_mode"], kv_cache_dtype=setup["kv_cache_dtype"],
                        decode_kernel=setup["decode_kernel"])
@@ -106,7 +109,7 @@ def follow_engine(model) -> int:
     """A follower's loop: run every broadcast step until the driver sends None. Returns the number of steps."""
     runner = follower_runner(model)
     steps = 0
-    while (step := comm.broadcast_object(None)) is not None:
+    while runner is not None and (step := comm.broadcast_object(None)) is not None:
         run_step(runner, step)
         steps += 1
     return steps

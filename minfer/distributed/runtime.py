@@ -1,21 +1,22 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
 
-    driver (rank 0)                           followers (ranks 1..N-1)
-    LLM.stream(prompt)                        follow():
-      broadcast (prompt ids, params, ...) ──>   receive the request
-      generate_tokens(model shard)              generate_tokens(model shard)   <- same loop, same
-        all-reduce / all-gather  <──────────>     all-reduce / all-gather         collectives
-      after each token: broadcast go/stop ──>   continue or stop with the driver
-    shutdown(): broadcast None ─────────────>   return
+    driver (rank 0)                               followers (ranks 1..N-1)
+    LLM(...): the serving engine, its runner      follow_engine(shard):
+      a DriverRunner (distributed/engine.py)
+    LLM.generate(prompts): every engine step
+      broadcast (flattened batch) ──────────────>   receive the step
+      forward on its shard / stage                  forward on theirs
+        all-reduce / send-recv  <──────────────>      the same collectives
+    shutdown(): broadcast None ─────────────────>   return
 
-Every rank runs the same single-request loop on its own shard and samples the same
-token from the same (all-gathered) logits; the driver alone decides when a request
-ends (it also applies stop strings, which need the text), and says so after every
-token. This is vLLM's executor pattern (``vllm/v1/executor/multiproc_executor.py``:
-the driver broadcasts the scheduled step, workers run it) for one request at a time.
+The driver alone schedules, samples and applies stop rules (stop strings need the text);
+followers run each step it sends, so a list of prompts is batched under tensor and pipeline
+parallelism exactly as in one process. This is vLLM's executor pattern
+(``vllm/v1/executor/multiproc_executor.py``: the driver broadcasts the scheduled step,
+workers run it).
 
 Two ways in: ``torchrun --nproc-per-node N -m minfer.cli generate ...`` (every rank
-is started by torchrun; rank 0 runs the command, the others ``follow``), or
+is started by torchrun; rank 0 runs the command, the others follow), or
 ``LLM(..., tensor_parallel_size=N)`` in an ordinary process, which becomes rank 0
 and spawns the N-1 followers itself.
 """
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from minfer.distributed import comm
+from minfer.distributed.engine import follow_engine
 
 
 @dataclass
@@ -56,11 +58,10 @@ def load_parallel_model(model: str, pc: ParallelConfig, rank: int, dtype, device
     if pc.tensor_parallel_size > 1:
         from minfer.distributed.tensor_parallel import load_tp_checkpoint
         return load_tp_checkpoint(model, rank, pc.tensor_parallel_size, dtype=dtype, device=device)
-    from minfer.checkpoints import load_checkpoint
     from minfer.distributed.pipeline import PipelineStage
-    from minfer.model import build_model
-    cfg, sd, tok = load_checkpoint(model, dtype=dtype, device="cpu")
-    return cfg, PipelineStage(build_model(cfg, sd, device=device, dtype=dtype), rank, pc.pipeline_parallel_size), tok
+    from minfer.loading import load_model
+    cfg, full, tok = load_model(model, device=device, dtype=dtype)
+    return cfg, PipelineStage(full, rank, pc.pipeline_parallel_size), tok
 
 
 # ---------------------------------------------------------------------------
@@ -72,23 +73,12 @@ DRIVERS: list["Driver"] = []      # this process's drivers (torchrun_main shuts 
 
 
 class Driver:
-    """Rank 0's handle on the group: sends each request, then a go/stop after every token."""
+    """Rank 0's handle on the group: the followers it spawned, and the shutdown that ends them."""
 
     def __init__(self, pc: ParallelConfig, procs=()):
         self.pc, self.procs, self.closed = pc, list(procs), False
         DRIVERS.append(self)
         atexit.register(self.shutdown)
-
-    def run(self, request: dict, tokens):
-        """Broadcast ``request``, then yield from ``tokens`` in lockstep with the followers."""
-        comm.broadcast_object(request)
-        for tok in tokens:
-            try:
-                yield tok
-            except GeneratorExit:                 # the caller stopped (stop string, EOS, ...)
-                comm.broadcast_object(False)
-                raise
-            comm.broadcast_object(True)
 
     def shutdown(self) -> None:
         """Tell the followers to return; wait for spawned ones; leave the group."""
@@ -111,7 +101,7 @@ def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
     comm.init_distributed(None, timeout_s)
     _, shard, _ = load_parallel_model(model, pc, rank, dtype, device)
     try:
-        follow(shard)
+        follow_engine(shard)
     except comm.DistributedError:
         comm.exit_now(3)              # the driver is gone: nobody to report to
     comm.leave_group()
@@ -130,7 +120,7 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
             raise ValueError(f"torchrun started {world} processes but tensor_parallel_size x "
                              f"pipeline_parallel_size = {pc.world_size}")
         if rank != 0:
-            raise ValueError("only rank 0 builds the LLM; other ranks call minfer.distributed.follow")
+            raise ValueError("only rank 0 builds the LLM; other ranks call minfer.distributed.follow_engine")
     else:
         import torch.multiprocessing as mp
         port = comm.free_port()
@@ -157,27 +147,6 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
 # ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def follow(model) -> int:
-    """Serve the driver's requests on this rank's ``model`` until it says shut down; returns how many."""
-    from minfer.generate import generate_tokens
-    served = 0
-    while True:
-        req = comm.broadcast_object(None)
-        if req is None:
-            return served
-        tokens = generate_tokens(model, req["prompt_ids"], req["params"], eos_token_ids=req["eos_token_ids"],
-                                 kv_cache=req["kv_cache"], attention=req["attention"],
-                                 prefill_chunk=req["prefill_chunk"])
-        try:
-            for _ in tokens:
-                if not comm.broadcast_object(None):
-                    break
-        except ValueError:          # bad request (e.g. too long): the driver raised the same error
-            continue
-        served += 1
-
-
 def torchrun_main(args) -> int:
     """``torchrun --nproc-per-node N -m minfer.cli generate ...``: rank 0 runs the command
     with ``tensor_parallel_size=N`` (or ``--pipeline-parallel``: N stages), the others follow."""
@@ -202,7 +171,7 @@ def torchrun_main(args) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         _, shard, _ = load_parallel_model(args.model, pc, rank, resolve_dtype(args.dtype), device)
-        follow(shard)
+        follow_engine(shard)
         return 0
     except comm.DistributedError as e:
         print(f"minfer: error: {e}", file=sys.stderr)

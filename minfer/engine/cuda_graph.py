@@ -19,8 +19,9 @@ n - S rows after them are *padding*::
     block_tables  [[..],[..],[..],[scratch ..]]         and its logits are never sampled.
 
 The scratch slot lies in a block the pool reserved for this (``BlockPool.reserve_block``),
-so a padded row can never overwrite a sequence's K/V. Attention is planned by
-``PagedKVCache.set_static_batch``: every row attends over the full width of the block
+so a padded row can never overwrite a sequence's K/V. Attention is planned by the paged
+backend's ``prepare_static_metadata`` (``minfer/attention/paged.py``, through
+``PagedKVCache.set_static_batch``): every row attends over the full width of the block
 table (``max_blocks * block_size`` keys), the keys past its context masked, with no
 host read anywhere, so the whole step can be captured.
 

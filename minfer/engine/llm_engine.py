@@ -42,8 +42,9 @@ from minfer.engine.output import TextOutput
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
-from minfer.sampling import SamplingParams, pair_prompts, sample_rows
-from minfer.validation import check_prompt
+from minfer.kv.block_pool import KVCacheManager
+from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
+from minfer.validation import check_context, check_prompt
 
 
 @dataclass
@@ -68,10 +69,11 @@ class LLMEngine:
 
     def __init__(self, runner, scheduler_config: SchedulerConfig | None = None, *, tokenizer=None,
                  eos_token_ids: Iterable[int] | None = None, max_model_len: int | None = None,
-                 sliding_window: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 sliding_window: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 scheduler_cls: Callable[..., Scheduler] = Scheduler):
         self.runner = runner
         self.config = scheduler_config or SchedulerConfig()
-        self.scheduler = Scheduler(self.config, runner.kv_manager, clock=clock, sliding_window=sliding_window)
+        self.scheduler = scheduler_cls(self.config, runner.kv_manager, clock=clock, sliding_window=sliding_window)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -94,7 +96,8 @@ class LLMEngine:
                    clock: Callable[[], float] = time.perf_counter,
                    wrap_runner: Callable[[ModelRunner], object] | None = None, enforce_eager: bool = True,
                    compile: bool = False, max_seq_len_to_capture: int | None = None,
-                   decode_kernel: str = "auto") -> "LLMEngine":
+                   decode_kernel: str = "auto", scheduler_cls: Callable[..., Scheduler] = Scheduler,
+                   kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager) -> "LLMEngine":
         """An engine over a minfer ``Transformer``.
 
         num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
@@ -103,8 +106,11 @@ class LLMEngine:
         tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
         enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
         ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
-        decode_kernel: how eager decode steps read the pool (``minfer.kv.paged.resolve_decode_kernel``):
+        decode_kernel: how eager decode steps read the pool (``minfer.attention.paged.resolve_decode_kernel``):
         "auto" = the C++ kernel on a CPU in float32 when it builds, gather + SDPA otherwise.
+        scheduler_cls, kv_manager_cls: the classes (or any callables with their constructors'
+        arguments) that decide each step and own the block tables: another scheduling policy
+        or slot layout plugs in here, as lessons 04 and 05 plug in the learner's.
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -119,11 +125,13 @@ class LLMEngine:
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                              attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
                              enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, compile=compile,
-                             max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
+                             max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel,
+                             kv_manager_cls=kv_manager_cls)
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                   max_model_len=cfg.max_position_embeddings, sliding_window=cfg.sliding_window, clock=clock)
+                   max_model_len=cfg.max_position_embeddings, clock=clock, scheduler_cls=scheduler_cls,
+                   sliding_window=None if cfg.is_hybrid else cfg.window_of(0))   # global layers keep every block
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -171,17 +179,13 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs an engine with a tokenizer; pass token ids instead")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, [int(t) for t in prompt]
         vocab = self.runner.vocab_size
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is "
-                             f"{self.max_model_len} tokens (prompt + new tokens must fit)")
+        check_context(len(ids), self.max_model_len)
         pool = self.runner.kv_manager.pool
         bs, max_new = pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
         need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \
@@ -288,7 +292,7 @@ class LLMEngine:
             row_of += [r] * len(group)
         if row_of != list(range(len(logits))):                                 # n > 1: a row per sample
             logits = logits.index_select(0, to_device(row_of, logits.device, torch.long))
-        # the step's one host sync: the sampled token ids come back (issue 13; tests/test_cuda_graph.py)
+        # the step's one host sync: the sampled token ids come back (tests/test_cuda_graph.py)
         toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
         return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 
@@ -310,12 +314,10 @@ class LLMEngine:
     def _append_token(self, req: Request, tok: int, now: float) -> StepOutput:
         req.output_token_ids.append(tok)
         req.stats.record_token(now)
-        status = None
-        stop_token = tok in req.stop_token_ids
-        if stop_token:
-            status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
+        reason = finish_reason(tok, req.stop_token_ids, req.num_output_tokens, req.num_tokens,
+                               req.params.max_tokens, self.max_model_len)
+        stop_token = reason == "stop"
+        status = {None: None, "stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}[reason]
         new_text = ""
         text = self._text.get(req.request_id)
         if text is not None:

@@ -57,8 +57,6 @@ class Request:
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.prompt_token_ids:
-            raise ValueError(f"request {self.request_id!r}: the prompt is empty")
         self.stats = RequestStats(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
         # One generator per request: its samples depend on its seed only, never on the batch.
         self.generator = make_generator(self.params.seed)

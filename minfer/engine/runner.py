@@ -24,12 +24,11 @@ vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from minfer.devices import to_device
-from minfer.kv import block_pool
 from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
@@ -61,11 +60,7 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     bs = kv_manager.block_size
     cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
     tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows
-    if block_pool.compute_slot_mapping is block_pool.ENGINE_COMPUTE_SLOT_MAPPING:
-        slots = tables[seq_of, positions // bs] * bs + positions % bs         # (N,) the slot formula, batched
-    else:   # a learner's compute_slot_mapping swapped in by a lesson: run it, chunk by chunk
-        slots = torch.tensor([x for c in chunks for x in kv_manager.slot_mapping(
-            c.request.request_id, c.start, c.num_tokens)], dtype=torch.long)
+    slots = kv_manager.batch_slot_mapping(chunks, tables, seq_of, positions)  # (N,) where each K/V goes
     device_tables = tables if kv_manager.tables.device.type == "cpu" else \
         kv_manager.tables.device_table()[to_device(rows, device, torch.long), :cols]
     # Every input goes to the device by a copy the host does not wait for (minfer.devices.to_device).
@@ -94,13 +89,14 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
                  attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",
                  enforce_eager: bool = True, max_num_seqs: int = 32, compile: bool = False,
-                 max_seq_len_to_capture: int | None = None, decode_kernel: str = "auto"):
+                 max_seq_len_to_capture: int | None = None, decode_kernel: str = "auto",
+                 kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager):
         self.model, self.attention = model, attention
         w = model.model.embed_tokens.weight
         scratch = 0 if enforce_eager else 1                     # the static path's scratch block
         self.cache = PagedKVCache(model.cfg, num_blocks + scratch, block_size, dtype=w.dtype, device=w.device,
-                                  attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
-                                  decode_kernel=decode_kernel)
+                                  attention=attention, attention_mode=attention_mode,
+                                  kv_cache_dtype=kv_cache_dtype, decode_kernel=decode_kernel)
         pool = BlockPool(num_blocks + scratch, block_size, enable_prefix_caching)
         self.static = None
         if not enforce_eager:
@@ -117,7 +113,7 @@ class ModelRunner:
                 warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
         elif compile:
             raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
-        self.kv_manager = KVCacheManager(pool, device=w.device)
+        self.kv_manager = kv_manager_cls(pool, device=w.device)
         self.device = w.device
         self.vocab_size = model.cfg.vocab_size
 

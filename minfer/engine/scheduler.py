@@ -31,11 +31,8 @@ do not change, the work is just done twice.
 
 The scheduler never touches tensors: ``schedule()`` returns
 (request, start position, number of tokens) triples and the engine runs them.
-
-``schedule_step`` below is a swap point (``minfer.lessons.swap``): while a
-learner's step function is swapped in, ``schedule()`` asks it for the
-decisions (lesson 05's exercise 4, plain tuples) and carries them out
-itself; otherwise it is None and costs one attribute check per step.
+Another policy is a subclass that overrides ``schedule()``, handed to the
+engine as ``scheduler_cls`` (vLLM: ``SchedulerConfig.scheduler_cls``).
 """
 from __future__ import annotations
 
@@ -48,11 +45,6 @@ from typing import Callable
 from minfer.engine.request import Request, RequestStatus
 
 POLICIES = ("static", "dynamic", "continuous")
-
-# Swap point: a learner's ``schedule_step(running, waiting, token_budget, max_num_seqs,
-# num_free_blocks, block_size) -> (scheduled, preempted)`` replaces the policy below
-# (``minfer.lessons.use(schedule_step=...)``). None: the engine's own code runs.
-schedule_step: Callable | None = None
 
 
 @dataclass
@@ -113,11 +105,9 @@ class Scheduler:
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # in admission order: the last one is the newest
-        self.num_slots: dict[str, int] = {}       # request id -> KV slots reserved for it
         self.no_more_requests = False             # set by the client: static/dynamic may start a short batch
         self.prefix_cache_queries = 0             # prompt tokens looked up at admission (vLLM's counter names)
         self.prefix_cache_hits = 0                # ... of which found in the prefix cache
-        self.swappable = True                     # False: never a learner's step (the grader's reference)
 
     # ------------------------------------------------------------- queue
     def add_request(self, req: Request) -> None:
@@ -139,7 +129,6 @@ class Scheduler:
     def fork(self, parent: Request, child: Request) -> None:
         """``child`` starts where ``parent`` is, sharing its KV blocks (parallel sampling, n > 1)."""
         self.kv.fork(parent.request_id, child.request_id)
-        self.num_slots[child.request_id] = self.num_slots[parent.request_id]
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
@@ -148,9 +137,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _release(self, req: Request) -> None:
-        if req.request_id in self.num_slots:
+        if req.request_id in self.kv.seqs:        # the KV manager owns its reserved slots
             self.kv.free(req.request_id)
-            del self.num_slots[req.request_id]
 
     def preempt(self, req: Request) -> None:
         """Preemption by recompute: drop its K/V; it will prefill prompt + outputs again."""
@@ -175,7 +163,6 @@ class Scheduler:
         self.prefix_cache_queries += req.num_tokens       # a preempted request counts again when re-admitted
         self.prefix_cache_hits += computed
         self.waiting.remove(req)
-        self.num_slots[req.request_id] = req.num_tokens
         # Prefix-cache hit: those tokens' K/V are already there. At least the last
         # token is computed again, because its logits give the next token.
         req.num_computed_tokens = min(computed, req.num_tokens - 1)
@@ -200,7 +187,7 @@ class Scheduler:
         if hit is None:
             return None
         self.kv.commit_tokens(req.request_id, req.all_token_ids[hit:])
-        self.num_slots[req.request_id] = req.num_computed_tokens = req.num_tokens
+        req.num_computed_tokens = req.num_tokens
         req.status = RequestStatus.RUNNING
         if req.stats.first_scheduled_time is None:
             req.stats.first_scheduled_time = self.clock()
@@ -218,19 +205,12 @@ class Scheduler:
 
     def _reserve(self, req: Request, upto: int) -> bool:
         """Make sure slots exist for positions [0, upto); False if the pool is out of blocks."""
-        need = upto - self.num_slots[req.request_id]
-        if need <= 0:
-            return True
-        if not self.kv.append_slots(req.request_id, need):
-            return False
-        self.num_slots[req.request_id] += need
-        return True
+        need = upto - self.kv.num_tokens(req.request_id)
+        return need <= 0 or self.kv.append_slots(req.request_id, need)
 
     # ------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
         """Decide the next forward pass. Advances ``num_computed_tokens`` of each scheduled request."""
-        if schedule_step is not None and self.swappable:  # a learner's step (swap point above)
-            return self._schedule_with(schedule_step)
         cfg = self.config
         now = self.clock()
         out = SchedulerOutput()
@@ -274,66 +254,6 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                 budget -= n
 
-        for c in out.chunks:
-            c.request.num_computed_tokens += c.num_tokens
-        return out
-
-    def _schedule_with(self, step: Callable) -> SchedulerOutput:
-        """One step decided by a plain-data ``step`` and carried out with the engine's own moves.
-
-        ``step`` sees running requests as (id, num_tokens, num_computed_tokens,
-        num_blocks_held), oldest first, and waiting ones as (id, num_tokens); it returns
-        ([(id, num_new_tokens), ...], [preempted id, ...]). That picture has every request
-        own its blocks, so blocks shared through the prefix cache or ``n > 1`` (or given
-        back by a sliding window) are refused with ValueError, as is any decision the pool
-        or the limits cannot honour; a step that does nothing while requests wait raises
-        RuntimeError (the engine would wait forever). It replaces the policy: no chunk cap.
-        """
-        cfg, kv, bs = self.config, self.kv, self.kv.block_size
-        held = {r.request_id: -(-self.num_slots[r.request_id] // bs) for r in self.running}
-        if sum(held.values()) != kv.pool.num_blocks - kv.pool.num_free_blocks:
-            raise ValueError("schedule_step: running requests share KV blocks (prefix caching, n > 1 or a "
-                             "sliding window); the exercise counts every request's blocks as its own: run "
-                             "with enable_prefix_caching=False, n=1 and prompts of distinct first blocks")
-        by_id = {r.request_id: r for r in [*self.running, *self.waiting]}
-        scheduled, preempted = step(
-            [(r.request_id, r.num_tokens, r.num_computed_tokens, held[r.request_id]) for r in self.running],
-            [(r.request_id, r.num_tokens) for r in self.waiting],
-            cfg.max_num_batched_tokens, cfg.max_num_seqs, kv.pool.num_free_blocks, bs)
-        if sum(n for _, n in scheduled) > cfg.max_num_batched_tokens:
-            raise ValueError(f"schedule_step scheduled {scheduled}: more than the token budget "
-                             f"{cfg.max_num_batched_tokens}")
-        out = SchedulerOutput()
-        for rid in preempted:
-            req = by_id.get(rid)
-            if req not in self.running:
-                raise ValueError(f"schedule_step preempted {rid!r}, which is not running")
-            self.preempt(req)
-            out.preempted.append(req)
-        for rid, n in scheduled:
-            req = by_id.get(rid)
-            if req is None or req in out.preempted or any(c.request is req for c in out.chunks):
-                raise ValueError(f"schedule_step scheduled {rid!r}: not a running or waiting request, "
-                                 f"preempted in this step, or scheduled twice")
-            if not 1 <= n <= req.num_uncomputed_tokens:
-                raise ValueError(f"schedule_step scheduled {n} tokens of {rid!r}, which has "
-                                 f"{req.num_uncomputed_tokens} to compute")
-            if req.status is RequestStatus.WAITING:
-                if len(self.running) >= cfg.max_num_seqs:
-                    raise ValueError(f"schedule_step admitted {rid!r} with max_num_seqs="
-                                     f"{cfg.max_num_seqs} requests running already")
-                free = kv.pool.num_free_blocks
-                if not self._try_admit(req):
-                    raise ValueError(f"schedule_step admitted {rid!r} ({req.num_tokens} tokens) but only "
-                                     f"{free} blocks of {bs} slots are free")
-                n = min(n, req.num_uncomputed_tokens)     # prefix-cache hits are computed already
-            elif not self._reserve(req, req.num_computed_tokens + n):
-                raise ValueError(f"schedule_step ran {rid!r} for {n} tokens but the pool has no free block "
-                                 f"for them: preempt the newest running request first")
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-        if not out.chunks and not out.preempted and self.has_unfinished():
-            raise RuntimeError(f"schedule_step scheduled nothing while {len(self.waiting)} requests wait "
-                               f"and {len(self.running)} run: the engine would wait forever")
         for c in out.chunks:
             c.request.num_computed_tokens += c.num_tokens
         return out

@@ -8,7 +8,7 @@ path first gathers them into a copy padded to the longest context, then calls
 SDPA: it reads the context twice and writes it once; the kernel reads it once.
 Measured on a 2-core CPU: 1.07-1.44x the plain path's speed with equal
 lengths (``minfer bench attention``), 2.3x at 29 ragged contexts of 300-760
-keys, and 1.10x the whole engine's throughput on the README's serving
+keys, and 1.10x the whole engine's throughput on the 32-request serving
 workload (``minfer bench serve --baselines torch-decode``).
 
 vLLM's CPU backend has the same kernel (``csrc/cpu/attention.cpp``).
@@ -21,6 +21,7 @@ the engine keeps its plain path. Tests: ``tests/test_cpu_kernel.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from minfer.kernels.paged_reference import check_paged_decode_args
+from minfer.kernels import check_paged_decode_args
 
 _SOURCE = Path(__file__).with_name("cpu_paged_decode.cpp")
 # -fopenmp: at::parallel_for is OpenMP pragmas in torch's headers, so without it the loop runs on one
@@ -69,6 +70,26 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """One builder at a time per folder, by an OS lock that dies with its process.
+
+    torch's builder marks a build in progress with a plain ``lock`` file and waits while it exists;
+    a builder killed mid-build (out of memory, a timeout) leaves it behind, and every later process
+    would wait forever. Holding this ``flock`` proves no live minfer builder is at work, so a
+    ``lock`` file seen while holding it is stale and removed.
+    """
+    import fcntl                           # POSIX; elsewhere the build fails and the plain path runs
+
+    with open(build / "minfer.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -82,8 +103,9 @@ def _build():
         print("minfer: compiling the CPU paged-decode kernel (once per machine, ~30 s on 2 cores) ...",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    module = cpp_extension.load(name="minfer_cpu_paged_decode", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                build_directory=str(build), verbose=False)
+    with _build_lock(build):
+        module = cpp_extension.load(name="minfer_cpu_paged_decode", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     if fresh:
         print(f"minfer: compiled in {time.perf_counter() - t0:.0f} s ({build})", file=sys.stderr, flush=True)
     return module

@@ -15,10 +15,10 @@ Prepacked, a 2-4 row product costs what a 1-row product costs, as the weight is 
 whatever the rows: the premise of speculative verification (``minfer/speculative``, Medusa)
 holds on a CPU too. Measure it on your machine with ``minfer bench decode --methods cached,packed``.
 
-Which rows pay depends on the CPU and its BLAS. On the session-5 AMD EPYC, oneDNN won at every
-row count (batch-1 decode 2.3x). On the session-7 Intel Xeon (Sapphire Rapids VM, 2 cores),
-MKL's ``F.linear`` is faster at 1-3 rows and slow from 4 rows on, where oneDNN takes over
-(every matrix of SmolLM2 once, weights in cache, 2 threads; ``/work`` microbenchmark):
+Which rows pay depends on the CPU and its BLAS. On an AMD EPYC VM, oneDNN won at every
+row count (batch-1 decode 2.3x). On an Intel Xeon (Sapphire Rapids VM, 2 cores), MKL's
+``F.linear`` is faster at 1-3 rows and slow from 4 rows on, where oneDNN takes over
+(every matrix of SmolLM2 once, weights in cache, 2 threads):
 
     rows M              1      2      3      4      6      16     29     64     512
     F.linear (ms)       10.0   10.6   11.8   22.6   29.9   50.3   74.6   93.7   625

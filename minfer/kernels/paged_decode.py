@@ -30,7 +30,7 @@ context over several programs and reducing them, "v2"; tensor-core tiles via
 Triton is optional (``pip install -e ".[triton]"``). Without a CUDA GPU the
 kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set before this
 module is imported): slow, numpy under the hood, but the same program, which
-is how the tests check it on CPU against ``paged_decode_reference``.
+is how the tests check it on CPU against ``minfer.attention.paged.paged_attention_reference``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from minfer.kernels.paged_reference import check_paged_decode_args, paged_decode_reference  # noqa: F401 (re-exported)
+from minfer.kernels import check_paged_decode_args
 
 try:                                    # optional dependency: the error below says how to get it
     import triton

@@ -16,33 +16,42 @@ Caches:
   StaticKVCache        the same, read whole and masked on the device: fixed shapes for CUDA graphs
   SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
   QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
-  PagedKVCache         blocks shared by many sequences, through block tables (PagedAttention),
-                       with int8/fp8 pages; its bookkeeping (BlockPool, KVCacheManager) is in
-                       block_pool.py, and the engine (minfer/engine) drives it
+  EvictingKVCache      at most a budget of tokens per layer: StreamingLLM, H2O or SnapKV (evict.py)
+  PagedKVCache         blocks shared by many sequences, with int8/fp8 pages; attention through
+                       their block tables is minfer/attention/paged.py's, the bookkeeping
+                       (BlockPool, KVCacheManager) block_pool.py's; the engine drives it
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
+from minfer.kv.evict import EvictingKVCache
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
 from minfer.kv.sliding import SlidingWindowKVCache
 from minfer.kv.static import StaticKVCache
 from minfer.kv.block_pool import BlockPool, KVCacheManager, block_hashes, hash_block_tokens
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
-__all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "kv_cache_bytes",
+__all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "QuantizedKVCache", "EvictingKVCache",
+           "kv_cache_bytes",
            "quantize_kv", "dequantize_kv", "make_cache",
            "BlockPool", "KVCacheManager", "PagedKVCache", "PagedBatch", "block_hashes", "hash_block_tokens"]
 
 
 def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):
-    """Build a cache by name: "contiguous", "static", "sliding", "int8" or "fp8"."""
+    """Build a cache by name: "contiguous", "static", "sliding", "hybrid", "int8" or "fp8"."""
     if kind == "contiguous":
         return ContiguousKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "static":
         return StaticKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "sliding":
+        if cfg.is_hybrid:
+            raise ValueError("a sliding-window cache keeps the last W tokens for every layer, but this model "
+                             "has global layers too: use kv_cache='contiguous'")
         w = window or cfg.sliding_window
         if w is None:
             raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")
         return SlidingWindowKVCache(cfg, batch_size, w, dtype=dtype, device=device)
+    if kind == "hybrid":
+        from minfer.kv.hybrid import HybridKVCache
+        return HybridKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind in ("int8", "fp8"):
         return QuantizedKVCache(cfg, batch_size, max_len, fmt=kind, dtype=dtype, device=device)
-    raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, int8 or fp8")
+    raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, hybrid, int8 or fp8")

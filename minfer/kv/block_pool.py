@@ -220,11 +220,6 @@ def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos:
             for p in range(start_pos, start_pos + num_tokens)]
 
 
-# The engine's own formula, kept under a second name: the runner computes it vectorized over the
-# batch, unless a lesson swapped in a learner's ``compute_slot_mapping`` (``minfer.lessons.use``).
-ENGINE_COMPUTE_SLOT_MAPPING = compute_slot_mapping
-
-
 def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_size: int) -> int:
     """New blocks a sequence holding ``num_held`` blocks needs to grow by ``num_new_tokens``."""
     total = num_tokens + num_new_tokens
@@ -318,6 +313,17 @@ class KVCacheManager:
             raise ValueError(f"positions [{start_pos}, {start_pos + num_tokens}) of seq {seq_id!r} "
                              f"are not reserved (it has {st.num_tokens} slots)")
         return compute_slot_mapping(st.block_table, self.block_size, start_pos, num_tokens)
+
+    def batch_slot_mapping(self, chunks: Sequence, tables, seq_of, positions):
+        """(N,) slots of a flattened batch: ``slot_mapping`` of every chunk, as one vectorized formula.
+
+        ``tables`` (S, cols): the block-table rows of the batch's S sequences; ``seq_of`` (N,):
+        each token's row; ``positions`` (N,): its position. ``chunks`` (each with ``.request``,
+        ``.start``, ``.num_tokens``) are the same tokens, sequence by sequence, for a manager
+        that lays slots out another way (``minfer.engine.runner.prepare_batch`` calls this).
+        """
+        bs = self.block_size
+        return tables[seq_of, positions // bs] * bs + positions % bs
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies (src_block, dst_block) to perform, in order, before the next forward."""

@@ -5,7 +5,7 @@ slice out the valid keys, so every decode step has a new shape. A CUDA graph or 
 compiled step cannot do that: a graph replays the shapes it recorded, and a host read
 inside a capture is an error. ``StaticKVCache`` keeps the same buffers but lets every
 forward attend over ALL ``max_len`` slots, hiding the slots after each query by a
-mask computed on the device::
+mask the attention backend builds on the device (``sdpa_attention`` reads nothing on the host)::
 
     max_len 8, decode at position 4:      slots  0 1 2 3 4 5 6 7
                                           mask   x x x x x . . .    (slot j visible iff j <= 4)
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from minfer.attention.mask import allowed
-from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.kv.base import KVView
 from minfer.kv.contiguous import ContiguousKVCache
 
@@ -32,23 +30,13 @@ class StaticKVCache(ContiguousKVCache):
 
     def __init__(self, cfg, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
         super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
-        self.window = cfg.sliding_window
         self._key_pos = self._slots[None].expand(batch_size, -1)            # (B, max_len): slot j holds position j
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hd) at ``positions`` (B, T, the same for every row); return every slot."""
-        if layer == 0:          # once per forward (kv layer 0 starts every one), on the device. Not keyed
-            # by the positions tensor's identity: a static step passes the same tensor every time.
-            self._mask = allowed(positions, self._key_pos, self.window)[:, None]   # (B, 1, T, max_len)
         self.k[layer].index_copy_(2, positions[0], k)
         self.v[layer].index_copy_(2, positions[0], v)
         return KVView(self.k[layer], self.v[layer], self._key_pos)
-
-    def attend(self, layer, q, view, positions, backend, window=None):
-        """SDPA with the precomputed mask (the backend's own mask logic reads the host); others as usual."""
-        if backend is sdpa_attention:
-            return sdpa(q, view.keys, view.values, attn_mask=self._mask)   # (B, nh, T, hd)
-        return backend(q, view.keys, view.values, positions, view.key_pos, window=window)
 
     def truncate(self, length: int) -> None:
         raise NotImplementedError("StaticKVCache serves the plain single-request loop; speculative "

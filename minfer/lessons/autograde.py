@@ -1,38 +1,38 @@
-"""``minfer lessons grade``: grade submitted notebooks, one exercise per fresh process.
+"""``minfer lessons grade``: grade submitted notebooks, each exercise in two fresh processes.
 
     minfer lessons grade alice.ipynb bob.ipynb ... [--csv scores.csv | --json scores.json]
-                         [--timeout 60] [--jobs 2] [--lesson 04_paged_attention]
+                         [--timeout 60] [--memory 4096] [--sandbox] [--jobs 2] [--lesson L]
 
 For each submission:
 
-1. Find the lesson and its exercise cells. A cell tagged ``solution`` or
-   ``exercise`` (or nbgrader's ``solution`` metadata) that defines an
-   exercise's function (``Exercise.function``, from the registry) is that
-   exercise's cell; failing that, the last code cell that defines it at top
-   level. The lesson is the one with the most exercise cells found (or
-   ``--lesson``); then only that lesson's exercises are looked for (an
-   ordinary cell may share a name with another lesson's exercise: lesson
-   09's ``tpot = ...``). Nothing else in the notebook runs: no model
-   loading, no plots, and no edited or redefined ``check`` cell can change
-   the verdict.
-2. Grade each exercise of the lesson in its own ``python -m
-   minfer.lessons.autograde --child`` process with a wall-clock timeout:
-   the process runs ``Exercise.prelude`` (``import math, torch``), then the
-   cell, then ``grader.grade`` with the very property the in-notebook
-   ``check`` runs. A hung or crashing exercise fails alone; the others are
-   still graded.
-3. Before running anything, reject a cell that imports from ``minfer`` or
-   reaches around the grader (``importlib``, ``__import__``, ``sys.modules``,
-   ``setprofile``); while grading, reject a function that calls into minfer
-   (``grader._call_watched``): "this calls the engine's own implementation".
+1. Find the lesson and, for each of its exercises, the cell that defines
+   the exercise's function (``Exercise.function``): the last code cell that
+   does, as running the notebook top to bottom leaves it (``locate``). The
+   lesson is the one with the most such cells (or ``--lesson``). A cell
+   that is not valid Python is reported with its line ("syntax").
+2. Grade each exercise in a grading process (``--judge``), which holds the
+   exercise, minfer's reference and the verdict. It starts the learner's
+   process (``minfer.lessons.isolate``, with limits, optionally under
+   ``bwrap``), which runs the exercise's prelude, the notebook's imports
+   and constants (``notebook_context``), then the cell, and then only
+   answers "what does your function return on these inputs?". Inputs and
+   outputs travel as JSON data, never objects, so nothing the learner's
+   code builds reaches the verdict, and the learner's code never runs in a
+   process that holds the grader. Nothing else in the notebook runs: no
+   model loading, no plots, and no edited or redefined ``check`` cell.
+3. minfer itself is not importable in the learner's process unless the
+   exercise hands out helpers (``Exercise.allowed``: the tiny model, the KV
+   cache); there a watch on calls rejects a call into the engine's own
+   implementation. A cell that imports the engine is named as such before
+   anything runs (``source_problem``).
 
 Statuses: ``passed``, ``wrong``, ``raised``, ``not_implemented``, ``engine``
-(rejected: uses minfer's implementation), ``forbidden`` (rejected by the
-source check), ``missing`` (no cell defines the function), ``timeout``,
+(rejected: uses minfer's implementation), ``forbidden`` (imports it),
+``missing`` (no cell defines the function), ``syntax``, ``timeout``,
 ``crashed`` (the cell itself failed to run, or the process died), ``error``.
 
-This is a grader, not a sandbox: the cells are the students' code and run
-with your permissions. Grade untrusted submissions in a container.
+Limits are not a sandbox: see ``docs/teaching.md`` for what a submission
+can and cannot do, and grade untrusted submissions in a container.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ import ast
 import csv
 import io
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -50,16 +53,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from minfer.cli_args import seconds
 from minfer.lessons import exercises as _exercises
 from minfer.lessons.exercises import Exercise
-from minfer.lessons.grader import is_allowed
+from minfer.lessons.childproc import is_allowed
+from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_subreaper,
+                                    kill_descendants, remote)
 
 DEFAULT_TIMEOUT = 60.0     # seconds per exercise: the slowest property runs in a few
+JUDGE_MARGIN = 60.0        # the grading process's own start and reference time, on top
 CELL_TAGS = ("solution", "exercise")
-# Names in a solution that only serve to reach around the grader.
-FORBIDDEN_NAMES = ("importlib", "__import__", "setprofile", "settrace", "_getframe")
-FORBIDDEN_ATTRS = ("modules", "setprofile", "settrace", "_getframe", "f_back", "f_globals")
 
 
 @dataclass
@@ -85,11 +87,19 @@ class ExerciseGrade:
 # ---------------------------------------------------------------------------
 
 
+def _parse(source: str) -> Optional[ast.Module]:
+    """The cell's syntax tree, or None when it is not Python this grader can read
+    (a syntax error, or nesting so deep that the parser runs out of memory or stack)."""
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+
+
 def _defined_names(source: str) -> Optional[set[str]]:
     """Top-level names a cell defines (def, class, assignment); None if it does not parse."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = _parse(source)
+    if tree is None:
         return None
     names: set[str] = set()
     for node in tree.body:
@@ -101,34 +111,103 @@ def _defined_names(source: str) -> Optional[set[str]]:
     return names
 
 
-def _is_exercise_cell(cell) -> bool:
-    meta = cell.get("metadata", {})
-    return (any(t in meta.get("tags", []) for t in CELL_TAGS)
-            or bool(meta.get("nbgrader", {}).get("solution")))
+def syntax_error(source: str) -> Optional[str]:
+    """"<what> at line N: <the line>" for a cell that is not valid Python, else None."""
+    try:
+        ast.parse(source)
+    except SyntaxError as e:
+        text = (e.text or "").strip()
+        return f"{e.msg} at line {e.lineno}" + (f": {text[:120]}" if text else "")
+    except (ValueError, MemoryError, RecursionError) as e:
+        return f"the cell cannot be parsed ({type(e).__name__}: nested too deeply?)"
+    return None
+
+
+@dataclass
+class FoundCell:
+    """The cell that defines an exercise's function: the last one, as running the notebook
+    top to bottom would leave it. ``problem``: why it is not valid Python, if it is not."""
+
+    index: int
+    source: str
+    problem: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return f"<cell {self.index}>"
+
+
+def locate(nb, function: str) -> Optional[FoundCell]:
+    """The last code cell that defines ``function`` at top level (or, not parsing, looks as if
+    it does: ``def function(``), or None."""
+    looks_like = re.compile(rf"^\s*def\s+{re.escape(function)}\s*\(", re.MULTILINE)
+    found = None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or function not in cell.source:
+            continue
+        names = _defined_names(cell.source)
+        if names is not None and function in names:
+            found = FoundCell(i, cell.source)
+        elif names is None and looks_like.search(cell.source):
+            found = FoundCell(i, cell.source, syntax_error(cell.source))
+    return found
 
 
 def find_exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, str]:
-    """{exercise name: the source of the cell that defines its function}.
+    """{exercise name: the source of the cell that defines its function} (``locate``).
 
     With ``lesson`` (a notebook stem), only that lesson's exercises are looked
     for: another lesson's exercise may share a function name with an ordinary
     cell of this one (lesson 09's ``tpot = ...`` is not lesson 05's exercise).
     Without it, every lesson's (to guess the lesson of a submission).
     """
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    found: dict[str, str] = {}
+    return {name: cell.source for name, cell in exercise_cells(nb, lesson).items()}
+
+
+def exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, FoundCell]:
+    """{exercise name: ``FoundCell``} for ``lesson``'s exercises (every lesson's without it)."""
+    found: dict[str, FoundCell] = {}
     for name in _exercises.names():
-        if lesson is not None and _exercises.get(name).lesson != lesson:
+        ex = _exercises.get(name)
+        if (lesson is not None and ex.lesson != lesson) or not ex.function:
             continue
-        fn = _exercises.get(name).function
-        if not fn:
-            continue
-        tagged = [c for c in code if _is_exercise_cell(c) and fn in (_defined_names(c.source) or ())]
-        anywhere = [c for c in code if fn in (_defined_names(c.source) or ())]
-        cells = tagged or anywhere
-        if cells:
-            found[name] = cells[-1].source
+        cell = locate(nb, ex.function)
+        if cell is not None:
+            found[name] = cell
     return found
+
+
+def _is_context(node: ast.stmt) -> bool:
+    """An import, or a constant: an assignment to plain names that calls nothing."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return all(isinstance(t, ast.Name) for t in targets) and not any(
+            isinstance(n, (ast.Call, ast.Lambda, ast.Await, ast.Yield, ast.comprehension))
+            for n in ast.walk(node.value))
+    return False
+
+
+def notebook_context(nb, skip: Optional[int] = None) -> list[tuple[str, str]]:
+    """The notebook's imports and constants, as (label, source) statements in order.
+
+    They run before the exercise's cell, as they would in the notebook (``import numpy as
+    np`` in the first cell); one that fails in the grading process (an import of the
+    engine) is skipped. Cell ``skip`` (the exercise's own) runs whole, after them.
+    """
+    out = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or i == skip:
+            continue
+        tree = _parse(cell.source)
+        if tree is None:
+            continue
+        for node in tree.body:
+            if _is_context(node):
+                out.append((f"<cell {i}>", "\n" * (node.lineno - 1) + ast.get_source_segment(
+                    cell.source, node)))
+    return out
 
 
 def lesson_exercises(lesson: str) -> list[Exercise]:
@@ -150,12 +229,16 @@ def guess_lesson(path: Path, found: dict[str, str]) -> Optional[str]:
 
 
 def source_problem(exercise: Exercise, source: str) -> Optional[str]:
-    """Why ``source`` may not be graded (an import from minfer, a reach around the
-    grader), or None. Imports of the exercise's ``allowed`` helpers are fine."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as e:
-        return f"the cell is not valid Python: {e.msg} (line {e.lineno})"
+    """Why ``source`` may not be graded (it is not Python; it imports minfer's own
+    implementation), or None. Imports of the exercise's ``allowed`` helpers are fine.
+
+    This is a courtesy, a clear message for an honest mistake: the grading
+    does not depend on it (minfer is not importable where the learner's code
+    runs, unless the exercise hands out helpers).
+    """
+    tree = _parse(source)
+    if tree is None:
+        return f"the cell is not valid Python: {syntax_error(source)}"
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "minfer":
@@ -166,10 +249,6 @@ def source_problem(exercise: Exercise, source: str) -> Optional[str]:
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "minfer" for a in node.names):
             return (f"line {line} imports minfer: this calls the engine's own implementation; "
                     f"write the body yourself")
-        if isinstance(node, ast.Name) and node.id in FORBIDDEN_NAMES \
-                or isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRS:
-            what = node.id if isinstance(node, ast.Name) else node.attr
-            return f"line {line} uses {what!r}, which only serves to reach around the grader"
     return None
 
 
@@ -178,114 +257,177 @@ def source_problem(exercise: Exercise, source: str) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 
-def grade_source(exercise: Exercise, source: str) -> dict:
-    """Run ``source`` (after the prelude) and grade the function it defines, in this process.
+@dataclass(frozen=True)
+class Limits:
+    """What the learner's process may use (``isolate.Child``)."""
 
-    Returns ``{"status", "message"}``. The child process runs this; tests call
-    it directly to compare verdicts with ``check`` without a process each.
-    """
-    import linecache
+    timeout: float = DEFAULT_TIMEOUT          # wall-clock seconds per exercise (and CPU seconds)
+    memory_mb: int = DEFAULT_MEMORY_MB        # RLIMIT_AS
+    sandbox: bool = False                     # run it under bwrap
+    hide: tuple[str, ...] = ()                # folders it must not read (the submissions')
 
-    from minfer.lessons.grader import grade
 
-    problem = source_problem(exercise, source)
+def _before_running(exercise: Exercise, cell: Optional[FoundCell]) -> Optional[dict]:
+    """The verdict when there is nothing to run: no cell, not Python, an import of the engine."""
+    fn = exercise.function
+    if cell is None:
+        return {"status": "missing", "message": f"no code cell defines {fn}"}
+    if cell.problem is not None:
+        return {"status": "syntax", "message": f"the cell defining {fn} is not valid Python: "
+                                                f"{cell.problem}"}
+    problem = source_problem(exercise, cell.source)
     if problem is not None:
         return {"status": "forbidden", "message": f"rejected: {problem}"}
-    filename = f"<cell defining {exercise.function}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    ns: dict = {"__name__": "__submission__"}
+    return None
+
+
+def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: Limits = Limits(),
+          sweep_all: bool = False) -> dict:
+    """Grade the function ``cell`` defines; returns ``{"status", "message"}``.
+
+    Runs here, in the grading process, which holds the reference and
+    computes the verdict: the learner's cells run in a ``Child`` that only
+    answers what the function returns on the inputs this process sends.
+    """
+    from minfer.lessons.grader import grade
+
+    fn = exercise.function
+    early = _before_running(exercise, cell)
+    if early is not None:
+        return early
+    job = {"prelude": exercise.prelude, "context": [list(c) for c in context],
+           "cell": [cell.label, cell.source], "function": fn, "allowed": list(exercise.allowed)}
+    child = None
     try:
-        exec(compile(exercise.prelude, "<prelude>", "exec"), ns)
-        exec(compile(source, filename, "exec"), ns)
-    except BaseException as e:  # noqa: BLE001 - the cell's failure is the verdict
-        return {"status": "crashed", "message": f"the cell raised {type(e).__name__}: {e}"}
-    fn = ns.get(exercise.function)
-    if fn is None:
-        return {"status": "missing", "message": f"the cell does not define {exercise.function}"}
-    result = grade(exercise, fn, forbid_engine=True)
-    return {"status": result.status, "message": result.message}
+        child = Child(job, timeout=limits.timeout, memory_mb=limits.memory_mb,
+                      sandbox=limits.sandbox, hide=list(limits.hide), sweep_all=sweep_all)
+        ready = child.ready
+        if "crashed" in ready or "missing" in ready:
+            status = "crashed" if "crashed" in ready else "missing"
+            return {"status": status, "message": str(ready[status])[:2000]}
+        if ready != {"ready": True}:
+            raise ChildGone("crashed", "the learner's process broke the protocol")
+        result = grade(exercise, remote(child, fn))
+        return {"status": result.status, "message": result.message}
+    except ChildGone as e:
+        return {"status": e.status, "message": e.message}
+    finally:
+        if child is not None:
+            child.close()
 
 
-def _child() -> int:
-    """``--child``: read {exercise, source} as JSON on stdin, print the verdict as JSON."""
-    from contextlib import redirect_stdout
+def grade_source(exercise: Exercise, source: str, context: list = ()) -> dict:
+    """``judge`` on one cell's source, in this process (tests compare it with ``check``)."""
+    return judge(exercise, FoundCell(0, source, syntax_error(source)), list(context))
 
+
+def _judge_main() -> int:
+    """``--judge``: read {tasks, limits} as JSON on stdin; print one verdict per task, one JSON
+    line each, as soon as it is known (a learner who kills this process loses only the rest)."""
     import torch
 
     torch.set_num_threads(1)        # several graders share the cores (--jobs)
+    become_subreaper()              # a learner's grandchild that calls setsid comes back here
     job = json.load(sys.stdin)
-    out = sys.stdout
-    with redirect_stdout(sys.stderr):                  # the learner's prints stay off our JSON
-        verdict = grade_source(_exercises.get(job["exercise"]), job["source"])
-    json.dump(verdict, out)
-    out.write("\n")
+    limits = Limits(**{**job["limits"], "hide": tuple(job["limits"]["hide"])})
+    for task in job["tasks"]:
+        start = time.perf_counter()
+        cell = FoundCell(**task["cell"]) if task["cell"] is not None else None
+        verdict = judge(_exercises.get(task["exercise"]), cell, task["context"], limits,
+                        sweep_all=True)
+        verdict["seconds"] = round(time.perf_counter() - start, 2)
+        print(json.dumps(verdict), flush=True)
     return 0
 
 
-def grade_exercise(exercise: Exercise, source: Optional[str], *, submission: str = "",
-                   timeout: float = DEFAULT_TIMEOUT) -> ExerciseGrade:
-    """Grade one exercise cell (``None``: no cell found) in a fresh process."""
-    start = time.perf_counter()
-
-    def row(status: str, message: str) -> ExerciseGrade:
-        return ExerciseGrade(submission, exercise.lesson, exercise.name, status,
-                             exercise.points if status == "passed" else 0, exercise.points,
-                             message, round(time.perf_counter() - start, 2))
-
-    if source is None:
-        return row("missing", f"no code cell defines {exercise.function}")
-    problem = source_problem(exercise, source)
-    if problem is not None:
-        return row("forbidden", f"rejected: {problem}")
+def _run_judge(tasks: list[dict], limits: Limits) -> list[Optional[dict]]:
+    """Run ``tasks`` in one fresh grading process; a verdict per task (None: it never came)."""
+    job = {"tasks": tasks, "limits": asdict(limits)}
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("MINFER_AUTOGRADE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "minfer.lessons.autograde", "--judge"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    lost = {"status": "crashed", "message": "the grading process was killed (by the cell?)"}
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "minfer.lessons.autograde", "--child"],
-            input=json.dumps({"exercise": exercise.name, "source": source}),
-            capture_output=True, text=True, timeout=timeout, env=env)
+        out, _ = proc.communicate(json.dumps(job),
+                                  timeout=len(tasks) * (2 * limits.timeout) + JUDGE_MARGIN)
     except subprocess.TimeoutExpired:
-        return row("timeout", f"stopped after {timeout:g} s: an infinite loop, or far too slow")
-    lines = proc.stdout.strip().splitlines()
-    try:
-        verdict = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return row("crashed", f"the grading process died (exit {proc.returncode}): "
-                   + " | ".join(tail))
-    return row(verdict["status"], verdict["message"])
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        lost = None
+    verdicts: list[Optional[dict]] = []
+    for line in out.splitlines():
+        try:
+            verdicts.append(json.loads(line))
+        except ValueError:
+            continue
+    return (verdicts + [lost] * len(tasks))[:len(tasks)]
+
+
+def _row(exercise: Exercise, submission: str, verdict: Optional[dict], limits: Limits,
+         seconds: float = 0.0) -> ExerciseGrade:
+    if verdict is None:
+        verdict = {"status": "timeout", "message": f"stopped: the grading process ran out of time "
+                                                   f"(--timeout {limits.timeout:g})"}
+    status = verdict["status"]
+    return ExerciseGrade(submission, exercise.lesson, exercise.name, status,
+                         exercise.points if status == "passed" else 0, exercise.points,
+                         verdict["message"], verdict.get("seconds", round(seconds, 2)))
+
+
+def grade_cells(jobs: list[tuple[Exercise, Optional[FoundCell], list]], *, submission: str = "",
+                limits: Limits = Limits()) -> list[ExerciseGrade]:
+    """Grade one submission's exercises: those with nothing to run here, the rest in one fresh
+    grading process (each exercise in its own learner's process)."""
+    early = {ex.name: _before_running(ex, cell) for ex, cell, _ in jobs}
+    tasks = [{"exercise": ex.name, "cell": asdict(cell), "context": [list(c) for c in ctx]}
+             for ex, cell, ctx in jobs if early[ex.name] is None]
+    verdicts = iter(_run_judge(tasks, limits) if tasks else [])
+    return [_row(ex, submission, early[ex.name] or next(verdicts), limits) for ex, _, _ in jobs]
+
+
+def grade_exercise(exercise: Exercise, cell, *, context: list = (), submission: str = "",
+                   limits: Optional[Limits] = None, timeout: Optional[float] = None) -> ExerciseGrade:
+    """Grade one exercise (``cell``: a ``FoundCell``, a source string, or None: no cell found)
+    in a fresh grading process, which starts the learner's process."""
+    limits = limits or Limits(timeout=timeout or DEFAULT_TIMEOUT)
+    if isinstance(cell, str):
+        cell = FoundCell(0, cell, syntax_error(cell))
+    return grade_cells([(exercise, cell, list(context))], submission=submission, limits=limits)[0]
 
 
 def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
-                     timeout: float = DEFAULT_TIMEOUT, pool: Optional[ThreadPoolExecutor] = None
-                     ) -> list:
-    """Grade every exercise of one notebook; returns futures or rows (without ``pool``)."""
+                     limits: Limits = Limits()) -> list[ExerciseGrade]:
+    """Grade every exercise of one notebook, in one grading process.
+
+    A notebook that cannot be read or parsed is one "error" row naming it; the class goes on.
+    """
     import nbformat
 
     path = Path(path)
     try:
         nb = nbformat.read(path, as_version=4)
+        lesson = lesson or guess_lesson(path, find_exercise_cells(nb))
+        if lesson is None:
+            return [ExerciseGrade(str(path), "?", "(notebook)", "missing", 0, 0,
+                                  "no exercise cell found: which lesson is this?", 0.0)]
+        found = exercise_cells(nb, lesson)
+        jobs = [(ex, found.get(ex.name),
+                 notebook_context(nb, skip=found[ex.name].index) if ex.name in found else [])
+                for ex in lesson_exercises(lesson)]
     except Exception as e:  # noqa: BLE001 - an unreadable file is a row, not a crash
         return [ExerciseGrade(str(path), lesson or "?", "(notebook)", "error", 0, 0,
-                              f"cannot read the notebook: {type(e).__name__}: {e}", 0.0)]
-    lesson = lesson or guess_lesson(path, find_exercise_cells(nb))
-    if lesson is None:
-        return [ExerciseGrade(str(path), "?", "(notebook)", "missing", 0, 0,
-                              "no exercise cell found: which lesson is this?", 0.0)]
-    found = find_exercise_cells(nb, lesson)
-    jobs = [(ex, found.get(ex.name)) for ex in lesson_exercises(lesson)]
-    if pool is None:
-        return [grade_exercise(ex, src, submission=str(path), timeout=timeout) for ex, src in jobs]
-    return [pool.submit(grade_exercise, ex, src, submission=str(path), timeout=timeout)
-            for ex, src in jobs]
+                              f"cannot read the notebook: {type(e).__name__}: {str(e)[:300]}", 0.0)]
+    return grade_cells(jobs, submission=str(path), limits=limits)
 
 
-def grade_many(paths: list, *, lesson: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+def grade_many(paths: list, *, lesson: Optional[str] = None, limits: Limits = Limits(),
                jobs: int = 2) -> list[ExerciseGrade]:
-    """Grade every submission, ``jobs`` exercise processes at a time; rows in input order."""
+    """Grade every submission, ``jobs`` submissions at a time; rows in input order."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        pending = [grade_submission(p, lesson=lesson, timeout=timeout, pool=pool) for p in paths]
-        return [r.result() if hasattr(r, "result") else r for rows in pending for r in rows]
+        pending = [pool.submit(grade_submission, p, lesson=lesson, limits=limits) for p in paths]
+        return [r for f in pending for r in f.result()]
 
 
 # ---------------------------------------------------------------------------
@@ -340,30 +482,62 @@ def to_json(rows: list[ExerciseGrade]) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def _positive(flag: str, kind=float, most: Optional[float] = None):
+    """An argparse type: a finite number > 0 (at most ``most``), else exit 2 naming ``flag``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0 or (most is not None and value > most):
+            bound = f" and at most {most:g}" if most is not None else ""
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number > 0{bound}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("submissions", nargs="+", help="submitted notebooks (.ipynb)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", default=None, help="write the score table as CSV here")
     out.add_argument("--json", default=None, help="write the score table (and every finding) as JSON here")
-    p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
-                   help=f"seconds per exercise before it is stopped (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--jobs", type=int, default=2, help="exercises graded at once (default 2)")
+    p.add_argument("--timeout", type=_positive("--timeout", most=86400), default=DEFAULT_TIMEOUT,
+                   help=f"seconds per exercise before it is stopped, wall clock and CPU "
+                        f"(default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--memory", type=_positive("--memory", int), default=DEFAULT_MEMORY_MB,
+                   help=f"MiB of address space per exercise (RLIMIT_AS; default {DEFAULT_MEMORY_MB})")
+    p.add_argument("--sandbox", action="store_true",
+                   help="run each submission under bwrap: read-only root, no network, only a "
+                        "scratch folder writable, the submissions' folders hidden")
+    p.add_argument("--jobs", type=_positive("--jobs", int, most=256), default=2,
+                   help="submissions graded at once (default 2)")
     p.add_argument("--lesson", default=None, help="the lesson (notebook stem) of every submission "
                    "(default: found from the exercise cells)")
 
 
 def main(args) -> int:
     from minfer.atomic import write_json, write_text
+    from minfer.lessons.isolate import sandbox_available
 
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     if args.lesson is not None and args.lesson not in lessons():
         raise ValueError(f"--lesson {args.lesson!r} is not a lesson with exercises; "
                          f"choose one of {', '.join(lessons())}")
+    if args.sandbox and not sandbox_available():
+        raise ValueError("--sandbox needs bwrap (Debian/Ubuntu: apt-get install bubblewrap); "
+                         "without it, grade untrusted submissions in a container")
     missing = [s for s in args.submissions if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"no such submission: {', '.join(missing)}")
-    rows = grade_many(args.submissions, lesson=args.lesson, timeout=args.timeout, jobs=args.jobs)
+    hide = {str(Path(s).resolve().parent) for s in args.submissions} | {os.getcwd()}
+    hide |= {os.path.expanduser("~")}
+    limits = Limits(timeout=args.timeout, memory_mb=args.memory, sandbox=args.sandbox,
+                    hide=tuple(sorted(hide)))
+    become_subreaper()
+    try:
+        rows = grade_many(args.submissions, lesson=args.lesson, limits=limits, jobs=args.jobs)
+    finally:
+        kill_descendants()          # anything a killed grading process left behind
     sys.stdout.write(format_table(rows))
     if args.csv:
         write_text(args.csv, to_csv(rows))
@@ -375,8 +549,8 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--child"]:
-        sys.exit(_child())
+    if sys.argv[1:] == ["--judge"]:
+        sys.exit(_judge_main())
     parser = argparse.ArgumentParser(prog="python -m minfer.lessons.autograde")
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from typing import Iterator
 
 from minfer.cli_args import positive_int
 
@@ -60,7 +62,7 @@ def load_solutions(notebook: str) -> dict:
 
     Each exercise cell is run (after the exercise's prelude) and its function
     graded by ``check``; the functions that are written (not stubs) are
-    returned as ``{swap point: function}``, ready for ``minfer.lessons.use``.
+    returned as ``{swap point: function}``, ready for ``with_solutions``.
     The notebook is the learner's own: its cells run in this process.
     """
     import sys
@@ -96,3 +98,18 @@ def load_solutions(notebook: str) -> dict:
                          f"(swap points: {', '.join(SWAP_POINTS)})")
     print(f"[running the engine with your {', '.join(chosen)}]", file=sys.stderr)
     return chosen
+
+
+@contextmanager
+def with_solutions(llm, notebook: str) -> Iterator:
+    """``--use-solutions``: the LLM to generate with, running the notebook's functions.
+
+    Module swap points are swapped in for the block (``minfer.lessons.use``); if the notebook
+    has a scheduler step or a slot mapping, a second engine on ``llm``'s model is built with them.
+    """
+    from minfer.lessons.plug_ins import rebuild
+    from minfer.lessons.swap import split, use
+
+    swapped, built = split(load_solutions(notebook))
+    with use(**swapped):
+        yield rebuild(llm, **built) if built else llm

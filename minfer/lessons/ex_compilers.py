@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, close_problem, float_tensors, register
+from minfer.lessons.registry import Exercise, Inputs, close_problem, float_tensors, register
 
 # ---------------------------------------------------------------------------
 # fusion.qkv_fused

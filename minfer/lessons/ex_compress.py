@@ -4,7 +4,7 @@
     compress.medusa_tree_mask tree_mask(paths) -> the (N + 1, N + 1) tree attention mask
     compress.h2o_keep         h2o_keep(scores, budget, recent) -> the token indices H2O keeps
 
-Registered on import (``minfer/lessons/exercises.py`` imports this module at its end).
+Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, close_problem, register
+from minfer.lessons.registry import Exercise, Inputs, close_problem, register
 
 # ---------------------------------------------------------------------------
 # compress.distill_kl
@@ -109,7 +109,7 @@ register(Exercise(
     name="compress.medusa_tree_mask",
     lesson="10_compression_beyond_quantization", function="tree_mask",
     description="tree_mask(paths) -> (N+1, N+1) bool: row = query, col = key; the root is index 0",
-    reference="minfer.compress.medusa:tree_mask",
+    reference="minfer.speculative.medusa:tree_mask",
     inputs=_tree_inputs(),
     compare=lambda inputs, expected, actual: _tree_problem(inputs, actual),
     validate=_tree_problem,
@@ -152,7 +152,7 @@ register(Exercise(
     name="compress.h2o_keep",
     lesson="10_compression_beyond_quantization", function="h2o_keep",
     description="h2o_keep(scores, budget, recent) -> sorted indices kept: `recent` newest + heaviest hitters",
-    reference="minfer.compress.evict:h2o_keep",
+    reference="minfer.kv.evict:h2o_keep",
     inputs=_h2o_inputs(),
     compare=lambda inputs, expected, actual: _h2o_problem(inputs, actual),
     validate=_h2o_problem,

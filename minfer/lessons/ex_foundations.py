@@ -24,22 +24,10 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import (
-    Exercise, Inputs, _index, close_problem, float_lists, float_tensors, register,
-    tensor_problem,
+from minfer.lessons.registry import (
+    Exercise, Inputs, close_problem, float_lists, float_tensors, index_of, register,
+    tensor_problem, tuple_problem,
 )
-
-
-def _tuple_problem(actual: Any, names: tuple[str, ...]) -> Optional[str]:
-    """What is wrong with the *kind* of a tuple answer, e.g. ``(keys, values)``, or None."""
-    want = f"a tuple ({', '.join(names)}) of {len(names)} tensors"
-    if actual is None:
-        return f"returned None (did you forget `return`?), expected {want}"
-    if not isinstance(actual, (tuple, list)):
-        return f"returned a single {type(actual).__name__}, expected {want}"
-    if len(actual) != len(names):
-        return f"returned {len(actual)} values, expected {want}"
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -101,14 +89,14 @@ def _exact_problem(name: str, expected: torch.Tensor, actual: Any) -> Optional[s
         return f"{name}: {problem}"
     if torch.equal(expected, actual):
         return None
-    idx = _index(int((expected != actual).flatten().nonzero()[0]), expected.shape)
+    idx = index_of(int((expected != actual).flatten().nonzero()[0]), expected.shape)
     b, h, s, d = idx
     return (f"{name}[{b}, {h}, {s}, {d}] (batch {b}, kv head {h}, slot {s}) should be "
             f"{expected[idx].item()!r}, yours is {actual[idx].item()!r}")
 
 
 def _compare_kv_append(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    problem = _tuple_problem(actual, ("keys", "values"))
+    problem = tuple_problem(actual, ("keys", "values"))
     if problem:
         return problem
     S, max_len = expected[0].shape[2], inputs["k_cache"].shape[2]
@@ -190,7 +178,7 @@ def _online_softmax_inputs(draw) -> Inputs:
 
 
 def _compare_state(expected: Any, actual: Any, atol: float, what: str) -> Optional[str]:
-    problem = _tuple_problem(actual, STATE)
+    problem = tuple_problem(actual, STATE)
     if problem:
         return problem
     for name, e, a in zip(STATE, expected, actual):

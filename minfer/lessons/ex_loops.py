@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register, tuple_problem
 
 
 @lru_cache(maxsize=None)
@@ -140,7 +140,7 @@ PAGED_ATOL = 1e-5
 
 @st.composite
 def _paged_inputs(draw) -> Inputs:
-    from minfer.lessons.exercises import float_tensors
+    from minfer.lessons.registry import float_tensors
 
     B, nkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     hd, bs = draw(st.integers(1, 4)), draw(st.integers(1, 4))
@@ -165,31 +165,26 @@ def _paged_inputs(draw) -> Inputs:
 
 
 def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, context_lens):
-    """The engine's pieces: ``compute_slot_mapping`` for the writes, then the oracle
-    ``reference_attention`` over each sequence's K/V gathered through its block table."""
-    from minfer.attention import reference_attention
+    """The engine's pieces: ``compute_slot_mapping`` for the writes, then the engine's one reference
+    of paged attention (``minfer.attention.paged.paged_attention_reference``)."""
+    from minfer.attention.paged import paged_attention_reference
     from minfer.kv.block_pool import compute_slot_mapping
 
     bs = k_pool.shape[1]
     flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-    outs = []
     for b, (table, n) in enumerate(zip(block_tables, context_lens)):
         (slot,) = compute_slot_mapping(table, bs, n - 1, 1)
         flat_k[slot], flat_v[slot] = k[b], v[b]
-        slots = torch.tensor(compute_slot_mapping(table, bs, 0, n))
-        keys = flat_k[slots].permute(1, 0, 2)[None]                   # (1, nkv, n, hd)
-        values = flat_v[slots].permute(1, 0, 2)[None]
-        out = reference_attention(q[b][None, :, None], keys, values,
-                                  torch.tensor([[n - 1]]), torch.arange(n)[None])
-        outs.append(out[0, :, 0])                                     # (nh, hd)
-    return torch.stack(outs), k_pool, v_pool
+    width = max(len(t) for t in block_tables)
+    tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables])    # (B, max blocks)
+    out = paged_attention_reference(q, k_pool, v_pool, tables, torch.tensor(context_lens))
+    return out, k_pool, v_pool
 
 
 def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    from minfer.lessons.ex_foundations import _tuple_problem
-    from minfer.lessons.exercises import close_problem, tensor_problem
+    from minfer.lessons.registry import close_problem, tensor_problem
 
-    problem = _tuple_problem(actual, ("out", "k_pool", "v_pool"))
+    problem = tuple_problem(actual, ("out", "k_pool", "v_pool"))
     if problem:
         return problem
     for name, e, a in zip(("out", "k_pool", "v_pool"), expected, actual):
@@ -201,7 +196,7 @@ def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
 
 def _validate_paged(inputs: Inputs, actual: Any) -> Optional[str]:
     """softmax(q . K / sqrt(hd)) V in float64, K/V read position by position through the table."""
-    from minfer.lessons.exercises import close_problem
+    from minfer.lessons.registry import close_problem
 
     q, k, v = inputs["q"].double(), inputs["k"].double(), inputs["v"].double()
     kp, vp = inputs["k_pool"].double(), inputs["v_pool"].double()
@@ -320,10 +315,7 @@ def _schedule_inputs(draw) -> Inputs:
 
 def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_free_blocks,
                             block_size):
-    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state.
-
-    Its own policy even inside ``minfer.lessons.use(schedule_step=...)`` (``swappable``).
-    """
+    """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
     from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
     from minfer.engine.request import Request, RequestStatus
@@ -335,12 +327,10 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
     kv.allocate("(another sequence)", [1] * block_size)
     sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
-    sched.swappable = False
     params = SamplingParams(temperature=0.0)
     for rid, num_tokens, computed, blocks in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
         kv.allocate(rid, [1] * (blocks * block_size))       # `blocks` blocks held
-        sched.num_slots[rid] = blocks * block_size
         req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
         sched.running.append(req)
     for rid, num_tokens in waiting:
@@ -351,9 +341,7 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
 
 
 def _compare_schedule(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    from minfer.lessons.ex_foundations import _tuple_problem
-
-    problem = _tuple_problem(actual, ("scheduled", "preempted"))
+    problem = tuple_problem(actual, ("scheduled", "preempted"))
     if problem:
         return problem.replace("tensors", "lists")
     scheduled, preempted = [list(map(tuple, x)) if i == 0 else list(x) for i, x in enumerate(actual)]

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from hypothesis import strategies as st
 
 from minfer.kv.block_pool import blocks_needed
-from minfer.lessons.exercises import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register
 
 
 def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,

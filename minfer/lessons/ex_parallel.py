@@ -3,7 +3,7 @@
     parallel.shard_weight               shard_weight(W, rank, world, kind) -> rank's column or row piece
     parallel.allreduce_bytes_per_token  allreduce_bytes_per_token(hidden, layers, tp, bytes) -> bytes sent
 
-Registered on import (``minfer/lessons/exercises.py`` imports this module at its end).
+Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register
 
 # ---------------------------------------------------------------------------
 # parallel.shard_weight

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import (Exercise, Inputs, allclose, close_problem, float_lists, register,
+from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, float_lists, register,
                                       rows_tensor, tensor_problem)
 
 # ---------------------------------------------------------------------------

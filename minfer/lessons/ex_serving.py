@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register
 
 
 def _is_number(x: Any) -> bool:

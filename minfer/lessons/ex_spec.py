@@ -3,7 +3,7 @@
     speculative.accept_reject   accept_reject(p, q, x) -> (min(1, p(x)/q(x)), norm(max(0, p - q)))
     speculative.ngram_propose   ngram_propose(tokens, min_n, max_n, k) -> the prompt-lookup proposal
 
-Registered on import (``minfer/lessons/exercises.py`` imports this module at its end).
+Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.exercises import Exercise, Inputs, close_problem, float_lists, register
+from minfer.lessons.registry import Exercise, Inputs, close_problem, float_lists, register
 
 # ---------------------------------------------------------------------------
 # speculative.accept_reject

@@ -49,7 +49,9 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis.errors import Flaky
 
 from minfer.lessons import exercises as _exercises
+from minfer.lessons.childproc import call_watched, is_allowed  # noqa: F401  (re-exported)
 from minfer.lessons.exercises import Exercise, Inputs
+from minfer.lessons.isolate import EngineCalled, LearnerRaised
 
 # Report headers look like ``✅ check('name'): ...``; ``notebooks.grader_reports``
 # finds reports by the ``check('name'):`` part.
@@ -136,54 +138,10 @@ def _copy(inputs: Inputs) -> Inputs:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-_MINFER_DIR = str(Path(__file__).resolve().parents[1])     # the minfer package
-
-
-def _minfer_name(frame) -> Optional[str]:
-    """``module:qualname`` of a frame running minfer's code, else None."""
-    code = frame.f_code
-    if not code.co_filename.startswith(_MINFER_DIR):
-        return None
-    return f"{frame.f_globals.get('__name__', '?')}:{getattr(code, 'co_qualname', code.co_name)}"
-
-
-def is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
-    """Is ``name`` ("module:qualname") one of ``allowed``? A pattern ending in ``*``
-    allows every name it prefixes ("minfer.model:*": the whole model)."""
-    return any(name == a or (a.endswith("*") and name.startswith(a[:-1])) for a in allowed)
-
-
 def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
-    """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
-
-    A trace hook sees every Python call made while ``fn`` runs (``sys.settrace``
-    reports only Python calls, and returning None skips line events, so torch's
-    C operators cost nothing); calls from inside an allowed helper are the
-    helper's business.
-    """
-    found: list[str] = []
-
-    def hook(frame, event, arg):
-        if event != "call" or found:
-            return None
-        name = _minfer_name(frame)
-        if name is None or is_allowed(name, allowed):
-            return
-        caller = frame.f_back
-        while caller is not None:
-            outer = _minfer_name(caller)
-            if outer is not None and is_allowed(outer, allowed):
-                return
-            caller = caller.f_back
-        found.append(name)
-
-    previous = sys.gettrace()
-    sys.settrace(hook)
-    try:
-        result = fn(*args)
-    finally:
-        sys.settrace(previous)
-    return result, (found[0] if found else None)
+    """``fn(*args)``, and the first minfer function it called that is not ``allowed``
+    (``childproc.call_watched``)."""
+    return call_watched(fn, args, allowed)
 
 
 def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs,
@@ -201,6 +159,8 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
             actual = fn(*_copy(inputs).values())
     except NotImplementedError as e:
         raise _NotImplementedYet(inputs, e) from None
+    except EngineCalled as e:            # seen by the learner's process (``isolate``)
+        raise _EngineCalled(inputs, e.callee) from None
     except Exception as e:  # noqa: BLE001 - the learner's bug: reported, not raised
         raise _LearnerRaised(inputs, e) from None
     if callee is not None:
@@ -307,6 +267,18 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
 AUTOGRADE_ENV = "MINFER_AUTOGRADE"
 
 
+def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
+        reference: Optional[Callable] = None) -> None:
+    """Run the property on ``fn``; raise ``AssertionError`` with the report if it fails.
+
+    This is the form for ``tests/``: the engine passes exactly the property the learner is
+    graded by. ``reference`` replaces the engine's reference (for testing the grader itself).
+    """
+    result = grade(exercise, fn, max_examples=max_examples, reference=reference)
+    if not result.passed:
+        raise AssertionError(result.message)
+
+
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
     """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result.
 
@@ -390,7 +362,8 @@ def _format_inputs(inputs: Inputs) -> str:
 
 def _one_line(error: BaseException) -> str:
     message = str(error).strip().split("\n")[0]
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    kind = error.kind if isinstance(error, LearnerRaised) else type(error).__name__
+    return f"{kind}: {message}" if message else kind
 
 
 # Frames from these folders are library code, not the learner's.
@@ -401,6 +374,10 @@ _LIB_DIRS = tuple(str(Path(p).resolve()) for p in (
 
 def _user_frame(error: BaseException) -> Optional[traceback.FrameSummary]:
     """The deepest traceback frame in the learner's code (not torch, not the grader)."""
+    if isinstance(error, LearnerRaised):           # raised in the learner's process
+        w = error.where
+        return traceback.FrameSummary("<cell>", w["lineno"], w["name"], line=w["line"]) \
+            if isinstance(w, dict) else None
     frames = [fr for fr in traceback.extract_tb(error.__traceback__)
               if not str(Path(fr.filename).resolve()).startswith(_LIB_DIRS)]
     return frames[-1] if frames else None

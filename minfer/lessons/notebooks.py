@@ -157,6 +157,7 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike)
     if out == src:
         raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; the student "
                          f"edition would overwrite the solutions: choose another folder")
+    _refuse_to_overwrite(out, out_dir)
     sources = lesson_paths(src)
     # Read and convert everything first: a bad notebook leaves nothing half-written.
     editions = []
@@ -175,6 +176,13 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike)
         _write_atomic(nb, out / name)
         written.append(out / name)
     return written
+
+
+def _refuse_to_overwrite(out: Path, given) -> None:
+    """``ValueError`` unless ``out`` is new or an empty folder: it may hold a learner's work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{str(given)!r} already exists and is not empty: writing there could "
+                         f"overwrite a learner's notebooks; choose a new or empty folder")
 
 
 def default_lessons_dir() -> Path:
@@ -389,8 +397,9 @@ def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     Each solution cell becomes an nbgrader solution cell whose body sits
     between ``### BEGIN SOLUTION`` / ``### END SOLUTION`` (nbgrader's
     ``generate_assignment`` turns that into the stub); each check cell becomes
-    a locked, graded test cell worth the exercise's points whose ``check``
-    result is asserted, so nbgrader's ``autograde`` scores it. Other cells
+    a locked, graded test cell worth the exercise's points: it prints
+    ``check``'s report, and its hidden test (``_hidden_test``) asserts the
+    grader's own ``check``, so nbgrader's ``autograde`` scores it. Other cells
     are left as they are; outputs are cleared.
     """
     from minfer.lessons import exercises as _ex
@@ -410,23 +419,32 @@ def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         else:
             m = _CHECK_CALL.search(cell.source)
             if m is not None:
-                name, var = m.group(2), m.group(1)
-                points = _ex.get(name).points
-                lines = cell.source.rstrip("\n").split("\n")
-                first = next(j for j, ln in enumerate(lines) if _CHECK_CALL.match(ln))
-                if var is None:
-                    lines[first] = "assert " + lines[first]
-                else:               # `result = check(...)`: keep the name, assert it below
-                    end = first
-                    while end + 1 < len(lines) and lines[end + 1].startswith((" ", ")")):
-                        end += 1
-                    lines.insert(end + 1, f"assert {var}")
-                cell.source = "\n".join(lines)
-                meta = {"grade": True, "solution": False, "locked": True, "points": points,
+                name = m.group(2)
+                cell.source = _hidden_test(cell.source, name)
+                meta = {"grade": True, "solution": False, "locked": True,
+                        "points": _ex.get(name).points,
                         "grade_id": "check_" + name.replace(".", "_")}
         if meta is not None:
             cell.metadata["nbgrader"] = {**meta, "schema_version": NBGRADER_SCHEMA}
     return out
+
+
+def _hidden_test(source: str, name: str) -> str:
+    """The check cell, then nbgrader's hidden test that decides the grade.
+
+    The hidden test imports ``check`` under a private name when it runs, so
+    a ``check`` the notebook defines (``def check(*a, **k): return True``)
+    is not the one it calls; nbgrader removes the hidden part from the
+    students' copy and puts it back to autograde.
+    """
+    fn = next((ast.get_source_segment(source, node.args[1]) for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check"
+               and len(node.args) >= 2 and getattr(node.args[0], "value", None) == name), None)
+    if fn is None:
+        raise ValueError(f"the check cell of {name!r} does not call check({name!r}, function)")
+    return (source.rstrip("\n") + "\n### BEGIN HIDDEN TESTS\n"
+            "from minfer.lessons.grader import check as _minfer_check   # the grader's own, now\n"
+            f"assert _minfer_check({name!r}, {fn})\n### END HIDDEN TESTS")
 
 
 def _solution_regions(source: str, stub: str) -> str:
@@ -459,6 +477,7 @@ def nbgrader_edition_main(out_dir: str | os.PathLike,
     out = Path(out_dir).resolve()
     if out == src.resolve():
         raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; choose another folder")
+    _refuse_to_overwrite(out, out_dir)
     editions = [(p.name, nbgrader_notebook(nbformat.read(p, as_version=4))) for p in lesson_paths(src)]
     if not editions:
         print(f"no lessons ({LESSON_GLOB}) found in {src}", file=sys.stderr)

@@ -1,27 +1,32 @@
 """Swap points: where a learner's function can replace the engine's, and run SmolLM2.
 
-    from minfer.lessons import use
-    with use(rms_norm=my_rms_norm, attention=my_attention):
-        llm.generate("The capital of France is", SamplingParams(temperature=0))
+    from minfer.lessons import compare_with_engine, engine_args, use
+    with use(rms_norm=my_rms_norm, top_p=my_top_p):
+        llm.generate("The capital of France is", SamplingParams(temperature=0.8))
+    tight = LLM.from_model(model, tokenizer, num_blocks=8, **engine_args(schedule_step=my_step))
+    compare_with_engine(llm, "The capital of France is", slot_mapping=my_slot_mapping)
 
     minfer generate "The capital of France is" --temperature 0 --use-solutions lessons/01_prefill_and_decode.ipynb
 
-``SWAP_POINTS`` below is the whole list. Each entry names the exercise that
-grades the function (so the learner knows the contract it must keep), and
-the engine attributes it replaces, as ``"module:attribute"`` or
-``"module:DICT[key]"``. The engine calls each of these through its module
-(``rms_norm(...)`` inside ``minfer.model`` looks the name up at call time),
-so replacing the attribute for the duration of ``use`` reroutes every call,
-and leaving ``use`` restores the engine's own function even if generation
-raised. A target that holds None is a hook: the engine runs its own code
-unless a function is swapped in (``schedule_step``: the scheduler's policy
-is a method, not a function, so ``Scheduler.schedule`` checks the hook and
-adapts the learner's plain tuples to its requests). ``tests/test_swap.py``
-checks that every target exists and holds the exercise's reference (or is
-a hook), so a refactor that moves a function fails loudly here instead of
-silently not swapping.
+``SWAP_POINTS`` below is the whole list, and ``tests/test_swap.py`` holds it
+to the code: every target exists and is the exercise's reference, every
+constructor argument is the engine's, every flag named is a flag of
+``minfer generate``, and an engine run as described calls the learner's
+function. Each entry names the exercise that grades the function (so the
+learner knows the contract it must keep) and one of two ways in:
 
-Not thread-safe: ``use`` changes module attributes for the whole process.
+* ``targets``: functions the engine calls through their module, as
+  ``"module:attribute"`` or ``"module:DICT[key]"`` (``rms_norm(...)`` inside
+  ``minfer.model`` looks the name up at call time). ``use`` replaces them for
+  the duration of a ``with`` block, for every engine in the process, and
+  restores the engine's own even if generation raised. Not thread-safe.
+* ``engine_arg``: a constructor argument of ``LLMEngine.from_model``. The
+  attention backend, the scheduler's step and the block manager's slot layout
+  are parts of what the engine builds (the latter two go in as a subclass that
+  calls the learner's function, ``minfer.lessons.plug_ins``), and only an
+  engine built with them runs them: ``engine_args(...)`` gives the arguments, ``compare_with_engine``
+  and ``--use-solutions`` build a second engine on the same model.
+
 (tiny-llm does the same job with a learner package that mirrors the
 reference package; here the engine stays one package and the seams are
 declared in one table.)
@@ -34,46 +39,50 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+from minfer.lessons import plug_ins
+
 
 @dataclass(frozen=True)
 class SwapPoint:
     """One seam of the engine a learner's function can take over."""
 
-    name: str                 # the keyword of ``use(...)``
-    targets: tuple[str, ...]  # engine attributes replaced: "module:attr" or "module:DICT[key]"
+    name: str                 # the keyword of ``use(...)`` / ``engine_args(...)``
+    targets: tuple[str, ...]  # engine attributes replaced by ``use``: "module:attr" or "module:DICT[key]"
     exercise: Optional[str]   # the exercise whose check states the contract (None: see contract)
     contract: str             # the signature and invariants, in one line
     when: str                 # which runs of the engine actually call it
+    engine_arg: Optional[str] = None   # instead of targets: the ``LLMEngine.from_model`` argument
 
 
 SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
     SwapPoint("rms_norm", ("minfer.model:rms_norm",), "model.rms_norm",
               "rms_norm(x (..., d), weight (d,), eps) -> (..., d) float32",
               "every forward: two norms per layer and the final norm"),
-    SwapPoint("attention", ("minfer.attention:BACKENDS[sdpa]", "minfer.attention:BACKENDS[reference]",
-                            "minfer.attention:BACKENDS[flash]"), None,
+    SwapPoint("attention", (), None,
               "attention(q (B, nh, T, hd), k, v (B, nkv, S, hd), q_pos (B, T), k_pos (B, S), "
               "window=None, scale=None) -> (B, nh, T, hd); key s visible to query t iff "
               "0 <= k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window)",
-              "every forward with a contiguous cache or none (--attention any backend); "
-              "the paged cache runs its own attention"),
+              "every forward of an engine built with it: the paged cache gathers each group's K/V "
+              "through the block tables and calls it (minfer/attention/paged.py)",
+              engine_arg="attention"),
     SwapPoint("top_p", ("minfer.sampling:top_p_filter", "minfer.speculative.rejection:top_p_filter"),
               "sampling.top_p", "top_p(logits (V,) or (B, V), top_p) -> logits, -inf outside the nucleus",
               "sampling with temperature > 0 (greedy never filters)"),
     SwapPoint("online_softmax_update", ("minfer.attention.flash:online_softmax_update",
-                                        "minfer.kv.paged:online_softmax_update"),
+                                        "minfer.attention.paged:online_softmax_update"),
               "attention.online_softmax_update",
               "online_softmax_update(m, l, acc, scores, values) -> (m, l, acc)",
-              "--attention flash, and the paged cache's attention"),
-    SwapPoint("slot_mapping", ("minfer.kv.block_pool:compute_slot_mapping",), "paged.slot_mapping",
+              "--attention flash, and the paged cache's block-by-block mode (attention_mode='online')"),
+    SwapPoint("slot_mapping", (), "paged.slot_mapping",
               "slot_mapping(block_table, block_size, start_pos, num_tokens) -> list of slots",
-              "--kv-cache paged: where each new token's K/V is written"),
-    SwapPoint("schedule_step", ("minfer.engine.scheduler:schedule_step",), "serving.schedule_step",
+              "every step of an engine built with it: where each new token's K/V is written",
+              engine_arg="kv_manager_cls"),
+    SwapPoint("schedule_step", (), "serving.schedule_step",
               "schedule_step(running [(id, num_tokens, num_computed_tokens, num_blocks_held)], "
               "waiting [(id, num_tokens)], token_budget, max_num_seqs, num_free_blocks, block_size) "
               "-> (scheduled [(id, num_new_tokens)], preempted [id])",
-              "every step of the serving engine (LLM.generate, minfer serve), whatever the policy; "
-              "Scheduler._schedule_with carries the decisions out"),
+              "every step of an engine built with it, whatever the policy",
+              engine_arg="scheduler_cls"),
 ]}
 
 
@@ -112,16 +121,8 @@ def original(target: str) -> Callable:
     return _ORIGINALS[target] if target in _ORIGINALS else current(target)
 
 
-@contextmanager
-def use(**functions: Callable) -> Iterator[None]:
-    """Run the engine with the learner's functions at the declared swap points.
-
-    ``use(rms_norm=f)`` replaces every target of ``SWAP_POINTS["rms_norm"]``
-    with ``f`` until the block ends (restored even on an exception); blocks
-    nest. An unknown name or a non-callable value raises ``ValueError``
-    before anything is replaced. A ``None`` value is skipped, so
-    ``use(**maybe)`` works with functions that are not written yet.
-    """
+def _checked(caller: str, functions: dict) -> dict:
+    """``functions`` without its None values; ValueError on an unknown name or a non-function."""
     functions = {k: v for k, v in functions.items() if v is not None}
     unknown = sorted(set(functions) - set(SWAP_POINTS))
     if unknown:
@@ -129,7 +130,43 @@ def use(**functions: Callable) -> Iterator[None]:
                          f"at: {', '.join(SWAP_POINTS)}")
     for name, fn in functions.items():
         if not callable(fn):
-            raise ValueError(f"use({name}=...) needs a function, got {type(fn).__name__}")
+            raise ValueError(f"{caller}({name}=...) needs a function, got {type(fn).__name__}")
+    return functions
+
+
+def engine_args(**functions: Callable) -> dict:
+    """``LLMEngine.from_model`` / ``LLM.from_model`` arguments that build an engine on the learner's
+    functions at the constructor swap points (``slot_mapping``, ``schedule_step``)."""
+    functions = _checked("engine_args", functions)
+    modules = sorted(n for n in functions if not SWAP_POINTS[n].engine_arg)
+    if modules:
+        raise ValueError(f"{', '.join(modules)} replace module functions: run them with use(...)")
+    return plug_ins.engine_args(**functions)
+
+
+def split(functions: dict) -> tuple[dict, dict]:
+    """(the functions ``use`` swaps in, the functions an engine is built with)."""
+    functions = _checked("use", functions)
+    built = {n: f for n, f in functions.items() if SWAP_POINTS[n].engine_arg}
+    return {n: f for n, f in functions.items() if n not in built}, built
+
+
+@contextmanager
+def use(**functions: Callable) -> Iterator[None]:
+    """Run the engine with the learner's functions at the declared swap points.
+
+    ``use(rms_norm=f)`` replaces every target of ``SWAP_POINTS["rms_norm"]``
+    with ``f`` until the block ends (restored even on an exception); blocks
+    nest. An unknown name, a non-callable value or a constructor swap point
+    (``engine_args``) raises ``ValueError`` before anything is replaced. A
+    ``None`` value is skipped, so ``use(**maybe)`` works with functions that
+    are not written yet.
+    """
+    functions, built = split(functions)
+    if built:
+        raise ValueError(f"{', '.join(built)} plug into the engine's constructor, not a module: build the "
+                         f"engine with LLM.from_model(..., **engine_args({next(iter(built))}=...)), or "
+                         f"call compare_with_engine")
     saved: list[tuple[str, Callable, bool]] = []
     try:
         for name, fn in functions.items():
@@ -151,14 +188,16 @@ def compare_with_engine(llm, prompt: str, max_tokens: int = 16, **functions: Cal
     """Greedy-generate ``prompt`` with the engine's functions, then with yours; print both.
 
     Returns True when the two texts are identical: the whole model ran on
-    your function and could not tell it from the engine's.
+    your function and could not tell it from the engine's. A constructor
+    swap point runs on a second engine over the same model (``plug_ins.rebuild``).
     """
     from minfer.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    swapped, built = split(functions)
     engine = llm.generate(prompt, params)[0]
-    with use(**functions):
-        yours = llm.generate(prompt, params)[0]
+    with use(**swapped):
+        yours = (plug_ins.rebuild(llm, **built) if built else llm).generate(prompt, params)[0]
     same = engine.token_ids == yours.token_ids
     names = ", ".join(functions)
     print(f"prompt:           {prompt!r}")

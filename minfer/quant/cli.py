@@ -67,8 +67,7 @@ def check_output_folder(out: Path, model: str, force: bool) -> None:
 
 
 def main(args) -> int:
-    from minfer.checkpoints import load_checkpoint
-    from minfer.model import build_model
+    from minfer.loading import load_model
     from minfer.quant.apply import describe, parse_spec, quantize_model, save_quantized
 
     spec = parse_spec(args.format, args.group_size)
@@ -77,10 +76,8 @@ def main(args) -> int:
         parse_spec(lm_head)
     out = Path(args.out)
     check_output_folder(out, args.model, args.force)
-    cfg, state_dict, tokenizer = load_checkpoint(args.model)
-    model = build_model(cfg, state_dict)
-    float_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-    del state_dict
+    cfg, model, tokenizer = load_model(args.model)                # float32 on the CPU, plain linears
+    float_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
     quantize_model(model, spec, lm_head=lm_head)
 
     with atomic.atomic_dir(out) as tmp:           # a sibling temp folder, renamed into place when complete

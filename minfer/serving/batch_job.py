@@ -346,6 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="INPUT.jsonl")
     p.add_argument("output", help="OUTPUT.jsonl (a rerun resumes from OUTPUT.jsonl.partial)")
     add_model_args(p)
+    p.add_argument("--quantization", default=None,
+                   help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none; "
+                        "a folder written by `minfer quantize` is read as it is)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -355,10 +358,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.checkpoints import load_checkpoint
-    from minfer.devices import resolve_device, resolve_dtype
-    from minfer.model import build_model
-    from minfer.serving.engine import LLMEngine
+    from minfer.llm import LLM
 
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")
@@ -370,11 +370,9 @@ def main(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    cfg, sd, tok = load_checkpoint(args.model, dtype=dtype, device="cpu")
-    model = build_model(cfg, sd, device=device, dtype=dtype)
-    engine = LLMEngine.from_model(model, tok, policy="continuous", max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,   # the one front door
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = llm.engine
     t0 = time.perf_counter()
     res = run_batch(args.input, args.output, engine, model_name=str(args.model), progress=not args.no_progress,
                     keep_errors=args.keep_errors)

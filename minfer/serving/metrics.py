@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
+
 from minfer.metrics import RequestStats, tpot_from_timestamps
 
 __all__ = ["RequestStats", "tpot_from_timestamps", "percentile", "Distribution", "ServingMetrics",
@@ -45,19 +47,13 @@ PERCENTILES = (50, 90, 95, 99)
 
 
 def percentile(values: list[float], p: float) -> float:
-    """The p-th percentile with linear interpolation (numpy's default ``method="linear"``).
-
-    Sorted values x_0 <= ... <= x_{m-1}; rank r = p/100 * (m - 1);
-    result = x_floor(r) + (r - floor(r)) * (x_ceil(r) - x_floor(r)).
-    """
-    if not values:
+    """The p-th percentile (0..100), linear interpolation between order statistics: ``np.percentile``'s
+    default, as vLLM's benchmark reports it and as lesson 05 grades a learner's version."""
+    if len(values) == 0:
         raise ValueError("percentile of an empty list")
     if not 0 <= p <= 100:
         raise ValueError(f"percentile p must be in [0, 100], got {p}")
-    xs = sorted(values)
-    r = p / 100 * (len(xs) - 1)
-    lo, hi = math.floor(r), math.ceil(r)
-    return xs[lo] + (r - lo) * (xs[hi] - xs[lo])
+    return float(np.percentile(values, p))
 
 
 @dataclass
@@ -77,11 +73,9 @@ class Distribution:
         if not seconds:
             nan = float("nan")
             return cls(nan, nan, nan, nan, nan, nan, 0)
-        ms = [1000.0 * s for s in seconds]
-        mean = sum(ms) / len(ms)
-        std = math.sqrt(sum((x - mean) ** 2 for x in ms) / len(ms))
-        return cls(mean, percentile(ms, 50), std, percentile(ms, 90), percentile(ms, 95),
-                   percentile(ms, 99), len(ms))
+        ms = 1000.0 * np.asarray(seconds, dtype=np.float64)
+        p50, p90, p95, p99 = np.percentile(ms, (50, 90, 95, 99)).tolist()
+        return cls(float(ms.mean()), p50, float(ms.std()), p90, p95, p99, len(ms))
 
 
 @dataclass

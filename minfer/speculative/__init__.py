@@ -5,9 +5,12 @@ over 8 tokens reads them once too. So guess several tokens cheaply, let the
 target check them all in ONE forward, and keep the ones it agrees with.
 
     rejection.py      the accept/reject rule (p = target, q = draft) and its greedy case
-    loop.py           the propose -> verify -> roll back loop, for any proposer
+    loop.py           the propose -> verify -> roll back loop of one request, for any proposer
+    engine.py         the same inside the engine step: every running request proposes, one
+                      batched forward verifies them all (what ``LLM(speculative=...)`` runs)
     draft.py          proposer: a draft model (another checkpoint, the target in int4, its first k layers)
     prompt_lookup.py  proposer: n-gram lookup in the prompt and the text so far
+    medusa.py         Medusa heads: guesses from one hidden state, a tree verified in one forward
     lookahead.py      lookahead decoding: Jacobi guesses + n-gram verification in one forward
     stats.py          acceptance rate, accepted-length histogram, (1 - a^(gamma+1)) / (1 - a)
 
@@ -18,9 +21,10 @@ Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --
     "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
     "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
     "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
-    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (minfer/compress/medusa.py); greedy only;
-                        options nodes= (16): verify the first N nodes of its static candidate tree;
-                        depth= (all): keep only those nodes at most D deep (depth=1: head 0's top-N only)
+    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (medusa.py); the single-request loop is
+                        greedy only; options nodes= (16): verify the first N nodes of its static candidate tree;
+                        depth= (all): keep only those nodes at most D deep (depth=1: head 0's top-N only).
+                        In the engine: the heads' top-1 chain, depth= heads long
 
     e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
 
@@ -68,7 +72,7 @@ class SpeculativeConfig:
     window: int = 4                      # lookahead W
     ngram: int = 3                       # lookahead N
     max_candidates: int = 4              # lookahead G
-    medusa_nodes: int = 16               # medusa: the first N nodes of compress.medusa.DEFAULT_TREE
+    medusa_nodes: int = 16               # medusa: the first N nodes of medusa.DEFAULT_TREE
     medusa_depth: int | None = None      # medusa: drop the nodes deeper than this (None: keep all)
 
     def __post_init__(self) -> None:
@@ -131,15 +135,14 @@ def load_draft(target, spec: str, *, dtype=None, device=None):
         return layer_skip_draft(target, k)
     if spec == "int4":
         return quantized_draft(target, "int4")
-    from minfer.checkpoints import load_checkpoint
-    from minfer.model import build_model
+    from minfer.loading import load_model
 
     weight = target.model.embed_tokens.weight
-    cfg, state_dict, _ = load_checkpoint(spec, dtype=dtype or weight.dtype, device="cpu")
+    cfg, draft, _ = load_model(spec, device=device or weight.device, dtype=dtype or weight.dtype)
     if cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"draft {spec!r} has vocab_size {cfg.vocab_size}, the target {target.cfg.vocab_size}: "
                          "a draft must share the target's tokenizer")
-    return build_model(cfg, state_dict, device=device or weight.device, dtype=dtype or weight.dtype)
+    return draft
 
 
 def generate_speculative(
@@ -170,7 +173,7 @@ def generate_speculative(
     if config.method == "medusa":
         if kv_cache != "contiguous":
             raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
-        from minfer.compress.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
+        from minfer.speculative.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
         tree = build_tree(DEFAULT_TREE[:config.medusa_nodes], max_depth=config.medusa_depth)
         return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params, tree=tree, **common)
     if config.method == "prompt_lookup":

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from minfer.attention.mask import allowed
-from minfer.generate import RequestMetrics, StopRule, forward_tokens, model_device_dtype
+from minfer.metrics import RequestStats
+from minfer.generate import StopRule, forward_tokens, model_device_dtype
 from minfer.kv import ContiguousKVCache
 from minfer.kv.base import KVView
 from minfer.sampling import SamplingParams, make_generator
@@ -180,7 +181,7 @@ def lookahead_generate(
     eos_token_ids: list[int] = (),
     attention: str = "sdpa",
     stats: SpecStats | None = None,
-    metrics: RequestMetrics | None = None,
+    metrics: RequestStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids, identical to plain greedy decoding (``generate_tokens``, temperature 0)."""

@@ -16,7 +16,9 @@ length. A proposal never runs past the remaining budget, so the verify forward
 never writes past ``max_position_embeddings``; tokens after an EOS inside an
 accepted run are dropped.
 
-vLLM's equivalent: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
+This loop serves one request and reads top to bottom; ``engine.py`` runs the same
+steps (the same proposers and ``rejection`` rule) for every running request of the
+engine at once, as vLLM does: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
 (proposers in ``vllm/v1/spec_decode/``, verification in the rejection sampler).
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from minfer.generate import RequestMetrics, StopRule, forward_tokens, model_device_dtype
+from minfer.metrics import RequestStats
+from minfer.generate import StopRule, forward_tokens, model_device_dtype
 from minfer.kv import make_cache
 from minfer.sampling import SamplingParams, make_generator, sample
 from minfer.speculative.rejection import processed_probs, verify_greedy, verify_sampled
@@ -68,7 +71,7 @@ def speculative_generate(
     kv_cache: str = "contiguous",
     attention: str = "sdpa",
     stats: SpecStats | None = None,
-    metrics: RequestMetrics | None = None,
+    metrics: RequestStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[int]:
     """Yield new token ids, like ``minfer.generate.generate_tokens``, k proposals per target forward."""

@@ -19,13 +19,14 @@ the engine's interface (``update`` returns keys with one (B, S) positions row; s
 ``minfer/kv/__init__.py``). Positions stay the original ones (RoPE was applied when the
 key was written); the causal mask is built from them, so the model needs no special path.
 
-H2O and SnapKV need the attention weights, which ``update`` does not see: the cache
-reads the queries through a forward hook on each layer's query projection (the first
-``nh * hd`` outputs of the fused ``qkv_proj``; registered by the constructor, removed by ``close``), rotates them like the model does, and recomputes the
-softmax for its bookkeeping only. The model's own attention is untouched.
+H2O and SnapKV need the attention weights. ``attend`` has what they need: the queries,
+already rotated by the model, and the keys ``update`` returned. It runs the backend as
+every dense cache does, then recomputes the softmax for its bookkeeping only (the
+backend does not return its weights), and the model's own attention is untouched.
 
 Within one forward the new tokens see the kept tokens plus themselves (a prefill of T
-tokens briefly holds budget + T); the budget is enforced when ``update`` returns.
+tokens briefly holds budget + T); the budget is enforced when the layer that wrote
+them has attended.
 Production: vLLM keeps every token (paged, no eviction); SnapKV / H2O / StreamingLLM
 implementations patch HF attention. A per-head (not per-layer) selection would need
 per-head key positions in the interface.
@@ -33,7 +34,6 @@ per-head key positions in the interface.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -76,31 +76,7 @@ class EvictingKVCache(DenseKVCache):
         self.v: list[torch.Tensor | None] = [None] * L
         self.pos: list[torch.Tensor | None] = [None] * L    # (B, S) positions, -1 = forgotten
         self.score: list[torch.Tensor | None] = [None] * L  # (B, S) the policy's keep-priority
-        self._q: dict[int, torch.Tensor] = {}
-        self._inv_freq = model.inv_freq
-        self._handles = []
-        if policy in ("h2o", "snapkv"):
-            ref = weakref.ref(self)
-            for i, layer in enumerate(model.model.layers):
-                if cfg.owns_kv(i):
-                    kv_layer, attn = cfg.kv_layer_of(i), layer.self_attn
-                    q_rows = attn.parts["q_proj"]
-
-                    def hook(_m, _inp, out, kv_layer=kv_layer, q_rows=q_rows):
-                        cache = ref()
-                        if cache is not None:
-                            cache._q[kv_layer] = out[..., :q_rows].detach()     # (B, T, nh * hd)
-                    proj = getattr(attn, attn.fused_name or "q_proj")
-                    self._handles.append(proj.register_forward_hook(hook))
-
-    def close(self) -> None:
-        """Remove the query hooks (H2O, SnapKV). Also done when the cache is garbage-collected."""
-        for h in getattr(self, "_handles", []):     # absent if the constructor raised
-            h.remove()
-        self._handles = []
-
-    def __del__(self):
-        self.close()
+        self._written: dict[int, torch.Tensor] = {}        # layer -> priorities of the keys update returned
 
     # ------------------------------------------------------------------ the interface
     def update(self, layer, k, v, positions):
@@ -113,10 +89,17 @@ class EvictingKVCache(DenseKVCache):
         keys = torch.cat([self.k[layer], k], dim=2)                          # (B, nkv, S + T, hd)
         values = torch.cat([self.v[layer], v], dim=2)
         key_pos = torch.cat([self.pos[layer], positions], dim=1)              # (B, S + T)
-        score = torch.cat([self.score[layer], self._new_scores(positions)], dim=1)
-        score = self._observe(layer, keys, key_pos, positions, score)
-        self._keep(layer, keys, values, key_pos, score)
+        self._written[layer] = torch.cat([self.score[layer], self._new_scores(positions)], dim=1)
         return KVView(keys, values, key_pos)
+
+    def attend(self, layer, q, view, positions, backend, window=None):
+        """The backend's attention; then, in the layer that wrote this forward's K/V, score and evict."""
+        out = backend(q, view.keys, view.values, positions, view.key_pos, window=window)
+        score = self._written.pop(layer, None)
+        if score is not None:            # layers sharing this K/V attend to the same view later
+            score = self._observe(layer, q, view.keys, view.key_pos, positions, score)
+            self._keep(layer, view.keys, view.values, view.key_pos, score)
+        return out
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (they become invisible and are evicted first)."""
@@ -143,33 +126,26 @@ class EvictingKVCache(DenseKVCache):
             return torch.full(positions.shape, -1.0, device=positions.device)   # generated: recent window only
         return torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
 
-    def _observe(self, layer, keys, key_pos, positions, score):
+    def _observe(self, layer, q, keys, key_pos, positions, score):
         """H2O: add this forward's attention to every key. SnapKV: at prefill, the observation window votes."""
         if self.policy == "streaming":
             return score
-        q = self._q.pop(layer, None)
-        if q is None:
-            raise RuntimeError("EvictingKVCache: no queries captured; was the cache built with this model?")
         if self.policy == "snapkv":
             is_prefill = self.pos[layer].shape[1] == 0 and positions.shape[1] > 1
             if not is_prefill:
                 return score
-            q, positions = q[:, -self.obs_window:], positions[:, -self.obs_window:]
-        att = self._attention(q, keys, key_pos, positions)                    # (B, S + T)
-        return score + att
+            q, positions = q[:, :, -self.obs_window:], positions[:, -self.obs_window:]
+        return score + self._attention(q, keys, key_pos, positions)           # (B, S + T)
 
-    def _attention(self, q_flat, keys, key_pos, q_pos) -> torch.Tensor:
-        """Attention mass each key receives from these queries, summed over queries and all heads."""
-        from minfer.model import apply_rope, rope_cos_sin
-        cfg = self.cfg
-        B, T, _ = q_flat.shape
-        nkv, hd = cfg.num_key_value_heads, cfg.head_dim
-        q = q_flat.view(B, T, cfg.num_attention_heads, hd).transpose(1, 2)   # (B, nh, T, hd)
-        cos, sin = rope_cos_sin(self._inv_freq, q_pos, q.dtype)
-        q = apply_rope(q, cos, sin).reshape(B, nkv, -1, hd)                  # (B, nkv, G*T, hd)
+    def _attention(self, q, keys, key_pos, q_pos) -> torch.Tensor:
+        """Attention mass each key receives from the rotated queries q (B, nh, T, hd), summed over
+        queries and all heads: (B, S)."""
+        B, nh, T, hd = q.shape
+        nkv = keys.shape[1]
+        q = q.reshape(B, nkv, -1, hd)                                           # (B, nkv, G*T, hd)
         logits = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, nkv, G*T, S)
         ok = allowed(q_pos, key_pos, self.cfg.sliding_window)                  # (B, T, S)
-        ok = ok[:, None].expand(B, (cfg.num_attention_heads // cfg.num_key_value_heads), T, -1).reshape(B, 1, -1, ok.shape[-1])
+        ok = ok[:, None].expand(B, nh // nkv, T, -1).reshape(B, 1, -1, ok.shape[-1])   # (B, 1, G*T, S)
         probs = torch.softmax(logits.masked_fill(~ok, -math.inf), dim=-1).nan_to_num(0.0)
         return probs.sum(dim=(1, 2))                                            # (B, S)
 

@@ -26,8 +26,7 @@ import torch
 @torch.no_grad()
 def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: int = 30) -> dict[str, float]:
     """Median seconds of a plain decode step ("plain") and of a verify step of each size ("T=4", ...)."""
-    from minfer.compress.medusa import DEFAULT_TREE, base_and_head_logits, build_tree
-    from minfer.compress.teacher import HiddenCapture
+    from minfer.speculative.medusa import DEFAULT_TREE, base_and_head_logits, build_tree, last_hidden
     from minfer.kv import ContiguousKVCache
     from minfer.speculative.lookahead import TreeAttentionCache
     if any(not 1 <= T <= len(DEFAULT_TREE) + 1 for T in sizes):
@@ -44,12 +43,12 @@ def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: 
 
     def verify(tree):
         def run():
-            with HiddenCapture(model, before_norm=True) as cap:
+            with last_hidden(model) as hidden:
                 T = len(tree.paths) + 1
                 tc = TreeAttentionCache(cache, tree.mask)
                 pos = torch.tensor([[P] + [P + d for d in tree.depth]])
                 model(torch.ones(1, T, dtype=torch.long), pos, kv_cache=tc, logits_indices=no_rows)
-                base_and_head_logits(model, heads, cap.hidden[0], max(tree.max_depth, 1))
+                base_and_head_logits(model, heads, hidden[0][0], max(tree.max_depth, 1))
         return run
 
     fns = {"plain": plain, **{f"T={T}": verify(trees[T]) for T in sizes}}
@@ -65,9 +64,11 @@ def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: 
 
 def main(args) -> int:
     from minfer.bench.spec import TASKS
-    from minfer.compress.medusa import load_heads
+    from minfer.speculative.medusa import load_heads
     from minfer.kernels.onednn_linear import pack_linears
+    from minfer.compress.common import set_threads
     from minfer.llm import LLM
+    set_threads(args.threads)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
     llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     heads = load_heads(args.heads_dir)

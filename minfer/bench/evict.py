@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from minfer.cli_args import int_list
-
-from minfer.compress.evict import EvictingKVCache
+from minfer.kv.evict import EvictingKVCache
 from minfer.kv import ContiguousKVCache
 
 POLICY_ARGS = {"window": ("streaming", {"sinks": 0}), "streaming": ("streaming", {"sinks": 4}),
@@ -52,7 +51,6 @@ def eviction_table(model, ids: list[int], prompt_len: int, budgets, policies=tup
             rows.append({"policy": policy, "budget": b, "ppl": math.exp(float(F.cross_entropy(logits, target))),
                          "agreement": float((logits.argmax(-1) == ref_top1).float().mean()),
                          "kv_bytes": cache.nbytes()})
-            cache.close()
             log(str(rows[-1]))
     return rows
 

@@ -1,0 +1,79 @@
+"""A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model.
+
+A GGUF with ``tokenizer.ggml.model = "llama"`` (Llama 1/2, Gemma) carries a
+SentencePiece vocabulary: token strings (``▁`` stands for a space), one score
+per token, a type per token, and no merge list. llama.cpp tokenizes it with
+its SPM tokenizer (``llm_tokenizer_spm`` in ``src/llama-vocab.cpp``):
+
+1. text that spells a user-defined token (type 4; Gemma: runs of newlines,
+   spaces and tabs, some HTML tags) becomes that token before anything else;
+   control tokens (type 3, ``<bos>``, ``<start_of_turn>``) too when special
+   tokens are parsed;
+2. in the rest, every space becomes ``▁`` (and a ``▁`` is prepended when
+   ``tokenizer.ggml.add_space_prefix`` says so);
+3. start from single characters and repeatedly merge the adjacent pair whose
+   concatenation is a vocabulary token with the *highest score*, leftmost
+   first on ties;
+4. a character that is no token becomes its UTF-8 bytes, ``<0xE2>``... (byte
+   fallback, token type 6).
+
+Step 3 is byte-pair encoding whose merge list is "every way to cut every
+token into two tokens, best score first": that list is what this module
+builds, so HF ``tokenizers``' BPE (heap by rank, leftmost first on ties)
+makes the same choices. HF transformers builds Gemma's merges from the
+token *order* instead (``integrations/gguf/gguf_tokenizer_mapping.py``,
+``gemma_tokenizer``); Gemma 3's file scores its normal tokens -(id - 494),
+so both orders agree on them, and the scores are what llama.cpp reads.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+SPACE = "\u2581"                     # SentencePiece's visible space, "▁"
+TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 3, 4, 6
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every (left, right) with left, right and left + right all tokens, best result score first.
+
+    Ties keep token order (then cut position): llama.cpp ranks a pair by its result's score alone,
+    and two cuts of one token can never both be live at the same place in a word.
+    """
+    ids = {tok: i for i, tok in enumerate(tokens)}               # the last of duplicates, as llama.cpp
+    ranked = []
+    for i, tok in enumerate(tokens):
+        if ids[tok] != i:
+            continue
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], i, cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def spm_tokenizer_json(meta: dict[str, Any], source: str = "GGUF") -> str:
+    """``tokenizer.json`` (as a string) for a SentencePiece GGUF vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    scores = list(meta.get("tokenizer.ggml.scores") or [])
+    if len(scores) != len(tokens):
+        raise ValueError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for "
+                         f"{len(tokens)} tokens")
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=spm_merges(tokens, scores),
+                     unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
+                     fuse_unk=True, byte_fallback=TOKEN_BYTE in types)
+    tok = Tokenizer(bpe)
+    steps = [normalizers.Replace(" ", SPACE)]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):        # llama.cpp's default is to add one
+        steps.insert(0, normalizers.Prepend(SPACE))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)]
+                                       if meta.get("tokenizer.ggml.add_space_prefix", True) else []))
+    tok.add_tokens([AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
+                    for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)])
+    return tok.to_str()

@@ -1,0 +1,242 @@
+"""The exercise record and the registry: one property, graded for the learner and the engine alike.
+
+An *exercise* is a function the learner writes in a lesson notebook. It is
+graded by a hypothesis property: draw random inputs, run minfer's own
+implementation (the *reference*) and the learner's function on them, and
+compare the two. The engine's test suite runs the very same property against
+the engine's implementation, so a learner is graded by exactly the check that
+the engine passes:
+
+    # in a notebook                          # in tests/
+    check("model.rms_norm", my_rms_norm)     run(get("model.rms_norm"), minfer.model.rms_norm)
+
+(``check`` and ``run`` are ``minfer.lessons.grader``'s.) The parts of an exercise (see ``Exercise``):
+
+- ``inputs``: a hypothesis strategy that draws a dict of arguments, in the
+  order of the function's parameters. Arguments are passed *positionally*, so
+  a learner may name the parameters as they like.
+- ``reference``: ``"module:function"``, imported only when the exercise runs
+  (this package must not import the whole engine at import time).
+- ``compare(inputs, expected, actual)``: returns ``None`` when ``actual`` is
+  acceptable, else a short human explanation of what is wrong (shown to the
+  learner under the counterexample).
+- ``validate(inputs, actual)`` (optional): a check against the *definition*
+  that does not use the reference (a float64 formula, an invariant). Without
+  it, running the property on the engine itself would only compare the engine
+  with itself; with it, ``run(engine_fn)`` is a real property test.
+
+This module holds the record, ``register``/``get``/``names`` and the building
+blocks of strategies and comparisons. The exercises themselves live in the
+``ex_*`` modules, one per lesson or theme, and ``minfer.lessons.exercises`` is
+the catalogue that imports them all (so ``get`` knows every exercise once the
+catalogue is imported; ``minfer.lessons`` imports it). How to add one: see there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from hypothesis import strategies as st
+
+Inputs = dict[str, Any]
+Compare = Callable[[Inputs, Any, Any], Optional[str]]
+Validate = Callable[[Inputs, Any], Optional[str]]
+
+_REGISTRY: dict[str, "Exercise"] = {}
+
+
+# ---------------------------------------------------------------------------
+# The exercise record and the registry
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One gradable function: inputs to draw, the reference, how to compare."""
+
+    name: str                        # "module.function", e.g. "model.rms_norm"
+    description: str                 # one line, shown by ``minfer.lessons.describe``
+    reference: str                   # "package.module:function", imported lazily
+    inputs: st.SearchStrategy        # draws a dict {param name: value}, in parameter order
+    compare: Compare                 # (inputs, expected, actual) -> None or what is wrong
+    validate: Optional[Validate] = None   # (inputs, actual) -> None or what is wrong;
+                                          # runs only once compare has accepted actual
+    max_examples: int = 100          # examples per run (stops at the first failure)
+    # Where the learner writes it, for ``minfer lessons grade`` and ``--use-solutions``:
+    lesson: str = ""                 # the notebook's stem, e.g. "01_prefill_and_decode"
+    function: str = ""               # the name the solution cell defines, e.g. "rms_norm"
+    points: int = 1                  # what a pass is worth in the score table
+    # What a solution cell may use besides builtins: the grader runs the cell
+    # after ``prelude`` in a fresh interpreter (``autograde``). ``allowed`` are
+    # the minfer functions ("module:qualname") a solution may call (helpers
+    # the lesson hands out); any other call into minfer is "the engine's own
+    # implementation" and is rejected.
+    prelude: str = "import math\nimport torch\n"
+    allowed: tuple[str, ...] = ()
+
+    def load_reference(self) -> Callable:
+        """Import and return the reference implementation (``"module:function"``).
+
+        Inside ``minfer.lessons.use(...)`` this is still the engine's own
+        function, not the learner's that replaced it.
+        """
+        from minfer.lessons.swap import original
+
+        return original(self.reference)
+
+    @property
+    def reference_name(self) -> str:
+        """The reference as a dotted name, for reports: ``minfer.model.rms_norm``."""
+        return self.reference.replace(":", ".")
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add ``exercise`` to the registry (a name may be registered only once)."""
+    if exercise.name in _REGISTRY and _REGISTRY[exercise.name] is not exercise:
+        raise ValueError(f"exercise {exercise.name!r} is already registered")
+    _REGISTRY[exercise.name] = exercise
+    return exercise
+
+
+def get(name: str) -> Exercise:
+    """The exercise called ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "(none)"
+        raise ValueError(f"unknown exercise {name!r}; known exercises: {known}") from None
+
+
+def names() -> list[str]:
+    """All registered exercise names, sorted."""
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks for strategies
+# ---------------------------------------------------------------------------
+
+
+def float_lists(lo: float, hi: float, min_size: int = 0,
+                max_size: int | None = None) -> st.SearchStrategy:
+    """Lists of float32-representable finite floats in [lo, hi] (no subnormals).
+
+    Hypothesis shrinks each value towards 0 and simple numbers (1.0, 2.0) and
+    deletes list elements: counterexamples come out small and readable.
+    """
+    values = st.floats(lo, hi, width=32, allow_nan=False, allow_infinity=False,
+                       allow_subnormal=False)
+    return st.lists(values, min_size=min_size, max_size=max_size)
+
+
+def rows_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
+    """A float32 (len(rows), width) tensor: each row cut or zero-padded to ``width``.
+
+    Shrink-friendly shapes: draw the width from one list (``len(weight)``)
+    and the rows as independent lists, rather than drawing a size first and
+    then exactly that many values. Then making the width smaller does not
+    shift every value drawn after it, and hypothesis can shrink both.
+    """
+    return torch.tensor([(r + [0.0] * width)[:width] for r in rows], dtype=torch.float32)
+
+
+def float_tensors(shape: tuple[int, ...], lo: float, hi: float) -> st.SearchStrategy:
+    """float32 tensors of a fixed ``shape`` with values in [lo, hi] (see ``float_lists``)."""
+    n = math.prod(shape)
+    return float_lists(lo, hi, min_size=n, max_size=n).map(
+        lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
+
+
+# ---------------------------------------------------------------------------
+# Building blocks for comparisons
+# ---------------------------------------------------------------------------
+
+
+def tensor_problem(expected: torch.Tensor, actual: Any) -> Optional[str]:
+    """What is wrong with the *kind* of ``actual`` (type, shape, dtype), or None."""
+    if not isinstance(actual, torch.Tensor):
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}, expected a torch.Tensor"
+    if actual.shape != expected.shape:
+        return (f"returned shape {tuple(actual.shape)}, expected shape "
+                f"{tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        return f"returned dtype {actual.dtype}, expected {expected.dtype}"
+    return None
+
+
+def index_of(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
+    """Unravel a flat index into a tuple index of ``shape``."""
+    idx = []
+    for size in reversed(shape):
+        idx.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(idx))
+
+
+def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
+                  what: str = "expected") -> Optional[str]:
+    """Compare two same-shape tensors; tolerance ``atol * max(1, max|expected|)``.
+
+    NaN or inf where the expected value is finite always counts as wrong.
+    Returns the max abs error and the first wrong position, or None.
+    """
+    e = expected.detach().to(torch.float64)
+    a = actual.detach().to(torch.float64)
+    scale = max(1.0, float(e[e.isfinite()].abs().max())) if e.isfinite().any() else 1.0
+    tol = atol * scale
+    err = (a - e).abs()
+    same = (a == e) | (err <= tol)               # a == e: matching infinities
+    if bool(same.all()):
+        return None
+    err = torch.where(same, torch.zeros_like(err), err)
+    max_err = "nan" if bool(err.isnan().any()) else f"{float(err.max()):.3g}"
+    first = int((~same).flatten().nonzero()[0])
+    idx = index_of(first, e.shape)
+    return (f"first wrong at index {idx}: {what} {float(e[idx])!r}, yours "
+            f"{float(a[idx])!r}; max abs error {max_err} > tolerance {tol:.3g} "
+            f"({atol:g} x scale {scale:.3g})")
+
+
+def allclose(atol: float) -> Compare:
+    """A ``compare`` for tensor outputs: same type/shape/dtype, values within
+    ``atol`` relative to the scale of the expected output (``close_problem``)."""
+
+    def compare(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optional[str]:
+        return tensor_problem(expected, actual) or close_problem(expected, actual, atol)
+
+    compare.__doc__ = f"same shape and dtype, values within {atol:g} x scale"
+    return compare
+
+
+def exact() -> Compare:
+    """A ``compare`` that demands equality (tensors: same shape, dtype, values)."""
+
+    def compare(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
+        if isinstance(expected, torch.Tensor):
+            problem = tensor_problem(expected, actual)
+            if problem:
+                return problem
+            if torch.equal(expected, actual):
+                return None
+            first = int((expected != actual).flatten().nonzero()[0])
+            idx = index_of(first, expected.shape)
+            return (f"first difference at index {idx}: expected "
+                    f"{expected[idx].item()!r}, yours {actual[idx].item()!r}")
+        return None if actual == expected else f"expected {expected!r}, yours {actual!r}"
+
+    return compare
+
+
+def tuple_problem(actual: Any, names: tuple[str, ...]) -> Optional[str]:
+    """What is wrong with the *kind* of a tuple answer, e.g. ``(keys, values)``, or None."""
+    want = f"a tuple ({', '.join(names)}) of {len(names)} tensors"
+    if actual is None:
+        return f"returned None (did you forget `return`?), expected {want}"
+    if not isinstance(actual, (tuple, list)):
+        return f"returned a single {type(actual).__name__}, expected {want}"
+    if len(actual) != len(names):
+        return f"returned {len(actual)} values, expected {want}"
+    return None

@@ -1,0 +1,71 @@
+"""``load_model``: a name or folder -> (config, model ready to run, tokenizer), for every entry point.
+
+``LLM``, ``minfer batch``, ``minfer serve`` (both through ``LLM``), ``minfer quantize``,
+``minfer medusa train``, ``bench quant`` and a draft model for speculative decoding all load here,
+so a folder written by ``minfer quantize`` or a ``quantization=`` request works the same in each:
+
+    name / path ──resolve──> quantized folder?  ──yes──> load_quantized_folder (no float copy)
+                                                 └─no──> load_checkpoint -> build_model
+                                                         -> quantize_model (quantization=...)
+                 ──> prepack (oneDNN-reordered fp32 linears, CPU only) ──> LoadedModel
+
+vLLM's equivalent is ``vllm/model_executor/model_loader`` (``get_model``): one loader that picks the
+weight format and applies quantization before the engine sees the model.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from minfer.config import ModelConfig
+from minfer.devices import resolve_device, resolve_dtype
+
+
+class LoadedModel(NamedTuple):
+    config: ModelConfig
+    model: nn.Module
+    tokenizer: object           # minfer.tokenizer.Tokenizer
+
+
+def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "float32",
+               quantization: str | None = None, prepack: bool | None = False) -> LoadedModel:
+    """Load ``model`` (registry name, HF folder, GGUF file, or a folder written by ``minfer quantize``).
+
+    quantization  weight-only format for the linears ("int8", "int4", ...: ``minfer.quant``);
+                  refused for a folder that is already quantized
+    prepack       True: every fp32 CPU linear runs through oneDNN on weights reordered once here
+                  (``minfer/kernels/onednn_linear.py``); None: only for the batched row counts
+                  (``BATCHED_ROWS``) and only where it applies (CPU, float32, oneDNN present);
+                  False (default): plain ``nn.Linear``, the form to train or quantize
+    """
+    from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
+    device, dtype = resolve_device(None if device is None else str(device)), resolve_dtype(dtype)
+    if quantization is not None:
+        parse_spec(quantization)                                  # fail on a bad name before loading
+    if is_quantized_checkpoint(model):                            # written by `minfer quantize`
+        if quantization is not None:
+            raise ValueError(f"{model} is already quantized; leave quantization unset")
+        cfg, net, tokenizer = load_quantized_folder(model, device=device, dtype=dtype)
+    else:
+        from minfer.checkpoints import load_checkpoint
+        from minfer.model import build_model
+        cfg, state_dict, tokenizer = load_checkpoint(model, dtype=dtype, device="cpu")
+        net = build_model(cfg, state_dict, device=device, dtype=dtype)
+        del state_dict
+        if quantization is not None:                              # weight-only: swap the linears
+            quantize_model(net, quantization)
+    _prepack(net, prepack, device, dtype)
+    return LoadedModel(cfg, net, tokenizer)
+
+
+def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: torch.dtype) -> None:
+    from minfer.kernels import onednn_linear
+    plain_cpu = device.type == "cpu" and dtype == torch.float32
+    if prepack:
+        if not plain_cpu:
+            raise ValueError(f"prepack is for one process on the CPU in float32 (got device {device}, dtype {dtype})")
+        onednn_linear.pack_linears(net)
+    elif prepack is None and plain_cpu and onednn_linear.available():
+        onednn_linear.pack_linears(net, rows=onednn_linear.BATCHED_ROWS)     # batched steps only
