@@ -361,9 +361,9 @@ def test_cli_compile_with_enforce_eager_is_a_clear_error(tmp_path, capsys):
 
 
 def test_single_request_loops_build_no_static_path(tmp_path):
-    """Speculative decoding never steps the engine: no capture, and compile=True is refused clearly."""
+    """Speculative decoding runs eager: no capture, and compile=True is refused clearly."""
     from servers import tiny_model_folder
     folder = str(tiny_model_folder(tmp_path / "tiny"))
     assert LLM(folder, speculative="prompt_lookup", enforce_eager=False).engine.runner.static is None
-    with pytest.raises(ValueError, match="compile=True.*single-request"):
+    with pytest.raises(ValueError, match="compile=True.*speculative decoding runs eager"):
         LLM(folder, speculative="prompt_lookup", compile=True)
