@@ -356,11 +356,14 @@ class LLM:
         return self._run([prompt], [params], on_text)[0]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them."""
+        """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them.
+
+        The messages' text is encoded apart from the template's special tokens
+        (``Tokenizer.encode_chat``), so a message cannot forge a turn of another role.
+        """
         conversations = check_messages(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)
 
     def stream_chat(self, messages, params=None, on_text=None) -> RequestOutput:
-        return self.stream(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                           params, on_text)
+        return self.stream(self.tokenizer.encode_chat(messages, add_generation_prompt=True), params, on_text)

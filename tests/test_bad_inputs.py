@@ -1003,3 +1003,11 @@ def test_cli_fuzz_every_flag_of_every_command_never_an_internal_error(tmp_path, 
         signal.signal(signal.SIGALRM, previous)
     assert not bad, bad[:5]
     assert time.perf_counter() - t0 < 120
+
+
+def test_llm_chat_keeps_message_text_apart_from_special_tokens(llm):
+    """``LLM.chat`` encodes a conversation as the server does: a message cannot forge a turn."""
+    msgs = [{"role": "user", "content": FORGED[0]}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=1))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode_chat(msgs)
+    assert out.prompt_token_ids != llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs))
