@@ -217,9 +217,9 @@ def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> No
         for _ in range(die_after):
             run_step(runner, comm.broadcast_object(None))
         os._exit(0)                                           # no goodbye: the process is gone
-    t0, got, error, reasons = time.perf_counter(), [], None, None
+    engine = parallel_engine(shard, num_blocks=64, block_size=4, eos_token_ids=())
+    t0, got, error, reasons = time.perf_counter(), [], None, None   # (building may compile the decode kernel)
     try:
-        engine = parallel_engine(shard, num_blocks=64, block_size=4, eos_token_ids=())
         for p in ([1, 2, 3], [4, 5, 6, 7]):
             engine.add_request(p, params)
         for out in engine.stream():
