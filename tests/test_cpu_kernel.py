@@ -111,3 +111,13 @@ def test_a_stale_build_lock_is_removed(tmp_path):
     (tmp_path / "lock").write_text("")
     with _build_lock(tmp_path):
         assert not (tmp_path / "lock").exists()
+
+
+def test_a_built_kernel_is_loaded_only_when_complete(tmp_path):
+    """Later processes load the finished .so directly; without the marker, or damaged, it is built again."""
+    from minfer.kernels.cpu_paged_decode import _load_built
+
+    (tmp_path / "minfer_cpu_paged_decode.so").write_bytes(b"not an ELF file")
+    assert _load_built(tmp_path) is None                     # no marker: a build may have been cut short
+    (tmp_path / "minfer.built").write_text("")
+    assert _load_built(tmp_path) is None                     # damaged: build again

@@ -90,6 +90,24 @@ def _build_lock(build: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _load_built(build: Path):
+    """The module already built in ``build``, or None. The folder's name is a hash of the source,
+    the flags, torch and the CPU, so a finished ``.so`` there is this kernel: load it without
+    asking ninja, which would rebuild when the checkout's path or its dependency log changed."""
+    import importlib.util
+
+    so = build / "minfer_cpu_paged_decode.so"
+    if not (so.is_file() and (build / "minfer.built").is_file()):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("minfer_cpu_paged_decode", so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:                    # a damaged file: build again
+        return None
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -104,8 +122,12 @@ def _build():
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with _build_lock(build):
+        built = _load_built(build)
+        if built is not None:
+            return built
         module = cpp_extension.load(name="minfer_cpu_paged_decode", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
                                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        (build / "minfer.built").write_text("")  # the .so is complete: later processes load it directly
     if fresh:
         print(f"minfer: compiled in {time.perf_counter() - t0:.0f} s ({build})", file=sys.stderr, flush=True)
     return module
