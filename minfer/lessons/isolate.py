@@ -179,7 +179,7 @@ def _bwrap(scratch: str, hide: list[str], with_minfer: bool) -> list[str]:
                            "without it, grade untrusted submissions in a container")
     args = [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--size", str(SANDBOX_TMP_BYTES), "--tmpfs", "/tmp",
-            "--unshare-all", "--die-with-parent", "--new-session"]
+            "--unshare-all", "--die-with-parent"]     # no terminal: Popen already detached it (setsid)
     hidden = [f for f in dict.fromkeys(hide + ([] if with_minfer else
                                                [os.path.join(_MINFER_ROOT, "minfer")]))
               if os.path.isdir(f) and f not in _SYSTEM_DIRS]
