@@ -8,6 +8,9 @@
                      Q4_1          torch.ops.aten._weight_int4pack_mm         (CUDA, "tinygemm")
                      Q8_0          none in torch: always the reference path
 
+``act8=True`` (format names ending in ``-a8``) rounds the activations to int8 too and runs
+``minfer/kernels/cpu_quant_linear.py`` (W8A8 / W4A8, integer dot products) on ``int_form()``.
+
 ``path="auto"`` (the default) takes the fast path when torch has a kernel for
 this device and shape, and the reference path otherwise. The first time a
 kernel is used on a (device, dtype) it is checked against the reference on a
@@ -43,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minfer.kernels.cpu_quant_linear import linear_a8, linear_a8_reference, why_unavailable
+from minfer.kernels.cpu_quant_linear import pack as pack_a8
 from minfer.quant import gguf_formats
 from minfer.quant.int4 import dequantize_int4, num_groups, quantize_int4, unpack_int4
 from minfer.quant.int8 import dequantize_int8, quantize_int8
@@ -103,7 +108,6 @@ def _a8_why(device: torch.device) -> Optional[str]:
     """None when the int8-activation kernel runs for inputs on ``device``, else why not."""
     if device.type != "cpu":
         return f"the int8-activation kernel is for the CPU, the input is on {device.type}"
-    from minfer.kernels.cpu_quant_linear import why_unavailable
     return why_unavailable()
 
 
@@ -223,12 +227,11 @@ class QuantizedLinear(nn.Module):
 
     def a8_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Int8 activations: the VNNI kernel where it runs, else its plain reference (same numbers)."""
-        from minfer.kernels import cpu_quant_linear as a8
         why = "path='reference'" if self.path == "reference" else _a8_why(x.device)
         if why is None:
-            if "a8" not in self._fast:
-                self._fast["a8"] = a8.pack(*self.int_form())
-            y = a8.linear_a8(x.reshape(-1, self.in_features), self._fast["a8"])       # (M, N) float32
+            if "a8" not in self._fast:                  # the kernel's layout, made once
+                self._fast["a8"] = pack_a8(*self.int_form())
+            y = linear_a8(x.reshape(-1, self.in_features), self._fast["a8"])          # (M, N) float32
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         elif self.path == "fast":
             raise RuntimeError(f"{type(self).__name__} ({self.format}-a8): no int8-activation kernel here: {why}")
@@ -236,8 +239,7 @@ class QuantizedLinear(nn.Module):
             if why not in _A8_WARNED and self.path != "reference":
                 _A8_WARNED.add(why)
                 warnings.warn(f"minfer: int8-activation linears run on their plain torch path, more slowly: {why}")
-            y = a8.linear_a8_reference(x, self.dequantize().to(x.device))
-            y = y.to(x.dtype)
+            y = linear_a8_reference(x, self.dequantize().to(x.device)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
