@@ -37,6 +37,7 @@ import torch
 from minfer.engine.llm_engine import LLMEngine, StepOutput
 from minfer.engine.runner import prepare_batch
 from minfer.engine.scheduler import ScheduledChunk
+from minfer.guided import refuse_speculative
 from minfer.sampling import sample_rows
 from minfer.speculative import SpeculativeConfig, load_draft
 from minfer.speculative.draft import DraftModelProposer
@@ -133,6 +134,7 @@ class SpecDecodeEngine(LLMEngine):
     def add_request(self, prompt, params=None, request_id=None, arrival_time=None) -> str:
         if params is not None and params.n > 1:
             raise ValueError("speculative decoding samples one sequence per request; use n=1")
+        refuse_speculative(params)
         return super().add_request(prompt, params, request_id, arrival_time)
 
     def release(self, request_id: str):
