@@ -72,7 +72,7 @@ def grammar(params) -> str:
         raise ValueError(f"SamplingParams.{name}: {e}") from None
     error = L.LLMatcher.validate_grammar(g)
     if error:
-        raise ValueError(f"SamplingParams.{name}: {error.strip().splitlines()[0]}")
+        raise ValueError(f"SamplingParams.{name}: {' '.join(error.split())[:300]}")
     return g
 
 
