@@ -5,6 +5,7 @@ log-softmax of the oracle's logits (``minfer/naive.py``, fp32, atol 1e-4):
 * whatever the token budget, prefill chunk, block size, preemption (a tight pool) and prefix cache
   (a request that shares a cached prefix still gets every prompt row: it does not read the cache);
 * "processed_logprobs": the distribution the token was drawn from (temperature, top-k, top-p);
+* parallel samples (n > 1) each get their own; speculative decoding refuses them with a clear error;
 * a batch in which nobody asks computes no logprobs at all.
 """
 from __future__ import annotations
@@ -121,6 +122,22 @@ def test_nobody_asks_nothing_is_computed(monkeypatch):
     llm = LLM.from_model(tiny_model(tiny_config()))
     out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0.7, seed=1))
     assert all(o.outputs[0].logprobs is None and o.prompt_logprobs is None for o in out)
+
+
+def test_parallel_samples_each_get_their_own_logprobs():
+    model = tiny_model(tiny_config(), seed=5)
+    out = LLM.from_model(model, block_size=2).generate([1, 2, 3, 4, 5], SamplingParams(
+        n=3, temperature=1.0, seed=5, max_tokens=4, logprobs=1, prompt_logprobs=1, ignore_eos=True))[0]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    for c in out.outputs:
+        check_output(model, type(out)(out.prompt, out.prompt_token_ids, [c], prompt_logprobs=out.prompt_logprobs),
+                     1, 1)
+
+
+def test_speculative_decoding_refuses_logprobs():
+    llm = LLM.from_model(tiny_model(tiny_config()), speculative="prompt_lookup")
+    with pytest.raises(ValueError, match="speculative"):
+        llm.generate([1, 2, 3], SamplingParams(prompt_logprobs=0))
 
 
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])

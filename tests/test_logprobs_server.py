@@ -124,18 +124,17 @@ def test_logprobs_limits_are_400s_naming_the_field(server, path, body, param, wo
 def in_process_loglikelihoods(llm, docs) -> list[list[float]]:
     """Each choice's loglikelihood after its question, from LLM.generate's prompt logprobs, tokenized as
     lm-eval's ``_encode_pair`` does (context alone, then context + " " + choice)."""
-    out = []
-    for doc in docs:
-        ctx, lls = doc["question"], []
-        for choice in doc["choices"]:
-            whole, n_ctx = llm.tokenizer.encode(ctx + " " + choice), len(llm.tokenizer.encode(ctx))
-            r = llm.generate(whole, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
-            lls.append(sum(r.prompt_logprobs[i][whole[i]].logprob for i in range(n_ctx, len(whole))))
-        out.append(lls)
-    return out
+    pairs = [(llm.tokenizer.encode(d["question"] + " " + c), len(llm.tokenizer.encode(d["question"])))
+             for d in docs for c in d["choices"]]
+    outs = llm.generate([whole for whole, _ in pairs], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    lls = [sum(r.prompt_logprobs[i][whole[i]].logprob for i in range(n_ctx, len(whole)))
+           for r, (whole, n_ctx) in zip(outs, pairs)]
+    sizes = [len(d["choices"]) for d in docs]
+    return [lls[sum(sizes[:j]):sum(sizes[:j + 1])] for j in range(len(docs))]
 
 
-def test_lm_eval_local_completions_scores_as_minfer_does(server, llm, folder, tmp_path, monkeypatch):
+def lm_eval_vs_in_process(url: str, name: str, folder, llm, tmp_path, monkeypatch) -> float:
+    """Run the fixture task through lm-eval against ``url``; assert it equals the in-process scores."""
     lm_eval = pytest.importorskip("lm_eval")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
@@ -144,9 +143,10 @@ def test_lm_eval_local_completions_scores_as_minfer_does(server, llm, folder, tm
     (tmp_path / "tiny_choice.yaml").write_text((FIXTURES / "tiny_choice.yaml").read_text()
                                               .replace("DATA_FILE", str(data)))
     from lm_eval.tasks import TaskManager
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)     # only ours: no index of lm-eval's
     res = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["minfer_tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path)),
-        model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny", "tokenizer": str(folder),
+        model="local-completions", tasks=["minfer_tiny_choice"], task_manager=tasks,
+        model_args={"base_url": f"{url}/v1/completions", "model": name, "tokenizer": str(folder),
                     "tokenizer_backend": "huggingface", "max_retries": 1, "num_concurrent": 1},
         log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     docs = [json.loads(line) for line in data.read_text().splitlines()]
@@ -157,4 +157,23 @@ def test_lm_eval_local_completions_scores_as_minfer_does(server, llm, folder, tm
         assert [r[0] for r in s["filtered_resps"]] == pytest.approx(lls, abs=ATOL)
     acc = sum(max(range(len(lls)), key=lls.__getitem__) == d["answer"] for lls, d in zip(mine, docs)) / len(docs)
     assert res["results"]["minfer_tiny_choice"]["acc,none"] == acc
-    print(f"lm-eval acc {acc:.4f} = in-process acc on {len(docs)} docs ({os.path.basename(folder)})")
+    print(f"lm-eval acc {acc:.4f} = in-process acc on {len(docs)} docs ({name})")
+    return acc
+
+
+def test_lm_eval_local_completions_scores_as_minfer_does(server, llm, folder, tmp_path, monkeypatch):
+    lm_eval_vs_in_process(server.url, "tiny", folder, llm, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_lm_eval_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
+    """The same on SmolLM2-135M-Instruct, where the task is easy enough for the accuracy to mean something."""
+    from minfer.llm import LLM
+    folder = smollm2_dir
+    s = serve(folder, log=tmp_path / "server.log").wait()
+    try:
+        acc = lm_eval_vs_in_process(s.url, Path(folder).name, folder, LLM(str(folder)), tmp_path, monkeypatch)
+    finally:
+        stop_all([s])
+    assert acc > 0.5

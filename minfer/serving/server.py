@@ -198,7 +198,7 @@ class Handlers:
                     yield sse(APIError(500, out.error).body())
                     break
                 if out.finished:
-                    done, num_output = done + 1, num_output + out.num_output_tokens * shape.generated
+                    done, num_output = done + 1, num_output + (out.num_output_tokens if shape.generated else 0)
                 text, lp = shape.piece(out.text, out.token_ids, out.logprobs, out.prompt_logprobs,
                                        first[out.index], offset[out.index])
                 first[out.index] = False
@@ -238,11 +238,10 @@ class Handlers:
                 dicts[out.index] += out.logprobs or []
                 prompt_dicts = out.prompt_logprobs or prompt_dicts
                 if out.finished:
-                    done, num_output = done + 1, num_output + out.num_output_tokens * shape.generated
+                    done, num_output = done + 1, num_output + (out.num_output_tokens if shape.generated else 0)
                     reasons[out.index] = out.finish_reason
-            choices = [(*shape.piece("".join(texts[i]), ids[i], dicts[i], prompt_dicts, True), reasons[i])
-                       for i in range(n)]
-            return response(rid, self.model_name, chat, [(t, r, lp) for t, lp, r in choices],
+            pieces = [shape.piece("".join(texts[i]), ids[i], dicts[i], prompt_dicts, True) for i in range(n)]
+            return response(rid, self.model_name, chat, [(t, r, lp) for (t, lp), r in zip(pieces, reasons)],
                             usage(out.num_prompt_tokens, num_output))
         finally:
             gone.cancel()
