@@ -163,7 +163,8 @@ class Scheduler:
         computed = self.kv.allocate(req.request_id, req.all_token_ids, **skip)
         if computed is None:
             return False
-        self.prefix_cache_queries += req.num_tokens if not skip else 0       # a preempted request counts again when re-admitted
+        if not skip:                                      # a preempted request counts again when re-admitted
+            self.prefix_cache_queries += req.num_tokens
         self.prefix_cache_hits += computed
         self.waiting.remove(req)
         # Prefix-cache hit: those tokens' K/V are already there. At least the last

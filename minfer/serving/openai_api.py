@@ -198,11 +198,11 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def response(rid: str, model: str, chat: bool, choices: list[tuple], use: dict) -> dict:
-    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason,
-    logprobs) of each sample, by index."""
+    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason)
+    or (text, finish_reason, logprobs) of each sample, by index."""
     out = []
-    for index, (text, finish_reason, logprobs) in enumerate(choices):
-        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
+    for index, (text, finish_reason, *logprobs) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs[0] if logprobs else None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
