@@ -182,3 +182,16 @@ def test_bad_response_format_is_a_400_naming_the_field(server):
         assert err["message"].startswith(field) and err["param"].startswith("response_format"), err
     r = httpx.post(url, json={"messages": msgs, "guided_regex": "(ab"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+
+
+def test_guided_with_logprobs_through_the_server(server):
+    """Masked tokens have logprob -inf; the server floors them (JSON has no -inf) and stays a 200."""
+    import httpx
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "yes or no?"}], "guided_choice": ["yes", "no"],
+        "logprobs": True, "top_logprobs": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] in ("yes", "no")
+    tops = [t["logprob"] for e in choice["logprobs"]["content"] for t in e["top_logprobs"]]
+    assert min(tops) == -9999.0                               # at most 2 tokens allowed at the first step
