@@ -83,7 +83,8 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
         nkv, ok = cfg.num_key_value_heads, []
         for d in range(1, cfg.num_attention_heads + 1):
             try:
-                ok += [check_tp_size(cfg, d) or d]
+                check_tp_size(cfg, d)
+                ok.append(d)
             except ValueError:
                 pass
         rule = f"must divide {nkv}" if all(nkv % d == 0 for d in ok) else f"must be one of {ok}"
