@@ -11,5 +11,6 @@ KV-cache eviction (StreamingLLM, H2O, SnapKV) is a cache: ``minfer/kv/evict.py``
 methods buy is measured in ``minfer/bench`` (``minfer prune``, ``minfer medusa cost``,
 ``minfer bench evict``).
 
-Commands: ``minfer teacher-cache``, ``minfer distill``, ``minfer medusa train | selfdistill``.
+Commands: ``minfer teacher-cache``, ``minfer distill``, ``minfer medusa train | selfdistill``, and
+``minfer quantize`` (``quantize_cli.py``: it loads through ``minfer.loading``, which ``minfer.quant`` may not import).
 """

@@ -26,6 +26,16 @@ from minfer.sampling import SamplingParams, make_generator, stop_token_ids
 from minfer.metrics import RequestStats
 
 
+@dataclass
+class TraceRequest:
+    """One request of a workload trace (``minfer.serving.workload``): when it arrives, what it asks."""
+    request_id: str
+    arrival_time: float             # seconds after the trace starts
+    prompt_token_ids: list[int]
+    max_tokens: int                 # tokens to generate (run with ignore_eos for exact lengths)
+    prompt: str | None = None       # the text, when the prompt came from text
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"              # not admitted yet (or preempted and waiting again)
     RUNNING = "running"              # holds KV blocks, gets tokens each step

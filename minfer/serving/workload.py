@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+
+from minfer.engine.request import TraceRequest
 
 INSTRUCTION = "Summarize the following Python documentation in a few sentences.\n\n"
-
-
-@dataclass
-class TraceRequest:
-    request_id: str
-    arrival_time: float             # seconds after the trace starts
-    prompt_token_ids: list[int]
-    max_tokens: int                 # tokens to generate (run with ignore_eos for exact lengths)
-    prompt: str | None = None       # the text, when the prompt came from text
 
 
 def _check_range(name: str, lo_hi: tuple[int, int]) -> tuple[int, int]:
