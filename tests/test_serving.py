@@ -350,8 +350,27 @@ def test_batch_job_input_errors_name_the_line(tmp_path, text_model, byte_tok):
     res = run_batch(bad, tmp_path / "o.jsonl", eng, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert res["errors"] == 1 and recs[0]["error"]["message"].startswith(
-        "line 1 (custom_id 'a'): body.temperature must be a finite number >= 0")
+        "line 1 (custom_id 'a'): body.temperature: Input should be greater than or equal to 0")
     assert recs[1]["error"] is None and recs[1]["response"]["body"]["usage"]["completion_tokens"] == 3
+
+
+def test_batch_job_seeds_requests_without_a_seed_as_llm_does(tmp_path, text_model, byte_tok):
+    from minfer.llm import LLM
+    inp = tmp_path / "in.jsonl"
+    prompts = [f"w{i} w{i + 1}" for i in range(4)]
+    inp.write_text("".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                                       "body": {"prompt": p, "max_tokens": 6, "temperature": 1.0}}) + "\n"
+                           for i, p in enumerate(prompts)))
+    outs = {}
+    for seed in (3, 3, 4):
+        llm = LLM.from_model(text_model, byte_tok, seed=seed)
+        run_batch(inp, tmp_path / "o.jsonl", llm.engine, progress=False, seeded=llm.seeded)
+        outs.setdefault(seed, []).append([json.loads(x)["response"]["body"]["choices"][0]["token_ids"]
+                                          for x in (tmp_path / "o.jsonl").read_text().splitlines()])
+        (tmp_path / "o.jsonl").unlink()
+    want = [o.outputs[0].token_ids for o in LLM.from_model(text_model, byte_tok, seed=3).generate(
+        prompts, SamplingParams(temperature=1.0, max_tokens=6))]
+    assert outs[3][0] == outs[3][1] == want and outs[4][0] != want
 
 
 def kill_halfway_and_resume(tmp_path, model_arg: str, model, tok, max_num_seqs: int,

@@ -56,10 +56,10 @@ from pathlib import Path
 from minfer.atomic import atomic_write
 from minfer.cli_args import add_model_args
 from minfer.sampling import SamplingParams
-from minfer.validation import check_engine_args, check_int, check_prompt, sampling_kwargs_from_body
+from minfer.serving.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
+from minfer.validation import check_engine_args, check_int
 
 URLS = ("/v1/chat/completions", "/v1/completions")
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -205,30 +205,19 @@ def write_atomic(path: Path, lines: list[str]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def sampling_params(body: object, where: str = "") -> SamplingParams:
-    """OpenAI body fields -> SamplingParams (ValueError naming the field and ``where``);
-    the rules are ``minfer.validation``'s, shared with ``SamplingParams`` and the server."""
-    kw = sampling_kwargs_from_body(body, where, default_max_tokens=DEFAULT_MAX_TOKENS)
-    if kw.get("n", 1) != 1:
-        raise ValueError(f"{where}: body.n must be 1 in a batch job (one line per sample), got {kw['n']!r}")
-    return SamplingParams(**kw)
-
-
-def prompt_of(item: BatchItem, tokenizer):
-    """The prompt text or token ids of a request (chat: the ids of the model's template, ``encode_chat``)."""
-    key = "messages" if item.url == "/v1/chat/completions" else "prompt"
-    if key not in item.body:
-        raise ValueError(f"{item.where}: body.{key} is required for {item.url}")
-    value = item.body[key]
-    if key == "messages":
-        if not isinstance(value, list) or not value:
-            raise ValueError(f"{item.where}: body.messages must be a non-empty list of messages")
-        return tokenizer.encode_chat(value, add_generation_prompt=True)   # message text never a special token
-    try:
-        check_prompt(value, "body.prompt")
-    except TypeError as e:
-        raise ValueError(f"{item.where}: {e}") from None
-    return value
+def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams]:
+    """A request's prompt token ids and sampling parameters, checked by the server's request models
+    (``openai_api``: the same fields, limits, defaults and refusals); errors name ``body.<field>``."""
+    chat = item.url == "/v1/chat/completions"
+    req = parse_body(ChatCompletionRequest if chat else CompletionRequest, item.body, prefix="body.")
+    if req.n != 1:
+        raise ValueError(f"body.n must be 1 in a batch job (one line per sample), got {req.n}")
+    if chat:                                      # message text never becomes a special token
+        ids = tokenizer.encode_chat([m.as_dict() for m in req.messages], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(req.prompt, add_special_tokens=True) if isinstance(req.prompt, str) \
+            else list(req.prompt)
+    return ids, sampling_params(req, len(ids), max_model_len, chat=chat)
 
 
 def _record_id(custom_id: str) -> str:
@@ -285,11 +274,12 @@ class Progress:
 
 
 def run_batch(input_path: str | Path, output_path: str | Path, engine, model_name: str = "minfer",
-              progress: bool = True, keep_errors: bool = False) -> dict:
+              progress: bool = True, keep_errors: bool = False, seeded=lambda params: params) -> dict:
     """Run every request of ``input_path`` that has no up-to-date record yet; write ``output_path``.
 
     A record is reused when its custom_id and request hash match an input line
-    (and, for an error record, only with ``keep_errors``). Returns counts:
+    (and, for an error record, only with ``keep_errors``). ``seeded`` gives a request without a seed
+    its seed (``LLM.seeded``: the LLM's seeded sequence). Returns counts:
     {"total", "skipped" (reused), "ran", "errors" (invalid requests)}.
     """
     items = read_input(input_path)
@@ -318,9 +308,9 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
         by_rid: dict[str, BatchItem] = {}
         for item in todo:                          # everything goes in at once: throughput first
             try:
-                params = sampling_params(item.body, item.where)
-                rid = engine.add_request(prompt_of(item, engine.tokenizer), params)
-            except (ValueError, TypeError) as e:   # this line's error record; the job goes on
+                ids, params = parse_request(item, engine.tokenizer, engine.max_model_len)
+                rid = engine.add_request(ids, seeded(params))
+            except (ValueError, TypeError, APIError) as e:     # this line's error record; the job goes on
                 errors += 1
                 finish(item, error_record(item, str(e)))
                 continue
@@ -351,6 +341,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a folder written by `minfer quantize` is read as it is)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="a request without a seed draws one from this seeded sequence, as LLM(seed=...) (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--keep-errors", action="store_true",
@@ -364,18 +356,18 @@ def main(args) -> int:
         raise FileNotFoundError(f"{args.input}: no such input file")
     read_input(args.input)                       # a malformed file fails before the model loads
     check_paths(args.input, args.output)         # and so does an output we cannot or must not write
-    check_engine_args(device=args.device)
+    check_engine_args(device=args.device, seed=args.seed)
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", lo=1)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,   # the one front door
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     engine = llm.engine
     t0 = time.perf_counter()
     res = run_batch(args.input, args.output, engine, model_name=str(args.model), progress=not args.no_progress,
-                    keep_errors=args.keep_errors)
+                    keep_errors=args.keep_errors, seeded=llm.seeded)
     print(f"{res['total']} requests: {res['skipped']} already done, {res['ran']} run, {res['errors']} "
           f"invalid; {time.perf_counter() - t0:.1f} s -> {args.output}", file=sys.stderr)
     return 0

@@ -118,6 +118,10 @@ class Message(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """What the chat template takes (OpenAI's ``developer`` role is the template's ``system``)."""
+        return {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
@@ -130,8 +134,8 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def parse_body(model: type[BaseModel], body) -> BaseModel:
-    """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
+def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
+    """Validate a decoded JSON body; a 400 naming every bad field (``prefix`` + its path) otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -147,7 +151,7 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
                 msg = err["msg"]
             if param not in params:
                 params.append(param)
-                problems.append(f"{param}: {msg}")
+                problems.append(f"{prefix}{param}: {msg}")
         raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
 
 

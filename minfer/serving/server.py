@@ -143,7 +143,7 @@ class Handlers:
 
     async def chat_completions(self, request: Request):
         req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
-        msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        msgs = [m.as_dict() for m in req.messages]
         self.check_chars(sum(len(m["content"]) for m in msgs), "messages")
         try:                                       # user text never becomes a special token
             ids = await asyncio.to_thread(self.tok.encode_chat, msgs, add_generation_prompt=True)
