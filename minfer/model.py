@@ -1,28 +1,10 @@
 """The transformer: a Llama-family decoder written to be read top to bottom.
 
-    token ids (B, T) --embed--> x (B, T, h)
-      for each layer:   x = x + attn(rms_norm(x))      # attention mixes positions
-                        x = x + mlp(rms_norm(x))       # SwiGLU mixes channels
-    logits = lm_head(rms_norm(x))                      # (B, T, vocab)
+    x = embed(ids);  per layer: x = x + attn(rms_norm(x));  x = x + mlp(rms_norm(x));  logits = lm_head(rms_norm(x))
 
-Gemma 3 is the same loop with the switches of ``ModelConfig`` turned on
-(HF ``models/gemma3/modeling_gemma3.py``, llama.cpp ``src/models/gemma3.cpp``):
-embeddings times sqrt(hidden); a norm on the attention and the MLP outputs too
-(``x = x + norm(attn(norm(x)))``); q and k normalised per head before RoPE;
-RMSNorm by (1 + w); GeGLU; local layers with their own window and RoPE base.
-
-Attention is delegated: each layer computes q, k and v, rotates q and k with
-RoPE, and makes two calls on the KV cache whatever its kind (``minfer.kv.base``):
-``update`` stores k and v, ``attend`` runs attention through an attention
-*backend* (``minfer.attention``) with explicit positions. No global context
-object: every tensor travels through function arguments.
-
-Checkpoint names follow HF transformers (``model.layers.3.self_attn.q_proj``),
-so HF checkpoints load with ``load_state_dict`` and transformers can serve as
-the test oracle. Inside, q/k/v and gate/up are fused into ``qkv_proj`` and
-``gate_up_proj`` (one matmul each; see ``StackedProjections``): ``state_dict()``
-and ``load_state_dict`` still speak HF names. vLLM's equivalent:
-``vllm/model_executor/models/llama.py``.
+Gemma 3 is the same loop with ``ModelConfig``'s switches on. Attention goes through the KV
+cache's ``update`` / ``attend`` (``minfer.kv.base``); HF names outside, fused ``qkv_proj`` /
+``gate_up_proj`` inside. vLLM: ``vllm/model_executor/models/llama.py``. More: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """Tokenizer: text <-> token ids, chat templates, and streaming detokenization.
 
-``Tokenizer`` is a thin wrapper around HF ``tokenizers.Tokenizer`` (the Rust
-library behind every "fast" HF tokenizer) plus the bits of
-``tokenizer_config.json`` an inference engine needs: which tokens are BOS/EOS,
-whether to prepend BOS, and the Jinja chat template.
-
-``IncrementalDetokenizer`` turns a stream of generated ids into a stream of
-text pieces without ever printing half a UTF-8 character.
-
-Where the same code lives elsewhere:
-- HF transformers: ``PreTrainedTokenizerBase.apply_chat_template`` (Jinja
-  sandbox, ``raise_exception``), ``TextStreamer`` (print on complete words).
-- vLLM: ``vllm/transformers_utils/detokenizer_utils.py`` (``detokenize_incrementally``
-  with ``prefix_offset`` / ``read_offset``), ``vllm/v1/engine/detokenizer.py``.
-- llama.cpp: ``common/chat.cpp`` (templates), ``llama_token_to_piece`` (streaming).
+A thin wrapper around HF ``tokenizers`` plus what ``tokenizer_config.json`` holds (BOS/EOS, the
+Jinja chat template); ``IncrementalDetokenizer`` never prints half a UTF-8 character (vLLM:
+``detokenize_incrementally``). More: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""Attention through torch's fused ``scaled_dot_product_attention``.
+"""Attention through torch's fused ``scaled_dot_product_attention`` (``enable_gqa=True``).
 
-torch picks a kernel (FlashAttention, memory-efficient, or its C++ math path
-on CPU). We pass ``enable_gqa=True`` so K/V heads are shared without copies.
-``sdpa_attention`` builds the visibility mask from positions on every call; a
-caller that knows more (the paged backends: a causal prefill, an unpadded
-decode, one mask for every layer) calls ``sdpa`` itself.
-
-Decode with GQA takes one more step (``sdpa``): the query heads that share a
-K/V head are stacked as that head's queries, so each K/V head is read once.
+``sdpa`` stacks the query heads that share a K/V head at decode, so each K/V head is read once
+(docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

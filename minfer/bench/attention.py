@@ -1,32 +1,8 @@
-"""`minfer bench attention`: decode attention with GQA, three ways, on one model's head shapes.
+"""`minfer bench attention`: decode attention with GQA, several ways, on one model's head shapes.
 
-At decode each sequence brings one query per head and reads its whole K/V
-cache. With grouped-query attention (SmolLM2: 9 query heads, 3 K/V heads) the
-g = 9 / 3 query heads of a group read the *same* K/V head. How the kernel is
-fed decides how often that head is streamed from memory:
-
-    repeat    K/V repeated to one copy per query head, then attention
-              (``repeat_interleave``, what GQA code without kernel support does)
-    gqa       torch's ``scaled_dot_product_attention(..., enable_gqa=True)``
-    folded    the g query heads stacked as g queries of their K/V head
-              (``minfer.attention.sdpa.sdpa``; FlashAttention's
-              ``seqlenq_ngroups_swapped``): each K/V head streamed once
-    triton    the paged decode kernel of ``minfer/kernels/paged_decode.py``
-              reading K/V in blocks of 16 through a block table (CUDA only:
-              on CPU Triton's interpreter runs it, far too slowly to time)
-
-and, from a paged pool (blocks of 16 in shuffled order, K and V in one tensor as
-``minfer/kv/paged.py`` keeps them):
-
-    paged     the engine's plain decode path: gather each sequence's blocks into a
-              contiguous copy (one ``index_select``), then ``folded``
-    cpu       the C++ kernel of ``minfer/kernels/cpu_paged_decode.py``, reading the
-              blocks in place (CPU, float32, when it builds); its ratio to ``paged``
-              is what the engine's default ``decode_kernel="auto"`` buys per layer
-
-Shapes only (random tensors in the model's head layout), so no weights are
-needed and any config works. Interleaved rounds, medians; the ratio column is
-"gqa time / this time" from the same run.
+Methods: ``repeat`` (K/V repeated), ``gqa`` (``enable_gqa=True``), ``folded`` (``sdpa``), and from
+a shuffled paged pool ``paged`` (the gather path), ``cpu`` (the C++ kernel), ``triton`` (CUDA).
+Random tensors only; interleaved rounds, medians (docs/measuring.md).
 """
 from __future__ import annotations
 

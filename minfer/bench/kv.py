@@ -1,22 +1,7 @@
 """`minfer bench kv`: what paging buys, measured in one run on one model.
 
-Part 1, capacity (bookkeeping only, exact): a fixed KV memory budget, a seeded
-mixed-length workload (prompt and output lengths drawn from log-normal
-distributions), requests admitted in order at their *final* length until the
-memory is full. How many run at once, and what share of the reserved slots
-holds no token (internal fragmentation)?
-
-    contiguous, max_len     every sequence reserves --max-len slots (gpt-fast, HF static cache)
-    contiguous, prompt+max  every sequence reserves its prompt + --max-tokens slots
-    paged, block_size B     blocks allocated as tokens arrive (KVCacheManager), waste < 1 block/seq
-
-Part 2, prefix caching (timed on the model): requests share a --prefix-len
-token system prompt and differ in a short question, each sent in its own
-``LLM.generate`` call after an earlier call with the same prefix. TTFT (time
-to the first token: prefill included) with ``LLM(enable_prefix_caching=True)``,
-``False``, and the contiguous single-request loop, interleaved rounds, medians
-reported. With the cache on, the shared full blocks are found by hash and only
-the question is prefilled.
+Part 1, capacity and fragmentation for a fixed KV budget (contiguous max_len, contiguous
+prompt+max, paged); part 2, TTFT with and without prefix caching (docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,24 +1,8 @@
 """`minfer bench spec`: plain greedy decoding vs speculative methods, on tasks where they shine and where they do not.
 
-    tasks   code-edit   repeat a function with one change           (input-grounded: the answer copies the prompt)
-            doc-quote   answer by quoting sentences of a document    (input-grounded)
-            doc-answer  the same question, answered freely           (grounded, but a small model paraphrases)
-            story       a free-form story                            (nothing to copy)
-    methods plain, and any speculative spec string: prompt_lookup[:k=..], draft:layers-K, draft:int4,
-            draft:<model>, lookahead[:W=..,N=..,G=..]
-
-Every method runs greedy on the same chat prompt, batch 1; per task the methods
-are timed interleaved (plain, A, B, ..., plain, A, B, ...; medians), so the
-tok/s ratios come from one run on one machine state. Reported per task and
-method: decode tok/s, the ratio to plain, acceptance rate, tokens per target
-forward (measured, and the i.i.d. theory (1 - a^(k+1)) / (1 - a) at the
-measured per-token acceptance a), and whether the tokens equal plain's.
-
-Then the engine (``--concurrency 1,8``): the plain ``LLMEngine`` against each method's
-``SpecDecodeEngine`` (``minfer/speculative/engine.py``) serving c requests at once (the task
-prompts in turn), timed interleaved the same way. Reported per c and method: end-to-end
-tok/s (new tokens of all requests / wall time, prefill included), the ratio to the plain
-engine at the same c, target forwards (engine steps) per batch, and mean tokens per forward.
+Tasks code-edit, doc-quote, doc-answer, story; methods: plain and any spec string, timed
+interleaved at batch 1; then the engine at ``--concurrency 1,8`` (``SpecDecodeEngine``).
+The columns: docs/measuring.md.
 """
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """Read a llama.cpp GGUF file into minfer's (HF-named) state dict and tokenizer.
 
-A GGUF file is a header of typed key/value metadata (``llama.block_count``,
-``tokenizer.ggml.tokens``, ...) followed by tensors stored in block formats
-(see ``minfer/quant/gguf_formats.py``). ``gguf.GGUFReader`` (llama.cpp's own
-Python package) parses the container; everything else happens here:
-
-    metadata   --> ModelConfig              (_config_from_metadata)
-    blk.N.xxx  --> model.layers.N.yyy       (hf_name)
-    raw blocks --> float32                  (minfer.quant.gguf_formats.dequantize)
-    q/k rows   --> HF rotary layout         (unpermute_qk)
-    tokens, merges, token types --> tokenizer.json + tokenizer_config
-
-Where the same code lives elsewhere: llama.cpp ``convert_hf_to_gguf.py`` (the
-writing side, read it to see each rename), HF transformers
-``modeling_gguf_pytorch_utils.py`` and ``integrations/ggml.py`` (the reading
-side, into transformers), vLLM ``model_executor/model_loader/gguf_loader.py``.
+``gguf.GGUFReader`` parses the container; here: metadata -> ModelConfig, ``blk.N.xxx`` ->
+HF names, raw blocks -> float32 (``gguf_formats.dequantize``), q/k rows -> HF rotary layout,
+the vocabulary -> tokenizer.json. llama.cpp ``convert_hf_to_gguf.py`` (the writing side),
+vLLM ``model_executor/model_loader/gguf_loader.py`` (docs/quantization.md).
 """
 from __future__ import annotations
 

@@ -1,34 +1,8 @@
 """Teacher-signal cache: run the big model ONCE over the corpus, keep what the students need.
 
-A student (distilled draft, Medusa heads, a pruned model being healed) learns
-from the teacher's *distribution*, not only from the next token. Recomputing
-the teacher in every training step would cost a 135M-parameter forward per
-batch; storing its full logits would cost 49,152 floats per token. So store:
-
-    tokens     (n, T)      int32     the input sequences (T = seq_len)
-    topk_idx   (n, T, k)   int32     the teacher's k most likely next tokens at each position
-    topk_logp  (n, T, k)   float16   their log-probabilities (temperature 1); the rest of the
-                                     mass, 1 - sum(exp(topk_logp)), is kept as one "rest" bin
-    hidden     (n, T, h)   float16   the final hidden state (after the last RMSNorm), the
-                                     LM head's input: what Medusa heads read
-    loss_mask  (n, T)      uint8     optional: 1 where a trainer should learn (e.g. the tokens the
-                                     model generated itself, ``selfdistill.py``), 0 for prompt/padding
-
-Layout on disk (one folder; every shard written with ``atomic_dir``, so a kill
-leaves either a complete shard or none)::
-
-    cache/meta.json                    model, seq_len, k, shard size, corpus split
-    cache/shard_00000/{tokens,topk_idx,topk_logp,hidden}.npy
-    cache/shard_00001/...
-
-``build_teacher_cache`` skips shards that already exist: run it again after a
-kill and it resumes where it stopped, giving byte-identical files (a test
-checks this). ``TeacherCache`` opens the shards memory-mapped (``np.load(...,
-mmap_mode="r")``), so a 300k-token cache does not need to fit in RAM.
-
-Production analogue: distillation pipelines that precompute teacher logits
-offline (e.g. "sparse" top-k logit caches in DistilBERT/MiniLLM-style
-training); Medusa's authors train on the base model's own hidden states.
+Per shard: ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM
+head's input) and an optional ``loss_mask``, as .npy files written with ``atomic_dir`` (a rerun
+resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md.
 """
 from __future__ import annotations
 

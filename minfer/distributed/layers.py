@@ -1,18 +1,8 @@
-"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019, "Megatron-LM"), with vLLM's names.
+"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019), with vLLM's names.
 
-An ``nn.Linear`` computes ``y = x @ W.T`` with W of shape (out, in). Split W two ways::
-
-    column parallel: W = [W_0; W_1]  (rows of W = output features)   y_r = x @ W_r.T     each rank: a slice of y
-    row parallel:    W = [W_0  W_1]  (columns of W = input features) y = sum_r x_r @ W_r.T  -> all-reduce
-
-A transformer block pairs them so that only ONE all-reduce is needed per pair:
-qkv (column, whole heads per rank) -> attention on the local heads -> o_proj (row, all-reduce);
-gate_up (column) -> SwiGLU on the local slice -> down_proj (row, all-reduce). The embedding and the
-LM head split the vocabulary: embedding rows outside a rank's range give zeros and an all-reduce
-fills them in; the LM head's logits slices are all-gathered.
-
-vLLM: ``vllm/model_executor/layers/linear.py`` (ColumnParallelLinear, RowParallelLinear,
-QKVParallelLinear) and ``vllm/model_executor/layers/vocab_parallel_embedding.py``.
+Column parallel splits W's output rows, row parallel its input columns (then one all-reduce);
+paired, a block needs one all-reduce per pair. vLLM: ``vllm/model_executor/layers/linear.py``,
+``vocab_parallel_embedding.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 

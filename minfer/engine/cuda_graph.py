@@ -1,45 +1,10 @@
 """The static decode step: fixed-shape buffers per batch-size bucket, replayed as CUDA graphs on a GPU.
 
-Why. On a GPU a decode step of a small model is a few hundred tiny kernels, and the
-CPU that launches them one by one (Python, the PyTorch dispatcher, the driver) is
-slower than the GPU that runs them. A CUDA graph records the whole step once and
-replays it with one launch. The price: a graph replays *exactly* what was recorded,
-so every input must live at the same address with the same shape on every replay.
-
-How. One graph per batch-size *bucket* (``capture_sizes``: 1, 2, 4, 8, ...,
-``max_num_seqs``). A step with S decodes runs in the smallest bucket n >= S
-(``bucket_for``): its S real rows are copied into the static buffers and the
-n - S rows after them are *padding*::
-
-    S = 3 decodes, bucket n = 4             static buffers (rows 0 .. n-1 of the largest bucket)
-    input_ids     [ a   b   c | 0 ]         padded row: token 0,
-    positions     [ 7  12   3 | 0 ]                     position 0,
-    slot_mapping  [ 29 50  14 | s ]                     K/V written to the scratch slot s,
-    context_lens  [ 8  13   4 | 1 ]                     attends to that one key only,
-    block_tables  [[..],[..],[..],[scratch ..]]         and its logits are never sampled.
-
-The scratch slot lies in a block the pool reserved for this (``BlockPool.reserve_block``),
-so a padded row can never overwrite a sequence's K/V. Attention is planned by the paged
-backend's ``prepare_static_metadata`` (``minfer/attention/paged.py``, through
-``PagedKVCache.set_static_batch``): every row attends over the full width of the block
-table (``max_blocks * block_size`` keys), the keys past its context masked, with no
-host read anywhere, so the whole step can be captured.
-
-The batch is still flattened by the engine's runner (``prepare_batch``): this module
-only copies its tensors into the static buffers and pads. Prefill and mixed steps stay
-eager (their shapes vary too much to capture), as in vLLM and nano-vllm.
-
-On CUDA each bucket is captured once, largest first, all graphs in one memory pool (the
-largest graph's intermediates are big enough for every smaller one, so the pool is
-allocated once). Before a capture the step runs on a side stream (the warm-up PyTorch
-asks for: lazy initialisation, cuBLAS workspaces and torch.compile happen outside the
-recording). On a CPU there is nothing to capture: "replay" calls the same step function
-on the same static buffers, so the padding and the bookkeeping are tested on every
-machine and only the capture itself needs a GPU.
-
-vLLM: ``CudagraphDispatcher`` and ``GPUModelRunner.capture_model`` / ``_dummy_run``
-(``vllm/v1/worker/gpu_model_runner.py``, ``vllm/v1/cudagraph_dispatcher.py``);
-nano-vllm: ``ModelRunner.capture_cudagraph`` and ``run_model``.
+A step with S decodes runs in the smallest bucket n >= S (``bucket_for``); rows S..n-1 are
+padding that writes to a reserved scratch slot and is never sampled. On a CPU "replay" calls
+the same step on the same buffers, so everything but the capture is tested everywhere.
+vLLM: ``CudagraphDispatcher``, ``GPUModelRunner.capture_model`` (``vllm/v1/worker/gpu_model_runner.py``);
+nano-vllm: ``ModelRunner.capture_cudagraph``. Why, and the padding diagram: docs/kernels.md.
 """
 from __future__ import annotations
 

@@ -1,38 +1,14 @@
 """The paged KV cache's storage: one pool of K/V blocks shared by every sequence, and its write.
 
-Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
+Layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
-    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   K and V side by side
-    k, v   views kv[:, 0], kv[:, 1]: (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
-    slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)
+    slot   = block_id * block_size + offset
 
-(vLLM keeps the 2 on the outside of the same tensor, ``(2, num_blocks, block_size, nkv, hd)`` per
-layer; one tensor lets a layer write K and V with one scatter and read them with one gather.)
-
-The model runs on a *flattened batch* built by the engine's runner
-(``minfer/engine/runner.py``, the only place a batch is flattened): the tokens
-of several sequences side by side in ``input_ids (1, N)``. ``PagedBatch`` says
-which tokens belong to which sequence and where their K/V go::
-
-    seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
-    input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
-    slot_mapping  [ 8  9 10 | 21]                  logits_indices [2, 3]
-    block_tables  [[2, 0],                         (S, max blocks): rows of the persistent
-                   [0, 5]]                         table; A's 0 is padding (read, masked)
-                                                   (block_size 4: b5 -> block 5, offset 1)
-
-Each layer calls ``update`` (write the N new keys/values at their slots, one
-scatter for the whole batch; vLLM: ``reshape_and_cache``) and ``attend``, which
-hands the queries to this cache's paged-attention backend
-(``minfer/attention/paged.py``: ``prepare_metadata`` once per forward through
-``set_batch``, ``forward`` per layer). The backend reads the pool through
-``read_blocks``.
-
-``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
-per token and head (the rule of ``kv/quantized.py``), dequantized as they are
-read; vLLM: ``kv_cache_dtype="fp8"``. Layers that share K/V (cross-layer
-sharing) share pages: the pool has ``num_kv_layers`` layers, not one per layer.
-The bookkeeping (block tables, prefix caching, copy-on-write) is in ``block_pool.py``.
+``update`` writes a flattened batch's keys/values at their slots (vLLM:
+``reshape_and_cache``); ``attend`` hands the queries to ``minfer/attention/paged.py``.
+int8/fp8 pages keep one scale per token and head. The ``PagedBatch`` diagram:
+docs/kv-and-attention.md; the bookkeeping: ``block_pool.py``.
 """
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
 """A learner's scheduler step and slot mapping, built into an engine through its constructor.
 
-The engine takes the class that schedules each step and the class that owns
-the block tables as arguments (``LLMEngine.from_model(scheduler_cls=...,
-kv_manager_cls=...)``, as vLLM takes ``SchedulerConfig.scheduler_cls``). A
-lesson's function plugs in as a subclass that calls it::
-
-    tight = LLM.from_model(model, tokenizer, num_blocks=8, **engine_args(schedule_step=mine))
-
-``StepScheduler`` asks a plain-data step function (lesson 05's exercise 4)
-for each step's decisions and carries them out with the scheduler's own moves;
-``FunctionSlots`` computes every slot with a ``slot_mapping`` function (lesson
-04's exercise), chunk by chunk. ``rebuild(llm, ...)`` makes a second ``LLM``
-on the same model and engine settings with them: ``compare_with_engine`` and
-``minfer generate --use-solutions`` run the learner's functions that way.
+``StepScheduler`` (a ``scheduler_cls``) and ``FunctionSlots`` (a ``kv_manager_cls``) call the
+learner's functions, as vLLM takes ``SchedulerConfig.scheduler_cls``; ``rebuild(llm, ...)`` makes a
+second ``LLM`` with them (docs/teaching.md).
 """
 from __future__ import annotations
 

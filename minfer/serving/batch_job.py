@@ -1,46 +1,8 @@
 """``minfer batch INPUT.jsonl OUTPUT.jsonl``: an offline batch job in the OpenAI batch file format.
 
-Online serving puts latency first; a batch job puts throughput first: every
-request is known up front, so all of them go to the engine at once and
-continuous batching keeps the batch full until the file is done (providers
-sell this at about half price).
-
-Input, one request per line (the OpenAI Batch API format)::
-
-    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
-     "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
-              "max_tokens": 64, "temperature": 0}}
-    {"custom_id": "q2", "method": "POST", "url": "/v1/completions",
-     "body": {"prompt": "Once upon a time", "max_tokens": 32, "seed": 7}}
-
-Output, one line per request, in input order::
-
-    {"id": "batch_req_...", "custom_id": "q1", "error": null,
-     "response": {"status_code": 200, "request_id": "...",
-                  "body": {"object": "chat.completion", "choices": [{"index": 0,
-                           "message": {"role": "assistant", "content": "..."},
-                           "finish_reason": "stop", "token_ids": [...]}],
-                           "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}}}
-
-A request the engine refuses (prompt too long, a sampling field of the wrong
-type or out of range, a body that is not an object) gets a line with
-``"response": null, "error": {"code": "invalid_request", "message": ...}``
-naming the line and the field, and the job goes on with the others. A file
-whose framing is broken (bad JSON, missing or duplicate ``custom_id``, unknown
-url or method) is refused before the model loads, naming the line.
-
-Resumable, nothing lost or duplicated, never stale: each finished request is
-appended to ``OUTPUT.jsonl.partial`` (one flushed line each) together with
-``request_hash``, the sha256 of its request (method + url + body). A rerun
-(after a kill, or after the input was edited) reuses a record only when its
-``custom_id`` *and* its hash match a line of the input, so an edited line is
-run again and its old record is replaced; error records are retried unless
-``--keep-errors``; records of deleted lines are dropped. The output is thus
-always what a clean run on the current input would write. When every id is
-done, the final file is written to a temporary name and renamed over
-``OUTPUT.jsonl`` (atomic: a reader sees the old file or the complete new
-one), and the journal is removed. OUT must differ from INPUT, and an existing
-OUT that is not a batch output is never overwritten.
+Throughput first: every request goes to the engine at once. A bad body is that line's error
+record; a broken file is refused before the model loads. Resumable by content (``request_hash``
+in ``OUTPUT.jsonl.partial``), written atomically. The formats and the rules: docs/serving.md.
 """
 from __future__ import annotations
 

@@ -1,35 +1,9 @@
 """``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``.
 
-A router sits in front of several engine replicas and picks one per request:
-
-* ``round_robin``  replica 0, 1, ..., N-1, 0, ...: even counts, blind to the cache.
-* ``least_loaded`` the replica with the fewest requests in flight through this router.
-* ``prefix_aware`` hash the first blocks of the prompt (token ids after the chat template,
-  the same chained block hashes as the prefix cache, ``minfer.kv.block_pool.block_hashes``)
-  onto a consistent-hash ring: requests that share a system prompt or a document land
-  on the replica whose prefix cache already holds it, and adding or removing a
-  replica moves only the keys of its own arcs (Karger et al. 1997).
-
-        ring (2**64 points)   0 ──●A──────●B────●A────●B──────── 2**64
-        key = hash(first blocks)          ^ key -> the first point at or after it: B
-
-The router forwards request bodies and response bytes unchanged (streams too),
-so a client cannot tell it from a server. Failures, and what the client sees:
-
-* a replica that refuses the connection, or sends no response head within
-  ``--first-byte-timeout``: it is marked down and the request goes to the next
-  replica (nothing was sent to the client yet); with none left, 502 or 503;
-* a replica that fails an active health check (``GET /health`` every
-  ``--health-interval`` s, answered within ``--health-timeout`` s): marked down,
-  its requests that await their first byte move to another replica; a later
-  passing check marks it up again;
-* a replica that dies mid-stream: the stream ends with an error event and
-  ``data: [DONE]``, as the server's own errors do.
-
-A replica is also skipped for ``--cooldown`` seconds after a failure when no
-health check runs. The router has its own ``/metrics``. The same idea
-in production: SGLang's router (cache-aware routing), llm-d / the Gateway API
-inference extension (prefix-cache-aware scoring).
+``prefix_aware`` hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a
+consistent-hash ring (Karger et al. 1997). Bodies and bytes are forwarded unchanged; a replica
+that fails is marked down and its waiting requests move. SGLang's router and llm-d do the same;
+the failure rules: docs/serving.md.
 """
 from __future__ import annotations
 

@@ -1,28 +1,8 @@
 """Prompt lookup decoding ("inference with reference"): the draft is the text itself.
 
-When the output copies from the input (edit this function, quote the
-document, summarise with citations), the next tokens are often sitting in the
-prompt already. Find the last few generated tokens earlier in the sequence and
-propose what followed them there; the target verifies in one forward
-(``loop.py``), so a wrong guess only costs a slightly wider forward.
-
-    tokens:  ... def area(r): return 3.14 * r * r ... | def area(r): return
-                                  ^^^^^^^^^^^^^^^^^^^^   ^^^^^^^^^ suffix (n = 3) found earlier
-    propose: the k tokens after the match:  "3.14 * r * r ..."
-
-The rule (``ngram_propose``), with vLLM's parameter names:
-for n = prompt_lookup_max down to prompt_lookup_min, look for the last n
-tokens earlier in the sequence (an occurrence followed by at least one token);
-take the EARLIEST such occurrence of the longest n that has one, and propose
-the up to ``num_speculative_tokens`` tokens that follow it. No match: propose
-nothing (the step is a plain decode step).
-
-The proposal is deterministic (no draft distribution), so in sampling mode it
-is verified as q = one-hot: accept x with probability p(x) (``rejection.py``).
-
-Saxena 2023 (github.com/apoorvumang/prompt-lookup-decoding); Yang et al. 2023,
-"Inference with Reference". vLLM: ``vllm/v1/spec_decode/ngram_proposer.py``
-(``method="ngram"``); HF transformers: ``prompt_lookup_num_tokens``.
+Find the last n generated tokens earlier in the sequence (n = max down to min; the earliest
+occurrence) and propose what followed. Saxena 2023; Yang et al. 2023. vLLM:
+``vllm/v1/spec_decode/ngram_proposer.py`` (docs/speculative.md).
 """
 from __future__ import annotations
 
