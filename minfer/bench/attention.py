@@ -7,7 +7,6 @@ Random tensors only; interleaved rounds, medians (docs/measuring.md).
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
 from minfer.bench.machine import machine_line
-from minfer.bench.timing import interleaved, table, write_json
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import set_threads
 
 METHODS = ("repeat", "gqa", "folded")
 
@@ -69,11 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes (default 1,8,32)")
     p.add_argument("--context", default="256,1024", help="comma-separated context lengths (default 256,1024)")
     p.add_argument("--layers", type=int, default=None, help="attention calls per timing (default: the model's layers)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", nargs="?", const="bench_results/attention.json", default=None,
-                   help="also write the results as JSON (default path bench_results/attention.json)")
+    add_run_args(p, "attention", repeats=5)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -144,10 +141,7 @@ def main(args) -> int:
     from minfer.checkpoints import load_checkpoint  # for the config only, as `bench kv --skip-ttft`
 
     batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_checkpoint(args.model)[0]
     layers = args.layers or cfg.num_hidden_layers
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -177,8 +171,7 @@ def main(args) -> int:
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
     if args.json:
-        write_json(args.json, {"benchmark": "attention", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                               "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+        write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
                                "torch": torch.__version__, "layers": layers, "rows": rows})
         log(f"wrote {args.json}")
     return 0

@@ -54,7 +54,7 @@ def main(args) -> int:
     from minfer.bench.spec import TASKS
     from minfer.speculative.medusa import load_heads
     from minfer.kernels.onednn_linear import pack_linears
-    from minfer.compress.common import set_threads
+    from minfer.cli_args import set_threads
     from minfer.llm import LLM
     set_threads(args.threads)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())

@@ -9,14 +9,14 @@ Q4_1 weights: docs/measuring.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
 import torch
 
-from minfer.bench.machine import machine_info, measure_bandwidth
-from minfer.bench.timing import interleaved, table, write_json
+from minfer.bench.machine import measure_bandwidth
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import set_threads
 
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
@@ -31,13 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head", default="int8",
                    help="LM head of the quantized formats: int8 (default) | same | none")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per timed run (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--skip-ppl", action="store_true", help="do not measure perplexity")
     p.add_argument("--ppl-chars", type=int, default=None, help="characters of the perplexity text")
-    p.add_argument("--json", nargs="?", const="bench_results/quant.json", default=None,
-                   help="also write the results as JSON (default path bench_results/quant.json)")
+    add_run_args(p, "quant", repeats=3)
 
 
 def decode_weight_bytes(model) -> int:
@@ -128,10 +124,7 @@ def main(args) -> int:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
     lm_head = None if args.lm_head == "none" else args.lm_head
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     loaded = {name: _load(name, args.model, lm_head) for name in names}
     cfg, tok = loaded[names[0]].config, loaded[names[0]].tokenizer
@@ -184,8 +177,7 @@ def main(args) -> int:
     print(f"agreement: first {AGREEMENT_TOKENS} greedy tokens vs {base} (free-running / per step)")
     if args.json:
         write_json(args.json, {
-            "benchmark": "quant", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info("cpu"), "model": args.model, "lm_head": args.lm_head,
+            "benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9,
             "perplexity_text": text_fingerprint(text) if text is not None else None,

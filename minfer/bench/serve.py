@@ -10,7 +10,6 @@ Online (requests arrive at --rate), offline baselines (--baselines) and the fron
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 import time
@@ -434,8 +433,7 @@ def main(args) -> int:
                                                 "num_requests": len(trace), **res})
         log(f"wrote {out_dir}/serve_http.json")
         return 0
-    payload = {"benchmark": "serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
+    payload = {"benchmark": "serve", "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
                "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
                "prompt_tokens": n_in, "output_tokens": n_out}
 

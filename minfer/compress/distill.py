@@ -163,7 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.common import log, set_threads
+    from minfer.cli_args import set_threads
+    from minfer.compress.common import log
     from minfer.llm import LLM
 
     set_threads(args.threads)

@@ -7,7 +7,6 @@ resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,12 +166,3 @@ class TeacherCache:
         mask = torch.from_numpy(get("loss_mask")).bool() if "loss_mask" in self.arrays else None
         return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
                      torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float(), mask)
-
-
-def measure_teacher_speed(model, seq_len: int = 256, batch: int = 4, k: int = 32) -> float:
-    """Tokens per second of ``teacher_signals`` on random tokens (to size the corpus)."""
-    x = torch.randint(model.cfg.vocab_size, (batch, seq_len))
-    teacher_signals(model, x[:1, :16], k)
-    t0 = time.perf_counter()
-    teacher_signals(model, x, k)
-    return batch * seq_len / (time.perf_counter() - t0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minfer.atomic import atomic_write
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, set_threads
 from minfer.sampling import SamplingParams
 from minfer.serving.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
 from minfer.validation import check_engine_args, check_int
@@ -321,9 +321,7 @@ def main(args) -> int:
     check_engine_args(device=args.device, seed=args.seed)
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", lo=1)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,   # the one front door
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     engine = llm.engine

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from fastapi import Request
 
+from minfer.cli_args import positive_int
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json,
                                         install_error_handlers, read_body, run_server, seconds)
 from minfer.serving.openai_api import APIError
@@ -351,10 +352,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="round_robin", help=f"one of {', '.join(POLICIES)} (default round_robin)")
     p.add_argument("--model", default=None,
                    help="model whose tokenizer and chat template prefix_aware hashes (default: characters)")
-    p.add_argument("--block-size", type=positive(int), default=16, help="tokens per hashed block (default 16)")
-    p.add_argument("--prefix-blocks", type=positive(int), default=4,
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per hashed block (default 16)")
+    p.add_argument("--prefix-blocks", type=positive_int, default=4,
                    help="blocks of the prompt that make the key (default 4)")
-    p.add_argument("--max-body-bytes", type=positive(int), default=MAX_BODY_BYTES,
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
                    help="largest request body (413 above)")
     add_router_timeouts(p)
     add_server_args(p)
@@ -374,19 +375,6 @@ def add_router_timeouts(p: argparse.ArgumentParser) -> None:
                    help=f"seconds between active health checks of the replicas; 0: none (default {HEALTH_INTERVAL:g})")
     p.add_argument("--health-timeout", type=seconds, default=HEALTH_TIMEOUT,
                    help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
-
-
-def positive(kind):
-    """argparse type: a number of ``kind`` >= 1."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-        return value
-    return parse
 
 
 def seconds_or_zero(text: str) -> float:
