@@ -24,10 +24,6 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _name(prefix: str, field: str, where: str = "") -> str:
-    return f"{where}: {prefix}{field}" if where else f"{prefix}{field}"
-
-
 def is_int(x: Any) -> bool:
     """An integer that is not a bool (``isinstance(True, int)`` is True in Python)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)     # numpy ints count
@@ -63,13 +59,10 @@ def check_bool(value: Any, name: str) -> bool:
 # ---------------------------------------------------------------- sampling fields
 
 
-def check_sampling_fields(f: dict[str, Any], prefix: str = "SamplingParams.", where: str = "") -> None:
-    """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict.
-
-    Missing keys are skipped, so a partial dict (an OpenAI body) can be checked too.
-    """
+def check_sampling_fields(f: dict[str, Any]) -> None:
+    """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict."""
     def name(field: str) -> str:
-        return _name(prefix, field, where)
+        return f"SamplingParams.{field}"
 
     if "temperature" in f:
         check_real(f["temperature"], name("temperature"), "a finite number >= 0 (0 = greedy)", lambda x: x >= 0)
