@@ -160,22 +160,10 @@ class PagedAttention:
     def prepare_static_metadata(self, meta) -> None:
         """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
 
-        ``_decode_group`` pads the decodes to the longest context *of this step*, which it
-        reads on the host (``int(sl.max())``); a captured graph cannot do that, because its
-        shapes are frozen at capture and a host read inside a capture is an error. Here every
-        row is one query at position ``seq_lens - 1`` over ALL the keys its block-table row
-        can address, ``W = block_tables.shape[1] * block_size`` of them, and the keys past
-        its context are masked (position -1)::
-
-            seq_lens [3, 6]  block_size 4  block_tables (2, 2) -> W = 8
-            k_pos    [[0 1 2 -1 -1 -1 -1 -1],       q_pos [[2],
-                      [0 1 2  3  4  5 -1 -1]]              [5]]
-
-        Every tensor comes from ``meta``'s device tensors by device ops: no ``.item()``,
-        ``int()`` or ``.max()`` on the host (``meta.seq_lens`` is a device tensor here). One
-        group, the whole batch, in order. The sliding window goes into the mask. vLLM builds
-        the same fixed-shape metadata for its captured decode (``CommonAttentionMetadata``
-        with ``max_seq_len`` fixed; ``vllm/v1/worker/gpu_model_runner.py``).
+        Every row is one query at ``seq_lens - 1`` over all ``W = block_tables.shape[1] * block_size``
+        keys its table row can address, those past its context masked (position -1); built by device
+        ops only, no host read. vLLM: ``CommonAttentionMetadata`` with a fixed ``max_seq_len``. Why and
+        an example: docs/kernels.md.
         """
         self.static, self.tables = True, meta.block_tables                         # (S, cols) device
         S, cols = meta.block_tables.shape

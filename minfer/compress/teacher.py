@@ -22,12 +22,8 @@ OPTIONAL_FIELDS = ("loss_mask",)
 class HiddenCapture:
     """Forward hook on the final RMSNorm: keeps its output, the LM head's input (B, T, h).
 
-    No change to ``model.py``: a hook is the same trick ``transformers`` uses for
-    ``output_hidden_states``. Use as a context manager.
-
-    ``before_norm=True`` hooks the last decoder layer instead and keeps its output, so that the
-    hidden states of every row are there even when the forward skips the final norm and the LM
-    head for most rows (``logits_indices``); apply ``model.model.norm`` to the rows you need.
+    A context manager, as ``transformers``' ``output_hidden_states``; ``before_norm=True`` hooks the
+    last decoder layer instead, for forwards that skip the norm on most rows (docs/compression.md).
     """
 
     def __init__(self, model, before_norm: bool = False):

@@ -59,13 +59,9 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """A column-parallel projection split at head boundaries: each rank holds whole heads.
 
-    As in vLLM, it is the fused ``qkv_proj``: each rank's weight is its q heads' rows,
-    then its k heads' rows, then its v heads' rows (``tensor_parallel.shard_model``
-    stacks them from HF's q_proj/k_proj/v_proj). ``head_range`` says
-    which heads: query heads are split evenly; K/V heads too when tp divides them, else
-    (tp a multiple of n_kv_heads, e.g. MQA) each K/V head is *replicated* on tp / n_kv ranks,
-    so a GQA group (one K/V head and the query heads that read it) is never cut apart
-    from its K/V head.
+    vLLM's fused ``qkv_proj``: a rank's q heads' rows, then its k, then its v; ``head_range`` splits
+    query heads evenly and replicates K/V heads when tp exceeds them, so a GQA group stays with its
+    K/V head (docs/parallelism.md).
     """
 
     @staticmethod

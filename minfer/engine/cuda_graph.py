@@ -72,12 +72,9 @@ def capture_graph(step, pool=None):
 class StaticSingleDecode:
     """The single-request loop's decode step on static buffers (gpt-fast's shape).
 
-    ``step(tok, pos)`` -> logits (vocab,) of token ``tok`` at position ``pos``, through a
-    ``StaticKVCache`` (every slot read, masked on the device: one shape for every step).
-    On a GPU the step is one CUDA graph, captured here; the token and position are
-    written into the two static input tensors by ``fill_`` (a kernel, no host sync). On a
-    CPU "replay" is the same call on the same buffers. Build it BEFORE the prefill: the
-    capture's warm-up writes a key at slot 0, which the prefill then overwrites.
+    ``step(tok, pos)`` -> logits (vocab,) through a ``StaticKVCache``; one CUDA graph on a GPU, the
+    same call on the same buffers on a CPU. Build it BEFORE the prefill: the capture's warm-up
+    writes slot 0 (docs/kernels.md).
     """
 
     def __init__(self, model, cache, attention="sdpa", use_cuda_graph: bool | None = None):
@@ -106,17 +103,10 @@ class StaticSingleDecode:
 class StaticDecodeRunner:
     """Decode-only steps on static buffers, one bucket per captured batch size.
 
-    ``run(input_ids, meta, sample_rows)`` takes a decode-only batch flattened by
-    ``prepare_batch`` and returns the logits of ``sample_rows`` (K, vocab), as
-    ``ModelRunner.execute_model`` does. ``fits(meta)`` says whether a batch can run
-    here: decodes only, at most ``max(sizes)`` of them, contexts within the static
-    width. Anything else runs eager.
-
-    The static inputs are allocated once, for the largest bucket; bucket n uses
-    their first n rows (views: the same memory for every graph, as nano-vllm's
-    ``graph_vars``). ``compile=True`` wraps the step in ``torch.compile`` (one
-    compile for batch 1, one with a symbolic batch size for the others); the
-    time of that warm-up is ``compile_seconds``, measured apart from any step.
+    ``run(input_ids, meta, sample_rows)`` -> the logits of ``sample_rows`` (K, vocab), as
+    ``ModelRunner.execute_model``; ``fits(meta)`` says whether a batch can run here (else eager).
+    The buffers serve every bucket (nano-vllm's ``graph_vars``); ``compile=True`` adds
+    ``torch.compile``, its warm-up timed as ``compile_seconds`` (docs/kernels.md).
     """
 
     def __init__(self, model, cache: PagedKVCache, scratch_block: int, max_num_seqs: int, *,

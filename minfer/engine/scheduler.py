@@ -148,11 +148,9 @@ class Scheduler:
     def add_computed(self, req: Request) -> int | None:
         """Admit ``req`` whose tokens were all computed elsewhere (a disaggregated prefill worker).
 
-        Reserves its blocks (prefix-cache hits included), registers its tokens for prefix
-        caching and runs it from its next token. Returns how many leading tokens were found
-        in the prefix cache: the caller writes the K/V of the blocks after them. None if the
-        pool or ``max_num_seqs`` is full now (nothing changed). vLLM: requests "waiting for
-        remote KVs" (``vllm/v1/core/sched/scheduler.py`` with a KV connector).
+        Returns how many leading tokens the prefix cache held (the caller writes the K/V after them), or
+        None if it cannot be admitted now (nothing changed). vLLM: requests "waiting for remote KVs"
+        (docs/architecture.md).
         """
         if len(self.running) >= self.config.max_num_seqs:
             return None

@@ -47,12 +47,8 @@ class PagedBatch:
 def write_kv_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd): the paged cache's write, as one custom op.
 
-    The same ``index_copy_`` as the eager path, declared to torch.compile as an op that
-    mutates ``kv`` in place. Traced as plain torch ops, the write into one layer of the
-    pool is functionalized into a copy of the whole pool per layer (405 MB per step for
-    SmolLM2's default pool, measured: 2.5 s per compiled step instead of ~0.1 s). vLLM hides
-    its KV write and attention from the compiler the same way
-    (``torch.ops.vllm.unified_attention_with_output``, ``vllm/attention/layer.py``).
+    An in-place ``index_copy_`` declared to torch.compile, so the pool is not copied per layer (vLLM:
+    ``torch.ops.vllm.unified_attention_with_output``). Why: docs/kv-and-attention.md.
     """
     nkv, hd = rows.shape[2], rows.shape[3]
     kv[layer].view(2, -1, nkv, hd).index_copy_(1, slots, rows)
@@ -124,12 +120,9 @@ class PagedKVCache:
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) tensors in the compute dtype.
 
-        Reads go block by block, as PagedAttention reads them: each block is one contiguous run of
-        block_size * nkv * hd values, so the gather copies M long runs instead of M * block_size
-        short rows (3x faster on a 2-core CPU for a 32-sequence decode: 1.9 vs 6.0 ms per layer).
-        The rows past a sequence's length are read too; the backend masks them (key position -1).
-        ``rows``: ``kv_rows(blocks)``, when the backend computed it once for every layer.
-        ``reuse``: gather into the buffer every layer shares (eager steps; see ``_gather``).
+        Block by block, as PagedAttention reads (docs/kv-and-attention.md); rows past a sequence's end
+        are read too and masked by the backend. ``rows``: ``kv_rows(blocks)``, computed once per
+        forward; ``reuse``: gather into the buffer every layer shares (``_gather``).
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
@@ -148,13 +141,8 @@ class PagedKVCache:
         return out[0], out[1]
 
     def _gather(self, src: torch.Tensor, rows: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path).
-
-        A layer's gathered K/V is read by its attention call and dead before the next layer
-        gathers, so one buffer, grown to the largest gather seen, serves them all. A fresh
-        tensor per layer (24 MB at 32 decodes of 530 keys) costs page faults whenever the
-        allocator hands memory back to the OS and takes it again. The static path (CUDA
-        graphs, torch.compile) allocates as usual: its memory is the graph pool's.
+        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path;
+        the static path allocates from the graph pool). Why: docs/kv-and-attention.md.
         """
         if not reuse or torch.compiler.is_compiling():
             return src.index_select(0, rows)

@@ -113,11 +113,7 @@ def _minfer_name(frame, minfer_dir: str) -> Optional[str]:
 def call_watched(fn: Callable, args: list, allowed: tuple) -> tuple[Any, Optional[str]]:
     """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
 
-    A trace hook sees every Python call made while ``fn`` runs (returning
-    None skips line events, so torch's C operators cost nothing); calls from
-    inside an allowed helper are the helper's business. This catches an
-    honest mistake, not a determined one: the verdict's safety comes from
-    the grading process, which does not trust this one.
+    A trace hook on calls; it catches an honest mistake, not a determined one (docs/teaching.md).
     """
     minfer = sys.modules.get("minfer")
     if minfer is None or not getattr(minfer, "__file__", None):

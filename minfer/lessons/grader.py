@@ -251,16 +251,10 @@ def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
 
 
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
-    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result.
+    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result (truthy if passed).
 
-    Runs the same hypothesis property that minfer's own tests run on the
-    engine. On failure the report shows the smallest failing example, the
-    expected and the returned values and what differs. A function that calls
-    minfer's own implementation is rejected. The result is truthy when it
-    passed, so ``assert check(...)`` fails a test cell. Otherwise never raises
-    for a wrong or unfinished ``fn``, except under an autograder
-    (``MINFER_AUTOGRADE=1``), where a failure raises ``AssertionError``. An
-    unknown ``name`` raises ``ValueError`` listing the known exercises.
+    Never raises for a wrong or unfinished ``fn``, except under ``MINFER_AUTOGRADE=1``
+    (``AssertionError``); an unknown ``name`` raises ``ValueError`` (docs/teaching.md).
     """
     exercise = _exercises.get(name)
     result = grade(exercise, fn, max_examples=max_examples, forbid_engine=True)

@@ -364,15 +364,8 @@ _CHECK_CALL = re.compile(r"^(?:(\w+)\s*=\s*)?check\(\s*['\"]([\w.]+)['\"]", re.M
 
 
 def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The lesson as an nbgrader *source* notebook.
-
-    Each solution cell becomes an nbgrader solution cell whose body sits
-    between ``### BEGIN SOLUTION`` / ``### END SOLUTION`` (nbgrader's
-    ``generate_assignment`` turns that into the stub); each check cell becomes
-    a locked, graded test cell worth the exercise's points: it prints
-    ``check``'s report, and its hidden test (``_hidden_test``) asserts the
-    grader's own ``check``, so nbgrader's ``autograde`` scores it. Other cells
-    are left as they are; outputs are cleared.
+    """The lesson as an nbgrader *source* notebook: solution cells between ``### BEGIN/END SOLUTION``,
+    check cells as locked graded test cells (``_hidden_test``). How: docs/teaching.md.
     """
     from minfer.lessons import exercises as _ex
 

@@ -19,13 +19,9 @@ from minfer.kv.block_pool import KVCacheManager
 class StepScheduler(Scheduler):
     """A ``Scheduler`` whose every step is decided by ``step`` (lesson 05's ``schedule_step``).
 
-    ``step`` sees running requests as (id, num_tokens, num_computed_tokens,
-    num_blocks_held), oldest first, and waiting ones as (id, num_tokens); it returns
-    ([(id, num_new_tokens), ...], [preempted id, ...]). That picture has every request
-    own its blocks, so blocks shared through the prefix cache or ``n > 1`` (or given
-    back by a sliding window) are refused with ValueError, as is any decision the pool
-    or the limits cannot honour; a step that does nothing while requests wait raises
-    RuntimeError (the engine would wait forever). It replaces the policy: no chunk cap.
+    ``step(running, waiting, ...)`` -> ([(id, num_new_tokens)], [preempted id]); shared blocks and
+    decisions the pool cannot honour raise ValueError, a step that does nothing while requests wait
+    RuntimeError. The contract in full: docs/teaching.md.
     """
 
     def __init__(self, config, kv_manager, *, step: Callable, **kwargs):

@@ -18,7 +18,8 @@ from pathlib import Path
 from minfer.atomic import atomic_write
 from minfer.cli_args import add_model_args, set_threads
 from minfer.sampling import SamplingParams
-from minfer.serving.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
+from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
+                                       sampling_params)
 from minfer.validation import check_engine_args, check_int
 
 URLS = ("/v1/chat/completions", "/v1/completions")

@@ -32,14 +32,9 @@ from minfer.speculative.stats import SpecStats
 class TreeAttentionCache:
     """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``.
 
-    update() does NOT write: the new tokens share positions (several guesses for
-    one position), so they cannot go into position-indexed slots. It returns the
-    cached prefix and the new K/V; attend() concatenates them and applies
-
-        mask = [ allowed(prefix) | tree_mask & window ]         (B, T, prefix + T)
-
-    ``commit(indices)`` then writes the K/V of the chosen new tokens (the
-    verified ones) into the wrapped cache at their positions.
+    ``update`` does not write (the guesses share positions); ``attend`` applies
+    ``[allowed(prefix) | tree_mask & window]``; ``commit(indices)`` writes the verified tokens' K/V
+    at their positions (docs/speculative.md).
     """
 
     def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):

@@ -189,14 +189,9 @@ def last_hidden(model):
 
 def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
     """Last-layer outputs x (N, h) -> logits (N, 1 + n, V): the base model's next token and the first
-    n = num_heads (default all K) heads' guesses at every row, in ONE pass over the LM head.
+    n = num_heads (default all) heads' guesses at every row, in ONE pass over the LM head.
 
-    Pass the tree's depth as ``num_heads``: a head the tree never reads would only add N rows
-    to the LM head product (with oneDNN on one core, 16 rows cost ~1.6x one row, 8 rows ~1.3x).
-
-    The LM head (49152 x 576 on SmolLM2) is the largest matrix a CPU reads per step; reading it
-    once for the verify rows and again for the next heads would cost a second pass (and a
-    3-row product is slower than a 16-row one with this CPU's BLAS: 23 ms against 17 ms here).
+    Pass the tree's depth as ``num_heads``. Why one pass: docs/speculative.md.
     """
     hidden = model.model.norm(x)                                            # (N, h)
     return model.compute_logits(torch.cat([hidden[:, None], heads(hidden, num_heads)], dim=1))

@@ -28,14 +28,8 @@ def ngram_propose(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int
 class PromptLookupProposer:
     """``ngram_propose`` as a proposer for ``loop.speculative_generate``.
 
-    ``adaptive``: a wrong guess still widens the verify forward, and on a CPU a
-    forward over 9 tokens costs about twice one over 1. So the proposal length
-    follows the recent luck: after a fully accepted proposal the cap doubles (up
-    to num_speculative_tokens), after a rejection it drops to (accepted + 1).
-    Copying runs quickly reach long proposals; spurious matches in free text
-    cost almost nothing. (HF transformers adapts its assistant's length in a
-    similar way; vLLM's ngram proposer uses a fixed k.) The guesses are still a
-    function of the text so far, so verification stays exact.
+    ``adaptive``: the cap doubles after a fully accepted proposal and drops to accepted + 1 after a
+    rejection (docs/speculative.md); the guesses stay a function of the text, so verification is exact.
     """
 
     def __init__(self, prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, adaptive: bool = True):
