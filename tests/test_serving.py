@@ -373,6 +373,34 @@ def test_batch_job_seeds_requests_without_a_seed_as_llm_does(tmp_path, text_mode
     assert outs[3][0] == outs[3][1] == want and outs[4][0] != want
 
 
+def test_batch_job_logprobs_and_echo_as_the_server_shapes_them(tmp_path, text_model, byte_tok):
+    """The server's request model and choice shape: logprobs of the generated tokens, and echo with
+    max_tokens 0 scores the prompt without generating (greedy: the chosen token is the top one)."""
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": "gen", "url": "/v1/completions",
+              "body": {"prompt": "w1 w2 w3", "max_tokens": 4, "temperature": 0, "logprobs": 2}},
+             {"custom_id": "echo", "url": "/v1/completions",
+              "body": {"prompt": "w1 w2 w3", "max_tokens": 0, "echo": True, "logprobs": 1}},
+             {"custom_id": "chat", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "w4"}], "max_tokens": 3, "temperature": 0,
+                       "logprobs": True, "top_logprobs": 2}}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_batch(inp, outp, LLMEngine.from_model(text_model, byte_tok, block_size=4), progress=False)
+    recs = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, outp.read_text().splitlines())}
+    gen = recs["gen"]["choices"][0]
+    lp = gen["logprobs"]
+    assert len(lp["tokens"]) == len(gen["token_ids"]) == 4 and "".join(lp["tokens"]) == gen["text"]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and chosen == max(top.values())
+    echo = recs["echo"]["choices"][0]
+    n_prompt = len(byte_tok.encode("w1 w2 w3", add_special_tokens=True))
+    assert echo["text"] == "w1 w2 w3" and echo["token_ids"] == [] and recs["echo"]["usage"]["completion_tokens"] == 0
+    assert len(echo["logprobs"]["tokens"]) == n_prompt and echo["logprobs"]["token_logprobs"][0] is None
+    content = recs["chat"]["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] == c["top_logprobs"][0]["logprob"] for c in content)
+
+
 def kill_halfway_and_resume(tmp_path, model_arg: str, model, tok, max_num_seqs: int,
                             num_blocks: int | None = None) -> None:
     """`minfer batch` on 100 requests, SIGKILLed halfway; the rerun completes, nothing lost or doubled,

@@ -18,8 +18,8 @@ from pathlib import Path
 from minfer.atomic import atomic_write
 from minfer.cli_args import add_model_args, set_threads
 from minfer.sampling import SamplingParams
-from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
-                                       sampling_params)
+from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
+                                       choice_shape, parse_body, sampling_params)
 from minfer.validation import check_engine_args, check_int
 
 URLS = ("/v1/chat/completions", "/v1/completions")
@@ -168,9 +168,10 @@ def write_atomic(path: Path, lines: list[str]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams]:
-    """A request's prompt token ids and sampling parameters, checked by the server's request models
-    (``openai_api``: the same fields, limits, defaults and refusals); errors name ``body.<field>``."""
+def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams, ChoiceShape]:
+    """A request's prompt token ids, sampling parameters and choice shape (logprobs, echo), by the
+    server's request models (``openai_api``: the same fields, limits, defaults and refusals); errors
+    name ``body.<field>``."""
     chat = item.url == "/v1/chat/completions"
     req = parse_body(ChatCompletionRequest if chat else CompletionRequest, item.body, prefix="body.")
     if req.n != 1:
@@ -180,24 +181,27 @@ def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[
     else:
         ids = tokenizer.encode(req.prompt, add_special_tokens=True) if isinstance(req.prompt, str) \
             else list(req.prompt)
-    return ids, sampling_params(req, len(ids), max_model_len, chat=chat)
+    params = sampling_params(req, len(ids), max_model_len, chat=chat)
+    return ids, params, choice_shape(req, ids, params, tokenizer, chat=chat)
 
 
 def _record_id(custom_id: str) -> str:
     return hashlib.sha1(custom_id.encode()).hexdigest()[:24]
 
 
-def success_record(item: BatchItem, req, model_name: str) -> dict:
+def success_record(item: BatchItem, req, model_name: str, shape: ChoiceShape) -> dict:
     rid = _record_id(item.custom_id)
-    choice = {"index": 0, "finish_reason": req.finish_reason, "token_ids": list(req.output_token_ids)}
+    ids = list(req.output_token_ids) if shape.generated else []
+    text, logprobs = shape.piece(req.text, ids, req.logprobs, req.prompt_logprobs, True)
+    choice = {"index": 0, "finish_reason": req.finish_reason, "token_ids": ids, "logprobs": logprobs}
     if item.url == "/v1/chat/completions":
         obj = "chat.completion"
-        choice["message"] = {"role": "assistant", "content": req.text}
+        choice["message"] = {"role": "assistant", "content": text}
     else:
         obj = "text_completion"
-        choice["text"] = req.text
-    usage = {"prompt_tokens": req.num_prompt_tokens, "completion_tokens": req.num_output_tokens,
-             "total_tokens": req.num_prompt_tokens + req.num_output_tokens}
+        choice["text"] = text
+    usage = {"prompt_tokens": req.num_prompt_tokens, "completion_tokens": len(ids),
+             "total_tokens": req.num_prompt_tokens + len(ids)}
     body = {"id": f"cmpl-{rid}", "object": obj, "created": int(time.time()), "model": model_name,
             "choices": [choice], "usage": usage}
     return {"id": f"batch_req_{rid}", "custom_id": item.custom_id,
@@ -268,21 +272,21 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
             tokens = record["response"]["body"]["usage"]["completion_tokens"] if record["response"] else 0
             bar.update(tokens)
 
-        by_rid: dict[str, BatchItem] = {}
+        by_rid: dict[str, tuple[BatchItem, ChoiceShape]] = {}
         for item in todo:                          # everything goes in at once: throughput first
             try:
-                ids, params = parse_request(item, engine.tokenizer, engine.max_model_len)
+                ids, params, shape = parse_request(item, engine.tokenizer, engine.max_model_len)
                 rid = engine.add_request(ids, seeded(params))
             except (ValueError, TypeError, APIError) as e:     # this line's error record; the job goes on
                 errors += 1
                 finish(item, error_record(item, str(e)))
                 continue
-            by_rid[rid] = item
+            by_rid[rid] = item, shape
         engine.no_more_requests(True)
         for delta in engine.stream():
             if delta.finished:
-                item = by_rid[delta.request_id]
-                finish(item, success_record(item, engine.requests[delta.request_id], model_name))
+                item, shape = by_rid[delta.request_id]
+                finish(item, success_record(item, engine.requests[delta.request_id], model_name, shape))
     bar.close()
     write_atomic(output_path, [json.dumps(done[it.custom_id], ensure_ascii=False) + "\n" for it in items])
     journal.unlink(missing_ok=True)

@@ -258,3 +258,13 @@ class ChoiceShape:
         if self.chat:
             return text, chat_logprobs(ids, dicts or [], self.k, self.decode)
         return text, completion_logprobs(ids, dicts or [], self.decode, offset)
+
+
+def choice_shape(req, ids: list[int], params: SamplingParams, tokenizer, *, chat: bool) -> ChoiceShape:
+    """Logprobs and echo of a request's choices, for the server and the batch job alike."""
+    def decode(t):
+        return tokenizer.decode([t], skip_special_tokens=False)
+    if chat or not req.echo:
+        return ChoiceShape(chat, params.logprobs, decode)
+    echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+    return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)

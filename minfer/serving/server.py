@@ -51,6 +51,7 @@ from minfer.serving.openai_api import (
     ChatCompletionRequest,
     ChoiceShape,
     CompletionRequest,
+    choice_shape,
     chunk,
     new_id,
     parse_body,
@@ -163,7 +164,7 @@ class Handlers:
             raise APIError(503, f"the server is full ({aengine.num_waiting} requests waiting); retry later",
                            code="overloaded", headers={"Retry-After": "1"})
         rid = new_id("chatcmpl" if chat else "cmpl")
-        shape = self.shape(req, ids, params, chat)
+        shape = choice_shape(req, ids, params, self.tok, chat=chat)
         try:
             q = await aengine.submit(rid, ids, params)
         except ValueError as e:
@@ -173,15 +174,6 @@ class Handlers:
             return StreamingResponse(self.stream(rid, q, params.n, chat, include, shape),
                                      media_type="text/event-stream")
         return JSONResponse(await self.collect(request, rid, q, params.n, chat, shape))
-
-    def shape(self, req, ids: list[int], params, chat: bool) -> ChoiceShape:
-        """Logprobs and echo of this request's choices (``openai_api.ChoiceShape``)."""
-        def decode(t):
-            return self.tok.decode([t], skip_special_tokens=False)
-        if chat or not req.echo:
-            return ChoiceShape(chat, params.logprobs, decode)
-        echo = req.prompt if isinstance(req.prompt, str) else self.tok.decode(ids, skip_special_tokens=False)
-        return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)
 
     async def stream(self, rid, q, n: int, chat: bool, include_usage: bool, shape: ChoiceShape):
         """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index.
