@@ -47,12 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    import torch
-
     from minfer.bench.timing import table, write_json
+    from minfer.cli_args import set_threads
     from minfer.llm import LLM
     from minfer.sampling import SamplingParams
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=max(args.batches))
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "Describe a person as a JSON object."}])
     rows = []
