@@ -65,7 +65,7 @@ def grammar(params) -> str:
         elif name == "guided_regex":
             g = L.LLMatcher.grammar_from_regex(value)
         else:
-            if not value or not all(isinstance(c, str) and c for c in value):
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
                 raise ValueError("a non-empty list of non-empty strings is needed")
             g = L.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
     except (ValueError, TypeError) as e:          # json.loads, a schema that is no JSON object

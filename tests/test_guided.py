@@ -108,8 +108,11 @@ def test_bad_grammars_name_the_field():
         SamplingParams(guided_json="{not json")
     with pytest.raises(ValueError, match=r"SamplingParams\.guided_regex: .*unclosed"):
         SamplingParams(guided_regex="(ab")
-    with pytest.raises(ValueError, match=r"SamplingParams\.guided_choice"):
-        SamplingParams(guided_choice=[])
+    for bad in ([], "yes", ["a", ""]):
+        with pytest.raises(ValueError, match=r"SamplingParams\.guided_choice"):
+            SamplingParams(guided_choice=bad)
+    with pytest.raises(ValueError, match=r"SamplingParams\.guided_regex"):
+        SamplingParams(guided_regex=12)
     with pytest.raises(ValueError, match="give one of"):
         SamplingParams(guided_regex="a", guided_choice=["a"])
     with pytest.raises(ValueError, match=r"structured_outputs"):
