@@ -3,7 +3,7 @@
     SamplingParams(guided_json=schema | guided_regex="..." | guided_choice=[...])
       └─> a grammar ──> one matcher per request (its state: how much of the grammar the output has matched)
     every step, for the guided rows only:
-      matcher ──fill──> bitmask (G, ceil(V/32)) int32 ──unpack──> logits[row, not allowed] = -inf ──> sample_rows
+      matcher ──fill──> bitmask (G, ceil(V/32)) int32 ──unpack──> forbidden logits = -inf ──> sample_rows
       sampled token ──> matcher.consume_token: the state advances with every accepted token
       matcher stopped (the grammar cannot go on) ──> the request finishes with "stop"
 
@@ -29,6 +29,7 @@ import torch
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # minfer Tokenizer -> LLTokenizer
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+FIELDS = ("guided_json", "guided_regex", "guided_choice")
 _NEWER = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "json_object": None}
 
 
@@ -41,7 +42,7 @@ def _llguidance():
 
 
 def is_guided(params) -> bool:
-    return any(getattr(params, f, None) is not None for f in ("guided_json", "guided_regex", "guided_choice"))
+    return any(getattr(params, f, None) is not None for f in FIELDS)
 
 
 def refuse_speculative(params) -> None:
@@ -54,7 +55,7 @@ def refuse_speculative(params) -> None:
 def grammar(params) -> str:
     """The request's grammar (llguidance's JSON form); ValueError naming the field if it is bad."""
     L = _llguidance()
-    name = next(f for f in ("guided_json", "guided_regex", "guided_choice") if getattr(params, f) is not None)
+    name = next(f for f in FIELDS if getattr(params, f) is not None)
     value = getattr(params, name)
     try:
         if name == "guided_json":
@@ -89,7 +90,7 @@ def check_guided(params) -> None:
             elif key != "json_object" and value is not None:
                 setattr(params, _NEWER[key], value)
         params.structured_outputs = None
-    given = [f for f in ("guided_json", "guided_regex", "guided_choice") if getattr(params, f) is not None]
+    given = [f for f in FIELDS if getattr(params, f) is not None]
     if len(given) > 1:
         raise ValueError(f"SamplingParams: give one of guided_json, guided_regex, guided_choice, got {given}")
     if given:

@@ -65,7 +65,8 @@ def main(args) -> int:
         rows.append({"batch": b, "mask_ms": mask_ms, "guided_step_ms": step_ms, "unguided_step_ms": free_ms,
                      "mask_ratio": mask_ms / free_ms, "step_ratio": step_ms / free_ms, "steps": n})
     print(table(rows, [("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"),
-                       ("unguided_step_ms", "unguided step ms", "{:.1f}"), ("guided_step_ms", "guided step ms", "{:.1f}"),
+                       ("unguided_step_ms", "unguided step ms", "{:.1f}"),
+                       ("guided_step_ms", "guided step ms", "{:.1f}"),
                        ("mask_ratio", "mask / step", "{:.1%}"), ("step_ratio", "guided / unguided", "{:.2f}")]))
     if args.json:
         write_json(args.json, {"benchmark": "guided", "model": args.model, "schema": SCHEMA, "rows": rows,

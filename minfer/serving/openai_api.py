@@ -27,6 +27,7 @@ from typing import Annotated, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from minfer.guided import FIELDS
 from minfer.logprobs import chat_logprobs, completion_logprobs
 from minfer.sampling import SamplingParams
 
@@ -217,7 +218,7 @@ def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, 
 
 def guided_fields(req: _Sampling) -> tuple[dict, str]:
     """The body's grammar as SamplingParams' guided_* fields, and the field to name if it is bad."""
-    guided = {k: getattr(req, k) for k in ("guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None}
+    guided = {k: getattr(req, k) for k in FIELDS if getattr(req, k) is not None}
     rf = req.response_format
     if rf is None or rf.type == "text":
         return guided, "guided_json"
