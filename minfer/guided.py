@@ -14,7 +14,7 @@ the logits before sampling, backends xgrammar, llguidance and outlines-core).
 
 The grammar engine is llguidance (``pip install minfer[guided]``), chosen by measurement on a
 2-core CPU with SmolLM2's 49,152-token vocabulary (docs/guided.md): its mask costs ~0.1 ms a token
-(xgrammar ~0.01 ms, outlines-core ~0.03 ms, each far below a ~20 ms decode step), it compiles a
+(xgrammar ~0.01 ms, outlines-core ~0.03 ms, each far below a decode step of tens of ms), it compiles a
 schema in ~2 ms (xgrammar ~8 ms, outlines-core 50-300 ms: per request, in the server's hot path),
 it has no dependencies (7.6 MB; xgrammar pulls in transformers, triton and tvm-ffi) and reads the
 ``tokenizer.json`` minfer already loads. Speculative decoding is refused with a guided request: its
