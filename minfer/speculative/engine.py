@@ -114,6 +114,8 @@ class SpecDecodeEngine(LLMEngine):
         if params is not None and params.n > 1:
             raise ValueError("speculative decoding samples one sequence per request; use n=1")
         refuse_speculative(params)
+        if params is not None and (params.logprobs is not None or params.prompt_logprobs is not None):
+            raise ValueError("SamplingParams.logprobs / prompt_logprobs are not available with speculative decoding")
         return super().add_request(prompt, params, request_id, arrival_time)
 
     def release(self, request_id: str):
