@@ -33,7 +33,12 @@ from minfer.kv.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
 from minfer.speculative.medusa import tree_mask
 from minfer.bench.machine import mbu
-from minfer.lessons.ex_compilers import pad_to_bucket, qkv_fused
+from minfer.lessons.ex_compilers import pad_batch, pad_to_bucket, qkv_fused
+from minfer.lessons.ex_spec import pool_harvest
+from minfer.engine.output import stream_cut
+from minfer.compress.prune import prune_ffn
+from minfer.distributed.pipeline import gpipe_schedule
+from minfer.distributed.disagg import prompt_kv
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -75,6 +80,15 @@ ENGINE = {
     "fusion.qkv_fused": qkv_fused,
     "cuda_graph.pad_to_bucket": pad_to_bucket,
     "roofline.mbu": mbu,
+    "lookahead.ngram_pool": pool_harvest,                          # NgramPool.harvest on a copy of the pool
+    "cuda_graph.pad_batch": pad_batch,                            # StaticDecodeRunner.load's static buffers
+    "output.stream_cut": stream_cut,
+    "compress.prune_ffn": prune_ffn,
+    "parallel.gpipe_schedule": gpipe_schedule,
+    "parallel.prompt_kv": prompt_kv,
+    "parallel.kv_handoff_bytes": lambda P, L, nkv, hd, bs, b: sum(t.nbytes for t in prompt_kv(   # what is sent
+        *[torch.zeros(L, -(-P // bs), bs, nkv, hd, dtype={1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[b])] * 2,
+        list(range(-(-P // bs))), P)),
 }
 
 

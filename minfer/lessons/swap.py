@@ -73,6 +73,9 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
               "attention.online_softmax_update",
               "online_softmax_update(m, l, acc, scores, values) -> (m, l, acc)",
               "--attention flash, and the paged cache's block-by-block mode (attention_mode='online')"),
+    SwapPoint("stream_cut", ("minfer.engine.output:stream_cut",), "output.stream_cut",
+              "stream_cut(text, emitted, stop, final) -> (text cut before the first stop string, new text safe "
+              "to stream, stopped)", "every request whose text is returned or streamed (engine, LLM, server)"),
     SwapPoint("slot_mapping", (), "paged.slot_mapping",
               "slot_mapping(block_table, block_size, start_pos, num_tokens) -> list of slots",
               "every step of an engine built with it: where each new token's K/V is written",
