@@ -2,6 +2,7 @@
 
     fusion.qkv_fused        q, k, v of a token from ONE matmul with the stacked weight, then split
     cuda_graph.pad_to_bucket  a decode batch of n sequences -> its capture bucket and the padded rows
+    cuda_graph.pad_batch    the static step's rows of a decode batch, padded to its bucket
     roofline.mbu            model-bandwidth utilisation of a measured decode run
 
 References: ``qkv_fused`` and ``pad_to_bucket`` below, written as plain functions (the engine

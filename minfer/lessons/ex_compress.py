@@ -3,6 +3,7 @@
     compress.distill_kl       topk_distill_kl(logits, topk_idx, topk_logp, T) -> T^2 KL over k + 1 bins
     compress.medusa_tree_mask tree_mask(paths) -> the (N + 1, N + 1) tree attention mask
     compress.h2o_keep         h2o_keep(scores, budget, recent) -> the token indices H2O keeps
+    compress.prune_ffn        prune_ffn(gate, up, down, scores, keep) -> one FFN with its keep best channels
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """

@@ -1,7 +1,9 @@
-"""Exercises of lesson 11 (parallelism): a tensor-parallel shard, and the all-reduce volume per token.
+"""Exercises of lesson 11 (parallelism): tensor-parallel shards and traffic, GPipe, the disaggregated KV hand-off.
 
     parallel.shard_weight               shard_weight(W, rank, world, kind) -> rank's column or row piece
     parallel.allreduce_bytes_per_token  allreduce_bytes_per_token(hidden, layers, tp, bytes) -> bytes sent
+    parallel.gpipe_schedule             gpipe_schedule(stages, micro-batches) -> who runs what, slot by slot
+    parallel.kv_handoff_bytes, prompt_kv  the K/V bytes and blocks a prefill worker sends
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """

@@ -3,6 +3,7 @@
     router.ring_lookup     consistent hashing: the owner of the first ring point at or after a key
     cost.dollars_per_mtok  $ per million tokens from tokens/s and the price of an hour
     cost.kwh_per_mtok      kWh per million tokens from tokens/s and the power drawn
+    output.stream_cut      a streamed answer cut at its stop strings, and the text safe to send
 
 References: ``minfer/serving/router.py`` and ``minfer/serving/cost.py``; the engine's
 tests run these same properties on them (``tests/test_grader.py``).

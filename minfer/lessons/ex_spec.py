@@ -1,7 +1,8 @@
-"""Exercises of lesson 07 (speculative decoding): the accept/reject rule and the n-gram lookup.
+"""Exercises of lesson 07 (speculative decoding): the accept/reject rule, the n-gram lookup, lookahead's pool.
 
     speculative.accept_reject   accept_reject(p, q, x) -> (min(1, p(x)/q(x)), norm(max(0, p - q)))
     speculative.ngram_propose   ngram_propose(tokens, min_n, max_n, k) -> the prompt-lookup proposal
+    lookahead.ngram_pool        pool_harvest(pool, levels, new, per_key) -> the pool after one Jacobi step
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
