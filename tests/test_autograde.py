@@ -62,6 +62,13 @@ MUTATIONS = {
     "fusion.qkv_fused": ("torch.cat([wq, wk, wv]", "torch.cat([wq, wv, wk]"),
     "cuda_graph.pad_to_bucket": ("return bucket, bucket - n", "return bucket, n"),
     "roofline.mbu": ("bytes_per_token * tokens_per_s / bandwidth", "bytes_per_token / tokens_per_s / bandwidth"),
+    "lookahead.ngram_pool": ("grams[-per_key:]", "grams[:per_key]"),
+    "cuda_graph.pad_batch": ("[scratch_slot] * pad", "[0] * pad"),
+    "output.stream_cut": ("len(text) - hold", "len(text)"),
+    "compress.prune_ffn": (".sort().values", ""),
+    "parallel.gpipe_schedule": ("t - s if", "t if"),
+    "parallel.kv_handoff_bytes": ("-(-prompt_len // block_size)", "prompt_len // block_size"),
+    "parallel.prompt_kv": ("v[:, blocks]", "k[:, blocks]"),
 }
 FAST = [n for n in sorted(MUTATIONS) if n.startswith(("model.", "sampling.", "paged.slot", "paged.block",
                                                      "generate."))]
