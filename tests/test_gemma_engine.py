@@ -87,7 +87,7 @@ def test_single_request_caches_equal_the_oracle(kind, chunk):
 
 def test_hybrid_cache_bytes_for_gemma_3_270m():
     """The shape of Gemma 3 270M (no weights needed): at 8192 tokens the local layers hold 512 each."""
-    from minfer.bench.hybrid import measure
+    from minfer.bench.hybrid import measure, measure_engine
     from minfer.config import ModelConfig, gemma3_layer_types
     cfg = ModelConfig(vocab_size=256, hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
                       num_key_value_heads=1, head_dim=256, intermediate_size=2048, sliding_window=512,
@@ -97,6 +97,10 @@ def test_hybrid_cache_bytes_for_gemma_3_270m():
     assert rows[512]["full_B_per_token"] == rows[512]["hybrid_B_per_token"] == 18 * per_layer
     assert rows[8192]["hybrid_B_per_token"] == (3 + 15 * 512 / 8192) * per_layer == 8064
     assert rows[8192]["ratio"] == pytest.approx(18 / 3.9375)
+    engine = measure_engine(cfg, [2048, 8192])       # the engine's blocks, block size 16, token budget 512
+    assert [r["full_B_per_token"] for r in engine] == [18 * per_layer] * 2
+    assert [r["hybrid_B_per_token"] for r in engine] == [(3 + 15 * 512 / n) * per_layer for n in (2048, 8192)]
+    assert engine[1]["hybrid_peak_B_per_token"] == (3 + 15 * 1024 / 8192) * per_layer   # window + one chunk
 
 
 def test_sliding_cache_refuses_a_hybrid_model():
