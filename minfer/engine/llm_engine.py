@@ -161,6 +161,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if params.n > 1:
             raise ValueError("a prefilled request must have n=1 (parallel samples fork at prefill)")
+        if isinstance(self.runner.kv_manager, KVCacheCoordinator):
+            raise ValueError("a prefilled request needs one block table; this model has one per KV group")
         req = self._new_request(list(prompt_token_ids), params, request_id, arrival_time)
         hit = self.scheduler.add_computed(req)
         if hit is None:
