@@ -4,6 +4,7 @@ Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash
 
     kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   K and V side by side
     k, v   views kv[:, 0], kv[:, 1]: (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
+           (local/global models: the layers of one KV group, ``kv/coordinator.py``)
     slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
 
 (vLLM keeps the 2 on the outside of the same tensor, ``(2, num_blocks, block_size, nkv, hd)`` per
