@@ -21,6 +21,7 @@ import numbers
 import os
 from typing import Any
 
+MAX_LOGPROBS = 20                  # top logprobs per token at most (vLLM's max_logprobs, OpenAI's limit)
 SEED_MAX = 2**64 - 1               # torch.Generator.manual_seed takes any 64-bit value
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as vLLM
 DEVICE_TYPES = ("cpu", "cuda")
@@ -85,6 +86,9 @@ def check_sampling_fields(f: dict[str, Any], prefix: str = "SamplingParams.", wh
         check_int(f["n"], name("n"), lo=1)
     if f.get("seed") is not None:
         check_int(f["seed"], name("seed"), lo=0, hi=SEED_MAX)
+    for key in ("logprobs", "prompt_logprobs"):
+        if f.get(key) is not None:
+            check_int(f[key], name(key), lo=0, hi=MAX_LOGPROBS)
     if "ignore_eos" in f:
         check_bool(f["ignore_eos"], name("ignore_eos"))
     stop = f.get("stop")

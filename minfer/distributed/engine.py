@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from minfer.distributed import comm
-from minfer.engine.runner import ModelRunner, prepare_batch
+from minfer.engine.runner import ModelRunner, prepare_batch, with_token_rows
 
 
 def run_step(runner: ModelRunner, step: dict) -> torch.Tensor:
@@ -58,9 +58,10 @@ class DriverRunner:
                                "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype,
                                "decode_kernel": c.decode_kernel})
 
-    def execute(self, chunks, sample_rows) -> torch.Tensor:
+    def execute(self, chunks, sample_rows, token_rows=()) -> torch.Tensor:
         r = self.runner
-        groups = [g for g in torch.arange(len(chunks)).tensor_split(self.num_microbatches) if len(g)]
+        splits = 1 if token_rows else self.num_microbatches          # token rows index the whole batch
+        groups = [g for g in torch.arange(len(chunks)).tensor_split(splits) if len(g)]
         ids, metas, rows = [], [], []
         for g in groups:
             first, last = int(g[0]), int(g[-1]) + 1
@@ -68,6 +69,8 @@ class DriverRunner:
             ids.append(group_ids)
             metas.append(meta)
             rows.append([i - first for i in sample_rows if first <= i < last])
+        if token_rows:
+            metas[0], rows[0] = with_token_rows(metas[0], rows[0], token_rows)
         step = {"ids": torch.cat(ids, dim=1), "metas": metas, "rows": rows,        # ids (1, N)
                 "copies": self.kv_manager.take_pending_copies()}
         try:

@@ -55,9 +55,13 @@ class Request:
     index: int = 0                         # which of the group's n parallel samples this is
     stats: RequestStats = field(init=False)
     generator: torch.Generator = field(init=False, repr=False)
+    logprobs: list | None = field(init=False, repr=False)          # one dict per output token (minfer/logprobs.py)
+    prompt_logprobs: list | None = field(init=False, repr=False)   # one per prompt token; the first is None
 
     def __post_init__(self) -> None:
         self.stats = RequestStats(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_token_ids))
+        self.logprobs = [] if self.params.logprobs is not None else None
+        self.prompt_logprobs = [None] if self.params.prompt_logprobs is not None else None
         # One generator per request: its samples depend on its seed only, never on the batch.
         self.generator = make_generator(self.params.seed)
 

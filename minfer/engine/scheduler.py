@@ -157,10 +157,14 @@ class Scheduler:
 
     def _try_admit(self, req: Request) -> bool:
         """Reserve KV blocks for all its tokens; False (nothing changed) if the pool is full."""
-        computed = self.kv.allocate(req.request_id, req.all_token_ids)
+        # Prompt logprobs need every prompt row's logits, which a prefix-cache hit skips: such a
+        # request does not read the cache (vLLM: ``skip_reading_prefix_cache``, kv_cache_manager.py).
+        skip = {"read_cache": False} if req.params.prompt_logprobs is not None else {}
+        computed = self.kv.allocate(req.request_id, req.all_token_ids, **skip)
         if computed is None:
             return False
-        self.prefix_cache_queries += req.num_tokens       # a preempted request counts again when re-admitted
+        if not skip:                                      # a preempted request counts again when re-admitted
+            self.prefix_cache_queries += req.num_tokens
         self.prefix_cache_hits += computed
         self.waiting.remove(req)
         # Prefix-cache hit: those tokens' K/V are already there. At least the last

@@ -356,15 +356,15 @@ class KVCacheManager:
             prefixes.append(parent_prefix)
         return hits, hashes, prefixes
 
-    def allocate(self, seq_id, token_ids: Sequence[int]) -> Optional[int]:
-        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks.
+    def allocate(self, seq_id, token_ids: Sequence[int], read_cache: bool = True) -> Optional[int]:
+        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks (unless not ``read_cache``).
 
         Returns ``num_computed_tokens`` (prompt tokens whose K/V are already
         cached: skip their prefill), or None if the pool cannot fit the prompt
         (then nothing changed).
         """
         self._check_new(seq_id, token_ids)
-        found = self._prefix_hits(token_ids)
+        found = self._prefix_hits(token_ids) if read_cache else ([], [], [])
         if self.admit_cost(len(token_ids), found[0]) > self.pool.num_free_blocks:
             return None
         for b in found[0]:

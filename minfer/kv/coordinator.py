@@ -87,13 +87,13 @@ class KVCacheCoordinator:
     def take_pending_copies(self) -> list[tuple[int, int]]:
         return [c for g in self.groups for c in g.take_pending_copies()]
 
-    def allocate(self, seq_id, token_ids: Sequence[int]) -> Optional[int]:
+    def allocate(self, seq_id, token_ids: Sequence[int], read_cache: bool = True) -> Optional[int]:
         """``KVCacheManager.allocate`` for every group: the hit every group has; None if the pool is short.
 
         A local group does not take back the hit blocks that its window has already left.
         """
         self.groups[0]._check_new(seq_id, token_ids)
-        found = [g._prefix_hits(token_ids) for g in self.groups]
+        found = [g._prefix_hits(token_ids) if read_cache else ([], [], []) for g in self.groups]
         hit = min(len(f[0]) for f in found)
         found = [tuple(x[:hit] for x in f) for f in found]
         computed, bs = hit * self.block_size, self.block_size

@@ -53,6 +53,8 @@ class Output:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None             # the engine failed: the request ends with this message
+    logprobs: list | None = None         # the new tokens' logprob dicts, when the request asked
+    prompt_logprobs: list | None = None  # on a sample's first delta, when the request asked
 
 
 class EngineMetrics:
@@ -204,12 +206,15 @@ class AsyncEngine:
             self._forget(cmd[1])
 
     def _deliver(self, out: StepOutput) -> None:
-        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason, out.index)
-        if out.finished:
-            samples = self.engine.samples.get(out.request_id, [])
-            if out.index < len(samples):
-                req = samples[out.index]
+        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason, out.index,
+                      logprobs=out.logprobs)
+        samples = self.engine.samples.get(out.request_id, [])
+        if out.index < len(samples):
+            req = samples[out.index]
+            if out.finished:
                 item.num_prompt_tokens, item.num_output_tokens = req.num_prompt_tokens, req.num_output_tokens
+            if req.num_output_tokens == len(out.new_token_ids):          # its first delta
+                item.prompt_logprobs = samples[0].prompt_logprobs
         stream = self._streams.get(out.request_id)
         if stream is not None:
             stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
