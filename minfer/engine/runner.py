@@ -94,7 +94,9 @@ class ModelRunner:
     (``minfer/engine/cuda_graph.py``: buckets of ``max_num_seqs``, CUDA graphs on a GPU,
     ``compile=True`` for torch.compile); the pool then gets one more block, reserved as the
     scratch block of padded rows, so the blocks sequences can hold stay ``num_blocks``.
-    Prefill and mixed steps always run eager.
+    Prefill and mixed steps always run eager. A local/global model (Gemma 3) gets a ``KVCacheCoordinator``
+    (``minfer/kv/coordinator.py``): a block table per KV group, the local ones reserving prompts
+    ``max_num_batched_tokens`` at a time.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
