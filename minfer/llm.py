@@ -267,7 +267,7 @@ class LLM:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
         return None, ids
 
-    def _seeded(self, params: SamplingParams) -> SamplingParams:
+    def seeded(self, params: SamplingParams) -> SamplingParams:
         """A request without a seed draws one from the LLM's seeded sequence (vLLM: ``LLM(seed=...)``)."""
         if params.seed is not None or params.greedy:
             return params
@@ -280,7 +280,7 @@ class LLM:
         ids = []
         try:
             for p, sp in zip(prompts, params):
-                ids.append(engine.add_request(p, self._seeded(sp)))
+                ids.append(engine.add_request(p, self.seeded(sp)))
             engine.no_more_requests(True)
             while any(not r.is_finished for i in ids for r in engine.samples[i]):
                 for delta in engine.step():

@@ -126,11 +126,11 @@ def _check_tokens(model_name: str, n: int) -> bool:
 
 
 def main(args) -> int:
-    from minfer import checkpoints
     from minfer.checkpoints.hf import read_config
+    from minfer.checkpoints import resolve_model
     try:
         contexts = _contexts(args.contexts)
-        cfg = read_config(checkpoints.resolve_model(args.model))
+        cfg = read_config(resolve_model(args.model))
     except (ValueError, FileNotFoundError) as e:
         print(f"minfer bench hybrid: {e}", file=sys.stderr)
         return 2

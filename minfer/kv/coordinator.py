@@ -1,35 +1,11 @@
 """KV-cache groups over one block pool: the paged cache of a model with local and global layers.
 
-Gemma 3 interleaves sliding-window (local) layers with global ones. A global layer reads
-every earlier key; a local layer only the last ``window``. One block table per sequence
-cannot serve both: its blocks would have to stay for the global layers. So the layers are
-split into *KV groups* of the same window and the same number of layers, and each group
-gets its own block table over ONE shared ``BlockPool``::
-
-    Gemma 3 270M: 18 layers = 3 global + 15 local  ->  6 groups of 3 layers (gcd(3, 15) = 3)
-      group 0: global layers 5 11 17     group 1: local 0 1 2    ...    group 5: local 14 15 16
-
-    storage  kv (3, 2, num_blocks, block_size, nkv, hd): slot j of block b = layer j of the
-             group that holds b, so every block has the same size whatever its group
-    tables   seq A, group 0: [ 4  9 12 17 21 ]   every block, as in a plain paged cache
-             seq A, group 1: [ 3  8 .. .. 20 ]   only the blocks of the last ``window`` tokens
-                                                 are held; the ones before went back to the pool
-
-Every group is a ``KVCacheManager`` (prefix hashes, copy-on-write, rows of a block-table
-tensor); the coordinator keeps them in step, so the scheduler sees one manager:
-
-* ``allocate``: a prefix-cache hit counts only as far as every group found it; the global
-  groups reserve the whole prompt, the local ones its first chunk (they grow chunk by chunk
-  and release what leaves the window, so a long prompt never holds all its local blocks).
-* ``commit_tokens``: then each local group gives back the blocks wholly behind its window
-  (``KVCacheManager.drop_blocks_before``); freed blocks stay findable by the prefix cache.
-* ``append_slots`` / ``fork`` / ``free``: every group, all or nothing.
-
-vLLM: ``vllm/v1/core/kv_cache_utils.py`` (``_get_kv_cache_groups_uniform_page_size``: groups of
-equal page size, padded where minfer takes the gcd), ``vllm/v1/core/kv_cache_coordinator.py``
-(``HybridKVCacheCoordinator``) and ``vllm/v1/core/single_type_kv_cache_manager.py``
-(``FullAttentionManager``; ``SlidingWindowManager.remove_skipped_blocks``). vLLM also accepts
-a prefix hit whose out-of-window local blocks were evicted; minfer needs the whole chain.
+The layers are split into *KV groups* of one window and the same number of layers, each
+with its own ``KVCacheManager`` (block tables) over ONE ``BlockPool``; local groups give
+back the blocks that fall behind their window. Diagram and details: docs/kv-and-attention.md.
+vLLM: ``vllm/v1/core/kv_cache_coordinator.py`` (``HybridKVCacheCoordinator``),
+``single_type_kv_cache_manager.py`` (``SlidingWindowManager.remove_skipped_blocks``),
+``kv_cache_utils.py`` (``_get_kv_cache_groups_uniform_page_size``).
 """
 from __future__ import annotations
 

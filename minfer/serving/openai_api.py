@@ -124,6 +124,10 @@ class Message(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """What the chat template takes (OpenAI's ``developer`` role is the template's ``system``)."""
+        return {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
@@ -136,8 +140,8 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def parse_body(model: type[BaseModel], body) -> BaseModel:
-    """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
+def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
+    """Validate a decoded JSON body; a 400 naming every bad field (``prefix`` + its path) otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -153,7 +157,7 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
                 msg = err["msg"]
             if param not in params:
                 params.append(param)
-                problems.append(f"{param}: {msg}")
+                problems.append(f"{prefix}{param}: {msg}")
         raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
 
 
@@ -254,3 +258,13 @@ class ChoiceShape:
         if self.chat:
             return text, chat_logprobs(ids, dicts or [], self.k, self.decode)
         return text, completion_logprobs(ids, dicts or [], self.decode, offset)
+
+
+def choice_shape(req, ids: list[int], params: SamplingParams, tokenizer, *, chat: bool) -> ChoiceShape:
+    """Logprobs and echo of a request's choices, for the server and the batch job alike."""
+    def decode(t):
+        return tokenizer.decode([t], skip_special_tokens=False)
+    if chat or not req.echo:
+        return ChoiceShape(chat, params.logprobs, decode)
+    echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+    return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)
