@@ -4,8 +4,10 @@
     quant.dequantize_int8   (q, scale) -> W float32 = q * scale, row by row
     quant.pack_int4         (..., K) values 0..15, K even -> uint8 (..., K/2), even index in the low nibble
     quant.unpack_int4       (packed, K) -> uint8 (..., K): the inverse
+    quant.q4k_scales_mins   Q4_K's 12 packed bytes -> eight 6-bit scales and eight 6-bit mins
+    quant.dequantize_q4_k   Q4_K blocks (n, 144) -> float32 (n, 256), bit-exact with llama.cpp
 
-References live in ``minfer/quant/int8.py`` and ``minfer/quant/int4.py``; the
+References live in ``minfer/quant/int8.py``, ``int4.py`` and ``gguf_formats.py``; the
 engine's tests run these same properties on them (``tests/test_quant.py``).
 ``quantize_int8`` is graded against its *definition* (scale = max|row| / 127,
 every element within half a step), so rounding ties either way is accepted.
@@ -17,7 +19,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, float_lists, register,
+from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, exact, float_lists, register,
                                       rows_tensor, tensor_problem)
 
 # ---------------------------------------------------------------------------
@@ -199,4 +201,91 @@ register(Exercise(
     inputs=_packed(),
     compare=lambda inputs, expected, actual: _validate_unpack(inputs, actual),
     validate=_validate_unpack,
+))
+
+
+# ---------------------------------------------------------------------------
+# quant.q4k_scales_mins / quant.dequantize_q4_k (GGUF's Q4_K super-blocks)
+# ---------------------------------------------------------------------------
+
+
+def _bytes(n: int) -> st.SearchStrategy:
+    return st.lists(st.integers(0, 255), min_size=n, max_size=n)
+
+
+@st.composite
+def _q4k_scale_bytes(draw) -> Inputs:
+    rows = draw(st.lists(_bytes(12), min_size=1, max_size=3))
+    return {"packed": torch.tensor(rows, dtype=torch.uint8)}                    # (n, 12)
+
+
+def _validate_q4k_scales(inputs: Inputs, actual: Any) -> Optional[str]:
+    """llama.cpp's ``get_scale_min_k4``, one sub-block j at a time, in Python ints."""
+    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
+        return f"returned {type(actual).__name__}, expected a tuple (scales, mins) of (n, 8) tensors"
+    for b, q in enumerate(inputs["packed"].tolist()):
+        for j in range(8):
+            if j < 4:
+                want = (q[j] & 63, q[j + 4] & 63)
+            else:
+                want = ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+            for name, t, w in zip(("scales", "mins"), actual, want):
+                problem = tensor_problem(torch.zeros(len(inputs["packed"]), 8), t)
+                if problem:
+                    return f"{name}: {problem}"
+                if float(t[b, j]) != w:
+                    return (f"{name}[{b}, {j}]: sub-block {j} of bytes {q} should be {w}, yours is "
+                            f"{float(t[b, j]):g}" + ("" if j < 4 else " (low 4 bits from byte "
+                                                     f"{j + 4}, high 2 bits from the top of byte "
+                                                     f"{j - 4 if name == 'scales' else j})"))
+    return None
+
+
+register(Exercise(
+    name="quant.q4k_scales_mins",
+    lesson="06_quantization", function="q4k_scales_mins",
+    description=("q4k_scales_mins(packed uint8 (n, 12)) -> (scales, mins) float32 (n, 8): Q4_K's eight "
+                 "6-bit scales and mins per super-block"),
+    reference="minfer.quant.gguf_formats:_q4_k_scales_and_mins",
+    inputs=_q4k_scale_bytes(),
+    compare=lambda inputs, expected, actual: _validate_q4k_scales(inputs, actual),
+    validate=_validate_q4k_scales,
+))
+
+
+@st.composite
+def _q4k_blocks(draw) -> Inputs:
+    """1 or 2 blocks of 144 bytes: finite f16 d and dmin, random scales and 4-bit values."""
+    rows = []
+    for _ in range(draw(st.integers(1, 2))):
+        d, dmin = (draw(st.sampled_from([0.0, 0.5, 2.0 ** -10, 0.013, -0.25, 3.0])) for _ in range(2))
+        head = torch.tensor([d, dmin], dtype=torch.float16).view(torch.uint8).tolist()
+        rows.append(head + draw(_bytes(12)) + draw(_bytes(128)))
+    return {"blocks": torch.tensor(rows, dtype=torch.uint8)}                   # (n, 144)
+
+
+def _validate_q4k_block(inputs: Inputs, actual: Any) -> Optional[str]:
+    """gguf-py's own dequantizer (``gguf.quants``), where that package is installed."""
+    try:
+        import gguf
+    except ImportError:                                    # pragma: no cover
+        return None
+    want = torch.from_numpy(gguf.quants.dequantize(inputs["blocks"].numpy(), gguf.GGMLQuantizationType.Q4_K))
+    problem = tensor_problem(want.reshape(-1, 256), actual)
+    if problem or torch.equal(want.reshape(-1, 256), actual):
+        return problem
+    b, i = (int(x) for x in (want.reshape(-1, 256) != actual).nonzero()[0])
+    return (f"value [{b}, {i}] (sub-block {i // 32}: low nibbles of bytes {16 + 32 * (i // 64)}.. if even, "
+            f"else high): gguf.quants gives {float(want.reshape(-1, 256)[b, i])!r}, yours {float(actual[b, i])!r}")
+
+
+register(Exercise(
+    name="quant.dequantize_q4_k",
+    lesson="06_quantization", function="dequantize_q4_k",
+    description=("dequantize_q4_k(blocks uint8 (n, 144)) -> float32 (n, 256): x = d * scale_s * q - "
+                 "dmin * min_s for sub-block s, bit-exact with llama.cpp"),
+    reference="minfer.quant.gguf_formats:dequantize_q4_k",
+    inputs=_q4k_blocks(),
+    compare=exact(),
+    validate=_validate_q4k_block,
 ))
