@@ -5,9 +5,8 @@
     kv.quantize_int8         the int8 KV cache's write: one absmax scale per token and head
 
 References: ``minfer.attention.mask.allowed``, ``minfer.attention.reference.reference_attention``
-(the backend signature every engine backend has; the learner's runs SmolLM2 and Gemma 3 through
+(the backend signature; the lesson runs SmolLM2 and Gemma 3 on the learner's through
 ``compare_with_engine(llm, prompt, attention=...)``) and ``minfer.kv.quantized.quantize_kv``.
-Each has a ``validate`` from the definition (loops over positions and heads in float64).
 """
 from __future__ import annotations
 
@@ -137,27 +136,19 @@ def _kv_vectors(draw) -> Inputs:
 
 
 def _validate_kv_int8(inputs: Inputs, actual: Any) -> Optional[str]:
-    """s = max|x| / 127 over each vector (1 for an all-zero one), every value within s / 2 of q * s."""
-    x = inputs["x"]
-    problem = tuple_problem(actual, ("q", "scale"))
+    """Lesson 06's int8 definition with every vector as a row: scale = max|x| / 127, q within half a step."""
+    from minfer.lessons.ex_quant import _int8_problem
+
+    x, problem = inputs["x"], tuple_problem(actual, ("q", "scale"))
     if problem:
         return problem
-    q, scale = actual
-    want_scale = x.abs().amax(-1, keepdim=True) / 127
-    want_scale = torch.where(want_scale > 0, want_scale, torch.ones_like(want_scale))
-    problem = tensor_problem(torch.zeros_like(x, dtype=torch.int8), q) or tensor_problem(want_scale, scale)
+    problem = (tensor_problem(torch.zeros_like(x, dtype=torch.int8), actual[0])
+               or tensor_problem(x[..., :1].float(), actual[1]))
     if problem:
-        return f"q or scale: {problem}"
-    problem = close_problem(want_scale, scale, 1e-6, what="max|x| / 127 (1.0 for an all-zero vector)")
-    if problem:
-        return f"scale: {problem}"
-    err = (x.double() - q.double() * scale.double()).abs()                      # (..., hd)
-    bad = err > scale.double() / 2 * (1 + 1e-5) + 1e-6 * x.abs().double()
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        return (f"x{list(idx)} = {float(x[idx]):.6g} is stored as q = {int(q[idx])} (times scale "
-                f"{float(scale[idx[:-1]]):.6g}): more than half a step away; round x / scale")
-    return None
+        return f"q (..., hd) int8 or scale (..., 1) float32: {problem}"
+    problem = _int8_problem({"w": x.reshape(-1, x.shape[-1])}, (actual[0].reshape(-1, x.shape[-1]),
+                                                               actual[1].reshape(-1)))
+    return problem and problem.replace("row ", "vector ").replace("w[", "x (as rows)[")
 
 
 register(Exercise(

@@ -1,14 +1,12 @@
-"""Exercises of lesson 05 from request events, and the static batching step.
+"""Exercises of lesson 05 on request events, and the static batching step.
 
     serving.ttft         {request: first token time - arrival} from an event log
     serving.goodput      requests per second that met every SLO (vLLM's --goodput, DistServe)
     serving.static_step  one step of static batching: a fixed batch runs to completion, then the next
 
-An event log is a tuple of (time, request_id, kind), kind one of ``arrival``, ``scheduled``,
-``token``, ``finished``, in time order. The references read it with
-``minfer.serving.metrics.stats_from_events`` and take ``RequestStats.ttft`` and ``summarize``'s
-goodput; the static step is the engine's ``Scheduler.schedule`` (``policy="static"``, memory
-plentiful) on the same state. Each ``validate`` recomputes the definition.
+An event log is ((time, request_id, kind), ...) in time order, kind in arrival, scheduled, token,
+finished. References: ``RequestStats.ttft`` and ``summarize``'s goodput over
+``minfer.serving.metrics.stats_from_events``, and the engine's ``Scheduler.schedule`` (static policy).
 """
 from __future__ import annotations
 
@@ -17,27 +15,25 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
+from minfer.lessons.ex_serving import continuous_step
 from minfer.lessons.registry import Exercise, Inputs, register
 
 
 @st.composite
 def _events(draw) -> tuple:
-    """1 to 4 requests: arrival, scheduled, 0 to 4 tokens (0: still queued), finished after the last."""
+    """1 to 4 requests: arrival, then (unless still queued) scheduled, 1 to 4 tokens, finished."""
     events = []
     for i in range(draw(st.integers(1, 4))):
         t = float(draw(st.integers(0, 20)))
-        rid = f"r{i}"
-        events.append((t, rid, "arrival"))
+        events.append((t, f"r{i}", "arrival"))
         n = draw(st.integers(0, 4))
-        if n:
-            t += draw(st.sampled_from([0.0, 0.5, 1.0, 3.0]))
-            events.append((t, rid, "scheduled"))
-            for _ in range(n):
-                t += draw(st.sampled_from([0.25, 0.5, 1.0, 2.0]))
-                events.append((t, rid, "token"))
-            events.append((t, rid, "finished"))
-    # strictly increasing times, so that the order of the log is the order of time
-    events.sort(key=lambda e: e[0])
+        t += draw(st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+        events += [(t, f"r{i}", "scheduled")] if n else []
+        for _ in range(n):
+            t += draw(st.sampled_from([0.25, 0.5, 1.0, 2.0]))
+            events.append((t, f"r{i}", "token"))
+        events += [(t, f"r{i}", "finished")] if n else []
+    events.sort(key=lambda e: e[0])          # then strictly increasing times: the log's order is time's
     return tuple((t + k * 1e-3, rid, kind) for k, (t, rid, kind) in enumerate(events))
 
 
@@ -45,13 +41,11 @@ def _own(events: tuple) -> dict[str, dict]:
     """arrival, token times and finish of each request, read directly."""
     req: dict[str, dict] = {}
     for t, rid, kind in events:
-        r = req.setdefault(rid, {"tokens": [], "finish": None})
-        if kind == "arrival":
-            r["arrival"] = t
-        elif kind == "token":
-            r["tokens"].append(t)
-        elif kind == "finished":
-            r["finish"] = t
+        r = req.setdefault(rid, {"token": [], "finished": None})
+        if kind == "token":
+            r["token"].append(t)
+        else:
+            r[kind] = t                                  # arrival, scheduled, finished
     return req
 
 
@@ -70,7 +64,7 @@ def ttft_from_events(events):
 def _validate_ttft(inputs: Inputs, actual: Any) -> Optional[str]:
     if not isinstance(actual, dict):
         return f"returned {type(actual).__name__}, expected a dict {{request_id: seconds}}"
-    want = {rid: r["tokens"][0] - r["arrival"] for rid, r in _own(inputs["events"]).items() if r["tokens"]}
+    want = {rid: r["token"][0] - r["arrival"] for rid, r in _own(inputs["events"]).items() if r["token"]}
     if set(actual) != set(want):
         return (f"requests {sorted(actual)}, expected {sorted(want)}: every request with at least one "
                 f"token, and only those")
@@ -116,11 +110,11 @@ def _validate_goodput(inputs: Inputs, actual: Any) -> Optional[str]:
         return f"returned {type(actual).__name__} {actual!r}, expected requests per second"
     good = []
     for rid, r in sorted(_own(inputs["events"]).items()):
-        if r["finish"] is None:
+        if r["finished"] is None:
             continue
-        n = len(r["tokens"])
-        ms = {"ttft": 1000 * (r["tokens"][0] - r["arrival"]), "e2el": 1000 * (r["finish"] - r["arrival"]),
-              "tpot": 1000 * (r["finish"] - r["tokens"][0]) / (n - 1) if n > 1 else 0.0}
+        n = len(r["token"])
+        ms = {"ttft": 1000 * (r["token"][0] - r["arrival"]), "e2el": 1000 * (r["finished"] - r["arrival"]),
+              "tpot": 1000 * (r["finished"] - r["token"][0]) / (n - 1) if n > 1 else 0.0}
         if all(ms[k] <= limit for k, limit in inputs["slo_ms"].items()):
             good.append(rid)
     want = len(good) / inputs["duration"]
@@ -186,16 +180,10 @@ def _validate_static(inputs: Inputs, actual: Any) -> Optional[str]:
         got = [(rid, n) for rid, n in actual]
     except (TypeError, ValueError):
         return f"returned {actual!r}, expected a list of (request_id, num_tokens) pairs"
-    running = [(rid, t - c) for rid, t, c in inputs["running"]]
-    waiting, cap = inputs["waiting"], inputs["max_num_seqs"]
-    if not running and waiting and (len(waiting) >= cap or inputs["no_more_requests"]):
-        running = [(rid, t) for rid, t in waiting[:cap]]          # a new batch forms, all at once
-    want, budget = [], inputs["token_budget"]
-    for rid, left in running:
-        if budget == 0:
-            break
-        want.append((rid, min(left, budget)))
-        budget -= want[-1][1]
+    batch, waiting, cap = inputs["running"], inputs["waiting"], inputs["max_num_seqs"]
+    if not batch and waiting and (len(waiting) >= cap or inputs["no_more_requests"]):
+        batch = [(rid, t, 0) for rid, t in waiting[:cap]]             # a new batch forms, all at once
+    want = continuous_step(batch, (), inputs["token_budget"], cap)     # its members run; nobody joins
     if got == want:
         return None
     return (f"expected {want}, yours {got}: a batch starts only when none runs and {cap} requests wait "

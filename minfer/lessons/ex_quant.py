@@ -20,7 +20,7 @@ import torch
 from hypothesis import strategies as st
 
 from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, exact, float_lists, register,
-                                      rows_tensor, tensor_problem)
+                                      rows_tensor, tensor_problem, tuple_problem)
 
 # ---------------------------------------------------------------------------
 # quant.quantize_int8
@@ -221,24 +221,19 @@ def _q4k_scale_bytes(draw) -> Inputs:
 
 def _validate_q4k_scales(inputs: Inputs, actual: Any) -> Optional[str]:
     """llama.cpp's ``get_scale_min_k4``, one sub-block j at a time, in Python ints."""
-    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
-        return f"returned {type(actual).__name__}, expected a tuple (scales, mins) of (n, 8) tensors"
-    for b, q in enumerate(inputs["packed"].tolist()):
-        for j in range(8):
-            if j < 4:
-                want = (q[j] & 63, q[j + 4] & 63)
-            else:
-                want = ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
-            for name, t, w in zip(("scales", "mins"), actual, want):
-                problem = tensor_problem(torch.zeros(len(inputs["packed"]), 8), t)
-                if problem:
-                    return f"{name}: {problem}"
-                if float(t[b, j]) != w:
-                    return (f"{name}[{b}, {j}]: sub-block {j} of bytes {q} should be {w}, yours is "
-                            f"{float(t[b, j]):g}" + ("" if j < 4 else " (low 4 bits from byte "
-                                                     f"{j + 4}, high 2 bits from the top of byte "
-                                                     f"{j - 4 if name == 'scales' else j})"))
-    return None
+    want: tuple[list, list] = ([], [])
+    for q in inputs["packed"].tolist():
+        pairs = [(q[j] & 63, q[j + 4] & 63) for j in range(4)] + [
+            ((q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) for j in range(4, 8)]
+        for k in (0, 1):
+            want[k].append([pair[k] for pair in pairs])
+    problem = tuple_problem(actual, ("scales", "mins"))
+    for name, w, a in zip(("scales", "mins"), want, actual if problem is None else ()):
+        problem = problem or exact()(inputs, torch.tensor(w, dtype=torch.float32), a)
+        if problem:
+            return (f"{name}: {problem} (sub-blocks 4-7: low 4 bits from bytes 8-11, high 2 bits from the "
+                    f"top of bytes 0-3 for a scale, 4-7 for a min)")
+    return problem
 
 
 register(Exercise(
@@ -270,13 +265,8 @@ def _validate_q4k_block(inputs: Inputs, actual: Any) -> Optional[str]:
         import gguf
     except ImportError:                                    # pragma: no cover
         return None
-    want = torch.from_numpy(gguf.quants.dequantize(inputs["blocks"].numpy(), gguf.GGMLQuantizationType.Q4_K))
-    problem = tensor_problem(want.reshape(-1, 256), actual)
-    if problem or torch.equal(want.reshape(-1, 256), actual):
-        return problem
-    b, i = (int(x) for x in (want.reshape(-1, 256) != actual).nonzero()[0])
-    return (f"value [{b}, {i}] (sub-block {i // 32}: low nibbles of bytes {16 + 32 * (i // 64)}.. if even, "
-            f"else high): gguf.quants gives {float(want.reshape(-1, 256)[b, i])!r}, yours {float(actual[b, i])!r}")
+    want = gguf.quants.dequantize(inputs["blocks"].numpy(), gguf.GGMLQuantizationType.Q4_K)
+    return exact()(inputs, torch.from_numpy(want).reshape(-1, 256), actual)
 
 
 register(Exercise(
