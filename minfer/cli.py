@@ -225,8 +225,8 @@ BENCHES = {
     "report": ("minfer.bench.report", "write docs/benchmarks.md from the benchmarks' JSON files"),
 }
 COMMANDS = {
-    "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
-    "eval": ("minfer.eval.cli", "quality evaluations (perplexity)"),
+    "quantize": ("minfer.compress.quantize_cli", "quantize a model's weights and save them"),
+    "eval": ("minfer.bench.perplexity", "quality evaluations (perplexity)"),
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
     "serve": ("minfer.serving.server", "OpenAI-compatible HTTP server (streaming, /metrics)"),
     "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),

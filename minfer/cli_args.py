@@ -14,6 +14,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
 
 
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU threads for this process (None: torch's choice)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
 # argparse types: a bad value is refused at the parser, naming the flag (exit 2, one line).
 
 def positive_int(text: str) -> int:

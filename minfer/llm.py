@@ -47,6 +47,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str          # "stop" (EOS, stop token or stop string), "length" or "abort"
     metrics: RequestStats
+    logprobs: list | None = None   # SamplingParams.logprobs: per token {id: Logprob} (minfer/logprobs.py)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     spec_stats: object | None = None   # minfer.speculative.SpecStats when LLM(speculative=...) is set
+    prompt_logprobs: list | None = None   # SamplingParams.prompt_logprobs: [None, {id: Logprob}, ...]
 
     @property
     def text(self) -> str:
@@ -138,6 +140,8 @@ class LLM:
                             (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
                             in float32, when it builds (g++ and ninja; compiled once per machine), the
                             plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
+    logprobs_mode           what SamplingParams.logprobs report (vLLM's): "raw_logprobs" (default, the model's
+                            distribution) or "processed_logprobs" (after temperature/top-k/top-p; minfer/logprobs.py)
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
@@ -147,7 +151,7 @@ class LLM:
                  kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                  compile: bool = False, max_seq_len_to_capture: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None,
-                 decode_kernel: str = "auto"):
+                 decode_kernel: str = "auto", logprobs_mode: str = "raw_logprobs"):
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                           kv_cache_dtype=kv_cache_dtype)           # fail now, not at generate time
@@ -176,7 +180,8 @@ class LLM:
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                     kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
-                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel)
+                    max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel,
+                    logprobs_mode=logprobs_mode)
 
     def _start_parallel(self, model: str, tp: int, pp: int, quantization, spec_config, prepack, compile):
         """Make this process rank 0 of a tensor/pipeline-parallel group (``minfer/distributed/runtime.py``)
@@ -217,7 +222,7 @@ class LLM:
                num_blocks: int | None = None, max_prefill_chunk: int | None = None,
                attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
         """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
-        ``plug_ins``: ``scheduler_cls`` and ``kv_manager_cls`` of ``LLMEngine.from_model``."""
+        ``plug_ins``: ``scheduler_cls``, ``kv_manager_cls``, ``logprobs_mode`` of ``LLMEngine.from_model``."""
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
             enforce_eager = not (self.device.type == "cuda" or compile) or (cfg.is_hybrid and not compile)
         if not enforce_eager and cfg.is_hybrid:     # its fixed-shape step masks every layer with one window
@@ -262,7 +267,7 @@ class LLM:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
         return None, ids
 
-    def _seeded(self, params: SamplingParams) -> SamplingParams:
+    def seeded(self, params: SamplingParams) -> SamplingParams:
         """A request without a seed draws one from the LLM's seeded sequence (vLLM: ``LLM(seed=...)``)."""
         if params.seed is not None or params.greedy:
             return params
@@ -275,7 +280,7 @@ class LLM:
         ids = []
         try:
             for p, sp in zip(prompts, params):
-                ids.append(engine.add_request(p, self._seeded(sp)))
+                ids.append(engine.add_request(p, self.seeded(sp)))
             engine.no_more_requests(True)
             while any(not r.is_finished for i in ids for r in engine.samples[i]):
                 for delta in engine.step():
@@ -293,8 +298,8 @@ class LLM:
             samples = sorted(engine.release(i), key=lambda r: r.index)
             first = samples[0]
             outs.append(RequestOutput(first.prompt, first.prompt_token_ids, [
-                CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats)
-                for r in samples], spec_stats))
+                CompletionOutput(r.index, r.text, list(r.output_token_ids), r.finish_reason, r.stats, r.logprobs)
+                for r in samples], spec_stats, first.prompt_logprobs))
         return outs
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
@@ -331,6 +336,11 @@ class LLM:
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
 
+    def _check_logprobs(self, params: list[SamplingParams]) -> None:
+        if self.speculative is not None and any(p.logprobs is not None or p.prompt_logprobs is not None
+                                                for p in params):
+            raise ValueError("SamplingParams.logprobs / prompt_logprobs are not available with speculative decoding")
+
     @property
     def _single_request_loop(self) -> bool:
         """Lookahead decoding runs prompt by prompt (see the module docstring)."""
@@ -342,6 +352,7 @@ class LLM:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""
         check_prompts(prompts)
         prompts, params = pair_prompts(prompts, params)
+        self._check_logprobs(params)
         if self._single_request_loop:
             return [self._run_single(p, sp) for p, sp in zip(prompts, params)]
         return self._run(prompts, params)
@@ -351,6 +362,7 @@ class LLM:
         """Generate for one prompt, calling ``on_text`` with each new piece of (sample 0's) text."""
         params = params or SamplingParams()
         check_prompt(prompt)
+        self._check_logprobs([params])
         if self._single_request_loop:
             return self._run_single(prompt, params, on_text)
         return self._run([prompt], [params], on_text)[0]

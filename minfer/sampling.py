@@ -40,6 +40,8 @@ class SamplingParams:
     ignore_eos: bool = False            # keep going past the end-of-sequence token
     seed: int | None = None             # per-request generator; None = nondeterministic
     n: int = 1                          # parallel samples per prompt
+    logprobs: int | None = None         # each new token's logprob + the top k (minfer/logprobs.py)
+    prompt_logprobs: int | None = None  # the same for each prompt token (no prefix-cache reuse then)
 
     def __post_init__(self) -> None:
         check_sampling_fields(vars(self))          # exact types, finite ranges (minfer/validation.py)

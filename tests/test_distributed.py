@@ -93,10 +93,12 @@ def test_column_and_row_shards_rebuild_the_linear(world, out_per, in_per, seed):
 
 def test_parallel_engine_equals_single_engine(checks):
     """LLMEngine with a DriverRunner on rank 0 and follow_engine on rank 1 (TP shards; pipeline stages
-    with 1 and 2 micro-batches per step) vs the engine on the whole model."""
+    with 1 and 2 micro-batches per step) vs the engine on the whole model; half the requests ask for
+    logprobs and prompt logprobs (a step with prompt rows runs as one micro-batch)."""
     assert {name for _, name in checks["engine"]} == {"tp", "pp", "pp, 2 micro-batches"}
     for (seed, name), r in checks["engine"].items():
         assert r["got"] == r["want"], f"seed {seed}, {name}: engine {r['got']} vs one process {r['want']}"
+        assert r["logprob_err"] < FP32_ATOL, f"seed {seed}, {name}: prompt/sampled logprobs differ"
         assert r["steps"] > len(r["want"]), "requests should share steps (continuous batching)"
         assert r["microbatches"] == (2 if "micro" in name else 1), f"{name}: micro-batches in a step"
 

@@ -72,7 +72,7 @@ def _check_tokens(model_name: str, n: int) -> bool:
 
 def main(args) -> int:
     from minfer.checkpoints.hf import read_config
-    from minfer.checkpoints.loader import resolve_model
+    from minfer.checkpoints import resolve_model
     try:
         contexts = _contexts(args.contexts)
         cfg = read_config(resolve_model(args.model))

@@ -1,17 +1,10 @@
 """``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write.
 
-Every ``minfer bench NAME ... --json PATH`` run writes its results with an envelope
-(``timing.run_envelope``: the command, the date, the machine, its load average, a note).
-This command reads a folder of such files and writes one Markdown page: one section per file,
-each with its command, machine line and date, then its tables. Nothing on the page is typed
-by hand, so every figure can be regenerated: rerun the command in its section, then this one.
-
     minfer bench report                      # docs/bench/*.json -> docs/benchmarks.md
     minfer bench report DIR --out -          # print the page instead
 
-The tables each benchmark gets are listed in ``TABLES``; every section also lists the run's
-top-level settings (model, tokens, repeats, ...). (vLLM keeps its benchmark scripts' JSON the same way: ``benchmarks/``,
-``--save-result``; the tables here are what those files hold, nothing more.)
+One section per file (command, machine, date, the tables of ``TABLES``); nothing typed by hand
+(docs/measuring.md).
 """
 from __future__ import annotations
 

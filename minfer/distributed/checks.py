@@ -7,6 +7,8 @@ Many cases share one process group, because starting processes is the slow part.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from minfer.config import ModelConfig
@@ -131,7 +133,7 @@ def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> No
 
 def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
     """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
-    from minfer.serving.workload import TraceRequest
+    from minfer.engine.request import TraceRequest
     g = torch.Generator().manual_seed(seed)
 
     def rand(k):
@@ -251,6 +253,13 @@ def all_checks_worker(rank: int, world: int, out_path) -> None:
                                         ("pp", pp_worker, ()), ("disagg", disagg_worker, ())])
 
 
+def _tokens_and_logprobs(reqs) -> tuple[list, list]:
+    """Each request's output tokens; every prompt and sampled logprob of those that asked, in one list."""
+    lps = [d[t].logprob for q in reqs if q.logprobs is not None
+           for d, t in zip(q.prompt_logprobs[1:] + q.logprobs, q.all_token_ids[1:])]
+    return [q.output_token_ids for q in reqs], lps
+
+
 def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
     """The serving engine with rank 0 driving and rank 1 following, on TP shards and on pipeline
     stages (1 and 2 micro-batches per step), vs the engine on the whole model."""
@@ -260,11 +269,13 @@ def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
     results = {}
     for seed in seeds:
         trace = mixed_trace(6, seed, cfg.vocab_size)
-        prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
+        prompts = [r.prompt_token_ids for r in trace]
+        params = [dataclasses.replace(_params(r), logprobs=2, prompt_logprobs=1) if i % 2 else _params(r)
+                  for i, r in enumerate(trace)]                     # half of them ask for logprobs
         full = random_model(cfg, seed)
         want = None
         if rank == 0:
-            want = [q.output_token_ids for q in _engine(full, max_num_batched_tokens=24).generate(prompts, params)]
+            want, want_lp = _tokens_and_logprobs(_engine(full, max_num_batched_tokens=24).generate(prompts, params))
         setups = {"tp": (lambda: build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world), 1),
                   "pp": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 1),
                   "pp, 2 micro-batches": (lambda: PipelineStage(random_model(cfg, seed), rank, world), 2)}
@@ -273,10 +284,11 @@ def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
             if rank == 0:
                 engine = parallel_engine(model, num_microbatches=m, num_blocks=64, block_size=4,
                                          max_num_batched_tokens=24, eos_token_ids=())
-                got = [q.output_token_ids for q in engine.generate(prompts, params)]
+                got, lp = _tokens_and_logprobs(engine.generate(prompts, params))
                 engine.runner.shutdown()
                 timeline = getattr(model, "timeline", [])
                 results[(seed, name)] = {"want": want, "got": got, "steps": engine.num_steps,
+                                         "logprob_err": (torch.tensor(lp) - torch.tensor(want_lp)).abs().max().item(),
                                          "microbatches": 1 + max((t[0] for t in timeline), default=0)}
             else:
                 follow_engine(model)

@@ -1,28 +1,15 @@
 """The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
 
-    rank 0: LLMEngine (scheduler, block manager, sampling, detokenizing, streaming)
-              runner = DriverRunner: build the step's metadata ──broadcast──> followers
-              forward on its shard + paged cache                           forward on theirs
-              (all-reduces inside the model keep the ranks in step)
-    ranks 1..N-1: follow_engine(): receive a step, run it, until the driver sends None
-
-What travels per step is the flattened batch, built by the driver's ``ModelRunner``
-(``minfer.engine.runner.prepare_batch``, still the only place a batch is flattened): token ids,
-the ``PagedBatch`` (positions, slot mapping, block tables), pending copy-on-write copies and
-which rows need logits. Every rank then calls ``ModelRunner.execute_model`` on it. Followers
-keep no scheduler (their runner's block manager stays unused): block tables come from the
-driver, and each rank's KV pool holds only its own K/V heads (TP). Under pipeline parallelism each stage runs its layers
-on the step, optionally in micro-batches of whole sequences so that stages overlap. vLLM: ``vllm/v1/executor/multiproc_executor.py``
-(``collective_rpc("execute_model", scheduler_output)``) and the worker's model runner.
-The scheduler and the engine loop are the single-process ones, unchanged: the driver's runner
-is plugged in with ``LLMEngine.from_model(..., wrap_runner=...)``.
+The driver's runner broadcasts each flattened step; followers (``follow_engine``) run
+``ModelRunner.execute_model`` on it. vLLM: ``vllm/v1/executor/multiproc_executor.py``
+(``collective_rpc("execute_model", ...)``). Details: docs/parallelism.md.
 """
 from __future__ import annotations
 
 import torch
 
 from minfer.distributed import comm
-from minfer.engine.runner import ModelRunner, prepare_batch
+from minfer.engine.runner import ModelRunner, prepare_batch, with_token_rows
 
 
 def run_step(runner: ModelRunner, step: dict) -> torch.Tensor:
@@ -58,9 +45,10 @@ class DriverRunner:
                                "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype,
                                "decode_kernel": c.decode_kernel})
 
-    def execute(self, chunks, sample_rows) -> torch.Tensor:
+    def execute(self, chunks, sample_rows, token_rows=()) -> torch.Tensor:
         r = self.runner
-        groups = [g for g in torch.arange(len(chunks)).tensor_split(self.num_microbatches) if len(g)]
+        splits = 1 if token_rows else self.num_microbatches          # token rows index the whole batch
+        groups = [g for g in torch.arange(len(chunks)).tensor_split(splits) if len(g)]
         ids, metas, rows = [], [], []
         for g in groups:
             first, last = int(g[0]), int(g[-1]) + 1
@@ -68,6 +56,8 @@ class DriverRunner:
             ids.append(group_ids)
             metas.append(meta)
             rows.append([i - first for i in sample_rows if first <= i < last])
+        if token_rows:
+            metas[0], rows[0] = with_token_rows(metas[0], rows[0], token_rows)
         step = {"ids": torch.cat(ids, dim=1), "metas": metas, "rows": rows,        # ids (1, N)
                 "copies": self.kv_manager.take_pending_copies()}
         try:

@@ -1,24 +1,8 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
 
-    driver (rank 0)                               followers (ranks 1..N-1)
-    LLM(...): the serving engine, its runner      follow_engine(shard):
-      a DriverRunner (distributed/engine.py)
-    LLM.generate(prompts): every engine step
-      broadcast (flattened batch) ──────────────>   receive the step
-      forward on its shard / stage                  forward on theirs
-        all-reduce / send-recv  <──────────────>      the same collectives
-    shutdown(): broadcast None ─────────────────>   return
-
-The driver alone schedules, samples and applies stop rules (stop strings need the text);
-followers run each step it sends, so a list of prompts is batched under tensor and pipeline
-parallelism exactly as in one process. This is vLLM's executor pattern
-(``vllm/v1/executor/multiproc_executor.py``: the driver broadcasts the scheduled step,
-workers run it).
-
-Two ways in: ``torchrun --nproc-per-node N -m minfer.cli generate ...`` (every rank
-is started by torchrun; rank 0 runs the command, the others follow), or
-``LLM(..., tensor_parallel_size=N)`` in an ordinary process, which becomes rank 0
-and spawns the N-1 followers itself.
+The driver (rank 0) schedules, samples and stops; followers run each step it broadcasts
+(vLLM's executor, ``vllm/v1/executor/multiproc_executor.py``). Started by torchrun, or spawned
+by ``LLM(..., tensor_parallel_size=N)`` (docs/parallelism.md).
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
 from minfer.kv.block_pool import KVCacheManager
+from minfer.logprobs import LOGPROBS_MODES, prompt_rows, record_prompt, record_sampled
 from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
 from minfer.validation import check_context, check_prompt
 
@@ -57,6 +58,7 @@ class StepOutput:
     finished: bool                  # this sample is done
     finish_reason: str | None       # "stop" | "length" | "abort" once finished
     index: int = 0                  # which parallel sample (0 .. n - 1)
+    logprobs: list | None = None    # the new tokens' logprob dicts (SamplingParams.logprobs), else None
 
 
 class LLMEngine:
@@ -70,14 +72,17 @@ class LLMEngine:
     def __init__(self, runner, scheduler_config: SchedulerConfig | None = None, *, tokenizer=None,
                  eos_token_ids: Iterable[int] | None = None, max_model_len: int | None = None,
                  sliding_window: int | None = None, clock: Callable[[], float] = time.perf_counter,
-                 scheduler_cls: Callable[..., Scheduler] = Scheduler):
-        self.runner = runner
+                 scheduler_cls: Callable[..., Scheduler] = Scheduler, logprobs_mode: str = "raw_logprobs"):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        self.runner, self.logprobs_mode = runner, logprobs_mode
         self.config = scheduler_config or SchedulerConfig()
         self.scheduler = scheduler_cls(self.config, runner.kv_manager, clock=clock, sliding_window=sliding_window)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.eos_token_ids = tuple(eos_token_ids)
+        self._decode = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else None
         self.max_model_len = max_model_len or math.inf
         self.clock = clock
         self.requests: dict[str, Request] = {}     # every sequence ever added (finished ones too)
@@ -97,7 +102,8 @@ class LLMEngine:
                    wrap_runner: Callable[[ModelRunner], object] | None = None, enforce_eager: bool = True,
                    compile: bool = False, max_seq_len_to_capture: int | None = None,
                    decode_kernel: str = "auto", scheduler_cls: Callable[..., Scheduler] = Scheduler,
-                   kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager) -> "LLMEngine":
+                   kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager,
+                   logprobs_mode: str = "raw_logprobs") -> "LLMEngine":
         """An engine over a minfer ``Transformer``.
 
         num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
@@ -111,6 +117,7 @@ class LLMEngine:
         scheduler_cls, kv_manager_cls: the classes (or any callables with their constructors'
         arguments) that decide each step and own the block tables: another scheduling policy
         or slot layout plugs in here, as lessons 04 and 05 plug in the learner's.
+        logprobs_mode: "raw_logprobs" or "processed_logprobs" (``minfer/logprobs.py``, vLLM's option).
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -131,6 +138,7 @@ class LLMEngine:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
                    max_model_len=cfg.max_position_embeddings, clock=clock, scheduler_cls=scheduler_cls,
+                   logprobs_mode=logprobs_mode,
                    sliding_window=None if cfg.is_hybrid else cfg.window_of(0))   # global layers keep every block
 
     # ------------------------------------------------------------------ requests
@@ -158,8 +166,8 @@ class LLMEngine:
         (``vllm/distributed/kv_transfer/kv_connector/v1/``).
         """
         params = params or SamplingParams()
-        if params.n > 1:
-            raise ValueError("a prefilled request must have n=1 (parallel samples fork at prefill)")
+        if params.n > 1 or params.prompt_logprobs is not None:
+            raise ValueError("a prefilled request must have n=1 and no prompt_logprobs (its prompt ran elsewhere)")
         req = self._new_request(list(prompt_token_ids), params, request_id, arrival_time)
         hit = self.scheduler.add_computed(req)
         if hit is None:
@@ -281,7 +289,11 @@ class LLMEngine:
         self.num_steps += 1
         # Requests whose every token is now computed produce a token this step.
         rows = [i for i, c in enumerate(out.chunks) if c.request.num_computed_tokens == c.request.num_tokens]
-        logits = self.runner.execute(out.chunks, rows)                         # (len(rows), V)
+        flat, spans = prompt_rows(out.chunks)                                  # prompt_logprobs: more rows
+        logits = self.runner.execute(out.chunks, rows, flat) if flat else self.runner.execute(out.chunks, rows)
+        if flat:                                                               # (len(rows) + len(flat), V)
+            record_prompt(logits[len(rows):], spans, self._decode)
+            logits = logits[:len(rows)]                                        # (len(rows), V)
         self.scheduler.commit(out)
         now = self.clock()
         reqs, row_of = [], []
@@ -294,6 +306,7 @@ class LLMEngine:
             logits = logits.index_select(0, to_device(row_of, logits.device, torch.long))
         # the step's one host sync: the sampled token ids come back (tests/test_cuda_graph.py)
         toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        record_sampled(logits, reqs, toks, self.logprobs_mode, self._decode)   # only rows that ask
         return [self._append_token(req, tok, now) for req, tok in zip(reqs, toks)]
 
     def _fork(self, parent: Request) -> list[Request]:
@@ -331,7 +344,8 @@ class LLMEngine:
             self.scheduler.finish(req, status)
             req.stats.finish_time = now
         return StepOutput(req.client_id, [tok], new_text, status is not None,
-                          status.value if status is not None else None, req.index)
+                          status.value if status is not None else None, req.index,
+                          req.logprobs[-1:] if req.logprobs else None)
 
     # ------------------------------------------------------------------ conveniences
     def stream(self) -> Iterator[StepOutput]:

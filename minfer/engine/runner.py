@@ -23,6 +23,7 @@ vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Sequence
 
@@ -68,6 +69,13 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
                       slot_mapping=to_device(slots, device), logits_indices=to_device(ends - 1, device),
                       positions=to_device(positions, device)[None])
     return to_device([ids], device, torch.long), meta
+
+
+def with_token_rows(meta: PagedBatch, sample_rows: Sequence[int], token_rows: Sequence[int]) -> tuple:
+    """Append flattened rows to the rows the LM head runs on -> (meta, sample rows that include them)."""
+    S, rows = len(meta.logits_indices), to_device(list(token_rows), meta.logits_indices.device, torch.long)
+    meta = dataclasses.replace(meta, logits_indices=torch.cat([meta.logits_indices, rows]))
+    return meta, list(sample_rows) + list(range(S, S + len(token_rows)))
 
 
 class ModelRunner:
@@ -118,10 +126,14 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
 
     @torch.no_grad()
-    def execute(self, chunks: Sequence, sample_rows: Sequence[int]) -> torch.Tensor:
+    def execute(self, chunks: Sequence, sample_rows: Sequence[int], token_rows: Sequence[int] = ()) -> torch.Tensor:
+        """``token_rows``: rows of the flattened batch (0 .. N - 1) whose logits are wanted too, after
+        the sample rows' (prompt logprobs, ``minfer/logprobs.py``)."""
         input_ids, meta = prepare_batch(self.kv_manager, chunks, self.device)
         copies = self.kv_manager.take_pending_copies()
-        if self.static is not None and self.static.fits(meta):  # decodes only: the static path
+        if token_rows:
+            meta, sample_rows = with_token_rows(meta, sample_rows, token_rows)
+        elif self.static is not None and self.static.fits(meta):  # decodes only: the static path
             self.cache.copy_blocks(copies)                       # copy-on-write first
             return self.static.run(input_ids, meta, sample_rows)
         return self.execute_model(input_ids, meta, sample_rows, copies)

@@ -355,8 +355,8 @@ class KVCacheManager:
             prefixes.append(parent_prefix)
         return hits, hashes, prefixes
 
-    def allocate(self, seq_id, token_ids: Sequence[int]) -> Optional[int]:
-        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks.
+    def allocate(self, seq_id, token_ids: Sequence[int], read_cache: bool = True) -> Optional[int]:
+        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks (unless not ``read_cache``).
 
         Returns ``num_computed_tokens`` (prompt tokens whose K/V are already
         cached: skip their prefill), or None if the pool cannot fit the prompt
@@ -366,7 +366,7 @@ class KVCacheManager:
             raise ValueError(f"seq_id {seq_id!r} is already allocated")
         if len(token_ids) < 1:
             raise ValueError("token_ids is empty: a sequence needs at least one prompt token")
-        hits, hashes, prefixes = self._prefix_hits(token_ids)
+        hits, hashes, prefixes = self._prefix_hits(token_ids) if read_cache else ([], [], [])
         revived = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)   # hits on free blocks
         new = blocks_needed(0, len(token_ids), len(hits), self.block_size)
         if new + revived > self.pool.num_free_blocks:

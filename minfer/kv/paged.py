@@ -1,38 +1,14 @@
 """The paged KV cache's storage: one pool of K/V blocks shared by every sequence, and its write.
 
-Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
+Layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
-    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   K and V side by side
-    k, v   views kv[:, 0], kv[:, 1]: (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
-    slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)
+    slot   = block_id * block_size + offset
 
-(vLLM keeps the 2 on the outside of the same tensor, ``(2, num_blocks, block_size, nkv, hd)`` per
-layer; one tensor lets a layer write K and V with one scatter and read them with one gather.)
-
-The model runs on a *flattened batch* built by the engine's runner
-(``minfer/engine/runner.py``, the only place a batch is flattened): the tokens
-of several sequences side by side in ``input_ids (1, N)``. ``PagedBatch`` says
-which tokens belong to which sequence and where their K/V go::
-
-    seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
-    input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
-    slot_mapping  [ 8  9 10 | 21]                  logits_indices [2, 3]
-    block_tables  [[2, 0],                         (S, max blocks): rows of the persistent
-                   [0, 5]]                         table; A's 0 is padding (read, masked)
-                                                   (block_size 4: b5 -> block 5, offset 1)
-
-Each layer calls ``update`` (write the N new keys/values at their slots, one
-scatter for the whole batch; vLLM: ``reshape_and_cache``) and ``attend``, which
-hands the queries to this cache's paged-attention backend
-(``minfer/attention/paged.py``: ``prepare_metadata`` once per forward through
-``set_batch``, ``forward`` per layer). The backend reads the pool through
-``read_blocks``.
-
-``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
-per token and head (the rule of ``kv/quantized.py``), dequantized as they are
-read; vLLM: ``kv_cache_dtype="fp8"``. Layers that share K/V (cross-layer
-sharing) share pages: the pool has ``num_kv_layers`` layers, not one per layer.
-The bookkeeping (block tables, prefix caching, copy-on-write) is in ``block_pool.py``.
+``update`` writes a flattened batch's keys/values at their slots (vLLM:
+``reshape_and_cache``); ``attend`` hands the queries to ``minfer/attention/paged.py``.
+int8/fp8 pages keep one scale per token and head. The ``PagedBatch`` diagram:
+docs/kv-and-attention.md; the bookkeeping: ``block_pool.py``.
 """
 from __future__ import annotations
 
@@ -71,12 +47,8 @@ class PagedBatch:
 def write_kv_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd): the paged cache's write, as one custom op.
 
-    The same ``index_copy_`` as the eager path, declared to torch.compile as an op that
-    mutates ``kv`` in place. Traced as plain torch ops, the write into one layer of the
-    pool is functionalized into a copy of the whole pool per layer (405 MB per step for
-    SmolLM2's default pool, measured: 2.5 s per compiled step instead of ~0.1 s). vLLM hides
-    its KV write and attention from the compiler the same way
-    (``torch.ops.vllm.unified_attention_with_output``, ``vllm/attention/layer.py``).
+    An in-place ``index_copy_`` declared to torch.compile, so the pool is not copied per layer (vLLM:
+    ``torch.ops.vllm.unified_attention_with_output``). Why: docs/kv-and-attention.md.
     """
     nkv, hd = rows.shape[2], rows.shape[3]
     kv[layer].view(2, -1, nkv, hd).index_copy_(1, slots, rows)
@@ -148,12 +120,9 @@ class PagedKVCache:
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) tensors in the compute dtype.
 
-        Reads go block by block, as PagedAttention reads them: each block is one contiguous run of
-        block_size * nkv * hd values, so the gather copies M long runs instead of M * block_size
-        short rows (3x faster on a 2-core CPU for a 32-sequence decode: 1.9 vs 6.0 ms per layer).
-        The rows past a sequence's length are read too; the backend masks them (key position -1).
-        ``rows``: ``kv_rows(blocks)``, when the backend computed it once for every layer.
-        ``reuse``: gather into the buffer every layer shares (eager steps; see ``_gather``).
+        Block by block, as PagedAttention reads (docs/kv-and-attention.md); rows past a sequence's end
+        are read too and masked by the backend. ``rows``: ``kv_rows(blocks)``, computed once per
+        forward; ``reuse``: gather into the buffer every layer shares (``_gather``).
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
@@ -172,13 +141,8 @@ class PagedKVCache:
         return out[0], out[1]
 
     def _gather(self, src: torch.Tensor, rows: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path).
-
-        A layer's gathered K/V is read by its attention call and dead before the next layer
-        gathers, so one buffer, grown to the largest gather seen, serves them all. A fresh
-        tensor per layer (24 MB at 32 decodes of 530 keys) costs page faults whenever the
-        allocator hands memory back to the OS and takes it again. The static path (CUDA
-        graphs, torch.compile) allocates as usual: its memory is the graph pool's.
+        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path;
+        the static path allocates from the graph pool). Why: docs/kv-and-attention.md.
         """
         if not reuse or torch.compiler.is_compiling():
             return src.index_select(0, rows)

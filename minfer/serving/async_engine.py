@@ -1,25 +1,8 @@
 """One engine loop, many clients: the engine steps in a background thread, handlers await queues.
 
-    HTTP handler (asyncio)                 engine thread
-    ──────────────────────                 ─────────────
-    rid, q = await submit(ids, params) ──> commands ──> engine.add_request
-    async for out in q  <── call_soon_threadsafe <── engine.step() -> StepOutputs
-    (n > 1: one queue gets the deltas of all n samples, each with its index)
-    all samples finished                             ──> engine.release (metrics, state dropped)
-    client gone: abort(rid)            ──> commands ──> engine.abort (blocks back to the pool)
-
-The engine is not thread-safe, so only the engine thread touches it; the
-event loop only puts commands on a queue and reads outputs from per-request
-``asyncio.Queue``s (and reads ``engine.num_waiting``, a list length, for
-backpressure). It uses the engine's public API only: ``add_request``, ``step``,
-``abort``, ``release``, ``samples``, ``num_running`` / ``num_waiting``,
-``kv_cache_usage``, ``prefix_cache_stats``. This is the one module of the server that imports the
-engine. vLLM splits the same roles into ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``,
-per-request output queues) and ``EngineCore`` (``vllm/v1/engine/core.py``,
-its own process with a busy loop).
-
-Metrics (``prometheus_client``, vLLM's names with a ``minfer:`` prefix) are
-updated by the engine thread after every step.
+Only the engine thread touches the engine (public API only); the event loop puts commands on a
+queue and reads per-request ``asyncio.Queue``s. vLLM: ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``)
+and ``EngineCore`` (``vllm/v1/engine/core.py``). The diagram: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -53,6 +36,8 @@ class Output:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None             # the engine failed: the request ends with this message
+    logprobs: list | None = None         # the new tokens' logprob dicts, when the request asked
+    prompt_logprobs: list | None = None  # on a sample's first delta, when the request asked
 
 
 class EngineMetrics:
@@ -204,12 +189,15 @@ class AsyncEngine:
             self._forget(cmd[1])
 
     def _deliver(self, out: StepOutput) -> None:
-        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason, out.index)
-        if out.finished:
-            samples = self.engine.samples.get(out.request_id, [])
-            if out.index < len(samples):
-                req = samples[out.index]
+        item = Output(out.new_text, list(out.new_token_ids), out.finished, out.finish_reason, out.index,
+                      logprobs=out.logprobs)
+        samples = self.engine.samples.get(out.request_id, [])
+        if out.index < len(samples):
+            req = samples[out.index]
+            if out.finished:
                 item.num_prompt_tokens, item.num_output_tokens = req.num_prompt_tokens, req.num_output_tokens
+            if req.num_output_tokens == len(out.new_token_ids):          # its first delta
+                item.prompt_logprobs = samples[0].prompt_logprobs
         stream = self._streams.get(out.request_id)
         if stream is not None:
             stream[0].call_soon_threadsafe(stream[1].put_nowait, item)

@@ -4,8 +4,10 @@
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}
 
 Every field the engine cannot honour is refused with a 400 that names it, never
-ignored: ``logprobs`` / ``top_logprobs`` (the engine does not return
-log-probabilities yet), penalties, tools, and any field OpenAI does not define.
+ignored: penalties, tools, and any field OpenAI does not define. Log-probabilities
+(``minfer/logprobs.py``): completions' ``logprobs`` (at most 5, as OpenAI) and ``echo``
+(the prompt's, and ``max_tokens: 0`` with echo scores a prompt without generating: the
+loglikelihood request of evaluation harnesses), chat's ``logprobs`` + ``top_logprobs`` (at most 20).
 ``n`` > 1 is the engine's parallel sampling: n choices that share the prompt's
 KV blocks; with a ``seed``, choice i uses seed + i (``minfer/engine/llm_engine.py``). Bodies are validated in pydantic's
 strict mode, so ``"temperature": "0.5"`` is a type error, not a silent cast.
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Annotated, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from minfer.logprobs import chat_logprobs, completion_logprobs
 from minfer.sampling import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
@@ -89,7 +93,9 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
-    logprobs: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, ge=0)           # 0: only with echo
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -118,6 +124,10 @@ class Message(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """What the chat template takes (OpenAI's ``developer`` role is the template's ``system``)."""
+        return {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
@@ -130,8 +140,8 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def parse_body(model: type[BaseModel], body) -> BaseModel:
-    """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
+def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
+    """Validate a decoded JSON body; a 400 naming every bad field (``prefix`` + its path) otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -147,18 +157,17 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
                 msg = err["msg"]
             if param not in params:
                 params.append(param)
-                problems.append(f"{param}: {msg}")
+                problems.append(f"{prefix}{param}: {msg}")
         raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
 
 
 def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, *, chat: bool) -> SamplingParams:
     """The request's SamplingParams; 400 for what the engine cannot do (naming the field)."""
-    if chat and (req.logprobs or req.top_logprobs):
-        name = "logprobs" if req.logprobs else "top_logprobs"
-        raise APIError(400, f"{name}: log-probabilities are not supported by the minfer engine", param=name)
-    if not chat and req.logprobs is not None:
-        raise APIError(400, "logprobs: log-probabilities are not supported by the minfer engine",
-                       param="logprobs")
+    if chat and req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    if not chat and req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens: 0 needs echo: true (the prompt's log-probabilities)", param="max_tokens")
+    logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
     room = max_model_len - num_prompt_tokens
     asked = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
     name = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
@@ -170,10 +179,12 @@ def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, 
         raise APIError(400, f"{name}: {num_prompt_tokens} prompt tokens + {asked} new tokens exceed the "
                             f"model's context of {max_model_len} tokens (at most {room})",
                        param=name, code="context_length_exceeded")
+    asked = 1 if asked == 0 else asked                     # echo only: one token is generated, then dropped
     max_tokens = asked if asked is not None else (room if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room))
     return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                           stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
-                          seed=req.seed, n=req.n)
+                          seed=req.seed, n=req.n, logprobs=logprobs,
+                          prompt_logprobs=req.logprobs if not chat and req.echo else None)
 
 
 # ---------------------------------------------------------------------------
@@ -190,12 +201,12 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
-def response(rid: str, model: str, chat: bool, choices: list[tuple[str, str | None]], use: dict) -> dict:
+def response(rid: str, model: str, chat: bool, choices: list[tuple], use: dict) -> dict:
     """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason)
-    of each sample, by index."""
+    or (text, finish_reason, logprobs) of each sample, by index."""
     out = []
-    for index, (text, finish_reason) in enumerate(choices):
-        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+    for index, (text, finish_reason, *logprobs) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs[0] if logprobs else None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -206,7 +217,8 @@ def response(rid: str, model: str, chat: bool, choices: list[tuple[str, str | No
 
 
 def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str | None = None,
-          *, index: int = 0, role: bool = False, use: dict | None = None, with_usage: bool = False) -> dict:
+          *, index: int = 0, role: bool = False, use: dict | None = None, with_usage: bool = False,
+          logprobs: dict | None = None) -> dict:
     """One streamed event of choice ``index``. ``text=None`` with ``use``: the final usage-only chunk (no choices)."""
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model}
@@ -214,9 +226,45 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str
         out["choices"] = []
     elif chat:
         delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-        out["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        out["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
-        out["choices"] = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        out["choices"] = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
     if with_usage or use is not None:
         out["usage"] = use
     return out
+
+
+@dataclass
+class ChoiceShape:
+    """How the engine's deltas become a choice's text and ``logprobs`` (OpenAI's shapes, ``minfer/logprobs.py``)."""
+
+    chat: bool
+    k: int | None                  # top logprobs per token; None: the request asked for none
+    decode: Callable[[int], str]   # token id -> its text
+    echo: str | None = None        # completions with echo: the prompt's text, put before the first piece
+    prompt_ids: tuple = ()         # ... and its tokens (their logprobs come with the first delta)
+    generated: bool = True         # False: max_tokens 0 with echo (the one generated token is dropped)
+
+    def piece(self, text: str, ids: list, dicts: list | None, prompt_dicts: list | None, first: bool,
+              offset: int = 0) -> tuple[str, dict | None]:
+        """A delta (or a whole choice) -> (text, logprobs or None)."""
+        if not self.generated:
+            text, ids, dicts = "", [], []
+        if first and self.echo is not None:
+            text, ids = self.echo + text, list(self.prompt_ids) + list(ids)
+            dicts = list(prompt_dicts or [None] * len(self.prompt_ids)) + list(dicts or [])
+        if self.k is None:
+            return text, None
+        if self.chat:
+            return text, chat_logprobs(ids, dicts or [], self.k, self.decode)
+        return text, completion_logprobs(ids, dicts or [], self.decode, offset)
+
+
+def choice_shape(req, ids: list[int], params: SamplingParams, tokenizer, *, chat: bool) -> ChoiceShape:
+    """Logprobs and echo of a request's choices, for the server and the batch job alike."""
+    def decode(t):
+        return tokenizer.decode([t], skip_special_tokens=False)
+    if chat or not req.echo:
+        return ChoiceShape(chat, params.logprobs, decode)
+    echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+    return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)

@@ -49,7 +49,9 @@ from minfer.serving.http_common import (  # noqa: F401  (re-exported: the server
 from minfer.serving.openai_api import (
     APIError,
     ChatCompletionRequest,
+    ChoiceShape,
     CompletionRequest,
+    choice_shape,
     chunk,
     new_id,
     parse_body,
@@ -143,7 +145,7 @@ class Handlers:
 
     async def chat_completions(self, request: Request):
         req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
-        msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        msgs = [m.as_dict() for m in req.messages]
         self.check_chars(sum(len(m["content"]) for m in msgs), "messages")
         try:                                       # user text never becomes a special token
             ids = await asyncio.to_thread(self.tok.encode_chat, msgs, add_generation_prompt=True)
@@ -162,19 +164,22 @@ class Handlers:
             raise APIError(503, f"the server is full ({aengine.num_waiting} requests waiting); retry later",
                            code="overloaded", headers={"Retry-After": "1"})
         rid = new_id("chatcmpl" if chat else "cmpl")
+        shape = choice_shape(req, ids, params, self.tok, chat=chat)
         try:
             q = await aengine.submit(rid, ids, params)
         except ValueError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self.stream(rid, q, params.n, chat, include), media_type="text/event-stream")
-        return JSONResponse(await self.collect(request, rid, q, params.n, chat))
+            return StreamingResponse(self.stream(rid, q, params.n, chat, include, shape),
+                                     media_type="text/event-stream")
+        return JSONResponse(await self.collect(request, rid, q, params.n, chat, shape))
 
-    async def stream(self, rid, q, n: int, chat: bool, include_usage: bool):
+    async def stream(self, rid, q, n: int, chat: bool, include_usage: bool, shape: ChoiceShape):
         """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index.
         An engine error (or the end of the drain at shutdown) is an error event, then ``[DONE]``."""
         done, num_output, model_name = 0, 0, self.model_name
+        first, offset = [True] * n, [0] * n
         try:
             if chat:
                 for i in range(n):
@@ -185,10 +190,15 @@ class Handlers:
                     yield sse(APIError(500, out.error).body())
                     break
                 if out.finished:
-                    done, num_output = done + 1, num_output + out.num_output_tokens
-                if out.text or out.finished:
-                    yield sse(chunk(rid, model_name, chat, out.text, out.finish_reason if out.finished else None,
-                                    index=out.index, with_usage=include_usage))
+                    done, num_output = done + 1, num_output + (out.num_output_tokens if shape.generated else 0)
+                text, lp = shape.piece(out.text, out.token_ids, out.logprobs, out.prompt_logprobs,
+                                       first[out.index], offset[out.index])
+                first[out.index] = False
+                if lp is not None and not chat:
+                    offset[out.index] += sum(map(len, lp["tokens"]))
+                if text or out.finished or (lp is not None and out.token_ids):
+                    yield sse(chunk(rid, model_name, chat, text, out.finish_reason if out.finished else None,
+                                    index=out.index, with_usage=include_usage, logprobs=lp))
             if done == n and include_usage:
                 yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, num_output)))
             yield "data: [DONE]\n\n"
@@ -198,10 +208,11 @@ class Handlers:
             else:
                 self.aengine.abort(rid)
 
-    async def collect(self, request, rid, q, n: int, chat: bool) -> dict:
+    async def collect(self, request, rid, q, n: int, chat: bool, shape: ChoiceShape) -> dict:
         """The whole answer. The client's disconnect is watched at the same time, so a client that
         gives up (a timeout) frees its KV blocks within one engine step, not at ``max_tokens``."""
         texts, reasons, num_output = [[] for _ in range(n)], [None] * n, 0
+        ids, dicts, prompt_dicts = [[] for _ in range(n)], [[] for _ in range(n)], None
         gone = asyncio.ensure_future(wait_disconnect(request))
         try:
             done = 0
@@ -215,10 +226,14 @@ class Handlers:
                 if out.error:
                     raise APIError(500, out.error)
                 texts[out.index].append(out.text)
+                ids[out.index] += out.token_ids
+                dicts[out.index] += out.logprobs or []
+                prompt_dicts = out.prompt_logprobs or prompt_dicts
                 if out.finished:
-                    done, num_output = done + 1, num_output + out.num_output_tokens
+                    done, num_output = done + 1, num_output + (out.num_output_tokens if shape.generated else 0)
                     reasons[out.index] = out.finish_reason
-            return response(rid, self.model_name, chat, [("".join(t), r) for t, r in zip(texts, reasons)],
+            pieces = [shape.piece("".join(texts[i]), ids[i], dicts[i], prompt_dicts, True) for i in range(n)]
+            return response(rid, self.model_name, chat, [(t, r, lp) for (t, lp), r in zip(pieces, reasons)],
                             usage(out.num_prompt_tokens, num_output))
         finally:
             gone.cancel()
