@@ -304,9 +304,11 @@ class LLM:
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
         """One prompt through the lookahead loop (``minfer/speculative``), with the engine's output processor."""
+        from minfer.guided import refuse_speculative
         from minfer.speculative import SpecStats, generate_speculative
         if params.n != 1:
             raise ValueError("lookahead decoding samples one sequence per prompt; use n=1")
+        refuse_speculative(params)
         text_prompt, prompt_ids = self._encode(prompt)
         metrics = RequestStats(arrival_time=time.perf_counter())
         stats, out = SpecStats(), TextOutput(self.tokenizer, params.stop)

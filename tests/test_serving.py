@@ -401,6 +401,28 @@ def test_batch_job_logprobs_and_echo_as_the_server_shapes_them(tmp_path, text_mo
     assert all(c["logprob"] == c["top_logprobs"][0]["logprob"] for c in content)
 
 
+def test_batch_job_constrains_output_as_the_server_does(tmp_path, text_model, byte_tok):
+    """``guided_choice`` and ``response_format`` in a batch body: the server's request model and the
+    engine's grammar mask, so every output is one of the choices / parses as a JSON object."""
+    pytest.importorskip("llguidance")
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": f"c{i}", "url": "/v1/completions",
+              "body": {"prompt": f"w{i}", "max_tokens": 12, "temperature": 1.0, "seed": i,
+                       "guided_choice": ["yes", "no", "maybe so"]}} for i in range(4)]
+    lines.append({"custom_id": "j", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 24, "temperature": 0,
+                           "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                               "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}}}}})
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_batch(inp, outp, LLMEngine.from_model(text_model, byte_tok, block_size=4), progress=False)
+    recs = {r["custom_id"]: r for r in map(json.loads, outp.read_text().splitlines())}
+    assert all(r["error"] is None for r in recs.values()), recs
+    for i in range(4):
+        assert recs[f"c{i}"]["response"]["body"]["choices"][0]["text"] in ("yes", "no", "maybe so")
+    body = recs["j"]["response"]["body"]["choices"][0]
+    assert body["finish_reason"] == "stop" and isinstance(json.loads(body["message"]["content"])["a"], bool)
+
+
 def kill_halfway_and_resume(tmp_path, model_arg: str, model, tok, max_num_seqs: int,
                             num_blocks: int | None = None) -> None:
     """`minfer batch` on 100 requests, SIGKILLed halfway; the rerun completes, nothing lost or doubled,

@@ -78,8 +78,14 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("ppl", "perplexity", "{:.2f}"),
             ("agreement", "top-1 = full", "{:.0%}"), ("kv_bytes", "KV bytes", "{}")]),
     ],
+    "guided": [
+        ("Structured output: the token mask per decode step (medians)", ("rows",), [
+            ("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"), ("unguided_step_ms", "unguided step ms", "{:.1f}"),
+            ("guided_step_ms", "guided step ms", "{:.1f}"), ("mask_ratio", "mask / unguided step", "{:.1%}"),
+            ("step_ratio", "guided / unguided step", "{:.2f}")]),
+    ],
 }
-ORDER = ["decode", "kv", "attention", "serve", "quant", "spec", "parallel", "evict"]
+ORDER = ["decode", "kv", "attention", "serve", "quant", "spec", "parallel", "evict", "guided"]
 HEADER = """# Benchmarks
 
 This page is generated: `minfer bench report` writes it from the JSON files in `docs/bench/`.

@@ -48,6 +48,33 @@ def load_parallel_model(model: str, pc: ParallelConfig, rank: int, dtype, device
     return cfg, PipelineStage(full, rank, pc.pipeline_parallel_size), tok
 
 
+def check_sizes(model: str, pc: ParallelConfig) -> None:
+    """Refuse degrees the model cannot be split into, before any process starts (ValueError naming the field)."""
+    from minfer.checkpoints.hf import read_config
+    from minfer.checkpoints.loader import resolve_model
+    from minfer.distributed.pipeline import stage_layers
+    from minfer.distributed.tensor_parallel import check_tp_size
+    path, tp = resolve_model(model), pc.tensor_parallel_size
+    if path.suffix == ".gguf":
+        if tp > 1:
+            raise ValueError(f"{path}: tensor parallelism loads HF safetensors folders only (slices need get_slice)")
+        return
+    cfg = read_config(path)
+    stage_layers(cfg.num_hidden_layers, 0, pc.pipeline_parallel_size, cfg.kv_share_group)
+    try:
+        check_tp_size(cfg, tp)
+    except ValueError:
+        nkv, ok = cfg.num_key_value_heads, []
+        for d in range(1, cfg.num_attention_heads + 1):
+            try:
+                check_tp_size(cfg, d)
+                ok.append(d)
+            except ValueError:
+                pass
+        rule = f"must divide {nkv}" if all(nkv % d == 0 for d in ok) else f"must be one of {ok}"
+        raise ValueError(f"{path.name} has {nkv} KV heads: tensor_parallel_size {rule}, got {tp}") from None
+
+
 # ---------------------------------------------------------------------------
 # The driver side
 # ---------------------------------------------------------------------------
@@ -107,6 +134,7 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
             raise ValueError("only rank 0 builds the LLM; other ranks call minfer.distributed.follow_engine")
     else:
         import torch.multiprocessing as mp
+        check_sizes(model, pc)
         port = comm.free_port()
         ctx = mp.get_context("spawn")
         for r in range(1, pc.world_size):

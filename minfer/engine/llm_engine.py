@@ -41,6 +41,7 @@ from minfer.devices import to_device
 from minfer.engine.output import TextOutput
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner
+from minfer.guided import advance, mask_logits, new_matcher
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
 from minfer.kv.block_pool import KVCacheManager
 from minfer.logprobs import LOGPROBS_MODES, prompt_rows, record_prompt, record_sampled
@@ -209,7 +210,8 @@ class LLMEngine:
         elif request_id in self.samples:
             raise ValueError(f"request_id {request_id!r} was already added")
         return Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
-                       eos_token_ids=self.eos_token_ids, prompt=text)
+                       eos_token_ids=self.eos_token_ids, prompt=text,
+                       matcher=new_matcher(params, self.tokenizer, vocab, self.eos_token_ids))
 
     def _track(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -304,6 +306,7 @@ class LLMEngine:
             row_of += [r] * len(group)
         if row_of != list(range(len(logits))):                                 # n > 1: a row per sample
             logits = logits.index_select(0, to_device(row_of, logits.device, torch.long))
+        logits = mask_logits(logits, [r.matcher for r in reqs])            # guided rows: the grammar's mask
         # the step's one host sync: the sampled token ids come back (tests/test_cuda_graph.py)
         toks = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
         record_sampled(logits, reqs, toks, self.logprobs_mode, self._decode)   # only rows that ask
@@ -317,7 +320,8 @@ class LLMEngine:
             child = Request(f"{parent.request_id}#{i}", parent.prompt_token_ids,
                             dataclasses.replace(parent.params, seed=seed), parent.arrival_time,
                             eos_token_ids=parent.eos_token_ids, prompt=parent.prompt,
-                            group_id=parent.request_id, index=i)
+                            group_id=parent.request_id, index=i,
+                            matcher=parent.matcher.deep_copy() if parent.matcher is not None else None)
             child.stats.first_scheduled_time = parent.stats.first_scheduled_time
             self._track(child)
             self.scheduler.fork(parent, child)
@@ -330,6 +334,8 @@ class LLMEngine:
         reason = finish_reason(tok, req.stop_token_ids, req.num_output_tokens, req.num_tokens,
                                req.params.max_tokens, self.max_model_len)
         stop_token = reason == "stop"
+        if req.matcher is not None and advance(req.matcher, tok) and reason is None:
+            reason = "stop"                                                 # the grammar is complete
         status = {None: None, "stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}[reason]
         new_text = ""
         text = self._text.get(req.request_id)

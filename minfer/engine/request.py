@@ -52,6 +52,7 @@ class Request:
     text: str = ""                         # detokenized output (when the engine has a tokenizer)
     group_id: str | None = None           # the client's request id (None: this one's own)
     index: int = 0                         # which of the group's n parallel samples this is
+    matcher: object = field(default=None, repr=False)   # guided decoding: the grammar's state (minfer/guided.py)
     stats: RequestStats = field(init=False)
     generator: torch.Generator = field(init=False, repr=False)
     logprobs: list | None = field(init=False, repr=False)          # one dict per output token (minfer/logprobs.py)

@@ -16,6 +16,7 @@ import torch
 from minfer.engine.llm_engine import LLMEngine, StepOutput
 from minfer.engine.runner import prepare_batch
 from minfer.engine.scheduler import ScheduledChunk
+from minfer.guided import refuse_speculative
 from minfer.sampling import sample_rows
 from minfer.speculative import SpeculativeConfig, load_draft
 from minfer.speculative.draft import DraftModelProposer
@@ -112,6 +113,9 @@ class SpecDecodeEngine(LLMEngine):
     def add_request(self, prompt, params=None, request_id=None, arrival_time=None) -> str:
         if params is not None and params.n > 1:
             raise ValueError("speculative decoding samples one sequence per request; use n=1")
+        refuse_speculative(params)
+        if params is not None and (params.logprobs is not None or params.prompt_logprobs is not None):
+            raise ValueError("SamplingParams.logprobs / prompt_logprobs are not available with speculative decoding")
         return super().add_request(prompt, params, request_id, arrival_time)
 
     def release(self, request_id: str):
