@@ -39,6 +39,12 @@ from minfer.engine.output import stream_cut
 from minfer.compress.prune import prune_ffn
 from minfer.distributed.pipeline import gpipe_schedule
 from minfer.distributed.disagg import prompt_kv
+from minfer.attention.mask import allowed
+from minfer.attention.reference import reference_attention
+from minfer.kv.quantized import quantize_kv
+from minfer.bench.machine import linear_intensity
+from minfer.lessons.ex_metrics import goodput_from_events, static_step_reference, ttft_from_events
+from minfer.quant.gguf_formats import _q4_k_scales_and_mins, dequantize_q4_k
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -61,6 +67,15 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "quant.q4k_scales_mins": _q4_k_scales_and_mins,
+    "quant.dequantize_q4_k": dequantize_q4_k,                    # validate: gguf.quants, bit for bit
+    "roofline.linear_intensity": linear_intensity,
+    "attention.window_mask": allowed,
+    "attention.gqa_attention": reference_attention,              # validate: a loop over heads in float64
+    "kv.quantize_int8": quantize_kv,
+    "serving.ttft": ttft_from_events,                            # RequestStats.ttft of stats_from_events
+    "serving.goodput": goodput_from_events,                      # summarize(...).goodput
+    "serving.static_step": static_step_reference,                # Scheduler.schedule, policy="static"
     "router.ring_lookup": ring_lookup,
     "cost.dollars_per_mtok": dollars_per_mtok,
     "cost.kwh_per_mtok": kwh_per_mtok,

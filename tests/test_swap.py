@@ -289,7 +289,8 @@ def test_rebuild_keeps_the_engine_settings_and_runs_the_learners_functions():
 
 
 @pytest.mark.slow      # loads SmolLM2 three times
-@pytest.mark.parametrize("lesson, name", [("04_paged_attention", "slot_mapping"),
+@pytest.mark.parametrize("lesson, name", [("03_attention_memory", "attention"),
+                                          ("04_paged_attention", "slot_mapping"),
                                           ("05_batching_and_metrics", "schedule_step")])
 def test_use_solutions_builds_the_engine_with_the_notebooks_function(smollm2_dir, capsys, lesson, name):
     from minfer.cli import main

@@ -5,9 +5,11 @@ one lesson's exercises on import; this module imports them all, so ``get(name)``
 exercise. How to add an exercise: docs/teaching.md.
 """
 from minfer.lessons import ex_basics  # noqa: F401  lesson 01: rms_norm, top_p
-from minfer.lessons import ex_foundations  # noqa: F401  lessons 02-03: kv.append, online softmax
+from minfer.lessons import ex_foundations  # noqa: F401  lessons 02-03: kv.append, online softmax, intensity
+from minfer.lessons import ex_attention  # noqa: F401  lesson 03: window mask, GQA attention, int8 KV
 from minfer.lessons import ex_paged  # noqa: F401  lesson 04: paged attention
 from minfer.lessons import ex_serving  # noqa: F401  lesson 05: serving metrics, continuous batching
+from minfer.lessons import ex_metrics  # noqa: F401  lesson 05: TTFT and goodput from events, static batching
 from minfer.lessons import ex_quant  # noqa: F401  lesson 06: weight-only quantization
 from minfer.lessons import ex_spec  # noqa: F401  lesson 07: speculative decoding, lookahead's pool
 from minfer.lessons import ex_compilers  # noqa: F401  lesson 08: fused qkv, buckets and padding, MBU

@@ -34,7 +34,7 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
     SwapPoint("rms_norm", ("minfer.model:rms_norm",), "model.rms_norm",
               "rms_norm(x (..., d), weight (d,), eps) -> (..., d) float32",
               "every forward: two norms per layer and the final norm"),
-    SwapPoint("attention", (), None,
+    SwapPoint("attention", (), "attention.gqa_attention",
               "attention(q (B, nh, T, hd), k, v (B, nkv, S, hd), q_pos (B, T), k_pos (B, S), "
               "window=None, scale=None) -> (B, nh, T, hd); key s visible to query t iff "
               "0 <= k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window)",
