@@ -43,8 +43,8 @@ def warn_if_no_bf16_units(device: torch.device, dtype: torch.dtype) -> None:
     """Say (once) that bf16 matmuls on this CPU are emulated: oneDNN widens them to float32 (docs/kernels.md)."""
     if device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_units() is None:
         warnings.warn(f"dtype bfloat16 on a CPU without AMX or AVX-512 BF16 (torch sees "
-                      f"{torch.backends.cpu.get_cpu_capability()}): oneDNN emulates bf16 matmuls in float32, so bfloat16 "
-                      "saves memory but not time here (docs/kernels.md)", stacklevel=3)
+                      f"{torch.backends.cpu.get_cpu_capability()}): oneDNN emulates bf16 matmuls, slower than float32 "
+                      "ones; bfloat16 saves memory here, not time (docs/kernels.md)", stacklevel=3)
 
 
 def to_device(x, device, dtype: torch.dtype | None = None) -> torch.Tensor:

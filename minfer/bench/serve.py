@@ -428,7 +428,7 @@ def main(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory_bytes=2**27)  # its own pool unused
     model, tok = llm.model, llm.tokenizer
 
     def make_trace(rate):
