@@ -1,16 +1,9 @@
 """Atomic writes: a file (or folder) appears whole under its name, or not at all.
 
-Every writer in minfer (batch results, benchmark JSON, notebooks, quantized
-checkpoints, converted weights) goes through this module, so a crash, a full
-disk or a Ctrl-C never leaves a half-written file where a complete one is
-expected. The recipe is the classic one (POSIX ``rename(2)`` is atomic within
-a file system):
-
     write to  .NAME.XXXX.tmp  in the same folder  ->  flush + fsync  ->  os.replace(tmp, NAME)
 
-``tempfile.mkstemp`` creates files with mode 0600; the result gets the mode a
-plain ``open(path, "w")`` would have given it (0666 minus the umask), or the
-mode of the file it replaces.
+Every writer in minfer uses it; the result gets the mode ``open(path, "w")`` would give
+(docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import os
 import sys
 import traceback
 
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, add_parallel_args
 from minfer.validation import KV_CACHE_DTYPES
 
 
@@ -45,6 +45,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_parallel_args(p)
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa | reference | flash")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV pages: auto (the model's dtype) | int8 | fp8 (quantized, one scale per token and head)")
@@ -222,11 +223,12 @@ BENCHES = {
     "serve": ("minfer.bench.serve", "serving policies under a workload: TTFT, TPOT, goodput"),
     "parallel": ("minfer.bench.parallel", "2 ranks vs 1: TP comm per token, PP bubble, disaggregated vs colocated"),
     "evict": ("minfer.bench.evict", "KV-cache eviction (sinks, H2O, SnapKV): perplexity vs budget"),
+    "guided": ("minfer.bench.guided", "structured output: the grammar's token mask per step vs an unguided step"),
     "report": ("minfer.bench.report", "write docs/benchmarks.md from the benchmarks' JSON files"),
 }
 COMMANDS = {
-    "quantize": ("minfer.quant.cli", "quantize a model's weights and save them"),
-    "eval": ("minfer.eval.cli", "quality evaluations (perplexity)"),
+    "quantize": ("minfer.compress.quantize_cli", "quantize a model's weights and save them"),
+    "eval": ("minfer.bench.perplexity", "quality evaluations (perplexity)"),
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
     "serve": ("minfer.serving.server", "OpenAI-compatible HTTP server (streaming, /metrics)"),
     "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),
@@ -302,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command (see ``_run``); after a lost rank, end the process here (``exit_now``)."""
     code = _run(argv)
+    for driver in getattr(sys.modules.get("minfer.distributed.runtime"), "DRIVERS", []):
+        driver.shutdown()                           # --tensor/pipeline-parallel-size: end the workers it started
     comm = sys.modules.get("minfer.distributed.comm")
     if comm is not None and comm.peer_lost():       # a broken process group can abort at teardown
         comm.exit_now(code)

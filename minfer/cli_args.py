@@ -14,6 +14,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's parallel flags: this process starts the other workers itself (under torchrun: the world size)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="shard the model over N worker processes (default 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
+                   help="split the layers into N stages, one worker process each (default 1)")
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU threads for this process (None: torch's choice)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+
+
 # argparse types: a bad value is refused at the parser, naming the flag (exit 2, one line).
 
 def positive_int(text: str) -> int:

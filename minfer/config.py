@@ -1,32 +1,9 @@
-"""ModelConfig: one dataclass for the Llama family and Gemma 3.
+"""ModelConfig: one dataclass for the Llama family and Gemma 3, with HF ``LlamaConfig``'s names.
 
-The field names follow HF transformers' ``LlamaConfig`` so that a
-``config.json`` maps onto it almost one to one (see ``from_hf`` / ``to_hf``).
-MHA, GQA and MQA are not separate options: they follow from the numbers.
-
-    num_kv_heads == num_heads      -> multi-head attention (MHA)
-    1 < num_kv_heads < num_heads   -> grouped-query attention (GQA)
-    num_kv_heads == 1              -> multi-query attention (MQA)
-
-``kv_share_group`` (cross-layer KV sharing) is minfer's own teaching
-extension; ``sliding_window`` alone makes every layer local (Mistral).
-
-Gemma 3 is the same decoder with eight switches, each a field whose default
-is the Llama behaviour (HF ``models/gemma3/modeling_gemma3.py`` and
-``configuration_gemma3.py``; llama.cpp ``src/models/gemma3.cpp``):
-
-    layer_types            per-layer "sliding_attention" / "full_attention": 5 local then 1 global
-    rope_local_base_freq   RoPE base of the local layers (10,000; global ones use rope_theta, 1e6)
-    query_pre_attn_scalar  scores scaled by its -1/2 power instead of head_dim's (256 = head_dim here)
-    qk_norm                RMSNorm over each head's q and k, before RoPE (``q_norm`` / ``k_norm``)
-    sandwich_norm          norms after attention and after the MLP too, before each residual add
-    norm_offset            RMSNorm scales by (1 + w): Gemma stores w around 0
-    hidden_act             "gelu_pytorch_tanh": GeGLU with the tanh approximation, not SwiGLU
-    embed_scale            embeddings multiplied by sqrt(hidden) (640 ** 0.5 here)
-
-Gemma 2 soft-caps attention and final logits; Gemma 3 does not (its config's
-``attn_logit_softcapping`` and ``final_logit_softcapping`` are None), so
-minfer has no soft-capping field.
+MHA, GQA and MQA follow from ``num_key_value_heads``. Gemma 3's switches (``layer_types``,
+``rope_local_base_freq``, ``query_pre_attn_scalar``, ``qk_norm``, ``sandwich_norm``,
+``norm_offset``, ``hidden_act``, ``embed_scale``) default to the Llama behaviour (HF
+``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
 """
 from __future__ import annotations
 

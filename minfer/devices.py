@@ -50,12 +50,8 @@ def warn_if_no_bf16_units(device: torch.device, dtype: torch.dtype) -> None:
 def to_device(x, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host tensor (or a list, made a tensor of ``dtype``) -> ``device``, without the host waiting for it.
 
-    On a GPU the copy is queued from pinned (page-locked) memory with ``non_blocking=True``: the
-    host goes on preparing the step while the DMA runs, in stream order before the kernels that
-    read it. A plain ``.to("cuda")`` from pageable memory synchronizes the stream after the copy,
-    which is a host sync per small tensor per step. On a CPU: the tensor itself, no copy.
-    vLLM stages its step inputs the same way (pinned CPU buffers and ``non_blocking`` copies in
-    ``vllm/v1/worker/gpu_model_runner.py``).
+    On a GPU: pinned memory and ``non_blocking=True``, as vLLM stages its step inputs; on a CPU the
+    tensor itself (docs/architecture.md).
     """
     if not isinstance(x, torch.Tensor):
         x = torch.tensor(x, dtype=dtype)

@@ -1,19 +1,8 @@
 """One request, start to finish: prefill once, then decode token by token.
 
-    prompt ids ──prefill (one forward over the whole prompt, fills the KV cache)──> logits
-         └──> sample ──> token ──decode (one forward over ONE token, reads the cache)──> ...
-
-Prefill is compute-bound (a matrix-matrix product per weight); decode is
-memory-bound (every weight is read to produce one token). ``kv_cache="none"``
-recomputes the whole sequence each step instead: the same math as the oracle
-in ``naive.py``, O(n) work per token, kept so lessons and benchmarks can show
-what the cache buys.
-
-This module holds the single-request primitives every other single-request
-loop reuses (speculative decoding and lookahead in ``minfer/speculative``):
-``forward_tokens`` (run some tokens at some positions through a cache),
-``StopRule`` (when a request ends) and ``sampling.sample``; rolling back is
-the cache's ``truncate``. The batched, many-request engine is ``minfer/engine``.
+The single-request primitives every single-request loop reuses (``forward_tokens``,
+``StopRule``); ``kv_cache="none"`` recomputes everything, as the oracle. The batched engine is
+``minfer/engine`` (docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -267,7 +267,7 @@ class LLM:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {bad[:5]}")
         return None, ids
 
-    def _seeded(self, params: SamplingParams) -> SamplingParams:
+    def seeded(self, params: SamplingParams) -> SamplingParams:
         """A request without a seed draws one from the LLM's seeded sequence (vLLM: ``LLM(seed=...)``)."""
         if params.seed is not None or params.greedy:
             return params
@@ -280,7 +280,7 @@ class LLM:
         ids = []
         try:
             for p, sp in zip(prompts, params):
-                ids.append(engine.add_request(p, self._seeded(sp)))
+                ids.append(engine.add_request(p, self.seeded(sp)))
             engine.no_more_requests(True)
             while any(not r.is_finished for i in ids for r in engine.samples[i]):
                 for delta in engine.step():
@@ -304,9 +304,11 @@ class LLM:
 
     def _run_single(self, prompt, params: SamplingParams, on_text=None) -> RequestOutput:
         """One prompt through the lookahead loop (``minfer/speculative``), with the engine's output processor."""
+        from minfer.guided import refuse_speculative
         from minfer.speculative import SpecStats, generate_speculative
         if params.n != 1:
             raise ValueError("lookahead decoding samples one sequence per prompt; use n=1")
+        refuse_speculative(params)
         text_prompt, prompt_ids = self._encode(prompt)
         metrics = RequestStats(arrival_time=time.perf_counter())
         stats, out = SpecStats(), TextOutput(self.tokenizer, params.stop)

@@ -1,16 +1,8 @@
 """``load_model``: a name or folder -> (config, model ready to run, tokenizer), for every entry point.
 
-``LLM``, ``minfer batch``, ``minfer serve`` (both through ``LLM``), ``minfer quantize``,
-``minfer medusa train``, ``bench quant`` and a draft model for speculative decoding all load here,
-so a folder written by ``minfer quantize`` or a ``quantization=`` request works the same in each:
-
-    name / path ──resolve──> quantized folder?  ──yes──> load_quantized_folder (no float copy)
-                                                 └─no──> load_checkpoint -> build_model
-                                                         -> quantize_model (quantization=...)
-                 ──> prepack (oneDNN-reordered fp32 linears, CPU only) ──> LoadedModel
-
-vLLM's equivalent is ``vllm/model_executor/model_loader`` (``get_model``): one loader that picks the
-weight format and applies quantization before the engine sees the model.
+A quantized folder loads as it is; otherwise ``load_checkpoint`` -> ``build_model`` ->
+``quantize_model`` (``quantization=``), then optional prepacking. vLLM:
+``vllm/model_executor/model_loader`` (``get_model``). Who loads here: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """The record of one request's life: timestamps, and TTFT / TPOT / E2E with vLLM's definitions.
 
-One record serves every path (the single-request loop, speculative decoding,
-the engine, the batch job); ``minfer.serving.metrics`` turns many of them into
-a run's throughput, percentiles and goodput::
-
-    arrival ─queue─> scheduled ─prefill─> tok 1 ─ITL─> tok 2 ─ITL─> ... tok n (= finish)
-    |<───────────── TTFT ───────────────────>|
-    |<──────────────────────────── E2E latency ─────────────────────────────>|
-
-vLLM keeps the same timestamps in ``RequestStateStats`` (``vllm/v1/metrics/stats.py``)
-and derives the figures in ``vllm/benchmarks/serve.py``.
+One record for every path; ``minfer.serving.metrics`` aggregates them. vLLM:
+``RequestStateStats`` (``vllm/v1/metrics/stats.py``); the timeline: docs/architecture.md.
 """
 from __future__ import annotations
 

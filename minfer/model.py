@@ -1,28 +1,12 @@
 """The transformer: a Llama-family decoder written to be read top to bottom.
 
-    token ids (B, T) --embed--> x (B, T, h)
-      for each layer:   x = x + attn(rms_norm(x))      # attention mixes positions
-                        x = x + mlp(rms_norm(x))       # SwiGLU mixes channels
-    logits = lm_head(rms_norm(x))                      # (B, T, vocab)
+    x = embed(ids)
+    per layer:  x = x + attn(rms_norm(x));  x = x + mlp(rms_norm(x))
+    logits = lm_head(rms_norm(x))
 
-Gemma 3 is the same loop with the switches of ``ModelConfig`` turned on
-(HF ``models/gemma3/modeling_gemma3.py``, llama.cpp ``src/models/gemma3.cpp``):
-embeddings times sqrt(hidden); a norm on the attention and the MLP outputs too
-(``x = x + norm(attn(norm(x)))``); q and k normalised per head before RoPE;
-RMSNorm by (1 + w); GeGLU; local layers with their own window and RoPE base.
-
-Attention is delegated: each layer computes q, k and v, rotates q and k with
-RoPE, and makes two calls on the KV cache whatever its kind (``minfer.kv.base``):
-``update`` stores k and v, ``attend`` runs attention through an attention
-*backend* (``minfer.attention``) with explicit positions. No global context
-object: every tensor travels through function arguments.
-
-Checkpoint names follow HF transformers (``model.layers.3.self_attn.q_proj``),
-so HF checkpoints load with ``load_state_dict`` and transformers can serve as
-the test oracle. Inside, q/k/v and gate/up are fused into ``qkv_proj`` and
-``gate_up_proj`` (one matmul each; see ``StackedProjections``): ``state_dict()``
-and ``load_state_dict`` still speak HF names. vLLM's equivalent:
-``vllm/model_executor/models/llama.py``.
+Gemma 3 is the same loop with ``ModelConfig``'s switches on. Attention goes through the KV
+cache's ``update`` / ``attend`` (``minfer.kv.base``); HF names outside, fused ``qkv_proj`` /
+``gate_up_proj`` inside. vLLM: ``vllm/model_executor/models/llama.py``. More: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -135,16 +119,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class StackedProjections(nn.Module):
     """Base of Attention and MLP: linears that read the same input, stacked into one when fused.
 
-    ``parts`` maps each HF linear to its output rows, in order, e.g.
-    {"q_proj": 576, "k_proj": 192, "v_proj": 192}. Fused (the default), one
-    ``nn.Linear`` named ``fused_name`` ("qkv_proj") holds their weights stacked
-    along the output dim: rows [0, 576) are q_proj's, [576, 768) k_proj's, ...
-    Unfused (``fused=False``: the plain layout, kept for the benchmark and the
-    tests that pin the two together), each part is its own linear.
-    Every tensor of a linear (weight, bias, and a quantized linear's qweight,
-    scales or blocks) has the output features on dim 0, so stacking and
-    splitting along dim 0 serves them all, and a per-output-channel scale of
-    the stacked matrix is exactly the per-matrix scales, stacked.
+    ``parts`` maps each HF linear to its output rows, e.g. {"q_proj": 576, "k_proj": 192, "v_proj":
+    192}; fused, one ``nn.Linear`` named ``fused_name`` holds them stacked along dim 0 (so quantized
+    tensors and per-row scales stack too); ``fused=False`` keeps one linear per part
+    (docs/architecture.md).
     """
 
     def _add_projections(self, in_features: int, parts: dict[str, int], bias: bool,

@@ -1,19 +1,8 @@
 """THE ORACLE. Generation by recomputing the whole sequence at every step.
 
-No KV cache, no batching, no fused kernels, no tricks: for each new token the
-entire sequence goes through every layer again, attention is an explicit
-softmax over an explicit causal mask, one head at a time. It is slow on
-purpose (each step costs O(n) layers-worth of work on n tokens, so a
-generation costs O(n^2)) and it never changes: every optimization in minfer is
-tested against it.
-
-It reads the weights from a ``Transformer``'s state dict (HF parameter names)
-and shares no code with ``minfer/model.py`` except the RoPE frequency formula,
-so that a bug in the engine cannot hide by appearing in both.
-
-Gemma 3's features (``ModelConfig``'s docstring lists them) appear here in
-their plainest form: one mask and one RoPE table per layer, the norm offset
-added to the weight, GELU written out with its tanh formula.
+No cache, no batching, no fused kernels: explicit softmax over an explicit mask, one head at a
+time, O(n^2). It shares no code with ``minfer/model.py`` except the RoPE formula, so a bug
+cannot hide in both; every optimization is tested against it (docs/architecture.md).
 """
 from __future__ import annotations
 

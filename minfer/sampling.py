@@ -42,6 +42,11 @@ class SamplingParams:
     n: int = 1                          # parallel samples per prompt
     logprobs: int | None = None         # each new token's logprob + the top k (minfer/logprobs.py)
     prompt_logprobs: int | None = None  # the same for each prompt token (no prefix-cache reuse then)
+    # structured output (minfer/guided.py): at most one of a JSON schema, a regex, a list of choices
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: dict | None = None  # vLLM's newer shape: {"json" | "regex" | "choice" | "json_object": ...}
 
     def __post_init__(self) -> None:
         check_sampling_fields(vars(self))          # exact types, finite ranges (minfer/validation.py)
@@ -51,6 +56,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.structured_outputs is not None or self.guided_json is not None or self.guided_regex is not None \
+                or self.guided_choice is not None:
+            from minfer.guided import check_guided
+            check_guided(self)
 
     @property
     def greedy(self) -> bool:

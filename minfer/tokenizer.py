@@ -1,19 +1,8 @@
 """Tokenizer: text <-> token ids, chat templates, and streaming detokenization.
 
-``Tokenizer`` is a thin wrapper around HF ``tokenizers.Tokenizer`` (the Rust
-library behind every "fast" HF tokenizer) plus the bits of
-``tokenizer_config.json`` an inference engine needs: which tokens are BOS/EOS,
-whether to prepend BOS, and the Jinja chat template.
-
-``IncrementalDetokenizer`` turns a stream of generated ids into a stream of
-text pieces without ever printing half a UTF-8 character.
-
-Where the same code lives elsewhere:
-- HF transformers: ``PreTrainedTokenizerBase.apply_chat_template`` (Jinja
-  sandbox, ``raise_exception``), ``TextStreamer`` (print on complete words).
-- vLLM: ``vllm/transformers_utils/detokenizer_utils.py`` (``detokenize_incrementally``
-  with ``prefix_offset`` / ``read_offset``), ``vllm/v1/engine/detokenizer.py``.
-- llama.cpp: ``common/chat.cpp`` (templates), ``llama_token_to_piece`` (streaming).
+A thin wrapper around HF ``tokenizers`` plus what ``tokenizer_config.json`` holds (BOS/EOS, the
+Jinja chat template); ``IncrementalDetokenizer`` never prints half a UTF-8 character (vLLM:
+``detokenize_incrementally``). More: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -173,13 +162,9 @@ class Tokenizer:
                     **kwargs: Any) -> list[int]:
         """The chat prompt as ids, with the messages' text kept apart from the template's special tokens.
 
-        ``encode(apply_chat_template(...))`` would read a user's ``<|im_start|>system`` as the
-        special token and let the user forge a system turn. Here only the template inserts
-        special tokens: when a message holds special-token text, the conversation is rendered
-        once more with each message's text between two markers (Unicode noncharacters), and
-        the text between them is encoded with special tokens read as plain text. A template
-        that alters the text (``|trim``) cannot be split this way: such a message is refused.
-        vLLM and HF keep message text apart from the template's tokens the same way.
+        A message holding special-token text is rendered again between markers and encoded with special
+        tokens read as plain text, so a user cannot forge a turn; a template that alters the text
+        (``|trim``) refuses such a message. Why: docs/architecture.md.
         """
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         specials = [s for s in self.special_tokens().values() if s]
@@ -522,27 +507,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 class IncrementalDetokenizer:
-    """Turn generated ids into text pieces, one ``add(id)`` at a time.
+    """Turn generated ids into text pieces, one ``add(id)`` at a time, never half a UTF-8 character.
 
-    Why not ``decode([id])`` per token? A token is a run of *bytes*: an emoji
-    (4 bytes) may be split over two tokens, and some tokenizers change a
-    token's text depending on its neighbours (SentencePiece drops a leading
-    space at the start of a decode). So we decode a small window with context
-    and emit only the difference — the prefix-offset technique of vLLM's
-    ``detokenize_incrementally`` (HF ``TextStreamer`` does the same with a
-    growing cache)::
-
-        ids:  ... a  b  c | d  e | f
-                          ^      ^
-                prefix_offset  read_offset
-        prefix_text = decode(ids[prefix_offset:read_offset])   # already emitted
-        new_text    = decode(ids[prefix_offset:])              # with the new ids
-        emit new_text[len(prefix_text):], then slide both offsets forward.
-
-    If ``new_text`` ends with U+FFFD the last character is not complete yet
-    (its remaining bytes are in tokens still to come), so nothing is emitted
-    and the offsets stay put; ``flush()`` emits whatever is left at the end.
-    Concatenating every piece gives exactly ``tokenizer.decode(all_ids)``.
+    vLLM's prefix-offset technique (``detokenize_incrementally``): decode a small window with
+    context and emit the difference; a trailing U+FFFD waits for the next token; ``flush()`` emits
+    the rest. The pieces concatenate to ``tokenizer.decode(all_ids)``. The diagram:
+    docs/architecture.md.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:

@@ -1,15 +1,13 @@
 """One place that checks what a user hands minfer: request fields, prompts, chat messages, engine arguments.
 
-The same rules serve ``SamplingParams`` (Python API), the batch job (one JSON
-line per request) and the HTTP server, so a field is accepted or refused the
-same way everywhere. The rules are exact, as in an OpenAI-compatible server
-(vLLM: ``vllm/entrypoints/openai/protocol.py``, pydantic models):
+These rules serve the Python API (``SamplingParams``, ``LLM``); OpenAI request bodies
+(the server and the batch job) are checked by the pydantic models of
+``minfer.serving.openai_api``. The rules are as exact as those models:
 
 * ``True`` is not the integer 1 and ``1.9`` is not a token id: a bool is
   refused where a number is wanted, a float where an integer is wanted;
 * numbers are finite (``inf`` / ``nan`` are refused) and inside their range;
-* every message names the field, and the request (``where``) when there is one,
-  e.g. ``line 7 (custom_id 'q3'): body.seed must be an integer, got 'x'``.
+* every message names the field, e.g. ``SamplingParams.seed must be an integer, got 'x'``.
 
 Errors are ``ValueError`` for a bad value and ``TypeError`` for a value of the
 wrong kind altogether (``chat(dict)``, ``generate(b"..")``).
@@ -25,10 +23,6 @@ MAX_LOGPROBS = 20                  # top logprobs per token at most (vLLM's max_
 SEED_MAX = 2**64 - 1               # torch.Generator.manual_seed takes any 64-bit value
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as vLLM
 DEVICE_TYPES = ("cpu", "cuda")
-
-
-def _name(prefix: str, field: str, where: str = "") -> str:
-    return f"{where}: {prefix}{field}" if where else f"{prefix}{field}"
 
 
 def is_int(x: Any) -> bool:
@@ -66,13 +60,10 @@ def check_bool(value: Any, name: str) -> bool:
 # ---------------------------------------------------------------- sampling fields
 
 
-def check_sampling_fields(f: dict[str, Any], prefix: str = "SamplingParams.", where: str = "") -> None:
-    """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict.
-
-    Missing keys are skipped, so a partial dict (an OpenAI body) can be checked too.
-    """
+def check_sampling_fields(f: dict[str, Any]) -> None:
+    """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict."""
     def name(field: str) -> str:
-        return _name(prefix, field, where)
+        return f"SamplingParams.{field}"
 
     if "temperature" in f:
         check_real(f["temperature"], name("temperature"), "a finite number >= 0 (0 = greedy)", lambda x: x >= 0)
@@ -100,28 +91,6 @@ def check_sampling_fields(f: dict[str, Any], prefix: str = "SamplingParams.", wh
     ids = f.get("stop_token_ids")
     if ids is not None and not (isinstance(ids, (list, tuple)) and all(is_int(i) and i >= 0 for i in ids)):
         raise ValueError(f"{name('stop_token_ids')} must be a list of token ids (integers >= 0), got {ids!r}")
-
-
-# OpenAI body key -> SamplingParams field (max_completion_tokens is the newer name of max_tokens)
-_OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-                  "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
-                  "n": "n", "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
-
-
-def sampling_kwargs_from_body(body: dict[str, Any], where: str = "", default_max_tokens: int = 256,
-                              default_temperature: float = 1.0) -> dict[str, Any]:
-    """An OpenAI request body -> ``SamplingParams`` keyword arguments, every field checked
-    (errors name ``body.<field>`` and ``where``). Fields that are not sampling fields are left alone."""
-    if not isinstance(body, dict):
-        raise ValueError(f"{where + ': ' if where else ''}body must be a JSON object, got {type(body).__name__}")
-    kw: dict[str, Any] = {"max_tokens": default_max_tokens, "temperature": default_temperature}
-    for key, field in _OPENAI_FIELDS.items():
-        if key in body and body[key] is not None:
-            if key == "max_tokens" and "max_completion_tokens" in body:
-                continue
-            check_sampling_fields({field: body[key]}, prefix="body.", where=where)
-            kw[field] = body[key]
-    return kw
 
 
 # ---------------------------------------------------------------- prompts and messages

@@ -435,10 +435,10 @@ def lines_v1() -> list[str]:
 
 def test_batch_bad_lines_become_error_records_and_the_job_goes_on(tmp_path, tiny_engine_parts):
     inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    bad = {"seed": ("x", "body.seed must be an integer"), "stop": (5, "body.stop must be a string or a list"),
-           "ignore_eos": ("false", "body.ignore_eos must be true or false"),
-           "max_tokens": (True, "body.max_tokens must be an integer"),
-           "stop_token_ids": ([1.5], "body.stop_token_ids must be a list of token ids"),
+    bad = {"seed": ("x", "body.seed: Input should be a valid integer"), "stop": (5, "body.stop: Input should be"),
+           "ignore_eos": ("false", "body.ignore_eos: Input should be a valid boolean"),
+           "max_tokens": (True, "body.max_tokens: Input should be a valid integer"),
+           "stop_token_ids": ([1.5], "body.stop_token_ids.0: Input should be a valid integer"),
            "temperature": (float("inf"), None)}    # json.dumps writes Infinity: Python's json reads it back
     lines = [_batch_line(f"bad-{k}", **{k: v}) for k, (v, _) in bad.items()]
     lines.insert(2, _batch_line("good", max_tokens=3, ignore_eos=True))
@@ -457,11 +457,11 @@ def test_batch_bad_lines_become_error_records_and_the_job_goes_on(tmp_path, tiny
         msg = recs[f"bad-{k}"]["error"]["message"]
         assert msg.startswith("line ") and f"custom_id 'bad-{k}'" in msg, msg
         assert words is None or words in msg, msg
-    assert "body.stop must be" in recs["dict-stop"]["error"]["message"]
+    assert "body.stop: Input should be" in recs["dict-stop"]["error"]["message"]
     assert "body must be a JSON object" in recs["not-object"]["error"]["message"]
-    assert "body.prompt is required" in recs["no-prompt"]["error"]["message"]
-    assert "token ids must be integers" in recs["float-ids"]["error"]["message"]
-    assert "body.messages must be a non-empty list" in recs["chat-dict"]["error"]["message"]
+    assert "body.prompt: Field required" in recs["no-prompt"]["error"]["message"]
+    assert "body.prompt.0: Input should be a valid integer" in recs["float-ids"]["error"]["message"]
+    assert "body.messages: Input should be a valid list" in recs["chat-dict"]["error"]["message"]
     assert stat.S_IMODE(outp.stat().st_mode) == 0o666 & ~_umask()       # issue 8: not 0600
 
 

@@ -81,6 +81,26 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same edges between the packages (and top-level modules) of ``minfer``: ``minfer.a.b`` -> ``minfer.a``."""
+    top = lambda m: ".".join(m.split(".")[:2])                       # noqa: E731
+    out: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        out.setdefault(top(m), set()).update(top(d) for d in deps if top(d) != top(m))
+    return out
+
+
+def test_no_import_cycles_between_packages():
+    """``minfer.quant`` may import ``minfer.checkpoints`` or be imported by it, not both (through any module)."""
+    cycle = find_cycle(package_graph(import_graph()))
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_the_package_graph_merges_modules():
+    graph = {"minfer.a.x": {"minfer.b.y"}, "minfer.b.y": {"minfer.c"}, "minfer.b.z": {"minfer.a.w"}}
+    assert find_cycle(package_graph(graph)) == ["minfer.a", "minfer.b", "minfer.a"]
+
+
 def test_an_import_reaches_the_packages_on_its_way():
     """``import minfer.kv.paged`` from outside ``minfer.kv`` is an edge to ``minfer.kv`` too."""
     graph = import_graph()

@@ -138,6 +138,8 @@ def test_speculative_decoding_refuses_logprobs():
     llm = LLM.from_model(tiny_model(tiny_config()), speculative="prompt_lookup")
     with pytest.raises(ValueError, match="speculative"):
         llm.generate([1, 2, 3], SamplingParams(prompt_logprobs=0))
+    with pytest.raises(ValueError, match="speculative"):       # the engine itself, used without LLM
+        llm.engine.add_request([1, 2, 3], SamplingParams(logprobs=1))
 
 
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])

@@ -177,3 +177,17 @@ def test_lm_eval_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
     finally:
         stop_all([s])
     assert acc > 0.5
+
+
+def test_logprobs_mode_flag_reaches_the_engine(folder):
+    """``minfer serve --logprobs-mode`` (vLLM's flag) is an engine argument like the others."""
+    import argparse
+    from minfer.serving.async_engine import build_engine
+    from minfer.serving.http_common import add_engine_args, engine_args
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert p.parse_args([]).logprobs_mode == "raw_logprobs"
+    args = p.parse_args(["--logprobs-mode", "processed_logprobs"])
+    assert build_engine(str(folder), **engine_args(args)).logprobs_mode == "processed_logprobs"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--logprobs-mode", "softmax"])

@@ -350,8 +350,77 @@ def test_batch_job_input_errors_name_the_line(tmp_path, text_model, byte_tok):
     res = run_batch(bad, tmp_path / "o.jsonl", eng, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert res["errors"] == 1 and recs[0]["error"]["message"].startswith(
-        "line 1 (custom_id 'a'): body.temperature must be a finite number >= 0")
+        "line 1 (custom_id 'a'): body.temperature: Input should be greater than or equal to 0")
     assert recs[1]["error"] is None and recs[1]["response"]["body"]["usage"]["completion_tokens"] == 3
+
+
+def test_batch_job_seeds_requests_without_a_seed_as_llm_does(tmp_path, text_model, byte_tok):
+    from minfer.llm import LLM
+    inp = tmp_path / "in.jsonl"
+    prompts = [f"w{i} w{i + 1}" for i in range(4)]
+    inp.write_text("".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/completions",
+                                       "body": {"prompt": p, "max_tokens": 6, "temperature": 1.0}}) + "\n"
+                           for i, p in enumerate(prompts)))
+    outs = {}
+    for seed in (3, 3, 4):
+        llm = LLM.from_model(text_model, byte_tok, seed=seed)
+        run_batch(inp, tmp_path / "o.jsonl", llm.engine, progress=False, seeded=llm.seeded)
+        outs.setdefault(seed, []).append([json.loads(x)["response"]["body"]["choices"][0]["token_ids"]
+                                          for x in (tmp_path / "o.jsonl").read_text().splitlines()])
+        (tmp_path / "o.jsonl").unlink()
+    want = [o.outputs[0].token_ids for o in LLM.from_model(text_model, byte_tok, seed=3).generate(
+        prompts, SamplingParams(temperature=1.0, max_tokens=6))]
+    assert outs[3][0] == outs[3][1] == want and outs[4][0] != want
+
+
+def test_batch_job_logprobs_and_echo_as_the_server_shapes_them(tmp_path, text_model, byte_tok):
+    """The server's request model and choice shape: logprobs of the generated tokens, and echo with
+    max_tokens 0 scores the prompt without generating (greedy: the chosen token is the top one)."""
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": "gen", "url": "/v1/completions",
+              "body": {"prompt": "w1 w2 w3", "max_tokens": 4, "temperature": 0, "logprobs": 2}},
+             {"custom_id": "echo", "url": "/v1/completions",
+              "body": {"prompt": "w1 w2 w3", "max_tokens": 0, "echo": True, "logprobs": 1}},
+             {"custom_id": "chat", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "w4"}], "max_tokens": 3, "temperature": 0,
+                       "logprobs": True, "top_logprobs": 2}}]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_batch(inp, outp, LLMEngine.from_model(text_model, byte_tok, block_size=4), progress=False)
+    recs = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, outp.read_text().splitlines())}
+    gen = recs["gen"]["choices"][0]
+    lp = gen["logprobs"]
+    assert len(lp["tokens"]) == len(gen["token_ids"]) == 4 and "".join(lp["tokens"]) == gen["text"]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and chosen == max(top.values())
+    echo = recs["echo"]["choices"][0]
+    n_prompt = len(byte_tok.encode("w1 w2 w3", add_special_tokens=True))
+    assert echo["text"] == "w1 w2 w3" and echo["token_ids"] == [] and recs["echo"]["usage"]["completion_tokens"] == 0
+    assert len(echo["logprobs"]["tokens"]) == n_prompt and echo["logprobs"]["token_logprobs"][0] is None
+    content = recs["chat"]["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] == c["top_logprobs"][0]["logprob"] for c in content)
+
+
+def test_batch_job_constrains_output_as_the_server_does(tmp_path, text_model, byte_tok):
+    """``guided_choice`` and ``response_format`` in a batch body: the server's request model and the
+    engine's grammar mask, so every output is one of the choices / parses as a JSON object."""
+    pytest.importorskip("llguidance")
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": f"c{i}", "url": "/v1/completions",
+              "body": {"prompt": f"w{i}", "max_tokens": 12, "temperature": 1.0, "seed": i,
+                       "guided_choice": ["yes", "no", "maybe so"]}} for i in range(4)]
+    lines.append({"custom_id": "j", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 24, "temperature": 0,
+                           "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                               "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}}}}})
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_batch(inp, outp, LLMEngine.from_model(text_model, byte_tok, block_size=4), progress=False)
+    recs = {r["custom_id"]: r for r in map(json.loads, outp.read_text().splitlines())}
+    assert all(r["error"] is None for r in recs.values()), recs
+    for i in range(4):
+        assert recs[f"c{i}"]["response"]["body"]["choices"][0]["text"] in ("yes", "no", "maybe so")
+    body = recs["j"]["response"]["body"]["choices"][0]
+    assert body["finish_reason"] == "stop" and isinstance(json.loads(body["message"]["content"])["a"], bool)
 
 
 def kill_halfway_and_resume(tmp_path, model_arg: str, model, tok, max_num_seqs: int,

@@ -1,23 +1,7 @@
 """FlashAttention-2's recurrence in plain PyTorch: tiles, online softmax, one final division.
 
-Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
-Partitioning" (2023), Algorithm 1. On a GPU the point is that a tile of S and
-P lives in on-chip SRAM and the (T, S) score matrix never reaches HBM. Here
-the loops are Python loops, so this is *slower* than ``sdpa``; it exists so
-the recurrence can be read line by line next to the paper and tested.
-
-For one query tile Q_i and key/value tiles (K_j, V_j), j = 1..n:
-
-    S   = Q_i K_j^T * scale                   scores of this tile       (tq, tk)
-    m'  = max(m, rowmax(S))                   running max               (tq,)
-    P   = exp(S - m')                         unnormalised probs        (tq, tk)
-    l   = exp(m - m') * l + rowsum(P)         running sum               (tq,)
-    O   = exp(m - m') * O + P V_j             rescaled accumulator      (tq, hd)
-    m   = m'
-  finally  O = O / l                          normalise once, at the end
-
-Tiles that lie entirely above the causal diagonal (every key later than
-every query) are skipped, as the CUDA kernel does.
+Dao, "FlashAttention-2" (2023), Algorithm 1, with Python loops: slower than ``sdpa``, written to
+be read next to the paper and tested. The recurrence: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

@@ -1,33 +1,10 @@
 """Paged attention: the queries of a flattened batch against K/V read through block tables.
 
-Every paged backend has two calls (mini-sglang's attention backends; vLLM's
-``AttentionMetadataBuilder.build`` + ``AttentionImpl.forward``, ``vllm/v1/attention/backends/``)::
-
-    backend.prepare_metadata(batch)              once per forward: index tensors every layer reuses
-    out = backend.forward(q, k, v, layer)        per layer
-        q     (1, nh, N, hd)    the N queries of the flattened batch (``minfer.kv.paged.PagedBatch``)
-        k, v  (1, nkv, N, hd)   this forward's own keys/values, already written to the pool
-        out   (1, nh, N, hd)
-
-The pool, its int8/fp8 pages and the K/V write are ``minfer.kv.paged.PagedKVCache``'s; a
-backend reads it through ``cache.read_blocks``. The backends, all tested equal to
-``paged_attention_reference`` (``tests/test_paged.py``):
-
-* ``PagedAttention`` (the engine's, mode "split"): every decode in ONE dense-backend call
-  per layer, padded to the longest context among them (padded keys get position -1, which
-  the mask hides), each prefill chunk in its own call; a chunk that starts at position 0
-  needs no gather (its keys are this forward's). Padding prefill chunks and decodes to one
-  width would waste most of the work when a step mixes 31 decodes with one 512-token chunk.
-  vLLM's old CPU backend split the same way (``vllm/attention/backends/torch_sdpa.py``); its
-  GPU backends use a variable-length FlashAttention kernel (``cu_seqlens``) instead.
-  ``prepare_static_metadata`` is its fixed-shape plan for CUDA graphs and torch.compile.
-* decode kernels: the split plan's decode group through a kernel that reads the pool in
-  place, ``decode_kernel="cpu"`` (C++, ``minfer/kernels/cpu_paged_decode.py``; vLLM:
-  ``csrc/cpu/attention.cpp``) or ``"triton"`` (``minfer/kernels/paged_decode.py``; vLLM:
-  ``csrc/attention/paged_attention_v1.cu``).
-* ``OnlinePagedAttention`` (mode "online", the teaching version): walk each block table one
-  block at a time and fold each block into FlashAttention's online softmax; the contiguous
-  copy is never built. This is the PagedAttention kernel's loop, in PyTorch.
+Every backend (mini-sglang's attention backends; vLLM's ``AttentionMetadataBuilder.build`` +
+``AttentionImpl.forward``): ``prepare_metadata(batch)`` once per forward, ``forward(q, k, v,
+layer)`` per layer, q (1, nh, N, hd). ``PagedAttention`` (split plan and static plan), the
+decode kernels, and ``OnlinePagedAttention`` (the teaching version) are all tested equal to
+``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -183,22 +160,10 @@ class PagedAttention:
     def prepare_static_metadata(self, meta) -> None:
         """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
 
-        ``_decode_group`` pads the decodes to the longest context *of this step*, which it
-        reads on the host (``int(sl.max())``); a captured graph cannot do that, because its
-        shapes are frozen at capture and a host read inside a capture is an error. Here every
-        row is one query at position ``seq_lens - 1`` over ALL the keys its block-table row
-        can address, ``W = block_tables.shape[1] * block_size`` of them, and the keys past
-        its context are masked (position -1)::
-
-            seq_lens [3, 6]  block_size 4  block_tables (2, 2) -> W = 8
-            k_pos    [[0 1 2 -1 -1 -1 -1 -1],       q_pos [[2],
-                      [0 1 2  3  4  5 -1 -1]]              [5]]
-
-        Every tensor comes from ``meta``'s device tensors by device ops: no ``.item()``,
-        ``int()`` or ``.max()`` on the host (``meta.seq_lens`` is a device tensor here). One
-        group, the whole batch, in order. The sliding window goes into the mask. vLLM builds
-        the same fixed-shape metadata for its captured decode (``CommonAttentionMetadata``
-        with ``max_seq_len`` fixed; ``vllm/v1/worker/gpu_model_runner.py``).
+        Every row is one query at ``seq_lens - 1`` over all ``W = block_tables.shape[1] * block_size``
+        keys its table row can address, those past its context masked (position -1); built by device
+        ops only, no host read. vLLM: ``CommonAttentionMetadata`` with a fixed ``max_seq_len``. Why and
+        an example: docs/kernels.md.
         """
         self.static, self.tables = True, meta.block_tables                         # (S, cols) device
         S, cols = meta.block_tables.shape

@@ -1,13 +1,7 @@
-"""Attention through torch's fused ``scaled_dot_product_attention``.
+"""Attention through torch's fused ``scaled_dot_product_attention`` (``enable_gqa=True``).
 
-torch picks a kernel (FlashAttention, memory-efficient, or its C++ math path
-on CPU). We pass ``enable_gqa=True`` so K/V heads are shared without copies.
-``sdpa_attention`` builds the visibility mask from positions on every call; a
-caller that knows more (the paged backends: a causal prefill, an unpadded
-decode, one mask for every layer) calls ``sdpa`` itself.
-
-Decode with GQA takes one more step (``sdpa``): the query heads that share a
-K/V head are stacked as that head's queries, so each K/V head is read once.
+``sdpa`` stacks the query heads that share a K/V head at decode, so each K/V head is read once
+(docs/kv-and-attention.md).
 """
 from __future__ import annotations
 
@@ -20,18 +14,9 @@ from minfer.attention.mask import allowed
 def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
     """``F.scaled_dot_product_attention`` for q (B, nh, T, hd), k/v (B, nkv, S, hd), nh a multiple of nkv.
 
-    With one query per sequence (decode) and GQA, the g = nh / nkv query heads
-    that read the same K/V head become g queries *of* that head::
-
-        q (B, nh, 1, hd) -> (B, nkv, g, hd)      out (B, nkv, g, hd) -> (B, nh, 1, hd)
-
-    (query head j reads K/V head j // g, so the heads of one group are adjacent.)
-    The kernel then streams each K/V head once instead of once per query head.
-    FlashAttention does the same for decode (``seqlenq_ngroups_swapped`` in
-    flash-attn's ``mha_fwd``). ``minfer bench attention`` on SmolLM2's decode shapes
-    (9 query heads, 3 K/V heads; batch 1-32, 128-1024 keys; 2-core CPU): 1.0-1.3x
-    the speed of torch's own ``enable_gqa`` path, never slower beyond the noise.
-    A mask must then be the same for every head and query: (B or 1, 1, 1, S).
+    At decode with GQA the g = nh / nkv query heads of a K/V head become g queries of that head,
+    (B, nh, 1, hd) -> (B, nkv, g, hd), so each K/V head is streamed once (flash-attn's
+    ``seqlenq_ngroups_swapped``); a mask must then be (B or 1, 1, 1, S). Measured: docs/kv-and-attention.md.
     """
     B, nh, T, hd = q.shape
     nkv = k.shape[1]

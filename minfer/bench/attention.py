@@ -1,37 +1,12 @@
-"""`minfer bench attention`: decode attention with GQA, three ways, on one model's head shapes.
+"""`minfer bench attention`: decode attention with GQA, several ways, on one model's head shapes.
 
-At decode each sequence brings one query per head and reads its whole K/V
-cache. With grouped-query attention (SmolLM2: 9 query heads, 3 K/V heads) the
-g = 9 / 3 query heads of a group read the *same* K/V head. How the kernel is
-fed decides how often that head is streamed from memory:
-
-    repeat    K/V repeated to one copy per query head, then attention
-              (``repeat_interleave``, what GQA code without kernel support does)
-    gqa       torch's ``scaled_dot_product_attention(..., enable_gqa=True)``
-    folded    the g query heads stacked as g queries of their K/V head
-              (``minfer.attention.sdpa.sdpa``; FlashAttention's
-              ``seqlenq_ngroups_swapped``): each K/V head streamed once
-    triton    the paged decode kernel of ``minfer/kernels/paged_decode.py``
-              reading K/V in blocks of 16 through a block table (CUDA only:
-              on CPU Triton's interpreter runs it, far too slowly to time)
-
-and, from a paged pool (blocks of 16 in shuffled order, K and V in one tensor as
-``minfer/kv/paged.py`` keeps them):
-
-    paged     the engine's plain decode path: gather each sequence's blocks into a
-              contiguous copy (one ``index_select``), then ``folded``
-    cpu       the C++ kernel of ``minfer/kernels/cpu_paged_decode.py``, reading the
-              blocks in place (CPU, float32, when it builds); its ratio to ``paged``
-              is what the engine's default ``decode_kernel="auto"`` buys per layer
-
-Shapes only (random tensors in the model's head layout), so no weights are
-needed and any config works. Interleaved rounds, medians; the ratio column is
-"gqa time / this time" from the same run.
+Methods: ``repeat`` (K/V repeated), ``gqa`` (``enable_gqa=True``), ``folded`` (``sdpa``), and from
+a shuffled paged pool ``paged`` (the gather path), ``cpu`` (the C++ kernel), ``triton`` (CUDA).
+Random tensors only; interleaved rounds, medians (docs/measuring.md).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
@@ -40,7 +15,8 @@ import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
 from minfer.bench.machine import machine_line
-from minfer.bench.timing import interleaved, table, write_json
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import set_threads
 
 METHODS = ("repeat", "gqa", "folded")
 
@@ -93,11 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes (default 1,8,32)")
     p.add_argument("--context", default="256,1024", help="comma-separated context lengths (default 256,1024)")
     p.add_argument("--layers", type=int, default=None, help="attention calls per timing (default: the model's layers)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", nargs="?", const="bench_results/attention.json", default=None,
-                   help="also write the results as JSON (default path bench_results/attention.json)")
+    add_run_args(p, "attention", repeats=5)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -168,10 +141,7 @@ def main(args) -> int:
     from minfer.checkpoints import load_checkpoint  # for the config only, as `bench kv --skip-ttft`
 
     batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_checkpoint(args.model)[0]
     layers = args.layers or cfg.num_hidden_layers
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -201,8 +171,8 @@ def main(args) -> int:
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
     if args.json:
-        write_json(args.json, {"benchmark": "attention", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                               "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
-                               "torch": torch.__version__, "layers": layers, "rows": rows})
+        write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
+                               "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "layers": layers, "rows": rows})
         log(f"wrote {args.json}")
     return 0

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minfer.bench.timing import add_run_args
 from minfer.cli_args import int_list
 from minfer.kv.evict import EvictingKVCache
 from minfer.kv import ContiguousKVCache
@@ -63,13 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="32,64,128,256")
     p.add_argument("--policies", default=",".join(POLICY_ARGS))
     p.add_argument("--chunk", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", nargs="?", const="bench_results/evict.json", default=None)
+    add_run_args(p, "evict", repeats=None, threads=1)
 
 
 def main(args) -> int:
     from minfer.bench.timing import table, write_json
-    from minfer.compress.common import log, set_threads
+    from minfer.cli_args import set_threads
+    from minfer.compress.common import log
     from minfer.eval.perplexity import reference_text, text_fingerprint
     from minfer.llm import LLM
 

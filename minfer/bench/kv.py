@@ -1,22 +1,7 @@
 """`minfer bench kv`: what paging buys, measured in one run on one model.
 
-Part 1, capacity (bookkeeping only, exact): a fixed KV memory budget, a seeded
-mixed-length workload (prompt and output lengths drawn from log-normal
-distributions), requests admitted in order at their *final* length until the
-memory is full. How many run at once, and what share of the reserved slots
-holds no token (internal fragmentation)?
-
-    contiguous, max_len     every sequence reserves --max-len slots (gpt-fast, HF static cache)
-    contiguous, prompt+max  every sequence reserves its prompt + --max-tokens slots
-    paged, block_size B     blocks allocated as tokens arrive (KVCacheManager), waste < 1 block/seq
-
-Part 2, prefix caching (timed on the model): requests share a --prefix-len
-token system prompt and differ in a short question, each sent in its own
-``LLM.generate`` call after an earlier call with the same prefix. TTFT (time
-to the first token: prefill included) with ``LLM(enable_prefix_caching=True)``,
-``False``, and the contiguous single-request loop, interleaved rounds, medians
-reported. With the cache on, the shared full blocks are found by hash and only
-the question is prefilled.
+Part 1, capacity and fragmentation for a fixed KV budget (contiguous max_len, contiguous
+prompt+max, paged); part 2, TTFT with and without prefix caching (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -30,8 +15,8 @@ import time
 
 import torch
 
-from minfer.bench.timing import interleaved, table, write_json
-from minfer.cli_args import add_model_args
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import add_model_args, set_threads
 
 QUESTIONS = [
     "Summarise the text above in one sentence.",
@@ -54,12 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=1000, help="workload size (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix-len", type=int, default=512, help="shared prefix tokens for the TTFT test (default 512)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved TTFT rounds; medians reported")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--skip-ttft", action="store_true", help="capacity only (no model forward)")
-    p.add_argument("--json", nargs="?", const="bench_results/kv.json", default=None,
-                   help="also write the results as JSON (default path bench_results/kv.json)")
+    add_run_args(p, "kv", repeats=5)
 
 
 # ---------------------------------------------------------------------------
@@ -223,10 +204,7 @@ def main(args) -> int:
     if not 1 <= args.max_tokens < args.max_len:
         raise ValueError(f"--max-tokens must be in [1, --max-len), got {args.max_tokens}")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.skip_ttft:
         from minfer.checkpoints import load_checkpoint  # config only; weights stay unused
         cfg = load_checkpoint(args.model)[0]
@@ -246,11 +224,9 @@ def main(args) -> int:
           f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "
           f"{cap[0]['fragmentation']:.1%}" + (f"; prefix caching cuts TTFT {ttft_ratio:.2f}x" if ttft_ratio else ""))
     if args.json:
-        from minfer.bench.machine import machine_info
         device = llm.device if llm is not None else torch.device("cpu")
         write_json(args.json, {
-            "benchmark": "kv", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info(device), "model": args.model, "dtype": str(dtype),
+            "benchmark": "kv", "device": str(device), "model": args.model, "dtype": str(dtype),
             "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
             "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
             "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,

@@ -1,19 +1,7 @@
 """`minfer medusa cost`: what one Medusa verify forward of T tokens costs against one plain decode step.
 
-The break-even of any tree-verify method is
-
-    speedup ~= (tokens per forward) / (cost of a T-token verify step / cost of a 1-token decode step)
-
-so this times both on the same context (``bench spec``'s code-edit prompt, prefilled once):
-
-    plain      one token through the model, logits of that row only (``generate_tokens``' decode step)
-    verify T   the root + the first T - 1 nodes of ``DEFAULT_TREE`` through the model with the tree
-               mask, then the base + head logits of all T rows, for as many heads as the tree
-               is deep (``medusa_generate``'s step)
-
-on plain ``F.linear``, then on oneDNN-prepacked linears; within each, the step kinds are
-interleaved round by round; medians.
-Nothing is committed to the cache, so every round sees the same context.
+speedup ~= tokens per forward / (cost of a T-token verify step / cost of a 1-token step);
+both timed on ``bench spec``'s code-edit context, plain and prepacked (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -66,7 +54,7 @@ def main(args) -> int:
     from minfer.bench.spec import TASKS
     from minfer.speculative.medusa import load_heads
     from minfer.kernels.onednn_linear import pack_linears
-    from minfer.compress.common import set_threads
+    from minfer.cli_args import set_threads
     from minfer.llm import LLM
     set_threads(args.threads)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())

@@ -1,18 +1,8 @@
 """``minfer bench parallel``: 2 ranks against 1 on this machine, and when tensor parallelism pays.
 
-Three measurements, each in one 2-process gloo group with the two sides interleaved
-(``minfer.distributed.measure``):
-
-    tp       decode of a SmolLM2-sized random model: 1 rank vs 2 ranks (TP), time per token,
-             all-reduce calls and bytes per token, seconds inside collectives per token
-    pp       one forward of a batch through 2 pipeline stages with 1, 2, 4, 8 micro-batches:
-             the measured idle fraction against GPipe's (S - 1) / (M + S - 1)
-    disagg   a mixed workload (short chats decoding while long prompts arrive): colocated
-             (one engine) vs disaggregated (prefill rank + decode rank): TTFT, TPOT, ITL
-
-Then the arithmetic for real hardware (``tp_formulas``), with H100 NVLink as the example.
-On one small CPU the answer is that communication dominates: gloo over loopback costs
-tens of microseconds per all-reduce, and each process gets one core.
+``tp`` (decode per token), ``pp`` (bubble vs micro-batches), ``disagg`` (colocated vs
+disaggregated), each in one 2-process gloo group, then ``tp_formulas`` for real hardware
+(docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -69,16 +69,9 @@ def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict
 class StaticCompiledHF:
     """transformers ``generate`` with ``cache_implementation="static"`` and its decode step compiled.
 
-    This is what transformers' docs give a user who wants speed: a pre-allocated KV cache of fixed
-    shape, so the one-token decode forward has static shapes, and ``generate`` then runs that forward
-    through ``torch.compile`` (``CompileConfig``: inductor, mode "reduce-overhead", which on CUDA also
-    captures CUDA graphs; the prompt's prefill stays eager). transformers auto-compiles only on
-    accelerators; on the CPU we set ``CompileConfig._compile_all_devices`` (its own switch for this),
-    where inductor generates C++ and needs a compiler. The peer of minfer's ``LLM(compile=True)``.
-
-    ``warm_up`` runs ``generate`` once with the shapes of the timed runs: its wall time is the compile
-    time plus one run, reported on its own (``warmup_s``) and never mixed into the tok/s. It raises
-    ``RuntimeError`` naming the reason when this transformers / torch cannot compile the step.
+    The peer of minfer's ``LLM(compile=True)``. ``warm_up`` times compile + one run apart
+    (``warmup_s``) and raises ``RuntimeError`` naming the reason when the step cannot compile.
+    How it is set up on a CPU: docs/measuring.md.
     """
 
     def __init__(self, model):

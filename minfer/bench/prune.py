@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from minfer.bench.timing import add_run_args
 from minfer.cli_args import float_list
 from minfer.compress.prune import magnitude_sparsify, prune_model
 
@@ -20,18 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads-per-group", type=int, default=0, help="also remove this many query heads per K/V group")
     p.add_argument("--heal-minutes", type=float, default=2.0, help="healing budget per pruned model (0: none)")
     p.add_argument("--max-tokens", type=int, default=48, help="decode tokens per timing run")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ppl-chars", type=int, default=4000, help="characters of the pydoc perplexity text")
     p.add_argument("--out", default="weights/compress/pruned", help="folder for the healed HF checkpoints")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", nargs="?", const="bench_results/prune.json", default=None)
+    add_run_args(p, "prune", repeats=3, threads=1)
 
 
 def main(args) -> int:
     import copy
 
     from minfer.bench.timing import interleaved, table, write_json
-    from minfer.compress.common import log, set_threads
+    from minfer.cli_args import set_threads
+    from minfer.compress.common import log
     from minfer.compress.distill import save_student, train
     from minfer.compress.teacher import TeacherCache
     from minfer.eval.perplexity import perplexity, reference_text

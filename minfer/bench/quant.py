@@ -1,46 +1,22 @@
 """`minfer bench quant`: weight bytes, decode speed and perplexity per weight format, in one run.
 
-    minfer bench quant                          # fp32, bf16, int8, int4-g32, int4-g64, int4-g128
     minfer bench quant --formats fp32,int8 --max-tokens 64 --skip-ppl
 
-Every format is a separate copy of the same model in memory. Decode speed:
-greedy, batch 1, ``--max-tokens`` new tokens (EOS ignored) from the same
-prompt, the formats timed in interleaved rounds (A, B, C, A, B, C, ...) and the
-median taken, so that a noisy neighbour slows all of them alike. Perplexity:
-``minfer.eval.perplexity`` on its fixed text, once per format (it is
-deterministic). Agreement: the share of the first 64 greedy tokens equal to
-fp32's (free-running: after the first difference the texts part ways), and
-the share of those 64 positions where the format's greedy choice equals fp32's
-given fp32's own prefix (teacher-forced, i.e. per decision).
-
-"Weight bytes" is what one decode step reads: every matrix once, the norms,
-and the embedding table only when it doubles as the (float) LM head; a
-token's embedding row is negligible. "Bandwidth achieved" = (weight bytes +
-mean KV-cache bytes) x decode steps/s, next to the machine's measured read
-bandwidth. Decode reads every weight once per token, so fewer bytes should
-mean proportionally more tokens per second until something else (Python
-overhead, attention, dequantization work) dominates: the table shows where
-that happens.
-
-Reading the perplexity column on SmolLM2: minfer's SmolLM2 weights come from
-a Q4_1 GGUF file, i.e. every block of 32 inputs already holds at most 16
-evenly spaced values. int4 with group size 32 therefore lands on the same grid
-and reproduces them almost exactly (only its bf16 scale/min differ from the
-file's f16 ones), while groups of 64 and 128 must fit two or four different
-grids with one and lose much more: a checkpoint that has never been quantized
-would not favour g32 this way. Lesson 06 shows it block by block.
+Formats timed interleaved (batch 1, greedy), perplexity per format, agreement with fp32
+(free-running and teacher-forced). What each column means, and why int4-g32 fits SmolLM2's
+Q4_1 weights: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
 import torch
 
-from minfer.bench.machine import machine_info, measure_bandwidth
-from minfer.bench.timing import interleaved, table, write_json
+from minfer.bench.machine import measure_bandwidth
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import set_threads
 
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
@@ -55,13 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head", default="int8",
                    help="LM head of the quantized formats: int8 (default) | same | none")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per timed run (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--skip-ppl", action="store_true", help="do not measure perplexity")
     p.add_argument("--ppl-chars", type=int, default=None, help="characters of the perplexity text")
-    p.add_argument("--json", nargs="?", const="bench_results/quant.json", default=None,
-                   help="also write the results as JSON (default path bench_results/quant.json)")
+    add_run_args(p, "quant", repeats=3)
 
 
 def decode_weight_bytes(model) -> int:
@@ -86,14 +58,15 @@ def model_bytes(model) -> int:
     return quant + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _build(name: str, cfg, state_dict, lm_head):
-    from minfer.model import build_model
+def _load(name: str, model: str, lm_head):
+    """``model`` in format ``name`` through the one front door (``minfer.loading.load_model``)."""
+    from minfer.loading import load_model
     from minfer.quant.apply import quantize_model
-    if name in ("fp32", "float32"):
-        return build_model(cfg, state_dict, dtype=torch.float32)
-    if name in ("bf16", "bfloat16"):
-        return build_model(cfg, state_dict, dtype=torch.bfloat16)
-    return quantize_model(build_model(cfg, state_dict), name, lm_head=lm_head)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+    if dtype in ("float32", "bfloat16"):
+        return load_model(model, dtype=dtype)
+    loaded = load_model(model)                    # plain float32 linears, then this format's own LM head
+    return loaded._replace(model=quantize_model(loaded.model, name, lm_head=lm_head))
 
 
 def _time_decode(model, prompt_ids, n) -> tuple[dict, list[int]]:
@@ -143,7 +116,6 @@ def _rows(models: dict, medians: dict, tokens: dict, ppl: dict, base: str, promp
 
 
 def main(args) -> int:
-    from minfer.checkpoints import load_checkpoint
     from minfer.eval.perplexity import perplexity, reference_text, text_fingerprint
 
     names = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -152,14 +124,11 @@ def main(args) -> int:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
     lm_head = None if args.lm_head == "none" else args.lm_head
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    cfg, state_dict, tok = load_checkpoint(args.model)
-    models = {name: _build(name, cfg, state_dict, lm_head) for name in names}
-    del state_dict
+    loaded = {name: _load(name, args.model, lm_head) for name in names}
+    cfg, tok = loaded[names[0]].config, loaded[names[0]].tokenizer
+    models = {name: x.model for name, x in loaded.items()}
     prompt_ids = tok.encode(PROMPT)
     n = args.max_tokens
 
@@ -208,8 +177,7 @@ def main(args) -> int:
     print(f"agreement: first {AGREEMENT_TOKENS} greedy tokens vs {base} (free-running / per step)")
     if args.json:
         write_json(args.json, {
-            "benchmark": "quant", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info("cpu"), "model": args.model, "lm_head": args.lm_head,
+            "benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9,
             "perplexity_text": text_fingerprint(text) if text is not None else None,

@@ -2,16 +2,7 @@
 
     python -m minfer.bench.random_weights OUT --shape smollm2-135m [--tokenizer-from DIR]
 
-Speed depends on shapes, not on values, so a benchmark of decode or serving on
-a GPU machine with no network can run on a folder written here: an HF-format
-folder (config.json + model.safetensors + tokenizer files) whose weights are
-drawn as ``build_model`` initialises them (normal, std 0.02). The text it
-generates is noise; use ``--ignore-eos``-style workloads (the benchmarks do).
-
-The tokenizer is copied from ``--tokenizer-from`` (default: the fetched
-SmolLM2 folder); both shapes use SmolLM2's 49152-token vocabulary, so the
-Llama-3.2-1B shape is its *body* (16 layers of 2048, GQA 32/8) with a smaller
-vocabulary than the real model's 128256.
+Speed depends on shapes, not values (docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write.
 
-Every ``minfer bench NAME ... --json PATH`` run writes its results with an envelope
-(``timing.run_envelope``: the command, the date, the machine, its load average, a note).
-This command reads a folder of such files and writes one Markdown page: one section per file,
-each with its command, machine line and date, then its tables. Nothing on the page is typed
-by hand, so every figure can be regenerated: rerun the command in its section, then this one.
-
     minfer bench report                      # docs/bench/*.json -> docs/benchmarks.md
     minfer bench report DIR --out -          # print the page instead
 
-The tables each benchmark gets are listed in ``TABLES``; every section also lists the run's
-top-level settings (model, tokens, repeats, ...). (vLLM keeps its benchmark scripts' JSON the same way: ``benchmarks/``,
-``--save-result``; the tables here are what those files hold, nothing more.)
+One section per file (command, machine, date, the tables of ``TABLES``); nothing typed by hand
+(docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -80,13 +73,28 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("tokens_per_forward", "tok/fwd", "{:.2f}"), ("theory_tokens_per_forward", "theory", "{:.2f}"),
             ("identical", "= plain", "{}")]),
     ],
+    "hybrid": [
+        ("Local/global KV cache: bytes per token of one sequence, allocated caches", ("rows",), [
+            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
+            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x")]),
+        ("The paged engine's blocks (block size 16, token budget 512)", ("engine",), [
+            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
+            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
+            ("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]),
+    ],
     "evict": [
         ("KV eviction: perplexity and top-1 agreement with the full cache", ("rows",), [
             ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("ppl", "perplexity", "{:.2f}"),
             ("agreement", "top-1 = full", "{:.0%}"), ("kv_bytes", "KV bytes", "{}")]),
     ],
+    "guided": [
+        ("Structured output: the token mask per decode step (medians)", ("rows",), [
+            ("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"), ("unguided_step_ms", "unguided step ms", "{:.1f}"),
+            ("guided_step_ms", "guided step ms", "{:.1f}"), ("mask_ratio", "mask / unguided step", "{:.1%}"),
+            ("step_ratio", "guided / unguided step", "{:.2f}")]),
+    ],
 }
-ORDER = ["decode", "kv", "attention", "serve", "quant", "spec", "parallel", "evict"]
+ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided"]
 HEADER = """# Benchmarks
 
 This page is generated: `minfer bench report` writes it from the JSON files in `docs/bench/`.

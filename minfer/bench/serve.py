@@ -1,42 +1,15 @@
 """`minfer bench serve`: serving policies under a workload; TTFT, TPOT, throughput, goodput.
 
-    minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32 \\
-                       --slo-ttft 10000 --slo-tpot 1000
-    minfer bench serve --policy continuous --rate inf --baselines sequential,transformers
-    minfer bench serve --url http://127.0.0.1:8000 --price-per-hour 0.10 --watts 700   (serve_http.py)
-    minfer bench serve --routing round_robin,prefix_aware --replicas 2               (serve_route.py)
+    minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32
+    minfer bench serve --url http://127.0.0.1:8000                      (serve_http.py)
+    minfer bench serve --routing round_robin,prefix_aware --replicas 2  (serve_route.py)
 
-Two parts, both on the same seeded trace (real text from Python's own docs,
-prompt and output lengths drawn from --prompt-len / --output-len, EOS ignored
-so every request generates exactly its drawn length):
-
-1. **Online** (each policy in --policy): requests arrive at --rate req/s
-   (Poisson, or gamma with --burstiness) and the engine serves them as they
-   come; every request is timed from its arrival. Prints vLLM's serving
-   metrics side by side and saves TTFT / TPOT distribution plots.
-   --sweep-rates 0.1,0.2,... repeats this per rate and plots throughput
-   against latency as the load rises.
-2. **Offline throughput** (--baselines): everything arrives at t = 0.
-   ``continuous`` = the engine with continuous batching; ``sequential`` = the
-   same requests one by one through ``generate_tokens`` (contiguous KV cache,
-   no batching); ``torch-decode`` = the engine with
-   ``decode_kernel="torch"`` (decode attention by gather + SDPA instead of the
-   C++ kernel that reads the pool in place, ``minfer/kernels/cpu_paged_decode.py``);
-   ``transformers`` = HF ``generate`` on ONE left-padded batch
-   of all requests, run until the longest finishes (each request's useful
-   tokens are its first max_tokens). Measured in one interleaved run; the
-   ratios of output tokens/s are printed, per wall-clock second and per CPU
-   second of the process (with --threads 1 the latter hardly moves when other
-   programs share the machine).
-3. **The front door** (--front-door): the same offline workload through the
-   public API, ``LLM.generate(all prompts)`` (the engine batches them) against
-   the same ``LLM`` fed one prompt per ``generate`` call; one interleaved run,
-   output tokens/s and whether the greedy outputs are identical.
+Online (requests arrive at --rate), offline baselines (--baselines) and the front door
+(--front-door), on one seeded trace. What each part measures: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 import time
@@ -465,8 +438,7 @@ def main(args) -> int:
                                                 "num_requests": len(trace), **res})
         log(f"wrote {out_dir}/serve_http.json")
         return 0
-    payload = {"benchmark": "serve", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
+    payload = {"benchmark": "serve", "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
                "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
                "prompt_tokens": n_in, "output_tokens": n_out}
 

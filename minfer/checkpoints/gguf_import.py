@@ -1,20 +1,9 @@
 """Read a llama.cpp GGUF file into minfer's (HF-named) state dict and tokenizer.
 
-A GGUF file is a header of typed key/value metadata (``llama.block_count``,
-``tokenizer.ggml.tokens``, ...) followed by tensors stored in block formats
-(see ``minfer/quant/gguf_formats.py``). ``gguf.GGUFReader`` (llama.cpp's own
-Python package) parses the container; everything else happens here:
-
-    metadata   --> ModelConfig              (_config_from_metadata)
-    blk.N.xxx  --> model.layers.N.yyy       (hf_name)
-    raw blocks --> float32                  (minfer.quant.gguf_formats.dequantize)
-    q/k rows   --> HF rotary layout         (unpermute_qk)
-    tokens, merges, token types --> tokenizer.json + tokenizer_config
-
-Where the same code lives elsewhere: llama.cpp ``convert_hf_to_gguf.py`` (the
-writing side, read it to see each rename), HF transformers
-``modeling_gguf_pytorch_utils.py`` and ``integrations/ggml.py`` (the reading
-side, into transformers), vLLM ``model_executor/model_loader/gguf_loader.py``.
+``gguf.GGUFReader`` parses the container; here: metadata -> ModelConfig, ``blk.N.xxx`` ->
+HF names, raw blocks -> float32 (``gguf_formats.dequantize``), q/k rows -> HF rotary layout,
+the vocabulary -> tokenizer.json. llama.cpp ``convert_hf_to_gguf.py`` (the writing side),
+vLLM ``model_executor/model_loader/gguf_loader.py`` (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -83,17 +72,9 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of a q or k projection (weight or bias).
 
-    Rotary embedding rotates pairs of coordinates inside each head. llama.cpp
-    (``ggml_rope``, normal mode) pairs *neighbours* (0,1), (2,3), ... like
-    Meta's original complex-number code; HF Llama (``rotate_half``) pairs the
-    two *halves* (0, d/2), (1, d/2+1), .... So ``convert_hf_to_gguf.py``
-    reorders the rows of each head from halves to interleaved::
-
-        gguf = hf.reshape(n_head, 2, d//2, cols).swapaxes(1, 2).reshape(rows, cols)
-        # row order per head: 0, d/2, 1, d/2+1, 2, d/2+2, ...
-
-    We do the inverse: read the interleaved pairs back out as two halves.
-    For k, ``n_head`` is the number of KV heads.
+    llama.cpp's RoPE pairs neighbouring coordinates, HF's ``rotate_half`` the two halves, so
+    ``convert_hf_to_gguf.py`` interleaves each head's rows; this reads them back as halves. For k,
+    ``n_head`` is the number of KV heads. The permutation: docs/quantization.md.
     """
     rows = w.shape[0]
     head_dim = rows // n_head
@@ -233,15 +214,9 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
     """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata.
 
-    - model: byte-level BPE over ``tokenizer.ggml.tokens`` (id = position) and
-      ``tokenizer.ggml.merges`` ("a b" strings, in priority order);
-    - added tokens: type 3 (control, e.g. ``<|im_end|>``) as *special* tokens,
-      type 4 (user defined) as plain added tokens; both are matched in raw text
-      before BPE, so a chat template's ``<|im_start|>`` becomes one id;
-    - pre-tokenizer from ``tokenizer.ggml.pre``; decoder: ByteLevel.
-    HF equivalent: ``transformers/integrations/ggml.py`` (``GGUFGPTConverter``).
-    A SentencePiece vocabulary (``tokenizer.ggml.model = "llama"``: Gemma) is
-    rebuilt by ``gguf_spm.spm_tokenizer_json`` instead.
+    Byte-level BPE over ``tokenizer.ggml.tokens`` / ``merges``, control tokens as special added
+    tokens (HF: ``integrations/ggml.py``, ``GGUFGPTConverter``); a SentencePiece vocabulary goes to
+    ``gguf_spm.spm_tokenizer_json``. Details: docs/quantization.md.
     """
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":

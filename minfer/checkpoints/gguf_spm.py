@@ -1,29 +1,8 @@
 """A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model.
 
-A GGUF with ``tokenizer.ggml.model = "llama"`` (Llama 1/2, Gemma) carries a
-SentencePiece vocabulary: token strings (``▁`` stands for a space), one score
-per token, a type per token, and no merge list. llama.cpp tokenizes it with
-its SPM tokenizer (``llm_tokenizer_spm`` in ``src/llama-vocab.cpp``):
-
-1. text that spells a user-defined token (type 4; Gemma: runs of newlines,
-   spaces and tabs, some HTML tags) becomes that token before anything else;
-   control tokens (type 3, ``<bos>``, ``<start_of_turn>``) too when special
-   tokens are parsed;
-2. in the rest, every space becomes ``▁`` (and a ``▁`` is prepended when
-   ``tokenizer.ggml.add_space_prefix`` says so);
-3. start from single characters and repeatedly merge the adjacent pair whose
-   concatenation is a vocabulary token with the *highest score*, leftmost
-   first on ties;
-4. a character that is no token becomes its UTF-8 bytes, ``<0xE2>``... (byte
-   fallback, token type 6).
-
-Step 3 is byte-pair encoding whose merge list is "every way to cut every
-token into two tokens, best score first": that list is what this module
-builds, so HF ``tokenizers``' BPE (heap by rank, leftmost first on ties)
-makes the same choices. HF transformers builds Gemma's merges from the
-token *order* instead (``integrations/gguf/gguf_tokenizer_mapping.py``,
-``gemma_tokenizer``); Gemma 3's file scores its normal tokens -(id - 494),
-so both orders agree on them, and the scores are what llama.cpp reads.
+llama.cpp's SPM tokenizer (``llm_tokenizer_spm`` in ``src/llama-vocab.cpp``) merges the
+highest-scoring pair first; the merge list built here ("every way to cut every token in two,
+best score first") makes HF's BPE choose the same. Step by step: docs/quantization.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,8 @@
 """HF-format model folders: config.json + *.safetensors (+ tokenizer files).
 
-minfer's state dict uses HF Llama parameter names, so a folder written by
-``transformers`` loads here and a folder written here loads in ``transformers``
-(``LlamaForCausalLM.from_pretrained(folder)``)::
-
-    model.embed_tokens.weight                            (vocab, hidden)
-    model.layers.{i}.input_layernorm.weight              (hidden,)
-    model.layers.{i}.self_attn.q_proj.weight             (n_heads * head_dim, hidden)
-    model.layers.{i}.self_attn.k_proj.weight             (n_kv_heads * head_dim, hidden)
-    model.layers.{i}.self_attn.v_proj.weight             (n_kv_heads * head_dim, hidden)
-    model.layers.{i}.self_attn.{q,k,v}_proj.bias         only with attention_bias (Qwen2)
-    model.layers.{i}.self_attn.o_proj.weight             (hidden, n_heads * head_dim)
-    model.layers.{i}.post_attention_layernorm.weight     (hidden,)
-    model.layers.{i}.mlp.gate_proj.weight                (intermediate, hidden)
-    model.layers.{i}.mlp.up_proj.weight                  (intermediate, hidden)
-    model.layers.{i}.mlp.down_proj.weight                (hidden, intermediate)
-    model.norm.weight                                    (hidden,)
-    lm_head.weight                                       (vocab, hidden), only when not tied
-
-Matrices are in ``nn.Linear`` layout: (out_features, in_features).
-
-HF equivalents: ``transformers.modeling_utils`` (``from_pretrained`` /
-``save_pretrained``), sharding index format ``model.safetensors.index.json``.
+minfer's state dict uses HF Llama names (``model.layers.{i}.self_attn.q_proj.weight`` ...,
+``nn.Linear`` layout), so folders load both here and in ``transformers``
+(``from_pretrained`` / ``save_pretrained``). The name table: docs/quantization.md.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from minfer.cli_args import add_model_args
-from minfer.compress.common import DEFAULT_CACHE, log, set_threads  # noqa: F401  (re-exported)
+from minfer.cli_args import add_model_args, set_threads
+from minfer.compress.common import DEFAULT_CACHE, log  # noqa: F401  (re-exported)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,19 +4,11 @@ from __future__ import annotations
 import math
 import sys
 
-import torch
-
 DEFAULT_CACHE = "weights/teacher-cache"
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def set_threads(n: int) -> None:
-    if n < 1:
-        raise ValueError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
 
 
 def lr_at(progress: float, base: float, warmup: float = 0.03, floor: float = 0.1) -> float:

@@ -1,17 +1,8 @@
 """The corpus every student here trains on, and the text it is judged on.
 
-Nothing can be downloaded, so the text is what ships with Python:
-
-    train     the standard library's own ``.py`` sources (code and docstrings), sorted by path,
-              every file whose path hash does NOT fall in the held-out bucket
-    held-out  the other files (1 in ``HELD_OUT_EVERY`` by a stable hash of the relative path),
-              used for the held-out distillation loss / agreement / head accuracies
-    never     ``pydoc_data.topics`` (the perplexity text of ``minfer eval`` and the eviction
-              prompts): no trainer here ever reads it
-
-Files under ``test``/``tests``/``idlelib``/``site-packages`` are skipped (huge generated
-tables and third-party code). The split is a pure function of the relative path, so it
-is the same on every machine with the same CPython; ``split_fingerprint`` records it.
+train: the standard library's ``.py`` sources outside the held-out bucket; held-out: 1 in
+``HELD_OUT_EVERY`` files by a stable path hash; never trained on: ``pydoc_data.topics``.
+The split is a pure function of the path (docs/compression.md).
 """
 from __future__ import annotations
 

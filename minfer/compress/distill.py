@@ -1,24 +1,9 @@
 """`minfer distill`: train a small Llama on the teacher cache, to serve as a speculative draft.
 
-The student shares the teacher's tokenizer (same vocab ids, so it can draft)
-and is a few layers deep and narrow (default 2 layers, hidden 256): its decode
-step reads ~10x fewer bytes than SmolLM2-135M's. Its embedding (tied to the
-LM head, as in SmolLM2) starts as the teacher's embedding projected onto its
-top principal directions, so token identities start out meaningful.
-
-    teacher cache (top-k log-probs)  ──binned KL at T + CE──>  student  ──save_hf_folder──>  PATH
-                                                                         LLM(..., speculative="draft:PATH")
-
-The trainer (``train``) is shared with pruning's healing step: any minfer
-``Transformer`` can be the student. AdamW, linear warm-up, cosine decay over
-the step or time budget (``--minutes``: whichever ends first). Every
-``eval_every`` steps it scores the held-out cache (never trained on): the
-binned KL at T = 1 and the top-1 agreement with the teacher, against
-training tokens seen; that curve is written next to the checkpoint
-(``distill_log.json``).
-
-Production analogue: the draft models vLLM serves (``SpeculativeConfig``
-method "draft_model") are trained this way; DistilBERT / MiniLLM for the loss.
+Binned KL at T + CE on the cache (``losses.py``); the embedding starts as the teacher's,
+projected; AdamW, warm-up, cosine decay, held-out scores in ``distill_log.json``. ``train`` is
+shared with pruning's healing. vLLM serves such drafts as ``SpeculativeConfig`` method
+"draft_model" (docs/compression.md).
 """
 from __future__ import annotations
 
@@ -178,7 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.common import log, set_threads
+    from minfer.cli_args import set_threads
+    from minfer.compress.common import log
     from minfer.llm import LLM
 
     set_threads(args.threads)

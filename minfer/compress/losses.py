@@ -1,22 +1,10 @@
 """The distillation loss, on a teacher kept only as its top-k log-probs plus one "rest" bin.
 
-Hinton, Vinyals & Dean 2015 ("Distilling the knowledge in a neural network"):
-train the student on the teacher's softened distribution, KL at temperature T,
-scaled by T^2 so the gradient size does not shrink with T, plus the usual
-cross-entropy on the real next token:
+Hinton, Vinyals & Dean 2015:
 
     loss = alpha * T^2 * KL(q_teacher^T || q_student^T) + (1 - alpha) * CE(student, next token)
 
-The cache keeps only the teacher's top-k log-probs (``teacher.py``). So both
-distributions are folded onto the same k + 1 bins: the k token ids the teacher
-ranked highest, and one bin for everything else:
-
-    teacher bins  log p_1..log p_k,   log(1 - sum_i p_i)
-    student bins  log s[idx_1]..log s[idx_k],   logsumexp(log s over the other V - k ids)
-
-and the temperature acts on the bins: q^T = softmax(log bins / T). For T = 1
-this is exactly the KL between the two coarse-grained distributions; for
-T != 1 it treats "rest" as one token (an approximation that costs nothing).
+with both distributions folded onto the teacher's k ids plus a rest bin (docs/compression.md).
 """
 from __future__ import annotations
 

@@ -20,13 +20,8 @@ from minfer.speculative.medusa import MedusaHeads
 def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, generator=None):
     """Binned KL of each head vs the teacher's distribution j + 1 positions later; -> (loss, top-1 acc per head).
 
-    From h_t, head j predicts token t + 2 + j, whose teacher distribution is stored at
-    position t + 1 + j. ``positions`` samples that many (sequence, t) pairs per batch.
-
-    With a ``loss_mask`` in the batch (self-distillation: 1 on the tokens the model generated),
-    only t whose next token t + 1 is masked in are drawn (the heads are used while decoding,
-    never inside a prompt), and head j counts a row only if its target position t + 1 + j is
-    masked in too (not padding, not past the answer).
+    Head j predicts token t + 2 + j (teacher at t + 1 + j); with a ``loss_mask`` only generated
+    positions count (docs/compression.md).
     """
     from minfer.compress.losses import binned_kl, student_bins, teacher_bins
     B, T, h = batch.hidden.shape

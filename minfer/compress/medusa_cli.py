@@ -65,7 +65,7 @@ def _add_train_arguments(t: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.compress.common import set_threads
+    from minfer.cli_args import set_threads
     set_threads(args.threads)
     if args.medusa_cmd == "selfdistill":
         return _main_selfdistill(args)

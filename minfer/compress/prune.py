@@ -1,26 +1,8 @@
 """Structured pruning (whole FFN channels, whole query heads) + healing by distillation.
 
-Unstructured pruning zeroes single weights: the matrices keep their shape, and a
-dense kernel reads the zeros anyway, so nothing gets faster (shown side by side).
-Structured pruning removes whole rows/columns, so the matrices really shrink:
-
-    FFN channel c of a layer = row c of gate_proj and up_proj + column c of down_proj
-    query head i             = its hd rows of q_proj + its hd columns of o_proj
-                               (the same number per K/V group, so GQA stays regular)
-
-Which ones go: an activation-aware score on calibration text (training text only),
-in the spirit of Wanda (Sun et al. 2024: |weight| x input norm) and LLM-Pruner (Ma et
-al. 2023: structural groups):
-
-    FFN channel c   mean_t |silu(gate_c(x_t)) * up_c(x_t)|  x  ||down_proj[:, c]||
-    head i          mean_t || o_proj[:, head i] @ attn_out_i(x_t) ||
-
-the average size of what the channel / head adds to the residual stream. Every
-layer loses the same fraction (one ``intermediate_size`` in the config, so the
-pruned model is an ordinary HF Llama folder). Then the pruned model is healed by
-distillation from the unpruned teacher (``distill.train`` on the teacher cache).
-Sheared-LLaMA (Xia et al. 2024) and NVIDIA's Minitron prune and distill this way.
-``minfer prune`` (``minfer/bench/prune.py``) prunes, heals and measures the result.
+Activation-aware scores on training text, in the spirit of Wanda (Sun et al. 2024) and
+LLM-Pruner (Ma et al. 2023); every layer loses the same fraction, then ``distill.train`` heals
+(as Sheared-LLaMA and Minitron). The scores: docs/compression.md.
 """
 from __future__ import annotations
 

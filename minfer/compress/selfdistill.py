@@ -1,26 +1,8 @@
 """Self-distillation for Medusa heads: train them on the base model's OWN greedy answers.
 
-Medusa (Cai et al. 2024, section 3.2.2 "Self-distillation"): heads trained on corpus text
-learn what the *text* does next; at decode time they must guess what the *model* does
-next, and in a chat answer the two differ (a 135M model copying a function is far more
-predictable than the stdlib source it was shown). So:
-
-    1. prompts   chat requests built from functions of the corpus's TRAINING split only
-                 (``corpus.split_files("train")``; 5-30-line functions found with ``ast``),
-                 in the templates of ``TEMPLATES``, the assistant's answer started the way
-                 ``minfer bench spec`` starts it ("```python\\n" for code answers)
-    2. answers   the model's greedy answers, from ``LLM.generate`` (the batched engine), in a
-                 time budget
-    3. cache     ``build_teacher_cache`` over prompt + answer, one example per row padded to
-                 ``seq_len``, with a ``loss_mask`` that is 1 on the generated tokens only
-    4. train     ``train_heads``: ``head_loss`` draws only positions whose next token was generated
-
-The held-out check runs the same steps on functions of the corpus's HELD-OUT split (a few
-examples, never trained on). Nothing here reads ``bench spec``'s CODE or DOCUMENT texts.
-
-Production: the Medusa authors regenerate ShareGPT answers with the base model
-(``FasterDecoding/Medusa``, ``create_data.py``); EAGLE and vLLM's speculators train
-their drafts on the target model's own responses for the same reason.
+Medusa (Cai et al. 2024, 3.2.2): prompts from the corpus's training functions, the model's
+greedy answers (``LLM.generate``), a teacher cache with a ``loss_mask`` on the generated tokens,
+then ``train_heads``. The steps: docs/compression.md.
 """
 from __future__ import annotations
 

@@ -1,39 +1,12 @@
 """Teacher-signal cache: run the big model ONCE over the corpus, keep what the students need.
 
-A student (distilled draft, Medusa heads, a pruned model being healed) learns
-from the teacher's *distribution*, not only from the next token. Recomputing
-the teacher in every training step would cost a 135M-parameter forward per
-batch; storing its full logits would cost 49,152 floats per token. So store:
-
-    tokens     (n, T)      int32     the input sequences (T = seq_len)
-    topk_idx   (n, T, k)   int32     the teacher's k most likely next tokens at each position
-    topk_logp  (n, T, k)   float16   their log-probabilities (temperature 1); the rest of the
-                                     mass, 1 - sum(exp(topk_logp)), is kept as one "rest" bin
-    hidden     (n, T, h)   float16   the final hidden state (after the last RMSNorm), the
-                                     LM head's input: what Medusa heads read
-    loss_mask  (n, T)      uint8     optional: 1 where a trainer should learn (e.g. the tokens the
-                                     model generated itself, ``selfdistill.py``), 0 for prompt/padding
-
-Layout on disk (one folder; every shard written with ``atomic_dir``, so a kill
-leaves either a complete shard or none)::
-
-    cache/meta.json                    model, seq_len, k, shard size, corpus split
-    cache/shard_00000/{tokens,topk_idx,topk_logp,hidden}.npy
-    cache/shard_00001/...
-
-``build_teacher_cache`` skips shards that already exist: run it again after a
-kill and it resumes where it stopped, giving byte-identical files (a test
-checks this). ``TeacherCache`` opens the shards memory-mapped (``np.load(...,
-mmap_mode="r")``), so a 300k-token cache does not need to fit in RAM.
-
-Production analogue: distillation pipelines that precompute teacher logits
-offline (e.g. "sparse" top-k logit caches in DistilBERT/MiniLLM-style
-training); Medusa's authors train on the base model's own hidden states.
+Per shard: ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM
+head's input) and an optional ``loss_mask``, as .npy files written with ``atomic_dir`` (a rerun
+resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md.
 """
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +22,8 @@ OPTIONAL_FIELDS = ("loss_mask",)
 class HiddenCapture:
     """Forward hook on the final RMSNorm: keeps its output, the LM head's input (B, T, h).
 
-    No change to ``model.py``: a hook is the same trick ``transformers`` uses for
-    ``output_hidden_states``. Use as a context manager.
-
-    ``before_norm=True`` hooks the last decoder layer instead and keeps its output, so that the
-    hidden states of every row are there even when the forward skips the final norm and the LM
-    head for most rows (``logits_indices``); apply ``model.model.norm`` to the rows you need.
+    A context manager, as ``transformers``' ``output_hidden_states``; ``before_norm=True`` hooks the
+    last decoder layer instead, for forwards that skip the norm on most rows (docs/compression.md).
     """
 
     def __init__(self, model, before_norm: bool = False):
@@ -193,12 +162,3 @@ class TeacherCache:
         mask = torch.from_numpy(get("loss_mask")).bool() if "loss_mask" in self.arrays else None
         return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
                      torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float(), mask)
-
-
-def measure_teacher_speed(model, seq_len: int = 256, batch: int = 4, k: int = 32) -> float:
-    """Tokens per second of ``teacher_signals`` on random tokens (to size the corpus)."""
-    x = torch.randint(model.cfg.vocab_size, (batch, seq_len))
-    teacher_signals(model, x[:1, :16], k)
-    t0 = time.perf_counter()
-    teacher_signals(model, x, k)
-    return batch * seq_len / (time.perf_counter() - t0)

@@ -1,17 +1,5 @@
-"""Past one device: tensor and pipeline parallelism on ``torch.distributed``, and
-prefill/decode disaggregation.
-
-    comm.py             the process group (torchrun / ``launch``), timed collectives, COMM_STATS
-    layers.py           ColumnParallelLinear, RowParallelLinear, QKVParallelLinear,
-                        VocabParallelEmbedding, ParallelLMHead (vLLM's names), shard_weight
-    tensor_parallel.py  shard_model: a built Transformer -> this rank's shard (safetensors get_slice)
-    pipeline.py         PipelineStage: a rank's layers, hidden states by send/recv, micro-batches
-    disagg.py           a prefill worker and a decode worker, K/V blocks sent point to point
-    runtime.py          the driver and its followers: LLM(tensor_parallel_size=N), torchrun
-    engine.py           LLMEngine under TP or PP: the driver broadcasts each scheduled step, followers run it
-    checks.py, measure.py   multi-process checks (tests, lesson) and measurements (bench parallel)
-
-Lesson 11 (``lessons/11_parallelism.ipynb``) walks through all of it.
+"""Past one device: tensor and pipeline parallelism on ``torch.distributed``, and prefill/decode
+disaggregation. The files: docs/parallelism.md; lesson 11 walks through them.
 """
 from minfer.distributed.comm import COMM_STATS, DistributedError, init_distributed, launch
 from minfer.distributed.disagg import admit_prefilled, decode_worker, prefill_worker

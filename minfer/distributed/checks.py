@@ -133,7 +133,7 @@ def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> No
 
 def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
     """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
-    from minfer.serving.workload import TraceRequest
+    from minfer.engine.request import TraceRequest
     g = torch.Generator().manual_seed(seed)
 
     def rand(k):

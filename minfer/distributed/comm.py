@@ -1,16 +1,8 @@
 """The process group, timed collectives, and a launcher: everything that touches ``torch.distributed``.
 
-Every other file of ``minfer.distributed`` talks to the other ranks through the
-functions here, so that (a) each collective has a timeout and a dead rank turns
-into one clear ``DistributedError`` instead of a hang, and (b) ``COMM_STATS``
-can count the bytes and the seconds spent communicating (``minfer bench parallel``).
-
-    torchrun --nproc-per-node 2 -m minfer.cli generate ...   # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR...
-    init_distributed()                                          # reads them: gloo on CPU, NCCL on GPU
-    launch(fn, 2, *args)                                        # tests and notebooks: torch.multiprocessing
-
-vLLM's equivalent: ``vllm/distributed/parallel_state.py`` (groups) and
-``vllm/distributed/communication_op.py`` (``tensor_model_parallel_all_reduce``).
+Each collective has a timeout (a dead rank is one ``DistributedError``, not a hang), and
+``COMM_STATS`` counts bytes and seconds. vLLM: ``vllm/distributed/parallel_state.py``,
+``communication_op.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 

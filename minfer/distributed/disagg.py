@@ -1,23 +1,9 @@
 """Prefill/decode disaggregation: one process prefills, another decodes (DistServe, Zhong et al. 2024).
 
-Colocated, a long prompt's prefill shares the engine's steps with everyone's decodes, and
-every running request's next token waits for it: inter-token latency spikes. Split:
-
-    prefill worker (rank 0)                              decode worker (rank 1)
-    LLMEngine: schedule, prefill, sample token 1         LLMEngine: decode steps only
-    per request whose prompt is done:                    between its steps, polls for arrivals:
-      header  [kind, n_blocks]         ───send──>          irecv(header) completed?
-      meta    (ids, params, token 1,   ───send──>          allocate blocks in ITS pool (prefix hits too),
-               sampler state)                               copy the K/V in, commit the prompt tokens,
-      K, V    (L, n_blocks, bs, nkv, hd) ─send──>          the request joins `running` with token 1
-      abort it here (its blocks go to the prefix cache)    ... decodes exactly as a single engine would
-
-Both engines are the ordinary ``LLMEngine`` with the ordinary scheduler: disaggregation is
-a deployment choice. The only new step is ``LLMEngine.add_prefilled_request`` (used by
-``admit_prefilled``): a request enters the decode engine already computed, as vLLM's KV
-connector lets the scheduler do
-(``vllm/distributed/kv_transfer/kv_connector/v1/``, requests "waiting for remote KVs").
-The sampler's generator state travels too, so seeded sampling continues unchanged.
+Both sides are the ordinary ``LLMEngine``; a prefilled request (ids, token 1, sampler state,
+K/V blocks) is sent point to point and enters the decode engine through
+``add_prefilled_request``, as vLLM's KV connector (``vllm/distributed/kv_transfer/``).
+The message flow: docs/parallelism.md.
 """
 from __future__ import annotations
 

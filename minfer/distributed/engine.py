@@ -1,21 +1,8 @@
 """The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
 
-    rank 0: LLMEngine (scheduler, block manager, sampling, detokenizing, streaming)
-              runner = DriverRunner: build the step's metadata ──broadcast──> followers
-              forward on its shard + paged cache                           forward on theirs
-              (all-reduces inside the model keep the ranks in step)
-    ranks 1..N-1: follow_engine(): receive a step, run it, until the driver sends None
-
-What travels per step is the flattened batch, built by the driver's ``ModelRunner``
-(``minfer.engine.runner.prepare_batch``, still the only place a batch is flattened): token ids,
-the ``PagedBatch`` (positions, slot mapping, block tables), pending copy-on-write copies and
-which rows need logits. Every rank then calls ``ModelRunner.execute_model`` on it. Followers
-keep no scheduler (their runner's block manager stays unused): block tables come from the
-driver, and each rank's KV pool holds only its own K/V heads (TP). Under pipeline parallelism each stage runs its layers
-on the step, optionally in micro-batches of whole sequences so that stages overlap. vLLM: ``vllm/v1/executor/multiproc_executor.py``
-(``collective_rpc("execute_model", scheduler_output)``) and the worker's model runner.
-The scheduler and the engine loop are the single-process ones, unchanged: the driver's runner
-is plugged in with ``LLMEngine.from_model(..., wrap_runner=...)``.
+The driver's runner broadcasts each flattened step; followers (``follow_engine``) run
+``ModelRunner.execute_model`` on it. vLLM: ``vllm/v1/executor/multiproc_executor.py``
+(``collective_rpc("execute_model", ...)``). Details: docs/parallelism.md.
 """
 from __future__ import annotations
 

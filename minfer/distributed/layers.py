@@ -1,18 +1,8 @@
-"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019, "Megatron-LM"), with vLLM's names.
+"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019), with vLLM's names.
 
-An ``nn.Linear`` computes ``y = x @ W.T`` with W of shape (out, in). Split W two ways::
-
-    column parallel: W = [W_0; W_1]  (rows of W = output features)   y_r = x @ W_r.T     each rank: a slice of y
-    row parallel:    W = [W_0  W_1]  (columns of W = input features) y = sum_r x_r @ W_r.T  -> all-reduce
-
-A transformer block pairs them so that only ONE all-reduce is needed per pair:
-qkv (column, whole heads per rank) -> attention on the local heads -> o_proj (row, all-reduce);
-gate_up (column) -> SwiGLU on the local slice -> down_proj (row, all-reduce). The embedding and the
-LM head split the vocabulary: embedding rows outside a rank's range give zeros and an all-reduce
-fills them in; the LM head's logits slices are all-gathered.
-
-vLLM: ``vllm/model_executor/layers/linear.py`` (ColumnParallelLinear, RowParallelLinear,
-QKVParallelLinear) and ``vllm/model_executor/layers/vocab_parallel_embedding.py``.
+Column parallel splits W's output rows, row parallel its input columns (then one all-reduce);
+paired, a block needs one all-reduce per pair. vLLM: ``vllm/model_executor/layers/linear.py``,
+``vocab_parallel_embedding.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -69,13 +59,9 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """A column-parallel projection split at head boundaries: each rank holds whole heads.
 
-    As in vLLM, it is the fused ``qkv_proj``: each rank's weight is its q heads' rows,
-    then its k heads' rows, then its v heads' rows (``tensor_parallel.shard_model``
-    stacks them from HF's q_proj/k_proj/v_proj). ``head_range`` says
-    which heads: query heads are split evenly; K/V heads too when tp divides them, else
-    (tp a multiple of n_kv_heads, e.g. MQA) each K/V head is *replicated* on tp / n_kv ranks,
-    so a GQA group (one K/V head and the query heads that read it) is never cut apart
-    from its K/V head.
+    vLLM's fused ``qkv_proj``: a rank's q heads' rows, then its k, then its v; ``head_range`` splits
+    query heads evenly and replicates K/V heads when tp exceeds them, so a GQA group stays with its
+    K/V head (docs/parallelism.md).
     """
 
     @staticmethod

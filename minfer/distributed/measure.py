@@ -89,7 +89,7 @@ def pp_bubble_worker(rank, world, out_path, cfg_kwargs=None, batch=8, seq=32, mi
 def mixed_workload(vocab, n_short=8, short_prompt=16, short_out=48, n_long=3, long_prompt=384, long_out=4,
                    long_every_s=0.6, seed=0):
     """Short chats decoding steadily while long prompts (documents) arrive every ``long_every_s``."""
-    from minfer.serving.workload import TraceRequest
+    from minfer.engine.request import TraceRequest
     g = torch.Generator().manual_seed(seed)
 
     def rand(k):

@@ -1,19 +1,8 @@
 """Pipeline parallelism: the layers split into stages, one stage per rank, hidden states sent on.
 
-    rank 0: embed, layers [0, L/2)  --send x (B, T, h)-->  rank 1: layers [L/2, L), norm, LM head
-
-One sequence at a time, only one stage works while the others wait. Micro-batches
-(GPipe, Huang et al. 2019) cut the batch into M pieces: stage 0 sends micro-batch 0
-on and starts micro-batch 1 while stage 1 works on micro-batch 0. With S stages,
-the idle fraction (the "bubble") of a forward is (S - 1) / (M + S - 1).
-
-The last stage hands the logits back to every rank with a broadcast, so that each
-rank's copy of the generation loop samples the same token (vLLM's last stage samples
-and broadcasts only the token ids; minfer sends the logits, which is simpler to follow).
-
-vLLM: ``vllm/distributed/parallel_state.py`` (``get_pp_group``), ``IntermediateTensors``
-in ``vllm/sequence.py``, and ``make_layers`` (``vllm/model_executor/models/utils.py``),
-which leaves a stage's foreign layers as ``PPMissingLayer``.
+Micro-batches (GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1); the last
+stage broadcasts the logits. vLLM: ``get_pp_group``, ``IntermediateTensors``, ``PPMissingLayer``
+(docs/parallelism.md).
 """
 from __future__ import annotations
 

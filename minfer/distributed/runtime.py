@@ -1,24 +1,8 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
 
-    driver (rank 0)                               followers (ranks 1..N-1)
-    LLM(...): the serving engine, its runner      follow_engine(shard):
-      a DriverRunner (distributed/engine.py)
-    LLM.generate(prompts): every engine step
-      broadcast (flattened batch) ──────────────>   receive the step
-      forward on its shard / stage                  forward on theirs
-        all-reduce / send-recv  <──────────────>      the same collectives
-    shutdown(): broadcast None ─────────────────>   return
-
-The driver alone schedules, samples and applies stop rules (stop strings need the text);
-followers run each step it sends, so a list of prompts is batched under tensor and pipeline
-parallelism exactly as in one process. This is vLLM's executor pattern
-(``vllm/v1/executor/multiproc_executor.py``: the driver broadcasts the scheduled step,
-workers run it).
-
-Two ways in: ``torchrun --nproc-per-node N -m minfer.cli generate ...`` (every rank
-is started by torchrun; rank 0 runs the command, the others follow), or
-``LLM(..., tensor_parallel_size=N)`` in an ordinary process, which becomes rank 0
-and spawns the N-1 followers itself.
+The driver (rank 0) schedules, samples and stops; followers run each step it broadcasts
+(vLLM's executor, ``vllm/v1/executor/multiproc_executor.py``). Started by torchrun, or spawned
+by ``LLM(..., tensor_parallel_size=N)`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -62,6 +46,33 @@ def load_parallel_model(model: str, pc: ParallelConfig, rank: int, dtype, device
     from minfer.loading import load_model
     cfg, full, tok = load_model(model, device=device, dtype=dtype)
     return cfg, PipelineStage(full, rank, pc.pipeline_parallel_size), tok
+
+
+def check_sizes(model: str, pc: ParallelConfig) -> None:
+    """Refuse degrees the model cannot be split into, before any process starts (ValueError naming the field)."""
+    from minfer.checkpoints.hf import read_config
+    from minfer.checkpoints.loader import resolve_model
+    from minfer.distributed.pipeline import stage_layers
+    from minfer.distributed.tensor_parallel import check_tp_size
+    path, tp = resolve_model(model), pc.tensor_parallel_size
+    if path.suffix == ".gguf":
+        if tp > 1:
+            raise ValueError(f"{path}: tensor parallelism loads HF safetensors folders only (slices need get_slice)")
+        return
+    cfg = read_config(path)
+    stage_layers(cfg.num_hidden_layers, 0, pc.pipeline_parallel_size, cfg.kv_share_group)
+    try:
+        check_tp_size(cfg, tp)
+    except ValueError:
+        nkv, ok = cfg.num_key_value_heads, []
+        for d in range(1, cfg.num_attention_heads + 1):
+            try:
+                check_tp_size(cfg, d)
+                ok.append(d)
+            except ValueError:
+                pass
+        rule = f"must divide {nkv}" if all(nkv % d == 0 for d in ok) else f"must be one of {ok}"
+        raise ValueError(f"{path.name} has {nkv} KV heads: tensor_parallel_size {rule}, got {tp}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +134,7 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
             raise ValueError("only rank 0 builds the LLM; other ranks call minfer.distributed.follow_engine")
     else:
         import torch.multiprocessing as mp
+        check_sizes(model, pc)
         port = comm.free_port()
         ctx = mp.get_context("spawn")
         for r in range(1, pc.world_size):

@@ -1,30 +1,9 @@
 """Shard an already-built ``minfer.model.Transformer`` over a tensor-parallel group.
 
-``shard_model(model, source, rank, world)`` replaces, in place, every projection
-by its parallel layer holding this rank's slice, read from ``source``:
-
-    self_attn.qkv_proj              QKVParallelLinear    whole heads (K/V replicated when tp > n_kv)
-    self_attn.o_proj                RowParallelLinear    one all-reduce
-    mlp.gate_up_proj                ColumnParallelLinear
-    mlp.down_proj                   RowParallelLinear    one all-reduce
-
-A fused projection holds, on each rank, that rank's rows of every HF matrix it
-stacks (its q heads, then its k heads, then its v heads; its gate rows, then its
-up rows), so the local split into q, k, v (gate, up) works as on one device.
-    model.embed_tokens              VocabParallelEmbedding  one all-reduce
-    lm_head (tied: shares the above) ParallelLMHead      one all-gather of logits
-
-The model's own ``forward`` runs unchanged: it only
-sees a *rank-local* config (``local_config``: this rank's head counts), so its
-``view(B, T, nh, hd)`` and its KV caches are sized for the local heads. Per token
-and layer that is 2 all-reduces of ``hidden_size`` activations.
-
-A ``source`` is anything with ``get(name, dim, start, stop)``: ``StateDictSource``
-(a model in memory) or ``SafetensorsSource`` (a checkpoint folder, reading each
-slice with safetensors' ``get_slice``: a rank never loads the whole matrix).
-
-vLLM: ``vllm/model_executor/models/llama.py`` builds the parallel layers directly and
-each one's ``weight_loader`` narrows the checkpoint tensor to its shard.
+``shard_model(model, source, rank, world)`` swaps each projection for its parallel layer
+holding this rank's slice (read with safetensors' ``get_slice``); the model's forward runs
+unchanged on a rank-local config. vLLM: ``model_executor/models/llama.py`` with each layer's
+``weight_loader``. The projection table: docs/parallelism.md.
 """
 from __future__ import annotations
 

@@ -1,45 +1,10 @@
 """The static decode step: fixed-shape buffers per batch-size bucket, replayed as CUDA graphs on a GPU.
 
-Why. On a GPU a decode step of a small model is a few hundred tiny kernels, and the
-CPU that launches them one by one (Python, the PyTorch dispatcher, the driver) is
-slower than the GPU that runs them. A CUDA graph records the whole step once and
-replays it with one launch. The price: a graph replays *exactly* what was recorded,
-so every input must live at the same address with the same shape on every replay.
-
-How. One graph per batch-size *bucket* (``capture_sizes``: 1, 2, 4, 8, ...,
-``max_num_seqs``). A step with S decodes runs in the smallest bucket n >= S
-(``bucket_for``): its S real rows are copied into the static buffers and the
-n - S rows after them are *padding*::
-
-    S = 3 decodes, bucket n = 4             static buffers (rows 0 .. n-1 of the largest bucket)
-    input_ids     [ a   b   c | 0 ]         padded row: token 0,
-    positions     [ 7  12   3 | 0 ]                     position 0,
-    slot_mapping  [ 29 50  14 | s ]                     K/V written to the scratch slot s,
-    context_lens  [ 8  13   4 | 1 ]                     attends to that one key only,
-    block_tables  [[..],[..],[..],[scratch ..]]         and its logits are never sampled.
-
-The scratch slot lies in a block the pool reserved for this (``BlockPool.reserve_block``),
-so a padded row can never overwrite a sequence's K/V. Attention is planned by the paged
-backend's ``prepare_static_metadata`` (``minfer/attention/paged.py``, through
-``PagedKVCache.set_static_batch``): every row attends over the full width of the block
-table (``max_blocks * block_size`` keys), the keys past its context masked, with no
-host read anywhere, so the whole step can be captured.
-
-The batch is still flattened by the engine's runner (``prepare_batch``): this module
-only copies its tensors into the static buffers and pads. Prefill and mixed steps stay
-eager (their shapes vary too much to capture), as in vLLM and nano-vllm.
-
-On CUDA each bucket is captured once, largest first, all graphs in one memory pool (the
-largest graph's intermediates are big enough for every smaller one, so the pool is
-allocated once). Before a capture the step runs on a side stream (the warm-up PyTorch
-asks for: lazy initialisation, cuBLAS workspaces and torch.compile happen outside the
-recording). On a CPU there is nothing to capture: "replay" calls the same step function
-on the same static buffers, so the padding and the bookkeeping are tested on every
-machine and only the capture itself needs a GPU.
-
-vLLM: ``CudagraphDispatcher`` and ``GPUModelRunner.capture_model`` / ``_dummy_run``
-(``vllm/v1/worker/gpu_model_runner.py``, ``vllm/v1/cudagraph_dispatcher.py``);
-nano-vllm: ``ModelRunner.capture_cudagraph`` and ``run_model``.
+A step with S decodes runs in the smallest bucket n >= S (``bucket_for``); rows S..n-1 are
+padding that writes to a reserved scratch slot and is never sampled. On a CPU "replay" calls
+the same step on the same buffers, so everything but the capture is tested everywhere.
+vLLM: ``CudagraphDispatcher``, ``GPUModelRunner.capture_model`` (``vllm/v1/worker/gpu_model_runner.py``);
+nano-vllm: ``ModelRunner.capture_cudagraph``. Why, and the padding diagram: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -107,12 +72,9 @@ def capture_graph(step, pool=None):
 class StaticSingleDecode:
     """The single-request loop's decode step on static buffers (gpt-fast's shape).
 
-    ``step(tok, pos)`` -> logits (vocab,) of token ``tok`` at position ``pos``, through a
-    ``StaticKVCache`` (every slot read, masked on the device: one shape for every step).
-    On a GPU the step is one CUDA graph, captured here; the token and position are
-    written into the two static input tensors by ``fill_`` (a kernel, no host sync). On a
-    CPU "replay" is the same call on the same buffers. Build it BEFORE the prefill: the
-    capture's warm-up writes a key at slot 0, which the prefill then overwrites.
+    ``step(tok, pos)`` -> logits (vocab,) through a ``StaticKVCache``; one CUDA graph on a GPU, the
+    same call on the same buffers on a CPU. Build it BEFORE the prefill: the capture's warm-up
+    writes slot 0 (docs/kernels.md).
     """
 
     def __init__(self, model, cache, attention="sdpa", use_cuda_graph: bool | None = None):
@@ -141,17 +103,10 @@ class StaticSingleDecode:
 class StaticDecodeRunner:
     """Decode-only steps on static buffers, one bucket per captured batch size.
 
-    ``run(input_ids, meta, sample_rows)`` takes a decode-only batch flattened by
-    ``prepare_batch`` and returns the logits of ``sample_rows`` (K, vocab), as
-    ``ModelRunner.execute_model`` does. ``fits(meta)`` says whether a batch can run
-    here: decodes only, at most ``max(sizes)`` of them, contexts within the static
-    width. Anything else runs eager.
-
-    The static inputs are allocated once, for the largest bucket; bucket n uses
-    their first n rows (views: the same memory for every graph, as nano-vllm's
-    ``graph_vars``). ``compile=True`` wraps the step in ``torch.compile`` (one
-    compile for batch 1, one with a symbolic batch size for the others); the
-    time of that warm-up is ``compile_seconds``, measured apart from any step.
+    ``run(input_ids, meta, sample_rows)`` -> the logits of ``sample_rows`` (K, vocab), as
+    ``ModelRunner.execute_model``; ``fits(meta)`` says whether a batch can run here (else eager).
+    The buffers serve every bucket (nano-vllm's ``graph_vars``); ``compile=True`` adds
+    ``torch.compile``, its warm-up timed as ``compile_seconds`` (docs/kernels.md).
     """
 
     def __init__(self, model, cache: PagedKVCache, scratch_block: int, max_num_seqs: int, *,

@@ -1,14 +1,7 @@
 """The output processor: token ids -> streamed text, stop strings, finish reason.
 
-One place turns a sequence's new tokens into what a client sees, for the
-engine (and through it ``LLM``, the batch job and the server) and for the
-speculative single-request loops that ``LLM`` runs. vLLM's equivalent:
-``vllm/v1/engine/output_processor.py`` with ``detokenizer.py`` (incremental
-detokenizing) and its stop-string check.
-
-    tokens ──IncrementalDetokenizer──> text so far ──stop string found?──> cut there, finish "stop"
-                                               └──> stream all but the last (longest stop - 1) characters,
-                                                    which might be the start of a stop string
+Streams all but the last (longest stop - 1) characters, which might start a stop string.
+vLLM: ``vllm/v1/engine/output_processor.py`` with ``detokenizer.py`` (docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """A request inside the serving engine: its tokens, its progress, its own sampler.
 
-One counter drives everything, as in vLLM V1 (``vllm/v1/request.py``)::
-
-    all_token_ids:  [ p0 p1 p2 p3 p4 p5 | o0 o1 o2 ]      prompt, then outputs so far
-                      <--- num_computed_tokens ---->        K/V of these are in the cache
-                                                   ^^^^^
-                                     still to compute (fed to the model next)
-
-Each step the scheduler gives a request some of its uncomputed tokens: a whole
-prompt, a chunk of one (chunked prefill), or the single newest token (decode).
-When ``num_computed_tokens`` reaches ``num_tokens``, the logits of the last
-position give the next token. There is no separate "prefill" and "decode"
-mode: a decode is just a request with one uncomputed token. After a
-preemption by recompute, ``num_computed_tokens`` falls back to 0 and the
-prompt *plus the outputs so far* is prefilled again.
+One counter drives everything, as in vLLM V1 (``vllm/v1/request.py``): the tokens before
+``num_computed_tokens`` have K/V in the cache, the rest are fed next; a decode is a request with
+one uncomputed token (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -24,6 +13,16 @@ import torch
 
 from minfer.sampling import SamplingParams, make_generator, stop_token_ids
 from minfer.metrics import RequestStats
+
+
+@dataclass
+class TraceRequest:
+    """One request of a workload trace (``minfer.serving.workload``): when it arrives, what it asks."""
+    request_id: str
+    arrival_time: float             # seconds after the trace starts
+    prompt_token_ids: list[int]
+    max_tokens: int                 # tokens to generate (run with ignore_eos for exact lengths)
+    prompt: str | None = None       # the text, when the prompt came from text
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +52,7 @@ class Request:
     text: str = ""                         # detokenized output (when the engine has a tokenizer)
     group_id: str | None = None           # the client's request id (None: this one's own)
     index: int = 0                         # which of the group's n parallel samples this is
+    matcher: object = field(default=None, repr=False)   # guided decoding: the grammar's state (minfer/guided.py)
     stats: RequestStats = field(init=False)
     generator: torch.Generator = field(init=False, repr=False)
     logprobs: list | None = field(init=False, repr=False)          # one dict per output token (minfer/logprobs.py)

@@ -1,38 +1,11 @@
 """The scheduler: which requests run in the next forward pass, and how many tokens each.
 
-Every step fills a *token budget* (``max_num_batched_tokens``) with tokens of
-several requests, flattened into one batch (vLLM V1,
-``vllm/v1/core/sched/scheduler.py``)::
-
-    budget 16:   [ d  d  d | p p p p p p p p p p p p p ]
-                   decodes   a prefill chunk (the rest of that prompt waits for the next step)
-
-Three policies share this machinery and differ only in *when a waiting
-request may join*:
-
-* ``static``: batches are fixed. A batch of up to ``max_num_seqs`` requests
-  forms only when that many are waiting (or no more will come) and the
-  previous batch has completely finished; nobody joins until every member is
-  done (the classic "run the padded batch to completion").
-* ``dynamic``: like static, but a batch also starts when the oldest waiting
-  request has waited ``max_wait_ms`` (Triton / TF-Serving style).
-* ``continuous``: iteration-level scheduling (Orca, Yu et al. OSDI 2022; vLLM):
-  every step first gives one token to each running decode and the next chunk
-  to each running prefill, then admits waiting requests into what is left of
-  the budget, chunking a prompt that does not fit. Finished requests leave at
-  once and their blocks go to the next request.
-
-Memory comes from the paged KV cache's block manager. When a running request
-needs a new block and none is free, the scheduler *preempts by recompute*:
-it frees the blocks of the newest running request (vLLM's policy: the oldest
-requests keep their progress) and puts it back at the front of the queue; when
-readmitted it prefills its prompt and its outputs so far again. Greedy outputs
-do not change, the work is just done twice.
-
-The scheduler never touches tensors: ``schedule()`` returns
-(request, start position, number of tokens) triples and the engine runs them.
-Another policy is a subclass that overrides ``schedule()``, handed to the
-engine as ``scheduler_cls`` (vLLM: ``SchedulerConfig.scheduler_cls``).
+Every step fills a token budget (``max_num_batched_tokens``) with decodes and prefill chunks
+(vLLM V1, ``vllm/v1/core/sched/scheduler.py``). Policies ``static``, ``dynamic`` and
+``continuous`` (Orca, Yu et al. OSDI 2022) differ in when a waiting request may join; without
+a free block the newest running request is preempted by recompute. ``schedule()`` returns
+(request, start, num_tokens) triples; another policy is a subclass passed as ``scheduler_cls``.
+The policies in detail: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -179,11 +152,9 @@ class Scheduler:
     def add_computed(self, req: Request) -> int | None:
         """Admit ``req`` whose tokens were all computed elsewhere (a disaggregated prefill worker).
 
-        Reserves its blocks (prefix-cache hits included), registers its tokens for prefix
-        caching and runs it from its next token. Returns how many leading tokens were found
-        in the prefix cache: the caller writes the K/V of the blocks after them. None if the
-        pool or ``max_num_seqs`` is full now (nothing changed). vLLM: requests "waiting for
-        remote KVs" (``vllm/v1/core/sched/scheduler.py`` with a KV connector).
+        Returns how many leading tokens the prefix cache held (the caller writes the K/V after them), or
+        None if it cannot be admitted now (nothing changed). vLLM: requests "waiting for remote KVs"
+        (docs/architecture.md).
         """
         if len(self.running) >= self.config.max_num_seqs:
             return None

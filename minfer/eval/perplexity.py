@@ -1,32 +1,8 @@
-"""Sliding-window perplexity on a fixed text.
+"""Sliding-window perplexity on a fixed text (``pydoc_data.topics``, no download).
 
-Perplexity is exp(mean negative log-likelihood) of each token given the ones
-before it: the number of equally likely choices the model is, on average,
-torn between. Lower is better; a quantized model is judged by how far its
-perplexity moves from the float model's on the same text.
-
-The text: the topics of ``pydoc_data.topics`` (the CPython reference docs that
-``help()`` shows), joined in sorted key order, first ``chars`` characters.
-It ships with every CPython, needs no download and never changes within a
-Python version; the result records the version and a hash of the slice, since
-another CPython ships a slightly different text.
-
-The window. A model has a finite context, and scoring every token with the
-whole past would cost O(n^2). So the text is cut into windows of ``context``
-tokens whose ends lie ``stride`` tokens apart (stride < context); each window
-scores only the tokens no earlier window scored, so each token is scored
-once, with at least ``context - stride`` tokens of context (all tokens before
-it in the first window):
-
-    tokens  0 ......................................................... n
-    win 1   [=============== scored ===============]
-    win 2            [..... context ......|== scored ==]
-    win 3                     [..... context ......|== scored ==]
-
-This is the method of the HF transformers "Perplexity of fixed-length models"
-guide; llama.cpp's ``llama-perplexity`` instead scores the second half of
-non-overlapping windows. Numbers from different methods or texts are not
-comparable: compare formats with the same command.
+Windows of ``context`` tokens whose ends lie ``stride`` apart; each token is scored once, as in
+HF transformers' "Perplexity of fixed-length models" guide (llama.cpp's ``llama-perplexity``
+differs). The window diagram: docs/compression.md.
 """
 from __future__ import annotations
 

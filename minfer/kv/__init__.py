@@ -1,25 +1,10 @@
 """Where K and V live between forward passes.
 
-Every cache has the interface declared in ``kv/base.py`` (``KVCache``), used by ``model.Attention``::
-
-    view = cache.update(kv_layer, k, v, positions)      # KVView(keys, values, key_pos)
-        k, v       (B, n_kv_heads, T, hd)  this forward's new keys/values (after RoPE)
-        positions  (B, T)                  their absolute positions
-        view       every key/value the new queries may see, (B, n_kv_heads, S, hd),
-                   and their positions (B, S), -1 for an empty slot
-    out = cache.attend(kv_layer, q, view, positions, backend, window)
-    cache.truncate(length)   (contiguous caches) roll back: forget everything at positions >= length
-    cache.nbytes()           bytes of K/V storage actually allocated
-
-Caches:
-  ContiguousKVCache    one preallocated max-length buffer per sequence (gpt-fast)
-  StaticKVCache        the same, read whole and masked on the device: fixed shapes for CUDA graphs
-  SlidingWindowKVCache a ring buffer of the last W positions: memory O(W)
-  QuantizedKVCache     int8 (or fp8) values with a per-token, per-head scale
-  EvictingKVCache      at most a budget of tokens per layer: StreamingLLM, H2O or SnapKV (evict.py)
-  PagedKVCache         blocks shared by many sequences, with int8/fp8 pages; attention through
-                       their block tables is minfer/attention/paged.py's, the bookkeeping
-                       (BlockPool, KVCacheManager) block_pool.py's; the engine drives it
+Every cache has the interface of ``kv/base.py`` (``update`` then ``attend``, per layer):
+ContiguousKVCache (gpt-fast), StaticKVCache (fixed shapes for CUDA graphs),
+SlidingWindowKVCache (a ring of W positions), QuantizedKVCache (int8/fp8),
+EvictingKVCache (StreamingLLM, H2O, SnapKV) and PagedKVCache (blocks shared by the
+engine's sequences). Shapes and layouts: docs/kv-and-attention.md.
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.evict import EvictingKVCache

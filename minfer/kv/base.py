@@ -1,17 +1,9 @@
 """The KV-cache interface the model calls, declared once (mini-sglang's ``BaseKVCache``, vLLM's
 ``AttentionImpl.forward`` with its ``kv_cache`` argument).
 
-Every layer of ``model.Attention`` makes exactly two calls, whatever the cache::
-
-    view = cache.update(kv_layer, k, v, positions)        # store this forward's keys/values
-    out  = cache.attend(kv_layer, q, view, positions, backend, window)
-
-``update`` writes and returns a ``KVView`` (what the queries may read);
-``attend`` turns queries into outputs. A dense cache (contiguous, sliding,
-int8/fp8) attends by handing the view to the attention backend; the paged
-cache walks block tables instead; the lookahead cache applies a tree mask.
-Layers that share K/V with an earlier layer (cross-layer sharing) skip
-``update`` and attend over the view their group's first layer returned.
+Every layer of ``model.Attention`` makes two calls: ``view = cache.update(kv_layer, k, v,
+positions)`` stores this forward's keys/values, ``cache.attend(kv_layer, q, view, positions,
+backend, window)`` turns queries into outputs (docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

@@ -1,23 +1,8 @@
 """Every sequence's block table as one row of a persistent tensor, updated as blocks are appended.
 
-The block manager (``block_pool.py``) keeps each table as a Python list: that is
-the bookkeeping (prefix hashes, copy-on-write, freeing). The forward needs the
-same tables as a tensor. Rebuilding that tensor from the lists on every step
-costs one small copy per sequence per step; instead the manager writes each
-change here once, when it happens (a new block appended, a copy-on-write swap),
-and the runner only *indexes* the rows of the sequences in the step::
-
-    row  seq   table (cols grow on demand; entries past a sequence's end are masked)
-     0   A     [ 2  0  4  .  . ]
-     1   (free: its row is handed to the next sequence)
-     2   B     [ 1  5  .  .  . ]
-
-    batch [B, A] -> rows [2, 0] -> block_tables = table[[2, 0], :ceil(max seq_len / bs)]
-
-On a GPU the table lives twice: the host copy the manager writes, and a
-device copy refreshed by one host-to-device copy per step when something
-changed (``device_table``). vLLM: ``vllm/v1/worker/block_table.py``
-(``BlockTable``: ``block_table_cpu``, ``append_row``, ``commit_block_table``).
+The block manager writes each change once, when it happens; the runner only indexes the rows
+of the step's sequences. vLLM: ``vllm/v1/worker/block_table.py`` (``BlockTable``).
+Diagram: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

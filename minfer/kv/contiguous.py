@@ -1,19 +1,12 @@
 """The contiguous KV cache: one preallocated buffer per sequence, indexed by position.
 
-gpt-fast style (``KVCache`` in gpt-fast's model.py). Layout::
+gpt-fast style (``KVCache`` in gpt-fast's model.py)::
 
-    k[layer]  (B, n_kv_heads, max_len, hd)      slot s holds the key of position s
-    v[layer]  (B, n_kv_heads, max_len, hd)
-    lengths   (B,)                              slots [0, length) are valid
+    k[layer], v[layer]  (B, n_kv_heads, max_len, hd)   slot s holds position s
+    lengths             (B,)                            slots [0, length) are valid
 
-      position:  0   1   2   3   4   5   6   7  ...  max_len-1
-      slot:     [k0][k1][k2][k3][k4][ . ][ . ][ . ]  [ . ]
-                 <---- valid (length 5) ----> <--- reserved, unused --->
-
-Writing at ``positions`` and rolling back by moving ``length`` (speculative
-decoding rejects tokens this way) are both O(1) bookkeeping. The price: every
-sequence reserves ``max_len`` slots up front, used or not; the paged cache
-fixes that.
+Writes and roll-backs are O(1); every sequence reserves ``max_len`` slots up front
+(docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

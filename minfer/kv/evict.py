@@ -1,35 +1,10 @@
-"""KV-cache eviction ("selective caching"): keep a fixed budget of tokens per layer, drop the rest.
+"""KV-cache eviction: keep a fixed budget of tokens per layer, drop the rest.
 
-Beside the sliding-window ring (``minfer/kv/sliding.py``: the last W tokens, nothing
-else), three policies decide WHICH past tokens keep their K/V once a layer holds more
-than ``budget`` tokens:
-
-    streaming  StreamingLLM (Xiao et al. 2024, "Efficient streaming language models with
-               attention sinks"): the first ``sinks`` tokens forever (attention "sinks"
-               soak up probability mass), plus the most recent ones.
-    h2o        Heavy-Hitter Oracle (Zhang et al. 2023): every token's attention received,
-               summed over all queries so far; keep the heaviest, plus a recent window.
-    snapkv     SnapKV (Li et al. 2024): the last ``obs_window`` prompt queries vote once, at
-               prefill, for the prompt tokens worth keeping; tokens generated later live in
-               the recent window.
-
-The budget holds per layer and per head group: every K/V head of a layer keeps the same
-positions (scores are summed over the query heads of all groups), so the cache keeps
-the engine's interface (``update`` returns keys with one (B, S) positions row; see
-``minfer/kv/__init__.py``). Positions stay the original ones (RoPE was applied when the
-key was written); the causal mask is built from them, so the model needs no special path.
-
-H2O and SnapKV need the attention weights. ``attend`` has what they need: the queries,
-already rotated by the model, and the keys ``update`` returned. It runs the backend as
-every dense cache does, then recomputes the softmax for its bookkeeping only (the
-backend does not return its weights), and the model's own attention is untouched.
-
-Within one forward the new tokens see the kept tokens plus themselves (a prefill of T
-tokens briefly holds budget + T); the budget is enforced when the layer that wrote
-them has attended.
-Production: vLLM keeps every token (paged, no eviction); SnapKV / H2O / StreamingLLM
-implementations patch HF attention. A per-head (not per-layer) selection would need
-per-head key positions in the interface.
+Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o``
+(Heavy-Hitter Oracle, Zhang et al. 2023: most attention received + recent), ``snapkv``
+(SnapKV, Li et al. 2024: the last prompt queries vote once). Every K/V head of a layer
+keeps the same positions; scores are taken in ``attend``, where q and k already are.
+Design and limits: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

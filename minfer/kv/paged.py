@@ -1,38 +1,15 @@
 """The paged KV cache's storage: one pool of K/V blocks shared by every sequence, and its write.
 
-Memory layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
+Layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
-    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   K and V side by side
-    k, v   views kv[:, 0], kv[:, 1]: (num_kv_layers, num_blocks, block_size, n_kv_heads, head_dim)
-    slot   = block_id * block_size + offset        a token's row in k[layer].view(-1, nkv, hd)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   (local/global models:
+           the layers of one KV group, ``kv/coordinator.py``)
+    slot   = block_id * block_size + offset
 
-(vLLM keeps the 2 on the outside of the same tensor, ``(2, num_blocks, block_size, nkv, hd)`` per
-layer; one tensor lets a layer write K and V with one scatter and read them with one gather.)
-
-The model runs on a *flattened batch* built by the engine's runner
-(``minfer/engine/runner.py``, the only place a batch is flattened): the tokens
-of several sequences side by side in ``input_ids (1, N)``. ``PagedBatch`` says
-which tokens belong to which sequence and where their K/V go::
-
-    seq A: prefill of 3 tokens at positions 0..2   seq B: decode 1 token at position 5
-    input_ids     [a0 a1 a2 | b5]                  query_lens [3, 1]   seq_lens [3, 6]
-    slot_mapping  [ 8  9 10 | 21]                  logits_indices [2, 3]
-    block_tables  [[2, 0],                         (S, max blocks): rows of the persistent
-                   [0, 5]]                         table; A's 0 is padding (read, masked)
-                                                   (block_size 4: b5 -> block 5, offset 1)
-
-Each layer calls ``update`` (write the N new keys/values at their slots, one
-scatter for the whole batch; vLLM: ``reshape_and_cache``) and ``attend``, which
-hands the queries to this cache's paged-attention backend
-(``minfer/attention/paged.py``: ``prepare_metadata`` once per forward through
-``set_batch``, ``forward`` per layer). The backend reads the pool through
-``read_blocks``.
-
-``kv_cache_dtype="int8" | "fp8"`` stores pages quantized, with one fp32 scale
-per token and head (the rule of ``kv/quantized.py``), dequantized as they are
-read; vLLM: ``kv_cache_dtype="fp8"``. Layers that share K/V (cross-layer
-sharing) share pages: the pool has ``num_kv_layers`` layers, not one per layer.
-The bookkeeping (block tables, prefix caching, copy-on-write) is in ``block_pool.py``.
+``update`` writes a flattened batch's keys/values at their slots (vLLM:
+``reshape_and_cache``); ``attend`` hands the queries to ``minfer/attention/paged.py``.
+int8/fp8 pages keep one scale per token and head. The ``PagedBatch`` diagram:
+docs/kv-and-attention.md; the bookkeeping: ``block_pool.py``.
 """
 from __future__ import annotations
 
@@ -42,6 +19,7 @@ import torch
 
 from minfer.attention.paged import make_paged_attention
 from minfer.kv.base import KVView
+from minfer.kv.coordinator import kv_cache_groups
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 from minfer.validation import KV_CACHE_DTYPES
 
@@ -61,6 +39,8 @@ class PagedBatch:
     slot_mapping: torch.Tensor          # (N,) long: where each new token's K/V is written
     logits_indices: torch.Tensor        # (S,) long: each sequence's last token in the batch
     positions: torch.Tensor             # (1, N) long: absolute position of each token
+    groups: list | None = None          # local/global models: one PagedBatch per KV group (its tables
+                                        # and slots; ``kv/coordinator.py``); this one is group 0's
 
     @property
     def num_tokens(self) -> int:
@@ -71,12 +51,8 @@ class PagedBatch:
 def write_kv_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd): the paged cache's write, as one custom op.
 
-    The same ``index_copy_`` as the eager path, declared to torch.compile as an op that
-    mutates ``kv`` in place. Traced as plain torch ops, the write into one layer of the
-    pool is functionalized into a copy of the whole pool per layer (405 MB per step for
-    SmolLM2's default pool, measured: 2.5 s per compiled step instead of ~0.1 s). vLLM hides
-    its KV write and attention from the compiler the same way
-    (``torch.ops.vllm.unified_attention_with_output``, ``vllm/attention/layer.py``).
+    An in-place ``index_copy_`` declared to torch.compile, so the pool is not copied per layer (vLLM:
+    ``torch.ops.vllm.unified_attention_with_output``). Why: docs/kv-and-attention.md.
     """
     nkv, hd = rows.shape[2], rows.shape[3]
     kv[layer].view(2, -1, nkv, hd).index_copy_(1, slots, rows)
@@ -104,9 +80,11 @@ class PagedKVCache:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (and supported by this torch), "
                              f"got {kv_cache_dtype!r}")
         self.cfg, self.dtype = cfg, dtype
+        groups = kv_cache_groups(cfg)          # one group unless local and global layers mix
+        self.where = {layer: (g, j) for g, (_, layers) in enumerate(groups) for j, layer in enumerate(layers)}
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_cache_dtype, self.quantized = kv_cache_dtype, kv_cache_dtype != "auto"
-        L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
+        L, nkv, hd = len(groups[0][1]), cfg.num_key_value_heads, cfg.head_dim    # layers of one group
         store = STORAGE[kv_cache_dtype] if self.quantized else dtype
         # K and V in one tensor, so that a layer's keys and values are written and gathered by one
         # op each (at batch-1 decode the per-op overhead, not the bytes, is what paging costs).
@@ -116,18 +94,20 @@ class PagedKVCache:
             self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.meta: PagedBatch | None = None
+        self.metas: list[PagedBatch] = []
         self._gather_buf: torch.Tensor | None = None   # (rows, block values) reused by every layer's gather
-        self.attn = make_paged_attention(self, attention, attention_mode, decode_kernel)
+        self.attns = [make_paged_attention(self, attention, attention_mode, decode_kernel) for _ in groups]
+        self.attn = self.attns[0]
         self.attention_mode, self.decode_kernel = attention_mode, self.attn.decode_kernel
 
     # ------------------------------------------------------------ sizes
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
-        """K and V bytes of one block across all KV layers (values, plus scales when quantized)."""
+        """K and V bytes of one block across the layers of a KV group (values, plus scales when quantized)."""
         per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
         if kv_cache_dtype in QMAX:
             per_head = cfg.head_dim * 1 + 4
-        return 2 * cfg.num_kv_layers * block_size * cfg.num_key_value_heads * per_head
+        return 2 * len(kv_cache_groups(cfg)[0][1]) * block_size * cfg.num_key_value_heads * per_head
 
     @classmethod
     def num_blocks_for_memory(cls, cfg, memory_bytes: float, block_size: int, dtype=torch.float32,
@@ -148,12 +128,9 @@ class PagedKVCache:
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) tensors in the compute dtype.
 
-        Reads go block by block, as PagedAttention reads them: each block is one contiguous run of
-        block_size * nkv * hd values, so the gather copies M long runs instead of M * block_size
-        short rows (3x faster on a 2-core CPU for a 32-sequence decode: 1.9 vs 6.0 ms per layer).
-        The rows past a sequence's length are read too; the backend masks them (key position -1).
-        ``rows``: ``kv_rows(blocks)``, when the backend computed it once for every layer.
-        ``reuse``: gather into the buffer every layer shares (eager steps; see ``_gather``).
+        Block by block, as PagedAttention reads (docs/kv-and-attention.md); rows past a sequence's end
+        are read too and masked by the backend. ``rows``: ``kv_rows(blocks)``, computed once per
+        forward; ``reuse``: gather into the buffer every layer shares (``_gather``).
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
@@ -172,13 +149,8 @@ class PagedKVCache:
         return out[0], out[1]
 
     def _gather(self, src: torch.Tensor, rows: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path).
-
-        A layer's gathered K/V is read by its attention call and dead before the next layer
-        gathers, so one buffer, grown to the largest gather seen, serves them all. A fresh
-        tensor per layer (24 MB at 32 decodes of 530 keys) costs page faults whenever the
-        allocator hands memory back to the OS and takes it again. The static path (CUDA
-        graphs, torch.compile) allocates as usual: its memory is the graph pool's.
+        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path;
+        the static path allocates from the graph pool). Why: docs/kv-and-attention.md.
         """
         if not reuse or torch.compiler.is_compiling():
             return src.index_select(0, rows)
@@ -206,7 +178,9 @@ class PagedKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
-        meta = self._need_meta(positions)
+        self._need_meta(positions)
+        group, layer = self.where[layer]                   # the layer's KV group, its slot in a block
+        meta = self.metas[group]
         nkv, hd = k.shape[1], k.shape[3]
         if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
             rows = torch.stack((k[0], v[0])).transpose(1, 2)
@@ -228,12 +202,16 @@ class PagedKVCache:
     # ------------------------------------------------------------ attention: the backend's
     def set_batch(self, meta: PagedBatch) -> None:
         """Install the metadata of the next forward; the backend plans it once for every layer."""
-        self.meta = meta
-        self.attn.prepare_metadata(meta)
+        self.meta, self.metas = meta, meta.groups or [meta]
+        if len(self.metas) != len(self.attns):
+            raise ValueError(f"this cache has {len(self.attns)} KV groups (local and global layers) but the "
+                             f"batch has {len(self.metas)}: build it with a KVCacheCoordinator")
+        for attn, m in zip(self.attns, self.metas):
+            attn.prepare_metadata(m)
 
     def set_static_batch(self, meta: PagedBatch) -> None:
         """The same for a decode-only batch of fixed shapes (CUDA graphs, torch.compile)."""
-        self.meta = meta
+        self.meta, self.metas = meta, [meta]
         self.attn.prepare_static_metadata(meta)
 
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend=None,
@@ -244,7 +222,8 @@ class PagedKVCache:
         with its dense backend (``attention=``) once, as vLLM picks one backend per engine.
         """
         self._need_meta(positions)
-        return self.attn.forward(q, view.keys, view.values, layer, window)
+        group, layer = self.where[layer]
+        return self.attns[group].forward(q, view.keys, view.values, layer, window)
 
     def _need_meta(self, positions: torch.Tensor) -> PagedBatch:
         meta = self.meta

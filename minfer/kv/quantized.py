@@ -1,19 +1,9 @@
 """KV cache quantization: int8 (or fp8 e4m3) values with one scale per token and head.
 
-For each token t and KV head h the vector x = K[h, t, :] (hd values) is
-stored as
+    scale = max|x| / QMAX   (127 int8, 448 fp8);   q = round(x / scale);   x' = q * scale
 
-    scale = max|x| / QMAX            (QMAX = 127 for int8, 448 for fp8 e4m3)
-    q     = round(x / scale)         int8   (fp8: cast x / scale to float8_e4m3fn)
-    x'    = q * scale                dequantized on read; |x - x'| <= scale / 2 for int8
-
-Bytes per token-head: hd (values) + 4 (fp32 scale), against 4 * hd in fp32.
-vLLM's equivalent: ``kv_cache_dtype="fp8"`` with per-tensor or per-head scales;
-KIVI (Liu et al. 2024) and KVQuant explore lower bit widths.
-
-This cache keeps the contiguous layout and dequantizes the whole valid prefix
-on every read: simple, O(n) extra work per step. A fused kernel would
-dequantize inside the attention loop instead.
+vLLM: ``kv_cache_dtype="fp8"``; KIVI (Liu et al. 2024) goes lower. The whole valid prefix is
+dequantized on every read (docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

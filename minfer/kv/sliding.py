@@ -1,15 +1,7 @@
 """A ring-buffer KV cache for sliding-window attention: memory O(W), not O(sequence).
 
-Mistral 7B (Jiang et al. 2023) calls this the "rolling buffer cache". Position
-p lives in slot p % W; each slot remembers which position it holds::
-
-    W = 4, after 6 tokens:   slot   0    1    2    3
-                             pos   [4]  [5]  [2]  [3]     (0 and 1 overwritten)
-
-A chunk of T new tokens may need keys that its own writes would overwrite
-(T > 1 during prefill), so ``update`` returns the old ring *plus* the new
-keys, and only then writes the new ones in. The attention mask, built from
-positions, hides everything older than the window.
+Mistral 7B's "rolling buffer cache" (Jiang et al. 2023): position p lives in slot p % W.
+``update`` returns the old ring plus the new keys, then writes (docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

@@ -1,21 +1,9 @@
 """The static contiguous cache: the single-request loop with fixed shapes (gpt-fast's decode step).
 
-``ContiguousKVCache`` reads the positions on the host (``int(positions.max())``) to
-slice out the valid keys, so every decode step has a new shape. A CUDA graph or a
-compiled step cannot do that: a graph replays the shapes it recorded, and a host read
-inside a capture is an error. ``StaticKVCache`` keeps the same buffers but lets every
-forward attend over ALL ``max_len`` slots, hiding the slots after each query by a
-mask the attention backend builds on the device (``sdpa_attention`` reads nothing on the host)::
-
-    max_len 8, decode at position 4:      slots  0 1 2 3 4 5 6 7
-                                          mask   x x x x x . . .    (slot j visible iff j <= 4)
-
-The slots after the query are zeros or stale keys of a longer past; the mask hides
-them, so nothing has to be cleared and the step has one shape from the first token to
-the last. The cost: attention reads ``max_len`` keys per step instead of the valid
-ones. gpt-fast's ``KVCache`` (``model.py``) and its ``causal_mask[input_pos]`` are this
-design; the single-request loop uses it with ``generate_tokens(kv_cache="static")``,
-which replays the decode step as a CUDA graph on a GPU (``minfer/engine/cuda_graph.py``).
+Every forward attends over all ``max_len`` slots, the later ones hidden by a mask built on the
+device, so a step has one shape and no host read: it can be captured as a CUDA graph
+(``minfer/engine/cuda_graph.py``). gpt-fast: ``KVCache`` and ``causal_mask[input_pos]``.
+Why and what it costs: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

@@ -3,36 +3,10 @@
     minfer lessons grade alice.ipynb bob.ipynb ... [--csv scores.csv | --json scores.json]
                          [--timeout 60] [--memory 4096] [--sandbox] [--jobs 2] [--lesson L]
 
-For each submission:
-
-1. Find the lesson and, for each of its exercises, the cell that defines
-   the exercise's function (``Exercise.function``): the last code cell that
-   does, as running the notebook top to bottom leaves it (``locate``). The
-   lesson is the one with the most such cells (or ``--lesson``). A cell
-   that is not valid Python is reported with its line ("syntax").
-2. Grade each exercise in a grading process (``--judge``), which holds the
-   exercise, minfer's reference and the verdict. It starts the learner's
-   process (``minfer.lessons.isolate``, with limits, optionally under
-   ``bwrap``), which runs the exercise's prelude, the notebook's imports
-   and constants (``notebook_context``), then the cell, and then only
-   answers "what does your function return on these inputs?". Inputs and
-   outputs travel as JSON data, never objects, so nothing the learner's
-   code builds reaches the verdict, and the learner's code never runs in a
-   process that holds the grader. Nothing else in the notebook runs: no
-   model loading, no plots, and no edited or redefined ``check`` cell.
-3. minfer itself is not importable in the learner's process unless the
-   exercise hands out helpers (``Exercise.allowed``: the tiny model, the KV
-   cache); there a watch on calls rejects a call into the engine's own
-   implementation. A cell that imports the engine is named as such before
-   anything runs (``source_problem``).
-
-Statuses: ``passed``, ``wrong``, ``raised``, ``not_implemented``, ``engine``
-(rejected: uses minfer's implementation), ``forbidden`` (imports it),
-``missing`` (no cell defines the function), ``syntax``, ``timeout``,
-``crashed`` (the cell itself failed to run, or the process died), ``error``.
-
-Limits are not a sandbox: see ``docs/teaching.md`` for what a submission
-can and cannot do, and grade untrusted submissions in a container.
+Per submission: find each exercise's cell (``locate``), grade it in a grading process
+(``--judge``) that starts the learner's process (``minfer.lessons.isolate``) and asks it only
+for return values, as JSON data. The steps, the statuses and what limits do not stop:
+docs/teaching.md.
 """
 from __future__ import annotations
 

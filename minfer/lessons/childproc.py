@@ -1,31 +1,9 @@
 """The learner's side of ``minfer lessons grade``: load the cells, run the function, return data.
 
-This module is the whole program of the untrusted grading process. The
-grading process (``minfer.lessons.isolate``) starts it as
-``python -I -S -c <this file's source> <sys.path as JSON>``, so it imports
-nothing from minfer unless the exercise hands out helpers (then minfer's
-folder is on that path), and it never sees the grader's code or state.
-
-It reads one JSON object per line on stdin and answers one per line on a
-private copy of fd 1 (fd 1 itself then points at stderr, so the learner's
-prints cannot reach the answers):
-
-1. ``{"prelude", "context", "cell", "function", "allowed"}``: run the
-   prelude, each context statement (the notebook's imports and constants;
-   one that fails is skipped), then the cell. Answer ``{"ready": true}``,
-   ``{"missing": ...}`` or ``{"crashed": "..."}``.
-2. ``{"args": [...]}``: call the function on the decoded arguments and
-   answer ``{"ok": <output>, "calls": {...}}``, ``{"raised": ...}`` or
-   ``{"engine": "module:qualname"}``.
-
-Values travel as JSON data (``encode``/``decode``): numbers, strings,
-lists, tuples, dicts, tensors and numpy arrays as (dtype, shape, values).
-Nothing the learner's function returns survives as an object, so a
-subclass with a lying ``==`` reaches the grader as the plain number it
-holds. The grading process compares; this process never sees a verdict.
-
-``call_watched`` and ``is_allowed`` are also the in-notebook ``check``'s
-watch on calls into minfer (``minfer.lessons.grader`` imports them).
+The whole program of the untrusted process, started as ``python -I -S -c <this source>``. One
+JSON object per line in (``{"prelude", "context", "cell", "function", "allowed"}``, then
+``{"args": [...]}``), one per line out on a private copy of fd 1; values travel as data
+(``encode``/``decode``), never objects. The protocol: docs/teaching.md.
 """
 from __future__ import annotations
 
@@ -135,11 +113,7 @@ def _minfer_name(frame, minfer_dir: str) -> Optional[str]:
 def call_watched(fn: Callable, args: list, allowed: tuple) -> tuple[Any, Optional[str]]:
     """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
 
-    A trace hook sees every Python call made while ``fn`` runs (returning
-    None skips line events, so torch's C operators cost nothing); calls from
-    inside an allowed helper are the helper's business. This catches an
-    honest mistake, not a determined one: the verdict's safety comes from
-    the grading process, which does not trust this one.
+    A trace hook on calls; it catches an honest mistake, not a determined one (docs/teaching.md).
     """
     minfer = sys.modules.get("minfer")
     if minfer is None or not getattr(minfer, "__file__", None):

@@ -1,36 +1,8 @@
 """The exercise catalogue: every exercise of the lessons, registered by importing its module.
 
-``minfer.lessons.registry`` holds the record and the registry; each ``ex_*``
-module registers the exercises of one lesson or theme on import; this module
-imports them all, so ``get(name)`` below knows every exercise.
-
-How to add an exercise
-----------------------
-In the ``ex_*`` module of its lesson, write a strategy and (if
-``allclose``/``exact`` do not fit) a comparison, then register a dataclass
-instance (registration runs at import)::
-
-    @st.composite
-    def _softmax_inputs(draw):
-        x = draw(float_lists(-20.0, 20.0, min_size=1, max_size=8))
-        return {"x": torch.tensor(x)}
-
-    register(Exercise(
-        name="sampling.softmax",
-        description="softmax(x) over the last dim, in float32",
-        reference="minfer.sampling:softmax",
-        inputs=_softmax_inputs(),
-        compare=allclose(atol=1e-6),
-    ))
-
-A new ``ex_*`` module is listed below. Then add the engine's function to
-``ENGINE`` in ``tests/test_grader.py`` (that runs the property on
-``minfer.sampling.softmax``), and in the lesson write a ``solution`` cell
-defining ``softmax`` followed by a cell ``check("sampling.softmax", softmax)``
-(see ``minfer.lessons.notebooks``).
-
-Keep inputs small (a few dozen elements): hypothesis shrinks a failure to the
-smallest example it can, and that example is what the learner reads.
+``minfer.lessons.registry`` holds the record and the registry; each ``ex_*`` module registers
+one lesson's exercises on import; this module imports them all, so ``get(name)`` knows every
+exercise. How to add an exercise: docs/teaching.md.
 """
 from minfer.lessons import ex_basics  # noqa: F401  lesson 01: rms_norm, top_p
 from minfer.lessons import ex_foundations  # noqa: F401  lessons 02-03: kv.append, online softmax

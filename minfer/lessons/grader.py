@@ -1,38 +1,9 @@
 """The grader: ``check(name, fn)`` runs an exercise's property on a learner's function.
 
-What the learner sees is one printed block, never a stack trace:
-
-    ✅ check('model.rms_norm'): passed: rms_norm agrees with minfer's implementation on 100 random examples
-
-    ❌ check('model.rms_norm'): wrong answer from rms_norm
-    smallest failing example hypothesis found:
-        x      = tensor([0.5000])    # shape (1,), float32
-        weight = tensor([1.])    # shape (1,), float32
-        eps    = 1e-05
-    expected (minfer): tensor([1.0000])    # shape (1,), float32
-    yours:             tensor([0.7071])    # shape (1,), float32
-    what is wrong: first wrong at index (0,): expected 0.9999799728393555, yours 0.7070996761322021; ...
-
-    ❌ check('model.rms_norm'): not implemented yet: write the body of rms_norm in the cell above (...)
-
-How it works: hypothesis draws inputs from the exercise's strategy, calls the
-reference and the learner's function on copies of them, and compares. The
-first failure is *shrunk*: hypothesis searches for the smallest inputs that
-still fail, and replays them last. The property raises one of the
-``_Failure`` exceptions below carrying everything the report needs, so the
-exception hypothesis finally re-raises holds the shrunk example.
-
-The learner's function must do the work itself: ``check`` watches every
-call it makes, and a call into minfer (the engine's own implementation, or
-anything else in the package that the exercise does not hand out in
-``Exercise.allowed``) is reported as "rejected", not passed.
-
-Under an autograder (``MINFER_AUTOGRADE=1`` in the environment) ``check``
-raises ``AssertionError`` with the report when the function fails, so a
-test cell fails; ``assert check(...)`` does the same anywhere.
-
-Hypothesis runs deterministically (``derandomize=True``, no example
-database, no deadline): the same notebook prints the same report every run.
+Hypothesis draws inputs, calls the reference and the learner's function, compares, and shrinks
+a failure to the smallest example; the learner sees one printed block, never a stack trace.
+Calls into minfer are watched (reported "rejected"); ``MINFER_AUTOGRADE=1`` makes a failure
+raise. Deterministic (``derandomize=True``). Example reports: docs/teaching.md.
 """
 from __future__ import annotations
 
@@ -280,16 +251,10 @@ def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
 
 
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
-    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result.
+    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result (truthy if passed).
 
-    Runs the same hypothesis property that minfer's own tests run on the
-    engine. On failure the report shows the smallest failing example, the
-    expected and the returned values and what differs. A function that calls
-    minfer's own implementation is rejected. The result is truthy when it
-    passed, so ``assert check(...)`` fails a test cell. Otherwise never raises
-    for a wrong or unfinished ``fn``, except under an autograder
-    (``MINFER_AUTOGRADE=1``), where a failure raises ``AssertionError``. An
-    unknown ``name`` raises ``ValueError`` listing the known exercises.
+    Never raises for a wrong or unfinished ``fn``, except under ``MINFER_AUTOGRADE=1``
+    (``AssertionError``); an unknown ``name`` raises ``ValueError`` (docs/teaching.md).
     """
     exercise = _exercises.get(name)
     result = grade(exercise, fn, max_examples=max_examples, forbid_engine=True)

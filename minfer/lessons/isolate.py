@@ -1,30 +1,8 @@
 """Run a learner's function in a separate, limited process and get its outputs back as data.
 
-The grading process holds the exercise, the reference and the verdict; the
-learner's process (``minfer.lessons.childproc``) only loads the cells and
-answers "what does your function return on these inputs?". ``remote``
-gives the grader a plain callable that asks that question, so
-``grader.grade`` runs its hypothesis property (and shrinks a failure) as it
-does in a notebook, with the learner's code out of its reach. A judge
-system (Codeforces, DMOJ) is built the same way.
-
-The learner's process gets, per exercise:
-
-- its own process group (started with setsid); at the end, or once the
-  grader has waited ``timeout`` seconds in all for its answers (the
-  grader's own work, the reference, does not count), it and every process
-  it started are killed (this process is a child subreaper, so a grandchild
-  that calls ``setsid`` is still found);
-- ``RLIMIT_AS`` (``--memory``), ``RLIMIT_CPU`` (from ``--timeout``),
-  ``RLIMIT_FSIZE`` and ``RLIMIT_NPROC``;
-- a fresh scratch folder as its working directory and ``HOME``, and an
-  environment with nothing of the grader's (no tokens, no ``HOME``);
-- with ``sandbox=True``, ``bwrap``: a read-only root, no network, new
-  namespaces, only the scratch folder writable, and the submissions'
-  folders (and minfer's, when the exercise hands out no helpers) hidden.
-
-Limits are not a sandbox: a process running as root can raise its own
-limits. Grade untrusted submissions as an ordinary user, in a container.
+``remote`` gives the grader a plain callable; the learner's process gets its own process group
+(killed at the end), rlimits, a scratch folder, an empty environment and, with
+``sandbox=True``, ``bwrap``. Limits are not a sandbox (docs/teaching.md).
 """
 from __future__ import annotations
 

@@ -1,36 +1,8 @@
 """Lesson notebooks: the student edition, execution, and reading grader reports.
 
-Cell conventions for a lesson author
-------------------------------------
-An exercise is two code cells:
-
-1. the *solution cell*, tagged ``solution`` (cell metadata ``"tags":
-   ["solution"]``), defining the function the learner writes::
-
-       def rms_norm(x, weight, eps):
-           \"\"\"x * rsqrt(mean(x^2) + eps) * weight over the last dim.\"\"\"
-           xf = x.float()
-           return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-2. the *check cell* right below it, which only calls the grader::
-
-       check("model.rms_norm", rms_norm)
-
-In the student edition every solution cell becomes a stub. By default the
-stub keeps each top-level function's (and each top-level class method's)
-decorators, signature and docstring, and replaces the body with
-``# YOUR CODE HERE`` / ``raise NotImplementedError``; other statements in the
-cell (imports, constants) stay as they are. To hand out something else, put
-the exact stub source in the cell's metadata: ``metadata["minfer"]["stub"]``.
-
-The rule that keeps the student edition running: **no later cell may depend
-on a learner's function.** A stub raises ``NotImplementedError``; ``check``
-reports that and does not raise, so the notebook runs to the end, but any
-other cell calling the stub would stop it. Cells after an exercise use the
-engine's implementation (``from minfer.model import rms_norm``), never the
-learner's. The test suite executes both editions to hold lessons to this.
-
-Lesson files are ``lessons/NN_topic.ipynb`` (two digits, underscore).
+An exercise is a ``solution``-tagged cell followed by a ``check(...)`` cell; the student edition
+turns solution cells into stubs (signature and docstring kept, or ``metadata["minfer"]["stub"]``).
+No later cell may depend on a learner's function. Conventions for authors: docs/teaching.md.
 """
 from __future__ import annotations
 
@@ -392,15 +364,8 @@ _CHECK_CALL = re.compile(r"^(?:(\w+)\s*=\s*)?check\(\s*['\"]([\w.]+)['\"]", re.M
 
 
 def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The lesson as an nbgrader *source* notebook.
-
-    Each solution cell becomes an nbgrader solution cell whose body sits
-    between ``### BEGIN SOLUTION`` / ``### END SOLUTION`` (nbgrader's
-    ``generate_assignment`` turns that into the stub); each check cell becomes
-    a locked, graded test cell worth the exercise's points: it prints
-    ``check``'s report, and its hidden test (``_hidden_test``) asserts the
-    grader's own ``check``, so nbgrader's ``autograde`` scores it. Other cells
-    are left as they are; outputs are cleared.
+    """The lesson as an nbgrader *source* notebook: solution cells between ``### BEGIN/END SOLUTION``,
+    check cells as locked graded test cells (``_hidden_test``). How: docs/teaching.md.
     """
     from minfer.lessons import exercises as _ex
 

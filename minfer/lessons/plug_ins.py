@@ -1,18 +1,8 @@
 """A learner's scheduler step and slot mapping, built into an engine through its constructor.
 
-The engine takes the class that schedules each step and the class that owns
-the block tables as arguments (``LLMEngine.from_model(scheduler_cls=...,
-kv_manager_cls=...)``, as vLLM takes ``SchedulerConfig.scheduler_cls``). A
-lesson's function plugs in as a subclass that calls it::
-
-    tight = LLM.from_model(model, tokenizer, num_blocks=8, **engine_args(schedule_step=mine))
-
-``StepScheduler`` asks a plain-data step function (lesson 05's exercise 4)
-for each step's decisions and carries them out with the scheduler's own moves;
-``FunctionSlots`` computes every slot with a ``slot_mapping`` function (lesson
-04's exercise), chunk by chunk. ``rebuild(llm, ...)`` makes a second ``LLM``
-on the same model and engine settings with them: ``compare_with_engine`` and
-``minfer generate --use-solutions`` run the learner's functions that way.
+``StepScheduler`` (a ``scheduler_cls``) and ``FunctionSlots`` (a ``kv_manager_cls``) call the
+learner's functions, as vLLM takes ``SchedulerConfig.scheduler_cls``; ``rebuild(llm, ...)`` makes a
+second ``LLM`` with them (docs/teaching.md).
 """
 from __future__ import annotations
 
@@ -29,13 +19,9 @@ from minfer.kv.block_pool import KVCacheManager
 class StepScheduler(Scheduler):
     """A ``Scheduler`` whose every step is decided by ``step`` (lesson 05's ``schedule_step``).
 
-    ``step`` sees running requests as (id, num_tokens, num_computed_tokens,
-    num_blocks_held), oldest first, and waiting ones as (id, num_tokens); it returns
-    ([(id, num_new_tokens), ...], [preempted id, ...]). That picture has every request
-    own its blocks, so blocks shared through the prefix cache or ``n > 1`` (or given
-    back by a sliding window) are refused with ValueError, as is any decision the pool
-    or the limits cannot honour; a step that does nothing while requests wait raises
-    RuntimeError (the engine would wait forever). It replaces the policy: no chunk cap.
+    ``step(running, waiting, ...)`` -> ([(id, num_new_tokens)], [preempted id]); shared blocks and
+    decisions the pool cannot honour raise ValueError, a step that does nothing while requests wait
+    RuntimeError. The contract in full: docs/teaching.md.
     """
 
     def __init__(self, config, kv_manager, *, step: Callable, **kwargs):

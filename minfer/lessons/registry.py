@@ -1,35 +1,9 @@
 """The exercise record and the registry: one property, graded for the learner and the engine alike.
 
-An *exercise* is a function the learner writes in a lesson notebook. It is
-graded by a hypothesis property: draw random inputs, run minfer's own
-implementation (the *reference*) and the learner's function on them, and
-compare the two. The engine's test suite runs the very same property against
-the engine's implementation, so a learner is graded by exactly the check that
-the engine passes:
-
-    # in a notebook                          # in tests/
-    check("model.rms_norm", my_rms_norm)     run(get("model.rms_norm"), minfer.model.rms_norm)
-
-(``check`` and ``run`` are ``minfer.lessons.grader``'s.) The parts of an exercise (see ``Exercise``):
-
-- ``inputs``: a hypothesis strategy that draws a dict of arguments, in the
-  order of the function's parameters. Arguments are passed *positionally*, so
-  a learner may name the parameters as they like.
-- ``reference``: ``"module:function"``, imported only when the exercise runs
-  (this package must not import the whole engine at import time).
-- ``compare(inputs, expected, actual)``: returns ``None`` when ``actual`` is
-  acceptable, else a short human explanation of what is wrong (shown to the
-  learner under the counterexample).
-- ``validate(inputs, actual)`` (optional): a check against the *definition*
-  that does not use the reference (a float64 formula, an invariant). Without
-  it, running the property on the engine itself would only compare the engine
-  with itself; with it, ``run(engine_fn)`` is a real property test.
-
-This module holds the record, ``register``/``get``/``names`` and the building
-blocks of strategies and comparisons. The exercises themselves live in the
-``ex_*`` modules, one per lesson or theme, and ``minfer.lessons.exercises`` is
-the catalogue that imports them all (so ``get`` knows every exercise once the
-catalogue is imported; ``minfer.lessons`` imports it). How to add one: see there.
+An exercise: ``inputs`` (a hypothesis strategy of a dict of arguments, passed positionally),
+``reference`` (``"module:function"``), ``compare(inputs, expected, actual)`` (None or what is
+wrong) and an optional ``validate`` against the definition. The same property grades
+``check("model.rms_norm", fn)`` in a notebook and the engine in ``tests/`` (docs/teaching.md).
 """
 from __future__ import annotations
 

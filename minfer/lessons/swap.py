@@ -1,35 +1,11 @@
 """Swap points: where a learner's function can replace the engine's, and run SmolLM2.
 
-    from minfer.lessons import compare_with_engine, engine_args, use
-    with use(rms_norm=my_rms_norm, top_p=my_top_p):
-        llm.generate("The capital of France is", SamplingParams(temperature=0.8))
-    tight = LLM.from_model(model, tokenizer, num_blocks=8, **engine_args(schedule_step=my_step))
-    compare_with_engine(llm, "The capital of France is", slot_mapping=my_slot_mapping)
+    with use(rms_norm=my_rms_norm):  llm.generate(...)
+    LLM.from_model(model, tokenizer, **engine_args(schedule_step=my_step))
+    minfer generate "..." --use-solutions lessons/01_prefill_and_decode.ipynb
 
-    minfer generate "The capital of France is" --temperature 0 --use-solutions lessons/01_prefill_and_decode.ipynb
-
-``SWAP_POINTS`` below is the whole list, and ``tests/test_swap.py`` holds it
-to the code: every target exists and is the exercise's reference, every
-constructor argument is the engine's, every flag named is a flag of
-``minfer generate``, and an engine run as described calls the learner's
-function. Each entry names the exercise that grades the function (so the
-learner knows the contract it must keep) and one of two ways in:
-
-* ``targets``: functions the engine calls through their module, as
-  ``"module:attribute"`` or ``"module:DICT[key]"`` (``rms_norm(...)`` inside
-  ``minfer.model`` looks the name up at call time). ``use`` replaces them for
-  the duration of a ``with`` block, for every engine in the process, and
-  restores the engine's own even if generation raised. Not thread-safe.
-* ``engine_arg``: a constructor argument of ``LLMEngine.from_model``. The
-  attention backend, the scheduler's step and the block manager's slot layout
-  are parts of what the engine builds (the latter two go in as a subclass that
-  calls the learner's function, ``minfer.lessons.plug_ins``), and only an
-  engine built with them runs them: ``engine_args(...)`` gives the arguments, ``compare_with_engine``
-  and ``--use-solutions`` build a second engine on the same model.
-
-(tiny-llm does the same job with a learner package that mirrors the
-reference package; here the engine stays one package and the seams are
-declared in one table.)
+``SWAP_POINTS`` is the whole list (``targets``, replaced by ``use``; or an ``engine_arg`` of the
+engine's constructor), held to the code by ``tests/test_swap.py``. Details: docs/teaching.md.
 """
 from __future__ import annotations
 

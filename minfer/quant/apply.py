@@ -1,38 +1,13 @@
 """Quantize a whole model: swap its linear layers, save and load the result.
 
-    model = build_model(cfg, state_dict)
-    quantize_model(model, "int4-g64")          # in place; returns the model
-    save_quantized(model, "out/model.safetensors")
-    model = load_quantized("out/model.safetensors")
+    quantize_model(model, "int4-g64")                 # in place; returns the model
+    save_quantized(model, "out/model.safetensors");   model = load_quantized("out/model.safetensors")
 
-Format names (case-insensitive):
-
-    int8                 symmetric, one scale per output channel       (int8.py)
-    int4 = int4-g32      asymmetric, (scale, min) per 32 inputs         (int4.py)
-    int4-g64, int4-g128  ... per 64 / 128 inputs (any int4-gN works; N in 32/64/128/256
-                         has a fast kernel)
-    q8_0, q4_0, q4_1     the GGUF block formats, bit-exact with llama.cpp (gguf_formats.py)
-
-What is swapped: every ``nn.Linear`` inside the decoder layers (the fused
-qkv_proj and gate_up_proj, o_proj, down_proj). Each output row is quantized on
-its own (int8: one scale per row; int4 and GGUF: groups along the row), so the
-fused matrix quantizes to exactly the per-matrix results, stacked, and the
-checkpoint keeps HF's q/k/v and gate/up names (``minfer/model.py`` splits them
-on save and stacks them on load). The LM head is the largest single matrix (vocab x hidden;
-21% of SmolLM2's weights) and, with tied embeddings, it *is* the embedding
-table. ``lm_head`` decides what it becomes: ``"int8"`` (the default: the head
-is the matrix that suffers most from 4-bit error, so, like llama.cpp's mixes,
-it gets more bits), ``"same"`` (the body's format) or ``None`` (left in float).
-A quantized head of a tied model is set as ``model.lm_head``; the float
-embedding table stays for the token lookup (one row per token, so decode
-does not read it).
-
-Checkpoint format: one safetensors file with the model's state dict (the
-quantized modules contribute ``qweight``/``scale``/``minimum`` or ``blocks``
-instead of ``weight``) and metadata: ``minfer.quantization`` (a JSON map of
-HF module name -> format), ``minfer.config`` (``ModelConfig.to_hf()``) and
-``minfer.dtype``. vLLM reads the same information from a checkpoint's
+Formats: int8 (``int8.py``), int4-gN (``int4.py``), q8_0 / q4_0 / q4_1 (``gguf_formats.py``).
+The decoder's linears are swapped; ``lm_head`` ("int8" default, "same", None) decides the head.
+The checkpoint's metadata names each module's format, as vLLM reads a checkpoint's
 ``quantization_config`` (``vllm/model_executor/layers/quantization/__init__.py``).
+Details: docs/quantization.md.
 """
 from __future__ import annotations
 

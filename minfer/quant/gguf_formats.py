@@ -1,48 +1,10 @@
-"""GGUF block formats, decoded in plain PyTorch.
+"""GGUF block formats, decoded in plain PyTorch, bit-identical to llama.cpp.
 
-A GGUF file (llama.cpp's format) stores each weight matrix row by row. A
-quantized row is cut into *blocks* of 32 (or 256 for the "K" formats) values;
-each block is a few bytes of scale(s) followed by packed small integers. This
-module turns those raw bytes back into float32, one function per format:
-
-    format  values/block  bytes/block  value = ...
-    F32          1             4       the float itself
-    F16          1             2       the half itself
-    BF16         1             2       the bfloat16 itself
-    Q8_0        32            34       d * q                 q: int8
-    Q4_0        32            18       d * (q - 8)           q: 4 bits
-    Q4_1        32            20       d * q + m             q: 4 bits
-    Q5_0        32            22       d * (q - 16)          q: 5 bits (4 low + 1 high)
-    Q4_K       256           144       d*sc * q - dmin*mn    q: 4 bits, 8 sub-blocks of 32
-    Q6_K       256           210       d*sc * (q - 32)       q: 6 bits, 16 sub-blocks of 16
-
-Why super-blocks: a 32-value block that carries an f16 scale and an f16 min
-(Q4_1) spends 32 bits per 32 values, 1 bit per weight, on them. The "K"
-formats group eight or sixteen sub-blocks into one 256-value super-block with
-one f16 scale (Q4_K: and one f16 min scale) and give each sub-block a small
-6-bit (Q4_K) or 8-bit (Q6_K) scale relative to it: Q4_K's scales and mins
-cost 0.5 bit per weight (4.5 in all), Q6_K's scales 0.56 (6.56 in all).
-"Q4_K_M" names a llama.cpp recipe
-(``llama_tensor_get_type`` in ``src/llama-quant.cpp``), not a format: most
-matrices in Q4_K, some layers' V and FFN-down projections one step up (Q6_K,
-Q8_0), and a matrix whose rows are not a multiple of 256 falls back to a
-32-value format. Gemma 3 270M in Q4_K_M, measured on its file: attn_output
-Q4_K; ffn_down Q6_K in 9 layers (0, 1, 4, 7, 10, 13, 15-17), Q4_K in the
-other 9; attn_v Q8_0 in those same 9 layers, Q5_0 elsewhere; attn_q, attn_k,
-ffn_gate and ffn_up Q5_0 (their rows are 640 values, not a multiple of 256);
-token_embd Q8_0; norms F32. The layer matrices average 5.43 bits per weight,
-the whole file 7.36 (the 262,144 x 640 Q8_0 embedding is 70% of it).
-
-Where the same code lives elsewhere:
-- llama.cpp: ``ggml/src/ggml-quants.c`` (``dequantize_row_q4_1`` etc.), the
-  block structs in ``ggml/src/ggml-common.h`` (``block_q4_1`` ...).
-- gguf-py: ``gguf/quants.py`` (numpy; our tests check we match it bit for bit).
-- HF transformers: ``integrations/ggml.py`` / ``integrations/gguf/dequant.py``.
-
-All multi-byte fields are little-endian. Every function takes ``blocks``, a
-uint8 tensor of shape (n_blocks, bytes_per_block), and returns float32 of
-shape (n_blocks, values_per_block). The arithmetic is done in float32 in the
-same order as llama.cpp, so results are bit-identical to the reference.
+Every function takes ``blocks``, uint8 (n_blocks, bytes_per_block), little-endian, and returns
+float32 (n_blocks, values_per_block), computed in llama.cpp's order. llama.cpp:
+``ggml/src/ggml-quants.c`` (``dequantize_row_q4_1`` ...), ``ggml/src/ggml-common.h``;
+gguf-py ``gguf/quants.py`` (the tests match it bit for bit). The table of formats, the
+super-blocks and what "Q4_K_M" means: docs/quantization.md.
 """
 from __future__ import annotations
 

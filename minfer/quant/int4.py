@@ -1,39 +1,10 @@
 """int4 weight-only quantization: asymmetric, one (scale, min) pair per group of inputs.
 
-Each output row of W (N, K) is cut along the input dimension into groups of
-``group_size`` values (32, 64 or 128; the last group may be shorter when K is
-not a multiple). A group with smallest value lo and largest hi gets
+    scale = (hi - lo) / 15;   q = round((w - lo) / scale) in 0..15;   w ~= q * scale + min
 
-    min    = lo                      (the "zero point", stored as a float)
-    scale  = (hi - lo) / 15          (16 levels: 0 .. 15)
-    q      = round((w - min) / scale)             4 bits, 0 .. 15
-    w     ~= q * scale + min
-
-"Asymmetric" because the grid starts at the group's minimum instead of being
-centred on zero: all 16 levels land inside [lo, hi] even when a group is
-lopsided. This is GGUF's Q4_1 rule (``gguf_formats.py``) with a choice of
-group size, and torchao's ``int4_weight_only`` up to how the zero is written.
-
-Stored tensors (``group_size`` g, G = ceil(K / g) groups per row):
-
-    packed   uint8  (N, ceil(K / 2))   two 4-bit values per byte, see ``pack_int4``
-    scale    bf16   (N, G)
-    minimum  bf16   (N, G)
-
-so a weight costs 4 bits plus 2 x 16 / g bits of scale and min: 5 bits at
-g = 32, 4.5 at g = 64, 4.25 at g = 128. Smaller groups follow the data more
-closely and cost more bytes; the lesson measures that trade.
-
-The scale and min are rounded to bfloat16 (the dtype the CPU kernel reads) in
-a direction that keeps every weight of the group inside the stored grid: min
-is rounded down, scale up. Then the error of every element stays at most half
-a step, |w - q * scale - min| <= scale / 2 (plus float32 rounding), which is
-the property the tests check. (GGUF's Q4_1 rounds d and m to nearest f16 and
-pays up to |m - f16(m)| on top of d / 2.)
-
-Where the same idea lives: gpt-fast ``quantize.py`` (``WeightOnlyInt4Linear``),
-torchao ``quantization/quant_primitives.py``, GPTQ/AWQ checkpoints in vLLM
-(``layers/quantization/``); llama.cpp's ``quantize_row_q4_1``.
+Stored: ``packed`` uint8 (N, ceil(K / 2)), ``scale`` and ``minimum`` bf16 (N, G). min is rounded
+down and scale up, so |w - w'| <= scale / 2. gpt-fast ``quantize.py`` (``WeightOnlyInt4Linear``),
+torchao ``quant_primitives.py``, llama.cpp ``quantize_row_q4_1``. Details: docs/quantization.md.
 """
 from __future__ import annotations
 

@@ -1,25 +1,8 @@
 """One engine loop, many clients: the engine steps in a background thread, handlers await queues.
 
-    HTTP handler (asyncio)                 engine thread
-    ──────────────────────                 ─────────────
-    rid, q = await submit(ids, params) ──> commands ──> engine.add_request
-    async for out in q  <── call_soon_threadsafe <── engine.step() -> StepOutputs
-    (n > 1: one queue gets the deltas of all n samples, each with its index)
-    all samples finished                             ──> engine.release (metrics, state dropped)
-    client gone: abort(rid)            ──> commands ──> engine.abort (blocks back to the pool)
-
-The engine is not thread-safe, so only the engine thread touches it; the
-event loop only puts commands on a queue and reads outputs from per-request
-``asyncio.Queue``s (and reads ``engine.num_waiting``, a list length, for
-backpressure). It uses the engine's public API only: ``add_request``, ``step``,
-``abort``, ``release``, ``samples``, ``num_running`` / ``num_waiting``,
-``kv_cache_usage``, ``prefix_cache_stats``. This is the one module of the server that imports the
-engine. vLLM splits the same roles into ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``,
-per-request output queues) and ``EngineCore`` (``vllm/v1/engine/core.py``,
-its own process with a busy loop).
-
-Metrics (``prometheus_client``, vLLM's names with a ``minfer:`` prefix) are
-updated by the engine thread after every step.
+Only the engine thread touches the engine (public API only); the event loop puts commands on a
+queue and reads per-request ``asyncio.Queue``s. vLLM: ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``)
+and ``EngineCore`` (``vllm/v1/engine/core.py``). The diagram: docs/serving.md.
 """
 from __future__ import annotations
 

@@ -1,46 +1,8 @@
 """``minfer batch INPUT.jsonl OUTPUT.jsonl``: an offline batch job in the OpenAI batch file format.
 
-Online serving puts latency first; a batch job puts throughput first: every
-request is known up front, so all of them go to the engine at once and
-continuous batching keeps the batch full until the file is done (providers
-sell this at about half price).
-
-Input, one request per line (the OpenAI Batch API format)::
-
-    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
-     "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
-              "max_tokens": 64, "temperature": 0}}
-    {"custom_id": "q2", "method": "POST", "url": "/v1/completions",
-     "body": {"prompt": "Once upon a time", "max_tokens": 32, "seed": 7}}
-
-Output, one line per request, in input order::
-
-    {"id": "batch_req_...", "custom_id": "q1", "error": null,
-     "response": {"status_code": 200, "request_id": "...",
-                  "body": {"object": "chat.completion", "choices": [{"index": 0,
-                           "message": {"role": "assistant", "content": "..."},
-                           "finish_reason": "stop", "token_ids": [...]}],
-                           "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}}}
-
-A request the engine refuses (prompt too long, a sampling field of the wrong
-type or out of range, a body that is not an object) gets a line with
-``"response": null, "error": {"code": "invalid_request", "message": ...}``
-naming the line and the field, and the job goes on with the others. A file
-whose framing is broken (bad JSON, missing or duplicate ``custom_id``, unknown
-url or method) is refused before the model loads, naming the line.
-
-Resumable, nothing lost or duplicated, never stale: each finished request is
-appended to ``OUTPUT.jsonl.partial`` (one flushed line each) together with
-``request_hash``, the sha256 of its request (method + url + body). A rerun
-(after a kill, or after the input was edited) reuses a record only when its
-``custom_id`` *and* its hash match a line of the input, so an edited line is
-run again and its old record is replaced; error records are retried unless
-``--keep-errors``; records of deleted lines are dropped. The output is thus
-always what a clean run on the current input would write. When every id is
-done, the final file is written to a temporary name and renamed over
-``OUTPUT.jsonl`` (atomic: a reader sees the old file or the complete new
-one), and the journal is removed. OUT must differ from INPUT, and an existing
-OUT that is not a batch output is never overwritten.
+Throughput first: every request goes to the engine at once. A bad body is that line's error
+record; a broken file is refused before the model loads. Resumable by content (``request_hash``
+in ``OUTPUT.jsonl.partial``), written atomically. The formats and the rules: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -54,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minfer.atomic import atomic_write
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, set_threads
 from minfer.sampling import SamplingParams
-from minfer.validation import check_engine_args, check_int, check_prompt, sampling_kwargs_from_body
+from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
+                                       choice_shape, parse_body, sampling_params)
+from minfer.validation import check_engine_args, check_int
 
 URLS = ("/v1/chat/completions", "/v1/completions")
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -205,47 +168,40 @@ def write_atomic(path: Path, lines: list[str]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def sampling_params(body: object, where: str = "") -> SamplingParams:
-    """OpenAI body fields -> SamplingParams (ValueError naming the field and ``where``);
-    the rules are ``minfer.validation``'s, shared with ``SamplingParams`` and the server."""
-    kw = sampling_kwargs_from_body(body, where, default_max_tokens=DEFAULT_MAX_TOKENS)
-    if kw.get("n", 1) != 1:
-        raise ValueError(f"{where}: body.n must be 1 in a batch job (one line per sample), got {kw['n']!r}")
-    return SamplingParams(**kw)
-
-
-def prompt_of(item: BatchItem, tokenizer):
-    """The prompt text or token ids of a request (chat: the ids of the model's template, ``encode_chat``)."""
-    key = "messages" if item.url == "/v1/chat/completions" else "prompt"
-    if key not in item.body:
-        raise ValueError(f"{item.where}: body.{key} is required for {item.url}")
-    value = item.body[key]
-    if key == "messages":
-        if not isinstance(value, list) or not value:
-            raise ValueError(f"{item.where}: body.messages must be a non-empty list of messages")
-        return tokenizer.encode_chat(value, add_generation_prompt=True)   # message text never a special token
-    try:
-        check_prompt(value, "body.prompt")
-    except TypeError as e:
-        raise ValueError(f"{item.where}: {e}") from None
-    return value
+def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams, ChoiceShape]:
+    """A request's prompt token ids, sampling parameters and choice shape (logprobs, echo), by the
+    server's request models (``openai_api``: the same fields, limits, defaults and refusals); errors
+    name ``body.<field>``."""
+    chat = item.url == "/v1/chat/completions"
+    req = parse_body(ChatCompletionRequest if chat else CompletionRequest, item.body, prefix="body.")
+    if req.n != 1:
+        raise ValueError(f"body.n must be 1 in a batch job (one line per sample), got {req.n}")
+    if chat:                                      # message text never becomes a special token
+        ids = tokenizer.encode_chat([m.as_dict() for m in req.messages], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(req.prompt, add_special_tokens=True) if isinstance(req.prompt, str) \
+            else list(req.prompt)
+    params = sampling_params(req, len(ids), max_model_len, chat=chat)
+    return ids, params, choice_shape(req, ids, params, tokenizer, chat=chat)
 
 
 def _record_id(custom_id: str) -> str:
     return hashlib.sha1(custom_id.encode()).hexdigest()[:24]
 
 
-def success_record(item: BatchItem, req, model_name: str) -> dict:
+def success_record(item: BatchItem, req, model_name: str, shape: ChoiceShape) -> dict:
     rid = _record_id(item.custom_id)
-    choice = {"index": 0, "finish_reason": req.finish_reason, "token_ids": list(req.output_token_ids)}
+    ids = list(req.output_token_ids) if shape.generated else []
+    text, logprobs = shape.piece(req.text, ids, req.logprobs, req.prompt_logprobs, True)
+    choice = {"index": 0, "finish_reason": req.finish_reason, "token_ids": ids, "logprobs": logprobs}
     if item.url == "/v1/chat/completions":
         obj = "chat.completion"
-        choice["message"] = {"role": "assistant", "content": req.text}
+        choice["message"] = {"role": "assistant", "content": text}
     else:
         obj = "text_completion"
-        choice["text"] = req.text
-    usage = {"prompt_tokens": req.num_prompt_tokens, "completion_tokens": req.num_output_tokens,
-             "total_tokens": req.num_prompt_tokens + req.num_output_tokens}
+        choice["text"] = text
+    usage = {"prompt_tokens": req.num_prompt_tokens, "completion_tokens": len(ids),
+             "total_tokens": req.num_prompt_tokens + len(ids)}
     body = {"id": f"cmpl-{rid}", "object": obj, "created": int(time.time()), "model": model_name,
             "choices": [choice], "usage": usage}
     return {"id": f"batch_req_{rid}", "custom_id": item.custom_id,
@@ -285,11 +241,12 @@ class Progress:
 
 
 def run_batch(input_path: str | Path, output_path: str | Path, engine, model_name: str = "minfer",
-              progress: bool = True, keep_errors: bool = False) -> dict:
+              progress: bool = True, keep_errors: bool = False, seeded=lambda params: params) -> dict:
     """Run every request of ``input_path`` that has no up-to-date record yet; write ``output_path``.
 
     A record is reused when its custom_id and request hash match an input line
-    (and, for an error record, only with ``keep_errors``). Returns counts:
+    (and, for an error record, only with ``keep_errors``). ``seeded`` gives a request without a seed
+    its seed (``LLM.seeded``: the LLM's seeded sequence). Returns counts:
     {"total", "skipped" (reused), "ran", "errors" (invalid requests)}.
     """
     items = read_input(input_path)
@@ -315,21 +272,21 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
             tokens = record["response"]["body"]["usage"]["completion_tokens"] if record["response"] else 0
             bar.update(tokens)
 
-        by_rid: dict[str, BatchItem] = {}
+        by_rid: dict[str, tuple[BatchItem, ChoiceShape]] = {}
         for item in todo:                          # everything goes in at once: throughput first
             try:
-                params = sampling_params(item.body, item.where)
-                rid = engine.add_request(prompt_of(item, engine.tokenizer), params)
-            except (ValueError, TypeError) as e:   # this line's error record; the job goes on
+                ids, params, shape = parse_request(item, engine.tokenizer, engine.max_model_len)
+                rid = engine.add_request(ids, seeded(params))
+            except (ValueError, TypeError, APIError) as e:     # this line's error record; the job goes on
                 errors += 1
                 finish(item, error_record(item, str(e)))
                 continue
-            by_rid[rid] = item
+            by_rid[rid] = item, shape
         engine.no_more_requests(True)
         for delta in engine.stream():
             if delta.finished:
-                item = by_rid[delta.request_id]
-                finish(item, success_record(item, engine.requests[delta.request_id], model_name))
+                item, shape = by_rid[delta.request_id]
+                finish(item, success_record(item, engine.requests[delta.request_id], model_name, shape))
     bar.close()
     write_atomic(output_path, [json.dumps(done[it.custom_id], ensure_ascii=False) + "\n" for it in items])
     journal.unlink(missing_ok=True)
@@ -351,6 +308,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a folder written by `minfer quantize` is read as it is)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="a request without a seed draws one from this seeded sequence, as LLM(seed=...) (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--keep-errors", action="store_true",
@@ -364,18 +323,16 @@ def main(args) -> int:
         raise FileNotFoundError(f"{args.input}: no such input file")
     read_input(args.input)                       # a malformed file fails before the model loads
     check_paths(args.input, args.output)         # and so does an output we cannot or must not write
-    check_engine_args(device=args.device)
+    check_engine_args(device=args.device, seed=args.seed)
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", lo=1)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,   # the one front door
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
     engine = llm.engine
     t0 = time.perf_counter()
     res = run_batch(args.input, args.output, engine, model_name=str(args.model), progress=not args.no_progress,
-                    keep_errors=args.keep_errors)
+                    keep_errors=args.keep_errors, seeded=llm.seeded)
     print(f"{res['total']} requests: {res['skipped']} already done, {res['ran']} run, {res['errors']} "
           f"invalid; {time.perf_counter() - t0:.1f} s -> {args.output}", file=sys.stderr)
     return 0

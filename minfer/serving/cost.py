@@ -1,25 +1,8 @@
 """The cost of a token: measured throughput -> dollars and kilowatt-hours per million tokens.
 
-A machine rented at ``P`` dollars per hour that produces ``r`` output tokens per
-second makes ``3600 r`` tokens an hour, so::
+    $ per million tokens = P / (3600 r) * 1e6;   kWh per million tokens = (W / 1000) * (1e6 / r) / 3600
 
-    $ per million tokens   = P / (3600 r) * 1e6
-    kWh per million tokens = (W / 1000) * (1e6 / r) / 3600      (W watts drawn while it runs)
-
-The machine costs the same per hour whether it is busy or not: a server that
-answers one request at a time (online, held to a latency target) produces far
-fewer tokens per hour than one that batches everything it has (offline,
-throughput-bound), and each of its tokens costs that much more. That gap is
-why batch APIs are sold at about half price.
-
-Defaults used by ``minfer bench serve`` (stated in its output; change them with
-``--price-per-hour`` and ``--watts``):
-
-* ``DEFAULT_PRICE_PER_HOUR`` = $0.10/h: a 2-vCPU general-purpose cloud VM, on demand.
-* ``DEFAULT_WATTS`` = 700 W: an H100 SXM's board power. The same figure for a year
-  of running is 700 W x 8760 h = 6,132 kWh, about the 7,000 kWh a year often quoted
-  once the host and cooling are counted. (A 2-core CPU VM draws far less; pass
-  ``--watts`` for the machine you measured.)
+Defaults (``--price-per-hour``, ``--watts``) and why batching halves the price: docs/serving.md.
 """
 from __future__ import annotations
 

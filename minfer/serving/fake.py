@@ -1,19 +1,8 @@
 """A fake model and a fake clock: test and teach the scheduler in milliseconds.
 
-``FakeRunner`` has the interface of ``engine.ModelRunner`` but no weights. It
-keeps a fake KV cache that stores, at each slot, the (position, token) the
-real cache would hold K/V for, and before producing logits it reads a
-sequence's whole context back through its block table and checks it. Any
-scheduler or block-manager bug that would corrupt a real cache (a block
-freed too early, shared wrongly, a slot not reserved) fails loudly here.
-The logits are a deterministic function of the context, so a request's
-outputs do not depend on how it was batched, chunked or preempted, exactly
-like a real model's in exact arithmetic.
-
-``FakeClock`` is a clock the runner advances by a simple cost model per
-forward (``fixed + per_token * N``): a step costs a fixed part (reading the
-weights once, memory-bound) plus a part per token (compute-bound), which is
-the first-order shape of a real decoder's step time.
+``FakeRunner`` (``engine.ModelRunner``'s interface, no weights) checks every context it reads
+back through the block tables; its logits depend only on the context. ``FakeClock`` charges
+``fixed + per_token * N`` per forward (docs/serving.md).
 """
 from __future__ import annotations
 

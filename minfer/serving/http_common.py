@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from minfer.cli_args import seconds
+from minfer.cli_args import add_parallel_args, seconds
 
 from minfer.serving.openai_api import APIError
 
@@ -102,13 +102,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "else torch) | torch (gather + SDPA) | cpu (the C++ kernel) | triton (the Triton kernel)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="automatic prefix caching (default on; --no-enable-prefix-caching turns it off)")
+    p.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
+                   help="what logprobs report: the model's distribution (raw_logprobs, default) or the one "
+                   "sampled from after temperature/top-k/top-p (processed_logprobs)")
+    add_parallel_args(p)
 
 
 def engine_args(args) -> dict:
     """The parsed flags of ``add_engine_args`` as ``LLM(...)`` keyword arguments."""
     return {name: getattr(args, name) for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
                                                    "kv_cache_memory_bytes", "kv_cache_dtype", "decode_kernel",
-                                                   "enable_prefix_caching")}
+                                                   "enable_prefix_caching", "logprobs_mode",
+                                                   "tensor_parallel_size", "pipeline_parallel_size")}
 
 
 def engine_flags(args) -> list[str]:

@@ -1,33 +1,6 @@
-"""Serving metrics, with the definitions of vLLM's serving benchmark.
-
-One request, every time taken from the same clock (seconds)::
-
-    arrival ─queue─> scheduled ─prefill─> tok 1 ─ITL─> tok 2 ─ITL─> ... tok n (= finish)
-    |<───────────── TTFT ───────────────────>|
-    |<──────────────────────────── E2E latency ─────────────────────────────>|
-
-    queueing time  = first_scheduled_time - arrival_time
-    TTFT           = first_token_time - arrival_time       (includes the queue and the prefill)
-    E2E latency    = finish_time - arrival_time
-    TPOT           = (E2E - TTFT) / (n - 1)                 the mean gap after the first token
-    ITL            = every gap between two consecutive tokens (pooled over all requests)
-
-A run of ``duration`` seconds that completes requests with ``n_i`` output
-tokens and ``p_i`` prompt tokens::
-
-    request throughput     = completed / duration                 (req/s)
-    output token throughput = sum(n_i) / duration                 (tok/s)
-    total token throughput = (sum(p_i) + sum(n_i)) / duration     (tok/s)
-    goodput                = (requests meeting EVERY SLO) / duration
-
-Goodput (DistServe, Zhong et al. 2024) is throughput that counts only the
-requests a user was happy with: a run finishing 100 requests/min of which 30
-met the latency targets has a goodput of 30/min.
-
-Like vLLM, a request with a single output token has TPOT 0 for goodput and is
-left out of the TPOT distribution; percentiles interpolate linearly between
-order statistics (numpy's default). vLLM: ``vllm/benchmarks/serve.py``
-(``calculate_metrics``).
+"""Serving metrics, with the definitions of vLLM's serving benchmark (``vllm/benchmarks/serve.py``,
+``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et
+al. 2024). Percentiles are numpy's. The definitions, drawn: docs/serving.md.
 """
 from __future__ import annotations
 

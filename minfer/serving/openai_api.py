@@ -3,6 +3,8 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "stream", ...}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}
 
+``response_format`` (json_object, json_schema) and vLLM's ``guided_json`` / ``guided_regex`` /
+``guided_choice`` constrain the output with a grammar (``minfer/guided.py``).
 Every field the engine cannot honour is refused with a 400 that names it, never
 ignored: penalties, tools, and any field OpenAI does not define. Log-probabilities
 (``minfer/logprobs.py``): completions' ``logprobs`` (at most 5, as OpenAI) and ``echo``
@@ -17,6 +19,7 @@ The error body is OpenAI's: ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Annotated, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from minfer.guided import FIELDS
 from minfer.logprobs import chat_logprobs, completion_logprobs
 from minfer.sampling import SamplingParams
 
@@ -55,6 +59,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: dict = Field(alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: structured output (``minfer/guided.py``)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints (OpenAI's names; top_k, ignore_eos, stop_token_ids as vLLM's extras)."""
 
@@ -74,6 +93,10 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: Optional[list[TokenId]] = None
     user: Optional[str] = None          # an end-user id for abuse tracking: accepted, not used
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Union[dict, str, None] = None      # vLLM's extras: one grammar per request
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
 
     @field_validator("stop")
     @classmethod
@@ -124,6 +147,10 @@ class Message(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """What the chat template takes (OpenAI's ``developer`` role is the template's ``system``)."""
+        return {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
@@ -136,8 +163,8 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def parse_body(model: type[BaseModel], body) -> BaseModel:
-    """Validate a decoded JSON body; a 400 naming every bad field otherwise."""
+def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
+    """Validate a decoded JSON body; a 400 naming every bad field (``prefix`` + its path) otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -153,7 +180,7 @@ def parse_body(model: type[BaseModel], body) -> BaseModel:
                 msg = err["msg"]
             if param not in params:
                 params.append(param)
-                problems.append(f"{param}: {msg}")
+                problems.append(f"{prefix}{param}: {msg}")
         raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
 
 
@@ -177,10 +204,31 @@ def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, 
                        param=name, code="context_length_exceeded")
     asked = 1 if asked == 0 else asked                     # echo only: one token is generated, then dropped
     max_tokens = asked if asked is not None else (room if chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room))
-    return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
-                          stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
-                          seed=req.seed, n=req.n, logprobs=logprobs,
-                          prompt_logprobs=req.logprobs if not chat and req.echo else None)
+    guided, blame = guided_fields(req)
+    try:
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
+                              stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                              seed=req.seed, n=req.n, logprobs=logprobs,
+                              prompt_logprobs=req.logprobs if not chat and req.echo else None, **guided)
+    except ValueError as e:               # a bad grammar or schema, or no grammar engine installed
+        message = str(e).replace("SamplingParams.guided_json", blame).replace("SamplingParams.", "")
+        field = re.match(r"(\w+)[.:]", message)
+        raise APIError(400, message, param=field[1] if field else None) from None
+
+
+def guided_fields(req: _Sampling) -> tuple[dict, str]:
+    """The body's grammar as SamplingParams' guided_* fields, and the field to name if it is bad."""
+    guided = {k: getattr(req, k) for k in FIELDS if getattr(req, k) is not None}
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return guided, "guided_json"
+    if guided:
+        raise APIError(400, f"response_format: give it or {next(iter(guided))}, not both", param="response_format")
+    if rf.type == "json_object":
+        return {"guided_json": {"type": "object"}}, "response_format"
+    if rf.json_schema is None:
+        raise APIError(400, "response_format.json_schema: required with type json_schema", param="response_format")
+    return {"guided_json": rf.json_schema.schema_}, "response_format.json_schema.schema"
 
 
 # ---------------------------------------------------------------------------
@@ -254,3 +302,13 @@ class ChoiceShape:
         if self.chat:
             return text, chat_logprobs(ids, dicts or [], self.k, self.decode)
         return text, completion_logprobs(ids, dicts or [], self.decode, offset)
+
+
+def choice_shape(req, ids: list[int], params: SamplingParams, tokenizer, *, chat: bool) -> ChoiceShape:
+    """Logprobs and echo of a request's choices, for the server and the batch job alike."""
+    def decode(t):
+        return tokenizer.decode([t], skip_special_tokens=False)
+    if chat or not req.echo:
+        return ChoiceShape(chat, params.logprobs, decode)
+    echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+    return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)

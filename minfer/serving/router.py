@@ -1,35 +1,9 @@
 """``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``.
 
-A router sits in front of several engine replicas and picks one per request:
-
-* ``round_robin``  replica 0, 1, ..., N-1, 0, ...: even counts, blind to the cache.
-* ``least_loaded`` the replica with the fewest requests in flight through this router.
-* ``prefix_aware`` hash the first blocks of the prompt (token ids after the chat template,
-  the same chained block hashes as the prefix cache, ``minfer.kv.block_pool.block_hashes``)
-  onto a consistent-hash ring: requests that share a system prompt or a document land
-  on the replica whose prefix cache already holds it, and adding or removing a
-  replica moves only the keys of its own arcs (Karger et al. 1997).
-
-        ring (2**64 points)   0 ──●A──────●B────●A────●B──────── 2**64
-        key = hash(first blocks)          ^ key -> the first point at or after it: B
-
-The router forwards request bodies and response bytes unchanged (streams too),
-so a client cannot tell it from a server. Failures, and what the client sees:
-
-* a replica that refuses the connection, or sends no response head within
-  ``--first-byte-timeout``: it is marked down and the request goes to the next
-  replica (nothing was sent to the client yet); with none left, 502 or 503;
-* a replica that fails an active health check (``GET /health`` every
-  ``--health-interval`` s, answered within ``--health-timeout`` s): marked down,
-  its requests that await their first byte move to another replica; a later
-  passing check marks it up again;
-* a replica that dies mid-stream: the stream ends with an error event and
-  ``data: [DONE]``, as the server's own errors do.
-
-A replica is also skipped for ``--cooldown`` seconds after a failure when no
-health check runs. The router has its own ``/metrics``. The same idea
-in production: SGLang's router (cache-aware routing), llm-d / the Gateway API
-inference extension (prefix-cache-aware scoring).
+``prefix_aware`` hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a
+consistent-hash ring (Karger et al. 1997). Bodies and bytes are forwarded unchanged; a replica
+that fails is marked down and its waiting requests move. SGLang's router and llm-d do the same;
+the failure rules: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -49,6 +23,7 @@ from typing import Sequence
 
 from fastapi import Request
 
+from minfer.cli_args import positive_int
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json,
                                         install_error_handlers, read_body, run_server, seconds)
 from minfer.serving.openai_api import APIError
@@ -377,10 +352,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="round_robin", help=f"one of {', '.join(POLICIES)} (default round_robin)")
     p.add_argument("--model", default=None,
                    help="model whose tokenizer and chat template prefix_aware hashes (default: characters)")
-    p.add_argument("--block-size", type=positive(int), default=16, help="tokens per hashed block (default 16)")
-    p.add_argument("--prefix-blocks", type=positive(int), default=4,
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per hashed block (default 16)")
+    p.add_argument("--prefix-blocks", type=positive_int, default=4,
                    help="blocks of the prompt that make the key (default 4)")
-    p.add_argument("--max-body-bytes", type=positive(int), default=MAX_BODY_BYTES,
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
                    help="largest request body (413 above)")
     add_router_timeouts(p)
     add_server_args(p)
@@ -400,19 +375,6 @@ def add_router_timeouts(p: argparse.ArgumentParser) -> None:
                    help=f"seconds between active health checks of the replicas; 0: none (default {HEALTH_INTERVAL:g})")
     p.add_argument("--health-timeout", type=seconds, default=HEALTH_TIMEOUT,
                    help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
-
-
-def positive(kind):
-    """argparse type: a number of ``kind`` >= 1."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-        return value
-    return parse
 
 
 def seconds_or_zero(text: str) -> float:

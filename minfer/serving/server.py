@@ -51,6 +51,7 @@ from minfer.serving.openai_api import (
     ChatCompletionRequest,
     ChoiceShape,
     CompletionRequest,
+    choice_shape,
     chunk,
     new_id,
     parse_body,
@@ -144,7 +145,7 @@ class Handlers:
 
     async def chat_completions(self, request: Request):
         req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
-        msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        msgs = [m.as_dict() for m in req.messages]
         self.check_chars(sum(len(m["content"]) for m in msgs), "messages")
         try:                                       # user text never becomes a special token
             ids = await asyncio.to_thread(self.tok.encode_chat, msgs, add_generation_prompt=True)
@@ -163,7 +164,7 @@ class Handlers:
             raise APIError(503, f"the server is full ({aengine.num_waiting} requests waiting); retry later",
                            code="overloaded", headers={"Retry-After": "1"})
         rid = new_id("chatcmpl" if chat else "cmpl")
-        shape = self.shape(req, ids, params, chat)
+        shape = choice_shape(req, ids, params, self.tok, chat=chat)
         try:
             q = await aengine.submit(rid, ids, params)
         except ValueError as e:
@@ -173,15 +174,6 @@ class Handlers:
             return StreamingResponse(self.stream(rid, q, params.n, chat, include, shape),
                                      media_type="text/event-stream")
         return JSONResponse(await self.collect(request, rid, q, params.n, chat, shape))
-
-    def shape(self, req, ids: list[int], params, chat: bool) -> ChoiceShape:
-        """Logprobs and echo of this request's choices (``openai_api.ChoiceShape``)."""
-        def decode(t):
-            return self.tok.decode([t], skip_special_tokens=False)
-        if chat or not req.echo:
-            return ChoiceShape(chat, params.logprobs, decode)
-        echo = req.prompt if isinstance(req.prompt, str) else self.tok.decode(ids, skip_special_tokens=False)
-        return ChoiceShape(chat, params.logprobs, decode, echo, tuple(ids), generated=req.max_tokens != 0)
 
     async def stream(self, rid, q, n: int, chat: bool, include_usage: bool, shape: ChoiceShape):
         """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index.
@@ -294,8 +286,10 @@ def check_args(args) -> None:
 
 def check_pool(engine) -> None:
     """The KV pool must hold one request of the whole context (ValueError naming the flag)."""
-    pool, cache = engine.runner.kv_manager.pool, engine.runner.cache
-    need = -(-int(engine.max_model_len) // pool.block_size)
+    kv, cache = engine.runner.kv_manager, engine.runner.cache
+    pool, need = kv.pool, -(-int(engine.max_model_len) // kv.pool.block_size)
+    if hasattr(kv, "max_blocks"):                     # local/global KV groups (minfer/kv/coordinator.py)
+        need = kv.max_blocks(int(engine.max_model_len), 0)
     if pool.num_blocks < need:
         minimum = need * -(-cache.nbytes() // cache.num_blocks)
         raise ValueError(f"--kv-cache-memory-bytes: the pool holds {pool.num_blocks} blocks of {pool.block_size} "

@@ -1,36 +1,17 @@
 """Workloads: seeded request traces for the serving benchmark, the lessons and the tests.
 
-A trace is a list of ``TraceRequest`` (arrival time, prompt token ids, how many
-tokens to generate). Two sources, both reproducible from a seed:
-
-* ``synthetic_trace``: random token ids, lengths drawn uniformly from ranges;
-* ``text_trace``: real text that ships with Python, so nothing is downloaded:
-  the CPython documentation topics in ``pydoc_data.topics`` (what ``help()``
-  prints), used as "summarise this documentation" prompts.
-
-Arrivals (``arrival_times``) follow vLLM's benchmark: gaps between requests are
-drawn from a gamma distribution with mean 1/rate and shape ``burstiness``.
-burstiness = 1 gives exponential gaps, i.e. a Poisson process; below 1 the
-arrivals come in bursts, above 1 they are more evenly spaced. rate = inf sends
-everything at t = 0 (an offline batch). vLLM: ``vllm/benchmarks/serve.py``
-(``get_request``) and ``vllm/benchmarks/datasets.py`` (``RandomDataset``).
+``synthetic_trace`` (random ids) and ``text_trace`` (``pydoc_data.topics``); arrivals are gamma
+gaps of mean 1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py``
+(``get_request``) (docs/serving.md).
 """
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+
+from minfer.engine.request import TraceRequest
 
 INSTRUCTION = "Summarize the following Python documentation in a few sentences.\n\n"
-
-
-@dataclass
-class TraceRequest:
-    request_id: str
-    arrival_time: float             # seconds after the trace starts
-    prompt_token_ids: list[int]
-    max_tokens: int                 # tokens to generate (run with ignore_eos for exact lengths)
-    prompt: str | None = None       # the text, when the prompt came from text
 
 
 def _check_range(name: str, lo_hi: tuple[int, int]) -> tuple[int, int]:

@@ -1,36 +1,10 @@
 """Speculative decoding: more than one token per target forward, with exactly the target's output.
 
-Decoding is memory-bound: a forward over 1 token reads every weight, and one
-over 8 tokens reads them once too. So guess several tokens cheaply, let the
-target check them all in ONE forward, and keep the ones it agrees with.
-
-    rejection.py      the accept/reject rule (p = target, q = draft) and its greedy case
-    loop.py           the propose -> verify -> roll back loop of one request, for any proposer
-    engine.py         the same inside the engine step: every running request proposes, one
-                      batched forward verifies them all (what ``LLM(speculative=...)`` runs)
-    draft.py          proposer: a draft model (another checkpoint, the target in int4, its first k layers)
-    prompt_lookup.py  proposer: n-gram lookup in the prompt and the text so far
-    medusa.py         Medusa heads: guesses from one hidden state, a tree verified in one forward
-    lookahead.py      lookahead decoding: Jacobi guesses + n-gram verification in one forward
-    stats.py          acceptance rate, accepted-length histogram, (1 - a^(gamma+1)) / (1 - a)
-
-Pick a method with a spec string (``LLM(speculative=...)``, ``minfer generate --speculative``)::
-
-    "prompt_lookup"     n-gram lookup; options k= (default 8), min= (2), max= (4), adaptive= (1; 0 = fixed k)
-    "draft:<model>"     a draft checkpoint (registry name or path); option gamma= or k= (default 4)
-    "draft:layers-8"    the target's first 8 layers + its head (layer-skip self-draft)
-    "draft:int4"        the target weight-quantized to int4 (minfer.quant.apply.quantize_model)
-    "lookahead"         lookahead decoding; options W= (4), N= (3), G= (4); greedy only
-    "medusa:<heads>"    Medusa heads trained by `minfer medusa train` (medusa.py); the single-request loop is
-                        greedy only; options nodes= (16): verify the first N nodes of its static candidate tree;
-                        depth= (all): keep only those nodes at most D deep (depth=1: head 0's top-N only).
-                        In the engine: the heads' top-1 chain, depth= heads long
-
-    e.g. "prompt_lookup:k=8,max=4"  or  "draft:layers-10,gamma=3"  or  "lookahead:W=5,N=4,G=5"
-
-vLLM's equivalent: ``SpeculativeConfig`` (``vllm/config/speculative.py``):
-method "ngram" with prompt_lookup_min / prompt_lookup_max / num_speculative_tokens,
-"draft_model", "eagle", "medusa".
+Modules: rejection (the rule), loop (one request), engine (inside the engine step), draft,
+prompt_lookup, medusa, lookahead, stats. A method is picked by a spec string
+(``LLM(speculative=...)``), e.g. ``"prompt_lookup:k=8,max=4"``, ``"draft:layers-10,gamma=3"``,
+``"lookahead:W=5,N=4,G=5"``, ``"medusa:<heads>"``; the options: docs/speculative.md.
+vLLM: ``SpeculativeConfig`` (``vllm/config/speculative.py``).
 """
 from __future__ import annotations
 

@@ -1,27 +1,9 @@
 """Draft-model speculative decoding: a small model guesses, the target verifies.
 
-Leviathan et al. 2023 / Chen et al. 2023 (p = target, q = draft; the rule is in
-``rejection.py``). Per step the draft runs gamma cheap forwards (one token
-each), the target ONE forward over gamma + 1 positions; both KV caches are
-rolled back with ``cache.truncate`` to the accepted prefix:
-
-    seq (verified)            | d_1 d_2 ... d_gamma   (draft's guesses)
-    draft cache after propose:  seq + d_1 .. d_{gamma-1}   (d_gamma was sampled, never fed)
-    target cache after verify:  seq + d_1 .. d_gamma
-    accepted n, new token t  -> both truncated to seq + d_1..d_n; t is the next pending token
-
-Any model with the same tokenizer can draft:
-
-* another (smaller) checkpoint: ``DraftModelProposer(load(...))``;
-* the target itself, weight-quantized to int4 ("self-speculation": reads 1/8 of
-  the fp32 bytes per forward, nearly the same predictions): ``quantized_draft``;
-* the target's first k layers + its final norm and LM head ("layer-skip
-  self-drafting", Elhoushi et al. 2024 LayerSkip; Zhang et al. 2023 Draft & Verify):
-  ``layer_skip_draft``. It shares every weight with the target; without
-  early-exit training its guesses are poor, and the benchmark says so.
-
-vLLM's equivalent: ``vllm/v1/spec_decode/eagle.py`` / the "draft_model" method
-of ``SpeculativeConfig`` (``vllm/config/speculative.py``).
+Leviathan et al. 2023 / Chen et al. 2023 (the rule: ``rejection.py``). Drafts: another
+checkpoint, the target in int4 (``quantized_draft``), or its first k layers
+(``layer_skip_draft``, LayerSkip). Both caches roll back with ``truncate``. vLLM: the
+"draft_model" method of ``SpeculativeConfig``. The cache diagram: docs/speculative.md.
 """
 from __future__ import annotations
 

@@ -1,30 +1,9 @@
 """Speculative decoding inside the engine step: every running request proposes, one forward verifies all.
 
-The single-request loops (``loop.py``, ``medusa.py``) teach the idea on one sequence; a
-serving engine runs it for the whole batch at once (vLLM V1: the proposers of
-``vllm/v1/spec_decode/``, the rejection sampler ``vllm/v1/sample/rejection_sampler.py``,
-driven from ``vllm/v1/worker/gpu_model_runner.py``). One step of ``SpecDecodeEngine``:
-
-    schedule        the plain scheduler: prefill chunks, and one token for each decode
-    propose         each decoding request's proposer guesses up to k tokens d_1..d_k
-    widen           its decode chunk [x] becomes [x d_1 .. d_k]: k more KV slots and k more
-                    tokens of the step's budget, a small prefill chunk (ragged query lengths)
-    one forward     over the whole batch; logits at every row of a widened chunk
-    verify per row  ``rejection.verify_greedy`` / ``verify_sampled``: n accepted + 1 new token
-    roll back       num_computed_tokens = start + 1 + n: the K/V of the rejected drafts lie in
-                    slots past it, still reserved, and the next step's tokens overwrite them
-                    (vLLM V1 lowers num_computed_tokens by the rejected count the same way)
-
-    request A, decode, k = 3:   [x  d1 d2 d3]     accepts 2: emits d1 d2 t, computed up to d2
-    request B, prefill chunk:   [p0 p1 ... p9]    its last chunk samples its first token
-    request C, decode, k = 0:   [y]               no proposal: a plain decode row
-
-Proposers, one per request: prompt lookup (``prompt_lookup.py``); a draft model that keeps
-its own small contiguous cache per request (``draft.py``; the drafts run request by request,
-the target's verification is batched); Medusa heads on the hidden state of the row that gave
-the request its last token (``medusa.py``; the top-1 chain of the heads, as vLLM V1's
-``MedusaProposer``, where the single-request loop verifies a tree). Lookahead decoding needs a
-2-D attention mask that the paged cache does not have: it stays a single-request loop.
+One step: schedule, propose (up to k tokens per decoding request), widen its decode chunk,
+one forward, verify per row (``rejection``), roll back ``num_computed_tokens``. vLLM V1:
+``vllm/v1/spec_decode/``, ``vllm/v1/sample/rejection_sampler.py``, driven from
+``gpu_model_runner.py``. Diagram and proposers: docs/speculative.md.
 """
 from __future__ import annotations
 
@@ -37,6 +16,7 @@ import torch
 from minfer.engine.llm_engine import LLMEngine, StepOutput
 from minfer.engine.runner import prepare_batch
 from minfer.engine.scheduler import ScheduledChunk
+from minfer.guided import refuse_speculative
 from minfer.sampling import sample_rows
 from minfer.speculative import SpeculativeConfig, load_draft
 from minfer.speculative.draft import DraftModelProposer
@@ -133,6 +113,9 @@ class SpecDecodeEngine(LLMEngine):
     def add_request(self, prompt, params=None, request_id=None, arrival_time=None) -> str:
         if params is not None and params.n > 1:
             raise ValueError("speculative decoding samples one sequence per request; use n=1")
+        refuse_speculative(params)
+        if params is not None and (params.logprobs is not None or params.prompt_logprobs is not None):
+            raise ValueError("SamplingParams.logprobs / prompt_logprobs are not available with speculative decoding")
         return super().add_request(prompt, params, request_id, arrival_time)
 
     def release(self, request_id: str):

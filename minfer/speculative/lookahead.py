@@ -1,40 +1,10 @@
-"""Lookahead decoding (Fu, Bailis, Stoica & Zhang 2024): guess n-grams by Jacobi iteration, verify them,
-both in ONE forward, with no draft model. Greedy only; the output equals plain greedy decoding.
+"""Lookahead decoding (Fu, Bailis, Stoica & Zhang 2024): Jacobi guesses and their verification in ONE
+forward, with no draft model. Greedy only; the output equals plain greedy decoding.
 
-Jacobi decoding guesses a window of future tokens and refines all of them in
-parallel: feeding guesses y_1..y_W after the last token, the argmax at y_i is
-a new guess for position i + 1. Lookahead decoding keeps the last N - 1
-rounds of guesses (a 2-D window, W columns x N - 1 levels) and reads n-grams
-off its diagonals into a pool; n-grams that start with the current token are
-verified like speculative drafts. One step's input, for W = 3, N = 3, G = 2:
-
-    input:      x | a0 a1 a2 | b0 b1 b2 | c1 c2 c3 | e1 e2 e3
-    position:   P | +1 +2 +3 | +2 +3 +4 | +1 +2 +3 | +1 +2 +3
-                    level 0    level 1    candidate  candidate  (N - 1 tokens each)
-                    \\______lookahead_____/ \\________verification________/
-
-Visibility inside the step (everything also sees the whole KV cache = the prefix):
-
-    x          sees x
-    a_i        sees x, a_0..a_i                     (level 0 is read as one causal sequence)
-    b_i        sees x, a_0..a_i, b_i                (level l, column i: level 0 up to i, then
-                                                      column i of levels 1..l: positions P+1..P+1+l+i)
-    candidate  sees x and its own earlier tokens    (an ordinary causal draft)
-
-After the forward:
-  * lookahead: the argmax at the last level's tokens is a new level (it predicts
-    positions P+N+i); the n-gram (a_i, b_i, new_i) goes into the pool under key a_i;
-    the oldest level is dropped. (The first N - 2 steps only fill the levels.)
-  * verification: for each candidate, accept tokens while each equals the
-    argmax at the previous one (``rejection.verify_greedy``); keep the longest
-    run, emit it plus the argmax after it; write the K/V of x and the accepted
-    tokens into the cache (they were computed with exactly the right context).
-
-The custom mask is applied by ``TreeAttentionCache``, a wrapper whose
-``attend`` the model calls instead of its attention backend (see
-``minfer/model.py``); the model itself is unchanged. vLLM's tree attention
-backend (``vllm/v1/attention/backends/tree_attn.py``) plays the same role for
-tree drafts; the lookahead authors' code is github.com/hao-ai-lab/LookaheadDecoding.
+The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a custom
+mask (``TreeAttentionCache``). The layout of a step and who sees whom: docs/speculative.md.
+Authors' code: github.com/hao-ai-lab/LookaheadDecoding; vLLM's tree attention backend:
+``vllm/v1/attention/backends/tree_attn.py``.
 """
 from __future__ import annotations
 
@@ -62,14 +32,9 @@ from minfer.speculative.stats import SpecStats
 class TreeAttentionCache:
     """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``.
 
-    update() does NOT write: the new tokens share positions (several guesses for
-    one position), so they cannot go into position-indexed slots. It returns the
-    cached prefix and the new K/V; attend() concatenates them and applies
-
-        mask = [ allowed(prefix) | tree_mask & window ]         (B, T, prefix + T)
-
-    ``commit(indices)`` then writes the K/V of the chosen new tokens (the
-    verified ones) into the wrapped cache at their positions.
+    ``update`` does not write (the guesses share positions); ``attend`` applies
+    ``[allowed(prefix) | tree_mask & window]``; ``commit(indices)`` writes the verified tokens' K/V
+    at their positions (docs/speculative.md).
     """
 
     def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):

@@ -1,25 +1,8 @@
-"""The propose / verify loop shared by draft-model speculation and prompt lookup.
+"""The propose / verify loop shared by draft-model speculation and prompt lookup (one request).
 
-    prompt ──prefill──> first token (plain sampling)
-    loop:  proposer guesses k tokens d_1..d_k            (a draft model, or an n-gram lookup)
-           target scores [last, d_1..d_k] in ONE forward -> k + 1 distributions
-           rejection.verify_*  -> n accepted + 1 new token
-           target cache: truncate to the accepted prefix (the rejected d's K/V are forgotten)
-
-Invariant between steps: the target's cache holds K/V for ``seq[:-1]``; the
-last token ``seq[-1]`` is the pending input of the next forward. After a step
-the cache holds seq + d_1..d_k; ``truncate(len(seq) + n)`` keeps seq + d_1..d_n,
-and the new pending token is the correction / bonus token.
-
-Stopping is the plain loop's: EOS / stop token ids / max_tokens / the context
-length. A proposal never runs past the remaining budget, so the verify forward
-never writes past ``max_position_embeddings``; tokens after an EOS inside an
-accepted run are dropped.
-
-This loop serves one request and reads top to bottom; ``engine.py`` runs the same
-steps (the same proposers and ``rejection`` rule) for every running request of the
-engine at once, as vLLM does: the spec-decode path of ``vllm/v1/worker/gpu_model_runner.py``
-(proposers in ``vllm/v1/spec_decode/``, verification in the rejection sampler).
+Invariant between steps: the target's cache holds K/V for ``seq[:-1]``; after verifying
+n of k proposals, ``truncate(len(seq) + n)``. ``engine.py`` runs the same steps for the whole
+batch, as vLLM's ``gpu_model_runner.py`` does (docs/speculative.md).
 """
 from __future__ import annotations
 

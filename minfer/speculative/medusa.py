@@ -1,39 +1,11 @@
-"""Medusa heads (Cai et al. 2024, "Medusa: Simple LLM inference acceleration framework with
-multiple decoding heads"): guess several future tokens from ONE hidden state, verify a tree of
-guesses in ONE forward. Greedy here, so the output equals plain greedy decoding token for token.
+"""Medusa heads (Cai et al. 2024): guess several future tokens from ONE hidden state, verify a tree of
+guesses in ONE forward. Greedy here, so the output equals plain greedy decoding.
 
-The heads. The base model's last hidden state h_t (after the final RMSNorm) already
-predicts token t+1 through the LM head. Head j (j = 0..K-1) is a residual block on
-the frozen h_t, read by the SAME (tied) LM head, trained to predict token t+2+j:
+    head_j(h) = lm_head(h + SiLU(W_j h + b_j))        trained to predict token t+2+j
 
-    head_j(h) = lm_head(h + SiLU(W_j h + b_j))        W_j zero-initialised: starts as the base head
-
-The tree. Each head offers its top-s tokens; a static tree (the paper's "sparse tree",
-chosen offline) says which combinations to try. A node is a path of ranks,
-(r_0, r_1, ...): rank r_0 of head 0, then rank r_1 of head 1, ...; its parent is the
-path without the last rank. E.g. ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)):
-
-    root = x (the pending token, position P)
-     ├─ a0 (head 0 rank 0, P+1) ─┬─ b0 (head 1 rank 0, P+2) ── c0 (head 2 rank 0, P+3)
-     │                           └─ b1 (head 1 rank 1, P+2)
-     └─ a1 (head 0 rank 1, P+1) ─── b0 (head 1 rank 0, P+2)
-
-Every node sees the KV cache, the root and its own ancestors only (tree attention
-mask). After the forward, walk down from the root: at each node, the base model's
-argmax is the token plain greedy decoding would emit next; if a child carries it,
-accept it and go on; else stop. Emit the accepted path plus the argmax at its last
-node (a "bonus" token), write the K/V of the root + accepted nodes into the cache
-(``TreeAttentionCache.commit``, shared with lookahead decoding), and read the heads
-again from the hidden state of the last accepted node.
-
-Production: vLLM ``vllm/v1/spec_decode/medusa.py`` (proposer) and the tree attention
-backend ``vllm/v1/attention/backends/tree_attn.py``; the authors' code is
-github.com/FasterDecoding/Medusa (``medusa_choices`` are the static trees).
-
-Two forms share the heads: ``medusa_generate`` below is the single-request loop with the
-tree; inside the engine (``speculative/engine.py``) every running request proposes the
-top-1 chain of the heads, verified in the batched step, as vLLM V1's ``MedusaProposer``
-does. The heads are trained by ``minfer medusa train`` (``minfer/compress/medusa.py``).
+``medusa_generate`` is the single-request loop over a static tree; the engine verifies the
+heads' top-1 chain (``speculative/engine.py``). vLLM: ``vllm/v1/spec_decode/medusa.py``;
+authors: github.com/FasterDecoding/Medusa. The tree walk: docs/speculative.md.
 """
 from __future__ import annotations
 
@@ -217,14 +189,9 @@ def last_hidden(model):
 
 def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
     """Last-layer outputs x (N, h) -> logits (N, 1 + n, V): the base model's next token and the first
-    n = num_heads (default all K) heads' guesses at every row, in ONE pass over the LM head.
+    n = num_heads (default all) heads' guesses at every row, in ONE pass over the LM head.
 
-    Pass the tree's depth as ``num_heads``: a head the tree never reads would only add N rows
-    to the LM head product (with oneDNN on one core, 16 rows cost ~1.6x one row, 8 rows ~1.3x).
-
-    The LM head (49152 x 576 on SmolLM2) is the largest matrix a CPU reads per step; reading it
-    once for the verify rows and again for the next heads would cost a second pass (and a
-    3-row product is slower than a 16-row one with this CPU's BLAS: 23 ms against 17 ms here).
+    Pass the tree's depth as ``num_heads``. Why one pass: docs/speculative.md.
     """
     hidden = model.model.norm(x)                                            # (N, h)
     return model.compute_logits(torch.cat([hidden[:, None], heads(hidden, num_heads)], dim=1))

@@ -1,28 +1,8 @@
 """Prompt lookup decoding ("inference with reference"): the draft is the text itself.
 
-When the output copies from the input (edit this function, quote the
-document, summarise with citations), the next tokens are often sitting in the
-prompt already. Find the last few generated tokens earlier in the sequence and
-propose what followed them there; the target verifies in one forward
-(``loop.py``), so a wrong guess only costs a slightly wider forward.
-
-    tokens:  ... def area(r): return 3.14 * r * r ... | def area(r): return
-                                  ^^^^^^^^^^^^^^^^^^^^   ^^^^^^^^^ suffix (n = 3) found earlier
-    propose: the k tokens after the match:  "3.14 * r * r ..."
-
-The rule (``ngram_propose``), with vLLM's parameter names:
-for n = prompt_lookup_max down to prompt_lookup_min, look for the last n
-tokens earlier in the sequence (an occurrence followed by at least one token);
-take the EARLIEST such occurrence of the longest n that has one, and propose
-the up to ``num_speculative_tokens`` tokens that follow it. No match: propose
-nothing (the step is a plain decode step).
-
-The proposal is deterministic (no draft distribution), so in sampling mode it
-is verified as q = one-hot: accept x with probability p(x) (``rejection.py``).
-
-Saxena 2023 (github.com/apoorvumang/prompt-lookup-decoding); Yang et al. 2023,
-"Inference with Reference". vLLM: ``vllm/v1/spec_decode/ngram_proposer.py``
-(``method="ngram"``); HF transformers: ``prompt_lookup_num_tokens``.
+Find the last n generated tokens earlier in the sequence (n = max down to min; the earliest
+occurrence) and propose what followed. Saxena 2023; Yang et al. 2023. vLLM:
+``vllm/v1/spec_decode/ngram_proposer.py`` (docs/speculative.md).
 """
 from __future__ import annotations
 
@@ -48,14 +28,8 @@ def ngram_propose(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int
 class PromptLookupProposer:
     """``ngram_propose`` as a proposer for ``loop.speculative_generate``.
 
-    ``adaptive``: a wrong guess still widens the verify forward, and on a CPU a
-    forward over 9 tokens costs about twice one over 1. So the proposal length
-    follows the recent luck: after a fully accepted proposal the cap doubles (up
-    to num_speculative_tokens), after a rejection it drops to (accepted + 1).
-    Copying runs quickly reach long proposals; spurious matches in free text
-    cost almost nothing. (HF transformers adapts its assistant's length in a
-    similar way; vLLM's ngram proposer uses a fixed k.) The guesses are still a
-    function of the text so far, so verification stays exact.
+    ``adaptive``: the cap doubles after a fully accepted proposal and drops to accepted + 1 after a
+    rejection (docs/speculative.md); the guesses stay a function of the text, so verification is exact.
     """
 
     def __init__(self, prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, adaptive: bool = True):

@@ -1,42 +1,11 @@
 """The accept/reject rule of speculative sampling, and its greedy special case.
 
-Convention (kept from Leviathan, Kalman & Matias 2023, "Fast Inference from
-Transformers via Speculative Decoding", and Chen et al. 2023, "Accelerating
-Large Language Model Decoding with Speculative Sampling"):
+Leviathan, Kalman & Matias 2023; Chen et al. 2023. p = target, q = draft:
 
-    p(x)   the TARGET model's distribution for the next token (what we must sample from)
-    q(x)   the DRAFT's distribution that the guess x was drawn from
-    gamma  how many tokens the draft guesses per step
+    accept x ~ q with probability min(1, p(x) / q(x)), else sample norm(max(0, p - q))
 
-One position, draft token x ~ q:
-
-    accept x               with probability  min(1, p(x) / q(x))
-    otherwise sample from  p'(.) = norm(max(0, p(.) - q(.)))          (the "residual")
-
-Why the output is distributed exactly as p (write m(y) = min(p(y), q(y))):
-
-    P(out = y) = q(y) * min(1, p(y)/q(y)) + P(reject) * p'(y)
-               = m(y) + (1 - sum_z m(z)) * max(0, p(y) - q(y)) / sum_z max(0, p(z) - q(z))
-               = m(y) + max(0, p(y) - q(y))     because 1 - sum_z m(z) = sum_z max(0, p(z) - q(z))
-               = p(y)
-
-A step over gamma draft tokens applies this rule position by position and
-stops at the first rejection (whose residual sample is the step's last
-token). When all gamma are accepted, the target's distribution at position
-gamma + 1 was computed anyway, so one more "bonus" token is sampled from it:
-every step emits between 1 and gamma + 1 tokens.
-
-A *deterministic* proposal (prompt lookup, lookahead, a greedy draft) is the
-case q = one-hot(x): accept with probability p(x), else sample from p with x
-removed. Greedy decoding is the case p = one-hot(argmax): accept while the
-draft equals the target's argmax, then emit the target's argmax.
-
-"p" here is the *processed* distribution: temperature, top-k and top-p are
-applied to both models' logits first (``processed_probs``), so speculative
-sampling reproduces exactly what ``minfer.sampling.sample`` would sample from.
-
-vLLM's equivalent: ``vllm/v1/sample/rejection_sampler.py`` (``RejectionSampler``:
-``draft_probs`` = q, ``target_probs`` = p, "recovered" tokens = residual samples).
+which samples exactly from p (the proof: docs/speculative.md). A deterministic proposal is
+q = one-hot; greedy is p = one-hot(argmax). vLLM: ``vllm/v1/sample/rejection_sampler.py``.
 """
 from __future__ import annotations
 

@@ -1,22 +1,7 @@
 """Acceptance statistics of one speculative request, and the theory to hold them against.
 
-Per verification step (one target forward) we record how many tokens were
-proposed (k) and how many of them were accepted (n <= k). The step emits
-n + 1 tokens (the accepted run plus the target's correction or bonus token).
-
-    acceptance rate        sum(n) / sum(k)                       (vLLM: draft_acceptance_rate)
-    per-token acceptance a sum(n) / number of accept/reject decisions
-                           (a step makes n decisions if all k were accepted, n + 1 otherwise;
-                            this is the estimate of a under the i.i.d. model below)
-    mean accepted length   mean of n + 1: tokens emitted per target forward (tau)
-
-Leviathan et al. 2023 (Eq. 1): if each draft token is accepted independently
-with probability a, a step with gamma proposals emits on average
-
-    E[tokens / step] = 1 + a + a^2 + ... + a^gamma = (1 - a^(gamma + 1)) / (1 - a)
-
-``expected_tokens_per_step`` computes it; ``SpecStats.expected_mean_length``
-averages it over the steps actually taken (k varies for prompt lookup).
+Leviathan et al. 2023 (Eq. 1): E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a); the
+definitions: docs/speculative.md. vLLM: ``draft_acceptance_rate``.
 """
 from __future__ import annotations
 

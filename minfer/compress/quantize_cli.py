@@ -1,19 +1,10 @@
 """`minfer quantize MODEL OUT`: quantize a model's weights and save them as a folder.
 
     minfer quantize smollm2-135m-instruct out/smollm2-int4 --format int4 --group-size 32
-    minfer generate "Hello" --model out/smollm2-int4
 
-OUT gets config.json, tokenizer.json (+ tokenizer_config.json) and one
-model.safetensors holding the quantized tensors, with the format of every
-module in its metadata (see ``minfer.quant.apply``). The folder is written
-next to OUT under a temporary name and renamed into place when complete
-(``minfer.atomic.atomic_dir``).
-
-It never deletes what it did not write: ``--force`` replaces OUT only when OUT
-is a quantized checkpoint written by this command (nothing else in it); a
-folder holding anything else, ``.``, any parent of the current folder, and a
-folder that holds the source model are refused, with or without ``--force``.
-OUT's folder is checked for writing before the model loads.
+OUT (config.json, tokenizer files, one model.safetensors with each module's format) is written
+under a temporary name and renamed into place. ``--force`` replaces only a folder this command
+wrote; ``.``, its parents and the source model's folder are always refused (docs/compression.md).
 """
 from __future__ import annotations
 
