@@ -77,3 +77,48 @@ def test_static_decode_step_methods_run_and_give_the_eager_tokens(folder, capsys
     assert "llm-graphs greedy tokens identical to cached: True" in out.out
     assert "static greedy tokens identical to cached: True" in out.out and "static / cached decode" in out.out
     assert "llm-graphs / llm (eager) decode tok/s = " in out.out and "graph capture 0.0 s" in out.out
+
+
+def test_llama_cpp_peer_without_a_gguf_is_left_out_with_the_reason(folder, capsys):
+    from minfer.cli import main
+    rc = main(["bench", "decode", "--model", str(folder), "--methods", "cached", "--peers", "llama.cpp",
+               "--max-tokens", "4", "--repeats", "1", "--no-kv-quality"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "llama.cpp cannot run here, left out: no GGUF file" in out
+    assert any(line.strip().startswith("cached") for line in out.splitlines() if "|" in line)
+
+
+def test_llama_cpp_peer_not_installed_says_so(folder, capsys, monkeypatch, tmp_path):
+    import sys
+
+    from minfer.cli import main
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    rc = main(["bench", "decode", "--model", str(folder), "--methods", "cached", "--peers", "llama.cpp",
+               "--peer-gguf", str(tmp_path / "m.gguf"), "--max-tokens", "4", "--repeats", "1", "--no-kv-quality"])
+    assert rc == 0
+    assert "left out: llama-cpp-python is not installed" in capsys.readouterr().out
+
+
+def test_quantized_copies_are_methods_and_bad_names_are_refused(folder, capsys):
+    from minfer.cli import main
+    rc, out = _bench(folder, "cached,cached:int8", capsys)
+    assert rc == 0, out.err
+    assert any(line.strip().startswith("cached:int8") for line in out.out.splitlines() if "|" in line)
+    assert main(["bench", "decode", "--model", str(folder), "--methods", "cached:int9"]) == 2
+    assert "unknown quantization 'int9'" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", str(folder), "--methods", "cached", "--peers", "vllm"]) == 2
+    assert "--peers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama_cpp_peer_runs_on_smollm2(smollm2_dir, capsys):
+    pytest.importorskip("llama_cpp")
+    from minfer.cli import main
+    rc = main(["bench", "decode", "--model", str(smollm2_dir), "--methods", "cached", "--peers", "llama.cpp",
+               "--max-tokens", "8", "--repeats", "1", "--no-kv-quality", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("llama.cpp |"))
+    assert float(row.split("|")[1]) > 0 and "Q4_1.gguf, 1 threads" in out

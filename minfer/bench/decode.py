@@ -51,8 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
                         "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
                         "generate with its static cache and the decode step torch.compile'd, compile "
-                        "time reported separately)")
+                        "time reported separately). cached:FMT / llm:FMT run a copy quantized to FMT, "
+                        "e.g. cached:int8-a8,cached:q4_0-a8")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
+                   "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
+    p.add_argument("--peer-gguf", default=None, help="the GGUF file for llama.cpp (default: the model's own)")
     p.add_argument("--quantization", default=None,
                    help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
@@ -193,9 +197,17 @@ def _methods(args) -> list[str]:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in methods if m not in METHODS]:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    return methods
+    if unknown := [m for m in methods if m.partition(":")[0] not in METHODS
+                   or (":" in m and m.partition(":")[0] not in ("cached", "llm"))]:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS} (cached:FMT, llm:FMT quantized)")
+    from minfer.quant.apply import parse_spec
+    for m in methods:
+        if ":" in m:
+            parse_spec(m.partition(":")[2])               # a bad format name: ValueError naming the choices
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if unknown := [p for p in peers if p != "llama.cpp"]:
+        raise ValueError(f"unknown peer(s) {unknown} for --peers; choose llama.cpp")
+    return methods + peers
 
 
 def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
@@ -215,6 +227,9 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
                                 enforce_eager=False, max_num_seqs=1,
                                 max_seq_len_to_capture=len(prompt_ids) + n + 16, **kw)
     compiled, cannot_run = None, {}
+    quantized = {m: _quantized_copy(args, llm, m) for m in methods if ":" in m}
+    llama = _llama_peer(args, prompt_ids, n, cannot_run, methods) if "llama.cpp" in methods else None
+    engines.update(quantized, **({"llama.cpp": llama} if llama else {}))
     if "transformers-compiled" in methods:
         compiled, why = _compiled_peer(cfg, model, llm, prompt_ids, n, log)
         if compiled is None:
@@ -235,20 +250,67 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
         "llm-compile": lambda: _time_llm(engines["llm-compile"], prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
         "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
+        "llama.cpp": lambda: llama.timed(prompt_ids, n),
     }
+    for m, copy in quantized.items():
+        fns[m] = (lambda c=copy: _time_llm(c, prompt_ids, n)) if m.startswith("llm") else \
+            (lambda c=copy: _time_cached(c, prompt_ids, n, "contiguous"))
     return fns, engines, compiled, cannot_run
 
 
-def _rows(medians: dict, outputs: dict, wbytes: float, kv_mean: float, bw: float) -> list[dict]:
-    """One table row per method: speed, speed-up over naive, bandwidth used, same tokens as cached."""
+def _quantized_copy(args, llm, method: str):
+    """cached:FMT -> a model quantized to FMT; llm:FMT -> an engine on such a model."""
+    from minfer.llm import LLM
+    from minfer.model import build_model
+    from minfer.quant.apply import quantize_model
+    fmt = method.partition(":")[2]
+    if method.startswith("llm"):
+        return LLM(args.model, device=args.device, dtype=args.dtype, quantization=fmt, enforce_eager=True)
+    model = build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype)
+    return quantize_model(model, fmt)
+
+
+def _llama_peer(args, prompt_ids, n, cannot_run: dict, methods: list[str]):
+    """llama.cpp on the model's GGUF, or None (removed from ``methods``, the reason in ``cannot_run``)."""
+    from minfer.bench.peers import LlamaCppPeer, find_gguf
+    gguf = args.peer_gguf or find_gguf(args.model)
+    try:
+        if gguf is None:
+            raise RuntimeError(f"no GGUF file for {args.model} (give one with --peer-gguf)")
+        return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
+    except (RuntimeError, ValueError) as e:
+        cannot_run["llama.cpp"] = str(e)
+        methods.remove("llama.cpp")
+        print(f"llama.cpp cannot run here, left out: {e}", flush=True)
+        return None
+
+
+def _weight_bytes(engines: dict, model) -> dict:
+    """Weight bytes per decode step of each method whose weights differ from the model's
+    (a quantized copy; llama.cpp: its GGUF file's size, which its tied head reads whole)."""
+    out = {}
+    for name, e in engines.items():
+        if name == "llama.cpp":
+            out[name] = e.gguf.stat().st_size
+        elif ":" in name:
+            out[name] = weight_bytes_per_step(e.model if name.startswith("llm") else e)
+    return out
+
+
+def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float) -> list[dict]:
+    """One table row per method: speed, speed-up over naive, bandwidth used, same tokens as cached,
+    and the speed over llama.cpp's when it ran. ``wbytes``: method -> weight bytes ("*": the rest)."""
     base = medians.get("naive") or next(iter(medians.values()))
+    peer = medians.get("llama.cpp")
     rows = []
     for name, r in medians.items():
         row = {"method": name, **r, "tpot_ms": 1000.0 / r["decode_tps"],
-               "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None}
+               "speedup_vs_naive": r["decode_tps"] / base["decode_tps"] if "naive" in medians else None,
+               "x_llama_cpp": r["decode_tps"] / peer["decode_tps"] if peer else None}
         if name != "naive" and name != "no-cache":
-            row["bandwidth_gbs"] = (wbytes + kv_mean) * r["decode_tps"] / 1e9
-            row["bandwidth_fraction"] = mbu(wbytes + kv_mean, r["decode_tps"], bw)
+            w = wbytes.get(name, wbytes["*"])
+            row["bandwidth_gbs"] = (w + kv_mean) * r["decode_tps"] / 1e9
+            row["bandwidth_fraction"] = mbu(w + kv_mean, r["decode_tps"], bw)
         if name != "cached" and "cached" in outputs:
             row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
         rows.append(row)
@@ -342,12 +404,13 @@ def main(args) -> int:
 
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
-    rows = _rows(medians, outputs, wbytes, kv_mean, bw)
+    rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, model)}, kv_mean, bw)
     ratio = (medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
              if "cached" in medians and "transformers" in medians else None)
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
-                       ("speedup_vs_naive", "x naive", "{:.1f}"), ("bandwidth_gbs", "GB/s", "{:.2f}"),
+                       ("speedup_vs_naive", "x naive", "{:.1f}"), ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
+                       ("bandwidth_gbs", "GB/s", "{:.2f}"),
                        ("bandwidth_fraction", "MBU", "{:.0%}")]))
     mi = machine_info(llm.device)
     print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
@@ -359,6 +422,8 @@ def main(args) -> int:
     compile_report = _compile_report(compiled, medians, n)
     for name, why in cannot_run.items():
         print(f"{name}: not run ({why})")
+    if "llama.cpp" in engines:
+        print(f"llama.cpp: llama-cpp-python on {engines['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
     _print_ratios(medians, per_round, engines, rows)
     kv_rows = _kv_quality(model, prompt_ids, n, log) if args.kv_quality else None
     if args.json:

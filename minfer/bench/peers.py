@@ -120,3 +120,44 @@ class StaticCompiledHF:
         n = out.shape[1] - ids.shape[1]
         return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first),
                 "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def find_gguf(model: str):
+    """The GGUF file of a model: ``model`` itself when it is one, else the first .gguf in its
+    folder (minfer keeps the original file there, ``weights/README.md``); None when there is none."""
+    from minfer.checkpoints import resolve_model
+    try:
+        path = resolve_model(model, fetch_if_missing=False)
+    except (OSError, ValueError):
+        return None
+    return path if path.suffix == ".gguf" else next(iter(sorted(path.glob("*.gguf"))), None)
+
+
+class LlamaCppPeer:
+    """llama.cpp through ``llama-cpp-python`` on a GGUF file: greedy, exactly ``n`` tokens, EOS ignored.
+
+    ``generate`` yields tokens one by one (its own eval + sample loop); ``reset()`` first, so every
+    run prefills the whole prompt as minfer's runs do. The same thread count as torch's.
+    """
+
+    def __init__(self, gguf, threads: int, n_ctx: int):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise RuntimeError("llama-cpp-python is not installed (pip install llama-cpp-python; "
+                               "docs/benchmarks.md gives the build flags)") from e
+        self.gguf = gguf
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_ctx, n_batch=512, verbose=False)
+
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        self.llm.reset()
+        tokens, times = [], []
+        t0 = time.perf_counter()
+        for tok in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            times.append(time.perf_counter())
+            tokens.append(int(tok))
+            if len(tokens) == max_new_tokens:
+                break
+        n = len(tokens)
+        return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": tokens}

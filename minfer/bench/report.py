@@ -20,6 +20,7 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
         ("Batch-1 decode (medians of the interleaved rounds)", ("results",), [
             ("method", "method", "{}"), ("decode_tps", "decode tok/s", "{:.2f}"), ("ttft", "TTFT s", "{:.3f}"),
             ("tpot_ms", "TPOT ms", "{:.1f}"), ("speedup_vs_naive", "x naive", "{:.2f}"),
+            ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
             ("bandwidth_fraction", "MBU", "{:.0%}"), ("same_tokens_as_cached", "greedy = cached", "{}")]),
         ("KV-cache quantization vs the fp32 cache", ("kv_quantization",), [
             ("format", "format", "{}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),

@@ -45,7 +45,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 _state: dict = {}          # "module" once built, or "error": why it could not be
 
 
-def _cpu_key() -> str:
+def _cpu_key(source: Path = _SOURCE) -> str:
     """A short id of this CPU's instruction set: -march=native code must not run on another CPU type."""
     flags = ""
     try:
@@ -55,7 +55,7 @@ def _cpu_key() -> str:
                 break
     except OSError:
         pass
-    text = f"{platform.machine()} {flags} {torch.__version__} {_FLAGS} {_SOURCE.read_bytes()!r}"
+    text = f"{platform.machine()} {flags} {torch.__version__} {_FLAGS} {source.read_bytes()!r}"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -90,17 +90,17 @@ def _build_lock(build: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _load_built(build: Path):
+def _load_built(build: Path, name: str = "minfer_cpu_paged_decode"):
     """The module already built in ``build``, or None. The folder's name is a hash of the source,
     the flags, torch and the CPU, so a finished ``.so`` there is this kernel: load it without
     asking ninja, which would rebuild when the checkout's path or its dependency log changed."""
     import importlib.util
 
-    so = build / "minfer_cpu_paged_decode.so"
+    so = build / f"{name}.so"
     if not (so.is_file() and (build / "minfer.built").is_file()):
         return None
     try:
-        spec = importlib.util.spec_from_file_location("minfer_cpu_paged_decode", so)
+        spec = importlib.util.spec_from_file_location(name, so)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -108,24 +108,27 @@ def _load_built(build: Path):
         return None
 
 
-def _build():
+def build_extension(source: Path = _SOURCE, what: str = "CPU paged-decode kernel"):
+    """Compile ``source`` (a .cpp beside this file) into a module, or load it from the cache.
+    Every C++ kernel of minfer is built here, with the flags and the cache described above."""
     from torch.utils import cpp_extension
 
     _ninja_on_path()
 
+    name = f"minfer_{source.stem}"
     root = Path(os.environ.get("MINFER_KERNEL_CACHE", Path.home() / ".cache" / "minfer" / "kernels"))
-    build = root / f"cpu_paged_decode-{_cpu_key()}"
+    build = root / f"{source.stem}-{_cpu_key(source)}"
     build.mkdir(parents=True, exist_ok=True)
     fresh = not any(build.glob("*.so"))
     if fresh:
-        print("minfer: compiling the CPU paged-decode kernel (once per machine, ~30 s on 2 cores) ...",
+        print(f"minfer: compiling the {what} (once per machine, ~30 s on 2 cores) ...",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with _build_lock(build):
-        built = _load_built(build)
+        built = _load_built(build, name)
         if built is not None:
             return built
-        module = cpp_extension.load(name="minfer_cpu_paged_decode", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+        module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_FLAGS,
                                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         (build / "minfer.built").write_text("")  # the .so is complete: later processes load it directly
     if fresh:
@@ -136,7 +139,7 @@ def _build():
 def _module():
     if "module" not in _state and "error" not in _state:
         try:
-            _state["module"] = _build()
+            _state["module"] = build_extension()
         except Exception as e:             # no compiler, no ninja, a failed build: say so, keep the plain path
             _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
             print(f"minfer: the CPU paged-decode kernel could not be built ({_state['error']}; it needs g++ "

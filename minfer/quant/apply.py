@@ -3,7 +3,8 @@
     quantize_model(model, "int4-g64")                 # in place; returns the model
     save_quantized(model, "out/model.safetensors");   model = load_quantized("out/model.safetensors")
 
-Formats: int8 (``int8.py``), int4-gN (``int4.py``), q8_0 / q4_0 / q4_1 (``gguf_formats.py``).
+Formats: int8 (``int8.py``), int4-gN (``int4.py``), q8_0 / q4_0 / q4_1 (``gguf_formats.py``);
+FORMAT-a8 (w8a8, w4a8): the same weights with int8 activations (``kernels/cpu_quant_linear.py``).
 The decoder's linears are swapped; ``lm_head`` ("int8" default, "same", None) decides the head.
 The checkpoint's metadata names each module's format, as vLLM reads a checkpoint's
 ``quantization_config`` (``vllm/model_executor/layers/quantization/__init__.py``).
@@ -33,14 +34,16 @@ GGUF_NAMES = ("q8_0", "q4_0", "q4_1")
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A parsed format name: kind "int8" | "int4" | "q8_0" | "q4_0" | "q4_1", group size for int4."""
+    """A parsed format name: kind "int8" | "int4" | "q8_0" | "q4_0" | "q4_1", group size for int4,
+    act8: int8 activations (kernels/cpu_quant_linear.py)."""
 
     kind: str
     group_size: Optional[int] = None
+    act8: bool = False
 
     @property
     def name(self) -> str:
-        return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
+        return (f"int4-g{self.group_size}" if self.kind == "int4" else self.kind) + ("-a8" if self.act8 else "")
 
 
 def parse_spec(spec: str | QuantSpec, group_size: Optional[int] = None) -> QuantSpec:
@@ -51,6 +54,12 @@ def parse_spec(spec: str | QuantSpec, group_size: Optional[int] = None) -> Quant
     if isinstance(spec, QuantSpec):
         return spec
     s = str(spec).strip().lower()
+    s = {"w8a8": "int8-a8", "w4a8": "int4-a8"}.get(s, s)
+    if s.endswith("-a8"):
+        base = parse_spec(s[:-3], group_size)
+        if (base.group_size or 32) % 32:
+            raise ValueError(f"{spec!r}: int8 activations need int4 groups of a multiple of 32, not {base.group_size}")
+        return QuantSpec(base.kind, base.group_size, act8=True)
     m = re.fullmatch(r"int4(?:-g(\d+))?", s)
     if m:
         g = int(m.group(1)) if m.group(1) else (group_size or 32)
@@ -64,12 +73,13 @@ def parse_spec(spec: str | QuantSpec, group_size: Optional[int] = None) -> Quant
     if s in ("int8",) + GGUF_NAMES:
         return QuantSpec(s)
     raise ValueError(f"unknown quantization {spec!r}; choose int8, int4, int4-gN (N = group size, "
-                     f"e.g. int4-g64), q8_0, q4_0 or q4_1")
+                     f"e.g. int4-g64), q8_0, q4_0 or q4_1, each with -a8 for int8 activations (w8a8, w4a8)")
 
 
 def quantize_weight(weight: torch.Tensor, spec: str | QuantSpec, bias=None, **kw) -> QuantizedLinear:
     """One float weight (N, K) -> the quantized linear module of ``spec``."""
     spec = parse_spec(spec)
+    kw = {**kw, "act8": spec.act8}
     if spec.kind == "int8":
         return Int8Linear.from_float(weight, bias, **kw)
     if spec.kind == "int4":
@@ -118,6 +128,8 @@ def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[st
     from minfer.kernels.onednn_linear import unpack_linears
     unpack_linears(model)
     head_spec = None if lm_head in (None, "none") else spec if lm_head == "same" else parse_spec(lm_head)
+    if head_spec is not None and spec.act8:            # the head takes the body's activations
+        head_spec = QuantSpec(head_spec.kind, head_spec.group_size, act8=True)
     formats: dict[str, str] = dict(getattr(model, "quantization", {}) or {})
     kw = {"path": path, "compute_dtype": compute_dtype}
     for parent, attr, names in list(_decoder_linears(model)):

@@ -8,6 +8,9 @@
                      Q4_1          torch.ops.aten._weight_int4pack_mm         (CUDA, "tinygemm")
                      Q8_0          none in torch: always the reference path
 
+``act8=True`` (format names ending in ``-a8``) rounds the activations to int8 too and runs
+``minfer/kernels/cpu_quant_linear.py`` (W8A8 / W4A8, integer dot products) on ``int_form()``.
+
 ``path="auto"`` (the default) takes the fast path when torch has a kernel for
 this device and shape, and the reference path otherwise. The first time a
 kernel is used on a (device, dtype) it is checked against the reference on a
@@ -43,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minfer.kernels.cpu_quant_linear import linear_a8, linear_a8_reference, why_unavailable
+from minfer.kernels.cpu_quant_linear import pack as pack_a8
 from minfer.quant import gguf_formats
 from minfer.quant.int4 import dequantize_int4, num_groups, quantize_int4, unpack_int4
 from minfer.quant.int8 import dequantize_int8, quantize_int8
@@ -96,6 +101,14 @@ def _int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 
 
 _KERNEL_OK: dict[tuple[str, str, torch.dtype], bool] = {}
+_A8_WARNED: set[str] = set()
+
+
+def _a8_why(device: torch.device) -> Optional[str]:
+    """None when the int8-activation kernel runs for inputs on ``device``, else why not."""
+    if device.type != "cpu":
+        return f"the int8-activation kernel is for the CPU, the input is on {device.type}"
+    return why_unavailable()
 
 
 def _kernel_available(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -145,12 +158,13 @@ class QuantizedLinear(nn.Module):
     format = "?"
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor] = None,
-                 path: str = "auto", compute_dtype: Optional[torch.dtype] = torch.bfloat16):
+                 path: str = "auto", compute_dtype: Optional[torch.dtype] = torch.bfloat16, act8: bool = False):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.path = path
         self.compute_dtype = compute_dtype
+        self.act8 = bool(act8)           # int8 activations: W8A8 / W4A8 (kernels/cpu_quant_linear.py)
         self._fast: dict = {}            # (device, dtype) -> callable or None, rebuilt after .to()
 
     @property
@@ -170,6 +184,11 @@ class QuantizedLinear(nn.Module):
 
     def _prepare_fast(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
         return None
+
+    def int_form(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+        """(q (N, K'), a, b (N, G), bits): the weight is a * q + b per group of K' / G inputs, q
+        integers (int8 in [-127, 127] or 0..15), K' = K padded to whole groups of a multiple of 32."""
+        raise NotImplementedError
 
     def weight_nbytes(self) -> int:
         """Bytes of the stored weight (packed values and scales; bias not included)."""
@@ -198,13 +217,34 @@ class QuantizedLinear(nn.Module):
         """Would ``forward`` take the fast path for inputs on ``device`` / of ``dtype``?"""
         if self.path == "reference":
             return False
+        if self.act8:
+            return _a8_why(torch.device(device)) is None
         device, dtype = torch.device(device), self.compute_dtype or dtype
         key = (device, dtype)
         if key not in self._fast:
             self._fast[key] = self._prepare_fast(device, dtype)
         return self._fast[key] is not None
 
+    def a8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Int8 activations: the VNNI kernel where it runs, else its plain reference (same numbers)."""
+        why = "path='reference'" if self.path == "reference" else _a8_why(x.device)
+        if why is None:
+            if "a8" not in self._fast:                  # the kernel's layout, made once
+                self._fast["a8"] = pack_a8(*self.int_form())
+            y = linear_a8(x.reshape(-1, self.in_features), self._fast["a8"])          # (M, N) float32
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif self.path == "fast":
+            raise RuntimeError(f"{type(self).__name__} ({self.format}-a8): no int8-activation kernel here: {why}")
+        else:
+            if why not in _A8_WARNED and self.path != "reference":
+                _A8_WARNED.add(why)
+                warnings.warn(f"minfer: int8-activation linears run on their plain torch path, more slowly: {why}")
+            y = linear_a8_reference(x, self.dequantize().to(x.device)).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act8:
+            return self.a8_forward(x)
         if self.path != "reference":
             y = self.fast_forward(x)
             if y is not None:
@@ -226,7 +266,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.format}, bias={self.bias is not None}, path={self.path}")
+                f"format={self.format}{'-a8' if self.act8 else ''}, bias={self.bias is not None}, path={self.path}")
 
 
 # ---------------------------------------------------------------------------
@@ -251,6 +291,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)
+
+    def int_form(self):
+        return F.pad(self.qweight, (0, -self.in_features % 32)), self.scale[:, None], None, 8
 
     def _prepare_fast(self, device, dtype):
         # The CPU kernel crashes (torch 2.13) in bf16 unless K % 16 == 0: stay away.
@@ -315,10 +358,14 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scale, self.minimum, self.group_size, self.in_features)
 
+    def int_form(self):
+        pad = num_groups(self.in_features, self.group_size) * self.group_size - self.in_features
+        q = F.pad(unpack_int4(self.qweight, self.in_features), (0, pad))    # (N, K')
+        return q, self.scale.float(), self.minimum.float(), 4
+
     def _prepare_fast(self, device, dtype):
-        q = unpack_int4(self.qweight, self.in_features)                     # (N, K)
-        s, m = self.scale.float(), self.minimum.float()
-        return _tinygemm_kernel(q, s, m + 8 * s, self.group_size, device, dtype)
+        q, s, m, _ = self.int_form()
+        return _tinygemm_kernel(q[:, :self.in_features], s, m + 8 * s, self.group_size, device, dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -356,17 +403,17 @@ class GGUFLinear(QuantizedLinear):
         return gguf_formats.dequantize(self.blocks, self.fmt.name,
                                        (self.out_features, self.in_features)).to(self.blocks.device)
 
-    def _prepare_fast(self, device, dtype):
-        if self.fmt.name == "Q8_0":
-            return None
+    def int_form(self):
         n, k = self.out_features, self.in_features
         blocks = self.blocks.cpu().reshape(n * k // 32, self.fmt.type_size)   # (n_blocks, bytes)
         d = blocks[:, 0:2].contiguous().view(torch.float16).float().reshape(n, -1)   # (N, G)
-        if self.fmt.name == "Q4_0":
-            q = gguf_formats._low_high_nibbles(blocks[:, 2:18])
-            zero = torch.zeros_like(d)                                      # d * (q - 8)
-        else:
-            m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(n, -1)
-            q = gguf_formats._low_high_nibbles(blocks[:, 4:20])
-            zero = m + 8 * d                                                # d * q + m
-        return _tinygemm_kernel(q.reshape(n, k), d, zero, 32, device, dtype)
+        if self.fmt.name == "Q8_0":                                         # d * q
+            return blocks[:, 2:34].contiguous().view(torch.int8).reshape(n, k), d, None, 8
+        if self.fmt.name == "Q4_0":                                         # d * (q - 8)
+            return gguf_formats._low_high_nibbles(blocks[:, 2:18]).reshape(n, k), d, -8 * d, 4
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(n, -1)
+        return gguf_formats._low_high_nibbles(blocks[:, 4:20]).reshape(n, k), d, m, 4   # d * q + m
+
+    def _prepare_fast(self, device, dtype):
+        q, d, b, bits = self.int_form()
+        return None if bits == 8 else _tinygemm_kernel(q, d, b + 8 * d, 32, device, dtype)

@@ -1,0 +1,175 @@
+// W8A8 / W4A8 linears on the CPU: int8 activations, integer dot products (AVX-512 VNNI).
+//
+// y[m, n] = sum_k x[m, k] * w[n, k], with both sides quantized:
+//   activations, at run time, per row in blocks of 32 (llama.cpp's Q8_1):
+//       x[k] ~ dx[g] * xq[k],  xq int8 in [-127, 127],  dx[g] = max |x| over block g / 127,
+//       sx[g] = dx[g] * sum of xq over block g
+//   weights, once, in blocks of 32 values (a weight group of r blocks shares its two floats):
+//       w[k] = a * u[k] + b,  u unsigned: 0..15 (4-bit) or 0..255 (8-bit, int8 + 128)
+// so one block's contribution is an integer dot product and two scalings:
+//       sum_{k in g} x[k] w[k] ~ dx[g] * (a * <u, xq>_g + b * sum xq) = a * dx[g] * <u, xq>_g + b * sx[g]
+// <u, xq> is VPDPBUSD: unsigned bytes times signed bytes, four products summed into each int32 lane,
+// exact. llama.cpp's ggml_vec_dot_q4_1_q8_1 and ggml_vec_dot_q8_0_q8_0 (ggml-cpu/arch/x86/quants.c)
+// compute the same sums.
+//
+// Weight layout (packed once by minfer/kernels/cpu_quant_linear.py):
+//   u   uint8 (N, K)      8-bit: one byte per value
+//       uint8 (N, K / 2)  4-bit: 16 bytes per block; byte j holds value j (low nibble) and
+//                         value j + 16 (high nibble), the GGUF Q4_0 / Q4_1 order
+//   ab  float (N, G / r, 2)   (a, b) per weight group
+// K is a multiple of 32 (the caller pads). The plain-torch reference of all of this is
+// linear_a8_reference in cpu_quant_linear.py; tests/test_quant_a8.py holds the two equal.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define MINFER_VNNI 1
+#include <immintrin.h>
+#endif
+
+constexpr int64_t QK = 32;  // values per block
+
+bool has_vnni() {
+#ifdef MINFER_VNNI
+    return true;
+#else
+    return false;
+#endif
+}
+
+#ifdef MINFER_VNNI
+
+// One row x (K) -> xq (K) int8, dx and sx (K / 32). Rounds to nearest, ties to even (as torch.round).
+static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t g = 0; g < K / QK; ++g) {
+        __m512 v0 = _mm512_loadu_ps(x + g * QK), v1 = _mm512_loadu_ps(x + g * QK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+        float d = amax * (1.0f / 127.0f), id = d > 0.0f ? 1.0f / d : 0.0f;  // as the reference
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));   // |q| <= 127
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i*)(xq + g * QK), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(xq + g * QK + 16), _mm512_cvtsepi32_epi8(q1));
+        dx[g] = d;
+        sx[g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+// Block g of a 4-bit row: 16 bytes -> 32 values 0..15 in order (low nibbles, then high nibbles).
+static inline __m256i nibbles(const uint8_t* p) {
+    __m128i b = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Block g as 8 float lanes, each the exact integer sum of 4 of its 32 products u * xq.
+template <int BITS>
+static inline __m256 block_dot(const uint8_t* u, const int8_t* xq, int64_t g) {
+    __m256i w = BITS == 4 ? nibbles(u + g * QK / 2) : _mm256_loadu_si256((const __m256i*)(u + g * QK));
+    __m256i x = _mm256_loadu_si256((const __m256i*)(xq + g * QK));
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
+}
+
+// One output: sum over the G blocks of a * dx[g] * <u, xq>_g + b * sx[g], (a, b) = ab[g / r].
+// Blocks go in pairs into two accumulators, so that consecutive FMAs do not wait on each other.
+template <int BITS>
+static float dot_row(const uint8_t* u, const float* ab, int64_t r, const int8_t* xq, const float* dx,
+                     const float* sx, int64_t G) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float b0 = 0.0f, b1 = 0.0f;
+    if (r == 1) {                                   // one (a, b) per block: Q4_0, Q4_1, Q8_0, int4-g32
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            const float* f = ab + 2 * g;
+            acc0 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g), _mm256_set1_ps(f[0] * dx[g]), acc0);
+            acc1 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g + 1), _mm256_set1_ps(f[2] * dx[g + 1]), acc1);
+            b0 += f[1] * sx[g];
+            b1 += f[3] * sx[g + 1];
+        }
+        if (g < G) {
+            acc0 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g), _mm256_set1_ps(ab[2 * g] * dx[g]), acc0);
+            b0 += ab[2 * g + 1] * sx[g];
+        }
+    } else {                                        // r blocks share (a, b): int8 rows, int4-g64 ...
+        for (int64_t g = 0; g < G; ab += 2) {
+            const float a = ab[0];
+            const int64_t end = g + r;
+            float s = 0.0f;
+            for (; g + 1 < end; g += 2) {
+                acc0 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g), _mm256_set1_ps(a * dx[g]), acc0);
+                acc1 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g + 1), _mm256_set1_ps(a * dx[g + 1]), acc1);
+                s += sx[g] + sx[g + 1];
+            }
+            if (g < end) {
+                acc0 = _mm256_fmadd_ps(block_dot<BITS>(u, xq, g), _mm256_set1_ps(a * dx[g]), acc0);
+                s += sx[g++];
+            }
+            b0 += ab[1] * s;
+        }
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + (b0 + b1);
+}
+
+#endif  // MINFER_VNNI
+
+// x (M, K) float32 -> (xq int8 (M, K), dx (M, K/32), sx (M, K/32)): the activations' quantization.
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
+    TORCH_CHECK(has_vnni(), "minfer's int8-activation kernel needs AVX-512 VNNI, which this CPU lacks");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) % QK == 0,
+                "quantize_rows: x must be contiguous float32 (M, K) with K % 32 == 0");
+    const int64_t M = x.size(0), K = x.size(1);
+    auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+    auto dx = torch::empty({M, K / QK}, x.options()), sx = torch::empty({M, K / QK}, x.options());
+#ifdef MINFER_VNNI
+    for (int64_t m = 0; m < M; ++m)
+        quantize_row(x.data_ptr<float>() + m * K, K, xq.data_ptr<int8_t>() + m * K,
+                     dx.data_ptr<float>() + m * (K / QK), sx.data_ptr<float>() + m * (K / QK));
+#endif
+    return {xq, dx, sx};
+}
+
+// y (M, N) = x (M, K) @ W^T for W packed as above (bits 4 or 8, r blocks per weight group).
+torch::Tensor linear_a8(torch::Tensor x, torch::Tensor u, torch::Tensor ab, int64_t bits, int64_t r) {
+    auto q = quantize_rows(x);
+    const int64_t M = x.size(0), K = x.size(1), N = u.size(0), G = K / QK;
+    TORCH_CHECK(bits == 4 || bits == 8, "linear_a8: bits must be 4 or 8");
+    TORCH_CHECK(u.scalar_type() == torch::kUInt8 && u.is_contiguous() && u.size(1) * (8 / bits) == K,
+                "linear_a8: u must be contiguous uint8 (N, K * bits / 8)");
+    TORCH_CHECK(ab.scalar_type() == torch::kFloat32 && ab.is_contiguous() && ab.size(0) == N &&
+                ab.size(1) * r == G && ab.size(2) == 2, "linear_a8: ab must be float32 (N, K / 32 / r, 2)");
+    auto y = torch::empty({M, N}, x.options());
+#ifdef MINFER_VNNI
+    const uint8_t* up = u.data_ptr<uint8_t>();
+    const float* abp = ab.data_ptr<float>();
+    const int8_t* xq = q[0].data_ptr<int8_t>();
+    const float *dx = q[1].data_ptr<float>(), *sx = q[2].data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t row_bytes = K * bits / 8, ab_row = 2 * (G / r);
+    // Output rows are split over the threads, in tiles of 16 rows: a tile of W stays in L1/L2
+    // while it serves every activation row, so W is read from memory once per call.
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t t = n0; t < n1; t += 16)
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = t; n < std::min(t + 16, n1); ++n)
+                    yp[m * N + n] = bits == 4
+                        ? dot_row<4>(up + n * row_bytes, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G)
+                        : dot_row<8>(up + n * row_bytes, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G);
+    });
+#endif
+    return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the kernels below run only then)");
+    m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 blocks of 32, their scales and scaled sums");
+    m.def("linear_a8", &linear_a8, "int8-activation linear on packed 4- or 8-bit weights");
+}
