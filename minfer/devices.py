@@ -5,6 +5,8 @@ group read the same names the same way.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -29,6 +31,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
     return DTYPES[dtype]
+
+
+def cpu_bf16_units() -> str | None:
+    """The bf16 matrix instructions oneDNN finds on this CPU: "AMX", "AVX-512 BF16", or None."""
+    has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())   # noqa: E731
+    return "AMX" if has("_is_amx_tile_supported") else "AVX-512 BF16" if has("_is_avx512_bf16_supported") else None
+
+
+def warn_if_no_bf16_units(device: torch.device, dtype: torch.dtype) -> None:
+    """Say (once) that bf16 matmuls on this CPU are emulated: oneDNN widens them to float32 (docs/kernels.md)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_units() is None:
+        warnings.warn(f"dtype bfloat16 on a CPU without AMX or AVX-512 BF16 (torch sees "
+                      f"{torch.backends.cpu.get_cpu_capability()}): oneDNN emulates bf16 matmuls, slower than float32 "
+                      "ones; bfloat16 saves memory here, not time (docs/kernels.md)", stacklevel=3)
 
 
 def to_device(x, device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -138,7 +138,7 @@ class LLM:
                             count; False: off
     decode_kernel           how eager decode steps read the paged KV pool (``minfer.attention.paged``): "auto"
                             (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
-                            in float32, when it builds (g++ and ninja; compiled once per machine), the
+                            in float32 or bfloat16, when it builds (g++ and ninja; compiled once per machine), the
                             plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
     logprobs_mode           what SamplingParams.logprobs report (vLLM's): "raw_logprobs" (default, the model's
                             distribution) or "processed_logprobs" (after temperature/top-k/top-p; minfer/logprobs.py)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from minfer.config import ModelConfig
-from minfer.devices import resolve_device, resolve_dtype
+from minfer.devices import resolve_device, resolve_dtype, warn_if_no_bf16_units
 
 
 class LoadedModel(NamedTuple):
@@ -34,6 +34,7 @@ def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: 
     """
     from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
     device, dtype = resolve_device(None if device is None else str(device)), resolve_dtype(dtype)
+    warn_if_no_bf16_units(device, dtype)
     if quantization is not None:
         parse_spec(quantization)                                  # fail on a bad name before loading
     if is_quantized_checkpoint(model):                            # written by `minfer quantize`

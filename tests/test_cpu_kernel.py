@@ -41,6 +41,18 @@ def test_kernel_matches_the_reference(S, nkv, g, hd, bs, data, window):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=10, deadline=None)
+@given(S=st.integers(1, 4), g=st.sampled_from([1, 3]), bs=st.sampled_from([1, 16]), data=st.data())
+def test_bf16_pages_match_the_reference_on_the_same_values(S, g, bs, data):
+    """bf16 q and pages: float32 arithmetic on the bf16 values, one rounding of the result to bf16."""
+    lens = data.draw(st.lists(st.integers(0, 40), min_size=S, max_size=S), label="context_lens")
+    q, k, v, tables, clens = paged_pool(S, 2, g, 64, bs, lens, "cpu", torch.bfloat16, seed=S + g)
+    out = kernel(q, k, v, tables, clens)
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), tables, clens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)   # bf16's eps is 2^-8
+
+
 def test_a_deliberately_wrong_table_is_caught():
     """The comparison above can fail: one block replaced by an unused one gives a different answer.
     (Swapping two full blocks would not: without positions, attention ignores the keys' order.)"""
@@ -92,7 +104,8 @@ def test_the_engine_on_the_kernel_equals_the_plain_path_and_the_oracle(cfg, seed
 def test_auto_picks_the_kernel_only_where_it_applies():
     cfg = tiny_config()
     assert resolve_decode_kernel("auto", "cpu", torch.float32)[0] == "cpu"
-    assert resolve_decode_kernel("auto", "cpu", torch.bfloat16)[0] == "torch"
+    assert resolve_decode_kernel("auto", "cpu", torch.bfloat16)[0] == "cpu"
+    assert resolve_decode_kernel("auto", "cpu", torch.float16)[0] == "torch"
     assert resolve_decode_kernel("auto", "cpu", torch.float32, kv_cache_dtype="int8")[0] == "torch"
     assert resolve_decode_kernel("auto", "cpu", torch.float32, attention_mode="online")[0] == "torch"
     assert LLM.from_model(tiny_model(cfg)).engine.runner.cache.decode_kernel == "cpu"

@@ -27,7 +27,7 @@ DECODE_KERNELS = ("auto", "torch", "cpu", "triton")
 def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto", attention_mode: str = "split"):
     """``decode_kernel`` -> (the name in use, the kernel function or None for the plain torch path).
 
-    "auto": the C++ kernel on a CPU in float32 with unquantized pages in split mode, when it
+    "auto": the C++ kernel on a CPU in float32 or bfloat16 with unquantized pages in split mode, when it
     builds (``minfer.kernels.cpu_paged_decode.available``); the torch path otherwise.
     "cpu" / "triton" ask for a kernel and fail with the reason when it cannot run here.
     """
@@ -36,7 +36,7 @@ def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto"
     device = torch.device(device)
     fits = kv_cache_dtype == "auto" and attention_mode == "split"
     if name == "auto":
-        if not (fits and device.type == "cpu" and dtype == torch.float32):
+        if not (fits and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)):
             return "torch", None
         from minfer.kernels import cpu_paged_decode
         if cpu_paged_decode.available():
@@ -49,8 +49,8 @@ def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto"
                          f"kv_cache_dtype={kv_cache_dtype!r}, attention_mode={attention_mode!r}")
     if name == "cpu":
         from minfer.kernels import cpu_paged_decode
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError(f"decode_kernel='cpu' runs float32 on the CPU; got {dtype} on {device}")
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"decode_kernel='cpu' runs float32 or bfloat16 on the CPU; got {dtype} on {device}")
         if not cpu_paged_decode.available():
             raise RuntimeError(f"decode_kernel='cpu': the kernel could not be built "
                                f"({cpu_paged_decode.why_unavailable()}); it needs g++ and ninja")

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from minfer.devices import cpu_bf16_units
+
 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
@@ -80,7 +82,7 @@ def machine_line(device="cpu") -> str:
     mi = machine_info(device)
     gpu = f", {mi['gpu']}" if "gpu" in mi else ""
     return (f"machine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
-            f"torch {mi['torch']}, {device}{gpu}")
+            f"torch {mi['torch']}, {device}{gpu}, CPU bf16 units: {mi['cpu_bf16']}")
 
 
 def machine_info(device="cpu") -> dict:
@@ -91,6 +93,7 @@ def machine_info(device="cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(device),
+        "cpu_bf16": cpu_bf16_units() or "none",      # AMX / AVX-512 BF16: what oneDNN's bf16 matmuls run on
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

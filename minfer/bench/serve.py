@@ -20,7 +20,7 @@ import torch
 from minfer.bench.timing import interleaved, table, write_json
 from minfer.cli_args import add_model_args
 
-BASELINES = ("sequential", "torch-decode", "transformers")
+BASELINES = ("sequential", "torch-decode", "transformers", "float32")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -54,10 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
-                        "kernel on a CPU in float32), torch (gather + SDPA), cpu, triton")
+                        "kernel on a CPU in float32 or bf16), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,torch-decode,"
-                        "transformers (torch-decode: the engine with --decode-kernel torch)")
+                   help="offline throughput comparison: comma-separated sequential,torch-decode,transformers,"
+                        "float32 (torch-decode: the engine with --decode-kernel torch; float32: the engine on "
+                        "a float32 copy of the model, to compare with --dtype bfloat16)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -288,6 +289,10 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: P
     if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
         methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
                                                                           offline, decode_kernel="torch"))
+    if "float32" in baselines:      # what --dtype buys: the same engine on the model in float32
+        from minfer.loading import load_model
+        m32 = load_model(args.model, device=llm.device, dtype="float32", prepack=None).model   # as LLM loads it
+        methods["float32"] = wrap("float32", lambda: run_online(m32, tok, args, "continuous", offline))
     if hf is not None:
         pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
@@ -396,7 +401,7 @@ def main(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory_bytes=2**27)  # its own pool unused
     model, tok = llm.model, llm.tokenizer
 
     def make_trace(rate):

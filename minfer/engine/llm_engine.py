@@ -115,7 +115,7 @@ class LLMEngine:
         enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
         ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
         decode_kernel: how eager decode steps read the pool (``minfer.attention.paged.resolve_decode_kernel``):
-        "auto" = the C++ kernel on a CPU in float32 when it builds, gather + SDPA otherwise.
+        "auto" = the C++ kernel on a CPU in float32 or bfloat16 when it builds, gather + SDPA otherwise.
         scheduler_cls, kv_manager_cls: the classes (or any callables with their constructors'
         arguments) that decide each step and own the block tables: another scheduling policy
         or slot layout plugs in here, as lessons 04 and 05 plug in the learner's.

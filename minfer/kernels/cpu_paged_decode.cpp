@@ -33,18 +33,21 @@
 
 namespace {
 
-// <a, b> over n floats; the simd pragma lets the compiler reorder the sum (lanes, then a tree).
-inline float dot(const float* a, const float* b, int64_t n) {
+// <a, b> over n values (b float or bf16, widened to float); the simd pragma lets the compiler
+// reorder the sum (lanes, then a tree).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  for (int64_t d = 0; d < n; ++d) s += a[d] * static_cast<float>(b[d]);
   return s;
 }
 
-// acc += w * x over n floats
-inline void axpy(float* acc, float w, const float* x, int64_t n) {
+// acc += w * x over n values
+template <typename T>
+inline void axpy(float* acc, float w, const T* x, int64_t n) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * x[d];
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<float>(x[d]);
 }
 
 }  // namespace
@@ -52,7 +55,8 @@ inline void axpy(float* acc, float w, const float* x, int64_t n) {
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor block_tables,
                            torch::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kFloat32, "q must be a float32 CPU tensor");
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32, "k and v must be float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == torch::kFloat32 ||
+              k.scalar_type() == torch::kBFloat16), "k and v must be both float32 or both bfloat16");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "q (S, nh, hd), k and v (blocks, bs, nkv, hd)");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k and v must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
@@ -77,8 +81,6 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
 
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t token_stride = nkv * hd;            // one slot: every K/V head of one token
 
@@ -86,7 +88,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   // items, so that every thread has work; otherwise one item per sequence.
   const int64_t threads = at::get_num_threads();
   const int64_t parts = S >= threads ? 1 : std::min<int64_t>(nkv, (threads + S - 1) / S);
-  at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
+  // The pool's pages in float32 or bfloat16; the arithmetic is float32 either way.
+  auto run = [&](auto* kp, auto* vp) { at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc(nh * hd), sum(nh);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / parts, part = item % parts;
@@ -97,11 +100,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
       const float* qs = qp + s * nh * hd;               // (nh, hd)
       scores.resize(nh * n);                            // (nh, n): head j's scores are one run
       // The slot of key t: block_tables[s, t / bs] * bs + t % bs; its row holds every K/V head.
-      auto row = [&](const float* pool, int64_t t) {
+      auto row = [&](auto* pool, int64_t t) {
         return pool + (tp[s * max_blocks + t / bs] * bs + t % bs) * token_stride;
       };
       for (int64_t t = first; t < ctx; ++t) {           // 1. scores
-        const float* kt = row(kp, t);
+        const auto* kt = row(kp, t);
         for (int64_t j = j0; j < j1; ++j)               // query head j reads K/V head j / g
           scores[j * n + t - first] = static_cast<float>(scale) * dot(qs + j * hd, kt + (j / g) * hd, hd);
       }
@@ -118,7 +121,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < ctx; ++t) {           // 3. weights times values
-        const float* vt = row(vp, t);
+        const auto* vt = row(vp, t);
         for (int64_t j = j0; j < j1; ++j)
           axpy(acc.data() + j * hd, scores[j * n + t - first], vt + (j / g) * hd, hd);
       }
@@ -128,10 +131,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         for (int64_t d = 0; d < hd; ++d) o[d] = acc[j * hd + d] * inv;
       }
     }
-  });
+  }); };
+  if (k.scalar_type() == torch::kBFloat16)
+    run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  else
+    run(k.data_ptr<float>(), v.data_ptr<float>());
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention (CPU, float32)");
+  m.def("paged_decode", &paged_decode, "paged decode attention (CPU, float32 queries, float32 or bf16 pages)");
 }

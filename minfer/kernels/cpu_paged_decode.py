@@ -161,7 +161,8 @@ def why_unavailable() -> str | None:
 def cpu_paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None, window: int | None = None) -> torch.Tensor:
-    """Decode attention over the paged pool with the C++ kernel -> (S, nh, hd), float32 on the CPU.
+    """Decode attention over the paged pool with the C++ kernel -> (S, nh, hd) in q's dtype, on the CPU.
+    Pages in float32 or bfloat16; the arithmetic is float32 (bf16 q is widened, the result rounded once).
 
     The interface of ``paged_decode_attention`` (Triton): q (S, nh, hd), k/v caches
     (num_blocks, block_size, nkv, hd), block_tables (S, max_blocks), context_lens (S,).
@@ -174,5 +175,6 @@ def cpu_paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return module.paged_decode(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), block_tables.long(),
-                               context_lens.long(), float(scale), int(window or 0))
+    out = module.paged_decode((q.float() if q.dtype == torch.bfloat16 else q).contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                              block_tables.long(), context_lens.long(), float(scale), int(window or 0))
+    return out.to(q.dtype)

@@ -1,0 +1,70 @@
+"""bfloat16 on the CPU: the engine's batched steps in bf16 keep the math of the bf16 single-request run.
+
+* Continuous batching in bf16 gives the greedy tokens of the same ``LLM`` fed one prompt per call
+  (prefix caching off, so each lone request computes its prompt from scratch), on a tiny model.
+* bf16 logits stay near fp32's: log-softmax within DESIGN.md's bf16 tolerance (atol 5e-2).
+* A CPU without bf16 units is named in one warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny import first_difference, tiny_config, tiny_model
+
+from minfer.devices import cpu_bf16_units, warn_if_no_bf16_units
+from minfer.llm import LLM
+from minfer.sampling import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def assert_batched_equals_one_by_one(llm: LLM, prompts: list[list[int]], max_tokens: int) -> None:
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    batched = [o.token_ids for o in llm.generate(prompts, sp)]
+    for i, p in enumerate(prompts):
+        alone = llm.generate(p, sp)[0].token_ids
+        assert batched[i] == alone, f"request {i}: {first_difference(batched[i], alone)}"
+
+
+def test_bf16_engine_greedy_equals_the_one_by_one_run():
+    model = tiny_model(tiny_config()).to(torch.bfloat16)
+    llm = LLM.from_model(model, enable_prefix_caching=False, max_num_batched_tokens=64)  # prompts split in chunks
+    assert llm.engine.runner.cache.decode_kernel in ("cpu", "torch")
+    assert_batched_equals_one_by_one(llm, _prompts(12, model.cfg.vocab_size), max_tokens=24)
+
+
+def log_softmax_error(model32, model16, ids: torch.Tensor) -> float:
+    """max |log-softmax(bf16 logits) - log-softmax(fp32 logits)| over every position of ``ids`` (1, T)."""
+    pos = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        ref, out = (m(ids, pos).float().log_softmax(-1) for m in (model32, model16))
+    return (out - ref).abs().max().item()
+
+
+def test_bf16_logits_near_fp32_on_a_tiny_model():
+    model = tiny_model(tiny_config())
+    m16 = tiny_model(tiny_config()).to(torch.bfloat16)
+    ids = torch.tensor([_prompts(1, model.cfg.vocab_size, seed=3)[0]])
+    err = log_softmax_error(model, m16, ids)
+    assert 0 < err < 5e-2, f"max |log-softmax bf16 - fp32| = {err}"
+
+
+def test_a_cpu_without_bf16_units_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert cpu_bf16_units() is None
+    with pytest.warns(UserWarning, match="without AMX or AVX-512 BF16"):
+        warn_if_no_bf16_units(torch.device("cpu"), torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_no_bf16_units(torch.device("cpu"), torch.float32)       # float32: nothing to say
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cpu_bf16_units() == "AVX-512 BF16"
