@@ -71,7 +71,7 @@ def run_guidellm(url: str, a, model_id: str, tmp: Path) -> dict:
            "--profile", f"kind=concurrent,streams={a.requests}",
            "--constraint", f"kind=max_requests,count={a.requests}",
            "--data", f"kind=synthetic_text,prompt_tokens={a.prompt_len},output_tokens={a.output_len}",
-           "--tokenizer", f"kind=huggingface_auto,model={Path(a.model).resolve()}",
+           "--tokenizer", f"kind=huggingface_auto,model={Path(a.model).absolute()}",
            "--output", f"kind=json,path={path}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     m = json.loads(path.read_text())["benchmarks"][0]["metrics"]
@@ -98,6 +98,7 @@ def main() -> int:
     proc, url = start_server(a.model, env) if a.url is None else (None, a.url.rstrip("/"))
     model_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     rows, load = [], []
+    run_minfer(url, argparse.Namespace(**{**vars(a), "requests": 1}), model_id)     # warm-up, as --url does
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(a.repeats):
