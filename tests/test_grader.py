@@ -33,7 +33,18 @@ from minfer.kv.evict import h2o_keep
 from minfer.compress.losses import topk_distill_kl
 from minfer.speculative.medusa import tree_mask
 from minfer.bench.machine import mbu
-from minfer.lessons.ex_compilers import pad_to_bucket, qkv_fused
+from minfer.lessons.ex_compilers import pad_batch, pad_to_bucket, qkv_fused
+from minfer.lessons.ex_spec import pool_harvest
+from minfer.engine.output import stream_cut
+from minfer.compress.prune import prune_ffn
+from minfer.distributed.pipeline import gpipe_schedule
+from minfer.distributed.disagg import prompt_kv
+from minfer.attention.mask import allowed
+from minfer.attention.reference import reference_attention
+from minfer.kv.quantized import quantize_kv
+from minfer.bench.machine import linear_intensity
+from minfer.lessons.ex_metrics import goodput_from_events, static_step_reference, ttft_from_events
+from minfer.quant.gguf_formats import _q4_k_scales_and_mins, dequantize_q4_k
 
 # ---------------------------------------------------------------- the engine passes
 
@@ -56,6 +67,15 @@ ENGINE = {
     "quant.dequantize_int8": dequantize_int8,
     "quant.pack_int4": pack_int4,
     "quant.unpack_int4": unpack_int4,
+    "quant.q4k_scales_mins": _q4_k_scales_and_mins,
+    "quant.dequantize_q4_k": dequantize_q4_k,                    # validate: gguf.quants, bit for bit
+    "roofline.linear_intensity": linear_intensity,
+    "attention.window_mask": allowed,
+    "attention.gqa_attention": reference_attention,              # validate: a loop over heads in float64
+    "kv.quantize_int8": quantize_kv,
+    "serving.ttft": ttft_from_events,                            # RequestStats.ttft of stats_from_events
+    "serving.goodput": goodput_from_events,                      # summarize(...).goodput
+    "serving.static_step": static_step_reference,                # Scheduler.schedule, policy="static"
     "router.ring_lookup": ring_lookup,
     "cost.dollars_per_mtok": dollars_per_mtok,
     "cost.kwh_per_mtok": kwh_per_mtok,
@@ -75,6 +95,15 @@ ENGINE = {
     "fusion.qkv_fused": qkv_fused,
     "cuda_graph.pad_to_bucket": pad_to_bucket,
     "roofline.mbu": mbu,
+    "lookahead.ngram_pool": pool_harvest,                          # NgramPool.harvest on a copy of the pool
+    "cuda_graph.pad_batch": pad_batch,                            # StaticDecodeRunner.load's static buffers
+    "output.stream_cut": stream_cut,
+    "compress.prune_ffn": prune_ffn,
+    "parallel.gpipe_schedule": gpipe_schedule,
+    "parallel.prompt_kv": prompt_kv,
+    "parallel.kv_handoff_bytes": lambda P, L, nkv, hd, bs, b: sum(t.nbytes for t in prompt_kv(   # what is sent
+        *[torch.zeros(L, -(-P // bs), bs, nkv, hd, dtype={1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[b])] * 2,
+        list(range(-(-P // bs))), P)),
 }
 
 

@@ -289,7 +289,8 @@ def test_rebuild_keeps_the_engine_settings_and_runs_the_learners_functions():
 
 
 @pytest.mark.slow      # loads SmolLM2 three times
-@pytest.mark.parametrize("lesson, name", [("04_paged_attention", "slot_mapping"),
+@pytest.mark.parametrize("lesson, name", [("03_attention_memory", "attention"),
+                                          ("04_paged_attention", "slot_mapping"),
                                           ("05_batching_and_metrics", "schedule_step")])
 def test_use_solutions_builds_the_engine_with_the_notebooks_function(smollm2_dir, capsys, lesson, name):
     from minfer.cli import main
@@ -316,3 +317,51 @@ def test_sampling_in_the_engine_runs_the_learners_top_p():
         assert not log
         llm.generate([[1, 5, 9]], SamplingParams(temperature=0.8, max_tokens=3, top_p=0.9, ignore_eos=True))
     assert log, "the engine never called the swapped-in top_p"
+
+
+def test_static_decode_step_runs_the_learners_padding():
+    """Lesson 08: the static step takes its bucket and rows from the learner's functions; right ones
+    give the eager engine's tokens, rows copied in the wrong order give other tokens."""
+    from minfer.lessons.ex_compilers import pad_batch, pad_to_bucket
+    from minfer.lessons.plug_ins import pad_static_rows
+    from minfer.llm import LLM
+
+    model, params = _model(), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[1, 5, 9, 2], [7, 30, 41], [3, 3, 8, 1, 6]]
+
+    def tokens(pad=None):
+        llm = LLM.from_model(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=pad is None)
+        if pad is not None:
+            pad_static_rows(llm, _calls(pad_to_bucket, log), pad)
+        return [o.token_ids for o in llm.generate(prompts, params)]
+    log: list = []
+    want = tokens()
+    assert tokens(pad_batch) == want and log, "the static step never asked the learner's bucket"
+    assert tokens(lambda t, p, s, c, n, x: [r[::-1] for r in pad_batch(t, p, s, c, n, x)]) != want
+    with pytest.raises(ValueError, match="enforce_eager=False"):
+        pad_static_rows(LLM.from_model(model, block_size=4, num_blocks=16), pad_to_bucket, pad_batch)
+
+
+def test_handoff_runs_the_learners_prompt_kv():
+    """Lesson 11: a request prefilled by one engine and decoded by another, with the K/V blocks the
+    learner's ``prompt_kv`` picks, gives one engine's tokens; blocks in the wrong order do not."""
+    from minfer.distributed.disagg import admit_prefilled, prompt_kv, take_prefilled
+    from minfer.engine import LLMEngine
+    from minfer.llm import LLM
+
+    model, params = _model(), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompt = [1, 5, 9, 2, 7, 30, 41, 3, 8, 8, 2]
+
+    def handed_off(gather):
+        prefill, decode = (LLMEngine.from_model(model, block_size=4, num_blocks=16) for _ in range(2))
+        rid = prefill.add_request(prompt, params)
+        while not prefill.step():
+            pass
+        admit_prefilled(decode, *take_prefilled(prefill, rid, gather))
+        while decode.has_unfinished_requests():
+            decode.step()
+        return decode.requests[rid].output_token_ids
+    log: list = []
+    want = LLM.from_model(model, block_size=4, num_blocks=16).generate([prompt], params)[0].token_ids
+    assert handed_off(_calls(prompt_kv, log)) == want and log
+    assert handed_off(lambda k, v, t, n: tuple(x.flip(1) for x in prompt_kv(k, v, t, n))) != want

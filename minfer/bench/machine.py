@@ -42,6 +42,13 @@ def mbu(bytes_per_token: float, tokens_per_s: float, bandwidth: float) -> float:
     return bytes_per_token * tokens_per_s / bandwidth
 
 
+def linear_intensity(num_tokens: int, in_features: int, out_features: int, bytes_per_value: float) -> float:
+    """Arithmetic intensity (FLOP per byte) of y = x W^T for ``num_tokens`` rows of x: 2 T in out FLOPs
+    over the bytes of W, x and y moved once (the roofline's x axis; lesson 02's exercise)."""
+    flops = 2 * num_tokens * in_features * out_features
+    return flops / (bytes_per_value * (in_features * out_features + num_tokens * (in_features + out_features)))
+
+
 def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int = 5) -> float:
     """Dense matmul FLOP/s (2 n^3 per n x n product)."""
     a = torch.randn(n, n, device=device, dtype=dtype)

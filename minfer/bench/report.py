@@ -73,6 +73,15 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("tokens_per_forward", "tok/fwd", "{:.2f}"), ("theory_tokens_per_forward", "theory", "{:.2f}"),
             ("identical", "= plain", "{}")]),
     ],
+    "hybrid": [
+        ("Local/global KV cache: bytes per token of one sequence, allocated caches", ("rows",), [
+            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
+            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x")]),
+        ("The paged engine's blocks (block size 16, token budget 512)", ("engine",), [
+            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
+            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
+            ("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]),
+    ],
     "evict": [
         ("KV eviction: perplexity and top-1 agreement with the full cache", ("rows",), [
             ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("ppl", "perplexity", "{:.2f}"),
@@ -93,7 +102,7 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
                                                        ("output_tok_s", "output tok/s", "{:.2f}"), ("req_s", "requests/s", "{:.3f}")]),
     ],
 }
-ORDER = ["decode", "kv", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]
+ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]
 HEADER = """# Benchmarks
 
 This page is generated: `minfer bench report` writes it from the JSON files in `docs/bench/`.

@@ -42,6 +42,17 @@ def importance(model, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[tor
     return ffn, head_out
 
 
+def top_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in increasing order (the kept channels keep their order)."""
+    return scores.topk(keep).indices.sort().values
+
+
+def prune_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scores: torch.Tensor, keep: int):
+    """One layer's FFN cut to its ``keep`` best channels: gate, up (f, h) -> (keep, h); down (h, f) -> (h, keep)."""
+    idx = top_channels(scores, keep)
+    return gate[idx], up[idx], down[:, idx]
+
+
 def choose(ffn_scores, head_scores, cfg, ffn_ratio: float, heads_per_group: int = 0):
     """Indices to KEEP per layer: the top (1 - ffn_ratio) channels, and all but ``heads_per_group`` heads per group."""
     if not 0.0 <= ffn_ratio < 1.0:
@@ -50,7 +61,7 @@ def choose(ffn_scores, head_scores, cfg, ffn_ratio: float, heads_per_group: int 
     if not 0 <= heads_per_group < G:
         raise ValueError(f"heads_per_group must lie in [0, {G - 1}] (query heads per K/V head: {G}), got {heads_per_group}")
     keep_f = cfg.intermediate_size - int(round(ffn_ratio * cfg.intermediate_size))
-    ffn_keep = [s.topk(keep_f).indices.sort().values for s in ffn_scores]
+    ffn_keep = [top_channels(s, keep_f) for s in ffn_scores]
     head_keep = []
     for s in head_scores:
         groups = s.view(cfg.num_key_value_heads, G)                               # query heads of each K/V head

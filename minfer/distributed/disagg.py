@@ -38,20 +38,31 @@ class PrefilledRequest:
 # ---------------------------------------------------------------------------
 
 
-def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
-    """Ship a request that just got its first token, then drop it here."""
+def prompt_kv(k: torch.Tensor, v: torch.Tensor, block_table: list[int], prompt_len: int):
+    """The K/V blocks holding a prompt's first ``prompt_len`` tokens, out of pools (L, num_blocks, bs, nkv, hd)
+    -> two (L, ceil(prompt_len / bs), bs, nkv, hd) tensors: whole blocks, as the block table lists them."""
+    idx = torch.tensor(block_table[:-(-prompt_len // k.shape[2])], dtype=torch.long)
+    return k[:, idx], v[:, idx]
+
+
+def take_prefilled(engine, request_id: str, gather=prompt_kv) -> tuple[PrefilledRequest, torch.Tensor, torch.Tensor]:
+    """What the prefill side ships for a request that just got its first token: (meta, K, V); then drop it here."""
     req = engine.requests[request_id]
-    n_prompt = req.num_prompt_tokens
-    table = engine.runner.kv_manager.block_table(request_id)[: -(-n_prompt // engine.runner.kv_manager.block_size)]
-    cache = engine.runner.cache
     meta = PrefilledRequest(request_id, req.prompt_token_ids, req.params, req.arrival_time,
                             req.output_token_ids[0], req.stats.token_times[0], req.generator.get_state())
-    comm.send(torch.tensor([KIND_TRANSFER, len(table)]), dst)
-    comm.send_object(meta, dst)
-    idx = torch.tensor(table)
-    comm.send(cache.k[:, idx], dst)                                   # (L, n_blocks, bs, nkv, hd)
-    comm.send(cache.v[:, idx], dst)
+    k, v = gather(engine.runner.cache.k, engine.runner.cache.v,
+                  engine.runner.kv_manager.block_table(request_id), req.num_prompt_tokens)
     engine.abort(request_id)
+    return meta, k, v
+
+
+def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
+    """Ship a request that just got its first token, then drop it here."""
+    meta, k, v = take_prefilled(engine, request_id)
+    comm.send(torch.tensor([KIND_TRANSFER, k.shape[1]]), dst)
+    comm.send_object(meta, dst)
+    comm.send(k, dst)                                                 # (L, n_blocks, bs, nkv, hd)
+    comm.send(v, dst)
 
 
 def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=time.sleep) -> None:

@@ -140,6 +140,13 @@ class PipelineStage(nn.Module):
         return logits
 
 
+def gpipe_schedule(num_stages: int, num_microbatches: int) -> list[list[int]]:
+    """GPipe's forward, slot by slot: row s lists the micro-batch stage s runs in each of the M + S - 1
+    time slots (-1: idle). Micro-batch m reaches stage s in slot s + m (Huang et al. 2019, figure 2)."""
+    slots = num_microbatches + num_stages - 1
+    return [[t - s if 0 <= t - s < num_microbatches else -1 for t in range(slots)] for s in range(num_stages)]
+
+
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
     """GPipe's idle share of a forward: (S - 1) / (M + S - 1) (equal stages, no communication cost)."""
     return (num_stages - 1) / (num_microbatches + num_stages - 1)

@@ -192,8 +192,8 @@ class StaticDecodeRunner:
         return (meta.num_tokens == S and S <= self.sizes[-1]
                 and meta.block_tables.shape[1] <= self.max_blocks)
 
-    def run(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows) -> torch.Tensor:
-        """Copy a flattened decode batch into the static buffers, pad it, replay -> logits (K, vocab)."""
+    def load(self, input_ids: torch.Tensor, meta: PagedBatch) -> int:
+        """Copy a flattened decode batch into the static buffers and pad it -> its bucket n."""
         S, cols = len(meta.query_lens), meta.block_tables.shape[1]
         n = bucket_for(S, self.sizes)
         self.input_ids[:, :S] = input_ids
@@ -202,6 +202,11 @@ class StaticDecodeRunner:
         self.context_lens[:S] = to_device(meta.seq_lens, self.rows.device)   # host -> device, not waited for
         self.block_tables[:S, :cols] = meta.block_tables         # columns past cols: stale ids, read and masked
         self._pad(S, n)
+        return n
+
+    def run(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows) -> torch.Tensor:
+        """Copy a flattened decode batch into the static buffers, pad it, replay -> logits (K, vocab)."""
+        S, n = len(meta.query_lens), self.load(input_ids, meta)
         if self.use_cuda_graph:
             self.graphs[n].replay()
             logits = self.outputs[n]                             # overwritten by the next replay

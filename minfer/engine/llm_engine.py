@@ -44,6 +44,7 @@ from minfer.engine.runner import ModelRunner
 from minfer.guided import advance, mask_logits, new_matcher
 from minfer.engine.scheduler import Scheduler, SchedulerConfig
 from minfer.kv.block_pool import KVCacheManager
+from minfer.kv.coordinator import KVCacheCoordinator, kv_cache_groups
 from minfer.logprobs import LOGPROBS_MODES, prompt_rows, record_prompt, record_sampled
 from minfer.sampling import SamplingParams, finish_reason, pair_prompts, sample_rows
 from minfer.validation import check_context, check_prompt
@@ -127,14 +128,14 @@ class LLMEngine:
                              max_prefill_chunk=max_prefill_chunk, max_wait_ms=max_wait_ms)
         if num_blocks is None:
             dtype = model.model.embed_tokens.weight.dtype
-            want = max_num_seqs * -(-cfg.max_position_embeddings // block_size)
+            want = max_num_seqs * -(-cfg.max_position_embeddings // block_size) * len(kv_cache_groups(cfg))
             fit = PagedKVCache.num_blocks_for_memory(cfg, kv_cache_memory, block_size, dtype, kv_cache_dtype)
             num_blocks = max(1, min(want, fit))
         runner = ModelRunner(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                              attention=attention, attention_mode=attention_mode, kv_cache_dtype=kv_cache_dtype,
                              enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, compile=compile,
                              max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel,
-                             kv_manager_cls=kv_manager_cls)
+                             kv_manager_cls=kv_manager_cls, max_num_batched_tokens=max_num_batched_tokens)
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
@@ -169,6 +170,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if params.n > 1 or params.prompt_logprobs is not None:
             raise ValueError("a prefilled request must have n=1 and no prompt_logprobs (its prompt ran elsewhere)")
+        if isinstance(self.runner.kv_manager, KVCacheCoordinator):
+            raise ValueError("a prefilled request needs one block table; this model has one per KV group")
         req = self._new_request(list(prompt_token_ids), params, request_id, arrival_time)
         hit = self.scheduler.add_computed(req)
         if hit is None:
@@ -195,10 +198,13 @@ class LLMEngine:
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
         check_context(len(ids), self.max_model_len)
-        pool = self.runner.kv_manager.pool
-        bs, max_new = pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
+        kv = self.runner.kv_manager
+        bs, max_new = kv.pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
         need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \
             -(-(len(ids) + max_new) // bs)
+        if isinstance(kv, KVCacheCoordinator):                  # a table per KV group, local ones bounded
+            need = kv.max_blocks(len(ids), max_new, params.n)
+        pool = kv.pool
         if need > pool.num_blocks:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
                              f"needs {need} KV blocks, but the KV cache pool has only num_blocks={pool.num_blocks} "

@@ -5,7 +5,24 @@ vLLM: ``vllm/v1/engine/output_processor.py`` with ``detokenizer.py`` (docs/archi
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from minfer.tokenizer import IncrementalDetokenizer
+
+
+def stream_cut(text: str, emitted: int, stop: Sequence[str], final: bool) -> tuple[str, str, bool]:
+    """(text cut before its earliest stop string, the new text safe to stream, whether a stop string was found).
+
+    Safe to stream: what follows the ``emitted`` characters already sent, except the last
+    (longest stop string - 1) characters, which might be the start of a stop string; all of it
+    once the text is cut or ``final``. vLLM: ``StopChecker`` and the detokenizer's held-back text.
+    """
+    hits = [text.find(s) for s in stop if s in text]
+    if hits:
+        text = text[:min(hits)]
+    hold = max((len(s) for s in stop), default=1) - 1
+    safe = len(text) if hits or final else max(emitted, len(text) - hold)
+    return text, text[emitted:safe], bool(hits)
 
 
 class TextOutput:
@@ -19,7 +36,6 @@ class TextOutput:
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.stop = list(stop)
-        self.hold = max((len(s) for s in self.stop), default=1) - 1   # could be the start of a stop string
         self.text = ""
         self.emitted = 0                          # characters already streamed
         self.cut = False                          # a stop string ended the text
@@ -30,22 +46,15 @@ class TextOutput:
             return "", False
         if not stop_token:
             self.text += self.detok.add(tok)
-        if self._cut_at_stop():
-            return self.finish(), True
-        safe = max(self.emitted, len(self.text) - self.hold)
-        new, self.emitted = self.text[self.emitted:safe], safe
-        return new, False
+        return self._advance(final=False)
 
     def finish(self) -> str:
         """The sequence ended: flush the detokenizer (unless a stop string cut it) and release held text."""
         if self.detok is not None and not self.cut:
             self.text += self.detok.flush()
-            self._cut_at_stop()
-        new, self.emitted = self.text[self.emitted:], len(self.text)
-        return new
+        return self._advance(final=True)[0]
 
-    def _cut_at_stop(self) -> bool:
-        hits = [self.text.find(s) for s in self.stop if s in self.text]
-        if hits:
-            self.text, self.cut = self.text[:min(hits)], True
-        return bool(hits)
+    def _advance(self, final: bool) -> tuple[str, bool]:
+        self.text, new, stopped = stream_cut(self.text, self.emitted, self.stop, final)
+        self.cut, self.emitted = self.cut or stopped, self.emitted + len(new)
+        return new, stopped

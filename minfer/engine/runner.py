@@ -31,6 +31,7 @@ import torch
 
 from minfer.devices import to_device
 from minfer.kv.block_pool import BlockPool, KVCacheManager
+from minfer.kv.coordinator import KVCacheCoordinator, kv_cache_groups
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
 
@@ -58,17 +59,19 @@ def prepare_batch(kv_manager: KVCacheManager, chunks: Sequence, device="cpu") ->
     else:
         seq_of = torch.repeat_interleave(torch.arange(len(chunks)), qlens)    # (N,) sequence of each token
         positions = torch.arange(len(ids)) + (starts - ends + qlens)[seq_of]  # (N,) start + offset in chunk
-    bs = kv_manager.block_size
-    cols = -(-int(seq_lens.max()) // bs)                                      # blocks of the longest context
-    tables = kv_manager.tables.cpu[torch.tensor(rows), :cols]                 # (S, cols) host rows
-    slots = kv_manager.batch_slot_mapping(chunks, tables, seq_of, positions)  # (N,) where each K/V goes
-    device_tables = tables if kv_manager.tables.device.type == "cpu" else \
-        kv_manager.tables.device_table()[to_device(rows, device, torch.long), :cols]
-    # Every input goes to the device by a copy the host does not wait for (minfer.devices.to_device).
-    meta = PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=to_device(device_tables, device),
-                      slot_mapping=to_device(slots, device), logits_indices=to_device(ends - 1, device),
-                      positions=to_device(positions, device)[None])
-    return to_device([ids], device, torch.long), meta
+    cols = -(-int(seq_lens.max()) // kv_manager.block_size)                   # blocks of the longest context
+    metas = []
+    for mgr in getattr(kv_manager, "groups", [kv_manager]):                   # local/global: a table per KV group
+        tables = mgr.tables.cpu[torch.tensor(rows), :cols]                    # (S, cols) host rows
+        slots = mgr.batch_slot_mapping(chunks, tables, seq_of, positions)     # (N,) where each K/V goes
+        device_tables = tables if mgr.tables.device.type == "cpu" else \
+            mgr.tables.device_table()[to_device(rows, device, torch.long), :cols]
+        # Every input goes to the device by a copy the host does not wait for (minfer.devices.to_device).
+        metas.append(PagedBatch(query_lens=qlens, seq_lens=seq_lens, block_tables=to_device(device_tables, device),
+                                slot_mapping=to_device(slots, device), logits_indices=to_device(ends - 1, device),
+                                positions=to_device(positions, device)[None]))
+    metas[0].groups = metas if len(metas) > 1 else None
+    return to_device([ids], device, torch.long), metas[0]
 
 
 def with_token_rows(meta: PagedBatch, sample_rows: Sequence[int], token_rows: Sequence[int]) -> tuple:
@@ -91,14 +94,16 @@ class ModelRunner:
     (``minfer/engine/cuda_graph.py``: buckets of ``max_num_seqs``, CUDA graphs on a GPU,
     ``compile=True`` for torch.compile); the pool then gets one more block, reserved as the
     scratch block of padded rows, so the blocks sequences can hold stay ``num_blocks``.
-    Prefill and mixed steps always run eager.
+    Prefill and mixed steps always run eager. A local/global model (Gemma 3) gets a ``KVCacheCoordinator``
+    (``minfer/kv/coordinator.py``): a block table per KV group, the local ones reserving prompts
+    ``max_num_batched_tokens`` at a time.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
                  attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",
                  enforce_eager: bool = True, max_num_seqs: int = 32, compile: bool = False,
                  max_seq_len_to_capture: int | None = None, decode_kernel: str = "auto",
-                 kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager):
+                 kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager, max_num_batched_tokens: int = 512):
         self.model, self.attention = model, attention
         w = model.model.embed_tokens.weight
         scratch = 0 if enforce_eager else 1                     # the static path's scratch block
@@ -121,7 +126,11 @@ class ModelRunner:
                 warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
         elif compile:
             raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
-        self.kv_manager = kv_manager_cls(pool, device=w.device)
+        if model.cfg.is_hybrid and kv_manager_cls is KVCacheManager:          # a block table per KV group
+            windows = [w for w, _ in kv_cache_groups(model.cfg)]
+            self.kv_manager = KVCacheCoordinator(pool, windows, w.device, max_num_batched_tokens)
+        else:
+            self.kv_manager = kv_manager_cls(pool, device=w.device)
         self.device = w.device
         self.vocab_size = model.cfg.vocab_size
 

@@ -276,8 +276,9 @@ class KVCacheManager:
         mgr.free(sid)                          # blocks go back; cached ones stay findable
     """
 
-    def __init__(self, pool: BlockPool, device="cpu"):
+    def __init__(self, pool: BlockPool, device="cpu", group: int = 0):
         self.pool = pool
+        self.root = group or None         # first block's parent: KV groups sharing a pool never share hashes
         self.block_size = pool.block_size
         self.seqs: dict[object, SeqState] = {}
         self._pending_copies: list[tuple[int, int]] = []
@@ -341,7 +342,7 @@ class KVCacheManager:
             return [], [], []
         bs = self.block_size
         hits, hashes, prefixes = [], [], []
-        parent_hash, parent_prefix = None, None
+        parent_hash, parent_prefix = self.root, self.root
         for i in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             h = self.pool.hash_fn(parent_hash, tokens)
@@ -362,23 +363,36 @@ class KVCacheManager:
         cached: skip their prefill), or None if the pool cannot fit the prompt
         (then nothing changed).
         """
+        self._check_new(seq_id, token_ids)
+        found = self._prefix_hits(token_ids) if read_cache else ([], [], [])
+        if self.admit_cost(len(token_ids), found[0]) > self.pool.num_free_blocks:
+            return None
+        for b in found[0]:
+            self.pool.touch(b)
+        return self.admit(seq_id, token_ids, found)
+
+    def _check_new(self, seq_id, token_ids: Sequence[int]) -> None:
         if seq_id in self.seqs:
             raise ValueError(f"seq_id {seq_id!r} is already allocated")
         if len(token_ids) < 1:
             raise ValueError("token_ids is empty: a sequence needs at least one prompt token")
-        hits, hashes, prefixes = self._prefix_hits(token_ids) if read_cache else ([], [], [])
-        revived = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)   # hits on free blocks
-        new = blocks_needed(0, len(token_ids), len(hits), self.block_size)
-        if new + revived > self.pool.num_free_blocks:
-            return None
-        for b in hits:
-            self.pool.touch(b)
-        table = hits + [self.pool.get_new_block() for _ in range(new)]
-        n_computed = len(hits) * self.block_size
-        self.seqs[seq_id] = SeqState(block_table=table, num_tokens=len(token_ids),
-                                     num_computed=n_computed, token_ids=list(token_ids),
-                                     hashes=hashes, prefixes=prefixes, row=self.tables.add_row(table))
-        return n_computed
+
+    def admit_cost(self, num_tokens: int, hits: Sequence[int], num_dropped: int = 0) -> int:
+        """Free blocks that ``num_tokens`` slots take: new blocks, and the hits (from ``num_dropped`` on) revived."""
+        revived = sum(1 for b in hits[num_dropped:] if self.pool.blocks[b].ref_cnt == 0)
+        return blocks_needed(0, num_tokens, len(hits), self.block_size) + revived
+
+    def admit(self, seq_id, token_ids: Sequence[int], found, num_tokens: Optional[int] = None,
+              num_dropped: int = 0) -> int:
+        """``allocate`` after its cost check and touches: ``found`` from ``_prefix_hits``; ``num_tokens`` slots."""
+        hits, hashes, prefixes = found
+        num_tokens = len(token_ids) if num_tokens is None else num_tokens
+        table = hits + [self.pool.get_new_block() for _ in range(blocks_needed(0, num_tokens, len(hits),
+                                                                               self.block_size))]
+        self.seqs[seq_id] = SeqState(block_table=table, num_tokens=num_tokens, num_computed=len(hits) * self.block_size,
+                                     token_ids=list(token_ids), hashes=hashes, prefixes=prefixes,
+                                     num_dropped=num_dropped, row=self.tables.add_row(table))
+        return len(hits) * self.block_size
 
     def can_append(self, seq_id, num_new_tokens: int = 1) -> bool:
         """Would ``append_slots(seq_id, num_new_tokens)`` succeed?"""
@@ -439,8 +453,8 @@ class KVCacheManager:
         while len(st.hashes) < st.num_computed // bs:  # a block just became full
             i = len(st.hashes)
             tokens = tuple(st.token_ids[i * bs:(i + 1) * bs])
-            parent_hash = st.hashes[-1] if st.hashes else None
-            prefix = (st.prefixes[-1] if st.prefixes else None, tokens)
+            parent_hash = st.hashes[-1] if st.hashes else self.root
+            prefix = (st.prefixes[-1] if st.prefixes else self.root, tokens)
             h = self.pool.hash_fn(parent_hash, tokens)
             st.hashes.append(h)
             st.prefixes.append(prefix)

@@ -2,7 +2,8 @@
 
 Layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
 
-    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   (local/global models:
+           the layers of one KV group, ``kv/coordinator.py``)
     slot   = block_id * block_size + offset
 
 ``update`` writes a flattened batch's keys/values at their slots (vLLM:
@@ -18,6 +19,7 @@ import torch
 
 from minfer.attention.paged import make_paged_attention
 from minfer.kv.base import KVView
+from minfer.kv.coordinator import kv_cache_groups
 from minfer.kv.quantized import QMAX, STORAGE, dequantize_kv, quantize_kv
 from minfer.validation import KV_CACHE_DTYPES
 
@@ -37,6 +39,8 @@ class PagedBatch:
     slot_mapping: torch.Tensor          # (N,) long: where each new token's K/V is written
     logits_indices: torch.Tensor        # (S,) long: each sequence's last token in the batch
     positions: torch.Tensor             # (1, N) long: absolute position of each token
+    groups: list | None = None          # local/global models: one PagedBatch per KV group (its tables
+                                        # and slots; ``kv/coordinator.py``); this one is group 0's
 
     @property
     def num_tokens(self) -> int:
@@ -76,9 +80,11 @@ class PagedKVCache:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (and supported by this torch), "
                              f"got {kv_cache_dtype!r}")
         self.cfg, self.dtype = cfg, dtype
+        groups = kv_cache_groups(cfg)          # one group unless local and global layers mix
+        self.where = {layer: (g, j) for g, (_, layers) in enumerate(groups) for j, layer in enumerate(layers)}
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_cache_dtype, self.quantized = kv_cache_dtype, kv_cache_dtype != "auto"
-        L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
+        L, nkv, hd = len(groups[0][1]), cfg.num_key_value_heads, cfg.head_dim    # layers of one group
         store = STORAGE[kv_cache_dtype] if self.quantized else dtype
         # K and V in one tensor, so that a layer's keys and values are written and gathered by one
         # op each (at batch-1 decode the per-op overhead, not the bytes, is what paging costs).
@@ -88,18 +94,20 @@ class PagedKVCache:
             self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.meta: PagedBatch | None = None
+        self.metas: list[PagedBatch] = []
         self._gather_buf: torch.Tensor | None = None   # (rows, block values) reused by every layer's gather
-        self.attn = make_paged_attention(self, attention, attention_mode, decode_kernel)
+        self.attns = [make_paged_attention(self, attention, attention_mode, decode_kernel) for _ in groups]
+        self.attn = self.attns[0]
         self.attention_mode, self.decode_kernel = attention_mode, self.attn.decode_kernel
 
     # ------------------------------------------------------------ sizes
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
-        """K and V bytes of one block across all KV layers (values, plus scales when quantized)."""
+        """K and V bytes of one block across the layers of a KV group (values, plus scales when quantized)."""
         per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
         if kv_cache_dtype in QMAX:
             per_head = cfg.head_dim * 1 + 4
-        return 2 * cfg.num_kv_layers * block_size * cfg.num_key_value_heads * per_head
+        return 2 * len(kv_cache_groups(cfg)[0][1]) * block_size * cfg.num_key_value_heads * per_head
 
     @classmethod
     def num_blocks_for_memory(cls, cfg, memory_bytes: float, block_size: int, dtype=torch.float32,
@@ -170,7 +178,9 @@ class PagedKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
-        meta = self._need_meta(positions)
+        self._need_meta(positions)
+        group, layer = self.where[layer]                   # the layer's KV group, its slot in a block
+        meta = self.metas[group]
         nkv, hd = k.shape[1], k.shape[3]
         if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
             rows = torch.stack((k[0], v[0])).transpose(1, 2)
@@ -192,12 +202,16 @@ class PagedKVCache:
     # ------------------------------------------------------------ attention: the backend's
     def set_batch(self, meta: PagedBatch) -> None:
         """Install the metadata of the next forward; the backend plans it once for every layer."""
-        self.meta = meta
-        self.attn.prepare_metadata(meta)
+        self.meta, self.metas = meta, meta.groups or [meta]
+        if len(self.metas) != len(self.attns):
+            raise ValueError(f"this cache has {len(self.attns)} KV groups (local and global layers) but the "
+                             f"batch has {len(self.metas)}: build it with a KVCacheCoordinator")
+        for attn, m in zip(self.attns, self.metas):
+            attn.prepare_metadata(m)
 
     def set_static_batch(self, meta: PagedBatch) -> None:
         """The same for a decode-only batch of fixed shapes (CUDA graphs, torch.compile)."""
-        self.meta = meta
+        self.meta, self.metas = meta, [meta]
         self.attn.prepare_static_metadata(meta)
 
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend=None,
@@ -208,7 +222,8 @@ class PagedKVCache:
         with its dense backend (``attention=``) once, as vLLM picks one backend per engine.
         """
         self._need_meta(positions)
-        return self.attn.forward(q, view.keys, view.values, layer, window)
+        group, layer = self.where[layer]
+        return self.attns[group].forward(q, view.keys, view.values, layer, window)
 
     def _need_meta(self, positions: torch.Tensor) -> PagedBatch:
         meta = self.meta

@@ -2,6 +2,7 @@
 
     fusion.qkv_fused        q, k, v of a token from ONE matmul with the stacked weight, then split
     cuda_graph.pad_to_bucket  a decode batch of n sequences -> its capture bucket and the padded rows
+    cuda_graph.pad_batch    the static step's rows of a decode batch, padded to its bucket
     roofline.mbu            model-bandwidth utilisation of a measured decode run
 
 References: ``qkv_fused`` and ``pad_to_bucket`` below, written as plain functions (the engine
@@ -176,4 +177,84 @@ register(Exercise(
     inputs=_mbu_inputs(),
     compare=lambda inputs, expected, actual: _mbu_problem(inputs, actual, "expected"),
     validate=lambda inputs, actual: _mbu_problem(inputs, actual, "the definition gives"),
+))
+
+
+# ---------------------------------------------------------------------------
+# cuda_graph.pad_batch
+# ---------------------------------------------------------------------------
+
+
+def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bucket: int, scratch_slot: int):
+    """The engine's static decode runner (``StaticDecodeRunner.load``) on a batch of len(tokens) decodes:
+    its first ``bucket`` rows of input ids, positions, slots and context lengths, as lists."""
+    from minfer.engine.cuda_graph import StaticDecodeRunner
+    from minfer.kv.paged import PagedBatch
+    runner = _static_runner()
+    runner.sizes, runner.scratch_slot = [bucket], scratch_slot
+    S = len(tokens)
+    runner.load(torch.tensor([tokens]), PagedBatch(
+        query_lens=torch.ones(S, dtype=torch.long), seq_lens=torch.tensor(context_lens),
+        block_tables=torch.zeros(S, 1, dtype=torch.long), slot_mapping=torch.tensor(slots),
+        logits_indices=torch.arange(S), positions=torch.tensor([positions])))
+    assert isinstance(runner, StaticDecodeRunner)
+    return tuple(t.reshape(-1)[:bucket].tolist() for t in (runner.input_ids, runner.positions, runner.slot_mapping,
+                                                           runner.context_lens))
+
+
+def _static_runner():
+    """One static runner over a one-layer random model, shared by every call of ``pad_batch``."""
+    global _RUNNER
+    if _RUNNER is None:
+        from minfer.config import ModelConfig
+        from minfer.engine.cuda_graph import StaticDecodeRunner
+        from minfer.kv.paged import PagedKVCache
+        from minfer.model import build_model
+        cfg = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                          num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64)
+        _RUNNER = StaticDecodeRunner(build_model(cfg), PagedKVCache(cfg, 4, 16), 0, 64, use_cuda_graph=False)
+    return _RUNNER
+
+
+_RUNNER = None
+
+
+@st.composite
+def _pad_inputs(draw) -> Inputs:
+    S = draw(st.integers(1, 6))
+    rows = st.lists(st.integers(0, 999), min_size=S, max_size=S)
+    return {"tokens": draw(rows), "positions": draw(rows), "slots": draw(rows),
+            "context_lens": [p + 1 for p in draw(rows)], "bucket": S + draw(st.integers(0, 5)),
+            "scratch_slot": 16 * draw(st.integers(0, 3))}
+
+
+def _pad_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    S, n = len(inputs["tokens"]), inputs["bucket"]
+    pads = (0, 0, inputs["scratch_slot"], 1)
+    names = ("tokens", "positions", "slots", "context_lens")
+    if not isinstance(actual, (tuple, list)) or len(actual) != 4:
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected a tuple of 4 lists ({', '.join(names)})"
+    for name, pad, got in zip(names, pads, actual):
+        want = list(inputs[name]) + [pad] * (n - S)
+        try:
+            got = [int(x) for x in got]
+        except (TypeError, ValueError):
+            return f"{name}: expected a list of {n} ints, got {type(got).__name__}"
+        if got != want:
+            return (f"{S} real rows in a bucket of {n}, scratch slot {inputs['scratch_slot']}: {name} {what} {want}, "
+                    f"yours {got}. Keep the real rows, then pad to the bucket with token 0, position 0, "
+                    f"the scratch slot and a context of 1 key")
+    return None
+
+
+register(Exercise(
+    name="cuda_graph.pad_batch",
+    lesson="08_compilers_and_kernels", function="pad_batch",
+    description=("pad_batch(tokens, positions, slots, context_lens, bucket, scratch_slot) -> the 4 lists padded to "
+                 "`bucket` rows: token 0, position 0, the scratch slot, a context of 1"),
+    reference="minfer.lessons.ex_compilers:pad_batch",
+    inputs=_pad_inputs(),
+    compare=lambda inputs, expected, actual: _pad_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _pad_problem(inputs, actual, "the definition gives"),
 ))

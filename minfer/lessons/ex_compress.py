@@ -3,6 +3,7 @@
     compress.distill_kl       topk_distill_kl(logits, topk_idx, topk_logp, T) -> T^2 KL over k + 1 bins
     compress.medusa_tree_mask tree_mask(paths) -> the (N + 1, N + 1) tree attention mask
     compress.h2o_keep         h2o_keep(scores, budget, recent) -> the token indices H2O keeps
+    compress.prune_ffn        prune_ffn(gate, up, down, scores, keep) -> one FFN with its keep best channels
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
@@ -157,4 +158,46 @@ register(Exercise(
     compare=lambda inputs, expected, actual: _h2o_problem(inputs, actual),
     validate=_h2o_problem,
     max_examples=80,
+))
+
+# ---------------------------------------------------------------------------
+# compress.prune_ffn
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _prune_inputs(draw) -> Inputs:
+    f, h = draw(st.integers(1, 8)), draw(st.integers(1, 3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    scores = torch.tensor([float(s) for s in draw(st.permutations(list(range(f))))])   # distinct: no ties
+    return {"gate": torch.randn(f, h, generator=g), "up": torch.randn(f, h, generator=g),
+            "down": torch.randn(h, f, generator=g), "scores": scores, "keep": draw(st.integers(1, f))}
+
+
+def _prune_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    scores, keep = inputs["scores"].tolist(), inputs["keep"]
+    kept = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep])
+    want = (inputs["gate"][kept], inputs["up"][kept], inputs["down"][:, kept])
+    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected a tuple (gate, up, down) of tensors"
+    for name, w, a in zip(("gate", "up", "down"), want, actual):
+        if not isinstance(a, torch.Tensor) or a.shape != w.shape or not torch.equal(a, w):
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            return (f"scores {scores}, keep {keep}: {what} channels {kept} kept, in their order; {name} {what} "
+                    f"shape {tuple(w.shape)}, yours {got}{'' if got != tuple(w.shape) else ' with other values'}. "
+                    f"A channel is a row of gate and up and a column of down")
+    return None
+
+
+register(Exercise(
+    name="compress.prune_ffn",
+    lesson="10_compression_beyond_quantization", function="prune_ffn",
+    description=("prune_ffn(gate (f,h), up (f,h), down (h,f), scores (f,), keep) -> the FFN with only its keep "
+                 "highest-scoring channels, in their original order"),
+    reference="minfer.compress.prune:prune_ffn",
+    inputs=_prune_inputs(),
+    compare=lambda inputs, expected, actual: _prune_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _prune_problem(inputs, actual, "the definition gives"),
+    max_examples=60,
 ))

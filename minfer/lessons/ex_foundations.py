@@ -1,9 +1,11 @@
-"""Exercises of lessons 02 and 03: the KV-cache append and one online-softmax step.
+"""Exercises of lessons 02 and 03: the KV-cache append, one online-softmax step, arithmetic intensity.
 
     kv.append                         lessons/02_kv_cache.ipynb
         write new K/V into a preallocated buffer at their positions, return the valid prefix
     attention.online_softmax_update   lessons/03_attention_memory.ipynb
         fold one tile of scores and values into FlashAttention's running (max, sum, output)
+    roofline.linear_intensity         lessons/02_kv_cache.ipynb
+        FLOP per byte of a linear layer over T tokens (``minfer.bench.machine.linear_intensity``)
 
 The references are the engine's own code: ``kv_append_with_cache`` below runs
 ``minfer.kv.ContiguousKVCache.update`` on the learner's buffers, and the
@@ -223,4 +225,41 @@ register(Exercise(
     inputs=_online_softmax_inputs(),
     compare=_compare_online_softmax,
     validate=_validate_online_softmax,
+))
+
+
+# ---------------------------------------------------------------------------
+# roofline.linear_intensity
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _intensity_inputs(draw) -> Inputs:
+    return {"num_tokens": draw(st.integers(1, 4096)), "in_features": draw(st.integers(1, 8192)),
+            "out_features": draw(st.integers(1, 8192)), "bytes_per_value": draw(st.sampled_from([4, 2, 1, 0.5]))}
+
+
+def _intensity_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The definition in exact fractions: 2 T in out FLOPs over b (in out + T in + T out) bytes."""
+    from fractions import Fraction
+
+    T, k, n, b = (inputs[name] for name in ("num_tokens", "in_features", "out_features", "bytes_per_value"))
+    if not isinstance(actual, (int, float)) or isinstance(actual, bool):
+        return f"returned {type(actual).__name__} {actual!r}, expected a number (FLOP per byte)"
+    want = Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n))
+    if math.isclose(actual, float(want), rel_tol=1e-9):
+        return None
+    return (f"{2 * T * k * n} FLOPs (2 x {T} x {k} x {n}) over {b} x ({k} x {n} weights + {T} x {k} inputs + "
+            f"{T} x {n} outputs) bytes = {float(want):.6g} FLOP/byte; yours is {actual!r}")
+
+
+register(Exercise(
+    name="roofline.linear_intensity",
+    lesson="02_kv_cache", function="linear_intensity",
+    description=("linear_intensity(num_tokens, in_features, out_features, bytes_per_value) -> FLOP/byte of "
+                 "y = x W^T: 2 T in out over the bytes of W, x and y"),
+    reference="minfer.bench.machine:linear_intensity",
+    inputs=_intensity_inputs(),
+    compare=lambda inputs, expected, actual: _intensity_problem(inputs, actual),
+    validate=_intensity_problem,
 ))

@@ -1,7 +1,9 @@
-"""Exercises of lesson 11 (parallelism): a tensor-parallel shard, and the all-reduce volume per token.
+"""Exercises of lesson 11 (parallelism): tensor-parallel shards and traffic, GPipe, the disaggregated KV hand-off.
 
     parallel.shard_weight               shard_weight(W, rank, world, kind) -> rank's column or row piece
     parallel.allreduce_bytes_per_token  allreduce_bytes_per_token(hidden, layers, tp, bytes) -> bytes sent
+    parallel.gpipe_schedule             gpipe_schedule(stages, micro-batches) -> who runs what, slot by slot
+    parallel.kv_handoff_bytes, prompt_kv  the K/V bytes and blocks a prefill worker sends
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
@@ -91,4 +93,114 @@ register(Exercise(
     inputs=_bytes_inputs(),
     compare=lambda inputs, expected, actual: _bytes_problem(inputs, actual, "expected"),
     validate=lambda inputs, actual: _bytes_problem(inputs, actual, "the definition gives"),
+))
+
+
+# ---------------------------------------------------------------------------
+# parallel.gpipe_schedule
+# ---------------------------------------------------------------------------
+
+
+def _gpipe_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    S, M = inputs["num_stages"], inputs["num_microbatches"]
+    want = [[t - s if 0 <= t - s < M else -1 for t in range(M + S - 1)] for s in range(S)]
+    try:
+        got = [[int(x) for x in row] for row in actual]
+    except (TypeError, ValueError):
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected a list of {S} rows (one per stage) of ints"
+    if got == want:
+        return None
+    return (f"{S} stages, {M} micro-batches: {what} {want}, yours {got}. Row s has M + S - 1 time slots; "
+            f"micro-batch m reaches stage s in slot s + m, and -1 marks an idle slot (the bubble)")
+
+
+register(Exercise(
+    name="parallel.gpipe_schedule",
+    lesson="11_parallelism", function="gpipe_schedule",
+    description=("gpipe_schedule(num_stages, num_microbatches) -> per stage, the micro-batch it runs in each of "
+                 "the M + S - 1 time slots (-1: idle)"),
+    reference="minfer.distributed.pipeline:gpipe_schedule",
+    inputs=st.builds(lambda s, m: {"num_stages": s, "num_microbatches": m}, st.integers(1, 5), st.integers(1, 6)),
+    compare=lambda inputs, expected, actual: _gpipe_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _gpipe_problem(inputs, actual, "the definition gives"),
+))
+
+
+# ---------------------------------------------------------------------------
+# parallel.kv_handoff_bytes, parallel.prompt_kv
+# ---------------------------------------------------------------------------
+
+
+def kv_handoff_bytes(prompt_len: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                     bytes_per_element: int) -> int:
+    """Bytes the prefill worker sends for one prompt: K and V of every layer, in whole blocks."""
+    blocks = -(-prompt_len // block_size)
+    return 2 * num_layers * blocks * block_size * num_kv_heads * head_dim * bytes_per_element
+
+
+@st.composite
+def _handoff_inputs(draw) -> Inputs:
+    return {"prompt_len": draw(st.integers(1, 40)), "num_layers": draw(st.integers(1, 4)),
+            "num_kv_heads": draw(st.integers(1, 4)), "head_dim": draw(st.sampled_from([1, 2, 8, 16])),
+            "block_size": draw(st.sampled_from([1, 4, 16])), "bytes_per_element": draw(st.sampled_from([1, 2, 4]))}
+
+
+def _handoff_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    want = kv_handoff_bytes(**inputs)
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool) and actual == want:
+        return None
+    P, bs = inputs["prompt_len"], inputs["block_size"]
+    return (f"{inputs}: {what} {want} bytes = 2 (K and V) x {inputs['num_layers']} layers x {-(-P // bs)} whole "
+            f"blocks of {bs} slots x {inputs['num_kv_heads']} K/V heads x {inputs['head_dim']} x "
+            f"{inputs['bytes_per_element']} bytes; yours {actual!r}")
+
+
+register(Exercise(
+    name="parallel.kv_handoff_bytes",
+    lesson="11_parallelism", function="kv_handoff_bytes",
+    description=("kv_handoff_bytes(prompt_len, num_layers, num_kv_heads, head_dim, block_size, bytes_per_element) "
+                 "-> bytes of K/V a prefill worker sends for one prompt, in whole blocks"),
+    reference="minfer.lessons.ex_parallel:kv_handoff_bytes",
+    inputs=_handoff_inputs(),
+    compare=lambda inputs, expected, actual: _handoff_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _handoff_problem(inputs, actual, "the definition gives"),
+))
+
+
+@st.composite
+def _prompt_kv_inputs(draw) -> Inputs:
+    L, nb, bs = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.sampled_from([1, 2, 4]))
+    shape = (L, nb, bs, 1, 2)
+    k = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)   # every entry says where it sat
+    table = draw(st.permutations(list(range(nb))))[:draw(st.integers(1, nb))]
+    return {"k": k, "v": -k, "block_table": table, "prompt_len": draw(st.integers(1, len(table) * bs))}
+
+
+def _prompt_kv_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    k, v, table, P = inputs.values()
+    bs = k.shape[2]
+    blocks = table[:-(-P // bs)]
+    want = (torch.stack([k[:, b] for b in blocks], 1), torch.stack([v[:, b] for b in blocks], 1))
+    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected a tuple (k, v) of tensors"
+    for name, w, a in zip("kv", want, actual):
+        if not isinstance(a, torch.Tensor) or a.shape != w.shape or not torch.equal(a, w):
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            return (f"block table {table}, {P} prompt tokens, blocks of {bs}: {what} blocks {blocks} of every "
+                    f"layer, {name} of shape {tuple(w.shape)}; yours {got}"
+                    f"{' with other values' if got == tuple(w.shape) else ''}")
+    return None
+
+
+register(Exercise(
+    name="parallel.prompt_kv",
+    lesson="11_parallelism", function="prompt_kv",
+    description=("prompt_kv(k, v (L, blocks, bs, nkv, hd), block_table, prompt_len) -> the K and V blocks holding "
+                 "the prompt, in block-table order: (L, ceil(prompt_len / bs), bs, nkv, hd) each"),
+    reference="minfer.distributed.disagg:prompt_kv",
+    inputs=_prompt_kv_inputs(),
+    compare=lambda inputs, expected, actual: _prompt_kv_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _prompt_kv_problem(inputs, actual, "the definition gives"),
 ))

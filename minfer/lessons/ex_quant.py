@@ -4,8 +4,10 @@
     quant.dequantize_int8   (q, scale) -> W float32 = q * scale, row by row
     quant.pack_int4         (..., K) values 0..15, K even -> uint8 (..., K/2), even index in the low nibble
     quant.unpack_int4       (packed, K) -> uint8 (..., K): the inverse
+    quant.q4k_scales_mins   Q4_K's 12 packed bytes -> eight 6-bit scales and eight 6-bit mins
+    quant.dequantize_q4_k   Q4_K blocks (n, 144) -> float32 (n, 256), bit-exact with llama.cpp
 
-References live in ``minfer/quant/int8.py`` and ``minfer/quant/int4.py``; the
+References live in ``minfer/quant/int8.py``, ``int4.py`` and ``gguf_formats.py``; the
 engine's tests run these same properties on them (``tests/test_quant.py``).
 ``quantize_int8`` is graded against its *definition* (scale = max|row| / 127,
 every element within half a step), so rounding ties either way is accepted.
@@ -17,8 +19,8 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, float_lists, register,
-                                      rows_tensor, tensor_problem)
+from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, exact, float_lists, register,
+                                      rows_tensor, tensor_problem, tuple_problem)
 
 # ---------------------------------------------------------------------------
 # quant.quantize_int8
@@ -199,4 +201,81 @@ register(Exercise(
     inputs=_packed(),
     compare=lambda inputs, expected, actual: _validate_unpack(inputs, actual),
     validate=_validate_unpack,
+))
+
+
+# ---------------------------------------------------------------------------
+# quant.q4k_scales_mins / quant.dequantize_q4_k (GGUF's Q4_K super-blocks)
+# ---------------------------------------------------------------------------
+
+
+def _bytes(n: int) -> st.SearchStrategy:
+    return st.lists(st.integers(0, 255), min_size=n, max_size=n)
+
+
+@st.composite
+def _q4k_scale_bytes(draw) -> Inputs:
+    rows = draw(st.lists(_bytes(12), min_size=1, max_size=3))
+    return {"packed": torch.tensor(rows, dtype=torch.uint8)}                    # (n, 12)
+
+
+def _validate_q4k_scales(inputs: Inputs, actual: Any) -> Optional[str]:
+    """llama.cpp's ``get_scale_min_k4``, one sub-block j at a time, in Python ints."""
+    want: tuple[list, list] = ([], [])
+    for q in inputs["packed"].tolist():
+        pairs = [(q[j] & 63, q[j + 4] & 63) for j in range(4)] + [
+            ((q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) for j in range(4, 8)]
+        for k in (0, 1):
+            want[k].append([pair[k] for pair in pairs])
+    problem = tuple_problem(actual, ("scales", "mins"))
+    for name, w, a in zip(("scales", "mins"), want, actual if problem is None else ()):
+        problem = problem or exact()(inputs, torch.tensor(w, dtype=torch.float32), a)
+        if problem:
+            return (f"{name}: {problem} (sub-blocks 4-7: low 4 bits from bytes 8-11, high 2 bits from the "
+                    f"top of bytes 0-3 for a scale, 4-7 for a min)")
+    return problem
+
+
+register(Exercise(
+    name="quant.q4k_scales_mins",
+    lesson="06_quantization", function="q4k_scales_mins",
+    description=("q4k_scales_mins(packed uint8 (n, 12)) -> (scales, mins) float32 (n, 8): Q4_K's eight "
+                 "6-bit scales and mins per super-block"),
+    reference="minfer.quant.gguf_formats:_q4_k_scales_and_mins",
+    inputs=_q4k_scale_bytes(),
+    compare=lambda inputs, expected, actual: _validate_q4k_scales(inputs, actual),
+    validate=_validate_q4k_scales,
+))
+
+
+@st.composite
+def _q4k_blocks(draw) -> Inputs:
+    """1 or 2 blocks of 144 bytes: finite f16 d and dmin, random scales and 4-bit values."""
+    rows = []
+    for _ in range(draw(st.integers(1, 2))):
+        d, dmin = (draw(st.sampled_from([0.0, 0.5, 2.0 ** -10, 0.013, -0.25, 3.0])) for _ in range(2))
+        head = torch.tensor([d, dmin], dtype=torch.float16).view(torch.uint8).tolist()
+        rows.append(head + draw(_bytes(12)) + draw(_bytes(128)))
+    return {"blocks": torch.tensor(rows, dtype=torch.uint8)}                   # (n, 144)
+
+
+def _validate_q4k_block(inputs: Inputs, actual: Any) -> Optional[str]:
+    """gguf-py's own dequantizer (``gguf.quants``), where that package is installed."""
+    try:
+        import gguf
+    except ImportError:                                    # pragma: no cover
+        return None
+    want = gguf.quants.dequantize(inputs["blocks"].numpy(), gguf.GGMLQuantizationType.Q4_K)
+    return exact()(inputs, torch.from_numpy(want).reshape(-1, 256), actual)
+
+
+register(Exercise(
+    name="quant.dequantize_q4_k",
+    lesson="06_quantization", function="dequantize_q4_k",
+    description=("dequantize_q4_k(blocks uint8 (n, 144)) -> float32 (n, 256): x = d * scale_s * q - "
+                 "dmin * min_s for sub-block s, bit-exact with llama.cpp"),
+    reference="minfer.quant.gguf_formats:dequantize_q4_k",
+    inputs=_q4k_blocks(),
+    compare=exact(),
+    validate=_validate_q4k_block,
 ))

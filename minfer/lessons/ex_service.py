@@ -3,6 +3,7 @@
     router.ring_lookup     consistent hashing: the owner of the first ring point at or after a key
     cost.dollars_per_mtok  $ per million tokens from tokens/s and the price of an hour
     cost.kwh_per_mtok      kWh per million tokens from tokens/s and the power drawn
+    output.stream_cut      a streamed answer cut at its stop strings, and the text safe to send
 
 References: ``minfer/serving/router.py`` and ``minfer/serving/cost.py``; the engine's
 tests run these same properties on them (``tests/test_grader.py``).
@@ -122,4 +123,51 @@ register(Exercise(
     inputs=_rate_and("watts", 2000.0),
     compare=_close("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600"),
     validate=_validate_kwh,
+))
+
+
+# ---------------------------------------------------------------------------
+# output.stream_cut
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def _stream_inputs(draw) -> Inputs:
+    text = st.text("ab.", max_size=8)
+    before, added = draw(text), draw(st.text("ab.", min_size=1, max_size=4))
+    stop = [s for s in draw(st.lists(st.text("ab.", min_size=1, max_size=3), max_size=2, unique=True))
+            if s not in before]                          # the text streamed so far held no stop string
+    hold = max((len(s) for s in stop), default=1) - 1
+    emitted = draw(st.integers(0, max(0, len(before) - hold)))
+    return {"text": before + added, "emitted": emitted, "stop": stop, "final": draw(st.booleans())}
+
+
+def _stream_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    text, emitted, stop, final = inputs.values()
+    starts = [i for i in range(len(text)) for s in stop if text.startswith(s, i)]
+    cut = text[:min(starts)] if starts else text
+    longest = max((len(s) for s in stop), default=1)
+    end = len(cut) if starts or final else max(emitted, len(cut) - (longest - 1))
+    want = (cut, cut[emitted:end], bool(starts))
+    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected a tuple (text, new text to stream, stopped)"
+    if tuple(actual) == want:
+        return None
+    return (f"text {text!r}, {emitted} characters streamed, stop strings {stop}, final={final}: {what} {want}, "
+            f"yours {tuple(actual)!r}. Cut the text before the earliest stop string; stream everything after the "
+            f"`emitted` characters except the last (longest stop - 1), which could be the start of a stop string "
+            f"(all of it when the text was cut or is final)")
+
+
+register(Exercise(
+    name="output.stream_cut",
+    lesson="09_the_inference_service", function="stream_cut",
+    prelude="import bisect\nimport math\nimport torch\n",
+    description=("stream_cut(text, emitted, stop, final) -> (text cut before the earliest stop string, the new "
+                 "text safe to stream, stopped)"),
+    reference="minfer.engine.output:stream_cut",
+    inputs=_stream_inputs(),
+    compare=lambda inputs, expected, actual: _stream_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _stream_problem(inputs, actual, "the definition gives"),
 ))

@@ -1,7 +1,8 @@
-"""Exercises of lesson 07 (speculative decoding): the accept/reject rule and the n-gram lookup.
+"""Exercises of lesson 07 (speculative decoding): the accept/reject rule, the n-gram lookup, lookahead's pool.
 
     speculative.accept_reject   accept_reject(p, q, x) -> (min(1, p(x)/q(x)), norm(max(0, p - q)))
     speculative.ngram_propose   ngram_propose(tokens, min_n, max_n, k) -> the prompt-lookup proposal
+    lookahead.ngram_pool        pool_harvest(pool, levels, new, per_key) -> the pool after one Jacobi step
 
 Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
@@ -148,4 +149,68 @@ register(Exercise(
     inputs=_ngram_inputs(),
     compare=lambda inputs, expected, actual: _ngram_problem(inputs, actual, "expected"),
     validate=lambda inputs, actual: _ngram_problem(inputs, actual, "definition says"),
+))
+
+
+# ---------------------------------------------------------------------------
+# lookahead.ngram_pool
+# ---------------------------------------------------------------------------
+
+
+def pool_harvest(pool: dict, levels: list, new: list, per_key: int) -> dict:
+    """The engine's ``NgramPool.harvest`` on a copy of ``pool`` ({first token: [rest, ...]}, most recent last)."""
+    from minfer.speculative.lookahead import NgramPool
+    engine_pool = NgramPool(per_key)
+    engine_pool.grams = {k: list(v) for k, v in pool.items()}
+    engine_pool.harvest(levels, new)
+    return engine_pool.grams
+
+
+@st.composite
+def _pool_inputs(draw) -> Inputs:
+    W, N, per_key = draw(st.integers(1, 4)), draw(st.integers(2, 4)), draw(st.integers(1, 3))
+    tok = st.integers(0, 3)
+    gram = st.lists(tok, min_size=N - 1, max_size=N - 1).map(tuple)
+    pool = {k: draw(st.lists(gram, min_size=1, max_size=per_key, unique=True))
+            for k in draw(st.lists(tok, max_size=3, unique=True))}
+    levels = [draw(st.lists(tok, min_size=W, max_size=W)) for _ in range(N - 1)]
+    return {"pool": pool, "levels": levels, "new": draw(st.lists(tok, min_size=W, max_size=W)), "per_key": per_key}
+
+
+def _pool_definition(pool, levels, new, per_key) -> dict:
+    """Written differently from the engine: build each column's n-gram, then filter and cut."""
+    out = {k: list(v) for k, v in pool.items()}
+    for column in zip(*levels, new):
+        grams = [g for g in out.get(column[0], []) if g != column[1:]] + [column[1:]]
+        out[column[0]] = grams[len(grams) - per_key:] if len(grams) > per_key else grams
+    return out
+
+
+def _pool_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+    want = _pool_definition(**inputs)
+    if not isinstance(actual, dict):
+        hint = " (did you forget `return`?)" if actual is None else ""
+        return f"returned {type(actual).__name__}{hint}; expected the pool, a dict {{first token: [n-gram rest, ...]}}"
+    try:
+        got = {int(k): [tuple(int(t) for t in g) for g in v] for k, v in actual.items() if len(v)}
+    except (TypeError, ValueError):
+        return "the pool should map a token to a list of tuples of tokens"
+    if got == want:
+        return None
+    key = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+    return (f"levels {inputs['levels']}, new {inputs['new']}, per_key {inputs['per_key']}: for key {key} {what} "
+            f"{want.get(key, [])}, yours {got.get(key, [])}. Column i gives the n-gram (levels[0][i], "
+            f"levels[1][i], ..., new[i]), filed under its first token: a known one moves to the end, a new one is "
+            f"appended, and only the last per_key stay (most recent last)")
+
+
+register(Exercise(
+    name="lookahead.ngram_pool",
+    lesson="07_speculative_decoding", function="pool_harvest",
+    description=("pool_harvest(pool, levels, new, per_key) -> the pool with each window column's n-gram "
+                 "(levels[0][i], ..., new[i]) filed under its first token, the last per_key kept"),
+    reference="minfer.lessons.ex_spec:pool_harvest",
+    inputs=_pool_inputs(),
+    compare=lambda inputs, expected, actual: _pool_problem(inputs, actual, "expected"),
+    validate=lambda inputs, actual: _pool_problem(inputs, actual, "the definition gives"),
 ))

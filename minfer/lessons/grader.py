@@ -7,6 +7,7 @@ raise. Deterministic (``derandomize=True``). Example reports: docs/teaching.md.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import sysconfig
@@ -105,8 +106,9 @@ class _ReferenceRaised(_Failure):
 
 
 def _copy(inputs: Inputs) -> Inputs:
-    """Fresh copies of tensor inputs, so an in-place edit cannot leak between calls."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    """Fresh copies of tensor, list and dict inputs, so an in-place edit cannot leak between calls."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) if isinstance(v, (list, dict)) else v
+            for k, v in inputs.items()}
 
 
 def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:

@@ -132,3 +132,24 @@ def rebuild(llm, **functions: Callable):
                     max_num_batched_tokens=cfg.max_num_batched_tokens, max_prefill_chunk=cfg.max_prefill_chunk,
                     kv_cache_dtype=llm.kv_cache_dtype, enforce_eager=llm.enforce_eager)
     return LLM.from_model(llm.model, llm.tokenizer, **(settings | engine_args(**functions)))
+
+
+def pad_static_rows(llm, pad_to_bucket: Callable, pad_batch: Callable) -> None:
+    """Make ``llm``'s static decode step (``enforce_eager=False``) take its bucket from
+    ``pad_to_bucket(n, sizes) -> (bucket, padded)`` and its rows from ``pad_batch`` (lesson 08)."""
+    static = llm.engine.runner.static
+    if static is None:
+        raise ValueError("the static decode step runs only in an LLM built with enforce_eager=False")
+
+    def load(input_ids, meta) -> int:
+        S, cols = len(meta.query_lens), meta.block_tables.shape[1]
+        n = int(pad_to_bucket(S, static.sizes)[0])
+        rows = pad_batch(input_ids[0].tolist(), meta.positions[0].tolist(), meta.slot_mapping.tolist(),
+                         meta.seq_lens.tolist(), n, static.scratch_slot)
+        for buffer, values in zip((static.input_ids[0], static.positions[0], static.slot_mapping,
+                                   static.context_lens), rows):
+            buffer[:n] = torch.tensor(values, dtype=torch.long)
+        static.block_tables[:S, :cols] = meta.block_tables
+        static.block_tables[S:n, 0] = static.scratch_block           # the block a padded row's one key lies in
+        return n
+    static.load = load

@@ -34,7 +34,7 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
     SwapPoint("rms_norm", ("minfer.model:rms_norm",), "model.rms_norm",
               "rms_norm(x (..., d), weight (d,), eps) -> (..., d) float32",
               "every forward: two norms per layer and the final norm"),
-    SwapPoint("attention", (), None,
+    SwapPoint("attention", (), "attention.gqa_attention",
               "attention(q (B, nh, T, hd), k, v (B, nkv, S, hd), q_pos (B, T), k_pos (B, S), "
               "window=None, scale=None) -> (B, nh, T, hd); key s visible to query t iff "
               "0 <= k_pos[s] <= q_pos[t] (and q_pos[t] - k_pos[s] < window)",
@@ -49,6 +49,9 @@ SWAP_POINTS: dict[str, SwapPoint] = {p.name: p for p in [
               "attention.online_softmax_update",
               "online_softmax_update(m, l, acc, scores, values) -> (m, l, acc)",
               "--attention flash, and the paged cache's block-by-block mode (attention_mode='online')"),
+    SwapPoint("stream_cut", ("minfer.engine.output:stream_cut",), "output.stream_cut",
+              "stream_cut(text, emitted, stop, final) -> (text cut before the first stop string, new text safe "
+              "to stream, stopped)", "every request whose text is returned or streamed (engine, LLM, server)"),
     SwapPoint("slot_mapping", (), "paged.slot_mapping",
               "slot_mapping(block_table, block_size, start_pos, num_tokens) -> list of slots",
               "every step of an engine built with it: where each new token's K/V is written",

@@ -13,7 +13,7 @@ import numpy as np
 from minfer.metrics import RequestStats, tpot_from_timestamps
 
 __all__ = ["RequestStats", "tpot_from_timestamps", "percentile", "Distribution", "ServingMetrics",
-           "meets_slos", "check_slos", "summarize", "format_table", "SLO_METRICS", "PERCENTILES"]
+           "meets_slos", "check_slos", "stats_from_events", "summarize", "format_table", "SLO_METRICS", "PERCENTILES"]
 
 SLO_METRICS = ("ttft", "tpot", "e2el")     # names accepted in ``slo_ms`` (as vLLM's --goodput)
 PERCENTILES = (50, 90, 95, 99)
@@ -75,6 +75,22 @@ class ServingMetrics:
     def as_dict(self) -> dict:
         from dataclasses import asdict
         return asdict(self)
+
+
+def stats_from_events(events: Iterable[tuple[float, str, str]]) -> dict[str, RequestStats]:
+    """One ``RequestStats`` per request from an event log of (time, request_id, kind), kind one of
+    ``arrival``, ``scheduled``, ``token``, ``finished`` (a later ``scheduled`` is a re-admission)."""
+    stats: dict[str, RequestStats] = {}
+    for t, rid, kind in sorted(events, key=lambda e: e[0]):
+        if kind == "arrival":
+            stats[rid] = RequestStats(arrival_time=t)
+        elif kind == "scheduled" and stats[rid].first_scheduled_time is None:
+            stats[rid].first_scheduled_time = t
+        elif kind == "token":
+            stats[rid].record_token(t)
+        elif kind == "finished":
+            stats[rid].finish_time = t
+    return stats
 
 
 def meets_slos(r: RequestStats, slo_ms: dict[str, float]) -> bool:

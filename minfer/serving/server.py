@@ -293,8 +293,10 @@ def check_args(args) -> None:
 
 def check_pool(engine) -> None:
     """The KV pool must hold one request of the whole context (ValueError naming the flag)."""
-    pool, cache = engine.runner.kv_manager.pool, engine.runner.cache
-    need = -(-int(engine.max_model_len) // pool.block_size)
+    kv, cache = engine.runner.kv_manager, engine.runner.cache
+    pool, need = kv.pool, -(-int(engine.max_model_len) // kv.pool.block_size)
+    if hasattr(kv, "max_blocks"):                     # local/global KV groups (minfer/kv/coordinator.py)
+        need = kv.max_blocks(int(engine.max_model_len), 0)
     if pool.num_blocks < need:
         minimum = need * -(-cache.nbytes() // cache.num_blocks)
         raise ValueError(f"--kv-cache-memory-bytes: the pool holds {pool.num_blocks} blocks of {pool.block_size} "

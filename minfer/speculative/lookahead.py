@@ -128,6 +128,11 @@ class NgramPool:
     def candidates(self, first: int) -> list[tuple[int, ...]]:
         return list(self.grams.get(first, []))
 
+    def harvest(self, levels: list[list[int]], new: list[int]) -> None:
+        """Column i of the window, then the new guess, is an n-gram: (levels[0][i], ..., levels[-1][i], new[i])."""
+        for i, first in enumerate(levels[0]):
+            self.add(first, tuple(level[i] for level in levels[1:]) + (new[i],))
+
 
 # ---------------------------------------------------------------------------
 # The loop
@@ -194,8 +199,7 @@ def lookahead_generate(
         if len(levels) < ngram - 1:
             levels.append(new)
         else:
-            for i in range(window):
-                pool.add(levels[0][i], tuple(levels[l][i] for l in range(1, ngram - 1)) + (new[i],))
+            pool.harvest(levels, new)
             levels = levels[1:] + [new]
 
         seq += best
