@@ -30,6 +30,8 @@ def test_report_renders_every_fixture_run(tmp_path):
     assert "| int8 | 0.266 | 1.260 | 99.2% | 105 |" in page
     assert "| sequential | 233.0 | 20.46 | 5.66 | 16/16 |" in page
     assert "| continuous | 680 | 5200 | 131 | 46.00 | 0.299 |" in page       # nested ttft.median etc.
+    assert page.index("## parallel") < page.index("## guidellm")
+    assert "| guidellm | 41.00 | 0.640 | 1.025 | 2.5% |" in page               # another load generator's figures
     # every run's top-level settings; a benchmark without a table says where its figures are
     assert "- settings: model smollm2-135m-instruct" in page
     assert "- settings: torch 2.13.0+cpu, tp_decode_speedup 0.55" in page

@@ -150,6 +150,27 @@ def test_n_samples_equal_llm_generate_sample_by_sample(server, llm):
     assert metric(server.url, "minfer:kv_cache_used_blocks") == 0        # every sample's blocks came back
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_count_the_tokens_so_far(server, llm, path):
+    """vLLM's ``stream_options.continuous_usage_stats`` (load generators such as guidellm send it):
+    every chunk carries the usage so far; the last counts match the final usage chunk and LLM.generate."""
+    n, chat = 2, path.endswith("chat/completions")
+    body = {"max_tokens": 9, "temperature": 1.0, "seed": 3, "n": n, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "Once upon a time"})}
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    n_prompt = len(greedy(llm, "hi" if chat else "Once upon a time", chat=chat).prompt_token_ids)
+    assert {e["usage"]["prompt_tokens"] for e in events} == {n_prompt}
+    assert counts == sorted(counts) and counts[-1] == counts[-2] == n * 9      # grows to n x max_tokens
+    assert len(set(counts)) > 2                                                 # it grew chunk by chunk
+    plain = httpx.post(server.url + path, json={**body, "stream_options": {"include_usage": True}}, timeout=60)
+    uses = [json.loads(x[6:])["usage"] for x in plain.text.splitlines() if x.startswith("data: {")]
+    assert uses[-1]["completion_tokens"] == n * 9 and not any(uses[:-1])     # without it: usage only at the end
+
+
 # ---------------------------------------------------------------- 32 clients at once
 
 

@@ -94,8 +94,16 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("guided_step_ms", "guided step ms", "{:.1f}"), ("mask_ratio", "mask / unguided step", "{:.1%}"),
             ("step_ratio", "guided / unguided step", "{:.2f}")]),
     ],
+    "guidellm": [
+        ("guidellm and `minfer bench serve --url` on one server and workload (medians of the alternated rounds)",
+         ("summary",), [("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+                        ("req_s", "requests/s", "{:.3f}"), ("x_minfer", "x minfer's tok/s", "{:.3f}"),
+                        ("spread", "(max - min) / median of its rounds", "{:.1%}")]),
+        ("Each round, in the order run", ("rounds",), [("round", "round", "{}"), ("tool", "client", "{}"),
+                                                       ("output_tok_s", "output tok/s", "{:.2f}"), ("req_s", "requests/s", "{:.3f}")]),
+    ],
 }
-ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided"]
+ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]
 HEADER = """# Benchmarks
 
 This page is generated: `minfer bench report` writes it from the JSON files in `docs/bench/`.

@@ -57,6 +57,7 @@ class APIError(Exception):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False     # vLLM's: usage so far on every chunk (with include_usage)
 
 
 class JSONSchemaFormat(BaseModel):

@@ -170,20 +170,25 @@ class Handlers:
         except ValueError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self.stream(rid, q, params.n, chat, include, shape),
+            so = req.stream_options
+            include = bool(so and so.include_usage)
+            live = len(ids) if include and so.continuous_usage_stats else None
+            return StreamingResponse(self.stream(rid, q, params.n, chat, include, shape, live),
                                      media_type="text/event-stream")
         return JSONResponse(await self.collect(request, rid, q, params.n, chat, shape))
 
-    async def stream(self, rid, q, n: int, chat: bool, include_usage: bool, shape: ChoiceShape):
+    async def stream(self, rid, q, n: int, chat: bool, include_usage: bool, shape: ChoiceShape,
+                     live: int | None = None):
         """Server-sent events; with n > 1 the choices' deltas interleave, each carrying its index.
-        An engine error (or the end of the drain at shutdown) is an error event, then ``[DONE]``."""
-        done, num_output, model_name = 0, 0, self.model_name
+        An engine error (or the end of the drain at shutdown) is an error event, then ``[DONE]``.
+        ``live``: the prompt's length, to put the usage so far on every chunk (continuous_usage_stats)."""
+        done, num_output, model_name, so_far = 0, 0, self.model_name, 0
         first, offset = [True] * n, [0] * n
         try:
             if chat:
                 for i in range(n):
-                    yield sse(chunk(rid, model_name, True, "", index=i, role=True, with_usage=include_usage))
+                    yield sse(chunk(rid, model_name, True, "", index=i, role=True, with_usage=include_usage,
+                                    use=None if live is None else usage(live, 0)))
             while done < n:
                 out = await q.get()
                 if out.error:
@@ -194,11 +199,13 @@ class Handlers:
                 text, lp = shape.piece(out.text, out.token_ids, out.logprobs, out.prompt_logprobs,
                                        first[out.index], offset[out.index])
                 first[out.index] = False
+                so_far += len(out.token_ids) if shape.generated else 0
                 if lp is not None and not chat:
                     offset[out.index] += sum(map(len, lp["tokens"]))
                 if text or out.finished or (lp is not None and out.token_ids):
                     yield sse(chunk(rid, model_name, chat, text, out.finish_reason if out.finished else None,
-                                    index=out.index, with_usage=include_usage, logprobs=lp))
+                                    index=out.index, with_usage=include_usage, logprobs=lp,
+                                    use=None if live is None else usage(live, so_far)))
             if done == n and include_usage:
                 yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, num_output)))
             yield "data: [DONE]\n\n"
