@@ -170,3 +170,22 @@ def test_smollm2_paged_equals_contiguous(smollm2_dir):
     contiguous = list(generate_tokens(llm.model, prompt, params))
     for _ in range(2):                                   # the second run hits the prefix cache
         assert llm.generate(prompt, params)[0].token_ids == contiguous
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 4), nkv=st.sampled_from([1, 3]), group=st.sampled_from([1, 3]),
+       hd=st.sampled_from([4, 8]), context=st.integers(1, 40), block_size=st.sampled_from([4, 16]),
+       seed=st.integers(0, 2**16))
+def test_bench_attentions_gather_path_equals_the_reference(batch, nkv, group, hd, context, block_size, seed):
+    """``bench attention``'s "paged" row (gather through shuffled blocks, then SDPA) computes what the
+    one reference computes, so the benchmark and lesson 08 time a correct path."""
+    from minfer.bench.attention import paged_gather, shuffled_pool
+    gen = torch.Generator().manual_seed(seed)
+    nh = nkv * group
+    q = torch.randn(batch, nh, 1, hd, generator=gen)                          # (B, nh, 1, hd)
+    k, v = (torch.randn(batch, nkv, context, hd, generator=gen) for _ in range(2))
+    kv, tables, rows = shuffled_pool(k, v, gen, block_size)
+    got = paged_gather(q, kv, rows, context)[:, :, 0]                         # (B, nh, hd)
+    lens = torch.full((batch,), context, dtype=torch.int32)
+    want = paged_attention_reference(q[:, :, 0], kv[0], kv[1], tables, lens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
