@@ -199,12 +199,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
         check_context(len(ids), self.max_model_len)
         kv = self.runner.kv_manager
-        bs, max_new = kv.pool.block_size, min(params.max_tokens, self.max_model_len - len(ids))
-        need = -(-len(ids) // bs) + params.n * (-(-max_new // bs) + 1) - 1 if params.n > 1 else \
-            -(-(len(ids) + max_new) // bs)
-        if isinstance(kv, KVCacheCoordinator):                  # a table per KV group, local ones bounded
-            need = kv.max_blocks(len(ids), max_new, params.n)
-        pool = kv.pool
+        max_new = min(params.max_tokens, self.max_model_len - len(ids))
+        need, pool = kv.max_blocks(len(ids), max_new, params.n), kv.pool    # coordinator: per KV group
         if need > pool.num_blocks:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
                              f"needs {need} KV blocks, but the KV cache pool has only num_blocks={pool.num_blocks} "

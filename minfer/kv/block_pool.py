@@ -284,6 +284,14 @@ class KVCacheManager:
         self._pending_copies: list[tuple[int, int]] = []
         self.tables = BlockTableTensor(device=device)   # every list below, mirrored as tensor rows
 
+    def max_blocks(self, prompt_len: int, max_new: int, n: int = 1) -> int:
+        """The most blocks one request holds at once: the engine refuses a request the pool can never fit.
+        ``n`` > 1 samples share the prompt's full blocks and each copies the partial one (copy-on-write)."""
+        bs = self.block_size
+        if n > 1:
+            return -(-prompt_len // bs) + n * (-(-max_new // bs) + 1) - 1
+        return -(-(prompt_len + max_new) // bs)
+
     def row(self, seq_id) -> tuple[int, int]:
         """(row of ``seq_id`` in ``tables``, token slots reserved for it): what the runner indexes."""
         st = self._seq(seq_id)

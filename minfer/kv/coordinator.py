@@ -90,7 +90,7 @@ class KVCacheCoordinator:
     def max_blocks(self, prompt_len: int, max_new: int, n: int = 1) -> int:
         """The most blocks one request holds at once: the engine refuses a request the pool can never fit."""
         bs, total = self.block_size, prompt_len + max_new
-        full = -(-prompt_len // bs) + n * (-(-max_new // bs) + 1) - 1 if n > 1 else -(-total // bs)
+        full = self.groups[0].max_blocks(prompt_len, max_new, n)           # a global group's bound
         return sum(full if w is None else n * min(-(-total // bs), -(-(w - 1 + self.first_chunk) // bs) + 1)
                    for w in self.windows)
 
