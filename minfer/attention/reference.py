@@ -15,7 +15,7 @@ from minfer.attention.mask import allowed
 
 def reference_attention(q, k, v, q_pos, k_pos, window=None, scale=None):
     B, nh, T, hd = q.shape
-    nkv, S = k.shape[1], k.shape[2]
+    nkv = k.shape[1]
     g = nh // nkv                                                   # query heads per K/V head
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     qg = q.reshape(B, nkv, g, T, hd)                                # (B, nkv, g, T, hd)

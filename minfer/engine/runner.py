@@ -84,19 +84,11 @@ def with_token_rows(meta: PagedBatch, sample_rows: Sequence[int], token_rows: Se
 class ModelRunner:
     """Owns the paged KV cache and its block manager; ``execute`` runs one step.
 
-    ``execute(chunks, sample_rows)`` returns the logits of the last token of
-    each chunk listed in ``sample_rows``: (len(sample_rows), vocab). Chunks in
-    the middle of a prompt produce no logits: the LM head is skipped for them.
-    ``execute`` = ``prepare_batch`` (flatten) + ``execute_model`` (forward); parallel followers
-    call only the second, on the batch the driver flattened (``minfer.distributed.engine``).
-
-    ``enforce_eager=False``: decode-only steps run on the static decode path
-    (``minfer/engine/cuda_graph.py``: buckets of ``max_num_seqs``, CUDA graphs on a GPU,
-    ``compile=True`` for torch.compile); the pool then gets one more block, reserved as the
-    scratch block of padded rows, so the blocks sequences can hold stay ``num_blocks``.
-    Prefill and mixed steps always run eager. A local/global model (Gemma 3) gets a ``KVCacheCoordinator``
-    (``minfer/kv/coordinator.py``): a block table per KV group, the local ones reserving prompts
-    ``max_num_batched_tokens`` at a time.
+    ``execute(chunks, sample_rows)`` -> (len(sample_rows), vocab): the logits of the last token of each
+    chunk listed (the LM head skips the others); it is ``prepare_batch`` + ``execute_model``, and
+    parallel followers call only the second (``minfer.distributed.engine``). ``enforce_eager=False``:
+    decode-only steps on the static path (``minfer/engine/cuda_graph.py``), plus one scratch block for
+    padded rows. A local/global model gets a ``KVCacheCoordinator`` (``minfer/kv/coordinator.py``).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
@@ -150,12 +142,8 @@ class ModelRunner:
     @torch.no_grad()
     def execute_model(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows: Sequence[int],
                       copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
-        """The forward half of ``execute``: a batch already flattened by ``prepare_batch``.
-
-        The hook for parallel workers: under tensor/pipeline parallelism the driver's runner
-        flattens the step and broadcasts (input_ids, meta, copies), and every rank calls this on
-        its shard (``minfer.distributed.engine``; vLLM's workers run ``execute_model`` the same way).
-        """
+        """The forward half of ``execute`` on a batch flattened by ``prepare_batch``: every rank of a
+        parallel group calls it on the broadcast batch (``minfer.distributed.engine``; vLLM's workers)."""
         self.cache.copy_blocks(copies)                                       # copy-on-write first
         self.cache.set_batch(meta)
         rows = meta.logits_indices[to_device(list(sample_rows), self.device, torch.long)]
