@@ -26,6 +26,7 @@ from minfer.metrics import RequestStats
 from minfer.sampling import SamplingParams, finish_reason, pair_prompts, stop_token_ids
 from minfer.validation import check_engine_args, check_int, check_messages, check_prompt, check_prompts
 
+
 @dataclass
 class CompletionOutput:
     """One sample of a request (vLLM's ``CompletionOutput``)."""
@@ -181,7 +182,7 @@ class LLM:
         return self
 
     def _set_speculative(self, spec_config, draft=None) -> None:
-        """Speculative decoding (``minfer/speculative``): "prompt_lookup", "draft:<model>", "lookahead", ..."""
+        """Speculative decoding (``minfer/speculative``): "prompt_lookup", "draft:<model>", "lookahead"..."""
         self.speculative, self.draft = spec_config, draft
         if spec_config is not None and spec_config.method == "draft" and draft is None:
             from minfer.speculative import load_draft
@@ -282,22 +283,21 @@ class LLM:
         tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
                                       eos_token_ids=eos, kv_cache=kv, attention=self.attention,
                                       stats=stats, metrics=metrics)
-        token_ids, finish = [], "length"
+        token_ids, finish = [], None
         for tok in tokens:
             token_ids.append(tok)
-            reason = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
+            finish = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
                                    params.max_tokens, self.config.max_position_embeddings)
-            new, hit = out.add(tok, reason == "stop")
+            new, hit = out.add(tok, finish == "stop")
             if on_text and new:
                 on_text(new)
-            if hit or reason is not None:
-                finish = "stop" if hit else reason
+            if hit or finish is not None:
                 break
         tokens.close()
         new = out.finish()
-        finish = "stop" if out.cut else finish
         if on_text and new:
             on_text(new)
+        finish = "stop" if out.cut else finish or "length"             # out.cut: a stop string
         metrics.finish_time = time.perf_counter()
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
@@ -334,11 +334,8 @@ class LLM:
         return self._run([prompt], [params], on_text)[0]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them.
-
-        The messages' text is encoded apart from the template's special tokens
-        (``Tokenizer.encode_chat``), so a message cannot forge a turn of another role.
-        """
+        """Generate for one conversation ([{"role", "content"}, ...]) or a list of them, each encoded by
+        ``Tokenizer.encode_chat`` (a message cannot forge a turn of another role)."""
         conversations = check_messages(messages)
         prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)

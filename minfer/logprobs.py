@@ -63,12 +63,9 @@ def record_sampled(logits: torch.Tensor, reqs: list, toks: list[int], mode: str,
 
 
 def prompt_rows(chunks) -> tuple[list[int], list[tuple]]:
-    """Rows of the flattened batch whose logits give prompt logprobs still missing.
-
-    Row at position p predicts prompt token p + 1. ``req.prompt_logprobs`` holds the entries of
-    tokens 0 .. len - 1, so a chunk recomputed after a preemption asks for nothing twice.
-    Returns (flat row indices, [(request, first position, count)]).
-    """
+    """Rows of the flattened batch whose logits give prompt logprobs still missing (row at position p
+    predicts token p + 1; a chunk recomputed after a preemption asks for nothing twice)
+    -> (flat row indices, [(request, first position, count)])."""
     flat, spans, offset = [], [], 0
     for c in chunks:
         req, done = c.request, c.request.prompt_logprobs

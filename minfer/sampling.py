@@ -67,12 +67,8 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens with mass >= top_p; others -> -inf.
-
-    Sort descending; a token is dropped when the mass of the tokens *before* it
-    already reaches top_p. The most likely token is therefore always kept.
-    ``top_p`` is one float, or a (..., 1) tensor with one threshold per row.
-    """
+    """Keep the smallest set of most likely tokens with mass >= top_p (one float, or (..., 1) per row);
+    others -> -inf. A token is dropped when the mass before it reaches top_p: the top token always stays."""
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)

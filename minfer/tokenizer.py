@@ -33,13 +33,10 @@ def _token_content(value: Any) -> str | None:
 
 
 class Tokenizer:
-    """Encode/decode with a ``tokenizers`` model; render chat templates.
+    """Encode/decode with a ``tokenizers`` model; render chat templates in a bounded sandbox.
 
     ``eos_token_ids``: every id that ends generation (the tokenizer's EOS, the model config's, and the
-    token the chat template closes an assistant turn with, e.g. ``<|im_end|>``). ``chat_template``:
-    Jinja source or None, rendered in a bounded sandbox (``TemplateLimits``). ``source``: the model
-    file or folder, named in every template error.
-    """
+    token the chat template ends an assistant turn with). ``source``: named in every template error."""
 
     def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None,
                  extra_eos_token_ids: Iterable[int] = (), source: str = "the model's tokenizer") -> None:
@@ -142,18 +139,13 @@ class Tokenizer:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
-        return self._render(dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs),
-                            CHAT_LIMITS)
+        return self._render(messages, add_generation_prompt, CHAT_LIMITS, **kwargs)
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> list[int]:
-        """The chat prompt as ids, with the messages' text kept apart from the template's special tokens.
-
-        A message holding special-token text is rendered again between markers and encoded with special
-        tokens read as plain text, so a user cannot forge a turn; a template that alters the text
-        (``|trim``) refuses such a message. Why: docs/architecture.md.
-        """
+        """The chat prompt as ids, the messages' text kept apart from the template's special tokens: a
+        message holding special-token text is encoded as plain text, so it cannot forge a turn (a template
+        that alters message text refuses it). Why: docs/architecture.md."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         specials = [s for s in self.special_tokens().values() if s]
         contents = [m["content"] for m in messages]
@@ -179,9 +171,11 @@ class Tokenizer:
             self._plain.encode_special_tokens = True
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def _render(self, variables: dict[str, Any], limits: "TemplateLimits") -> str:
+    def _render(self, messages: list, add_generation_prompt: bool, limits: "TemplateLimits", **kwargs) -> str:
         """Compile (cached) and render the chat template under ``limits``; any failure of the template
         (untrusted data from the model file) -> ValueError naming the file."""
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
             if getattr(self, "_compiled", None) is None:
                 self._compiled = _compile(self.chat_template)
@@ -196,9 +190,7 @@ class Tokenizer:
             return []
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
         try:                                    # a small, short render: the model is still loading
-            text = self._render(dict(messages=messages, add_generation_prompt=False,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or ""),
-                                PROBE_LIMITS)
+            text = self._render(messages, False, PROBE_LIMITS)
         except ValueError:                      # templates may insist on other roles, or hit a limit
             return []
         tail = text.split(_MARKER, 1)[-1].lstrip()
@@ -485,12 +477,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 class IncrementalDetokenizer:
-    """Turn generated ids into text pieces, one ``add(id)`` at a time, never half a UTF-8 character.
-
-    vLLM's prefix-offset technique (``detokenize_incrementally``): decode a small window with context,
-    emit the difference, hold a trailing U+FFFD back. The pieces concatenate to ``decode(all_ids)``.
-    Diagram: docs/architecture.md.
-    """
+    """Generated ids -> text pieces, one ``add(id)`` at a time, never half a UTF-8 character (vLLM's
+    ``detokenize_incrementally``; the pieces concatenate to ``decode(all_ids)``; docs/architecture.md)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer

@@ -1,10 +1,8 @@
 """Paged attention: the queries of a flattened batch against K/V read through block tables.
 
-Every backend (mini-sglang's attention backends; vLLM's ``AttentionMetadataBuilder.build`` +
-``AttentionImpl.forward``): ``prepare_metadata(batch)`` once per forward, ``forward(q, k, v,
-layer)`` per layer, q (1, nh, N, hd). ``PagedAttention`` (split plan and static plan), the
-decode kernels, and ``OnlinePagedAttention`` (the teaching version) are all tested equal to
-``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
+``prepare_metadata(batch)`` once per forward, ``forward(q, k, v, layer)`` per layer (vLLM's
+``AttentionMetadataBuilder.build`` + ``AttentionImpl.forward``). Every plan and decode kernel is tested
+equal to ``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

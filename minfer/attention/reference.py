@@ -1,8 +1,6 @@
 """Reference attention: scores, explicit mask, softmax, weighted sum. Slow and obvious.
 
-This is the math of the naive oracle, written against the backend signature
-(see ``minfer/attention/__init__.py``). Fully masked rows (padding queries)
-return zeros instead of NaN.
+The naive oracle's math against the backend signature; fully masked rows (padding) give zeros.
 """
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ class LLMEngine:
 
     def release(self, request_id: str) -> list[Request] | None:
         """Forget a finished request (a server's memory stays flat): drop its samples and text state and
-        return them, or None (keeping everything) if it is unknown or unfinished. vLLM: ``OutputProcessor``."""
+        return them, or None (keeping all) if it is unknown or unfinished. vLLM: ``OutputProcessor``."""
         samples = self.samples.get(request_id)
         if samples is None or not all(r.is_finished for r in samples):
             return None

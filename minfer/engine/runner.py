@@ -1,25 +1,9 @@
 """The model runner: a scheduled step -> one forward over the flattened batch -> logits to sample.
 
-This is the ONLY place a batch is flattened. The scheduler hands over chunks
-``(request, start, num_tokens)``; ``prepare_batch`` lays their tokens side by
-side and builds everything the forward needs. One Python loop reads each
-chunk's token ids, its row in the persistent block table and three integers;
-the rest is a handful of vectorized ops over the whole batch::
-
-    chunks         A: prompt chunk [0, 3)      B: decode at position 5
-    starts, query_lens   [0, 5], [3, 1]        (S,)
-    seq_lens       starts + query_lens = [3, 6]                  (S,) context after this step
-    input_ids      [a0 a1 a2 | b5]             (1, N)
-    seq_of         [ 0  0  0 |  1]             repeat_interleave(arange(S), query_lens)
-    positions      [ 0  1  2 |  5]             arange(N) + (starts - first row of each)[seq_of]
-    block_tables   [[2, 0], [0, 5]]            rows [row A, row B] of KVCacheManager.tables,
-                                               written when blocks were appended, not now
-    slot_mapping   [ 8  9 10 | 21]             table[seq_of, pos // bs] * bs + pos % bs   (N,)
-    logits_indices [2, 3]                      cumsum(query_lens) - 1: each chunk's last token,
-                                               the only rows the LM head needs
-
-vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
-(``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
+The ONLY place a batch is flattened: chunks ``(request, start, num_tokens)`` -> input ids, positions,
+slots, block-table rows and logits indices, one Python loop over chunks and vectorized ops after
+(the worked example: docs/architecture.md). vLLM: ``GPUModelRunner._prepare_inputs`` and
+``execute_model`` (``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
 """
 from __future__ import annotations
 

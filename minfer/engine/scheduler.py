@@ -1,11 +1,8 @@
 """The scheduler: which requests run in the next forward pass, and how many tokens each.
 
-Every step fills a token budget (``max_num_batched_tokens``) with decodes and prefill chunks
-(vLLM V1, ``vllm/v1/core/sched/scheduler.py``). Policies ``static``, ``dynamic`` and
-``continuous`` (Orca, Yu et al. OSDI 2022) differ in when a waiting request may join; without
-a free block the newest running request is preempted by recompute. ``schedule()`` returns
-(request, start, num_tokens) triples; another policy is a subclass passed as ``scheduler_cls``.
-The policies in detail: docs/architecture.md.
+Each step fills a token budget with decodes and prefill chunks (vLLM V1,
+``vllm/v1/core/sched/scheduler.py``); policies ``static``, ``dynamic``, ``continuous`` (Orca, OSDI
+2022); out of blocks, the newest running request is preempted by recompute. Details: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -62,7 +59,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting queue + running list + block manager (``KVCacheManager`` or alike), stepped by ``schedule()``."""
+    """Waiting queue + running list + block manager (a ``KVCacheManager``), stepped by ``schedule()``."""
 
     def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter,
                  sliding_window: int | None = None):
@@ -87,7 +84,7 @@ class Scheduler:
         self.finish(req, RequestStatus.FINISHED_ABORTED)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """Mark finished, leave the running list, give the blocks back."""
+        """Leave the running list, give the blocks back, take ``status`` (a finished one, or WAITING)."""
         if req in self.running:
             self.running.remove(req)
         self._release(req)
@@ -108,10 +105,7 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         """Preemption by recompute: drop its K/V; it will prefill prompt + outputs again."""
-        if req in self.running:
-            self.running.remove(req)
-        self._release(req)
-        req.status = RequestStatus.WAITING
+        self.finish(req, RequestStatus.WAITING)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.stats.num_preemptions += 1

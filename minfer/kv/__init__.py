@@ -1,10 +1,7 @@
-"""Where K and V live between forward passes.
+"""Where K and V live between forward passes: every cache has ``kv/base.py``'s interface.
 
-Every cache has the interface of ``kv/base.py`` (``update`` then ``attend``, per layer):
-ContiguousKVCache (gpt-fast), StaticKVCache (fixed shapes for CUDA graphs),
-SlidingWindowKVCache (a ring of W positions), QuantizedKVCache (int8/fp8),
-EvictingKVCache (StreamingLLM, H2O, SnapKV) and PagedKVCache (blocks shared by the
-engine's sequences). Shapes and layouts: docs/kv-and-attention.md.
+Contiguous (gpt-fast), static (CUDA graphs), sliding (a ring of W), hybrid (local/global), int8/fp8,
+evicting (StreamingLLM, H2O, SnapKV) and paged (the engine's). docs/kv-and-attention.md.
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.evict import EvictingKVCache

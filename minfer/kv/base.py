@@ -1,9 +1,7 @@
-"""The KV-cache interface the model calls, declared once (mini-sglang's ``BaseKVCache``, vLLM's
-``AttentionImpl.forward`` with its ``kv_cache`` argument).
+"""The KV-cache interface the model calls (mini-sglang's ``BaseKVCache``; vLLM's ``AttentionImpl.forward``).
 
-Every layer of ``model.Attention`` makes two calls: ``view = cache.update(kv_layer, k, v,
-positions)`` stores this forward's keys/values, ``cache.attend(kv_layer, q, view, positions,
-backend, window)`` turns queries into outputs (docs/kv-and-attention.md).
+Per layer: ``view = cache.update(kv_layer, k, v, positions)`` stores this forward's K/V, then
+``cache.attend(kv_layer, q, view, positions, backend, window)`` -> outputs (docs/kv-and-attention.md).
 """
 from __future__ import annotations
 

@@ -22,10 +22,8 @@ ROOT_HASH = 0x6D696E666572    # "minfer"
 
 
 def hash_block_tokens(parent_hash: Optional[int], token_ids: Sequence[int]) -> int:
-    """The prefix-cache key of one full block: hash(parent block's hash (None: the first block), its tokens).
-
-    The chain makes the key name the whole prefix. A tuple of ints hashes the same in every process.
-    """
+    """The prefix-cache key of one full block: hash(parent block's hash (None: the first block), its tokens),
+    so the key names the whole prefix. A tuple of ints hashes the same in every process."""
     return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
 
 
@@ -60,13 +58,9 @@ class KVBlock:
 
 
 class BlockPool:
-    """``num_blocks`` blocks of ``block_size`` token slots; a free list in LRU order.
-
-    The free list holds every block with ``ref_cnt == 0``, least recently
-    freed first. A free block may still be in the prefix cache: it is
-    *evicted* (its hash forgotten) only when ``get_new_block`` hands it out
-    for new contents. A cache hit on a free block takes it off the free list.
-    """
+    """``num_blocks`` blocks of ``block_size`` slots; the free list holds every block with ``ref_cnt == 0``,
+    least recently freed first. A free block stays in the prefix cache until ``get_new_block`` hands it
+    out (eviction); a cache hit on a free block takes it off the free list."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens):
@@ -81,7 +75,6 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}          # block hash -> block id
         self.num_evictions = 0                    # cached blocks reused for new contents
-        self.reserved: list[int] = []             # blocks out of circulation (``reserve_block``)
 
     def reserve_block(self) -> int:
         """Take one free block out of circulation for good: the static decode path's scratch block,
@@ -92,7 +85,6 @@ class BlockPool:
             raise ValueError("reserve_block: no free block left to reserve")
         block_id = self.get_new_block(last=True)             # at start-up: the highest id
         self.num_blocks -= 1
-        self.reserved.append(block_id)
         return block_id
 
     @property
@@ -130,11 +122,8 @@ class BlockPool:
             self.free_queue[block_id] = None
 
     def lookup(self, block_hash: int, prefix: tuple) -> Optional[int]:
-        """The cached block holding exactly ``prefix`` (nested ``(parent prefix, tokens)``), or None.
-
-        The hash finds a candidate; comparing prefixes confirms it (cheap when the parent prefix
-        is the very object of the previous hit: tuple comparison checks identity first).
-        """
+        """The cached block holding exactly ``prefix`` (nested ``(parent prefix, tokens)``), or None: the hash
+        finds it, the prefix confirms it (cheaply when the parent is the previous hit's very object)."""
         block_id = self.cached.get(block_hash)
         if block_id is None or self.blocks[block_id].prefix != prefix:
             return None
@@ -348,11 +337,8 @@ class KVCacheManager:
         return new + int(self._needs_copy(st, num_new_tokens))
 
     def append_slots(self, seq_id, num_new_tokens: int = 1) -> bool:
-        """Reserve ``num_new_tokens`` more slots. False = out of blocks (nothing changed).
-
-        A partly filled, shared last block (after ``fork``) is replaced by a private copy first,
-        queued for ``take_pending_copies``.
-        """
+        """Reserve ``num_new_tokens`` more slots; False = out of blocks (nothing changed). A partly filled,
+        shared last block (after ``fork``) is replaced by a copy first (``take_pending_copies``)."""
         st = self._seq(seq_id)
         if self._append_cost(st, num_new_tokens) > self.pool.num_free_blocks:
             return False
@@ -395,7 +381,7 @@ class KVCacheManager:
             self.pool.cache_block(st.block_table[i], h, prefix)
 
     def fork(self, parent_id, child_id) -> None:
-        """``child_id`` shares every block of ``parent_id`` (parallel sampling); all its slots must be computed."""
+        """``child_id`` shares every block of ``parent_id`` (parallel sampling); all slots computed."""
         parent = self._seq(parent_id)
         if child_id in self.seqs:
             raise ValueError(f"seq_id {child_id!r} is already allocated")
@@ -410,13 +396,9 @@ class KVCacheManager:
                                        num_dropped=parent.num_dropped, row=self.tables.add_row(parent.block_table))
 
     def drop_blocks_before(self, seq_id, pos: int) -> int:
-        """Sliding window: give back the blocks that hold only positions < ``pos`` (no query will see them).
-
-        Their table entries stay, so positions still map to slots; attention masks
-        those positions, so whatever another sequence later writes there is never
-        read. vLLM: ``SlidingWindowManager.remove_skipped_blocks``
-        (``vllm/v1/core/single_type_kv_cache_manager.py``). Returns how many were freed.
-        """
+        """Sliding window: give back the blocks holding only positions < ``pos`` -> how many. Their table
+        entries stay (masked, never read). vLLM: ``SlidingWindowManager.remove_skipped_blocks``
+        (``vllm/v1/core/single_type_kv_cache_manager.py``)."""
         st = self._seq(seq_id)
         upto = min(max(pos, 0) // self.block_size, len(st.block_table) - 1)   # never the block being written
         for b in st.block_table[st.num_dropped:upto]:
@@ -436,7 +418,7 @@ class KVCacheManager:
 
     # ------------------------------------------------------------ accounting
     def usage(self) -> CacheUsage:
-        """Blocks used/free/cached and the fragmentation of the reserved slots (shared blocks counted once)."""
+        """Blocks used/free/cached and the fragmentation of the reserved slots (shared blocks once)."""
         bs = self.block_size
         filled: dict[int, int] = {}
         for st in self.seqs.values():

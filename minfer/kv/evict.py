@@ -1,10 +1,8 @@
 """KV-cache eviction: keep a fixed budget of tokens per layer, drop the rest.
 
-Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o``
-(Heavy-Hitter Oracle, Zhang et al. 2023: most attention received + recent), ``snapkv``
-(SnapKV, Li et al. 2024: the last prompt queries vote once). Every K/V head of a layer
-keeps the same positions; scores are taken in ``attend``, where q and k already are.
-Design and limits: docs/kv-and-attention.md.
+Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o`` (Zhang et al.
+2023: most attention received + recent), ``snapkv`` (Li et al. 2024: the last prompt queries vote
+once). Scores are taken in ``attend``. Design and limits: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -111,7 +109,7 @@ class EvictingKVCache(DenseKVCache):
         return score + self._attention(q, keys, key_pos, positions)           # (B, S + T)
 
     def _attention(self, q, keys, key_pos, q_pos) -> torch.Tensor:
-        """Attention mass each key receives from the queries q (B, nh, T, hd), over queries and heads: (B, S)."""
+        """Attention mass each key receives from the queries q (B, nh, T, hd), all heads summed: (B, S)."""
         B, nh, T, hd = q.shape
         nkv = keys.shape[1]
         q = q.reshape(B, nkv, -1, hd)                                           # (B, nkv, G*T, hd)

@@ -75,8 +75,7 @@ class PagedKVCache:
         self.kv = torch.zeros((L, 2, num_blocks, block_size, nkv, hd), device=device).to(store)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]          # views: (L, num_blocks, block_size, nkv, hd)
         if self.quantized:                                      # one fp32 scale per token and head
-            self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
-            self.v_scale = torch.ones_like(self.k_scale)
+            self.scales = torch.ones(L, 2, num_blocks, block_size, nkv, 1, device=device)
         self.meta: PagedBatch | None = None
         self.metas: list[PagedBatch] = []
         self._gather_buf: torch.Tensor | None = None   # (rows, block values) reused by every layer's gather
@@ -100,8 +99,7 @@ class PagedKVCache:
         return int(memory_bytes // cls.bytes_per_block(cfg, block_size, dtype, kv_cache_dtype))
 
     def nbytes(self) -> int:
-        scales = self.k_scale.nbytes + self.v_scale.nbytes if self.quantized else 0
-        return self.k.nbytes + self.v.nbytes + scales
+        return self.kv.nbytes + (self.scales.nbytes if self.quantized else 0)
 
     # ------------------------------------------------------------ reading
     def kv_rows(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -119,15 +117,12 @@ class PagedKVCache:
             rows = self.kv_rows(blocks) if rows is None else rows
             both = self._gather(self.kv[layer].view(2 * self.num_blocks, -1), rows, reuse)  # (2M, bs*nkv*hd)
             return both.view(2, -1, nkv, hd).unbind(0)                                # (M * bs, nkv, hd) each
-        out = []
-        for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            q = store[layer].view(torch.int8).index_select(0, blocks).flatten(0, 1)   # (M * bs, nkv, hd)
-            s = scales[layer].index_select(0, blocks).flatten(0, 1)                   # (M * bs, nkv, 1)
-            out.append(dequantize_kv(q.view(store.dtype), s, self.dtype))
-        return out[0], out[1]
+        q = self.kv[layer].view(torch.int8).index_select(1, blocks).flatten(1, 2)    # (2, M * bs, nkv, hd)
+        s = self.scales[layer].index_select(1, blocks).flatten(1, 2)                 # (2, M * bs, nkv, 1)
+        return dequantize_kv(q.view(self.kv.dtype), s, self.dtype).unbind(0)
 
     def _gather(self, src: torch.Tensor, rows: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """``src.index_select(0, rows)`` into one buffer every layer reuses (eager path). docs/kv-and-attention.md."""
+        """``src.index_select(0, rows)`` into one buffer every layer reuses (eager path)."""
         if not reuse or torch.compiler.is_compiling():
             return src.index_select(0, rows)
         n = rows.shape[0]
@@ -140,8 +135,7 @@ class PagedKVCache:
         """The whole pool of one layer as (num_blocks, block_size, nkv, hd) K and V in the compute dtype."""
         if not self.quantized:
             return self.k[layer], self.v[layer]
-        return (dequantize_kv(self.k[layer], self.k_scale[layer], self.dtype),
-                dequantize_kv(self.v[layer], self.v_scale[layer], self.dtype))
+        return dequantize_kv(self.kv[layer], self.scales[layer], self.dtype).unbind(0)
 
     # ------------------------------------------------------------ writing
     def copy_blocks(self, pairs) -> None:
@@ -149,8 +143,7 @@ class PagedKVCache:
         for src, dst in pairs:
             self.kv[:, :, dst] = self.kv[:, :, src]
             if self.quantized:
-                for t in (self.k_scale, self.v_scale):
-                    t[:, dst] = t[:, src]
+                self.scales[:, :, dst] = self.scales[:, :, src]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
@@ -158,22 +151,19 @@ class PagedKVCache:
         group, layer = self.where[layer]                   # the layer's KV group, its slot in a block
         meta = self.metas[group]
         nkv, hd = k.shape[1], k.shape[3]
-        if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
-            rows = torch.stack((k[0], v[0])).transpose(1, 2)
+        rows = torch.stack((k[0], v[0])).transpose(1, 2)  # K and V in one scatter: rows (2, N, nkv, hd)
+        if not self.quantized:
             if torch.compiler.is_compiling():                  # one opaque in-place op (write_kv_rows)
                 write_kv_rows(self.kv, layer, meta.slot_mapping, rows)
             else:
                 self.kv[layer].view(2, -1, nkv, hd).index_copy_(1, meta.slot_mapping, rows)
             return KVView(k, v, positions)
-        out = []
-        for store, x, scales in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
-            rows = x[0].transpose(0, 1)                                            # (N, nkv, hd)
-            # write through an int8 view: not every build has fp8 index_copy
-            q, s = quantize_kv(rows, self.kv_cache_dtype)
-            store[layer].view(torch.int8).view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, q.view(torch.int8))
-            scales[layer].view(-1, nkv, 1).index_copy_(0, meta.slot_mapping, s)
-            out.append(dequantize_kv(q, s, x.dtype).transpose(0, 1)[None])        # what later reads will see
-        return KVView(out[0], out[1], positions)
+        q, s = quantize_kv(rows, self.kv_cache_dtype)      # written through an int8 view: not every build
+        pages = self.kv[layer].view(torch.int8).view(2, -1, nkv, hd)                  # has fp8 index_copy
+        pages.index_copy_(1, meta.slot_mapping, q.view(torch.int8))
+        self.scales[layer].view(2, -1, nkv, 1).index_copy_(1, meta.slot_mapping, s)
+        out = dequantize_kv(q, s, k.dtype).transpose(1, 2)                   # (2, nkv, N, hd): what reads see
+        return KVView(out[0][None], out[1][None], positions)
 
     # ------------------------------------------------------------ attention: the backend's
     def set_batch(self, meta: PagedBatch) -> None:
@@ -193,7 +183,7 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend=None,
                window: int | None = None) -> torch.Tensor:
         """Attention of the N queries q (1, nh, N, hd) over each one's sequence -> (1, nh, N, hd).
-        ``backend`` is not read: the paged backend got its dense one at construction (vLLM: one per engine)."""
+        ``backend`` is unused: the paged backend got its dense one at construction (vLLM: one per engine)."""
         self._need_meta(positions)
         group, layer = self.where[layer]
         return self.attns[group].forward(q, view.keys, view.values, layer, window)

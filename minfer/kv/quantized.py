@@ -31,16 +31,15 @@ def quantize_kv(x: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, torch
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q (..., hd) * scale (..., 1) in ``dtype``."""
     return (q.float() * scale).to(dtype)
 
 
 class QuantizedKVCache(DenseKVCache):
     def __init__(self, cfg, batch_size: int, max_len: int, *, fmt: str = "int8",
                  dtype=torch.float32, device="cpu"):
-        if fmt not in QMAX:
-            raise ValueError(f"unknown KV quantization format {fmt!r}; use 'int8' or 'fp8'")
-        if STORAGE[fmt] is None:
-            raise ValueError(f"this torch build has no {fmt} dtype")
+        if fmt not in QMAX or STORAGE[fmt] is None:
+            raise ValueError(f"KV quantization format {fmt!r} is not available here; use 'int8' or 'fp8'")
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
