@@ -176,10 +176,9 @@ class ModelConfig:
         o = self.num_attention_heads * hd * h
         mlp = 3 * h * self.intermediate_size
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
-        n_owners = self.num_kv_layers
         norms = (4 if self.sandwich_norm else 2) * h + (2 * hd if self.qk_norm else 0)
         per_layer = q + o + mlp + norms + bias
-        total = self.num_hidden_layers * per_layer + n_owners * kv + h + self.vocab_size * h
+        total = self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + self.vocab_size * h
         if not self.tie_word_embeddings:
             total += self.vocab_size * h
         return total

@@ -92,29 +92,15 @@ def _check_names(attention: str, decode_kernel: str, speculative):
 
 
 class LLM:
-    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``);
-    each in full, with measurements: docs/architecture.md.
+    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``):
+    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``,
+    ``kv_cache_memory_bytes``, ``kv_cache_dtype`` ("auto", "int8", "fp8"), ``enforce_eager``, ``compile``,
+    ``max_seq_len_to_capture``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``logprobs_mode``;
+    minfer adds ``prepack`` (oneDNN fp32 CPU linears) and ``decode_kernel`` ("auto", "torch", "cpu",
+    "triton"). Each one, its default and what it measured: docs/architecture.md.
 
-    enable_prefix_caching   reuse the KV blocks of earlier prompts' prefixes (on, as in vLLM V1)
-    max_num_seqs            requests running at once, at most
-    max_num_batched_tokens  tokens per engine step (prefill chunks + decodes)
-    block_size              tokens per KV block
-    kv_cache_memory_bytes   the KV pool's budget in bytes
-    kv_cache_dtype          "auto" (the model's dtype), "int8" or "fp8": quantized KV pages
-    enforce_eager           False: decode-only steps on the static path (``minfer/engine/cuda_graph.py``),
-                            CUDA graphs on a GPU; True: every step eager. None: False on CUDA or with
-                            ``compile=True``, True on a CPU otherwise
-    compile                 torch.compile the static decode step (time: ``llm.compile_seconds``)
-    max_seq_len_to_capture  the static path's width in keys: default min(model context, 8192)
-    seed                    requests without their own seed draw one from this seeded sequence
-    tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)
-    pipeline_parallel_size  split the layers into N stages, one per process
-    prepack                 oneDNN-reordered fp32 CPU linears (``minfer/kernels/onednn_linear.py``); None:
-                            4-128 rows only, on a CPU in fp32, one process, no compile or speculative
-    decode_kernel           how eager decode steps read the paged pool (``minfer.attention.paged``):
-                            "auto", "torch", "cpu" or "triton"
-    logprobs_mode           "raw_logprobs" (default) or "processed_logprobs" (``minfer/logprobs.py``)
-    """
+    ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or with ``compile=True``, eager
+    on a CPU otherwise. ``seed``: requests without their own seed draw one from this seeded sequence."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,
@@ -174,15 +160,15 @@ class LLM:
         w = model.model.embed_tokens.weight
         self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
         self.driver = None
-        if speculative is not None:
-            from minfer.speculative import SpeculativeConfig
-            speculative = SpeculativeConfig.parse(speculative)
         self._set_speculative(speculative, draft)
         self._start(model.cfg, tokenizer, attention, seed, **engine_args)
         return self
 
     def _set_speculative(self, spec_config, draft=None) -> None:
         """Speculative decoding (``minfer/speculative``): "prompt_lookup", "draft:<model>", "lookahead"..."""
+        if spec_config is not None:
+            from minfer.speculative import SpeculativeConfig
+            spec_config = SpeculativeConfig.parse(spec_config)
         self.speculative, self.draft = spec_config, draft
         if spec_config is not None and spec_config.method == "draft" and draft is None:
             from minfer.speculative import load_draft

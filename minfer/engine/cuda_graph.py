@@ -109,8 +109,7 @@ class StaticDecodeRunner:
         self.query_lens = torch.ones(B, dtype=torch.long, device=device)           # (B,) one token each
         self.rows = torch.arange(B, device=device)                                 # (B,) logits rows
         self.step = self._step
-        self.compile_seconds = 0.0
-        self.capture_seconds = 0.0
+        self.compile_seconds = self.capture_seconds = 0.0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}               # bucket -> the graph's logits (1, n, V)
         self.graph_pool = None

@@ -174,12 +174,10 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
                              f"needs {need} KV blocks, but the KV cache pool has only num_blocks={pool.num_blocks} "
                              f"(raise kv_cache_memory_bytes or lower max_tokens)")
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
-            while request_id in self.samples:
-                request_id = f"req-{next(self._ids)}"
-        elif request_id in self.samples:
+        if request_id is not None and request_id in self.samples:
             raise ValueError(f"request_id {request_id!r} was already added")
+        while request_id is None or request_id in self.samples:       # a fresh id
+            request_id = f"req-{next(self._ids)}"
         return Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                        eos_token_ids=self.eos_token_ids, prompt=text,
                        matcher=new_matcher(params, self.tokenizer, vocab, self.eos_token_ids))

@@ -87,9 +87,8 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
         """K and V bytes of one block across the layers of a KV group (values, plus scales when quantized)."""
-        per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-        if kv_cache_dtype in QMAX:
-            per_head = cfg.head_dim * 1 + 4
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_head = cfg.head_dim + 4 if kv_cache_dtype in QMAX else cfg.head_dim * itemsize   # + a scale
         return 2 * len(kv_cache_groups(cfg)[0][1]) * block_size * cfg.num_key_value_heads * per_head
 
     @classmethod
