@@ -243,8 +243,7 @@ class ModelConfig:
         return d
 
 
-# ------------------------------------------------------------ Gemma 3 <-> HF Gemma3TextConfig
-
+# --- Gemma 3 <-> HF Gemma3TextConfig ---
 GEMMA_FIELDS = ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar", "qk_norm", "sandwich_norm",
                 "norm_offset", "hidden_act", "embed_scale")
 

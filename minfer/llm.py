@@ -184,9 +184,6 @@ class LLM:
         if not enforce_eager and cfg.is_hybrid:     # its fixed-shape step masks every layer with one window
             raise ValueError("the static decode step (enforce_eager=False, compile=True) takes one window for "
                              "every layer; this model mixes local and global layers: use enforce_eager=True")
-        if compile and enforce_eager:
-            raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
-                             "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
         if max_seq_len_to_capture is not None:
             check_int(max_seq_len_to_capture, "max_seq_len_to_capture", lo=1)
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention

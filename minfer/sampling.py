@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minfer.devices import to_device
+from minfer.guided import check_guided
 from minfer.validation import check_sampling_fields
 
 GREEDY_BELOW = 1e-5                     # a temperature below this is greedy (stored as 0)
@@ -48,10 +49,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.structured_outputs is not None or self.guided_json is not None or self.guided_regex is not None \
-                or self.guided_choice is not None:
-            from minfer.guided import check_guided
-            check_guided(self)
+        check_guided(self)                         # structured_outputs -> guided_*, at most one, it compiles
 
     @property
     def greedy(self) -> bool:

@@ -199,8 +199,6 @@ class Tokenizer:
 
 
 # --- jinja ---
-
-
 @dataclass(frozen=True)
 class TemplateLimits:
     """Bounds on one render of a chat template (a model file is untrusted input): ``max_range`` items of
@@ -474,8 +472,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 # --- streaming ---
-
-
 class IncrementalDetokenizer:
     """Generated ids -> text pieces, one ``add(id)`` at a time, never half a UTF-8 character (vLLM's
     ``detokenize_incrementally``; the pieces concatenate to ``decode(all_ids)``; docs/architecture.md)."""

@@ -191,13 +191,11 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request (all its samples) now, waiting or running; blocks are freed.
         -> True if a sample was still unfinished (unknown or finished request: a no-op, False)."""
-        stopped = False
-        for req in self.samples.get(request_id, []):
-            if not req.is_finished:
-                self.scheduler.abort(req)
-                req.stats.finish_time = self.clock()
-                stopped = True
-        return stopped
+        live = [r for r in self.samples.get(request_id, []) if not r.is_finished]
+        for req in live:
+            self.scheduler.abort(req)
+            req.stats.finish_time = self.clock()
+        return bool(live)
 
     def release(self, request_id: str) -> list[Request] | None:
         """Forget a finished request (a server's memory stays flat): drop its samples and text state and
@@ -339,8 +337,6 @@ class LLMEngine:
 
 
 # --- Online serving of a trace: requests arrive at their times while the engine steps ---
-
-
 def run_trace(engine: LLMEngine, trace, make_params: Callable[[object], SamplingParams],
               sleep: Callable[[float], None] = time.sleep, on_output: Callable[[StepOutput], None] | None = None,
               ) -> tuple[list[Request], float]:

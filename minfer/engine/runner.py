@@ -101,7 +101,8 @@ class ModelRunner:
                     raise
                 warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
         elif compile:
-            raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
+            raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
+                             "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
         if model.cfg.is_hybrid and kv_manager_cls is KVCacheManager:          # a block table per KV group
             windows = [w for w, _ in kv_cache_groups(model.cfg)]
             self.kv_manager = KVCacheCoordinator(pool, windows, w.device, max_num_batched_tokens)

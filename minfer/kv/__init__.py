@@ -5,6 +5,7 @@ evicting (StreamingLLM, H2O, SnapKV) and paged (the engine's). docs/kv-and-atten
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.evict import EvictingKVCache
+from minfer.kv.hybrid import HybridKVCache
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
 from minfer.kv.sliding import SlidingWindowKVCache
 from minfer.kv.static import StaticKVCache
@@ -19,10 +20,9 @@ __all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "Quanti
 
 def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):
     """Build a cache by name: "contiguous", "static", "sliding", "hybrid", "int8" or "fp8"."""
-    if kind == "contiguous":
-        return ContiguousKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
-    if kind == "static":
-        return StaticKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
+    classes = {"contiguous": ContiguousKVCache, "static": StaticKVCache, "hybrid": HybridKVCache}
+    if kind in classes:
+        return classes[kind](cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "sliding":
         if cfg.is_hybrid:
             raise ValueError("a sliding-window cache keeps the last W tokens for every layer, but this model "
@@ -31,9 +31,6 @@ def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, 
         if w is None:
             raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")
         return SlidingWindowKVCache(cfg, batch_size, w, dtype=dtype, device=device)
-    if kind == "hybrid":
-        from minfer.kv.hybrid import HybridKVCache
-        return HybridKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind in ("int8", "fp8"):
         return QuantizedKVCache(cfg, batch_size, max_len, fmt=kind, dtype=dtype, device=device)
     raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, hybrid, int8 or fp8")

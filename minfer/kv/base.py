@@ -5,7 +5,7 @@ Per layer: ``view = cache.update(kv_layer, k, v, positions)`` stores this forwar
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -20,7 +20,6 @@ class KVView(NamedTuple):
     key_pos: torch.Tensor     # (B, S) absolute position of each key; -1 = empty slot
 
 
-@runtime_checkable
 class KVCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Store k, v (B, nkv, T, hd) of tokens at ``positions`` (B, T); return what may be read."""

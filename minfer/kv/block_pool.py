@@ -45,8 +45,6 @@ def block_hashes(token_ids: Sequence[int], block_size: int,
 
 
 # --- The pool: blocks, reference counts, the free list, the prefix cache ---
-
-
 @dataclass(slots=True)
 class KVBlock:
     """Bookkeeping of one physical block (its K/V live in ``PagedKVCache``)."""
@@ -142,8 +140,6 @@ class BlockPool:
 
 
 # --- Block-table arithmetic as plain functions (lesson 04's exercises in minfer/lessons/ex_paged.py) ---
-
-
 def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos: int,
                          num_tokens: int) -> list[int]:
     """Slots of positions [start_pos, start_pos + num_tokens): block_table[p // bs] * bs + p % bs."""
@@ -158,8 +154,6 @@ def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_siz
 
 
 # --- The manager: block tables of sequences ---
-
-
 @dataclass(slots=True)
 class SeqState:
     """What the manager knows about one sequence."""

@@ -97,12 +97,10 @@ class KVCacheCoordinator:
         return True
 
     def commit_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
+        """Every group commits; then local groups give back the blocks the next queries never read."""
         for g in self.groups:
             g.commit_tokens(seq_id, token_ids)
-        self._drop(seq_id, self.num_computed_tokens(seq_id))
-
-    def _drop(self, seq_id, next_pos: int) -> None:
-        """Local groups give back the blocks that the query at ``next_pos`` and later ones never read."""
+        next_pos = self.num_computed_tokens(seq_id)
         for g, w in zip(self.groups, self.windows):
             if w is not None:
                 g.drop_blocks_before(seq_id, next_pos - w + 1)
