@@ -35,7 +35,6 @@ from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_
 
 DEFAULT_TIMEOUT = 60.0     # seconds per exercise: the slowest property runs in a few
 JUDGE_MARGIN = 60.0        # the grading process's own start and reference time, on top
-CELL_TAGS = ("solution", "exercise")
 
 
 @dataclass
@@ -56,11 +55,7 @@ class ExerciseGrade:
         return self.status == "passed"
 
 
-# ---------------------------------------------------------------------------
-# Reading a submission
-# ---------------------------------------------------------------------------
-
-
+# --- Reading a submission ---
 def _parse(source: str) -> Optional[ast.Module]:
     """The cell's syntax tree, or None when it is not Python this grader can read
     (a syntax error, or nesting so deep that the parser runs out of memory or stack)."""
@@ -128,13 +123,8 @@ def locate(nb, function: str) -> Optional[FoundCell]:
 
 
 def find_exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, str]:
-    """{exercise name: the source of the cell that defines its function} (``locate``).
-
-    With ``lesson`` (a notebook stem), only that lesson's exercises are looked
-    for: another lesson's exercise may share a function name with an ordinary
-    cell of this one (lesson 09's ``tpot = ...`` is not lesson 05's exercise).
-    Without it, every lesson's (to guess the lesson of a submission).
-    """
+    """{exercise name: the source of the cell that defines its function} (``locate``), for ``lesson``'s
+    exercises only (lesson 09's ``tpot = ...`` is not lesson 05's exercise); every lesson's without it."""
     return {name: cell.source for name, cell in exercise_cells(nb, lesson).items()}
 
 
@@ -190,6 +180,7 @@ def lesson_exercises(lesson: str) -> list[Exercise]:
 
 
 def lessons() -> list[str]:
+    """The lessons (notebook stems) that have exercises."""
     return sorted({_exercises.get(n).lesson for n in _exercises.names()} - {""})
 
 
@@ -203,13 +194,8 @@ def guess_lesson(path: Path, found: dict[str, str]) -> Optional[str]:
 
 
 def source_problem(exercise: Exercise, source: str) -> Optional[str]:
-    """Why ``source`` may not be graded (it is not Python; it imports minfer's own
-    implementation), or None. Imports of the exercise's ``allowed`` helpers are fine.
-
-    This is a courtesy, a clear message for an honest mistake: the grading
-    does not depend on it (minfer is not importable where the learner's code
-    runs, unless the exercise hands out helpers).
-    """
+    """Why ``source`` may not be graded (not Python; it imports minfer beyond the ``allowed`` helpers),
+    or None. A courtesy for an honest mistake: minfer is not importable where the learner's code runs."""
     tree = _parse(source)
     if tree is None:
         return f"the cell is not valid Python: {syntax_error(source)}"
@@ -226,11 +212,7 @@ def source_problem(exercise: Exercise, source: str) -> Optional[str]:
     return None
 
 
-# ---------------------------------------------------------------------------
-# Grading one exercise in a fresh process
-# ---------------------------------------------------------------------------
-
-
+# --- Grading one exercise in a fresh process ---
 @dataclass(frozen=True)
 class Limits:
     """What the learner's process may use (``isolate.Child``)."""
@@ -404,11 +386,7 @@ def grade_many(paths: list, *, lesson: Optional[str] = None, limits: Limits = Li
         return [r for f in pending for r in f.result()]
 
 
-# ---------------------------------------------------------------------------
-# The score table
-# ---------------------------------------------------------------------------
-
-
+# --- The score table ---
 def totals(rows: list[ExerciseGrade]) -> dict[str, tuple[int, int]]:
     """{submission: (points, max points)}, in order of first appearance."""
     out: dict[str, tuple[int, int]] = {}
@@ -451,11 +429,7 @@ def to_json(rows: list[ExerciseGrade]) -> dict:
             "exercises": [asdict(r) for r in rows]}
 
 
-# ---------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------
-
-
+# --- The command ---
 def _positive(flag: str, kind=float, most: Optional[float] = None):
     """An argparse type: a finite number > 0 (at most ``most``), else exit 2 naming ``flag``."""
     def parse(text: str):

@@ -17,11 +17,7 @@ CELL_PREFIX = "<cell "          # the file name of every piece of the learner's 
 MAX_DEPTH = 40                  # nesting beyond this is not an answer
 
 
-# ---------------------------------------------------------------------------
-# Values as data
-# ---------------------------------------------------------------------------
-
-
+# --- Values as data ---
 def _tensor_data(x) -> dict:
     t = x.detach().cpu()
     dtype = str(t.dtype).removeprefix("torch.")
@@ -92,11 +88,7 @@ def decode(x: Any, models: Optional[dict] = None) -> Any:
     return _opaque(v)
 
 
-# ---------------------------------------------------------------------------
-# The watch on calls into minfer
-# ---------------------------------------------------------------------------
-
-
+# --- The watch on calls into minfer ---
 def is_allowed(name: str, allowed: tuple) -> bool:
     """Is ``name`` ("module:qualname") one of ``allowed``? A pattern ending in ``*``
     allows every name it prefixes ("minfer.model:*": the whole model)."""
@@ -145,11 +137,7 @@ def call_watched(fn: Callable, args: list, allowed: tuple) -> tuple[Any, Optiona
     return result, (found[0] if found else None)
 
 
-# ---------------------------------------------------------------------------
-# The child's loop
-# ---------------------------------------------------------------------------
-
-
+# --- The child's loop ---
 def _learner_frame(error: BaseException) -> Optional[dict]:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if f.filename.startswith(CELL_PREFIX)]
@@ -202,9 +190,8 @@ def _models():
     made: list = []
 
     def build(seed: int):
-        from minfer.lessons.ex_loops import CountingModel, tiny_lm
-        model = CountingModel(tiny_lm(int(seed)))
-        model.seed = int(seed)
+        from minfer.lessons.ex_loops import counting_model
+        model = counting_model(int(seed))
         made.append(model)
         return model
     return build, made

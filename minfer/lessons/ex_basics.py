@@ -11,14 +11,11 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, float_lists, index_of, register,
-                                     rows_tensor, tensor_problem)
+from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, first_index, float_lists,
+                                     register, rows_tensor, tensor_problem)
 
 
-# ---------------------------------------------------------------------------
-# model.rms_norm
-# ---------------------------------------------------------------------------
-
+# --- model.rms_norm ---
 RMS_NORM_ATOL = 1e-5
 
 
@@ -54,10 +51,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# sampling.top_p
-# ---------------------------------------------------------------------------
-
+# --- sampling.top_p ---
 TOP_P_MASS_TOL = 1e-5   # cumulative probabilities this close to top_p are a coin toss
 
 
@@ -80,11 +74,6 @@ def _top_p_inputs(draw) -> Inputs:
     top_p = draw(st.floats(1e-6, 1.0))
     batched = draw(st.booleans())
     return {"logits": logits if batched else logits[0], "top_p": top_p}
-
-
-def _kept(t: torch.Tensor) -> list[int]:
-    """Indices of the entries of a 1-D tensor that are not -inf."""
-    return [i for i, v in enumerate(t.tolist()) if v != -math.inf]
 
 
 def _sorted_probs(row: torch.Tensor) -> str:
@@ -112,7 +101,7 @@ def nucleus_problem(logits: torch.Tensor, top_p: float, out: torch.Tensor) -> Op
     removed = out == -math.inf
     changed = ~removed & ~(out == logits)
     if bool(changed.any()):
-        idx = index_of(int(changed.flatten().nonzero()[0]), logits.shape)
+        idx = first_index(changed)
         return (f"at index {idx} the input logit is {logits[idx].item()!r} but yours is "
                 f"{out[idx].item()!r}: kept tokens keep their logit unchanged, "
                 f"removed tokens become exactly -inf")
@@ -151,8 +140,7 @@ def _compare_top_p(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optio
     Where the pattern differs only by a tie or a rounding-level boundary
     (``nucleus_problem`` finds nothing wrong), the answer is accepted too.
     """
-    problem = tensor_problem(expected, actual)
-    if problem:
+    if problem := tensor_problem(expected, actual):
         return problem
     removed_a, removed_e = actual == -math.inf, expected == -math.inf
     if torch.equal(removed_a, removed_e) and torch.equal(      # NaN never equals: good
@@ -166,16 +154,11 @@ def _compare_top_p(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optio
     rows_e, rows_a = expected.reshape(-1, vocab), actual.reshape(-1, vocab)
     lines = [why]
     for r in range(rows_e.shape[0]):
-        kept_e, kept_a = _kept(rows_e[r]), _kept(rows_a[r])
+        kept_e, kept_a = ((rows[r] != -math.inf).nonzero().flatten().tolist() for rows in (rows_e, rows_a))
         if kept_e != kept_a:
             where = f"row {r}: " if logits.dim() > 1 else ""
             lines.append(f"{where}expected keeps tokens {kept_e}, yours keeps {kept_a}")
     return "\n".join(lines)
-
-
-def _validate_top_p(inputs: Inputs, actual: torch.Tensor) -> Optional[str]:
-    """The nucleus definition, checked without the reference."""
-    return nucleus_problem(inputs["logits"], inputs["top_p"], actual)
 
 
 register(Exercise(
@@ -186,5 +169,5 @@ register(Exercise(
     reference="minfer.sampling:top_p_filter",
     inputs=_top_p_inputs(),
     compare=_compare_top_p,
-    validate=_validate_top_p,
+    validate=lambda inputs, actual: nucleus_problem(inputs["logits"], inputs["top_p"], actual),
 ))

@@ -1,16 +1,8 @@
 """Exercises of lesson 08 (compilers and kernels): fused projections, bucket padding, MBU.
 
-    fusion.qkv_fused        q, k, v of a token from ONE matmul with the stacked weight, then split
-    cuda_graph.pad_to_bucket  a decode batch of n sequences -> its capture bucket and the padded rows
-    cuda_graph.pad_batch    the static step's rows of a decode batch, padded to its bucket
-    roofline.mbu            model-bandwidth utilisation of a measured decode run
-
-References: ``qkv_fused`` and ``pad_to_bucket`` below, written as plain functions (the engine
-stacks the weights once, at load time, into ``qkv_proj`` in ``minfer/model.py``, and picks the bucket
-with ``bucket_for`` in ``minfer/engine/cuda_graph.py``); ``mbu`` is ``minfer.bench.machine.mbu``, the
-formula behind ``minfer bench decode``'s MBU column. ``tests/test_grader.py`` runs these same
-properties on them. Inputs are tuples or fresh tensors, so a function that edits its arguments in
-place cannot change what the grader compares against.
+References: ``qkv_fused`` and ``pad_to_bucket`` below as plain functions (the engine stacks ``qkv_proj``
+once at load time in ``minfer/model.py`` and picks the bucket with ``bucket_for`` in
+``minfer/engine/cuda_graph.py``), ``pad_batch`` (``StaticDecodeRunner.load``), ``minfer.bench.machine.mbu``.
 """
 from __future__ import annotations
 
@@ -20,12 +12,10 @@ from typing import Any, Optional, Sequence
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, close_problem, float_tensors, register
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_tensors,
+                                     is_number, register, returned, tuple_problem)
 
-# ---------------------------------------------------------------------------
-# fusion.qkv_fused
-# ---------------------------------------------------------------------------
-
+# --- fusion.qkv_fused ---
 QKV_ATOL = 1e-5
 
 
@@ -51,17 +41,17 @@ def _qkv_inputs(draw) -> Inputs:
 
 
 def _qkv_problem(inputs: Inputs, actual: Any, want: tuple, what: str) -> Optional[str]:
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a tuple (q, k, v)"
-    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
-        return f"returned {type(actual).__name__}, expected a tuple of three tensors (q, k, v)"
+    problem = tuple_problem(actual, ("q", "k", "v"))
+    if problem:
+        return problem
     for name, e, a in zip("qkv", want, actual):
         if not isinstance(a, torch.Tensor):
             return f"{name} is a {type(a).__name__}, expected a tensor"
         if tuple(a.shape) != tuple(e.shape):
-            return (f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}: x {tuple(inputs['x'].shape)} "
-                    f"times the transposed weight ({tuple(inputs['w' + name].shape)} -> last dim "
-                    f"{inputs['w' + name].shape[0]}); split the fused output at nq and nq + nk")
+            return (f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}: x "
+                    f"{tuple(inputs['x'].shape)} times the transposed weight "
+                    f"({tuple(inputs['w' + name].shape)} -> last dim {inputs['w' + name].shape[0]}); split "
+                    f"the fused output at nq and nq + nk")
         problem = close_problem(e, a, QKV_ATOL, what=what)
         if problem:
             return f"{name}: {problem}"
@@ -87,11 +77,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# cuda_graph.pad_to_bucket
-# ---------------------------------------------------------------------------
-
-
+# --- cuda_graph.pad_to_bucket ---
 def pad_to_bucket(n: int, sizes: Sequence[int]) -> tuple[int, int]:
     """(bucket, padded rows) for a decode batch of ``n`` sequences, 1 <= n <= max(sizes).
 
@@ -111,14 +97,13 @@ def _bucket_inputs(draw) -> Inputs:
     return {"n": n, "sizes": tuple(sizes)}
 
 
-def _bucket_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _bucket_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     n, sizes = inputs["n"], inputs["sizes"]
     fits = sorted(s for s in sizes if s >= n)
     want = (fits[0], fits[0] - n)
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a tuple (bucket, padded rows)"
-    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
-        return f"returned {actual!r}, expected a tuple (bucket, padded rows)"
+    problem = tuple_problem(actual, ("bucket", "padded rows"), of="ints")
+    if problem:
+        return problem
     got = tuple(int(a) if isinstance(a, int) or (isinstance(a, torch.Tensor) and a.numel() == 1) else a
                 for a in actual)
     if got == want:
@@ -127,9 +112,9 @@ def _bucket_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
         why = (f"{got[0]} is not a capture size" if got[0] not in sizes else
                f"{got[0]} cannot hold {n} sequences" if got[0] < n else
                f"{got[0]} holds them, but {want[0]} is a smaller size that does too")
-        return (f"n = {n}, capture sizes {list(sizes)}: {what} bucket {want[0]} (the smallest size >= n), "
+        return (f"n = {n}, capture sizes {list(sizes)}: expected bucket {want[0]} (the smallest size >= n), "
                 f"yours {got[0]}: {why}")
-    return (f"n = {n} in bucket {want[0]}: {what} {want[1]} padded rows (bucket - n), yours {got[1]!r}")
+    return (f"n = {n} in bucket {want[0]}: expected {want[1]} padded rows (bucket - n), yours {got[1]!r}")
 
 
 register(Exercise(
@@ -138,34 +123,27 @@ register(Exercise(
     description="pad_to_bucket(n, sizes) -> (smallest size >= n, number of padded rows) for a decode batch",
     reference="minfer.lessons.ex_compilers:pad_to_bucket",
     inputs=_bucket_inputs(),
-    compare=lambda inputs, expected, actual: _bucket_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _bucket_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_bucket_problem),
 ))
 
 
-# ---------------------------------------------------------------------------
-# roofline.mbu
-# ---------------------------------------------------------------------------
-
-
+# --- roofline.mbu ---
 @st.composite
 def _mbu_inputs(draw) -> Inputs:
     return {"bytes_per_token": draw(st.floats(1e3, 1e12)), "tokens_per_s": draw(st.floats(0.01, 1e5)),
             "bandwidth": draw(st.floats(1e8, 1e13))}
 
 
-def _mbu_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _mbu_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     b, tps, bw = inputs["bytes_per_token"], inputs["tokens_per_s"], inputs["bandwidth"]
     want = b * tps / bw
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a fraction (1.0 = the whole bandwidth)"
-    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
-        return f"returned {type(actual).__name__} {actual!r}, expected a float"
+    if not is_number(actual):
+        return returned(actual, "a fraction (1.0 = the whole bandwidth)", show=True)
     if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-15):
         return None
     hint = " (a fraction, not a percentage)" if math.isclose(actual, 100 * want, rel_tol=1e-9) else ""
     return (f"{b:.4g} bytes per token x {tps:.4g} tokens/s = {b * tps:.4g} bytes/s achieved, over "
-            f"{bw:.4g} bytes/s: {what} {want!r}, yours {actual!r}{hint}")
+            f"{bw:.4g} bytes/s: expected {want!r}, yours {actual!r}{hint}")
 
 
 register(Exercise(
@@ -175,16 +153,11 @@ register(Exercise(
                 "decode run used (bytes read per token x tokens/s / bandwidth)",
     reference="minfer.bench.machine:mbu",
     inputs=_mbu_inputs(),
-    compare=lambda inputs, expected, actual: _mbu_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _mbu_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_mbu_problem),
 ))
 
 
-# ---------------------------------------------------------------------------
-# cuda_graph.pad_batch
-# ---------------------------------------------------------------------------
-
-
+# --- cuda_graph.pad_batch ---
 def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bucket: int, scratch_slot: int):
     """The engine's static decode runner (``StaticDecodeRunner.load``) on a batch of len(tokens) decodes:
     its first ``bucket`` rows of input ids, positions, slots and context lengths, as lists."""
@@ -228,13 +201,13 @@ def _pad_inputs(draw) -> Inputs:
             "scratch_slot": 16 * draw(st.integers(0, 3))}
 
 
-def _pad_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _pad_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     S, n = len(inputs["tokens"]), inputs["bucket"]
     pads = (0, 0, inputs["scratch_slot"], 1)
     names = ("tokens", "positions", "slots", "context_lens")
-    if not isinstance(actual, (tuple, list)) or len(actual) != 4:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple of 4 lists ({', '.join(names)})"
+    problem = tuple_problem(actual, names, of="lists")
+    if problem:
+        return problem
     for name, pad, got in zip(names, pads, actual):
         want = list(inputs[name]) + [pad] * (n - S)
         try:
@@ -242,9 +215,9 @@ def _pad_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
         except (TypeError, ValueError):
             return f"{name}: expected a list of {n} ints, got {type(got).__name__}"
         if got != want:
-            return (f"{S} real rows in a bucket of {n}, scratch slot {inputs['scratch_slot']}: {name} {what} {want}, "
-                    f"yours {got}. Keep the real rows, then pad to the bucket with token 0, position 0, "
-                    f"the scratch slot and a context of 1 key")
+            return (f"{S} real rows in a bucket of {n}, scratch slot {inputs['scratch_slot']}: {name} "
+                    f"expected {want}, yours {got}. Keep the real rows, then pad to the bucket with token 0, "
+                    f"position 0, the scratch slot and a context of 1 key")
     return None
 
 
@@ -255,6 +228,5 @@ register(Exercise(
                  "`bucket` rows: token 0, position 0, the scratch slot, a context of 1"),
     reference="minfer.lessons.ex_compilers:pad_batch",
     inputs=_pad_inputs(),
-    compare=lambda inputs, expected, actual: _pad_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _pad_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_pad_problem),
 ))

@@ -1,12 +1,6 @@
-"""Exercises of lesson 09 (the inference service).
+"""Exercises of lesson 09 (the inference service): consistent hashing, the cost of a token, stop strings.
 
-    router.ring_lookup     consistent hashing: the owner of the first ring point at or after a key
-    cost.dollars_per_mtok  $ per million tokens from tokens/s and the price of an hour
-    cost.kwh_per_mtok      kWh per million tokens from tokens/s and the power drawn
-    output.stream_cut      a streamed answer cut at its stop strings, and the text safe to send
-
-References: ``minfer/serving/router.py`` and ``minfer/serving/cost.py``; the engine's
-tests run these same properties on them (``tests/test_grader.py``).
+References: ``minfer/serving/router.py``, ``minfer/serving/cost.py`` and ``minfer/engine/output.py``.
 """
 from __future__ import annotations
 
@@ -15,18 +9,11 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, is_number, register, returned,
+                                     tuple_problem)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ---------------------------------------------------------------------------
-# router.ring_lookup
-# ---------------------------------------------------------------------------
-
-
+# --- router.ring_lookup ---
 @st.composite
 def _ring_inputs(draw) -> Inputs:
     points = sorted(draw(st.lists(st.integers(0, 99), min_size=1, max_size=8, unique=True)))
@@ -47,12 +34,12 @@ def _compare_ring(inputs: Inputs, expected: int, actual: Any) -> Optional[str]:
     if actual == expected and isinstance(actual, int):
         return None
     if actual is None:
-        return "returned None (did you forget `return`?), expected a replica number"
+        return returned(actual, "a replica number")
     i = _first_at_or_after(inputs)
     wrapped = " (no point is >= the key: wrap around to the first point)" if inputs["points"][-1] < inputs["key"] \
         else ""
-    return (f"the first point at or after key {inputs['key']} is points[{i}] = {inputs['points'][i]}{wrapped}, "
-            f"owned by replica {expected}; yours is {actual!r}")
+    return (f"the first point at or after key {inputs['key']} is points[{i}] = "
+            f"{inputs['points'][i]}{wrapped}, owned by replica {expected}; yours is {actual!r}")
 
 
 def _validate_ring(inputs: Inputs, actual: Any) -> Optional[str]:
@@ -72,11 +59,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# cost.dollars_per_mtok, cost.kwh_per_mtok
-# ---------------------------------------------------------------------------
-
-
+# --- cost.dollars_per_mtok, cost.kwh_per_mtok ---
 @st.composite
 def _rate_and(draw, name: str, hi: float) -> Inputs:
     return {"tokens_per_s": draw(st.floats(0.01, 1e5)), name: draw(st.floats(0.0, hi))}
@@ -84,9 +67,8 @@ def _rate_and(draw, name: str, hi: float) -> Inputs:
 
 def _close(what: str, formula: str):
     def compare(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
-        if not _is_number(actual):
-            hint = " (did you forget `return`?)" if actual is None else ""
-            return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number of {what}"
+        if not is_number(actual):
+            return returned(actual, f"a number of {what}", show=True)
         if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12):
             return None
         return f"{formula} = {expected!r}; yours is {actual!r}"
@@ -126,11 +108,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# output.stream_cut
-# ---------------------------------------------------------------------------
-
-
+# --- output.stream_cut ---
 @st.composite
 def _stream_inputs(draw) -> Inputs:
     text = st.text("ab.", max_size=8)
@@ -142,22 +120,20 @@ def _stream_inputs(draw) -> Inputs:
     return {"text": before + added, "emitted": emitted, "stop": stop, "final": draw(st.booleans())}
 
 
-def _stream_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _stream_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     text, emitted, stop, final = inputs.values()
     starts = [i for i in range(len(text)) for s in stop if text.startswith(s, i)]
     cut = text[:min(starts)] if starts else text
     longest = max((len(s) for s in stop), default=1)
     end = len(cut) if starts or final else max(emitted, len(cut) - (longest - 1))
     want = (cut, cut[emitted:end], bool(starts))
-    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple (text, new text to stream, stopped)"
-    if tuple(actual) == want:
-        return None
-    return (f"text {text!r}, {emitted} characters streamed, stop strings {stop}, final={final}: {what} {want}, "
-            f"yours {tuple(actual)!r}. Cut the text before the earliest stop string; stream everything after the "
-            f"`emitted` characters except the last (longest stop - 1), which could be the start of a stop string "
-            f"(all of it when the text was cut or is final)")
+    problem = tuple_problem(actual, ("text", "new text to stream", "stopped"), of="values")
+    if problem or tuple(actual) == want:
+        return problem
+    return (f"text {text!r}, {emitted} characters streamed, stop strings {stop}, final={final}: expected "
+            f"{want}, yours {tuple(actual)!r}. Cut the text before the earliest stop string; stream "
+            f"everything after the `emitted` characters except the last (longest stop - 1), which could be "
+            f"the start of a stop string (all of it when the text was cut or is final)")
 
 
 register(Exercise(
@@ -168,6 +144,5 @@ register(Exercise(
                  "text safe to stream, stopped)"),
     reference="minfer.engine.output:stream_cut",
     inputs=_stream_inputs(),
-    compare=lambda inputs, expected, actual: _stream_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _stream_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_stream_problem),
 ))

@@ -1,14 +1,7 @@
-"""Exercises of lesson 05 (batching and serving metrics).
+"""Exercises of lesson 05 (batching and serving metrics): TPOT, percentiles, one continuous-batching step.
 
-    serving.tpot              TPOT of one request from its timestamps: (E2E - TTFT) / (n - 1)
-    serving.percentile        the p-th percentile, linear interpolation (numpy's default)
-    serving.continuous_step   one continuous-batching step: running first, then admit, chunk the last
-
-References live in ``minfer/serving/metrics.py`` and ``minfer/engine/scheduler.py``; the
-engine's tests run these same properties on them (``tests/test_grader.py``), and
-``tests/test_scheduler.py`` checks that the real scheduler makes exactly the
-``continuous_step`` decisions when memory is plentiful. Inputs are tuples, so a
-function that edits its arguments cannot change what the grader compares against.
+References: ``minfer/serving/metrics.py`` and ``continuous_step`` below (``tests/test_scheduler.py``
+checks that the engine's scheduler makes its decisions when memory is plentiful). Inputs are tuples.
 """
 from __future__ import annotations
 
@@ -17,18 +10,10 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, is_number, register, returned
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ---------------------------------------------------------------------------
-# serving.tpot
-# ---------------------------------------------------------------------------
-
-
+# --- serving.tpot ---
 @st.composite
 def _tpot_inputs(draw) -> Inputs:
     arrival = draw(st.floats(0.0, 100.0, allow_nan=False))
@@ -48,8 +33,8 @@ def _compare_tpot(inputs: Inputs, expected: Optional[float], actual: Any) -> Opt
         return f"with {n} output token there is no time *between* tokens: return None, not {actual!r}"
     if actual is None:
         return f"returned None, but {n} tokens have {n - 1} gaps: expected {expected!r}"
-    if not _is_number(actual):
-        return f"returned {type(actual).__name__} {actual!r}, expected a number of seconds"
+    if not is_number(actual):
+        return returned(actual, "a number of seconds", show=True)
     if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
         return None
     t, a = inputs["token_times"], inputs["arrival_time"]
@@ -81,11 +66,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# serving.percentile
-# ---------------------------------------------------------------------------
-
-
+# --- serving.percentile ---
 @st.composite
 def _percentile_inputs(draw) -> Inputs:
     values = draw(st.lists(st.floats(0.0, 1000.0, allow_nan=False), min_size=1, max_size=12))
@@ -94,9 +75,8 @@ def _percentile_inputs(draw) -> Inputs:
 
 
 def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
-    if not _is_number(actual):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number"
+    if not is_number(actual):
+        return returned(actual, "a number", show=True)
     if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
         return None
     xs = sorted(inputs["values"])
@@ -128,11 +108,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# serving.continuous_step
-# ---------------------------------------------------------------------------
-
-
+# --- serving.continuous_step ---
 def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
                     token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
     """One continuous-batching step, memory aside: who gets how many tokens.
@@ -180,12 +156,10 @@ def _step_inputs(draw) -> Inputs:
 
 
 def _compare_step(inputs: Inputs, expected: list, actual: Any) -> Optional[str]:
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a list of (request_id, num_tokens)"
     try:
         got = [(rid, n) for rid, n in actual]
     except (TypeError, ValueError):
-        return f"returned {actual!r}, expected a list of (request_id, num_tokens) pairs"
+        return returned(actual, "a list of (request_id, num_tokens) pairs", show=True)
     if got == [tuple(x) for x in expected]:
         return None
     for k, (e, a) in enumerate(zip(expected, got)):

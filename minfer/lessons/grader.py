@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import sysconfig
 import traceback
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis.errors import Flaky
 
 from minfer.lessons import exercises as _exercises
-from minfer.lessons.childproc import call_watched, is_allowed  # noqa: F401  (re-exported)
+from minfer.lessons.childproc import call_watched, is_allowed  # noqa: F401  (is_allowed: re-exported)
 from minfer.lessons.exercises import Exercise, Inputs
 from minfer.lessons.isolate import EngineCalled, LearnerRaised
 
@@ -64,11 +63,7 @@ class CheckResult:
         (``print(result)`` prints it again)."""
 
 
-# ---------------------------------------------------------------------------
-# What the property raises when one example fails
-# ---------------------------------------------------------------------------
-
-
+# --- What the property raises when one example fails ---
 class _Failure(Exception):
     """One failing example: its inputs plus what went wrong."""
 
@@ -111,12 +106,6 @@ def _copy(inputs: Inputs) -> Inputs:
             for k, v in inputs.items()}
 
 
-def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
-    """``fn(*args)``, and the first minfer function it called that is not ``allowed``
-    (``childproc.call_watched``)."""
-    return call_watched(fn, args, allowed)
-
-
 def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs,
                  forbid_engine: bool = False) -> None:
     """The property for one example: raise a ``_Failure`` unless ``fn`` is right."""
@@ -127,7 +116,7 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
     callee = None
     try:
         if forbid_engine:
-            actual, callee = _call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
+            actual, callee = call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
         else:
             actual = fn(*_copy(inputs).values())
     except NotImplementedError as e:
@@ -147,11 +136,7 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
         raise _WrongAnswer(inputs, expected, actual, problem)
 
 
-# ---------------------------------------------------------------------------
-# Running the property
-# ---------------------------------------------------------------------------
-
-
+# --- Running the property ---
 def _settings(max_examples: int) -> settings:
     return settings(
         max_examples=max_examples,
@@ -268,18 +253,10 @@ def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckR
 
 def describe() -> str:
     """A list of the registered exercises, one per line."""
-    lines = []
-    for n in _exercises.names():
-        ex = _exercises.get(n)
-        lines.append(f"{n}: {ex.description}")
-    return "\n".join(lines)
+    return "\n".join(f"{n}: {_exercises.get(n).description}" for n in _exercises.names())
 
 
-# ---------------------------------------------------------------------------
-# Formatting the report
-# ---------------------------------------------------------------------------
-
-
+# --- Formatting the report ---
 def _result(name: str, status: str, text: str, failure: Optional[_Failure] = None,
             examples: int = 0) -> CheckResult:
     passed = status == "passed"

@@ -21,11 +21,7 @@ Validate = Callable[[Inputs, Any], Optional[str]]
 _REGISTRY: dict[str, "Exercise"] = {}
 
 
-# ---------------------------------------------------------------------------
-# The exercise record and the registry
-# ---------------------------------------------------------------------------
-
-
+# --- The exercise record and the registry ---
 @dataclass(frozen=True)
 class Exercise:
     """One gradable function: inputs to draw, the reference, how to compare."""
@@ -88,11 +84,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-# ---------------------------------------------------------------------------
-# Building blocks for strategies
-# ---------------------------------------------------------------------------
-
-
+# --- Building blocks for strategies ---
 def float_lists(lo: float, hi: float, min_size: int = 0,
                 max_size: int | None = None) -> st.SearchStrategy:
     """Lists of float32-representable finite floats in [lo, hi] (no subnormals).
@@ -123,16 +115,29 @@ def float_tensors(shape: tuple[int, ...], lo: float, hi: float) -> st.SearchStra
         lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
 
 
-# ---------------------------------------------------------------------------
-# Building blocks for comparisons
-# ---------------------------------------------------------------------------
+# --- Building blocks for comparisons ---
+def returned(actual: Any, want: str, show: bool = False) -> str:
+    """"returned <type> [<repr>], expected <want>", with a hint when ``actual`` is None (no ``return``)."""
+    if actual is None:
+        return f"returned None (did you forget `return`?), expected {want}"
+    return f"returned {type(actual).__name__}{f' {actual!r}' if show else ''}, expected {want}"
+
+
+def is_number(x: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def against_definition(problem: Validate) -> Compare:
+    """A ``compare`` that ignores the reference's output: ``problem(inputs, actual)`` computes the
+    definition itself, so running the property on the engine is a real test without a ``validate``."""
+    return lambda inputs, expected, actual: problem(inputs, actual)
 
 
 def tensor_problem(expected: torch.Tensor, actual: Any) -> Optional[str]:
     """What is wrong with the *kind* of ``actual`` (type, shape, dtype), or None."""
     if not isinstance(actual, torch.Tensor):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}, expected a torch.Tensor"
+        return returned(actual, "a torch.Tensor")
     if actual.shape != expected.shape:
         return (f"returned shape {tuple(actual.shape)}, expected shape "
                 f"{tuple(expected.shape)}")
@@ -141,13 +146,9 @@ def tensor_problem(expected: torch.Tensor, actual: Any) -> Optional[str]:
     return None
 
 
-def index_of(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
-    """Unravel a flat index into a tuple index of ``shape``."""
-    idx = []
-    for size in reversed(shape):
-        idx.append(flat_index % size)
-        flat_index //= size
-    return tuple(reversed(idx))
+def first_index(wrong: torch.Tensor) -> tuple[int, ...]:
+    """The index of the first True entry of the bool tensor ``wrong``."""
+    return tuple(int(i) for i in wrong.nonzero()[0])
 
 
 def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
@@ -167,8 +168,7 @@ def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
         return None
     err = torch.where(same, torch.zeros_like(err), err)
     max_err = "nan" if bool(err.isnan().any()) else f"{float(err.max()):.3g}"
-    first = int((~same).flatten().nonzero()[0])
-    idx = index_of(first, e.shape)
+    idx = first_index(~same)
     return (f"first wrong at index {idx}: {what} {float(e[idx])!r}, yours "
             f"{float(a[idx])!r}; max abs error {max_err} > tolerance {tol:.3g} "
             f"({atol:g} x scale {scale:.3g})")
@@ -191,12 +191,9 @@ def exact() -> Compare:
     def compare(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
         if isinstance(expected, torch.Tensor):
             problem = tensor_problem(expected, actual)
-            if problem:
+            if problem or torch.equal(expected, actual):
                 return problem
-            if torch.equal(expected, actual):
-                return None
-            first = int((expected != actual).flatten().nonzero()[0])
-            idx = index_of(first, expected.shape)
+            idx = first_index(expected != actual)
             return (f"first difference at index {idx}: expected "
                     f"{expected[idx].item()!r}, yours {actual[idx].item()!r}")
         return None if actual == expected else f"expected {expected!r}, yours {actual!r}"
@@ -204,13 +201,22 @@ def exact() -> Compare:
     return compare
 
 
-def tuple_problem(actual: Any, names: tuple[str, ...]) -> Optional[str]:
+def tuple_problem(actual: Any, names: tuple[str, ...], of: str = "tensors") -> Optional[str]:
     """What is wrong with the *kind* of a tuple answer, e.g. ``(keys, values)``, or None."""
-    want = f"a tuple ({', '.join(names)}) of {len(names)} tensors"
-    if actual is None:
-        return f"returned None (did you forget `return`?), expected {want}"
+    want = f"a tuple ({', '.join(names)}) of {len(names)} {of}"
     if not isinstance(actual, (tuple, list)):
-        return f"returned a single {type(actual).__name__}, expected {want}"
+        return returned(actual, want)
     if len(actual) != len(names):
         return f"returned {len(actual)} values, expected {want}"
     return None
+
+
+def tuple_close(names: tuple[str, ...], expected: Any, actual: Any, atol: float,
+                what: str = "expected") -> Optional[str]:
+    """``tuple_problem``, then ``tensor_problem`` and ``close_problem`` on each named tensor."""
+    problem = tuple_problem(actual, names)
+    for name, e, a in zip(names, expected, actual if problem is None else ()):
+        problem = tensor_problem(e, a) or close_problem(e, a, atol, what=what)
+        if problem:
+            return f"{name}: {problem}"
+    return problem
