@@ -27,7 +27,6 @@ def _positions(draw, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q_pos, k_pos
 
 
-# --- attention.window_mask ---
 @st.composite
 def _mask_inputs(draw) -> Inputs:
     q_pos, k_pos = draw(_positions(draw(st.integers(1, 2))))
@@ -60,7 +59,6 @@ register(Exercise(
 ))
 
 
-# --- attention.gqa_attention ---
 GQA_ATOL = 1e-5
 
 
@@ -109,7 +107,6 @@ register(Exercise(
 ))
 
 
-# --- kv.quantize_int8 ---
 @st.composite
 def _kv_vectors(draw) -> Inputs:
     """K or V vectors (B, nkv, T, hd); some all zero, magnitudes 1e-3 .. 1e3."""

@@ -1,7 +1,6 @@
 """Lesson 01's exercises: ``model.rms_norm`` and ``sampling.top_p``.
 
 References: ``rms_norm`` in ``minfer/model.py``, ``top_p_filter`` in ``minfer/sampling.py``.
-Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, 
                                      register, rows_tensor, tensor_problem)
 
 
-# --- model.rms_norm ---
 RMS_NORM_ATOL = 1e-5
 
 
@@ -51,7 +49,6 @@ register(Exercise(
 ))
 
 
-# --- sampling.top_p ---
 TOP_P_MASS_TOL = 1e-5   # cumulative probabilities this close to top_p are a coin toss
 
 
@@ -89,15 +86,9 @@ def _tokens(k: int, which: str) -> str:
 
 
 def nucleus_problem(logits: torch.Tensor, top_p: float, out: torch.Tensor) -> Optional[str]:
-    """Does ``out`` keep a valid nucleus of ``logits``?  None if so, else why not.
-
-    The definition, row by row: every entry of ``out`` is either its input
-    logit (kept) or exactly -inf (removed); the kept tokens are the k most
-    likely ones; and k is the smallest count whose probability mass reaches
-    top_p. Masses within ``TOP_P_MASS_TOL`` of top_p may go either way, and
-    among tokens with equal logits any may be kept: both are rounding or
-    tie-breaking choices, not mistakes.
-    """
+    """Why ``out`` is not a valid nucleus of ``logits``, or None. Row by row: each entry is its logit
+    (kept) or exactly -inf; the kept tokens are the k most likely, k the smallest count whose mass
+    reaches top_p. Ties, and masses within ``TOP_P_MASS_TOL`` of top_p, may go either way."""
     removed = out == -math.inf
     changed = ~removed & ~(out == logits)
     if bool(changed.any()):
@@ -135,11 +126,8 @@ def nucleus_problem(logits: torch.Tensor, top_p: float, out: torch.Tensor) -> Op
 
 
 def _compare_top_p(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optional[str]:
-    """Same -inf pattern and kept values as the reference.
-
-    Where the pattern differs only by a tie or a rounding-level boundary
-    (``nucleus_problem`` finds nothing wrong), the answer is accepted too.
-    """
+    """Same -inf pattern and kept values as the reference, or a pattern that differs only by a tie
+    or a rounding-level boundary (``nucleus_problem`` finds nothing wrong)."""
     if problem := tensor_problem(expected, actual):
         return problem
     removed_a, removed_e = actual == -math.inf, expected == -math.inf

@@ -7,6 +7,7 @@ once at load time in ``minfer/model.py`` and picks the bucket with ``bucket_for`
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 import torch
@@ -15,16 +16,13 @@ from hypothesis import strategies as st
 from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_tensors,
                                      is_number, register, returned, tuple_problem)
 
-# --- fusion.qkv_fused ---
 QKV_ATOL = 1e-5
 
 
 def qkv_fused(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor):
-    """(q, k, v) = (x wq^T, x wk^T, x wv^T) with one matmul: stack the rows, multiply, split.
+    """(q, k, v) = (x wq^T, x wk^T, x wv^T) with one matmul (vLLM stacks once: ``QKVParallelLinear``).
 
-    x (..., d); wq (nq, d), wk (nk, d), wv (nk, d) -> q (..., nq), k (..., nk), v (..., nk).
-    vLLM loads the stacked weight once (``QKVParallelLinear``); here it is stacked per call.
-    """
+    x (..., d); wq (nq, d), wk (nk, d), wv (nk, d) -> q (..., nq), k (..., nk), v (..., nk)."""
     w = torch.cat([wq, wk, wv], dim=0)                       # (nq + 2 nk, d)
     y = x @ w.T                                              # (..., nq + 2 nk): one matmul
     return tuple(torch.split(y, [wq.shape[0], wk.shape[0], wv.shape[0]], dim=-1))
@@ -77,13 +75,9 @@ register(Exercise(
 ))
 
 
-# --- cuda_graph.pad_to_bucket ---
 def pad_to_bucket(n: int, sizes: Sequence[int]) -> tuple[int, int]:
-    """(bucket, padded rows) for a decode batch of ``n`` sequences, 1 <= n <= max(sizes).
-
-    The bucket is the smallest capture size that holds n sequences (``sizes`` in any order); the
-    step then runs with bucket - n padded rows, whose outputs are thrown away.
-    """
+    """(bucket, padded rows) for a decode batch of ``n`` <= max(sizes) sequences: the smallest capture
+    size that holds them (``sizes`` in any order), and the bucket - n rows whose outputs are thrown away."""
     bucket = min(s for s in sizes if s >= n)
     return bucket, bucket - n
 
@@ -127,7 +121,6 @@ register(Exercise(
 ))
 
 
-# --- roofline.mbu ---
 @st.composite
 def _mbu_inputs(draw) -> Inputs:
     return {"bytes_per_token": draw(st.floats(1e3, 1e12)), "tokens_per_s": draw(st.floats(0.01, 1e5)),
@@ -157,11 +150,9 @@ register(Exercise(
 ))
 
 
-# --- cuda_graph.pad_batch ---
 def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bucket: int, scratch_slot: int):
     """The engine's static decode runner (``StaticDecodeRunner.load``) on a batch of len(tokens) decodes:
     its first ``bucket`` rows of input ids, positions, slots and context lengths, as lists."""
-    from minfer.engine.cuda_graph import StaticDecodeRunner
     from minfer.kv.paged import PagedBatch
     runner = _static_runner()
     runner.sizes, runner.scratch_slot = [bucket], scratch_slot
@@ -170,26 +161,20 @@ def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bu
         query_lens=torch.ones(S, dtype=torch.long), seq_lens=torch.tensor(context_lens),
         block_tables=torch.zeros(S, 1, dtype=torch.long), slot_mapping=torch.tensor(slots),
         logits_indices=torch.arange(S), positions=torch.tensor([positions])))
-    assert isinstance(runner, StaticDecodeRunner)
     return tuple(t.reshape(-1)[:bucket].tolist() for t in (runner.input_ids, runner.positions, runner.slot_mapping,
                                                            runner.context_lens))
 
 
+@lru_cache(maxsize=None)
 def _static_runner():
     """One static runner over a one-layer random model, shared by every call of ``pad_batch``."""
-    global _RUNNER
-    if _RUNNER is None:
-        from minfer.config import ModelConfig
-        from minfer.engine.cuda_graph import StaticDecodeRunner
-        from minfer.kv.paged import PagedKVCache
-        from minfer.model import build_model
-        cfg = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                          num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64)
-        _RUNNER = StaticDecodeRunner(build_model(cfg), PagedKVCache(cfg, 4, 16), 0, 64, use_cuda_graph=False)
-    return _RUNNER
-
-
-_RUNNER = None
+    from minfer.config import ModelConfig
+    from minfer.engine.cuda_graph import StaticDecodeRunner
+    from minfer.kv.paged import PagedKVCache
+    from minfer.model import build_model
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64)
+    return StaticDecodeRunner(build_model(cfg), PagedKVCache(cfg, 4, 16), 0, 64, use_cuda_graph=False)
 
 
 @st.composite

@@ -11,7 +11,6 @@ from minfer.lessons.registry import (Exercise, Inputs, against_definition, close
                                      tuple_problem)
 
 
-# --- compress.distill_kl ---
 @st.composite
 def _kl_inputs(draw) -> Inputs:
     N, V = draw(st.integers(1, 4)), draw(st.integers(3, 12))
@@ -64,7 +63,6 @@ register(Exercise(
 ))
 
 
-# --- compress.medusa_tree_mask ---
 @st.composite
 def _tree_inputs(draw) -> Inputs:
     raw = draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3).map(tuple), min_size=1, max_size=8))
@@ -103,7 +101,6 @@ register(Exercise(
 ))
 
 
-# --- compress.h2o_keep ---
 @st.composite
 def _h2o_inputs(draw) -> Inputs:
     S = draw(st.integers(1, 12))
@@ -142,7 +139,6 @@ register(Exercise(
 ))
 
 
-# --- compress.prune_ffn ---
 @st.composite
 def _prune_inputs(draw) -> Inputs:
     f, h = draw(st.integers(1, 8)), draw(st.integers(1, 3))

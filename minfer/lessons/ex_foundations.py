@@ -18,7 +18,6 @@ from minfer.lessons.registry import (
 )
 
 
-# --- kv.append ---
 def _small_ints(shape: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy:
     """float32 tensors of ``shape`` holding whole numbers in [lo, hi]: a counterexample reads easily."""
     n = math.prod(shape)
@@ -47,12 +46,10 @@ def _kv_append_inputs(draw) -> Inputs:
 
 
 def kv_append_with_cache(k_cache, v_cache, k, v, positions):
-    """The reference: ``ContiguousKVCache.update`` run on these buffers.
+    """The reference: ``ContiguousKVCache.update`` on these buffers, which it writes as the engine does.
 
-    k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), positions (T,):
-    returns (keys, values), each (B, nkv, positions[-1] + 1, hd), and leaves the
-    new K/V written into k_cache and v_cache, as the engine's cache does.
-    """
+    k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), positions (T,) -> (keys, values),
+    each (B, nkv, positions[-1] + 1, hd)."""
     from minfer.kv import ContiguousKVCache
 
     B, nkv, max_len, hd = k_cache.shape
@@ -78,38 +75,25 @@ def _exact_problem(name: str, expected: torch.Tensor, actual: Any) -> Optional[s
             f"{expected[idx].item()!r}, yours is {actual[idx].item()!r}")
 
 
-def _compare_kv_append(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    problem = tuple_problem(actual, ("keys", "values"))
-    if problem:
-        return problem
-    S, max_len = expected[0].shape[2], inputs["k_cache"].shape[2]
-    for name, e, a in zip(("keys", "values"), expected, actual):
-        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[2] != S \
-                and a.shape[:2] == e.shape[:2]:
-            pos = inputs["positions"].tolist()
-            return (f"{name} has {a.shape[2]} slots, expected {S}: after writing positions "
-                    f"{pos} the valid prefix is slots [0, {S}) of the {max_len}-slot buffer "
-                    f"(later slots are stale or empty)")
-        problem = _exact_problem(name, e, a)
-        if problem:
-            return problem
-    return None
-
-
-def _validate_kv_append(inputs: Inputs, actual: Any) -> Optional[str]:
+def _kv_append_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     """The definition, one position at a time: slot p holds the token written at p."""
     keys, values = inputs["k_cache"].clone(), inputs["v_cache"].clone()
     positions = inputs["positions"].tolist()
     for t, p in enumerate(positions):
         keys[:, :, p] = inputs["k"][:, :, t]
         values[:, :, p] = inputs["v"][:, :, t]
-    end = max(positions) + 1
-    for name, want, got in (("keys", keys[:, :, :end], actual[0]),
-                            ("values", values[:, :, :end], actual[1])):
-        problem = _exact_problem(name, want, got)
+    S, max_len = max(positions) + 1, keys.shape[2]
+    problem, want = tuple_problem(actual, ("keys", "values")), (keys[:, :, :S], values[:, :, :S])
+    for name, e, a in zip(("keys", "values"), want, actual if not problem else ()):
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[2] != S \
+                and a.shape[:2] == e.shape[:2]:
+            return (f"{name} has {a.shape[2]} slots, expected {S}: after writing positions "
+                    f"{positions} the valid prefix is slots [0, {S}) of the {max_len}-slot buffer "
+                    f"(later slots are stale or empty)")
+        problem = _exact_problem(name, e, a)
         if problem:
             return problem
-    return None
+    return problem
 
 
 register(Exercise(
@@ -120,12 +104,10 @@ register(Exercise(
                  "new K/V at their positions, return the valid prefix"),
     reference="minfer.lessons.ex_foundations:kv_append_with_cache",
     inputs=_kv_append_inputs(),
-    compare=_compare_kv_append,
-    validate=_validate_kv_append,
+    compare=against_definition(_kv_append_problem),
 ))
 
 
-# --- attention.online_softmax_update ---
 ONLINE_SOFTMAX_ATOL = 1e-5
 STATE = ("m", "l", "acc")
 
@@ -185,7 +167,6 @@ register(Exercise(
 ))
 
 
-# --- roofline.linear_intensity ---
 @st.composite
 def _intensity_inputs(draw) -> Inputs:
     return {"num_tokens": draw(st.integers(1, 4096)), "in_features": draw(st.integers(1, 8192)),

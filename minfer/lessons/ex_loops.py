@@ -40,11 +40,8 @@ def tiny_lm(seed: int):
 
 
 class CountingModel:
-    """A model that records the (B, T) shape of every forward (``calls``) and passes it on.
-
-    Call it like the engine's model: ``model(input_ids (B, T), positions (B, T),
-    kv_cache=cache, last_only=...) -> logits``; ``model.cfg`` is its ``ModelConfig``.
-    """
+    """The engine's model, recording the (B, T) shape of every forward in ``calls``: call it as
+    ``model(input_ids (B, T), positions (B, T), kv_cache=cache, last_only=...) -> logits``."""
 
     def __init__(self, inner):
         self.inner, self.cfg, self.calls = inner, inner.cfg, []
@@ -127,7 +124,6 @@ register(Exercise(
 ))
 
 
-# --- paged.decode_attention                lessons/04_paged_attention.ipynb ---
 PAGED_ATOL = 1e-5
 
 
@@ -201,7 +197,6 @@ register(Exercise(
 ))
 
 
-# --- speculative.greedy_loop               lessons/07_speculative_decoding.ipynb ---
 @st.composite
 def _spec_inputs(draw) -> Inputs:
     seed = draw(st.integers(0, 2))
@@ -261,7 +256,6 @@ register(Exercise(
 ))
 
 
-# --- serving.schedule_step                 lessons/05_batching_and_metrics.ipynb ---
 @st.composite
 def _schedule_inputs(draw) -> Inputs:
     bs = draw(st.integers(1, 4))
@@ -280,25 +274,14 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
                             block_size):
     """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
     from minfer.kv.block_pool import BlockPool, KVCacheManager
-    from minfer.sampling import SamplingParams
-    from minfer.engine.request import Request, RequestStatus
-    from minfer.engine.scheduler import Scheduler, SchedulerConfig
+    from minfer.lessons.ex_metrics import schedule_once
 
     held = sum(r[3] for r in running)
     # One more block, held by a sequence outside this step (a pool cannot be empty).
     kv = KVCacheManager(BlockPool(held + num_free_blocks + 1, block_size, enable_prefix_caching=False))
     kv.allocate("(another sequence)", [1] * block_size)
-    sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
-    params = SamplingParams(temperature=0.0)
-    for rid, num_tokens, computed, blocks in running:
-        req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
-        kv.allocate(rid, [1] * (blocks * block_size))       # `blocks` blocks held
-        req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
-        sched.running.append(req)
-    for rid, num_tokens in waiting:
-        sched.add_request(Request(rid, [1] * num_tokens, params, arrival_time=0.0))
-    out = sched.schedule()
+    running = [(rid, n, computed, blocks * block_size) for rid, n, computed, blocks in running]
+    out = schedule_once(kv, "continuous", running, waiting, token_budget, max_num_seqs)
     return ([(c.request.request_id, c.num_tokens) for c in out.chunks],
             [r.request_id for r in out.preempted])
 

@@ -45,7 +45,6 @@ def _own(events: tuple) -> dict[str, dict]:
     return req
 
 
-# --- serving.ttft ---
 def ttft_from_events(events):
     """The reference: ``RequestStats.ttft`` of every request that has a first token."""
     from minfer.serving.metrics import stats_from_events
@@ -77,7 +76,6 @@ register(Exercise(
 ))
 
 
-# --- serving.goodput ---
 def goodput_from_events(events, slo_ms, duration):
     """The reference: ``summarize``'s goodput over the finished requests."""
     from minfer.serving.metrics import stats_from_events, summarize
@@ -122,27 +120,36 @@ register(Exercise(
 ))
 
 
-# --- serving.static_step ---
-def static_step_reference(running, waiting, token_budget, max_num_seqs, no_more_requests):
-    """The engine's ``Scheduler.schedule`` with ``policy="static"`` and memory to spare."""
+def schedule_once(kv, policy: str, running, waiting, token_budget: int, max_num_seqs: int,
+                  no_more_requests: bool = False):
+    """One ``Scheduler.schedule`` of the engine (``policy``) over ``kv``: running requests are
+    (id, num_tokens, num_computed_tokens, slots of KV held), waiting ones (id, num_tokens)."""
     from minfer.engine.request import Request, RequestStatus
     from minfer.engine.scheduler import Scheduler, SchedulerConfig
-    from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
 
-    kv = KVCacheManager(BlockPool(4096, 1, enable_prefix_caching=False))
-    sched = Scheduler(SchedulerConfig(policy="static", max_num_seqs=max_num_seqs,
+    sched = Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
     sched.no_more_requests = no_more_requests
     params = SamplingParams(temperature=0.0)
-    for rid, num_tokens, computed in running:
+    for rid, num_tokens, computed, slots in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
-        kv.allocate(rid, [1] * num_tokens)
+        kv.allocate(rid, [1] * slots)
         req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
         sched.running.append(req)
     for rid, num_tokens in waiting:
         sched.add_request(Request(rid, [1] * num_tokens, params, arrival_time=0.0))
-    return [(c.request.request_id, c.num_tokens) for c in sched.schedule().chunks]
+    return sched.schedule()
+
+
+def static_step_reference(running, waiting, token_budget, max_num_seqs, no_more_requests):
+    """The engine's ``Scheduler.schedule`` with ``policy="static"`` and memory to spare."""
+    from minfer.kv.block_pool import BlockPool, KVCacheManager
+
+    kv = KVCacheManager(BlockPool(4096, 1, enable_prefix_caching=False))
+    out = schedule_once(kv, "static", [(*r, r[1]) for r in running], waiting, token_budget, max_num_seqs,
+                        no_more_requests)
+    return [(c.request.request_id, c.num_tokens) for c in out.chunks]
 
 
 @st.composite

@@ -39,7 +39,6 @@ def _as_int_list(actual: Any, what: str) -> tuple[Optional[list[int]], Optional[
     return list(actual), None
 
 
-# --- paged.slot_mapping ---
 @st.composite
 def _slot_mapping_inputs(draw) -> Inputs:
     block_size = draw(st.integers(1, 8))
@@ -78,7 +77,6 @@ register(Exercise(
 ))
 
 
-# --- paged.can_append ---
 @st.composite
 def _can_append_inputs(draw) -> Inputs:
     block_size = draw(st.integers(1, 8))
@@ -113,7 +111,6 @@ register(Exercise(
 ))
 
 
-# --- paged.append_slots ---
 @st.composite
 def _append_inputs(draw) -> Inputs:
     block_size = draw(st.integers(1, 6))
@@ -157,7 +154,6 @@ register(Exercise(
 ))
 
 
-# --- paged.block_hashes ---
 @st.composite
 def _hash_inputs(draw) -> Inputs:
     block_size = draw(st.integers(1, 4))

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from minfer.lessons.registry import Exercise, Inputs, against_definition, register, returned, tuple_problem
 
 
-# --- parallel.shard_weight ---
 @st.composite
 def _shard_inputs(draw) -> Inputs:
     world = draw(st.integers(1, 4))
@@ -48,7 +47,6 @@ register(Exercise(
 ))
 
 
-# --- parallel.allreduce_bytes_per_token ---
 @st.composite
 def _bytes_inputs(draw) -> Inputs:
     return {"hidden_size": draw(st.sampled_from([64, 576, 4096, 8192])), "num_layers": draw(st.integers(1, 80)),
@@ -81,7 +79,6 @@ register(Exercise(
 ))
 
 
-# --- parallel.gpipe_schedule ---
 def _gpipe_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     S, M = inputs["num_stages"], inputs["num_microbatches"]
     want = [[t - s if 0 <= t - s < M else -1 for t in range(M + S - 1)] for s in range(S)]
@@ -106,7 +103,6 @@ register(Exercise(
 ))
 
 
-# --- parallel.kv_handoff_bytes, parallel.prompt_kv ---
 def kv_handoff_bytes(prompt_len: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                      bytes_per_element: int) -> int:
     """Bytes the prefill worker sends for one prompt: K and V of every layer, in whole blocks."""

@@ -24,7 +24,6 @@ from minfer.lessons.registry import (Exercise, Inputs, against_definition, allcl
                                       tuple_problem)
 
 
-# --- quant.quantize_int8 ---
 @st.composite
 def _weights(draw) -> Inputs:
     """A small (N, K) matrix; some rows all zero or constant, magnitudes 1e-3 .. 1e3."""
@@ -88,7 +87,6 @@ register(Exercise(
 ))
 
 
-# --- quant.dequantize_int8 ---
 @st.composite
 def _int8_pairs(draw) -> Inputs:
     width = draw(st.integers(1, 8))
@@ -115,7 +113,6 @@ register(Exercise(
 ))
 
 
-# --- quant.pack_int4 / quant.unpack_int4 ---
 @st.composite
 def _nibbles(draw) -> Inputs:
     half = draw(st.integers(1, 6))

@@ -5,7 +5,7 @@ References: ``minfer/serving/router.py``, ``minfer/serving/cost.py`` and ``minfe
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hypothesis import strategies as st
 
@@ -13,7 +13,6 @@ from minfer.lessons.registry import (Exercise, Inputs, against_definition, is_nu
                                      tuple_problem)
 
 
-# --- router.ring_lookup ---
 @st.composite
 def _ring_inputs(draw) -> Inputs:
     points = sorted(draw(st.lists(st.integers(0, 99), min_size=1, max_size=8, unique=True)))
@@ -22,29 +21,17 @@ def _ring_inputs(draw) -> Inputs:
     return {"points": tuple(points), "owners": tuple(owners), "key": key}
 
 
-def _first_at_or_after(inputs: Inputs) -> int:
-    pts = inputs["points"]
-    for i, p in enumerate(pts):
-        if p >= inputs["key"]:
-            return i
-    return 0
-
-
-def _compare_ring(inputs: Inputs, expected: int, actual: Any) -> Optional[str]:
-    if actual == expected and isinstance(actual, int):
+def _ring_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The owner of the first point at or after the key, by a linear scan (no such point: the first)."""
+    points, key = inputs["points"], inputs["key"]
+    i = next((i for i, p in enumerate(points) if p >= key), 0)
+    if actual == inputs["owners"][i] and isinstance(actual, int):
         return None
     if actual is None:
         return returned(actual, "a replica number")
-    i = _first_at_or_after(inputs)
-    wrapped = " (no point is >= the key: wrap around to the first point)" if inputs["points"][-1] < inputs["key"] \
-        else ""
-    return (f"the first point at or after key {inputs['key']} is points[{i}] = "
-            f"{inputs['points'][i]}{wrapped}, owned by replica {expected}; yours is {actual!r}")
-
-
-def _validate_ring(inputs: Inputs, actual: Any) -> Optional[str]:
-    want = inputs["owners"][_first_at_or_after(inputs)]
-    return None if actual == want else f"a linear scan gives replica {want}, yours is {actual!r}"
+    wrapped = " (no point is >= the key: wrap around to the first point)" if points[-1] < key else ""
+    return (f"the first point at or after key {key} is points[{i}] = {points[i]}{wrapped}, "
+            f"owned by replica {inputs['owners'][i]}; yours is {actual!r}")
 
 
 register(Exercise(
@@ -54,37 +41,25 @@ register(Exercise(
     description="ring_lookup(points, owners, key) -> owners[i] for the first points[i] >= key, wrapping to 0",
     reference="minfer.serving.router:ring_lookup",
     inputs=_ring_inputs(),
-    compare=_compare_ring,
-    validate=_validate_ring,
+    compare=against_definition(_ring_problem),
 ))
 
 
-# --- cost.dollars_per_mtok, cost.kwh_per_mtok ---
 @st.composite
 def _rate_and(draw, name: str, hi: float) -> Inputs:
     return {"tokens_per_s": draw(st.floats(0.01, 1e5)), name: draw(st.floats(0.0, hi))}
 
 
-def _close(what: str, formula: str):
-    def compare(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
+def _per_mtok(what: str, formula: str, definition: Callable[[Inputs], float]):
+    """A ``compare`` against ``definition(inputs)``, a number of ``what`` (``formula`` says how)."""
+    def problem(inputs: Inputs, actual: Any) -> Optional[str]:
         if not is_number(actual):
             return returned(actual, f"a number of {what}", show=True)
-        if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12):
+        want = definition(inputs)
+        if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12):
             return None
-        return f"{formula} = {expected!r}; yours is {actual!r}"
-    return compare
-
-
-def _validate_dollars(inputs: Inputs, actual: Any) -> Optional[str]:
-    tokens_per_hour = inputs["tokens_per_s"] * 3600
-    want = inputs["price_per_hour"] * 1_000_000 / tokens_per_hour
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
-
-
-def _validate_kwh(inputs: Inputs, actual: Any) -> Optional[str]:
-    hours = 1_000_000 / inputs["tokens_per_s"] / 3600
-    want = inputs["watts"] * hours / 1000
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
+        return f"{formula} = {want!r}; yours is {actual!r}"
+    return against_definition(problem)
 
 
 register(Exercise(
@@ -93,8 +68,8 @@ register(Exercise(
     description="dollars_per_mtok(tokens_per_s, price_per_hour) -> $ per million tokens",
     reference="minfer.serving.cost:dollars_per_mtok",
     inputs=_rate_and("price_per_hour", 100.0),
-    compare=_close("dollars", "price_per_hour / (3600 * tokens_per_s) * 1e6"),
-    validate=_validate_dollars,
+    compare=_per_mtok("dollars", "price_per_hour / (3600 * tokens_per_s) * 1e6",
+                      lambda i: i["price_per_hour"] * 1_000_000 / (i["tokens_per_s"] * 3600)),
 ))
 
 register(Exercise(
@@ -103,12 +78,11 @@ register(Exercise(
     description="kwh_per_mtok(tokens_per_s, watts) -> kWh per million tokens",
     reference="minfer.serving.cost:kwh_per_mtok",
     inputs=_rate_and("watts", 2000.0),
-    compare=_close("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600"),
-    validate=_validate_kwh,
+    compare=_per_mtok("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600",
+                      lambda i: i["watts"] * (1_000_000 / i["tokens_per_s"] / 3600) / 1000),
 ))
 
 
-# --- output.stream_cut ---
 @st.composite
 def _stream_inputs(draw) -> Inputs:
     text = st.text("ab.", max_size=8)

@@ -10,10 +10,9 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, is_number, register, returned
+from minfer.lessons.registry import Exercise, Inputs, against_definition, is_number, register, returned
 
 
-# --- serving.tpot ---
 @st.composite
 def _tpot_inputs(draw) -> Inputs:
     arrival = draw(st.floats(0.0, 100.0, allow_nan=False))
@@ -25,33 +24,24 @@ def _tpot_inputs(draw) -> Inputs:
     return {"arrival_time": arrival, "token_times": tuple(times)}
 
 
-def _compare_tpot(inputs: Inputs, expected: Optional[float], actual: Any) -> Optional[str]:
-    n = len(inputs["token_times"])
-    if expected is None:
+def _tpot_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Against the mean gap between consecutive tokens (None for fewer than 2 tokens)."""
+    t, a = inputs["token_times"], inputs["arrival_time"]
+    n = len(t)
+    if n < 2:
         if actual is None:
             return None
         return f"with {n} output token there is no time *between* tokens: return None, not {actual!r}"
+    want = sum(y - x for x, y in zip(t, t[1:])) / (n - 1)
     if actual is None:
-        return f"returned None, but {n} tokens have {n - 1} gaps: expected {expected!r}"
+        return f"returned None, but {n} tokens have {n - 1} gaps: expected {want!r}"
     if not is_number(actual):
         return returned(actual, "a number of seconds", show=True)
-    if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
+    if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9):
         return None
-    t, a = inputs["token_times"], inputs["arrival_time"]
     e2e, ttft = t[-1] - a, t[0] - a
     return (f"E2E = {t[-1]!r} - {a!r} = {e2e!r}, TTFT = {t[0]!r} - {a!r} = {ttft!r}, "
-            f"TPOT = (E2E - TTFT) / ({n} - 1) = {expected!r}; yours is {actual!r}")
-
-
-def _validate_tpot(inputs: Inputs, actual: Any) -> Optional[str]:
-    """The mean gap between consecutive tokens, computed independently."""
-    t = inputs["token_times"]
-    if len(t) < 2:
-        return None if actual is None else "expected None"
-    gaps = [b - a for a, b in zip(t, t[1:])]
-    want = sum(gaps) / len(gaps)
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9) else \
-        f"the mean gap between tokens is {want!r}, yours is {actual!r}"
+            f"TPOT = (E2E - TTFT) / ({n} - 1) = {want!r}; yours is {actual!r}")
 
 
 register(Exercise(
@@ -61,12 +51,10 @@ register(Exercise(
                  "None when fewer than 2 tokens"),
     reference="minfer.serving.metrics:tpot_from_timestamps",
     inputs=_tpot_inputs(),
-    compare=_compare_tpot,
-    validate=_validate_tpot,
+    compare=against_definition(_tpot_problem),
 ))
 
 
-# --- serving.percentile ---
 @st.composite
 def _percentile_inputs(draw) -> Inputs:
     values = draw(st.lists(st.floats(0.0, 1000.0, allow_nan=False), min_size=1, max_size=12))
@@ -87,11 +75,9 @@ def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optiona
 
 
 def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:
-    """numpy's linear-interpolation percentile, when numpy is there."""
-    try:
-        import numpy as np
-    except ImportError:                                    # pragma: no cover
-        return None
+    """numpy's linear-interpolation percentile."""
+    import numpy as np
+
     want = float(np.percentile(list(inputs["values"]), inputs["p"]))
     return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-6) else \
         f"numpy.percentile gives {want!r}, yours is {actual!r}"
@@ -108,21 +94,14 @@ register(Exercise(
 ))
 
 
-# --- serving.continuous_step ---
 def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
                     token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
-    """One continuous-batching step, memory aside: who gets how many tokens.
+    """One continuous-batching step, memory aside: [(request_id, num_scheduled_tokens), ...].
 
-    running: [(request_id, num_tokens, num_computed_tokens), ...], oldest first
-    waiting: [(request_id, num_tokens), ...], in arrival order (nothing computed yet)
-    returns: [(request_id, num_scheduled_tokens), ...]
-
-    Running requests first, in order, each its remaining tokens (1 for a decode)
-    as far as the budget goes; then waiting requests join, in order, while there
-    is budget and fewer than ``max_num_seqs`` requests run; the last one to join
-    may get only part of its prompt (a prefill chunk). ``minfer.engine.scheduler.Scheduler.schedule``
-    is this loop plus KV blocks and preemption (``tests/test_scheduler.py`` checks
-    that the two agree when memory is plentiful).
+    running [(id, num_tokens, num_computed_tokens)] oldest first get their remaining tokens (1 for a
+    decode) as far as the budget goes; then waiting [(id, num_tokens)] join in order while budget and
+    ``max_num_seqs`` allow, the last one perhaps with only a chunk of its prompt. ``Scheduler.schedule``
+    (minfer/engine/scheduler.py) is this loop plus KV blocks and preemption.
     """
     out, budget = [], token_budget
     for request_id, num_tokens, num_computed in running:

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_lists,
                                      register, returned, tuple_problem)
 
-# --- speculative.accept_reject ---
 ACCEPT_ATOL = 1e-5
 
 
@@ -81,7 +80,6 @@ register(Exercise(
 ))
 
 
-# --- speculative.ngram_propose ---
 @st.composite
 def _ngram_inputs(draw) -> Inputs:
     tokens = draw(st.lists(st.integers(0, 3), min_size=1, max_size=16))
@@ -127,7 +125,6 @@ register(Exercise(
 ))
 
 
-# --- lookahead.ngram_pool ---
 def pool_harvest(pool: dict, levels: list, new: list, per_key: int) -> dict:
     """The engine's ``NgramPool.harvest`` on a copy of ``pool`` ({first token: [rest, ...]}, most recent last)."""
     from minfer.speculative.lookahead import NgramPool

@@ -109,11 +109,8 @@ def _write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
 def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                          convert: Optional[Callable] = None) -> list[Path]:
     """Write the student edition (or ``convert``'s, e.g. ``nbgrader_notebook``) of every ``NN_*.ipynb``
-    in ``src_dir`` into ``out_dir``, each file atomically; returns the written paths.
-
-    Refuses (``ValueError``) ``src_dir`` itself and a folder that is not empty. Only the notebooks
-    are written: copy any data files the lessons read yourself.
-    """
+    in ``src_dir`` into ``out_dir``, atomically; returns the paths. Refuses (``ValueError``) ``src_dir``
+    itself and a folder that is not empty. Data files the lessons read are not copied."""
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
     if not src.is_dir():
         raise ValueError(f"src_dir {str(src_dir)!r} is not a folder")

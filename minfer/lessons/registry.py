@@ -38,20 +38,13 @@ class Exercise:
     lesson: str = ""                 # the notebook's stem, e.g. "01_prefill_and_decode"
     function: str = ""               # the name the solution cell defines, e.g. "rms_norm"
     points: int = 1                  # what a pass is worth in the score table
-    # What a solution cell may use besides builtins: the grader runs the cell
-    # after ``prelude`` in a fresh interpreter (``autograde``). ``allowed`` are
-    # the minfer functions ("module:qualname") a solution may call (helpers
-    # the lesson hands out); any other call into minfer is "the engine's own
-    # implementation" and is rejected.
+    # What a solution cell may use: ``prelude`` runs before it (``autograde``), and it may call the
+    # minfer helpers ``allowed`` ("module:qualname"); any other call into minfer is rejected.
     prelude: str = "import math\nimport torch\n"
     allowed: tuple[str, ...] = ()
 
     def load_reference(self) -> Callable:
-        """Import and return the reference implementation (``"module:function"``).
-
-        Inside ``minfer.lessons.use(...)`` this is still the engine's own
-        function, not the learner's that replaced it.
-        """
+        """Import the reference (``"module:function"``): the engine's own, even inside ``use(...)``."""
         from minfer.lessons.swap import original
 
         return original(self.reference)
@@ -87,24 +80,16 @@ def names() -> list[str]:
 # --- Building blocks for strategies ---
 def float_lists(lo: float, hi: float, min_size: int = 0,
                 max_size: int | None = None) -> st.SearchStrategy:
-    """Lists of float32-representable finite floats in [lo, hi] (no subnormals).
-
-    Hypothesis shrinks each value towards 0 and simple numbers (1.0, 2.0) and
-    deletes list elements: counterexamples come out small and readable.
-    """
+    """Lists of float32-representable finite floats in [lo, hi] (no subnormals); hypothesis shrinks
+    them towards 0, simple numbers and fewer elements: counterexamples come out small and readable."""
     values = st.floats(lo, hi, width=32, allow_nan=False, allow_infinity=False,
                        allow_subnormal=False)
     return st.lists(values, min_size=min_size, max_size=max_size)
 
 
 def rows_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
-    """A float32 (len(rows), width) tensor: each row cut or zero-padded to ``width``.
-
-    Shrink-friendly shapes: draw the width from one list (``len(weight)``)
-    and the rows as independent lists, rather than drawing a size first and
-    then exactly that many values. Then making the width smaller does not
-    shift every value drawn after it, and hypothesis can shrink both.
-    """
+    """A float32 (len(rows), width) tensor: each row cut or zero-padded to ``width``. Shrink-friendly:
+    the width comes from one list and the rows are independent lists, so both shrink."""
     return torch.tensor([(r + [0.0] * width)[:width] for r in rows], dtype=torch.float32)
 
 
@@ -153,11 +138,8 @@ def first_index(wrong: torch.Tensor) -> tuple[int, ...]:
 
 def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
                   what: str = "expected") -> Optional[str]:
-    """Compare two same-shape tensors; tolerance ``atol * max(1, max|expected|)``.
-
-    NaN or inf where the expected value is finite always counts as wrong.
-    Returns the max abs error and the first wrong position, or None.
-    """
+    """The max abs error and the first wrong position, or None; tolerance ``atol * max(1, max|expected|)``
+    (NaN or inf where the expected value is finite is always wrong)."""
     e = expected.detach().to(torch.float64)
     a = actual.detach().to(torch.float64)
     scale = max(1.0, float(e[e.isfinite()].abs().max())) if e.isfinite().any() else 1.0
