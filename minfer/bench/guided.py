@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from minfer.bench.report import TABLES
     from minfer.bench.timing import table, write_json
     from minfer.cli_args import set_threads
     from minfer.llm import LLM
@@ -64,10 +65,7 @@ def main(args) -> int:
         mask_ms, step_ms, free_ms = (statistics.median(x) for x in (masks, steps, free))
         rows.append({"batch": b, "mask_ms": mask_ms, "guided_step_ms": step_ms, "unguided_step_ms": free_ms,
                      "mask_ratio": mask_ms / free_ms, "step_ratio": step_ms / free_ms, "steps": n})
-    print(table(rows, [("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"),
-                       ("unguided_step_ms", "unguided step ms", "{:.1f}"),
-                       ("guided_step_ms", "guided step ms", "{:.1f}"),
-                       ("mask_ratio", "mask / step", "{:.1%}"), ("step_ratio", "guided / unguided", "{:.2f}")]))
+    print(table(rows, TABLES["guided"][0][2]))
     if args.json:
         write_json(args.json, {"benchmark": "guided", "model": args.model, "schema": SCHEMA, "rows": rows,
                                "threads": args.threads})

@@ -7,8 +7,8 @@ same definitions (``minfer.serving.metrics``); then the cost of a token online v
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import statistics
 import time
 
 from minfer.serving.metrics import RequestStats
@@ -76,29 +76,28 @@ def _flat(m) -> dict:
     return out
 
 
-def main_http(args, llm, trace, slo, run_online, log) -> dict:
+def main_http(args, llm, trace, slo, run_online) -> dict:
     """In-process vs HTTP on ``trace`` (interleaved rounds, medians), then online vs batch cost."""
-    from minfer.bench.timing import table
+    from minfer.bench.timing import interleaved, log, table
     from minfer.serving.cost import cost_rows
     from minfer.serving.metrics import summarize
-    from minfer.serving.workload import TraceRequest
 
     url = args.url.rstrip("/")
     model = served_model(url)
     log(f"HTTP: {url} serves {model!r}; warm-up ...")
     run_http(url, trace[:1], model)
-    runs: dict[str, list[dict]] = {"in-process": [], "HTTP": []}
-    last = {}
-    for r in range(args.repeats):
-        for name in runs:
-            log(f"  round {r + 1}/{args.repeats}: {name} at {args.rate:g} req/s ...")
-            if name == "HTTP":
-                stats, duration, _ = run_http(url, trace, model)
-            else:
-                stats, duration, _ = run_online(llm.model, llm.tokenizer, args, "continuous", trace)
-            last[name] = summarize(stats, duration=duration, slo_ms=slo)
-            runs[name].append(_flat(last[name]))
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+
+    runs = {"in-process": lambda: run_online(llm.model, llm.tokenizer, args, "continuous", trace),
+            "HTTP": lambda: run_http(url, trace, model)}
+
+    def timed(run):
+        def fn():
+            stats, duration, _ = run()
+            return _flat(summarize(stats, duration=duration, slo_ms=slo))
+        return fn
+    log(f"in-process vs HTTP, {len(trace)} requests at {args.rate:g} req/s, interleaved:")
+    med = interleaved({name: timed(run) for name, run in runs.items()}, repeats=args.repeats, warmup=0,
+                      log=log)
     rows = [{"metric": k, "in": med["in-process"][k], "http": med["HTTP"][k],
              "ratio": med["HTTP"][k] / med["in-process"][k] if med["in-process"][k] else float("nan")}
             for k in med["HTTP"]]
@@ -107,8 +106,8 @@ def main_http(args, llm, trace, slo, run_online, log) -> dict:
     print(table(rows, [("metric", "metric", "{:>30}"), ("in", "in-process", "{:.1f}"), ("http", "HTTP", "{:.1f}"),
                        ("ratio", "HTTP / in-process", "{:.2f}")]))
 
-    # ---- the cost of a token: online (batch 1) vs batch, same requests, in-process
-    at0 = [TraceRequest(**dict(r.__dict__, arrival_time=0.0)) for r in trace]
+    # the cost of a token: online (batch 1) vs batch, same requests, in-process
+    at0 = [dataclasses.replace(r, arrival_time=0.0) for r in trace]
     thr = {}
     for name, seqs in (("online (batch 1)", 1), (f"batch ({args.max_num_seqs} at once)", args.max_num_seqs)):
         log(f"cost: {name} ...")

@@ -47,14 +47,13 @@ def _cache_counts(replicas: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-def main_routing(args, tokenizer, log) -> dict:
-    from minfer.bench.timing import table
+def main_routing(args, tokenizer) -> dict:
+    """Replicas and a router per policy started, the workload sent through each in turn, all stopped."""
+    from minfer.bench.timing import log, names, table
     from minfer.serving.router import POLICIES, start_minfer, stop_processes, wait_healthy
     from minfer.serving.http_common import served_name
 
-    policies = [p.strip() for p in args.routing.split(",") if p.strip()]
-    if bad := [p for p in policies if p not in POLICIES]:
-        raise ValueError(f"--routing: unknown {bad}; choose from {POLICIES}")
+    policies = names(args.routing, "--routing", POLICIES)
     if args.replicas < 2:
         raise ValueError(f"--replicas must be >= 2 for a routing comparison, got {args.replicas}")
     threads = ["--threads", str(args.threads)] if args.threads else []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -68,10 +69,32 @@ def run_envelope(payload: dict) -> dict:
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Plain-text table. columns: (key, header, format)."""
-    head = " | ".join(h for _, h, _ in columns)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(" | ".join((fmt.format(r[k]) if r.get(k) is not None else "n/a").rjust(len(h))
-                                for k, h, fmt in columns))
-    return "\n".join(lines)
+    """Right-aligned plain-text table. columns: (key, header, format); empty columns are left out."""
+    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in columns] for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, (_, h, _) in enumerate(columns)]
+    head = " | ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths))
+    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([head, "-" * len(head), *lines])
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the tables go to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def names(text: str, flag: str, choices=None) -> list[str]:
+    """``"a, b"`` -> ["a", "b"]; ValueError naming ``flag`` for a name not in ``choices``."""
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    if choices is not None and (bad := [x for x in out if x not in choices]):
+        raise ValueError(f"{flag}: unknown {bad}; choose from {list(choices)}")
+    return out
+
+
+def positive_ints(text: str, flag: str) -> list[int]:
+    """``"1,8"`` -> [1, 8]; ValueError naming ``flag`` unless every value is an integer >= 1."""
+    from minfer.cli_args import int_list
+    values = int_list(text, flag)
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
