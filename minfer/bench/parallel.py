@@ -106,7 +106,7 @@ def report(results: dict) -> str:
         out.append(f"Tensor parallel decode: random model h={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
                    f"vocab {cfg['vocab_size']}, fp32, prompt {r['prompt_len']}, {r['n_tokens']} tokens, "
                    "1 thread per process (medians of interleaved rounds)")
-        out.append(table(rows, [("mode", "mode", "{:>14}"), ("prefill_ms", "prefill ms", "{:.1f}"),
+        out.append(table(rows, [("mode", "mode", "{}"), ("prefill_ms", "prefill ms", "{:.1f}"),
                                 ("prefill_ratio", "prefill speed-up", "{:.2f}x"),
                                 ("tpot_ms", "TPOT ms", "{:.1f}"), ("tpot_ratio", "decode speed-up", "{:.2f}x"),
                                 ("all_reduce_calls_per_token", "all-reduces/token", "{:.0f}"),
@@ -129,7 +129,7 @@ def report(results: dict) -> str:
         rows = [{"mode": k, **v} for k, v in s.items()]
         out.append("\nPrefill/decode disaggregation, mixed workload (short chats decoding, long prompts arriving); "
                    "colocated = 1 process, disaggregated = 2 processes")
-        out.append(table(rows, [("mode", "mode", "{:>13}"), ("ttft_short_p50_ms", "TTFT short p50 ms", "{:.0f}"),
+        out.append(table(rows, [("mode", "mode", "{}"), ("ttft_short_p50_ms", "TTFT short p50 ms", "{:.0f}"),
                                 ("ttft_long_p50_ms", "TTFT long p50 ms", "{:.0f}"),
                                 ("first_gap_p50_ms", "1st->2nd token p50 ms", "{:.0f}"),
                                 ("tpot_short_p50_ms", "TPOT short p50 ms", "{:.1f}"),

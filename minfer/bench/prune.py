@@ -82,7 +82,7 @@ def main(args) -> int:
                          args.model, curve)
         rows.append(row)
         log(str(row))
-    print(table(rows, [("model", "model", "{:>30}"), ("params_M", "params M", "{:.1f}"), ("nonzero_M", "nonzero M", "{:.1f}"),
+    print(table(rows, [("model", "model", "{}"), ("params_M", "params M", "{:.1f}"), ("nonzero_M", "nonzero M", "{:.1f}"),
                        ("decode_tps", "tok/s", "{:.1f}"), ("speedup", "x dense", "{:.2f}"),
                        ("ppl_before", "ppl", "{:.2f}"), ("ppl_healed", "ppl healed", "{:.2f}")]))
     print(f"\nperplexity: first {args.ppl_chars} chars of pydoc_data.topics (never trained on), context 256, stride 128; "

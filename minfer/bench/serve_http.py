@@ -103,7 +103,7 @@ def main_http(args, llm, trace, slo, run_online) -> dict:
             for k in med["HTTP"]]
     print(f"\n== client-side (HTTP) vs in-process: {len(trace)} requests at {args.rate:g} req/s, "
           f"medians of {args.repeats} interleaved rounds ==")
-    print(table(rows, [("metric", "metric", "{:>30}"), ("in", "in-process", "{:.1f}"), ("http", "HTTP", "{:.1f}"),
+    print(table(rows, [("metric", "metric", "{}"), ("in", "in-process", "{:.1f}"), ("http", "HTTP", "{:.1f}"),
                        ("ratio", "HTTP / in-process", "{:.2f}")]))
 
     # the cost of a token: online (batch 1) vs batch, same requests, in-process
@@ -118,7 +118,7 @@ def main_http(args, llm, trace, slo, run_online) -> dict:
     thr[f"HTTP at {args.rate:g} req/s"] = med["HTTP"]["output throughput (tok/s)"]
     cost = cost_rows(thr, args.price_per_hour, args.watts)
     print(f"\n== the cost of a token at ${args.price_per_hour:g}/h and {args.watts:g} W ==")
-    print(table(cost, [("run", "run", "{:>26}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+    print(table(cost, [("run", "run", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
                        ("usd_per_mtok", "$ / Mtok", "{:.2f}"), ("kwh_per_mtok", "kWh / Mtok", "{:.2f}"),
                        ("x_cheapest", "x cheapest", "{:.1f}")]))
     return {"http_vs_in_process": rows, "cost": cost, "price_per_hour": args.price_per_hour, "watts": args.watts}

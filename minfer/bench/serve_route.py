@@ -91,7 +91,7 @@ def main_routing(args, tokenizer) -> dict:
         row["x_ttft"] = base["ttft_mean"] / row["ttft_mean"]
     print(f"\n== routing over {args.replicas} replicas: 4 system prompts of {args.prefix_tokens} tokens x 4 "
           f"questions, {args.repeats} interleaved round(s), one request at a time ==")
-    print(table(rows, [("policy", "policy", "{:>13}"), ("hit_rate", "prefix-cache hit rate", "{:.1%}"),
+    print(table(rows, [("policy", "policy", "{}"), ("hit_rate", "prefix-cache hit rate", "{:.1%}"),
                        ("hits", "cached tokens", "{:.0f}"), ("queries", "prompt tokens", "{:.0f}"),
                        ("ttft_median", "median TTFT ms", "{:.0f}"), ("ttft_p90", "p90 TTFT ms", "{:.0f}"),
                        ("ttft_mean", "mean TTFT ms", "{:.0f}"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -98,3 +99,14 @@ def positive_ints(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
     return values
+
+
+def timed_generate(model, prompt_ids: list[int], params, generate=None, **kw) -> tuple[dict, list[int]]:
+    """One batch-1 generation (``generate_tokens`` unless ``generate``), timed by the ``RequestStats`` it
+    fills -> ({"decode_tps": tokens/s after the first, "ttft": seconds}, the tokens)."""
+    from minfer.generate import generate_tokens
+    from minfer.metrics import RequestStats
+    m = RequestStats(arrival_time=time.perf_counter())
+    toks = list((generate or generate_tokens)(model, prompt_ids, params, metrics=m, **kw))
+    t = m.token_times
+    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"), "ttft": m.ttft}, toks
