@@ -7,11 +7,10 @@ disaggregated), each in one 2-process gloo group, then ``tp_formulas`` for real 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from minfer.bench.timing import table, write_json
+from minfer.bench.timing import log, names, table, write_json
 
 PARTS = ("tp", "pp", "disagg")
 
@@ -150,23 +149,11 @@ def report(results: dict) -> str:
 
 
 def main(args) -> int:
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        raise ValueError(f"--parts: unknown {bad}; choose from {list(PARTS)}")
+    parts = names(args.parts, "--parts", PARTS)
     if args.tokens < 1 or args.rounds < 1:
         raise ValueError("--tokens and --rounds must be >= 1")
-    results = run(parts, args.tokens, args.rounds, args.quick, log=lambda s: print(s, file=sys.stderr))
+    results = run(parts, args.tokens, args.rounds, args.quick, log=log)
     print(report(results))
     if args.json:
-        from minfer.bench.machine import machine_info
-        write_json(args.json, {"machine": machine_info(), "torch": torch.__version__, "results": _jsonable(results)})
+        write_json(args.json, {"torch": torch.__version__, "results": results})
     return 0
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

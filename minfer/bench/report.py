@@ -1,11 +1,5 @@
-"""``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write.
-
-    minfer bench report                      # docs/bench/*.json -> docs/benchmarks.md
-    minfer bench report DIR --out -          # print the page instead
-
-One section per file (command, machine, date, the tables of ``TABLES``); nothing typed by hand
-(docs/measuring.md).
-"""
+"""``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write: one section
+per file (command, machine, date, the tables of ``TABLES``), nothing typed by hand (docs/measuring.md)."""
 from __future__ import annotations
 
 import argparse

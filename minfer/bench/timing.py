@@ -12,7 +12,8 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
                 log: Callable[[str], None] = print) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 
-    Each call returns a dict of numbers; the result maps method -> median of each number.
+    Each call returns a dict of numbers, or None to be timed (``{"s": its wall seconds}``); the result
+    maps method -> median of each number.
     """
     for name, fn in methods.items():
         for _ in range(warmup):
@@ -21,7 +22,9 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
     samples: dict[str, list[dict]] = {name: [] for name in methods}
     for r in range(repeats):
         for name, fn in methods.items():
+            t = time.perf_counter()
             res = fn()
+            res = {"s": time.perf_counter() - t} if res is None else res
             samples[name].append(res)
             log(f"  round {r + 1}/{repeats} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
     return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
