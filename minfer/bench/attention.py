@@ -1,8 +1,7 @@
 """`minfer bench attention`: decode attention with GQA, several ways, on one model's head shapes.
 
-Methods: ``repeat`` (K/V repeated), ``gqa`` (``enable_gqa=True``), ``folded`` (``sdpa``), and from
-a shuffled paged pool ``paged`` (the gather path), ``cpu`` (the C++ kernel), ``triton`` (CUDA).
-Random tensors only; interleaved rounds, medians (docs/measuring.md).
+Methods ``repeat``, ``gqa``, ``folded`` on contiguous K/V, ``paged``, ``cpu``, ``triton`` on a shuffled
+paged pool; random tensors only (docs/measuring.md).
 """
 from __future__ import annotations
 

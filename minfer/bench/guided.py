@@ -1,8 +1,5 @@
-"""`minfer bench guided`: what the grammar's token mask costs per engine step, against an unguided step.
-
-B chat requests ask for a JSON object; guided, each follows a schema (``minfer/guided.py``). Every
-decode step's mask (fill each guided row's bitmask, unpack, apply) is timed apart from the step; then
-the same B requests run unguided for as many tokens. Medians over the steps.
+"""`minfer bench guided`: what the grammar's token mask costs per engine step, against an unguided step
+(docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""`minfer bench kv`: what paging buys, measured in one run on one model.
-
-Part 1, capacity and fragmentation for a fixed KV budget (contiguous max_len, contiguous
-prompt+max, paged); part 2, TTFT with and without prefix caching (docs/measuring.md).
+"""`minfer bench kv`: what paging buys, in one run on one model: capacity and fragmentation for a fixed KV
+budget (contiguous vs paged), then TTFT with and without prefix caching (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -44,8 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --- Part 1: capacity and fragmentation ---
-
-
 def mixed_workload(n: int, seed: int, max_len: int, max_tokens: int) -> list[tuple[int, int]]:
     """(prompt_len, output_len) pairs: log-normal, prompt median 256, output median 128, clipped."""
     rng = random.Random(seed)
@@ -92,8 +88,6 @@ def paged_capacity(workload, cfg, budget: float, block_size: int, dtype) -> dict
 
 
 # --- Part 2: TTFT with a shared prefix ---
-
-
 def shared_prefix(tokenizer, n: int) -> list[int]:
     """n tokens of real English: a system prompt followed by standard-library docstrings."""
     import collections

@@ -1,9 +1,5 @@
-"""What this machine can do: measured memory bandwidth and matmul FLOP/s.
-
-Decode is memory-bound, so "bandwidth achieved" (bytes the decode loop must
-read per second) next to the measured bandwidth tells how close a loop runs
-to the physical limit.
-"""
+"""What this machine can do: measured memory bandwidth and matmul FLOP/s, the ceilings that a decode loop's
+bytes and FLOPs per second are compared with (``mbu``)."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,5 @@
-"""``minfer bench parallel``: 2 ranks against 1 on this machine, and when tensor parallelism pays.
-
-``tp`` (decode per token), ``pp`` (bubble vs micro-batches), ``disagg`` (colocated vs
-disaggregated), each in one 2-process gloo group, then ``tp_formulas`` for real hardware
-(docs/measuring.md).
+"""``minfer bench parallel``: 2 ranks against 1 on this machine (``tp``, ``pp``, ``disagg``, each in one
+2-process gloo group), and when tensor parallelism pays on real hardware (docs/measuring.md).
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """`minfer bench quant`: weight bytes, decode speed and perplexity per weight format, in one run.
 
-    minfer bench quant --formats fp32,int8 --max-tokens 64 --skip-ppl
-
-Formats timed interleaved (batch 1, greedy), perplexity per format, agreement with fp32
-(free-running and teacher-forced). What each column means, and why int4-g32 fits SmolLM2's
-Q4_1 weights: docs/measuring.md.
+Formats timed interleaved (batch 1, greedy); agreement with fp32 free-running and teacher-forced.
+What each column means, and why int4-g32 fits SmolLM2's Q4_1 weights: docs/measuring.md.
 """
 from __future__ import annotations
 

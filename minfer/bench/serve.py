@@ -1,11 +1,8 @@
 """`minfer bench serve`: serving policies under a workload; TTFT, TPOT, throughput, goodput.
 
-    minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32
-    minfer bench serve --url http://127.0.0.1:8000                      (serve_http.py)
-    minfer bench serve --routing round_robin,prefix_aware --replicas 2  (serve_route.py)
-
-Online (requests arrive at --rate), offline baselines (--baselines) and the front door
-(--front-door), on one seeded trace. What each part measures: docs/measuring.md.
+Online (--rate), offline baselines (--baselines) and the front door (--front-door), on one seeded trace;
+``--url`` measures a running server (serve_http.py), ``--routing`` router policies (serve_route.py).
+What each part measures: docs/measuring.md.
 """
 from __future__ import annotations
 
@@ -55,16 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="the engine's decode steps eager (--enforce-eager) or on the static step, CUDA graphs "
-                        "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
+                   help="eager decode steps; --no-enforce-eager: the static step, CUDA graphs on a GPU "
+                        "(default as LLM: static on CUDA, eager on a CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
                         "kernel on a CPU in float32 or bf16), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,torch-decode,transformers,"
-                        "float32 (torch-decode: the engine with --decode-kernel torch; float32: the engine on "
-                        "a float32 copy of the model, to compare with --dtype bfloat16)")
+                   help="offline throughput comparison, comma-separated: sequential, torch-decode (gather + "
+                        "SDPA), transformers, float32 (a float32 copy, next to --dtype bfloat16)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -83,9 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-tokens", type=int, default=256, help="system-prompt tokens for --routing (default 256)")
     p.add_argument("--watts", type=float, default=DEFAULT_WATTS,
                    help=f"power drawn, with --url (default {DEFAULT_WATTS:g}: an H100's board power)")
-
-
-# --- Runs: each returns (RequestStats list, duration in s, output token lists) ---
 
 
 def _params(r):
@@ -107,7 +100,7 @@ def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
 
 
 def run_online(model, tok, args, policy, trace, decode_kernel=None):
-    """Replay the trace in real time through the engine."""
+    """Replay the trace in real time through the engine -> (RequestStats list, seconds, output tokens)."""
     eng = _engine(model, tok, args, policy,
                   max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
@@ -129,18 +122,6 @@ def run_sequential(model, trace):
         stats.append(s)
         outs.append(toks)
     return stats, time.perf_counter() - t0, outs
-
-
-def run_front_door(llm, trace, batched: bool):
-    """Through ``LLM.generate``: every prompt in one call, or one call per prompt."""
-    prompts = [r.prompt_token_ids for r in trace]
-    params = [_params(r) for r in trace]
-    t0 = time.perf_counter()
-    if batched:
-        outs = llm.generate(prompts, params)
-    else:
-        outs = [llm.generate(p, sp)[0] for p, sp in zip(prompts, params)]
-    return [o.metrics for o in outs], time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
 @torch.no_grad()
@@ -170,9 +151,6 @@ def run_transformers(hf, trace, pad_id: int):
         stats.append(s)
         outs.append(out[i, L:L + r.max_tokens].tolist())
     return stats, duration, outs
-
-
-# --- Plots ---
 
 
 def _panels(path: Path, title: str, draw) -> None:
@@ -218,9 +196,6 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
                     ax.annotate(f"{r['rate']:g}/s", (r["output_throughput"], r[key]), fontsize=7)
             ax.set(xlabel="output throughput (tok/s)", ylabel=label, yscale="log")
     _panels(path, "throughput vs latency as the arrival rate rises", draw)
-
-
-# --- The command ---
 
 
 def _check(args) -> tuple[list[str], list[str], list[float], dict]:
@@ -303,11 +278,16 @@ def _front_door(args, llm, trace, n_out: int) -> dict:
                            block_size=args.block_size, kv_cache_memory_bytes=2 * 2**30,
                            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                            decode_kernel=args.decode_kernel)
+    prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
     outs = {}
 
     def door(name, batched):
-        def run():
-            _, duration, outs[name] = run_front_door(front, trace, batched)
+        def run():                                  # every prompt in one call, or one call per prompt
+            t0 = time.perf_counter()
+            res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
+                                                                   for p, sp in zip(prompts, params)]
+            duration = time.perf_counter() - t0
+            outs[name] = [o.token_ids for o in res]
             return {"output_tok_s": n_out / duration, "seconds": duration}
         return run
 

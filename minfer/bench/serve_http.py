@@ -1,8 +1,5 @@
-"""`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP.
-
-The same trace through an in-process engine and through the server, interleaved, with the
-same definitions (``minfer.serving.metrics``); then the cost of a token online vs batch
-(docs/measuring.md).
+"""`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP, next to
+in-process (interleaved, the same definitions), then the cost of a token online vs batch (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -58,11 +55,6 @@ def run_http(url: str, trace, model: str | None = None, timeout: float = 600.0):
     return stats, max(s.finish_time for s in stats) - t0, ["".join(t) for _, t in res]
 
 
-def served_model(url: str) -> str:
-    import httpx
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-
-
 KEYS = [("ttft", "median"), ("ttft", "p90"), ("ttft", "p99"), ("tpot", "median"), ("tpot", "p99"),
         ("itl", "median"), ("itl", "p99"), ("e2el", "median")]
 
@@ -78,12 +70,14 @@ def _flat(m) -> dict:
 
 def main_http(args, llm, trace, slo, run_online) -> dict:
     """In-process vs HTTP on ``trace`` (interleaved rounds, medians), then online vs batch cost."""
+    import httpx
+
     from minfer.bench.timing import interleaved, log, table
     from minfer.serving.cost import cost_rows
     from minfer.serving.metrics import summarize
 
     url = args.url.rstrip("/")
-    model = served_model(url)
+    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     log(f"HTTP: {url} serves {model!r}; warm-up ...")
     run_http(url, trace[:1], model)
 

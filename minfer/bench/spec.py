@@ -1,8 +1,6 @@
 """`minfer bench spec`: plain greedy decoding vs speculative methods, on tasks where they shine and where they do not.
 
-Tasks code-edit, doc-quote, doc-answer, story; methods: plain and any spec string, timed
-interleaved at batch 1; then the engine at ``--concurrency 1,8`` (``SpecDecodeEngine``).
-The columns: docs/measuring.md.
+Batch 1 per task, then the engine at ``--concurrency`` (``SpecDecodeEngine``); the columns: docs/measuring.md.
 """
 from __future__ import annotations
 
@@ -186,7 +184,7 @@ def main(args) -> int:
                 "per_token_acceptance": st.per_token_acceptance if st else None,
                 "tokens_per_forward": st.mean_accepted_length if st else 1.0,
                 "theory_tokens_per_forward": st.expected_mean_length() if st else None,
-                "histogram": st.histogram() if st else None,
+                "histogram": st.histogram() if st else {},        # JSON: the keys become strings
             })
         log("  output (plain): " + repr(tok.decode(outputs["plain"])[:160]))
     print(table(rows, TABLES["spec"][0][2] + [("new_tokens", "tokens", "{}")]))
@@ -204,8 +202,7 @@ def main(args) -> int:
         write_json(args.json, {
             "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "results": [{**r, "histogram": {str(k): v for k, v in (r["histogram"] or {}).items()}} for r in rows],
-            "engine": batched,
+            "results": rows, "engine": batched,
         })
         log(f"wrote {args.json}")
     return 0
