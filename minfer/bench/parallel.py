@@ -90,14 +90,11 @@ def report(results: dict) -> str:
     out = []
     if "tp" in results:
         r = results["tp"]
-        rows = [{"mode": k, **v} for k, v in r["timing"].items()]
-        base = rows[0]
-        for row in rows:
-            row["tpot_ratio"] = base["tpot_s"] / row["tpot_s"]
-            row["prefill_ratio"] = base["prefill_s"] / row["prefill_s"]
-            row["comm_share"] = row["comm_s_per_token"] / row["tpot_s"]
-            row["tpot_ms"], row["prefill_ms"] = row["tpot_s"] * 1e3, row["prefill_s"] * 1e3
-            row["comm_ms"] = row["comm_s_per_token"] * 1e3
+        base = next(iter(r["timing"].values()))                     # 1 rank
+        rows = [{"mode": k, **v, "prefill_ms": v["prefill_s"] * 1e3, "tpot_ms": v["tpot_s"] * 1e3,
+                 "comm_ms": v["comm_s_per_token"] * 1e3, "comm_share": v["comm_s_per_token"] / v["tpot_s"],
+                 "prefill_ratio": base["prefill_s"] / v["prefill_s"],
+                 "tpot_ratio": base["tpot_s"] / v["tpot_s"]} for k, v in r["timing"].items()]
         cfg = r["config"]
         out.append(f"Tensor parallel decode: random model h={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
                    f"vocab {cfg['vocab_size']}, fp32, prompt {r['prompt_len']}, {r['n_tokens']} tokens, "

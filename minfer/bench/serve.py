@@ -112,15 +112,10 @@ def run_sequential(model, trace):
     t0 = time.perf_counter()
     stats, outs = [], []
     for r in trace:
-        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids))
-        s.first_scheduled_time = time.perf_counter()
-        toks = []
-        for tok in generate_tokens(model, r.prompt_token_ids, _params(r)):
-            toks.append(tok)
-            s.token_times.append(time.perf_counter())
+        s = RequestStats(arrival_time=t0, first_scheduled_time=time.perf_counter())
+        outs.append(list(generate_tokens(model, r.prompt_token_ids, _params(r), metrics=s)))  # stamps tokens
         s.finish_time = s.token_times[-1]
         stats.append(s)
-        outs.append(toks)
     return stats, time.perf_counter() - t0, outs
 
 
