@@ -122,15 +122,13 @@ def run_sequential(model, trace):
 @torch.no_grad()
 def run_transformers(hf, trace, pad_id: int):
     """HF generate on one left-padded batch of every request, until the longest is done."""
+    from torch.nn.utils.rnn import pad_sequence
+
     from minfer.bench.peers import StepClock
-    L = max(len(r.prompt_token_ids) for r in trace)
-    ids = torch.full((len(trace), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(trace), L), dtype=torch.long)
-    for i, r in enumerate(trace):
-        n = len(r.prompt_token_ids)
-        ids[i, L - n:] = torch.tensor(r.prompt_token_ids)
-        mask[i, L - n:] = 1
-    ids, mask = ids.to(hf.device), mask.to(hf.device)
+    prompts = [torch.tensor(r.prompt_token_ids) for r in trace]
+    ids = pad_sequence(prompts, batch_first=True, padding_value=pad_id, padding_side="left")      # (B, L)
+    mask = pad_sequence([torch.ones_like(p) for p in prompts], batch_first=True, padding_side="left")
+    ids, mask, L = ids.to(hf.device), mask.to(hf.device), ids.shape[1]
     steps = max(r.max_tokens for r in trace)
     clock = StepClock()
     t0 = time.perf_counter()
@@ -138,14 +136,11 @@ def run_transformers(hf, trace, pad_id: int):
                       streamer=clock, pad_token_id=pad_id)
     duration = time.perf_counter() - t0
     times = clock.times[1:]                    # the first put() is the prompt
-    stats, outs = [], []
-    for i, r in enumerate(trace):
-        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids), first_scheduled_time=t0)
-        s.token_times = times[:r.max_tokens]
-        s.finish_time = s.token_times[-1]      # generous: its last useful token, not the batch's end
-        stats.append(s)
-        outs.append(out[i, L:L + r.max_tokens].tolist())
-    return stats, duration, outs
+    # each request finishes at its last useful token (generous: not the batch's end)
+    stats = [RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids), first_scheduled_time=t0,
+                          token_times=times[:r.max_tokens], finish_time=times[r.max_tokens - 1])
+             for r in trace]
+    return stats, duration, [out[i, L:L + r.max_tokens].tolist() for i, r in enumerate(trace)]
 
 
 def _panels(path: Path, title: str, draw) -> None:
@@ -204,10 +199,10 @@ def _check(args) -> tuple[list[str], list[str], list[float], dict]:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
-    if args.url is not None and not args.url.startswith(("http://", "https://")):
-        raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.url is not None:                     # before any model is loaded: is a server there?
         import httpx
+        if not args.url.startswith(("http://", "https://")):
+            raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
         try:
             httpx.get(f"{args.url.rstrip('/')}/v1/models", timeout=5)
         except (httpx.HTTPError, ValueError) as e:
