@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
-    """``atomic_path`` with the file open in ``mode`` ``"w"`` (text) or ``"wb"``, fsynced before the rename."""
+    """``atomic_path`` with the file open in ``mode`` (``"w"`` text, ``"wb"``), fsynced before the rename."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as f:

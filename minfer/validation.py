@@ -49,9 +49,7 @@ def check_bool(value: Any, name: str) -> bool:
     return value
 
 
-# ---------------------------------------------------------------- sampling fields
-
-
+# --- sampling fields ---
 def check_sampling_fields(f: dict[str, Any]) -> None:
     """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict."""
     def name(field: str) -> str:
@@ -80,9 +78,7 @@ def check_sampling_fields(f: dict[str, Any]) -> None:
         raise ValueError(f"{name('stop_token_ids')} must be a list of token ids (integers >= 0), got {ids!r}")
 
 
-# ---------------------------------------------------------------- prompts and messages
-
-
+# --- prompts and messages ---
 def check_prompt(prompt: Any, name: str = "prompt") -> None:
     """One prompt: a str, or a list of token ids (ints, not bools, >= 0)."""
     if isinstance(prompt, str):
@@ -140,9 +136,7 @@ def check_messages(messages: Any) -> list[list[dict[str, str]]]:
     return [list(c) for c in conversations]
 
 
-# ---------------------------------------------------------------- engine arguments
-
-
+# --- engine arguments ---
 def check_device(device: Any) -> None:
     """None (auto), "cpu", "cuda" or "cuda:N"; other torch device types (meta, mps, ...) are refused."""
     if device is None:
@@ -172,9 +166,7 @@ def check_engine_args(device: Any = None, *, seed: Any = 0, max_num_seqs: Any = 
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
 
 
-# ---------------------------------------------------------------- memory
-
-
+# --- memory ---
 def available_memory(device: Any = "cpu") -> int | None:
     """Bytes that can still be allocated on ``device`` (None when unknown)."""
     import torch

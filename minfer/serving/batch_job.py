@@ -48,8 +48,6 @@ def request_hash(method: str, url: str, body: object) -> str:
 
 
 # --- Reading the input and the finished records ---
-
-
 def read_input(path: str | Path) -> list[BatchItem]:
     """Parse the framing of every line (JSON object, custom_id, method, url); ValueError naming the
     line on the first problem. The body is checked later, per request (a bad body -> an error record)."""
@@ -145,8 +143,6 @@ def _truncate_torn_tail(path: Path) -> None:
 
 
 # --- Requests in, records out ---
-
-
 def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams, ChoiceShape]:
     """A request's prompt token ids, sampling parameters and choice shape (logprobs, echo), by the
     server's request models (``openai_api``: the same fields, limits, defaults and refusals); errors
@@ -235,8 +231,6 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
 
 
 # --- The command ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run an OpenAI-format batch file (JSONL, one request per line with custom_id)."
     p.add_argument("input", help="INPUT.jsonl")
@@ -245,12 +239,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none; "
                         "a folder written by `minfer quantize` is read as it is)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests running at once (default 32)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=1024,
                    help="token budget per step (default 1024)")
     p.add_argument("--seed", type=int, default=0,
                    help="a request without a seed draws one from this seeded sequence, as LLM(seed=...) (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--keep-errors", action="store_true",
                    help="on a rerun, keep the error records of unchanged lines instead of retrying them")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from minfer.cli_args import add_parallel_args, seconds
+from minfer.cli_args import add_parallel_args, int_in, seconds
 
 from minfer.serving.openai_api import APIError
 
@@ -130,20 +130,9 @@ def engine_flags(args) -> list[str]:
     return out
 
 
-def port(text: str) -> int:
-    """argparse type for ``--port``: an integer in 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
-
-
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.add_argument("--header-timeout", type=seconds, default=HEADER_TIMEOUT,

@@ -38,8 +38,6 @@ class APIError(Exception):
 
 
 # --- Request bodies ---
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -229,8 +227,6 @@ def guided_fields(req: _Sampling) -> tuple[dict, str]:
 
 
 # --- Response objects (plain dicts: they go straight to JSON) ---
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -257,8 +253,9 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model}
     delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-    out["choices"] = [] if text is None else [{"index": index, **({"delta": delta} if chat else {"text": text}),
-                                               "finish_reason": finish_reason, "logprobs": logprobs}]
+    piece = {"delta": delta} if chat else {"text": text}
+    out["choices"] = [] if text is None else [{"index": index, **piece, "finish_reason": finish_reason,
+                                               "logprobs": logprobs}]
     if with_usage or use is not None:
         out["usage"] = use
     return out

@@ -24,6 +24,7 @@ from typing import Sequence
 from fastapi import Request
 
 from minfer.cli_args import positive_int
+from minfer.distributed.comm import free_port
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
                                         read_body, run_server, seconds)
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
@@ -40,13 +41,10 @@ def check_policy(policy: str) -> None:
 
 
 # --- Consistent hashing ---
-
-
 def stable_hash(data: bytes | str) -> int:
     """A 64-bit hash that is the same in every process (Python's str hash is salted)."""
-    if isinstance(data, str):
-        data = data.encode()
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+    raw = data.encode() if isinstance(data, str) else data
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
 
 
 def ring_lookup(points: Sequence[int], owners: Sequence[int], key: int) -> int:
@@ -82,8 +80,6 @@ def prefix_key(token_ids: Sequence[int], block_size: int = 16, num_blocks: int =
 
 
 # --- Policies ---
-
-
 class Router:
     """Picks a replica per request and keeps their health and load."""
 
@@ -136,8 +132,6 @@ class Router:
 
 
 # --- The app ---
-
-
 CONNECT_TIMEOUT = 2.0          # seconds to open a connection to a replica (--connect-timeout)
 FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (--first-byte-timeout): a non-streamed
                                # answer sends its head only when it is complete
@@ -156,7 +150,7 @@ class RouterMetrics:
         self.registry = reg = CollectorRegistry()
         self.requests = Counter("minfer_router:requests", "requests forwarded", ["replica", "status"], registry=reg)
         self.in_flight = Gauge("minfer_router:in_flight", "requests in flight", ["replica"], registry=reg)
-        up = Gauge("minfer_router:replica_up", "1 if the replica is not in cooldown", ["replica"], registry=reg)
+        up = Gauge("minfer_router:replica_up", "1 if the replica is not down", ["replica"], registry=reg)
         for i, url in enumerate(router.replicas):
             up.labels(url).set_function(lambda i=i: int(router.alive()[i]))
         self.latency = Histogram("minfer_router:request_latency_seconds", "router in -> last byte out",
@@ -167,8 +161,9 @@ class Forwarder:
     """Sends a request to the router's choice, moves it to another replica while nothing has been
     sent to the client, and relays the answer's bytes; health checks run beside it."""
 
-    def __init__(self, router: Router, *, connect_timeout: float, first_byte_timeout: float,
-                 read_timeout: float, health_interval: float, health_timeout: float):
+    def __init__(self, router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT):
         import httpx
         self.router, self.first_byte_timeout = router, first_byte_timeout
         self.health_interval, self.health_timeout = health_interval, health_timeout
@@ -274,19 +269,16 @@ class Forwarder:
             self.metrics.latency.labels(url).observe(time.perf_counter() - t0)
 
 
-def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
-                     first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                     health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT,
-                     max_body_bytes: int = MAX_BODY_BYTES):
+def build_router_app(router: Router, *, max_body_bytes: int = MAX_BODY_BYTES, **timeouts):
+    """The router's app; ``timeouts``: ``Forwarder``'s (connect, first byte, read, health checks)."""
     import httpx
     from fastapi.responses import Response
 
-    fw = Forwarder(router, connect_timeout=connect_timeout, first_byte_timeout=first_byte_timeout,
-                   read_timeout=read_timeout, health_interval=health_interval, health_timeout=health_timeout)
+    fw = Forwarder(router, **timeouts)
 
     @asynccontextmanager
     async def lifespan(app):
-        checks = asyncio.ensure_future(fw.health_loop()) if health_interval > 0 else None
+        checks = asyncio.ensure_future(fw.health_loop()) if fw.health_interval > 0 else None
         yield
         if checks is not None:
             checks.cancel()
@@ -305,7 +297,7 @@ def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT
         for i, up in enumerate(router.alive()):
             if up:
                 try:
-                    r = await fw.client.get(f"{router.replicas[i]}/v1/models", timeout=health_timeout)
+                    r = await fw.client.get(f"{router.replicas[i]}/v1/models", timeout=fw.health_timeout)
                     return Response(r.content, r.status_code, media_type="application/json")
                 except httpx.HTTPError:
                     fw.down(i)
@@ -321,8 +313,6 @@ def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT
 
 
 # --- Commands: `minfer router` and `minfer serve --replicas N` ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Route OpenAI API requests over engine replicas (minfer serve processes)."
     p.add_argument("--replica", action="append", required=True, type=replica_url,
@@ -399,13 +389,6 @@ def main(args) -> int:
     return 0
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
     """Poll ``url/health`` until it answers 200 (RuntimeError if the process dies or time runs out)."""
     import httpx
@@ -462,12 +445,10 @@ class Supervisor:
     def __init__(self, argv: list[str], n: int, max_backoff: float = 30.0):
         import threading
         self.argv, self.max_backoff = argv, max_backoff
-        self.children = [start_minfer(argv) for _ in range(n)]
+        self.children = [self._start() for _ in range(n)]
         self.started = [time.monotonic()] * n
         self.backoff = [1.0] * n
         self.stopping = threading.Event()
-        for url, proc in self.children:
-            print(f"minfer serve: replica {url} (pid {proc.pid})", file=sys.stderr, flush=True)
         self.thread = threading.Thread(target=self._watch, name="minfer-supervisor", daemon=True)
 
     def _watch(self) -> None:
@@ -482,9 +463,12 @@ class Supervisor:
                 if self.stopping.wait(self.backoff[i]):
                     return
                 self.backoff[i] = min(2 * self.backoff[i], self.max_backoff)
-                port = int(url.rsplit(":", 1)[1])
-                self.children[i], self.started[i] = start_minfer(self.argv, port=port), time.monotonic()
-                print(f"minfer serve: replica {url} (pid {self.children[i][1].pid})", file=sys.stderr, flush=True)
+                self.children[i], self.started[i] = self._start(int(url.rsplit(":", 1)[1])), time.monotonic()
+
+    def _start(self, port: int | None = None) -> tuple[str, subprocess.Popen]:
+        url, proc = start_minfer(self.argv, port=port)
+        print(f"minfer serve: replica {url} (pid {proc.pid})", file=sys.stderr, flush=True)
+        return url, proc
 
     def stop(self) -> None:
         self.stopping.set()                      # the children first: those the thread started die with it

@@ -24,8 +24,8 @@ from contextlib import asynccontextmanager
 from fastapi import Request
 
 from minfer.cli_args import add_model_args
-from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_server_args, check_host, decode_json,
-                                        engine_args, new_app, read_body, run_server, served_name)
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_server_args, check_host,
+                                        decode_json, engine_args, new_app, read_body, run_server, served_name)
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
                                        choice_shape, chunk, new_id, parse_body, prompt_ids, response,
                                        sampling_params, usage)
@@ -200,8 +200,6 @@ async def wait_disconnect(request) -> None:
 
 
 # --- The command ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics."
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model (same as --model)")
