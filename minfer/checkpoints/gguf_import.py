@@ -70,12 +70,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's row permutation of a q or k projection (weight or bias).
-
-    llama.cpp's RoPE pairs neighbouring coordinates, HF's ``rotate_half`` the two halves, so
-    ``convert_hf_to_gguf.py`` interleaves each head's rows; this reads them back as halves. For k,
-    ``n_head`` is the number of KV heads. The permutation: docs/quantization.md.
-    """
+    """Undo llama.cpp's row permutation of a q or k projection (weight or bias; for k, ``n_head`` = KV heads):
+    its RoPE pairs neighbours, HF's ``rotate_half`` the two halves (docs/quantization.md)."""
     rows = w.shape[0]
     head_dim = rows // n_head
     rest = w.shape[1:]
@@ -212,12 +208,8 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 
 
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
-    """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata.
-
-    Byte-level BPE over ``tokenizer.ggml.tokens`` / ``merges``, control tokens as special added
-    tokens (HF: ``integrations/ggml.py``, ``GGUFGPTConverter``); a SentencePiece vocabulary goes to
-    ``gguf_spm.spm_tokenizer_json``. Details: docs/quantization.md.
-    """
+    """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata: byte-level BPE
+    (HF: ``integrations/ggml.py``) or SentencePiece (``gguf_spm``); docs/quantization.md."""
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":
         tokenizer_json = _bpe_tokenizer_json(meta)
@@ -337,11 +329,9 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, dict[str, Any]]:
-    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text, tokenizer_config).
+    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config).
 
-    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``.
-    The tokenizer is ``None`` (and the config ``{}``) when the file has no
-    tokenizer metadata. ``progress`` shows a tqdm bar over tensors.
+    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``; ``progress``: a tqdm bar.
     """
     path = Path(path)
     reader = _open(path)

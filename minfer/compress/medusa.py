@@ -1,20 +1,13 @@
-"""Training Medusa heads on the teacher cache (the base model stays frozen).
+"""Training Medusa heads on the teacher cache, the base model frozen (Cai et al. 2024, MEDUSA-1).
 
-The heads, the static tree and the decoding loop are speculative decoding, in
-``minfer/speculative/medusa.py``; this module only fits the heads: each head j reads the
-base model's last hidden state h_t and learns the teacher's distribution of token t + 2 + j
-(Cai et al. 2024, "Medusa", the MEDUSA-1 recipe: a frozen backbone). ``minfer medusa train |
-selfdistill`` (``medusa_cli.py``) are the commands.
+Head j reads the base model's last hidden state h_t and learns the teacher's distribution of token
+t + 2 + j; the heads and their decoding loop: ``minfer/speculative/medusa.py``.
 """
 from __future__ import annotations
-
-import json
-import time
 
 import torch
 
 from minfer.speculative.medusa import MedusaHeads
-
 
 
 def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, generator=None):
@@ -58,40 +51,20 @@ def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, ge
 def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes: float = 5.0,
                 steps: int | None = None, batch: int = 4, positions: int = 256, lr: float = 1e-3,
                 eval_every: int = 50, seed: int = 0, eval_rows: int = 8, log=print) -> list[dict]:
-    """AdamW on the heads only; returns the held-out curve (per-head top-1 accuracy vs the teacher)."""
-    from minfer.compress.common import lr_at
+    """AdamW on the heads only (``common.fit``) -> the held-out curve (per-head top-1 accuracy)."""
+    from minfer.compress.common import fit
     gen = torch.Generator().manual_seed(seed)
-    heads.train().requires_grad_(True)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    curve, step, t0 = [], 0, time.perf_counter()
 
-    def progress():
-        parts = [(time.perf_counter() - t0) / (60 * minutes)] + ([step / steps] if steps else [])
-        return max(parts)
+    def step_loss():
+        b = train_cache.batch(torch.randint(len(train_cache), (batch,), generator=gen).tolist())
+        return head_loss(model, heads, b, positions, gen)[0]
 
-    def evaluate():
+    def evaluate(step, seconds, _train_loss):
         if heldout is None:
-            return
+            return None
         with torch.no_grad():
             _, accs = head_loss(model, heads, heldout.batch(range(min(eval_rows, len(heldout)))), positions=1024,
                                 generator=torch.Generator().manual_seed(1))
-        row = {"step": step, "seconds": round(time.perf_counter() - t0, 1), "head_top1": accs}
-        curve.append(row)
-        log(json.dumps(row))
-
-    evaluate()
-    while progress() < 1.0:
-        b = train_cache.batch(torch.randint(len(train_cache), (batch,), generator=gen).tolist())
-        loss, _ = head_loss(model, heads, b, positions, gen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress(), lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % eval_every == 0:
-            evaluate()
-    if not curve or curve[-1]["step"] != step:
-        evaluate()
-    heads.eval().requires_grad_(False)
-    return curve
+        return {"step": step, "seconds": seconds, "head_top1": accs}
+    return fit(heads, step_loss, evaluate, steps=steps, minutes=minutes, lr=lr, eval_every=eval_every,
+               log=log, weight_decay=0.0)

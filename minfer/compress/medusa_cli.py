@@ -1,8 +1,5 @@
-"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads.
-
-The heads live in ``minfer/speculative/medusa.py``, their training in ``medusa.py``; the
-commands build an ``LLM``, so they sit apart from both.
-"""
+"""`minfer medusa train | selfdistill | cost`: the command line of Medusa heads (the heads:
+``minfer/speculative/medusa.py``; their training: ``medusa.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +9,6 @@ import torch
 
 from minfer.compress.medusa import train_heads
 from minfer.speculative.medusa import MedusaHeads
-
-# ---------------------------------------------------------------------------------------------- CLI
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
@@ -69,22 +63,26 @@ def main(args) -> int:
     set_threads(args.threads)
     if args.medusa_cmd == "selfdistill":
         return _main_selfdistill(args)
-    from minfer.compress.common import log
     from minfer.compress.teacher import TeacherCache
     from minfer.loading import load_model
     model = load_model(args.model, device="cpu", dtype=torch.float32).model
     train_cache, heldout = TeacherCache(Path(args.cache) / "train"), TeacherCache(Path(args.cache) / "heldout")
+    return _train_and_save(args, model, train_cache, heldout, args.minutes, {"cache": str(args.cache)})
+
+
+def _train_and_save(args, model, train_cache, heldout, minutes, extra: dict, **kw) -> int:
+    """Train ``args.heads`` heads on the caches, save them to ``args.out`` with their curve and ``extra``."""
+    from minfer.compress.common import log
     heads = MedusaHeads(model.cfg.hidden_size, args.heads)
-    curve = train_heads(model, heads, train_cache, heldout, minutes=args.minutes, steps=args.steps, lr=args.lr,
-                        batch=args.batch, positions=args.positions, eval_every=args.eval_every, log=log)
-    heads.save(args.out, {"curve": curve, "cache": str(args.cache), "model": str(args.model)})
+    curve = train_heads(model, heads, train_cache, heldout, minutes=minutes, steps=args.steps, lr=args.lr,
+                        batch=args.batch, positions=args.positions, eval_every=args.eval_every, log=log, **kw)
+    heads.save(args.out, {"curve": curve, **extra, "model": str(args.model)})
     log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
     return 0
 
 
 def _main_selfdistill(args) -> int:
     """`minfer medusa selfdistill`: answers -> teacher caches -> heads (minfer/compress/selfdistill.py)."""
-    from minfer.compress.common import log
     from minfer.compress.selfdistill import selfdistill
     from minfer.compress.teacher import TeacherCache
     from minfer.llm import LLM
@@ -101,11 +99,7 @@ def _main_selfdistill(args) -> int:
                          heldout_examples=args.heldout_examples, max_tokens=args.max_tokens, batch=args.gen_batch,
                          seq_len=args.seq_len, seed=args.seed)
     train_cache, heldout = TeacherCache(caches["train"]), TeacherCache(caches["heldout"])
-    heads = MedusaHeads(llm.model.cfg.hidden_size, args.heads)
-    curve = train_heads(llm.model, heads, train_cache, heldout, minutes=train_m if train_m is not None else 1e9,
-                        steps=args.steps, lr=args.lr, batch=args.batch, positions=args.positions,
-                        eval_every=args.eval_every, eval_rows=len(heldout), log=log)
-    heads.save(args.out, {"curve": curve, "data": str(args.data), "model": str(args.model), "selfdistill": True,
-                          "train_rows": len(train_cache), "heldout_rows": len(heldout)})
-    log(f"saved {args.out}: held-out top-1 per head {[round(a, 3) for a in curve[-1]['head_top1']]}")
-    return 0
+    extra = {"data": str(args.data), "selfdistill": True, "train_rows": len(train_cache),
+             "heldout_rows": len(heldout)}
+    minutes = train_m if train_m is not None else 1e9
+    return _train_and_save(args, llm.model, train_cache, heldout, minutes, extra, eval_rows=len(heldout))

@@ -1,15 +1,13 @@
 """Structured pruning (whole FFN channels, whole query heads) + healing by distillation.
 
-Activation-aware scores on training text, in the spirit of Wanda (Sun et al. 2024) and
-LLM-Pruner (Ma et al. 2023); every layer loses the same fraction, then ``distill.train`` heals
-(as Sheared-LLaMA and Minitron). The scores: docs/compression.md.
+Activation-aware scores as Wanda (Sun et al. 2024) and LLM-Pruner (Ma et al. 2023); every layer loses
+the same fraction, then ``distill.train`` heals (as Sheared-LLaMA, Minitron). docs/compression.md.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-
 
 from minfer.model import build_model
 

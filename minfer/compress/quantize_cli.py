@@ -1,10 +1,7 @@
-"""`minfer quantize MODEL OUT`: quantize a model's weights and save them as a folder.
+"""`minfer quantize MODEL OUT [--format int4]`: quantize a model's weights and save them as a folder.
 
-    minfer quantize smollm2-135m-instruct out/smollm2-int4 --format int4 --group-size 32
-
-OUT (config.json, tokenizer files, one model.safetensors with each module's format) is written
-under a temporary name and renamed into place. ``--force`` replaces only a folder this command
-wrote; ``.``, its parents and the source model's folder are always refused (docs/compression.md).
+OUT (config.json, tokenizer files, model.safetensors) is written atomically. ``--force`` replaces only
+a folder this command wrote; ``.``, its parents and the source model's folder are always refused.
 """
 from __future__ import annotations
 

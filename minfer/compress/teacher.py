@@ -19,41 +19,21 @@ FIELDS = ("tokens", "topk_idx", "topk_logp", "hidden")
 OPTIONAL_FIELDS = ("loss_mask",)
 
 
-class HiddenCapture:
-    """Forward hook on the final RMSNorm: keeps its output, the LM head's input (B, T, h).
-
-    A context manager, as ``transformers``' ``output_hidden_states``; ``before_norm=True`` hooks the
-    last decoder layer instead, for forwards that skip the norm on most rows (docs/compression.md).
-    """
-
-    def __init__(self, model, before_norm: bool = False):
-        self.model, self.hidden, self._handle = model, None, None
-        self.before_norm = before_norm
-
-    def __enter__(self):
-        def hook(_module, _inp, out):
-            self.hidden = out[0] if self.before_norm else out     # a decoder layer returns (x, kv view)
-        module = self.model.model.layers[-1] if self.before_norm else self.model.model.norm
-        self._handle = module.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-
 @torch.no_grad()
 def teacher_signals(model, tokens: torch.Tensor, k: int) -> dict[str, np.ndarray]:
     """tokens (B, T) -> top-k log-probs, their ids and the final hidden states, as numpy arrays."""
+    from minfer.speculative.medusa import last_hidden
     B, T = tokens.shape
     pos = torch.arange(T)[None].expand(B, T)
-    with HiddenCapture(model) as cap:
+    with last_hidden(model) as box:
         logits = model(tokens, pos).float()                       # (B, T, V)
+    hidden = model.model.norm(box[0])                             # (B, T, h): the LM head's input
     logp = torch.log_softmax(logits, dim=-1)
     top = logp.topk(k, dim=-1)                                    # (B, T, k)
     return {"tokens": tokens.to(torch.int32).numpy(),
             "topk_idx": top.indices.to(torch.int32).numpy(),
             "topk_logp": top.values.to(torch.float16).numpy(),
-            "hidden": cap.hidden.to(torch.float16).numpy()}
+            "hidden": hidden.to(torch.float16).numpy()}
 
 
 def _shard_name(i: int) -> str:
@@ -66,9 +46,8 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
                         loss_mask: list[int] | None = None) -> Path:
     """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard.
 
-    Resumable: existing complete shards are kept (their meta must match). ``stop_after_shards``
-    stops after writing that many new shards (the tests use it to simulate a kill).
-    ``loss_mask`` (one 0/1 per token, cut the same way) is stored as the ``loss_mask`` field.
+    Resumable: complete shards are kept (the meta must match); ``stop_after_shards`` stops after that many
+    new ones (a simulated kill). ``loss_mask``: one 0/1 per token, stored as the ``loss_mask`` field.
     """
     from tqdm.auto import tqdm
 

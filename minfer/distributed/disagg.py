@@ -33,9 +33,7 @@ class PrefilledRequest:
     generator_state: torch.Tensor
 
 
-# ---------------------------------------------------------------------------
-# Prefill side
-# ---------------------------------------------------------------------------
+# --- Prefill side ---
 
 
 def prompt_kv(k: torch.Tensor, v: torch.Tensor, block_table: list[int], prompt_len: int):
@@ -94,9 +92,7 @@ def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=tim
     comm.send(torch.tensor([KIND_DONE, 0]), dst)
 
 
-# ---------------------------------------------------------------------------
-# Decode side
-# ---------------------------------------------------------------------------
+# --- Decode side ---
 
 
 def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:

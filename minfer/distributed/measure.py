@@ -37,7 +37,7 @@ def _decode_time(model, prompt, n_tokens) -> dict:
             "all_reduce_calls_per_token": s.calls.get("all_reduce", 0) / n_tokens,
             "all_reduce_bytes_per_token": s.bytes.get("all_reduce", 0) / n_tokens,
             "all_gather_bytes_per_token": s.bytes.get("all_gather", 0) / n_tokens,
-            "comm_s_per_token": s.total_seconds / n_tokens}
+            "comm_s_per_token": sum(s.seconds.values()) / n_tokens}
 
 
 def tp_decode_worker(rank, world, out_path, cfg_kwargs=None, prompt_len=64, n_tokens=16, rounds=3) -> None:

@@ -53,7 +53,7 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
     from minfer.checkpoints.hf import read_config
     from minfer.checkpoints.loader import resolve_model
     from minfer.distributed.pipeline import stage_layers
-    from minfer.distributed.tensor_parallel import check_tp_size
+    from minfer.distributed.tensor_parallel import check_tp_size, tp_sizes
     path, tp = resolve_model(model), pc.tensor_parallel_size
     if path.suffix == ".gguf":
         if tp > 1:
@@ -64,20 +64,12 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
     try:
         check_tp_size(cfg, tp)
     except ValueError:
-        nkv, ok = cfg.num_key_value_heads, []
-        for d in range(1, cfg.num_attention_heads + 1):
-            try:
-                check_tp_size(cfg, d)
-                ok.append(d)
-            except ValueError:
-                pass
+        nkv, ok = cfg.num_key_value_heads, tp_sizes(cfg)
         rule = f"must divide {nkv}" if all(nkv % d == 0 for d in ok) else f"must be one of {ok}"
         raise ValueError(f"{path.name} has {nkv} KV heads: tensor_parallel_size {rule}, got {tp}") from None
 
 
-# ---------------------------------------------------------------------------
-# The driver side
-# ---------------------------------------------------------------------------
+# --- The driver side ---
 
 
 DRIVERS: list["Driver"] = []      # this process's drivers (torchrun_main shuts them down)
@@ -106,8 +98,7 @@ class Driver:
 
 
 def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    comm.set_local_env(rank, world, port)
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     comm.init_distributed(None, timeout_s)
     _, shard, _ = load_parallel_model(model, pc, rank, dtype, device)
@@ -143,8 +134,7 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
             p.start()
             procs.append(p)
         saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(RANK="0", WORLD_SIZE=str(pc.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        comm.set_local_env(0, pc.world_size, port)
         try:
             comm.init_distributed(None, timeout_s)
         finally:        # the group exists now: leave no torchrun look-alike in this process's environment
@@ -154,9 +144,7 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
     return cfg, shard, tok, Driver(pc, procs)
 
 
-# ---------------------------------------------------------------------------
-# The follower side
-# ---------------------------------------------------------------------------
+# --- The follower side ---
 
 
 def torchrun_main(args) -> int:

@@ -1,9 +1,8 @@
 """Speculative decoding inside the engine step: every running request proposes, one forward verifies all.
 
-One step: schedule, propose (up to k tokens per decoding request), widen its decode chunk,
-one forward, verify per row (``rejection``), roll back ``num_computed_tokens``. vLLM V1:
-``vllm/v1/spec_decode/``, ``vllm/v1/sample/rejection_sampler.py``, driven from
-``gpu_model_runner.py``. Diagram and proposers: docs/speculative.md.
+One step: schedule, propose (up to k tokens per decoding request), widen its decode chunk, one forward,
+verify per row (``rejection``), roll back ``num_computed_tokens``. vLLM V1: ``vllm/v1/spec_decode/``,
+``rejection_sampler.py``, ``gpu_model_runner.py`` (docs/speculative.md).
 """
 from __future__ import annotations
 
@@ -71,11 +70,8 @@ class MedusaChain:
 
 
 class SpecDecodeEngine(LLMEngine):
-    """``LLMEngine`` whose decode steps verify every running request's proposal in the one forward.
-
-    Build it with ``SpecDecodeEngine.from_model(model, tokenizer, speculative="prompt_lookup", ...)``.
-    ``spec_stats[client id]``: each request's ``SpecStats`` (one entry per decode step).
-    """
+    """``LLMEngine`` whose decode steps verify every running request's proposal in the one forward:
+    ``from_model(model, tokenizer, speculative="prompt_lookup", ...)``; ``spec_stats[client id]``."""
 
     @classmethod
     def from_model(cls, model, tokenizer=None, *, speculative, draft=None, **engine_args) -> "SpecDecodeEngine":

@@ -1,10 +1,8 @@
 """Lookahead decoding (Fu, Bailis, Stoica & Zhang 2024): Jacobi guesses and their verification in ONE
-forward, with no draft model. Greedy only; the output equals plain greedy decoding.
+forward, no draft model; greedy, so the output equals plain greedy decoding.
 
-The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a custom
-mask (``TreeAttentionCache``). The layout of a step and who sees whom: docs/speculative.md.
-Authors' code: github.com/hao-ai-lab/LookaheadDecoding; vLLM's tree attention backend:
-``vllm/v1/attention/backends/tree_attn.py``.
+The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a tree mask
+(docs/speculative.md). vLLM's tree attention: ``vllm/v1/attention/backends/tree_attn.py``.
 """
 from __future__ import annotations
 
@@ -21,21 +19,17 @@ from minfer.generate import StopRule, forward_tokens, model_device_dtype
 from minfer.kv import ContiguousKVCache
 from minfer.kv.base import KVView
 from minfer.sampling import SamplingParams, make_generator
+from minfer.speculative.loop import emit
 from minfer.speculative.rejection import verify_greedy
 from minfer.speculative.stats import SpecStats
 
-# ---------------------------------------------------------------------------
-# A KV cache wrapper that attends with an explicit (tree) mask
-# ---------------------------------------------------------------------------
+# --- A KV cache wrapper that attends with an explicit (tree) mask ---
 
 
 class TreeAttentionCache:
-    """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``.
-
-    ``update`` does not write (the guesses share positions); ``attend`` applies
-    ``[allowed(prefix) | tree_mask & window]``; ``commit(indices)`` writes the verified tokens' K/V
-    at their positions (docs/speculative.md).
-    """
+    """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``:
+    ``update`` does not write (guesses share positions), ``attend`` applies ``[allowed(prefix) | tree_mask
+    & window]``, ``commit(indices)`` writes the verified tokens' K/V (docs/speculative.md)."""
 
     def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):
         if not isinstance(inner, ContiguousKVCache):
@@ -70,9 +64,7 @@ class TreeAttentionCache:
         self.new_kv.clear()
 
 
-# ---------------------------------------------------------------------------
-# The layout of one step: tokens, positions, mask
-# ---------------------------------------------------------------------------
+# --- The layout of one step: tokens, positions, mask ---
 
 
 @dataclass
@@ -134,9 +126,7 @@ class NgramPool:
             self.add(first, tuple(level[i] for level in levels[1:]) + (new[i],))
 
 
-# ---------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------
+# --- The loop ---
 
 
 @torch.no_grad()
@@ -167,8 +157,7 @@ def lookahead_generate(
 
     logits = forward_tokens(model, cache, list(prompt_ids), 0, attention, last_only=True)[-1]
     seq = list(prompt_ids) + [int(logits.argmax())]
-    budget.emit(seq[-1])
-    yield seq[-1]
+    yield from emit(budget, seq[-1:])
     # Level 0 starts as tokens drawn from the prompt (the paper: random initial guesses).
     gen = make_generator(0 if params.seed is None else params.seed)
     pick = torch.randint(len(prompt_ids), (window,), generator=gen).tolist()
@@ -203,8 +192,4 @@ def lookahead_generate(
             levels = levels[1:] + [new]
 
         seq += best
-        for tok in best:
-            budget.emit(tok)
-            yield tok
-            if budget.done:
-                break
+        yield from emit(budget, best)

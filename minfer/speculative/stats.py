@@ -1,8 +1,5 @@
-"""Acceptance statistics of one speculative request, and the theory to hold them against.
-
-Leviathan et al. 2023 (Eq. 1): E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a); the
-definitions: docs/speculative.md. vLLM: ``draft_acceptance_rate``.
-"""
+"""Acceptance statistics of one speculative request, and the theory (Leviathan et al. 2023, Eq. 1):
+E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a). vLLM: ``draft_acceptance_rate``."""
 from __future__ import annotations
 
 from collections import Counter
