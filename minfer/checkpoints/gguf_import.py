@@ -1,9 +1,6 @@
-"""Read a llama.cpp GGUF file into minfer's (HF-named) state dict and tokenizer.
-
-``gguf.GGUFReader`` parses the container; here: metadata -> ModelConfig, ``blk.N.xxx`` ->
-HF names, raw blocks -> float32 (``gguf_formats.dequantize``), q/k rows -> HF rotary layout,
-the vocabulary -> tokenizer.json. llama.cpp ``convert_hf_to_gguf.py`` (the writing side),
-vLLM ``model_executor/model_loader/gguf_loader.py`` (docs/quantization.md).
+"""Read a llama.cpp GGUF file (parsed by ``gguf.GGUFReader``) into minfer's HF-named state dict and tokenizer:
+metadata -> ModelConfig, ``blk.N.xxx`` -> HF names, blocks -> float32, q/k rows -> HF rotary layout.
+llama.cpp ``convert_hf_to_gguf.py`` writes them; vLLM ``gguf_loader.py`` (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -108,42 +105,36 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
             raise ValueError(f"{source}: metadata key {full!r} is missing")
         return default
 
-    def get_int(key: str, default: Any = KeyError) -> int | None:
-        value = get(key, default)
-        if value is not None and not is_int(value):
-            raise ValueError(f"{source}: metadata {arch}.{key} must be an integer, got {value!r:.80}")
-        return value
-
-    def get_float(key: str, default: float) -> float:
-        value = get(key, default)
-        if not is_real(value):
-            raise ValueError(f"{source}: metadata {arch}.{key} must be a finite number, got {value!r:.80}")
-        return _f32(value)
+    def number(key: str, default: Any = KeyError, real: bool = False) -> Any:
+        value, kind = get(key, default), "a finite number" if real else "an integer"
+        if not (is_real(value) if real else value is None or is_int(value)):
+            raise ValueError(f"{source}: metadata {arch}.{key} must be {kind}, got {value!r:.80}")
+        return _f32(value) if real else value
 
     rope_scaling = None
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": get_float("rope.scaling.factor", float("nan"))}
+        rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor", float("nan"), True)}
     elif scaling_type != "none":
         raise ValueError(f"{source}: rope scaling {scaling_type!r:.80} is not supported (only 'linear')")
     if "token_embd.weight" not in tensor_shapes:
         raise ValueError(f"{source}: tensor 'token_embd.weight' is missing")
-    n_head = get_int("attention.head_count")
+    n_head = number("attention.head_count")
     try:                                        # ModelConfig checks every number before using it
         config = ModelConfig(
             vocab_size=tensor_shapes["token_embd.weight"][0],
-            hidden_size=get_int("embedding_length"),
-            num_hidden_layers=get_int("block_count"),
+            hidden_size=number("embedding_length"),
+            num_hidden_layers=number("block_count"),
             num_attention_heads=n_head,
-            num_key_value_heads=get_int("attention.head_count_kv", n_head),
-            head_dim=get_int("attention.key_length", None),
-            intermediate_size=get_int("feed_forward_length"),
-            rope_theta=get_float("rope.freq_base", 10000.0),
+            num_key_value_heads=number("attention.head_count_kv", n_head),
+            head_dim=number("attention.key_length", None),
+            intermediate_size=number("feed_forward_length"),
+            rope_theta=number("rope.freq_base", 10000.0, real=True),
             rope_scaling=rope_scaling,
-            rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, real=True),
             tie_word_embeddings="output.weight" not in tensor_shapes,
             attention_bias="blk.0.attn_q.bias" in tensor_shapes,
-            max_position_embeddings=get_int("context_length"),
+            max_position_embeddings=number("context_length"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             model_type=arch,
@@ -151,19 +142,17 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     if arch == "gemma3":
-        config = _gemma3_config(config, get_int("attention.sliding_window"), source)
-    if get_int("rope.dimension_count", config.head_dim) != config.head_dim:
+        config = _gemma3_config(config, number("attention.sliding_window"), source)
+    if number("rope.dimension_count", config.head_dim) != config.head_dim:
         raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
                          f"is not supported")
     return config
 
 
 def _gemma3_config(config: ModelConfig, window: int, source: str) -> ModelConfig:
-    """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3
-    (``src/llama-model.cpp``: ``set_swa_pattern(6)``, ``rope_freq_base_train_swa = 10000``,
-    ``f_attention_scale = 1 / sqrt(n_embd_head_k)``; ``src/models/gemma3.cpp``: embeddings times
-    sqrt(n_embd), GELU-gated FFN, norms on both sides of attention and FFN) and HF
-    ``Gemma3TextConfig`` defaults it. Norm weights arrive as 1 + w (read_gguf subtracts the 1)."""
+    """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3 (``llama-model.cpp``:
+    ``set_swa_pattern(6)``, SWA rope base 10000, scale 1 / sqrt(head_dim); ``models/gemma3.cpp``: embeddings
+    times sqrt(n_embd), GELU-gated FFN, sandwich norms stored as 1 + w) and HF ``Gemma3TextConfig``."""
     from minfer.config import gemma3_layer_types
     try:
         return dataclasses.replace(
@@ -177,10 +166,8 @@ def _gemma3_config(config: ModelConfig, window: int, source: str) -> ModelConfig
 
 # ------------------------------------------------------------ tokenizer
 
-# llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre``
-# (``src/llama-vocab.cpp``); HF ``tokenizers`` expresses the same as a
-# pre-tokenizer. Byte-level BPE then maps every byte to a printable character
-# (``Ġ`` = space) and merges.
+# llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre`` (``src/llama-vocab.cpp``),
+# an HF ``tokenizers`` pre-tokenizer; byte-level BPE then maps bytes to printable characters and merges.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -264,9 +251,8 @@ def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
 
 
 def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
-    """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart
-    from every other tensor's, before anything is allocated: a 99 MB file whose 1,024 layers all
-    point at the same bytes would otherwise be converted into gigabytes of float32."""
+    """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart from
+    every other tensor's (else 1,024 layers on the same bytes become gigabytes of float32)."""
     end_of = {}
     for name, start, n_bytes in tensors:
         if start + n_bytes > file_size:

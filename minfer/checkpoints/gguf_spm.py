@@ -1,8 +1,6 @@
-"""A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model.
-
-llama.cpp's SPM tokenizer (``llm_tokenizer_spm`` in ``src/llama-vocab.cpp``) merges the
-highest-scoring pair first; the merge list built here ("every way to cut every token in two,
-best score first") makes HF's BPE choose the same. Step by step: docs/quantization.md.
+"""A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model. llama.cpp's SPM tokenizer
+(``src/llama-vocab.cpp``) merges the best-scoring pair first; the merges here (every cut of every token in
+two, best score first) make HF's BPE choose the same (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -13,11 +11,8 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 3, 4, 6
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every (left, right) with left, right and left + right all tokens, best result score first.
-
-    Ties keep token order (then cut position): llama.cpp ranks a pair by its result's score alone,
-    and two cuts of one token can never both be live at the same place in a word.
-    """
+    """Every (left, right) with left, right and left + right all tokens, best result score first; ties in
+    token order, then cut position (two cuts of one token are never live at one place in a word)."""
     ids = {tok: i for i, tok in enumerate(tokens)}               # the last of duplicates, as llama.cpp
     ranked = []
     for i, tok in enumerate(tokens):

@@ -1,8 +1,5 @@
-"""HF-format model folders: config.json + *.safetensors (+ tokenizer files).
-
-minfer's state dict uses HF Llama names (``model.layers.{i}.self_attn.q_proj.weight`` ...,
-``nn.Linear`` layout), so folders load both here and in ``transformers``
-(``from_pretrained`` / ``save_pretrained``). The name table: docs/quantization.md.
+"""HF-format model folders: config.json + *.safetensors (+ tokenizer files). minfer's state dict uses HF
+Llama names and ``nn.Linear`` layout, so folders load here and in ``transformers`` alike.
 """
 from __future__ import annotations
 
@@ -51,8 +48,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise ValueError naming ``source`` and the first tensor that is missing,
-    unexpected, or of the wrong shape (``shapes``: name -> shape, no data needed)."""
+    """Raise ValueError naming ``source`` and the first tensor missing, unexpected or of the wrong shape
+    (``shapes``: name -> shape)."""
     want = expected_shapes(config)
     missing = [k for k in want if k not in shapes]
     extra = [k for k in shapes if k not in want]

@@ -111,18 +111,17 @@ def generate_answers(llm, prompts: list[dict], *, max_tokens: int, minutes: floa
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     t0, done, new_tokens = time.perf_counter(), [], 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="ex")
-    for i in range(0, len(prompts), batch):
-        if minutes is not None and time.perf_counter() - t0 >= 60 * minutes:
-            break
-        chunk = prompts[i:i + batch]
-        outs = llm.generate([p["prompt_ids"] for p in chunk], params)
-        for p, o in zip(chunk, outs):
-            done.append({**p, "answer_ids": list(o.outputs[0].token_ids)})
-            new_tokens += len(o.outputs[0].token_ids)
-        bar.update(len(chunk))
-        bar.set_postfix(gen_tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-    bar.close()
+    with tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
+        for i in range(0, len(prompts), batch):
+            if minutes is not None and time.perf_counter() - t0 >= 60 * minutes:
+                break
+            chunk = prompts[i:i + batch]
+            outs = llm.generate([p["prompt_ids"] for p in chunk], params)
+            for p, o in zip(chunk, outs):
+                done.append({**p, "answer_ids": list(o.outputs[0].token_ids)})
+                new_tokens += len(o.outputs[0].token_ids)
+            bar.update(len(chunk))
+            bar.set_postfix(gen_tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     return done
 
 

@@ -1,4 +1,5 @@
-"""Teacher-signal cache: run the big model ONCE over the corpus, keep what the students need.
+"""Teacher-signal cache (`minfer teacher-cache`): run the big model ONCE over the corpus, keep what the
+students need.
 
 Per shard: ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM
 head's input) and an optional ``loss_mask``, as .npy files written with ``atomic_dir`` (a rerun
@@ -6,6 +7,7 @@ resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from minfer.atomic import atomic_dir, write_json
+from minfer.compress.common import DEFAULT_CACHE, log
 
 FIELDS = ("tokens", "topk_idx", "topk_logp", "hidden")
 OPTIONAL_FIELDS = ("loss_mask",)
@@ -77,25 +80,18 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
     mask = (None if loss_mask is None                                               # (n_seq, seq_len)
             else np.asarray(loss_mask[:n_seq * seq_len], dtype=np.uint8).reshape(n_seq, seq_len))
     n_shards = -(-n_seq // shard_seqs)
-    done = [i for i in range(n_shards) if (out / _shard_name(i)).is_dir()]
-    bar = tqdm(total=n_seq * seq_len, initial=len(done) * shard_seqs * seq_len, unit="tok", unit_scale=True,
-               desc="teacher cache", disable=not progress)
-    written = 0
-    for i in range(n_shards):
-        if (out / _shard_name(i)).is_dir():
-            continue
-        rows = ids[i * shard_seqs:(i + 1) * shard_seqs]
-        parts = [teacher_signals(model, rows[b:b + batch], k) for b in range(0, len(rows), batch)]
-        with atomic_dir(out / _shard_name(i)) as tmp:
-            for name in FIELDS:
-                np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
-            if mask is not None:
-                np.save(tmp / "loss_mask.npy", mask[i * shard_seqs:(i + 1) * shard_seqs])
-        bar.update(rows.numel())
-        written += 1
-        if stop_after_shards is not None and written >= stop_after_shards:
-            break
-    bar.close()
+    todo = [i for i in range(n_shards) if not (out / _shard_name(i)).is_dir()]
+    with tqdm(total=n_seq * seq_len, initial=(n_shards - len(todo)) * shard_seqs * seq_len, unit="tok",
+              unit_scale=True, desc="teacher cache", disable=not progress) as bar:
+        for i in todo[:stop_after_shards]:
+            rows = ids[i * shard_seqs:(i + 1) * shard_seqs]
+            parts = [teacher_signals(model, rows[b:b + batch], k) for b in range(0, len(rows), batch)]
+            with atomic_dir(out / _shard_name(i)) as tmp:
+                for name in FIELDS:
+                    np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+                if mask is not None:
+                    np.save(tmp / "loss_mask.npy", mask[i * shard_seqs:(i + 1) * shard_seqs])
+            bar.update(rows.numel())
     return out
 
 
@@ -141,3 +137,35 @@ class TeacherCache:
         mask = torch.from_numpy(get("loss_mask")).bool() if "loss_mask" in self.arrays else None
         return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
                      torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float(), mask)
+
+
+# --- `minfer teacher-cache`: the train and held-out caches ---
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minfer.cli_args import add_model_args
+    add_model_args(p)
+    p.add_argument("--out", default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+    p.add_argument("--tokens", type=int, default=120_000, help="training tokens to cache (default 120000)")
+    p.add_argument("--heldout-tokens", type=int, default=16_384, help="held-out tokens to cache (default 16384)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--k", type=int, default=32, help="top-k teacher log-probs kept per token (default 32)")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def main(args) -> int:
+    """Build (or resume) the train and held-out teacher caches under --out/{train,heldout}."""
+    from minfer.cli_args import set_threads
+    from minfer.compress.corpus import split_fingerprint, token_stream
+    from minfer.llm import LLM
+
+    set_threads(args.threads)
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
+    eos = (llm.tokenizer.eos_token_ids or [None])[0]
+    for split, n in (("heldout", args.heldout_tokens), ("train", args.tokens)):
+        ids = token_stream(llm.tokenizer, split, n, eos)
+        meta = {"model": str(args.model), "split": split, "corpus": split_fingerprint()}
+        log(f"{split}: {len(ids)} tokens")
+        build_teacher_cache(llm.model, ids, Path(args.out) / split, seq_len=args.seq_len, k=args.k, meta=meta)
+    log(f"teacher cache in {args.out}")
+    return 0

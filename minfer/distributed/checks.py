@@ -6,6 +6,7 @@ parallel run with the single-process one on the same rank, and rank 0 ``torch.sa
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import torch
 
@@ -70,11 +71,7 @@ def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_le
 
 def random_tp_cases(n: int, world: int, seed: int = 0) -> dict:
     """``n`` random configs that split over ``world`` ranks (the same on every rank: seeded)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-    cases = {}
+    pick, cases = random.Random(seed).choice, {}
     for i in range(n):
         nkv = pick([1, world, 2 * world])
         nh = nkv * pick([1, 2, 3]) if nkv >= world else world * pick([1, 2])
@@ -122,16 +119,12 @@ def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> No
 def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
     """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
     from minfer.engine.request import TraceRequest
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(k):
-        return torch.randint(0, vocab, (k,), generator=g).tolist()
-    prefix = rand(prefix_len)
-    trace = []
+    rng, vocab_ids = random.Random(seed), range(vocab)
+    prefix, trace = rng.choices(vocab_ids, k=prefix_len), []
     for i in range(n):
-        tail = rand(int(torch.randint(1, max_prompt - prefix_len, (1,), generator=g)))
-        prompt = prefix + tail if i % 2 else rand(len(tail) + 3)
-        trace.append(TraceRequest(f"r{i}", 0.0, prompt, int(torch.randint(1, 9, (1,), generator=g))))
+        tail = rng.choices(vocab_ids, k=rng.randint(1, max_prompt - prefix_len - 1))
+        prompt = prefix + tail if i % 2 else rng.choices(vocab_ids, k=len(tail) + 3)
+        trace.append(TraceRequest(f"r{i}", 0.0, prompt, rng.randint(1, 8)))
     return trace
 
 

@@ -1,9 +1,7 @@
-"""Prefill/decode disaggregation: one process prefills, another decodes (DistServe, Zhong et al. 2024).
+"""Prefill/decode disaggregation (DistServe, Zhong et al. 2024): one ``LLMEngine`` prefills, another decodes.
 
-Both sides are the ordinary ``LLMEngine``; a prefilled request (ids, token 1, sampler state,
-K/V blocks) is sent point to point and enters the decode engine through
-``add_prefilled_request``, as vLLM's KV connector (``vllm/distributed/kv_transfer/``).
-The message flow: docs/parallelism.md.
+A prefilled request (ids, token 1, sampler state, K/V blocks) is sent point to point and enters the
+decode engine through ``add_prefilled_request``, as vLLM's KV connector (``kv_transfer/``).
 """
 from __future__ import annotations
 
@@ -64,10 +62,8 @@ def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
 
 
 def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=time.sleep) -> None:
-    """Replay ``trace`` (``workload.TraceRequest``s) on a prefill-only engine; send each prompt on.
-
-    Requests that finish with their first token (max_tokens=1, EOS) are sent as finished.
-    """
+    """Replay ``trace`` (``TraceRequest``s) on a prefill-only engine; send each prompt on (a request that
+    finishes with its first token, as finished)."""
     clock = engine.clock
     pending = sorted(trace, key=lambda r: r.arrival_time)
     t0, k = clock(), 0
@@ -96,11 +92,8 @@ def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=tim
 
 
 def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now.
-
-    ``k``, ``v``: (L, n_blocks, bs, nkv, hd), the prompt's blocks on the prefill side. Blocks the
-    decode pool already holds (prefix-cache hits) are kept; the others are copied in.
-    """
+    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now. ``k``,
+    ``v`` (L, n_blocks, bs, nkv, hd): the prompt's blocks, copied in but for prefix-cache hits."""
     cache, bs = engine.runner.cache, engine.runner.kv_manager.block_size
 
     def load_kv(table: list[int], num_cached: int) -> None:
@@ -115,11 +108,8 @@ def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Te
 
 
 def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
-    """Background thread: blocking receives from the prefill worker, put on ``inbox`` in order.
-
-    A thread, so that transfers land while the engine steps (a real KV connector transfers
-    asynchronously too); it is the only user of the process group on the decode side.
-    """
+    """Background thread (transfers land while the engine steps, as a KV connector's): receive from the
+    prefill worker and put on ``inbox`` in order. The only user of the decode side's process group."""
     cache = engine.runner.cache
     try:
         while True:
@@ -139,10 +129,8 @@ def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
 
 
 def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
-    """Admit what the prefill worker sends and decode until it says done and all have finished.
-
-    -> {request_id: (output token ids, arrival time, token times, finish reason)}.
-    """
+    """Admit what the prefill worker sends, decode until it says done and all have finished
+    -> {request_id: (output token ids, arrival time, token times, finish reason)}."""
     inbox: queue.Queue = queue.Queue()
     receiver = threading.Thread(target=_receive_all, args=(engine, src, inbox), daemon=True)
     receiver.start()

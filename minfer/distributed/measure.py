@@ -1,8 +1,6 @@
-"""Measurements behind ``minfer bench parallel`` and lesson 11 (each a ``comm.launch`` worker).
-
-Every worker interleaves the two sides in ONE process group (single process, parallel,
-single, parallel, ...) and rank 0 saves the medians with ``torch.save``. While rank 0
-times the single-process side, rank 1 waits in a barrier (a blocking socket read: no CPU).
+"""Measurements behind ``minfer bench parallel`` and lesson 11, each a ``comm.launch`` worker that
+interleaves single-process and parallel runs (rank 1 waits in a barrier, no CPU, while rank 0 times
+alone) and ``torch.save``s the medians from rank 0.
 """
 from __future__ import annotations
 
@@ -100,10 +98,8 @@ def mixed_workload(vocab, n_short=8, short_prompt=16, short_out=48, n_long=3, lo
 
 
 def _summary(results: dict) -> dict:
-    """results: rid -> (tokens, arrival, token times, reason) -> TTFT, TPOT, gaps between tokens (ms).
-
-    The gap between a short request's first and second token is reported apart
-    (``first_gap``): disaggregated, it is the KV hand-off; the ITL figures are the gaps after it."""
+    """results: rid -> (tokens, arrival, token times, reason) -> TTFT, TPOT, gaps between tokens (ms); a
+    short request's first gap (disaggregated: the KV hand-off) apart from the later ones (ITL)."""
     def pct(xs, p):
         return float(torch.tensor(xs).quantile(p)) * 1000 if xs else float("nan")
     short = [v for k, v in results.items() if k.startswith("s")]

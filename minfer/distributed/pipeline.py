@@ -1,8 +1,6 @@
-"""Pipeline parallelism: the layers split into stages, one stage per rank, hidden states sent on.
-
-Micro-batches (GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1); the last
-stage broadcasts the logits. vLLM: ``get_pp_group``, ``IntermediateTensors``, ``PPMissingLayer``
-(docs/parallelism.md).
+"""Pipeline parallelism: the layers split into stages, one per rank, hidden states sent on; micro-batches
+(GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1). vLLM: ``get_pp_group``,
+``IntermediateTensors``, ``PPMissingLayer`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -31,12 +29,9 @@ def stage_layers(num_layers: int, rank: int, world: int, share_group: int = 1) -
 
 
 class PipelineStage(nn.Module):
-    """One rank's part of a ``Transformer``: its layers (foreign ones are dropped), plus the
-    embedding on the first stage and the final norm and LM head on the last.
-
-    ``forward`` has the ``Transformer``'s signature, so ``generate_tokens`` runs unchanged on
-    every rank; ``timeline`` records (micro-batch, start, end) of this stage's compute.
-    """
+    """One rank's part of a ``Transformer``: its layers, the embedding on the first stage, the final norm
+    and LM head on the last. ``forward`` has the ``Transformer``'s signature (``generate_tokens`` runs
+    unchanged); ``timeline`` records (micro-batch, start, end) of this stage's compute."""
 
     def __init__(self, model, rank: int, world: int):
         super().__init__()
@@ -115,11 +110,8 @@ class PipelineStage(nn.Module):
 
     @torch.no_grad()
     def forward_paged_microbatches(self, input_ids, metas, rows, kv_cache, attention="sdpa"):
-        """The serving engine's flattened batch (1, N), cut into micro-batches of whole sequences.
-
-        ``metas[m]``: micro-batch m's ``PagedBatch`` (its tokens follow those of m - 1 in ``input_ids``);
-        ``rows[m]``: its sequences that need logits. -> logits (1, sum of rows, vocab) on every rank.
-        """
+        """The serving engine's flattened batch (1, N) in micro-batches of whole sequences -> logits (1, sum
+        of rows, vocab). ``metas[m]``: micro-batch m's ``PagedBatch``; ``rows[m]``: its rows for logits."""
         bounds = [0, *accumulate(meta.num_tokens for meta in metas)]
         pieces = [(input_ids[:, a:b], meta.positions, meta) for a, b, meta in zip(bounds, bounds[1:], metas)]
 

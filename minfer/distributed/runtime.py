@@ -1,8 +1,7 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
 
-The driver (rank 0) schedules, samples and stops; followers run each step it broadcasts
-(vLLM's executor, ``vllm/v1/executor/multiproc_executor.py``). Started by torchrun, or spawned
-by ``LLM(..., tensor_parallel_size=N)`` (docs/parallelism.md).
+The driver (rank 0) schedules, samples and stops; followers, spawned here or started by torchrun, run
+each step it broadcasts (vLLM: ``vllm/v1/executor/multiproc_executor.py``; docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import atexit
 import os
 import sys
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -110,11 +110,8 @@ def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
 
 
 def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float = comm.DEFAULT_TIMEOUT_S):
-    """Make this process rank 0 of ``pc.world_size`` ranks -> (config, shard, tokenizer, Driver).
-
-    Under torchrun the group exists already (world size must match); otherwise the
-    followers are spawned here, as vLLM's multiprocessing executor does.
-    """
+    """Make this process rank 0 of ``pc.world_size`` ranks -> (config, shard, tokenizer, Driver). Under
+    torchrun the group exists already; otherwise the followers are spawned here (as vLLM's executor)."""
     procs = []
     if dist.is_initialized() or comm.launched_by_torchrun():
         rank, world = comm.init_distributed(None, timeout_s)
@@ -133,13 +130,9 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
                             args=(r, pc.world_size, port, model, pc, dtype, str(device), timeout_s))
             p.start()
             procs.append(p)
-        saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        comm.set_local_env(0, pc.world_size, port)
-        try:
+        with mock.patch.dict(os.environ):    # restored after: no torchrun look-alike is left in this process
+            comm.set_local_env(0, pc.world_size, port)
             comm.init_distributed(None, timeout_s)
-        finally:        # the group exists now: leave no torchrun look-alike in this process's environment
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     cfg, shard, tok = load_parallel_model(model, pc, 0, dtype, device)
     return cfg, shard, tok, Driver(pc, procs)
 

@@ -1,9 +1,6 @@
-"""Shard an already-built ``minfer.model.Transformer`` over a tensor-parallel group.
-
-``shard_model(model, source, rank, world)`` swaps each projection for its parallel layer
-holding this rank's slice (read with safetensors' ``get_slice``); the model's forward runs
-unchanged on a rank-local config. vLLM: ``model_executor/models/llama.py`` with each layer's
-``weight_loader``. The projection table: docs/parallelism.md.
+"""Shard a ``minfer.model.Transformer`` over a tensor-parallel group: ``shard_model`` swaps each projection
+for its parallel layer holding this rank's slice (safetensors' ``get_slice``); the forward runs unchanged
+on a rank-local config. vLLM: ``models/llama.py`` with each layer's ``weight_loader``.
 """
 from __future__ import annotations
 
@@ -15,14 +12,8 @@ import torch
 from safetensors import safe_open
 
 from minfer.config import ModelConfig
-from minfer.distributed.layers import (
-    ColumnParallelLinear,
-    ParallelLMHead,
-    QKVParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    shard_range,
-)
+from minfer.distributed.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                       RowParallelLinear, VocabParallelEmbedding, shard_range)
 
 
 def tp_sizes(cfg: ModelConfig) -> list[int]:

@@ -79,16 +79,14 @@ class StepLayout:
 def step_layout(last_token: int, P: int, levels: list[list[int]], candidates: list[list[int]]) -> StepLayout:
     """Arrange [last token | lookahead levels | verification candidates] and their mask (see module doc)."""
     tokens, positions = [last_token], [P]
-    level_idx = []
-    for l, row in enumerate(levels):
-        level_idx.append(list(range(len(tokens), len(tokens) + len(row))))
-        tokens += row
-        positions += [P + 1 + l + i for i in range(len(row))]
-    cand_idx = []
-    for c in candidates:
-        cand_idx.append(list(range(len(tokens), len(tokens) + len(c))))
-        tokens += c
-        positions += [P + 1 + j for j in range(len(c))]
+
+    def place(row: list[int], first_position: int) -> list[int]:
+        """Append ``row`` at consecutive positions -> its input indices."""
+        tokens.extend(row)
+        positions.extend(range(first_position, first_position + len(row)))
+        return list(range(len(tokens) - len(row), len(tokens)))
+    level_idx = [place(row, P + 1 + l) for l, row in enumerate(levels)]
+    cand_idx = [place(c, P + 1) for c in candidates]
     T = len(tokens)
     mask = torch.zeros(T, T, dtype=torch.bool)
     mask[:, 0] = True                                       # everyone sees the last verified token

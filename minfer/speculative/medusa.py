@@ -46,9 +46,8 @@ class MedusaHeads(nn.Module):
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
-        for b in self.blocks:
-            nn.init.zeros_(b.weight)
-            nn.init.zeros_(b.bias)
+        for p in self.blocks.parameters():             # zero blocks: each head starts as the LM head
+            nn.init.zeros_(p)
 
     def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """hidden (..., h) -> per-head hidden states (..., n, h) of the first n = num_heads (default K)
@@ -125,7 +124,6 @@ def build_tree(paths: Sequence[Sequence[int]], max_depth: int | None = None) -> 
     for i, p in enumerate(order):
         for d in range(1, len(p) + 1):
             mask[i + 1, index[p[:d]]] = True       # its ancestors and itself
-    mask[0, 0] = True
     return MedusaTree(order, parent, [len(p) for p in order], mask)
 
 
