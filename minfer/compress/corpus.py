@@ -1,8 +1,5 @@
-"""The corpus every student here trains on, and the text it is judged on.
-
-train: the standard library's ``.py`` sources outside the held-out bucket; held-out: 1 in
-``HELD_OUT_EVERY`` files by a stable path hash; never trained on: ``pydoc_data.topics``.
-The split is a pure function of the path (docs/compression.md).
+"""The corpus every student here trains on, and the text it is judged on: the standard library's ``.py``
+sources, 1 in ``HELD_OUT_EVERY`` held out by a stable hash of the path (``pydoc_data.topics``: never).
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""`minfer distill`: train a small Llama on the teacher cache, to serve as a speculative draft.
-
-Binned KL at T + CE (``losses.py``), the embedding started as the teacher's projected; ``train`` also
-heals pruned models. vLLM serves such drafts as ``SpeculativeConfig`` method "draft_model"
-(docs/compression.md).
+"""`minfer distill`: train a small Llama on the teacher cache (binned KL at T + CE, ``losses.py``) to serve
+as a speculative draft (vLLM: ``SpeculativeConfig`` method "draft_model"); ``train`` also heals pruned models.
 """
 from __future__ import annotations
 

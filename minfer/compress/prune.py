@@ -73,9 +73,12 @@ def _cut(cfg, f: torch.Tensor, h: torch.Tensor):
     query heads ``h`` cuts."""
     hd, q_out, inter = cfg.head_dim, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
     rows = (h[:, None] * hd + torch.arange(hd)).flatten()               # the kept heads' rows
-    return (("mlp.gate_proj.weight", 0, f, inter), ("mlp.up_proj.weight", 0, f, inter),
-            ("mlp.down_proj.weight", 1, f, inter), ("self_attn.q_proj.weight", 0, rows, q_out),
-            ("self_attn.q_proj.bias", 0, rows, q_out), ("self_attn.o_proj.weight", 1, rows, q_out))
+    return (("mlp.gate_proj.weight", 0, f, inter),
+            ("mlp.up_proj.weight", 0, f, inter),
+            ("mlp.down_proj.weight", 1, f, inter),
+            ("self_attn.q_proj.weight", 0, rows, q_out),
+            ("self_attn.q_proj.bias", 0, rows, q_out),
+            ("self_attn.o_proj.weight", 1, rows, q_out))
 
 
 def prune_state(model, ffn_keep, head_keep):

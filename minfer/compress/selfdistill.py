@@ -52,10 +52,8 @@ def extract_functions(split: str, min_lines: int = 5, max_lines: int = 30,
             continue
         lines = text.splitlines()
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            n = node.end_lineno - node.lineno + 1
-            if not min_lines <= n <= max_lines:
+            is_def = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if not is_def or not min_lines <= node.end_lineno - node.lineno + 1 <= max_lines:
                 continue
             code = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
             if "\t" in code:

@@ -1,9 +1,6 @@
-"""Teacher-signal cache (`minfer teacher-cache`): run the big model ONCE over the corpus, keep what the
-students need.
-
-Per shard: ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM
-head's input) and an optional ``loss_mask``, as .npy files written with ``atomic_dir`` (a rerun
-resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md.
+"""Teacher-signal cache (`minfer teacher-cache`): run the big model ONCE over the corpus, keep per shard
+``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM head's input) and
+an optional ``loss_mask`` as .npy files, written atomically (a rerun resumes), read memory-mapped.
 """
 from __future__ import annotations
 

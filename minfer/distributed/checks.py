@@ -134,7 +134,7 @@ def _engine(model, **kw):
                                           "eos_token_ids": (), **kw})
 
 
-def _params(r):
+def greedy_params(r):
     return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
@@ -149,7 +149,7 @@ def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
     cfg = tiny_config()
     results = {}
     for seed in seeds:
-        for kind, make in (("greedy", _params), ("seeded", _seeded_params)):
+        for kind, make in (("greedy", greedy_params), ("seeded", _seeded_params)):
             trace = mixed_trace(6, seed, cfg.vocab_size)
             engine = _engine(random_model(cfg), max_num_batched_tokens=16)   # prompts over several steps
             if rank == 0:
@@ -199,8 +199,7 @@ def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> No
 
 
 def many_worker(rank: int, world: int, out_path, jobs) -> None:
-    """Run ``jobs`` = [(name, worker, args), ...] in this one process group (starting processes is the slow
-    part); rank 0 saves {name: what that worker saved}."""
+    """Run ``jobs`` = [(name, worker, args), ...] in one process group; rank 0 saves {name: what it saved}."""
     import os
     results = {}
     for name, worker, args in jobs:
@@ -226,8 +225,7 @@ def _tokens_and_logprobs(reqs) -> tuple[list, list]:
 
 
 def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
-    """The serving engine with rank 0 driving and rank 1 following, on TP shards and on pipeline
-    stages (1 and 2 micro-batches per step), vs the engine on the whole model."""
+    """The engine driven by rank 0 and followed by rank 1, on TP shards and pipeline stages, vs one engine."""
     from minfer.distributed.engine import follow_engine, parallel_engine
     from minfer.distributed.pipeline import PipelineStage
     cfg = tiny_config()
@@ -235,8 +233,8 @@ def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
     for seed in seeds:
         trace = mixed_trace(6, seed, cfg.vocab_size)
         prompts = [r.prompt_token_ids for r in trace]
-        params = [dataclasses.replace(_params(r), logprobs=2, prompt_logprobs=1) if i % 2 else _params(r)
-                  for i, r in enumerate(trace)]                     # half of them ask for logprobs
+        params = [dataclasses.replace(greedy_params(r), logprobs=2, prompt_logprobs=1) if i % 2
+                  else greedy_params(r) for i, r in enumerate(trace)]      # half of them ask for logprobs
         full = random_model(cfg, seed)
         want = None
         if rank == 0:

@@ -1,8 +1,6 @@
 """The process group, timed collectives, and a launcher: everything that touches ``torch.distributed``.
-
-Each collective has a timeout (a dead rank is one ``DistributedError``, not a hang), and
-``COMM_STATS`` counts bytes and seconds. vLLM: ``vllm/distributed/parallel_state.py``,
-``communication_op.py`` (docs/parallelism.md).
+A dead rank is one ``DistributedError`` (timeouts), not a hang; ``COMM_STATS`` counts bytes and seconds.
+vLLM: ``vllm/distributed/parallel_state.py``, ``communication_op.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 

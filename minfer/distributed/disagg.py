@@ -62,29 +62,20 @@ def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
 
 
 def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=time.sleep) -> None:
-    """Replay ``trace`` (``TraceRequest``s) on a prefill-only engine; send each prompt on (a request that
-    finishes with its first token, as finished)."""
-    clock = engine.clock
-    pending = sorted(trace, key=lambda r: r.arrival_time)
-    t0, k = clock(), 0
+    """Replay ``trace`` (``TraceRequest``s) on a prefill-only engine (``run_trace``); send each prompt on as
+    it gets its first token (a request that finishes with it, as finished)."""
+    from minfer.engine import run_trace
+
+    def hand_off(d) -> None:
+        req = engine.requests[d.request_id]
+        if d.finished:                                    # done with one token: nothing to decode
+            comm.send(torch.tensor([KIND_FINISHED, 0]), dst)
+            comm.send_object((req.request_id, req.output_token_ids, req.arrival_time, req.stats.token_times,
+                              req.finish_reason), dst)
+        else:
+            send_prefilled(engine, d.request_id, dst)
     engine.no_more_requests(True)
-    while k < len(pending) or engine.has_unfinished_requests():
-        while k < len(pending) and t0 + pending[k].arrival_time <= clock():
-            r = pending[k]
-            engine.add_request(r.prompt_token_ids, make_params(r), request_id=r.request_id,
-                               arrival_time=t0 + r.arrival_time)
-            k += 1
-        outs = engine.step()
-        for d in outs:
-            req = engine.requests[d.request_id]
-            if d.finished:                                # done with one token: nothing to decode
-                comm.send(torch.tensor([KIND_FINISHED, 0]), dst)
-                comm.send_object((req.request_id, req.output_token_ids, req.arrival_time,
-                                  req.stats.token_times, req.finish_reason), dst)
-            else:
-                send_prefilled(engine, d.request_id, dst)
-        if not outs and not engine.has_unfinished_requests() and k < len(pending):
-            sleep(max(t0 + pending[k].arrival_time - clock(), 1e-6))
+    run_trace(engine, trace, make_params, sleep, on_output=hand_off)
     comm.send(torch.tensor([KIND_DONE, 0]), dst)
 
 
@@ -150,9 +141,8 @@ def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
                 raise item
             if kind == KIND_DONE:
                 done = True
-            elif kind == KIND_FINISHED:
-                rid, toks, arrival, times, reason = item
-                finished[rid] = (toks, arrival, times, reason)
+            elif kind == KIND_FINISHED:                     # (request id, tokens, arrival, times, reason)
+                finished[item[0]] = tuple(item[1:])
             else:
                 waiting.append(item)
         waiting = [w for w in waiting if not admit_prefilled(engine, *w)]

@@ -10,10 +10,11 @@ import torch
 from minfer.distributed import comm
 from minfer.engine.runner import ModelRunner, prepare_batch, with_token_rows
 
+POOL = ("num_blocks", "block_size", "attention_mode", "kv_cache_dtype", "decode_kernel")   # a follower's too
+
 
 def run_step(runner: ModelRunner, step: dict) -> torch.Tensor:
-    """One broadcast step on this rank's runner (its shard or stage) -> logits (len(rows), vocab). Several
-    metas = pipeline micro-batches, which a ``PipelineStage`` interleaves (``forward_paged_microbatches``)."""
+    """One broadcast step on this rank's runner -> logits (len(rows), vocab); several metas: micro-batches."""
     metas, rows, ids = step["metas"], step["rows"], step["ids"]
     if len(metas) == 1:
         return runner.execute_model(ids, metas[0], rows[0], step["copies"])
@@ -32,10 +33,7 @@ class DriverRunner:
         self.runner, self.num_microbatches = runner, num_microbatches
         self.kv_manager, self.vocab_size, self.cache = runner.kv_manager, runner.vocab_size, runner.cache
         self.on_failure = None            # called when a rank is gone (parallel_engine: abort everything)
-        c = runner.cache
-        comm.broadcast_object({"num_blocks": c.num_blocks, "block_size": c.block_size, "attention": runner.attention,
-                               "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype,
-                               "decode_kernel": c.decode_kernel})
+        comm.broadcast_object({"attention": runner.attention, **{k: getattr(runner.cache, k) for k in POOL}})
 
     def execute(self, chunks, sample_rows, token_rows=()) -> torch.Tensor:
         r = self.runner
@@ -76,14 +74,9 @@ def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_k
 
 
 def follower_runner(model) -> ModelRunner | None:
-    """Receive the driver's setup and build the same kind of runner (KV pool for this rank's heads);
-    None when the driver shut down before building its engine."""
+    """The driver's kind of runner, from its broadcast setup (None: it shut down before building one)."""
     setup = comm.broadcast_object(None)
-    if setup is None:
-        return None
-    return ModelRunner(model, setup["num_blocks"], setup["block_size"], attention=setup["attention"],
-                       attention_mode=setup["attention_mode"], kv_cache_dtype=setup["kv_cache_dtype"],
-                       decode_kernel=setup["decode_kernel"])
+    return None if setup is None else ModelRunner(model, **setup)
 
 
 def follow_engine(model) -> int:

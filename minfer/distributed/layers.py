@@ -68,8 +68,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """Holds columns [start, stop) of W (out, in): takes this rank's slice of the input,
-    returns the full output after one all-reduce (the bias is added once, after it)."""
+    """Holds columns of W (out, in): this rank's input slice in, the full output after one all-reduce out."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group=None):
         super().__init__()
@@ -100,8 +99,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(ColumnParallelLinear):
-    """The LM head over the vocabulary shard: local logits, all-gathered, padding removed.
-    With tied embeddings it shares the ``VocabParallelEmbedding``'s weight (vLLM: ``ParallelLMHead``)."""
+    """The LM head over the vocabulary shard, all-gathered, padding removed (tied: the embedding's weight)."""
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, *, group=None):
         super().__init__(weight, None, gather_output=True, group=group, full_out=vocab_size)

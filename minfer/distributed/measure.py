@@ -11,7 +11,7 @@ import torch
 
 from minfer.config import ModelConfig
 from minfer.distributed import comm
-from minfer.distributed.checks import random_model
+from minfer.distributed.checks import greedy_params, random_model
 from minfer.distributed.tensor_parallel import StateDictSource, build_tp_model
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
@@ -123,9 +123,6 @@ def disagg_bench_worker(rank, world, out_path, cfg_kwargs=None, rounds=2, trace_
     model = random_model(cfg)
     trace = mixed_workload(cfg.vocab_size, **(trace_kwargs or {}))
 
-    def params(r):
-        return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
-
     def engine():
         return LLMEngine.from_model(model, num_blocks=512, block_size=16, max_num_batched_tokens=512,
                                     eos_token_ids=())
@@ -133,12 +130,12 @@ def disagg_bench_worker(rank, world, out_path, cfg_kwargs=None, rounds=2, trace_
     for r in range(rounds):
         comm.barrier()
         if rank == 0:
-            reqs, _ = run_trace(engine(), trace, params)
+            reqs, _ = run_trace(engine(), trace, greedy_params)
             rows["colocated"].append(_summary({q.request_id: (q.output_token_ids, q.arrival_time,
                                                               q.stats.token_times, q.finish_reason) for q in reqs}))
         comm.barrier()
         if rank == 0:
-            prefill_worker(engine(), trace, params)
+            prefill_worker(engine(), trace, greedy_params)
             rows["disaggregated"].append(_summary(comm.recv_object(1)))
         else:
             comm.send_object(decode_worker(engine()), 0)

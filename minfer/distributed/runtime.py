@@ -6,6 +6,7 @@ each step it broadcasts (vLLM: ``vllm/v1/executor/multiproc_executor.py``; docs/
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -88,10 +89,8 @@ class Driver:
         if self.closed or not dist.is_initialized():
             return
         self.closed = True
-        try:
+        with contextlib.suppress(comm.DistributedError):
             comm.broadcast_object(None)
-        except comm.DistributedError:
-            pass
         for p in self.procs:
             p.join(timeout=10)
         comm.leave_group()

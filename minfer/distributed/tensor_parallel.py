@@ -12,8 +12,14 @@ import torch
 from safetensors import safe_open
 
 from minfer.config import ModelConfig
-from minfer.distributed.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                       RowParallelLinear, VocabParallelEmbedding, shard_range)
+from minfer.distributed.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_range,
+)
 
 
 def tp_sizes(cfg: ModelConfig) -> list[int]:
@@ -75,21 +81,18 @@ class SafetensorsSource:
     def __init__(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
         from minfer.checkpoints.hf import _safetensors_files
         self.dtype, self.device = dtype, device
-        self.where: dict[str, Path] = {}
-        self._open = {}
+        self.files = {}                                    # tensor name -> the open file that holds it
         for file in _safetensors_files(Path(folder)):
             f = safe_open(str(file), framework="pt", device="cpu")
-            self._open[file] = f
-            for name in f.keys():
-                self.where[name] = file
+            self.files.update(dict.fromkeys(f.keys(), f))
 
     def has(self, name: str) -> bool:
-        return name in self.where
+        return name in self.files
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        if name not in self.where:
+        if name not in self.files:
             raise ValueError(f"checkpoint has no tensor {name!r}")
-        sl = self._open[self.where[name]].get_slice(name)
+        sl = self.files[name].get_slice(name)
         t = sl[:] if dim is None else sl[(slice(None),) * dim + (slice(start, stop),)]
         return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
 
@@ -98,8 +101,7 @@ class SafetensorsSource:
 
 
 def shard_model(model, source, rank: int, world: int, group=None):
-    """Turn ``model`` (a ``Transformer``, possibly on the meta device) into rank ``rank``'s shard, every
-    parameter loaded from ``source``; returns the model."""
+    """Turn ``model`` (a ``Transformer``, maybe on the meta device) into rank ``rank``'s shard."""
     full = model.cfg
     check_tp_size(full, world)
     if full.kv_share_group != 1:
@@ -112,8 +114,7 @@ def shard_model(model, source, rank: int, world: int, group=None):
     f0, f1 = shard_range(full.intermediate_size, rank, world)
 
     def column(module, prefix, ranges: dict[str, tuple[int, int]], cls):
-        """Rows [a, b) of each HF matrix of ``module``'s projections: one parallel linear
-        holding them stacked when the module is fused, else one per HF name."""
+        """Rows [a, b) of each HF projection of ``module``: one parallel linear each, or one if fused."""
         ws = [source.get(f"{prefix}{n}.weight", 0, a, b) for n, (a, b) in ranges.items()]
         bs = [source.get(f"{prefix}{n}.bias", 0, a, b) if source.has(f"{prefix}{n}.bias") else None
               for n, (a, b) in ranges.items()]

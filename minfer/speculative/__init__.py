@@ -98,11 +98,9 @@ class SpeculativeConfig:
 def load_draft(target, spec: str, *, dtype=None, device=None):
     """The draft model for ``draft:<spec>``: "layers-K", "int4", or a checkpoint with the same vocab."""
     if spec.startswith("layers-"):
-        try:
-            k = int(spec[len("layers-"):])
-        except ValueError:
-            raise ValueError(f"draft 'layers-K' needs an integer K, got {spec!r}") from None
-        return layer_skip_draft(target, k)
+        if not spec[len("layers-"):].isdigit():
+            raise ValueError(f"draft 'layers-K' needs an integer K, got {spec!r}")
+        return layer_skip_draft(target, int(spec[len("layers-"):]))
     if spec == "int4":
         return quantized_draft(target, "int4")
     from minfer.loading import load_model

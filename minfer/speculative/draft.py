@@ -35,9 +35,7 @@ class DraftModelProposer:
 
     def propose(self, seq: list[int], k: int, params: SamplingParams,
                 generator) -> tuple[list[int], torch.Tensor | None]:
-        keep = len(commonprefix([self.tokens, seq]))      # (commonprefix compares any sequences)
-        if keep == len(seq):              # never happens in the loop (seq grows); keep one token to feed
-            keep -= 1
+        keep = min(len(commonprefix([self.tokens, seq])), len(seq) - 1)     # at least one token to feed
         self.cache.truncate(keep)
         feed, start = seq[keep:], keep    # catch up: the tokens the draft has not seen yet (>= 1)
         self.tokens = list(seq[:keep])
@@ -49,8 +47,7 @@ class DraftModelProposer:
             if params.greedy:
                 tok = int(logits.argmax())
             else:
-                q = processed_probs(logits, params)                   # (V,)
-                qs.append(q)
+                qs.append(processed_probs(logits, params))            # (V,)
                 tok = sample(logits, params, generator)
             drafts.append(tok)
             feed = [tok]

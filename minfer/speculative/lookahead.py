@@ -115,9 +115,6 @@ class NgramPool:
         lst.append(rest)                                    # most recent last
         del lst[:-self.per_key]
 
-    def candidates(self, first: int) -> list[tuple[int, ...]]:
-        return list(self.grams.get(first, []))
-
     def harvest(self, levels: list[list[int]], new: list[int]) -> None:
         """Column i of the window, then the new guess, is an n-gram: (levels[0][i], ..., levels[-1][i], new[i])."""
         for i, first in enumerate(levels[0]):
@@ -163,8 +160,7 @@ def lookahead_generate(
     pool = NgramPool(max_candidates)
     while not budget.done:
         P = len(seq) - 1
-        room = budget.room
-        cands = [list(c[:room]) for c in pool.candidates(seq[-1])] if room > 0 else []
+        cands = [list(c[:budget.room]) for c in pool.grams.get(seq[-1], [])] if budget.room > 0 else []
         cands = [c for i, c in enumerate(cands) if c and c not in cands[:i]]
         lay = step_layout(seq[-1], P, levels, cands)
         tree = TreeAttentionCache(cache, lay.mask)

@@ -6,7 +6,7 @@ Between steps the target's cache holds K/V for ``seq[:-1]``; after verifying n o
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 
@@ -20,8 +20,9 @@ from minfer.speculative.stats import SpecStats
 ROLLBACK_CACHES = ("contiguous", "int8", "fp8")    # caches whose truncate() is a true rollback
 
 
-class Proposer(Protocol):
-    """Guesses the next tokens. ``q`` is None for a deterministic guess (no draft distribution)."""
+class Proposer:
+    """Guesses the next tokens (``begin`` and ``accepted`` do nothing unless overridden). ``q`` is None for
+    a deterministic guess (no draft distribution)."""
 
     def begin(self, prompt_ids: list[int], max_len: int) -> None:
         """A new request starts (at most ``max_len`` tokens in all)."""

@@ -50,8 +50,7 @@ class MedusaHeads(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """hidden (..., h) -> per-head hidden states (..., n, h) of the first n = num_heads (default K)
-        heads, before the LM head."""
+        """hidden (..., h) -> the first n = num_heads (default K) heads' hidden states (..., n, h)."""
         return torch.stack([hidden + F.silu(b(hidden)) for b in self.blocks[:num_heads]], dim=-2)
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:

@@ -76,11 +76,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: list[i
     for i, x in enumerate(draft_tokens):
         qi = torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]).float() if q is None else q[i].float().cpu()
         accept, residual = accept_reject(p[i], qi, x)
-        u = float(torch.rand((), generator=generator))                   # u ~ U[0, 1)
-        if u < accept:
-            out.append(int(x))
-            continue
-        out.append(sample_from(residual, generator))                      # first rejection: correct and stop
-        return out
-    out.append(sample_from(p[gamma], generator))                          # all accepted: the bonus token
-    return out
+        if float(torch.rand((), generator=generator)) >= accept:         # u ~ U[0, 1): rejected
+            return out + [sample_from(residual, generator)]               # correct, and stop
+        out.append(int(x))
+    return out + [sample_from(p[gamma], generator)]                       # all accepted: the bonus token
