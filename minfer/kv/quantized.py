@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from minfer.kv.base import DenseKVCache, KVView
+from minfer.kv.contiguous import ContiguousKVCache
 from minfer.validation import check_allocation
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -54,25 +55,22 @@ class QuantizedKVCache(DenseKVCache):
         self.scales = torch.ones(*shape, 1, device=device)                 # fp32
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._slots = torch.arange(max_len, device=device)
+        self._step_positions = None
+
+    # The contiguous cache's bookkeeping: slot s holds position s, checked once per forward.
+    _begin_step, truncate = ContiguousKVCache._begin_step, ContiguousKVCache.truncate
 
     def update(self, layer, k, v, positions):
-        end = int(positions.max()) + 1
-        if end > self.max_len or int(positions.min()) < 0:
-            raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
+        if positions is not self._step_positions:
+            self._begin_step(positions)
         q, s = quantize_kv(torch.stack((k, v)), self.fmt)              # (2, B, nkv, T, hd), (2, B, nkv, T, 1)
         idx = positions[None, :, None, :, None]                        # (1, B, 1, T, 1)
         # scatter_ has no fp8 kernel on every build: write through an int8 view of the bytes
         self.kv[layer].view(torch.int8).scatter_(3, idx.expand_as(q), q.view(torch.int8))
         self.scales[layer].scatter_(3, idx.expand_as(s), s)
-        self.lengths = positions.max(dim=1).values + 1
-        S = int(self.lengths.max())
-        slots = self._slots[:S]
-        key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)
+        S = self._visible
         both = dequantize_kv(self.kv[layer, ..., :S, :], self.scales[layer, ..., :S, :], self.dtype)
-        return KVView(both[0], both[1], key_pos)
-
-    def truncate(self, length: int) -> None:
-        self.lengths = self.lengths.clamp(max=length)
+        return KVView(both[0], both[1], self._key_pos)
 
     def nbytes(self) -> int:
         return self.kv.nbytes + self.scales.nbytes

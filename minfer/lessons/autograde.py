@@ -80,7 +80,6 @@ def _parse(source: str) -> tuple[Optional[ast.Module], Optional[str]]:
         return None, f"the cell cannot be parsed ({type(e).__name__}: nested too deeply?)"
 
 
-
 @dataclass
 class FoundCell:
     """The cell that defines an exercise's function: the last one, as running the notebook

@@ -121,12 +121,6 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _mbu_inputs(draw) -> Inputs:
-    return {"bytes_per_token": draw(st.floats(1e3, 1e12)), "tokens_per_s": draw(st.floats(0.01, 1e5)),
-            "bandwidth": draw(st.floats(1e8, 1e13))}
-
-
 def _mbu_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     b, tps, bw = inputs["bytes_per_token"], inputs["tokens_per_s"], inputs["bandwidth"]
     want = b * tps / bw
@@ -145,7 +139,8 @@ register(Exercise(
     description="mbu(bytes_per_token, tokens_per_s, bandwidth) -> the share of the memory bandwidth a "
                 "decode run used (bytes read per token x tokens/s / bandwidth)",
     reference="minfer.bench.machine:mbu",
-    inputs=_mbu_inputs(),
+    inputs=st.builds(dict, bytes_per_token=st.floats(1e3, 1e12), tokens_per_s=st.floats(0.01, 1e5),
+                     bandwidth=st.floats(1e8, 1e13)),
     compare=against_definition(_mbu_problem),
 ))
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minfer.lessons.registry import (
     Exercise, Inputs, against_definition, first_index, float_lists, float_tensors,
-    is_number, register, tensor_problem, tuple_close, tuple_problem,
+    is_number, register, returned, tensor_problem, tuple_close, tuple_problem,
 )
 
 
@@ -167,19 +167,13 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _intensity_inputs(draw) -> Inputs:
-    return {"num_tokens": draw(st.integers(1, 4096)), "in_features": draw(st.integers(1, 8192)),
-            "out_features": draw(st.integers(1, 8192)), "bytes_per_value": draw(st.sampled_from([4, 2, 1, 0.5]))}
-
-
 def _intensity_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     """The definition in exact fractions: 2 T in out FLOPs over b (in out + T in + T out) bytes."""
     from fractions import Fraction
 
     T, k, n, b = (inputs[name] for name in ("num_tokens", "in_features", "out_features", "bytes_per_value"))
     if not is_number(actual):
-        return f"returned {type(actual).__name__} {actual!r}, expected a number (FLOP per byte)"
+        return returned(actual, "a number (FLOP per byte)", show=True)
     want = Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n))
     if math.isclose(actual, float(want), rel_tol=1e-9):
         return None
@@ -193,6 +187,7 @@ register(Exercise(
     description=("linear_intensity(num_tokens, in_features, out_features, bytes_per_value) -> FLOP/byte of "
                  "y = x W^T: 2 T in out over the bytes of W, x and y"),
     reference="minfer.bench.machine:linear_intensity",
-    inputs=_intensity_inputs(),
+    inputs=st.builds(dict, num_tokens=st.integers(1, 4096), in_features=st.integers(1, 8192),
+                     out_features=st.integers(1, 8192), bytes_per_value=st.sampled_from([4, 2, 1, 0.5])),
     compare=against_definition(_intensity_problem),
 ))

@@ -154,13 +154,6 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _hash_inputs(draw) -> Inputs:
-    block_size = draw(st.integers(1, 4))
-    tokens = draw(st.lists(st.integers(0, 9), max_size=12))
-    return {"token_ids": tuple(tokens), "block_size": block_size}
-
-
 def _compare_hashes(inputs: Inputs, expected: list[int], actual: Any) -> Optional[str]:
     from minfer.kv.block_pool import hash_block_tokens
 
@@ -193,6 +186,7 @@ register(Exercise(
     description=("block_hashes(token_ids, block_size) -> [hash of each FULL block], each "
                  "hash_block_tokens(parent block's hash or None, the block's tokens)"),
     reference="minfer.kv.block_pool:block_hashes",
-    inputs=_hash_inputs(),
+    inputs=st.builds(dict, token_ids=st.lists(st.integers(0, 9), max_size=12).map(tuple),
+                     block_size=st.integers(1, 4)),
     compare=_compare_hashes,
 ))

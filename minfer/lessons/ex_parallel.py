@@ -47,12 +47,6 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _bytes_inputs(draw) -> Inputs:
-    return {"hidden_size": draw(st.sampled_from([64, 576, 4096, 8192])), "num_layers": draw(st.integers(1, 80)),
-            "tp": draw(st.sampled_from([1, 2, 4, 8])), "bytes_per_element": draw(st.sampled_from([1, 2, 4]))}
-
-
 def _bytes_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     h, L, n, b = (inputs[k] for k in ("hidden_size", "num_layers", "tp", "bytes_per_element"))
     per_allreduce = h * b * 2 * (n - 1) / n             # reduce-scatter + all-gather of one vector
@@ -74,7 +68,8 @@ register(Exercise(
     description=("allreduce_bytes_per_token(hidden_size, num_layers, tp, bytes_per_element) -> bytes one rank "
                  "sends per token for the 2 ring all-reduces of every layer"),
     reference="minfer.distributed.tensor_parallel:allreduce_bytes_per_token",
-    inputs=_bytes_inputs(),
+    inputs=st.builds(dict, hidden_size=st.sampled_from([64, 576, 4096, 8192]), num_layers=st.integers(1, 80),
+                     tp=st.sampled_from([1, 2, 4, 8]), bytes_per_element=st.sampled_from([1, 2, 4])),
     compare=against_definition(_bytes_problem),
 ))
 

@@ -177,11 +177,7 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# quant.q4k_scales_mins / quant.dequantize_q4_k (GGUF's Q4_K super-blocks)
-# ---------------------------------------------------------------------------
-
-
+# --- quant.q4k_scales_mins / quant.dequantize_q4_k (GGUF's Q4_K super-blocks) ---
 def _bytes(n: int) -> st.SearchStrategy:
     return st.lists(st.integers(0, 255), min_size=n, max_size=n)
 

@@ -52,8 +52,7 @@ def top_tokens(ax, labels: Sequence[str], probs: Sequence[float], title: str | N
     ax.set_yticks(y, [repr(s) for s in labels])
     for yi, p in zip(y, probs):
         ax.text(p, yi, f" {p:.3f}", va="center", fontsize=8, clip_on=True)
-    ax.set_xlim(0, max(max(probs) * 1.25, 1e-9))
-    ax.set_xlabel("probability")
+    ax.set(xlim=(0, max(max(probs) * 1.25, 1e-9)), xlabel="probability")
     if title:
         ax.set_title(title)
 
@@ -79,7 +78,7 @@ def roofline(ax, machines: Iterable[tuple[str, float, float]],
             ax.plot([ridge], [peak], "o", color=color, ms=5)
             ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, peak), textcoords="offset points",
                         xytext=(4, -12), fontsize=8, color=color)
-    for j, (label, value) in enumerate((workloads or {}).items()):
+    for label, value in (workloads or {}).items():
         ax.axvline(value, color="gray", ls="--", lw=1)
         ax.annotate(label, (value, 0.02), xycoords=("data", "axes fraction"), rotation=90,
                     fontsize=8, color="dimgray", xytext=(3, 0), textcoords="offset points")
@@ -88,11 +87,8 @@ def roofline(ax, machines: Iterable[tuple[str, float, float]],
         ax.plot([p[1] for p in pts], [p[2] for p in pts], "k^", ms=6, label="measured (this CPU)")
         for label, x, y in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
-    ax.set_ylabel("attainable FLOP/s")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), xlabel="arithmetic intensity (FLOP per byte moved)",
+           ylabel="attainable FLOP/s")
     ax.yaxis.set_major_formatter(mticker.FuncFormatter(_flops_label))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
