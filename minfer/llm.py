@@ -205,7 +205,6 @@ class LLM:
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
 
-    # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -295,7 +294,6 @@ class LLM:
         """Lookahead decoding runs prompt by prompt (see the module docstring)."""
         return self.speculative is not None and self.speculative.method == "lookahead"
 
-    # ------------------------------------------------------------------ vLLM API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); one output per prompt."""

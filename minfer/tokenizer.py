@@ -53,7 +53,6 @@ class Tokenizer:
         ids = [self.eos_token_id, *extra, *self._turn_end_token_ids()]
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in ids if i is not None))
 
-    # ------------------------------------------------------------ loading
     @classmethod
     def from_json(cls, tokenizer_json: str, tokenizer_config: dict[str, Any] | None = None,
                   extra_eos_token_ids: Iterable[int] = (), source: str = "the model's tokenizer") -> "Tokenizer":
@@ -85,7 +84,6 @@ class Tokenizer:
             extra += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
         return cls(hf_tok, config, extra, source=str(folder))
 
-    # ------------------------------------------------------------ ids
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -119,7 +117,6 @@ class Tokenizer:
         """id -> text of every special (control) token."""
         return {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
-    # ------------------------------------------------------------ chat
     @staticmethod
     def _pick_template(template: Any) -> str | None:
         """A template string, or HF's list form [{"name": "default", "template": ...}, ...]."""

@@ -114,7 +114,6 @@ class LLMEngine:
                    logprobs_mode=logprobs_mode,
                    sliding_window=None if cfg.is_hybrid else cfg.window_of(0))   # global layers keep every block
 
-    # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queue a request (text or token ids); returns its id. ``arrival_time`` defaults to now."""
@@ -206,7 +205,6 @@ class LLMEngine:
             self._text.pop(r.request_id, None)
         return samples
 
-    # ------------------------------------------------------------------ state, for metrics and servers
     # Plain reads of list lengths and counters: safe to read from another thread as a snapshot.
     @property
     def num_running(self) -> int:
@@ -237,7 +235,6 @@ class LLMEngine:
         """Tell static/dynamic batching that nothing else is coming: a short last batch may start."""
         self.scheduler.no_more_requests = value
 
-    # ------------------------------------------------------------------ one iteration
     def step(self) -> list[StepOutput]:
         """Schedule, run one forward, sample, check stops. Returns the streaming deltas."""
         out = self.scheduler.schedule()
@@ -308,7 +305,6 @@ class LLMEngine:
                           status.value if status is not None else None, req.index,
                           req.logprobs[-1:] if req.logprobs else None)
 
-    # ------------------------------------------------------------------ conveniences
     def stream(self) -> Iterator[StepOutput]:
         """Step until every request has finished, yielding each delta as it comes."""
         while self.has_unfinished_requests():

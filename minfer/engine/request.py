@@ -70,7 +70,6 @@ class Request:
         """The id the client knows: shared by the n samples of one request."""
         return self.group_id or self.request_id
 
-    # ---------------------------------------------------------------- tokens
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

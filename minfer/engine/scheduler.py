@@ -73,7 +73,6 @@ class Scheduler:
         self.prefix_cache_queries = 0             # prompt tokens looked up at admission (vLLM's counter names)
         self.prefix_cache_hits = 0                # ... of which found in the prefix cache
 
-    # ------------------------------------------------------------- queue
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
@@ -111,7 +110,6 @@ class Scheduler:
         req.stats.num_preemptions += 1
         self.waiting.appendleft(req)          # first in line when memory frees up
 
-    # ------------------------------------------------------------- admission
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens of ``req`` to compute this step: all it has, within the budget and the prefill chunk cap."""
         n = min(req.num_uncomputed_tokens, budget)
@@ -168,7 +166,6 @@ class Scheduler:
         need = upto - self.kv.num_tokens(req.request_id)
         return need <= 0 or self.kv.append_slots(req.request_id, need)
 
-    # ------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
         """Decide the next forward pass. Advances ``num_computed_tokens`` of each scheduled request."""
         cfg = self.config

@@ -220,7 +220,6 @@ class KVCacheManager:
         st = self._seq(seq_id)
         return st.row, st.num_tokens
 
-    # ------------------------------------------------------------ queries
     def _seq(self, seq_id) -> SeqState:
         try:
             return self.seqs[seq_id]
@@ -259,7 +258,6 @@ class KVCacheManager:
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
-    # ------------------------------------------------------------ allocation
     def _prefix_hits(self, token_ids: Sequence[int]) -> tuple[list[int], list[int], list[tuple]]:
         """Cached blocks holding the prompt's first full blocks -> (block ids, hashes, prefixes); at most
         (len - 1) // block_size: the last prompt token is always computed (its logits sample the next)."""
@@ -410,7 +408,6 @@ class KVCacheManager:
             self.pool.free_block(b)
         self.tables.free_row(st.row)
 
-    # ------------------------------------------------------------ accounting
     def usage(self) -> CacheUsage:
         """Blocks used/free/cached and the fragmentation of the reserved slots (shared blocks once)."""
         bs = self.block_size

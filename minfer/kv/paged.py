@@ -83,7 +83,6 @@ class PagedKVCache:
         self.attn = self.attns[0]
         self.attention_mode, self.decode_kernel = attention_mode, self.attn.decode_kernel
 
-    # ------------------------------------------------------------ sizes
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
         """K and V bytes of one block across the layers of a KV group (values, plus scales when quantized)."""
@@ -100,7 +99,6 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.nbytes + (self.scales.nbytes if self.quantized else 0)
 
-    # ------------------------------------------------------------ reading
     def kv_rows(self, blocks: torch.Tensor) -> torch.Tensor:
         """Block ids (M,) -> (2M,) rows of ``kv[layer].view(2 * num_blocks, -1)``: K's blocks, then V's."""
         return torch.cat((blocks, blocks + self.num_blocks))
@@ -136,7 +134,6 @@ class PagedKVCache:
             return self.k[layer], self.v[layer]
         return dequantize_kv(self.kv[layer], self.scales[layer], self.dtype).unbind(0)
 
-    # ------------------------------------------------------------ writing
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write: for each (src, dst), in order, block dst becomes a copy of block src (all layers)."""
         for src, dst in pairs:
@@ -164,7 +161,6 @@ class PagedKVCache:
         out = dequantize_kv(q, s, k.dtype).transpose(1, 2)                   # (2, nkv, N, hd): what reads see
         return KVView(out[0][None], out[1][None], positions)
 
-    # ------------------------------------------------------------ attention: the backend's
     def set_batch(self, meta: PagedBatch) -> None:
         """Install the metadata of the next forward; the backend plans it once for every layer."""
         self.meta, self.metas = meta, meta.groups or [meta]
