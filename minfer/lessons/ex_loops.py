@@ -65,15 +65,6 @@ def counting_model(seed: int) -> CountingModel:
     return model
 
 
-@st.composite
-def _decode_inputs(draw) -> Inputs:
-    model = counting_model(draw(st.integers(0, 3)))
-    prompt = draw(st.lists(st.integers(0, 96), min_size=1, max_size=8))
-    max_new = draw(st.integers(1, 10))
-    eos = draw(st.one_of(st.none(), st.integers(0, 96)))
-    return {"model": model, "prompt_ids": prompt, "max_new_tokens": max_new, "eos_id": eos}
-
-
 def greedy_decode_reference(model, prompt_ids, max_new_tokens, eos_id):
     """The engine's loop (``generate_tokens``, contiguous cache, greedy) on the same model."""
     from minfer.generate import generate_tokens
@@ -116,7 +107,9 @@ register(Exercise(
     description=("greedy_decode(model, prompt_ids, max_new_tokens, eos_id) -> new token ids: prefill "
                  "once, then one cached single-token forward per token, the engine's tokens"),
     reference="minfer.lessons.ex_loops:greedy_decode_reference",
-    inputs=_decode_inputs(),
+    inputs=st.builds(dict, model=st.integers(0, 3).map(counting_model),
+                     prompt_ids=st.lists(st.integers(0, 96), min_size=1, max_size=8),
+                     max_new_tokens=st.integers(1, 10), eos_id=st.one_of(st.none(), st.integers(0, 96))),
     compare=_compare_decode,
     validate=_validate_decode,
     max_examples=30,

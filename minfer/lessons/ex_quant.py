@@ -182,12 +182,6 @@ def _bytes(n: int) -> st.SearchStrategy:
     return st.lists(st.integers(0, 255), min_size=n, max_size=n)
 
 
-@st.composite
-def _q4k_scale_bytes(draw) -> Inputs:
-    rows = draw(st.lists(_bytes(12), min_size=1, max_size=3))
-    return {"packed": torch.tensor(rows, dtype=torch.uint8)}                    # (n, 12)
-
-
 def _validate_q4k_scales(inputs: Inputs, actual: Any) -> Optional[str]:
     """llama.cpp's ``get_scale_min_k4``, one sub-block j at a time, in Python ints."""
     want: tuple[list, list] = ([], [])
@@ -211,7 +205,8 @@ register(Exercise(
     description=("q4k_scales_mins(packed uint8 (n, 12)) -> (scales, mins) float32 (n, 8): Q4_K's eight "
                  "6-bit scales and mins per super-block"),
     reference="minfer.quant.gguf_formats:_q4_k_scales_and_mins",
-    inputs=_q4k_scale_bytes(),
+    inputs=st.builds(dict, packed=st.lists(_bytes(12), min_size=1, max_size=3).map(
+        lambda rows: torch.tensor(rows, dtype=torch.uint8))),                   # (n, 12)
     compare=lambda inputs, expected, actual: _validate_q4k_scales(inputs, actual),
     validate=_validate_q4k_scales,
 ))

@@ -45,9 +45,8 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _rate_and(draw, name: str, hi: float) -> Inputs:
-    return {"tokens_per_s": draw(st.floats(0.01, 1e5)), name: draw(st.floats(0.0, hi))}
+def _rate_and(name: str, hi: float) -> st.SearchStrategy:
+    return st.builds(dict, tokens_per_s=st.floats(0.01, 1e5), **{name: st.floats(0.0, hi)})
 
 
 def _per_mtok(what: str, formula: str, definition: Callable[[Inputs], float]):

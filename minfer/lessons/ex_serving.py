@@ -55,13 +55,6 @@ register(Exercise(
 ))
 
 
-@st.composite
-def _percentile_inputs(draw) -> Inputs:
-    values = draw(st.lists(st.floats(0.0, 1000.0, allow_nan=False), min_size=1, max_size=12))
-    p = draw(st.sampled_from([0, 50, 90, 95, 99, 100]) | st.floats(0.0, 100.0, allow_nan=False))
-    return {"values": tuple(values), "p": p}
-
-
 def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
     if not is_number(actual):
         return returned(actual, "a number", show=True)
@@ -88,7 +81,9 @@ register(Exercise(
     lesson="05_batching_and_metrics", function="percentile",
     description="percentile(values, p) -> the p-th percentile (0..100), linear interpolation like numpy",
     reference="minfer.serving.metrics:percentile",
-    inputs=_percentile_inputs(),
+    inputs=st.builds(dict, values=st.lists(st.floats(0.0, 1000.0, allow_nan=False), min_size=1,
+                                           max_size=12).map(tuple),
+                     p=st.sampled_from([0, 50, 90, 95, 99, 100]) | st.floats(0.0, 100.0, allow_nan=False)),
     compare=_compare_percentile,
     validate=_validate_percentile,
 ))
