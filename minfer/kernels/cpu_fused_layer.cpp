@@ -21,10 +21,12 @@ static torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& 
     float* yp = y.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) {
         const float* r = xp + m * h;
-        float ss = 0.0f;
-        for (int64_t k = 0; k < h; ++k) ss += r[k] * r[k];
-        const float s = 1.0f / std::sqrt(ss / (float)h + (float)eps);
-        for (int64_t k = 0; k < h; ++k) yp[m * h + k] = wp[k] * (r[k] * s);
+        double ss = 0.0;                            // in double: the scale as torch's within an ulp
+        for (int64_t k = 0; k < h; ++k) ss += (double)r[k] * r[k];
+        const float s = (float)(1.0 / std::sqrt(ss / (double)h + eps));
+        float* o = yp + m * h;                       // x * s, then times w: torch's order (two loops,
+        for (int64_t k = 0; k < h; ++k) o[k] = r[k] * s;     // or -ffast-math makes it (w * x) * s)
+        for (int64_t k = 0; k < h; ++k) o[k] *= wp[k];
     }
     return y;
 }
