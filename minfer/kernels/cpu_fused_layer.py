@@ -18,7 +18,9 @@ from typing import Optional
 
 import torch
 
+from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.kernels.cpu_quant_linear import load_vnni_kernel
+from minfer.kv.contiguous import ContiguousKVCache
 
 _SOURCE = Path(__file__).with_name("cpu_fused_layer.cpp")
 _state: dict = {}
@@ -83,7 +85,11 @@ class FusedLayer:
         q, k, v = kernel.attn_in(x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin,
                                  *self.heads)                         # (B, nh, T, hd), (B, nkv, T, hd) x 2
         view = kv_cache.update(attn.kv_layer, k, v, positions)
-        out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
+        if (q.shape[0] == q.shape[2] == 1 and attn.window is None and backend is sdpa_attention
+                and type(kv_cache) is ContiguousKVCache):
+            out = sdpa(q, view.keys, view.values)   # one sequence, one query, at the last key: all visible
+        else:
+            out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
         x = kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3])
         return x, view
 
