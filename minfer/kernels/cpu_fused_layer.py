@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.kernels.cpu_quant_linear import load_vnni_kernel
-from minfer.kv.contiguous import ContiguousKVCache
 
 _SOURCE = Path(__file__).with_name("cpu_fused_layer.cpp")
 _state: dict = {}
@@ -39,15 +38,13 @@ def _linears(layer) -> list:
 
 def why_not(layer) -> Optional[str]:
     """None when ``layer`` can take the fused path (Llama family, a8 linears, float32 on the CPU)."""
-    from minfer.quant.linear import QuantizedLinear
-
     attn, cfg = layer.self_attn, layer.self_attn.cfg
     if layer.sandwich or cfg.qk_norm or attn.q_scale != 1.0 or layer.mlp.geglu or cfg.norm_offset:
         return "the fused layer is Llama's (no sandwich / q-k norms, query scale or GeGLU, as Gemma has)"
     if not attn.owns_kv or attn.fused_name is None or layer.mlp.fused_name is None:
         return "the fused layer needs stacked qkv_proj / gate_up_proj and its own K/V"
     for lin in _linears(layer):
-        if not (isinstance(lin, QuantizedLinear) and lin.act8 and lin.bias is None):
+        if not (getattr(lin, "act8", False) and lin.bias is None):      # a QuantizedLinear, -a8
             return "the fused layer needs int8-activation (-a8) linears without bias"
         if lin.path == "reference" or lin.packed_a8().u.shape[1] * 8 // lin.packed_a8().bits != lin.in_features:
             return f"{lin.format}-a8 pads the inputs of a {lin.in_features}-wide linear (or path='reference')"
@@ -85,9 +82,12 @@ class FusedLayer:
         q, k, v = kernel.attn_in(x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin,
                                  *self.heads)                         # (B, nh, T, hd), (B, nkv, T, hd) x 2
         view = kv_cache.update(attn.kv_layer, k, v, positions)
-        if (q.shape[0] == q.shape[2] == 1 and attn.window is None and backend is sdpa_attention
-                and type(kv_cache) is ContiguousKVCache):
-            out = sdpa(q, view.keys, view.values)   # one sequence, one query, at the last key: all visible
+        B, nh, T, hd = q.shape          # one sequence decoding on the contiguous cache: every key is visible
+        if B == T == 1 and attn.window is None and type(kv_cache).__name__ == "ContiguousKVCache" and \
+                getattr(backend, "__name__", "") == "sdpa_attention":       # (names: kernels imports neither)
+            nkv = k.shape[1]             # as minfer.attention.sdpa: the query heads of a K/V head as its rows
+            out = F.scaled_dot_product_attention(q.reshape(1, nkv, nh // nkv, hd), view.keys, view.values)
+            out = out.reshape(1, nh, 1, hd)
         else:
             out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
         x = kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3])
