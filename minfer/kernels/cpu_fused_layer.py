@@ -43,14 +43,19 @@ def why_not(layer) -> Optional[str]:
         return "the fused layer is Llama's (no sandwich / q-k norms, query scale or GeGLU, as Gemma has)"
     if not attn.owns_kv or attn.fused_name is None or layer.mlp.fused_name is None:
         return "the fused layer needs stacked qkv_proj / gate_up_proj and its own K/V"
+    if layer.input_layernorm.weight.device.type != "cpu" or layer.input_layernorm.weight.dtype != torch.float32:
+        return "the fused layer runs in float32 on the CPU"
     for lin in _linears(layer):
         if not (getattr(lin, "act8", False) and lin.bias is None):      # a QuantizedLinear, -a8
             return "the fused layer needs int8-activation (-a8) linears without bias"
-        if lin.path == "reference" or lin.packed_a8().u.shape[1] * 8 // lin.packed_a8().bits != lin.in_features:
-            return f"{lin.format}-a8 pads the inputs of a {lin.in_features}-wide linear (or path='reference')"
-    if layer.input_layernorm.weight.device.type != "cpu" or layer.input_layernorm.weight.dtype != torch.float32:
-        return "the fused layer runs in float32 on the CPU"
-    return why_unavailable()
+        if lin.path == "reference":
+            return "path='reference'"
+    if why := why_unavailable():
+        return why
+    for lin in _linears(layer):
+        if lin.packed_a8().u.shape[1] * 8 // lin.packed_a8().bits != lin.in_features:
+            return f"{lin.format}-a8 pads the inputs of a {lin.in_features}-wide linear"
+    return None
 
 
 class FusedLayer:
