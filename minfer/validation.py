@@ -7,6 +7,7 @@ ValueError for a bad value, TypeError for a value of the wrong kind altogether (
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -173,13 +174,10 @@ def available_memory(device: Any = "cpu") -> int | None:
     dev = torch.device(device)
     if dev.type == "cuda":
         return int(torch.cuda.mem_get_info(dev)[0])
-    try:                                            # Linux: what the kernel could hand out now
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:    # Linux: what the kernel could hand out
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:                                            # other POSIX systems: free pages only
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

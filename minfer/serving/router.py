@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from fastapi import Request
 
-from minfer.cli_args import positive_int
+from minfer.cli_args import positive_int, seconds_or_zero
 from minfer.distributed.comm import free_port
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
                                         read_body, run_server, seconds)
@@ -345,10 +346,6 @@ def add_router_timeouts(p: argparse.ArgumentParser) -> None:
                    help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
 
 
-def seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
-
-
 def replica_url(text: str) -> str:
     """argparse type for ``--replica``: http(s)://HOST:PORT[/path]."""
     from urllib.parse import urlsplit
@@ -396,11 +393,9 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server for {url} exited with code {proc.returncode}")
-        try:
+        with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not become healthy within {timeout:g} s")
 
@@ -409,10 +404,8 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
     ``kill -9`` of ``minfer serve --replicas N`` leaves no replica behind. Elsewhere: nothing."""
     import ctypes
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def start_minfer(argv: list[str], quiet: bool = False, port: int | None = None) -> tuple[str, subprocess.Popen]:
@@ -496,14 +489,12 @@ def serve_replicas(args) -> int:
         signal.signal(sig, interrupt)
     sup = Supervisor(child, args.replicas)
     try:
-        for url, proc in sup.children:
-            wait_healthy(url, proc)
-        sup.thread.start()
-        args.prefix_blocks = 4
-        run_router([u for u, _ in sup.children], args.policy, args,
-                   load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            for url, proc in sup.children:
+                wait_healthy(url, proc)
+            sup.thread.start()
+            run_router([u for u, _ in sup.children], args.policy, args,
+                       load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
     finally:
         sup.stop()
     return 0
