@@ -108,10 +108,8 @@ def check_context(num_prompt_tokens: int, max_context: int) -> None:
 
 def check_prompts(prompts: Any) -> None:
     """``LLM.generate``'s first argument: one prompt (str or token ids) or a list of prompts."""
-    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts:
-        check_prompt(prompts)
-        return
-    if all(isinstance(t, numbers.Number) for t in prompts):     # one prompt given as token ids
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts \
+            or all(isinstance(t, numbers.Number) for t in prompts):     # one prompt (maybe as token ids)
         check_prompt(prompts)
         return
     if all(isinstance(p, (list, tuple)) for p in prompts) or all(isinstance(p, str) for p in prompts):

@@ -65,11 +65,7 @@ class HashRing:
     def lookup(self, key: int, alive: Sequence[bool]) -> int | None:
         """The key's replica, or the next one along the ring that is alive (None: all dead)."""
         i = bisect.bisect_left(self.points, key)
-        for k in range(len(self.points)):
-            owner = self.owners[(i + k) % len(self.points)]
-            if alive[owner]:
-                return owner
-        return None
+        return next((owner for owner in self.owners[i:] + self.owners[:i] if alive[owner]), None)
 
 
 def prefix_key(token_ids: Sequence[int], block_size: int = 16, num_blocks: int = 4) -> int:
@@ -331,19 +327,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_router_timeouts(p: argparse.ArgumentParser) -> None:
-    """The router's timeouts (``minfer router`` and ``minfer serve --replicas N``)."""
-    p.add_argument("--cooldown", type=seconds, default=5.0,
-                   help="seconds a failed replica is skipped when no health check runs (default 5)")
-    p.add_argument("--connect-timeout", type=seconds, default=CONNECT_TIMEOUT,
-                   help=f"seconds to connect to a replica (default {CONNECT_TIMEOUT:g})")
-    p.add_argument("--first-byte-timeout", type=seconds, default=FIRST_BYTE_TIMEOUT,
-                   help=f"seconds to a replica's response head, then the next replica (default {FIRST_BYTE_TIMEOUT:g})")
-    p.add_argument("--read-timeout", type=seconds, default=READ_TIMEOUT,
-                   help=f"seconds between two reads of a replica's response (default {READ_TIMEOUT:g})")
-    p.add_argument("--health-interval", type=seconds_or_zero, default=HEALTH_INTERVAL,
-                   help=f"seconds between active health checks of the replicas; 0: none (default {HEALTH_INTERVAL:g})")
-    p.add_argument("--health-timeout", type=seconds, default=HEALTH_TIMEOUT,
-                   help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
+    """The router's timeouts (``minfer router`` and ``minfer serve --replicas N``), in seconds."""
+    for flag, default, text in (
+            ("--cooldown", 5.0, "a failed replica is skipped when no health check runs"),
+            ("--connect-timeout", CONNECT_TIMEOUT, "to connect to a replica"),
+            ("--first-byte-timeout", FIRST_BYTE_TIMEOUT, "to a replica's response head, then the next one"),
+            ("--read-timeout", READ_TIMEOUT, "between two reads of a replica's response"),
+            ("--health-interval", HEALTH_INTERVAL, "between health checks of the replicas; 0: none"),
+            ("--health-timeout", HEALTH_TIMEOUT, "a replica's /health may take before it is marked down")):
+        kind = seconds_or_zero if flag == "--health-interval" else seconds
+        p.add_argument(flag, type=kind, default=default, help=f"seconds {text} (default {default:g})")
 
 
 def replica_url(text: str) -> str:
