@@ -217,9 +217,10 @@ COMMANDS = {
     "batch": ("minfer.serving.batch_job", "offline batch job over an OpenAI-style JSONL file"),
     "serve": ("minfer.serving.server", "OpenAI-compatible HTTP server (streaming, /metrics)"),
     "router": ("minfer.serving.router", "route OpenAI API requests over engine replicas"),
-    "teacher-cache": ("minfer.compress.cli", "cache a teacher's top-k log-probs and hidden states over the corpus"),
+    "teacher-cache": ("minfer.compress.teacher",
+                      "cache a teacher's top-k log-probs and hidden states over the corpus"),
     "distill": ("minfer.compress.distill", "train a small draft model on the teacher cache (distillation)"),
-    "medusa": ("minfer.compress.medusa_cli", "Medusa heads: train on the teacher cache"),
+    "medusa": ("minfer.compress.medusa", "Medusa heads: train on the teacher cache"),
     "prune": ("minfer.bench.prune", "structured pruning (FFN channels, heads) + healing by distillation"),
 }
 
