@@ -16,7 +16,6 @@ from typing import Any
 MAX_LOGPROBS = 20                  # top logprobs per token at most (vLLM's max_logprobs, OpenAI's limit)
 SEED_MAX = 2**64 - 1               # torch.Generator.manual_seed takes any 64-bit value
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as vLLM
-DEVICE_TYPES = ("cpu", "cuda")
 
 
 def is_int(x: Any) -> bool:
@@ -145,7 +144,7 @@ def check_device(device: Any) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in DEVICE_TYPES:
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
             and dev.index >= torch.cuda.device_count():

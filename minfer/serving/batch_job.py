@@ -226,7 +226,6 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
     return {"total": len(items), "skipped": len(items) - len(todo), "ran": len(todo) - errors, "errors": errors}
 
 
-# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run an OpenAI-format batch file (JSONL, one request per line with custom_id)."
     p.add_argument("input", help="INPUT.jsonl")

@@ -153,10 +153,7 @@ class Handlers:
                 yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, num_output)))
             yield "data: [DONE]\n\n"
         finally:                                   # also when the client disconnected (cancelled)
-            if done == n:
-                self.aengine.release(rid)
-            else:
-                self.aengine.abort(rid)
+            (self.aengine.release if done == n else self.aengine.abort)(rid)
 
     async def collect(self, request, rid, q, n: int, chat: bool, shape: ChoiceShape) -> dict:
         """The whole answer. The client's disconnect is watched at the same time, so a client that
@@ -196,7 +193,6 @@ async def wait_disconnect(request) -> None:
         pass
 
 
-# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics."
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model (same as --model)")
