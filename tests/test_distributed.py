@@ -16,7 +16,7 @@ from minfer.distributed import comm
 from minfer.distributed.checks import TP_CASES, all_checks_worker, dying_rank_worker, tiny_config
 from minfer.distributed.layers import QKVParallelLinear, shard_range
 from minfer.distributed.pipeline import bubble_fraction, stage_layers
-from minfer.distributed.tensor_parallel import check_tp_size, local_config
+from minfer.distributed.tensor_parallel import build_tp_model, check_tp_size, local_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FP32_ATOL = 1e-4
@@ -47,15 +47,16 @@ def test_tp2_equals_tp1(checks, case):
         assert len(set(r["tokens_full"])) > 1, "the tiny model should not just repeat one token"
 
 
-def test_tp_refuses_heads_that_do_not_divide(checks):
-    assert "does not divide num_attention_heads=3" in checks["tp"]["refused"]
+def test_tp_refuses_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="does not divide num_attention_heads=3"):   # before any collective
+        build_tp_model(tiny_config(num_attention_heads=3, num_key_value_heads=3, hidden_size=30), None, 0, 2)
 
 
 def test_check_tp_size_smollm2_shape():
     cfg = tiny_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=36, intermediate_size=48)
     check_tp_size(cfg, 3)                                      # 3 query heads and 1 K/V head per rank
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide num_attention_heads=9.*\[1, 3, 9\]"):
-        check_tp_size(cfg, 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide num_attention_heads=9.*\[1, 3\]"):
+        check_tp_size(cfg, 2)                                  # (9 does not divide intermediate_size=48)
     with pytest.raises(ValueError, match="neither divides"):
         check_tp_size(tiny_config(num_attention_heads=6, num_key_value_heads=2, hidden_size=36), 3)
     with pytest.raises(ValueError, match="intermediate_size"):

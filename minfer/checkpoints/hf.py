@@ -1,8 +1,5 @@
-"""HF-format model folders: config.json + *.safetensors (+ tokenizer files).
-
-minfer's state dict uses HF Llama names (``model.layers.{i}.self_attn.q_proj.weight`` ...,
-``nn.Linear`` layout), so folders load both here and in ``transformers``
-(``from_pretrained`` / ``save_pretrained``). The name table: docs/quantization.md.
+"""HF-format model folders: config.json + *.safetensors (+ tokenizer files). minfer's state dict uses HF
+Llama names and ``nn.Linear`` layout, so folders load here and in ``transformers`` alike.
 """
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ from minfer.config import ModelConfig
 INDEX_FILE = "model.safetensors.index.json"
 
 
-# ------------------------------------------------------------------ naming
+# --- naming ---
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -32,22 +29,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
-        if config.attention_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
-            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
-            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
+        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (out, h)
+            if config.attention_bias:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (out,)
+            if config.qk_norm and proj != "v":
+                shapes[p + f"self_attn.{proj}_norm.weight"] = (hd,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if config.sandwich_norm:             # Gemma: the attention output's norm above, two around the MLP
-            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
-            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
-        if config.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (hd,)
-            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        sandwich = ["pre_feedforward", "post_feedforward"] if config.sandwich_norm else []   # Gemma's
+        for norm in ["input", "post_attention", *sandwich]:
+            shapes[p + f"{norm}_layernorm.weight"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (inter, h)
         shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
@@ -58,8 +49,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise ValueError naming ``source`` and the first tensor that is missing,
-    unexpected, or of the wrong shape (``shapes``: name -> shape, no data needed)."""
+    """Raise ValueError naming ``source`` and the first tensor missing, unexpected or of the wrong shape
+    (``shapes``: name -> shape)."""
     want = expected_shapes(config)
     missing = [k for k in want if k not in shapes]
     extra = [k for k in shapes if k not in want]
@@ -119,12 +110,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama-family folder -> (ModelConfig, state dict in HF names).
-
-    Floating tensors are cast to ``dtype``. A tied checkpoint that still
-    carries ``lm_head.weight`` has it dropped (the model reuses the embedding);
-    old ``rotary_emb.inv_freq`` buffers are dropped too.
-    """
+    """Read an HF Llama-family folder -> (ModelConfig, state dict in HF names), floating tensors in ``dtype``.
+    A tied checkpoint's ``lm_head.weight`` and old ``rotary_emb.inv_freq`` buffers are dropped."""
     folder = Path(path)
     config = read_config(folder)
     files = _safetensors_files(folder)
@@ -145,11 +132,7 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         return out
 
     check_shapes(config, read(load=False), str(folder))      # names and shapes first, from the headers
-    state_dict: dict[str, torch.Tensor] = read(load=True)
-    for name, t in state_dict.items():
-        if t.is_floating_point():
-            state_dict[name] = t.to(dtype)
-    return config, state_dict
+    return config, {name: t.to(dtype) if t.is_floating_point() else t for name, t in read(load=True).items()}
 
 
 # ------------------------------------------------------------------- saving
@@ -158,16 +141,8 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 def save_hf_folder(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                    tokenizer_json: str | None = None, tokenizer_config: dict[str, Any] | None = None,
                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write an HF folder atomically: everything goes into a temp folder next
-    to ``path``, which is renamed into place only when complete. An existing
-    folder at ``path`` is replaced. Returns the folder.
-
-        config.json            ModelConfig.to_hf()
-        model.safetensors      the state dict (contiguous copies)
-        tokenizer.json         if given (HF ``tokenizers`` JSON)
-        tokenizer_config.json  if given (chat_template, bos/eos tokens, ...)
-        <extra_files>          name -> text, e.g. a provenance note
-    """
+    """Write (or replace) an HF folder atomically -> the folder: config.json, model.safetensors, the
+    tokenizer files if given, and ``extra_files`` (name -> text, e.g. a provenance note)."""
     target = Path(path)
     check_state_dict(config, state_dict, "save_hf_folder")
     with atomic_dir(target) as tmp:

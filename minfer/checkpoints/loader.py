@@ -1,11 +1,6 @@
-"""One entry point for weights: a registry name, an HF folder, or a .gguf file.
-
-    load_checkpoint("smollm2-135m-instruct")      # fetched on first use
-    load_checkpoint("path/to/hf-folder")          # config.json + *.safetensors + tokenizer.json
-    load_checkpoint("path/to/model.Q4_1.gguf")    # converted in memory
-
-HF equivalent: ``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer``;
-vLLM: ``vllm/model_executor/model_loader/`` (``DefaultModelLoader``, ``GGUFModelLoader``).
+"""One entry point for weights: a registry name (fetched on first use), an HF folder, or a .gguf file
+(converted in memory). HF: ``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer``; vLLM:
+``model_executor/model_loader/`` (``DefaultModelLoader``, ``GGUFModelLoader``).
 """
 from __future__ import annotations
 

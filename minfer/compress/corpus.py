@@ -1,8 +1,5 @@
-"""The corpus every student here trains on, and the text it is judged on.
-
-train: the standard library's ``.py`` sources outside the held-out bucket; held-out: 1 in
-``HELD_OUT_EVERY`` files by a stable path hash; never trained on: ``pydoc_data.topics``.
-The split is a pure function of the path (docs/compression.md).
+"""The corpus every student here trains on, and the text it is judged on: the standard library's ``.py``
+sources, 1 in ``HELD_OUT_EVERY`` held out by a stable hash of the path (``pydoc_data.topics``: never).
 """
 from __future__ import annotations
 
@@ -12,13 +9,13 @@ from pathlib import Path
 
 HELD_OUT_EVERY = 20
 SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, sorted by relative path, skipping tests and vendored code."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & SKIP_PARTS)]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    files = [p for p in STDLIB.rglob("*.py") if not (set(p.relative_to(STDLIB).parts[:-1]) & SKIP_PARTS)]
+    return sorted(files, key=lambda p: p.relative_to(STDLIB).as_posix())
 
 
 def is_held_out(relpath: str) -> bool:
@@ -29,9 +26,8 @@ def is_held_out(relpath: str) -> bool:
 def split_files(split: str) -> list[Path]:
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    root = Path(sysconfig.get_paths()["stdlib"])
     want = split == "heldout"
-    return [p for p in stdlib_files() if is_held_out(p.relative_to(root).as_posix()) == want]
+    return [p for p in stdlib_files() if is_held_out(p.relative_to(STDLIB).as_posix()) == want]
 
 
 def token_stream(tokenizer, split: str, max_tokens: int, eos: int | None = None) -> list[int]:
@@ -53,8 +49,7 @@ def token_stream(tokenizer, split: str, max_tokens: int, eos: int | None = None)
 def split_fingerprint() -> dict:
     """What identifies the split: counts and a hash of the held-out file list."""
     import sys
-    root = Path(sysconfig.get_paths()["stdlib"])
-    held = [p.relative_to(root).as_posix() for p in split_files("heldout")]
+    held = [p.relative_to(STDLIB).as_posix() for p in split_files("heldout")]
     return {"train": "stdlib .py sources (sorted), held-out bucket excluded",
             "heldout": f"stdlib .py files with sha256(relpath) % {HELD_OUT_EVERY} == 0",
             "never_trained": "pydoc_data.topics",

@@ -1,21 +1,16 @@
-"""`minfer distill`: train a small Llama on the teacher cache, to serve as a speculative draft.
-
-Binned KL at T + CE on the cache (``losses.py``); the embedding starts as the teacher's,
-projected; AdamW, warm-up, cosine decay, held-out scores in ``distill_log.json``. ``train`` is
-shared with pruning's healing. vLLM serves such drafts as ``SpeculativeConfig`` method
-"draft_model" (docs/compression.md).
+"""`minfer distill`: train a small Llama on the teacher cache (binned KL at T + CE, ``losses.py``) to serve
+as a speculative draft (vLLM: ``SpeculativeConfig`` method "draft_model"); ``train`` also heals pruned models.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from minfer.compress.common import lr_at  # noqa: F401  (re-exported)
+from minfer.compress.common import fit
 from minfer.compress.losses import distill_loss, student_bins, teacher_bins, binned_kl
 from minfer.compress.teacher import TeacherCache
 from minfer.config import ModelConfig
@@ -51,8 +46,7 @@ def agreement(logits: torch.Tensor, topk_idx: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(model, cache: TeacherCache, max_seqs: int = 8) -> dict:
     """Held-out binned KL (T = 1), top-1 agreement and CE on the first ``max_seqs`` sequences."""
-    rows = list(range(min(max_seqs, len(cache))))
-    b = cache.batch(rows)
+    b = cache.batch(range(min(max_seqs, len(cache))))
     B, T = b.tokens.shape
     pos = torch.arange(T)[None].expand(B, T)
     logits = model(b.tokens, pos).float()                               # (B, T, V)
@@ -64,66 +58,28 @@ def evaluate(model, cache: TeacherCache, max_seqs: int = 8) -> dict:
 def train(student, train_cache: TeacherCache, heldout: TeacherCache | None = None, *, steps: int | None = None,
           minutes: float | None = None, batch: int = 4, lr: float = 2e-3, temperature: float = 2.0,
           alpha: float = 0.9, eval_every: int = 50, seed: int = 0, log=print, on_eval=None) -> list[dict]:
-    """Train ``student`` in place on the cache; returns the curve (one dict per evaluation).
-
-    Stops after ``steps`` steps or ``minutes`` minutes, whichever first (at least one must be given);
-    the cosine schedule follows the same fraction. ``on_eval(student, curve)`` is called after each evaluation.
-    """
+    """Train ``student`` in place on the cache (``common.fit``: at least one of steps and minutes) -> the
+    curve, one dict per evaluation; ``on_eval(student, curve)`` is called after each evaluation."""
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (a budget for training)")
     if (steps is not None and steps < 1) or (minutes is not None and minutes <= 0):
         raise ValueError(f"steps must be >= 1 and minutes > 0; got {steps}, {minutes}")
-    student.train().requires_grad_(True)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
-                            betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
     T = train_cache.meta["seq_len"]
-    curve: list[dict] = []
-    t0, step, tokens = time.perf_counter(), 0, 0
 
-    def progress() -> float:
-        parts = [step / steps] if steps else []
-        if minutes:
-            parts.append((time.perf_counter() - t0) / (60 * minutes))
-        return max(parts)
-
-    def checkpoint(train_loss: float | None) -> None:
-        student.eval()
-        row = {"step": step, "train_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1),
-               "train_loss": train_loss, **(evaluate(student, heldout) if heldout is not None else {})}
-        curve.append(row)
-        log(json.dumps(row))
-        if on_eval is not None:
-            on_eval(student, curve)
-        student.train()
-
-    checkpoint(None)
-    running = None
-    while progress() < 1.0:
-        rows = torch.randint(len(train_cache), (batch,), generator=gen).tolist()
-        b = train_cache.batch(rows)
-        pos = torch.arange(T)[None].expand(batch, T)
-        logits = student(b.tokens, pos)                                              # (B, T, V)
-        V = logits.shape[-1]
-        loss = distill_loss(logits[:, :-1].reshape(-1, V), b.topk_idx[:, :-1].reshape(-1, b.topk_idx.shape[-1]),
-                            b.topk_logp[:, :-1].reshape(-1, b.topk_logp.shape[-1]), b.tokens[:, 1:].reshape(-1),
+    def step_loss():
+        b = train_cache.batch(torch.randint(len(train_cache), (batch,), generator=gen).tolist())
+        logits = student(b.tokens, torch.arange(T)[None].expand(batch, T))                # (B, T, V)
+        V, k = logits.shape[-1], b.topk_idx.shape[-1]
+        return distill_loss(logits[:, :-1].reshape(-1, V), b.topk_idx[:, :-1].reshape(-1, k),
+                            b.topk_logp[:, :-1].reshape(-1, k), b.tokens[:, 1:].reshape(-1),
                             temperature=temperature, alpha=alpha)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress(), lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens += batch * T
-        value = float(loss.detach())
-        running = value if running is None else 0.9 * running + 0.1 * value
-        if step % eval_every == 0:
-            checkpoint(running)
-    if not curve or curve[-1]["step"] != step:
-        checkpoint(running)
-    student.eval().requires_grad_(False)
-    return curve
+
+    def evaluation(step, seconds, train_loss):
+        return {"step": step, "train_tokens": step * batch * T, "seconds": seconds, "train_loss": train_loss,
+                **(evaluate(student, heldout) if heldout is not None else {})}
+    return fit(student, step_loss, evaluation, steps=steps, minutes=minutes, lr=lr, eval_every=eval_every,
+               log=log, on_eval=on_eval, clip=1.0, weight_decay=0.01, betas=(0.9, 0.95))
 
 
 def save_student(model, path: str | Path, teacher_path: str | Path, curve: list[dict], extra: dict | None = None) -> Path:

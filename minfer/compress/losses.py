@@ -1,10 +1,8 @@
-"""The distillation loss, on a teacher kept only as its top-k log-probs plus one "rest" bin.
-
-Hinton, Vinyals & Dean 2015:
+"""The distillation loss (Hinton, Vinyals & Dean 2015) on a teacher kept as its top-k log-probs:
 
     loss = alpha * T^2 * KL(q_teacher^T || q_student^T) + (1 - alpha) * CE(student, next token)
 
-with both distributions folded onto the teacher's k ids plus a rest bin (docs/compression.md).
+both distributions folded onto the teacher's k ids plus a "rest" bin (docs/compression.md).
 """
 from __future__ import annotations
 
@@ -42,10 +40,8 @@ def binned_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float =
 def distill_loss(logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.Tensor,
                  targets: torch.Tensor | None = None, *, temperature: float = 2.0,
                  alpha: float = 0.9) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher^T || student^T) + (1 - alpha) * CE(logits, targets).
-
-    logits (N, V), topk_idx (N, k), topk_logp (N, k), targets (N,) or None (then alpha = 1).
-    """
+    """alpha * T^2 * KL(teacher^T || student^T) + (1 - alpha) * CE(logits, targets). logits (N, V),
+    topk_idx (N, k), topk_logp (N, k), targets (N,) or None (then alpha = 1)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     kl = binned_kl(teacher_bins(topk_logp.float()), student_bins(logits, topk_idx), temperature)

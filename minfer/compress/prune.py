@@ -1,15 +1,13 @@
 """Structured pruning (whole FFN channels, whole query heads) + healing by distillation.
 
-Activation-aware scores on training text, in the spirit of Wanda (Sun et al. 2024) and
-LLM-Pruner (Ma et al. 2023); every layer loses the same fraction, then ``distill.train`` heals
-(as Sheared-LLaMA and Minitron). The scores: docs/compression.md.
+Activation-aware scores as Wanda (Sun et al. 2024) and LLM-Pruner (Ma et al. 2023); every layer loses
+the same fraction, then ``distill.train`` heals (as Sheared-LLaMA, Minitron). docs/compression.md.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-
 
 from minfer.model import build_model
 
@@ -70,51 +68,41 @@ def choose(ffn_scores, head_scores, cfg, ffn_ratio: float, heads_per_group: int 
     return ffn_keep, head_keep
 
 
-def _head_rows(heads: torch.Tensor, hd: int) -> torch.Tensor:
-    return (heads[:, None] * hd + torch.arange(hd)).flatten()
+def _cut(cfg, f: torch.Tensor, h: torch.Tensor):
+    """(name in a layer, dim, kept indices, full size) of every tensor that pruning to FFN channels ``f`` and
+    query heads ``h`` cuts."""
+    hd, q_out, inter = cfg.head_dim, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+    rows = (h[:, None] * hd + torch.arange(hd)).flatten()               # the kept heads' rows
+    return (("mlp.gate_proj.weight", 0, f, inter),
+            ("mlp.up_proj.weight", 0, f, inter),
+            ("mlp.down_proj.weight", 1, f, inter),
+            ("self_attn.q_proj.weight", 0, rows, q_out),
+            ("self_attn.q_proj.bias", 0, rows, q_out),
+            ("self_attn.o_proj.weight", 1, rows, q_out))
 
 
 def prune_state(model, ffn_keep, head_keep):
     """-> (smaller config, state dict) with only the kept FFN channels and query heads."""
     cfg = model.cfg
-    hd = cfg.head_dim
     new_cfg = dataclasses.replace(cfg, intermediate_size=len(ffn_keep[0]),
-                                  num_attention_heads=len(head_keep[0]), head_dim=hd, extra={})
+                                  num_attention_heads=len(head_keep[0]), head_dim=cfg.head_dim, extra={})
     sd = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     for i, (f, h) in enumerate(zip(ffn_keep, head_keep)):
-        p = f"model.layers.{i}."
-        for name in ("gate_proj", "up_proj"):
-            sd[p + f"mlp.{name}.weight"] = sd[p + f"mlp.{name}.weight"][f]
-        sd[p + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"][:, f]
-        rows = _head_rows(h, hd)
-        sd[p + "self_attn.q_proj.weight"] = sd[p + "self_attn.q_proj.weight"][rows]
-        if p + "self_attn.q_proj.bias" in sd:
-            sd[p + "self_attn.q_proj.bias"] = sd[p + "self_attn.q_proj.bias"][rows]
-        sd[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"][:, rows]
+        for name, dim, idx, _ in _cut(cfg, f, h):
+            if (key := f"model.layers.{i}.{name}") in sd:
+                sd[key] = sd[key].index_select(dim, idx)
     return new_cfg, sd
 
 
 def unprune_state(pruned_sd, cfg, ffn_keep, head_keep):
     """Put a pruned state dict back at full size: kept rows/columns in place, zeros elsewhere."""
-    hd = cfg.head_dim
     sd = dict(pruned_sd)
     for i, (f, h) in enumerate(zip(ffn_keep, head_keep)):
-        p = f"model.layers.{i}."
-        rows = _head_rows(h, hd)
-        for name, dim, idx, full in (("mlp.gate_proj.weight", 0, f, cfg.intermediate_size),
-                                     ("mlp.up_proj.weight", 0, f, cfg.intermediate_size),
-                                     ("mlp.down_proj.weight", 1, f, cfg.intermediate_size),
-                                     ("self_attn.q_proj.weight", 0, rows, cfg.num_attention_heads * hd),
-                                     ("self_attn.q_proj.bias", 0, rows, cfg.num_attention_heads * hd),
-                                     ("self_attn.o_proj.weight", 1, rows, cfg.num_attention_heads * hd)):
-            if p + name not in sd:
-                continue
-            t = sd[p + name]
-            shape = list(t.shape)
-            shape[dim] = full
-            out = t.new_zeros(shape)
-            out.index_copy_(dim, idx, t)
-            sd[p + name] = out
+        for name, dim, idx, full in _cut(cfg, f, h):
+            if (key := f"model.layers.{i}.{name}") in sd:
+                shape = list(sd[key].shape)
+                shape[dim] = full
+                sd[key] = sd[key].new_zeros(shape).index_copy_(dim, idx, sd[key])
     return sd
 
 

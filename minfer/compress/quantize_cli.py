@@ -1,10 +1,7 @@
-"""`minfer quantize MODEL OUT`: quantize a model's weights and save them as a folder.
+"""`minfer quantize MODEL OUT [--format int4]`: quantize a model's weights and save them as a folder.
 
-    minfer quantize smollm2-135m-instruct out/smollm2-int4 --format int4 --group-size 32
-
-OUT (config.json, tokenizer files, one model.safetensors with each module's format) is written
-under a temporary name and renamed into place. ``--force`` replaces only a folder this command
-wrote; ``.``, its parents and the source model's folder are always refused (docs/compression.md).
+OUT (config.json, tokenizer files, model.safetensors) is written atomically. ``--force`` replaces only
+a folder this command wrote; ``.``, its parents and the source model's folder are always refused.
 """
 from __future__ import annotations
 
@@ -43,16 +40,12 @@ def check_output_folder(out: Path, model: str, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise ValueError(f"OUT {out} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()):
-        names = {p.name for p in target.iterdir()}
-        ours = names <= WRITTEN and is_quantized_checkpoint(target)
-        if not ours:
+        if not ({p.name for p in target.iterdir()} <= WRITTEN and is_quantized_checkpoint(target)):
             raise ValueError(f"OUT {out} is a non-empty folder that is not a minfer quantized checkpoint; "
                              f"refusing to replace it (even with --force)")
         if not force:
             raise ValueError(f"{out} exists; pass --force to replace it")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = next(p for p in target.parents if p.exists())           # the nearest existing folder above
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"OUT {out}: cannot create a folder in {parent} (not a writable folder)")
 

@@ -1,9 +1,6 @@
-"""Self-distillation for Medusa heads: train them on the base model's OWN greedy answers.
-
-Medusa (Cai et al. 2024, 3.2.2): prompts from the corpus's training functions, the model's
-greedy answers (``LLM.generate``), a teacher cache with a ``loss_mask`` on the generated tokens,
-then ``train_heads``. The steps: docs/compression.md.
-"""
+"""Self-distillation for Medusa heads (Cai et al. 2024, 3.2.2): train them on the base model's OWN greedy
+answers to prompts from the corpus's training functions, a ``loss_mask`` on the generated tokens
+(docs/compression.md)."""
 from __future__ import annotations
 
 import ast
@@ -45,10 +42,7 @@ def extract_functions(split: str, min_lines: int = 5, max_lines: int = 30,
                       max_files: int | None = None) -> list[Function]:
     """Every (async) function / method of the split's files (the first ``max_files``) with
     min_lines..max_lines lines, in file order."""
-    import sysconfig
-
-    from minfer.compress.corpus import split_files
-    root = Path(sysconfig.get_paths()["stdlib"])
+    from minfer.compress.corpus import STDLIB, split_files
     out = []
     for path in split_files(split)[:max_files]:
         try:
@@ -58,17 +52,15 @@ def extract_functions(split: str, min_lines: int = 5, max_lines: int = 30,
             continue
         lines = text.splitlines()
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            n = node.end_lineno - node.lineno + 1
-            if not min_lines <= n <= max_lines:
+            is_def = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if not is_def or not min_lines <= node.end_lineno - node.lineno + 1 <= max_lines:
                 continue
             code = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
             if "\t" in code:
                 continue
             doc = ast.get_docstring(node)
             args = [a.arg for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
-            out.append(Function(path.relative_to(root).as_posix(), node.name, code,
+            out.append(Function(path.relative_to(STDLIB).as_posix(), node.name, code,
                                 doc.strip().splitlines()[0] if doc and doc.strip() else None, args))
     return out
 
@@ -117,24 +109,22 @@ def generate_answers(llm, prompts: list[dict], *, max_tokens: int, minutes: floa
     from minfer.sampling import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     t0, done, new_tokens = time.perf_counter(), [], 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="ex")
-    for i in range(0, len(prompts), batch):
-        if minutes is not None and time.perf_counter() - t0 >= 60 * minutes:
-            break
-        chunk = prompts[i:i + batch]
-        outs = llm.generate([p["prompt_ids"] for p in chunk], params)
-        for p, o in zip(chunk, outs):
-            done.append({**p, "answer_ids": list(o.outputs[0].token_ids)})
-            new_tokens += len(o.outputs[0].token_ids)
-        bar.update(len(chunk))
-        bar.set_postfix(gen_tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-    bar.close()
+    with tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
+        for i in range(0, len(prompts), batch):
+            if minutes is not None and time.perf_counter() - t0 >= 60 * minutes:
+                break
+            chunk = prompts[i:i + batch]
+            outs = llm.generate([p["prompt_ids"] for p in chunk], params)
+            for p, o in zip(chunk, outs):
+                done.append({**p, "answer_ids": list(o.outputs[0].token_ids)})
+                new_tokens += len(o.outputs[0].token_ids)
+            bar.update(len(chunk))
+            bar.set_postfix(gen_tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     return done
 
 
 def rows_and_mask(examples: list[dict], seq_len: int, pad_id: int) -> tuple[list[int], list[int], int]:
-    """One example per row of seq_len: prompt + answer, padded; mask 1 on the answer only.
-
+    """One example per row of seq_len: prompt + answer, padded; mask 1 on the answer only
     -> (flat token ids, flat mask, number of examples dropped because they do not fit)."""
     ids, mask, dropped = [], [], 0
     for ex in examples:
@@ -151,11 +141,8 @@ def rows_and_mask(examples: list[dict], seq_len: int, pad_id: int) -> tuple[list
 def selfdistill(llm, data_dir: str | Path, *, minutes_generate: float, max_examples: int = 2000,
                 heldout_examples: int = 16, max_tokens: int = 128, batch: int = 8, seq_len: int = 384,
                 seed: int = 0, k: int = 32, progress: bool = True, max_files: int | None = None) -> dict[str, Path]:
-    """Steps 1-3: prompts, greedy answers, teacher caches under data_dir/{heldout,train}.
-
-    The answers are saved as data_dir/examples_{split}.json (atomically); if that file exists it
-    is reused, and the teacher caches resume after a kill (``build_teacher_cache``).
-    """
+    """Prompts, greedy answers (saved as data_dir/examples_{split}.json, reused when there), and teacher
+    caches under data_dir/{heldout,train} (resumed after a kill) -> the cache folders."""
     from minfer.atomic import write_json
     from minfer.compress.corpus import split_fingerprint
     from minfer.compress.teacher import build_teacher_cache

@@ -1,11 +1,10 @@
-"""Teacher-signal cache: run the big model ONCE over the corpus, keep what the students need.
-
-Per shard: ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM
-head's input) and an optional ``loss_mask``, as .npy files written with ``atomic_dir`` (a rerun
-resumes, byte-identical) and read memory-mapped. The layout: docs/compression.md.
+"""Teacher-signal cache (`minfer teacher-cache`): run the big model ONCE over the corpus, keep per shard
+``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM head's input) and
+an optional ``loss_mask`` as .npy files, written atomically (a rerun resumes), read memory-mapped.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,46 +13,27 @@ import numpy as np
 import torch
 
 from minfer.atomic import atomic_dir, write_json
+from minfer.compress.common import DEFAULT_CACHE, log
 
 FIELDS = ("tokens", "topk_idx", "topk_logp", "hidden")
 OPTIONAL_FIELDS = ("loss_mask",)
 
 
-class HiddenCapture:
-    """Forward hook on the final RMSNorm: keeps its output, the LM head's input (B, T, h).
-
-    A context manager, as ``transformers``' ``output_hidden_states``; ``before_norm=True`` hooks the
-    last decoder layer instead, for forwards that skip the norm on most rows (docs/compression.md).
-    """
-
-    def __init__(self, model, before_norm: bool = False):
-        self.model, self.hidden, self._handle = model, None, None
-        self.before_norm = before_norm
-
-    def __enter__(self):
-        def hook(_module, _inp, out):
-            self.hidden = out[0] if self.before_norm else out     # a decoder layer returns (x, kv view)
-        module = self.model.model.layers[-1] if self.before_norm else self.model.model.norm
-        self._handle = module.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-
 @torch.no_grad()
 def teacher_signals(model, tokens: torch.Tensor, k: int) -> dict[str, np.ndarray]:
     """tokens (B, T) -> top-k log-probs, their ids and the final hidden states, as numpy arrays."""
+    from minfer.speculative.medusa import last_hidden
     B, T = tokens.shape
     pos = torch.arange(T)[None].expand(B, T)
-    with HiddenCapture(model) as cap:
+    with last_hidden(model) as box:
         logits = model(tokens, pos).float()                       # (B, T, V)
+    hidden = model.model.norm(box[0])                             # (B, T, h): the LM head's input
     logp = torch.log_softmax(logits, dim=-1)
     top = logp.topk(k, dim=-1)                                    # (B, T, k)
     return {"tokens": tokens.to(torch.int32).numpy(),
             "topk_idx": top.indices.to(torch.int32).numpy(),
             "topk_logp": top.values.to(torch.float16).numpy(),
-            "hidden": cap.hidden.to(torch.float16).numpy()}
+            "hidden": hidden.to(torch.float16).numpy()}
 
 
 def _shard_name(i: int) -> str:
@@ -66,9 +46,8 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
                         loss_mask: list[int] | None = None) -> Path:
     """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard.
 
-    Resumable: existing complete shards are kept (their meta must match). ``stop_after_shards``
-    stops after writing that many new shards (the tests use it to simulate a kill).
-    ``loss_mask`` (one 0/1 per token, cut the same way) is stored as the ``loss_mask`` field.
+    Resumable: complete shards are kept (the meta must match); ``stop_after_shards`` stops after that many
+    new ones (a simulated kill). ``loss_mask``: one 0/1 per token, stored as the ``loss_mask`` field.
     """
     from tqdm.auto import tqdm
 
@@ -98,25 +77,18 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
     mask = (None if loss_mask is None                                               # (n_seq, seq_len)
             else np.asarray(loss_mask[:n_seq * seq_len], dtype=np.uint8).reshape(n_seq, seq_len))
     n_shards = -(-n_seq // shard_seqs)
-    done = [i for i in range(n_shards) if (out / _shard_name(i)).is_dir()]
-    bar = tqdm(total=n_seq * seq_len, initial=len(done) * shard_seqs * seq_len, unit="tok", unit_scale=True,
-               desc="teacher cache", disable=not progress)
-    written = 0
-    for i in range(n_shards):
-        if (out / _shard_name(i)).is_dir():
-            continue
-        rows = ids[i * shard_seqs:(i + 1) * shard_seqs]
-        parts = [teacher_signals(model, rows[b:b + batch], k) for b in range(0, len(rows), batch)]
-        with atomic_dir(out / _shard_name(i)) as tmp:
-            for name in FIELDS:
-                np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
-            if mask is not None:
-                np.save(tmp / "loss_mask.npy", mask[i * shard_seqs:(i + 1) * shard_seqs])
-        bar.update(rows.numel())
-        written += 1
-        if stop_after_shards is not None and written >= stop_after_shards:
-            break
-    bar.close()
+    todo = [i for i in range(n_shards) if not (out / _shard_name(i)).is_dir()]
+    with tqdm(total=n_seq * seq_len, initial=(n_shards - len(todo)) * shard_seqs * seq_len, unit="tok",
+              unit_scale=True, desc="teacher cache", disable=not progress) as bar:
+        for i in todo[:stop_after_shards]:
+            rows = ids[i * shard_seqs:(i + 1) * shard_seqs]
+            parts = [teacher_signals(model, rows[b:b + batch], k) for b in range(0, len(rows), batch)]
+            with atomic_dir(out / _shard_name(i)) as tmp:
+                for name in FIELDS:
+                    np.save(tmp / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+                if mask is not None:
+                    np.save(tmp / "loss_mask.npy", mask[i * shard_seqs:(i + 1) * shard_seqs])
+            bar.update(rows.numel())
     return out
 
 
@@ -162,3 +134,35 @@ class TeacherCache:
         mask = torch.from_numpy(get("loss_mask")).bool() if "loss_mask" in self.arrays else None
         return Batch(torch.from_numpy(get("tokens")).long(), torch.from_numpy(get("topk_idx")).long(),
                      torch.from_numpy(get("topk_logp")).float(), torch.from_numpy(get("hidden")).float(), mask)
+
+
+# --- `minfer teacher-cache`: the train and held-out caches ---
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minfer.cli_args import add_model_args
+    add_model_args(p)
+    p.add_argument("--out", default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+    p.add_argument("--tokens", type=int, default=120_000, help="training tokens to cache (default 120000)")
+    p.add_argument("--heldout-tokens", type=int, default=16_384, help="held-out tokens to cache (default 16384)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--k", type=int, default=32, help="top-k teacher log-probs kept per token (default 32)")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def main(args) -> int:
+    """Build (or resume) the train and held-out teacher caches under --out/{train,heldout}."""
+    from minfer.cli_args import set_threads
+    from minfer.compress.corpus import split_fingerprint, token_stream
+    from minfer.llm import LLM
+
+    set_threads(args.threads)
+    llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
+    eos = (llm.tokenizer.eos_token_ids or [None])[0]
+    for split, n in (("heldout", args.heldout_tokens), ("train", args.tokens)):
+        ids = token_stream(llm.tokenizer, split, n, eos)
+        meta = {"model": str(args.model), "split": split, "corpus": split_fingerprint()}
+        log(f"{split}: {len(ids)} tokens")
+        build_teacher_cache(llm.model, ids, Path(args.out) / split, seq_len=args.seq_len, k=args.k, meta=meta)
+    log(f"teacher cache in {args.out}")
+    return 0

@@ -1,8 +1,6 @@
 """The process group, timed collectives, and a launcher: everything that touches ``torch.distributed``.
-
-Each collective has a timeout (a dead rank is one ``DistributedError``, not a hang), and
-``COMM_STATS`` counts bytes and seconds. vLLM: ``vllm/distributed/parallel_state.py``,
-``communication_op.py`` (docs/parallelism.md).
+A dead rank is one ``DistributedError`` (timeouts), not a hang; ``COMM_STATS`` counts bytes and seconds.
+vLLM: ``vllm/distributed/parallel_state.py``, ``communication_op.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,18 +33,14 @@ def peer_lost() -> bool:
 
 
 def leave_group() -> None:
-    """Destroy the process group, unless a rank was lost.
-
-    Tearing down a gloo group whose peer is gone can abort the process (SIGABRT, "terminate
-    called without an active exception") from gloo's C++ threads. After a loss the group is
-    useless anyway, so it is left for the process exit to reclaim (see ``exit_now``)."""
+    """Destroy the process group, unless a rank was lost: tearing down a gloo group whose peer is
+    gone can abort the process (SIGABRT from gloo's C++ threads); ``exit_now`` reclaims it instead."""
     if dist.is_initialized() and not _PEER_LOST:
         dist.destroy_process_group()
 
 
 def exit_now(code: int) -> None:
-    """Flush and end the process at once, skipping the destructors of a broken group (which can
-    abort, see ``leave_group``). Called only after a rank was lost."""
+    """Flush and end the process at once, skipping a broken group's destructors (see ``leave_group``)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -59,44 +54,31 @@ def _fail(what: str, e: Exception) -> DistributedError:
                             f"the timeout): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
-# ---------------------------------------------------------------------------
-# Counting what goes over the wire
-# ---------------------------------------------------------------------------
+# --- Counting what goes over the wire ---
 
 
 @dataclass
 class CommStats:
-    """Bytes and seconds spent in collectives since the last ``reset`` (this rank's view)."""
+    """Calls, bytes and seconds per collective since the last ``reset`` (this rank's view)."""
 
-    calls: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
 
     def add(self, op: str, nbytes: int, seconds: float) -> None:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        self.bytes[op] = self.bytes.get(op, 0) + nbytes
-        self.seconds[op] = self.seconds.get(op, 0.0) + seconds
+        self.calls[op] += 1
+        self.bytes[op] += nbytes
+        self.seconds[op] += seconds
 
     def reset(self) -> None:
-        self.calls.clear()
-        self.bytes.clear()
-        self.seconds.clear()
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
+        for counter in (self.calls, self.bytes, self.seconds):
+            counter.clear()
 
 
 COMM_STATS = CommStats()
 
 
-# ---------------------------------------------------------------------------
-# Starting the group
-# ---------------------------------------------------------------------------
+# --- Starting the group ---
 
 
 def launched_by_torchrun() -> bool:
@@ -105,10 +87,8 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
-    """Join the process group described by torchrun's environment variables -> (rank, world size).
-
-    backend: None = NCCL when CUDA is available, else gloo. Already initialised: just report.
-    """
+    """Join the group torchrun's environment variables describe -> (rank, world size). backend None:
+    NCCL when CUDA is available, else gloo. Already initialised: just report."""
     if not dist.is_initialized():
         if not launched_by_torchrun():
             missing = [v for v in TORCHRUN_VARS if v not in os.environ]
@@ -129,9 +109,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launched(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None:
+def set_local_env(rank: int, world: int, port: int) -> None:
+    """The variables torchrun would export, for a group of processes on this machine."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _launched(rank: int, world: int, port: int, timeout_s: float, fn, args) -> None:
+    set_local_env(rank, world, port)
     torch.set_num_threads(1)
     init_distributed("gloo", timeout_s)
     try:
@@ -148,19 +133,14 @@ def _launched(rank: int, world: int, port: int, timeout_s: float, fn, args) -> N
 
 
 def launch(fn, nprocs: int, *args, timeout_s: float = 30.0) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh processes joined by a gloo group.
-
-    What torchrun does from the shell, from Python (tests, notebooks): ``fn`` must be
-    importable (a module-level function). A rank that raises makes this raise too.
-    """
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh processes joined by a gloo group: torchrun
+    from Python (tests, notebooks). ``fn`` must be a module-level function; a rank that raises raises here."""
     import torch.multiprocessing as mp
     mp.start_processes(_launched, args=(nprocs, free_port(), timeout_s, fn, args), nprocs=nprocs,
                        join=True, start_method="spawn")
 
 
-# ---------------------------------------------------------------------------
-# Collectives, each timed, counted, and turned into DistributedError on failure
-# ---------------------------------------------------------------------------
+# --- Collectives, each timed, counted, and turned into DistributedError on failure ---
 
 
 def _timed(op: str, nbytes: int, call):

@@ -1,9 +1,7 @@
-"""Prefill/decode disaggregation: one process prefills, another decodes (DistServe, Zhong et al. 2024).
+"""Prefill/decode disaggregation (DistServe, Zhong et al. 2024): one ``LLMEngine`` prefills, another decodes.
 
-Both sides are the ordinary ``LLMEngine``; a prefilled request (ids, token 1, sampler state,
-K/V blocks) is sent point to point and enters the decode engine through
-``add_prefilled_request``, as vLLM's KV connector (``vllm/distributed/kv_transfer/``).
-The message flow: docs/parallelism.md.
+A prefilled request (ids, token 1, sampler state, K/V blocks) is sent point to point and enters the
+decode engine through ``add_prefilled_request``, as vLLM's KV connector (``kv_transfer/``).
 """
 from __future__ import annotations
 
@@ -33,9 +31,7 @@ class PrefilledRequest:
     generator_state: torch.Tensor
 
 
-# ---------------------------------------------------------------------------
-# Prefill side
-# ---------------------------------------------------------------------------
+# --- Prefill side ---
 
 
 def prompt_kv(k: torch.Tensor, v: torch.Tensor, block_table: list[int], prompt_len: int):
@@ -66,45 +62,29 @@ def send_prefilled(engine, request_id: str, dst: int = DECODE_RANK) -> None:
 
 
 def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=time.sleep) -> None:
-    """Replay ``trace`` (``workload.TraceRequest``s) on a prefill-only engine; send each prompt on.
+    """Replay ``trace`` (``TraceRequest``s) on a prefill-only engine (``run_trace``); send each prompt on as
+    it gets its first token (a request that finishes with it, as finished)."""
+    from minfer.engine import run_trace
 
-    Requests that finish with their first token (max_tokens=1, EOS) are sent as finished.
-    """
-    clock = engine.clock
-    pending = sorted(trace, key=lambda r: r.arrival_time)
-    t0, k = clock(), 0
+    def hand_off(d) -> None:
+        req = engine.requests[d.request_id]
+        if d.finished:                                    # done with one token: nothing to decode
+            comm.send(torch.tensor([KIND_FINISHED, 0]), dst)
+            comm.send_object((req.request_id, req.output_token_ids, req.arrival_time, req.stats.token_times,
+                              req.finish_reason), dst)
+        else:
+            send_prefilled(engine, d.request_id, dst)
     engine.no_more_requests(True)
-    while k < len(pending) or engine.has_unfinished_requests():
-        while k < len(pending) and t0 + pending[k].arrival_time <= clock():
-            r = pending[k]
-            engine.add_request(r.prompt_token_ids, make_params(r), request_id=r.request_id,
-                               arrival_time=t0 + r.arrival_time)
-            k += 1
-        outs = engine.step()
-        for d in outs:
-            req = engine.requests[d.request_id]
-            if d.finished:                                # done with one token: nothing to decode
-                comm.send(torch.tensor([KIND_FINISHED, 0]), dst)
-                comm.send_object((req.request_id, req.output_token_ids, req.arrival_time,
-                                  req.stats.token_times, req.finish_reason), dst)
-            else:
-                send_prefilled(engine, d.request_id, dst)
-        if not outs and not engine.has_unfinished_requests() and k < len(pending):
-            sleep(max(t0 + pending[k].arrival_time - clock(), 1e-6))
+    run_trace(engine, trace, make_params, sleep, on_output=hand_off)
     comm.send(torch.tensor([KIND_DONE, 0]), dst)
 
 
-# ---------------------------------------------------------------------------
-# Decode side
-# ---------------------------------------------------------------------------
+# --- Decode side ---
 
 
 def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now.
-
-    ``k``, ``v``: (L, n_blocks, bs, nkv, hd), the prompt's blocks on the prefill side. Blocks the
-    decode pool already holds (prefix-cache hits) are kept; the others are copied in.
-    """
+    """Put an already-prefilled request into ``engine`` as running; False if its pool is full now. ``k``,
+    ``v`` (L, n_blocks, bs, nkv, hd): the prompt's blocks, copied in but for prefix-cache hits."""
     cache, bs = engine.runner.cache, engine.runner.kv_manager.block_size
 
     def load_kv(table: list[int], num_cached: int) -> None:
@@ -119,11 +99,8 @@ def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Te
 
 
 def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
-    """Background thread: blocking receives from the prefill worker, put on ``inbox`` in order.
-
-    A thread, so that transfers land while the engine steps (a real KV connector transfers
-    asynchronously too); it is the only user of the process group on the decode side.
-    """
+    """Background thread (transfers land while the engine steps, as a KV connector's): receive from the
+    prefill worker and put on ``inbox`` in order. The only user of the decode side's process group."""
     cache = engine.runner.cache
     try:
         while True:
@@ -143,10 +120,8 @@ def _receive_all(engine, src: int, inbox: queue.Queue) -> None:
 
 
 def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
-    """Admit what the prefill worker sends and decode until it says done and all have finished.
-
-    -> {request_id: (output token ids, arrival time, token times, finish reason)}.
-    """
+    """Admit what the prefill worker sends, decode until it says done and all have finished
+    -> {request_id: (output token ids, arrival time, token times, finish reason)}."""
     inbox: queue.Queue = queue.Queue()
     receiver = threading.Thread(target=_receive_all, args=(engine, src, inbox), daemon=True)
     receiver.start()
@@ -166,9 +141,8 @@ def decode_worker(engine, src: int = PREFILL_RANK) -> dict:
                 raise item
             if kind == KIND_DONE:
                 done = True
-            elif kind == KIND_FINISHED:
-                rid, toks, arrival, times, reason = item
-                finished[rid] = (toks, arrival, times, reason)
+            elif kind == KIND_FINISHED:                     # (request id, tokens, arrival, times, reason)
+                finished[item[0]] = tuple(item[1:])
             else:
                 waiting.append(item)
         waiting = [w for w in waiting if not admit_prefilled(engine, *w)]

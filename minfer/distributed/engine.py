@@ -1,8 +1,7 @@
 """The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
 
-The driver's runner broadcasts each flattened step; followers (``follow_engine``) run
-``ModelRunner.execute_model`` on it. vLLM: ``vllm/v1/executor/multiproc_executor.py``
-(``collective_rpc("execute_model", ...)``). Details: docs/parallelism.md.
+The driver's runner broadcasts each flattened step; followers (``follow_engine``) run it. vLLM:
+``multiproc_executor.py`` (``collective_rpc("execute_model", ...)``); docs/parallelism.md.
 """
 from __future__ import annotations
 
@@ -11,13 +10,11 @@ import torch
 from minfer.distributed import comm
 from minfer.engine.runner import ModelRunner, prepare_batch, with_token_rows
 
+POOL = ("num_blocks", "block_size", "attention_mode", "kv_cache_dtype", "decode_kernel")   # a follower's too
+
 
 def run_step(runner: ModelRunner, step: dict) -> torch.Tensor:
-    """One broadcast step on this rank's runner (its shard or stage) -> logits (len(rows), vocab).
-
-    One meta: ``runner.execute_model``. Several metas = pipeline micro-batches, which only a
-    ``PipelineStage`` can run (``forward_paged_microbatches``: each stage interleaves them).
-    """
+    """One broadcast step on this rank's runner -> logits (len(rows), vocab); several metas: micro-batches."""
     metas, rows, ids = step["metas"], step["rows"], step["ids"]
     if len(metas) == 1:
         return runner.execute_model(ids, metas[0], rows[0], step["copies"])
@@ -27,12 +24,8 @@ def run_step(runner: ModelRunner, step: dict) -> torch.Tensor:
 
 
 class DriverRunner:
-    """Wraps rank 0's ``ModelRunner``: same ``execute``, plus a broadcast of the step.
-
-    ``num_microbatches > 1`` (pipeline parallel only) cuts each step's sequences into that many
-    groups, each flattened by ``prepare_batch``, so that the stages work on different groups at
-    the same time.
-    """
+    """Wraps rank 0's ``ModelRunner``: same ``execute``, plus a broadcast of the step. ``num_microbatches``
+    > 1 (pipeline parallel) cuts each step's sequences into that many groups, each ``prepare_batch``ed."""
 
     def __init__(self, runner: ModelRunner, num_microbatches: int = 1):
         if num_microbatches < 1:
@@ -40,10 +33,7 @@ class DriverRunner:
         self.runner, self.num_microbatches = runner, num_microbatches
         self.kv_manager, self.vocab_size, self.cache = runner.kv_manager, runner.vocab_size, runner.cache
         self.on_failure = None            # called when a rank is gone (parallel_engine: abort everything)
-        c = runner.cache
-        comm.broadcast_object({"num_blocks": c.num_blocks, "block_size": c.block_size, "attention": runner.attention,
-                               "attention_mode": c.attention_mode, "kv_cache_dtype": c.kv_cache_dtype,
-                               "decode_kernel": c.decode_kernel})
+        comm.broadcast_object({"attention": runner.attention, **{k: getattr(runner.cache, k) for k in POOL}})
 
     def execute(self, chunks, sample_rows, token_rows=()) -> torch.Tensor:
         r = self.runner
@@ -73,10 +63,9 @@ class DriverRunner:
 
 
 def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_kwargs):
-    """``LLMEngine.from_model`` on rank 0's TP shard or pipeline stage, its runner wrapped in a
-    ``DriverRunner``. The other ranks must be in ``follow_engine`` on their shards/stages.
-    If a rank dies, every unfinished request is aborted (finish reason "abort") so that callers
-    waiting on them are released, and the ``DistributedError`` propagates."""
+    """``LLMEngine.from_model`` on rank 0's TP shard or pipeline stage, its runner a ``DriverRunner``; the
+    other ranks ``follow_engine``. If a rank dies, every unfinished request is aborted (releasing its
+    callers) and the ``DistributedError`` propagates."""
     from minfer.engine import LLMEngine
     engine = LLMEngine.from_model(model, tokenizer, **engine_kwargs,
                                   wrap_runner=lambda r: DriverRunner(r, num_microbatches))
@@ -85,14 +74,9 @@ def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_k
 
 
 def follower_runner(model) -> ModelRunner | None:
-    """Receive the driver's setup and build the same kind of runner (KV pool for this rank's heads);
-    None when the driver shut down before building its engine."""
+    """The driver's kind of runner, from its broadcast setup (None: it shut down before building one)."""
     setup = comm.broadcast_object(None)
-    if setup is None:
-        return None
-    return ModelRunner(model, setup["num_blocks"], setup["block_size"], attention=setup["attention"],
-                       attention_mode=setup["attention_mode"], kv_cache_dtype=setup["kv_cache_dtype"],
-                       decode_kernel=setup["decode_kernel"])
+    return None if setup is None else ModelRunner(model, **setup)
 
 
 def follow_engine(model) -> int:

@@ -1,8 +1,6 @@
-"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019), with vLLM's names.
-
-Column parallel splits W's output rows, row parallel its input columns (then one all-reduce);
-paired, a block needs one all-reduce per pair. vLLM: ``vllm/model_executor/layers/linear.py``,
-``vocab_parallel_embedding.py`` (docs/parallelism.md).
+"""Megatron-style tensor-parallel layers (Shoeybi et al. 2019), with vLLM's names: column parallel splits
+W's output rows, row parallel its input columns (then one all-reduce). vLLM:
+``vllm/model_executor/layers/linear.py``, ``vocab_parallel_embedding.py`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -34,10 +32,8 @@ def shard_weight(weight: torch.Tensor, rank: int, world: int, kind: str) -> torc
 
 
 class ColumnParallelLinear(nn.Module):
-    """Holds rows [start, stop) of W (out, in): output features of this rank only. No communication.
-
-    ``gather_output=True`` all-gathers the full output (the LM head does; inner layers do not).
-    """
+    """Holds rows [start, stop) of W (out, in): this rank's output features, no communication; with
+    ``gather_output=True`` (the LM head) the full output is all-gathered."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  gather_output: bool = False, group=None, full_out: int | None = None):
@@ -57,12 +53,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """A column-parallel projection split at head boundaries: each rank holds whole heads.
-
-    vLLM's fused ``qkv_proj``: a rank's q heads' rows, then its k, then its v; ``head_range`` splits
-    query heads evenly and replicates K/V heads when tp exceeds them, so a GQA group stays with its
-    K/V head (docs/parallelism.md).
-    """
+    """vLLM's fused ``qkv_proj``, split at head boundaries: a rank's q heads' rows, then its k, then its v.
+    K/V heads are replicated when tp exceeds them, so a GQA group stays with its K/V head."""
 
     @staticmethod
     def head_range(num_heads: int, num_kv_heads: int, rank: int, world: int, kind: str) -> tuple[int, int]:
@@ -76,8 +68,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """Holds columns [start, stop) of W (out, in): takes this rank's slice of the input,
-    returns the full output after one all-reduce (the bias is added once, after it)."""
+    """Holds columns of W (out, in): this rank's input slice in, the full output after one all-reduce out."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group=None):
         super().__init__()
@@ -91,11 +82,8 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + rows) of the embedding table (vocab padded up to a multiple of tp).
-
-    A token id outside this rank's range looks up a zero vector; the all-reduce then
-    adds exactly one non-zero row per token (the owner's).
-    """
+    """Rows [start, start + rows) of the embedding table (vocab padded to a multiple of tp). Ids outside
+    them look up zeros, so the all-reduce adds exactly one non-zero row per token (the owner's)."""
 
     def __init__(self, weight: torch.Tensor, start: int, *, group=None):
         super().__init__()
@@ -111,8 +99,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(ColumnParallelLinear):
-    """The LM head over the vocabulary shard: local logits, all-gathered, padding removed.
-    With tied embeddings it shares the ``VocabParallelEmbedding``'s weight (vLLM: ``ParallelLMHead``)."""
+    """The LM head over the vocabulary shard, all-gathered, padding removed (tied: the embedding's weight)."""
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, *, group=None):
         super().__init__(weight, None, gather_output=True, group=group, full_out=vocab_size)

@@ -1,8 +1,6 @@
-"""Measurements behind ``minfer bench parallel`` and lesson 11 (each a ``comm.launch`` worker).
-
-Every worker interleaves the two sides in ONE process group (single process, parallel,
-single, parallel, ...) and rank 0 saves the medians with ``torch.save``. While rank 0
-times the single-process side, rank 1 waits in a barrier (a blocking socket read: no CPU).
+"""Measurements behind ``minfer bench parallel`` and lesson 11, each a ``comm.launch`` worker that
+interleaves single-process and parallel runs (rank 1 waits in a barrier, no CPU, while rank 0 times
+alone) and ``torch.save``s the medians from rank 0.
 """
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import torch
 
 from minfer.config import ModelConfig
 from minfer.distributed import comm
-from minfer.distributed.checks import random_model
+from minfer.distributed.checks import greedy_params, random_model
 from minfer.distributed.tensor_parallel import StateDictSource, build_tp_model
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
@@ -37,7 +35,7 @@ def _decode_time(model, prompt, n_tokens) -> dict:
             "all_reduce_calls_per_token": s.calls.get("all_reduce", 0) / n_tokens,
             "all_reduce_bytes_per_token": s.bytes.get("all_reduce", 0) / n_tokens,
             "all_gather_bytes_per_token": s.bytes.get("all_gather", 0) / n_tokens,
-            "comm_s_per_token": s.total_seconds / n_tokens}
+            "comm_s_per_token": sum(s.seconds.values()) / n_tokens}
 
 
 def tp_decode_worker(rank, world, out_path, cfg_kwargs=None, prompt_len=64, n_tokens=16, rounds=3) -> None:
@@ -100,10 +98,8 @@ def mixed_workload(vocab, n_short=8, short_prompt=16, short_out=48, n_long=3, lo
 
 
 def _summary(results: dict) -> dict:
-    """results: rid -> (tokens, arrival, token times, reason) -> TTFT, TPOT, gaps between tokens (ms).
-
-    The gap between a short request's first and second token is reported apart
-    (``first_gap``): disaggregated, it is the KV hand-off; the ITL figures are the gaps after it."""
+    """results: rid -> (tokens, arrival, token times, reason) -> TTFT, TPOT, gaps between tokens (ms); a
+    short request's first gap (disaggregated: the KV hand-off) apart from the later ones (ITL)."""
     def pct(xs, p):
         return float(torch.tensor(xs).quantile(p)) * 1000 if xs else float("nan")
     short = [v for k, v in results.items() if k.startswith("s")]
@@ -127,9 +123,6 @@ def disagg_bench_worker(rank, world, out_path, cfg_kwargs=None, rounds=2, trace_
     model = random_model(cfg)
     trace = mixed_workload(cfg.vocab_size, **(trace_kwargs or {}))
 
-    def params(r):
-        return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
-
     def engine():
         return LLMEngine.from_model(model, num_blocks=512, block_size=16, max_num_batched_tokens=512,
                                     eos_token_ids=())
@@ -137,12 +130,12 @@ def disagg_bench_worker(rank, world, out_path, cfg_kwargs=None, rounds=2, trace_
     for r in range(rounds):
         comm.barrier()
         if rank == 0:
-            reqs, _ = run_trace(engine(), trace, params)
+            reqs, _ = run_trace(engine(), trace, greedy_params)
             rows["colocated"].append(_summary({q.request_id: (q.output_token_ids, q.arrival_time,
                                                               q.stats.token_times, q.finish_reason) for q in reqs}))
         comm.barrier()
         if rank == 0:
-            prefill_worker(engine(), trace, params)
+            prefill_worker(engine(), trace, greedy_params)
             rows["disaggregated"].append(_summary(comm.recv_object(1)))
         else:
             comm.send_object(decode_worker(engine()), 0)

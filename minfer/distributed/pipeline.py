@@ -1,12 +1,11 @@
-"""Pipeline parallelism: the layers split into stages, one stage per rank, hidden states sent on.
-
-Micro-batches (GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1); the last
-stage broadcasts the logits. vLLM: ``get_pp_group``, ``IntermediateTensors``, ``PPMissingLayer``
-(docs/parallelism.md).
+"""Pipeline parallelism: the layers split into stages, one per rank, hidden states sent on; micro-batches
+(GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1). vLLM: ``get_pp_group``,
+``IntermediateTensors``, ``PPMissingLayer`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -30,12 +29,9 @@ def stage_layers(num_layers: int, rank: int, world: int, share_group: int = 1) -
 
 
 class PipelineStage(nn.Module):
-    """One rank's part of a ``Transformer``: its layers (foreign ones are dropped), plus the
-    embedding on the first stage and the final norm and LM head on the last.
-
-    ``forward`` has the ``Transformer``'s signature, so ``generate_tokens`` runs unchanged on
-    every rank; ``timeline`` records (micro-batch, start, end) of this stage's compute.
-    """
+    """One rank's part of a ``Transformer``: its layers, the embedding on the first stage, the final norm
+    and LM head on the last. ``forward`` has the ``Transformer``'s signature (``generate_tokens`` runs
+    unchanged); ``timeline`` records (micro-batch, start, end) of this stage's compute."""
 
     def __init__(self, model, rank: int, world: int):
         super().__init__()
@@ -60,84 +56,70 @@ class PipelineStage(nn.Module):
             x, view = self.model.layers[i](x, cos, sin, positions, cache, view, backend)
         return x
 
-    @torch.no_grad()
-    def forward(self, input_ids, positions, kv_cache=None, attention="sdpa", last_only=False,
-                logits_indices=None, num_microbatches: int = 1):
-        """Logits (B, T or 1 or K, vocab) on every rank; the batch goes through in micro-batches."""
+    def _pipeline(self, pieces, kv_cache, attention, head, out_shape, dim: int) -> torch.Tensor:
+        """Run micro-batches ``pieces`` = [(ids (b, n), positions, paged metadata or None)] through stages.
+
+        Each stage embeds (first) or receives a micro-batch, runs its layers, sends the hidden states on
+        without waiting and goes on with the next: stage 0 works on micro-batch 1 while stage 1 works on
+        micro-batch 0. The last stage turns micro-batch m into logits with ``head(m, x)`` (None: no rows),
+        concatenated along ``dim`` and broadcast; every rank returns them, of ``out_shape``.
+        """
         from minfer.attention import get_backend
         backend = get_backend(attention) if isinstance(attention, str) else attention
-        B, T = input_ids.shape
-        if num_microbatches > 1 and kv_cache is not None:
-            raise ValueError("micro-batches need kv_cache=None (a cache holds one batch layout)")
         h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype
-        pieces = torch.arange(B).tensor_split(num_microbatches)
-        pieces = [p for p in pieces if len(p)]
         outs, pending = [], []
-        for m, rows in enumerate(pieces):
-            ids, pos = input_ids[rows], positions[rows]
+        for m, (ids, pos, meta) in enumerate(pieces):
+            if meta is not None:
+                kv_cache.set_batch(meta)
             if self.is_first:
-                x = self.model.embed_tokens(ids)                            # (b, T, h)
+                x = self.model.embed_tokens(ids)                            # (b, n, h)
             else:
-                x = comm.recv(torch.empty(len(rows), T, h, dtype=dtype, device=ids.device), self.rank - 1)
+                x = comm.recv(torch.empty(*ids.shape, h, dtype=dtype, device=ids.device), self.rank - 1)
             t0 = time.perf_counter()
             x = self._run_layers(x, pos, kv_cache, backend)
             self.timeline.append((m, t0, time.perf_counter()))
             if not self.is_last:                      # hand on, and go on with the next micro-batch
                 pending.append(dist.isend(x.contiguous(), self.rank + 1))
                 comm.COMM_STATS.add("send", x.nbytes, 0.0)
-                continue
+            elif (y := head(m, x)) is not None:
+                outs.append(y)
+        for w in pending:
+            comm._timed("send", 0, w.wait)
+        logits = torch.cat(outs, dim=dim) if outs else torch.empty(out_shape, dtype=dtype, device=ids.device)
+        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
+        return logits
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, kv_cache=None, attention="sdpa", last_only=False,
+                logits_indices=None, num_microbatches: int = 1):
+        """Logits (B, T or 1 or K, vocab) on every rank; the batch goes through in micro-batches."""
+        B, T = input_ids.shape
+        if num_microbatches > 1 and kv_cache is not None:
+            raise ValueError("micro-batches need kv_cache=None (a cache holds one batch layout)")
+
+        def head(_m, x):
             if last_only:
                 x = x[:, -1:]
             elif logits_indices is not None:
                 x = x[:, logits_indices]
-            outs.append(self.compute_logits(self.model.norm(x)))
-        for w in pending:
-            comm._timed("send", 0, w.wait)
+            return self.compute_logits(self.model.norm(x))
+        pieces = [(input_ids[rows], positions[rows], None)
+                  for rows in torch.arange(B).tensor_split(num_microbatches) if len(rows)]
         T_out = 1 if last_only else (len(logits_indices) if logits_indices is not None else T)
-        logits = torch.cat(outs) if self.is_last else torch.empty(B, T_out, self.cfg.vocab_size, dtype=dtype,
-                                                                   device=input_ids.device)
-        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
-        return logits
-
+        return self._pipeline(pieces, kv_cache, attention, head, (B, T_out, self.cfg.vocab_size), dim=0)
 
     @torch.no_grad()
     def forward_paged_microbatches(self, input_ids, metas, rows, kv_cache, attention="sdpa"):
-        """The serving engine's flattened batch (1, N), cut into micro-batches of whole sequences.
+        """The serving engine's flattened batch (1, N) in micro-batches of whole sequences -> logits (1, sum
+        of rows, vocab). ``metas[m]``: micro-batch m's ``PagedBatch``; ``rows[m]``: its rows for logits."""
+        bounds = [0, *accumulate(meta.num_tokens for meta in metas)]
+        pieces = [(input_ids[:, a:b], meta.positions, meta) for a, b, meta in zip(bounds, bounds[1:], metas)]
 
-        ``metas[m]`` is micro-batch m's ``PagedBatch`` (its tokens follow those of m - 1 in
-        ``input_ids``), ``rows[m]`` the sequences of m that need logits. Each stage installs a
-        micro-batch's metadata in its paged cache, runs its layers, sends the hidden states on
-        without waiting, and goes on with the next: stage 0 works on micro-batch 1 while stage
-        1 works on micro-batch 0. Returns the logits (1, sum of rows, vocab) on every rank.
-        """
-        from minfer.attention import get_backend
-        backend = get_backend(attention) if isinstance(attention, str) else attention
-        h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype
-        outs, pending, offset = [], [], 0
-        for m, (meta, want) in enumerate(zip(metas, rows)):
-            n = meta.num_tokens
-            ids = input_ids[:, offset:offset + n]                                # (1, n)
-            offset += n
-            kv_cache.set_batch(meta)
-            if self.is_first:
-                x = self.model.embed_tokens(ids)                                 # (1, n, h)
-            else:
-                x = comm.recv(torch.empty(1, n, h, dtype=dtype, device=ids.device), self.rank - 1)
-            t0 = time.perf_counter()
-            x = self._run_layers(x, meta.positions, kv_cache, backend)
-            self.timeline.append((m, t0, time.perf_counter()))
-            if not self.is_last:
-                pending.append(dist.isend(x.contiguous(), self.rank + 1))
-                comm.COMM_STATS.add("send", x.nbytes, 0.0)
-            elif want:
-                outs.append(self.compute_logits(self.model.norm(x[:, meta.logits_indices[want]])))
-        for w in pending:
-            comm._timed("send", 0, w.wait)
+        def head(m, x):
+            if rows[m]:
+                return self.compute_logits(self.model.norm(x[:, metas[m].logits_indices[rows[m]]]))
         K = sum(len(w) for w in rows)
-        logits = (torch.cat(outs, dim=1) if outs else torch.empty(1, 0, self.cfg.vocab_size, dtype=dtype)) \
-            if self.is_last else torch.empty(1, K, self.cfg.vocab_size, dtype=dtype, device=input_ids.device)
-        comm._timed("broadcast", logits.nbytes, lambda: dist.broadcast(logits, self.world - 1))
-        return logits
+        return self._pipeline(pieces, kv_cache, attention, head, (1, K, self.cfg.vocab_size), dim=1)
 
 
 def gpipe_schedule(num_stages: int, num_microbatches: int) -> list[list[int]]:

@@ -1,15 +1,16 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
 
-The driver (rank 0) schedules, samples and stops; followers run each step it broadcasts
-(vLLM's executor, ``vllm/v1/executor/multiproc_executor.py``). Started by torchrun, or spawned
-by ``LLM(..., tensor_parallel_size=N)`` (docs/parallelism.md).
+The driver (rank 0) schedules, samples and stops; followers, spawned here or started by torchrun, run
+each step it broadcasts (vLLM: ``vllm/v1/executor/multiproc_executor.py``; docs/parallelism.md).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
     from minfer.checkpoints.hf import read_config
     from minfer.checkpoints.loader import resolve_model
     from minfer.distributed.pipeline import stage_layers
-    from minfer.distributed.tensor_parallel import check_tp_size
+    from minfer.distributed.tensor_parallel import check_tp_size, tp_sizes
     path, tp = resolve_model(model), pc.tensor_parallel_size
     if path.suffix == ".gguf":
         if tp > 1:
@@ -64,20 +65,12 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
     try:
         check_tp_size(cfg, tp)
     except ValueError:
-        nkv, ok = cfg.num_key_value_heads, []
-        for d in range(1, cfg.num_attention_heads + 1):
-            try:
-                check_tp_size(cfg, d)
-                ok.append(d)
-            except ValueError:
-                pass
+        nkv, ok = cfg.num_key_value_heads, tp_sizes(cfg)
         rule = f"must divide {nkv}" if all(nkv % d == 0 for d in ok) else f"must be one of {ok}"
         raise ValueError(f"{path.name} has {nkv} KV heads: tensor_parallel_size {rule}, got {tp}") from None
 
 
-# ---------------------------------------------------------------------------
-# The driver side
-# ---------------------------------------------------------------------------
+# --- The driver side ---
 
 
 DRIVERS: list["Driver"] = []      # this process's drivers (torchrun_main shuts them down)
@@ -96,18 +89,15 @@ class Driver:
         if self.closed or not dist.is_initialized():
             return
         self.closed = True
-        try:
+        with contextlib.suppress(comm.DistributedError):
             comm.broadcast_object(None)
-        except comm.DistributedError:
-            pass
         for p in self.procs:
             p.join(timeout=10)
         comm.leave_group()
 
 
 def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    comm.set_local_env(rank, world, port)
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     comm.init_distributed(None, timeout_s)
     _, shard, _ = load_parallel_model(model, pc, rank, dtype, device)
@@ -119,11 +109,8 @@ def _spawned_follower(rank, world, port, model, pc, dtype, device, timeout_s):
 
 
 def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float = comm.DEFAULT_TIMEOUT_S):
-    """Make this process rank 0 of ``pc.world_size`` ranks -> (config, shard, tokenizer, Driver).
-
-    Under torchrun the group exists already (world size must match); otherwise the
-    followers are spawned here, as vLLM's multiprocessing executor does.
-    """
+    """Make this process rank 0 of ``pc.world_size`` ranks -> (config, shard, tokenizer, Driver). Under
+    torchrun the group exists already; otherwise the followers are spawned here (as vLLM's executor)."""
     procs = []
     if dist.is_initialized() or comm.launched_by_torchrun():
         rank, world = comm.init_distributed(None, timeout_s)
@@ -142,21 +129,14 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
                             args=(r, pc.world_size, port, model, pc, dtype, str(device), timeout_s))
             p.start()
             procs.append(p)
-        saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update(RANK="0", WORLD_SIZE=str(pc.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        try:
+        with mock.patch.dict(os.environ):    # restored after: no torchrun look-alike is left in this process
+            comm.set_local_env(0, pc.world_size, port)
             comm.init_distributed(None, timeout_s)
-        finally:        # the group exists now: leave no torchrun look-alike in this process's environment
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     cfg, shard, tok = load_parallel_model(model, pc, 0, dtype, device)
     return cfg, shard, tok, Driver(pc, procs)
 
 
-# ---------------------------------------------------------------------------
-# The follower side
-# ---------------------------------------------------------------------------
+# --- The follower side ---
 
 
 def torchrun_main(args) -> int:

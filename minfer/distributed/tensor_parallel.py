@@ -1,9 +1,6 @@
-"""Shard an already-built ``minfer.model.Transformer`` over a tensor-parallel group.
-
-``shard_model(model, source, rank, world)`` swaps each projection for its parallel layer
-holding this rank's slice (read with safetensors' ``get_slice``); the model's forward runs
-unchanged on a rank-local config. vLLM: ``model_executor/models/llama.py`` with each layer's
-``weight_loader``. The projection table: docs/parallelism.md.
+"""Shard a ``minfer.model.Transformer`` over a tensor-parallel group: ``shard_model`` swaps each projection
+for its parallel layer holding this rank's slice (safetensors' ``get_slice``); the forward runs unchanged
+on a rank-local config. vLLM: ``models/llama.py`` with each layer's ``weight_loader``.
 """
 from __future__ import annotations
 
@@ -25,15 +22,21 @@ from minfer.distributed.layers import (
 )
 
 
+def tp_sizes(cfg: ModelConfig) -> list[int]:
+    """The tensor-parallel sizes ``cfg`` splits into: whole query heads, whole (or replicated) K/V heads."""
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    return [d for d in range(1, nh + 1)
+            if nh % d == 0 and (nkv % d == 0 or d % nkv == 0) and cfg.intermediate_size % d == 0]
+
+
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError (naming the field) unless ``cfg`` splits over ``tp`` ranks by whole heads."""
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if nh % tp:
-        ok = [d for d in range(1, nh + 1) if nh % d == 0 and (nkv % d == 0 or d % nkv == 0)]
-        raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads={nh} "
-                         f"(each rank needs whole query heads); sizes that work for this model: {ok}")
+        raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads={nh} (each rank "
+                         f"needs whole query heads); sizes that work for this model: {tp_sizes(cfg)}")
     if nkv % tp and tp % nkv:
         raise ValueError(f"tensor_parallel_size={tp} and num_key_value_heads={nkv}: neither divides the "
                          "other, so whole K/V heads cannot be given (or replicated) to every rank")
@@ -42,9 +45,8 @@ def check_tp_size(cfg: ModelConfig, tp: int) -> None:
 
 
 def allreduce_bytes_per_token(hidden_size: int, num_layers: int, tp: int, bytes_per_element: int = 2) -> float:
-    """Bytes ONE rank sends per token for the transformer blocks' all-reduces (o_proj and
-    down_proj: 2 per layer, each of a ``hidden_size`` vector), with the ring algorithm, in which
-    each rank sends 2 (N - 1) / N times the payload (reduce-scatter, then all-gather)."""
+    """Bytes ONE rank sends per token for the blocks' all-reduces (o_proj and down_proj: 2 per layer of a
+    ``hidden_size`` vector); a ring all-reduce sends 2 (N - 1) / N times the payload per rank."""
     payload = hidden_size * bytes_per_element
     return 2 * num_layers * 2 * (tp - 1) / tp * payload
 
@@ -56,9 +58,7 @@ def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
                                extra={**cfg.extra, "tensor_parallel_size": tp, "full_config": cfg})
 
 
-# ---------------------------------------------------------------------------
-# Where the slices come from
-# ---------------------------------------------------------------------------
+# --- Where the slices come from ---
 
 
 class StateDictSource:
@@ -81,44 +81,27 @@ class SafetensorsSource:
     def __init__(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
         from minfer.checkpoints.hf import _safetensors_files
         self.dtype, self.device = dtype, device
-        self.where: dict[str, Path] = {}
-        self._open = {}
+        self.files = {}                                    # tensor name -> the open file that holds it
         for file in _safetensors_files(Path(folder)):
             f = safe_open(str(file), framework="pt", device="cpu")
-            self._open[file] = f
-            for name in f.keys():
-                self.where[name] = file
+            self.files.update(dict.fromkeys(f.keys(), f))
 
     def has(self, name: str) -> bool:
-        return name in self.where
+        return name in self.files
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        if name not in self.where:
+        if name not in self.files:
             raise ValueError(f"checkpoint has no tensor {name!r}")
-        sl = self._open[self.where[name]].get_slice(name)
-        if dim is None:
-            t = sl[:]
-        elif dim == 0:
-            t = sl[start:stop]
-        else:
-            t = sl[:, start:stop]
+        sl = self.files[name].get_slice(name)
+        t = sl[:] if dim is None else sl[(slice(None),) * dim + (slice(start, stop),)]
         return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
 
 
-# ---------------------------------------------------------------------------
-# The rewrite
-# ---------------------------------------------------------------------------
-
-
-def _rows(source, name: str, start: int, stop: int):
-    return source.get(name, 0, start, stop)
+# --- The rewrite ---
 
 
 def shard_model(model, source, rank: int, world: int, group=None):
-    """Turn ``model`` (a ``Transformer``, possibly on the meta device) into rank ``rank``'s shard.
-
-    Every parameter ends up loaded from ``source``; returns the model.
-    """
+    """Turn ``model`` (a ``Transformer``, maybe on the meta device) into rank ``rank``'s shard."""
     full = model.cfg
     check_tp_size(full, world)
     if full.kv_share_group != 1:
@@ -131,10 +114,9 @@ def shard_model(model, source, rank: int, world: int, group=None):
     f0, f1 = shard_range(full.intermediate_size, rank, world)
 
     def column(module, prefix, ranges: dict[str, tuple[int, int]], cls):
-        """Rows [a, b) of each HF matrix of ``module``'s projections: one parallel linear
-        holding them stacked when the module is fused, else one per HF name."""
-        ws = [_rows(source, f"{prefix}{n}.weight", a, b) for n, (a, b) in ranges.items()]
-        bs = [_rows(source, f"{prefix}{n}.bias", a, b) if source.has(f"{prefix}{n}.bias") else None
+        """Rows [a, b) of each HF projection of ``module``: one parallel linear each, or one if fused."""
+        ws = [source.get(f"{prefix}{n}.weight", 0, a, b) for n, (a, b) in ranges.items()]
+        bs = [source.get(f"{prefix}{n}.bias", 0, a, b) if source.has(f"{prefix}{n}.bias") else None
               for n, (a, b) in ranges.items()]
         module.parts = {n: b - a for n, (a, b) in ranges.items()}          # this rank's rows
         if module.fused_name:
@@ -163,9 +145,8 @@ def shard_model(model, source, rank: int, world: int, group=None):
     v0, v1 = min(rank * per, V), min((rank + 1) * per, V)
 
     def vocab_rows(name):
-        w = _rows(source, name, v0, v1)                                  # (<= per, h)
-        pad = w.new_zeros(per - w.shape[0], w.shape[1])
-        return torch.cat([w, pad])                                       # (per, h)
+        w = source.get(name, 0, v0, v1)                                  # (<= per, h)
+        return torch.nn.functional.pad(w, (0, 0, 0, per - w.shape[0]))   # (per, h): zero rows appended
 
     model.model.embed_tokens = VocabParallelEmbedding(vocab_rows("model.embed_tokens.weight"), v0, group=group)
     head_w = (model.model.embed_tokens.weight if full.tie_word_embeddings else vocab_rows("lm_head.weight"))

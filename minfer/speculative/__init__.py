@@ -1,9 +1,7 @@
 """Speculative decoding: more than one token per target forward, with exactly the target's output.
 
-Modules: rejection (the rule), loop (one request), engine (inside the engine step), draft,
-prompt_lookup, medusa, lookahead, stats. A method is picked by a spec string
-(``LLM(speculative=...)``), e.g. ``"prompt_lookup:k=8,max=4"``, ``"draft:layers-10,gamma=3"``,
-``"lookahead:W=5,N=4,G=5"``, ``"medusa:<heads>"``; the options: docs/speculative.md.
+A method is picked by a spec string (``LLM(speculative=...)``): ``"prompt_lookup:k=8,max=4"``,
+``"draft:layers-10,gamma=3"``, ``"lookahead:W=5,N=4,G=5"``, ``"medusa:<heads>"`` (docs/speculative.md).
 vLLM: ``SpeculativeConfig`` (``vllm/config/speculative.py``).
 """
 from __future__ import annotations
@@ -54,18 +52,16 @@ class SpeculativeConfig:
             self.num_speculative_tokens = DEFAULT_TOKENS.get(self.method, 4)
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "draft" and not self.draft_model:
-            raise ValueError("speculative method 'draft' needs a draft model: 'draft:<model>', "
-                             "'draft:layers-K' or 'draft:int4'")
-        if self.method == "medusa" and not self.draft_model:
-            raise ValueError("speculative method 'medusa' needs the heads folder: 'medusa:<path>'")
+        needs = {"draft": "a draft model: 'draft:<model>', 'draft:layers-K' or 'draft:int4'",
+                 "medusa": "the heads folder: 'medusa:<path>'"}
+        if self.method in needs and not self.draft_model:
+            raise ValueError(f"speculative method {self.method!r} needs {needs[self.method]}")
         for name, lo in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1),
-                         ("window", 1), ("ngram", 2), ("max_candidates", 1), ("medusa_nodes", 1)):
+                         ("window", 1), ("ngram", 2), ("max_candidates", 1), ("medusa_nodes", 1),
+                         ("medusa_depth", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < lo:
+            if (value is not None or name != "medusa_depth") and (not isinstance(value, int) or value < lo):
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {lo}, got {value!r}")
-        if self.medusa_depth is not None and (not isinstance(self.medusa_depth, int) or self.medusa_depth < 1):
-            raise ValueError(f"SpeculativeConfig.medusa_depth must be an integer >= 1, got {self.medusa_depth!r}")
         if self.adaptive not in (0, 1):
             raise ValueError(f"SpeculativeConfig.adaptive must be 0 or 1, got {self.adaptive!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
@@ -102,11 +98,9 @@ class SpeculativeConfig:
 def load_draft(target, spec: str, *, dtype=None, device=None):
     """The draft model for ``draft:<spec>``: "layers-K", "int4", or a checkpoint with the same vocab."""
     if spec.startswith("layers-"):
-        try:
-            k = int(spec[len("layers-"):])
-        except ValueError:
-            raise ValueError(f"draft 'layers-K' needs an integer K, got {spec!r}") from None
-        return layer_skip_draft(target, k)
+        if not spec[len("layers-"):].isdigit():
+            raise ValueError(f"draft 'layers-K' needs an integer K, got {spec!r}")
+        return layer_skip_draft(target, int(spec[len("layers-"):]))
     if spec == "int4":
         return quantized_draft(target, "int4")
     from minfer.loading import load_model
@@ -132,21 +126,16 @@ def generate_speculative(
     stats: SpecStats | None = None,
     metrics=None,
 ) -> Iterator[int]:
-    """Like ``minfer.generate.generate_tokens``, with the speculative method in ``config``.
-
-    ``draft``: the draft model for method "draft" (``load_draft`` builds one from
-    ``config.draft_model`` if not given). ``stats`` (a SpecStats) collects acceptance.
-    """
+    """Like ``minfer.generate.generate_tokens``, with the speculative method in ``config``. ``draft``: the
+    "draft" method's model (default ``load_draft(config.draft_model)``); ``stats`` collects acceptance."""
     config = SpeculativeConfig.parse(config)
     common = dict(eos_token_ids=eos_token_ids, attention=attention, stats=stats, metrics=metrics)
+    if config.method in ("lookahead", "medusa") and kv_cache != "contiguous":
+        raise ValueError(f"{config.method} decoding needs kv_cache='contiguous', got {kv_cache!r}")
     if config.method == "lookahead":
-        if kv_cache != "contiguous":
-            raise ValueError(f"lookahead decoding needs kv_cache='contiguous', got {kv_cache!r}")
         return lookahead_generate(model, prompt_ids, params, window=config.window, ngram=config.ngram,
                                   max_candidates=config.max_candidates, **common)
     if config.method == "medusa":
-        if kv_cache != "contiguous":
-            raise ValueError(f"Medusa decoding needs kv_cache='contiguous', got {kv_cache!r}")
         from minfer.speculative.medusa import DEFAULT_TREE, build_tree, load_heads, medusa_generate
         tree = build_tree(DEFAULT_TREE[:config.medusa_nodes], max_depth=config.medusa_depth)
         return medusa_generate(model, load_heads(config.draft_model), prompt_ids, params, tree=tree, **common)

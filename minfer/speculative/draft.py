@@ -1,13 +1,12 @@
-"""Draft-model speculative decoding: a small model guesses, the target verifies.
+"""Draft-model speculative decoding (Leviathan et al. 2023): a small model guesses, the target verifies.
 
-Leviathan et al. 2023 / Chen et al. 2023 (the rule: ``rejection.py``). Drafts: another
-checkpoint, the target in int4 (``quantized_draft``), or its first k layers
-(``layer_skip_draft``, LayerSkip). Both caches roll back with ``truncate``. vLLM: the
-"draft_model" method of ``SpeculativeConfig``. The cache diagram: docs/speculative.md.
+Drafts: another checkpoint, the target in int4 (``quantized_draft``) or its first k layers (LayerSkip);
+both caches roll back with ``truncate``. vLLM: ``SpeculativeConfig`` method "draft_model".
 """
 from __future__ import annotations
 
 import dataclasses
+from os.path import commonprefix
 
 import torch
 from torch import nn
@@ -16,15 +15,6 @@ from minfer.sampling import SamplingParams, sample
 from minfer.generate import forward_tokens
 from minfer.speculative.loop import new_cache
 from minfer.speculative.rejection import processed_probs
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class DraftModelProposer:
@@ -45,9 +35,7 @@ class DraftModelProposer:
 
     def propose(self, seq: list[int], k: int, params: SamplingParams,
                 generator) -> tuple[list[int], torch.Tensor | None]:
-        keep = _common_prefix(self.tokens, seq)
-        if keep == len(seq):              # never happens in the loop (seq grows); keep one token to feed
-            keep -= 1
+        keep = min(len(commonprefix([self.tokens, seq])), len(seq) - 1)     # at least one token to feed
         self.cache.truncate(keep)
         feed, start = seq[keep:], keep    # catch up: the tokens the draft has not seen yet (>= 1)
         self.tokens = list(seq[:keep])
@@ -59,30 +47,24 @@ class DraftModelProposer:
             if params.greedy:
                 tok = int(logits.argmax())
             else:
-                q = processed_probs(logits, params)                   # (V,)
-                qs.append(q)
+                qs.append(processed_probs(logits, params))            # (V,)
                 tok = sample(logits, params, generator)
             drafts.append(tok)
             feed = [tok]
         return drafts, (torch.stack(qs) if qs else None)
 
     def accepted(self, seq: list[int]) -> None:
-        keep = _common_prefix(self.tokens, seq)
+        keep = len(commonprefix([self.tokens, seq]))
         self.cache.truncate(keep)         # forget the K/V of rejected guesses
         self.tokens = self.tokens[:keep]
 
 
-# ---------------------------------------------------------------------------
-# Drafts made from the target itself
-# ---------------------------------------------------------------------------
+# --- Drafts made from the target itself ---
 
 
 def layer_skip_draft(target, num_layers: int):
-    """The target's first ``num_layers`` layers + final norm + LM head, sharing the target's weights.
-
-    Returns a ``Transformer`` whose cfg says ``num_hidden_layers = num_layers`` (so
-    its KV cache has only those layers); no weight is copied.
-    """
+    """The target's first ``num_layers`` layers + final norm + LM head, sharing the target's weights: a
+    ``Transformer`` whose cfg says ``num_hidden_layers = num_layers`` (its KV cache has only those layers)."""
     from minfer.model import Transformer
 
     L = target.cfg.num_hidden_layers
@@ -101,11 +83,8 @@ def layer_skip_draft(target, num_layers: int):
 
 
 def quantized_draft(target, fmt: str = "int4"):
-    """The target with its weights quantized (self-speculation): same tokenizer, ~1/8 the bytes for int4.
-
-    Uses ``minfer.quant.apply.quantize_model`` (weight-only quantization; the LM
-    head gets int8, its default) on a copy of the target.
-    """
+    """A copy of the target, weight-only quantized by ``quantize_model`` (self-speculation; the LM head
+    gets int8, its default): same tokenizer, ~1/8 the bytes for int4."""
     import copy
 
     from minfer.quant.apply import quantize_model

@@ -1,15 +1,12 @@
-"""Speculative decoding inside the engine step: every running request proposes, one forward verifies all.
-
-One step: schedule, propose (up to k tokens per decoding request), widen its decode chunk,
-one forward, verify per row (``rejection``), roll back ``num_computed_tokens``. vLLM V1:
-``vllm/v1/spec_decode/``, ``vllm/v1/sample/rejection_sampler.py``, driven from
-``gpu_model_runner.py``. Diagram and proposers: docs/speculative.md.
+"""Speculative decoding inside the engine step: every running request proposes, one forward verifies all
+(each decode chunk widened by its proposal), ``num_computed_tokens`` rolls back. vLLM V1:
+``vllm/v1/spec_decode/``, ``rejection_sampler.py``, ``gpu_model_runner.py`` (docs/speculative.md).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +17,7 @@ from minfer.guided import refuse_speculative
 from minfer.sampling import sample_rows
 from minfer.speculative import SpeculativeConfig, load_draft
 from minfer.speculative.draft import DraftModelProposer
+from minfer.speculative.loop import Proposer
 from minfer.speculative.medusa import base_and_head_logits, last_hidden, load_heads
 from minfer.speculative.prompt_lookup import PromptLookupProposer
 from minfer.speculative.rejection import processed_probs, verify_greedy, verify_sampled
@@ -34,48 +32,21 @@ class Drafted:
     all_token_ids: list[int]
 
 
-class MedusaChain:
-    """Medusa as an engine proposer: after each forward, the heads read the hidden state of the row
-    that produced a request's newest token and guess the tokens after it (one batched pass)."""
+@dataclass
+class HeadGuesses(Proposer):
+    """Medusa as an engine proposer: the heads' top-1 guesses, read after each forward from the hidden
+    state of the row that produced the request's newest token (one batched pass, in ``step``)."""
 
-    def __init__(self, heads, depth: int):
-        self.heads, self.depth = heads, depth
-        self.guesses: dict[str, tuple[int, list[int]]] = {}   # request id -> (sequence length, guesses)
+    num_tokens: int = -1                       # the sequence length the guesses were made for
+    tokens: list[int] = field(default_factory=list)
 
-    def proposer(self, request_id: str) -> "MedusaChain.One":
-        return MedusaChain.One(self, request_id)
-
-    def update(self, model, hidden: torch.Tensor, rows: list[int], reqs: list) -> None:
-        """hidden (N, h) of the step's flattened rows; rows[i] = the row of reqs[i]'s newest token."""
-        if not rows:
-            return
-        heads = self.heads.to(hidden.device, hidden.dtype)
-        logits = base_and_head_logits(model, heads, hidden[rows], self.depth)[:, 1:]   # (R, depth, V)
-        for req, guess in zip(reqs, logits.argmax(-1).tolist()):
-            self.guesses[req.request_id] = (req.num_tokens, guess)
-
-    @dataclass
-    class One:
-        chain: "MedusaChain"
-        request_id: str
-
-        def begin(self, prompt_ids, max_len) -> None:
-            pass
-
-        def propose(self, seq, k, params, generator):
-            n, guess = self.chain.guesses.get(self.request_id, (-1, []))
-            return (guess[:k] if n == len(seq) else []), None    # guesses made for this very sequence
-
-        def accepted(self, seq) -> None:
-            pass
+    def propose(self, seq, k, params, generator):
+        return (self.tokens[:k] if self.num_tokens == len(seq) else []), None   # made for this very sequence
 
 
 class SpecDecodeEngine(LLMEngine):
-    """``LLMEngine`` whose decode steps verify every running request's proposal in the one forward.
-
-    Build it with ``SpecDecodeEngine.from_model(model, tokenizer, speculative="prompt_lookup", ...)``.
-    ``spec_stats[client id]``: each request's ``SpecStats`` (one entry per decode step).
-    """
+    """``LLMEngine`` whose decode steps verify every running request's proposal in the one forward:
+    ``from_model(model, tokenizer, speculative="prompt_lookup", ...)``; ``spec_stats[client id]``."""
 
     @classmethod
     def from_model(cls, model, tokenizer=None, *, speculative, draft=None, **engine_args) -> "SpecDecodeEngine":
@@ -94,9 +65,8 @@ class SpecDecodeEngine(LLMEngine):
         if config.method == "draft":
             self.draft = draft if draft is not None else load_draft(model, config.draft_model)
         elif config.method == "medusa":
-            heads = load_heads(config.draft_model)
-            self.k = min(heads.num_heads, config.medusa_depth or heads.num_heads)
-            self.medusa = MedusaChain(heads, self.k)
+            self.medusa = load_heads(config.draft_model)
+            self.k = min(self.medusa.num_heads, config.medusa_depth or self.medusa.num_heads)
 
     def _new_proposer(self, req):
         if self.spec.method == "prompt_lookup":
@@ -105,7 +75,7 @@ class SpecDecodeEngine(LLMEngine):
         elif self.spec.method == "draft":
             p = DraftModelProposer(self.draft, attention=self.runner.attention, vocab_size=self.runner.vocab_size)
         else:
-            p = self.medusa.proposer(req.request_id)
+            p = HeadGuesses()
         max_new = min(req.params.max_tokens, self.max_model_len - req.num_prompt_tokens)
         p.begin(list(req.prompt_token_ids), req.num_prompt_tokens + max_new)
         return p
@@ -191,8 +161,12 @@ class SpecDecodeEngine(LLMEngine):
                 last_rows.append(rows_of[i][len(toks) - 1])
                 medusa_reqs.append(req)
         self.scheduler.commit(out)
-        if self.medusa is not None:
-            self.medusa.update(self.model, hidden, last_rows, medusa_reqs)
+        if self.medusa is not None and last_rows:         # the heads read each request's newest row
+            heads = self.medusa.to(hidden.device, hidden.dtype)
+            logits = base_and_head_logits(self.model, heads, hidden[last_rows], self.k)[:, 1:]   # (R, k, V)
+            for req, guess in zip(medusa_reqs, logits.argmax(-1).tolist()):
+                p = self.proposers.setdefault(req.request_id, HeadGuesses())
+                p.num_tokens, p.tokens = req.num_tokens, guess
         self._forget_finished()
         return deltas
 
@@ -220,5 +194,3 @@ class SpecDecodeEngine(LLMEngine):
     def _forget_finished(self) -> None:
         for rid in [r for r in self.proposers if r not in self.requests or self.requests[r].is_finished]:
             del self.proposers[rid]
-            if self.medusa is not None:
-                self.medusa.guesses.pop(rid, None)

@@ -1,10 +1,8 @@
 """Lookahead decoding (Fu, Bailis, Stoica & Zhang 2024): Jacobi guesses and their verification in ONE
-forward, with no draft model. Greedy only; the output equals plain greedy decoding.
+forward, no draft model; greedy, so the output equals plain greedy decoding.
 
-The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a custom
-mask (``TreeAttentionCache``). The layout of a step and who sees whom: docs/speculative.md.
-Authors' code: github.com/hao-ai-lab/LookaheadDecoding; vLLM's tree attention backend:
-``vllm/v1/attention/backends/tree_attn.py``.
+The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a tree mask
+(docs/speculative.md). vLLM's tree attention: ``vllm/v1/attention/backends/tree_attn.py``.
 """
 from __future__ import annotations
 
@@ -21,21 +19,17 @@ from minfer.generate import StopRule, forward_tokens, model_device_dtype
 from minfer.kv import ContiguousKVCache
 from minfer.kv.base import KVView
 from minfer.sampling import SamplingParams, make_generator
+from minfer.speculative.loop import emit
 from minfer.speculative.rejection import verify_greedy
 from minfer.speculative.stats import SpecStats
 
-# ---------------------------------------------------------------------------
-# A KV cache wrapper that attends with an explicit (tree) mask
-# ---------------------------------------------------------------------------
+# --- A KV cache wrapper that attends with an explicit (tree) mask ---
 
 
 class TreeAttentionCache:
-    """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``.
-
-    ``update`` does not write (the guesses share positions); ``attend`` applies
-    ``[allowed(prefix) | tree_mask & window]``; ``commit(indices)`` writes the verified tokens' K/V
-    at their positions (docs/speculative.md).
-    """
+    """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``:
+    ``update`` does not write (guesses share positions), ``attend`` applies ``[allowed(prefix) | tree_mask
+    & window]``, ``commit(indices)`` writes the verified tokens' K/V (docs/speculative.md)."""
 
     def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):
         if not isinstance(inner, ContiguousKVCache):
@@ -70,9 +64,7 @@ class TreeAttentionCache:
         self.new_kv.clear()
 
 
-# ---------------------------------------------------------------------------
-# The layout of one step: tokens, positions, mask
-# ---------------------------------------------------------------------------
+# --- The layout of one step: tokens, positions, mask ---
 
 
 @dataclass
@@ -87,16 +79,14 @@ class StepLayout:
 def step_layout(last_token: int, P: int, levels: list[list[int]], candidates: list[list[int]]) -> StepLayout:
     """Arrange [last token | lookahead levels | verification candidates] and their mask (see module doc)."""
     tokens, positions = [last_token], [P]
-    level_idx = []
-    for l, row in enumerate(levels):
-        level_idx.append(list(range(len(tokens), len(tokens) + len(row))))
-        tokens += row
-        positions += [P + 1 + l + i for i in range(len(row))]
-    cand_idx = []
-    for c in candidates:
-        cand_idx.append(list(range(len(tokens), len(tokens) + len(c))))
-        tokens += c
-        positions += [P + 1 + j for j in range(len(c))]
+
+    def place(row: list[int], first_position: int) -> list[int]:
+        """Append ``row`` at consecutive positions -> its input indices."""
+        tokens.extend(row)
+        positions.extend(range(first_position, first_position + len(row)))
+        return list(range(len(tokens) - len(row), len(tokens)))
+    level_idx = [place(row, P + 1 + l) for l, row in enumerate(levels)]
+    cand_idx = [place(c, P + 1) for c in candidates]
     T = len(tokens)
     mask = torch.zeros(T, T, dtype=torch.bool)
     mask[:, 0] = True                                       # everyone sees the last verified token
@@ -125,18 +115,13 @@ class NgramPool:
         lst.append(rest)                                    # most recent last
         del lst[:-self.per_key]
 
-    def candidates(self, first: int) -> list[tuple[int, ...]]:
-        return list(self.grams.get(first, []))
-
     def harvest(self, levels: list[list[int]], new: list[int]) -> None:
         """Column i of the window, then the new guess, is an n-gram: (levels[0][i], ..., levels[-1][i], new[i])."""
         for i, first in enumerate(levels[0]):
             self.add(first, tuple(level[i] for level in levels[1:]) + (new[i],))
 
 
-# ---------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------
+# --- The loop ---
 
 
 @torch.no_grad()
@@ -167,8 +152,7 @@ def lookahead_generate(
 
     logits = forward_tokens(model, cache, list(prompt_ids), 0, attention, last_only=True)[-1]
     seq = list(prompt_ids) + [int(logits.argmax())]
-    budget.emit(seq[-1])
-    yield seq[-1]
+    yield from emit(budget, seq[-1:])
     # Level 0 starts as tokens drawn from the prompt (the paper: random initial guesses).
     gen = make_generator(0 if params.seed is None else params.seed)
     pick = torch.randint(len(prompt_ids), (window,), generator=gen).tolist()
@@ -176,8 +160,7 @@ def lookahead_generate(
     pool = NgramPool(max_candidates)
     while not budget.done:
         P = len(seq) - 1
-        room = budget.room
-        cands = [list(c[:room]) for c in pool.candidates(seq[-1])] if room > 0 else []
+        cands = [list(c[:budget.room]) for c in pool.grams.get(seq[-1], [])] if budget.room > 0 else []
         cands = [c for i, c in enumerate(cands) if c and c not in cands[:i]]
         lay = step_layout(seq[-1], P, levels, cands)
         tree = TreeAttentionCache(cache, lay.mask)
@@ -203,8 +186,4 @@ def lookahead_generate(
             levels = levels[1:] + [new]
 
         seq += best
-        for tok in best:
-            budget.emit(tok)
-            yield tok
-            if budget.done:
-                break
+        yield from emit(budget, best)

@@ -1,13 +1,12 @@
-"""The propose / verify loop shared by draft-model speculation and prompt lookup (one request).
+"""The propose / verify loop of draft-model speculation and prompt lookup, for one request.
 
-Invariant between steps: the target's cache holds K/V for ``seq[:-1]``; after verifying
-n of k proposals, ``truncate(len(seq) + n)``. ``engine.py`` runs the same steps for the whole
-batch, as vLLM's ``gpu_model_runner.py`` does (docs/speculative.md).
+Between steps the target's cache holds K/V for ``seq[:-1]``; after verifying n of k proposals,
+``truncate(len(seq) + n)``. ``engine.py`` runs the same steps for the whole batch.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,8 +20,9 @@ from minfer.speculative.stats import SpecStats
 ROLLBACK_CACHES = ("contiguous", "int8", "fp8")    # caches whose truncate() is a true rollback
 
 
-class Proposer(Protocol):
-    """Guesses the next tokens. ``q`` is None for a deterministic guess (no draft distribution)."""
+class Proposer:
+    """Guesses the next tokens (``begin`` and ``accepted`` do nothing unless overridden). ``q`` is None for
+    a deterministic guess (no draft distribution)."""
 
     def begin(self, prompt_ids: list[int], max_len: int) -> None:
         """A new request starts (at most ``max_len`` tokens in all)."""
@@ -32,6 +32,15 @@ class Proposer(Protocol):
 
     def accepted(self, seq: list[int]) -> None:
         """The verified sequence after a step (a draft model rolls its own cache back to it)."""
+
+
+def emit(budget: StopRule, tokens: list[int]) -> Iterator[int]:
+    """Yield ``tokens`` one by one, counted by ``budget``, until it says done."""
+    for tok in tokens:
+        budget.emit(tok)
+        yield tok
+        if budget.done:
+            return
 
 
 def new_cache(model, kind: str, max_len: int):
@@ -69,8 +78,7 @@ def speculative_generate(
     # ---- prefill, then the first token by plain sampling
     logits = forward_tokens(target, cache, list(prompt_ids), 0, attention, last_only=True)[-1]
     seq = list(prompt_ids) + [sample(logits, params, gen)]
-    budget.emit(seq[-1])
-    yield seq[-1]
+    yield from emit(budget, seq[-1:])
     while not budget.done:
         # ---- propose (never beyond the budget), then score [last, d_1..d_k] in one forward
         k = min(num_speculative_tokens, budget.room)
@@ -86,8 +94,4 @@ def speculative_generate(
         cache.truncate(len(seq) + n)                 # keep seq + d_1..d_n; forget rejected K/V
         seq += emitted
         proposer.accepted(seq)
-        for tok in emitted:
-            budget.emit(tok)
-            yield tok
-            if budget.done:
-                break
+        yield from emit(budget, emitted)

@@ -1,11 +1,10 @@
 """Medusa heads (Cai et al. 2024): guess several future tokens from ONE hidden state, verify a tree of
-guesses in ONE forward. Greedy here, so the output equals plain greedy decoding.
+guesses in ONE forward; greedy, so the output equals plain greedy decoding.
 
     head_j(h) = lm_head(h + SiLU(W_j h + b_j))        trained to predict token t+2+j
 
-``medusa_generate`` is the single-request loop over a static tree; the engine verifies the
-heads' top-1 chain (``speculative/engine.py``). vLLM: ``vllm/v1/spec_decode/medusa.py``;
-authors: github.com/FasterDecoding/Medusa. The tree walk: docs/speculative.md.
+``medusa_generate``: the single-request loop over a static tree; the engine verifies the heads' top-1
+chain (``engine.py``). vLLM: ``vllm/v1/spec_decode/medusa.py`` (docs/speculative.md).
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from minfer.metrics import RequestStats
 from minfer.kv import ContiguousKVCache
 from minfer.sampling import SamplingParams
 from minfer.speculative.lookahead import TreeAttentionCache
+from minfer.speculative.loop import emit
 from minfer.speculative.stats import SpecStats
 
 # A static tree for K = 3 heads (16 nodes), in priority order: every prefix of it is a tree (ancestors
@@ -46,13 +46,11 @@ class MedusaHeads(nn.Module):
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
-        for b in self.blocks:
-            nn.init.zeros_(b.weight)
-            nn.init.zeros_(b.bias)
+        for p in self.blocks.parameters():             # zero blocks: each head starts as the LM head
+            nn.init.zeros_(p)
 
     def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """hidden (..., h) -> per-head hidden states (..., n, h) of the first n = num_heads (default K)
-        heads, before the LM head."""
+        """hidden (..., h) -> the first n = num_heads (default K) heads' hidden states (..., n, h)."""
         return torch.stack([hidden + F.silu(b(hidden)) for b in self.blocks[:num_heads]], dim=-2)
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
@@ -84,9 +82,7 @@ def load_heads(path: str) -> MedusaHeads:
     return MedusaHeads.load(path)
 
 
-# ---------------------------------------------------------------------------
-# The static tree: nodes, parents, depths, the attention mask
-# ---------------------------------------------------------------------------
+# --- The static tree: nodes, parents, depths, the attention mask ---
 
 
 @dataclass
@@ -107,10 +103,8 @@ class MedusaTree:
 
 
 def build_tree(paths: Sequence[Sequence[int]], max_depth: int | None = None) -> MedusaTree:
-    """Dedupe the paths, add missing ancestors, sort by depth, and build the ancestor mask.
-
-    Forward index 0 is the root; node i (0-based in ``paths``) is forward index i + 1.
-    """
+    """Dedupe the paths, add missing ancestors, sort by depth, build the ancestor mask. Forward index 0
+    is the root; node i (0-based in the sorted ``paths``) is forward index i + 1."""
     nodes: set[tuple[int, ...]] = set()
     for p in paths:
         p = tuple(int(r) for r in p)
@@ -129,7 +123,6 @@ def build_tree(paths: Sequence[Sequence[int]], max_depth: int | None = None) -> 
     for i, p in enumerate(order):
         for d in range(1, len(p) + 1):
             mask[i + 1, index[p[:d]]] = True       # its ancestors and itself
-    mask[0, 0] = True
     return MedusaTree(order, parent, [len(p) for p in order], mask)
 
 
@@ -144,10 +137,8 @@ def tree_tokens(tree: MedusaTree, head_topk: list[list[int]]) -> list[int]:
 
 
 def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[int]:
-    """Greedy walk: forward indices of the accepted nodes (root excluded), in depth order.
-
-    ``tokens`` (N,) node tokens, ``argmax`` (N + 1,) the base model's argmax at root + nodes.
-    """
+    """Greedy walk -> forward indices of the accepted nodes (root excluded), in depth order.
+    ``tokens`` (N,): node tokens; ``argmax`` (N + 1,): the base model's argmax at root + nodes."""
     children: dict[int, list[int]] = {}
     for i, par in enumerate(tree.parent):
         children.setdefault(par, []).append(i + 1)
@@ -161,20 +152,14 @@ def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[
         cur = nxt
 
 
-# ---------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------
+# --- Decoding ---
 
 
 @contextlib.contextmanager
 def last_hidden(model):
-    """Keep the last decoder layer's output (B, T, h), before the final norm, in ``box[0]``.
-
-    The forward may run its norm and LM head on a few rows only (``logits_indices``); the
-    heads need the hidden state of other rows too, so they are read before the norm
-    (``base_and_head_logits`` applies it). A forward hook, as ``transformers`` reads
-    ``output_hidden_states``: ``model.py`` is unchanged.
-    """
+    """Keep the last decoder layer's output (B, T, h), before the final norm, in ``box[0]``: every row,
+    even when the forward runs its norm and LM head on a few (a forward hook, as ``transformers`` reads
+    ``output_hidden_states``)."""
     box: list[torch.Tensor] = []
 
     def hook(_module, _inp, out):
@@ -186,13 +171,9 @@ def last_hidden(model):
         handle.remove()
 
 
-
 def base_and_head_logits(model, heads: MedusaHeads, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
     """Last-layer outputs x (N, h) -> logits (N, 1 + n, V): the base model's next token and the first
-    n = num_heads (default all) heads' guesses at every row, in ONE pass over the LM head.
-
-    Pass the tree's depth as ``num_heads``. Why one pass: docs/speculative.md.
-    """
+    n = num_heads (default all; pass the tree's depth) heads' guesses, in ONE pass over the LM head."""
     hidden = model.model.norm(x)                                            # (N, h)
     return model.compute_logits(torch.cat([hidden[:, None], heads(hidden, num_heads)], dim=1))
 
@@ -231,8 +212,7 @@ def medusa_generate(
         depth = max(full.max_depth, 1)                              # heads read: no tree is deeper
         logits = base_and_head_logits(model, heads, hidden[0][0, -1:], depth)[0]  # (1 + depth, V)
         seq = list(prompt_ids) + [int(logits[0].argmax())]
-        budget.emit(seq[-1])
-        yield seq[-1]
+        yield from emit(budget, seq[-1:])
         while not budget.done:
             P = len(seq) - 1
             t = full if budget.room >= full.max_depth else build_tree(full.paths, max_depth=budget.room)
@@ -251,8 +231,4 @@ def medusa_generate(
             logits = both[last]                      # the next step's base token and head guesses
             emitted = [tokens[i - 1] for i in path] + [argmax[last]]
             seq += emitted
-            for tok in emitted:
-                budget.emit(tok)
-                yield tok
-                if budget.done:
-                    break
+            yield from emit(budget, emitted)

@@ -1,10 +1,9 @@
-"""Prompt lookup decoding ("inference with reference"): the draft is the text itself.
-
-Find the last n generated tokens earlier in the sequence (n = max down to min; the earliest
-occurrence) and propose what followed. Saxena 2023; Yang et al. 2023. vLLM:
-``vllm/v1/spec_decode/ngram_proposer.py`` (docs/speculative.md).
+"""Prompt lookup decoding (Saxena 2023; Yang et al. 2023): the draft is the text itself, what followed an
+earlier occurrence of the last n tokens. vLLM: ``vllm/v1/spec_decode/ngram_proposer.py``.
 """
 from __future__ import annotations
+
+from os.path import commonprefix
 
 import torch
 
@@ -12,10 +11,8 @@ from minfer.sampling import SamplingParams
 
 
 def ngram_propose(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens that followed the earliest earlier occurrence of the longest suffix n-gram.
-
-    tokens: the sequence so far (prompt + generated); min_n <= n <= max_n; [] if no match.
-    """
+    """Up to k tokens that followed the earliest earlier occurrence of the longest suffix n-gram of
+    ``tokens`` (prompt + generated), min_n <= n <= max_n; [] if none."""
     L = len(tokens)
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         suffix = tokens[L - n:]
@@ -26,11 +23,8 @@ def ngram_propose(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int
 
 
 class PromptLookupProposer:
-    """``ngram_propose`` as a proposer for ``loop.speculative_generate``.
-
-    ``adaptive``: the cap doubles after a fully accepted proposal and drops to accepted + 1 after a
-    rejection (docs/speculative.md); the guesses stay a function of the text, so verification is exact.
-    """
+    """``ngram_propose`` as a proposer. ``adaptive``: the length cap doubles after a fully accepted proposal
+    and drops to accepted + 1 after a rejection (the guesses stay a function of the text)."""
 
     def __init__(self, prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, adaptive: bool = True):
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
@@ -52,7 +46,5 @@ class PromptLookupProposer:
         (start, guess), self.last = self.last, (0, [])
         if not guess:
             return
-        n = 0
-        while n < len(guess) and start + n < len(seq) and seq[start + n] == guess[n]:
-            n += 1
+        n = len(commonprefix([seq[start:start + len(guess)], guess]))      # guesses accepted
         self.cap = min(2 * self.cap, 64) if n == len(guess) else max(1, n + 1)

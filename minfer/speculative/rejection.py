@@ -1,11 +1,9 @@
-"""The accept/reject rule of speculative sampling, and its greedy special case.
-
-Leviathan, Kalman & Matias 2023; Chen et al. 2023. p = target, q = draft:
+"""The accept/reject rule of speculative sampling (Leviathan, Kalman & Matias 2023; Chen et al. 2023):
 
     accept x ~ q with probability min(1, p(x) / q(x)), else sample norm(max(0, p - q))
 
-which samples exactly from p (the proof: docs/speculative.md). A deterministic proposal is
-q = one-hot; greedy is p = one-hot(argmax). vLLM: ``vllm/v1/sample/rejection_sampler.py``.
+samples exactly from the target p (docs/speculative.md); a deterministic proposal is q = one-hot,
+greedy is p = one-hot(argmax). vLLM: ``vllm/v1/sample/rejection_sampler.py``.
 """
 from __future__ import annotations
 
@@ -13,16 +11,12 @@ import torch
 
 from minfer.sampling import SamplingParams, top_k_filter, top_p_filter
 
-# ---------------------------------------------------------------------------
-# Distributions
-# ---------------------------------------------------------------------------
+# --- Distributions ---
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution ``minfer.sampling.sample`` draws from: logits (..., V) -> probs (..., V), fp32.
-
-    Greedy (temperature 0) gives the one-hot of the argmax.
-    """
+    """The distribution ``minfer.sampling.sample`` draws from: logits (..., V) -> probs (..., V), fp32
+    (greedy: the one-hot of the argmax)."""
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     x = logits.float() / params.temperature
@@ -32,19 +26,15 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)) over the last dim. Where p == q (nothing to correct, and a
-    rejection has probability 0) it returns p, so the result is always a distribution."""
+    """norm(max(0, p - q)) over the last dim; p where p == q (a rejection has probability 0 there)."""
     r = (p - q).clamp(min=0)                                          # (..., V)
     mass = r.sum(-1, keepdim=True)
     return torch.where(mass > 0, r / mass.clamp(min=torch.finfo(r.dtype).tiny), p)
 
 
 def accept_reject(p: torch.Tensor, q: torch.Tensor, x: int) -> tuple[float, torch.Tensor]:
-    """The rule for ONE position: (probability of accepting draft token x, residual distribution).
-
-    p, q (V,): target and draft distributions; x: the draft's token (drawn from q, so q(x) > 0).
-    Returns min(1, p(x) / q(x)) and norm(max(0, p - q)).
-    """
+    """The rule for ONE position: (min(1, p(x) / q(x)), norm(max(0, p - q))), the probability of accepting
+    draft token x and the residual. p, q (V,): target and draft distributions; x was drawn from q."""
     px, qx = float(p[x]), float(q[x])
     accept = 1.0 if px >= qx else px / qx
     return accept, residual_distribution(p, q)
@@ -57,18 +47,12 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.argmax(probs / race))
 
 
-# ---------------------------------------------------------------------------
-# One verification step over gamma proposed tokens
-# ---------------------------------------------------------------------------
+# --- One verification step over gamma proposed tokens ---
 
 
 def verify_greedy(target_argmax: list[int], draft_tokens: list[int]) -> list[int]:
-    """Greedy verification. target_argmax (gamma + 1,): the target's argmax after each prefix.
-
-    Accept draft tokens while they equal the target's argmax; then emit the
-    target's own argmax (a correction, or the bonus token when all matched).
-    Returns the emitted tokens: the n accepted draft tokens + 1.
-    """
+    """Greedy verification -> the n accepted draft tokens + the target's own argmax after them (a
+    correction, or the bonus token). target_argmax (gamma + 1,): the target's argmax after each prefix."""
     n = 0
     while n < len(draft_tokens) and draft_tokens[n] == target_argmax[n]:
         n += 1
@@ -77,13 +61,11 @@ def verify_greedy(target_argmax: list[int], draft_tokens: list[int]) -> list[int
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: list[int],
                    generator: torch.Generator | None) -> list[int]:
-    """Speculative sampling verification of one step.
+    """Speculative sampling verification of one step -> the accepted prefix of draft_tokens, then one token
+    from the residual at the first rejection or, if all were accepted, from p[gamma].
 
-    p (gamma + 1, V): target distributions, row i for the token after draft_tokens[:i].
-    q (gamma, V) or None: the draft distributions each draft token was drawn from;
-      None = a deterministic proposal (q is the one-hot of the proposed token).
-    Returns the emitted tokens: the accepted prefix of draft_tokens, then one token
-    sampled from the residual at the first rejection or, if all were accepted, from p[gamma].
+    p (gamma + 1, V): target distributions, row i for the token after draft_tokens[:i]; q (gamma, V): the
+    draft distributions the tokens were drawn from, or None for a deterministic proposal (one-hot q).
     """
     gamma = len(draft_tokens)
     if p.shape[0] != gamma + 1 or (q is not None and q.shape[0] != gamma):
@@ -94,11 +76,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: list[i
     for i, x in enumerate(draft_tokens):
         qi = torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]).float() if q is None else q[i].float().cpu()
         accept, residual = accept_reject(p[i], qi, x)
-        u = float(torch.rand((), generator=generator))                   # u ~ U[0, 1)
-        if u < accept:
-            out.append(int(x))
-            continue
-        out.append(sample_from(residual, generator))                      # first rejection: correct and stop
-        return out
-    out.append(sample_from(p[gamma], generator))                          # all accepted: the bonus token
-    return out
+        if float(torch.rand((), generator=generator)) >= accept:         # u ~ U[0, 1): rejected
+            return out + [sample_from(residual, generator)]               # correct, and stop
+        out.append(int(x))
+    return out + [sample_from(p[gamma], generator)]                       # all accepted: the bonus token

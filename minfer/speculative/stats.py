@@ -1,8 +1,5 @@
-"""Acceptance statistics of one speculative request, and the theory to hold them against.
-
-Leviathan et al. 2023 (Eq. 1): E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a); the
-definitions: docs/speculative.md. vLLM: ``draft_acceptance_rate``.
-"""
+"""Acceptance statistics of one speculative request, and the theory (Leviathan et al. 2023, Eq. 1):
+E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a). vLLM: ``draft_acceptance_rate``."""
 from __future__ import annotations
 
 from collections import Counter
@@ -59,8 +56,7 @@ class SpecStats:
         return dict(sorted(Counter(self.accepted).items()))
 
     def expected_mean_length(self, a: float | None = None) -> float | None:
-        """Theory for ``mean_accepted_length``: mean over steps of (1 - a^(k+1)) / (1 - a),
-        with a = the measured per-token acceptance unless given."""
+        """Theory for ``mean_accepted_length``: mean of (1 - a^(k+1)) / (1 - a); a measured unless given."""
         a = self.per_token_acceptance if a is None else a
         if a is None or not self.num_steps:
             return None
