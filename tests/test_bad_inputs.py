@@ -233,7 +233,7 @@ CASES = {
     "router-port-99999": Case("cli", lambda w, m: ["router", "--replica", "http://127.0.0.1:9", "--port", "99999"],
                               2, ("argument --port", "1..65535")),
     "serve-threads-negative": Case("cli", lambda w, m: ["serve", str(m), "--threads", "-1"], 2,
-                                   ("--threads must be >= 1",),
+                                   ("argument --threads: must be an integer >= 1",),
                                    patch={"minfer.serving.async_engine.build_engine": "FAIL"}),
     "serve-host-256": Case("cli", lambda w, m: ["serve", str(m), "--host", "256.1.1.1"], 2,
                            ("--host '256.1.1.1'", "cannot listen"),
