@@ -208,7 +208,7 @@ CASES = {
         ("KV blocks", "KV cache pool"), setup=lambda w, m: write_model(w / "model", ctx=2**32)),
     # 7. silent coercion
     "eval-stride-0": Case("7", lambda w, m: ["eval", "perplexity", "--model", "no/such", "--stride", "0"], 2,
-                          ("--stride must be an integer >= 1",)),
+                          ("argument --stride", "must be an integer >= 1")),
     "temperature-inf": Case("7", lambda w, m: ["generate", "hi", "--model", str(m), "--temperature", "inf"], 2,
                             ("--temperature must be a finite number",)),
     "config-eos-token-id-string": Case(
