@@ -1,15 +1,8 @@
-"""A Llama decoder layer in two C++ calls for the int8-activation formats (``cpu_fused_layer.cpp``).
-
-At batch 1 on a CPU the a8 linears are fast enough that the small torch ops around them (norms,
-RoPE, splits, silu, residual adds: ~60 per layer) cost as much as the linears. ``attn_in`` and
-``attn_out_mlp`` do that work in C++ around the same linears; the KV write and the attention stay
-the cache's, so the contiguous cache, the paged engine and any number of rows work unchanged.
-
-``prepare_fused_layers(model)`` (called by ``quantize_model`` / ``load_quantized`` for ``*-a8``
-formats) gives each eligible ``DecoderLayer`` a ``fused`` attribute, which its ``forward`` takes;
-``prepare_fused_layers(model, enabled=False)`` switches it off. Where it cannot run, ``why_not``
-says why and the plain path runs: same numbers up to float summation order
-(``tests/test_fused_layer.py``). docs/kernels.md has the figures.
+"""A Llama decoder layer in two C++ calls for the int8-activation formats (``cpu_fused_layer.cpp``):
+the norms, RoPE, SwiGLU and residuals around the a8 linears, with no per-op dispatch between them.
+The KV write and attention stay the cache's. ``prepare_fused_layers`` (run by ``quantize_model`` /
+``load_quantized`` for ``-a8``) sets ``DecoderLayer.fused``; ``why_not`` says why a layer keeps the
+plain path. Tested equal to it: tests/test_fused_layer.py; figures: docs/kernels.md.
 """
 from __future__ import annotations
 
