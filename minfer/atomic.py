@@ -25,33 +25,9 @@ def _default_mode(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on a clean exit rename it over ``path``.
-
-    ``mode`` is ``"w"`` (text) or ``"wb"`` (bytes). On any exception the
-    temporary file is removed and ``path`` is left as it was.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file name beside ``path`` for writers that want a name, not a handle
-    (e.g. ``safetensors.torch.save_file``); renamed over ``path`` on a clean exit."""
+    (e.g. ``safetensors.torch.save_file``); renamed over ``path`` on a clean exit, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -63,6 +39,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``atomic_path`` with the file open in ``mode`` (``"w"`` text, ``"wb"``), fsynced before the rename."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -79,13 +66,9 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name, then move it to ``target``.
-
-    An existing ``target`` is set aside (renamed) until the new folder is in
-    place, and put back if anything fails; it is deleted only after the new one
-    has taken its name. The caller decides beforehand whether ``target`` may be
-    replaced at all: this helper only makes the swap atomic.
-    """
+    """Build a folder under a temporary sibling name, then move it to ``target``. An existing
+    ``target`` is set aside until the new folder has its name (put back if anything fails), then
+    deleted. Whether ``target`` may be replaced at all is the caller's decision."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))

@@ -1,16 +1,4 @@
-"""The `minfer` command line. Each subcommand is a thin wrapper over the library.
-
-    minfer generate "PROMPT" [--chat] [--model M] [--max-tokens N] ...   stream a completion
-    minfer chat [--model M]                                              interactive chat
-    minfer weights list | fetch NAME                                     the model registry
-    minfer bench decode [--model M] [--json]                             naive vs cached vs transformers
-    minfer bench report [DIR] [--out docs/benchmarks.md]                 the benchmarks page from their JSON
-    minfer serve [MODEL] [--port 8000] [--replicas N]                    OpenAI-compatible server
-    minfer router --replica URL ... --policy prefix_aware                route over replicas
-    minfer lessons start DIR                                             your copy, exercises as stubs
-    minfer lessons student-edition OUT_DIR [--nbgrader]                  notebooks without solutions
-    minfer lessons grade SUB.ipynb ... [--csv F | --json F]              grade submissions: a score table
-    minfer lessons execute --all                                         run the lessons, store outputs
+"""The `minfer` command line: each subcommand is a thin wrapper over the library (``minfer CMD --help``).
 
 Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
 1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
@@ -19,6 +7,7 @@ Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -85,10 +74,9 @@ def _llm(args, **engine_args):
         engine_args.update(compile=args.compile, enforce_eager=True if args.enforce_eager else None)
     return LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention, **engine_args,
                kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-               speculative=getattr(args, "speculative", None),
-               tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-               pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
-               prepack=getattr(args, "prepack", None), decode_kernel=getattr(args, "decode_kernel", "auto"))
+               speculative=getattr(args, "speculative", None), tensor_parallel_size=args.tensor_parallel_size,
+               pipeline_parallel_size=args.pipeline_parallel_size, prepack=args.prepack,
+               decode_kernel=args.decode_kernel)
 
 
 def _print_timing(out) -> None:
@@ -107,23 +95,23 @@ def cmd_generate(args) -> int:
               f"(not in TTFT/TPOT below)", file=sys.stderr)
     if llm.capture_seconds:
         print(f"[cuda graphs] captured in {llm.capture_seconds:.1f} s at start-up", file=sys.stderr)
-
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     if args.use_solutions:                        # the learner's functions at the engine's swap points
         from minfer.lessons.commands import with_solutions
         with with_solutions(llm, args.use_solutions) as llm:
-            return _stream(args, llm, params, show)
-    return _stream(args, llm, params, show)
+            return _stream(args, llm, params)
+    return _stream(args, llm, params)
 
 
-def _stream(args, llm, params, show) -> int:
+def _show(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _stream(args, llm, params) -> int:
     if args.chat:
-        out = llm.stream_chat([{"role": "user", "content": args.prompt}], params, on_text=show)
+        out = llm.stream_chat([{"role": "user", "content": args.prompt}], params, on_text=_show)
     else:
-        out = llm.stream(args.prompt, params, on_text=show)
+        out = llm.stream(args.prompt, params, on_text=_show)
     sys.stdout.write("\n")
     _print_timing(out)
     if out.spec_stats is not None:                # --speculative: how much the verifier accepted
@@ -154,9 +142,7 @@ def trim_history(messages: list[dict], count_tokens, budget: int) -> tuple[list[
 def cmd_chat(args) -> int:
     params = _sampling(args)
     llm = _llm(args)
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    messages = [{"role": "system", "content": args.system}] if args.system else []
     if llm.tokenizer.chat_template is None:
         raise ValueError(f"{args.model}: this model has no chat template; use `minfer generate` instead")
     context = llm.config.max_position_embeddings
@@ -189,7 +175,7 @@ def cmd_chat(args) -> int:
                   f"{dropped} oldest message(s){', kept the system prompt' if args.system else ''}]",
                   file=sys.stderr)
         sys.stdout.write("assistant> ")
-        out = llm.stream_chat(messages, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        out = llm.stream_chat(messages, params, on_text=_show)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": out.text})
         _print_timing(out)
@@ -198,8 +184,7 @@ def cmd_chat(args) -> int:
 def cmd_weights(args) -> int:
     from minfer.checkpoints import fetch, list_models
     if args.weights_cmd == "fetch":
-        path = fetch(args.name, force=args.force)
-        print(path)
+        print(fetch(args.name, force=args.force))
         return 0
     rows = list_models()
     print(f"{'name':28} {'fetched':8} description")
@@ -241,12 +226,10 @@ COMMANDS = {
 
 
 def _run_module(args) -> int:
-    import importlib
     return importlib.import_module(args.module).main(args) or 0
 
 
 def _add_module_commands(sub, table: dict) -> None:
-    import importlib
     for name, (module, help_text) in table.items():
         p = sub.add_parser(name, help=help_text)
         importlib.import_module(module).add_arguments(p)
@@ -331,14 +314,12 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("minfer: interrupted", file=sys.stderr)
         return 130
-    except _expected_errors() as e:
-        if debug:
-            traceback.print_exc()
-        print(f"minfer: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except Exception as e:                        # noqa: BLE001 - the boundary of the program
         if debug:
             traceback.print_exc()
+        if isinstance(e, _expected_errors()):
+            print(f"minfer: error: {_one_line(e)}", file=sys.stderr)
+            return 2
         print(f"minfer: internal error, please report it with the command you ran: "
               f"{type(e).__name__}: {_one_line(e)}"
               f"{'' if debug else '; rerun with --debug for the traceback'}", file=sys.stderr)

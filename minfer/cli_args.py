@@ -34,15 +34,22 @@ def set_threads(n: int | None) -> None:
 
 # argparse types: a bad value is refused at the parser, naming the flag (exit 2, one line).
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text[:40]!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def int_in(lo: int, hi: int | None = None):
+    """The type of an integer >= ``lo`` (and <= ``hi``)."""
+    rule = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {rule}, got {text[:40]!r}")
+        return value
+    return parse
+
+
+positive_int = int_in(1)
 
 
 def seconds(text: str) -> float:

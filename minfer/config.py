@@ -1,9 +1,7 @@
 """ModelConfig: one dataclass for the Llama family and Gemma 3, with HF ``LlamaConfig``'s names.
 
-MHA, GQA and MQA follow from ``num_key_value_heads``. Gemma 3's switches (``layer_types``,
-``rope_local_base_freq``, ``query_pre_attn_scalar``, ``qk_norm``, ``sandwich_norm``,
-``norm_offset``, ``hidden_act``, ``embed_scale``) default to the Llama behaviour (HF
-``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
+Gemma 3's switches (``layer_types``, ``qk_norm``, ``sandwich_norm``, ...) default to Llama's
+behaviour (HF ``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -52,9 +50,7 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
-    # ------------------------------------------------------------------ checks
-    # Upper bounds far above any real model, low enough that nothing is allocated or looped over
-    # before a hostile config is refused (a checkpoint's tensors are checked against them later).
+    # Far above any real model, low enough that a hostile config is refused before any allocation.
     LIMITS = {"vocab_size": 2**24, "hidden_size": 2**17, "num_hidden_layers": 1024, "num_attention_heads": 1024,
               "num_key_value_heads": 1024, "head_dim": 2**12, "intermediate_size": 2**19,
               "max_position_embeddings": 2**32, "kv_share_group": 1024}
@@ -80,8 +76,8 @@ class ModelConfig:
             check_int(self.sliding_window, "ModelConfig.sliding_window (or None)", lo=1)
         check_real(self.rope_theta, "ModelConfig.rope_theta", "a finite number > 1", lambda x: x > 1)
         check_real(self.rms_norm_eps, "ModelConfig.rms_norm_eps", "a finite number in (0, 1)", lambda x: 0 < x < 1)
-        check_bool(self.tie_word_embeddings, "ModelConfig.tie_word_embeddings")
-        check_bool(self.attention_bias, "ModelConfig.attention_bias")
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "sandwich_norm"):
+            check_bool(getattr(self, name), f"ModelConfig.{name}")
         for name in ("bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             ids = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
@@ -97,7 +93,7 @@ class ModelConfig:
     ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
     def _check_gemma_fields(self) -> None:
-        from minfer.validation import check_bool, check_int, check_real
+        from minfer.validation import check_int, check_real
         lt = self.layer_types
         if lt is not None:
             if not isinstance(lt, (list, tuple)) or len(lt) != self.num_hidden_layers or \
@@ -111,8 +107,6 @@ class ModelConfig:
                        "(or None)", lambda x: x > 1)
         if self.query_pre_attn_scalar is not None:
             check_int(self.query_pre_attn_scalar, "ModelConfig.query_pre_attn_scalar (or None)", lo=1)
-        check_bool(self.qk_norm, "ModelConfig.qk_norm")
-        check_bool(self.sandwich_norm, "ModelConfig.sandwich_norm")
         check_real(self.norm_offset, "ModelConfig.norm_offset", "0 or 1", lambda x: x in (0, 1))
         check_real(self.embed_scale, "ModelConfig.embed_scale", "a finite number > 0", lambda x: x > 0)
         if self.hidden_act not in self.ACTIVATIONS:
@@ -137,7 +131,7 @@ class ModelConfig:
         if kind == "llama3" and s["high_freq_factor"] == s["low_freq_factor"]:
             raise ValueError("ModelConfig.rope_scaling: high_freq_factor must differ from low_freq_factor")
 
-    # ------------------------------------------------------- derived numbers
+    # --- derived numbers ---
     @property
     def num_kv_layers(self) -> int:
         """Layers that own a K/V cache (fewer than num_hidden_layers with cross-layer sharing)."""
@@ -165,8 +159,7 @@ class ModelConfig:
 
     @property
     def is_hybrid(self) -> bool:
-        """True when some layers are local (windowed) and others global: a KV cache cannot then
-        treat every layer alike (Gemma 3, 5 local : 1 global)."""
+        """Some layers local (windowed), others global (Gemma 3: 5 local : 1 global)."""
         return len({self.window_of(i) for i in range(self.num_hidden_layers)}) > 1
 
     @property
@@ -183,10 +176,9 @@ class ModelConfig:
         o = self.num_attention_heads * hd * h
         mlp = 3 * h * self.intermediate_size
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
-        n_owners = self.num_kv_layers
         norms = (4 if self.sandwich_norm else 2) * h + (2 * hd if self.qk_norm else 0)
         per_layer = q + o + mlp + norms + bias
-        total = self.num_hidden_layers * per_layer + n_owners * kv + h + self.vocab_size * h
+        total = self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + self.vocab_size * h
         if not self.tie_word_embeddings:
             total += self.vocab_size * h
         return total
@@ -196,14 +188,11 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
-    # ------------------------------------------------------ HF config.json
+    # --- HF config.json ---
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from an HF ``config.json`` dict (Llama, Mistral, Qwen2 families).
-
-        Accepts both the older ``rope_theta`` / ``rope_scaling`` keys and the
-        newer ``rope_parameters`` dict of transformers >= 5.
-        """
+        """Build from an HF ``config.json`` dict (Llama, Mistral, Qwen2, Gemma 3), with the older
+        ``rope_theta`` / ``rope_scaling`` keys or transformers 5's ``rope_parameters``."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
         rope = d.get("rope_parameters") or {}
@@ -254,8 +243,7 @@ class ModelConfig:
         return d
 
 
-# ------------------------------------------------------------ Gemma 3 <-> HF Gemma3TextConfig
-
+# --- Gemma 3 <-> HF Gemma3TextConfig ---
 GEMMA_FIELDS = ("layer_types", "rope_local_base_freq", "query_pre_attn_scalar", "qk_norm", "sandwich_norm",
                 "norm_offset", "hidden_act", "embed_scale")
 

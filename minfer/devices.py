@@ -1,8 +1,4 @@
-"""Device and dtype names as users type them (``--device cuda``, ``--dtype bf16``) -> torch objects.
-
-One place for both, so ``LLM``, the batch job and every rank of a distributed
-group read the same names the same way.
-"""
+"""Device and dtype names as users type them (``--device cuda``, ``--dtype bf16``) -> torch objects."""
 from __future__ import annotations
 
 import warnings
@@ -48,11 +44,8 @@ def warn_if_no_bf16_units(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def to_device(x, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host tensor (or a list, made a tensor of ``dtype``) -> ``device``, without the host waiting for it.
-
-    On a GPU: pinned memory and ``non_blocking=True``, as vLLM stages its step inputs; on a CPU the
-    tensor itself (docs/architecture.md).
-    """
+    """A host tensor (or a list, made a tensor of ``dtype``) -> ``device`` without the host waiting: on a
+    GPU by pinned memory and ``non_blocking=True``, as vLLM stages its step inputs (docs/architecture.md)."""
     if not isinstance(x, torch.Tensor):
         x = torch.tensor(x, dtype=dtype)
     device = torch.device(device)

@@ -18,13 +18,8 @@ from minfer.validation import check_context
 
 
 class StopRule:
-    """When a request ends: a stop token (EOS unless ignored), ``max_tokens``, or the context length.
-
-    ``emit(tok)`` counts one new token (and stamps it in ``metrics``); ``done``
-    turns True on the token that ends the request, ``reason`` says why. The rule is
-    ``sampling.finish_reason``, which the engine applies per request too
-    (``engine/llm_engine.py``), with stop strings on top.
-    """
+    """When a request ends (``sampling.finish_reason``, the engine's rule too): ``emit(tok)`` counts one
+    new token (stamped in ``metrics``); ``done`` turns True on the token that ends it, ``reason`` says why."""
 
     def __init__(self, model, prompt_ids, params: SamplingParams, eos_token_ids=(),
                  metrics: RequestStats | None = None, clock: Callable[[], float] = time.perf_counter):

@@ -1,24 +1,13 @@
 """Structured output (guided decoding): a grammar's token mask, applied per request in the batched sampler.
 
     SamplingParams(guided_json=schema | guided_regex="..." | guided_choice=[...])
-      └─> a grammar ──> one matcher per request (its state: how much of the grammar the output has matched)
-    every step, for the guided rows only:
-      matcher ──fill──> bitmask (G, ceil(V/32)) int32 ──unpack──> forbidden logits = -inf ──> sample_rows
-      sampled token ──> matcher.consume_token: the state advances with every accepted token
-      matcher stopped (the grammar cannot go on) ──> the request finishes with "stop"
+      └─> a grammar ──> one matcher per request (how much of the grammar the output has matched)
+    every step, guided rows only: matcher ──fill──> bitmask (G, ceil(V/32)) int32 ──> forbidden = -inf
+      sampled token ──> matcher.consume_token; matcher stopped ──> the request finishes with "stop"
 
-Unguided rows are untouched, and a step without guided rows does no work here. JSON follows the
-schema in ``json.dumps``'s layout (``", "`` and ``": "``, no other whitespace), so an output always
-ends where the grammar does. vLLM: ``vllm/v1/structured_output/`` (a bitmask per step, applied to
-the logits before sampling, backends xgrammar, llguidance and outlines-core).
-
-The grammar engine is llguidance (``pip install minfer[guided]``), chosen by measurement on a
-2-core CPU with SmolLM2's 49,152-token vocabulary (docs/guided.md): its mask costs ~0.1 ms a token
-(xgrammar ~0.01 ms, outlines-core ~0.03 ms, each far below a decode step of tens of ms), it compiles a
-schema in ~2 ms (xgrammar ~8 ms, outlines-core 50-300 ms: per request, in the server's hot path),
-it has no dependencies (7.6 MB; xgrammar pulls in transformers, triton and tvm-ffi) and reads the
-``tokenizer.json`` minfer already loads. Speculative decoding is refused with a guided request: its
-rejected tokens would have to be rolled back out of the matcher.
+JSON follows ``json.dumps``'s layout, so an output ends where the grammar does. The engine is
+llguidance (``pip install minfer[guided]``); why, measured against xgrammar and outlines-core:
+docs/guided.md. vLLM: ``vllm/v1/structured_output/``. Speculative decoding is refused with it.
 """
 from __future__ import annotations
 

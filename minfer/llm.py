@@ -5,21 +5,9 @@
     out.text, out.token_ids, out.finish_reason, out.metrics.ttft     # the first sample
     out.outputs[i].text                                              # sample i of n (vLLM's shape)
 
-``LLM`` is the engine's front door, as in vLLM (``vllm/entrypoints/llm.py``)
-and nano-vllm: ``generate``, ``chat`` and ``stream`` submit requests to one
-``LLMEngine`` (``minfer/engine``) and step it until they finish, so a list of
-prompts is served by continuous batching with chunked prefill and preemption.
-The engine, its KV block pool and its prefix cache live as long as the ``LLM``:
-a later call that shares a prefix with an earlier one reuses its blocks.
-
-``speculative=...`` runs in the engine too: ``SpecDecodeEngine``
-(``minfer/speculative/engine.py``) verifies every running request's proposal
-in one batched forward per step. Under ``tensor_parallel_size`` /
-``pipeline_parallel_size`` > 1 this process is rank 0 of the group and the engine is
-the same, its runner wrapped to broadcast every step to the other ranks
-(``minfer/distributed/engine.py``), so a list of prompts is batched there too.
-``speculative="lookahead"`` (``minfer/speculative/lookahead.py``) takes another road,
-one prompt at a time through its single-request loop with the same output processor.
+``generate``, ``chat`` and ``stream`` submit requests to one ``LLMEngine`` that lives as long as
+the ``LLM`` (its prefix cache too) and step it until they finish (vLLM: ``vllm/entrypoints/llm.py``).
+Speculative decoding, tensor/pipeline parallelism and lookahead: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -36,7 +24,8 @@ from minfer.engine.output import TextOutput
 from minfer.loading import load_model
 from minfer.metrics import RequestStats
 from minfer.sampling import SamplingParams, finish_reason, pair_prompts, stop_token_ids
-from minfer.validation import check_engine_args, check_messages, check_prompt, check_prompts
+from minfer.validation import check_engine_args, check_int, check_messages, check_prompt, check_prompts
+
 
 @dataclass
 class CompletionOutput:
@@ -104,45 +93,14 @@ def _check_names(attention: str, decode_kernel: str, speculative):
 
 class LLM:
     """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``):
+    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``,
+    ``kv_cache_memory_bytes``, ``kv_cache_dtype`` ("auto", "int8", "fp8"), ``enforce_eager``, ``compile``,
+    ``max_seq_len_to_capture``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``logprobs_mode``;
+    minfer adds ``prepack`` (oneDNN fp32 CPU linears) and ``decode_kernel`` ("auto", "torch", "cpu",
+    "triton"). Each one, its default and what it measured: docs/architecture.md.
 
-    enable_prefix_caching   reuse the KV blocks of earlier prompts' prefixes (on, as in vLLM V1)
-    max_num_seqs            requests running at once, at most
-    max_num_batched_tokens  tokens per engine step (prefill chunks + decodes)
-    block_size              tokens per KV block
-    kv_cache_memory_bytes   the KV pool's budget in bytes (vLLM's ``kv_cache_memory_bytes``)
-    kv_cache_dtype          "auto" (the model's dtype), "int8" or "fp8": quantized KV pages
-    enforce_eager           False: decode-only steps run on the static decode path, one bucket per batch
-                            size (``minfer/engine/cuda_graph.py``), replayed as CUDA graphs on a GPU;
-                            True: every step eager. Default (None): False on CUDA (vLLM's default) or
-                            with ``compile=True``, True on a CPU otherwise: on a CPU there is nothing
-                            to capture (a graph saves GPU kernel launches), and the static shapes pad
-                            every decode to the block table's full width (``max_seq_len_to_capture``
-                            keys), which costs more than it saves there (SmolLM2: 0.44x eager at
-                            8192 keys, 0.95x at 512). ``LLM(enforce_eager=False)`` on a CPU runs the
-                            same static buffers with "replay" = calling the step: testable anywhere.
-    compile                 torch.compile the static decode step (needs enforce_eager False or None).
-                            The compile runs once, at start-up, and ``llm.compile_seconds`` is its time,
-                            apart from every step's. On a 2-core CPU it barely pays: SmolLM2 decoded
-                            1.1x eager after 154 s of compile, with max_seq_len_to_capture=512.
-    max_seq_len_to_capture  the static path's width in keys (vLLM's name): default min(model context, 8192);
-                            a decode step whose longest context is longer runs eager
-    seed                    requests without their own seed draw one from this seeded sequence
-    tensor_parallel_size    shard the model over N processes (Megatron TP, ``minfer/distributed``)
-    pipeline_parallel_size  split the layers into N stages, one per process
-    prepack                 CPU, fp32: run the linears through oneDNN on weights reordered once at
-                            load (``minfer/kernels/onednn_linear.py``), at the cost of a second copy of
-                            the weights. None (default): on for a CPU in fp32, one process, no compile,
-                            no speculative decoding,
-                            for 4-128 rows only (the engine's batched decode steps, where MKL is slow);
-                            batch-1 decode and long prefill chunks keep F.linear. True: every row
-                            count; False: off
-    decode_kernel           how eager decode steps read the paged KV pool (``minfer.attention.paged``): "auto"
-                            (default) = the C++ kernel of ``minfer/kernels/cpu_paged_decode.py`` on a CPU
-                            in float32 or bfloat16, when it builds (g++ and ninja; compiled once per machine), the
-                            plain gather + SDPA otherwise; "torch", "cpu" or "triton" to choose
-    logprobs_mode           what SamplingParams.logprobs report (vLLM's): "raw_logprobs" (default, the model's
-                            distribution) or "processed_logprobs" (after temperature/top-k/top-p; minfer/logprobs.py)
-    """
+    ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or with ``compile=True``, eager
+    on a CPU otherwise. ``seed``: requests without their own seed draw one from this seeded sequence."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,
@@ -171,11 +129,7 @@ class LLM:
                 prepack = False                                   # the default packs for the engine's steps only
             cfg, self.model, tokenizer = load_model(model, device=self.device, dtype=self.dtype,
                                                     quantization=quantization, prepack=prepack)
-        # speculative decoding (minfer/speculative): "prompt_lookup", "draft:<model>", "lookahead", ...
-        self.speculative, self.draft = spec_config, None
-        if spec_config is not None and spec_config.method == "draft":
-            from minfer.speculative import load_draft
-            self.draft = load_draft(self.model, spec_config.draft_model)
+        self._set_speculative(spec_config)
         self._start(cfg, tokenizer, attention, seed, enable_prefix_caching=enable_prefix_caching,
                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -206,34 +160,32 @@ class LLM:
         w = model.model.embed_tokens.weight
         self.model, self.device, self.dtype, self.model_name = model, w.device, w.dtype, "in-memory"
         self.driver = None
-        if speculative is not None:
-            from minfer.speculative import SpeculativeConfig, load_draft
-            speculative = SpeculativeConfig.parse(speculative)
-            if speculative.method == "draft" and draft is None:
-                draft = load_draft(model, speculative.draft_model)
-        self.speculative, self.draft = speculative, draft
+        self._set_speculative(speculative, draft)
         self._start(model.cfg, tokenizer, attention, seed, **engine_args)
         return self
 
-    def _start(self, cfg, tokenizer, attention: str, seed: int, *, enable_prefix_caching: bool = True,
-               max_num_seqs: int = 32, max_num_batched_tokens: int = 512, block_size: int = 16,
-               kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
-               compile: bool = False, max_seq_len_to_capture: int | None = None,
-               num_blocks: int | None = None, max_prefill_chunk: int | None = None,
-               attention_mode: str = "split", decode_kernel: str = "auto", **plug_ins) -> None:
-        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long.
-        ``plug_ins``: ``scheduler_cls``, ``kv_manager_cls``, ``logprobs_mode`` of ``LLMEngine.from_model``."""
+    def _set_speculative(self, spec_config, draft=None) -> None:
+        """Speculative decoding (``minfer/speculative``): "prompt_lookup", "draft:<model>", "lookahead"..."""
+        if spec_config is not None:
+            from minfer.speculative import SpeculativeConfig
+            spec_config = SpeculativeConfig.parse(spec_config)
+        self.speculative, self.draft = spec_config, draft
+        if spec_config is not None and spec_config.method == "draft" and draft is None:
+            from minfer.speculative import load_draft
+            self.draft = load_draft(self.model, spec_config.draft_model)
+
+    def _start(self, cfg, tokenizer, attention: str, seed: int, *, kv_cache_memory_bytes: int = 2**30,
+               kv_cache_dtype: str = "auto", enforce_eager: bool | None = None, compile: bool = False,
+               max_seq_len_to_capture: int | None = None, **engine_args) -> None:
+        """Build the engine: one for the LLM's lifetime, so its prefix cache lives as long. ``engine_args``:
+        the rest of ``LLMEngine.from_model``'s (``num_blocks``, ``scheduler_cls``, ``logprobs_mode``, ...)."""
         if enforce_eager is None:                                 # vLLM's default on CUDA; see the docstring
             enforce_eager = not (self.device.type == "cuda" or compile) or (cfg.is_hybrid and not compile)
         if not enforce_eager and cfg.is_hybrid:     # its fixed-shape step masks every layer with one window
             raise ValueError("the static decode step (enforce_eager=False, compile=True) takes one window for "
                              "every layer; this model mixes local and global layers: use enforce_eager=True")
-        if compile and enforce_eager:
-            raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
-                             "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
-        if max_seq_len_to_capture is not None and (isinstance(max_seq_len_to_capture, bool) or not
-                                                   isinstance(max_seq_len_to_capture, int) or max_seq_len_to_capture < 1):
-            raise ValueError(f"max_seq_len_to_capture must be an integer >= 1, got {max_seq_len_to_capture!r}")
+        if max_seq_len_to_capture is not None:
+            check_int(max_seq_len_to_capture, "max_seq_len_to_capture", lo=1)
         self.config, self.tokenizer, self.attention = cfg, tokenizer, attention
         self.kv_cache_dtype, self.enforce_eager, self.compile = kv_cache_dtype, enforce_eager, compile
         self._seeds = torch.Generator().manual_seed(seed)
@@ -245,14 +197,10 @@ class LLM:
         if self.driver is not None:                  # rank 0 of a group: every step is broadcast to the others
             from minfer.distributed.engine import parallel_engine
             build = parallel_engine
-        self.engine = build(
-            self.model, tokenizer, **spec, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, num_blocks=num_blocks, max_prefill_chunk=max_prefill_chunk,
-            kv_cache_memory=kv_cache_memory_bytes,
-            kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, attention=attention,
-            attention_mode=attention_mode, eos_token_ids=() if tokenizer is None else None,
-            enforce_eager=enforce_eager, compile=compile, max_seq_len_to_capture=max_seq_len_to_capture,
-            decode_kernel=decode_kernel, **plug_ins)
+        self.engine = build(self.model, tokenizer, **spec, kv_cache_memory=kv_cache_memory_bytes,
+                            kv_cache_dtype=kv_cache_dtype, attention=attention,
+                            eos_token_ids=() if tokenizer is None else None, enforce_eager=enforce_eager,
+                            compile=compile, max_seq_len_to_capture=max_seq_len_to_capture, **engine_args)
         static = getattr(self.engine.runner, "static", None)
         self.compile_seconds = static.compile_seconds if static is not None else 0.0   # start-up, not steps
         self.capture_seconds = static.capture_seconds if static is not None else 0.0   # CUDA graphs
@@ -318,22 +266,21 @@ class LLM:
         tokens = generate_speculative(self.model, prompt_ids, params, self.speculative, draft=self.draft,
                                       eos_token_ids=eos, kv_cache=kv, attention=self.attention,
                                       stats=stats, metrics=metrics)
-        token_ids, finish = [], "length"
+        token_ids, finish = [], None
         for tok in tokens:
             token_ids.append(tok)
-            reason = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
+            finish = finish_reason(tok, stops, len(token_ids), len(prompt_ids) + len(token_ids),
                                    params.max_tokens, self.config.max_position_embeddings)
-            new, hit = out.add(tok, reason == "stop")
+            new, hit = out.add(tok, finish == "stop")
             if on_text and new:
                 on_text(new)
-            if hit or reason is not None:
-                finish = "stop" if hit else reason
+            if hit or finish is not None:
                 break
         tokens.close()
         new = out.finish()
-        finish = "stop" if out.cut else finish
         if on_text and new:
             on_text(new)
+        finish = "stop" if out.cut else finish or "length"             # out.cut: a stop string
         metrics.finish_time = time.perf_counter()
         return RequestOutput(text_prompt, prompt_ids, [CompletionOutput(0, out.text, token_ids, finish, metrics)],
                              stats)
@@ -370,11 +317,8 @@ class LLM:
         return self._run([prompt], [params], on_text)[0]
 
     def chat(self, messages, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Apply the chat template to one conversation (list of {"role", "content"}) or a list of them.
-
-        The messages' text is encoded apart from the template's special tokens
-        (``Tokenizer.encode_chat``), so a message cannot forge a turn of another role.
-        """
+        """Generate for one conversation ([{"role", "content"}, ...]) or a list of them, each encoded by
+        ``Tokenizer.encode_chat`` (a message cannot forge a turn of another role)."""
         conversations = check_messages(messages)
         prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)

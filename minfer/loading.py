@@ -25,13 +25,9 @@ def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: 
                quantization: str | None = None, prepack: bool | None = False) -> LoadedModel:
     """Load ``model`` (registry name, HF folder, GGUF file, or a folder written by ``minfer quantize``).
 
-    quantization  weight-only format for the linears ("int8", "int4", ...: ``minfer.quant``);
-                  refused for a folder that is already quantized
-    prepack       True: every fp32 CPU linear runs through oneDNN on weights reordered once here
-                  (``minfer/kernels/onednn_linear.py``); None: only for the batched row counts
-                  (``BATCHED_ROWS``) and only where it applies (CPU, float32, oneDNN present);
-                  False (default): plain ``nn.Linear``, the form to train or quantize
-    """
+    quantization  weight-only format for the linears (``minfer.quant``); refused for a quantized folder
+    prepack       True: every fp32 CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None:
+                  the batched row counts only, where it applies (CPU, float32); False: plain ``nn.Linear``"""
     from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
     device, dtype = resolve_device(None if device is None else str(device)), resolve_dtype(dtype)
     warn_if_no_bf16_units(device, dtype)

@@ -4,16 +4,10 @@
                                                                  \\--topk(k)--------> the k most likely
     -> one dict per row, vLLM's shape: {token_id: Logprob(logprob, rank, decoded_token)}, the token first
 
-* ``SamplingParams(logprobs=k)``: every sampled token's logprob plus the top k (k + 1 entries, or k
-  when the token is among them). ``prompt_logprobs=k``: the same for each prompt token, from the
-  logits of the position before it; the first prompt token has none (``None``).
-* Which distribution: vLLM's ``logprobs_mode`` (``vllm/config/model.py``; ``vllm/v1/sample/sampler.py``).
-  "raw_logprobs" (the default, as vLLM's) is the model's own distribution, before temperature,
-  top-k and top-p: what OpenAI returns and what evaluation harnesses score. "processed_logprobs"
-  is the distribution the token was actually drawn from (greedy rows: the raw one, as vLLM).
-  Prompt logprobs are always raw: no sampling parameter touches the prompt.
-* Rank: 1 + the number of tokens strictly more likely. Only rows that ask pay, and a step where no
-  request asks computes nothing. docs/serving.md shows the OpenAI shapes built from these dicts.
+``logprobs_mode`` (vLLM's, ``vllm/v1/sample/sampler.py``): "raw_logprobs" (default) is the model's own
+distribution; "processed_logprobs" the one the token was drawn from. Prompt logprobs are always raw.
+Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why and the OpenAI shapes:
+docs/serving.md.
 """
 from __future__ import annotations
 
@@ -69,12 +63,9 @@ def record_sampled(logits: torch.Tensor, reqs: list, toks: list[int], mode: str,
 
 
 def prompt_rows(chunks) -> tuple[list[int], list[tuple]]:
-    """Rows of the flattened batch whose logits give prompt logprobs still missing.
-
-    Row at position p predicts prompt token p + 1. ``req.prompt_logprobs`` holds the entries of
-    tokens 0 .. len - 1, so a chunk recomputed after a preemption asks for nothing twice.
-    Returns (flat row indices, [(request, first position, count)]).
-    """
+    """Rows of the flattened batch whose logits give prompt logprobs still missing (row at position p
+    predicts token p + 1; a chunk recomputed after a preemption asks for nothing twice)
+    -> (flat row indices, [(request, first position, count)])."""
     flat, spans, offset = [], [], 0
     for c in chunks:
         req, done = c.request, c.request.prompt_logprobs

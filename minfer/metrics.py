@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestStats:
-    """Timestamps of one request (seconds, one clock) and the numbers derived from them.
-
-    vLLM V1 keeps the same timestamps in ``RequestStateStats``
-    (``vllm/v1/metrics/stats.py``).
-    """
+    """Timestamps of one request (seconds, one clock) and the numbers derived from them."""
 
     arrival_time: float
     num_prompt_tokens: int = 0
@@ -30,10 +26,6 @@ class RequestStats:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_times)
-
-    @property
-    def first_token_time(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
 
     @property
     def queueing_time(self) -> float | None:
@@ -58,8 +50,7 @@ class RequestStats:
     @property
     def decode_tokens_per_s(self) -> float | None:
         """1 / TPOT: the decode speed the request saw."""
-        tpot = self.tpot
-        return None if not tpot else 1.0 / tpot
+        return 1.0 / self.tpot if self.tpot else None
 
     @property
     def itls(self) -> list[float]:
@@ -70,10 +61,7 @@ class RequestStats:
 
 def tpot_from_timestamps(arrival_time: float, token_times: list[float]) -> float | None:
     """Time per output token: (E2E - TTFT) / (n - 1), the request finishing at its last token.
-
-    E2E = token_times[-1] - arrival_time and TTFT = token_times[0] - arrival_time, so the
-    arrival cancels: TPOT is the mean gap between consecutive tokens. None if n < 2.
-    """
+    The arrival cancels: TPOT is the mean gap between consecutive tokens. None if n < 2."""
     n = len(token_times)
     if n < 2:
         return None

@@ -2,18 +2,10 @@
 
     logits --/temperature--> --top-k--> --top-p--> softmax --> draw (seeded)
 
-* temperature 0 means greedy: take the argmax, no randomness at all. So does any temperature
-  below ``GREEDY_BELOW`` (1e-5, as vLLM's ``_SAMPLING_EPS``): dividing logits by 1e-40 would
-  overflow float32 to inf, and inf - inf in the softmax gives NaN.
-* top-k keeps the k largest logits (k = 0: off).
-* top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of most likely
-  tokens whose probability mass reaches p.
-* The draw uses the "exponential race": argmax(p_i / E_i) with E_i ~ Exp(1)
-  is a sample from p. vLLM samples this way too
-  (``vllm/v1/sample/ops/topk_topp_sampler.py``). Each request owns a
-  ``torch.Generator``, so its tokens depend on its seed only, never on what
-  else shares the batch. The noise is drawn on the CPU, so a seed gives the
-  same tokens on CPU and GPU.
+Temperature below ``GREEDY_BELOW`` (vLLM's ``_SAMPLING_EPS``) is greedy; top-p is nucleus sampling
+(Holtzman et al. 2019); the draw is the exponential race argmax(p_i / E_i), E_i ~ Exp(1), as in
+vLLM's ``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator. Why
+each: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -22,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minfer.devices import to_device
+from minfer.guided import check_guided
 from minfer.validation import check_sampling_fields
 
 GREEDY_BELOW = 1e-5                     # a temperature below this is greedy (stored as 0)
@@ -56,10 +49,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.structured_outputs is not None or self.guided_json is not None or self.guided_regex is not None \
-                or self.guided_choice is not None:
-            from minfer.guided import check_guided
-            check_guided(self)
+        check_guided(self)                         # structured_outputs -> guided_*, at most one, it compiles
 
     @property
     def greedy(self) -> bool:
@@ -75,12 +65,8 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens with mass >= top_p; others -> -inf.
-
-    Sort descending; a token is dropped when the mass of the tokens *before* it
-    already reaches top_p. The most likely token is therefore always kept.
-    ``top_p`` is one float, or a (..., 1) tensor with one threshold per row.
-    """
+    """Keep the smallest set of most likely tokens with mass >= top_p (one float, or (..., 1) per row);
+    others -> -inf. A token is dropped when the mass before it reaches top_p: the top token always stays."""
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -139,21 +125,10 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of logits (K, V), row i under params[i] -> token ids (K,) on logits' device.
 
-    The batch's sampler (vLLM's ``Sampler``, ``vllm/v1/sample/sampler.py``): a fixed number of
-    batched ops whatever the mix of greedy and random rows, and no transfer to the host. The
-    caller moves the K token ids to the host once per step (``.tolist()``): on a GPU that is
-    the step's only sync.
-
-    * Greedy rows: one argmax over every row (the first maximum wins ties).
-    * Random rows: temperature, top-k and top-p as per-row tensors, one softmax, one race.
-    * The race's noise E ~ Exp(1) is drawn **on the CPU**, from each request's own CPU
-      generator (``make_generator``), then copied to the device without waiting. Why: a
-      request's tokens then depend on its seed alone, not on the batch it shares (each
-      row has its own generator) nor on the device (CPU and CUDA draw different streams
-      from the same seed; with the CPU's, a seed gives the same tokens on both).
-
-    Each row is computed exactly as it would be alone, so a request samples the same
-    tokens in any batch (tested in tests/test_sampling.py).
+    The batch's sampler (vLLM's ``Sampler``, ``vllm/v1/sample/sampler.py``): one argmax for the greedy
+    rows, per-row temperature/top-k/top-p tensors and one race for the others, no host transfer. The
+    race's noise comes from each request's CPU generator, so a row samples as it would alone, on any
+    device (tested in tests/test_sampling.py; why: docs/architecture.md).
     """
     K, V = logits.shape
     toks = logits.argmax(-1)                                          # (K,) the greedy answer of every row

@@ -33,19 +33,10 @@ def _token_content(value: Any) -> str | None:
 
 
 class Tokenizer:
-    """Encode/decode with a ``tokenizers`` model; render chat templates.
+    """Encode/decode with a ``tokenizers`` model; render chat templates in a bounded sandbox.
 
-    Attributes:
-        vocab_size       ids the tokenizer knows (may be below the model's padded vocab)
-        bos_token_id     int | None
-        eos_token_id     int | None, the tokenizer's own EOS
-        eos_token_ids    list[int]: every id that ends generation (EOS, the model
-                         config's eos ids, and the token the chat template closes
-                         an assistant turn with, e.g. ``<|im_end|>``)
-        chat_template    Jinja source or None (compiled and rendered only when a chat is rendered,
-                         in a bounded sandbox: see ``TemplateLimits``)
-        source           the model file or folder it came from (named in every template error)
-    """
+    ``eos_token_ids``: every id that ends generation (the tokenizer's EOS, the model config's, and the
+    token the chat template ends an assistant turn with). ``source``: named in every template error."""
 
     def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None,
                  extra_eos_token_ids: Iterable[int] = (), source: str = "the model's tokenizer") -> None:
@@ -106,9 +97,8 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Text -> ids. Special-token text such as ``<|im_start|>`` always maps to
-        its one id. With ``add_special_tokens`` a BOS is prepended if the
-        tokenizer config asks for one (``add_bos_token``) and it is not already there."""
+        """Text -> ids; special-token text maps to its one id. ``add_special_tokens``: prepend BOS if the
+        config asks (``add_bos_token``) and it is not there yet."""
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
         try:
@@ -140,13 +130,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
-        """Render a conversation into the prompt text the model was trained on.
-
-        ``messages``: [{"role": "system"|"user"|"assistant", "content": str}, ...].
-        ``add_generation_prompt`` appends the header of an assistant turn
-        (``<|im_start|>assistant\\n``) so the model answers next. Encode the
-        result with ``encode(text)``: the template already holds any BOS text.
-        """
+        """Render ``messages`` ([{"role", "content"}, ...]) into the prompt text the model was trained on;
+        ``add_generation_prompt`` appends an assistant turn's header. The text already holds any BOS."""
         if self.chat_template is None:
             raise ValueError(f"{self.source}: this model has no chat template (tokenizer_config.json has no "
                              "'chat_template'); build the prompt text yourself and use encode()")
@@ -154,18 +139,13 @@ class Tokenizer:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
-        return self._render(dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs),
-                            CHAT_LIMITS)
+        return self._render(messages, add_generation_prompt, CHAT_LIMITS, **kwargs)
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> list[int]:
-        """The chat prompt as ids, with the messages' text kept apart from the template's special tokens.
-
-        A message holding special-token text is rendered again between markers and encoded with special
-        tokens read as plain text, so a user cannot forge a turn; a template that alters the text
-        (``|trim``) refuses such a message. Why: docs/architecture.md.
-        """
+        """The chat prompt as ids, the messages' text kept apart from the template's special tokens: a
+        message holding special-token text is encoded as plain text, so it cannot forge a turn (a template
+        that alters message text refuses it). Why: docs/architecture.md."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         specials = [s for s in self.special_tokens().values() if s]
         contents = [m["content"] for m in messages]
@@ -191,10 +171,11 @@ class Tokenizer:
             self._plain.encode_special_tokens = True
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def _render(self, variables: dict[str, Any], limits: "TemplateLimits") -> str:
-        """Compile (cached) and render the chat template under ``limits``; any failure of the
-        template (syntax, raise_exception, a limit, a Python error inside it) -> ValueError naming
-        the model file: a template is data from the model file, not minfer's code."""
+    def _render(self, messages: list, add_generation_prompt: bool, limits: "TemplateLimits", **kwargs) -> str:
+        """Compile (cached) and render the chat template under ``limits``; any failure of the template
+        (untrusted data from the model file) -> ValueError naming the file."""
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
             if getattr(self, "_compiled", None) is None:
                 self._compiled = _compile(self.chat_template)
@@ -203,20 +184,13 @@ class Tokenizer:
             raise ValueError(f"{self.source}: chat template failed: {type(e).__name__}: {e}"[:2000]) from None
 
     def _turn_end_token_ids(self) -> list[int]:
-        """The special token the template writes right after an assistant's text.
-
-        Render a one-exchange conversation with a marker as the assistant's
-        answer and look at what follows the marker: for SmolLM2 it is
-        ``<|im_end|>``, for Llama 3 ``<|eot_id|>``, for Gemma ``<end_of_turn>``.
-        A model that has been chat-tuned emits that token when it is done.
-        """
+        """The special token the template writes right after an assistant's text (a marker answer is
+        rendered): SmolLM2 ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma ``<end_of_turn>``."""
         if self.chat_template is None:
             return []
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
         try:                                    # a small, short render: the model is still loading
-            text = self._render(dict(messages=messages, add_generation_prompt=False,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or ""),
-                                PROBE_LIMITS)
+            text = self._render(messages, False, PROBE_LIMITS)
         except ValueError:                      # templates may insist on other roles, or hit a limit
             return []
         tail = text.split(_MARKER, 1)[-1].lstrip()
@@ -224,19 +198,13 @@ class Tokenizer:
         return [max(matches)[1]] if matches else []
 
 
-# ------------------------------------------------------------ jinja
-
-
+# --- jinja ---
 @dataclass(frozen=True)
 class TemplateLimits:
-    """Bounds on one render of a chat template (a model file is untrusted input).
-
-    max_range    items one ``range()`` may produce
-    max_size     characters / items a string or list may reach by ``*``, ``+`` or ``%``,
-                 any integer argument to a call or filter (``center(10**9)``), any width in a
-                 format string, and the whole output
-    seconds      wall clock for the render (a timer signal on the main thread; elsewhere,
-                 checked at every range step, call, attribute lookup and output chunk)
+    """Bounds on one render of a chat template (a model file is untrusted input): ``max_range`` items of
+    one ``range()``; ``max_size`` characters/items a string or list may reach (``*``, ``+``, ``%``), any
+    integer argument, any format width, the whole output; ``seconds`` of wall clock (a timer signal on
+    the main thread; elsewhere checked at every range step, call, attribute lookup and output chunk).
     """
 
     max_range: int = 100_000
@@ -503,17 +471,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-# ------------------------------------------------------------ streaming
-
-
+# --- streaming ---
 class IncrementalDetokenizer:
-    """Turn generated ids into text pieces, one ``add(id)`` at a time, never half a UTF-8 character.
-
-    vLLM's prefix-offset technique (``detokenize_incrementally``): decode a small window with
-    context and emit the difference; a trailing U+FFFD waits for the next token; ``flush()`` emits
-    the rest. The pieces concatenate to ``tokenizer.decode(all_ids)``. The diagram:
-    docs/architecture.md.
-    """
+    """Generated ids -> text pieces, one ``add(id)`` at a time, never half a UTF-8 character (vLLM's
+    ``detokenize_incrementally``; the pieces concatenate to ``decode(all_ids)``; docs/architecture.md)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -528,16 +489,16 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one id; return the newly completed text (maybe "")."""
         self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return new_text[len(prefix_text):]
-        return ""
+        return self._emit(final=False)
 
     def flush(self) -> str:
         """Emit what is still held back (an incomplete character shows as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return new_text[len(prefix_text):]
+        if final or (len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd")):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""

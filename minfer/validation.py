@@ -1,16 +1,9 @@
-"""One place that checks what a user hands minfer: request fields, prompts, chat messages, engine arguments.
+"""One place that checks what a user hands minfer through the Python API: sampling fields, prompts,
+chat messages, engine arguments (OpenAI bodies: the pydantic models of ``minfer.serving.openai_api``).
 
-These rules serve the Python API (``SamplingParams``, ``LLM``); OpenAI request bodies
-(the server and the batch job) are checked by the pydantic models of
-``minfer.serving.openai_api``. The rules are as exact as those models:
-
-* ``True`` is not the integer 1 and ``1.9`` is not a token id: a bool is
-  refused where a number is wanted, a float where an integer is wanted;
-* numbers are finite (``inf`` / ``nan`` are refused) and inside their range;
-* every message names the field, e.g. ``SamplingParams.seed must be an integer, got 'x'``.
-
-Errors are ``ValueError`` for a bad value and ``TypeError`` for a value of the
-wrong kind altogether (``chat(dict)``, ``generate(b"..")``).
+As exact as those models: a bool is not a number, a float is not an integer, ``inf``/``nan`` are
+refused, and every message names the field (``SamplingParams.seed must be an integer, got 'x'``).
+ValueError for a bad value, TypeError for a value of the wrong kind altogether (``chat(dict)``).
 """
 from __future__ import annotations
 
@@ -37,8 +30,7 @@ def is_real(x: Any) -> bool:
 
 def check_int(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` must be an int (not a bool) in [lo, hi]; ValueError naming ``name``."""
-    rule = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + \
-        (f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+    rule = "an integer" + ("" if lo is None else f" >= {lo}" if hi is None else f" in [{lo}, {hi}]")
     if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return value
@@ -57,9 +49,7 @@ def check_bool(value: Any, name: str) -> bool:
     return value
 
 
-# ---------------------------------------------------------------- sampling fields
-
-
+# --- sampling fields ---
 def check_sampling_fields(f: dict[str, Any]) -> None:
     """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict."""
     def name(field: str) -> str:
@@ -69,17 +59,12 @@ def check_sampling_fields(f: dict[str, Any]) -> None:
         check_real(f["temperature"], name("temperature"), "a finite number >= 0 (0 = greedy)", lambda x: x >= 0)
     if "top_p" in f:
         check_real(f["top_p"], name("top_p"), "a number in (0, 1]", lambda x: 0 < x <= 1)
-    if "top_k" in f:
-        check_int(f["top_k"], name("top_k"), lo=0)
-    if "max_tokens" in f:
-        check_int(f["max_tokens"], name("max_tokens"), lo=1)
-    if "n" in f:
-        check_int(f["n"], name("n"), lo=1)
-    if f.get("seed") is not None:
-        check_int(f["seed"], name("seed"), lo=0, hi=SEED_MAX)
-    for key in ("logprobs", "prompt_logprobs"):
-        if f.get(key) is not None:
-            check_int(f[key], name(key), lo=0, hi=MAX_LOGPROBS)
+    for key, lo in (("top_k", 0), ("max_tokens", 1), ("n", 1)):
+        if key in f:
+            check_int(f[key], name(key), lo=lo)
+    for key, hi in (("seed", SEED_MAX), ("logprobs", MAX_LOGPROBS), ("prompt_logprobs", MAX_LOGPROBS)):
+        if f.get(key) is not None:                      # None: not asked for
+            check_int(f[key], name(key), lo=0, hi=hi)
     if "ignore_eos" in f:
         check_bool(f["ignore_eos"], name("ignore_eos"))
     stop = f.get("stop")
@@ -93,9 +78,7 @@ def check_sampling_fields(f: dict[str, Any]) -> None:
         raise ValueError(f"{name('stop_token_ids')} must be a list of token ids (integers >= 0), got {ids!r}")
 
 
-# ---------------------------------------------------------------- prompts and messages
-
-
+# --- prompts and messages ---
 def check_prompt(prompt: Any, name: str = "prompt") -> None:
     """One prompt: a str, or a list of token ids (ints, not bools, >= 0)."""
     if isinstance(prompt, str):
@@ -153,9 +136,7 @@ def check_messages(messages: Any) -> list[list[dict[str, str]]]:
     return [list(c) for c in conversations]
 
 
-# ---------------------------------------------------------------- engine arguments
-
-
+# --- engine arguments ---
 def check_device(device: Any) -> None:
     """None (auto), "cpu", "cuda" or "cuda:N"; other torch device types (meta, mps, ...) are refused."""
     if device is None:
@@ -178,17 +159,14 @@ def check_engine_args(device: Any = None, *, seed: Any = 0, max_num_seqs: Any = 
     """``LLM(...)``'s engine arguments, checked at construction rather than at generate time (or never)."""
     check_device(device)
     check_int(seed, "seed", lo=0, hi=SEED_MAX)
-    check_int(max_num_seqs, "max_num_seqs", lo=1)
-    check_int(max_num_batched_tokens, "max_num_batched_tokens", lo=1)
-    check_int(block_size, "block_size", lo=1)
-    check_int(kv_cache_memory_bytes, "kv_cache_memory_bytes", lo=1)
+    for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("block_size", block_size), ("kv_cache_memory_bytes", kv_cache_memory_bytes)):
+        check_int(value, name, lo=1)
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
 
 
-# ---------------------------------------------------------------- memory
-
-
+# --- memory ---
 def available_memory(device: Any = "cpu") -> int | None:
     """Bytes that can still be allocated on ``device`` (None when unknown)."""
     import torch

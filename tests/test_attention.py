@@ -90,7 +90,8 @@ def test_bench_attention_methods_agree_and_bad_flags_are_named():
     """`minfer bench attention` times three ways of feeding GQA decode to SDPA: same output for each."""
     import pytest
 
-    from minfer.bench.attention import METHODS, _ints, decode_attention
+    from minfer.bench.attention import METHODS, decode_attention
+    from minfer.bench.timing import positive_ints
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 1, 6, 8, generator=g).transpose(1, 2)          # (B, nh=6, 1, hd)
     k, v = torch.randn(3, 2, 11, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g)
@@ -98,6 +99,6 @@ def test_bench_attention_methods_agree_and_bad_flags_are_named():
     for m, o in zip(METHODS[1:], outs[1:]):
         assert torch.allclose(o, outs[0], atol=1e-6), m
     with pytest.raises(ValueError, match="--batch"):
-        _ints("1,x", "--batch")
+        positive_ints("1,x", "--batch")
     with pytest.raises(ValueError, match="--context: every value must be >= 1"):
-        _ints("0", "--context")
+        positive_ints("0", "--context")

@@ -392,7 +392,7 @@ def test_cli_commands_reject_bad_input_with_one_line(capsys):
     assert main(["distill"]) == 2
     assert "give --minutes or --steps" in capsys.readouterr().err
     assert main(["bench", "evict", "--policies", "lru"]) == 2
-    assert "unknown policies" in capsys.readouterr().err
+    assert "--policies: unknown ['lru']" in capsys.readouterr().err
     assert main(["distill", "--minutes", "1", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
     assert main(["medusa", "selfdistill"]) == 2

@@ -611,7 +611,8 @@ def test_engine_flags_round_trip_and_bad_ones(capsys):
     import argparse
 
     from minfer.cli import main
-    from minfer.serving.server import add_arguments, engine_args, engine_flags
+    from minfer.serving.http_common import engine_args, engine_flags
+    from minfer.serving.server import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--no-enable-prefix-caching", "--kv-cache-dtype", "int8", "--block-size", "8"])

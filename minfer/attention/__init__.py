@@ -17,7 +17,6 @@ from minfer.attention.reference import reference_attention
 from minfer.attention.sdpa import sdpa_attention
 
 
-
 class AttentionBackend(Protocol):
     """The signature every backend shares (see the module docstring for the shapes)."""
 
@@ -40,4 +39,5 @@ def get_backend(name: str) -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}") from None
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "get_backend", "allowed", "reference_attention", "sdpa_attention", "flash_attention"]
+__all__ = ["AttentionBackend", "BACKENDS", "get_backend", "allowed", "reference_attention", "sdpa_attention",
+           "flash_attention"]

@@ -13,11 +13,8 @@ from minfer.attention.mask import allowed
 
 
 def online_softmax_update(m, l, acc, scores, values):
-    """One step of the recurrence: fold a tile of scores (…, tq, tk) and values (…, tk, hd) in.
-
-    m, l: running max and sum (…, tq, 1); acc: unnormalised output (…, tq, hd).
-    Masked scores are -inf. Returns the new (m, l, acc).
-    """
+    """One step of the recurrence: fold scores (…, tq, tk; masked = -inf) and values (…, tk, hd) into
+    m, l (running max and sum, (…, tq, 1)) and acc (unnormalised output, (…, tq, hd)) -> new (m, l, acc)."""
     m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
     # Rows that have seen no visible key yet keep m = -inf; use 0 as the shift there.
     shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)

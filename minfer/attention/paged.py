@@ -1,10 +1,8 @@
 """Paged attention: the queries of a flattened batch against K/V read through block tables.
 
-Every backend (mini-sglang's attention backends; vLLM's ``AttentionMetadataBuilder.build`` +
-``AttentionImpl.forward``): ``prepare_metadata(batch)`` once per forward, ``forward(q, k, v,
-layer)`` per layer, q (1, nh, N, hd). ``PagedAttention`` (split plan and static plan), the
-decode kernels, and ``OnlinePagedAttention`` (the teaching version) are all tested equal to
-``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
+``prepare_metadata(batch)`` once per forward, ``forward(q, k, v, layer)`` per layer (vLLM's
+``AttentionMetadataBuilder.build`` + ``AttentionImpl.forward``). Every plan and decode kernel is tested
+equal to ``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -25,39 +23,33 @@ DECODE_KERNELS = ("auto", "torch", "cpu", "triton")
 
 
 def resolve_decode_kernel(name: str, device, dtype, kv_cache_dtype: str = "auto", attention_mode: str = "split"):
-    """``decode_kernel`` -> (the name in use, the kernel function or None for the plain torch path).
-
-    "auto": the C++ kernel on a CPU in float32 or bfloat16 with unquantized pages in split mode, when it
-    builds (``minfer.kernels.cpu_paged_decode.available``); the torch path otherwise.
-    "cpu" / "triton" ask for a kernel and fail with the reason when it cannot run here.
-    """
+    """``decode_kernel`` -> (the name in use, the kernel or None for the torch path). "auto": the C++ kernel
+    on a CPU in float32/bfloat16 with unquantized pages in split mode, when it builds; "cpu" / "triton"
+    fail with the reason when they cannot run here."""
     if name not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {name!r}")
     device = torch.device(device)
     fits = kv_cache_dtype == "auto" and attention_mode == "split"
-    if name == "auto":
-        if not (fits and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)):
-            return "torch", None
-        from minfer.kernels import cpu_paged_decode
-        if cpu_paged_decode.available():
-            return "cpu", cpu_paged_decode.cpu_paged_decode_attention
+    cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    if name == "torch" or (name == "auto" and not (fits and cpu_ok)):
         return "torch", None
-    if name == "torch":
-        return name, None
     if not fits:
         raise ValueError(f"decode_kernel={name!r} reads unquantized pages in split mode; got "
                          f"kv_cache_dtype={kv_cache_dtype!r}, attention_mode={attention_mode!r}")
-    if name == "cpu":
-        from minfer.kernels import cpu_paged_decode
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"decode_kernel='cpu' runs float32 or bfloat16 on the CPU; got {dtype} on {device}")
-        if not cpu_paged_decode.available():
-            raise RuntimeError(f"decode_kernel='cpu': the kernel could not be built "
-                               f"({cpu_paged_decode.why_unavailable()}); it needs g++ and ninja")
-        return name, cpu_paged_decode.cpu_paged_decode_attention
-    from minfer.kernels import paged_decode
-    paged_decode._require_triton()
-    return name, paged_decode.paged_decode_attention
+    if name == "triton":
+        from minfer.kernels import paged_decode
+        paged_decode._require_triton()
+        return name, paged_decode.paged_decode_attention
+    from minfer.kernels import cpu_paged_decode
+    if name == "auto":
+        ok = cpu_paged_decode.available()
+        return ("cpu", cpu_paged_decode.cpu_paged_decode_attention) if ok else ("torch", None)
+    if not cpu_ok:
+        raise ValueError(f"decode_kernel='cpu' runs float32 or bfloat16 on the CPU; got {dtype} on {device}")
+    if not cpu_paged_decode.available():
+        raise RuntimeError(f"decode_kernel='cpu': the kernel could not be built "
+                           f"({cpu_paged_decode.why_unavailable()}); it needs g++ and ninja")
+    return name, cpu_paged_decode.cpu_paged_decode_attention
 
 
 def make_paged_attention(cache, attention="sdpa", mode: str = "split", decode_kernel: str = "torch"):
@@ -92,8 +84,7 @@ class _Group:
 
 
 def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
-    """Host row indices (G,) -> a slice when they are consecutive (the usual case: the scheduler puts
-    the running decodes first), so that the group's queries are a view and its output one copy."""
+    """Host row indices (G,) -> a slice when consecutive (the usual case), so the queries are a view."""
     if len(rows) == 1 or bool((rows.diff() == 1).all()):
         return slice(int(rows[0]), int(rows[0]) + len(rows))
     return to_device(rows, device)
@@ -101,10 +92,8 @@ def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
 
 class PagedAttention:
     """The engine's paged attention: the split plan (eager steps) and the static plan (captured steps).
-
-    ``dense``: the backend called on each group's gathered K/V (``minfer.attention``'s signature);
-    None = torch's SDPA with the masks this plan computes once per forward. ``kernel``: a paged
-    decode kernel for the eager decode group (None: gather + dense backend).
+    ``dense``: the backend on each group's gathered K/V (None: SDPA with the plan's masks); ``kernel``:
+    a paged decode kernel for the eager decode group (None: gather + dense backend).
     """
 
     def __init__(self, cache, dense=None, kernel=None, decode_kernel: str = "torch"):
@@ -158,12 +147,9 @@ class PagedAttention:
                       tables=tables[:, :nblk], lens=sl_dev)
 
     def prepare_static_metadata(self, meta) -> None:
-        """The plan of a decode-only batch with fixed shapes: the static path of CUDA graphs and torch.compile.
-
-        Every row is one query at ``seq_lens - 1`` over all ``W = block_tables.shape[1] * block_size``
-        keys its table row can address, those past its context masked (position -1); built by device
-        ops only, no host read. vLLM: ``CommonAttentionMetadata`` with a fixed ``max_seq_len``. Why and
-        an example: docs/kernels.md.
+        """The plan of a decode-only batch with fixed shapes (CUDA graphs, torch.compile): each row one query
+        over all ``W = cols * block_size`` keys of its table row, those past its context masked; device
+        ops only. vLLM: ``CommonAttentionMetadata`` with a fixed ``max_seq_len``. Why: docs/kernels.md.
         """
         self.static, self.tables = True, meta.block_tables                         # (S, cols) device
         S, cols = meta.block_tables.shape
@@ -228,12 +214,9 @@ class PagedAttention:
 
 
 class OnlinePagedAttention(PagedAttention):
-    """The teaching version: each sequence walks its block table, one block at a time, folding each
-    block into FlashAttention's online softmax (``attention/flash.py``); nothing is gathered.
-
-    This is PagedAttention's kernel loop (vLLM: ``csrc/attention/paged_attention_v1.cu``), written
-    in PyTorch with a Python loop per sequence and per block: slow, and plain to read. Static
-    (captured) decode steps keep the split plan's fixed shapes.
+    """The teaching version: each sequence walks its block table block by block, folding each into
+    FlashAttention's online softmax (``attention/flash.py``): PagedAttention's kernel loop (vLLM:
+    ``csrc/attention/paged_attention_v1.cu``) in Python, slow and plain. Static steps: the split plan.
     """
 
     def prepare_metadata(self, meta) -> None:
@@ -273,15 +256,12 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
 
         q                (N, nh, hd)   the queries of S sequences side by side (N = sum of query_lens)
         k_pool, v_pool   (num_blocks, block_size, nkv, hd)   one layer of the pool, dequantized
-        block_tables     (S, max blocks)
-        seq_lens         (S,)  each sequence's context, its new tokens included
-        query_lens       (S,)  its queries: the last ones of its context (None: one each, a decode)
+        block_tables     (S, max blocks);  seq_lens (S,) contexts, new tokens included
+        query_lens       (S,)  the last positions of each context (None: one each, a decode)
         -> (N, nh, hd)
 
-    Sequence by sequence: the slot of each position through the block table, the keys and
-    values gathered from those slots, then ``reference_attention``. A sequence with no keys
-    gets zeros. vLLM tests its kernels against the same kind of loop (``ref_paged_attn`` in
-    ``tests/kernels/attention/test_attention.py``).
+    Per sequence: slots through the block table, gather, ``reference_attention``. vLLM: ``ref_paged_attn``
+    (``tests/kernels/attention/test_attention.py``).
     """
     S, bs = len(seq_lens), k_pool.shape[1]
     query_lens = torch.ones(S, dtype=torch.long) if query_lens is None else query_lens

@@ -1,8 +1,6 @@
 """Reference attention: scores, explicit mask, softmax, weighted sum. Slow and obvious.
 
-This is the math of the naive oracle, written against the backend signature
-(see ``minfer/attention/__init__.py``). Fully masked rows (padding queries)
-return zeros instead of NaN.
+The naive oracle's math against the backend signature; fully masked rows (padding) give zeros.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from minfer.attention.mask import allowed
 
 def reference_attention(q, k, v, q_pos, k_pos, window=None, scale=None):
     B, nh, T, hd = q.shape
-    nkv, S = k.shape[1], k.shape[2]
+    nkv = k.shape[1]
     g = nh // nkv                                                   # query heads per K/V head
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     qg = q.reshape(B, nkv, g, T, hd)                                # (B, nkv, g, T, hd)

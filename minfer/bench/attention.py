@@ -1,21 +1,19 @@
 """`minfer bench attention`: decode attention with GQA, several ways, on one model's head shapes.
 
-Methods: ``repeat`` (K/V repeated), ``gqa`` (``enable_gqa=True``), ``folded`` (``sdpa``), and from
-a shuffled paged pool ``paged`` (the gather path), ``cpu`` (the C++ kernel), ``triton`` (CUDA).
-Random tensors only; interleaved rounds, medians (docs/measuring.md).
+Methods ``repeat``, ``gqa``, ``folded`` on contiguous K/V, ``paged``, ``cpu``, ``triton`` on a shuffled
+paged pool; random tensors only (docs/measuring.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
 from minfer.bench.machine import machine_line
-from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.bench.timing import add_run_args, interleaved, log, positive_ints, table, write_json
 from minfer.cli_args import set_threads
 
 METHODS = ("repeat", "gqa", "folded")
@@ -73,16 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_args(p, "attention", repeats=5)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
-    return values
-
-
 def decode_attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, nh, 1, hd), k/v (B, nkv, S, hd) -> (B, nh, 1, hd): every key visible."""
     if method == "repeat":
@@ -104,47 +92,39 @@ def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device=
     q = torch.randn(batch, 1, nh, hd, generator=gen).transpose(1, 2).to(device)   # (B, nh, 1, hd) as the model makes it
     kv = [(torch.randn(batch, nkv, context, hd, generator=gen).to(device),
            torch.randn(batch, nkv, context, hd, generator=gen).to(device)) for _ in range(layers)]
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     q3 = q[:, :, 0].contiguous()                                            # (B, nh, hd)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    if "triton" in methods:
-        from minfer.kernels import paged_decode_attention
-        pages = [(_as_pages(k), _as_pages(v)[0]) for k, v in kv]
     pools = [shuffled_pool(k, v, gen) for k, v in kv]                      # for paged and cpu
+    calls = {m: [partial(decode_attention, m, q, k, v) for k, v in kv] for m in METHODS}
+    calls["paged"] = [partial(paged_gather, q, pool, rows, context) for pool, _, rows in pools]
     if "cpu" in methods:
         from minfer.kernels.cpu_paged_decode import cpu_paged_decode_attention
+        calls["cpu"] = [partial(cpu_paged_decode_attention, q3, pool[0], pool[1], tables, lens)
+                        for pool, tables, _ in pools]
+    if "triton" in methods:
+        from minfer.kernels import paged_decode_attention
+        pages = [(*_as_pages(k), _as_pages(v)[0]) for k, v in kv]                # (K pool, tables, V pool)
+        calls["triton"] = [partial(paged_decode_attention, q3, kp, vp, tables, lens)
+                           for kp, tables, vp in pages]
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def timed(method):
-        def run():
+    def timed(fns):
+        def run():                                  # returns None: interleaved times the call
+            for fn in fns:
+                fn()
             sync()
-            t = time.perf_counter()
-            if method == "triton":
-                for (kp, tables), vp in pages:
-                    paged_decode_attention(q3, kp, vp, tables, lens)
-            elif method == "paged":
-                for pool, _, rows in pools:
-                    paged_gather(q, pool, rows, context)
-            elif method == "cpu":
-                for pool, tables, _ in pools:
-                    cpu_paged_decode_attention(q3, pool[0], pool[1], tables, lens)
-            else:
-                for k, v in kv:
-                    decode_attention(method, q, k, v)
-            sync()
-            return {"ms": (time.perf_counter() - t) * 1e3}
         return run
-    med = interleaved({m: timed(m) for m in methods}, repeats=repeats, warmup=1, log=log)
-    return {m: med[m]["ms"] for m in methods}
+    med = interleaved({m: timed(calls[m]) for m in methods}, repeats=repeats, warmup=1, log=log)
+    return {m: med[m]["s"] * 1e3 for m in methods}
 
 
 def main(args) -> int:
     from minfer.checkpoints import load_checkpoint  # for the config only, as `bench kv --skip-ttft`
 
-    batches, contexts = _ints(args.batch, "--batch"), _ints(args.context, "--context")
+    batches, contexts = positive_ints(args.batch, "--batch"), positive_ints(args.context, "--context")
     set_threads(args.threads)
     cfg = load_checkpoint(args.model)[0]
     layers = args.layers or cfg.num_hidden_layers
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"bench attention: {args.model} heads ({cfg.num_attention_heads} query, {cfg.num_key_value_heads} K/V, "
         f"head_dim {cfg.head_dim}), {layers} layers per timing, {torch.get_num_threads()} threads, {args.device}")
     rows = []
@@ -156,18 +136,16 @@ def main(args) -> int:
             rows.append({"batch": b, "context": s, "kv_mb": kv_mb, **{f"{m}_ms": ms[m] for m in ms},
                          **{f"x_{m}": ms["gqa"] / ms[m] for m in ms if m != "gqa"},
                          **({"cpu_x_paged": ms["paged"] / ms["cpu"]} if "cpu" in ms else {})})
-    cols = [("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
-            ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
-            ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
-            ("x_folded", "folded: x gqa speed", "{:.2f}")]
-    cols += [("paged_ms", "paged (gather + folded) ms", "{:.2f}")]
-    if "cpu_ms" in rows[0]:
-        cols += [("cpu_ms", "C++ kernel ms", "{:.2f}"), ("cpu_x_paged", "C++ kernel: x paged speed", "{:.2f}")]
-    if "triton_ms" in rows[0]:
-        cols += [("triton_ms", "triton paged ms", "{:.2f}"), ("x_triton", "triton: x gqa speed", "{:.2f}")]
-    else:
+    if "triton_ms" not in rows[0]:
         log("triton: not timed (needs a CUDA device and `pip install -e \".[triton]\"`)")
-    print(table(rows, cols))
+    print(table(rows, [
+        ("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
+        ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
+        ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
+        ("x_folded", "folded: x gqa speed", "{:.2f}"),
+        ("paged_ms", "paged (gather + folded) ms", "{:.2f}"), ("cpu_ms", "C++ kernel ms", "{:.2f}"),
+        ("cpu_x_paged", "C++ kernel: x paged speed", "{:.2f}"), ("triton_ms", "triton paged ms", "{:.2f}"),
+        ("x_triton", "triton: x gqa speed", "{:.2f}")]))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
     if args.json:

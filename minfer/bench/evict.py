@@ -1,12 +1,7 @@
 """`minfer bench evict`: perplexity and top-1 agreement with the full cache, against the KV budget.
 
-A long prompt from the Python docs (``pydoc_data.topics``, never trained on) is
-prefilled in one forward; the cache then keeps ``budget`` tokens per layer, and
-the next ``--score`` tokens are fed teacher-forced, ``--chunk`` at a time. For
-each of them we record the NLL (-> perplexity) and whether the argmax equals
-the full cache's argmax at the same position (the token greedy decoding would
-pick: "top-1 agreement"). Policies: streaming (4 sinks + recent), window (0
-sinks: the sliding ring without sinks), h2o, snapkv.
+A pydoc prompt prefilled at once, then ``--score`` tokens teacher-forced through a cache that keeps
+``budget`` tokens per layer; policies streaming, window, h2o, snapkv (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -68,16 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.bench.timing import table, write_json
+    from minfer.bench.report import TABLES
+    from minfer.bench.timing import log, names, table, write_json
     from minfer.cli_args import set_threads
-    from minfer.compress.common import log
     from minfer.eval.perplexity import reference_text, text_fingerprint
     from minfer.llm import LLM
 
     set_threads(args.threads)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if bad := [p for p in policies if p not in POLICY_ARGS]:
-        raise ValueError(f"unknown policies {bad}; choose from {list(POLICY_ARGS)}")
+    policies = names(args.policies, "--policies", POLICY_ARGS)
     budgets = int_list(args.budgets, "--budgets")
     llm = LLM(args.model, device="cpu", dtype="float32", prepack=False)
     text = reference_text(8 * (args.prompt_tokens + args.score))
@@ -85,8 +78,7 @@ def main(args) -> int:
     if len(ids) < args.prompt_tokens + args.score:
         raise ValueError("the pydoc text is too short for --prompt-tokens + --score")
     rows = eviction_table(llm.model, ids, args.prompt_tokens, budgets, policies, args.chunk, log=log)
-    print(table(rows, [("policy", "policy", "{:>9}"), ("budget", "budget", "{}"), ("ppl", "ppl", "{:.2f}"),
-                       ("agreement", "top-1 = full", "{:.1%}"), ("kv_bytes", "KV bytes", "{:,}")]))
+    print(table(rows, TABLES["evict"][0][2]))
     print(f"\n{args.prompt_tokens}-token pydoc prompt prefilled at once, then {args.score} tokens teacher-forced in "
           f"chunks of {args.chunk}; budget = tokens kept per layer")
     if args.json:

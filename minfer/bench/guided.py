@@ -1,8 +1,5 @@
-"""`minfer bench guided`: what the grammar's token mask costs per engine step, against an unguided step.
-
-B chat requests ask for a JSON object; guided, each follows a schema (``minfer/guided.py``). Every
-decode step's mask (fill each guided row's bitmask, unpack, apply) is timed apart from the step; then
-the same B requests run unguided for as many tokens. Medians over the steps.
+"""`minfer bench guided`: what the grammar's token mask costs per engine step, against an unguided step
+(docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -47,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from minfer.bench.report import TABLES
     from minfer.bench.timing import table, write_json
     from minfer.cli_args import set_threads
     from minfer.llm import LLM
@@ -64,10 +62,7 @@ def main(args) -> int:
         mask_ms, step_ms, free_ms = (statistics.median(x) for x in (masks, steps, free))
         rows.append({"batch": b, "mask_ms": mask_ms, "guided_step_ms": step_ms, "unguided_step_ms": free_ms,
                      "mask_ratio": mask_ms / free_ms, "step_ratio": step_ms / free_ms, "steps": n})
-    print(table(rows, [("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"),
-                       ("unguided_step_ms", "unguided step ms", "{:.1f}"),
-                       ("guided_step_ms", "guided step ms", "{:.1f}"),
-                       ("mask_ratio", "mask / step", "{:.1%}"), ("step_ratio", "guided / unguided", "{:.2f}")]))
+    print(table(rows, TABLES["guided"][0][2]))
     if args.json:
         write_json(args.json, {"benchmark": "guided", "model": args.model, "schema": SCHEMA, "rows": rows,
                                "threads": args.threads})

@@ -1,30 +1,17 @@
 """`minfer bench hybrid`: KV bytes per token, hybrid local/global cache vs a full cache.
 
-For each context length n: allocate a ``ContiguousKVCache`` (every layer keeps
-n tokens) and a ``HybridKVCache`` (global layers keep n, sliding-window layers
-a ring of min(W, n)) for one sequence of n tokens, read their ``nbytes()``,
-divide by n, and check both against the formula of ``minfer/kv/hybrid.py``.
-Then the paged engine's figure: one request of n prompt tokens through ``LLMEngine``
-(scheduler, chunked prefill, block pool, ``KVCacheCoordinator``) with the forward left out,
-which the block accounting does not read; the blocks it holds once its prompt is computed,
-times ``PagedKVCache.bytes_per_block``, per token, against the same engine with every layer
-in one group (a full cache). The engine's figure rounds each group up to whole blocks; its
-peak (during a prefill chunk) adds one chunk of local blocks.
-Optionally (``--check-tokens``) one greedy generation through each cache,
-whose tokens must be equal. Needs only the model's config (weights for the
-check).
-
-    minfer bench hybrid --model gemma-3-270m --contexts 512,2048,8192
+Allocated caches against the formula of ``minfer/kv/hybrid.py``, then the paged engine's blocks
+(forward left out); ``--check-tokens N`` compares greedy tokens through both caches (docs/measuring.md).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 import torch
 
-from minfer.bench.timing import table, write_json
+from minfer.bench.report import TABLES
+from minfer.bench.timing import positive_ints, table, write_json
 from minfer.cli_args import add_model_args
 
 
@@ -35,16 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-tokens", type=int, default=0, metavar="N",
                    help="also generate N greedy tokens through both caches and compare (default 0: skip)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-
-
-def _contexts(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"--contexts must be positive integers separated by commas, got {text!r}")
-    return values
 
 
 def measure(cfg, contexts: list[int], dtype=torch.float32) -> list[dict]:
@@ -128,31 +105,22 @@ def _check_tokens(model_name: str, n: int) -> bool:
 def main(args) -> int:
     from minfer.checkpoints.hf import read_config
     from minfer.checkpoints import resolve_model
-    try:
-        contexts = _contexts(args.contexts)
-        cfg = read_config(resolve_model(args.model))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"minfer bench hybrid: {e}", file=sys.stderr)
-        return 2
+    contexts = positive_ints(args.contexts, "--contexts")
+    cfg = read_config(resolve_model(args.model))
     if not cfg.is_hybrid:
-        print(f"minfer bench hybrid: {args.model} has no local/global layer mix (every layer attends alike)",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.model} has no local/global layer mix (every layer attends alike)")
     rows = measure(cfg, contexts)
     n_local = sum(cfg.window_of(i) is not None for i in range(cfg.num_hidden_layers))
     print(f"{args.model}: {cfg.num_hidden_layers} layers ({n_local} local, window {cfg.sliding_window}), "
           f"{cfg.num_key_value_heads} KV head(s) x {cfg.head_dim}, float32, one sequence")
-    print(table(rows, [("context", "context", "{:d}"), ("full_B_per_token", "full B/token", "{:.0f}"),
-                       ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
-                       ("formula_hybrid", "formula hybrid", "{:.0f}")]))
+    allocated, engine = (cols for _, _, cols in TABLES["hybrid"])           # the report's columns
+    print(table(rows, allocated + [("formula_hybrid", "formula hybrid", "{:.0f}")]))
     ok = all(abs(r["full_B_per_token"] - r["formula_full"]) < 1e-6 * r["formula_full"] and
              abs(r["hybrid_B_per_token"] - r["formula_hybrid"]) < 1e-6 * r["formula_hybrid"] for r in rows)
     print(f"allocated bytes {'match' if ok else 'DO NOT match'} the formula")
     engine_rows = measure_engine(cfg, contexts)
     print("paged engine (block size 16, token budget 512): blocks held once the prompt is computed")
-    print(table(engine_rows, [("context", "context", "{:d}"), ("full_B_per_token", "full B/token", "{:.0f}"),
-                              ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
-                              ("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]))
+    print(table(engine_rows, engine))
     same = _check_tokens(args.model, args.check_tokens) if args.check_tokens else None
     if args.json:
         write_json(args.json, {"model": args.model, "rows": rows, "engine": engine_rows, "tokens_equal": same})

@@ -1,7 +1,5 @@
-"""`minfer bench kv`: what paging buys, measured in one run on one model.
-
-Part 1, capacity and fragmentation for a fixed KV budget (contiguous max_len, contiguous
-prompt+max, paged); part 2, TTFT with and without prefix caching (docs/measuring.md).
+"""`minfer bench kv`: what paging buys, in one run on one model: capacity and fragmentation for a fixed KV
+budget (contiguous vs paged), then TTFT with and without prefix caching (docs/measuring.md).
 """
 from __future__ import annotations
 
@@ -10,12 +8,12 @@ import datetime
 import inspect
 import math
 import random
-import sys
 import time
 
 import torch
 
-from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.bench.report import TABLES
+from minfer.bench.timing import add_run_args, interleaved, log, table, write_json
 from minfer.cli_args import add_model_args, set_threads
 
 QUESTIONS = [
@@ -43,11 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_args(p, "kv", repeats=5)
 
 
-# ---------------------------------------------------------------------------
-# Part 1: capacity and fragmentation
-# ---------------------------------------------------------------------------
-
-
+# --- Part 1: capacity and fragmentation ---
 def mixed_workload(n: int, seed: int, max_len: int, max_tokens: int) -> list[tuple[int, int]]:
     """(prompt_len, output_len) pairs: log-normal, prompt median 256, output median 128, clipped."""
     rng = random.Random(seed)
@@ -61,13 +55,11 @@ def mixed_workload(n: int, seed: int, max_len: int, max_tokens: int) -> list[tup
 
 def contiguous_capacity(workload, bytes_per_token: float, budget: float, reserve) -> dict:
     """Admit requests in order, each reserving reserve(prompt, output) slots, until the budget is full."""
-    used_slots = reserved = 0
-    n = 0
+    used_slots = reserved = n = 0
     for prompt, out in workload:
-        r = reserve(prompt, out)
-        if (reserved + r) * bytes_per_token > budget:
+        if (reserved + reserve(prompt, out)) * bytes_per_token > budget:
             break
-        reserved += r
+        reserved += reserve(prompt, out)
         used_slots += prompt + out
         n += 1
     return {"max_seqs": n, "reserved_slots": reserved, "used_slots": used_slots,
@@ -95,11 +87,7 @@ def paged_capacity(workload, cfg, budget: float, block_size: int, dtype) -> dict
             "fragmentation": u.fragmentation, "num_blocks": num_blocks}
 
 
-# ---------------------------------------------------------------------------
-# Part 2: TTFT with a shared prefix
-# ---------------------------------------------------------------------------
-
-
+# --- Part 2: TTFT with a shared prefix ---
 def shared_prefix(tokenizer, n: int) -> list[int]:
     """n tokens of real English: a system prompt followed by standard-library docstrings."""
     import collections
@@ -136,20 +124,17 @@ def _capacity(args, cfg, dtype, budget: float, bytes_per_token: float) -> tuple[
           f"budget {args.budget_mib:.0f} MiB = {int(budget // bytes_per_token)} token slots")
     print(f"workload: {len(workload)} requests (seed {args.seed}), prompt+output length mean {mean_len:.0f}, "
           f"max {max(p + o for p, o in workload)}; admitted in order at their final length\n")
-    print(table(cap, [("method", "method", "{:>26}"), ("max_seqs", "max concurrent seqs", "{}"),
-                      ("x_contiguous", f"x contiguous {args.max_len}", "{:.2f}"),
-                      ("reserved_slots", "reserved slots", "{}"), ("used_slots", "used slots", "{}"),
-                      ("fragmentation", "fragmentation", "{:.1%}")]))
+    print(table(cap, TABLES["kv"][0][2] + [("reserved_slots", "reserved slots", "{}"),
+                                           ("used_slots", "used slots", "{}")]))
     return cap, capacity_ratio, paged_row
 
 
-def _ttft(args, llm, dtype, log) -> tuple[list[dict], float, bool]:
+def _ttft(args, llm, dtype) -> tuple[list[dict], float, bool]:
     """Part 2: TTFT with a shared prefix, prefix cache on vs off vs the contiguous loop."""
     from minfer.generate import generate_tokens
     from minfer.llm import LLM
     from minfer.metrics import RequestStats
     from minfer.sampling import SamplingParams
-    ttft_rows = []
     model, tok = llm.model, llm.tokenizer
     prefix = shared_prefix(tok, args.prefix_len)
     questions = [tok.encode("\n\nQuestion: " + q + "\nAnswer:") for q in QUESTIONS]
@@ -158,41 +143,37 @@ def _ttft(args, llm, dtype, log) -> tuple[list[dict], float, bool]:
     blocks = 4 * (-(-longest // args.block_size) + 1)
     front = {on: LLM.from_model(model, tok, block_size=args.block_size, num_blocks=blocks,
                                 enable_prefix_caching=on) for on in (True, False)}
-    rounds = {"on": 0, "off": 0, "contiguous": 0}
-    first = {}
+    methods = {"on": ("LLM, prefix cache on", "question only"),            # name -> (label, prefilled)
+               "off": ("LLM, prefix cache off", "prefix + question"),
+               "contiguous": ("contiguous loop", "prefix + question")}
+    outputs = {name: [] for name in methods}
 
     def timed(name):
         def run():
-            q = questions[rounds[name] % len(questions)]
-            rounds[name] += 1
+            q = questions[len(outputs[name]) % len(questions)]
             if name == "contiguous":
                 m = RequestStats(arrival_time=time.perf_counter())
                 out = list(generate_tokens(model, prefix + q, params, metrics=m))
             else:
                 res = front[name == "on"].generate(prefix + q, params)[0]
                 out, m = res.token_ids, res.metrics
-            first.setdefault(name, []).append(out)
+            outputs[name].append(out)
             return {"ttft_ms": 1000 * m.ttft}
         return run
 
     # The warm-up round of "on" is the cold request that fills the prefix cache.
     log(f"TTFT: {args.prefix_len}-token shared prefix + a {min(map(len, questions))}-"
         f"{max(map(len, questions))}-token question, {args.repeats} interleaved rounds ...")
-    med = interleaved({n: timed(n) for n in ("on", "off", "contiguous")}, repeats=args.repeats,
-                      warmup=1, log=log)
-    ttft_ratio = med["off"]["ttft_ms"] / med["on"]["ttft_ms"]
-    same_first = first["on"] == first["off"] == first["contiguous"]
-    labels = {"on": "LLM, prefix cache on", "off": "LLM, prefix cache off", "contiguous": "contiguous loop"}
-    prefill = {"on": "question only", "off": "prefix + question", "contiguous": "prefix + question"}
-    for name in ("on", "off", "contiguous"):
-        ttft_rows.append({"method": labels[name], "prefilled": prefill[name], **med[name],
-                          "x_faster": med["off"]["ttft_ms"] / med[name]["ttft_ms"]})
+    med = interleaved({n: timed(n) for n in methods}, repeats=args.repeats, warmup=1, log=log)
+    same_first = outputs["on"] == outputs["off"] == outputs["contiguous"]
+    off = med["off"]["ttft_ms"]
+    rows = [{"method": label, "prefilled": prefilled, **med[name], "x_faster": off / med[name]["ttft_ms"]}
+            for name, (label, prefilled) in methods.items()]
     print(f"\nTTFT with a {args.prefix_len}-token shared prefix (device {llm.device}, {dtype}, "
           f"{torch.get_num_threads()} CPU threads, block {args.block_size}; medians of {args.repeats} rounds)\n")
-    print(table(ttft_rows, [("method", "method", "{:>24}"), ("prefilled", "prefilled", "{:>17}"),
-                            ("ttft_ms", "TTFT ms", "{:.1f}"), ("x_faster", "x vs cache off", "{:.2f}")]))
+    print(table(rows, TABLES["kv"][1][2]))
     print(f"greedy outputs identical across the three: {same_first}")
-    return ttft_rows, ttft_ratio, same_first
+    return rows, off / med["on"]["ttft_ms"], same_first
 
 
 def main(args) -> int:
@@ -203,7 +184,6 @@ def main(args) -> int:
         raise ValueError("--budget-mib, --max-len, --block-size and --num-requests must be positive")
     if not 1 <= args.max_tokens < args.max_len:
         raise ValueError(f"--max-tokens must be in [1, --max-len), got {args.max_tokens}")
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     set_threads(args.threads)
     if args.skip_ttft:
         from minfer.checkpoints import load_checkpoint  # config only; weights stay unused
@@ -216,9 +196,7 @@ def main(args) -> int:
     bytes_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
 
     cap, capacity_ratio, paged_row = _capacity(args, cfg, dtype, budget, bytes_per_token)     # part 1
-    ttft_rows, ttft_ratio, same_first = [], None, None
-    if not args.skip_ttft:                                                                    # part 2
-        ttft_rows, ttft_ratio, same_first = _ttft(args, llm, dtype, log)
+    ttft_rows, ttft_ratio, same_first = _ttft(args, llm, dtype) if llm else ([], None, None)  # part 2
 
     print(f"\nsummary: paged (block {args.block_size}) fits {capacity_ratio:.2f}x the sequences of contiguous "
           f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "
@@ -233,5 +211,5 @@ def main(args) -> int:
             "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
             "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
         })
-        print(f"wrote {args.json}", file=sys.stderr)
+        log(f"wrote {args.json}")
     return 0

@@ -1,9 +1,5 @@
-"""What this machine can do: measured memory bandwidth and matmul FLOP/s.
-
-Decode is memory-bound, so "bandwidth achieved" (bytes the decode loop must
-read per second) next to the measured bandwidth tells how close a loop runs
-to the physical limit.
-"""
+"""What this machine can do: measured memory bandwidth and matmul FLOP/s, the ceilings that a decode loop's
+bytes and FLOPs per second are compared with (``mbu``)."""
 from __future__ import annotations
 
 import os
@@ -21,18 +17,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_bandwidth(device="cpu", nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: time to sum a buffer much larger than the caches."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    x.sum()
+def _median_seconds(fn, device, repeats: int) -> float:
+    """Median wall time of ``fn()`` after one warm-up call, the device synchronised around each call."""
+    fn()
     times = []
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        x.sum()
+        fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device="cpu", nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: time to sum a buffer much larger than the caches."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / _median_seconds(x.sum, device, repeats)
 
 
 def mbu(bytes_per_token: float, tokens_per_s: float, bandwidth: float) -> float:
@@ -55,15 +56,7 @@ def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int
     """Dense matmul FLOP/s (2 n^3 per n x n product)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device, repeats)
 
 
 def cpu_name() -> str:

@@ -5,10 +5,9 @@ both timed on ``bench spec``'s code-edit context, plain and prepacked (docs/meas
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from minfer.bench.timing import interleaved
 
 
 @torch.no_grad()
@@ -40,14 +39,8 @@ def verify_costs(model, heads, prompt_ids: list[int], sizes=(1, 4, 7), repeats: 
         return run
 
     fns = {"plain": plain, **{f"T={T}": verify(trees[T]) for T in sizes}}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats + 2):                    # two warm-up rounds
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved(fns, repeats=repeats, warmup=2, log=lambda s: None)          # each call timed
+    return {k: v["s"] for k, v in med.items()}
 
 
 def main(args) -> int:

@@ -1,17 +1,13 @@
-"""``minfer bench parallel``: 2 ranks against 1 on this machine, and when tensor parallelism pays.
-
-``tp`` (decode per token), ``pp`` (bubble vs micro-batches), ``disagg`` (colocated vs
-disaggregated), each in one 2-process gloo group, then ``tp_formulas`` for real hardware
-(docs/measuring.md).
+"""``minfer bench parallel``: 2 ranks against 1 on this machine (``tp``, ``pp``, ``disagg``, each in one
+2-process gloo group), and when tensor parallelism pays on real hardware (docs/measuring.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from minfer.bench.timing import table, write_json
+from minfer.bench.timing import log, names, table, write_json
 
 PARTS = ("tp", "pp", "disagg")
 
@@ -94,19 +90,16 @@ def report(results: dict) -> str:
     out = []
     if "tp" in results:
         r = results["tp"]
-        rows = [{"mode": k, **v} for k, v in r["timing"].items()]
-        base = rows[0]
-        for row in rows:
-            row["tpot_ratio"] = base["tpot_s"] / row["tpot_s"]
-            row["prefill_ratio"] = base["prefill_s"] / row["prefill_s"]
-            row["comm_share"] = row["comm_s_per_token"] / row["tpot_s"]
-            row["tpot_ms"], row["prefill_ms"] = row["tpot_s"] * 1e3, row["prefill_s"] * 1e3
-            row["comm_ms"] = row["comm_s_per_token"] * 1e3
+        base = next(iter(r["timing"].values()))                     # 1 rank
+        rows = [{"mode": k, **v, "prefill_ms": v["prefill_s"] * 1e3, "tpot_ms": v["tpot_s"] * 1e3,
+                 "comm_ms": v["comm_s_per_token"] * 1e3, "comm_share": v["comm_s_per_token"] / v["tpot_s"],
+                 "prefill_ratio": base["prefill_s"] / v["prefill_s"],
+                 "tpot_ratio": base["tpot_s"] / v["tpot_s"]} for k, v in r["timing"].items()]
         cfg = r["config"]
         out.append(f"Tensor parallel decode: random model h={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
                    f"vocab {cfg['vocab_size']}, fp32, prompt {r['prompt_len']}, {r['n_tokens']} tokens, "
                    "1 thread per process (medians of interleaved rounds)")
-        out.append(table(rows, [("mode", "mode", "{:>14}"), ("prefill_ms", "prefill ms", "{:.1f}"),
+        out.append(table(rows, [("mode", "mode", "{}"), ("prefill_ms", "prefill ms", "{:.1f}"),
                                 ("prefill_ratio", "prefill speed-up", "{:.2f}x"),
                                 ("tpot_ms", "TPOT ms", "{:.1f}"), ("tpot_ratio", "decode speed-up", "{:.2f}x"),
                                 ("all_reduce_calls_per_token", "all-reduces/token", "{:.0f}"),
@@ -129,7 +122,7 @@ def report(results: dict) -> str:
         rows = [{"mode": k, **v} for k, v in s.items()]
         out.append("\nPrefill/decode disaggregation, mixed workload (short chats decoding, long prompts arriving); "
                    "colocated = 1 process, disaggregated = 2 processes")
-        out.append(table(rows, [("mode", "mode", "{:>13}"), ("ttft_short_p50_ms", "TTFT short p50 ms", "{:.0f}"),
+        out.append(table(rows, [("mode", "mode", "{}"), ("ttft_short_p50_ms", "TTFT short p50 ms", "{:.0f}"),
                                 ("ttft_long_p50_ms", "TTFT long p50 ms", "{:.0f}"),
                                 ("first_gap_p50_ms", "1st->2nd token p50 ms", "{:.0f}"),
                                 ("tpot_short_p50_ms", "TPOT short p50 ms", "{:.1f}"),
@@ -150,23 +143,11 @@ def report(results: dict) -> str:
 
 
 def main(args) -> int:
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        raise ValueError(f"--parts: unknown {bad}; choose from {list(PARTS)}")
+    parts = names(args.parts, "--parts", PARTS)
     if args.tokens < 1 or args.rounds < 1:
         raise ValueError("--tokens and --rounds must be >= 1")
-    results = run(parts, args.tokens, args.rounds, args.quick, log=lambda s: print(s, file=sys.stderr))
+    results = run(parts, args.tokens, args.rounds, args.quick, log=log)
     print(report(results))
     if args.json:
-        from minfer.bench.machine import machine_info
-        write_json(args.json, {"machine": machine_info(), "torch": torch.__version__, "results": _jsonable(results)})
+        write_json(args.json, {"torch": torch.__version__, "results": results})
     return 0
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

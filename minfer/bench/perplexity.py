@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from minfer.cli_args import add_model_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_cmd", required=True)
     q = sub.add_parser("perplexity", help="sliding-window perplexity on a slice of pydoc_data.topics")
-    q.add_argument("--model", default="smollm2-135m-instruct",
-                   help="registry name, HF folder, .gguf file or quantized checkpoint")
-    q.add_argument("--device", default=None)
-    q.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_model_args(q)
     q.add_argument("--quantization", default=None,
                    help="int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
     q.add_argument("--path", default="auto", choices=["auto", "reference", "fast"],

@@ -3,7 +3,6 @@ decode speed and perplexity against the dense model and unstructured sparsity of
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -29,14 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import copy
 
-    from minfer.bench.timing import interleaved, table, write_json
+    from minfer.bench.timing import interleaved, log, table, timed_generate, write_json
     from minfer.cli_args import set_threads
-    from minfer.compress.common import log
     from minfer.compress.distill import save_student, train
     from minfer.compress.teacher import TeacherCache
     from minfer.eval.perplexity import perplexity, reference_text
-    from minfer.generate import generate_tokens
-    from minfer.metrics import RequestStats
     from minfer.llm import LLM
     from minfer.sampling import SamplingParams
 
@@ -57,12 +53,7 @@ def main(args) -> int:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def timer(m):
-        def run():
-            met = RequestStats(arrival_time=time.perf_counter())
-            list(generate_tokens(m, prompt, params, metrics=met))
-            t = met.token_times
-            return {"decode_tps": (len(t) - 1) / (t[-1] - t[0])}
-        return run
+        return lambda: timed_generate(m, prompt, params)[0]
 
     log("timing decode, interleaved ...")
     med = interleaved({n: timer(m) for n, m in models.items()}, repeats=args.repeats, warmup=1, log=log)
@@ -82,7 +73,7 @@ def main(args) -> int:
                          args.model, curve)
         rows.append(row)
         log(str(row))
-    print(table(rows, [("model", "model", "{:>30}"), ("params_M", "params M", "{:.1f}"), ("nonzero_M", "nonzero M", "{:.1f}"),
+    print(table(rows, [("model", "model", "{}"), ("params_M", "params M", "{:.1f}"), ("nonzero_M", "nonzero M", "{:.1f}"),
                        ("decode_tps", "tok/s", "{:.1f}"), ("speedup", "x dense", "{:.2f}"),
                        ("ppl_before", "ppl", "{:.2f}"), ("ppl_healed", "ppl healed", "{:.2f}")]))
     print(f"\nperplexity: first {args.ppl_chars} chars of pydoc_data.topics (never trained on), context 256, stride 128; "

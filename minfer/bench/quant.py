@@ -1,21 +1,18 @@
 """`minfer bench quant`: weight bytes, decode speed and perplexity per weight format, in one run.
 
-    minfer bench quant --formats fp32,int8 --max-tokens 64 --skip-ppl
-
-Formats timed interleaved (batch 1, greedy), perplexity per format, agreement with fp32
-(free-running and teacher-forced). What each column means, and why int4-g32 fits SmolLM2's
-Q4_1 weights: docs/measuring.md.
+Formats timed interleaved (batch 1, greedy); agreement with fp32 free-running and teacher-forced.
+What each column means, and why int4-g32 fits SmolLM2's Q4_1 weights: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
 from minfer.bench.machine import measure_bandwidth
-from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.bench.report import TABLES
+from minfer.bench.timing import add_run_args, interleaved, log, names, table, timed_generate, write_json
 from minfer.cli_args import set_threads
 
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
@@ -36,26 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_args(p, "quant", repeats=3)
 
 
-def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads (see the module docstring)."""
-    from minfer.quant.linear import QuantizedLinear
-    total = sum(m.weight_nbytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-    emb = model.model.embed_tokens.weight
-    head = getattr(model, "lm_head", None)         # None, or e.g. a prepacked tied head on emb
-    head_is_embedding = model.cfg.tie_word_embeddings and (
-        head is None or getattr(head, "weight", None) is emb)
-    for name, p in model.named_parameters():
-        if p is emb and not head_is_embedding:
-            continue                                   # only one row per token is read
-        total += p.numel() * p.element_size()
-    return total
-
-
 def model_bytes(model) -> int:
     """Bytes the model occupies (parameters and stored quantized tensors)."""
     from minfer.quant.linear import QuantizedLinear
     quant = sum(m.weight_nbytes() for m in model.modules() if isinstance(m, QuantizedLinear))
     return quant + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all of them, less an embedding that is not the LM head too
+    (one row of it per token is read)."""
+    emb = model.model.embed_tokens.weight
+    head = getattr(model, "lm_head", None)         # None, or e.g. a prepacked tied head on emb
+    if model.cfg.tie_word_embeddings and (head is None or getattr(head, "weight", None) is emb):
+        return model_bytes(model)
+    return model_bytes(model) - emb.numel() * emb.element_size()
 
 
 def _load(name: str, model: str, lm_head):
@@ -67,17 +59,6 @@ def _load(name: str, model: str, lm_head):
         return load_model(model, dtype=dtype)
     loaded = load_model(model)                    # plain float32 linears, then this format's own LM head
     return loaded._replace(model=quantize_model(loaded.model, name, lm_head=lm_head))
-
-
-def _time_decode(model, prompt_ids, n) -> tuple[dict, list[int]]:
-    from minfer.metrics import RequestStats
-    from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestStats(arrival_time=time.perf_counter())
-    toks = list(generate_tokens(model, prompt_ids, params, metrics=m))
-    m.finish_time = m.token_times[-1]
-    return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot}, toks
 
 
 @torch.no_grad()
@@ -116,72 +97,59 @@ def _rows(models: dict, medians: dict, tokens: dict, ppl: dict, base: str, promp
 
 
 def main(args) -> int:
-    from minfer.eval.perplexity import perplexity, reference_text, text_fingerprint
+    from minfer.eval.perplexity import DEFAULT_CHARS, perplexity, reference_text, text_fingerprint
+    from minfer.sampling import SamplingParams
 
-    names = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if not names:
+    formats = names(args.formats, "--formats")
+    if not formats:
         raise ValueError("--formats is empty")
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
-    lm_head = None if args.lm_head == "none" else args.lm_head
     set_threads(args.threads)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    loaded = {name: _load(name, args.model, lm_head) for name in names}
-    cfg, tok = loaded[names[0]].config, loaded[names[0]].tokenizer
+    lm_head = None if args.lm_head == "none" else args.lm_head
+    loaded = {name: _load(name, args.model, lm_head) for name in formats}
+    cfg, tok = loaded[formats[0]].config, loaded[formats[0]].tokenizer
     models = {name: x.model for name, x in loaded.items()}
     prompt_ids = tok.encode(PROMPT)
     n = args.max_tokens
-
-    log(f"bench quant: {args.model}, formats {names}, LM head of quantized formats: {args.lm_head}; "
+    log(f"bench quant: {args.model}, formats {formats}, LM head of quantized formats: {args.lm_head}; "
         f"{len(prompt_ids)} prompt tokens, {n} new tokens, batch 1, cpu, {args.repeats} interleaved rounds")
     bw = measure_bandwidth("cpu")
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
 
     def timed(name):
         def run():
-            res, toks = _time_decode(models[name], prompt_ids, n)
-            tokens[name] = toks
+            res, tokens[name] = timed_generate(models[name], prompt_ids, params)
             return res
         return run
 
-    medians = interleaved({name: timed(name) for name in names}, repeats=args.repeats, warmup=1, log=log)
-
-    ppl = {}
-    text = None
+    medians = interleaved({name: timed(name) for name in formats}, repeats=args.repeats, warmup=1, log=log)
+    ppl, text = {}, None
     if not args.skip_ppl:
-        text = reference_text(args.ppl_chars) if args.ppl_chars else reference_text()
+        text = reference_text(args.ppl_chars or DEFAULT_CHARS)
         ids = tok.encode(text)
-        for name in names:
+        for name in formats:
             t0 = time.perf_counter()
             ppl[name] = perplexity(models[name], ids)
             log(f"  perplexity {name}: {ppl[name].perplexity:.4f} ({time.perf_counter() - t0:.0f} s)")
-
-    base = "fp32" if "fp32" in names else names[0]
+    base = "fp32" if "fp32" in formats else formats[0]
     rows = _rows(models, medians, tokens, ppl, base, prompt_ids, cfg, n, bw)
-
-    print(table(rows, [("format", "format", "{:>10}"), ("weight_mb", "weights MB/step", "{:.1f}"),
-                       ("decode_tps", "decode tok/s", "{:.1f}"), ("speedup", "x fp32", "{:.2f}"),
-                       ("bandwidth_gbs", "GB/s", "{:.1f}"), ("bandwidth_fraction", "of measured", "{:.0%}"),
-                       ("perplexity", "perplexity", "{:.3f}"), ("ppl_change", "ppl vs fp32", "{:+.2%}"),
-                       ("greedy_agreement", "greedy =fp32", "{:.0%}"),
-                       ("teacher_forced_agreement", "per-step =fp32", "{:.0%}")]))
+    print(table(rows, TABLES["quant"][0][2] + [("bandwidth_gbs", "GB/s", "{:.1f}"),
+                                              ("bandwidth_fraction", "of measured", "{:.0%}")]))
     print(f"\nmachine: measured read bandwidth {bw / 1e9:.1f} GB/s; {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}")
     print(f"quantized formats: body as named, LM head {args.lm_head}; fast kernels compute in bfloat16")
-    if text is not None:
-        fp = text_fingerprint(text)
-        r0 = ppl[names[0]]
+    fp = text_fingerprint(text) if text else None
+    if fp:
+        r0 = ppl[formats[0]]
         print(f"perplexity text: {fp['source']}, first {fp['chars']} chars, Python {fp['python']}, "
               f"sha256 {fp['sha256']}; windows of {r0.context} tokens, stride {r0.stride}, "
               f"{r0.scored_tokens} tokens scored")
     print(f"agreement: first {AGREEMENT_TOKENS} greedy tokens vs {base} (free-running / per step)")
     if args.json:
-        write_json(args.json, {
-            "benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
-            "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
-            "measured_bandwidth_gbs": bw / 1e9,
-            "perplexity_text": text_fingerprint(text) if text is not None else None,
-            "results": rows,
-        })
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, {"benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
+                               "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+                               "measured_bandwidth_gbs": bw / 1e9, "perplexity_text": fp, "results": rows})
+        log(f"wrote {args.json}")
     return 0

@@ -1,11 +1,5 @@
-"""``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write.
-
-    minfer bench report                      # docs/bench/*.json -> docs/benchmarks.md
-    minfer bench report DIR --out -          # print the page instead
-
-One section per file (command, machine, date, the tables of ``TABLES``); nothing typed by hand
-(docs/measuring.md).
-"""
+"""``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write: one section
+per file (command, machine, date, the tables of ``TABLES``), nothing typed by hand (docs/measuring.md)."""
 from __future__ import annotations
 
 import argparse
@@ -15,29 +9,29 @@ from pathlib import Path
 # A column: (key in the row, header, format). Missing values print as "-".
 Column = tuple[str, str, str]
 
-TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
+TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (title, rows' key, columns)
     "decode": [
-        ("Batch-1 decode (medians of the interleaved rounds)", ("results",), [
+        ("Batch-1 decode (medians of the interleaved rounds)", "results", [
             ("method", "method", "{}"), ("decode_tps", "decode tok/s", "{:.2f}"), ("ttft", "TTFT s", "{:.3f}"),
             ("tpot_ms", "TPOT ms", "{:.1f}"), ("speedup_vs_naive", "x naive", "{:.2f}"),
             ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
             ("bandwidth_fraction", "MBU", "{:.0%}"), ("same_tokens_as_cached", "greedy = cached", "{}")]),
-        ("KV-cache quantization vs the fp32 cache", ("kv_quantization",), [
+        ("KV-cache quantization vs the fp32 cache", "kv_quantization", [
             ("format", "format", "{}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
             ("max_logit_error", "max abs dlogit", "{:.3f}"),
             ("teacher_forced_top1_agreement", "top-1 agree (teacher-forced)", "{:.1%}"),
             ("first_divergence", "first diverging token", "{}")]),
     ],
     "kv": [
-        ("KV capacity within the memory budget", ("capacity",), [
+        ("KV capacity within the memory budget", "capacity", [
             ("method", "method", "{}"), ("max_seqs", "max concurrent seqs", "{}"),
             ("x_contiguous", "x contiguous", "{:.2f}"), ("fragmentation", "fragmentation", "{:.1%}")]),
-        ("TTFT with a shared prefix", ("ttft",), [
+        ("TTFT with a shared prefix", "ttft", [
             ("method", "method", "{}"), ("prefilled", "prefilled", "{}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
             ("x_faster", "x vs cache off", "{:.2f}")]),
     ],
     "attention": [
-        ("Decode attention, one call per layer (ms per decode step)", ("rows",), [
+        ("Decode attention, one call per layer (ms per decode step)", "rows", [
             ("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
             ("repeat_ms", "K/V repeated", "{:.2f}"), ("gqa_ms", "enable_gqa", "{:.2f}"),
             ("folded_ms", "heads folded", "{:.2f}"), ("paged_ms", "paged: gather + folded", "{:.2f}"),
@@ -45,22 +39,22 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("triton_ms", "Triton kernel", "{:.2f}")]),
     ],
     "serve": [
-        ("Offline throughput, every request at t = 0", ("offline", "rows"), [
+        ("Offline throughput, every request at t = 0", "offline.rows", [
             ("method", "method", "{}"), ("seconds", "seconds", "{:.1f}"), ("output_tok_s", "output tok/s", "{:.2f}"),
             ("x_continuous", "continuous is x faster", "{:.2f}"), ("output_tok_per_cpu_s", "tok per CPU-s", "{:.2f}"),
             ("x_continuous_cpu", "x (CPU time)", "{:.2f}"), ("same_greedy", "greedy = continuous", "{}")]),
-        ("Front door: one LLM.generate of the list vs one prompt per call", ("front_door", "rows"), [
+        ("Front door: one LLM.generate of the list vs one prompt per call", "front_door.rows", [
             ("name", "method", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"), ("seconds", "seconds", "{:.1f}")]),
-        ("Online: requests arriving at the rate", ("online",), [
+        ("Online: requests arriving at the rate", "online", [
             ("name", "policy", "{}"), ("ttft.median", "median TTFT ms", "{:.0f}"),
             ("ttft.p99", "p99 TTFT ms", "{:.0f}"), ("tpot.p99", "p99 TPOT ms", "{:.0f}"),
             ("output_throughput", "output tok/s", "{:.2f}"), ("goodput", "goodput req/s", "{:.3f}")]),
-        ("Throughput vs latency as the rate rises", ("sweep",), [
+        ("Throughput vs latency as the rate rises", "sweep", [
             ("policy", "policy", "{}"), ("rate", "rate req/s", "{:g}"), ("output_throughput", "output tok/s", "{:.2f}"),
             ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("goodput", "goodput req/s", "{:.3f}")]),
     ],
     "quant": [
-        ("Weight-only quantization, batch-1 decode", ("results",), [
+        ("Weight-only quantization, batch-1 decode", "results", [
             ("format", "format", "{}"), ("weight_mb", "weights read MB", "{:.0f}"),
             ("decode_tps", "decode tok/s", "{:.1f}"), ("speedup", "x fp32", "{:.2f}"),
             ("perplexity", "perplexity", "{:.3f}"), ("ppl_change", "vs fp32", "{:+.2%}"),
@@ -68,39 +62,40 @@ TABLES: dict[str, list[tuple[str, tuple[str, ...], list[Column]]]] = {
             ("teacher_forced_agreement", "greedy = fp32 (per step)", "{:.0%}")]),
     ],
     "spec": [
-        ("Speculative decoding vs plain decoding, greedy", ("results",), [
+        ("Speculative decoding vs plain decoding, greedy", "results", [
             ("task", "task", "{}"), ("method", "method", "{}"), ("decode_tps", "tok/s", "{:.1f}"),
             ("speedup", "x plain", "{:.2f}"), ("acceptance_rate", "accept", "{:.0%}"),
             ("tokens_per_forward", "tok/fwd", "{:.2f}"), ("theory_tokens_per_forward", "theory", "{:.2f}"),
             ("identical", "= plain", "{}")]),
     ],
     "hybrid": [
-        ("Local/global KV cache: bytes per token of one sequence, allocated caches", ("rows",), [
+        ("Local/global KV cache: bytes per token of one sequence, allocated caches", "rows", [
             ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
             ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x")]),
-        ("The paged engine's blocks (block size 16, token budget 512)", ("engine",), [
+        ("The paged engine's blocks (block size 16, token budget 512)", "engine", [
             ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
             ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
             ("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]),
     ],
     "evict": [
-        ("KV eviction: perplexity and top-1 agreement with the full cache", ("rows",), [
+        ("KV eviction: perplexity and top-1 agreement with the full cache", "rows", [
             ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("ppl", "perplexity", "{:.2f}"),
             ("agreement", "top-1 = full", "{:.0%}"), ("kv_bytes", "KV bytes", "{}")]),
     ],
     "guided": [
-        ("Structured output: the token mask per decode step (medians)", ("rows",), [
+        ("Structured output: the token mask per decode step (medians)", "rows", [
             ("batch", "batch", "{}"), ("mask_ms", "mask ms", "{:.2f}"), ("unguided_step_ms", "unguided step ms", "{:.1f}"),
             ("guided_step_ms", "guided step ms", "{:.1f}"), ("mask_ratio", "mask / unguided step", "{:.1%}"),
             ("step_ratio", "guided / unguided step", "{:.2f}")]),
     ],
     "guidellm": [
         ("guidellm and `minfer bench serve --url` on one server and workload (medians of the alternated rounds)",
-         ("summary",), [("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
-                        ("req_s", "requests/s", "{:.3f}"), ("x_minfer", "x minfer's tok/s", "{:.3f}"),
-                        ("spread", "(max - min) / median of its rounds", "{:.1%}")]),
-        ("Each round, in the order run", ("rounds",), [("round", "round", "{}"), ("tool", "client", "{}"),
-                                                       ("output_tok_s", "output tok/s", "{:.2f}"), ("req_s", "requests/s", "{:.3f}")]),
+         "summary", [("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+                     ("req_s", "requests/s", "{:.3f}"), ("x_minfer", "x minfer's tok/s", "{:.3f}"),
+                     ("spread", "(max - min) / median of its rounds", "{:.1%}")]),
+        ("Each round, in the order run", "rounds", [("round", "round", "{}"), ("tool", "client", "{}"),
+                                                    ("output_tok_s", "output tok/s", "{:.2f}"),
+                                                    ("req_s", "requests/s", "{:.3f}")]),
     ],
 }
 ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]
@@ -219,11 +214,9 @@ def _get(row: dict, key: str):
     return row
 
 
-def _rows(run: dict, path: tuple[str, ...]) -> list[dict]:
-    """The list of rows at ``path``; a dict of dicts becomes rows with their key as ``name``."""
-    value = run
-    for part in path:
-        value = value.get(part) if isinstance(value, dict) else None
+def _rows(run: dict, path: str) -> list[dict]:
+    """The list of rows at ``path`` (dotted); a dict of dicts becomes rows with their key as ``name``."""
+    value = _get(run, path)
     if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
         value = [{"name": k, **v} for k, v in value.items()]
     return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []

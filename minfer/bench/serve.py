@@ -1,24 +1,26 @@
 """`minfer bench serve`: serving policies under a workload; TTFT, TPOT, throughput, goodput.
 
-    minfer bench serve --policy static,continuous --rate 0.2 --num-requests 32
-    minfer bench serve --url http://127.0.0.1:8000                      (serve_http.py)
-    minfer bench serve --routing round_robin,prefix_aware --replicas 2  (serve_route.py)
-
-Online (requests arrive at --rate), offline baselines (--baselines) and the front door
-(--front-door), on one seeded trace. What each part measures: docs/measuring.md.
+Online (--rate), offline baselines (--baselines) and the front door (--front-door), on one seeded trace;
+``--url`` measures a running server (serve_http.py), ``--routing`` router policies (serve_route.py).
+What each part measures: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from minfer.bench.timing import interleaved, table, write_json
+from minfer.bench.report import TABLES
+from minfer.bench.timing import interleaved, log, names, table, write_json
 from minfer.cli_args import add_model_args
+from minfer.engine import LLMEngine, run_trace
+from minfer.generate import generate_tokens
+from minfer.sampling import SamplingParams
+from minfer.serving.metrics import RequestStats, format_table, summarize
 
 BASELINES = ("sequential", "torch-decode", "transformers", "float32")
 
@@ -32,6 +34,7 @@ def _range(s: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minfer.serving.cost import DEFAULT_PRICE_PER_HOUR, DEFAULT_WATTS
     add_model_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--policy", default="static,continuous",
@@ -49,23 +52,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="the engine's decode steps eager (--enforce-eager) or on the static step, CUDA graphs "
-                        "on a GPU (--no-enforce-eager); default as LLM: static on CUDA, eager on a CPU")
+                   help="eager decode steps; --no-enforce-eager: the static step, CUDA graphs on a GPU "
+                        "(default as LLM: static on CUDA, eager on a CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
                         "kernel on a CPU in float32 or bf16), torch (gather + SDPA), cpu, triton")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison: comma-separated sequential,torch-decode,transformers,"
-                        "float32 (torch-decode: the engine with --decode-kernel torch; float32: the engine on "
-                        "a float32 copy of the model, to compare with --dtype bfloat16)")
+                   help="offline throughput comparison, comma-separated: sequential, torch-decode (gather + "
+                        "SDPA), transformers, float32 (a float32 copy, next to --dtype bfloat16)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
     p.add_argument("--sweep-rates", default="", help="comma-separated rates for the throughput-latency plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench_results/serve", help="plots and JSON go here")
-    from minfer.serving.cost import DEFAULT_PRICE_PER_HOUR, DEFAULT_WATTS
     p.add_argument("--url", default=None,
                    help="a running `minfer serve`: measure from the client over HTTP, next to in-process, "
                         "then online vs batch cost (minfer/bench/serve_http.py)")
@@ -80,20 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"power drawn, with --url (default {DEFAULT_WATTS:g}: an H100's board power)")
 
 
-# ---------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------
-
-
 def _params(r):
-    from minfer.sampling import SamplingParams
     return SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
 
 
 def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
     """The engine under test; on the static path its width is the trace's longest request (``max_len``).
     ``decode_kernel``: None = ``--decode-kernel``."""
-    from minfer.engine import LLMEngine
     eager = args.enforce_eager
     if eager is None:
         eager = model.model.embed_tokens.weight.device.type != "cuda"
@@ -106,8 +100,7 @@ def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
 
 
 def run_online(model, tok, args, policy, trace, decode_kernel=None):
-    """Replay the trace in real time; returns (RequestStats list, duration, outputs)."""
-    from minfer.engine import run_trace
+    """Replay the trace in real time through the engine -> (RequestStats list, seconds, output tokens)."""
     eng = _engine(model, tok, args, policy,
                   max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
@@ -116,48 +109,26 @@ def run_online(model, tok, args, policy, trace, decode_kernel=None):
 
 def run_sequential(model, trace):
     """One request at a time, no batching: the latency-first single-request loop."""
-    from minfer.generate import generate_tokens
-    from minfer.serving.metrics import RequestStats
     t0 = time.perf_counter()
     stats, outs = [], []
     for r in trace:
-        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids))
-        s.first_scheduled_time = time.perf_counter()
-        toks = []
-        for tok in generate_tokens(model, r.prompt_token_ids, _params(r)):
-            toks.append(tok)
-            s.token_times.append(time.perf_counter())
+        s = RequestStats(arrival_time=t0, first_scheduled_time=time.perf_counter())
+        outs.append(list(generate_tokens(model, r.prompt_token_ids, _params(r), metrics=s)))  # stamps tokens
         s.finish_time = s.token_times[-1]
         stats.append(s)
-        outs.append(toks)
     return stats, time.perf_counter() - t0, outs
-
-
-def run_front_door(llm, trace, batched: bool):
-    """Through ``LLM.generate``: every prompt in one call, or one call per prompt."""
-    prompts = [r.prompt_token_ids for r in trace]
-    params = [_params(r) for r in trace]
-    t0 = time.perf_counter()
-    if batched:
-        outs = llm.generate(prompts, params)
-    else:
-        outs = [llm.generate(p, sp)[0] for p, sp in zip(prompts, params)]
-    return [o.metrics for o in outs], time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
 @torch.no_grad()
 def run_transformers(hf, trace, pad_id: int):
     """HF generate on one left-padded batch of every request, until the longest is done."""
+    from torch.nn.utils.rnn import pad_sequence
+
     from minfer.bench.peers import StepClock
-    from minfer.serving.metrics import RequestStats
-    L = max(len(r.prompt_token_ids) for r in trace)
-    ids = torch.full((len(trace), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(trace), L), dtype=torch.long)
-    for i, r in enumerate(trace):
-        n = len(r.prompt_token_ids)
-        ids[i, L - n:] = torch.tensor(r.prompt_token_ids)
-        mask[i, L - n:] = 1
-    ids, mask = ids.to(hf.device), mask.to(hf.device)
+    prompts = [torch.tensor(r.prompt_token_ids) for r in trace]
+    ids = pad_sequence(prompts, batch_first=True, padding_value=pad_id, padding_side="left")      # (B, L)
+    mask = pad_sequence([torch.ones_like(p) for p in prompts], batch_first=True, padding_side="left")
+    ids, mask, L = ids.to(hf.device), mask.to(hf.device), ids.shape[1]
     steps = max(r.max_tokens for r in trace)
     clock = StepClock()
     t0 = time.perf_counter()
@@ -165,35 +136,21 @@ def run_transformers(hf, trace, pad_id: int):
                       streamer=clock, pad_token_id=pad_id)
     duration = time.perf_counter() - t0
     times = clock.times[1:]                    # the first put() is the prompt
-    stats, outs = [], []
-    for i, r in enumerate(trace):
-        s = RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids), first_scheduled_time=t0)
-        s.token_times = times[:r.max_tokens]
-        s.finish_time = s.token_times[-1]      # generous: its last useful token, not the batch's end
-        stats.append(s)
-        outs.append(out[i, L:L + r.max_tokens].tolist())
-    return stats, duration, outs
+    # each request finishes at its last useful token (generous: not the batch's end)
+    stats = [RequestStats(arrival_time=t0, num_prompt_tokens=len(r.prompt_token_ids), first_scheduled_time=t0,
+                          token_times=times[:r.max_tokens], finish_time=times[r.max_tokens - 1])
+             for r in trace]
+    return stats, duration, [out[i, L:L + r.max_tokens].tolist() for i, r in enumerate(trace)]
 
 
-# ---------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------
-
-
-def plot_distributions(results: dict, path: Path, title: str) -> None:
+def _panels(path: Path, title: str, draw) -> None:
+    """Two plots side by side, drawn by ``draw(axes)``, with grid and legend, saved as ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, stats in results.items():
-        for ax, metric in zip(axes, ("ttft", "tpot")):
-            xs = sorted(1000 * getattr(s, metric) for s in stats if getattr(s, metric) is not None)
-            if xs:
-                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name, drawstyle="steps-post")
-    for ax, metric in zip(axes, ("TTFT", "TPOT")):
-        ax.set_xlabel(f"{metric} (ms)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{metric} distribution (CDF)")
+    draw(axes)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -202,55 +159,50 @@ def plot_distributions(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_distributions(results: dict, path: Path, title: str) -> None:
+    """The TTFT and TPOT of each run as CDFs."""
+    def draw(axes):
+        for ax, metric in zip(axes, ("ttft", "tpot")):
+            for name, stats in results.items():
+                xs = sorted(1000 * getattr(s, metric) for s in stats if getattr(s, metric) is not None)
+                if xs:
+                    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                    ax.plot(xs, ys, label=name, drawstyle="steps-post")
+            ax.set(xlabel=f"{metric.upper()} (ms)", ylabel="fraction of requests",
+                   title=f"{metric.upper()} distribution (CDF)")
+    _panels(path, title, draw)
+
+
 def plot_sweep(sweep: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for policy in sorted({row["policy"] for row in sweep}):
-        rows = [r for r in sweep if r["policy"] == policy]
-        for ax, key in zip(axes, ("p99_ttft_ms", "median_tpot_ms")):
-            ax.plot([r["output_throughput"] for r in rows], [r[key] for r in rows], marker="o", label=policy)
-            for r in rows:
-                ax.annotate(f"{r['rate']:g}/s", (r["output_throughput"], r[key]), fontsize=7)
-    for ax, label in zip(axes, ("p99 TTFT (ms)", "median TPOT (ms)")):
-        ax.set_xlabel("output throughput (tok/s)")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("throughput vs latency as the arrival rate rises")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------
+    """p99 TTFT and median TPOT against output throughput, one line per policy, points labelled by rate."""
+    def draw(axes):
+        labels = {"p99_ttft_ms": "p99 TTFT (ms)", "median_tpot_ms": "median TPOT (ms)"}
+        for ax, (key, label) in zip(axes, labels.items()):
+            for policy in sorted({row["policy"] for row in sweep}):
+                rows = [r for r in sweep if r["policy"] == policy]
+                xs = [r["output_throughput"] for r in rows]
+                ax.plot(xs, [r[key] for r in rows], marker="o", label=policy)
+                for r in rows:
+                    ax.annotate(f"{r['rate']:g}/s", (r["output_throughput"], r[key]), fontsize=7)
+            ax.set(xlabel="output throughput (tok/s)", ylabel=label, yscale="log")
+    _panels(path, "throughput vs latency as the arrival rate rises", draw)
 
 
 def _check(args) -> tuple[list[str], list[str], list[float], dict]:
     """The flags, checked before the model loads -> (policies, baselines, sweep rates, SLOs in ms)."""
     from minfer.engine.scheduler import POLICIES
-    policies = [x.strip() for x in args.policy.split(",") if x.strip()]
-    if bad := [x for x in policies if x not in POLICIES]:
-        raise ValueError(f"--policy: unknown {bad}; choose from {POLICIES}")
-    baselines = [x.strip() for x in args.baselines.split(",") if x.strip()]
-    if bad := [x for x in baselines if x not in BASELINES]:
-        raise ValueError(f"--baselines: unknown {bad}; choose from {BASELINES}")
+    from minfer.serving.router import POLICIES as ROUTER_POLICIES
+    policies = names(args.policy, "--policy", POLICIES)
+    baselines = names(args.baselines, "--baselines", BASELINES)
+    names(args.routing or "", "--routing", ROUTER_POLICIES)
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
-    if args.routing:
-        from minfer.serving.router import POLICIES as ROUTER_POLICIES
-        if bad := [x for x in args.routing.split(",") if x.strip() and x.strip() not in ROUTER_POLICIES]:
-            raise ValueError(f"--routing: unknown {bad}; choose from {ROUTER_POLICIES}")
-    if args.url is not None and not args.url.startswith(("http://", "https://")):
-        raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.url is not None:                     # before any model is loaded: is a server there?
         import httpx
+        if not args.url.startswith(("http://", "https://")):
+            raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
         try:
             httpx.get(f"{args.url.rstrip('/')}/v1/models", timeout=5)
         except (httpx.HTTPError, ValueError) as e:
@@ -260,17 +212,25 @@ def _check(args) -> tuple[list[str], list[str], list[float], dict]:
     return policies, baselines, sweep_rates, slo
 
 
-def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: Path) -> dict:
+def _offline(args, llm, trace, baselines: list[str], n_out: int, out_dir: Path) -> dict:
     """Offline throughput: every request at t = 0, the engine against the baselines, interleaved."""
-    from minfer.serving.metrics import format_table, summarize
     model, tok = llm.model, llm.tokenizer
-    offline = [dict(r.__dict__, arrival_time=0.0) for r in trace]
-    from minfer.serving.workload import TraceRequest
-    offline = [TraceRequest(**d) for d in offline]
-    hf = None
+    offline = [dataclasses.replace(r, arrival_time=0.0) for r in trace]
+    runs = {"continuous": lambda: run_online(model, tok, args, "continuous", offline)}
+    if "sequential" in baselines:
+        runs["sequential"] = lambda: run_sequential(model, offline)
+    if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
+        runs["torch-decode"] = lambda: run_online(model, tok, args, "continuous", offline,
+                                                  decode_kernel="torch")
+    if "float32" in baselines:      # what --dtype buys: the same engine on the model in float32
+        from minfer.loading import load_model
+        m32 = load_model(args.model, device=llm.device, dtype="float32", prepack=None).model  # as LLM does
+        runs["float32"] = lambda: run_online(m32, tok, args, "continuous", offline)
     if "transformers" in baselines:
         from minfer.bench.peers import hf_model
         hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
+        pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+        runs["transformers"] = lambda: run_transformers(hf, offline, pad)
     results, outputs = {}, {}
 
     def wrap(name, fn):
@@ -283,21 +243,9 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: P
                     "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}
         return run
 
-    methods = {"continuous": wrap("continuous", lambda: run_online(model, tok, args, "continuous", offline))}
-    if "sequential" in baselines:
-        methods["sequential"] = wrap("sequential", lambda: run_sequential(model, offline))
-    if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA
-        methods["torch-decode"] = wrap("torch-decode", lambda: run_online(model, tok, args, "continuous",
-                                                                          offline, decode_kernel="torch"))
-    if "float32" in baselines:      # what --dtype buys: the same engine on the model in float32
-        from minfer.loading import load_model
-        m32 = load_model(args.model, device=llm.device, dtype="float32", prepack=None).model   # as LLM loads it
-        methods["float32"] = wrap("float32", lambda: run_online(m32, tok, args, "continuous", offline))
-    if hf is not None:
-        pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-        methods["transformers"] = wrap("transformers", lambda: run_transformers(hf, offline, pad))
     log("offline throughput (all requests at t = 0), interleaved:")
-    med = interleaved(methods, repeats=args.repeats, warmup=0, log=log)
+    med = interleaved({name: wrap(name, fn) for name, fn in runs.items()}, repeats=args.repeats, warmup=0,
+                      log=log)
     rows = []
     for name, r in med.items():
         same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
@@ -305,34 +253,31 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, log, out_dir: P
                      "x_continuous_cpu": med["continuous"]["output_tok_per_cpu_s"] / r["output_tok_per_cpu_s"],
                      "same_greedy": f"{same}/{len(trace)}"})
     print("\n== offline throughput: every request at t = 0 (medians of the interleaved rounds) ==")
-    print(table(rows, [("method", "method", "{:>12}"), ("seconds", "seconds", "{:.1f}"),
-                       ("output_tok_s", "output tok/s", "{:.2f}"),
-                       ("x_continuous", "continuous is x faster", "{:.2f}"),
-                       ("cpu_seconds", "CPU s", "{:.1f}"),
-                       ("output_tok_per_cpu_s", "tok per CPU-s", "{:.2f}"),
-                       ("x_continuous_cpu", "x (CPU time)", "{:.2f}"),
-                       ("same_greedy", "greedy = continuous", "{}")]))
+    print(table(rows, TABLES["serve"][0][2] + [("cpu_seconds", "CPU s", "{:.1f}")]))
     offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
-    print()
-    print(format_table(offline_metrics))
+    print("\n" + format_table(offline_metrics))
     plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
                        f"{len(trace)} requests at t = 0")
     return {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
 
 
-def _front_door(args, llm, trace, n_out: int, log) -> dict:
+def _front_door(args, llm, trace, n_out: int) -> dict:
     """The front door: ``LLM.generate`` on the list vs one prompt per call."""
     from minfer.llm import LLM
-    model, tok = llm.model, llm.tokenizer
-    front = LLM.from_model(model, tok, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                           kv_cache_memory_bytes=2 * 2**30,
+    front = LLM.from_model(llm.model, llm.tokenizer, max_num_seqs=args.max_num_seqs,
+                           block_size=args.block_size, kv_cache_memory_bytes=2 * 2**30,
                            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                            decode_kernel=args.decode_kernel)
+    prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
     outs = {}
 
     def door(name, batched):
-        def run():
-            _, duration, outs[name] = run_front_door(front, trace, batched)
+        def run():                                  # every prompt in one call, or one call per prompt
+            t0 = time.perf_counter()
+            res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
+                                                                   for p, sp in zip(prompts, params)]
+            duration = time.perf_counter() - t0
+            outs[name] = [o.token_ids for o in res]
             return {"output_tok_s": n_out / duration, "seconds": duration}
         return run
 
@@ -342,65 +287,57 @@ def _front_door(args, llm, trace, n_out: int, log) -> dict:
     ratio = med["LLM.generate(list)"]["output_tok_s"] / med["one prompt per call"]["output_tok_s"]
     same = sum(a == b for a, b in zip(outs["list"], outs["one"]))
     print("\n== the front door: LLM.generate on all prompts vs one prompt per call (medians) ==")
-    print(table([{"method": k, **v} for k, v in med.items()],
-                [("method", "method", "{:>20}"), ("seconds", "seconds", "{:.1f}"),
-                 ("output_tok_s", "output tok/s", "{:.2f}")]))
+    print(table([{"name": k, **v} for k, v in med.items()], TABLES["serve"][1][2]))
     print(f"LLM.generate(list) is {ratio:.2f}x the output tok/s of one prompt per call; "
           f"greedy outputs identical: {same}/{len(trace)}")
     return {"rows": med, "ratio": ratio, "same_greedy": same, "requests": len(trace)}
 
 
-def _online(args, llm, trace, policies: list[str], slo: dict, log, out_dir: Path) -> dict:
-    """Online serving: each scheduling policy on the trace at its arrival rate."""
-    from minfer.serving.metrics import format_table, summarize
-    online, runs = {}, {}
+def _at_rate(args, llm, trace, policies: list[str], rate: float, slo: dict, part: str) -> dict:
+    """Each policy on ``trace`` (arriving at ``rate``) -> {policy: (RequestStats list, ServingMetrics)}."""
+    out = {}
     for policy in policies:
-        log(f"online: {policy} at {args.rate:g} req/s ...")
+        log(f"{part}: {policy} at {rate:g} req/s ...")
         stats, duration, _ = run_online(llm.model, llm.tokenizer, args, policy, trace)
-        runs[policy] = stats
-        online[policy] = summarize(stats, duration=duration, slo_ms=slo)
+        out[policy] = stats, summarize(stats, duration=duration, slo_ms=slo)
+    return out
+
+
+def _online(args, llm, trace, policies: list[str], slo: dict, out_dir: Path) -> dict:
+    """Online serving: each scheduling policy on the trace at its arrival rate."""
+    runs = _at_rate(args, llm, trace, policies, args.rate, slo, "online")
     print(f"\n== online: {len(trace)} requests arriving at {args.rate:g} req/s "
           f"(burstiness {args.burstiness:g}) ==")
-    print(format_table(online))
-    plot_distributions(runs, out_dir / "online_ttft_tpot.png", f"{len(trace)} requests at {args.rate:g} req/s")
-    return {k: m.as_dict() for k, m in online.items()}
+    print(format_table({k: m for k, (_, m) in runs.items()}))
+    plot_distributions({k: s for k, (s, _) in runs.items()}, out_dir / "online_ttft_tpot.png",
+                       f"{len(trace)} requests at {args.rate:g} req/s")
+    return {k: m.as_dict() for k, (_, m) in runs.items()}
 
 
-def _sweep(args, llm, make_trace, policies: list[str], sweep_rates: list[float], slo: dict, log,
+def _sweep(args, llm, make_trace, policies: list[str], sweep_rates: list[float], slo: dict,
            out_dir: Path) -> list[dict]:
     """Throughput against latency as the arrival rate rises, for each policy."""
-    from minfer.serving.metrics import summarize
-    model, tok = llm.model, llm.tokenizer
     sweep = []
     for rate in sweep_rates:
-        tr = make_trace(rate)
-        for policy in policies:
-            log(f"sweep: {policy} at {rate:g} req/s ...")
-            stats, duration, _ = run_online(model, tok, args, policy, tr)
-            m = summarize(stats, duration=duration, slo_ms=slo)
+        for policy, (_, m) in _at_rate(args, llm, make_trace(rate), policies, rate, slo, "sweep").items():
             sweep.append({"policy": policy, "rate": rate, "output_throughput": m.output_throughput,
-                          "p99_ttft_ms": m.ttft.p99, "median_tpot_ms": m.tpot.median,
-                          "goodput": m.goodput})
+                          "p99_ttft_ms": m.ttft.p99, "median_tpot_ms": m.tpot.median, "goodput": m.goodput})
     print("\n== sweep ==")
-    print(table(sweep, [("policy", "policy", "{:>10}"), ("rate", "rate req/s", "{:g}"),
-                        ("output_throughput", "output tok/s", "{:.2f}"),
-                        ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"), ("median_tpot_ms", "median TPOT ms", "{:.0f}"),
-                        ("goodput", "goodput req/s", "{:.3f}")]))
+    print(table(sweep, TABLES["serve"][3][2] + [("median_tpot_ms", "median TPOT ms", "{:.0f}")]))
     plot_sweep(sweep, out_dir / "sweep.png")
     return sweep
 
 
 def main(args) -> int:
+    from minfer.bench.machine import machine_line
     from minfer.llm import LLM
     from minfer.serving.workload import synthetic_trace, text_trace
 
     policies, baselines, sweep_rates, slo = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
     llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory_bytes=2**27)  # its own pool unused
     model, tok = llm.model, llm.tokenizer
 
@@ -418,41 +355,34 @@ def main(args) -> int:
     log(f"bench serve: {args.model} on {llm.device} ({llm.dtype}, {torch.get_num_threads()} threads); "
         f"{len(trace)} requests, {n_in} prompt + {n_out} output tokens; budget {args.max_num_batched_tokens} "
         f"tokens/step, max {args.max_num_seqs} running")
-    from minfer.bench.machine import machine_line
     log(machine_line(llm.device))
     log("warm-up ...")
     _engine(model, tok, args, "continuous").generate([trace[0].prompt_token_ids[:32]], _params(trace[0]))
     if args.routing:
         from minfer.bench.serve_route import main_routing
-        res = main_routing(args, tok, log)
-        write_json(out_dir / "serve_routing.json", {"benchmark": "serve --routing", "model": args.model, **res})
-        log(f"wrote {out_dir}/serve_routing.json")
-        return 0
-    if args.url:
+        name, payload = "serve_routing", {"benchmark": "serve --routing", "model": args.model,
+                                          **main_routing(args, tok)}
+    elif args.url:
         from minfer.bench.serve_http import main_http
         log(f"cost assumptions: ${args.price_per_hour:g} per hour, {args.watts:g} W "
             f"(defaults: a 2-vCPU cloud VM at $0.10/h; an H100 at 700 W)")
-        res = main_http(args, llm, trace, slo, run_online, log)
-        write_json(out_dir / "serve_http.json", {"benchmark": "serve --url", "model": args.model,
-                                                "threads": torch.get_num_threads(), "rate": args.rate,
-                                                "num_requests": len(trace), **res})
-        log(f"wrote {out_dir}/serve_http.json")
-        return 0
-    payload = {"benchmark": "serve", "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype),
-               "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items() if k != "func"},
-               "prompt_tokens": n_in, "output_tokens": n_out}
-
-    if baselines:                  # 1. offline throughput: everything at t = 0, one interleaved run
-        payload["offline"] = _offline(args, llm, trace, baselines, n_out, log, out_dir)
-    if args.front_door:            # 1b. the front door: LLM.generate on the list vs one prompt per call
-        payload["front_door"] = _front_door(args, llm, trace, n_out, log)
-
-    if policies and not (baselines and math.isinf(args.rate) and policies == ["continuous"]):
-        payload["online"] = _online(args, llm, trace, policies, slo, log, out_dir)   # 2. each policy at the rate
-
-    if sweep_rates:                # 3. throughput vs latency as the rate rises
-        payload["sweep"] = _sweep(args, llm, make_trace, policies, sweep_rates, slo, log, out_dir)
-
-    write_json(out_dir / "serve.json", payload)
-    log(f"wrote {out_dir}/serve.json and plots")
+        res = main_http(args, llm, trace, slo, run_online)
+        name, payload = "serve_http", {"benchmark": "serve --url", "model": args.model,
+                                       "threads": torch.get_num_threads(), "rate": args.rate,
+                                       "num_requests": len(trace), **res}
+    else:
+        name, payload = "serve", {"benchmark": "serve", "model": args.model, "device": str(llm.device),
+                                  "dtype": str(llm.dtype), "threads": torch.get_num_threads(),
+                                  "args": {k: v for k, v in vars(args).items() if k != "func"},
+                                  "prompt_tokens": n_in, "output_tokens": n_out}
+        if baselines:              # 1. offline throughput: everything at t = 0, one interleaved run
+            payload["offline"] = _offline(args, llm, trace, baselines, n_out, out_dir)
+        if args.front_door:        # 1b. the front door: LLM.generate on the list vs one prompt per call
+            payload["front_door"] = _front_door(args, llm, trace, n_out)
+        if policies and not (baselines and math.isinf(args.rate) and policies == ["continuous"]):
+            payload["online"] = _online(args, llm, trace, policies, slo, out_dir)  # 2. each policy at --rate
+        if sweep_rates:            # 3. throughput vs latency as the rate rises
+            payload["sweep"] = _sweep(args, llm, make_trace, policies, sweep_rates, slo, out_dir)
+    write_json(out_dir / f"{name}.json", payload)
+    log(f"wrote {out_dir}/{name}.json" + (" and plots" if name == "serve" else ""))
     return 0

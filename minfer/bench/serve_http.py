@@ -1,14 +1,11 @@
-"""`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP.
-
-The same trace through an in-process engine and through the server, interleaved, with the
-same definitions (``minfer.serving.metrics``); then the cost of a token online vs batch
-(docs/measuring.md).
+"""`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP, next to
+in-process (interleaved, the same definitions), then the cost of a token online vs batch (docs/measuring.md).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import statistics
 import time
 
 from minfer.serving.metrics import RequestStats
@@ -58,11 +55,6 @@ def run_http(url: str, trace, model: str | None = None, timeout: float = 600.0):
     return stats, max(s.finish_time for s in stats) - t0, ["".join(t) for _, t in res]
 
 
-def served_model(url: str) -> str:
-    import httpx
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-
-
 KEYS = [("ttft", "median"), ("ttft", "p90"), ("ttft", "p99"), ("tpot", "median"), ("tpot", "p99"),
         ("itl", "median"), ("itl", "p99"), ("e2el", "median")]
 
@@ -76,39 +68,40 @@ def _flat(m) -> dict:
     return out
 
 
-def main_http(args, llm, trace, slo, run_online, log) -> dict:
+def main_http(args, llm, trace, slo, run_online) -> dict:
     """In-process vs HTTP on ``trace`` (interleaved rounds, medians), then online vs batch cost."""
-    from minfer.bench.timing import table
+    import httpx
+
+    from minfer.bench.timing import interleaved, log, table
     from minfer.serving.cost import cost_rows
     from minfer.serving.metrics import summarize
-    from minfer.serving.workload import TraceRequest
 
     url = args.url.rstrip("/")
-    model = served_model(url)
+    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     log(f"HTTP: {url} serves {model!r}; warm-up ...")
     run_http(url, trace[:1], model)
-    runs: dict[str, list[dict]] = {"in-process": [], "HTTP": []}
-    last = {}
-    for r in range(args.repeats):
-        for name in runs:
-            log(f"  round {r + 1}/{args.repeats}: {name} at {args.rate:g} req/s ...")
-            if name == "HTTP":
-                stats, duration, _ = run_http(url, trace, model)
-            else:
-                stats, duration, _ = run_online(llm.model, llm.tokenizer, args, "continuous", trace)
-            last[name] = summarize(stats, duration=duration, slo_ms=slo)
-            runs[name].append(_flat(last[name]))
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+
+    runs = {"in-process": lambda: run_online(llm.model, llm.tokenizer, args, "continuous", trace),
+            "HTTP": lambda: run_http(url, trace, model)}
+
+    def timed(run):
+        def fn():
+            stats, duration, _ = run()
+            return _flat(summarize(stats, duration=duration, slo_ms=slo))
+        return fn
+    log(f"in-process vs HTTP, {len(trace)} requests at {args.rate:g} req/s, interleaved:")
+    med = interleaved({name: timed(run) for name, run in runs.items()}, repeats=args.repeats, warmup=0,
+                      log=log)
     rows = [{"metric": k, "in": med["in-process"][k], "http": med["HTTP"][k],
              "ratio": med["HTTP"][k] / med["in-process"][k] if med["in-process"][k] else float("nan")}
             for k in med["HTTP"]]
     print(f"\n== client-side (HTTP) vs in-process: {len(trace)} requests at {args.rate:g} req/s, "
           f"medians of {args.repeats} interleaved rounds ==")
-    print(table(rows, [("metric", "metric", "{:>30}"), ("in", "in-process", "{:.1f}"), ("http", "HTTP", "{:.1f}"),
+    print(table(rows, [("metric", "metric", "{}"), ("in", "in-process", "{:.1f}"), ("http", "HTTP", "{:.1f}"),
                        ("ratio", "HTTP / in-process", "{:.2f}")]))
 
-    # ---- the cost of a token: online (batch 1) vs batch, same requests, in-process
-    at0 = [TraceRequest(**dict(r.__dict__, arrival_time=0.0)) for r in trace]
+    # the cost of a token: online (batch 1) vs batch, same requests, in-process
+    at0 = [dataclasses.replace(r, arrival_time=0.0) for r in trace]
     thr = {}
     for name, seqs in (("online (batch 1)", 1), (f"batch ({args.max_num_seqs} at once)", args.max_num_seqs)):
         log(f"cost: {name} ...")
@@ -119,7 +112,7 @@ def main_http(args, llm, trace, slo, run_online, log) -> dict:
     thr[f"HTTP at {args.rate:g} req/s"] = med["HTTP"]["output throughput (tok/s)"]
     cost = cost_rows(thr, args.price_per_hour, args.watts)
     print(f"\n== the cost of a token at ${args.price_per_hour:g}/h and {args.watts:g} W ==")
-    print(table(cost, [("run", "run", "{:>26}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+    print(table(cost, [("run", "run", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
                        ("usd_per_mtok", "$ / Mtok", "{:.2f}"), ("kwh_per_mtok", "kWh / Mtok", "{:.2f}"),
                        ("x_cheapest", "x cheapest", "{:.1f}")]))
     return {"http_vs_in_process": rows, "cost": cost, "price_per_hour": args.price_per_hour, "watts": args.watts}

@@ -47,14 +47,13 @@ def _cache_counts(replicas: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-def main_routing(args, tokenizer, log) -> dict:
-    from minfer.bench.timing import table
+def main_routing(args, tokenizer) -> dict:
+    """Replicas and a router per policy started, the workload sent through each in turn, all stopped."""
+    from minfer.bench.timing import log, names, table
     from minfer.serving.router import POLICIES, start_minfer, stop_processes, wait_healthy
     from minfer.serving.http_common import served_name
 
-    policies = [p.strip() for p in args.routing.split(",") if p.strip()]
-    if bad := [p for p in policies if p not in POLICIES]:
-        raise ValueError(f"--routing: unknown {bad}; choose from {POLICIES}")
+    policies = names(args.routing, "--routing", POLICIES)
     if args.replicas < 2:
         raise ValueError(f"--replicas must be >= 2 for a routing comparison, got {args.replicas}")
     threads = ["--threads", str(args.threads)] if args.threads else []
@@ -92,7 +91,7 @@ def main_routing(args, tokenizer, log) -> dict:
         row["x_ttft"] = base["ttft_mean"] / row["ttft_mean"]
     print(f"\n== routing over {args.replicas} replicas: 4 system prompts of {args.prefix_tokens} tokens x 4 "
           f"questions, {args.repeats} interleaved round(s), one request at a time ==")
-    print(table(rows, [("policy", "policy", "{:>13}"), ("hit_rate", "prefix-cache hit rate", "{:.1%}"),
+    print(table(rows, [("policy", "policy", "{}"), ("hit_rate", "prefix-cache hit rate", "{:.1%}"),
                        ("hits", "cached tokens", "{:.0f}"), ("queries", "prompt tokens", "{:.0f}"),
                        ("ttft_median", "median TTFT ms", "{:.0f}"), ("ttft_p90", "p90 TTFT ms", "{:.0f}"),
                        ("ttft_mean", "mean TTFT ms", "{:.0f}"),

@@ -1,18 +1,17 @@
 """`minfer bench spec`: plain greedy decoding vs speculative methods, on tasks where they shine and where they do not.
 
-Tasks code-edit, doc-quote, doc-answer, story; methods: plain and any spec string, timed
-interleaved at batch 1; then the engine at ``--concurrency 1,8`` (``SpecDecodeEngine``).
-The columns: docs/measuring.md.
+Batch 1 per task, then the engine at ``--concurrency`` (``SpecDecodeEngine``); the columns: docs/measuring.md.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
-from minfer.bench.timing import add_run_args, interleaved, table, write_json
+from minfer.bench.report import TABLES
+from minfer.bench.timing import (add_run_args, interleaved, log, names, positive_ints, table, timed_generate,
+                                 write_json)
 from minfer.cli_args import add_model_args, set_threads
 
 CODE = '''def summarize_orders(orders, tax_rate=0.08):
@@ -86,20 +85,13 @@ def split_methods(text: str) -> list[str]:
 
 def run_once(model, prompt_ids, params, eos, method, draft):
     """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
-    from minfer.metrics import RequestStats
-    from minfer.generate import generate_tokens
     from minfer.speculative import SpecStats, generate_speculative
-    metrics = RequestStats(arrival_time=time.perf_counter())
-    stats = None
     if method == "plain":
-        toks = list(generate_tokens(model, prompt_ids, params, eos_token_ids=eos, metrics=metrics))
-    else:
-        stats = SpecStats()
-        toks = list(generate_speculative(model, prompt_ids, params, method, draft=draft, eos_token_ids=eos,
-                                         stats=stats, metrics=metrics))
-    t = metrics.token_times
-    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"),
-            "ttft": metrics.ttft}, toks, stats
+        return *timed_generate(model, prompt_ids, params, eos_token_ids=eos), None
+    stats = SpecStats()
+    res, toks = timed_generate(model, prompt_ids, params, generate_speculative, config=method, draft=draft,
+                               eos_token_ids=eos, stats=stats)
+    return res, toks, stats
 
 
 def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurrency: list[int],
@@ -140,20 +132,12 @@ def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurr
 
 def check_args(args) -> tuple[list[str], list[str], list[int]]:
     """The flags -> (tasks, methods, concurrency levels), or ValueError naming the flag."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if unknown := [t for t in tasks if t not in TASKS]:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    tasks = names(args.tasks, "--tasks", TASKS)
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2")
     set_threads(args.threads)
-    methods = split_methods(args.methods)
-    try:
-        concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
-    if any(c < 1 for c in concurrency):
-        raise ValueError(f"--concurrency values must be >= 1, got {args.concurrency!r}")
-    return tasks, methods, concurrency
+    concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
+    return tasks, split_methods(args.methods), concurrency
 
 
 def main(args) -> int:
@@ -163,7 +147,6 @@ def main(args) -> int:
 
     tasks, methods, concurrency = check_args(args)
     configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prepack=args.prepack)
     model, tok = llm.model, llm.tokenizer
     drafts = {m: load_draft(model, c.draft_model) for m, c in configs.items() if c.method == "draft"}
@@ -201,18 +184,15 @@ def main(args) -> int:
                 "per_token_acceptance": st.per_token_acceptance if st else None,
                 "tokens_per_forward": st.mean_accepted_length if st else 1.0,
                 "theory_tokens_per_forward": st.expected_mean_length() if st else None,
-                "histogram": st.histogram() if st else None,
+                "histogram": st.histogram() if st else {},        # JSON: the keys become strings
             })
         log("  output (plain): " + repr(tok.decode(outputs["plain"])[:160]))
-    print(table(rows, [("task", "task", "{:>9}"), ("method", "method", "{:>34}"), ("new_tokens", "tokens", "{}"),
-                       ("decode_tps", "tok/s", "{:.1f}"), ("speedup", "x plain", "{:.2f}"),
-                       ("acceptance_rate", "accept", "{:.0%}"), ("tokens_per_forward", "tok/fwd", "{:.2f}"),
-                       ("theory_tokens_per_forward", "theory", "{:.2f}"), ("identical", "same", "{}")]))
+    print(table(rows, TABLES["spec"][0][2] + [("new_tokens", "tokens", "{}")]))
     print("\ntok/fwd: tokens emitted per target forward (measured); theory: mean over steps of "
           "(1 - a^(k+1)) / (1 - a) at the measured per-token acceptance a")
     batched = engine_rows(llm, configs, drafts, prompts, params, concurrency, args.repeats, log) if concurrency else []
     if batched:
-        print("\n" + table(batched, [("concurrency", "requests", "{}"), ("method", "method", "{:>34}"),
+        print("\n" + table(batched, [("concurrency", "requests", "{}"), ("method", "method", "{}"),
                                      ("tok_s", "tok/s", "{:.1f}"), ("speedup", "x plain engine", "{:.2f}"),
                                      ("forwards", "forwards", "{}"), ("tokens_per_forward", "tok/fwd", "{:.2f}"),
                                      ("identical", "same", "{}")]))
@@ -222,8 +202,7 @@ def main(args) -> int:
         write_json(args.json, {
             "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "results": [{**r, "histogram": {str(k): v for k, v in (r["histogram"] or {}).items()}} for r in rows],
-            "engine": batched,
+            "results": rows, "engine": batched,
         })
-        print(f"wrote {args.json}", file=sys.stderr)
+        log(f"wrote {args.json}")
     return 0

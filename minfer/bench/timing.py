@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import statistics
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +12,8 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
                 log: Callable[[str], None] = print) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 
-    Each call returns a dict of numbers; the result maps method -> median of each number.
+    Each call returns a dict of numbers, or None to be timed (``{"s": its wall seconds}``); the result
+    maps method -> median of each number.
     """
     for name, fn in methods.items():
         for _ in range(warmup):
@@ -19,7 +22,9 @@ def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: in
     samples: dict[str, list[dict]] = {name: [] for name in methods}
     for r in range(repeats):
         for name, fn in methods.items():
+            t = time.perf_counter()
             res = fn()
+            res = {"s": time.perf_counter() - t} if res is None else res
             samples[name].append(res)
             log(f"  round {r + 1}/{repeats} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
     return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
@@ -68,10 +73,43 @@ def run_envelope(payload: dict) -> dict:
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Plain-text table. columns: (key, header, format)."""
-    head = " | ".join(h for _, h, _ in columns)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(" | ".join((fmt.format(r[k]) if r.get(k) is not None else "n/a").rjust(len(h))
-                                for k, h, fmt in columns))
-    return "\n".join(lines)
+    """Right-aligned plain-text table. columns: (key, header, format); empty columns are left out."""
+    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in columns] for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, (_, h, _) in enumerate(columns)]
+    head = " | ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths))
+    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([head, "-" * len(head), *lines])
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the tables go to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def names(text: str, flag: str, choices=None) -> list[str]:
+    """``"a, b"`` -> ["a", "b"]; ValueError naming ``flag`` for a name not in ``choices``."""
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    if choices is not None and (bad := [x for x in out if x not in choices]):
+        raise ValueError(f"{flag}: unknown {bad}; choose from {list(choices)}")
+    return out
+
+
+def positive_ints(text: str, flag: str) -> list[int]:
+    """``"1,8"`` -> [1, 8]; ValueError naming ``flag`` unless every value is an integer >= 1."""
+    from minfer.cli_args import int_list
+    values = int_list(text, flag)
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
+
+
+def timed_generate(model, prompt_ids: list[int], params, generate=None, **kw) -> tuple[dict, list[int]]:
+    """One batch-1 generation (``generate_tokens`` unless ``generate``), timed by the ``RequestStats`` it
+    fills -> ({"decode_tps": tokens/s after the first, "ttft": seconds}, the tokens)."""
+    from minfer.generate import generate_tokens
+    from minfer.metrics import RequestStats
+    m = RequestStats(arrival_time=time.perf_counter())
+    toks = list((generate or generate_tokens)(model, prompt_ids, params, metrics=m, **kw))
+    t = m.token_times
+    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"), "ttft": m.ttft}, toks

@@ -1,12 +1,6 @@
 """The engine: requests, the scheduler, the model runner, the engine loop, the output processor.
 
-    engine = LLMEngine.from_model(llm.model, llm.tokenizer)
-    engine.add_request("Hello", SamplingParams(temperature=0, max_tokens=16))
-    while engine.has_unfinished_requests():
-        for delta in engine.step():          # streaming: new tokens/text per request
-            print(delta.request_id, delta.new_text)
-
-``docs/architecture.md`` follows one request through these files.
+``docs/architecture.md`` follows one request through these files, with a usage example.
 """
 from minfer.engine.llm_engine import LLMEngine, StepOutput, run_trace
 from minfer.engine.request import Request, RequestStatus

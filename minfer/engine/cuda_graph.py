@@ -1,10 +1,8 @@
 """The static decode step: fixed-shape buffers per batch-size bucket, replayed as CUDA graphs on a GPU.
 
-A step with S decodes runs in the smallest bucket n >= S (``bucket_for``); rows S..n-1 are
-padding that writes to a reserved scratch slot and is never sampled. On a CPU "replay" calls
-the same step on the same buffers, so everything but the capture is tested everywhere.
-vLLM: ``CudagraphDispatcher``, ``GPUModelRunner.capture_model`` (``vllm/v1/worker/gpu_model_runner.py``);
-nano-vllm: ``ModelRunner.capture_cudagraph``. Why, and the padding diagram: docs/kernels.md.
+S decodes run in the smallest bucket n >= S; rows S..n-1 are padding that writes to a scratch slot.
+On a CPU "replay" calls the same step on the same buffers. vLLM: ``CudagraphDispatcher``,
+``GPUModelRunner.capture_model``; nano-vllm: ``ModelRunner.capture_cudagraph``. Why: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -13,30 +11,19 @@ import time
 import torch
 
 from minfer.devices import to_device
+from minfer.validation import check_int
 from minfer.kv.paged import PagedBatch, PagedKVCache
 
-# The static width's default cap, in keys: vLLM's ``max_seq_len_to_capture`` default. Every
-# static decode attends over this many keys (padding masked), so a model with a 128k context
-# would otherwise pad each decode to 128k; longer contexts run eager instead.
+# The static width's default cap in keys (vLLM's ``max_seq_len_to_capture``); longer contexts run eager.
 MAX_SEQ_LEN_TO_CAPTURE = 8192
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Batch-size buckets: powers of two up to ``max_num_seqs``, and ``max_num_seqs`` itself.
-
-    capture_sizes(1) = [1]; capture_sizes(8) = [1, 2, 4, 8]; capture_sizes(12) = [1, 2, 4, 8, 12].
-    A padded batch therefore wastes less than half its rows. (vLLM's default list is
-    1, 2, 4, then steps of 8; nano-vllm's 1, 2, 4, 8, then steps of 16.)
-    """
-    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-    sizes, s = [], 1
-    while s <= max_num_seqs:
-        sizes.append(s)
-        s *= 2
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
-    return sizes
+    """Batch-size buckets: powers of two up to ``max_num_seqs``, and ``max_num_seqs`` itself:
+    capture_sizes(12) = [1, 2, 4, 8, 12]. (vLLM: 1, 2, 4, then steps of 8; nano-vllm: steps of 16.)"""
+    check_int(max_num_seqs, "max_num_seqs", lo=1)
+    sizes = [2 ** i for i in range(max_num_seqs.bit_length())]
+    return sizes + [max_num_seqs] if sizes[-1] != max_num_seqs else sizes
 
 
 def bucket_for(n: int, sizes: list[int]) -> int:
@@ -51,12 +38,9 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 
 def capture_graph(step, pool=None):
-    """Warm ``step()`` up on a side stream, then record one call of it -> (CUDAGraph, its output).
-
-    The warm-up runs outside the recording, as PyTorch asks: lazy initialisation, cuBLAS
-    workspaces and torch.compile happen there. ``graph.replay()`` then rewrites the output
-    tensor in place. ``pool``: share another graph's memory pool.
-    """
+    """Warm ``step()`` up on a side stream (lazy init, cuBLAS workspaces, torch.compile happen there, as
+    PyTorch asks), then record one call -> (CUDAGraph, its output, rewritten by each replay). ``pool``:
+    share another graph's memory pool."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -70,12 +54,8 @@ def capture_graph(step, pool=None):
 
 
 class StaticSingleDecode:
-    """The single-request loop's decode step on static buffers (gpt-fast's shape).
-
-    ``step(tok, pos)`` -> logits (vocab,) through a ``StaticKVCache``; one CUDA graph on a GPU, the
-    same call on the same buffers on a CPU. Build it BEFORE the prefill: the capture's warm-up
-    writes slot 0 (docs/kernels.md).
-    """
+    """The single-request loop's decode step on static buffers (gpt-fast's shape): ``step(tok, pos)`` ->
+    logits (vocab,) through a ``StaticKVCache``. Build it BEFORE the prefill: the warm-up writes slot 0."""
 
     def __init__(self, model, cache, attention="sdpa", use_cuda_graph: bool | None = None):
         self.model, self.cache, self.attention = model, cache, attention
@@ -101,12 +81,9 @@ class StaticSingleDecode:
 
 
 class StaticDecodeRunner:
-    """Decode-only steps on static buffers, one bucket per captured batch size.
-
-    ``run(input_ids, meta, sample_rows)`` -> the logits of ``sample_rows`` (K, vocab), as
-    ``ModelRunner.execute_model``; ``fits(meta)`` says whether a batch can run here (else eager).
-    The buffers serve every bucket (nano-vllm's ``graph_vars``); ``compile=True`` adds
-    ``torch.compile``, its warm-up timed as ``compile_seconds`` (docs/kernels.md).
+    """Decode-only steps on static buffers (nano-vllm's ``graph_vars``), one bucket per batch size.
+    ``run(input_ids, meta, sample_rows)`` -> logits (K, vocab) as ``ModelRunner.execute_model``;
+    ``fits(meta)``: can it run here (else eager). ``compile=True``: torch.compile (``compile_seconds``).
     """
 
     def __init__(self, model, cache: PagedKVCache, scratch_block: int, max_num_seqs: int, *,
@@ -132,8 +109,7 @@ class StaticDecodeRunner:
         self.query_lens = torch.ones(B, dtype=torch.long, device=device)           # (B,) one token each
         self.rows = torch.arange(B, device=device)                                 # (B,) logits rows
         self.step = self._step
-        self.compile_seconds = 0.0
-        self.capture_seconds = 0.0
+        self.compile_seconds = self.capture_seconds = 0.0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}               # bucket -> the graph's logits (1, n, V)
         self.graph_pool = None
@@ -150,12 +126,9 @@ class StaticDecodeRunner:
         if self.use_cuda_graph:
             self.capture()
 
-    # ------------------------------------------------------------ the step
     def _step(self, n: int) -> torch.Tensor:
-        """One decode forward on the first n rows of the static buffers -> logits (1, n, vocab).
-
-        Only tensor ops on fixed shapes: this is what a CUDA graph records.
-        """
+        """One decode forward on the first n rows of the static buffers -> logits (1, n, vocab): only
+        tensor ops on fixed shapes, what a CUDA graph records."""
         meta = PagedBatch(query_lens=self.query_lens[:n], seq_lens=self.context_lens[:n],
                           block_tables=self.block_tables[:n], slot_mapping=self.slot_mapping[:n],
                           logits_indices=self.rows[:n], positions=self.positions[:, :n])
@@ -172,7 +145,6 @@ class StaticDecodeRunner:
             self.context_lens[start:end] = 1
             self.block_tables[start:end, 0] = self.scratch_block   # the only column a context of 1 reads
 
-    # ------------------------------------------------------------ CUDA graphs
     def capture(self) -> None:
         """One CUDA graph per bucket, largest first, sharing one memory pool (padding rows only)."""
         t0 = time.perf_counter()
@@ -185,7 +157,6 @@ class StaticDecodeRunner:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
 
-    # ------------------------------------------------------------ one engine step
     def fits(self, meta: PagedBatch) -> bool:
         """Decodes only (one token per sequence), few enough, contexts within the static width."""
         S = len(meta.query_lens)

@@ -5,26 +5,12 @@
          │            block pool, preemption)                  paged KV cache)      v
     StepOutput <── TextOutput (detokenize, stop strings) <── stop rule <── sample (per request)
 
-``LLMEngine.step()`` is one iteration: schedule, run the model on the
-flattened batch, sample a token for every request whose tokens are now all
-computed, check the stop conditions, free finished requests, and return what
-each request gained (for streaming). ``minfer.LLM`` and the HTTP server are
-front doors to this loop. vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``)
-with ``LLMEngine`` (``vllm/v1/engine/llm_engine.py``) around it.
-
-Sampling stays per request: each request owns a ``torch.Generator`` seeded
-from its ``SamplingParams.seed`` and draws from it only when it produces a
-token. Its outputs therefore depend on its seed and its own logits, never on
-the rest of the batch, on chunk sizes, or on preemptions.
-
-Parallel sampling (``n > 1``): the request runs alone until its prompt is
-computed; then it forks into n sequences that share the prompt's KV blocks
-(``KVCacheManager.fork``; the partly filled last block is copied on the first
-write: copy-on-write). **Seed rule:** sample i draws from seed ``seed + i``
-(sample 0 is the request itself, so n = 1 is unchanged); without a seed every
-sample is unseeded. Sample i of a request therefore equals the same request
-with ``n=1, seed=seed + i``. vLLM forks the same way in ``ParentRequest``
-(``vllm/v1/engine/parallel_sampling.py``).
+``step()``: schedule, run the model on the flattened batch, sample a token for every request
+whose tokens are all computed, check the stops, free finished requests, return each one's delta.
+Each request samples from its own seeded generator; ``n > 1`` forks after the prompt (sample i
+uses seed ``seed + i``). vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``), ``LLMEngine``
+(``vllm/v1/engine/llm_engine.py``), ``ParentRequest`` (``parallel_sampling.py``). More:
+docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -64,12 +50,8 @@ class StepOutput:
 
 
 class LLMEngine:
-    """``add_request`` / ``step`` / ``abort``; ``generate`` for a whole list at once.
-
-    Build it with ``LLMEngine.from_model(model, tokenizer, ...)``; the
-    constructor takes any runner with ``execute``, ``kv_manager`` and
-    ``vocab_size`` (the tests and lesson 05 use a fake model).
-    """
+    """``add_request`` / ``step`` / ``abort``; ``generate`` for a whole list at once. Build it with
+    ``from_model``; the constructor takes any runner with ``execute``, ``kv_manager``, ``vocab_size``."""
 
     def __init__(self, runner, scheduler_config: SchedulerConfig | None = None, *, tokenizer=None,
                  eos_token_ids: Iterable[int] | None = None, max_model_len: int | None = None,
@@ -106,20 +88,12 @@ class LLMEngine:
                    decode_kernel: str = "auto", scheduler_cls: Callable[..., Scheduler] = Scheduler,
                    kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager,
                    logprobs_mode: str = "raw_logprobs") -> "LLMEngine":
-        """An engine over a minfer ``Transformer``.
+        """An engine over a minfer ``Transformer`` (the arguments: ``LLM``'s, docs/architecture.md).
 
-        num_blocks: KV blocks in the pool. Default: enough for ``max_num_seqs`` requests of
-        the model's full context, but at most ``kv_cache_memory`` bytes.
-        wrap_runner: ``ModelRunner -> runner`` (same ``execute``, ``kv_manager``, ``vocab_size``);
-        tensor/pipeline parallelism wraps it to broadcast each step (``minfer.distributed.engine``).
-        enforce_eager, compile, max_seq_len_to_capture: the static decode path (``ModelRunner``,
-        ``minfer/engine/cuda_graph.py``); eager by default here, ``LLM`` picks per device.
-        decode_kernel: how eager decode steps read the pool (``minfer.attention.paged.resolve_decode_kernel``):
-        "auto" = the C++ kernel on a CPU in float32 or bfloat16 when it builds, gather + SDPA otherwise.
-        scheduler_cls, kv_manager_cls: the classes (or any callables with their constructors'
-        arguments) that decide each step and own the block tables: another scheduling policy
-        or slot layout plugs in here, as lessons 04 and 05 plug in the learner's.
-        logprobs_mode: "raw_logprobs" or "processed_logprobs" (``minfer/logprobs.py``, vLLM's option).
+        num_blocks: default enough for ``max_num_seqs`` requests of the full context, at most
+        ``kv_cache_memory`` bytes. wrap_runner: ``ModelRunner -> runner`` (tensor/pipeline parallelism
+        broadcasts each step, ``minfer.distributed.engine``). scheduler_cls, kv_manager_cls: another
+        scheduling policy or slot layout plugs in here (lessons 04 and 05 plug in the learner's).
         """
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
@@ -156,16 +130,11 @@ class LLMEngine:
                               arrival_time: float, first_token: int, first_token_time: float,
                               load_kv: Callable[[list[int], int], None],
                               generator_state=None) -> StepOutput | None:
-        """Admit a request whose prompt another engine computed (prefill/decode disaggregation).
-
-        It joins the running requests with its first token (sampled by the prefill engine at
-        ``first_token_time``) and decodes from there as if it had been prefilled here.
-        ``load_kv(block_table, num_cached)`` must write the K/V of the prompt's blocks from
-        ``num_cached // block_size`` on (the ones before were found in this pool's prefix cache).
-        ``generator_state`` continues the prefill side's sampler, so seeded sampling is unchanged.
-        Returns the first token's delta, or None if the pool is full now (nothing changed: retry
-        after a step). ``n > 1`` is not supported here. vLLM: the KV connector
-        (``vllm/distributed/kv_transfer/kv_connector/v1/``).
+        """Admit a request whose prompt another engine computed (prefill/decode disaggregation), with its
+        first token; it decodes from there. ``load_kv(block_table, num_cached)`` writes the K/V of the
+        blocks after the prefix-cache hit; ``generator_state`` continues the prefill side's sampler.
+        -> the first token's delta, or None if the pool is full now (retry after a step). n = 1 only.
+        vLLM: the KV connector (``vllm/distributed/kv_transfer/kv_connector/v1/``; docs/parallelism.md).
         """
         params = params or SamplingParams()
         if params.n > 1 or params.prompt_logprobs is not None:
@@ -205,12 +174,10 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) "
                              f"needs {need} KV blocks, but the KV cache pool has only num_blocks={pool.num_blocks} "
                              f"(raise kv_cache_memory_bytes or lower max_tokens)")
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
-            while request_id in self.samples:
-                request_id = f"req-{next(self._ids)}"
-        elif request_id in self.samples:
+        if request_id is not None and request_id in self.samples:
             raise ValueError(f"request_id {request_id!r} was already added")
+        while request_id is None or request_id in self.samples:       # a fresh id
+            request_id = f"req-{next(self._ids)}"
         return Request(request_id, ids, params, self.clock() if arrival_time is None else arrival_time,
                        eos_token_ids=self.eos_token_ids, prompt=text,
                        matcher=new_matcher(params, self.tokenizer, vocab, self.eos_token_ids))
@@ -223,25 +190,16 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (all its samples) now, waiting or running; blocks are freed.
-
-        Returns True if a sample was still unfinished (unknown or finished request: a no-op, False).
-        """
-        stopped = False
-        for req in self.samples.get(request_id, []):
-            if not req.is_finished:
-                self.scheduler.abort(req)
-                req.stats.finish_time = self.clock()
-                stopped = True
-        return stopped
+        -> True if a sample was still unfinished (unknown or finished request: a no-op, False)."""
+        live = [r for r in self.samples.get(request_id, []) if not r.is_finished]
+        for req in live:
+            self.scheduler.abort(req)
+            req.stats.finish_time = self.clock()
+        return bool(live)
 
     def release(self, request_id: str) -> list[Request] | None:
-        """Forget a finished request: drop its samples and text state, return them (by index).
-
-        The engine keeps every request it was given (``generate`` reads them back); a
-        long-running server calls this once a request is done so memory stays flat.
-        Returns None (and keeps everything) if the request is unknown or a sample is unfinished.
-        vLLM: ``OutputProcessor`` drops a request's state when it finishes.
-        """
+        """Forget a finished request (a server's memory stays flat): drop its samples and text state and
+        return them, or None (keeping all) if it is unknown or unfinished. vLLM: ``OutputProcessor``."""
         samples = self.samples.get(request_id)
         if samples is None or not all(r.is_finished for r in samples):
             return None
@@ -271,10 +229,8 @@ class LLMEngine:
 
     @property
     def prefix_cache_stats(self) -> tuple[int, int]:
-        """(prompt tokens looked up in the prefix cache at admission, tokens found there) so far.
-
-        vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``; a preempted request counts again.
-        """
+        """(prompt tokens looked up in the prefix cache at admission, tokens found there) so far: vLLM's
+        ``prefix_cache_queries`` / ``prefix_cache_hits``; a preempted request counts again."""
         return self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits
 
     def has_unfinished_requests(self) -> bool:
@@ -380,21 +336,14 @@ class LLMEngine:
         return [self.requests[i] for i in ids]
 
 
-# ---------------------------------------------------------------------------
-# Online serving of a trace: requests arrive at their times while the engine steps
-# ---------------------------------------------------------------------------
-
-
+# --- Online serving of a trace: requests arrive at their times while the engine steps ---
 def run_trace(engine: LLMEngine, trace, make_params: Callable[[object], SamplingParams],
               sleep: Callable[[float], None] = time.sleep, on_output: Callable[[StepOutput], None] | None = None,
               ) -> tuple[list[Request], float]:
-    """Replay ``trace`` (``workload.TraceRequest``s) against ``engine`` in real time.
-
-    Request i arrives at ``t0 + trace[i].arrival_time`` on the engine's clock and is
-    stamped with that arrival time even if the engine was busy with a step then:
-    the wait counts in its TTFT, as it would in a real server. When nothing can run,
-    the loop sleeps until the next arrival (``sleep`` may advance a fake clock).
-    Returns the requests (trace order) and the duration (first arrival -> last finish).
+    """Replay ``trace`` (``workload.TraceRequest``s) against ``engine`` in real time -> (the requests
+    in trace order, first arrival -> last finish). A request is stamped with its trace arrival time even
+    if a step was running then (the wait counts in its TTFT); idle, the loop sleeps until the next
+    arrival (``sleep`` may advance a fake clock). docs/measuring.md.
     """
     clock = engine.clock
     pending = sorted(trace, key=lambda r: r.arrival_time)

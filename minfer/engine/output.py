@@ -11,12 +11,8 @@ from minfer.tokenizer import IncrementalDetokenizer
 
 
 def stream_cut(text: str, emitted: int, stop: Sequence[str], final: bool) -> tuple[str, str, bool]:
-    """(text cut before its earliest stop string, the new text safe to stream, whether a stop string was found).
-
-    Safe to stream: what follows the ``emitted`` characters already sent, except the last
-    (longest stop string - 1) characters, which might be the start of a stop string; all of it
-    once the text is cut or ``final``. vLLM: ``StopChecker`` and the detokenizer's held-back text.
-    """
+    """-> (text cut before its earliest stop string, the new text safe to stream, whether one was found).
+    Held back: the last (longest stop - 1) characters, unless cut or ``final``. vLLM: ``StopChecker``."""
     hits = [text.find(s) for s in stop if s in text]
     if hits:
         text = text[:min(hits)]
@@ -26,12 +22,8 @@ def stream_cut(text: str, emitted: int, stop: Sequence[str], final: bool) -> tup
 
 
 class TextOutput:
-    """The text of one output sequence as it grows (``text``), and what to stream of it.
-
-    ``add(tok)`` returns the new text that is safe to stream and whether a stop
-    string ended the sequence; ``finish()`` returns what was held back. A token
-    that ends the sequence by itself (EOS, a stop token id) adds no text.
-    """
+    """The text of one output sequence as it grows, and what to stream of it: ``add(tok)`` -> (safe new
+    text, stop string found?); ``finish()`` -> what was held back. EOS or a stop token id adds no text."""
 
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None

@@ -1,25 +1,9 @@
 """The model runner: a scheduled step -> one forward over the flattened batch -> logits to sample.
 
-This is the ONLY place a batch is flattened. The scheduler hands over chunks
-``(request, start, num_tokens)``; ``prepare_batch`` lays their tokens side by
-side and builds everything the forward needs. One Python loop reads each
-chunk's token ids, its row in the persistent block table and three integers;
-the rest is a handful of vectorized ops over the whole batch::
-
-    chunks         A: prompt chunk [0, 3)      B: decode at position 5
-    starts, query_lens   [0, 5], [3, 1]        (S,)
-    seq_lens       starts + query_lens = [3, 6]                  (S,) context after this step
-    input_ids      [a0 a1 a2 | b5]             (1, N)
-    seq_of         [ 0  0  0 |  1]             repeat_interleave(arange(S), query_lens)
-    positions      [ 0  1  2 |  5]             arange(N) + (starts - first row of each)[seq_of]
-    block_tables   [[2, 0], [0, 5]]            rows [row A, row B] of KVCacheManager.tables,
-                                               written when blocks were appended, not now
-    slot_mapping   [ 8  9 10 | 21]             table[seq_of, pos // bs] * bs + pos % bs   (N,)
-    logits_indices [2, 3]                      cumsum(query_lens) - 1: each chunk's last token,
-                                               the only rows the LM head needs
-
-vLLM: ``GPUModelRunner._prepare_inputs`` and ``execute_model``
-(``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
+The ONLY place a batch is flattened: chunks ``(request, start, num_tokens)`` -> input ids, positions,
+slots, block-table rows and logits indices, one Python loop over chunks and vectorized ops after
+(the worked example: docs/architecture.md). vLLM: ``GPUModelRunner._prepare_inputs`` and
+``execute_model`` (``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
 """
 from __future__ import annotations
 
@@ -84,19 +68,11 @@ def with_token_rows(meta: PagedBatch, sample_rows: Sequence[int], token_rows: Se
 class ModelRunner:
     """Owns the paged KV cache and its block manager; ``execute`` runs one step.
 
-    ``execute(chunks, sample_rows)`` returns the logits of the last token of
-    each chunk listed in ``sample_rows``: (len(sample_rows), vocab). Chunks in
-    the middle of a prompt produce no logits: the LM head is skipped for them.
-    ``execute`` = ``prepare_batch`` (flatten) + ``execute_model`` (forward); parallel followers
-    call only the second, on the batch the driver flattened (``minfer.distributed.engine``).
-
-    ``enforce_eager=False``: decode-only steps run on the static decode path
-    (``minfer/engine/cuda_graph.py``: buckets of ``max_num_seqs``, CUDA graphs on a GPU,
-    ``compile=True`` for torch.compile); the pool then gets one more block, reserved as the
-    scratch block of padded rows, so the blocks sequences can hold stay ``num_blocks``.
-    Prefill and mixed steps always run eager. A local/global model (Gemma 3) gets a ``KVCacheCoordinator``
-    (``minfer/kv/coordinator.py``): a block table per KV group, the local ones reserving prompts
-    ``max_num_batched_tokens`` at a time.
+    ``execute(chunks, sample_rows)`` -> (len(sample_rows), vocab): the logits of the last token of each
+    chunk listed (the LM head skips the others); it is ``prepare_batch`` + ``execute_model``, and
+    parallel followers call only the second (``minfer.distributed.engine``). ``enforce_eager=False``:
+    decode-only steps on the static path (``minfer/engine/cuda_graph.py``), plus one scratch block for
+    padded rows. A local/global model gets a ``KVCacheCoordinator`` (``minfer/kv/coordinator.py``).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
@@ -125,7 +101,8 @@ class ModelRunner:
                     raise
                 warnings.warn(f"CUDA graph capture failed, decode steps run eager: {e}", stacklevel=2)
         elif compile:
-            raise ValueError("compile=True compiles the static decode step: it needs enforce_eager=False")
+            raise ValueError("compile=True compiles the static decode step, so it needs enforce_eager=False "
+                             "(or unset); with enforce_eager=True every step runs eager, as in vLLM")
         if model.cfg.is_hybrid and kv_manager_cls is KVCacheManager:          # a block table per KV group
             windows = [w for w, _ in kv_cache_groups(model.cfg)]
             self.kv_manager = KVCacheCoordinator(pool, windows, w.device, max_num_batched_tokens)
@@ -150,12 +127,8 @@ class ModelRunner:
     @torch.no_grad()
     def execute_model(self, input_ids: torch.Tensor, meta: PagedBatch, sample_rows: Sequence[int],
                       copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
-        """The forward half of ``execute``: a batch already flattened by ``prepare_batch``.
-
-        The hook for parallel workers: under tensor/pipeline parallelism the driver's runner
-        flattens the step and broadcasts (input_ids, meta, copies), and every rank calls this on
-        its shard (``minfer.distributed.engine``; vLLM's workers run ``execute_model`` the same way).
-        """
+        """The forward half of ``execute`` on a batch flattened by ``prepare_batch``: every rank of a
+        parallel group calls it on the broadcast batch (``minfer.distributed.engine``; vLLM's workers)."""
         self.cache.copy_blocks(copies)                                       # copy-on-write first
         self.cache.set_batch(meta)
         rows = meta.logits_indices[to_device(list(sample_rows), self.device, torch.long)]

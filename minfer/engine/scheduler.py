@@ -1,11 +1,8 @@
 """The scheduler: which requests run in the next forward pass, and how many tokens each.
 
-Every step fills a token budget (``max_num_batched_tokens``) with decodes and prefill chunks
-(vLLM V1, ``vllm/v1/core/sched/scheduler.py``). Policies ``static``, ``dynamic`` and
-``continuous`` (Orca, Yu et al. OSDI 2022) differ in when a waiting request may join; without
-a free block the newest running request is preempted by recompute. ``schedule()`` returns
-(request, start, num_tokens) triples; another policy is a subclass passed as ``scheduler_cls``.
-The policies in detail: docs/architecture.md.
+Each step fills a token budget with decodes and prefill chunks (vLLM V1,
+``vllm/v1/core/sched/scheduler.py``); policies ``static``, ``dynamic``, ``continuous`` (Orca, OSDI
+2022); out of blocks, the newest running request is preempted by recompute. Details: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from minfer.engine.request import Request, RequestStatus
+from minfer.validation import check_int
 
 POLICIES = ("static", "dynamic", "continuous")
 
@@ -31,13 +29,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.max_prefill_chunk is not None and not (isinstance(self.max_prefill_chunk, int)
-                                                       and self.max_prefill_chunk >= 1):
-            raise ValueError(f"max_prefill_chunk must be None or an integer >= 1, got {self.max_prefill_chunk!r}")
+        check_int(self.max_num_seqs, "max_num_seqs", lo=1)
+        check_int(self.max_num_batched_tokens, "max_num_batched_tokens", lo=1)
+        if self.max_prefill_chunk is not None:
+            check_int(self.max_prefill_chunk, "max_prefill_chunk (or None)", lo=1)
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
 
@@ -64,11 +59,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting queue + running list + block manager, stepped by ``schedule()``.
-
-    kv_manager: ``minfer.kv.block_pool.KVCacheManager`` (or anything with
-    ``allocate``, ``append_slots``, ``free``, ``commit_tokens``).
-    """
+    """Waiting queue + running list + block manager (a ``KVCacheManager``), stepped by ``schedule()``."""
 
     def __init__(self, config: SchedulerConfig, kv_manager, clock: Callable[[], float] = time.perf_counter,
                  sliding_window: int | None = None):
@@ -93,7 +84,7 @@ class Scheduler:
         self.finish(req, RequestStatus.FINISHED_ABORTED)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """Mark finished, leave the running list, give the blocks back."""
+        """Leave the running list, give the blocks back, take ``status`` (a finished one, or WAITING)."""
         if req in self.running:
             self.running.remove(req)
         self._release(req)
@@ -103,8 +94,7 @@ class Scheduler:
         """``child`` starts where ``parent`` is, sharing its KV blocks (parallel sampling, n > 1)."""
         self.kv.fork(parent.request_id, child.request_id)
         child.num_computed_tokens = parent.num_computed_tokens
-        child.status = RequestStatus.RUNNING
-        self.running.append(child)
+        self._start_running(child)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -115,18 +105,23 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         """Preemption by recompute: drop its K/V; it will prefill prompt + outputs again."""
-        if req in self.running:
-            self.running.remove(req)
-        self._release(req)
-        req.status = RequestStatus.WAITING
+        self.finish(req, RequestStatus.WAITING)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.stats.num_preemptions += 1
         self.waiting.appendleft(req)          # first in line when memory frees up
 
     # ------------------------------------------------------------- admission
-    def _chunk_cap(self) -> int:
-        return self.config.max_prefill_chunk or math.inf
+    def _chunk_len(self, req: Request, budget: int) -> int:
+        """Tokens of ``req`` to compute this step: all it has, within the budget and the prefill chunk cap."""
+        n = min(req.num_uncomputed_tokens, budget)
+        return min(n, self.config.max_prefill_chunk or math.inf) if req.num_uncomputed_tokens > 1 else n
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        if req.stats.first_scheduled_time is None:
+            req.stats.first_scheduled_time = self.clock()
+        self.running.append(req)
 
     def _try_admit(self, req: Request) -> bool:
         """Reserve KV blocks for all its tokens; False (nothing changed) if the pool is full."""
@@ -143,19 +138,12 @@ class Scheduler:
         # Prefix-cache hit: those tokens' K/V are already there. At least the last
         # token is computed again, because its logits give the next token.
         req.num_computed_tokens = min(computed, req.num_tokens - 1)
-        req.status = RequestStatus.RUNNING
-        if req.stats.first_scheduled_time is None:
-            req.stats.first_scheduled_time = self.clock()
-        self.running.append(req)
+        self._start_running(req)
         return True
 
     def add_computed(self, req: Request) -> int | None:
-        """Admit ``req`` whose tokens were all computed elsewhere (a disaggregated prefill worker).
-
-        Returns how many leading tokens the prefix cache held (the caller writes the K/V after them), or
-        None if it cannot be admitted now (nothing changed). vLLM: requests "waiting for remote KVs"
-        (docs/architecture.md).
-        """
+        """Admit ``req`` whose tokens were all computed elsewhere (a disaggregated prefill worker) -> the
+        tokens the prefix cache held (the caller writes the K/V after them), or None (nothing changed)."""
         if len(self.running) >= self.config.max_num_seqs:
             return None
         hit = self.kv.allocate(req.request_id, req.all_token_ids)
@@ -163,10 +151,7 @@ class Scheduler:
             return None
         self.kv.commit_tokens(req.request_id, req.all_token_ids[hit:])
         req.num_computed_tokens = req.num_tokens
-        req.status = RequestStatus.RUNNING
-        if req.stats.first_scheduled_time is None:
-            req.stats.first_scheduled_time = self.clock()
-        self.running.append(req)
+        self._start_running(req)
         return hit
 
     def _batch_ready(self, now: float) -> bool:
@@ -201,9 +186,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_uncomputed_tokens, budget)
-            if req.num_uncomputed_tokens > 1:
-                n = min(n, self._chunk_cap())
+            n = self._chunk_len(req, budget)
             while not self._reserve(req, req.num_computed_tokens + n):
                 victim = self.running[-1]                 # the newest running request
                 self.preempt(victim)
@@ -223,9 +206,7 @@ class Scheduler:
                 req = self.waiting[0]
                 if not self._try_admit(req):
                     break
-                n = min(req.num_uncomputed_tokens, budget)
-                if req.num_uncomputed_tokens > 1:
-                    n = min(n, self._chunk_cap())
+                n = self._chunk_len(req, budget)
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                 budget -= n
 

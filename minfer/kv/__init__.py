@@ -1,13 +1,11 @@
-"""Where K and V live between forward passes.
+"""Where K and V live between forward passes: every cache has ``kv/base.py``'s interface.
 
-Every cache has the interface of ``kv/base.py`` (``update`` then ``attend``, per layer):
-ContiguousKVCache (gpt-fast), StaticKVCache (fixed shapes for CUDA graphs),
-SlidingWindowKVCache (a ring of W positions), QuantizedKVCache (int8/fp8),
-EvictingKVCache (StreamingLLM, H2O, SnapKV) and PagedKVCache (blocks shared by the
-engine's sequences). Shapes and layouts: docs/kv-and-attention.md.
+Contiguous (gpt-fast), static (CUDA graphs), sliding (a ring of W), hybrid (local/global), int8/fp8,
+evicting (StreamingLLM, H2O, SnapKV) and paged (the engine's). docs/kv-and-attention.md.
 """
 from minfer.kv.contiguous import ContiguousKVCache, kv_cache_bytes
 from minfer.kv.evict import EvictingKVCache
+from minfer.kv.hybrid import HybridKVCache
 from minfer.kv.quantized import QuantizedKVCache, dequantize_kv, quantize_kv
 from minfer.kv.sliding import SlidingWindowKVCache
 from minfer.kv.static import StaticKVCache
@@ -22,10 +20,9 @@ __all__ = ["ContiguousKVCache", "StaticKVCache", "SlidingWindowKVCache", "Quanti
 
 def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, window: int | None = None):
     """Build a cache by name: "contiguous", "static", "sliding", "hybrid", "int8" or "fp8"."""
-    if kind == "contiguous":
-        return ContiguousKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
-    if kind == "static":
-        return StaticKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
+    classes = {"contiguous": ContiguousKVCache, "static": StaticKVCache, "hybrid": HybridKVCache}
+    if kind in classes:
+        return classes[kind](cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind == "sliding":
         if cfg.is_hybrid:
             raise ValueError("a sliding-window cache keeps the last W tokens for every layer, but this model "
@@ -34,9 +31,6 @@ def make_cache(kind: str, cfg, batch_size: int, max_len: int, *, dtype, device, 
         if w is None:
             raise ValueError("a sliding-window cache needs a window: set ModelConfig.sliding_window")
         return SlidingWindowKVCache(cfg, batch_size, w, dtype=dtype, device=device)
-    if kind == "hybrid":
-        from minfer.kv.hybrid import HybridKVCache
-        return HybridKVCache(cfg, batch_size, max_len, dtype=dtype, device=device)
     if kind in ("int8", "fp8"):
         return QuantizedKVCache(cfg, batch_size, max_len, fmt=kind, dtype=dtype, device=device)
     raise ValueError(f"unknown kv cache kind {kind!r}; choose contiguous, static, sliding, hybrid, int8 or fp8")

@@ -1,13 +1,11 @@
-"""The KV-cache interface the model calls, declared once (mini-sglang's ``BaseKVCache``, vLLM's
-``AttentionImpl.forward`` with its ``kv_cache`` argument).
+"""The KV-cache interface the model calls (mini-sglang's ``BaseKVCache``; vLLM's ``AttentionImpl.forward``).
 
-Every layer of ``model.Attention`` makes two calls: ``view = cache.update(kv_layer, k, v,
-positions)`` stores this forward's keys/values, ``cache.attend(kv_layer, q, view, positions,
-backend, window)`` turns queries into outputs (docs/kv-and-attention.md).
+Per layer: ``view = cache.update(kv_layer, k, v, positions)`` stores this forward's K/V, then
+``cache.attend(kv_layer, q, view, positions, backend, window)`` -> outputs (docs/kv-and-attention.md).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -22,7 +20,6 @@ class KVView(NamedTuple):
     key_pos: torch.Tensor     # (B, S) absolute position of each key; -1 = empty slot
 
 
-@runtime_checkable
 class KVCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Store k, v (B, nkv, T, hd) of tokens at ``positions`` (B, T); return what may be read."""

@@ -1,47 +1,12 @@
 """The block pool and the KV-cache manager: who owns which block of KV memory.
 
-PagedAttention (Kwon et al., "Efficient Memory Management for Large Language
-Model Serving with PagedAttention", SOSP 2023) stores K/V in fixed-size
-*blocks* of ``block_size`` tokens, like an OS stores memory in pages. A
-sequence owns a *block table*: logical block i of the sequence lives in
-physical block ``block_table[i]``. Blocks are allocated when a sequence needs
-them, so the only waste is the unfilled tail of each sequence's last block.
-
-    sequence A (10 tokens, block_size 4)       physical blocks (the pool)
-    logical block:  0        1        2        +----+----+----+----+----+----+
-    tokens:        [a0..a3] [a4..a7] [a8 a9 . .]| A1 | B0 | A0 |free| A2 |free|
-    block table:    2        0        4        +----+----+----+----+----+----+
-                                                  0    1    2    3    4    5
-    slot of token 9 = block_table[9 // 4] * 4 + 9 % 4 = 4 * 4 + 1 = 17
-
-This module is bookkeeping: the ``PagedKVCache`` in ``paged.py`` holds the
-memory, this decides where each token's K/V goes. The only tensor is the
-mirror of the block tables that the forward reads (``block_table.py``),
-written here whenever a table changes.
-vLLM's equivalents: ``vllm/v1/core/block_pool.py`` (BlockPool,
-FreeKVCacheBlockQueue) and ``vllm/v1/core/kv_cache_manager.py``.
-
-Three ideas live here:
-
-* **Reference counts.** A block may sit in several block tables at once (a
-  shared prompt prefix, or children forked for parallel sampling). It returns
-  to the free list when its count drops to 0.
-* **Prefix caching.** When a block is full, it gets a hash of
-  (its parent block's hash, its own token ids), so the hash names the whole
-  prefix up to the block's end (vLLM: ``hash_block_tokens`` in
-  ``vllm/v1/core/kv_cache_utils.py``). A later prompt that starts with the
-  same tokens finds those blocks by hash and skips their prefill. Freed blocks
-  keep their contents and stay findable until the allocator reuses them,
-  least recently freed first (LRU). A hash hit is confirmed by comparing the
-  tokens of the whole prefix, so a hash collision can only cost a miss.
-* **Copy-on-write.** ``fork`` lets a child share all of its parent's blocks.
-  Full blocks are never written again, so sharing them is safe forever; the
-  partly filled last block is copied by whichever sequence appends to it
-  first (``append_slots`` records the copy, the cache performs it).
-
-Out of blocks is an answer, not an exception: ``allocate`` returns None and
-``append_slots`` returns False, with nothing changed, so a scheduler can
-preempt someone and try again.
+PagedAttention (Kwon et al., SOSP 2023) stores K/V in blocks of ``block_size`` tokens; a
+sequence's *block table* maps its logical block i to a physical block. This module is the
+bookkeeping (the memory is ``PagedKVCache`` in ``paged.py``): reference counts, prefix caching by
+chained block hashes (LRU eviction of freed blocks), and copy-on-write after ``fork``. Out of
+blocks is an answer, not an exception: ``allocate`` returns None and ``append_slots`` False,
+with nothing changed. vLLM: ``vllm/v1/core/block_pool.py``, ``vllm/v1/core/kv_cache_manager.py``.
+The diagram and the three ideas: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -57,14 +22,8 @@ ROOT_HASH = 0x6D696E666572    # "minfer"
 
 
 def hash_block_tokens(parent_hash: Optional[int], token_ids: Sequence[int]) -> int:
-    """The prefix-cache key of one full block: hash(parent block's hash, this block's tokens).
-
-    Chaining the parent's hash makes the key name the whole prefix: two blocks
-    with the same tokens after different prefixes hold different K/V (every
-    key depends on all the tokens before it), and they get different hashes.
-    ``parent_hash`` is None for a sequence's first block. Python's tuple hash
-    of ints is the same in every process (only str/bytes hashing is salted).
-    """
+    """The prefix-cache key of one full block: hash(parent block's hash (None: the first block), its tokens),
+    so the key names the whole prefix. A tuple of ints hashes the same in every process."""
     return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
 
 
@@ -85,11 +44,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int,
     return hashes
 
 
-# ---------------------------------------------------------------------------
-# The pool: blocks, reference counts, the free list, the prefix cache
-# ---------------------------------------------------------------------------
-
-
+# --- The pool: blocks, reference counts, the free list, the prefix cache ---
 @dataclass(slots=True)
 class KVBlock:
     """Bookkeeping of one physical block (its K/V live in ``PagedKVCache``)."""
@@ -101,13 +56,9 @@ class KVBlock:
 
 
 class BlockPool:
-    """``num_blocks`` blocks of ``block_size`` token slots; a free list in LRU order.
-
-    The free list holds every block with ``ref_cnt == 0``, least recently
-    freed first. A free block may still be in the prefix cache: it is
-    *evicted* (its hash forgotten) only when ``get_new_block`` hands it out
-    for new contents. A cache hit on a free block takes it off the free list.
-    """
+    """``num_blocks`` blocks of ``block_size`` slots; the free list holds every block with ``ref_cnt == 0``,
+    least recently freed first. A free block stays in the prefix cache until ``get_new_block`` hands it
+    out (eviction); a cache hit on a free block takes it off the free list."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens):
@@ -122,27 +73,16 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}          # block hash -> block id
         self.num_evictions = 0                    # cached blocks reused for new contents
-        self.reserved: list[int] = []             # blocks out of circulation (``reserve_block``)
 
     def reserve_block(self) -> int:
-        """Take one free block out of circulation for good and return its id.
-
-        The static decode path (``minfer/engine/cuda_graph.py``) pads a batch to a
-        captured size; the padded rows write their K/V into this *scratch* block, so
-        they can never overwrite a sequence's K/V. ``num_blocks`` drops by one, so the
-        accounting stays ``num_free_blocks + blocks held by sequences == num_blocks``:
-        the scratch block is neither free nor anyone's. (nano-vllm skips padded rows
-        with slot -1 inside its store kernel instead; an ``index_copy_`` has no such skip.)
+        """Take one free block out of circulation for good: the static decode path's scratch block,
+        where padded rows write (``minfer/engine/cuda_graph.py``). ``num_blocks`` drops by one.
+        (nano-vllm skips padded rows with slot -1 in its store kernel; ``index_copy_`` cannot.)
         """
         if not self.free_queue:
             raise ValueError("reserve_block: no free block left to reserve")
-        block_id, _ = self.free_queue.popitem(last=True)     # at start-up: the highest id
-        block = self.blocks[block_id]
-        if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
-            del self.cached[block.block_hash]
-        block.block_hash, block.prefix, block.ref_cnt = None, None, 1
+        block_id = self.get_new_block(last=True)             # at start-up: the highest id
         self.num_blocks -= 1
-        self.reserved.append(block_id)
         return block_id
 
     @property
@@ -150,12 +90,10 @@ class BlockPool:
         """Blocks no table holds (some may still be findable in the prefix cache)."""
         return len(self.free_queue)
 
-    def get_new_block(self) -> int:
-        """Take the least recently freed block, evict it from the prefix cache, ref_cnt = 1.
-
-        The caller must check ``num_free_blocks`` first (``KVCacheManager`` does).
-        """
-        block_id, _ = self.free_queue.popitem(last=False)
+    def get_new_block(self, last: bool = False) -> int:
+        """Take the least recently freed block (``last``: the most recent), evict it from the prefix
+        cache, ref_cnt = 1. The caller must check ``num_free_blocks`` first (``KVCacheManager`` does)."""
+        block_id, _ = self.free_queue.popitem(last=last)
         block = self.blocks[block_id]
         if block.block_hash is not None:          # old contents are about to be overwritten
             if self.cached.get(block.block_hash) == block_id:
@@ -182,14 +120,8 @@ class BlockPool:
             self.free_queue[block_id] = None
 
     def lookup(self, block_hash: int, prefix: tuple) -> Optional[int]:
-        """The cached block holding exactly ``prefix``, or None.
-
-        ``prefix`` is the nested tuple ``(parent prefix, tokens)``. The hash
-        finds a candidate; comparing prefixes confirms it. When the caller
-        passes the parent prefix object it got from the previous hit, Python's
-        tuple comparison sees the same object and only compares this block's
-        tokens; otherwise it walks the whole prefix, which is still correct.
-        """
+        """The cached block holding exactly ``prefix`` (nested ``(parent prefix, tokens)``), or None: the hash
+        finds it, the prefix confirms it (cheaply when the parent is the previous hit's very object)."""
         block_id = self.cached.get(block_hash)
         if block_id is None or self.blocks[block_id].prefix != prefix:
             return None
@@ -207,12 +139,7 @@ class BlockPool:
         return True
 
 
-# ---------------------------------------------------------------------------
-# Block-table arithmetic as plain functions (lesson 04's exercises grade these and two more
-# in minfer/lessons/ex_paged.py)
-# ---------------------------------------------------------------------------
-
-
+# --- Block-table arithmetic as plain functions (lesson 04's exercises in minfer/lessons/ex_paged.py) ---
 def compute_slot_mapping(block_table: Sequence[int], block_size: int, start_pos: int,
                          num_tokens: int) -> list[int]:
     """Slots of positions [start_pos, start_pos + num_tokens): block_table[p // bs] * bs + p % bs."""
@@ -226,11 +153,7 @@ def blocks_needed(num_tokens: int, num_new_tokens: int, num_held: int, block_siz
     return max(0, -(-total // block_size) - num_held)       # ceil(total / block_size) - held
 
 
-# ---------------------------------------------------------------------------
-# The manager: block tables of sequences
-# ---------------------------------------------------------------------------
-
-
+# --- The manager: block tables of sequences ---
 @dataclass(slots=True)
 class SeqState:
     """What the manager knows about one sequence."""
@@ -324,12 +247,9 @@ class KVCacheManager:
         return compute_slot_mapping(st.block_table, self.block_size, start_pos, num_tokens)
 
     def batch_slot_mapping(self, chunks: Sequence, tables, seq_of, positions):
-        """(N,) slots of a flattened batch: ``slot_mapping`` of every chunk, as one vectorized formula.
-
-        ``tables`` (S, cols): the block-table rows of the batch's S sequences; ``seq_of`` (N,):
-        each token's row; ``positions`` (N,): its position. ``chunks`` (each with ``.request``,
-        ``.start``, ``.num_tokens``) are the same tokens, sequence by sequence, for a manager
-        that lays slots out another way (``minfer.engine.runner.prepare_batch`` calls this).
+        """(N,) slots of a flattened batch, vectorized: ``tables`` (S, cols) rows of its sequences,
+        ``seq_of`` (N,) each token's row, ``positions`` (N,). ``chunks``: the same tokens per sequence,
+        for a manager that lays slots out another way (``minfer.engine.runner.prepare_batch``).
         """
         bs = self.block_size
         return tables[seq_of, positions // bs] * bs + positions % bs
@@ -341,11 +261,8 @@ class KVCacheManager:
 
     # ------------------------------------------------------------ allocation
     def _prefix_hits(self, token_ids: Sequence[int]) -> tuple[list[int], list[int], list[tuple]]:
-        """Cached blocks that hold the prompt's first full blocks: (block ids, hashes, prefixes).
-
-        At most (len - 1) // block_size blocks: the last prompt token is always
-        computed, because its logits are needed to sample the first new token.
-        """
+        """Cached blocks holding the prompt's first full blocks -> (block ids, hashes, prefixes); at most
+        (len - 1) // block_size: the last prompt token is always computed (its logits sample the next)."""
         if not self.pool.enable_prefix_caching:
             return [], [], []
         bs = self.block_size
@@ -365,12 +282,8 @@ class KVCacheManager:
         return hits, hashes, prefixes
 
     def allocate(self, seq_id, token_ids: Sequence[int], read_cache: bool = True) -> Optional[int]:
-        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks (unless not ``read_cache``).
-
-        Returns ``num_computed_tokens`` (prompt tokens whose K/V are already
-        cached: skip their prefill), or None if the pool cannot fit the prompt
-        (then nothing changed).
-        """
+        """Reserve slots for a new sequence's prompt, reusing prefix-cached blocks (unless not ``read_cache``)
+        -> prompt tokens whose K/V are cached already (skip their prefill), or None if the pool is short."""
         self._check_new(seq_id, token_ids)
         found = self._prefix_hits(token_ids) if read_cache else ([], [], [])
         if self.admit_cost(len(token_ids), found[0]) > self.pool.num_free_blocks:
@@ -418,12 +331,8 @@ class KVCacheManager:
         return new + int(self._needs_copy(st, num_new_tokens))
 
     def append_slots(self, seq_id, num_new_tokens: int = 1) -> bool:
-        """Reserve ``num_new_tokens`` more slots. False = out of blocks (nothing changed).
-
-        If the last block is partly filled and shared (after ``fork``), it is
-        replaced by a private copy first; the copy is queued for
-        ``take_pending_copies``.
-        """
+        """Reserve ``num_new_tokens`` more slots; False = out of blocks (nothing changed). A partly filled,
+        shared last block (after ``fork``) is replaced by a copy first (``take_pending_copies``)."""
         st = self._seq(seq_id)
         if self._append_cost(st, num_new_tokens) > self.pool.num_free_blocks:
             return False
@@ -442,10 +351,7 @@ class KVCacheManager:
         return True
 
     def commit_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
-        """The K/V of ``token_ids`` (the next tokens after those committed) are now stored.
-
-        Blocks that became full are hashed and offered to the prefix cache.
-        """
+        """The K/V of ``token_ids`` (the next tokens) are now stored; full blocks go to the prefix cache."""
         st = self._seq(seq_id)
         start, end = st.num_computed, st.num_computed + len(token_ids)
         if end > st.num_tokens:
@@ -469,10 +375,7 @@ class KVCacheManager:
             self.pool.cache_block(st.block_table[i], h, prefix)
 
     def fork(self, parent_id, child_id) -> None:
-        """``child_id`` shares every block of ``parent_id`` (parallel sampling, n > 1).
-
-        The parent's reserved slots must all be computed (no write in flight).
-        """
+        """``child_id`` shares every block of ``parent_id`` (parallel sampling); all slots computed."""
         parent = self._seq(parent_id)
         if child_id in self.seqs:
             raise ValueError(f"seq_id {child_id!r} is already allocated")
@@ -487,20 +390,15 @@ class KVCacheManager:
                                        num_dropped=parent.num_dropped, row=self.tables.add_row(parent.block_table))
 
     def drop_blocks_before(self, seq_id, pos: int) -> int:
-        """Sliding window: give back the blocks that hold only positions < ``pos`` (no query will see them).
-
-        Their table entries stay, so positions still map to slots; attention masks
-        those positions, so whatever another sequence later writes there is never
-        read. vLLM: ``SlidingWindowManager.remove_skipped_blocks``
-        (``vllm/v1/core/single_type_kv_cache_manager.py``). Returns how many were freed.
-        """
+        """Sliding window: give back the blocks holding only positions < ``pos`` -> how many. Their table
+        entries stay (masked, never read). vLLM: ``SlidingWindowManager.remove_skipped_blocks``
+        (``vllm/v1/core/single_type_kv_cache_manager.py``)."""
         st = self._seq(seq_id)
         upto = min(max(pos, 0) // self.block_size, len(st.block_table) - 1)   # never the block being written
-        freed = 0
-        for i in range(st.num_dropped, upto):
-            self.pool.free_block(st.block_table[i])
-            freed += 1
-        st.num_dropped = max(st.num_dropped, upto)
+        for b in st.block_table[st.num_dropped:upto]:
+            self.pool.free_block(b)
+        freed = max(upto - st.num_dropped, 0)
+        st.num_dropped += freed
         return freed
 
     def free(self, seq_id) -> None:
@@ -514,17 +412,11 @@ class KVCacheManager:
 
     # ------------------------------------------------------------ accounting
     def usage(self) -> CacheUsage:
-        """Blocks used/free/cached and internal fragmentation of the reserved slots.
-
-        A block's used slots are those below the largest token count of any
-        sequence that holds it (shared blocks are counted once).
-        """
+        """Blocks used/free/cached and the fragmentation of the reserved slots (shared blocks once)."""
         bs = self.block_size
         filled: dict[int, int] = {}
         for st in self.seqs.values():
-            for i, b in enumerate(st.block_table):
-                if i < st.num_dropped:
-                    continue
+            for i, b in enumerate(st.block_table[st.num_dropped:], st.num_dropped):
                 filled[b] = max(filled.get(b, 0), min(bs, st.num_tokens - i * bs))
         return CacheUsage(num_blocks=self.pool.num_blocks, num_free_blocks=self.pool.num_free_blocks,
                           num_used_blocks=len(filled), num_cached_blocks=len(self.pool.cached),

@@ -1,11 +1,8 @@
 """KV-cache groups over one block pool: the paged cache of a model with local and global layers.
 
-The layers are split into *KV groups* of one window and the same number of layers, each
-with its own ``KVCacheManager`` (block tables) over ONE ``BlockPool``; local groups give
-back the blocks that fall behind their window. Diagram and details: docs/kv-and-attention.md.
-vLLM: ``vllm/v1/core/kv_cache_coordinator.py`` (``HybridKVCacheCoordinator``),
-``single_type_kv_cache_manager.py`` (``SlidingWindowManager.remove_skipped_blocks``),
-``kv_cache_utils.py`` (``_get_kv_cache_groups_uniform_page_size``).
+*KV groups* of one window and equal size, each a ``KVCacheManager`` over ONE ``BlockPool``; local
+groups give back the blocks behind their window. vLLM: ``vllm/v1/core/kv_cache_coordinator.py``
+(``HybridKVCacheCoordinator``). Diagram: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -30,12 +27,9 @@ def kv_cache_groups(cfg) -> list[tuple[Optional[int], list[int]]]:
 
 
 class KVCacheCoordinator:
-    """One ``KVCacheManager`` per KV group, all on ``pool``; the scheduler's interface of a manager.
-
-    ``windows``: each group's window (None: global). ``first_chunk``: the most prompt tokens a
-    step computes for one request (the engine's token budget): what a local group reserves at
-    admission beyond the prefix-cache hit.
-    """
+    """One ``KVCacheManager`` per KV group (``windows``: each one's, None = global), all on ``pool``, behind
+    a manager's interface. ``first_chunk`` (the step's token budget): what a local group reserves at
+    admission beyond the prefix-cache hit."""
 
     def __init__(self, pool: BlockPool, windows: Sequence[Optional[int]], device="cpu", first_chunk: int = 512):
         self.pool, self.block_size, self.windows = pool, pool.block_size, list(windows)
@@ -64,10 +58,8 @@ class KVCacheCoordinator:
         return [c for g in self.groups for c in g.take_pending_copies()]
 
     def allocate(self, seq_id, token_ids: Sequence[int], read_cache: bool = True) -> Optional[int]:
-        """``KVCacheManager.allocate`` for every group: the hit every group has; None if the pool is short.
-
-        A local group does not take back the hit blocks that its window has already left.
-        """
+        """``KVCacheManager.allocate`` for every group -> the hit all groups have, or None if the pool is
+        short. A local group does not take back the hit blocks its window has already left."""
         self.groups[0]._check_new(seq_id, token_ids)
         found = [g._prefix_hits(token_ids) if read_cache else ([], [], []) for g in self.groups]
         hit = min(len(f[0]) for f in found)
@@ -88,7 +80,7 @@ class KVCacheCoordinator:
         return computed
 
     def max_blocks(self, prompt_len: int, max_new: int, n: int = 1) -> int:
-        """The most blocks one request holds at once: the engine refuses a request the pool can never fit."""
+        """``KVCacheManager.max_blocks`` summed over the groups (a local one holds a window and a chunk)."""
         bs, total = self.block_size, prompt_len + max_new
         full = self.groups[0].max_blocks(prompt_len, max_new, n)           # a global group's bound
         return sum(full if w is None else n * min(-(-total // bs), -(-(w - 1 + self.first_chunk) // bs) + 1)
@@ -105,12 +97,10 @@ class KVCacheCoordinator:
         return True
 
     def commit_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
+        """Every group commits; then local groups give back the blocks the next queries never read."""
         for g in self.groups:
             g.commit_tokens(seq_id, token_ids)
-        self._drop(seq_id, self.num_computed_tokens(seq_id))
-
-    def _drop(self, seq_id, next_pos: int) -> None:
-        """Local groups give back the blocks that the query at ``next_pos`` and later ones never read."""
+        next_pos = self.num_computed_tokens(seq_id)
         for g, w in zip(self.groups, self.windows):
             if w is not None:
                 g.drop_blocks_before(seq_id, next_pos - w + 1)

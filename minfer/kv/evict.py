@@ -1,10 +1,8 @@
 """KV-cache eviction: keep a fixed budget of tokens per layer, drop the rest.
 
-Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o``
-(Heavy-Hitter Oracle, Zhang et al. 2023: most attention received + recent), ``snapkv``
-(SnapKV, Li et al. 2024: the last prompt queries vote once). Every K/V head of a layer
-keeps the same positions; scores are taken in ``attend``, where q and k already are.
-Design and limits: docs/kv-and-attention.md.
+Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o`` (Zhang et al.
+2023: most attention received + recent), ``snapkv`` (Li et al. 2024: the last prompt queries vote
+once). Scores are taken in ``attend``. Design and limits: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -19,8 +17,8 @@ POLICIES = ("streaming", "h2o", "snapkv")
 
 
 def h2o_keep(scores: list[float], budget: int, recent: int) -> list[int]:
-    """Which of S tokens (index = age order, newest last) H2O keeps: the ``recent`` newest, then the
-    highest accumulated attention among the others, ``budget`` in all; sorted indices."""
+    """Sorted indices of the S tokens (oldest first) H2O keeps: the ``recent`` newest, then the highest
+    accumulated attention, ``budget`` in all."""
     S = len(scores)
     if S <= budget:
         return list(range(S))
@@ -53,7 +51,6 @@ class EvictingKVCache(DenseKVCache):
         self.score: list[torch.Tensor | None] = [None] * L  # (B, S) the policy's keep-priority
         self._written: dict[int, torch.Tensor] = {}        # layer -> priorities of the keys update returned
 
-    # ------------------------------------------------------------------ the interface
     def update(self, layer, k, v, positions):
         """k, v (B, nkv, T, hd) at positions (B, T) -> kept + new keys/values and their positions."""
         if self.k[layer] is None:
@@ -91,7 +88,6 @@ class EvictingKVCache(DenseKVCache):
         """Tokens stored now in ``layer`` (never more than ``budget``)."""
         return 0 if self.pos[layer] is None else self.pos[layer].shape[1]
 
-    # ------------------------------------------------------------------ the policies
     def _new_scores(self, positions: torch.Tensor) -> torch.Tensor:
         """Initial keep-priority of new tokens (B, T)."""
         if self.policy == "streaming":       # newest first, sinks forever
@@ -113,8 +109,7 @@ class EvictingKVCache(DenseKVCache):
         return score + self._attention(q, keys, key_pos, positions)           # (B, S + T)
 
     def _attention(self, q, keys, key_pos, q_pos) -> torch.Tensor:
-        """Attention mass each key receives from the rotated queries q (B, nh, T, hd), summed over
-        queries and all heads: (B, S)."""
+        """Attention mass each key receives from the queries q (B, nh, T, hd), all heads summed: (B, S)."""
         B, nh, T, hd = q.shape
         nkv = keys.shape[1]
         q = q.reshape(B, nkv, -1, hd)                                           # (B, nkv, G*T, hd)

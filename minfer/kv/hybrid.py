@@ -1,28 +1,11 @@
 """A hybrid local/global KV cache: each layer kept as long as its attention reads it.
 
-Gemma 3 interleaves five sliding-window layers (window W = 512 in the 270M
-model) with one global layer. A global layer reads every earlier key; a local
-layer never reads a key more than W - 1 positions back. So the cache splits
-the layers into two groups::
-
     global layers   ContiguousKVCache     max_len slots each   (grows with the context)
     local layers    SlidingWindowKVCache  W slots each (ring)  (constant once the context passes W)
 
-KV bytes per token at context n, per sequence (K and V, kv heads x head_dim x
-bytes per value = e):
-
-    full cache    L * 2e                            every layer keeps every token
-    hybrid        (L_global + L_local * min(W, n) / n) * 2e
-
-For Gemma 3 270M at n = 8192 (L = 18: 3 global, 15 local, W = 512): 3 + 15 x
-1/16 = 3.94 layer-equivalents instead of 18, 4.6x less. ``minfer bench hybrid``
-measures it on the allocated buffers.
-
-vLLM does the same per layer *group* in its paged engine: the hybrid KV cache
-manager (``vllm/v1/core/kv_cache_coordinator.py``, ``single_type_kv_cache_manager.py``:
-``SlidingWindowManager`` frees blocks that fall out of the window, ``FullAttentionManager``
-keeps them); llama.cpp keeps two caches (``llama_kv_cache_iswa``, ``src/llama-kv-cache-iswa.cpp``).
-This module is the single-sequence version (``generate_tokens(..., kv_cache="hybrid")``).
+Gemma 3 270M at 8192 tokens: 3.94 layer-equivalents instead of 18 (``kv_bytes_per_token``). The
+single-sequence version of vLLM's hybrid KV cache manager (``vllm/v1/core/kv_cache_coordinator.py``);
+llama.cpp: ``llama_kv_cache_iswa``. The arithmetic: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

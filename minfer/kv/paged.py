@@ -1,15 +1,10 @@
 """The paged KV cache's storage: one pool of K/V blocks shared by every sequence, and its write.
 
-Layout (vLLM's flash-attention layout, ``vllm/v1/attention/backends/flash_attn.py``)::
-
-    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   (local/global models:
-           the layers of one KV group, ``kv/coordinator.py``)
+    kv     (num_kv_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)   (vLLM's flash-attn layout)
     slot   = block_id * block_size + offset
 
-``update`` writes a flattened batch's keys/values at their slots (vLLM:
-``reshape_and_cache``); ``attend`` hands the queries to ``minfer/attention/paged.py``.
-int8/fp8 pages keep one scale per token and head. The ``PagedBatch`` diagram:
-docs/kv-and-attention.md; the bookkeeping: ``block_pool.py``.
+``update`` writes a flattened batch's K/V at their slots (vLLM: ``reshape_and_cache``); ``attend``
+hands the queries to ``minfer/attention/paged.py``. Diagrams: docs/kv-and-attention.md.
 """
 from __future__ import annotations
 
@@ -26,12 +21,8 @@ from minfer.validation import KV_CACHE_DTYPES
 
 @dataclass
 class PagedBatch:
-    """Attention metadata of one forward over a flattened batch of N tokens from S sequences.
-
-    Built by the runner's ``prepare_batch`` with vectorized ops (no per-sequence tensors).
-    The two length vectors stay on the host: the attention plan reads their maxima to size
-    its padding, which on a GPU must not wait for the device.
-    """
+    """Attention metadata of one forward over a flattened batch of N tokens from S sequences
+    (``prepare_batch``). The length vectors stay on the host: the plan reads their maxima."""
 
     query_lens: torch.Tensor            # (S,) long, host: tokens of each sequence in this forward
     seq_lens: torch.Tensor              # (S,) long, host: context length of each after this forward
@@ -49,11 +40,8 @@ class PagedBatch:
 
 @torch.library.custom_op("minfer::write_kv_rows", mutates_args=("kv",))
 def write_kv_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd): the paged cache's write, as one custom op.
-
-    An in-place ``index_copy_`` declared to torch.compile, so the pool is not copied per layer (vLLM:
-    ``torch.ops.vllm.unified_attention_with_output``). Why: docs/kv-and-attention.md.
-    """
+    """kv[layer] rows at ``slots`` = ``rows`` (2, N, nkv, hd), an in-place custom op for torch.compile
+    (vLLM: ``torch.ops.vllm.unified_attention_with_output``). Why: docs/kv-and-attention.md."""
     nkv, hd = rows.shape[2], rows.shape[3]
     kv[layer].view(2, -1, nkv, hd).index_copy_(1, slots, rows)
 
@@ -64,12 +52,8 @@ def _(kv, layer, slots, rows) -> None:
 
 
 class PagedKVCache:
-    """K/V storage in blocks (see the module docstring); attention is its backend's (``self.attn``).
-
-    ``attention``: the dense backend the paged backend calls on gathered K/V ("sdpa", another name
-    of ``minfer.attention.BACKENDS``, or a callable); ``attention_mode``: "split" (the engine's) or
-    "online" (the teaching version); ``decode_kernel``: see ``attention.paged.resolve_decode_kernel``.
-    """
+    """K/V storage in blocks; attention is its backend's (``self.attn``, ``make_paged_attention``):
+    ``attention`` the dense backend's name or a callable, ``attention_mode`` "split" or "online"."""
 
     def __init__(self, cfg, num_blocks: int, block_size: int = 16, dtype=torch.float32, device="cpu",
                  attention="sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",
@@ -91,8 +75,7 @@ class PagedKVCache:
         self.kv = torch.zeros((L, 2, num_blocks, block_size, nkv, hd), device=device).to(store)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]          # views: (L, num_blocks, block_size, nkv, hd)
         if self.quantized:                                      # one fp32 scale per token and head
-            self.k_scale = torch.ones(L, num_blocks, block_size, nkv, 1, device=device)
-            self.v_scale = torch.ones_like(self.k_scale)
+            self.scales = torch.ones(L, 2, num_blocks, block_size, nkv, 1, device=device)
         self.meta: PagedBatch | None = None
         self.metas: list[PagedBatch] = []
         self._gather_buf: torch.Tensor | None = None   # (rows, block values) reused by every layer's gather
@@ -104,9 +87,8 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype=torch.float32, kv_cache_dtype: str = "auto") -> int:
         """K and V bytes of one block across the layers of a KV group (values, plus scales when quantized)."""
-        per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-        if kv_cache_dtype in QMAX:
-            per_head = cfg.head_dim * 1 + 4
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_head = cfg.head_dim + 4 if kv_cache_dtype in QMAX else cfg.head_dim * itemsize   # + a scale
         return 2 * len(kv_cache_groups(cfg)[0][1]) * block_size * cfg.num_key_value_heads * per_head
 
     @classmethod
@@ -116,8 +98,7 @@ class PagedKVCache:
         return int(memory_bytes // cls.bytes_per_block(cfg, block_size, dtype, kv_cache_dtype))
 
     def nbytes(self) -> int:
-        scales = self.k_scale.nbytes + self.v_scale.nbytes if self.quantized else 0
-        return self.k.nbytes + self.v.nbytes + scales
+        return self.kv.nbytes + (self.scales.nbytes if self.quantized else 0)
 
     # ------------------------------------------------------------ reading
     def kv_rows(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -126,32 +107,21 @@ class PagedKVCache:
 
     def read_blocks(self, layer: int, blocks: torch.Tensor, rows: torch.Tensor | None = None,
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) tensors in the compute dtype.
-
-        Block by block, as PagedAttention reads (docs/kv-and-attention.md); rows past a sequence's end
-        are read too and masked by the backend. ``rows``: ``kv_rows(blocks)``, computed once per
-        forward; ``reuse``: gather into the buffer every layer shares (``_gather``).
+        """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) in the compute dtype.
+        ``rows``: ``kv_rows(blocks)``, once per forward; ``reuse``: the layers' shared buffer (``_gather``).
+        Why one 2-D gather: docs/kv-and-attention.md.
         """
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
-            # kv[layer] viewed as 2 * num_blocks rows of one block each: K's block b is row b and
-            # V's is row num_blocks + b. A gather along dim 0 of a 2-D tensor is a memcpy per row
-            # and runs on every thread; the same gather along dim 1 of the 5-D view ran 2x slower
-            # on one thread (2.3 vs 1.2 ms per layer, 32 decodes at 530 keys, 2-core CPU).
             rows = self.kv_rows(blocks) if rows is None else rows
             both = self._gather(self.kv[layer].view(2 * self.num_blocks, -1), rows, reuse)  # (2M, bs*nkv*hd)
             return both.view(2, -1, nkv, hd).unbind(0)                                # (M * bs, nkv, hd) each
-        out = []
-        for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            q = store[layer].view(torch.int8).index_select(0, blocks).flatten(0, 1)   # (M * bs, nkv, hd)
-            s = scales[layer].index_select(0, blocks).flatten(0, 1)                   # (M * bs, nkv, 1)
-            out.append(dequantize_kv(q.view(store.dtype), s, self.dtype))
-        return out[0], out[1]
+        q = self.kv[layer].view(torch.int8).index_select(1, blocks).flatten(1, 2)    # (2, M * bs, nkv, hd)
+        s = self.scales[layer].index_select(1, blocks).flatten(1, 2)                 # (2, M * bs, nkv, 1)
+        return dequantize_kv(q.view(self.kv.dtype), s, self.dtype).unbind(0)
 
     def _gather(self, src: torch.Tensor, rows: torch.Tensor, reuse: bool) -> torch.Tensor:
-        """``src.index_select(0, rows)``, written into one buffer that every layer reuses (eager path;
-        the static path allocates from the graph pool). Why: docs/kv-and-attention.md.
-        """
+        """``src.index_select(0, rows)`` into one buffer every layer reuses (eager path)."""
         if not reuse or torch.compiler.is_compiling():
             return src.index_select(0, rows)
         n = rows.shape[0]
@@ -164,8 +134,7 @@ class PagedKVCache:
         """The whole pool of one layer as (num_blocks, block_size, nkv, hd) K and V in the compute dtype."""
         if not self.quantized:
             return self.k[layer], self.v[layer]
-        return (dequantize_kv(self.k[layer], self.k_scale[layer], self.dtype),
-                dequantize_kv(self.v[layer], self.v_scale[layer], self.dtype))
+        return dequantize_kv(self.kv[layer], self.scales[layer], self.dtype).unbind(0)
 
     # ------------------------------------------------------------ writing
     def copy_blocks(self, pairs) -> None:
@@ -173,8 +142,7 @@ class PagedKVCache:
         for src, dst in pairs:
             self.kv[:, :, dst] = self.kv[:, :, src]
             if self.quantized:
-                for t in (self.k_scale, self.v_scale):
-                    t[:, dst] = t[:, src]
+                self.scales[:, :, dst] = self.scales[:, :, src]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KVView:
         """Write k, v (1, nkv, N, hd) at ``meta.slot_mapping``; returns them (dequantized if stored so)."""
@@ -182,22 +150,19 @@ class PagedKVCache:
         group, layer = self.where[layer]                   # the layer's KV group, its slot in a block
         meta = self.metas[group]
         nkv, hd = k.shape[1], k.shape[3]
-        if not self.quantized:             # both in one scatter: (2, nkv, N, hd) -> rows (2, N, nkv, hd)
-            rows = torch.stack((k[0], v[0])).transpose(1, 2)
+        rows = torch.stack((k[0], v[0])).transpose(1, 2)  # K and V in one scatter: rows (2, N, nkv, hd)
+        if not self.quantized:
             if torch.compiler.is_compiling():                  # one opaque in-place op (write_kv_rows)
                 write_kv_rows(self.kv, layer, meta.slot_mapping, rows)
             else:
                 self.kv[layer].view(2, -1, nkv, hd).index_copy_(1, meta.slot_mapping, rows)
             return KVView(k, v, positions)
-        out = []
-        for store, x, scales in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
-            rows = x[0].transpose(0, 1)                                            # (N, nkv, hd)
-            # write through an int8 view: not every build has fp8 index_copy
-            q, s = quantize_kv(rows, self.kv_cache_dtype)
-            store[layer].view(torch.int8).view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, q.view(torch.int8))
-            scales[layer].view(-1, nkv, 1).index_copy_(0, meta.slot_mapping, s)
-            out.append(dequantize_kv(q, s, x.dtype).transpose(0, 1)[None])        # what later reads will see
-        return KVView(out[0], out[1], positions)
+        q, s = quantize_kv(rows, self.kv_cache_dtype)      # written through an int8 view: not every build
+        pages = self.kv[layer].view(torch.int8).view(2, -1, nkv, hd)                  # has fp8 index_copy
+        pages.index_copy_(1, meta.slot_mapping, q.view(torch.int8))
+        self.scales[layer].view(2, -1, nkv, 1).index_copy_(1, meta.slot_mapping, s)
+        out = dequantize_kv(q, s, k.dtype).transpose(1, 2)                   # (2, nkv, N, hd): what reads see
+        return KVView(out[0][None], out[1][None], positions)
 
     # ------------------------------------------------------------ attention: the backend's
     def set_batch(self, meta: PagedBatch) -> None:
@@ -217,10 +182,7 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, view: KVView, positions: torch.Tensor, backend=None,
                window: int | None = None) -> torch.Tensor:
         """Attention of the N queries q (1, nh, N, hd) over each one's sequence -> (1, nh, N, hd).
-
-        ``backend``, the model's dense backend, is not read: this cache's paged backend was built
-        with its dense backend (``attention=``) once, as vLLM picks one backend per engine.
-        """
+        ``backend`` is unused: the paged backend got its dense one at construction (vLLM: one per engine)."""
         self._need_meta(positions)
         group, layer = self.where[layer]
         return self.attns[group].forward(q, view.keys, view.values, layer, window)

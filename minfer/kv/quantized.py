@@ -31,16 +31,15 @@ def quantize_kv(x: torch.Tensor, fmt: str = "int8") -> tuple[torch.Tensor, torch
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q (..., hd) * scale (..., 1) in ``dtype``."""
     return (q.float() * scale).to(dtype)
 
 
 class QuantizedKVCache(DenseKVCache):
     def __init__(self, cfg, batch_size: int, max_len: int, *, fmt: str = "int8",
                  dtype=torch.float32, device="cpu"):
-        if fmt not in QMAX:
-            raise ValueError(f"unknown KV quantization format {fmt!r}; use 'int8' or 'fp8'")
-        if STORAGE[fmt] is None:
-            raise ValueError(f"this torch build has no {fmt} dtype")
+        if fmt not in QMAX or STORAGE[fmt] is None:
+            raise ValueError(f"KV quantization format {fmt!r} is not available here; use 'int8' or 'fp8'")
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len and batch_size must be >= 1, got {max_len}, {batch_size}")
         L, nkv, hd = cfg.num_kv_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -48,11 +47,11 @@ class QuantizedKVCache(DenseKVCache):
         # 1 byte per value + a 4-byte scale per token-head, for K and V; refused up front if too big
         check_allocation(2 * L * batch_size * nkv * max_len * (hd + 4) + 8 * max_len,
                          f"an {fmt} KV cache of {batch_size} x {max_len} tokens", device)
-        # built in its 1-byte storage type directly (no float32 zeros 4x the size first)
-        self.k = torch.zeros(L, batch_size, nkv, max_len, hd, dtype=torch.int8, device=device).view(STORAGE[fmt])
-        self.v = torch.zeros_like(self.k.view(torch.int8)).view(STORAGE[fmt])
-        self.k_scale = torch.ones(L, batch_size, nkv, max_len, 1, device=device)   # fp32
-        self.v_scale = torch.ones_like(self.k_scale)
+        # K and V in one tensor, built in 1-byte storage directly (no float32 zeros 4x the size first)
+        shape = (L, 2, batch_size, nkv, max_len)
+        self.kv = torch.zeros(*shape, hd, dtype=torch.int8, device=device).view(STORAGE[fmt])
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]                     # views: (L, B, nkv, max_len, hd)
+        self.scales = torch.ones(*shape, 1, device=device)                 # fp32
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._slots = torch.arange(max_len, device=device)
 
@@ -60,22 +59,20 @@ class QuantizedKVCache(DenseKVCache):
         end = int(positions.max()) + 1
         if end > self.max_len or int(positions.min()) < 0:
             raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
-        idx = positions[:, None, :, None]                              # (B, 1, T, 1)
-        for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, s = quantize_kv(x, self.fmt)
-            # scatter_ has no fp8 kernel on every build: write through an int8 view of the bytes
-            store[layer].view(torch.int8).scatter_(2, idx.expand_as(q), q.view(torch.int8))
-            scales[layer].scatter_(2, idx.expand_as(s), s)
+        q, s = quantize_kv(torch.stack((k, v)), self.fmt)              # (2, B, nkv, T, hd), (2, B, nkv, T, 1)
+        idx = positions[None, :, None, :, None]                        # (1, B, 1, T, 1)
+        # scatter_ has no fp8 kernel on every build: write through an int8 view of the bytes
+        self.kv[layer].view(torch.int8).scatter_(3, idx.expand_as(q), q.view(torch.int8))
+        self.scales[layer].scatter_(3, idx.expand_as(s), s)
         self.lengths = positions.max(dim=1).values + 1
         S = int(self.lengths.max())
         slots = self._slots[:S]
         key_pos = torch.where(slots[None] < self.lengths[:, None], slots[None], -1)
-        keys = dequantize_kv(self.k[layer, :, :, :S], self.k_scale[layer, :, :, :S], self.dtype)
-        values = dequantize_kv(self.v[layer, :, :, :S], self.v_scale[layer, :, :, :S], self.dtype)
-        return KVView(keys, values, key_pos)
+        both = dequantize_kv(self.kv[layer, ..., :S, :], self.scales[layer, ..., :S, :], self.dtype)
+        return KVView(both[0], both[1], key_pos)
 
     def truncate(self, length: int) -> None:
         self.lengths = self.lengths.clamp(max=length)
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.k_scale.nbytes + self.v_scale.nbytes
+        return self.kv.nbytes + self.scales.nbytes

@@ -1,9 +1,7 @@
 """The static contiguous cache: the single-request loop with fixed shapes (gpt-fast's decode step).
 
-Every forward attends over all ``max_len`` slots, the later ones hidden by a mask built on the
-device, so a step has one shape and no host read: it can be captured as a CUDA graph
-(``minfer/engine/cuda_graph.py``). gpt-fast: ``KVCache`` and ``causal_mask[input_pos]``.
-Why and what it costs: docs/kv-and-attention.md.
+Every forward attends over all ``max_len`` slots, masked on the device: one shape, no host read, so
+it can be captured as a CUDA graph. gpt-fast: ``causal_mask[input_pos]``. docs/kv-and-attention.md.
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """``minfer lessons grade``: grade submitted notebooks, each exercise in two fresh processes.
 
-    minfer lessons grade alice.ipynb bob.ipynb ... [--csv scores.csv | --json scores.json]
-                         [--timeout 60] [--memory 4096] [--sandbox] [--jobs 2] [--lesson L]
-
 Per submission: find each exercise's cell (``locate``), grade it in a grading process
 (``--judge``) that starts the learner's process (``minfer.lessons.isolate``) and asks it only
 for return values, as JSON data. The steps, the statuses and what limits do not stop:
@@ -35,7 +32,6 @@ from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_
 
 DEFAULT_TIMEOUT = 60.0     # seconds per exercise: the slowest property runs in a few
 JUDGE_MARGIN = 60.0        # the grading process's own start and reference time, on top
-CELL_TAGS = ("solution", "exercise")
 
 
 @dataclass
@@ -56,23 +52,10 @@ class ExerciseGrade:
         return self.status == "passed"
 
 
-# ---------------------------------------------------------------------------
-# Reading a submission
-# ---------------------------------------------------------------------------
-
-
-def _parse(source: str) -> Optional[ast.Module]:
-    """The cell's syntax tree, or None when it is not Python this grader can read
-    (a syntax error, or nesting so deep that the parser runs out of memory or stack)."""
-    try:
-        return ast.parse(source)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-
-
+# --- Reading a submission ---
 def _defined_names(source: str) -> Optional[set[str]]:
     """Top-level names a cell defines (def, class, assignment); None if it does not parse."""
-    tree = _parse(source)
+    tree = _parse(source)[0]
     if tree is None:
         return None
     names: set[str] = set()
@@ -85,16 +68,17 @@ def _defined_names(source: str) -> Optional[set[str]]:
     return names
 
 
-def syntax_error(source: str) -> Optional[str]:
-    """"<what> at line N: <the line>" for a cell that is not valid Python, else None."""
+def _parse(source: str) -> tuple[Optional[ast.Module], Optional[str]]:
+    """(the cell's syntax tree, None), or (None, "<what> at line N: <the line>") for a cell that is not
+    Python this grader can read (a syntax error, or nesting too deep for the parser's memory or stack)."""
     try:
-        ast.parse(source)
+        return ast.parse(source), None
     except SyntaxError as e:
         text = (e.text or "").strip()
-        return f"{e.msg} at line {e.lineno}" + (f": {text[:120]}" if text else "")
+        return None, f"{e.msg} at line {e.lineno}" + (f": {text[:120]}" if text else "")
     except (ValueError, MemoryError, RecursionError) as e:
-        return f"the cell cannot be parsed ({type(e).__name__}: nested too deeply?)"
-    return None
+        return None, f"the cell cannot be parsed ({type(e).__name__}: nested too deeply?)"
+
 
 
 @dataclass
@@ -123,32 +107,21 @@ def locate(nb, function: str) -> Optional[FoundCell]:
         if names is not None and function in names:
             found = FoundCell(i, cell.source)
         elif names is None and looks_like.search(cell.source):
-            found = FoundCell(i, cell.source, syntax_error(cell.source))
+            found = FoundCell(i, cell.source, _parse(cell.source)[1])
     return found
 
 
 def find_exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, str]:
-    """{exercise name: the source of the cell that defines its function} (``locate``).
-
-    With ``lesson`` (a notebook stem), only that lesson's exercises are looked
-    for: another lesson's exercise may share a function name with an ordinary
-    cell of this one (lesson 09's ``tpot = ...`` is not lesson 05's exercise).
-    Without it, every lesson's (to guess the lesson of a submission).
-    """
+    """{exercise name: the source of the cell that defines its function} (``locate``), for ``lesson``'s
+    exercises only (lesson 09's ``tpot = ...`` is not lesson 05's exercise); every lesson's without it."""
     return {name: cell.source for name, cell in exercise_cells(nb, lesson).items()}
 
 
 def exercise_cells(nb, lesson: Optional[str] = None) -> dict[str, FoundCell]:
     """{exercise name: ``FoundCell``} for ``lesson``'s exercises (every lesson's without it)."""
-    found: dict[str, FoundCell] = {}
-    for name in _exercises.names():
-        ex = _exercises.get(name)
-        if (lesson is not None and ex.lesson != lesson) or not ex.function:
-            continue
-        cell = locate(nb, ex.function)
-        if cell is not None:
-            found[name] = cell
-    return found
+    found = {ex.name: locate(nb, ex.function) for ex in map(_exercises.get, _exercises.names())
+             if ex.function and lesson in (None, ex.lesson)}
+    return {name: cell for name, cell in found.items() if cell is not None}
 
 
 def _is_context(node: ast.stmt) -> bool:
@@ -164,17 +137,13 @@ def _is_context(node: ast.stmt) -> bool:
 
 
 def notebook_context(nb, skip: Optional[int] = None) -> list[tuple[str, str]]:
-    """The notebook's imports and constants, as (label, source) statements in order.
-
-    They run before the exercise's cell, as they would in the notebook (``import numpy as
-    np`` in the first cell); one that fails in the grading process (an import of the
-    engine) is skipped. Cell ``skip`` (the exercise's own) runs whole, after them.
-    """
+    """The notebook's imports and constants, (label, source) in order: they run before the exercise's
+    cell ``skip`` as in the notebook (one that fails there, an import of the engine, is skipped)."""
     out = []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or i == skip:
             continue
-        tree = _parse(cell.source)
+        tree = _parse(cell.source)[0]
         if tree is None:
             continue
         for node in tree.body:
@@ -190,6 +159,7 @@ def lesson_exercises(lesson: str) -> list[Exercise]:
 
 
 def lessons() -> list[str]:
+    """The lessons (notebook stems) that have exercises."""
     return sorted({_exercises.get(n).lesson for n in _exercises.names()} - {""})
 
 
@@ -203,16 +173,11 @@ def guess_lesson(path: Path, found: dict[str, str]) -> Optional[str]:
 
 
 def source_problem(exercise: Exercise, source: str) -> Optional[str]:
-    """Why ``source`` may not be graded (it is not Python; it imports minfer's own
-    implementation), or None. Imports of the exercise's ``allowed`` helpers are fine.
-
-    This is a courtesy, a clear message for an honest mistake: the grading
-    does not depend on it (minfer is not importable where the learner's code
-    runs, unless the exercise hands out helpers).
-    """
-    tree = _parse(source)
+    """Why ``source`` may not be graded (not Python; it imports minfer beyond the ``allowed`` helpers),
+    or None. A courtesy for an honest mistake: minfer is not importable where the learner's code runs."""
+    tree, problem = _parse(source)
     if tree is None:
-        return f"the cell is not valid Python: {syntax_error(source)}"
+        return f"the cell is not valid Python: {problem}"
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "minfer":
@@ -226,11 +191,7 @@ def source_problem(exercise: Exercise, source: str) -> Optional[str]:
     return None
 
 
-# ---------------------------------------------------------------------------
-# Grading one exercise in a fresh process
-# ---------------------------------------------------------------------------
-
-
+# --- Grading one exercise in a fresh process ---
 @dataclass(frozen=True)
 class Limits:
     """What the learner's process may use (``isolate.Child``)."""
@@ -257,12 +218,8 @@ def _before_running(exercise: Exercise, cell: Optional[FoundCell]) -> Optional[d
 
 def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: Limits = Limits(),
           sweep_all: bool = False) -> dict:
-    """Grade the function ``cell`` defines; returns ``{"status", "message"}``.
-
-    Runs here, in the grading process, which holds the reference and
-    computes the verdict: the learner's cells run in a ``Child`` that only
-    answers what the function returns on the inputs this process sends.
-    """
+    """Grade the function ``cell`` defines: ``{"status", "message"}``, computed here (the grading process
+    holds the reference); the learner's cells run in a ``Child`` that only answers with return values."""
     from minfer.lessons.grader import grade
 
     fn = exercise.function
@@ -292,7 +249,7 @@ def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: 
 
 def grade_source(exercise: Exercise, source: str, context: list = ()) -> dict:
     """``judge`` on one cell's source, in this process (tests compare it with ``check``)."""
-    return judge(exercise, FoundCell(0, source, syntax_error(source)), list(context))
+    return judge(exercise, FoundCell(0, source, _parse(source)[1]), list(context))
 
 
 def _judge_main() -> int:
@@ -367,16 +324,14 @@ def grade_exercise(exercise: Exercise, cell, *, context: list = (), submission: 
     in a fresh grading process, which starts the learner's process."""
     limits = limits or Limits(timeout=timeout or DEFAULT_TIMEOUT)
     if isinstance(cell, str):
-        cell = FoundCell(0, cell, syntax_error(cell))
+        cell = FoundCell(0, cell, _parse(cell)[1])
     return grade_cells([(exercise, cell, list(context))], submission=submission, limits=limits)[0]
 
 
 def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
                      limits: Limits = Limits()) -> list[ExerciseGrade]:
-    """Grade every exercise of one notebook, in one grading process.
-
-    A notebook that cannot be read or parsed is one "error" row naming it; the class goes on.
-    """
+    """Grade every exercise of one notebook, in one grading process (an unreadable notebook: one
+    "error" row naming it; the class goes on)."""
     import nbformat
 
     path = Path(path)
@@ -404,11 +359,7 @@ def grade_many(paths: list, *, lesson: Optional[str] = None, limits: Limits = Li
         return [r for f in pending for r in f.result()]
 
 
-# ---------------------------------------------------------------------------
-# The score table
-# ---------------------------------------------------------------------------
-
-
+# --- The score table ---
 def totals(rows: list[ExerciseGrade]) -> dict[str, tuple[int, int]]:
     """{submission: (points, max points)}, in order of first appearance."""
     out: dict[str, tuple[int, int]] = {}
@@ -451,11 +402,7 @@ def to_json(rows: list[ExerciseGrade]) -> dict:
             "exercises": [asdict(r) for r in rows]}
 
 
-# ---------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------
-
-
+# --- The command ---
 def _positive(flag: str, kind=float, most: Optional[float] = None):
     """An argparse type: a finite number > 0 (at most ``most``), else exit 2 naming ``flag``."""
     def parse(text: str):

@@ -17,34 +17,21 @@ CELL_PREFIX = "<cell "          # the file name of every piece of the learner's 
 MAX_DEPTH = 40                  # nesting beyond this is not an answer
 
 
-# ---------------------------------------------------------------------------
-# Values as data
-# ---------------------------------------------------------------------------
-
-
-def _tensor_data(x) -> dict:
-    t = x.detach().cpu()
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype in ("bfloat16", "float16"):
-        t = t.float()
-    return {"tensor": [dtype, list(t.shape), t.contiguous().tolist()]}
-
-
+# --- Values as data ---
 def encode(x: Any, depth: int = 0) -> Any:
     """``x`` as JSON-ready data; objects of other kinds become ``{"object": type name}``."""
     if depth > MAX_DEPTH:
         raise ValueError(f"the value is nested more than {MAX_DEPTH} levels deep")
-    if x is None or isinstance(x, bool):
-        return None if x is None else bool(x)
-    if isinstance(x, int):
-        return int(x)
-    if isinstance(x, float):
-        return float(x)
-    if isinstance(x, str):
-        return str.__str__(x)
+    if x is None:
+        return None
+    for kind, plain in ((bool, bool), (int, int), (float, float), (str, str.__str__)):   # subclasses: plain
+        if isinstance(x, kind):
+            return plain(x)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        return _tensor_data(x)
+        t, dtype = x.detach().cpu(), str(x.dtype).removeprefix("torch.")
+        t = t.float() if dtype in ("bfloat16", "float16") else t      # sent as float32 values
+        return {"tensor": [dtype, list(t.shape), t.contiguous().tolist()]}
     np = sys.modules.get("numpy")
     if np is not None and isinstance(x, np.ndarray):
         return {"ndarray": [x.dtype.str, list(x.shape), x.tolist()]}
@@ -92,11 +79,7 @@ def decode(x: Any, models: Optional[dict] = None) -> Any:
     return _opaque(v)
 
 
-# ---------------------------------------------------------------------------
-# The watch on calls into minfer
-# ---------------------------------------------------------------------------
-
-
+# --- The watch on calls into minfer ---
 def is_allowed(name: str, allowed: tuple) -> bool:
     """Is ``name`` ("module:qualname") one of ``allowed``? A pattern ending in ``*``
     allows every name it prefixes ("minfer.model:*": the whole model)."""
@@ -111,10 +94,8 @@ def _minfer_name(frame, minfer_dir: str) -> Optional[str]:
 
 
 def call_watched(fn: Callable, args: list, allowed: tuple) -> tuple[Any, Optional[str]]:
-    """``fn(*args)``, and the first minfer function it called that is not ``allowed``.
-
-    A trace hook on calls; it catches an honest mistake, not a determined one (docs/teaching.md).
-    """
+    """``fn(*args)``, and the first minfer function it called that is not ``allowed``: a trace hook
+    that catches an honest mistake, not a determined one (docs/teaching.md)."""
     minfer = sys.modules.get("minfer")
     if minfer is None or not getattr(minfer, "__file__", None):
         return fn(*args), None
@@ -145,11 +126,7 @@ def call_watched(fn: Callable, args: list, allowed: tuple) -> tuple[Any, Optiona
     return result, (found[0] if found else None)
 
 
-# ---------------------------------------------------------------------------
-# The child's loop
-# ---------------------------------------------------------------------------
-
-
+# --- The child's loop ---
 def _learner_frame(error: BaseException) -> Optional[dict]:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if f.filename.startswith(CELL_PREFIX)]
@@ -197,21 +174,13 @@ def _load(job: dict) -> tuple[Optional[Callable], dict]:
     return fn, {"ready": True}
 
 
-def _models():
-    """Build ``{"model": seed}`` arguments as the grader's tiny counting models."""
+def _answer(fn: Callable, args: list, allowed: tuple) -> dict:
     made: list = []
 
-    def build(seed: int):
-        from minfer.lessons.ex_loops import CountingModel, tiny_lm
-        model = CountingModel(tiny_lm(int(seed)))
-        model.seed = int(seed)
-        made.append(model)
-        return model
-    return build, made
-
-
-def _answer(fn: Callable, args: list, allowed: tuple) -> dict:
-    build, made = _models()
+    def build(seed: int):             # ``{"model": seed}``: the grader's tiny counting model
+        from minfer.lessons.ex_loops import counting_model
+        made.append(counting_model(int(seed)))
+        return made[-1]
     try:
         values = [decode(a, build) for a in args]
         out, callee = call_watched(fn, values, allowed)

@@ -58,13 +58,8 @@ def _execute(args) -> int:
 
 
 def load_solutions(notebook: str) -> dict:
-    """``--use-solutions``: the learner's functions in ``notebook`` that have a swap point.
-
-    Each exercise cell is run (after the exercise's prelude) and its function
-    graded by ``check``; the functions that are written (not stubs) are
-    returned as ``{swap point: function}``, ready for ``with_solutions``.
-    The notebook is the learner's own: its cells run in this process.
-    """
+    """``--use-solutions``: ``{swap point: function}`` for the written (not stub) functions of ``notebook``,
+    each graded first. The notebook is the learner's own: its exercise cells run in this process."""
     import sys
     from pathlib import Path
 
@@ -102,11 +97,8 @@ def load_solutions(notebook: str) -> dict:
 
 @contextmanager
 def with_solutions(llm, notebook: str) -> Iterator:
-    """``--use-solutions``: the LLM to generate with, running the notebook's functions.
-
-    Module swap points are swapped in for the block (``minfer.lessons.use``); if the notebook
-    has a scheduler step or a slot mapping, a second engine on ``llm``'s model is built with them.
-    """
+    """``--use-solutions``: the LLM to generate with, running the notebook's functions (``use`` for
+    module swap points; a second engine on ``llm``'s model for constructor ones, ``plug_ins.rebuild``)."""
     from minfer.lessons.plug_ins import rebuild
     from minfer.lessons.swap import split, use
 

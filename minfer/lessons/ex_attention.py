@@ -1,9 +1,5 @@
 """Exercises of lesson 03 (attention memory): the window mask, GQA attention, int8 KV.
 
-    attention.window_mask    which keys each query sees: causal, empty slots, a sliding window
-    attention.gqa_attention  the attention backend: query heads share K/V heads (GQA/MQA), window, scale
-    kv.quantize_int8         the int8 KV cache's write: one absmax scale per token and head
-
 References: ``minfer.attention.mask.allowed``, ``minfer.attention.reference.reference_attention``
 (the backend signature; the lesson runs SmolLM2 and Gemma 3 on the learner's through
 ``compare_with_engine(llm, prompt, attention=...)``) and ``minfer.kv.quantized.quantize_kv``.
@@ -16,8 +12,8 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, exact, float_tensors,
-                                      register, tensor_problem, tuple_problem)
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, allclose, close_problem, exact,
+                                      float_tensors, register, tensor_problem, tuple_problem)
 
 
 @st.composite
@@ -29,11 +25,6 @@ def _positions(draw, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     k_pos = torch.tensor(draw(st.lists(st.lists(st.integers(-1, 9), min_size=S, max_size=S),
                                        min_size=batch, max_size=batch)))
     return q_pos, k_pos
-
-
-# ---------------------------------------------------------------------------
-# attention.window_mask
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -67,10 +58,6 @@ register(Exercise(
     validate=_validate_mask,
 ))
 
-
-# ---------------------------------------------------------------------------
-# attention.gqa_attention
-# ---------------------------------------------------------------------------
 
 GQA_ATOL = 1e-5
 
@@ -120,11 +107,6 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# kv.quantize_int8
-# ---------------------------------------------------------------------------
-
-
 @st.composite
 def _kv_vectors(draw) -> Inputs:
     """K or V vectors (B, nkv, T, hd); some all zero, magnitudes 1e-3 .. 1e3."""
@@ -158,6 +140,5 @@ register(Exercise(
                  "per vector, max|x| / 127 (1.0 for an all-zero vector), q = round(x / scale)"),
     reference="minfer.kv.quantized:quantize_kv",
     inputs=_kv_vectors(),
-    compare=lambda inputs, expected, actual: _validate_kv_int8(inputs, actual),
-    validate=_validate_kv_int8,
+    compare=against_definition(_validate_kv_int8),
 ))

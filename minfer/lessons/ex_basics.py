@@ -1,7 +1,6 @@
 """Lesson 01's exercises: ``model.rms_norm`` and ``sampling.top_p``.
 
 References: ``rms_norm`` in ``minfer/model.py``, ``top_p_filter`` in ``minfer/sampling.py``.
-Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -11,13 +10,9 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, float_lists, index_of, register,
-                                     rows_tensor, tensor_problem)
+from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, first_index, float_lists,
+                                     register, rows_tensor, tensor_problem)
 
-
-# ---------------------------------------------------------------------------
-# model.rms_norm
-# ---------------------------------------------------------------------------
 
 RMS_NORM_ATOL = 1e-5
 
@@ -54,10 +49,6 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# sampling.top_p
-# ---------------------------------------------------------------------------
-
 TOP_P_MASS_TOL = 1e-5   # cumulative probabilities this close to top_p are a coin toss
 
 
@@ -82,11 +73,6 @@ def _top_p_inputs(draw) -> Inputs:
     return {"logits": logits if batched else logits[0], "top_p": top_p}
 
 
-def _kept(t: torch.Tensor) -> list[int]:
-    """Indices of the entries of a 1-D tensor that are not -inf."""
-    return [i for i, v in enumerate(t.tolist()) if v != -math.inf]
-
-
 def _sorted_probs(row: torch.Tensor) -> str:
     """'token 2: 0.665, token 0: 0.245, ...' for one row of logits (float64 softmax)."""
     p = torch.softmax(row.to(torch.float64), -1)
@@ -100,19 +86,13 @@ def _tokens(k: int, which: str) -> str:
 
 
 def nucleus_problem(logits: torch.Tensor, top_p: float, out: torch.Tensor) -> Optional[str]:
-    """Does ``out`` keep a valid nucleus of ``logits``?  None if so, else why not.
-
-    The definition, row by row: every entry of ``out`` is either its input
-    logit (kept) or exactly -inf (removed); the kept tokens are the k most
-    likely ones; and k is the smallest count whose probability mass reaches
-    top_p. Masses within ``TOP_P_MASS_TOL`` of top_p may go either way, and
-    among tokens with equal logits any may be kept: both are rounding or
-    tie-breaking choices, not mistakes.
-    """
+    """Why ``out`` is not a valid nucleus of ``logits``, or None. Row by row: each entry is its logit
+    (kept) or exactly -inf; the kept tokens are the k most likely, k the smallest count whose mass
+    reaches top_p. Ties, and masses within ``TOP_P_MASS_TOL`` of top_p, may go either way."""
     removed = out == -math.inf
     changed = ~removed & ~(out == logits)
     if bool(changed.any()):
-        idx = index_of(int(changed.flatten().nonzero()[0]), logits.shape)
+        idx = first_index(changed)
         return (f"at index {idx} the input logit is {logits[idx].item()!r} but yours is "
                 f"{out[idx].item()!r}: kept tokens keep their logit unchanged, "
                 f"removed tokens become exactly -inf")
@@ -146,13 +126,9 @@ def nucleus_problem(logits: torch.Tensor, top_p: float, out: torch.Tensor) -> Op
 
 
 def _compare_top_p(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optional[str]:
-    """Same -inf pattern and kept values as the reference.
-
-    Where the pattern differs only by a tie or a rounding-level boundary
-    (``nucleus_problem`` finds nothing wrong), the answer is accepted too.
-    """
-    problem = tensor_problem(expected, actual)
-    if problem:
+    """Same -inf pattern and kept values as the reference, or a pattern that differs only by a tie
+    or a rounding-level boundary (``nucleus_problem`` finds nothing wrong)."""
+    if problem := tensor_problem(expected, actual):
         return problem
     removed_a, removed_e = actual == -math.inf, expected == -math.inf
     if torch.equal(removed_a, removed_e) and torch.equal(      # NaN never equals: good
@@ -166,16 +142,11 @@ def _compare_top_p(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optio
     rows_e, rows_a = expected.reshape(-1, vocab), actual.reshape(-1, vocab)
     lines = [why]
     for r in range(rows_e.shape[0]):
-        kept_e, kept_a = _kept(rows_e[r]), _kept(rows_a[r])
+        kept_e, kept_a = ((rows[r] != -math.inf).nonzero().flatten().tolist() for rows in (rows_e, rows_a))
         if kept_e != kept_a:
             where = f"row {r}: " if logits.dim() > 1 else ""
             lines.append(f"{where}expected keeps tokens {kept_e}, yours keeps {kept_a}")
     return "\n".join(lines)
-
-
-def _validate_top_p(inputs: Inputs, actual: torch.Tensor) -> Optional[str]:
-    """The nucleus definition, checked without the reference."""
-    return nucleus_problem(inputs["logits"], inputs["top_p"], actual)
 
 
 register(Exercise(
@@ -186,5 +157,5 @@ register(Exercise(
     reference="minfer.sampling:top_p_filter",
     inputs=_top_p_inputs(),
     compare=_compare_top_p,
-    validate=_validate_top_p,
+    validate=lambda inputs, actual: nucleus_problem(inputs["logits"], inputs["top_p"], actual),
 ))

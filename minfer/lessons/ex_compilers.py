@@ -1,40 +1,28 @@
 """Exercises of lesson 08 (compilers and kernels): fused projections, bucket padding, MBU.
 
-    fusion.qkv_fused        q, k, v of a token from ONE matmul with the stacked weight, then split
-    cuda_graph.pad_to_bucket  a decode batch of n sequences -> its capture bucket and the padded rows
-    cuda_graph.pad_batch    the static step's rows of a decode batch, padded to its bucket
-    roofline.mbu            model-bandwidth utilisation of a measured decode run
-
-References: ``qkv_fused`` and ``pad_to_bucket`` below, written as plain functions (the engine
-stacks the weights once, at load time, into ``qkv_proj`` in ``minfer/model.py``, and picks the bucket
-with ``bucket_for`` in ``minfer/engine/cuda_graph.py``); ``mbu`` is ``minfer.bench.machine.mbu``, the
-formula behind ``minfer bench decode``'s MBU column. ``tests/test_grader.py`` runs these same
-properties on them. Inputs are tuples or fresh tensors, so a function that edits its arguments in
-place cannot change what the grader compares against.
+References: ``qkv_fused`` and ``pad_to_bucket`` below as plain functions (the engine stacks ``qkv_proj``
+once at load time in ``minfer/model.py`` and picks the bucket with ``bucket_for`` in
+``minfer/engine/cuda_graph.py``), ``pad_batch`` (``StaticDecodeRunner.load``), ``minfer.bench.machine.mbu``.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, close_problem, float_tensors, register
-
-# ---------------------------------------------------------------------------
-# fusion.qkv_fused
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_tensors,
+                                     is_number, register, returned, tuple_problem)
 
 QKV_ATOL = 1e-5
 
 
 def qkv_fused(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor):
-    """(q, k, v) = (x wq^T, x wk^T, x wv^T) with one matmul: stack the rows, multiply, split.
+    """(q, k, v) = (x wq^T, x wk^T, x wv^T) with one matmul (vLLM stacks once: ``QKVParallelLinear``).
 
-    x (..., d); wq (nq, d), wk (nk, d), wv (nk, d) -> q (..., nq), k (..., nk), v (..., nk).
-    vLLM loads the stacked weight once (``QKVParallelLinear``); here it is stacked per call.
-    """
+    x (..., d); wq (nq, d), wk (nk, d), wv (nk, d) -> q (..., nq), k (..., nk), v (..., nk)."""
     w = torch.cat([wq, wk, wv], dim=0)                       # (nq + 2 nk, d)
     y = x @ w.T                                              # (..., nq + 2 nk): one matmul
     return tuple(torch.split(y, [wq.shape[0], wk.shape[0], wv.shape[0]], dim=-1))
@@ -51,17 +39,17 @@ def _qkv_inputs(draw) -> Inputs:
 
 
 def _qkv_problem(inputs: Inputs, actual: Any, want: tuple, what: str) -> Optional[str]:
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a tuple (q, k, v)"
-    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
-        return f"returned {type(actual).__name__}, expected a tuple of three tensors (q, k, v)"
+    problem = tuple_problem(actual, ("q", "k", "v"))
+    if problem:
+        return problem
     for name, e, a in zip("qkv", want, actual):
         if not isinstance(a, torch.Tensor):
             return f"{name} is a {type(a).__name__}, expected a tensor"
         if tuple(a.shape) != tuple(e.shape):
-            return (f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}: x {tuple(inputs['x'].shape)} "
-                    f"times the transposed weight ({tuple(inputs['w' + name].shape)} -> last dim "
-                    f"{inputs['w' + name].shape[0]}); split the fused output at nq and nq + nk")
+            return (f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}: x "
+                    f"{tuple(inputs['x'].shape)} times the transposed weight "
+                    f"({tuple(inputs['w' + name].shape)} -> last dim {inputs['w' + name].shape[0]}); split "
+                    f"the fused output at nq and nq + nk")
         problem = close_problem(e, a, QKV_ATOL, what=what)
         if problem:
             return f"{name}: {problem}"
@@ -87,17 +75,9 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# cuda_graph.pad_to_bucket
-# ---------------------------------------------------------------------------
-
-
 def pad_to_bucket(n: int, sizes: Sequence[int]) -> tuple[int, int]:
-    """(bucket, padded rows) for a decode batch of ``n`` sequences, 1 <= n <= max(sizes).
-
-    The bucket is the smallest capture size that holds n sequences (``sizes`` in any order); the
-    step then runs with bucket - n padded rows, whose outputs are thrown away.
-    """
+    """(bucket, padded rows) for a decode batch of ``n`` <= max(sizes) sequences: the smallest capture
+    size that holds them (``sizes`` in any order), and the bucket - n rows whose outputs are thrown away."""
     bucket = min(s for s in sizes if s >= n)
     return bucket, bucket - n
 
@@ -111,14 +91,13 @@ def _bucket_inputs(draw) -> Inputs:
     return {"n": n, "sizes": tuple(sizes)}
 
 
-def _bucket_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _bucket_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     n, sizes = inputs["n"], inputs["sizes"]
     fits = sorted(s for s in sizes if s >= n)
     want = (fits[0], fits[0] - n)
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a tuple (bucket, padded rows)"
-    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
-        return f"returned {actual!r}, expected a tuple (bucket, padded rows)"
+    problem = tuple_problem(actual, ("bucket", "padded rows"), of="ints")
+    if problem:
+        return problem
     got = tuple(int(a) if isinstance(a, int) or (isinstance(a, torch.Tensor) and a.numel() == 1) else a
                 for a in actual)
     if got == want:
@@ -127,9 +106,9 @@ def _bucket_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
         why = (f"{got[0]} is not a capture size" if got[0] not in sizes else
                f"{got[0]} cannot hold {n} sequences" if got[0] < n else
                f"{got[0]} holds them, but {want[0]} is a smaller size that does too")
-        return (f"n = {n}, capture sizes {list(sizes)}: {what} bucket {want[0]} (the smallest size >= n), "
+        return (f"n = {n}, capture sizes {list(sizes)}: expected bucket {want[0]} (the smallest size >= n), "
                 f"yours {got[0]}: {why}")
-    return (f"n = {n} in bucket {want[0]}: {what} {want[1]} padded rows (bucket - n), yours {got[1]!r}")
+    return (f"n = {n} in bucket {want[0]}: expected {want[1]} padded rows (bucket - n), yours {got[1]!r}")
 
 
 register(Exercise(
@@ -138,14 +117,8 @@ register(Exercise(
     description="pad_to_bucket(n, sizes) -> (smallest size >= n, number of padded rows) for a decode batch",
     reference="minfer.lessons.ex_compilers:pad_to_bucket",
     inputs=_bucket_inputs(),
-    compare=lambda inputs, expected, actual: _bucket_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _bucket_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_bucket_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# roofline.mbu
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -154,18 +127,16 @@ def _mbu_inputs(draw) -> Inputs:
             "bandwidth": draw(st.floats(1e8, 1e13))}
 
 
-def _mbu_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _mbu_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     b, tps, bw = inputs["bytes_per_token"], inputs["tokens_per_s"], inputs["bandwidth"]
     want = b * tps / bw
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a fraction (1.0 = the whole bandwidth)"
-    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
-        return f"returned {type(actual).__name__} {actual!r}, expected a float"
+    if not is_number(actual):
+        return returned(actual, "a fraction (1.0 = the whole bandwidth)", show=True)
     if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-15):
         return None
     hint = " (a fraction, not a percentage)" if math.isclose(actual, 100 * want, rel_tol=1e-9) else ""
     return (f"{b:.4g} bytes per token x {tps:.4g} tokens/s = {b * tps:.4g} bytes/s achieved, over "
-            f"{bw:.4g} bytes/s: {what} {want!r}, yours {actual!r}{hint}")
+            f"{bw:.4g} bytes/s: expected {want!r}, yours {actual!r}{hint}")
 
 
 register(Exercise(
@@ -175,20 +146,13 @@ register(Exercise(
                 "decode run used (bytes read per token x tokens/s / bandwidth)",
     reference="minfer.bench.machine:mbu",
     inputs=_mbu_inputs(),
-    compare=lambda inputs, expected, actual: _mbu_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _mbu_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_mbu_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# cuda_graph.pad_batch
-# ---------------------------------------------------------------------------
 
 
 def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bucket: int, scratch_slot: int):
     """The engine's static decode runner (``StaticDecodeRunner.load``) on a batch of len(tokens) decodes:
     its first ``bucket`` rows of input ids, positions, slots and context lengths, as lists."""
-    from minfer.engine.cuda_graph import StaticDecodeRunner
     from minfer.kv.paged import PagedBatch
     runner = _static_runner()
     runner.sizes, runner.scratch_slot = [bucket], scratch_slot
@@ -197,26 +161,20 @@ def pad_batch(tokens: list, positions: list, slots: list, context_lens: list, bu
         query_lens=torch.ones(S, dtype=torch.long), seq_lens=torch.tensor(context_lens),
         block_tables=torch.zeros(S, 1, dtype=torch.long), slot_mapping=torch.tensor(slots),
         logits_indices=torch.arange(S), positions=torch.tensor([positions])))
-    assert isinstance(runner, StaticDecodeRunner)
     return tuple(t.reshape(-1)[:bucket].tolist() for t in (runner.input_ids, runner.positions, runner.slot_mapping,
                                                            runner.context_lens))
 
 
+@lru_cache(maxsize=None)
 def _static_runner():
     """One static runner over a one-layer random model, shared by every call of ``pad_batch``."""
-    global _RUNNER
-    if _RUNNER is None:
-        from minfer.config import ModelConfig
-        from minfer.engine.cuda_graph import StaticDecodeRunner
-        from minfer.kv.paged import PagedKVCache
-        from minfer.model import build_model
-        cfg = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                          num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64)
-        _RUNNER = StaticDecodeRunner(build_model(cfg), PagedKVCache(cfg, 4, 16), 0, 64, use_cuda_graph=False)
-    return _RUNNER
-
-
-_RUNNER = None
+    from minfer.config import ModelConfig
+    from minfer.engine.cuda_graph import StaticDecodeRunner
+    from minfer.kv.paged import PagedKVCache
+    from minfer.model import build_model
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64)
+    return StaticDecodeRunner(build_model(cfg), PagedKVCache(cfg, 4, 16), 0, 64, use_cuda_graph=False)
 
 
 @st.composite
@@ -228,13 +186,13 @@ def _pad_inputs(draw) -> Inputs:
             "scratch_slot": 16 * draw(st.integers(0, 3))}
 
 
-def _pad_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _pad_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     S, n = len(inputs["tokens"]), inputs["bucket"]
     pads = (0, 0, inputs["scratch_slot"], 1)
     names = ("tokens", "positions", "slots", "context_lens")
-    if not isinstance(actual, (tuple, list)) or len(actual) != 4:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple of 4 lists ({', '.join(names)})"
+    problem = tuple_problem(actual, names, of="lists")
+    if problem:
+        return problem
     for name, pad, got in zip(names, pads, actual):
         want = list(inputs[name]) + [pad] * (n - S)
         try:
@@ -242,9 +200,9 @@ def _pad_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
         except (TypeError, ValueError):
             return f"{name}: expected a list of {n} ints, got {type(got).__name__}"
         if got != want:
-            return (f"{S} real rows in a bucket of {n}, scratch slot {inputs['scratch_slot']}: {name} {what} {want}, "
-                    f"yours {got}. Keep the real rows, then pad to the bucket with token 0, position 0, "
-                    f"the scratch slot and a context of 1 key")
+            return (f"{S} real rows in a bucket of {n}, scratch slot {inputs['scratch_slot']}: {name} "
+                    f"expected {want}, yours {got}. Keep the real rows, then pad to the bucket with token 0, "
+                    f"position 0, the scratch slot and a context of 1 key")
     return None
 
 
@@ -255,6 +213,5 @@ register(Exercise(
                  "`bucket` rows: token 0, position 0, the scratch slot, a context of 1"),
     reference="minfer.lessons.ex_compilers:pad_batch",
     inputs=_pad_inputs(),
-    compare=lambda inputs, expected, actual: _pad_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _pad_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_pad_problem),
 ))

@@ -1,12 +1,4 @@
-"""Exercises of lesson 10 (compression beyond quantization).
-
-    compress.distill_kl       topk_distill_kl(logits, topk_idx, topk_logp, T) -> T^2 KL over k + 1 bins
-    compress.medusa_tree_mask tree_mask(paths) -> the (N + 1, N + 1) tree attention mask
-    compress.h2o_keep         h2o_keep(scores, budget, recent) -> the token indices H2O keeps
-    compress.prune_ffn        prune_ffn(gate, up, down, scores, keep) -> one FFN with its keep best channels
-
-Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
-"""
+"""Exercises of lesson 10 (compression beyond quantization): distillation, Medusa, H2O eviction, pruning."""
 from __future__ import annotations
 
 import math
@@ -15,11 +7,8 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, close_problem, register
-
-# ---------------------------------------------------------------------------
-# compress.distill_kl
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, register, returned,
+                                     tuple_problem)
 
 
 @st.composite
@@ -56,8 +45,7 @@ def _kl_problem(inputs: Inputs, actual: Any, want: float, what: str) -> Optional
     try:
         got = float(actual)
     except (TypeError, ValueError):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a number (a 0-d tensor is fine)"
+        return returned(actual, "a number (a 0-d tensor is fine)")
     problem = close_problem(torch.tensor([want]), torch.tensor([got]), 1e-4, what=what)
     return None if problem is None else (problem + ". Fold both distributions onto the k teacher ids + one "
                                          "'rest' bin, divide the bin log-probs by T, softmax, KL, times T^2")
@@ -73,10 +61,6 @@ register(Exercise(
     validate=lambda inputs, actual: _kl_problem(inputs, actual, _kl_definition(**inputs), "definition (float64)"),
     max_examples=60,
 ))
-
-# ---------------------------------------------------------------------------
-# compress.medusa_tree_mask
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -112,14 +96,9 @@ register(Exercise(
     description="tree_mask(paths) -> (N+1, N+1) bool: row = query, col = key; the root is index 0",
     reference="minfer.speculative.medusa:tree_mask",
     inputs=_tree_inputs(),
-    compare=lambda inputs, expected, actual: _tree_problem(inputs, actual),
-    validate=_tree_problem,
+    compare=against_definition(_tree_problem),
     max_examples=60,
 ))
-
-# ---------------------------------------------------------------------------
-# compress.h2o_keep
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -142,7 +121,7 @@ def _h2o_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     try:
         got = sorted(int(i) for i in actual)
     except (TypeError, ValueError):
-        return f"returned {type(actual).__name__}; expected a list of token indices"
+        return returned(actual, "a list of token indices")
     if got == want:
         return None
     return (f"expected to keep {want}, yours {got}: keep the {recent} newest, then the highest "
@@ -155,14 +134,9 @@ register(Exercise(
     description="h2o_keep(scores, budget, recent) -> sorted indices kept: `recent` newest + heaviest hitters",
     reference="minfer.kv.evict:h2o_keep",
     inputs=_h2o_inputs(),
-    compare=lambda inputs, expected, actual: _h2o_problem(inputs, actual),
-    validate=_h2o_problem,
+    compare=against_definition(_h2o_problem),
     max_examples=80,
 ))
-
-# ---------------------------------------------------------------------------
-# compress.prune_ffn
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -174,19 +148,20 @@ def _prune_inputs(draw) -> Inputs:
             "down": torch.randn(h, f, generator=g), "scores": scores, "keep": draw(st.integers(1, f))}
 
 
-def _prune_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _prune_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     scores, keep = inputs["scores"].tolist(), inputs["keep"]
     kept = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep])
     want = (inputs["gate"][kept], inputs["up"][kept], inputs["down"][:, kept])
-    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple (gate, up, down) of tensors"
+    problem = tuple_problem(actual, ("gate", "up", "down"))
+    if problem:
+        return problem
     for name, w, a in zip(("gate", "up", "down"), want, actual):
         if not isinstance(a, torch.Tensor) or a.shape != w.shape or not torch.equal(a, w):
             got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            return (f"scores {scores}, keep {keep}: {what} channels {kept} kept, in their order; {name} {what} "
-                    f"shape {tuple(w.shape)}, yours {got}{'' if got != tuple(w.shape) else ' with other values'}. "
-                    f"A channel is a row of gate and up and a column of down")
+            return (f"scores {scores}, keep {keep}: expected channels {kept} kept, in their order; {name} "
+                    f"expected shape {tuple(w.shape)}, yours "
+                    f"{got}{'' if got != tuple(w.shape) else ' with other values'}. A channel is a row of "
+                    f"gate and up and a column of down")
     return None
 
 
@@ -197,7 +172,6 @@ register(Exercise(
                  "highest-scoring channels, in their original order"),
     reference="minfer.compress.prune:prune_ffn",
     inputs=_prune_inputs(),
-    compare=lambda inputs, expected, actual: _prune_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _prune_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_prune_problem),
     max_examples=60,
 ))

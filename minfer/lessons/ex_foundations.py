@@ -1,21 +1,7 @@
 """Exercises of lessons 02 and 03: the KV-cache append, one online-softmax step, arithmetic intensity.
 
-    kv.append                         lessons/02_kv_cache.ipynb
-        write new K/V into a preallocated buffer at their positions, return the valid prefix
-    attention.online_softmax_update   lessons/03_attention_memory.ipynb
-        fold one tile of scores and values into FlashAttention's running (max, sum, output)
-    roofline.linear_intensity         lessons/02_kv_cache.ipynb
-        FLOP per byte of a linear layer over T tokens (``minfer.bench.machine.linear_intensity``)
-
-The references are the engine's own code: ``kv_append_with_cache`` below runs
-``minfer.kv.ContiguousKVCache.update`` on the learner's buffers, and the
-online-softmax step is ``minfer.attention.flash.online_softmax_update``.
-Each exercise also has a ``validate`` that checks the definition without the
-reference (a loop over positions, a float64 formula), so running the property
-on the engine (``ENGINE`` in tests/test_grader.py) is a real test.
-
-Tensor values are small whole numbers where the math allows it (the cache
-exercise copies values, nothing more), so a counterexample reads easily.
+References: ``minfer.kv.ContiguousKVCache.update`` (run by ``kv_append_with_cache`` below),
+``minfer.attention.flash.online_softmax_update`` and ``minfer.bench.machine.linear_intensity``.
 """
 from __future__ import annotations
 
@@ -27,18 +13,13 @@ import torch
 from hypothesis import strategies as st
 
 from minfer.lessons.registry import (
-    Exercise, Inputs, close_problem, float_lists, float_tensors, index_of, register,
-    tensor_problem, tuple_problem,
+    Exercise, Inputs, against_definition, first_index, float_lists, float_tensors,
+    is_number, register, tensor_problem, tuple_close, tuple_problem,
 )
 
 
-# ---------------------------------------------------------------------------
-# kv.append
-# ---------------------------------------------------------------------------
-
-
 def _small_ints(shape: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy:
-    """float32 tensors of ``shape`` holding whole numbers in [lo, hi] (shrink towards 0)."""
+    """float32 tensors of ``shape`` holding whole numbers in [lo, hi]: a counterexample reads easily."""
     n = math.prod(shape)
     return st.lists(st.integers(lo, hi), min_size=n, max_size=n).map(
         lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
@@ -65,12 +46,10 @@ def _kv_append_inputs(draw) -> Inputs:
 
 
 def kv_append_with_cache(k_cache, v_cache, k, v, positions):
-    """The reference: ``ContiguousKVCache.update`` run on these buffers.
+    """The reference: ``ContiguousKVCache.update`` on these buffers, which it writes as the engine does.
 
-    k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), positions (T,):
-    returns (keys, values), each (B, nkv, positions[-1] + 1, hd), and leaves the
-    new K/V written into k_cache and v_cache, as the engine's cache does.
-    """
+    k_cache, v_cache (B, nkv, max_len, hd), k, v (B, nkv, T, hd), positions (T,) -> (keys, values),
+    each (B, nkv, positions[-1] + 1, hd)."""
     from minfer.kv import ContiguousKVCache
 
     B, nkv, max_len, hd = k_cache.shape
@@ -91,44 +70,30 @@ def _exact_problem(name: str, expected: torch.Tensor, actual: Any) -> Optional[s
         return f"{name}: {problem}"
     if torch.equal(expected, actual):
         return None
-    idx = index_of(int((expected != actual).flatten().nonzero()[0]), expected.shape)
-    b, h, s, d = idx
+    idx = b, h, s, d = first_index(expected != actual)
     return (f"{name}[{b}, {h}, {s}, {d}] (batch {b}, kv head {h}, slot {s}) should be "
             f"{expected[idx].item()!r}, yours is {actual[idx].item()!r}")
 
 
-def _compare_kv_append(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    problem = tuple_problem(actual, ("keys", "values"))
-    if problem:
-        return problem
-    S, max_len = expected[0].shape[2], inputs["k_cache"].shape[2]
-    for name, e, a in zip(("keys", "values"), expected, actual):
-        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[2] != S \
-                and a.shape[:2] == e.shape[:2]:
-            pos = inputs["positions"].tolist()
-            return (f"{name} has {a.shape[2]} slots, expected {S}: after writing positions "
-                    f"{pos} the valid prefix is slots [0, {S}) of the {max_len}-slot buffer "
-                    f"(later slots are stale or empty)")
-        problem = _exact_problem(name, e, a)
-        if problem:
-            return problem
-    return None
-
-
-def _validate_kv_append(inputs: Inputs, actual: Any) -> Optional[str]:
+def _kv_append_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     """The definition, one position at a time: slot p holds the token written at p."""
     keys, values = inputs["k_cache"].clone(), inputs["v_cache"].clone()
     positions = inputs["positions"].tolist()
     for t, p in enumerate(positions):
         keys[:, :, p] = inputs["k"][:, :, t]
         values[:, :, p] = inputs["v"][:, :, t]
-    end = max(positions) + 1
-    for name, want, got in (("keys", keys[:, :, :end], actual[0]),
-                            ("values", values[:, :, :end], actual[1])):
-        problem = _exact_problem(name, want, got)
+    S, max_len = max(positions) + 1, keys.shape[2]
+    problem, want = tuple_problem(actual, ("keys", "values")), (keys[:, :, :S], values[:, :, :S])
+    for name, e, a in zip(("keys", "values"), want, actual if not problem else ()):
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[2] != S \
+                and a.shape[:2] == e.shape[:2]:
+            return (f"{name} has {a.shape[2]} slots, expected {S}: after writing positions "
+                    f"{positions} the valid prefix is slots [0, {S}) of the {max_len}-slot buffer "
+                    f"(later slots are stale or empty)")
+        problem = _exact_problem(name, e, a)
         if problem:
             return problem
-    return None
+    return problem
 
 
 register(Exercise(
@@ -139,14 +104,9 @@ register(Exercise(
                  "new K/V at their positions, return the valid prefix"),
     reference="minfer.lessons.ex_foundations:kv_append_with_cache",
     inputs=_kv_append_inputs(),
-    compare=_compare_kv_append,
-    validate=_validate_kv_append,
+    compare=against_definition(_kv_append_problem),
 ))
 
-
-# ---------------------------------------------------------------------------
-# attention.online_softmax_update
-# ---------------------------------------------------------------------------
 
 ONLINE_SOFTMAX_ATOL = 1e-5
 STATE = ("m", "l", "acc")
@@ -179,29 +139,9 @@ def _online_softmax_inputs(draw) -> Inputs:
     return inputs
 
 
-def _compare_state(expected: Any, actual: Any, atol: float, what: str) -> Optional[str]:
-    problem = tuple_problem(actual, STATE)
-    if problem:
-        return problem
-    for name, e, a in zip(STATE, expected, actual):
-        problem = tensor_problem(e, a) or close_problem(e, a, atol, what=what)
-        if problem:
-            return f"{name}: {problem}"
-    return None
-
-
-def _compare_online_softmax(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    return _compare_state(expected, actual, ONLINE_SOFTMAX_ATOL, "expected")
-
-
 def _validate_online_softmax(inputs: Inputs, actual: Any) -> Optional[str]:
-    """The new state from its meaning, in float64.
-
-    (m, l, acc) summarises the keys seen so far relative to m: l = sum exp(s - m),
-    acc = sum exp(s - m) v. After the tile, the same sums hold over all keys
-    seen, relative to the new maximum. A row that has seen no visible key
-    keeps m = -inf, l = 0, acc = 0.
-    """
+    """The new state from its meaning, in float64: l = sum exp(s - m), acc = sum exp(s - m) v over all
+    keys seen, relative to the new maximum m (no visible key yet: m = -inf, l = 0, acc = 0)."""
     f64 = {k: v.to(torch.float64) for k, v in inputs.items()}
     m, l, acc, s, v = (f64[k] for k in ("m", "l", "acc", "scores", "values"))
     m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -210,9 +150,8 @@ def _validate_online_softmax(inputs: Inputs, actual: Any) -> Optional[str]:
     old_weight = torch.where(torch.isfinite(m), torch.exp(m - safe), torch.zeros_like(m))
     p = torch.exp(s - safe)                                                 # masked: exp(-inf) = 0
     want = (m_new, old_weight * l + p.sum(-1, keepdim=True), old_weight * acc + p @ v)
-    problem = _compare_state(want, [a.to(torch.float64) if isinstance(a, torch.Tensor) else a
-                                    for a in actual], ONLINE_SOFTMAX_ATOL, "definition (float64)")
-    return problem
+    actual = [a.to(torch.float64) if isinstance(a, torch.Tensor) else a for a in actual]
+    return tuple_close(STATE, want, actual, ONLINE_SOFTMAX_ATOL, "definition (float64)")
 
 
 register(Exercise(
@@ -223,14 +162,9 @@ register(Exercise(
                  "and unnormalised output after one more tile"),
     reference="minfer.attention.flash:online_softmax_update",
     inputs=_online_softmax_inputs(),
-    compare=_compare_online_softmax,
+    compare=lambda inputs, expected, actual: tuple_close(STATE, expected, actual, ONLINE_SOFTMAX_ATOL),
     validate=_validate_online_softmax,
 ))
-
-
-# ---------------------------------------------------------------------------
-# roofline.linear_intensity
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -244,7 +178,7 @@ def _intensity_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     from fractions import Fraction
 
     T, k, n, b = (inputs[name] for name in ("num_tokens", "in_features", "out_features", "bytes_per_value"))
-    if not isinstance(actual, (int, float)) or isinstance(actual, bool):
+    if not is_number(actual):
         return f"returned {type(actual).__name__} {actual!r}, expected a number (FLOP per byte)"
     want = Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n))
     if math.isclose(actual, float(want), rel_tol=1e-9):
@@ -260,6 +194,5 @@ register(Exercise(
                  "y = x W^T: 2 T in out over the bytes of W, x and y"),
     reference="minfer.bench.machine:linear_intensity",
     inputs=_intensity_inputs(),
-    compare=lambda inputs, expected, actual: _intensity_problem(inputs, actual),
-    validate=_intensity_problem,
+    compare=against_definition(_intensity_problem),
 ))

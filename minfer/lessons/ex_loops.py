@@ -1,23 +1,9 @@
-"""Cumulative exercises: whole loops that drive a model, graded on tiny random models.
+"""Cumulative exercises: whole loops that drive a model (greedy decode, paged decode attention,
+a scheduler step with preemption, speculative decoding), graded on tiny random models.
 
-    generate.greedy_decode        lessons/02_kv_cache.ipynb
-        prefill + decode with a contiguous KV cache; same tokens as the engine's loop,
-        one forward for the prompt, then one single-token forward per new token
-    paged.decode_attention        lessons/04_paged_attention.ipynb
-        one decode step of attention for a batch whose K/V live in a block pool
-    serving.schedule_step         lessons/05_batching_and_metrics.ipynb
-        one continuous-batching step with a KV block budget and preemption by recompute
-    speculative.greedy_loop       lessons/07_speculative_decoding.ipynb
-        draft gamma tokens, verify them in one target forward, keep the agreeing prefix
-        plus the target's own next token, roll both caches back
-
-The learner's loop gets a ``CountingModel``: a minfer ``Transformer`` that
-logs the shape of every forward it runs, so the grader can check the *way*
-the answer was computed (one prefill, then one token per step), not only
-the tokens. The models are tiny (2 layers, vocabulary 97) with weights
-scaled up so that greedy decoding does not repeat one token forever; they
-are built once per seed and reused. The reference is the engine's own
-single-request loop, ``minfer.generate.generate_tokens``.
+The learner's loop gets a ``CountingModel``, which logs the shape of every forward, so the grader
+checks the *way* the answer was computed (one prefill, then one token per step), not only the tokens.
+The references are the engine's own: ``minfer.generate.generate_tokens``, ``Scheduler.schedule``.
 """
 from __future__ import annotations
 
@@ -27,12 +13,19 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register, tuple_problem
+from minfer.lessons.registry import (Exercise, Inputs, close_problem, float_tensors, register, tuple_close,
+                                     tuple_problem)
+
+# What a loop exercise's solution may use: the engine's model and contiguous KV cache.
+LOOP_HELPERS = dict(
+    prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
+    allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
+             "minfer.lessons.ex_loops:CountingModel.*"))
 
 
 @lru_cache(maxsize=None)
 def tiny_lm(seed: int):
-    """A 2-layer random Llama (vocab 97, GQA 4:2) whose greedy output varies."""
+    """A 2-layer random Llama (vocab 97, GQA 4:2), weights scaled up so greedy output varies."""
     from minfer.config import ModelConfig
     from minfer.model import build_model
 
@@ -47,11 +40,8 @@ def tiny_lm(seed: int):
 
 
 class CountingModel:
-    """A model that records the (B, T) shape of every forward (``calls``) and passes it on.
-
-    Call it like the engine's model: ``model(input_ids (B, T), positions (B, T),
-    kv_cache=cache, last_only=...) -> logits``; ``model.cfg`` is its ``ModelConfig``.
-    """
+    """The engine's model, recording the (B, T) shape of every forward in ``calls``: call it as
+    ``model(input_ids (B, T), positions (B, T), kv_cache=cache, last_only=...) -> logits``."""
 
     def __init__(self, inner):
         self.inner, self.cfg, self.calls = inner, inner.cfg, []
@@ -68,11 +58,16 @@ class CountingModel:
         return f"<tiny random model, seed {self.seed}>"
 
 
-@st.composite
-def _decode_inputs(draw) -> Inputs:
-    seed = draw(st.integers(0, 3))
+def counting_model(seed: int) -> CountingModel:
+    """A ``CountingModel`` over ``tiny_lm(seed)``; the learner's process rebuilds it from ``seed``."""
     model = CountingModel(tiny_lm(seed))
     model.seed = seed
+    return model
+
+
+@st.composite
+def _decode_inputs(draw) -> Inputs:
+    model = counting_model(draw(st.integers(0, 3)))
     prompt = draw(st.lists(st.integers(0, 96), min_size=1, max_size=8))
     max_new = draw(st.integers(1, 10))
     eos = draw(st.one_of(st.none(), st.integers(0, 96)))
@@ -125,23 +120,15 @@ register(Exercise(
     compare=_compare_decode,
     validate=_validate_decode,
     max_examples=30,
-    prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
-    allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
-             "minfer.lessons.ex_loops:CountingModel.*"),
+    **LOOP_HELPERS,
 ))
 
-
-# ---------------------------------------------------------------------------
-# paged.decode_attention                lessons/04_paged_attention.ipynb
-# ---------------------------------------------------------------------------
 
 PAGED_ATOL = 1e-5
 
 
 @st.composite
 def _paged_inputs(draw) -> Inputs:
-    from minfer.lessons.registry import float_tensors
-
     B, nkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     hd, bs = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     nh = nkv * group
@@ -181,23 +168,8 @@ def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, cont
     return out, k_pool, v_pool
 
 
-def _compare_paged(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    from minfer.lessons.registry import close_problem, tensor_problem
-
-    problem = tuple_problem(actual, ("out", "k_pool", "v_pool"))
-    if problem:
-        return problem
-    for name, e, a in zip(("out", "k_pool", "v_pool"), expected, actual):
-        problem = tensor_problem(e, a) or close_problem(e, a, PAGED_ATOL)
-        if problem:
-            return f"{name}: {problem}"
-    return None
-
-
 def _validate_paged(inputs: Inputs, actual: Any) -> Optional[str]:
     """softmax(q . K / sqrt(hd)) V in float64, K/V read position by position through the table."""
-    from minfer.lessons.registry import close_problem
-
     q, k, v = inputs["q"].double(), inputs["k"].double(), inputs["v"].double()
     kp, vp = inputs["k_pool"].double(), inputs["v_pool"].double()
     bs, nh, nkv = kp.shape[1], q.shape[1], k.shape[1]
@@ -219,25 +191,17 @@ register(Exercise(
                  "(out, k_pool, v_pool): write each new K/V into its slot, attend over the blocks"),
     reference="minfer.lessons.ex_loops:paged_decode_attention_reference",
     inputs=_paged_inputs(),
-    compare=_compare_paged,
+    compare=lambda inputs, expected, actual: tuple_close(("out", "k_pool", "v_pool"), expected, actual,
+                                                         PAGED_ATOL),
     validate=_validate_paged,
 ))
-
-
-# ---------------------------------------------------------------------------
-# speculative.greedy_loop               lessons/07_speculative_decoding.ipynb
-# ---------------------------------------------------------------------------
 
 
 @st.composite
 def _spec_inputs(draw) -> Inputs:
     seed = draw(st.integers(0, 2))
     same = draw(st.booleans())               # the draft is the target itself: every guess accepted
-    target = CountingModel(tiny_lm(seed))
-    target.seed = seed
-    draft = CountingModel(tiny_lm(seed if same else 3))
-    draft.seed = seed if same else 3
-    return {"target": target, "draft": draft,
+    return {"target": counting_model(seed), "draft": counting_model(seed if same else 3),
             "prompt_ids": draw(st.lists(st.integers(0, 96), min_size=1, max_size=6)),
             "max_new_tokens": draw(st.integers(1, 12)), "gamma": draw(st.integers(1, 4))}
 
@@ -288,15 +252,8 @@ register(Exercise(
     compare=_compare_decode,
     validate=_validate_spec,
     max_examples=30,
-    prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
-    allowed=("minfer.kv:ContiguousKVCache", "minfer.kv.contiguous:*", "minfer.model:*",
-             "minfer.lessons.ex_loops:CountingModel.*"),
+    **LOOP_HELPERS,
 ))
-
-
-# ---------------------------------------------------------------------------
-# serving.schedule_step                 lessons/05_batching_and_metrics.ipynb
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -317,25 +274,14 @@ def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_fr
                             block_size):
     """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
     from minfer.kv.block_pool import BlockPool, KVCacheManager
-    from minfer.sampling import SamplingParams
-    from minfer.engine.request import Request, RequestStatus
-    from minfer.engine.scheduler import Scheduler, SchedulerConfig
+    from minfer.lessons.ex_metrics import schedule_once
 
     held = sum(r[3] for r in running)
     # One more block, held by a sequence outside this step (a pool cannot be empty).
     kv = KVCacheManager(BlockPool(held + num_free_blocks + 1, block_size, enable_prefix_caching=False))
     kv.allocate("(another sequence)", [1] * block_size)
-    sched = Scheduler(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
-    params = SamplingParams(temperature=0.0)
-    for rid, num_tokens, computed, blocks in running:
-        req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
-        kv.allocate(rid, [1] * (blocks * block_size))       # `blocks` blocks held
-        req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
-        sched.running.append(req)
-    for rid, num_tokens in waiting:
-        sched.add_request(Request(rid, [1] * num_tokens, params, arrival_time=0.0))
-    out = sched.schedule()
+    running = [(rid, n, computed, blocks * block_size) for rid, n, computed, blocks in running]
+    out = schedule_once(kv, "continuous", running, waiting, token_budget, max_num_seqs)
     return ([(c.request.request_id, c.num_tokens) for c in out.chunks],
             [r.request_id for r in out.preempted])
 

@@ -1,8 +1,4 @@
-"""Exercises of lesson 05 on request events, and the static batching step.
-
-    serving.ttft         {request: first token time - arrival} from an event log
-    serving.goodput      requests per second that met every SLO (vLLM's --goodput, DistServe)
-    serving.static_step  one step of static batching: a fixed batch runs to completion, then the next
+"""Exercises of lesson 05 on request events (TTFT, goodput as in vLLM's --goodput), and static batching.
 
 An event log is ((time, request_id, kind), ...) in time order, kind in arrival, scheduled, token,
 finished. References: ``RequestStats.ttft`` and ``summarize``'s goodput over
@@ -16,7 +12,7 @@ from typing import Any, Optional
 from hypothesis import strategies as st
 
 from minfer.lessons.ex_serving import continuous_step
-from minfer.lessons.registry import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, against_definition, is_number, register, returned
 
 
 @st.composite
@@ -49,11 +45,6 @@ def _own(events: tuple) -> dict[str, dict]:
     return req
 
 
-# ---------------------------------------------------------------------------
-# serving.ttft
-# ---------------------------------------------------------------------------
-
-
 def ttft_from_events(events):
     """The reference: ``RequestStats.ttft`` of every request that has a first token."""
     from minfer.serving.metrics import stats_from_events
@@ -63,7 +54,7 @@ def ttft_from_events(events):
 
 def _validate_ttft(inputs: Inputs, actual: Any) -> Optional[str]:
     if not isinstance(actual, dict):
-        return f"returned {type(actual).__name__}, expected a dict {{request_id: seconds}}"
+        return returned(actual, "a dict {request_id: seconds}")
     want = {rid: r["token"][0] - r["arrival"] for rid, r in _own(inputs["events"]).items() if r["token"]}
     if set(actual) != set(want):
         return (f"requests {sorted(actual)}, expected {sorted(want)}: every request with at least one "
@@ -81,14 +72,8 @@ register(Exercise(
     description="ttft(events) -> {request_id: first token time - arrival time} for requests with a token",
     reference="minfer.lessons.ex_metrics:ttft_from_events",
     inputs=st.builds(lambda e: {"events": e}, _events()),
-    compare=lambda inputs, expected, actual: _validate_ttft(inputs, actual),
-    validate=_validate_ttft,
+    compare=against_definition(_validate_ttft),
 ))
-
-
-# ---------------------------------------------------------------------------
-# serving.goodput
-# ---------------------------------------------------------------------------
 
 
 def goodput_from_events(events, slo_ms, duration):
@@ -106,8 +91,8 @@ def _goodput_inputs(draw) -> Inputs:
 
 
 def _validate_goodput(inputs: Inputs, actual: Any) -> Optional[str]:
-    if not isinstance(actual, (int, float)) or isinstance(actual, bool):
-        return f"returned {type(actual).__name__} {actual!r}, expected requests per second"
+    if not is_number(actual):
+        return returned(actual, "requests per second", show=True)
     good = []
     for rid, r in sorted(_own(inputs["events"]).items()):
         if r["finished"] is None:
@@ -131,36 +116,40 @@ register(Exercise(
                  "e2el in ms) per second"),
     reference="minfer.lessons.ex_metrics:goodput_from_events",
     inputs=_goodput_inputs(),
-    compare=lambda inputs, expected, actual: _validate_goodput(inputs, actual),
-    validate=_validate_goodput,
+    compare=against_definition(_validate_goodput),
 ))
 
 
-# ---------------------------------------------------------------------------
-# serving.static_step
-# ---------------------------------------------------------------------------
-
-
-def static_step_reference(running, waiting, token_budget, max_num_seqs, no_more_requests):
-    """The engine's ``Scheduler.schedule`` with ``policy="static"`` and memory to spare."""
+def schedule_once(kv, policy: str, running, waiting, token_budget: int, max_num_seqs: int,
+                  no_more_requests: bool = False):
+    """One ``Scheduler.schedule`` of the engine (``policy``) over ``kv``: running requests are
+    (id, num_tokens, num_computed_tokens, slots of KV held), waiting ones (id, num_tokens)."""
     from minfer.engine.request import Request, RequestStatus
     from minfer.engine.scheduler import Scheduler, SchedulerConfig
-    from minfer.kv.block_pool import BlockPool, KVCacheManager
     from minfer.sampling import SamplingParams
 
-    kv = KVCacheManager(BlockPool(4096, 1, enable_prefix_caching=False))
-    sched = Scheduler(SchedulerConfig(policy="static", max_num_seqs=max_num_seqs,
+    sched = Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=token_budget), kv, clock=lambda: 0.0)
     sched.no_more_requests = no_more_requests
     params = SamplingParams(temperature=0.0)
-    for rid, num_tokens, computed in running:
+    for rid, num_tokens, computed, slots in running:
         req = Request(rid, [1] * num_tokens, params, arrival_time=0.0)
-        kv.allocate(rid, [1] * num_tokens)
+        kv.allocate(rid, [1] * slots)
         req.num_computed_tokens, req.status = computed, RequestStatus.RUNNING
         sched.running.append(req)
     for rid, num_tokens in waiting:
         sched.add_request(Request(rid, [1] * num_tokens, params, arrival_time=0.0))
-    return [(c.request.request_id, c.num_tokens) for c in sched.schedule().chunks]
+    return sched.schedule()
+
+
+def static_step_reference(running, waiting, token_budget, max_num_seqs, no_more_requests):
+    """The engine's ``Scheduler.schedule`` with ``policy="static"`` and memory to spare."""
+    from minfer.kv.block_pool import BlockPool, KVCacheManager
+
+    kv = KVCacheManager(BlockPool(4096, 1, enable_prefix_caching=False))
+    out = schedule_once(kv, "static", [(*r, r[1]) for r in running], waiting, token_budget, max_num_seqs,
+                        no_more_requests)
+    return [(c.request.request_id, c.num_tokens) for c in out.chunks]
 
 
 @st.composite
@@ -179,7 +168,7 @@ def _validate_static(inputs: Inputs, actual: Any) -> Optional[str]:
     try:
         got = [(rid, n) for rid, n in actual]
     except (TypeError, ValueError):
-        return f"returned {actual!r}, expected a list of (request_id, num_tokens) pairs"
+        return returned(actual, "a list of (request_id, num_tokens) pairs", show=True)
     batch, waiting, cap = inputs["running"], inputs["waiting"], inputs["max_num_seqs"]
     if not batch and waiting and (len(waiting) >= cap or inputs["no_more_requests"]):
         batch = [(rid, t, 0) for rid, t in waiting[:cap]]             # a new batch forms, all at once
@@ -197,6 +186,5 @@ register(Exercise(
                  "[(request_id, n), ...]: a new batch only when none runs; nobody joins a running batch"),
     reference="minfer.lessons.ex_metrics:static_step_reference",
     inputs=_static_inputs(),
-    compare=lambda inputs, expected, actual: _validate_static(inputs, actual),
-    validate=_validate_static,
+    compare=against_definition(_validate_static),
 ))

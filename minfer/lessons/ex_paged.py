@@ -1,16 +1,8 @@
 """Exercises of lesson 04 (paged attention): block-table arithmetic and the prefix-cache hash.
 
-    paged.slot_mapping   where each new token's K/V goes:  block_table[p // bs] * bs + p % bs
-    paged.can_append     do n more tokens fit in the free blocks?
-    paged.append_slots   grow a block table from a free list (or say None: out of blocks)
-    paged.block_hashes   chained hashes of the full blocks of a prompt
-
-References: ``compute_slot_mapping`` and ``block_hashes`` in ``minfer/kv/block_pool.py``
-(the engine uses them); ``can_append_tokens`` and ``append_to_block_table`` below,
-the allocator's rules written as plain functions (``KVCacheManager`` applies them
-with sharing). ``tests/test_block_pool.py`` runs these same properties on them. Inputs are tuples, so
-a function that edits its arguments in place cannot change what the grader
-compares against.
+References: ``compute_slot_mapping`` and ``block_hashes`` in ``minfer/kv/block_pool.py``;
+``can_append_tokens`` and ``append_to_block_table`` below, the allocator's rules as plain functions
+(``KVCacheManager`` applies them with sharing). Inputs are tuples: a function cannot edit them in place.
 """
 from __future__ import annotations
 
@@ -19,7 +11,7 @@ from typing import Any, Optional, Sequence
 from hypothesis import strategies as st
 
 from minfer.kv.block_pool import blocks_needed
-from minfer.lessons.registry import Exercise, Inputs, register
+from minfer.lessons.registry import Exercise, Inputs, register, returned
 
 
 def can_append_tokens(num_tokens: int, num_blocks_held: int, num_new_tokens: int,
@@ -40,18 +32,11 @@ def append_to_block_table(block_table: Sequence[int], num_tokens: int, num_new_t
 
 def _as_int_list(actual: Any, what: str) -> tuple[Optional[list[int]], Optional[str]]:
     """``actual`` as a list of ints, or an explanation of why it is not one."""
-    if actual is None:
-        return None, f"returned None (did you forget `return`?), expected {what}"
     if hasattr(actual, "tolist"):                      # a tensor or numpy array is fine too
         actual = actual.tolist()
     if not isinstance(actual, (list, tuple)) or not all(isinstance(x, int) for x in actual):
-        return None, f"returned {type(actual).__name__} {actual!r}, expected {what}"
+        return None, returned(actual, what, show=True)
     return list(actual), None
-
-
-# ---------------------------------------------------------------------------
-# paged.slot_mapping
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -92,11 +77,6 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# paged.can_append
-# ---------------------------------------------------------------------------
-
-
 @st.composite
 def _can_append_inputs(draw) -> Inputs:
     block_size = draw(st.integers(1, 8))
@@ -129,11 +109,6 @@ register(Exercise(
     inputs=_can_append_inputs(),
     compare=_compare_bool,
 ))
-
-
-# ---------------------------------------------------------------------------
-# paged.append_slots
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -177,11 +152,6 @@ register(Exercise(
     inputs=_append_inputs(),
     compare=_compare_append,
 ))
-
-
-# ---------------------------------------------------------------------------
-# paged.block_hashes
-# ---------------------------------------------------------------------------
 
 
 @st.composite

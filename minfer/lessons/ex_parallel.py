@@ -1,11 +1,4 @@
 """Exercises of lesson 11 (parallelism): tensor-parallel shards and traffic, GPipe, the disaggregated KV hand-off.
-
-    parallel.shard_weight               shard_weight(W, rank, world, kind) -> rank's column or row piece
-    parallel.allreduce_bytes_per_token  allreduce_bytes_per_token(hidden, layers, tp, bytes) -> bytes sent
-    parallel.gpipe_schedule             gpipe_schedule(stages, micro-batches) -> who runs what, slot by slot
-    parallel.kv_handoff_bytes, prompt_kv  the K/V bytes and blocks a prefill worker sends
-
-Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
 """
 from __future__ import annotations
 
@@ -14,11 +7,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register
-
-# ---------------------------------------------------------------------------
-# parallel.shard_weight
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import Exercise, Inputs, against_definition, register, returned, tuple_problem
 
 
 @st.composite
@@ -31,19 +20,19 @@ def _shard_inputs(draw) -> Inputs:
             "kind": draw(st.sampled_from(["column", "row"]))}
 
 
-def _shard_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _shard_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     W, r, n, kind = inputs["weight"], inputs["rank"], inputs["world"], inputs["kind"]
     want = torch.chunk(W, n, dim=0 if kind == "column" else 1)[r]          # the definition, another way
     if not isinstance(actual, torch.Tensor):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tensor"
+        return returned(actual, "a tensor")
     if tuple(actual.shape) != tuple(want.shape):
-        return (f"{kind} parallel over {n} ranks of a {tuple(W.shape)} weight (out, in): {what} shape "
+        return (f"{kind} parallel over {n} ranks of a {tuple(W.shape)} weight (out, in): expected shape "
                 f"{tuple(want.shape)}, yours {tuple(actual.shape)}. Column parallel splits the OUTPUT "
                 f"features (rows of an nn.Linear weight), row parallel the INPUT features (columns)")
     if not torch.equal(actual, want):
-        return (f"{kind} parallel, rank {r} of {n}: right shape, wrong entries; {what} the "
-                f"{'rows' if kind == 'column' else 'columns'} starting at {r} x {want.shape[0 if kind == 'column' else 1]}")
+        return (f"{kind} parallel, rank {r} of {n}: right shape, wrong entries; expected the "
+                f"{'rows' if kind == 'column' else 'columns'} starting at {r} x "
+                f"{want.shape[0 if kind == 'column' else 1]}")
     return None
 
 
@@ -54,14 +43,8 @@ register(Exercise(
                  "W[:, r*in/N:(r+1)*in/N] for kind='row'"),
     reference="minfer.distributed.layers:shard_weight",
     inputs=_shard_inputs(),
-    compare=lambda inputs, expected, actual: _shard_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _shard_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_shard_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# parallel.allreduce_bytes_per_token
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -70,18 +53,19 @@ def _bytes_inputs(draw) -> Inputs:
             "tp": draw(st.sampled_from([1, 2, 4, 8])), "bytes_per_element": draw(st.sampled_from([1, 2, 4]))}
 
 
-def _bytes_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _bytes_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     h, L, n, b = (inputs[k] for k in ("hidden_size", "num_layers", "tp", "bytes_per_element"))
     per_allreduce = h * b * 2 * (n - 1) / n             # reduce-scatter + all-gather of one vector
     want = 2 * L * per_allreduce
     try:
         got = float(actual)
     except (TypeError, ValueError):
-        return f"returned {type(actual).__name__}; expected a number of bytes"
+        return returned(actual, "a number of bytes")
     if abs(got - want) <= 1e-6 * max(1.0, want):
         return None
-    return (f"hidden {h}, {L} layers, TP={n}, {b} bytes/element: {what} {want:.1f} bytes = 2 all-reduces per "
-            f"layer x {L} layers x (2 (N-1)/N = {2 * (n - 1) / n:.3g}) x {h * b} bytes per vector; yours {got:.1f}")
+    return (f"hidden {h}, {L} layers, TP={n}, {b} bytes/element: expected {want:.1f} bytes = 2 all-reduces "
+            f"per layer x {L} layers x (2 (N-1)/N = {2 * (n - 1) / n:.3g}) x {h * b} bytes per vector; yours "
+            f"{got:.1f}")
 
 
 register(Exercise(
@@ -91,27 +75,20 @@ register(Exercise(
                  "sends per token for the 2 ring all-reduces of every layer"),
     reference="minfer.distributed.tensor_parallel:allreduce_bytes_per_token",
     inputs=_bytes_inputs(),
-    compare=lambda inputs, expected, actual: _bytes_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _bytes_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_bytes_problem),
 ))
 
 
-# ---------------------------------------------------------------------------
-# parallel.gpipe_schedule
-# ---------------------------------------------------------------------------
-
-
-def _gpipe_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _gpipe_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     S, M = inputs["num_stages"], inputs["num_microbatches"]
     want = [[t - s if 0 <= t - s < M else -1 for t in range(M + S - 1)] for s in range(S)]
     try:
         got = [[int(x) for x in row] for row in actual]
     except (TypeError, ValueError):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a list of {S} rows (one per stage) of ints"
+        return returned(actual, f"a list of {S} rows (one per stage) of ints")
     if got == want:
         return None
-    return (f"{S} stages, {M} micro-batches: {what} {want}, yours {got}. Row s has M + S - 1 time slots; "
+    return (f"{S} stages, {M} micro-batches: expected {want}, yours {got}. Row s has M + S - 1 time slots; "
             f"micro-batch m reaches stage s in slot s + m, and -1 marks an idle slot (the bubble)")
 
 
@@ -122,14 +99,8 @@ register(Exercise(
                  "the M + S - 1 time slots (-1: idle)"),
     reference="minfer.distributed.pipeline:gpipe_schedule",
     inputs=st.builds(lambda s, m: {"num_stages": s, "num_microbatches": m}, st.integers(1, 5), st.integers(1, 6)),
-    compare=lambda inputs, expected, actual: _gpipe_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _gpipe_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_gpipe_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# parallel.kv_handoff_bytes, parallel.prompt_kv
-# ---------------------------------------------------------------------------
 
 
 def kv_handoff_bytes(prompt_len: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -146,13 +117,13 @@ def _handoff_inputs(draw) -> Inputs:
             "block_size": draw(st.sampled_from([1, 4, 16])), "bytes_per_element": draw(st.sampled_from([1, 2, 4]))}
 
 
-def _handoff_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _handoff_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     want = kv_handoff_bytes(**inputs)
     if isinstance(actual, (int, float)) and not isinstance(actual, bool) and actual == want:
         return None
     P, bs = inputs["prompt_len"], inputs["block_size"]
-    return (f"{inputs}: {what} {want} bytes = 2 (K and V) x {inputs['num_layers']} layers x {-(-P // bs)} whole "
-            f"blocks of {bs} slots x {inputs['num_kv_heads']} K/V heads x {inputs['head_dim']} x "
+    return (f"{inputs}: expected {want} bytes = 2 (K and V) x {inputs['num_layers']} layers x {-(-P // bs)} "
+            f"whole blocks of {bs} slots x {inputs['num_kv_heads']} K/V heads x {inputs['head_dim']} x "
             f"{inputs['bytes_per_element']} bytes; yours {actual!r}")
 
 
@@ -163,8 +134,7 @@ register(Exercise(
                  "-> bytes of K/V a prefill worker sends for one prompt, in whole blocks"),
     reference="minfer.lessons.ex_parallel:kv_handoff_bytes",
     inputs=_handoff_inputs(),
-    compare=lambda inputs, expected, actual: _handoff_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _handoff_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_handoff_problem),
 ))
 
 
@@ -177,19 +147,19 @@ def _prompt_kv_inputs(draw) -> Inputs:
     return {"k": k, "v": -k, "block_table": table, "prompt_len": draw(st.integers(1, len(table) * bs))}
 
 
-def _prompt_kv_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _prompt_kv_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     k, v, table, P = inputs.values()
     bs = k.shape[2]
     blocks = table[:-(-P // bs)]
     want = (torch.stack([k[:, b] for b in blocks], 1), torch.stack([v[:, b] for b in blocks], 1))
-    if not isinstance(actual, (tuple, list)) or len(actual) != 2:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple (k, v) of tensors"
+    problem = tuple_problem(actual, ("k", "v"))
+    if problem:
+        return problem
     for name, w, a in zip("kv", want, actual):
         if not isinstance(a, torch.Tensor) or a.shape != w.shape or not torch.equal(a, w):
             got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            return (f"block table {table}, {P} prompt tokens, blocks of {bs}: {what} blocks {blocks} of every "
-                    f"layer, {name} of shape {tuple(w.shape)}; yours {got}"
+            return (f"block table {table}, {P} prompt tokens, blocks of {bs}: expected blocks {blocks} of "
+                    f"every layer, {name} of shape {tuple(w.shape)}; yours {got}"
                     f"{' with other values' if got == tuple(w.shape) else ''}")
     return None
 
@@ -201,6 +171,5 @@ register(Exercise(
                  "the prompt, in block-table order: (L, ceil(prompt_len / bs), bs, nkv, hd) each"),
     reference="minfer.distributed.disagg:prompt_kv",
     inputs=_prompt_kv_inputs(),
-    compare=lambda inputs, expected, actual: _prompt_kv_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _prompt_kv_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_prompt_kv_problem),
 ))

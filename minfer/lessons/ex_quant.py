@@ -19,12 +19,9 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, exact, float_lists, register,
-                                      rows_tensor, tensor_problem, tuple_problem)
-
-# ---------------------------------------------------------------------------
-# quant.quantize_int8
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, allclose, close_problem, exact,
+                                      first_index, float_lists, register, rows_tensor, tensor_problem,
+                                      tuple_problem)
 
 
 @st.composite
@@ -45,10 +42,9 @@ def _weights(draw) -> Inputs:
 
 def _int8_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     """Check (q, scale) against the definition of symmetric per-channel int8."""
-    w = inputs["w"]
-    if not isinstance(actual, tuple) or len(actual) != 2:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}, expected a tuple (q, scale)"
+    w, problem = inputs["w"], tuple_problem(actual, ("q", "scale"))
+    if problem:
+        return problem
     q, scale = actual
     for name, t, dtype, shape in [("q", q, torch.int8, tuple(w.shape)),
                                   ("scale", scale, torch.float32, (w.shape[0],))]:
@@ -80,10 +76,6 @@ def _int8_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     return None
 
 
-def _compare_int8(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    return _int8_problem(inputs, actual)
-
-
 register(Exercise(
     name="quant.quantize_int8",
     lesson="06_quantization", function="quantize_int8",
@@ -91,14 +83,8 @@ register(Exercise(
                  "scale = max|row| / 127 (1.0 for an all-zero row), q = round(w / scale)"),
     reference="minfer.quant.int8:quantize_int8",
     inputs=_weights(),
-    compare=_compare_int8,
-    validate=_int8_problem,
+    compare=against_definition(_int8_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# quant.dequantize_int8
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -112,10 +98,8 @@ def _int8_pairs(draw) -> Inputs:
 
 def _validate_dequant(inputs: Inputs, actual: Any) -> Optional[str]:
     want = inputs["q"].double() * inputs["scale"].double()[:, None]
-    problem = tensor_problem(want.float(), actual)
-    if problem:
-        return problem
-    return close_problem(want, actual, 1e-6, what="q * scale (float64)")
+    return (tensor_problem(want.float(), actual)
+            or close_problem(want, actual, 1e-6, what="q * scale (float64)"))
 
 
 register(Exercise(
@@ -127,11 +111,6 @@ register(Exercise(
     compare=allclose(1e-6),
     validate=_validate_dequant,
 ))
-
-
-# ---------------------------------------------------------------------------
-# quant.pack_int4 / quant.unpack_int4
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -146,11 +125,9 @@ def _validate_pack(inputs: Inputs, actual: Any) -> Optional[str]:
     q = inputs["q"]
     want = (q[..., 0::2].int() + 16 * q[..., 1::2].int()).to(torch.uint8)
     problem = tensor_problem(want, actual)
-    if problem:
+    if problem or torch.equal(want, actual):
         return problem
-    if torch.equal(want, actual):
-        return None
-    idx = tuple(int(i) for i in (want != actual).nonzero()[0])
+    idx = first_index(want != actual)
     j = idx[-1]
     pair = (int(q[idx[:-1] + (2 * j,)]), int(q[idx[:-1] + (2 * j + 1,)]))
     return (f"byte {idx} should hold q[{2 * j}] = {pair[0]} in its low 4 bits and "
@@ -165,8 +142,7 @@ register(Exercise(
                  "byte j = q[2j] | q[2j+1] << 4"),
     reference="minfer.quant.int4:pack_int4",
     inputs=_nibbles(),
-    compare=lambda inputs, expected, actual: _validate_pack(inputs, actual),
-    validate=_validate_pack,
+    compare=against_definition(_validate_pack),
 ))
 
 
@@ -181,11 +157,9 @@ def _validate_unpack(inputs: Inputs, actual: Any) -> Optional[str]:
     p = inputs["packed"]
     want = torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
     problem = tensor_problem(want, actual)
-    if problem:
+    if problem or torch.equal(want, actual):
         return problem
-    if torch.equal(want, actual):
-        return None
-    idx = tuple(int(i) for i in (want != actual).nonzero()[0])
+    idx = first_index(want != actual)
     k = idx[-1]
     byte = int(p[idx[:-1] + (k // 2,)])
     part = "low 4 bits (byte & 15)" if k % 2 == 0 else "high 4 bits (byte >> 4)"
@@ -199,8 +173,7 @@ register(Exercise(
     description="unpack_int4(packed uint8 (..., K/2), K) -> uint8 (..., K): the inverse of pack_int4",
     reference="minfer.quant.int4:unpack_int4",
     inputs=_packed(),
-    compare=lambda inputs, expected, actual: _validate_unpack(inputs, actual),
-    validate=_validate_unpack,
+    compare=against_definition(_validate_unpack),
 ))
 
 

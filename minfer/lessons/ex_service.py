@@ -1,30 +1,16 @@
-"""Exercises of lesson 09 (the inference service).
+"""Exercises of lesson 09 (the inference service): consistent hashing, the cost of a token, stop strings.
 
-    router.ring_lookup     consistent hashing: the owner of the first ring point at or after a key
-    cost.dollars_per_mtok  $ per million tokens from tokens/s and the price of an hour
-    cost.kwh_per_mtok      kWh per million tokens from tokens/s and the power drawn
-    output.stream_cut      a streamed answer cut at its stop strings, and the text safe to send
-
-References: ``minfer/serving/router.py`` and ``minfer/serving/cost.py``; the engine's
-tests run these same properties on them (``tests/test_grader.py``).
+References: ``minfer/serving/router.py``, ``minfer/serving/cost.py`` and ``minfer/engine/output.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ---------------------------------------------------------------------------
-# router.ring_lookup
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, is_number, register, returned,
+                                     tuple_problem)
 
 
 @st.composite
@@ -35,29 +21,17 @@ def _ring_inputs(draw) -> Inputs:
     return {"points": tuple(points), "owners": tuple(owners), "key": key}
 
 
-def _first_at_or_after(inputs: Inputs) -> int:
-    pts = inputs["points"]
-    for i, p in enumerate(pts):
-        if p >= inputs["key"]:
-            return i
-    return 0
-
-
-def _compare_ring(inputs: Inputs, expected: int, actual: Any) -> Optional[str]:
-    if actual == expected and isinstance(actual, int):
+def _ring_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """The owner of the first point at or after the key, by a linear scan (no such point: the first)."""
+    points, key = inputs["points"], inputs["key"]
+    i = next((i for i, p in enumerate(points) if p >= key), 0)
+    if actual == inputs["owners"][i] and isinstance(actual, int):
         return None
     if actual is None:
-        return "returned None (did you forget `return`?), expected a replica number"
-    i = _first_at_or_after(inputs)
-    wrapped = " (no point is >= the key: wrap around to the first point)" if inputs["points"][-1] < inputs["key"] \
-        else ""
-    return (f"the first point at or after key {inputs['key']} is points[{i}] = {inputs['points'][i]}{wrapped}, "
-            f"owned by replica {expected}; yours is {actual!r}")
-
-
-def _validate_ring(inputs: Inputs, actual: Any) -> Optional[str]:
-    want = inputs["owners"][_first_at_or_after(inputs)]
-    return None if actual == want else f"a linear scan gives replica {want}, yours is {actual!r}"
+        return returned(actual, "a replica number")
+    wrapped = " (no point is >= the key: wrap around to the first point)" if points[-1] < key else ""
+    return (f"the first point at or after key {key} is points[{i}] = {points[i]}{wrapped}, "
+            f"owned by replica {inputs['owners'][i]}; yours is {actual!r}")
 
 
 register(Exercise(
@@ -67,14 +41,8 @@ register(Exercise(
     description="ring_lookup(points, owners, key) -> owners[i] for the first points[i] >= key, wrapping to 0",
     reference="minfer.serving.router:ring_lookup",
     inputs=_ring_inputs(),
-    compare=_compare_ring,
-    validate=_validate_ring,
+    compare=against_definition(_ring_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# cost.dollars_per_mtok, cost.kwh_per_mtok
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -82,27 +50,16 @@ def _rate_and(draw, name: str, hi: float) -> Inputs:
     return {"tokens_per_s": draw(st.floats(0.01, 1e5)), name: draw(st.floats(0.0, hi))}
 
 
-def _close(what: str, formula: str):
-    def compare(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
-        if not _is_number(actual):
-            hint = " (did you forget `return`?)" if actual is None else ""
-            return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number of {what}"
-        if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12):
+def _per_mtok(what: str, formula: str, definition: Callable[[Inputs], float]):
+    """A ``compare`` against ``definition(inputs)``, a number of ``what`` (``formula`` says how)."""
+    def problem(inputs: Inputs, actual: Any) -> Optional[str]:
+        if not is_number(actual):
+            return returned(actual, f"a number of {what}", show=True)
+        want = definition(inputs)
+        if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12):
             return None
-        return f"{formula} = {expected!r}; yours is {actual!r}"
-    return compare
-
-
-def _validate_dollars(inputs: Inputs, actual: Any) -> Optional[str]:
-    tokens_per_hour = inputs["tokens_per_s"] * 3600
-    want = inputs["price_per_hour"] * 1_000_000 / tokens_per_hour
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
-
-
-def _validate_kwh(inputs: Inputs, actual: Any) -> Optional[str]:
-    hours = 1_000_000 / inputs["tokens_per_s"] / 3600
-    want = inputs["watts"] * hours / 1000
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12) else f"expected {want!r}"
+        return f"{formula} = {want!r}; yours is {actual!r}"
+    return against_definition(problem)
 
 
 register(Exercise(
@@ -111,8 +68,8 @@ register(Exercise(
     description="dollars_per_mtok(tokens_per_s, price_per_hour) -> $ per million tokens",
     reference="minfer.serving.cost:dollars_per_mtok",
     inputs=_rate_and("price_per_hour", 100.0),
-    compare=_close("dollars", "price_per_hour / (3600 * tokens_per_s) * 1e6"),
-    validate=_validate_dollars,
+    compare=_per_mtok("dollars", "price_per_hour / (3600 * tokens_per_s) * 1e6",
+                      lambda i: i["price_per_hour"] * 1_000_000 / (i["tokens_per_s"] * 3600)),
 ))
 
 register(Exercise(
@@ -121,14 +78,9 @@ register(Exercise(
     description="kwh_per_mtok(tokens_per_s, watts) -> kWh per million tokens",
     reference="minfer.serving.cost:kwh_per_mtok",
     inputs=_rate_and("watts", 2000.0),
-    compare=_close("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600"),
-    validate=_validate_kwh,
+    compare=_per_mtok("kWh", "watts / 1000 * (1e6 / tokens_per_s) / 3600",
+                      lambda i: i["watts"] * (1_000_000 / i["tokens_per_s"] / 3600) / 1000),
 ))
-
-
-# ---------------------------------------------------------------------------
-# output.stream_cut
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -142,22 +94,20 @@ def _stream_inputs(draw) -> Inputs:
     return {"text": before + added, "emitted": emitted, "stop": stop, "final": draw(st.booleans())}
 
 
-def _stream_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _stream_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     text, emitted, stop, final = inputs.values()
     starts = [i for i in range(len(text)) for s in stop if text.startswith(s, i)]
     cut = text[:min(starts)] if starts else text
     longest = max((len(s) for s in stop), default=1)
     end = len(cut) if starts or final else max(emitted, len(cut) - (longest - 1))
     want = (cut, cut[emitted:end], bool(starts))
-    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected a tuple (text, new text to stream, stopped)"
-    if tuple(actual) == want:
-        return None
-    return (f"text {text!r}, {emitted} characters streamed, stop strings {stop}, final={final}: {what} {want}, "
-            f"yours {tuple(actual)!r}. Cut the text before the earliest stop string; stream everything after the "
-            f"`emitted` characters except the last (longest stop - 1), which could be the start of a stop string "
-            f"(all of it when the text was cut or is final)")
+    problem = tuple_problem(actual, ("text", "new text to stream", "stopped"), of="values")
+    if problem or tuple(actual) == want:
+        return problem
+    return (f"text {text!r}, {emitted} characters streamed, stop strings {stop}, final={final}: expected "
+            f"{want}, yours {tuple(actual)!r}. Cut the text before the earliest stop string; stream "
+            f"everything after the `emitted` characters except the last (longest stop - 1), which could be "
+            f"the start of a stop string (all of it when the text was cut or is final)")
 
 
 register(Exercise(
@@ -168,6 +118,5 @@ register(Exercise(
                  "text safe to stream, stopped)"),
     reference="minfer.engine.output:stream_cut",
     inputs=_stream_inputs(),
-    compare=lambda inputs, expected, actual: _stream_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _stream_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_stream_problem),
 ))

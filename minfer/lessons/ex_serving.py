@@ -1,14 +1,7 @@
-"""Exercises of lesson 05 (batching and serving metrics).
+"""Exercises of lesson 05 (batching and serving metrics): TPOT, percentiles, one continuous-batching step.
 
-    serving.tpot              TPOT of one request from its timestamps: (E2E - TTFT) / (n - 1)
-    serving.percentile        the p-th percentile, linear interpolation (numpy's default)
-    serving.continuous_step   one continuous-batching step: running first, then admit, chunk the last
-
-References live in ``minfer/serving/metrics.py`` and ``minfer/engine/scheduler.py``; the
-engine's tests run these same properties on them (``tests/test_grader.py``), and
-``tests/test_scheduler.py`` checks that the real scheduler makes exactly the
-``continuous_step`` decisions when memory is plentiful. Inputs are tuples, so a
-function that edits its arguments cannot change what the grader compares against.
+References: ``minfer/serving/metrics.py`` and ``continuous_step`` below (``tests/test_scheduler.py``
+checks that the engine's scheduler makes its decisions when memory is plentiful). Inputs are tuples.
 """
 from __future__ import annotations
 
@@ -17,16 +10,7 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, register
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# ---------------------------------------------------------------------------
-# serving.tpot
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import Exercise, Inputs, against_definition, is_number, register, returned
 
 
 @st.composite
@@ -40,33 +24,24 @@ def _tpot_inputs(draw) -> Inputs:
     return {"arrival_time": arrival, "token_times": tuple(times)}
 
 
-def _compare_tpot(inputs: Inputs, expected: Optional[float], actual: Any) -> Optional[str]:
-    n = len(inputs["token_times"])
-    if expected is None:
+def _tpot_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Against the mean gap between consecutive tokens (None for fewer than 2 tokens)."""
+    t, a = inputs["token_times"], inputs["arrival_time"]
+    n = len(t)
+    if n < 2:
         if actual is None:
             return None
         return f"with {n} output token there is no time *between* tokens: return None, not {actual!r}"
+    want = sum(y - x for x, y in zip(t, t[1:])) / (n - 1)
     if actual is None:
-        return f"returned None, but {n} tokens have {n - 1} gaps: expected {expected!r}"
-    if not _is_number(actual):
-        return f"returned {type(actual).__name__} {actual!r}, expected a number of seconds"
-    if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
+        return f"returned None, but {n} tokens have {n - 1} gaps: expected {want!r}"
+    if not is_number(actual):
+        return returned(actual, "a number of seconds", show=True)
+    if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9):
         return None
-    t, a = inputs["token_times"], inputs["arrival_time"]
     e2e, ttft = t[-1] - a, t[0] - a
     return (f"E2E = {t[-1]!r} - {a!r} = {e2e!r}, TTFT = {t[0]!r} - {a!r} = {ttft!r}, "
-            f"TPOT = (E2E - TTFT) / ({n} - 1) = {expected!r}; yours is {actual!r}")
-
-
-def _validate_tpot(inputs: Inputs, actual: Any) -> Optional[str]:
-    """The mean gap between consecutive tokens, computed independently."""
-    t = inputs["token_times"]
-    if len(t) < 2:
-        return None if actual is None else "expected None"
-    gaps = [b - a for a, b in zip(t, t[1:])]
-    want = sum(gaps) / len(gaps)
-    return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9) else \
-        f"the mean gap between tokens is {want!r}, yours is {actual!r}"
+            f"TPOT = (E2E - TTFT) / ({n} - 1) = {want!r}; yours is {actual!r}")
 
 
 register(Exercise(
@@ -76,14 +51,8 @@ register(Exercise(
                  "None when fewer than 2 tokens"),
     reference="minfer.serving.metrics:tpot_from_timestamps",
     inputs=_tpot_inputs(),
-    compare=_compare_tpot,
-    validate=_validate_tpot,
+    compare=against_definition(_tpot_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# serving.percentile
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -94,9 +63,8 @@ def _percentile_inputs(draw) -> Inputs:
 
 
 def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
-    if not _is_number(actual):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__} {actual!r}{hint}, expected a number"
+    if not is_number(actual):
+        return returned(actual, "a number", show=True)
     if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
         return None
     xs = sorted(inputs["values"])
@@ -107,11 +75,9 @@ def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optiona
 
 
 def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:
-    """numpy's linear-interpolation percentile, when numpy is there."""
-    try:
-        import numpy as np
-    except ImportError:                                    # pragma: no cover
-        return None
+    """numpy's linear-interpolation percentile."""
+    import numpy as np
+
     want = float(np.percentile(list(inputs["values"]), inputs["p"]))
     return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-6) else \
         f"numpy.percentile gives {want!r}, yours is {actual!r}"
@@ -128,25 +94,14 @@ register(Exercise(
 ))
 
 
-# ---------------------------------------------------------------------------
-# serving.continuous_step
-# ---------------------------------------------------------------------------
-
-
 def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str, int]],
                     token_budget: int, max_num_seqs: int) -> list[tuple[str, int]]:
-    """One continuous-batching step, memory aside: who gets how many tokens.
+    """One continuous-batching step, memory aside: [(request_id, num_scheduled_tokens), ...].
 
-    running: [(request_id, num_tokens, num_computed_tokens), ...], oldest first
-    waiting: [(request_id, num_tokens), ...], in arrival order (nothing computed yet)
-    returns: [(request_id, num_scheduled_tokens), ...]
-
-    Running requests first, in order, each its remaining tokens (1 for a decode)
-    as far as the budget goes; then waiting requests join, in order, while there
-    is budget and fewer than ``max_num_seqs`` requests run; the last one to join
-    may get only part of its prompt (a prefill chunk). ``minfer.engine.scheduler.Scheduler.schedule``
-    is this loop plus KV blocks and preemption (``tests/test_scheduler.py`` checks
-    that the two agree when memory is plentiful).
+    running [(id, num_tokens, num_computed_tokens)] oldest first get their remaining tokens (1 for a
+    decode) as far as the budget goes; then waiting [(id, num_tokens)] join in order while budget and
+    ``max_num_seqs`` allow, the last one perhaps with only a chunk of its prompt. ``Scheduler.schedule``
+    (minfer/engine/scheduler.py) is this loop plus KV blocks and preemption.
     """
     out, budget = [], token_budget
     for request_id, num_tokens, num_computed in running:
@@ -180,12 +135,10 @@ def _step_inputs(draw) -> Inputs:
 
 
 def _compare_step(inputs: Inputs, expected: list, actual: Any) -> Optional[str]:
-    if actual is None:
-        return "returned None (did you forget `return`?), expected a list of (request_id, num_tokens)"
     try:
         got = [(rid, n) for rid, n in actual]
     except (TypeError, ValueError):
-        return f"returned {actual!r}, expected a list of (request_id, num_tokens) pairs"
+        return returned(actual, "a list of (request_id, num_tokens) pairs", show=True)
     if got == [tuple(x) for x in expected]:
         return None
     for k, (e, a) in enumerate(zip(expected, got)):

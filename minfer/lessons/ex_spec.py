@@ -1,11 +1,4 @@
-"""Exercises of lesson 07 (speculative decoding): the accept/reject rule, the n-gram lookup, lookahead's pool.
-
-    speculative.accept_reject   accept_reject(p, q, x) -> (min(1, p(x)/q(x)), norm(max(0, p - q)))
-    speculative.ngram_propose   ngram_propose(tokens, min_n, max_n, k) -> the prompt-lookup proposal
-    lookahead.ngram_pool        pool_harvest(pool, levels, new, per_key) -> the pool after one Jacobi step
-
-Registered on import (the catalogue ``minfer/lessons/exercises.py`` imports this module).
-"""
+"""Exercises of lesson 07 (speculative decoding): the accept/reject rule, n-gram lookup, lookahead's pool."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -13,11 +6,8 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, close_problem, float_lists, register
-
-# ---------------------------------------------------------------------------
-# speculative.accept_reject
-# ---------------------------------------------------------------------------
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_lists,
+                                     register, returned, tuple_problem)
 
 ACCEPT_ATOL = 1e-5
 
@@ -55,11 +45,11 @@ def _definition(inputs: Inputs) -> tuple[float, torch.Tensor, float]:
     return accept, (r / mass if mass > 0 else p), mass
 
 
-def _accept_reject_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
-    if not (isinstance(actual, tuple) and len(actual) == 2):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return (f"returned {type(actual).__name__}{hint}; expected a tuple "
-                f"(accept_probability, residual_distribution)")
+def _accept_reject_problem(inputs: Inputs, actual: Any) -> Optional[str]:
+    """Both parts against the definition, in float64 (``_definition``)."""
+    problem = tuple_problem(actual, ("accept_probability", "residual_distribution"), of="values")
+    if problem:
+        return problem
     accept, residual = actual
     want_accept, want_residual, mass = _definition(inputs)
     try:
@@ -68,23 +58,15 @@ def _accept_reject_problem(inputs: Inputs, actual: Any, what: str) -> Optional[s
         return f"the accept probability should be a number, got {type(accept).__name__}"
     if abs(accept - want_accept) > ACCEPT_ATOL:
         p, q, x = inputs["p"], inputs["q"], inputs["x"]
-        return (f"accept probability for x = {x}: {what} min(1, p(x)/q(x)) = min(1, {float(p[x]):.4g} / "
+        return (f"accept probability for x = {x}: expected min(1, p(x)/q(x)) = min(1, {float(p[x]):.4g} / "
                 f"{float(q[x]):.4g}) = {want_accept:.6g}, yours {accept:.6g}")
     if not isinstance(residual, torch.Tensor) or residual.shape != inputs["p"].shape:
         got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
         return f"the residual should be a tensor of shape {tuple(inputs['p'].shape)}, got {got}"
     if mass < 1e-6:                                # p == q: a rejection never happens
         return None
-    problem = close_problem(want_residual, residual.detach().double(), ACCEPT_ATOL, what=what)
+    problem = close_problem(want_residual, residual.detach().double(), ACCEPT_ATOL)
     return None if problem is None else f"residual norm(max(0, p - q)): {problem}"
-
-
-def _compare_accept_reject(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-    return _accept_reject_problem(inputs, actual, "expected")
-
-
-def _validate_accept_reject(inputs: Inputs, actual: Any) -> Optional[str]:
-    return _accept_reject_problem(inputs, actual, "definition (float64)")
 
 
 register(Exercise(
@@ -94,14 +76,8 @@ register(Exercise(
                  "speculative sampling's rule for one draft token x ~ q, target p"),
     reference="minfer.speculative.rejection:accept_reject",
     inputs=_accept_reject_inputs(),
-    compare=_compare_accept_reject,
-    validate=_validate_accept_reject,
+    compare=against_definition(_accept_reject_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# speculative.ngram_propose
-# ---------------------------------------------------------------------------
 
 
 @st.composite
@@ -125,17 +101,15 @@ def _ngram_definition(tokens: list[int], min_n: int, max_n: int, k: int) -> list
     return []
 
 
-def _ngram_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _ngram_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     want = _ngram_definition(**inputs)
-    if actual is None:
-        return "returned None (did you forget `return`?); expected a list of token ids"
     try:
         got = [int(t) for t in actual]
     except (TypeError, ValueError):
-        return f"returned {type(actual).__name__}; expected a list of token ids"
+        return returned(actual, "a list of token ids")
     if got == want:
         return None
-    return (f"{what} {want}, yours {got}. Rule: for n = max_n down to min_n, find the EARLIEST "
+    return (f"expected {want}, yours {got}. Rule: for n = max_n down to min_n, find the EARLIEST "
             f"earlier occurrence of the last n tokens that is followed by at least one token, and "
             f"return up to k tokens after it ([] if no n matches)")
 
@@ -147,14 +121,8 @@ register(Exercise(
                  "earlier occurrence of the longest suffix n-gram (min_n <= n <= max_n)"),
     reference="minfer.speculative.prompt_lookup:ngram_propose",
     inputs=_ngram_inputs(),
-    compare=lambda inputs, expected, actual: _ngram_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _ngram_problem(inputs, actual, "definition says"),
+    compare=against_definition(_ngram_problem),
 ))
-
-
-# ---------------------------------------------------------------------------
-# lookahead.ngram_pool
-# ---------------------------------------------------------------------------
 
 
 def pool_harvest(pool: dict, levels: list, new: list, per_key: int) -> dict:
@@ -186,11 +154,10 @@ def _pool_definition(pool, levels, new, per_key) -> dict:
     return out
 
 
-def _pool_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
+def _pool_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     want = _pool_definition(**inputs)
     if not isinstance(actual, dict):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}; expected the pool, a dict {{first token: [n-gram rest, ...]}}"
+        return returned(actual, "the pool, a dict {first token: [n-gram rest, ...]}")
     try:
         got = {int(k): [tuple(int(t) for t in g) for g in v] for k, v in actual.items() if len(v)}
     except (TypeError, ValueError):
@@ -198,10 +165,10 @@ def _pool_problem(inputs: Inputs, actual: Any, what: str) -> Optional[str]:
     if got == want:
         return None
     key = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
-    return (f"levels {inputs['levels']}, new {inputs['new']}, per_key {inputs['per_key']}: for key {key} {what} "
-            f"{want.get(key, [])}, yours {got.get(key, [])}. Column i gives the n-gram (levels[0][i], "
-            f"levels[1][i], ..., new[i]), filed under its first token: a known one moves to the end, a new one is "
-            f"appended, and only the last per_key stay (most recent last)")
+    return (f"levels {inputs['levels']}, new {inputs['new']}, per_key {inputs['per_key']}: for key {key} "
+            f"expected {want.get(key, [])}, yours {got.get(key, [])}. Column i gives the n-gram "
+            f"(levels[0][i], levels[1][i], ..., new[i]), filed under its first token: a known one moves to "
+            f"the end, a new one is appended, and only the last per_key stay (most recent last)")
 
 
 register(Exercise(
@@ -211,6 +178,5 @@ register(Exercise(
                  "(levels[0][i], ..., new[i]) filed under its first token, the last per_key kept"),
     reference="minfer.lessons.ex_spec:pool_harvest",
     inputs=_pool_inputs(),
-    compare=lambda inputs, expected, actual: _pool_problem(inputs, actual, "expected"),
-    validate=lambda inputs, actual: _pool_problem(inputs, actual, "the definition gives"),
+    compare=against_definition(_pool_problem),
 ))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import sysconfig
 import traceback
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis.errors import Flaky
 
 from minfer.lessons import exercises as _exercises
-from minfer.lessons.childproc import call_watched, is_allowed  # noqa: F401  (re-exported)
+from minfer.lessons.childproc import call_watched, is_allowed  # noqa: F401  (is_allowed: re-exported)
 from minfer.lessons.exercises import Exercise, Inputs
 from minfer.lessons.isolate import EngineCalled, LearnerRaised
 
@@ -32,13 +31,9 @@ PASS_MARK, FAIL_MARK = "✅", "❌"
 
 @dataclass
 class CheckResult:
-    """The outcome of ``check``. Truthy when it passed.
-
-    status: "passed", "wrong" (a wrong answer), "raised" (the function raised),
-    "not_implemented" (a stub), "engine" (it calls minfer's own implementation),
-    or "error" (the grader could not grade:
-    the reference is missing or broken, or the function is not callable,
-    or gives different answers for the same inputs).
+    """The outcome of ``check``, truthy when it passed. ``status``: "passed", "wrong", "raised",
+    "not_implemented" (a stub), "engine" (it calls minfer's own implementation) or "error" (the grader
+    could not grade: a missing or broken reference, not a function, different answers to the same inputs).
     """
 
     name: str
@@ -64,45 +59,16 @@ class CheckResult:
         (``print(result)`` prints it again)."""
 
 
-# ---------------------------------------------------------------------------
-# What the property raises when one example fails
-# ---------------------------------------------------------------------------
-
-
+# --- What the property raises when one example fails ---
 class _Failure(Exception):
-    """One failing example: its inputs plus what went wrong."""
+    """One failing example: its ``status`` ("wrong", "raised", "not_implemented", "engine" or
+    "reference": the reference raised), its inputs, and what went wrong."""
 
-    def __init__(self, inputs: Inputs):
-        super().__init__()
-        self.inputs = inputs
-
-
-class _WrongAnswer(_Failure):
-    def __init__(self, inputs: Inputs, expected: Any, actual: Any, problem: str):
-        super().__init__(inputs)
+    def __init__(self, status: str, inputs: Inputs, error: Optional[Exception] = None, callee: str = "",
+                 expected: Any = None, actual: Any = None, problem: str = ""):
+        super().__init__(status)
+        self.status, self.inputs, self.error, self.callee = status, inputs, error, callee
         self.expected, self.actual, self.problem = expected, actual, problem
-
-
-class _LearnerRaised(_Failure):
-    def __init__(self, inputs: Inputs, error: Exception):
-        super().__init__(inputs)
-        self.error = error
-
-
-class _NotImplementedYet(_LearnerRaised):
-    pass
-
-
-class _EngineCalled(_Failure):
-    def __init__(self, inputs: Inputs, callee: str):
-        super().__init__(inputs)
-        self.callee = callee
-
-
-class _ReferenceRaised(_Failure):
-    def __init__(self, inputs: Inputs, error: Exception):
-        super().__init__(inputs)
-        self.error = error
 
 
 def _copy(inputs: Inputs) -> Inputs:
@@ -111,47 +77,37 @@ def _copy(inputs: Inputs) -> Inputs:
             for k, v in inputs.items()}
 
 
-def _call_watched(fn: Callable, args: list, allowed: tuple[str, ...]) -> tuple[Any, Optional[str]]:
-    """``fn(*args)``, and the first minfer function it called that is not ``allowed``
-    (``childproc.call_watched``)."""
-    return call_watched(fn, args, allowed)
-
-
 def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: Inputs,
                  forbid_engine: bool = False) -> None:
     """The property for one example: raise a ``_Failure`` unless ``fn`` is right."""
     try:
         expected = reference(*_copy(inputs).values())
     except Exception as e:  # noqa: BLE001 - reported, not raised
-        raise _ReferenceRaised(inputs, e) from None
+        raise _Failure("reference", inputs, error=e) from None
     callee = None
     try:
         if forbid_engine:
-            actual, callee = _call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
+            actual, callee = call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
         else:
             actual = fn(*_copy(inputs).values())
     except NotImplementedError as e:
-        raise _NotImplementedYet(inputs, e) from None
+        raise _Failure("not_implemented", inputs, error=e) from None
     except EngineCalled as e:            # seen by the learner's process (``isolate``)
-        raise _EngineCalled(inputs, e.callee) from None
+        raise _Failure("engine", inputs, callee=e.callee) from None
     except Exception as e:  # noqa: BLE001 - the learner's bug: reported, not raised
-        raise _LearnerRaised(inputs, e) from None
+        raise _Failure("raised", inputs, error=e) from None
     if callee is not None:
-        raise _EngineCalled(inputs, callee)
+        raise _Failure("engine", inputs, callee=callee)
     problem = exercise.compare(inputs, expected, actual)
     if problem is None and exercise.validate is not None:
         problem = exercise.validate(inputs, actual)
         if problem is not None:
             problem = f"disagrees with the definition: {problem}"
     if problem is not None:
-        raise _WrongAnswer(inputs, expected, actual, problem)
+        raise _Failure("wrong", inputs, expected=expected, actual=actual, problem=problem)
 
 
-# ---------------------------------------------------------------------------
-# Running the property
-# ---------------------------------------------------------------------------
-
-
+# --- Running the property ---
 def _settings(max_examples: int) -> settings:
     return settings(
         max_examples=max_examples,
@@ -168,13 +124,9 @@ def _settings(max_examples: int) -> settings:
 
 def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
           reference: Optional[Callable] = None, forbid_engine: bool = False) -> CheckResult:
-    """Run ``exercise``'s property on ``fn`` and return the result; print nothing.
-
-    Never raises for anything the learner's function does. ``reference``
-    replaces the exercise's reference (used to test the grader itself).
-    ``forbid_engine`` (what ``check`` and ``minfer lessons grade`` use)
-    rejects a function that calls into minfer beyond ``exercise.allowed``.
-    """
+    """Run ``exercise``'s property on ``fn``; print nothing, never raise for what ``fn`` does.
+    ``reference`` replaces the exercise's (to test the grader itself); ``forbid_engine`` rejects a
+    function that calls into minfer beyond ``exercise.allowed``."""
     name = exercise.name
     fn_name = getattr(fn, "__name__", None) or repr(fn)
     if not callable(fn):
@@ -198,34 +150,9 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
 
     try:
         prop()
-    except _NotImplementedYet as f:
-        where = _user_frame(f.error)
-        stub = where.name if where is not None and where.name != "<module>" else fn_name
-        return _result(name, "not_implemented",
-                       f"not implemented yet: write the body of {stub} in the cell above "
-                       f"(it still raises NotImplementedError)",
-                       failure=f, examples=runs)
-    except _LearnerRaised as f:
-        where = _user_frame(f.error)
-        at = f" at line {where.lineno} of {where.name}: {where.line}" if where and where.line \
-            else ""
-        return _result(name, "raised",
-                       f"{fn_name} raised {_one_line(f.error)}{at}\n"
-                       f"on the smallest input hypothesis found:\n{_format_inputs(f.inputs)}",
-                       failure=f, examples=runs)
-    except _EngineCalled as f:
-        return _result(name, "engine",
-                       f"rejected: {fn_name} calls the engine's own implementation "
-                       f"({f.callee.replace(':', '.')}); write the body yourself",
-                       failure=f, examples=runs)
-    except _WrongAnswer as f:
-        return _result(name, "wrong", _wrong_answer_text(fn_name, f),
-                       failure=f, examples=runs)
-    except _ReferenceRaised as f:
-        return _result(name, "error",
-                       f"could not grade: minfer's reference {ref_name} raised "
-                       f"{_one_line(f.error)}\non:\n{_format_inputs(f.inputs)}\n"
-                       f"(a bug in minfer, not in your code)", failure=f, examples=runs)
+    except _Failure as f:
+        status = "error" if f.status == "reference" else f.status
+        return _result(name, status, _failure_text(f, fn_name, ref_name), failure=f, examples=runs)
     except Flaky:
         return _result(name, "error",
                        f"{fn_name} gave different results for the same inputs: is it random, "
@@ -242,22 +169,16 @@ AUTOGRADE_ENV = "MINFER_AUTOGRADE"
 
 def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
         reference: Optional[Callable] = None) -> None:
-    """Run the property on ``fn``; raise ``AssertionError`` with the report if it fails.
-
-    This is the form for ``tests/``: the engine passes exactly the property the learner is
-    graded by. ``reference`` replaces the engine's reference (for testing the grader itself).
-    """
+    """Run the property on ``fn``; ``AssertionError`` with the report if it fails: the form for ``tests/``,
+    where the engine passes the very property the learner is graded by."""
     result = grade(exercise, fn, max_examples=max_examples, reference=reference)
     if not result.passed:
         raise AssertionError(result.message)
 
 
 def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckResult:
-    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result (truthy if passed).
-
-    Never raises for a wrong or unfinished ``fn``, except under ``MINFER_AUTOGRADE=1``
-    (``AssertionError``); an unknown ``name`` raises ``ValueError`` (docs/teaching.md).
-    """
+    """Grade the learner's ``fn`` on exercise ``name``; print the report, return the result (truthy if
+    passed). Raises only for an unknown ``name`` (ValueError) or a failure under ``MINFER_AUTOGRADE=1``."""
     exercise = _exercises.get(name)
     result = grade(exercise, fn, max_examples=max_examples, forbid_engine=True)
     _print(result.message)
@@ -268,18 +189,10 @@ def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckR
 
 def describe() -> str:
     """A list of the registered exercises, one per line."""
-    lines = []
-    for n in _exercises.names():
-        ex = _exercises.get(n)
-        lines.append(f"{n}: {ex.description}")
-    return "\n".join(lines)
+    return "\n".join(f"{n}: {_exercises.get(n).description}" for n in _exercises.names())
 
 
-# ---------------------------------------------------------------------------
-# Formatting the report
-# ---------------------------------------------------------------------------
-
-
+# --- Formatting the report ---
 def _result(name: str, status: str, text: str, failure: Optional[_Failure] = None,
             examples: int = 0) -> CheckResult:
     passed = status == "passed"
@@ -294,17 +207,31 @@ def _result(name: str, status: str, text: str, failure: Optional[_Failure] = Non
     )
 
 
-def _wrong_answer_text(fn_name: str, f: _WrongAnswer) -> str:
-    exp_label, act_label = "expected (minfer):", "yours:"
-    width = max(len(exp_label), len(act_label))
-    return "\n".join([
-        f"wrong answer from {fn_name}",
-        "smallest failing example hypothesis found:",
-        _format_inputs(f.inputs),
-        _labelled(exp_label.ljust(width), f.expected),
-        _labelled(act_label.ljust(width), f.actual),
-        f"what is wrong: {f.problem}",
-    ])
+def _failure_text(f: _Failure, fn_name: str, ref_name: str) -> str:
+    """The report on the smallest failing example hypothesis found."""
+    if f.status == "wrong":
+        return "\n".join([
+            f"wrong answer from {fn_name}",
+            "smallest failing example hypothesis found:",
+            _format_inputs(f.inputs),
+            _labelled("expected (minfer):", f.expected),
+            _labelled("yours:            ", f.actual),
+            f"what is wrong: {f.problem}",
+        ])
+    if f.status == "engine":
+        return (f"rejected: {fn_name} calls the engine's own implementation "
+                f"({f.callee.replace(':', '.')}); write the body yourself")
+    if f.status == "reference":
+        return (f"could not grade: minfer's reference {ref_name} raised {_one_line(f.error)}\non:\n"
+                f"{_format_inputs(f.inputs)}\n(a bug in minfer, not in your code)")
+    where = _user_frame(f.error)
+    if f.status == "not_implemented":
+        stub = where.name if where is not None and where.name != "<module>" else fn_name
+        return (f"not implemented yet: write the body of {stub} in the cell above "
+                f"(it still raises NotImplementedError)")
+    at = f" at line {where.lineno} of {where.name}: {where.line}" if where and where.line else ""
+    return (f"{fn_name} raised {_one_line(f.error)}{at}\n"
+            f"on the smallest input hypothesis found:\n{_format_inputs(f.inputs)}")
 
 
 def _format_value(value: Any) -> str:

@@ -38,12 +38,8 @@ _SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", 
 
 
 class ChildGone(BaseException):
-    """The learner's process is gone or broke the protocol: the exercise's verdict.
-
-    A ``BaseException``, so that hypothesis does not treat it as a failing
-    example and shrink: grading stops at once. ``status`` is "timeout" or
-    "crashed".
-    """
+    """The learner's process is gone or broke the protocol: the verdict ("timeout" or "crashed").
+    A ``BaseException``, so that hypothesis does not shrink it as a failing example: grading stops."""
 
     def __init__(self, status: str, message: str):
         super().__init__(message)
@@ -98,22 +94,24 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def kill_descendants(rounds: int = 20) -> None:
     """Kill and reap every process below this one (a fork loop gets several rounds)."""
     for _ in range(rounds):
         pids = _descendants(os.getpid()) if os.path.isdir("/proc") else []
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
+        _kill(pids)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:       # reap every child that has exited
                 pass
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        except ChildProcessError:
+            pass
         if not pids:
             return
         time.sleep(0.01)
@@ -196,22 +194,19 @@ class Child:
         self._stderr: deque = deque(maxlen=STDERR_TAIL)
         threading.Thread(target=self._drain, daemon=True).start()
         self._buffer = b""
-        self.ready = self._ask(job)
+        self.ready = self.ask(job)
 
     def _drain(self) -> None:
         """Keep only the tail of the learner's stderr (it may print gigabytes)."""
         while chunk := self.proc.stderr.read1(65536):
             self._stderr.extend(chunk)
 
-    def stderr_tail(self) -> str:
-        return bytes(self._stderr).decode("utf-8", "replace")
-
     def _gone(self, what: str) -> ChildGone:
         self.close()
         if self.waited >= self.timeout or self.proc.returncode in (-signal.SIGXCPU,):
             return ChildGone("timeout", f"stopped after {self.timeout:g} s: an infinite loop, "
                                         f"or far too slow")
-        tail = " | ".join(self.stderr_tail().strip().splitlines()[-3:])
+        tail = " | ".join(bytes(self._stderr).decode("utf-8", "replace").strip().splitlines()[-3:])
         return ChildGone("crashed", f"the learner's process {what} (exit {self.proc.returncode})"
                          + (f": {tail}" if tail else ""))
 
@@ -233,7 +228,7 @@ class Child:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
 
-    def _ask(self, message: dict) -> dict:
+    def ask(self, message: dict) -> dict:
         try:
             self.proc.stdin.write((json.dumps(message) + "\n").encode())
             self.proc.stdin.flush()
@@ -247,22 +242,11 @@ class Child:
             raise self._gone("broke the protocol")
         return answer
 
-    def call(self, args: list) -> dict:
-        return self._ask({"args": args})
-
     def close(self) -> None:
-        """Kill the learner's process, everything it started, and remove its scratch folder.
-
-        ``sweep_all`` (a grading process that is a child subreaper and runs
-        nothing else): every descendant of this process, which includes the
-        ones that left the learner's process group with setsid.
-        """
-        below = _descendants(self.proc.pid) if os.path.isdir("/proc") else []
-        for pid in below:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        """Kill the learner's process, everything it started, and remove its scratch folder. ``sweep_all``
+        (a grading process that is a child subreaper and runs nothing else): every descendant of this
+        process, which includes the ones that left the learner's process group with setsid."""
+        _kill(_descendants(self.proc.pid) if os.path.isdir("/proc") else [])
         if self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -278,7 +262,7 @@ def remote(child: Child, name: str):
     """A plain function that runs the learner's ``name`` in ``child`` and returns its output."""
 
     def fn(*args):
-        answer = child.call([childproc.encode(a) for a in args])
+        answer = child.ask({"args": [childproc.encode(a) for a in args]})
         if "ok" in answer:
             models = [a for a in args if type(a).__name__ == "CountingModel"]
             for model, calls in zip(models, answer.get("calls", [])):

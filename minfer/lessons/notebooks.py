@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import nbformat
 
@@ -28,19 +28,11 @@ KERNEL_NAME = "python3"
 _REPORT_HEAD = re.compile(r"^\S*\s*check\('([^']+)'\): ", re.MULTILINE)
 
 
-# ---------------------------------------------------------------------------
-# Stubs and the student edition
-# ---------------------------------------------------------------------------
-
-
+# --- Stubs and the student edition ---
 def make_stub(source: str) -> str:
-    """The default stub of a solution cell's source.
-
-    Each top-level ``def`` (and each method of a top-level ``class``) keeps its
-    decorators, signature and docstring; its body becomes ``STUB_BODY``.
-    Everything else is kept verbatim. Raises ``SyntaxError`` for a cell
-    that is not valid Python (e.g. one using IPython magics).
-    """
+    """The default stub of a solution cell: each top-level ``def`` (and method of a top-level ``class``)
+    keeps its decorators, signature and docstring, its body becomes ``STUB_BODY``; the rest is verbatim.
+    ``SyntaxError`` for a cell that is not valid Python (e.g. IPython magics)."""
     tree = ast.parse(source)
     functions: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
     for node in tree.body:
@@ -114,29 +106,26 @@ def _write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
         nbformat.write(nb, f)
 
 
-def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the student edition of every ``NN_*.ipynb`` in ``src_dir`` into ``out_dir``.
-
-    Solution cells become stubs, every output is cleared. Each file is written
-    atomically. Refuses (``ValueError``) to write into ``src_dir`` itself, so
-    the reference edition cannot be overwritten. Only the notebooks are
-    written: copy any data files the lessons read yourself. Returns the
-    written paths.
-    """
+def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                         convert: Optional[Callable] = None) -> list[Path]:
+    """Write the student edition (or ``convert``'s, e.g. ``nbgrader_notebook``) of every ``NN_*.ipynb``
+    in ``src_dir`` into ``out_dir``, atomically; returns the paths. Refuses (``ValueError``) ``src_dir``
+    itself and a folder that is not empty. Data files the lessons read are not copied."""
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
     if not src.is_dir():
         raise ValueError(f"src_dir {str(src_dir)!r} is not a folder")
     if out == src:
         raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; the student "
                          f"edition would overwrite the solutions: choose another folder")
-    _refuse_to_overwrite(out, out_dir)
-    sources = lesson_paths(src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{str(out_dir)!r} already exists and is not empty: writing there could "
+                         f"overwrite a learner's notebooks; choose a new or empty folder")
     # Read and convert everything first: a bad notebook leaves nothing half-written.
     editions = []
-    for path in sources:
+    for path in lesson_paths(src):
         nb = nbformat.read(path, as_version=4)
         try:
-            editions.append((path.name, student_notebook(nb)))
+            editions.append((path.name, (convert or student_notebook)(nb)))
         except SyntaxError as e:
             raise ValueError(f"{path.name}: a solution cell is not plain Python ({e.msg}, "
                              f"line {e.lineno}); give it an explicit "
@@ -150,26 +139,21 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike)
     return written
 
 
-def _refuse_to_overwrite(out: Path, given) -> None:
-    """``ValueError`` unless ``out`` is new or an empty folder: it may hold a learner's work."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{str(given)!r} already exists and is not empty: writing there could "
-                         f"overwrite a learner's notebooks; choose a new or empty folder")
-
-
 def default_lessons_dir() -> Path:
     """``lessons/`` of this checkout if there is one, else ``./lessons``."""
     repo_lessons = Path(__file__).resolve().parents[2] / "lessons"
     return repo_lessons if repo_lessons.is_dir() else Path("lessons")
 
 
-def student_edition_main(out_dir: str | os.PathLike,
-                         src_dir: Optional[str | os.PathLike] = None) -> int:
+def student_edition_main(out_dir: str | os.PathLike, src_dir: Optional[str | os.PathLike] = None,
+                         convert: Optional[Callable] = None, errors_raise: bool = False) -> int:
     """``minfer lessons student-edition OUT_DIR``: write the student edition; exit code."""
     src = Path(src_dir) if src_dir is not None else default_lessons_dir()
     try:
-        written = make_student_edition(src, out_dir)
+        written = make_student_edition(src, out_dir, convert)
     except (ValueError, OSError) as e:
+        if errors_raise:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not written:
@@ -180,20 +164,10 @@ def student_edition_main(out_dir: str | os.PathLike,
     return 0
 
 
-# ---------------------------------------------------------------------------
-# Executing notebooks and reading the reports
-# ---------------------------------------------------------------------------
-
-
+# --- Executing notebooks and reading the reports ---
 def ensure_kernel(kernel_name: str = KERNEL_NAME) -> str:
-    """Make sure the ``python3`` kernel of *this* Python exists; return its name.
-
-    ``pip install ipykernel`` puts the spec in ``<venv>/share/jupyter/kernels``
-    and jupyter prefers it inside a virtual environment; jupyter_client also
-    runs the ``python3`` kernel with ``sys.executable``. If no spec is found
-    (an unusual install), it is installed into ``sys.prefix``, the equivalent
-    of ``python -m ipykernel install --sys-prefix``.
-    """
+    """Make sure the ``python3`` kernel of *this* Python exists (else install it into ``sys.prefix``,
+    as ``python -m ipykernel install --sys-prefix`` does); return its name."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     if kernel_name in KernelSpecManager().find_kernel_specs():
@@ -219,14 +193,10 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
                      cwd: Optional[str | os.PathLike] = None,
                      kernel_name: str = KERNEL_NAME,
                      extra_env: Optional[dict[str, str]] = None) -> nbformat.NotebookNode:
-    """Run the notebook at ``path`` top to bottom; return it with its outputs.
-
-    Uses nbclient and the ``python3`` kernel of the running Python, started in
-    ``cwd`` (default: the notebook's folder) with this checkout of minfer on
-    ``PYTHONPATH``. ``timeout`` is per cell, in seconds. A cell that raises
-    stops the run with ``nbclient.exceptions.CellExecutionError``, whose
-    message holds the cell's traceback. The file itself is not modified.
-    ``extra_env`` is added to the kernel's environment.
+    """Run the notebook at ``path`` top to bottom with nbclient; return it with its outputs (the file is
+    not modified). The kernel starts in ``cwd`` (default: the notebook's folder) with this checkout on
+    ``PYTHONPATH`` and ``extra_env``; ``timeout`` is per cell, in seconds. A cell that raises stops the
+    run with ``nbclient.exceptions.CellExecutionError``, which holds the cell's traceback.
     """
     from nbclient import NotebookClient
 
@@ -241,11 +211,8 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
 
 
 def grader_reports(nb: nbformat.NotebookNode) -> list[str]:
-    """The reports printed by ``check(...)`` in an executed notebook, in order.
-
-    A report runs from its ``✅/❌ check('name'):`` line to the next report or
-    the end of the cell's printed output.
-    """
+    """The reports printed by ``check(...)`` in an executed notebook, in order: each from its
+    ``✅/❌ check('name'):`` line to the next report or the end of the cell's printed output."""
     reports = []
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -258,21 +225,14 @@ def grader_reports(nb: nbformat.NotebookNode) -> list[str]:
     return reports
 
 
-
-# ---------------------------------------------------------------------------
-# Lessons committed with their outputs
-# ---------------------------------------------------------------------------
-
+# --- Lessons committed with their outputs ---
 HASH_KEY = "code_sha256"       # in nb.metadata["minfer"]: the code cells the outputs came from
 FIGURE_DPI = 72                # PNG plots small enough to commit
 SEED = "0"                     # PYTHONHASHSEED of the kernel: same hashes, same dict orders
 
 
 def code_hash(nb: nbformat.NotebookNode) -> str:
-    """sha256 of the code cells' sources, in order: what the stored outputs depend on.
-
-    Markdown edits do not change it (they need no re-execution); any code edit does.
-    """
+    """sha256 of the code cells' sources, in order: what the stored outputs depend on (not markdown)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -288,12 +248,9 @@ def stored_hash(nb: nbformat.NotebookNode) -> Optional[str]:
 
 
 def execute_and_store(path: str | os.PathLike, timeout: int = 600) -> nbformat.NotebookNode:
-    """Execute the lesson at ``path`` and write it back with its outputs and code hash.
-
-    Deterministic where it can be: ``PYTHONHASHSEED=0``, plots at ``FIGURE_DPI``,
-    no execution timestamps; measured times still differ from run to run.
-    The file is replaced atomically, and only if every cell ran.
-    """
+    """Execute the lesson at ``path`` and write it back (atomically, only if every cell ran) with its
+    outputs and code hash. Deterministic where it can be: ``PYTHONHASHSEED=0``, plots at ``FIGURE_DPI``,
+    no execution timestamps; measured times still differ from run to run."""
     import tempfile
 
     path = Path(path)
@@ -339,11 +296,7 @@ def execute_main(paths: list[str], run_all: bool, timeout: int = 600) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------
-# The learner's copy and the nbgrader edition
-# ---------------------------------------------------------------------------
-
-
+# --- The learner's copy and the nbgrader edition ---
 def start_main(out_dir: str | os.PathLike) -> int:
     """``minfer lessons start DIR``: the student edition for a self-learner; exit code."""
     out = Path(out_dir)
@@ -395,13 +348,8 @@ def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def _hidden_test(source: str, name: str) -> str:
-    """The check cell, then nbgrader's hidden test that decides the grade.
-
-    The hidden test imports ``check`` under a private name when it runs, so
-    a ``check`` the notebook defines (``def check(*a, **k): return True``)
-    is not the one it calls; nbgrader removes the hidden part from the
-    students' copy and puts it back to autograde.
-    """
+    """The check cell, then nbgrader's hidden test that decides the grade: it imports the grader's
+    ``check`` under a private name, so a ``check`` the notebook defines is not the one it calls."""
     fn = next((ast.get_source_segment(source, node.args[1]) for node in ast.walk(ast.parse(source))
                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check"
                and len(node.args) >= 2 and getattr(node.args[0], "value", None) == name), None)
@@ -413,11 +361,8 @@ def _hidden_test(source: str, name: str) -> str:
 
 
 def _solution_regions(source: str, stub: str) -> str:
-    """Put each function body of ``source`` between nbgrader's solution markers.
-
-    The stub (``make_stub``) shows where bodies start: it shares every line up
-    to ``# YOUR CODE HERE``. Code outside functions stays outside the markers.
-    """
+    """Put each function body of ``source`` between nbgrader's solution markers; the stub
+    (``make_stub``) shares every other line, so code outside functions stays outside them."""
     import difflib
 
     src, stub_lines = source.split("\n"), stub.split("\n")
@@ -435,21 +380,6 @@ def _solution_regions(source: str, stub: str) -> str:
     return "\n".join(out)
 
 
-def nbgrader_edition_main(out_dir: str | os.PathLike,
-                          src_dir: Optional[str | os.PathLike] = None) -> int:
-    """``minfer lessons student-edition OUT --nbgrader``: nbgrader source notebooks."""
-    src = Path(src_dir) if src_dir is not None else default_lessons_dir()
-    out = Path(out_dir).resolve()
-    if out == src.resolve():
-        raise ValueError(f"out_dir {str(out_dir)!r} is the source folder; choose another folder")
-    _refuse_to_overwrite(out, out_dir)
-    editions = [(p.name, nbgrader_notebook(nbformat.read(p, as_version=4))) for p in lesson_paths(src)]
-    if not editions:
-        print(f"no lessons ({LESSON_GLOB}) found in {src}", file=sys.stderr)
-        return 1
-    out.mkdir(parents=True, exist_ok=True)
-    for name, nb in editions:
-        nbformat.validate(nb)
-        _write_atomic(nb, out / name)
-        print(f"wrote {out / name}")
-    return 0
+def nbgrader_edition_main(out_dir: str | os.PathLike, src_dir: Optional[str | os.PathLike] = None) -> int:
+    """``minfer lessons student-edition OUT --nbgrader``: nbgrader source notebooks (errors raise)."""
+    return student_edition_main(out_dir, src_dir, convert=nbgrader_notebook, errors_raise=True)

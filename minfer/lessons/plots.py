@@ -1,14 +1,6 @@
-"""Small matplotlib helpers shared by the lesson notebooks.
+"""Small matplotlib helpers shared by the lesson notebooks (examples: lessons/README.md).
 
-Each helper draws on an ``Axes`` the caller owns (``fig, ax = plt.subplots()``),
-so a notebook keeps control of layout and titles:
-
-    roofline(ax, [("this CPU", bw, flops), ("H100 bf16", 3.35e12, 990e12)],
-             workloads={"decode": 0.5, "prefill 512": 256})
-    top_tokens(ax, ["Paris", "Lyon"], [0.9, 0.05])
-    bytes_axis(ax)                      # 1 GB, 10 GB ... instead of 1e9, 1e10
-    context_axis(ax, [1024, 8192, 131072])
-
+Each draws on an ``Axes`` the caller owns, so a notebook keeps control of layout and titles.
 matplotlib is imported here only (the engine never needs it).
 """
 from __future__ import annotations
@@ -72,12 +64,9 @@ def roofline(ax, machines: Iterable[tuple[str, float, float]],
              intensity_range: tuple[float, float] = (0.1, 2000.0)) -> None:
     """The roofline model (Williams, Waterman & Patterson 2009) on log-log axes.
 
-    machines: (label, memory bandwidth in bytes/s, peak FLOP/s). Each draws
-        attainable(I) = min(peak, bandwidth * I) and marks its ridge point
-        I* = peak / bandwidth: below I* a kernel waits on memory, above it on math.
-    workloads: label -> arithmetic intensity (FLOP per byte moved), drawn as
-        vertical dashed lines.
-    measured: (label, intensity, achieved FLOP/s) points.
+    machines: (label, bandwidth in bytes/s, peak FLOP/s), each drawn as min(peak, bandwidth * I) with
+    its ridge point I* = peak / bandwidth; workloads: label -> arithmetic intensity (FLOP per byte),
+    dashed vertical lines; measured: (label, intensity, achieved FLOP/s) points.
     """
     lo, hi = intensity_range
     intensity = np.logspace(np.log10(lo), np.log10(hi), 400)

@@ -17,12 +17,8 @@ from minfer.kv.block_pool import KVCacheManager
 
 
 class StepScheduler(Scheduler):
-    """A ``Scheduler`` whose every step is decided by ``step`` (lesson 05's ``schedule_step``).
-
-    ``step(running, waiting, ...)`` -> ([(id, num_new_tokens)], [preempted id]); shared blocks and
-    decisions the pool cannot honour raise ValueError, a step that does nothing while requests wait
-    RuntimeError. The contract in full: docs/teaching.md.
-    """
+    """A ``Scheduler`` whose every step is decided by ``step`` (lesson 05's ``schedule_step``): a decision
+    the pool cannot honour raises ValueError, a step that does nothing RuntimeError (docs/teaching.md)."""
 
     def __init__(self, config, kv_manager, *, step: Callable, **kwargs):
         super().__init__(config, kv_manager, **kwargs)

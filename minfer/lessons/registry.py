@@ -21,11 +21,7 @@ Validate = Callable[[Inputs, Any], Optional[str]]
 _REGISTRY: dict[str, "Exercise"] = {}
 
 
-# ---------------------------------------------------------------------------
-# The exercise record and the registry
-# ---------------------------------------------------------------------------
-
-
+# --- The exercise record and the registry ---
 @dataclass(frozen=True)
 class Exercise:
     """One gradable function: inputs to draw, the reference, how to compare."""
@@ -42,20 +38,13 @@ class Exercise:
     lesson: str = ""                 # the notebook's stem, e.g. "01_prefill_and_decode"
     function: str = ""               # the name the solution cell defines, e.g. "rms_norm"
     points: int = 1                  # what a pass is worth in the score table
-    # What a solution cell may use besides builtins: the grader runs the cell
-    # after ``prelude`` in a fresh interpreter (``autograde``). ``allowed`` are
-    # the minfer functions ("module:qualname") a solution may call (helpers
-    # the lesson hands out); any other call into minfer is "the engine's own
-    # implementation" and is rejected.
+    # What a solution cell may use: ``prelude`` runs before it (``autograde``), and it may call the
+    # minfer helpers ``allowed`` ("module:qualname"); any other call into minfer is rejected.
     prelude: str = "import math\nimport torch\n"
     allowed: tuple[str, ...] = ()
 
     def load_reference(self) -> Callable:
-        """Import and return the reference implementation (``"module:function"``).
-
-        Inside ``minfer.lessons.use(...)`` this is still the engine's own
-        function, not the learner's that replaced it.
-        """
+        """Import the reference (``"module:function"``): the engine's own, even inside ``use(...)``."""
         from minfer.lessons.swap import original
 
         return original(self.reference)
@@ -88,31 +77,19 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-# ---------------------------------------------------------------------------
-# Building blocks for strategies
-# ---------------------------------------------------------------------------
-
-
+# --- Building blocks for strategies ---
 def float_lists(lo: float, hi: float, min_size: int = 0,
                 max_size: int | None = None) -> st.SearchStrategy:
-    """Lists of float32-representable finite floats in [lo, hi] (no subnormals).
-
-    Hypothesis shrinks each value towards 0 and simple numbers (1.0, 2.0) and
-    deletes list elements: counterexamples come out small and readable.
-    """
+    """Lists of float32-representable finite floats in [lo, hi] (no subnormals); hypothesis shrinks
+    them towards 0, simple numbers and fewer elements: counterexamples come out small and readable."""
     values = st.floats(lo, hi, width=32, allow_nan=False, allow_infinity=False,
                        allow_subnormal=False)
     return st.lists(values, min_size=min_size, max_size=max_size)
 
 
 def rows_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
-    """A float32 (len(rows), width) tensor: each row cut or zero-padded to ``width``.
-
-    Shrink-friendly shapes: draw the width from one list (``len(weight)``)
-    and the rows as independent lists, rather than drawing a size first and
-    then exactly that many values. Then making the width smaller does not
-    shift every value drawn after it, and hypothesis can shrink both.
-    """
+    """A float32 (len(rows), width) tensor: each row cut or zero-padded to ``width``. Shrink-friendly:
+    the width comes from one list and the rows are independent lists, so both shrink."""
     return torch.tensor([(r + [0.0] * width)[:width] for r in rows], dtype=torch.float32)
 
 
@@ -123,16 +100,29 @@ def float_tensors(shape: tuple[int, ...], lo: float, hi: float) -> st.SearchStra
         lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
 
 
-# ---------------------------------------------------------------------------
-# Building blocks for comparisons
-# ---------------------------------------------------------------------------
+# --- Building blocks for comparisons ---
+def returned(actual: Any, want: str, show: bool = False) -> str:
+    """"returned <type> [<repr>], expected <want>", with a hint when ``actual`` is None (no ``return``)."""
+    if actual is None:
+        return f"returned None (did you forget `return`?), expected {want}"
+    return f"returned {type(actual).__name__}{f' {actual!r}' if show else ''}, expected {want}"
+
+
+def is_number(x: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def against_definition(problem: Validate) -> Compare:
+    """A ``compare`` that ignores the reference's output: ``problem(inputs, actual)`` computes the
+    definition itself, so running the property on the engine is a real test without a ``validate``."""
+    return lambda inputs, expected, actual: problem(inputs, actual)
 
 
 def tensor_problem(expected: torch.Tensor, actual: Any) -> Optional[str]:
     """What is wrong with the *kind* of ``actual`` (type, shape, dtype), or None."""
     if not isinstance(actual, torch.Tensor):
-        hint = " (did you forget `return`?)" if actual is None else ""
-        return f"returned {type(actual).__name__}{hint}, expected a torch.Tensor"
+        return returned(actual, "a torch.Tensor")
     if actual.shape != expected.shape:
         return (f"returned shape {tuple(actual.shape)}, expected shape "
                 f"{tuple(expected.shape)}")
@@ -141,22 +131,15 @@ def tensor_problem(expected: torch.Tensor, actual: Any) -> Optional[str]:
     return None
 
 
-def index_of(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
-    """Unravel a flat index into a tuple index of ``shape``."""
-    idx = []
-    for size in reversed(shape):
-        idx.append(flat_index % size)
-        flat_index //= size
-    return tuple(reversed(idx))
+def first_index(wrong: torch.Tensor) -> tuple[int, ...]:
+    """The index of the first True entry of the bool tensor ``wrong``."""
+    return tuple(int(i) for i in wrong.nonzero()[0])
 
 
 def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
                   what: str = "expected") -> Optional[str]:
-    """Compare two same-shape tensors; tolerance ``atol * max(1, max|expected|)``.
-
-    NaN or inf where the expected value is finite always counts as wrong.
-    Returns the max abs error and the first wrong position, or None.
-    """
+    """The max abs error and the first wrong position, or None; tolerance ``atol * max(1, max|expected|)``
+    (NaN or inf where the expected value is finite is always wrong)."""
     e = expected.detach().to(torch.float64)
     a = actual.detach().to(torch.float64)
     scale = max(1.0, float(e[e.isfinite()].abs().max())) if e.isfinite().any() else 1.0
@@ -167,8 +150,7 @@ def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
         return None
     err = torch.where(same, torch.zeros_like(err), err)
     max_err = "nan" if bool(err.isnan().any()) else f"{float(err.max()):.3g}"
-    first = int((~same).flatten().nonzero()[0])
-    idx = index_of(first, e.shape)
+    idx = first_index(~same)
     return (f"first wrong at index {idx}: {what} {float(e[idx])!r}, yours "
             f"{float(a[idx])!r}; max abs error {max_err} > tolerance {tol:.3g} "
             f"({atol:g} x scale {scale:.3g})")
@@ -191,12 +173,9 @@ def exact() -> Compare:
     def compare(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
         if isinstance(expected, torch.Tensor):
             problem = tensor_problem(expected, actual)
-            if problem:
+            if problem or torch.equal(expected, actual):
                 return problem
-            if torch.equal(expected, actual):
-                return None
-            first = int((expected != actual).flatten().nonzero()[0])
-            idx = index_of(first, expected.shape)
+            idx = first_index(expected != actual)
             return (f"first difference at index {idx}: expected "
                     f"{expected[idx].item()!r}, yours {actual[idx].item()!r}")
         return None if actual == expected else f"expected {expected!r}, yours {actual!r}"
@@ -204,13 +183,22 @@ def exact() -> Compare:
     return compare
 
 
-def tuple_problem(actual: Any, names: tuple[str, ...]) -> Optional[str]:
+def tuple_problem(actual: Any, names: tuple[str, ...], of: str = "tensors") -> Optional[str]:
     """What is wrong with the *kind* of a tuple answer, e.g. ``(keys, values)``, or None."""
-    want = f"a tuple ({', '.join(names)}) of {len(names)} tensors"
-    if actual is None:
-        return f"returned None (did you forget `return`?), expected {want}"
+    want = f"a tuple ({', '.join(names)}) of {len(names)} {of}"
     if not isinstance(actual, (tuple, list)):
-        return f"returned a single {type(actual).__name__}, expected {want}"
+        return returned(actual, want)
     if len(actual) != len(names):
         return f"returned {len(actual)} values, expected {want}"
     return None
+
+
+def tuple_close(names: tuple[str, ...], expected: Any, actual: Any, atol: float,
+                what: str = "expected") -> Optional[str]:
+    """``tuple_problem``, then ``tensor_problem`` and ``close_problem`` on each named tensor."""
+    problem = tuple_problem(actual, names)
+    for name, e, a in zip(names, expected, actual if problem is None else ()):
+        problem = tensor_problem(e, a) or close_problem(e, a, atol, what=what)
+        if problem:
+            return f"{name}: {problem}"
+    return problem

@@ -1,9 +1,5 @@
 """Swap points: where a learner's function can replace the engine's, and run SmolLM2.
 
-    with use(rms_norm=my_rms_norm):  llm.generate(...)
-    LLM.from_model(model, tokenizer, **engine_args(schedule_step=my_step))
-    minfer generate "..." --use-solutions lessons/01_prefill_and_decode.ipynb
-
 ``SWAP_POINTS`` is the whole list (``targets``, replaced by ``use``; or an ``engine_arg`` of the
 engine's constructor), held to the code by ``tests/test_swap.py``. Details: docs/teaching.md.
 """
@@ -132,15 +128,10 @@ def split(functions: dict) -> tuple[dict, dict]:
 
 @contextmanager
 def use(**functions: Callable) -> Iterator[None]:
-    """Run the engine with the learner's functions at the declared swap points.
-
-    ``use(rms_norm=f)`` replaces every target of ``SWAP_POINTS["rms_norm"]``
-    with ``f`` until the block ends (restored even on an exception); blocks
-    nest. An unknown name, a non-callable value or a constructor swap point
-    (``engine_args``) raises ``ValueError`` before anything is replaced. A
-    ``None`` value is skipped, so ``use(**maybe)`` works with functions that
-    are not written yet.
-    """
+    """Run the engine with the learner's functions: ``use(rms_norm=f)`` replaces every target of
+    ``SWAP_POINTS["rms_norm"]`` with ``f`` until the block ends (even on an exception); blocks nest.
+    An unknown name, a non-function or a constructor swap point raises ``ValueError`` before anything
+    is replaced; a ``None`` value is skipped (``use(**maybe)``)."""
     functions, built = split(functions)
     if built:
         raise ValueError(f"{', '.join(built)} plug into the engine's constructor, not a module: build the "
@@ -164,12 +155,8 @@ def use(**functions: Callable) -> Iterator[None]:
 
 
 def compare_with_engine(llm, prompt: str, max_tokens: int = 16, **functions: Callable) -> bool:
-    """Greedy-generate ``prompt`` with the engine's functions, then with yours; print both.
-
-    Returns True when the two texts are identical: the whole model ran on
-    your function and could not tell it from the engine's. A constructor
-    swap point runs on a second engine over the same model (``plug_ins.rebuild``).
-    """
+    """Greedy-generate ``prompt`` with the engine's functions, then with yours; print both. True when
+    the tokens are identical. A constructor swap point runs on a second engine (``plug_ins.rebuild``)."""
     from minfer.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)

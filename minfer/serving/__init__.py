@@ -1,11 +1,5 @@
-"""Serving: the outside world around the engine (``minfer/engine``): metrics, workloads, batch jobs.
-
-- ``metrics``    TTFT, TPOT, ITL, E2E, percentiles, throughput, goodput (vLLM's definitions)
-- ``workload``   seeded traces: Poisson / gamma arrivals, synthetic and real-text prompts
-- ``batch_job``  ``minfer batch INPUT.jsonl OUTPUT.jsonl`` (OpenAI batch file format)
-- ``fake``       a fake model runner and clock: the scheduler in milliseconds (tests, lesson 05)
-
-The engine's names are re-exported here for the code that imports them from ``minfer.serving``.
+"""Serving: the outside world around the engine (``minfer/engine``): the server, the router, batch jobs,
+metrics, workloads, a fake runner and clock (docs/serving.md). The engine's names are re-exported here.
 """
 from minfer.engine import (POLICIES, LLMEngine, ModelRunner, Request, RequestStatus, Scheduler,
                            SchedulerConfig, StepOutput, run_trace)

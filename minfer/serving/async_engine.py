@@ -43,8 +43,7 @@ class Output:
 class EngineMetrics:
     """The server's /metrics (vLLM: ``vllm/v1/metrics/loggers.py``, ``PrometheusStatLogger``)."""
 
-    def __init__(self, registry: CollectorRegistry):
-        r = registry
+    def __init__(self, r: CollectorRegistry):
         self.ttft = Histogram("minfer:time_to_first_token_seconds", "TTFT: arrival -> first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("minfer:time_per_output_token_seconds", "TPOT: mean gap after the first token",
@@ -87,7 +86,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="minfer-engine", daemon=True)
         self._update_gauges()
 
-    # ------------------------------------------------------------------ the event-loop side
+    # --- the event-loop side ---
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not running: queued commands plus the engine's waiting queue (a snapshot)."""
@@ -133,20 +132,17 @@ class AsyncEngine:
             self._commands.put(("stop",))
             self._thread.join(timeout)
 
-    # ------------------------------------------------------------------ the engine thread
+    # --- the engine thread ---
     def _run(self) -> None:
         eng = self.engine
         while True:
-            try:     # block for work only when the engine is idle
-                cmd = self._commands.get(timeout=0.1) if not eng.has_unfinished_requests() else None
+            cmds = []
+            try:     # all queued commands; wait (0.1 s) for one only when the engine is idle
+                while True:
+                    idle = not (cmds or eng.has_unfinished_requests())
+                    cmds.append(self._commands.get(block=idle, timeout=0.1))
             except queue.Empty:
-                cmd = None
-            cmds = [cmd] if cmd is not None else []
-            while True:
-                try:
-                    cmds.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
+                pass
             for c in cmds:
                 if c[0] == "stop":
                     self._abort_all("the server is shutting down")
@@ -168,19 +164,15 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
             _, rid, ids, params, accepted = cmd
-            loop = accepted.get_loop()
+            err = None if rid in self._streams else asyncio.CancelledError()    # the client left already
             try:
-                if rid not in self._streams:              # the client left before we got here
-                    loop.call_soon_threadsafe(_settle, accepted, asyncio.CancelledError())
-                    return
-                try:
+                if err is None:
                     self.engine.add_request(ids, params, request_id=rid)
-                except ValueError as e:
-                    loop.call_soon_threadsafe(_settle, accepted, e)
-                    return
-                loop.call_soon_threadsafe(_settle, accepted, None)
+            except ValueError as e:
+                err = e
             finally:                                      # after add_request: never counted as neither
                 self._pending.discard(rid)
+            accepted.get_loop().call_soon_threadsafe(_settle, accepted, err)
         elif cmd[0] == "abort_all":
             self._abort_all(cmd[1])
         elif cmd[0] == "abort":
@@ -218,16 +210,13 @@ class AsyncEngine:
             if loop is not None:
                 loop.call_soon_threadsafe(q.put_nowait, Output("", [], True, "abort", error=message))
 
-    # ------------------------------------------------------------------ metrics
+    # --- metrics ---
     def _record(self, req) -> None:
         """One finished sample. Its prompt counts once per request (sample 0), as OpenAI's usage does."""
         m, s = self.metrics, req.stats
-        if s.ttft is not None:
-            m.ttft.observe(s.ttft)
-        if s.tpot is not None:
-            m.tpot.observe(s.tpot)
-        if s.e2el is not None:
-            m.e2e.observe(s.e2el)
+        for histogram, value in ((m.ttft, s.ttft), (m.tpot, s.tpot), (m.e2e, s.e2el)):
+            if value is not None:
+                histogram.observe(value)
         m.preemptions.inc(req.num_preemptions)
         m.finished.labels(req.finish_reason).inc()
         if req.index == 0:
@@ -261,10 +250,6 @@ def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
 
 def build_engine(model: str, *, device: str | None = None, dtype: str = "float32",
                  quantization: str | None = None, **engine_args) -> LLMEngine:
-    """Load ``model`` through ``LLM`` and return its engine (continuous batching).
-
-    ``engine_args`` are ``LLM``'s (vLLM's names): enable_prefix_caching, max_num_seqs,
-    max_num_batched_tokens, block_size, kv_cache_memory_bytes, kv_cache_dtype, decode_kernel.
-    """
+    """Load ``model`` through ``LLM`` (``engine_args``: its keyword arguments) and return its engine."""
     from minfer.llm import LLM
     return LLM(model, device=device, dtype=dtype, quantization=quantization, **engine_args).engine

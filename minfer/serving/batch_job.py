@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from minfer.atomic import atomic_write
-from minfer.cli_args import add_model_args, set_threads
+from minfer.cli_args import add_model_args, positive_int, set_threads
 from minfer.sampling import SamplingParams
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
-                                       choice_shape, parse_body, sampling_params)
-from minfer.validation import check_engine_args, check_int
+                                       choice_shape, parse_body, prompt_ids, response, sampling_params, usage)
+from minfer.validation import check_engine_args
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 
@@ -45,57 +47,42 @@ def request_hash(method: str, url: str, body: object) -> str:
     return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-# ---------------------------------------------------------------------------
-# Reading the input and the finished records
-# ---------------------------------------------------------------------------
-
-
+# --- Reading the input and the finished records ---
 def read_input(path: str | Path) -> list[BatchItem]:
     """Parse the framing of every line (JSON object, custom_id, method, url); ValueError naming the
     line on the first problem. The body is checked later, per request (a bad body -> an error record)."""
     items, seen = [], {}
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a folder, not a JSONL file")
     try:
-        f = open(path, encoding="utf-8")
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a folder, not a JSONL file") from None
-    with f:
-        for n, raw in enumerate(_lines(f, path), 1):
-            if not raw.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                obj = json.loads(raw)
-            except (ValueError, RecursionError) as e:   # also an integer of more than 4,300 digits
-                raise ValueError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})"[:300]) from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid:
-                raise ValueError(f"{where}: custom_id must be a non-empty string")
-            if cid in seen:
-                raise ValueError(f"{where}: duplicate custom_id {cid!r} (first on line {seen[cid]})")
-            seen[cid] = n
-            method = obj.get("method", "POST")
-            if method != "POST":
-                raise ValueError(f"{where}: method must be POST, got {method!r}")
-            url = obj.get("url")
-            if url not in URLS:
-                raise ValueError(f"{where}: url must be one of {URLS}, got {url!r}")
-            body = obj.get("body")
-            items.append(BatchItem(cid, url, body, n, request_hash(method, url, body)))
-    return items
-
-
-def _lines(f, path):
-    try:
-        yield from f
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 is JSON text
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _is_record(rec: object) -> bool:
-    return isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec \
-        and "error" in rec
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError) as e:   # also an integer of more than 4,300 digits
+            raise ValueError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})"[:300]) from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        cid = obj.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            raise ValueError(f"{where}: custom_id must be a non-empty string")
+        if cid in seen:
+            raise ValueError(f"{where}: duplicate custom_id {cid!r} (first on line {seen[cid]})")
+        seen[cid] = n
+        method = obj.get("method", "POST")
+        if method != "POST":
+            raise ValueError(f"{where}: method must be POST, got {method!r}")
+        url = obj.get("url")
+        if url not in URLS:
+            raise ValueError(f"{where}: url must be one of {URLS}, got {url!r}")
+        body = obj.get("body")
+        items.append(BatchItem(cid, url, body, n, request_hash(method, url, body)))
+    return items
 
 
 def read_records(path: Path) -> list[dict]:
@@ -115,7 +102,8 @@ def read_records(path: Path) -> list[dict]:
                 rec = json.loads(raw)
             except (ValueError, RecursionError):
                 rec = None
-            if not _is_record(rec):
+            if not (isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec
+                    and "error" in rec):
                 if not raw.endswith("\n"):
                     break                  # the write that was cut short by a kill
                 raise ValueError(f"{path} line {n} is not a batch output record: {path} was not written "
@@ -148,26 +136,13 @@ def check_paths(input_path: str | Path, output_path: str | Path) -> None:
 
 def _truncate_torn_tail(path: Path) -> None:
     """Cut a journal back to its last complete line, so appends start on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    keep = data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
+    if path.exists():
+        data = path.read_bytes()
         with open(path, "r+b") as f:
-            f.truncate(len(keep))
+            f.truncate(data.rfind(b"\n") + 1)
 
 
-def write_atomic(path: Path, lines: list[str]) -> None:
-    """Write ``lines`` to ``path`` atomically (``minfer.atomic``: temp file, fsync, rename)."""
-    with atomic_write(path) as f:
-        f.writelines(lines)
-
-
-# ---------------------------------------------------------------------------
-# Requests in, records out
-# ---------------------------------------------------------------------------
-
-
+# --- Requests in, records out ---
 def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams, ChoiceShape]:
     """A request's prompt token ids, sampling parameters and choice shape (logprobs, echo), by the
     server's request models (``openai_api``: the same fields, limits, defaults and refusals); errors
@@ -176,11 +151,7 @@ def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[
     req = parse_body(ChatCompletionRequest if chat else CompletionRequest, item.body, prefix="body.")
     if req.n != 1:
         raise ValueError(f"body.n must be 1 in a batch job (one line per sample), got {req.n}")
-    if chat:                                      # message text never becomes a special token
-        ids = tokenizer.encode_chat([m.as_dict() for m in req.messages], add_generation_prompt=True)
-    else:
-        ids = tokenizer.encode(req.prompt, add_special_tokens=True) if isinstance(req.prompt, str) \
-            else list(req.prompt)
+    ids = prompt_ids(req, tokenizer)
     params = sampling_params(req, len(ids), max_model_len, chat=chat)
     return ids, params, choice_shape(req, ids, params, tokenizer, chat=chat)
 
@@ -193,17 +164,9 @@ def success_record(item: BatchItem, req, model_name: str, shape: ChoiceShape) ->
     rid = _record_id(item.custom_id)
     ids = list(req.output_token_ids) if shape.generated else []
     text, logprobs = shape.piece(req.text, ids, req.logprobs, req.prompt_logprobs, True)
-    choice = {"index": 0, "finish_reason": req.finish_reason, "token_ids": ids, "logprobs": logprobs}
-    if item.url == "/v1/chat/completions":
-        obj = "chat.completion"
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        obj = "text_completion"
-        choice["text"] = text
-    usage = {"prompt_tokens": req.num_prompt_tokens, "completion_tokens": len(ids),
-             "total_tokens": req.num_prompt_tokens + len(ids)}
-    body = {"id": f"cmpl-{rid}", "object": obj, "created": int(time.time()), "model": model_name,
-            "choices": [choice], "usage": usage}
+    body = response(f"cmpl-{rid}", model_name, item.url == "/v1/chat/completions",
+                    [(text, req.finish_reason, logprobs)], usage(req.num_prompt_tokens, len(ids)))
+    body["choices"][0]["token_ids"] = ids
     return {"id": f"batch_req_{rid}", "custom_id": item.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
 
@@ -215,40 +178,11 @@ def error_record(item: BatchItem, message: str) -> dict:
             "error": {"code": "invalid_request", "message": message}}
 
 
-class Progress:
-    """A one-line progress bar on stderr: [#####.....] 50/100  12.3 req/s  456 tok/s."""
-
-    def __init__(self, total: int, done: int, enabled: bool = True, stream=sys.stderr):
-        self.total, self.done, self.enabled, self.stream = total, done, enabled, stream
-        self.start, self.tokens, self.new = time.perf_counter(), 0, 0
-
-    def update(self, tokens: int) -> None:
-        self.done += 1
-        self.new += 1
-        self.tokens += tokens
-        if self.enabled:
-            el = max(time.perf_counter() - self.start, 1e-9)
-            width = 30
-            fill = int(width * self.done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total}  "
-                              f"{self.new / el:.2f} req/s  {self.tokens / el:.1f} tok/s ")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run_batch(input_path: str | Path, output_path: str | Path, engine, model_name: str = "minfer",
               progress: bool = True, keep_errors: bool = False, seeded=lambda params: params) -> dict:
-    """Run every request of ``input_path`` that has no up-to-date record yet; write ``output_path``.
-
-    A record is reused when its custom_id and request hash match an input line
-    (and, for an error record, only with ``keep_errors``). ``seeded`` gives a request without a seed
-    its seed (``LLM.seeded``: the LLM's seeded sequence). Returns counts:
-    {"total", "skipped" (reused), "ran", "errors" (invalid requests)}.
-    """
+    """Run every request of ``input_path`` without an up-to-date record (same custom_id and request hash;
+    an error record only with ``keep_errors``), write ``output_path``. ``seeded`` gives a request without
+    a seed its seed (``LLM.seeded``). Returns {"total", "skipped" (reused), "ran", "errors" (invalid)}."""
     items = read_input(input_path)
     output_path = Path(output_path)
     check_paths(input_path, output_path)
@@ -261,16 +195,18 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
             done[rec["custom_id"]] = rec
     todo = [it for it in items if it.custom_id not in done]
     _truncate_torn_tail(journal)
-    bar = Progress(len(items), len(items) - len(todo), enabled=progress)
-    errors = 0
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="req", disable=not progress)
+    tokens = errors = 0
     with open(journal, "a", encoding="utf-8") as jf:
         def finish(item: BatchItem, record: dict) -> None:
             record["request_hash"] = item.request_hash
             jf.write(json.dumps(record, ensure_ascii=False) + "\n")
             jf.flush()                             # one whole line per finished request
             done[item.custom_id] = record
-            tokens = record["response"]["body"]["usage"]["completion_tokens"] if record["response"] else 0
-            bar.update(tokens)
+            nonlocal tokens
+            tokens += record["response"]["body"]["usage"]["completion_tokens"] if record["response"] else 0
+            bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s", refresh=False)
+            bar.update()
 
         by_rid: dict[str, tuple[BatchItem, ChoiceShape]] = {}
         for item in todo:                          # everything goes in at once: throughput first
@@ -288,16 +224,13 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
                 item, shape = by_rid[delta.request_id]
                 finish(item, success_record(item, engine.requests[delta.request_id], model_name, shape))
     bar.close()
-    write_atomic(output_path, [json.dumps(done[it.custom_id], ensure_ascii=False) + "\n" for it in items])
+    with atomic_write(output_path) as f:                # temp file, fsync, rename (minfer.atomic)
+        f.writelines(json.dumps(done[it.custom_id], ensure_ascii=False) + "\n" for it in items)
     journal.unlink(missing_ok=True)
     return {"total": len(items), "skipped": len(items) - len(todo), "ran": len(todo) - errors, "errors": errors}
 
 
-# ---------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------
-
-
+# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run an OpenAI-format batch file (JSONL, one request per line with custom_id)."
     p.add_argument("input", help="INPUT.jsonl")
@@ -306,11 +239,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none; "
                         "a folder written by `minfer quantize` is read as it is)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once (default 32)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step (default 1024)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests at once (default 32)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=1024,
+                   help="token budget per step (default 1024)")
     p.add_argument("--seed", type=int, default=0,
                    help="a request without a seed draws one from this seeded sequence, as LLM(seed=...) (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--keep-errors", action="store_true",
                    help="on a rerun, keep the error records of unchanged lines instead of retrying them")
@@ -324,8 +258,6 @@ def main(args) -> int:
     read_input(args.input)                       # a malformed file fails before the model loads
     check_paths(args.input, args.output)         # and so does an output we cannot or must not write
     check_engine_args(device=args.device, seed=args.seed)
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
-        check_int(getattr(args, name), f"--{name.replace('_', '-')}", lo=1)
     set_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,   # the one front door
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)

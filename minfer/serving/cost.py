@@ -8,7 +8,6 @@ from __future__ import annotations
 
 DEFAULT_PRICE_PER_HOUR = 0.10
 DEFAULT_WATTS = 700.0
-HOURS_PER_YEAR = 8760
 
 
 def dollars_per_mtok(tokens_per_s: float, price_per_hour: float) -> float:

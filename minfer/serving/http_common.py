@@ -1,15 +1,13 @@
-"""What the server and the router share: OpenAI-style HTTP errors, body reading, and the
-command-line flags both pass on (the router starts servers with the same engine flags).
-
-Kept apart from ``server.py`` so the router does not import the server (nor the server the
-router at import time): ``server.main --replicas N`` hands over to ``router.serve_replicas``.
+"""What the server and the router share: the app's errors and /metrics, body reading, the command-line
+flags (the router starts servers with the same engine flags). Apart from ``server.py`` so that
+neither of the two imports the other at import time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from minfer.cli_args import add_parallel_args, seconds
+from minfer.cli_args import add_parallel_args, int_in, seconds
 
 from minfer.serving.openai_api import APIError
 
@@ -20,22 +18,29 @@ MAX_HEADER_BYTES = 16 * 1024            # a request head larger than this gets 4
 MAX_JSON_DEPTH = 32                     # nesting of a request body (OpenAI's bodies need about 5)
 
 
-def error_response(err: APIError):
-    from fastapi.responses import JSONResponse
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def install_error_handlers(app) -> None:
-    """Every error, ours or the framework's (404 path, 405 method), as OpenAI's error JSON."""
+def new_app(title: str, lifespan, registry):
+    """A FastAPI app whose every error, ours or the framework's (404 path, 405 method), is OpenAI's
+    error JSON, with ``GET /metrics``: ``registry`` in Prometheus text."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException
+
+    app = FastAPI(title=title, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error_response(exc)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)))
+        err = APIError(exc.status_code, str(exc.detail), code=str(exc.status_code))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return app
 
 
 async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -125,24 +130,11 @@ def engine_flags(args) -> list[str]:
     return out
 
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-def port(text: str) -> int:
-    """argparse type for ``--port``: an integer in 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
-
-
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn log level (default warning)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.add_argument("--header-timeout", type=seconds, default=HEADER_TIMEOUT,
                    help=f"seconds a new connection may take to send its request headers (default {HEADER_TIMEOUT:g})")
     p.add_argument("--keep-alive-timeout", type=seconds, default=KEEP_ALIVE_TIMEOUT,

@@ -10,10 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from minfer.metrics import RequestStats, tpot_from_timestamps
-
-__all__ = ["RequestStats", "tpot_from_timestamps", "percentile", "Distribution", "ServingMetrics",
-           "meets_slos", "check_slos", "stats_from_events", "summarize", "format_table", "SLO_METRICS", "PERCENTILES"]
+from minfer.metrics import RequestStats, tpot_from_timestamps  # noqa: F401  (the lessons' reference)
 
 SLO_METRICS = ("ttft", "tpot", "e2el")     # names accepted in ``slo_ms`` (as vLLM's --goodput)
 PERCENTILES = (50, 90, 95, 99)
@@ -47,7 +44,7 @@ class Distribution:
             nan = float("nan")
             return cls(nan, nan, nan, nan, nan, nan, 0)
         ms = 1000.0 * np.asarray(seconds, dtype=np.float64)
-        p50, p90, p95, p99 = np.percentile(ms, (50, 90, 95, 99)).tolist()
+        p50, p90, p95, p99 = np.percentile(ms, PERCENTILES).tolist()
         return cls(float(ms.mean()), p50, float(ms.std()), p90, p95, p99, len(ms))
 
 
@@ -111,11 +108,8 @@ def check_slos(slo_ms: dict[str, float] | None) -> dict[str, float]:
 
 def summarize(requests: Iterable[RequestStats], duration: float | None = None,
               slo_ms: dict[str, float] | None = None) -> ServingMetrics:
-    """Metrics of the finished requests of a run.
-
-    duration: seconds the run took; default = last finish - first arrival.
-    slo_ms: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds); enables goodput.
-    """
+    """Metrics of the finished requests of a run. ``duration``: seconds (default: last finish - first
+    arrival); ``slo_ms``: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds) enables goodput."""
     slo_ms = check_slos(slo_ms)
     done = [r for r in requests if r.finish_time is not None]
     if duration is None:

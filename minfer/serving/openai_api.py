@@ -1,21 +1,9 @@
-"""The OpenAI API as the server speaks it: request bodies (pydantic), errors, response objects.
+"""The OpenAI API as the server and the batch job speak it: request bodies (pydantic, strict mode:
+``"0.5"`` is not a number), errors (``{"error": {"message", "type", "param", "code"}}``), responses.
 
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "stream", ...}
-    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}
-
-``response_format`` (json_object, json_schema) and vLLM's ``guided_json`` / ``guided_regex`` /
-``guided_choice`` constrain the output with a grammar (``minfer/guided.py``).
-Every field the engine cannot honour is refused with a 400 that names it, never
-ignored: penalties, tools, and any field OpenAI does not define. Log-probabilities
-(``minfer/logprobs.py``): completions' ``logprobs`` (at most 5, as OpenAI) and ``echo``
-(the prompt's, and ``max_tokens: 0`` with echo scores a prompt without generating: the
-loglikelihood request of evaluation harnesses), chat's ``logprobs`` + ``top_logprobs`` (at most 20).
-``n`` > 1 is the engine's parallel sampling: n choices that share the prompt's
-KV blocks; with a ``seed``, choice i uses seed + i (``minfer/engine/llm_engine.py``). Bodies are validated in pydantic's
-strict mode, so ``"temperature": "0.5"`` is a type error, not a silent cast.
+Every field the engine cannot honour (penalties, tools, any field OpenAI does not define) is a 400
+naming it, never ignored. The fields, logprobs, echo, ``n`` and guided output: docs/serving.md.
 vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
-
-The error body is OpenAI's: ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
@@ -49,11 +37,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ---------------------------------------------------------------------------
-# Request bodies
-# ---------------------------------------------------------------------------
-
-
+# --- Request bodies ---
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -175,10 +159,8 @@ def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
         for err in e.errors():
             # union members show up in the location ("prompt.list[int].0"): keep the field path only
             param = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
-            if err["type"] == "extra_forbidden":
-                msg = "unsupported field: the minfer server does not implement it"
-            else:
-                msg = err["msg"]
+            msg = "unsupported field: the minfer server does not implement it" \
+                if err["type"] == "extra_forbidden" else err["msg"]
             if param not in params:
                 params.append(param)
                 problems.append(f"{prefix}{param}: {msg}")
@@ -217,6 +199,18 @@ def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, 
         raise APIError(400, message, param=field[1] if field else None) from None
 
 
+def prompt_ids(req: CompletionRequest | ChatCompletionRequest, tokenizer) -> list[int]:
+    """The request's prompt as token ids; a chat's through its template (message text never becomes a
+    special token), 400 if the template refuses the conversation."""
+    if isinstance(req, CompletionRequest):
+        return tokenizer.encode(req.prompt, add_special_tokens=True) if isinstance(req.prompt, str) \
+            else list(req.prompt)
+    try:
+        return tokenizer.encode_chat([m.as_dict() for m in req.messages], add_generation_prompt=True)
+    except ValueError as e:
+        raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+
+
 def guided_fields(req: _Sampling) -> tuple[dict, str]:
     """The body's grammar as SamplingParams' guided_* fields, and the field to name if it is bad."""
     guided = {k: getattr(req, k) for k in FIELDS if getattr(req, k) is not None}
@@ -232,11 +226,7 @@ def guided_fields(req: _Sampling) -> tuple[dict, str]:
     return {"guided_json": rf.json_schema.schema_}, "response_format.json_schema.schema"
 
 
-# ---------------------------------------------------------------------------
-# Response objects (plain dicts: they go straight to JSON)
-# ---------------------------------------------------------------------------
-
-
+# --- Response objects (plain dicts: they go straight to JSON) ---
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -247,16 +237,11 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def response(rid: str, model: str, chat: bool, choices: list[tuple], use: dict) -> dict:
-    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason)
-    or (text, finish_reason, logprobs) of each sample, by index."""
-    out = []
-    for index, (text, finish_reason, *logprobs) in enumerate(choices):
-        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs[0] if logprobs else None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        out.append(choice)
+    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason,
+    logprobs) of each sample, by index."""
+    out = [{"index": index, "finish_reason": reason, "logprobs": logprobs,
+            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+           for index, (text, reason, logprobs) in enumerate(choices)]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": out, "usage": use}
 
@@ -267,13 +252,10 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, finish_reason: str
     """One streamed event of choice ``index``. ``text=None`` with ``use``: the final usage-only chunk (no choices)."""
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model}
-    if text is None:
-        out["choices"] = []
-    elif chat:
-        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-        out["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
-    else:
-        out["choices"] = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
+    delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+    piece = {"delta": delta} if chat else {"text": text}
+    out["choices"] = [] if text is None else [{"index": index, **piece, "finish_reason": finish_reason,
+                                               "logprobs": logprobs}]
     if with_usage or use is not None:
         out["usage"] = use
     return out

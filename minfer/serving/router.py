@@ -24,32 +24,32 @@ from typing import Sequence
 from fastapi import Request
 
 from minfer.cli_args import positive_int
-from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json,
-                                        install_error_handlers, read_body, run_server, seconds)
-from minfer.serving.openai_api import APIError
+from minfer.distributed.comm import free_port
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
+                                        read_body, run_server, seconds)
+from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
+                                       prompt_ids)
 
 log = logging.getLogger("minfer.router")
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
 
-# ---------------------------------------------------------------------------
-# Consistent hashing
-# ---------------------------------------------------------------------------
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"--policy must be one of {POLICIES}, got {policy!r}")
 
 
+# --- Consistent hashing ---
 def stable_hash(data: bytes | str) -> int:
     """A 64-bit hash that is the same in every process (Python's str hash is salted)."""
-    if isinstance(data, str):
-        data = data.encode()
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+    raw = data.encode() if isinstance(data, str) else data
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
 
 
 def ring_lookup(points: Sequence[int], owners: Sequence[int], key: int) -> int:
     """The owner of the first ring point at or after ``key``, wrapping past the end to the first.
-
-    ``points`` are sorted ascending; ``owners[i]`` owns ``points[i]``.
-    """
+    ``points`` are sorted ascending; ``owners[i]`` owns ``points[i]``."""
     i = bisect.bisect_left(points, key)
     return owners[i % len(points)]
 
@@ -79,18 +79,13 @@ def prefix_key(token_ids: Sequence[int], block_size: int = 16, num_blocks: int =
     return stable_hash(str(hashes[-1] if hashes else tuple(head)))
 
 
-# ---------------------------------------------------------------------------
-# Policies
-# ---------------------------------------------------------------------------
-
-
+# --- Policies ---
 class Router:
     """Picks a replica per request and keeps their health and load."""
 
     def __init__(self, replicas: Sequence[str], policy: str = "round_robin", *, tokenizer=None,
                  block_size: int = 16, prefix_blocks: int = 4, cooldown: float = 5.0):
-        if policy not in POLICIES:
-            raise ValueError(f"--policy must be one of {POLICIES}, got {policy!r}")
+        check_policy(policy)
         if not replicas:
             raise ValueError("give at least one --replica URL")
         self.replicas = [r.rstrip("/") for r in replicas]
@@ -105,26 +100,15 @@ class Router:
         now = time.monotonic()
         return [now >= t for t in self.down_until]
 
-    def mark_down(self, i: int, seconds: float | None = None) -> None:
-        self.down_until[i] = time.monotonic() + (self.cooldown if seconds is None else seconds)
-
-    def mark_up(self, i: int) -> None:
-        self.down_until[i] = 0.0
-
     def prompt_ids(self, path: str, body: dict) -> list[int]:
-        """The prompt's token ids as the engine will see them (chat template applied)."""
-        if self.tokenizer is None:          # no tokenizer: the characters stand in for tokens
-            text = body.get("prompt") if "completions" in path and "chat" not in path else \
-                "".join(f"{m.get('role')}:{m.get('content')}\n" for m in body.get("messages") or []
-                        if isinstance(m, dict))
-            return [ord(c) for c in str(text)]
-        if "chat" in path:
-            msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-                     "".join(p.get("text", "") for p in m["content"])} for m in body["messages"]]
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
-        prompt = body["prompt"]
-        prompt = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else prompt
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """The prompt's token ids as the engine will see them (chat template applied); without a
+        tokenizer the characters stand in for tokens. APIError for a malformed body."""
+        chat = "chat" in path
+        req = parse_body(ChatCompletionRequest if chat else CompletionRequest, body)
+        if self.tokenizer is not None:
+            return prompt_ids(req, self.tokenizer)
+        text = "".join(f"{m.role}:{m.text()}\n" for m in req.messages) if chat else req.prompt
+        return [ord(c) for c in text] if isinstance(text, str) else list(text)
 
     def choose(self, path: str, body: dict, exclude: Sequence[int] = ()) -> int | None:
         """The replica for this request, not one of ``exclude`` (None: every other replica is down).
@@ -147,11 +131,7 @@ class Router:
         return self.ring.lookup(prefix_key(ids, self.block_size, self.prefix_blocks), alive)
 
 
-# ---------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------
-
-
+# --- The app ---
 CONNECT_TIMEOUT = 2.0          # seconds to open a connection to a replica (--connect-timeout)
 FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (--first-byte-timeout): a non-streamed
                                # answer sends its head only when it is complete
@@ -165,12 +145,14 @@ class ReplicaFailed(Exception):
 
 
 class RouterMetrics:
-    def __init__(self):
+    def __init__(self, router: Router):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = reg = CollectorRegistry()
         self.requests = Counter("minfer_router:requests", "requests forwarded", ["replica", "status"], registry=reg)
         self.in_flight = Gauge("minfer_router:in_flight", "requests in flight", ["replica"], registry=reg)
-        self.up = Gauge("minfer_router:replica_up", "1 if the replica is not in cooldown", ["replica"], registry=reg)
+        up = Gauge("minfer_router:replica_up", "1 if the replica is not down", ["replica"], registry=reg)
+        for i, url in enumerate(router.replicas):
+            up.labels(url).set_function(lambda i=i: int(router.alive()[i]))
         self.latency = Histogram("minfer_router:request_latency_seconds", "router in -> last byte out",
                                  ["replica"], registry=reg)
 
@@ -179,12 +161,13 @@ class Forwarder:
     """Sends a request to the router's choice, moves it to another replica while nothing has been
     sent to the client, and relays the answer's bytes; health checks run beside it."""
 
-    def __init__(self, router: Router, *, connect_timeout: float, first_byte_timeout: float,
-                 read_timeout: float, health_interval: float, health_timeout: float):
+    def __init__(self, router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT):
         import httpx
         self.router, self.first_byte_timeout = router, first_byte_timeout
         self.health_interval, self.health_timeout = health_interval, health_timeout
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(router)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
@@ -192,7 +175,8 @@ class Forwarder:
 
     def down(self, i: int) -> None:
         """Mark replica i down; requests waiting for its first byte move elsewhere."""
-        self.router.mark_down(i, math.inf if self.health_interval > 0 else None)
+        router = self.router                    # down until a health check passes, else for the cooldown
+        router.down_until[i] = math.inf if self.health_interval > 0 else time.monotonic() + router.cooldown
         self.went_down.pop(i, asyncio.Event()).set()
 
     async def health_loop(self) -> None:
@@ -209,7 +193,7 @@ class Forwarder:
         while True:
             for i, ok in enumerate(await asyncio.gather(*(check(i) for i in range(len(self.router.replicas))))):
                 if ok:
-                    self.router.mark_up(i)
+                    self.router.down_until[i] = 0.0
                 elif self.router.alive()[i]:
                     self.down(i)
             await asyncio.sleep(self.health_interval)
@@ -285,28 +269,22 @@ class Forwarder:
             self.metrics.latency.labels(url).observe(time.perf_counter() - t0)
 
 
-def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
-                     first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                     health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT,
-                     max_body_bytes: int = MAX_BODY_BYTES):
+def build_router_app(router: Router, *, max_body_bytes: int = MAX_BODY_BYTES, **timeouts):
+    """The router's app; ``timeouts``: ``Forwarder``'s (connect, first byte, read, health checks)."""
     import httpx
-    from fastapi import FastAPI
     from fastapi.responses import Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    fw = Forwarder(router, connect_timeout=connect_timeout, first_byte_timeout=first_byte_timeout,
-                   read_timeout=read_timeout, health_interval=health_interval, health_timeout=health_timeout)
+    fw = Forwarder(router, **timeouts)
 
     @asynccontextmanager
     async def lifespan(app):
-        checks = asyncio.ensure_future(fw.health_loop()) if health_interval > 0 else None
+        checks = asyncio.ensure_future(fw.health_loop()) if fw.health_interval > 0 else None
         yield
         if checks is not None:
             checks.cancel()
         await fw.client.aclose()
 
-    app = FastAPI(title="minfer router", lifespan=lifespan)
-    install_error_handlers(app)
+    app = new_app("minfer router", lifespan, fw.metrics.registry)
 
     @app.get("/health")
     async def health():
@@ -314,18 +292,12 @@ def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT
             raise APIError(503, "no replica is up", code="no_replica")
         return {"status": "ok", "replicas": dict(zip(router.replicas, router.alive()))}
 
-    @app.get("/metrics")
-    async def metrics():
-        for r, up in zip(router.replicas, router.alive()):
-            fw.metrics.up.labels(r).set(int(up))
-        return Response(generate_latest(fw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     @app.get("/v1/models")
     async def models():
         for i, up in enumerate(router.alive()):
             if up:
                 try:
-                    r = await fw.client.get(f"{router.replicas[i]}/v1/models", timeout=health_timeout)
+                    r = await fw.client.get(f"{router.replicas[i]}/v1/models", timeout=fw.health_timeout)
                     return Response(r.content, r.status_code, media_type="application/json")
                 except httpx.HTTPError:
                     fw.down(i)
@@ -340,11 +312,7 @@ def build_router_app(router: Router, *, connect_timeout: float = CONNECT_TIMEOUT
     return app
 
 
-# ---------------------------------------------------------------------------
-# Commands: `minfer router` and `minfer serve --replicas N`
-# ---------------------------------------------------------------------------
-
-
+# --- Commands: `minfer router` and `minfer serve --replicas N` ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Route OpenAI API requests over engine replicas (minfer serve processes)."
     p.add_argument("--replica", action="append", required=True, type=replica_url,
@@ -415,18 +383,10 @@ def run_router(replicas, policy, args, tokenizer=None) -> None:
 
 
 def main(args) -> int:
-    if args.policy not in POLICIES:
-        raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
+    check_policy(args.policy)
     check_host(args.host)
     run_router(args.replica, args.policy, args, load_tokenizer(args.model))
     return 0
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
@@ -485,12 +445,10 @@ class Supervisor:
     def __init__(self, argv: list[str], n: int, max_backoff: float = 30.0):
         import threading
         self.argv, self.max_backoff = argv, max_backoff
-        self.children = [start_minfer(argv) for _ in range(n)]
+        self.children = [self._start() for _ in range(n)]
         self.started = [time.monotonic()] * n
         self.backoff = [1.0] * n
         self.stopping = threading.Event()
-        for url, proc in self.children:
-            print(f"minfer serve: replica {url} (pid {proc.pid})", file=sys.stderr, flush=True)
         self.thread = threading.Thread(target=self._watch, name="minfer-supervisor", daemon=True)
 
     def _watch(self) -> None:
@@ -505,9 +463,12 @@ class Supervisor:
                 if self.stopping.wait(self.backoff[i]):
                     return
                 self.backoff[i] = min(2 * self.backoff[i], self.max_backoff)
-                port = int(url.rsplit(":", 1)[1])
-                self.children[i], self.started[i] = start_minfer(self.argv, port=port), time.monotonic()
-                print(f"minfer serve: replica {url} (pid {self.children[i][1].pid})", file=sys.stderr, flush=True)
+                self.children[i], self.started[i] = self._start(int(url.rsplit(":", 1)[1])), time.monotonic()
+
+    def _start(self, port: int | None = None) -> tuple[str, subprocess.Popen]:
+        url, proc = start_minfer(self.argv, port=port)
+        print(f"minfer serve: replica {url} (pid {proc.pid})", file=sys.stderr, flush=True)
+        return url, proc
 
     def stop(self) -> None:
         self.stopping.set()                      # the children first: those the thread started die with it
@@ -518,8 +479,7 @@ class Supervisor:
 
 def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
-    if args.policy not in POLICIES:
-        raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
+    check_policy(args.policy)
     from minfer.serving.http_common import engine_flags, served_name
     child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
              "--served-model-name", served_name(args), *engine_flags(args),

@@ -4,21 +4,12 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32, "stream": true}'
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(``"stream": true`` gives server-sent events ending in ``data: [DONE]``),
-``GET /health``, ``GET /metrics`` (Prometheus text).
-
-How a request travels: the handler parses the body (``openai_api``), tokenizes
-the prompt (after the chat template), and submits it to the ``AsyncEngine``,
-whose thread steps the engine for everyone; the handler then awaits its own
-queue of deltas. If the client goes away, the request is aborted and its KV
-blocks go back to the pool. When ``--max-waiting`` requests are already queued,
-a new one gets 503 with ``Retry-After`` instead of a growing queue. Ctrl-C
-stops accepting connections, lets running streams finish for
-``--drain-seconds``, then aborts the rest. vLLM: ``vllm/entrypoints/openai/api_server.py``.
-
-``--replicas N`` starts N such servers as child processes and the router
-(``minfer.serving.router``) in front of them on ``--port``.
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true``:
+server-sent events), ``GET /health``, ``GET /metrics``. A handler tokenizes the prompt and submits it
+to the ``AsyncEngine``, whose thread steps the engine for everyone, then awaits its own queue of
+deltas; a client gone aborts its request. ``--replicas N``: N servers behind the router
+(``minfer.serving.router``). Backpressure, drain, limits: docs/serving.md.
+vLLM: ``vllm/entrypoints/openai/api_server.py``.
 """
 from __future__ import annotations
 
@@ -33,32 +24,11 @@ from contextlib import asynccontextmanager
 from fastapi import Request
 
 from minfer.cli_args import add_model_args
-from minfer.serving.http_common import (  # noqa: F401  (re-exported: the server's own names)
-    MAX_BODY_BYTES,
-    add_engine_args,
-    add_server_args,
-    check_host,
-    decode_json,
-    engine_args,
-    engine_flags,
-    install_error_handlers,
-    read_body,
-    run_server,
-    served_name,
-)
-from minfer.serving.openai_api import (
-    APIError,
-    ChatCompletionRequest,
-    ChoiceShape,
-    CompletionRequest,
-    choice_shape,
-    chunk,
-    new_id,
-    parse_body,
-    response,
-    sampling_params,
-    usage,
-)
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_server_args, check_host,
+                                        decode_json, engine_args, new_app, read_body, run_server, served_name)
+from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
+                                       choice_shape, chunk, new_id, parse_body, prompt_ids, response,
+                                       sampling_params, usage)
 
 MAX_REPLICAS = 64                        # engine processes one `serve --replicas N` may start
 
@@ -67,25 +37,15 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-# ---------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------
-
-
 def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app over an ``AsyncEngine`` (started and stopped with the app)."""
-    from fastapi import FastAPI
-    from fastapi.responses import Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     @asynccontextmanager
     async def lifespan(app):
         aengine.start()
         yield
         aengine.stop()
 
-    app = FastAPI(title="minfer", lifespan=lifespan)
-    install_error_handlers(app)
+    app = new_app("minfer", lifespan, aengine.registry)
     created = int(time.time())
     handlers = Handlers(aengine, model_name, max_body_bytes)
 
@@ -94,10 +54,6 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
         if not aengine.is_alive():
             raise APIError(503, "the engine thread is not running", code="engine_dead")
         return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(aengine.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -128,34 +84,24 @@ class Handlers:
         self.tok = aengine.tokenizer
         self.max_chars = aengine.max_model_len * longest_token_chars(self.tok)
 
-    def check_chars(self, n: int, field: str) -> None:
-        if n > self.max_chars:
-            raise APIError(400, f"{field}: {n} characters cannot fit the model's context of "
-                                f"{self.aengine.max_model_len} tokens (at most {self.max_chars} characters)",
-                           param=field, code="context_length_exceeded")
-
     async def completions(self, request: Request):
-        req = parse_body(CompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
-        if isinstance(req.prompt, str):
-            self.check_chars(len(req.prompt), "prompt")
-            ids = await asyncio.to_thread(self.tok.encode, req.prompt)
-        else:
-            ids = list(req.prompt)
-        return await self.serve(request, req, ids, chat=False)
+        return await self.serve(request, CompletionRequest)
 
     async def chat_completions(self, request: Request):
-        req = parse_body(ChatCompletionRequest, decode_json(await read_body(request, self.max_body_bytes)))
-        msgs = [m.as_dict() for m in req.messages]
-        self.check_chars(sum(len(m["content"]) for m in msgs), "messages")
-        try:                                       # user text never becomes a special token
-            ids = await asyncio.to_thread(self.tok.encode_chat, msgs, add_generation_prompt=True)
-        except ValueError as e:                    # the template may refuse a conversation
-            raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-        return await self.serve(request, req, ids, chat=True)
+        return await self.serve(request, ChatCompletionRequest)
 
-    async def serve(self, request, req, ids: list[int], *, chat: bool):
+    async def serve(self, request, model: type[CompletionRequest] | type[ChatCompletionRequest]):
         from fastapi.responses import JSONResponse, StreamingResponse
-        aengine, model_name = self.aengine, self.model_name
+        req = parse_body(model, decode_json(await read_body(request, self.max_body_bytes)))
+        chat, aengine, model_name = model is ChatCompletionRequest, self.aengine, self.model_name
+        field = "messages" if chat else "prompt"
+        chars = sum(len(m.text()) for m in req.messages) if chat else \
+            len(req.prompt) if isinstance(req.prompt, str) else 0    # token ids: checked in tokens, below
+        if chars > self.max_chars:
+            raise APIError(400, f"{field}: {chars} characters cannot fit the model's context of "
+                                f"{aengine.max_model_len} tokens (at most {self.max_chars} characters)",
+                           param=field, code="context_length_exceeded")
+        ids = await asyncio.to_thread(prompt_ids, req, self.tok)
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model: unknown model {req.model!r}; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -168,7 +114,7 @@ class Handlers:
         try:
             q = await aengine.submit(rid, ids, params)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+            raise APIError(400, str(e), param=field) from None
         if req.stream:
             so = req.stream_options
             include = bool(so and so.include_usage)
@@ -253,11 +199,7 @@ async def wait_disconnect(request) -> None:
         pass
 
 
-# ---------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------
-
-
+# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics."
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model (same as --model)")
@@ -294,9 +236,7 @@ def check_args(args) -> None:
 def check_pool(engine) -> None:
     """The KV pool must hold one request of the whole context (ValueError naming the flag)."""
     kv, cache = engine.runner.kv_manager, engine.runner.cache
-    pool, need = kv.pool, -(-int(engine.max_model_len) // kv.pool.block_size)
-    if hasattr(kv, "max_blocks"):                     # local/global KV groups (minfer/kv/coordinator.py)
-        need = kv.max_blocks(int(engine.max_model_len), 0)
+    pool, need = kv.pool, kv.max_blocks(int(engine.max_model_len), 0)
     if pool.num_blocks < need:
         minimum = need * -(-cache.nbytes() // cache.num_blocks)
         raise ValueError(f"--kv-cache-memory-bytes: the pool holds {pool.num_blocks} blocks of {pool.block_size} "
