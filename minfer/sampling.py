@@ -125,11 +125,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of logits (K, V), row i under params[i] -> token ids (K,) on logits' device.
 
-    The batch's sampler (vLLM's ``Sampler``, ``vllm/v1/sample/sampler.py``): one argmax for the greedy
-    rows, per-row temperature/top-k/top-p tensors and one race for the others, no host transfer. The
-    race's noise comes from each request's CPU generator, so a row samples as it would alone, on any
-    device (tested in tests/test_sampling.py; why: docs/architecture.md).
-    """
+    The batch's sampler (vLLM's ``vllm/v1/sample/sampler.py``): one argmax for the greedy rows, per-row
+    temperature/top-k/top-p tensors and one race for the others, no host transfer; the noise comes from
+    each request's CPU generator, so a row samples as it would alone, on any device (docs/architecture.md)."""
     K, V = logits.shape
     toks = logits.argmax(-1)                                          # (K,) the greedy answer of every row
     rand = [i for i, p in enumerate(params) if not p.greedy]

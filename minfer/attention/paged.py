@@ -180,15 +180,12 @@ class PagedAttention:
         out = None if self.groups[0].whole else torch.empty_like(q)
         for g in self.groups:
             G = g.num_seqs
+            qs = q[0] if g.whole else q[0][:, g.rows]                                # (nh, G * T, hd)
             if self._kernel_reads(g):                                                # the pool read in place
-                qd = (q[0] if g.whole else q[0][:, g.rows]).transpose(0, 1)          # (G, nh, hd)
-                o = self.kernel(qd, cache.k[layer], cache.v[layer], g.tables, g.lens, window=window)
-                o = o.transpose(0, 1)[:, :, None]                                    # (nh, G, 1, hd)
-            else:
-                if G == 1 and g.whole:                                               # one sequence: as it is
-                    qg = q                                                           # (1, nh, T, hd)
-                else:
-                    qg = (q[0] if g.whole else q[0][:, g.rows]).reshape(nh, G, -1, hd).transpose(0, 1)  # (G, nh, T, hd)
+                o = self.kernel(qs.transpose(0, 1), cache.k[layer], cache.v[layer], g.tables, g.lens,
+                                window=window).transpose(0, 1)[:, :, None]           # (nh, G, 1, hd)
+            else:                                                   # one whole sequence: q as it is
+                qg = q if G == 1 and g.whole else qs.reshape(nh, G, -1, hd).transpose(0, 1)   # (G, nh, T, hd)
                 if g.k_blocks is None:
                     keys, values = k[:, :, g.fresh], v[:, :, g.fresh]                # (1, nkv, T, hd)
                 else:

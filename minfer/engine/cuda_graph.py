@@ -57,14 +57,13 @@ class StaticSingleDecode:
     """The single-request loop's decode step on static buffers (gpt-fast's shape): ``step(tok, pos)`` ->
     logits (vocab,) through a ``StaticKVCache``. Build it BEFORE the prefill: the warm-up writes slot 0."""
 
-    def __init__(self, model, cache, attention="sdpa", use_cuda_graph: bool | None = None):
+    def __init__(self, model, cache, attention="sdpa"):
         self.model, self.cache, self.attention = model, cache, attention
         device = cache.k.device
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)        # (1, 1)
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)        # (1, 1)
-        self.use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.graph = None
-        if self.use_cuda_graph:
+        if device.type == "cuda":                                   # a CPU calls the same step instead
             self.graph, self.output = capture_graph(self._step)
 
     def _step(self) -> torch.Tensor:

@@ -89,12 +89,9 @@ class LLMEngine:
                    kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager,
                    logprobs_mode: str = "raw_logprobs") -> "LLMEngine":
         """An engine over a minfer ``Transformer`` (the arguments: ``LLM``'s, docs/architecture.md).
-
-        num_blocks: default enough for ``max_num_seqs`` requests of the full context, at most
-        ``kv_cache_memory`` bytes. wrap_runner: ``ModelRunner -> runner`` (tensor/pipeline parallelism
-        broadcasts each step, ``minfer.distributed.engine``). scheduler_cls, kv_manager_cls: another
-        scheduling policy or slot layout plugs in here (lessons 04 and 05 plug in the learner's).
-        """
+        num_blocks: default enough for ``max_num_seqs`` full contexts, at most ``kv_cache_memory`` bytes.
+        wrap_runner: ``ModelRunner -> runner`` (parallelism broadcasts steps: ``minfer.distributed.engine``).
+        scheduler_cls, kv_manager_cls: another policy or slot layout (as lessons 04 and 05 plug in)."""
         from minfer.kv.paged import PagedKVCache
         cfg = model.cfg
         sc = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
