@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from minfer.kernels.cpu_quant_linear import load_vnni_kernel
 
@@ -80,14 +79,7 @@ class FusedLayer:
         q, k, v = kernel.attn_in(x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin,
                                  *self.heads)                         # (B, nh, T, hd), (B, nkv, T, hd) x 2
         view = kv_cache.update(attn.kv_layer, k, v, positions)
-        B, nh, T, hd = q.shape          # one sequence decoding on the contiguous cache: every key is visible
-        if B == T == 1 and attn.window is None and type(kv_cache).__name__ == "ContiguousKVCache" and \
-                getattr(backend, "__name__", "") == "sdpa_attention":       # (names: kernels imports neither)
-            nkv = k.shape[1]             # as minfer.attention.sdpa: the query heads of a K/V head as its rows
-            out = F.scaled_dot_product_attention(q.reshape(1, nkv, nh // nkv, hd), view.keys, view.values)
-            out = out.reshape(1, nh, 1, hd)
-        else:
-            out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
+        out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
         x = kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3])
         return x, view
 
