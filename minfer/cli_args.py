@@ -64,6 +64,11 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """``seconds``, or 0 (none, or at once)."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """``"32,64,128"`` -> [32, 64, 128]; ValueError naming ``flag`` otherwise."""
     try:

@@ -43,9 +43,7 @@ class RequestStats:
     @property
     def tpot(self) -> float | None:
         """(E2E - TTFT) / (n - 1); None for n <= 1 or an unfinished request."""
-        if self.finish_time is None:
-            return None
-        return tpot_from_timestamps(self.arrival_time, self.token_times)
+        return None if self.finish_time is None else tpot_from_timestamps(self.arrival_time, self.token_times)
 
     @property
     def decode_tokens_per_s(self) -> float | None:

@@ -260,7 +260,11 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, off)
         self.mlp = MLP(cfg, fused)
 
+    fused = None  # a8 formats on the CPU: the same layer in two C++ calls (kernels/cpu_fused_layer.py)
+
     def forward(self, x, cos, sin, positions, kv_cache, view, backend):
+        if self.fused is not None and (out := self.fused(x, cos, sin, positions, kv_cache, view, backend)):
+            return out
         a, view = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv_cache, view, backend)
         if not self.sandwich:
             x = x + a

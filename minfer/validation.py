@@ -7,6 +7,7 @@ ValueError for a bad value, TypeError for a value of the wrong kind altogether (
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -15,7 +16,6 @@ from typing import Any
 MAX_LOGPROBS = 20                  # top logprobs per token at most (vLLM's max_logprobs, OpenAI's limit)
 SEED_MAX = 2**64 - 1               # torch.Generator.manual_seed takes any 64-bit value
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")          # LLM(kv_cache_dtype=...), as vLLM
-DEVICE_TYPES = ("cpu", "cuda")
 
 
 def is_int(x: Any) -> bool:
@@ -107,10 +107,8 @@ def check_context(num_prompt_tokens: int, max_context: int) -> None:
 
 def check_prompts(prompts: Any) -> None:
     """``LLM.generate``'s first argument: one prompt (str or token ids) or a list of prompts."""
-    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts:
-        check_prompt(prompts)
-        return
-    if all(isinstance(t, numbers.Number) for t in prompts):     # one prompt given as token ids
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, (list, tuple)) or not prompts \
+            or all(isinstance(t, numbers.Number) for t in prompts):     # one prompt (maybe as token ids)
         check_prompt(prompts)
         return
     if all(isinstance(p, (list, tuple)) for p in prompts) or all(isinstance(p, str) for p in prompts):
@@ -146,7 +144,7 @@ def check_device(device: Any) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in DEVICE_TYPES:
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
             and dev.index >= torch.cuda.device_count():
@@ -173,13 +171,10 @@ def available_memory(device: Any = "cpu") -> int | None:
     dev = torch.device(device)
     if dev.type == "cuda":
         return int(torch.cuda.mem_get_info(dev)[0])
-    try:                                            # Linux: what the kernel could hand out now
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:    # Linux: what the kernel could hand out
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:                                            # other POSIX systems: free pages only
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

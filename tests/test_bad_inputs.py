@@ -208,7 +208,7 @@ CASES = {
         ("KV blocks", "KV cache pool"), setup=lambda w, m: write_model(w / "model", ctx=2**32)),
     # 7. silent coercion
     "eval-stride-0": Case("7", lambda w, m: ["eval", "perplexity", "--model", "no/such", "--stride", "0"], 2,
-                          ("--stride must be an integer >= 1",)),
+                          ("argument --stride", "must be an integer >= 1")),
     "temperature-inf": Case("7", lambda w, m: ["generate", "hi", "--model", str(m), "--temperature", "inf"], 2,
                             ("--temperature must be a finite number",)),
     "config-eos-token-id-string": Case(
@@ -233,7 +233,7 @@ CASES = {
     "router-port-99999": Case("cli", lambda w, m: ["router", "--replica", "http://127.0.0.1:9", "--port", "99999"],
                               2, ("argument --port", "1..65535")),
     "serve-threads-negative": Case("cli", lambda w, m: ["serve", str(m), "--threads", "-1"], 2,
-                                   ("--threads must be >= 1",),
+                                   ("argument --threads: must be an integer >= 1",),
                                    patch={"minfer.serving.async_engine.build_engine": "FAIL"}),
     "serve-host-256": Case("cli", lambda w, m: ["serve", str(m), "--host", "256.1.1.1"], 2,
                            ("--host '256.1.1.1'", "cannot listen"),

@@ -106,6 +106,11 @@ def test_quantized_copies_are_methods_and_bad_names_are_refused(folder, capsys):
     rc, out = _bench(folder, "cached,cached:int8", capsys)
     assert rc == 0, out.err
     assert any(line.strip().startswith("cached:int8") for line in out.out.splitlines() if "|" in line)
+    rc, out = _bench(folder, "cached,cached:int8-a8,cached:int8-a8:plain", capsys)
+    assert rc == 0, out.err
+    rows = [line.split("|") for line in out.out.splitlines() if line.strip().startswith("cached:int8-a8") and "|" in line]
+    assert len(rows) == 2 and all(r[-2].strip().endswith("%") and r[-1].strip().isdigit() for r in rows)
+    assert "fused C++ layer: cached:int8-a8 / cached:int8-a8:plain decode tok/s" in out.out
     assert main(["bench", "decode", "--model", str(folder), "--methods", "cached:int9"]) == 2
     assert "unknown quantization 'int9'" in capsys.readouterr().err
     assert main(["bench", "decode", "--model", str(folder), "--methods", "cached", "--peers", "vllm"]) == 2
@@ -122,3 +127,15 @@ def test_llama_cpp_peer_runs_on_smollm2(smollm2_dir, capsys):
     assert rc == 0
     row = next(line for line in out.splitlines() if line.strip().startswith("llama.cpp |"))
     assert float(row.split("|")[1]) > 0 and "Q4_1.gguf, 1 threads" in out
+
+
+def test_teacher_forced_logits_follow_the_model_own_greedy_path():
+    """Fed its own greedy tokens, a model's argmax at every step is the token it chose."""
+    from minfer.bench.decode import teacher_forced_logits
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+    model = tiny_model(tiny_config())
+    prompt = [3, 14, 15, 92, 6]
+    tokens = list(generate_tokens(model, prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)))
+    logits, _ = teacher_forced_logits(model, prompt, tokens)
+    assert logits.shape == (10, model.cfg.vocab_size) and logits.argmax(-1).tolist() == tokens

@@ -207,3 +207,17 @@ def test_preemption_with_kv_groups(num_blocks):
         assert r.output_token_ids == naive_generate(model.state_dict(), cfg, p, params)
     pool = llm.engine.runner.kv_manager.pool
     assert pool.num_free_blocks == pool.num_blocks
+
+
+@settings(max_examples=25, deadline=None)
+@given(window=st.integers(1, 8), n=st.integers(1, 80))
+def test_bench_hybrid_pool_fits_any_context(window, n):
+    """``bench hybrid``'s bookkeeping engine admits every context, and the hybrid groups hold no
+    more than one group of every layer does."""
+    import dataclasses
+
+    from minfer.bench.hybrid import engine_bytes_per_token
+    cfg = tiny_gemma_config(sliding_window=window)
+    full = dataclasses.replace(cfg, layer_types=None, sliding_window=None)
+    hybrid, plain = engine_bytes_per_token(cfg, n), engine_bytes_per_token(full, n)
+    assert 0 < hybrid["B_per_token"] <= plain["B_per_token"]

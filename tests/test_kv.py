@@ -123,3 +123,34 @@ def test_cache_overflow_is_a_clear_error():
     cfg = tiny_config()
     with pytest.raises(ValueError, match="positions must lie"):
         ContiguousKVCache(cfg, 1, 4).update(0, torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), torch.arange(5)[None])
+
+
+@settings(max_examples=10, deadline=None)
+@given(cfg=tiny_configs(window=False, sharing=False), prompt_len=st.integers(1, 6), seed=st.integers(0, 50))
+def test_contiguous_decode_skips_the_mask_and_equals_the_masked_path(cfg, prompt_len, seed):
+    """A single sequence decoding one token attends unmasked (a backend's ``unmasked``, as
+    ``sdpa_attention`` offers); the tokens equal those of the mask built every layer, and the oracle's."""
+    from minfer.attention import BACKENDS, sdpa_attention
+    from minfer.attention.sdpa import sdpa
+    model, calls = tiny_model(cfg, seed), []
+
+    def masked(*args, **kw):
+        calls.append("masked")
+        return sdpa_attention(*args, **kw)
+
+    def unmasked(q, k, v):
+        calls.append("unmasked")
+        return sdpa(q, k, v)
+
+    prompt = [(seed + i) % cfg.vocab_size for i in range(prompt_len)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(BACKENDS, "counted", masked)
+        for offer in (True, False):
+            mp.setattr(masked, "unmasked", unmasked, raising=False) if offer else mp.delattr(masked, "unmasked")
+            runs.append(list(generate_tokens(model, prompt, params, kv_cache="contiguous", attention="counted")))
+    assert runs[0] == runs[1] == naive_generate(model.state_dict(), cfg, prompt, params)
+    L = cfg.num_hidden_layers        # the prefill (unmasked too when it is one token), 4 decode steps; then masked
+    prefill = "unmasked" if prompt_len == 1 else "masked"
+    assert calls == [prefill] * L + ["unmasked"] * 4 * L + ["masked"] * 5 * L

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
 from minfer.bench.machine import machine_line
+from minfer.bench.report import TABLES
 from minfer.bench.timing import add_run_args, interleaved, log, positive_ints, table, write_json
 from minfer.cli_args import set_threads
 
@@ -138,14 +139,9 @@ def main(args) -> int:
                          **({"cpu_x_paged": ms["paged"] / ms["cpu"]} if "cpu" in ms else {})})
     if "triton_ms" not in rows[0]:
         log("triton: not timed (needs a CUDA device and `pip install -e \".[triton]\"`)")
-    print(table(rows, [
-        ("batch", "batch", "{}"), ("context", "context", "{}"), ("kv_mb", "K/V MB read", "{:.0f}"),
-        ("repeat_ms", "repeat ms", "{:.2f}"), ("gqa_ms", "enable_gqa ms", "{:.2f}"),
-        ("folded_ms", "folded ms", "{:.2f}"), ("x_repeat", "repeat: x gqa speed", "{:.2f}"),
-        ("x_folded", "folded: x gqa speed", "{:.2f}"),
-        ("paged_ms", "paged (gather + folded) ms", "{:.2f}"), ("cpu_ms", "C++ kernel ms", "{:.2f}"),
-        ("cpu_x_paged", "C++ kernel: x paged speed", "{:.2f}"), ("triton_ms", "triton paged ms", "{:.2f}"),
-        ("x_triton", "triton: x gqa speed", "{:.2f}")]))
+    print(table(rows, TABLES["attention"][0][2] + [("x_repeat", "repeat: x gqa speed", "{:.2f}"),
+                                                  ("x_folded", "folded: x gqa speed", "{:.2f}"),
+                                                  ("x_triton", "triton: x gqa speed", "{:.2f}")]))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
     if args.json:

@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
                         "generate with its static cache and the decode step torch.compile'd, compile "
                         "time reported separately). cached:FMT / llm:FMT run a copy quantized to FMT, "
-                        "e.g. cached:int8-a8,cached:q4_0-a8")
+                        "e.g. cached:int8-a8,cached:q4_0-a8; cached:FMT:plain keeps an -a8 format's decoder "
+                        "layers on their plain torch path instead of the fused C++ layer")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
                    "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
@@ -133,6 +134,33 @@ def _time_naive(model, prompt_ids, n):
 
 
 @torch.no_grad()
+def teacher_forced_logits(model, prompt_ids: list[int], tokens: list[int], kind: str = "contiguous"):
+    """Feed prompt + ``tokens`` one decode step at a time -> (logits that predict each of ``tokens``
+    (n, vocab), the cache's bytes): a model's choices along another run's path."""
+    from minfer.kv import make_cache
+    device, dtype = model.inv_freq.device, model.model.embed_tokens.weight.dtype
+    seq = torch.tensor([prompt_ids + tokens[:-1]], device=device)
+    pos = torch.arange(seq.shape[1], device=device)[None]
+    P = len(prompt_ids)
+    cache = make_cache(kind, model.cfg, 1, seq.shape[1], dtype=dtype, device=device)
+    out = [model(seq[:, :P], pos[:, :P], kv_cache=cache, last_only=True)[0, -1]]
+    for t in range(P, seq.shape[1]):
+        out.append(model(seq[:, t:t + 1], pos[:, t:t + 1], kv_cache=cache)[0, -1])
+    return torch.stack(out), cache.nbytes()
+
+
+def _agreement(engines: dict, outputs: dict, rows: list[dict], prompt_ids: list[int]) -> None:
+    """Each quantized method against cached's greedy tokens, teacher-forced: how often its argmax picks
+    cached's next token (one divergence cannot end the count, as it ends the free-running prefix)."""
+    for row in rows:
+        e = engines.get(row["method"])
+        if ":" in row["method"] and "cached" in outputs:
+            model = e.model if row["method"].startswith("llm") else e
+            logits, _ = teacher_forced_logits(model, prompt_ids, outputs["cached"])
+            want = torch.tensor(outputs["cached"], device=logits.device)
+            row["teacher_forced_top1"] = (logits.argmax(-1) == want).float().mean().item()
+
+
 def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
     """Quantized KV cache vs the fp32 cache over `n` greedy tokens.
 
@@ -141,26 +169,13 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
     quantized cache and count the positions where its tokens equal the fp32 run's.
     """
     from minfer.generate import generate_tokens
-    from minfer.kv import make_cache
     from minfer.sampling import SamplingParams
-    device, dtype = model.inv_freq.device, model.model.embed_tokens.weight.dtype
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     ref_tokens = list(generate_tokens(model, prompt_ids, params, kv_cache="contiguous"))
-    seq = torch.tensor([prompt_ids + ref_tokens[:-1]], device=device)
-    pos = torch.arange(seq.shape[1], device=device)[None]
-    P = len(prompt_ids)
-
-    def stepwise_logits(kind):
-        cache = make_cache(kind, model.cfg, 1, seq.shape[1], dtype=dtype, device=device)
-        out = [model(seq[:, :P], pos[:, :P], kv_cache=cache, last_only=True)[0, -1]]
-        for t in range(P, seq.shape[1]):
-            out.append(model(seq[:, t:t + 1], pos[:, t:t + 1], kv_cache=cache)[0, -1])
-        return torch.stack(out), cache.nbytes()
-
-    ref_logits, ref_bytes = stepwise_logits("contiguous")
+    ref_logits, ref_bytes = teacher_forced_logits(model, prompt_ids, ref_tokens, "contiguous")
     rows = []
     for fmt in fmts:
-        logits, nbytes = stepwise_logits(fmt)
+        logits, nbytes = teacher_forced_logits(model, prompt_ids, ref_tokens, fmt)
         free = list(generate_tokens(model, prompt_ids, params, kv_cache=fmt))
         same = sum(a == b for a, b in zip(free, ref_tokens))
         first_diff = next((i for i, (a, b) in enumerate(zip(free, ref_tokens)) if a != b), None)
@@ -203,7 +218,7 @@ def _methods(args) -> list[str]:
     from minfer.quant.apply import parse_spec
     for m in methods:
         if ":" in m:
-            parse_spec(m.partition(":")[2])               # a bad format name: ValueError naming the choices
+            parse_spec(m.partition(":")[2].removesuffix(":plain"))   # a bad name: ValueError naming the choices
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := [p for p in peers if p != "llama.cpp"]:
         raise ValueError(f"unknown peer(s) {unknown} for --peers; choose llama.cpp")
@@ -263,11 +278,15 @@ def _quantized_copy(args, llm, method: str):
     from minfer.llm import LLM
     from minfer.model import build_model
     from minfer.quant.apply import quantize_model
-    fmt = method.partition(":")[2]
+    from minfer.kernels.cpu_fused_layer import prepare_fused_layers
+    fmt = method.partition(":")[2].removesuffix(":plain")
     if method.startswith("llm"):
-        return LLM(args.model, device=args.device, dtype=args.dtype, quantization=fmt, enforce_eager=True)
-    model = build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype)
-    return quantize_model(model, fmt)
+        e = LLM(args.model, device=args.device, dtype=args.dtype, quantization=fmt, enforce_eager=True)
+    else:
+        e = quantize_model(build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype), fmt)
+    if method.endswith(":plain"):
+        prepare_fused_layers(e.model if method.startswith("llm") else e, enabled=False)
+    return e
 
 
 def _llama_peer(args, prompt_ids, n, cannot_run: dict, methods: list[str]):
@@ -313,6 +332,8 @@ def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float)
             row["bandwidth_fraction"] = mbu(w + kv_mean, r["decode_tps"], bw)
         if name != "cached" and "cached" in outputs:
             row["same_tokens_as_cached"] = outputs[name] == outputs["cached"]
+            row["free_running_prefix"] = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["cached"]))
+                                               if a != b), len(outputs["cached"]))
         rows.append(row)
     return rows
 
@@ -350,6 +371,10 @@ def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict
             print(f"{name} / llm (eager) decode tok/s = {medians[name]['decode_tps'] / medians['llm']['decode_tps']:.3f}; "
                   f"start-up: compile {e.compile_seconds:.1f} s, graph capture {e.capture_seconds:.1f} s "
                   f"(not in the table)")
+    for plain in [m for m in medians if m.endswith(":plain") and m.removesuffix(":plain") in medians]:
+        ratios = [a / b for a, b in zip(per_round[plain.removesuffix(":plain")], per_round[plain])]
+        print(f"fused C++ layer: {plain.removesuffix(':plain')} / {plain} decode tok/s = "
+              f"{statistics.median(ratios):.3f} (median of rounds: {' '.join(f'{r:.3f}' for r in ratios)})")
     if "cached" in medians and "static" in medians:
         print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = "
               f"{medians['static']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
@@ -405,13 +430,16 @@ def main(args) -> int:
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
     rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, model)}, kv_mean, bw)
+    _agreement(engines, outputs, rows, prompt_ids)
     ratio = (medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
              if "cached" in medians and "transformers" in medians else None)
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
                        ("bandwidth_gbs", "GB/s", "{:.2f}"),
-                       ("bandwidth_fraction", "MBU", "{:.0%}")]))
+                       ("bandwidth_fraction", "MBU", "{:.0%}"),
+                       ("teacher_forced_top1", "top-1 = cached (forced)", "{:.1%}"),
+                       ("free_running_prefix", "same prefix (free)", "{}")]))
     mi = machine_info(llm.device)
     print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
           f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
@@ -425,6 +453,10 @@ def main(args) -> int:
     if "llama.cpp" in engines:
         print(f"llama.cpp: llama-cpp-python on {engines['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
     _print_ratios(medians, per_round, engines, rows)
+    if any("teacher_forced_top1" in r for r in rows):
+        print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
+              f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
+              f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
     kv_rows = _kv_quality(model, prompt_ids, n, log) if args.kv_quality else None
     if args.json:
         write_json(args.json, {"kv_quantization": kv_rows,

@@ -64,7 +64,7 @@ def engine_bytes_per_token(cfg, n: int, block_size: int = 16, budget: int = 512,
     from minfer.kv.paged import PagedKVCache
     from minfer.sampling import SamplingParams
     per_block = PagedKVCache.bytes_per_block(cfg, block_size, dtype)
-    runner = _BookkeepingRunner(cfg, -(-n // block_size) * cfg.num_hidden_layers + 1, block_size, budget)
+    runner = _BookkeepingRunner(cfg, -(-(n + 2) // block_size) * cfg.num_hidden_layers + 1, block_size, budget)
     engine = LLMEngine(runner, SchedulerConfig(max_num_batched_tokens=budget), max_model_len=n + 2)
     engine.add_request([i % cfg.vocab_size for i in range(n)], SamplingParams(max_tokens=2, ignore_eos=True))
     held = 0

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 from minfer.bench.timing import log, names, table, write_json
+from minfer.cli_args import positive_int
 
 PARTS = ("tp", "pp", "disagg")
 
@@ -21,8 +22,8 @@ LLAMA_70B = {"hidden": 8192, "layers": 80, "heads": 64, "kv_heads": 8, "head_dim
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
-    p.add_argument("--tokens", type=int, default=16, help="decode tokens per TP timing round (default 16)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
+    p.add_argument("--tokens", type=positive_int, default=16, help="decode tokens per TP round (default 16)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; medians (default 3)")
     p.add_argument("--quick", action="store_true", help="small models (the lesson and the tests use this)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -144,8 +145,6 @@ def report(results: dict) -> str:
 
 def main(args) -> int:
     parts = names(args.parts, "--parts", PARTS)
-    if args.tokens < 1 or args.rounds < 1:
-        raise ValueError("--tokens and --rounds must be >= 1")
     results = run(parts, args.tokens, args.rounds, args.quick, log=log)
     print(report(results))
     if args.json:

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, int_in, positive_int
+from minfer.eval.perplexity import DEFAULT_CHARS, DEFAULT_CONTEXT, DEFAULT_STRIDE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,24 +22,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
     q.add_argument("--path", default="auto", choices=["auto", "reference", "fast"],
                    help="quantized matmul: fused kernel where torch has one (auto), or dequantize + matmul")
-    q.add_argument("--chars", type=int, default=None, help="characters of the text (default 16000)")
-    q.add_argument("--context", type=int, default=None, help="window length in tokens (default 512)")
-    q.add_argument("--stride", type=int, default=None, help="tokens between window starts (default 256)")
+    q.add_argument("--chars", type=positive_int, default=DEFAULT_CHARS,
+                   help=f"characters of the text (default {DEFAULT_CHARS})")
+    q.add_argument("--context", type=int_in(2), default=DEFAULT_CONTEXT,
+                   help=f"window length in tokens (default {DEFAULT_CONTEXT})")
+    q.add_argument("--stride", type=positive_int, default=DEFAULT_STRIDE,
+                   help=f"tokens between window starts (default {DEFAULT_STRIDE})")
     q.add_argument("--json", nargs="?", const="bench_results/perplexity.json", default=None,
                    help="also write the result as JSON")
 
 
 def main(args) -> int:
-    from minfer.eval.perplexity import (DEFAULT_CHARS, DEFAULT_CONTEXT, DEFAULT_STRIDE, perplexity,
-                                        reference_text, text_fingerprint)
+    from minfer.eval.perplexity import perplexity, reference_text, text_fingerprint
     from minfer.llm import LLM
     from minfer.quant.apply import describe
-    from minfer.validation import check_int
 
-    # checked before the model loads: 0 is an error, not "the default"
-    chars = DEFAULT_CHARS if args.chars is None else check_int(args.chars, "--chars", lo=1)
-    context = DEFAULT_CONTEXT if args.context is None else check_int(args.context, "--context", lo=2)
-    stride = DEFAULT_STRIDE if args.stride is None else check_int(args.stride, "--stride", lo=1)
+    chars, context, stride = args.chars, args.context, args.stride        # checked before the model loads
     if stride >= context:
         raise ValueError(f"--stride ({stride}) must be smaller than --context ({context})")
     if args.json and (Path(args.json).is_dir() or str(args.json).endswith(os.sep)):

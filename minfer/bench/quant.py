@@ -13,7 +13,7 @@ import torch
 from minfer.bench.machine import measure_bandwidth
 from minfer.bench.report import TABLES
 from minfer.bench.timing import add_run_args, interleaved, log, names, table, timed_generate, write_json
-from minfer.cli_args import set_threads
+from minfer.cli_args import int_in, set_threads
 
 PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
           "Write a long essay about it, starting with the abacus.")
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated: fp32, bf16 and any quantization name (default {DEFAULT_FORMATS})")
     p.add_argument("--lm-head", default="int8",
                    help="LM head of the quantized formats: int8 (default) | same | none")
-    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per timed run (default 256)")
+    p.add_argument("--max-tokens", type=int_in(2), default=256, help="new tokens per timed run (default 256)")
     p.add_argument("--skip-ppl", action="store_true", help="do not measure perplexity")
     p.add_argument("--ppl-chars", type=int, default=None, help="characters of the perplexity text")
     add_run_args(p, "quant", repeats=3)
@@ -103,8 +103,6 @@ def main(args) -> int:
     formats = names(args.formats, "--formats")
     if not formats:
         raise ValueError("--formats is empty")
-    if args.max_tokens < 2:
-        raise ValueError("--max-tokens must be >= 2 to measure decode speed")
     set_threads(args.threads)
     lm_head = None if args.lm_head == "none" else args.lm_head
     loaded = {name: _load(name, args.model, lm_head) for name in formats}

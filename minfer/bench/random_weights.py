@@ -11,7 +11,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 from minfer.config import ModelConfig
 
 SHAPES: dict[str, dict] = {

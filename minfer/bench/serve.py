@@ -16,7 +16,7 @@ import torch
 
 from minfer.bench.report import TABLES
 from minfer.bench.timing import interleaved, log, names, table, write_json
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, positive_int
 from minfer.engine import LLMEngine, run_trace
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: static, dynamic, continuous (default static,continuous)")
     p.add_argument("--rate", type=float, default=0.2, help="arrival rate, requests/s; inf = all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--num-requests", type=positive_int, default=32)
     p.add_argument("--prompt-len", type=_range, default=(16, 512), help="LO:HI prompt tokens (default 16:512)")
     p.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI output tokens (default 16:256)")
     p.add_argument("--dataset", choices=["text", "random"], default="text",
@@ -195,8 +195,6 @@ def _check(args) -> tuple[list[str], list[str], list[float], dict]:
     policies = names(args.policy, "--policy", POLICIES)
     baselines = names(args.baselines, "--baselines", BASELINES)
     names(args.routing or "", "--routing", ROUTER_POLICIES)
-    if args.num_requests < 1:
-        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
     if args.url is not None:                     # before any model is loaded: is a server there?

@@ -12,7 +12,7 @@ import torch
 from minfer.bench.report import TABLES
 from minfer.bench.timing import (add_run_args, interleaved, log, names, positive_ints, table, timed_generate,
                                  write_json)
-from minfer.cli_args import add_model_args, set_threads
+from minfer.cli_args import add_model_args, int_in, set_threads
 
 CODE = '''def summarize_orders(orders, tax_rate=0.08):
     """Return the subtotal, tax and total of a list of orders."""
@@ -55,7 +55,7 @@ DEFAULT_METHODS = "plain,prompt_lookup,prompt_lookup:adaptive=0,draft:layers-8,g
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=160, help="new tokens at most per request (default 160)")
+    p.add_argument("--max-tokens", type=int_in(2), default=160, help="new tokens at most (default 160)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="methods separated by ';' or by ',' before a method name; 'plain' is always added "
@@ -133,8 +133,6 @@ def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurr
 def check_args(args) -> tuple[list[str], list[str], list[int]]:
     """The flags -> (tasks, methods, concurrency levels), or ValueError naming the flag."""
     tasks = names(args.tasks, "--tasks", TASKS)
-    if args.max_tokens < 2:
-        raise ValueError("--max-tokens must be >= 2")
     set_threads(args.threads)
     concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
     return tasks, split_methods(args.methods), concurrency

@@ -1,4 +1,4 @@
-"""Interleaved timing: run every method once per round, report medians and ratios."""
+"""What the benchmarks share: interleaved timing (medians), their flags, the JSON envelope, the table."""
 from __future__ import annotations
 
 import statistics
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def interleaved(methods: dict[str, Callable[[], dict]], repeats: int, warmup: int = 1,
+def interleaved(methods: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
                 log: Callable[[str], None] = print) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 

@@ -84,11 +84,6 @@ def _metadata(reader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
-def _f32(x: float) -> float:
-    """GGUF stores float32: print 1e-05, not 9.999999747378752e-06."""
-    return float(str(np.float32(x)))
-
-
 def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                           source: str) -> ModelConfig:
     """The ``{arch}.*`` keys -> ModelConfig (names as in HF ``LlamaConfig``)."""
@@ -109,7 +104,7 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         value, kind = get(key, default), "a finite number" if real else "an integer"
         if not (is_real(value) if real else value is None or is_int(value)):
             raise ValueError(f"{source}: metadata {arch}.{key} must be {kind}, got {value!r:.80}")
-        return _f32(value) if real else value
+        return float(str(np.float32(value))) if real else value     # float32 read as 1e-05, not 9.99...e-06
 
     rope_scaling = None
     scaling_type = get("rope.scaling.type", "none")

@@ -137,9 +137,8 @@ def main(args) -> int:
         k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
     curve = train(student, train_cache, heldout, steps=args.steps, minutes=args.minutes, batch=args.batch,
                   lr=args.lr, temperature=args.temperature, alpha=args.alpha, eval_every=args.eval_every,
-                  seed=args.seed, log=log,
+                  seed=args.seed, log=log,                 # saved after each evaluation, the last one too
                   on_eval=lambda m, c: save_student(m, args.out, args.model, c, meta))
-    save_student(student, args.out, args.model, curve, meta)
     log(f"saved {args.out}: held-out agreement {curve[-1].get('heldout_agreement'):.3f}, "
         f"KL {curve[-1].get('heldout_kl'):.3f}")
     return 0

@@ -34,8 +34,7 @@ def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, ge
     if positions is not None and positions < len(flat):
         flat = flat[torch.randperm(len(flat), generator=generator)[:positions]]
     b_i, t_i = flat // n_t, flat % n_t
-    hid = batch.hidden[b_i, t_i]                                      # (N, h)
-    logits = model.compute_logits(heads(hid))                         # (N, K, V)
+    logits = model.compute_logits(heads(batch.hidden[b_i, t_i]))     # hidden (N, h) -> (N, K, V)
     losses, accs = [], []
     for j in range(K):
         idx, logp = batch.topk_idx[b_i, t_i + 1 + j], batch.topk_logp[b_i, t_i + 1 + j]   # (N, k)

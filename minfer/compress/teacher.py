@@ -115,8 +115,7 @@ class TeacherCache:
             raise FileNotFoundError(f"{self.folder}: the teacher cache has no shard yet")
         names = FIELDS + tuple(n for n in OPTIONAL_FIELDS if all((s / f"{n}.npy").is_file() for s in shards))
         self.arrays = {name: [np.load(s / f"{name}.npy", mmap_mode="r") for s in shards] for name in names}
-        sizes = [a.shape[0] for a in self.arrays["tokens"]]
-        self.offsets = np.cumsum([0] + sizes)
+        self.offsets = np.cumsum([0] + [a.shape[0] for a in self.arrays["tokens"]])   # each shard's first row
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -57,8 +57,7 @@ def compare_tp(cfg: ModelConfig, rank: int, world: int, seed: int = 0, prompt_le
     loop with the contiguous cache, and the engine (paged cache; both ranks schedule alike)."""
     full = random_model(cfg, seed)
     shard = build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
     pos = torch.arange(prompt_len)[None].expand(2, -1)
     with torch.no_grad():
         want, got = full(ids, pos), shard(ids, pos)

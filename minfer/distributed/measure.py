@@ -23,8 +23,7 @@ SMOLLM2_LIKE = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num
 def _decode_time(model, prompt, n_tokens) -> dict:
     """Prefill seconds, seconds per decoded token, and (from the first token on) what the
     decode steps sent: calls and bytes per token, seconds inside collectives per token."""
-    times = []
-    t0 = time.perf_counter()
+    times, t0 = [], time.perf_counter()
     for _ in generate_tokens(model, prompt, SamplingParams(temperature=0.0, max_tokens=n_tokens + 1,
                                                            ignore_eos=True)):
         times.append(time.perf_counter())

@@ -26,6 +26,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -55,7 +56,9 @@ def _cpu_key(source: Path = _SOURCE) -> str:
                 break
     except OSError:
         pass
-    text = f"{platform.machine()} {flags} {torch.__version__} {_FLAGS} {source.read_bytes()!r}"
+    code = source.read_bytes()                       # and the local files it #includes
+    code += b"".join((source.parent / n.decode()).read_bytes() for n in re.findall(rb'#include "(.+)"', code))
+    text = f"{platform.machine()} {flags} {torch.__version__} {_FLAGS} {code!r}"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -168,8 +168,10 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor u, torch::Tensor ab, int6
     return y;
 }
 
+#ifndef MINFER_NO_MODULE  // cpu_fused_layer.cpp includes this file and defines its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the kernels below run only then)");
     m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 blocks of 32, their scales and scaled sums");
     m.def("linear_a8", &linear_a8, "int8-activation linear on packed 4- or 8-bit weights");
 }
+#endif

@@ -26,15 +26,20 @@ _state: dict = {}
 
 def why_unavailable() -> Optional[str]:
     """None when the kernel runs on this CPU; otherwise the reason (building it on first call)."""
-    if "why" not in _state:
+    return load_vnni_kernel(_state, _SOURCE, "CPU int8-activation linear kernel")
+
+
+def load_vnni_kernel(state: dict, source: Path, what: str) -> Optional[str]:
+    """Build ``source`` into ``state["module"]`` once; None when it runs on this CPU, else why not."""
+    if "why" not in state:
         from minfer.kernels.cpu_paged_decode import build_extension
         try:
-            _state["module"] = build_extension(_SOURCE, "CPU int8-activation linear kernel")
-            _state["why"] = None if _state["module"].has_vnni() else "this CPU lacks AVX-512 VNNI (vpdpbusd)"
+            state["module"] = build_extension(source, what)
+            state["why"] = None if state["module"].has_vnni() else "this CPU lacks AVX-512 VNNI (vpdpbusd)"
         except Exception as e:         # no compiler, no ninja, a failed build
             line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-            _state["why"] = f"the kernel could not be built ({type(e).__name__}: {line}; it needs g++ and ninja)"
-    return _state["why"]
+            state["why"] = f"the kernel could not be built ({type(e).__name__}: {line}; it needs g++ and ninja)"
+    return state["why"]
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class ContiguousKVCache(DenseKVCache):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._slots = torch.arange(max_len, device=device)
         self._step_positions = None               # the positions tensor of the forward in progress
+        self._all_visible = False                 # one query, at the last position: it sees every slot
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hd) at `positions` (B, T); return the valid prefix."""
@@ -50,6 +51,13 @@ class ContiguousKVCache(DenseKVCache):
         S = self._visible
         return KVView(self.k[layer, :, :, :S], self.v[layer, :, :, :S], self._key_pos)
 
+    def attend(self, layer, q, view, positions, backend, window=None):
+        """One sequence decoding one token sees every cached key: a backend that offers ``unmasked``
+        (``sdpa_attention``) then skips building the mask."""
+        if self._all_visible and window is None and hasattr(backend, "unmasked"):
+            return backend.unmasked(q, view.keys, view.values)
+        return super().attend(layer, q, view, positions, backend, window)
+
     def _begin_step(self, positions) -> None:
         """Check the positions and compute what every layer of this forward shares."""
         end = int(positions.max()) + 1
@@ -57,6 +65,7 @@ class ContiguousKVCache(DenseKVCache):
             raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {end - 1}")
         self._step_positions = positions
         self._same_positions = positions.shape[0] == 1 or bool((positions == positions[:1]).all())
+        self._all_visible = positions.shape == (1, 1)
         self.lengths = positions.max(dim=1).values + 1            # sequential writes: valid = [0, last]
         self._visible = int(self.lengths.max())
         slots = self._slots[:self._visible]

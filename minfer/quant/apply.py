@@ -141,7 +141,15 @@ def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[st
         model.lm_head = quantize_weight(weight, head_spec, **kw)
         formats["lm_head"] = head_spec.name
     model.quantization = formats
+    _prepare_fused(model, formats)
     return model
+
+
+def _prepare_fused(model: nn.Module, formats: dict) -> None:
+    """-a8 formats on the CPU: decoder layers in two C++ calls where they can (kernels/cpu_fused_layer.py)."""
+    if any(f.endswith("-a8") for f in formats.values()):
+        from minfer.kernels.cpu_fused_layer import prepare_fused_layers
+        prepare_fused_layers(model)
 
 
 def describe(model: nn.Module) -> str:
@@ -259,7 +267,9 @@ def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.
         if isinstance(mod, QuantizedLinear):
             mod.path = path_mode
     model.quantization = formats
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    _prepare_fused(model, formats)
+    return model
 
 
 def load_quantized_folder(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):

@@ -229,9 +229,7 @@ class QuantizedLinear(nn.Module):
         """Int8 activations: the VNNI kernel where it runs, else its plain reference (same numbers)."""
         why = "path='reference'" if self.path == "reference" else _a8_why(x.device)
         if why is None:
-            if "a8" not in self._fast:                  # the kernel's layout, made once
-                self._fast["a8"] = pack_a8(*self.int_form())
-            y = linear_a8(x.reshape(-1, self.in_features), self._fast["a8"])          # (M, N) float32
+            y = linear_a8(x.reshape(-1, self.in_features), self.packed_a8())           # (M, N) float32
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         elif self.path == "fast":
             raise RuntimeError(f"{type(self).__name__} ({self.format}-a8): no int8-activation kernel here: {why}")
@@ -241,6 +239,12 @@ class QuantizedLinear(nn.Module):
                 warnings.warn(f"minfer: int8-activation linears run on their plain torch path, more slowly: {why}")
             y = linear_a8_reference(x, self.dequantize().to(x.device)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def packed_a8(self):
+        """The weight in the int8-activation kernel's layout (a ``PackedWeight``), made once per ``.to()``."""
+        if "a8" not in self._fast:
+            self._fast["a8"] = pack_a8(*self.int_form())
+        return self._fast["a8"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act8:

@@ -19,9 +19,26 @@ from minfer.engine import LLMEngine, StepOutput
 
 log = logging.getLogger("minfer.serve")
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+METRICS = (    # attribute of EngineMetrics, type, name (after "minfer:"), help[, histogram buckets in s]
+    ("ttft", Histogram, "time_to_first_token_seconds", "TTFT: arrival -> first token",
+     (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)),
+    ("tpot", Histogram, "time_per_output_token_seconds", "TPOT: mean gap after the first token",
+     (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)),
+    ("e2e", Histogram, "e2e_request_latency_seconds", "arrival -> finish",
+     (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)),
+    ("running", Gauge, "num_requests_running", "requests holding KV blocks"),
+    ("waiting", Gauge, "num_requests_waiting", "requests queued for admission"),
+    ("kv_usage", Gauge, "kv_cache_usage_perc", "fraction of KV blocks in use (0..1)"),
+    ("kv_used", Gauge, "kv_cache_used_blocks", "KV blocks held by requests"),
+    ("kv_total", Gauge, "kv_cache_total_blocks", "KV blocks in the pool"),
+    ("prefix_queries", Counter, "prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
+    ("prefix_hits", Counter, "prefix_cache_hits", "prompt tokens found in the prefix cache"),
+    ("hit_rate", Gauge, "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries"),
+    ("preemptions", Counter, "num_preemptions", "requests preempted (KV recomputed later)"),
+    ("aborted", Counter, "request_aborted", "requests aborted before they finished (client gone)"),
+    ("prompt_tokens", Counter, "prompt_tokens", "prompt tokens of finished requests"),
+    ("generation_tokens", Counter, "generation_tokens", "generated tokens"),
+)
 
 
 @dataclass
@@ -44,29 +61,10 @@ class EngineMetrics:
     """The server's /metrics (vLLM: ``vllm/v1/metrics/loggers.py``, ``PrometheusStatLogger``)."""
 
     def __init__(self, r: CollectorRegistry):
-        self.ttft = Histogram("minfer:time_to_first_token_seconds", "TTFT: arrival -> first token",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("minfer:time_per_output_token_seconds", "TPOT: mean gap after the first token",
-                              buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("minfer:e2e_request_latency_seconds", "arrival -> finish", buckets=E2E_BUCKETS,
-                             registry=r)
-        self.running = Gauge("minfer:num_requests_running", "requests holding KV blocks", registry=r)
-        self.waiting = Gauge("minfer:num_requests_waiting", "requests queued for admission", registry=r)
-        self.kv_usage = Gauge("minfer:kv_cache_usage_perc", "fraction of KV blocks in use (0..1)", registry=r)
-        self.kv_used = Gauge("minfer:kv_cache_used_blocks", "KV blocks held by requests", registry=r)
-        self.kv_total = Gauge("minfer:kv_cache_total_blocks", "KV blocks in the pool", registry=r)
-        self.prefix_queries = Counter("minfer:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
-                                      registry=r)
-        self.prefix_hits = Counter("minfer:prefix_cache_hits", "prompt tokens found in the prefix cache", registry=r)
-        self.hit_rate = Gauge("minfer:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries",
-                              registry=r)
-        self.preemptions = Counter("minfer:num_preemptions", "requests preempted (KV recomputed later)",
-                                   registry=r)
+        for attr, kind, name, doc, *buckets in METRICS:
+            extra = {"buckets": buckets[0]} if buckets else {}
+            setattr(self, attr, kind(f"minfer:{name}", doc, registry=r, **extra))
         self.finished = Counter("minfer:request_success", "finished requests", ["finish_reason"], registry=r)
-        self.aborted = Counter("minfer:request_aborted", "requests aborted before they finished (client gone)",
-                               registry=r)
-        self.prompt_tokens = Counter("minfer:prompt_tokens", "prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("minfer:generation_tokens", "generated tokens", registry=r)
         self.hits = self.queries = 0           # the engine's totals already added to the counters
 
 

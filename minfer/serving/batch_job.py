@@ -35,10 +35,6 @@ class BatchItem:
     line: int
     request_hash: str = ""
 
-    @property
-    def where(self) -> str:
-        return f"line {self.line} (custom_id {self.custom_id!r})"
-
 
 def request_hash(method: str, url: str, body: object) -> str:
     """sha256 of the request's method, url and body (canonical JSON: key order and spacing do not count)."""
@@ -173,7 +169,7 @@ def success_record(item: BatchItem, req, model_name: str, shape: ChoiceShape) ->
 
 def error_record(item: BatchItem, message: str) -> dict:
     if not message.startswith("line "):
-        message = f"{item.where}: {message}"
+        message = f"line {item.line} (custom_id {item.custom_id!r}): {message}"
     return {"id": f"batch_req_{_record_id(item.custom_id)}", "custom_id": item.custom_id, "response": None,
             "error": {"code": "invalid_request", "message": message}}
 
@@ -230,7 +226,6 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine, model_nam
     return {"total": len(items), "skipped": len(items) - len(todo), "ran": len(todo) - errors, "errors": errors}
 
 
-# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Run an OpenAI-format batch file (JSONL, one request per line with custom_id)."
     p.add_argument("input", help="INPUT.jsonl")

@@ -29,11 +29,8 @@ class FakeClock:
 
 
 class FakeRunner:
-    """Stands in for ``ModelRunner``: checks the KV bookkeeping, returns context-hash logits.
-
-    clock, step_fixed, step_per_token: if a ``FakeClock`` is given, every
-    ``execute`` advances it by ``step_fixed + step_per_token * N`` seconds.
-    """
+    """Stands in for ``ModelRunner``: checks the KV bookkeeping, returns context-hash logits. With a
+    ``clock``, every ``execute`` advances it by ``step_fixed + step_per_token * N`` seconds."""
 
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 32, *,
                  enable_prefix_caching: bool = True, clock: FakeClock | None = None,
@@ -54,17 +51,23 @@ class FakeRunner:
         return torch.randn(vocab_size, generator=g)
 
     def execute(self, chunks, sample_rows) -> torch.Tensor:
+        if self.check_kv:
+            self._check(chunks)
+        out = [self.logits_for(c.request.all_token_ids[:c.start + c.num_tokens], self.vocab_size)
+               for i, c in enumerate(chunks) if i in sample_rows]
+        self._account(chunks)
+        return torch.stack(out) if out else torch.empty(0, self.vocab_size)
+
+    def _check(self, chunks) -> None:
+        """Write the new tokens' "K/V" to their slots, then read each context back via the block tables."""
         mgr = self.kv_manager
-        if not self.check_kv:
-            return self._unchecked(chunks, sample_rows)
-        for c in chunks:                                  # write the new tokens' "K/V"
+        for c in chunks:
             req = c.request
             toks = req.all_token_ids[c.start:c.start + c.num_tokens]
             for pos, slot, tok in zip(range(c.start, c.start + c.num_tokens),
                                       mgr.slot_mapping(req.request_id, c.start, c.num_tokens), toks):
                 self.slots[slot] = (pos, tok)
-        out = []
-        for i, c in enumerate(chunks):                    # "attend": read each context back
+        for c in chunks:
             req = c.request
             end = c.start + c.num_tokens
             stored = [self.slots.get(s) for s in mgr.slot_mapping(req.request_id, 0, end)]
@@ -73,15 +76,6 @@ class FakeRunner:
                 bad = next(p for p, (a, b) in enumerate(zip(stored, want)) if a != b)
                 raise AssertionError(f"KV cache corrupted for {req.request_id}: position {bad} holds "
                                      f"{stored[bad]}, expected {want[bad]}")
-            if i in sample_rows:
-                out.append(self.logits_for(req.all_token_ids[:end], self.vocab_size))
-        self._account(chunks)
-        return torch.stack(out) if out else torch.empty(0, self.vocab_size)
-
-    def _unchecked(self, chunks, sample_rows) -> torch.Tensor:
-        out = [self.logits_for(chunks[i].request.all_token_ids, self.vocab_size) for i in sample_rows]
-        self._account(chunks)
-        return torch.stack(out) if out else torch.empty(0, self.vocab_size)
 
     def _account(self, chunks) -> None:
         """Count the forward, advance the fake clock by its cost, log who ran."""

@@ -5,9 +5,10 @@ neither of the two imports the other at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
-from minfer.cli_args import add_parallel_args, int_in, seconds
+from minfer.cli_args import add_parallel_args, int_in, positive_int, seconds
 
 from minfer.serving.openai_api import APIError
 
@@ -96,7 +97,7 @@ def check_json_values(body) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """``LLM``'s engine arguments as flags, spelled as vLLM's (``vllm serve --help``)."""
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences running at once (default 32)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="sequences at once (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step (default 512)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=2**30,
@@ -195,10 +196,8 @@ def run_server(app, args, *, graceful: float | None = None, on_shutdown=None) ->
                             http=header_timeout_protocol(args.header_timeout),
                             timeout_keep_alive=args.keep_alive_timeout, timeout_graceful_shutdown=graceful,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):    # uvicorn raises the Ctrl-C again once it has shut down
         Server(config).run()
-    except KeyboardInterrupt:                   # uvicorn raises the Ctrl-C again once it has shut down
-        pass
 
 
 def served_name(args) -> str:

@@ -137,33 +137,22 @@ def summarize(requests: Iterable[RequestStats], duration: float | None = None,
 
 def format_table(results: dict[str, ServingMetrics]) -> str:
     """A side-by-side table, one column per run (e.g. per policy)."""
-    names = list(results)
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label, fn, fmt="{:.2f}"):
-        vals = []
-        for n in names:
-            v = fn(results[n])
-            vals.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
-        rows.append((label, vals))
-
-    add("completed requests", lambda m: m.completed, "{:d}")
-    add("duration (s)", lambda m: m.duration)
-    add("input tokens", lambda m: m.total_input_tokens, "{:d}")
-    add("output tokens", lambda m: m.total_output_tokens, "{:d}")
-    add("request throughput (req/s)", lambda m: m.request_throughput, "{:.3f}")
-    add("output throughput (tok/s)", lambda m: m.output_throughput)
-    add("total throughput (tok/s)", lambda m: m.total_token_throughput)
-    if any(m.goodput is not None for m in results.values()):
-        slo = next(m.slo_ms for m in results.values() if m.slo_ms)
-        label = " & ".join(f"{k}<={v:g}ms" for k, v in slo.items())
-        add(f"goodput (req/s, {label})", lambda m: m.goodput, "{:.3f}")
-        add("requests meeting all SLOs", lambda m: m.good_requests, "{:d}")
-    add("preemptions", lambda m: m.num_preemptions, "{:d}")
-    for metric in ("ttft", "tpot", "itl", "e2el", "queueing"):
-        for stat in ("mean", "median", "p90", "p99"):
-            add(f"{stat} {metric.upper() if metric != 'queueing' else 'queueing'} (ms)",
-                lambda m, a=metric, s=stat: getattr(getattr(m, a), s), "{:.1f}")
+    from operator import attrgetter
+    names, runs = list(results), list(results.values())
+    spec = [("completed requests", "completed", "{:d}"), ("duration (s)", "duration", "{:.2f}"),
+            ("input tokens", "total_input_tokens", "{:d}"), ("output tokens", "total_output_tokens", "{:d}"),
+            ("request throughput (req/s)", "request_throughput", "{:.3f}"),
+            ("output throughput (tok/s)", "output_throughput", "{:.2f}"),
+            ("total throughput (tok/s)", "total_token_throughput", "{:.2f}")]
+    if any(m.goodput is not None for m in runs):
+        slo = " & ".join(f"{k}<={v:g}ms" for k, v in next(m.slo_ms for m in runs if m.slo_ms).items())
+        spec += [(f"goodput (req/s, {slo})", "goodput", "{:.3f}"),
+                 ("requests meeting all SLOs", "good_requests", "{:d}")]
+    spec += [("preemptions", "num_preemptions", "{:d}")]
+    spec += [(f"{stat} {name} (ms)", f"{metric}.{stat}", "{:.1f}")
+             for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2EL"),
+                                  ("queueing", "queueing")) for stat in ("mean", "median", "p90", "p99")]
+    rows = [(label, [_cell(attrgetter(attr)(m), fmt) for m in runs]) for label, attr, fmt in spec]
     w0 = max(len(label) for label, _ in rows)
     widths = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
     head = " " * w0 + " | " + " | ".join(n.rjust(w) for n, w in zip(names, widths))
@@ -171,3 +160,7 @@ def format_table(results: dict[str, ServingMetrics]) -> str:
     lines += [label.ljust(w0) + " | " + " | ".join(v.rjust(w) for v, w in zip(vals, widths))
               for label, vals in rows]
     return "\n".join(lines)
+
+
+def _cell(value, fmt: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)

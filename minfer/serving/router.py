@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from fastapi import Request
 
-from minfer.cli_args import positive_int
+from minfer.cli_args import positive_int, seconds_or_zero
 from minfer.distributed.comm import free_port
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
                                         read_body, run_server, seconds)
@@ -64,11 +65,7 @@ class HashRing:
     def lookup(self, key: int, alive: Sequence[bool]) -> int | None:
         """The key's replica, or the next one along the ring that is alive (None: all dead)."""
         i = bisect.bisect_left(self.points, key)
-        for k in range(len(self.points)):
-            owner = self.owners[(i + k) % len(self.points)]
-            if alive[owner]:
-                return owner
-        return None
+        return next((owner for owner in self.owners[i:] + self.owners[:i] if alive[owner]), None)
 
 
 def prefix_key(token_ids: Sequence[int], block_size: int = 16, num_blocks: int = 4) -> int:
@@ -330,23 +327,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_router_timeouts(p: argparse.ArgumentParser) -> None:
-    """The router's timeouts (``minfer router`` and ``minfer serve --replicas N``)."""
-    p.add_argument("--cooldown", type=seconds, default=5.0,
-                   help="seconds a failed replica is skipped when no health check runs (default 5)")
-    p.add_argument("--connect-timeout", type=seconds, default=CONNECT_TIMEOUT,
-                   help=f"seconds to connect to a replica (default {CONNECT_TIMEOUT:g})")
-    p.add_argument("--first-byte-timeout", type=seconds, default=FIRST_BYTE_TIMEOUT,
-                   help=f"seconds to a replica's response head, then the next replica (default {FIRST_BYTE_TIMEOUT:g})")
-    p.add_argument("--read-timeout", type=seconds, default=READ_TIMEOUT,
-                   help=f"seconds between two reads of a replica's response (default {READ_TIMEOUT:g})")
-    p.add_argument("--health-interval", type=seconds_or_zero, default=HEALTH_INTERVAL,
-                   help=f"seconds between active health checks of the replicas; 0: none (default {HEALTH_INTERVAL:g})")
-    p.add_argument("--health-timeout", type=seconds, default=HEALTH_TIMEOUT,
-                   help=f"seconds a replica's /health may take before it is marked down (default {HEALTH_TIMEOUT:g})")
-
-
-def seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+    """The router's timeouts (``minfer router`` and ``minfer serve --replicas N``), in seconds."""
+    for flag, default, text in (
+            ("--cooldown", 5.0, "a failed replica is skipped when no health check runs"),
+            ("--connect-timeout", CONNECT_TIMEOUT, "to connect to a replica"),
+            ("--first-byte-timeout", FIRST_BYTE_TIMEOUT, "to a replica's response head, then the next one"),
+            ("--read-timeout", READ_TIMEOUT, "between two reads of a replica's response"),
+            ("--health-interval", HEALTH_INTERVAL, "between health checks of the replicas; 0: none"),
+            ("--health-timeout", HEALTH_TIMEOUT, "a replica's /health may take before it is marked down")):
+        kind = seconds_or_zero if flag == "--health-interval" else seconds
+        p.add_argument(flag, type=kind, default=default, help=f"seconds {text} (default {default:g})")
 
 
 def replica_url(text: str) -> str:
@@ -396,11 +386,9 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server for {url} exited with code {proc.returncode}")
-        try:
+        with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not become healthy within {timeout:g} s")
 
@@ -409,10 +397,8 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
     ``kill -9`` of ``minfer serve --replicas N`` leaves no replica behind. Elsewhere: nothing."""
     import ctypes
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def start_minfer(argv: list[str], quiet: bool = False, port: int | None = None) -> tuple[str, subprocess.Popen]:
@@ -496,14 +482,12 @@ def serve_replicas(args) -> int:
         signal.signal(sig, interrupt)
     sup = Supervisor(child, args.replicas)
     try:
-        for url, proc in sup.children:
-            wait_healthy(url, proc)
-        sup.thread.start()
-        args.prefix_blocks = 4
-        run_router([u for u, _ in sup.children], args.policy, args,
-                   load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            for url, proc in sup.children:
+                wait_healthy(url, proc)
+            sup.thread.start()
+            run_router([u for u, _ in sup.children], args.policy, args,
+                       load_tokenizer(args.model) if args.policy == "prefix_aware" else None)
     finally:
         sup.stop()
     return 0

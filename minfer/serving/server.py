@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import Request
 
-from minfer.cli_args import add_model_args
+from minfer.cli_args import add_model_args, int_in, positive_int, seconds_or_zero, set_threads
 from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_server_args, check_host,
                                         decode_json, engine_args, new_app, read_body, run_server, served_name)
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
@@ -60,8 +59,12 @@ def build_app(aengine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "minfer", "max_model_len": aengine.max_model_len}]}
 
-    app.post("/v1/completions")(handlers.completions)
-    app.post("/v1/chat/completions")(handlers.chat_completions)
+    @app.post("/v1/completions")
+    @app.post("/v1/chat/completions")
+    async def generate(request: Request):
+        chat = request.url.path.endswith("/chat/completions")
+        return await handlers.serve(request, ChatCompletionRequest if chat else CompletionRequest)
+
     return app
 
 
@@ -75,7 +78,7 @@ def longest_token_chars(tok) -> int:
 
 
 class Handlers:
-    """The two generation endpoints. Tokenizing runs in a worker thread (a 1 MB body takes a
+    """The generation endpoints. Tokenizing runs in a worker thread (a 1 MB body takes a
     while and must not stall other streams), after a character cap: a prompt of more than
     ``max_model_len x longest token`` characters cannot fit the context, so it is refused as is."""
 
@@ -83,12 +86,6 @@ class Handlers:
         self.aengine, self.model_name, self.max_body_bytes = aengine, model_name, max_body_bytes
         self.tok = aengine.tokenizer
         self.max_chars = aengine.max_model_len * longest_token_chars(self.tok)
-
-    async def completions(self, request: Request):
-        return await self.serve(request, CompletionRequest)
-
-    async def chat_completions(self, request: Request):
-        return await self.serve(request, ChatCompletionRequest)
 
     async def serve(self, request, model: type[CompletionRequest] | type[ChatCompletionRequest]):
         from fastapi.responses import JSONResponse, StreamingResponse
@@ -156,10 +153,7 @@ class Handlers:
                 yield sse(chunk(rid, model_name, chat, None, use=usage(out.num_prompt_tokens, num_output)))
             yield "data: [DONE]\n\n"
         finally:                                   # also when the client disconnected (cancelled)
-            if done == n:
-                self.aengine.release(rid)
-            else:
-                self.aengine.abort(rid)
+            (self.aengine.release if done == n else self.aengine.abort)(rid)
 
     async def collect(self, request, rid, q, n: int, chat: bool, shape: ChoiceShape) -> dict:
         """The whole answer. The client's disconnect is watched at the same time, so a client that
@@ -199,7 +193,6 @@ async def wait_disconnect(request) -> None:
         pass
 
 
-# --- The command ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /metrics."
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model (same as --model)")
@@ -207,30 +200,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_args(p)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
     add_engine_args(p)
-    p.add_argument("--max-waiting", type=int, default=64,
+    p.add_argument("--max-waiting", type=positive_int, default=64,
                    help="queued requests before new ones get 503 + Retry-After (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
-    p.add_argument("--drain-seconds", type=float, default=5.0,
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
+                   help="largest request body (413 above)")
+    p.add_argument("--drain-seconds", type=seconds_or_zero, default=5.0,
                    help="on Ctrl-C, how long running streams may finish before they are aborted")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--replicas", type=int, default=1, help="N > 1: N engine processes behind a router")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--replicas", type=int_in(1, MAX_REPLICAS), default=1,
+                   help="N > 1: N engine processes behind a router")
     p.add_argument("--policy", default="prefix_aware", help="router policy with --replicas (default prefix_aware)")
     from minfer.serving.router import add_router_timeouts
     add_router_timeouts(p)
-
-
-def check_args(args) -> None:
-    """Every flag the parser cannot check alone, before anything is loaded (ValueError naming it)."""
-    for name in ("max_num_seqs", "max_waiting", "max_body_bytes", "replicas"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.replicas > MAX_REPLICAS:
-        raise ValueError(f"--replicas must be at most {MAX_REPLICAS}, got {args.replicas}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if not (math.isfinite(args.drain_seconds) and args.drain_seconds >= 0):
-        raise ValueError(f"--drain-seconds must be a finite number >= 0, got {args.drain_seconds}")
-    check_host(args.host)
 
 
 def check_pool(engine) -> None:
@@ -247,13 +228,11 @@ def check_pool(engine) -> None:
 def main(args) -> int:
     if args.model_pos:
         args.model = args.model_pos
-    check_args(args)
+    check_host(args.host)                  # before anything is loaded
     if args.replicas > 1:
         from minfer.serving.router import serve_replicas
         return serve_replicas(args)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from minfer.serving.async_engine import AsyncEngine, build_engine
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, **engine_args(args))
     check_pool(engine)

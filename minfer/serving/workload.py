@@ -6,6 +6,7 @@ gaps of mean 1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -22,10 +23,8 @@ def _check_range(name: str, lo_hi: tuple[int, int]) -> tuple[int, int]:
 
 
 def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
-    """n arrival times (s): cumulative gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps.
-
-    The first request arrives at t = 0. Mean gap = 1/rate whatever the burstiness.
-    """
+    """n arrival times (s) from t = 0: cumulative gamma(shape=burstiness, scale=1/(rate*burstiness))
+    gaps, of mean 1/rate whatever the burstiness."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not rate > 0:
@@ -35,12 +34,8 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
     if math.isinf(rate):
         return [0.0] * n
     rng = random.Random(seed)
-    t, times = 0.0, []
-    for i in range(n):
-        if i > 0:
-            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-        times.append(t)
-    return times
+    gaps = [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(n - 1)]
+    return list(itertools.accumulate(gaps, initial=0.0))[:n]
 
 
 def synthetic_trace(n: int, *, rate: float = math.inf, burstiness: float = 1.0,

@@ -34,8 +34,7 @@ class TreeAttentionCache:
     def __init__(self, inner: ContiguousKVCache, tree_mask: torch.Tensor):
         if not isinstance(inner, ContiguousKVCache):
             raise ValueError(f"TreeAttentionCache wraps a ContiguousKVCache, got {type(inner).__name__}")
-        self.inner = inner
-        self.tree_mask = tree_mask                 # (T, T) bool: query i may see new key j
+        self.inner, self.tree_mask = inner, tree_mask      # tree_mask (T, T) bool: query i may see new key j
         self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def update(self, layer, k, v, positions) -> KVView:

@@ -1,0 +1,97 @@
+// A Llama decoder layer in two calls, for the int8-activation (a8) formats on the CPU.
+//
+// At batch 1 a layer's linears take ~0.2 ms, and the ~60 small torch ops around them (norms, RoPE,
+// splits, silu, residual adds) cost about as much again in dispatch alone. Here they are plain loops
+// around the a8 linears of cpu_quant_linear.cpp (included below):
+//   attn_in       x -> rms_norm -> qkv_proj -> RoPE on q and k -> q, k, v
+//   attn_out_mlp  (x, attention output) -> o_proj -> + x -> rms_norm -> gate_up_proj
+//                 -> silu(gate) * up -> down_proj -> + residual
+// The KV write and the attention between them stay the cache's, so any cache and any number of rows
+// (M = B * T) work. llama.cpp reaches the same end with its graph of ggml ops (no interpreter between
+// them); vLLM's CPU backend fuses the norms and activations into ops of their own (csrc/cpu/).
+// The plain path is DecoderLayer.forward in minfer/model.py; tests/test_fused_layer.py holds them equal.
+#define MINFER_NO_MODULE
+#include "cpu_quant_linear.cpp"
+
+// x (M, h) -> x * rsqrt(mean(x^2) + eps) * w, as minfer.model.rms_norm.
+static torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    const int64_t M = x.size(0), h = x.size(1);
+    auto y = torch::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+        const float* r = xp + m * h;
+        double ss = 0.0;                            // in double: the scale as torch's within an ulp
+        for (int64_t k = 0; k < h; ++k) ss += (double)r[k] * r[k];
+        const float s = (float)(1.0 / std::sqrt(ss / (double)h + eps));
+        float* o = yp + m * h;                       // x * s, then times w: torch's order (two loops,
+        for (int64_t k = 0; k < h; ++k) o[k] = r[k] * s;     // or -ffast-math makes it (w * x) * s)
+        for (int64_t k = 0; k < h; ++k) o[k] *= wp[k];
+    }
+    return y;
+}
+
+static torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
+                            const std::vector<int64_t>& br, int i) {
+    return linear_a8(x, w[2 * i], w[2 * i + 1], br[2 * i], br[2 * i + 1]);
+}
+
+// x (B, T, h) float32; w = [u, ab] of qkv_proj, br = [bits, r]; cos, sin (B*T, hd), rotate-half
+// tables (both halves equal) -> q (B, nh, T, hd), k, v (B, nkv, T, hd): views of one (M, n*hd) buffer.
+std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double eps,
+                                   std::vector<torch::Tensor> w, std::vector<int64_t> br,
+                                   torch::Tensor cos, torch::Tensor sin, int64_t nh, int64_t nkv, int64_t hd) {
+    const int64_t B = x.size(0), T = x.size(1), M = B * T, n = (nh + 2 * nkv) * hd, half = hd / 2;
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * hd && sin.numel() == M * hd,
+                "attn_in: cos and sin must be contiguous (B*T, head_dim)");
+    auto y = linear(rms_norm_rows(x.reshape({M, x.size(2)}).contiguous(), norm_w, eps), w, br, 0);
+    TORCH_CHECK(y.size(1) == n, "attn_in: qkv_proj gives ", y.size(1), " outputs, the heads need ", n);
+    float* yp = y.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)                 // q and k heads: (a, b) -> (a cos - b sin, b cos + a sin)
+        for (int64_t head = 0; head < nh + nkv; ++head) {
+            float* v = yp + m * n + head * hd;
+            const float *c = cp + m * hd, *s = sp + m * hd;
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    auto heads = [&](int64_t first, int64_t count) {   // (M, count*hd) columns -> (B, count, T, hd)
+        return y.narrow(1, first * hd, count * hd).view({B, T, count, hd}).transpose(1, 2);
+    };
+    return {heads(0, nh), heads(nh, nkv), heads(nh + nkv, nkv)};
+}
+
+// x (B, T, h), attn (B, nh, T, hd); w = [u, ab] of o_proj, gate_up_proj, down_proj, br their
+// [bits, r] -> the layer's output (B, T, h).
+torch::Tensor attn_out_mlp(torch::Tensor x, torch::Tensor attn, torch::Tensor norm_w, double eps,
+                           std::vector<torch::Tensor> w, std::vector<int64_t> br) {
+    const int64_t B = x.size(0), T = x.size(1), h = x.size(2), M = B * T;
+    auto a = attn.transpose(1, 2).reshape({M, -1}).contiguous();           // (M, nh*hd)
+    auto r = linear(a, w, br, 0);                                         // (M, h), becomes x + o
+    const float* xp = x.contiguous().data_ptr<float>();
+    float* rp = r.data_ptr<float>();
+    for (int64_t i = 0; i < M * h; ++i) rp[i] += xp[i];
+    auto gu = linear(rms_norm_rows(r, norm_w, eps), w, br, 1);            // (M, 2f)
+    const int64_t f = gu.size(1) / 2;
+    auto act = torch::empty({M, f}, x.options());
+    const float* g = gu.data_ptr<float>();
+    float* ap = act.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < f; ++j) {
+            const float gate = g[m * 2 * f + j];
+            ap[m * f + j] = gate / (1.0f + std::exp(-gate)) * g[m * 2 * f + f + j];
+        }
+    auto out = linear(act, w, br, 2);                                     // (M, h)
+    float* op = out.data_ptr<float>();
+    for (int64_t i = 0; i < M * h; ++i) op[i] += rp[i];
+    return out.view({B, T, h});
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the kernels below run only then)");
+    m.def("attn_in", &attn_in, "rms_norm -> qkv_proj (a8) -> RoPE: q, k, v");
+    m.def("attn_out_mlp", &attn_out_mlp, "o_proj -> residual -> rms_norm -> SwiGLU MLP (a8) -> residual");
+}

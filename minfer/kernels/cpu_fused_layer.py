@@ -1,0 +1,95 @@
+"""A Llama decoder layer in two C++ calls for the int8-activation formats (``cpu_fused_layer.cpp``):
+the norms, RoPE, SwiGLU and residuals around the a8 linears, with no per-op dispatch between them.
+The KV write and attention stay the cache's. ``prepare_fused_layers`` (run by ``quantize_model`` /
+``load_quantized`` for ``-a8``) sets ``DecoderLayer.fused``; ``why_not`` says why a layer keeps the
+plain path. Tested equal to it: tests/test_fused_layer.py; figures: docs/kernels.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minfer.kernels.cpu_quant_linear import load_vnni_kernel
+
+_SOURCE = Path(__file__).with_name("cpu_fused_layer.cpp")
+_state: dict = {}
+
+
+def why_unavailable() -> Optional[str]:
+    """None when the fused kernel runs on this CPU; otherwise the reason (building it on first call)."""
+    return load_vnni_kernel(_state, _SOURCE, "CPU fused decoder-layer kernel")
+
+
+def _linears(layer) -> list:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [getattr(attn, attn.fused_name or "q_proj"), attn.o_proj,
+            getattr(mlp, mlp.fused_name or "gate_proj"), mlp.down_proj]
+
+
+def why_not(layer) -> Optional[str]:
+    """None when ``layer`` can take the fused path (Llama family, a8 linears, float32 on the CPU)."""
+    attn, cfg = layer.self_attn, layer.self_attn.cfg
+    if layer.sandwich or cfg.qk_norm or attn.q_scale != 1.0 or layer.mlp.geglu or cfg.norm_offset:
+        return "the fused layer is Llama's (no sandwich / q-k norms, query scale or GeGLU, as Gemma has)"
+    if not attn.owns_kv or attn.fused_name is None or layer.mlp.fused_name is None:
+        return "the fused layer needs stacked qkv_proj / gate_up_proj and its own K/V"
+    if layer.input_layernorm.weight.device.type != "cpu" or layer.input_layernorm.weight.dtype != torch.float32:
+        return "the fused layer runs in float32 on the CPU"
+    for lin in _linears(layer):
+        if not (getattr(lin, "act8", False) and lin.bias is None):      # a QuantizedLinear, -a8
+            return "the fused layer needs int8-activation (-a8) linears without bias"
+        if lin.path == "reference":
+            return "path='reference'"
+    if why := why_unavailable():
+        return why
+    for lin in _linears(layer):
+        if lin.packed_a8().u.shape[1] * 8 // lin.packed_a8().bits != lin.in_features:
+            return f"{lin.format}-a8 pads the inputs of a {lin.in_features}-wide linear"
+    return None
+
+
+class FusedLayer:
+    """Stands in for ``DecoderLayer.forward`` (it returns None to hand an input back to the plain path)."""
+
+    def __init__(self, layer):
+        self.layer, self.linears = layer, _linears(layer)
+        cfg = layer.self_attn.cfg
+        self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.eps = cfg.rms_norm_eps
+        self._packed: list = []
+
+    def _weights(self) -> Optional[tuple]:
+        """The packed linears as the C++ calls take them, rebuilt when one repacked (``.to()``, a load)."""
+        packed = [lin._fast.get("a8") for lin in self.linears]
+        if len(packed) != len(self._packed) or any(a is not b for a, b in zip(packed, self._packed)):
+            if any(lin.path == "reference" for lin in self.linears):
+                return None
+            self._packed = packed = [lin.packed_a8() for lin in self.linears]
+            w, br = [t for p in packed for t in (p.u, p.ab)], [i for p in packed for i in (p.bits, p.r)]
+            self._args = (w[:2], br[:2], w[2:], br[2:])
+        return self._args
+
+    def __call__(self, x, cos, sin, positions, kv_cache, view, backend):
+        if x.device.type != "cpu" or x.dtype != torch.float32 or (w := self._weights()) is None:
+            return None
+        layer, kernel = self.layer, _state["module"]
+        attn = layer.self_attn
+        q, k, v = kernel.attn_in(x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin,
+                                 *self.heads)                         # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        view = kv_cache.update(attn.kv_layer, k, v, positions)
+        out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
+        x = kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3])
+        return x, view
+
+
+def prepare_fused_layers(model, enabled: bool = True) -> Optional[str]:
+    """Give each decoder layer that can take it the fused path (or take it away: ``enabled=False``).
+    Returns None when every layer has it, else the first reason why not."""
+    first = None
+    for layer in model.model.layers:
+        why = why_not(layer) if enabled else "switched off"
+        layer.fused = FusedLayer(layer) if why is None else None
+        first = first or why
+    return first

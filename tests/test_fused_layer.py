@@ -1,0 +1,101 @@
+"""The fused a8 decoder layer (``kernels/cpu_fused_layer``) equals the plain one.
+
+The oracle is ``DecoderLayer.forward`` on the same int8-activation linears (their VNNI kernel,
+itself tested equal to its reference in test_quant_a8.py). The fused layer computes the same
+values; only float summation order differs (norm sums, FMAs), which can move one activation across
+an int8 rounding boundary: one step of that block (max / 127) times a weight, ~1e-4 here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import tiny_config, tiny_gemma_config
+
+from minfer.attention import get_backend
+from minfer.kernels import cpu_fused_layer as fl
+from minfer.kv.contiguous import ContiguousKVCache
+from minfer.model import build_model, rope_cos_sin
+from minfer.quant.apply import quantize_model
+
+FORMATS = ["int8", "int4-g32", "int4-g64", "q4_0", "q4_1", "q8_0"]
+needs_kernel = pytest.mark.skipif(fl.why_unavailable() is not None, reason=f"fused layer: {fl.why_unavailable()}")
+
+
+def _model(fmt: str, nkv: int = 2, group: int = 2, hd: int = 16, seed: int = 0, **kw):
+    cfg = tiny_config(hidden_size=64, intermediate_size=128, num_key_value_heads=nkv,
+                      num_attention_heads=nkv * group, head_dim=hd, **kw)
+    return quantize_model(build_model(cfg, seed=seed), fmt + "-a8")
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), nkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),
+       B=st.integers(1, 2), T=st.integers(1, 5), start=st.integers(0, 40),
+       seed=st.integers(0, 2**16))
+def test_fused_layer_equals_plain_layer(fmt, nkv, group, B, T, start, seed):
+    hd = 64 // (nkv * group)                             # o_proj's inputs: 64, whole groups of every format
+    model = _model(fmt, nkv, group, hd, seed=seed)
+    layer = model.model.layers[1]
+    assert layer.fused is not None
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 64, generator=gen)
+    positions = start + torch.arange(T).repeat(B, 1) + torch.arange(B)[:, None]       # (B, T)
+    cos, sin = rope_cos_sin(model.inv_freq, positions)
+    S = start + T + B                                    # earlier keys and values, already cached
+    old_k, old_v = torch.randn(2, B, nkv, S, hd, generator=gen)
+    outs = []
+    for fused in (layer.fused, None):
+        layer.fused = fused
+        cache = ContiguousKVCache(model.cfg, B, 64)
+        cache.update(1, old_k, old_v, torch.arange(S).repeat(B, 1))
+        outs.append(layer(x, cos, sin, positions, cache, None, get_backend("sdpa"))[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+def test_generate_tokens_greedy_equal_fused_and_plain(fmt):
+    from minfer.generate import generate_tokens
+    from minfer.sampling import SamplingParams
+    model = _model(fmt, vocab_size=97)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [5, 17, 3, 60, 2]
+    assert fl.prepare_fused_layers(model) is None
+    fused = list(generate_tokens(model, prompt, params))
+    assert fl.prepare_fused_layers(model, enabled=False) == "switched off"
+    assert fused == list(generate_tokens(model, prompt, params))
+
+
+@needs_kernel
+def test_engine_equal_fused_and_plain(tmp_path):
+    from test_checkpoints import tiny_tokenizer
+
+    from minfer.checkpoints.hf import save_hf_folder
+    from minfer.llm import LLM
+    from minfer.sampling import SamplingParams
+    cfg = tiny_config(vocab_size=260, hidden_size=64, intermediate_size=128)
+    folder = save_hf_folder(tmp_path / "m", cfg, build_model(cfg, seed=1).state_dict(), *tiny_tokenizer())
+    llm = LLM(str(folder), quantization="int4-a8")
+    assert all(layer.fused is not None for layer in llm.model.model.layers)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["hello", "a longer prompt here", "x"]
+    fused = [o.token_ids for o in llm.generate(prompts, params)]
+    fl.prepare_fused_layers(llm.model, enabled=False)
+    assert fused == [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def test_layers_that_cannot_fuse_say_why(monkeypatch):
+    gemma = quantize_model(build_model(tiny_gemma_config(hidden_size=64, num_attention_heads=4), seed=0),
+                           "int8-a8")
+    assert "Llama" in fl.prepare_fused_layers(gemma) and all(lay.fused is None for lay in gemma.model.layers)
+    assert "int8-activation" in fl.why_not(build_model(tiny_config(), seed=0).model.layers[0])
+    padded = quantize_model(build_model(tiny_config(), seed=0), "int8-a8")  # intermediate 48: padded
+    assert "pads" in fl.prepare_fused_layers(padded)
+    monkeypatch.setattr(fl, "_state", {"why": "this CPU lacks AVX-512 VNNI (vpdpbusd)"})
+    model = _model("int4-g32")                                   # quantize_model still runs: plain layers
+    assert all(layer.fused is None for layer in model.model.layers)
+    assert "VNNI" in fl.prepare_fused_layers(model)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(ids, torch.arange(3)[None]).shape == (1, 3, 97)
