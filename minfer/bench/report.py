@@ -15,7 +15,9 @@ TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (tit
             ("method", "method", "{}"), ("decode_tps", "decode tok/s", "{:.2f}"), ("ttft", "TTFT s", "{:.3f}"),
             ("tpot_ms", "TPOT ms", "{:.1f}"), ("speedup_vs_naive", "x naive", "{:.2f}"),
             ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
-            ("bandwidth_fraction", "MBU", "{:.0%}"), ("same_tokens_as_cached", "greedy = cached", "{}")]),
+            ("bandwidth_fraction", "MBU", "{:.0%}"), ("same_tokens_as_cached", "greedy = cached", "{}"),
+            ("teacher_forced_top1", "top-1 = cached (forced)", "{:.1%}"),
+            ("free_running_prefix", "same prefix (free)", "{}")]),
         ("KV-cache quantization vs the fp32 cache", "kv_quantization", [
             ("format", "format", "{}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
             ("max_logit_error", "max abs dlogit", "{:.3f}"),
