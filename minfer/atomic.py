@@ -5,8 +5,6 @@
 Every writer in minfer uses it; the result gets the mode ``open(path, "w")`` would give
 (docs/architecture.md).
 """
-from __future__ import annotations
-
 import contextlib
 import json
 import os

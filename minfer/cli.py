@@ -4,8 +4,6 @@ Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
 1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
 130 interrupted (Ctrl-C).
 """
-from __future__ import annotations
-
 import argparse
 import importlib
 import os

@@ -1,7 +1,5 @@
 """Command-line options that every command loading a model shares (``minfer generate``, ``bench *``,
 ``batch``): which model, on which device, in which dtype."""
-from __future__ import annotations
-
 import argparse
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

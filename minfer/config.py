@@ -3,8 +3,6 @@
 Gemma 3's switches (``layer_types``, ``qk_norm``, ``sandwich_norm``, ...) default to Llama's
 behaviour (HF ``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 from dataclasses import dataclass, field

@@ -1,6 +1,4 @@
 """Device and dtype names as users type them (``--device cuda``, ``--dtype bf16``) -> torch objects."""
-from __future__ import annotations
-
 import warnings
 
 import torch

@@ -4,8 +4,6 @@ The single-request primitives every single-request loop reuses (``forward_tokens
 ``StopRule``); ``kv_cache="none"`` recomputes everything, as the oracle. The batched engine is
 ``minfer/engine`` (docs/architecture.md).
 """
-from __future__ import annotations
-
 import time
 from typing import Callable, Iterator
 

@@ -9,8 +9,6 @@ JSON follows ``json.dumps``'s layout, so an output ends where the grammar does. 
 llguidance (``pip install minfer[guided]``); why, measured against xgrammar and outlines-core:
 docs/guided.md. vLLM: ``vllm/v1/structured_output/``. Speculative decoding is refused with it.
 """
-from __future__ import annotations
-
 import json
 import weakref
 

@@ -9,8 +9,6 @@
 the ``LLM`` (its prefix cache too) and step it until they finish (vLLM: ``vllm/entrypoints/llm.py``).
 Speculative decoding, tensor/pipeline parallelism and lookahead: docs/architecture.md.
 """
-from __future__ import annotations
-
 import dataclasses
 import time
 from dataclasses import dataclass

@@ -4,8 +4,6 @@ A quantized folder loads as it is; otherwise ``load_checkpoint`` -> ``build_mode
 ``quantize_model`` (``quantization=``), then optional prepacking. vLLM:
 ``vllm/model_executor/model_loader`` (``get_model``). Who loads here: docs/architecture.md.
 """
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import torch

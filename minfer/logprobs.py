@@ -9,8 +9,6 @@ distribution; "processed_logprobs" the one the token was drawn from. Prompt logp
 Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why and the OpenAI shapes:
 docs/serving.md.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

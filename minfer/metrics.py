@@ -3,8 +3,6 @@
 One record for every path; ``minfer.serving.metrics`` aggregates them. vLLM:
 ``RequestStateStats`` (``vllm/v1/metrics/stats.py``); the timeline: docs/architecture.md.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 

@@ -8,8 +8,6 @@ Gemma 3 is the same loop with ``ModelConfig``'s switches on. Attention goes thro
 cache's ``update`` / ``attend`` (``minfer.kv.base``); HF names outside, fused ``qkv_proj`` /
 ``gate_up_proj`` inside. vLLM: ``vllm/model_executor/models/llama.py``. More: docs/architecture.md.
 """
-from __future__ import annotations
-
 import math
 
 import torch

@@ -4,8 +4,6 @@ No cache, no batching, no fused kernels: explicit softmax over an explicit mask,
 time, O(n^2). It shares no code with ``minfer/model.py`` except the RoPE formula, so a bug
 cannot hide in both; every optimization is tested against it (docs/architecture.md).
 """
-from __future__ import annotations
-
 import math
 
 import torch

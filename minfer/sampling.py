@@ -7,8 +7,6 @@ Temperature below ``GREEDY_BELOW`` (vLLM's ``_SAMPLING_EPS``) is greedy; top-p i
 vLLM's ``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator. Why
 each: docs/architecture.md.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 import torch

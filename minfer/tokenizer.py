@@ -4,8 +4,6 @@ A thin wrapper around HF ``tokenizers`` plus what ``tokenizer_config.json`` hold
 Jinja chat template); ``IncrementalDetokenizer`` never prints half a UTF-8 character (vLLM:
 ``detokenize_incrementally``). More: docs/architecture.md.
 """
-from __future__ import annotations
-
 import functools
 import json
 import os

@@ -5,8 +5,6 @@ As exact as those models: a bool is not a number, a float is not an integer, ``i
 refused, and every message names the field (``SamplingParams.seed must be an integer, got 'x'``).
 ValueError for a bad value, TypeError for a value of the wrong kind altogether (``chat(dict)``).
 """
-from __future__ import annotations
-
 import contextlib
 import math
 import numbers

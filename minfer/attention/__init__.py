@@ -5,8 +5,6 @@ Every backend: ``backend(q, k, v, q_pos, k_pos, window=None, scale=None) -> out`
 whom follows from positions alone (``mask.allowed``). Backends: reference, sdpa, flash; the
 paged backends are ``attention/paged.py``. Details: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 from typing import Protocol
 
 import torch

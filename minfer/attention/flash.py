@@ -3,8 +3,6 @@
 Dao, "FlashAttention-2" (2023), Algorithm 1, with Python loops: slower than ``sdpa``, written to
 be read next to the paper and tested. The recurrence: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import math
 
 import torch

@@ -11,8 +11,6 @@ Drawn for a prompt of 5 tokens and a window W = 3 (x = visible):
     query p=3        . x x x .
     query p=4        . . x x x
 """
-from __future__ import annotations
-
 import torch
 
 

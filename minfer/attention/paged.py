@@ -4,8 +4,6 @@
 ``AttentionMetadataBuilder.build`` + ``AttentionImpl.forward``). Every plan and decode kernel is tested
 equal to ``paged_attention_reference``. How each plan works: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field
 

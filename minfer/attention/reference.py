@@ -2,8 +2,6 @@
 
 The naive oracle's math against the backend signature; fully masked rows (padding) give zeros.
 """
-from __future__ import annotations
-
 import math
 
 import torch

@@ -3,8 +3,6 @@
 ``sdpa`` stacks the query heads that share a K/V head at decode, so each K/V head is read once
 (docs/kv-and-attention.md).
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

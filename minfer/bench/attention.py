@@ -3,8 +3,6 @@
 Methods ``repeat``, ``gqa``, ``folded`` on contiguous K/V, ``paged``, ``cpu``, ``triton`` on a shuffled
 paged pool; random tensors only (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 from functools import partial
 

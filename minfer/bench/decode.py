@@ -18,8 +18,6 @@ a line saying why; the others still run.
 "Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s;
 MBU (model-bandwidth utilisation) = that / the bandwidth measured on this machine in the same run.
 """
-from __future__ import annotations
-
 import argparse
 import datetime
 import statistics

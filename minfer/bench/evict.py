@@ -3,8 +3,6 @@
 A pydoc prompt prefilled at once, then ``--score`` tokens teacher-forced through a cache that keeps
 ``budget`` tokens per layer; policies streaming, window, h2o, snapkv (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 import math
 

@@ -1,8 +1,6 @@
 """`minfer bench guided`: what the grammar's token mask costs per engine step, against an unguided step
 (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 import statistics
 import time

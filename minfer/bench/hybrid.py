@@ -3,8 +3,6 @@
 Allocated caches against the formula of ``minfer/kv/hybrid.py``, then the paged engine's blocks
 (forward left out); ``--check-tokens N`` compares greedy tokens through both caches (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 

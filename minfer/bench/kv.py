@@ -1,8 +1,6 @@
 """`minfer bench kv`: what paging buys, in one run on one model: capacity and fragmentation for a fixed KV
 budget (contiguous vs paged), then TTFT with and without prefix caching (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 import datetime
 import inspect

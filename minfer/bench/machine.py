@@ -1,7 +1,5 @@
 """What this machine can do: measured memory bandwidth and matmul FLOP/s, the ceilings that a decode loop's
 bytes and FLOPs per second are compared with (``mbu``)."""
-from __future__ import annotations
-
 import os
 import platform
 import statistics

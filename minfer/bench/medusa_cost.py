@@ -3,8 +3,6 @@
 speedup ~= tokens per forward / (cost of a T-token verify step / cost of a 1-token step);
 both timed on ``bench spec``'s code-edit context, plain and prepacked (docs/measuring.md).
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.bench.timing import interleaved

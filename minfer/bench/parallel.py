@@ -1,8 +1,6 @@
 """``minfer bench parallel``: 2 ranks against 1 on this machine (``tp``, ``pp``, ``disagg``, each in one
 2-process gloo group), and when tensor parallelism pays on real hardware (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 
 import torch

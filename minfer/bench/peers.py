@@ -7,8 +7,6 @@ Two ways of running it: eager ``generate`` with its dynamic cache, and
 (``StaticCompiledHF``), the setup transformers documents for fast generation.
 Imported lazily: minfer itself never needs transformers.
 """
-from __future__ import annotations
-
 import time
 
 import torch

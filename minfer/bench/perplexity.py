@@ -2,8 +2,6 @@
 
     minfer eval perplexity --model smollm2-135m-instruct --quantization int8
 """
-from __future__ import annotations
-
 import argparse
 import os
 import sys

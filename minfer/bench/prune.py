@@ -1,7 +1,5 @@
 """`minfer prune`: prune SmolLM2 (``minfer/compress/prune.py``), heal it by distillation, and measure
 decode speed and perplexity against the dense model and unstructured sparsity of the same ratio."""
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 

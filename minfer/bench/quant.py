@@ -3,8 +3,6 @@
 Formats timed interleaved (batch 1, greedy); agreement with fp32 free-running and teacher-forced.
 What each column means, and why int4-g32 fits SmolLM2's Q4_1 weights: docs/measuring.md.
 """
-from __future__ import annotations
-
 import argparse
 import time
 

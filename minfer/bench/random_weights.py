@@ -4,8 +4,6 @@
 
 Speed depends on shapes, not values (docs/measuring.md).
 """
-from __future__ import annotations
-
 import argparse
 import shutil
 import sys

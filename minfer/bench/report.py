@@ -1,7 +1,5 @@
 """``minfer bench report``: docs/benchmarks.md, made from the JSON files the benchmarks write: one section
 per file (command, machine, date, the tables of ``TABLES``), nothing typed by hand (docs/measuring.md)."""
-from __future__ import annotations
-
 import argparse
 import json
 from pathlib import Path

@@ -4,8 +4,6 @@ Online (--rate), offline baselines (--baselines) and the front door (--front-doo
 ``--url`` measures a running server (serve_http.py), ``--routing`` router policies (serve_route.py).
 What each part measures: docs/measuring.md.
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import math

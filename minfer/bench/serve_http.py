@@ -1,8 +1,6 @@
 """`minfer bench serve --url URL`: the serving benchmark measured from the client, over HTTP, next to
 in-process (interleaved, the same definitions), then the cost of a token online vs batch (docs/measuring.md).
 """
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import json

@@ -3,8 +3,6 @@
 Replicas and one router per policy on 127.0.0.1; 4 customers with long system prompts; reported:
 the prefix-cache hit rate and the client-side TTFT (docs/measuring.md).
 """
-from __future__ import annotations
-
 import statistics
 import time
 

@@ -2,8 +2,6 @@
 
 Batch 1 per task, then the engine at ``--concurrency`` (``SpecDecodeEngine``); the columns: docs/measuring.md.
 """
-from __future__ import annotations
-
 import argparse
 import time
 

@@ -1,6 +1,4 @@
 """What the benchmarks share: interleaved timing (medians), their flags, the JSON envelope, the table."""
-from __future__ import annotations
-
 import statistics
 import sys
 import time

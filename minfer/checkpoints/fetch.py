@@ -2,8 +2,6 @@
 check sha256 -> unzip the .gguf (split ones part by part) -> read_gguf -> save_hf_folder, renamed into
 place when all succeeded; a killed fetch's leftovers are removed by the next one.
 """
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json

@@ -2,8 +2,6 @@
 metadata -> ModelConfig, ``blk.N.xxx`` -> HF names, blocks -> float32, q/k rows -> HF rotary layout.
 llama.cpp ``convert_hf_to_gguf.py`` writes them; vLLM ``gguf_loader.py`` (docs/quantization.md).
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 import os

@@ -2,8 +2,6 @@
 (``src/llama-vocab.cpp``) merges the best-scoring pair first; the merges here (every cut of every token in
 two, best score first) make HF's BPE choose the same (docs/quantization.md).
 """
-from __future__ import annotations
-
 from typing import Any
 
 SPACE = "\u2581"                     # SentencePiece's visible space, "▁"

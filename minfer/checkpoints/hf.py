@@ -1,8 +1,6 @@
 """HF-format model folders: config.json + *.safetensors (+ tokenizer files). minfer's state dict uses HF
 Llama names and ``nn.Linear`` layout, so folders load here and in ``transformers`` alike.
 """
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path

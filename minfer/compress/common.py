@@ -1,6 +1,4 @@
 """Small helpers every compression command shares (no heavy imports)."""
-from __future__ import annotations
-
 import json
 import math
 import sys

@@ -1,8 +1,6 @@
 """The corpus every student here trains on, and the text it is judged on: the standard library's ``.py``
 sources, 1 in ``HELD_OUT_EVERY`` held out by a stable hash of the path (``pydoc_data.topics``: never).
 """
-from __future__ import annotations
-
 import hashlib
 import sysconfig
 from pathlib import Path

@@ -1,8 +1,6 @@
 """`minfer distill`: train a small Llama on the teacher cache (binned KL at T + CE, ``losses.py``) to serve
 as a speculative draft (vLLM: ``SpeculativeConfig`` method "draft_model"); ``train`` also heals pruned models.
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import json

@@ -4,8 +4,6 @@
 
 both distributions folded onto the teacher's k ids plus a "rest" bin (docs/compression.md).
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

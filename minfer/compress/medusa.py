@@ -4,8 +4,6 @@
 Head j reads the base model's last hidden state h_t and learns the teacher's distribution of token
 t + 2 + j; the heads and their decoding loop: ``minfer/speculative/medusa.py``.
 """
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 

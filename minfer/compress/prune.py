@@ -3,8 +3,6 @@
 Activation-aware scores as Wanda (Sun et al. 2024) and LLM-Pruner (Ma et al. 2023); every layer loses
 the same fraction, then ``distill.train`` heals (as Sheared-LLaMA, Minitron). docs/compression.md.
 """
-from __future__ import annotations
-
 import dataclasses
 
 import torch

@@ -3,8 +3,6 @@
 OUT (config.json, tokenizer files, model.safetensors) is written atomically. ``--force`` replaces only
 a folder this command wrote; ``.``, its parents and the source model's folder are always refused.
 """
-from __future__ import annotations
-
 import argparse
 import os
 import sys

@@ -1,8 +1,6 @@
 """Self-distillation for Medusa heads (Cai et al. 2024, 3.2.2): train them on the base model's OWN greedy
 answers to prompts from the corpus's training functions, a ``loss_mask`` on the generated tokens
 (docs/compression.md)."""
-from __future__ import annotations
-
 import ast
 import json
 import random

@@ -2,8 +2,6 @@
 ``tokens``, ``topk_idx``, ``topk_logp`` (k most likely next tokens), ``hidden`` (the LM head's input) and
 an optional ``loss_mask`` as .npy files, written atomically (a rerun resumes), read memory-mapped.
 """
-from __future__ import annotations
-
 import argparse
 import json
 from dataclasses import dataclass

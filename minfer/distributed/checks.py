@@ -3,8 +3,6 @@
 Each ``*_worker(rank, world, ...)`` runs inside ``comm.launch`` on tiny random models, compares the
 parallel run with the single-process one on the same rank, and rank 0 ``torch.save``s its findings.
 """
-from __future__ import annotations
-
 import dataclasses
 import random
 

@@ -2,8 +2,6 @@
 A dead rank is one ``DistributedError`` (timeouts), not a hang; ``COMM_STATS`` counts bytes and seconds.
 vLLM: ``vllm/distributed/parallel_state.py``, ``communication_op.py`` (docs/parallelism.md).
 """
-from __future__ import annotations
-
 import os
 import socket
 import sys

@@ -3,8 +3,6 @@
 A prefilled request (ids, token 1, sampler state, K/V blocks) is sent point to point and enters the
 decode engine through ``add_prefilled_request``, as vLLM's KV connector (``kv_transfer/``).
 """
-from __future__ import annotations
-
 import queue
 import threading
 import time

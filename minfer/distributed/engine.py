@@ -3,8 +3,6 @@
 The driver's runner broadcasts each flattened step; followers (``follow_engine``) run it. vLLM:
 ``multiproc_executor.py`` (``collective_rpc("execute_model", ...)``); docs/parallelism.md.
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.distributed import comm

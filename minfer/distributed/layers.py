@@ -2,8 +2,6 @@
 W's output rows, row parallel its input columns (then one all-reduce). vLLM:
 ``vllm/model_executor/layers/linear.py``, ``vocab_parallel_embedding.py`` (docs/parallelism.md).
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -2,8 +2,6 @@
 interleaves single-process and parallel runs (rank 1 waits in a barrier, no CPU, while rank 0 times
 alone) and ``torch.save``s the medians from rank 0.
 """
-from __future__ import annotations
-
 import statistics
 import time
 

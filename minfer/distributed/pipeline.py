@@ -2,8 +2,6 @@
 (GPipe, Huang et al. 2019) shrink the bubble to (S - 1) / (M + S - 1). vLLM: ``get_pp_group``,
 ``IntermediateTensors``, ``PPMissingLayer`` (docs/parallelism.md).
 """
-from __future__ import annotations
-
 import time
 from itertools import accumulate
 

@@ -3,8 +3,6 @@
 The driver (rank 0) schedules, samples and stops; followers, spawned here or started by torchrun, run
 each step it broadcasts (vLLM: ``vllm/v1/executor/multiproc_executor.py``; docs/parallelism.md).
 """
-from __future__ import annotations
-
 import atexit
 import contextlib
 import os

@@ -2,8 +2,6 @@
 for its parallel layer holding this rank's slice (safetensors' ``get_slice``); the forward runs unchanged
 on a rank-local config. vLLM: ``models/llama.py`` with each layer's ``weight_loader``.
 """
-from __future__ import annotations
-
 import dataclasses
 import os
 from pathlib import Path

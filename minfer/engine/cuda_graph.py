@@ -4,8 +4,6 @@ S decodes run in the smallest bucket n >= S; rows S..n-1 are padding that writes
 On a CPU "replay" calls the same step on the same buffers. vLLM: ``CudagraphDispatcher``,
 ``GPUModelRunner.capture_model``; nano-vllm: ``ModelRunner.capture_cudagraph``. Why: docs/kernels.md.
 """
-from __future__ import annotations
-
 import time
 
 import torch

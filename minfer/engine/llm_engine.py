@@ -12,8 +12,6 @@ uses seed ``seed + i``). vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``),
 (``vllm/v1/engine/llm_engine.py``), ``ParentRequest`` (``parallel_sampling.py``). More:
 docs/architecture.md.
 """
-from __future__ import annotations
-
 import dataclasses
 import itertools
 import math

@@ -3,8 +3,6 @@
 Streams all but the last (longest stop - 1) characters, which might start a stop string.
 vLLM: ``vllm/v1/engine/output_processor.py`` with ``detokenizer.py`` (docs/architecture.md).
 """
-from __future__ import annotations
-
 from typing import Sequence
 
 from minfer.tokenizer import IncrementalDetokenizer

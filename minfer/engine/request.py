@@ -4,8 +4,6 @@ One counter drives everything, as in vLLM V1 (``vllm/v1/request.py``): the token
 ``num_computed_tokens`` have K/V in the cache, the rest are fed next; a decode is a request with
 one uncomputed token (docs/architecture.md).
 """
-from __future__ import annotations
-
 import enum
 from dataclasses import dataclass, field
 

@@ -5,8 +5,6 @@ slots, block-table rows and logits indices, one Python loop over chunks and vect
 (the worked example: docs/architecture.md). vLLM: ``GPUModelRunner._prepare_inputs`` and
 ``execute_model`` (``vllm/v1/worker/gpu_model_runner.py``); nano-vllm: ``ModelRunner.prepare_prefill/decode``.
 """
-from __future__ import annotations
-
 import dataclasses
 import warnings
 from typing import Callable, Sequence

@@ -4,8 +4,6 @@ Each step fills a token budget with decodes and prefill chunks (vLLM V1,
 ``vllm/v1/core/sched/scheduler.py``); policies ``static``, ``dynamic``, ``continuous`` (Orca, OSDI
 2022); out of blocks, the newest running request is preempted by recompute. Details: docs/architecture.md.
 """
-from __future__ import annotations
-
 import math
 import time
 from collections import deque

@@ -4,8 +4,6 @@ Windows of ``context`` tokens whose ends lie ``stride`` apart; each token is sco
 HF transformers' "Perplexity of fixed-length models" guide (llama.cpp's ``llama-perplexity``
 differs). The window diagram: docs/compression.md.
 """
-from __future__ import annotations
-
 import hashlib
 import math
 import sys

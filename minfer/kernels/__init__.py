@@ -20,8 +20,6 @@ kernel runs in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before
 Triton is imported. Nothing is imported here until it is asked for, so that
 ``import minfer.kernels.onednn_linear`` does not import Triton.
 """
-from __future__ import annotations
-
 import importlib
 
 __all__ = ["paged_decode_attention", "check_paged_decode_args"]

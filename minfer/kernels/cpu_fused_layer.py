@@ -4,8 +4,6 @@ The KV write and attention stay the cache's. ``prepare_fused_layers`` (run by ``
 ``load_quantized`` for ``-a8``) sets ``DecoderLayer.fused``; ``why_not`` says why a layer keeps the
 plain path. Tested equal to it: tests/test_fused_layer.py; figures: docs/kernels.md.
 """
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Optional
 

@@ -19,8 +19,6 @@ ninja are needed; ~30 s on 2 cores, then cached per CPU type in
 built, ``available()`` is False, ``why_unavailable()`` says what failed, and
 the engine keeps its plain path. Tests: ``tests/test_cpu_kernel.py``.
 """
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import math

@@ -11,8 +11,6 @@ The kernel is built by ``cpu_paged_decode.build_extension`` (same flags, same ca
 cannot run (no VNNI, no compiler, a tensor not on the CPU), ``why_unavailable()`` says why and
 ``QuantizedLinear`` runs the reference instead: same numbers, more slowly.
 """
-from __future__ import annotations
-
 from pathlib import Path
 from typing import NamedTuple, Optional
 

@@ -37,8 +37,6 @@ is a second copy of the weights in memory) beside oneDNN's reordered copy. It is
 and what vLLM's CPU backend gets from oneDNN/IPEX; here it is one small module, no compiler.
 Results equal ``F.linear`` up to fp32 summation order (tested in ``tests/test_kernels.py``).
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -32,8 +32,6 @@ kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set before this
 module is imported): slow, numpy under the hood, but the same program, which
 is how the tests check it on CPU against ``minfer.attention.paged.paged_attention_reference``.
 """
-from __future__ import annotations
-
 import math
 
 import torch

@@ -3,8 +3,6 @@
 Per layer: ``view = cache.update(kv_layer, k, v, positions)`` stores this forward's K/V, then
 ``cache.attend(kv_layer, q, view, positions, backend, window)`` -> outputs (docs/kv-and-attention.md).
 """
-from __future__ import annotations
-
 from typing import NamedTuple, Protocol
 
 import torch

@@ -8,8 +8,6 @@ blocks is an answer, not an exception: ``allocate`` returns None and ``append_sl
 with nothing changed. vLLM: ``vllm/v1/core/block_pool.py``, ``vllm/v1/core/kv_cache_manager.py``.
 The diagram and the three ideas: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence

@@ -4,8 +4,6 @@ The block manager writes each change once, when it happens; the runner only inde
 of the step's sequences. vLLM: ``vllm/v1/worker/block_table.py`` (``BlockTable``).
 Diagram: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch

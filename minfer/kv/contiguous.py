@@ -8,8 +8,6 @@ gpt-fast style (``KVCache`` in gpt-fast's model.py)::
 Writes and roll-backs are O(1); every sequence reserves ``max_len`` slots up front
 (docs/kv-and-attention.md).
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.kv.base import DenseKVCache, KVView

@@ -4,8 +4,6 @@
 groups give back the blocks behind their window. vLLM: ``vllm/v1/core/kv_cache_coordinator.py``
 (``HybridKVCacheCoordinator``). Diagram: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import math
 from typing import Optional, Sequence
 

@@ -4,8 +4,6 @@ Policies: ``streaming`` (StreamingLLM, Xiao et al. 2024: sinks + recent), ``h2o`
 2023: most attention received + recent), ``snapkv`` (Li et al. 2024: the last prompt queries vote
 once). Scores are taken in ``attend``. Design and limits: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import math
 
 import torch

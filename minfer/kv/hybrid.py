@@ -7,8 +7,6 @@ Gemma 3 270M at 8192 tokens: 3.94 layer-equivalents instead of 18 (``kv_bytes_pe
 single-sequence version of vLLM's hybrid KV cache manager (``vllm/v1/core/kv_cache_coordinator.py``);
 llama.cpp: ``llama_kv_cache_iswa``. The arithmetic: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import dataclasses
 
 import torch

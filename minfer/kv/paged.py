@@ -6,8 +6,6 @@
 ``update`` writes a flattened batch's K/V at their slots (vLLM: ``reshape_and_cache``); ``attend``
 hands the queries to ``minfer/attention/paged.py``. Diagrams: docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -5,8 +5,6 @@
 vLLM: ``kv_cache_dtype="fp8"``; KIVI (Liu et al. 2024) goes lower. The whole valid prefix is
 dequantized on every read (docs/kv-and-attention.md).
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.kv.base import DenseKVCache, KVView

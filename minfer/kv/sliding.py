@@ -3,8 +3,6 @@
 Mistral 7B's "rolling buffer cache" (Jiang et al. 2023): position p lives in slot p % W.
 ``update`` returns the old ring plus the new keys, then writes (docs/kv-and-attention.md).
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.kv.base import DenseKVCache, KVView

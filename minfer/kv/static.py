@@ -3,8 +3,6 @@
 Every forward attends over all ``max_len`` slots, masked on the device: one shape, no host read, so
 it can be captured as a CUDA graph. gpt-fast: ``causal_mask[input_pos]``. docs/kv-and-attention.md.
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.kv.base import KVView

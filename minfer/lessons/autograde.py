@@ -5,8 +5,6 @@ Per submission: find each exercise's cell (``locate``), grade it in a grading pr
 for return values, as JSON data. The steps, the statuses and what limits do not stop:
 docs/teaching.md.
 """
-from __future__ import annotations
-
 import argparse
 import ast
 import csv

@@ -5,8 +5,6 @@ JSON object per line in (``{"prelude", "context", "cell", "function", "allowed"}
 ``{"args": [...]}``), one per line out on a private copy of fd 1; values travel as data
 (``encode``/``decode``), never objects. The protocol: docs/teaching.md.
 """
-from __future__ import annotations
-
 import json
 import os
 import sys

@@ -5,8 +5,6 @@
     minfer lessons grade SUB.ipynb ... [--csv F | --json F] [--timeout S]   the score table
     minfer lessons execute (--all | NOTEBOOK ...)     run lessons, commit them with outputs
 """
-from __future__ import annotations
-
 import argparse
 from contextlib import contextmanager
 from typing import Iterator

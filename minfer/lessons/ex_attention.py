@@ -4,8 +4,6 @@ References: ``minfer.attention.mask.allowed``, ``minfer.attention.reference.refe
 (the backend signature; the lesson runs SmolLM2 and Gemma 3 on the learner's through
 ``compare_with_engine(llm, prompt, attention=...)``) and ``minfer.kv.quantized.quantize_kv``.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

@@ -2,8 +2,6 @@
 
 References: ``rms_norm`` in ``minfer/model.py``, ``top_p_filter`` in ``minfer/sampling.py``.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

@@ -4,8 +4,6 @@ References: ``qkv_fused`` and ``pad_to_bucket`` below as plain functions (the en
 once at load time in ``minfer/model.py`` and picks the bucket with ``bucket_for`` in
 ``minfer/engine/cuda_graph.py``), ``pad_batch`` (``StaticDecodeRunner.load``), ``minfer.bench.machine.mbu``.
 """
-from __future__ import annotations
-
 import math
 from functools import lru_cache
 from typing import Any, Optional, Sequence

@@ -1,6 +1,4 @@
 """Exercises of lesson 10 (compression beyond quantization): distillation, Medusa, H2O eviction, pruning."""
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

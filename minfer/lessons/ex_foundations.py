@@ -3,8 +3,6 @@
 References: ``minfer.kv.ContiguousKVCache.update`` (run by ``kv_append_with_cache`` below),
 ``minfer.attention.flash.online_softmax_update`` and ``minfer.bench.machine.linear_intensity``.
 """
-from __future__ import annotations
-
 import math
 from types import SimpleNamespace
 from typing import Any, Optional

@@ -5,8 +5,6 @@ The learner's loop gets a ``CountingModel``, which logs the shape of every forwa
 checks the *way* the answer was computed (one prefill, then one token per step), not only the tokens.
 The references are the engine's own: ``minfer.generate.generate_tokens``, ``Scheduler.schedule``.
 """
-from __future__ import annotations
-
 from functools import lru_cache
 from typing import Any, Optional
 

@@ -4,8 +4,6 @@ An event log is ((time, request_id, kind), ...) in time order, kind in arrival, 
 finished. References: ``RequestStats.ttft`` and ``summarize``'s goodput over
 ``minfer.serving.metrics.stats_from_events``, and the engine's ``Scheduler.schedule`` (static policy).
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

@@ -4,8 +4,6 @@ References: ``compute_slot_mapping`` and ``block_hashes`` in ``minfer/kv/block_p
 ``can_append_tokens`` and ``append_to_block_table`` below, the allocator's rules as plain functions
 (``KVCacheManager`` applies them with sharing). Inputs are tuples: a function cannot edit them in place.
 """
-from __future__ import annotations
-
 from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st

@@ -1,7 +1,5 @@
 """Exercises of lesson 11 (parallelism): tensor-parallel shards and traffic, GPipe, the disaggregated KV hand-off.
 """
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch

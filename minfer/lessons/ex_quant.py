@@ -12,8 +12,6 @@ engine's tests run these same properties on them (``tests/test_quant.py``).
 ``quantize_int8`` is graded against its *definition* (scale = max|row| / 127,
 every element within half a step), so rounding ties either way is accepted.
 """
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch

@@ -2,8 +2,6 @@
 
 References: ``minfer/serving/router.py``, ``minfer/serving/cost.py`` and ``minfer/engine/output.py``.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Callable, Optional
 

@@ -3,8 +3,6 @@
 References: ``minfer/serving/metrics.py`` and ``continuous_step`` below (``tests/test_scheduler.py``
 checks that the engine's scheduler makes its decisions when memory is plentiful). Inputs are tuples.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

@@ -1,6 +1,4 @@
 """Exercises of lesson 07 (speculative decoding): the accept/reject rule, n-gram lookup, lookahead's pool."""
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch

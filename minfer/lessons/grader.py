@@ -5,8 +5,6 @@ a failure to the smallest example; the learner sees one printed block, never a s
 Calls into minfer are watched (reported "rejected"); ``MINFER_AUTOGRADE=1`` makes a failure
 raise. Deterministic (``derandomize=True``). Example reports: docs/teaching.md.
 """
-from __future__ import annotations
-
 import copy
 import os
 import sysconfig

@@ -4,8 +4,6 @@
 (killed at the end), rlimits, a scratch folder, an empty environment and, with
 ``sandbox=True``, ``bwrap``. Limits are not a sandbox (docs/teaching.md).
 """
-from __future__ import annotations
-
 import ctypes
 import json
 import os

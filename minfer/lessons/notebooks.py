@@ -4,8 +4,6 @@ An exercise is a ``solution``-tagged cell followed by a ``check(...)`` cell; the
 turns solution cells into stubs (signature and docstring kept, or ``metadata["minfer"]["stub"]``).
 No later cell may depend on a learner's function. Conventions for authors: docs/teaching.md.
 """
-from __future__ import annotations
-
 import ast
 import copy
 import os

@@ -3,8 +3,6 @@
 Each draws on an ``Axes`` the caller owns, so a notebook keeps control of layout and titles.
 matplotlib is imported here only (the engine never needs it).
 """
-from __future__ import annotations
-
 from typing import Iterable, Sequence
 
 import matplotlib.ticker as mticker

@@ -4,8 +4,6 @@
 learner's functions, as vLLM takes ``SchedulerConfig.scheduler_cls``; ``rebuild(llm, ...)`` makes a
 second ``LLM`` with them (docs/teaching.md).
 """
-from __future__ import annotations
-
 from functools import partial
 from typing import Callable, Optional
 

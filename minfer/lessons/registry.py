@@ -5,8 +5,6 @@ An exercise: ``inputs`` (a hypothesis strategy of a dict of arguments, passed po
 wrong) and an optional ``validate`` against the definition. The same property grades
 ``check("model.rms_norm", fn)`` in a notebook and the engine in ``tests/`` (docs/teaching.md).
 """
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional

@@ -3,8 +3,6 @@
 ``SWAP_POINTS`` is the whole list (``targets``, replaced by ``use``; or an ``engine_arg`` of the
 engine's constructor), held to the code by ``tests/test_swap.py``. Details: docs/teaching.md.
 """
-from __future__ import annotations
-
 import importlib
 import re
 from contextlib import contextmanager

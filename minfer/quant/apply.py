@@ -10,8 +10,6 @@ The checkpoint's metadata names each module's format, as vLLM reads a checkpoint
 ``quantization_config`` (``vllm/model_executor/layers/quantization/__init__.py``).
 Details: docs/quantization.md.
 """
-from __future__ import annotations
-
 import json
 import os
 import re

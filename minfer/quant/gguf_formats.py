@@ -6,8 +6,6 @@ float32 (n_blocks, values_per_block), computed in llama.cpp's order. llama.cpp:
 gguf-py ``gguf/quants.py`` (the tests match it bit for bit). The table of formats, the
 super-blocks and what "Q4_K_M" means: docs/quantization.md.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Callable, Sequence
 

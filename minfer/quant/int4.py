@@ -6,8 +6,6 @@ Stored: ``packed`` uint8 (N, ceil(K / 2)), ``scale`` and ``minimum`` bf16 (N, G)
 down and scale up, so |w - w'| <= scale / 2. gpt-fast ``quantize.py`` (``WeightOnlyInt4Linear``),
 torchao ``quant_primitives.py``, llama.cpp ``quantize_row_q4_1``. Details: docs/quantization.md.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

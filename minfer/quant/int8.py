@@ -6,8 +6,6 @@ Weights only ("W8A16"). gpt-fast ``quantize.py`` (``WeightOnlyInt8Linear``), tor
 ``int8_weight_only``; the CPU matmul is ``torch.ops.aten._weight_int8pack_mm``
 (docs/quantization.md).
 """
-from __future__ import annotations
-
 import torch
 
 QMAX = 127                      # the grid is -127 .. 127 (symmetric; -128 unused)

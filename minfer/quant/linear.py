@@ -37,8 +37,6 @@ vLLM equivalents: ``vllm/model_executor/layers/linear.py`` (``LinearBase``
 with a ``quant_method``) and ``layers/quantization/`` (one ``apply`` per
 format); gpt-fast ``quantize.py``; torchao ``dtypes/uintx/``.
 """
-from __future__ import annotations
-
 import warnings
 from typing import Callable, Optional
 

@@ -4,8 +4,6 @@ Only the engine thread touches the engine (public API only); the event loop puts
 queue and reads per-request ``asyncio.Queue``s. vLLM: ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``)
 and ``EngineCore`` (``vllm/v1/engine/core.py``). The diagram: docs/serving.md.
 """
-from __future__ import annotations
-
 import asyncio
 import logging
 import queue

@@ -4,8 +4,6 @@ Throughput first: every request goes to the engine at once. A bad body is that l
 record; a broken file is refused before the model loads. Resumable by content (``request_hash``
 in ``OUTPUT.jsonl.partial``), written atomically. The formats and the rules: docs/serving.md.
 """
-from __future__ import annotations
-
 import argparse
 import hashlib
 import json

@@ -4,8 +4,6 @@
 
 Defaults (``--price-per-hour``, ``--watts``) and why batching halves the price: docs/serving.md.
 """
-from __future__ import annotations
-
 DEFAULT_PRICE_PER_HOUR = 0.10
 DEFAULT_WATTS = 700.0
 

@@ -4,8 +4,6 @@
 back through the block tables; its logits depend only on the context. ``FakeClock`` charges
 ``fixed + per_token * N`` per forward (docs/serving.md).
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.kv.block_pool import BlockPool, KVCacheManager

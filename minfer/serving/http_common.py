@@ -2,8 +2,6 @@
 flags (the router starts servers with the same engine flags). Apart from ``server.py`` so that
 neither of the two imports the other at import time.
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json

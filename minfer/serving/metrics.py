@@ -2,8 +2,6 @@
 ``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et
 al. 2024). Percentiles are numpy's. The definitions, drawn: docs/serving.md.
 """
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field
 from typing import Iterable

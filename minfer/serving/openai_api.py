@@ -5,8 +5,6 @@ Every field the engine cannot honour (penalties, tools, any field OpenAI does no
 naming it, never ignored. The fields, logprobs, echo, ``n`` and guided output: docs/serving.md.
 vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
 """
-from __future__ import annotations
-
 import re
 import time
 import uuid

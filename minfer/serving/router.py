@@ -5,8 +5,6 @@ consistent-hash ring (Karger et al. 1997). Bodies and bytes are forwarded unchan
 that fails is marked down and its waiting requests move. SGLang's router and llm-d do the same;
 the failure rules: docs/serving.md.
 """
-from __future__ import annotations
-
 import argparse
 import asyncio
 import bisect

@@ -11,8 +11,6 @@ deltas; a client gone aborts its request. ``--replicas N``: N servers behind the
 (``minfer.serving.router``). Backpressure, drain, limits: docs/serving.md.
 vLLM: ``vllm/entrypoints/openai/api_server.py``.
 """
-from __future__ import annotations
-
 import argparse
 import asyncio
 import json

@@ -4,8 +4,6 @@
 gaps of mean 1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py``
 (``get_request``) (docs/serving.md).
 """
-from __future__ import annotations
-
 import itertools
 import math
 import random

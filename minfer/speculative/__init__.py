@@ -4,8 +4,6 @@ A method is picked by a spec string (``LLM(speculative=...)``): ``"prompt_lookup
 ``"draft:layers-10,gamma=3"``, ``"lookahead:W=5,N=4,G=5"``, ``"medusa:<heads>"`` (docs/speculative.md).
 vLLM: ``SpeculativeConfig`` (``vllm/config/speculative.py``).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Iterator
 

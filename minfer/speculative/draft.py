@@ -3,8 +3,6 @@
 Drafts: another checkpoint, the target in int4 (``quantized_draft``) or its first k layers (LayerSkip);
 both caches roll back with ``truncate``. vLLM: ``SpeculativeConfig`` method "draft_model".
 """
-from __future__ import annotations
-
 import dataclasses
 from os.path import commonprefix
 

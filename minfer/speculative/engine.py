@@ -2,8 +2,6 @@
 (each decode chunk widened by its proposal), ``num_computed_tokens`` rolls back. vLLM V1:
 ``vllm/v1/spec_decode/``, ``rejection_sampler.py``, ``gpu_model_runner.py`` (docs/speculative.md).
 """
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field

@@ -4,8 +4,6 @@ forward, no draft model; greedy, so the output equals plain greedy decoding.
 The 2-D window (W columns x N - 1 levels) and the candidates share one forward under a tree mask
 (docs/speculative.md). vLLM's tree attention: ``vllm/v1/attention/backends/tree_attn.py``.
 """
-from __future__ import annotations
-
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator

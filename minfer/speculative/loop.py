@@ -3,8 +3,6 @@
 Between steps the target's cache holds K/V for ``seq[:-1]``; after verifying n of k proposals,
 ``truncate(len(seq) + n)``. ``engine.py`` runs the same steps for the whole batch.
 """
-from __future__ import annotations
-
 import time
 from typing import Callable, Iterator
 

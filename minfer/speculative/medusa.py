@@ -6,8 +6,6 @@ guesses in ONE forward; greedy, so the output equals plain greedy decoding.
 ``medusa_generate``: the single-request loop over a static tree; the engine verifies the heads' top-1
 chain (``engine.py``). vLLM: ``vllm/v1/spec_decode/medusa.py`` (docs/speculative.md).
 """
-from __future__ import annotations
-
 import contextlib
 import functools
 import json

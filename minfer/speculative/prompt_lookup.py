@@ -1,8 +1,6 @@
 """Prompt lookup decoding (Saxena 2023; Yang et al. 2023): the draft is the text itself, what followed an
 earlier occurrence of the last n tokens. vLLM: ``vllm/v1/spec_decode/ngram_proposer.py``.
 """
-from __future__ import annotations
-
 from os.path import commonprefix
 
 import torch

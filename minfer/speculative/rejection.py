@@ -5,8 +5,6 @@
 samples exactly from the target p (docs/speculative.md); a deterministic proposal is q = one-hot,
 greedy is p = one-hot(argmax). vLLM: ``vllm/v1/sample/rejection_sampler.py``.
 """
-from __future__ import annotations
-
 import torch
 
 from minfer.sampling import SamplingParams, top_k_filter, top_p_filter

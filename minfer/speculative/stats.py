@@ -1,7 +1,5 @@
 """Acceptance statistics of one speculative request, and the theory (Leviathan et al. 2023, Eq. 1):
 E[tokens / step] = (1 - a^(gamma + 1)) / (1 - a). vLLM: ``draft_acceptance_rate``."""
-from __future__ import annotations
-
 from collections import Counter
 from dataclasses import dataclass, field
 
