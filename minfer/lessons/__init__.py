@@ -1,11 +1,7 @@
-"""Helpers that the lesson notebooks import: the exercise grader and friends.
-
-    from minfer.lessons import check
-    check("model.rms_norm", rms_norm)      # prints a report, returns a CheckResult
-
-``use`` / ``engine_args`` / ``compare_with_engine`` run the engine with a learner's functions
-(``swap``, ``plug_ins``); ``autograde`` and ``notebooks`` serve the instructor (docs/teaching.md).
-"""
+"""Helpers that the lesson notebooks import: ``check("model.rms_norm", rms_norm)`` prints a report and
+returns a ``CheckResult``; ``use`` / ``engine_args`` / ``compare_with_engine`` run the engine with a
+learner's functions (``swap``, ``plug_ins``); ``autograde`` and ``notebooks`` serve the instructor
+(docs/teaching.md)."""
 from minfer.lessons import exercises
 from minfer.lessons.exercises import Exercise, get, names, register
 from minfer.lessons.grader import CheckResult, check, describe, grade, run

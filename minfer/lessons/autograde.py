@@ -1,16 +1,11 @@
-"""``minfer lessons grade``: grade submitted notebooks, each exercise in two fresh processes.
-
-Per submission: find each exercise's cell (``locate``), grade it in a grading process
-(``--judge``) that starts the learner's process (``minfer.lessons.isolate``) and asks it only
-for return values, as JSON data. The steps, the statuses and what limits do not stop:
-docs/teaching.md.
-"""
+"""``minfer lessons grade``: grade submitted notebooks, each exercise in two fresh processes: a grading
+process (``--judge``) and the learner's (``minfer.lessons.isolate``), asked only for return values as
+JSON data. The steps, the statuses and what limits do not stop: docs/teaching.md."""
 import argparse
 import ast
 import csv
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -18,14 +13,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from minfer.cli_args import int_in, positive_int, seconds
 from minfer.lessons import exercises as _exercises
 from minfer.lessons.exercises import Exercise
 from minfer.lessons.childproc import is_allowed
-from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_subreaper,
+from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_subreaper, bwrap,
                                     kill_descendants, remote)
 
 DEFAULT_TIMEOUT = 60.0     # seconds per exercise: the slowest property runs in a few
@@ -286,10 +283,8 @@ def _run_judge(tasks: list[dict], limits: Limits) -> list[Optional[dict]]:
         lost = None
     verdicts: list[Optional[dict]] = []
     for line in out.splitlines():
-        try:
+        with suppress(ValueError):              # a line that is not a verdict
             verdicts.append(json.loads(line))
-        except ValueError:
-            continue
     return (verdicts + [lost] * len(tasks))[:len(tasks)]
 
 
@@ -377,20 +372,17 @@ def format_table(rows: list[ExerciseGrade]) -> str:
     lines.append("")
     for r in rows:
         if not r.passed:
-            lines.append(f"--- {r.submission} :: {r.exercise} ({r.status})")
-            lines.append(r.message)
+            lines += [f"--- {r.submission} :: {r.exercise} ({r.status})", r.message]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def to_csv(rows: list[ExerciseGrade]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["submission", "lesson", "exercise", "status", "points", "max_points",
-                     "seconds", "finding"])
-    for r in rows:
-        first = r.message.split("\n")[0]
-        writer.writerow([r.submission, r.lesson, r.exercise, r.status, r.points,
-                         r.max_points, r.seconds, first])
+    writer.writerow(["submission", "lesson", "exercise", "status", "points", "max_points", "seconds",
+                     "finding"])
+    writer.writerows([r.submission, r.lesson, r.exercise, r.status, r.points, r.max_points, r.seconds,
+                      r.message.split("\n")[0]] for r in rows)
     return buf.getvalue()
 
 
@@ -400,19 +392,11 @@ def to_json(rows: list[ExerciseGrade]) -> dict:
 
 
 # --- The command ---
-def _positive(flag: str, kind=float, most: Optional[float] = None):
-    """An argparse type: a finite number > 0 (at most ``most``), else exit 2 naming ``flag``."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0 or (most is not None and value > most):
-            bound = f" and at most {most:g}" if most is not None else ""
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number > 0{bound}, "
-                                             f"got {text!r}")
-        return value
-    return parse
+def _timeout(text: str) -> float:
+    """``--timeout``: ``cli_args.seconds``, at most a day (the limits it sets must not overflow)."""
+    if seconds(text) > 86400:
+        raise argparse.ArgumentTypeError(f"must be at most 86400 seconds, got {text[:40]!r}")
+    return seconds(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -420,15 +404,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", default=None, help="write the score table as CSV here")
     out.add_argument("--json", default=None, help="write the score table (and every finding) as JSON here")
-    p.add_argument("--timeout", type=_positive("--timeout", most=86400), default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT,
                    help=f"seconds per exercise before it is stopped, wall clock and CPU "
                         f"(default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--memory", type=_positive("--memory", int), default=DEFAULT_MEMORY_MB,
+    p.add_argument("--memory", type=positive_int, default=DEFAULT_MEMORY_MB,
                    help=f"MiB of address space per exercise (RLIMIT_AS; default {DEFAULT_MEMORY_MB})")
     p.add_argument("--sandbox", action="store_true",
                    help="run each submission under bwrap: read-only root, no network, only a "
                         "scratch folder writable, the submissions' folders hidden")
-    p.add_argument("--jobs", type=_positive("--jobs", int, most=256), default=2,
+    p.add_argument("--jobs", type=int_in(1, 256), default=2,
                    help="submissions graded at once (default 2)")
     p.add_argument("--lesson", default=None, help="the lesson (notebook stem) of every submission "
                    "(default: found from the exercise cells)")
@@ -436,14 +420,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from minfer.atomic import write_json, write_text
-    from minfer.lessons.isolate import sandbox_available
 
     if args.lesson is not None and args.lesson not in lessons():
         raise ValueError(f"--lesson {args.lesson!r} is not a lesson with exercises; "
                          f"choose one of {', '.join(lessons())}")
-    if args.sandbox and not sandbox_available():
-        raise ValueError("--sandbox needs bwrap (Debian/Ubuntu: apt-get install bubblewrap); "
-                         "without it, grade untrusted submissions in a container")
+    if args.sandbox:
+        bwrap()                     # ValueError where bwrap is not installed
     missing = [s for s in args.submissions if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"no such submission: {', '.join(missing)}")

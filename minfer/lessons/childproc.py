@@ -1,14 +1,13 @@
 """The learner's side of ``minfer lessons grade``: load the cells, run the function, return data.
 
-The whole program of the untrusted process, started as ``python -I -S -c <this source>``. One
-JSON object per line in (``{"prelude", "context", "cell", "function", "allowed"}``, then
-``{"args": [...]}``), one per line out on a private copy of fd 1; values travel as data
-(``encode``/``decode``), never objects. The protocol: docs/teaching.md.
+The whole program of the untrusted process (``python -I -S -c <this source>``): JSON lines in and out,
+values as data (``encode``/``decode``), never objects. The protocol: docs/teaching.md.
 """
 import json
 import os
 import sys
 import traceback
+from contextlib import suppress
 from typing import Any, Callable, Optional
 
 CELL_PREFIX = "<cell "          # the file name of every piece of the learner's code
@@ -151,10 +150,8 @@ def _load(job: dict) -> tuple[Optional[Callable], dict]:
     except BaseException as e:  # noqa: BLE001
         return None, {"crashed": f"the exercise's prelude failed: {type(e).__name__}: {e}"}
     for label, source in job["context"]:
-        try:
+        with suppress(Exception):         # an import this process cannot do is skipped
             exec(compile(source, label, "exec"), ns)
-        except Exception:  # noqa: BLE001 - an import this process cannot do is skipped
-            pass
     label, source = job["cell"]
     linecache.cache[label] = (len(source), None, source.splitlines(True), label)
     try:
@@ -176,8 +173,8 @@ def _answer(fn: Callable, args: list, allowed: tuple) -> dict:
     made: list = []
 
     def build(seed: int):             # ``{"model": seed}``: the grader's tiny counting model
-        from minfer.lessons.ex_loops import counting_model
-        made.append(counting_model(int(seed)))
+        from minfer.lessons.ex_loops import CountingModel
+        made.append(CountingModel(int(seed)))
         return made[-1]
     try:
         values = [decode(a, build) for a in args]
@@ -192,12 +189,10 @@ def _answer(fn: Callable, args: list, allowed: tuple) -> dict:
 
 def main() -> None:
     """Serve the grading process until stdin closes."""
-    try:                                      # die with the grading process (Linux)
+    with suppress(OSError, AttributeError):   # die with the grading process (Linux)
         import ctypes
         import signal
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)     # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)                             # the learner's prints go to stderr
     sys.stdout = sys.stderr

@@ -1,10 +1,5 @@
-"""``minfer lessons ...``: the lesson subcommands, wired into ``minfer.cli``.
-
-    minfer lessons start DIR                          your own copy: exercises as stubs
-    minfer lessons student-edition OUT [--nbgrader]   the handout (or nbgrader source notebooks)
-    minfer lessons grade SUB.ipynb ... [--csv F | --json F] [--timeout S]   the score table
-    minfer lessons execute (--all | NOTEBOOK ...)     run lessons, commit them with outputs
-"""
+"""``minfer lessons start | student-edition | grade | execute``, wired into ``minfer.cli``, and the
+``--use-solutions`` flag of ``minfer generate`` (``with_solutions``)."""
 import argparse
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,18 +9,19 @@ from minfer.cli_args import positive_int
 
 def add_lessons_commands(p: argparse.ArgumentParser) -> None:
     """Add the ``lessons`` subcommands to the ``lessons`` parser ``p``."""
-    from minfer.lessons import autograde
+    from minfer.lessons import autograde, notebooks
 
     sub = p.add_subparsers(dest="lessons_cmd", required=True)
     s = sub.add_parser("start", help="write your own copy of the lessons, exercises as stubs")
     s.add_argument("out_dir")
-    s.set_defaults(func=_start)
+    s.set_defaults(func=lambda args: notebooks.start_main(args.out_dir))
 
     s = sub.add_parser("student-edition", help="write the notebooks with solution cells emptied")
     s.add_argument("out_dir")
     s.add_argument("--nbgrader", action="store_true",
                    help="write nbgrader source notebooks (solution regions, locked graded check cells)")
-    s.set_defaults(func=_student_edition)
+    s.set_defaults(func=lambda args: (notebooks.nbgrader_edition_main if args.nbgrader
+                                      else notebooks.student_edition_main)(args.out_dir))
 
     s = sub.add_parser("grade", help="grade submitted notebooks: one score table")
     autograde.add_arguments(s)
@@ -36,16 +32,6 @@ def add_lessons_commands(p: argparse.ArgumentParser) -> None:
     s.add_argument("--all", action="store_true", help="every lessons/NN_*.ipynb")
     s.add_argument("--timeout", type=positive_int, default=600, help="seconds per cell (default 600)")
     s.set_defaults(func=_execute)
-
-
-def _start(args) -> int:
-    from minfer.lessons.notebooks import start_main
-    return start_main(args.out_dir)
-
-
-def _student_edition(args) -> int:
-    from minfer.lessons.notebooks import nbgrader_edition_main, student_edition_main
-    return nbgrader_edition_main(args.out_dir) if args.nbgrader else student_edition_main(args.out_dir)
 
 
 def _execute(args) -> int:

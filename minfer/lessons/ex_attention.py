@@ -1,8 +1,7 @@
 """Exercises of lesson 03 (attention memory): the window mask, GQA attention, int8 KV.
 
-References: ``minfer.attention.mask.allowed``, ``minfer.attention.reference.reference_attention``
-(the backend signature; the lesson runs SmolLM2 and Gemma 3 on the learner's through
-``compare_with_engine(llm, prompt, attention=...)``) and ``minfer.kv.quantized.quantize_kv``.
+The lesson runs SmolLM2 and Gemma 3 on the learner's GQA attention (the engine's backend signature)
+through ``compare_with_engine(llm, prompt, attention=...)``.
 """
 import math
 from typing import Any, Optional
@@ -12,6 +11,8 @@ from hypothesis import strategies as st
 
 from minfer.lessons.registry import (Exercise, Inputs, against_definition, allclose, close_problem, exact,
                                       float_tensors, register, tensor_problem, tuple_problem)
+
+GQA_ATOL = 1e-5
 
 
 @st.composite
@@ -52,12 +53,9 @@ register(Exercise(
                  "query p iff 0 <= j <= p and (window is None or p - j < window)"),
     reference="minfer.attention.mask:allowed",
     inputs=_mask_inputs(),
-    compare=exact(),
+    compare=exact,
     validate=_validate_mask,
 ))
-
-
-GQA_ATOL = 1e-5
 
 
 @st.composite

@@ -1,7 +1,4 @@
-"""Lesson 01's exercises: ``model.rms_norm`` and ``sampling.top_p``.
-
-References: ``rms_norm`` in ``minfer/model.py``, ``top_p_filter`` in ``minfer/sampling.py``.
-"""
+"""Lesson 01's exercises: ``model.rms_norm`` and ``sampling.top_p``."""
 import math
 from typing import Any, Optional
 
@@ -11,8 +8,8 @@ from hypothesis import strategies as st
 from minfer.lessons.registry import (Exercise, Inputs, allclose, close_problem, first_index, float_lists,
                                      register, rows_tensor, tensor_problem)
 
-
 RMS_NORM_ATOL = 1e-5
+TOP_P_MASS_TOL = 1e-5   # cumulative probabilities this close to top_p are a coin toss
 
 
 @st.composite
@@ -29,8 +26,7 @@ def _rms_norm_inputs(draw) -> Inputs:
 
 def _validate_rms_norm(inputs: Inputs, actual: torch.Tensor) -> Optional[str]:
     """Compare with the definition, evaluated in float64."""
-    x = inputs["x"].to(torch.float64)
-    w = inputs["weight"].to(torch.float64)
+    x, w = inputs["x"].double(), inputs["weight"].double()
     want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + inputs["eps"]) * w
     return close_problem(want, actual, RMS_NORM_ATOL, what="definition (float64)")
 
@@ -45,9 +41,6 @@ register(Exercise(
     compare=allclose(RMS_NORM_ATOL),
     validate=_validate_rms_norm,
 ))
-
-
-TOP_P_MASS_TOL = 1e-5   # cumulative probabilities this close to top_p are a coin toss
 
 
 @st.composite

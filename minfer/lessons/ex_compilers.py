@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from minfer.lessons.registry import (Exercise, Inputs, against_definition, close_problem, float_tensors,
-                                     is_number, register, returned, tuple_problem)
+                                     is_number, number_problem, register, tuple_problem)
 
 QKV_ATOL = 1e-5
 
@@ -122,13 +122,10 @@ register(Exercise(
 def _mbu_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     b, tps, bw = inputs["bytes_per_token"], inputs["tokens_per_s"], inputs["bandwidth"]
     want = b * tps / bw
-    if not is_number(actual):
-        return returned(actual, "a fraction (1.0 = the whole bandwidth)", show=True)
-    if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-15):
-        return None
-    hint = " (a fraction, not a percentage)" if math.isclose(actual, 100 * want, rel_tol=1e-9) else ""
-    return (f"{b:.4g} bytes per token x {tps:.4g} tokens/s = {b * tps:.4g} bytes/s achieved, over "
-            f"{bw:.4g} bytes/s: expected {want!r}, yours {actual!r}{hint}")
+    hint = " (a fraction, not a percentage)" if is_number(actual) and math.isclose(actual, 100 * want) else ""
+    return number_problem(actual, want, "a fraction (1.0 = the whole bandwidth)",
+                          f"{b:.4g} bytes per token x {tps:.4g} tokens/s = {b * tps:.4g} bytes/s achieved, "
+                          f"over {bw:.4g} bytes/s: expected {want!r}, yours {actual!r}{hint}", abs_tol=1e-15)
 
 
 register(Exercise(

@@ -13,9 +13,8 @@ from minfer.lessons.registry import (Exercise, Inputs, against_definition, close
 def _kl_inputs(draw) -> Inputs:
     N, V = draw(st.integers(1, 4)), draw(st.integers(3, 12))
     k = draw(st.integers(1, V - 1))
-    seed = draw(st.integers(0, 10_000))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
     scale = draw(st.sampled_from([0.5, 2.0, 6.0]))
-    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(N, V, generator=g) * scale
     top = torch.log_softmax(torch.randn(N, V, generator=g) * scale, -1).topk(k, -1)
     T = draw(st.sampled_from([0.5, 1.0, 2.0, 4.0]))

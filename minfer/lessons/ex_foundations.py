@@ -1,8 +1,4 @@
-"""Exercises of lessons 02 and 03: the KV-cache append, one online-softmax step, arithmetic intensity.
-
-References: ``minfer.kv.ContiguousKVCache.update`` (run by ``kv_append_with_cache`` below),
-``minfer.attention.flash.online_softmax_update`` and ``minfer.bench.machine.linear_intensity``.
-"""
+"""Exercises of lessons 02 and 03: the KV-cache append, one online-softmax step, arithmetic intensity."""
 import math
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -12,15 +8,11 @@ from hypothesis import strategies as st
 
 from minfer.lessons.registry import (
     Exercise, Inputs, against_definition, first_index, float_lists, float_tensors,
-    is_number, register, returned, tensor_problem, tuple_close, tuple_problem,
+    number_problem, register, tensor_problem, tuple_close, tuple_problem,
 )
 
-
-def _small_ints(shape: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy:
-    """float32 tensors of ``shape`` holding whole numbers in [lo, hi]: a counterexample reads easily."""
-    n = math.prod(shape)
-    return st.lists(st.integers(lo, hi), min_size=n, max_size=n).map(
-        lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
+ONLINE_SOFTMAX_ATOL = 1e-5
+STATE = ("m", "l", "acc")
 
 
 @st.composite
@@ -32,15 +24,10 @@ def _kv_append_inputs(draw) -> Inputs:
     # values from earlier tokens that must not be returned.
     start = draw(st.integers(0, max_len - 1))
     T = draw(st.integers(1, max_len - start))
-    buf = (B, nkv, max_len, hd)
-    new = (B, nkv, T, hd)
-    return {
-        "k_cache": draw(_small_ints(buf, -9, 9)),
-        "v_cache": draw(_small_ints(buf, -9, 9)),
-        "k": draw(_small_ints(new, -9, 9)),
-        "v": draw(_small_ints(new, -9, 9)),
-        "positions": torch.arange(start, start + T),
-    }
+    buf, new = (B, nkv, max_len, hd), (B, nkv, T, hd)
+    k_cache, v_cache, k, v = (draw(float_tensors(s, -9, 9, whole=True)) for s in (buf, buf, new, new))
+    return {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
+            "positions": torch.arange(start, start + T)}
 
 
 def kv_append_with_cache(k_cache, v_cache, k, v, positions):
@@ -106,10 +93,6 @@ register(Exercise(
 ))
 
 
-ONLINE_SOFTMAX_ATOL = 1e-5
-STATE = ("m", "l", "acc")
-
-
 def _score_row(n: int) -> st.SearchStrategy:
     """One query's scores against n keys, some masked to -inf (causal mask, window, padding)."""
     return st.tuples(float_lists(-20.0, 20.0, min_size=n, max_size=n),
@@ -170,13 +153,11 @@ def _intensity_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     from fractions import Fraction
 
     T, k, n, b = (inputs[name] for name in ("num_tokens", "in_features", "out_features", "bytes_per_value"))
-    if not is_number(actual):
-        return returned(actual, "a number (FLOP per byte)", show=True)
-    want = Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n))
-    if math.isclose(actual, float(want), rel_tol=1e-9):
-        return None
-    return (f"{2 * T * k * n} FLOPs (2 x {T} x {k} x {n}) over {b} x ({k} x {n} weights + {T} x {k} inputs + "
-            f"{T} x {n} outputs) bytes = {float(want):.6g} FLOP/byte; yours is {actual!r}")
+    want = float(Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n)))
+    return number_problem(actual, want, "a number (FLOP per byte)",
+                          f"{2 * T * k * n} FLOPs (2 x {T} x {k} x {n}) over {b} x ({k} x {n} weights + "
+                          f"{T} x {k} inputs + {T} x {n} outputs) bytes = {want:.6g} FLOP/byte; "
+                          f"yours is {actual!r}")
 
 
 register(Exercise(

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from minfer.lessons.registry import (Exercise, Inputs, close_problem, float_tensors, register, tuple_close,
                                      tuple_problem)
 
+PAGED_ATOL = 1e-5
+
 # What a loop exercise's solution may use: the engine's model and contiguous KV cache.
 LOOP_HELPERS = dict(
     prelude="import math\nimport torch\nfrom minfer.kv import ContiguousKVCache\n",
@@ -38,11 +40,13 @@ def tiny_lm(seed: int):
 
 
 class CountingModel:
-    """The engine's model, recording the (B, T) shape of every forward in ``calls``: call it as
-    ``model(input_ids (B, T), positions (B, T), kv_cache=cache, last_only=...) -> logits``."""
+    """``tiny_lm(seed)``, recording the (B, T) shape of every forward in ``calls``: call it as
+    ``model(input_ids (B, T), positions (B, T), kv_cache=cache, last_only=...) -> logits``. The
+    learner's process rebuilds it from ``seed``."""
 
-    def __init__(self, inner):
-        self.inner, self.cfg, self.calls = inner, inner.cfg, []
+    def __init__(self, seed: int):
+        self.seed, self.inner, self.calls = seed, tiny_lm(seed), []
+        self.cfg = self.inner.cfg
 
     def __call__(self, input_ids, positions, kv_cache=None, **kw):
         self.calls.append((tuple(input_ids.shape), kv_cache is not None))
@@ -54,13 +58,6 @@ class CountingModel:
 
     def __repr__(self) -> str:
         return f"<tiny random model, seed {self.seed}>"
-
-
-def counting_model(seed: int) -> CountingModel:
-    """A ``CountingModel`` over ``tiny_lm(seed)``; the learner's process rebuilds it from ``seed``."""
-    model = CountingModel(tiny_lm(seed))
-    model.seed = seed
-    return model
 
 
 def greedy_decode_reference(model, prompt_ids, max_new_tokens, eos_id):
@@ -105,7 +102,7 @@ register(Exercise(
     description=("greedy_decode(model, prompt_ids, max_new_tokens, eos_id) -> new token ids: prefill "
                  "once, then one cached single-token forward per token, the engine's tokens"),
     reference="minfer.lessons.ex_loops:greedy_decode_reference",
-    inputs=st.builds(dict, model=st.integers(0, 3).map(counting_model),
+    inputs=st.builds(dict, model=st.integers(0, 3).map(CountingModel),
                      prompt_ids=st.lists(st.integers(0, 96), min_size=1, max_size=8),
                      max_new_tokens=st.integers(1, 10), eos_id=st.one_of(st.none(), st.integers(0, 96))),
     compare=_compare_decode,
@@ -113,9 +110,6 @@ register(Exercise(
     max_examples=30,
     **LOOP_HELPERS,
 ))
-
-
-PAGED_ATOL = 1e-5
 
 
 @st.composite
@@ -131,15 +125,10 @@ def _paged_inputs(draw) -> Inputs:
     for n in need:
         tables.append(list(order[at:at + n]))
         at += n
-    return {
-        "q": draw(float_tensors((B, nh, hd), -2.0, 2.0)),
-        "k": draw(float_tensors((B, nkv, hd), -2.0, 2.0)),
-        "v": draw(float_tensors((B, nkv, hd), -2.0, 2.0)),
-        "k_pool": draw(float_tensors((num_blocks, bs, nkv, hd), -2.0, 2.0)),
-        "v_pool": draw(float_tensors((num_blocks, bs, nkv, hd), -2.0, 2.0)),
-        "block_tables": tables,
-        "context_lens": lens,
-    }
+    pool = (num_blocks, bs, nkv, hd)
+    shapes = {"q": (B, nh, hd), "k": (B, nkv, hd), "v": (B, nkv, hd), "k_pool": pool, "v_pool": pool}
+    tensors = {name: draw(float_tensors(shape, -2.0, 2.0)) for name, shape in shapes.items()}
+    return {**tensors, "block_tables": tables, "context_lens": lens}
 
 
 def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, context_lens):
@@ -192,20 +181,15 @@ register(Exercise(
 def _spec_inputs(draw) -> Inputs:
     seed = draw(st.integers(0, 2))
     same = draw(st.booleans())               # the draft is the target itself: every guess accepted
-    return {"target": counting_model(seed), "draft": counting_model(seed if same else 3),
+    return {"target": CountingModel(seed), "draft": CountingModel(seed if same else 3),
             "prompt_ids": draw(st.lists(st.integers(0, 96), min_size=1, max_size=6)),
             "max_new_tokens": draw(st.integers(1, 12)), "gamma": draw(st.integers(1, 4))}
 
 
 def speculative_greedy_reference(target, draft, prompt_ids, max_new_tokens, gamma):
-    """What the loop must produce: the engine's plain greedy tokens of ``target``."""
-    from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-
-    target.calls.clear()
+    """What the loop must produce: the engine's plain greedy tokens of ``target`` (no EOS)."""
     draft.calls.clear()
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
-    return list(generate_tokens(target.inner, list(prompt_ids), params))
+    return greedy_decode_reference(target, prompt_ids, max_new_tokens, None)
 
 
 def _validate_spec(inputs: Inputs, actual: list) -> Optional[str]:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from hypothesis import strategies as st
 
 from minfer.lessons.ex_serving import continuous_step
-from minfer.lessons.registry import Exercise, Inputs, against_definition, is_number, register, returned
+from minfer.lessons.registry import Exercise, Inputs, against_definition, number_problem, register, returned
 
 
 @st.composite
@@ -89,8 +89,6 @@ def _goodput_inputs(draw) -> Inputs:
 
 
 def _validate_goodput(inputs: Inputs, actual: Any) -> Optional[str]:
-    if not is_number(actual):
-        return returned(actual, "requests per second", show=True)
     good = []
     for rid, r in sorted(_own(inputs["events"]).items()):
         if r["finished"] is None:
@@ -101,10 +99,10 @@ def _validate_goodput(inputs: Inputs, actual: Any) -> Optional[str]:
         if all(ms[k] <= limit for k, limit in inputs["slo_ms"].items()):
             good.append(rid)
     want = len(good) / inputs["duration"]
-    if math.isclose(actual, want, rel_tol=1e-9):
-        return None
-    return (f"finished requests meeting every SLO {inputs['slo_ms']} (ms; a one-token request has TPOT 0): "
-            f"{good}, over {inputs['duration']} s = {want!r} req/s; yours is {actual!r}")
+    return number_problem(actual, want, "requests per second",
+                          f"finished requests meeting every SLO {inputs['slo_ms']} (ms; a one-token "
+                          f"request has TPOT 0): {good}, over {inputs['duration']} s = {want!r} req/s; "
+                          f"yours is {actual!r}")
 
 
 register(Exercise(

@@ -103,13 +103,6 @@ def kv_handoff_bytes(prompt_len: int, num_layers: int, num_kv_heads: int, head_d
     return 2 * num_layers * blocks * block_size * num_kv_heads * head_dim * bytes_per_element
 
 
-@st.composite
-def _handoff_inputs(draw) -> Inputs:
-    return {"prompt_len": draw(st.integers(1, 40)), "num_layers": draw(st.integers(1, 4)),
-            "num_kv_heads": draw(st.integers(1, 4)), "head_dim": draw(st.sampled_from([1, 2, 8, 16])),
-            "block_size": draw(st.sampled_from([1, 4, 16])), "bytes_per_element": draw(st.sampled_from([1, 2, 4]))}
-
-
 def _handoff_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     want = kv_handoff_bytes(**inputs)
     if isinstance(actual, (int, float)) and not isinstance(actual, bool) and actual == want:
@@ -126,7 +119,9 @@ register(Exercise(
     description=("kv_handoff_bytes(prompt_len, num_layers, num_kv_heads, head_dim, block_size, bytes_per_element) "
                  "-> bytes of K/V a prefill worker sends for one prompt, in whole blocks"),
     reference="minfer.lessons.ex_parallel:kv_handoff_bytes",
-    inputs=_handoff_inputs(),
+    inputs=st.builds(dict, prompt_len=st.integers(1, 40), num_layers=st.integers(1, 4),
+                     num_kv_heads=st.integers(1, 4), head_dim=st.sampled_from([1, 2, 8, 16]),
+                     block_size=st.sampled_from([1, 4, 16]), bytes_per_element=st.sampled_from([1, 2, 4])),
     compare=against_definition(_handoff_problem),
 ))
 

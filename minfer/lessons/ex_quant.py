@@ -1,16 +1,8 @@
-"""Exercises of lesson 06 (weight-only quantization).
+"""Exercises of lesson 06 (weight-only quantization): int8 per row, int4 packing, GGUF's Q4_K.
 
-    quant.quantize_int8     W (N, K) -> (q int8 (N, K), scale float32 (N,)), symmetric per row
-    quant.dequantize_int8   (q, scale) -> W float32 = q * scale, row by row
-    quant.pack_int4         (..., K) values 0..15, K even -> uint8 (..., K/2), even index in the low nibble
-    quant.unpack_int4       (packed, K) -> uint8 (..., K): the inverse
-    quant.q4k_scales_mins   Q4_K's 12 packed bytes -> eight 6-bit scales and eight 6-bit mins
-    quant.dequantize_q4_k   Q4_K blocks (n, 144) -> float32 (n, 256), bit-exact with llama.cpp
-
-References live in ``minfer/quant/int8.py``, ``int4.py`` and ``gguf_formats.py``; the
-engine's tests run these same properties on them (``tests/test_quant.py``).
-``quantize_int8`` is graded against its *definition* (scale = max|row| / 127,
-every element within half a step), so rounding ties either way is accepted.
+References: ``minfer/quant/int8.py``, ``int4.py`` and ``gguf_formats.py`` (``tests/test_quant.py``
+runs these same properties on them). ``quantize_int8`` is graded against its definition, so rounding
+ties either way is accepted.
 """
 from typing import Any, Optional
 
@@ -190,7 +182,7 @@ def _validate_q4k_scales(inputs: Inputs, actual: Any) -> Optional[str]:
             want[k].append([pair[k] for pair in pairs])
     problem = tuple_problem(actual, ("scales", "mins"))
     for name, w, a in zip(("scales", "mins"), want, actual if problem is None else ()):
-        problem = problem or exact()(inputs, torch.tensor(w, dtype=torch.float32), a)
+        problem = problem or exact(inputs, torch.tensor(w, dtype=torch.float32), a)
         if problem:
             return (f"{name}: {problem} (sub-blocks 4-7: low 4 bits from bytes 8-11, high 2 bits from the "
                     f"top of bytes 0-3 for a scale, 4-7 for a min)")
@@ -228,7 +220,7 @@ def _validate_q4k_block(inputs: Inputs, actual: Any) -> Optional[str]:
     except ImportError:                                    # pragma: no cover
         return None
     want = gguf.quants.dequantize(inputs["blocks"].numpy(), gguf.GGMLQuantizationType.Q4_K)
-    return exact()(inputs, torch.from_numpy(want).reshape(-1, 256), actual)
+    return exact(inputs, torch.from_numpy(want).reshape(-1, 256), actual)
 
 
 register(Exercise(
@@ -238,6 +230,6 @@ register(Exercise(
                  "dmin * min_s for sub-block s, bit-exact with llama.cpp"),
     reference="minfer.quant.gguf_formats:dequantize_q4_k",
     inputs=_q4k_blocks(),
-    compare=exact(),
+    compare=exact,
     validate=_validate_q4k_block,
 ))

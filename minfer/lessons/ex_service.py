@@ -1,13 +1,9 @@
-"""Exercises of lesson 09 (the inference service): consistent hashing, the cost of a token, stop strings.
-
-References: ``minfer/serving/router.py``, ``minfer/serving/cost.py`` and ``minfer/engine/output.py``.
-"""
-import math
+"""Exercises of lesson 09 (the inference service): consistent hashing, the cost of a token, stop strings."""
 from typing import Any, Callable, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import (Exercise, Inputs, against_definition, is_number, register, returned,
+from minfer.lessons.registry import (Exercise, Inputs, against_definition, number_problem, register, returned,
                                      tuple_problem)
 
 
@@ -50,12 +46,9 @@ def _rate_and(name: str, hi: float) -> st.SearchStrategy:
 def _per_mtok(what: str, formula: str, definition: Callable[[Inputs], float]):
     """A ``compare`` against ``definition(inputs)``, a number of ``what`` (``formula`` says how)."""
     def problem(inputs: Inputs, actual: Any) -> Optional[str]:
-        if not is_number(actual):
-            return returned(actual, f"a number of {what}", show=True)
         want = definition(inputs)
-        if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-12):
-            return None
-        return f"{formula} = {want!r}; yours is {actual!r}"
+        explain = f"{formula} = {want!r}; yours is {actual!r}"
+        return number_problem(actual, want, f"a number of {what}", explain, abs_tol=1e-12)
     return against_definition(problem)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from hypothesis import strategies as st
 
-from minfer.lessons.registry import Exercise, Inputs, against_definition, is_number, register, returned
+from minfer.lessons.registry import Exercise, Inputs, against_definition, number_problem, register, returned
 
 
 @st.composite
@@ -33,13 +33,10 @@ def _tpot_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     want = sum(y - x for x, y in zip(t, t[1:])) / (n - 1)
     if actual is None:
         return f"returned None, but {n} tokens have {n - 1} gaps: expected {want!r}"
-    if not is_number(actual):
-        return returned(actual, "a number of seconds", show=True)
-    if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-9):
-        return None
     e2e, ttft = t[-1] - a, t[0] - a
-    return (f"E2E = {t[-1]!r} - {a!r} = {e2e!r}, TTFT = {t[0]!r} - {a!r} = {ttft!r}, "
-            f"TPOT = (E2E - TTFT) / ({n} - 1) = {want!r}; yours is {actual!r}")
+    return number_problem(actual, want, "a number of seconds",
+                          f"E2E = {t[-1]!r} - {a!r} = {e2e!r}, TTFT = {t[0]!r} - {a!r} = {ttft!r}, "
+                          f"TPOT = (E2E - TTFT) / ({n} - 1) = {want!r}; yours is {actual!r}", abs_tol=1e-9)
 
 
 register(Exercise(
@@ -54,15 +51,13 @@ register(Exercise(
 
 
 def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optional[str]:
-    if not is_number(actual):
-        return returned(actual, "a number", show=True)
-    if math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-9):
-        return None
     xs = sorted(inputs["values"])
     r = inputs["p"] / 100 * (len(xs) - 1)
     lo, hi = math.floor(r), math.ceil(r)
-    return (f"sorted values {xs}; rank = p/100 * (n - 1) = {r:.6g}, between x[{lo}] = {xs[lo]!r} and "
-            f"x[{hi}] = {xs[hi]!r}: expected {expected!r}, yours {actual!r}")
+    return number_problem(actual, expected, "a number",
+                          f"sorted values {xs}; rank = p/100 * (n - 1) = {r:.6g}, between x[{lo}] = "
+                          f"{xs[lo]!r} and x[{hi}] = {xs[hi]!r}: expected {expected!r}, yours {actual!r}",
+                          abs_tol=1e-9)
 
 
 def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:

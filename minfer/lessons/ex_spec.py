@@ -82,9 +82,8 @@ register(Exercise(
 def _ngram_inputs(draw) -> Inputs:
     tokens = draw(st.lists(st.integers(0, 3), min_size=1, max_size=16))
     min_n = draw(st.integers(1, 3))
-    max_n = draw(st.integers(min_n, 4))
-    k = draw(st.integers(1, 5))
-    return {"tokens": tokens, "min_n": min_n, "max_n": max_n, "k": k}
+    return {"tokens": tokens, "min_n": min_n, "max_n": draw(st.integers(min_n, 4)),
+            "k": draw(st.integers(1, 5))}
 
 
 def _ngram_definition(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:

@@ -1,9 +1,7 @@
 """The grader: ``check(name, fn)`` runs an exercise's property on a learner's function.
 
-Hypothesis draws inputs, calls the reference and the learner's function, compares, and shrinks
-a failure to the smallest example; the learner sees one printed block, never a stack trace.
-Calls into minfer are watched (reported "rejected"); ``MINFER_AUTOGRADE=1`` makes a failure
-raise. Deterministic (``derandomize=True``). Example reports: docs/teaching.md.
+Hypothesis draws inputs, compares the learner's output with the reference's and shrinks a failure to
+the smallest example: one printed block, never a stack trace. Example reports: docs/teaching.md.
 """
 import copy
 import os
@@ -37,20 +35,17 @@ class CheckResult:
     name: str
     passed: bool
     status: str
-    message: str                              # the printed report
-    counterexample: Optional[Inputs] = None   # the shrunk failing inputs, if any
-    expected: Any = field(default=None, repr=False)   # the reference's output on them
-    actual: Any = field(default=None, repr=False)     # the learner's output on them
-    examples: int = 0                         # how many examples were run
+    message: str = field(repr=False)                                    # the printed report
+    counterexample: Optional[Inputs] = field(default=None, repr=False)  # the shrunk failing inputs, if any
+    expected: Any = field(default=None, repr=False)                     # the reference's output on them
+    actual: Any = field(default=None, repr=False)                       # the learner's output on them
+    examples: int = field(default=0, repr=False)                        # how many examples were run
 
     def __bool__(self) -> bool:
         return self.passed
 
     def __str__(self) -> str:
         return self.message
-
-    def __repr__(self) -> str:
-        return f"CheckResult(name={self.name!r}, passed={self.passed}, status={self.status!r})"
 
     def _ipython_display_(self) -> None:
         """Show nothing in a notebook: ``check`` has already printed the report
@@ -106,18 +101,11 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
 
 
 # --- Running the property ---
-def _settings(max_examples: int) -> settings:
-    return settings(
-        max_examples=max_examples,
-        derandomize=True,           # same examples every run: same report every run
-        database=None,              # no .hypothesis/ folder next to the notebook
-        deadline=None,              # a slow laptop is not a failure
-        print_blob=False,
-        verbosity=Verbosity.quiet,
-        report_multiple_bugs=False,  # one failure, the smallest, is what we report
-        suppress_health_check=list(HealthCheck),
-        phases=[Phase.explicit, Phase.generate, Phase.shrink],
-    )
+# The same examples every run (the same report), no .hypothesis/ folder next to the notebook, no deadline
+# (a slow laptop is not a failure), one failure reported: the smallest.
+_SETTINGS = dict(derandomize=True, database=None, deadline=None, print_blob=False, verbosity=Verbosity.quiet,
+                 report_multiple_bugs=False, suppress_health_check=list(HealthCheck),
+                 phases=[Phase.explicit, Phase.generate, Phase.shrink])
 
 
 def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
@@ -134,12 +122,12 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
             reference = exercise.load_reference()
         except Exception as e:  # noqa: BLE001
             return _result(name, "error", f"could not import the reference "
-                           f"{exercise.reference_name}: {type(e).__name__}: {e}")
+                           f"{exercise.reference.replace(':', '.')}: {type(e).__name__}: {e}")
     ref_name = getattr(reference, "__module__", "?") + "." + getattr(reference, "__name__", "?")
 
     runs = 0
 
-    @_settings(max_examples or exercise.max_examples)
+    @settings(max_examples=max_examples or exercise.max_examples, **_SETTINGS)
     @given(exercise.inputs)
     def prop(inputs: Inputs) -> None:
         nonlocal runs
@@ -162,9 +150,6 @@ def grade(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = Non
                    examples=runs)
 
 
-AUTOGRADE_ENV = "MINFER_AUTOGRADE"
-
-
 def run(exercise: Exercise, fn: Callable, *, max_examples: Optional[int] = None,
         reference: Optional[Callable] = None) -> None:
     """Run the property on ``fn``; ``AssertionError`` with the report if it fails: the form for ``tests/``,
@@ -180,7 +165,7 @@ def check(name: str, fn: Callable, max_examples: Optional[int] = None) -> CheckR
     exercise = _exercises.get(name)
     result = grade(exercise, fn, max_examples=max_examples, forbid_engine=True)
     _print(result.message)
-    if not result.passed and os.environ.get(AUTOGRADE_ENV, "") not in ("", "0"):
+    if not result.passed and os.environ.get("MINFER_AUTOGRADE", "") not in ("", "0"):
         raise AssertionError(result.message)
     return result
 
@@ -196,13 +181,9 @@ def _result(name: str, status: str, text: str, failure: Optional[_Failure] = Non
     passed = status == "passed"
     head = f"{PASS_MARK if passed else FAIL_MARK} check({name!r}): "
     head += f"passed: {text}" if passed else text
-    return CheckResult(
-        name=name, passed=passed, status=status, message=head,
-        counterexample=failure.inputs if failure is not None else None,
-        expected=getattr(failure, "expected", None),
-        actual=getattr(failure, "actual", None),
-        examples=examples,
-    )
+    return CheckResult(name=name, passed=passed, status=status, message=head, examples=examples,
+                       counterexample=getattr(failure, "inputs", None),
+                       expected=getattr(failure, "expected", None), actual=getattr(failure, "actual", None))
 
 
 def _failure_text(f: _Failure, fn_name: str, ref_name: str) -> str:

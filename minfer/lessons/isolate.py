@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -66,10 +67,8 @@ class EngineCalled(Exception):
 
 def become_subreaper() -> None:
     """Orphaned descendants of this process are re-parented here, not to init (Linux)."""
-    try:
+    with suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)    # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
 
 
 def _descendants(root: int) -> list[int]:
@@ -94,10 +93,8 @@ def _descendants(root: int) -> list[int]:
 
 def _kill(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def kill_descendants(rounds: int = 20) -> None:
@@ -105,11 +102,9 @@ def kill_descendants(rounds: int = 20) -> None:
     for _ in range(rounds):
         pids = _descendants(os.getpid()) if os.path.isdir("/proc") else []
         _kill(pids)
-        try:
+        with suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] != 0:       # reap every child that has exited
                 pass
-        except ChildProcessError:
-            pass
         if not pids:
             return
         time.sleep(0.01)
@@ -145,13 +140,18 @@ def _python_paths(with_minfer: bool) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _bwrap(scratch: str, hide: list[str], with_minfer: bool) -> list[str]:
-    """bwrap's arguments: read-only root, no network, scratch writable, ``hide`` emptied."""
+def bwrap() -> str:
+    """The path of bwrap; ValueError naming ``--sandbox`` where it is not installed."""
     exe = shutil.which("bwrap")
     if exe is None:
-        raise RuntimeError("--sandbox needs bwrap (Debian/Ubuntu: apt-get install bubblewrap); "
-                           "without it, grade untrusted submissions in a container")
-    args = [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+        raise ValueError("--sandbox needs bwrap (Debian/Ubuntu: apt-get install bubblewrap); "
+                         "without it, grade untrusted submissions in a container")
+    return exe
+
+
+def _bwrap(scratch: str, hide: list[str], with_minfer: bool) -> list[str]:
+    """bwrap's arguments: read-only root, no network, scratch writable, ``hide`` emptied."""
+    args = [bwrap(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--size", str(SANDBOX_TMP_BYTES), "--tmpfs", "/tmp",
             "--unshare-all", "--die-with-parent"]     # no terminal: Popen already detached it (setsid)
     hidden = [f for f in dict.fromkeys(hide + ([] if with_minfer else
@@ -246,10 +246,8 @@ class Child:
         process, which includes the ones that left the learner's process group with setsid."""
         _kill(_descendants(self.proc.pid) if os.path.isdir("/proc") else [])
         if self.proc.returncode is None:
-            try:
+            with suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
             self.proc.wait()
         if self.sweep_all:
             kill_descendants()
@@ -276,8 +274,3 @@ def remote(child: Child, name: str):
 
     fn.__name__ = name
     return fn
-
-
-def sandbox_available() -> bool:
-    return shutil.which("bwrap") is not None
-

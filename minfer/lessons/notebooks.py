@@ -66,14 +66,6 @@ def is_solution(cell: nbformat.NotebookNode) -> bool:
     return cell.cell_type == "code" and SOLUTION_TAG in cell.get("metadata", {}).get("tags", [])
 
 
-def stub_for(cell: nbformat.NotebookNode) -> str:
-    """The source a student sees for a solution cell: the author's stub, or ``make_stub``."""
-    custom = cell.get("metadata", {}).get("minfer", {}).get("stub")
-    if custom is not None:
-        return custom if isinstance(custom, str) else "".join(custom)
-    return make_stub(cell.source)
-
-
 def student_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy of ``nb`` with solution cells replaced by stubs and all outputs cleared."""
     out = copy.deepcopy(nb)
@@ -83,11 +75,10 @@ def student_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.outputs = []
         cell.execution_count = None
         if is_solution(cell):
-            cell.source = stub_for(cell)
-            tags = cell.metadata.get("tags", [])
-            cell.metadata["tags"] = [EXERCISE_TAG if t == SOLUTION_TAG else t for t in tags]
             minfer_meta = cell.metadata.get("minfer", {})
-            minfer_meta.pop("stub", None)
+            custom = minfer_meta.pop("stub", None)                  # the author's stub (str or lines)
+            cell.source = make_stub(cell.source) if custom is None else "".join(custom)
+            cell.metadata["tags"] = [EXERCISE_TAG if t == SOLUTION_TAG else t for t in cell.metadata["tags"]]
             if not minfer_meta:
                 cell.metadata.pop("minfer", None)
     return out
@@ -96,12 +87,6 @@ def student_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def lesson_paths(folder: str | os.PathLike) -> list[Path]:
     """The lesson notebooks ``NN_*.ipynb`` in ``folder``, sorted."""
     return sorted(Path(folder).glob(LESSON_GLOB))
-
-
-def _write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
-    """Write ``nb`` to ``path`` atomically (``minfer.atomic``)."""
-    with atomic_write(path) as f:
-        nbformat.write(nb, f)
 
 
 def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -132,7 +117,8 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     written = []
     for name, nb in editions:
         nbformat.validate(nb)
-        _write_atomic(nb, out / name)
+        with atomic_write(out / name) as f:
+            nbformat.write(nb, f)
         written.append(out / name)
     return written
 
@@ -178,15 +164,6 @@ def ensure_kernel(kernel_name: str = KERNEL_NAME) -> str:
     return kernel_name
 
 
-def _kernel_env() -> dict[str, str]:
-    """The environment for the kernel: this one, with this checkout of minfer importable."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])          # the folder holding minfer/
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
-    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")   # quiet a debugger warning
-    return env
-
-
 def execute_notebook(path: str | os.PathLike, timeout: int = 600,
                      cwd: Optional[str | os.PathLike] = None,
                      kernel_name: str = KERNEL_NAME,
@@ -204,7 +181,10 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
         nb, timeout=timeout, kernel_name=ensure_kernel(kernel_name),
         resources={"metadata": {"path": str(Path(cwd) if cwd is not None else path.parent)}},
     )
-    client.execute(env={**_kernel_env(), **(extra_env or {})})
+    root = str(Path(__file__).resolve().parents[2])          # the folder holding minfer/: importable
+    pythonpath = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
+    client.execute(env={"PYDEVD_DISABLE_FILE_VALIDATION": "1",     # quiet a debugger warning
+                        **os.environ, "PYTHONPATH": pythonpath, **(extra_env or {})})
     return nb
 
 
@@ -261,7 +241,8 @@ def execute_and_store(path: str | os.PathLike, timeout: int = 600) -> nbformat.N
         cell.get("metadata", {}).pop("execution", None)
     nb.metadata.setdefault("minfer", {})[HASH_KEY] = code_hash(nb)
     nbformat.validate(nb)
-    _write_atomic(nb, path)
+    with atomic_write(path) as f:
+        nbformat.write(nb, f)
     return nb
 
 

@@ -1,10 +1,5 @@
-"""The exercise record and the registry: one property, graded for the learner and the engine alike.
-
-An exercise: ``inputs`` (a hypothesis strategy of a dict of arguments, passed positionally),
-``reference`` (``"module:function"``), ``compare(inputs, expected, actual)`` (None or what is
-wrong) and an optional ``validate`` against the definition. The same property grades
-``check("model.rms_norm", fn)`` in a notebook and the engine in ``tests/`` (docs/teaching.md).
-"""
+"""The exercise record and the registry: one property, graded for the learner and the engine alike
+(``check("model.rms_norm", fn)`` in a notebook, the engine in ``tests/``; docs/teaching.md)."""
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -47,11 +42,6 @@ class Exercise:
 
         return original(self.reference)
 
-    @property
-    def reference_name(self) -> str:
-        """The reference as a dotted name, for reports: ``minfer.model.rms_norm``."""
-        return self.reference.replace(":", ".")
-
 
 def register(exercise: Exercise) -> Exercise:
     """Add ``exercise`` to the registry (a name may be registered only once)."""
@@ -91,11 +81,12 @@ def rows_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
     return torch.tensor([(r + [0.0] * width)[:width] for r in rows], dtype=torch.float32)
 
 
-def float_tensors(shape: tuple[int, ...], lo: float, hi: float) -> st.SearchStrategy:
-    """float32 tensors of a fixed ``shape`` with values in [lo, hi] (see ``float_lists``)."""
+def float_tensors(shape: tuple[int, ...], lo: float, hi: float, whole: bool = False) -> st.SearchStrategy:
+    """float32 tensors of a fixed ``shape`` with values in [lo, hi] (see ``float_lists``); ``whole``: whole
+    numbers only, so that a counterexample reads easily."""
     n = math.prod(shape)
-    return float_lists(lo, hi, min_size=n, max_size=n).map(
-        lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
+    values = st.lists(st.integers(lo, hi), min_size=n, max_size=n) if whole else float_lists(lo, hi, n, n)
+    return values.map(lambda xs: torch.tensor(xs, dtype=torch.float32).reshape(shape))
 
 
 # --- Building blocks for comparisons ---
@@ -109,6 +100,14 @@ def returned(actual: Any, want: str, show: bool = False) -> str:
 def is_number(x: Any) -> bool:
     """An int or a float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def number_problem(actual: Any, want: float, what: str, explain: str, rel_tol: float = 1e-9,
+                   abs_tol: float = 0.0) -> Optional[str]:
+    """None if ``actual`` is a number close to ``want``; else ``returned`` (not a number) or ``explain``."""
+    if not is_number(actual):
+        return returned(actual, what, show=True)
+    return None if math.isclose(actual, want, rel_tol=rel_tol, abs_tol=abs_tol) else explain
 
 
 def against_definition(problem: Validate) -> Compare:
@@ -165,20 +164,16 @@ def allclose(atol: float) -> Compare:
     return compare
 
 
-def exact() -> Compare:
+def exact(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
     """A ``compare`` that demands equality (tensors: same shape, dtype, values)."""
-
-    def compare(inputs: Inputs, expected: Any, actual: Any) -> Optional[str]:
-        if isinstance(expected, torch.Tensor):
-            problem = tensor_problem(expected, actual)
-            if problem or torch.equal(expected, actual):
-                return problem
-            idx = first_index(expected != actual)
-            return (f"first difference at index {idx}: expected "
-                    f"{expected[idx].item()!r}, yours {actual[idx].item()!r}")
-        return None if actual == expected else f"expected {expected!r}, yours {actual!r}"
-
-    return compare
+    if isinstance(expected, torch.Tensor):
+        problem = tensor_problem(expected, actual)
+        if problem or torch.equal(expected, actual):
+            return problem
+        idx = first_index(expected != actual)
+        return (f"first difference at index {idx}: expected "
+                f"{expected[idx].item()!r}, yours {actual[idx].item()!r}")
+    return None if actual == expected else f"expected {expected!r}, yours {actual!r}"
 
 
 def tuple_problem(actual: Any, names: tuple[str, ...], of: str = "tensors") -> Optional[str]:
