@@ -18,10 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import nbformat
+import torch
+
+from minfer.atomic import write_json, write_text
 from minfer.cli_args import int_in, positive_int, seconds
 from minfer.lessons import exercises as _exercises
 from minfer.lessons.exercises import Exercise
 from minfer.lessons.childproc import is_allowed
+from minfer.lessons.grader import grade
 from minfer.lessons.isolate import (DEFAULT_MEMORY_MB, Child, ChildGone, become_subreaper, bwrap,
                                     kill_descendants, remote)
 
@@ -83,10 +88,6 @@ class FoundCell:
     index: int
     source: str
     problem: Optional[str] = None
-
-    @property
-    def label(self) -> str:
-        return f"<cell {self.index}>"
 
 
 def locate(nb, function: str) -> Optional[FoundCell]:
@@ -214,14 +215,12 @@ def judge(exercise: Exercise, cell: Optional[FoundCell], context: list, limits: 
           sweep_all: bool = False) -> dict:
     """Grade the function ``cell`` defines: ``{"status", "message"}``, computed here (the grading process
     holds the reference); the learner's cells run in a ``Child`` that only answers with return values."""
-    from minfer.lessons.grader import grade
-
     fn = exercise.function
     early = _before_running(exercise, cell)
     if early is not None:
         return early
     job = {"prelude": exercise.prelude, "context": [list(c) for c in context],
-           "cell": [cell.label, cell.source], "function": fn, "allowed": list(exercise.allowed)}
+           "cell": [f"<cell {cell.index}>", cell.source], "function": fn, "allowed": list(exercise.allowed)}
     child = None
     try:
         child = Child(job, timeout=limits.timeout, memory_mb=limits.memory_mb,
@@ -249,8 +248,6 @@ def grade_source(exercise: Exercise, source: str, context: list = ()) -> dict:
 def _judge_main() -> int:
     """``--judge``: read {tasks, limits} as JSON on stdin; print one verdict per task, one JSON
     line each, as soon as it is known (a learner who kills this process loses only the rest)."""
-    import torch
-
     torch.set_num_threads(1)        # several graders share the cores (--jobs)
     become_subreaper()              # a learner's grandchild that calls setsid comes back here
     job = json.load(sys.stdin)
@@ -288,15 +285,14 @@ def _run_judge(tasks: list[dict], limits: Limits) -> list[Optional[dict]]:
     return (verdicts + [lost] * len(tasks))[:len(tasks)]
 
 
-def _row(exercise: Exercise, submission: str, verdict: Optional[dict], limits: Limits,
-         seconds: float = 0.0) -> ExerciseGrade:
+def _row(exercise: Exercise, submission: str, verdict: Optional[dict], limits: Limits) -> ExerciseGrade:
     if verdict is None:
         verdict = {"status": "timeout", "message": f"stopped: the grading process ran out of time "
                                                    f"(--timeout {limits.timeout:g})"}
     status = verdict["status"]
     return ExerciseGrade(submission, exercise.lesson, exercise.name, status,
                          exercise.points if status == "passed" else 0, exercise.points,
-                         verdict["message"], verdict.get("seconds", round(seconds, 2)))
+                         verdict["message"], verdict.get("seconds", 0.0))
 
 
 def grade_cells(jobs: list[tuple[Exercise, Optional[FoundCell], list]], *, submission: str = "",
@@ -324,8 +320,6 @@ def grade_submission(path: str | os.PathLike, *, lesson: Optional[str] = None,
                      limits: Limits = Limits()) -> list[ExerciseGrade]:
     """Grade every exercise of one notebook, in one grading process (an unreadable notebook: one
     "error" row naming it; the class goes on)."""
-    import nbformat
-
     path = Path(path)
     try:
         nb = nbformat.read(path, as_version=4)
@@ -419,8 +413,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from minfer.atomic import write_json, write_text
-
     if args.lesson is not None and args.lesson not in lessons():
         raise ValueError(f"--lesson {args.lesson!r} is not a lesson with exercises; "
                          f"choose one of {', '.join(lessons())}")

@@ -4,6 +4,7 @@ The whole program of the untrusted process (``python -I -S -c <this source>``): 
 values as data (``encode``/``decode``), never objects. The protocol: docs/teaching.md.
 """
 import json
+import linecache
 import os
 import sys
 import traceback
@@ -14,7 +15,6 @@ CELL_PREFIX = "<cell "          # the file name of every piece of the learner's 
 MAX_DEPTH = 40                  # nesting beyond this is not an answer
 
 
-# --- Values as data ---
 def encode(x: Any, depth: int = 0) -> Any:
     """``x`` as JSON-ready data; objects of other kinds become ``{"object": type name}``."""
     if depth > MAX_DEPTH:
@@ -142,8 +142,6 @@ def _raised(e: BaseException) -> dict:
 
 def _load(job: dict) -> tuple[Optional[Callable], dict]:
     """Run the prelude, the context statements and the cell; the function, or the answer why not."""
-    import linecache
-
     ns: dict = {"__name__": "__submission__"}
     try:
         exec(compile(job["prelude"], "<prelude>", "exec"), ns)
@@ -209,11 +207,9 @@ def main() -> None:
         return
     for line in sys.stdin:
         try:
-            answer = _answer(fn, json.loads(line)["args"], allowed)
-            send(answer)
+            send(_answer(fn, json.loads(line)["args"], allowed))
         except Exception as e:  # noqa: BLE001 - an output that is not data
-            send({"raised": {"type": "ValueError", "not_implemented": False, "where": None,
-                             "message": f"the function's output cannot be graded: {e}"}})
+            send(_raised(ValueError(f"the function's output cannot be graded: {e}")))
 
 
 if __name__ == "__main__":

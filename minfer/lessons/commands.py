@@ -1,7 +1,9 @@
 """``minfer lessons start | student-edition | grade | execute``, wired into ``minfer.cli``, and the
 ``--use-solutions`` flag of ``minfer generate`` (``with_solutions``)."""
 import argparse
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from minfer.cli_args import positive_int
@@ -44,9 +46,6 @@ def _execute(args) -> int:
 def load_solutions(notebook: str) -> dict:
     """``--use-solutions``: ``{swap point: function}`` for the written (not stub) functions of ``notebook``,
     each graded first. The notebook is the learner's own: its exercise cells run in this process."""
-    import sys
-    from pathlib import Path
-
     import nbformat
 
     from minfer.lessons import exercises

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
+from minfer.lessons.ex_quant import _int8_problem
 from minfer.lessons.registry import (Exercise, Inputs, against_definition, allclose, close_problem, exact,
                                       float_tensors, register, tensor_problem, tuple_problem)
 
@@ -115,8 +116,6 @@ def _kv_vectors(draw) -> Inputs:
 
 def _validate_kv_int8(inputs: Inputs, actual: Any) -> Optional[str]:
     """Lesson 06's int8 definition with every vector as a row: scale = max|x| / 127, q within half a step."""
-    from minfer.lessons.ex_quant import _int8_problem
-
     x, problem = inputs["x"], tuple_problem(actual, ("q", "scale"))
     if problem:
         return problem

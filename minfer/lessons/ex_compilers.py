@@ -178,12 +178,11 @@ def _pad_inputs(draw) -> Inputs:
 
 def _pad_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     S, n = len(inputs["tokens"]), inputs["bucket"]
-    pads = (0, 0, inputs["scratch_slot"], 1)
     names = ("tokens", "positions", "slots", "context_lens")
     problem = tuple_problem(actual, names, of="lists")
     if problem:
         return problem
-    for name, pad, got in zip(names, pads, actual):
+    for name, pad, got in zip(names, (0, 0, inputs["scratch_slot"], 1), actual):
         want = list(inputs[name]) + [pad] * (n - S)
         try:
             got = [int(x) for x in got]

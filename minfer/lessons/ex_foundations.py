@@ -1,5 +1,6 @@
 """Exercises of lessons 02 and 03: the KV-cache append, one online-softmax step, arithmetic intensity."""
 import math
+from fractions import Fraction
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -123,8 +124,7 @@ def _online_softmax_inputs(draw) -> Inputs:
 def _validate_online_softmax(inputs: Inputs, actual: Any) -> Optional[str]:
     """The new state from its meaning, in float64: l = sum exp(s - m), acc = sum exp(s - m) v over all
     keys seen, relative to the new maximum m (no visible key yet: m = -inf, l = 0, acc = 0)."""
-    f64 = {k: v.to(torch.float64) for k, v in inputs.items()}
-    m, l, acc, s, v = (f64[k] for k in ("m", "l", "acc", "scores", "values"))
+    m, l, acc, s, v = (inputs[k].double() for k in ("m", "l", "acc", "scores", "values"))
     m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
     seen = torch.isfinite(m_new)                                            # (..., tq, 1)
     safe = torch.where(seen, m_new, torch.zeros_like(m_new))
@@ -150,8 +150,6 @@ register(Exercise(
 
 def _intensity_problem(inputs: Inputs, actual: Any) -> Optional[str]:
     """The definition in exact fractions: 2 T in out FLOPs over b (in out + T in + T out) bytes."""
-    from fractions import Fraction
-
     T, k, n, b = (inputs[name] for name in ("num_tokens", "in_features", "out_features", "bytes_per_value"))
     want = float(Fraction(2 * T * k * n) / (Fraction(b) * (k * n + T * k + T * n)))
     return number_problem(actual, want, "a number (FLOP per byte)",

@@ -3,7 +3,6 @@ a scheduler step with preemption, speculative decoding), graded on tiny random m
 
 The learner's loop gets a ``CountingModel``, which logs the shape of every forward, so the grader
 checks the *way* the answer was computed (one prefill, then one token per step), not only the tokens.
-The references are the engine's own: ``minfer.generate.generate_tokens``, ``Scheduler.schedule``.
 """
 from functools import lru_cache
 from typing import Any, Optional
@@ -11,6 +10,8 @@ from typing import Any, Optional
 import torch
 from hypothesis import strategies as st
 
+from minfer.kv.block_pool import BlockPool, KVCacheManager, compute_slot_mapping
+from minfer.lessons.ex_metrics import schedule_once
 from minfer.lessons.registry import (Exercise, Inputs, close_problem, float_tensors, register, tuple_close,
                                      tuple_problem)
 
@@ -135,7 +136,6 @@ def paged_decode_attention_reference(q, k, v, k_pool, v_pool, block_tables, cont
     """The engine's pieces: ``compute_slot_mapping`` for the writes, then the engine's one reference
     of paged attention (``minfer.attention.paged.paged_attention_reference``)."""
     from minfer.attention.paged import paged_attention_reference
-    from minfer.kv.block_pool import compute_slot_mapping
 
     bs = k_pool.shape[1]
     flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
@@ -248,9 +248,6 @@ def _schedule_inputs(draw) -> Inputs:
 def schedule_step_reference(running, waiting, token_budget, max_num_seqs, num_free_blocks,
                             block_size):
     """The engine's ``Scheduler.schedule`` (continuous policy, no prefix caching) on this state."""
-    from minfer.kv.block_pool import BlockPool, KVCacheManager
-    from minfer.lessons.ex_metrics import schedule_once
-
     held = sum(r[3] for r in running)
     # One more block, held by a sequence outside this step (a pool cannot be empty).
     kv = KVCacheManager(BlockPool(held + num_free_blocks + 1, block_size, enable_prefix_caching=False))
@@ -282,12 +279,9 @@ def _validate_schedule(inputs: Inputs, actual: Any) -> Optional[str]:
         return "more tokens scheduled than the token budget"
     bs, run = inputs["block_size"], {r[0]: r for r in inputs["running"]}
     free = inputs["num_free_blocks"] + sum(run[v][3] for v in preempted)
-    need = 0
-    for rid, n in scheduled:
-        if rid in run:
-            need += max(0, -(-(run[rid][2] + n) // bs) - run[rid][3])
-        else:
-            need += -(-dict(inputs["waiting"])[rid] // bs)
+    waiting = dict(inputs["waiting"])
+    need = sum(max(0, -(-(run[rid][2] + n) // bs) - run[rid][3]) if rid in run else -(-waiting[rid] // bs)
+               for rid, n in scheduled)
     return None if need <= free else f"the step uses {need} new blocks but only {free} are free"
 
 

@@ -1,14 +1,13 @@
 """Exercises of lesson 05 on request events (TTFT, goodput as in vLLM's --goodput), and static batching.
 
-An event log is ((time, request_id, kind), ...) in time order, kind in arrival, scheduled, token,
-finished. References: ``RequestStats.ttft`` and ``summarize``'s goodput over
-``minfer.serving.metrics.stats_from_events``, and the engine's ``Scheduler.schedule`` (static policy).
+An event log is ((time, request_id, kind), ...) in time order, kind in arrival, scheduled, token, finished.
 """
 import math
 from typing import Any, Optional
 
 from hypothesis import strategies as st
 
+from minfer.kv.block_pool import BlockPool, KVCacheManager
 from minfer.lessons.ex_serving import continuous_step
 from minfer.lessons.registry import Exercise, Inputs, against_definition, number_problem, register, returned
 
@@ -140,8 +139,6 @@ def schedule_once(kv, policy: str, running, waiting, token_budget: int, max_num_
 
 def static_step_reference(running, waiting, token_budget, max_num_seqs, no_more_requests):
     """The engine's ``Scheduler.schedule`` with ``policy="static"`` and memory to spare."""
-    from minfer.kv.block_pool import BlockPool, KVCacheManager
-
     kv = KVCacheManager(BlockPool(4096, 1, enable_prefix_caching=False))
     out = schedule_once(kv, "static", [(*r, r[1]) for r in running], waiting, token_budget, max_num_seqs,
                         no_more_requests)

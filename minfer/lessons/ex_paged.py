@@ -1,14 +1,13 @@
 """Exercises of lesson 04 (paged attention): block-table arithmetic and the prefix-cache hash.
 
-References: ``compute_slot_mapping`` and ``block_hashes`` in ``minfer/kv/block_pool.py``;
-``can_append_tokens`` and ``append_to_block_table`` below, the allocator's rules as plain functions
+``can_append_tokens`` and ``append_to_block_table`` below are the allocator's rules as plain functions
 (``KVCacheManager`` applies them with sharing). Inputs are tuples: a function cannot edit them in place.
 """
 from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
-from minfer.kv.block_pool import blocks_needed
+from minfer.kv.block_pool import blocks_needed, hash_block_tokens
 from minfer.lessons.registry import Exercise, Inputs, register, returned
 
 
@@ -153,8 +152,6 @@ register(Exercise(
 
 
 def _compare_hashes(inputs: Inputs, expected: list[int], actual: Any) -> Optional[str]:
-    from minfer.kv.block_pool import hash_block_tokens
-
     got, problem = _as_int_list(actual, f"a list of {len(expected)} hashes")
     if problem:
         return problem

@@ -167,7 +167,6 @@ register(Exercise(
 ))
 
 
-# --- quant.q4k_scales_mins / quant.dequantize_q4_k (GGUF's Q4_K super-blocks) ---
 def _bytes(n: int) -> st.SearchStrategy:
     return st.lists(st.integers(0, 255), min_size=n, max_size=n)
 
@@ -197,8 +196,7 @@ register(Exercise(
     reference="minfer.quant.gguf_formats:_q4_k_scales_and_mins",
     inputs=st.builds(dict, packed=st.lists(_bytes(12), min_size=1, max_size=3).map(
         lambda rows: torch.tensor(rows, dtype=torch.uint8))),                   # (n, 12)
-    compare=lambda inputs, expected, actual: _validate_q4k_scales(inputs, actual),
-    validate=_validate_q4k_scales,
+    compare=against_definition(_validate_q4k_scales),
 ))
 
 

@@ -6,6 +6,7 @@ checks that the engine's scheduler makes its decisions when memory is plentiful)
 import math
 from typing import Any, Optional
 
+import numpy as np
 from hypothesis import strategies as st
 
 from minfer.lessons.registry import Exercise, Inputs, against_definition, number_problem, register, returned
@@ -62,8 +63,6 @@ def _compare_percentile(inputs: Inputs, expected: float, actual: Any) -> Optiona
 
 def _validate_percentile(inputs: Inputs, actual: Any) -> Optional[str]:
     """numpy's linear-interpolation percentile."""
-    import numpy as np
-
     want = float(np.percentile(list(inputs["values"]), inputs["p"]))
     return None if math.isclose(actual, want, rel_tol=1e-9, abs_tol=1e-6) else \
         f"numpy.percentile gives {want!r}, yours is {actual!r}"
@@ -89,8 +88,7 @@ def continuous_step(running: list[tuple[str, int, int]], waiting: list[tuple[str
     running [(id, num_tokens, num_computed_tokens)] oldest first get their remaining tokens (1 for a
     decode) as far as the budget goes; then waiting [(id, num_tokens)] join in order while budget and
     ``max_num_seqs`` allow, the last one perhaps with only a chunk of its prompt. ``Scheduler.schedule``
-    (minfer/engine/scheduler.py) is this loop plus KV blocks and preemption.
-    """
+    (minfer/engine/scheduler.py) is this loop plus KV blocks and preemption."""
     out, budget = [], token_budget
     for request_id, num_tokens, num_computed in running:
         if budget == 0:

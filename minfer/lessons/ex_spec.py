@@ -34,36 +34,27 @@ def _accept_reject_inputs(draw) -> Inputs:
     return {"p": p, "q": q, "x": x}
 
 
-def _definition(inputs: Inputs) -> tuple[float, torch.Tensor, float]:
-    """(accept probability, residual, rejection mass) from the definition, in float64."""
-    p, q, x = inputs["p"].double(), inputs["q"].double(), inputs["x"]
-    accept = min(1.0, float(p[x] / q[x]))
-    r = (p - q).clamp(min=0)
-    mass = float(r.sum())
-    return accept, (r / mass if mass > 0 else p), mass
-
-
 def _accept_reject_problem(inputs: Inputs, actual: Any) -> Optional[str]:
-    """Both parts against the definition, in float64 (``_definition``)."""
+    """Both parts against the definition, in float64."""
     problem = tuple_problem(actual, ("accept_probability", "residual_distribution"), of="values")
     if problem:
         return problem
     accept, residual = actual
-    want_accept, want_residual, mass = _definition(inputs)
+    p, q, x = inputs["p"].double(), inputs["q"].double(), inputs["x"]
+    want_accept, r = min(1.0, float(p[x] / q[x])), (p - q).clamp(min=0)      # r.sum(): the rejection mass
     try:
         accept = float(accept)
     except (TypeError, ValueError):
         return f"the accept probability should be a number, got {type(accept).__name__}"
     if abs(accept - want_accept) > ACCEPT_ATOL:
-        p, q, x = inputs["p"], inputs["q"], inputs["x"]
         return (f"accept probability for x = {x}: expected min(1, p(x)/q(x)) = min(1, {float(p[x]):.4g} / "
                 f"{float(q[x]):.4g}) = {want_accept:.6g}, yours {accept:.6g}")
     if not isinstance(residual, torch.Tensor) or residual.shape != inputs["p"].shape:
         got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
         return f"the residual should be a tensor of shape {tuple(inputs['p'].shape)}, got {got}"
-    if mass < 1e-6:                                # p == q: a rejection never happens
+    if float(r.sum()) < 1e-6:                      # p == q: a rejection never happens
         return None
-    problem = close_problem(want_residual, residual.detach().double(), ACCEPT_ATOL)
+    problem = close_problem(r / r.sum(), residual.detach().double(), ACCEPT_ATOL)
     return None if problem is None else f"residual norm(max(0, p - q)): {problem}"
 
 

@@ -48,11 +48,9 @@ class CheckResult:
         return self.message
 
     def _ipython_display_(self) -> None:
-        """Show nothing in a notebook: ``check`` has already printed the report
-        (``print(result)`` prints it again)."""
+        """Show nothing in a notebook: ``check`` has already printed the report."""
 
 
-# --- What the property raises when one example fails ---
 class _Failure(Exception):
     """One failing example: its ``status`` ("wrong", "raised", "not_implemented", "engine" or
     "reference": the reference raised), its inputs, and what went wrong."""
@@ -77,12 +75,9 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
         expected = reference(*_copy(inputs).values())
     except Exception as e:  # noqa: BLE001 - reported, not raised
         raise _Failure("reference", inputs, error=e) from None
-    callee = None
     try:
-        if forbid_engine:
-            actual, callee = call_watched(fn, list(_copy(inputs).values()), exercise.allowed)
-        else:
-            actual = fn(*_copy(inputs).values())
+        args = list(_copy(inputs).values())
+        actual, callee = call_watched(fn, args, exercise.allowed) if forbid_engine else (fn(*args), None)
     except NotImplementedError as e:
         raise _Failure("not_implemented", inputs, error=e) from None
     except EngineCalled as e:            # seen by the learner's process (``isolate``)
@@ -92,10 +87,8 @@ def _one_example(exercise: Exercise, fn: Callable, reference: Callable, inputs: 
     if callee is not None:
         raise _Failure("engine", inputs, callee=callee)
     problem = exercise.compare(inputs, expected, actual)
-    if problem is None and exercise.validate is not None:
-        problem = exercise.validate(inputs, actual)
-        if problem is not None:
-            problem = f"disagrees with the definition: {problem}"
+    if problem is None and exercise.validate is not None and (why := exercise.validate(inputs, actual)):
+        problem = f"disagrees with the definition: {why}"
     if problem is not None:
         raise _Failure("wrong", inputs, expected=expected, actual=actual, problem=problem)
 

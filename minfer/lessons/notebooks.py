@@ -1,14 +1,17 @@
 """Lesson notebooks: the student edition, execution, and reading grader reports.
 
-An exercise is a ``solution``-tagged cell followed by a ``check(...)`` cell; the student edition
-turns solution cells into stubs (signature and docstring kept, or ``metadata["minfer"]["stub"]``).
-No later cell may depend on a learner's function. Conventions for authors: docs/teaching.md.
+An exercise is a ``solution``-tagged cell followed by a ``check(...)`` cell; no later cell may depend
+on a learner's function. Conventions for authors: docs/teaching.md.
 """
 import ast
 import copy
+import difflib
+import hashlib
 import os
 import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +29,6 @@ KERNEL_NAME = "python3"
 _REPORT_HEAD = re.compile(r"^\S*\s*check\('([^']+)'\): ", re.MULTILINE)
 
 
-# --- Stubs and the student edition ---
 def make_stub(source: str) -> str:
     """The default stub of a solution cell: each top-level ``def`` (and method of a top-level ``class``)
     keeps its decorators, signature and docstring, its body becomes ``STUB_BODY``; the rest is verbatim.
@@ -72,8 +74,7 @@ def student_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     for cell in out.cells:
         if cell.cell_type != "code":
             continue
-        cell.outputs = []
-        cell.execution_count = None
+        cell.outputs, cell.execution_count = [], None
         if is_solution(cell):
             minfer_meta = cell.metadata.get("minfer", {})
             custom = minfer_meta.pop("stub", None)                  # the author's stub (str or lines)
@@ -114,13 +115,11 @@ def make_student_edition(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                              f"line {e.lineno}); give it an explicit "
                              f"metadata['minfer']['stub']") from None
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     for name, nb in editions:
         nbformat.validate(nb)
         with atomic_write(out / name) as f:
             nbformat.write(nb, f)
-        written.append(out / name)
-    return written
+    return [out / name for name, _ in editions]
 
 
 def default_lessons_dir() -> Path:
@@ -170,9 +169,7 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600,
                      extra_env: Optional[dict[str, str]] = None) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` top to bottom with nbclient; return it with its outputs (the file is
     not modified). The kernel starts in ``cwd`` (default: the notebook's folder) with this checkout on
-    ``PYTHONPATH`` and ``extra_env``; ``timeout`` is per cell, in seconds. A cell that raises stops the
-    run with ``nbclient.exceptions.CellExecutionError``, which holds the cell's traceback.
-    """
+    ``PYTHONPATH`` and ``extra_env``; ``timeout`` is per cell, in seconds; a cell that raises stops it."""
     from nbclient import NotebookClient
 
     path = Path(path)
@@ -192,9 +189,7 @@ def grader_reports(nb: nbformat.NotebookNode) -> list[str]:
     """The reports printed by ``check(...)`` in an executed notebook, in order: each from its
     ``✅/❌ check('name'):`` line to the next report or the end of the cell's printed output."""
     reports = []
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
+    for cell in nb.cells:                     # a markdown cell has no outputs
         text = "".join(o.get("text", "") for o in cell.get("outputs", [])
                        if o.get("output_type") == "stream" and o.get("name") == "stdout")
         starts = [m.start() for m in _REPORT_HEAD.finditer(text)]
@@ -211,14 +206,8 @@ SEED = "0"                     # PYTHONHASHSEED of the kernel: same hashes, same
 
 def code_hash(nb: nbformat.NotebookNode) -> str:
     """sha256 of the code cells' sources, in order: what the stored outputs depend on (not markdown)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            h.update(cell.source.encode())
-            h.update(b"\0")
-    return h.hexdigest()
+    code = b"".join(cell.source.encode() + b"\0" for cell in nb.cells if cell.cell_type == "code")
+    return hashlib.sha256(code).hexdigest()
 
 
 def stored_hash(nb: nbformat.NotebookNode) -> Optional[str]:
@@ -229,8 +218,6 @@ def execute_and_store(path: str | os.PathLike, timeout: int = 600) -> nbformat.N
     """Execute the lesson at ``path`` and write it back (atomically, only if every cell ran) with its
     outputs and code hash. Deterministic where it can be: ``PYTHONHASHSEED=0``, plots at ``FIGURE_DPI``,
     no execution timestamps; measured times still differ from run to run."""
-    import tempfile
-
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         rc = Path(tmp) / "matplotlibrc"
@@ -248,8 +235,6 @@ def execute_and_store(path: str | os.PathLike, timeout: int = 600) -> nbformat.N
 
 def execute_main(paths: list[str], run_all: bool, timeout: int = 600) -> int:
     """``minfer lessons execute (--all | NOTEBOOK...)``: run lessons, store outputs; exit code."""
-    import time
-
     targets = lesson_paths(default_lessons_dir()) if run_all else [Path(p) for p in paths]
     if not targets:
         raise ValueError("name the notebooks to execute, or --all for every lesson")
@@ -297,8 +282,7 @@ _CHECK_CALL = re.compile(r"^(?:(\w+)\s*=\s*)?check\(\s*['\"]([\w.]+)['\"]", re.M
 
 def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """The lesson as an nbgrader *source* notebook: solution cells between ``### BEGIN/END SOLUTION``,
-    check cells as locked graded test cells (``_hidden_test``). How: docs/teaching.md.
-    """
+    check cells as locked graded test cells (``_hidden_test``). How: docs/teaching.md."""
     from minfer.lessons import exercises as _ex
 
     out = copy.deepcopy(nb)
@@ -308,8 +292,7 @@ def nbgrader_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.outputs, cell.execution_count = [], None
         meta = None
         if is_solution(cell):
-            stub = make_stub(cell.source)
-            cell.source = _solution_regions(cell.source, stub)
+            cell.source = _solution_regions(cell.source, make_stub(cell.source))
             cell.metadata["tags"] = [t for t in cell.metadata.get("tags", []) if t != SOLUTION_TAG]
             cell.metadata.pop("minfer", None)
             meta = {"grade": False, "solution": True, "locked": False, "grade_id": f"solution_{i}"}
@@ -342,8 +325,6 @@ def _hidden_test(source: str, name: str) -> str:
 def _solution_regions(source: str, stub: str) -> str:
     """Put each function body of ``source`` between nbgrader's solution markers; the stub
     (``make_stub``) shares every other line, so code outside functions stays outside them."""
-    import difflib
-
     src, stub_lines = source.split("\n"), stub.split("\n")
     out: list[str] = []
     matcher = difflib.SequenceMatcher(a=stub_lines, b=src, autojunk=False)

@@ -1,8 +1,5 @@
-"""Small matplotlib helpers shared by the lesson notebooks (examples: lessons/README.md).
-
-Each draws on an ``Axes`` the caller owns, so a notebook keeps control of layout and titles.
-matplotlib is imported here only (the engine never needs it).
-"""
+"""Small matplotlib helpers shared by the lesson notebooks (examples: lessons/README.md); each draws on
+an ``Axes`` the caller owns, so a notebook keeps control of layout and titles."""
 from typing import Iterable, Sequence
 
 import matplotlib.ticker as mticker
@@ -63,8 +60,7 @@ def roofline(ax, machines: Iterable[tuple[str, float, float]],
 
     machines: (label, bandwidth in bytes/s, peak FLOP/s), each drawn as min(peak, bandwidth * I) with
     its ridge point I* = peak / bandwidth; workloads: label -> arithmetic intensity (FLOP per byte),
-    dashed vertical lines; measured: (label, intensity, achieved FLOP/s) points.
-    """
+    dashed vertical lines; measured: (label, intensity, achieved FLOP/s) points."""
     lo, hi = intensity_range
     intensity = np.logspace(np.log10(lo), np.log10(hi), 400)
     for i, (label, bw, peak) in enumerate(machines):

@@ -118,8 +118,7 @@ def rebuild(llm, **functions: Callable):
     if llm.speculative is not None or llm.driver is not None:
         raise ValueError("the learner's attention, scheduler step and slot mapping run in the engine: build the LLM "
                          "without speculative decoding and tensor/pipeline parallelism")
-    engine = llm.engine
-    kv, cfg = engine.runner.kv_manager, engine.config
+    kv, cfg = llm.engine.runner.kv_manager, llm.engine.config
     scratch = 0 if llm.enforce_eager else 1                # the static path's block (ModelRunner)
     settings = dict(attention=llm.attention, block_size=kv.block_size, num_blocks=kv.pool.num_blocks - scratch,
                     enable_prefix_caching=kv.pool.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,

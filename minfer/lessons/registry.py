@@ -14,7 +14,6 @@ Validate = Callable[[Inputs, Any], Optional[str]]
 _REGISTRY: dict[str, "Exercise"] = {}
 
 
-# --- The exercise record and the registry ---
 @dataclass(frozen=True)
 class Exercise:
     """One gradable function: inputs to draw, the reference, how to compare."""
@@ -137,8 +136,7 @@ def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
                   what: str = "expected") -> Optional[str]:
     """The max abs error and the first wrong position, or None; tolerance ``atol * max(1, max|expected|)``
     (NaN or inf where the expected value is finite is always wrong)."""
-    e = expected.detach().to(torch.float64)
-    a = actual.detach().to(torch.float64)
+    e, a = expected.detach().double(), actual.detach().double()
     scale = max(1.0, float(e[e.isfinite()].abs().max())) if e.isfinite().any() else 1.0
     tol = atol * scale
     err = (a - e).abs()
@@ -154,8 +152,7 @@ def close_problem(expected: torch.Tensor, actual: torch.Tensor, atol: float,
 
 
 def allclose(atol: float) -> Compare:
-    """A ``compare`` for tensor outputs: same type/shape/dtype, values within
-    ``atol`` relative to the scale of the expected output (``close_problem``)."""
+    """A ``compare`` for tensor outputs: same type/shape/dtype, values within ``close_problem``'s ``atol``."""
 
     def compare(inputs: Inputs, expected: torch.Tensor, actual: Any) -> Optional[str]:
         return tensor_problem(expected, actual) or close_problem(expected, actual, atol)
