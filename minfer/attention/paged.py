@@ -13,7 +13,7 @@ from minfer.attention import get_backend
 from minfer.attention.flash import online_softmax_update
 from minfer.attention.mask import allowed
 from minfer.attention.reference import reference_attention
-from minfer.attention.sdpa import sdpa
+from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.devices import to_device
 
 ATTENTION_MODES = ("split", "online")
@@ -201,9 +201,7 @@ class PagedAttention:
         if self.dense is not None:
             return self.dense(q, keys, values, g.q_pos, g.k_pos, window=window)     # (G, nh, T, hd)
         if window is not None and not g.static:                                     # the window joins the mask
-            mask = allowed(g.q_pos, g.k_pos, window)[:, None]
-            o = sdpa(q, keys, values, attn_mask=mask)
-            return torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
+            return sdpa_attention(q, keys, values, g.q_pos, g.k_pos, window)
         return sdpa(q, keys, values, is_causal=True) if g.fresh is not None else \
             sdpa(q, keys, values, attn_mask=g.sdpa_mask)
 

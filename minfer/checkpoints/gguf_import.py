@@ -20,8 +20,7 @@ from minfer.validation import is_int, is_real
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
-# ------------------------------------------------------------ tensor names
-
+# --- Tensor names ---
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -61,9 +60,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no minfer equivalent{hint}")
 
 
-# ------------------------------------------------------------ q/k rows
-
-
+# --- q/k rows ---
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of a q or k projection (weight or bias; for k, ``n_head`` = KV heads):
     its RoPE pairs neighbours, HF's ``rotate_half`` the two halves (docs/quantization.md)."""
@@ -74,9 +71,7 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(rows, *rest).contiguous()  # (heads*d, cols), halves layout
 
 
-# ------------------------------------------------------------ metadata
-
-
+# --- Metadata ---
 def _metadata(reader) -> dict[str, Any]:
     """All key/value fields as Python values (strings, ints, lists)."""
     return {key: field.contents() for key, field in reader.fields.items()}
@@ -154,8 +149,7 @@ def _gemma3_config(config: ModelConfig, window: int) -> ModelConfig:
         hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
 
 
-# ------------------------------------------------------------ tokenizer
-
+# --- Tokenizer ---
 # llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre`` (``src/llama-vocab.cpp``),
 # an HF ``tokenizers`` pre-tokenizer; byte-level BPE then maps bytes to printable characters and merges.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -237,9 +231,7 @@ def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
     return tok.to_str()
 
 
-# ------------------------------------------------------------ read_gguf
-
-
+# --- read_gguf ---
 def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
     """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart from
     every other tensor's (else 1,024 layers on the same bytes become gigabytes of float32)."""

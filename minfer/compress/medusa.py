@@ -72,8 +72,6 @@ def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes
 
 
 # --- `minfer medusa train | selfdistill | cost` ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
     sub = p.add_subparsers(dest="medusa_cmd", required=True)

@@ -134,8 +134,6 @@ class TeacherCache:
 
 
 # --- `minfer teacher-cache`: the train and held-out caches ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
     add_model_args(p)

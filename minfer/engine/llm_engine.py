@@ -1,15 +1,10 @@
 """The engine: many requests, one model, one forward pass per step.
 
-    add_request ──> Scheduler ──(chunks: request, start, n)──> ModelRunner ──> logits
-         ^           (token budget, chunked prefill,          (flattens the batch,  │
-         │            block pool, preemption)                  paged KV cache)      v
-    StepOutput <── TextOutput (detokenize, stop strings) <── stop rule <── sample (per request)
-
 ``step()``: schedule, run the model on the flattened batch, sample a token for every request
 whose tokens are all computed, check the stops, free finished requests, return each one's delta.
 Each request samples from its own seeded generator; ``n > 1`` forks after the prompt (sample i
 uses seed ``seed + i``). vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``), ``LLMEngine``
-(``vllm/v1/engine/llm_engine.py``), ``ParentRequest`` (``parallel_sampling.py``). More:
+(``vllm/v1/engine/llm_engine.py``), ``ParentRequest`` (``parallel_sampling.py``). The diagram:
 docs/architecture.md.
 """
 import dataclasses

@@ -27,13 +27,8 @@ def hash_block_tokens(parent_hash: Optional[int], token_ids: Sequence[int]) -> i
 
 def block_hashes(token_ids: Sequence[int], block_size: int,
                  hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens) -> list[int]:
-    """Hashes of the *full* blocks of ``token_ids``, each chained to the one before.
-
-        tokens   [t0 t1 t2 t3][t4 t5 t6 t7][t8 t9]      block_size 4
-        hashes    h0 = H(None, t0..t3)
-                               h1 = H(h0, t4..t7)
-                                            (not full: no hash)
-    """
+    """Hashes of the *full* blocks of ``token_ids``, each chained to the one before (h1 = H(h0, t4..t7);
+    drawn in docs/kv-and-attention.md)."""
     hashes: list[int] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):

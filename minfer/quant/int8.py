@@ -12,11 +12,8 @@ QMAX = 127                      # the grid is -127 .. 127 (symmetric; -128 unuse
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (N, K) float -> (q int8 (N, K), scale float32 (N,)).
-
-    A row of zeros gets scale 1.0 (any positive scale stores zeros exactly),
-    so no division by zero happens and dequantization stays a plain multiply.
-    """
+    """W (N, K) float -> (q int8 (N, K), scale float32 (N,)); a row of zeros gets scale 1.0 (stored
+    exactly, no division by zero)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_int8 expects a 2-D weight (out_features, in_features), "
                          f"got shape {tuple(w.shape)}")

@@ -81,8 +81,6 @@ def load_heads(path: str) -> MedusaHeads:
 
 
 # --- The static tree: nodes, parents, depths, the attention mask ---
-
-
 @dataclass
 class MedusaTree:
     paths: list[tuple[int, ...]]   # (N,) node i = paths[i], sorted by depth; the root (index 0 in the
@@ -151,8 +149,6 @@ def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[
 
 
 # --- Decoding ---
-
-
 @contextlib.contextmanager
 def last_hidden(model):
     """Keep the last decoder layer's output (B, T, h), before the final norm, in ``box[0]``: every row,

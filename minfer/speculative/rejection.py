@@ -9,9 +9,8 @@ import torch
 
 from minfer.sampling import SamplingParams, top_k_filter, top_p_filter
 
+
 # --- Distributions ---
-
-
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution ``minfer.sampling.sample`` draws from: logits (..., V) -> probs (..., V), fp32
     (greedy: the one-hot of the argmax)."""
@@ -46,8 +45,6 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 # --- One verification step over gamma proposed tokens ---
-
-
 def verify_greedy(target_argmax: list[int], draft_tokens: list[int]) -> list[int]:
     """Greedy verification -> the n accepted draft tokens + the target's own argmax after them (a
     correction, or the bonus token). target_argmax (gamma + 1,): the target's argmax after each prefix."""
