@@ -295,10 +295,8 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, dict[str, Any]]:
-    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config).
-
-    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``; ``progress``: a tqdm bar.
-    """
+    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config);
+    tensors dequantized, un-permuted, cast to ``dtype``. ``progress``: a tqdm bar."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)

@@ -13,11 +13,8 @@ from minfer.speculative.medusa import MedusaHeads
 
 
 def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, generator=None):
-    """Binned KL of each head vs the teacher's distribution j + 1 positions later; -> (loss, top-1 acc per head).
-
-    Head j predicts token t + 2 + j (teacher at t + 1 + j); with a ``loss_mask`` only generated
-    positions count (docs/compression.md).
-    """
+    """Binned KL of each head vs the teacher j + 1 positions later -> (loss, top-1 acc per head): head j
+    predicts token t + 2 + j; with a ``loss_mask`` only generated positions count (docs/compression.md)."""
     from minfer.compress.losses import binned_kl, student_bins, teacher_bins
     B, T, h = batch.hidden.shape
     K = heads.num_heads

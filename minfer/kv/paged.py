@@ -104,9 +104,7 @@ class PagedKVCache:
     def read_blocks(self, layer: int, blocks: torch.Tensor, rows: torch.Tensor | None = None,
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) in the compute dtype.
-        ``rows``: ``kv_rows(blocks)``, once per forward; ``reuse``: the layers' shared buffer (``_gather``).
-        Why one 2-D gather: docs/kv-and-attention.md.
-        """
+        ``rows``: ``kv_rows(blocks)``; ``reuse``: the layers' shared buffer (docs/kv-and-attention.md)."""
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
             rows = self.kv_rows(blocks) if rows is None else rows

@@ -19,11 +19,8 @@ def _f16(field: torch.Tensor) -> torch.Tensor:
 
 
 def _low_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(..., k) uint8 -> (..., 2k) uint8: all low nibbles first, then all high nibbles.
-
-    This is how Q4_0/Q4_1/Q4_K pack 4-bit values: byte j holds value j in its
-    low 4 bits and value j + k in its high 4 bits (not two neighbours).
-    """
+    """(..., k) uint8 -> (..., 2k): all low nibbles, then all high ones. Q4_0/Q4_1/Q4_K pack value j in the
+    low 4 bits of byte j and value j + k in its high 4 bits (not two neighbours)."""
     return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
 
 
@@ -95,11 +92,8 @@ def _q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         byte:  0..3              4..7              8..11
                [s4 hi2|s0..3]    [m4 hi2|m0..3]    [m4 lo4|s4 lo4]   (for sub-blocks 4..7)
 
-    Sub-blocks 0-3 keep their scale in the low 6 bits of bytes 0-3 and their
-    min in the low 6 bits of bytes 4-7. Sub-blocks 4-7 put the low 4 bits of
-    scale / min in the low / high nibble of bytes 8-11 and borrow the top two
-    bits of bytes 0-3 (scale) and 4-7 (min) for their high 2 bits.
-    """
+    Sub-blocks 0-3: scale and min in the low 6 bits of bytes 0-3 and 4-7. Sub-blocks 4-7: their low 4 bits
+    in the nibbles of bytes 8-11, their high 2 bits in the top bits of bytes 0-3 (scale) and 4-7 (min)."""
     a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]   # (n, 4) each
     scales = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)  # (n, 8)
     mins = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)       # (n, 8)

@@ -1,10 +1,9 @@
-"""int8 weight-only quantization: symmetric, one scale per output channel.
+"""int8 weight-only quantization ("W8A16"): symmetric, one scale per output channel.
 
     q int8 (N, K) in [-127, 127];   scale float32 (N,) = max_k |W[n, k]| / 127;   |W - q * scale| <= scale / 2
 
-Weights only ("W8A16"). gpt-fast ``quantize.py`` (``WeightOnlyInt8Linear``), torchao
-``int8_weight_only``; the CPU matmul is ``torch.ops.aten._weight_int8pack_mm``
-(docs/quantization.md).
+gpt-fast ``quantize.py`` (``WeightOnlyInt8Linear``), torchao ``int8_weight_only``; the CPU matmul is
+``torch.ops.aten._weight_int8pack_mm`` (docs/quantization.md).
 """
 import torch
 

@@ -39,12 +39,9 @@ def _tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -
 
 
 def _pack_for_tinygemm(q: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-    """q (N, K) values 0..15 -> the kernel's opaque packed layout on ``device`` (None: unsupported).
-
-    CPU: ``_convert_weight_to_int4pack_for_cpu`` takes int32 (N, K), needs N % 16 == 0.
-    CUDA: ``_convert_weight_to_int4pack`` takes uint8 (N, K/2) with the *first* value
-    of each pair in the high nibble, needs K % (16 * inner_k_tiles) == 0 and N % 8 == 0.
-    """
+    """q (N, K) values 0..15 -> the kernel's opaque packed layout on ``device`` (None: unsupported). CPU:
+    ``_convert_weight_to_int4pack_for_cpu``, int32 (N, K), N % 16 == 0. CUDA: ``_convert_weight_to_int4pack``,
+    uint8 (N, K/2), a pair's *first* value high, K % (16 * inner_k_tiles) == 0 and N % 8 == 0."""
     n, k = q.shape
     if device.type == "cpu":
         if n % 16:
@@ -116,12 +113,8 @@ def _kernel_available(kind: str, device: torch.device, dtype: torch.dtype) -> bo
 
 # --- The base class: path selection ---
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W stored quantized; subclasses define the format.
-
-    Subclasses implement ``dequantize()`` (the reference) and
-    ``_prepare_fast(device, dtype)``, which returns a function x2d -> y2d
-    computing with a fast kernel, or None where there is none.
-    """
+    """y = x W^T + b with W stored quantized. A format defines ``dequantize()`` (the reference) and
+    ``_prepare_fast(device, dtype)``: a function x2d -> y2d on a fast kernel, or None."""
 
     format = "?"
 
@@ -279,11 +272,8 @@ class Int8Linear(QuantizedLinear):
 # --- int4, grouped, and the GGUF 4-bit formats that map onto the same kernel ---
 def _tinygemm_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                      device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
-    """A fast int4 matmul for values q (N, K) with w = (q - 8) * scale + zero per group.
-
-    K is padded up to whole groups: padded weight columns meet padded zero
-    activations, so they add nothing.
-    """
+    """A fast int4 matmul for q (N, K) with w = (q - 8) * scale + zero per group; K is padded to whole
+    groups (padded weight columns meet zero activations)."""
     n, k = q.shape
     if group_size not in TINYGEMM_GROUP_SIZES or not _kernel_available("int4", device, dtype):
         return None
