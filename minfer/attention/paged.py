@@ -66,8 +66,7 @@ def make_paged_attention(cache, attention="sdpa", mode: str = "split", decode_ke
 class _Group:
     """One dense-backend call of the split plan: some sequences' queries and the keys they read."""
 
-    rows: slice | torch.Tensor | None  # rows of the flattened batch whose queries belong here: a range
-                                  # (a view, no copy) or (G * T,) indices; None: all
+    rows: slice | torch.Tensor | None  # its queries' rows: a range (a view), (G * T,) indices, None: all
     q_pos: torch.Tensor           # (G, T) query positions
     k_pos: torch.Tensor           # (G, W) key positions, -1 = padding; W = blocks read * block_size
     k_blocks: torch.Tensor | None # (G * W / block_size,) blocks to gather; None = the keys are this forward's own

@@ -28,8 +28,7 @@ class PagedBatch:
     slot_mapping: torch.Tensor          # (N,) long: where each new token's K/V is written
     logits_indices: torch.Tensor        # (S,) long: each sequence's last token in the batch
     positions: torch.Tensor             # (1, N) long: absolute position of each token
-    groups: list | None = None          # local/global models: one PagedBatch per KV group (its tables
-                                        # and slots; ``kv/coordinator.py``); this one is group 0's
+    groups: list | None = None          # local/global: one per KV group (kv/coordinator.py); this is 0's
 
     @property
     def num_tokens(self) -> int:

@@ -260,10 +260,9 @@ class Int8Linear(QuantizedLinear):
         # The CPU kernel crashes (torch 2.13) in bf16 unless K % 16 == 0: stay away.
         if self.in_features % 16 or not _kernel_available("int8", device, dtype):
             return None
-        # The kernel wants scales in the activation dtype. Rounding them to bf16 would
-        # scale every output channel by its own (1 + up to 0.4%), an error that does not
-        # average out: on SmolLM2 it moved perplexity by 0.5%. So the kernel multiplies
-        # by ones and the float32 scale is applied to its output instead.
+        # The kernel wants scales in the activation dtype: bf16 scales would scale each output channel by
+        # its own (1 + up to 0.4%), an error that does not average out (SmolLM2's perplexity moved 0.5%).
+        # So the kernel multiplies by ones and the float32 scale is applied to its output.
         q, scale = self.qweight, self.scale.float()
         ones = torch.ones(self.out_features, dtype=dtype, device=device)
         return lambda x: _int8_mm(x, q, ones) * scale                      # (M, N) float32
