@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minfer.checkpoints.gguf_spm import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, spm_tokenizer_json
 from minfer.checkpoints.hf import check_shapes, check_state_dict
 from minfer.config import ModelConfig
 from minfer.quant.gguf_formats import dequantize
@@ -174,10 +175,6 @@ def _pre_tokenizer(pre: str):
                      "smollm, starcoder, refact, codeshell, gpt-2, mpt, olmo, llama-bpe, llama3, qwen2")
 
 
-# llama.cpp token types (``enum llama_token_type``)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
-
-
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
     """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata: byte-level BPE
     (HF: ``integrations/ggml.py``) or SentencePiece (``gguf_spm``); docs/quantization.md."""
@@ -185,7 +182,6 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple
     if model == "gpt2":
         tokenizer_json = _bpe_tokenizer_json(meta)
     elif model == "llama":
-        from minfer.checkpoints.gguf_spm import spm_tokenizer_json
         tokenizer_json = spm_tokenizer_json(meta, source)
     else:
         raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported "
