@@ -1,34 +1,19 @@
 """`minfer bench decode`: prefill and decode speed of the naive loop, the cached loop and transformers.
 
-    naive        minfer/naive.py: the oracle, whole sequence recomputed per token, math attention
-    no-cache     minfer's model, whole sequence recomputed per token (fused attention)
-    cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
-    unfused      the same, on the same weights, with q/k/v and gate/up as separate matmuls (the
-                 layout before fused projections, ``build_model(..., fuse_projections=False)``)
-    packed       cached, with every linear run by oneDNN on weights reordered once (``LLM(prepack=True)``)
-    transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
-    transformers-compiled
-                 the same generate with cache_implementation="static" and the decode forward
-                 torch.compile'd (peers.StaticCompiledHF); its first call, which compiles, is
-                 timed on its own and reported beside the table, never inside the tok/s
-
-All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored). A method that
-cannot run on this machine (transformers-compiled without a working compiler, say) is left out with
-a line saying why; the others still run.
-"Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s;
-MBU (model-bandwidth utilisation) = that / the bandwidth measured on this machine in the same run.
+Every method produces exactly --max-tokens greedy tokens from the same prompt (EOS ignored); one that
+cannot run here is left out with a line saying why. The methods, and MBU: docs/measuring.md.
 """
 import argparse
-import datetime
 import statistics
-import sys
 import time
 
 import torch
 
-from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_flops
-from minfer.bench.timing import interleaved, table, write_json
-from minfer.cli_args import add_model_args, positive_int
+from minfer.bench.machine import machine_info, machine_line, mbu, measure_bandwidth, measure_flops
+from minfer.bench.timing import (add_run_args, interleaved, log, names, rates, table, timed_generate,
+                                 write_json)
+from minfer.cli_args import add_model_args, set_threads
+from minfer.sampling import SamplingParams
 
 METHODS = ["naive", "no-cache", "cached", "static", "unfused", "packed", "llm", "llm-graphs", "llm-compile",
            "transformers", "transformers-compiled"]
@@ -39,7 +24,6 @@ PROMPT = ("The history of computing is a story of machines that got smaller, fas
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
                    help="comma-separated subset of " + ",".join(METHODS) + " "
                         "(static = cached on the static contiguous cache, gpt-fast's fixed-shape step, a CUDA "
@@ -52,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time reported separately). cached:FMT / llm:FMT run a copy quantized to FMT, "
                         "e.g. cached:int8-a8,cached:q4_0-a8; cached:FMT:plain keeps an -a8 format's decoder "
                         "layers on their plain torch path instead of the fused C++ layer")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
                    "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
     p.add_argument("--peer-gguf", default=None, help="the GGUF file for llama.cpp (default: the model's own)")
@@ -60,8 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
-    p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
-                   help="also write the results as JSON (default path bench_results/decode.json)")
+    add_run_args(p, "decode", repeats=3)
 
 
 def weight_bytes_per_step(model) -> int:
@@ -101,34 +83,29 @@ def _packed_model(llm):
     return model
 
 
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
 def _time_cached(model, prompt_ids, n, kv_cache):
-    from minfer.metrics import RequestStats
-    from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestStats(arrival_time=time.perf_counter())
-    toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
-    m.finish_time = m.token_times[-1]
-    return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}
+    res, toks = timed_generate(model, prompt_ids, _greedy(n), kv_cache=kv_cache)
+    return {**res, "tokens": toks}
 
 
 def _time_llm(llm, prompt_ids, n):
     """Batch-1 decode through the front door: LLM.generate -> engine -> runner -> paged cache."""
-    from minfer.sampling import SamplingParams
-    out = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+    out = llm.generate(prompt_ids, _greedy(n))[0]
     return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot, "tokens": out.token_ids}
 
 
 def _time_naive(model, prompt_ids, n):
     from minfer.naive import naive_forward
     weights, cfg = model.state_dict(), model.cfg
-    ids = list(prompt_ids)
-    t0 = time.perf_counter()
-    times = []
+    ids, times, t0 = list(prompt_ids), [], time.perf_counter()
     for _ in range(n):
         ids.append(int(naive_forward(weights, cfg, ids)[-1].argmax()))
         times.append(time.perf_counter())
-    return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": ids[len(prompt_ids):]}
+    return {**rates(t0, times), "tokens": ids[len(prompt_ids):]}
 
 
 @torch.no_grad()
@@ -167,8 +144,7 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
     quantized cache and count the positions where its tokens equal the fp32 run's.
     """
     from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    params = _greedy(n)
     ref_tokens = list(generate_tokens(model, prompt_ids, params, kv_cache="contiguous"))
     ref_logits, ref_bytes = teacher_forced_logits(model, prompt_ids, ref_tokens, "contiguous")
     rows = []
@@ -188,28 +164,22 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
     return rows
 
 
-def _compiled_peer(cfg, model, llm, prompt_ids, n, log):
-    """transformers' static cache + compiled decode on its own copy of the weights, warmed up
-    (compiled) now -> (peer, None); or (None, why) when it cannot run here."""
+def _compiled_peer(cfg, model, llm, prompt_ids, n):
+    """transformers' static cache + compiled decode on its own copy of the weights, warmed up (compiled)
+    now; RuntimeError when it cannot run here."""
     from minfer.bench.peers import StaticCompiledHF, hf_model
     log("transformers-compiled: first generate, which compiles the decode step (not timed as decode) ...")
-    try:
-        peer = StaticCompiledHF(hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device))
-        peer.warm_up(prompt_ids, n)
-    except RuntimeError as e:
-        return None, str(e)
+    peer = StaticCompiledHF(hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device))
+    peer.warm_up(prompt_ids, n)
     log(f"  compiled: first generate took {peer.warmup_s:.1f} s")
-    return peer, None
+    return peer
 
 
 def _methods(args) -> list[str]:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    set_threads(args.threads)
+    methods = names(args.methods, "--methods")
     if unknown := [m for m in methods if m.partition(":")[0] not in METHODS
                    or (":" in m and m.partition(":")[0] not in ("cached", "llm"))]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS} (cached:FMT, llm:FMT quantized)")
@@ -217,13 +187,10 @@ def _methods(args) -> list[str]:
     for m in methods:
         if ":" in m:
             parse_spec(m.partition(":")[2].removesuffix(":plain"))   # a bad name: ValueError naming the choices
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    if unknown := [p for p in peers if p != "llama.cpp"]:
-        raise ValueError(f"unknown peer(s) {unknown} for --peers; choose llama.cpp")
-    return methods + peers
+    return methods + names(args.peers, "--peers", ["llama.cpp"])
 
 
-def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
+def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
     """Build what each method times -> (name -> timing function, engines, compiled peer, cannot_run).
     A method that cannot run here is dropped from ``methods``, with its reason in ``cannot_run``."""
     from minfer.bench.peers import hf_generate_timed, hf_model
@@ -239,16 +206,18 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
             engines[name] = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                                 enforce_eager=False, max_num_seqs=1,
                                 max_seq_len_to_capture=len(prompt_ids) + n + 16, **kw)
-    compiled, cannot_run = None, {}
     quantized = {m: _quantized_copy(args, llm, m) for m in methods if ":" in m}
-    llama = _llama_peer(args, prompt_ids, n, cannot_run, methods) if "llama.cpp" in methods else None
-    engines.update(quantized, **({"llama.cpp": llama} if llama else {}))
-    if "transformers-compiled" in methods:
-        compiled, why = _compiled_peer(cfg, model, llm, prompt_ids, n, log)
-        if compiled is None:
-            cannot_run["transformers-compiled"] = why
-            methods.remove("transformers-compiled")
-            print(f"transformers-compiled cannot run here, left out: {why}", flush=True)
+    peers, cannot_run = {}, {}
+    for name, make in (("llama.cpp", lambda: _llama_peer(args, prompt_ids, n)),
+                       ("transformers-compiled", lambda: _compiled_peer(cfg, model, llm, prompt_ids, n))):
+        if name in methods:
+            try:
+                peers[name] = make()
+            except (RuntimeError, ValueError) as e:
+                cannot_run[name] = str(e)
+                methods.remove(name)
+                print(f"{name} cannot run here, left out: {e}", flush=True)
+    engines.update(quantized, **{k: v for k, v in peers.items() if k == "llama.cpp"})
     if not methods:
         raise ValueError(f"no method left to run: {cannot_run}")
     fns = {
@@ -262,13 +231,13 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
         "llm-graphs": lambda: _time_llm(engines["llm-graphs"], prompt_ids, n),
         "llm-compile": lambda: _time_llm(engines["llm-compile"], prompt_ids, n),
         "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
-        "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
-        "llama.cpp": lambda: llama.timed(prompt_ids, n),
+        "transformers-compiled": lambda: peers["transformers-compiled"].timed(prompt_ids, n),
+        "llama.cpp": lambda: peers["llama.cpp"].timed(prompt_ids, n),
     }
     for m, copy in quantized.items():
         fns[m] = (lambda c=copy: _time_llm(c, prompt_ids, n)) if m.startswith("llm") else \
             (lambda c=copy: _time_cached(c, prompt_ids, n, "contiguous"))
-    return fns, engines, compiled, cannot_run
+    return fns, engines, peers.get("transformers-compiled"), cannot_run
 
 
 def _quantized_copy(args, llm, method: str):
@@ -287,19 +256,13 @@ def _quantized_copy(args, llm, method: str):
     return e
 
 
-def _llama_peer(args, prompt_ids, n, cannot_run: dict, methods: list[str]):
-    """llama.cpp on the model's GGUF, or None (removed from ``methods``, the reason in ``cannot_run``)."""
+def _llama_peer(args, prompt_ids, n):
+    """llama.cpp on the model's GGUF; RuntimeError when it cannot run here."""
     from minfer.bench.peers import LlamaCppPeer, find_gguf
     gguf = args.peer_gguf or find_gguf(args.model)
-    try:
-        if gguf is None:
-            raise RuntimeError(f"no GGUF file for {args.model} (give one with --peer-gguf)")
-        return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
-    except (RuntimeError, ValueError) as e:
-        cannot_run["llama.cpp"] = str(e)
-        methods.remove("llama.cpp")
-        print(f"llama.cpp cannot run here, left out: {e}", flush=True)
-        return None
+    if gguf is None:
+        raise RuntimeError(f"no GGUF file for {args.model} (give one with --peer-gguf)")
+    return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
 
 
 def _weight_bytes(engines: dict, model) -> dict:
@@ -336,6 +299,11 @@ def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float)
     return rows
 
 
+def _ratio(medians: dict, a: str, b: str) -> float | None:
+    """a's decode tok/s over b's; None unless both ran."""
+    return medians[a]["decode_tps"] / medians[b]["decode_tps"] if a in medians and b in medians else None
+
+
 def _compile_report(compiled, medians: dict, n: int) -> dict | None:
     if compiled is None:
         return None
@@ -345,46 +313,43 @@ def _compile_report(compiled, medians: dict, n: int) -> dict | None:
     print(f"transformers-compiled: first generate (compiles the decode step) {compiled.warmup_s:.1f} s, "
           f"a timed generate {run_s:.2f} s, so compiling cost about {report['compile_s']:.1f} s; "
           f"the first call is not in the table")
-    if "cached" in medians:
-        print(f"cached / transformers-compiled decode tok/s = "
-              f"{medians['cached']['decode_tps'] / r['decode_tps']:.2f}x")
+    if (x := _ratio(medians, "cached", "transformers-compiled")) is not None:
+        print(f"cached / transformers-compiled decode tok/s = {x:.2f}x")
     return report
 
 
 def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict]) -> None:
     """The pairwise comparisons each method exists for (fused vs unfused, packed vs not, ...)."""
-    if "cached" in medians and "unfused" in medians:
-        ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
-        print(f"fused projections: cached (fused) / unfused decode tok/s = "
-              f"{medians['cached']['decode_tps'] / medians['unfused']['decode_tps']:.3f} (ratio of medians); "
-              f"per round {' '.join(f'{r:.3f}' for r in ratios)}, median {statistics.median(ratios):.3f}")
-    if "cached" in medians and "packed" in medians:
-        ratios = [a / b for a, b in zip(per_round["packed"], per_round["cached"])]
-        print(f"prepacked linears: packed / cached decode tok/s = "
-              f"{medians['packed']['decode_tps'] / medians['cached']['decode_tps']:.3f} (ratio of medians); "
-              f"per round {' '.join(f'{r:.3f}' for r in ratios)}")
+    def rounds(a: str, b: str) -> tuple[list[float], str]:
+        ratios = [x / y for x, y in zip(per_round[a], per_round[b])]
+        return ratios, " ".join(f"{r:.3f}" for r in ratios)
+
+    if (r := _ratio(medians, "cached", "unfused")) is not None:
+        ratios, text = rounds("cached", "unfused")
+        print(f"fused projections: cached (fused) / unfused decode tok/s = {r:.3f} (ratio of medians); "
+              f"per round {text}, median {statistics.median(ratios):.3f}")
+    if (r := _ratio(medians, "packed", "cached")) is not None:
+        print(f"prepacked linears: packed / cached decode tok/s = {r:.3f} (ratio of medians); "
+              f"per round {rounds('packed', 'cached')[1]}")
     for name in ("llm-graphs", "llm-compile"):
-        if name in medians and "llm" in medians:
+        if (r := _ratio(medians, name, "llm")) is not None:
             e = engines[name]
-            print(f"{name} / llm (eager) decode tok/s = {medians[name]['decode_tps'] / medians['llm']['decode_tps']:.3f}; "
-                  f"start-up: compile {e.compile_seconds:.1f} s, graph capture {e.capture_seconds:.1f} s "
-                  f"(not in the table)")
+            print(f"{name} / llm (eager) decode tok/s = {r:.3f}; start-up: compile {e.compile_seconds:.1f} "
+                  f"s, graph capture {e.capture_seconds:.1f} s (not in the table)")
     for plain in [m for m in medians if m.endswith(":plain") and m.removesuffix(":plain") in medians]:
-        ratios = [a / b for a, b in zip(per_round[plain.removesuffix(":plain")], per_round[plain])]
+        ratios, text = rounds(plain.removesuffix(":plain"), plain)
         print(f"fused C++ layer: {plain.removesuffix(':plain')} / {plain} decode tok/s = "
-              f"{statistics.median(ratios):.3f} (median of rounds: {' '.join(f'{r:.3f}' for r in ratios)})")
-    if "cached" in medians and "static" in medians:
-        print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = "
-              f"{medians['static']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
-    if "cached" in medians and "llm" in medians:
-        print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
-              f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
+              f"{statistics.median(ratios):.3f} (median of rounds: {text})")
+    if (r := _ratio(medians, "static", "cached")) is not None:
+        print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = {r:.3f}")
+    if (r := _ratio(medians, "llm", "cached")) is not None:
+        print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = {r:.3f}")
     for row in rows:
         if "same_tokens_as_cached" in row:
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
 
 
-def _kv_quality(model, prompt_ids: list[int], n: int, log) -> list[dict]:
+def _kv_quality(model, prompt_ids: list[int], n: int) -> list[dict]:
     log(f"KV-cache quantization quality over {n} greedy tokens ...")
     kv_rows = kv_quant_quality(model, prompt_ids, n)
     print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
@@ -406,8 +371,7 @@ def main(args) -> int:
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    fns, engines, compiled, cannot_run = _runners(args, llm, methods, prompt_ids, log)
+    fns, engines, compiled, cannot_run = _runners(args, llm, methods, prompt_ids)
     outputs, per_round = {}, {}
 
     def wrap(name):
@@ -429,8 +393,7 @@ def main(args) -> int:
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
     rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, model)}, kv_mean, bw)
     _agreement(engines, outputs, rows, prompt_ids)
-    ratio = (medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
-             if "cached" in medians and "transformers" in medians else None)
+    ratio = _ratio(medians, "cached", "transformers")
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
@@ -438,9 +401,7 @@ def main(args) -> int:
                        ("bandwidth_fraction", "MBU", "{:.0%}"),
                        ("teacher_forced_top1", "top-1 = cached (forced)", "{:.1%}"),
                        ("free_running_prefix", "same prefix (free)", "{}")]))
-    mi = machine_info(llm.device)
-    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
-          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
+    print(f"\n{machine_line(llm.device)}, {llm.dtype}")
     print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
@@ -455,16 +416,14 @@ def main(args) -> int:
         print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
               f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
               f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
-    kv_rows = _kv_quality(model, prompt_ids, n, log) if args.kv_quality else None
+    kv_rows = _kv_quality(model, prompt_ids, n) if args.kv_quality else None
     if args.json:
-        write_json(args.json, {"kv_quantization": kv_rows,
-            "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": mi, "model": args.model, "dtype": str(llm.dtype),
+        write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
+            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
             "quantization": args.quantization,
             "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
             "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
             "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
             "transformers_compiled_compile": compile_report, "not_run": cannot_run,
         })
-        print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from minfer.bench.timing import rates
+
 
 def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
     """An HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` holding the given weights."""
@@ -49,19 +51,18 @@ class StepClock:
 
 
 @torch.no_grad()
-def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Greedy generate exactly `max_new_tokens` tokens; TTFT and decode tok/s from token timestamps."""
+def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, **kw) -> dict:
+    """Greedy generate exactly `max_new_tokens` tokens (``kw``: more ``generate`` options); TTFT and decode
+    tok/s from token timestamps (``timing.rates``)."""
     ids = torch.tensor([prompt_ids], device=model.device)
     clock = StepClock()
     t0 = time.perf_counter()
     # No EOS at all (rather than min_new_tokens, which would *suppress* EOS and change the
     # greedy choice): exactly what minfer's ignore_eos does.
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0)
+                         do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0, **kw)
     # the first put() is the prompt itself, the second the first new token
-    first, last = clock.times[1], clock.times[-1]
-    n = out.shape[1] - ids.shape[1]
-    return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first), "tokens": out[0, ids.shape[1]:].tolist()}
+    return {**rates(t0, clock.times[1:]), "tokens": out[0, ids.shape[1]:].tolist()}
 
 
 class StaticCompiledHF:
@@ -84,14 +85,10 @@ class StaticCompiledHF:
             self.compile_config._compile_all_devices = True
         self.warmup_s: float | None = None
 
-    def _generate(self, prompt_ids: list[int], max_new_tokens: int, streamer=None):
-        ids = torch.tensor([prompt_ids], device=self.model.device)
-        return ids, self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            streamer=streamer, eos_token_id=None, pad_token_id=0,
-            cache_implementation="static", compile_config=self.compile_config)
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        return hf_generate_timed(self.model, prompt_ids, max_new_tokens, cache_implementation="static",
+                                 compile_config=self.compile_config)
 
-    @torch.no_grad()
     def warm_up(self, prompt_ids: list[int], max_new_tokens: int) -> float:
         """One untimed ``generate`` that compiles the decode step; returns its wall time in seconds."""
         t0 = time.perf_counter()
@@ -106,18 +103,11 @@ class StaticCompiledHF:
                                "decode step (its auto-compile criteria were not met on this device)")
         return self.warmup_s
 
-    @torch.no_grad()
     def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
         """Like ``hf_generate_timed``, on the compiled static-cache path (call ``warm_up`` first)."""
         if self.warmup_s is None:
             raise RuntimeError("call warm_up() first: the first call compiles and is not a timing")
-        clock = StepClock()
-        t0 = time.perf_counter()
-        ids, out = self._generate(prompt_ids, max_new_tokens, streamer=clock)
-        first, last = clock.times[1], clock.times[-1]
-        n = out.shape[1] - ids.shape[1]
-        return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first),
-                "tokens": out[0, ids.shape[1]:].tolist()}
+        return self._generate(prompt_ids, max_new_tokens)
 
 
 def find_gguf(model: str):
@@ -157,5 +147,4 @@ class LlamaCppPeer:
             tokens.append(int(tok))
             if len(tokens) == max_new_tokens:
                 break
-        n = len(tokens)
-        return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": tokens}
+        return {**rates(t0, times), "tokens": tokens}

@@ -42,9 +42,10 @@ def add_run_args(p, name: str, repeats: int | None = 3, threads: int | None = No
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write (``minfer.atomic``), with the run's envelope added (``run_envelope``)."""
+    """Atomic JSON write (``minfer.atomic``) with the run's envelope (``run_envelope``); logs the path."""
     from minfer import atomic
     atomic.write_json(path, {**run_envelope(payload), **payload})
+    log(f"wrote {path}")
 
 
 def run_envelope(payload: dict) -> dict:
@@ -56,7 +57,6 @@ def run_envelope(payload: dict) -> dict:
     import datetime
     import os
     import shlex
-    import sys
     from minfer.bench.machine import machine_info
     argv = sys.argv[1:]
     env = {"command": "minfer " + shlex.join(argv) if argv[:1] == ["bench"] else shlex.join(sys.argv),
@@ -102,12 +102,17 @@ def positive_ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def rates(t0: float, times: list[float]) -> dict:
+    """Token times of a run started at ``t0`` -> {"ttft": seconds, "decode_tps": tokens/s after the first}."""
+    tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return {"ttft": times[0] - t0, "decode_tps": tps}
+
+
 def timed_generate(model, prompt_ids: list[int], params, generate=None, **kw) -> tuple[dict, list[int]]:
     """One batch-1 generation (``generate_tokens`` unless ``generate``), timed by the ``RequestStats`` it
-    fills -> ({"decode_tps": tokens/s after the first, "ttft": seconds}, the tokens)."""
+    fills -> (``rates``, the tokens)."""
     from minfer.generate import generate_tokens
     from minfer.metrics import RequestStats
     m = RequestStats(arrival_time=time.perf_counter())
     toks = list((generate or generate_tokens)(model, prompt_ids, params, metrics=m, **kw))
-    t = m.token_times
-    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"), "ttft": m.ttft}, toks
+    return rates(m.arrival_time, m.token_times), toks
