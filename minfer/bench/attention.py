@@ -146,5 +146,4 @@ def main(args) -> int:
         write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
                                "threads": torch.get_num_threads(), "torch": torch.__version__,
                                "layers": layers, "rows": rows})
-        log(f"wrote {args.json}")
     return 0

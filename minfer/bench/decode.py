@@ -10,6 +10,7 @@ import time
 import torch
 
 from minfer.bench.machine import machine_info, machine_line, mbu, measure_bandwidth, measure_flops
+from minfer.bench.quant import decode_weight_bytes as weight_bytes_per_step
 from minfer.bench.timing import (add_run_args, interleaved, log, names, rates, table, timed_generate,
                                  write_json)
 from minfer.cli_args import add_model_args, set_threads
@@ -25,17 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of " + ",".join(METHODS) + " "
-                        "(static = cached on the static contiguous cache, gpt-fast's fixed-shape step, a CUDA "
-                        "graph on a GPU; llm = batch-1 decode through LLM.generate, i.e. the engine, eager; llm-graphs = "
-                        "the same on the static decode step, CUDA graphs on a GPU, replay on a CPU; "
-                        "llm-compile = the static step torch.compile'd, compile time reported apart; unfused = cached "
-                        "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
-                        "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
-                        "generate with its static cache and the decode step torch.compile'd, compile "
-                        "time reported separately). cached:FMT / llm:FMT run a copy quantized to FMT, "
-                        "e.g. cached:int8-a8,cached:q4_0-a8; cached:FMT:plain keeps an -a8 format's decoder "
-                        "layers on their plain torch path instead of the fused C++ layer")
+                   help="comma-separated subset of " + ",".join(METHODS) + " (each: docs/measuring.md). "
+                        "cached:FMT / llm:FMT run a copy quantized to FMT, e.g. cached:int8-a8; "
+                        "cached:FMT:plain keeps an -a8 format's decoder layers on their plain torch path "
+                        "instead of the fused C++ layer")
     p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
                    "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
     p.add_argument("--peer-gguf", default=None, help="the GGUF file for llama.cpp (default: the model's own)")
@@ -44,18 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
     add_run_args(p, "decode", repeats=3)
-
-
-def weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every matrix once; the embedding only as the LM head."""
-    if getattr(model, "quantization", None):
-        from minfer.bench.quant import decode_weight_bytes
-        return decode_weight_bytes(model)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    if not model.cfg.tie_word_embeddings:       # untied: the embedding table is only indexed (1 row)
-        total -= emb.numel() * emb.element_size()
-    return total
 
 
 def _unfused_model(llm, args):

@@ -209,5 +209,4 @@ def main(args) -> int:
             "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
             "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
         })
-        log(f"wrote {args.json}")
     return 0

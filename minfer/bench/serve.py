@@ -14,7 +14,7 @@ import torch
 
 from minfer.bench.report import TABLES
 from minfer.bench.timing import interleaved, log, names, table, write_json
-from minfer.cli_args import add_model_args, positive_int
+from minfer.cli_args import add_model_args, positive_int, set_threads
 from minfer.engine import LLMEngine, run_trace
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
@@ -50,15 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="eager decode steps; --no-enforce-eager: the static step, CUDA graphs on a GPU "
-                        "(default as LLM: static on CUDA, eager on a CPU)")
+                   help="eager decode steps; --no-enforce-eager: the static step (default: LLM's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
-                        "kernel on a CPU in float32 or bf16), torch (gather + SDPA), cpu, triton")
+                   help="how eager decode steps read the KV pool (auto: the C++ kernel on a CPU)")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison, comma-separated: sequential, torch-decode (gather + "
-                        "SDPA), transformers, float32 (a float32 copy, next to --dtype bfloat16)")
+                   help="offline throughput against, comma-separated: " + ", ".join(BASELINES))
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -66,13 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench_results/serve", help="plots and JSON go here")
     p.add_argument("--url", default=None,
-                   help="a running `minfer serve`: measure from the client over HTTP, next to in-process, "
-                        "then online vs batch cost (minfer/bench/serve_http.py)")
+                   help="a running `minfer serve`: HTTP vs in-process, then online vs batch cost")
     p.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
                    help=f"$ per hour of the machine, with --url (default {DEFAULT_PRICE_PER_HOUR}: a 2-vCPU cloud VM)")
     p.add_argument("--routing", default=None,
-                   help="compare router policies instead, e.g. round_robin,prefix_aware: starts --replicas "
-                        "servers and a router per policy on a shared-prefix workload (minfer/bench/serve_route.py)")
+                   help="compare router policies instead, e.g. round_robin,prefix_aware (serve_route.py)")
     p.add_argument("--replicas", type=int, default=2, help="replicas for --routing (default 2)")
     p.add_argument("--prefix-tokens", type=int, default=256, help="system-prompt tokens for --routing (default 256)")
     p.add_argument("--watts", type=float, default=DEFAULT_WATTS,
@@ -330,8 +325,7 @@ def main(args) -> int:
     from minfer.serving.workload import synthetic_trace, text_trace
 
     policies, baselines, sweep_rates, slo = _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory_bytes=2**27)  # its own pool unused
@@ -380,5 +374,4 @@ def main(args) -> int:
         if sweep_rates:            # 3. throughput vs latency as the rate rises
             payload["sweep"] = _sweep(args, llm, make_trace, policies, sweep_rates, slo, out_dir)
     write_json(out_dir / f"{name}.json", payload)
-    log(f"wrote {out_dir}/{name}.json" + (" and plots" if name == "serve" else ""))
     return 0

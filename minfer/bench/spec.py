@@ -4,6 +4,7 @@ Batch 1 per task, then the engine at ``--concurrency`` (``SpecDecodeEngine``); t
 """
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -82,14 +83,15 @@ def split_methods(text: str) -> list[str]:
 
 
 def run_once(model, prompt_ids, params, eos, method, draft):
-    """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
+    """Generate once -> (the timing numbers, (the tokens, the SpecStats: None for plain))."""
     from minfer.speculative import SpecStats, generate_speculative
     if method == "plain":
-        return *timed_generate(model, prompt_ids, params, eos_token_ids=eos), None
+        res, toks = timed_generate(model, prompt_ids, params, eos_token_ids=eos)
+        return res, (toks, None)
     stats = SpecStats()
     res, toks = timed_generate(model, prompt_ids, params, generate_speculative, config=method, draft=draft,
                                eos_token_ids=eos, stats=stats)
-    return res, toks, stats
+    return res, (toks, stats)
 
 
 def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurrency: list[int],
@@ -158,31 +160,24 @@ def main(args) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
                                                         add_generation_prompt=True) + answer_start)
         prompts.append(prompt_ids)
-        outputs, stats = {}, {}
-
-        def make(method):
-            def run():
-                res, toks, st = run_once(model, prompt_ids, params, eos, method, drafts.get(method))
-                outputs[method], stats[method] = toks, st
-                return res
-            return run
-
         log(f"task {task} ({kind}): {len(prompt_ids)} prompt tokens")
-        med = interleaved({m: make(m) for m in methods}, repeats=args.repeats, warmup=1, log=log)
+        runs = {m: partial(run_once, model, prompt_ids, params, eos, m, drafts.get(m)) for m in methods}
+        out: dict = {}
+        med = interleaved(runs, repeats=args.repeats, warmup=1, log=log, outputs=out)
         for m in methods:
-            st = stats[m]
+            toks, st = out[m]
             rows.append({
-                "task": task, "kind": kind, "method": m, "new_tokens": len(outputs[m]),
+                "task": task, "kind": kind, "method": m, "new_tokens": len(toks),
                 "decode_tps": med[m]["decode_tps"], "ttft": med[m]["ttft"],
                 "speedup": med[m]["decode_tps"] / med["plain"]["decode_tps"],
-                "identical": outputs[m] == outputs["plain"],
+                "identical": toks == out["plain"][0],
                 "acceptance_rate": st.acceptance_rate if st else None,
                 "per_token_acceptance": st.per_token_acceptance if st else None,
                 "tokens_per_forward": st.mean_accepted_length if st else 1.0,
                 "theory_tokens_per_forward": st.expected_mean_length() if st else None,
                 "histogram": st.histogram() if st else {},        # JSON: the keys become strings
             })
-        log("  output (plain): " + repr(tok.decode(outputs["plain"])[:160]))
+        log("  output (plain): " + repr(tok.decode(out["plain"][0])[:160]))
     print(table(rows, TABLES["spec"][0][2] + [("new_tokens", "tokens", "{}")]))
     print("\ntok/fwd: tokens emitted per target forward (measured); theory: mean over steps of "
           "(1 - a^(k+1)) / (1 - a) at the measured per-token acceptance a")
@@ -200,5 +195,4 @@ def main(args) -> int:
             "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "results": rows, "engine": batched,
         })
-        log(f"wrote {args.json}")
     return 0

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Callable
 
 
-def interleaved(methods: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, dict]:
+def interleaved(methods: dict[str, Callable], repeats: int, warmup: int = 1,
+                log: Callable[[str], None] = print, outputs: dict | None = None) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 
     Each call returns a dict of numbers, or None to be timed (``{"s": its wall seconds}``); the result
-    maps method -> median of each number.
+    maps method -> median of each number. With ``outputs``, each call returns (numbers, output) and
+    ``outputs[method]`` keeps the last output.
     """
     for name, fn in methods.items():
         for _ in range(warmup):
@@ -22,6 +23,8 @@ def interleaved(methods: dict[str, Callable[[], dict | None]], repeats: int, war
         for name, fn in methods.items():
             t = time.perf_counter()
             res = fn()
+            if outputs is not None:
+                res, outputs[name] = res
             res = {"s": time.perf_counter() - t} if res is None else res
             samples[name].append(res)
             log(f"  round {r + 1}/{repeats} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
