@@ -119,13 +119,14 @@ def _agreement(engines: dict, outputs: dict, rows: list[dict], prompt_ids: list[
 
 
 def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
-    """Quantized KV cache vs the fp32 cache over `n` greedy tokens.
+    """Quantized KV cache vs the fp32 cache over `n` greedy tokens, printed as a table.
 
     teacher-forced: feed the fp32 run's tokens through each cache and compare the logits at every
     step (max abs error, and how often the argmax agrees); free-running: generate greedily with the
     quantized cache and count the positions where its tokens equal the fp32 run's.
     """
     from minfer.generate import generate_tokens
+    log(f"KV-cache quantization quality over {n} greedy tokens ...")
     params = _greedy(n)
     ref_tokens = list(generate_tokens(model, prompt_ids, params, kv_cache="contiguous"))
     ref_logits, ref_bytes = teacher_forced_logits(model, prompt_ids, ref_tokens, "contiguous")
@@ -143,6 +144,13 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
             "free_running_token_agreement": same / n,
             "first_divergence": first_diff,
         })
+    print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
+    print(table(rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
+                       ("max_logit_error", "max |dlogit|", "{:.3f}"),
+                       ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
+                       ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
+                       ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
+                       ("first_divergence", "first diverging token", "{}")]))
     return rows
 
 
@@ -331,19 +339,6 @@ def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
 
 
-def _kv_quality(model, prompt_ids: list[int], n: int) -> list[dict]:
-    log(f"KV-cache quantization quality over {n} greedy tokens ...")
-    kv_rows = kv_quant_quality(model, prompt_ids, n)
-    print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
-    print(table(kv_rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
-                          ("max_logit_error", "max |dlogit|", "{:.3f}"),
-                          ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
-                          ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
-                          ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
-                          ("first_divergence", "first diverging token", "{}")]))
-    return kv_rows
-
-
 def main(args) -> int:
     from minfer.kv import kv_cache_bytes
     from minfer.llm import LLM
@@ -398,7 +393,7 @@ def main(args) -> int:
         print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
               f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
               f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
-    kv_rows = _kv_quality(model, prompt_ids, n) if args.kv_quality else None
+    kv_rows = kv_quant_quality(model, prompt_ids, n) if args.kv_quality else None
     if args.json:
         write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
             "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),

@@ -1,12 +1,5 @@
-"""Peer engines run on the same weights, for honest comparisons.
-
-transformers: the model is rebuilt from minfer's own config and state dict
-(``ModelConfig.to_hf``), so both engines multiply exactly the same numbers.
-Two ways of running it: eager ``generate`` with its dynamic cache, and
-``generate`` with a static cache whose decode forward is ``torch.compile``'d
-(``StaticCompiledHF``), the setup transformers documents for fast generation.
-Imported lazily: minfer itself never needs transformers.
-"""
+"""Peer engines on the same weights: transformers (rebuilt from minfer's config and state dict, eager or
+``StaticCompiledHF``) and llama.cpp; imported lazily, minfer never needs them (docs/measuring.md)."""
 import time
 
 import torch

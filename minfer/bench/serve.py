@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -222,32 +223,29 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, out_dir: Path) 
         hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
         pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         runs["transformers"] = lambda: run_transformers(hf, offline, pad)
-    results, outputs = {}, {}
 
-    def wrap(name, fn):
-        def run():
-            cpu0 = time.process_time()
-            stats, duration, outs = fn()
-            cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
-            results[name], outputs[name] = (stats, duration), outs
-            return {"output_tok_s": n_out / duration, "seconds": duration,
-                    "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}
-        return run
+    def timed(fn):
+        cpu0 = time.process_time()
+        stats, duration, outs = fn()
+        cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
+        return {"output_tok_s": n_out / duration, "seconds": duration,
+                "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}, (stats, duration, outs)
 
     log("offline throughput (all requests at t = 0), interleaved:")
-    med = interleaved({name: wrap(name, fn) for name, fn in runs.items()}, repeats=args.repeats, warmup=0,
-                      log=log)
+    results: dict = {}                              # name -> (RequestStats list, seconds, output tokens)
+    med = interleaved({name: partial(timed, fn) for name, fn in runs.items()}, repeats=args.repeats, warmup=0,
+                      log=log, outputs=results)
     rows = []
     for name, r in med.items():
-        same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
+        same = sum(a == b for a, b in zip(results[name][2], results["continuous"][2]))
         rows.append({"method": name, **r, "x_continuous": med["continuous"]["output_tok_s"] / r["output_tok_s"],
                      "x_continuous_cpu": med["continuous"]["output_tok_per_cpu_s"] / r["output_tok_per_cpu_s"],
                      "same_greedy": f"{same}/{len(trace)}"})
     print("\n== offline throughput: every request at t = 0 (medians of the interleaved rounds) ==")
     print(table(rows, TABLES["serve"][0][2] + [("cpu_seconds", "CPU s", "{:.1f}")]))
-    offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
+    offline_metrics = {name: summarize(st, duration=d) for name, (st, d, _) in results.items()}
     print("\n" + format_table(offline_metrics))
-    plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
+    plot_distributions({k: s for k, (s, _, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
                        f"{len(trace)} requests at t = 0")
     return {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
 
@@ -260,23 +258,20 @@ def _front_door(args, llm, trace, n_out: int) -> dict:
                            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                            decode_kernel=args.decode_kernel)
     prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
-    outs = {}
 
-    def door(name, batched):
-        def run():                                  # every prompt in one call, or one call per prompt
-            t0 = time.perf_counter()
-            res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
-                                                                   for p, sp in zip(prompts, params)]
-            duration = time.perf_counter() - t0
-            outs[name] = [o.token_ids for o in res]
-            return {"output_tok_s": n_out / duration, "seconds": duration}
-        return run
+    def door(batched: bool):                        # every prompt in one call, or one call per prompt
+        t0 = time.perf_counter()
+        res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
+                                                               for p, sp in zip(prompts, params)]
+        duration = time.perf_counter() - t0
+        return {"output_tok_s": n_out / duration, "seconds": duration}, [o.token_ids for o in res]
 
     log("front door: LLM.generate(list) vs one prompt per call, interleaved:")
-    med = interleaved({"LLM.generate(list)": door("list", True), "one prompt per call": door("one", False)},
-                      repeats=args.repeats, warmup=0, log=log)
+    outs: dict = {}
+    runs = {"LLM.generate(list)": partial(door, True), "one prompt per call": partial(door, False)}
+    med = interleaved(runs, repeats=args.repeats, warmup=0, log=log, outputs=outs)
     ratio = med["LLM.generate(list)"]["output_tok_s"] / med["one prompt per call"]["output_tok_s"]
-    same = sum(a == b for a, b in zip(outs["list"], outs["one"]))
+    same = sum(a == b for a, b in zip(outs["LLM.generate(list)"], outs["one prompt per call"]))
     print("\n== the front door: LLM.generate on all prompts vs one prompt per call (medians) ==")
     print(table([{"name": k, **v} for k, v in med.items()], TABLES["serve"][1][2]))
     print(f"LLM.generate(list) is {ratio:.2f}x the output tok/s of one prompt per call; "
