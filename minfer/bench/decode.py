@@ -6,6 +6,7 @@ cannot run here is left out with a line saying why. The methods, and MBU: docs/m
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -181,25 +182,29 @@ def _methods(args) -> list[str]:
 
 
 def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
-    """Build what each method times -> (name -> timing function, engines, compiled peer, cannot_run).
+    """Build what each method times -> (name -> timing function, engines, peers, cannot_run): ``engines``
+    maps each minfer method to the LLM or the model it runs, ``peers`` each other engine to its runner.
     A method that cannot run here is dropped from ``methods``, with its reason in ``cannot_run``."""
     from minfer.bench.peers import hf_generate_timed, hf_model
     from minfer.llm import LLM
     model, cfg, n = llm.model, llm.config, args.max_tokens
-    hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
-    unfused = _unfused_model(llm, args) if "unfused" in methods else None
-    packed = _packed_model(llm) if "packed" in methods else None
-    engines = {"llm": llm}
+    engines = {"naive": model, "no-cache": model, "cached": model, "static": model, "llm": llm}
+    if "unfused" in methods:
+        engines["unfused"] = _unfused_model(llm, args)
+    if "packed" in methods:
+        engines["packed"] = _packed_model(llm)
     for name, kw in (("llm-graphs", {}), ("llm-compile", {"compile": True})):
         if name in methods:                  # one bucket, a static width just past this run's context
             log(f"{name}: building the static decode step ...")
             engines[name] = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                                 enforce_eager=False, max_num_seqs=1,
                                 max_seq_len_to_capture=len(prompt_ids) + n + 16, **kw)
-    quantized = {m: _quantized_copy(args, llm, m) for m in methods if ":" in m}
+    engines.update({m: _quantized_copy(args, llm, m) for m in methods if ":" in m})
     peers, cannot_run = {}, {}
-    for name, make in (("llama.cpp", lambda: _llama_peer(args, prompt_ids, n)),
-                       ("transformers-compiled", lambda: _compiled_peer(cfg, model, llm, prompt_ids, n))):
+    makers = {"transformers": partial(hf_model, cfg, model.state_dict(), dtype=llm.dtype, device=llm.device),
+              "llama.cpp": partial(_llama_peer, args, prompt_ids, n),
+              "transformers-compiled": partial(_compiled_peer, cfg, model, llm, prompt_ids, n)}
+    for name, make in makers.items():
         if name in methods:
             try:
                 peers[name] = make()
@@ -207,27 +212,22 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
                 cannot_run[name] = str(e)
                 methods.remove(name)
                 print(f"{name} cannot run here, left out: {e}", flush=True)
-    engines.update(quantized, **{k: v for k, v in peers.items() if k == "llama.cpp"})
     if not methods:
         raise ValueError(f"no method left to run: {cannot_run}")
-    fns = {
-        "naive": lambda: _time_naive(model, prompt_ids, n),
-        "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
-        "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
-        "static": lambda: _time_cached(model, prompt_ids, n, "static"),
-        "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
-        "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
-        "llm": lambda: _time_llm(llm, prompt_ids, n),
-        "llm-graphs": lambda: _time_llm(engines["llm-graphs"], prompt_ids, n),
-        "llm-compile": lambda: _time_llm(engines["llm-compile"], prompt_ids, n),
-        "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
-        "transformers-compiled": lambda: peers["transformers-compiled"].timed(prompt_ids, n),
-        "llama.cpp": lambda: peers["llama.cpp"].timed(prompt_ids, n),
-    }
-    for m, copy in quantized.items():
-        fns[m] = (lambda c=copy: _time_llm(c, prompt_ids, n)) if m.startswith("llm") else \
-            (lambda c=copy: _time_cached(c, prompt_ids, n, "contiguous"))
-    return fns, engines, peers.get("transformers-compiled"), cannot_run
+    kv = {"no-cache": "none", "static": "static"}           # the cache each model method decodes with
+    fns = {}
+    for m in methods:
+        if m == "naive":
+            fns[m] = partial(_time_naive, model, prompt_ids, n)
+        elif m == "transformers":
+            fns[m] = partial(hf_generate_timed, peers[m], prompt_ids, n)
+        elif m in peers:
+            fns[m] = partial(peers[m].timed, prompt_ids, n)
+        elif isinstance(engines[m], LLM):
+            fns[m] = partial(_time_llm, engines[m], prompt_ids, n)
+        else:
+            fns[m] = partial(_time_cached, engines[m], prompt_ids, n, kv.get(m, "contiguous"))
+    return fns, engines, peers, cannot_run
 
 
 def _quantized_copy(args, llm, method: str):
@@ -255,15 +255,13 @@ def _llama_peer(args, prompt_ids, n):
     return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
 
 
-def _weight_bytes(engines: dict, model) -> dict:
+def _weight_bytes(engines: dict, peers: dict) -> dict:
     """Weight bytes per decode step of each method whose weights differ from the model's
     (a quantized copy; llama.cpp: its GGUF file's size, which its tied head reads whole)."""
-    out = {}
-    for name, e in engines.items():
-        if name == "llama.cpp":
-            out[name] = e.gguf.stat().st_size
-        elif ":" in name:
-            out[name] = weight_bytes_per_step(e.model if name.startswith("llm") else e)
+    out = {m: weight_bytes_per_step(e.model if m.startswith("llm") else e)
+           for m, e in engines.items() if ":" in m}
+    if "llama.cpp" in peers:
+        out["llama.cpp"] = peers["llama.cpp"].gguf.stat().st_size
     return out
 
 
@@ -348,7 +346,7 @@ def main(args) -> int:
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
-    fns, engines, compiled, cannot_run = _runners(args, llm, methods, prompt_ids)
+    fns, engines, peers, cannot_run = _runners(args, llm, methods, prompt_ids)
     outputs, per_round = {}, {}
 
     def wrap(name):
@@ -368,7 +366,7 @@ def main(args) -> int:
 
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
-    rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, model)}, kv_mean, bw)
+    rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, peers)}, kv_mean, bw)
     _agreement(engines, outputs, rows, prompt_ids)
     ratio = _ratio(medians, "cached", "transformers")
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
@@ -383,11 +381,11 @@ def main(args) -> int:
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
-    compile_report = _compile_report(compiled, medians, n)
+    compile_report = _compile_report(peers.get("transformers-compiled"), medians, n)
     for name, why in cannot_run.items():
         print(f"{name}: not run ({why})")
-    if "llama.cpp" in engines:
-        print(f"llama.cpp: llama-cpp-python on {engines['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
+    if "llama.cpp" in peers:
+        print(f"llama.cpp: llama-cpp-python on {peers['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
     _print_ratios(medians, per_round, engines, rows)
     if any("teacher_forced_top1" in r for r in rows):
         print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
