@@ -142,8 +142,7 @@ def main(args) -> int:
                                                   ("x_triton", "triton: x gqa speed", "{:.2f}")]))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
-    if args.json:
-        write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
-                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "layers": layers, "rows": rows})
+    write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "layers": layers, "rows": rows})
     return 0

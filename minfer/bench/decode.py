@@ -392,13 +392,12 @@ def main(args) -> int:
               f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
               f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
     kv_rows = kv_quant_quality(model, prompt_ids, n) if args.kv_quality else None
-    if args.json:
-        write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
-            "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
-            "quantization": args.quantization,
-            "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
-            "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
-            "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
-            "transformers_compiled_compile": compile_report, "not_run": cannot_run,
-        })
+    write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
+        "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+        "quantization": args.quantization,
+        "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+        "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
+        "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
+        "transformers_compiled_compile": compile_report, "not_run": cannot_run,
+    })
     return 0

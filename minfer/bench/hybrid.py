@@ -120,6 +120,5 @@ def main(args) -> int:
     print("paged engine (block size 16, token budget 512): blocks held once the prompt is computed")
     print(table(engine_rows, engine))
     same = _check_tokens(args.model, args.check_tokens) if args.check_tokens else None
-    if args.json:
-        write_json(args.json, {"model": args.model, "rows": rows, "engine": engine_rows, "tokens_equal": same})
+    write_json(args.json, {"model": args.model, "rows": rows, "engine": engine_rows, "tokens_equal": same})
     return 0 if ok and same is not False else 1

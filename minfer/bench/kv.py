@@ -199,14 +199,13 @@ def main(args) -> int:
     print(f"\nsummary: paged (block {args.block_size}) fits {capacity_ratio:.2f}x the sequences of contiguous "
           f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "
           f"{cap[0]['fragmentation']:.1%}" + (f"; prefix caching cuts TTFT {ttft_ratio:.2f}x" if ttft_ratio else ""))
-    if args.json:
-        device = llm.device if llm is not None else torch.device("cpu")
-        write_json(args.json, {
-            "benchmark": "kv", "device": str(device), "model": args.model, "dtype": str(dtype),
-            "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
-            "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
-            "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,
-            "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
-            "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
-        })
+    device = llm.device if llm is not None else torch.device("cpu")
+    write_json(args.json, {
+        "benchmark": "kv", "device": str(device), "model": args.model, "dtype": str(dtype),
+        "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
+        "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
+        "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,
+        "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
+        "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
+    })
     return 0

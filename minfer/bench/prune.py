@@ -76,7 +76,6 @@ def main(args) -> int:
                        ("ppl_before", "ppl", "{:.2f}"), ("ppl_healed", "ppl healed", "{:.2f}")]))
     print(f"\nperplexity: first {args.ppl_chars} chars of pydoc_data.topics (never trained on), context 256, stride 128; "
           f"threads {torch.get_num_threads()}; shared machine")
-    if args.json:
-        write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
-                                                                              if isinstance(v, (int, float, str))}})
+    write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
+                                                                          if isinstance(v, (int, float, str))}})
     return 0

@@ -138,8 +138,7 @@ def main(args) -> int:
               f"sha256 {fp['sha256']}; windows of {r0.context} tokens, stride {r0.stride}, "
               f"{r0.scored_tokens} tokens scored")
     print(f"agreement: first {AGREEMENT_TOKENS} greedy tokens vs {base} (free-running / per step)")
-    if args.json:
-        write_json(args.json, {"benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
-                               "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
-                               "measured_bandwidth_gbs": bw / 1e9, "perplexity_text": fp, "results": rows})
+    write_json(args.json, {"benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
+                           "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+                           "measured_bandwidth_gbs": bw / 1e9, "perplexity_text": fp, "results": rows})
     return 0

@@ -189,10 +189,9 @@ def main(args) -> int:
                                      ("identical", "same", "{}")]))
         print("\nengine rows: end-to-end tok/s of all requests (prefill included), one forward per engine step; "
               "figures from a shared machine are noisy, only the ratios of one run compare")
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "results": rows, "engine": batched,
-        })
+    write_json(args.json, {
+        "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
+        "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "results": rows, "engine": batched,
+    })
     return 0

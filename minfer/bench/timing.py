@@ -44,8 +44,11 @@ def add_run_args(p, name: str, repeats: int | None = 3, threads: int | None = No
                    help=f"also write the results as JSON (default path bench_results/{name}.json)")
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write (``minfer.atomic``) with the run's envelope (``run_envelope``); logs the path."""
+def write_json(path: str | Path | None, payload: dict) -> None:
+    """Atomic JSON write (``minfer.atomic``) with the run's envelope (``run_envelope``); logs the path.
+    No ``path`` (``--json`` not given): nothing is written."""
+    if not path:
+        return
     from minfer import atomic
     atomic.write_json(path, {**run_envelope(payload), **payload})
     log(f"wrote {path}")
