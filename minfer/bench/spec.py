@@ -94,6 +94,14 @@ def run_once(model, prompt_ids, params, eos, method, draft):
     return res, (toks, stats)
 
 
+def _engine_run(llm, batch: list, params) -> tuple[dict, tuple[list, int]]:
+    """One ``generate`` of the batch -> ({"tok_s"}, (its outputs, the engine steps it took))."""
+    before, t0 = llm.engine.num_steps, time.perf_counter()
+    outs = llm.generate(batch, params)
+    tok_s = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    return {"tok_s": tok_s}, (outs, llm.engine.num_steps - before)
+
+
 def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurrency: list[int],
                 repeats: int, log) -> list[dict]:
     """The plain engine vs each method's ``SpecDecodeEngine`` on c concurrent requests (see the docstring)."""
@@ -105,28 +113,18 @@ def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurr
     rows = []
     for conc in concurrency:
         batch = [prompts[i % len(prompts)] for i in range(conc)]
-        outputs, steps = {}, {}
-
-        def make(name):
-            def run():
-                engine = engines[name].engine
-                before, t0 = engine.num_steps, time.perf_counter()
-                outs = engines[name].generate(batch, params)
-                seconds = time.perf_counter() - t0
-                outputs[name], steps[name] = outs, engine.num_steps - before
-                return {"tok_s": sum(len(o.token_ids) for o in outs) / seconds}
-            return run
-
         log(f"engine, {conc} concurrent requests")
-        med = interleaved({name: make(name) for name in engines}, repeats=repeats, warmup=1, log=log)
-        plain_ids = [o.token_ids for o in outputs["plain"]]
-        for name in engines:
-            stats = [o.spec_stats for o in outputs[name] if o.spec_stats is not None and o.spec_stats.num_steps]
+        out: dict = {}                              # name -> (outputs, engine steps)
+        med = interleaved({name: partial(_engine_run, e, batch, params) for name, e in engines.items()},
+                          repeats=repeats, warmup=1, log=log, outputs=out)
+        plain_ids = [o.token_ids for o in out["plain"][0]]
+        for name, (outs, steps) in out.items():
+            stats = [o.spec_stats for o in outs if o.spec_stats is not None and o.spec_stats.num_steps]
             rows.append({"concurrency": conc, "method": name, "tok_s": med[name]["tok_s"],
-                         "speedup": med[name]["tok_s"] / med["plain"]["tok_s"], "forwards": steps[name],
+                         "speedup": med[name]["tok_s"] / med["plain"]["tok_s"], "forwards": steps,
                          "tokens_per_forward": (sum(s.mean_accepted_length for s in stats) / len(stats))
                          if stats else 1.0,
-                         "identical": [o.token_ids for o in outputs[name]] == plain_ids})
+                         "identical": [o.token_ids for o in outs] == plain_ids})
     return rows
 
 
