@@ -92,9 +92,9 @@ TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (tit
          "summary", [("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
                      ("req_s", "requests/s", "{:.3f}"), ("x_minfer", "x minfer's tok/s", "{:.3f}"),
                      ("spread", "(max - min) / median of its rounds", "{:.1%}")]),
-        ("Each round, in the order run", "rounds", [("round", "round", "{}"), ("tool", "client", "{}"),
-                                                    ("output_tok_s", "output tok/s", "{:.2f}"),
-                                                    ("req_s", "requests/s", "{:.3f}")]),
+        ("Each round, in the order run", "rounds", [
+            ("round", "round", "{}"), ("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+            ("req_s", "requests/s", "{:.3f}")]),
     ],
 }
 ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]

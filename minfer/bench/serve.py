@@ -327,12 +327,11 @@ def main(args) -> int:
     model, tok = llm.model, llm.tokenizer
 
     def make_trace(rate):
+        kw = dict(rate=rate, burstiness=args.burstiness, prompt_len=args.prompt_len, output_len=args.output_len,
+                  seed=args.seed)
         if args.dataset == "text":
-            return text_trace(tok, args.num_requests, rate=rate, burstiness=args.burstiness,
-                              prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed)
-        return synthetic_trace(args.num_requests, rate=rate, burstiness=args.burstiness,
-                               prompt_len=args.prompt_len, output_len=args.output_len,
-                               vocab=(100, llm.config.vocab_size), seed=args.seed)
+            return text_trace(tok, args.num_requests, **kw)
+        return synthetic_trace(args.num_requests, vocab=(100, llm.config.vocab_size), **kw)
 
     trace = make_trace(args.rate)
     n_in = sum(len(r.prompt_token_ids) for r in trace)

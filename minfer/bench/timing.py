@@ -55,11 +55,8 @@ def write_json(path: str | Path | None, payload: dict) -> None:
 
 
 def run_envelope(payload: dict) -> dict:
-    """What ``minfer bench report`` needs of every run: the command, the date, the machine.
-
-    The machine's load average is recorded too (a shared machine makes single figures noisy),
-    and ``MINFER_BENCH_NOTE`` adds a free-text note (e.g. "machine shared with other jobs").
-    """
+    """What ``minfer bench report`` needs of every run: the command, the date, the machine, its load average
+    (a shared machine makes single figures noisy) and ``MINFER_BENCH_NOTE``, a free-text note."""
     import datetime
     import os
     import shlex
