@@ -107,14 +107,12 @@ def teacher_forced_logits(model, prompt_ids: list[int], tokens: list[int], kind:
     return torch.stack(out), cache.nbytes()
 
 
-def _agreement(engines: dict, outputs: dict, rows: list[dict], prompt_ids: list[int]) -> None:
-    """Each quantized method against cached's greedy tokens, teacher-forced: how often its argmax picks
-    cached's next token (one divergence cannot end the count, as it ends the free-running prefix)."""
+def _agreement(quantized: dict, outputs: dict, rows: list[dict], prompt_ids: list[int]) -> None:
+    """Each quantized method (name -> model) vs cached's greedy tokens, teacher-forced: how often its argmax
+    picks cached's next token (one divergence cannot end the count, as it ends the free-running prefix)."""
     for row in rows:
-        e = engines.get(row["method"])
-        if ":" in row["method"] and "cached" in outputs:
-            model = e.model if row["method"].startswith("llm") else e
-            logits, _ = teacher_forced_logits(model, prompt_ids, outputs["cached"])
+        if row["method"] in quantized and "cached" in outputs:
+            logits, _ = teacher_forced_logits(quantized[row["method"]], prompt_ids, outputs["cached"])
             want = torch.tensor(outputs["cached"], device=logits.device)
             row["teacher_forced_top1"] = (logits.argmax(-1) == want).float().mean().item()
 
@@ -255,16 +253,6 @@ def _llama_peer(args, prompt_ids, n):
     return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
 
 
-def _weight_bytes(engines: dict, peers: dict) -> dict:
-    """Weight bytes per decode step of each method whose weights differ from the model's
-    (a quantized copy; llama.cpp: its GGUF file's size, which its tied head reads whole)."""
-    out = {m: weight_bytes_per_step(e.model if m.startswith("llm") else e)
-           for m, e in engines.items() if ":" in m}
-    if "llama.cpp" in peers:
-        out["llama.cpp"] = peers["llama.cpp"].gguf.stat().st_size
-    return out
-
-
 def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float) -> list[dict]:
     """One table row per method: speed, speed-up over naive, bandwidth used, same tokens as cached,
     and the speed over llama.cpp's when it ran. ``wbytes``: method -> weight bytes ("*": the rest)."""
@@ -366,8 +354,12 @@ def main(args) -> int:
 
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
-    rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, peers)}, kv_mean, bw)
-    _agreement(engines, outputs, rows, prompt_ids)
+    quantized = {m: e.model if m.startswith("llm") else e for m, e in engines.items() if ":" in m}
+    wb = {"*": wbytes, **{m: weight_bytes_per_step(q) for m, q in quantized.items()}}
+    if "llama.cpp" in peers:                # its GGUF file's size: its tied head reads it whole
+        wb["llama.cpp"] = peers["llama.cpp"].gguf.stat().st_size
+    rows = _rows(medians, outputs, wb, kv_mean, bw)
+    _agreement(quantized, outputs, rows, prompt_ids)
     ratio = _ratio(medians, "cached", "transformers")
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
