@@ -70,15 +70,10 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def _time_cached(model, prompt_ids, n, kv_cache):
-    res, toks = timed_generate(model, prompt_ids, _greedy(n), kv_cache=kv_cache)
-    return {**res, "tokens": toks}
-
-
 def _time_llm(llm, prompt_ids, n):
     """Batch-1 decode through the front door: LLM.generate -> engine -> runner -> paged cache."""
     out = llm.generate(prompt_ids, _greedy(n))[0]
-    return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot, "tokens": out.token_ids}
+    return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot}, out.token_ids
 
 
 def _time_naive(model, prompt_ids, n):
@@ -88,7 +83,7 @@ def _time_naive(model, prompt_ids, n):
     for _ in range(n):
         ids.append(int(naive_forward(weights, cfg, ids)[-1].argmax()))
         times.append(time.perf_counter())
-    return {**rates(t0, times), "tokens": ids[len(prompt_ids):]}
+    return rates(t0, times), ids[len(prompt_ids):]
 
 
 @torch.no_grad()
@@ -224,7 +219,8 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
         elif isinstance(engines[m], LLM):
             fns[m] = partial(_time_llm, engines[m], prompt_ids, n)
         else:
-            fns[m] = partial(_time_cached, engines[m], prompt_ids, n, kv.get(m, "contiguous"))
+            fns[m] = partial(timed_generate, engines[m], prompt_ids, _greedy(n),
+                             kv_cache=kv.get(m, "contiguous"))
     return fns, engines, peers, cannot_run
 
 
@@ -297,7 +293,7 @@ def _compile_report(compiled, medians: dict, n: int) -> dict | None:
 def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict]) -> None:
     """The pairwise comparisons each method exists for (fused vs unfused, packed vs not, ...)."""
     def rounds(a: str, b: str) -> tuple[list[float], str]:
-        ratios = [x / y for x, y in zip(per_round[a], per_round[b])]
+        ratios = [x["decode_tps"] / y["decode_tps"] for x, y in zip(per_round[a], per_round[b])]
         return ratios, " ".join(f"{r:.3f}" for r in ratios)
 
     if (r := _ratio(medians, "cached", "unfused")) is not None:
@@ -335,22 +331,13 @@ def main(args) -> int:
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
     fns, engines, peers, cannot_run = _runners(args, llm, methods, prompt_ids)
-    outputs, per_round = {}, {}
-
-    def wrap(name):
-        def run():
-            res = fns[name]()
-            outputs[name] = res.pop("tokens")
-            per_round.setdefault(name, []).append(res["decode_tps"])
-            return res
-        return run
-
+    outputs, per_round = {}, {}             # name -> its greedy tokens; name -> each round's numbers
     log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
         f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
     log("measuring memory bandwidth and matmul FLOP/s ...")
     bw = measure_bandwidth(llm.device)
     flops = measure_flops(llm.device)
-    medians = interleaved({m: wrap(m) for m in methods}, repeats=args.repeats, warmup=0, log=log)
+    medians = interleaved(fns, repeats=args.repeats, warmup=0, log=log, outputs=outputs, rounds=per_round)
 
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())

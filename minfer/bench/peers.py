@@ -44,9 +44,9 @@ class StepClock:
 
 
 @torch.no_grad()
-def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, **kw) -> dict:
-    """Greedy generate exactly `max_new_tokens` tokens (``kw``: more ``generate`` options); TTFT and decode
-    tok/s from token timestamps (``timing.rates``)."""
+def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, **kw) -> tuple[dict, list[int]]:
+    """Greedy generate exactly `max_new_tokens` tokens (``kw``: more ``generate`` options) -> (TTFT and
+    decode tok/s from token timestamps, ``timing.rates``; the tokens)."""
     ids = torch.tensor([prompt_ids], device=model.device)
     clock = StepClock()
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, **kw) -
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0, **kw)
     # the first put() is the prompt itself, the second the first new token
-    return {**rates(t0, clock.times[1:]), "tokens": out[0, ids.shape[1]:].tolist()}
+    return rates(t0, clock.times[1:]), out[0, ids.shape[1]:].tolist()
 
 
 class StaticCompiledHF:
@@ -78,7 +78,7 @@ class StaticCompiledHF:
             self.compile_config._compile_all_devices = True
         self.warmup_s: float | None = None
 
-    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
         return hf_generate_timed(self.model, prompt_ids, max_new_tokens, cache_implementation="static",
                                  compile_config=self.compile_config)
 
@@ -96,7 +96,7 @@ class StaticCompiledHF:
                                "decode step (its auto-compile criteria were not met on this device)")
         return self.warmup_s
 
-    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
         """Like ``hf_generate_timed``, on the compiled static-cache path (call ``warm_up`` first)."""
         if self.warmup_s is None:
             raise RuntimeError("call warm_up() first: the first call compiles and is not a timing")
@@ -131,7 +131,7 @@ class LlamaCppPeer:
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=n_ctx, n_batch=512, verbose=False)
 
-    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
         self.llm.reset()
         tokens, times = [], []
         t0 = time.perf_counter()
@@ -140,4 +140,4 @@ class LlamaCppPeer:
             tokens.append(int(tok))
             if len(tokens) == max_new_tokens:
                 break
-        return {**rates(t0, times), "tokens": tokens}
+        return rates(t0, times), tokens

@@ -7,18 +7,20 @@ from typing import Callable
 
 
 def interleaved(methods: dict[str, Callable], repeats: int, warmup: int = 1,
-                log: Callable[[str], None] = print, outputs: dict | None = None) -> dict[str, dict]:
+                log: Callable[[str], None] = print, outputs: dict | None = None,
+                rounds: dict | None = None) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 
     Each call returns a dict of numbers, or None to be timed (``{"s": its wall seconds}``); the result
     maps method -> median of each number. With ``outputs``, each call returns (numbers, output) and
-    ``outputs[method]`` keeps the last output.
+    ``outputs[method]`` keeps the last output; ``rounds[method]`` gets the numbers of every round.
     """
     for name, fn in methods.items():
         for _ in range(warmup):
             log(f"  warm-up {name} ...")
             fn()
-    samples: dict[str, list[dict]] = {name: [] for name in methods}
+    samples: dict[str, list[dict]] = {} if rounds is None else rounds
+    samples.update({name: [] for name in methods})
     for r in range(repeats):
         for name, fn in methods.items():
             t = time.perf_counter()
