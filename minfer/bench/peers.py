@@ -17,10 +17,9 @@ def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementa
     arch = d.pop("architectures")[0]
     conf_cls = {"Qwen2ForCausalLM": transformers.Qwen2Config,
                 "Gemma3ForCausalLM": transformers.Gemma3TextConfig}.get(arch, transformers.LlamaConfig)
-    model_cls = getattr(transformers, arch)
     hc = conf_cls(**d)
     hc._attn_implementation = attn_implementation
-    m = model_cls(hc)
+    m = getattr(transformers, arch)(hc)
     missing, unexpected = m.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
