@@ -10,7 +10,7 @@ import torch
 from minfer.devices import cpu_bf16_units
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -20,10 +20,10 @@ def _median_seconds(fn, device, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -128,20 +128,14 @@ def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurr
     return rows
 
 
-def check_args(args) -> tuple[list[str], list[str], list[int]]:
-    """The flags -> (tasks, methods, concurrency levels), or ValueError naming the flag."""
-    tasks = names(args.tasks, "--tasks", TASKS)
-    set_threads(args.threads)
-    concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
-    return tasks, split_methods(args.methods), concurrency
-
-
 def main(args) -> int:
     from minfer.llm import LLM
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpeculativeConfig, load_draft
 
-    tasks, methods, concurrency = check_args(args)
+    tasks, methods = names(args.tasks, "--tasks", TASKS), split_methods(args.methods)
+    concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
+    set_threads(args.threads)
     configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prepack=args.prepack)
     model, tok = llm.model, llm.tokenizer
