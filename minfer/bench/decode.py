@@ -11,7 +11,7 @@ from functools import partial
 import torch
 
 from minfer.bench.machine import machine_info, machine_line, mbu, measure_bandwidth, measure_flops
-from minfer.bench.quant import decode_weight_bytes as weight_bytes_per_step
+from minfer.bench.quant import PROMPT, decode_weight_bytes as weight_bytes_per_step
 from minfer.bench.timing import (add_run_args, interleaved, log, names, rates, table, timed_generate,
                                  write_json)
 from minfer.cli_args import add_model_args, set_threads
@@ -19,8 +19,6 @@ from minfer.sampling import SamplingParams
 
 METHODS = ["naive", "no-cache", "cached", "static", "unfused", "packed", "llm", "llm-graphs", "llm-compile",
            "transformers", "transformers-compiled"]
-PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
-          "Write a long essay about it, starting with the abacus.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

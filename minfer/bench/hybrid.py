@@ -94,8 +94,7 @@ def _check_tokens(model_name: str, n: int) -> bool:
     model = build_model(cfg, sd)
     ids = tok.encode("The capital of France is", add_special_tokens=True)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    a = list(generate_tokens(model, ids, params, kv_cache="contiguous"))
-    b = list(generate_tokens(model, ids, params, kv_cache="hybrid"))
+    a, b = (list(generate_tokens(model, ids, params, kv_cache=kind)) for kind in ("contiguous", "hybrid"))
     print(f"greedy tokens, contiguous vs hybrid cache: {'equal' if a == b else 'DIFFERENT'} ({n} tokens)")
     return a == b
 

@@ -69,11 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def split_methods(text: str) -> list[str]:
     """'plain,prompt_lookup:k=8,max=3,lookahead' -> ['plain', 'prompt_lookup:k=8,max=3', 'lookahead']."""
     from minfer.speculative import METHODS
-    parts = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
     out: list[str] = []
-    for part in parts:
-        starts_method = part == "plain" or part.split(":")[0] in METHODS
-        if starts_method or not out:
+    for part in names(text.replace(";", ","), "--methods"):
+        if part == "plain" or part.split(":")[0] in METHODS or not out:       # a method starts here
             out.append(part)
         else:
             out[-1] += "," + part                   # an option of the previous method
