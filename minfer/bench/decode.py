@@ -45,12 +45,11 @@ def _unfused_model(llm, args):
     from minfer.checkpoints import load_checkpoint
     from minfer.model import build_model
     from minfer.quant.apply import quantize_model
-    if args.quantization is None:
-        return build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype,
-                           fuse_projections=False)
-    cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
+    cfg, state_dict = llm.config, llm.model.state_dict()
+    if args.quantization is not None:                 # the float weights, to quantize as the model's were
+        cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
     model = build_model(cfg, state_dict, device=llm.device, dtype=llm.dtype, fuse_projections=False)
-    return quantize_model(model, args.quantization)
+    return model if args.quantization is None else quantize_model(model, args.quantization)
 
 
 def _packed_model(llm):

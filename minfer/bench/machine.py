@@ -52,8 +52,7 @@ def linear_intensity(num_tokens: int, in_features: int, out_features: int, bytes
 
 def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int = 5) -> float:
     """Dense matmul FLOP/s (2 n^3 per n x n product)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / _median_seconds(lambda: a @ b, device, repeats)
 
 
