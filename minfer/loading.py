@@ -24,8 +24,8 @@ def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: 
     """Load ``model`` (registry name, HF folder, GGUF file, or a folder written by ``minfer quantize``).
 
     quantization  weight-only format for the linears (``minfer.quant``); refused for a quantized folder
-    prepack       True: every CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None: the
-                  batched row counts only, where it applies (CPU, float32 or bf16 with bf16 units); False: off"""
+    prepack       True: every CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None: where
+                  it applies (CPU), float32 for the batched rows only, bf16 with bf16 units for all; False: off"""
     from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
     device, dtype = resolve_device(None if device is None else str(device)), resolve_dtype(dtype)
     warn_if_no_bf16_units(device, dtype)
@@ -57,4 +57,5 @@ def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: 
                              f"(got device {device}, dtype {dtype})")
         onednn_linear.pack_linears(net)
     elif prepack is None and packable and onednn_linear.available():
-        onednn_linear.pack_linears(net, rows=onednn_linear.BATCHED_ROWS)     # batched steps only
+        rows = None if dtype == torch.bfloat16 else onednn_linear.BATCHED_ROWS   # bf16: it wins at every row count
+        onednn_linear.pack_linears(net, rows=rows)

@@ -3,7 +3,7 @@
 * Continuous batching in bf16 gives the greedy tokens of the same ``LLM`` fed one prompt per call
   (prefix caching off, so each lone request computes its prompt from scratch), on a tiny model.
 * bf16 logits stay near fp32's: log-softmax within DESIGN.md's bf16 tolerance (atol 5e-2).
-* With bf16 units ``LLM`` prepacks the bf16 linears for the batched rows (oneDNN, bit for bit
+* With bf16 units ``LLM`` prepacks the bf16 linears for every row count (oneDNN, bit for bit
   ``F.linear``'s); a CPU without them is named in one warning and nothing is packed.
 """
 import warnings
@@ -34,11 +34,13 @@ def assert_batched_equals_one_by_one(llm: LLM, prompts: list[list[int]], max_tok
         assert batched[i] == alone, f"request {i}: {first_difference(batched[i], alone)}"
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", ["no", "every row count", "batched rows"])
 def test_bf16_engine_greedy_equals_the_one_by_one_run(packed):
+    """Packed as LLM(dtype="bfloat16") packs (every row count), or for 4-128 rows (lone decode rows on F.linear)."""
     model = tiny_model(tiny_config()).to(torch.bfloat16)
-    if packed:            # as LLM(dtype="bfloat16") packs: oneDNN for the batched rows, F.linear for 1-3
-        assert available() and pack_linears(model, rows=BATCHED_ROWS) == 2 * 4 + 1
+    if packed != "no":
+        rows = BATCHED_ROWS if packed == "batched rows" else None
+        assert available() and pack_linears(model, rows=rows) == 2 * 4 + 1
     llm = LLM.from_model(model, enable_prefix_caching=False, max_num_batched_tokens=64)  # prompts split in chunks
     assert llm.engine.runner.cache.decode_kernel in ("cpu", "torch")
     assert_batched_equals_one_by_one(llm, _prompts(12, model.cfg.vocab_size), max_tokens=24)
@@ -82,11 +84,11 @@ def _tiny_folder(tmp_path) -> str:
 
 
 @pytest.mark.skipif(not (cpu_bf16_units() and available()), reason="needs a CPU with bf16 units and oneDNN")
-def test_llm_in_bf16_packs_the_batched_rows_where_the_cpu_has_bf16_units(tmp_path):
+def test_llm_in_bf16_packs_every_row_count_where_the_cpu_has_bf16_units(tmp_path):
     folder = _tiny_folder(tmp_path)
     auto, plain = LLM(folder, dtype="bfloat16"), LLM(folder, dtype="bfloat16", prepack=False)
     down = auto.model.model.layers[0].mlp.down_proj
-    assert isinstance(down, PackedLinear) and down.rows == BATCHED_ROWS and down.packed.dtype == torch.bfloat16
+    assert isinstance(down, PackedLinear) and down.rows is None and down.packed.dtype == torch.bfloat16
     assert type(plain.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = ["hello", "a longer prompt here", "x", "abc def", "one more", "and the sixth"]
