@@ -320,10 +320,10 @@ def make_class(folder: Path) -> dict[str, tuple[int, int]]:
         "frank": ("04_paged_attention", {"paged.slot_mapping": mutated("paged.slot_mapping"),
                                          "paged.block_hashes": stub("paged.block_hashes")}, 3),
         "grace": ("04_paged_attention", {"paged.can_append": sneaky}, 4),
-        "heidi": ("02_kv_cache", {}, 2),
-        "ivan": ("02_kv_cache", {"generate.greedy_decode": hung}, 1),
+        "heidi": ("02_kv_cache", {}, 3),
+        "ivan": ("02_kv_cache", {"generate.greedy_decode": hung}, 2),
         "judy": ("02_kv_cache", {"generate.greedy_decode": mutated("generate.greedy_decode"),
-                                 "kv.append": stub("kv.append")}, 0),
+                                 "kv.append": stub("kv.append")}, 1),
     }
     expected = {}
     for student, (lesson, changes, points) in plan.items():
