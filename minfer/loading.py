@@ -56,3 +56,6 @@ def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: 
         onednn_linear.pack_linears(net)
     elif prepack is None and plain_cpu and onednn_linear.available():
         onednn_linear.pack_linears(net, rows=onednn_linear.BATCHED_ROWS)     # batched steps only
+    if prepack is None and plain_cpu:                     # batch-1 steps: the fused C++ layer, where it runs
+        from minfer.kernels.cpu_fused_layer import prepare_fused_layers
+        prepare_fused_layers(net)

@@ -285,6 +285,7 @@ class _Body(nn.Module):
 class Transformer(nn.Module):
     """A Llama-family causal LM. ``forward`` returns logits; see the module docstring.
     ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears (the layout before fusion)."""
+    fused_head = None  # (model, x) -> one row's logits or None: set by kernels/cpu_fused_layer.py
 
     def __init__(self, cfg: ModelConfig, fuse_projections: bool = True):
         super().__init__()
@@ -299,6 +300,8 @@ class Transformer(nn.Module):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., h) -> logits (..., vocab). Tied models reuse the embedding matrix,
         unless a (e.g. quantized) ``lm_head`` module has been put in its place."""
+        if self.fused_head is not None and (out := self.fused_head(self, x)) is not None:
+            return out                            # one row, float32 on the CPU (kernels/cpu_fused_layer.py)
         head = getattr(self, "lm_head", None)
         return head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
 
