@@ -104,7 +104,7 @@ def weights_by_shape(model) -> dict:
 _FLUSH = torch.ones(32 * 2**20)                 # 128 MB: larger than a CPU's last-level cache
 
 
-def stream_times(ws: list, wts: list) -> tuple[float, float, float]:
+def stream_times(ws: list, wts: list) -> tuple[float, float, float, float]:
     """Seconds for one pass over the weights ``ws`` (N, K) of: a 1-row F.linear on each (the model's
     GEMV), the same product on the transposed copies ``wts`` (K, N) (``x @ wt``), a plain ``.sum()``
     of each (a read of the same bytes), and the fused layer's GEMV on ``ws``. Every weight is read
