@@ -60,8 +60,11 @@ static inline float dot_f32(const float* w, const float* x, int64_t K) {
 // x (M, K) @ w^T, w float32 (N, K) -> (M, N). One row (batch-1 decode) is a GEMV that needs only
 // to stream w once. torch's 1-row F.linear reads an (N, K) weight at about half the rate of a
 // plain .sum() over it on one core (docs/measuring.md); the loop below reads w row after row, in
-// memory order, which the hardware prefetchers follow, and keeps up with the .sum(). Rows are split
-// over the threads. More rows (prefill) go to at::linear, the plain path's own GEMM.
+// memory order, which the hardware prefetchers follow, and keeps up with the .sum(). Only a large
+// weight (the LM head: 16M values and up) is split over the threads: a parallel region ends when
+// every thread has finished, and on a busy machine a thread's wake-up can take a scheduler slice
+// (milliseconds), far more than a layer's GEMV gains from a second core. More rows (prefill) go to
+// at::linear, the plain path's own GEMM.
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.is_contiguous() &&
                 x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32,
@@ -73,7 +76,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
     auto y = torch::empty({1, N}, x.options());
     const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, N * K >= (int64_t(1) << 24) ? 256 : N, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) yp[n] = dot_f32(wp + n * K, xp, K);
     });
     return y;
