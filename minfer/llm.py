@@ -94,7 +94,7 @@ class LLM:
     ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``,
     ``kv_cache_memory_bytes``, ``kv_cache_dtype`` ("auto", "int8", "fp8"), ``enforce_eager``, ``compile``,
     ``max_seq_len_to_capture``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``logprobs_mode``;
-    minfer adds ``prepack`` (oneDNN fp32 CPU linears) and ``decode_kernel`` ("auto", "torch", "cpu",
+    minfer adds ``prepack`` (oneDNN CPU linears, fp32 or bf16) and ``decode_kernel`` ("auto", "torch", "cpu",
     "triton"). Each one, its default and what it measured: docs/architecture.md.
 
     ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or with ``compile=True``, eager
