@@ -2,8 +2,7 @@
 
     write to  .NAME.XXXX.tmp  in the same folder  ->  flush + fsync  ->  os.replace(tmp, NAME)
 
-Every writer in minfer uses it; the result gets the mode ``open(path, "w")`` would give
-(docs/architecture.md).
+Every writer in minfer uses it; the file gets the mode ``open(path, "w")`` would (docs/architecture.md).
 """
 import contextlib
 import json

@@ -1,8 +1,7 @@
 """The `minfer` command line: each subcommand is a thin wrapper over the library (``minfer CMD --help``).
 
-Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
-1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
-130 interrupted (Ctrl-C).
+Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``); 1 an internal
+error (a bug: please report it; ``--debug`` shows the traceback); 130 interrupted (Ctrl-C).
 """
 import argparse
 import importlib
@@ -23,9 +22,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minfer: error: {sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)\n")
 
 
-# What a user can cause (bad arguments, missing or unreadable files, a model that does not fit
-# in memory, no network): one line and exit 2. Anything else is a bug in minfer.
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause (bad input, missing files, no memory, no network): one line and exit 2."""
     from minfer.checkpoints.fetch import DownloadError
     return (ValueError, OSError, MemoryError, DownloadError)
 
@@ -101,8 +99,7 @@ def cmd_generate(args) -> int:
 
 
 def _show(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
+    print(piece, end="", flush=True)
 
 
 def _stream(args, llm, params) -> int:
@@ -184,18 +181,15 @@ def cmd_weights(args) -> int:
     if args.weights_cmd == "fetch":
         print(fetch(args.name, force=args.force))
         return 0
-    rows = list_models()
     print(f"{'name':28} {'fetched':8} description")
-    for r in rows:
+    for r in list_models():
         print(f"{r['name']:28} {'yes' if r['fetched'] else 'no':8} {r['description']}")
         if r["fetched"]:
             print(f"{'':37}{r['path']}")
     return 0
 
 
-# Subcommands that live in their own modules: each module defines
-# `add_arguments(parser)` and `main(args) -> int`. Entries whose module is not
-# there yet are simply not offered.
+# Subcommands that live in their own modules: each defines `add_arguments(parser)` and `main(args) -> int`.
 BENCHES = {
     "decode": ("minfer.bench.decode", "prefill/decode speed: naive vs cached vs transformers"),
     "attention": ("minfer.bench.attention", "decode attention with GQA: K/V repeated vs enable_gqa vs heads folded"),

@@ -1,5 +1,4 @@
 """ModelConfig: one dataclass for the Llama family and Gemma 3, with HF ``LlamaConfig``'s names.
-
 Gemma 3's switches (``layer_types``, ``qk_norm``, ``sandwich_norm``, ...) default to Llama's
 behaviour (HF ``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
 """
@@ -169,17 +168,14 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         h, hd = self.hidden_size, self.head_dim
-        q = h * self.num_attention_heads * hd
+        q_and_o = 2 * h * self.num_attention_heads * hd
         kv = 2 * h * self.num_key_value_heads * hd
-        o = self.num_attention_heads * hd * h
         mlp = 3 * h * self.intermediate_size
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         norms = (4 if self.sandwich_norm else 2) * h + (2 * hd if self.qk_norm else 0)
-        per_layer = q + o + mlp + norms + bias
-        total = self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + self.vocab_size * h
-        if not self.tie_word_embeddings:
-            total += self.vocab_size * h
-        return total
+        per_layer = q_and_o + mlp + norms + bias
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * h
+        return self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + embeddings
 
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:

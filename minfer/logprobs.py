@@ -6,8 +6,7 @@
 
 ``logprobs_mode`` (vLLM's, ``vllm/v1/sample/sampler.py``): "raw_logprobs" (default) is the model's own
 distribution; "processed_logprobs" the one the token was drawn from. Prompt logprobs are always raw.
-Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why and the OpenAI shapes:
-docs/serving.md.
+Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why, the OpenAI shapes: docs/serving.md.
 """
 from dataclasses import dataclass
 

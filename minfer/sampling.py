@@ -3,9 +3,8 @@
     logits --/temperature--> --top-k--> --top-p--> softmax --> draw (seeded)
 
 Temperature below ``GREEDY_BELOW`` (vLLM's ``_SAMPLING_EPS``) is greedy; top-p is nucleus sampling
-(Holtzman et al. 2019); the draw is the exponential race argmax(p_i / E_i), E_i ~ Exp(1), as in
-vLLM's ``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator. Why
-each: docs/architecture.md.
+(Holtzman et al. 2019); the draw is the exponential race argmax(p_i / E_i), E_i ~ Exp(1), as in vLLM's
+``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator (docs/architecture.md).
 """
 from dataclasses import dataclass, field
 
@@ -122,7 +121,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of logits (K, V), row i under params[i] -> token ids (K,) on logits' device.
-
     The batch's sampler (vLLM's ``vllm/v1/sample/sampler.py``): one argmax for the greedy rows, per-row
     temperature/top-k/top-p tensors and one race for the others, no host transfer; the noise comes from
     each request's CPU generator, so a row samples as it would alone, on any device (docs/architecture.md)."""

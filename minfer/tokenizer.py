@@ -1,5 +1,4 @@
 """Tokenizer: text <-> token ids, chat templates, and streaming detokenization.
-
 A thin wrapper around HF ``tokenizers`` plus what ``tokenizer_config.json`` holds (BOS/EOS, the
 Jinja chat template); ``IncrementalDetokenizer`` never prints half a UTF-8 character (vLLM:
 ``detokenize_incrementally``). More: docs/architecture.md.
@@ -32,7 +31,6 @@ def _token_content(value: Any) -> str | None:
 
 class Tokenizer:
     """Encode/decode with a ``tokenizers`` model; render chat templates in a bounded sandbox.
-
     ``eos_token_ids``: every id that ends generation (the tokenizer's EOS, the model config's, and the
     token the chat template ends an assistant turn with). ``source``: named in every template error."""
 
@@ -173,7 +171,7 @@ class Tokenizer:
                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
             if getattr(self, "_compiled", None) is None:
-                self._compiled = _compile(self.chat_template)
+                self._compiled = _make_environment().from_string(self.chat_template)
             return render_bounded(self._compiled, variables, limits)
         except Exception as e:                  # noqa: BLE001 - untrusted template code
             raise ValueError(f"{self.source}: chat template failed: {type(e).__name__}: {e}"[:2000]) from None
@@ -199,8 +197,7 @@ class TemplateLimits:
     """Bounds on one render of a chat template (a model file is untrusted input): ``max_range`` items of
     one ``range()``; ``max_size`` characters/items a string or list may reach (``*``, ``+``, ``%``), any
     integer argument, any format width, the whole output; ``seconds`` of wall clock (a timer signal on
-    the main thread; elsewhere checked at every range step, call, attribute lookup and output chunk).
-    """
+    the main thread; elsewhere checked at every range step, call, attribute lookup and output chunk)."""
 
     max_range: int = 100_000
     max_size: int = 10_000_000
@@ -212,7 +209,7 @@ PROBE_LIMITS = TemplateLimits(max_range=10_000, max_size=1_000_000, seconds=1.0)
 
 
 class TemplateLimitError(Exception):
-    pass
+    """A chat template's render went past one of its ``TemplateLimits``."""
 
 
 _state = threading.local()                      # the limits and deadline of the render in progress
@@ -323,6 +320,7 @@ def _sized(x: Any) -> bool:
 
 
 def _make_environment():
+    """The bounded sandbox, with the helpers HF templates expect (HF ``utils/chat_template_utils.py``)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -421,12 +419,6 @@ def _tojson_bound(x: Any, indent: Any) -> int:
         level = [w for v in level if isinstance(v, (dict, list, tuple))
                  for w in (v.values() if isinstance(v, dict) else v)]
     return len(compact) * (1 + max(width, 0) * depth)
-
-
-def _compile(template: str):
-    """Compile in the bounded sandbox, with the helpers HF templates expect
-    (HF transformers: ``utils/chat_template_utils.py``)."""
-    return _make_environment().from_string(template)
 
 
 def render_bounded(compiled, variables: dict[str, Any], limits: TemplateLimits = CHAT_LIMITS) -> str:

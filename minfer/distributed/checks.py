@@ -1,5 +1,4 @@
 """Multi-process checks run by the tests, the lesson and ``minfer bench parallel``.
-
 Each ``*_worker(rank, world, ...)`` runs inside ``comm.launch`` on tiny random models, compares the
 parallel run with the single-process one on the same rank, and rank 0 ``torch.save``s its findings.
 """
@@ -88,8 +87,6 @@ def tp_worker(rank: int, world: int, out_path, cases=None) -> None:
 
 
 # --- Pipeline parallel ---
-
-
 def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> None:
     """PP=world logits (with 1, 2, 4 micro-batches) and greedy tokens vs the whole model on one rank."""
     from minfer.distributed.pipeline import PipelineStage
@@ -111,8 +108,6 @@ def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> No
 
 
 # --- Prefill/decode disaggregation ---
-
-
 def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
     """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
     from minfer.engine.request import TraceRequest
@@ -164,8 +159,6 @@ def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
 
 
 # --- A rank that dies ---
-
-
 def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> None:
     """Rank 1 follows the driver for ``die_after`` steps, then exits. Rank 0 must get a DistributedError
     (not hang); it records the message, how long it waited and the in-flight requests' finish reasons."""

@@ -53,8 +53,6 @@ def _fail(what: str, e: Exception) -> DistributedError:
 
 
 # --- Counting what goes over the wire ---
-
-
 @dataclass
 class CommStats:
     """Calls, bytes and seconds per collective since the last ``reset`` (this rank's view)."""
@@ -77,8 +75,6 @@ COMM_STATS = CommStats()
 
 
 # --- Starting the group ---
-
-
 def launched_by_torchrun() -> bool:
     """True inside a process started by ``torchrun`` (it exports RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     return all(v in os.environ for v in TORCHRUN_VARS)
@@ -139,8 +135,6 @@ def launch(fn, nprocs: int, *args, timeout_s: float = 30.0) -> None:
 
 
 # --- Collectives, each timed, counted, and turned into DistributedError on failure ---
-
-
 def _timed(op: str, nbytes: int, call):
     t0 = time.perf_counter()
     try:

@@ -1,5 +1,4 @@
 """The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
-
 The driver's runner broadcasts each flattened step; followers (``follow_engine``) run it. vLLM:
 ``multiproc_executor.py`` (``collective_rpc("execute_model", ...)``); docs/parallelism.md.
 """

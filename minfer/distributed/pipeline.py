@@ -56,12 +56,9 @@ class PipelineStage(nn.Module):
 
     def _pipeline(self, pieces, kv_cache, attention, head, out_shape, dim: int) -> torch.Tensor:
         """Run micro-batches ``pieces`` = [(ids (b, n), positions, paged metadata or None)] through stages.
-
         Each stage embeds (first) or receives a micro-batch, runs its layers, sends the hidden states on
-        without waiting and goes on with the next: stage 0 works on micro-batch 1 while stage 1 works on
-        micro-batch 0. The last stage turns micro-batch m into logits with ``head(m, x)`` (None: no rows),
-        concatenated along ``dim`` and broadcast; every rank returns them, of ``out_shape``.
-        """
+        without waiting and goes on with the next (stage 0 on micro-batch 1 while stage 1 is on 0). The
+        last stage's ``head(m, x)`` logits (None: no rows) are concatenated along ``dim`` and broadcast."""
         from minfer.attention import get_backend
         backend = get_backend(attention) if isinstance(attention, str) else attention
         h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype

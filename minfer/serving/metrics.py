@@ -1,9 +1,9 @@
 """Serving metrics, with the definitions of vLLM's serving benchmark (``vllm/benchmarks/serve.py``,
-``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et
-al. 2024). Percentiles are numpy's. The definitions, drawn: docs/serving.md.
+``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et al. 2024).
+Percentiles are numpy's. The definitions, drawn: docs/serving.md.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -39,8 +39,7 @@ class Distribution:
     @classmethod
     def of(cls, seconds: list[float]) -> "Distribution":
         if not seconds:
-            nan = float("nan")
-            return cls(nan, nan, nan, nan, nan, nan, 0)
+            return cls(*[math.nan] * 6, 0)
         ms = 1000.0 * np.asarray(seconds, dtype=np.float64)
         p50, p90, p95, p99 = np.percentile(ms, PERCENTILES).tolist()
         return cls(float(ms.mean()), p50, float(ms.std()), p90, p95, p99, len(ms))
@@ -68,7 +67,6 @@ class ServingMetrics:
     num_preemptions: int = 0
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
         return asdict(self)
 
 

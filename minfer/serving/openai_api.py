@@ -1,9 +1,7 @@
 """The OpenAI API as the server and the batch job speak it: request bodies (pydantic, strict mode:
 ``"0.5"`` is not a number), errors (``{"error": {"message", "type", "param", "code"}}``), responses.
-
-Every field the engine cannot honour (penalties, tools, any field OpenAI does not define) is a 400
-naming it, never ignored. The fields, logprobs, echo, ``n`` and guided output: docs/serving.md.
-vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
+Every field the engine cannot honour (penalties, tools, any field OpenAI does not define) is a 400 naming
+it, never ignored (the fields: docs/serving.md). vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
 """
 import re
 import time
@@ -153,16 +151,14 @@ def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        problems, params = [], []
+        problems: dict[str, str] = {}                  # field path -> its first problem
         for err in e.errors():
             # union members show up in the location ("prompt.list[int].0"): keep the field path only
             param = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
             msg = "unsupported field: the minfer server does not implement it" \
                 if err["type"] == "extra_forbidden" else err["msg"]
-            if param not in params:
-                params.append(param)
-                problems.append(f"{prefix}{param}: {msg}")
-        raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
+            problems.setdefault(param, f"{prefix}{param}: {msg}")
+        raise APIError(400, "; ".join(problems.values()), param=next(iter(problems), None)) from None
 
 
 def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, *, chat: bool) -> SamplingParams:

@@ -1,9 +1,7 @@
-"""``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``.
-
-``prefix_aware`` hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a
-consistent-hash ring (Karger et al. 1997). Bodies and bytes are forwarded unchanged; a replica
-that fails is marked down and its waiting requests move. SGLang's router and llm-d do the same;
-the failure rules: docs/serving.md.
+"""``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``. ``prefix_aware``
+hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a consistent-hash ring
+(Karger et al. 1997). Bodies are forwarded unchanged; a replica that fails is marked down and its
+waiting requests move, as SGLang's router and llm-d do (the failure rules: docs/serving.md).
 """
 import argparse
 import asyncio
@@ -128,8 +126,7 @@ class Router:
 
 # --- The app ---
 CONNECT_TIMEOUT = 2.0          # seconds to open a connection to a replica (--connect-timeout)
-FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (--first-byte-timeout): a non-streamed
-                               # answer sends its head only when it is complete
+FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (a whole answer's: at its end)
 READ_TIMEOUT = 300.0           # seconds between two reads of a response (--read-timeout)
 HEALTH_INTERVAL = 5.0          # seconds between two active health checks (--health-interval; 0: none)
 HEALTH_TIMEOUT = 5.0           # seconds a replica's /health may take (--health-timeout)
@@ -318,8 +315,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per hashed block (default 16)")
     p.add_argument("--prefix-blocks", type=positive_int, default=4,
                    help="blocks of the prompt that make the key (default 4)")
-    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
-                   help="largest request body (413 above)")
     add_router_timeouts(p)
     add_server_args(p)
 
@@ -422,9 +417,8 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
 
 
 class Supervisor:
-    """Keeps N replica processes alive: a child that exits is started again on its port, after a
-    backoff that doubles with each quick death (1 s, 2 s, ... at most ``max_backoff``) and resets
-    once it has run for a minute."""
+    """Keeps N replica processes alive: a child that exits restarts on its port after a backoff that
+    doubles with each quick death (1 s, 2 s, ... at most ``max_backoff``), reset after a minute's run."""
 
     def __init__(self, argv: list[str], n: int, max_backoff: float = 30.0):
         import threading

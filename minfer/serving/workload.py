@@ -1,8 +1,6 @@
 """Workloads: seeded request traces for the serving benchmark, the lessons and the tests.
-
-``synthetic_trace`` (random ids) and ``text_trace`` (``pydoc_data.topics``); arrivals are gamma
-gaps of mean 1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py``
-(``get_request``) (docs/serving.md).
+``synthetic_trace`` (random ids) and ``text_trace`` (``pydoc_data.topics``); arrivals are gamma gaps of mean
+1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py`` (``get_request``; docs/serving.md).
 """
 import itertools
 import math
@@ -63,11 +61,8 @@ def python_docs() -> list[tuple[str, str]]:
 def text_trace(tokenizer, n: int, *, rate: float = math.inf, burstiness: float = 1.0,
                prompt_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (16, 256),
                seed: int = 0) -> list[TraceRequest]:
-    """n summarisation requests over Python's own docs, each prompt exactly its drawn length.
-
-    Prompt = the instruction + the start of a documentation topic (continuing into
-    the next topics if one is too short), cut to the drawn number of tokens.
-    """
+    """n summarisation requests over Python's own docs, each prompt exactly its drawn length: the
+    instruction + a documentation topic (continuing into the next ones), cut to that many tokens."""
     plo, phi = _check_range("prompt_len", prompt_len)
     olo, ohi = _check_range("output_len", output_len)
     docs = python_docs()
