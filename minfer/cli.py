@@ -119,9 +119,8 @@ def _stream(args, llm, params) -> int:
 
 
 def trim_history(messages: list[dict], count_tokens, budget: int) -> tuple[list[dict], int]:
-    """Drop the oldest turns (never the system prompt, never the last message) until
-    ``count_tokens(messages) <= budget``. Returns (messages, number of messages dropped);
-    raises ValueError if the system prompt and the last message alone are over budget."""
+    """Drop the oldest turns (never the system prompt or the last message) until ``count_tokens(messages)
+    <= budget`` -> (messages, number dropped); ValueError if those two alone are over budget."""
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
     dropped = 0
@@ -289,9 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    """Run one command. The error boundary: an expected failure (bad input, missing file, no
-    memory, no network) prints one line ``minfer: error: ...`` and returns 2; anything else is a
-    bug and prints "internal error, please report" (the traceback only with --debug), returning 1."""
+    """Run one command. The error boundary: an expected failure prints one line ``minfer: error: ...``
+    and returns 2; anything else is a bug: "internal error, please report" (traceback with --debug), 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("MINFER_DEBUG"))    # accepted anywhere on the line
     args = build_parser().parse_args([a for a in argv if a != "--debug"])

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from minfer.validation import check_bool, check_int, check_real, is_int
+
 
 @dataclass
 class ModelConfig:
@@ -53,7 +55,6 @@ class ModelConfig:
               "max_position_embeddings": 2**32, "kv_share_group": 1024}
 
     def _check_sizes(self) -> None:
-        from minfer.validation import check_int
         for name, hi in self.LIMITS.items():
             if name == "head_dim" and self.head_dim is None:
                 continue
@@ -61,7 +62,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the numbers do not fit together."""
-        from minfer.validation import check_bool, check_int, check_real, is_int
         self._check_sizes()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -90,7 +90,6 @@ class ModelConfig:
     ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
     def _check_gemma_fields(self) -> None:
-        from minfer.validation import check_int, check_real
         lt = self.layer_types
         if lt is not None:
             if not isinstance(lt, (list, tuple)) or len(lt) != self.num_hidden_layers or \
@@ -111,7 +110,6 @@ class ModelConfig:
                              f"got {self.hidden_act!r:.80}")
 
     def _check_rope_scaling(self) -> None:
-        from minfer.validation import check_real
         s = self.rope_scaling
         if s is None:
             return
@@ -200,8 +198,7 @@ class ModelConfig:
             kwargs["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
         else:
             kwargs.pop("rope_scaling", None)
-        model_type = d.get("model_type", "llama")
-        kwargs["model_type"] = model_type
+        kwargs["model_type"] = model_type = d.get("model_type", "llama")
         if model_type == "qwen2" and "attention_bias" not in d:
             kwargs["attention_bias"] = True      # Qwen2 always has q/k/v bias
         if model_type == "qwen2" and not d.get("use_sliding_window", False):
@@ -215,9 +212,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict HF transformers reads back (LlamaForCausalLM / Qwen2ForCausalLM)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("extra")
-        d.pop("kv_share_group")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("extra", "kv_share_group")}
         if self.model_type == "gemma3_text":
             return _gemma3_to_hf(self, d)
         defaults = ModelConfig.__dataclass_fields__

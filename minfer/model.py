@@ -113,9 +113,8 @@ class StackedProjections(nn.Module):
 
 
 def _stack_on_load(module, state_dict, prefix, *_):
-    """Load pre-hook: ``{prefix}q_proj.X``, ``k_proj.X``, ``v_proj.X`` -> ``{prefix}qkv_proj.X``
-    (X = weight, bias, qweight, scale, ...), concatenated on dim 0. Parts that are absent are left
-    for ``load_state_dict`` to report as missing."""
+    """Load pre-hook: ``{prefix}q_proj.X``, ``k_proj.X``, ``v_proj.X`` (X = weight, bias, qweight, scale, ...)
+    -> ``{prefix}qkv_proj.X`` on dim 0; absent parts are left for ``load_state_dict`` to report."""
     first = f"{prefix}{next(iter(module.parts))}."
     for suffix in [k[len(first):] for k in state_dict if k.startswith(first)]:
         names = [f"{prefix}{part}.{suffix}" for part in module.parts]
@@ -249,8 +248,7 @@ class _Body(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A Llama-family causal LM. ``forward`` returns logits; see the module docstring.
-    ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears (the layout before fusion)."""
+    """A Llama-family causal LM; ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears."""
 
     def __init__(self, cfg: ModelConfig, fuse_projections: bool = True):
         super().__init__()
@@ -263,8 +261,7 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, cfg.rope_local_base_freq), persistent=False)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., h) -> logits (..., vocab). Tied models reuse the embedding matrix,
-        unless a (e.g. quantized) ``lm_head`` module has been put in its place."""
+        """Hidden states (..., h) -> logits (..., vocab): the tied embedding or an ``lm_head`` in place."""
         head = getattr(self, "lm_head", None)
         return head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
 

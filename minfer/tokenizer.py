@@ -165,8 +165,7 @@ class Tokenizer:
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def _render(self, messages: list, add_generation_prompt: bool, limits: "TemplateLimits", **kwargs) -> str:
-        """Compile (cached) and render the chat template under ``limits``; any failure of the template
-        (untrusted data from the model file) -> ValueError naming the file."""
+        """Render the (cached) compiled chat template under ``limits``; a failure -> ValueError naming it."""
         variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
@@ -325,8 +324,7 @@ def _make_environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """jinja2's immutable sandbox (no attribute writes, no private attributes, no unsafe calls)
-        plus size and time bounds on the operations that can blow up."""
+        """jinja2's immutable sandbox plus size and time bounds on the operations that can blow up."""
 
         intercepted_binops = frozenset(["*", "**", "+", "%"])
 

@@ -81,8 +81,7 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
-    """Join the group torchrun's environment variables describe -> (rank, world size). backend None:
-    NCCL when CUDA is available, else gloo. Already initialised: just report."""
+    """Join torchrun's group (its environment) -> (rank, world); backend None: NCCL with CUDA, else gloo."""
     if not dist.is_initialized():
         if not launched_by_torchrun():
             missing = [v for v in TORCHRUN_VARS if v not in os.environ]

@@ -27,9 +27,8 @@ def stage_layers(num_layers: int, rank: int, world: int, share_group: int = 1) -
 
 
 class PipelineStage(nn.Module):
-    """One rank's part of a ``Transformer``: its layers, the embedding on the first stage, the final norm
-    and LM head on the last. ``forward`` has the ``Transformer``'s signature (``generate_tokens`` runs
-    unchanged); ``timeline`` records (micro-batch, start, end) of this stage's compute."""
+    """One rank's part of a ``Transformer``: its layers, the embedding (first stage), the final norm and LM
+    head (last); ``forward`` has its signature; ``timeline``: (micro-batch, start, end) of each compute."""
 
     def __init__(self, model, rank: int, world: int):
         super().__init__()

@@ -34,31 +34,32 @@ class APIError(Exception):
 
 
 # --- Request bodies ---
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)     # unknown fields refused, no type coerced
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False     # vLLM's: usage so far on every chunk (with include_usage)
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(populate_by_name=True)
     name: Optional[str] = None
     description: Optional[str] = None
     schema_: dict = Field(alias="schema")
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """OpenAI's ``response_format``: structured output (``minfer/guided.py``)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JSONSchemaFormat] = None
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by both endpoints (OpenAI's names; top_k, ignore_eos, stop_token_ids as vLLM's extras)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -113,14 +114,12 @@ class CompletionRequest(_Sampling):
         return v
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
@@ -231,8 +230,7 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def response(rid: str, model: str, chat: bool, choices: list[tuple], use: dict) -> dict:
-    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason,
-    logprobs) of each sample, by index."""
+    """A whole ``text_completion`` / ``chat.completion``; ``choices``: [(text, finish_reason, logprobs)]."""
     out = [{"index": index, "finish_reason": reason, "logprobs": logprobs,
             **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
            for index, (text, reason, logprobs) in enumerate(choices)]

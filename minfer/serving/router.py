@@ -18,12 +18,14 @@ import time
 from contextlib import asynccontextmanager
 from typing import Sequence
 
+import httpx
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from minfer.cli_args import positive_int, seconds_or_zero
 from minfer.distributed.comm import free_port
-from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
-                                        read_body, run_server, seconds)
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, engine_flags,
+                                        new_app, read_body, run_server, seconds, served_name)
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
                                        prompt_ids)
 
@@ -45,8 +47,7 @@ def stable_hash(data: bytes | str) -> int:
 
 
 def ring_lookup(points: Sequence[int], owners: Sequence[int], key: int) -> int:
-    """The owner of the first ring point at or after ``key``, wrapping past the end to the first.
-    ``points`` are sorted ascending; ``owners[i]`` owns ``points[i]``."""
+    """The owner of the first ring point at or after ``key`` (wrapping); ``owners[i]`` owns ``points[i]``."""
     i = bisect.bisect_left(points, key)
     return owners[i % len(points)]
 
@@ -150,13 +151,11 @@ class RouterMetrics:
 
 
 class Forwarder:
-    """Sends a request to the router's choice, moves it to another replica while nothing has been
-    sent to the client, and relays the answer's bytes; health checks run beside it."""
+    """Sends a request to the router's choice (another while nothing reached the client); relays the bytes."""
 
     def __init__(self, router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
                  first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT):
-        import httpx
         self.router, self.first_byte_timeout = router, first_byte_timeout
         self.health_interval, self.health_timeout = health_interval, health_timeout
         self.metrics = RouterMetrics(router)
@@ -173,8 +172,6 @@ class Forwarder:
 
     async def health_loop(self) -> None:
         """GET /health of every replica each ``health_interval`` s: down on failure, up on success."""
-        import httpx
-
         async def check(i: int) -> bool:
             try:
                 r = await self.client.get(f"{self.router.replicas[i]}/health", timeout=self.health_timeout)
@@ -192,7 +189,6 @@ class Forwarder:
 
     async def open(self, i: int, path: str, raw: bytes):
         """The replica's response (head received, body still streaming); ReplicaFailed otherwise."""
-        import httpx
         req = self.client.build_request("POST", self.router.replicas[i] + path, content=raw,
                                         headers={"content-type": "application/json"})
         send = asyncio.ensure_future(self.client.send(req, stream=True))
@@ -210,7 +206,6 @@ class Forwarder:
             raise ReplicaFailed(type(e).__name__) from None
 
     async def forward(self, path: str, raw: bytes, body):
-        from fastapi.responses import StreamingResponse
         router, tried = self.router, []
         while True:
             i = router.choose(path, body if isinstance(body, dict) else {}, exclude=tried)
@@ -242,7 +237,6 @@ class Forwarder:
 
     async def relay(self, i: int, upstream, t0: float, sse: bool):
         """The replica's bytes as they come; if it dies mid-stream, an error event and ``[DONE]``."""
-        import httpx
         url, tail = self.router.replicas[i], b"\n\n"
         try:
             async for part in upstream.aiter_raw():
@@ -263,9 +257,6 @@ class Forwarder:
 
 def build_router_app(router: Router, *, max_body_bytes: int = MAX_BODY_BYTES, **timeouts):
     """The router's app; ``timeouts``: ``Forwarder``'s (connect, first byte, read, health checks)."""
-    import httpx
-    from fastapi.responses import Response
-
     fw = Forwarder(router, **timeouts)
 
     @asynccontextmanager
@@ -374,7 +365,6 @@ def main(args) -> int:
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
     """Poll ``url/health`` until it answers 200 (RuntimeError if the process dies or time runs out)."""
-    import httpx
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -387,16 +377,14 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
-    ``kill -9`` of ``minfer serve --replicas N`` leaves no replica behind. Elsewhere: nothing."""
+    """In the child: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), even by ``kill -9``."""
     import ctypes
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
 def start_minfer(argv: list[str], quiet: bool = False, port: int | None = None) -> tuple[str, subprocess.Popen]:
-    """``minfer ARGV --port P`` as a child process on 127.0.0.1 (a free port unless given): (base URL,
-    process). The child dies with this process."""
+    """``minfer ARGV --port P`` as a child on 127.0.0.1 that dies with this process -> (base URL, process)."""
     port = port or free_port()
     out = subprocess.DEVNULL if quiet else None
     proc = subprocess.Popen([sys.executable, "-m", "minfer.cli", *argv, "--port", str(port)], stdout=out,
@@ -458,7 +446,6 @@ class Supervisor:
 def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
     check_policy(args.policy)
-    from minfer.serving.http_common import engine_flags, served_name
     child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
              "--served-model-name", served_name(args), *engine_flags(args),
              "--max-waiting", str(args.max_waiting), "--max-body-bytes", str(args.max_body_bytes),

@@ -18,6 +18,7 @@ from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_ser
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
                                        choice_shape, chunk, new_id, parse_body, prompt_ids, response,
                                        sampling_params, usage)
+from minfer.serving.router import add_router_timeouts, serve_replicas
 
 MAX_REPLICAS = 64                        # engine processes one `serve --replicas N` may start
 
@@ -145,8 +146,7 @@ class Handlers:
             (self.aengine.release if done == n else self.aengine.abort)(rid)
 
     async def collect(self, request, rid, q, n: int, chat: bool, shape: ChoiceShape) -> dict:
-        """The whole answer. The client's disconnect is watched at the same time, so a client that
-        gives up (a timeout) frees its KV blocks within one engine step, not at ``max_tokens``."""
+        """The whole answer; a client that disconnects meanwhile frees its KV blocks within a step."""
         texts, reasons, num_output = [[] for _ in range(n)], [None] * n, 0
         ids, dicts, prompt_dicts = [[] for _ in range(n)], [[] for _ in range(n)], None
         gone = asyncio.ensure_future(wait_disconnect(request))
@@ -197,7 +197,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int_in(1, MAX_REPLICAS), default=1,
                    help="N > 1: N engine processes behind a router")
     p.add_argument("--policy", default="prefix_aware", help="router policy with --replicas (default prefix_aware)")
-    from minfer.serving.router import add_router_timeouts
     add_router_timeouts(p)
 
 
@@ -217,7 +216,6 @@ def main(args) -> int:
         args.model = args.model_pos
     check_host(args.host)                  # before anything is loaded
     if args.replicas > 1:
-        from minfer.serving.router import serve_replicas
         return serve_replicas(args)
     set_threads(args.threads)
     from minfer.serving.async_engine import AsyncEngine, build_engine
