@@ -22,12 +22,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minfer: error: {sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)\n")
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """What a user can cause (bad input, missing files, no memory, no network): one line and exit 2."""
-    from minfer.checkpoints.fetch import DownloadError
-    return (ValueError, OSError, MemoryError, DownloadError)
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_parallel_args(p)
@@ -307,7 +301,8 @@ def _run(argv: list[str] | None) -> int:
     except Exception as e:                        # noqa: BLE001 - the boundary of the program
         if debug:
             traceback.print_exc()
-        if isinstance(e, _expected_errors()):
+        from minfer.checkpoints.fetch import DownloadError
+        if isinstance(e, (ValueError, OSError, MemoryError, DownloadError)):    # what a user can cause
             print(f"minfer: error: {_one_line(e)}", file=sys.stderr)
             return 2
         print(f"minfer: internal error, please report it with the command you ran: "

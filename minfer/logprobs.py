@@ -60,9 +60,8 @@ def record_sampled(logits: torch.Tensor, reqs: list, toks: list[int], mode: str,
 
 
 def prompt_rows(chunks) -> tuple[list[int], list[tuple]]:
-    """Rows of the flattened batch whose logits give prompt logprobs still missing (row at position p
-    predicts token p + 1; a chunk recomputed after a preemption asks for nothing twice)
-    -> (flat row indices, [(request, first position, count)])."""
+    """Rows of the flattened batch whose logits give missing prompt logprobs (row at position p predicts
+    token p + 1; a recomputed chunk asks for nothing twice) -> (flat rows, [(request, first, count)])."""
     flat, spans, offset = [], [], 0
     for c in chunks:
         req, done = c.request, c.request.prompt_logprobs

@@ -62,8 +62,7 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens with mass >= top_p (one float, or (..., 1) per row);
-    others -> -inf. A token is dropped when the mass before it reaches top_p: the top token always stays."""
+    """Keep the fewest most likely tokens with mass >= top_p (a float or (..., 1) per row); others -> -inf."""
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)

@@ -170,7 +170,7 @@ class Tokenizer:
                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
             if getattr(self, "_compiled", None) is None:
-                self._compiled = _make_environment().from_string(self.chat_template)
+                self._compiled = _compile(self.chat_template)
             return render_bounded(self._compiled, variables, limits)
         except Exception as e:                  # noqa: BLE001 - untrusted template code
             raise ValueError(f"{self.source}: chat template failed: {type(e).__name__}: {e}"[:2000]) from None
@@ -254,8 +254,7 @@ def _join_bound(items: Any, sep: str) -> int:
 
 
 def _result_bound(name: str, value: Any, args: tuple, kwargs: dict, method: bool) -> int | None:
-    """An upper bound on the length of a filter's (or a str method's) result, computed without
-    building it; None for operations that cannot grow their input much."""
+    """An upper bound on a filter's (or str method's) result length, not built; None: it cannot grow much."""
     def arg(i: int, key: str, default: Any) -> Any:
         return args[i] if len(args) > i else kwargs.get(key, default)
 
@@ -319,7 +318,6 @@ def _sized(x: Any) -> bool:
 
 
 def _make_environment():
-    """The bounded sandbox, with the helpers HF templates expect (HF ``utils/chat_template_utils.py``)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -417,6 +415,12 @@ def _tojson_bound(x: Any, indent: Any) -> int:
         level = [w for v in level if isinstance(v, (dict, list, tuple))
                  for w in (v.values() if isinstance(v, dict) else v)]
     return len(compact) * (1 + max(width, 0) * depth)
+
+
+def _compile(template: str):
+    """Compile in the bounded sandbox, with the helpers HF templates expect
+    (HF transformers: ``utils/chat_template_utils.py``)."""
+    return _make_environment().from_string(template)
 
 
 def render_bounded(compiled, variables: dict[str, Any], limits: TemplateLimits = CHAT_LIMITS) -> str:

@@ -4,6 +4,11 @@ flags (the router starts servers with the same engine flags); apart, so neither 
 import argparse
 import contextlib
 import json
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from minfer.cli_args import add_parallel_args, int_in, positive_int, seconds
 from minfer.serving.openai_api import APIError
@@ -18,11 +23,7 @@ MAX_JSON_DEPTH = 32                     # nesting of a request body (OpenAI's bo
 def new_app(title: str, lifespan, registry):
     """A FastAPI app whose every error, ours or the framework's (404 path, 405 method), is OpenAI's
     error JSON, with ``GET /metrics``: ``registry`` in Prometheus text."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title=title, lifespan=lifespan)
 
     @app.exception_handler(APIError)
@@ -197,5 +198,4 @@ def run_server(app, args, *, graceful: float | None = None, on_shutdown=None) ->
 
 
 def served_name(args) -> str:
-    from pathlib import Path
     return getattr(args, "served_model_name", None) or Path(str(args.model)).name

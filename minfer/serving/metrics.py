@@ -92,21 +92,16 @@ def meets_slos(r: RequestStats, slo_ms: dict[str, float]) -> bool:
     return all(values[k] is not None and 1000.0 * values[k] <= v for k, v in slo_ms.items())
 
 
-def check_slos(slo_ms: dict[str, float] | None) -> dict[str, float]:
+def summarize(requests: Iterable[RequestStats], duration: float | None = None,
+              slo_ms: dict[str, float] | None = None) -> ServingMetrics:
+    """Metrics of the finished requests of a run. ``duration``: seconds (default: last finish - first
+    arrival); ``slo_ms``: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds) enables goodput."""
     slo_ms = dict(slo_ms or {})
     for k, v in slo_ms.items():
         if k not in SLO_METRICS:
             raise ValueError(f"unknown SLO metric {k!r}; choose from {SLO_METRICS}")
         if not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"SLO {k} must be a positive number of milliseconds, got {v!r}")
-    return slo_ms
-
-
-def summarize(requests: Iterable[RequestStats], duration: float | None = None,
-              slo_ms: dict[str, float] | None = None) -> ServingMetrics:
-    """Metrics of the finished requests of a run. ``duration``: seconds (default: last finish - first
-    arrival); ``slo_ms``: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds) enables goodput."""
-    slo_ms = check_slos(slo_ms)
     done = [r for r in requests if r.finish_time is not None]
     if duration is None:
         duration = (max(r.finish_time for r in done) - min(r.arrival_time for r in done)) if done else 0.0

@@ -105,8 +105,7 @@ class Router:
         return [ord(c) for c in text] if isinstance(text, str) else list(text)
 
     def choose(self, path: str, body: dict, exclude: Sequence[int] = ()) -> int | None:
-        """The replica for this request, not one of ``exclude`` (None: every other replica is down).
-        The caller counts the request in ``in_flight`` at once, so that concurrent requests see it."""
+        """The replica for this request, not one of ``exclude`` (None: every other replica is down)."""
         alive = [a and i not in exclude for i, a in enumerate(self.alive())]
         if not any(alive):
             return None
@@ -453,12 +452,8 @@ def serve_replicas(args) -> int:
     for flag, value in (("--device", args.device), ("--threads", args.threads)):
         if value is not None:
             child += [flag, str(value)]
-
-    def interrupt(signum, frame):        # Ctrl-C / SIGTERM while the replicas start: still stop them
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):     # while the replicas start too: they are stopped
+        signal.signal(sig, signal.default_int_handler)
     sup = Supervisor(child, args.replicas)
     try:
         with contextlib.suppress(KeyboardInterrupt):
