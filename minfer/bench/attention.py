@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minfer.attention.sdpa import sdpa
-from minfer.bench.machine import machine_line
+from minfer.bench.machine import machine_line, sync
 from minfer.bench.report import TABLES
 from minfer.bench.timing import add_run_args, interleaved, log, positive_ints, table, write_json
 from minfer.cli_args import set_threads
@@ -105,15 +105,12 @@ def measure(cfg, batch: int, context: int, *, layers: int, repeats: int, device=
         pages = [(*_as_pages(k), _as_pages(v)[0]) for k, v in kv]                # (K pool, tables, V pool)
         calls["triton"] = [partial(paged_decode_attention, q3, kp, vp, tables, lens)
                            for kp, tables, vp in pages]
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def timed(fns):
-        def run():                                  # returns None: interleaved times the call
-            for fn in fns:
-                fn()
-            sync()
-        return run
-    med = interleaved({m: timed(calls[m]) for m in methods}, repeats=repeats, warmup=1, log=log)
+    def run(fns):                                   # returns None: interleaved times the call
+        for fn in fns:
+            fn()
+        sync(device)
+    med = interleaved({m: partial(run, calls[m]) for m in methods}, repeats=repeats, warmup=1, log=log)
     return {m: med[m]["s"] * 1e3 for m in methods}
 
 
@@ -142,9 +139,7 @@ def main(args) -> int:
                                                   ("x_triton", "triton: x gqa speed", "{:.2f}")]))
     print(f"\n{layers} decode-attention calls per timing (one per layer); medians of {args.repeats} interleaved "
           f"rounds\n{machine_line(args.device)}")
-    if args.json:
-        write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
-                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "layers": layers, "rows": rows})
-        log(f"wrote {args.json}")
+    write_json(args.json, {"benchmark": "attention", "model": args.model, "device": args.device,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "layers": layers, "rows": rows})
     return 0

@@ -1,58 +1,34 @@
 """`minfer bench decode`: prefill and decode speed of the naive loop, the cached loop and transformers.
 
-    naive        minfer/naive.py: the oracle, whole sequence recomputed per token, math attention
-    no-cache     minfer's model, whole sequence recomputed per token (fused attention)
-    cached       minfer's model with the contiguous KV cache: prefill once, then one token per step
-    unfused      the same, on the same weights, with q/k/v and gate/up as separate matmuls (the
-                 layout before fused projections, ``build_model(..., fuse_projections=False)``)
-    packed       cached, with every linear run by oneDNN on weights reordered once (``LLM(prepack=True)``)
-    transformers HF LlamaForCausalLM.generate on the same weights (greedy, its own KV cache)
-    transformers-compiled
-                 the same generate with cache_implementation="static" and the decode forward
-                 torch.compile'd (peers.StaticCompiledHF); its first call, which compiles, is
-                 timed on its own and reported beside the table, never inside the tok/s
-
-All produce exactly --max-tokens greedy tokens from the same prompt (EOS ignored). A method that
-cannot run on this machine (transformers-compiled without a working compiler, say) is left out with
-a line saying why; the others still run.
-"Bandwidth achieved" = (weight bytes + mean KV bytes read per decode step) x decode steps/s;
-MBU (model-bandwidth utilisation) = that / the bandwidth measured on this machine in the same run.
+Every method produces exactly --max-tokens greedy tokens from the same prompt (EOS ignored); one that
+cannot run here is left out with a line saying why. The methods, and MBU: docs/measuring.md.
 """
 import argparse
-import datetime
 import statistics
-import sys
 import time
+from functools import partial
 
 import torch
 
-from minfer.bench.machine import machine_info, mbu, measure_bandwidth, measure_flops
-from minfer.bench.timing import interleaved, table, write_json
-from minfer.cli_args import add_model_args, positive_int
+from minfer.bench.machine import machine_info, machine_line, mbu, measure_bandwidth, measure_flops
+from minfer.bench.quant import PROMPT, decode_weight_bytes as weight_bytes_per_step
+from minfer.bench.timing import (add_run_args, interleaved, log, names, rates, table, timed_generate,
+                                 write_json)
+from minfer.cli_args import add_model_args, set_threads
+from minfer.sampling import SamplingParams
 
 METHODS = ["naive", "no-cache", "cached", "static", "unfused", "packed", "llm", "llm-graphs", "llm-compile",
            "transformers", "transformers-compiled"]
-PROMPT = ("The history of computing is a story of machines that got smaller, faster and cheaper. "
-          "Write a long essay about it, starting with the abacus.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per run (default 256)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--methods", default="naive,no-cache,cached,llm,transformers",
-                   help="comma-separated subset of " + ",".join(METHODS) + " "
-                        "(static = cached on the static contiguous cache, gpt-fast's fixed-shape step, a CUDA "
-                        "graph on a GPU; llm = batch-1 decode through LLM.generate, i.e. the engine, eager; llm-graphs = "
-                        "the same on the static decode step, CUDA graphs on a GPU, replay on a CPU; "
-                        "llm-compile = the static step torch.compile'd, compile time reported apart; unfused = cached "
-                        "with separate q/k/v and gate/up matmuls; packed = cached on oneDNN-prepacked "
-                        "linears, minfer/kernels/onednn_linear.py; transformers-compiled = transformers "
-                        "generate with its static cache and the decode step torch.compile'd, compile "
-                        "time reported separately). cached:FMT / llm:FMT run a copy quantized to FMT, "
-                        "e.g. cached:int8-a8,cached:q4_0-a8; cached:FMT:plain keeps an -a8 format's decoder "
-                        "layers on their plain torch path instead of the fused C++ layer")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+                   help="comma-separated subset of " + ",".join(METHODS) + " (each: docs/measuring.md). "
+                        "cached:FMT / llm:FMT run a copy quantized to FMT, e.g. cached:int8-a8; "
+                        "cached:FMT:plain keeps an -a8 format's decoder layers on their plain torch path "
+                        "instead of the fused C++ layer")
     p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
                    "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
     p.add_argument("--peer-gguf", default=None, help="the GGUF file for llama.cpp (default: the model's own)")
@@ -60,20 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only format for the model (and for unfused: the same weights, quantized alike)")
     p.add_argument("--no-kv-quality", dest="kv_quality", action="store_false",
                    help="skip the int8/fp8 KV-cache quality check (logit error, greedy agreement)")
-    p.add_argument("--json", nargs="?", const="bench_results/decode.json", default=None,
-                   help="also write the results as JSON (default path bench_results/decode.json)")
-
-
-def weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every matrix once; the embedding only as the LM head."""
-    if getattr(model, "quantization", None):
-        from minfer.bench.quant import decode_weight_bytes
-        return decode_weight_bytes(model)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.model.embed_tokens.weight
-    if not model.cfg.tie_word_embeddings:       # untied: the embedding table is only indexed (1 row)
-        total -= emb.numel() * emb.element_size()
-    return total
+    add_run_args(p, "decode", repeats=3)
 
 
 def _unfused_model(llm, args):
@@ -82,12 +45,11 @@ def _unfused_model(llm, args):
     from minfer.checkpoints import load_checkpoint
     from minfer.model import build_model
     from minfer.quant.apply import quantize_model
-    if args.quantization is None:
-        return build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype,
-                           fuse_projections=False)
-    cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
+    cfg, state_dict = llm.config, llm.model.state_dict()
+    if args.quantization is not None:                 # the float weights, to quantize as the model's were
+        cfg, state_dict, _ = load_checkpoint(args.model, dtype=llm.dtype, device="cpu")
     model = build_model(cfg, state_dict, device=llm.device, dtype=llm.dtype, fuse_projections=False)
-    return quantize_model(model, args.quantization)
+    return model if args.quantization is None else quantize_model(model, args.quantization)
 
 
 def _packed_model(llm):
@@ -101,34 +63,24 @@ def _packed_model(llm):
     return model
 
 
-def _time_cached(model, prompt_ids, n, kv_cache):
-    from minfer.metrics import RequestStats
-    from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    m = RequestStats(arrival_time=time.perf_counter())
-    toks = list(generate_tokens(model, prompt_ids, params, kv_cache=kv_cache, metrics=m))
-    m.finish_time = m.token_times[-1]
-    return {"ttft": m.ttft, "decode_tps": 1.0 / m.tpot, "tokens": toks}
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def _time_llm(llm, prompt_ids, n):
     """Batch-1 decode through the front door: LLM.generate -> engine -> runner -> paged cache."""
-    from minfer.sampling import SamplingParams
-    out = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
-    return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot, "tokens": out.token_ids}
+    out = llm.generate(prompt_ids, _greedy(n))[0]
+    return {"ttft": out.metrics.ttft, "decode_tps": 1.0 / out.metrics.tpot}, out.token_ids
 
 
 def _time_naive(model, prompt_ids, n):
     from minfer.naive import naive_forward
     weights, cfg = model.state_dict(), model.cfg
-    ids = list(prompt_ids)
-    t0 = time.perf_counter()
-    times = []
+    ids, times, t0 = list(prompt_ids), [], time.perf_counter()
     for _ in range(n):
         ids.append(int(naive_forward(weights, cfg, ids)[-1].argmax()))
         times.append(time.perf_counter())
-    return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": ids[len(prompt_ids):]}
+    return rates(t0, times), ids[len(prompt_ids):]
 
 
 @torch.no_grad()
@@ -147,28 +99,26 @@ def teacher_forced_logits(model, prompt_ids: list[int], tokens: list[int], kind:
     return torch.stack(out), cache.nbytes()
 
 
-def _agreement(engines: dict, outputs: dict, rows: list[dict], prompt_ids: list[int]) -> None:
-    """Each quantized method against cached's greedy tokens, teacher-forced: how often its argmax picks
-    cached's next token (one divergence cannot end the count, as it ends the free-running prefix)."""
+def _agreement(quantized: dict, outputs: dict, rows: list[dict], prompt_ids: list[int]) -> None:
+    """Each quantized method (name -> model) vs cached's greedy tokens, teacher-forced: how often its argmax
+    picks cached's next token (one divergence cannot end the count, as it ends the free-running prefix)."""
     for row in rows:
-        e = engines.get(row["method"])
-        if ":" in row["method"] and "cached" in outputs:
-            model = e.model if row["method"].startswith("llm") else e
-            logits, _ = teacher_forced_logits(model, prompt_ids, outputs["cached"])
+        if row["method"] in quantized and "cached" in outputs:
+            logits, _ = teacher_forced_logits(quantized[row["method"]], prompt_ids, outputs["cached"])
             want = torch.tensor(outputs["cached"], device=logits.device)
             row["teacher_forced_top1"] = (logits.argmax(-1) == want).float().mean().item()
 
 
 def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
-    """Quantized KV cache vs the fp32 cache over `n` greedy tokens.
+    """Quantized KV cache vs the fp32 cache over `n` greedy tokens, printed as a table.
 
     teacher-forced: feed the fp32 run's tokens through each cache and compare the logits at every
     step (max abs error, and how often the argmax agrees); free-running: generate greedily with the
     quantized cache and count the positions where its tokens equal the fp32 run's.
     """
     from minfer.generate import generate_tokens
-    from minfer.sampling import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    log(f"KV-cache quantization quality over {n} greedy tokens ...")
+    params = _greedy(n)
     ref_tokens = list(generate_tokens(model, prompt_ids, params, kv_cache="contiguous"))
     ref_logits, ref_bytes = teacher_forced_logits(model, prompt_ids, ref_tokens, "contiguous")
     rows = []
@@ -185,31 +135,32 @@ def kv_quant_quality(model, prompt_ids, n, fmts=("int8", "fp8")) -> list[dict]:
             "free_running_token_agreement": same / n,
             "first_divergence": first_diff,
         })
+    print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
+    print(table(rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
+                       ("max_logit_error", "max |dlogit|", "{:.3f}"),
+                       ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
+                       ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
+                       ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
+                       ("first_divergence", "first diverging token", "{}")]))
     return rows
 
 
-def _compiled_peer(cfg, model, llm, prompt_ids, n, log):
-    """transformers' static cache + compiled decode on its own copy of the weights, warmed up
-    (compiled) now -> (peer, None); or (None, why) when it cannot run here."""
+def _compiled_peer(cfg, model, llm, prompt_ids, n):
+    """transformers' static cache + compiled decode on its own copy of the weights, warmed up (compiled)
+    now; RuntimeError when it cannot run here."""
     from minfer.bench.peers import StaticCompiledHF, hf_model
     log("transformers-compiled: first generate, which compiles the decode step (not timed as decode) ...")
-    try:
-        peer = StaticCompiledHF(hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device))
-        peer.warm_up(prompt_ids, n)
-    except RuntimeError as e:
-        return None, str(e)
+    peer = StaticCompiledHF(hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device))
+    peer.warm_up(prompt_ids, n)
     log(f"  compiled: first generate took {peer.warmup_s:.1f} s")
-    return peer, None
+    return peer
 
 
 def _methods(args) -> list[str]:
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2 to measure decode speed")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    set_threads(args.threads)
+    methods = names(args.methods, "--methods")
     if unknown := [m for m in methods if m.partition(":")[0] not in METHODS
                    or (":" in m and m.partition(":")[0] not in ("cached", "llm"))]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS} (cached:FMT, llm:FMT quantized)")
@@ -217,58 +168,57 @@ def _methods(args) -> list[str]:
     for m in methods:
         if ":" in m:
             parse_spec(m.partition(":")[2].removesuffix(":plain"))   # a bad name: ValueError naming the choices
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    if unknown := [p for p in peers if p != "llama.cpp"]:
-        raise ValueError(f"unknown peer(s) {unknown} for --peers; choose llama.cpp")
-    return methods + peers
+    return methods + names(args.peers, "--peers", ["llama.cpp"])
 
 
-def _runners(args, llm, methods: list[str], prompt_ids: list[int], log):
-    """Build what each method times -> (name -> timing function, engines, compiled peer, cannot_run).
+def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
+    """Build what each method times -> (name -> timing function, engines, peers, cannot_run): ``engines``
+    maps each minfer method to the LLM or the model it runs, ``peers`` each other engine to its runner.
     A method that cannot run here is dropped from ``methods``, with its reason in ``cannot_run``."""
     from minfer.bench.peers import hf_generate_timed, hf_model
     from minfer.llm import LLM
     model, cfg, n = llm.model, llm.config, args.max_tokens
-    hf = hf_model(cfg, model.state_dict(), dtype=llm.dtype, device=llm.device) if "transformers" in methods else None
-    unfused = _unfused_model(llm, args) if "unfused" in methods else None
-    packed = _packed_model(llm) if "packed" in methods else None
-    engines = {"llm": llm}
+    engines = {"naive": model, "no-cache": model, "cached": model, "static": model, "llm": llm}
+    if "unfused" in methods:
+        engines["unfused"] = _unfused_model(llm, args)
+    if "packed" in methods:
+        engines["packed"] = _packed_model(llm)
     for name, kw in (("llm-graphs", {}), ("llm-compile", {"compile": True})):
         if name in methods:                  # one bucket, a static width just past this run's context
             log(f"{name}: building the static decode step ...")
             engines[name] = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                                 enforce_eager=False, max_num_seqs=1,
                                 max_seq_len_to_capture=len(prompt_ids) + n + 16, **kw)
-    compiled, cannot_run = None, {}
-    quantized = {m: _quantized_copy(args, llm, m) for m in methods if ":" in m}
-    llama = _llama_peer(args, prompt_ids, n, cannot_run, methods) if "llama.cpp" in methods else None
-    engines.update(quantized, **({"llama.cpp": llama} if llama else {}))
-    if "transformers-compiled" in methods:
-        compiled, why = _compiled_peer(cfg, model, llm, prompt_ids, n, log)
-        if compiled is None:
-            cannot_run["transformers-compiled"] = why
-            methods.remove("transformers-compiled")
-            print(f"transformers-compiled cannot run here, left out: {why}", flush=True)
+    engines.update({m: _quantized_copy(args, llm, m) for m in methods if ":" in m})
+    peers, cannot_run = {}, {}
+    makers = {"transformers": partial(hf_model, cfg, model.state_dict(), dtype=llm.dtype, device=llm.device),
+              "llama.cpp": partial(_llama_peer, args, prompt_ids, n),
+              "transformers-compiled": partial(_compiled_peer, cfg, model, llm, prompt_ids, n)}
+    for name, make in makers.items():
+        if name in methods:
+            try:
+                peers[name] = make()
+            except (RuntimeError, ValueError) as e:
+                cannot_run[name] = str(e)
+                methods.remove(name)
+                print(f"{name} cannot run here, left out: {e}", flush=True)
     if not methods:
         raise ValueError(f"no method left to run: {cannot_run}")
-    fns = {
-        "naive": lambda: _time_naive(model, prompt_ids, n),
-        "no-cache": lambda: _time_cached(model, prompt_ids, n, "none"),
-        "cached": lambda: _time_cached(model, prompt_ids, n, "contiguous"),
-        "static": lambda: _time_cached(model, prompt_ids, n, "static"),
-        "unfused": lambda: _time_cached(unfused, prompt_ids, n, "contiguous"),
-        "packed": lambda: _time_cached(packed, prompt_ids, n, "contiguous"),
-        "llm": lambda: _time_llm(llm, prompt_ids, n),
-        "llm-graphs": lambda: _time_llm(engines["llm-graphs"], prompt_ids, n),
-        "llm-compile": lambda: _time_llm(engines["llm-compile"], prompt_ids, n),
-        "transformers": lambda: hf_generate_timed(hf, prompt_ids, n),
-        "transformers-compiled": lambda: compiled.timed(prompt_ids, n),
-        "llama.cpp": lambda: llama.timed(prompt_ids, n),
-    }
-    for m, copy in quantized.items():
-        fns[m] = (lambda c=copy: _time_llm(c, prompt_ids, n)) if m.startswith("llm") else \
-            (lambda c=copy: _time_cached(c, prompt_ids, n, "contiguous"))
-    return fns, engines, compiled, cannot_run
+    kv = {"no-cache": "none", "static": "static"}           # the cache each model method decodes with
+    fns = {}
+    for m in methods:
+        if m == "naive":
+            fns[m] = partial(_time_naive, model, prompt_ids, n)
+        elif m == "transformers":
+            fns[m] = partial(hf_generate_timed, peers[m], prompt_ids, n)
+        elif m in peers:
+            fns[m] = partial(peers[m].timed, prompt_ids, n)
+        elif isinstance(engines[m], LLM):
+            fns[m] = partial(_time_llm, engines[m], prompt_ids, n)
+        else:
+            fns[m] = partial(timed_generate, engines[m], prompt_ids, _greedy(n),
+                             kv_cache=kv.get(m, "contiguous"))
+    return fns, engines, peers, cannot_run
 
 
 def _quantized_copy(args, llm, method: str):
@@ -287,31 +237,13 @@ def _quantized_copy(args, llm, method: str):
     return e
 
 
-def _llama_peer(args, prompt_ids, n, cannot_run: dict, methods: list[str]):
-    """llama.cpp on the model's GGUF, or None (removed from ``methods``, the reason in ``cannot_run``)."""
+def _llama_peer(args, prompt_ids, n):
+    """llama.cpp on the model's GGUF; RuntimeError when it cannot run here."""
     from minfer.bench.peers import LlamaCppPeer, find_gguf
     gguf = args.peer_gguf or find_gguf(args.model)
-    try:
-        if gguf is None:
-            raise RuntimeError(f"no GGUF file for {args.model} (give one with --peer-gguf)")
-        return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
-    except (RuntimeError, ValueError) as e:
-        cannot_run["llama.cpp"] = str(e)
-        methods.remove("llama.cpp")
-        print(f"llama.cpp cannot run here, left out: {e}", flush=True)
-        return None
-
-
-def _weight_bytes(engines: dict, model) -> dict:
-    """Weight bytes per decode step of each method whose weights differ from the model's
-    (a quantized copy; llama.cpp: its GGUF file's size, which its tied head reads whole)."""
-    out = {}
-    for name, e in engines.items():
-        if name == "llama.cpp":
-            out[name] = e.gguf.stat().st_size
-        elif ":" in name:
-            out[name] = weight_bytes_per_step(e.model if name.startswith("llm") else e)
-    return out
+    if gguf is None:
+        raise RuntimeError(f"no GGUF file for {args.model} (give one with --peer-gguf)")
+    return LlamaCppPeer(gguf, torch.get_num_threads(), len(prompt_ids) + n + 16)
 
 
 def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float) -> list[dict]:
@@ -336,6 +268,11 @@ def _rows(medians: dict, outputs: dict, wbytes: dict, kv_mean: float, bw: float)
     return rows
 
 
+def _ratio(medians: dict, a: str, b: str) -> float | None:
+    """a's decode tok/s over b's; None unless both ran."""
+    return medians[a]["decode_tps"] / medians[b]["decode_tps"] if a in medians and b in medians else None
+
+
 def _compile_report(compiled, medians: dict, n: int) -> dict | None:
     if compiled is None:
         return None
@@ -345,56 +282,40 @@ def _compile_report(compiled, medians: dict, n: int) -> dict | None:
     print(f"transformers-compiled: first generate (compiles the decode step) {compiled.warmup_s:.1f} s, "
           f"a timed generate {run_s:.2f} s, so compiling cost about {report['compile_s']:.1f} s; "
           f"the first call is not in the table")
-    if "cached" in medians:
-        print(f"cached / transformers-compiled decode tok/s = "
-              f"{medians['cached']['decode_tps'] / r['decode_tps']:.2f}x")
+    if (x := _ratio(medians, "cached", "transformers-compiled")) is not None:
+        print(f"cached / transformers-compiled decode tok/s = {x:.2f}x")
     return report
 
 
 def _print_ratios(medians: dict, per_round: dict, engines: dict, rows: list[dict]) -> None:
     """The pairwise comparisons each method exists for (fused vs unfused, packed vs not, ...)."""
-    if "cached" in medians and "unfused" in medians:
-        ratios = [a / b for a, b in zip(per_round["cached"], per_round["unfused"])]
-        print(f"fused projections: cached (fused) / unfused decode tok/s = "
-              f"{medians['cached']['decode_tps'] / medians['unfused']['decode_tps']:.3f} (ratio of medians); "
-              f"per round {' '.join(f'{r:.3f}' for r in ratios)}, median {statistics.median(ratios):.3f}")
-    if "cached" in medians and "packed" in medians:
-        ratios = [a / b for a, b in zip(per_round["packed"], per_round["cached"])]
-        print(f"prepacked linears: packed / cached decode tok/s = "
-              f"{medians['packed']['decode_tps'] / medians['cached']['decode_tps']:.3f} (ratio of medians); "
-              f"per round {' '.join(f'{r:.3f}' for r in ratios)}")
+    def rounds(a: str, b: str) -> tuple[list[float], str]:
+        ratios = [x["decode_tps"] / y["decode_tps"] for x, y in zip(per_round[a], per_round[b])]
+        return ratios, " ".join(f"{r:.3f}" for r in ratios)
+
+    if (r := _ratio(medians, "cached", "unfused")) is not None:
+        ratios, text = rounds("cached", "unfused")
+        print(f"fused projections: cached (fused) / unfused decode tok/s = {r:.3f} (ratio of medians); "
+              f"per round {text}, median {statistics.median(ratios):.3f}")
+    if (r := _ratio(medians, "packed", "cached")) is not None:
+        print(f"prepacked linears: packed / cached decode tok/s = {r:.3f} (ratio of medians); "
+              f"per round {rounds('packed', 'cached')[1]}")
     for name in ("llm-graphs", "llm-compile"):
-        if name in medians and "llm" in medians:
+        if (r := _ratio(medians, name, "llm")) is not None:
             e = engines[name]
-            print(f"{name} / llm (eager) decode tok/s = {medians[name]['decode_tps'] / medians['llm']['decode_tps']:.3f}; "
-                  f"start-up: compile {e.compile_seconds:.1f} s, graph capture {e.capture_seconds:.1f} s "
-                  f"(not in the table)")
+            print(f"{name} / llm (eager) decode tok/s = {r:.3f}; start-up: compile {e.compile_seconds:.1f} "
+                  f"s, graph capture {e.capture_seconds:.1f} s (not in the table)")
     for plain in [m for m in medians if m.endswith(":plain") and m.removesuffix(":plain") in medians]:
-        ratios = [a / b for a, b in zip(per_round[plain.removesuffix(":plain")], per_round[plain])]
+        ratios, text = rounds(plain.removesuffix(":plain"), plain)
         print(f"fused C++ layer: {plain.removesuffix(':plain')} / {plain} decode tok/s = "
-              f"{statistics.median(ratios):.3f} (median of rounds: {' '.join(f'{r:.3f}' for r in ratios)})")
-    if "cached" in medians and "static" in medians:
-        print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = "
-              f"{medians['static']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
-    if "cached" in medians and "llm" in medians:
-        print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = "
-              f"{medians['llm']['decode_tps'] / medians['cached']['decode_tps']:.3f}")
+              f"{statistics.median(ratios):.3f} (median of rounds: {text})")
+    if (r := _ratio(medians, "static", "cached")) is not None:
+        print(f"static / cached decode tok/s (the single-request loop on fixed shapes) = {r:.3f}")
+    if (r := _ratio(medians, "llm", "cached")) is not None:
+        print(f"LLM (engine, batch 1) / cached generate_tokens decode tok/s = {r:.3f}")
     for row in rows:
         if "same_tokens_as_cached" in row:
             print(f"{row['method']} greedy tokens identical to cached: {row['same_tokens_as_cached']}")
-
-
-def _kv_quality(model, prompt_ids: list[int], n: int, log) -> list[dict]:
-    log(f"KV-cache quantization quality over {n} greedy tokens ...")
-    kv_rows = kv_quant_quality(model, prompt_ids, n)
-    print(f"\nKV cache quantization vs the fp32 cache, {n} greedy tokens:")
-    print(table(kv_rows, [("format", "format", "{:>6}"), ("cache_bytes_ratio", "bytes vs fp32", "{:.3f}"),
-                          ("max_logit_error", "max |dlogit|", "{:.3f}"),
-                          ("mean_logit_error", "mean |dlogit|", "{:.4f}"),
-                          ("teacher_forced_top1_agreement", "top-1 agree (forced)", "{:.1%}"),
-                          ("free_running_token_agreement", "tokens agree (free)", "{:.1%}"),
-                          ("first_divergence", "first diverging token", "{}")]))
-    return kv_rows
 
 
 def main(args) -> int:
@@ -406,31 +327,24 @@ def main(args) -> int:
     model, cfg = llm.model, llm.config
     prompt_ids = llm.tokenizer.encode(PROMPT)
     n = args.max_tokens
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    fns, engines, compiled, cannot_run = _runners(args, llm, methods, prompt_ids, log)
-    outputs, per_round = {}, {}
-
-    def wrap(name):
-        def run():
-            res = fns[name]()
-            outputs[name] = res.pop("tokens")
-            per_round.setdefault(name, []).append(res["decode_tps"])
-            return res
-        return run
-
+    fns, engines, peers, cannot_run = _runners(args, llm, methods, prompt_ids)
+    outputs, per_round = {}, {}             # name -> its greedy tokens; name -> each round's numbers
     log(f"bench decode: {args.model}, {len(prompt_ids)} prompt tokens, {n} new tokens, "
         f"device {llm.device}, {llm.dtype}, weights {args.quantization or 'float'}, {args.repeats} interleaved rounds")
     log("measuring memory bandwidth and matmul FLOP/s ...")
     bw = measure_bandwidth(llm.device)
     flops = measure_flops(llm.device)
-    medians = interleaved({m: wrap(m) for m in methods}, repeats=args.repeats, warmup=0, log=log)
+    medians = interleaved(fns, repeats=args.repeats, warmup=0, log=log, outputs=outputs, rounds=per_round)
 
     wbytes = weight_bytes_per_step(model)
     kv_mean = kv_cache_bytes(cfg, len(prompt_ids) + n / 2, model.model.embed_tokens.weight.element_size())
-    rows = _rows(medians, outputs, {"*": wbytes, **_weight_bytes(engines, model)}, kv_mean, bw)
-    _agreement(engines, outputs, rows, prompt_ids)
-    ratio = (medians["cached"]["decode_tps"] / medians["transformers"]["decode_tps"]
-             if "cached" in medians and "transformers" in medians else None)
+    quantized = {m: e.model if m.startswith("llm") else e for m, e in engines.items() if ":" in m}
+    wb = {"*": wbytes, **{m: weight_bytes_per_step(q) for m, q in quantized.items()}}
+    if "llama.cpp" in peers:                # its GGUF file's size: its tied head reads it whole
+        wb["llama.cpp"] = peers["llama.cpp"].gguf.stat().st_size
+    rows = _rows(medians, outputs, wb, kv_mean, bw)
+    _agreement(quantized, outputs, rows, prompt_ids)
+    ratio = _ratio(medians, "cached", "transformers")
     print(table(rows, [("method", "method", "{:>12}"), ("decode_tps", "decode tok/s", "{:.2f}"),
                        ("ttft", "TTFT s", "{:.3f}"), ("tpot_ms", "TPOT ms", "{:.1f}"),
                        ("speedup_vs_naive", "x naive", "{:.1f}"), ("x_llama_cpp", "x llama.cpp", "{:.2f}"),
@@ -438,33 +352,28 @@ def main(args) -> int:
                        ("bandwidth_fraction", "MBU", "{:.0%}"),
                        ("teacher_forced_top1", "top-1 = cached (forced)", "{:.1%}"),
                        ("free_running_prefix", "same prefix (free)", "{}")]))
-    mi = machine_info(llm.device)
-    print(f"\nmachine: {mi['processor']}, {mi['cpu_count']} CPUs, {mi['torch_threads']} torch threads, "
-          f"torch {mi['torch']}, {llm.device}, {llm.dtype}")
+    print(f"\n{machine_line(llm.device)}, {llm.dtype}")
     print(f"measured read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s; "
           f"weights read per decode step {wbytes / 1e6:.0f} MB, mean KV read {kv_mean / 1e6:.1f} MB")
     if ratio is not None:
         print(f"cached / transformers decode tok/s = {ratio:.2f}x")
-    compile_report = _compile_report(compiled, medians, n)
+    compile_report = _compile_report(peers.get("transformers-compiled"), medians, n)
     for name, why in cannot_run.items():
         print(f"{name}: not run ({why})")
-    if "llama.cpp" in engines:
-        print(f"llama.cpp: llama-cpp-python on {engines['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
+    if "llama.cpp" in peers:
+        print(f"llama.cpp: llama-cpp-python on {peers['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
     _print_ratios(medians, per_round, engines, rows)
     if any("teacher_forced_top1" in r for r in rows):
         print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
               f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
               f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
-    kv_rows = _kv_quality(model, prompt_ids, n, log) if args.kv_quality else None
-    if args.json:
-        write_json(args.json, {"kv_quantization": kv_rows,
-            "benchmark": "decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": mi, "model": args.model, "dtype": str(llm.dtype),
-            "quantization": args.quantization,
-            "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
-            "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
-            "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
-            "transformers_compiled_compile": compile_report, "not_run": cannot_run,
-        })
-        print(f"wrote {args.json}", file=sys.stderr)
+    kv_rows = kv_quant_quality(model, prompt_ids, n) if args.kv_quality else None
+    write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
+        "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
+        "quantization": args.quantization,
+        "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+        "measured_bandwidth_gbs": bw / 1e9, "measured_gflops": flops / 1e9,
+        "weight_bytes_per_step": wbytes, "results": rows, "cached_over_transformers": ratio,
+        "transformers_compiled_compile": compile_report, "not_run": cannot_run,
+    })
     return 0

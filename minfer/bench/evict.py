@@ -79,7 +79,6 @@ def main(args) -> int:
     print(table(rows, TABLES["evict"][0][2]))
     print(f"\n{args.prompt_tokens}-token pydoc prompt prefilled at once, then {args.score} tokens teacher-forced in "
           f"chunks of {args.chunk}; budget = tokens kept per layer")
-    if args.json:
-        write_json(args.json, {"benchmark": "evict", "text": text_fingerprint(text), "rows": rows,
-                               "prompt_tokens": args.prompt_tokens, "score": args.score, "chunk": args.chunk})
+    write_json(args.json, {"benchmark": "evict", "text": text_fingerprint(text), "rows": rows,
+                           "prompt_tokens": args.prompt_tokens, "score": args.score, "chunk": args.chunk})
     return 0

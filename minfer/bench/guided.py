@@ -61,7 +61,6 @@ def main(args) -> int:
         rows.append({"batch": b, "mask_ms": mask_ms, "guided_step_ms": step_ms, "unguided_step_ms": free_ms,
                      "mask_ratio": mask_ms / free_ms, "step_ratio": step_ms / free_ms, "steps": n})
     print(table(rows, TABLES["guided"][0][2]))
-    if args.json:
-        write_json(args.json, {"benchmark": "guided", "model": args.model, "schema": SCHEMA, "rows": rows,
-                               "threads": args.threads})
+    write_json(args.json, {"benchmark": "guided", "model": args.model, "schema": SCHEMA, "rows": rows,
+                           "threads": args.threads})
     return 0

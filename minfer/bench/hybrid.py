@@ -94,8 +94,7 @@ def _check_tokens(model_name: str, n: int) -> bool:
     model = build_model(cfg, sd)
     ids = tok.encode("The capital of France is", add_special_tokens=True)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    a = list(generate_tokens(model, ids, params, kv_cache="contiguous"))
-    b = list(generate_tokens(model, ids, params, kv_cache="hybrid"))
+    a, b = (list(generate_tokens(model, ids, params, kv_cache=kind)) for kind in ("contiguous", "hybrid"))
     print(f"greedy tokens, contiguous vs hybrid cache: {'equal' if a == b else 'DIFFERENT'} ({n} tokens)")
     return a == b
 
@@ -120,6 +119,5 @@ def main(args) -> int:
     print("paged engine (block size 16, token budget 512): blocks held once the prompt is computed")
     print(table(engine_rows, engine))
     same = _check_tokens(args.model, args.check_tokens) if args.check_tokens else None
-    if args.json:
-        write_json(args.json, {"model": args.model, "rows": rows, "engine": engine_rows, "tokens_equal": same})
+    write_json(args.json, {"model": args.model, "rows": rows, "engine": engine_rows, "tokens_equal": same})
     return 0 if ok and same is not False else 1

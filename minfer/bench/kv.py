@@ -6,12 +6,11 @@ import datetime
 import inspect
 import math
 import random
-import time
 
 import torch
 
 from minfer.bench.report import TABLES
-from minfer.bench.timing import add_run_args, interleaved, log, table, write_json
+from minfer.bench.timing import add_run_args, interleaved, log, table, timed_generate, write_json
 from minfer.cli_args import add_model_args, set_threads
 
 QUESTIONS = [
@@ -129,9 +128,7 @@ def _capacity(args, cfg, dtype, budget: float, bytes_per_token: float) -> tuple[
 
 def _ttft(args, llm, dtype) -> tuple[list[dict], float, bool]:
     """Part 2: TTFT with a shared prefix, prefix cache on vs off vs the contiguous loop."""
-    from minfer.generate import generate_tokens
     from minfer.llm import LLM
-    from minfer.metrics import RequestStats
     from minfer.sampling import SamplingParams
     model, tok = llm.model, llm.tokenizer
     prefix = shared_prefix(tok, args.prefix_len)
@@ -150,13 +147,13 @@ def _ttft(args, llm, dtype) -> tuple[list[dict], float, bool]:
         def run():
             q = questions[len(outputs[name]) % len(questions)]
             if name == "contiguous":
-                m = RequestStats(arrival_time=time.perf_counter())
-                out = list(generate_tokens(model, prefix + q, params, metrics=m))
+                res, out = timed_generate(model, prefix + q, params)
+                ttft = res["ttft"]
             else:
                 res = front[name == "on"].generate(prefix + q, params)[0]
-                out, m = res.token_ids, res.metrics
+                out, ttft = res.token_ids, res.metrics.ttft
             outputs[name].append(out)
-            return {"ttft_ms": 1000 * m.ttft}
+            return {"ttft_ms": 1000 * ttft}
         return run
 
     # The warm-up round of "on" is the cold request that fills the prefix cache.
@@ -199,15 +196,13 @@ def main(args) -> int:
     print(f"\nsummary: paged (block {args.block_size}) fits {capacity_ratio:.2f}x the sequences of contiguous "
           f"{args.max_len}-slot reservation; fragmentation {paged_row['fragmentation']:.1%} vs "
           f"{cap[0]['fragmentation']:.1%}" + (f"; prefix caching cuts TTFT {ttft_ratio:.2f}x" if ttft_ratio else ""))
-    if args.json:
-        device = llm.device if llm is not None else torch.device("cpu")
-        write_json(args.json, {
-            "benchmark": "kv", "device": str(device), "model": args.model, "dtype": str(dtype),
-            "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
-            "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
-            "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,
-            "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
-            "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
-        })
-        log(f"wrote {args.json}")
+    device = llm.device if llm is not None else torch.device("cpu")
+    write_json(args.json, {
+        "benchmark": "kv", "device": str(device), "model": args.model, "dtype": str(dtype),
+        "budget_mib": args.budget_mib, "max_len": args.max_len, "max_tokens": args.max_tokens,
+        "block_size": args.block_size, "num_requests": args.num_requests, "seed": args.seed,
+        "bytes_per_token": bytes_per_token, "capacity": cap, "capacity_ratio": capacity_ratio,
+        "prefix_len": args.prefix_len, "repeats": args.repeats, "ttft": ttft_rows,
+        "ttft_ratio": ttft_ratio, "same_first_tokens": same_first,
+    })
     return 0

@@ -10,7 +10,7 @@ import torch
 from minfer.devices import cpu_bf16_units
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -20,10 +20,10 @@ def _median_seconds(fn, device, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -52,8 +52,7 @@ def linear_intensity(num_tokens: int, in_features: int, out_features: int, bytes
 
 def measure_flops(device="cpu", n: int = 1024, dtype=torch.float32, repeats: int = 5) -> float:
     """Dense matmul FLOP/s (2 n^3 per n x n product)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / _median_seconds(lambda: a @ b, device, repeats)
 
 

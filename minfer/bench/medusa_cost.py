@@ -55,15 +55,13 @@ def main(args) -> int:
     _, text, start = TASKS["code-edit"]
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
                         + start)
-    rows = []
     plain_costs = verify_costs(llm.model, heads, prompt, sizes, args.repeats)
     pack_linears(llm.model)
     packed_costs = verify_costs(llm.model, heads, prompt, sizes, args.repeats)
-    for label, costs in (("F.linear", plain_costs), ("prepacked", packed_costs)):
-        base = costs["plain"]
-        rows.append(f"{label:>10}  plain step {1e3 * base:7.2f} ms  " + "  ".join(
-            f"verify {k} {1e3 * v:7.2f} ms ({v / base:.2f}x)" for k, v in costs.items() if k != "plain"))
     print(f"context {len(prompt)} tokens, {heads.num_heads} heads, threads {torch.get_num_threads()}, "
           f"{args.repeats} rounds, medians")
-    print("\n".join(rows))
+    for label, costs in (("F.linear", plain_costs), ("prepacked", packed_costs)):
+        base = costs["plain"]
+        print(f"{label:>10}  plain step {1e3 * base:7.2f} ms  " + "  ".join(
+            f"verify {k} {1e3 * v:7.2f} ms ({v / base:.2f}x)" for k, v in costs.items() if k != "plain"))
     return 0

@@ -145,6 +145,5 @@ def main(args) -> int:
     parts = names(args.parts, "--parts", PARTS)
     results = run(parts, args.tokens, args.rounds, args.quick, log=log)
     print(report(results))
-    if args.json:
-        write_json(args.json, {"torch": torch.__version__, "results": results})
+    write_json(args.json, {"torch": torch.__version__, "results": results})
     return 0

@@ -1,15 +1,10 @@
-"""Peer engines run on the same weights, for honest comparisons.
-
-transformers: the model is rebuilt from minfer's own config and state dict
-(``ModelConfig.to_hf``), so both engines multiply exactly the same numbers.
-Two ways of running it: eager ``generate`` with its dynamic cache, and
-``generate`` with a static cache whose decode forward is ``torch.compile``'d
-(``StaticCompiledHF``), the setup transformers documents for fast generation.
-Imported lazily: minfer itself never needs transformers.
-"""
+"""Peer engines on the same weights: transformers (rebuilt from minfer's config and state dict, eager or
+``StaticCompiledHF``) and llama.cpp; imported lazily, minfer never needs them (docs/measuring.md)."""
 import time
 
 import torch
+
+from minfer.bench.timing import rates
 
 
 def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
@@ -22,10 +17,9 @@ def hf_model(cfg, state_dict, dtype=torch.float32, device="cpu", attn_implementa
     arch = d.pop("architectures")[0]
     conf_cls = {"Qwen2ForCausalLM": transformers.Qwen2Config,
                 "Gemma3ForCausalLM": transformers.Gemma3TextConfig}.get(arch, transformers.LlamaConfig)
-    model_cls = getattr(transformers, arch)
     hc = conf_cls(**d)
     hc._attn_implementation = attn_implementation
-    m = model_cls(hc)
+    m = getattr(transformers, arch)(hc)
     missing, unexpected = m.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -49,19 +43,18 @@ class StepClock:
 
 
 @torch.no_grad()
-def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Greedy generate exactly `max_new_tokens` tokens; TTFT and decode tok/s from token timestamps."""
+def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, **kw) -> tuple[dict, list[int]]:
+    """Greedy generate exactly `max_new_tokens` tokens (``kw``: more ``generate`` options) -> (TTFT and
+    decode tok/s from token timestamps, ``timing.rates``; the tokens)."""
     ids = torch.tensor([prompt_ids], device=model.device)
     clock = StepClock()
     t0 = time.perf_counter()
     # No EOS at all (rather than min_new_tokens, which would *suppress* EOS and change the
     # greedy choice): exactly what minfer's ignore_eos does.
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0)
+                         do_sample=False, streamer=clock, eos_token_id=None, pad_token_id=0, **kw)
     # the first put() is the prompt itself, the second the first new token
-    first, last = clock.times[1], clock.times[-1]
-    n = out.shape[1] - ids.shape[1]
-    return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first), "tokens": out[0, ids.shape[1]:].tolist()}
+    return rates(t0, clock.times[1:]), out[0, ids.shape[1]:].tolist()
 
 
 class StaticCompiledHF:
@@ -84,14 +77,10 @@ class StaticCompiledHF:
             self.compile_config._compile_all_devices = True
         self.warmup_s: float | None = None
 
-    def _generate(self, prompt_ids: list[int], max_new_tokens: int, streamer=None):
-        ids = torch.tensor([prompt_ids], device=self.model.device)
-        return ids, self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            streamer=streamer, eos_token_id=None, pad_token_id=0,
-            cache_implementation="static", compile_config=self.compile_config)
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
+        return hf_generate_timed(self.model, prompt_ids, max_new_tokens, cache_implementation="static",
+                                 compile_config=self.compile_config)
 
-    @torch.no_grad()
     def warm_up(self, prompt_ids: list[int], max_new_tokens: int) -> float:
         """One untimed ``generate`` that compiles the decode step; returns its wall time in seconds."""
         t0 = time.perf_counter()
@@ -106,18 +95,11 @@ class StaticCompiledHF:
                                "decode step (its auto-compile criteria were not met on this device)")
         return self.warmup_s
 
-    @torch.no_grad()
-    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
         """Like ``hf_generate_timed``, on the compiled static-cache path (call ``warm_up`` first)."""
         if self.warmup_s is None:
             raise RuntimeError("call warm_up() first: the first call compiles and is not a timing")
-        clock = StepClock()
-        t0 = time.perf_counter()
-        ids, out = self._generate(prompt_ids, max_new_tokens, streamer=clock)
-        first, last = clock.times[1], clock.times[-1]
-        n = out.shape[1] - ids.shape[1]
-        return {"ttft": first - t0, "decode_tps": (n - 1) / (last - first),
-                "tokens": out[0, ids.shape[1]:].tolist()}
+        return self._generate(prompt_ids, max_new_tokens)
 
 
 def find_gguf(model: str):
@@ -148,7 +130,7 @@ class LlamaCppPeer:
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=n_ctx, n_batch=512, verbose=False)
 
-    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    def timed(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[dict, list[int]]:
         self.llm.reset()
         tokens, times = [], []
         t0 = time.perf_counter()
@@ -157,5 +139,4 @@ class LlamaCppPeer:
             tokens.append(int(tok))
             if len(tokens) == max_new_tokens:
                 break
-        n = len(tokens)
-        return {"ttft": times[0] - t0, "decode_tps": (n - 1) / (times[-1] - times[0]), "tokens": tokens}
+        return rates(t0, times), tokens

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     import copy
+    from functools import partial
 
     from minfer.bench.timing import interleaved, log, table, timed_generate, write_json
     from minfer.cli_args import set_threads
@@ -49,12 +50,9 @@ def main(args) -> int:
         models[f"unstructured ffn {r:.0%}"] = magnitude_sparsify(copy.deepcopy(dense), r)
     prompt = tok.encode(reference_text(600)[-300:])
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-
-    def timer(m):
-        return lambda: timed_generate(m, prompt, params)[0]
-
     log("timing decode, interleaved ...")
-    med = interleaved({n: timer(m) for n, m in models.items()}, repeats=args.repeats, warmup=1, log=log)
+    med = interleaved({n: partial(timed_generate, m, prompt, params) for n, m in models.items()},
+                      repeats=args.repeats, warmup=1, log=log, outputs={})
     rows = []
     for name, m in models.items():
         row = {"model": name, "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
@@ -76,7 +74,6 @@ def main(args) -> int:
                        ("ppl_before", "ppl", "{:.2f}"), ("ppl_healed", "ppl healed", "{:.2f}")]))
     print(f"\nperplexity: first {args.ppl_chars} chars of pydoc_data.topics (never trained on), context 256, stride 128; "
           f"threads {torch.get_num_threads()}; shared machine")
-    if args.json:
-        write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
-                                                                              if isinstance(v, (int, float, str))}})
+    write_json(args.json, {"benchmark": "prune", "rows": rows, "args": {k: v for k, v in vars(args).items()
+                                                                          if isinstance(v, (int, float, str))}})
     return 0

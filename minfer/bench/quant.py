@@ -5,6 +5,7 @@ What each column means, and why int4-g32 fits SmolLM2's Q4_1 weights: docs/measu
 """
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -113,14 +114,8 @@ def main(args) -> int:
     bw = measure_bandwidth("cpu")
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
-
-    def timed(name):
-        def run():
-            res, tokens[name] = timed_generate(models[name], prompt_ids, params)
-            return res
-        return run
-
-    medians = interleaved({name: timed(name) for name in formats}, repeats=args.repeats, warmup=1, log=log)
+    runs = {name: partial(timed_generate, models[name], prompt_ids, params) for name in formats}
+    medians = interleaved(runs, repeats=args.repeats, warmup=1, log=log, outputs=tokens)
     ppl, text = {}, None
     if not args.skip_ppl:
         text = reference_text(args.ppl_chars or DEFAULT_CHARS)
@@ -143,9 +138,7 @@ def main(args) -> int:
               f"sha256 {fp['sha256']}; windows of {r0.context} tokens, stride {r0.stride}, "
               f"{r0.scored_tokens} tokens scored")
     print(f"agreement: first {AGREEMENT_TOKENS} greedy tokens vs {base} (free-running / per step)")
-    if args.json:
-        write_json(args.json, {"benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
-                               "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
-                               "measured_bandwidth_gbs": bw / 1e9, "perplexity_text": fp, "results": rows})
-        log(f"wrote {args.json}")
+    write_json(args.json, {"benchmark": "quant", "model": args.model, "lm_head": args.lm_head,
+                           "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
+                           "measured_bandwidth_gbs": bw / 1e9, "perplexity_text": fp, "results": rows})
     return 0

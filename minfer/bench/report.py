@@ -6,6 +6,9 @@ from pathlib import Path
 
 # A column: (key in the row, header, format). Missing values print as "-".
 Column = tuple[str, str, str]
+HYBRID: list[Column] = [("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
+                        ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"),
+                        ("ratio", "full/hybrid", "{:.2f}x")]
 
 TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (title, rows' key, columns)
     "decode": [
@@ -69,13 +72,9 @@ TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (tit
             ("identical", "= plain", "{}")]),
     ],
     "hybrid": [
-        ("Local/global KV cache: bytes per token of one sequence, allocated caches", "rows", [
-            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
-            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x")]),
-        ("The paged engine's blocks (block size 16, token budget 512)", "engine", [
-            ("context", "context", "{}"), ("full_B_per_token", "full B/token", "{:.0f}"),
-            ("hybrid_B_per_token", "hybrid B/token", "{:.0f}"), ("ratio", "full/hybrid", "{:.2f}x"),
-            ("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]),
+        ("Local/global KV cache: bytes per token of one sequence, allocated caches", "rows", HYBRID),
+        ("The paged engine's blocks (block size 16, token budget 512)", "engine",
+         HYBRID + [("hybrid_peak_B_per_token", "hybrid peak in prefill", "{:.0f}")]),
     ],
     "evict": [
         ("KV eviction: perplexity and top-1 agreement with the full cache", "rows", [
@@ -93,9 +92,9 @@ TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (tit
          "summary", [("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
                      ("req_s", "requests/s", "{:.3f}"), ("x_minfer", "x minfer's tok/s", "{:.3f}"),
                      ("spread", "(max - min) / median of its rounds", "{:.1%}")]),
-        ("Each round, in the order run", "rounds", [("round", "round", "{}"), ("tool", "client", "{}"),
-                                                    ("output_tok_s", "output tok/s", "{:.2f}"),
-                                                    ("req_s", "requests/s", "{:.3f}")]),
+        ("Each round, in the order run", "rounds", [
+            ("round", "round", "{}"), ("tool", "client", "{}"), ("output_tok_s", "output tok/s", "{:.2f}"),
+            ("req_s", "requests/s", "{:.3f}")]),
     ],
 }
 ORDER = ["decode", "kv", "hybrid", "attention", "serve", "quant", "spec", "parallel", "evict", "guided", "guidellm"]

@@ -8,13 +8,14 @@ import argparse
 import dataclasses
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minfer.bench.report import TABLES
 from minfer.bench.timing import interleaved, log, names, table, write_json
-from minfer.cli_args import add_model_args, positive_int
+from minfer.cli_args import add_model_args, positive_int, set_threads
 from minfer.engine import LLMEngine, run_trace
 from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
@@ -50,15 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-wait-ms", type=float, default=2000.0, help="dynamic batching's wait (default 2000)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="eager decode steps; --no-enforce-eager: the static step, CUDA graphs on a GPU "
-                        "(default as LLM: static on CUDA, eager on a CPU)")
+                   help="eager decode steps; --no-enforce-eager: the static step (default: LLM's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                   help="how the engine's eager decode steps read the KV pool (minfer.attention.paged): auto (the C++ "
-                        "kernel on a CPU in float32 or bf16), torch (gather + SDPA), cpu, triton")
+                   help="how eager decode steps read the KV pool (auto: the C++ kernel on a CPU)")
     p.add_argument("--baselines", default="",
-                   help="offline throughput comparison, comma-separated: sequential, torch-decode (gather + "
-                        "SDPA), transformers, float32 (a float32 copy, next to --dtype bfloat16)")
+                   help="offline throughput against, comma-separated: " + ", ".join(BASELINES))
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -66,13 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench_results/serve", help="plots and JSON go here")
     p.add_argument("--url", default=None,
-                   help="a running `minfer serve`: measure from the client over HTTP, next to in-process, "
-                        "then online vs batch cost (minfer/bench/serve_http.py)")
+                   help="a running `minfer serve`: HTTP vs in-process, then online vs batch cost")
     p.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
                    help=f"$ per hour of the machine, with --url (default {DEFAULT_PRICE_PER_HOUR}: a 2-vCPU cloud VM)")
     p.add_argument("--routing", default=None,
-                   help="compare router policies instead, e.g. round_robin,prefix_aware: starts --replicas "
-                        "servers and a router per policy on a shared-prefix workload (minfer/bench/serve_route.py)")
+                   help="compare router policies instead, e.g. round_robin,prefix_aware (serve_route.py)")
     p.add_argument("--replicas", type=int, default=2, help="replicas for --routing (default 2)")
     p.add_argument("--prefix-tokens", type=int, default=256, help="system-prompt tokens for --routing (default 256)")
     p.add_argument("--watts", type=float, default=DEFAULT_WATTS,
@@ -227,32 +223,29 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, out_dir: Path) 
         hf = hf_model(llm.config, model.state_dict(), dtype=llm.dtype, device=llm.device)
         pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         runs["transformers"] = lambda: run_transformers(hf, offline, pad)
-    results, outputs = {}, {}
 
-    def wrap(name, fn):
-        def run():
-            cpu0 = time.process_time()
-            stats, duration, outs = fn()
-            cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
-            results[name], outputs[name] = (stats, duration), outs
-            return {"output_tok_s": n_out / duration, "seconds": duration,
-                    "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}
-        return run
+    def timed(fn):
+        cpu0 = time.process_time()
+        stats, duration, outs = fn()
+        cpu = time.process_time() - cpu0          # CPU seconds: steadier than wall time on a busy machine
+        return {"output_tok_s": n_out / duration, "seconds": duration,
+                "output_tok_per_cpu_s": n_out / cpu, "cpu_seconds": cpu}, (stats, duration, outs)
 
     log("offline throughput (all requests at t = 0), interleaved:")
-    med = interleaved({name: wrap(name, fn) for name, fn in runs.items()}, repeats=args.repeats, warmup=0,
-                      log=log)
+    results: dict = {}                              # name -> (RequestStats list, seconds, output tokens)
+    med = interleaved({name: partial(timed, fn) for name, fn in runs.items()}, repeats=args.repeats, warmup=0,
+                      log=log, outputs=results)
     rows = []
     for name, r in med.items():
-        same = sum(a == b for a, b in zip(outputs[name], outputs["continuous"]))
+        same = sum(a == b for a, b in zip(results[name][2], results["continuous"][2]))
         rows.append({"method": name, **r, "x_continuous": med["continuous"]["output_tok_s"] / r["output_tok_s"],
                      "x_continuous_cpu": med["continuous"]["output_tok_per_cpu_s"] / r["output_tok_per_cpu_s"],
                      "same_greedy": f"{same}/{len(trace)}"})
     print("\n== offline throughput: every request at t = 0 (medians of the interleaved rounds) ==")
     print(table(rows, TABLES["serve"][0][2] + [("cpu_seconds", "CPU s", "{:.1f}")]))
-    offline_metrics = {name: summarize(st, duration=d) for name, (st, d) in results.items()}
+    offline_metrics = {name: summarize(st, duration=d) for name, (st, d, _) in results.items()}
     print("\n" + format_table(offline_metrics))
-    plot_distributions({k: s for k, (s, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
+    plot_distributions({k: s for k, (s, _, _) in results.items()}, out_dir / "offline_ttft_tpot.png",
                        f"{len(trace)} requests at t = 0")
     return {"rows": rows, "metrics": {k: m.as_dict() for k, m in offline_metrics.items()}}
 
@@ -265,23 +258,20 @@ def _front_door(args, llm, trace, n_out: int) -> dict:
                            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                            decode_kernel=args.decode_kernel)
     prompts, params = [r.prompt_token_ids for r in trace], [_params(r) for r in trace]
-    outs = {}
 
-    def door(name, batched):
-        def run():                                  # every prompt in one call, or one call per prompt
-            t0 = time.perf_counter()
-            res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
-                                                                   for p, sp in zip(prompts, params)]
-            duration = time.perf_counter() - t0
-            outs[name] = [o.token_ids for o in res]
-            return {"output_tok_s": n_out / duration, "seconds": duration}
-        return run
+    def door(batched: bool):                        # every prompt in one call, or one call per prompt
+        t0 = time.perf_counter()
+        res = front.generate(prompts, params) if batched else [front.generate(p, sp)[0]
+                                                               for p, sp in zip(prompts, params)]
+        duration = time.perf_counter() - t0
+        return {"output_tok_s": n_out / duration, "seconds": duration}, [o.token_ids for o in res]
 
     log("front door: LLM.generate(list) vs one prompt per call, interleaved:")
-    med = interleaved({"LLM.generate(list)": door("list", True), "one prompt per call": door("one", False)},
-                      repeats=args.repeats, warmup=0, log=log)
+    outs: dict = {}
+    runs = {"LLM.generate(list)": partial(door, True), "one prompt per call": partial(door, False)}
+    med = interleaved(runs, repeats=args.repeats, warmup=0, log=log, outputs=outs)
     ratio = med["LLM.generate(list)"]["output_tok_s"] / med["one prompt per call"]["output_tok_s"]
-    same = sum(a == b for a, b in zip(outs["list"], outs["one"]))
+    same = sum(a == b for a, b in zip(outs["LLM.generate(list)"], outs["one prompt per call"]))
     print("\n== the front door: LLM.generate on all prompts vs one prompt per call (medians) ==")
     print(table([{"name": k, **v} for k, v in med.items()], TABLES["serve"][1][2]))
     print(f"LLM.generate(list) is {ratio:.2f}x the output tok/s of one prompt per call; "
@@ -330,20 +320,18 @@ def main(args) -> int:
     from minfer.serving.workload import synthetic_trace, text_trace
 
     policies, baselines, sweep_rates, slo = _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory_bytes=2**27)  # its own pool unused
     model, tok = llm.model, llm.tokenizer
 
     def make_trace(rate):
+        kw = dict(rate=rate, burstiness=args.burstiness, prompt_len=args.prompt_len, output_len=args.output_len,
+                  seed=args.seed)
         if args.dataset == "text":
-            return text_trace(tok, args.num_requests, rate=rate, burstiness=args.burstiness,
-                              prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed)
-        return synthetic_trace(args.num_requests, rate=rate, burstiness=args.burstiness,
-                               prompt_len=args.prompt_len, output_len=args.output_len,
-                               vocab=(100, llm.config.vocab_size), seed=args.seed)
+            return text_trace(tok, args.num_requests, **kw)
+        return synthetic_trace(args.num_requests, vocab=(100, llm.config.vocab_size), **kw)
 
     trace = make_trace(args.rate)
     n_in = sum(len(r.prompt_token_ids) for r in trace)
@@ -380,5 +368,4 @@ def main(args) -> int:
         if sweep_rates:            # 3. throughput vs latency as the rate rises
             payload["sweep"] = _sweep(args, llm, make_trace, policies, sweep_rates, slo, out_dir)
     write_json(out_dir / f"{name}.json", payload)
-    log(f"wrote {out_dir}/{name}.json" + (" and plots" if name == "serve" else ""))
     return 0

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from functools import partial
 
 from minfer.serving.metrics import RequestStats
 
@@ -83,13 +84,11 @@ def main_http(args, llm, trace, slo, run_online) -> dict:
             "HTTP": lambda: run_http(url, trace, model)}
 
     def timed(run):
-        def fn():
-            stats, duration, _ = run()
-            return _flat(summarize(stats, duration=duration, slo_ms=slo))
-        return fn
+        stats, duration, _ = run()
+        return _flat(summarize(stats, duration=duration, slo_ms=slo))
     log(f"in-process vs HTTP, {len(trace)} requests at {args.rate:g} req/s, interleaved:")
-    med = interleaved({name: timed(run) for name, run in runs.items()}, repeats=args.repeats, warmup=0,
-                      log=log)
+    med = interleaved({name: partial(timed, run) for name, run in runs.items()}, repeats=args.repeats,
+                      warmup=0, log=log)
     rows = [{"metric": k, "in": med["in-process"][k], "http": med["HTTP"][k],
              "ratio": med["HTTP"][k] / med["in-process"][k] if med["in-process"][k] else float("nan")}
             for k in med["HTTP"]]

@@ -4,6 +4,7 @@ Batch 1 per task, then the engine at ``--concurrency`` (``SpecDecodeEngine``); t
 """
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -68,11 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def split_methods(text: str) -> list[str]:
     """'plain,prompt_lookup:k=8,max=3,lookahead' -> ['plain', 'prompt_lookup:k=8,max=3', 'lookahead']."""
     from minfer.speculative import METHODS
-    parts = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
     out: list[str] = []
-    for part in parts:
-        starts_method = part == "plain" or part.split(":")[0] in METHODS
-        if starts_method or not out:
+    for part in names(text.replace(";", ","), "--methods"):
+        if part == "plain" or part.split(":")[0] in METHODS or not out:       # a method starts here
             out.append(part)
         else:
             out[-1] += "," + part                   # an option of the previous method
@@ -82,14 +81,23 @@ def split_methods(text: str) -> list[str]:
 
 
 def run_once(model, prompt_ids, params, eos, method, draft):
-    """Generate once; returns the timing numbers, the tokens and the SpecStats (None for plain)."""
+    """Generate once -> (the timing numbers, (the tokens, the SpecStats: None for plain))."""
     from minfer.speculative import SpecStats, generate_speculative
     if method == "plain":
-        return *timed_generate(model, prompt_ids, params, eos_token_ids=eos), None
+        res, toks = timed_generate(model, prompt_ids, params, eos_token_ids=eos)
+        return res, (toks, None)
     stats = SpecStats()
     res, toks = timed_generate(model, prompt_ids, params, generate_speculative, config=method, draft=draft,
                                eos_token_ids=eos, stats=stats)
-    return res, toks, stats
+    return res, (toks, stats)
+
+
+def _engine_run(llm, batch: list, params) -> tuple[dict, tuple[list, int]]:
+    """One ``generate`` of the batch -> ({"tok_s"}, (its outputs, the engine steps it took))."""
+    before, t0 = llm.engine.num_steps, time.perf_counter()
+    outs = llm.generate(batch, params)
+    tok_s = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    return {"tok_s": tok_s}, (outs, llm.engine.num_steps - before)
 
 
 def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurrency: list[int],
@@ -103,37 +111,19 @@ def engine_rows(llm, configs: dict, drafts: dict, prompts: list, params, concurr
     rows = []
     for conc in concurrency:
         batch = [prompts[i % len(prompts)] for i in range(conc)]
-        outputs, steps = {}, {}
-
-        def make(name):
-            def run():
-                engine = engines[name].engine
-                before, t0 = engine.num_steps, time.perf_counter()
-                outs = engines[name].generate(batch, params)
-                seconds = time.perf_counter() - t0
-                outputs[name], steps[name] = outs, engine.num_steps - before
-                return {"tok_s": sum(len(o.token_ids) for o in outs) / seconds}
-            return run
-
         log(f"engine, {conc} concurrent requests")
-        med = interleaved({name: make(name) for name in engines}, repeats=repeats, warmup=1, log=log)
-        plain_ids = [o.token_ids for o in outputs["plain"]]
-        for name in engines:
-            stats = [o.spec_stats for o in outputs[name] if o.spec_stats is not None and o.spec_stats.num_steps]
+        out: dict = {}                              # name -> (outputs, engine steps)
+        med = interleaved({name: partial(_engine_run, e, batch, params) for name, e in engines.items()},
+                          repeats=repeats, warmup=1, log=log, outputs=out)
+        plain_ids = [o.token_ids for o in out["plain"][0]]
+        for name, (outs, steps) in out.items():
+            stats = [o.spec_stats for o in outs if o.spec_stats is not None and o.spec_stats.num_steps]
             rows.append({"concurrency": conc, "method": name, "tok_s": med[name]["tok_s"],
-                         "speedup": med[name]["tok_s"] / med["plain"]["tok_s"], "forwards": steps[name],
+                         "speedup": med[name]["tok_s"] / med["plain"]["tok_s"], "forwards": steps,
                          "tokens_per_forward": (sum(s.mean_accepted_length for s in stats) / len(stats))
                          if stats else 1.0,
-                         "identical": [o.token_ids for o in outputs[name]] == plain_ids})
+                         "identical": [o.token_ids for o in outs] == plain_ids})
     return rows
-
-
-def check_args(args) -> tuple[list[str], list[str], list[int]]:
-    """The flags -> (tasks, methods, concurrency levels), or ValueError naming the flag."""
-    tasks = names(args.tasks, "--tasks", TASKS)
-    set_threads(args.threads)
-    concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
-    return tasks, split_methods(args.methods), concurrency
 
 
 def main(args) -> int:
@@ -141,7 +131,9 @@ def main(args) -> int:
     from minfer.sampling import SamplingParams
     from minfer.speculative import SpeculativeConfig, load_draft
 
-    tasks, methods, concurrency = check_args(args)
+    tasks, methods = names(args.tasks, "--tasks", TASKS), split_methods(args.methods)
+    concurrency = positive_ints(args.concurrency, "--concurrency") if args.concurrency.strip() else []
+    set_threads(args.threads)
     configs = {m: SpeculativeConfig.parse(m) for m in methods if m != "plain"}   # fail early on a bad spec
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prepack=args.prepack)
     model, tok = llm.model, llm.tokenizer
@@ -158,31 +150,24 @@ def main(args) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}],
                                                         add_generation_prompt=True) + answer_start)
         prompts.append(prompt_ids)
-        outputs, stats = {}, {}
-
-        def make(method):
-            def run():
-                res, toks, st = run_once(model, prompt_ids, params, eos, method, drafts.get(method))
-                outputs[method], stats[method] = toks, st
-                return res
-            return run
-
         log(f"task {task} ({kind}): {len(prompt_ids)} prompt tokens")
-        med = interleaved({m: make(m) for m in methods}, repeats=args.repeats, warmup=1, log=log)
+        runs = {m: partial(run_once, model, prompt_ids, params, eos, m, drafts.get(m)) for m in methods}
+        out: dict = {}
+        med = interleaved(runs, repeats=args.repeats, warmup=1, log=log, outputs=out)
         for m in methods:
-            st = stats[m]
+            toks, st = out[m]
             rows.append({
-                "task": task, "kind": kind, "method": m, "new_tokens": len(outputs[m]),
+                "task": task, "kind": kind, "method": m, "new_tokens": len(toks),
                 "decode_tps": med[m]["decode_tps"], "ttft": med[m]["ttft"],
                 "speedup": med[m]["decode_tps"] / med["plain"]["decode_tps"],
-                "identical": outputs[m] == outputs["plain"],
+                "identical": toks == out["plain"][0],
                 "acceptance_rate": st.acceptance_rate if st else None,
                 "per_token_acceptance": st.per_token_acceptance if st else None,
                 "tokens_per_forward": st.mean_accepted_length if st else 1.0,
                 "theory_tokens_per_forward": st.expected_mean_length() if st else None,
                 "histogram": st.histogram() if st else {},        # JSON: the keys become strings
             })
-        log("  output (plain): " + repr(tok.decode(outputs["plain"])[:160]))
+        log("  output (plain): " + repr(tok.decode(out["plain"][0])[:160]))
     print(table(rows, TABLES["spec"][0][2] + [("new_tokens", "tokens", "{}")]))
     print("\ntok/fwd: tokens emitted per target forward (measured); theory: mean over steps of "
           "(1 - a^(k+1)) / (1 - a) at the measured per-token acceptance a")
@@ -194,11 +179,9 @@ def main(args) -> int:
                                      ("identical", "same", "{}")]))
         print("\nengine rows: end-to-end tok/s of all requests (prefill included), one forward per engine step; "
               "figures from a shared machine are noisy, only the ratios of one run compare")
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "results": rows, "engine": batched,
-        })
-        log(f"wrote {args.json}")
+    write_json(args.json, {
+        "benchmark": "spec", "device": str(llm.device), "model": args.model, "dtype": str(llm.dtype),
+        "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "results": rows, "engine": batched,
+    })
     return 0

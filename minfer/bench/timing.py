@@ -6,22 +6,27 @@ from pathlib import Path
 from typing import Callable
 
 
-def interleaved(methods: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, dict]:
+def interleaved(methods: dict[str, Callable], repeats: int, warmup: int = 1,
+                log: Callable[[str], None] = print, outputs: dict | None = None,
+                rounds: dict | None = None) -> dict[str, dict]:
     """Call each method `warmup` times, then `repeats` rounds of A, B, C, ...
 
     Each call returns a dict of numbers, or None to be timed (``{"s": its wall seconds}``); the result
-    maps method -> median of each number.
+    maps method -> median of each number. With ``outputs``, each call returns (numbers, output) and
+    ``outputs[method]`` keeps the last output; ``rounds[method]`` gets the numbers of every round.
     """
     for name, fn in methods.items():
         for _ in range(warmup):
             log(f"  warm-up {name} ...")
             fn()
-    samples: dict[str, list[dict]] = {name: [] for name in methods}
+    samples: dict[str, list[dict]] = {} if rounds is None else rounds
+    samples.update({name: [] for name in methods})
     for r in range(repeats):
         for name, fn in methods.items():
             t = time.perf_counter()
             res = fn()
+            if outputs is not None:
+                res, outputs[name] = res
             res = {"s": time.perf_counter() - t} if res is None else res
             samples[name].append(res)
             log(f"  round {r + 1}/{repeats} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
@@ -41,22 +46,22 @@ def add_run_args(p, name: str, repeats: int | None = 3, threads: int | None = No
                    help=f"also write the results as JSON (default path bench_results/{name}.json)")
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write (``minfer.atomic``), with the run's envelope added (``run_envelope``)."""
+def write_json(path: str | Path | None, payload: dict) -> None:
+    """Atomic JSON write (``minfer.atomic``) with the run's envelope (``run_envelope``); logs the path.
+    No ``path`` (``--json`` not given): nothing is written."""
+    if not path:
+        return
     from minfer import atomic
     atomic.write_json(path, {**run_envelope(payload), **payload})
+    log(f"wrote {path}")
 
 
 def run_envelope(payload: dict) -> dict:
-    """What ``minfer bench report`` needs of every run: the command, the date, the machine.
-
-    The machine's load average is recorded too (a shared machine makes single figures noisy),
-    and ``MINFER_BENCH_NOTE`` adds a free-text note (e.g. "machine shared with other jobs").
-    """
+    """What ``minfer bench report`` needs of every run: the command, the date, the machine, its load average
+    (a shared machine makes single figures noisy) and ``MINFER_BENCH_NOTE``, a free-text note."""
     import datetime
     import os
     import shlex
-    import sys
     from minfer.bench.machine import machine_info
     argv = sys.argv[1:]
     env = {"command": "minfer " + shlex.join(argv) if argv[:1] == ["bench"] else shlex.join(sys.argv),
@@ -102,12 +107,17 @@ def positive_ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def rates(t0: float, times: list[float]) -> dict:
+    """Token times of a run started at ``t0`` -> {"ttft": seconds, "decode_tps": tokens/s after the first}."""
+    tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return {"ttft": times[0] - t0, "decode_tps": tps}
+
+
 def timed_generate(model, prompt_ids: list[int], params, generate=None, **kw) -> tuple[dict, list[int]]:
     """One batch-1 generation (``generate_tokens`` unless ``generate``), timed by the ``RequestStats`` it
-    fills -> ({"decode_tps": tokens/s after the first, "ttft": seconds}, the tokens)."""
+    fills -> (``rates``, the tokens)."""
     from minfer.generate import generate_tokens
     from minfer.metrics import RequestStats
     m = RequestStats(arrival_time=time.perf_counter())
     toks = list((generate or generate_tokens)(model, prompt_ids, params, metrics=m, **kw))
-    t = m.token_times
-    return {"decode_tps": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"), "ttft": m.ttft}, toks
+    return rates(m.arrival_time, m.token_times), toks
