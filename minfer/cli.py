@@ -31,8 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None,
                    help="weight-only quantization: int8 | int4 | int4-gN | q8_0 | q4_0 | q4_1 (default: none)")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU, float32: oneDNN linears on weights reordered once, for every row count (2x weight "
-                        "memory); default: for the engine's batched steps (4-128 rows) only; --no-prepack: off")
+                   help="CPU, float32 or bf16: oneDNN linears on weights reordered once, for every row count (2x "
+                        "weight memory); default: every row count in bf16, in float32 the engine's batched steps "
+                        "(4-128 rows) only; --no-prepack: off")
     p.add_argument("--decode-kernel", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="how eager decode steps read the paged KV pool: auto (the C++ kernel on a CPU in float32 or bf16 when it builds, "
                         "else torch) | torch (gather + SDPA) | cpu (the C++ kernel) | triton (the Triton kernel)")

@@ -91,9 +91,9 @@ def _check_names(attention: str, decode_kernel: str, speculative):
 
 class LLM:
     """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``) plus
-    ``prepack`` (oneDNN fp32 CPU linears) and ``decode_kernel``; each, its default and what it measured:
-    docs/architecture.md. ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or with
-    ``compile=True``, eager on a CPU otherwise. ``seed``: requests without a seed draw one from it."""
+    ``prepack`` (oneDNN CPU linears, fp32 or bf16) and ``decode_kernel``; each, its default and what it
+    measured: docs/architecture.md. ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or
+    with ``compile=True``, eager on a CPU otherwise. ``seed``: requests without a seed draw one from it."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,

@@ -21,8 +21,8 @@ def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: 
                quantization: str | None = None, prepack: bool | None = False) -> LoadedModel:
     """Load ``model`` (registry name, HF folder, GGUF file, or a folder written by ``minfer quantize``).
     quantization  weight-only format for the linears (``minfer.quant``); refused for a quantized folder
-    prepack       True: every fp32 CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None:
-                  the batched row counts only, where it applies (CPU, float32); False: plain ``nn.Linear``"""
+    prepack       True: every CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None: where
+                  it applies (CPU), float32 for the batched rows only, bf16 with bf16 units for all; False: off"""
     from minfer.quant.apply import is_quantized_checkpoint, load_quantized_folder, parse_spec, quantize_model
     device, dtype = resolve_device(None if device is None else str(device)), resolve_dtype(dtype)
     warn_if_no_bf16_units(device, dtype)
@@ -45,11 +45,14 @@ def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: 
 
 
 def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: torch.dtype) -> None:
+    from minfer.devices import cpu_bf16_units
     from minfer.kernels import onednn_linear
-    plain_cpu = device.type == "cpu" and dtype == torch.float32
+    packable = device.type == "cpu" and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_units())
     if prepack:
-        if not plain_cpu:
-            raise ValueError(f"prepack is for one process on the CPU in float32 (got device {device}, dtype {dtype})")
+        if not packable:
+            raise ValueError("prepack is for one process on the CPU in float32, or bfloat16 with bf16 units "
+                             f"(got device {device}, dtype {dtype})")
         onednn_linear.pack_linears(net)
-    elif prepack is None and plain_cpu and onednn_linear.available():
-        onednn_linear.pack_linears(net, rows=onednn_linear.BATCHED_ROWS)     # batched steps only
+    elif prepack is None and packable and onednn_linear.available():
+        rows = None if dtype == torch.bfloat16 else onednn_linear.BATCHED_ROWS   # bf16: it wins at every row count
+        onednn_linear.pack_linears(net, rows=rows)

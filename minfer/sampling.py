@@ -124,7 +124,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     temperature/top-k/top-p tensors and one race for the others, no host transfer; the noise comes from
     each request's CPU generator, so a row samples as it would alone, on any device (docs/architecture.md)."""
     K, V = logits.shape
-    toks = logits.argmax(-1)                                          # (K,) the greedy answer of every row
+    toks = logits.float().argmax(-1)                                  # (K,) the greedy answer of every row
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if not rand:
         return toks

@@ -3,10 +3,9 @@
 * Continuous batching in bf16 gives the greedy tokens of the same ``LLM`` fed one prompt per call
   (prefix caching off, so each lone request computes its prompt from scratch), on a tiny model.
 * bf16 logits stay near fp32's: log-softmax within DESIGN.md's bf16 tolerance (atol 5e-2).
-* A CPU without bf16 units is named in one warning.
+* With bf16 units ``LLM`` prepacks the bf16 linears for every row count (oneDNN, bit for bit
+  ``F.linear``'s); a CPU without them is named in one warning and nothing is packed.
 """
-from __future__ import annotations
-
 import warnings
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from tiny import first_difference, tiny_config, tiny_model
 
 from minfer.devices import cpu_bf16_units, warn_if_no_bf16_units
+from minfer.kernels.onednn_linear import BATCHED_ROWS, PackedLinear, available, pack_linears
 from minfer.llm import LLM
 from minfer.sampling import SamplingParams
 
@@ -34,8 +34,13 @@ def assert_batched_equals_one_by_one(llm: LLM, prompts: list[list[int]], max_tok
         assert batched[i] == alone, f"request {i}: {first_difference(batched[i], alone)}"
 
 
-def test_bf16_engine_greedy_equals_the_one_by_one_run():
+@pytest.mark.parametrize("packed", ["no", "every row count", "batched rows"])
+def test_bf16_engine_greedy_equals_the_one_by_one_run(packed):
+    """Packed as LLM(dtype="bfloat16") packs (every row count), or for 4-128 rows (lone decode rows on F.linear)."""
     model = tiny_model(tiny_config()).to(torch.bfloat16)
+    if packed != "no":
+        rows = BATCHED_ROWS if packed == "batched rows" else None
+        assert available() and pack_linears(model, rows=rows) == 2 * 4 + 1
     llm = LLM.from_model(model, enable_prefix_caching=False, max_num_batched_tokens=64)  # prompts split in chunks
     assert llm.engine.runner.cache.decode_kernel in ("cpu", "torch")
     assert_batched_equals_one_by_one(llm, _prompts(12, model.cfg.vocab_size), max_tokens=24)
@@ -68,3 +73,34 @@ def test_a_cpu_without_bf16_units_is_named(monkeypatch):
         warn_if_no_bf16_units(torch.device("cpu"), torch.float32)       # float32: nothing to say
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert cpu_bf16_units() == "AVX-512 BF16"
+
+
+def _tiny_folder(tmp_path) -> str:
+    from test_checkpoints import tiny_tokenizer
+
+    from minfer.checkpoints.hf import save_hf_folder
+    cfg = tiny_config(vocab_size=260)
+    return str(save_hf_folder(tmp_path / "m", cfg, tiny_model(cfg).state_dict(), *tiny_tokenizer()))
+
+
+@pytest.mark.skipif(not (cpu_bf16_units() and available()), reason="needs a CPU with bf16 units and oneDNN")
+def test_llm_in_bf16_packs_every_row_count_where_the_cpu_has_bf16_units(tmp_path):
+    folder = _tiny_folder(tmp_path)
+    auto, plain = LLM(folder, dtype="bfloat16"), LLM(folder, dtype="bfloat16", prepack=False)
+    down = auto.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, PackedLinear) and down.rows is None and down.packed.dtype == torch.bfloat16
+    assert type(plain.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["hello", "a longer prompt here", "x", "abc def", "one more", "and the sixth"]
+    assert [o.token_ids for o in auto.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]
+
+
+def test_without_bf16_units_nothing_packs_in_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    folder = _tiny_folder(tmp_path)
+    with pytest.warns(UserWarning, match="without AMX or AVX-512 BF16"):
+        llm = LLM(folder, dtype="bfloat16")
+    assert not any(isinstance(m, PackedLinear) for m in llm.model.modules())
+    with pytest.raises(ValueError, match="bfloat16 with bf16 units"), pytest.warns(UserWarning):
+        LLM(folder, dtype="bfloat16", prepack=True)

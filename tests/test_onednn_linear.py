@@ -27,6 +27,26 @@ def test_packed_linear_equals_f_linear(rows, lead, n_in, n_out, bias, seed):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), describe_diff(got, want)
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 64), lead=st.sampled_from([(), (1,), (2,)]), n_in=st.integers(1, 160),
+       n_out=st.integers(1, 160), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_packed_linear_in_bf16_is_f_linear(rows, lead, n_in, n_out, bias, seed):
+    """In bf16 torch's F.linear is oneDNN too: with bf16 units the packed result is F.linear's bit for
+    bit; without them (oneDNN or torch emulate the products) within one bf16 rounding of it."""
+    from minfer.devices import cpu_bf16_units
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=gen).bfloat16()
+    b = torch.randn(n_out, generator=gen).bfloat16() if bias else None
+    x = torch.randn(*lead, rows, n_in, generator=gen).bfloat16()
+    with torch.no_grad():
+        got, want = PackedLinear(w, b)(x), F.linear(x, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    if cpu_bf16_units():
+        assert torch.equal(got, want), describe_diff(got.float(), want.float())
+    else:
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=2**-7 * n_in ** 0.5)
+
+
 @settings(max_examples=12, deadline=None)
 @given(cfg=tiny_configs(), prompt=st.lists(st.integers(0, 96), min_size=1, max_size=12), seed=st.integers(0, 99))
 def test_packed_model_gives_the_oracles_greedy_tokens(cfg, prompt, seed):
@@ -73,7 +93,7 @@ def test_prepack_refuses_what_it_cannot_do(tmp_path):
     cfg = tiny_config(vocab_size=260)
     folder = save_hf_folder(tmp_path / "m", cfg, tiny_model(cfg).state_dict(), *tiny_tokenizer())
     with pytest.raises(ValueError, match="prepack is for one process on the CPU in float32"):
-        LLM(str(folder), dtype="bfloat16", prepack=True)
+        LLM(str(folder), dtype="float16", prepack=True)
     llm = LLM(str(folder), prepack=True)
     out = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
     assert out.token_ids == LLM(str(folder)).generate(

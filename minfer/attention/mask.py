@@ -1,15 +1,5 @@
-"""The visibility rule shared by every attention backend.
-
-    query at position p sees key at position j  iff  0 <= j <= p  (and p - j < W)
-
-Drawn for a prompt of 5 tokens and a window W = 3 (x = visible):
-
-            keys j:  0 1 2 3 4
-    query p=0        x . . . .
-    query p=1        x x . . .
-    query p=2        x x x . .
-    query p=3        . x x x .
-    query p=4        . . x x x
+"""The visibility rule shared by every attention backend: a query at position p sees a key at position j
+iff 0 <= j <= p (and p - j < W). Drawn: docs/kv-and-attention.md.
 """
 import torch
 

@@ -13,7 +13,7 @@ from minfer.attention import get_backend
 from minfer.attention.flash import online_softmax_update
 from minfer.attention.mask import allowed
 from minfer.attention.reference import reference_attention
-from minfer.attention.sdpa import sdpa
+from minfer.attention.sdpa import sdpa, sdpa_attention
 from minfer.devices import to_device
 
 ATTENTION_MODES = ("split", "online")
@@ -66,8 +66,7 @@ def make_paged_attention(cache, attention="sdpa", mode: str = "split", decode_ke
 class _Group:
     """One dense-backend call of the split plan: some sequences' queries and the keys they read."""
 
-    rows: slice | torch.Tensor | None  # rows of the flattened batch whose queries belong here: a range
-                                  # (a view, no copy) or (G * T,) indices; None: all
+    rows: slice | torch.Tensor | None  # its queries' rows: a range (a view), (G * T,) indices, None: all
     q_pos: torch.Tensor           # (G, T) query positions
     k_pos: torch.Tensor           # (G, W) key positions, -1 = padding; W = blocks read * block_size
     k_blocks: torch.Tensor | None # (G * W / block_size,) blocks to gather; None = the keys are this forward's own
@@ -90,9 +89,7 @@ def _as_range(rows: torch.Tensor, device) -> slice | torch.Tensor:
 
 class PagedAttention:
     """The engine's paged attention: the split plan (eager steps) and the static plan (captured steps).
-    ``dense``: the backend on each group's gathered K/V (None: SDPA with the plan's masks); ``kernel``:
-    a paged decode kernel for the eager decode group (None: gather + dense backend).
-    """
+    ``dense``: the backend on gathered K/V (None: SDPA); ``kernel``: a paged decode kernel (None: gather)."""
 
     def __init__(self, cache, dense=None, kernel=None, decode_kernel: str = "torch"):
         self.cache, self.dense, self.kernel, self.decode_kernel = cache, dense, kernel, decode_kernel
@@ -145,10 +142,9 @@ class PagedAttention:
                       tables=tables[:, :nblk], lens=sl_dev)
 
     def prepare_static_metadata(self, meta) -> None:
-        """The plan of a decode-only batch with fixed shapes (CUDA graphs, torch.compile): each row one query
-        over all ``W = cols * block_size`` keys of its table row, those past its context masked; device
-        ops only. vLLM: ``CommonAttentionMetadata`` with a fixed ``max_seq_len``. Why: docs/kernels.md.
-        """
+        """A decode-only batch of fixed shapes (CUDA graphs, torch.compile): each row's query over all W keys
+        of its table row, masked past its context, on the device. vLLM: ``CommonAttentionMetadata`` with a
+        fixed ``max_seq_len``. Why: docs/kernels.md."""
         self.static, self.tables = True, meta.block_tables                         # (S, cols) device
         S, cols = meta.block_tables.shape
         pos = torch.arange(cols * self.cache.block_size, device=self.tables.device)  # (W,)
@@ -201,18 +197,15 @@ class PagedAttention:
         if self.dense is not None:
             return self.dense(q, keys, values, g.q_pos, g.k_pos, window=window)     # (G, nh, T, hd)
         if window is not None and not g.static:                                     # the window joins the mask
-            mask = allowed(g.q_pos, g.k_pos, window)[:, None]
-            o = sdpa(q, keys, values, attn_mask=mask)
-            return torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
+            return sdpa_attention(q, keys, values, g.q_pos, g.k_pos, window)
         return sdpa(q, keys, values, is_causal=True) if g.fresh is not None else \
             sdpa(q, keys, values, attn_mask=g.sdpa_mask)
 
 
 class OnlinePagedAttention(PagedAttention):
-    """The teaching version: each sequence walks its block table block by block, folding each into
-    FlashAttention's online softmax (``attention/flash.py``): PagedAttention's kernel loop (vLLM:
-    ``csrc/attention/paged_attention_v1.cu``) in Python, slow and plain. Static steps: the split plan.
-    """
+    """The teaching version: each sequence folds its blocks one by one into FlashAttention's online softmax
+    (``attention/flash.py``), PagedAttention's kernel loop (vLLM: ``csrc/attention/paged_attention_v1.cu``)
+    in Python. Static steps: the split plan."""
 
     def prepare_metadata(self, meta) -> None:
         self.static, self.meta, self.tables = False, meta, meta.block_tables.to(self.cache.k.device)
@@ -254,10 +247,8 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
         block_tables     (S, max blocks);  seq_lens (S,) contexts, new tokens included
         query_lens       (S,)  the last positions of each context (None: one each, a decode)
         -> (N, nh, hd)
-
     Per sequence: slots through the block table, gather, ``reference_attention``. vLLM: ``ref_paged_attn``
-    (``tests/kernels/attention/test_attention.py``).
-    """
+    (``tests/kernels/attention/test_attention.py``)."""
     S, bs = len(seq_lens), k_pool.shape[1]
     query_lens = torch.ones(S, dtype=torch.long) if query_lens is None else query_lens
     out, row = torch.zeros_like(q), 0

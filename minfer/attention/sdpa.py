@@ -11,10 +11,9 @@ from minfer.attention.mask import allowed
 
 def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
     """``F.scaled_dot_product_attention`` for q (B, nh, T, hd), k/v (B, nkv, S, hd), nh a multiple of nkv.
-
-    At decode with GQA the g = nh / nkv query heads of a K/V head become its g queries, (B, nh, 1, hd) ->
-    (B, nkv, g, hd), so each K/V head streams once (flash-attn's ``seqlenq_ngroups_swapped``); a mask
-    must then be (B or 1, 1, 1, S). Measured: docs/kv-and-attention.md."""
+    At a GQA decode the g = nh / nkv query heads of a K/V head become its g queries, (B, nkv, g, hd), so
+    each K/V head streams once (flash-attn's ``seqlenq_ngroups_swapped``); a mask must then be (B or 1, 1,
+    1, S). Measured: docs/kv-and-attention.md."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     if T == 1 and nh != nkv and not is_causal and (attn_mask is None or attn_mask.shape[1] == 1):

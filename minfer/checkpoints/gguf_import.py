@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minfer.checkpoints.gguf_spm import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, spm_tokenizer_json
 from minfer.checkpoints.hf import check_shapes, check_state_dict
 from minfer.config import ModelConfig
 from minfer.quant.gguf_formats import dequantize
@@ -20,8 +21,7 @@ from minfer.validation import is_int, is_real
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
-# ------------------------------------------------------------ tensor names
-
+# --- Tensor names ---
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -61,9 +61,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no minfer equivalent{hint}")
 
 
-# ------------------------------------------------------------ q/k rows
-
-
+# --- q/k rows ---
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of a q or k projection (weight or bias; for k, ``n_head`` = KV heads):
     its RoPE pairs neighbours, HF's ``rotate_half`` the two halves (docs/quantization.md)."""
@@ -74,9 +72,7 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(rows, *rest).contiguous()  # (heads*d, cols), halves layout
 
 
-# ------------------------------------------------------------ metadata
-
-
+# --- Metadata ---
 def _metadata(reader) -> dict[str, Any]:
     """All key/value fields as Python values (strings, ints, lists)."""
     return {key: field.contents() for key, field in reader.fields.items()}
@@ -154,8 +150,7 @@ def _gemma3_config(config: ModelConfig, window: int) -> ModelConfig:
         hidden_act="gelu_pytorch_tanh", embed_scale=float(config.hidden_size) ** 0.5)
 
 
-# ------------------------------------------------------------ tokenizer
-
+# --- Tokenizer ---
 # llama.cpp splits text into words with one regex per ``tokenizer.ggml.pre`` (``src/llama-vocab.cpp``),
 # an HF ``tokenizers`` pre-tokenizer; byte-level BPE then maps bytes to printable characters and merges.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -180,10 +175,6 @@ def _pre_tokenizer(pre: str):
                      "smollm, starcoder, refact, codeshell, gpt-2, mpt, olmo, llama-bpe, llama3, qwen2")
 
 
-# llama.cpp token types (``enum llama_token_type``)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
-
-
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple[str, dict[str, Any]]:
     """Rebuild ``tokenizer.json`` (as a string) and ``tokenizer_config`` from GGUF metadata: byte-level BPE
     (HF: ``integrations/ggml.py``) or SentencePiece (``gguf_spm``); docs/quantization.md."""
@@ -191,7 +182,6 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> tuple
     if model == "gpt2":
         tokenizer_json = _bpe_tokenizer_json(meta)
     elif model == "llama":
-        from minfer.checkpoints.gguf_spm import spm_tokenizer_json
         tokenizer_json = spm_tokenizer_json(meta, source)
     else:
         raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported "
@@ -237,9 +227,7 @@ def _bpe_tokenizer_json(meta: dict[str, Any]) -> str:
     return tok.to_str()
 
 
-# ------------------------------------------------------------ read_gguf
-
-
+# --- read_gguf ---
 def check_tensor_ranges(path: Path | str, file_size: int, tensors: list[tuple[str, int, int]]) -> None:
     """Every tensor's declared bytes ``(name, start, n_bytes)`` must lie inside the file and apart from
     every other tensor's (else 1,024 layers on the same bytes become gigabytes of float32)."""
@@ -303,10 +291,8 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, dict[str, Any]]:
-    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config).
-
-    Tensors are dequantized to float32, un-permuted, then cast to ``dtype``; ``progress``: a tqdm bar.
-    """
+    """Read a GGUF file -> (config, state dict in HF names, tokenizer.json text or None, tokenizer_config);
+    tensors dequantized, un-permuted, cast to ``dtype``. ``progress``: a tqdm bar."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)

@@ -5,7 +5,7 @@ two, best score first) make HF's BPE choose the same (docs/quantization.md).
 from typing import Any
 
 SPACE = "\u2581"                     # SentencePiece's visible space, "▁"
-TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 3, 4, 6
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 3, 4, 6    # llama.cpp's ``llama_token_type``
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -33,7 +33,7 @@ def spm_tokenizer_json(meta: dict[str, Any], source: str = "GGUF") -> str:
     if len(scores) != len(tokens):
         raise ValueError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for "
                          f"{len(tokens)} tokens")
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=spm_merges(tokens, scores),
                      unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,

@@ -17,9 +17,7 @@ from minfer.config import ModelConfig
 INDEX_FILE = "model.safetensors.index.json"
 
 
-# --- naming ---
-
-
+# --- Naming ---
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name a checkpoint for ``config`` must have, with its shape."""
     h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
@@ -66,9 +64,7 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
     check_shapes(config, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
 
 
-# ------------------------------------------------------------------ loading
-
-
+# --- Loading ---
 def read_config(folder: str | os.PathLike) -> ModelConfig:
     """``config.json`` -> ModelConfig; errors name the file."""
     path = Path(folder) / "config.json"
@@ -133,9 +129,7 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return config, {name: t.to(dtype) if t.is_floating_point() else t for name, t in read(load=True).items()}
 
 
-# ------------------------------------------------------------------- saving
-
-
+# --- Saving ---
 def save_hf_folder(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                    tokenizer_json: str | None = None, tokenizer_config: dict[str, Any] | None = None,
                    extra_files: dict[str, str] | None = None) -> Path:

@@ -21,11 +21,9 @@ def lr_at(progress: float, base: float, warmup: float = 0.03, floor: float = 0.1
 
 def fit(module, step_loss, evaluate, *, steps: int | None, minutes: float | None, lr: float, eval_every: int,
         log=print, on_eval=None, clip: float | None = None, **adamw) -> list[dict]:
-    """AdamW on ``module``, ``lr_at``'s schedule, until ``steps`` steps or ``minutes`` pass (whichever first).
-
-    ``step_loss()`` -> one batch's loss; ``evaluate(step, seconds, train_loss)`` -> a curve row (or None),
-    at the start, every ``eval_every`` steps and at the end; ``on_eval(module, curve)`` after each row.
-    """
+    """AdamW on ``module``, ``lr_at``'s schedule, until ``steps`` steps or ``minutes`` pass. ``step_loss()``
+    -> a batch's loss; ``evaluate(step, seconds, train_loss)`` -> a curve row (or None), at the start, every
+    ``eval_every`` steps and at the end; ``on_eval(module, curve)`` after each row."""
     import torch
     module.train().requires_grad_(True)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, **adamw)

@@ -93,9 +93,7 @@ def save_student(model, path: str | Path, teacher_path: str | Path, curve: list[
     return save_hf_folder(path, model.cfg, state, tok_json, tok_cfg, extra_files={"distill_log.json": log})
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
+# --- CLI ---
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
     add_model_args(p)

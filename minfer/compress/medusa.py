@@ -13,11 +13,8 @@ from minfer.speculative.medusa import MedusaHeads
 
 
 def head_loss(model, heads: MedusaHeads, batch, positions: int | None = None, generator=None):
-    """Binned KL of each head vs the teacher's distribution j + 1 positions later; -> (loss, top-1 acc per head).
-
-    Head j predicts token t + 2 + j (teacher at t + 1 + j); with a ``loss_mask`` only generated
-    positions count (docs/compression.md).
-    """
+    """Binned KL of each head vs the teacher j + 1 positions later -> (loss, top-1 acc per head): head j
+    predicts token t + 2 + j; with a ``loss_mask`` only generated positions count (docs/compression.md)."""
     from minfer.compress.losses import binned_kl, student_bins, teacher_bins
     B, T, h = batch.hidden.shape
     K = heads.num_heads
@@ -72,8 +69,6 @@ def train_heads(model, heads: MedusaHeads, train_cache, heldout=None, *, minutes
 
 
 # --- `minfer medusa train | selfdistill | cost` ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
     sub = p.add_subparsers(dest="medusa_cmd", required=True)

@@ -42,11 +42,9 @@ def build_teacher_cache(model, token_ids: list[int], out_dir: str | Path, *, seq
                         shard_seqs: int = 16, batch: int = 4, meta: dict | None = None,
                         progress: bool = True, stop_after_shards: int | None = None,
                         loss_mask: list[int] | None = None) -> Path:
-    """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard.
-
-    Resumable: complete shards are kept (the meta must match); ``stop_after_shards`` stops after that many
-    new ones (a simulated kill). ``loss_mask``: one 0/1 per token, stored as the ``loss_mask`` field.
-    """
+    """Cut ``token_ids`` into sequences of ``seq_len`` and cache the teacher's signals, shard by shard;
+    complete shards are kept (the meta must match). ``stop_after_shards``: stop after that many new ones (a
+    simulated kill). ``loss_mask``: one 0/1 per token, stored as the ``loss_mask`` field."""
     from tqdm.auto import tqdm
 
     if seq_len < 2 or k < 1 or shard_seqs < 1 or batch < 1:
@@ -134,8 +132,6 @@ class TeacherCache:
 
 
 # --- `minfer teacher-cache`: the train and held-out caches ---
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minfer.cli_args import add_model_args
     add_model_args(p)

@@ -1,7 +1,5 @@
-"""The engine: requests, the scheduler, the model runner, the engine loop, the output processor.
-
-``docs/architecture.md`` follows one request through these files, with a usage example.
-"""
+"""The engine: requests, the scheduler, the model runner, the engine loop, the output processor
+(``docs/architecture.md`` follows one request through these files, with a usage example)."""
 from minfer.engine.llm_engine import LLMEngine, StepOutput, run_trace
 from minfer.engine.request import Request, RequestStatus
 from minfer.engine.runner import ModelRunner

@@ -78,10 +78,8 @@ class StaticSingleDecode:
 
 
 class StaticDecodeRunner:
-    """Decode-only steps on static buffers (nano-vllm's ``graph_vars``), one bucket per batch size.
-    ``run(input_ids, meta, sample_rows)`` -> logits (K, vocab) as ``ModelRunner.execute_model``;
-    ``fits(meta)``: can it run here (else eager). ``compile=True``: torch.compile (``compile_seconds``).
-    """
+    """Decode-only steps on static buffers (nano-vllm's ``graph_vars``), one bucket per batch size: ``run``
+    as ``ModelRunner.execute_model`` where ``fits(meta)``. ``compile=True``: torch.compile it."""
 
     def __init__(self, model, cache: PagedKVCache, scratch_block: int, max_num_seqs: int, *,
                  attention="sdpa", max_context: int | None = None, compile: bool = False,
@@ -90,8 +88,7 @@ class StaticDecodeRunner:
         self.sizes = capture_sizes(max_num_seqs)
         bs = cache.block_size
         max_context = max_context or min(model.cfg.max_position_embeddings, MAX_SEQ_LEN_TO_CAPTURE)
-        if max_context < 1:
-            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        check_int(max_context, "max_context", lo=1)
         self.max_blocks = -(-max_context // bs)                  # static width: max_blocks * block_size keys
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * bs
         device = cache.k.device

@@ -1,16 +1,10 @@
 """The engine: many requests, one model, one forward pass per step.
 
-    add_request ──> Scheduler ──(chunks: request, start, n)──> ModelRunner ──> logits
-         ^           (token budget, chunked prefill,          (flattens the batch,  │
-         │            block pool, preemption)                  paged KV cache)      v
-    StepOutput <── TextOutput (detokenize, stop strings) <── stop rule <── sample (per request)
-
-``step()``: schedule, run the model on the flattened batch, sample a token for every request
-whose tokens are all computed, check the stops, free finished requests, return each one's delta.
-Each request samples from its own seeded generator; ``n > 1`` forks after the prompt (sample i
-uses seed ``seed + i``). vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``), ``LLMEngine``
-(``vllm/v1/engine/llm_engine.py``), ``ParentRequest`` (``parallel_sampling.py``). More:
-docs/architecture.md.
+``step()``: schedule, run the model on the flattened batch, sample a token for every request whose
+tokens are all computed, check the stops, free finished requests, return each one's delta. Each request
+samples from its own seeded generator; ``n > 1`` forks after the prompt (sample i: seed ``seed + i``).
+vLLM: ``EngineCore.step`` (``vllm/v1/engine/core.py``), ``LLMEngine`` (``vllm/v1/engine/llm_engine.py``),
+``ParentRequest`` (``parallel_sampling.py``). The diagram: docs/architecture.md.
 """
 import dataclasses
 import itertools
@@ -124,12 +118,10 @@ class LLMEngine:
                               arrival_time: float, first_token: int, first_token_time: float,
                               load_kv: Callable[[list[int], int], None],
                               generator_state=None) -> StepOutput | None:
-        """Admit a request whose prompt another engine computed (prefill/decode disaggregation), with its
-        first token; it decodes from there. ``load_kv(block_table, num_cached)`` writes the K/V of the
-        blocks after the prefix-cache hit; ``generator_state`` continues the prefill side's sampler.
-        -> the first token's delta, or None if the pool is full now (retry after a step). n = 1 only.
-        vLLM: the KV connector (``vllm/distributed/kv_transfer/kv_connector/v1/``; docs/parallelism.md).
-        """
+        """Admit a request whose prompt another engine computed (prefill/decode disaggregation; n = 1), with
+        its first token -> that token's delta, or None if the pool is full now (retry after a step).
+        ``load_kv(block_table, num_cached)`` writes the K/V after the prefix-cache hit; ``generator_state``
+        continues the prefill side's sampler. vLLM: ``kv_transfer/kv_connector/v1/`` (docs/parallelism.md)."""
         params = params or SamplingParams()
         if params.n > 1 or params.prompt_logprobs is not None:
             raise ValueError("a prefilled request must have n=1 and no prompt_logprobs (its prompt ran elsewhere)")
@@ -331,11 +323,10 @@ class LLMEngine:
 def run_trace(engine: LLMEngine, trace, make_params: Callable[[object], SamplingParams],
               sleep: Callable[[float], None] = time.sleep, on_output: Callable[[StepOutput], None] | None = None,
               ) -> tuple[list[Request], float]:
-    """Replay ``trace`` (``workload.TraceRequest``s) against ``engine`` in real time -> (the requests
-    in trace order, first arrival -> last finish). A request is stamped with its trace arrival time even
-    if a step was running then (the wait counts in its TTFT); idle, the loop sleeps until the next
-    arrival (``sleep`` may advance a fake clock). docs/measuring.md.
-    """
+    """Replay ``trace`` (``workload.TraceRequest``s) against ``engine`` in real time -> (the requests in
+    trace order, first arrival -> last finish). A request is stamped with its trace arrival time even
+    during a step (the wait counts in its TTFT); idle, the loop sleeps until the next arrival (``sleep``
+    may advance a fake clock). docs/measuring.md."""
     clock = engine.clock
     pending = sorted(trace, key=lambda r: r.arrival_time)
     t0 = clock()

@@ -64,14 +64,11 @@ def with_token_rows(meta: PagedBatch, sample_rows: Sequence[int], token_rows: Se
 
 
 class ModelRunner:
-    """Owns the paged KV cache and its block manager; ``execute`` runs one step.
-
-    ``execute(chunks, sample_rows)`` -> (len(sample_rows), vocab): the logits of the last token of each
-    chunk listed (the LM head skips the others); it is ``prepare_batch`` + ``execute_model``, and
-    parallel followers call only the second (``minfer.distributed.engine``). ``enforce_eager=False``:
-    decode-only steps on the static path (``minfer/engine/cuda_graph.py``), plus one scratch block for
-    padded rows. A local/global model gets a ``KVCacheCoordinator`` (``minfer/kv/coordinator.py``).
-    """
+    """Owns the paged KV cache and its block manager. ``execute(chunks, sample_rows)`` -> (len(sample_rows),
+    vocab): the logits of the last token of each chunk listed; it is ``prepare_batch`` + ``execute_model``
+    (parallel followers call only the second, ``minfer.distributed.engine``). ``enforce_eager=False``:
+    decode-only steps on the static path (``engine/cuda_graph.py``) and a scratch block for padded rows.
+    A local/global model gets a ``KVCacheCoordinator`` (``minfer/kv/coordinator.py``)."""
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, *, enable_prefix_caching: bool = True,
                  attention: str = "sdpa", attention_mode: str = "split", kv_cache_dtype: str = "auto",

@@ -36,6 +36,8 @@ is a second copy of the weights in memory) beside oneDNN's reordered copy. It is
 ``torch.compile`` takes on CPU with ``freezing`` (inductor's ``mkldnn._linear_pointwise``),
 and what vLLM's CPU backend gets from oneDNN/IPEX; here it is one small module, no compiler.
 Results equal ``F.linear`` up to fp32 summation order (tested in ``tests/test_kernels.py``).
+In bfloat16 (a CPU with bf16 units) they equal it bit for bit: torch's bf16 ``F.linear`` is oneDNN
+too, minus the per-call reorder (docs/kernels.md, "bfloat16 on the CPU").
 """
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ from torch import nn
 
 BATCH_HINT = 32       # oneDNN picks its weight layout for this many rows; fine from 1 to 128 rows
 BATCHED_ROWS = (4, 128)   # LLM's default range of rows for oneDNN (see the module docstring)
+DTYPES = (torch.float32, torch.bfloat16)   # the weight dtypes it packs
 
 
 def available() -> bool:
@@ -51,15 +54,15 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` (fp32, CPU) computed by oneDNN on a weight reordered once."""
+    """``nn.Linear`` (fp32 or bf16, CPU) computed by oneDNN on a weight reordered once."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  rows: tuple[int, int] | None = None, tied: bool = False):
         super().__init__()
         self.tied = tied          # the weight is another module's (a tied LM head): not in the state dict
         self.rows = rows          # oneDNN for lo <= rows <= hi, F.linear otherwise; None: every row count
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            raise ValueError(f"PackedLinear needs a float32 CPU weight, got {weight.dtype} on {weight.device}")
+        if weight.device.type != "cpu" or weight.dtype not in DTYPES:
+            raise ValueError(f"PackedLinear needs a float32 or bfloat16 CPU weight, got {weight.dtype} on {weight.device}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -105,7 +108,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
-    """Replace every fp32 CPU ``nn.Linear`` of ``model`` (and a tied LM head) by a ``PackedLinear``
+    """Replace every fp32 or bf16 CPU ``nn.Linear`` of ``model`` (and a tied LM head) by a ``PackedLinear``
     (oneDNN for ``rows`` only, when given), in place; returns how many. Inference only: train or
     quantize the unpacked model."""
     if not available():
@@ -114,13 +117,13 @@ def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in DTYPES:
                 setattr(parent, name, PackedLinear(child.weight, child.bias, rows))
                 count += 1
     inner = getattr(model, "model", None)
     if getattr(model, "lm_head", None) is None and inner is not None and hasattr(inner, "embed_tokens"):
         w = inner.embed_tokens.weight                         # tied: the LM head reads the embedding
-        if w.device.type == "cpu" and w.dtype == torch.float32:
+        if w.device.type == "cpu" and w.dtype in DTYPES:
             model.lm_head = PackedLinear(w, rows=rows, tied=True)
             count += 1
     return count

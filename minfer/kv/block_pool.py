@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from minfer.kv.block_table import BlockTableTensor
+from minfer.validation import check_int
 
 # The parent hash of a sequence's first block. A fixed number (vLLM draws a
 # random one per process) so block hashes are the same in every run.
@@ -27,13 +28,8 @@ def hash_block_tokens(parent_hash: Optional[int], token_ids: Sequence[int]) -> i
 
 def block_hashes(token_ids: Sequence[int], block_size: int,
                  hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens) -> list[int]:
-    """Hashes of the *full* blocks of ``token_ids``, each chained to the one before.
-
-        tokens   [t0 t1 t2 t3][t4 t5 t6 t7][t8 t9]      block_size 4
-        hashes    h0 = H(None, t0..t3)
-                               h1 = H(h0, t4..t7)
-                                            (not full: no hash)
-    """
+    """Hashes of the *full* blocks of ``token_ids``, each chained to the one before (h1 = H(h0, t4..t7);
+    drawn in docs/kv-and-attention.md)."""
     hashes: list[int] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
@@ -60,10 +56,8 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  hash_fn: Callable[[Optional[int], Sequence[int]], int] = hash_block_tokens):
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        check_int(num_blocks, "num_blocks", lo=1)
+        check_int(block_size, "block_size", lo=1)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_fn = hash_fn
@@ -73,10 +67,8 @@ class BlockPool:
         self.num_evictions = 0                    # cached blocks reused for new contents
 
     def reserve_block(self) -> int:
-        """Take one free block out of circulation for good: the static decode path's scratch block,
-        where padded rows write (``minfer/engine/cuda_graph.py``). ``num_blocks`` drops by one.
-        (nano-vllm skips padded rows with slot -1 in its store kernel; ``index_copy_`` cannot.)
-        """
+        """Take one free block out of circulation for good (``num_blocks`` - 1): the static decode path's
+        scratch block for padded rows (``engine/cuda_graph.py``; nano-vllm's store kernel skips slot -1)."""
         if not self.free_queue:
             raise ValueError("reserve_block: no free block left to reserve")
         block_id = self.get_new_block(last=True)             # at start-up: the highest id
@@ -244,10 +236,8 @@ class KVCacheManager:
         return compute_slot_mapping(st.block_table, self.block_size, start_pos, num_tokens)
 
     def batch_slot_mapping(self, chunks: Sequence, tables, seq_of, positions):
-        """(N,) slots of a flattened batch, vectorized: ``tables`` (S, cols) rows of its sequences,
-        ``seq_of`` (N,) each token's row, ``positions`` (N,). ``chunks``: the same tokens per sequence,
-        for a manager that lays slots out another way (``minfer.engine.runner.prepare_batch``).
-        """
+        """(N,) slots of a flattened batch: ``tables`` (S, cols) its sequences' rows, ``seq_of`` (N,) each
+        token's row, ``positions`` (N,); ``chunks`` for a manager with another layout (``prepare_batch``)."""
         bs = self.block_size
         return tables[seq_of, positions // bs] * bs + positions % bs
 

@@ -1,12 +1,7 @@
-"""The contiguous KV cache: one preallocated buffer per sequence, indexed by position.
+"""The contiguous KV cache: one preallocated buffer per sequence, slot s holds position s.
 
-gpt-fast style (``KVCache`` in gpt-fast's model.py)::
-
-    k[layer], v[layer]  (B, n_kv_heads, max_len, hd)   slot s holds position s
-    lengths             (B,)                            slots [0, length) are valid
-
-Writes and roll-backs are O(1); every sequence reserves ``max_len`` slots up front
-(docs/kv-and-attention.md).
+gpt-fast style (``KVCache`` in gpt-fast's model.py): writes and roll-backs are O(1); every sequence
+reserves ``max_len`` slots up front. The layout: docs/kv-and-attention.md.
 """
 import torch
 

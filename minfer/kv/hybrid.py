@@ -1,11 +1,8 @@
-"""A hybrid local/global KV cache: each layer kept as long as its attention reads it.
-
-    global layers   ContiguousKVCache     max_len slots each   (grows with the context)
-    local layers    SlidingWindowKVCache  W slots each (ring)  (constant once the context passes W)
-
-Gemma 3 270M at 8192 tokens: 3.94 layer-equivalents instead of 18 (``kv_bytes_per_token``). The
-single-sequence version of vLLM's hybrid KV cache manager (``vllm/v1/core/kv_cache_coordinator.py``);
-llama.cpp: ``llama_kv_cache_iswa``. The arithmetic: docs/kv-and-attention.md.
+"""A hybrid local/global KV cache: global layers in a ``ContiguousKVCache`` (max_len slots each), local
+ones in a ``SlidingWindowKVCache`` (a ring of W slots). Gemma 3 270M at 8192 tokens: 3.94
+layer-equivalents instead of 18 (``kv_bytes_per_token``). The single-sequence version of vLLM's hybrid
+KV cache manager (``vllm/v1/core/kv_cache_coordinator.py``); llama.cpp: ``llama_kv_cache_iswa``. The
+arithmetic: docs/kv-and-attention.md.
 """
 import dataclasses
 

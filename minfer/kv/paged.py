@@ -28,8 +28,7 @@ class PagedBatch:
     slot_mapping: torch.Tensor          # (N,) long: where each new token's K/V is written
     logits_indices: torch.Tensor        # (S,) long: each sequence's last token in the batch
     positions: torch.Tensor             # (1, N) long: absolute position of each token
-    groups: list | None = None          # local/global models: one PagedBatch per KV group (its tables
-                                        # and slots; ``kv/coordinator.py``); this one is group 0's
+    groups: list | None = None          # local/global: one per KV group (kv/coordinator.py); this is 0's
 
     @property
     def num_tokens(self) -> int:
@@ -104,9 +103,7 @@ class PagedKVCache:
     def read_blocks(self, layer: int, blocks: torch.Tensor, rows: torch.Tensor | None = None,
                     reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks ``blocks`` (M,) -> two (M * block_size, nkv, hd) in the compute dtype.
-        ``rows``: ``kv_rows(blocks)``, once per forward; ``reuse``: the layers' shared buffer (``_gather``).
-        Why one 2-D gather: docs/kv-and-attention.md.
-        """
+        ``rows``: ``kv_rows(blocks)``; ``reuse``: the layers' shared buffer (docs/kv-and-attention.md)."""
         nkv, hd = self.k.shape[3], self.k.shape[4]
         if not self.quantized:                   # K and V in one gather of 2M block rows
             rows = self.kv_rows(blocks) if rows is None else rows

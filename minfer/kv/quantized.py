@@ -1,9 +1,7 @@
-"""KV cache quantization: int8 (or fp8 e4m3) values with one scale per token and head.
-
-    scale = max|x| / QMAX   (127 int8, 448 fp8);   q = round(x / scale);   x' = q * scale
-
-vLLM: ``kv_cache_dtype="fp8"``; KIVI (Liu et al. 2024) goes lower. The whole valid prefix is
-dequantized on every read (docs/kv-and-attention.md).
+"""KV cache quantization: int8 (or fp8 e4m3) values with one scale per token and head,
+scale = max|x| / QMAX (127 int8, 448 fp8), q = round(x / scale). vLLM: ``kv_cache_dtype="fp8"``;
+KIVI (Liu et al. 2024) goes lower. The whole valid prefix is dequantized on every read
+(docs/kv-and-attention.md).
 """
 import torch
 

@@ -1,5 +1,2 @@
-"""Weight-only quantization.
-
-- ``gguf_formats``: the GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)
-  decoded in plain PyTorch, so a reader can see every bit of the layout.
-"""
+"""Weight quantization: int8 and int4 (``int8``, ``int4``), the GGUF block formats decoded in plain PyTorch
+(``gguf_formats``), the quantized linears (``linear``) and whole models (``apply``). docs/quantization.md."""

@@ -1,7 +1,4 @@
-"""Quantize a whole model: swap its linear layers, save and load the result.
-
-    quantize_model(model, "int4-g64")                 # in place; returns the model
-    save_quantized(model, "out/model.safetensors");   model = load_quantized("out/model.safetensors")
+"""Quantize a whole model: swap its linear layers (``quantize_model``), save and load the result.
 
 Formats: int8 (``int8.py``), int4-gN (``int4.py``), q8_0 / q4_0 / q4_1 (``gguf_formats.py``);
 FORMAT-a8 (w8a8, w4a8): the same weights with int8 activations (``kernels/cpu_quant_linear.py``).
@@ -45,10 +42,8 @@ class QuantSpec:
 
 
 def parse_spec(spec: str | QuantSpec, group_size: Optional[int] = None) -> QuantSpec:
-    """"int8" / "int4" / "int4-g64" / "q4_1" ... -> QuantSpec; ValueError names the choices.
-
-    ``group_size`` (for "int4" without a suffix) defaults to 32.
-    """
+    """"int8" / "int4-g64" / "q4_1" ... -> QuantSpec (``group_size``: a bare "int4"'s, default 32); a
+    ValueError names the choices."""
     if isinstance(spec, QuantSpec):
         return spec
     s = str(spec).strip().lower()
@@ -116,12 +111,9 @@ def _head_weight(model: nn.Module) -> Optional[torch.Tensor]:
 
 def quantize_model(model: nn.Module, spec: str | QuantSpec, lm_head: Optional[str] = "int8",
                    path: str = "auto", compute_dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
-    """Swap the decoder's linear layers (and the LM head, see ``lm_head``) in place.
-
-    ``path`` / ``compute_dtype`` go to every module (see ``linear.py``).
-    Returns the model, with ``model.quantization`` = {module name: format name}.
-    oneDNN-prepacked linears (``LLM``'s CPU default) are unpacked first.
-    """
+    """Swap the decoder's linear layers (and the LM head, see ``lm_head``) in place -> the model, with
+    ``model.quantization`` = {module name: format name}. ``path`` / ``compute_dtype``: every module's
+    (``linear.py``). oneDNN-prepacked linears (``LLM``'s CPU default) are unpacked first."""
     spec = parse_spec(spec)
     from minfer.kernels.onednn_linear import unpack_linears
     unpack_linears(model)
@@ -160,11 +152,7 @@ def describe(model: nn.Module) -> str:
     return body + (f" (lm_head {head})" if head else " (lm_head float)")
 
 
-# ---------------------------------------------------------------------------
-# Save / load
-# ---------------------------------------------------------------------------
-
-
+# --- Save / load ---
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the quantized model to one safetensors file (atomically: temp file, then rename)."""
     from safetensors.torch import save_file
@@ -210,13 +198,9 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 
 def load_quantized(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None,
                    path_mode: str = "auto") -> nn.Module:
-    """Read a file written by ``save_quantized`` (or a folder holding model.safetensors).
-
-    The model skeleton is built on the meta device, its linears swapped for
-    empty quantized modules of the recorded formats, and the tensors loaded
-    into it (no float copy of the quantized weights is ever made).
-    ``dtype`` sets the float parts (embedding, norms); default: as saved.
-    """
+    """Read a file written by ``save_quantized`` (or a folder holding model.safetensors): a meta-device
+    skeleton, its linears swapped for empty quantized modules, the tensors loaded (no float copy of the
+    quantized weights is made). ``dtype``: the float parts' (embedding, norms); default as saved."""
     from safetensors.torch import load_file
 
     from minfer.model import Transformer, rope_inv_freq

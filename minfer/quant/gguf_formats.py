@@ -6,12 +6,11 @@ float32 (n_blocks, values_per_block), computed in llama.cpp's order. llama.cpp:
 gguf-py ``gguf/quants.py`` (the tests match it bit for bit). The table of formats, the
 super-blocks and what "Q4_K_M" means: docs/quantization.md.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-
-# ---------------------------------------------------------------- helpers
 
 
 def _f16(field: torch.Tensor) -> torch.Tensor:
@@ -20,35 +19,17 @@ def _f16(field: torch.Tensor) -> torch.Tensor:
 
 
 def _low_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(..., k) uint8 -> (..., 2k) uint8: all low nibbles first, then all high nibbles.
-
-    This is how Q4_0/Q4_1/Q4_K pack 4-bit values: byte j holds value j in its
-    low 4 bits and value j + k in its high 4 bits (not two neighbours).
-    """
+    """(..., k) uint8 -> (..., 2k): all low nibbles, then all high ones. Q4_0/Q4_1/Q4_K pack value j in the
+    low 4 bits of byte j and value j + k in its high 4 bits (not two neighbours)."""
     return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
 
 
-# ------------------------------------------------------------- float types
+def _float_type(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decoder of an unquantized type (F32, F16, BF16): the bytes viewed as ``dtype``, as float32."""
+    return lambda blocks: blocks.contiguous().view(dtype).to(torch.float32, copy=True)
 
 
-def dequantize_f32(blocks: torch.Tensor) -> torch.Tensor:
-    """4 bytes per value, IEEE float32."""
-    return blocks.contiguous().view(torch.float32).clone()
-
-
-def dequantize_f16(blocks: torch.Tensor) -> torch.Tensor:
-    """2 bytes per value, IEEE half."""
-    return blocks.contiguous().view(torch.float16).float()
-
-
-def dequantize_bf16(blocks: torch.Tensor) -> torch.Tensor:
-    """2 bytes per value, bfloat16 (the top half of a float32)."""
-    return blocks.contiguous().view(torch.bfloat16).float()
-
-
-# ------------------------------------------------------------ 32-value blocks
-
-
+# --- 32-value blocks ---
 def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """Q8_0, 34 bytes per 32 values (llama.cpp ``block_q8_0``).
 
@@ -104,20 +85,15 @@ def dequantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
     return d * q.float()
 
 
-# ------------------------------------------------- 256-value "K" super-blocks
-
-
+# --- 256-value "K" super-blocks ---
 def _q4_k_scales_and_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 bytes -> eight 6-bit scales and eight 6-bit mins (llama.cpp ``get_scale_min_k4``).
 
         byte:  0..3              4..7              8..11
                [s4 hi2|s0..3]    [m4 hi2|m0..3]    [m4 lo4|s4 lo4]   (for sub-blocks 4..7)
 
-    Sub-blocks 0-3 keep their scale in the low 6 bits of bytes 0-3 and their
-    min in the low 6 bits of bytes 4-7. Sub-blocks 4-7 put the low 4 bits of
-    scale / min in the low / high nibble of bytes 8-11 and borrow the top two
-    bits of bytes 0-3 (scale) and 4-7 (min) for their high 2 bits.
-    """
+    Sub-blocks 0-3: scale and min in the low 6 bits of bytes 0-3 and 4-7. Sub-blocks 4-7: their low 4 bits
+    in the nibbles of bytes 8-11, their high 2 bits in the top bits of bytes 0-3 (scale) and 4-7 (min)."""
     a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]   # (n, 4) each
     scales = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)  # (n, 8)
     mins = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)       # (n, 8)
@@ -175,9 +151,7 @@ def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (scale * q).reshape(n, 256)
 
 
-# -------------------------------------------------------------- the table
-
-
+# --- The table ---
 @dataclass(frozen=True)
 class BlockFormat:
     """How one GGUF type is laid out: values per block, bytes per block, decoder."""
@@ -188,9 +162,9 @@ class BlockFormat:
 
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in [
-    BlockFormat("F32", 1, 4, dequantize_f32),
-    BlockFormat("F16", 1, 2, dequantize_f16),
-    BlockFormat("BF16", 1, 2, dequantize_bf16),
+    BlockFormat("F32", 1, 4, _float_type(torch.float32)),
+    BlockFormat("F16", 1, 2, _float_type(torch.float16)),
+    BlockFormat("BF16", 1, 2, _float_type(torch.bfloat16)),
     BlockFormat("Q8_0", 32, 34, dequantize_q8_0),
     BlockFormat("Q4_0", 32, 18, dequantize_q4_0),
     BlockFormat("Q4_1", 32, 20, dequantize_q4_1),
@@ -211,20 +185,12 @@ def get_format(qtype) -> BlockFormat:
 
 
 def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int]) -> torch.Tensor:
-    """Decode the raw bytes of one GGUF tensor into float32 of ``shape``.
-
-    raw:   the tensor's data as stored: a uint8 tensor of block bytes, or a
-           tensor of any dtype whose *bytes* are the data (e.g. the float16
-           array ``gguf.GGUFReader`` gives for an F16 tensor).
-    qtype: ``gguf.GGMLQuantizationType`` or its name.
-    shape: the PyTorch shape (rows, cols): GGUF's ``ne`` reversed. Rows are
-           quantized independently, so cols must be a multiple of the block size.
-    """
+    """Decode the raw bytes of one GGUF tensor (uint8 block bytes, or any tensor whose *bytes* are the data,
+    as ``GGUFReader``'s float16 array of an F16 tensor) into float32 of ``shape`` (GGUF's ``ne`` reversed;
+    rows quantized apart, so cols are whole blocks). ``qtype``: ``GGMLQuantizationType`` or its name."""
     fmt = get_format(qtype)
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if shape and shape[-1] % fmt.block_size:
         raise ValueError(f"{fmt.name}: rows of {shape[-1]} values are not a whole number of "
                          f"{fmt.block_size}-value blocks (shape {shape})")
@@ -238,19 +204,9 @@ def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int]) -> torch.Tensor:
     return fmt.dequantize(blocks).reshape(shape)
 
 
-# ------------------------------------------------------ quantizing (32-value blocks)
-#
-# The inverse direction for the three simple formats, written to give the same
-# bytes as gguf-py's numpy code (``gguf/quants.py``, itself bit-exact with
-# llama.cpp's ``quantize_row_q8_0_ref`` etc.): every step is the same float32
-# operation in the same order. Each takes ``values``, float32 of shape
-# (n_blocks, 32), and returns uint8 blocks (n_blocks, bytes_per_block).
-# All three compute q with the float32 scale and then *store* the scale
-# rounded to f16, so their round-trip error is d/2 plus that rounding (and
-# Q4_0, whose grid d * [-8, 7] is one step short on one side, up to d at the
-# value it clips).
-
-
+# --- Quantizing (32-value blocks): the same bytes as gguf-py's ``gguf/quants.py`` (bit-exact with
+# llama.cpp's ``quantize_row_q8_0_ref`` ...), the same float32 steps in the same order. Each maps
+# float32 (n_blocks, 32) -> uint8 (n_blocks, bytes_per_block); why the f16 scale costs: docs/quantization.md.
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
     """(n, 1) float32 -> (n, 2) uint8: the little-endian bytes of the nearest half."""
     return x.to(torch.float16).view(torch.uint8)
@@ -284,12 +240,8 @@ def quantize_q8_0(values: torch.Tensor) -> torch.Tensor:
 
 def quantize_q4_0(values: torch.Tensor) -> torch.Tensor:
     """Q4_0: d = x[argmax |x|] / -8, q = trunc(x / d + 8.5) clipped to 0..15;
-    -> (n, 18) bytes [d f16 | 16 bytes of nibbles].
-
-    The value of largest magnitude maps to q = 0 (d * -8) exactly; the other
-    end of the grid, d * 7, is one step short of its mirror image: Q4_0 is
-    symmetric but has 8 levels on one side and 7 on the other.
-    """
+    -> (n, 18) bytes [d f16 | 16 bytes of nibbles]. The largest |x| maps to q = 0 (d * -8) exactly; the
+    grid stops at d * 7 on the other side."""
     x = values.float()                                        # (n, 32)
     imax = x.abs().argmax(dim=1, keepdim=True)                # (n, 1), first on ties (as numpy)
     d = x.gather(1, imax) / -8                                # (n, 1), signed

@@ -10,23 +10,12 @@ import torch
 import torch.nn.functional as F
 
 QMAX = 15                                  # 4 bits: levels 0 .. 15
-GROUP_SIZES = (32, 64, 128)                # the sizes the fast kernels accept
 
 
-# ---------------------------------------------------------------------------
-# Two 4-bit values per byte
-# ---------------------------------------------------------------------------
-
-
+# --- Two 4-bit values per byte ---
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(..., K) integers in 0..15 -> uint8 (..., ceil(K / 2)).
-
-        byte j = q[2j] | (q[2j + 1] << 4)      neighbours share a byte, even index low
-
-    An odd K is padded with one 0 nibble. (GGUF instead pairs value j with
-    value j + 16 of its 32-value block; both are fine, a kernel just has to
-    know which one it reads.)
-    """
+    """(..., K) integers in 0..15 -> uint8 (..., ceil(K / 2)): byte j = q[2j] | (q[2j + 1] << 4), an odd K
+    padded with a 0 nibble. (GGUF pairs value j with j + 16 of its block instead: kernels must know.)"""
     if q.shape[-1] % 2:
         q = F.pad(q, (0, 1))
     q = q.to(torch.uint8)
@@ -41,11 +30,7 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).flatten(-2)[..., :k]
 
 
-# ---------------------------------------------------------------------------
-# Quantize / dequantize
-# ---------------------------------------------------------------------------
-
-
+# --- Quantize / dequantize ---
 def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
@@ -82,11 +67,8 @@ def _fields(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[tor
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, field_dtype: torch.dtype = torch.bfloat16
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W (N, K) -> (packed uint8 (N, ceil(K/2)), scale (N, G), minimum (N, G)).
-
-    ``field_dtype`` is how scale and min are stored (bfloat16 by default;
-    float32 for an exact reproduction of data that is already on a 4-bit grid).
-    """
+    """W (N, K) -> (packed uint8 (N, ceil(K/2)), scale (N, G), minimum (N, G)), scale and min stored in
+    ``field_dtype`` (float32: exact for data already on a 4-bit grid)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_int4 expects a 2-D weight (out_features, in_features), "
                          f"got shape {tuple(w.shape)}")

@@ -1,10 +1,9 @@
-"""int8 weight-only quantization: symmetric, one scale per output channel.
+"""int8 weight-only quantization ("W8A16"): symmetric, one scale per output channel.
 
     q int8 (N, K) in [-127, 127];   scale float32 (N,) = max_k |W[n, k]| / 127;   |W - q * scale| <= scale / 2
 
-Weights only ("W8A16"). gpt-fast ``quantize.py`` (``WeightOnlyInt8Linear``), torchao
-``int8_weight_only``; the CPU matmul is ``torch.ops.aten._weight_int8pack_mm``
-(docs/quantization.md).
+gpt-fast ``quantize.py`` (``WeightOnlyInt8Linear``), torchao ``int8_weight_only``; the CPU matmul is
+``torch.ops.aten._weight_int8pack_mm`` (docs/quantization.md).
 """
 import torch
 
@@ -12,11 +11,8 @@ QMAX = 127                      # the grid is -127 .. 127 (symmetric; -128 unuse
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (N, K) float -> (q int8 (N, K), scale float32 (N,)).
-
-    A row of zeros gets scale 1.0 (any positive scale stores zeros exactly),
-    so no division by zero happens and dequantization stays a plain multiply.
-    """
+    """W (N, K) float -> (q int8 (N, K), scale float32 (N,)); a row of zeros gets scale 1.0 (stored
+    exactly, no division by zero)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_int8 expects a 2-D weight (out_features, in_features), "
                          f"got shape {tuple(w.shape)}")

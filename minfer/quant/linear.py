@@ -1,41 +1,19 @@
 """Quantized ``nn.Linear`` replacements, each with two execution paths.
 
-    reference path   W = dequantize(stored)  (N, K) float32, then y = x @ W^T + b
-                     plain PyTorch: what the lesson shows, valid on any device
+    reference path   W = dequantize(stored)  (N, K) float32, then y = x @ W^T + b (any device)
     fast path        one fused kernel that reads the packed weights directly:
                      int8          torch.ops.aten._weight_int8pack_mm        (CPU)
                      int4, Q4_0,   torch.ops.aten._weight_int4pack_mm_for_cpu (CPU)
                      Q4_1          torch.ops.aten._weight_int4pack_mm         (CUDA, "tinygemm")
                      Q8_0          none in torch: always the reference path
 
-``act8=True`` (format names ending in ``-a8``) rounds the activations to int8 too and runs
-``minfer/kernels/cpu_quant_linear.py`` (W8A8 / W4A8, integer dot products) on ``int_form()``.
-
-``path="auto"`` (the default) takes the fast path when torch has a kernel for
-this device and shape, and the reference path otherwise. The first time a
-kernel is used on a (device, dtype) it is checked against the reference on a
-small random matrix; a kernel that fails or disagrees is never used again in
-this process (a warning says so), so a torch version with a different packing
-convention falls back instead of computing garbage. ``tests/test_quant.py``
-pins both paths together on random shapes.
-
-Compute dtype. The fast kernels are only quick in bfloat16 on CPU (their
-float32 versions are slower than an ordinary float32 matmul here), and the
-CUDA int4 kernel takes bfloat16 only. So the fast path casts the activations
-to ``compute_dtype`` (bfloat16 by default), runs the kernel and casts the
-result back. That rounds activations to 8 significant bits, the same
-rounding as running the model in bf16; the benchmark's perplexity column
-measures what it costs. ``compute_dtype=None`` runs the kernel in the input's
-own dtype.
-
-How the tinygemm int4 kernels read a group (torchao calls this "zero point in
-the float domain"): w = (q - 8) * scale + zero, so our q * scale + min is
-zero = min + 8 * scale, Q4_0's d * (q - 8) is zero = 0, Q4_1's d * q + m is
-zero = m + 8 * d. The scales and zeros go in one (G, N, 2) tensor.
-
-vLLM equivalents: ``vllm/model_executor/layers/linear.py`` (``LinearBase``
-with a ``quant_method``) and ``layers/quantization/`` (one ``apply`` per
-format); gpt-fast ``quantize.py``; torchao ``dtypes/uintx/``.
+``act8=True`` (formats ending in ``-a8``) rounds the activations to int8 too and runs
+``minfer/kernels/cpu_quant_linear.py`` on ``int_form()``. ``path="auto"`` takes the fast path where
+torch has a kernel for the device and shape; each kernel is checked once per (device, dtype)
+against the reference and never used if it disagrees. The fast path runs in ``compute_dtype``
+(bfloat16 by default). Why, and how tinygemm reads a group: docs/quantization.md.
+vLLM: ``vllm/model_executor/layers/linear.py`` (``LinearBase`` with a ``quant_method``) and
+``layers/quantization/``; gpt-fast ``quantize.py``; torchao ``dtypes/uintx/``.
 """
 import warnings
 from typing import Callable, Optional
@@ -54,23 +32,16 @@ PATHS = ("auto", "reference", "fast")
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 
 
-# ---------------------------------------------------------------------------
-# The kernels, and a one-time check that each works here
-# ---------------------------------------------------------------------------
-
-
+# --- The kernels, and a one-time check that each works here ---
 def _tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -> torch.Tensor:
     """scale, zero (N, G) -> (G, N, 2) in ``dtype``, the layout the int4 kernels read."""
     return torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
 def _pack_for_tinygemm(q: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
-    """q (N, K) values 0..15 -> the kernel's opaque packed layout on ``device`` (None: unsupported).
-
-    CPU: ``_convert_weight_to_int4pack_for_cpu`` takes int32 (N, K), needs N % 16 == 0.
-    CUDA: ``_convert_weight_to_int4pack`` takes uint8 (N, K/2) with the *first* value
-    of each pair in the high nibble, needs K % (16 * inner_k_tiles) == 0 and N % 8 == 0.
-    """
+    """q (N, K) values 0..15 -> the kernel's opaque packed layout on ``device`` (None: unsupported). CPU:
+    ``_convert_weight_to_int4pack_for_cpu``, int32 (N, K), N % 16 == 0. CUDA: ``_convert_weight_to_int4pack``,
+    uint8 (N, K/2), a pair's *first* value high, K % (16 * inner_k_tiles) == 0 and N % 8 == 0."""
     n, k = q.shape
     if device.type == "cpu":
         if n % 16:
@@ -140,18 +111,10 @@ def _kernel_available(kind: str, device: torch.device, dtype: torch.dtype) -> bo
     return _KERNEL_OK[key]
 
 
-# ---------------------------------------------------------------------------
-# The base class: path selection
-# ---------------------------------------------------------------------------
-
-
+# --- The base class: path selection ---
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W stored quantized; subclasses define the format.
-
-    Subclasses implement ``dequantize()`` (the reference) and
-    ``_prepare_fast(device, dtype)``, which returns a function x2d -> y2d
-    computing with a fast kernel, or None where there is none.
-    """
+    """y = x W^T + b with W stored quantized. A format defines ``dequantize()`` (the reference) and
+    ``_prepare_fast(device, dtype)``: a function x2d -> y2d on a fast kernel, or None."""
 
     format = "?"
 
@@ -271,11 +234,7 @@ class QuantizedLinear(nn.Module):
                 f"format={self.format}{'-a8' if self.act8 else ''}, bias={self.bias is not None}, path={self.path}")
 
 
-# ---------------------------------------------------------------------------
-# int8, per output channel
-# ---------------------------------------------------------------------------
-
-
+# --- int8, per output channel ---
 class Int8Linear(QuantizedLinear):
     """Buffers: ``qweight`` int8 (N, K), ``scale`` float32 (N,)."""
 
@@ -301,27 +260,19 @@ class Int8Linear(QuantizedLinear):
         # The CPU kernel crashes (torch 2.13) in bf16 unless K % 16 == 0: stay away.
         if self.in_features % 16 or not _kernel_available("int8", device, dtype):
             return None
-        # The kernel wants scales in the activation dtype. Rounding them to bf16 would
-        # scale every output channel by its own (1 + up to 0.4%), an error that does not
-        # average out: on SmolLM2 it moved perplexity by 0.5%. So the kernel multiplies
-        # by ones and the float32 scale is applied to its output instead.
+        # The kernel wants scales in the activation dtype: bf16 scales would scale each output channel by
+        # its own (1 + up to 0.4%), an error that does not average out (SmolLM2's perplexity moved 0.5%).
+        # So the kernel multiplies by ones and the float32 scale is applied to its output.
         q, scale = self.qweight, self.scale.float()
         ones = torch.ones(self.out_features, dtype=dtype, device=device)
         return lambda x: _int8_mm(x, q, ones) * scale                      # (M, N) float32
 
 
-# ---------------------------------------------------------------------------
-# int4, grouped, and the GGUF 4-bit formats that map onto the same kernel
-# ---------------------------------------------------------------------------
-
-
+# --- int4, grouped, and the GGUF 4-bit formats that map onto the same kernel ---
 def _tinygemm_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                      device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
-    """A fast int4 matmul for values q (N, K) with w = (q - 8) * scale + zero per group.
-
-    K is padded up to whole groups: padded weight columns meet padded zero
-    activations, so they add nothing.
-    """
+    """A fast int4 matmul for q (N, K) with w = (q - 8) * scale + zero per group; K is padded to whole
+    groups (padded weight columns meet zero activations)."""
     n, k = q.shape
     if group_size not in TINYGEMM_GROUP_SIZES or not _kernel_available("int4", device, dtype):
         return None
@@ -353,10 +304,6 @@ class Int4Linear(QuantizedLinear):
         dev = weight.device
         return cls(packed.to(dev), scale.to(dev), minimum.to(dev), group_size, weight.shape[1], bias, **kw)
 
-    @property
-    def spec(self) -> str:
-        return f"int4-g{self.group_size}"
-
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scale, self.minimum, self.group_size, self.in_features)
 
@@ -374,15 +321,9 @@ class Int4Linear(QuantizedLinear):
 
 
 class GGUFLinear(QuantizedLinear):
-    """The raw GGUF blocks of one matrix: ``blocks`` uint8 (N, K / 32 * bytes_per_block).
-
-    Reference: ``gguf_formats.dequantize`` then a matmul. Fast: Q4_0 and Q4_1
-    become tinygemm int4 with group size 32 (see the module docstring); the
-    kernel holds d and the zero in bfloat16, so the fast path rounds GGUF's f16
-    d to 8 significant bits (the tests bound the difference). Q8_0 has 32-value
-    blocks, which ``_weight_int8pack_mm`` (one scale per row) cannot express,
-    so it always runs the reference path.
-    """
+    """The raw GGUF blocks of one matrix: ``blocks`` uint8 (N, K / 32 * bytes_per_block). Fast: Q4_0 and
+    Q4_1 as tinygemm int4, group size 32, d rounded to bf16 (the tests bound it); Q8_0's per-block scales
+    do not fit ``_weight_int8pack_mm`` (one per row): always the reference path."""
 
     def __init__(self, qtype: str, blocks: torch.Tensor, in_features: int, bias=None, **kw):
         super().__init__(in_features, blocks.shape[0], bias, **kw)
@@ -396,10 +337,6 @@ class GGUFLinear(QuantizedLinear):
     def from_float(cls, weight: torch.Tensor, bias=None, qtype: str = "Q4_1", **kw) -> "GGUFLinear":
         blocks = gguf_formats.quantize(weight, qtype).to(weight.device)    # (N, K/32 * bytes)
         return cls(qtype, blocks, weight.shape[1], bias, **kw)
-
-    @property
-    def spec(self) -> str:
-        return self.format
 
     def dequantize(self) -> torch.Tensor:
         return gguf_formats.dequantize(self.blocks, self.fmt.name,

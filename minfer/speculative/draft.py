@@ -58,8 +58,6 @@ class DraftModelProposer:
 
 
 # --- Drafts made from the target itself ---
-
-
 def layer_skip_draft(target, num_layers: int):
     """The target's first ``num_layers`` layers + final norm + LM head, sharing the target's weights: a
     ``Transformer`` whose cfg says ``num_hidden_layers = num_layers`` (its KV cache has only those layers)."""

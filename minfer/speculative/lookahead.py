@@ -21,9 +21,8 @@ from minfer.speculative.loop import emit
 from minfer.speculative.rejection import verify_greedy
 from minfer.speculative.stats import SpecStats
 
+
 # --- A KV cache wrapper that attends with an explicit (tree) mask ---
-
-
 class TreeAttentionCache:
     """Wraps a ContiguousKVCache for one forward whose new tokens see each other through ``tree_mask``:
     ``update`` does not write (guesses share positions), ``attend`` applies ``[allowed(prefix) | tree_mask
@@ -62,8 +61,6 @@ class TreeAttentionCache:
 
 
 # --- The layout of one step: tokens, positions, mask ---
-
-
 @dataclass
 class StepLayout:
     tokens: list[int]               # (T,) the forward's input
@@ -119,8 +116,6 @@ class NgramPool:
 
 
 # --- The loop ---
-
-
 @torch.no_grad()
 def lookahead_generate(
     model,

@@ -81,12 +81,9 @@ def load_heads(path: str) -> MedusaHeads:
 
 
 # --- The static tree: nodes, parents, depths, the attention mask ---
-
-
 @dataclass
 class MedusaTree:
-    paths: list[tuple[int, ...]]   # (N,) node i = paths[i], sorted by depth; the root (index 0 in the
-                                   #      forward) is not listed
+    paths: list[tuple[int, ...]]   # (N,) node i = paths[i], by depth; the root (forward index 0) not listed
     parent: list[int]              # (N,) forward index of each node's parent (0 = the root)
     depth: list[int]               # (N,) 1 for head 0's guesses, 2 for head 1's, ...
     mask: torch.Tensor             # (N + 1, N + 1) bool: row = query, column = key (root included)
@@ -151,8 +148,6 @@ def accept_path(tree: MedusaTree, tokens: list[int], argmax: list[int]) -> list[
 
 
 # --- Decoding ---
-
-
 @contextlib.contextmanager
 def last_hidden(model):
     """Keep the last decoder layer's output (B, T, h), before the final norm, in ``box[0]``: every row,

@@ -9,9 +9,8 @@ import torch
 
 from minfer.sampling import SamplingParams, top_k_filter, top_p_filter
 
+
 # --- Distributions ---
-
-
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution ``minfer.sampling.sample`` draws from: logits (..., V) -> probs (..., V), fp32
     (greedy: the one-hot of the argmax)."""
@@ -46,8 +45,6 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 # --- One verification step over gamma proposed tokens ---
-
-
 def verify_greedy(target_argmax: list[int], draft_tokens: list[int]) -> list[int]:
     """Greedy verification -> the n accepted draft tokens + the target's own argmax after them (a
     correction, or the bonus token). target_argmax (gamma + 1,): the target's argmax after each prefix."""
@@ -59,12 +56,9 @@ def verify_greedy(target_argmax: list[int], draft_tokens: list[int]) -> list[int
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor | None, draft_tokens: list[int],
                    generator: torch.Generator | None) -> list[int]:
-    """Speculative sampling verification of one step -> the accepted prefix of draft_tokens, then one token
-    from the residual at the first rejection or, if all were accepted, from p[gamma].
-
-    p (gamma + 1, V): target distributions, row i for the token after draft_tokens[:i]; q (gamma, V): the
-    draft distributions the tokens were drawn from, or None for a deterministic proposal (one-hot q).
-    """
+    """One step -> the accepted prefix of draft_tokens, then one token from the residual at the first
+    rejection (all accepted: from p[gamma]). p (gamma + 1, V): target distributions, row i after
+    draft_tokens[:i]; q (gamma, V): the draft's, or None for a deterministic proposal (one-hot q)."""
     gamma = len(draft_tokens)
     if p.shape[0] != gamma + 1 or (q is not None and q.shape[0] != gamma):
         raise ValueError(f"need p with gamma + 1 = {gamma + 1} rows and q with gamma rows; got "
