@@ -11,18 +11,15 @@ from minfer.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
+_LAZY = {"LLM": "llm", "RequestOutput": "llm", "load_model": "loading",     # name -> minfer.<module>
+         "Transformer": "model", "build_model": "model"}
+
 
 def __getattr__(name):
     # Lazy: `import minfer` stays fast; the model stack loads on first use.
-    if name in ("LLM", "RequestOutput"):
-        from minfer import llm
-        return getattr(llm, name)
-    if name == "load_model":
-        from minfer.loading import load_model
-        return load_model
-    if name in ("Transformer", "build_model"):
-        from minfer import model
-        return getattr(model, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"minfer.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'minfer' has no attribute {name!r}")
 
 

@@ -2,8 +2,7 @@
 
     write to  .NAME.XXXX.tmp  in the same folder  ->  flush + fsync  ->  os.replace(tmp, NAME)
 
-Every writer in minfer uses it; the result gets the mode ``open(path, "w")`` would give
-(docs/architecture.md).
+Every writer in minfer uses it; the file gets the mode ``open(path, "w")`` would (docs/architecture.md).
 """
 import contextlib
 import json
@@ -64,9 +63,8 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name, then move it to ``target``. An existing
-    ``target`` is set aside until the new folder has its name (put back if anything fails), then
-    deleted. Whether ``target`` may be replaced at all is the caller's decision."""
+    """Build a folder under a temporary sibling name, then move it to ``target``; an existing one is set
+    aside until then (put back if anything fails), then deleted. Replacing it at all: the caller's call."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))

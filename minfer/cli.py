@@ -1,8 +1,7 @@
 """The `minfer` command line: each subcommand is a thin wrapper over the library (``minfer CMD --help``).
 
-Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``);
-1 an internal error (a bug: please report it; ``--debug`` shows the traceback);
-130 interrupted (Ctrl-C).
+Exit codes: 0 done; 2 a bad argument or input (one line ``minfer: error: ...``); 1 an internal
+error (a bug: please report it; ``--debug`` shows the traceback); 130 interrupted (Ctrl-C).
 """
 import argparse
 import importlib
@@ -21,13 +20,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         sub = self.prog.partition(" ")[2]
         self.exit(2, f"minfer: error: {sub + ': ' if sub else ''}{message} (see `{self.prog} --help`)\n")
-
-
-# What a user can cause (bad arguments, missing or unreadable files, a model that does not fit
-# in memory, no network): one line and exit 2. Anything else is a bug in minfer.
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from minfer.checkpoints.fetch import DownloadError
-    return (ValueError, OSError, MemoryError, DownloadError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -102,8 +94,7 @@ def cmd_generate(args) -> int:
 
 
 def _show(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
+    print(piece, end="", flush=True)
 
 
 def _stream(args, llm, params) -> int:
@@ -123,9 +114,8 @@ def _stream(args, llm, params) -> int:
 
 
 def trim_history(messages: list[dict], count_tokens, budget: int) -> tuple[list[dict], int]:
-    """Drop the oldest turns (never the system prompt, never the last message) until
-    ``count_tokens(messages) <= budget``. Returns (messages, number of messages dropped);
-    raises ValueError if the system prompt and the last message alone are over budget."""
+    """Drop the oldest turns (never the system prompt or the last message) until ``count_tokens(messages)
+    <= budget`` -> (messages, number dropped); ValueError if those two alone are over budget."""
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
     dropped = 0
@@ -185,18 +175,15 @@ def cmd_weights(args) -> int:
     if args.weights_cmd == "fetch":
         print(fetch(args.name, force=args.force))
         return 0
-    rows = list_models()
     print(f"{'name':28} {'fetched':8} description")
-    for r in rows:
+    for r in list_models():
         print(f"{r['name']:28} {'yes' if r['fetched'] else 'no':8} {r['description']}")
         if r["fetched"]:
             print(f"{'':37}{r['path']}")
     return 0
 
 
-# Subcommands that live in their own modules: each module defines
-# `add_arguments(parser)` and `main(args) -> int`. Entries whose module is not
-# there yet are simply not offered.
+# Subcommands that live in their own modules: each defines `add_arguments(parser)` and `main(args) -> int`.
 BENCHES = {
     "decode": ("minfer.bench.decode", "prefill/decode speed: naive vs cached vs transformers"),
     "attention": ("minfer.bench.attention", "decode attention with GQA: K/V repeated vs enable_gqa vs heads folded"),
@@ -296,9 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    """Run one command. The error boundary: an expected failure (bad input, missing file, no
-    memory, no network) prints one line ``minfer: error: ...`` and returns 2; anything else is a
-    bug and prints "internal error, please report" (the traceback only with --debug), returning 1."""
+    """Run one command. The error boundary: an expected failure prints one line ``minfer: error: ...``
+    and returns 2; anything else is a bug: "internal error, please report" (traceback with --debug), 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("MINFER_DEBUG"))    # accepted anywhere on the line
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
@@ -316,7 +302,8 @@ def _run(argv: list[str] | None) -> int:
     except Exception as e:                        # noqa: BLE001 - the boundary of the program
         if debug:
             traceback.print_exc()
-        if isinstance(e, _expected_errors()):
+        from minfer.checkpoints.fetch import DownloadError
+        if isinstance(e, (ValueError, OSError, MemoryError, DownloadError)):    # what a user can cause
             print(f"minfer: error: {_one_line(e)}", file=sys.stderr)
             return 2
         print(f"minfer: internal error, please report it with the command you ran: "

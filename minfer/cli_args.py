@@ -1,6 +1,7 @@
 """Command-line options that every command loading a model shares (``minfer generate``, ``bench *``,
 ``batch``): which model, on which device, in which dtype."""
 import argparse
+import math
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -52,7 +53,6 @@ positive_int = int_in(1)
 
 def seconds(text: str) -> float:
     """A finite number of seconds > 0 (not nan, not inf)."""
-    import math
     try:
         value = float(text)
     except ValueError:
@@ -77,7 +77,6 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def float_list(text: str, flag: str) -> list[float]:
     """``"0.25,0.5"`` -> [0.25, 0.5] (finite numbers); ValueError naming ``flag`` otherwise."""
-    import math
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:

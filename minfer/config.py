@@ -1,5 +1,4 @@
 """ModelConfig: one dataclass for the Llama family and Gemma 3, with HF ``LlamaConfig``'s names.
-
 Gemma 3's switches (``layer_types``, ``qk_norm``, ``sandwich_norm``, ...) default to Llama's
 behaviour (HF ``models/gemma3/``, llama.cpp ``src/models/gemma3.cpp``); each: docs/architecture.md.
 """
@@ -7,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from minfer.validation import check_bool, check_int, check_real, is_int
 
 
 @dataclass
@@ -54,7 +55,6 @@ class ModelConfig:
               "max_position_embeddings": 2**32, "kv_share_group": 1024}
 
     def _check_sizes(self) -> None:
-        from minfer.validation import check_int
         for name, hi in self.LIMITS.items():
             if name == "head_dim" and self.head_dim is None:
                 continue
@@ -62,7 +62,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the numbers do not fit together."""
-        from minfer.validation import check_bool, check_int, check_real, is_int
         self._check_sizes()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -91,7 +90,6 @@ class ModelConfig:
     ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
     def _check_gemma_fields(self) -> None:
-        from minfer.validation import check_int, check_real
         lt = self.layer_types
         if lt is not None:
             if not isinstance(lt, (list, tuple)) or len(lt) != self.num_hidden_layers or \
@@ -112,7 +110,6 @@ class ModelConfig:
                              f"got {self.hidden_act!r:.80}")
 
     def _check_rope_scaling(self) -> None:
-        from minfer.validation import check_real
         s = self.rope_scaling
         if s is None:
             return
@@ -169,17 +166,14 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         h, hd = self.hidden_size, self.head_dim
-        q = h * self.num_attention_heads * hd
+        q_and_o = 2 * h * self.num_attention_heads * hd
         kv = 2 * h * self.num_key_value_heads * hd
-        o = self.num_attention_heads * hd * h
         mlp = 3 * h * self.intermediate_size
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         norms = (4 if self.sandwich_norm else 2) * h + (2 * hd if self.qk_norm else 0)
-        per_layer = q + o + mlp + norms + bias
-        total = self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + self.vocab_size * h
-        if not self.tie_word_embeddings:
-            total += self.vocab_size * h
-        return total
+        per_layer = q_and_o + mlp + norms + bias
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * h
+        return self.num_hidden_layers * per_layer + self.num_kv_layers * kv + h + embeddings
 
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
@@ -204,8 +198,7 @@ class ModelConfig:
             kwargs["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
         else:
             kwargs.pop("rope_scaling", None)
-        model_type = d.get("model_type", "llama")
-        kwargs["model_type"] = model_type
+        kwargs["model_type"] = model_type = d.get("model_type", "llama")
         if model_type == "qwen2" and "attention_bias" not in d:
             kwargs["attention_bias"] = True      # Qwen2 always has q/k/v bias
         if model_type == "qwen2" and not d.get("use_sliding_window", False):
@@ -219,9 +212,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict HF transformers reads back (LlamaForCausalLM / Qwen2ForCausalLM)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("extra")
-        d.pop("kv_share_group")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("extra", "kv_share_group")}
         if self.model_type == "gemma3_text":
             return _gemma3_to_hf(self, d)
         defaults = ModelConfig.__dataclass_fields__

@@ -1,8 +1,6 @@
 """One request, start to finish: prefill once, then decode token by token.
-
-The single-request primitives every single-request loop reuses (``forward_tokens``,
-``StopRule``); ``kv_cache="none"`` recomputes everything, as the oracle. The batched engine is
-``minfer/engine`` (docs/architecture.md).
+The primitives every single-request loop reuses (``forward_tokens``, ``StopRule``); ``kv_cache="none"``
+recomputes everything, as the oracle. The batched engine is ``minfer/engine`` (docs/architecture.md).
 """
 import time
 from typing import Callable, Iterator

@@ -90,15 +90,10 @@ def _check_names(attention: str, decode_kernel: str, speculative):
 
 
 class LLM:
-    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``):
-    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``,
-    ``kv_cache_memory_bytes``, ``kv_cache_dtype`` ("auto", "int8", "fp8"), ``enforce_eager``, ``compile``,
-    ``max_seq_len_to_capture``, ``tensor_parallel_size``, ``pipeline_parallel_size``, ``logprobs_mode``;
-    minfer adds ``prepack`` (oneDNN CPU linears, fp32 or bf16) and ``decode_kernel`` ("auto", "torch", "cpu",
-    "triton"). Each one, its default and what it measured: docs/architecture.md.
-
-    ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or with ``compile=True``, eager
-    on a CPU otherwise. ``seed``: requests without their own seed draw one from this seeded sequence."""
+    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``) plus
+    ``prepack`` (oneDNN CPU linears, fp32 or bf16) and ``decode_kernel``; each, its default and what it
+    measured: docs/architecture.md. ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or
+    with ``compile=True``, eager on a CPU otherwise. ``seed``: requests without a seed draw one from it."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
                  dtype: str | torch.dtype = "float32", attention: str = "sdpa", *, seed: int = 0,
@@ -113,8 +108,7 @@ class LLM:
                           kv_cache_dtype=kv_cache_dtype)           # fail now, not at generate time
         self.device, self.dtype, self.model_name = resolve_device(device), resolve_dtype(dtype), model
         spec_config = _check_names(attention, decode_kernel, speculative)
-        if spec_config is not None:
-            # Verify steps and the lookahead loop run eager: no static path to build.
+        if spec_config is not None:                               # verify steps and lookahead run eager
             if compile:
                 raise ValueError("compile=True compiles the engine's decode step; speculative decoding runs eager")
             enforce_eager = True

@@ -1,8 +1,6 @@
 """``load_model``: a name or folder -> (config, model ready to run, tokenizer), for every entry point.
-
-A quantized folder loads as it is; otherwise ``load_checkpoint`` -> ``build_model`` ->
-``quantize_model`` (``quantization=``), then optional prepacking. vLLM:
-``vllm/model_executor/model_loader`` (``get_model``). Who loads here: docs/architecture.md.
+A quantized folder loads as it is; otherwise ``load_checkpoint`` -> ``build_model`` -> ``quantize_model``,
+then optional prepacking. vLLM: ``vllm/model_executor/model_loader`` (``get_model``); docs/architecture.md.
 """
 from typing import NamedTuple
 
@@ -22,7 +20,6 @@ class LoadedModel(NamedTuple):
 def load_model(model: str, *, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "float32",
                quantization: str | None = None, prepack: bool | None = False) -> LoadedModel:
     """Load ``model`` (registry name, HF folder, GGUF file, or a folder written by ``minfer quantize``).
-
     quantization  weight-only format for the linears (``minfer.quant``); refused for a quantized folder
     prepack       True: every CPU linear through oneDNN (``minfer/kernels/onednn_linear.py``); None: where
                   it applies (CPU), float32 for the batched rows only, bf16 with bf16 units for all; False: off"""
@@ -59,3 +56,6 @@ def _prepack(net: nn.Module, prepack: bool | None, device: torch.device, dtype: 
     elif prepack is None and packable and onednn_linear.available():
         rows = None if dtype == torch.bfloat16 else onednn_linear.BATCHED_ROWS   # bf16: it wins at every row count
         onednn_linear.pack_linears(net, rows=rows)
+    if prepack is None and device.type == "cpu" and dtype == torch.float32:   # batch 1: the fused C++ layer
+        from minfer.kernels.cpu_fused_layer import prepare_fused_layers
+        prepare_fused_layers(net)

@@ -6,8 +6,7 @@
 
 ``logprobs_mode`` (vLLM's, ``vllm/v1/sample/sampler.py``): "raw_logprobs" (default) is the model's own
 distribution; "processed_logprobs" the one the token was drawn from. Prompt logprobs are always raw.
-Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why and the OpenAI shapes:
-docs/serving.md.
+Rank: 1 + the tokens strictly more likely. Only rows that ask pay. Why, the OpenAI shapes: docs/serving.md.
 """
 from dataclasses import dataclass
 
@@ -61,9 +60,8 @@ def record_sampled(logits: torch.Tensor, reqs: list, toks: list[int], mode: str,
 
 
 def prompt_rows(chunks) -> tuple[list[int], list[tuple]]:
-    """Rows of the flattened batch whose logits give prompt logprobs still missing (row at position p
-    predicts token p + 1; a chunk recomputed after a preemption asks for nothing twice)
-    -> (flat row indices, [(request, first position, count)])."""
+    """Rows of the flattened batch whose logits give missing prompt logprobs (row at position p predicts
+    token p + 1; a recomputed chunk asks for nothing twice) -> (flat rows, [(request, first, count)])."""
     flat, spans, offset = [], [], 0
     for c in chunks:
         req, done = c.request, c.request.prompt_logprobs

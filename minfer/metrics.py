@@ -1,5 +1,4 @@
 """The record of one request's life: timestamps, and TTFT / TPOT / E2E with vLLM's definitions.
-
 One record for every path; ``minfer.serving.metrics`` aggregates them. vLLM:
 ``RequestStateStats`` (``vllm/v1/metrics/stats.py``); the timeline: docs/architecture.md.
 """

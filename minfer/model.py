@@ -18,11 +18,7 @@ from minfer.attention import get_backend
 from minfer.config import ModelConfig
 from minfer.kv.base import NO_CACHE, KVCache, KVView
 
-# ---------------------------------------------------------------------------
-# RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean shift.
-# ---------------------------------------------------------------------------
-
-
+# --- RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean shift ---
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
     xf = x.float()                                                   # (..., d)
@@ -50,30 +46,20 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# ---------------------------------------------------------------------------
-# RoPE (Su et al. 2021, "RoFormer"). Pairs of channels (i, i + hd/2) are
-# rotated by the angle position * inv_freq[i]; the "rotate half" layout of HF
-# transformers (llama.cpp stores q/k rows interleaved instead: see
-# checkpoints/gguf_import.py, which undoes that permutation on import).
-# ---------------------------------------------------------------------------
-
-
+# --- RoPE (Su et al. 2021): channels (i, i + hd/2) rotate by position * inv_freq[i] ---
+# HF's "rotate half" layout; llama.cpp interleaves q/k rows (undone by checkpoints/gguf_import.py).
 def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
     """Per-pair rotation speeds (hd/2,), with Llama-3 / linear scaling when asked.
     ``theta`` overrides the base (Gemma's local layers: ``cfg.rope_local_base_freq``, no scaling)."""
     hd = cfg.head_dim
-    if theta is not None:
-        return (1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))).float()
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    scaling = cfg.rope_scaling or {}
+    base = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = (cfg.rope_scaling if theta is None else None) or {}       # an explicit base: no scaling
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        pass
-    elif kind == "linear":
+    if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
-        # Llama 3.1: leave high frequencies alone, divide low frequencies by
-        # `factor`, blend smoothly in between (Meta's reference implementation).
+        # Llama 3.1: high frequencies as they are, low ones / factor, blended between (Meta's reference code)
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
@@ -82,7 +68,7 @@ def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor,
                                torch.where(wavelen < old_ctx / high, inv_freq, blended))
-    else:
+    elif kind != "default":
         raise ValueError(f"rope_scaling type {kind!r} is not supported (use default, linear or llama3)")
     return inv_freq.float()
 
@@ -101,27 +87,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-# ---------------------------------------------------------------------------
-# Fused projections. q, k and v are three linears of the same input, and so
-# are gate and up: stacking their weights row-wise makes one matmul of three
-# (two), i.e. fewer and larger kernels and one pass over x. Checkpoints keep
-# HF's names: two state-dict hooks stack q/k/v (gate/up) on load and split
-# them again on save, so every loader and saver (HF folders, GGUF import,
-# quantized files, pruning, tensor-parallel sources) sees HF names only.
-# vLLM stacks them the same way in ``load_weights``, driven by its
-# ``stacked_params_mapping`` (vllm/model_executor/models/llama.py), into
-# ``QKVParallelLinear`` / ``MergedColumnParallelLinear``.
-# ---------------------------------------------------------------------------
-
-
+# --- Fused projections: q/k/v (gate/up) in one matmul, HF names on load and save (docs/architecture.md) ---
 class StackedProjections(nn.Module):
     """Base of Attention and MLP: linears that read the same input, stacked into one when fused.
-
-    ``parts`` maps each HF linear to its output rows, e.g. {"q_proj": 576, "k_proj": 192, "v_proj":
-    192}; fused, one ``nn.Linear`` named ``fused_name`` holds them stacked along dim 0 (so quantized
-    tensors and per-row scales stack too); ``fused=False`` keeps one linear per part
-    (docs/architecture.md).
-    """
+    ``parts`` maps each HF linear to its output rows, e.g. {"q_proj": 576, "k_proj": 192, "v_proj": 192};
+    fused, one ``nn.Linear`` named ``fused_name`` stacks them on dim 0 (docs/architecture.md)."""
 
     def _add_projections(self, in_features: int, parts: dict[str, int], bias: bool,
                          fused_name: str, fused: bool) -> None:
@@ -143,9 +113,8 @@ class StackedProjections(nn.Module):
 
 
 def _stack_on_load(module, state_dict, prefix, *_):
-    """Load pre-hook: ``{prefix}q_proj.X``, ``k_proj.X``, ``v_proj.X`` -> ``{prefix}qkv_proj.X``
-    (X = weight, bias, qweight, scale, ...), concatenated on dim 0. Parts that are absent are left
-    for ``load_state_dict`` to report as missing."""
+    """Load pre-hook: ``{prefix}q_proj.X``, ``k_proj.X``, ``v_proj.X`` (X = weight, bias, qweight, scale, ...)
+    -> ``{prefix}qkv_proj.X`` on dim 0; absent parts are left for ``load_state_dict`` to report."""
     first = f"{prefix}{next(iter(module.parts))}."
     for suffix in [k[len(first):] for k in state_dict if k.startswith(first)]:
         names = [f"{prefix}{part}.{suffix}" for part in module.parts]
@@ -177,11 +146,7 @@ def _split_on_save(module, state_dict, prefix, _metadata):
                     state_dict[f"{prefix}{part}.{suffix}"] = split[i]
 
 
-# ---------------------------------------------------------------------------
-# Attention: projections + RoPE here, the softmax(QK^T)V part in a backend.
-# ---------------------------------------------------------------------------
-
-
+# --- Attention: projections + RoPE here, the softmax(QK^T)V part in a backend ---
 class Attention(StackedProjections):
     def __init__(self, cfg: ModelConfig, layer_idx: int, fused: bool = True):
         super().__init__()
@@ -258,7 +223,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, off)
         self.mlp = MLP(cfg, fused)
 
-    fused = None  # a8 formats on the CPU: the same layer in two C++ calls (kernels/cpu_fused_layer.py)
+    fused = None  # float32 and a8 on the CPU: the same layer in two C++ calls (kernels/cpu_fused_layer.py)
 
     def forward(self, x, cos, sin, positions, kv_cache, view, backend):
         if self.fused is not None and (out := self.fused(x, cos, sin, positions, kv_cache, view, backend)):
@@ -283,8 +248,8 @@ class _Body(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A Llama-family causal LM. ``forward`` returns logits; see the module docstring.
-    ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears (the layout before fusion)."""
+    """A Llama-family causal LM; ``fuse_projections=False`` keeps q/k/v and gate/up as separate linears."""
+    fused_head = None  # (model, x) -> one row's logits or None: set by kernels/cpu_fused_layer.py
 
     def __init__(self, cfg: ModelConfig, fuse_projections: bool = True):
         super().__init__()
@@ -297,8 +262,9 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, cfg.rope_local_base_freq), persistent=False)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., h) -> logits (..., vocab). Tied models reuse the embedding matrix,
-        unless a (e.g. quantized) ``lm_head`` module has been put in its place."""
+        """Hidden states (..., h) -> logits (..., vocab): the tied embedding or an ``lm_head`` in place."""
+        if self.fused_head is not None and (out := self.fused_head(self, x)) is not None:
+            return out                            # one row, float32 on the CPU (kernels/cpu_fused_layer.py)
         head = getattr(self, "lm_head", None)
         return head(x) if head is not None else F.linear(x, self.model.embed_tokens.weight)
 
@@ -337,13 +303,9 @@ class Transformer(nn.Module):
 
 def build_model(cfg: ModelConfig, state_dict: dict | None = None, *, device="cpu",
                 dtype=torch.float32, seed: int | None = None, fuse_projections: bool = True) -> Transformer:
-    """Create a Transformer; load ``state_dict`` (HF names) or initialise randomly with ``seed``.
-
-    Random init (for tests and lessons) draws every weight from N(0, 0.02) and
-    norm weights near 1, so that tiny random models give non-trivial logits.
-    It fills the HF-named tensors one by one (views into the fused ones), so a
-    seed gives the same weights fused or not.
-    """
+    """Create a Transformer; load ``state_dict`` (HF names) or initialise randomly with ``seed``: weights
+    N(0, 0.02), norms near 1 (non-trivial logits), filled through the HF-named views, so a seed gives the
+    same weights fused or not."""
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device("meta"):

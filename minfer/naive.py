@@ -1,5 +1,4 @@
 """THE ORACLE. Generation by recomputing the whole sequence at every step.
-
 No cache, no batching, no fused kernels: explicit softmax over an explicit mask, one head at a
 time, O(n^2). It shares no code with ``minfer/model.py`` except the RoPE formula, so a bug
 cannot hide in both; every optimization is tested against it (docs/architecture.md).

@@ -3,9 +3,8 @@
     logits --/temperature--> --top-k--> --top-p--> softmax --> draw (seeded)
 
 Temperature below ``GREEDY_BELOW`` (vLLM's ``_SAMPLING_EPS``) is greedy; top-p is nucleus sampling
-(Holtzman et al. 2019); the draw is the exponential race argmax(p_i / E_i), E_i ~ Exp(1), as in
-vLLM's ``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator. Why
-each: docs/architecture.md.
+(Holtzman et al. 2019); the draw is the exponential race argmax(p_i / E_i), E_i ~ Exp(1), as in vLLM's
+``vllm/v1/sample/ops/topk_topp_sampler.py``, from each request's own CPU generator (docs/architecture.md).
 """
 from dataclasses import dataclass, field
 
@@ -63,8 +62,7 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens with mass >= top_p (one float, or (..., 1) per row);
-    others -> -inf. A token is dropped when the mass before it reaches top_p: the top token always stays."""
+    """Keep the fewest most likely tokens with mass >= top_p (a float or (..., 1) per row); others -> -inf."""
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -122,7 +120,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of logits (K, V), row i under params[i] -> token ids (K,) on logits' device.
-
     The batch's sampler (vLLM's ``vllm/v1/sample/sampler.py``): one argmax for the greedy rows, per-row
     temperature/top-k/top-p tensors and one race for the others, no host transfer; the noise comes from
     each request's CPU generator, so a row samples as it would alone, on any device (docs/architecture.md)."""

@@ -1,5 +1,4 @@
 """Tokenizer: text <-> token ids, chat templates, and streaming detokenization.
-
 A thin wrapper around HF ``tokenizers`` plus what ``tokenizer_config.json`` holds (BOS/EOS, the
 Jinja chat template); ``IncrementalDetokenizer`` never prints half a UTF-8 character (vLLM:
 ``detokenize_incrementally``). More: docs/architecture.md.
@@ -32,7 +31,6 @@ def _token_content(value: Any) -> str | None:
 
 class Tokenizer:
     """Encode/decode with a ``tokenizers`` model; render chat templates in a bounded sandbox.
-
     ``eos_token_ids``: every id that ends generation (the tokenizer's EOS, the model config's, and the
     token the chat template ends an assistant turn with). ``source``: named in every template error."""
 
@@ -167,8 +165,7 @@ class Tokenizer:
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def _render(self, messages: list, add_generation_prompt: bool, limits: "TemplateLimits", **kwargs) -> str:
-        """Compile (cached) and render the chat template under ``limits``; any failure of the template
-        (untrusted data from the model file) -> ValueError naming the file."""
+        """Render the (cached) compiled chat template under ``limits``; a failure -> ValueError naming it."""
         variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         try:
@@ -199,8 +196,7 @@ class TemplateLimits:
     """Bounds on one render of a chat template (a model file is untrusted input): ``max_range`` items of
     one ``range()``; ``max_size`` characters/items a string or list may reach (``*``, ``+``, ``%``), any
     integer argument, any format width, the whole output; ``seconds`` of wall clock (a timer signal on
-    the main thread; elsewhere checked at every range step, call, attribute lookup and output chunk).
-    """
+    the main thread; elsewhere checked at every range step, call, attribute lookup and output chunk)."""
 
     max_range: int = 100_000
     max_size: int = 10_000_000
@@ -212,7 +208,7 @@ PROBE_LIMITS = TemplateLimits(max_range=10_000, max_size=1_000_000, seconds=1.0)
 
 
 class TemplateLimitError(Exception):
-    pass
+    """A chat template's render went past one of its ``TemplateLimits``."""
 
 
 _state = threading.local()                      # the limits and deadline of the render in progress
@@ -258,8 +254,7 @@ def _join_bound(items: Any, sep: str) -> int:
 
 
 def _result_bound(name: str, value: Any, args: tuple, kwargs: dict, method: bool) -> int | None:
-    """An upper bound on the length of a filter's (or a str method's) result, computed without
-    building it; None for operations that cannot grow their input much."""
+    """An upper bound on a filter's (or str method's) result length, not built; None: it cannot grow much."""
     def arg(i: int, key: str, default: Any) -> Any:
         return args[i] if len(args) > i else kwargs.get(key, default)
 
@@ -327,8 +322,7 @@ def _make_environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """jinja2's immutable sandbox (no attribute writes, no private attributes, no unsafe calls)
-        plus size and time bounds on the operations that can blow up."""
+        """jinja2's immutable sandbox plus size and time bounds on the operations that can blow up."""
 
         intercepted_binops = frozenset(["*", "**", "+", "%"])
 

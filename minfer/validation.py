@@ -1,6 +1,5 @@
 """One place that checks what a user hands minfer through the Python API: sampling fields, prompts,
 chat messages, engine arguments (OpenAI bodies: the pydantic models of ``minfer.serving.openai_api``).
-
 As exact as those models: a bool is not a number, a float is not an integer, ``inf``/``nan`` are
 refused, and every message names the field (``SamplingParams.seed must be an integer, got 'x'``).
 ValueError for a bad value, TypeError for a value of the wrong kind altogether (``chat(dict)``).
@@ -50,9 +49,7 @@ def check_bool(value: Any, name: str) -> bool:
 # --- sampling fields ---
 def check_sampling_fields(f: dict[str, Any]) -> None:
     """Check the fields of a ``SamplingParams`` (names as in vLLM), given as a dict."""
-    def name(field: str) -> str:
-        return f"SamplingParams.{field}"
-
+    name = "SamplingParams.{}".format
     if "temperature" in f:
         check_real(f["temperature"], name("temperature"), "a finite number >= 0 (0 = greedy)", lambda x: x >= 0)
     if "top_p" in f:

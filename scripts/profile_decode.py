@@ -6,12 +6,13 @@ One torch thread. Prints (docs/measuring.md, "The fp32 decode step, profiled"):
   1. the bound: weight + KV bytes read per token over this machine's read bandwidth (as
      ``minfer.bench.machine.measure_bandwidth``), the fastest a step could be, against the measured
      time per token of the cached loop (``minfer bench decode --methods cached``'s loop);
+     and the same for the step with the fused C++ layer (``minfer/kernels/cpu_fused_layer.py``);
   2. the step's GEMVs alone, per weight shape, each pass over the real weights timed against a plain
-     ``.sum()`` over the same bytes (how close a batch-1 linear streams to the read bandwidth), and the
-     same GEMVs on the weights stored transposed, (K, N);
-  3. a torch.profiler breakdown of decode steps: linears, attention, the KV write, norms / RoPE /
-     elementwise ops, the remaining ops, and the time outside any torch op (Python: the wall time
-     of a step minus its top-level ops).
+     ``.sum()`` over the same bytes (how close a batch-1 linear streams to the read bandwidth), the
+     same GEMVs on the weights stored transposed, (K, N), and the fused layer's GEMV (``linear_f32``);
+  3. a torch.profiler breakdown of decode steps, plain then fused: linears, attention, the KV write,
+     norms / RoPE / elementwise ops, the remaining ops, and the time outside any torch op (Python,
+     and the fused layer's C++ calls: the wall time of a step minus its top-level ops).
 Everything is measured in interleaved rounds in one process, on the thread's CPU time (``CLOCK``),
 and each figure is its best round; on a shared machine only the ratios of one run mean anything.
 The profile (3) is wall-clock, as torch.profiler records it: its shares, not its milliseconds, count.
@@ -31,6 +32,7 @@ from minfer.bench.machine import machine_line
 from minfer.bench.quant import PROMPT, decode_weight_bytes
 from minfer.checkpoints import load_checkpoint
 from minfer.generate import forward_tokens
+from minfer.kernels import cpu_fused_layer
 from minfer.kv import kv_cache_bytes, make_cache
 from minfer.model import build_model
 
@@ -102,12 +104,14 @@ def weights_by_shape(model) -> dict:
 _FLUSH = torch.ones(32 * 2**20)                 # 128 MB: larger than a CPU's last-level cache
 
 
-def stream_times(ws: list, wts: list) -> tuple[float, float, float]:
+def stream_times(ws: list, wts: list) -> tuple[float, float, float, float]:
     """Seconds for one pass over the weights ``ws`` (N, K) of: a 1-row F.linear on each (the model's
-    GEMV), the same product on the transposed copies ``wts`` (K, N) (``x @ wt``), and a plain ``.sum()``
-    of each (a read of the same bytes). Every weight is read once per pass, as in a decode step."""
-    x = torch.randn(1, ws[0].shape[1])
-    passes = [lambda: [F.linear(x, w) for w in ws], lambda: [x @ wt for wt in wts], lambda: [w.sum() for w in ws]]
+    GEMV), the same product on the transposed copies ``wts`` (K, N) (``x @ wt``), a plain ``.sum()``
+    of each (a read of the same bytes), and the fused layer's GEMV on ``ws``. Every weight is read
+    once per pass, as in a decode step."""
+    x, gemv = torch.randn(1, ws[0].shape[1]), cpu_fused_layer._state["module"].linear_f32
+    passes = [lambda: [F.linear(x, w) for w in ws], lambda: [x @ wt for wt in wts], lambda: [w.sum() for w in ws],
+              lambda: [gemv(x, w) for w in ws]]
     times = []
     for run in passes:
         _FLUSH.sum()                            # evict the weights from the caches before each pass
@@ -122,16 +126,19 @@ def measure(model, cfg, prompt_ids, steps, rounds):
     GEMVs and sums; the best round of each."""
     shapes = weights_by_shape(model)
     transposed = {k: [w.t().contiguous() for w in ws] for k, ws in shapes.items()}
-    bw, step, lin = [], [], defaultdict(lambda: ([], [], []))
+    bw, step, fused, lin = [], [], [], defaultdict(lambda: ([], [], [], []))
     run_steps(model, cfg, prompt_ids, 4)                                                     # warm-up
     for _ in range(rounds):
         bw.append(read_bandwidth())
         step.append(statistics.median(run_steps(model, cfg, prompt_ids, steps)))
+        cpu_fused_layer.prepare_fused_layers(model)
+        fused.append(statistics.median(run_steps(model, cfg, prompt_ids, steps)))
+        cpu_fused_layer.prepare_fused_layers(model, enabled=False)
         for shape, ws in shapes.items():
             for series, t in zip(lin[shape], stream_times(ws, transposed[shape])):
                 series.append(t)
     # the least disturbed round of each: on a shared machine the others measure the neighbours too
-    return max(bw), min(step), step, {k: (len(shapes[k]), *map(min, ts)) for k, ts in lin.items()}
+    return max(bw), (min(step), step), (min(fused), fused), {k: (len(shapes[k]), *map(min, ts)) for k, ts in lin.items()}
 
 
 def profile_table(model, cfg, prompt_ids, steps, top):
@@ -154,7 +161,7 @@ def profile_table(model, cfg, prompt_ids, steps, top):
     print(f"{'where':28} {'ops/step':>9} {'ms/step':>8} {'share':>6}")
     for name, (c, us) in sorted(per_cat.items(), key=lambda kv: -kv[1][1]):
         print(f"{name:28} {c / steps:>9.0f} {us / steps / 1e3:>8.2f} {us / wall:>6.0%}")
-    print(f"{'outside torch ops (Python)':28} {'':>9} {outside / steps / 1e3:>8.2f} {outside / wall:>6.0%}")
+    print(f"{'outside torch ops (Python, C++ layers)':28} {'':>9} {outside / steps / 1e3:>8.2f} {outside / wall:>6.0%}")
     print(f"\n{'largest top-level ops':34} {'ops/step':>9} {'ms/step':>8} {'us/op':>6}")
     for name, (c, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{name:34} {c / steps:>9.0f} {us / steps / 1e3:>8.2f} {us / c:>6.1f}")
@@ -173,27 +180,35 @@ def main() -> None:
     prompt_ids = tok.encode(PROMPT)
     wbytes = decode_weight_bytes(model)
     kv = kv_cache_bytes(cfg, len(prompt_ids) + args.steps / 2, 4)
+    if why := cpu_fused_layer.prepare_fused_layers(model):
+        raise SystemExit(f"the fused layer cannot run here: {why}")
+    cpu_fused_layer.prepare_fused_layers(model, enabled=False)
     with torch.no_grad():
-        bw, step, steps, lin = measure(model, cfg, prompt_ids, args.steps, args.rounds)
+        bw, (step, steps), (fused, fused_steps), lin = measure(model, cfg, prompt_ids, args.steps, args.rounds)
         bound = (wbytes + kv) / bw
         print(machine_line())
         print(f"read per token: weights {wbytes / 1e6:.1f} MB + KV {kv / 1e6:.1f} MB; "
               f"read bandwidth (a sum over 512 MB) {bw / 1e9:.1f} GB/s -> bound {bound * 1e3:.2f} ms per token")
-        print(f"measured: {step * 1e3:.2f} ms per token ({1 / step:.1f} tok/s; rounds' medians "
-              + ", ".join(f"{t * 1e3:.1f}" for t in steps) + f" ms) = {bound / step:.0%} of the bound")
-        gemv, read = sum(v[1] for v in lin.values()), sum(v[3] for v in lin.values())
+        for name, t, ts in (("measured", step, steps), ("fused layer", fused, fused_steps)):
+            print(f"{name}: {t * 1e3:.2f} ms per token ({1 / t:.1f} tok/s; rounds' medians "
+                  + ", ".join(f"{r * 1e3:.1f}" for r in ts) + f" ms) = {bound / t:.0%} of the bound")
+        gemv, read, ours = (sum(v[i] for v in lin.values()) for i in (1, 3, 4))
         print(f"a .sum() over the same weights, shape by shape: {read * 1e3:.2f} ms = {read / step:.0%} of the step")
         print(f"the step's GEMVs alone: {gemv * 1e3:.2f} ms ({gemv / step:.0%} of the step); "
-              f"everything else: {(step - gemv) * 1e3:.2f} ms ({1 - gemv / step:.0%})\n")
+              f"everything else: {(step - gemv) * 1e3:.2f} ms ({1 - gemv / step:.0%})")
+        print(f"the fused step's GEMVs alone: {ours * 1e3:.2f} ms ({ours / fused:.0%} of the fused step); "
+              f"everything else: {(fused - ours) * 1e3:.2f} ms ({1 - ours / fused:.0%})\n")
         print(f"{'weight (N, K)':14} {'count':>5} {'MB':>6} {'GEMV ms':>8} {'GB/s':>5} {'of sum':>6} "
-              f"{'on (K, N): GB/s':>15} {'of sum':>6} {'sum GB/s':>8}")
-        for (n, k), (count, g, gt, s) in sorted(lin.items(), key=lambda kv: -kv[1][1]):
+              f"{'on (K, N): GB/s':>15} {'of sum':>6} {'fused GEMV: GB/s':>16} {'of sum':>6} {'sum GB/s':>8}")
+        for (n, k), (count, g, gt, s, f) in sorted(lin.items(), key=lambda kv: -kv[1][1]):
             mb = count * n * k * 4 / 1e6
             print(f"{f'({n}, {k})':14} {count:>5} {mb:>6.1f} {g * 1e3:>8.2f} {mb / g / 1e3:>5.1f} {s / g:>6.0%} "
-                  f"{mb / gt / 1e3:>15.1f} {s / gt:>6.0%} {mb / s / 1e3:>8.1f}")
-        print()
+                  f"{mb / gt / 1e3:>15.1f} {s / gt:>6.0%} {mb / f / 1e3:>16.1f} {s / f:>6.0%} {mb / s / 1e3:>8.1f}")
+        print("\nthe plain step:")
         profile_table(model, cfg, prompt_ids, args.steps, args.top)
-
+        print("\nthe fused step:")
+        cpu_fused_layer.prepare_fused_layers(model)
+        profile_table(model, cfg, prompt_ids, args.steps, args.top)
 
 if __name__ == "__main__":
     main()

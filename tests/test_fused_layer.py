@@ -1,14 +1,16 @@
-"""The fused a8 decoder layer (``kernels/cpu_fused_layer``) equals the plain one.
+"""The fused decoder layer (``kernels/cpu_fused_layer``) equals the plain one, in float32 and a8.
 
-The oracle is ``DecoderLayer.forward`` on the same int8-activation linears (their VNNI kernel,
-itself tested equal to its reference in test_quant_a8.py). The fused layer computes the same
-values; only float summation order differs (norm sums, FMAs), which can move one activation across
-an int8 rounding boundary: one step of that block (max / 127) times a weight, ~1e-4 here.
+The oracle is ``DecoderLayer.forward`` on the same linears: float32 ``nn.Linear`` / ``PackedLinear``,
+or the int8-activation ones (their VNNI kernel, itself tested equal to its reference in
+test_quant_a8.py). The fused layer computes the same values; only float summation order differs
+(norm sums, FMAs, the GEMV's), which in a8 can move one activation across an int8 rounding
+boundary: one step of that block (max / 127) times a weight, ~1e-4 here. float32: DESIGN.md's 1e-4.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import tiny_config, tiny_gemma_config
@@ -19,14 +21,18 @@ from minfer.kv.contiguous import ContiguousKVCache
 from minfer.model import build_model, rope_cos_sin
 from minfer.quant.apply import quantize_model
 
-FORMATS = ["int8", "int4-g32", "int4-g64", "q4_0", "q4_1", "q8_0"]
+FORMATS = ["fp32", "int8", "int4-g32", "int4-g64", "q4_0", "q4_1", "q8_0"]
 needs_kernel = pytest.mark.skipif(fl.why_unavailable() is not None, reason=f"fused layer: {fl.why_unavailable()}")
 
 
 def _model(fmt: str, nkv: int = 2, group: int = 2, hd: int = 16, seed: int = 0, **kw):
     cfg = tiny_config(hidden_size=64, intermediate_size=128, num_key_value_heads=nkv,
                       num_attention_heads=nkv * group, head_dim=hd, **kw)
-    return quantize_model(build_model(cfg, seed=seed), fmt + "-a8")
+    if fmt != "fp32":
+        return quantize_model(build_model(cfg, seed=seed), fmt + "-a8")
+    model = build_model(cfg, seed=seed)
+    assert fl.prepare_fused_layers(model) is None
+    return model
 
 
 @needs_kernel
@@ -55,7 +61,7 @@ def test_fused_layer_equals_plain_layer(fmt, nkv, group, B, T, start, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4-g32"])
 def test_generate_tokens_greedy_equal_fused_and_plain(fmt):
     from minfer.generate import generate_tokens
     from minfer.sampling import SamplingParams
@@ -69,7 +75,8 @@ def test_generate_tokens_greedy_equal_fused_and_plain(fmt):
 
 
 @needs_kernel
-def test_engine_equal_fused_and_plain(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "int4-a8"])
+def test_engine_equal_fused_and_plain(tmp_path, quantization):
     from test_checkpoints import tiny_tokenizer
 
     from minfer.checkpoints.hf import save_hf_folder
@@ -77,8 +84,8 @@ def test_engine_equal_fused_and_plain(tmp_path):
     from minfer.sampling import SamplingParams
     cfg = tiny_config(vocab_size=260, hidden_size=64, intermediate_size=128)
     folder = save_hf_folder(tmp_path / "m", cfg, build_model(cfg, seed=1).state_dict(), *tiny_tokenizer())
-    llm = LLM(str(folder), quantization="int4-a8")
-    assert all(layer.fused is not None for layer in llm.model.model.layers)
+    llm = LLM(str(folder), quantization=quantization)       # float32: fused by default on the CPU
+    assert all(layer.fused is not None for layer in llm.model.model.layers) and llm.model.fused_head
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = ["hello", "a longer prompt here", "x"]
     fused = [o.token_ids for o in llm.generate(prompts, params)]
@@ -90,7 +97,9 @@ def test_layers_that_cannot_fuse_say_why(monkeypatch):
     gemma = quantize_model(build_model(tiny_gemma_config(hidden_size=64, num_attention_heads=4), seed=0),
                            "int8-a8")
     assert "Llama" in fl.prepare_fused_layers(gemma) and all(lay.fused is None for lay in gemma.model.layers)
-    assert "int8-activation" in fl.why_not(build_model(tiny_config(), seed=0).model.layers[0])
+    weight_only = quantize_model(build_model(tiny_config(), seed=0), "int8")
+    assert "int8-activation" in fl.why_not(weight_only.model.layers[0])
+    assert "stacked" in fl.why_not(build_model(tiny_config(), seed=0, fuse_projections=False).model.layers[0])
     padded = quantize_model(build_model(tiny_config(), seed=0), "int8-a8")  # intermediate 48: padded
     assert "pads" in fl.prepare_fused_layers(padded)
     monkeypatch.setattr(fl, "_state", {"why": "this CPU lacks AVX-512 VNNI (vpdpbusd)"})
@@ -99,3 +108,37 @@ def test_layers_that_cannot_fuse_say_why(monkeypatch):
     assert "VNNI" in fl.prepare_fused_layers(model)
     ids = torch.tensor([[1, 2, 3]])
     assert model(ids, torch.arange(3)[None]).shape == (1, 3, 97)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 3), n=st.integers(1, 300), k=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_linear_f32_equals_f_linear(m, n, k, seed):
+    """The GEMV (one row; every K, masked tails included) and the at::linear of more rows."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    assert torch.allclose(fl._state["module"].linear_f32(x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [True, False])
+def test_fp32_head_and_batched_rows(tied):
+    """The LM head's one-row GEMV equals the plain head; oneDNN's batched rows keep the plain layer."""
+    from minfer.kernels.onednn_linear import pack_linears
+    model = _model("fp32", tie_word_embeddings=tied)
+    x = torch.randn(1, 1, 64)
+    fused = model.compute_logits(x)
+    fl.prepare_fused_layers(model, enabled=False)
+    assert model.fused_head is None
+    assert torch.allclose(fused, model.compute_logits(x), atol=1e-4, rtol=0)
+    pack_linears(model, rows=(4, 128))
+    assert fl.prepare_fused_layers(model) is None
+    layer = model.model.layers[0]
+    for rows, taken in ((1, True), (2, True), (4, False)):
+        positions, cache = torch.zeros(rows, 1, dtype=torch.long), ContiguousKVCache(model.cfg, rows, 16)
+        cos, sin = rope_cos_sin(model.inv_freq, positions)
+        out = layer.fused(torch.randn(rows, 1, 64), cos, sin, positions, cache, None, get_backend("sdpa"))
+        assert (out is not None) == taken
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(128, 64, bias=False)   # swapped: plain again
+    assert layer.fused(torch.randn(1, 1, 64), cos[:1], sin[:1], positions[:1], cache, None,
+                       get_backend("sdpa")) is None

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of " + ",".join(METHODS) + " (each: docs/measuring.md). "
                         "cached:FMT / llm:FMT run a copy quantized to FMT, e.g. cached:int8-a8; "
                         "cached:FMT:plain keeps an -a8 format's decoder layers on their plain torch path "
-                        "instead of the fused C++ layer")
+                        "instead of the fused C++ layer, cached:plain / llm:plain those of float32")
     p.add_argument("--peers", default="", help="other engines timed in the same rounds: llama.cpp "
                    "(llama-cpp-python on the model's GGUF, same thread count; left out, saying why, when missing)")
     p.add_argument("--peer-gguf", default=None, help="the GGUF file for llama.cpp (default: the model's own)")
@@ -166,8 +166,8 @@ def _methods(args) -> list[str]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS} (cached:FMT, llm:FMT quantized)")
     from minfer.quant.apply import parse_spec
     for m in methods:
-        if ":" in m:
-            parse_spec(m.partition(":")[2].removesuffix(":plain"))   # a bad name: ValueError naming the choices
+        if fmt := _format(m):
+            parse_spec(fmt)                                         # a bad name: ValueError naming the choices
     return methods + names(args.peers, "--peers", ["llama.cpp"])
 
 
@@ -221,17 +221,23 @@ def _runners(args, llm, methods: list[str], prompt_ids: list[int]):
     return fns, engines, peers, cannot_run
 
 
+def _format(method: str) -> str:
+    return method.partition(":")[2].removesuffix("plain").removesuffix(":")       # "" for float32
+
+
 def _quantized_copy(args, llm, method: str):
-    """cached:FMT -> a model quantized to FMT; llm:FMT -> an engine on such a model."""
+    """cached:FMT -> a model quantized to FMT; llm:FMT -> an engine on such a model (cached:plain and
+    llm:plain: float32 copies with the fused layer off)."""
     from minfer.llm import LLM
     from minfer.model import build_model
     from minfer.quant.apply import quantize_model
     from minfer.kernels.cpu_fused_layer import prepare_fused_layers
-    fmt = method.partition(":")[2].removesuffix(":plain")
+    fmt = _format(method) or None
     if method.startswith("llm"):
         e = LLM(args.model, device=args.device, dtype=args.dtype, quantization=fmt, enforce_eager=True)
     else:
-        e = quantize_model(build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype), fmt)
+        e = build_model(llm.config, llm.model.state_dict(), device=llm.device, dtype=llm.dtype)
+        e = quantize_model(e, fmt) if fmt else e
     if method.endswith(":plain"):
         prepare_fused_layers(e.model if method.startswith("llm") else e, enabled=False)
     return e

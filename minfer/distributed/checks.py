@@ -1,16 +1,22 @@
 """Multi-process checks run by the tests, the lesson and ``minfer bench parallel``.
-
 Each ``*_worker(rank, world, ...)`` runs inside ``comm.launch`` on tiny random models, compares the
 parallel run with the single-process one on the same rank, and rank 0 ``torch.save``s its findings.
 """
 import dataclasses
+import os
 import random
+import time
 
 import torch
 
 from minfer.config import ModelConfig
 from minfer.distributed import comm
+from minfer.distributed.disagg import decode_worker, prefill_worker
+from minfer.distributed.engine import follow_engine, follower_runner, parallel_engine, run_step
+from minfer.distributed.pipeline import PipelineStage
 from minfer.distributed.tensor_parallel import StateDictSource, build_tp_model
+from minfer.engine import LLMEngine
+from minfer.engine.request import TraceRequest
 from minfer.generate import generate_tokens
 from minfer.model import build_model
 from minfer.sampling import SamplingParams
@@ -88,11 +94,8 @@ def tp_worker(rank: int, world: int, out_path, cases=None) -> None:
 
 
 # --- Pipeline parallel ---
-
-
 def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> None:
     """PP=world logits (with 1, 2, 4 micro-batches) and greedy tokens vs the whole model on one rank."""
-    from minfer.distributed.pipeline import PipelineStage
     results = {}
     for name, kw in {"GQA": {}, "untied": dict(tie_word_embeddings=False, num_hidden_layers=5)}.items():
         cfg = tiny_config(**kw)
@@ -111,11 +114,8 @@ def pp_worker(rank: int, world: int, out_path, num_microbatches=(1, 2, 4)) -> No
 
 
 # --- Prefill/decode disaggregation ---
-
-
 def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt: int = 30):
     """Random prompts, half of them sharing a prefix (prefix-cache hits), random lengths."""
-    from minfer.engine.request import TraceRequest
     rng, vocab_ids = random.Random(seed), range(vocab)
     prefix, trace = rng.choices(vocab_ids, k=prefix_len), []
     for i in range(n):
@@ -126,7 +126,6 @@ def mixed_trace(n: int, seed: int, vocab: int, prefix_len: int = 12, max_prompt:
 
 
 def _engine(model, **kw):
-    from minfer.engine import LLMEngine
     return LLMEngine.from_model(model, **{"num_blocks": 64, "block_size": 4, "max_num_batched_tokens": 64,
                                           "eos_token_ids": (), **kw})
 
@@ -142,7 +141,6 @@ def _seeded_params(r):
 
 def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
     """Rank 0 prefills, rank 1 decodes; rank 0 then runs the same requests on one engine and compares."""
-    from minfer.distributed.disagg import decode_worker, prefill_worker
     cfg = tiny_config()
     results = {}
     for seed in seeds:
@@ -164,15 +162,9 @@ def disagg_worker(rank: int, world: int, out_path, seeds=(0, 1, 2)) -> None:
 
 
 # --- A rank that dies ---
-
-
 def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> None:
     """Rank 1 follows the driver for ``die_after`` steps, then exits. Rank 0 must get a DistributedError
     (not hang); it records the message, how long it waited and the in-flight requests' finish reasons."""
-    import os
-    import time
-
-    from minfer.distributed.engine import follower_runner, parallel_engine, run_step
     cfg = tiny_config()
     shard = build_tp_model(cfg, StateDictSource(random_model(cfg).state_dict()), rank, world)
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
@@ -197,7 +189,6 @@ def dying_rank_worker(rank: int, world: int, out_path, die_after: int = 3) -> No
 
 def many_worker(rank: int, world: int, out_path, jobs) -> None:
     """Run ``jobs`` = [(name, worker, args), ...] in one process group; rank 0 saves {name: what it saved}."""
-    import os
     results = {}
     for name, worker, args in jobs:
         part = f"{out_path}.{name}"
@@ -223,8 +214,6 @@ def _tokens_and_logprobs(reqs) -> tuple[list, list]:
 
 def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
     """The engine driven by rank 0 and followed by rank 1, on TP shards and pipeline stages, vs one engine."""
-    from minfer.distributed.engine import follow_engine, parallel_engine
-    from minfer.distributed.pipeline import PipelineStage
     cfg = tiny_config()
     results = {}
     for seed in seeds:
@@ -233,7 +222,6 @@ def engine_worker(rank: int, world: int, out_path, seeds=(0, 1)) -> None:
         params = [dataclasses.replace(greedy_params(r), logprobs=2, prompt_logprobs=1) if i % 2
                   else greedy_params(r) for i, r in enumerate(trace)]      # half of them ask for logprobs
         full = random_model(cfg, seed)
-        want = None
         if rank == 0:
             want, want_lp = _tokens_and_logprobs(_engine(full, max_num_batched_tokens=24).generate(prompts, params))
         setups = {"tp": (lambda: build_tp_model(cfg, StateDictSource(full.state_dict()), rank, world), 1),

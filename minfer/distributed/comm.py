@@ -53,8 +53,6 @@ def _fail(what: str, e: Exception) -> DistributedError:
 
 
 # --- Counting what goes over the wire ---
-
-
 @dataclass
 class CommStats:
     """Calls, bytes and seconds per collective since the last ``reset`` (this rank's view)."""
@@ -77,16 +75,13 @@ COMM_STATS = CommStats()
 
 
 # --- Starting the group ---
-
-
 def launched_by_torchrun() -> bool:
     """True inside a process started by ``torchrun`` (it exports RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
-    """Join the group torchrun's environment variables describe -> (rank, world size). backend None:
-    NCCL when CUDA is available, else gloo. Already initialised: just report."""
+    """Join torchrun's group (its environment) -> (rank, world); backend None: NCCL with CUDA, else gloo."""
     if not dist.is_initialized():
         if not launched_by_torchrun():
             missing = [v for v in TORCHRUN_VARS if v not in os.environ]
@@ -139,8 +134,6 @@ def launch(fn, nprocs: int, *args, timeout_s: float = 30.0) -> None:
 
 
 # --- Collectives, each timed, counted, and turned into DistributedError on failure ---
-
-
 def _timed(op: str, nbytes: int, call):
     t0 = time.perf_counter()
     try:

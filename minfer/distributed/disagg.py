@@ -1,5 +1,4 @@
 """Prefill/decode disaggregation (DistServe, Zhong et al. 2024): one ``LLMEngine`` prefills, another decodes.
-
 A prefilled request (ids, token 1, sampler state, K/V blocks) is sent point to point and enters the
 decode engine through ``add_prefilled_request``, as vLLM's KV connector (``kv_transfer/``).
 """
@@ -30,8 +29,6 @@ class PrefilledRequest:
 
 
 # --- Prefill side ---
-
-
 def prompt_kv(k: torch.Tensor, v: torch.Tensor, block_table: list[int], prompt_len: int):
     """The K/V blocks holding a prompt's first ``prompt_len`` tokens, out of pools (L, num_blocks, bs, nkv, hd)
     -> two (L, ceil(prompt_len / bs), bs, nkv, hd) tensors: whole blocks, as the block table lists them."""
@@ -78,8 +75,6 @@ def prefill_worker(engine, trace, make_params, dst: int = DECODE_RANK, sleep=tim
 
 
 # --- Decode side ---
-
-
 def admit_prefilled(engine, meta: PrefilledRequest, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Put an already-prefilled request into ``engine`` as running; False if its pool is full now. ``k``,
     ``v`` (L, n_blocks, bs, nkv, hd): the prompt's blocks, copied in but for prefix-cache hits."""

@@ -1,5 +1,4 @@
 """The serving engine under tensor or pipeline parallelism: the driver schedules, every rank runs the step.
-
 The driver's runner broadcasts each flattened step; followers (``follow_engine``) run it. vLLM:
 ``multiproc_executor.py`` (``collective_rpc("execute_model", ...)``); docs/parallelism.md.
 """
@@ -61,9 +60,8 @@ class DriverRunner:
 
 
 def parallel_engine(model, tokenizer=None, num_microbatches: int = 1, **engine_kwargs):
-    """``LLMEngine.from_model`` on rank 0's TP shard or pipeline stage, its runner a ``DriverRunner``; the
-    other ranks ``follow_engine``. If a rank dies, every unfinished request is aborted (releasing its
-    callers) and the ``DistributedError`` propagates."""
+    """``LLMEngine.from_model`` on rank 0's TP shard or pipeline stage, its runner a ``DriverRunner`` (the
+    others ``follow_engine``); if a rank dies, every unfinished request is aborted, the error propagates."""
     from minfer.engine import LLMEngine
     engine = LLMEngine.from_model(model, tokenizer, **engine_kwargs,
                                   wrap_runner=lambda r: DriverRunner(r, num_microbatches))

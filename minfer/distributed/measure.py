@@ -1,6 +1,5 @@
-"""Measurements behind ``minfer bench parallel`` and lesson 11, each a ``comm.launch`` worker that
-interleaves single-process and parallel runs (rank 1 waits in a barrier, no CPU, while rank 0 times
-alone) and ``torch.save``s the medians from rank 0.
+"""Measurements behind ``minfer bench parallel`` and lesson 11, each a ``comm.launch`` worker that interleaves
+single-process and parallel runs (rank 1 waits in a barrier while rank 0 times alone); rank 0 saves medians.
 """
 import statistics
 import time

@@ -27,9 +27,8 @@ def stage_layers(num_layers: int, rank: int, world: int, share_group: int = 1) -
 
 
 class PipelineStage(nn.Module):
-    """One rank's part of a ``Transformer``: its layers, the embedding on the first stage, the final norm
-    and LM head on the last. ``forward`` has the ``Transformer``'s signature (``generate_tokens`` runs
-    unchanged); ``timeline`` records (micro-batch, start, end) of this stage's compute."""
+    """One rank's part of a ``Transformer``: its layers, the embedding (first stage), the final norm and LM
+    head (last); ``forward`` has its signature; ``timeline``: (micro-batch, start, end) of each compute."""
 
     def __init__(self, model, rank: int, world: int):
         super().__init__()
@@ -56,12 +55,9 @@ class PipelineStage(nn.Module):
 
     def _pipeline(self, pieces, kv_cache, attention, head, out_shape, dim: int) -> torch.Tensor:
         """Run micro-batches ``pieces`` = [(ids (b, n), positions, paged metadata or None)] through stages.
-
         Each stage embeds (first) or receives a micro-batch, runs its layers, sends the hidden states on
-        without waiting and goes on with the next: stage 0 works on micro-batch 1 while stage 1 works on
-        micro-batch 0. The last stage turns micro-batch m into logits with ``head(m, x)`` (None: no rows),
-        concatenated along ``dim`` and broadcast; every rank returns them, of ``out_shape``.
-        """
+        without waiting and goes on with the next (stage 0 on micro-batch 1 while stage 1 is on 0). The
+        last stage's ``head(m, x)`` logits (None: no rows) are concatenated along ``dim`` and broadcast."""
         from minfer.attention import get_backend
         backend = get_backend(attention) if isinstance(attention, str) else attention
         h, dtype = self.cfg.hidden_size, self.model.norm.weight.dtype

@@ -1,5 +1,4 @@
 """One driver, many followers: how ``LLM(tensor_parallel_size=N)`` and torchrun runs work.
-
 The driver (rank 0) schedules, samples and stops; followers, spawned here or started by torchrun, run
 each step it broadcasts (vLLM: ``vllm/v1/executor/multiproc_executor.py``; docs/parallelism.md).
 """
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from minfer.distributed import comm
 from minfer.distributed.engine import follow_engine
+from minfer.validation import check_int
 
 
 @dataclass
@@ -24,9 +24,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            check_int(getattr(self, name), name, lo=1)
         if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size cannot both be > 1 yet "
                              "(one kind of parallelism at a time)")
@@ -69,8 +67,6 @@ def check_sizes(model: str, pc: ParallelConfig) -> None:
 
 
 # --- The driver side ---
-
-
 DRIVERS: list["Driver"] = []      # this process's drivers (torchrun_main shuts them down)
 
 
@@ -135,8 +131,6 @@ def start_driver(model: str, pc: ParallelConfig, dtype, device, timeout_s: float
 
 
 # --- The follower side ---
-
-
 def torchrun_main(args) -> int:
     """``torchrun --nproc-per-node N -m minfer.cli generate ...``: rank 0 runs the command
     with ``tensor_parallel_size=N`` (or ``--pipeline-parallel``: N stages), the others follow."""

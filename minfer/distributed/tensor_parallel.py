@@ -10,14 +10,9 @@ import torch
 from safetensors import safe_open
 
 from minfer.config import ModelConfig
-from minfer.distributed.layers import (
-    ColumnParallelLinear,
-    ParallelLMHead,
-    QKVParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    shard_range,
-)
+from minfer.validation import check_int
+from minfer.distributed.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                       RowParallelLinear, VocabParallelEmbedding, shard_range)
 
 
 def tp_sizes(cfg: ModelConfig) -> list[int]:
@@ -29,8 +24,7 @@ def tp_sizes(cfg: ModelConfig) -> list[int]:
 
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:
     """Raise ValueError (naming the field) unless ``cfg`` splits over ``tp`` ranks by whole heads."""
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    check_int(tp, "tensor_parallel_size", lo=1)
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if nh % tp:
         raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads={nh} (each rank "
@@ -57,8 +51,6 @@ def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
 
 
 # --- Where the slices come from ---
-
-
 class StateDictSource:
     """Slices of tensors held in memory (a full model's ``state_dict()``)."""
 
@@ -96,8 +88,6 @@ class SafetensorsSource:
 
 
 # --- The rewrite ---
-
-
 def shard_model(model, source, rank: int, world: int, group=None):
     """Turn ``model`` (a ``Transformer``, maybe on the meta device) into rank ``rank``'s shard."""
     full = model.cfg

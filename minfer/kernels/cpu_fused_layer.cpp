@@ -1,8 +1,8 @@
-// A Llama decoder layer in two calls, for the int8-activation (a8) formats on the CPU.
+// A Llama decoder layer in two calls on the CPU, for float32 weights and the int8-activation (a8) formats.
 //
 // At batch 1 a layer's linears take ~0.2 ms, and the ~60 small torch ops around them (norms, RoPE,
 // splits, silu, residual adds) cost about as much again in dispatch alone. Here they are plain loops
-// around the a8 linears of cpu_quant_linear.cpp (included below):
+// around the linears: float32 ones (linear_f32 below) or the a8 ones of cpu_quant_linear.cpp:
 //   attn_in       x -> rms_norm -> qkv_proj -> RoPE on q and k -> q, k, v
 //   attn_out_mlp  (x, attention output) -> o_proj -> + x -> rms_norm -> gate_up_proj
 //                 -> silu(gate) * up -> down_proj -> + residual
@@ -31,13 +31,67 @@ static torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& 
     return y;
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+// <w, x> over K floats. The row is read once, in memory order, into two vector accumulators (so
+// that consecutive FMAs do not wait on each other); the last 1-31 values with a masked load.
+static inline float dot_f32(const float* w, const float* x, int64_t K) {
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float s = 0.0f;                                 // -ffast-math lets the compiler vectorize this
+    for (int64_t k = 0; k < K; ++k) s += w[k] * x[k];
+    return s;
+#endif
+}
+
+// x (M, K) @ w^T, w float32 (N, K) -> (M, N). One row (batch-1 decode) is a GEMV that needs only
+// to stream w once. torch's 1-row F.linear reads an (N, K) weight at about half the rate of a
+// plain .sum() over it on one core (docs/measuring.md); the loop below reads w row after row, in
+// memory order, which the hardware prefetchers follow, and keeps up with the .sum(). Only a large
+// weight (the LM head: 16M values and up) is split over the threads: a parallel region ends when
+// every thread has finished, and on a busy machine a thread's wake-up can take a scheduler slice
+// (milliseconds), far more than a layer's GEMV gains from a second core. More rows (prefill) go to
+// at::linear, the plain path's own GEMM.
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.is_contiguous() &&
+                x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32,
+                "linear_f32: x (M, K) and a contiguous w (N, K), both float32");
+    if (x.size(0) != 1)
+        return at::linear(x, w);
+    const int64_t N = w.size(0), K = w.size(1);
+    auto xc = x.contiguous();
+    auto y = torch::empty({1, N}, x.options());
+    const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, N * K >= (int64_t(1) << 24) ? 256 : N, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) yp[n] = dot_f32(wp + n * K, xp, K);
+    });
+    return y;
+}
+
+// Linear i of a layer: w[2i] float32 (N, K) (w[2i + 1], br unused), or the a8 pair [u, ab], [bits, r].
 static torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
                             const std::vector<int64_t>& br, int i) {
+    if (w[2 * i].scalar_type() == torch::kFloat32)
+        return linear_f32(x, w[2 * i]);
     return linear_a8(x, w[2 * i], w[2 * i + 1], br[2 * i], br[2 * i + 1]);
 }
 
-// x (B, T, h) float32; w = [u, ab] of qkv_proj, br = [bits, r]; cos, sin (B*T, hd), rotate-half
-// tables (both halves equal) -> q (B, nh, T, hd), k, v (B, nkv, T, hd): views of one (M, n*hd) buffer.
+// x (B, T, h) float32; w, br: qkv_proj as linear() takes it; cos, sin (B*T, hd), rotate-half tables
+// (both halves equal) -> q (B, nh, T, hd), k, v (B, nkv, T, hd): views of one (M, n*hd) buffer.
 std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double eps,
                                    std::vector<torch::Tensor> w, std::vector<int64_t> br,
                                    torch::Tensor cos, torch::Tensor sin, int64_t nh, int64_t nkv, int64_t hd) {
@@ -64,8 +118,8 @@ std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double
     return {heads(0, nh), heads(nh, nkv), heads(nh + nkv, nkv)};
 }
 
-// x (B, T, h), attn (B, nh, T, hd); w = [u, ab] of o_proj, gate_up_proj, down_proj, br their
-// [bits, r] -> the layer's output (B, T, h).
+// x (B, T, h), attn (B, nh, T, hd); w, br: o_proj, gate_up_proj, down_proj as linear() takes them
+// -> the layer's output (B, T, h).
 torch::Tensor attn_out_mlp(torch::Tensor x, torch::Tensor attn, torch::Tensor norm_w, double eps,
                            std::vector<torch::Tensor> w, std::vector<int64_t> br) {
     const int64_t B = x.size(0), T = x.size(1), h = x.size(2), M = B * T;
@@ -91,7 +145,8 @@ torch::Tensor attn_out_mlp(torch::Tensor x, torch::Tensor attn, torch::Tensor no
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the kernels below run only then)");
-    m.def("attn_in", &attn_in, "rms_norm -> qkv_proj (a8) -> RoPE: q, k, v");
-    m.def("attn_out_mlp", &attn_out_mlp, "o_proj -> residual -> rms_norm -> SwiGLU MLP (a8) -> residual");
+    m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the a8 linears run only then)");
+    m.def("linear_f32", &linear_f32, "float32 linear; one row by a GEMV streaming the weight once");
+    m.def("attn_in", &attn_in, "rms_norm -> qkv_proj -> RoPE: q, k, v");
+    m.def("attn_out_mlp", &attn_out_mlp, "o_proj -> residual -> rms_norm -> SwiGLU MLP -> residual");
 }

@@ -1,8 +1,8 @@
-"""A Llama decoder layer in two C++ calls for the int8-activation formats (``cpu_fused_layer.cpp``):
-the norms, RoPE, SwiGLU and residuals around the a8 linears, with no per-op dispatch between them.
-The KV write and attention stay the cache's. ``prepare_fused_layers`` (run by ``quantize_model`` /
-``load_quantized`` for ``-a8``) sets ``DecoderLayer.fused``; ``why_not`` says why a layer keeps the
-plain path. Tested equal to it: tests/test_fused_layer.py; figures: docs/kernels.md.
+"""A Llama decoder layer in two C++ calls (``cpu_fused_layer.cpp``) for float32 and -a8 linears on the CPU:
+norms, RoPE, SwiGLU and residuals with no per-op dispatch; float32 rows through a GEMV that streams the
+weights. ``prepare_fused_layers`` (run by ``load_model`` for float32, ``quantize_model`` for -a8) sets
+``DecoderLayer.fused`` and ``Transformer.fused_head``; ``why_not`` says why a layer keeps the plain
+path. Tested equal to it: tests/test_fused_layer.py; figures: docs/kernels.md.
 """
 from pathlib import Path
 from typing import Optional
@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from minfer.kernels.cpu_quant_linear import load_vnni_kernel
+from minfer.kernels.onednn_linear import PackedLinear
 
 _SOURCE = Path(__file__).with_name("cpu_fused_layer.cpp")
 _state: dict = {}
@@ -26,8 +27,12 @@ def _linears(layer) -> list:
             getattr(mlp, mlp.fused_name or "gate_proj"), mlp.down_proj]
 
 
+def _fp32(lin) -> bool:
+    return isinstance(lin, (torch.nn.Linear, PackedLinear)) and lin.bias is None and lin.weight.dtype == torch.float32
+
+
 def why_not(layer) -> Optional[str]:
-    """None when ``layer`` can take the fused path (Llama family, a8 linears, float32 on the CPU)."""
+    """None when ``layer`` can take the fused path (Llama family, float32 or a8 linears, on the CPU)."""
     attn, cfg = layer.self_attn, layer.self_attn.cfg
     if layer.sandwich or cfg.qk_norm or attn.q_scale != 1.0 or layer.mlp.geglu or cfg.norm_offset:
         return "the fused layer is Llama's (no sandwich / q-k norms, query scale or GeGLU, as Gemma has)"
@@ -35,9 +40,11 @@ def why_not(layer) -> Optional[str]:
         return "the fused layer needs stacked qkv_proj / gate_up_proj and its own K/V"
     if layer.input_layernorm.weight.device.type != "cpu" or layer.input_layernorm.weight.dtype != torch.float32:
         return "the fused layer runs in float32 on the CPU"
+    if all(_fp32(lin) for lin in _linears(layer)):       # float32: wherever the kernel builds
+        return None if why_unavailable() is None or "module" in _state else _state["why"]
     for lin in _linears(layer):
         if not (getattr(lin, "act8", False) and lin.bias is None):      # a QuantizedLinear, -a8
-            return "the fused layer needs int8-activation (-a8) linears without bias"
+            return "the fused layer needs float32 or int8-activation (-a8) linears without bias"
         if lin.path == "reference":
             return "path='reference'"
     if why := why_unavailable():
@@ -57,9 +64,14 @@ class FusedLayer:
         self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.eps = cfg.rms_norm_eps
         self._packed: list = []
+        lin = self.linears[0]                    # the rows that the plain path gives to oneDNN stay there
+        self.onednn_rows = (lin.rows or (1, 1 << 62)) if isinstance(lin, PackedLinear) else (1, 0)
 
     def _weights(self) -> Optional[tuple]:
-        """The packed linears as the C++ calls take them, rebuilt when one repacked (``.to()``, a load)."""
+        """The linears as the C++ calls take them; a8: packed, rebuilt when one repacked (``.to()``, a load)."""
+        if _fp32(self.linears[0]):
+            w = [lin.weight for lin in self.linears for _ in (0, 1)]
+            return w[:2], [0, 0], w[2:], [0] * 6
         packed = [lin._fast.get("a8") for lin in self.linears]
         if len(packed) != len(self._packed) or any(a is not b for a, b in zip(packed, self._packed)):
             if any(lin.path == "reference" for lin in self.linears):
@@ -70,7 +82,10 @@ class FusedLayer:
         return self._args
 
     def __call__(self, x, cos, sin, positions, kv_cache, view, backend):
-        if x.device.type != "cpu" or x.dtype != torch.float32 or (w := self._weights()) is None:
+        lo, hi = self.onednn_rows
+        if lo <= x.numel() // x.shape[-1] <= hi or any(a is not b for a, b in zip(_linears(self.layer), self.linears)):
+            return None                                     # oneDNN's rows, or a linear swapped since
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or (w := self._weights()) is None:
             return None
         layer, kernel = self.layer, _state["module"]
         attn = layer.self_attn
@@ -82,12 +97,22 @@ class FusedLayer:
         return x, view
 
 
+def _head_gemv(model, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Logits of one row (x (1, 1, h)) by the GEMV, when the LM head is float32 (tied or not); else None."""
+    head = getattr(model, "lm_head", None)
+    w = model.model.embed_tokens.weight if head is None else head.weight if _fp32(head) else None
+    if w is None or x.numel() != w.shape[1] or not x.is_cpu or x.dtype != w.dtype or x.requires_grad:
+        return None
+    return _state["module"].linear_f32(x.reshape(1, -1), w).view(*x.shape[:-1], -1)
+
+
 def prepare_fused_layers(model, enabled: bool = True) -> Optional[str]:
-    """Give each decoder layer that can take it the fused path (or take it away: ``enabled=False``).
-    Returns None when every layer has it, else the first reason why not."""
+    """Give each decoder layer that can take it the fused path, and the LM head the GEMV if all can (or
+    take them away: ``enabled=False``). Returns None when every layer has it, else the first reason why not."""
     first = None
     for layer in model.model.layers:
         why = why_not(layer) if enabled else "switched off"
         layer.fused = FusedLayer(layer) if why is None else None
         first = first or why
+    model.fused_head = _head_gemv if first is None else None
     return first

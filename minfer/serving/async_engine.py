@@ -1,10 +1,10 @@
 """One engine loop, many clients: the engine steps in a background thread, handlers await queues.
-
 Only the engine thread touches the engine (public API only); the event loop puts commands on a
 queue and reads per-request ``asyncio.Queue``s. vLLM: ``AsyncLLM`` (``vllm/v1/engine/async_llm.py``)
 and ``EngineCore`` (``vllm/v1/engine/core.py``). The diagram: docs/serving.md.
 """
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -70,10 +70,8 @@ class AsyncEngine:
     """``submit`` / ``abort`` from asyncio; the engine runs in its own thread (``start`` / ``stop``)."""
 
     def __init__(self, engine: LLMEngine, *, max_waiting: int = 64, registry: CollectorRegistry | None = None):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
+        self.engine, self.tokenizer, self.max_waiting = engine, engine.tokenizer, max_waiting
         self.max_model_len = int(min(engine.max_model_len, 2**31))
-        self.max_waiting = max_waiting
         self.registry = registry or CollectorRegistry()
         self.metrics = EngineMetrics(self.registry)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -133,12 +131,10 @@ class AsyncEngine:
         eng = self.engine
         while True:
             cmds = []
-            try:     # all queued commands; wait (0.1 s) for one only when the engine is idle
+            with contextlib.suppress(queue.Empty):     # all queued commands; wait (0.1 s) only when idle
                 while True:
                     idle = not (cmds or eng.has_unfinished_requests())
                     cmds.append(self._commands.get(block=idle, timeout=0.1))
-            except queue.Empty:
-                pass
             for c in cmds:
                 if c[0] == "stop":
                     self._abort_all("the server is shutting down")
@@ -222,11 +218,9 @@ class AsyncEngine:
     def _update_gauges(self) -> None:
         eng, m = self.engine, self.metrics
         used, total = eng.kv_cache_usage
-        m.running.set(eng.num_running)
-        m.waiting.set(eng.num_waiting)
-        m.kv_used.set(used)
-        m.kv_total.set(total)
-        m.kv_usage.set(used / total)
+        for gauge, value in ((m.running, eng.num_running), (m.waiting, eng.num_waiting), (m.kv_used, used),
+                             (m.kv_total, total), (m.kv_usage, used / total)):
+            gauge.set(value)
         queries, hits = eng.prefix_cache_stats       # the engine's running totals -> counter increments
         if queries > m.queries:
             m.prefix_queries.inc(queries - m.queries)
@@ -236,11 +230,9 @@ class AsyncEngine:
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
+    if exc is None and not fut.done():
         fut.set_result(None)
-    else:
+    elif not fut.done():
         fut.set_exception(exc)
 
 

@@ -1,5 +1,4 @@
 """``minfer batch INPUT.jsonl OUTPUT.jsonl``: an offline batch job in the OpenAI batch file format.
-
 Throughput first: every request goes to the engine at once. A bad body is that line's error
 record; a broken file is refused before the model loads. Resumable by content (``request_hash``
 in ``OUTPUT.jsonl.partial``), written atomically. The formats and the rules: docs/serving.md.
@@ -80,9 +79,8 @@ def read_input(path: str | Path) -> list[BatchItem]:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The output records of a finished output file or a journal, in file order (a torn last line,
-    from a kill, is ignored). ValueError if the file holds anything that is not such a record, so a
-    file that minfer did not write is never taken for one (nor overwritten)."""
+    """The records of an output file or a journal, in file order (a torn last line, from a kill, is
+    ignored); ValueError for anything else, so a file minfer did not write is never overwritten."""
     recs: list[dict] = []
     if not path.exists():
         return recs
@@ -138,9 +136,8 @@ def _truncate_torn_tail(path: Path) -> None:
 
 # --- Requests in, records out ---
 def parse_request(item: BatchItem, tokenizer, max_model_len: int) -> tuple[list[int], SamplingParams, ChoiceShape]:
-    """A request's prompt token ids, sampling parameters and choice shape (logprobs, echo), by the
-    server's request models (``openai_api``: the same fields, limits, defaults and refusals); errors
-    name ``body.<field>``."""
+    """A request's prompt ids, sampling parameters and choice shape, by the server's request models
+    (``openai_api``: the same fields, limits, defaults and refusals); errors name ``body.<field>``."""
     chat = item.url == "/v1/chat/completions"
     req = parse_body(ChatCompletionRequest if chat else CompletionRequest, item.body, prefix="body.")
     if req.n != 1:
@@ -245,7 +242,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from minfer.llm import LLM
-
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")
     read_input(args.input)                       # a malformed file fails before the model loads

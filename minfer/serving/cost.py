@@ -8,21 +8,22 @@ DEFAULT_PRICE_PER_HOUR = 0.10
 DEFAULT_WATTS = 700.0
 
 
-def dollars_per_mtok(tokens_per_s: float, price_per_hour: float) -> float:
-    """$ per million tokens for a machine at ``price_per_hour`` making ``tokens_per_s``."""
+def _check(tokens_per_s: float, name: str, value: float) -> None:
     if not tokens_per_s > 0:
         raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
-    if price_per_hour < 0:
-        raise ValueError(f"price_per_hour must be >= 0, got {price_per_hour}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def dollars_per_mtok(tokens_per_s: float, price_per_hour: float) -> float:
+    """$ per million tokens for a machine at ``price_per_hour`` making ``tokens_per_s``."""
+    _check(tokens_per_s, "price_per_hour", price_per_hour)
     return price_per_hour / (3600.0 * tokens_per_s) * 1e6
 
 
 def kwh_per_mtok(tokens_per_s: float, watts: float) -> float:
     """kWh per million tokens for a machine drawing ``watts`` while making ``tokens_per_s``."""
-    if not tokens_per_s > 0:
-        raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
-    if watts < 0:
-        raise ValueError(f"watts must be >= 0, got {watts}")
+    _check(tokens_per_s, "watts", watts)
     return watts / 1000.0 * (1e6 / tokens_per_s) / 3600.0
 
 

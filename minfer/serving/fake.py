@@ -1,5 +1,4 @@
 """A fake model and a fake clock: test and teach the scheduler in milliseconds.
-
 ``FakeRunner`` (``engine.ModelRunner``'s interface, no weights) checks every context it reads
 back through the block tables; its logits depend only on the context. ``FakeClock`` charges
 ``fixed + per_token * N`` per forward (docs/serving.md).

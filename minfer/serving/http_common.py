@@ -1,13 +1,16 @@
 """What the server and the router share: the app's errors and /metrics, body reading, the command-line
-flags (the router starts servers with the same engine flags). Apart from ``server.py`` so that
-neither of the two imports the other at import time.
+flags (the router starts servers with the same engine flags); apart, so neither imports the other.
 """
 import argparse
 import contextlib
 import json
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from minfer.cli_args import add_parallel_args, int_in, positive_int, seconds
-
 from minfer.serving.openai_api import APIError
 
 MAX_BODY_BYTES = 1 << 20
@@ -20,11 +23,7 @@ MAX_JSON_DEPTH = 32                     # nesting of a request body (OpenAI's bo
 def new_app(title: str, lifespan, registry):
     """A FastAPI app whose every error, ours or the framework's (404 path, 405 method), is OpenAI's
     error JSON, with ``GET /metrics``: ``registry`` in Prometheus text."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title=title, lifespan=lifespan)
 
     @app.exception_handler(APIError)
@@ -138,6 +137,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help=f"seconds a new connection may take to send its request headers (default {HEADER_TIMEOUT:g})")
     p.add_argument("--keep-alive-timeout", type=seconds, default=KEEP_ALIVE_TIMEOUT,
                    help=f"seconds an idle keep-alive connection stays open (default {KEEP_ALIVE_TIMEOUT:g})")
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
+                   help="largest request body (413 above)")
 
 
 def check_host(host: str) -> None:
@@ -152,10 +153,9 @@ def check_host(host: str) -> None:
 
 
 def header_timeout_protocol(timeout: float):
-    """uvicorn's h11 protocol plus a header timeout: a connection that has not sent a whole
-    request head within ``timeout`` seconds of opening (or of its last response) is closed,
-    so slow-header clients (slowloris) cannot hold sockets. uvicorn's own ``timeout_keep_alive``
-    covers only idle connections after a response."""
+    """uvicorn's h11 protocol plus a header timeout: a connection without a whole request head
+    ``timeout`` s after opening (or its last response) is closed, so slowloris clients cannot hold
+    sockets (uvicorn's ``timeout_keep_alive`` covers only idle connections after a response)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutH11(H11Protocol):
@@ -179,9 +179,8 @@ def header_timeout_protocol(timeout: float):
 
 
 def run_server(app, args, *, graceful: float | None = None, on_shutdown=None) -> None:
-    """uvicorn with the limits of the flags: header and keep-alive timeouts, at most
-    ``graceful`` seconds for running requests on Ctrl-C. ``on_shutdown()`` runs when
-    shutdown begins (the server aborts what is still running when its drain ends)."""
+    """uvicorn with the flags' header and keep-alive timeouts, at most ``graceful`` s for running
+    requests on Ctrl-C; ``on_shutdown()`` runs when shutdown begins (the server's drain)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -199,5 +198,4 @@ def run_server(app, args, *, graceful: float | None = None, on_shutdown=None) ->
 
 
 def served_name(args) -> str:
-    from pathlib import Path
     return getattr(args, "served_model_name", None) or Path(str(args.model)).name

@@ -1,9 +1,9 @@
 """Serving metrics, with the definitions of vLLM's serving benchmark (``vllm/benchmarks/serve.py``,
-``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et
-al. 2024). Percentiles are numpy's. The definitions, drawn: docs/serving.md.
+``calculate_metrics``): TTFT, TPOT, ITL, E2E, throughputs, and goodput (DistServe, Zhong et al. 2024).
+Percentiles are numpy's. The definitions, drawn: docs/serving.md.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -39,8 +39,7 @@ class Distribution:
     @classmethod
     def of(cls, seconds: list[float]) -> "Distribution":
         if not seconds:
-            nan = float("nan")
-            return cls(nan, nan, nan, nan, nan, nan, 0)
+            return cls(*[math.nan] * 6, 0)
         ms = 1000.0 * np.asarray(seconds, dtype=np.float64)
         p50, p90, p95, p99 = np.percentile(ms, PERCENTILES).tolist()
         return cls(float(ms.mean()), p50, float(ms.std()), p90, p95, p99, len(ms))
@@ -68,7 +67,6 @@ class ServingMetrics:
     num_preemptions: int = 0
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
         return asdict(self)
 
 
@@ -94,21 +92,16 @@ def meets_slos(r: RequestStats, slo_ms: dict[str, float]) -> bool:
     return all(values[k] is not None and 1000.0 * values[k] <= v for k, v in slo_ms.items())
 
 
-def check_slos(slo_ms: dict[str, float] | None) -> dict[str, float]:
+def summarize(requests: Iterable[RequestStats], duration: float | None = None,
+              slo_ms: dict[str, float] | None = None) -> ServingMetrics:
+    """Metrics of the finished requests of a run. ``duration``: seconds (default: last finish - first
+    arrival); ``slo_ms``: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds) enables goodput."""
     slo_ms = dict(slo_ms or {})
     for k, v in slo_ms.items():
         if k not in SLO_METRICS:
             raise ValueError(f"unknown SLO metric {k!r}; choose from {SLO_METRICS}")
         if not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"SLO {k} must be a positive number of milliseconds, got {v!r}")
-    return slo_ms
-
-
-def summarize(requests: Iterable[RequestStats], duration: float | None = None,
-              slo_ms: dict[str, float] | None = None) -> ServingMetrics:
-    """Metrics of the finished requests of a run. ``duration``: seconds (default: last finish - first
-    arrival); ``slo_ms``: e.g. ``{"ttft": 500, "tpot": 50}`` (milliseconds) enables goodput."""
-    slo_ms = check_slos(slo_ms)
     done = [r for r in requests if r.finish_time is not None]
     if duration is None:
         duration = (max(r.finish_time for r in done) - min(r.arrival_time for r in done)) if done else 0.0

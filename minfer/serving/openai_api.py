@@ -1,9 +1,7 @@
 """The OpenAI API as the server and the batch job speak it: request bodies (pydantic, strict mode:
 ``"0.5"`` is not a number), errors (``{"error": {"message", "type", "param", "code"}}``), responses.
-
-Every field the engine cannot honour (penalties, tools, any field OpenAI does not define) is a 400
-naming it, never ignored. The fields, logprobs, echo, ``n`` and guided output: docs/serving.md.
-vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
+Every field the engine cannot honour (penalties, tools, any field OpenAI does not define) is a 400 naming
+it, never ignored (the fields: docs/serving.md). vLLM's equivalent: ``vllm/entrypoints/openai/protocol.py``.
 """
 import re
 import time
@@ -36,31 +34,32 @@ class APIError(Exception):
 
 
 # --- Request bodies ---
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)     # unknown fields refused, no type coerced
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False     # vLLM's: usage so far on every chunk (with include_usage)
 
 
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(populate_by_name=True)
     name: Optional[str] = None
     description: Optional[str] = None
     schema_: dict = Field(alias="schema")
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """OpenAI's ``response_format``: structured output (``minfer/guided.py``)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JSONSchemaFormat] = None
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by both endpoints (OpenAI's names; top_k, ignore_eos, stop_token_ids as vLLM's extras)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -115,14 +114,12 @@ class CompletionRequest(_Sampling):
         return v
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
@@ -153,16 +150,14 @@ def parse_body(model: type[BaseModel], body, prefix: str = "") -> BaseModel:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        problems, params = [], []
+        problems: dict[str, str] = {}                  # field path -> its first problem
         for err in e.errors():
             # union members show up in the location ("prompt.list[int].0"): keep the field path only
             param = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
             msg = "unsupported field: the minfer server does not implement it" \
                 if err["type"] == "extra_forbidden" else err["msg"]
-            if param not in params:
-                params.append(param)
-                problems.append(f"{prefix}{param}: {msg}")
-        raise APIError(400, "; ".join(problems), param=params[0] if params else None) from None
+            problems.setdefault(param, f"{prefix}{param}: {msg}")
+        raise APIError(400, "; ".join(problems.values()), param=next(iter(problems), None)) from None
 
 
 def sampling_params(req: _Sampling, num_prompt_tokens: int, max_model_len: int, *, chat: bool) -> SamplingParams:
@@ -235,8 +230,7 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def response(rid: str, model: str, chat: bool, choices: list[tuple], use: dict) -> dict:
-    """A whole (non-streamed) ``text_completion`` or ``chat.completion``; ``choices``: (text, finish_reason,
-    logprobs) of each sample, by index."""
+    """A whole ``text_completion`` / ``chat.completion``; ``choices``: [(text, finish_reason, logprobs)]."""
     out = [{"index": index, "finish_reason": reason, "logprobs": logprobs,
             **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
            for index, (text, reason, logprobs) in enumerate(choices)]

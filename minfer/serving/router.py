@@ -1,9 +1,7 @@
-"""``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``.
-
-``prefix_aware`` hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a
-consistent-hash ring (Karger et al. 1997). Bodies and bytes are forwarded unchanged; a replica
-that fails is marked down and its waiting requests move. SGLang's router and llm-d do the same;
-the failure rules: docs/serving.md.
+"""``minfer router --replica URL ... --policy round_robin|least_loaded|prefix_aware``. ``prefix_aware``
+hashes the prompt's first blocks (``minfer.kv.block_pool.block_hashes``) onto a consistent-hash ring
+(Karger et al. 1997). Bodies are forwarded unchanged; a replica that fails is marked down and its
+waiting requests move, as SGLang's router and llm-d do (the failure rules: docs/serving.md).
 """
 import argparse
 import asyncio
@@ -20,12 +18,14 @@ import time
 from contextlib import asynccontextmanager
 from typing import Sequence
 
+import httpx
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from minfer.cli_args import positive_int, seconds_or_zero
 from minfer.distributed.comm import free_port
-from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, new_app,
-                                        read_body, run_server, seconds)
+from minfer.serving.http_common import (MAX_BODY_BYTES, add_server_args, check_host, decode_json, engine_flags,
+                                        new_app, read_body, run_server, seconds, served_name)
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, CompletionRequest, parse_body,
                                        prompt_ids)
 
@@ -47,8 +47,7 @@ def stable_hash(data: bytes | str) -> int:
 
 
 def ring_lookup(points: Sequence[int], owners: Sequence[int], key: int) -> int:
-    """The owner of the first ring point at or after ``key``, wrapping past the end to the first.
-    ``points`` are sorted ascending; ``owners[i]`` owns ``points[i]``."""
+    """The owner of the first ring point at or after ``key`` (wrapping); ``owners[i]`` owns ``points[i]``."""
     i = bisect.bisect_left(points, key)
     return owners[i % len(points)]
 
@@ -106,8 +105,7 @@ class Router:
         return [ord(c) for c in text] if isinstance(text, str) else list(text)
 
     def choose(self, path: str, body: dict, exclude: Sequence[int] = ()) -> int | None:
-        """The replica for this request, not one of ``exclude`` (None: every other replica is down).
-        The caller counts the request in ``in_flight`` at once, so that concurrent requests see it."""
+        """The replica for this request, not one of ``exclude`` (None: every other replica is down)."""
         alive = [a and i not in exclude for i, a in enumerate(self.alive())]
         if not any(alive):
             return None
@@ -128,8 +126,7 @@ class Router:
 
 # --- The app ---
 CONNECT_TIMEOUT = 2.0          # seconds to open a connection to a replica (--connect-timeout)
-FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (--first-byte-timeout): a non-streamed
-                               # answer sends its head only when it is complete
+FIRST_BYTE_TIMEOUT = 300.0     # seconds to a replica's response head (a whole answer's: at its end)
 READ_TIMEOUT = 300.0           # seconds between two reads of a response (--read-timeout)
 HEALTH_INTERVAL = 5.0          # seconds between two active health checks (--health-interval; 0: none)
 HEALTH_TIMEOUT = 5.0           # seconds a replica's /health may take (--health-timeout)
@@ -153,13 +150,11 @@ class RouterMetrics:
 
 
 class Forwarder:
-    """Sends a request to the router's choice, moves it to another replica while nothing has been
-    sent to the client, and relays the answer's bytes; health checks run beside it."""
+    """Sends a request to the router's choice (another while nothing reached the client); relays the bytes."""
 
     def __init__(self, router: Router, *, connect_timeout: float = CONNECT_TIMEOUT,
                  first_byte_timeout: float = FIRST_BYTE_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  health_interval: float = HEALTH_INTERVAL, health_timeout: float = HEALTH_TIMEOUT):
-        import httpx
         self.router, self.first_byte_timeout = router, first_byte_timeout
         self.health_interval, self.health_timeout = health_interval, health_timeout
         self.metrics = RouterMetrics(router)
@@ -176,8 +171,6 @@ class Forwarder:
 
     async def health_loop(self) -> None:
         """GET /health of every replica each ``health_interval`` s: down on failure, up on success."""
-        import httpx
-
         async def check(i: int) -> bool:
             try:
                 r = await self.client.get(f"{self.router.replicas[i]}/health", timeout=self.health_timeout)
@@ -195,7 +188,6 @@ class Forwarder:
 
     async def open(self, i: int, path: str, raw: bytes):
         """The replica's response (head received, body still streaming); ReplicaFailed otherwise."""
-        import httpx
         req = self.client.build_request("POST", self.router.replicas[i] + path, content=raw,
                                         headers={"content-type": "application/json"})
         send = asyncio.ensure_future(self.client.send(req, stream=True))
@@ -213,7 +205,6 @@ class Forwarder:
             raise ReplicaFailed(type(e).__name__) from None
 
     async def forward(self, path: str, raw: bytes, body):
-        from fastapi.responses import StreamingResponse
         router, tried = self.router, []
         while True:
             i = router.choose(path, body if isinstance(body, dict) else {}, exclude=tried)
@@ -245,7 +236,6 @@ class Forwarder:
 
     async def relay(self, i: int, upstream, t0: float, sse: bool):
         """The replica's bytes as they come; if it dies mid-stream, an error event and ``[DONE]``."""
-        import httpx
         url, tail = self.router.replicas[i], b"\n\n"
         try:
             async for part in upstream.aiter_raw():
@@ -266,9 +256,6 @@ class Forwarder:
 
 def build_router_app(router: Router, *, max_body_bytes: int = MAX_BODY_BYTES, **timeouts):
     """The router's app; ``timeouts``: ``Forwarder``'s (connect, first byte, read, health checks)."""
-    import httpx
-    from fastapi.responses import Response
-
     fw = Forwarder(router, **timeouts)
 
     @asynccontextmanager
@@ -318,8 +305,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per hashed block (default 16)")
     p.add_argument("--prefix-blocks", type=positive_int, default=4,
                    help="blocks of the prompt that make the key (default 4)")
-    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
-                   help="largest request body (413 above)")
     add_router_timeouts(p)
     add_server_args(p)
 
@@ -379,7 +364,6 @@ def main(args) -> int:
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
     """Poll ``url/health`` until it answers 200 (RuntimeError if the process dies or time runs out)."""
-    import httpx
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -392,16 +376,14 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
-    ``kill -9`` of ``minfer serve --replicas N`` leaves no replica behind. Elsewhere: nothing."""
+    """In the child: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), even by ``kill -9``."""
     import ctypes
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
 def start_minfer(argv: list[str], quiet: bool = False, port: int | None = None) -> tuple[str, subprocess.Popen]:
-    """``minfer ARGV --port P`` as a child process on 127.0.0.1 (a free port unless given): (base URL,
-    process). The child dies with this process."""
+    """``minfer ARGV --port P`` as a child on 127.0.0.1 that dies with this process -> (base URL, process)."""
     port = port or free_port()
     out = subprocess.DEVNULL if quiet else None
     proc = subprocess.Popen([sys.executable, "-m", "minfer.cli", *argv, "--port", str(port)], stdout=out,
@@ -422,9 +404,8 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
 
 
 class Supervisor:
-    """Keeps N replica processes alive: a child that exits is started again on its port, after a
-    backoff that doubles with each quick death (1 s, 2 s, ... at most ``max_backoff``) and resets
-    once it has run for a minute."""
+    """Keeps N replica processes alive: a child that exits restarts on its port after a backoff that
+    doubles with each quick death (1 s, 2 s, ... at most ``max_backoff``), reset after a minute's run."""
 
     def __init__(self, argv: list[str], n: int, max_backoff: float = 30.0):
         import threading
@@ -464,7 +445,6 @@ class Supervisor:
 def serve_replicas(args) -> int:
     """``minfer serve --replicas N``: N `minfer serve` children on free ports, the router on --port."""
     check_policy(args.policy)
-    from minfer.serving.http_common import engine_flags, served_name
     child = ["serve", "--model", str(args.model), "--dtype", args.dtype,
              "--served-model-name", served_name(args), *engine_flags(args),
              "--max-waiting", str(args.max_waiting), "--max-body-bytes", str(args.max_body_bytes),
@@ -472,12 +452,8 @@ def serve_replicas(args) -> int:
     for flag, value in (("--device", args.device), ("--threads", args.threads)):
         if value is not None:
             child += [flag, str(value)]
-
-    def interrupt(signum, frame):        # Ctrl-C / SIGTERM while the replicas start: still stop them
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):     # while the replicas start too: they are stopped
+        signal.signal(sig, signal.default_int_handler)
     sup = Supervisor(child, args.replicas)
     try:
         with contextlib.suppress(KeyboardInterrupt):

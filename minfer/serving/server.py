@@ -1,15 +1,7 @@
-"""``minfer serve [MODEL]``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, as vLLM's).
-
-    minfer serve smollm2-135m-instruct --host 127.0.0.1 --port 8000
-    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32, "stream": true}'
-
-``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true``:
-server-sent events), ``GET /health``, ``GET /metrics``. A handler tokenizes the prompt and submits it
-to the ``AsyncEngine``, whose thread steps the engine for everyone, then awaits its own queue of
-deltas; a client gone aborts its request. ``--replicas N``: N servers behind the router
-(``minfer.serving.router``). Backpressure, drain, limits: docs/serving.md.
-vLLM: ``vllm/entrypoints/openai/api_server.py``.
+"""``minfer serve [MODEL]``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, as vLLM's
+``vllm/entrypoints/openai/api_server.py``). A handler tokenizes the prompt, submits it to the
+``AsyncEngine`` (whose thread steps the engine for everyone) and awaits its own queue of deltas; a
+client gone aborts its request. Endpoints, ``--replicas N``, backpressure, drain, limits: docs/serving.md.
 """
 import argparse
 import asyncio
@@ -26,6 +18,7 @@ from minfer.serving.http_common import (MAX_BODY_BYTES, add_engine_args, add_ser
 from minfer.serving.openai_api import (APIError, ChatCompletionRequest, ChoiceShape, CompletionRequest,
                                        choice_shape, chunk, new_id, parse_body, prompt_ids, response,
                                        sampling_params, usage)
+from minfer.serving.router import add_router_timeouts, serve_replicas
 
 MAX_REPLICAS = 64                        # engine processes one `serve --replicas N` may start
 
@@ -76,9 +69,8 @@ def longest_token_chars(tok) -> int:
 
 
 class Handlers:
-    """The generation endpoints. Tokenizing runs in a worker thread (a 1 MB body takes a
-    while and must not stall other streams), after a character cap: a prompt of more than
-    ``max_model_len x longest token`` characters cannot fit the context, so it is refused as is."""
+    """The generation endpoints. Tokenizing runs in a worker thread (a 1 MB body must not stall other
+    streams), after a cap: over ``max_model_len x longest token`` characters cannot fit the context."""
 
     def __init__(self, aengine, model_name: str, max_body_bytes: int):
         self.aengine, self.model_name, self.max_body_bytes = aengine, model_name, max_body_bytes
@@ -154,8 +146,7 @@ class Handlers:
             (self.aengine.release if done == n else self.aengine.abort)(rid)
 
     async def collect(self, request, rid, q, n: int, chat: bool, shape: ChoiceShape) -> dict:
-        """The whole answer. The client's disconnect is watched at the same time, so a client that
-        gives up (a timeout) frees its KV blocks within one engine step, not at ``max_tokens``."""
+        """The whole answer; a client that disconnects meanwhile frees its KV blocks within a step."""
         texts, reasons, num_output = [[] for _ in range(n)], [None] * n, 0
         ids, dicts, prompt_dicts = [[] for _ in range(n)], [[] for _ in range(n)], None
         gone = asyncio.ensure_future(wait_disconnect(request))
@@ -200,15 +191,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--max-waiting", type=positive_int, default=64,
                    help="queued requests before new ones get 503 + Retry-After (default 64)")
-    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
-                   help="largest request body (413 above)")
     p.add_argument("--drain-seconds", type=seconds_or_zero, default=5.0,
                    help="on Ctrl-C, how long running streams may finish before they are aborted")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--replicas", type=int_in(1, MAX_REPLICAS), default=1,
                    help="N > 1: N engine processes behind a router")
     p.add_argument("--policy", default="prefix_aware", help="router policy with --replicas (default prefix_aware)")
-    from minfer.serving.router import add_router_timeouts
     add_router_timeouts(p)
 
 
@@ -228,7 +216,6 @@ def main(args) -> int:
         args.model = args.model_pos
     check_host(args.host)                  # before anything is loaded
     if args.replicas > 1:
-        from minfer.serving.router import serve_replicas
         return serve_replicas(args)
     set_threads(args.threads)
     from minfer.serving.async_engine import AsyncEngine, build_engine

@@ -1,8 +1,6 @@
 """Workloads: seeded request traces for the serving benchmark, the lessons and the tests.
-
-``synthetic_trace`` (random ids) and ``text_trace`` (``pydoc_data.topics``); arrivals are gamma
-gaps of mean 1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py``
-(``get_request``) (docs/serving.md).
+``synthetic_trace`` (random ids) and ``text_trace`` (``pydoc_data.topics``); arrivals are gamma gaps of mean
+1/rate and shape ``burstiness``, as vLLM's ``vllm/benchmarks/serve.py`` (``get_request``; docs/serving.md).
 """
 import itertools
 import math
@@ -40,17 +38,22 @@ def synthetic_trace(n: int, *, rate: float = math.inf, burstiness: float = 1.0,
                     prompt_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (16, 256),
                     vocab: tuple[int, int] = (0, 100), seed: int = 0) -> list[TraceRequest]:
     """n requests with uniform random lengths and random token ids in [vocab[0], vocab[1])."""
-    plo, phi = _check_range("prompt_len", prompt_len)
-    olo, ohi = _check_range("output_len", output_len)
     if not vocab[0] < vocab[1]:
         raise ValueError(f"vocab must be a non-empty id range (lo, hi), got {vocab!r}")
-    rng = random.Random(seed)
-    times = arrival_times(n, rate, burstiness, seed=seed + 1)
-    out = []
-    for i, t in enumerate(times):
-        p = rng.randint(plo, phi)
-        ids = [rng.randrange(vocab[0], vocab[1]) for _ in range(p)]
-        out.append(TraceRequest(f"req-{i}", t, ids, rng.randint(olo, ohi)))
+    return _trace(n, rate, burstiness, prompt_len, output_len, seed,
+                  lambda rng, p: ([rng.randrange(vocab[0], vocab[1]) for _ in range(p)], None))
+
+
+def _trace(n: int, rate: float, burstiness: float, prompt_len: tuple[int, int], output_len: tuple[int, int],
+           seed: int, make_prompt) -> list[TraceRequest]:
+    """Arrival times, then per request a drawn prompt length p, ``make_prompt(rng, p)`` -> (ids, text or
+    None), and a drawn output length."""
+    plo, phi = _check_range("prompt_len", prompt_len)
+    olo, ohi = _check_range("output_len", output_len)
+    rng, out = random.Random(seed), []
+    for i, t in enumerate(arrival_times(n, rate, burstiness, seed=seed + 1)):
+        ids, text = make_prompt(rng, rng.randint(plo, phi))
+        out.append(TraceRequest(f"req-{i}", t, ids, rng.randint(olo, ohi), prompt=text))
     return out
 
 
@@ -63,26 +66,16 @@ def python_docs() -> list[tuple[str, str]]:
 def text_trace(tokenizer, n: int, *, rate: float = math.inf, burstiness: float = 1.0,
                prompt_len: tuple[int, int] = (16, 512), output_len: tuple[int, int] = (16, 256),
                seed: int = 0) -> list[TraceRequest]:
-    """n summarisation requests over Python's own docs, each prompt exactly its drawn length.
+    """n summarisation requests over Python's own docs, each prompt exactly its drawn length: the
+    instruction + a documentation topic (continuing into the next ones), cut to that many tokens."""
+    docs, head = python_docs(), tokenizer.encode(INSTRUCTION)
 
-    Prompt = the instruction + the start of a documentation topic (continuing into
-    the next topics if one is too short), cut to the drawn number of tokens.
-    """
-    plo, phi = _check_range("prompt_len", prompt_len)
-    olo, ohi = _check_range("output_len", output_len)
-    docs = python_docs()
-    head = tokenizer.encode(INSTRUCTION)
-    rng = random.Random(seed)
-    times = arrival_times(n, rate, burstiness, seed=seed + 1)
-    out = []
-    for i, t in enumerate(times):
-        p = rng.randint(plo, phi)
-        start = rng.randrange(len(docs))
+    def prompt(rng: random.Random, p: int) -> tuple[list[int], str]:
         body: list[int] = []
-        j = start
+        j = rng.randrange(len(docs))                  # the first topic
         while len(head) + len(body) < p:              # enough documentation text
             body += tokenizer.encode(docs[j % len(docs)][1] + "\n\n")
             j += 1
         ids = (head + body)[:p]
-        out.append(TraceRequest(f"req-{i}", t, ids, rng.randint(olo, ohi), prompt=tokenizer.decode(ids)))
-    return out
+        return ids, tokenizer.decode(ids)
+    return _trace(n, rate, burstiness, prompt_len, output_len, seed, prompt)
