@@ -28,7 +28,8 @@ def _linears(layer) -> list:
 
 
 def _fp32(lin) -> bool:
-    return isinstance(lin, (torch.nn.Linear, PackedLinear)) and lin.bias is None and lin.weight.dtype == torch.float32
+    fp32 = isinstance(lin, (torch.nn.Linear, PackedLinear)) and lin.weight.dtype == torch.float32
+    return fp32 and lin.bias is None
 
 
 def why_not(layer) -> Optional[str]:
@@ -83,7 +84,8 @@ class FusedLayer:
 
     def __call__(self, x, cos, sin, positions, kv_cache, view, backend):
         lo, hi = self.onednn_rows
-        if lo <= x.numel() // x.shape[-1] <= hi or any(a is not b for a, b in zip(_linears(self.layer), self.linears)):
+        swapped = any(a is not b for a, b in zip(_linears(self.layer), self.linears))
+        if lo <= x.numel() // x.shape[-1] <= hi or swapped:
             return None                                     # oneDNN's rows, or a linear swapped since
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or (w := self._weights()) is None:
             return None

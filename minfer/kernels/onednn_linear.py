@@ -62,7 +62,8 @@ class PackedLinear(nn.Module):
         self.tied = tied          # the weight is another module's (a tied LM head): not in the state dict
         self.rows = rows          # oneDNN for lo <= rows <= hi, F.linear otherwise; None: every row count
         if weight.device.type != "cpu" or weight.dtype not in DTYPES:
-            raise ValueError(f"PackedLinear needs a float32 or bfloat16 CPU weight, got {weight.dtype} on {weight.device}")
+            raise ValueError(f"PackedLinear needs a float32 or bfloat16 CPU weight, "
+                             f"got {weight.dtype} on {weight.device}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
