@@ -6,8 +6,15 @@ Public API (names as in vLLM)::
     llm = LLM("smollm2-135m-instruct")
     print(llm.generate("Once upon a time", SamplingParams(max_tokens=32))[0].text)
 """
-from minfer.config import ModelConfig
-from minfer.sampling import SamplingParams
+import os
+
+# 2 MB pages for CPU tensors of 2 MB or more (torch's allocator reads this at its first allocation, so
+# it counts only when minfer is imported before torch allocates): a decode step streams every weight,
+# and on 4 KB pages the TLB misses cost a fifth of the read rate (docs/measuring.md). "0": 4 KB pages.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from minfer.config import ModelConfig  # noqa: E402
+from minfer.sampling import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 

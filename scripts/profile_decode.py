@@ -24,6 +24,7 @@ import statistics
 import time
 from collections import defaultdict
 
+import minfer  # noqa: F401  (before torch allocates: minfer asks for 2 MB pages, as the CLI does)
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
