@@ -50,10 +50,12 @@ def cluster(folder, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     replicas = [serve(folder, log=logs / f"replica{i}.log") for i in range(2)]
     tokenizer = load_tokenizer(str(folder))         # the chat template and tokens prefix_aware hashes
-    routers = {p: ThreadServer(build_router_app(Router([r.url for r in replicas], p, tokenizer=tokenizer,
-                                                       cooldown=60))) for p in POLICIES}
-    for s in [*replicas, *routers.values()]:
+    for s in replicas:                              # up before the routers' first health check
         s.wait()
+    routers = {p: ThreadServer(build_router_app(Router([r.url for r in replicas], p, tokenizer=tokenizer,
+                                                       cooldown=60), health_timeout=30)) for p in POLICIES}
+    for s in routers.values():
+        _wait_all_up(s.wait().url, replicas)
     yield replicas, routers
     for r in routers.values():
         r.stop()
@@ -136,10 +138,19 @@ def _shared_prefix_workload(tag: str) -> list[str]:
     return [prefixes[k] + f" question {r}{j}?" for r in range(2) for k in range(4) for j in range(2)]
 
 
+def _wait_all_up(url: str, replicas, timeout: float = 60.0) -> None:
+    """Until the router at ``url`` counts every replica up (its health loop marks them)."""
+    deadline = time.monotonic() + timeout
+    while not all(httpx.get(f"{url}/health", timeout=10).json()["replicas"][r.url] for r in replicas):
+        assert time.monotonic() < deadline, f"the router at {url} does not see every replica up"
+        time.sleep(0.2)
+
+
 def test_prefix_aware_finds_more_cache_hits_than_round_robin(cluster):
     replicas, routers = cluster
     found = {}
     for policy, tag in (("round_robin", "A"), ("prefix_aware", "B")):
+        _wait_all_up(routers[policy].url, replicas)     # a replica down would skew both counts
         before = hits(replicas)
         for prompt in _shared_prefix_workload(tag):
             assert complete(routers[policy].url, prompt, max_tokens=2).status_code == 200
