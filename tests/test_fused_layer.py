@@ -60,6 +60,54 @@ def test_fused_layer_equals_plain_layer(fmt, nkv, group, B, T, start, seed):
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
 
 
+def _layer_step(layer, x, positions, cache, model, backend="sdpa"):
+    cos, sin = rope_cos_sin(model.inv_freq, positions)
+    return layer(x, cos, sin, positions, cache, None, get_backend(backend) if isinstance(backend, str) else backend)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(fmt=st.sampled_from(["fp32", "int8"]), nkv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3, 4]),
+       B=st.integers(1, 2), T=st.integers(1, 3), slack=st.integers(0, 2), window=st.sampled_from([None, 1, 3, 16]),
+       seed=st.integers(0, 2**16))
+def test_attention_in_the_call_equals_update_and_attend(fmt, nkv, group, B, T, slack, window, seed):
+    """``attn_cached`` (KV write and attention in the C++ call, over a ContiguousKVCache) equals the cache's
+    update + attend: the layer's output and every slot of the cache after, GQA, windows, the last slot."""
+    fmt = fmt if 64 % (nkv * group) == 0 else "fp32"
+    hd, max_len = (16 if fmt == "fp32" else 64 // (nkv * group)), 20       # a8: o_proj's 64 inputs
+    model = _model(fmt, nkv, group, hd, seed=seed, sliding_window=window)
+    layer = model.model.layers[1]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 64, generator=gen)
+    positions = max_len - T - slack - torch.arange(B)[:, None] * 5 + torch.arange(T)   # (B, T), up to the last slot
+    old_k, old_v = torch.randn(2, B, nkv, max_len, hd, generator=gen)
+    outs, caches = [], []
+    for fused in (layer.fused, None):
+        layer.fused = fused
+        cache = ContiguousKVCache(model.cfg, B, max_len)
+        cache.update(1, old_k, old_v, torch.arange(max_len).repeat(B, 1))
+        out, view = _layer_step(layer, x, positions, cache, model)
+        assert (view is None) == (fused is not None)              # the fused layer took the in-place path
+        outs.append(out), caches.append(cache)
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
+    assert torch.allclose(caches[0].k, caches[1].k, atol=1e-5) and torch.allclose(caches[0].v, caches[1].v, atol=1e-5)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+@needs_kernel
+def test_attention_in_the_call_only_where_it_is_the_plain_answer():
+    """Other caches, many rows, a backend of its own: the cache's update + attend."""
+    from minfer.kv import SlidingWindowKVCache, StaticKVCache
+    model = _model("fp32")
+    layer, cfg = model.model.layers[0], model.cfg
+    one = torch.zeros(1, 1, dtype=torch.long)
+    for cache, T, backend in ((StaticKVCache(cfg, 1, 16), 1, "sdpa"), (SlidingWindowKVCache(cfg, 1, 4), 1, "sdpa"),
+                              (ContiguousKVCache(cfg, 1, 16), 9, "sdpa"),
+                              (ContiguousKVCache(cfg, 1, 16), 1, lambda *a, **k: get_backend("sdpa")(*a, **k))):
+        x = torch.randn(1, T, 64)
+        assert _layer_step(layer, x, one + torch.arange(T), cache, model, backend)[1] is not None
+
+
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["fp32", "int8", "int4-g32"])
 def test_generate_tokens_greedy_equal_fused_and_plain(fmt):

@@ -6,9 +6,10 @@
 //   attn_in       x -> rms_norm -> qkv_proj -> RoPE on q and k -> q, k, v
 //   attn_out_mlp  (x, attention output) -> o_proj -> + x -> rms_norm -> gate_up_proj
 //                 -> silu(gate) * up -> down_proj -> + residual
-// The KV write and the attention between them stay the cache's, so any cache and any number of rows
-// (M = B * T) work. llama.cpp reaches the same end with its graph of ggml ops (no interpreter between
-// them); vLLM's CPU backend fuses the norms and activations into ops of their own (csrc/cpu/).
+// Between them, the KV write and the attention: the cache's own (any cache, any number of rows M = B * T),
+// or, for a few rows over a contiguous cache, attn_cached: attn_in, then the write and the attention in
+// place (no views, no SDPA dispatch). llama.cpp reaches the same end with its graph of ggml ops (no
+// interpreter between them); vLLM's CPU backend fuses the norms and activations into ops of their own (csrc/cpu/).
 // The plain path is DecoderLayer.forward in minfer/model.py; tests/test_fused_layer.py holds them equal.
 #define MINFER_NO_MODULE
 #include "cpu_quant_linear.cpp"
@@ -91,11 +92,11 @@ static torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Ten
 }
 
 // x (B, T, h) float32; w, br: qkv_proj as linear() takes it; cos, sin (B*T, hd), rotate-half tables
-// (both halves equal) -> q (B, nh, T, hd), k, v (B, nkv, T, hd): views of one (M, n*hd) buffer.
-std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double eps,
-                                   std::vector<torch::Tensor> w, std::vector<int64_t> br,
-                                   torch::Tensor cos, torch::Tensor sin, int64_t nh, int64_t nkv, int64_t hd) {
-    const int64_t B = x.size(0), T = x.size(1), M = B * T, n = (nh + 2 * nkv) * hd, half = hd / 2;
+// (both halves equal) -> (M, (nh + 2 nkv) * hd): each row's q heads, then k, then v, q and k rotated.
+static torch::Tensor qkv_rope(const torch::Tensor& x, const torch::Tensor& norm_w, double eps,
+                              const std::vector<torch::Tensor>& w, const std::vector<int64_t>& br,
+                              const torch::Tensor& cos, const torch::Tensor& sin, int64_t nh, int64_t nkv, int64_t hd) {
+    const int64_t M = x.size(0) * x.size(1), n = (nh + 2 * nkv) * hd, half = hd / 2;
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == M * hd && sin.numel() == M * hd,
                 "attn_in: cos and sin must be contiguous (B*T, head_dim)");
     auto y = linear(rms_norm_rows(x.reshape({M, x.size(2)}).contiguous(), norm_w, eps), w, br, 0);
@@ -112,18 +113,106 @@ std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double
                 v[i + half] = b * c[i + half] + a * s[i + half];
             }
         }
+    return y;
+}
+
+// As qkv_rope -> q (B, nh, T, hd), k, v (B, nkv, T, hd): views of its one (M, n*hd) buffer.
+std::vector<torch::Tensor> attn_in(torch::Tensor x, torch::Tensor norm_w, double eps,
+                                   std::vector<torch::Tensor> w, std::vector<int64_t> br,
+                                   torch::Tensor cos, torch::Tensor sin, int64_t nh, int64_t nkv, int64_t hd) {
+    const int64_t B = x.size(0), T = x.size(1);
+    auto y = qkv_rope(x, norm_w, eps, w, br, cos, sin, nh, nkv, hd);
     auto heads = [&](int64_t first, int64_t count) {   // (M, count*hd) columns -> (B, count, T, hd)
         return y.narrow(1, first * hd, count * hd).view({B, T, count, hd}).transpose(1, 2);
     };
     return {heads(0, nh), heads(nh, nkv), heads(nh + nkv, nkv)};
 }
 
-// x (B, T, h), attn (B, nh, T, hd); w, br: o_proj, gate_up_proj, down_proj as linear() takes them
-// -> the layer's output (B, T, h).
+// Softmax attention of the g query heads q (g, hd) that share one K/V head over its keys
+// first .. end-1 (krow(s), vrow(s): key / value s, hd floats) -> out (g, hd). scale 1/sqrt(hd),
+// float32 throughout, as SDPA's CPU kernel; sc: g * (end - first) floats of scratch. Two passes
+// over the keys (scores, then the weighted values), as vLLM's CPU decode kernel (csrc/cpu/attention.cpp,
+// paged_attention_v1) and cpu_paged_decode.cpp; llama.cpp's flash_attn_ext does one online pass.
+template <typename K, typename V>
+static void attend_group(const float* q, float* out, int64_t g, int64_t hd, int64_t first, int64_t end,
+                         K krow, V vrow, float* sc) {
+    const int64_t n = end - first;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    for (int64_t s = first; s < end; ++s)
+        for (int64_t j = 0; j < g; ++j) sc[j * n + s - first] = scale * dot_f32(krow(s), q + j * hd, hd);
+    for (int64_t j = 0; j < g; ++j) {               // softmax numerators; out_j starts at 0
+        float* p = sc + j * n;
+        float mx = p[0], sum = 0.0f;
+        for (int64_t i = 1; i < n; ++i) mx = std::max(mx, p[i]);
+        for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - mx));
+        for (int64_t i = 0; i < n; ++i) p[i] /= sum;
+        std::fill(out + j * hd, out + (j + 1) * hd, 0.0f);
+    }
+    for (int64_t s = first; s < end; ++s) {         // out_j += p_j[s] * v_s
+        const float* v = vrow(s);
+        for (int64_t j = 0; j < g; ++j) {
+            const float p = sc[j * n + s - first];
+            float* o = out + j * hd;
+            for (int64_t d = 0; d < hd; ++d) o[d] += p * v[d];
+        }
+    }
+}
+
+// attn_in, the KV write and the attention in one call, for a contiguous cache (minfer/kv/contiguous.py):
+// k_cache, v_cache (L, B, nkv, max_len, hd) float32, slot s holds position s; positions (B, T).
+// Row (b, t) writes its k, v at slot positions[b, t] of layer `layer`, then (all rows written) its
+// query head j attends over K/V head j / (nh / nkv) at slots 0 .. positions[b, t] (the last `window`
+// of them when window > 0): the plain path's update + attend. -> (B*T, nh*hd), attn_out_mlp's input.
+torch::Tensor attn_cached(torch::Tensor x, torch::Tensor norm_w, double eps, std::vector<torch::Tensor> w,
+                          std::vector<int64_t> br, torch::Tensor cos, torch::Tensor sin, int64_t nh,
+                          int64_t nkv, int64_t hd, torch::Tensor k_cache, torch::Tensor v_cache,
+                          int64_t layer, torch::Tensor positions, int64_t window) {
+    const int64_t B = x.size(0), T = x.size(1), M = B * T, n = (nh + 2 * nkv) * hd, g = nh / nkv;
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
+                v_cache.scalar_type() == torch::kFloat32 && k_cache.device().is_cpu(),
+                "attn_cached: k_cache, v_cache must be contiguous float32 (L, B, nkv, max_len, hd) on the CPU");
+    const int64_t S = k_cache.size(3);
+    TORCH_CHECK(layer >= 0 && layer < k_cache.size(0) && k_cache.size(1) == B && k_cache.size(2) == nkv &&
+                k_cache.size(4) == hd && nh % nkv == 0, "attn_cached: the cache's shape does not fit the layer");
+    auto pos = positions.to(torch::kLong).contiguous();
+    TORCH_CHECK(pos.numel() == M, "attn_cached: positions must be (B, T)");
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    int64_t last = 0;
+    for (int64_t m = 0; m < M; ++m) {
+        TORCH_CHECK(pp[m] >= 0 && pp[m] < S, "attn_cached: position ", pp[m], " outside the cache's ", S, " slots");
+        last = std::max(last, pp[m]);
+    }
+    auto y = qkv_rope(x, norm_w, eps, w, br, cos, sin, nh, nkv, hd);    // (M, n)
+    const float* yp = y.data_ptr<float>();
+    float* kc = k_cache.data_ptr<float>() + layer * B * nkv * S * hd;    // this layer's (B, nkv, S, hd)
+    float* vc = v_cache.data_ptr<float>() + layer * B * nkv * S * hd;
+    for (int64_t m = 0; m < M; ++m)                 // the KV write (the plain path's index_copy_)
+        for (int64_t h = 0; h < nkv; ++h) {
+            const int64_t slot = ((m / T * nkv + h) * S + pp[m]) * hd;
+            std::copy_n(yp + m * n + (nh + h) * hd, hd, kc + slot);
+            std::copy_n(yp + m * n + (nh + nkv + h) * hd, hd, vc + slot);
+        }
+    auto out = torch::empty({M, nh * hd}, x.options());
+    float* op = out.data_ptr<float>();
+    std::vector<float> sc(g * (last + 1));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t h = 0; h < nkv; ++h) {
+            const float* kh = kc + (m / T * nkv + h) * S * hd;            // (S, hd) each
+            const float* vh = vc + (m / T * nkv + h) * S * hd;
+            const int64_t first = window > 0 ? std::max<int64_t>(0, pp[m] - window + 1) : 0;
+            attend_group(yp + m * n + h * g * hd, op + m * nh * hd + h * g * hd, g, hd, first, pp[m] + 1,
+                         [&](int64_t s) { return kh + s * hd; }, [&](int64_t s) { return vh + s * hd; }, sc.data());
+        }
+    return out;
+}
+
+// x (B, T, h), attn (B, nh, T, hd) or attn_cached's (B*T, nh*hd); w, br: o_proj, gate_up_proj,
+// down_proj as linear() takes them -> the layer's output (B, T, h).
 torch::Tensor attn_out_mlp(torch::Tensor x, torch::Tensor attn, torch::Tensor norm_w, double eps,
                            std::vector<torch::Tensor> w, std::vector<int64_t> br) {
     const int64_t B = x.size(0), T = x.size(1), h = x.size(2), M = B * T;
-    auto a = attn.transpose(1, 2).reshape({M, -1}).contiguous();           // (M, nh*hd)
+    auto a = attn.dim() == 2 ? attn : attn.transpose(1, 2).reshape({M, -1}).contiguous();   // (M, nh*hd)
     auto r = linear(a, w, br, 0);                                         // (M, h), becomes x + o
     const float* xp = x.contiguous().data_ptr<float>();
     float* rp = r.data_ptr<float>();
@@ -148,5 +237,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the a8 linears run only then)");
     m.def("linear_f32", &linear_f32, "float32 linear; one row by a GEMV streaming the weight once");
     m.def("attn_in", &attn_in, "rms_norm -> qkv_proj -> RoPE: q, k, v");
+    m.def("attn_cached", &attn_cached, "attn_in, then the KV write and attention over a contiguous cache");
     m.def("attn_out_mlp", &attn_out_mlp, "o_proj -> residual -> rms_norm -> SwiGLU MLP -> residual");
 }

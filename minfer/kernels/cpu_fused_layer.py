@@ -63,7 +63,7 @@ class FusedLayer:
         self.layer, self.linears = layer, _linears(layer)
         cfg = layer.self_attn.cfg
         self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.eps = cfg.rms_norm_eps
+        self.eps, self.alone = cfg.rms_norm_eps, cfg.kv_share_group == 1   # alone: no later layer reads its view
         self._packed: list = []
         lin = self.linears[0]                    # the rows that the plain path gives to oneDNN stay there
         self.onednn_rows = (lin.rows or (1, 1 << 62)) if isinstance(lin, PackedLinear) else (1, 0)
@@ -91,8 +91,12 @@ class FusedLayer:
             return None
         layer, kernel = self.layer, _state["module"]
         attn = layer.self_attn
-        q, k, v = kernel.attn_in(x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin,
-                                 *self.heads)                         # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        args = (x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin, *self.heads)
+        in_place = getattr(kv_cache, "in_place", None) if x.shape[1] <= 8 and self.alone else None
+        if in_place and (kv := in_place(positions, backend)):   # decode, a few draft tokens: all in the call
+            out = kernel.attn_cached(*args, *kv, attn.kv_layer, positions, attn.window or 0)   # (B*T, nh*hd)
+            return kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3]), None
+        q, k, v = kernel.attn_in(*args)                        # (B, nh, T, hd), (B, nkv, T, hd) x 2
         view = kv_cache.update(attn.kv_layer, k, v, positions)
         out = kv_cache.attend(attn.kv_layer, q, view, positions, backend, window=attn.window)
         x = kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3])

@@ -5,6 +5,7 @@ reserves ``max_len`` slots up front. The layout: docs/kv-and-attention.md.
 """
 import torch
 
+from minfer.attention import BACKENDS
 from minfer.kv.base import DenseKVCache, KVView
 from minfer.validation import check_allocation
 
@@ -50,6 +51,16 @@ class ContiguousKVCache(DenseKVCache):
         if self._all_visible and window is None and hasattr(backend, "unmasked"):
             return backend.unmasked(q, view.keys, view.values)
         return super().attend(layer, q, view, positions, backend, window)
+
+    def in_place(self, positions, backend):
+        """``update``'s bookkeeping, then every layer's k, v (L, B, nkv, max_len, hd), for a kernel that writes
+        and reads them itself (``attn_cached``, kernels/cpu_fused_layer.cpp). None: a subclass, a backend that is
+        not a built-in (it may see other keys) or K/V not in float32, where only update + attend are right."""
+        if type(self) is not ContiguousKVCache or backend not in BACKENDS.values() or self.k.dtype != torch.float32:
+            return None
+        if positions is not self._step_positions:
+            self._begin_step(positions)
+        return self.k, self.v
 
     def _begin_step(self, positions) -> None:
         """Check the positions and compute what every layer of this forward shares."""
