@@ -95,6 +95,38 @@ def test_attention_in_the_call_equals_update_and_attend(fmt, nkv, group, B, T, s
 
 
 @needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(fmt=st.sampled_from(["fp32", "int8"]), nkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),
+       lens=st.lists(st.integers(1, 13), min_size=1, max_size=2), bs=st.sampled_from([1, 4, 5]),
+       window=st.sampled_from([None, 2, 6]), seed=st.integers(0, 2**16))
+def test_paged_attention_in_the_call_equals_update_and_attend(fmt, nkv, group, lens, bs, window, seed):
+    """``attn_paged`` (a batch of decodes over the paged pool, blocks in shuffled order, contexts ending
+    on and across block boundaries) equals the cache's update + attend: output and pool."""
+    from minfer.kv.paged import PagedBatch, PagedKVCache
+    hd = 64 // (nkv * group)
+    model = _model(fmt, nkv, group, hd, seed=seed, sliding_window=window)
+    layer = model.model.layers[0]
+    gen = torch.Generator().manual_seed(seed)
+    S, nblk = len(lens), -(-13 // bs)
+    tables = torch.randperm(S * nblk, generator=gen).view(S, nblk)                 # (S, blocks)
+    seq_lens = torch.tensor(lens)
+    positions = (seq_lens - 1)[None]                                                # (1, S)
+    slots = tables.gather(1, (seq_lens - 1)[:, None] // bs)[:, 0] * bs + (seq_lens - 1) % bs
+    meta = PagedBatch(torch.ones(S, dtype=torch.long), seq_lens, tables, slots, torch.arange(S), positions)
+    pool, x = torch.randn(1, 2, S * nblk, bs, nkv, hd, generator=gen), torch.randn(1, S, 64, generator=gen)
+    outs, caches = [], []
+    for fused in (layer.fused, None):
+        layer.fused, cache = fused, PagedKVCache(model.cfg, S * nblk, bs)
+        cache.kv.copy_(pool.expand_as(cache.kv))
+        cache.set_batch(meta)
+        out, view = _layer_step(layer, x, positions, cache, model)
+        assert (view is None) == (fused is not None)
+        outs.append(out), caches.append(cache)
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
+    assert torch.allclose(caches[0].kv, caches[1].kv, atol=1e-5)
+
+
+@needs_kernel
 def test_attention_in_the_call_only_where_it_is_the_plain_answer():
     """Other caches, many rows, a backend of its own: the cache's update + attend."""
     from minfer.kv import SlidingWindowKVCache, StaticKVCache

@@ -7,8 +7,8 @@
 //   attn_out_mlp  (x, attention output) -> o_proj -> + x -> rms_norm -> gate_up_proj
 //                 -> silu(gate) * up -> down_proj -> + residual
 // Between them, the KV write and the attention: the cache's own (any cache, any number of rows M = B * T),
-// or, for a few rows over a contiguous cache, attn_cached: attn_in, then the write and the attention in
-// place (no views, no SDPA dispatch). llama.cpp reaches the same end with its graph of ggml ops (no
+// or, for a few rows over a contiguous cache or a batch of decodes over the paged pool, attn_cached /
+// attn_paged: attn_in, then the write and the attention in place (no views, no SDPA dispatch). llama.cpp reaches the same end with its graph of ggml ops (no
 // interpreter between them); vLLM's CPU backend fuses the norms and activations into ops of their own (csrc/cpu/).
 // The plain path is DecoderLayer.forward in minfer/model.py; tests/test_fused_layer.py holds them equal.
 #define MINFER_NO_MODULE
@@ -158,53 +158,94 @@ static void attend_group(const float* q, float* out, int64_t g, int64_t hd, int6
     }
 }
 
-// attn_in, the KV write and the attention in one call, for a contiguous cache (minfer/kv/contiguous.py):
-// k_cache, v_cache (L, B, nkv, max_len, hd) float32, slot s holds position s; positions (B, T).
-// Row (b, t) writes its k, v at slot positions[b, t] of layer `layer`, then (all rows written) its
-// query head j attends over K/V head j / (nh / nkv) at slots 0 .. positions[b, t] (the last `window`
-// of them when window > 0): the plain path's update + attend. -> (B*T, nh*hd), attn_out_mlp's input.
-torch::Tensor attn_cached(torch::Tensor x, torch::Tensor norm_w, double eps, std::vector<torch::Tensor> w,
-                          std::vector<int64_t> br, torch::Tensor cos, torch::Tensor sin, int64_t nh,
-                          int64_t nkv, int64_t hd, torch::Tensor k_cache, torch::Tensor v_cache,
-                          int64_t layer, torch::Tensor positions, int64_t window) {
-    const int64_t B = x.size(0), T = x.size(1), M = B * T, n = (nh + 2 * nkv) * hd, g = nh / nkv;
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
-                v_cache.scalar_type() == torch::kFloat32 && k_cache.device().is_cpu(),
-                "attn_cached: k_cache, v_cache must be contiguous float32 (L, B, nkv, max_len, hd) on the CPU");
-    const int64_t S = k_cache.size(3);
-    TORCH_CHECK(layer >= 0 && layer < k_cache.size(0) && k_cache.size(1) == B && k_cache.size(2) == nkv &&
-                k_cache.size(4) == hd && nh % nkv == 0, "attn_cached: the cache's shape does not fit the layer");
-    auto pos = positions.to(torch::kLong).contiguous();
-    TORCH_CHECK(pos.numel() == M, "attn_cached: positions must be (B, T)");
-    const int64_t* pp = pos.data_ptr<int64_t>();
-    int64_t last = 0;
-    for (int64_t m = 0; m < M; ++m) {
-        TORCH_CHECK(pp[m] >= 0 && pp[m] < S, "attn_cached: position ", pp[m], " outside the cache's ", S, " slots");
-        last = std::max(last, pp[m]);
-    }
-    auto y = qkv_rope(x, norm_w, eps, w, br, cos, sin, nh, nkv, hd);    // (M, n)
+// The KV write and the attention of attn_cached / attn_paged. y (M, (nh + 2 nkv) * hd): qkv_rope's rows;
+// at(m, h, t): where key (in kc) and value (in vc) t of row m's K/V head h are. Row m writes its k, v
+// at t = end[m] - 1 (its own position); then, every row written, its query head j attends over K/V
+// head j / (nh / nkv) at t in [end[m] - window, end[m]) (from 0 when window = 0) -> (M, nh*hd).
+template <typename At>
+static torch::Tensor write_attend(const torch::Tensor& y, float* kc, float* vc, At at, const int64_t* end,
+                                  int64_t nh, int64_t nkv, int64_t hd, int64_t window) {
+    const int64_t M = y.size(0), n = y.size(1), g = nh / nkv;
     const float* yp = y.data_ptr<float>();
-    float* kc = k_cache.data_ptr<float>() + layer * B * nkv * S * hd;    // this layer's (B, nkv, S, hd)
-    float* vc = v_cache.data_ptr<float>() + layer * B * nkv * S * hd;
-    for (int64_t m = 0; m < M; ++m)                 // the KV write (the plain path's index_copy_)
+    int64_t longest = 0;
+    for (int64_t m = 0; m < M; ++m) {               // the KV write (the plain path's index_copy_)
+        longest = std::max(longest, end[m]);
         for (int64_t h = 0; h < nkv; ++h) {
-            const int64_t slot = ((m / T * nkv + h) * S + pp[m]) * hd;
-            std::copy_n(yp + m * n + (nh + h) * hd, hd, kc + slot);
-            std::copy_n(yp + m * n + (nh + nkv + h) * hd, hd, vc + slot);
+            std::copy_n(yp + m * n + (nh + h) * hd, hd, kc + at(m, h, end[m] - 1));
+            std::copy_n(yp + m * n + (nh + nkv + h) * hd, hd, vc + at(m, h, end[m] - 1));
         }
-    auto out = torch::empty({M, nh * hd}, x.options());
+    }
+    auto out = torch::empty({M, nh * hd}, y.options());
     float* op = out.data_ptr<float>();
-    std::vector<float> sc(g * (last + 1));
+    std::vector<float> sc(g * longest);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t h = 0; h < nkv; ++h) {
-            const float* kh = kc + (m / T * nkv + h) * S * hd;            // (S, hd) each
-            const float* vh = vc + (m / T * nkv + h) * S * hd;
-            const int64_t first = window > 0 ? std::max<int64_t>(0, pp[m] - window + 1) : 0;
-            attend_group(yp + m * n + h * g * hd, op + m * nh * hd + h * g * hd, g, hd, first, pp[m] + 1,
-                         [&](int64_t s) { return kh + s * hd; }, [&](int64_t s) { return vh + s * hd; }, sc.data());
+            const int64_t first = window > 0 ? std::max<int64_t>(0, end[m] - window) : 0;
+            attend_group(yp + m * n + h * g * hd, op + m * nh * hd + h * g * hd, g, hd, first, end[m],
+                         [&](int64_t t) { return kc + at(m, h, t); }, [&](int64_t t) { return vc + at(m, h, t); },
+                         sc.data());
         }
     return out;
+}
+
+#define ATTN_IN_ARGS torch::Tensor x, torch::Tensor norm_w, double eps, std::vector<torch::Tensor> w, \
+    std::vector<int64_t> br, torch::Tensor cos, torch::Tensor sin, int64_t nh, int64_t nkv, int64_t hd
+
+static void check_cache(const torch::Tensor& c, int64_t dims, int64_t nkv, int64_t hd, int64_t nh, const char* what) {
+    TORCH_CHECK(c.dim() == dims && c.is_contiguous() && c.scalar_type() == torch::kFloat32 && c.device().is_cpu() &&
+                c.size(dims - 1) == hd && nh % nkv == 0, what);
+}
+
+// attn_in, the KV write and the attention in one call, over a contiguous cache (minfer/kv/contiguous.py):
+// k_cache, v_cache (L, B, nkv, max_len, hd), slot t holds position t; row (b, t) of x at positions[b, t]
+// sees slots 0 .. positions[b, t]: the plain path's update + attend. -> (B*T, nh*hd), for attn_out_mlp.
+torch::Tensor attn_cached(ATTN_IN_ARGS, torch::Tensor k_cache, torch::Tensor v_cache, int64_t layer,
+                          torch::Tensor positions, int64_t window) {
+    const int64_t B = x.size(0), T = x.size(1), M = B * T;
+    check_cache(k_cache, 5, nkv, hd, nh, "attn_cached: k_cache must be contiguous float32 (L, B, nkv, max_len, hd)");
+    TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.dtype() == k_cache.dtype(),
+                "attn_cached: v_cache must be as k_cache");
+    const int64_t S = k_cache.size(3);
+    TORCH_CHECK(layer >= 0 && layer < k_cache.size(0) && k_cache.size(1) == B && k_cache.size(2) == nkv &&
+                positions.numel() == M, "attn_cached: the cache or positions (B, T) do not fit the layer");
+    auto pos = positions.to(torch::kLong).contiguous();
+    std::vector<int64_t> end(pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>() + M);
+    for (int64_t& e : end) {
+        TORCH_CHECK(e >= 0 && e < S, "attn_cached: position ", e, " outside the cache's ", S, " slots");
+        e += 1;                                     // keys 0 .. position
+    }
+    auto y = qkv_rope(x, norm_w, eps, w, br, cos, sin, nh, nkv, hd);    // (M, (nh + 2 nkv) * hd)
+    const int64_t per_layer = B * nkv * S * hd;
+    auto at = [&](int64_t m, int64_t h, int64_t t) { return ((m / T * nkv + h) * S + t) * hd; };
+    return write_attend(y, k_cache.data_ptr<float>() + layer * per_layer, v_cache.data_ptr<float>() + layer * per_layer,
+                        at, end.data(), nh, nkv, hd, window);
+}
+
+// The same over the paged pool (minfer/kv/paged.py), for a batch of decodes (x (1, S, h): one new token
+// per sequence): kv (L, 2, blocks, block_size, nkv, hd); sequence m's key t is in block
+// block_tables[m, t / block_size] at offset t % block_size; its context is seq_lens[m] keys, the last
+// one its own, written at slot_mapping[m] (checked). vLLM: reshape_and_cache, then paged_attention_v1.
+torch::Tensor attn_paged(ATTN_IN_ARGS, torch::Tensor kv, int64_t layer, torch::Tensor slot_mapping,
+                         torch::Tensor block_tables, torch::Tensor seq_lens, int64_t window) {
+    const int64_t M = x.size(0) * x.size(1);
+    check_cache(kv, 6, nkv, hd, nh, "attn_paged: kv must be contiguous float32 (L, 2, blocks, block_size, nkv, hd)");
+    const int64_t nb = kv.size(2), bs = kv.size(3), maxb = block_tables.size(1);
+    auto tables = block_tables.to(torch::kLong).contiguous(), lens = seq_lens.to(torch::kLong).contiguous();
+    auto slots = slot_mapping.to(torch::kLong).contiguous();
+    TORCH_CHECK(layer >= 0 && layer < kv.size(0) && kv.size(4) == nkv && tables.size(0) == M && lens.numel() == M &&
+                slots.numel() == M, "attn_paged: the pool or the batch's tables do not fit the layer");
+    const int64_t *tp = tables.data_ptr<int64_t>(), *end = lens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) {
+        TORCH_CHECK(end[m] >= 1 && end[m] <= maxb * bs, "attn_paged: seq_lens[", m, "] = ", end[m], " out of range");
+        for (int64_t j = 0; j < (end[m] + bs - 1) / bs; ++j)
+            TORCH_CHECK(tp[m * maxb + j] >= 0 && tp[m * maxb + j] < nb, "attn_paged: a block outside the pool");
+        TORCH_CHECK(sp[m] == tp[m * maxb + (end[m] - 1) / bs] * bs + (end[m] - 1) % bs,
+                    "attn_paged: slot_mapping[", m, "] is not the last position's slot");
+    }
+    auto y = qkv_rope(x, norm_w, eps, w, br, cos, sin, nh, nkv, hd);    // (M, (nh + 2 nkv) * hd)
+    float* kc = kv.data_ptr<float>() + layer * 2 * nb * bs * nkv * hd;
+    auto at = [&](int64_t m, int64_t h, int64_t t) { return ((tp[m * maxb + t / bs] * bs + t % bs) * nkv + h) * hd; };
+    return write_attend(y, kc, kc + nb * bs * nkv * hd, at, end, nh, nkv, hd, window);
 }
 
 // x (B, T, h), attn (B, nh, T, hd) or attn_cached's (B*T, nh*hd); w, br: o_proj, gate_up_proj,
@@ -238,5 +279,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear_f32", &linear_f32, "float32 linear; one row by a GEMV streaming the weight once");
     m.def("attn_in", &attn_in, "rms_norm -> qkv_proj -> RoPE: q, k, v");
     m.def("attn_cached", &attn_cached, "attn_in, then the KV write and attention over a contiguous cache");
+    m.def("attn_paged", &attn_paged, "attn_in, then the KV write and decode attention over the paged pool");
     m.def("attn_out_mlp", &attn_out_mlp, "o_proj -> residual -> rms_norm -> SwiGLU MLP -> residual");
 }

@@ -93,8 +93,8 @@ class FusedLayer:
         attn = layer.self_attn
         args = (x, layer.input_layernorm.weight, self.eps, w[0], w[1], cos, sin, *self.heads)
         in_place = getattr(kv_cache, "in_place", None) if x.shape[1] <= 8 and self.alone else None
-        if in_place and (kv := in_place(positions, backend)):   # decode, a few draft tokens: all in the call
-            out = kernel.attn_cached(*args, *kv, attn.kv_layer, positions, attn.window or 0)   # (B*T, nh*hd)
+        if in_place and (found := in_place(attn.kv_layer, positions, backend)):   # decode: all in the call
+            out = getattr(kernel, found[0])(*args, *found[1], attn.window or 0)          # (B*T, nh*hd)
             return kernel.attn_out_mlp(x, out, layer.post_attention_layernorm.weight, self.eps, w[2], w[3]), None
         q, k, v = kernel.attn_in(*args)                        # (B, nh, T, hd), (B, nkv, T, hd) x 2
         view = kv_cache.update(attn.kv_layer, k, v, positions)

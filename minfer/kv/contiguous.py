@@ -52,15 +52,15 @@ class ContiguousKVCache(DenseKVCache):
             return backend.unmasked(q, view.keys, view.values)
         return super().attend(layer, q, view, positions, backend, window)
 
-    def in_place(self, positions, backend):
-        """``update``'s bookkeeping, then every layer's k, v (L, B, nkv, max_len, hd), for a kernel that writes
-        and reads them itself (``attn_cached``, kernels/cpu_fused_layer.cpp). None: a subclass, a backend that is
-        not a built-in (it may see other keys) or K/V not in float32, where only update + attend are right."""
+    def in_place(self, layer, positions, backend):
+        """For a kernel that writes and reads this cache itself (kernels/cpu_fused_layer.cpp): its name and
+        this cache's arguments after ``update``'s bookkeeping. None: a subclass, a backend not built in (it
+        may see other keys) or K/V not in float32, which only update + attend serve."""
         if type(self) is not ContiguousKVCache or backend not in BACKENDS.values() or self.k.dtype != torch.float32:
             return None
         if positions is not self._step_positions:
             self._begin_step(positions)
-        return self.k, self.v
+        return "attn_cached", (self.k, self.v, layer, positions)
 
     def _begin_step(self, positions) -> None:
         """Check the positions and compute what every layer of this forward shares."""

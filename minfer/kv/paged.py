@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minfer.attention import BACKENDS
 from minfer.attention.paged import make_paged_attention
 from minfer.kv.base import KVView
 from minfer.kv.coordinator import kv_cache_groups
@@ -177,6 +178,17 @@ class PagedKVCache:
         self._need_meta(positions)
         group, layer = self.where[layer]
         return self.attns[group].forward(q, view.keys, view.values, layer, window)
+
+    def in_place(self, layer: int, positions: torch.Tensor, backend=None):
+        """As ``ContiguousKVCache.in_place``, for a batch of decodes only (one token per sequence), float32
+        pages and an eager plan over a built-in backend; else None (update + attend)."""
+        self._need_meta(positions)
+        group, layer = self.where[layer]
+        meta, attn = self.metas[group], self.attns[group]
+        if self.quantized or self.kv.dtype != torch.float32 or attn.static or meta.num_tokens != len(meta.seq_lens) \
+                or not (attn.dense is None or attn.dense in BACKENDS.values()):
+            return None
+        return "attn_paged", (self.kv, layer, meta.slot_mapping, meta.block_tables, meta.seq_lens)
 
     def _need_meta(self, positions: torch.Tensor) -> PagedBatch:
         meta = self.meta
