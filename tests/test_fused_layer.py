@@ -95,6 +95,26 @@ def test_attention_in_the_call_equals_update_and_attend(fmt, nkv, group, B, T, s
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [None, 700])
+def test_attention_in_the_call_over_threads_equals_update_and_attend(window):
+    """A long context (keys x heads >= 2^13) splits the (row, K/V head) items over the threads."""
+    model, threads = _model("fp32", nkv=2, group=4, hd=8, sliding_window=window), torch.get_num_threads()
+    layer, gen = model.model.layers[0], torch.Generator().manual_seed(0)
+    x, positions = torch.randn(2, 2, 64, generator=gen), torch.tensor([[1100, 1101], [1040, 1041]])
+    old = torch.randn(2, 2, 2, 1102, 8, generator=gen)
+    outs = []
+    try:
+        torch.set_num_threads(2)
+        for fused in (layer.fused, None):
+            layer.fused, cache = fused, ContiguousKVCache(model.cfg, 2, 1102)
+            cache.update(0, old[0], old[1], torch.arange(1102).repeat(2, 1))
+            outs.append(_layer_step(layer, x, positions, cache, model))
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0][1] is None and torch.allclose(outs[0][0], outs[1][0], atol=1e-4, rtol=0)
+
+
+@needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(fmt=st.sampled_from(["fp32", "int8"]), nkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),
        lens=st.lists(st.integers(1, 13), min_size=1, max_size=2), bs=st.sampled_from([1, 4, 5]),
