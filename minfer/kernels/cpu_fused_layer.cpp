@@ -8,8 +8,9 @@
 //                 -> silu(gate) * up -> down_proj -> + residual
 // Between them, the KV write and the attention: the cache's own (any cache, any number of rows M = B * T),
 // or, for a few rows over a contiguous cache or a batch of decodes over the paged pool, attn_cached /
-// attn_paged: attn_in, then the write and the attention in place (no views, no SDPA dispatch). llama.cpp reaches the same end with its graph of ggml ops (no
-// interpreter between them); vLLM's CPU backend fuses the norms and activations into ops of their own (csrc/cpu/).
+// attn_paged: attn_in, then the write and the attention in place (no views, no SDPA dispatch).
+// llama.cpp reaches the same end with its graph of ggml ops (no interpreter between them); vLLM's CPU
+// backend fuses the norms and activations into ops of their own (csrc/cpu/).
 // The plain path is DecoderLayer.forward in minfer/model.py; tests/test_fused_layer.py holds them equal.
 #define MINFER_NO_MODULE
 #include "cpu_quant_linear.cpp"
