@@ -23,7 +23,7 @@ from minfer.serving.workload import text_trace
 
 
 class Recorder:
-    """Forward hooks: each decoder layer's output rows of one request, keyed by position."""
+    """Forward hooks: every decoder-layer module's output rows of one request, keyed by position."""
 
     def __init__(self, model, target: str | None):
         self.target, self.rows, self.by_pos = target, None, {}

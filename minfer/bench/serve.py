@@ -196,11 +196,14 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
 
 def _check(args) -> tuple[list[str], list[str], list[float], dict]:
     """The flags, checked before the model loads -> (policies, baselines, sweep rates, SLOs in ms)."""
+    from minfer.devices import resolve_dtype
     from minfer.engine.scheduler import POLICIES
     from minfer.serving.router import POLICIES as ROUTER_POLICIES
     policies = names(args.policy, "--policy", POLICIES)
     baselines = names(args.baselines, "--baselines", BASELINES)
     names(args.routing or "", "--routing", ROUTER_POLICIES)
+    if args.batch_invariant and resolve_dtype(args.dtype) != torch.bfloat16:
+        raise ValueError(f"--batch-invariant runs the engine in bfloat16 (--dtype bfloat16), got {args.dtype}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
     if args.url is not None:                     # before any model is loaded: is a server there?
