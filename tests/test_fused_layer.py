@@ -142,3 +142,26 @@ def test_fp32_head_and_batched_rows(tied):
     model.model.layers[0].mlp.down_proj = torch.nn.Linear(128, 64, bias=False)   # swapped: plain again
     assert layer.fused(torch.randn(1, 1, 64), cos[:1], sin[:1], positions[:1], cache, None,
                        get_backend("sdpa")) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["fp32", "int4-g32"])
+def test_a_layers_weights_share_one_2mb_aligned_buffer_and_save_unchanged(tmp_path, fmt):
+    from minfer.checkpoints.hf import load_hf_folder, save_hf_folder
+    plain = build_model(tiny_config(hidden_size=64, intermediate_size=128), seed=3)
+    want = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = _model(fmt, seed=3)
+    for layer in model.model.layers:
+        if fmt == "fp32":
+            ws = [lin.weight for lin in layer.fused.linears]
+        else:
+            layer.fused._weights()
+            ws = [t for p in layer.fused._packed for t in (p.u, p.ab)]
+        assert len({w.untyped_storage().data_ptr() for w in ws}) == 1        # one buffer per layer
+        assert ws[0].data_ptr() % (2 << 20) == 0 and all(w.is_contiguous() for w in ws)
+        assert [w.data_ptr() for w in ws] == sorted(w.data_ptr() for w in ws)   # in the step's order
+    if fmt == "fp32":                                   # same values; views save like tensors
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        folder = save_hf_folder(tmp_path / "m", model.cfg, got)
+        assert all(torch.equal(t, want[k]) for k, t in load_hf_folder(folder)[1].items())
