@@ -79,7 +79,8 @@ def test_batch_invariant_names_what_it_needs():
     with pytest.raises(ValueError, match="batch_invariant=True runs bfloat16.*got torch.float32"):
         LLM.from_model(model, enable_prefix_caching=False, batch_invariant=True)
     pack_linears(m16 := tiny_model(tiny_config()).to(torch.bfloat16))
-    for bad in ({"enable_prefix_caching": True}, {"enable_prefix_caching": False, "decode_kernel": "torch"}):
+    for bad in ({"enable_prefix_caching": True}, {"enable_prefix_caching": False, "decode_kernel": "torch"},
+                {"enable_prefix_caching": False, "enforce_eager": False}):
         with pytest.raises(ValueError, match="enable_prefix_caching=False"):
             LLM.from_model(m16, batch_invariant=True, **bad)
 
