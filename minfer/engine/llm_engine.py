@@ -331,10 +331,9 @@ def _batch_invariant(model, runner: ModelRunner, on: bool, prefix_caching: bool)
     dtype, kernel = model.model.embed_tokens.weight.dtype, runner.cache.decode_kernel
     eager = runner.static is None                    # the static step pads decodes to the longest context
     if on and not (packed and dtype == torch.bfloat16 and kernel == "cpu" and eager and not prefix_caching):
-        raise ValueError(f"batch_invariant=True runs bfloat16 on oneDNN-packed linears (a CPU with bf16 units) "
-                         f"in eager steps with decode_kernel 'cpu' and enable_prefix_caching=False; got {dtype}, "
-                         f"{len(packed)} packed linears, eager {eager}, decode kernel {kernel!r}, "
-                         f"prefix caching {prefix_caching}")
+        raise ValueError(f"batch_invariant=True runs bfloat16 on oneDNN-packed linears (a CPU with bf16 units) in "
+                         f"eager steps, decode_kernel 'cpu', enable_prefix_caching=False; got {dtype}, {len(packed)} "
+                         f"packed linears, eager {eager}, decode kernel {kernel!r}, prefix caching {prefix_caching}")
 
 
 # --- Online serving of a trace: requests arrive at their times while the engine steps ---
