@@ -90,9 +90,9 @@ def _check_names(attention: str, decode_kernel: str, speculative):
 
 
 class LLM:
-    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``) plus
-    ``prepack`` (oneDNN CPU linears, fp32 or bf16) and ``decode_kernel``; each, its default and what it
-    measured: docs/architecture.md. ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or
+    """Load a model once, generate many times. The engine arguments are vLLM's (``EngineArgs``) plus ``prepack``
+    (oneDNN CPU linears, fp32 or bf16), ``decode_kernel`` and ``batch_invariant``; each, its default and what
+    it measured: docs/architecture.md. ``enforce_eager=None``: the static decode step (CUDA graphs) on CUDA or
     with ``compile=True``, eager on a CPU otherwise. ``seed``: requests without a seed draw one from it."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", device: str | None = None,
@@ -102,7 +102,7 @@ class LLM:
                  kv_cache_memory_bytes: int = 2**30, kv_cache_dtype: str = "auto", enforce_eager: bool | None = None,
                  compile: bool = False, max_seq_len_to_capture: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, prepack: bool | None = None,
-                 decode_kernel: str = "auto", logprobs_mode: str = "raw_logprobs"):
+                 decode_kernel: str = "auto", logprobs_mode: str = "raw_logprobs", batch_invariant: bool = False):
         check_engine_args(device, seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                           kv_cache_dtype=kv_cache_dtype)           # fail now, not at generate time
@@ -127,7 +127,7 @@ class LLM:
                     block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                     kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, compile=compile,
                     max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel,
-                    logprobs_mode=logprobs_mode)
+                    logprobs_mode=logprobs_mode, batch_invariant=batch_invariant)
 
     def _start_parallel(self, model: str, tp: int, pp: int, quantization, spec_config, prepack, compile):
         """Make this process rank 0 of a tensor/pipeline-parallel group (``minfer/distributed/runtime.py``)

@@ -2,6 +2,7 @@
 
 * Continuous batching in bf16 gives the greedy tokens of the same ``LLM`` fed one prompt per call
   (prefix caching off, so each lone request computes its prompt from scratch), on a tiny model.
+* ``batch_invariant=True``: each request's tokens and logprobs, bit for bit, whatever shares its steps.
 * bf16 logits stay near fp32's: log-softmax within DESIGN.md's bf16 tolerance (atol 5e-2).
 * With bf16 units ``LLM`` prepacks the bf16 linears for every row count (oneDNN, bit for bit
   ``F.linear``'s); a CPU without them is named in one warning and nothing is packed.
@@ -10,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from tiny import first_difference, tiny_config, tiny_model
 
 from minfer.devices import cpu_bf16_units, warn_if_no_bf16_units
@@ -44,6 +46,43 @@ def test_bf16_engine_greedy_equals_the_one_by_one_run(packed):
     llm = LLM.from_model(model, enable_prefix_caching=False, max_num_batched_tokens=64)  # prompts split in chunks
     assert llm.engine.runner.cache.decode_kernel in ("cpu", "torch")
     assert_batched_equals_one_by_one(llm, _prompts(12, model.cfg.vocab_size), max_tokens=24)
+
+
+def _invariant_llm(batch_invariant: bool, budget: int, seed: int = 0) -> LLM:
+    """A tiny bf16 model with a 1536-wide MLP (oneDNN's one-row kernel reduces K >= 1536 its own way), packed."""
+    model = tiny_model(tiny_config(hidden_size=64, intermediate_size=1536), seed=seed).to(torch.bfloat16)
+    pack_linears(model)
+    return LLM.from_model(model, enable_prefix_caching=False, max_num_batched_tokens=budget,
+                          batch_invariant=batch_invariant)
+
+
+@pytest.mark.skipif(not available(), reason="this torch build has no oneDNN")
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(2, 8), budget=st.sampled_from([16, 48, 64]), seed=st.integers(0, 2**16))
+def test_batch_invariant_engine_gives_each_request_its_numbers_alone(n, budget, seed):
+    """``batch_invariant=True``: served together, each request gets the greedy tokens AND logprobs (bit for
+    bit) it gets served alone, whatever shares its steps and wherever the budget would have cut its prompt.
+    Off, it fails at once on the dev machine (logprobs differ; a tiny model's greedy tokens rarely flip)."""
+    llm = _invariant_llm(True, budget, seed)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    prompts = _prompts(n, llm.config.vocab_size, seed)
+    batched = llm.generate(prompts, sp)
+    for i, p in enumerate(prompts):
+        alone = llm.generate(p, sp)[0].outputs[0]
+        got = batched[i].token_ids
+        assert got == alone.token_ids, f"request {i}: {first_difference(got, alone.token_ids)}"
+        assert batched[i].outputs[0].logprobs == alone.logprobs, f"request {i}: logprobs differ"
+
+
+def test_batch_invariant_names_what_it_needs():
+    model = tiny_model(tiny_config())
+    with pytest.raises(ValueError, match="batch_invariant=True runs bfloat16.*got torch.float32"):
+        LLM.from_model(model, enable_prefix_caching=False, batch_invariant=True)
+    pack_linears(m16 := tiny_model(tiny_config()).to(torch.bfloat16))
+    for bad in ({"enable_prefix_caching": True}, {"enable_prefix_caching": False, "decode_kernel": "torch"},
+                {"enable_prefix_caching": False, "enforce_eager": False}):
+        with pytest.raises(ValueError, match="enable_prefix_caching=False"):
+            LLM.from_model(m16, batch_invariant=True, **bad)
 
 
 def log_softmax_error(model32, model16, ids: torch.Tensor) -> float:

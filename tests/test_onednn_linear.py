@@ -178,3 +178,20 @@ def test_decode_weight_bytes_counts_a_packed_tied_head():
     assert decode_weight_bytes(packed) == decode_weight_bytes(plain)
     assert decode_weight_bytes(plain) == sum(p.numel() * p.element_size() for p in plain.parameters())
     assert emb.numel() * emb.element_size() > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(2, 40), n_in=st.sampled_from([64, 1536, 2048]), n_out=st.sampled_from([16, 96]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_with_min_rows_two_each_row_is_computed_as_alone(rows, n_in, n_out, dtype, seed):
+    """Batch invariance (``batch_invariant=True`` sets ``min_rows = 2``): each row of a many-row product
+    equals that row computed alone, bit for bit. Without the padding, oneDNN's bf16 kernel for one row
+    reduces over K >= 1536 in another order than its kernel for 2+ rows (docs/kernels.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = PackedLinear(torch.randn(n_out, n_in, generator=gen).to(dtype))
+    lin.min_rows = 2
+    x = torch.randn(rows, n_in, generator=gen).to(dtype)
+    with torch.no_grad():
+        together, alone = lin(x), torch.cat([lin(x[i:i + 1]) for i in range(rows)])
+        assert lin(x[:1][None]).shape == (1, 1, n_out)
+    assert torch.equal(together, alone), describe_diff(together.float(), alone.float())

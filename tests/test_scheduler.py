@@ -27,11 +27,11 @@ EOS = 3
 
 
 def make_engine(policy="continuous", num_blocks=32, block_size=4, budget=16, max_num_seqs=4,
-                chunk=None, prefix=True, max_wait_ms=50.0, clock=None):
+                chunk=None, prefix=True, max_wait_ms=50.0, clock=None, batch_invariant=False):
     clock = clock or FakeClock()
     runner = FakeRunner(num_blocks, block_size, VOCAB, enable_prefix_caching=prefix, clock=clock)
     cfg = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                          max_prefill_chunk=chunk, max_wait_ms=max_wait_ms)
+                          max_prefill_chunk=chunk, max_wait_ms=max_wait_ms, batch_invariant=batch_invariant)
     return LLMEngine(runner, cfg, eos_token_ids=[EOS], max_model_len=1000, clock=clock)
 
 
@@ -158,6 +158,29 @@ def test_continuous_fills_budget_decodes_first_then_chunks_a_prefill():
     kinds = [(c.request.request_id, c.num_tokens) for c in out.chunks]
     assert kinds == [("req-0", 1), ("req-1", 1), ("req-2", 6)]   # decodes, then 6 of 20 prompt tokens
     assert out.num_batched_tokens == 8
+
+
+@settings(max_examples=25, deadline=None)
+@given(budget=st.integers(1, 16), chunk=st.none() | st.integers(1, 8), max_num_seqs=st.integers(1, 4),
+       plens=st.lists(st.integers(1, 30), min_size=1, max_size=6))
+def test_batch_invariant_cuts_prompts_at_fixed_positions_only(budget, chunk, max_num_seqs, plens):
+    """``batch_invariant``: every prompt chunk starts at a multiple of the cap and ends at the next one
+    or at the prompt's end, whatever else runs; every request still finishes."""
+    eng = make_engine(num_blocks=400, budget=budget, max_num_seqs=max_num_seqs, chunk=chunk, prefix=False,
+                      batch_invariant=True)
+    for i, n in enumerate(plens):
+        _add(eng, 1, plen=n, max_tokens=3, start=7 * i)
+    cap, chunks, schedule = min(chunk or budget, budget), [], eng.scheduler.schedule
+    eng.scheduler.schedule = lambda: (out := schedule(), chunks.extend(
+        (c.start, c.num_tokens, c.request.num_prompt_tokens) for c in out.chunks))[0]
+    for _ in range(500):
+        if not eng.has_unfinished_requests():
+            break
+        eng.step()
+    assert not eng.has_unfinished_requests()
+    for start, n, plen in chunks:
+        if start < plen:                                # a prompt chunk
+            assert start % cap == 0 and start + n in (plen, start + cap), (start, n, plen, cap)
 
 
 def test_static_batch_admits_nobody_until_all_members_finish():

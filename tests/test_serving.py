@@ -486,6 +486,8 @@ def test_bench_serve_and_batch_reject_bad_arguments(tmp_path, capsys):
     assert "--policy: unknown ['fifo']" in capsys.readouterr().err
     assert main(["bench", "serve", "--baselines", "vllm"]) == 2
     assert "--baselines: unknown ['vllm']" in capsys.readouterr().err
+    assert main(["bench", "serve", "--batch-invariant"]) == 2
+    assert "--batch-invariant runs the engine in bfloat16" in capsys.readouterr().err
     bad = tmp_path / "in.jsonl"
     bad.write_text("not json\n")
     assert main(["batch", str(bad), str(tmp_path / "out.jsonl")]) == 2

@@ -21,7 +21,7 @@ from minfer.generate import generate_tokens
 from minfer.sampling import SamplingParams
 from minfer.serving.metrics import RequestStats, format_table, summarize
 
-BASELINES = ("sequential", "torch-decode", "transformers", "float32")
+BASELINES = ("sequential", "alone", "torch-decode", "transformers", "float32")
 
 
 def _range(s: str) -> tuple[int, int]:
@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how eager decode steps read the KV pool (auto: the C++ kernel on a CPU)")
     p.add_argument("--baselines", default="",
                    help="offline throughput against, comma-separated: " + ", ".join(BASELINES))
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="bf16: each request's numbers independent of its batch (docs/kernels.md)")
     p.add_argument("--front-door", action="store_true",
                    help="LLM.generate on the whole list vs the same LLM fed one prompt at a time")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the offline comparison (medians)")
@@ -82,15 +84,16 @@ def _params(r):
 def _engine(model, tok, args, policy, max_len: int = 64, decode_kernel=None):
     """The engine under test; on the static path its width is the trace's longest request (``max_len``).
     ``decode_kernel``: None = ``--decode-kernel``."""
-    eager = args.enforce_eager
+    eager, w = args.enforce_eager, model.model.embed_tokens.weight
     if eager is None:
-        eager = model.model.embed_tokens.weight.device.type != "cuda"
+        eager = w.device.type != "cuda"
+    invariant = args.batch_invariant and w.dtype == torch.bfloat16 and decode_kernel is None
     return LLMEngine.from_model(model, tok, policy=policy, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_wait_ms=args.max_wait_ms, block_size=args.block_size,
                                 enable_prefix_caching=False,
                                 enforce_eager=eager, max_seq_len_to_capture=None if eager else max_len,
-                                decode_kernel=decode_kernel or args.decode_kernel)
+                                decode_kernel=decode_kernel or args.decode_kernel, batch_invariant=invariant)
 
 
 def run_online(model, tok, args, policy, trace, decode_kernel=None):
@@ -99,6 +102,15 @@ def run_online(model, tok, args, policy, trace, decode_kernel=None):
                   max_len=max(len(r.prompt_token_ids) + r.max_tokens for r in trace), decode_kernel=decode_kernel)
     reqs, duration = run_trace(eng, trace, _params)
     return [r.stats for r in reqs], duration, [r.output_token_ids for r in reqs]
+
+
+def run_alone(model, tok, args, trace):
+    """The engine under test fed one request at a time: the reference of batch invariance."""
+    eng, t0, reqs = _engine(model, tok, args, "continuous"), time.perf_counter(), []
+    for r in trace:
+        reqs += run_trace(eng, [r], _params)[0]
+        reqs[-1].stats.arrival_time = t0
+    return [r.stats for r in reqs], time.perf_counter() - t0, [r.output_token_ids for r in reqs]
 
 
 def run_sequential(model, trace):
@@ -184,11 +196,14 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
 
 def _check(args) -> tuple[list[str], list[str], list[float], dict]:
     """The flags, checked before the model loads -> (policies, baselines, sweep rates, SLOs in ms)."""
+    from minfer.devices import resolve_dtype
     from minfer.engine.scheduler import POLICIES
     from minfer.serving.router import POLICIES as ROUTER_POLICIES
     policies = names(args.policy, "--policy", POLICIES)
     baselines = names(args.baselines, "--baselines", BASELINES)
     names(args.routing or "", "--routing", ROUTER_POLICIES)
+    if args.batch_invariant and resolve_dtype(args.dtype) != torch.bfloat16:
+        raise ValueError(f"--batch-invariant runs the engine in bfloat16 (--dtype bfloat16), got {args.dtype}")
     if args.price_per_hour < 0 or args.watts < 0:
         raise ValueError("--price-per-hour and --watts must be >= 0")
     if args.url is not None:                     # before any model is loaded: is a server there?
@@ -209,6 +224,8 @@ def _offline(args, llm, trace, baselines: list[str], n_out: int, out_dir: Path) 
     model, tok = llm.model, llm.tokenizer
     offline = [dataclasses.replace(r, arrival_time=0.0) for r in trace]
     runs = {"continuous": lambda: run_online(model, tok, args, "continuous", offline)}
+    if "alone" in baselines:
+        runs["alone"] = lambda: run_alone(model, tok, args, offline)
     if "sequential" in baselines:
         runs["sequential"] = lambda: run_sequential(model, offline)
     if "torch-decode" in baselines:   # what the C++ decode kernel buys: the engine on gather + SDPA

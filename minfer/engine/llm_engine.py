@@ -79,7 +79,7 @@ class LLMEngine:
                    compile: bool = False, max_seq_len_to_capture: int | None = None,
                    decode_kernel: str = "auto", scheduler_cls: Callable[..., Scheduler] = Scheduler,
                    kv_manager_cls: Callable[..., KVCacheManager] = KVCacheManager,
-                   logprobs_mode: str = "raw_logprobs") -> "LLMEngine":
+                   logprobs_mode: str = "raw_logprobs", batch_invariant: bool = False) -> "LLMEngine":
         """An engine over a minfer ``Transformer`` (the arguments: ``LLM``'s, docs/architecture.md).
         num_blocks: default enough for ``max_num_seqs`` full contexts, at most ``kv_cache_memory`` bytes.
         wrap_runner: ``ModelRunner -> runner`` (parallelism broadcasts steps: ``minfer.distributed.engine``).
@@ -88,7 +88,8 @@ class LLMEngine:
         cfg = model.cfg
         sc = SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             max_prefill_chunk=max_prefill_chunk, max_wait_ms=max_wait_ms)
+                             max_prefill_chunk=max_prefill_chunk, max_wait_ms=max_wait_ms,
+                             batch_invariant=batch_invariant)
         if num_blocks is None:
             dtype = model.model.embed_tokens.weight.dtype
             want = max_num_seqs * -(-cfg.max_position_embeddings // block_size) * len(kv_cache_groups(cfg))
@@ -99,6 +100,7 @@ class LLMEngine:
                              enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, compile=compile,
                              max_seq_len_to_capture=max_seq_len_to_capture, decode_kernel=decode_kernel,
                              kv_manager_cls=kv_manager_cls, max_num_batched_tokens=max_num_batched_tokens)
+        _batch_invariant(model, runner, batch_invariant, enable_prefix_caching)
         if wrap_runner is not None:
             runner = wrap_runner(runner)
         return cls(runner, sc, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
@@ -317,6 +319,21 @@ class LLMEngine:
         finally:
             self.no_more_requests(before)
         return [self.requests[i] for i in ids]
+
+
+def _batch_invariant(model, runner: ModelRunner, on: bool, prefix_caching: bool) -> None:
+    """Each sequence's numbers independent of the others in its steps (vLLM: ``VLLM_BATCH_INVARIANT=1``;
+    SGLang: ``--enable-deterministic-inference``); what it takes here: docs/kernels.md, "Batch invariance"."""
+    from minfer.kernels.onednn_linear import PackedLinear
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for m in packed:
+        m.min_rows = 2 if on else 1          # oneDNN reduces a lone row in another order than 2+ rows
+    dtype, kernel = model.model.embed_tokens.weight.dtype, runner.cache.decode_kernel
+    eager = runner.static is None                    # the static step pads decodes to the longest context
+    if on and not (packed and dtype == torch.bfloat16 and kernel == "cpu" and eager and not prefix_caching):
+        raise ValueError(f"batch_invariant=True runs bfloat16 on oneDNN-packed linears (a CPU with bf16 units) in "
+                         f"eager steps, decode_kernel 'cpu', enable_prefix_caching=False; got {dtype}, {len(packed)} "
+                         f"packed linears, eager {eager}, decode kernel {kernel!r}, prefix caching {prefix_caching}")
 
 
 # --- Online serving of a trace: requests arrive at their times while the engine steps ---

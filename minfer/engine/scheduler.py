@@ -23,6 +23,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512     # token budget of one step (vLLM's name)
     max_prefill_chunk: int | None = None  # at most this many prompt tokens per request per step
     max_wait_ms: float = 50.0             # dynamic: start a partial batch after this wait
+    batch_invariant: bool = False         # prompt chunks end at fixed positions, whatever the batch
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -109,9 +110,14 @@ class Scheduler:
         self.waiting.appendleft(req)          # first in line when memory frees up
 
     def _chunk_len(self, req: Request, budget: int) -> int:
-        """Tokens of ``req`` to compute this step: all it has, within the budget and the prefill chunk cap."""
-        n = min(req.num_uncomputed_tokens, budget)
-        return min(n, self.config.max_prefill_chunk or math.inf) if req.num_uncomputed_tokens > 1 else n
+        """Tokens of ``req`` to compute this step: all it has, within the budget and the prefill chunk cap.
+        Batch-invariant: up to the next multiple of the cap, or 0 (wait) if that piece does not fit now."""
+        cfg, left = self.config, req.num_uncomputed_tokens
+        cap = min(cfg.max_prefill_chunk or math.inf, cfg.max_num_batched_tokens)
+        if cfg.batch_invariant and left > 1:
+            n = min(left, cap - req.num_computed_tokens % cap)
+            return n if n <= budget else 0
+        return min(left, budget, cap) if left > 1 else min(left, budget)
 
     def _start_running(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
@@ -182,6 +188,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = self._chunk_len(req, budget)
+            if n == 0:                                    # batch-invariant: its next chunk waits
+                i += 1
+                continue
             while not self._reserve(req, req.num_computed_tokens + n):
                 victim = self.running[-1]                 # the newest running request
                 self.preempt(victim)
@@ -199,7 +208,7 @@ class Scheduler:
         if cfg.policy == "continuous" and not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 req = self.waiting[0]
-                if not self._try_admit(req):
+                if not self._chunk_len(req, budget) or not self._try_admit(req):
                     break
                 n = self._chunk_len(req, budget)
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))

@@ -55,6 +55,7 @@ def available() -> bool:
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` (fp32 or bf16, CPU) computed by oneDNN on a weight reordered once."""
+    min_rows = 1      # 2 with batch_invariant=True: a lone row padded to two (docs/kernels.md)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  rows: tuple[int, int] | None = None, tied: bool = False):
@@ -74,8 +75,12 @@ class PackedLinear(nn.Module):
         """x (..., in) -> (..., out)."""
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)          # the packed op has no backward
-        if self.rows is not None and not self.rows[0] <= x.numel() // self.in_features <= self.rows[1]:
+        m = x.numel() // self.in_features
+        if self.rows is not None and not self.rows[0] <= m <= self.rows[1]:
             return F.linear(x, self.weight, self.bias)          # a row count the BLAS does better
+        if m < self.min_rows:         # batch invariance: a lone row through the many-row kernel
+            y = self(F.pad(x.reshape(m, self.in_features), (0, 0, 0, self.min_rows - m)))[:m]
+            return y.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
