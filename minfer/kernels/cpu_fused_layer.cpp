@@ -213,8 +213,9 @@ torch::Tensor attn_cached(ATTN_IN_ARGS, torch::Tensor k_cache, torch::Tensor v_c
                 "attn_cached: v_cache must be as k_cache");
     const int64_t S = k_cache.size(3);
     TORCH_CHECK(layer >= 0 && layer < k_cache.size(0) && k_cache.size(1) == B && k_cache.size(2) == nkv &&
-                positions.numel() == M, "attn_cached: the cache or positions (B, T) do not fit the layer");
-    auto pos = positions.to(torch::kLong).contiguous();
+                positions.numel() == M && positions.scalar_type() == torch::kLong,
+                "attn_cached: the cache or positions (B, T), int64, do not fit the layer");
+    auto pos = positions.contiguous();
     std::vector<int64_t> end(pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>() + M);
     for (int64_t& e : end) {
         TORCH_CHECK(e >= 0 && e < S, "attn_cached: position ", e, " outside the cache's ", S, " slots");
@@ -236,8 +237,9 @@ torch::Tensor attn_paged(ATTN_IN_ARGS, torch::Tensor kv, int64_t layer, torch::T
     const int64_t M = x.size(0) * x.size(1);
     check_cache(kv, 6, nkv, hd, nh, "attn_paged: kv must be contiguous float32 (L, 2, blocks, block_size, nkv, hd)");
     const int64_t nb = kv.size(2), bs = kv.size(3), maxb = block_tables.size(1);
-    auto tables = block_tables.to(torch::kLong).contiguous(), lens = seq_lens.to(torch::kLong).contiguous();
-    auto slots = slot_mapping.to(torch::kLong).contiguous();
+    auto tables = block_tables.contiguous(), lens = seq_lens.contiguous(), slots = slot_mapping.contiguous();
+    for (const auto& t : {tables, lens, slots})
+        TORCH_CHECK(t.scalar_type() == torch::kLong, "attn_paged: block_tables, seq_lens, slot_mapping must be int64");
     TORCH_CHECK(layer >= 0 && layer < kv.size(0) && kv.size(4) == nkv && tables.size(0) == M && lens.numel() == M &&
                 slots.numel() == M, "attn_paged: the pool or the batch's tables do not fit the layer");
     const int64_t *tp = tables.data_ptr<int64_t>(), *end = lens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
