@@ -70,6 +70,10 @@ TABLES: dict[str, list[tuple[str, str, list[Column]]]] = {   # benchmark -> (tit
             ("speedup", "x plain", "{:.2f}"), ("acceptance_rate", "accept", "{:.0%}"),
             ("tokens_per_forward", "tok/fwd", "{:.2f}"), ("theory_tokens_per_forward", "theory", "{:.2f}"),
             ("identical", "= plain", "{}")]),
+        ("Inside the engine: c concurrent requests, one batched forward per step", "engine", [
+            ("concurrency", "requests", "{}"), ("method", "method", "{}"), ("tok_s", "tok/s", "{:.1f}"),
+            ("speedup", "x plain engine", "{:.2f}"), ("forwards", "forwards", "{}"),
+            ("tokens_per_forward", "tok/fwd", "{:.2f}"), ("identical", "= plain", "{}")]),
     ],
     "hybrid": [
         ("Local/global KV cache: bytes per token of one sequence, allocated caches", "rows", HYBRID),
