@@ -4,7 +4,9 @@ The oracle is ``DecoderLayer.forward`` on the same linears: float32 ``nn.Linear`
 or the int8-activation ones (their VNNI kernel, itself tested equal to its reference in
 test_quant_a8.py). The fused layer computes the same values; only float summation order differs
 (norm sums, FMAs, the GEMV's), which in a8 can move one activation across an int8 rounding
-boundary: one step of that block (max / 127) times a weight, ~1e-4 here. float32: DESIGN.md's 1e-4.
+boundary: one step of that block (max / 127) times a weight, up to a few 1e-4 here. Such a tie
+goes away 1e-6 from the input, so an a8 comparison that misses 1e-4 runs once more there
+(``_off_a_tie``) and must then hold. float32: DESIGN.md's 1e-4, no retry.
 """
 from __future__ import annotations
 
@@ -51,13 +53,27 @@ def test_fused_layer_equals_plain_layer(fmt, nkv, group, B, T, start, seed):
     cos, sin = rope_cos_sin(model.inv_freq, positions)
     S = start + T + B                                    # earlier keys and values, already cached
     old_k, old_v = torch.randn(2, B, nkv, S, hd, generator=gen)
-    outs = []
-    for fused in (layer.fused, None):
-        layer.fused = fused
-        cache = ContiguousKVCache(model.cfg, B, 64)
-        cache.update(1, old_k, old_v, torch.arange(S).repeat(B, 1))
-        outs.append(layer(x, cos, sin, positions, cache, None, get_backend("sdpa"))[0])
+    fused = layer.fused
+
+    def run(x):
+        outs = []
+        for layer.fused in (fused, None):
+            cache = ContiguousKVCache(model.cfg, B, 64)
+            cache.update(1, old_k, old_v, torch.arange(S).repeat(B, 1))
+            outs.append(layer(x, cos, sin, positions, cache, None, get_backend("sdpa"))[0])
+        return (outs,)
+
+    (outs,) = _off_a_tie(run, x, fmt, gen)
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
+
+
+def _off_a_tie(run, x, fmt, gen):
+    """``run(x)``; in a8, if its two outputs differ past 1e-4, ``run`` again 1e-6 away from x. A
+    rounding tie (the module docstring) moves with so small a step; a real difference does not."""
+    got = run(x)
+    if fmt != "fp32" and not torch.allclose(got[0][0], got[0][1], atol=1e-4, rtol=0):
+        got = run(x + 1e-6 * torch.randn(x.shape, generator=gen))
+    return got
 
 
 def _layer_step(layer, x, positions, cache, model, backend="sdpa"):
@@ -81,14 +97,19 @@ def test_attention_in_the_call_equals_update_and_attend(fmt, nkv, group, B, T, s
     x = torch.randn(B, T, 64, generator=gen)
     positions = max_len - T - slack - torch.arange(B)[:, None] * 5 + torch.arange(T)   # (B, T), up to the last slot
     old_k, old_v = torch.randn(2, B, nkv, max_len, hd, generator=gen)
-    outs, caches = [], []
-    for fused in (layer.fused, None):
-        layer.fused = fused
-        cache = ContiguousKVCache(model.cfg, B, max_len)
-        cache.update(1, old_k, old_v, torch.arange(max_len).repeat(B, 1))
-        out, view = _layer_step(layer, x, positions, cache, model)
-        assert (view is None) == (fused is not None)              # the fused layer took the in-place path
-        outs.append(out), caches.append(cache)
+    fused = layer.fused
+
+    def run(x):
+        outs, caches = [], []
+        for layer.fused in (fused, None):
+            cache = ContiguousKVCache(model.cfg, B, max_len)
+            cache.update(1, old_k, old_v, torch.arange(max_len).repeat(B, 1))
+            out, view = _layer_step(layer, x, positions, cache, model)
+            assert (view is None) == (layer.fused is not None)    # the fused layer took the in-place path
+            outs.append(out), caches.append(cache)
+        return outs, caches
+
+    outs, caches = _off_a_tie(run, x, fmt, gen)
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=0), (outs[0] - outs[1]).abs().max()
     assert torch.allclose(caches[0].k, caches[1].k, atol=1e-5) and torch.allclose(caches[0].v, caches[1].v, atol=1e-5)
     assert torch.equal(caches[0].lengths, caches[1].lengths)

@@ -17,7 +17,8 @@
 //       uint8 (N, K / 2)  4-bit: 16 bytes per block; byte j holds value j (low nibble) and
 //                         value j + 16 (high nibble), the GGUF Q4_0 / Q4_1 order
 //   ab  float (N, G / r, 2)   (a, b) per weight group
-// K is a multiple of 32 (the caller pads). The plain-torch reference of all of this is
+// 4-bit weights with one (a, b) per block go two blocks per 512-bit VPDPBUSD (dot_row4_pairs), the
+// rest one block per 256-bit one (dot_row). K is a multiple of 32 (the caller pads). The plain-torch reference of all of this is
 // linear_a8_reference in cpu_quant_linear.py; tests/test_quant_a8.py holds the two equal.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -77,6 +78,43 @@ static inline __m256 block_dot(const uint8_t* u, const int8_t* xq, int64_t g) {
     __m256i w = BITS == 4 ? nibbles(u + g * QK / 2) : _mm256_loadu_si256((const __m256i*)(u + g * QK));
     __m256i x = _mm256_loadu_si256((const __m256i*)(xq + g * QK));
     return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
+}
+
+// The 4-bit, one-(a, b)-per-block case (Q4_0, Q4_1, int4-g32) with G even, two blocks per 512-bit
+// VPDPBUSD. A pair's 32 packed bytes hold [lo g | lo g+1] and, shifted, [hi g | hi g+1]; the
+// activations come in the same order (pair_order below). The scales of eight blocks at a time are
+// one vector product: ab (a0 b0 a1 b1 ...) times dxsx (dx0 sx0 dx1 sx1 ...) gives a * dx in the
+// even lanes, one permute spreads a pair's two over its lanes, and b * sx (odd lanes) is summed.
+static void pair_order(const int8_t* xq, int64_t K, int8_t* xp) {
+    for (int64_t g = 0; g + 1 < K / QK; g += 2)
+        for (int h = 0; h < 2; ++h) {
+            std::copy(xq + g * QK + 16 * h, xq + g * QK + 16 * h + 16, xp + g * QK + 32 * h);
+            std::copy(xq + (g + 1) * QK + 16 * h, xq + (g + 1) * QK + 16 * h + 16, xp + g * QK + 32 * h + 16);
+        }
+}
+
+static float dot_row4_pairs(const uint8_t* u, const float* ab, const int8_t* xp, const float* dxsx,
+                            int64_t G) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m512 acc = _mm512_setzero_ps(), bacc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < G; c += 8) {
+        const int64_t nb = std::min<int64_t>(8, G - c);
+        const __mmask16 m = (__mmask16)((1u << (2 * nb)) - 1);
+        const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ab + 2 * c), _mm512_maskz_loadu_ps(m, dxsx + 2 * c));
+        bacc = _mm512_mask_add_ps(bacc, m & 0xAAAA, bacc, prod);
+        for (int64_t p = 0; p < nb / 2; ++p) {
+            const int64_t g = c + 2 * p;
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(u + g * QK / 2));
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+            const __m512i x = _mm512_loadu_si512((const void*)(xp + g * QK));
+            const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x));
+            const int i = 4 * (int)p, j = i + 2;
+            const __m512i idx = _mm512_set_epi32(j, j, j, j, i, i, i, i, j, j, j, j, i, i, i, i);
+            acc = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(idx, prod), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(bacc);
 }
 
 // One output: sum over the G blocks of a * dx[g] * <u, xq>_g + b * sx[g], (a, b) = ab[g / r].
@@ -154,15 +192,33 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor u, torch::Tensor ab, int6
     const float *dx = q[1].data_ptr<float>(), *sx = q[2].data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const int64_t row_bytes = K * bits / 8, ab_row = 2 * (G / r);
+    // 4-bit weights with one (a, b) per block and an even block count take the pairs kernel, which
+    // reads the activations in its own order and their two scales side by side.
+    const bool pairs = bits == 4 && r == 1 && G % 2 == 0;
+    torch::Tensor xp_t, dxsx_t;
+    const int8_t* xp = nullptr;
+    const float* dxsx = nullptr;
+    if (pairs) {
+        xp_t = torch::empty({M, K}, q[0].options());
+        dxsx_t = torch::stack({q[1], q[2]}, 2).contiguous();             // (M, G, 2): dx, sx
+        for (int64_t m = 0; m < M; ++m) pair_order(xq + m * K, K, xp_t.data_ptr<int8_t>() + m * K);
+        xp = xp_t.data_ptr<int8_t>();
+        dxsx = dxsx_t.data_ptr<float>();
+    }
+    auto one = [&](int64_t m, int64_t n) -> float {
+        const uint8_t* w = up + n * row_bytes;
+        if (pairs)
+            return dot_row4_pairs(w, abp + n * ab_row, xp + m * K, dxsx + m * 2 * G, G);
+        return bits == 4 ? dot_row<4>(w, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G)
+                         : dot_row<8>(w, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G);
+    };
     // Output rows are split over the threads, in tiles of 16 rows: a tile of W stays in L1/L2
     // while it serves every activation row, so W is read from memory once per call.
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         for (int64_t t = n0; t < n1; t += 16)
             for (int64_t m = 0; m < M; ++m)
                 for (int64_t n = t; n < std::min(t + 16, n1); ++n)
-                    yp[m * N + n] = bits == 4
-                        ? dot_row<4>(up + n * row_bytes, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G)
-                        : dot_row<8>(up + n * row_bytes, abp + n * ab_row, r, xq + m * K, dx + m * G, sx + m * G, G);
+                    yp[m * N + n] = one(m, n);
     });
 #endif
     return y;
