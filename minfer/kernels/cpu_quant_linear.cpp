@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define MINFER_VNNI 1
@@ -195,16 +196,14 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor u, torch::Tensor ab, int6
     // 4-bit weights with one (a, b) per block and an even block count take the pairs kernel, which
     // reads the activations in its own order and their two scales side by side.
     const bool pairs = bits == 4 && r == 1 && G % 2 == 0;
-    torch::Tensor xp_t, dxsx_t;
-    const int8_t* xp = nullptr;
-    const float* dxsx = nullptr;
+    std::vector<int8_t> xp_buf(pairs ? M * K : 0);                     // (M, K) in pair order
+    std::vector<float> dxsx_buf(pairs ? M * 2 * G : 0);                 // (M, G, 2): dx, sx
     if (pairs) {
-        xp_t = torch::empty({M, K}, q[0].options());
-        dxsx_t = torch::stack({q[1], q[2]}, 2).contiguous();             // (M, G, 2): dx, sx
-        for (int64_t m = 0; m < M; ++m) pair_order(xq + m * K, K, xp_t.data_ptr<int8_t>() + m * K);
-        xp = xp_t.data_ptr<int8_t>();
-        dxsx = dxsx_t.data_ptr<float>();
+        for (int64_t m = 0; m < M; ++m) pair_order(xq + m * K, K, xp_buf.data() + m * K);
+        for (int64_t i = 0; i < M * G; ++i) dxsx_buf[2 * i] = dx[i], dxsx_buf[2 * i + 1] = sx[i];
     }
+    const int8_t* xp = xp_buf.data();
+    const float* dxsx = dxsx_buf.data();
     auto one = [&](int64_t m, int64_t n) -> float {
         const uint8_t* w = up + n * row_bytes;
         if (pairs)
