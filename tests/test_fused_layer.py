@@ -1,12 +1,13 @@
 """The fused decoder layer (``kernels/cpu_fused_layer``) equals the plain one, in float32 and a8.
 
 The oracle is ``DecoderLayer.forward`` on the same linears: float32 ``nn.Linear`` / ``PackedLinear``,
-or the int8-activation ones (their VNNI kernel, itself tested equal to its reference in
+or the int8-activation ones (their C++ kernel, itself tested equal to its reference in
 test_quant_a8.py). The fused layer computes the same values; only float summation order differs
 (norm sums, FMAs, the GEMV's), which in a8 can move one activation across an int8 rounding
 boundary: one step of that block (max / 127) times a weight, up to a few 1e-4 here. Such a tie
-goes away 1e-6 from the input, so an a8 comparison that misses 1e-4 runs once more there
-(``_off_a_tie``) and must then hold. float32: DESIGN.md's 1e-4, no retry.
+goes away 1e-5 from the input, so an a8 comparison that misses 1e-4 runs once more there
+(``_off_a_tie``) and must then hold. (1e-6 is too small a step: an attention output that lay
+1e-5 of a rounding step from its boundary stayed there for two of three draws 1e-6 away.) float32: DESIGN.md's 1e-4, no retry.
 """
 from __future__ import annotations
 
@@ -68,11 +69,11 @@ def test_fused_layer_equals_plain_layer(fmt, nkv, group, B, T, start, seed):
 
 
 def _off_a_tie(run, x, fmt, gen):
-    """``run(x)``; in a8, if its two outputs differ past 1e-4, ``run`` again 1e-6 away from x. A
+    """``run(x)``; in a8, if its two outputs differ past 1e-4, ``run`` again 1e-5 away from x. A
     rounding tie (the module docstring) moves with so small a step; a real difference does not."""
     got = run(x)
     if fmt != "fp32" and not torch.allclose(got[0][0], got[0][1], atol=1e-4, rtol=0):
-        got = run(x + 1e-6 * torch.randn(x.shape, generator=gen))
+        got = run(x + 1e-5 * torch.randn(x.shape, generator=gen))
     return got
 
 
@@ -223,10 +224,10 @@ def test_layers_that_cannot_fuse_say_why(monkeypatch):
     assert "stacked" in fl.why_not(build_model(tiny_config(), seed=0, fuse_projections=False).model.layers[0])
     padded = quantize_model(build_model(tiny_config(), seed=0), "int8-a8")  # intermediate 48: padded
     assert "pads" in fl.prepare_fused_layers(padded)
-    monkeypatch.setattr(fl, "_state", {"why": "this CPU lacks AVX-512 VNNI (vpdpbusd)"})
+    monkeypatch.setattr(fl, "_state", {"why": "this CPU lacks AVX2 (and AVX-512 VNNI)"})
     model = _model("int4-g32")                                   # quantize_model still runs: plain layers
     assert all(layer.fused is None for layer in model.model.layers)
-    assert "VNNI" in fl.prepare_fused_layers(model)
+    assert "AVX2" in fl.prepare_fused_layers(model)
     ids = torch.tensor([[1, 2, 3]])
     assert model(ids, torch.arange(3)[None]).shape == (1, 3, 97)
 

@@ -1,4 +1,4 @@
-"""Int8 activations (W8A8, W4A8): the VNNI kernel equals its plain reference, and the reference
+"""Int8 activations (W8A8, W4A8): the C++ kernel equals its plain reference, and the reference
 is within the error of rounding the activations to int8 blocks of 32.
 
 The oracle: ``linear_a8_reference`` = round x to int8 per block of 32 (scale = block max / 127),
@@ -92,14 +92,14 @@ def test_kernel_quantizes_activations_like_the_reference(seed, m, blocks, scale)
 
 
 def test_no_kernel_runs_the_reference_and_says_why(monkeypatch):
-    """A CPU without VNNI (or without a compiler): same numbers by the plain path, one warning."""
+    """A CPU without AVX2 (or without a compiler): same numbers by the plain path, one warning."""
     from minfer.quant import linear
     x, w = _inputs(0, 3, 96, 20, 1.0)
     lin = quantize_weight(w, "q4_1-a8")
-    monkeypatch.setitem(a8._state, "why", "this CPU lacks AVX-512 VNNI (vpdpbusd)")
+    monkeypatch.setitem(a8._state, "why", "this CPU lacks AVX2 (and AVX-512 VNNI)")
     monkeypatch.setattr(linear, "_A8_WARNED", set())
     assert not lin.uses_fast_path("cpu")
-    with pytest.warns(UserWarning, match="more slowly: this CPU lacks AVX-512 VNNI"):
+    with pytest.warns(UserWarning, match="more slowly: this CPU lacks AVX2"):
         y = lin(x)
     assert torch.allclose(y, a8.linear_a8_reference(x, lin.dequantize()), rtol=0, atol=0)
     lin.path = "fast"

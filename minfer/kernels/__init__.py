@@ -4,7 +4,7 @@
     cpu_paged_decode   the same loop in C++ for the CPU, one work item per sequence, compiled on
                        first use (the engine's default decode attention on a CPU in float32)
     onednn_linear      linears on oneDNN-prepacked weights (CPU, float32 or bfloat16)
-    cpu_quant_linear   W8A8 / W4A8 linears: int8 activations, VNNI integer dot products (C++)
+    cpu_quant_linear   W8A8 / W4A8 linears: int8 activations, integer dot products (C++)
 
 Both paged decode kernels take the same shapes (checked by ``check_paged_decode_args``) and
 are tested equal to ``minfer.attention.paged.paged_attention_reference``::

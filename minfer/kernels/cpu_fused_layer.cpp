@@ -283,7 +283,7 @@ torch::Tensor attn_out_mlp(torch::Tensor x, torch::Tensor attn, torch::Tensor no
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("has_vnni", &has_vnni, "compiled with AVX-512 VNNI (the a8 linears run only then)");
+    m.def("a8_isa", &a8_isa, "the instructions the a8 linears were compiled for ('' when they do not run)");
     m.def("linear_f32", &linear_f32, "float32 linear; one row by a GEMV streaming the weight once");
     m.def("attn_in", &attn_in, "rms_norm -> qkv_proj -> RoPE: q, k, v");
     m.def("attn_cached", &attn_cached, "attn_in, then the KV write and attention over a contiguous cache");

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from minfer.kernels.cpu_quant_linear import load_vnni_kernel
+from minfer.kernels.cpu_quant_linear import load_a8_kernel
 from minfer.kernels.onednn_linear import PackedLinear
 
 _SOURCE = Path(__file__).with_name("cpu_fused_layer.cpp")
@@ -18,7 +18,7 @@ _state: dict = {}
 
 def why_unavailable() -> Optional[str]:
     """None when the fused kernel runs on this CPU; otherwise the reason (building it on first call)."""
-    return load_vnni_kernel(_state, _SOURCE, "CPU fused decoder-layer kernel")
+    return load_a8_kernel(_state, _SOURCE, "CPU fused decoder-layer kernel")
 
 
 def _linears(layer) -> list:

@@ -2,13 +2,13 @@
 
 Each activation row is rounded to int8 in blocks of 32 (one scale per block, llama.cpp's Q8_0 /
 Q8_1), and the kernel takes integer dot products with the stored 4- or 8-bit weights (AVX-512
-VNNI ``vpdpbusd``), applying the scales after. The plain-torch reference is the same function:
+VNNI ``vpdpbusd``, or AVX2's ``vpmaddubsw`` + ``vpmaddwd``), applying the scales after. The plain-torch reference is the same function:
 round the activations the same way, then an ordinary float linear on the dequantized weight;
 they differ only in the order of float additions (``tests/test_quant_a8.py``). The .cpp explains
 the arithmetic; docs/kernels.md gives the figures and the error it adds.
 
 The kernel is built by ``cpu_paged_decode.build_extension`` (same flags, same cache). Where it
-cannot run (no VNNI, no compiler, a tensor not on the CPU), ``why_unavailable()`` says why and
+cannot run (no AVX2, no compiler, a tensor not on the CPU), ``why_unavailable()`` says why and
 ``QuantizedLinear`` runs the reference instead: same numbers, more slowly.
 """
 from pathlib import Path
@@ -24,16 +24,21 @@ _state: dict = {}
 
 def why_unavailable() -> Optional[str]:
     """None when the kernel runs on this CPU; otherwise the reason (building it on first call)."""
-    return load_vnni_kernel(_state, _SOURCE, "CPU int8-activation linear kernel")
+    return load_a8_kernel(_state, _SOURCE, "CPU int8-activation linear kernel")
 
 
-def load_vnni_kernel(state: dict, source: Path, what: str) -> Optional[str]:
+def isa() -> str:
+    """The integer dot product the kernel uses here: "avx512-vnni", "avx2", or "" when it does not run."""
+    return "" if why_unavailable() else _state["module"].a8_isa()
+
+
+def load_a8_kernel(state: dict, source: Path, what: str) -> Optional[str]:
     """Build ``source`` into ``state["module"]`` once; None when it runs on this CPU, else why not."""
     if "why" not in state:
         from minfer.kernels.cpu_paged_decode import build_extension
         try:
             state["module"] = build_extension(source, what)
-            state["why"] = None if state["module"].has_vnni() else "this CPU lacks AVX-512 VNNI (vpdpbusd)"
+            state["why"] = None if state["module"].a8_isa() else "this CPU lacks AVX2 (and AVX-512 VNNI)"
         except Exception as e:         # no compiler, no ninja, a failed build
             line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             state["why"] = f"the kernel could not be built ({type(e).__name__}: {line}; it needs g++ and ninja)"

@@ -187,7 +187,7 @@ class QuantizedLinear(nn.Module):
         return self._fast[key] is not None
 
     def a8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Int8 activations: the VNNI kernel where it runs, else its plain reference (same numbers)."""
+        """Int8 activations: the C++ kernel where it runs, else its plain reference (same numbers)."""
         why = "path='reference'" if self.path == "reference" else _a8_why(x.device)
         if why is None:
             y = linear_a8(x.reshape(-1, self.in_features), self.packed_a8())           # (M, N) float32
