@@ -15,11 +15,13 @@ from hypothesis import given, settings, strategies as st
 from tiny import first_difference, tiny_config, tiny_model
 
 from minfer.devices import cpu_bf16_units, warn_if_no_bf16_units
-from minfer.kernels.onednn_linear import BATCHED_ROWS, PackedLinear, available, pack_linears
+from minfer.kernels.onednn_linear import BATCHED_ROWS, PackedLinear, available, pack_linears, why_not_packable
 from minfer.llm import LLM
 from minfer.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_bf16_packing = pytest.mark.skipif(why_not_packable(torch.bfloat16) is not None,
+                                        reason=f"{why_not_packable(torch.bfloat16)}")
 
 
 def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -40,6 +42,8 @@ def assert_batched_equals_one_by_one(llm: LLM, prompts: list[list[int]], max_tok
 def test_bf16_engine_greedy_equals_the_one_by_one_run(packed):
     """Packed as LLM(dtype="bfloat16") packs (every row count), or for 4-128 rows (lone decode rows on F.linear)."""
     model = tiny_model(tiny_config()).to(torch.bfloat16)
+    if packed != "no" and (why := why_not_packable(torch.bfloat16)):
+        pytest.skip(why)
     if packed != "no":
         rows = BATCHED_ROWS if packed == "batched rows" else None
         assert available() and pack_linears(model, rows=rows) == 2 * 4 + 1
@@ -56,7 +60,7 @@ def _invariant_llm(batch_invariant: bool, budget: int, seed: int = 0) -> LLM:
                           batch_invariant=batch_invariant)
 
 
-@pytest.mark.skipif(not available(), reason="this torch build has no oneDNN")
+@needs_bf16_packing
 @settings(max_examples=4, deadline=None)
 @given(n=st.integers(2, 8), budget=st.sampled_from([16, 48, 64]), seed=st.integers(0, 2**16))
 def test_batch_invariant_engine_gives_each_request_its_numbers_alone(n, budget, seed):
@@ -78,7 +82,12 @@ def test_batch_invariant_names_what_it_needs():
     model = tiny_model(tiny_config())
     with pytest.raises(ValueError, match="batch_invariant=True runs bfloat16.*got torch.float32"):
         LLM.from_model(model, enable_prefix_caching=False, batch_invariant=True)
-    pack_linears(m16 := tiny_model(tiny_config()).to(torch.bfloat16))
+    m16 = tiny_model(tiny_config()).to(torch.bfloat16)
+    if why_not_packable(torch.bfloat16):                  # an AVX2-only CPU: nothing packs in bf16
+        with pytest.raises(ValueError, match="bf16 units.*0 packed linears"):
+            LLM.from_model(m16, enable_prefix_caching=False, batch_invariant=True)
+        return
+    pack_linears(m16)
     for bad in ({"enable_prefix_caching": True}, {"enable_prefix_caching": False, "decode_kernel": "torch"},
                 {"enable_prefix_caching": False, "enforce_eager": False}):
         with pytest.raises(ValueError, match="enable_prefix_caching=False"):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
-from minfer.kernels.onednn_linear import PackedLinear, available, pack_linears
+from minfer.kernels.onednn_linear import PackedLinear, available, pack_linears, why_not_packable
 from minfer.naive import naive_generate
 from minfer.sampling import SamplingParams
 from tiny import describe_diff, tiny_config, tiny_configs, tiny_model
@@ -34,6 +34,8 @@ def test_packed_linear_in_bf16_is_f_linear(rows, lead, n_in, n_out, bias, seed):
     """In bf16 torch's F.linear is oneDNN too: with bf16 units the packed result is F.linear's bit for
     bit; without them (oneDNN or torch emulate the products) within one bf16 rounding of it."""
     from minfer.devices import cpu_bf16_units
+    if why := why_not_packable(torch.bfloat16):
+        pytest.skip(why)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n_out, n_in, generator=gen).bfloat16()
     b = torch.randn(n_out, generator=gen).bfloat16() if bias else None
@@ -187,6 +189,7 @@ def test_with_min_rows_two_each_row_is_computed_as_alone(rows, n_in, n_out, dtyp
     """Batch invariance (``batch_invariant=True`` sets ``min_rows = 2``): each row of a many-row product
     equals that row computed alone, bit for bit. Without the padding, oneDNN's bf16 kernel for one row
     reduces over K >= 1536 in another order than its kernel for 2+ rows (docs/kernels.md)."""
+    assume(why_not_packable(dtype) is None)         # bf16 on an AVX2-only CPU: float32 only
     gen = torch.Generator().manual_seed(seed)
     lin = PackedLinear(torch.randn(n_out, n_in, generator=gen).to(dtype))
     lin.min_rows = 2
@@ -195,3 +198,16 @@ def test_with_min_rows_two_each_row_is_computed_as_alone(rows, n_in, n_out, dtyp
         together, alone = lin(x), torch.cat([lin(x[i:i + 1]) for i in range(rows)])
         assert lin(x[:1][None]).shape == (1, 1, n_out)
     assert torch.equal(together, alone), describe_diff(together.float(), alone.float())
+
+
+def test_a_dtype_onednn_cannot_pack_here_is_named(monkeypatch):
+    """An AVX2-only CPU: oneDNN cannot reorder bf16 weights. PackedLinear and pack_linears say so, naming
+    the dtype, instead of oneDNN's internal error; LLM leaves those linears on F.linear."""
+    from minfer.kernels import onednn_linear
+    monkeypatch.setitem(onednn_linear._why_not, torch.bfloat16, "oneDNN cannot prepack torch.bfloat16 weights")
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError, match="PackedLinear: oneDNN cannot prepack torch.bfloat16.*F.linear"):
+        PackedLinear(w)
+    with pytest.raises(RuntimeError, match="cannot prepack torch.bfloat16.*drop the packing option"):
+        pack_linears(tiny_model(tiny_config()).to(torch.bfloat16))
+    assert why_not_packable(torch.float32) is None

@@ -53,6 +53,25 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_why_not: dict = {}
+
+
+def why_not_packable(dtype: torch.dtype) -> str | None:
+    """None when oneDNN can prepack ``dtype`` weights on this CPU, else why not. oneDNN's bf16 linear
+    needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT even to emulate the products; an AVX2-only CPU has
+    neither, and there bf16 linears stay on ``F.linear`` (torch's own bf16 GEMM)."""
+    if not available():
+        return "this torch build has no oneDNN (mkldnn) prepacked linear"
+    if dtype not in _why_not:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), BATCH_HINT)
+            _why_not[dtype] = None
+        except RuntimeError as e:
+            _why_not[dtype] = (f"oneDNN cannot prepack {dtype} weights on this CPU (torch sees "
+                               f"{torch.backends.cpu.get_cpu_capability()}): {str(e).strip().splitlines()[0]}")
+    return _why_not[dtype]
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` (fp32 or bf16, CPU) computed by oneDNN on a weight reordered once."""
     min_rows = 1      # 2 with batch_invariant=True: a lone row padded to two (docs/kernels.md)
@@ -65,6 +84,8 @@ class PackedLinear(nn.Module):
         if weight.device.type != "cpu" or weight.dtype not in DTYPES:
             raise ValueError(f"PackedLinear needs a float32 or bfloat16 CPU weight, "
                              f"got {weight.dtype} on {weight.device}")
+        if why := why_not_packable(weight.dtype):
+            raise ValueError(f"PackedLinear: {why}; keep this linear unpacked (F.linear)")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -117,9 +138,9 @@ def pack_linears(model: nn.Module, rows: tuple[int, int] | None = None) -> int:
     """Replace every fp32 or bf16 CPU ``nn.Linear`` of ``model`` (and a tied LM head) by a ``PackedLinear``
     (oneDNN for ``rows`` only, when given), in place; returns how many. Inference only: train or
     quantize the unpacked model."""
-    if not available():
-        raise RuntimeError("this torch build has no oneDNN (mkldnn) prepacked linear; "
-                           "drop the packing option to use F.linear")
+    for dtype in {p.dtype for p in model.parameters() if p.device.type == "cpu"} & set(DTYPES):
+        if why := why_not_packable(dtype):
+            raise RuntimeError(f"{why}; drop the packing option to use F.linear")
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
