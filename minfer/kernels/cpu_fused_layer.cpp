@@ -52,6 +52,16 @@ static inline float dot_f32(const float* w, const float* x, int64_t K) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(MINFER_A8)                            // AVX2 + FMA: four 8-float accumulators
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < 4; ++j)
+            a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8 * j), _mm256_loadu_ps(x + k + 8 * j), a[j]);
+    for (; k + 8 <= K; k += 8) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a[0]);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    for (; k < K; ++k) s += w[k] * x[k];
+    return s;
 #else
     float s = 0.0f;                                 // -ffast-math lets the compiler vectorize this
     for (int64_t k = 0; k < K; ++k) s += w[k] * x[k];
