@@ -111,6 +111,8 @@ def test_quantized_copies_are_methods_and_bad_names_are_refused(folder, capsys):
     rows = [line.split("|") for line in out.out.splitlines() if line.strip().startswith("cached:int8-a8") and "|" in line]
     assert len(rows) == 2 and all(r[-2].strip().endswith("%") and r[-1].strip().isdigit() for r in rows)
     assert "fused C++ layer: cached:int8-a8 / cached:int8-a8:plain decode tok/s" in out.out
+    from minfer.kernels import cpu_quant_linear                              # which dot product ran
+    assert f"int8-activation kernel: {cpu_quant_linear.isa() or 'the plain-torch reference'}" in out.out
     rc, out = _bench(folder, "cached,cached:plain", capsys)                  # float32, fused and not
     assert rc == 0, out.err
     assert "fused C++ layer: cached / cached:plain decode tok/s" in out.out

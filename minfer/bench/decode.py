@@ -63,6 +63,13 @@ def _packed_model(llm):
     return model
 
 
+def _a8_kernel() -> str:
+    """Which integer dot product the -a8 methods ran on, or why they ran their plain reference."""
+    from minfer.kernels import cpu_quant_linear
+    why = cpu_quant_linear.why_unavailable()
+    return f"the plain-torch reference ({why})" if why else cpu_quant_linear.isa()
+
+
 def _greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -368,13 +375,16 @@ def main(args) -> int:
         print(f"{name}: not run ({why})")
     if "llama.cpp" in peers:
         print(f"llama.cpp: llama-cpp-python on {peers['llama.cpp'].gguf}, {torch.get_num_threads()} threads")
+    a8 = _a8_kernel() if any("-a8" in r["method"] for r in rows) else None
+    if a8:
+        print(f"int8-activation kernel: {a8}")
     _print_ratios(medians, per_round, engines, rows)
     if any("teacher_forced_top1" in r for r in rows):
         print(f"top-1 = cached (forced): fed cached's {n} greedy tokens, how often a quantized method's argmax "
               f"picks the same next one; same prefix (free): its own greedy tokens equal to cached's before the first "
               f"difference (cached: weights {args.quantization or 'float'}, {llm.dtype})")
     kv_rows = kv_quant_quality(model, prompt_ids, n) if args.kv_quality else None
-    write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode",
+    write_json(args.json, {"kv_quantization": kv_rows, "benchmark": "decode", "a8_kernel": a8,
         "machine": machine_info(llm.device), "model": args.model, "dtype": str(llm.dtype),
         "quantization": args.quantization,
         "prompt_tokens": len(prompt_ids), "new_tokens": n, "repeats": args.repeats,
