@@ -19,8 +19,9 @@
 //                         value j + 16 (high nibble), the GGUF Q4_0 / Q4_1 order
 //   ab  float (N, G / r, 2)   (a, b) per weight group
 // 4-bit weights with one (a, b) per block go two blocks at a time (dot_row4_pairs), the rest one
-// block per 256-bit product (dot_row). K is a multiple of 32 (the caller pads). The plain-torch reference of all of this is
-// linear_a8_reference in cpu_quant_linear.py; tests/test_quant_a8.py holds the two equal.
+// block per 256-bit product (dot_row). K is a multiple of 32 (the caller pads). The plain-torch
+// reference of all of this is linear_a8_reference in cpu_quant_linear.py; tests/test_quant_a8.py
+// holds the two equal.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -2,10 +2,11 @@
 
 Each activation row is rounded to int8 in blocks of 32 (one scale per block, llama.cpp's Q8_0 /
 Q8_1), and the kernel takes integer dot products with the stored 4- or 8-bit weights (AVX-512
-VNNI ``vpdpbusd``, or AVX2's ``vpmaddubsw`` + ``vpmaddwd``), applying the scales after. The plain-torch reference is the same function:
-round the activations the same way, then an ordinary float linear on the dequantized weight;
-they differ only in the order of float additions (``tests/test_quant_a8.py``). The .cpp explains
-the arithmetic; docs/kernels.md gives the figures and the error it adds.
+VNNI ``vpdpbusd``, or AVX2's ``vpmaddubsw`` + ``vpmaddwd``), applying the scales after. The
+plain-torch reference is the same function: round the activations the same way, then an
+ordinary float linear on the dequantized weight; they differ only in the order of float
+additions (``tests/test_quant_a8.py``). The .cpp explains the arithmetic; docs/kernels.md gives
+the figures and the error it adds.
 
 The kernel is built by ``cpu_paged_decode.build_extension`` (same flags, same cache). Where it
 cannot run (no AVX2, no compiler, a tensor not on the CPU), ``why_unavailable()`` says why and
